@@ -1,0 +1,3 @@
+"""vision-ops: batch computer vision from object storage to Parquet on Ray."""
+
+__version__ = "0.1.0"

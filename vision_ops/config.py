@@ -1,0 +1,338 @@
+"""The job spec: pydantic models validated before any work starts, loaded from YAML."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Option names that carry credentials: refused in a spec, which is copied into logs and job records.
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "connection_string",
+        "client_secret",
+        "credential",
+        "credentials",
+    }
+)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names each field, what was expected and found."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(StrictModel):
+    uris: list[str] = Field(
+        default_factory=list,
+        description="Files, directories (listed recursively) or globs (`**` recurses), "
+        "as fsspec URLs (s3://, gs://, az://, file://, memory://) or local paths.",
+    )
+    manifest: str | None = Field(
+        default=None,
+        description="A file listing the inputs: text (one URI a line), CSV or Parquet "
+        "(a `uri` column, or `bucket` + `key` columns as in an S3 Inventory report).",
+    )
+    extensions: list[str] = Field(
+        default=list(DEFAULT_EXTENSIONS),
+        description="File-name extensions to keep (case-insensitive); an empty list keeps all.",
+    )
+    max_pixels: int = Field(
+        default=178_956_970,
+        gt=0,
+        description="Largest image (width x height) to decode; larger ones become error rows "
+        "(decompression-bomb guard).",
+    )
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        return sorted({("." + ext.lstrip(".")).lower() for ext in value})
+
+    @model_validator(mode="after")
+    def _needs_something_to_read(self) -> InputSpec:
+        if not self.uris and self.manifest is None:
+            raise ValueError("expected at least one of `uris` or `manifest`, found neither")
+        return self
+
+
+class Preprocessing(StrictModel):
+    resize: int = Field(gt=0, description="Resize the shorter side to this many pixels.")
+    crop: int = Field(gt=0, description="Then take a centre square crop of this size.")
+    mean: tuple[float, float, float] = Field(description="Per-channel mean, on a 0-1 scale.")
+    std: tuple[float, float, float] = Field(description="Per-channel std, on a 0-1 scale.")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = Field(
+        default="bilinear", description="Resampling filter of the resize."
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"expected three positive numbers, found {list(value)}")
+        return value
+
+
+class _ModelCommon(StrictModel):
+    name: str | None = Field(
+        default=None, description="Model name written to every row; defaults from the model."
+    )
+    labels: str | None = Field(
+        default=None,
+        description="Labels: a .txt (one a line) or .json (list, or {id: label}) file URI, or "
+        "`imagenet-1k`. Defaults to the weights' own categories, else numeric ids.",
+    )
+    preprocessing: Preprocessing | None = Field(
+        default=None,
+        description="Resize/crop/normalisation; defaults to the torchvision weights' transforms.",
+    )
+
+
+class TorchvisionModel(_ModelCommon):
+    kind: Literal["torchvision"] = "torchvision"
+    architecture: str = Field(description="A torchvision classification model name, e.g. resnet50.")
+    weights: str | None = Field(
+        default=None,
+        description="A torchvision weights enum name (DEFAULT, IMAGENET1K_V2, ...: downloads "
+        "where a hub is reachable) or the URI of a state_dict / checkpoint file.",
+    )
+    weights_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a weights file of other hash."
+    )
+    num_classes: int | None = Field(
+        default=None, gt=0, description="Classes of a fine-tuned head; defaults to the weights'."
+    )
+
+
+class TorchScriptModel(_ModelCommon):
+    kind: Literal["torchscript"] = "torchscript"
+    uri: str = Field(description="URI of a TorchScript file (torch.jit.save).")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class EntrypointModel(_ModelCommon):
+    kind: Literal["entrypoint"] = "entrypoint"
+    entrypoint: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`package.module:function` returning a torch.nn.Module.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the function.")
+    weights: str | None = Field(default=None, description="URI of a state_dict to load into it.")
+    weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+def _kind_or(default: str) -> Callable[[Any], str]:
+    """Discriminate a union by its `kind`, taking `default` when the spec leaves it out."""
+
+    def kind(value: Any) -> str:
+        found = value.get("kind", default) if isinstance(value, dict) else getattr(value, "kind", default)
+        return str(found)
+
+    return kind
+
+
+ModelSpec = Annotated[
+    Annotated[TorchvisionModel, Tag("torchvision")]
+    | Annotated[TorchScriptModel, Tag("torchscript")]
+    | Annotated[EntrypointModel, Tag("entrypoint")],
+    Discriminator(
+        _kind_or("torchvision"),
+        custom_error_type="model_kind",
+        custom_error_message="expected kind: torchvision, torchscript or entrypoint",
+    ),
+]
+
+
+class ClassificationTask(StrictModel):
+    kind: Literal["classification"] = "classification"
+    top_k: int = Field(default=5, gt=0, le=1000, description="Labels kept per image.")
+
+
+TaskSpec = Annotated[
+    Annotated[ClassificationTask, Tag("classification")],
+    Discriminator(
+        _kind_or("classification"),
+        custom_error_type="task_kind",
+        custom_error_message="expected kind: classification",
+    ),
+]
+# Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
+UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "classification"})
+
+
+class RuntimeSpec(StrictModel):
+    batch_size: int = Field(default=32, gt=0, description="Images per model call.")
+    min_actors: int = Field(default=1, gt=0, description="Smallest predictor actor pool.")
+    max_actors: int | None = Field(
+        default=None, gt=0, description="Largest pool; defaults to as many as the cluster fits."
+    )
+    num_gpus_per_actor: float | None = Field(
+        default=None, ge=0, description="GPUs per actor; defaults to 1 where the cluster has GPUs."
+    )
+    num_cpus_per_actor: float = Field(default=1, gt=0, description="CPUs per predictor actor.")
+    reserved_cpus: float = Field(
+        default=1, ge=0, description="CPUs kept free of actors for reading and decoding."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: cuda when the actor has a GPU, else cpu."
+    )
+    autocast: Literal["off", "float16", "bfloat16"] = Field(
+        default="off", description="Mixed precision on the GPU (ignored on the CPU)."
+    )
+    autoscaling: bool = Field(
+        default=False,
+        description="The cluster adds nodes on demand: do not refuse a pool that does not fit "
+        "the nodes up now.",
+    )
+    read_batch_size: int = Field(default=16, gt=0, description="Files fetched per read task call.")
+
+
+class OutputSpec(StrictModel):
+    uri: str = Field(description="Table root; rows land under run_date=YYYY-MM-DD/.")
+    rows_per_file: int = Field(default=250_000, gt=0, description="Rows per Parquet file.")
+
+
+class RunSpec(StrictModel):
+    id: str | None = Field(
+        default=None,
+        pattern=RUN_ID_PATTERN,
+        description="Run id in file names and rows; defaults to the run date plus the spec hash.",
+    )
+    date: dt.date | None = Field(default=None, description="Partition date; defaults to today UTC.")
+
+
+class JobSpec(StrictModel):
+    input: InputSpec
+    task: TaskSpec = Field(default_factory=ClassificationTask)
+    model: ModelSpec
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    output: OutputSpec
+    run: RunSpec = Field(default_factory=RunSpec)
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per protocol, e.g. {s3: {endpoint_url: ...}}. "
+        "Never credentials: those come from the standard AWS/GCP/Azure chains.",
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for protocol, options in value.items():
+            for path in _credential_paths(options):
+                raise ValueError(
+                    f"{protocol}.{path} looks like a credential; credentials never go in the "
+                    "spec: use the standard AWS/GCP/Azure credential chain (environment, "
+                    "profile, instance role)"
+                )
+        return value
+
+    def resolved_run(self) -> tuple[str, dt.date]:
+        """The run id and date, with their defaults filled in."""
+        date = self.run.date or dt.datetime.now(dt.timezone.utc).date()
+        run_id = self.run.id or f"{date.isoformat()}-{self.fingerprint()[:8]}"
+        return run_id, date
+
+    def fingerprint(self) -> str:
+        """A hash of what decides the rows (not the run identity nor the sizing)."""
+        content = self.model_dump(mode="json", exclude={"run", "runtime"})
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _credential_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for name, value in options.items():
+        path = f"{prefix}{name}"
+        if name.lower() in CREDENTIAL_KEYS:
+            found.append(path)
+        elif isinstance(value, dict):
+            found.extend(_credential_paths(value, path + "."))
+    return found
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML spec, apply `dotted.path=value` overrides, validate; SpecError if it cannot run."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path}: not found") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec file {path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec file {path}: expected a mapping, found {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_spec(raw)
+
+
+def parse_spec(raw: dict[str, Any]) -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`64`, `[a, b]`, `null`)."""
+    dotted, sep, text = override.partition("=")
+    if not sep or not dotted.strip():
+        raise SpecError(f"override {override!r}: expected KEY.PATH=VALUE")
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"override {override!r}: {name} is not a mapping")
+        node = child
+    node[leaf] = yaml.safe_load(text)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = [f"invalid job spec ({err.error_count()} problem(s)):"]
+    for problem in err.errors():
+        parts = [str(part) for part in problem["loc"] if part not in UNION_TAGS]
+        location = ".".join(parts) or "(spec)"
+        message = problem["msg"].removeprefix("Value error, ")
+        line = f"  {location}: {message}"
+        if "input" in problem and "storage_options" not in location:
+            line += f" (found: {_short_repr(problem['input'])})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_valid_run_id(value: str) -> bool:
+    return re.match(RUN_ID_PATTERN, value) is not None

@@ -1,0 +1,82 @@
+"""Decode image bytes (JPEG, PNG, WebP, BMP, GIF, TIFF) to RGB uint8 arrays, or say why not."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Bit depth of the integer modes Pillow reports for high-bit-depth images.
+HIGH_BIT_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
+
+
+class DecodeError(ValueError):
+    """An input that is not a decodable image; its class name becomes the row's error_type."""
+
+
+class EmptyFile(DecodeError):
+    pass
+
+
+class NotAnImage(DecodeError):
+    pass
+
+
+class CorruptImage(DecodeError):
+    pass
+
+
+class ImageTooLarge(DecodeError):
+    pass
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of the first frame, EXIF orientation applied."""
+    if not data:
+        raise EmptyFile("zero-byte file")
+    image = _open(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise CorruptImage(f"cannot decode {image.format or 'image'}: {err}") from None
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(str(err)) from None
+    except UnidentifiedImageError:
+        raise NotAnImage("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise CorruptImage(f"cannot read image header: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise CorruptImage(f"image has no pixels ({width}x{height})")
+    return image
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode to RGB uint8: 16-bit scaled down, grey replicated, alpha dropped."""
+    if image.mode in HIGH_BIT_MODES:
+        grey = np.asarray(image).astype(np.float64) / 257.0
+        return _grey_to_rgb(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    if image.mode == "F":
+        return _grey_to_rgb(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))

