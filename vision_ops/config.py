@@ -155,7 +155,11 @@ def _kind_or(default: str) -> Callable[[Any], str]:
     """Discriminate a union by its `kind`, taking `default` when the spec leaves it out."""
 
     def kind(value: Any) -> str:
-        found = value.get("kind", default) if isinstance(value, dict) else getattr(value, "kind", default)
+        found = (
+            value.get("kind", default)
+            if isinstance(value, dict)
+            else getattr(value, "kind", default)
+        )
         return str(found)
 
     return kind
@@ -280,7 +284,7 @@ def _credential_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read a YAML spec, apply `dotted.path=value` overrides, validate; SpecError if it cannot run."""
+    """Read a YAML spec, apply `dotted.path=value` overrides, validate (SpecError if it cannot)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:

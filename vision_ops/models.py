@@ -1,4 +1,4 @@
-"""Classification models: build by kind (torchvision, TorchScript, entrypoint) with weights, labels."""
+"""Classification models by kind (torchvision, TorchScript, entrypoint), with weights and labels."""
 
 from __future__ import annotations
 
@@ -161,7 +161,9 @@ def build_entrypoint(spec: EntrypointModel, options: StorageOptions) -> BuiltMod
         )
     if spec.weights is None:
         return BuiltModel(module)
-    return BuiltModel(module, load_state_dict_file(module, spec.weights, spec.weights_sha256, options))
+    return BuiltModel(
+        module, load_state_dict_file(module, spec.weights, spec.weights_sha256, options)
+    )
 
 
 # --- weights ---------------------------------------------------------------------------------

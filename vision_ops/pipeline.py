@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -63,13 +64,19 @@ def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
     fits = max(0, min(by_cpu, by_gpu))
     if runtime.autoscaling:
         top = runtime.max_actors or max(runtime.min_actors, fits)
-        return PoolPlan(runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus)
+        return PoolPlan(
+            runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus
+        )
     if runtime.min_actors > fits:
         raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
     top = min(runtime.max_actors or fits, fits)
     if runtime.max_actors and runtime.max_actors > fits:
-        log.warning("runtime.max_actors=%d capped to the %d actors that fit", runtime.max_actors, fits)
-    return PoolPlan(runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus)
+        log.warning(
+            "runtime.max_actors=%d capped to the %d actors that fit", runtime.max_actors, fits
+        )
+    return PoolPlan(
+        runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus
+    )
 
 
 def _too_small_message(
@@ -112,15 +119,21 @@ def run_job(spec: JobSpec) -> RunSummary:
     return RunSummary(run_id, listing.num_rows, time.perf_counter() - started, commit)
 
 
-def build_dataset(spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str) -> ray.data.Dataset:
-    blocks = [listing.slice(i, LISTING_ROWS_PER_BLOCK) for i in range(0, listing.num_rows, LISTING_ROWS_PER_BLOCK)]
-    units = ray.data.from_arrow(blocks).map_batches(
+def build_dataset(
+    spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str
+) -> ray.data.Dataset:
+    blocks = [
+        listing.slice(i, LISTING_ROWS_PER_BLOCK)
+        for i in range(0, listing.num_rows, LISTING_ROWS_PER_BLOCK)
+    ]
+    reader = functools.partial(
         read_units,
-        fn_kwargs={
-            "preprocessing": resolve_preprocessing(spec.model),
-            "max_pixels": spec.input.max_pixels,
-            "storage_options": spec.storage_options,
-        },
+        preprocessing=resolve_preprocessing(spec.model),
+        max_pixels=spec.input.max_pixels,
+        storage_options=spec.storage_options,
+    )
+    units = ray.data.from_arrow(blocks).map_batches(
+        reader,
         batch_size=spec.runtime.read_batch_size,
         batch_format="numpy",
         num_cpus=1,
@@ -137,10 +150,13 @@ def build_dataset(spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str)
         batch_size=spec.runtime.batch_size,
         batch_format="numpy",
     )
-    return predictions.map_batches(
+    to_rows = functools.partial(
         classification_table,
-        fn_kwargs={"run_id": run_id, "labels": resolve_labels(spec.model, spec.storage_options)},
+        run_id=run_id,
+        labels=resolve_labels(spec.model, spec.storage_options),
+    )
+    return predictions.map_batches(
+        to_rows,
         batch_format="numpy",
         batch_size=None,
     )
-

@@ -1,4 +1,4 @@
-"""Listed inputs -> model-ready units: fetch bytes, decode, resize; a failure becomes an error row."""
+"""Listed inputs -> model-ready units: fetch, decode, resize; a failure becomes an error row."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def _error_unit(err: Exception, prep: Preprocessing) -> dict[str, Any]:
     }
 
 
-def _fill_missing_identity(out: dict[str, np.ndarray], uris: list[str], options: StorageOptions) -> None:
+def _fill_missing_identity(
+    out: dict[str, np.ndarray], uris: list[str], options: StorageOptions
+) -> None:
     """Manifest entries without ETag or size: ask the store (one HEAD each, only for those)."""
     etags, sizes = out["source_etag"], out["source_size"]
     missing = [i for i in range(len(uris)) if etags[i] is None and _is_null(sizes[i])]

