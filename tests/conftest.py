@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated local Ray, a real SeaweedFS S3 server, sample photographs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
+
+PHOTO_NAMES = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+
+
+@pytest.fixture(scope="session")
+def ray_temp_dir() -> Iterator[str]:
+    """A short, private Ray temp dir: no stale `ray_current_cluster` from another cluster."""
+    path = tempfile.mkdtemp(prefix="vor", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_temp_dir: str) -> Iterator[None]:
+    """The embedded local cluster the job starts when RAY_ADDRESS is unset: 2 CPUs, no GPU."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=ray_temp_dir)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedS3]:
+    """A real S3 server on 127.0.0.1 with fresh ports, credentials from the environment."""
+    saved = {name: os.environ.get(name) for name in LOCAL_CREDENTIALS}
+    os.environ.update(LOCAL_CREDENTIALS)
+    with SeaweedS3(buckets=("images", "models", "out")) as server:
+        yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_options(seaweed: SeaweedS3) -> dict[str, dict[str, str]]:
+    """`storage_options` for a spec that reads and writes the test server."""
+    return {"s3": seaweed.storage_options()}
+
+
+@pytest.fixture(scope="session")
+def photo_paths() -> list[Path]:
+    """Real photographs shipped inside scikit-image (and scikit-learn)."""
+    import skimage.data
+    import sklearn.datasets
+
+    skimage_dir = Path(skimage.data.__file__).parent
+    sklearn_dir = Path(sklearn.datasets.__file__).parent / "images"
+    return [skimage_dir / name for name in PHOTO_NAMES] + [sklearn_dir / "china.jpg"]

@@ -1,0 +1,73 @@
+"""DuckDB over the output table, on local paths or s3:// (httpfs shipped in a package, offline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from vision_ops.schema import PARTITION_COLUMN
+from vision_ops.storage import StorageOptions
+
+
+def connect(storage_options: StorageOptions | None = None) -> Any:
+    """A DuckDB connection that can read s3:// with the environment's AWS credentials."""
+    try:
+        import duckdb
+    except ImportError as err:
+        raise ImportError("querying needs DuckDB: pip install 'vision-ops[query]'") from err
+    connection = duckdb.connect()
+    s3 = dict((storage_options or {}).get("s3", {}))
+    if s3 or os.environ.get("AWS_ACCESS_KEY_ID"):
+        _load_httpfs(connection)
+        connection.execute(_s3_secret_sql(s3), _s3_secret_params())
+    return connection
+
+
+def table_glob(table_uri: str) -> str:
+    """All committed partitions' Parquet files of a table root."""
+    return f"{table_uri.rstrip('/')}/{PARTITION_COLUMN}=*/*.parquet"
+
+
+def read_sql(table_uri: str) -> str:
+    return f"read_parquet('{table_glob(table_uri)}', hive_partitioning = true)"
+
+
+def top_labels_sql(table_uri: str) -> str:
+    """Top-1 label and score per image, errors listed with their type."""
+    return f"""
+        SELECT regexp_extract(source_uri, '[^/]+$') AS image, status,
+               coalesce(label, error_type) AS label_or_error, round(score, 3) AS score,
+               list_transform(top_k, e -> e.label) AS top_k_labels
+        FROM {read_sql(table_uri)}
+        ORDER BY image
+    """
+
+
+def _load_httpfs(connection: Any) -> None:
+    try:
+        import duckdb_extension_httpfs
+    except ImportError as err:
+        raise ImportError("s3:// in DuckDB needs: pip install duckdb-extension-httpfs") from err
+    package = Path(duckdb_extension_httpfs.__file__).parent
+    extension = next(package.glob("extensions/*/httpfs.duckdb_extension"))
+    connection.execute(f"LOAD '{extension}'")
+
+
+def _s3_secret_sql(s3: dict[str, Any]) -> str:
+    options = ["TYPE s3", "KEY_ID $key_id", "SECRET $secret", "REGION $region"]
+    endpoint = s3.get("endpoint_url") or s3.get("client_kwargs", {}).get("endpoint_url")
+    if endpoint:
+        url = urlparse(endpoint)
+        options += [f"ENDPOINT '{url.netloc}'", "URL_STYLE 'path'"]
+        options += [f"USE_SSL {str(url.scheme == 'https').lower()}"]
+    return f"CREATE OR REPLACE SECRET vision_ops_s3 ({', '.join(options)})"
+
+
+def _s3_secret_params() -> dict[str, str]:
+    return {
+        "key_id": os.environ.get("AWS_ACCESS_KEY_ID", ""),
+        "secret": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+        "region": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+    }
