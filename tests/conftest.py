@@ -13,6 +13,9 @@ import pytest
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 
 PHOTO_NAMES = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+# Placeholder credentials for the local server, set before any Ray worker starts so workers
+# inherit them exactly as they would inherit a real credential chain's environment.
+os.environ.update(LOCAL_CREDENTIALS)
 
 
 @pytest.fixture(scope="session")
@@ -40,15 +43,8 @@ def ray_local(ray_temp_dir: str) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def seaweed() -> Iterator[SeaweedS3]:
     """A real S3 server on 127.0.0.1 with fresh ports, credentials from the environment."""
-    saved = {name: os.environ.get(name) for name in LOCAL_CREDENTIALS}
-    os.environ.update(LOCAL_CREDENTIALS)
     with SeaweedS3(buckets=("images", "models", "out")) as server:
         yield server
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +62,10 @@ def photo_paths() -> list[Path]:
     skimage_dir = Path(skimage.data.__file__).parent
     sklearn_dir = Path(sklearn.datasets.__file__).parent / "images"
     return [skimage_dir / name for name in PHOTO_NAMES] + [sklearn_dir / "china.jpg"]
+
+
+@pytest.fixture(scope="session")
+def s3fs_client(seaweed: SeaweedS3):  # type: ignore[no-untyped-def]
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **seaweed.storage_options())

@@ -70,7 +70,8 @@ def _run(spec: JobSpec, max_error_ratio: float) -> int:
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors "
-        f"in {summary.seconds:.1f}s ({summary.images_per_second:.1f} images/s)\n"
+        f"in {summary.seconds:.1f}s; pipeline {summary.pipeline_seconds:.1f}s, "
+        f"{summary.images_per_second:.1f} images/s\n"
         f"output: {commit.partition_uri} ({len(commit.files)} file(s))\n"
         f"manifest: {commit.manifest_uri}"
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,22 +38,34 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """RGB uint8 (H, W, 3) of the first frame, EXIF orientation applied."""
     if not data:
         raise EmptyFile("zero-byte file")
-    image = _open(data, max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _pixel_limit(max_pixels):
+        image = _open(data, max_pixels)
+        try:
             image.load()
             image = ImageOps.exif_transpose(image) or image
             return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise CorruptImage(f"cannot decode {image.format or 'image'}: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise ImageTooLarge(str(err)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise CorruptImage(f"cannot decode {image.format or 'image'}: {err}") from None
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb guard set to `max_pixels`, so that it never refuses what we allow."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(str(err)) from None
     except UnidentifiedImageError:

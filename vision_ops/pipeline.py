@@ -24,7 +24,8 @@ from vision_ops.sources import list_inputs
 
 log = logging.getLogger(__name__)
 LISTING_ROWS_PER_BLOCK = 256
-READ_TASK_RETRIES = 3  # a read task lost with its worker is rerun; per-file failures are rows
+# Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
+READ_TASK_MEMORY_BYTES = 512 * 1024**2
 
 
 class ClusterTooSmall(RuntimeError):
@@ -43,12 +44,14 @@ class PoolPlan:
 class RunSummary:
     run_id: str
     inputs: int
-    seconds: float
+    seconds: float  # the whole run: listing, cluster start, pipeline, commit
+    pipeline_seconds: float  # from the first read to the last row received
     commit: CommitResult
 
     @property
     def images_per_second(self) -> float:
-        return self.commit.rows / self.seconds if self.seconds > 0 else float("nan")
+        """Throughput of the pipeline itself (cluster and model start-up included)."""
+        return self.commit.rows / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
 
 
 def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
@@ -109,14 +112,16 @@ def run_job(spec: JobSpec) -> RunSummary:
     sink = ParquetSink(
         spec.output.uri, run_id, run_date, spec.output.rows_per_file, spec.storage_options
     )
-    for table in build_dataset(spec, listing, plan, run_id).iter_batches(
-        batch_format="pyarrow", batch_size=None
-    ):
+    pipeline_started = time.perf_counter()
+    dataset = build_dataset(spec, listing, plan, run_id)
+    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         sink.write(table)
+    pipeline_seconds = time.perf_counter() - pipeline_started
     if sink.rows != listing.num_rows:
         raise RuntimeError(f"{listing.num_rows} inputs listed but {sink.rows} rows produced")
     commit = sink.commit()
-    return RunSummary(run_id, listing.num_rows, time.perf_counter() - started, commit)
+    seconds = time.perf_counter() - started
+    return RunSummary(run_id, listing.num_rows, seconds, pipeline_seconds, commit)
 
 
 def build_dataset(
@@ -137,9 +142,9 @@ def build_dataset(
         batch_size=spec.runtime.read_batch_size,
         batch_format="numpy",
         num_cpus=1,
-        # Remote args that differ from the predictor's keep decoding in CPU tasks: Ray Data then
-        # does not fuse this stage into the actors, so the pool spends its time on the model.
-        max_retries=READ_TASK_RETRIES,
+        # A reservation the predictor lacks also keeps decoding in CPU tasks: Ray Data does not
+        # fuse stages whose resources differ, so the actor pool spends its time on the model.
+        memory=READ_TASK_MEMORY_BYTES,
     )
     predictions = units.map_batches(
         PREDICTORS.get(spec.task.kind),

@@ -1,0 +1,255 @@
+"""Model kinds load and predict: torchvision + file / s3 weights, sha256 pins, TorchScript,
+entrypoints, fine-tuned heads with labels files; labels and preprocessing resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from vision_ops.config import Preprocessing, parse_spec
+from vision_ops.models import (
+    MODEL_KINDS,
+    ModelError,
+    check_model,
+    load_labels,
+    load_model,
+    resolve_labels,
+    resolve_preprocessing,
+    state_dict_sha256,
+)
+from vision_ops.predictors import Classifier
+from vision_ops.schema import (
+    STATUS_ERROR,
+    STATUS_OK,
+    TOP_K_IDS,
+    TOP_K_SCORES,
+    classification_table,
+)
+
+PREP = {"resize": 72, "crop": 64, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+CLASSES = 6
+
+
+def tiny_classifier(num_classes: int = CLASSES) -> torch.nn.Module:
+    """A small torchvision model with seeded, well-spread logits (distinct top-k)."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=num_classes)
+    head = model.classifier[-1]
+    torch.nn.init.normal_(head.weight, std=1.0)
+    torch.nn.init.normal_(head.bias, std=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.nn.Module:
+    return tiny_classifier()
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory, reference: torch.nn.Module) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_finetuned.pt"
+    torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+
+
+def direct_logits(module: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(PREP["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(PREP["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return module((pixels - mean) / std)
+
+
+def spec_for(model: dict, **task: object) -> object:
+    return parse_spec(
+        {
+            "input": {"uris": ["/nowhere"]},
+            "task": {"kind": "classification", **task},
+            "model": {"preprocessing": PREP, **model},
+            "output": {"uri": "/tmp/unused"},
+        }
+    )
+
+
+def torchvision_file_model(path: object, **extra: object) -> dict:
+    return {"architecture": "mobilenet_v3_small", "weights": str(path), "num_classes": CLASSES} | extra
+
+
+def assert_predicts_like(spec: object, reference: torch.nn.Module, images: np.ndarray) -> None:
+    classifier = Classifier(spec)  # type: ignore[arg-type]
+    ids, scores = classifier.predict(images)
+    expected = direct_logits(reference, images).softmax(-1).topk(classifier.top_k)
+    np.testing.assert_array_equal(ids, expected.indices.numpy())
+    np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
+
+
+def test_every_model_kind_is_registered() -> None:
+    assert MODEL_KINDS.names() == ["entrypoint", "torchscript", "torchvision"]
+
+
+def test_torchvision_with_local_state_dict_file(reference, weights_file, images) -> None:
+    spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+    loaded = load_model(spec.model)
+    assert loaded.name == "mobilenet_v3_small"
+    assert loaded.weights_sha256 == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert_predicts_like(spec, reference, images)
+
+
+@pytest.mark.s3
+def test_torchvision_with_s3_state_dict(reference, weights_file, images, s3fs_client, s3_options):
+    s3fs_client.put_file(str(weights_file), "models/finetuned/mobilenet.pt")
+    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    model = torchvision_file_model("s3://models/finetuned/mobilenet.pt", weights_sha256=digest)
+    spec = spec_for(model, top_k=2).model_copy(update={"storage_options": s3_options})
+    assert load_model(spec.model, s3_options).weights_sha256 == digest
+    assert_predicts_like(spec, reference, images)
+
+
+def test_sha256_mismatch_is_refused(weights_file) -> None:
+    wrong = "0" * 64
+    spec = spec_for(torchvision_file_model(weights_file, weights_sha256=wrong))
+    with pytest.raises(ModelError) as err:
+        load_model(spec.model)
+    actual = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert f"the spec pins {wrong}, the file has {actual}" in str(err.value)
+
+
+def test_weights_that_do_not_fit_the_architecture(weights_file) -> None:
+    spec = spec_for(torchvision_file_model(weights_file, num_classes=CLASSES + 1))
+    with pytest.raises(ModelError, match="do not fit the architecture"):
+        load_model(spec.model)
+
+
+def test_torchscript_file(tmp_path, reference, images) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(reference).save(str(path))
+    spec = spec_for({"kind": "torchscript", "uri": str(path)}, top_k=4)
+    loaded = load_model(spec.model)
+    assert loaded.name == "scripted"
+    assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert_predicts_like(spec, reference, images)
+
+
+def test_entrypoint_with_state_dict(tmp_path, images) -> None:
+    from vision_ops.zoo import efficientnet_lite0
+
+    torch.manual_seed(3)
+    reference = efficientnet_lite0(pretrained=False, num_classes=CLASSES).eval()
+    path = tmp_path / "lite0_head.pt"
+    torch.save(reference.state_dict(), path)
+    model = {
+        "kind": "entrypoint",
+        "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+        "kwargs": {"pretrained": False, "num_classes": CLASSES},
+        "weights": str(path),
+    }
+    spec = spec_for(model, top_k=2)
+    assert load_model(spec.model).name == "efficientnet_lite0"
+    assert_predicts_like(spec, reference, images)
+
+
+def test_entrypoint_pretrained_weights_from_package_are_real() -> None:
+    from vision_ops.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0().eval()
+    spec = spec_for({"kind": "entrypoint", "entrypoint": "vision_ops.zoo:efficientnet_lite0"})
+    loaded = load_model(spec.model)
+    assert loaded.weights_sha256 == state_dict_sha256(model)
+    assert loaded.module.state_dict()["_fc.weight"].shape == (1000, 1280)
+
+
+def test_fine_tuned_head_with_labels_file(tmp_path, weights_file, images) -> None:
+    names = ["road", "river", "forest", "field", "roof", "car"]
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    spec = spec_for(torchvision_file_model(weights_file, labels=str(tmp_path / "labels.txt")))
+    classifier = Classifier(spec)
+    batch = {"source_uri": np.array(list("abcd"), dtype=object), "image": images}
+    batch["status"] = np.array([STATUS_OK] * 4, dtype=object)
+    rows = classification_table(classifier(batch), "run-1", classifier.model.labels).to_pylist()
+    ids, scores = classifier.predict(images)
+    assert [row["label"] for row in rows] == [names[i] for i in ids[:, 0]]
+    assert [[e["label"] for e in row["top_k"]] for row in rows] == [
+        [names[i] for i in row] for row in ids
+    ]
+    assert [row["score"] for row in rows] == pytest.approx(scores[:, 0].tolist(), abs=1e-6)
+
+
+def test_json_labels_list_and_map(tmp_path) -> None:
+    (tmp_path / "list.json").write_text(json.dumps(["a", "b"]))
+    (tmp_path / "map.json").write_text(json.dumps({"0": "zero", "2": "two"}))
+    assert load_labels(str(tmp_path / "list.json")) == ["a", "b"]
+    assert load_labels(str(tmp_path / "map.json")) == ["zero", "1", "two"]
+    assert load_labels("imagenet-1k")[281] == "tabby"
+
+
+def test_too_few_labels_for_the_head_is_refused(tmp_path, weights_file) -> None:
+    (tmp_path / "labels.txt").write_text("only\ntwo\n")
+    spec = spec_for(torchvision_file_model(weights_file, labels=str(tmp_path / "labels.txt")))
+    with pytest.raises(ModelError, match="the model has 6 outputs, found only 2 labels"):
+        Classifier(spec)
+
+
+def test_error_rows_pass_the_predictor_untouched(weights_file, images) -> None:
+    classifier = Classifier(spec_for(torchvision_file_model(weights_file), top_k=2))
+    status = np.array([STATUS_OK, STATUS_ERROR, STATUS_OK, STATUS_ERROR], dtype=object)
+    out = classifier({"status": status, "image": images, "source_uri": np.arange(4)})
+    assert "image" not in out
+    np.testing.assert_array_equal(out[TOP_K_IDS][[1, 3]], -1)
+    assert np.isnan(out[TOP_K_SCORES][[1, 3]]).all()
+    ids, scores = classifier.predict(images[[0, 2]])
+    np.testing.assert_array_equal(out[TOP_K_IDS][[0, 2]], ids)
+    np.testing.assert_allclose(out[TOP_K_SCORES][[0, 2]], scores, atol=1e-6)
+    assert list(out["model_name"]) == ["mobilenet_v3_small"] * 4
+
+
+def test_top_k_is_capped_at_the_number_of_classes(weights_file) -> None:
+    assert Classifier(spec_for(torchvision_file_model(weights_file), top_k=50)).top_k == CLASSES
+
+
+def test_weights_enum_gives_preprocessing_and_labels_without_download() -> None:
+    spec = spec_for({"architecture": "resnet50", "weights": "IMAGENET1K_V2"})
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"preprocessing": None})})
+    assert resolve_preprocessing(spec.model) == Preprocessing(
+        resize=232, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    )
+    labels = resolve_labels(spec.model)
+    assert labels is not None and len(labels) == 1000 and labels[0] == "tench"
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"architecture": "resnet5O"}, "expected a torchvision classification model"),
+        ({"architecture": "resnet50", "weights": "IMAGENET9K"}, "has no weights 'IMAGENET9K'"),
+        ({"kind": "entrypoint", "entrypoint": "no_such_pkg.mod:fn"}, "cannot import"),
+    ],
+)
+def test_check_model_names_the_mistake(model: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        check_model(spec_for(model).model)
+
+
+def test_preprocessing_is_required_without_weights_metadata() -> None:
+    spec = spec_for({"kind": "torchscript", "uri": "/x.pt"})
+    model = spec.model.model_copy(update={"preprocessing": None})
+    with pytest.raises(ModelError, match="model.preprocessing: required for a torchscript model"):
+        resolve_preprocessing(model)
+
+
+def test_state_dict_hash_changes_with_the_weights(reference) -> None:
+    other = tiny_classifier()
+    assert state_dict_sha256(other) == state_dict_sha256(reference)
+    with torch.no_grad():
+        other.classifier[-1].bias[0] += 1e-3
+    assert state_dict_sha256(other) != state_dict_sha256(reference)
