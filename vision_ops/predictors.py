@@ -8,13 +8,20 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vision_ops.config import JobSpec
+from vision_ops.config import JobSpec, Preprocessing
 from vision_ops.models import LoadedModel, ModelError, load_model
 from vision_ops.registry import Registry
 from vision_ops.schema import STATUS_OK, TOP_K_IDS, TOP_K_SCORES
-from vision_ops.transforms import normalise
 
 PREDICTORS: Registry[type] = Registry("task")
+
+
+def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """uint8 (N, H, W, 3) on the device -> float32 (N, 3, H, W), scaled to 0-1 and standardised."""
+    images = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1)
+    return images.sub_(mean).div_(std)
 
 
 def pick_device(requested: str) -> torch.device:

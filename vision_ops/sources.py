@@ -106,6 +106,10 @@ URI_COLUMNS = ("uri", "url", "path")
 ETAG_COLUMNS = ("e_tag", "etag")
 SIZE_COLUMNS = ("size",)
 MTIME_COLUMNS = ("last_modified_date", "last_modified", "mtime")
+# Any of these in a CSV's first row makes it a header (else it is a headerless S3 Inventory CSV).
+HEADER_COLUMNS = frozenset(
+    {*URI_COLUMNS, "bucket", "key", *ETAG_COLUMNS, *SIZE_COLUMNS, *MTIME_COLUMNS}
+)
 
 
 def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
@@ -114,15 +118,22 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
         data = read_bytes(uri, options)
     except FileNotFoundError:
         raise SourceError(f"manifest {uri}: not found") from None
-    extension = posixpath.splitext(uri)[1].lower()
-    if extension == ".parquet":
-        records = pq.read_table(io.BytesIO(data)).to_pylist()
-    elif extension == ".csv":
-        records = _csv_records(data.decode("utf-8-sig"))
-    else:
-        records = [{"uri": line.strip()} for line in data.decode("utf-8-sig").splitlines()]
-        records = [r for r in records if r["uri"] and not r["uri"].startswith("#")]
+    try:
+        records = _records(data, posixpath.splitext(uri)[1].lower())
+    except (ValueError, csv.Error, pa.ArrowException) as err:
+        raise SourceError(f"manifest {uri}: cannot read: {err}") from None
     return [_manifest_row(uri, index, record) for index, record in enumerate(records)]
+
+
+def _records(data: bytes, extension: str) -> list[dict[str, Any]]:
+    """The manifest's entries as dicts: Parquet, CSV, else text (a URI a line, # comments)."""
+    if extension == ".parquet":
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    text = data.decode("utf-8-sig")
+    if extension == ".csv":
+        return _csv_records(text)
+    lines = (line.strip() for line in text.splitlines())
+    return [{"uri": line} for line in lines if line and not line.startswith("#")]
 
 
 def _csv_records(text: str) -> list[dict[str, Any]]:
@@ -130,7 +141,7 @@ def _csv_records(text: str) -> list[dict[str, Any]]:
     if not rows:
         return []
     header = [name.strip().lower() for name in rows[0]]
-    if set(header) & {*URI_COLUMNS, "key"}:
+    if set(header) & HEADER_COLUMNS:
         return [dict(zip(header, row, strict=False)) for row in rows[1:]]
     # S3 Inventory CSV: no header, Bucket then URL-encoded Key first.
     return [{"bucket": row[0], "key": unquote_plus(row[1])} for row in rows if len(row) >= 2]
@@ -148,12 +159,15 @@ def _manifest_row(manifest: str, index: int, record: dict[str, Any]) -> dict[str
         )
     size = _first(fields, SIZE_COLUMNS)
     etag = _first(fields, ETAG_COLUMNS)
-    return {
-        "source_uri": _canonical_manifest_uri(str(uri)),
-        "source_etag": str(etag).strip('"') if etag else None,
-        "source_size": int(size) if size not in (None, "") else None,
-        "source_mtime": _as_utc(_first(fields, MTIME_COLUMNS) or None),
-    }
+    try:
+        return {
+            "source_uri": _canonical_manifest_uri(str(uri)),
+            "source_etag": str(etag).strip('"') if etag else None,
+            "source_size": int(size) if size is not None else None,
+            "source_mtime": _as_utc(_first(fields, MTIME_COLUMNS) or None),
+        }
+    except ValueError as err:
+        raise SourceError(f"manifest {manifest}: entry {index} ({uri}): {err}") from None
 
 
 def _canonical_manifest_uri(uri: str) -> str:

@@ -1,0 +1,619 @@
+"""The job spec: defaults, every kind of mistake named by its field, overrides and run identity."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pydantic
+import pytest
+
+from vision_ops import config
+from vision_ops.config import (
+    DEFAULT_EXTENSIONS,
+    JobSpec,
+    SpecError,
+    apply_override,
+    is_valid_run_id,
+    load_spec,
+    parse_spec,
+)
+
+SHA = "0123456789abcdef" * 4
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+HEADER = "invalid job spec (1 problem(s)):"
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "input": {"uris": ["s3://images/2024/"]},
+        "model": {"architecture": "resnet50"},
+        "output": {"uri": "s3://out/predictions"},
+    }
+
+
+def with_value(dotted: str, value: Any) -> dict[str, Any]:
+    """The minimal spec with one nested value set (or replaced)."""
+    raw = minimal()
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+    return raw
+
+
+def spec_error(raw: dict[str, Any]) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(raw)
+    return str(caught.value)
+
+
+# --- a valid spec --------------------------------------------------------------------------------
+
+
+def test_minimal_spec_fills_every_default() -> None:
+    spec = parse_spec(minimal())
+    assert spec.input.model_dump() == {
+        "uris": ["s3://images/2024/"],
+        "manifest": None,
+        "extensions": sorted(DEFAULT_EXTENSIONS),
+        "max_pixels": 178_956_970,
+    }
+    assert spec.task.model_dump() == {"kind": "classification", "top_k": 5}
+    assert spec.model.model_dump() == {
+        "kind": "torchvision",
+        "architecture": "resnet50",
+        "name": None,
+        "labels": None,
+        "preprocessing": None,
+        "weights": None,
+        "weights_sha256": None,
+        "num_classes": None,
+    }
+    assert spec.runtime.model_dump() == {
+        "batch_size": 32,
+        "min_actors": 1,
+        "max_actors": None,
+        "num_gpus_per_actor": None,
+        "num_cpus_per_actor": 1,
+        "reserved_cpus": 1,
+        "device": "auto",
+        "autocast": "off",
+        "autoscaling": False,
+        "read_batch_size": 16,
+    }
+    assert spec.output.model_dump() == {"uri": "s3://out/predictions", "rows_per_file": 250_000}
+    assert spec.run.model_dump() == {"id": None, "date": None}
+    assert spec.storage_options == {}
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [
+        ({"kind": "torchvision", "architecture": "resnet18", "weights_sha256": SHA}, "torchvision"),
+        ({"kind": "torchscript", "uri": "s3://models/m.pt", "sha256": SHA}, "torchscript"),
+        (
+            {"kind": "entrypoint", "entrypoint": "my_pkg.models:build", "kwargs": {"depth": 3}},
+            "entrypoint",
+        ),
+    ],
+)
+def test_each_model_kind_parses(model: dict[str, Any], kind: str) -> None:
+    spec = parse_spec(with_value("model", model))
+    assert spec.model.kind == kind
+    assert spec.model.model_dump(exclude_defaults=True) | {"kind": kind} == model
+
+
+def test_manifest_alone_is_enough_input() -> None:
+    spec = parse_spec(with_value("input", {"manifest": "s3://images/inventory.csv"}))
+    assert spec.input.uris == []
+    assert spec.input.manifest == "s3://images/inventory.csv"
+
+
+def test_extensions_are_normalised() -> None:
+    spec = parse_spec(with_value("input.extensions", ["JPG", ".Png", "jpg", "tif"]))
+    assert spec.input.extensions == [".jpg", ".png", ".tif"]
+
+
+def test_preprocessing_parses() -> None:
+    preprocessing = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.25] * 3}
+    spec = parse_spec(with_value("model.preprocessing", preprocessing))
+    assert spec.model.preprocessing is not None
+    assert spec.model.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert spec.model.preprocessing.interpolation == "bilinear"
+
+
+def test_run_date_parses_from_text() -> None:
+    spec = parse_spec(with_value("run", {"id": "nightly.2024-05-01_a", "date": "2024-05-01"}))
+    assert spec.run.date == dt.date(2024, 5, 1)
+    assert spec.run.id == "nightly.2024-05-01_a"
+
+
+def test_storage_options_without_credentials_are_kept() -> None:
+    options = {
+        "s3": {
+            "endpoint_url": "http://127.0.0.1:8333",
+            "client_kwargs": {"region_name": "us-east-1"},
+            "anon": False,
+        }
+    }
+    assert parse_spec(with_value("storage_options", options)).storage_options == options
+
+
+def test_spec_is_frozen() -> None:
+    spec = parse_spec(minimal())
+    with pytest.raises(pydantic.ValidationError):
+        spec.runtime.batch_size = 64
+
+
+# --- mistakes: each names the field path, what was expected and what was found -------------------
+
+MISTAKES = {
+    "unknown top-level field": (
+        with_value("colour", "red"),
+        "colour: Extra inputs are not permitted (found: 'red')",
+    ),
+    "unknown nested field": (
+        with_value("runtime.batch_sise", 64),
+        "runtime.batch_sise: Extra inputs are not permitted (found: 64)",
+    ),
+    "unknown field in a model": (
+        with_value("model.layers", 50),
+        "model.layers: Extra inputs are not permitted (found: 50)",
+    ),
+    "wrong type": (
+        with_value("runtime.batch_size", "lots"),
+        "runtime.batch_size: Input should be a valid integer, unable to parse string as an "
+        "integer (found: 'lots')",
+    ),
+    "negative batch size": (
+        with_value("runtime.batch_size", -4),
+        "runtime.batch_size: Input should be greater than 0 (found: -4)",
+    ),
+    "zero top_k": (
+        with_value("task.top_k", 0),
+        "task.top_k: Input should be greater than 0 (found: 0)",
+    ),
+    "unknown device": (
+        with_value("runtime.device", "tpu"),
+        "runtime.device: Input should be 'auto', 'cpu' or 'cuda' (found: 'tpu')",
+    ),
+    "no input": (
+        with_value("input", {}),
+        "input: expected at least one of `uris` or `manifest`, found neither (found: {})",
+    ),
+    "empty uris and no manifest": (
+        with_value("input", {"uris": []}),
+        "input: expected at least one of `uris` or `manifest`, found neither (found: {'uris': []})",
+    ),
+    "unknown model kind": (
+        with_value("model", {"kind": "onnx", "uri": "m.onnx"}),
+        "model: expected kind: torchvision, torchscript or entrypoint "
+        "(found: {'kind': 'onnx', 'uri': 'm.onnx'})",
+    ),
+    "model not a mapping": (
+        with_value("model", "resnet50"),
+        "model: Input should be a valid dictionary or instance of TorchvisionModel "
+        "(found: 'resnet50')",
+    ),
+    "unknown task kind": (
+        with_value("task", {"kind": "detection"}),
+        "task: expected kind: classification (found: {'kind': 'detection'})",
+    ),
+    "weights_sha256 too short": (
+        with_value("model.weights_sha256", "abc123"),
+        "model.weights_sha256: String should match pattern '^[0-9a-f]{64}$' (found: 'abc123')",
+    ),
+    "weights_sha256 upper case": (
+        with_value("model.weights_sha256", SHA.upper()),
+        f"model.weights_sha256: String should match pattern '^[0-9a-f]{{64}}$' "
+        f"(found: '{SHA.upper()}')",
+    ),
+    "torchscript sha256": (
+        with_value("model", {"kind": "torchscript", "uri": "m.pt", "sha256": "xyz"}),
+        "model.sha256: String should match pattern '^[0-9a-f]{64}$' (found: 'xyz')",
+    ),
+    "entrypoint not module:function": (
+        with_value("model", {"kind": "entrypoint", "entrypoint": "os.system('rm')"}),
+        "model.entrypoint: String should match pattern '^[A-Za-z_][\\w.]*:[A-Za-z_]\\w*$' "
+        "(found: \"os.system('rm')\")",
+    ),
+    "entrypoint missing": (
+        with_value("model", {"kind": "entrypoint"}),
+        "model.entrypoint: Field required (found: {'kind': 'entrypoint'})",
+    ),
+    "bad run id": (
+        with_value("run.id", "bad id!"),
+        "run.id: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$' "
+        "(found: 'bad id!')",
+    ),
+    "run id starting with a dot": (
+        with_value("run.id", "../up"),
+        "run.id: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$' (found: '../up')",
+    ),
+    "bad run date": (
+        with_value("run.date", "2024-13-45"),
+        "run.date: Input should be a valid date or datetime, month value is outside expected "
+        "range of 1-12 (found: '2024-13-45')",
+    ),
+    "zero std": (
+        with_value(
+            "model.preprocessing",
+            {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]},
+        ),
+        "model.preprocessing.std: expected three positive numbers, found [0.2, 0.0, 0.2] "
+        "(found: [0.2, 0.0, 0.2])",
+    ),
+    "missing output uri": (
+        with_value("output", {}),
+        "output.uri: Field required (found: {})",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISTAKES))
+def test_mistake_is_named_with_expected_and_found(name: str) -> None:
+    raw, line = MISTAKES[name]
+    assert spec_error(raw).splitlines() == [HEADER, f"  {line}"]
+
+
+def test_missing_section_is_named() -> None:
+    raw = minimal()
+    del raw["output"]
+    lines = spec_error(raw).splitlines()
+    assert lines[0] == HEADER
+    assert lines[1].startswith("  output: Field required (found: {'input': ")
+
+
+def test_run_id_longer_than_128_is_refused() -> None:
+    assert parse_spec(with_value("run.id", "a" * 128)).run.id == "a" * 128
+    assert (
+        spec_error(with_value("run.id", "a" * 129))
+        .splitlines()[1]
+        .startswith("  run.id: String should match pattern")
+    )
+
+
+def test_every_problem_is_listed() -> None:
+    raw = with_value("runtime", {"batch_size": 0, "min_actors": "two"})
+    raw["input"] = {}
+    assert spec_error(raw).splitlines() == [
+        "invalid job spec (3 problem(s)):",
+        "  input: expected at least one of `uris` or `manifest`, found neither (found: {})",
+        "  runtime.batch_size: Input should be greater than 0 (found: 0)",
+        "  runtime.min_actors: Input should be a valid integer, unable to parse string as an "
+        "integer (found: 'two')",
+    ]
+
+
+def test_long_found_value_is_shortened() -> None:
+    line = spec_error(with_value("run.id", "x y" * 100)).splitlines()[1]
+    found = line[line.index("(found: ") + len("(found: ") : -1]
+    assert len(found) == 80
+    assert found.endswith("...")
+
+
+@pytest.mark.parametrize(
+    ("options", "path"),
+    [
+        ({"s3": {"secret": SECRET}}, "s3.secret"),
+        ({"s3": {"key": "AKIAEXAMPLE", "secret": SECRET}}, "s3.key"),
+        ({"s3": {"client_kwargs": {"aws_secret_access_key": SECRET}}}, "s3.client_kwargs."),
+        ({"s3": {"client_kwargs": {"Aws_Session_Token": SECRET}}}, "s3.client_kwargs."),
+        ({"gs": {"token": SECRET}}, "gs.token"),
+        ({"az": {"account_name": "acct", "connection_string": SECRET}}, "az.connection_string"),
+        ({"az": {"sas_token": SECRET}}, "az.sas_token"),
+    ],
+)
+def test_credentials_in_storage_options_are_refused_without_echo(
+    options: dict[str, Any], path: str
+) -> None:
+    message = spec_error(with_value("storage_options", options))
+    assert SECRET not in message
+    lines = message.splitlines()
+    assert lines[0] == HEADER
+    assert lines[1].startswith(f"  storage_options: {path}")
+    assert lines[1].endswith(
+        " looks like a credential; credentials never go in the spec: use the standard "
+        "AWS/GCP/Azure credential chain (environment, profile, instance role)"
+    )
+
+
+def test_nested_credential_path_is_named_in_full() -> None:
+    options = {"s3": {"client_kwargs": {"aws_secret_access_key": SECRET}}}
+    line = spec_error(with_value("storage_options", options)).splitlines()[1]
+    assert line.startswith("  storage_options: s3.client_kwargs.aws_secret_access_key looks like")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # another problem whose `found` is the whole spec, storage_options included
+        {**with_value("storage_options", {"s3": {"secret": SECRET}}), "output": None},
+        {key: value for key, value in minimal().items() if key != "output"}
+        | {"storage_options": {"s3": {"client_kwargs": {"aws_secret_access_key": SECRET}}}},
+        # credentials put in the wrong place
+        with_value("aws_secret_access_key", SECRET),
+        with_value("input.storage_options", {"s3": {"secret": SECRET}}),
+        with_value("model.weights", {"token": SECRET}),
+        with_value("storage_options", {"s3": SECRET}),
+    ],
+    ids=["output-null", "output-missing", "top-level", "input", "model-weights", "not-a-dict"],
+)
+def test_secret_values_never_appear_in_any_message(raw: dict[str, Any]) -> None:
+    message = spec_error(raw)
+    assert SECRET not in message
+    assert "wJalr" not in message
+
+
+def test_credential_found_value_is_masked() -> None:
+    lines = spec_error(with_value("aws_secret_access_key", SECRET)).splitlines()
+    assert lines == [
+        HEADER,
+        "  aws_secret_access_key: Extra inputs are not permitted (found: '***')",
+    ]
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "value"),
+    [
+        ("runtime.batch_size=64", ("runtime", "batch_size"), 64),
+        ("input.uris=[a, b]", ("input", "uris"), ["a", "b"]),
+        ("run.id=x", ("run", "id"), "x"),
+        ("run.date=2024-05-01", ("run", "date"), dt.date(2024, 5, 1)),
+        ("model.weights=null", ("model", "weights"), None),
+        ("runtime.autoscaling=true", ("runtime", "autoscaling"), True),
+        ("output.uri=s3://out/a=b", ("output", "uri"), "s3://out/a=b"),
+        (" runtime.num_gpus_per_actor =0.5", ("runtime", "num_gpus_per_actor"), 0.5),
+    ],
+)
+def test_override_sets_a_parsed_value(override: str, path: tuple[str, str], value: Any) -> None:
+    raw = minimal()
+    apply_override(raw, override)
+    section, leaf = path
+    assert raw[section][leaf] == value
+    untouched = minimal()
+    for name in untouched:
+        if name != section:
+            assert raw[name] == untouched[name]
+
+
+def test_override_creates_missing_sections() -> None:
+    raw: dict[str, Any] = {}
+    apply_override(raw, "runtime.batch_size=64")
+    apply_override(raw, "run.id=nightly")
+    assert raw == {"runtime": {"batch_size": 64}, "run": {"id": "nightly"}}
+
+
+def test_overrides_apply_to_the_parsed_spec() -> None:
+    raw = minimal()
+    for override in ("runtime.batch_size=64", "input.uris=[a, b]", "run.id=x"):
+        apply_override(raw, override)
+    spec = parse_spec(raw)
+    assert spec.runtime.batch_size == 64
+    assert spec.input.uris == ["a", "b"]
+    assert spec.run.id == "x"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("input.uris.first=a", "override 'input.uris.first=a': uris is not a mapping"),
+        ("output.uri.x=1", "override 'output.uri.x=1': uri is not a mapping"),
+        ("runtime.batch_size", "override 'runtime.batch_size': expected KEY.PATH=VALUE"),
+        ("=5", "override '=5': expected KEY.PATH=VALUE"),
+        ("  =5", "override '  =5': expected KEY.PATH=VALUE"),
+    ],
+)
+def test_bad_override_is_refused(override: str, message: str) -> None:
+    raw = minimal()
+    with pytest.raises(SpecError) as caught:
+        apply_override(raw, override)
+    assert str(caught.value) == message
+    assert raw == minimal()
+
+
+# --- load_spec ---------------------------------------------------------------------------------
+
+SPEC_YAML = """\
+input:
+  uris: [s3://images/2024/]
+model:
+  architecture: resnet50
+output:
+  uri: s3://out/predictions
+runtime:
+  batch_size: 8
+"""
+
+
+def test_load_spec_reads_yaml_and_applies_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(SPEC_YAML)
+    assert load_spec(path).runtime.batch_size == 8
+    spec = load_spec(str(path), ["runtime.batch_size=64", "run.id=x", "input.uris=[a, b]"])
+    assert spec.runtime.batch_size == 64
+    assert spec.run.id == "x"
+    assert spec.input.uris == ["a", "b"]
+    assert path.read_text() == SPEC_YAML
+
+
+def test_load_spec_reports_an_override_made_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(SPEC_YAML)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, ["runtime.batch_size=-1"])
+    assert str(caught.value).splitlines() == [
+        HEADER,
+        "  runtime.batch_size: Input should be greater than 0 (found: -1)",
+    ]
+
+
+def test_load_spec_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value) == f"spec file {path}: not found"
+
+
+def test_load_spec_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("input: [unclosed\nmodel: {\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value).startswith(f"spec file {path}: not valid YAML: ")
+    assert "line" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [("- a\n- b\n", "list"), ("just text\n", "str"), ("", "NoneType"), ("42\n", "int")],
+)
+def test_load_spec_non_mapping(tmp_path: Path, text: str, found: str) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value) == f"spec file {path}: expected a mapping, found {found}"
+
+
+def test_load_spec_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as caught:
+        load_spec(tmp_path)
+    assert str(caught.value).startswith(f"spec file {tmp_path}: cannot read: ")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(SpecError) as caught:
+        load_spec(binary)
+    assert str(caught.value).startswith(f"spec file {binary}: cannot read: ")
+
+
+# --- run identity --------------------------------------------------------------------------------
+
+
+class FrozenClock:
+    """Stands in for `datetime.datetime`: `now(tz)` is 23:30 UTC on 31 Dec 2024."""
+
+    calls: ClassVar[list[Any]] = []
+
+    @classmethod
+    def now(cls, tz: Any = None) -> dt.datetime:
+        cls.calls.append(tz)
+        return dt.datetime(2024, 12, 31, 23, 30, tzinfo=dt.timezone.utc).astimezone(tz)
+
+
+def test_resolved_run_defaults_to_today_utc_and_the_fingerprint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    FrozenClock.calls = []
+    fake_dt = SimpleNamespace(datetime=FrozenClock, timezone=dt.timezone, date=dt.date)
+    monkeypatch.setattr(config, "dt", fake_dt)
+    spec = parse_spec(minimal())
+    run_id, run_date = spec.resolved_run()
+    assert FrozenClock.calls == [dt.timezone.utc]
+    assert run_date == dt.date(2024, 12, 31)
+    assert run_id == f"2024-12-31-{spec.fingerprint()[:8]}"
+
+
+def test_resolved_run_uses_the_real_utc_date() -> None:
+    before = dt.datetime.now(dt.timezone.utc).date()
+    run_id, run_date = parse_spec(minimal()).resolved_run()
+    after = dt.datetime.now(dt.timezone.utc).date()
+    assert run_date in {before, after}
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-[0-9a-f]{8}", run_id)
+    assert run_id.startswith(run_date.isoformat())
+    assert is_valid_run_id(run_id)
+
+
+def test_resolved_run_keeps_what_the_spec_says() -> None:
+    spec = parse_spec(with_value("run", {"id": "backfill-7", "date": "2023-02-28"}))
+    assert spec.resolved_run() == ("backfill-7", dt.date(2023, 2, 28))
+
+
+def test_default_run_id_with_a_given_date() -> None:
+    spec = parse_spec(with_value("run.date", "2023-02-28"))
+    assert spec.resolved_run() == (f"2023-02-28-{spec.fingerprint()[:8]}", dt.date(2023, 2, 28))
+
+
+def test_fingerprint_is_a_sha256_hex() -> None:
+    assert re.fullmatch(r"[0-9a-f]{64}", parse_spec(minimal()).fingerprint())
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("runtime.batch_size", 256),
+        ("runtime.max_actors", 8),
+        ("runtime.num_gpus_per_actor", 0.5),
+        ("runtime.device", "cpu"),
+        ("run.id", "another-run"),
+        ("run.date", "2020-01-01"),
+    ],
+)
+def test_fingerprint_ignores_sizing_and_run_identity(dotted: str, value: Any) -> None:
+    base = parse_spec(minimal())
+    assert parse_spec(with_value(dotted, value)).fingerprint() == base.fingerprint()
+
+
+def test_default_run_id_ignores_sizing() -> None:
+    base = parse_spec(with_value("run.date", "2024-05-01"))
+    raw = with_value("run.date", "2024-05-01")
+    raw["runtime"] = {"batch_size": 256, "max_actors": 4}
+    assert parse_spec(raw).resolved_run() == base.resolved_run()
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("model.architecture", "resnet18"),
+        ("model.weights", "IMAGENET1K_V2"),
+        ("input.uris", ["s3://images/2025/"]),
+        ("input.max_pixels", 1000),
+        ("task.top_k", 1),
+        ("output.uri", "s3://out/other"),
+    ],
+)
+def test_fingerprint_follows_what_decides_the_rows(dotted: str, value: Any) -> None:
+    base = parse_spec(minimal())
+    assert parse_spec(with_value(dotted, value)).fingerprint() != base.fingerprint()
+
+
+def test_fingerprint_is_independent_of_spelling() -> None:
+    explicit = copy.deepcopy(minimal())
+    explicit["task"] = {"kind": "classification", "top_k": 5}
+    explicit["model"] = {"kind": "torchvision", "architecture": "resnet50", "weights": None}
+    explicit["input"]["extensions"] = [ext.upper() for ext in reversed(DEFAULT_EXTENSIONS)]
+    reordered = dict(reversed(list(explicit.items())))
+    assert parse_spec(reordered).fingerprint() == parse_spec(minimal()).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("2024-05-01-abcdef12", True),
+        ("a", True),
+        ("Run_1.b-2", True),
+        ("", False),
+        ("-leading-dash", False),
+        ("has space", False),
+        ("slash/inside", False),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("abc\n", False),
+    ],
+)
+def test_is_valid_run_id(value: str, valid: bool) -> None:
+    assert is_valid_run_id(value) is valid
+
+
+def test_job_spec_forbids_extra_fields_in_every_model() -> None:
+    for model in (JobSpec, config.InputSpec, config.RuntimeSpec, config.TorchvisionModel):
+        assert model.model_config.get("extra") == "forbid"

@@ -1,0 +1,230 @@
+"""The job end to end on a real local Ray cluster: predictions equal a direct model call, every
+input is accounted for once, bad files become error rows, the schema is the declared one."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from vision_ops.config import JobSpec, RuntimeSpec, parse_spec
+from vision_ops.pipeline import ClusterTooSmall, plan_pool, run_job
+from vision_ops.query import connect, read_sql
+from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
+from vision_ops.zoo import efficientnet_lite0
+
+pytestmark = pytest.mark.timeout(600)
+MEAN, STD = [0.498] * 3, [0.502] * 3
+TOP_K = 5
+LITE0 = {
+    "kind": "entrypoint",
+    "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+    "name": "efficientnet_lite0",
+    "labels": "imagenet-1k",
+    "preprocessing": {"resize": 256, "crop": 224, "mean": MEAN, "std": STD},
+}
+
+
+def job(inputs: list[str], output_uri: str, run_id: str = "test-run", **extra: object) -> JobSpec:
+    raw: dict[str, object] = {
+        "input": {"uris": inputs},
+        "task": {"kind": "classification", "top_k": TOP_K},
+        "model": LITE0,
+        "runtime": {"batch_size": 4, "max_actors": 1},
+        "output": {"uri": output_uri},
+        "run": {"id": run_id, "date": "2026-11-24"},
+    }
+    return parse_spec(raw | extra)
+
+
+@pytest.fixture(scope="module")
+def direct_top_k(photo_paths: list[Path]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Top-k labels and scores per photo name from a plain torchvision call on the model."""
+    from vision_ops.models import load_labels
+
+    model, labels = efficientnet_lite0().eval(), load_labels("imagenet-1k")
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in photo_paths])
+    with torch.inference_mode():
+        top = model(batch).softmax(-1).topk(TOP_K)
+    return {
+        path.name: ([labels[i] for i in ids], scores.numpy())
+        for path, ids, scores in zip(photo_paths, top.indices.tolist(), top.values, strict=True)
+    }
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path, photo_paths: list[Path]) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in photo_paths:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def assert_matches_direct(rows: list[dict], direct: dict) -> None:
+    assert sorted(Path(r["source_uri"]).name for r in rows) == sorted(direct)
+    for row in rows:
+        labels, scores = direct[Path(row["source_uri"]).name]
+        assert row["status"] == "ok"
+        assert [e["label"] for e in row["top_k"]] == labels
+        np.testing.assert_allclose([e["score"] for e in row["top_k"]], scores, atol=1e-5)
+        assert row["label"] == labels[0]
+        assert row["score"] == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_local_files_equal_a_direct_model_call(ray_local, photo_dir, tmp_path, direct_top_k):
+    output = tmp_path / "table"
+    summary = run_job(job([str(photo_dir)], str(output)))
+    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
+    assert summary.commit.rows == summary.inputs == len(direct_top_k) == len(rows)
+    assert_matches_direct(rows, direct_top_k)
+    chelsea = next(r for r in rows if r["source_uri"].endswith("chelsea.png"))
+    assert (chelsea["image_width"], chelsea["image_height"]) == (451, 300)
+    assert chelsea["source_size"] == (photo_dir / "chelsea.png").stat().st_size
+    assert chelsea["model_name"] == "efficientnet_lite0" and chelsea["run_id"] == "test-run"
+
+
+@pytest.mark.s3
+def test_s3_in_and_out_equal_a_direct_model_call(
+    ray_local, seaweed, s3fs_client, s3_options, photo_paths, direct_top_k
+):
+    for path in photo_paths:
+        s3fs_client.put_file(str(path), f"images/photos/{path.name}")
+    output = "s3://out/lite0"
+    spec = job(["s3://images/photos/"], output, storage_options=s3_options)
+    summary = run_job(spec)
+    assert summary.commit.partition_uri == f"{output}/run_date=2026-11-24"
+    assert summary.commit.files == [f"{output}/run_date=2026-11-24/test-run-part-00000.parquet"]
+    result = connect(s3_options).execute(f"SELECT * FROM {read_sql(output)}")
+    rows = result.fetch_arrow_table().to_pylist()
+    assert_matches_direct(rows, direct_top_k)
+    etags = {r["source_uri"]: r["source_etag"] for r in rows}
+    listed = s3fs_client.find("images/photos/", detail=True)
+    assert etags == {f"s3://{k}": v["ETag"].strip('"') for k, v in listed.items()}
+    assert {str(r["run_date"]) for r in rows} == {"2026-11-24"}
+
+
+def write_bad_corpus(folder: Path) -> dict[str, str]:
+    """Broken files and the error type each must produce."""
+    good = (folder / "chelsea.png").read_bytes()
+    jpeg = (folder / "rocket.jpg").read_bytes()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "html.jpg").write_bytes(b"<!doctype html><title>404</title>")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "huge.png").write_bytes(png_header(100_000, 100_000))
+    return {
+        "empty.png": "EmptyFile",
+        "html.jpg": "NotAnImage",
+        "truncated.jpg": "CorruptImage",
+        "truncated.png": "CorruptImage",
+        "huge.png": "ImageTooLarge",
+    }
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A small PNG file that declares width x height pixels (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_bad_files_become_error_rows_and_good_ones_survive(
+    ray_local, photo_dir, tmp_path, direct_top_k
+):
+    expected_errors = write_bad_corpus(photo_dir)
+    output = tmp_path / "table"
+    summary = run_job(job([str(photo_dir)], str(output), run_id="bad-corpus"))
+    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
+    listed = sorted(p.as_uri() for p in photo_dir.iterdir())
+    assert sorted(r["source_uri"] for r in rows) == listed  # each input exactly once
+    errors = {Path(r["source_uri"]).name: r for r in rows if r["status"] == "error"}
+    assert {name: r["error_type"] for name, r in errors.items()} == expected_errors
+    assert all(
+        r["error_message"] and r["top_k"] is None and r["label"] is None for r in errors.values()
+    )
+    assert_matches_direct([r for r in rows if r["status"] == "ok"], direct_top_k)
+    assert (summary.commit.ok, summary.commit.errors) == (len(direct_top_k), len(expected_errors))
+
+
+def test_written_schema_is_the_declared_one(ray_local, photo_dir, tmp_path):
+    summary = run_job(job([str(photo_dir / "coffee.png")], str(tmp_path / "t")))
+    (path,) = [f.removeprefix("file://") for f in summary.commit.files]
+    schema = pq.read_schema(path)
+    assert schema.equals(PREDICTION_SCHEMA, check_metadata=False)
+    assert schema.metadata[b"vision_ops.schema_version"] == SCHEMA_VERSION.encode()
+
+
+def test_rerun_of_a_run_id_replaces_its_rows(ray_local, photo_dir, tmp_path):
+    output = tmp_path / "table"
+    spec = job([str(photo_dir)], str(output), output={"uri": str(output), "rows_per_file": 2})
+    first = run_job(spec)
+    before = pq.read_table(output / "run_date=2026-11-24").sort_by("item_id")
+    second = run_job(spec)
+    after = pq.read_table(output / "run_date=2026-11-24").sort_by("item_id")
+    assert first.commit.files == second.commit.files and len(second.commit.files) == 3
+    assert sorted(p.name for p in (output / "run_date=2026-11-24").iterdir()) == [
+        f"test-run-part-{i:05d}.parquet" for i in range(3)
+    ]
+    assert after.drop(["top_k", "score"]).equals(before.drop(["top_k", "score"]))
+    np.testing.assert_allclose(after["score"].to_numpy(), before["score"].to_numpy(), atol=1e-6)
+    assert not (output / "_staging").exists()
+
+
+def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp_path):
+    output = tmp_path / "never"
+    spec = job([str(photo_dir)], str(output), runtime={"min_actors": 2})
+    with pytest.raises(ClusterTooSmall, match=r"min_actors=2 .* expected min_actors <= 1"):
+        run_job(spec)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "resources", "expected"),
+    [
+        ({}, {"CPU": 2}, (1, 1, 1.0, 0.0)),
+        ({}, {"CPU": 16, "GPU": 4}, (1, 4, 1.0, 1.0)),
+        ({"max_actors": 2}, {"CPU": 16, "GPU": 4}, (1, 2, 1.0, 1.0)),
+        ({"num_cpus_per_actor": 2, "reserved_cpus": 2}, {"CPU": 10}, (1, 4, 2.0, 0.0)),
+        ({"device": "cpu"}, {"CPU": 8, "GPU": 1}, (1, 7, 1.0, 0.0)),
+        ({"autoscaling": True, "max_actors": 8}, {"CPU": 2}, (1, 8, 1.0, 0.0)),
+    ],
+)
+def test_pool_is_sized_from_cluster_resources(runtime, resources, expected):
+    plan = plan_pool(RuntimeSpec(**runtime), resources)
+    assert (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("runtime", "resources", "message"),
+    [
+        ({}, {"CPU": 1}, "expected min_actors <= 0"),
+        ({"min_actors": 3}, {"CPU": 8, "GPU": 2}, "expected min_actors <= 2"),
+        ({"num_gpus_per_actor": 1}, {"CPU": 8}, "0 GPUs"),
+        ({"device": "cuda", "num_gpus_per_actor": 0}, {"CPU": 8}, "device is cuda"),
+    ],
+)
+def test_pool_that_cannot_run_is_refused(runtime, resources, message):
+    with pytest.raises(ClusterTooSmall, match=message):
+        plan_pool(RuntimeSpec(**runtime), resources)

@@ -1,0 +1,454 @@
+"""Listing inputs: directories, globs, files and manifests, local and memory://, with identity."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from vision_ops.config import InputSpec
+from vision_ops.sources import (
+    LISTING_SCHEMA,
+    SourceError,
+    has_extension,
+    list_inputs,
+    read_manifest,
+)
+
+# Local test tree: relative path -> size in bytes. Each file gets its own fixed mtime.
+TREE = {
+    "photos/a.jpg": 3,
+    "photos/notes.txt": 2,
+    "photos/sub/B.JPG": 5,
+    "photos/sub/d.tif": 11,
+    "photos/sub/deeper/c.png": 7,
+    "photos/sub/deeper/e.jpeg": 13,
+}
+BASE_MTIME = 1_700_000_000.25  # exactly representable, so microseconds compare exactly
+IMAGES = sorted(name for name in TREE if not name.endswith(".txt"))
+
+
+def mtime_of(relative: str) -> dt.datetime:
+    seconds = BASE_MTIME + sorted(TREE).index(relative) * 60
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """The TREE files under tmp_path, seeded content, fixed mtimes."""
+    for index, (relative, size) in enumerate(sorted(TREE.items())):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes((index + offset) % 256 for offset in range(size)))
+        seconds = mtime_of(relative).timestamp()
+        os.utime(path, (seconds, seconds))
+    return tmp_path
+
+
+@pytest.fixture
+def memfs() -> Iterator[fsspec.AbstractFileSystem]:
+    """The process-wide memory:// filesystem, empty before and after the test."""
+
+    def clear() -> None:
+        MemoryFileSystem.store.clear()
+        MemoryFileSystem.pseudo_dirs.clear()
+        MemoryFileSystem.pseudo_dirs.append("")
+
+    clear()
+    yield fsspec.filesystem("memory")
+    clear()
+
+
+def local_row(root: Path, relative: str) -> dict[str, Any]:
+    return {
+        "source_uri": f"file://{root / relative}",
+        "source_etag": None,
+        "source_size": TREE[relative],
+        "source_mtime": mtime_of(relative),
+    }
+
+
+def listing(spec: InputSpec) -> list[dict[str, Any]]:
+    table = list_inputs(spec)
+    assert table.schema == LISTING_SCHEMA
+    return table.to_pylist()
+
+
+def uris(spec: InputSpec) -> list[str]:
+    return [row["source_uri"] for row in listing(spec)]
+
+
+# --- local files ---------------------------------------------------------------------------------
+
+
+def test_directory_is_listed_recursively_with_identity(tree: Path) -> None:
+    rows = listing(InputSpec(uris=[str(tree / "photos")]))
+    assert rows == [local_row(tree, relative) for relative in IMAGES]
+
+
+def test_listing_schema_is_the_declared_one(tree: Path) -> None:
+    table = list_inputs(InputSpec(uris=[str(tree / "photos")]))
+    assert table.schema == LISTING_SCHEMA
+    assert table.schema.field("source_uri").nullable is False
+    assert table.schema.field("source_mtime").type == pa.timestamp("us", tz="UTC")
+    assert table.column("source_size").to_pylist() == [TREE[name] for name in IMAGES]
+
+
+@pytest.mark.parametrize("form", ["plain", "file-url", "trailing-slash"])
+def test_directory_spellings_give_the_same_uris(tree: Path, form: str) -> None:
+    directory = str(tree / "photos")
+    uri = {"plain": directory, "file-url": f"file://{directory}", "trailing-slash": directory + "/"}
+    assert uris(InputSpec(uris=[uri[form]])) == [f"file://{tree / name}" for name in IMAGES]
+
+
+def test_relative_path_becomes_absolute(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tree)
+    assert uris(InputSpec(uris=["photos/sub/deeper"])) == [
+        f"file://{tree}/photos/sub/deeper/c.png",
+        f"file://{tree}/photos/sub/deeper/e.jpeg",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("photos/**/*.png", ["photos/sub/deeper/c.png"]),
+        ("photos/**/*.JPG", ["photos/sub/B.JPG"]),
+        ("photos/*.jpg", ["photos/a.jpg"]),
+        ("photos/sub/*", ["photos/sub/B.JPG", "photos/sub/d.tif"]),
+        ("photos/**", IMAGES),
+        ("photos/sub/deeper/?.*", ["photos/sub/deeper/c.png", "photos/sub/deeper/e.jpeg"]),
+        ("photos/[ab]*", ["photos/a.jpg"]),
+    ],
+)
+def test_globs(tree: Path, pattern: str, expected: list[str]) -> None:
+    rows = listing(InputSpec(uris=[str(tree / pattern)]))
+    assert rows == [local_row(tree, name) for name in expected]
+
+
+def test_single_file(tree: Path) -> None:
+    rows = listing(InputSpec(uris=[str(tree / "photos/sub/d.tif")]))
+    assert rows == [local_row(tree, "photos/sub/d.tif")]
+
+
+@pytest.mark.parametrize(
+    ("extensions", "expected"),
+    [
+        (["jpg"], ["photos/a.jpg", "photos/sub/B.JPG"]),
+        ([".JPG"], ["photos/a.jpg", "photos/sub/B.JPG"]),
+        (["png", ".Tif"], ["photos/sub/d.tif", "photos/sub/deeper/c.png"]),
+        ([], sorted(TREE)),
+    ],
+)
+def test_extension_filter_is_case_insensitive(
+    tree: Path, extensions: list[str], expected: list[str]
+) -> None:
+    spec = InputSpec(uris=[str(tree / "photos")], extensions=extensions)
+    assert uris(spec) == [f"file://{tree / name}" for name in expected]
+
+
+def test_a_file_named_twice_is_listed_once(tree: Path) -> None:
+    spec = InputSpec(
+        uris=[
+            str(tree / "photos/a.jpg"),
+            str(tree / "photos"),
+            f"file://{tree}/photos/a.jpg",
+            str(tree / "photos/**/*.jpg"),
+        ]
+    )
+    assert listing(spec) == [local_row(tree, name) for name in IMAGES]
+
+
+def test_output_is_sorted_whatever_the_order_named(tree: Path) -> None:
+    spec = InputSpec(
+        uris=[
+            str(tree / "photos/sub/deeper/e.jpeg"),
+            str(tree / "photos/sub/B.JPG"),
+            str(tree / "photos/a.jpg"),
+        ]
+    )
+    assert uris(spec) == sorted(uris(spec))
+    assert uris(spec) == [
+        f"file://{tree}/photos/a.jpg",
+        f"file://{tree}/photos/sub/B.JPG",
+        f"file://{tree}/photos/sub/deeper/e.jpeg",
+    ]
+
+
+def test_missing_path_is_named(tree: Path) -> None:
+    missing = str(tree / "photos/nope")
+    with pytest.raises(SourceError) as caught:
+        list_inputs(InputSpec(uris=[str(tree / "photos"), missing]))
+    assert str(caught.value) == f"input {missing}: not found"
+
+
+@pytest.mark.parametrize("name", ["photos/notes.txt", "photos/**/*.gif", "empty"])
+def test_nothing_found(tree: Path, name: str) -> None:
+    (tree / "empty").mkdir()
+    uri = str(tree / name)
+    with pytest.raises(SourceError) as caught:
+        list_inputs(InputSpec(uris=[uri]))
+    assert str(caught.value) == (
+        f"no input files found in {uri} (looked for: .bmp .gif .jpeg .jpg .png .tif .tiff .webp)"
+    )
+
+
+def test_nothing_found_with_any_extension(tree: Path) -> None:
+    (tree / "empty").mkdir()
+    with pytest.raises(SourceError) as caught:
+        list_inputs(InputSpec(uris=[str(tree / "empty")], extensions=[]))
+    assert (
+        str(caught.value) == f"no input files found in {tree / 'empty'} (looked for: any extension)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("uri", "extensions", "kept"),
+    [
+        ("s3://b/x.JPG", [".jpg"], True),
+        ("s3://b/x.jpg", [".png"], False),
+        ("s3://b/x.jpeg", [".jpg"], False),
+        ("s3://b/x", [".jpg"], False),
+        ("s3://b/x", [], True),
+        ("s3://b/dir.jpg/x", [".jpg"], False),
+        ("file:///tmp/scene.tar.gz", [".gz"], True),
+        ("memory:///a/.jpg", [".jpg"], False),
+    ],
+)
+def test_has_extension(uri: str, extensions: list[str], kept: bool) -> None:
+    assert has_extension(uri, extensions) is kept
+
+
+# --- memory:// -----------------------------------------------------------------------------------
+
+
+def test_memory_directory_glob_and_file(memfs: fsspec.AbstractFileSystem) -> None:
+    memfs.pipe("/bucket/x/1.png", b"1234")
+    memfs.pipe("/bucket/x/y/2.JPG", b"12")
+    memfs.pipe("/bucket/x/y/z/3.txt", b"123")
+    memfs.pipe("/bucket/other/4.png", b"12345")
+    rows = listing(InputSpec(uris=["memory://bucket/x"]))
+    assert [(row["source_uri"], row["source_size"]) for row in rows] == [
+        ("memory:///bucket/x/1.png", 4),
+        ("memory:///bucket/x/y/2.JPG", 2),
+    ]
+    assert all(isinstance(row["source_mtime"], dt.datetime) for row in rows)
+    assert all(row["source_mtime"].utcoffset() == dt.timedelta(0) for row in rows)
+    assert uris(InputSpec(uris=["memory://bucket/**/*.png"])) == [
+        "memory:///bucket/other/4.png",
+        "memory:///bucket/x/1.png",
+    ]
+    assert uris(InputSpec(uris=["memory://bucket/x/y/2.JPG", "memory://bucket/x/y"])) == [
+        "memory:///bucket/x/y/2.JPG"
+    ]
+
+
+def test_memory_missing_path(memfs: fsspec.AbstractFileSystem) -> None:
+    memfs.pipe("/bucket/x/1.png", b"1")
+    with pytest.raises(SourceError) as caught:
+        list_inputs(InputSpec(uris=["memory://bucket/y"]))
+    assert str(caught.value) == "input memory://bucket/y: not found"
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+
+def manifest_rows(path: str | Path) -> list[dict[str, Any]]:
+    rows = read_manifest(str(path))
+    # Every manifest row fits the listing schema.
+    assert pa.Table.from_pylist(rows, schema=LISTING_SCHEMA).num_rows == len(rows)
+    return rows
+
+
+def row(
+    uri: str, etag: str | None = None, size: int | None = None, mtime: dt.datetime | None = None
+) -> dict[str, Any]:
+    return {"source_uri": uri, "source_etag": etag, "source_size": size, "source_mtime": mtime}
+
+
+def test_text_manifest_skips_comments_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "inputs.txt"
+    path.write_text(
+        "\ufeff# images for the nightly run\n"
+        "s3://images/a.jpg\n"
+        "\n"
+        "   \n"
+        "  s3://images/b c.png  \n"
+        "# s3://images/commented-out.jpg\n"
+        "/data/local.tif\n"
+    )
+    assert manifest_rows(path) == [
+        row("s3://images/a.jpg"),
+        row("s3://images/b c.png"),
+        row("file:///data/local.tif"),
+    ]
+
+
+def test_csv_manifest_with_uri_header(tmp_path: Path) -> None:
+    path = tmp_path / "inputs.csv"
+    path.write_text(
+        "URI,Size,ETag,Last_Modified\n"
+        's3://images/a.jpg,10,"""0a1b""",2024-05-01T12:00:00Z\n'
+        "s3://images/b.jpg,,,\n"
+    )
+    assert manifest_rows(path) == [
+        row(
+            "s3://images/a.jpg",
+            etag="0a1b",
+            size=10,
+            mtime=dt.datetime(2024, 5, 1, 12, tzinfo=dt.timezone.utc),
+        ),
+        row("s3://images/b.jpg"),
+    ]
+
+
+def test_csv_manifest_with_bucket_key_header(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.csv"
+    path.write_text("bucket,key,size,e_tag\nimages,2024/a.jpg,12,e1\nimages,2024/b.png,0,e2\n")
+    assert manifest_rows(path) == [
+        row("s3://images/2024/a.jpg", etag="e1", size=12),
+        row("s3://images/2024/b.png", etag="e2", size=0),
+    ]
+
+
+def test_headerless_s3_inventory_csv_decodes_keys(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.csv"
+    path.write_text(
+        '"images","my%20photo.jpg","123","2024-05-01T12:00:00.000Z","0a1b"\n'
+        '"images","dir%2Fsub/x+y%2B1.png","7","2024-05-01T12:00:00.000Z","0a1c"\n'
+    )
+    assert manifest_rows(path) == [
+        row("s3://images/my photo.jpg"),
+        row("s3://images/dir/sub/x y+1.png"),
+    ]
+
+
+def test_parquet_s3_inventory(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.parquet"
+    modified = [
+        dt.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=dt.timezone.utc),
+        dt.datetime(2024, 5, 2, 8, 30, tzinfo=dt.timezone.utc),
+    ]
+    table = pa.table(
+        {
+            "bucket": ["images", "images"],
+            "key": ["2024/my photo.jpg", "2024/b.png"],
+            "size": pa.array([1234, 56], pa.int64()),
+            "last_modified_date": pa.array(modified, pa.timestamp("ms", tz="UTC")),
+            "e_tag": ["d41d8cd98f00b204e9800998ecf8427e", "0a1b"],
+            "storage_class": ["STANDARD", "GLACIER"],
+        }
+    )
+    pq.write_table(table, path)
+    assert manifest_rows(path) == [
+        row("s3://images/2024/my photo.jpg", "d41d8cd98f00b204e9800998ecf8427e", 1234, modified[0]),
+        row("s3://images/2024/b.png", "0a1b", 56, modified[1]),
+    ]
+
+
+def test_parquet_manifest_with_uri_column(tmp_path: Path) -> None:
+    path = tmp_path / "inputs.parquet"
+    pq.write_table(pa.table({"uri": ["gs://b/a.jpg", "az://c/b.png"]}), path)
+    assert manifest_rows(path) == [row("gs://b/a.jpg"), row("az://c/b.png")]
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "columns"),
+    [
+        ("inputs.csv", lambda p: p.write_text("name,size\nx.jpg,1\n"), "['name', 'size']"),
+        (
+            "inputs.parquet",
+            lambda p: pq.write_table(pa.table({"file": ["x.jpg"], "e_tag": ["e"]}), p),
+            "['e_tag', 'file']",
+        ),
+        (
+            "inputs.parquet",
+            lambda p: pq.write_table(pa.table({"bucket": ["images"], "size": [1]}), p),
+            "['bucket', 'size']",
+        ),
+    ],
+)
+def test_manifest_without_uri_column_names_the_columns(
+    tmp_path: Path, name: str, write: Any, columns: str
+) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(SourceError) as caught:
+        read_manifest(str(path))
+    assert str(caught.value) == (
+        f"manifest {path}: entry 0 has no URI; expected a `uri` column or `bucket` + `key` "
+        f"columns, found columns {columns}"
+    )
+
+
+def test_manifest_not_found(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(SourceError) as caught:
+        list_inputs(InputSpec(manifest=missing))
+    assert str(caught.value) == f"manifest {missing}: not found"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.parquet", b"not parquet at all", "cannot read: "),
+        ("bad.txt", b"\xff\xfe\x81 not utf-8", "cannot read: "),
+        ("bad.csv", b"uri,size\ns3://b/a.jpg,12kB\n", "entry 0 (s3://b/a.jpg): invalid literal"),
+        ("bad-date.csv", b"uri,mtime\ns3://b/a.jpg,yesterday\n", "entry 0 (s3://b/a.jpg): "),
+    ],
+)
+def test_unreadable_manifest_is_a_source_error(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SourceError) as caught:
+        read_manifest(str(path))
+    assert str(caught.value).startswith(f"manifest {path}: {message}")
+
+
+def test_empty_manifest_finds_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    assert read_manifest(str(path)) == []
+    with pytest.raises(SourceError) as caught:
+        list_inputs(InputSpec(manifest=str(path)))
+    assert str(caught.value).startswith(f"no input files found in {path} (looked for: ")
+
+
+def test_memory_manifest(memfs: fsspec.AbstractFileSystem) -> None:
+    memfs.pipe("/lists/inputs.csv", b"bucket,key\nimages,a.jpg\nimages,b.gif\n")
+    assert read_manifest("memory://lists/inputs.csv") == [
+        row("s3://images/a.jpg"),
+        row("s3://images/b.gif"),
+    ]
+
+
+def test_manifest_and_uris_merge_filtered_and_deduplicated(tree: Path) -> None:
+    manifest = tree / "inputs.txt"
+    manifest.write_text(
+        f"{tree}/photos/a.jpg\n{tree}/photos/notes.txt\ns3://images/z.png\ns3://images/y.bin\n"
+    )
+    rows = listing(InputSpec(uris=[str(tree / "photos/sub/deeper")], manifest=str(manifest)))
+    # The listed file keeps its listing identity; manifest entries keep theirs.
+    assert rows == [
+        row(f"file://{tree}/photos/a.jpg"),
+        local_row(tree, "photos/sub/deeper/c.png"),
+        local_row(tree, "photos/sub/deeper/e.jpeg"),
+        row("s3://images/z.png"),
+    ]
+
+
+def test_a_uri_listed_and_in_the_manifest_appears_once(tree: Path) -> None:
+    manifest = tree / "inputs.txt"
+    manifest.write_text(f"{tree}/photos/a.jpg\n{tree}/photos/a.jpg\n")
+    rows = listing(InputSpec(uris=[str(tree / "photos/a.jpg")], manifest=str(manifest)))
+    assert rows == [local_row(tree, "photos/a.jpg")]
