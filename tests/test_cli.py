@@ -1,0 +1,144 @@
+"""The command line: validate and run, exit codes, the summary, RAY_ADDRESS on a 2-node cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from vision_ops.cli import (
+    EXIT_BAD_SPEC,
+    EXIT_CLUSTER_TOO_SMALL,
+    EXIT_OK,
+    EXIT_TOO_MANY_ERRORS,
+    main,
+)
+
+pytestmark = pytest.mark.timeout(600)
+CONSOLE_SCRIPT = Path(sys.executable).with_name("vision-ops")
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path, photo_paths: list[Path]) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in photo_paths[:2]:
+        shutil.copy(path, photos / path.name)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    spec = {
+        "input": {"uris": [str(photos)]},
+        "task": {"kind": "classification", "top_k": 3},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+            "labels": "imagenet-1k",
+            "preprocessing": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "runtime": {"batch_size": 4},
+        "output": {"uri": str(tmp_path / "table")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
+    assert main(["validate", str(spec_file), "--list-inputs", "--run-id", "nightly-1"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "spec ok: classification with entrypoint model, run nightly-1" in out
+    assert "inputs: 3" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("runtime.batch_size=0", "runtime.batch_size: Input should be greater than 0 (found: 0)"),
+        ("runtime.batch_sise=8", "runtime.batch_sise: Extra inputs are not permitted"),
+        ("model.kind=onnx", "model: expected kind: torchvision, torchscript or entrypoint"),
+        ("model.entrypoint=nowhere.mod:build", "model.entrypoint: cannot import nowhere.mod:build"),
+        ("storage_options.s3.secret=hunter2", "credentials never go in the spec"),
+    ],
+)
+def test_bad_spec_exits_2_and_names_the_field(spec_file, capsys, override, message) -> None:
+    assert main(["run", str(spec_file), "--set", override]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert message in err
+    assert "hunter2" not in err
+    assert not (spec_file.parent / "table").exists()
+
+
+def test_missing_input_exits_2_before_any_work(spec_file, capsys, ray_local) -> None:
+    assert main(["run", str(spec_file), "--set", "input.uris=[/no/such/dir]"]) == EXIT_BAD_SPEC
+    assert "input /no/such/dir: not found" in capsys.readouterr().err
+
+
+def test_pool_that_does_not_fit_exits_3(spec_file, capsys, ray_local) -> None:
+    code = main(["run", str(spec_file), "--set", "runtime.num_cpus_per_actor=2"])
+    assert code == EXIT_CLUSTER_TOO_SMALL
+    assert "cannot be scheduled: the cluster has 2 CPUs" in capsys.readouterr().err
+    assert not (spec_file.parent / "table").exists()
+
+
+def test_run_commits_and_prints_a_summary(spec_file, capsys, ray_local) -> None:
+    args = ["run", str(spec_file), "--run-id", "cli-1", "--run-date", "2026-11-23"]
+    assert main(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "run cli-1: 3 items, 2 ok, 1 errors" in out
+    assert "images/s" in out
+    partition = spec_file.parent / "table" / "run_date=2026-11-23"
+    assert f"output: file://{partition} (1 file(s))" in out
+    table = pq.read_table(partition)
+    assert table.num_rows == 3 and set(table["run_id"].to_pylist()) == {"cli-1"}
+
+
+def test_error_ratio_above_the_limit_exits_4(spec_file, ray_local) -> None:
+    args = ["run", str(spec_file), "--run-id", "cli-2", "--max-error-ratio", "0.2"]
+    assert main(args) == EXIT_TOO_MANY_ERRORS
+
+
+CLUSTER_HOST = textwrap.dedent(
+    """
+    import sys, tempfile
+    from ray.cluster_utils import Cluster
+    temp = tempfile.mkdtemp(prefix="voc", dir="/tmp")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp},
+    )
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    print(cluster.address, flush=True)
+    sys.stdin.read()
+    cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_console_script_runs_on_a_two_node_cluster_from_ray_address(spec_file, tmp_path) -> None:
+    host = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER_HOST],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = host.stdout.readline().strip()  # type: ignore[union-attr]
+        assert address, "the cluster host printed no address"
+        env = os.environ | {"RAY_ADDRESS": address}
+        args = [str(CONSOLE_SCRIPT), "run", str(spec_file), "--run-id", "two-nodes"]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        host.communicate(input="", timeout=120)
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert "run two-nodes: 3 items, 2 ok, 1 errors" in done.stdout
+    assert "Started a local Ray instance" not in done.stderr
+    table = pq.read_table(next((tmp_path / "table").glob("run_date=*")))
+    assert sorted(table["status"].to_pylist()) == ["error", "ok", "ok"]
