@@ -1,0 +1,66 @@
+"""The declared output schema: its shape, its rows, and its documentation in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from vision_ops.schema import (
+    PARTITION_COLUMN,
+    PREDICTION_SCHEMA,
+    STATUS_ERROR,
+    STATUS_OK,
+    TOP_K_IDS,
+    TOP_K_SCORES,
+    classification_table,
+    item_id,
+    label_names,
+)
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_every_column_is_documented_in_the_readme() -> None:
+    documented = {
+        line.split("|")[1].strip().strip("`")
+        for line in README.read_text().splitlines()
+        if line.startswith("| `")
+    }
+    assert set(PREDICTION_SCHEMA.names) | {PARTITION_COLUMN} <= documented
+
+
+def test_item_id_is_stable_and_distinguishes_units() -> None:
+    assert item_id("s3://b/a.jpg") == item_id("s3://b/a.jpg")
+    assert len(item_id("s3://b/a.jpg")) == 32
+    assert item_id("s3://b/a.jpg") != item_id("s3://b/a.jpg", frame_index=0)
+
+
+def test_label_names_fall_back_to_ids() -> None:
+    ids = np.array([[2, 0], [5, -1]])
+    np.testing.assert_array_equal(label_names(ids, ["a", "b", "c"]), [["c", "a"], ["5", "-1"]])
+
+
+def test_classification_rows_nest_top_k_and_null_errors() -> None:
+    batch = {
+        "source_uri": np.array(["s3://b/1.jpg", "s3://b/2.jpg"], dtype=object),
+        "item_id": np.array(["i1", "i2"], dtype=object),
+        "status": np.array([STATUS_OK, STATUS_ERROR], dtype=object),
+        "error_type": np.array([None, "CorruptImage"], dtype=object),
+        "model_name": np.array(["m", "m"], dtype=object),
+        "model_weights_sha256": np.array(["h", "h"], dtype=object),
+        TOP_K_IDS: np.array([[1, 0], [-1, -1]], dtype=np.int32),
+        TOP_K_SCORES: np.array([[0.75, 0.25], [np.nan, np.nan]], dtype=np.float32),
+    }
+    table = classification_table(batch, "run-1", ["cat", "dog"])
+    assert table.schema == PREDICTION_SCHEMA
+    ok, error = table.to_pylist()
+    assert (ok["label_id"], ok["label"], ok["score"]) == (1, "dog", 0.75)
+    assert ok["top_k"] == [
+        {"label_id": 1, "label": "dog", "score": 0.75},
+        {"label_id": 0, "label": "cat", "score": 0.25},
+    ]
+    assert (error["label"], error["score"], error["top_k"]) == (None, None, None)
+    assert error["error_type"] == "CorruptImage" and error["run_id"] == "run-1"
+    assert error["frame_index"] is None and pa.types.is_int32(table.schema.field("tile_x").type)
