@@ -1,0 +1,78 @@
+"""The read stage: bytes fetched per filesystem, decoded, resized; failures become error rows."""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_ops.config import Preprocessing
+from vision_ops.reader import fetch_all, read_units
+from vision_ops.transforms import resize_and_crop
+
+PREP = Preprocessing(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@pytest.fixture
+def memfs():  # type: ignore[no-untyped-def]
+    fs = fsspec.filesystem("memory")
+    yield fs
+    for entry in fs.ls("/", detail=False):
+        fs.rm(entry, recursive=True)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_read_units_decodes_good_files_and_records_bad_ones(memfs) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    memfs.pipe({"/in/a.png": png(image), "/in/b.png": b"garbage"})
+    batch = {
+        "source_uri": np.array(["memory:///in/a.png", "memory:///in/b.png", "memory:///in/c.png"]),
+        "source_etag": np.array([None, None, None], dtype=object),
+        "source_size": np.array([1, 2, 3]),
+    }
+    out = read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
+    assert list(out["status"]) == ["ok", "error", "error"]
+    assert list(out["error_type"]) == [None, "NotAnImage", "FileNotFoundError"]
+    assert (out["image_width"][0], out["image_height"][0]) == (70, 50)
+    assert out["image"].shape == (3, 32, 32, 3) and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["image"][0], resize_and_crop(image, PREP))
+    assert not out["image"][1:].any()
+
+
+def test_read_units_refuses_images_over_the_pixel_limit(memfs) -> None:
+    memfs.pipe("/in/big.png", png(np.zeros((100, 100, 3), dtype=np.uint8)))
+    batch = {
+        "source_uri": np.array(["memory:///in/big.png"]),
+        "source_etag": np.array(["e"], dtype=object),
+        "source_size": np.array([1]),
+    }
+    out = read_units(batch, preprocessing=PREP, max_pixels=9_999, storage_options={})
+    assert out["error_type"][0] == "ImageTooLarge"
+    assert "100x100 pixels exceeds the limit of 9999" in out["error_message"][0]
+
+
+def test_fetch_all_returns_bytes_or_the_exception(memfs, tmp_path) -> None:
+    memfs.pipe("/x/one", b"1")
+    (tmp_path / "two").write_bytes(b"2")
+    got = fetch_all(["memory:///x/one", f"file://{tmp_path}/two", "memory:///x/none"], {})
+    assert got["memory:///x/one"] == b"1" and got[f"file://{tmp_path}/two"] == b"2"
+    assert isinstance(got["memory:///x/none"], FileNotFoundError)
+
+
+def test_manifest_entries_without_identity_get_it_from_the_store(memfs) -> None:
+    memfs.pipe("/in/a.png", png(np.zeros((8, 8, 3), dtype=np.uint8)))
+    batch = {
+        "source_uri": np.array(["memory:///in/a.png"]),
+        "source_etag": np.array([None], dtype=object),
+        "source_size": np.array([np.nan]),
+    }
+    out = read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
+    assert out["source_size"][0] == memfs.info("/in/a.png")["size"] > 0

@@ -1,0 +1,81 @@
+"""The commit: part files staged, moved into the run_date partition, manifest last; reruns."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK
+from vision_ops.sink import ParquetSink
+
+DATE = dt.date(2026, 11, 24)
+
+
+def rows(count: int, start: int = 0, errors: int = 0) -> pa.Table:
+    status = [STATUS_ERROR] * errors + [STATUS_OK] * (count - errors)
+    columns = {
+        "run_id": ["r"] * count,
+        "item_id": [f"id{start + i:04d}" for i in range(count)],
+        "source_uri": [f"file:///x/{start + i}.jpg" for i in range(count)],
+        "model_name": ["m"] * count,
+        "model_weights_sha256": ["h"] * count,
+        "task": ["classification"] * count,
+        "status": status,
+        "score": np.linspace(0, 1, count, dtype=np.float32),
+    }
+    arrays = [
+        pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(count, f.type)
+        for f in PREDICTION_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=PREDICTION_SCHEMA)
+
+
+def test_rows_are_split_into_files_and_committed_with_a_manifest(tmp_path: Path) -> None:
+    sink = ParquetSink(str(tmp_path), "r", DATE, rows_per_file=4)
+    sink.write(rows(3, errors=1))
+    sink.write(rows(6, start=3))
+    assert not (tmp_path / "run_date=2026-11-24").exists()  # nothing visible before commit
+    result = sink.commit()
+    partition = tmp_path / "run_date=2026-11-24"
+    names = sorted(p.name for p in partition.iterdir())
+    assert names == ["r-part-00000.parquet", "r-part-00001.parquet", "r-part-00002.parquet"]
+    assert [pq.read_metadata(partition / n).num_rows for n in names] == [4, 4, 1]
+    table = pq.read_table(partition).sort_by("item_id")
+    assert table["item_id"].to_pylist() == [f"id{i:04d}" for i in range(9)]
+    assert (result.rows, result.ok, result.errors) == (9, 8, 1)
+    manifest = json.loads((tmp_path / "_manifests" / "r.json").read_text())
+    assert manifest["rows"] == 9 and manifest["schema_version"] == "1"
+    assert [f["rows"] for f in manifest["files"]] == [4, 4, 1]
+    assert result.files == [f"file://{partition}/{n}" for n in names]
+    assert not (tmp_path / "_staging").exists()
+
+
+def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
+    other = ParquetSink(str(tmp_path), "other", DATE)
+    other.write(rows(2))
+    other.commit()
+    first = ParquetSink(str(tmp_path), "r", DATE, rows_per_file=2)
+    first.write(rows(5))
+    first.commit()
+    second = ParquetSink(str(tmp_path), "r", DATE, rows_per_file=10)
+    second.write(rows(5))
+    second.commit()
+    names = sorted(p.name for p in (tmp_path / "run_date=2026-11-24").iterdir())
+    assert names == ["other-part-00000.parquet", "r-part-00000.parquet"]
+
+
+def test_memory_filesystem_round_trip() -> None:
+    import fsspec
+
+    sink = ParquetSink("memory://tables/preds", "r", DATE)
+    sink.write(rows(3))
+    result = sink.commit()
+    fs = fsspec.filesystem("memory")
+    with fs.open(result.files[0].removeprefix("memory://"), "rb") as handle:
+        assert pq.read_table(handle).num_rows == 3
+    fs.rm("/tables", recursive=True)
