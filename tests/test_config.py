@@ -617,3 +617,10 @@ def test_is_valid_run_id(value: str, valid: bool) -> None:
 def test_job_spec_forbids_extra_fields_in_every_model() -> None:
     for model in (JobSpec, config.InputSpec, config.RuntimeSpec, config.TorchvisionModel):
         assert model.model_config.get("extra") == "forbid"
+
+
+def test_max_actors_below_min_actors_is_refused() -> None:
+    from vision_ops.config import RuntimeSpec
+
+    with pytest.raises(ValueError, match=r"expected at least min_actors \(3\), found 2"):
+        RuntimeSpec(min_actors=3, max_actors=2)

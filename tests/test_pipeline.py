@@ -112,7 +112,7 @@ def test_s3_in_and_out_equal_a_direct_model_call(
     assert summary.commit.partition_uri == f"{output}/run_date=2026-11-24"
     assert summary.commit.files == [f"{output}/run_date=2026-11-24/test-run-part-00000.parquet"]
     result = connect(s3_options).execute(f"SELECT * FROM {read_sql(output)}")
-    rows = result.fetch_arrow_table().to_pylist()
+    rows = result.to_arrow_table().to_pylist()
     assert_matches_direct(rows, direct_top_k)
     etags = {r["source_uri"]: r["source_etag"] for r in rows}
     listed = s3fs_client.find("images/photos/", detail=True)

@@ -222,6 +222,15 @@ class RuntimeSpec(StrictModel):
     )
     read_batch_size: int = Field(default=16, gt=0, description="Files fetched per read task call.")
 
+    @model_validator(mode="after")
+    def _pool_bounds_in_order(self) -> RuntimeSpec:
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ValueError(
+                f"max_actors: expected at least min_actors ({self.min_actors}), "
+                f"found {self.max_actors}"
+            )
+        return self
+
 
 class OutputSpec(StrictModel):
     uri: str = Field(description="Table root; rows land under run_date=YYYY-MM-DD/.")
@@ -330,7 +339,7 @@ def format_validation_error(err: ValidationError) -> str:
         location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         line = f"  {location}: {message}"
-        if "input" in problem and "storage_options" not in location:
+        if "input" in problem and "storage_options" not in location and "found" not in message:
             line += f" (found: {_found(problem['loc'], problem['input'])})"
         lines.append(line)
     return "\n".join(lines)

@@ -57,29 +57,27 @@ class RunSummary:
 def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
     """Size the predictor pool from the cluster; refuse, before any work, one that cannot run."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    num_gpus = runtime.num_gpus_per_actor
-    if num_gpus is None:
-        num_gpus = 1.0 if gpus >= 1 and runtime.device != "cpu" else 0.0
-    if runtime.device == "cuda" and num_gpus == 0:
-        raise ClusterTooSmall("runtime.device is cuda: expected num_gpus_per_actor > 0 and a GPU")
+    num_gpus = _gpus_per_actor(runtime, gpus)
     by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
     by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
     fits = max(0, min(by_cpu, by_gpu))
-    if runtime.autoscaling:
-        top = runtime.max_actors or max(runtime.min_actors, fits)
-        return PoolPlan(
-            runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus
-        )
-    if runtime.min_actors > fits:
+    if runtime.min_actors > fits and not runtime.autoscaling:
         raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
-    top = min(runtime.max_actors or fits, fits)
-    if runtime.max_actors and runtime.max_actors > fits:
-        log.warning(
-            "runtime.max_actors=%d capped to the %d actors that fit", runtime.max_actors, fits
-        )
-    return PoolPlan(
-        runtime.min_actors, max(top, runtime.min_actors), runtime.num_cpus_per_actor, num_gpus
-    )
+    top = runtime.max_actors or max(fits, runtime.min_actors)
+    if top > fits and not runtime.autoscaling:
+        log.warning("runtime.max_actors=%d capped to the %d actors that fit", top, fits)
+        top = fits
+    return PoolPlan(runtime.min_actors, top, runtime.num_cpus_per_actor, num_gpus)
+
+
+def _gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
+    """The spec's figure, else 1 where the cluster has a GPU and the device allows it."""
+    num_gpus = runtime.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if cluster_gpus >= 1 and runtime.device != "cpu" else 0.0
+    if runtime.device == "cuda" and num_gpus == 0:
+        raise ClusterTooSmall("runtime.device is cuda: expected num_gpus_per_actor > 0 and a GPU")
+    return num_gpus
 
 
 def _too_small_message(
