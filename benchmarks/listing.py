@@ -5,7 +5,9 @@ four ways of listing them, interleaved over `--repeats` rounds, each from a cold
 
 - `find`: a bare `s3fs.S3FileSystem.find(prefix, detail=True)`, the floor for a prefix;
 - `glob`: a bare `s3fs.S3FileSystem.glob(prefix/**, detail=True)`, the floor for a glob;
-- `list_inputs prefix` and `list_inputs glob`: `vision_ops.sources.list_inputs` on the same two.
+- `list_inputs prefix` and `list_inputs glob`: `vision_ops.sources.list_inputs` on the same two;
+
+and, apart, the `exists` + `isdir` calls `list_inputs` makes on a prefix before listing it.
 
 It prints each time, the medians, objects per second, the ratios against the floors, and (with
 `--profile`) where one `list_inputs` call spends its time.
@@ -37,6 +39,7 @@ PAYLOAD = b"\xff\xd8\xff\xd9"  # a few bytes: listing cost does not depend on ob
 EXTENSIONS = [".jpg"]
 UPLOAD_CONNECTIONS = 64  # aiobotocore's pool (default 10) caps how many PUTs are in flight
 
+CHECKS = "exists+isdir only"  # not a listing: the round trips list_inputs adds for a prefix
 Timing = Callable[[], int]  # lists once, returns how many objects it found
 
 
@@ -91,7 +94,17 @@ def vision_ops_listing(uri: str, endpoint: str) -> int:
     """`list_inputs` as a job calls it; its filesystem comes from fsspec's instance cache."""
     s3fs.S3FileSystem.clear_instance_cache()
     spec = InputSpec(uris=[uri], extensions=EXTENSIONS)
-    return list_inputs(spec, {"s3": {"endpoint_url": endpoint}}).num_rows
+    table = list_inputs(spec, {"s3": {"endpoint_url": endpoint}})
+    return int(table.num_rows)
+
+
+def existence_checks(endpoint: str) -> float:
+    """The `exists` + `isdir` calls `list_inputs` makes on a prefix before its `find`."""
+    fs = cold_fs(endpoint)
+    start = time.perf_counter()
+    if not (fs.exists(PREFIX) and fs.isdir(PREFIX)):
+        raise SystemExit(f"{PREFIX}: not a directory")
+    return time.perf_counter() - start
 
 
 def methods(endpoint: str) -> dict[str, Timing]:
@@ -114,10 +127,11 @@ def timed(method: Timing, expected: int, name: str) -> float:
 
 def time_methods(endpoint: str, expected: int, repeats: int) -> dict[str, list[float]]:
     """Rounds of every method in turn, so drift on a noisy machine hits each one alike."""
-    times: dict[str, list[float]] = {name: [] for name in methods(endpoint)}
+    times: dict[str, list[float]] = {name: [] for name in [*methods(endpoint), CHECKS]}
     for _ in range(repeats):
         for name, method in methods(endpoint).items():
             times[name].append(timed(method, expected, name))
+        times[CHECKS].append(existence_checks(endpoint))
     return times
 
 
@@ -133,9 +147,8 @@ def report(args: argparse.Namespace, upload_s: float, times: dict[str, list[floa
     ]
     for name, values in times.items():
         each = " ".join(f"{value:.3f}" for value in values)
-        lines.append(
-            f"{name:20} {each:28} {medians[name]:9.3f} {args.objects / medians[name]:10.0f}"
-        )
+        rate = "-" if name == CHECKS else f"{args.objects / medians[name]:.0f}"
+        lines.append(f"{name:20} {each:28} {medians[name]:9.3f} {rate:>10}")
     lines += ["", *ratio_lines(medians), "=" * 79]
     return "\n".join(lines)
 

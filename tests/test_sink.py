@@ -36,7 +36,7 @@ def rows(count: int, start: int = 0, errors: int = 0) -> pa.Table:
 
 
 def test_rows_are_split_into_files_and_committed_with_a_manifest(tmp_path: Path) -> None:
-    sink = ParquetSink(str(tmp_path), "r", DATE, rows_per_file=4)
+    sink = ParquetSink(str(tmp_path), "r", DATE, PREDICTION_SCHEMA, rows_per_file=4)
     sink.write(rows(3, errors=1))
     sink.write(rows(6, start=3))
     assert not (tmp_path / "run_date=2026-11-24").exists()  # nothing visible before commit
@@ -56,13 +56,13 @@ def test_rows_are_split_into_files_and_committed_with_a_manifest(tmp_path: Path)
 
 
 def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
-    other = ParquetSink(str(tmp_path), "other", DATE)
+    other = ParquetSink(str(tmp_path), "other", DATE, PREDICTION_SCHEMA)
     other.write(rows(2))
     other.commit()
-    first = ParquetSink(str(tmp_path), "r", DATE, rows_per_file=2)
+    first = ParquetSink(str(tmp_path), "r", DATE, PREDICTION_SCHEMA, rows_per_file=2)
     first.write(rows(5))
     first.commit()
-    second = ParquetSink(str(tmp_path), "r", DATE, rows_per_file=10)
+    second = ParquetSink(str(tmp_path), "r", DATE, PREDICTION_SCHEMA, rows_per_file=10)
     second.write(rows(5))
     second.commit()
     names = sorted(p.name for p in (tmp_path / "run_date=2026-11-24").iterdir())
@@ -72,7 +72,7 @@ def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
 def test_memory_filesystem_round_trip() -> None:
     import fsspec
 
-    sink = ParquetSink("memory://tables/preds", "r", DATE)
+    sink = ParquetSink("memory://tables/preds", "r", DATE, PREDICTION_SCHEMA)
     sink.write(rows(3))
     result = sink.commit()
     fs = fsspec.filesystem("memory")

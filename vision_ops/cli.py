@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from vision_ops.config import JobSpec, SpecError, load_spec
-from vision_ops.models import ModelError, check_model
+from vision_ops.models import ModelError, check_job
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run broke off; nothing was committed
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides += [f"run.date={args.run_date}"] if args.run_date else []
     try:
         spec = load_spec(args.spec, overrides)
-        check_model(spec.model)
+        check_job(spec)
     except (SpecError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_SPEC

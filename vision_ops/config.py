@@ -183,16 +183,38 @@ class ClassificationTask(StrictModel):
     top_k: int = Field(default=5, gt=0, le=1000, description="Labels kept per image.")
 
 
+class DetectionTask(StrictModel):
+    kind: Literal["detection"] = "detection"
+    score_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="Keep boxes scoring at least this."
+    )
+    max_detections: int = Field(
+        default=100, gt=0, description="Keep at most this many boxes per image, best first."
+    )
+    classes: list[str | int] | None = Field(
+        default=None, description="Allow-list of labels (names or ids); null keeps every class."
+    )
+    nms_iou: float | None = Field(
+        default=None, gt=0, le=1, description="NMS IoU threshold; null keeps the model's own."
+    )
+    max_batch_pixels: int = Field(
+        default=16_000_000,
+        gt=0,
+        description="Pixel budget of one model call: a batch of large images is split to fit.",
+    )
+
+
 TaskSpec = Annotated[
-    Annotated[ClassificationTask, Tag("classification")],
+    Annotated[ClassificationTask, Tag("classification")]
+    | Annotated[DetectionTask, Tag("detection")],
     Discriminator(
         _kind_or("classification"),
         custom_error_type="task_kind",
-        custom_error_message="expected kind: classification",
+        custom_error_message="expected kind: classification or detection",
     ),
 ]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
-UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "classification"})
+UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "classification", "detection"})
 UNION_FIELDS = frozenset({"model", "task"})
 
 

@@ -1,4 +1,4 @@
-"""Classification models by kind (torchvision, TorchScript, entrypoint), with weights and labels."""
+"""Models by kind (torchvision, TorchScript, entrypoint) for a task, with weights and labels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import io
 import json
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ import torch
 import torchvision
 
 from vision_ops.config import (
+    DetectionTask,
     EntrypointModel,
+    JobSpec,
     ModelSpec,
     Preprocessing,
     TorchScriptModel,
@@ -27,6 +29,11 @@ from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, read_bytes
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# Where torchvision keeps each task's architectures, and an example name for messages.
+TASK_FAMILIES = {
+    "classification": (torchvision.models, "resnet50, efficientnet_b0, vit_b_16"),
+    "detection": (torchvision.models.detection, "fasterrcnn_resnet50_fpn_v2, fcos_resnet50_fpn"),
+}
 BUILTIN_LABELS = {"imagenet-1k": lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
 
 
@@ -50,36 +57,45 @@ class LoadedModel:
     name: str
     weights_sha256: str
     labels: list[str] | None
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None  # None: the model resizes and normalises itself
 
 
-ModelBuilder = Callable[[Any, StorageOptions], BuiltModel]
+ModelBuilder = Callable[[Any, StorageOptions, str], BuiltModel]
 MODEL_KINDS: Registry[ModelBuilder] = Registry("model kind")
 
 
-def load_model(spec: ModelSpec, options: StorageOptions | None = None) -> LoadedModel:
-    """Build the model on the CPU in eval mode, with its labels and preprocessing."""
+def load_model(
+    spec: ModelSpec, options: StorageOptions | None = None, task: str = "classification"
+) -> LoadedModel:
+    """Build the model for `task` on the CPU in eval mode, with its labels and preprocessing."""
     options = options or {}
-    built = MODEL_KINDS.get(spec.kind)(spec, options)
+    built = MODEL_KINDS.get(spec.kind)(spec, options, task)
     module = built.module.eval()
     return LoadedModel(
         module=module,
         name=model_name(spec),
         weights_sha256=built.weights_sha256 or state_dict_sha256(module),
         labels=resolve_labels(spec, options),
-        preprocessing=resolve_preprocessing(spec),
+        preprocessing=resolve_preprocessing(spec, task),
     )
 
 
-def check_model(spec: ModelSpec) -> None:
+def check_model(spec: ModelSpec, task: str = "classification") -> None:
     """Everything about the model that can be checked without loading weights; ModelError if not."""
-    resolve_preprocessing(spec)
     if isinstance(spec, TorchvisionModel):
-        _torchvision_builder(spec.architecture)
+        _torchvision_builder(spec.architecture, task)
         if spec.weights and is_weights_enum_name(spec.weights):
             _weights_enum(spec.architecture, spec.weights)
     elif isinstance(spec, EntrypointModel):
         _entrypoint_function(spec.entrypoint)
+    resolve_preprocessing(spec, task)
+
+
+def check_job(spec: JobSpec) -> None:
+    """The model checks, and the task's label names against the model's labels."""
+    check_model(spec.model, spec.task.kind)
+    if isinstance(spec.task, DetectionTask):
+        class_ids(spec.task.classes, resolve_labels(spec.model, spec.storage_options))
 
 
 def model_name(spec: ModelSpec) -> str:
@@ -92,8 +108,16 @@ def model_name(spec: ModelSpec) -> str:
     return posixpath.splitext(posixpath.basename(spec.uri))[0]
 
 
-def resolve_preprocessing(spec: ModelSpec) -> Preprocessing:
-    """The spec's preprocessing, else the torchvision weights' own transforms."""
+def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Preprocessing | None:
+    """The spec's preprocessing, else the torchvision weights' own transforms; None for detectors,
+    which take each image at its own size and resize and normalise inside the model."""
+    if task == "detection":
+        if spec.preprocessing is not None:
+            raise ModelError(
+                "model.preprocessing: detection models resize and normalise inside the model; "
+                "expected no preprocessing, found one"
+            )
+        return None
     if spec.preprocessing is not None:
         return spec.preprocessing
     if isinstance(spec, TorchvisionModel):
@@ -122,8 +146,8 @@ def is_weights_enum_name(weights: str) -> bool:
 
 
 @MODEL_KINDS.register("torchvision")
-def build_torchvision(spec: TorchvisionModel, options: StorageOptions) -> BuiltModel:
-    builder = _torchvision_builder(spec.architecture)
+def build_torchvision(spec: TorchvisionModel, options: StorageOptions, task: str) -> BuiltModel:
+    builder = _torchvision_builder(spec.architecture, task)
     if spec.weights and is_weights_enum_name(spec.weights):
         weights = _weights_enum(spec.architecture, spec.weights)
         classes = len(weights.meta["categories"])
@@ -134,7 +158,7 @@ def build_torchvision(spec: TorchvisionModel, options: StorageOptions) -> BuiltM
             )
         module = builder(weights=weights)
         return BuiltModel(module, _cached_download_sha256(weights.url))
-    module = builder(weights=None, **_num_classes_kwargs(spec.num_classes))
+    module = builder(weights=None, **_untrained_kwargs(spec.num_classes, task))
     if spec.weights is None:
         return BuiltModel(module)
     digest = load_state_dict_file(module, spec.weights, spec.weights_sha256, options)
@@ -142,7 +166,7 @@ def build_torchvision(spec: TorchvisionModel, options: StorageOptions) -> BuiltM
 
 
 @MODEL_KINDS.register("torchscript")
-def build_torchscript(spec: TorchScriptModel, options: StorageOptions) -> BuiltModel:
+def build_torchscript(spec: TorchScriptModel, options: StorageOptions, task: str) -> BuiltModel:
     data, digest = read_pinned(spec.uri, spec.sha256, options)
     try:
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
@@ -152,7 +176,7 @@ def build_torchscript(spec: TorchScriptModel, options: StorageOptions) -> BuiltM
 
 
 @MODEL_KINDS.register("entrypoint")
-def build_entrypoint(spec: EntrypointModel, options: StorageOptions) -> BuiltModel:
+def build_entrypoint(spec: EntrypointModel, options: StorageOptions, task: str) -> BuiltModel:
     module = _entrypoint_function(spec.entrypoint)(**spec.kwargs)
     if not isinstance(module, torch.nn.Module):
         raise ModelError(
@@ -242,6 +266,20 @@ def load_labels(ref: str, options: StorageOptions | None = None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def class_ids(
+    classes: Sequence[str | int] | None, labels: Sequence[str] | None
+) -> frozenset[int] | None:
+    """An allow-list as label ids: ids as given, names looked up in the labels."""
+    if classes is None:
+        return None
+    by_name = {name: index for index, name in enumerate(labels or [])}
+    unknown = [c for c in classes if isinstance(c, str) and c not in by_name]
+    if unknown:
+        known = ", ".join(list(by_name)[:12]) or "none: the model has no labels, use ids"
+        raise ModelError(f"task.classes: no label {unknown[0]!r}; expected one of {known}, ...")
+    return frozenset(c if isinstance(c, int) else by_name[c] for c in classes)
+
+
 def _json_labels(ref: str, value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(label) for label in value]
@@ -254,12 +292,12 @@ def _json_labels(ref: str, value: Any) -> list[str]:
 # --- lookups ---------------------------------------------------------------------------------
 
 
-def _torchvision_builder(architecture: str) -> Callable[..., torch.nn.Module]:
-    known = torchvision.models.list_models(module=torchvision.models)
-    if architecture not in known:
+def _torchvision_builder(architecture: str, task: str) -> Callable[..., torch.nn.Module]:
+    family, examples = TASK_FAMILIES[task]
+    if architecture not in torchvision.models.list_models(module=family):
         raise ModelError(
-            f"model.architecture: expected a torchvision classification model "
-            f"(e.g. resnet50, efficientnet_b0, vit_b_16), found {architecture!r}"
+            f"model.architecture: expected a torchvision {task} model "
+            f"(e.g. {examples}), found {architecture!r}"
         )
     return torchvision.models.get_model_builder(architecture)
 
@@ -287,8 +325,12 @@ def _preprocessing_of(weights: Any) -> Preprocessing:
     )
 
 
-def _num_classes_kwargs(num_classes: int | None) -> dict[str, int]:
-    return {} if num_classes is None else {"num_classes": num_classes}
+def _untrained_kwargs(num_classes: int | None, task: str) -> dict[str, Any]:
+    """Builder arguments for an architecture whose weights come from a file (or nowhere)."""
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if task == "detection":
+        kwargs["weights_backbone"] = None  # the file holds the backbone too: download nothing
+    return kwargs
 
 
 def _entrypoint_function(entrypoint: str) -> Callable[..., Any]:

@@ -15,10 +15,10 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from vision_ops.config import JobSpec, RuntimeSpec
-from vision_ops.models import check_model, resolve_labels, resolve_preprocessing
+from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
-from vision_ops.schema import classification_table
+from vision_ops.schema import SCHEMAS, TABLE_BUILDERS
 from vision_ops.sink import CommitResult, ParquetSink
 from vision_ops.sources import list_inputs
 
@@ -102,13 +102,18 @@ def run_job(spec: JobSpec) -> RunSummary:
     """Run a validated spec to a committed table; raises before any work if it cannot run."""
     started = time.perf_counter()
     run_id, run_date = spec.resolved_run()
-    check_model(spec.model)
+    check_job(spec)
     listing = list_inputs(spec.input, spec.storage_options)
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     log.info("run %s: %d inputs, predictor pool %s", run_id, listing.num_rows, plan)
     sink = ParquetSink(
-        spec.output.uri, run_id, run_date, spec.output.rows_per_file, spec.storage_options
+        spec.output.uri,
+        run_id,
+        run_date,
+        SCHEMAS[spec.task.kind],
+        spec.output.rows_per_file,
+        spec.storage_options,
     )
     pipeline_started = time.perf_counter()
     dataset = build_dataset(spec, listing, plan, run_id)
@@ -131,7 +136,7 @@ def build_dataset(
     ]
     reader = functools.partial(
         read_units,
-        preprocessing=resolve_preprocessing(spec.model),
+        preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
         max_pixels=spec.input.max_pixels,
         storage_options=spec.storage_options,
     )
@@ -154,7 +159,7 @@ def build_dataset(
         batch_format="numpy",
     )
     to_rows = functools.partial(
-        classification_table,
+        TABLE_BUILDERS.get(spec.task.kind),
         run_id=run_id,
         labels=resolve_labels(spec.model, spec.storage_options),
     )

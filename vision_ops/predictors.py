@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from vision_ops.config import JobSpec, Preprocessing
-from vision_ops.models import LoadedModel, ModelError, load_model
+from vision_ops.config import ClassificationTask, DetectionTask, JobSpec, Preprocessing
+from vision_ops.detection import (
+    as_rows,
+    configure_detector,
+    filter_detections,
+    pixel_budget_groups,
+)
+from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
-from vision_ops.schema import STATUS_OK, TOP_K_IDS, TOP_K_SCORES
+from vision_ops.schema import DETECTIONS, STATUS_OK, TOP_K_IDS, TOP_K_SCORES
 
-PREDICTORS: Registry[type] = Registry("task")
+PREDICTORS: Registry[type[Predictor]] = Registry("task")
+TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)
+
+
+def task_settings(spec: JobSpec, kind: type[TaskT]) -> TaskT:
+    """The spec's task, checked to be the one a predictor handles."""
+    if not isinstance(spec.task, kind):
+        raise ModelError(f"task.kind: expected {kind.__name__}, found {type(spec.task).__name__}")
+    return spec.task
 
 
 def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
@@ -33,47 +48,75 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-@PREDICTORS.register("classification")
-class Classifier:
-    """Top-k classification. `__call__` takes the reader's columns and adds the top-k columns."""
+class Predictor:
+    """Loads the spec's model on the actor's device; subclasses score the ok rows of a batch."""
+
+    task = ""
 
     def __init__(self, spec: JobSpec) -> None:
-        self.model: LoadedModel = load_model(spec.model, spec.storage_options)
+        self.spec = spec
+        self.model: LoadedModel = load_model(spec.model, spec.storage_options, self.task)
         self.device = pick_device(spec.runtime.device)
         self.module = self.model.module.to(self.device)
-        self.autocast = spec.runtime.autocast
-        self.num_classes = self._count_outputs()
-        self.top_k = min(spec.task.top_k, self.num_classes)
-        self._check_labels()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["status"] == STATUS_OK
-        rows = len(ok)
-        ids = np.full((rows, self.top_k), -1, dtype=np.int32)
-        scores = np.full((rows, self.top_k), np.nan, dtype=np.float32)
-        if ok.any():
-            ids[ok], scores[ok] = self.predict(batch["image"][ok])
+        ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
         out = {name: values for name, values in batch.items() if name != "image"}
-        out[TOP_K_IDS] = ids
-        out[TOP_K_SCORES] = scores
-        out["model_name"] = np.full(rows, self.model.name, dtype=object)
-        out["model_weights_sha256"] = np.full(rows, self.model.weights_sha256, dtype=object)
+        out.update(self.predict_rows(batch["image"], ok))
+        out["model_name"] = np.full(len(ok), self.model.name, dtype=object)
+        out["model_weights_sha256"] = np.full(len(ok), self.model.weights_sha256, dtype=object)
         return out
+
+    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """No autograd; mixed precision where the spec asks for it and the device is a GPU."""
+        mode = self.spec.runtime.autocast
+        with torch.inference_mode():
+            if mode == "off" or self.device.type != "cuda":
+                yield
+                return
+            with torch.autocast("cuda", dtype=getattr(torch, mode)):
+                yield
+
+
+@PREDICTORS.register("classification")
+class Classifier(Predictor):
+    """Top-k classification of fixed-size crops; adds top-k id and score columns."""
+
+    task = "classification"
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        if self.model.preprocessing is None:
+            raise ModelError("model.preprocessing: a classifier needs resize, crop, mean, std")
+        self.preprocessing: Preprocessing = self.model.preprocessing
+        self.num_classes = self._count_outputs()
+        self.top_k = min(task_settings(spec, ClassificationTask).top_k, self.num_classes)
+        self._check_labels()
+
+    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+        ids = np.full((len(ok), self.top_k), -1, dtype=np.int32)
+        scores = np.full((len(ok), self.top_k), np.nan, dtype=np.float32)
+        if ok.any():
+            ids[ok], scores[ok] = self.predict(np.stack(list(images[ok])))
+        return {TOP_K_IDS: ids, TOP_K_SCORES: scores}
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) -> top-k class ids and softmax scores."""
         pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
-            logits = self.module(normalise(pixels, self.model.preprocessing))
+        with self.inference():
+            logits = self.module(normalise(pixels, self.preprocessing))
         top = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
         return top.indices.int().cpu().numpy(), top.values.cpu().numpy()
 
     def _count_outputs(self) -> int:
-        size = self.model.preprocessing.crop
-        probe = np.zeros((1, size, size, 3), dtype=np.uint8)
-        pixels = torch.from_numpy(probe).to(self.device)
+        size = self.preprocessing.crop
+        probe = torch.zeros((1, size, size, 3), dtype=torch.uint8, device=self.device)
         with torch.inference_mode():
-            logits = self.module(normalise(pixels, self.model.preprocessing))
+            logits = self.module(normalise(probe, self.preprocessing))
         if logits.ndim != 2:
             raise ModelError(f"expected logits of shape (N, classes), found {tuple(logits.shape)}")
         return int(logits.shape[1])
@@ -86,10 +129,40 @@ class Classifier:
                 f"{len(labels)} labels"
             )
 
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        if self.autocast == "off" or self.device.type != "cuda":
-            yield
-            return
-        with torch.autocast("cuda", dtype=getattr(torch, self.autocast)):
-            yield
+
+@PREDICTORS.register("detection")
+class Detector(Predictor):
+    """Boxes for images of any size, in source pixels; adds one (boxes, 6) array per row."""
+
+    task = "detection"
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        self.settings = task_settings(spec, DetectionTask)
+        self.allowed_ids = class_ids(self.settings.classes, self.model.labels)
+        configure_detector(self.module, self.settings, keep_all=self.allowed_ids is not None)
+
+    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+        detections = np.empty(len(ok), dtype=object)
+        for index in range(len(ok)):
+            detections[index] = np.zeros((0, 6), dtype=np.float32)
+        rows = np.flatnonzero(ok)
+        shapes = [(images[i].shape[0], images[i].shape[1]) for i in rows]
+        for group in pixel_budget_groups(shapes, self.settings.max_batch_pixels):
+            members = rows[group]
+            found = self.detect([images[i] for i in members])
+            for index, boxes in zip(members, found, strict=True):
+                detections[index] = filter_detections(boxes, self.settings, self.allowed_ids)
+        return {DETECTIONS: detections}
+
+    def detect(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """uint8 (H, W, 3) images of one size -> raw (boxes, 6) rows per image, source pixels."""
+        tensors = [self._to_tensor(image) for image in images]
+        with self.inference():
+            outputs = self.module(tensors)
+        return [as_rows(output) for output in outputs]
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float (3, H, W) in 0-1 on the device (the model normalises)."""
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+        return pixels.permute(2, 0, 1).float().div_(255.0)

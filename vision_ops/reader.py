@@ -16,17 +16,21 @@ from vision_ops.transforms import resize_and_crop
 def read_units(
     batch: dict[str, np.ndarray],
     *,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None,
     max_pixels: int,
     storage_options: StorageOptions,
 ) -> dict[str, np.ndarray]:
-    """One listing batch -> the same rows with image, size, status and error columns."""
+    """One listing batch -> the same rows with image, size, status and error columns.
+
+    With `preprocessing` each image is resized and cropped for the model; without, it keeps its
+    source size (detectors take any size and resize on the device).
+    """
     uris = [str(uri) for uri in batch["source_uri"]]
     payloads = fetch_all(uris, storage_options)
     rows = [_unit(payloads[uri], preprocessing, max_pixels) for uri in uris]
     out = dict(batch)
     out["item_id"] = np.array([item_id(uri) for uri in uris], dtype=object)
-    out["image"] = np.stack([row.pop("image") for row in rows])
+    out["image"] = image_column([row.pop("image") for row in rows])
     for column in ("image_width", "image_height", "status", "error_type", "error_message"):
         out[column] = np.array([row[column] for row in rows], dtype=object)
     _fill_missing_identity(out, uris, storage_options)
@@ -49,12 +53,23 @@ def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | Bas
     return payloads
 
 
-def _unit(payload: bytes | BaseException, prep: Preprocessing, max_pixels: int) -> dict[str, Any]:
+def image_column(images: list[np.ndarray]) -> np.ndarray:
+    """One (N, H, W, 3) array when all images share a size, else an object array of images."""
+    if len({image.shape for image in images}) == 1:
+        return np.stack(images)
+    column = np.empty(len(images), dtype=object)
+    column[:] = images
+    return column
+
+
+def _unit(
+    payload: bytes | BaseException, prep: Preprocessing | None, max_pixels: int
+) -> dict[str, Any]:
     try:
         if isinstance(payload, BaseException):
             raise payload
         image = decode_image(payload, max_pixels)
-        model_input = resize_and_crop(image, prep)
+        model_input = resize_and_crop(image, prep) if prep else image
     except Exception as err:
         return _error_unit(err, prep)
     height, width = image.shape[:2]
@@ -68,9 +83,10 @@ def _unit(payload: bytes | BaseException, prep: Preprocessing, max_pixels: int) 
     }
 
 
-def _error_unit(err: Exception, prep: Preprocessing) -> dict[str, Any]:
+def _error_unit(err: Exception, prep: Preprocessing | None) -> dict[str, Any]:
+    side = prep.crop if prep else 1
     return {
-        "image": np.zeros((prep.crop, prep.crop, 3), dtype=np.uint8),
+        "image": np.zeros((side, side, 3), dtype=np.uint8),
         "image_width": None,
         "image_height": None,
         "status": STATUS_ERROR,

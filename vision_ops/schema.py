@@ -1,14 +1,41 @@
-"""The output table: one Arrow schema, declared once and versioned, and the rows that fill it."""
+"""The output tables: one Arrow schema per task, declared once and versioned, and their rows."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from vision_ops.registry import Registry
+
 SCHEMA_VERSION = "1"
+SCHEMA_VERSION_KEY = "vision_ops.schema_version"
 PARTITION_COLUMN = "run_date"  # Hive partition (run_date=YYYY-MM-DD/), not stored in the files
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Columns every row has, whatever the task: run, source, unit, image, model and status.
+UNIT_FIELDS = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("source_etag", pa.string()),
+    pa.field("source_size", pa.int64()),
+    pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+    pa.field("frame_index", pa.int32()),
+    pa.field("tile_x", pa.int32()),
+    pa.field("tile_y", pa.int32()),
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_weights_sha256", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+]
 
 TOP_K_ENTRY = pa.struct(
     [
@@ -17,38 +44,53 @@ TOP_K_ENTRY = pa.struct(
         pa.field("score", pa.float32(), nullable=False),
     ]
 )
-
-PREDICTION_SCHEMA = pa.schema(
+DETECTION_ENTRY = pa.struct(
     [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("source_uri", pa.string(), nullable=False),
-        pa.field("source_etag", pa.string()),
-        pa.field("source_size", pa.int64()),
-        pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
-        pa.field("frame_index", pa.int32()),
-        pa.field("tile_x", pa.int32()),
-        pa.field("tile_y", pa.int32()),
-        pa.field("image_width", pa.int32()),
-        pa.field("image_height", pa.int32()),
-        pa.field("model_name", pa.string(), nullable=False),
-        pa.field("model_weights_sha256", pa.string(), nullable=False),
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error_type", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("label_id", pa.int32()),
-        pa.field("label", pa.string()),
-        pa.field("score", pa.float32()),
-        pa.field("top_k", pa.list_(pa.field("item", TOP_K_ENTRY, nullable=False))),
-    ],
-    metadata={"vision_ops.schema_version": SCHEMA_VERSION},
+        *TOP_K_ENTRY,
+        pa.field("x_min", pa.float32(), nullable=False),
+        pa.field("y_min", pa.float32(), nullable=False),
+        pa.field("x_max", pa.float32(), nullable=False),
+        pa.field("y_max", pa.float32(), nullable=False),
+    ]
 )
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-# Columns the predictor adds to each batch for `classification_table` to nest.
+
+def _schema(task_fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema([*UNIT_FIELDS, *task_fields], metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION})
+
+
+SCHEMAS = {
+    "classification": _schema(
+        [
+            pa.field("label_id", pa.int32()),
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+            pa.field("top_k", pa.list_(pa.field("item", TOP_K_ENTRY, nullable=False))),
+        ]
+    ),
+    "detection": _schema(
+        [
+            pa.field("num_detections", pa.int32()),
+            pa.field("detections", pa.list_(pa.field("item", DETECTION_ENTRY, nullable=False))),
+        ]
+    ),
+}
+PREDICTION_SCHEMA = SCHEMAS["classification"]
+DETECTION_SCHEMA = SCHEMAS["detection"]
+
+# Columns predictors add to a batch for the row builders below to nest.
 TOP_K_IDS, TOP_K_SCORES = "top_k_label_id", "top_k_score"
+# Per row, a float32 (boxes, 6) array: label_id, score, x_min, y_min, x_max, y_max.
+DETECTIONS = "detection_array"
+
+
+class TableBuilder(Protocol):
+    def __call__(
+        self, batch: dict[str, np.ndarray], run_id: str, labels: list[str] | None = None
+    ) -> pa.Table: ...
+
+
+TABLE_BUILDERS: Registry[TableBuilder] = Registry("task")
 
 
 def item_id(source_uri: str, frame_index: int | None = None) -> str:
@@ -60,47 +102,80 @@ def item_id(source_uri: str, frame_index: int | None = None) -> str:
 def label_names(ids: np.ndarray, labels: list[str] | None) -> np.ndarray:
     """Label text for class ids: the labels list where it has the id, else the id as text."""
     table = np.array(labels or [], dtype=object)
-    names = np.array([str(i) for i in ids.reshape(-1)], dtype=object)
-    known = (ids.reshape(-1) >= 0) & (ids.reshape(-1) < len(table))
-    names[known] = table[ids.reshape(-1)[known]]
+    flat = ids.reshape(-1).astype(np.int64)
+    names = np.array([str(i) for i in flat], dtype=object)
+    known = (flat >= 0) & (flat < len(table))
+    names[known] = table[flat[known]]
     return names.reshape(ids.shape)
 
 
+@TABLE_BUILDERS.register("classification")
 def classification_table(
     batch: dict[str, np.ndarray], run_id: str, labels: list[str] | None = None
 ) -> pa.Table:
-    """Predictor output (flat numpy columns) -> rows of PREDICTION_SCHEMA."""
+    """Classifier output (flat numpy columns) -> rows of the classification schema."""
     rows = len(batch["source_uri"])
-    ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
+    ok = _ok_mask(batch)
     ids, scores = batch[TOP_K_IDS].reshape(rows, -1), batch[TOP_K_SCORES].reshape(rows, -1)
     names = label_names(ids, labels)
-    columns: dict[str, object] = {n: batch[n] for n in PREDICTION_SCHEMA.names if n in batch}
-    columns["run_id"] = np.full(rows, run_id, dtype=object)
-    columns["task"] = np.full(rows, "classification", dtype=object)
+    columns = _unit_columns(batch, run_id, "classification")
     columns["label_id"] = pa.array(ids[:, 0], pa.int32(), mask=~ok)
     columns["label"] = pa.array(names[:, 0], pa.string(), mask=~ok)
     columns["score"] = pa.array(scores[:, 0], pa.float32(), mask=~ok)
-    columns["top_k"] = _top_k_lists(ok, ids, names, scores)
-    arrays = [_column(columns, field, rows) for field in PREDICTION_SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=PREDICTION_SCHEMA)
+    entries = [ids[ok].reshape(-1), names[ok].reshape(-1), scores[ok].reshape(-1)]
+    columns["top_k"] = _nested_lists(ok, ok.astype(np.int64) * ids.shape[1], entries, TOP_K_ENTRY)
+    return _table(columns, SCHEMAS["classification"], rows)
 
 
-def _top_k_lists(
-    ok: np.ndarray, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
+@TABLE_BUILDERS.register("detection")
+def detection_table(
+    batch: dict[str, np.ndarray], run_id: str, labels: list[str] | None = None
+) -> pa.Table:
+    """Detector output (one (boxes, 6) array per row) -> rows of the detection schema."""
+    rows = len(batch["source_uri"])
+    ok = _ok_mask(batch)
+    arrays = [np.asarray(a, dtype=np.float32).reshape(-1, 6) for a in batch[DETECTIONS]]
+    counts = np.array([len(a) if good else 0 for a, good in zip(arrays, ok, strict=True)])
+    boxes = np.concatenate([a for a, good in zip(arrays, ok, strict=True) if good] or [_no_boxes()])
+    ids = boxes[:, 0].astype(np.int32)
+    entries = [ids, label_names(ids, labels), *boxes[:, 1:].T]
+    columns = _unit_columns(batch, run_id, "detection")
+    columns["num_detections"] = pa.array(counts, pa.int32(), mask=~ok)
+    columns["detections"] = _nested_lists(ok, counts, entries, DETECTION_ENTRY)
+    return _table(columns, SCHEMAS["detection"], rows)
+
+
+def _no_boxes() -> np.ndarray:
+    return np.zeros((0, 6), dtype=np.float32)
+
+
+def _ok_mask(batch: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(batch["status"] == STATUS_OK, dtype=bool)
+
+
+def _unit_columns(batch: dict[str, np.ndarray], run_id: str, task: str) -> dict[str, object]:
+    rows = len(batch["source_uri"])
+    columns: dict[str, object] = {f.name: batch[f.name] for f in UNIT_FIELDS if f.name in batch}
+    columns["run_id"] = np.full(rows, run_id, dtype=object)
+    columns["task"] = np.full(rows, task, dtype=object)
+    return columns
+
+
+def _nested_lists(
+    ok: np.ndarray, lengths: np.ndarray, entries: list[np.ndarray], entry_type: pa.StructType
 ) -> pa.Array:
-    k = ids.shape[1]
-    entries = pa.StructArray.from_arrays(
-        [
-            pa.array(ids[ok].reshape(-1), pa.int32()),
-            pa.array(labels[ok].reshape(-1), pa.string()),
-            pa.array(scores[ok].reshape(-1), pa.float32()),
-        ],
-        fields=list(TOP_K_ENTRY),
-    )
-    lengths = ok.astype(np.int64) * k
+    """A list<struct> column: row i holds lengths[i] consecutive entries; null where not ok."""
+    fields = list(entry_type)
+    children = [pa.array(values, f.type) for values, f in zip(entries, fields, strict=True)]
+    structs = pa.StructArray.from_arrays(children, fields=fields)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    lists = pa.ListArray.from_arrays(offsets, entries, mask=pa.array(~ok))
-    return lists.cast(PREDICTION_SCHEMA.field("top_k").type)
+    lists = pa.ListArray.from_arrays(offsets, structs, mask=pa.array(~ok))
+    return lists.cast(pa.list_(pa.field("item", entry_type, nullable=False)))
+
+
+def _table(columns: dict[str, object], schema: pa.Schema, rows: int) -> pa.Table:
+    arrays = [_column(columns, field, rows) for field in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _column(columns: dict[str, object], field: pa.Field, rows: int) -> pa.Array:

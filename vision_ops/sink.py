@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vision_ops.schema import PARTITION_COLUMN, PREDICTION_SCHEMA, SCHEMA_VERSION, STATUS_OK
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK
 from vision_ops.storage import StorageOptions, canonical_uri, filesystem
 
 
@@ -37,6 +37,7 @@ class ParquetSink:
     root_uri: str
     run_id: str
     run_date: dt.date
+    schema: pa.Schema
     rows_per_file: int = 250_000
     storage_options: StorageOptions = field(default_factory=dict)
     _pending: list[pa.Table] = field(default_factory=list)
@@ -53,7 +54,7 @@ class ParquetSink:
         self._remove_staging()
 
     def write(self, table: pa.Table) -> None:
-        table = table.cast(PREDICTION_SCHEMA)
+        table = table.cast(self.schema)
         self.rows += table.num_rows
         self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
         self._pending.append(table)

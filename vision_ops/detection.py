@@ -1,0 +1,77 @@
+"""Detection specifics: the model's own thresholds, pixel-budget batches, and the box filters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vision_ops.config import DetectionTask
+
+# Where torchvision detectors keep their post-processing settings: Faster R-CNN in roi_heads
+# (score_thresh, nms_thresh, detections_per_img), RetinaNet / FCOS / SSD on the model itself.
+HEAD_ATTRIBUTES = ("roi_heads", None)
+
+
+def configure_detector(module: torch.nn.Module, task: DetectionTask, keep_all: bool) -> None:
+    """Set the model's score threshold, NMS IoU and per-image cap from the task.
+
+    With `keep_all` (a class allow-list is applied afterwards) the model's cap is left at least
+    at its own default, so allowed boxes are not crowded out by classes filtered later.
+    """
+    head: Any = _postprocess_owner(module)
+    if head is None:
+        return
+    head.score_thresh = task.score_threshold
+    if task.nms_iou is not None:
+        head.nms_thresh = task.nms_iou
+    own_cap = int(getattr(head, "detections_per_img", task.max_detections))
+    head.detections_per_img = max(own_cap, task.max_detections) if keep_all else task.max_detections
+
+
+def _postprocess_owner(module: torch.nn.Module) -> torch.nn.Module | None:
+    for name in HEAD_ATTRIBUTES:
+        owner = getattr(module, name) if name else module
+        if owner is not None and hasattr(owner, "score_thresh"):
+            return owner
+    return None
+
+
+def pixel_budget_groups(shapes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Indices grouped for model calls: same-size images together, each call within `budget`
+    pixels (a single image larger than the budget goes alone).
+
+    Grouping by size keeps every image's result independent of its batch-mates: detectors pad
+    a batch to its largest image, which would otherwise change a smaller image's features.
+    """
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(index)
+    groups: list[list[int]] = []
+    for (height, width), indices in by_shape.items():
+        per_call = max(1, budget // (height * width))
+        groups += [indices[i : i + per_call] for i in range(0, len(indices), per_call)]
+    return groups
+
+
+def filter_detections(
+    detections: np.ndarray, task: DetectionTask, allowed_ids: frozenset[int] | None
+) -> np.ndarray:
+    """(boxes, 6) rows of label_id, score, x_min, y_min, x_max, y_max: threshold, allow-list,
+    then the best `max_detections` by score."""
+    keep = detections[:, 1] >= task.score_threshold
+    if allowed_ids is not None:
+        keep &= np.isin(detections[:, 0].astype(np.int64), list(allowed_ids))
+    kept = detections[keep]
+    order = np.argsort(-kept[:, 1], kind="stable")
+    return kept[order][: task.max_detections]
+
+
+def as_rows(output: dict[str, torch.Tensor]) -> np.ndarray:
+    """A torchvision detector's per-image dict -> float32 (boxes, 6) rows."""
+    labels = output["labels"].float().unsqueeze(1)
+    scores = output["scores"].float().unsqueeze(1)
+    rows = torch.cat([labels, scores, output["boxes"].float()], dim=1)
+    return rows.cpu().numpy().astype(np.float32, copy=False)
