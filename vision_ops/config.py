@@ -133,6 +133,11 @@ class TorchvisionModel(_ModelCommon):
     num_classes: int | None = Field(
         default=None, gt=0, description="Classes of a fine-tuned head; defaults to the weights'."
     )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More torchvision builder arguments, e.g. {min_size: 512, max_size: 1024} "
+        "for a detector's internal resize.",
+    )
 
 
 class TorchScriptModel(_ModelCommon):

@@ -24,16 +24,24 @@ def configure_detector(module: torch.nn.Module, task: DetectionTask, keep_all: b
     head: Any = _postprocess_owner(module)
     if head is None:
         return
-    head.score_thresh = task.score_threshold
+    head.score_thresh = just_below(task.score_threshold)
     if task.nms_iou is not None:
         head.nms_thresh = task.nms_iou
     own_cap = int(getattr(head, "detections_per_img", task.max_detections))
     head.detections_per_img = max(own_cap, task.max_detections) if keep_all else task.max_detections
 
 
+def just_below(threshold: float) -> float:
+    """The float32 just under `threshold`: torchvision keeps scores strictly above its
+    threshold, the task keeps scores at or above it (ties at the threshold stay)."""
+    if threshold <= 0:
+        return threshold
+    return float(np.nextafter(np.float32(threshold), np.float32(0)))
+
+
 def _postprocess_owner(module: torch.nn.Module) -> torch.nn.Module | None:
     for name in HEAD_ATTRIBUTES:
-        owner = getattr(module, name) if name else module
+        owner = getattr(module, name, None) if name else module
         if owner is not None and hasattr(owner, "score_thresh"):
             return owner
     return None

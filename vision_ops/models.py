@@ -29,10 +29,21 @@ from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, read_bytes
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
-# Where torchvision keeps each task's architectures, and an example name for messages.
-TASK_FAMILIES = {
-    "classification": (torchvision.models, "resnet50, efficientnet_b0, vit_b_16"),
-    "detection": (torchvision.models.detection, "fasterrcnn_resnet50_fpn_v2, fcos_resnet50_fpn"),
+# Mask and keypoint R-CNN live beside the box detectors but belong to their own tasks.
+NOT_BOX_DETECTORS = ("maskrcnn", "keypointrcnn")
+
+
+def torchvision_architectures(task: str) -> list[str]:
+    """The torchvision architecture names a task accepts."""
+    if task == "detection":
+        names = torchvision.models.list_models(module=torchvision.models.detection)
+        return [name for name in names if not name.startswith(NOT_BOX_DETECTORS)]
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+ARCHITECTURE_EXAMPLES = {
+    "classification": "resnet50, efficientnet_b0, vit_b_16",
+    "detection": "fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ssd300_vgg16",
 }
 BUILTIN_LABELS = {"imagenet-1k": lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
 
@@ -156,9 +167,9 @@ def build_torchvision(spec: TorchvisionModel, options: StorageOptions, task: str
                 f"model.num_classes: {spec.weights} has {classes} classes, found "
                 f"{spec.num_classes}; a fine-tuned head loads from a weights file"
             )
-        module = builder(weights=weights)
+        module = builder(weights=weights, **spec.kwargs)
         return BuiltModel(module, _cached_download_sha256(weights.url))
-    module = builder(weights=None, **_untrained_kwargs(spec.num_classes, task))
+    module = builder(weights=None, **_untrained_kwargs(spec.num_classes, task), **spec.kwargs)
     if spec.weights is None:
         return BuiltModel(module)
     digest = load_state_dict_file(module, spec.weights, spec.weights_sha256, options)
@@ -293,11 +304,10 @@ def _json_labels(ref: str, value: Any) -> list[str]:
 
 
 def _torchvision_builder(architecture: str, task: str) -> Callable[..., torch.nn.Module]:
-    family, examples = TASK_FAMILIES[task]
-    if architecture not in torchvision.models.list_models(module=family):
+    if architecture not in torchvision_architectures(task):
         raise ModelError(
             f"model.architecture: expected a torchvision {task} model "
-            f"(e.g. {examples}), found {architecture!r}"
+            f"(e.g. {ARCHITECTURE_EXAMPLES[task]}), found {architecture!r}"
         )
     return torchvision.models.get_model_builder(architecture)
 

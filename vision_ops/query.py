@@ -45,6 +45,20 @@ def top_labels_sql(table_uri: str) -> str:
     """
 
 
+def boxes_sql(table_uri: str) -> str:
+    """One row per detected box, with its image's identity: the detection table unnested.
+
+    Athena / Trino: `SELECT t.source_uri, d.* FROM detections t
+    CROSS JOIN UNNEST(t.detections) AS u(d)`; Spark: `SELECT source_uri, d.* FROM detections
+    LATERAL VIEW explode(detections) x AS d`.
+    """
+    return f"""
+        SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
+               d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
+        FROM (SELECT *, unnest(detections) AS d FROM {read_sql(table_uri)} WHERE status = 'ok')
+    """
+
+
 def _load_httpfs(connection: Any) -> None:
     try:
         import duckdb_extension_httpfs

@@ -1,0 +1,254 @@
+"""Detection: every accepted torchvision detector through the pipeline equals a direct call of
+the same model, in source pixels (EXIF-rotated and mixed-size images included); the filters;
+error rows; boxes counted per label in DuckDB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageOps
+
+from vision_ops.config import DetectionTask, JobSpec, parse_spec
+from vision_ops.detection import configure_detector, filter_detections, pixel_budget_groups
+from vision_ops.models import ModelError, torchvision_architectures
+from vision_ops.pipeline import run_job
+from vision_ops.predictors import Detector
+from vision_ops.query import boxes_sql, connect, read_sql
+from vision_ops.schema import DETECTION_SCHEMA, DETECTIONS, STATUS_ERROR, STATUS_OK
+
+pytestmark = pytest.mark.timeout(900)
+CLASSES = 5
+LABELS = ["__background__", "car", "truck", "roof", "pool"]
+SHAPES = [(90, 120), (120, 90), (96, 96), (70, 130)]  # (height, width)
+SPREAD = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def fast_kwargs(architecture: str) -> dict[str, int]:
+    """Small internal resizes and candidate counts keep random-weight tests quick on a CPU."""
+    if architecture.startswith("fasterrcnn"):
+        return {
+            "min_size": 160,
+            "max_size": 200,
+            "rpn_pre_nms_top_n_test": 200,
+            "rpn_post_nms_top_n_test": 60,
+        }
+    if architecture.startswith(("retinanet", "fcos")):
+        return {"min_size": 160, "max_size": 200, "topk_candidates": 100}
+    return {}
+
+
+def build(architecture: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    builder = torchvision.models.get_model_builder(architecture)
+    kwargs = fast_kwargs(architecture)
+    return builder(weights=None, weights_backbone=None, num_classes=CLASSES, **kwargs).eval()
+
+
+def task(**overrides: object) -> DetectionTask:
+    return DetectionTask(**({"score_threshold": 0.0, "max_detections": 15} | overrides))
+
+
+def write_images(folder: Path) -> dict[str, np.ndarray]:
+    """Seeded images of several sizes, one JPEG rotated by EXIF; returns what each decodes to."""
+    rng = np.random.default_rng(7)
+    decoded = {}
+    for index, (height, width) in enumerate(SHAPES):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+        decoded[f"img{index}.png"] = pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    blocks = np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((10, 10, 1))).astype(np.uint8)
+    Image.fromarray(blocks).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    rotated = ImageOps.exif_transpose(Image.open(folder / "rotated.jpg"))
+    decoded["rotated.jpg"] = np.asarray(rotated.convert("RGB"))
+    assert decoded["rotated.jpg"].shape[:2] == (80, 60)
+    return decoded
+
+
+def direct_detections(
+    model: torch.nn.Module, image: np.ndarray, settings: DetectionTask
+) -> np.ndarray:
+    """The model called on one image as torchvision documents it, then the task's filters."""
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    with torch.inference_mode():
+        (output,) = model([tensor])
+    rows = torch.cat(
+        [output["labels"][:, None].float(), output["scores"][:, None], output["boxes"]], dim=1
+    ).numpy()
+    return filter_detections(rows, settings, None)
+
+
+def rows_as_array(row: dict) -> np.ndarray:
+    keys = ("label_id", "score", "x_min", "y_min", "x_max", "y_max")
+    boxes = [[box[key] for key in keys] for box in row["detections"]]
+    return np.array(boxes, dtype=np.float32).reshape(-1, 6)
+
+
+def job_spec(folder: Path, output: Path, model: dict, settings: DetectionTask) -> JobSpec:
+    return parse_spec(
+        {
+            "input": {"uris": [str(folder)]},
+            "task": settings.model_dump(),
+            "model": model,
+            "runtime": {"batch_size": 8, "max_actors": 1},
+            "output": {"uri": str(output)},
+            "run": {"id": "det", "date": "2026-11-24"},
+        }
+    )
+
+
+@pytest.mark.parametrize("architecture", torchvision_architectures("detection"))
+def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> None:
+    torch.set_num_threads(1)  # the actor's thread count: the same kernels, the same sums
+    folder = tmp_path / "images"
+    folder.mkdir()
+    decoded = write_images(folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    model = build(architecture)
+    weights = tmp_path / "detector.pt"
+    torch.save(model.state_dict(), weights)
+    settings = task()
+    configure_detector(model, settings, keep_all=False)
+    model_spec = {
+        "architecture": architecture,
+        "weights": str(weights),
+        "num_classes": CLASSES,
+        "kwargs": fast_kwargs(architecture),
+    }
+    run_job(job_spec(folder, tmp_path / "table", model_spec, settings))
+    rows = {Path(r["source_uri"]).name: r for r in pq.read_table(tmp_path / "table").to_pylist()}
+    assert set(rows) == {*decoded, "broken.png"}
+    assert rows["broken.png"]["status"] == STATUS_ERROR
+    assert rows["broken.png"]["detections"] is None
+    for name, image in decoded.items():
+        row = rows[name]
+        assert (row["image_height"], row["image_width"]) == image.shape[:2]
+        expected = direct_detections(model, image, settings)
+        assert row["num_detections"] == len(expected) == len(row["detections"])
+        np.testing.assert_allclose(rows_as_array(row), expected, atol=1e-4, err_msg=name)
+    assert any(row["num_detections"] for row in rows.values() if row["status"] == STATUS_OK)
+
+
+@pytest.fixture(scope="module")
+def spread_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Faster R-CNN whose class scores are spread out (no near-ties between boxes)."""
+    model = build(SPREAD)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.5)
+    path = tmp_path_factory.mktemp("weights") / "spread.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labels_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("\n".join(LABELS))
+    return path
+
+
+def spread_model(weights: Path, labels: Path | None = None) -> dict:
+    model = {
+        "architecture": SPREAD,
+        "weights": str(weights),
+        "num_classes": CLASSES,
+        "kwargs": fast_kwargs(SPREAD),
+    }
+    return model | ({"labels": str(labels)} if labels else {})
+
+
+def detector(weights: Path, labels: Path | None = None, **fields: object) -> Detector:
+    spec = job_spec(Path("/unused"), Path("/unused"), spread_model(weights, labels), task(**fields))
+    return Detector(spec)
+
+
+def images_batch(shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    images = np.empty(len(shapes), dtype=object)
+    images[:] = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    status = np.array([STATUS_OK] * len(shapes), dtype=object)
+    return {"image": images, "status": status, "source_uri": np.arange(len(shapes))}
+
+
+def test_filters_change_the_output_exactly_as_specified(spread_detector, labels_file) -> None:
+    batch = images_batch([(100, 140)])
+    (everything,) = detector(spread_detector, labels_file, max_detections=100)(batch)[DETECTIONS]
+    assert len(everything) > 10
+    median = float(np.median(everything[:, 1]))
+    cars_above = everything[(everything[:, 0] == 1) & (everything[:, 1] >= median)]
+    cases = [
+        ({"score_threshold": median}, everything[everything[:, 1] >= median]),
+        ({"max_detections": 3}, everything[:3]),
+        ({"classes": ["truck", 4]}, everything[np.isin(everything[:, 0], [2, 4])]),
+        ({"classes": ["car"], "max_detections": 2, "score_threshold": median}, cars_above[:2]),
+    ]
+    for fields, expected in cases:
+        fields = {"max_detections": 100} | fields
+        (found,) = detector(spread_detector, labels_file, **fields)(batch)[DETECTIONS]
+        np.testing.assert_allclose(found, expected, atol=1e-5, err_msg=str(fields))
+        assert (np.diff(found[:, 1]) <= 0).all()  # best first
+
+
+def test_nms_override_and_threshold_reach_the_model(spread_detector) -> None:
+    heads = detector(spread_detector, nms_iou=0.3, score_threshold=0.2).module.roi_heads
+    assert heads.nms_thresh == 0.3
+    assert heads.score_thresh == pytest.approx(0.2) and heads.score_thresh < np.float32(0.2)
+
+
+def test_unknown_class_name_is_refused(spread_detector, labels_file) -> None:
+    with pytest.raises(ModelError, match=r"task\.classes: no label 'boat'; expected one of"):
+        detector(spread_detector, labels_file, classes=["boat"])
+
+
+def test_mixed_sizes_in_one_batch_equal_single_image_calls(spread_detector) -> None:
+    torch.set_num_threads(1)
+    batch = images_batch([(100, 140), (60, 80), (100, 140), (140, 100)])
+    batch["status"][1] = STATUS_ERROR
+    model = detector(spread_detector, max_detections=10)
+    together = model(batch)[DETECTIONS]
+    assert len(together[1]) == 0  # the error row keeps no boxes
+    for index in (0, 2, 3):
+        single = {name: values[index : index + 1] for name, values in batch.items()}
+        np.testing.assert_allclose(together[index], model(single)[DETECTIONS][0], atol=1e-4)
+
+
+def test_pixel_budget_groups_same_sizes_within_budget() -> None:
+    shapes = [(10, 10), (20, 10), (10, 10), (10, 10), (20, 10), (50, 50)]
+    assert pixel_budget_groups(shapes, budget=250) == [[0, 2], [3], [1], [4], [5]]
+    assert pixel_budget_groups(shapes, budget=10_000) == [[0, 2, 3], [1, 4], [5]]
+
+
+def test_duckdb_counts_boxes_per_label(ray_local, spread_detector, labels_file, tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_images(folder)
+    model = spread_model(spread_detector, labels_file)
+    run_job(job_spec(folder, tmp_path / "table", model, task(max_detections=7)))
+    (file,) = (tmp_path / "table").glob("run_date=*/*.parquet")
+    assert pq.read_schema(file).equals(DETECTION_SCHEMA, check_metadata=False)
+    con, table = connect(), str(tmp_path / "table")
+    total = con.sql(f"SELECT sum(num_detections) FROM {read_sql(table)}").fetchone()[0]
+    per_label = dict(
+        con.sql(f"SELECT label, count(*) FROM ({boxes_sql(table)}) GROUP BY label").fetchall()
+    )
+    assert total == sum(per_label.values()) > 0
+    expected: dict[str, int] = {}
+    for row in pq.read_table(file).to_pylist():
+        for box in row["detections"]:
+            expected[box["label"]] = expected.get(box["label"], 0) + 1
+    assert per_label == expected and set(per_label) <= set(LABELS[1:])
+
+
+@pytest.mark.parametrize("architecture", torchvision_architectures("detection"))
+def test_configure_detector_sets_every_family(architecture) -> None:
+    model = build(architecture)
+    configure_detector(model, task(score_threshold=0.25, nms_iou=0.4), keep_all=False)
+    head = getattr(model, "roi_heads", model)
+    assert (head.nms_thresh, head.detections_per_img) == (0.4, 15)
+    assert head.score_thresh == pytest.approx(0.25, abs=1e-6)
