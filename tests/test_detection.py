@@ -252,3 +252,54 @@ def test_configure_detector_sets_every_family(architecture) -> None:
     head = getattr(model, "roi_heads", model)
     assert (head.nms_thresh, head.detections_per_img) == (0.4, 15)
     assert head.score_thresh == pytest.approx(0.25, abs=1e-6)
+
+
+def test_torchscript_entrypoint_and_s3_weight_kinds_detect_alike(
+    spread_detector, tmp_path, s3fs_client, s3_options
+) -> None:
+    """The same detector loaded as a file, from s3:// with a sha256 pin, as TorchScript and
+    through an entrypoint gives the same boxes."""
+    import hashlib
+
+    model = build(SPREAD)
+    model.load_state_dict(torch.load(spread_detector, weights_only=True))
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.script(model).save(str(scripted))
+    s3fs_client.put_file(str(spread_detector), "models/detector/spread.pt")
+    digest = hashlib.sha256(spread_detector.read_bytes()).hexdigest()
+    kinds = {
+        "file": spread_model(spread_detector),
+        "s3": spread_model(spread_detector)
+        | {"weights": "s3://models/detector/spread.pt", "weights_sha256": digest},
+        "torchscript": {"kind": "torchscript", "uri": str(scripted)},
+        "entrypoint": {
+            "kind": "entrypoint",
+            "entrypoint": f"torchvision.models.detection:{SPREAD}",
+            "kwargs": {"weights": None, "weights_backbone": None, "num_classes": CLASSES}
+            | fast_kwargs(SPREAD),
+            "weights": str(spread_detector),
+        },
+    }
+    batch = images_batch([(100, 140), (90, 90)])
+    results = {}
+    for name, model_spec in kinds.items():
+        spec = job_spec(Path("/unused"), Path("/unused"), model_spec, task(max_detections=20))
+        spec = spec.model_copy(update={"storage_options": s3_options})
+        results[name] = Detector(spec)(batch)[DETECTIONS]
+    for name in ("s3", "torchscript", "entrypoint"):
+        for got, want in zip(results[name], results["file"], strict=True):
+            assert len(want) > 0
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
+
+
+def test_weights_enum_gives_coco_labels_without_download() -> None:
+    from vision_ops.models import resolve_labels
+
+    spec = job_spec(
+        Path("/unused"),
+        Path("/unused"),
+        {"architecture": "fasterrcnn_resnet50_fpn_v2", "weights": "DEFAULT"},
+        task(),
+    )
+    labels = resolve_labels(spec.model)
+    assert labels is not None and labels[:3] == ["__background__", "person", "bicycle"]

@@ -1,4 +1,4 @@
-"""The command line: `vision-ops run SPEC.yaml` and `vision-ops validate SPEC.yaml`."""
+"""The command line: `vision-ops run | validate | query SPEC.yaml`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_SPEC
     if args.command == "validate":
         return _validate(spec, list_inputs=args.list_inputs)
+    if args.command == "query":
+        return _query(spec, args.sql)
     return _run(spec, args.max_error_ratio)
 
 
@@ -84,12 +86,29 @@ def _run(spec: JobSpec, max_error_ratio: float) -> int:
     return EXIT_OK
 
 
+def _query(spec: JobSpec, sql: str | None) -> int:
+    from vision_ops.query import DEFAULT_QUERIES, connect, register_views
+
+    connection = connect(spec.storage_options)
+    register_views(connection, spec.output.uri, spec.task.kind)
+    try:
+        print(connection.sql(sql or DEFAULT_QUERIES[spec.task.kind]))
+    except Exception as err:  # DuckDB's own errors: bad SQL, no files yet
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision-ops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a job spec and commit its predictions")
     check = commands.add_parser("validate", help="check a job spec without running it")
-    for sub in (run, check):
+    query = commands.add_parser(
+        "query", help="SQL over a spec's output: views `predictions` and (detection) `boxes`"
+    )
+    query.add_argument("--sql", help="the query (default: a summary per label)")
+    for sub in (run, check, query):
         sub.add_argument("spec", help="job spec YAML file")
         sub.add_argument(
             "--set",

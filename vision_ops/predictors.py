@@ -160,6 +160,8 @@ class Detector(Predictor):
         tensors = [self._to_tensor(image) for image in images]
         with self.inference():
             outputs = self.module(tensors)
+        if isinstance(outputs, tuple):  # scripted torchvision detectors: (losses, detections)
+            outputs = outputs[1]
         return [as_rows(output) for output in outputs]
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:

@@ -59,6 +59,22 @@ def boxes_sql(table_uri: str) -> str:
     """
 
 
+# What `vision-ops query` shows when no --sql is given, per task.
+DEFAULT_QUERIES = {
+    "classification": "SELECT label, count(*) AS images, round(avg(score), 3) AS mean_score "
+    "FROM predictions WHERE status = 'ok' GROUP BY label ORDER BY images DESC, label LIMIT 20",
+    "detection": "SELECT label, count(*) AS boxes, round(avg(score), 3) AS mean_score "
+    "FROM boxes GROUP BY label ORDER BY boxes DESC, label LIMIT 20",
+}
+
+
+def register_views(connection: Any, table_uri: str, task: str) -> None:
+    """Views over a table: `predictions` (one row per unit) and, for detection, `boxes`."""
+    connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {read_sql(table_uri)}")
+    if task == "detection":
+        connection.execute(f"CREATE OR REPLACE VIEW boxes AS {boxes_sql(table_uri)}")
+
+
 def _load_httpfs(connection: Any) -> None:
     try:
         import duckdb_extension_httpfs
