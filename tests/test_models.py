@@ -257,3 +257,15 @@ def test_state_dict_hash_changes_with_the_weights(reference) -> None:
     with torch.no_grad():
         other.classifier[-1].bias[0] += 1e-3
     assert state_dict_sha256(other) != state_dict_sha256(reference)
+
+
+def test_weights_unavailable_is_none_for_files_and_cached_enums(tmp_path, monkeypatch) -> None:
+    from vision_ops.models import weights_unavailable
+
+    assert weights_unavailable(spec_for(torchvision_file_model("/x.pt")).model) is None
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    enum_spec = spec_for({"architecture": "resnet18", "weights": "IMAGENET1K_V1"}).model
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / url.rsplit("/", 1)[1]).write_bytes(b"cached")
+    assert weights_unavailable(enum_spec) is None

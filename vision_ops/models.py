@@ -8,6 +8,7 @@ import io
 import json
 import posixpath
 import re
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,8 +258,34 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
 
 
 def _cached_download_sha256(url: str) -> str | None:
-    path = Path(torch.hub.get_dir()) / "checkpoints" / posixpath.basename(url)
+    path = _hub_cache_path(url)
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _hub_cache_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / posixpath.basename(url)
+
+
+def weights_unavailable(spec: ModelSpec, timeout_s: float = 10.0) -> str | None:
+    """Why a torchvision weights enum cannot be had here (not cached, hub unreachable), or None.
+
+    Only enum weights download; files and other kinds are checked when they load.
+    """
+    if not (isinstance(spec, TorchvisionModel) and spec.weights):
+        return None
+    if not is_weights_enum_name(spec.weights):
+        return None
+    url = _weights_enum(spec.architecture, spec.weights).url
+    if _hub_cache_path(url).exists():
+        return None
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
+    except OSError as err:
+        return (
+            f"{spec.architecture} {spec.weights} weights are not cached in "
+            f"{_hub_cache_path(url).parent} and {url} cannot be reached ({err})"
+        )
+    return None
 
 
 # --- labels ----------------------------------------------------------------------------------
