@@ -10,6 +10,7 @@ import pyarrow as pa
 from vision_ops.schema import (
     PARTITION_COLUMN,
     PREDICTION_SCHEMA,
+    SCHEMAS,
     STATUS_ERROR,
     STATUS_OK,
     TOP_K_IDS,
@@ -28,7 +29,8 @@ def test_every_column_is_documented_in_the_readme() -> None:
         for line in README.read_text().splitlines()
         if line.startswith("| `")
     }
-    assert set(PREDICTION_SCHEMA.names) | {PARTITION_COLUMN} <= documented
+    for schema in SCHEMAS.values():
+        assert set(schema.names) | {PARTITION_COLUMN} <= documented
 
 
 def test_item_id_is_stable_and_distinguishes_units() -> None:
