@@ -55,19 +55,24 @@ def has_extension(uri: str, extensions: Iterable[str]) -> bool:
 
 def _list_uri(uri: str, options: StorageOptions | None) -> list[dict[str, Any]]:
     fs, path = filesystem(uri, options)
-    if GLOB_CHARS & set(path):
-        found = fs.glob(path, detail=True)
-    elif not fs.exists(path):
-        raise SourceError(f"input {uri}: not found")
-    elif fs.isdir(path):
-        found = fs.find(path, detail=True)
-    else:
-        found = {path: fs.info(path)}
+    found = fs.glob(path, detail=True) if GLOB_CHARS & set(path) else _find(fs, path, uri)
     return [
         _listing_row(canonical_uri(fs, name), info)
         for name, info in found.items()
         if info.get("type") == "file"
     ]
+
+
+def _find(fs: Any, path: str, uri: str) -> dict[str, dict[str, Any]]:
+    """A file, or everything under a directory. One `info` call tells which: on an object
+    store `exists` + `isdir` of a big prefix can cost a second full listing."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise SourceError(f"input {uri}: not found") from None
+    if info.get("type") == "directory":
+        return dict(fs.find(path, detail=True))
+    return {path: info}
 
 
 def _listing_row(uri: str, info: dict[str, Any]) -> dict[str, Any]:
