@@ -7,7 +7,7 @@ four ways of listing them, interleaved over `--repeats` rounds, each from a cold
 - `glob`: a bare `s3fs.S3FileSystem.glob(prefix/**, detail=True)`, the floor for a glob;
 - `list_inputs prefix` and `list_inputs glob`: `vision_ops.sources.list_inputs` on the same two;
 
-and, apart, the `exists` + `isdir` calls `list_inputs` makes on a prefix before listing it.
+and, apart, the one `info` call `list_inputs` makes on a prefix to tell file from directory.
 
 It prints each time, the medians, objects per second, the ratios against the floors, and (with
 `--profile`) where one `list_inputs` call spends its time.
@@ -39,7 +39,7 @@ PAYLOAD = b"\xff\xd8\xff\xd9"  # a few bytes: listing cost does not depend on ob
 EXTENSIONS = [".jpg"]
 UPLOAD_CONNECTIONS = 64  # aiobotocore's pool (default 10) caps how many PUTs are in flight
 
-CHECKS = "exists+isdir only"  # not a listing: the round trips list_inputs adds for a prefix
+CHECKS = "info only"  # not a listing: the round trip list_inputs adds before a prefix's find
 Timing = Callable[[], int]  # lists once, returns how many objects it found
 
 
@@ -99,10 +99,10 @@ def vision_ops_listing(uri: str, endpoint: str) -> int:
 
 
 def existence_checks(endpoint: str) -> float:
-    """The `exists` + `isdir` calls `list_inputs` makes on a prefix before its `find`."""
+    """The `info` call `list_inputs` makes on a prefix before its `find`."""
     fs = cold_fs(endpoint)
     start = time.perf_counter()
-    if not (fs.exists(PREFIX) and fs.isdir(PREFIX)):
+    if fs.info(PREFIX)["type"] != "directory":
         raise SystemExit(f"{PREFIX}: not a directory")
     return time.perf_counter() - start
 
