@@ -46,8 +46,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             return to_rgb(image)
         except Image.DecompressionBombError as err:
             raise ImageTooLarge(str(err)) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise CorruptImage(f"cannot decode {image.format or 'image'}: {err}") from None
+        except Exception as err:  # a malformed file breaks Pillow's decoders in many ways
+            raise CorruptImage(
+                f"cannot decode {image.format or 'image'}: {_describe(err)}"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -70,14 +72,22 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLarge(str(err)) from None
     except UnidentifiedImageError:
         raise NotAnImage("not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise CorruptImage(f"cannot read image header: {err}") from None
+    except Exception as err:  # likewise for the header parsers
+        raise CorruptImage(f"cannot read image header: {_describe(err)}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels")
     if width == 0 or height == 0:
         raise CorruptImage(f"image has no pixels ({width}x{height})")
     return image
+
+
+def _describe(err: Exception) -> str:
+    """The error's message, with its type where the message alone would not say much."""
+    text = str(err)
+    if isinstance(err, OSError | SyntaxError | ValueError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

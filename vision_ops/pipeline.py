@@ -93,9 +93,16 @@ def _too_small_message(
 
 
 def connect_ray() -> None:
-    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster: token
+    authentication on (unless RAY_AUTH_MODE says otherwise), dashboard on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def run_job(spec: JobSpec) -> RunSummary:

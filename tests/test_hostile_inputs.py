@@ -1,0 +1,219 @@
+"""Hostile inputs: a bad-file corpus, fuzzed decoders, bounded worker memory, odd object keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hostile import ALLOWED_ERRORS, corpus, encode
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vision_ops.config import parse_spec
+from vision_ops.decode import DecodeError, decode_image
+from vision_ops.pipeline import run_job
+from vision_ops.schema import item_id
+
+MAX_PIXELS = 178_956_970
+CORPUS = corpus()
+LITE0 = {
+    "kind": "entrypoint",
+    "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+    "labels": "imagenet-1k",
+    "preprocessing": {"resize": 256, "crop": 224, "mean": [0.498] * 3, "std": [0.502] * 3},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_each_hostile_file_decodes_or_is_classified(name: str) -> None:
+    data, expected = CORPUS[name]
+    if isinstance(expected, str):
+        with pytest.raises(DecodeError) as err:
+            decode_image(data, MAX_PIXELS)
+        assert type(err.value).__name__ == expected
+    else:
+        image = decode_image(data, MAX_PIXELS)
+        assert image.shape == (*expected, 3) and image.dtype == np.uint8
+
+
+def write_corpus(folder: Path, photo_paths: list[Path]) -> None:
+    folder.mkdir()
+    for name, (data, _) in CORPUS.items():
+        (folder / name).write_bytes(data)
+    for photo in photo_paths[:2]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+
+
+def classify(folder: Path, output: Path):  # type: ignore[no-untyped-def]
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(folder)]},
+            "task": {"kind": "classification", "top_k": 3},
+            "model": LITE0,
+            "runtime": {"batch_size": 32, "read_batch_size": 32, "max_actors": 1},
+            "output": {"uri": str(output)},
+            "run": {"id": "hostile", "date": "2026-11-24"},
+        }
+    )
+    run_job(spec)
+    return {Path(r["source_uri"]).name: r for r in pq.read_table(output).to_pylist()}
+
+
+@pytest.mark.timeout(600)
+def test_corpus_in_one_batch_leaves_good_predictions_intact(ray_local, tmp_path, photo_paths):
+    write_corpus(tmp_path / "mixed", photo_paths)
+    (tmp_path / "clean").mkdir()
+    for photo in photo_paths[:2]:
+        (tmp_path / "clean" / photo.name).write_bytes(photo.read_bytes())
+    mixed = classify(tmp_path / "mixed", tmp_path / "out-mixed")
+    clean = classify(tmp_path / "clean", tmp_path / "out-clean")
+    assert len(mixed) == len(CORPUS) + 2
+    for name, (_, expected) in CORPUS.items():
+        row = mixed[name]
+        if isinstance(expected, str):
+            assert (row["status"], row["error_type"]) == ("error", expected), name
+        else:
+            assert row["status"] == "ok", (name, row["error_message"])
+            assert (row["image_height"], row["image_width"]) == expected, name
+    assert {r["error_type"] for r in mixed.values()} - {None} <= ALLOWED_ERRORS
+    for name, row in clean.items():
+        assert [e["label"] for e in mixed[name]["top_k"]] == [e["label"] for e in row["top_k"]]
+        np.testing.assert_allclose(
+            [e["score"] for e in mixed[name]["top_k"]],
+            [e["score"] for e in row["top_k"]],
+            atol=1e-6,
+        )
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+from pathlib import Path
+import numpy as np
+from vision_ops.config import Preprocessing
+from vision_ops.reader import read_units
+files = sorted(str(p) for p in Path(sys.argv[1]).iterdir())
+batch = {"source_uri": np.array(["file://" + f for f in files], dtype=object),
+         "source_etag": np.array([None] * len(files), dtype=object),
+         "source_size": np.array([1] * len(files))}
+prep = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+for _ in range(3):
+    out = read_units(batch, preprocessing=prep, max_pixels=%d, storage_options={})
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "errors": sorted(e for e in out["error_type"] if e)}))
+"""
+
+
+def test_reading_the_corpus_keeps_worker_memory_bounded(tmp_path, photo_paths) -> None:
+    """The bombs declare 10^10 to 10^12 pixels; the read worker must never allocate them."""
+    write_corpus(tmp_path / "corpus", photo_paths)
+    probe = MEMORY_PROBE % MAX_PIXELS
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "corpus")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["peak_mb"] < 400, result
+    assert len(result["errors"]) == sum(isinstance(e, str) for _, e in CORPUS.values())
+
+
+# --- fuzzing ---------------------------------------------------------------------------------
+
+SEEDS = [
+    encode(np.random.default_rng(i).integers(0, 256, (12, 16, 3), dtype=np.uint8), fmt)
+    for i, fmt in enumerate(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+]
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def check_decode(data: bytes) -> None:
+    """Only DecodeError may escape; a success is RGB uint8 within the pixel budget."""
+    try:
+        image = decode_image(data, max_pixels=4_000_000)
+    except DecodeError as err:
+        assert type(err).__name__ in ALLOWED_ERRORS
+        return
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[0] * image.shape[1] <= 4_000_000
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_random_bytes(data: bytes) -> None:
+    check_decode(data)
+
+
+@FUZZ
+@given(
+    seed=st.sampled_from(SEEDS),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=12),
+    cut=st.integers(0, 10_000),
+)
+def test_fuzz_mutated_images(seed: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(seed)
+    for position, value in flips:
+        data[position % len(data)] = value
+    check_decode(bytes(data[: max(cut, len(data) // 4)]))
+
+
+# --- object keys -----------------------------------------------------------------------------
+
+HOSTILE_KEYS = [
+    "keys/%2e%2e/encoded-dots.png",
+    "keys/back\\slash.png",
+    "keys/ünïcødé ✓ 写真.png",
+    "keys/with space.png",
+    "keys//double-slash.png",
+    "keys/" + "/".join(["s" * 200] * 4) + "/" + "n" * 210 + ".png",  # a 1,024-byte key
+]
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(600)
+def test_hostile_object_keys_stay_inside_the_output(
+    ray_local, s3fs_client, s3_options, tmp_path
+) -> None:
+    assert len(HOSTILE_KEYS[-1].encode()) == 1024
+    png = encode(np.zeros((20, 20, 3), dtype=np.uint8), "PNG")
+    for key in HOSTILE_KEYS:
+        s3fs_client.pipe_file(f"images/{key}", png)
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("s3://images/keys/../escape.png\n")  # not storable: read as an error
+    before = set(s3fs_client.find("out/"))
+    spec = parse_spec(
+        {
+            "input": {"uris": ["s3://images/keys/"], "manifest": str(manifest)},
+            "model": LITE0,
+            "runtime": {"batch_size": 8, "max_actors": 1},
+            "output": {"uri": "s3://out/hostile-keys"},
+            "run": {"id": "keys", "date": "2026-11-24"},
+            "storage_options": s3_options,
+        }
+    )
+    run_job(spec)
+    written = set(s3fs_client.find("out/")) - before
+    assert written and all(path.startswith("out/hostile-keys/") for path in written)
+    with s3fs_client.open(
+        "out/hostile-keys/run_date=2026-11-24/keys-part-00000.parquet", "rb"
+    ) as handle:
+        rows = pq.read_table(handle).to_pylist()
+    listed = {f"s3://{path}" for path in s3fs_client.find("images/keys/")}
+    uris = [row["source_uri"] for row in rows]
+    assert sorted(uris) == sorted([*listed, "s3://images/keys/../escape.png"])
+    assert len({row["item_id"] for row in rows}) == len(rows)
+    assert all(row["item_id"] == item_id(row["source_uri"]) for row in rows)
+    statuses = {row["source_uri"]: row["status"] for row in rows}
+    assert statuses.pop("s3://images/keys/../escape.png") == "error"
+    assert set(statuses.values()) == {"ok"}
