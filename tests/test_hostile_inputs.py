@@ -90,8 +90,9 @@ def test_corpus_in_one_batch_leaves_good_predictions_intact(ray_local, tmp_path,
         )
 
 
+# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss survives exec and would report the parent's.
 MEMORY_PROBE = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import numpy as np
 from vision_ops.config import Preprocessing
@@ -103,7 +104,9 @@ batch = {"source_uri": np.array(["file://" + f for f in files], dtype=object),
 prep = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 for _ in range(3):
     out = read_units(batch, preprocessing=prep, max_pixels=%d, storage_options={})
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+status = Path("/proc/self/status").read_text().splitlines()
+peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"peak_mb": peak_kb / 1024,
                   "errors": sorted(e for e in out["error_type"] if e)}))
 """
 
@@ -120,7 +123,7 @@ def test_reading_the_corpus_keeps_worker_memory_bounded(tmp_path, photo_paths) -
         check=True,
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["peak_mb"] < 400, result
+    assert result["peak_mb"] < 250, result  # imports alone take ~80 MB; one bomb, gigabytes
     assert len(result["errors"]) == sum(isinstance(e, str) for _, e in CORPUS.values())
 
 
@@ -176,7 +179,7 @@ HOSTILE_KEYS = [
     "keys/ünïcødé ✓ 写真.png",
     "keys/with space.png",
     "keys//double-slash.png",
-    "keys/" + "/".join(["s" * 200] * 4) + "/" + "n" * 210 + ".png",  # a 1,024-byte key
+    "keys/" + "/".join(["s" * 200] * 4) + "/" + "n" * 211 + ".png",  # a 1,024-byte key
 ]
 
 
