@@ -74,6 +74,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "weights": None,
         "weights_sha256": None,
         "num_classes": None,
+        "kwargs": {},
     }
     assert spec.runtime.model_dump() == {
         "batch_size": 32,

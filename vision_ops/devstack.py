@@ -35,7 +35,8 @@ PORT_FLAGS = (
     "debug.port",
     "s3.debug.port",
 )
-# SeaweedFS with no identities configured serves any signed request; the values are placeholders.
+# Placeholder keys for the local server: `weed mini` adopts the pair in its environment as its
+# admin identity, so clients sign with the same pair (they never leave this machine).
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "vision-ops-local", "AWS_SECRET_ACCESS_KEY": "local-only"}
 
 
@@ -63,6 +64,8 @@ class SeaweedS3:
 
     data_dir: Path | None = None
     buckets: tuple[str, ...] = ()
+    # `weed mini` takes its admin identity from these; clients must sign with the same pair.
+    credentials: dict[str, str] = field(default_factory=lambda: dict(LOCAL_CREDENTIALS))
     start_timeout_s: float = 90.0
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -88,7 +91,11 @@ class SeaweedS3:
             command.append(f"-bucket={','.join(self.buckets)}")
         log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ | self.credentials,
         )
         self._wait_until_serving()
         return self
@@ -120,8 +127,8 @@ class SeaweedS3:
 
         fs = s3fs.S3FileSystem(
             endpoint_url=self.endpoint_url,
-            key=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            secret=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            key=self.credentials["AWS_ACCESS_KEY_ID"],
+            secret=self.credentials["AWS_SECRET_ACCESS_KEY"],
             skip_instance_cache=True,
         )
         try:

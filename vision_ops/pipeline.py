@@ -93,15 +93,15 @@ def _too_small_message(
 
 
 def connect_ray() -> None:
-    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster: token
-    authentication on (unless RAY_AUTH_MODE says otherwise), dashboard on 127.0.0.1 only."""
+    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
+    dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
+    cluster unless RAY_AUTH_MODE says otherwise)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 

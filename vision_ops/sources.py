@@ -70,6 +70,8 @@ def _find(fs: Any, path: str, uri: str) -> dict[str, dict[str, Any]]:
         info = fs.info(path)
     except FileNotFoundError:
         raise SourceError(f"input {uri}: not found") from None
+    except PermissionError as err:
+        raise SourceError(f"input {uri}: access denied ({err})") from None
     if info.get("type") == "directory":
         return dict(fs.find(path, detail=True))
     return {path: info}
