@@ -35,15 +35,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_SPEC
     if args.command == "validate":
-        return _validate(spec, list_inputs=args.list_inputs)
+        return _validate(spec, list_inputs=args.list_inputs, cluster=args.cluster)
     if args.command == "query":
         return _query(spec, args.sql)
     return _run(spec, args.max_error_ratio)
 
 
-def _validate(spec: JobSpec, list_inputs: bool) -> int:
+def _validate(spec: JobSpec, list_inputs: bool, cluster: str | None) -> int:
     run_id, run_date = spec.resolved_run()
     print(f"spec ok: {spec.task.kind} with {spec.model.kind} model, run {run_id} ({run_date})")
+    if cluster and _plan_on_cluster(spec, cluster) != EXIT_OK:
+        return EXIT_CLUSTER_TOO_SMALL
     if list_inputs:
         from vision_ops.sources import SourceError
         from vision_ops.sources import list_inputs as list_all
@@ -54,6 +56,25 @@ def _validate(spec: JobSpec, list_inputs: bool) -> int:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_SPEC
         print(f"inputs: {listing.num_rows}")
+    return EXIT_OK
+
+
+def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
+    """The predictor pool the spec gets on a launcher config scaled to its max_workers."""
+    from vision_ops.cluster import ClusterConfigError, load_cluster_config, max_capacity
+    from vision_ops.pipeline import ClusterTooSmall, plan_pool
+
+    try:
+        capacity = max_capacity(load_cluster_config(cluster))
+        plan = plan_pool(spec.runtime.model_copy(update={"autoscaling": False}), capacity)
+    except (ClusterConfigError, ClusterTooSmall) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CLUSTER_TOO_SMALL
+    print(
+        f"on {cluster} at full scale ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs): "
+        f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
+        f"{plan.num_gpus:g} GPU"
+    )
     return EXIT_OK
 
 
@@ -129,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--list-inputs", action="store_true", help="also list the inputs and count them"
     )
+    check.add_argument("--cluster", help="a cluster.yaml: validate it and size the pool on it")
     return parser
 
 

@@ -1,0 +1,102 @@
+"""cluster.yaml: valid for Ray's launcher, and its resources fit what the job assumes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vision_ops.cli import EXIT_CLUSTER_TOO_SMALL, EXIT_OK, main
+from vision_ops.cluster import (
+    ClusterConfigError,
+    head_resources,
+    load_cluster_config,
+    max_capacity,
+    node_types,
+)
+from vision_ops.config import RuntimeSpec
+from vision_ops.pipeline import plan_pool
+
+ROOT = Path(__file__).parents[1]
+CLUSTER = ROOT / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return load_cluster_config(CLUSTER)
+
+
+def write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_head_schedules_no_inference_and_workers_autoscale_from_zero(config) -> None:
+    assert head_resources(config) == {"CPU": 0.0}
+    types = node_types(config)
+    assert types["gpu_worker"]["min_workers"] == 0 and types["gpu_worker"]["resources"]["GPU"] == 1
+    assert types["cpu_worker"]["min_workers"] == 0 and "GPU" not in types["cpu_worker"]["resources"]
+    profiles = {n["node_config"]["IamInstanceProfile"]["Arn"] for n in types.values()}
+    assert len(profiles) == 1  # S3 through one instance profile, no keys
+
+
+def test_the_default_job_fits_the_cluster_at_full_scale(config) -> None:
+    capacity = max_capacity(config)
+    assert capacity == {"CPU": 8 * 8 + 16 * 16, "GPU": 8}
+    plan = plan_pool(RuntimeSpec(), capacity)
+    assert (plan.max_size, plan.num_gpus, plan.num_cpus) == (8, 1.0, 1.0)  # one actor per GPU
+    gpu_node_cpus = node_types(config)["gpu_worker"]["resources"]["CPU"]
+    assert gpu_node_cpus >= plan.num_cpus + 1  # the actor, and decoding beside it
+
+
+def test_no_credentials_in_the_file() -> None:
+    text = CLUSTER.read_text().lower()
+    for word in ("aws_secret", "aws_access_key", "akia", "secret_access"):
+        assert word not in text
+
+
+def misspelt_field(config: dict) -> None:
+    config["available_node_types"]["gpu_worker"]["min_wokers"] = 1
+
+
+def unknown_head_type(config: dict) -> None:
+    config["head_node_type"] = "missing"
+
+
+def more_min_workers_than_max(config: dict) -> None:
+    config["max_workers"] = 1
+    config["available_node_types"]["cpu_worker"]["min_workers"] = 2
+
+
+def no_provider_type(config: dict) -> None:
+    del config["provider"]["type"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (misspelt_field, "min_wokers"),
+        (unknown_head_type, "head_node_type"),
+        (more_min_workers_than_max, "max_workers"),
+        (no_provider_type, "type"),
+    ],
+)
+def test_invalid_edits_fail_rays_validation(config, tmp_path, edit, message) -> None:
+    broken = copy.deepcopy(config)
+    edit(broken)
+    with pytest.raises(ClusterConfigError, match=message):
+        load_cluster_config(write(tmp_path, broken))
+
+
+def test_validate_sizes_the_pool_on_the_cluster(capsys, tmp_path) -> None:
+    spec = ROOT / "jobs" / "classify.yaml"
+    assert main(["validate", str(spec), "--cluster", str(CLUSTER)]) == EXIT_OK
+    assert "(320 CPUs, 8 GPUs): 1-8 predictor actors of 1 CPU, 1 GPU" in capsys.readouterr().out
+    too_many = ["--set", "runtime.min_actors=9"]
+    assert main(["validate", str(spec), "--cluster", str(CLUSTER), *too_many]) == (
+        EXIT_CLUSTER_TOO_SMALL
+    )
+    assert "expected min_actors <= 8" in capsys.readouterr().err

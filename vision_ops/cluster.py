@@ -1,0 +1,46 @@
+"""Cluster launcher configs: validated with Ray's own schema, and the capacity they can bring up."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ClusterConfigError(ValueError):
+    """A cluster.yaml that Ray's launcher would refuse, or that cannot run the job."""
+
+
+def load_cluster_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a launcher config against the schema inside the installed `ray`."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(Path(path).read_text())
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except Exception as err:  # jsonschema.ValidationError, ValueError: Ray's own messages
+        first_line = str(err).splitlines()[0]
+        raise ClusterConfigError(f"{path}: not a valid Ray cluster config: {first_line}") from None
+    return dict(config)
+
+
+def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(config.get("available_node_types", {}))
+
+
+def max_capacity(config: dict[str, Any]) -> dict[str, float]:
+    """CPU and GPU totals with every worker type at its max_workers, plus the head node."""
+    head = config["head_node_type"]
+    totals = {"CPU": 0.0, "GPU": 0.0}
+    for name, node in node_types(config).items():
+        count = 1 if name == head else int(node.get("max_workers", 0))
+        for resource in totals:
+            totals[resource] += count * float(node.get("resources", {}).get(resource, 0))
+    return totals
+
+
+def head_resources(config: dict[str, Any]) -> dict[str, float]:
+    head = node_types(config)[config["head_node_type"]]
+    return {k: float(v) for k, v in head.get("resources", {}).items()}
