@@ -97,7 +97,7 @@ def test_run_commits_and_prints_a_summary(spec_file, capsys, ray_local) -> None:
     table = pq.read_table(partition)
     assert table.num_rows == 3 and set(table["run_id"].to_pylist()) == {"cli-1"}
     sql = "SELECT status, count(*) AS n FROM predictions GROUP BY status ORDER BY status"
-    assert main(["query", str(spec_file), "--sql", sql]) == EXIT_OK
+    assert main(["query", str(spec_file), sql]) == EXIT_OK
     shown = capsys.readouterr().out
     assert "│ error   │     1 │" in shown and "│ ok      │     2 │" in shown
     assert main(["query", str(spec_file)]) == EXIT_OK  # the default summary per label

@@ -1,4 +1,4 @@
-"""The command line: `vision-ops run | validate | query SPEC.yaml`."""
+"""The command line: `vision-ops run | validate | backfill | query ...` (see `--help`)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import datetime as dt
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vision_ops.config import JobSpec, SpecError, load_spec
 from vision_ops.models import ModelError, check_job
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # the run broke off; nothing was committed
+EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster call failed
 EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
 EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
@@ -25,36 +25,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def load_checked_spec(args: argparse.Namespace) -> JobSpec:
+    """The spec with its overrides, validated and its model checked; SpecError/ModelError."""
     overrides = list(args.set or [])
-    overrides += [f"run.id={args.run_id}"] if args.run_id else []
-    overrides += [f"run.date={args.run_date}"] if args.run_date else []
-    try:
-        spec = load_spec(args.spec, overrides)
-        check_job(spec)
-    except (SpecError, ModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_SPEC
-    if args.command == "validate":
-        return _validate(spec, list_inputs=args.list_inputs, cluster=args.cluster)
-    if args.command == "query":
-        return _query(spec, args.sql)
-    return _run(spec, args.max_error_ratio)
+    overrides += [f"run.id={args.run_id}"] if getattr(args, "run_id", None) else []
+    overrides += [f"run.date={args.run_date}"] if getattr(args, "run_date", None) else []
+    spec = load_spec(args.spec, overrides)
+    check_job(spec)
+    return spec
 
 
-def _validate(spec: JobSpec, list_inputs: bool, cluster: str | None) -> int:
+def _fail(err: Exception, code: int) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return code
+
+
+def _with_spec(command: Callable[[JobSpec, argparse.Namespace], int]) -> Callable[..., int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            spec = load_checked_spec(args)
+        except (SpecError, ModelError) as err:
+            return _fail(err, EXIT_BAD_SPEC)
+        return command(spec, args)
+
+    return handler
+
+
+def validate(spec: JobSpec, args: argparse.Namespace) -> int:
     run_id, run_date = spec.resolved_run()
     print(f"spec ok: {spec.task.kind} with {spec.model.kind} model, run {run_id} ({run_date})")
-    if cluster and _plan_on_cluster(spec, cluster) != EXIT_OK:
+    if args.cluster and _plan_on_cluster(spec, args.cluster) != EXIT_OK:
         return EXIT_CLUSTER_TOO_SMALL
-    if list_inputs:
-        from vision_ops.sources import SourceError
-        from vision_ops.sources import list_inputs as list_all
+    if args.list_inputs:
+        from vision_ops.sources import SourceError, list_inputs
 
         try:
-            listing = list_all(spec.input, spec.storage_options)
+            listing = list_inputs(spec.input, spec.storage_options)
         except (SourceError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_SPEC
+            return _fail(err, EXIT_BAD_SPEC)
         print(f"inputs: {listing.num_rows}")
     return EXIT_OK
 
@@ -68,8 +80,7 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
         capacity = max_capacity(load_cluster_config(cluster))
         plan = plan_pool(spec.runtime.model_copy(update={"autoscaling": False}), capacity)
     except (ClusterConfigError, ClusterTooSmall) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CLUSTER_TOO_SMALL
+        return _fail(err, EXIT_CLUSTER_TOO_SMALL)
     print(
         f"on {cluster} at full scale ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs): "
         f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
@@ -78,18 +89,16 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
     return EXIT_OK
 
 
-def _run(spec: JobSpec, max_error_ratio: float) -> int:
+def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops.pipeline import ClusterTooSmall, run_job
     from vision_ops.sources import SourceError
 
     try:
         summary = run_job(spec)
     except (SourceError, ModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_SPEC
+        return _fail(err, EXIT_BAD_SPEC)
     except ClusterTooSmall as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CLUSTER_TOO_SMALL
+        return _fail(err, EXIT_CLUSTER_TOO_SMALL)
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors "
@@ -98,59 +107,109 @@ def _run(spec: JobSpec, max_error_ratio: float) -> int:
         f"output: {commit.partition_uri} ({len(commit.files)} file(s))\n"
         f"manifest: {commit.manifest_uri}"
     )
-    if commit.rows and commit.errors / commit.rows > max_error_ratio:
-        print(
-            f"error: error rows {commit.errors}/{commit.rows} exceed --max-error-ratio",
-            file=sys.stderr,
-        )
-        return EXIT_TOO_MANY_ERRORS
+    if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
+        message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
+        return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
     return EXIT_OK
 
 
-def _query(spec: JobSpec, sql: str | None) -> int:
-    from vision_ops.query import DEFAULT_QUERIES, connect, register_views
+def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
+    """Run, in date order, every date of the range that has no committed run yet."""
+    from vision_ops.sink import committed_runs
 
-    connection = connect(spec.storage_options)
-    register_views(connection, spec.output.uri, spec.task.kind)
+    if args.end < args.start:
+        return _fail(ValueError(f"--to {args.end} is before --from {args.start}"), EXIT_BAD_SPEC)
+    done = {run["run_date"] for run in committed_runs(spec.output.uri, spec.storage_options)}
+    day = args.start
+    while day <= args.end:
+        if day.isoformat() in done:
+            print(f"{day}: committed already, skipped")
+        else:
+            dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
+            code = run(dated, args)
+            if code not in (EXIT_OK, EXIT_TOO_MANY_ERRORS):
+                return code
+        day += dt.timedelta(days=1)
+    return EXIT_OK
+
+
+def query(args: argparse.Namespace) -> int:
+    """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
+    from vision_ops.query import DEFAULT_QUERIES, NothingCommitted, connect, export, register_views
+
+    table, options = args.target, {}
+    if args.target.endswith((".yaml", ".yml")):
+        try:
+            spec = load_spec(args.target, args.set or [])
+        except SpecError as err:
+            return _fail(err, EXIT_BAD_SPEC)
+        table, options = spec.output.uri, spec.storage_options
+    connection = connect(options)
     try:
-        print(connection.sql(sql or DEFAULT_QUERIES[spec.task.kind]))
-    except Exception as err:  # DuckDB's own errors: bad SQL, no files yet
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        task = register_views(connection, table, options)
+        relation = connection.sql(args.sql or DEFAULT_QUERIES[task])
+        text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
+    except (NothingCommitted, ValueError) as err:
+        return _fail(err, EXIT_FAILED)
+    except Exception as err:  # DuckDB's own errors: bad SQL, unreadable files
+        return _fail(err, EXIT_FAILED)
+    if text:
+        print(text, end="" if text.endswith("\n") else "\n")
     return EXIT_OK
+
+
+def _spec_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("spec", help="job spec YAML file")
+    sub.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a spec field, e.g. --set runtime.batch_size=64 (repeatable)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision-ops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a job spec and commit its predictions")
-    check = commands.add_parser("validate", help="check a job spec without running it")
-    query = commands.add_parser(
-        "query", help="SQL over a spec's output: views `predictions` and (detection) `boxes`"
+
+    sub = commands.add_parser("run", help="run a job spec and commit its predictions")
+    _spec_arguments(sub)
+    sub.add_argument("--run-id", help="run id (default: run date + spec hash)")
+    sub.add_argument(
+        "--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD (default: today UTC)"
     )
-    query.add_argument("--sql", help="the query (default: a summary per label)")
-    for sub in (run, check, query):
-        sub.add_argument("spec", help="job spec YAML file")
-        sub.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY.PATH=VALUE",
-            help="override a spec field, e.g. --set runtime.batch_size=64 (repeatable)",
-        )
-        sub.add_argument("--run-id", help="run id (default: run date + spec hash)")
-        sub.add_argument(
-            "--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD (default: today UTC)"
-        )
-    run.add_argument(
+    sub.add_argument(
         "--max-error-ratio",
         type=float,
         default=1.0,
         help="exit 4 when more than this share of items are error rows (default 1.0: never)",
     )
-    check.add_argument(
-        "--list-inputs", action="store_true", help="also list the inputs and count them"
+    sub.set_defaults(handler=_with_spec(run))
+
+    sub = commands.add_parser("validate", help="check a job spec without running it")
+    _spec_arguments(sub)
+    sub.add_argument("--run-id", help="run id to check")
+    sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
+    sub.add_argument("--list-inputs", action="store_true", help="also list and count the inputs")
+    sub.add_argument("--cluster", help="a cluster.yaml: validate it and size the pool on it")
+    sub.set_defaults(handler=_with_spec(validate))
+
+    sub = commands.add_parser("backfill", help="run each date of a range not yet committed")
+    _spec_arguments(sub)
+    sub.add_argument("--from", dest="start", type=dt.date.fromisoformat, required=True)
+    sub.add_argument("--to", dest="end", type=dt.date.fromisoformat, required=True)
+    sub.add_argument("--max-error-ratio", type=float, default=1.0)
+    sub.set_defaults(handler=_with_spec(backfill))
+
+    sub = commands.add_parser(
+        "query", help="SQL over committed runs: views `predictions` and (detection) `boxes`"
     )
-    check.add_argument("--cluster", help="a cluster.yaml: validate it and size the pool on it")
+    sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
+    sub.add_argument("sql", nargs="?", help="the query (default: a summary per label)")
+    sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
+    sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sub.add_argument("--out", help="write the result to this file (needed for parquet)")
+    sub.set_defaults(handler=query)
     return parser
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from vision_ops.schema import PARTITION_COLUMN
+from vision_ops.sink import MANIFESTS, committed_runs
 from vision_ops.storage import StorageOptions
 
 
@@ -19,6 +21,8 @@ def connect(storage_options: StorageOptions | None = None) -> Any:
         raise ImportError("querying needs DuckDB: pip install 'vision-ops[query]'") from err
     connection = duckdb.connect()
     s3 = dict((storage_options or {}).get("s3", {}))
+    if os.environ.get("AWS_ENDPOINT_URL") and not s3:
+        s3 = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
     if s3 or os.environ.get("AWS_ACCESS_KEY_ID"):
         _load_httpfs(connection)
         connection.execute(_s3_secret_sql(s3), _s3_secret_params())
@@ -52,14 +56,18 @@ def boxes_sql(table_uri: str) -> str:
     CROSS JOIN UNNEST(t.detections) AS u(d)`; Spark: `SELECT source_uri, d.* FROM detections
     LATERAL VIEW explode(detections) x AS d`.
     """
+    return _unnest_boxes(read_sql(table_uri))
+
+
+def _unnest_boxes(source: str) -> str:
     return f"""
         SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
                d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
-        FROM (SELECT *, unnest(detections) AS d FROM {read_sql(table_uri)} WHERE status = 'ok')
+        FROM (SELECT *, unnest(detections) AS d FROM {source} WHERE status = 'ok')
     """
 
 
-# What `vision-ops query` shows when no --sql is given, per task.
+# What `vision-ops query` shows when no SQL is given, per task.
 DEFAULT_QUERIES = {
     "classification": "SELECT label, count(*) AS images, round(avg(score), 3) AS mean_score "
     "FROM predictions WHERE status = 'ok' GROUP BY label ORDER BY images DESC, label LIMIT 20",
@@ -68,11 +76,38 @@ DEFAULT_QUERIES = {
 }
 
 
-def register_views(connection: Any, table_uri: str, task: str) -> None:
-    """Views over a table: `predictions` (one row per unit) and, for detection, `boxes`."""
-    connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {read_sql(table_uri)}")
-    if task == "detection":
-        connection.execute(f"CREATE OR REPLACE VIEW boxes AS {boxes_sql(table_uri)}")
+class NothingCommitted(LookupError):
+    """A table root with no committed run to read."""
+
+
+def register_views(connection: Any, table_uri: str, options: StorageOptions | None = None) -> str:
+    """Views over a table's committed runs only (the files its manifests list): `predictions`,
+    one row per unit, and for detection tables `boxes`, one row per box. Returns the task."""
+    files = [f["uri"] for run in committed_runs(table_uri, options) for f in run["files"]]
+    if not files:
+        raise NothingCommitted(f"{table_uri}: no committed run (no {MANIFESTS}/*.json)")
+    listed = ", ".join(f"'{uri}'" for uri in files)
+    source = f"read_parquet([{listed}], hive_partitioning = true)"
+    connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}")
+    columns = {row[0] for row in connection.execute("DESCRIBE predictions").fetchall()}
+    if "detections" not in columns:
+        return "classification"
+    connection.execute(f"CREATE OR REPLACE VIEW boxes AS {_unnest_boxes('predictions')}")
+    return "detection"
+
+
+def export(relation: Any, fmt: str, path: str | None) -> str | None:
+    """Write a query's result as csv, json or parquet to `path`, or return csv/json text."""
+    if path is None and fmt == "parquet":
+        raise ValueError("--format parquet needs --out FILE")
+    target = path or tempfile.mktemp(suffix=f".{fmt}")
+    options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json", "parquet": "FORMAT parquet"}
+    relation.query("result", f"COPY (SELECT * FROM result) TO '{target}' ({options[fmt]})")
+    if path is not None:
+        return None
+    text = Path(target).read_text()
+    Path(target).unlink()
+    return text
 
 
 def _load_httpfs(connection: Any) -> None:

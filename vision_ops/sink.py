@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,6 +13,18 @@ import pyarrow.parquet as pq
 
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK
 from vision_ops.storage import StorageOptions, canonical_uri, filesystem
+
+MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
+
+
+def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
+    """The manifests of a table's committed runs, oldest run date first."""
+    fs, root = filesystem(root_uri, options)
+    folder = f"{root.rstrip('/')}/{MANIFESTS}"
+    if not fs.exists(folder):
+        return []
+    runs = [json.loads(fs.cat_file(path)) for path in fs.glob(f"{folder}/*.json")]
+    return sorted(runs, key=lambda run: (run["run_date"], run["run_id"]))
 
 
 @dataclass
@@ -74,8 +87,8 @@ class ParquetSink:
             self.fs.mv(staged, final)
             files.append(canonical_uri(self.fs, final))
         self._remove_staging()
-        manifest = f"{self.root}/_manifests/{self.run_id}.json"
-        self.fs.makedirs(f"{self.root}/_manifests", exist_ok=True)
+        manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
+        self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
         self.fs.pipe_file(manifest, json.dumps(self._manifest(files), indent=2).encode())
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),

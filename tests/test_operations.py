@@ -1,0 +1,115 @@
+"""Nightly operations: backfill runs only the missing dates; query reads committed runs only,
+from SeaweedFS over DuckDB's httpfs, and exports csv / json / parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+import yaml
+
+from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
+from vision_ops.sink import committed_runs
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4).state_dict(), path)
+    return path
+
+
+def spec_file(folder: Path, inputs: str, output: str, weights: Path, **extra: object) -> Path:
+    spec = {
+        "input": {"uris": [inputs]},
+        "model": {
+            "architecture": "mobilenet_v3_small",
+            "weights": str(weights),
+            "num_classes": 4,
+            "preprocessing": {"resize": 72, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "task": {"kind": "classification", "top_k": 2},
+        "runtime": {"batch_size": 8, "max_actors": 1},
+        "output": {"uri": output},
+        **extra,
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path, photo_paths: list[Path]) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in photo_paths[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_backfill_runs_only_the_dates_without_a_committed_run(
+    ray_local, photos, tmp_path, tiny_weights, capsys
+) -> None:
+    output = tmp_path / "table"
+    spec = spec_file(tmp_path, str(photos), str(output), tiny_weights)
+    for day in ("2026-11-02", "2026-11-04"):
+        assert main(["run", str(spec), "--run-date", day]) == EXIT_OK
+    before = {run["run_date"]: run["committed_at"] for run in committed_runs(str(output))}
+    capsys.readouterr()
+    args = ["backfill", str(spec), "--from", "2026-11-01", "--to", "2026-11-05"]
+    assert main(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.count("committed already, skipped") == 2 and out.count("\nrun ") == 3
+    runs = committed_runs(str(output))
+    assert [run["run_date"] for run in runs] == [f"2026-11-0{d}" for d in range(1, 6)]
+    untouched = {r["run_date"]: r["committed_at"] for r in runs if r["run_date"] in before}
+    assert untouched == before
+    partitions = sorted(p.name for p in output.glob("run_date=*"))
+    assert partitions == [f"run_date=2026-11-0{d}" for d in range(1, 6)]
+
+
+@pytest.mark.s3
+def test_query_reads_committed_runs_from_s3_over_httpfs(
+    ray_local, photos, tmp_path, tiny_weights, seaweed, s3fs_client, s3_options, capsys
+) -> None:
+    for path in photos.iterdir():
+        s3fs_client.put_file(str(path), f"images/ops/{path.name}")
+    output = "s3://out/ops"
+    spec = spec_file(tmp_path, "s3://images/ops/", output, tiny_weights, storage_options=s3_options)
+    assert main(["run", str(spec), "--run-id", "ops-1", "--run-date", "2026-11-20"]) == EXIT_OK
+    committed = pq.read_table(
+        s3fs_client.open("out/ops/run_date=2026-11-20/ops-1-part-00000.parquet", "rb")
+    )
+    # Stray files readers must not see: an uncommitted run's part and a staged file.
+    for stray in ("out/ops/run_date=2026-11-20/crashed-part-00000.parquet",
+                  "out/ops/_staging/crashed/crashed-part-00000.parquet"):  # fmt: skip
+        with s3fs_client.open(stray, "wb") as handle:
+            pq.write_table(committed, handle)
+    os.environ["AWS_ENDPOINT_URL"] = seaweed.endpoint_url
+    try:
+        capsys.readouterr()
+        sql = "SELECT status, count(*) AS n FROM predictions GROUP BY status ORDER BY status"
+        assert main(["query", output, sql, "--format", "csv"]) == EXIT_OK
+        assert capsys.readouterr().out.splitlines() == ["status,n", "error,1", "ok,3"]
+        assert main(["query", output, "SELECT item_id FROM predictions", "--format", "json"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert sorted(json.loads(line)["item_id"] for line in lines) == sorted(
+            committed["item_id"].to_pylist()
+        )
+        exported = tmp_path / "export.parquet"
+        sql = "SELECT source_uri, label FROM predictions WHERE status = 'ok'"
+        assert main(["query", output, sql, "--format", "parquet", "--out", str(exported)]) == 0
+        assert pq.read_table(exported).num_rows == 3
+        assert main(["query", "s3://out/nothing-here", "SELECT 1"]) == EXIT_FAILED
+        assert "no committed run" in capsys.readouterr().err
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL")
