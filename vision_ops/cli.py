@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -158,6 +159,41 @@ def query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def submit(spec: JobSpec, args: argparse.Namespace) -> int:
+    """Submit to a cluster's Jobs API; with --wait, follow it to the end and exit as it did."""
+    from vision_ops import submission
+
+    try:
+        job = submission.submit(spec, args.address, args.env or [])
+        print(f"submitted {job.job_id} (run {job.run_id}) to {args.address}")
+        if not args.wait:
+            return EXIT_OK
+        state = submission.wait(args.address, job.job_id, args.timeout)
+    except submission.SubmissionError as err:
+        return _fail(err, EXIT_FAILED)
+    print(f"{job.job_id}: {state}")
+    if state == "SUCCEEDED":
+        return EXIT_OK
+    tail = submission.logs(args.address, job.job_id).splitlines()[-40:]
+    print("\n".join(["last lines of the job's log:", *tail]), file=sys.stderr)
+    return EXIT_FAILED
+
+
+def job_command(args: argparse.Namespace) -> int:
+    """status / logs / stop of a submitted job."""
+    from vision_ops import submission
+
+    actions = {"status": submission.status, "logs": submission.logs, "stop": submission.stop}
+    try:
+        result = actions[args.command](args.address, args.job_id)
+    except submission.SubmissionError as err:
+        return _fail(err, EXIT_FAILED)
+    except Exception as err:  # the Jobs API's own errors: unknown job id, ...
+        return _fail(err, EXIT_FAILED)
+    print(result if args.command != "stop" else f"{args.job_id}: stop requested={result}")
+    return EXIT_OK
+
+
 def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("spec", help="job spec YAML file")
     sub.add_argument(
@@ -210,6 +246,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sub.add_argument("--out", help="write the result to this file (needed for parquet)")
     sub.set_defaults(handler=query)
+
+    address_help = "the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
+    sub = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")
+    _spec_arguments(sub)
+    sub.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
+    sub.add_argument("--run-id", help="run id (default: run date + spec hash)")
+    sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
+    sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
+    sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")
+    sub.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits")
+    sub.set_defaults(handler=_with_spec(submit))
+    for name, text in [("status", "a job's state"), ("logs", "a job's logs"), ("stop", "stop it")]:
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("job_id")
+        sub.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
+        sub.set_defaults(handler=job_command)
     return parser
 
 

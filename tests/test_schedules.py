@@ -1,0 +1,55 @@
+"""KubeRay manifests and the cron example: well-formed, and running the nightly job safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+K8S = Path(__file__).parents[1] / "jobs" / "k8s"
+REPO_JOBS = Path(__file__).parents[1] / "jobs"
+
+
+def entrypoint_spec(entrypoint: str) -> Path:
+    """The spec a manifest's entrypoint runs, mapped from the image's path to this checkout."""
+    path = next(word for word in entrypoint.split() if word.endswith(".yaml"))
+    return REPO_JOBS / Path(path).name
+
+
+def test_rayjob_runs_a_spec_on_an_autoscaling_cluster() -> None:
+    job = yaml.safe_load((K8S / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("vision-ops run ")
+    assert entrypoint_spec(spec["entrypoint"]).exists()
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert groups["gpu"]["minReplicas"] == 0
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "1"
+    text = (K8S / "rayjob.yaml").read_text().lower()
+    assert "aws_secret" not in text and "secretkeyref" in text  # the Ray token, from a Secret
+
+
+def test_raycronjob_backfills_logical_dates() -> None:
+    cron = yaml.safe_load((K8S / "raycronjob.yaml").read_text())
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    assert cron["spec"]["schedule"] == "30 2 * * *"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
+    assert entrypoint.startswith("vision-ops backfill ") and "--from" in entrypoint
+    assert entrypoint_spec(entrypoint).exists()
+
+
+def test_crontab_example_backfills_logical_dates() -> None:
+    lines = [
+        line
+        for line in (K8S / "crontab.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    (line,) = lines
+    fields = line.split(maxsplit=5)
+    assert fields[:5] == ["30", "2", "*", "*", "*"]
+    assert "vision-ops backfill jobs/classify.yaml --from" in fields[5]
+    assert r"+\%F" in fields[5]  # % escaped for cron

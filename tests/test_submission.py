@@ -1,0 +1,129 @@
+"""Ray Jobs: a real `ray start --head` with token authentication takes a job through
+`vision-ops submit`; the output is queryable; a submit without the token is refused."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vision_ops.devstack import free_ports
+from vision_ops.submission import SubmissionError, passed_env
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+CLI = [sys.executable, "-m", "vision_ops.cli"]
+
+
+def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-shipped")
+    assert passed_env([]) == {"AWS_REGION": "eu-west-1"}
+    with pytest.raises(SubmissionError, match="looks like a credential"):
+        passed_env(["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+    """`ray start --head --block` on 127.0.0.1, token auth on, in a private temp dir."""
+    token = secrets.token_hex(16)
+    temp = Path(tempfile.mkdtemp(prefix="voh", dir="/tmp"))
+    gcs_port, dashboard_port = free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(temp)}
+    # The cluster's own environment: its `python` has vision-ops' dependencies.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    command = [
+        shutil.which("ray") or str(Path(sys.executable).with_name("ray")),
+        "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+        f"--temp-dir={temp}", "--include-dashboard=true",
+    ]  # fmt: skip
+    head = subprocess.Popen(command, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_for(f"{address}/api/version", timeout_s=120)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # up, and asking for a token
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer in {timeout_s}s")
+
+
+@pytest.fixture
+def job_spec(tmp_path: Path, photo_paths: list[Path]) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in photo_paths[:2]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    spec = {
+        "input": {"uris": [str(photos)]},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+            "labels": "imagenet-1k",
+            "preprocessing": {"resize": 256, "crop": 224, "mean": [0.498] * 3, "std": [0.502] * 3},
+        },
+        "runtime": {"batch_size": 4},
+        "output": {"uri": str(tmp_path / "table")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_submit_runs_the_job_and_its_output_is_queryable(ray_head, job_spec, tmp_path) -> None:
+    address, env = ray_head
+    args = [*CLI, "submit", str(job_spec), "--address", address, "--run-id", "sub-1", "--wait"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    job_id = done.stdout.split()[1]
+    assert f"{job_id}: SUCCEEDED" in done.stdout
+    assert env["RAY_AUTH_TOKEN"] not in done.stdout + done.stderr
+    shown = subprocess.run([*CLI, "status", job_id, "--address", address], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.stdout.strip() == "SUCCEEDED"
+    logs = subprocess.run([*CLI, "logs", job_id, "--address", address], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "run sub-1: 2 items, 2 ok, 0 errors" in logs.stdout
+    sql = "SELECT count(*) AS n, min(run_id) AS run FROM predictions"
+    query = subprocess.run([*CLI, "query", str(tmp_path / "table"), sql, "--format", "csv"],
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert query.stdout.splitlines() == ["n,run", "2,sub-1"]
+
+
+def test_submit_without_the_token_is_refused(ray_head, job_spec, tmp_path) -> None:
+    address, env = ray_head
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    anonymous |= {"RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}
+    args = [*CLI, "submit", str(job_spec), "--address", address]
+    done = subprocess.run(args, env=anonymous, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "error:" in done.stderr and ("401" in done.stderr or "uthentication" in done.stderr)
+    assert not (tmp_path / "table").exists()

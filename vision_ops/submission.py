@@ -1,0 +1,106 @@
+"""Ray Jobs: submit a spec to a cluster's Jobs API, follow it, stop it (Ray's JobSubmissionClient).
+
+The job carries the validated spec and the `vision_ops` package in its runtime_env; the
+cluster's image provides the dependencies. Credentials are never shipped: nodes use their own
+credential chain (instance profile, IRSA), and only non-secret environment variables travel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import vision_ops
+from vision_ops.config import JobSpec
+
+# Environment variables a job gets from the submitter when set here (none of them secret).
+PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+SPEC_NAME = "job.yaml"
+
+
+class SubmissionError(RuntimeError):
+    """The cluster refused the job or cannot be reached; says which and why."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    run_id: str
+
+
+def client(address: str | None) -> Any:
+    """A Jobs API client; the cluster token (RAY_AUTH_TOKEN) goes in the Authorization header."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not address:
+        raise SubmissionError("no cluster: expected --address URL or RAY_ADDRESS")
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as err:  # connection refused, 401/403: Ray says which
+        raise SubmissionError(f"cannot reach the Jobs API at {address}: {err}") from None
+
+
+def passed_env(extra: list[str]) -> dict[str, str]:
+    """The environment variables to ship; a secret-looking name is refused, not shipped."""
+    names = [*PASSED_ENV, *extra]
+    secret = [name for name in extra if SECRET_NAME.search(name)]
+    if secret:
+        raise SubmissionError(
+            f"--env {secret[0]}: looks like a credential; nodes use their own credential chain"
+        )
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def submit(spec: JobSpec, address: str, env_names: list[str] | None = None) -> Submitted:
+    """Ship the spec and the package; the job runs `vision-ops run` on the cluster."""
+    run_id, run_date = spec.resolved_run()
+    workdir = Path(tempfile.mkdtemp(prefix="vision-ops-job-"))
+    (workdir / SPEC_NAME).write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    runtime_env = {
+        "working_dir": str(workdir),
+        "py_modules": [str(Path(vision_ops.__file__).parent)],
+        "env_vars": passed_env(env_names or []),
+    }
+    entrypoint = f"python -m vision_ops.cli run {SPEC_NAME} --run-id {run_id} --run-date {run_date}"
+    try:
+        job_id = client(address).submit_job(
+            entrypoint=entrypoint, runtime_env=runtime_env, metadata={"vision_ops_run_id": run_id}
+        )
+    except SubmissionError:
+        raise
+    except Exception as err:
+        raise SubmissionError(f"{address} refused the job: {err}") from None
+    return Submitted(job_id=job_id, run_id=run_id)
+
+
+def status(address: str, job_id: str) -> str:
+    return str(client(address).get_job_status(job_id).value)
+
+
+def logs(address: str, job_id: str) -> str:
+    return str(client(address).get_job_logs(job_id))
+
+
+def stop(address: str, job_id: str) -> bool:
+    return bool(client(address).stop_job(job_id))
+
+
+def wait(address: str, job_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
+    """Poll until the job ends; its final status (or the last seen, at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    state = status(address, job_id)
+    while state not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        state = status(address, job_id)
+    return state
