@@ -18,6 +18,7 @@ from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
+from vision_ops.runstats import RunStats
 from vision_ops.schema import SCHEMAS, TABLE_BUILDERS
 from vision_ops.sink import CommitResult, ParquetSink
 from vision_ops.sources import list_inputs
@@ -122,14 +123,16 @@ def run_job(spec: JobSpec) -> RunSummary:
         spec.output.rows_per_file,
         spec.storage_options,
     )
-    pipeline_started = time.perf_counter()
+    stats = RunStats()
     dataset = build_dataset(spec, listing, plan, run_id)
     for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        sink.write(table)
-    pipeline_seconds = time.perf_counter() - pipeline_started
+        written = time.perf_counter()
+        sink.write(stats.record(table))
+        stats.add_stage("commit", time.perf_counter() - written)
+    pipeline_seconds = stats.finish()
     if sink.rows != listing.num_rows:
         raise RuntimeError(f"{listing.num_rows} inputs listed but {sink.rows} rows produced")
-    commit = sink.commit()
+    commit = sink.commit(stats.as_manifest(pipeline_seconds))
     seconds = time.perf_counter() - started
     return RunSummary(run_id, listing.num_rows, seconds, pipeline_seconds, commit)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -18,7 +19,14 @@ from vision_ops.detection import (
 )
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
-from vision_ops.schema import DETECTIONS, STATUS_OK, TOP_K_IDS, TOP_K_SCORES
+from vision_ops.schema import (
+    DETECTIONS,
+    STAGE_PREFIX,
+    STATUS_OK,
+    TOP_K_IDS,
+    TOP_K_SCORES,
+    stage_times,
+)
 
 PREDICTORS: Registry[type[Predictor]] = Registry("task")
 TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)
@@ -60,9 +68,11 @@ class Predictor:
         self.module = self.model.module.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
         out = {name: values for name, values in batch.items() if name != "image"}
         out.update(self.predict_rows(batch["image"], ok))
+        out[f"{STAGE_PREFIX}inference"] = stage_times(len(ok), time.perf_counter() - started)
         out["model_name"] = np.full(len(ok), self.model.name, dtype=object)
         out["model_weights_sha256"] = np.full(len(ok), self.model.weights_sha256, dtype=object)
         return out

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
 from vision_ops.config import Preprocessing
 from vision_ops.decode import decode_image
-from vision_ops.schema import STATUS_ERROR, STATUS_OK, item_id
+from vision_ops.schema import STAGE_PREFIX, STATUS_ERROR, STATUS_OK, item_id, stage_times
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
 
@@ -25,6 +26,7 @@ def read_units(
     With `preprocessing` each image is resized and cropped for the model; without, it keeps its
     source size (detectors take any size and resize on the device).
     """
+    started = time.perf_counter()
     uris = [str(uri) for uri in batch["source_uri"]]
     payloads = fetch_all(uris, storage_options)
     rows = [_unit(payloads[uri], preprocessing, max_pixels) for uri in uris]
@@ -34,6 +36,7 @@ def read_units(
     for column in ("image_width", "image_height", "status", "error_type", "error_message"):
         out[column] = np.array([row[column] for row in rows], dtype=object)
     _fill_missing_identity(out, uris, storage_options)
+    out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(uris), time.perf_counter() - started)
     return out
 
 

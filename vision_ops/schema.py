@@ -78,6 +78,15 @@ SCHEMAS = {
 PREDICTION_SCHEMA = SCHEMAS["classification"]
 DETECTION_SCHEMA = SCHEMAS["detection"]
 
+# Seconds a stage spent on a batch, spread over its rows: carried beside the rows to the
+# driver, summed into the run's manifest, never written to the table.
+STAGE_PREFIX = "_stage_seconds_"
+
+
+def stage_times(rows: int, seconds: float) -> np.ndarray:
+    return np.full(rows, seconds / max(rows, 1), dtype=np.float64)
+
+
 # Columns predictors add to a batch for the row builders below to nest.
 TOP_K_IDS, TOP_K_SCORES = "top_k_label_id", "top_k_score"
 # Per row, a float32 (boxes, 6) array: label_id, score, x_min, y_min, x_max, y_max.
@@ -124,7 +133,7 @@ def classification_table(
     columns["score"] = pa.array(scores[:, 0], pa.float32(), mask=~ok)
     entries = [ids[ok].reshape(-1), names[ok].reshape(-1), scores[ok].reshape(-1)]
     columns["top_k"] = _nested_lists(ok, ok.astype(np.int64) * ids.shape[1], entries, TOP_K_ENTRY)
-    return _table(columns, SCHEMAS["classification"], rows)
+    return with_stage_times(_table(columns, SCHEMAS["classification"], rows), batch)
 
 
 @TABLE_BUILDERS.register("detection")
@@ -142,7 +151,7 @@ def detection_table(
     columns = _unit_columns(batch, run_id, "detection")
     columns["num_detections"] = pa.array(counts, pa.int32(), mask=~ok)
     columns["detections"] = _nested_lists(ok, counts, entries, DETECTION_ENTRY)
-    return _table(columns, SCHEMAS["detection"], rows)
+    return with_stage_times(_table(columns, SCHEMAS["detection"], rows), batch)
 
 
 def _no_boxes() -> np.ndarray:
@@ -176,6 +185,13 @@ def _nested_lists(
 def _table(columns: dict[str, object], schema: pa.Schema, rows: int) -> pa.Table:
     arrays = [_column(columns, field, rows) for field in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def with_stage_times(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Table:
+    """The rows plus the batch's stage-time columns (for the driver's run statistics)."""
+    for name in sorted(n for n in batch if n.startswith(STAGE_PREFIX)):
+        table = table.append_column(name, pa.array(batch[name], pa.float64()))
+    return table
 
 
 def _column(columns: dict[str, object], field: pa.Field, rows: int) -> pa.Array:

@@ -75,8 +75,9 @@ class ParquetSink:
         while self._pending_rows >= self.rows_per_file:
             self._flush(self.rows_per_file)
 
-    def commit(self) -> CommitResult:
-        """Flush, replace this run's files in the partition, then write the manifest."""
+    def commit(self, details: dict[str, Any] | None = None) -> CommitResult:
+        """Flush, replace this run's files in the partition, then write the manifest (with
+        `details`, e.g. the run's statistics)."""
         while self._pending_rows:
             self._flush(self.rows_per_file)
         self._remove_previous_files()
@@ -89,7 +90,8 @@ class ParquetSink:
         self._remove_staging()
         manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
         self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
-        self.fs.pipe_file(manifest, json.dumps(self._manifest(files), indent=2).encode())
+        content = self._manifest(files) | (details or {})
+        self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest),
@@ -127,6 +129,7 @@ class ParquetSink:
             "run_id": self.run_id,
             "run_date": self.run_date.isoformat(),
             "schema_version": SCHEMA_VERSION,
+            "task": "detection" if "detections" in self.schema.names else "classification",
             "rows": self.rows,
             "ok": self.ok,
             "errors": self.rows - self.ok,
