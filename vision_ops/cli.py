@@ -194,6 +194,29 @@ def job_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def report(args: argparse.Namespace) -> int:
+    """A committed run's report in the terminal, and with --html as a self-contained page."""
+    from vision_ops.report import NoSuchRun, build_report, render_html, render_text
+
+    table, options = args.target, {}
+    if args.target.endswith((".yaml", ".yml")):
+        try:
+            spec = load_spec(args.target, args.set or [])
+        except SpecError as err:
+            return _fail(err, EXIT_BAD_SPEC)
+        table, options = spec.output.uri, spec.storage_options
+    try:
+        found = build_report(table, args.run_id, options)
+    except NoSuchRun as err:
+        return _fail(err, EXIT_FAILED)
+    print(render_text(found), end="")
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as page:
+            page.write(render_html(found))
+        print(f"html: {args.html}")
+    return EXIT_OK
+
+
 def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("spec", help="job spec YAML file")
     sub.add_argument(
@@ -246,6 +269,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sub.add_argument("--out", help="write the result to this file (needed for parquet)")
     sub.set_defaults(handler=query)
+
+    sub = commands.add_parser("report", help="a committed run's report (text, and --html)")
+    sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
+    sub.add_argument("--run-id", help="the run to report (default: the latest committed)")
+    sub.add_argument("--html", help="also write a self-contained HTML page with charts here")
+    sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
+    sub.set_defaults(handler=report)
 
     address_help = "the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
     sub = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")

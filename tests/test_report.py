@@ -1,0 +1,110 @@
+"""The run report: its figures equal the Parquet's, and its HTML page renders in a real browser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+import yaml
+from PIL import Image
+
+from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
+from vision_ops.report import SCORE_BINS, build_report, render_html, throughput_series
+
+pytestmark = pytest.mark.timeout(600)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def committed(ray_local, tmp_path_factory, photo_paths) -> Path:  # type: ignore[no-untyped-def]
+    """One committed classification run over photos, their copies and two broken files."""
+    folder = tmp_path_factory.mktemp("report")
+    photos = folder / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(5)
+    for index in range(12):
+        pixels = rng.integers(0, 256, (48 + index, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"noise{index:02d}.png")
+    for path in photo_paths:
+        (photos / path.name).write_bytes(path.read_bytes())
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "page.jpg").write_bytes(b"<html></html>")
+    torch.manual_seed(2)
+    model = torchvision.models.mobilenet_v3_small(num_classes=5)
+    torch.nn.init.normal_(model.classifier[-1].weight, std=2.0)
+    torch.save(model.state_dict(), folder / "weights.pt")
+    (folder / "labels.txt").write_text("road\nriver\nforest\nfield\nroof\n")
+    spec = {
+        "input": {"uris": [str(photos)]},
+        "model": {
+            "architecture": "mobilenet_v3_small",
+            "weights": str(folder / "weights.pt"),
+            "num_classes": 5,
+            "labels": str(folder / "labels.txt"),
+            "preprocessing": {"resize": 72, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "runtime": {"batch_size": 4, "read_batch_size": 4, "max_actors": 1},
+        "output": {"uri": str(folder / "table")},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(folder / "job.yaml"), "--run-id", "nightly"]) == EXIT_OK
+    return folder
+
+
+def test_report_figures_equal_the_parquet(committed) -> None:
+    table = pq.read_table(committed / "table")
+    report = build_report(str(committed / "table"))
+    assert (report.run_id, report.task, report.rows) == ("nightly", "classification", 19)
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    assert (report.ok, report.errors) == (ok.num_rows, 2)
+    counted: dict[str, int] = {}
+    for label in ok["label"].to_pylist():
+        counted[label] = counted.get(label, 0) + 1
+    assert dict(report.labels) == counted
+    assert dict(report.error_types) == {"EmptyFile": 1, "NotAnImage": 1}
+    expected, _ = np.histogram(ok["score"].to_numpy(), bins=SCORE_BINS, range=(0, 1))
+    assert report.score_histogram == expected.tolist()
+    assert report.score_quantiles["p50"] == pytest.approx(float(np.median(ok["score"])), 1e-4)
+    assert set(report.stage_seconds) == {"read_decode", "inference", "commit"}
+    assert report.slowest_stage == max(report.stage_seconds, key=report.stage_seconds.get)
+    assert report.progress[-1][1] == 19 and report.images_per_second > 0
+
+
+def test_report_command_prints_and_writes_html(committed, capsys) -> None:
+    page = committed / "report.html"
+    assert main(["report", str(committed / "job.yaml"), "--html", str(page)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "run nightly" in out and "items: 19  ok: 17  errors: 2" in out
+    assert "<svg" in page.read_text() and "http" not in page.read_text().split("<body>")[1]
+    assert main(["report", str(committed / "table"), "--run-id", "no-such-run"]) == EXIT_FAILED
+
+
+def test_throughput_series_is_images_per_second_between_points() -> None:
+    assert throughput_series([(0.0, 0), (2.0, 10), (4.0, 30)]) == [(2.0, 5.0), (4.0, 10.0)]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run has it)")
+def test_html_renders_in_headless_chromium(committed, tmp_path) -> None:
+    page = tmp_path / "report.html"
+    page.write_text(render_html(build_report(str(committed / "table"))))
+    shot = tmp_path / "report.png"
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,700",
+        f"--screenshot={shot}", page.as_uri(),
+    ]  # fmt: skip
+    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (700, 1000)
+    colours = {tuple(c) for c in image.reshape(-1, 3)[::97]}
+    bar_blue = np.all(np.abs(image.astype(int) - (0x4C, 0x78, 0xA8)) < 12, axis=2)
+    assert len(colours) > 20 and bar_blue.sum() > 500  # text and the label bars were drawn
+    shutil.copy(shot, committed / "report.png")

@@ -1,0 +1,216 @@
+"""Run reports: what a committed run found and how it ran, as text and as a self-contained page."""
+
+from __future__ import annotations
+
+import html
+import io
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vision_ops.sink import committed_runs
+from vision_ops.storage import StorageOptions, filesystem
+
+SCORE_BINS = 10
+TOP_LABELS = 20
+
+
+@dataclass(frozen=True)
+class RunReport:
+    run_id: str
+    run_date: str
+    task: str
+    rows: int
+    ok: int
+    errors: int
+    labels: list[tuple[str, int]]  # images (classification, top-1) or boxes (detection)
+    error_types: list[tuple[str, int]]
+    score_histogram: list[int]  # SCORE_BINS equal bins over [0, 1]
+    score_quantiles: dict[str, float]
+    images_per_second: float
+    pipeline_seconds: float
+    stage_seconds: dict[str, float]
+    slowest_stage: str | None
+    progress: list[tuple[float, int]]
+
+
+class NoSuchRun(LookupError):
+    """No committed run matches."""
+
+
+def build_report(
+    table_uri: str, run_id: str | None = None, options: StorageOptions | None = None
+) -> RunReport:
+    """The report of a committed run: the given id, else the latest."""
+    runs = committed_runs(table_uri, options)
+    chosen = [r for r in runs if run_id in (None, r["run_id"])]
+    if not chosen:
+        raise NoSuchRun(f"{table_uri}: no committed run {run_id or ''}".rstrip())
+    manifest = chosen[-1]
+    table = _read_files([f["uri"] for f in manifest["files"]], options)
+    labels, scores = _labels_and_scores(table, manifest.get("task", "classification"))
+    return RunReport(
+        run_id=manifest["run_id"],
+        run_date=manifest["run_date"],
+        task=manifest.get("task", "classification"),
+        rows=table.num_rows,
+        ok=int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0),
+        errors=int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0),
+        labels=_counts(labels)[:TOP_LABELS],
+        error_types=_counts(pc.drop_null(table["error_type"])),
+        score_histogram=np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),
+        score_quantiles=_quantiles(scores),
+        images_per_second=float(manifest.get("images_per_second", 0.0)),
+        pipeline_seconds=float(manifest.get("pipeline_seconds", 0.0)),
+        stage_seconds=dict(manifest.get("stage_seconds", {})),
+        slowest_stage=manifest.get("slowest_stage"),
+        progress=[(float(t), int(n)) for t, n in manifest.get("progress", [])],
+    )
+
+
+def _read_files(uris: list[str], options: StorageOptions | None) -> pa.Table:
+    tables = []
+    for uri in uris:
+        fs, path = filesystem(uri, options)
+        tables.append(pq.read_table(io.BytesIO(fs.cat_file(path))))
+    return pa.concat_tables(tables)
+
+
+def _labels_and_scores(table: pa.Table, task: str) -> tuple[pa.Array, np.ndarray]:
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    if task == "detection":
+        boxes = pc.list_flatten(ok["detections"])
+        return boxes.field("label"), boxes.field("score").to_numpy(zero_copy_only=False)
+    return ok["label"], ok["score"].to_numpy()
+
+
+def _counts(values: Any) -> list[tuple[str, int]]:
+    counted = pc.value_counts(values).to_pylist()
+    pairs = [(str(entry["values"]), int(entry["counts"])) for entry in counted]
+    return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
+
+
+def _quantiles(scores: np.ndarray) -> dict[str, float]:
+    if not len(scores):
+        return {}
+    points = np.quantile(scores, [0.05, 0.5, 0.95])
+    return {name: round(float(v), 4) for name, v in zip(("p05", "p50", "p95"), points, strict=True)}
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def render_text(report: RunReport) -> str:
+    unit = "boxes" if report.task == "detection" else "images"
+    lines = [
+        f"run {report.run_id} ({report.run_date}, {report.task})",
+        f"items: {report.rows}  ok: {report.ok}  errors: {report.errors}",
+        f"throughput: {report.images_per_second:.2f} images/s over {report.pipeline_seconds:.1f}s",
+        "stage seconds (all workers): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items())
+        + (f"; slowest: {report.slowest_stage}" if report.slowest_stage else ""),
+        f"scores: {report.score_quantiles}",
+        f"top labels ({unit}):",
+        *[f"  {count:>7}  {label}" for label, count in report.labels],
+        "errors by type:",
+        *[f"  {count:>7}  {kind}" for kind, count in report.error_types],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- html ------------------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>vision-ops run {run}</title>
+<style>
+body {{ font-family: sans-serif; margin: 24px; color: #222; }}
+.grid {{ display: grid; grid-template-columns: 1fr 1fr; gap: 24px; }}
+.card {{ border: 1px solid #ddd; border-radius: 6px; padding: 12px; }}
+h1 {{ font-size: 20px; }} h2 {{ font-size: 15px; margin: 0 0 8px; }}
+td {{ padding: 2px 12px 2px 0; }}
+</style></head><body>
+<h1>Run {run} &middot; {date} &middot; {task}</h1>
+<table><tr><td>items</td><td><b>{rows}</b></td><td>ok</td><td><b>{ok}</b></td>
+<td>errors</td><td><b>{errors}</b></td><td>images/s</td><td><b>{rate:.2f}</b></td>
+<td>slowest stage</td><td><b>{slowest}</b></td></tr></table>
+<div class="grid">
+<div class="card"><h2>Top labels ({unit})</h2>{labels}</div>
+<div class="card"><h2>Score distribution</h2>{scores}</div>
+<div class="card"><h2>Errors by type</h2>{errors_chart}</div>
+<div class="card"><h2>Images/s over the run</h2>{progress}</div>
+</div></body></html>
+"""
+
+
+def render_html(report: RunReport) -> str:
+    """One page, no external files: inline SVG charts."""
+    bins = [f"{i / SCORE_BINS:.1f}" for i in range(SCORE_BINS)]
+    return PAGE.format(
+        run=html.escape(report.run_id),
+        date=html.escape(report.run_date),
+        task=report.task,
+        rows=report.rows,
+        ok=report.ok,
+        errors=report.errors,
+        rate=report.images_per_second,
+        slowest=html.escape(report.slowest_stage or "-"),
+        unit="boxes" if report.task == "detection" else "images",
+        labels=bar_chart(report.labels, "#4c78a8"),
+        scores=bar_chart(list(zip(bins, report.score_histogram, strict=True)), "#72b7b2"),
+        errors_chart=bar_chart(report.error_types, "#e45756") if report.error_types else "none",
+        progress=line_chart(throughput_series(report.progress)),
+    )
+
+
+def bar_chart(pairs: list[tuple[str, int]], colour: str, width: int = 420) -> str:
+    """Horizontal bars, one per (label, count)."""
+    if not pairs:
+        return "<p>no data</p>"
+    top, row, label_w = max(count for _, count in pairs) or 1, 18, 130
+    bars = []
+    for index, (label, count) in enumerate(pairs):
+        y, length = index * row, (width - label_w - 50) * count / top
+        bars.append(
+            f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="11">'
+            f"{html.escape(label[:22])}</text>"
+            f'<rect x="{label_w}" y="{y + 3}" width="{length:.1f}" height="{row - 5}" '
+            f'fill="{colour}"/><text x="{label_w + length + 4:.1f}" y="{y + 13}" '
+            f'font-size="11">{count}</text>'
+        )
+    height = row * len(pairs) + 4
+    return f'<svg width="{width}" height="{height}" role="img">{"".join(bars)}</svg>'
+
+
+def throughput_series(progress: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    """(seconds, images/s) between consecutive progress points."""
+    return [
+        (t1, (n1 - n0) / (t1 - t0))
+        for (t0, n0), (t1, n1) in itertools.pairwise(progress)
+        if t1 > t0
+    ]
+
+
+def line_chart(points: list[tuple[float, float]], width: int = 420, height: int = 180) -> str:
+    """A value (images/s) against seconds elapsed."""
+    if len(points) < 2:
+        return "<p>too short a run to plot</p>"
+    t_max, n_max = max(t for t, _ in points) or 1, max(n for _, n in points) or 1
+    coords = " ".join(
+        f"{40 + (width - 50) * t / t_max:.1f},{height - 25 - (height - 35) * n / n_max:.1f}"
+        for t, n in points
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img">'
+        f'<line x1="40" y1="{height - 25}" x2="{width - 10}" y2="{height - 25}" stroke="#999"/>'
+        f'<line x1="40" y1="10" x2="40" y2="{height - 25}" stroke="#999"/>'
+        f'<polyline points="{coords}" fill="none" stroke="#f58518" stroke-width="2"/>'
+        f'<text x="40" y="{height - 8}" font-size="11">0 s</text>'
+        f'<text x="{width - 10}" y="{height - 8}" font-size="11" text-anchor="end">'
+        f"{t_max:.0f} s</text>"
+        f'<text x="4" y="16" font-size="11">{n_max:.1f}</text></svg>'
+    )
