@@ -25,6 +25,7 @@ PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OP
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "job.yaml"
+AGENT_WAIT_S = 90  # how long a fresh head may take to start the agent that runs jobs
 
 
 class SubmissionError(RuntimeError):
@@ -73,15 +74,20 @@ def submit(spec: JobSpec, address: str, env_names: list[str] | None = None) -> S
         "env_vars": passed_env(env_names or []),
     }
     entrypoint = f"python -m vision_ops.cli run {SPEC_NAME} --run-id {run_id} --run-date {run_date}"
-    try:
-        job_id = client(address).submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env, metadata={"vision_ops_run_id": run_id}
-        )
-    except SubmissionError:
-        raise
-    except Exception as err:
-        raise SubmissionError(f"{address} refused the job: {err}") from None
-    return Submitted(job_id=job_id, run_id=run_id)
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = jobs.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                metadata={"vision_ops_run_id": run_id},
+            )
+            return Submitted(job_id=job_id, run_id=run_id)
+        except Exception as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise SubmissionError(f"{address} refused the job: {err}") from None
+            time.sleep(2)  # a head that just started has no job agent yet
 
 
 def status(address: str, job_id: str) -> str:
