@@ -185,7 +185,8 @@ def test_rerun_of_a_run_id_replaces_its_rows(ray_local, photo_dir, tmp_path):
     after = pq.read_table(output / "run_date=2026-11-24").sort_by("item_id")
     assert first.commit.files == second.commit.files and len(second.commit.files) == 3
     assert sorted(p.name for p in (output / "run_date=2026-11-24").iterdir()) == [
-        f"test-run-part-{i:05d}.parquet" for i in range(3)
+        "_SUCCESS",
+        *[f"test-run-part-{i:05d}.parquet" for i in range(3)],
     ]
     assert after.drop(["top_k", "score"]).equals(before.drop(["top_k", "score"]))
     np.testing.assert_allclose(after["score"].to_numpy(), before["score"].to_numpy(), atol=1e-6)

@@ -42,7 +42,8 @@ def test_rows_are_split_into_files_and_committed_with_a_manifest(tmp_path: Path)
     assert not (tmp_path / "run_date=2026-11-24").exists()  # nothing visible before commit
     result = sink.commit()
     partition = tmp_path / "run_date=2026-11-24"
-    names = sorted(p.name for p in partition.iterdir())
+    names = sorted(p.name for p in partition.glob("*.parquet"))
+    assert (partition / "_SUCCESS").exists()
     assert names == ["r-part-00000.parquet", "r-part-00001.parquet", "r-part-00002.parquet"]
     assert [pq.read_metadata(partition / n).num_rows for n in names] == [4, 4, 1]
     table = pq.read_table(partition).sort_by("item_id")
@@ -65,7 +66,7 @@ def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
     second = ParquetSink(str(tmp_path), "r", DATE, PREDICTION_SCHEMA, rows_per_file=10)
     second.write(rows(5))
     second.commit()
-    names = sorted(p.name for p in (tmp_path / "run_date=2026-11-24").iterdir())
+    names = sorted(p.name for p in (tmp_path / "run_date=2026-11-24").glob("*.parquet"))
     assert names == ["other-part-00000.parquet", "r-part-00000.parquet"]
 
 

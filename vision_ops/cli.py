@@ -35,6 +35,7 @@ def load_checked_spec(args: argparse.Namespace) -> JobSpec:
     overrides = list(args.set or [])
     overrides += [f"run.id={args.run_id}"] if getattr(args, "run_id", None) else []
     overrides += [f"run.date={args.run_date}"] if getattr(args, "run_date", None) else []
+    overrides += ["run.incremental=true"] if getattr(args, "incremental", False) else []
     spec = load_spec(args.spec, overrides)
     check_job(spec)
     return spec
@@ -91,7 +92,9 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
 
 
 def run(spec: JobSpec, args: argparse.Namespace) -> int:
+    from vision_ops.lock import LockHeld
     from vision_ops.pipeline import ClusterTooSmall, run_job
+    from vision_ops.sink import CommitRefused
     from vision_ops.sources import SourceError
 
     try:
@@ -100,6 +103,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(err, EXIT_BAD_SPEC)
     except ClusterTooSmall as err:
         return _fail(err, EXIT_CLUSTER_TOO_SMALL)
+    except (CommitRefused, LockHeld) as err:
+        return _fail(err, EXIT_FAILED)
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors "
@@ -194,6 +199,27 @@ def job_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def verify(args: argparse.Namespace) -> int:
+    """Re-check a committed run: files, footers, row counts, every unit once."""
+    from vision_ops.sink import verify_run
+
+    table, options = args.target, {}
+    if args.target.endswith((".yaml", ".yml")):
+        try:
+            spec = load_spec(args.target, args.set or [])
+        except SpecError as err:
+            return _fail(err, EXIT_BAD_SPEC)
+        table, options = spec.output.uri, spec.storage_options
+    manifest, problems = verify_run(table, args.run_id, options)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_FAILED
+    print(f"run {manifest['run_id']} ({manifest['run_date']}): {manifest['rows']} units, "
+          f"each once, in {len(manifest['files'])} readable file(s)")  # fmt: skip
+    return EXIT_OK
+
+
 def report(args: argparse.Namespace) -> int:
     """A committed run's report in the terminal, and with --html as a self-contained page."""
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
@@ -243,6 +269,11 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="exit 4 when more than this share of items are error rows (default 1.0: never)",
     )
+    sub.add_argument(
+        "--incremental",
+        action="store_true",
+        help="skip units committed before for the same model and input version",
+    )
     sub.set_defaults(handler=_with_spec(run))
 
     sub = commands.add_parser("validate", help="check a job spec without running it")
@@ -269,6 +300,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sub.add_argument("--out", help="write the result to this file (needed for parquet)")
     sub.set_defaults(handler=query)
+
+    sub = commands.add_parser("verify", help="re-check a committed run: every unit once")
+    sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
+    sub.add_argument("--run-id", help="the run to check (default: the latest committed)")
+    sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
+    sub.set_defaults(handler=verify)
 
     sub = commands.add_parser("report", help="a committed run's report (text, and --html)")
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")

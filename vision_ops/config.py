@@ -271,6 +271,16 @@ class RunSpec(StrictModel):
         description="Run id in file names and rows; defaults to the run date plus the spec hash.",
     )
     date: dt.date | None = Field(default=None, description="Partition date; defaults to today UTC.")
+    incremental: bool = Field(
+        default=False,
+        description="Skip units committed by earlier runs for the same model fingerprint and "
+        "input version (ETag, else size + mtime).",
+    )
+    lock_lease_s: int = Field(
+        default=6 * 3600,
+        gt=0,
+        description="Lease of the table's run lock: a lock older than this is taken over.",
+    )
 
 
 class JobSpec(StrictModel):

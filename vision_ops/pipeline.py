@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
 from vision_ops.config import JobSpec, RuntimeSpec
+from vision_ops.lock import RunLock
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
-from vision_ops.schema import SCHEMAS, TABLE_BUILDERS
-from vision_ops.sink import CommitResult, ParquetSink
+from vision_ops.schema import SCHEMAS, TABLE_BUILDERS, item_id
+from vision_ops.sink import CommitResult, ParquetSink, committed_runs
 from vision_ops.sources import list_inputs
+from vision_ops.storage import StorageOptions, filesystem
 
 log = logging.getLogger(__name__)
 LISTING_ROWS_PER_BLOCK = 256
@@ -109,12 +116,25 @@ def connect_ray() -> None:
 def run_job(spec: JobSpec) -> RunSummary:
     """Run a validated spec to a committed table; raises before any work if it cannot run."""
     started = time.perf_counter()
-    run_id, run_date = spec.resolved_run()
+    run_id = spec.resolved_run()[0]
     check_job(spec)
     listing = list_inputs(spec.input, spec.storage_options)
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
-    log.info("run %s: %d inputs, predictor pool %s", run_id, listing.num_rows, plan)
+    lease = spec.run.lock_lease_s
+    with RunLock(spec.output.uri, run_id, lease, spec.storage_options) as lock:
+        if spec.run.incremental:
+            listing = skip_committed(spec, listing, run_id)
+        log.info("run %s: %d inputs, predictor pool %s", run_id, listing.num_rows, plan)
+        commit, pipeline_seconds = _process_and_commit(spec, listing, plan, lock)
+    seconds = time.perf_counter() - started
+    return RunSummary(run_id, listing.num_rows, seconds, pipeline_seconds, commit)
+
+
+def _process_and_commit(
+    spec: JobSpec, listing: pa.Table, plan: PoolPlan, lock: RunLock
+) -> tuple[CommitResult, float]:
+    run_id, run_date = spec.resolved_run()
     sink = ParquetSink(
         spec.output.uri,
         run_id,
@@ -124,17 +144,70 @@ def run_job(spec: JobSpec) -> RunSummary:
         spec.storage_options,
     )
     stats = RunStats()
-    dataset = build_dataset(spec, listing, plan, run_id)
-    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        written = time.perf_counter()
-        sink.write(stats.record(table))
-        stats.add_stage("commit", time.perf_counter() - written)
+    if listing.num_rows:
+        dataset = build_dataset(spec, listing, plan, run_id)
+        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            written = time.perf_counter()
+            sink.write(stats.record(table))
+            stats.add_stage("commit", time.perf_counter() - written)
+            lock.renew_if_due()
     pipeline_seconds = stats.finish()
-    if sink.rows != listing.num_rows:
-        raise RuntimeError(f"{listing.num_rows} inputs listed but {sink.rows} rows produced")
-    commit = sink.commit(stats.as_manifest(pipeline_seconds))
-    seconds = time.perf_counter() - started
-    return RunSummary(run_id, listing.num_rows, seconds, pipeline_seconds, commit)
+    expected = {item_id(str(uri)) for uri in listing["source_uri"].to_pylist()}
+    details = stats.as_manifest(pipeline_seconds) | identity_digests(spec, listing)
+    return sink.commit(expected, details), pipeline_seconds
+
+
+def skip_committed(spec: JobSpec, listing: pa.Table, run_id: str) -> pa.Table:
+    """The listing less units another run committed with this model and this input version."""
+    fingerprint = model_fingerprint(spec)
+    done: set[tuple[str, str]] = set()
+    for run in committed_runs(spec.output.uri, spec.storage_options):
+        if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
+            done |= committed_versions(run, spec.storage_options)
+    keep = [
+        (item_id(row["source_uri"]), version_key(row)) not in done for row in listing.to_pylist()
+    ]
+    log.info("incremental: %d of %d inputs already committed", keep.count(False), len(keep))
+    return listing.filter(pa.array(keep, pa.bool_()))
+
+
+def committed_versions(run: dict[str, Any], options: StorageOptions) -> set[tuple[str, str]]:
+    columns = ["item_id", "source_etag", "source_size", "source_mtime"]
+    versions = set()
+    for entry in run["files"]:
+        fs, path = filesystem(entry["uri"], options)
+        with fs.open(path, "rb") as handle:
+            for row in pq.read_table(handle, columns=columns).to_pylist():
+                versions.add((row["item_id"], version_key(row)))
+    return versions
+
+
+def version_key(row: dict[str, Any]) -> str:
+    """An input's version: its ETag, else its size and modification time."""
+    if row.get("source_etag"):
+        return f"etag:{row['source_etag']}"
+    mtime = row.get("source_mtime")
+    stamp = mtime.astimezone(dt.timezone.utc).isoformat() if mtime else None
+    return f"size:{row.get('source_size')}|mtime:{stamp}"
+
+
+def identity_digests(spec: JobSpec, listing: pa.Table) -> dict[str, str]:
+    """What the run read and with what: the input snapshot, the spec and the model."""
+    snapshot = hashlib.sha256()
+    for row in listing.to_pylist():
+        version = (row["source_etag"], row["source_size"], row["source_mtime"])
+        snapshot.update(f"{row['source_uri']}|{version}\n".encode())
+    return {
+        "input_snapshot_digest": snapshot.hexdigest(),
+        "spec_digest": spec.fingerprint(),
+        "model_fingerprint": model_fingerprint(spec),
+    }
+
+
+def model_fingerprint(spec: JobSpec) -> str:
+    """The model and task settings that decide the rows (a weights file: pin its sha256)."""
+    content = {"model": spec.model.model_dump(mode="json"), "task": spec.task.model_dump()}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def build_dataset(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,32 @@ from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK
 from vision_ops.storage import StorageOptions, canonical_uri, filesystem
 
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
+SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
+
+
+class CommitRefused(RuntimeError):
+    """The rows are not exactly the listed units once each; nothing was committed."""
+
+
+def units_digest(item_ids: list[str]) -> str:
+    """One hash of a run's unit ids, whatever their order."""
+    return hashlib.sha256("\n".join(sorted(item_ids)).encode()).hexdigest()
+
+
+def check_exactly_once(expected: set[str], written: list[str]) -> None:
+    """Anti-join both ways, and no unit twice; CommitRefused naming a few of each problem."""
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for item in written:
+        (twice if item in seen else seen).add(item)
+    missing, unexpected = expected - seen, seen - expected
+    if missing or unexpected or twice:
+        parts = [
+            f"{len(found)} {what} (e.g. {sorted(found)[:3]})"
+            for what, found in (("missing", missing), ("unexpected", unexpected), ("twice", twice))
+            if found
+        ]
+        raise CommitRefused("refusing to commit: " + "; ".join(parts))
 
 
 def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
@@ -56,6 +83,7 @@ class ParquetSink:
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _staged: list[tuple[str, int]] = field(default_factory=list)
+    _item_ids: list[str] = field(default_factory=list)
     rows: int = 0
     ok: int = 0
 
@@ -70,16 +98,26 @@ class ParquetSink:
         table = table.cast(self.schema)
         self.rows += table.num_rows
         self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
+        self._item_ids.extend(table["item_id"].to_pylist())
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_file:
             self._flush(self.rows_per_file)
 
-    def commit(self, details: dict[str, Any] | None = None) -> CommitResult:
-        """Flush, replace this run's files in the partition, then write the manifest (with
-        `details`, e.g. the run's statistics)."""
+    def commit(
+        self, expected_ids: set[str] | None = None, details: dict[str, Any] | None = None
+    ) -> CommitResult:
+        """Check exactly-once against `expected_ids` and the staged footers, then replace this
+        run's files in the partition and write the manifest (with `details`) and `_SUCCESS`.
+        CommitRefused, with nothing visible to readers, when a check fails."""
         while self._pending_rows:
             self._flush(self.rows_per_file)
+        if expected_ids is not None:
+            check_exactly_once(expected_ids, self._item_ids)
+        self._check_staged_footers()
+        manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
+        if self.fs.exists(manifest):
+            self.fs.rm(manifest)  # the old run stops being visible before its files go
         self._remove_previous_files()
         self.fs.makedirs(self.partition, exist_ok=True)
         files = []
@@ -88,10 +126,10 @@ class ParquetSink:
             self.fs.mv(staged, final)
             files.append(canonical_uri(self.fs, final))
         self._remove_staging()
-        manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
         self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
         content = self._manifest(files) | (details or {})
         self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
+        self.fs.pipe_file(f"{self.partition}/{SUCCESS_MARKER}", b"")
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest),
@@ -111,6 +149,13 @@ class ParquetSink:
         with self.fs.open(path, "wb") as handle:
             pq.write_table(head, handle, compression="zstd")
         self._staged.append((path, head.num_rows))
+
+    def _check_staged_footers(self) -> None:
+        for path, rows in self._staged:
+            with self.fs.open(path, "rb") as handle:
+                found = pq.read_metadata(handle).num_rows
+            if found != rows:
+                raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
 
     def _remove_staging(self) -> None:
         if self.fs.exists(self.staging):
@@ -133,9 +178,38 @@ class ParquetSink:
             "rows": self.rows,
             "ok": self.ok,
             "errors": self.rows - self.ok,
+            "units_digest": units_digest(self._item_ids),
             "files": [
                 {"uri": uri, "rows": rows}
                 for uri, (_, rows) in zip(files, self._staged, strict=True)
             ],
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
+
+
+def verify_run(
+    root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Re-check a committed run (the given id, else the latest): its files exist with readable
+    footers and the manifest's row counts, no unit twice, the units its manifest recorded.
+    Returns the manifest and the problems found (none: the run holds)."""
+    runs = [r for r in committed_runs(root_uri, options) if run_id in (None, r["run_id"])]
+    if not runs:
+        return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
+    manifest, problems, item_ids = runs[-1], [], []
+    for entry in manifest["files"]:
+        fs, path = filesystem(entry["uri"], options)
+        try:
+            with fs.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=["item_id"])
+        except (OSError, pa.ArrowException) as err:
+            problems.append(f"{entry['uri']}: unreadable ({err})")
+            continue
+        if table.num_rows != entry["rows"]:
+            problems.append(f"{entry['uri']}: {table.num_rows} rows, manifest says {entry['rows']}")
+        item_ids += table["item_id"].to_pylist()
+    if len(item_ids) != len(set(item_ids)):
+        problems.append(f"{len(item_ids) - len(set(item_ids))} unit(s) appear twice")
+    if not problems and units_digest(item_ids) != manifest.get("units_digest"):
+        problems.append("the units differ from those the run committed (units_digest)")
+    return manifest, problems
