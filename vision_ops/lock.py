@@ -2,7 +2,8 @@
 
 Taking the lock is check-then-write with a read-back of the owner: two runs starting in the
 same instant on a store without conditional writes could both pass. A run that dies leaves the
-lock until its lease runs out (`run.lock_lease_s`), then the next run takes it over.
+lock until its lease runs out (`run.lock_lease_s`), then the next run takes it over; a holder
+that ran on this same host and whose process is gone is taken over at once.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class RunLock:
 
     def acquire(self) -> None:
         held = self._read()
-        if held and held["owner"] != self.owner and _now() < _expiry(held):
+        if held and held["owner"] != self.owner and _now() < _expiry(held) and _alive(held):
             raise LockHeld(
                 f"{self.root_uri} is being written by run {held['run_id']} "
                 f"(host {held['host']}, pid {held['pid']}, since {held['since']}; lease until "
@@ -92,6 +93,19 @@ class RunLock:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _alive(held: dict[str, str]) -> bool:
+    """False only when the holder ran on this host and its process is gone."""
+    if held.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(held["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 def _expiry(held: dict[str, str]) -> dt.datetime:

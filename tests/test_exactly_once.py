@@ -1,0 +1,196 @@
+"""Runs that lose nothing: the commit refuses anything but each listed unit once, `verify`
+re-checks, incremental runs skip what is done, one run at a time, a killed driver is harmless."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+import yaml
+from PIL import Image
+
+from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
+from vision_ops.config import load_spec
+from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
+from vision_ops.pipeline import run_job
+from vision_ops.schema import PREDICTION_SCHEMA
+from vision_ops.sink import CommitRefused, ParquetSink, check_exactly_once, committed_runs
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_check_exactly_once_names_missing_unexpected_and_doubled_units() -> None:
+    check_exactly_once({"a", "b"}, ["b", "a"])
+    with pytest.raises(CommitRefused) as err:
+        check_exactly_once({"a", "b", "c"}, ["a", "a", "x"])
+    message = str(err.value)
+    assert "2 missing (e.g. ['b', 'c'])" in message
+    assert "1 unexpected (e.g. ['x'])" in message and "1 twice (e.g. ['a'])" in message
+
+
+def test_a_refused_commit_leaves_nothing_for_readers(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    columns = {
+        "run_id": ["r"],
+        "item_id": ["a"],
+        "source_uri": ["u"],
+        "model_name": ["m"],
+        "model_weights_sha256": ["h"],
+        "task": ["classification"],
+        "status": ["ok"],
+    }
+    table = pa.Table.from_arrays(
+        [pa.array(columns.get(f.name, [None]), f.type) for f in PREDICTION_SCHEMA],
+        schema=PREDICTION_SCHEMA,
+    )
+    sink = ParquetSink(str(tmp_path), "r", dt.date(2026, 11, 24), PREDICTION_SCHEMA)
+    sink.write(table)
+    with pytest.raises(CommitRefused, match="1 missing"):
+        sink.commit({"a", "b"})
+    assert committed_runs(str(tmp_path)) == []
+    assert not (tmp_path / "run_date=2026-11-24").exists()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4).state_dict(), path)
+    return path
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{index:03d}.png")
+
+
+def write_spec(folder: Path, weights: Path, output: Path, **runtime: object) -> Path:
+    spec = {
+        "input": {"uris": [str(folder / "images")]},
+        "model": {
+            "architecture": "mobilenet_v3_small",
+            "weights": str(weights),
+            "num_classes": 4,
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "runtime": {"batch_size": 2, "read_batch_size": 2, "max_actors": 1, **runtime},
+        "output": {"uri": str(output), "rows_per_file": 2},
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_verify_passes_a_committed_run_and_catches_damage(ray_local, tmp_path, weights, capsys):
+    make_images(tmp_path / "images", 5)
+    spec = write_spec(tmp_path, weights, tmp_path / "table")
+    assert main(["run", str(spec), "--run-id", "v1"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["verify", str(spec)]) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert "run v1" in shown and "5 units, each once, in 3 readable file(s)" in shown
+    manifest = committed_runs(str(tmp_path / "table"))[0]
+    assert manifest["rows"] == 5 and len(manifest["units_digest"]) == 64
+    assert {"input_snapshot_digest", "spec_digest", "model_fingerprint"} <= set(manifest)
+    part = Path(manifest["files"][1]["uri"].removeprefix("file://"))
+    part.write_bytes(part.read_bytes()[:100])
+    assert main(["verify", str(spec), "--run-id", "v1"]) == EXIT_FAILED
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_incremental_runs_skip_committed_units(ray_local, tmp_path, weights, capsys) -> None:
+    make_images(tmp_path / "images", 6)
+    spec = write_spec(tmp_path, weights, tmp_path / "table")
+    assert main(["run", str(spec), "--run-date", "2026-11-20"]) == EXIT_OK
+    assert main(["run", str(spec), "--run-date", "2026-11-21", "--incremental"]) == EXIT_OK
+    assert "2026-11-21-" in capsys.readouterr().out
+    second = committed_runs(str(tmp_path / "table"))[-1]
+    assert (second["run_date"], second["rows"], second["files"]) == ("2026-11-21", 0, [])
+    touched = tmp_path / "images" / "img003.png"
+    Image.fromarray(np.full((40, 56, 3), 7, dtype=np.uint8)).save(touched)
+    assert main(["run", str(spec), "--run-date", "2026-11-22", "--incremental"]) == EXIT_OK
+    third = pq.read_table(tmp_path / "table" / "run_date=2026-11-22").to_pylist()
+    assert [row["source_uri"] for row in third] == [touched.as_uri().replace("%3D", "=")]
+    other_model = ["--set", "task.top_k=2", "--run-date", "2026-11-23", "--incremental"]
+    assert main(["run", str(spec), *other_model]) == EXIT_OK
+    assert pq.read_table(tmp_path / "table" / "run_date=2026-11-23").num_rows == 6
+
+
+def test_a_second_run_on_the_same_output_is_refused(ray_local, tmp_path, weights, capsys):
+    make_images(tmp_path / "images", 2)
+    spec_path = write_spec(tmp_path, weights, tmp_path / "table")
+    with RunLock(str(tmp_path / "table"), "nightly-elsewhere", lease_s=600):
+        with pytest.raises(LockHeld, match="being written by run nightly-elsewhere"):
+            run_job(load_spec(spec_path))
+        assert main(["run", str(spec_path)]) == EXIT_FAILED
+        assert "being written by run nightly-elsewhere" in capsys.readouterr().err
+    assert not (tmp_path / "table" / LOCK_NAME).exists()
+    stale = {
+        "owner": "dead",
+        "run_id": "crashed",
+        "host": "elsewhere",
+        "pid": "1",
+        "since": "2026-01-01T00:00:00+00:00",
+        "expires": "2026-01-01T06:00:00+00:00",
+    }
+    (tmp_path / "table" / LOCK_NAME).write_text(json.dumps(stale))
+    assert main(["run", str(spec_path)]) == EXIT_OK  # an expired lease is taken over
+    assert not (tmp_path / "table" / LOCK_NAME).exists()
+
+
+def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path, weights):
+    make_images(tmp_path / "images", 160)
+    table = tmp_path / "table"
+    spec = write_spec(tmp_path, weights, table)
+    ray_temp = Path(tempfile.mkdtemp(prefix="vok", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": str(ray_temp)
+    }
+    command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec), "--run-id", "k1"]
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list((table / "_staging").glob("k1/*.parquet")):
+            assert driver.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no staged file appeared"
+            time.sleep(0.05)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert committed_runs(str(table)) == []  # readers see nothing of it
+    assert main(["query", str(table), "SELECT 1"]) == EXIT_FAILED
+    assert (table / LOCK_NAME).exists()  # the dead run's lock: its pid is gone, so it is stale
+    assert main(["run", str(spec), "--run-id", "k1"]) == EXIT_OK
+    rerun = pq.read_table(table / f"run_date={committed_runs(str(table))[0]['run_date']}")
+    clean_spec = write_spec(tmp_path, weights, tmp_path / "clean")
+    assert main(["run", str(clean_spec), "--run-id", "k1"]) == EXIT_OK
+    clean = pq.read_table(
+        tmp_path / "clean" / f"run_date={committed_runs(str(tmp_path / 'clean'))[0]['run_date']}"
+    )
+    keep = ["item_id", "source_uri", "status", "label_id"]
+    assert rerun.select(keep).sort_by("item_id").equals(clean.select(keep).sort_by("item_id"))
+    np.testing.assert_allclose(
+        rerun.sort_by("item_id")["score"].to_numpy(),
+        clean.sort_by("item_id")["score"].to_numpy(),
+        atol=1e-6,
+    )
+    assert main(["verify", str(table)]) == EXIT_OK
