@@ -32,6 +32,11 @@ def ray_local(ray_temp_dir: str) -> Iterator[None]:
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    # Workers import test-only entrypoints (tests/crashing.py) the way they import user code.
+    tests_dir = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [tests_dir, os.environ.get("PYTHONPATH")])
+    )
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=ray_temp_dir)

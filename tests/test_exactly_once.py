@@ -194,3 +194,31 @@ def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path,
         atol=1e-6,
     )
     assert main(["verify", str(table)]) == EXIT_OK
+
+
+def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_path) -> None:
+    make_images(tmp_path / "images", 12)
+    marker = tmp_path / "crashed-once"
+    spec = {
+        "input": {"uris": [str(tmp_path / "images")]},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "crashing:crash_once",
+            "kwargs": {"marker": str(marker)},
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "task": {"kind": "classification", "top_k": 1},
+        "runtime": {"batch_size": 2, "read_batch_size": 2, "max_actors": 1},
+        "output": {"uri": str(tmp_path / "table")},
+        "run": {"id": "crash"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == EXIT_OK
+    assert marker.exists()  # the actor did die mid-run
+    rows = pq.read_table(tmp_path / "table").to_pylist()
+    assert sorted(r["source_uri"].rsplit("/", 1)[1] for r in rows) == [
+        f"img{i:03d}.png" for i in range(12)
+    ]
+    assert {r["status"] for r in rows} == {"ok"}
+    assert main(["verify", str(path)]) == EXIT_OK

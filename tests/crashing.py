@@ -1,0 +1,30 @@
+"""A model entrypoint that kills its own worker process once: for the fault tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class CrashOnce(torch.nn.Module):
+    """Average-pools the image into `classes` logits; the first call after `marker` is missing
+    creates it and exits the process without cleanup, as a segfaulting or OOM-killed worker."""
+
+    def __init__(self, marker: str, classes: int) -> None:
+        super().__init__()
+        self.marker, self.classes = marker, classes
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 3 and not Path(self.marker).exists():  # past the warm-up probe
+            Path(self.marker).touch()
+            os._exit(1)
+        pooled = images.mean(dim=(2, 3))  # (N, 3)
+        return pooled.repeat(1, self.classes)[:, : self.classes]
+
+
+def crash_once(marker: str, classes: int = 3) -> torch.nn.Module:
+    return CrashOnce(marker, classes)
