@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -28,3 +29,21 @@ class CrashOnce(torch.nn.Module):
 
 def crash_once(marker: str, classes: int = 3) -> torch.nn.Module:
     return CrashOnce(marker, classes)
+
+
+class Stall(torch.nn.Module):
+    """Answers the warm-up probe, then hangs: a stage that makes no progress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            time.sleep(3600)
+        return images.mean(dim=(2, 3))
+
+
+def stall() -> torch.nn.Module:
+    return Stall()

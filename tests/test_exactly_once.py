@@ -222,3 +222,23 @@ def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_pa
     ]
     assert {r["status"] for r in rows} == {"ok"}
     assert main(["verify", str(path)]) == EXIT_OK
+
+
+def test_a_stalled_run_fails_naming_the_stuck_stage(ray_local, tmp_path, capsys) -> None:
+    make_images(tmp_path / "images", 4)
+    spec = {
+        "input": {"uris": [str(tmp_path / "images")]},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "crashing:stall",
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "runtime": {"batch_size": 2, "max_actors": 1, "stall_timeout_s": 15},
+        "output": {"uri": str(tmp_path / "table")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "made no progress" in err and "MapBatches(Classifier)" in err
+    assert committed_runs(str(tmp_path / "table")) == []

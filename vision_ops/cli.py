@@ -92,6 +92,8 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
 
 
 def run(spec: JobSpec, args: argparse.Namespace) -> int:
+    from ray.data.exceptions import ExecutionTimeoutError
+
     from vision_ops.lock import LockHeld
     from vision_ops.pipeline import ClusterTooSmall, run_job
     from vision_ops.sink import CommitRefused
@@ -104,6 +106,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except ClusterTooSmall as err:
         return _fail(err, EXIT_CLUSTER_TOO_SMALL)
     except (CommitRefused, LockHeld) as err:
+        return _fail(err, EXIT_FAILED)
+    except ExecutionTimeoutError as err:  # Ray Data's stall guard names the stuck stages
         return _fail(err, EXIT_FAILED)
     commit = summary.commit
     print(

@@ -248,6 +248,12 @@ class RuntimeSpec(StrictModel):
         "the nodes up now.",
     )
     read_batch_size: int = Field(default=16, gt=0, description="Files fetched per read task call.")
+    stall_timeout_s: int = Field(
+        default=1800,
+        gt=0,
+        description="Fail the run, naming the stuck stages, when no stage makes progress for "
+        "this long.",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds_in_order(self) -> RuntimeSpec:

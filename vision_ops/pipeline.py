@@ -146,6 +146,7 @@ def _process_and_commit(
     stats = RunStats()
     if listing.num_rows:
         dataset = build_dataset(spec, listing, plan, run_id)
+        dataset.context.execution_no_progress_timeout_s = spec.runtime.stall_timeout_s
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             written = time.perf_counter()
             sink.write(stats.record(table))
