@@ -87,9 +87,15 @@ def test_minimal_spec_fills_every_default() -> None:
         "autocast": "off",
         "autoscaling": False,
         "read_batch_size": 16,
+        "stall_timeout_s": 1800,
     }
     assert spec.output.model_dump() == {"uri": "s3://out/predictions", "rows_per_file": 250_000}
-    assert spec.run.model_dump() == {"id": None, "date": None}
+    assert spec.run.model_dump() == {
+        "id": None,
+        "date": None,
+        "incremental": False,
+        "lock_lease_s": 6 * 3600,
+    }
     assert spec.storage_options == {}
 
 

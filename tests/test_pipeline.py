@@ -4,14 +4,13 @@ input is accounted for once, bad files become error rows, the schema is the decl
 from __future__ import annotations
 
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hostile import png_declaring
 from PIL import Image
 from torchvision import transforms
 
@@ -128,7 +127,7 @@ def write_bad_corpus(folder: Path) -> dict[str, str]:
     (folder / "html.jpg").write_bytes(b"<!doctype html><title>404</title>")
     (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
-    (folder / "huge.png").write_bytes(png_header(100_000, 100_000))
+    (folder / "huge.png").write_bytes(png_declaring(100_000, 100_000))
     return {
         "empty.png": "EmptyFile",
         "html.jpg": "NotAnImage",
@@ -136,18 +135,6 @@ def write_bad_corpus(folder: Path) -> dict[str, str]:
         "truncated.png": "CorruptImage",
         "huge.png": "ImageTooLarge",
     }
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A small PNG file that declares width x height pixels (a decompression bomb's shape)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_bad_files_become_error_rows_and_good_ones_survive(

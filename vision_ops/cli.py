@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from vision_ops.config import JobSpec, SpecError, load_spec
 from vision_ops.models import ModelError, check_job
+from vision_ops.storage import StorageOptions
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster call failed
@@ -39,6 +40,14 @@ def load_checked_spec(args: argparse.Namespace) -> JobSpec:
     spec = load_spec(args.spec, overrides)
     check_job(spec)
     return spec
+
+
+def output_of(args: argparse.Namespace) -> tuple[str, StorageOptions]:
+    """The table a command reads: TARGET itself, or the output of the spec TARGET names."""
+    if not args.target.endswith((".yaml", ".yml")):
+        return args.target, {}
+    spec = load_spec(args.target, args.set or [])
+    return spec.output.uri, spec.storage_options
 
 
 def _fail(err: Exception, code: int) -> int:
@@ -147,13 +156,10 @@ def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
     from vision_ops.query import DEFAULT_QUERIES, NothingCommitted, connect, export, register_views
 
-    table, options = args.target, {}
-    if args.target.endswith((".yaml", ".yml")):
-        try:
-            spec = load_spec(args.target, args.set or [])
-        except SpecError as err:
-            return _fail(err, EXIT_BAD_SPEC)
-        table, options = spec.output.uri, spec.storage_options
+    try:
+        table, options = output_of(args)
+    except SpecError as err:
+        return _fail(err, EXIT_BAD_SPEC)
     connection = connect(options)
     try:
         task = register_views(connection, table, options)
@@ -207,13 +213,10 @@ def verify(args: argparse.Namespace) -> int:
     """Re-check a committed run: files, footers, row counts, every unit once."""
     from vision_ops.sink import verify_run
 
-    table, options = args.target, {}
-    if args.target.endswith((".yaml", ".yml")):
-        try:
-            spec = load_spec(args.target, args.set or [])
-        except SpecError as err:
-            return _fail(err, EXIT_BAD_SPEC)
-        table, options = spec.output.uri, spec.storage_options
+    try:
+        table, options = output_of(args)
+    except SpecError as err:
+        return _fail(err, EXIT_BAD_SPEC)
     manifest, problems = verify_run(table, args.run_id, options)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
@@ -228,13 +231,10 @@ def report(args: argparse.Namespace) -> int:
     """A committed run's report in the terminal, and with --html as a self-contained page."""
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
 
-    table, options = args.target, {}
-    if args.target.endswith((".yaml", ".yml")):
-        try:
-            spec = load_spec(args.target, args.set or [])
-        except SpecError as err:
-            return _fail(err, EXIT_BAD_SPEC)
-        table, options = spec.output.uri, spec.storage_options
+    try:
+        table, options = output_of(args)
+    except SpecError as err:
+        return _fail(err, EXIT_BAD_SPEC)
     try:
         found = build_report(table, args.run_id, options)
     except NoSuchRun as err:
