@@ -23,6 +23,12 @@ from vision_ops.submission import SubmissionError, passed_env
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 CLI = [sys.executable, "-m", "vision_ops.cli"]
+AGENT_PORT_FLAGS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
 
 
 def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
@@ -38,7 +44,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     """`ray start --head --block` on 127.0.0.1, token auth on, in a private temp dir."""
     token = secrets.token_hex(16)
     temp = Path(tempfile.mkdtemp(prefix="voh", dir="/tmp"))
-    gcs_port, dashboard_port = free_ports(2)
+    gcs_port, dashboard_port, *agent_ports = free_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(temp)}
     # The cluster's own environment: its `python` has vision-ops' dependencies.
@@ -48,6 +54,8 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
         f"--temp-dir={temp}", "--include-dashboard=true",
+        # Fresh ports for the head's agents: the session's own local cluster holds the defaults.
+        *[f"--{flag}={port}" for flag, port in zip(AGENT_PORT_FLAGS, agent_ports, strict=True)],
     ]  # fmt: skip
     head = subprocess.Popen(command, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -127,3 +135,26 @@ def test_submit_without_the_token_is_refused(ray_head, job_spec, tmp_path) -> No
     assert done.returncode == 1
     assert "error:" in done.stderr and ("401" in done.stderr or "uthentication" in done.stderr)
     assert not (tmp_path / "table").exists()
+
+
+def test_stop_ends_a_submitted_job(ray_head, job_spec) -> None:
+    address, env = ray_head
+    args = [*CLI, "submit", str(job_spec), "--address", address, "--run-id", "to-stop"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    job_id = done.stdout.split()[1]
+    stopped = subprocess.run([*CLI, "stop", job_id, "--address", address], env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert stopped.returncode == 0 and f"{job_id}: stop requested=" in stopped.stdout
+    deadline, state = time.monotonic() + 120, ""
+    while time.monotonic() < deadline and state not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        shown = subprocess.run(
+            [*CLI, "status", job_id, "--address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        state = shown.stdout.strip()
+        time.sleep(1)
+    assert state == "STOPPED"

@@ -25,7 +25,7 @@ PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OP
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "job.yaml"
-AGENT_WAIT_S = 90  # how long a fresh head may take to start the agent that runs jobs
+AGENT_WAIT_S = 300  # how long a fresh head may take to start the agent that runs jobs
 
 
 class SubmissionError(RuntimeError):
