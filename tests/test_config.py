@@ -16,9 +16,9 @@ from vision_ops import config
 from vision_ops.config import (
     DEFAULT_EXTENSIONS,
     JobSpec,
+    RunSpec,
     SpecError,
     apply_override,
-    is_valid_run_id,
     load_spec,
     parse_spec,
 )
@@ -536,7 +536,7 @@ def test_resolved_run_uses_the_real_utc_date() -> None:
     assert run_date in {before, after}
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-[0-9a-f]{8}", run_id)
     assert run_id.startswith(run_date.isoformat())
-    assert is_valid_run_id(run_id)
+    assert RunSpec(id=run_id).id == run_id  # the default id is one the spec accepts
 
 
 def test_resolved_run_keeps_what_the_spec_says() -> None:
@@ -616,8 +616,12 @@ def test_fingerprint_is_independent_of_spelling() -> None:
         ("abc\n", False),
     ],
 )
-def test_is_valid_run_id(value: str, valid: bool) -> None:
-    assert is_valid_run_id(value) is valid
+def test_run_id_pattern(value: str, valid: bool) -> None:
+    if valid:
+        assert RunSpec(id=value).id == value
+    else:
+        with pytest.raises(ValueError):
+            RunSpec(id=value)
 
 
 def test_job_spec_forbids_extra_fields_in_every_model() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -420,8 +419,3 @@ def _redacted(value: Any) -> Any:
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_valid_run_id(value: str) -> bool:
-    """Whether `value` is a run id the spec accepts (the whole string: no trailing newline)."""
-    return re.fullmatch(RUN_ID_PATTERN, value) is not None
