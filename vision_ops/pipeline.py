@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -26,9 +25,9 @@ from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
 from vision_ops.schema import SCHEMAS, TABLE_BUILDERS, item_id
-from vision_ops.sink import CommitResult, ParquetSink, committed_runs
+from vision_ops.sink import CommitResult, ParquetSink, committed_runs, read_committed_file
 from vision_ops.sources import list_inputs
-from vision_ops.storage import StorageOptions, filesystem
+from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 LISTING_ROWS_PER_BLOCK = 256
@@ -176,10 +175,8 @@ def committed_versions(run: dict[str, Any], options: StorageOptions) -> set[tupl
     columns = ["item_id", "source_etag", "source_size", "source_mtime"]
     versions = set()
     for entry in run["files"]:
-        fs, path = filesystem(entry["uri"], options)
-        with fs.open(path, "rb") as handle:
-            for row in pq.read_table(handle, columns=columns).to_pylist():
-                versions.add((row["item_id"], version_key(row)))
+        for row in read_committed_file(entry["uri"], options, columns).to_pylist():
+            versions.add((row["item_id"], version_key(row)))
     return versions
 
 

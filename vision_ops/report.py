@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import io
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +10,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from vision_ops.sink import committed_runs
-from vision_ops.storage import StorageOptions, filesystem
+from vision_ops.sink import committed_runs, read_committed_file
+from vision_ops.storage import StorageOptions
 
 SCORE_BINS = 10
 TOP_LABELS = 20
@@ -74,11 +72,7 @@ def build_report(
 
 
 def _read_files(uris: list[str], options: StorageOptions | None) -> pa.Table:
-    tables = []
-    for uri in uris:
-        fs, path = filesystem(uri, options)
-        tables.append(pq.read_table(io.BytesIO(fs.cat_file(path))))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([read_committed_file(uri, options) for uri in uris])
 
 
 def _labels_and_scores(table: pa.Table, task: str) -> tuple[pa.Array, np.ndarray]:

@@ -187,6 +187,15 @@ class ParquetSink:
         }
 
 
+def read_committed_file(
+    uri: str, options: StorageOptions | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """One file a manifest lists, read through its filesystem."""
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
 def verify_run(
     root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -198,10 +207,8 @@ def verify_run(
         return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
     manifest, problems, item_ids = runs[-1], [], []
     for entry in manifest["files"]:
-        fs, path = filesystem(entry["uri"], options)
         try:
-            with fs.open(path, "rb") as handle:
-                table = pq.read_table(handle, columns=["item_id"])
+            table = read_committed_file(entry["uri"], options, ["item_id"])
         except (OSError, pa.ArrowException) as err:
             problems.append(f"{entry['uri']}: unreadable ({err})")
             continue
