@@ -60,7 +60,7 @@ def test_a_refused_commit_leaves_nothing_for_readers(tmp_path: Path) -> None:
     sink = ParquetSink(str(tmp_path), "r", dt.date(2026, 11, 24), PREDICTION_SCHEMA)
     sink.write(table)
     with pytest.raises(CommitRefused, match="1 missing"):
-        sink.commit({"a", "b"})
+        sink.commit(["a", "b"])
     assert committed_runs(str(tmp_path)) == []
     assert not (tmp_path / "run_date=2026-11-24").exists()
 

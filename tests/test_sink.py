@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK
+from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
 from vision_ops.sink import ParquetSink
 
 DATE = dt.date(2026, 11, 24)
@@ -50,7 +50,7 @@ def test_rows_are_split_into_files_and_committed_with_a_manifest(tmp_path: Path)
     assert table["item_id"].to_pylist() == [f"id{i:04d}" for i in range(9)]
     assert (result.rows, result.ok, result.errors) == (9, 8, 1)
     manifest = json.loads((tmp_path / "_manifests" / "r.json").read_text())
-    assert manifest["rows"] == 9 and manifest["schema_version"] == "1"
+    assert manifest["rows"] == 9 and manifest["schema_version"] == SCHEMA_VERSION == "2"
     assert [f["rows"] for f in manifest["files"]] == [4, 4, 1]
     assert result.files == [f"file://{partition}/{n}" for n in names]
     assert not (tmp_path / "_staging").exists()

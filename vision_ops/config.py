@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,8 @@ from pydantic import (
 )
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# A DICOM job's default: `.dcm`, `.dicom` and names without an extension ("").
+DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Option names that carry credentials: refused in a spec, which is copied into logs and job records.
 CREDENTIAL_KEYS = frozenset(
@@ -51,6 +54,155 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Standard display windows (centre, width) in Hounsfield units, as radiology viewers name them.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (50.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+# How a DICOM frame becomes 8-bit when no preset or explicit window is given.
+WINDOW_MODES = ("file", "full_range")
+# DICOM PS3.15 Table E.1-1 (basic de-identification profile): patient and staff identifiers and
+# the dates and places that single a patient out. Written only when listed in `phi_tags`.
+PHI_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientSex",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "PatientMotherBirthName",
+        "PatientBirthName",
+        "PatientComments",
+        "PatientReligiousPreference",
+        "PatientInsurancePlanCodeSequence",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+        "OtherPatientIDsSequence",
+        "IssuerOfPatientID",
+        "MedicalRecordLocator",
+        "EthnicGroup",
+        "Occupation",
+        "MilitaryRank",
+        "BranchOfService",
+        "CountryOfResidence",
+        "RegionOfResidence",
+        "AdditionalPatientHistory",
+        "PregnancyStatus",
+        "LastMenstrualDate",
+        "SmokingStatus",
+        "MedicalAlerts",
+        "Allergies",
+        "ResponsiblePerson",
+        "ResponsibleOrganization",
+        "ReferringPhysicianName",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianTelephoneNumbers",
+        "PerformingPhysicianName",
+        "PhysiciansOfRecord",
+        "NameOfPhysiciansReadingStudy",
+        "RequestingPhysician",
+        "OperatorsName",
+        "ScheduledPerformingPhysicianName",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "StationName",
+        "DeviceSerialNumber",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "SeriesDate",
+        "SeriesTime",
+        "AcquisitionDate",
+        "AcquisitionTime",
+        "AcquisitionDateTime",
+        "ContentDate",
+        "ContentTime",
+        "StudyDescription",
+        "SeriesDescription",
+        "RequestAttributesSequence",
+        "AdmittingDiagnosesDescription",
+        "PersonName",
+        "VerifyingObserverName",
+        "ContentCreatorName",
+        "RequestedProcedureID",
+        "PerformedProcedureStepID",
+        "ScheduledProcedureStepID",
+        "FillerOrderNumberImagingServiceRequest",
+        "PlacerOrderNumberImagingServiceRequest",
+        "ImageComments",
+        "FrameComments",
+        "DerivationDescription",
+        "ProtocolName",
+        "PatientState",
+    }
+)
+DICOM_KEYWORD_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
+
+
+class Window(StrictModel):
+    center: float = Field(description="Window centre, in the units after the modality LUT.")
+    width: float = Field(ge=1, description="Window width (at least 1), same units.")
+
+
+class DicomSpec(StrictModel):
+    window: str | Window = Field(
+        default="file",
+        description="How values become 8-bit: `file` (the instance's own VOI LUT or window, "
+        "else its full range), `full_range` (each frame's min..max), a preset "
+        f"({', '.join(WINDOW_PRESETS)}) or {{center, width}}.",
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        description="More DICOM keywords written to the `dicom_tags` map column (e.g. "
+        "SliceThickness, Manufacturer...). Patient identifiers are refused here.",
+    )
+    phi_tags: list[str] = Field(
+        default_factory=list,
+        description="Patient identifiers (basic de-identification profile) to write anyway, "
+        "in `dicom_tags`: an explicit, reviewed opt-in. Empty by default.",
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _known_window(cls, value: str | Window) -> str | Window:
+        if isinstance(value, str) and value not in (*WINDOW_MODES, *WINDOW_PRESETS):
+            names = ", ".join([*WINDOW_MODES, *WINDOW_PRESETS])
+            raise ValueError(f"expected one of {names} or {{center, width}}, found {value!r}")
+        return value
+
+    @field_validator("tags", "phi_tags")
+    @classmethod
+    def _keywords(cls, value: list[str]) -> list[str]:
+        for keyword in value:
+            if not re.match(DICOM_KEYWORD_PATTERN, keyword):
+                raise ValueError(
+                    f"expected DICOM keywords such as SliceThickness, found {keyword!r}"
+                )
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _no_phi(cls, value: list[str]) -> list[str]:
+        phi = sorted(set(value) & PHI_KEYWORDS)
+        if phi:
+            raise ValueError(
+                f"{', '.join(phi)}: patient identifiers (DICOM basic de-identification profile) "
+                "are never written from `tags`; list them under `phi_tags` to opt in deliberately"
+            )
+        return value
+
+
 class InputSpec(StrictModel):
     uris: list[str] = Field(
         default_factory=list,
@@ -74,10 +226,24 @@ class InputSpec(StrictModel):
         "(decompression-bomb guard).",
     )
 
+    dicom: DicomSpec | None = Field(
+        default=None,
+        description="Read DICOM instances: windowing and the tags written as columns. Set it "
+        "(`dicom: {}` takes the defaults) to add the DICOM columns to the table.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicom_extensions(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("dicom") is not None and "extensions" not in value:
+            return value | {"extensions": list(DICOM_EXTENSIONS)}
+        return value
+
     @field_validator("extensions")
     @classmethod
     def _normalise_extensions(cls, value: list[str]) -> list[str]:
-        return sorted({("." + ext.lstrip(".")).lower() for ext in value})
+        """Lower case with a leading dot; "" stands for names without an extension."""
+        return sorted({("." + ext.lstrip(".")).lower() if ext else "" for ext in value})
 
     @model_validator(mode="after")
     def _needs_something_to_read(self) -> InputSpec:

@@ -24,7 +24,7 @@ from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
-from vision_ops.schema import SCHEMAS, TABLE_BUILDERS, item_id
+from vision_ops.schema import TABLE_BUILDERS, output_schema
 from vision_ops.sink import CommitResult, ParquetSink, committed_runs, read_committed_file
 from vision_ops.sources import list_inputs
 from vision_ops.storage import StorageOptions
@@ -138,7 +138,7 @@ def _process_and_commit(
         spec.output.uri,
         run_id,
         run_date,
-        SCHEMAS[spec.task.kind],
+        output_schema(spec.task.kind, dicom=spec.input.dicom is not None),
         spec.output.rows_per_file,
         spec.storage_options,
     )
@@ -152,31 +152,30 @@ def _process_and_commit(
             stats.add_stage("commit", time.perf_counter() - written)
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
-    expected = {item_id(str(uri)) for uri in listing["source_uri"].to_pylist()}
+    listed = listing["source_uri"].to_pylist()
     details = stats.as_manifest(pipeline_seconds) | identity_digests(spec, listing)
-    return sink.commit(expected, details), pipeline_seconds
+    return sink.commit(listed, details), pipeline_seconds
 
 
 def skip_committed(spec: JobSpec, listing: pa.Table, run_id: str) -> pa.Table:
-    """The listing less units another run committed with this model and this input version."""
+    """The listing less sources another run committed with this model and this input version
+    (a committed run holds every unit of each source it read: all frames of an instance)."""
     fingerprint = model_fingerprint(spec)
     done: set[tuple[str, str]] = set()
     for run in committed_runs(spec.output.uri, spec.storage_options):
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
             done |= committed_versions(run, spec.storage_options)
-    keep = [
-        (item_id(row["source_uri"]), version_key(row)) not in done for row in listing.to_pylist()
-    ]
+    keep = [(row["source_uri"], version_key(row)) not in done for row in listing.to_pylist()]
     log.info("incremental: %d of %d inputs already committed", keep.count(False), len(keep))
     return listing.filter(pa.array(keep, pa.bool_()))
 
 
 def committed_versions(run: dict[str, Any], options: StorageOptions) -> set[tuple[str, str]]:
-    columns = ["item_id", "source_etag", "source_size", "source_mtime"]
+    columns = ["source_uri", "source_etag", "source_size", "source_mtime"]
     versions = set()
     for entry in run["files"]:
         for row in read_committed_file(entry["uri"], options, columns).to_pylist():
-            versions.add((row["item_id"], version_key(row)))
+            versions.add((row["source_uri"], version_key(row)))
     return versions
 
 
@@ -220,6 +219,7 @@ def build_dataset(
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
         max_pixels=spec.input.max_pixels,
         storage_options=spec.storage_options,
+        dicom=spec.input.dicom,
     )
     units = ray.data.from_arrow(blocks).map_batches(
         reader,
@@ -243,6 +243,7 @@ def build_dataset(
         TABLE_BUILDERS.get(spec.task.kind),
         run_id=run_id,
         labels=resolve_labels(spec.model, spec.storage_options),
+        schema=output_schema(spec.task.kind, dicom=spec.input.dicom is not None),
     )
     return predictions.map_batches(
         to_rows,

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from vision_ops.config import Preprocessing
+from vision_ops.config import DicomSpec, Preprocessing
 from vision_ops.decode import decode_image
+from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
 from vision_ops.schema import STAGE_PREFIX, STATUS_ERROR, STATUS_OK, item_id, stage_times
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
+
+# Columns every read batch carries beside the image, whatever the source.
+UNIT_COLUMNS = (
+    "image_width",
+    "image_height",
+    "frame_index",
+    "frame_count",
+    "status",
+    "error_type",
+    "error_message",
+)
 
 
 def read_units(
@@ -20,8 +33,10 @@ def read_units(
     preprocessing: Preprocessing | None,
     max_pixels: int,
     storage_options: StorageOptions,
+    dicom: DicomSpec | None = None,
 ) -> dict[str, np.ndarray]:
-    """One listing batch -> the same rows with image, size, status and error columns.
+    """One listing batch -> one row per unit (an image, or each frame of a DICOM instance) with
+    image, size, frame, status and error columns, and the DICOM columns when `dicom` is set.
 
     With `preprocessing` each image is resized and cropped for the model; without, it keeps its
     source size (detectors take any size and resize on the device).
@@ -29,14 +44,22 @@ def read_units(
     started = time.perf_counter()
     uris = [str(uri) for uri in batch["source_uri"]]
     payloads = fetch_all(uris, storage_options)
-    rows = [_unit(payloads[uri], preprocessing, max_pixels) for uri in uris]
-    out = dict(batch)
-    out["item_id"] = np.array([item_id(uri) for uri in uris], dtype=object)
+    reading = UnitReader(preprocessing, max_pixels, dicom)
+    per_source = [reading.units(uri, payloads[uri]) for uri in uris]
+    rows = [row for units in per_source for row in units]
+    source_of = np.array([i for i, units in enumerate(per_source) for _ in units], dtype=np.int64)
+    out = {name: np.asarray(values)[source_of] for name, values in batch.items()}
+    out_uris = [uris[i] for i in source_of]
+    frame_indexes = [row.get("frame_index") for row in rows]
+    out["item_id"] = np.array(
+        [item_id(uri, frame) for uri, frame in zip(out_uris, frame_indexes, strict=True)],
+        dtype=object,
+    )
     out["image"] = image_column([row.pop("image") for row in rows])
-    for column in ("image_width", "image_height", "status", "error_type", "error_message"):
-        out[column] = np.array([row[column] for row in rows], dtype=object)
-    _fill_missing_identity(out, uris, storage_options)
-    out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(uris), time.perf_counter() - started)
+    for column in (*UNIT_COLUMNS, *(DICOM_COLUMNS if dicom else ())):
+        out[column] = np.array([row.get(column) for row in rows], dtype=object)
+    _fill_missing_identity(out, out_uris, storage_options)
+    out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(rows), time.perf_counter() - started)
     return out
 
 
@@ -65,37 +88,56 @@ def image_column(images: list[np.ndarray]) -> np.ndarray:
     return column
 
 
-def _unit(
-    payload: bytes | BaseException, prep: Preprocessing | None, max_pixels: int
-) -> dict[str, Any]:
-    try:
+@dataclass(frozen=True)
+class UnitReader:
+    """Bytes of one source -> its units' rows: decoded, resized, or an error row each."""
+
+    preprocessing: Preprocessing | None
+    max_pixels: int
+    dicom: DicomSpec | None
+
+    def units(self, uri: str, payload: bytes | BaseException) -> list[dict[str, Any]]:
         if isinstance(payload, BaseException):
-            raise payload
-        image = decode_image(payload, max_pixels)
-        model_input = resize_and_crop(image, prep) if prep else image
-    except Exception as err:
-        return _error_unit(err, prep)
-    height, width = image.shape[:2]
-    return {
-        "image": model_input,
-        "image_width": width,
-        "image_height": height,
-        "status": STATUS_OK,
-        "error_type": None,
-        "error_message": None,
-    }
+            return [self._error(payload)]
+        if is_dicom(uri, payload):
+            return self._dicom_units(payload)
+        try:
+            image = decode_image(payload, self.max_pixels)
+        except Exception as err:
+            return [self._error(err)]
+        return [self._unit(image)]
+
+    def _dicom_units(self, payload: bytes) -> list[dict[str, Any]]:
+        spec = self.dicom or DicomSpec()
+        try:
+            instance = open_instance(payload, spec, self.max_pixels)
+        except Exception as err:
+            return [self._error(err)]
+        rows = []
+        for index in range(instance.frame_count):
+            try:
+                row = self._unit(decode_frame(instance, index, spec))
+            except Exception as err:
+                row = self._error(err)
+            rows.append(row | instance.columns | {"frame_index": index})
+        return rows
+
+    def _unit(self, image: np.ndarray) -> dict[str, Any]:
+        height, width = image.shape[:2]
+        model_input = resize_and_crop(image, self.preprocessing) if self.preprocessing else image
+        return {"image": model_input, "image_width": width, "image_height": height} | _OK
+
+    def _error(self, err: BaseException) -> dict[str, Any]:
+        side = self.preprocessing.crop if self.preprocessing else 1
+        return {
+            "image": np.zeros((side, side, 3), dtype=np.uint8),
+            "status": STATUS_ERROR,
+            "error_type": type(err).__name__,
+            "error_message": str(err) or type(err).__name__,
+        }
 
 
-def _error_unit(err: Exception, prep: Preprocessing | None) -> dict[str, Any]:
-    side = prep.crop if prep else 1
-    return {
-        "image": np.zeros((side, side, 3), dtype=np.uint8),
-        "image_width": None,
-        "image_height": None,
-        "status": STATUS_ERROR,
-        "error_type": type(err).__name__,
-        "error_message": str(err) or type(err).__name__,
-    }
+_OK = {"status": STATUS_OK, "error_type": None, "error_message": None}
 
 
 def _fill_missing_identity(

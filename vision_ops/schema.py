@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Protocol
 
 import numpy as np
@@ -10,7 +11,7 @@ import pyarrow as pa
 
 from vision_ops.registry import Registry
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: frame_count, and the DICOM columns of a DICOM job
 SCHEMA_VERSION_KEY = "vision_ops.schema_version"
 PARTITION_COLUMN = "run_date"  # Hive partition (run_date=YYYY-MM-DD/), not stored in the files
 STATUS_OK = "ok"
@@ -25,6 +26,7 @@ UNIT_FIELDS = [
     pa.field("source_size", pa.int64()),
     pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
     pa.field("frame_index", pa.int32()),
+    pa.field("frame_count", pa.int32()),
     pa.field("tile_x", pa.int32()),
     pa.field("tile_y", pa.int32()),
     pa.field("image_width", pa.int32()),
@@ -35,6 +37,21 @@ UNIT_FIELDS = [
     pa.field("status", pa.string(), nullable=False),
     pa.field("error_type", pa.string()),
     pa.field("error_message", pa.string()),
+]
+
+# Columns a DICOM job adds (input.dicom set): the identifying tags users join on, the window
+# the frame was shown with, and the spec's allow-listed extra tags. Never patient identifiers
+# unless the spec's phi_tags names them.
+DICOM_FIELDS = [
+    pa.field("study_instance_uid", pa.string()),
+    pa.field("series_instance_uid", pa.string()),
+    pa.field("sop_instance_uid", pa.string()),
+    pa.field("modality", pa.string()),
+    pa.field("body_part_examined", pa.string()),
+    pa.field("instance_number", pa.int32()),
+    pa.field("window_center", pa.float64()),
+    pa.field("window_width", pa.float64()),
+    pa.field("dicom_tags", pa.map_(pa.string(), pa.string())),
 ]
 
 TOP_K_ENTRY = pa.struct(
@@ -78,6 +95,17 @@ SCHEMAS = {
 PREDICTION_SCHEMA = SCHEMAS["classification"]
 DETECTION_SCHEMA = SCHEMAS["detection"]
 
+
+def output_schema(task: str, dicom: bool = False) -> pa.Schema:
+    """The table of a job: its task's schema, with the DICOM columns after the unit columns
+    when the job reads DICOM."""
+    schema = SCHEMAS[task]
+    if not dicom:
+        return schema
+    task_fields = list(schema)[len(UNIT_FIELDS) :]
+    return pa.schema([*UNIT_FIELDS, *DICOM_FIELDS, *task_fields], metadata=schema.metadata)
+
+
 # Seconds a stage spent on a batch, spread over its rows: carried beside the rows to the
 # driver, summed into the run's manifest, never written to the table.
 STAGE_PREFIX = "_stage_seconds_"
@@ -95,7 +123,11 @@ DETECTIONS = "detection_array"
 
 class TableBuilder(Protocol):
     def __call__(
-        self, batch: dict[str, np.ndarray], run_id: str, labels: list[str] | None = None
+        self,
+        batch: dict[str, np.ndarray],
+        run_id: str,
+        labels: list[str] | None = None,
+        schema: pa.Schema | None = None,
     ) -> pa.Table: ...
 
 
@@ -104,7 +136,7 @@ TABLE_BUILDERS: Registry[TableBuilder] = Registry("task")
 
 def item_id(source_uri: str, frame_index: int | None = None) -> str:
     """A stable id for a unit: the same source location and offsets always give the same id."""
-    unit = source_uri if frame_index is None else f"{source_uri}#frame={frame_index}"
+    unit = source_uri if frame_index is None else f"{source_uri}#frame={int(frame_index)}"
     return hashlib.sha256(unit.encode()).hexdigest()[:32]
 
 
@@ -120,25 +152,32 @@ def label_names(ids: np.ndarray, labels: list[str] | None) -> np.ndarray:
 
 @TABLE_BUILDERS.register("classification")
 def classification_table(
-    batch: dict[str, np.ndarray], run_id: str, labels: list[str] | None = None
+    batch: dict[str, np.ndarray],
+    run_id: str,
+    labels: list[str] | None = None,
+    schema: pa.Schema | None = None,
 ) -> pa.Table:
     """Classifier output (flat numpy columns) -> rows of the classification schema."""
     rows = len(batch["source_uri"])
     ok = _ok_mask(batch)
     ids, scores = batch[TOP_K_IDS].reshape(rows, -1), batch[TOP_K_SCORES].reshape(rows, -1)
     names = label_names(ids, labels)
-    columns = _unit_columns(batch, run_id, "classification")
+    schema = schema or SCHEMAS["classification"]
+    columns = _unit_columns(batch, run_id, "classification", schema)
     columns["label_id"] = pa.array(ids[:, 0], pa.int32(), mask=~ok)
     columns["label"] = pa.array(names[:, 0], pa.string(), mask=~ok)
     columns["score"] = pa.array(scores[:, 0], pa.float32(), mask=~ok)
     entries = [ids[ok].reshape(-1), names[ok].reshape(-1), scores[ok].reshape(-1)]
     columns["top_k"] = _nested_lists(ok, ok.astype(np.int64) * ids.shape[1], entries, TOP_K_ENTRY)
-    return with_stage_times(_table(columns, SCHEMAS["classification"], rows), batch)
+    return with_stage_times(_table(columns, schema, rows), batch)
 
 
 @TABLE_BUILDERS.register("detection")
 def detection_table(
-    batch: dict[str, np.ndarray], run_id: str, labels: list[str] | None = None
+    batch: dict[str, np.ndarray],
+    run_id: str,
+    labels: list[str] | None = None,
+    schema: pa.Schema | None = None,
 ) -> pa.Table:
     """Detector output (one (boxes, 6) array per row) -> rows of the detection schema."""
     rows = len(batch["source_uri"])
@@ -148,10 +187,11 @@ def detection_table(
     boxes = np.concatenate([a for a, good in zip(arrays, ok, strict=True) if good] or [_no_boxes()])
     ids = boxes[:, 0].astype(np.int32)
     entries = [ids, label_names(ids, labels), *boxes[:, 1:].T]
-    columns = _unit_columns(batch, run_id, "detection")
+    schema = schema or SCHEMAS["detection"]
+    columns = _unit_columns(batch, run_id, "detection", schema)
     columns["num_detections"] = pa.array(counts, pa.int32(), mask=~ok)
     columns["detections"] = _nested_lists(ok, counts, entries, DETECTION_ENTRY)
-    return with_stage_times(_table(columns, SCHEMAS["detection"], rows), batch)
+    return with_stage_times(_table(columns, schema, rows), batch)
 
 
 def _no_boxes() -> np.ndarray:
@@ -162,9 +202,15 @@ def _ok_mask(batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(batch["status"] == STATUS_OK, dtype=bool)
 
 
-def _unit_columns(batch: dict[str, np.ndarray], run_id: str, task: str) -> dict[str, object]:
+def _unit_columns(
+    batch: dict[str, np.ndarray], run_id: str, task: str, schema: pa.Schema
+) -> dict[str, object]:
     rows = len(batch["source_uri"])
-    columns: dict[str, object] = {f.name: batch[f.name] for f in UNIT_FIELDS if f.name in batch}
+    columns: dict[str, object] = {f.name: batch[f.name] for f in schema if f.name in batch}
+    if "dicom_tags" in columns:  # JSON text between stages, a map in the table
+        columns["dicom_tags"] = [
+            None if text is None else list(json.loads(text).items()) for text in batch["dicom_tags"]
+        ]
     columns["run_id"] = np.full(rows, run_id, dtype=object)
     columns["task"] = np.full(rows, task, dtype=object)
     return columns

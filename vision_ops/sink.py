@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, item_id
 from vision_ops.storage import StorageOptions, canonical_uri, filesystem
 
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
@@ -26,6 +27,19 @@ class CommitRefused(RuntimeError):
 def units_digest(item_ids: list[str]) -> str:
     """One hash of a run's unit ids, whatever their order."""
     return hashlib.sha256("\n".join(sorted(item_ids)).encode()).hexdigest()
+
+
+def expected_units(listed_uris: Iterable[str], frame_counts: Mapping[str, int]) -> set[str]:
+    """The unit ids a run must write: one per listed source, or one per frame of a source its
+    reader found to hold `frame_counts[uri]` frames (a multi-frame DICOM instance)."""
+    expected: set[str] = set()
+    for uri in listed_uris:
+        count = frame_counts.get(uri)
+        if count is None:
+            expected.add(item_id(uri))
+        else:
+            expected.update(item_id(uri, frame) for frame in range(count))
+    return expected
 
 
 def check_exactly_once(expected: set[str], written: list[str]) -> None:
@@ -84,6 +98,8 @@ class ParquetSink:
     _pending_rows: int = 0
     _staged: list[tuple[str, int]] = field(default_factory=list)
     _item_ids: list[str] = field(default_factory=list)
+    _frame_counts: dict[str, int] = field(default_factory=dict)
+    _frame_conflicts: set[str] = field(default_factory=set)
     rows: int = 0
     ok: int = 0
 
@@ -99,21 +115,26 @@ class ParquetSink:
         self.rows += table.num_rows
         self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
         self._item_ids.extend(table["item_id"].to_pylist())
+        self._note_frame_counts(table)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_file:
             self._flush(self.rows_per_file)
 
     def commit(
-        self, expected_ids: set[str] | None = None, details: dict[str, Any] | None = None
+        self, listed_uris: Iterable[str] | None = None, details: dict[str, Any] | None = None
     ) -> CommitResult:
-        """Check exactly-once against `expected_ids` and the staged footers, then replace this
-        run's files in the partition and write the manifest (with `details`) and `_SUCCESS`.
-        CommitRefused, with nothing visible to readers, when a check fails."""
+        """Check exactly-once against the units of `listed_uris` and the staged footers, then
+        replace this run's files in the partition and write the manifest (with `details`) and
+        `_SUCCESS`. CommitRefused, with nothing visible to readers, when a check fails."""
         while self._pending_rows:
             self._flush(self.rows_per_file)
-        if expected_ids is not None:
-            check_exactly_once(expected_ids, self._item_ids)
+        if self._frame_conflicts:
+            some = sorted(self._frame_conflicts)[:3]
+            raise CommitRefused(f"refusing to commit: rows disagree on the frame count of {some}")
+        if listed_uris is not None:
+            expected = expected_units(listed_uris, self._frame_counts)
+            check_exactly_once(expected, self._item_ids)
         self._check_staged_footers()
         manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
         if self.fs.exists(manifest):
@@ -138,6 +159,13 @@ class ParquetSink:
             ok=self.ok,
             errors=self.rows - self.ok,
         )
+
+    def _note_frame_counts(self, table: pa.Table) -> None:
+        framed = table.filter(pc.is_valid(table["frame_count"]))
+        uris, counts = framed["source_uri"].to_pylist(), framed["frame_count"].to_pylist()
+        for uri, count in zip(uris, counts, strict=True):
+            if self._frame_counts.setdefault(uri, count) != count:
+                self._frame_conflicts.add(uri)
 
     def _flush(self, limit: int) -> None:
         table = pa.concat_tables(self._pending)
