@@ -184,11 +184,13 @@ class DicomSpec(StrictModel):
     @field_validator("tags", "phi_tags")
     @classmethod
     def _keywords(cls, value: list[str]) -> list[str]:
-        for keyword in value:
-            if not re.match(DICOM_KEYWORD_PATTERN, keyword):
-                raise ValueError(
-                    f"expected DICOM keywords such as SliceThickness, found {keyword!r}"
-                )
+        unknown = [k for k in value if not re.match(DICOM_KEYWORD_PATTERN, k)]
+        if value and not unknown:
+            unknown = _unknown_dicom_keywords(value)
+        if unknown:
+            raise ValueError(
+                f"expected DICOM dictionary keywords such as SliceThickness, found {unknown}"
+            )
         return value
 
     @field_validator("tags")
@@ -201,6 +203,14 @@ class DicomSpec(StrictModel):
                 "are never written from `tags`; list them under `phi_tags` to opt in deliberately"
             )
         return value
+
+
+def _unknown_dicom_keywords(keywords: list[str]) -> list[str]:
+    try:
+        from pydicom.datadict import tag_for_keyword
+    except ImportError:
+        raise ValueError("DICOM tags need pydicom: pip install 'vision-ops[dicom]'") from None
+    return [keyword for keyword in keywords if tag_for_keyword(keyword) is None]
 
 
 class InputSpec(StrictModel):

@@ -180,12 +180,6 @@ def tag_columns(dataset: Any, spec: DicomSpec) -> dict[str, Any]:
     return columns
 
 
-def unknown_keywords(keywords: list[str]) -> list[str]:
-    """The names that are not DICOM dictionary keywords (for validating a spec)."""
-    datadict = _pydicom().datadict
-    return [k for k in keywords if datadict.tag_for_keyword(k) is None]
-
-
 def scrubbed(err: BaseException, limit: int = 200) -> str:
     """An exception's text safe for an error row: quoted values (which may be a patient's
     name or id from the file) replaced by `'…'`, and capped in length."""
@@ -253,7 +247,7 @@ def _frame_count(dataset: Any) -> int:
         raise CorruptDicom(f"NumberOfFrames is {count}: expected at least 1")
     room = _frames_room(dataset)
     if count > room:
-        raise CorruptDicom(f"NumberOfFrames is {count} but the pixel data holds at most {room}")
+        raise CorruptDicom(f"{count} frame(s) declared, but the pixel data holds {room}")
     return count
 
 
@@ -270,6 +264,8 @@ def _frames_room(dataset: Any) -> int:
     bits = int(dataset.get("BitsAllocated") or 8)
     samples = int(dataset.get("SamplesPerPixel") or 1)
     frame_bits = int(dataset.Rows) * int(dataset.Columns) * samples * bits
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422":
+        frame_bits = frame_bits * 2 // 3  # two chroma samples shared by each pair of pixels
     return (len(pixel_data) * 8) // max(frame_bits, 1)
 
 
