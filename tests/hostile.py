@@ -9,7 +9,11 @@ import zlib
 import numpy as np
 from PIL import Image
 
-ALLOWED_ERRORS = frozenset({"EmptyFile", "NotAnImage", "CorruptImage", "ImageTooLarge"})
+from vision_ops.synthetic import dicom_bytes
+
+IMAGE_ERRORS = frozenset({"EmptyFile", "NotAnImage", "CorruptImage", "ImageTooLarge"})
+DICOM_ERRORS = frozenset({"NotDicom", "NoPixelData", "UnsupportedTransferSyntax", "CorruptDicom"})
+ALLOWED_ERRORS = IMAGE_ERRORS | DICOM_ERRORS
 
 
 def encode(array: np.ndarray, fmt: str, **options: object) -> bytes:
@@ -78,6 +82,41 @@ def exif_rotated_jpeg(array: np.ndarray, orientation: int = 6) -> bytes:
     return encode(array, "JPEG", exif=exif.tobytes(), quality=95)
 
 
+def dicom_corpus(seed: int = 0) -> dict[str, tuple[bytes, str | tuple[int, int]]]:
+    """The DICOM part of the corpus: no preamble, broken pixel data, lying headers."""
+    rng = np.random.default_rng(seed)
+    ct = rng.integers(0, 3000, (32, 32)).astype(np.int16)  # J2K wants 32 pixels a side
+    good = dicom_bytes(ct)
+    header_end = len(good) - ct.nbytes
+    return {
+        "no-preamble.dcm": (dicom_bytes(ct, preamble=False), (32, 32)),
+        "broken-pixels.dcm": (garbled_fragment(ct, JPEG2000_LOSSLESS, 100, rng), "CorruptDicom"),
+        "rle-bad-header.dcm": (garbled_fragment(ct, RLE_LOSSLESS, 0, rng), "CorruptDicom"),
+        "cut-pixels.dcm": (good[: header_end + 100], "CorruptDicom"),
+        "huge-dims.dcm": (
+            dicom_bytes(ct, tags={"Rows": 65_535, "Columns": 65_535}),
+            "ImageTooLarge",
+        ),
+        "frame-liar.dcm": (dicom_bytes(ct, tags={"NumberOfFrames": 2**31 - 1}), "CorruptDicom"),
+        "jpeg-named.dcm": (encode(np.zeros((8, 8, 3), np.uint8), "JPEG"), "NotDicom"),
+    }
+
+
+JPEG2000_LOSSLESS, RLE_LOSSLESS = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+ITEM_TAG = b"\xfe\xff\x00\xe0"
+
+
+def garbled_fragment(
+    pixels: np.ndarray, syntax: str, offset: int, rng: np.random.Generator, length: int = 64
+) -> bytes:
+    """A compressed instance whose (last) frame fragment has `length` random bytes at `offset`
+    into it: the encapsulation stays valid, the codestream does not."""
+    data = bytearray(dicom_bytes(pixels, transfer_syntax=syntax))
+    start = data.rfind(ITEM_TAG) + 8 + offset
+    data[start : start + length] = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
 def corpus(seed: int = 0) -> dict[str, tuple[bytes, str | tuple[int, int]]]:
     """File name -> (bytes, expected): an error type, or the (height, width) it decodes to."""
     rng = np.random.default_rng(seed)
@@ -106,4 +145,4 @@ def corpus(seed: int = 0) -> dict[str, tuple[bytes, str | tuple[int, int]]]:
         "exif-rotated.jpg": (exif_rotated_jpeg(photo), (64, 48)),
         "animated.gif": (animated("GIF", frames), (20, 30)),
         "animated.webp": (animated("WEBP", frames), (20, 30)),
-    }
+    } | dicom_corpus(seed)

@@ -233,6 +233,20 @@ def test_malformed_inputs_raise_their_own_errors() -> None:
         open_instance(full, DicomSpec(), 4095)
 
 
+def test_a_decoder_panic_is_an_error_row_not_a_crash(monkeypatch) -> None:
+    """pylibjpeg-rle (Rust) panics on this stream with a BaseException; the preferred pydicom
+    decoder is bypassed here to prove the panic is still contained."""
+    import vision_ops.dicom as dicom_module
+
+    stored = np.random.default_rng(0).integers(0, 3000, (24, 20)).astype(np.int16)
+    data = bytearray(dicom_bytes(stored, transfer_syntax=RLELossless))
+    data[-200:-20] = np.random.default_rng(1).integers(0, 256, 180, dtype=np.uint8).tobytes()
+    monkeypatch.setattr(dicom_module, "PLUGIN_PREFERENCE", {})
+    instance = open_instance(bytes(data), DicomSpec(), 10**8)
+    with pytest.raises(CorruptDicom, match="PanicException"):
+        decode_frame(instance, 0, DicomSpec())
+
+
 def test_an_unsupported_transfer_syntax_is_named() -> None:
     from pydicom.encaps import encapsulate
 

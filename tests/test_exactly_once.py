@@ -26,8 +26,14 @@ from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
 from vision_ops.pipeline import run_job
-from vision_ops.schema import PREDICTION_SCHEMA
-from vision_ops.sink import CommitRefused, ParquetSink, check_exactly_once, committed_runs
+from vision_ops.schema import PREDICTION_SCHEMA, item_id
+from vision_ops.sink import (
+    CommitRefused,
+    ParquetSink,
+    check_exactly_once,
+    committed_runs,
+    expected_units,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -41,13 +47,55 @@ def test_check_exactly_once_names_missing_unexpected_and_doubled_units() -> None
     assert "1 unexpected (e.g. ['x'])" in message and "1 twice (e.g. ['a'])" in message
 
 
+def test_expected_units_are_one_per_source_or_one_per_frame() -> None:
+    expected = expected_units(["s3://b/photo.jpg", "s3://b/ct.dcm"], {"s3://b/ct.dcm": 3})
+    frames = {item_id("s3://b/ct.dcm", frame) for frame in range(3)}
+    assert expected == {item_id("s3://b/photo.jpg")} | frames
+
+
+def framed_rows(uri: str, frames: list[int], count: int):  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    columns = {
+        "run_id": ["r"] * len(frames),
+        "item_id": [item_id(uri, frame) for frame in frames],
+        "source_uri": [uri] * len(frames),
+        "frame_index": frames,
+        "frame_count": [count] * len(frames),
+        "model_name": ["m"] * len(frames),
+        "model_weights_sha256": ["h"] * len(frames),
+        "task": ["classification"] * len(frames),
+        "status": ["ok"] * len(frames),
+    }
+    return pa.Table.from_arrays(
+        [pa.array(columns.get(f.name, [None] * len(frames)), f.type) for f in PREDICTION_SCHEMA],
+        schema=PREDICTION_SCHEMA,
+    )
+
+
+def test_a_missing_frame_or_a_disputed_frame_count_refuses_the_commit(tmp_path: Path) -> None:
+    date = dt.date(2026, 11, 24)
+    short = ParquetSink(str(tmp_path / "a"), "r", date, PREDICTION_SCHEMA)
+    short.write(framed_rows("s3://b/ct.dcm", [0, 2], 3))
+    with pytest.raises(CommitRefused, match="1 missing"):
+        short.commit(["s3://b/ct.dcm"])
+    disputed = ParquetSink(str(tmp_path / "b"), "r", date, PREDICTION_SCHEMA)
+    disputed.write(framed_rows("s3://b/ct.dcm", [0], 2))
+    disputed.write(framed_rows("s3://b/ct.dcm", [1], 3))
+    with pytest.raises(CommitRefused, match="disagree on the frame count"):
+        disputed.commit(["s3://b/ct.dcm"])
+    whole = ParquetSink(str(tmp_path / "c"), "r", date, PREDICTION_SCHEMA)
+    whole.write(framed_rows("s3://b/ct.dcm", [2, 0, 1], 3))
+    assert whole.commit(["s3://b/ct.dcm"]).rows == 3
+
+
 def test_a_refused_commit_leaves_nothing_for_readers(tmp_path: Path) -> None:
     import pyarrow as pa
 
     columns = {
         "run_id": ["r"],
-        "item_id": ["a"],
-        "source_uri": ["u"],
+        "item_id": [item_id("s3://b/u.jpg")],
+        "source_uri": ["s3://b/u.jpg"],
         "model_name": ["m"],
         "model_weights_sha256": ["h"],
         "task": ["classification"],
@@ -60,7 +108,7 @@ def test_a_refused_commit_leaves_nothing_for_readers(tmp_path: Path) -> None:
     sink = ParquetSink(str(tmp_path), "r", dt.date(2026, 11, 24), PREDICTION_SCHEMA)
     sink.write(table)
     with pytest.raises(CommitRefused, match="1 missing"):
-        sink.commit(["a", "b"])
+        sink.commit(["s3://b/u.jpg", "s3://b/v.jpg"])
     assert committed_runs(str(tmp_path)) == []
     assert not (tmp_path / "run_date=2026-11-24").exists()
 

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hostile import ALLOWED_ERRORS, corpus, encode
+from hostile import ALLOWED_ERRORS, corpus, dicom_bytes, encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vision_ops.config import parse_spec
+from vision_ops.config import DEFAULT_EXTENSIONS, DicomSpec, parse_spec
 from vision_ops.decode import DecodeError, decode_image
+from vision_ops.dicom import decode_frame, open_instance
 from vision_ops.pipeline import run_job
+from vision_ops.reader import UnitReader
 from vision_ops.schema import item_id
 
 MAX_PIXELS = 178_956_970
@@ -31,14 +33,14 @@ LITE0 = {
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
 def test_each_hostile_file_decodes_or_is_classified(name: str) -> None:
+    """Through the reader's own routing (image decoder, or DICOM by preamble and name)."""
     data, expected = CORPUS[name]
+    (row,) = UnitReader(None, MAX_PIXELS, None).units(f"s3://b/{name}", data)
     if isinstance(expected, str):
-        with pytest.raises(DecodeError) as err:
-            decode_image(data, MAX_PIXELS)
-        assert type(err.value).__name__ == expected
+        assert (row["status"], row["error_type"]) == ("error", expected), row["error_message"]
     else:
-        image = decode_image(data, MAX_PIXELS)
-        assert image.shape == (*expected, 3) and image.dtype == np.uint8
+        assert row["status"] == "ok", row["error_message"]
+        assert row["image"].shape == (*expected, 3) and row["image"].dtype == np.uint8
 
 
 def write_corpus(folder: Path, photo_paths: list[Path]) -> None:
@@ -52,7 +54,7 @@ def write_corpus(folder: Path, photo_paths: list[Path]) -> None:
 def classify(folder: Path, output: Path):  # type: ignore[no-untyped-def]
     spec = parse_spec(
         {
-            "input": {"uris": [str(folder)]},
+            "input": {"uris": [str(folder)], "extensions": [*DEFAULT_EXTENSIONS, ".dcm"]},
             "task": {"kind": "classification", "top_k": 3},
             "model": LITE0,
             "runtime": {"batch_size": 32, "read_batch_size": 32, "max_actors": 1},
@@ -169,6 +171,38 @@ def test_fuzz_mutated_images(seed: bytes, flips: list[tuple[int, int]], cut: int
     for position, value in flips:
         data[position % len(data)] = value
     check_decode(bytes(data[: max(cut, len(data) // 4)]))
+
+
+DICOM_SEEDS = [
+    dicom_bytes(np.random.default_rng(0).integers(0, 3000, (2, 12, 10)).astype(np.int16)),
+    dicom_bytes(
+        np.random.default_rng(1).integers(0, 3000, (12, 10)).astype(np.int16),
+        transfer_syntax="1.2.840.10008.1.2.5",  # RLE
+    ),
+    dicom_bytes(np.random.default_rng(2).integers(0, 255, (12, 10, 3)).astype(np.uint8)),
+]
+
+
+@FUZZ
+@given(
+    seed=st.sampled_from(DICOM_SEEDS),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=12),
+    cut=st.integers(0, 10_000),
+)
+def test_fuzz_mutated_dicom(seed: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    """Only DecodeError escapes parsing or any frame; frames are RGB uint8 of the header's size."""
+    data = bytearray(seed)
+    for position, value in flips:
+        data[position % len(data)] = value
+    spec = DicomSpec()
+    try:
+        instance = open_instance(bytes(data[: max(cut, len(data) // 4)]), spec, 4_000_000)
+        assert instance.frame_count <= 2
+        for index in range(instance.frame_count):
+            image = decode_frame(instance, index, spec)
+            assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    except DecodeError as err:
+        assert type(err).__name__ in ALLOWED_ERRORS
 
 
 # --- object keys -----------------------------------------------------------------------------

@@ -31,6 +31,9 @@ COLUMN_NAMES = {
 }
 TAGS_COLUMN = "dicom_tags"  # the allow-listed extra tags, as JSON text between stages
 DICOM_COLUMNS = (*COLUMN_NAMES.values(), "window_center", "window_width", TAGS_COLUMN)
+# Decoder plugins to prefer per transfer syntax: pylibjpeg-rle panics (a pyo3 PanicException,
+# which is not an Exception) on some corrupt RLE streams; pydicom's own RLE decoder raises.
+PLUGIN_PREFERENCE = {"1.2.840.10008.1.2.5": {"decoding_plugin": "pydicom"}}
 INSTALL_HINT = "DICOM input needs pydicom and its pixel handlers: pip install 'vision-ops[dicom]'"
 
 
@@ -83,10 +86,13 @@ def open_instance(data: bytes, spec: DicomSpec, max_pixels: int) -> Instance:
 def decode_frame(instance: Instance, index: int, spec: DicomSpec) -> np.ndarray:
     """Frame `index` as RGB uint8 (rows, columns, 3); only that frame is decoded."""
     dataset = instance.dataset
+    options = PLUGIN_PREFERENCE.get(str(_transfer_syntax(dataset)), {})
     with quiet_pydicom():
         try:
-            values = _pydicom().pixels.pixel_array(dataset, index=index)
-        except Exception as err:
+            values = _pydicom().pixels.pixel_array(dataset, index=index, **options)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # Rust decoders panic with a BaseException (pyo3)
             raise CorruptDicom(
                 f"cannot decode frame {index} of the {_syntax_name(dataset)} pixel data: "
                 f"{scrubbed(err)}"
