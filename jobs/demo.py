@@ -16,12 +16,15 @@ from vision_ops.cli import main as vision_ops_main
 from vision_ops.config import load_spec
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 from vision_ops.models import weights_unavailable
-from vision_ops.query import connect, top_labels_sql
+from vision_ops.query import connect, read_sql, top_labels_sql
+from vision_ops.synthetic import dicom_bytes, phantom_ct
 
 SPEC = Path(__file__).with_name("demo.yaml")
 DETECT_SPEC = Path(__file__).with_name("demo-detect.yaml")
-PHOTO_BUCKET, OUTPUT_BUCKET = "demo-photos", "demo-predictions"
+DICOM_SPEC = Path(__file__).with_name("demo-dicom.yaml")
+PHOTO_BUCKET, SCAN_BUCKET, OUTPUT_BUCKET = "demo-photos", "demo-scans", "demo-predictions"
 OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/classification"
+DICOM_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/dicom"
 SKIMAGE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -42,6 +45,36 @@ def upload(server: SeaweedS3) -> None:
     # A file that is not an image: the job records it as an error row and goes on.
     fs.pipe_file(f"{PHOTO_BUCKET}/broken.jpg", b"<html>404 Not Found</html>")
     print(f"uploaded {len(sample_photos()) + 1} files to s3://{PHOTO_BUCKET}/")
+
+
+def upload_scans(server: SeaweedS3) -> None:
+    """Generated CT: a three-slice multi-frame instance, a single slice named by its UID (no
+    extension), and a `.dcm` that is not DICOM."""
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options())
+    slices = phantom_ct(frames=3, size=128)
+    tags = {"RescaleSlope": 1, "RescaleIntercept": -1024, "SliceThickness": 2.5}
+    fs.pipe_file(f"{SCAN_BUCKET}/head-3-slices.dcm", dicom_bytes(slices, tags=tags))
+    fs.pipe_file(f"{SCAN_BUCKET}/1.2.826.0.1.3680043.8.498.1", dicom_bytes(slices[1], tags=tags))
+    fs.pipe_file(f"{SCAN_BUCKET}/not-a-scan.dcm", b"<html>404 Not Found</html>")
+    print(f"uploaded 3 DICOM files (5 units) to s3://{SCAN_BUCKET}/")
+
+
+def run_dicom(server: SeaweedS3, endpoint: str) -> int:
+    upload_scans(server)
+    code = vision_ops_main(["run", str(DICOM_SPEC), "--set", endpoint])
+    if code == 0:
+        connection = connect({"s3": server.storage_options()})
+        print(f"\nDuckDB: one row per frame in {DICOM_OUTPUT_URI}")
+        print(connection.sql(frames_sql(DICOM_OUTPUT_URI)))
+    return code
+
+
+def frames_sql(output_uri: str) -> str:
+    return (
+        "SELECT regexp_extract(source_uri, '[^/]+$') AS file, frame_index, modality, "
+        "dicom_tags['SliceThickness'] AS slice_mm, status, error_type, label "
+        f"FROM {read_sql(output_uri)} ORDER BY file, frame_index"
+    )
 
 
 def show_output(server: SeaweedS3) -> None:
@@ -65,13 +98,15 @@ def run_detection(endpoint: str) -> int:
 
 def main() -> int:
     os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
-    with SeaweedS3(buckets=(PHOTO_BUCKET, OUTPUT_BUCKET)) as server:
+    with SeaweedS3(buckets=(PHOTO_BUCKET, SCAN_BUCKET, OUTPUT_BUCKET)) as server:
         print(f"SeaweedFS S3 serving on {server.endpoint_url}")
         upload(server)
         endpoint = f"storage_options.s3.endpoint_url={server.endpoint_url}"
         code = vision_ops_main(["run", str(SPEC), "--set", endpoint])
         if code == 0:
             show_output(server)
+            code = run_dicom(server, endpoint)
+        if code == 0:
             code = run_detection(endpoint)
     print("SeaweedFS stopped")
     return code

@@ -221,6 +221,10 @@ def test_nothing_found_with_any_extension(tree: Path) -> None:
         ("s3://b/dir.jpg/x", [".jpg"], False),
         ("file:///tmp/scene.tar.gz", [".gz"], True),
         ("memory:///a/.jpg", [".jpg"], False),
+        ("s3://pacs/ct/scan0001", ["", ".dcm"], True),
+        ("s3://pacs/ct/1.2.840.113619.2.55.3", ["", ".dcm"], True),  # named by its UID
+        ("s3://pacs/ct/1.2.840.113619.2.55.3", [".dcm"], False),
+        ("s3://pacs/ct/notes.txt", ["", ".dcm"], False),
     ],
 )
 def test_has_extension(uri: str, extensions: list[str], kept: bool) -> None:

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# A DICOM job's default: `.dcm`, `.dicom` and names without an extension ("").
+# A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Option names that carry credentials: refused in a spec, which is copied into logs and job records.

@@ -49,8 +49,13 @@ def list_inputs(spec: InputSpec, options: StorageOptions | None = None) -> pa.Ta
 
 
 def has_extension(uri: str, extensions: Iterable[str]) -> bool:
+    """Whether the name ends in one of `extensions`; "" matches a name without one, or whose
+    last dot is followed by digits only (DICOM files named by their UID: 1.2.840.10008.7)."""
     allowed = tuple(extensions)
-    return not allowed or posixpath.splitext(uri)[1].lower() in allowed
+    suffix = posixpath.splitext(uri)[1].lower()
+    if suffix[1:].isdigit():
+        suffix = ""
+    return not allowed or suffix in allowed
 
 
 def _list_uri(uri: str, options: StorageOptions | None) -> list[dict[str, Any]]:
