@@ -47,3 +47,25 @@ class Stall(torch.nn.Module):
 
 def stall() -> torch.nn.Module:
     return Stall()
+
+
+class SlowOnNodes(torch.nn.Module):
+    """Average-pools like CrashOnce, slowly, noting the id of the node of each call in `marks`
+    (a folder): the node-loss test removes a node once a call has run there."""
+
+    def __init__(self, marks: str, classes: int, seconds: float) -> None:
+        super().__init__()
+        self.marks, self.classes, self.seconds = Path(marks), classes, seconds
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        (self.marks / f"{node}-{os.getpid()}-{time.monotonic_ns()}").write_text(node)
+        time.sleep(self.seconds)
+        pooled = images.mean(dim=(2, 3))
+        return pooled.repeat(1, self.classes)[:, : self.classes]
+
+
+def slow_on_nodes(marks: str, classes: int = 3, seconds: float = 0.2) -> torch.nn.Module:
+    return SlowOnNodes(marks, classes, seconds)

@@ -185,6 +185,19 @@ def test_jpeg_lossless_and_baseline_colour_decode_to_rgb() -> None:
         assert np.abs(converted.astype(int) - reference).mean() < 3, ybr
 
 
+def test_palette_colour_goes_through_its_lookup_tables() -> None:
+    data = (PACKAGE_FILES / "examples_palette.dcm").read_bytes()
+    dataset = pydicom.dcmread(PACKAGE_FILES / "examples_palette.dcm")
+    stored = dataset.pixel_array
+    assert list(dataset.RedPaletteColorLookupTableDescriptor) == [256, 0, 16]  # 16-bit entries
+    tables = [
+        np.frombuffer(getattr(dataset, f"{c}PaletteColorLookupTableData"), dtype="<u2")
+        for c in ("Red", "Green", "Blue")
+    ]
+    expected = np.stack([np.rint(t[stored] / 65535 * 255) for t in tables], axis=-1)
+    np.testing.assert_array_equal(frame(data), expected)
+
+
 def test_sixteen_bit_colour_is_scaled_to_eight_bits() -> None:
     eight = frame((PACKAGE_FILES / "SC_rgb_rle.dcm").read_bytes())
     sixteen = frame((PACKAGE_FILES / "SC_rgb_rle_16bit.dcm").read_bytes())
@@ -321,6 +334,14 @@ def test_patient_identifiers_need_the_explicit_opt_in() -> None:
     ):
         parse_spec(raw)
     assert InputSpec(uris=["x"], dicom={}).extensions == ["", ".dcm", ".dicom"]
+
+
+def test_a_header_value_of_the_wrong_type_is_a_scrubbed_error() -> None:
+    data = dicom_bytes(STORED, tags={"WindowCenter": "12345678.9", "WindowWidth": 80})
+    data = data.replace(b"12345678.9", b"Canaryname")  # not a decimal string any more
+    with pytest.raises(CorruptDicom, match="malformed DICOM header") as caught:
+        open_instance(data, DicomSpec(), 10**8)
+    assert "Canaryname" not in str(caught.value)
 
 
 def test_error_text_is_scrubbed_of_quoted_values() -> None:

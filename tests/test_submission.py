@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -71,6 +72,14 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def client_for(address: str, env: dict[str, str]):  # type: ignore[no-untyped-def]
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(
+        address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    )
+
+
 def wait_for(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -108,18 +117,24 @@ def job_spec(tmp_path: Path, photo_paths: list[Path]) -> Path:
 
 def test_submit_runs_the_job_and_its_output_is_queryable(ray_head, job_spec, tmp_path) -> None:
     address, env = ray_head
+    # The submitter holds canary credentials: they must not travel with the job nor be printed.
+    canary = {"AWS_ACCESS_KEY_ID": "AKIACANARYSUBMIT0000", "AWS_SECRET_ACCESS_KEY": "canary/sub+9"}
     args = [*CLI, "submit", str(job_spec), "--address", address, "--run-id", "sub-1", "--wait"]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, env=env | canary, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     job_id = done.stdout.split()[1]
     assert f"{job_id}: SUCCEEDED" in done.stdout
-    assert env["RAY_AUTH_TOKEN"] not in done.stdout + done.stderr
+    secrets_seen = [env["RAY_AUTH_TOKEN"], *canary.values()]
+    assert not [s for s in secrets_seen if s in done.stdout + done.stderr]
+    info = client_for(address, env).get_job_info(job_id)
+    assert not [s for s in canary.values() if s in json.dumps(info.runtime_env or {})]
     shown = subprocess.run([*CLI, "status", job_id, "--address", address], env=env,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert shown.stdout.strip() == "SUCCEEDED"
     logs = subprocess.run([*CLI, "logs", job_id, "--address", address], env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "run sub-1: 2 items, 2 ok, 0 errors" in logs.stdout
+    assert not [s for s in canary.values() if s in logs.stdout + logs.stderr]
     sql = "SELECT count(*) AS n, min(run_id) AS run FROM predictions"
     query = subprocess.run([*CLI, "query", str(tmp_path / "table"), sql, "--format", "csv"],
                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -77,9 +77,14 @@ def open_instance(data: bytes, spec: DicomSpec, max_pixels: int) -> Instance:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception as err:
             raise _unreadable(data, err) from None
-        _check_pixels(dataset, data, max_pixels)
-        frame_count = _frame_count(dataset)
-        columns = tag_columns(dataset, spec) | {"frame_count": frame_count}
+        try:
+            _check_pixels(dataset, data, max_pixels)
+            frame_count = _frame_count(dataset)
+            columns = tag_columns(dataset, spec) | {"frame_count": frame_count}
+        except DecodeError:
+            raise
+        except Exception as err:  # a header element of the wrong type or shape
+            raise CorruptDicom(f"malformed DICOM header: {scrubbed(err)}") from None
     return Instance(dataset, frame_count, columns)
 
 
@@ -90,6 +95,7 @@ def decode_frame(instance: Instance, index: int, spec: DicomSpec) -> np.ndarray:
     with quiet_pydicom():
         try:
             values = _pydicom().pixels.pixel_array(dataset, index=index, **options)
+            return to_display(values, dataset, spec)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # Rust decoders panic with a BaseException (pyo3)
@@ -97,7 +103,6 @@ def decode_frame(instance: Instance, index: int, spec: DicomSpec) -> np.ndarray:
                 f"cannot decode frame {index} of the {_syntax_name(dataset)} pixel data: "
                 f"{scrubbed(err)}"
             ) from None
-        return to_display(values, dataset, spec)
 
 
 def to_display(values: np.ndarray, dataset: Any, spec: DicomSpec) -> np.ndarray:
