@@ -107,6 +107,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops.pipeline import ClusterTooSmall, run_job
     from vision_ops.sink import CommitRefused
     from vision_ops.sources import SourceError
+    from vision_ops.storage import StorageError
 
     try:
         summary = run_job(spec)
@@ -118,6 +119,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(err, EXIT_FAILED)
     except ExecutionTimeoutError as err:  # Ray Data's stall guard names the stuck stages
         return _fail(err, EXIT_FAILED)
+    except StorageError as err:
+        return _fail(RuntimeError(f"{err}; nothing was committed"), EXIT_FAILED)
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors "

@@ -8,6 +8,7 @@ that ran on this same host and whose process is gone is taken over at once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -17,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from vision_ops.storage import StorageOptions, filesystem
+from vision_ops.storage import StorageError, StorageOptions, filesystem, writing_to
 
 LOCK_NAME = "_lock.json"
 
@@ -40,6 +41,10 @@ class RunLock:
         self.path = f"{root.rstrip('/')}/{LOCK_NAME}"
 
     def acquire(self) -> None:
+        with writing_to(self.root_uri):
+            self._acquire()
+
+    def _acquire(self) -> None:
         held = self._read()
         if held and held["owner"] != self.owner and _now() < _expiry(held) and _alive(held):
             raise LockHeld(
@@ -54,12 +59,14 @@ class RunLock:
     def renew_if_due(self) -> None:
         """Extend the lease once a quarter of it has passed (call it as the run goes)."""
         if time.monotonic() - self._written_at > self.lease_s / 4:
-            self._write()
+            with writing_to(self.root_uri):
+                self._write()
 
     def release(self) -> None:
-        held = self._read()
-        if held and held["owner"] == self.owner:
-            self.fs.rm(self.path)
+        with writing_to(self.root_uri):
+            held = self._read()
+            if held and held["owner"] == self.owner:
+                self.fs.rm(self.path)
 
     def _read(self) -> dict[str, str] | None:
         try:
@@ -88,7 +95,11 @@ class RunLock:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.release()
+        if exc is None:
+            self.release()
+            return
+        with contextlib.suppress(StorageError):  # report the run's own error; a lock expires
+            self.release()
 
 
 def _now() -> dt.datetime:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, item_id
-from vision_ops.storage import StorageOptions, canonical_uri, filesystem
+from vision_ops.storage import StorageOptions, canonical_uri, filesystem, writing_to
 
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
 SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
@@ -108,7 +108,8 @@ class ParquetSink:
         self.root = root.rstrip("/")
         self.staging = f"{self.root}/_staging/{self.run_id}"
         self.partition = f"{self.root}/{PARTITION_COLUMN}={self.run_date.isoformat()}"
-        self._remove_staging()
+        with writing_to(self.root_uri):
+            self._remove_staging()
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
@@ -119,7 +120,8 @@ class ParquetSink:
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_file:
-            self._flush(self.rows_per_file)
+            with writing_to(self.root_uri):
+                self._flush(self.rows_per_file)
 
     def commit(
         self, listed_uris: Iterable[str] | None = None, details: dict[str, Any] | None = None
@@ -127,8 +129,28 @@ class ParquetSink:
         """Check exactly-once against the units of `listed_uris` and the staged footers, then
         replace this run's files in the partition and write the manifest (with `details`) and
         `_SUCCESS`. CommitRefused, with nothing visible to readers, when a check fails."""
+        with writing_to(self.root_uri):
+            return self._commit(listed_uris, details)
+
+    def _commit(
+        self, listed_uris: Iterable[str] | None, details: dict[str, Any] | None
+    ) -> CommitResult:
         while self._pending_rows:
             self._flush(self.rows_per_file)
+        self._check(listed_uris)
+        manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
+        files = self._publish(manifest, details or {})
+        return CommitResult(
+            partition_uri=canonical_uri(self.fs, self.partition),
+            manifest_uri=canonical_uri(self.fs, manifest),
+            files=files,
+            rows=self.rows,
+            ok=self.ok,
+            errors=self.rows - self.ok,
+        )
+
+    def _check(self, listed_uris: Iterable[str] | None) -> None:
+        """Exactly once against the listing, and every staged footer readable."""
         if self._frame_conflicts:
             some = sorted(self._frame_conflicts)[:3]
             raise CommitRefused(f"refusing to commit: rows disagree on the frame count of {some}")
@@ -136,7 +158,9 @@ class ParquetSink:
             expected = expected_units(listed_uris, self._frame_counts)
             check_exactly_once(expected, self._item_ids)
         self._check_staged_footers()
-        manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
+
+    def _publish(self, manifest: str, details: dict[str, Any]) -> list[str]:
+        """Replace this run's files in the partition, then write the manifest and _SUCCESS."""
         if self.fs.exists(manifest):
             self.fs.rm(manifest)  # the old run stops being visible before its files go
         self._remove_previous_files()
@@ -148,17 +172,10 @@ class ParquetSink:
             files.append(canonical_uri(self.fs, final))
         self._remove_staging()
         self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
-        content = self._manifest(files) | (details or {})
+        content = self._manifest(files) | details
         self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
         self.fs.pipe_file(f"{self.partition}/{SUCCESS_MARKER}", b"")
-        return CommitResult(
-            partition_uri=canonical_uri(self.fs, self.partition),
-            manifest_uri=canonical_uri(self.fs, manifest),
-            files=files,
-            rows=self.rows,
-            ok=self.ok,
-            errors=self.rows - self.ok,
-        )
+        return files
 
     def _note_frame_counts(self, table: pa.Table) -> None:
         framed = table.filter(pc.is_valid(table["frame_count"]))

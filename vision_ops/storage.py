@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
@@ -10,6 +11,30 @@ from fsspec import AbstractFileSystem
 
 StorageOptions = Mapping[str, Mapping[str, Any]]
 OPTIONAL_BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class StorageError(RuntimeError):
+    """A location the run must write cannot be written: says which and why (access denied,
+    no such bucket). Raised before the commit, so nothing is visible to readers."""
+
+
+@contextlib.contextmanager
+def writing_to(uri: str) -> Iterator[None]:
+    """Turn the store's OSError (s3fs maps AccessDenied to PermissionError, NoSuchBucket to
+    FileNotFoundError) into a StorageError naming `uri` and the cause."""
+    try:
+        yield
+    except PermissionError as err:
+        raise StorageError(
+            f"cannot write {uri}: access denied ({err}); the run's credentials need write "
+            "access to the output prefix"
+        ) from None
+    except FileNotFoundError as err:
+        raise StorageError(
+            f"cannot write {uri}: the bucket or folder does not exist ({err})"
+        ) from None
+    except OSError as err:
+        raise StorageError(f"cannot write {uri}: {type(err).__name__}: {err}") from None
 
 
 def protocol_of(uri: str) -> str:
