@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from vision_ops.storage import StorageError, StorageOptions, filesystem, writing_to
+from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
 
 LOCK_NAME = "_lock.json"
 
@@ -84,7 +84,7 @@ class RunLock:
             "since": now.isoformat(),
             "expires": (now + dt.timedelta(seconds=self.lease_s)).isoformat(),
         }
-        self.fs.makedirs(self.path.rpartition("/")[0], exist_ok=True)
+        make_folder(self.fs, self.path.rpartition("/")[0])
         self.fs.pipe_file(self.path, json.dumps(content).encode())
         self._written_at = time.monotonic()
 

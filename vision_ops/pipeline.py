@@ -27,7 +27,7 @@ from vision_ops.runstats import RunStats
 from vision_ops.schema import TABLE_BUILDERS, output_schema
 from vision_ops.sink import CommitResult, ParquetSink, committed_runs, read_committed_file
 from vision_ops.sources import list_inputs
-from vision_ops.storage import StorageOptions
+from vision_ops.storage import StorageOptions, require_bucket
 
 log = logging.getLogger(__name__)
 LISTING_ROWS_PER_BLOCK = 256
@@ -121,6 +121,7 @@ def run_job(spec: JobSpec) -> RunSummary:
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     lease = spec.run.lock_lease_s
+    require_bucket(spec.output.uri, spec.storage_options)
     with RunLock(spec.output.uri, run_id, lease, spec.storage_options) as lock:
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, item_id
-from vision_ops.storage import StorageOptions, canonical_uri, filesystem, writing_to
+from vision_ops.storage import (
+    StorageOptions,
+    canonical_uri,
+    filesystem,
+    make_folder,
+    writing_to,
+)
 
+log = logging.getLogger(__name__)
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
 SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
 
@@ -160,22 +169,45 @@ class ParquetSink:
         self._check_staged_footers()
 
     def _publish(self, manifest: str, details: dict[str, Any]) -> list[str]:
-        """Replace this run's files in the partition, then write the manifest and _SUCCESS."""
+        """Replace this run's files in the partition, then write the manifest and _SUCCESS.
+        Where a write fails before the manifest, the files already moved are taken back out
+        (best effort), so that plain Parquet readers of the partition do not see them."""
         if self.fs.exists(manifest):
             self.fs.rm(manifest)  # the old run stops being visible before its files go
         self._remove_previous_files()
-        self.fs.makedirs(self.partition, exist_ok=True)
-        files = []
-        for staged, _ in self._staged:
-            final = f"{self.partition}/{staged.rpartition('/')[2]}"
-            self.fs.mv(staged, final)
-            files.append(canonical_uri(self.fs, final))
-        self._remove_staging()
-        self.fs.makedirs(f"{self.root}/{MANIFESTS}", exist_ok=True)
-        content = self._manifest(files) | details
-        self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
-        self.fs.pipe_file(f"{self.partition}/{SUCCESS_MARKER}", b"")
+        make_folder(self.fs, self.partition)
+        moved: list[str] = []
+        try:
+            for staged, _ in self._staged:
+                moved.append(f"{self.partition}/{staged.rpartition('/')[2]}")
+                self.fs.mv(staged, moved[-1])
+            self._remove_staging()
+            files = [canonical_uri(self.fs, path) for path in moved]
+            make_folder(self.fs, f"{self.root}/{MANIFESTS}")
+            content = self._manifest(files) | details
+            self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
+        except Exception:
+            self._withdraw(moved)
+            raise
+        self._mark_success()
         return files
+
+    def _withdraw(self, paths: list[str]) -> None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                self.fs.rm(path)
+
+    def _mark_success(self) -> None:
+        """Hadoop's marker, for tools that look for it; the manifest is the commit itself."""
+        try:
+            self.fs.pipe_file(f"{self.partition}/{SUCCESS_MARKER}", b"")
+        except OSError as err:
+            log.warning(
+                "run %s committed, but %s could not be written: %s",
+                self.run_id,
+                SUCCESS_MARKER,
+                err,
+            )
 
     def _note_frame_counts(self, table: pa.Table) -> None:
         framed = table.filter(pc.is_valid(table["frame_count"]))
@@ -190,7 +222,7 @@ class ParquetSink:
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
         path = f"{self.staging}/{self.run_id}-part-{len(self._staged):05d}.parquet"
-        self.fs.makedirs(self.staging, exist_ok=True)
+        make_folder(self.fs, self.staging)
         with self.fs.open(path, "wb") as handle:
             pq.write_table(head, handle, compression="zstd")
         self._staged.append((path, head.num_rows))

@@ -53,6 +53,30 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[Abstrac
         raise ImportError(f"reading {protocol}:// needs {package}: pip install {package}") from err
 
 
+def require_bucket(uri: str, options: StorageOptions | None = None) -> None:
+    """StorageError unless the bucket (container) of an object-store URI exists: some stores
+    (SeaweedFS, MinIO in some modes) create a bucket on the first write, where a typo in the
+    output should fail the run instead."""
+    if protocol_of(uri) not in OPTIONAL_BACKENDS:
+        return
+    fs, path = filesystem(uri, options)
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"cannot write {uri}: the bucket {bucket} does not exist") from None
+    except OSError:
+        return  # not allowed to look (no ListBucket): the writes themselves will tell
+
+
+def make_folder(fs: AbstractFileSystem, path: str) -> None:
+    """Create a folder where the filesystem has real ones (local disk). On object stores a
+    "folder" is a key prefix: nothing to create, and s3fs's makedirs would create a missing
+    bucket, where a run must fail instead."""
+    if set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & {"file", "local"}:
+        fs.makedirs(path, exist_ok=True)
+
+
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
     """The full URL of a path, e.g. s3://bucket/key or file:///abs/path."""
     return str(fs.unstrip_protocol(path))
