@@ -1,0 +1,109 @@
+"""Raster reads: a tile equals the same window of the array the test wrote, scaled by hand;
+bands in the asked order; nodata and the scene's edge are black and counted; s3:// works with
+a custom endpoint (SeaweedFS) through fsspec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from vision_ops.raster import RasterError, open_raster, read_tile, scene_header
+from vision_ops.tiling import Window
+
+NODATA = 0
+TRANSFORM = from_origin(500_000.0, 4_650_000.0, 10.0, 10.0)  # UTM 33N, 10 m pixels
+
+
+@pytest.fixture(scope="module")
+def scene() -> np.ndarray:
+    """Four 16-bit bands, 300 x 200 pixels, values 1..10000, a nodata corner."""
+    rng = np.random.default_rng(0)
+    bands = rng.integers(1, 10_001, (4, 200, 300)).astype(np.uint16)
+    bands[:, :50, :60] = NODATA
+    return bands
+
+
+@pytest.fixture(scope="module")
+def geotiff(tmp_path_factory: pytest.TempPathFactory, scene: np.ndarray) -> Path:
+    path = tmp_path_factory.mktemp("scenes") / "scene.tif"
+    profile = {
+        "driver": "GTiff",
+        "width": 300,
+        "height": 200,
+        "count": 4,
+        "dtype": "uint16",
+        "crs": "EPSG:32633",
+        "transform": TRANSFORM,
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 64,
+        "blockysize": 64,
+    }
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(scene)
+    return path
+
+
+def by_hand(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip(np.rint((values.astype(np.float64) - low) / (high - low) * 255), 0, 255)
+
+
+def test_header(geotiff: Path) -> None:
+    with open_raster(str(geotiff)) as dataset:
+        header = scene_header(dataset)
+    assert (header.width, header.height, header.band_count, header.dtype) == (300, 200, 4, "uint16")
+    assert header.transform == (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_650_000.0)
+    assert header.nodata == 0 and "32633" in (header.crs_wkt or "")
+
+
+def test_a_tile_is_its_window_in_band_order_scaled(geotiff: Path, scene: np.ndarray) -> None:
+    window = Window(row_off=100, col_off=150, height=64, width=64)
+    with open_raster(str(geotiff)) as dataset:
+        tile, valid = read_tile(dataset, window, bands=(3, 2, 1), value_range=(0, 10_000))
+    expected = by_hand(scene[[2, 1, 0], 100:164, 150:214], 0, 10_000)
+    np.testing.assert_array_equal(tile, np.moveaxis(expected, 0, -1))
+    assert tile.dtype == np.uint8 and valid == 1.0
+
+
+def test_nodata_and_the_edge_are_black_and_counted(geotiff: Path, scene: np.ndarray) -> None:
+    corner = Window(row_off=0, col_off=0, height=64, width=64)  # 50 x 60 of nodata
+    edge = Window(row_off=160, col_off=270, height=64, width=64)  # 40 x 30 inside the scene
+    with open_raster(str(geotiff)) as dataset:
+        tile, valid = read_tile(dataset, corner, bands=(1,), value_range=(1, 10_000))
+        assert valid == pytest.approx(1 - 50 * 60 / 64**2)
+        assert (tile[:50, :60] == 0).all() and (tile[..., 0] == tile[..., 2]).all()
+        np.testing.assert_array_equal(tile[50:, :, 0], by_hand(scene[0, 50:64, :64], 1, 10_000))
+        tile, valid = read_tile(dataset, edge, bands=(4, 3, 2), value_range=(1, 10_000))
+    assert valid == pytest.approx(40 * 30 / 64**2)
+    assert (tile[40:] == 0).all() and (tile[:, 30:] == 0).all()
+    expected = by_hand(scene[[3, 2, 1], 160:200, 270:300], 1, 10_000)
+    np.testing.assert_array_equal(tile[:40, :30], np.moveaxis(expected, 0, -1))
+
+
+def test_bad_bands_and_unreadable_files(geotiff: Path, tmp_path: Path) -> None:
+    with open_raster(str(geotiff)) as dataset:
+        with pytest.raises(RasterError, match=r"bands 1..4, found \[5\]"):
+            read_tile(dataset, Window(0, 0, 8, 8), bands=(5, 1, 2), value_range=(0, 1))
+        with pytest.raises(RasterError, match="1 or 3 band numbers"):
+            read_tile(dataset, Window(0, 0, 8, 8), bands=(1, 2), value_range=(0, 1))
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(geotiff.read_bytes()[:500])
+    with pytest.raises(RasterError, match="cannot read"), open_raster(str(broken)) as dataset:
+        read_tile(dataset, Window(0, 0, 64, 64), bands=(1,), value_range=(0, 1))
+
+
+@pytest.mark.s3
+def test_s3_with_a_custom_endpoint_reads_the_same_tile(
+    geotiff: Path, scene: np.ndarray, s3fs_client, s3_options
+) -> None:
+    s3fs_client.put_file(str(geotiff), "images/scenes/scene.tif")
+    window = Window(row_off=64, col_off=128, height=64, width=64)
+    with open_raster("s3://images/scenes/scene.tif", s3_options) as dataset:
+        assert scene_header(dataset).width == 300
+        tile, _ = read_tile(dataset, window, bands=(1, 2, 3), value_range=(0, 10_000))
+    expected = by_hand(scene[[0, 1, 2], 64:128, 128:192], 0, 10_000)
+    np.testing.assert_array_equal(tile, np.moveaxis(expected, 0, -1))

@@ -1,0 +1,122 @@
+"""Rasters (GeoTIFF, COG, large plain TIFF/PNG): scene headers and windowed tile reads to uint8.
+
+A tile reads only its window: rasterio is handed an fsspec opener, so GDAL asks the store for
+the byte ranges of the blocks it needs (a Cloud-Optimised GeoTIFF's tiles), never the scene.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vision_ops.storage import StorageOptions, filesystem
+from vision_ops.tiling import Window
+
+INSTALL_HINT = "raster input needs rasterio: pip install 'vision-ops[geo]'"
+
+
+class RasterError(ValueError):
+    """A raster that cannot be read as asked (bad bands, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What tiling and georeferencing need from a scene's header."""
+
+    width: int
+    height: int
+    band_count: int
+    dtype: str
+    crs_wkt: str | None  # None: a plain image, pixel coordinates only
+    transform: tuple[float, float, float, float, float, float]  # affine a, b, c, d, e, f
+    nodata: float | None
+
+
+@contextlib.contextmanager
+def open_raster(uri: str, options: StorageOptions | None = None) -> Iterator[Any]:
+    """A rasterio dataset reading through fsspec (local, s3:// with a custom endpoint...)."""
+    rasterio = _rasterio()
+    fs, path = filesystem(uri, options)
+    try:
+        with rasterio.open(path, opener=fs) as dataset:
+            yield dataset
+    except rasterio.errors.RasterioIOError as err:
+        raise RasterError(f"cannot read {uri} as a raster: {err}") from None
+
+
+def scene_header(dataset: Any) -> Scene:
+    crs = dataset.crs
+    return Scene(
+        width=int(dataset.width),
+        height=int(dataset.height),
+        band_count=int(dataset.count),
+        dtype=str(dataset.dtypes[0]),
+        crs_wkt=crs.to_wkt() if crs else None,
+        transform=tuple(dataset.transform)[:6],  # type: ignore[arg-type]
+        nodata=None if dataset.nodata is None else float(dataset.nodata),
+    )
+
+
+def read_tile(
+    dataset: Any,
+    window: Window,
+    bands: Sequence[int],
+    value_range: tuple[float, float],
+    nodata: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """One tile as RGB uint8 (height, width, 3) and the fraction of its pixels holding data.
+
+    `bands` are 1-based band numbers in output order (e.g. 4, 3, 2 for RGB from Sentinel-2);
+    one band is replicated to grey. Values map linearly from `value_range` (low, high) onto
+    0..255, clipped. Pixels past the scene's edge, or equal to `nodata` (the file's when None)
+    in every band, count as no data and are black.
+    """
+    _check_bands(bands, dataset.count)
+    fill = dataset.nodata if nodata is None else nodata
+    values = dataset.read(
+        indexes=list(bands),
+        window=_rasterio().windows.Window(
+            window.col_off, window.row_off, window.width, window.height
+        ),
+        boundless=True,
+        fill_value=fill if fill is not None else 0,
+    ).astype(np.float64)
+    valid = _valid_mask(values, fill, window, dataset.width, dataset.height)
+    low, high = value_range
+    scaled = np.clip(np.rint((values - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+    scaled[:, ~valid] = 0
+    rgb = np.repeat(scaled, 3, axis=0) if len(bands) == 1 else scaled
+    return np.ascontiguousarray(np.moveaxis(rgb, 0, -1)), float(valid.mean())
+
+
+def _valid_mask(
+    values: np.ndarray, nodata: float | None, window: Window, width: int, height: int
+) -> np.ndarray:
+    rows = np.arange(window.row_off, window.row_off + window.height)[:, None]
+    cols = np.arange(window.col_off, window.col_off + window.width)[None, :]
+    inside = (rows < height) & (cols < width) & (rows >= 0) & (cols >= 0)
+    if nodata is None:
+        return inside
+    return inside & ~np.all(values == nodata, axis=0)
+
+
+def _check_bands(bands: Sequence[int], count: int) -> None:
+    if len(bands) not in (1, 3):
+        raise RasterError(f"bands: expected 1 or 3 band numbers, found {list(bands)}")
+    outside = [band for band in bands if not 1 <= band <= count]
+    if outside:
+        raise RasterError(f"bands: the raster has bands 1..{count}, found {outside}")
+
+
+def _rasterio() -> Any:
+    try:
+        import rasterio
+        import rasterio.errors
+        import rasterio.windows
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return rasterio
