@@ -56,7 +56,7 @@ def scene_header(dataset: Any) -> Scene:
         band_count=int(dataset.count),
         dtype=str(dataset.dtypes[0]),
         crs_wkt=crs.to_wkt() if crs else None,
-        transform=tuple(dataset.transform)[:6],  # type: ignore[arg-type]
+        transform=tuple(dataset.transform)[:6],
         nodata=None if dataset.nodata is None else float(dataset.nodata),
     )
 
