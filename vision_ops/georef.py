@@ -1,0 +1,79 @@
+"""Pixels to map coordinates: tile footprints and boxes in a scene's CRS, as WKB, with the
+GeoParquet 1.1 metadata that lets DuckDB spatial, GDAL/QGIS and geopandas read them."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vision_ops.tiling import Window
+
+# Affine (a, b, c, d, e, f): x = a * col + b * row + c, y = d * col + e * row + f (GDAL order,
+# as rasterio's Affine lists it).
+Transform = tuple[float, float, float, float, float, float]
+WKB_POLYGON = 3
+GEOPARQUET_VERSION = "1.1.0"
+
+
+def pixel_to_crs(transform: Transform, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Map coordinates (N, 2) of pixel positions (col, row); pixel (0, 0) is the top-left
+    corner of the top-left pixel, (0.5, 0.5) its centre."""
+    a, b, c, d, e, f = transform
+    cols, rows = np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64)
+    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
+
+
+def box_polygon(transform: Transform, x_min: float, y_min: float, x_max: float, y_max: float):
+    """The closed ring (5, 2) of a pixel box in the CRS, corners in pixel order
+    top-left, top-right, bottom-right, bottom-left (counter-clockwise on a north-up map)."""
+    cols = np.array([x_min, x_max, x_max, x_min, x_min])
+    rows = np.array([y_min, y_min, y_max, y_max, y_min])
+    ring = pixel_to_crs(transform, cols, rows)
+    return ring if _signed_area(ring) > 0 else ring[::-1]
+
+
+def footprint(transform: Transform, window: Window) -> np.ndarray:
+    """The ring of a tile's window in the CRS."""
+    return box_polygon(
+        transform,
+        window.col_off,
+        window.row_off,
+        window.col_off + window.width,
+        window.row_off + window.height,
+    )
+
+
+def polygon_wkb(ring: np.ndarray) -> bytes:
+    """ISO WKB (little endian) of a one-ring polygon."""
+    ring = np.asarray(ring, dtype="<f8")
+    header = struct.pack("<BII", 1, WKB_POLYGON, 1) + struct.pack("<I", len(ring))
+    return header + ring.tobytes()
+
+
+def geo_metadata(
+    column: str, crs_projjson: dict[str, Any] | None, bbox: Sequence[float] | None
+) -> dict[bytes, bytes]:
+    """The Parquet key-value metadata of GeoParquet 1.1 for one WKB polygon column with a
+    `{column}_bbox` covering struct (xmin, ymin, xmax, ymax)."""
+    spec: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "covering": {
+            "bbox": {name: [f"{column}_bbox", name] for name in ("xmin", "ymin", "xmax", "ymax")}
+        },
+    }
+    if crs_projjson is not None:
+        spec["crs"] = crs_projjson
+    if bbox is not None:
+        spec["bbox"] = [float(v) for v in bbox]
+    content = {"version": GEOPARQUET_VERSION, "primary_column": column, "columns": {column: spec}}
+    return {b"geo": json.dumps(content).encode()}
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) / 2)
