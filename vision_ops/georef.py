@@ -27,7 +27,9 @@ def pixel_to_crs(transform: Transform, cols: np.ndarray, rows: np.ndarray) -> np
     return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
 
 
-def box_polygon(transform: Transform, x_min: float, y_min: float, x_max: float, y_max: float):
+def box_polygon(
+    transform: Transform, x_min: float, y_min: float, x_max: float, y_max: float
+) -> np.ndarray:
     """The closed ring (5, 2) of a pixel box in the CRS, corners in pixel order
     top-left, top-right, bottom-right, bottom-left (counter-clockwise on a north-up map)."""
     cols = np.array([x_min, x_max, x_max, x_min, x_min])
