@@ -74,3 +74,15 @@ def s3fs_client(seaweed: SeaweedS3):  # type: ignore[no-untyped-def]
     import s3fs
 
     return s3fs.S3FileSystem(skip_instance_cache=True, **seaweed.storage_options())
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state_dict of a random mobilenet_v3_small with 4 classes (the weights-file path)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4).state_dict(), path)
+    return path

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-import torchvision
 import yaml
 from PIL import Image
 
@@ -113,14 +111,6 @@ def test_a_refused_commit_leaves_nothing_for_readers(tmp_path: Path) -> None:
     assert not (tmp_path / "run_date=2026-11-24").exists()
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4).state_dict(), path)
-    return path
-
-
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -129,12 +119,12 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
         Image.fromarray(pixels).save(folder / f"img{index:03d}.png")
 
 
-def write_spec(folder: Path, weights: Path, output: Path, **runtime: object) -> Path:
+def write_spec(folder: Path, tiny_weights: Path, output: Path, **runtime: object) -> Path:
     spec = {
         "input": {"uris": [str(folder / "images")]},
         "model": {
             "architecture": "mobilenet_v3_small",
-            "weights": str(weights),
+            "weights": str(tiny_weights),
             "num_classes": 4,
             "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
         },
@@ -146,9 +136,11 @@ def write_spec(folder: Path, weights: Path, output: Path, **runtime: object) -> 
     return path
 
 
-def test_verify_passes_a_committed_run_and_catches_damage(ray_local, tmp_path, weights, capsys):
+def test_verify_passes_a_committed_run_and_catches_damage(
+    ray_local, tmp_path, tiny_weights, capsys
+):
     make_images(tmp_path / "images", 5)
-    spec = write_spec(tmp_path, weights, tmp_path / "table")
+    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
     assert main(["run", str(spec), "--run-id", "v1"]) == EXIT_OK
     capsys.readouterr()
     assert main(["verify", str(spec)]) == EXIT_OK
@@ -163,9 +155,9 @@ def test_verify_passes_a_committed_run_and_catches_damage(ray_local, tmp_path, w
     assert "unreadable" in capsys.readouterr().err
 
 
-def test_incremental_runs_skip_committed_units(ray_local, tmp_path, weights, capsys) -> None:
+def test_incremental_runs_skip_committed_units(ray_local, tmp_path, tiny_weights, capsys) -> None:
     make_images(tmp_path / "images", 6)
-    spec = write_spec(tmp_path, weights, tmp_path / "table")
+    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
     assert main(["run", str(spec), "--run-date", "2026-11-20"]) == EXIT_OK
     assert main(["run", str(spec), "--run-date", "2026-11-21", "--incremental"]) == EXIT_OK
     assert "2026-11-21-" in capsys.readouterr().out
@@ -181,9 +173,9 @@ def test_incremental_runs_skip_committed_units(ray_local, tmp_path, weights, cap
     assert pq.read_table(tmp_path / "table" / "run_date=2026-11-23").num_rows == 6
 
 
-def test_a_second_run_on_the_same_output_is_refused(ray_local, tmp_path, weights, capsys):
+def test_a_second_run_on_the_same_output_is_refused(ray_local, tmp_path, tiny_weights, capsys):
     make_images(tmp_path / "images", 2)
-    spec_path = write_spec(tmp_path, weights, tmp_path / "table")
+    spec_path = write_spec(tmp_path, tiny_weights, tmp_path / "table")
     with RunLock(str(tmp_path / "table"), "nightly-elsewhere", lease_s=600):
         with pytest.raises(LockHeld, match="being written by run nightly-elsewhere"):
             run_job(load_spec(spec_path))
@@ -203,10 +195,10 @@ def test_a_second_run_on_the_same_output_is_refused(ray_local, tmp_path, weights
     assert not (tmp_path / "table" / LOCK_NAME).exists()
 
 
-def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path, weights):
+def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path, tiny_weights):
     make_images(tmp_path / "images", 160)
     table = tmp_path / "table"
-    spec = write_spec(tmp_path, weights, table)
+    spec = write_spec(tmp_path, tiny_weights, table)
     ray_temp = Path(tempfile.mkdtemp(prefix="vok", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_TMPDIR": str(ray_temp)
@@ -229,7 +221,7 @@ def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path,
     assert (table / LOCK_NAME).exists()  # the dead run's lock: its pid is gone, so it is stale
     assert main(["run", str(spec), "--run-id", "k1"]) == EXIT_OK
     rerun = pq.read_table(table / f"run_date={committed_runs(str(table))[0]['run_date']}")
-    clean_spec = write_spec(tmp_path, weights, tmp_path / "clean")
+    clean_spec = write_spec(tmp_path, tiny_weights, tmp_path / "clean")
     assert main(["run", str(clean_spec), "--run-id", "k1"]) == EXIT_OK
     clean = pq.read_table(
         tmp_path / "clean" / f"run_date={committed_runs(str(tmp_path / 'clean'))[0]['run_date']}"

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-import torchvision
 import yaml
 
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.sink import committed_runs
 
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4).state_dict(), path)
-    return path
 
 
 def spec_file(folder: Path, inputs: str, output: str, weights: Path, **extra: object) -> Path:

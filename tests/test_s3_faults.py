@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
-import torchvision
 import yaml
 from faulty_s3 import FaultyS3, reads_of, writes_under
 
@@ -29,14 +27,6 @@ from vision_ops.storage import StorageError
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
 RUN_DATE = "2026-11-24"
 MISSING_BUCKET = "no-such-bucket-xyz"
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +43,14 @@ def output() -> str:
     return f"s3://out/faults-{uuid.uuid4().hex[:8]}"
 
 
-def job(inputs: str, output: str, weights: Path, endpoint_url: str, run_id: str) -> dict[str, Any]:
+def job(
+    inputs: str, output: str, tiny_weights: Path, endpoint_url: str, run_id: str
+) -> dict[str, Any]:
     return {
         "input": {"uris": [inputs]},
         "model": {
             "architecture": "mobilenet_v3_small",
-            "weights": str(weights),
+            "weights": str(tiny_weights),
             "num_classes": 4,
             "preprocessing": {"resize": 72, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
         },
@@ -132,7 +124,7 @@ def test_the_proxy_forwards_and_injects_what_it_counts(seaweed: Any) -> None:
 
 
 def test_transient_faults_on_reads_and_writes_are_retried_and_lose_nothing(
-    ray_local: None, seaweed: Any, photos: tuple[str, list[str]], output: str, weights: Path
+    ray_local: None, seaweed: Any, photos: tuple[str, list[str]], output: str, tiny_weights: Path
 ) -> None:
     inputs, uris = photos
     direct = {"s3": {"endpoint_url": seaweed.endpoint_url}}
@@ -141,7 +133,7 @@ def test_transient_faults_on_reads_and_writes_are_retried_and_lose_nothing(
     with FaultyS3(
         seaweed.endpoint_url, slowdown_every=5, reset_every=6, drop_response_every=9
     ) as proxy:
-        summary = run_job(spec(inputs, output, weights, proxy.endpoint_url, "faulty"))
+        summary = run_job(spec(inputs, output, tiny_weights, proxy.endpoint_url, "faulty"))
     assert (summary.commit.rows, summary.commit.ok) == (5, 5)
     for fault in ("slowdown", "reset", "dropped_response"):
         assert proxy.fault_count(fault) > 0, (fault, proxy.faults)
@@ -159,7 +151,7 @@ def test_transient_faults_on_reads_and_writes_are_retried_and_lose_nothing(
     assert rows["source_uri"].to_pylist() == uris  # each listed photo once
     assert set(rows["status"].to_pylist()) == {"ok"}
     clean_output = f"{output}-clean"
-    run_job(spec(inputs, clean_output, weights, seaweed.endpoint_url, "faulty"))
+    run_job(spec(inputs, clean_output, tiny_weights, seaweed.endpoint_url, "faulty"))
     clean = committed_rows(clean_output, "faulty", direct)
     assert rows["label_id"].to_pylist() == clean["label_id"].to_pylist()
     np.testing.assert_allclose(
@@ -174,23 +166,23 @@ def test_transient_faults_on_reads_and_writes_are_retried_and_lose_nothing(
 
 def test_denied_writes_to_the_output_fail_the_run_and_commit_nothing(
     ray_local: None, seaweed: Any, s3fs_client: Any, photos: tuple[str, list[str]], output: str,
-    weights: Path,
+    tiny_weights: Path,
 ) -> None:  # fmt: skip
     bucket, _, prefix = output.removeprefix("s3://").partition("/")
     denied = pytest.raises(StorageError, match=r"(?i)access denied")
     with FaultyS3(seaweed.endpoint_url, deny=writes_under(bucket, prefix)) as proxy, denied:
-        run_job(spec(photos[0], output, weights, proxy.endpoint_url, "denied"))
+        run_job(spec(photos[0], output, tiny_weights, proxy.endpoint_url, "denied"))
     assert proxy.fault_count("denied", "PUT") > 0
     nothing_written(seaweed, s3fs_client, output)
 
 
 def test_denied_writes_to_the_output_name_the_output_in_the_error(
-    ray_local: None, seaweed: Any, photos: tuple[str, list[str]], output: str, weights: Path,
+    ray_local: None, seaweed: Any, photos: tuple[str, list[str]], output: str, tiny_weights: Path,
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     bucket, _, prefix = output.removeprefix("s3://").partition("/")
     with FaultyS3(seaweed.endpoint_url, deny=writes_under(bucket, prefix)) as proxy:
-        raw = job(photos[0], output, weights, proxy.endpoint_url, "denied")
+        raw = job(photos[0], output, tiny_weights, proxy.endpoint_url, "denied")
         with pytest.raises(StorageError) as err:
             run_job(parse_spec(raw))
         message = str(err.value)
@@ -205,7 +197,7 @@ def test_denied_writes_to_the_output_name_the_output_in_the_error(
 
 def test_a_denied_manifest_write_commits_nothing(
     ray_local: None, seaweed: Any, s3fs_client: Any, photos: tuple[str, list[str]], output: str,
-    weights: Path,
+    tiny_weights: Path,
 ) -> None:  # fmt: skip
     """Denied at the last step, the commit itself: nothing is committed, the data files already
     moved into the partition are taken back out (plain Parquet readers see none), and a rerun
@@ -215,25 +207,25 @@ def test_a_denied_manifest_write_commits_nothing(
     deny = writes_under(bucket, f"{prefix}/_manifests/")
     denied = pytest.raises(StorageError, match=r"(?i)access denied")
     with FaultyS3(seaweed.endpoint_url, deny=deny) as proxy, denied as err:
-        run_job(spec(photos[0], output, weights, proxy.endpoint_url, "manifest"))
+        run_job(spec(photos[0], output, tiny_weights, proxy.endpoint_url, "manifest"))
     assert output in str(err.value)
     assert proxy.fault_count("denied", "PUT") == 1
     assert committed_runs(output, direct) == []
     assert verify_run(output, "manifest", direct)[1] == [f"{output}: no committed run manifest"]
     s3fs_client.invalidate_cache()
     assert s3fs_client.glob(f"{output.removeprefix('s3://')}/run_date=*/*.parquet") == []
-    run_job(spec(photos[0], output, weights, seaweed.endpoint_url, "manifest"))
+    run_job(spec(photos[0], output, tiny_weights, seaweed.endpoint_url, "manifest"))
     assert committed_rows(output, "manifest", direct)["source_uri"].to_pylist() == photos[1]
 
 
 def test_a_denied_input_becomes_an_error_row_and_the_rest_commit(
-    ray_local: None, seaweed: Any, photos: tuple[str, list[str]], output: str, weights: Path
+    ray_local: None, seaweed: Any, photos: tuple[str, list[str]], output: str, tiny_weights: Path
 ) -> None:
     inputs, uris = photos
     denied_uri = uris[1]
     bucket, _, key = denied_uri.removeprefix("s3://").partition("/")
     with FaultyS3(seaweed.endpoint_url, deny=reads_of(bucket, key)) as proxy:
-        summary = run_job(spec(inputs, output, weights, proxy.endpoint_url, "input"))
+        summary = run_job(spec(inputs, output, tiny_weights, proxy.endpoint_url, "input"))
     assert proxy.fault_count("denied") > 0
     assert (summary.commit.rows, summary.commit.ok, summary.commit.errors) == (5, 4, 1)
     rows = committed_rows(output, "input", {"s3": {"endpoint_url": seaweed.endpoint_url}})
@@ -257,10 +249,10 @@ def missing_bucket(s3fs_client: Any) -> Iterator[str]:
 
 def test_a_missing_output_bucket_fails_the_run_and_creates_nothing(
     ray_local: None, seaweed: Any, s3fs_client: Any, photos: tuple[str, list[str]],
-    missing_bucket: str, weights: Path,
+    missing_bucket: str, tiny_weights: Path,
 ) -> None:  # fmt: skip
     with pytest.raises(Exception) as err:
-        run_job(spec(photos[0], missing_bucket, weights, seaweed.endpoint_url, "nobucket"))
+        run_job(spec(photos[0], missing_bucket, tiny_weights, seaweed.endpoint_url, "nobucket"))
     message = str(err.value)
     assert MISSING_BUCKET in message
     assert any(words in message.lower() for words in ("does not exist", "no such bucket"))
