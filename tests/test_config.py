@@ -64,6 +64,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "extensions": sorted(DEFAULT_EXTENSIONS),
         "max_pixels": 178_956_970,
         "dicom": None,
+        "tiling": None,
     }
     assert spec.task.model_dump() == {"kind": "classification", "top_k": 5}
     assert spec.model.model_dump() == {

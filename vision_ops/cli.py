@@ -105,13 +105,14 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
 
     from vision_ops.lock import LockHeld
     from vision_ops.pipeline import ClusterTooSmall, run_job
+    from vision_ops.scenes import SceneError
     from vision_ops.sink import CommitRefused
     from vision_ops.sources import SourceError
     from vision_ops.storage import StorageError
 
     try:
         summary = run_job(spec)
-    except (SourceError, ModelError) as err:
+    except (SourceError, ModelError, SceneError) as err:
         return _fail(err, EXIT_BAD_SPEC)
     except ClusterTooSmall as err:
         return _fail(err, EXIT_CLUSTER_TOO_SMALL)
@@ -123,7 +124,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(RuntimeError(f"{err}; nothing was committed"), EXIT_FAILED)
     commit = summary.commit
     print(
-        f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors "
+        f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors"
+        f"{f', {commit.skipped} skipped' if commit.skipped else ''} "
         f"in {summary.seconds:.1f}s; pipeline {summary.pipeline_seconds:.1f}s, "
         f"{summary.images_per_second:.1f} images/s\n"
         f"output: {commit.partition_uri} ({len(commit.files)} file(s))\n"

@@ -213,6 +213,52 @@ def _unknown_dicom_keywords(keywords: list[str]) -> list[str]:
     return [keyword for keyword in keywords if tag_for_keyword(keyword) is None]
 
 
+class TilingSpec(StrictModel):
+    size: int = Field(default=512, gt=0, description="Tile side in scene pixels.")
+    overlap: int = Field(default=0, ge=0, description="Pixels shared by neighbouring tiles.")
+    edge: Literal["shift", "pad", "drop"] = Field(
+        default="shift",
+        description="The last tile of a row or column: `shift` it back inside the scene, `pad` "
+        "it past the edge with nodata, or `drop` it (its pixels are not covered).",
+    )
+    bands: list[int] = Field(
+        default=[1, 2, 3],
+        description="1-based band numbers in RGB order (e.g. [4, 3, 2] for Sentinel-2), or one "
+        "band, shown as grey.",
+    )
+    value_range: tuple[float, float] | None = Field(
+        default=None,
+        description="Values mapped onto 0..255 (low, high). Default: the data type's range for "
+        "integers (0..255, 0..65535), else the percentile stretch.",
+    )
+    percentile: tuple[float, float] | None = Field(
+        default=None,
+        description="Stretch each scene from these percentiles of its valid pixels (e.g. "
+        "[2, 98]), measured on a reduced read of the scene.",
+    )
+    nodata: float | None = Field(
+        default=None, description="The no-data value; defaults to the file's own."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TilingSpec:
+        if self.overlap >= self.size:
+            raise ValueError(
+                f"overlap: expected less than size ({self.size}), found {self.overlap}"
+            )
+        if len(self.bands) not in (1, 3) or min(self.bands) < 1:
+            raise ValueError(f"bands: expected 1 or 3 band numbers from 1, found {self.bands}")
+        if self.value_range is not None and self.percentile is not None:
+            raise ValueError("expected one of value_range or percentile, found both")
+        if self.value_range is not None and self.value_range[1] <= self.value_range[0]:
+            raise ValueError(f"value_range: expected low < high, found {list(self.value_range)}")
+        if self.percentile is not None and not 0 <= self.percentile[0] < self.percentile[1] <= 100:
+            raise ValueError(
+                f"percentile: expected 0 <= low < high <= 100, found {self.percentile}"
+            )
+        return self
+
+
 class InputSpec(StrictModel):
     uris: list[str] = Field(
         default_factory=list,
@@ -242,6 +288,12 @@ class InputSpec(StrictModel):
         "(`dicom: {}` takes the defaults) to add the DICOM columns to the table.",
     )
 
+    tiling: TilingSpec | None = Field(
+        default=None,
+        description="Cut each input (a GeoTIFF / COG scene, or a large plain image) into tiles: "
+        "one unit per tile, with its window and, for georeferenced scenes, its footprint.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _dicom_extensions(cls, value: Any) -> Any:
@@ -259,6 +311,8 @@ class InputSpec(StrictModel):
     def _needs_something_to_read(self) -> InputSpec:
         if not self.uris and self.manifest is None:
             raise ValueError("expected at least one of `uris` or `manifest`, found neither")
+        if self.tiling is not None and self.dicom is not None:
+            raise ValueError("expected one of `tiling` or `dicom`, found both")
         return self
 
 

@@ -24,6 +24,7 @@ from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
+from vision_ops.scenes import plan_tiles
 from vision_ops.schema import TABLE_BUILDERS, output_schema
 from vision_ops.sink import CommitResult, ParquetSink, committed_runs, read_committed_file
 from vision_ops.sources import list_inputs
@@ -135,17 +136,13 @@ def _process_and_commit(
     spec: JobSpec, listing: pa.Table, plan: PoolPlan, lock: RunLock
 ) -> tuple[CommitResult, float]:
     run_id, run_date = spec.resolved_run()
+    units, schema = plan_units(spec, listing)
     sink = ParquetSink(
-        spec.output.uri,
-        run_id,
-        run_date,
-        output_schema(spec.task.kind, dicom=spec.input.dicom is not None),
-        spec.output.rows_per_file,
-        spec.storage_options,
+        spec.output.uri, run_id, run_date, schema, spec.output.rows_per_file, spec.storage_options
     )
     stats = RunStats()
-    if listing.num_rows:
-        dataset = build_dataset(spec, listing, plan, run_id)
+    if units.num_rows:
+        dataset = build_dataset(spec, units, plan, run_id, schema)
         dataset.context.execution_no_progress_timeout_s = spec.runtime.stall_timeout_s
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             written = time.perf_counter()
@@ -153,9 +150,30 @@ def _process_and_commit(
             stats.add_stage("commit", time.perf_counter() - written)
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
-    listed = listing["source_uri"].to_pylist()
     details = stats.as_manifest(pipeline_seconds) | identity_digests(spec, listing)
-    return sink.commit(listed, details), pipeline_seconds
+    return sink.commit(listed_units(units), details), pipeline_seconds
+
+
+def plan_units(spec: JobSpec, listing: pa.Table) -> tuple[pa.Table, pa.Schema]:
+    """The units to process (the listing, or its scenes' tiles) and the table's schema."""
+    schema = output_schema(
+        spec.task.kind, dicom=spec.input.dicom is not None, tiles=spec.input.tiling is not None
+    )
+    if spec.input.tiling is None:
+        return listing, schema
+    tiles = plan_tiles(listing, spec.input.tiling, spec.storage_options)
+    log.info("%d scenes cut into %d tiles", listing.num_rows, tiles.units.num_rows)
+    metadata = (schema.metadata or {}) | tiles.parquet_metadata()
+    return tiles.units, schema.with_metadata(metadata)
+
+
+def listed_units(units: pa.Table) -> list[tuple[str, tuple[int, int] | None]]:
+    """Each unit's source and tile offset (None for a whole source), for the commit check."""
+    uris = units["source_uri"].to_pylist()
+    if "tile_x" not in units.column_names:
+        return [(uri, None) for uri in uris]
+    xs, ys = units["tile_x"].to_pylist(), units["tile_y"].to_pylist()
+    return [(uri, None if x is None else (x, y)) for uri, x, y in zip(uris, xs, ys, strict=True)]
 
 
 def skip_committed(spec: JobSpec, listing: pa.Table, run_id: str) -> pa.Table:
@@ -209,7 +227,7 @@ def model_fingerprint(spec: JobSpec) -> str:
 
 
 def build_dataset(
-    spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str
+    spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str, schema: pa.Schema
 ) -> ray.data.Dataset:
     blocks = [
         listing.slice(i, LISTING_ROWS_PER_BLOCK)
@@ -221,6 +239,7 @@ def build_dataset(
         max_pixels=spec.input.max_pixels,
         storage_options=spec.storage_options,
         dicom=spec.input.dicom,
+        tiling=spec.input.tiling,
     )
     units = ray.data.from_arrow(blocks).map_batches(
         reader,
@@ -244,7 +263,7 @@ def build_dataset(
         TABLE_BUILDERS.get(spec.task.kind),
         run_id=run_id,
         labels=resolve_labels(spec.model, spec.storage_options),
-        schema=output_schema(spec.task.kind, dicom=spec.input.dicom is not None),
+        schema=schema,
     )
     return predictions.map_batches(
         to_rows,

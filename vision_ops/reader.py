@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from vision_ops.config import DicomSpec, Preprocessing
+from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
 from vision_ops.decode import decode_image
 from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
-from vision_ops.schema import STAGE_PREFIX, STATUS_ERROR, STATUS_OK, item_id, stage_times
+from vision_ops.raster import RasterError, open_raster
+from vision_ops.scenes import tile_unit
+from vision_ops.schema import (
+    STAGE_PREFIX,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    item_id,
+    stage_times,
+)
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
 
@@ -25,6 +35,16 @@ UNIT_COLUMNS = (
     "error_type",
     "error_message",
 )
+# Columns a tile read adds (the plan's tile_x, tile_y, tile_size ride along from the listing).
+TILE_COLUMNS = (
+    "valid_fraction",
+    "scene_width",
+    "scene_height",
+    "crs",
+    "footprint",
+    "center_lon",
+    "center_lat",
+)
 
 
 def read_units(
@@ -34,6 +54,7 @@ def read_units(
     max_pixels: int,
     storage_options: StorageOptions,
     dicom: DicomSpec | None = None,
+    tiling: TilingSpec | None = None,
 ) -> dict[str, np.ndarray]:
     """One listing batch -> one row per unit (an image, or each frame of a DICOM instance) with
     image, size, frame, status and error columns, and the DICOM columns when `dicom` is set.
@@ -43,24 +64,59 @@ def read_units(
     """
     started = time.perf_counter()
     uris = [str(uri) for uri in batch["source_uri"]]
-    payloads = fetch_all(uris, storage_options)
     reading = UnitReader(preprocessing, max_pixels, dicom)
-    per_source = [reading.units(uri, payloads[uri]) for uri in uris]
+    if tiling is not None:
+        per_source = read_tile_units(batch, tiling, reading, storage_options)
+    else:
+        payloads = fetch_all(uris, storage_options)
+        per_source = [reading.units(uri, payloads[uri]) for uri in uris]
     rows = [row for units in per_source for row in units]
     source_of = np.array([i for i, units in enumerate(per_source) for _ in units], dtype=np.int64)
     out = {name: np.asarray(values)[source_of] for name, values in batch.items()}
     out_uris = [uris[i] for i in source_of]
-    frame_indexes = [row.get("frame_index") for row in rows]
     out["item_id"] = np.array(
-        [item_id(uri, frame) for uri, frame in zip(out_uris, frame_indexes, strict=True)],
+        [
+            item_id(uri, row.get("frame_index"), _tile_of(out, index))
+            for index, (uri, row) in enumerate(zip(out_uris, rows, strict=True))
+        ],
         dtype=object,
     )
     out["image"] = image_column([row.pop("image") for row in rows])
-    for column in (*UNIT_COLUMNS, *(DICOM_COLUMNS if dicom else ())):
+    extra = (*(DICOM_COLUMNS if dicom else ()), *(TILE_COLUMNS if tiling else ()))
+    for column in (*UNIT_COLUMNS, *extra):
         out[column] = np.array([row.get(column) for row in rows], dtype=object)
     _fill_missing_identity(out, out_uris, storage_options)
     out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(rows), time.perf_counter() - started)
     return out
+
+
+def read_tile_units(
+    batch: dict[str, np.ndarray],
+    tiling: TilingSpec,
+    reading: UnitReader,
+    options: StorageOptions,
+) -> list[list[dict[str, Any]]]:
+    """Planned tiles -> one row each; a scene stays open across its consecutive tiles."""
+    per_unit: list[list[dict[str, Any]]] = []
+    with contextlib.ExitStack() as stack:
+        scenes: dict[str, Any] = {}
+        for index, uri in enumerate(str(u) for u in batch["source_uri"]):
+            unit = {name: values[index] for name, values in batch.items()}
+            try:
+                if unit["plan_error"] is not None:
+                    raise RasterError(unit["plan_error"])
+                if uri not in scenes:
+                    scenes[uri] = stack.enter_context(open_raster(uri, options))
+                per_unit.append([reading.tile(tile_unit(scenes[uri], unit, tiling))])
+            except Exception as err:  # the tile's own error row; the other tiles go on
+                per_unit.append([reading.error(err)])
+    return per_unit
+
+
+def _tile_of(out: dict[str, np.ndarray], index: int) -> tuple[int, int] | None:
+    if "tile_x" not in out or _is_null(out["tile_x"][index]):
+        return None
+    return int(out["tile_x"][index]), int(out["tile_y"][index])
 
 
 def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | BaseException]:
@@ -127,13 +183,31 @@ class UnitReader:
         model_input = resize_and_crop(image, self.preprocessing) if self.preprocessing else image
         return {"image": model_input, "image_width": width, "image_height": height} | _OK
 
-    def _error(self, err: BaseException) -> dict[str, Any]:
+    def tile(self, tile: dict[str, Any]) -> dict[str, Any]:
+        """A tile read: the model's unit, or a `skipped` row when it holds no data at all."""
+        image = tile.pop("image")
+        if tile["valid_fraction"] == 0:
+            return (
+                self.error(None)
+                | tile
+                | {
+                    "status": STATUS_SKIPPED,
+                    "error_type": None,
+                    "error_message": "no data in the tile",
+                }
+            )
+        return self._unit(image) | tile
+
+    def error(self, err: BaseException | None) -> dict[str, Any]:
+        return self._error(err)
+
+    def _error(self, err: BaseException | None) -> dict[str, Any]:
         side = self.preprocessing.crop if self.preprocessing else 1
         return {
             "image": np.zeros((side, side, 3), dtype=np.uint8),
             "status": STATUS_ERROR,
-            "error_type": type(err).__name__,
-            "error_message": str(err) or type(err).__name__,
+            "error_type": type(err).__name__ if err else None,
+            "error_message": (str(err) or type(err).__name__) if err else None,
         }
 
 

@@ -16,6 +16,7 @@ SCHEMA_VERSION_KEY = "vision_ops.schema_version"
 PARTITION_COLUMN = "run_date"  # Hive partition (run_date=YYYY-MM-DD/), not stored in the files
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+STATUS_SKIPPED = "skipped"  # a tile with no data: recorded, never sent to the model
 
 # Columns every row has, whatever the task: run, source, unit, image, model and status.
 UNIT_FIELDS = [
@@ -52,6 +53,22 @@ DICOM_FIELDS = [
     pa.field("window_center", pa.float64()),
     pa.field("window_width", pa.float64()),
     pa.field("dicom_tags", pa.map_(pa.string(), pa.string())),
+]
+
+# Columns a tiling job adds (input.tiling set): the tile's size and data coverage, its scene,
+# and its footprint as a GeoParquet geometry (WKB, in the scene's CRS; pixel coordinates for a
+# plain image) with a bbox covering column, and the WGS84 position of its centre.
+BBOX = pa.struct([pa.field(name, pa.float64()) for name in ("xmin", "ymin", "xmax", "ymax")])
+TILE_FIELDS = [
+    pa.field("tile_size", pa.int32()),
+    pa.field("valid_fraction", pa.float32()),
+    pa.field("scene_width", pa.int32()),
+    pa.field("scene_height", pa.int32()),
+    pa.field("crs", pa.string()),
+    pa.field("footprint", pa.binary()),
+    pa.field("footprint_bbox", BBOX),
+    pa.field("center_lon", pa.float64()),
+    pa.field("center_lat", pa.float64()),
 ]
 
 TOP_K_ENTRY = pa.struct(
@@ -96,14 +113,15 @@ PREDICTION_SCHEMA = SCHEMAS["classification"]
 DETECTION_SCHEMA = SCHEMAS["detection"]
 
 
-def output_schema(task: str, dicom: bool = False) -> pa.Schema:
-    """The table of a job: its task's schema, with the DICOM columns after the unit columns
-    when the job reads DICOM."""
+def output_schema(task: str, dicom: bool = False, tiles: bool = False) -> pa.Schema:
+    """The table of a job: its task's schema, with the DICOM or the tile columns after the
+    unit columns when the job reads DICOM or tiles scenes."""
     schema = SCHEMAS[task]
-    if not dicom:
+    extra = [*(DICOM_FIELDS if dicom else []), *(TILE_FIELDS if tiles else [])]
+    if not extra:
         return schema
     task_fields = list(schema)[len(UNIT_FIELDS) :]
-    return pa.schema([*UNIT_FIELDS, *DICOM_FIELDS, *task_fields], metadata=schema.metadata)
+    return pa.schema([*UNIT_FIELDS, *extra, *task_fields], metadata=schema.metadata)
 
 
 # Seconds a stage spent on a batch, spread over its rows: carried beside the rows to the
@@ -134,9 +152,16 @@ class TableBuilder(Protocol):
 TABLE_BUILDERS: Registry[TableBuilder] = Registry("task")
 
 
-def item_id(source_uri: str, frame_index: int | None = None) -> str:
-    """A stable id for a unit: the same source location and offsets always give the same id."""
-    unit = source_uri if frame_index is None else f"{source_uri}#frame={int(frame_index)}"
+def item_id(
+    source_uri: str, frame_index: int | None = None, tile: tuple[int, int] | None = None
+) -> str:
+    """A stable id for a unit: the same source location and offsets always give the same id
+    (a frame of a DICOM instance, or a tile's (x, y) offset in its scene)."""
+    unit = source_uri
+    if frame_index is not None:
+        unit += f"#frame={int(frame_index)}"
+    if tile is not None:
+        unit += f"#tile={int(tile[0])},{int(tile[1])}"
     return hashlib.sha256(unit.encode()).hexdigest()[:32]
 
 
@@ -207,6 +232,8 @@ def _unit_columns(
 ) -> dict[str, object]:
     rows = len(batch["source_uri"])
     columns: dict[str, object] = {f.name: batch[f.name] for f in schema if f.name in batch}
+    if "footprint" in columns and "footprint_bbox" in schema.names:
+        columns["footprint_bbox"] = [_wkb_bbox(wkb) for wkb in batch["footprint"]]
     if "dicom_tags" in columns:  # JSON text between stages, a map in the table
         columns["dicom_tags"] = [
             None if text is None else list(json.loads(text).items()) for text in batch["dicom_tags"]
@@ -214,6 +241,15 @@ def _unit_columns(
     columns["run_id"] = np.full(rows, run_id, dtype=object)
     columns["task"] = np.full(rows, task, dtype=object)
     return columns
+
+
+def _wkb_bbox(wkb: bytes | None) -> dict[str, float] | None:
+    """xmin, ymin, xmax, ymax of a one-ring WKB polygon (header: 1 + 4 + 4 + 4 bytes)."""
+    if wkb is None:
+        return None
+    points = np.frombuffer(wkb, dtype="<f8", offset=13).reshape(-1, 2)
+    low, high = points.min(axis=0), points.max(axis=0)
+    return {"xmin": low[0], "ymin": low[1], "xmax": high[0], "ymax": high[1]}
 
 
 def _nested_lists(

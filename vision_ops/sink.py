@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, item_id
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, STATUS_SKIPPED, item_id
 from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
@@ -38,11 +38,18 @@ def units_digest(item_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(item_ids)).encode()).hexdigest()
 
 
-def expected_units(listed_uris: Iterable[str], frame_counts: Mapping[str, int]) -> set[str]:
-    """The unit ids a run must write: one per listed source, or one per frame of a source its
-    reader found to hold `frame_counts[uri]` frames (a multi-frame DICOM instance)."""
+Listed = Iterable[str | tuple[str, tuple[int, int] | None]]  # a source, or (source, tile)
+
+
+def expected_units(listed: Listed, frame_counts: Mapping[str, int]) -> set[str]:
+    """The unit ids a run must write: one per listed source or planned tile, or one per frame
+    of a source its reader found to hold `frame_counts[uri]` frames (multi-frame DICOM)."""
     expected: set[str] = set()
-    for uri in listed_uris:
+    for entry in listed:
+        uri, tile = (entry, None) if isinstance(entry, str) else entry
+        if tile is not None:
+            expected.add(item_id(uri, tile=tile))
+            continue
         count = frame_counts.get(uri)
         if count is None:
             expected.add(item_id(uri))
@@ -87,6 +94,7 @@ class CommitResult:
     rows: int
     ok: int
     errors: int
+    skipped: int = 0  # tiles with no data, recorded and never sent to the model
 
 
 @dataclass
@@ -111,6 +119,7 @@ class ParquetSink:
     _frame_conflicts: set[str] = field(default_factory=set)
     rows: int = 0
     ok: int = 0
+    skipped: int = 0
 
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
@@ -124,6 +133,7 @@ class ParquetSink:
         table = table.cast(self.schema)
         self.rows += table.num_rows
         self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
+        self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
         self._item_ids.extend(table["item_id"].to_pylist())
         self._note_frame_counts(table)
         self._pending.append(table)
@@ -133,20 +143,18 @@ class ParquetSink:
                 self._flush(self.rows_per_file)
 
     def commit(
-        self, listed_uris: Iterable[str] | None = None, details: dict[str, Any] | None = None
+        self, listed: Listed | None = None, details: dict[str, Any] | None = None
     ) -> CommitResult:
-        """Check exactly-once against the units of `listed_uris` and the staged footers, then
+        """Check exactly-once against the `listed` units and the staged footers, then
         replace this run's files in the partition and write the manifest (with `details`) and
         `_SUCCESS`. CommitRefused, with nothing visible to readers, when a check fails."""
         with writing_to(self.root_uri):
-            return self._commit(listed_uris, details)
+            return self._commit(listed, details)
 
-    def _commit(
-        self, listed_uris: Iterable[str] | None, details: dict[str, Any] | None
-    ) -> CommitResult:
+    def _commit(self, listed: Listed | None, details: dict[str, Any] | None) -> CommitResult:
         while self._pending_rows:
             self._flush(self.rows_per_file)
-        self._check(listed_uris)
+        self._check(listed)
         manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
         files = self._publish(manifest, details or {})
         return CommitResult(
@@ -155,16 +163,17 @@ class ParquetSink:
             files=files,
             rows=self.rows,
             ok=self.ok,
-            errors=self.rows - self.ok,
+            errors=self.rows - self.ok - self.skipped,
+            skipped=self.skipped,
         )
 
-    def _check(self, listed_uris: Iterable[str] | None) -> None:
+    def _check(self, listed: Listed | None) -> None:
         """Exactly once against the listing, and every staged footer readable."""
         if self._frame_conflicts:
             some = sorted(self._frame_conflicts)[:3]
             raise CommitRefused(f"refusing to commit: rows disagree on the frame count of {some}")
-        if listed_uris is not None:
-            expected = expected_units(listed_uris, self._frame_counts)
+        if listed is not None:
+            expected = expected_units(listed, self._frame_counts)
             check_exactly_once(expected, self._item_ids)
         self._check_staged_footers()
 
@@ -254,7 +263,8 @@ class ParquetSink:
             "task": "detection" if "detections" in self.schema.names else "classification",
             "rows": self.rows,
             "ok": self.ok,
-            "errors": self.rows - self.ok,
+            "errors": self.rows - self.ok - self.skipped,
+            "skipped": self.skipped,
             "units_digest": units_digest(self._item_ids),
             "files": [
                 {"uri": uri, "rows": rows}

@@ -1,0 +1,175 @@
+"""Scenes through the job: a GeoTIFF cut into tiles across the cluster, one row per tile with
+its window and exact footprint, nodata tiles skipped and counted, a broken raster an error row,
+predictions equal a direct model call on the hand-read tile, and GeoParquet that DuckDB
+spatial reads as geometries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import shapely
+import torch
+import torchvision
+from rasterio.transform import from_origin
+from rasterio.warp import transform as reproject
+
+from vision_ops.config import parse_spec
+from vision_ops.pipeline import run_job
+from vision_ops.scenes import plan_tiles
+from vision_ops.sources import list_inputs
+from vision_ops.tiling import tile_windows
+
+pytestmark = pytest.mark.timeout(600)
+TRANSFORM = from_origin(600_000.0, 5_200_000.0, 20.0, 20.0)  # UTM 32N, 20 m pixels
+WIDTH, HEIGHT, TILE = 300, 200, 64
+PREP = {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.fixture(scope="module")
+def bands() -> np.ndarray:
+    """Four 16-bit bands; rows 0..69 are nodata (0), so the first row of tiles has none."""
+    rng = np.random.default_rng(1)
+    values = rng.integers(1, 4_000, (4, HEIGHT, WIDTH)).astype(np.uint16)
+    values[:, :70, :] = 0
+    return values
+
+
+@pytest.fixture
+def scenes(tmp_path: Path, bands: np.ndarray) -> Path:
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    profile = {
+        "driver": "GTiff", "width": WIDTH, "height": HEIGHT, "count": 4, "dtype": "uint16",
+        "crs": "EPSG:32632", "transform": TRANSFORM, "nodata": 0, "tiled": True,
+        "blockxsize": 64, "blockysize": 64,
+    }  # fmt: skip
+    with rasterio.open(folder / "scene.tif", "w", **profile) as out:
+        out.write(bands)
+    (folder / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 40)
+    return folder
+
+
+def spec_for(scenes: Path, output: Path, tiny_weights: Path, **tiling: object):
+    return parse_spec(
+        {
+            "input": {
+                "uris": [str(scenes)],
+                "tiling": {"size": TILE, "bands": [3, 2, 1], "value_range": [0, 4000]} | tiling,
+            },
+            "model": {
+                "architecture": "mobilenet_v3_small",
+                "weights": str(tiny_weights),
+                "num_classes": 4,
+                "preprocessing": PREP,
+            },
+            "task": {"top_k": 2},
+            "runtime": {"batch_size": 8, "max_actors": 1},
+            "output": {"uri": str(output)},
+            "run": {"id": "tiles", "date": "2026-11-24"},
+        }
+    )
+
+
+def test_a_scene_becomes_tiles_with_exact_footprints(
+    ray_local, scenes, bands, tmp_path, tiny_weights
+) -> None:
+    spec = spec_for(scenes, tmp_path / "table", tiny_weights)
+    summary = run_job(spec)
+    windows = tile_windows(WIDTH, HEIGHT, TILE, 0, "shift")  # 5 columns x 4 rows
+    assert len(windows) == 20
+    table = pq.read_table(tmp_path / "table" / "run_date=2026-11-24")
+    rows = table.to_pylist()
+    assert summary.commit.rows == len(rows) == 21  # 20 tiles + the broken file
+    broken = [r for r in rows if r["source_uri"].endswith("broken.tif")]
+    assert len(broken) == 1 and broken[0]["status"] == "error"
+    assert broken[0]["error_type"] == "RasterError" and broken[0]["tile_x"] is None
+    tiles = {(r["tile_x"], r["tile_y"]): r for r in rows if r["source_uri"].endswith("scene.tif")}
+    assert sorted(tiles) == sorted((w.col_off, w.row_off) for w in windows)
+    for (x, y), row in tiles.items():
+        left, top = TRANSFORM * (x, y)
+        right, bottom = TRANSFORM * (x + TILE, y + TILE)
+        expected = shapely.box(left, bottom, right, top)
+        assert (
+            shapely.from_wkb(row["footprint"])
+            .normalize()
+            .equals_exact(expected.normalize(), tolerance=0)
+        )
+        bbox = {"xmin": left, "ymin": bottom, "xmax": right, "ymax": top}
+        assert row["footprint_bbox"] == bbox
+        assert (row["crs"], row["scene_width"], row["scene_height"]) == ("EPSG:32632", 300, 200)
+        lon, lat = reproject("EPSG:32632", "EPSG:4326", [(left + right) / 2], [(top + bottom) / 2])
+        assert row["center_lon"] == pytest.approx(lon[0]) and row["center_lat"] == pytest.approx(
+            lat[0]
+        )
+    # Rows 0..63 are all nodata: the first row of tiles is skipped, never sent to the model.
+    skipped = sorted(xy for xy, r in tiles.items() if r["status"] == "skipped")
+    assert skipped == sorted((w.col_off, 0) for w in windows if w.row_off == 0)
+    assert all(tiles[xy]["valid_fraction"] == 0 and tiles[xy]["top_k"] is None for xy in skipped)
+    assert summary.commit.skipped == 5 and summary.commit.errors == 1
+    partial = tiles[(0, 64)]  # rows 64..127: rows 64..69 nodata
+    assert partial["status"] == "ok"
+    assert partial["valid_fraction"] == pytest.approx(1 - 6 / 64)
+
+    # The model on hand-read tiles: bands 3, 2, 1 scaled from 0..4000, nodata black.
+    model = torchvision.models.mobilenet_v3_small(num_classes=4)
+    model.load_state_dict(torch.load(tiny_weights, weights_only=True))
+    model.eval()
+    chosen = [(0, 64), (128, 128), (236, 136)]
+    crops = []
+    for x, y in chosen:
+        values = bands[[2, 1, 0], y : y + TILE, x : x + TILE].astype(np.float64)
+        scaled = np.clip(np.rint(values / 4000 * 255), 0, 255)
+        scaled[:, (values == 0).all(axis=0)] = 0
+        crops.append(torch.from_numpy(scaled / 255).float().sub(0.5).div(0.5))
+    with torch.inference_mode():
+        top = model(torch.stack(crops)).softmax(-1).topk(2)
+    for (x, y), ids, scores in zip(chosen, top.indices, top.values, strict=True):
+        row = tiles[(x, y)]
+        assert [e["label_id"] for e in row["top_k"]] == ids.tolist()
+        np.testing.assert_allclose([e["score"] for e in row["top_k"]], scores, atol=1e-5)
+
+    # GeoParquet: DuckDB spatial reads the footprints as geometries.
+    import duckdb_extension_spatial
+
+    connection = duckdb.connect()
+    package = Path(duckdb_extension_spatial.__file__).parent
+    connection.execute(f"LOAD '{next(package.glob('extensions/*/spatial.duckdb_extension'))}'")
+    files = f"{tmp_path / 'table'}/run_date=*/*.parquet"
+    described = connection.sql(f"DESCRIBE SELECT * FROM '{files}'").fetchall()
+    kinds = {row[0]: row[1] for row in described}
+    assert kinds["footprint"].startswith("GEOMETRY")
+    # A field 600 m x 600 m in the middle of the scene.
+    field = shapely.box(602_500.0, 5_196_500.0, 603_100.0, 5_197_100.0)
+    expected = sum(
+        shapely.from_wkb(r["footprint"]).intersects(field)
+        for r in rows
+        if r["footprint"] is not None
+    )
+    assert expected > 1
+    where = f"ST_Intersects(footprint, ST_GeomFromText('{field.wkt}'))"
+    count = connection.sql(f"SELECT count(*) FROM '{files}' WHERE {where}").fetchone()
+    assert count == (expected,)
+
+
+def test_planning_reads_headers_only_and_fixes_each_scenes_range(scenes, tmp_path) -> None:
+    spec = parse_spec(
+        {
+            "input": {
+                "uris": [str(scenes / "scene.tif")],
+                "tiling": {"size": 100, "percentile": [2, 98]},
+            },
+            "model": {"architecture": "resnet18"},
+            "output": {"uri": str(tmp_path / "t")},
+        }
+    )
+    plan = plan_tiles(list_inputs(spec.input), spec.input.tiling, {})
+    assert plan.units.num_rows == 6
+    low, high = plan.units["value_low"][0].as_py(), plan.units["value_high"][0].as_py()
+    assert 0 < low < 200 and 3_700 < high < 4_000  # the valid pixels' 2nd and 98th percentiles
+    assert plan.crs.to_epsg() == 32632
+    assert plan.bounds == (600_000.0, 5_196_000.0, 606_000.0, 5_200_000.0)

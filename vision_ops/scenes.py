@@ -1,0 +1,165 @@
+"""Scenes into tile units: read each scene's header, cut it into tiles, fix its value range."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vision_ops.config import TilingSpec
+from vision_ops.georef import box_polygon, footprint, geo_metadata, pixel_to_crs, polygon_wkb
+from vision_ops.raster import RasterError, Scene, open_raster, read_tile, scene_header
+from vision_ops.storage import StorageOptions
+from vision_ops.tiling import Window, tile_windows
+
+# Columns the plan adds to each listing row: one row per tile.
+PLAN_FIELDS = [
+    pa.field("tile_x", pa.int32()),
+    pa.field("tile_y", pa.int32()),
+    pa.field("tile_size", pa.int32()),
+    pa.field("value_low", pa.float64()),
+    pa.field("value_high", pa.float64()),
+    pa.field("plan_error", pa.string()),
+]
+STRETCH_SIDE = 1024  # the longer side of the reduced read a percentile stretch is measured on
+HEADER_THREADS = 16
+
+
+class SceneError(ValueError):
+    """Scenes that cannot go in one table (several CRSs)."""
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    units: pa.Table  # the listing's columns plus PLAN_FIELDS, one row per tile
+    crs: Any  # the scenes' common rasterio CRS, or None for plain images
+    bounds: tuple[float, float, float, float] | None  # all scenes, in that CRS
+
+    def parquet_metadata(self) -> dict[bytes, bytes]:
+        """GeoParquet metadata for the table's `footprint` column."""
+        projjson = self.crs.to_dict(projjson=True) if self.crs is not None else None
+        return geo_metadata("footprint", projjson, self.bounds)
+
+
+def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -> TilePlan:
+    """One unit per tile of each listed scene; a scene whose header cannot be read stays one
+    unit carrying the reason (its error row)."""
+    rows = listing.to_pylist()
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:
+        scenes = list(pool.map(lambda row: _scene_plan(row["source_uri"], tiling, options), rows))
+    crs = _common_crs([plan for plan in scenes if isinstance(plan, tuple)])
+    units = []
+    for row, plan in zip(rows, scenes, strict=True):
+        if isinstance(plan, str):
+            units.append(row | dict.fromkeys(f.name for f in PLAN_FIELDS) | {"plan_error": plan})
+            continue
+        scene, low, high = plan
+        for window in tile_windows(
+            scene.width, scene.height, tiling.size, tiling.overlap, tiling.edge
+        ):
+            units.append(row | _tile(window.col_off, window.row_off, tiling.size, low, high))
+    schema = pa.schema([*listing.schema, *PLAN_FIELDS])
+    bounds = _bounds([plan[0] for plan in scenes if isinstance(plan, tuple)])
+    return TilePlan(pa.Table.from_pylist(units, schema=schema), crs, bounds if crs else None)
+
+
+def _tile(x: int, y: int, size: int, low: float, high: float) -> dict[str, Any]:
+    return {
+        "tile_x": x,
+        "tile_y": y,
+        "tile_size": size,
+        "value_low": low,
+        "value_high": high,
+        "plan_error": None,
+    }
+
+
+def _scene_plan(
+    uri: str, tiling: TilingSpec, options: StorageOptions
+) -> tuple[Scene, float, float] | str:
+    try:
+        with open_raster(uri, options) as dataset:
+            scene = scene_header(dataset)
+            low, high = value_range(dataset, scene, tiling)
+    except (RasterError, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    return scene, low, high
+
+
+def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, float]:
+    """The spec's range; else the integer type's full range; else (floats, or a percentile
+    asked for) the percentiles of the valid pixels of a reduced read of the scene."""
+    if tiling.value_range is not None:
+        return tiling.value_range
+    if tiling.percentile is None and np.issubdtype(np.dtype(scene.dtype), np.integer):
+        info = np.iinfo(np.dtype(scene.dtype))
+        return float(info.min), float(info.max)
+    low_pct, high_pct = tiling.percentile or (2.0, 98.0)
+    scale = max(scene.width, scene.height) / STRETCH_SIDE
+    shape = (
+        max(1, round(scene.height / max(scale, 1))),
+        max(1, round(scene.width / max(scale, 1))),
+    )
+    values = dataset.read(indexes=list(tiling.bands), out_shape=(len(tiling.bands), *shape))
+    nodata = tiling.nodata if tiling.nodata is not None else scene.nodata
+    valid = values[values != nodata] if nodata is not None else values.ravel()
+    if valid.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(valid.astype(np.float64), [low_pct, high_pct])
+    return float(low), (float(high) if high > low else float(low) + 1.0)
+
+
+def _common_crs(plans: list[tuple[Scene, float, float]]) -> Any:
+    wkts = {plan[0].crs_wkt for plan in plans if plan[0].crs_wkt}
+    if len(wkts) > 1:
+        raise SceneError(
+            f"the scenes are in {len(wkts)} different CRSs; a table's footprints share one: "
+            "run one job per CRS (or reproject the scenes)"
+        )
+    if not wkts:
+        return None
+    from rasterio.crs import CRS
+
+    return CRS.from_wkt(wkts.pop())
+
+
+def _bounds(scenes: list[Scene]) -> tuple[float, float, float, float] | None:
+    if not scenes:
+        return None
+    rings = [box_polygon(s.transform, 0, 0, s.width, s.height) for s in scenes]
+    xs = np.concatenate([r[:, 0] for r in rings])
+    ys = np.concatenate([r[:, 1] for r in rings])
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
+def tile_unit(dataset: Any, unit: dict[str, Any], tiling: TilingSpec) -> dict[str, Any]:
+    """One planned tile read: its RGB uint8 pixels, data coverage, scene and footprint."""
+    size = int(unit["tile_size"])
+    window = Window(int(unit["tile_y"]), int(unit["tile_x"]), size, size)
+    value_range = (float(unit["value_low"]), float(unit["value_high"]))
+    image, valid = read_tile(dataset, window, tiling.bands, value_range, tiling.nodata)
+    transform = tuple(dataset.transform)[:6]
+    ring = footprint(transform, window)
+    return {
+        "image": image,
+        "valid_fraction": valid,
+        "scene_width": int(dataset.width),
+        "scene_height": int(dataset.height),
+        "crs": dataset.crs.to_string() if dataset.crs else None,
+        "footprint": polygon_wkb(ring),
+        **_center_lonlat(dataset, transform, window),
+    }
+
+
+def _center_lonlat(dataset: Any, transform: Any, window: Window) -> dict[str, float | None]:
+    if not dataset.crs:
+        return {"center_lon": None, "center_lat": None}
+    from rasterio.warp import transform as reproject
+
+    col, row = window.col_off + window.width / 2, window.row_off + window.height / 2
+    x, y = pixel_to_crs(transform, np.array([col]), np.array([row]))[0]
+    lons, lats = reproject(dataset.crs, "EPSG:4326", [x], [y])
+    return {"center_lon": float(lons[0]), "center_lat": float(lats[0])}
