@@ -173,3 +173,51 @@ def test_planning_reads_headers_only_and_fixes_each_scenes_range(scenes, tmp_pat
     assert 0 < low < 200 and 3_700 < high < 4_000  # the valid pixels' 2nd and 98th percentiles
     assert plan.crs.to_epsg() == 32632
     assert plan.bounds == (600_000.0, 5_196_000.0, 606_000.0, 5_200_000.0)
+
+
+SQUARES = {  # x_min, y_min, x_max, y_max in scene pixels
+    "on the seam at 128": (118, 40, 138, 60),
+    "near C, on the seam at 192": (180, 70, 195, 85),
+    "near B, in two tiles' overlap": (198, 70, 213, 85),
+}
+
+
+def test_detections_on_tile_seams_are_merged_and_mapped_to_the_crs(ray_local, tmp_path) -> None:
+    """Tiles of 128 with 32 overlap start at x = 0, 96, 192: square A is cut by tile 0's edge,
+    B by tile 2's start, C lies whole in tiles 1 and 2. Each is reported once, in scene pixels
+    and CRS coordinates; B and C, 3 pixels apart, stay two."""
+    pixels = np.zeros((1, 128, 320), dtype=np.uint8)
+    for x_min, y_min, x_max, y_max in SQUARES.values():
+        pixels[0, y_min:y_max, x_min:x_max] = 255
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    profile = {
+        "driver": "GTiff", "width": 320, "height": 128, "count": 1, "dtype": "uint8",
+        "crs": "EPSG:32632", "transform": TRANSFORM,
+    }  # fmt: skip
+    with rasterio.open(folder / "squares.tif", "w", **profile) as out:
+        out.write(pixels)
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(folder)], "tiling": {"size": 128, "overlap": 32, "bands": [1]}},
+            "task": {"kind": "detection", "score_threshold": 0.1},
+            "model": {"kind": "entrypoint", "entrypoint": "toy_models:bright_squares"},
+            "runtime": {"batch_size": 2, "max_actors": 1},
+            "output": {"uri": str(tmp_path / "table")},
+            "run": {"id": "seams", "date": "2026-11-24"},
+        }
+    )
+    run_job(spec)
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    assert sorted(r["tile_x"] for r in rows) == [0, 96, 192]
+    boxes = [entry for row in rows for entry in row["detections"]]
+    found = sorted((e["x_min"], e["y_min"], e["x_max"], e["y_max"]) for e in boxes)
+    assert found == sorted(SQUARES.values())
+    assert sum(r["num_detections"] for r in rows) == 3
+    for entry in boxes:
+        left, top = TRANSFORM * (entry["x_min"], entry["y_min"])
+        right, bottom = TRANSFORM * (entry["x_max"], entry["y_max"])
+        assert (entry["crs_x_min"], entry["crs_y_min"]) == (left, bottom)
+        assert (entry["crs_x_max"], entry["crs_y_max"]) == (right, top)
+        lon, lat = reproject("EPSG:32632", "EPSG:4326", [(left + right) / 2], [(top + bottom) / 2])
+        assert entry["lon"] == pytest.approx(lon[0]) and entry["lat"] == pytest.approx(lat[0])

@@ -431,6 +431,13 @@ class DetectionTask(StrictModel):
     nms_iou: float | None = Field(
         default=None, gt=0, le=1, description="NMS IoU threshold; null keeps the model's own."
     )
+    seam_overlap: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Tiled scenes: two boxes of one class from different tiles are one object "
+        "when their intersection covers this share of the smaller box (merged across seams).",
+    )
     max_batch_pixels: int = Field(
         default=16_000_000,
         gt=0,

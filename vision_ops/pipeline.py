@@ -18,13 +18,13 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from vision_ops.config import JobSpec, RuntimeSpec
+from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec
 from vision_ops.lock import RunLock
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
-from vision_ops.scenes import plan_tiles
+from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import TABLE_BUILDERS, output_schema
 from vision_ops.sink import CommitResult, ParquetSink, committed_runs, read_committed_file
 from vision_ops.sources import list_inputs
@@ -136,17 +136,19 @@ def _process_and_commit(
     spec: JobSpec, listing: pa.Table, plan: PoolPlan, lock: RunLock
 ) -> tuple[CommitResult, float]:
     run_id, run_date = spec.resolved_run()
-    units, schema = plan_units(spec, listing)
+    units, schema, tiles = plan_units(spec, listing)
     sink = ParquetSink(
         spec.output.uri, run_id, run_date, schema, spec.output.rows_per_file, spec.storage_options
     )
+    merger = scene_merger(spec, tiles)
     stats = RunStats()
     if units.num_rows:
         dataset = build_dataset(spec, units, plan, run_id, schema)
         dataset.context.execution_no_progress_timeout_s = spec.runtime.stall_timeout_s
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             written = time.perf_counter()
-            sink.write(stats.record(table))
+            rows = stats.record(table)
+            sink.write(merger.add(rows) if merger else rows)
             stats.add_stage("commit", time.perf_counter() - written)
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
@@ -154,17 +156,25 @@ def _process_and_commit(
     return sink.commit(listed_units(units), details), pipeline_seconds
 
 
-def plan_units(spec: JobSpec, listing: pa.Table) -> tuple[pa.Table, pa.Schema]:
-    """The units to process (the listing, or its scenes' tiles) and the table's schema."""
+def plan_units(spec: JobSpec, listing: pa.Table) -> tuple[pa.Table, pa.Schema, TilePlan | None]:
+    """The units to process (the listing, or its scenes' tiles), the table's schema, and the
+    tile plan where there is one."""
     schema = output_schema(
         spec.task.kind, dicom=spec.input.dicom is not None, tiles=spec.input.tiling is not None
     )
     if spec.input.tiling is None:
-        return listing, schema
+        return listing, schema, None
     tiles = plan_tiles(listing, spec.input.tiling, spec.storage_options)
     log.info("%d scenes cut into %d tiles", listing.num_rows, tiles.units.num_rows)
     metadata = (schema.metadata or {}) | tiles.parquet_metadata()
-    return tiles.units, schema.with_metadata(metadata)
+    return tiles.units, schema.with_metadata(metadata), tiles
+
+
+def scene_merger(spec: JobSpec, tiles: TilePlan | None) -> SceneMerger | None:
+    """Detection over tiled scenes reduces each scene once its tiles are in."""
+    if tiles is None or not isinstance(spec.task, DetectionTask):
+        return None
+    return SceneMerger(tiles, spec.task.seam_overlap)
 
 
 def listed_units(units: pa.Table) -> list[tuple[str, tuple[int, int] | None]]:

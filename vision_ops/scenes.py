@@ -10,7 +10,14 @@ import numpy as np
 import pyarrow as pa
 
 from vision_ops.config import TilingSpec
-from vision_ops.georef import box_polygon, footprint, geo_metadata, pixel_to_crs, polygon_wkb
+from vision_ops.georef import (
+    Transform,
+    box_polygon,
+    footprint,
+    geo_metadata,
+    pixel_to_crs,
+    polygon_wkb,
+)
 from vision_ops.raster import RasterError, Scene, open_raster, read_tile, scene_header
 from vision_ops.storage import StorageOptions
 from vision_ops.tiling import Window, tile_windows
@@ -37,6 +44,7 @@ class TilePlan:
     units: pa.Table  # the listing's columns plus PLAN_FIELDS, one row per tile
     crs: Any  # the scenes' common rasterio CRS, or None for plain images
     bounds: tuple[float, float, float, float] | None  # all scenes, in that CRS
+    transforms: dict[str, Transform]  # each readable scene's pixel -> CRS affine
 
     def parquet_metadata(self) -> dict[bytes, bytes]:
         """GeoParquet metadata for the table's `footprint` column."""
@@ -63,7 +71,13 @@ def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -
             units.append(row | _tile(window.col_off, window.row_off, tiling.size, low, high))
     schema = pa.schema([*listing.schema, *PLAN_FIELDS])
     bounds = _bounds([plan[0] for plan in scenes if isinstance(plan, tuple)])
-    return TilePlan(pa.Table.from_pylist(units, schema=schema), crs, bounds if crs else None)
+    transforms = {
+        row["source_uri"]: plan[0].transform
+        for row, plan in zip(rows, scenes, strict=True)
+        if isinstance(plan, tuple)
+    }
+    table = pa.Table.from_pylist(units, schema=schema)
+    return TilePlan(table, crs, bounds if crs else None, transforms)
 
 
 def _tile(x: int, y: int, size: int, low: float, high: float) -> dict[str, Any]:
@@ -163,3 +177,110 @@ def _center_lonlat(dataset: Any, transform: Any, window: Window) -> dict[str, fl
     x, y = pixel_to_crs(transform, np.array([col]), np.array([row]))[0]
     lons, lats = reproject(dataset.crs, "EPSG:4326", [x], [y])
     return {"center_lon": float(lons[0]), "center_lat": float(lats[0])}
+
+
+class SceneMerger:
+    """The per-scene reduce after inference, for detection over tiled scenes: a scene's tile
+    rows wait until all of them have arrived; then their boxes move from tile to scene pixels
+    and the CRS, and a box found again by a neighbouring tile (on a seam, in the overlap) is
+    kept once, the best-scoring one."""
+
+    def __init__(self, plan: TilePlan, seam_overlap: float) -> None:
+        self.plan, self.seam_overlap = plan, seam_overlap
+        self.remaining: dict[str, int] = {}
+        for uri in plan.units["source_uri"].to_pylist():
+            self.remaining[uri] = self.remaining.get(uri, 0) + 1
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, table: pa.Table) -> pa.Table:
+        """The rows of the scenes this table completes (possibly none)."""
+        ready: list[dict[str, Any]] = []
+        for row in table.to_pylist():
+            uri = row["source_uri"]
+            self.pending.setdefault(uri, []).append(row)
+            self.remaining[uri] -= 1
+            if self.remaining[uri] == 0:
+                ready += self._merged(uri, self.pending.pop(uri))
+        return pa.Table.from_pylist(ready, schema=table.schema)
+
+    def _merged(self, uri: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        transform = self.plan.transforms.get(uri)
+        if transform is None:
+            return rows  # an unreadable scene: its error row
+        boxes = [
+            (index, entry | _scene_box(entry, row))
+            for index, row in enumerate(rows)
+            for entry in (row["detections"] or [])
+        ]
+        kept = merge_across_tiles(boxes, self.seam_overlap)
+        for row in rows:
+            if row["detections"] is not None:
+                row["detections"] = []
+        for index, entry in kept:
+            rows[index]["detections"].append(entry | self._map_coordinates(entry, transform))
+        for row in rows:
+            if row["detections"] is not None:
+                row["num_detections"] = len(row["detections"])
+        return rows
+
+    def _map_coordinates(self, entry: dict[str, Any], transform: Transform) -> dict[str, Any]:
+        corners = (entry["x_min"], entry["y_min"], entry["x_max"], entry["y_max"])
+        ring = box_polygon(transform, *corners)
+        xs, ys = ring[:, 0], ring[:, 1]
+        mapped = {
+            "crs_x_min": float(xs.min()),
+            "crs_y_min": float(ys.min()),
+            "crs_x_max": float(xs.max()),
+            "crs_y_max": float(ys.max()),
+            "lon": None,
+            "lat": None,
+        }
+        if self.plan.crs is not None:
+            from rasterio.warp import transform as reproject
+
+            lons, lats = reproject(self.plan.crs, "EPSG:4326", [xs[:4].mean()], [ys[:4].mean()])
+            mapped |= {"lon": float(lons[0]), "lat": float(lats[0])}
+        return mapped
+
+
+def _scene_box(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:
+    x, y = row["tile_x"], row["tile_y"]
+    return {
+        "x_min": entry["x_min"] + x,
+        "y_min": entry["y_min"] + y,
+        "x_max": entry["x_max"] + x,
+        "y_max": entry["y_max"] + y,
+    }
+
+
+def merge_across_tiles(
+    boxes: list[tuple[int, dict[str, Any]]], seam_overlap: float
+) -> list[tuple[int, dict[str, Any]]]:
+    """Greedy, best score first: a box is dropped when a kept box of the same class from
+    another tile covers at least `seam_overlap` of the smaller of the two (intersection over
+    the smaller box: a seam cuts an object into a part and a whole, whose IoU can be small)."""
+    order = sorted(boxes, key=lambda item: -item[1]["score"])
+    kept: list[tuple[int, dict[str, Any]]] = []
+    for tile, box in order:
+        duplicate = any(
+            other_tile != tile
+            and other["label_id"] == box["label_id"]
+            and _overlap_of_smaller(box, other) >= seam_overlap
+            for other_tile, other in kept
+        )
+        if not duplicate:
+            kept.append((tile, box))
+    return kept
+
+
+def _overlap_of_smaller(a: dict[str, float], b: dict[str, float]) -> float:
+    width = min(a["x_max"], b["x_max"]) - max(a["x_min"], b["x_min"])
+    height = min(a["y_max"], b["y_max"]) - max(a["y_min"], b["y_min"])
+    if width <= 0 or height <= 0:
+        return 0.0
+    smaller = min(_area(a), _area(b))
+    return width * height / smaller if smaller > 0 else 0.0
+
+
+def _area(box: dict[str, float]) -> float:
+    return (box["x_max"] - box["x_min"]) * (box["y_max"] - box["y_min"])

@@ -88,6 +88,16 @@ DETECTION_ENTRY = pa.struct(
     ]
 )
 
+# A detection in a tiled scene also gives its box in the scene's CRS and its centre in WGS84.
+TILE_DETECTION_ENTRY = pa.struct(
+    [
+        *DETECTION_ENTRY,
+        *[pa.field(f"crs_{name}", pa.float64()) for name in ("x_min", "y_min", "x_max", "y_max")],
+        pa.field("lon", pa.float64()),
+        pa.field("lat", pa.float64()),
+    ]
+)
+
 
 def _schema(task_fields: list[pa.Field]) -> pa.Schema:
     return pa.schema([*UNIT_FIELDS, *task_fields], metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION})
@@ -121,7 +131,15 @@ def output_schema(task: str, dicom: bool = False, tiles: bool = False) -> pa.Sch
     if not extra:
         return schema
     task_fields = list(schema)[len(UNIT_FIELDS) :]
+    if tiles:
+        task_fields = [_tiled(field) for field in task_fields]
     return pa.schema([*UNIT_FIELDS, *extra, *task_fields], metadata=schema.metadata)
+
+
+def _tiled(field: pa.Field) -> pa.Field:
+    if field.name != "detections":
+        return field
+    return field.with_type(pa.list_(pa.field("item", TILE_DETECTION_ENTRY, nullable=False)))
 
 
 # Seconds a stage spent on a batch, spread over its rows: carried beside the rows to the
@@ -215,7 +233,8 @@ def detection_table(
     schema = schema or SCHEMAS["detection"]
     columns = _unit_columns(batch, run_id, "detection", schema)
     columns["num_detections"] = pa.array(counts, pa.int32(), mask=~ok)
-    columns["detections"] = _nested_lists(ok, counts, entries, DETECTION_ENTRY)
+    entry_type = schema.field("detections").type.value_type
+    columns["detections"] = _nested_lists(ok, counts, entries, entry_type)
     return with_stage_times(_table(columns, schema, rows), batch)
 
 
@@ -255,9 +274,12 @@ def _wkb_bbox(wkb: bytes | None) -> dict[str, float] | None:
 def _nested_lists(
     ok: np.ndarray, lengths: np.ndarray, entries: list[np.ndarray], entry_type: pa.StructType
 ) -> pa.Array:
-    """A list<struct> column: row i holds lengths[i] consecutive entries; null where not ok."""
+    """A list<struct> column: row i holds lengths[i] consecutive entries; null where not ok.
+    Fields of `entry_type` past the given `entries` are null (filled in by a later step)."""
     fields = list(entry_type)
-    children = [pa.array(values, f.type) for values, f in zip(entries, fields, strict=True)]
+    children = [pa.array(values, f.type) for values, f in zip(entries, fields, strict=False)]
+    count = len(children[0]) if children else 0
+    children += [pa.nulls(count, f.type) for f in fields[len(children) :]]
     structs = pa.StructArray.from_arrays(children, fields=fields)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     lists = pa.ListArray.from_arrays(offsets, structs, mask=pa.array(~ok))
