@@ -5,6 +5,7 @@ spatial reads as geometries."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -221,3 +222,86 @@ def test_detections_on_tile_seams_are_merged_and_mapped_to_the_crs(ray_local, tm
         assert (entry["crs_x_max"], entry["crs_y_max"]) == (right, top)
         lon, lat = reproject("EPSG:32632", "EPSG:4326", [(left + right) / 2], [(top + bottom) / 2])
         assert entry["lon"] == pytest.approx(lon[0]) and entry["lat"] == pytest.approx(lat[0])
+
+
+# Peak RSS from /proc (VmHWM) of a process that plans and reads every tile of a scene, as a
+# read task does: the scene is never decoded whole.
+SCENE_MEMORY_PROBE = """
+import json, sys
+import json
+from pathlib import Path
+import numpy as np
+from vision_ops.config import Preprocessing, TilingSpec
+from vision_ops.reader import read_units
+from vision_ops.scenes import plan_tiles
+from vision_ops.sources import list_inputs
+from vision_ops.config import InputSpec
+tiling = TilingSpec(size=512, value_range=(0, 255))
+spec = InputSpec(uris=[sys.argv[1]], tiling=tiling)
+units = plan_tiles(list_inputs(spec), tiling, {}).units
+prep = Preprocessing(resize=64, crop=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+ok = 0
+for start in range(0, units.num_rows, 32):
+    batch = {k: np.array(v, dtype=object) for k, v in units.slice(start, 32).to_pydict().items()}
+    out = read_units(batch, preprocessing=prep, max_pixels=10**9, storage_options={}, tiling=tiling)
+    ok += int((out["status"] == "ok").sum())
+status = Path("/proc/self/status").read_text().splitlines()
+peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"peak_mb": peak_kb / 1024, "tiles": units.num_rows, "ok": ok}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_16k_scene_is_read_tile_by_tile_in_bounded_memory(tmp_path) -> None:
+    """16384 x 16384 x 3 bands is 768 MiB decoded; every tile is read with the process
+    staying far below that. The file is tiled, deflated, and mostly sparse (GDAL writes no
+    block that was never written), so making it is quick; data sits along the diagonal."""
+    import subprocess
+    import sys
+
+    side = 16_384
+    path = tmp_path / "big.tif"
+    profile = {
+        "driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8",
+        "crs": "EPSG:32632", "transform": TRANSFORM, "tiled": True, "blockxsize": 512,
+        "blockysize": 512, "compress": "deflate", "sparse_ok": True,
+    }  # fmt: skip
+    rng = np.random.default_rng(0)
+    with rasterio.open(path, "w", **profile) as out:
+        for index in range(0, side, 2048):
+            block = rng.integers(0, 256, (3, 512, 512), dtype=np.uint8)
+            out.write(block, window=rasterio.windows.Window(index, index, 512, 512))
+    decoded_mb = side * side * 3 / 2**20
+    done = subprocess.run(
+        [sys.executable, "-c", SCENE_MEMORY_PROBE, str(path)],
+        capture_output=True, text=True, timeout=500, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["tiles"] == result["ok"] == 32 * 32
+    assert decoded_mb == 768
+    assert result["peak_mb"] < 300, result  # measured ~210 MB; the scene alone is 768 MB
+
+
+def test_a_large_plain_image_tiles_the_same_way_in_pixel_coordinates(tmp_path) -> None:
+    from PIL import Image
+
+    from vision_ops.config import InputSpec, TilingSpec
+    from vision_ops.reader import read_units
+
+    rng = np.random.default_rng(3)
+    photo = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "plain.png")
+    tiling = TilingSpec(size=128, edge="pad")
+    spec = InputSpec(uris=[str(tmp_path / "plain.png")], tiling=tiling)
+    plan = plan_tiles(list_inputs(spec), tiling, {})
+    assert plan.crs is None and plan.units.num_rows == 3 * 2
+    batch = {k: np.array(v, dtype=object) for k, v in plan.units.to_pydict().items()}
+    out = read_units(batch, preprocessing=None, max_pixels=10**8, storage_options={}, tiling=tiling)
+    assert list(out["status"]) == ["ok"] * 6 and set(out["crs"]) == {None}
+    last = next(i for i in range(6) if (out["tile_x"][i], out["tile_y"][i]) == (256, 128))
+    # The padded corner tile: 44 x 72 of the photo, the rest no data (black).
+    assert out["valid_fraction"][last] == pytest.approx(44 * 72 / 128**2)
+    np.testing.assert_array_equal(out["image"][last][:72, :44], photo[128:200, 256:300])
+    assert (out["image"][last][72:] == 0).all() and (out["image"][last][:, 44:] == 0).all()
+    ring = shapely.from_wkb(out["footprint"][last])
+    assert ring.bounds == (256.0, 128.0, 384.0, 256.0)  # pixel coordinates, y down

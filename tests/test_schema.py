@@ -31,7 +31,7 @@ def test_every_column_is_documented_in_the_readme() -> None:
         if line.startswith("| `")
     }
     for task in SCHEMAS:
-        schema = output_schema(task, dicom=True)
+        schema = output_schema(task, dicom=True, tiles=True)
         assert set(schema.names) | {PARTITION_COLUMN} <= documented
 
 
