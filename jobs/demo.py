@@ -16,15 +16,18 @@ from vision_ops.cli import main as vision_ops_main
 from vision_ops.config import load_spec
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 from vision_ops.models import weights_unavailable
-from vision_ops.query import connect, read_sql, top_labels_sql
+from vision_ops.query import connect, load_spatial, read_sql, top_labels_sql
 from vision_ops.synthetic import dicom_bytes, phantom_ct
 
 SPEC = Path(__file__).with_name("demo.yaml")
 DETECT_SPEC = Path(__file__).with_name("demo-detect.yaml")
 DICOM_SPEC = Path(__file__).with_name("demo-dicom.yaml")
-PHOTO_BUCKET, SCAN_BUCKET, OUTPUT_BUCKET = "demo-photos", "demo-scans", "demo-predictions"
+SCENES_SPEC = Path(__file__).with_name("demo-scenes.yaml")
+PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET = "demo-photos", "demo-scans", "demo-scenes"
+OUTPUT_BUCKET = "demo-predictions"
 OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/classification"
 DICOM_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/dicom"
+SCENES_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/scenes"
 SKIMAGE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -77,6 +80,60 @@ def frames_sql(output_uri: str) -> str:
     )
 
 
+def upload_scene(server: SeaweedS3) -> None:
+    """A 1024 x 768 GeoTIFF made from a photograph: four 16-bit bands (the photo's R, G, B
+    and their mean), UTM 33N at 10 m, the top 256 rows no data (a row of skipped tiles)."""
+    import numpy as np
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_origin
+    from skimage.transform import resize
+
+    photo = np.asarray(resize(skimage_photo("astronaut.png"), (768, 1024), anti_aliasing=True))
+    rgb = np.rint(photo[:, :, :3] * 9000 + 500).astype(np.uint16).transpose(2, 0, 1)
+    bands = np.concatenate([rgb, rgb.mean(axis=0, keepdims=True).astype(np.uint16)])
+    bands[:, :256, :] = 0
+    profile = {
+        "driver": "GTiff", "width": 1024, "height": 768, "count": 4, "dtype": "uint16",
+        "crs": "EPSG:32633", "transform": from_origin(500_000, 4_650_000, 10, 10), "nodata": 0,
+        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+    }  # fmt: skip
+    with MemoryFile() as memory:
+        with memory.open(**profile) as scene:
+            scene.write(bands)
+        data = memory.read()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options())
+    fs.pipe_file(f"{SCENE_BUCKET}/scene-33N.tif", data)
+    print(f"uploaded a 1024 x 768 GeoTIFF scene to s3://{SCENE_BUCKET}/")
+
+
+def run_scenes(server: SeaweedS3, endpoint: str) -> int:
+    upload_scene(server)
+    code = vision_ops_main(["run", str(SCENES_SPEC), "--set", endpoint])
+    if code == 0:
+        connection = connect({"s3": server.storage_options()})
+        load_spatial(connection)
+        print(f"\nDuckDB spatial: tiles of {SCENES_OUTPUT_URI} that intersect a field")
+        print(connection.sql(field_tiles_sql(SCENES_OUTPUT_URI)))
+    return code
+
+
+def field_tiles_sql(output_uri: str) -> str:
+    field = (
+        "POLYGON((501500 4645000, 503500 4645000, 503500 4647500, 501500 4647500, 501500 4645000))"
+    )
+    return (
+        "SELECT tile_x, tile_y, status, label, round(center_lon, 5) AS lon, "
+        f"round(center_lat, 5) AS lat FROM {read_sql(output_uri)} "
+        f"WHERE ST_Intersects(footprint, ST_GeomFromText('{field}')) ORDER BY tile_y, tile_x"
+    )
+
+
+def skimage_photo(name: str) -> object:
+    import skimage.io
+
+    return skimage.io.imread(next(p for p in sample_photos() if p.name == name))
+
+
 def show_output(server: SeaweedS3) -> None:
     connection = connect({"s3": server.storage_options()})
     print(f"\nDuckDB: top labels per image in {OUTPUT_URI}")
@@ -98,7 +155,7 @@ def run_detection(endpoint: str) -> int:
 
 def main() -> int:
     os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
-    with SeaweedS3(buckets=(PHOTO_BUCKET, SCAN_BUCKET, OUTPUT_BUCKET)) as server:
+    with SeaweedS3(buckets=(PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, OUTPUT_BUCKET)) as server:
         print(f"SeaweedFS S3 serving on {server.endpoint_url}")
         upload(server)
         endpoint = f"storage_options.s3.endpoint_url={server.endpoint_url}"
@@ -106,6 +163,8 @@ def main() -> int:
         if code == 0:
             show_output(server)
             code = run_dicom(server, endpoint)
+        if code == 0:
+            code = run_scenes(server, endpoint)
         if code == 0:
             code = run_detection(endpoint)
     print("SeaweedFS stopped")

@@ -16,6 +16,7 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin, xy
 
 from vision_ops.georef import box_polygon, footprint, geo_metadata, pixel_to_crs, polygon_wkb
+from vision_ops.query import load_spatial
 from vision_ops.tiling import Window, tile_windows
 
 TRANSFORM = tuple(from_origin(500_000.0, 4_650_000.0, 10.0, 10.0))[:6]  # UTM 33N, 10 m pixels
@@ -74,11 +75,8 @@ def test_geoparquet_is_read_as_geometries_by_duckdb_spatial(tmp_path: Path) -> N
     pq.write_table(table, tmp_path / "tiles.parquet")
     assert json.loads(pq.read_schema(tmp_path / "tiles.parquet").metadata[b"geo"])["version"]
 
-    import duckdb_extension_spatial
-
     connection = duckdb.connect()
-    package = Path(duckdb_extension_spatial.__file__).parent
-    connection.execute(f"LOAD '{next(package.glob('extensions/*/spatial.duckdb_extension'))}'")
+    load_spatial(connection)
     columns = connection.sql(f"DESCRIBE SELECT * FROM '{tmp_path / 'tiles.parquet'}'")
     described = {row[0]: row[1] for row in columns.fetchall()}
     assert described["footprint"].startswith("GEOMETRY")

@@ -21,6 +21,7 @@ from rasterio.warp import transform as reproject
 
 from vision_ops.config import parse_spec
 from vision_ops.pipeline import run_job
+from vision_ops.query import load_spatial
 from vision_ops.scenes import plan_tiles
 from vision_ops.sources import list_inputs
 from vision_ops.tiling import tile_windows
@@ -135,11 +136,8 @@ def test_a_scene_becomes_tiles_with_exact_footprints(
         np.testing.assert_allclose([e["score"] for e in row["top_k"]], scores, atol=1e-5)
 
     # GeoParquet: DuckDB spatial reads the footprints as geometries.
-    import duckdb_extension_spatial
-
     connection = duckdb.connect()
-    package = Path(duckdb_extension_spatial.__file__).parent
-    connection.execute(f"LOAD '{next(package.glob('extensions/*/spatial.duckdb_extension'))}'")
+    load_spatial(connection)
     files = f"{tmp_path / 'table'}/run_date=*/*.parquet"
     described = connection.sql(f"DESCRIBE SELECT * FROM '{files}'").fetchall()
     kinds = {row[0]: row[1] for row in described}

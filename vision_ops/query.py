@@ -110,6 +110,19 @@ def export(relation: Any, fmt: str, path: str | None) -> str | None:
     return text
 
 
+def load_spatial(connection: Any) -> None:
+    """DuckDB spatial from its package (no download): footprints read as GEOMETRY."""
+    try:
+        import duckdb_extension_spatial
+    except ImportError as err:
+        raise ImportError(
+            "geometries in DuckDB need: pip install duckdb-extension-spatial"
+        ) from err
+    package = Path(duckdb_extension_spatial.__file__).parent
+    extension = next(package.glob("extensions/*/spatial.duckdb_extension"))
+    connection.execute(f"LOAD '{extension}'")
+
+
 def _load_httpfs(connection: Any) -> None:
     try:
         import duckdb_extension_httpfs
