@@ -19,6 +19,7 @@ import torchvision
 from rasterio.transform import from_origin
 from rasterio.warp import transform as reproject
 
+from vision_ops.cli import main
 from vision_ops.config import parse_spec
 from vision_ops.pipeline import run_job
 from vision_ops.query import load_spatial
@@ -78,7 +79,7 @@ def spec_for(scenes: Path, output: Path, tiny_weights: Path, **tiling: object):
 
 
 def test_a_scene_becomes_tiles_with_exact_footprints(
-    ray_local, scenes, bands, tmp_path, tiny_weights
+    ray_local, scenes, bands, tmp_path, tiny_weights, capsys
 ) -> None:
     spec = spec_for(scenes, tmp_path / "table", tiny_weights)
     summary = run_job(spec)
@@ -153,6 +154,11 @@ def test_a_scene_becomes_tiles_with_exact_footprints(
     where = f"ST_Intersects(footprint, ST_GeomFromText('{field.wkt}'))"
     count = connection.sql(f"SELECT count(*) FROM '{files}' WHERE {where}").fetchone()
     assert count == (expected,)
+    # The same through the documented read path: `vision-ops query` over committed runs.
+    capsys.readouterr()
+    sql = f"SELECT count(*) AS n FROM predictions WHERE {where}"
+    assert main(["query", str(tmp_path / "table"), sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", str(expected)]
 
 
 def test_planning_reads_headers_only_and_fixes_each_scenes_range(scenes, tmp_path) -> None:

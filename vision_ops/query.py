@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,8 @@ from vision_ops.storage import StorageOptions
 
 
 def connect(storage_options: StorageOptions | None = None) -> Any:
-    """A DuckDB connection that can read s3:// with the environment's AWS credentials."""
+    """A DuckDB connection that can read s3:// with the environment's AWS credentials, and
+    geometries where DuckDB spatial is installed (the geo extra)."""
     try:
         import duckdb
     except ImportError as err:
@@ -26,6 +28,8 @@ def connect(storage_options: StorageOptions | None = None) -> Any:
     if s3 or os.environ.get("AWS_ACCESS_KEY_ID"):
         _load_httpfs(connection)
         connection.execute(_s3_secret_sql(s3), _s3_secret_params())
+    with contextlib.suppress(ImportError):
+        load_spatial(connection)
     return connection
 
 
