@@ -309,3 +309,24 @@ def test_a_large_plain_image_tiles_the_same_way_in_pixel_coordinates(tmp_path) -
     assert (out["image"][last][72:] == 0).all() and (out["image"][last][:, 44:] == 0).all()
     ring = shapely.from_wkb(out["footprint"][last])
     assert ring.bounds == (256.0, 128.0, 384.0, 256.0)  # pixel coordinates, y down
+
+
+def test_value_range_defaults_by_data_type(tmp_path) -> None:
+    """Integers: the type's range; floats: the valid pixels' 2nd..98th percentiles."""
+    from vision_ops.config import TilingSpec
+    from vision_ops.raster import open_raster, scene_header
+    from vision_ops.scenes import value_range
+
+    values = np.linspace(-1.0, 1.0, 100 * 100, dtype=np.float32).reshape(1, 100, 100)
+    profile = {"driver": "GTiff", "width": 100, "height": 100, "count": 1, "dtype": "float32"}
+    with rasterio.open(tmp_path / "ndvi.tif", "w", **profile) as out:
+        out.write(values)
+    with rasterio.open(tmp_path / "u8.tif", "w", **profile | {"dtype": "uint8"}) as out:
+        out.write((values * 0).astype(np.uint8))
+    tiling = TilingSpec(bands=[1])
+    with open_raster(str(tmp_path / "ndvi.tif")) as dataset:
+        low, high = value_range(dataset, scene_header(dataset), tiling)
+    expected = np.percentile(values.astype(np.float64), [2, 98])
+    assert (low, high) == pytest.approx(tuple(expected))
+    with open_raster(str(tmp_path / "u8.tif")) as dataset:
+        assert value_range(dataset, scene_header(dataset), tiling) == (0.0, 255.0)
