@@ -14,12 +14,25 @@ import torchvision
 from PIL import Image, ImageOps
 
 from vision_ops.config import DetectionTask, JobSpec, parse_spec
-from vision_ops.detection import configure_detector, filter_detections, pixel_budget_groups
+from vision_ops.detection import (
+    as_rows,
+    configure_detector,
+    filter_detections,
+    instance_output,
+    kept_indices,
+    pixel_budget_groups,
+)
 from vision_ops.models import ModelError, torchvision_architectures
 from vision_ops.pipeline import run_job
 from vision_ops.predictors import Detector
 from vision_ops.query import boxes_sql, connect, read_sql
-from vision_ops.schema import DETECTION_SCHEMA, DETECTIONS, STATUS_ERROR, STATUS_OK
+from vision_ops.schema import (
+    COCO_KEYPOINT_NAMES,
+    DETECTION_SCHEMA,
+    DETECTIONS,
+    STATUS_ERROR,
+    STATUS_OK,
+)
 
 pytestmark = pytest.mark.timeout(900)
 CLASSES = 5
@@ -30,7 +43,7 @@ SPREAD = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 def fast_kwargs(architecture: str) -> dict[str, int]:
     """Small internal resizes and candidate counts keep random-weight tests quick on a CPU."""
-    if architecture.startswith("fasterrcnn"):
+    if architecture.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn")):
         return {
             "min_size": 160,
             "max_size": 200,
@@ -84,6 +97,42 @@ def direct_detections(
     return filter_detections(rows, settings, None)
 
 
+def assert_instances(
+    row: dict, model: torch.nn.Module, image: np.ndarray, settings: DetectionTask, kind: str | None
+) -> None:
+    """Masks: the decoded RLE is the model's mask thresholded at 0.5 (pixels may differ only
+    where the model's probability is within 1e-4 of it). Keypoints: names, x, y and score."""
+    from pycocotools import mask as coco_mask
+
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    with torch.inference_mode():
+        (output,) = model([tensor])
+    kept = kept_indices(as_rows(output), settings, None)
+    if kind == "mask":
+        probabilities = output["masks"][:, 0].numpy()[kept]
+        decoded = np.stack(
+            [
+                coco_mask.decode(
+                    {"size": e["mask"]["size"], "counts": e["mask"]["counts"].encode()}
+                )
+                for e in row["detections"]
+            ]
+            or [np.zeros(image.shape[:2], np.uint8)]
+        )[: len(kept)]
+        assert decoded.shape[1:] == image.shape[:2]
+        differs = decoded != (probabilities > 0.5)
+        assert not (differs & (np.abs(probabilities - 0.5) > 1e-4)).any()
+        assert any(e["mask"]["counts"] for e in row["detections"])
+    else:
+        expected = torch.cat(
+            [output["keypoints"][:, :, :2], output["keypoints_scores"][..., None]], dim=-1
+        ).numpy()[kept]
+        got = [[(k["x"], k["y"], k["score"]) for k in e["keypoints"]] for e in row["detections"]]
+        np.testing.assert_allclose(np.array(got).reshape(expected.shape), expected, atol=1e-3)
+        names = [k["name"] for e in row["detections"] for k in e["keypoints"]][:17]
+        assert not row["detections"] or names == list(COCO_KEYPOINT_NAMES)
+
+
 def rows_as_array(row: dict) -> np.ndarray:
     keys = ("label_id", "score", "x_min", "y_min", "x_max", "y_max")
     boxes = [[box[key] for key in keys] for box in row["detections"]]
@@ -132,6 +181,8 @@ def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> Non
         expected = direct_detections(model, image, settings)
         assert row["num_detections"] == len(expected) == len(row["detections"])
         np.testing.assert_allclose(rows_as_array(row), expected, atol=1e-4, err_msg=name)
+        if instance_output(architecture):
+            assert_instances(row, model, image, settings, instance_output(architecture))
     assert any(row["num_detections"] for row in rows.values() if row["status"] == STATUS_OK)
 
 

@@ -69,12 +69,19 @@ def filter_detections(
 ) -> np.ndarray:
     """(boxes, 6) rows of label_id, score, x_min, y_min, x_max, y_max: threshold, allow-list,
     then the best `max_detections` by score."""
+    return detections[kept_indices(detections, task, allowed_ids)]
+
+
+def kept_indices(
+    detections: np.ndarray, task: DetectionTask, allowed_ids: frozenset[int] | None
+) -> np.ndarray:
+    """The rows `filter_detections` keeps, in its order (to pick a box's mask or keypoints)."""
     keep = detections[:, 1] >= task.score_threshold
     if allowed_ids is not None:
         keep &= np.isin(detections[:, 0].astype(np.int64), list(allowed_ids))
-    kept = detections[keep]
-    order = np.argsort(-kept[:, 1], kind="stable")
-    return kept[order][: task.max_detections]
+    candidates = np.flatnonzero(keep)
+    order = np.argsort(-detections[candidates, 1], kind="stable")
+    return candidates[order][: task.max_detections]
 
 
 def as_rows(output: dict[str, torch.Tensor]) -> np.ndarray:
@@ -83,3 +90,32 @@ def as_rows(output: dict[str, torch.Tensor]) -> np.ndarray:
     scores = output["scores"].float().unsqueeze(1)
     rows = torch.cat([labels, scores, output["boxes"].float()], dim=1)
     return rows.cpu().numpy().astype(np.float32, copy=False)
+
+
+# Instance outputs some torchvision detectors add to each box, by architecture prefix.
+INSTANCE_OUTPUTS = {"maskrcnn": "mask", "keypointrcnn": "keypoints"}
+MASK_THRESHOLD = 0.5  # torchvision's mask probabilities -> a binary mask, as its docs do
+
+
+def instance_output(architecture: str | None) -> str | None:
+    """`mask`, `keypoints` or None: what the detector gives per box beyond the box."""
+    for prefix, output in INSTANCE_OUTPUTS.items():
+        if architecture and architecture.startswith(prefix):
+            return output
+    return None
+
+
+def mask_rles(output: dict[str, torch.Tensor]) -> list[dict[str, object]]:
+    """Each box's mask, thresholded, as COCO run-length encoding ({size: [h, w], counts})."""
+    from pycocotools import mask as coco_mask
+
+    binary = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+    encoded = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    return [{"size": list(rle["size"]), "counts": rle["counts"].decode()} for rle in encoded]
+
+
+def keypoint_arrays(output: dict[str, torch.Tensor]) -> np.ndarray:
+    """(boxes, K, 3): each keypoint's x, y (source pixels) and score."""
+    points = output["keypoints"][:, :, :2].float()
+    scores = output["keypoints_scores"].float().unsqueeze(-1)
+    return torch.cat([points, scores], dim=-1).cpu().numpy().astype(np.float32)

@@ -30,15 +30,13 @@ from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, read_bytes
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
-# Mask and keypoint R-CNN live beside the box detectors but belong to their own tasks.
-NOT_BOX_DETECTORS = ("maskrcnn", "keypointrcnn")
 
 
 def torchvision_architectures(task: str) -> list[str]:
-    """The torchvision architecture names a task accepts."""
+    """The torchvision architecture names a task accepts (detection: the box detectors and
+    Mask / Keypoint R-CNN, whose masks and keypoints ride with their boxes)."""
     if task == "detection":
-        names = torchvision.models.list_models(module=torchvision.models.detection)
-        return [name for name in names if not name.startswith(NOT_BOX_DETECTORS)]
+        return list(torchvision.models.list_models(module=torchvision.models.detection))
     return list(torchvision.models.list_models(module=torchvision.models))
 
 

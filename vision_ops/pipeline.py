@@ -19,6 +19,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec
+from vision_ops.detection import instance_output
 from vision_ops.lock import RunLock
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
@@ -160,7 +161,12 @@ def plan_units(spec: JobSpec, listing: pa.Table) -> tuple[pa.Table, pa.Schema, T
     """The units to process (the listing, or its scenes' tiles), the table's schema, and the
     tile plan where there is one."""
     schema = output_schema(
-        spec.task.kind, dicom=spec.input.dicom is not None, tiles=spec.input.tiling is not None
+        spec.task.kind,
+        dicom=spec.input.dicom is not None,
+        tiles=spec.input.tiling is not None,
+        instance=instance_output(getattr(spec.model, "architecture", None))
+        if spec.task.kind == "detection"
+        else None,
     )
     if spec.input.tiling is None:
         return listing, schema, None

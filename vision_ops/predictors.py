@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from typing import TypeVar
@@ -14,13 +15,17 @@ from vision_ops.config import ClassificationTask, DetectionTask, JobSpec, Prepro
 from vision_ops.detection import (
     as_rows,
     configure_detector,
-    filter_detections,
+    instance_output,
+    kept_indices,
+    keypoint_arrays,
+    mask_rles,
     pixel_budget_groups,
 )
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
 from vision_ops.schema import (
     DETECTIONS,
+    INSTANCE_COLUMN,
     STAGE_PREFIX,
     STATUS_OK,
     TOP_K_IDS,
@@ -150,29 +155,47 @@ class Detector(Predictor):
         super().__init__(spec)
         self.settings = task_settings(spec, DetectionTask)
         self.allowed_ids = class_ids(self.settings.classes, self.model.labels)
+        self.instance = instance_output(getattr(spec.model, "architecture", None))
         configure_detector(self.module, self.settings, keep_all=self.allowed_ids is not None)
 
     def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
         detections = np.empty(len(ok), dtype=object)
+        extras = np.empty(len(ok), dtype=object)
         for index in range(len(ok)):
             detections[index] = np.zeros((0, 6), dtype=np.float32)
         rows = np.flatnonzero(ok)
         shapes = [(images[i].shape[0], images[i].shape[1]) for i in rows]
         for group in pixel_budget_groups(shapes, self.settings.max_batch_pixels):
             members = rows[group]
-            found = self.detect([images[i] for i in members])
-            for index, boxes in zip(members, found, strict=True):
-                detections[index] = filter_detections(boxes, self.settings, self.allowed_ids)
-        return {DETECTIONS: detections}
+            for index, output in zip(
+                members, self.detect([images[i] for i in members]), strict=True
+            ):
+                found = as_rows(output)
+                kept = kept_indices(found, self.settings, self.allowed_ids)
+                detections[index] = found[kept]
+                extras[index] = self._instance_extras(output, kept)
+        out = {DETECTIONS: detections}
+        if self.instance is not None:
+            out[INSTANCE_COLUMN] = extras
+        return out
 
-    def detect(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """uint8 (H, W, 3) images of one size -> raw (boxes, 6) rows per image, source pixels."""
+    def detect(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """uint8 (H, W, 3) images of one size -> the model's per-image outputs, source pixels."""
         tensors = [self._to_tensor(image) for image in images]
         with self.inference():
             outputs = self.module(tensors)
         if isinstance(outputs, tuple):  # scripted torchvision detectors: (losses, detections)
             outputs = outputs[1]
-        return [as_rows(output) for output in outputs]
+        return list(outputs)
+
+    def _instance_extras(self, output: dict[str, torch.Tensor], kept: np.ndarray) -> object:
+        """The kept boxes' masks (JSON list of COCO RLEs) or keypoints ((boxes, K, 3) array)."""
+        if self.instance == "mask":
+            rles = mask_rles(output)
+            return json.dumps([rles[i] for i in kept])
+        if self.instance == "keypoints":
+            return keypoint_arrays(output)[kept]
+        return None
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> float (3, H, W) in 0-1 on the device (the model normalises)."""

@@ -88,6 +88,28 @@ DETECTION_ENTRY = pa.struct(
     ]
 )
 
+# Mask R-CNN adds each box's mask as COCO run-length encoding (pycocotools decodes it) in the
+# source image's pixels; Keypoint R-CNN adds its named keypoints.
+MASK_RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
+KEYPOINT = pa.struct(
+    [
+        pa.field("name", pa.string()),
+        pa.field("x", pa.float32()),
+        pa.field("y", pa.float32()),
+        pa.field("score", pa.float32()),
+    ]
+)
+# The 17 COCO person keypoints, in Keypoint R-CNN's order (torchvision's weights meta).
+COCO_KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+    "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
+    "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)  # fmt: skip
+INSTANCE_FIELDS = {
+    "mask": pa.field("mask", MASK_RLE),
+    "keypoints": pa.field("keypoints", pa.list_(pa.field("item", KEYPOINT, nullable=False))),
+}
+
 # A detection in a tiled scene also gives its box in the scene's CRS and its centre in WGS84.
 TILE_DETECTION_ENTRY = pa.struct(
     [
@@ -123,23 +145,25 @@ PREDICTION_SCHEMA = SCHEMAS["classification"]
 DETECTION_SCHEMA = SCHEMAS["detection"]
 
 
-def output_schema(task: str, dicom: bool = False, tiles: bool = False) -> pa.Schema:
+def output_schema(
+    task: str, dicom: bool = False, tiles: bool = False, instance: str | None = None
+) -> pa.Schema:
     """The table of a job: its task's schema, with the DICOM or the tile columns after the
-    unit columns when the job reads DICOM or tiles scenes."""
+    unit columns when the job reads DICOM or tiles scenes, and a detection entry that also
+    holds the box's `instance` output (`mask` or `keypoints`) where the model gives one."""
     schema = SCHEMAS[task]
     extra = [*(DICOM_FIELDS if dicom else []), *(TILE_FIELDS if tiles else [])]
-    if not extra:
-        return schema
-    task_fields = list(schema)[len(UNIT_FIELDS) :]
-    if tiles:
-        task_fields = [_tiled(field) for field in task_fields]
+    task_fields = [_entry_with(field, tiles, instance) for field in schema][len(UNIT_FIELDS) :]
     return pa.schema([*UNIT_FIELDS, *extra, *task_fields], metadata=schema.metadata)
 
 
-def _tiled(field: pa.Field) -> pa.Field:
-    if field.name != "detections":
+def _entry_with(field: pa.Field, tiles: bool, instance: str | None) -> pa.Field:
+    if field.name != "detections" or not (tiles or instance):
         return field
-    return field.with_type(pa.list_(pa.field("item", TILE_DETECTION_ENTRY, nullable=False)))
+    entry = list(TILE_DETECTION_ENTRY if tiles else DETECTION_ENTRY)
+    if instance:
+        entry.append(INSTANCE_FIELDS[instance])
+    return field.with_type(pa.list_(pa.field("item", pa.struct(entry), nullable=False)))
 
 
 # Seconds a stage spent on a batch, spread over its rows: carried beside the rows to the
@@ -155,6 +179,9 @@ def stage_times(rows: int, seconds: float) -> np.ndarray:
 TOP_K_IDS, TOP_K_SCORES = "top_k_label_id", "top_k_score"
 # Per row, a float32 (boxes, 6) array: label_id, score, x_min, y_min, x_max, y_max.
 DETECTIONS = "detection_array"
+# Per row, the kept boxes' instance outputs: masks as JSON (a list of COCO RLEs), or
+# keypoints as a float32 (boxes, K, 3) array of x, y, score.
+INSTANCE_COLUMN = "detection_instances"
 
 
 class TableBuilder(Protocol):
@@ -234,8 +261,34 @@ def detection_table(
     columns = _unit_columns(batch, run_id, "detection", schema)
     columns["num_detections"] = pa.array(counts, pa.int32(), mask=~ok)
     entry_type = schema.field("detections").type.value_type
-    columns["detections"] = _nested_lists(ok, counts, entries, entry_type)
+    named = _instance_children(batch, ok, entry_type, labels)
+    columns["detections"] = _nested_lists(ok, counts, entries, entry_type, named)
     return with_stage_times(_table(columns, schema, rows), batch)
+
+
+def _instance_children(
+    batch: dict[str, np.ndarray], ok: np.ndarray, entry_type: pa.StructType, labels: object
+) -> dict[str, pa.Array]:
+    """The entry's mask or keypoints child, one value per kept box of the ok rows."""
+    names = {field.name for field in entry_type}
+    instances = [
+        value for value, good in zip(batch.get(INSTANCE_COLUMN, []), ok, strict=False) if good
+    ]
+    if "mask" in names:
+        masks = [rle for text in instances for rle in json.loads(text)]
+        return {"mask": pa.array(masks, MASK_RLE)}
+    if "keypoints" in names:
+        points = [_keypoints(box) for array in instances for box in np.asarray(array)]
+        return {"keypoints": pa.array(points, INSTANCE_FIELDS["keypoints"].type)}
+    return {}
+
+
+def _keypoints(box: np.ndarray) -> list[dict[str, object]]:
+    names = COCO_KEYPOINT_NAMES if len(box) == len(COCO_KEYPOINT_NAMES) else []
+    return [
+        {"name": names[k] if names else str(k), "x": x, "y": y, "score": score}
+        for k, (x, y, score) in enumerate(box.tolist())
+    ]
 
 
 def _no_boxes() -> np.ndarray:
@@ -272,14 +325,21 @@ def _wkb_bbox(wkb: bytes | None) -> dict[str, float] | None:
 
 
 def _nested_lists(
-    ok: np.ndarray, lengths: np.ndarray, entries: list[np.ndarray], entry_type: pa.StructType
+    ok: np.ndarray,
+    lengths: np.ndarray,
+    entries: list[np.ndarray],
+    entry_type: pa.StructType,
+    named: dict[str, pa.Array] | None = None,
 ) -> pa.Array:
     """A list<struct> column: row i holds lengths[i] consecutive entries; null where not ok.
-    Fields of `entry_type` past the given `entries` are null (filled in by a later step)."""
+    Fields of `entry_type` past the given `entries` come from `named`, else are null (filled
+    in by a later step, as the scene merge does)."""
     fields = list(entry_type)
     children = [pa.array(values, f.type) for values, f in zip(entries, fields, strict=False)]
     count = len(children[0]) if children else 0
-    children += [pa.nulls(count, f.type) for f in fields[len(children) :]]
+    children += [
+        (named or {}).get(f.name, pa.nulls(count, f.type)) for f in fields[len(children) :]
+    ]
     structs = pa.StructArray.from_arrays(children, fields=fields)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     lists = pa.ListArray.from_arrays(offsets, structs, mask=pa.array(~ok))
