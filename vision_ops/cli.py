@@ -252,6 +252,27 @@ def report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """Score a committed run against ground truth; the metrics land under `_metrics/`."""
+    from vision_ops.evaluate import EvaluationError, evaluate_run
+
+    try:
+        table, options = output_of(args)
+    except SpecError as err:
+        return _fail(err, EXIT_BAD_SPEC)
+    if args.truth is None and args.truth_format != "imagefolder":
+        return _fail(ValueError(f"--truth-format {args.truth_format} needs --truth"), EXIT_BAD_SPEC)
+    try:
+        metrics = evaluate_run(table, args.truth or "", args.truth_format, args.run_id, options)
+    except (EvaluationError, OSError, KeyError) as err:
+        return _fail(err, EXIT_FAILED)
+    for row in metrics.to_pylist():
+        if row["label"] is None:
+            print(f"{row['metric']}: {row['value']:.4f}")
+    print(f"metrics: {len(metrics)} rows for run {metrics['run_id'][0]}")
+    return EXIT_OK
+
+
 def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("spec", help="job spec YAML file")
     sub.add_argument(
@@ -322,6 +343,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--html", help="also write a self-contained HTML page with charts here")
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.set_defaults(handler=report)
+    sub = commands.add_parser("evaluate", help="score a committed run against ground truth")
+    sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
+    sub.add_argument("--truth", help="labels CSV/Parquet (uri, label), or COCO JSON")
+    sub.add_argument(
+        "--truth-format",
+        choices=("imagefolder", "table", "coco"),
+        default="table",
+        help="imagefolder: the class is each image's parent folder (--truth is then unused)",
+    )
+    sub.add_argument("--run-id", help="the run to score (default: the latest committed)")
+    sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
+    sub.set_defaults(handler=evaluate)
 
     address_help = "the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
     sub = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")

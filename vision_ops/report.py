@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ class RunReport:
     stage_seconds: dict[str, float]
     slowest_stage: str | None
     progress: list[tuple[float, int]]
+    metrics: dict[str, float] = field(default_factory=dict)  # from `vision-ops evaluate`
 
 
 class NoSuchRun(LookupError):
@@ -68,7 +69,21 @@ def build_report(
         stage_seconds=dict(manifest.get("stage_seconds", {})),
         slowest_stage=manifest.get("slowest_stage"),
         progress=[(float(t), int(n)) for t, n in manifest.get("progress", [])],
+        metrics=overall_metrics(table_uri, manifest["run_id"], options),
     )
+
+
+def overall_metrics(
+    table_uri: str, run_id: str, options: StorageOptions | None
+) -> dict[str, float]:
+    """The run's scores against ground truth (not per class), where it has been evaluated."""
+    from vision_ops.evaluate import read_metrics
+
+    table = read_metrics(table_uri, run_id, options)
+    if table is None:
+        return {}
+    rows = table.to_pylist()
+    return {r["metric"]: r["value"] for r in rows if r["label"] is None and r["predicted"] is None}
 
 
 def _read_files(uris: list[str], options: StorageOptions | None) -> pa.Table:
@@ -114,7 +129,13 @@ def render_text(report: RunReport) -> str:
         "errors by type:",
         *[f"  {count:>7}  {kind}" for kind, count in report.error_types],
     ]
+    if report.metrics:
+        lines.append("against ground truth: " + _metrics_text(report.metrics))
     return "\n".join(lines) + "\n"
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
 # --- html ------------------------------------------------------------------------------------
@@ -137,6 +158,7 @@ td {{ padding: 2px 12px 2px 0; }}
 <div class="card"><h2>Score distribution</h2>{scores}</div>
 <div class="card"><h2>Errors by type</h2>{errors_chart}</div>
 <div class="card"><h2>Images/s over the run</h2>{progress}</div>
+<div class="card"><h2>Against ground truth</h2>{metrics}</div>
 </div></body></html>
 """
 
@@ -158,6 +180,7 @@ def render_html(report: RunReport) -> str:
         scores=bar_chart(list(zip(bins, report.score_histogram, strict=True)), "#72b7b2"),
         errors_chart=bar_chart(report.error_types, "#e45756") if report.error_types else "none",
         progress=line_chart(throughput_series(report.progress)),
+        metrics=html.escape(_metrics_text(report.metrics)) or "not evaluated",
     )
 
 

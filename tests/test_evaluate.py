@@ -1,0 +1,177 @@
+"""Scoring against ground truth: classification metrics equal scikit-learn's on the same
+labels; detection mAP equals pycocotools run directly on the same JSON; metrics land as a
+Parquet table per run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from vision_ops.cli import EXIT_OK, main
+from vision_ops.evaluate import EvaluationError, evaluate_run, read_metrics
+from vision_ops.schema import DETECTION_SCHEMA, PREDICTION_SCHEMA, item_id
+from vision_ops.sink import ParquetSink
+
+DATE = dt.date(2026, 11, 24)
+CLASSES = ["cat", "dog", "fox"]
+# (true class, predicted top-3) per image; None: an error row.
+CASES = [
+    ("cat", ["cat", "dog", "fox"]),
+    ("cat", ["dog", "cat", "fox"]),
+    ("cat", ["cat", "fox", "dog"]),
+    ("dog", ["dog", "cat", "fox"]),
+    ("dog", ["fox", "cat", "dog"]),
+    ("dog", None),
+    ("fox", ["fox", "dog", "cat"]),
+    ("fox", ["cat", "dog", "fox"]),
+]
+
+
+def commit(table_uri: Path, schema: pa.Schema, rows: list[dict], run_id: str = "r1") -> None:
+    base = {"run_id": run_id, "model_name": "m", "model_weights_sha256": "h"}
+    table = pa.Table.from_pylist([base | row for row in rows], schema=schema)
+    sink = ParquetSink(str(table_uri), run_id, DATE, schema)
+    sink.write(table)
+    sink.commit([row["source_uri"] for row in rows])
+
+
+def classification_rows() -> list[dict]:
+    rows = []
+    for index, (truth, top) in enumerate(CASES):
+        uri = f"file:///data/{truth}/img{index}.jpg"
+        row = {"source_uri": uri, "item_id": item_id(uri), "task": "classification"}
+        if top is None:
+            rows.append(row | {"status": "error", "error_type": "CorruptImage"})
+            continue
+        entries = [
+            {"label_id": CLASSES.index(c), "label": c, "score": 0.5 - i / 10}
+            for i, c in enumerate(top)
+        ]
+        rows.append(row | {"status": "ok", "label": top[0], "top_k": entries})
+    return rows
+
+
+def test_classification_metrics_equal_scikit_learns(tmp_path: Path) -> None:
+    table = tmp_path / "table"
+    commit(table, PREDICTION_SCHEMA, classification_rows())
+    metrics = evaluate_run(str(table), "", "imagefolder")
+    value = {(m["metric"], m["label"], m["predicted"]): m["value"] for m in metrics.to_pylist()}
+    truth = [t for t, _ in CASES]
+    predicted = [top[0] if top else "(error)" for _, top in CASES]
+    assert value[("accuracy", None, None)] == pytest.approx(accuracy_score(truth, predicted))
+    assert value[("top5_accuracy", None, None)] == pytest.approx(7 / 8)  # all but the error
+    assert (value[("evaluated", None, None)], value[("error_rows", None, None)]) == (8, 1)
+    precision, recall, _, _ = precision_recall_fscore_support(
+        truth, predicted, labels=CLASSES, zero_division=0
+    )
+    for index, label in enumerate(CLASSES):
+        assert value[("precision", label, None)] == pytest.approx(precision[index])
+        assert value[("recall", label, None)] == pytest.approx(recall[index])
+    matrix = confusion_matrix(truth, predicted, labels=CLASSES)
+    for i, t in enumerate(CLASSES):
+        for j, p in enumerate(CLASSES):
+            assert value.get(("confusion", t, p), 0) == matrix[i, j]
+    stored = read_metrics(str(table), "r1")
+    assert stored is not None and stored.equals(metrics)
+    from vision_ops.report import build_report, render_html, render_text
+
+    report = build_report(str(table))
+    assert report.metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert "against ground truth: accuracy 0.5000" in render_text(report)
+    assert "top5_accuracy 0.8750" in render_html(report)
+
+
+def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:
+    table = tmp_path / "table"
+    commit(table, PREDICTION_SCHEMA, classification_rows())
+    labels = tmp_path / "labels.csv"
+    lines = ["uri,label"] + [f"file:///data/{t}/img{i}.jpg,{t}" for i, (t, _) in enumerate(CASES)]
+    labels.write_text("\n".join(lines[:5]) + "\n")  # the first four images only
+    args = ["evaluate", str(table), "--truth", str(labels), "--truth-format", "table"]
+    assert main(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "accuracy: 0.7500" in out and "evaluated: 4.0000" in out  # 3 of the 4 right
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,class\nx,y\n")
+    with pytest.raises(EvaluationError, match="expected columns uri and label"):
+        evaluate_run(str(table), str(bad), "table")
+
+
+COCO = {
+    "images": [
+        {"id": 1, "file_name": "a.jpg", "width": 100, "height": 100},
+        {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100},
+    ],
+    "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "truck"}],
+    "annotations": [
+        {"id": n, "image_id": image, "category_id": category, "bbox": box, "iscrowd": 0,
+         "area": box[2] * box[3]}
+        for n, (image, category, box) in enumerate(
+            [(1, 1, [10, 10, 30, 20]), (1, 2, [50, 50, 40, 40]), (2, 1, [5, 60, 20, 20])], 1
+        )
+    ],
+}  # fmt: skip
+
+
+def detection_rows(boxes: dict[str, list[tuple[str, float, list[float]]]]) -> list[dict]:
+    rows = []
+    for name, found in boxes.items():
+        uri = f"s3://b/{name}"
+        entries = [
+            {"label_id": 1, "label": label, "score": score, "x_min": x, "y_min": y,
+             "x_max": x + w, "y_max": y + h}
+            for label, score, (x, y, w, h) in found
+        ]  # fmt: skip
+        rows.append(
+            {"source_uri": uri, "item_id": item_id(uri), "task": "detection", "status": "ok",
+             "num_detections": len(entries), "detections": entries}
+        )  # fmt: skip
+    return rows
+
+
+def test_detection_map_equals_pycocotools_on_the_same_json(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO as CocoApi
+    from pycocotools.cocoeval import COCOeval
+
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps(COCO))
+    perfect = {
+        "a.jpg": [("car", 0.9, [10, 10, 30, 20]), ("truck", 0.8, [50, 50, 40, 40])],
+        "b.jpg": [("car", 0.7, [5, 60, 20, 20])],
+    }
+    commit(tmp_path / "perfect", DETECTION_SCHEMA, detection_rows(perfect))
+    metrics = evaluate_run(str(tmp_path / "perfect"), str(truth), "coco").to_pylist()
+    assert {m["metric"]: m["value"] for m in metrics}["map"] == pytest.approx(1.0)
+
+    mixed = {
+        "a.jpg": [("car", 0.9, [12, 12, 30, 20]), ("truck", 0.3, [0, 0, 10, 10])],
+        "b.jpg": [("car", 0.6, [5, 60, 20, 20]), ("truck", 0.8, [60, 0, 20, 20])],
+    }
+    commit(tmp_path / "mixed", DETECTION_SCHEMA, detection_rows(mixed))
+    got = {
+        m["metric"]: m["value"]
+        for m in evaluate_run(str(tmp_path / "mixed"), str(truth), "coco").to_pylist()
+    }
+    api = CocoApi(str(truth))
+    images = {"a.jpg": 1, "b.jpg": 2}
+    ids = {"car": 1, "truck": 2}
+    results = [
+        {"image_id": images[n], "category_id": ids[c], "bbox": b, "score": s}
+        for n, found in mixed.items()
+        for c, s, b in found
+    ]
+    direct = COCOeval(api, api.loadRes(results), "bbox")
+    direct.evaluate()
+    direct.accumulate()
+    direct.summarize()
+    assert 0 < got["map"] < 1
+    np.testing.assert_allclose([got["map"], got["map_50"]], direct.stats[:2])
+    stored = pq.read_table(tmp_path / "mixed" / "_metrics" / "r1.parquet")
+    assert set(stored["metric"].to_pylist()) == {"map", "map_50", "evaluated"}

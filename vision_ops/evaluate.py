@@ -1,0 +1,189 @@
+"""Scoring a committed run against ground truth: accuracy, top-5, per-class precision/recall and
+a confusion matrix for classification; COCO mAP for detection. Metrics land as a small Parquet
+table per run under `_metrics/`."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import posixpath
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vision_ops.sink import committed_runs, read_committed_file
+from vision_ops.storage import StorageOptions, filesystem, make_folder, read_bytes
+
+METRICS = "_metrics"
+METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("label", pa.string()),  # the class of a per-class metric, the truth of a cell
+        pa.field("predicted", pa.string()),  # the predicted class of a confusion-matrix cell
+        pa.field("value", pa.float64(), nullable=False),
+    ]
+)
+TRUTH_FORMATS = ("imagefolder", "table", "coco")
+
+
+class EvaluationError(ValueError):
+    """Ground truth that cannot be read or matched to the run's rows."""
+
+
+def evaluate_run(
+    table_uri: str,
+    truth: str,
+    truth_format: str,
+    run_id: str | None = None,
+    options: StorageOptions | None = None,
+) -> pa.Table:
+    """The metrics of a committed run (the given id, else the latest), written beside it."""
+    manifest = _manifest(table_uri, run_id, options)
+    rows = [
+        r for f in manifest["files"] for r in read_committed_file(f["uri"], options).to_pylist()
+    ]
+    if manifest.get("task", "classification") == "detection":
+        if truth_format != "coco":
+            raise EvaluationError(
+                "a detection run is scored against COCO JSON: --truth-format coco"
+            )
+        metrics = detection_metrics(rows, json.loads(read_bytes(truth, options)))
+    else:
+        labels = classification_truth(rows, truth, truth_format, options)
+        metrics = classification_metrics(rows, labels)
+    table = pa.Table.from_pylist(
+        [{"run_id": manifest["run_id"]} | m for m in metrics], schema=METRICS_SCHEMA
+    )
+    _write(table, table_uri, manifest["run_id"], options)
+    return table
+
+
+def classification_truth(
+    rows: list[dict[str, Any]], truth: str, truth_format: str, options: StorageOptions | None
+) -> dict[str, str]:
+    """source_uri -> true label: ImageFolder (the parent folder's name), or a CSV / Parquet
+    table of `uri, label`."""
+    if truth_format == "imagefolder":
+        return {
+            r["source_uri"]: posixpath.basename(posixpath.dirname(r["source_uri"])) for r in rows
+        }
+    if truth_format != "table":
+        raise EvaluationError(
+            f"--truth-format: expected imagefolder or table, found {truth_format}"
+        )
+    data = read_bytes(truth, options)
+    if truth.endswith(".parquet"):
+        records = pq.read_table(io.BytesIO(data)).to_pylist()
+    else:
+        records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    if not records or not {"uri", "label"} <= set(records[0]):
+        raise EvaluationError(f"{truth}: expected columns uri and label")
+    return {str(r["uri"]): str(r["label"]) for r in records}
+
+
+def classification_metrics(
+    rows: list[dict[str, Any]], truth: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Over the rows with a true label: accuracy and top-5 (an error row counts as wrong),
+    per-class precision and recall, and the confusion matrix as (label, predicted, count)."""
+    scored = [r for r in rows if r["source_uri"] in truth]
+    if not scored:
+        raise EvaluationError("no row of the run has a ground-truth label (match on source_uri)")
+    pairs = [(truth[r["source_uri"]], r["label"] if r["status"] == "ok" else None) for r in scored]
+    top5 = [truth[r["source_uri"]] in [e["label"] for e in (r["top_k"] or [])[:5]] for r in scored]
+    metrics = [
+        _metric("accuracy", sum(t == p for t, p in pairs) / len(pairs)),
+        _metric("top5_accuracy", sum(top5) / len(top5)),
+        _metric("evaluated", len(pairs)),
+        _metric("error_rows", sum(p is None for _, p in pairs)),
+    ]
+    for label in sorted({t for t, _ in pairs} | {p for _, p in pairs if p is not None}):
+        predicted = [t for t, p in pairs if p == label]
+        actual = [p for t, p in pairs if t == label]
+        if predicted:
+            metrics.append(_metric("precision", predicted.count(label) / len(predicted), label))
+        if actual:
+            metrics.append(_metric("recall", actual.count(label) / len(actual), label))
+    for (label, predicted_label), count in sorted(Counter(pairs).items(), key=str):
+        metrics.append(_metric("confusion", count, label, predicted_label))
+    return metrics
+
+
+def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[dict[str, Any]]:
+    """COCO box mAP@[.5:.95] and mAP@.5 (pycocotools), images matched by file name and
+    classes by category name."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images = {posixpath.basename(image["file_name"]): image["id"] for image in coco["images"]}
+    categories = {c["name"]: c["id"] for c in coco["categories"]}
+    results = [
+        {
+            "image_id": images[posixpath.basename(row["source_uri"])],
+            "category_id": categories[box["label"]],
+            "bbox": [
+                box["x_min"],
+                box["y_min"],
+                box["x_max"] - box["x_min"],
+                box["y_max"] - box["y_min"],
+            ],
+            "score": box["score"],
+        }
+        for row in rows
+        if row["status"] == "ok" and posixpath.basename(row["source_uri"]) in images
+        for box in row["detections"] or []
+        if box["label"] in categories
+    ]
+    ground_truth = COCO()
+    ground_truth.dataset = coco
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
+    if not results:
+        return [_metric("map", 0.0), _metric("map_50", 0.0), _metric("evaluated", 0)]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        scoring = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+        scoring.evaluate()
+        scoring.accumulate()
+        scoring.summarize()
+    return [
+        _metric("map", float(scoring.stats[0])),
+        _metric("map_50", float(scoring.stats[1])),
+        _metric("evaluated", len({r["image_id"] for r in results})),
+    ]
+
+
+def _metric(
+    name: str, value: float, label: str | None = None, predicted: str | None = None
+) -> dict[str, Any]:
+    return {"metric": name, "label": label, "predicted": predicted, "value": float(value)}
+
+
+def _manifest(table_uri: str, run_id: str | None, options: StorageOptions | None) -> dict[str, Any]:
+    runs = [r for r in committed_runs(table_uri, options) if run_id in (None, r["run_id"])]
+    if not runs:
+        raise EvaluationError(f"{table_uri}: no committed run {run_id or ''}".rstrip())
+    return runs[-1]
+
+
+def _write(table: pa.Table, table_uri: str, run_id: str, options: StorageOptions | None) -> None:
+    fs, root = filesystem(table_uri, options)
+    make_folder(fs, f"{root.rstrip('/')}/{METRICS}")
+    with fs.open(f"{root.rstrip('/')}/{METRICS}/{run_id}.parquet", "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def read_metrics(
+    table_uri: str, run_id: str, options: StorageOptions | None = None
+) -> pa.Table | None:
+    """A run's metrics table, where it has been evaluated."""
+    fs, root = filesystem(table_uri, options)
+    path = f"{root.rstrip('/')}/{METRICS}/{run_id}.parquet"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle)
