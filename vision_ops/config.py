@@ -369,10 +369,36 @@ class TorchvisionModel(_ModelCommon):
     )
 
 
+class OutputAdapter(StrictModel):
+    layout: str = Field(
+        default="yolo",
+        description="The registered output layout to decode (`yolo`: one (4 + classes, cells) "
+        "tensor per image of box centre, size and class scores, in letterboxed pixels).",
+    )
+    input_size: int = Field(default=640, gt=0, description="The square letterbox side.")
+    pad_value: int = Field(default=114, ge=0, le=255, description="Letterbox padding grey.")
+    nms_iou: float = Field(
+        default=0.7, gt=0, le=1, description="Per-class NMS IoU (task.nms_iou overrides it)."
+    )
+
+
 class TorchScriptModel(_ModelCommon):
     kind: Literal["torchscript"] = "torchscript"
     uri: str = Field(description="URI of a TorchScript file (torch.jit.save).")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    adapter: OutputAdapter | None = Field(
+        default=None,
+        description="A detector outside torchvision: decode its raw output with this adapter.",
+    )
+
+
+class OnnxModel(_ModelCommon):
+    kind: Literal["onnx"] = "onnx"
+    uri: str = Field(description="URI of an ONNX detector, run with onnxruntime.")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    adapter: OutputAdapter = Field(
+        default_factory=OutputAdapter, description="How to decode the model's raw output."
+    )
 
 
 class EntrypointModel(_ModelCommon):
@@ -403,11 +429,12 @@ def _kind_or(default: str) -> Callable[[Any], str]:
 ModelSpec = Annotated[
     Annotated[TorchvisionModel, Tag("torchvision")]
     | Annotated[TorchScriptModel, Tag("torchscript")]
-    | Annotated[EntrypointModel, Tag("entrypoint")],
+    | Annotated[EntrypointModel, Tag("entrypoint")]
+    | Annotated[OnnxModel, Tag("onnx")],
     Discriminator(
         _kind_or("torchvision"),
         custom_error_type="model_kind",
-        custom_error_message="expected kind: torchvision, torchscript or entrypoint",
+        custom_error_message="expected kind: torchvision, torchscript, entrypoint or onnx",
     ),
 ]
 
@@ -455,7 +482,9 @@ TaskSpec = Annotated[
     ),
 ]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
-UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "classification", "detection"})
+UNION_TAGS = frozenset(
+    {"torchvision", "torchscript", "entrypoint", "onnx", "classification", "detection"}
+)
 UNION_FIELDS = frozenset({"model", "task"})
 
 

@@ -1,4 +1,4 @@
-"""Models by kind (torchvision, TorchScript, entrypoint) for a task, with weights and labels."""
+"""Models by kind (torchvision, TorchScript, entrypoint, ONNX) for a task, weights and labels."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ from typing import Any
 import torch
 import torchvision
 
+from vision_ops.adapters import AdaptedDetector, OnnxModule, check_layout
 from vision_ops.config import (
     DetectionTask,
     EntrypointModel,
     JobSpec,
     ModelSpec,
+    OnnxModel,
+    OutputAdapter,
     Preprocessing,
     TorchScriptModel,
     TorchvisionModel,
@@ -98,6 +101,14 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
             _weights_enum(spec.architecture, spec.weights)
     elif isinstance(spec, EntrypointModel):
         _entrypoint_function(spec.entrypoint)
+    adapter = getattr(spec, "adapter", None)
+    if adapter is not None:
+        if task != "detection":
+            raise ModelError(f"model.adapter: output adapters decode detectors; the task is {task}")
+        try:
+            check_layout(adapter)
+        except KeyError as err:
+            raise ModelError(f"model.adapter.layout: {err.args[0]}") from None
     resolve_preprocessing(spec, task)
 
 
@@ -182,7 +193,27 @@ def build_torchscript(spec: TorchScriptModel, options: StorageOptions, task: str
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except RuntimeError as err:
         raise ModelError(f"model.uri: {spec.uri} is not a TorchScript file: {err}") from None
+    if spec.adapter is not None:
+        return BuiltModel(_adapted(module, spec.adapter, task), digest)
     return BuiltModel(module, digest)
+
+
+@MODEL_KINDS.register("onnx")
+def build_onnx(spec: OnnxModel, options: StorageOptions, task: str) -> BuiltModel:
+    data, digest = read_pinned(spec.uri, spec.sha256, options)
+    try:
+        module = OnnxModule(data)
+    except ImportError:
+        raise ModelError("model.kind onnx needs onnxruntime: pip install onnxruntime") from None
+    except Exception as err:  # onnxruntime's own errors for a file that is not a model
+        raise ModelError(f"model.uri: {spec.uri} is not an ONNX model: {err}") from None
+    return BuiltModel(_adapted(module, spec.adapter, task), digest)
+
+
+def _adapted(module: Any, adapter: OutputAdapter, task: str) -> torch.nn.Module:
+    if task != "detection":
+        raise ModelError(f"model.adapter: output adapters decode detectors; the task is {task}")
+    return AdaptedDetector(module, adapter)
 
 
 @MODEL_KINDS.register("entrypoint")
