@@ -472,18 +472,36 @@ class DetectionTask(StrictModel):
     )
 
 
+class SegmentationTask(StrictModel):
+    kind: Literal["segmentation"] = "segmentation"
+    masks: bool = Field(
+        default=True,
+        description="Write each unit's class mask beside the table (PNG; GeoTIFF for the tiles "
+        "of a georeferenced scene), its URI in the row; else the class fractions only.",
+    )
+
+
 TaskSpec = Annotated[
     Annotated[ClassificationTask, Tag("classification")]
-    | Annotated[DetectionTask, Tag("detection")],
+    | Annotated[DetectionTask, Tag("detection")]
+    | Annotated[SegmentationTask, Tag("segmentation")],
     Discriminator(
         _kind_or("classification"),
         custom_error_type="task_kind",
-        custom_error_message="expected kind: classification or detection",
+        custom_error_message="expected kind: classification, detection or segmentation",
     ),
 ]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
 UNION_TAGS = frozenset(
-    {"torchvision", "torchscript", "entrypoint", "onnx", "classification", "detection"}
+    {
+        "torchvision",
+        "torchscript",
+        "entrypoint",
+        "onnx",
+        "classification",
+        "detection",
+        "segmentation",
+    }
 )
 UNION_FIELDS = frozenset({"model", "task"})
 

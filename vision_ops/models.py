@@ -40,12 +40,15 @@ def torchvision_architectures(task: str) -> list[str]:
     Mask / Keypoint R-CNN, whose masks and keypoints ride with their boxes)."""
     if task == "detection":
         return list(torchvision.models.list_models(module=torchvision.models.detection))
+    if task == "segmentation":
+        return list(torchvision.models.list_models(module=torchvision.models.segmentation))
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
 ARCHITECTURE_EXAMPLES = {
     "classification": "resnet50, efficientnet_b0, vit_b_16",
     "detection": "fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ssd300_vgg16",
+    "segmentation": "deeplabv3_resnet50, fcn_resnet50, lraspp_mobilenet_v3_large",
 }
 BUILTIN_LABELS = {"imagenet-1k": lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
 
@@ -382,9 +385,10 @@ def _weights_enum(architecture: str, name: str) -> Any:
 
 def _preprocessing_of(weights: Any) -> Preprocessing:
     transform = weights.transforms()
+    resize = transform.resize_size[0]
     return Preprocessing(
-        resize=transform.resize_size[0],
-        crop=transform.crop_size[0],
+        resize=resize,
+        crop=getattr(transform, "crop_size", [resize])[0],  # segmentation weights: no crop
         mean=tuple(transform.mean),
         std=tuple(transform.std),
         interpolation=transform.interpolation.value,
@@ -394,8 +398,10 @@ def _preprocessing_of(weights: Any) -> Preprocessing:
 def _untrained_kwargs(num_classes: int | None, task: str) -> dict[str, Any]:
     """Builder arguments for an architecture whose weights come from a file (or nowhere)."""
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-    if task == "detection":
+    if task in ("detection", "segmentation"):
         kwargs["weights_backbone"] = None  # the file holds the backbone too: download nothing
+    if task == "segmentation":
+        kwargs["aux_loss"] = None  # the inference head only, as the weights file holds it
     return kwargs
 
 

@@ -18,9 +18,10 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec
+from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
 from vision_ops.lock import RunLock
+from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.predictors import PREDICTORS
 from vision_ops.reader import read_units
@@ -275,6 +276,16 @@ def build_dataset(
         batch_size=spec.runtime.batch_size,
         batch_format="numpy",
     )
+    if isinstance(spec.task, SegmentationTask) and spec.task.masks:
+        run_date = spec.resolved_run()[1]
+        stage_masks = functools.partial(
+            write_masks,
+            root_uri=spec.output.uri,
+            run_id=run_id,
+            run_date=run_date,
+            storage_options=spec.storage_options,
+        )
+        predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)
     to_rows = functools.partial(
         TABLE_BUILDERS.get(spec.task.kind),
         run_id=run_id,

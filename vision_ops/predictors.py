@@ -26,6 +26,8 @@ from vision_ops.registry import Registry
 from vision_ops.schema import (
     DETECTIONS,
     INSTANCE_COLUMN,
+    SEGMENT_FRACTIONS,
+    SEGMENT_MASK,
     STAGE_PREFIX,
     STATUS_OK,
     TOP_K_IDS,
@@ -201,3 +203,46 @@ class Detector(Predictor):
         """uint8 (H, W, 3) -> float (3, H, W) in 0-1 on the device (the model normalises)."""
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
         return pixels.permute(2, 0, 1).float().div_(255.0)
+
+
+@PREDICTORS.register("segmentation")
+class Segmenter(Predictor):
+    """A class per pixel of each model-input crop; adds its mask and class fractions."""
+
+    task = "segmentation"
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        if self.model.preprocessing is None:
+            raise ModelError("model.preprocessing: a segmenter needs resize, crop, mean, std")
+        self.preprocessing: Preprocessing = self.model.preprocessing
+
+    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+        masks = np.empty(len(ok), dtype=object)
+        fractions = np.empty(len(ok), dtype=object)
+        for index in range(len(ok)):
+            masks[index] = np.zeros((0, 0), dtype=np.uint8)
+            fractions[index] = np.zeros((0, 2), dtype=np.float32)
+        if ok.any():
+            found = self.segment(np.stack(list(images[ok])))
+            for row, mask in zip(np.flatnonzero(ok), found, strict=True):
+                masks[row], fractions[row] = mask, class_fractions(mask)
+        return {SEGMENT_MASK: masks, SEGMENT_FRACTIONS: fractions}
+
+    def segment(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> the argmax class of each pixel, (N, H, W) uint8 or uint16."""
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        with self.inference():
+            output = self.module(normalise(pixels, self.preprocessing))
+        logits = output["out"] if isinstance(output, dict) else output
+        classes = logits.argmax(dim=1).cpu().numpy()
+        return classes.astype(np.uint8 if logits.shape[1] <= 256 else np.uint16)
+
+
+def class_fractions(mask: np.ndarray) -> np.ndarray:
+    """float32 (classes present, 2): label_id and share of the pixels, largest share first."""
+    counts = np.bincount(mask.ravel().astype(np.int64))
+    present = np.flatnonzero(counts)
+    order = present[np.argsort(-counts[present], kind="stable")]
+    shares = counts[order] / mask.size
+    return np.stack([order, shares], axis=1).astype(np.float32)

@@ -38,6 +38,7 @@ UNIT_COLUMNS = (
 # Columns a tile read adds (the plan's tile_x, tile_y, tile_size ride along from the listing).
 TILE_COLUMNS = (
     "valid_fraction",
+    "tile_transform",
     "scene_width",
     "scene_height",
     "crs",

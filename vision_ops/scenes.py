@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -157,9 +158,13 @@ def tile_unit(dataset: Any, unit: dict[str, Any], tiling: TilingSpec) -> dict[st
     image, valid = read_tile(dataset, window, tiling.bands, value_range, tiling.nodata)
     transform = tuple(dataset.transform)[:6]
     ring = footprint(transform, window)
+    tile_transform = pixel_to_crs(transform, np.array([window.col_off]), np.array([window.row_off]))
+    a, b, _, d, e, _ = transform
+    x0, y0 = tile_transform[0]
     return {
         "image": image,
         "valid_fraction": valid,
+        "tile_transform": json.dumps([a, b, float(x0), d, e, float(y0)]),
         "scene_width": int(dataset.width),
         "scene_height": int(dataset.height),
         "crs": dataset.crs.to_string() if dataset.crs else None,

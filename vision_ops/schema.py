@@ -125,6 +125,14 @@ def _schema(task_fields: list[pa.Field]) -> pa.Schema:
     return pa.schema([*UNIT_FIELDS, *task_fields], metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION})
 
 
+FRACTION_ENTRY = pa.struct(
+    [
+        pa.field("label_id", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("fraction", pa.float32(), nullable=False),
+    ]
+)
+
 SCHEMAS = {
     "classification": _schema(
         [
@@ -138,6 +146,15 @@ SCHEMAS = {
         [
             pa.field("num_detections", pa.int32()),
             pa.field("detections", pa.list_(pa.field("item", DETECTION_ENTRY, nullable=False))),
+        ]
+    ),
+    "segmentation": _schema(
+        [
+            pa.field("label_id", pa.int32()),
+            pa.field("label", pa.string()),
+            pa.field("fraction", pa.float32()),
+            pa.field("class_fractions", pa.list_(pa.field("item", FRACTION_ENTRY, nullable=False))),
+            pa.field("mask_uri", pa.string()),
         ]
     ),
 }
@@ -182,6 +199,9 @@ DETECTIONS = "detection_array"
 # Per row, the kept boxes' instance outputs: masks as JSON (a list of COCO RLEs), or
 # keypoints as a float32 (boxes, K, 3) array of x, y, score.
 INSTANCE_COLUMN = "detection_instances"
+# Per row, the class mask (uint8 (H, W), the model input's pixels) and a float32 (classes, 2)
+# array of label_id, fraction of the pixels, largest first.
+SEGMENT_MASK, SEGMENT_FRACTIONS = "segment_mask", "segment_fractions"
 
 
 class TableBuilder(Protocol):
@@ -289,6 +309,39 @@ def _keypoints(box: np.ndarray) -> list[dict[str, object]]:
         {"name": names[k] if names else str(k), "x": x, "y": y, "score": score}
         for k, (x, y, score) in enumerate(box.tolist())
     ]
+
+
+@TABLE_BUILDERS.register("segmentation")
+def segmentation_table(
+    batch: dict[str, np.ndarray],
+    run_id: str,
+    labels: list[str] | None = None,
+    schema: pa.Schema | None = None,
+) -> pa.Table:
+    """Segmenter output (class fractions per row; masks already written) -> rows."""
+    rows = len(batch["source_uri"])
+    ok = _ok_mask(batch)
+    fractions = [
+        np.asarray(f, dtype=np.float32).reshape(-1, 2) if good else np.zeros((0, 2), np.float32)
+        for f, good in zip(batch[SEGMENT_FRACTIONS], ok, strict=True)
+    ]
+    flat = np.concatenate(fractions) if fractions else np.zeros((0, 2), np.float32)
+    ids = flat[:, 0].astype(np.int32)
+    counts = np.array([len(f) for f in fractions])
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if rows else counts
+    has = ok & (counts > 0)
+    schema = schema or SCHEMAS["segmentation"]
+    columns = _unit_columns(batch, run_id, "segmentation", schema)
+    top = np.where(has, first, 0)
+    names = label_names(ids, labels)
+    columns["label_id"] = pa.array(ids[top] if len(ids) else np.zeros(rows), pa.int32(), mask=~has)
+    columns["label"] = pa.array(names[top] if len(ids) else [""] * rows, pa.string(), mask=~has)
+    columns["fraction"] = pa.array(
+        flat[top, 1] if len(ids) else np.zeros(rows), pa.float32(), mask=~has
+    )
+    entries = [ids, names, flat[:, 1]]
+    columns["class_fractions"] = _nested_lists(ok, counts, entries, FRACTION_ENTRY)
+    return with_stage_times(_table(columns, schema, rows), batch)
 
 
 def _no_boxes() -> np.ndarray:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, STATUS_SKIPPED, item_id
 from vision_ops.storage import (
     StorageOptions,
@@ -117,6 +118,7 @@ class ParquetSink:
     _item_ids: list[str] = field(default_factory=list)
     _frame_counts: dict[str, int] = field(default_factory=dict)
     _frame_conflicts: set[str] = field(default_factory=set)
+    _masks_expected: int = 0
     rows: int = 0
     ok: int = 0
     skipped: int = 0
@@ -136,6 +138,8 @@ class ParquetSink:
         self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
         self._item_ids.extend(table["item_id"].to_pylist())
         self._note_frame_counts(table)
+        if "mask_uri" in table.column_names:
+            self._masks_expected += table.num_rows - table["mask_uri"].null_count
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_file:
@@ -176,6 +180,11 @@ class ParquetSink:
             expected = expected_units(listed, self._frame_counts)
             check_exactly_once(expected, self._item_ids)
         self._check_staged_footers()
+        if self._masks_expected != len(self._staged_masks()):
+            raise CommitRefused(
+                f"refusing to commit: {self._masks_expected} rows name a mask, "
+                f"{len(self._staged_masks())} masks were staged"
+            )
 
     def _publish(self, manifest: str, details: dict[str, Any]) -> list[str]:
         """Replace this run's files in the partition, then write the manifest and _SUCCESS.
@@ -190,8 +199,9 @@ class ParquetSink:
             for staged, _ in self._staged:
                 moved.append(f"{self.partition}/{staged.rpartition('/')[2]}")
                 self.fs.mv(staged, moved[-1])
-            self._remove_staging()
             files = [canonical_uri(self.fs, path) for path in moved]
+            moved += self._publish_masks()
+            self._remove_staging()
             make_folder(self.fs, f"{self.root}/{MANIFESTS}")
             content = self._manifest(files) | details
             self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
@@ -200,6 +210,22 @@ class ParquetSink:
             raise
         self._mark_success()
         return files
+
+    def _publish_masks(self) -> list[str]:
+        """Segmentation masks, staged by the workers, into masks/run_date=.../{run_id}/."""
+        final = final_masks_folder(self.root, self.run_id, self.run_date)
+        staged = self._staged_masks()
+        if staged:
+            make_folder(self.fs, final)
+        moved = []
+        for path in staged:
+            moved.append(f"{final}/{path.rpartition('/')[2]}")
+            self.fs.mv(path, moved[-1])
+        return moved
+
+    def _staged_masks(self) -> list[str]:
+        staged = staged_masks_folder(self.root, self.run_id)
+        return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
 
     def _withdraw(self, paths: list[str]) -> None:
         for path in paths:
@@ -254,13 +280,16 @@ class ParquetSink:
         pattern = f"{self.partition}/{self.run_id}-part-*.parquet"
         for old in self.fs.glob(pattern):
             self.fs.rm(old)
+        masks = final_masks_folder(self.root, self.run_id, self.run_date)
+        if self.fs.exists(masks):
+            self.fs.rm(masks, recursive=True)
 
     def _manifest(self, files: list[str]) -> dict[str, object]:
         return {
             "run_id": self.run_id,
             "run_date": self.run_date.isoformat(),
             "schema_version": SCHEMA_VERSION,
-            "task": "detection" if "detections" in self.schema.names else "classification",
+            "task": _task_of(self.schema),
             "rows": self.rows,
             "ok": self.ok,
             "errors": self.rows - self.ok - self.skipped,
@@ -272,6 +301,12 @@ class ParquetSink:
             ],
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
+
+
+def _task_of(schema: pa.Schema) -> str:
+    if "detections" in schema.names:
+        return "detection"
+    return "segmentation" if "class_fractions" in schema.names else "classification"
 
 
 def read_committed_file(

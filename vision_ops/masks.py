@@ -1,0 +1,92 @@
+"""Segmentation masks written beside the table: staged with the run, moved into place at its
+commit. PNG of class ids; a GeoTIFF with the tile's transform and CRS for georeferenced tiles."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from vision_ops.schema import SEGMENT_MASK, STATUS_OK
+from vision_ops.storage import StorageOptions, canonical_uri, filesystem, make_folder
+
+# {root}/_masks/run_date=YYYY-MM-DD/{run_id}/{item_id}.png: underscore-prefixed, so readers of
+# the table (pyarrow, Spark, Athena, DuckDB globs of part files) never take a mask for a part.
+MASKS = "_masks"
+TILE_TRANSFORM = "tile_transform"  # a tile's pixel -> CRS affine as JSON (tiling jobs)
+
+
+def staged_masks_folder(root: str, run_id: str) -> str:
+    return f"{root}/_staging/{run_id}/{MASKS}"
+
+
+def final_masks_folder(root: str, run_id: str, run_date: dt.date) -> str:
+    return f"{root}/{MASKS}/run_date={run_date.isoformat()}/{run_id}"
+
+
+def write_masks(
+    batch: dict[str, np.ndarray],
+    *,
+    root_uri: str,
+    run_id: str,
+    run_date: dt.date,
+    storage_options: StorageOptions,
+) -> dict[str, np.ndarray]:
+    """Stage each ok row's mask; the row gets the URI the mask will have once committed."""
+    fs, root = filesystem(root_uri, storage_options)
+    root = root.rstrip("/")
+    staged, final = staged_masks_folder(root, run_id), final_masks_folder(root, run_id, run_date)
+    make_folder(fs, staged)
+    uris = np.full(len(batch["source_uri"]), None, dtype=object)
+    files: dict[str, bytes] = {}
+    for index in np.flatnonzero(np.asarray(batch["status"] == STATUS_OK, dtype=bool)):
+        mask = np.asarray(batch[SEGMENT_MASK][index])
+        data, suffix = encode_mask(mask, _georef(batch, int(index)))
+        name = f"{batch['item_id'][index]}{suffix}"
+        files[f"{staged}/{name}"] = data
+        uris[index] = canonical_uri(fs, f"{final}/{name}")
+    if files:
+        fs.pipe(files)
+    out = {name: values for name, values in batch.items() if name != SEGMENT_MASK}
+    out["mask_uri"] = uris
+    return out
+
+
+def encode_mask(mask: np.ndarray, georef: tuple[Any, str] | None) -> tuple[bytes, str]:
+    """PNG (8 or 16-bit grey of class ids), or a GeoTIFF where the unit has a transform and CRS."""
+    if georef is None:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(mask).save(buffer, format="PNG")
+        return buffer.getvalue(), ".png"
+    from rasterio.io import MemoryFile
+
+    transform, crs = georef
+    profile = {
+        "driver": "GTiff", "width": mask.shape[1], "height": mask.shape[0], "count": 1,
+        "dtype": str(mask.dtype), "crs": crs, "transform": transform, "compress": "deflate",
+    }  # fmt: skip
+    with MemoryFile() as memory:
+        with memory.open(**profile) as out:
+            out.write(mask[None])
+        return bytes(memory.read()), ".tif"
+
+
+def _georef(batch: dict[str, np.ndarray], index: int) -> tuple[Any, str] | None:
+    """The mask's own affine: the tile's, scaled from the tile's size to the mask's."""
+    if TILE_TRANSFORM not in batch or batch[TILE_TRANSFORM][index] is None:
+        return None
+    crs = batch["crs"][index]
+    if not crs:
+        return None
+    from rasterio.transform import Affine
+
+    a, b, c, d, e, f = json.loads(batch[TILE_TRANSFORM][index])
+    size = float(batch["tile_size"][index])
+    mask_side = np.asarray(batch[SEGMENT_MASK][index]).shape[1]
+    scale = size / mask_side
+    return Affine(a, b, c, d, e, f) * Affine.scale(scale, scale), str(crs)
