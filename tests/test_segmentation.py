@@ -83,7 +83,9 @@ def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> Non
     names = ["background", "road", "water", "building"]
     for index, name in enumerate(photos):
         row = rows[name]
-        assert row["mask_uri"].startswith(f"file://{tmp_path}/table/_masks/run_date=2026-11-24/seg/")
+        assert row["mask_uri"].startswith(
+            f"file://{tmp_path}/table/_masks/run_date=2026-11-24/seg/"
+        )
         mask = np.asarray(Image.open(row["mask_uri"].removeprefix("file://")))
         assert mask.shape == (64, 64)
         differs = mask != expected[index]
