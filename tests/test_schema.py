@@ -68,3 +68,27 @@ def test_classification_rows_nest_top_k_and_null_errors() -> None:
     assert (error["label"], error["score"], error["top_k"]) == (None, None, None)
     assert error["error_type"] == "CorruptImage" and error["run_id"] == "run-1"
     assert error["frame_index"] is None and pa.types.is_int32(table.schema.field("tile_x").type)
+
+
+def test_segmentation_rows_take_the_dominant_class_and_keep_every_fraction() -> None:
+    from vision_ops.schema import SEGMENT_FRACTIONS, segmentation_table
+
+    batch = {
+        "source_uri": np.array(["a", "b", "c"], dtype=object),
+        "item_id": np.array(["1", "2", "3"], dtype=object),
+        "status": np.array(["ok", "error", "ok"], dtype=object),
+        "model_name": np.array(["m"] * 3, dtype=object),
+        "model_weights_sha256": np.array(["h"] * 3, dtype=object),
+        SEGMENT_FRACTIONS: np.array(
+            [
+                np.array([[2, 0.75], [0, 0.25]], np.float32),
+                np.zeros((0, 2), np.float32),
+                np.array([[1, 1.0]], np.float32),
+            ],
+            dtype=object,
+        ),
+    }
+    rows = segmentation_table(batch, "r", ["x", "y", "z"]).to_pylist()
+    assert [(r["label"], r["fraction"]) for r in rows] == [("z", 0.75), (None, None), ("y", 1.0)]
+    assert [e["label"] for e in rows[0]["class_fractions"]] == ["z", "x"]
+    assert rows[1]["class_fractions"] is None and rows[1]["mask_uri"] is None

@@ -326,20 +326,17 @@ def segmentation_table(
         for f, good in zip(batch[SEGMENT_FRACTIONS], ok, strict=True)
     ]
     flat = np.concatenate(fractions) if fractions else np.zeros((0, 2), np.float32)
-    ids = flat[:, 0].astype(np.int32)
-    counts = np.array([len(f) for f in fractions])
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if rows else counts
+    counts = np.array([len(f) for f in fractions], dtype=np.int64)
+    dominant = np.array([f[0] if len(f) else (0, 0) for f in fractions], dtype=np.float32)
+    dominant_ids = dominant.reshape(-1, 2)[:, 0].astype(np.int32)
     has = ok & (counts > 0)
     schema = schema or SCHEMAS["segmentation"]
     columns = _unit_columns(batch, run_id, "segmentation", schema)
-    top = np.where(has, first, 0)
-    names = label_names(ids, labels)
-    columns["label_id"] = pa.array(ids[top] if len(ids) else np.zeros(rows), pa.int32(), mask=~has)
-    columns["label"] = pa.array(names[top] if len(ids) else [""] * rows, pa.string(), mask=~has)
-    columns["fraction"] = pa.array(
-        flat[top, 1] if len(ids) else np.zeros(rows), pa.float32(), mask=~has
-    )
-    entries = [ids, names, flat[:, 1]]
+    columns["label_id"] = pa.array(dominant_ids, pa.int32(), mask=~has)
+    columns["label"] = pa.array(label_names(dominant_ids, labels), pa.string(), mask=~has)
+    columns["fraction"] = pa.array(dominant.reshape(-1, 2)[:, 1], pa.float32(), mask=~has)
+    ids = flat[:, 0].astype(np.int32)
+    entries = [ids, label_names(ids, labels), flat[:, 1]]
     columns["class_fractions"] = _nested_lists(ok, counts, entries, FRACTION_ENTRY)
     return with_stage_times(_table(columns, schema, rows), batch)
 
