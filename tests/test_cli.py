@@ -61,7 +61,10 @@ def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
     [
         ("runtime.batch_size=0", "runtime.batch_size: Input should be greater than 0 (found: 0)"),
         ("runtime.batch_sise=8", "runtime.batch_sise: Extra inputs are not permitted"),
-        ("model.kind=onnx", "model: expected kind: torchvision, torchscript or entrypoint"),
+        (
+            "model.kind=caffe",
+            "model: expected kind: torchvision, torchscript, entrypoint or onnx",
+        ),
         ("model.entrypoint=nowhere.mod:build", "model.entrypoint: cannot import nowhere.mod:build"),
         ("storage_options.s3.secret=hunter2", "credentials never go in the spec"),
     ],

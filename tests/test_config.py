@@ -201,9 +201,9 @@ MISTAKES = {
         "input: expected at least one of `uris` or `manifest`, found neither",
     ),
     "unknown model kind": (
-        with_value("model", {"kind": "onnx", "uri": "m.onnx"}),
-        "model: expected kind: torchvision, torchscript or entrypoint "
-        "(found: {'kind': 'onnx', 'uri': 'm.onnx'})",
+        with_value("model", {"kind": "caffe", "uri": "m.caffemodel"}),
+        "model: expected kind: torchvision, torchscript, entrypoint or onnx "
+        "(found: {'kind': 'caffe', 'uri': 'm.caffemodel'})",
     ),
     "model not a mapping": (
         with_value("model", "resnet50"),
@@ -211,8 +211,9 @@ MISTAKES = {
         "(found: 'resnet50')",
     ),
     "unknown task kind": (
-        with_value("task", {"kind": "segmentation"}),
-        "task: expected kind: classification or detection (found: {'kind': 'segmentation'})",
+        with_value("task", {"kind": "captioning"}),
+        "task: expected kind: classification, detection or segmentation "
+        "(found: {'kind': 'captioning'})",
     ),
     "weights_sha256 too short": (
         with_value("model.weights_sha256", "abc123"),
