@@ -99,7 +99,11 @@ def assert_predicts_like(spec: object, reference: torch.nn.Module, images: np.nd
 
 
 def test_every_model_kind_is_registered() -> None:
-    assert MODEL_KINDS.names() == ["entrypoint", "torchscript", "torchvision"]
+    from vision_ops.config import EntrypointModel, OnnxModel, TorchScriptModel, TorchvisionModel
+
+    specs = (EntrypointModel, OnnxModel, TorchScriptModel, TorchvisionModel)
+    kinds = sorted(spec.model_fields["kind"].default for spec in specs)
+    assert MODEL_KINDS.names() == kinds == ["entrypoint", "onnx", "torchscript", "torchvision"]
 
 
 def test_torchvision_with_local_state_dict_file(reference, weights_file, images) -> None:
