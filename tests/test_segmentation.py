@@ -141,4 +141,4 @@ def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(ray_local, tmp_pat
         assert row["mask_uri"].endswith(".tif")
         with rasterio.open(row["mask_uri"].removeprefix("file://")) as mask:
             assert mask.crs.to_epsg() == 32632 and mask.shape == (64, 64)  # crop 64 of a 64 tile
-            assert mask.transform == transform * rasterio.Affine.translation(row["tile_x"], 0)
+            assert mask.transform == transform @ rasterio.Affine.translation(row["tile_x"], 0)

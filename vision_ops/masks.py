@@ -89,4 +89,4 @@ def _georef(batch: dict[str, np.ndarray], index: int) -> tuple[Any, str] | None:
     size = float(batch["tile_size"][index])
     mask_side = np.asarray(batch[SEGMENT_MASK][index]).shape[1]
     scale = size / mask_side
-    return Affine(a, b, c, d, e, f) * Affine.scale(scale, scale), str(crs)
+    return Affine(a, b, c, d, e, f) @ Affine.scale(scale, scale), str(crs)
