@@ -330,3 +330,19 @@ def test_value_range_defaults_by_data_type(tmp_path) -> None:
     assert (low, high) == pytest.approx(tuple(expected))
     with open_raster(str(tmp_path / "u8.tif")) as dataset:
         assert value_range(dataset, scene_header(dataset), tiling) == (0.0, 255.0)
+
+
+def test_tiling_settings_are_part_of_the_model_fingerprint(tmp_path) -> None:
+    """An incremental run must not skip scenes committed with other bands or ranges."""
+    from vision_ops.pipeline import model_fingerprint
+
+    def fingerprint(**tiling: object) -> str:
+        raw = {
+            "input": {"uris": ["s3://scenes/"]} | ({"tiling": tiling} if tiling else {}),
+            "model": {"architecture": "resnet18"},
+            "output": {"uri": str(tmp_path)},
+        }
+        return model_fingerprint(parse_spec(raw))
+
+    assert fingerprint(bands=[4, 3, 2]) != fingerprint(bands=[3, 2, 1]) != fingerprint()
+    assert fingerprint(bands=[3, 2, 1]) == fingerprint(bands=[3, 2, 1])

@@ -238,8 +238,17 @@ def identity_digests(spec: JobSpec, listing: pa.Table) -> dict[str, str]:
 
 
 def model_fingerprint(spec: JobSpec) -> str:
-    """The model and task settings that decide the rows (a weights file: pin its sha256)."""
-    content = {"model": spec.model.model_dump(mode="json"), "task": spec.task.model_dump()}
+    """The model, task and unit settings that decide the rows (a weights file: pin its
+    sha256). Tiling and DICOM settings count where set, so a photo job's fingerprint is the
+    same as before they existed."""
+    content: dict[str, Any] = {
+        "model": spec.model.model_dump(mode="json"),
+        "task": spec.task.model_dump(),
+    }
+    for name in ("tiling", "dicom"):
+        settings = getattr(spec.input, name)
+        if settings is not None:
+            content[name] = settings.model_dump(mode="json")
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
