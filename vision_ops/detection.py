@@ -105,11 +105,12 @@ def instance_output(architecture: str | None) -> str | None:
     return None
 
 
-def mask_rles(output: dict[str, torch.Tensor]) -> list[dict[str, object]]:
-    """Each box's mask, thresholded, as COCO run-length encoding ({size: [h, w], counts})."""
+def mask_rles(output: dict[str, torch.Tensor], kept: np.ndarray) -> list[dict[str, object]]:
+    """The `kept` boxes' masks, thresholded, as COCO run-length encoding ({size, counts})."""
     from pycocotools import mask as coco_mask
 
-    binary = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+    chosen = output["masks"][torch.as_tensor(kept, dtype=torch.long), 0]
+    binary = (chosen > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
     encoded = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     return [{"size": list(rle["size"]), "counts": rle["counts"].decode()} for rle in encoded]
 

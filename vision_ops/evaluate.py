@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vision_ops.sink import committed_runs, read_committed_file
+from vision_ops.sink import committed_run, read_committed_file
 from vision_ops.storage import StorageOptions, filesystem, make_folder, read_bytes
 
 METRICS = "_metrics"
@@ -164,10 +164,10 @@ def _metric(
 
 
 def _manifest(table_uri: str, run_id: str | None, options: StorageOptions | None) -> dict[str, Any]:
-    runs = [r for r in committed_runs(table_uri, options) if run_id in (None, r["run_id"])]
-    if not runs:
+    manifest = committed_run(table_uri, run_id, options)
+    if manifest is None:
         raise EvaluationError(f"{table_uri}: no committed run {run_id or ''}".rstrip())
-    return runs[-1]
+    return manifest
 
 
 def _write(table: pa.Table, table_uri: str, run_id: str, options: StorageOptions | None) -> None:

@@ -193,8 +193,7 @@ class Detector(Predictor):
     def _instance_extras(self, output: dict[str, torch.Tensor], kept: np.ndarray) -> object:
         """The kept boxes' masks (JSON list of COCO RLEs) or keypoints ((boxes, K, 3) array)."""
         if self.instance == "mask":
-            rles = mask_rles(output)
-            return json.dumps([rles[i] for i in kept])
+            return json.dumps(mask_rles(output, kept))
         if self.instance == "keypoints":
             return keypoint_arrays(output)[kept]
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -116,24 +117,21 @@ def export(relation: Any, fmt: str, path: str | None) -> str | None:
 
 def load_spatial(connection: Any) -> None:
     """DuckDB spatial from its package (no download): footprints read as GEOMETRY."""
-    try:
-        import duckdb_extension_spatial
-    except ImportError as err:
-        raise ImportError(
-            "geometries in DuckDB need: pip install duckdb-extension-spatial"
-        ) from err
-    package = Path(duckdb_extension_spatial.__file__).parent
-    extension = next(package.glob("extensions/*/spatial.duckdb_extension"))
-    connection.execute(f"LOAD '{extension}'")
+    _load_packaged_extension(connection, "spatial", "geometries in DuckDB")
 
 
 def _load_httpfs(connection: Any) -> None:
+    _load_packaged_extension(connection, "httpfs", "s3:// in DuckDB")
+
+
+def _load_packaged_extension(connection: Any, name: str, purpose: str) -> None:
+    """LOAD an extension from its `duckdb-extension-{name}` package, offline."""
+    module = f"duckdb_extension_{name}"
     try:
-        import duckdb_extension_httpfs
+        package = Path(importlib.import_module(module).__file__ or "").parent
     except ImportError as err:
-        raise ImportError("s3:// in DuckDB needs: pip install duckdb-extension-httpfs") from err
-    package = Path(duckdb_extension_httpfs.__file__).parent
-    extension = next(package.glob("extensions/*/httpfs.duckdb_extension"))
+        raise ImportError(f"{purpose} needs: pip install duckdb-extension-{name}") from err
+    extension = next(package.glob(f"extensions/*/{name}.duckdb_extension"))
     connection.execute(f"LOAD '{extension}'")
 
 

@@ -73,6 +73,8 @@ def read_units(
         per_source = [reading.units(uri, payloads[uri]) for uri in uris]
     rows = [row for units in per_source for row in units]
     source_of = np.array([i for i, units in enumerate(per_source) for _ in units], dtype=np.int64)
+    batch = dict(batch)
+    _fill_missing_identity(batch, uris, storage_options)  # once per source, not per unit
     out = {name: np.asarray(values)[source_of] for name, values in batch.items()}
     out_uris = [uris[i] for i in source_of]
     out["item_id"] = np.array(
@@ -86,7 +88,6 @@ def read_units(
     extra = (*(DICOM_COLUMNS if dicom else ()), *(TILE_COLUMNS if tiling else ()))
     for column in (*UNIT_COLUMNS, *extra):
         out[column] = np.array([row.get(column) for row in rows], dtype=object)
-    _fill_missing_identity(out, out_uris, storage_options)
     out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(rows), time.perf_counter() - started)
     return out
 
@@ -100,14 +101,19 @@ def read_tile_units(
     """Planned tiles -> one row each; a scene stays open across its consecutive tiles."""
     per_unit: list[list[dict[str, Any]]] = []
     with contextlib.ExitStack() as stack:
-        scenes: dict[str, Any] = {}
+        scenes: dict[str, Any] = {}  # an open dataset, or the error opening it gave
         for index, uri in enumerate(str(u) for u in batch["source_uri"]):
             unit = {name: values[index] for name, values in batch.items()}
-            try:
-                if unit["plan_error"] is not None:
-                    raise RasterError(unit["plan_error"])
-                if uri not in scenes:
+            if unit["plan_error"] is not None:
+                scenes.setdefault(uri, RasterError(unit["plan_error"]))
+            if uri not in scenes:
+                try:
                     scenes[uri] = stack.enter_context(open_raster(uri, options))
+                except Exception as err:
+                    scenes[uri] = err
+            try:
+                if isinstance(scenes[uri], Exception):
+                    raise scenes[uri]
                 per_unit.append([reading.tile(tile_unit(scenes[uri], unit, tiling))])
             except Exception as err:  # the tile's own error row; the other tiles go on
                 per_unit.append([reading.error(err)])
@@ -155,13 +161,13 @@ class UnitReader:
 
     def units(self, uri: str, payload: bytes | BaseException) -> list[dict[str, Any]]:
         if isinstance(payload, BaseException):
-            return [self._error(payload)]
+            return [self.error(payload)]
         if is_dicom(uri, payload):
             return self._dicom_units(payload)
         try:
             image = decode_image(payload, self.max_pixels)
         except Exception as err:
-            return [self._error(err)]
+            return [self.error(err)]
         return [self._unit(image)]
 
     def _dicom_units(self, payload: bytes) -> list[dict[str, Any]]:
@@ -169,13 +175,13 @@ class UnitReader:
         try:
             instance = open_instance(payload, spec, self.max_pixels)
         except Exception as err:
-            return [self._error(err)]
+            return [self.error(err)]
         rows = []
         for index in range(instance.frame_count):
             try:
                 row = self._unit(decode_frame(instance, index, spec))
             except Exception as err:
-                row = self._error(err)
+                row = self.error(err)
             rows.append(row | instance.columns | {"frame_index": index})
         return rows
 
@@ -188,28 +194,22 @@ class UnitReader:
         """A tile read: the model's unit, or a `skipped` row when it holds no data at all."""
         image = tile.pop("image")
         if tile["valid_fraction"] == 0:
-            return (
-                self.error(None)
-                | tile
-                | {
-                    "status": STATUS_SKIPPED,
-                    "error_type": None,
-                    "error_message": "no data in the tile",
-                }
-            )
+            skipped = {"status": STATUS_SKIPPED, "error_message": "no data in the tile"}
+            return {"image": self._placeholder(), "error_type": None} | tile | skipped
         return self._unit(image) | tile
 
-    def error(self, err: BaseException | None) -> dict[str, Any]:
-        return self._error(err)
-
-    def _error(self, err: BaseException | None) -> dict[str, Any]:
-        side = self.preprocessing.crop if self.preprocessing else 1
+    def error(self, err: BaseException) -> dict[str, Any]:
         return {
-            "image": np.zeros((side, side, 3), dtype=np.uint8),
+            "image": self._placeholder(),
             "status": STATUS_ERROR,
-            "error_type": type(err).__name__ if err else None,
-            "error_message": (str(err) or type(err).__name__) if err else None,
+            "error_type": type(err).__name__,
+            "error_message": str(err) or type(err).__name__,
         }
+
+    def _placeholder(self) -> np.ndarray:
+        """The image of a row the model never sees (the batch keeps one array shape)."""
+        side = self.preprocessing.crop if self.preprocessing else 1
+        return np.zeros((side, side, 3), dtype=np.uint8)
 
 
 _OK = {"status": STATUS_OK, "error_type": None, "error_message": None}

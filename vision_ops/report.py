@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vision_ops.sink import committed_runs, read_committed_file
+from vision_ops.sink import committed_run, read_committed_file
 from vision_ops.storage import StorageOptions
 
 SCORE_BINS = 10
@@ -46,11 +46,9 @@ def build_report(
     table_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> RunReport:
     """The report of a committed run: the given id, else the latest."""
-    runs = committed_runs(table_uri, options)
-    chosen = [r for r in runs if run_id in (None, r["run_id"])]
-    if not chosen:
+    manifest = committed_run(table_uri, run_id, options)
+    if manifest is None:
         raise NoSuchRun(f"{table_uri}: no committed run {run_id or ''}".rstrip())
-    manifest = chosen[-1]
     table = _read_files([f["uri"] for f in manifest["files"]], options)
     labels, scores = _labels_and_scores(table, manifest.get("task", "classification"))
     return RunReport(

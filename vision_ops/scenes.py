@@ -59,7 +59,12 @@ def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -
     rows = listing.to_pylist()
     with ThreadPoolExecutor(HEADER_THREADS) as pool:
         scenes = list(pool.map(lambda row: _scene_plan(row["source_uri"], tiling, options), rows))
-    crs = _common_crs([plan for plan in scenes if isinstance(plan, tuple)])
+    readable = {
+        row["source_uri"]: plan[0]
+        for row, plan in zip(rows, scenes, strict=True)
+        if isinstance(plan, tuple)
+    }
+    crs = _common_crs(list(readable.values()))
     units = []
     for row, plan in zip(rows, scenes, strict=True):
         if isinstance(plan, str):
@@ -70,15 +75,10 @@ def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -
             scene.width, scene.height, tiling.size, tiling.overlap, tiling.edge
         ):
             units.append(row | _tile(window.col_off, window.row_off, tiling.size, low, high))
-    schema = pa.schema([*listing.schema, *PLAN_FIELDS])
-    bounds = _bounds([plan[0] for plan in scenes if isinstance(plan, tuple)])
-    transforms = {
-        row["source_uri"]: plan[0].transform
-        for row, plan in zip(rows, scenes, strict=True)
-        if isinstance(plan, tuple)
-    }
-    table = pa.Table.from_pylist(units, schema=schema)
-    return TilePlan(table, crs, bounds if crs else None, transforms)
+    table = pa.Table.from_pylist(units, schema=pa.schema([*listing.schema, *PLAN_FIELDS]))
+    bounds = _bounds(list(readable.values())) if crs else None
+    transforms = {uri: scene.transform for uri, scene in readable.items()}
+    return TilePlan(table, crs, bounds, transforms)
 
 
 def _tile(x: int, y: int, size: int, low: float, high: float) -> dict[str, Any]:
@@ -127,8 +127,8 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
     return float(low), (float(high) if high > low else float(low) + 1.0)
 
 
-def _common_crs(plans: list[tuple[Scene, float, float]]) -> Any:
-    wkts = {plan[0].crs_wkt for plan in plans if plan[0].crs_wkt}
+def _common_crs(scenes: list[Scene]) -> Any:
+    wkts = {scene.crs_wkt for scene in scenes if scene.crs_wkt}
     if len(wkts) > 1:
         raise SceneError(
             f"the scenes are in {len(wkts)} different CRSs; a table's footprints share one: "
@@ -174,14 +174,22 @@ def tile_unit(dataset: Any, unit: dict[str, Any], tiling: TilingSpec) -> dict[st
 
 
 def _center_lonlat(dataset: Any, transform: Any, window: Window) -> dict[str, float | None]:
-    if not dataset.crs:
-        return {"center_lon": None, "center_lat": None}
-    from rasterio.warp import transform as reproject
-
     col, row = window.col_off + window.width / 2, window.row_off + window.height / 2
     x, y = pixel_to_crs(transform, np.array([col]), np.array([row]))[0]
-    lons, lats = reproject(dataset.crs, "EPSG:4326", [x], [y])
-    return {"center_lon": float(lons[0]), "center_lat": float(lats[0])}
+    points = to_lonlat(dataset.crs, [float(x)], [float(y)])
+    if not points:
+        return {"center_lon": None, "center_lat": None}
+    return {"center_lon": points[0][0], "center_lat": points[0][1]}
+
+
+def to_lonlat(crs: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    """WGS84 longitude and latitude of CRS points, in one reprojection; none without a CRS."""
+    if not crs or not xs:
+        return []
+    from rasterio.warp import transform as reproject
+
+    lons, lats = reproject(crs, "EPSG:4326", xs, ys)
+    return [(float(lon), float(lat)) for lon, lat in zip(lons, lats, strict=True)]
 
 
 class SceneMerger:
@@ -218,34 +226,39 @@ class SceneMerger:
             for entry in (row["detections"] or [])
         ]
         kept = merge_across_tiles(boxes, self.seam_overlap)
+        mapped = crs_boxes([entry for _, entry in kept], transform, self.plan.crs)
         for row in rows:
             if row["detections"] is not None:
                 row["detections"] = []
-        for index, entry in kept:
-            rows[index]["detections"].append(entry | self._map_coordinates(entry, transform))
+        for (index, entry), extra in zip(kept, mapped, strict=True):
+            rows[index]["detections"].append(entry | extra)
         for row in rows:
             if row["detections"] is not None:
                 row["num_detections"] = len(row["detections"])
         return rows
 
-    def _map_coordinates(self, entry: dict[str, Any], transform: Transform) -> dict[str, Any]:
-        corners = (entry["x_min"], entry["y_min"], entry["x_max"], entry["y_max"])
-        ring = box_polygon(transform, *corners)
-        xs, ys = ring[:, 0], ring[:, 1]
-        mapped = {
-            "crs_x_min": float(xs.min()),
-            "crs_y_min": float(ys.min()),
-            "crs_x_max": float(xs.max()),
-            "crs_y_max": float(ys.max()),
-            "lon": None,
-            "lat": None,
-        }
-        if self.plan.crs is not None:
-            from rasterio.warp import transform as reproject
 
-            lons, lats = reproject(self.plan.crs, "EPSG:4326", [xs[:4].mean()], [ys[:4].mean()])
-            mapped |= {"lon": float(lons[0]), "lat": float(lats[0])}
-        return mapped
+def crs_boxes(
+    entries: list[dict[str, Any]], transform: Transform, crs: Any
+) -> list[dict[str, float | None]]:
+    """Scene-pixel boxes in the CRS (bounds of the mapped corners) and their WGS84 centres,
+    reprojected together."""
+    bounds = []
+    for entry in entries:
+        ring = box_polygon(
+            transform, entry["x_min"], entry["y_min"], entry["x_max"], entry["y_max"]
+        )
+        bounds.append((ring[:, 0].min(), ring[:, 1].min(), ring[:, 0].max(), ring[:, 1].max()))
+    centres = to_lonlat(
+        crs, [(b[0] + b[2]) / 2 for b in bounds], [(b[1] + b[3]) / 2 for b in bounds]
+    )
+    names = ("crs_x_min", "crs_y_min", "crs_x_max", "crs_y_max")
+    mapped: list[dict[str, float | None]] = []
+    for index, box in enumerate(bounds):
+        lon, lat = centres[index] if centres else (None, None)
+        mapped.append({name: float(v) for name, v in zip(names, box, strict=True)})
+        mapped[-1] |= {"lon": lon, "lat": lat}
+    return mapped
 
 
 def _scene_box(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:

@@ -85,6 +85,20 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
     return sorted(runs, key=lambda run: (run["run_date"], run["run_id"]))
 
 
+def committed_run(
+    root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
+) -> dict[str, Any] | None:
+    """One committed run's manifest: the given id (its manifest alone is read), else the latest."""
+    if run_id is None:
+        runs = committed_runs(root_uri, options)
+        return runs[-1] if runs else None
+    fs, root = filesystem(root_uri, options)
+    try:
+        return dict(json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFESTS}/{run_id}.json")))
+    except FileNotFoundError:
+        return None
+
+
 @dataclass
 class CommitResult:
     """What a committed run wrote."""
@@ -155,23 +169,28 @@ class ParquetSink:
         with writing_to(self.root_uri):
             return self._commit(listed, details)
 
+    @property
+    def errors(self) -> int:
+        return self.rows - self.ok - self.skipped
+
     def _commit(self, listed: Listed | None, details: dict[str, Any] | None) -> CommitResult:
         while self._pending_rows:
             self._flush(self.rows_per_file)
-        self._check(listed)
+        masks = self._staged_masks()
+        self._check(listed, masks)
         manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
-        files = self._publish(manifest, details or {})
+        files = self._publish(manifest, details or {}, masks)
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest),
             files=files,
             rows=self.rows,
             ok=self.ok,
-            errors=self.rows - self.ok - self.skipped,
+            errors=self.errors,
             skipped=self.skipped,
         )
 
-    def _check(self, listed: Listed | None) -> None:
+    def _check(self, listed: Listed | None, masks: list[str]) -> None:
         """Exactly once against the listing, and every staged footer readable."""
         if self._frame_conflicts:
             some = sorted(self._frame_conflicts)[:3]
@@ -180,13 +199,13 @@ class ParquetSink:
             expected = expected_units(listed, self._frame_counts)
             check_exactly_once(expected, self._item_ids)
         self._check_staged_footers()
-        if self._masks_expected != len(self._staged_masks()):
+        if self._masks_expected != len(masks):
             raise CommitRefused(
                 f"refusing to commit: {self._masks_expected} rows name a mask, "
-                f"{len(self._staged_masks())} masks were staged"
+                f"{len(masks)} masks were staged"
             )
 
-    def _publish(self, manifest: str, details: dict[str, Any]) -> list[str]:
+    def _publish(self, manifest: str, details: dict[str, Any], masks: list[str]) -> list[str]:
         """Replace this run's files in the partition, then write the manifest and _SUCCESS.
         Where a write fails before the manifest, the files already moved are taken back out
         (best effort), so that plain Parquet readers of the partition do not see them."""
@@ -200,7 +219,7 @@ class ParquetSink:
                 moved.append(f"{self.partition}/{staged.rpartition('/')[2]}")
                 self.fs.mv(staged, moved[-1])
             files = [canonical_uri(self.fs, path) for path in moved]
-            moved += self._publish_masks()
+            moved += self._publish_masks(masks)
             self._remove_staging()
             make_folder(self.fs, f"{self.root}/{MANIFESTS}")
             content = self._manifest(files) | details
@@ -211,10 +230,9 @@ class ParquetSink:
         self._mark_success()
         return files
 
-    def _publish_masks(self) -> list[str]:
-        """Segmentation masks, staged by the workers, into masks/run_date=.../{run_id}/."""
+    def _publish_masks(self, staged: list[str]) -> list[str]:
+        """Segmentation masks, staged by the workers, into _masks/run_date=.../{run_id}/."""
         final = final_masks_folder(self.root, self.run_id, self.run_date)
-        staged = self._staged_masks()
         if staged:
             make_folder(self.fs, final)
         moved = []
@@ -224,6 +242,9 @@ class ParquetSink:
         return moved
 
     def _staged_masks(self) -> list[str]:
+        """The masks the workers staged (only a table with masks lists the store for them)."""
+        if "mask_uri" not in self.schema.names:
+            return []
         staged = staged_masks_folder(self.root, self.run_id)
         return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
 
@@ -292,7 +313,7 @@ class ParquetSink:
             "task": _task_of(self.schema),
             "rows": self.rows,
             "ok": self.ok,
-            "errors": self.rows - self.ok - self.skipped,
+            "errors": self.errors,
             "skipped": self.skipped,
             "units_digest": units_digest(self._item_ids),
             "files": [
@@ -324,10 +345,10 @@ def verify_run(
     """Re-check a committed run (the given id, else the latest): its files exist with readable
     footers and the manifest's row counts, no unit twice, the units its manifest recorded.
     Returns the manifest and the problems found (none: the run holds)."""
-    runs = [r for r in committed_runs(root_uri, options) if run_id in (None, r["run_id"])]
-    if not runs:
+    manifest = committed_run(root_uri, run_id, options)
+    if manifest is None:
         return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
-    manifest, problems, item_ids = runs[-1], [], []
+    problems, item_ids = [], []
     for entry in manifest["files"]:
         try:
             table = read_committed_file(entry["uri"], options, ["item_id"])
