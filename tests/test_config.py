@@ -89,6 +89,10 @@ def test_minimal_spec_fills_every_default() -> None:
         "autocast": "off",
         "autoscaling": False,
         "read_batch_size": 16,
+        "decode": "tasks",
+        "channels_last": True,
+        "compile": False,
+        "intra_op_threads": None,
         "stall_timeout_s": 1800,
     }
     assert spec.output.model_dump() == {"uri": "s3://out/predictions", "rows_per_file": 250_000}

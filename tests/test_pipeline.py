@@ -191,17 +191,20 @@ def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp
 @pytest.mark.parametrize(
     ("runtime", "resources", "expected"),
     [
-        ({}, {"CPU": 2}, (1, 1, 1.0, 0.0)),
-        ({}, {"CPU": 16, "GPU": 4}, (1, 4, 1.0, 1.0)),
-        ({"max_actors": 2}, {"CPU": 16, "GPU": 4}, (1, 2, 1.0, 1.0)),
-        ({"num_cpus_per_actor": 2, "reserved_cpus": 2}, {"CPU": 10}, (1, 4, 2.0, 0.0)),
-        ({"device": "cpu"}, {"CPU": 8, "GPU": 1}, (1, 7, 1.0, 0.0)),
-        ({"autoscaling": True, "max_actors": 8}, {"CPU": 2}, (1, 8, 1.0, 0.0)),
+        # CPU actors share the cores with decoding: threads = CPUs / actors; reads get the rest.
+        ({}, {"CPU": 2}, (1, 1, 1.0, 0.0, 2, 1)),
+        ({}, {"CPU": 16, "GPU": 4}, (1, 4, 1.0, 1.0, None, 12)),
+        ({"max_actors": 2}, {"CPU": 16, "GPU": 4}, (1, 2, 1.0, 1.0, None, 14)),
+        ({"num_gpus_per_actor": 0.25}, {"CPU": 16, "GPU": 2}, (1, 8, 1.0, 0.25, None, 8)),
+        ({"num_cpus_per_actor": 2, "reserved_cpus": 2}, {"CPU": 10}, (1, 4, 2.0, 0.0, 2, 2)),
+        ({"device": "cpu"}, {"CPU": 8, "GPU": 1}, (1, 7, 1.0, 0.0, 1, 1)),
+        ({"autoscaling": True, "max_actors": 8}, {"CPU": 2}, (1, 8, 1.0, 0.0, None, None)),
     ],
 )
 def test_pool_is_sized_from_cluster_resources(runtime, resources, expected):
     plan = plan_pool(RuntimeSpec(**runtime), resources)
-    assert (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus) == expected
+    sizing = (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus)
+    assert (*sizing, plan.threads, plan.read_tasks) == expected
 
 
 @pytest.mark.parametrize(

@@ -531,6 +531,27 @@ class RuntimeSpec(StrictModel):
         "the nodes up now.",
     )
     read_batch_size: int = Field(default=16, gt=0, description="Files fetched per read task call.")
+    decode: Literal["tasks", "device"] = Field(
+        default="tasks",
+        description="Where JPEG photos are decoded and resized: in the CPU read tasks, or on the "
+        "predictor's device (nvJPEG on a GPU; encoded bytes cross the object store). Other "
+        "formats, EXIF-rotated JPEGs and files the device refuses are decoded on the CPU.",
+    )
+    channels_last: bool = Field(
+        default=True,
+        description="Run fixed-size models (classification, segmentation) in channels-last "
+        "memory format, faster on CPUs and tensor cores.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model once per actor (slower start-up, faster batches).",
+    )
+    intra_op_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="Torch threads per actor; defaults to the actor's CPUs, or on a node "
+        "without GPUs to the node's CPUs shared among its actors (decoding needs few).",
+    )
     stall_timeout_s: int = Field(
         default=1800,
         gt=0,
@@ -596,6 +617,16 @@ class JobSpec(StrictModel):
                     "profile, instance role)"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _device_decode_needs_a_fixed_size(self) -> JobSpec:
+        if self.runtime.decode == "device" and self.task.kind == "detection":
+            raise ValueError(
+                "runtime.decode: device decodes photos and crops them to the model's fixed "
+                "input (classification, segmentation); detection reads images at their own "
+                "size: expected decode: tasks"
+            )
+        return self
 
     def resolved_run(self) -> tuple[str, dt.date]:
         """The run id and date, with their defaults filled in."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
@@ -44,10 +44,14 @@ class ClusterTooSmall(RuntimeError):
 
 @dataclass(frozen=True)
 class PoolPlan:
+    """The predictor pool, the torch threads of each actor and the read tasks beside it."""
+
     min_size: int
     max_size: int
     num_cpus: float
     num_gpus: float
+    threads: int | None = None  # None: the actor's CPUs (Ray's OMP_NUM_THREADS)
+    read_tasks: int | None = None  # None: as many as Ray Data scales to
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,17 @@ def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
     if top > fits and not runtime.autoscaling:
         log.warning("runtime.max_actors=%d capped to the %d actors that fit", top, fits)
         top = fits
-    return PoolPlan(runtime.min_actors, top, runtime.num_cpus_per_actor, num_gpus)
+    if runtime.autoscaling:  # the nodes up now say nothing of the nodes to come
+        return PoolPlan(runtime.min_actors, top, runtime.num_cpus_per_actor, num_gpus)
+    left = math.floor(cpus - top * runtime.num_cpus_per_actor + 1e-9)
+    return PoolPlan(
+        runtime.min_actors,
+        top,
+        runtime.num_cpus_per_actor,
+        num_gpus,
+        threads=None if num_gpus else max(1, math.floor(cpus / top + 1e-9)),
+        read_tasks=max(1, left),
+    )
 
 
 def _gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
@@ -266,11 +280,13 @@ def build_dataset(
         storage_options=spec.storage_options,
         dicom=spec.input.dicom,
         tiling=spec.input.tiling,
+        decode_on_device=spec.runtime.decode == "device",
     )
     units = ray.data.from_arrow(blocks).map_batches(
         reader,
         batch_size=spec.runtime.read_batch_size,
         batch_format="numpy",
+        compute=TaskPoolStrategy(size=plan.read_tasks),
         num_cpus=1,
         # A reservation the predictor lacks also keeps decoding in CPU tasks: Ray Data does not
         # fuse stages whose resources differ, so the actor pool spends its time on the model.
@@ -278,7 +294,7 @@ def build_dataset(
     )
     predictions = units.map_batches(
         PREDICTORS.get(spec.task.kind),
-        fn_constructor_kwargs={"spec": spec},
+        fn_constructor_kwargs={"spec": spec, "threads": plan.threads},
         compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from vision_ops.detection import (
     mask_rles,
     pixel_budget_groups,
 )
+from vision_ops.device_decode import ENCODED_COLUMN, decode_batch, resize_and_crop_tensor
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
 from vision_ops.schema import (
@@ -29,6 +30,7 @@ from vision_ops.schema import (
     SEGMENT_FRACTIONS,
     SEGMENT_MASK,
     STAGE_PREFIX,
+    STATUS_ERROR,
     STATUS_OK,
     TOP_K_IDS,
     TOP_K_SCORES,
@@ -36,7 +38,9 @@ from vision_ops.schema import (
 )
 
 PREDICTORS: Registry[type[Predictor]] = Registry("task")
+ERROR_COLUMNS = ("status", "error_type", "error_message")
 TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)
+Pixels = np.ndarray | torch.Tensor  # uint8 (H, W, 3): from a read task, or decoded on the device
 
 
 def task_settings(spec: JobSpec, kind: type[TaskT]) -> TaskT:
@@ -63,29 +67,101 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def upload(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device: through pinned memory, copied without blocking, to a GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def stack_on_device(images: Sequence[Pixels], device: torch.device) -> torch.Tensor:
+    """uint8 (H, W, 3) images of one size, host arrays or device tensors -> (N, H, W, 3) on the
+    device, host arrays uploaded in one copy."""
+    host = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
+    if len(host) == len(images):
+        return upload(np.stack(list(images)), device)
+    batch = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, device=device)
+    if host:
+        batch[host] = upload(np.stack([images[i] for i in host]), device)
+    for index, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            batch[index] = image
+    return batch
+
+
+def rows_of(images: Sequence[Pixels], ok: np.ndarray) -> list[Pixels]:
+    return [images[i] for i in np.flatnonzero(ok).tolist()]
+
+
 class Predictor:
-    """Loads the spec's model on the actor's device; subclasses score the ok rows of a batch."""
+    """Loads the spec's model on the actor's device; subclasses score the ok rows of a batch.
+
+    `threads` is the pipeline's torch thread count for this actor (the spec's
+    `runtime.intra_op_threads` wins); None leaves torch's (Ray's OMP_NUM_THREADS).
+    """
 
     task = ""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         self.spec = spec
+        threads = spec.runtime.intra_op_threads or threads
+        if threads:
+            torch.set_num_threads(threads)
         self.model: LoadedModel = load_model(spec.model, spec.storage_options, self.task)
         self.device = pick_device(spec.runtime.device)
         self.module = self.model.module.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
-        out = {name: values for name, values in batch.items() if name != "image"}
-        out.update(self.predict_rows(batch["image"], ok))
+        out = {
+            name: values for name, values in batch.items() if name not in ("image", ENCODED_COLUMN)
+        }
+        images = cast(Sequence[Pixels], batch["image"])
+        if ENCODED_COLUMN in batch:
+            images = self._decode_on_device(out, images, batch[ENCODED_COLUMN])
+        ok = np.asarray(out["status"] == STATUS_OK, dtype=bool)
+        out.update(self.predict_rows(images, ok))
         out[f"{STAGE_PREFIX}inference"] = stage_times(len(ok), time.perf_counter() - started)
         out["model_name"] = np.full(len(ok), self.model.name, dtype=object)
         out["model_weights_sha256"] = np.full(len(ok), self.model.weights_sha256, dtype=object)
         return out
 
-    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+    def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def optimise_fixed_size(self) -> None:
+        """Channels-last and torch.compile, as the spec asks, for models of one input size."""
+        if self.spec.runtime.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        if self.spec.runtime.compile:
+            self.module = cast(torch.nn.Module, torch.compile(self.module))
+
+    def _decode_on_device(
+        self, out: dict[str, np.ndarray], images: Sequence[Pixels], encoded: np.ndarray
+    ) -> list[Pixels]:
+        """Rows the read tasks left encoded, decoded and cropped on the device; a file no
+        decoder can read becomes that row's error."""
+        rows = [i for i, payload in enumerate(encoded) if payload]
+        decoded = decode_batch([encoded[i] for i in rows], self.device, self.spec.input.max_pixels)
+        status, kinds, messages = (out[c].astype(object) for c in ERROR_COLUMNS)
+        merged: list[Pixels] = list(images)
+        for row, image in zip(rows, decoded, strict=True):
+            if isinstance(image, torch.Tensor):
+                merged[row] = resize_and_crop_tensor(image, self._preprocessing())
+            else:
+                status[row], kinds[row], messages[row] = (
+                    STATUS_ERROR,
+                    type(image).__name__,
+                    str(image),
+                )
+        out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
+        return merged
+
+    def _preprocessing(self) -> Preprocessing:
+        if self.model.preprocessing is None:
+            raise ModelError("runtime.decode: device needs model.preprocessing (resize and crop)")
+        return self.model.preprocessing
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
@@ -105,25 +181,27 @@ class Classifier(Predictor):
 
     task = "classification"
 
-    def __init__(self, spec: JobSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
+        super().__init__(spec, threads)
         if self.model.preprocessing is None:
             raise ModelError("model.preprocessing: a classifier needs resize, crop, mean, std")
         self.preprocessing: Preprocessing = self.model.preprocessing
+        self.optimise_fixed_size()
         self.num_classes = self._count_outputs()
         self.top_k = min(task_settings(spec, ClassificationTask).top_k, self.num_classes)
         self._check_labels()
 
-    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+    def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.full((len(ok), self.top_k), -1, dtype=np.int32)
         scores = np.full((len(ok), self.top_k), np.nan, dtype=np.float32)
         if ok.any():
-            ids[ok], scores[ok] = self.predict(np.stack(list(images[ok])))
+            pixels = stack_on_device(rows_of(images, ok), self.device)
+            ids[ok], scores[ok] = self.predict(pixels)
         return {TOP_K_IDS: ids, TOP_K_SCORES: scores}
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> top-k class ids and softmax scores."""
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+    def predict(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3), on the host or the device -> top-k class ids and softmax scores."""
+        pixels = upload(images, self.device) if isinstance(images, np.ndarray) else images
         with self.inference():
             logits = self.module(normalise(pixels, self.preprocessing))
         top = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
@@ -153,25 +231,24 @@ class Detector(Predictor):
 
     task = "detection"
 
-    def __init__(self, spec: JobSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
+        super().__init__(spec, threads)
         self.settings = task_settings(spec, DetectionTask)
         self.allowed_ids = class_ids(self.settings.classes, self.model.labels)
         self.instance = instance_output(getattr(spec.model, "architecture", None))
         configure_detector(self.module, self.settings, keep_all=self.allowed_ids is not None)
 
-    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+    def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         detections = np.empty(len(ok), dtype=object)
         extras = np.empty(len(ok), dtype=object)
         for index in range(len(ok)):
             detections[index] = np.zeros((0, 6), dtype=np.float32)
         rows = np.flatnonzero(ok)
-        shapes = [(images[i].shape[0], images[i].shape[1]) for i in rows]
+        shapes = [(images[i].shape[0], images[i].shape[1]) for i in rows.tolist()]
         for group in pixel_budget_groups(shapes, self.settings.max_batch_pixels):
             members = rows[group]
-            for index, output in zip(
-                members, self.detect([images[i] for i in members]), strict=True
-            ):
+            pixels = [np.asarray(images[i]) for i in members.tolist()]
+            for index, output in zip(members, self.detect(pixels), strict=True):
                 found = as_rows(output)
                 kept = kept_indices(found, self.settings, self.allowed_ids)
                 detections[index] = found[kept]
@@ -210,27 +287,28 @@ class Segmenter(Predictor):
 
     task = "segmentation"
 
-    def __init__(self, spec: JobSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
+        super().__init__(spec, threads)
         if self.model.preprocessing is None:
             raise ModelError("model.preprocessing: a segmenter needs resize, crop, mean, std")
         self.preprocessing: Preprocessing = self.model.preprocessing
+        self.optimise_fixed_size()
 
-    def predict_rows(self, images: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+    def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         masks = np.empty(len(ok), dtype=object)
         fractions = np.empty(len(ok), dtype=object)
         for index in range(len(ok)):
             masks[index] = np.zeros((0, 0), dtype=np.uint8)
             fractions[index] = np.zeros((0, 2), dtype=np.float32)
         if ok.any():
-            found = self.segment(np.stack(list(images[ok])))
+            found = self.segment(stack_on_device(rows_of(images, ok), self.device))
             for row, mask in zip(np.flatnonzero(ok), found, strict=True):
                 masks[row], fractions[row] = mask, class_fractions(mask)
         return {SEGMENT_MASK: masks, SEGMENT_FRACTIONS: fractions}
 
-    def segment(self, images: np.ndarray) -> np.ndarray:
+    def segment(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, H, W, 3) -> the argmax class of each pixel, (N, H, W) uint8 or uint16."""
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        pixels = upload(images, self.device) if isinstance(images, np.ndarray) else images
         with self.inference():
             output = self.module(normalise(pixels, self.preprocessing))
         logits = output["out"] if isinstance(output, dict) else output

@@ -11,6 +11,7 @@ import numpy as np
 
 from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
 from vision_ops.decode import decode_image
+from vision_ops.device_decode import ENCODED_COLUMN, device_jpeg_size
 from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
 from vision_ops.raster import RasterError, open_raster
 from vision_ops.scenes import tile_unit
@@ -56,16 +57,18 @@ def read_units(
     storage_options: StorageOptions,
     dicom: DicomSpec | None = None,
     tiling: TilingSpec | None = None,
+    decode_on_device: bool = False,
 ) -> dict[str, np.ndarray]:
     """One listing batch -> one row per unit (an image, or each frame of a DICOM instance) with
     image, size, frame, status and error columns, and the DICOM columns when `dicom` is set.
 
     With `preprocessing` each image is resized and cropped for the model; without, it keeps its
-    source size (detectors take any size and resize on the device).
+    source size (detectors take any size and resize on the device). With `decode_on_device`
+    a JPEG the device can take keeps its bytes (the `encoded` column) and an empty image.
     """
     started = time.perf_counter()
     uris = [str(uri) for uri in batch["source_uri"]]
-    reading = UnitReader(preprocessing, max_pixels, dicom)
+    reading = UnitReader(preprocessing, max_pixels, dicom, decode_on_device)
     if tiling is not None:
         per_source = read_tile_units(batch, tiling, reading, storage_options)
     else:
@@ -85,6 +88,8 @@ def read_units(
         dtype=object,
     )
     out["image"] = image_column([row.pop("image") for row in rows])
+    if decode_on_device:
+        out[ENCODED_COLUMN] = np.array([row.get(ENCODED_COLUMN, b"") for row in rows], dtype=object)
     extra = (*(DICOM_COLUMNS if dicom else ()), *(TILE_COLUMNS if tiling else ()))
     for column in (*UNIT_COLUMNS, *extra):
         out[column] = np.array([row.get(column) for row in rows], dtype=object)
@@ -158,12 +163,16 @@ class UnitReader:
     preprocessing: Preprocessing | None
     max_pixels: int
     dicom: DicomSpec | None
+    decode_on_device: bool = False
 
     def units(self, uri: str, payload: bytes | BaseException) -> list[dict[str, Any]]:
         if isinstance(payload, BaseException):
             return [self.error(payload)]
         if is_dicom(uri, payload):
             return self._dicom_units(payload)
+        size = device_jpeg_size(payload, self.max_pixels) if self.decode_on_device else None
+        if size is not None:
+            return [self._encoded_unit(payload, *size)]
         try:
             image = decode_image(payload, self.max_pixels)
         except Exception as err:
@@ -189,6 +198,12 @@ class UnitReader:
         height, width = image.shape[:2]
         model_input = resize_and_crop(image, self.preprocessing) if self.preprocessing else image
         return {"image": model_input, "image_width": width, "image_height": height} | _OK
+
+    def _encoded_unit(self, payload: bytes, width: int, height: int) -> dict[str, Any]:
+        """A JPEG left for the predictor's device to decode (its image is empty)."""
+        empty = np.zeros((0, 0, 3), dtype=np.uint8)
+        encoded = {ENCODED_COLUMN: payload, "image_width": width, "image_height": height}
+        return {"image": empty} | encoded | _OK
 
     def tile(self, tile: dict[str, Any]) -> dict[str, Any]:
         """A tile read: the model's unit, or a `skipped` row when it holds no data at all."""

@@ -1,0 +1,242 @@
+"""The fast path: JPEGs decoded and cropped on the predictor's device with a CPU fallback,
+channels-last and torch.compile models, torch threads from the pool plan. Predictions equal a
+direct torchvision call on the same pixels; files no decoder can read become error rows."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from test_models import PREP, direct_logits, spec_for, tiny_classifier, torchvision_file_model
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from vision_ops.config import Preprocessing, SpecError, parse_spec
+from vision_ops.decode import CorruptImage, decode_image
+from vision_ops.device_decode import (
+    ENCODED_COLUMN,
+    decode_batch,
+    device_jpeg_size,
+    resize_and_crop_tensor,
+)
+from vision_ops.pipeline import run_job
+from vision_ops.predictors import Classifier
+from vision_ops.reader import read_units
+from vision_ops.schema import TOP_K_IDS, TOP_K_SCORES
+from vision_ops.transforms import resize_and_crop
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CPU = torch.device("cpu")
+MAX_PIXELS = 10_000_000
+
+
+def photo(seed: int, size: tuple[int, int] = (120, 90), **save: object) -> bytes:
+    """A smooth photo-like JPEG (gradients plus noise), so resampling differences stay small."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ramp = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 50, height)[:, None, None]
+    pixels = np.clip(ramp + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8)
+    mode = save.pop("mode", "RGB")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(str(mode)).save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(photo(seed))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return photo(3, exif=exif.tobytes())
+
+
+def test_only_jpegs_the_device_takes_as_they_are_stay_encoded() -> None:
+    assert device_jpeg_size(photo(1, (120, 90)), MAX_PIXELS) == (120, 90)
+    assert device_jpeg_size(photo(1, (120, 90), mode="L"), MAX_PIXELS) == (120, 90)
+    assert device_jpeg_size(photo(1, mode="CMYK"), MAX_PIXELS) is None
+    assert device_jpeg_size(rotated_jpeg(), MAX_PIXELS) is None
+    assert device_jpeg_size(png(1), MAX_PIXELS) is None
+    assert device_jpeg_size(photo(1, (120, 90)), 120 * 90 - 1) is None
+    assert device_jpeg_size(b"\xff\xd8 not really a jpeg", MAX_PIXELS) is None
+
+
+def test_a_batch_decodes_like_one_file_at_a_time_and_a_bad_file_falls_back() -> None:
+    good = [photo(1), photo(2, (64, 80))]
+    truncated = photo(3)[:200]
+    decoded = decode_batch([good[0], truncated, good[1]], CPU, MAX_PIXELS)
+    for payload, image in zip(good, (decoded[0], decoded[2]), strict=True):
+        alone = decode_jpeg(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        assert torch.equal(image, alone)
+    assert isinstance(decoded[1], CorruptImage)
+    assert str(decoded[1]) == _pillow_error(truncated)
+
+
+def _pillow_error(payload: bytes) -> str:
+    with pytest.raises(CorruptImage) as raised:
+        decode_image(payload, MAX_PIXELS)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("size", [(120, 90), (90, 120), (50, 40), (224, 224)])
+def test_device_geometry_is_torchvisions_resize_and_centre_crop(size: tuple[int, int]) -> None:
+    spec = Preprocessing(**PREP)
+    image = decode_jpeg(torch.frombuffer(bytearray(photo(4, size)), dtype=torch.uint8))
+    expected = v2.Compose([v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.crop)])
+    cropped = resize_and_crop_tensor(image, spec)
+    assert cropped.shape == (spec.crop, spec.crop, 3)
+    assert torch.equal(cropped, expected(image).permute(1, 2, 0))
+    cpu_path = resize_and_crop(np.asarray(Image.open(io.BytesIO(photo(4, size)))), spec)
+    difference = np.abs(cropped.numpy().astype(int) - cpu_path.astype(int))
+    assert difference.mean() < 2.0  # Pillow's and torch's antialiasing round differently
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(tiny_classifier().state_dict(), path)
+    return path
+
+
+def read_batch(payloads: dict[str, bytes], folder: Path, on_device: bool) -> dict[str, np.ndarray]:
+    for name, data in payloads.items():
+        (folder / name).write_bytes(data)
+    uris = [f"file://{folder / name}" for name in payloads]
+    listing = {
+        "source_uri": np.array(uris, dtype=object),
+        "source_etag": np.array([None] * len(uris), dtype=object),
+        "source_size": np.array([len(d) for d in payloads.values()]),
+    }
+    return read_units(
+        listing,
+        preprocessing=Preprocessing(**PREP),
+        max_pixels=MAX_PIXELS,
+        storage_options={},
+        decode_on_device=on_device,
+    )
+
+
+def device_reference(payload: bytes) -> np.ndarray:
+    """What the device path feeds the model, written with torchvision's v2 transforms."""
+    image = decode_jpeg(torch.frombuffer(bytearray(payload), dtype=torch.uint8), ImageReadMode.RGB)
+    crop = v2.Compose([v2.Resize(PREP["resize"], antialias=True), v2.CenterCrop(PREP["crop"])])
+    return crop(image).permute(1, 2, 0).numpy()
+
+
+def test_a_mixed_batch_predicts_like_a_direct_call_on_the_same_pixels(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    payloads = {
+        "a.jpg": photo(1),
+        "b.png": png(2),
+        "grey.jpg": photo(5, mode="L"),
+        "cut.jpg": photo(3)[: len(photo(3)) // 2],  # header intact
+        "turned.jpg": rotated_jpeg(),
+    }
+    batch = read_batch(payloads, tmp_path, on_device=True)
+    encoded = [bool(payload) for payload in batch[ENCODED_COLUMN]]
+    assert encoded == [True, False, True, True, False]  # CPU: PNG, EXIF rotation
+    assert batch["image"][0].shape == (0, 0, 3)
+    assert (batch["image_width"][0], batch["image_height"][0]) == (120, 90)
+
+    classifier = Classifier(spec_for(torchvision_file_model(weights_file), top_k=3))
+    out = classifier(batch)
+    assert list(out["status"]) == ["ok", "ok", "ok", "error", "ok"]
+    assert out["error_type"][3] == "CorruptImage" and ENCODED_COLUMN not in out
+
+    cpu = read_batch({"b.png": payloads["b.png"], "turned.jpg": rotated_jpeg()}, tmp_path, False)
+    pixels = np.stack(
+        [
+            device_reference(payloads["a.jpg"]),
+            cpu["image"][0],
+            device_reference(payloads["grey.jpg"]),
+            cpu["image"][1],
+        ]
+    )
+    expected = direct_logits(tiny_classifier(), pixels).softmax(-1).topk(3)
+    ok_rows = [0, 1, 2, 4]
+    np.testing.assert_array_equal(out[TOP_K_IDS][ok_rows], expected.indices.numpy())
+    np.testing.assert_allclose(out[TOP_K_SCORES][ok_rows], expected.values.numpy(), atol=1e-5)
+
+
+def test_channels_last_and_compile_predict_like_the_plain_model(weights_file: Path) -> None:
+    images = np.random.default_rng(7).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
+    for runtime in ({"channels_last": False}, {"channels_last": True, "compile": True}):
+        spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=runtime)})
+        classifier = Classifier(spec)
+        ids, scores = classifier.predict(images)
+        np.testing.assert_array_equal(ids, expected.indices.numpy())
+        np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
+    assert isinstance(classifier.module, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_threads_come_from_the_plan_unless_the_spec_sets_them(weights_file: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+        Classifier(spec, threads=2)
+        assert torch.get_num_threads() == 2
+        pinned = spec.model_copy(
+            update={"runtime": spec.runtime.model_copy(update={"intra_op_threads": 1})}
+        )
+        Classifier(pinned, threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_device_decode_is_refused_for_detection() -> None:
+    raw = {
+        "input": {"uris": ["/photos"]},
+        "task": {"kind": "detection"},
+        "model": {"architecture": "fasterrcnn_resnet50_fpn", "weights": "/w.pt"},
+        "runtime": {"decode": "device"},
+        "output": {"uri": "/out"},
+    }
+    with pytest.raises(SpecError, match=r"runtime.decode: device decodes photos.*expected decode"):
+        parse_spec(raw)
+
+
+def test_pipeline_with_device_decode_equals_direct_calls(
+    ray_local: None, weights_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(5)} | {"p.png": png(9)}
+    for name, data in payloads.items():
+        (folder / name).write_bytes(data)
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(folder)]},
+            "task": {"kind": "classification", "top_k": 3},
+            "model": {"preprocessing": PREP, **torchvision_file_model(weights_file)},
+            "runtime": {"batch_size": 4, "max_actors": 1, "decode": "device"},
+            "output": {"uri": str(tmp_path / "table")},
+            "run": {"id": "device-decode", "date": "2026-11-24"},
+        }
+    )
+    summary = run_job(spec)
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    assert summary.commit.rows == len(rows) == len(payloads) and summary.commit.ok == len(payloads)
+    png_pixels = resize_and_crop(decode_image(payloads["p.png"], MAX_PIXELS), Preprocessing(**PREP))
+    pixels = {n: device_reference(d) for n, d in payloads.items() if n.endswith(".jpg")}
+    pixels["p.png"] = png_pixels
+    names = sorted(pixels)
+    expected = direct_logits(tiny_classifier(), np.stack([pixels[n] for n in names])).softmax(-1)
+    top = expected.topk(3)
+    for row in rows:
+        index = names.index(Path(row["source_uri"]).name)
+        assert [e["label_id"] for e in row["top_k"]] == top.indices[index].tolist()
+        np.testing.assert_allclose(
+            [e["score"] for e in row["top_k"]], top.values[index].numpy(), atol=1e-5
+        )

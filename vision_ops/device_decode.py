@@ -1,0 +1,95 @@
+"""JPEG decoding and resizing on the predictor's device (nvJPEG on a GPU), falling back to the CPU.
+
+Read tasks ship a photo's encoded bytes when `device_jpeg_size` says the device can take it
+(`runtime.decode: device`); the predictor then decodes the batch in one call, resizes and crops
+it where the model runs, and only a file the device refuses is decoded again on the CPU with
+Pillow. The geometry is torchvision's `Resize(n)` + `CenterCrop(m)` on tensors (antialiased),
+so it matches the CPU path's arithmetic; pixel values differ from Pillow's by rounding only.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from vision_ops.config import Preprocessing
+from vision_ops.decode import DecodeError, decode_image
+
+ENCODED_COLUMN = "encoded"  # a photo's JPEG bytes, b"" where the read task decoded it
+DEVICE_MODES = frozenset({"RGB", "L"})  # nvJPEG's colour spaces we convert from without Pillow
+EXIF_ORIENTATION = 0x0112
+INTERPOLATION = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def device_jpeg_size(payload: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of a JPEG the device can decode as is, from its header alone; None for
+    anything else (other formats, CMYK, EXIF rotation, too large), which the CPU decodes."""
+    if not payload.startswith(b"\xff\xd8"):
+        return None
+    try:
+        image = Image.open(io.BytesIO(payload))
+        width, height = image.size
+        rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
+    except Exception:  # a broken header: the CPU path gives it its error row
+        return None
+    if image.format != "JPEG" or image.mode not in DEVICE_MODES or rotated:
+        return None
+    if not 0 < width * height <= max_pixels:
+        return None
+    return width, height
+
+
+def decode_batch(
+    payloads: Sequence[bytes], device: torch.device, max_pixels: int
+) -> list[torch.Tensor | DecodeError]:
+    """Each JPEG as uint8 (3, H, W) on the device, decoded in one call; a batch the device
+    refuses is retried file by file, and a file it refuses is decoded with Pillow on the CPU.
+    A DecodeError where no decoder can read the file."""
+    tensors = [torch.frombuffer(bytearray(payload), dtype=torch.uint8) for payload in payloads]
+    try:
+        return list(_decode_jpeg(tensors, device))
+    except RuntimeError:  # nvJPEG returns nothing for a batch with one bad file
+        return [
+            _decode_one(tensor, payload, device, max_pixels)
+            for tensor, payload in zip(tensors, payloads, strict=True)
+        ]
+
+
+def _decode_one(
+    tensor: torch.Tensor, payload: bytes, device: torch.device, max_pixels: int
+) -> torch.Tensor | DecodeError:
+    try:
+        return _decode_jpeg([tensor], device)[0]
+    except RuntimeError:
+        pass
+    try:
+        pixels = decode_image(payload, max_pixels)
+    except DecodeError as err:
+        return err
+    return torch.from_numpy(pixels).permute(2, 0, 1).to(device)
+
+
+def _decode_jpeg(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, not yet a dependency
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+
+
+def resize_and_crop_tensor(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """uint8 (3, H, W) -> (crop, crop, 3) uint8 on the same device: shorter side to
+    `spec.resize`, then a centred crop (zero-padded where the image is smaller)."""
+    resized = F.resize(
+        image, [spec.resize], interpolation=INTERPOLATION[spec.interpolation], antialias=True
+    )
+    return F.center_crop(resized, [spec.crop, spec.crop]).permute(1, 2, 0)
