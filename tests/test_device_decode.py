@@ -17,13 +17,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from vision_ops.config import Preprocessing, SpecError, parse_spec
-from vision_ops.decode import CorruptImage, decode_image
-from vision_ops.device_decode import (
-    ENCODED_COLUMN,
-    decode_batch,
-    device_jpeg_size,
-    resize_and_crop_tensor,
-)
+from vision_ops.decode import ENCODED_COLUMN, CorruptImage, decode_image, device_jpeg_size
+from vision_ops.device_decode import decode_batch, resize_and_crop_tensor
 from vision_ops.pipeline import run_job
 from vision_ops.predictors import Classifier
 from vision_ops.reader import read_units

@@ -12,6 +12,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Bit depth of the integer modes Pillow reports for high-bit-depth images.
 HIGH_BIT_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
+ENCODED_COLUMN = "encoded"  # a photo's JPEG bytes left for the device, b"" where decoded here
+DEVICE_MODES = frozenset({"RGB", "L"})  # JPEG colour spaces nvJPEG converts to RGB itself
+EXIF_ORIENTATION = 0x0112
 
 
 class DecodeError(ValueError):
@@ -104,3 +107,21 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def device_jpeg_size(payload: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of a JPEG the device can decode as is, from its header alone; None for
+    anything else (other formats, CMYK, EXIF rotation, too large), which the CPU decodes."""
+    if not payload.startswith(b"\xff\xd8"):
+        return None
+    try:
+        image = Image.open(io.BytesIO(payload))
+        width, height = image.size
+        rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
+    except Exception:  # a broken header: the CPU path gives it its error row
+        return None
+    if image.format != "JPEG" or image.mode not in DEVICE_MODES or rotated:
+        return None
+    if not 0 < width * height <= max_pixels:
+        return None
+    return width, height

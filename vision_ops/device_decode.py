@@ -1,20 +1,19 @@
 """JPEG decoding and resizing on the predictor's device (nvJPEG on a GPU), falling back to the CPU.
 
-Read tasks ship a photo's encoded bytes when `device_jpeg_size` says the device can take it
-(`runtime.decode: device`); the predictor then decodes the batch in one call, resizes and crops
-it where the model runs, and only a file the device refuses is decoded again on the CPU with
-Pillow. The geometry is torchvision's `Resize(n)` + `CenterCrop(m)` on tensors (antialiased),
-so it matches the CPU path's arithmetic; pixel values differ from Pillow's by rounding only.
+Read tasks ship a photo's encoded bytes when `decode.device_jpeg_size` says the device can take
+it (`runtime.decode: device`; decided there so read tasks never import torch). The predictor
+decodes the batch in one call, resizes and crops it where the model runs, and only a file the
+device refuses is decoded again on the CPU with Pillow. The geometry is torchvision's
+`Resize(n)` + `CenterCrop(m)` on tensors (antialiased), so it matches the CPU path's
+arithmetic; pixel values differ from Pillow's by rounding only.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -22,32 +21,11 @@ from torchvision.transforms.v2 import functional as F
 from vision_ops.config import Preprocessing
 from vision_ops.decode import DecodeError, decode_image
 
-ENCODED_COLUMN = "encoded"  # a photo's JPEG bytes, b"" where the read task decoded it
-DEVICE_MODES = frozenset({"RGB", "L"})  # nvJPEG's colour spaces we convert from without Pillow
-EXIF_ORIENTATION = 0x0112
 INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
-
-
-def device_jpeg_size(payload: bytes, max_pixels: int) -> tuple[int, int] | None:
-    """(width, height) of a JPEG the device can decode as is, from its header alone; None for
-    anything else (other formats, CMYK, EXIF rotation, too large), which the CPU decodes."""
-    if not payload.startswith(b"\xff\xd8"):
-        return None
-    try:
-        image = Image.open(io.BytesIO(payload))
-        width, height = image.size
-        rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
-    except Exception:  # a broken header: the CPU path gives it its error row
-        return None
-    if image.format != "JPEG" or image.mode not in DEVICE_MODES or rotated:
-        return None
-    if not 0 < width * height <= max_pixels:
-        return None
-    return width, height
 
 
 def decode_batch(

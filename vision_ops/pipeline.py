@@ -33,7 +33,6 @@ from vision_ops.sources import list_inputs
 from vision_ops.storage import StorageOptions, require_bucket
 
 log = logging.getLogger(__name__)
-LISTING_ROWS_PER_BLOCK = 256
 # Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
 READ_TASK_MEMORY_BYTES = 512 * 1024**2
 
@@ -269,10 +268,11 @@ def model_fingerprint(spec: JobSpec) -> str:
 def build_dataset(
     spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str, schema: pa.Schema
 ) -> ray.data.Dataset:
-    blocks = [
-        listing.slice(i, LISTING_ROWS_PER_BLOCK)
-        for i in range(0, listing.num_rows, LISTING_ROWS_PER_BLOCK)
-    ]
+    # One read task per read batch: its images reach the model as soon as they are decoded
+    # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
+    # tasks to keep every free core decoding.
+    step = spec.runtime.read_batch_size
+    blocks = [listing.slice(i, step) for i in range(0, listing.num_rows, step)]
     reader = functools.partial(
         read_units,
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),

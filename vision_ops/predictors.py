@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vision_ops.config import ClassificationTask, DetectionTask, JobSpec, Preprocessing
+from vision_ops.decode import ENCODED_COLUMN
 from vision_ops.detection import (
     as_rows,
     configure_detector,
@@ -21,7 +22,7 @@ from vision_ops.detection import (
     mask_rles,
     pixel_budget_groups,
 )
-from vision_ops.device_decode import ENCODED_COLUMN, decode_batch, resize_and_crop_tensor
+from vision_ops.device_decode import decode_batch, resize_and_crop_tensor
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
 from vision_ops.schema import (

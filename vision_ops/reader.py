@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
-from vision_ops.decode import decode_image
-from vision_ops.device_decode import ENCODED_COLUMN, device_jpeg_size
+from vision_ops.decode import ENCODED_COLUMN, decode_image, device_jpeg_size
 from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
 from vision_ops.raster import RasterError, open_raster
 from vision_ops.scenes import tile_unit
