@@ -1,0 +1,97 @@
+"""The GPU fast path on a CUDA device: nvJPEG batches, pinned uploads, autocast and a pipeline
+whose actors hold a GPU. Skipped where torch sees no GPU (run them on a GPU machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_device_decode import MAX_PIXELS, device_reference, photo, png
+from test_models import PREP, direct_logits, spec_for, tiny_classifier, torchvision_file_model
+
+from vision_ops.config import parse_spec
+from vision_ops.decode import CorruptImage
+from vision_ops.device_decode import decode_batch
+from vision_ops.pipeline import run_job
+from vision_ops.predictors import Classifier, stack_on_device
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(tiny_classifier().state_dict(), path)
+    return path
+
+
+def test_nvjpeg_batches_decode_like_the_cpu_and_a_bad_file_falls_back() -> None:
+    payloads = [photo(1), photo(2, (64, 80)), photo(3)[:200], photo(4, (300, 200))]
+    on_gpu = decode_batch(payloads, CUDA, MAX_PIXELS)
+    on_cpu = decode_batch(payloads, torch.device("cpu"), MAX_PIXELS)
+    assert isinstance(on_gpu[2], CorruptImage) and isinstance(on_cpu[2], CorruptImage)
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        if isinstance(gpu, torch.Tensor):
+            assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
+            difference = (gpu.cpu().int() - cpu.int()).abs().float()  # IDCTs round differently
+            assert difference.mean() < 1.5
+
+
+def test_host_and_device_images_stack_in_order_on_the_gpu() -> None:
+    host = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    device = torch.full((8, 8, 3), 7, dtype=torch.uint8, device=CUDA)
+    batch = stack_on_device([host[0], device, host[1]], CUDA)
+    assert batch.device.type == "cuda"
+    assert torch.equal(
+        batch.cpu(),
+        torch.stack([torch.from_numpy(host[0]), device.cpu(), torch.from_numpy(host[1])]),
+    )
+
+
+def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:
+    images = np.random.default_rng(3).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+    spec = spec.model_copy(
+        update={"runtime": spec.runtime.model_copy(update={"autocast": "bfloat16"})}
+    )
+    ids, scores = Classifier(spec).predict(images)
+    expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
+    agree = (ids[:, 0] == expected.indices[:, 0].numpy()).mean()
+    assert agree >= 0.9
+    np.testing.assert_allclose(scores[:, 0], expected.values[:, 0].numpy(), atol=3e-2)
+
+
+def test_pipeline_on_a_gpu_with_nvjpeg_equals_direct_calls(
+    ray_local: None, weights_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(6)} | {"p.png": png(9)}
+    for name, data in payloads.items():
+        (folder / name).write_bytes(data)
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(folder)]},
+            "task": {"kind": "classification", "top_k": 3},
+            "model": {"preprocessing": PREP, **torchvision_file_model(weights_file)},
+            "runtime": {"batch_size": 4, "decode": "device", "device": "cuda"},
+            "output": {"uri": str(tmp_path / "table")},
+            "run": {"id": "gpu", "date": "2026-11-24"},
+        }
+    )
+    summary = run_job(spec)
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    assert summary.commit.ok == len(rows) == len(payloads)
+    jpegs = sorted(n for n in payloads if n.endswith(".jpg"))
+    pixels = np.stack([device_reference(payloads[n]) for n in jpegs])
+    expected = direct_logits(tiny_classifier(), pixels).softmax(-1).topk(1).indices[:, 0]
+    found = {Path(r["source_uri"]).name: r["top_k"][0]["label_id"] for r in rows}
+    agree = np.mean([found[n] == int(i) for n, i in zip(jpegs, expected, strict=True)])
+    assert agree >= 5 / 6  # nvJPEG's IDCT is not libjpeg's: a near tie may flip
