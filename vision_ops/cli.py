@@ -273,6 +273,35 @@ def evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Throughput and peak memory of the pipeline against its ceilings and peers."""
+    from pathlib import Path
+
+    from vision_ops.benchmark.report import format_table
+    from vision_ops.benchmark.runner import run_bench
+    from vision_ops.benchmark.spec import parse_bench_spec, runtime_overrides
+
+    values = {
+        key: value
+        for key, value in vars(args).items()
+        if key in ("images", "batch_size", "s3", "scale", "workdir", "out", "repeats", "seed")
+        and value is not None
+    }
+    try:
+        if args.only:
+            values["only"] = tuple(key.strip() for key in args.only.split(",") if key.strip())
+        if args.spec:
+            values["runtime"] = runtime_overrides(Path(args.spec))
+        spec = parse_bench_spec(values)
+        report = run_bench(spec)
+    except (SpecError, ModelError) as err:
+        return _fail(err, EXIT_BAD_SPEC)
+    print("\n" + format_table(report))
+    report.write_json(spec.out)
+    print(f"\nreport: {spec.out}")
+    return EXIT_OK if not report.problems else EXIT_FAILED
+
+
 def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("spec", help="job spec YAML file")
     sub.add_argument(
@@ -355,6 +384,30 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-id", help="the run to score (default: the latest committed)")
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.set_defaults(handler=evaluate)
+
+    sub = commands.add_parser(
+        "bench", help="throughput and memory: the pipeline against its ceilings and peers"
+    )
+    sub.add_argument("--images", type=int, default=64, help="photos (N) every approach classifies")
+    sub.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    sub.add_argument("--out", default="bench.json", help="the JSON report")
+    sub.add_argument(
+        "--only",
+        help="approaches to run, e.g. a,b,c: a decode ceiling, b model-only ceiling, "
+        "c pipeline, d naive Ray Data, e DataLoader, f Daft (default: all)",
+    )
+    sub.add_argument(
+        "--s3",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the pipeline from s3:// on a local SeaweedFS server",
+    )
+    sub.add_argument("--scale", type=int, default=1, help="also run the pipeline on K x N")
+    sub.add_argument("--workdir", help="photos, weights and outputs (photos are cached there)")
+    sub.add_argument("--spec", help="a job spec YAML whose `runtime:` settings the pipeline takes")
+    sub.add_argument("--repeats", type=int, default=3, help="timed passes of the model-only run")
+    sub.add_argument("--seed", type=int, default=0, help="seeds the photos and the weights")
+    sub.set_defaults(handler=bench)
 
     address_help = "the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
     sub = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")

@@ -1,0 +1,1 @@
+"""`vision-ops bench`: the pipeline against its ceilings and its peers, on the same photographs."""

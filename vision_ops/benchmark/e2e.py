@@ -1,0 +1,146 @@
+"""(c) The pipeline end to end: `run_job` on the bench's job, from local files and from S3."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vision_ops.benchmark.local_ray import local_ray
+from vision_ops.benchmark.probes import sampled_peaks
+from vision_ops.benchmark.rates import steady_rate
+from vision_ops.benchmark.report import Measurement
+from vision_ops.benchmark.workload import Workload
+from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
+from vision_ops.sink import committed_run, read_committed_file
+
+PHOTO_BUCKET, OUTPUT_BUCKET = "bench-photos", "bench-out"
+SCALING_TARGET = 1.15  # N -> scale x N images may raise the pipeline's peak RSS by < 15 %
+INCLUDES = (
+    "run_job: listing, Ray start-up, read/decode tasks, predictor actor (model load), "
+    "Parquet commit; img/s from the manifest's progress after the first batch reached the "
+    "driver, so start-up is excluded; wall includes ray.init"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a pipeline run reads and writes."""
+
+    key: str
+    approach: str
+    input_uri: str
+    output_uri: str
+    storage_options: dict[str, dict[str, Any]]
+
+
+def local_source(work: Workload, key: str = "c") -> Source:
+    output = str(work.output_dir(f"e2e-{key}"))
+    return Source(key, "vision-ops pipeline, local files", str(work.photos), output, {})
+
+
+def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str, int]]:
+    """One committed run of the bench's job; its measurement and each photo's top-1 label."""
+    run_id = f"bench-{source.key}"
+    spec = work.job(source.input_uri, source.output_uri, run_id, source.storage_options)
+    with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
+        started = time.perf_counter()
+        with local_ray(work.bench.cores):
+            from vision_ops.pipeline import run_job
+
+            summary = run_job(spec)
+            wall = time.perf_counter() - started
+    manifest = committed_run(source.output_uri, run_id, source.storage_options) or {}
+    steady = steady_rate([(float(t), int(rows)) for t, rows in manifest.get("progress", [])])
+    commit = summary.commit
+    measurement = Measurement(
+        key=source.key,
+        approach=source.approach,
+        rows=commit.ok,
+        expected_rows=work.images,
+        images_per_second=steady or summary.images_per_second,
+        steady_state=steady is not None,
+        wall_seconds=wall,
+        peaks=peaks,
+        includes=INCLUDES,
+        details={
+            "run_seconds": summary.seconds,
+            "pipeline_seconds": summary.pipeline_seconds,
+            "pipeline_images_per_second": summary.images_per_second,
+            "error_rows": commit.errors,
+            "stage_seconds": manifest.get("stage_seconds"),
+            "runtime": spec.runtime.model_dump(),
+        },
+    )
+    return measurement, committed_top1(source, run_id)
+
+
+def committed_top1(source: Source, run_id: str) -> dict[str, int]:
+    """Photo file name -> top-1 class id, from the run's committed files."""
+    manifest = committed_run(source.output_uri, run_id, source.storage_options) or {}
+    found: dict[str, int] = {}
+    for entry in manifest.get("files", []):
+        table = read_committed_file(
+            entry["uri"], source.storage_options, ["source_uri", "label_id"]
+        )
+        for uri, label in zip(
+            table["source_uri"].to_pylist(), table["label_id"].to_pylist(), strict=True
+        ):
+            if label is not None:
+                found[posixpath.basename(uri)] = int(label)
+    return found
+
+
+@contextlib.contextmanager
+def s3_source(work: Workload) -> Iterator[Source]:
+    """The photos uploaded to a SeaweedFS server started here (its memory not counted); the
+    run reads and writes s3://. The server stops when the block ends."""
+    saved = {name: os.environ.get(name) for name in LOCAL_CREDENTIALS}
+    os.environ.update(LOCAL_CREDENTIALS)  # before Ray starts: its workers inherit them
+    try:
+        with SeaweedS3(buckets=(PHOTO_BUCKET, OUTPUT_BUCKET)) as server:
+            pid = server.process.pid if server.process else None
+            work.exclude_pids.add(pid or -1)
+            options = server.storage_options()
+            upload(work, options)
+            yield Source(
+                "c-s3",
+                "vision-ops pipeline, s3:// in and out",
+                f"s3://{PHOTO_BUCKET}/photos/",
+                f"s3://{OUTPUT_BUCKET}/e2e",
+                {"s3": options},
+            )
+            work.exclude_pids.discard(pid or -1)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def upload(work: Workload, options: dict[str, Any]) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.put([str(path) for path in work.paths], f"{PHOTO_BUCKET}/photos/")
+
+
+def scaling(base: Measurement, scaled: Measurement) -> dict[str, Any]:
+    """Peak memory of the pipeline at N and at scale x N images, and their ratios."""
+    rss = [base.peaks.rss_bytes, scaled.peaks.rss_bytes]
+    pss = [base.peaks.pss_bytes, scaled.peaks.pss_bytes]
+    ratio = rss[1] / rss[0] if rss[0] else float("nan")
+    return {
+        "images": [base.rows, scaled.rows],
+        "peak_rss_bytes": rss,
+        "peak_pss_bytes": pss,
+        "rss_ratio": ratio,
+        "pss_ratio": pss[1] / pss[0] if pss[0] else float("nan"),
+        "target_ratio": SCALING_TARGET,
+        "within_target": ratio < SCALING_TARGET,
+    }

@@ -1,0 +1,172 @@
+"""Peak memory while an approach runs: RSS and PSS summed over this process tree, and Ray's
+object store, sampled by a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+SAMPLE_INTERVAL_S = 0.2
+# PSS walks each process's page tables (about 1 ms a process): sampled every 5th tick.
+PSS_EVERY = 5
+TREE_DESCRIPTION = (
+    "summed over the bench process and all its descendants (Ray's GCS, raylet, agents and "
+    "workers; DataLoader and process-pool workers), the S3 server excepted"
+)
+
+
+@dataclass
+class Peaks:
+    """The largest values seen while sampling (bytes), and how many samples were taken."""
+
+    rss_bytes: int = 0
+    pss_bytes: int = 0
+    object_store_bytes: int | None = None  # None: no Ray cluster was up while sampling
+    processes: int = 0
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class TreeMemory:
+    rss_bytes: int
+    pss_bytes: int | None
+    processes: int
+
+
+def process_tree(root: psutil.Process, exclude: frozenset[int]) -> list[psutil.Process]:
+    """`root` and its descendants, less the `exclude` pids and their descendants."""
+    found, queue = [], [root]
+    while queue:
+        process = queue.pop()
+        if process.pid in exclude:
+            continue
+        found.append(process)
+        with contextlib.suppress(psutil.Error):
+            queue.extend(process.children())
+    return found
+
+
+def tree_memory(
+    root: psutil.Process, exclude: frozenset[int] = frozenset(), with_pss: bool = True
+) -> TreeMemory:
+    """RSS (and PSS, which shares shared pages out among the processes mapping them) summed."""
+    rss, pss, count = 0, 0, 0
+    for process in process_tree(root, exclude):
+        try:
+            rss += process.memory_info().rss
+            pss += proportional_set_size(process.pid) if with_pss else 0
+        except (psutil.Error, OSError):
+            continue  # a worker that exited between the listing and the read
+        count += 1
+    return TreeMemory(rss, pss if with_pss else None, count)
+
+
+def proportional_set_size(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+        for line in rollup:
+            if line.startswith(b"Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class ObjectStoreGauge:
+    """Bytes used in the local Ray cluster's object store, read from the raylet; None while
+    no cluster is up. Connects lazily, so it follows clusters started and stopped meanwhile."""
+
+    def __init__(self) -> None:
+        self._state: Any = None
+        self._address: str | None = None
+
+    def used_bytes(self) -> int | None:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply
+
+        if not ray.is_initialized():
+            self.close()
+            return None
+        try:
+            state = self._connect(ray.get_runtime_context().gcs_address)
+            reply = get_memory_info_reply(state, timeout_seconds=2.0)
+        except Exception:  # a cluster starting or shutting down between two samples
+            self.close()
+            return None
+        return int(reply.store_stats.object_store_bytes_used)
+
+    def _connect(self, address: str) -> Any:
+        from ray._private.internal_api import get_state_from_address
+
+        if self._state is None or address != self._address:
+            self.close()
+            self._state, self._address = get_state_from_address(address), address
+        return self._state
+
+    def close(self) -> None:
+        if self._state is not None:
+            with contextlib.suppress(Exception):
+                self._state.disconnect()
+        self._state, self._address = None, None
+
+
+@dataclass
+class PeakSampler:
+    """Samples the tree's memory every `interval_s` until stopped; `peaks` holds the maxima."""
+
+    interval_s: float = SAMPLE_INTERVAL_S
+    exclude: frozenset[int] = frozenset()
+    ray_object_store: bool = True
+    peaks: Peaks = field(default_factory=Peaks)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> PeakSampler:
+        self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> Peaks:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample(with_pss=True)  # a last reading, so a short run has at least one PSS
+        return self.peaks
+
+    def _run(self) -> None:
+        gauge = ObjectStoreGauge() if self.ray_object_store else None
+        tick = 0
+        try:
+            while not self._stop.is_set():
+                self.sample(with_pss=tick % PSS_EVERY == 0, gauge=gauge)
+                tick += 1
+                self._stop.wait(self.interval_s)
+        finally:
+            if gauge is not None:
+                gauge.close()
+
+    def sample(self, with_pss: bool, gauge: ObjectStoreGauge | None = None) -> None:
+        memory = tree_memory(psutil.Process(os.getpid()), self.exclude, with_pss)
+        peaks = self.peaks
+        peaks.rss_bytes = max(peaks.rss_bytes, memory.rss_bytes)
+        peaks.pss_bytes = max(peaks.pss_bytes, memory.pss_bytes or 0)
+        peaks.processes = max(peaks.processes, memory.processes)
+        peaks.samples += 1
+        used = gauge.used_bytes() if gauge is not None else None
+        if used is not None:
+            peaks.object_store_bytes = max(peaks.object_store_bytes or 0, used)
+
+
+@contextlib.contextmanager
+def sampled_peaks(
+    interval_s: float = SAMPLE_INTERVAL_S, exclude: frozenset[int] = frozenset()
+) -> Iterator[Peaks]:
+    """Peaks of everything run inside the block (the object is filled in when it ends)."""
+    sampler = PeakSampler(interval_s, exclude).start()
+    try:
+        yield sampler.peaks
+    finally:
+        sampler.stop()

@@ -1,0 +1,36 @@
+"""Throughput arithmetic: steady-state rates from (time, rows) points, and the ceilings' limit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+# A steady state shorter than this is a burst of output, not a rate (the pipeline's progress
+# points are a second apart).
+MIN_STEADY_SECONDS = 1.0
+
+
+def steady_rate(
+    points: Sequence[tuple[float, int]], min_seconds: float = MIN_STEADY_SECONDS
+) -> float | None:
+    """Rows per second after the first output arrived: (rows after the first point) / (time from
+    the first point to the last). Points are (seconds, cumulative rows) in time order. None when
+    everything came within `min_seconds` of the first output (no steady state to measure)."""
+    if len(points) < 2:
+        return None
+    (t0, rows0), (t1, rows1) = points[0], points[-1]
+    if rows1 <= rows0 or t1 - t0 < min_seconds:
+        return None
+    return (rows1 - rows0) / (t1 - t0)
+
+
+def points_from_times(done_at: Iterable[float]) -> list[tuple[float, int]]:
+    """Per-row completion times (rows of one batch share theirs) -> cumulative (time, rows)."""
+    times, counts = np.unique(np.asarray(list(done_at), dtype=np.float64), return_counts=True)
+    return [(float(t), int(n)) for t, n in zip(times, np.cumsum(counts), strict=True)]
+
+
+def shared_core_ceiling(decode_rate: float, model_rate: float) -> float:
+    """The rate when decoding and the model take turns on the same cores: 1 / (1/a + 1/b)."""
+    return 1.0 / (1.0 / decode_rate + 1.0 / model_rate)

@@ -1,0 +1,168 @@
+"""The benchmark's results: a row per measurement, the ratios between them, a table and JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vision_ops.benchmark.probes import TREE_DESCRIPTION, Peaks
+from vision_ops.benchmark.rates import shared_core_ceiling
+
+MB = 1024**2
+CEILING = "ceiling"  # the derived shared-core ceiling, 1 / (1/a + 1/b)
+# (label, numerator key, denominator key): each printed when both figures exist.
+RATIOS = (
+    ("e2e / Daft", "c", "f"),
+    ("e2e / naive Ray Data", "c", "d"),
+    ("e2e / DataLoader", "c", "e"),
+    ("e2e / shared-core ceiling 1/(1/a+1/b)", "c", CEILING),
+    ("e2e / model-only", "c", "b"),
+    ("e2e from S3 / e2e local", "c-s3", "c"),
+)
+
+
+@dataclass
+class Measurement:
+    """One approach's figures; `images_per_second` is its steady-state rate where it has one."""
+
+    key: str
+    approach: str
+    rows: int
+    expected_rows: int
+    images_per_second: float
+    steady_state: bool
+    wall_seconds: float
+    peaks: Peaks
+    includes: str
+    top1_agreement: float | None = None  # share of images whose top-1 equals the DataLoader's
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wall_images_per_second(self) -> float:
+        return self.rows / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        found = asdict(self)
+        found["wall_images_per_second"] = self.wall_images_per_second
+        return found
+
+
+@dataclass
+class BenchReport:
+    settings: dict[str, Any]
+    measurements: list[Measurement] = field(default_factory=list)
+    scaling: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def rates(self) -> dict[str, float]:
+        """Each measurement's images/s by key, plus the shared-core ceiling where a and b ran."""
+        found = {m.key: m.images_per_second for m in self.measurements}
+        if found.get("a") and found.get("b"):
+            found[CEILING] = shared_core_ceiling(found["a"], found["b"])
+        return found
+
+    def ratios(self) -> dict[str, float]:
+        rates = self.rates()
+        return {
+            label: rates[top] / rates[bottom]
+            for label, top, bottom in RATIOS
+            if rates.get(top) and rates.get(bottom)
+        }
+
+    def unsteady_ratios(self) -> list[str]:
+        """Ratios with a figure that is not a steady-state rate (start-up weighs in it)."""
+        unsteady = {m.key for m in self.measurements if not m.steady_state}
+        ratios = self.ratios()
+        return [
+            label for label, top, bottom in RATIOS if label in ratios and ({top, bottom} & unsteady)
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        rates = self.rates()
+        return {
+            "settings": self.settings,
+            "memory_summed_over": TREE_DESCRIPTION,
+            "measurements": [m.as_json() for m in self.measurements],
+            "shared_core_ceiling_images_per_second": rates.get(CEILING),
+            "ratios": self.ratios(),
+            "ratios_not_steady_state": self.unsteady_ratios(),
+            "scaling": self.scaling,
+            "problems": self.problems,
+            "passed": not self.problems,
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_json(), indent=2, default=str) + "\n")
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / MB:.0f}"
+
+
+def _row(m: Measurement) -> str:
+    rate = f"{m.images_per_second:.1f}" + ("" if m.steady_state else "*")
+    agreement = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2f}"
+    return (
+        f"{m.key:<8}{m.approach:<38}{m.rows:>6}{rate:>9}{m.wall_images_per_second:>8.1f}"
+        f"{m.wall_seconds:>8.1f}{_mb(m.peaks.rss_bytes):>8}{_mb(m.peaks.pss_bytes):>8}"
+        f"{_mb(m.peaks.object_store_bytes):>8}{agreement:>8}"
+    )
+
+
+def format_table(report: BenchReport) -> str:
+    settings = report.settings
+    header = (
+        f"{'key':<8}{'approach':<38}{'rows':>6}{'img/s':>9}{'img/s':>8}{'wall':>8}"
+        f"{'RSS':>8}{'PSS':>8}{'objst':>8}{'top1=DL':>8}\n"
+        f"{'':<8}{'':<38}{'':>6}{'steady':>9}{'wall':>8}{'s':>8}{'MB':>8}{'MB':>8}{'MB':>8}"
+    )
+    lines = [
+        "== vision-ops bench " + "=" * 84,
+        f"{settings['model']}, {settings['images']} photos {settings['photo']}, batch "
+        f"{settings['batch_size']}, device {settings['device']}, {settings['cores']} cores",
+        header,
+        *(_row(m) for m in report.measurements),
+        "",
+        "* no steady state (the output came within a second): e2e rows / pipeline seconds, "
+        "others rows / wall seconds; a ratio marked * uses such a figure",
+        f"RSS, PSS: peaks {TREE_DESCRIPTION}; RSS every {settings['sample_interval_s']} s, PSS "
+        "every 5th sample. objst: peak Ray object store bytes in use.",
+        "steady img/s: rows after the first output batch / time from it to the last row.",
+    ]
+    lines += _ratio_lines(report) + _scaling_lines(report) + _check_lines(report)
+    return "\n".join(lines)
+
+
+def _ratio_lines(report: BenchReport) -> list[str]:
+    ceiling = report.rates().get(CEILING)
+    lines = ["", "ratios of steady img/s:"]
+    if ceiling:
+        lines.append(f"  {'shared-core ceiling 1/(1/a+1/b)':<40}{ceiling:>8.1f} img/s")
+    unsteady = report.unsteady_ratios()
+    lines += [
+        f"  {label:<40}{value:>8.2f}x{' *' if label in unsteady else ''}"
+        for label, value in report.ratios().items()
+    ]
+    return lines
+
+
+def _scaling_lines(report: BenchReport) -> list[str]:
+    if not report.scaling:
+        return []
+    s = report.scaling
+    return [
+        "",
+        f"memory scaling of the pipeline: {s['images'][0]} images peak RSS "
+        f"{s['peak_rss_bytes'][0] / MB:.0f} MB, {s['images'][1]} images "
+        f"{s['peak_rss_bytes'][1] / MB:.0f} MB: x{s['rss_ratio']:.3f} "
+        f"(PSS x{s['pss_ratio']:.3f}; target < x{s['target_ratio']})",
+    ]
+
+
+def _check_lines(report: BenchReport) -> list[str]:
+    if not report.problems:
+        return ["", "checks: every approach produced exactly its expected predictions"]
+    return ["", "CHECKS FAILED:", *(f"  {problem}" for problem in report.problems)]

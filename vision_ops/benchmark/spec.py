@@ -1,0 +1,149 @@
+"""What a benchmark run measures (BenchSpec), and the job spec the pipeline gets from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vision_ops.benchmark.weights import ARCHITECTURE, TOP_K
+from vision_ops.config import JobSpec, SpecError, parse_spec
+
+# The approaches, by the letter the command line names them with.
+APPROACHES = {
+    "a": "decode + preprocess ceiling",
+    "b": "model-only ceiling",
+    "c": "vision-ops pipeline (end to end)",
+    "d": "naive Ray Data",
+    "e": "PyTorch DataLoader",
+    "f": "Daft",
+}
+# torchvision's ImageNet preprocessing (what ResNet-18's weights declare), spelled out so every
+# approach uses the same numbers.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE, CROP = 256, 224
+
+
+def default_workdir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "vision-ops-bench"
+
+
+class BenchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: int = Field(default=64, gt=0, description="Photos every approach classifies (N).")
+    batch_size: int = Field(default=32, gt=0, description="Images per model call, everywhere.")
+    only: tuple[str, ...] = Field(
+        default=tuple(APPROACHES), description="Approaches to run, by letter (a-f)."
+    )
+    s3: bool = Field(default=True, description="Also run the pipeline from s3:// (SeaweedFS).")
+    scale: int = Field(
+        default=1,
+        ge=1,
+        description="Also run the pipeline on scale x images and compare peak RSS (1: don't).",
+    )
+    workdir: Path = Field(
+        default_factory=default_workdir, description="Photos and weights (cached), outputs."
+    )
+    out: Path = Field(default=Path("bench.json"), description="The JSON report.")
+    runtime: dict[str, Any] = Field(
+        default_factory=dict,
+        description="runtime.* settings over the bench's own (from --spec FILE), validated by "
+        "the job spec's RuntimeSpec.",
+    )
+    repeats: int = Field(default=3, gt=0, description="Timed repeats of the model-only ceiling.")
+    seed: int = Field(default=0, ge=0, description="Seeds the photos and the random weights.")
+    cores: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU cores to use."
+    )
+    sample_interval_s: float = Field(default=0.2, gt=0, description="Memory sampling period.")
+
+    @field_validator("only")
+    @classmethod
+    def _known_approaches(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [key for key in value if key not in APPROACHES]
+        if unknown or not value:
+            known = ", ".join(f"{k} ({v})" for k, v in APPROACHES.items())
+            raise ValueError(f"expected letters among {known}; found {list(value)}")
+        return tuple(key for key in APPROACHES if key in value)  # run in a fixed order
+
+
+def parse_bench_spec(values: dict[str, Any]) -> BenchSpec:
+    """A BenchSpec from plain values (the command line's); SpecError says what is wrong."""
+    try:
+        return BenchSpec.model_validate(values)
+    except ValidationError as err:
+        problems = [
+            f"  {'.'.join(str(p) for p in e['loc']) or '(bench)'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        ]
+        raise SpecError("invalid bench settings:\n" + "\n".join(problems)) from None
+
+
+def runtime_overrides(path: Path) -> dict[str, Any]:
+    """The `runtime:` mapping of a job spec file (the bench sets input, model and output)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"--spec {path}: cannot read: {err}") from None
+    runtime = raw.get("runtime") if isinstance(raw, dict) else None
+    if not isinstance(runtime, dict):
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise SpecError(f"--spec {path}: expected a `runtime:` mapping, found {found}")
+    return runtime
+
+
+def default_runtime(bench: BenchSpec, gpus: float) -> dict[str, Any]:
+    """One predictor actor; on a GPU it has the device and every other core decodes, on the
+    CPU it has half the cores and decoding the rest (reserved, so read tasks always run)."""
+    actor_cpus = 1 if gpus >= 1 else max(1, bench.cores // 2)
+    return {
+        "batch_size": bench.batch_size,
+        "min_actors": 1,
+        "max_actors": 1,
+        "num_cpus_per_actor": actor_cpus,
+        "reserved_cpus": max(1, bench.cores - actor_cpus),
+    }
+
+
+def job_spec(
+    bench: BenchSpec,
+    *,
+    input_uri: str,
+    output_uri: str,
+    weights: Path,
+    run_id: str,
+    gpus: float,
+    storage_options: dict[str, dict[str, Any]] | None = None,
+) -> JobSpec:
+    """The job every pipeline run of the bench executes: ResNet-18 top-5 at 224 px."""
+    runtime = default_runtime(bench, gpus) | bench.runtime
+    return parse_spec(
+        {
+            "input": {"uris": [input_uri], "extensions": [".jpg"]},
+            "task": {"kind": "classification", "top_k": TOP_K},
+            "model": {
+                "kind": "torchvision",
+                "architecture": ARCHITECTURE,
+                "weights": str(weights),
+                "name": f"{ARCHITECTURE}-random-seed{bench.seed}",
+                "preprocessing": {
+                    "resize": RESIZE,
+                    "crop": CROP,
+                    "mean": list(IMAGENET_MEAN),
+                    "std": list(IMAGENET_STD),
+                    "interpolation": "bilinear",
+                },
+            },
+            "runtime": runtime,
+            "output": {"uri": output_uri},
+            "run": {"id": run_id, "date": "2026-01-01"},
+            "storage_options": storage_options or {},
+        }
+    )
