@@ -1,0 +1,246 @@
+"""`vision-ops bench`: deterministic photos, memory probes that see a child's allocation, the
+rate arithmetic, and a tiny run of every approach whose JSON holds what the table printed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos, photo_set
+from vision_ops.benchmark.probes import Peaks, sampled_peaks, tree_memory
+from vision_ops.benchmark.rates import points_from_times, shared_core_ceiling, steady_rate
+from vision_ops.benchmark.report import CEILING, RATIOS, BenchReport, Measurement
+from vision_ops.benchmark.spec import job_spec, parse_bench_spec, runtime_overrides
+from vision_ops.config import SpecError
+
+MB = 1024**2
+TINY = 6  # photos in the end-to-end run of the command
+
+
+def quantization_at(quality: int) -> dict[int, list[int]]:
+    """Pillow's JPEG quantization tables at `quality` (what a photo saved at it carries)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="JPEG", quality=quality)
+    with Image.open(buffer) as image:
+        return {k: list(v) for k, v in image.quantization.items()}
+
+
+def test_photos_are_deterministic_500x375_quality_90_jpegs(tmp_path: Path) -> None:
+    first = ensure_photos(tmp_path / "one", 4, seed=0)
+    again = ensure_photos(tmp_path / "two", 4, seed=0)
+    other = ensure_photos(tmp_path / "three", 4, seed=1)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
+    assert len({p.read_bytes() for p in first}) == 4  # four different crops
+    for path in first:
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", PHOTO_SIZE)
+            assert {k: list(v) for k, v in image.quantization.items()} == quantization_at(
+                JPEG_QUALITY
+            )
+            pixels = image.convert("L").getextrema()
+        assert pixels[1] - pixels[0] > 100  # a photograph, not a flat fill
+
+
+def test_photo_sets_are_cached_and_hold_exactly_n(tmp_path: Path) -> None:
+    folder = photo_set(tmp_path, 5, seed=0)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert sorted(stamps) == [f"photo-{i:06d}.jpg" for i in range(5)]
+    assert photo_set(tmp_path, 5, seed=0) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not rewritten
+    bigger = photo_set(tmp_path, 7, seed=0)
+    assert len(list(bigger.glob("*.jpg"))) == 7
+    assert (bigger / "photo-000004.jpg").read_bytes() == (folder / "photo-000004.jpg").read_bytes()
+
+
+ALLOCATE = "import time; block = b'x' * ({size}); print('ready', flush=True); time.sleep({hold})"
+
+
+def test_probes_see_a_child_process_allocation() -> None:
+    import psutil
+
+    size = 200 * MB
+    before = tree_memory(psutil.Process(os.getpid()))
+    with sampled_peaks(interval_s=0.05) as peaks:
+        child = subprocess.run(
+            [sys.executable, "-c", ALLOCATE.format(size=size, hold=1.0)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert child.stdout.strip() == "ready"
+    assert peaks.processes >= 2
+    assert peaks.rss_bytes >= before.rss_bytes + size
+    assert peaks.pss_bytes >= size  # PSS is sampled every 5th tick: 0.25 s here
+    assert peaks.object_store_bytes is None  # no Ray cluster was up
+    assert peaks.samples >= 10
+
+
+def test_probes_leave_out_excluded_processes() -> None:
+    child = subprocess.Popen([sys.executable, "-c", ALLOCATE.format(size=100 * MB, hold=3.0)])
+    try:
+        time.sleep(1.0)
+        with sampled_peaks(interval_s=0.05, exclude=frozenset({child.pid})) as peaks:
+            time.sleep(0.3)
+        with sampled_peaks(interval_s=0.05) as counted:
+            time.sleep(0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert counted.rss_bytes - peaks.rss_bytes >= 100 * MB
+    assert counted.processes == peaks.processes + 1
+
+
+def test_steady_rate_excludes_start_up() -> None:
+    # first batch of 4 at 10 s (after start-up), then 16 more by 12 s: 8 rows/s
+    assert steady_rate([(10.0, 4), (11.0, 12), (12.0, 20)]) == pytest.approx(8.0)
+    assert steady_rate([(10.0, 20)]) is None  # one piece: no steady state
+    assert steady_rate([(10.0, 4), (10.2, 20)]) is None  # a burst, not a rate
+    points = points_from_times([5.0, 5.0, 7.0, 6.0, 6.0, 7.0])
+    assert points == [(5.0, 2), (6.0, 4), (7.0, 6)]
+    assert shared_core_ceiling(300.0, 60.0) == pytest.approx(50.0)
+
+
+def measurement(key: str, rate: float, steady: bool = True) -> Measurement:
+    return Measurement(key, key, 8, 8, rate, steady, 2.0, Peaks(rss_bytes=MB), "")
+
+
+def test_report_ratios_follow_the_rates() -> None:
+    report = BenchReport({})
+    report.measurements = [
+        measurement("a", 300.0),
+        measurement("b", 60.0),
+        measurement("c", 40.0),
+        measurement("d", 20.0),
+        measurement("e", 50.0, steady=False),
+    ]
+    ratios = report.ratios()
+    assert report.rates()[CEILING] == pytest.approx(50.0)
+    assert ratios == {
+        "e2e / naive Ray Data": pytest.approx(2.0),
+        "e2e / DataLoader": pytest.approx(0.8),
+        "e2e / shared-core ceiling 1/(1/a+1/b)": pytest.approx(0.8),
+        "e2e / model-only": pytest.approx(40 / 60),
+    }
+    assert report.unsteady_ratios() == ["e2e / DataLoader"]
+    assert report.measurements[0].wall_images_per_second == pytest.approx(4.0)
+
+
+def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None:
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text("input: {uris: [x]}\nruntime:\n  batch_size: 8\n  read_batch_size: 4\n")
+    bench = parse_bench_spec({"images": 4, "runtime": runtime_overrides(spec_file)})
+    job = job_spec(
+        bench,
+        input_uri="/photos",
+        output_uri="/out",
+        weights=Path("/w.pt"),
+        run_id="bench",
+        gpus=0,
+    )
+    assert (job.runtime.batch_size, job.runtime.read_batch_size) == (8, 4)
+    assert (job.runtime.min_actors, job.runtime.max_actors) == (1, 1)
+    assert job.runtime.num_cpus_per_actor + job.runtime.reserved_cpus == max(2, bench.cores)
+    bad = parse_bench_spec({"runtime": {"batch_sise": 8}})
+    with pytest.raises(SpecError, match="batch_sise"):
+        job_spec(bad, input_uri="/p", output_uri="/o", weights=Path("/w"), run_id="r", gpus=0)
+    with pytest.raises(SpecError, match="expected letters among a"):
+        parse_bench_spec({"only": ("a", "z")})
+    (tmp_path / "flat.yaml").write_text("batch_size: 8\n")
+    with pytest.raises(SpecError, match="expected a `runtime:` mapping"):
+        runtime_overrides(tmp_path / "flat.yaml")
+
+
+def test_s3_source_serves_the_photos_and_its_server_is_not_counted(tmp_path: Path) -> None:
+    import s3fs
+
+    from vision_ops.benchmark.e2e import s3_source
+    from vision_ops.benchmark.workload import prepare
+
+    work = prepare(parse_bench_spec({"images": 3, "workdir": tmp_path}))
+    with s3_source(work) as source:
+        (server_pid,) = work.exclude_pids
+        options = source.storage_options["s3"]
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        listed = sorted(p.rsplit("/", 1)[1] for p in fs.ls(source.input_uri.removeprefix("s3://")))
+        served = fs.cat_file(source.input_uri.removeprefix("s3://") + "photo-000001.jpg")
+        assert os.environ["AWS_ACCESS_KEY_ID"] == "vision-ops-local"  # for Ray's workers
+    assert listed == [p.name for p in work.paths]
+    assert served == work.paths[1].read_bytes()
+    assert source.output_uri.startswith("s3://")
+    assert work.exclude_pids == set() and server_pid > 0
+
+
+def test_scaling_compares_peak_memory_at_n_and_k_n() -> None:
+    from vision_ops.benchmark.e2e import scaling
+
+    base, scaled = measurement("c", 10.0), measurement("c-scale", 10.0)
+    base.peaks, scaled.peaks = Peaks(1000 * MB, 800 * MB), Peaks(1100 * MB, 820 * MB)
+    scaled.rows = 32
+    found = scaling(base, scaled)
+    assert found["images"] == [8, 32]
+    assert found["rss_ratio"] == pytest.approx(1.1) and found["within_target"]
+    assert found["pss_ratio"] == pytest.approx(1.025)
+    scaled.peaks = Peaks(1200 * MB, 900 * MB)
+    assert not scaling(base, scaled)["within_target"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """`vision-ops bench` on 6 photos, every approach, in its own process (the S3 run is left
+    out to keep this file within 90 s on 2 cores; the S3 source is tested apart)."""
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "bench.json"
+    command = [sys.executable, "-m", "vision_ops.cli", "bench", "--images", str(TINY)]
+    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f", "--no-s3", "--repeats", "1"]
+    command += ["--workdir", str(folder / "work"), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
+    report, _ = tiny_bench
+    found = {m["key"]: m for m in report["measurements"]}
+    assert list(found) == ["a", "b", "c", "d", "e", "f"]
+    for m in found.values():
+        assert m["rows"] == m["expected_rows"] == TINY, m["key"]
+        assert m["images_per_second"] > 0 and m["wall_seconds"] > 0, m["key"]
+        assert m["wall_images_per_second"] == pytest.approx(TINY / m["wall_seconds"])
+        assert m["peaks"]["rss_bytes"] >= m["peaks"]["pss_bytes"] > 50 * MB, m["key"]
+    for key in ("c", "d"):  # Ray's object store held the batches
+        assert found[key]["peaks"]["object_store_bytes"] > 0
+        assert found[key]["peaks"]["processes"] >= 5  # GCS, raylet, workers
+    for key in ("a", "b", "e", "f"):
+        assert found[key]["peaks"]["object_store_bytes"] is None
+    assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers
+    assert found["e"]["top1_agreement"] == 1.0  # the reference itself
+    assert found["c"]["top1_agreement"] >= (TINY - 1) / TINY  # same pixels, same model
+    for key in ("d", "f"):
+        assert 0.0 <= found[key]["top1_agreement"] <= 1.0
+    assert found["c"]["details"]["error_rows"] == 0
+    assert report["passed"] and report["problems"] == []
+
+
+def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
+    report, printed = tiny_bench
+    rates = {m["key"]: m["images_per_second"] for m in report["measurements"]}
+    ceiling = 1 / (1 / rates["a"] + 1 / rates["b"])
+    assert report["shared_core_ceiling_images_per_second"] == pytest.approx(ceiling)
+    rates[CEILING] = ceiling
+    expected = {label: rates[top] / rates[bottom] for label, top, bottom in RATIOS if top in rates}
+    assert report["ratios"] == pytest.approx(expected)
+    assert len(report["ratios"]) == len(RATIOS) - 1  # all but S3 / local
+    for label, value in report["ratios"].items():
+        assert f"{label:<40}{value:>8.2f}x" in printed
+    for m in report["measurements"]:
+        assert f"{m['rows']:>6}" in printed and m["approach"] in printed
