@@ -1,6 +1,8 @@
-"""The same job written the usual way in other tools: (d) naive Ray Data, (e) a PyTorch
-DataLoader loop, (f) Daft. Each writes path + top-5 to Parquet with the time each batch left
-the model, from which its steady-state rate is measured."""
+"""Peers: the same job written the usual way in naive Ray Data (d), PyTorch (e) and Daft (f).
+
+Each writes path + top-5 to Parquet with the time each batch left the model, from which its
+steady-state rate is measured.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Peak memory while an approach runs: RSS and PSS summed over this process tree, and Ray's
-object store, sampled by a background thread."""
+"""Peak memory while an approach runs: the process tree's RSS and PSS, and Ray's object store.
+
+A background thread samples them; RSS is summed over this process and every descendant.
+"""
 
 from __future__ import annotations
 
