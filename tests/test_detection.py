@@ -145,7 +145,7 @@ def job_spec(folder: Path, output: Path, model: dict, settings: DetectionTask) -
             "input": {"uris": [str(folder)]},
             "task": settings.model_dump(),
             "model": model,
-            "runtime": {"batch_size": 8, "max_actors": 1},
+            "runtime": {"batch_size": 8, "max_actors": 1, "intra_op_threads": 1},
             "output": {"uri": str(output)},
             "run": {"id": "det", "date": "2026-11-24"},
         }
@@ -154,7 +154,7 @@ def job_spec(folder: Path, output: Path, model: dict, settings: DetectionTask) -
 
 @pytest.mark.parametrize("architecture", torchvision_architectures("detection"))
 def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> None:
-    torch.set_num_threads(1)  # the actor's thread count: the same kernels, the same sums
+    torch.set_num_threads(1)  # the actor's (runtime.intra_op_threads): the same kernels and sums
     folder = tmp_path / "images"
     folder.mkdir()
     decoded = write_images(folder)

@@ -290,7 +290,7 @@ def test_a_stalled_run_fails_naming_the_stuck_stage(tmp_path) -> None:
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
     assert done.returncode == EXIT_FAILED, done.stderr[-2000:]
-    assert "made no progress" in done.stderr and "MapBatches(Classifier)" in done.stderr
+    assert "made no progress" in done.stderr and "MapBatches(PredictRows)" in done.stderr
     assert committed_runs(str(tmp_path / "table")) == []
 
 

@@ -44,7 +44,7 @@ def spec_for(inputs: str, output: Path, architecture: str, weights: Path, **extr
                 "labels": str(output.parent / "labels.txt"),
                 "preprocessing": PREP,
             },
-            "runtime": {"batch_size": 4, "max_actors": 1},
+            "runtime": {"batch_size": 4, "max_actors": 1, "intra_op_threads": 1},
             "output": {"uri": str(output)},
             "run": {"id": "seg", "date": "2026-11-24"},
         }
@@ -54,7 +54,7 @@ def spec_for(inputs: str, output: Path, architecture: str, weights: Path, **extr
 
 @pytest.mark.parametrize("architecture", torchvision_architectures("segmentation"))
 def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> None:
-    torch.set_num_threads(1)  # the actor's thread count: the same kernels, the same sums
+    torch.set_num_threads(1)  # the actor's (runtime.intra_op_threads): the same kernels and sums
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(5)

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,33 +292,50 @@ def build_dataset(
         # fuse stages whose resources differ, so the actor pool spends its time on the model.
         memory=READ_TASK_MEMORY_BYTES,
     )
-    predictions = units.map_batches(
-        PREDICTORS.get(spec.task.kind),
-        fn_constructor_kwargs={"spec": spec, "threads": plan.threads},
-        compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-        batch_size=spec.runtime.batch_size,
-        batch_format="numpy",
-    )
-    if isinstance(spec.task, SegmentationTask) and spec.task.masks:
-        run_date = spec.resolved_run()[1]
-        stage_masks = functools.partial(
-            write_masks,
-            root_uri=spec.output.uri,
-            run_id=run_id,
-            run_date=run_date,
-            storage_options=spec.storage_options,
-        )
-        predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)
     to_rows = functools.partial(
         TABLE_BUILDERS.get(spec.task.kind),
         run_id=run_id,
         labels=resolve_labels(spec.model, spec.storage_options),
         schema=schema,
     )
-    return predictions.map_batches(
-        to_rows,
+    masks = isinstance(spec.task, SegmentationTask) and spec.task.masks
+    predictions = units.map_batches(
+        PredictRows,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "threads": plan.threads,
+            "to_rows": None if masks else to_rows,
+        },
+        compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        batch_size=spec.runtime.batch_size,
         batch_format="numpy",
-        batch_size=None,
     )
+    if not masks:
+        return predictions
+    stage_masks = functools.partial(
+        write_masks,
+        root_uri=spec.output.uri,
+        run_id=run_id,
+        run_date=spec.resolved_run()[1],
+        storage_options=spec.storage_options,
+    )
+    predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)
+    return predictions.map_batches(to_rows, batch_format="numpy", batch_size=None)
+
+
+class PredictRows:
+    """One actor call from a read batch to its rows: the task's predictor, then the table builder
+    unless a later stage (segmentation masks) needs the raw predictions. Rows leave the actor as
+    Arrow, and no CPU task waits beside the read tasks for a core to build them."""
+
+    def __init__(
+        self, spec: JobSpec, threads: int | None, to_rows: Callable[..., pa.Table] | None
+    ) -> None:
+        self.predict = PREDICTORS.get(spec.task.kind)(spec, threads)
+        self.to_rows = to_rows
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table | dict[str, Any]:
+        predictions = self.predict(batch)
+        return self.to_rows(predictions) if self.to_rows else predictions
