@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
+from vision_ops.config import DetectionTask, InputSpec, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
 from vision_ops.lock import RunLock
 from vision_ops.masks import write_masks
@@ -29,10 +29,30 @@ from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import TABLE_BUILDERS, output_schema
 from vision_ops.sink import CommitResult, ParquetSink, committed_runs, read_committed_file
-from vision_ops.sources import list_inputs
-from vision_ops.storage import StorageOptions, require_bucket
+from vision_ops.sources import (
+    LISTING_BLOCK_ROWS,
+    LISTING_SCHEMA,
+    InputPlan,
+    ManifestRead,
+    SourceError,
+    nothing_found,
+    plan_inputs,
+)
+from vision_ops.storage import StorageOptions, arrow_filesystem, require_bucket
+from vision_ops.tally import (
+    ExpectedUnits,
+    ListedUnits,
+    ListingSummary,
+    RepeatFinder,
+    Tally,
+    rows_in_buckets,
+    rows_with_hashes,
+    rows_without,
+    summarise_block,
+)
 
 log = logging.getLogger(__name__)
+MAX_REPEATED_URIS = 100_000  # URIs named more than once that a run sets right (else refuses)
 # Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
 READ_TASK_MEMORY_BYTES = 512 * 1024**2
 
@@ -133,31 +153,169 @@ def run_job(spec: JobSpec) -> RunSummary:
     started = time.perf_counter()
     run_id = spec.resolved_run()[0]
     check_job(spec)
-    listing = list_inputs(spec.input, spec.storage_options)
+    inputs = plan_inputs(spec.input, spec.storage_options)
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
+    listing = list_listing(spec.input, inputs, spec.storage_options)
     lease = spec.run.lock_lease_s
     require_bucket(spec.output.uri, spec.storage_options)
     with RunLock(spec.output.uri, run_id, lease, spec.storage_options) as lock:
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
-        log.info("run %s: %d inputs, predictor pool %s", run_id, listing.num_rows, plan)
+        log.info("run %s: %d inputs, predictor pool %s", run_id, listing.count, plan)
         commit, pipeline_seconds = _process_and_commit(spec, listing, plan, lock)
     seconds = time.perf_counter() - started
-    return RunSummary(run_id, listing.num_rows, seconds, pipeline_seconds, commit)
+    return RunSummary(run_id, listing.count, seconds, pipeline_seconds, commit)
+
+
+# --- the listing, held by Ray ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A run's inputs as a dataset materialized in Ray's object store (each URI once; the
+    driver holds block references, not rows) and the summary of one pass over it. As the
+    commit's ExpectedUnits: one unit per source."""
+
+    dataset: ray.data.Dataset
+    summary: ListingSummary
+
+    @property
+    def count(self) -> int:
+        return self.summary.count
+
+    def tally(self) -> Tally:
+        return self.summary.tally
+
+    def in_buckets(self, buckets: Collection[int]) -> list[str]:
+        select = functools.partial(rows_in_buckets, buckets=frozenset(buckets))
+        found = self.dataset.map_batches(select, **_BLOCKWISE)
+        return [uri for table in _tables(found) for uri in table["source_uri"].to_pylist()]
+
+    def table(self) -> pa.Table:
+        """The whole listing here, sorted by URI (for work that keeps it on the driver)."""
+        refs = self.dataset.to_arrow_refs()
+        return pa.concat_tables([LISTING_SCHEMA.empty_table(), *ray.get(refs)]).sort_by(
+            "source_uri"
+        )
+
+
+_BLOCKWISE: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": LISTING_BLOCK_ROWS}
+
+
+def list_listing(spec: InputSpec, inputs: InputPlan, options: StorageOptions) -> Listing:
+    """The planned inputs into the object store: the driver's table, s3:// listings a page
+    at a time (blocks put as they come), a manifest read by Ray Data where it lies; a URI
+    that more than one of them names (or a manifest twice) is kept once, the first part's."""
+    parts = _listing_parts(inputs, options)
+    dataset = _union(parts)
+    summary = summarise(dataset, find_repeats=inputs.parts > 1 or inputs.manifest is not None)
+    repeated = summary.repeats.repeated() if summary.repeats is not None else set()
+    if repeated:
+        dataset = _keep_first(parts, repeated)
+        summary = summarise(dataset, find_repeats=False)
+    if summary.count == 0:
+        raise nothing_found(spec)
+    return Listing(dataset, summary)
+
+
+def summarise(dataset: ray.data.Dataset, find_repeats: bool) -> ListingSummary:
+    """One pass over the listing (in Ray tasks), added up here in fixed memory: the count,
+    the expected units' tally, the input snapshot digest and (where asked) repeated URIs."""
+    summary = ListingSummary(repeats=RepeatFinder() if find_repeats else None)
+    for table in _tables(dataset.map_batches(summarise_block, **_BLOCKWISE)):
+        summary.add(table)
+    return summary
+
+
+def _listing_parts(inputs: InputPlan, options: StorageOptions) -> list[ray.data.Dataset]:
+    parts: list[ray.data.Dataset] = []
+    if inputs.table.num_rows:
+        parts.append(ray.data.from_arrow(inputs.table))
+    for listing in inputs.listings:
+        refs = [ray.put(block) for block in listing.blocks()]
+        if refs:
+            parts.append(ray.data.from_arrow_refs(refs))  # type: ignore[arg-type]
+    if inputs.manifest is not None:
+        parts.append(_manifest_dataset(inputs.manifest, options))
+    return parts
+
+
+def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.data.Dataset:
+    """The manifest read by Ray Data's reader for its format, as listing rows, materialized
+    (an unreadable entry fails here, before any work)."""
+    fs, path = arrow_filesystem(manifest.uri, options)
+    where: dict[str, Any] = {"filesystem": fs, "file_extensions": None}
+    if manifest.format == "parquet":
+        rows = ray.data.read_parquet(
+            path, columns=list(manifest.columns), partitioning=None, **where
+        )
+    elif manifest.format == "csv":
+        no_hive: Any = None  # Ray's default would read key=value folders as columns
+        rows = ray.data.read_csv(path, partitioning=no_hive, **where, **manifest.csv_arguments())
+    else:
+        rows = ray.data.read_text(path, **where)
+    try:
+        return rows.map_batches(manifest.normalise, **_BLOCKWISE).materialize()
+    except Exception as err:
+        raise _source_error(manifest.uri, err) from None
+
+
+def _source_error(uri: str, err: BaseException) -> SourceError:
+    """The SourceError a Ray task raised, else one naming the manifest and the root cause."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, SourceError):
+            return SourceError(str(cause.args[0]) if cause.args else str(cause))
+        err, cause = cause, cause.__cause__ or getattr(cause, "cause", None)
+    return SourceError(f"manifest {uri}: cannot read: {type(err).__name__}: {err}")
+
+
+def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
+    if not parts:
+        return ray.data.from_arrow(LISTING_SCHEMA.empty_table())
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]).materialize()
+
+
+def _keep_first(parts: list[ray.data.Dataset], repeated: set[int]) -> ray.data.Dataset:
+    """The listing with each repeated URI once: the row of the first part naming it."""
+    first: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        select = functools.partial(rows_with_hashes, hashes=repeated)
+        found = part.map_batches(select, **_BLOCKWISE)
+        for table in _tables(found):
+            for row in table.to_pylist():
+                first.setdefault(row["source_uri"], row)
+    if len(first) > MAX_REPEATED_URIS:
+        raise SourceError(
+            f"{len(first)} inputs are named more than once (by a manifest twice, or by more "
+            f"than one of uris and manifest); expected at most {MAX_REPEATED_URIS}: "
+            "deduplicate the manifest"
+        )
+    log.info("%d inputs named more than once are kept once", len(first))
+    uris = frozenset(first)
+    drop = functools.partial(rows_without, uris=uris)
+    kept = [part.map_batches(drop, **_BLOCKWISE) for part in parts]
+    once = pa.Table.from_pylist([first[uri] for uri in sorted(first)], schema=LISTING_SCHEMA)
+    return _union([*kept, ray.data.from_arrow(once)]).materialize()
+
+
+def _tables(dataset: ray.data.Dataset) -> Any:
+    return dataset.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def _process_and_commit(
-    spec: JobSpec, listing: pa.Table, plan: PoolPlan, lock: RunLock
+    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunLock
 ) -> tuple[CommitResult, float]:
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
+    expected: ExpectedUnits = ListedUnits(listed_units(tiles.units)) if tiles else listing
     sink = ParquetSink(
         spec.output.uri, run_id, run_date, schema, spec.output.rows_per_file, spec.storage_options
     )
     merger = scene_merger(spec, tiles)
     stats = RunStats()
-    if units.num_rows:
+    if (tiles.units.num_rows if tiles else listing.count) > 0:
         dataset = build_dataset(spec, units, plan, run_id, schema)
         dataset.context.execution_no_progress_timeout_s = spec.runtime.stall_timeout_s
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -168,12 +326,15 @@ def _process_and_commit(
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
     details = stats.as_manifest(pipeline_seconds) | identity_digests(spec, listing)
-    return sink.commit(listed_units(units), details), pipeline_seconds
+    return sink.commit(expected, details), pipeline_seconds
 
 
-def plan_units(spec: JobSpec, listing: pa.Table) -> tuple[pa.Table, pa.Schema, TilePlan | None]:
-    """The units to process (the listing, or its scenes' tiles), the table's schema, and the
-    tile plan where there is one."""
+def plan_units(
+    spec: JobSpec, listing: Listing
+) -> tuple[ray.data.Dataset | pa.Table, pa.Schema, TilePlan | None]:
+    """The units to process (the listing's dataset, or its scenes' tiles: planned here, on the
+    driver, from the whole listing), the table's schema, and the tile plan where there is one.
+    """
     schema = output_schema(
         spec.task.kind,
         dicom=spec.input.dicom is not None,
@@ -183,9 +344,9 @@ def plan_units(spec: JobSpec, listing: pa.Table) -> tuple[pa.Table, pa.Schema, T
         else None,
     )
     if spec.input.tiling is None:
-        return listing, schema, None
-    tiles = plan_tiles(listing, spec.input.tiling, spec.storage_options)
-    log.info("%d scenes cut into %d tiles", listing.num_rows, tiles.units.num_rows)
+        return listing.dataset, schema, None
+    tiles = plan_tiles(listing.table(), spec.input.tiling, spec.storage_options)
+    log.info("%d scenes cut into %d tiles", listing.count, tiles.units.num_rows)
     metadata = (schema.metadata or {}) | tiles.parquet_metadata()
     return tiles.units, schema.with_metadata(metadata), tiles
 
@@ -206,17 +367,28 @@ def listed_units(units: pa.Table) -> list[tuple[str, tuple[int, int] | None]]:
     return [(uri, None if x is None else (x, y)) for uri, x, y in zip(uris, xs, ys, strict=True)]
 
 
-def skip_committed(spec: JobSpec, listing: pa.Table, run_id: str) -> pa.Table:
+def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     """The listing less sources another run committed with this model and this input version
-    (a committed run holds every unit of each source it read: all frames of an instance)."""
+    (a committed run holds every unit of each source it read: all frames of an instance).
+    The committed versions are gathered on the driver; the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
     done: set[tuple[str, str]] = set()
     for run in committed_runs(spec.output.uri, spec.storage_options):
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
             done |= committed_versions(run, spec.storage_options)
-    keep = [(row["source_uri"], version_key(row)) not in done for row in listing.to_pylist()]
-    log.info("incremental: %d of %d inputs already committed", keep.count(False), len(keep))
-    return listing.filter(pa.array(keep, pa.bool_()))
+    kept = listing.dataset.map_batches(functools.partial(not_done, done=done), **_BLOCKWISE)
+    left = Listing(kept.materialize(), ListingSummary())
+    left = Listing(left.dataset, summarise(left.dataset, find_repeats=False))
+    log.info(
+        "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
+    )
+    return left
+
+
+def not_done(block: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
+    """The rows of a listing block whose (URI, version) is not in `done`."""
+    keep = [(row["source_uri"], version_key(row)) not in done for row in block.to_pylist()]
+    return block.filter(pa.array(keep, pa.bool_()))
 
 
 def committed_versions(run: dict[str, Any], options: StorageOptions) -> set[tuple[str, str]]:
@@ -237,14 +409,13 @@ def version_key(row: dict[str, Any]) -> str:
     return f"size:{row.get('source_size')}|mtime:{stamp}"
 
 
-def identity_digests(spec: JobSpec, listing: pa.Table) -> dict[str, str]:
-    """What the run read and with what: the input snapshot, the spec and the model."""
-    snapshot = hashlib.sha256()
-    for row in listing.to_pylist():
-        version = (row["source_etag"], row["source_size"], row["source_mtime"])
-        snapshot.update(f"{row['source_uri']}|{version}\n".encode())
+def identity_digests(spec: JobSpec, listing: Listing) -> dict[str, str]:
+    """What the run read and with what: the input snapshot, the spec and the model. The
+    snapshot digest was summed as the listing streamed through Ray tasks (each source's URI
+    and version, SHA-256 each, added modulo 2**256, then hashed with the count): the same
+    inputs give the same digest whatever their order or blocks."""
     return {
-        "input_snapshot_digest": snapshot.hexdigest(),
+        "input_snapshot_digest": listing.summary.snapshot.hexdigest(),
         "spec_digest": spec.fingerprint(),
         "model_fingerprint": model_fingerprint(spec),
     }
@@ -265,14 +436,25 @@ def model_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def unit_blocks(units: ray.data.Dataset | pa.Table, rows: int) -> ray.data.Dataset:
+    """The units in blocks of `rows` rows, one read task each: a table (tiles) sliced here, a
+    dataset (the listing) split as it streams, never gathered."""
+    if isinstance(units, pa.Table):
+        return ray.data.from_arrow([units.slice(i, rows) for i in range(0, units.num_rows, rows)])
+    return units.repartition(target_num_rows_per_block=rows)
+
+
 def build_dataset(
-    spec: JobSpec, listing: pa.Table, plan: PoolPlan, run_id: str, schema: pa.Schema
+    spec: JobSpec,
+    listing: ray.data.Dataset | pa.Table,
+    plan: PoolPlan,
+    run_id: str,
+    schema: pa.Schema,
 ) -> ray.data.Dataset:
     # One read task per read batch: its images reach the model as soon as they are decoded
     # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
     # tasks to keep every free core decoding.
-    step = spec.runtime.read_batch_size
-    blocks = [listing.slice(i, step) for i in range(0, listing.num_rows, step)]
+    blocks = unit_blocks(listing, spec.runtime.read_batch_size)
     reader = functools.partial(
         read_units,
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
@@ -282,7 +464,7 @@ def build_dataset(
         tiling=spec.input.tiling,
         decode_on_device=spec.runtime.decode == "device",
     )
-    units = ray.data.from_arrow(blocks).map_batches(
+    units = blocks.map_batches(
         reader,
         batch_size=spec.runtime.read_batch_size,
         batch_format="numpy",

@@ -7,7 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +24,19 @@ from vision_ops.storage import (
     make_folder,
     writing_to,
 )
+from vision_ops.tally import (
+    ExpectedUnits,
+    Listed,
+    MultisetDigest,
+    Tally,
+    bucket_of,
+    expected_from,
+    row_tallies,
+)
 
 log = logging.getLogger(__name__)
+MAX_RESCAN_BUCKETS = 16  # a refused commit names examples from at most this many buckets
+UNITS_DIGEST_METHOD = "sha256-sum"  # how `units_digest` is computed (absent: sorted ids)
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
 SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
 
@@ -35,11 +46,16 @@ class CommitRefused(RuntimeError):
 
 
 def units_digest(item_ids: list[str]) -> str:
-    """One hash of a run's unit ids, whatever their order."""
+    """One hash of a run's unit ids, whatever their order (sorted: manifests before
+    `units_digest_method`)."""
     return hashlib.sha256("\n".join(sorted(item_ids)).encode()).hexdigest()
 
 
-Listed = Iterable[str | tuple[str, tuple[int, int] | None]]  # a source, or (source, tile)
+def units_sum_digest(item_ids: Iterable[str]) -> str:
+    """One hash of a run's unit ids, whatever their order, computed as they stream by."""
+    digest = MultisetDigest()
+    digest.update(item_ids)
+    return digest.hexdigest()
 
 
 def expected_units(listed: Listed, frame_counts: Mapping[str, int]) -> set[str]:
@@ -57,6 +73,22 @@ def expected_units(listed: Listed, frame_counts: Mapping[str, int]) -> set[str]:
         else:
             expected.update(item_id(uri, frame) for frame in range(count))
     return expected
+
+
+def check_units(listed: Listed, written: Iterable[tuple[str, str, int | None]]) -> None:
+    """The exact check, in memory, of `written` rows (item id, source, frame count) against
+    the `listed` units: no frame count disputed, then each unit once."""
+    frame_counts: dict[str, int] = {}
+    conflicts: set[str] = set()
+    ids = []
+    for unit, uri, count in written:
+        ids.append(unit)
+        if count is not None and frame_counts.setdefault(uri, count) != count:
+            conflicts.add(uri)
+    if conflicts:
+        some = sorted(conflicts)[:3]
+        raise CommitRefused(f"refusing to commit: rows disagree on the frame count of {some}")
+    check_exactly_once(expected_units(listed, frame_counts), ids)
 
 
 def check_exactly_once(expected: set[str], written: list[str]) -> None:
@@ -129,9 +161,9 @@ class ParquetSink:
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _staged: list[tuple[str, int]] = field(default_factory=list)
-    _item_ids: list[str] = field(default_factory=list)
-    _frame_counts: dict[str, int] = field(default_factory=dict)
-    _frame_conflicts: set[str] = field(default_factory=set)
+    _written: Tally = field(default_factory=Tally)  # the rows' unit tokens
+    _frames: Tally = field(default_factory=Tally)  # what the rows' frames add to the expected
+    _ids_digest: MultisetDigest = field(default_factory=MultisetDigest)
     _masks_expected: int = 0
     rows: int = 0
     ok: int = 0
@@ -150,8 +182,7 @@ class ParquetSink:
         self.rows += table.num_rows
         self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
         self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
-        self._item_ids.extend(table["item_id"].to_pylist())
-        self._note_frame_counts(table)
+        self._count_units(table)
         if "mask_uri" in table.column_names:
             self._masks_expected += table.num_rows - table["mask_uri"].null_count
         self._pending.append(table)
@@ -161,11 +192,14 @@ class ParquetSink:
                 self._flush(self.rows_per_file)
 
     def commit(
-        self, listed: Listed | None = None, details: dict[str, Any] | None = None
+        self,
+        listed: Listed | ExpectedUnits | None = None,
+        details: dict[str, Any] | None = None,
     ) -> CommitResult:
-        """Check exactly-once against the `listed` units and the staged footers, then
-        replace this run's files in the partition and write the manifest (with `details`) and
-        `_SUCCESS`. CommitRefused, with nothing visible to readers, when a check fails."""
+        """Check exactly-once against the `listed` units (a list, or ExpectedUnits that tally
+        them where they are) and the staged footers, then replace this run's files in the
+        partition and write the manifest (with `details`) and `_SUCCESS`. CommitRefused, with
+        nothing visible to readers, when a check fails."""
         with writing_to(self.root_uri):
             return self._commit(listed, details)
 
@@ -173,7 +207,9 @@ class ParquetSink:
     def errors(self) -> int:
         return self.rows - self.ok - self.skipped
 
-    def _commit(self, listed: Listed | None, details: dict[str, Any] | None) -> CommitResult:
+    def _commit(
+        self, listed: Listed | ExpectedUnits | None, details: dict[str, Any] | None
+    ) -> CommitResult:
         while self._pending_rows:
             self._flush(self.rows_per_file)
         masks = self._staged_masks()
@@ -190,15 +226,11 @@ class ParquetSink:
             skipped=self.skipped,
         )
 
-    def _check(self, listed: Listed | None, masks: list[str]) -> None:
+    def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
         """Exactly once against the listing, and every staged footer readable."""
-        if self._frame_conflicts:
-            some = sorted(self._frame_conflicts)[:3]
-            raise CommitRefused(f"refusing to commit: rows disagree on the frame count of {some}")
-        if listed is not None:
-            expected = expected_units(listed, self._frame_counts)
-            check_exactly_once(expected, self._item_ids)
         self._check_staged_footers()
+        if listed is not None:
+            self._check_tally(expected_from(listed))
         if self._masks_expected != len(masks):
             raise CommitRefused(
                 f"refusing to commit: {self._masks_expected} rows name a mask, "
@@ -265,12 +297,41 @@ class ParquetSink:
                 err,
             )
 
-    def _note_frame_counts(self, table: pa.Table) -> None:
-        framed = table.filter(pc.is_valid(table["frame_count"]))
-        uris, counts = framed["source_uri"].to_pylist(), framed["frame_count"].to_pylist()
-        for uri, count in zip(uris, counts, strict=True):
-            if self._frame_counts.setdefault(uri, count) != count:
-                self._frame_conflicts.add(uri)
+    def _count_units(self, table: pa.Table) -> None:
+        written, frames = row_tallies(table)
+        self._written, self._frames = self._written.merge(written), self._frames.merge(frames)
+        self._ids_digest.update(table["item_id"].to_pylist())
+
+    def _check_tally(self, listed: ExpectedUnits) -> None:
+        """Equal tallies: each expected unit once. Else re-scan the differing buckets (the
+        listing's and the staged files') to name what is missing, unexpected or twice."""
+        differing = listed.tally().merge(self._frames).differing(self._written)
+        if not differing:
+            return
+        scanned = set(differing[:MAX_RESCAN_BUCKETS])
+        written = self._staged_units(scanned)
+        try:
+            check_units(listed.in_buckets(scanned), written)
+        except CommitRefused as err:
+            if len(scanned) < len(differing):
+                raise CommitRefused(
+                    f"{err} (in {len(scanned)} of the {len(differing)} buckets that differ)"
+                ) from None
+            raise
+        raise CommitRefused(
+            f"refusing to commit: the unit tallies differ in {len(differing)} bucket(s), "
+            "yet their units re-read show no difference"
+        )
+
+    def _staged_units(self, buckets: Collection[int]) -> list[tuple[str, str, int | None]]:
+        """(item id, source, frame count) of the staged rows whose source is in `buckets`."""
+        found = []
+        for path, _ in self._staged:
+            with self.fs.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=["item_id", "source_uri", "frame_count"])
+            columns = [table[name].to_pylist() for name in table.column_names]
+            found += [row for row in zip(*columns, strict=True) if bucket_of(row[1]) in buckets]
+        return found
 
     def _flush(self, limit: int) -> None:
         table = pa.concat_tables(self._pending)
@@ -315,7 +376,8 @@ class ParquetSink:
             "ok": self.ok,
             "errors": self.errors,
             "skipped": self.skipped,
-            "units_digest": units_digest(self._item_ids),
+            "units_digest": self._ids_digest.hexdigest(),
+            "units_digest_method": UNITS_DIGEST_METHOD,
             "files": [
                 {"uri": uri, "rows": rows}
                 for uri, (_, rows) in zip(files, self._staged, strict=True)
@@ -360,6 +422,8 @@ def verify_run(
         item_ids += table["item_id"].to_pylist()
     if len(item_ids) != len(set(item_ids)):
         problems.append(f"{len(item_ids) - len(set(item_ids))} unit(s) appear twice")
-    if not problems and units_digest(item_ids) != manifest.get("units_digest"):
+    summed = manifest.get("units_digest_method") == UNITS_DIGEST_METHOD
+    digest = units_sum_digest(item_ids) if summed else units_digest(item_ids)
+    if not problems and digest != manifest.get("units_digest"):
         problems.append("the units differ from those the run committed (units_digest)")
     return manifest, problems

@@ -1,20 +1,32 @@
-"""Inputs: list files, globs and manifests into a table of URIs with their version identity."""
+"""Inputs: list files, globs and manifests into rows of URIs with their version identity."""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
 import io
+import os
 import posixpath
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from fsspec.utils import glob_translate
 
 from vision_ops.config import InputSpec
-from vision_ops.storage import StorageOptions, canonical_uri, filesystem, read_bytes
+from vision_ops.storage import (
+    StorageOptions,
+    canonical_uri,
+    filesystem,
+    protocol_of,
+    read_bytes,
+)
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -25,6 +37,8 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 GLOB_CHARS = frozenset("*?[")
+S3_PAGE_KEYS = 1000  # keys a ListObjectsV2 page holds (the S3 maximum)
+LISTING_BLOCK_ROWS = 65_536  # listing rows handed on at once: pages are gathered up to this
 
 
 class SourceError(ValueError):
@@ -32,7 +46,9 @@ class SourceError(ValueError):
 
 
 def list_inputs(spec: InputSpec, options: StorageOptions | None = None) -> pa.Table:
-    """Every input the spec names, once, sorted by URI, filtered by extension."""
+    """Every input the spec names, once, sorted by URI, filtered by extension, in one table
+    on this process (`plan_inputs` is what a run uses: it leaves large listings where they are).
+    """
     rows: dict[str, dict[str, Any]] = {}
     for uri in spec.uris:
         for row in _list_uri(uri, options):
@@ -42,10 +58,52 @@ def list_inputs(spec: InputSpec, options: StorageOptions | None = None) -> pa.Ta
             rows.setdefault(row["source_uri"], row)
     kept = [rows[uri] for uri in sorted(rows) if has_extension(uri, spec.extensions)]
     if not kept:
-        named = ", ".join([*spec.uris, *([spec.manifest] if spec.manifest else [])])
-        wanted = " ".join(spec.extensions) or "any extension"
-        raise SourceError(f"no input files found in {named} (looked for: {wanted})")
+        raise nothing_found(spec)
     return pa.Table.from_pylist(kept, schema=LISTING_SCHEMA)
+
+
+def nothing_found(spec: InputSpec) -> SourceError:
+    named = ", ".join([*spec.uris, *([spec.manifest] if spec.manifest else [])])
+    wanted = " ".join(spec.extensions) or "any extension"
+    return SourceError(f"no input files found in {named} (looked for: {wanted})")
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What a run reads, checked before any work, without listing large collections here:
+    the inputs listed on this process (files, local directories and globs, single objects:
+    sorted, once each), s3:// prefixes and globs to page through, and a manifest to stream."""
+
+    table: pa.Table
+    listings: list[ObjectListing] = field(default_factory=list)
+    manifest: ManifestRead | None = None
+
+    @property
+    def parts(self) -> int:
+        """How many separately listed parts; with more than one, a URI may repeat."""
+        return int(self.table.num_rows > 0) + len(self.listings) + int(self.manifest is not None)
+
+
+def plan_inputs(spec: InputSpec, options: StorageOptions | None = None) -> InputPlan:
+    """The spec's inputs as an InputPlan: SourceError now for a missing path or a manifest that
+    cannot be read (its format, columns and first rows are checked)."""
+    rows: dict[str, dict[str, Any]] = {}
+    listings = []
+    for uri in spec.uris:
+        listing = object_listing(uri, spec.extensions, options)
+        if listing is not None:
+            listings.append(listing)
+            continue
+        for row in _list_uri(uri, options):
+            rows.setdefault(row["source_uri"], row)
+    kept = [rows[uri] for uri in sorted(rows) if has_extension(uri, spec.extensions)]
+    manifest = None
+    if spec.manifest is not None:
+        manifest = check_manifest(spec.manifest, spec.extensions, options)
+    table = pa.Table.from_pylist(kept, schema=LISTING_SCHEMA)
+    if not listings and manifest is None and not kept:
+        raise nothing_found(spec)
+    return InputPlan(table, listings, manifest)
 
 
 def has_extension(uri: str, extensions: Iterable[str]) -> bool:
@@ -71,15 +129,97 @@ def _list_uri(uri: str, options: StorageOptions | None) -> list[dict[str, Any]]:
 def _find(fs: Any, path: str, uri: str) -> dict[str, dict[str, Any]]:
     """A file, or everything under a directory. One `info` call tells which: on an object
     store `exists` + `isdir` of a big prefix can cost a second full listing."""
+    info = _find_info(fs, path, uri)
+    if info.get("type") == "directory":
+        return dict(fs.find(path, detail=True))
+    return {path: info}
+
+
+def _find_info(fs: Any, path: str, uri: str) -> dict[str, Any]:
     try:
-        info = fs.info(path)
+        return dict(fs.info(path))
     except FileNotFoundError:
         raise SourceError(f"input {uri}: not found") from None
     except PermissionError as err:
         raise SourceError(f"input {uri}: access denied ({err})") from None
-    if info.get("type") == "directory":
-        return dict(fs.find(path, detail=True))
-    return {path: info}
+
+
+# --- s3:// prefixes and globs, page by page -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectListing:
+    """An s3:// prefix or glob listed a page (ListObjectsV2) at a time, so that no process
+    holds the whole listing: keys come in key order, each once."""
+
+    uri: str
+    bucket: str
+    prefix: str  # the keys listed start with this
+    pattern: str | None  # a glob's regular expression, matched on "bucket/key"
+    extensions: tuple[str, ...]
+    options: StorageOptions
+    page_keys: int = S3_PAGE_KEYS
+
+    def pages(self) -> Iterator[pa.Table]:
+        """Each page's objects as listing rows (the extension filter and the glob applied)."""
+        fs, _ = filesystem(self.uri, self.options)
+        pattern = re.compile(self.pattern) if self.pattern else None
+        request = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxKeys": self.page_keys}
+        while True:
+            try:
+                page = fs.call_s3("list_objects_v2", **request)
+            except PermissionError as err:
+                raise SourceError(f"input {self.uri}: access denied ({err})") from None
+            yield self._rows(page.get("Contents", []), pattern)
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def blocks(self, rows: int = LISTING_BLOCK_ROWS) -> Iterator[pa.Table]:
+        """Pages gathered into tables of up to about `rows` rows."""
+        gathered: list[pa.Table] = []
+        for page in self.pages():
+            gathered.append(page)
+            if sum(t.num_rows for t in gathered) >= rows:
+                yield pa.concat_tables(gathered)
+                gathered = []
+        if any(t.num_rows for t in gathered):
+            yield pa.concat_tables(gathered)
+
+    def _rows(self, contents: list[dict[str, Any]], pattern: re.Pattern[str] | None) -> pa.Table:
+        rows = []
+        for entry in contents:
+            name = f"{self.bucket}/{entry['Key']}"
+            if name.endswith("/") or (pattern is not None and not pattern.match(name)):
+                continue  # a folder marker, or a key the glob does not match
+            uri = f"s3://{name}"
+            if has_extension(uri, self.extensions):
+                info = {k: entry.get(k) for k in ("ETag", "LastModified")}
+                rows.append(_listing_row(uri, info | {"size": entry.get("Size")}))
+        return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
+
+
+def object_listing(
+    uri: str, extensions: Iterable[str], options: StorageOptions | None
+) -> ObjectListing | None:
+    """An s3:// prefix or glob as an ObjectListing; None for anything else (other stores and
+    local paths are listed at once, as is a single object)."""
+    if protocol_of(uri) != "s3":
+        return None
+    fs, path = filesystem(uri, options)
+    bucket, _, key = path.partition("/")
+    if GLOB_CHARS & set(path):
+        first = min(path.find(c) for c in GLOB_CHARS if c in path)
+        root = path[:first].rpartition("/")[0]
+        if not root:
+            return None  # a glob in the bucket name
+        folder = root.partition("/")[2]
+        prefix, pattern = f"{folder}/" if folder else "", glob_translate(path)
+    elif _find_info(fs, path, uri).get("type") == "directory":
+        prefix, pattern = f"{key.rstrip('/')}/" if key else "", None
+    else:
+        return None
+    return ObjectListing(uri, bucket, prefix, pattern, tuple(extensions), dict(options or {}))
 
 
 def _listing_row(uri: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +274,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
         records = _records(data, posixpath.splitext(uri)[1].lower())
     except (ValueError, csv.Error, pa.ArrowException) as err:
         raise SourceError(f"manifest {uri}: cannot read: {err}") from None
-    return [_manifest_row(uri, index, record) for index, record in enumerate(records)]
+    return [_manifest_row(uri, f"entry {index}", record) for index, record in enumerate(records)]
 
 
 def _records(data: bytes, extension: str) -> list[dict[str, Any]]:
@@ -159,33 +299,36 @@ def _csv_records(text: str) -> list[dict[str, Any]]:
     return [{"bucket": row[0], "key": unquote_plus(row[1])} for row in rows if len(row) >= 2]
 
 
-def _manifest_row(manifest: str, index: int, record: dict[str, Any]) -> dict[str, Any]:
+def _manifest_row(
+    manifest: str, entry: str, record: dict[str, Any], cwd: str | None = None
+) -> dict[str, Any]:
     fields = {str(name).lower(): value for name, value in record.items()}
     uri = _first(fields, URI_COLUMNS)
     if uri is None and fields.get("bucket") and fields.get("key"):
         uri = f"s3://{fields['bucket']}/{fields['key']}"
     if not uri:
-        raise SourceError(
-            f"manifest {manifest}: entry {index} has no URI; expected a `uri` column "
-            f"or `bucket` + `key` columns, found columns {sorted(fields)}"
-        )
+        raise SourceError(f"manifest {manifest}: {entry} has no URI; {_uri_columns(fields)}")
     size = _first(fields, SIZE_COLUMNS)
     etag = _first(fields, ETAG_COLUMNS)
     try:
         return {
-            "source_uri": _canonical_manifest_uri(str(uri)),
+            "source_uri": _canonical_manifest_uri(str(uri), cwd),
             "source_etag": str(etag).strip('"') if etag else None,
             "source_size": int(size) if size is not None else None,
             "source_mtime": _as_utc(_first(fields, MTIME_COLUMNS) or None),
         }
     except ValueError as err:
-        raise SourceError(f"manifest {manifest}: entry {index} ({uri}): {err}") from None
+        raise SourceError(f"manifest {manifest}: {entry} ({uri}): {err}") from None
 
 
-def _canonical_manifest_uri(uri: str) -> str:
+def _uri_columns(fields: Iterable[str]) -> str:
+    return f"expected a `uri` column or `bucket` + `key` columns, found columns {sorted(fields)}"
+
+
+def _canonical_manifest_uri(uri: str, cwd: str | None = None) -> str:
     if "://" in uri:
         return uri
-    return "file://" + posixpath.abspath(uri)
+    return "file://" + posixpath.normpath(posixpath.join(cwd or os.getcwd(), uri))
 
 
 def _first(fields: dict[str, Any], names: Iterable[str]) -> Any:
@@ -193,3 +336,189 @@ def _first(fields: dict[str, Any], names: Iterable[str]) -> Any:
         if fields.get(name) not in (None, ""):
             return fields[name]
     return None
+
+
+# --- a manifest read in blocks where it lies ------------------------------------------------------
+
+FIRST_ROWS = 64  # rows of a manifest checked before any work
+HEAD_BYTES = 1 << 16  # bytes of a CSV or text manifest read to check its first rows
+KNOWN_COLUMNS = (*URI_COLUMNS, "bucket", "key", *ETAG_COLUMNS, *SIZE_COLUMNS, *MTIME_COLUMNS)
+_NO_TEXT = pa.scalar(None, pa.string())
+
+
+@dataclass(frozen=True)
+class ManifestRead:
+    """A manifest checked up front, to be read in blocks by whoever reads it (Ray Data's
+    Parquet, CSV or text reader): its format, the columns to read and how a block of them
+    becomes listing rows, by the same rules as `read_manifest`."""
+
+    uri: str
+    format: str  # "parquet", "csv" or "text"
+    columns: tuple[str, ...]  # Parquet: the columns to read; CSV: every column's name
+    header: bool  # CSV: the first line names the columns (else an S3 Inventory CSV)
+    extensions: tuple[str, ...]
+    cwd: str  # relative paths in the manifest are relative to the run's directory
+
+    def csv_arguments(self) -> dict[str, Any]:
+        """Arrow CSV options: every column as text, named as checked."""
+        return {
+            "read_options": pacsv.ReadOptions(
+                column_names=list(self.columns), skip_rows=self.header
+            ),
+            "convert_options": pacsv.ConvertOptions(
+                column_types=dict.fromkeys(self.columns, pa.string()), strings_can_be_null=False
+            ),
+        }
+
+    def normalise(self, block: pa.Table) -> pa.Table:
+        """A block of the manifest as listing rows, filtered by extension. Column arithmetic
+        where it can; row by row where a value needs it (that also names a bad entry)."""
+        if self.format == "text":
+            rows = self._lines(block)
+        else:
+            try:
+                rows = self._columns(block)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                rows = self._rows(block)
+        keep = [has_extension(uri, self.extensions) for uri in rows["source_uri"].to_pylist()]
+        return rows.filter(pa.array(keep, pa.bool_()))
+
+    def _fields(self, block: pa.Table) -> dict[str, pa.ChunkedArray]:
+        fields = {name.lower(): block[name] for name in block.column_names}
+        if self.format == "csv" and not self.header:  # S3 Inventory CSV: URL-encoded keys
+            keys = [None if k is None else unquote_plus(k) for k in fields["key"].to_pylist()]
+            return {
+                "bucket": fields["bucket"],
+                "key": pa.chunked_array([pa.array(keys, pa.string())]),
+            }
+        return fields
+
+    def _columns(self, block: pa.Table) -> pa.Table:
+        fields = self._fields(block)
+        uri = _coalesce([_text(fields[name]) for name in URI_COLUMNS if name in fields])
+        if "bucket" in fields and "key" in fields:
+            joined = pc.binary_join_element_wise(
+                "s3:/", _text(fields["bucket"]), _text(fields["key"]), "/"
+            )
+            uri = joined if uri is None else pc.coalesce(uri, joined)
+        if uri is None or uri.null_count:
+            raise SourceError(f"manifest {self.uri}: an entry has no URI; {_uri_columns(fields)}")
+        uris = [_canonical_manifest_uri(u, self.cwd) for u in uri.to_pylist()]
+        etag = _coalesce([_text(fields[name]) for name in ETAG_COLUMNS if name in fields])
+        size = _text(fields["size"]) if "size" in fields else None
+        mtime = _coalesce([_timestamps(fields[n]) for n in MTIME_COLUMNS if n in fields])
+        rows = block.num_rows
+        return pa.table(
+            {
+                "source_uri": pa.array(uris, pa.string()),
+                "source_etag": pa.nulls(rows, pa.string())
+                if etag is None
+                else pc.utf8_trim(etag, '"'),
+                "source_size": pa.nulls(rows, pa.int64())
+                if size is None
+                else pc.cast(size, pa.int64()),
+                "source_mtime": pa.nulls(rows, LISTING_SCHEMA.field("source_mtime").type)
+                if mtime is None
+                else mtime,
+            },
+            schema=LISTING_SCHEMA,
+        )
+
+    def _rows(self, block: pa.Table) -> pa.Table:
+        fields = self._fields(block)
+        names, columns = list(fields), [fields[name].to_pylist() for name in fields]
+        rows = [
+            _manifest_row(self.uri, "an entry", dict(zip(names, values, strict=True)), self.cwd)
+            for values in zip(*columns, strict=True)
+        ]
+        return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
+
+    def _lines(self, block: pa.Table) -> pa.Table:
+        lines = pc.utf8_trim_whitespace(pc.utf8_ltrim(block["text"], "\ufeff"))
+        lines = lines.filter(pc.invert(pc.or_(pc.equal(lines, ""), pc.starts_with(lines, "#"))))
+        uris = [_canonical_manifest_uri(line, self.cwd) for line in lines.to_pylist()]
+        rows = len(uris)
+        return pa.table(
+            {
+                "source_uri": pa.array(uris, pa.string()),
+                "source_etag": pa.nulls(rows, pa.string()),
+                "source_size": pa.nulls(rows, pa.int64()),
+                "source_mtime": pa.nulls(rows, LISTING_SCHEMA.field("source_mtime").type),
+            },
+            schema=LISTING_SCHEMA,
+        )
+
+
+def check_manifest(
+    uri: str, extensions: Iterable[str], options: StorageOptions | None = None
+) -> ManifestRead:
+    """A manifest's format, columns and first rows, checked by reading its footer (Parquet)
+    or first bytes (CSV, text): SourceError now, naming what was expected and found."""
+    fs, path = filesystem(uri, options)
+    extension = posixpath.splitext(uri)[1].lower()
+    base = {"uri": uri, "extensions": tuple(extensions), "cwd": os.getcwd()}
+    try:
+        with fs.open(path, "rb") as handle:
+            if extension == ".parquet":
+                return _check_parquet(pq.ParquetFile(handle), base)
+            return _check_text(handle.read(HEAD_BYTES + 1), extension, base)
+    except FileNotFoundError:
+        raise SourceError(f"manifest {uri}: not found") from None
+    except SourceError:
+        raise
+    except (ValueError, csv.Error, pa.ArrowException) as err:
+        raise SourceError(f"manifest {uri}: cannot read: {err}") from None
+
+
+def _check_parquet(parquet: pq.ParquetFile, base: dict[str, Any]) -> ManifestRead:
+    names = parquet.schema_arrow.names
+    columns = tuple(name for name in names if name.lower() in KNOWN_COLUMNS)
+    first = next(parquet.iter_batches(batch_size=FIRST_ROWS), None)
+    records = first.to_pylist() if first is not None else []
+    for index, record in enumerate(records):
+        _manifest_row(base["uri"], f"entry {index}", record, base["cwd"])
+    lower = {name.lower() for name in names}
+    if not lower & set(URI_COLUMNS) and not {"bucket", "key"} <= lower:
+        raise SourceError(f"manifest {base['uri']}: {_uri_columns(lower)}")
+    return ManifestRead(format="parquet", columns=columns, header=False, **base)
+
+
+def _check_text(head: bytes, extension: str, base: dict[str, Any]) -> ManifestRead:
+    """The first lines (up to HEAD_BYTES) as `read_manifest` would read them."""
+    if len(head) > HEAD_BYTES:
+        head = head[: head.rfind(b"\n", 0, HEAD_BYTES) + 1]
+    records = _records(head, extension)[:FIRST_ROWS]
+    for index, record in enumerate(records):
+        _manifest_row(base["uri"], f"entry {index}", record, base["cwd"])
+    if extension != ".csv":
+        return ManifestRead(format="text", columns=("text",), header=False, **base)
+    first = next((row for row in csv.reader(io.StringIO(head.decode("utf-8-sig"))) if row), [])
+    header = [name.strip().lower() for name in first]
+    if set(header) & HEADER_COLUMNS:
+        return ManifestRead(format="csv", columns=tuple(header), header=True, **base)
+    if len(first) < 2:
+        raise SourceError(f"manifest {base['uri']}: {_uri_columns(header)}")
+    names = ("bucket", "key", *(f"_{i}" for i in range(2, len(first))))
+    return ManifestRead(format="csv", columns=names, header=False, **base)
+
+
+def _text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Values as text, empty ones missing (as `_first` reads them)."""
+    text = pc.cast(column, pa.string())
+    return pc.if_else(pc.equal(text, ""), _NO_TEXT, text)
+
+
+def _timestamps(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Times as UTC microseconds: timestamps (naive ones are UTC) and ISO 8601 text with a
+    zone; anything else raises, for the row-by-row path."""
+    if pa.types.is_timestamp(column.type):
+        return pc.cast(column, pa.timestamp("us", tz="UTC"))
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return pc.cast(_text(column), pa.timestamp("us", tz="UTC"))
+    raise pa.ArrowNotImplementedError(f"times of type {column.type}")
+
+
+def _coalesce(columns: list[pa.ChunkedArray]) -> pa.ChunkedArray | None:
+    if not columns:
+        return None
+    return columns[0] if len(columns) == 1 else pc.coalesce(*columns)

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 
 StorageOptions = Mapping[str, Mapping[str, Any]]
@@ -51,6 +52,17 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[Abstrac
     except ImportError as err:
         package = OPTIONAL_BACKENDS.get(protocol, f"the fsspec backend for {protocol}://")
         raise ImportError(f"reading {protocol}:// needs {package}: pip install {package}") from err
+
+
+def arrow_filesystem(
+    uri: str, options: StorageOptions | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """The filesystem serving `uri` as a pyarrow one (for readers that take those, such as
+    Ray Data's), with the spec's options (an S3 endpoint, credentials), and the path in it."""
+    fs, path = filesystem(uri, options)
+    if protocol_of(uri) == "file":
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def require_bucket(uri: str, options: StorageOptions | None = None) -> None:
