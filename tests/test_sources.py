@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -18,8 +20,11 @@ from vision_ops.config import InputSpec
 from vision_ops.sources import (
     LISTING_SCHEMA,
     SourceError,
+    check_manifest,
     has_extension,
     list_inputs,
+    object_listing,
+    plan_inputs,
     read_manifest,
 )
 
@@ -456,3 +461,211 @@ def test_a_uri_listed_and_in_the_manifest_appears_once(tree: Path) -> None:
     manifest.write_text(f"{tree}/photos/a.jpg\n{tree}/photos/a.jpg\n")
     rows = listing(InputSpec(uris=[str(tree / "photos/a.jpg")], manifest=str(manifest)))
     assert rows == [local_row(tree, "photos/a.jpg")]
+
+
+# --- manifests checked up front and read in blocks (as Ray Data's readers hand them over) --------
+
+
+def streamed_rows(path: Path, extensions: list[str] | None = None) -> list[dict[str, Any]]:
+    """The manifest checked, read with the Arrow reader Ray Data uses for its format, and
+    normalised block by block (two-row blocks), as a run streams it."""
+    read = check_manifest(str(path), extensions if extensions is not None else [])
+    if read.format == "parquet":
+        table = pq.read_table(path, columns=list(read.columns))
+    elif read.format == "csv":
+        table = pacsv.read_csv(path, **read.csv_arguments())
+    else:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+        table = pa.table({"text": lines})
+    blocks = [read.normalise(table.slice(i, 2)) for i in range(0, table.num_rows, 2)]
+    return pa.concat_tables([LISTING_SCHEMA.empty_table(), *blocks]).to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        (
+            "inputs.txt",
+            "\ufeff# nightly\ns3://images/a.jpg\n\n  s3://images/b c.png  \nrel/x.tif\n",
+        ),
+        (
+            "inputs.csv",
+            "URI,Size,ETag,Last_Modified\n"
+            's3://images/a.jpg,10,"""0a1b""",2024-05-01T12:00:00Z\n'
+            "s3://images/b.jpg,,,\nrel/c.png,,,2024-05-01 12:00:00\n",
+        ),
+        (
+            "inventory.csv",
+            "bucket,key,size,e_tag\nimages,2024/a.jpg,12,e1\nimages,2024/b.png,0,e2\n",
+        ),
+        (
+            "headerless.csv",
+            '"images","my%20photo.jpg","123","2024-05-01T12:00:00.000Z","0a1b"\n'
+            '"images","dir%2Fsub/x+y%2B1.png","7","2024-05-01T12:00:00.000Z","0a1c"\n',
+        ),
+    ],
+)
+def test_a_streamed_text_or_csv_manifest_reads_as_read_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, content: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    expected = read_manifest(str(path))
+    assert streamed_rows(path) == expected
+    assert len(expected) >= 2 and any(row["source_uri"].startswith("s3://") for row in expected)
+
+
+def test_a_streamed_parquet_inventory_reads_as_read_manifest(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.parquet"
+    modified = [dt.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=dt.timezone.utc)] * 3
+    table = pa.table(
+        {
+            "bucket": ["images"] * 3,
+            "key": ["2024/my photo.jpg", "2024/b.png", "2024/notes.txt"],
+            "size": pa.array([1234, 56, 7], pa.int64()),
+            "last_modified_date": pa.array(modified, pa.timestamp("ms", tz="UTC")),
+            "e_tag": ['"d41d8cd98f00b204e9800998ecf8427e"', "0a1b", "0a1c"],
+            "storage_class": ["STANDARD", "GLACIER", "STANDARD"],
+        }
+    )
+    pq.write_table(table, path)
+    assert check_manifest(str(path), []).columns == (
+        "bucket", "key", "size", "last_modified_date", "e_tag"
+    )  # fmt: skip
+    assert streamed_rows(path, [".jpg", ".png"]) == [
+        row("s3://images/2024/my photo.jpg", "d41d8cd98f00b204e9800998ecf8427e", 1234, modified[0]),
+        row("s3://images/2024/b.png", "0a1b", 56, modified[0]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "message"),
+    [
+        (
+            "nouri.parquet",
+            lambda p: pq.write_table(pa.table({"file": ["x.jpg"], "e_tag": ["e"]}), p),
+            "entry 0 has no URI; expected a `uri` column or `bucket` + `key` columns, "
+            "found columns ['e_tag', 'file']",
+        ),
+        (
+            "empty.parquet",
+            lambda p: pq.write_table(pa.table({"file": pa.array([], pa.string())}), p),
+            "expected a `uri` column or `bucket` + `key` columns, found columns ['file']",
+        ),
+        (
+            "bad.parquet",
+            lambda p: p.write_bytes(b"not parquet at all"),
+            "cannot read: Parquet magic bytes not found in footer",
+        ),
+        ("bad.txt", lambda p: p.write_bytes(b"\xff\xfe\x81 not utf-8"), "cannot read: "),
+        (
+            "bad.csv",
+            lambda p: p.write_text("uri,size\ns3://b/a.jpg,12kB\n"),
+            "entry 0 (s3://b/a.jpg): invalid literal for int() with base 10: '12kB'",
+        ),
+        (
+            "onecolumn.csv",
+            lambda p: p.write_text("s3://b/a.jpg\n"),
+            "expected a `uri` column or `bucket` + `key` columns, found columns ['s3://b/a.jpg']",
+        ),
+    ],
+)
+def test_a_bad_manifest_is_refused_up_front(
+    tmp_path: Path, name: str, write: Any, message: str
+) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(SourceError) as caught:
+        check_manifest(str(path), [])
+    assert str(caught.value).startswith(f"manifest {path}: {message}")
+
+
+def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "inputs.csv"
+    path.write_text("uri,size\n" + "".join(f"s3://b/{i}.jpg,{i}\n" for i in range(100)))
+    read = check_manifest(str(path), [])
+    block = pa.table({"uri": ["s3://b/late.jpg"], "size": ["12kB"]})
+    with pytest.raises(SourceError) as caught:
+        read.normalise(block)
+    assert str(caught.value) == (
+        f"manifest {path}: an entry (s3://b/late.jpg): invalid literal for int() with base 10: "
+        "'12kB'"
+    )
+    with pytest.raises(SourceError, match="an entry has no URI"):
+        read.normalise(pa.table({"uri": ["", "s3://b/x.jpg"], "size": ["1", "2"]}))
+
+
+def test_plan_inputs_keeps_local_listings_as_list_inputs_does(tree: Path) -> None:
+    spec = InputSpec(uris=[str(tree / "photos/sub"), str(tree / "photos/a.jpg")])
+    plan = plan_inputs(spec)
+    assert plan.table.equals(list_inputs(spec)) and plan.listings == [] and plan.parts == 1
+    with pytest.raises(SourceError, match="not found"):
+        plan_inputs(InputSpec(uris=[str(tree / "nope")]))
+    with pytest.raises(SourceError, match="no input files found"):
+        plan_inputs(InputSpec(uris=[str(tree / "photos/notes.txt")]))
+
+
+# --- s3:// prefixes and globs, a page at a time --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paged_bucket(s3fs_client: Any) -> str:
+    """50 JPEGs and a note under images/paged/, in two folders."""
+    objects = {f"images/paged/{i // 25}/{i:03d}.jpg": bytes(i + 1) for i in range(50)}
+    s3fs_client.pipe(objects | {"images/paged/0/notes.txt": b"not an image"})
+    return "images/paged"
+
+
+def listed_rows(fs: Any, found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "source_uri": f"s3://{name}",
+            "source_etag": info["ETag"].strip('"'),
+            "source_size": info["size"],
+            "source_mtime": info["LastModified"],
+        }
+        for name, info in sorted(found.items())
+        if name.endswith(".jpg")
+    ]
+    return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA).to_pylist()
+
+
+@pytest.mark.s3
+def test_a_prefix_is_listed_a_page_at_a_time(
+    s3fs_client: Any, s3_options: Any, paged_bucket: str
+) -> None:
+    listing = object_listing(f"s3://{paged_bucket}/", [".jpg"], s3_options)
+    assert listing is not None and listing.prefix == "paged/"
+    pages = replace(listing, page_keys=10).pages()
+    first = next(pages)
+    assert first["source_uri"].to_pylist() == [
+        f"s3://{paged_bucket}/0/{i:03d}.jpg" for i in range(10)
+    ]
+    rest = list(pages)
+    assert len(rest) >= 4  # 51 keys, 10 a page: six pages in all
+    rows = pa.concat_tables([first, *rest]).to_pylist()
+    assert rows == listed_rows(s3fs_client, s3fs_client.find(paged_bucket, detail=True))
+    blocks = [b.num_rows for b in replace(listing, page_keys=10).blocks(rows=20)]
+    assert blocks == [20, 29, 1]  # pages of 10, 10, 9 (and the note), 10, 10, 1 jpg
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("pattern", ["paged/**/*.jpg", "paged/1/*", "paged/*/0[0-2]?.jpg"])
+def test_an_s3_glob_is_listed_a_page_at_a_time(
+    s3fs_client: Any, s3_options: Any, paged_bucket: str, pattern: str
+) -> None:
+    uri = f"s3://images/{pattern}"
+    listing = object_listing(uri, [".jpg"], s3_options)
+    assert listing is not None and listing.pattern is not None
+    rows = pa.concat_tables(list(replace(listing, page_keys=7).pages())).to_pylist()
+    expected = listed_rows(s3fs_client, s3fs_client.glob(f"images/{pattern}", detail=True))
+    assert rows == expected and len(expected) >= 3
+
+
+@pytest.mark.s3
+def test_a_single_object_or_another_store_is_not_paged(s3_options: Any, paged_bucket: str) -> None:
+    assert object_listing(f"s3://{paged_bucket}/0/000.jpg", [".jpg"], s3_options) is None
+    assert object_listing("memory://bucket/x", [".jpg"], s3_options) is None
+    with pytest.raises(SourceError, match="not found"):
+        object_listing(f"s3://{paged_bucket}/nope/", [".jpg"], s3_options)

@@ -176,7 +176,7 @@ class ObjectListing:
             request["ContinuationToken"] = page["NextContinuationToken"]
 
     def blocks(self, rows: int = LISTING_BLOCK_ROWS) -> Iterator[pa.Table]:
-        """Pages gathered into tables of up to about `rows` rows."""
+        """Pages gathered into tables of at least `rows` rows (but the last)."""
         gathered: list[pa.Table] = []
         for page in self.pages():
             gathered.append(page)
