@@ -255,19 +255,23 @@ def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.da
         rows = ray.data.read_csv(path, partitioning=no_hive, **where, **manifest.csv_arguments())
     else:
         rows = ray.data.read_text(path, **where)
+    rows = rows.map_batches(manifest.normalise, **_BLOCKWISE)
+    rows.context.raise_original_map_exception = True  # a bad entry's SourceError, as raised
     try:
-        return rows.map_batches(manifest.normalise, **_BLOCKWISE).materialize()
+        return rows.materialize()
     except Exception as err:
         raise _source_error(manifest.uri, err) from None
 
 
 def _source_error(uri: str, err: BaseException) -> SourceError:
-    """The SourceError a Ray task raised, else one naming the manifest and the root cause."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, SourceError):
-            return SourceError(str(cause.args[0]) if cause.args else str(cause))
-        err, cause = cause, cause.__cause__ or getattr(cause, "cause", None)
+    """The SourceError a Ray task raised (Ray's error carries it as `cause`), else one naming
+    the manifest and what went wrong reading it."""
+    found: BaseException | None = err
+    while found is not None:
+        original = getattr(found, "cause", None)
+        if isinstance(original, SourceError):  # one line; Ray appends its retry advice
+            return SourceError(str(original).splitlines()[0])
+        found = found.__cause__ or original
     return SourceError(f"manifest {uri}: cannot read: {type(err).__name__}: {err}")
 
 

@@ -1,0 +1,183 @@
+"""The run's listing held by Ray, on a real local cluster and a real S3 server: an S3 Inventory
+manifest streamed by Ray Data, prefixes paged into the object store, each URI once, a bad
+manifest refused before any work, and a run from a manifest equal to a listed run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vision_ops.config import InputSpec, parse_spec
+from vision_ops.pipeline import list_listing, run_job
+from vision_ops.sink import committed_runs
+from vision_ops.sources import SourceError, plan_inputs, read_manifest
+from vision_ops.tally import listed_tally
+
+pytestmark = [pytest.mark.s3, pytest.mark.timeout(600)]
+PREFIX = "images/streamed"
+
+
+@pytest.fixture(scope="module")
+def streamed_objects(s3fs_client: Any) -> dict[str, dict[str, Any]]:
+    """Six seeded PNGs (and a note) under s3://images/streamed/, with their listing info."""
+    rng = np.random.default_rng(7)
+    for index in range(6):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(buffer, "PNG")
+        s3fs_client.pipe(f"{PREFIX}/{index // 3}/img{index:02d}.png", buffer.getvalue())
+    s3fs_client.pipe(f"{PREFIX}/readme.txt", b"not an image")
+    found = s3fs_client.find(PREFIX, detail=True)
+    return {f"s3://{name}": info for name, info in found.items() if name.endswith(".png")}
+
+
+def inventory(objects: dict[str, dict[str, Any]], order: list[str] | None = None) -> pa.Table:
+    """An S3 Inventory Parquet table of `objects` (in `order`, repeats allowed)."""
+    uris = order if order is not None else sorted(objects)
+    return pa.table(
+        {
+            "bucket": [uri.split("/")[2] for uri in uris],
+            "key": [uri.split("/", 3)[3] for uri in uris],
+            "size": pa.array([objects[u]["size"] for u in uris], pa.int64()),
+            "last_modified_date": pa.array(
+                [objects[u]["LastModified"] for u in uris], pa.timestamp("ms", tz="UTC")
+            ),
+            "e_tag": [objects[u]["ETag"] for u in uris],
+            "storage_class": ["STANDARD"] * len(uris),
+        }
+    )
+
+
+def put_parquet(fs: Any, path: str, table: pa.Table) -> str:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    fs.pipe(path, buffer.getvalue())
+    return f"s3://{path}"
+
+
+def listing_of(spec: InputSpec, options: Any) -> tuple[list[dict[str, Any]], Any]:
+    listing = list_listing(spec, plan_inputs(spec, options), options)
+    return listing.table().to_pylist(), listing
+
+
+def test_an_s3_inventory_manifest_streams_into_the_listing(
+    ray_local, s3fs_client, s3_options, streamed_objects
+) -> None:
+    manifest = put_parquet(
+        s3fs_client, "images/lists/inventory.parquet", inventory(streamed_objects)
+    )
+    from_manifest, listing = listing_of(InputSpec(manifest=manifest), s3_options)
+    from_prefix, prefix_listing = listing_of(InputSpec(uris=[f"s3://{PREFIX}/"]), s3_options)
+    assert [row["source_uri"] for row in from_manifest] == sorted(streamed_objects)
+    assert from_manifest == from_prefix  # the inventory's identity is the listing's
+    assert from_manifest == read_manifest(manifest, s3_options)
+    assert listing.count == prefix_listing.count == 6
+    assert listing.tally() == listed_tally(sorted(streamed_objects))
+    assert listing.summary.snapshot.hexdigest() == prefix_listing.summary.snapshot.hexdigest()
+    uri = sorted(streamed_objects)[4]
+    from vision_ops.tally import bucket_of
+
+    assert uri in listing.in_buckets({bucket_of(uri)})
+
+
+def test_a_uri_named_twice_is_kept_once_the_first_naming_wins(
+    ray_local, s3fs_client, s3_options, streamed_objects
+) -> None:
+    uris = sorted(streamed_objects)
+    repeated = [uris[0], uris[3], uris[0], *uris[1:], uris[0]]
+    table = inventory(streamed_objects, repeated)
+    table = table.set_column(table.schema.get_field_index("e_tag"), "e_tag", pa.array(
+        [f"manifest-{i}" for i in range(len(repeated))]))  # fmt: skip
+    manifest = put_parquet(s3fs_client, "images/lists/repeats.parquet", table)
+    rows, listing = listing_of(InputSpec(manifest=manifest), s3_options)
+    assert [row["source_uri"] for row in rows] == uris and listing.count == 6
+    assert listing.tally() == listed_tally(uris)
+    # Listed and in the manifest: the listing (named first) keeps its identity.
+    both = InputSpec(uris=[f"s3://{PREFIX}/0/"], manifest=manifest)
+    rows, listing = listing_of(both, s3_options)
+    assert [row["source_uri"] for row in rows] == uris and listing.count == 6
+    etags = {row["source_uri"]: row["source_etag"] for row in rows}
+    assert [etags[u] for u in uris[:3]] == [
+        streamed_objects[u]["ETag"].strip('"') for u in uris[:3]
+    ]
+    assert etags[uris[3]] == "manifest-1" and etags[uris[4]] == "manifest-6"
+
+
+def test_a_bad_manifest_fails_before_any_work(
+    ray_local, tmp_path, s3fs_client, s3_options, tiny_weights
+) -> None:
+    no_uri = put_parquet(
+        s3fs_client, "images/lists/no-uri.parquet", pa.table({"name": ["a.png"], "size": [1]})
+    )
+    output = tmp_path / "table"
+    with pytest.raises(SourceError) as err:
+        run_job(job_spec(no_uri, str(output), tiny_weights, s3_options))
+    assert str(err.value) == (
+        f"manifest {no_uri}: entry 0 has no URI; expected a `uri` column or `bucket` + `key` "
+        "columns, found columns ['name', 'size']"
+    )
+    assert not output.exists()  # no lock, no staging: nothing was started
+    late = (
+        "uri,size\n" + "".join(f"s3://b/{i}.png,{i}\n" for i in range(3000)) + "s3://b/x.png,9kB\n"
+    )
+    s3fs_client.pipe("images/lists/late.csv", late.encode())
+    with pytest.raises(SourceError) as err:
+        run_job(job_spec("s3://images/lists/late.csv", str(output), tiny_weights, s3_options))
+    assert str(err.value) == (
+        "manifest s3://images/lists/late.csv: an entry (s3://b/x.png): invalid literal for int() "
+        "with base 10: '9kB'"
+    )
+    assert not output.exists()
+
+
+def job_spec(manifest: str | None, output: str, weights: Path, options: Any, **inputs: Any):  # type: ignore[no-untyped-def]
+    raw = {
+        "input": {"manifest": manifest, **inputs} if manifest else inputs,
+        "model": {
+            "architecture": "mobilenet_v3_small",
+            "weights": str(weights),
+            "num_classes": 4,
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "runtime": {"batch_size": 2, "read_batch_size": 2, "max_actors": 1},
+        "output": {"uri": output, "rows_per_file": 4},
+        "run": {"id": "streamed", "date": "2026-11-24"},
+        "storage_options": options,
+    }
+    return parse_spec(raw)
+
+
+def test_a_run_from_a_streamed_manifest_equals_a_listed_run(
+    ray_local, tmp_path, s3fs_client, s3_options, streamed_objects, tiny_weights
+) -> None:
+    uris = sorted(streamed_objects)
+    manifest = put_parquet(
+        s3fs_client,
+        "images/lists/run.parquet",
+        inventory(streamed_objects, [*reversed(uris), uris[2]]),  # shuffled, one twice
+    )
+    streamed = run_job(job_spec(manifest, str(tmp_path / "m"), tiny_weights, s3_options))
+    listed = run_job(
+        job_spec(None, str(tmp_path / "l"), tiny_weights, s3_options, uris=[f"s3://{PREFIX}/"])
+    )
+    assert streamed.inputs == listed.inputs == streamed.commit.rows == 6
+    keep = ["item_id", "source_uri", "source_etag", "source_size", "status", "label_id"]
+    tables = [pq.read_table(tmp_path / name / "run_date=2026-11-24") for name in ("m", "l")]
+    rows = [t.select(keep).sort_by("item_id").to_pylist() for t in tables]
+    assert rows[0] == rows[1]
+    assert sorted(r["source_uri"] for r in rows[0]) == uris  # each URI once
+    np.testing.assert_allclose(
+        *[t.sort_by("item_id")["score"].to_numpy() for t in tables], atol=1e-6
+    )
+    manifests = [committed_runs(str(tmp_path / name))[0] for name in ("m", "l")]
+    assert manifests[0]["input_snapshot_digest"] == manifests[1]["input_snapshot_digest"]
+    assert manifests[0]["units_digest"] == manifests[1]["units_digest"]
+    assert {r["status"] for r in rows[0]} == {"ok"}
+    assert dt.date.fromisoformat(manifests[0]["run_date"]) == dt.date(2026, 11, 24)
