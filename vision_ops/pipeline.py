@@ -247,9 +247,8 @@ def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.da
     fs, path = arrow_filesystem(manifest.uri, options)
     where: dict[str, Any] = {"filesystem": fs, "file_extensions": None}
     if manifest.format == "parquet":
-        rows = ray.data.read_parquet(
-            path, columns=list(manifest.columns), partitioning=None, **where
-        )
+        rows = ray.data.read_parquet(path, partitioning=None, **where)
+        rows = rows.select_columns(list(manifest.columns))
     elif manifest.format == "csv":
         no_hive: Any = None  # Ray's default would read key=value folders as columns
         rows = ray.data.read_csv(path, partitioning=no_hive, **where, **manifest.csv_arguments())
