@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -165,11 +165,10 @@ class MultisetDigest:
         return hashlib.sha256(f"{self.count}:{self.total:064x}".encode()).hexdigest()
 
 
-def snapshot_line(row: dict[str, Any]) -> str:
-    """What the input snapshot digest takes of a listed source: URI and version identity."""
-    mtime = row["source_mtime"]
-    version = (row["source_etag"], row["source_size"], mtime.isoformat() if mtime else None)
-    return f"{row['source_uri']}|{version}\n"
+def snapshot_line(uri: str, etag: str | None, size: int | None, mtime_us: int | None) -> str:
+    """What the input snapshot digest takes of a listed source: URI and version identity
+    (modification time in microseconds since the epoch)."""
+    return f"{uri}|{(etag, size, mtime_us)}\n"
 
 
 # --- a listing in blocks: one pass for its count, digest, tally and repeated URIs -------------
@@ -188,19 +187,21 @@ SUMMARY_SCHEMA = pa.schema(
 def summarise_block(block: pa.Table) -> pa.Table:
     """One block of a listing (the listing schema) -> one row: its row count, the tally of
     its sources, its part of the input snapshot digest and its URIs' 64-bit hashes."""
-    rows = block.to_pylist()
-    uri_hashes = [hash64(row["source_uri"]) for row in rows]
+    uris = block["source_uri"].to_pylist()
+    uri_hashes = [hash64(uri) for uri in uris]
     tally = Tally()
-    tally.add(
-        [h % BUCKETS for h in uri_hashes],
-        [hash64(item_id(row["source_uri"])) for row in rows],
-    )
+    tally.add([h % BUCKETS for h in uri_hashes], [hash64(item_id(uri)) for uri in uris])
+    versions = [
+        block["source_etag"].to_pylist(),
+        block["source_size"].to_pylist(),
+        pc.cast(block["source_mtime"], pa.int64()).to_pylist(),
+    ]
     snapshot = MultisetDigest()
-    snapshot.update(snapshot_line(row) for row in rows)
+    snapshot.update(snapshot_line(*line) for line in zip(uris, *versions, strict=True))
     return pa.Table.from_pylist(
         [
             {
-                "rows": len(rows),
+                "rows": len(uris),
                 "counts": tally.counts.tolist(),
                 "sums": tally.sums.tolist(),
                 "snapshot": snapshot.total.to_bytes(32, "big"),
