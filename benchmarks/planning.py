@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROW_GROUP = 100_000
+READ_BATCH = 16  # runtime.read_batch_size by default: rows per read task
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -118,7 +119,7 @@ def run_case(kind: str, uri: str, endpoint: str) -> dict[str, Any]:
         count = list_inputs(spec, options).num_rows
     else:
         listing = list_listing(spec, plan_inputs(spec, options), options)
-        unit_blocks(listing.dataset)  # the read stage's input, ready to execute
+        unit_blocks(listing.dataset, READ_BATCH)  # the read stage's input, ready to run
         count = listing.count
     planning_s = time.perf_counter() - started
     return {"count": count, "ray_s": ray_s, "planning_s": planning_s,
