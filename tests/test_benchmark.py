@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from PIL import Image
 
 from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos, photo_set
@@ -80,7 +81,10 @@ def test_probes_see_a_child_process_allocation() -> None:
     assert peaks.processes >= 2
     assert peaks.rss_bytes >= before.rss_bytes + size
     assert peaks.pss_bytes >= size  # PSS is sampled every 5th tick: 0.25 s here
-    assert peaks.object_store_bytes is None  # no Ray cluster was up
+    if ray.is_initialized():  # an earlier test's cluster: its store is read, not this child's
+        assert peaks.object_store_bytes is not None and peaks.object_store_bytes >= 0
+    else:
+        assert peaks.object_store_bytes is None
     assert peaks.samples >= 10
 
 
