@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from vision_ops.config import Preprocessing, SpecError, parse_spec
 from vision_ops.decode import ENCODED_COLUMN, CorruptImage, decode_image, device_jpeg_size
 from vision_ops.device_decode import decode_batch, resize_and_crop_tensor
-from vision_ops.pipeline import run_job
+from vision_ops.pipeline import RunSummary, run_job
 from vision_ops.predictors import Classifier
 from vision_ops.reader import read_units
 from vision_ops.schema import TOP_K_IDS, TOP_K_SCORES
@@ -202,12 +202,14 @@ def test_device_decode_is_refused_for_detection() -> None:
         parse_spec(raw)
 
 
-def test_pipeline_with_device_decode_equals_direct_calls(
-    ray_local: None, weights_file: Path, tmp_path: Path
-) -> None:
+def run_on_photos(
+    tmp_path: Path, weights_file: Path, jpegs: int, runtime: dict[str, object]
+) -> tuple[dict[str, bytes], RunSummary, list[dict]]:
+    """`jpegs` JPEGs of different sizes and a PNG, classified by a run with device decoding:
+    the files, the run's summary and the rows it committed."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(5)} | {"p.png": png(9)}
+    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(jpegs)} | {"p.png": png(9)}
     for name, data in payloads.items():
         (folder / name).write_bytes(data)
     spec = parse_spec(
@@ -215,13 +217,19 @@ def test_pipeline_with_device_decode_equals_direct_calls(
             "input": {"uris": [str(folder)]},
             "task": {"kind": "classification", "top_k": 3},
             "model": {"preprocessing": PREP, **torchvision_file_model(weights_file)},
-            "runtime": {"batch_size": 4, "max_actors": 1, "decode": "device"},
+            "runtime": {"batch_size": 4, "decode": "device", **runtime},
             "output": {"uri": str(tmp_path / "table")},
             "run": {"id": "device-decode", "date": "2026-11-24"},
         }
     )
     summary = run_job(spec)
-    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    return payloads, summary, pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+
+
+def test_pipeline_with_device_decode_equals_direct_calls(
+    ray_local: None, weights_file: Path, tmp_path: Path
+) -> None:
+    payloads, summary, rows = run_on_photos(tmp_path, weights_file, 5, {"max_actors": 1})
     assert summary.commit.rows == len(rows) == len(payloads) and summary.commit.ok == len(payloads)
     png_pixels = resize_and_crop(decode_image(payloads["p.png"], MAX_PIXELS), Preprocessing(**PREP))
     pixels = {n: device_reference(d) for n, d in payloads.items() if n.endswith(".jpg")}

@@ -6,16 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from test_device_decode import MAX_PIXELS, device_reference, photo, png
-from test_models import PREP, direct_logits, spec_for, tiny_classifier, torchvision_file_model
+from test_device_decode import MAX_PIXELS, device_reference, photo, run_on_photos
+from test_models import direct_logits, spec_for, tiny_classifier, torchvision_file_model
 
-from vision_ops.config import parse_spec
 from vision_ops.decode import CorruptImage
 from vision_ops.device_decode import decode_batch
-from vision_ops.pipeline import run_job
 from vision_ops.predictors import Classifier, stack_on_device
 
 pytestmark = [
@@ -71,23 +68,7 @@ def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:
 def test_pipeline_on_a_gpu_with_nvjpeg_equals_direct_calls(
     ray_local: None, weights_file: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(6)} | {"p.png": png(9)}
-    for name, data in payloads.items():
-        (folder / name).write_bytes(data)
-    spec = parse_spec(
-        {
-            "input": {"uris": [str(folder)]},
-            "task": {"kind": "classification", "top_k": 3},
-            "model": {"preprocessing": PREP, **torchvision_file_model(weights_file)},
-            "runtime": {"batch_size": 4, "decode": "device", "device": "cuda"},
-            "output": {"uri": str(tmp_path / "table")},
-            "run": {"id": "gpu", "date": "2026-11-24"},
-        }
-    )
-    summary = run_job(spec)
-    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    payloads, summary, rows = run_on_photos(tmp_path, weights_file, 6, {"device": "cuda"})
     assert summary.commit.ok == len(rows) == len(payloads)
     jpegs = sorted(n for n in payloads if n.endswith(".jpg"))
     pixels = np.stack([device_reference(payloads[n]) for n in jpegs])

@@ -103,6 +103,7 @@ class Predictor:
     """
 
     task = ""
+    preprocessing: Preprocessing | None = None  # fixed-size models' resize, crop, mean, std
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         self.spec = spec
@@ -131,25 +132,31 @@ class Predictor:
     def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def optimise_fixed_size(self) -> None:
-        """Channels-last and torch.compile, as the spec asks, for models of one input size."""
+    def fixed_size(self, role: str) -> Preprocessing:
+        """A model of one input size (classifier, segmenter): its preprocessing, required, and
+        the model in channels-last and compiled as the spec asks."""
+        if self.model.preprocessing is None:
+            raise ModelError(f"model.preprocessing: a {role} needs resize, crop, mean, std")
         if self.spec.runtime.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         if self.spec.runtime.compile:
             self.module = cast(torch.nn.Module, torch.compile(self.module))
+        return self.model.preprocessing
 
     def _decode_on_device(
         self, out: dict[str, np.ndarray], images: Sequence[Pixels], encoded: np.ndarray
     ) -> list[Pixels]:
         """Rows the read tasks left encoded, decoded and cropped on the device; a file no
         decoder can read becomes that row's error."""
+        if self.preprocessing is None:  # config refuses device decoding for such models
+            raise ModelError("runtime.decode: device needs model.preprocessing (resize and crop)")
         rows = [i for i, payload in enumerate(encoded) if payload]
         decoded = decode_batch([encoded[i] for i in rows], self.device, self.spec.input.max_pixels)
         status, kinds, messages = (out[c].astype(object) for c in ERROR_COLUMNS)
         merged: list[Pixels] = list(images)
         for row, image in zip(rows, decoded, strict=True):
             if isinstance(image, torch.Tensor):
-                merged[row] = resize_and_crop_tensor(image, self._preprocessing())
+                merged[row] = resize_and_crop_tensor(image, self.preprocessing)
             else:
                 status[row], kinds[row], messages[row] = (
                     STATUS_ERROR,
@@ -158,11 +165,6 @@ class Predictor:
                 )
         out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
         return merged
-
-    def _preprocessing(self) -> Preprocessing:
-        if self.model.preprocessing is None:
-            raise ModelError("runtime.decode: device needs model.preprocessing (resize and crop)")
-        return self.model.preprocessing
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
@@ -184,10 +186,7 @@ class Classifier(Predictor):
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         super().__init__(spec, threads)
-        if self.model.preprocessing is None:
-            raise ModelError("model.preprocessing: a classifier needs resize, crop, mean, std")
-        self.preprocessing: Preprocessing = self.model.preprocessing
-        self.optimise_fixed_size()
+        self.preprocessing: Preprocessing = self.fixed_size("classifier")
         self.num_classes = self._count_outputs()
         self.top_k = min(task_settings(spec, ClassificationTask).top_k, self.num_classes)
         self._check_labels()
@@ -290,10 +289,7 @@ class Segmenter(Predictor):
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         super().__init__(spec, threads)
-        if self.model.preprocessing is None:
-            raise ModelError("model.preprocessing: a segmenter needs resize, crop, mean, std")
-        self.preprocessing: Preprocessing = self.model.preprocessing
-        self.optimise_fixed_size()
+        self.preprocessing: Preprocessing = self.fixed_size("segmenter")
 
     def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         masks = np.empty(len(ok), dtype=object)

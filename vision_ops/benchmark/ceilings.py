@@ -17,6 +17,7 @@ from vision_ops.benchmark.spec import APPROACHES
 from vision_ops.benchmark.workload import Workload
 from vision_ops.config import JobSpec, Preprocessing
 from vision_ops.decode import decode_image
+from vision_ops.models import resolve_preprocessing
 from vision_ops.predictors import Classifier
 from vision_ops.schema import STATUS_OK
 from vision_ops.transforms import resize_and_crop
@@ -57,9 +58,11 @@ def decode_ceiling(work: Workload) -> Measurement:
 
 
 def _preprocessing(spec: JobSpec) -> Preprocessing:
-    if spec.model.preprocessing is None:
+    """The crop the pipeline's read tasks make for this spec (models.resolve_preprocessing)."""
+    preprocessing = resolve_preprocessing(spec.model, spec.task.kind)
+    if preprocessing is None:
         raise ValueError("the bench's job spec has no preprocessing")
-    return spec.model.preprocessing
+    return preprocessing
 
 
 def model_batches(work: Workload, batch_size: int) -> list[dict[str, np.ndarray]]:
