@@ -175,6 +175,26 @@ def test_channels_last_and_compile_predict_like_the_plain_model(weights_file: Pa
     assert isinstance(classifier.module, torch._dynamo.eval_frame.OptimizedModule)
 
 
+def test_a_compiled_model_keeps_one_graph_for_short_and_long_batches(
+    weights_file: Path,
+) -> None:
+    from torch._dynamo.utils import counters
+
+    images = np.random.default_rng(8).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
+    expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
+    spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+    runtime = spec.runtime.model_copy(update={"compile": True, "batch_size": 4})
+    torch._dynamo.reset()
+    counters.clear()
+    classifier = Classifier(spec.model_copy(update={"runtime": runtime}))
+    assert counters["stats"]["unique_graphs"] == 1  # compiled while the actor starts
+    for rows in (slice(0, 4), slice(4, 7), slice(0, 11)):  # full, short, more than a batch
+        ids, scores = classifier.predict(images[rows])
+        np.testing.assert_array_equal(ids, expected.indices.numpy()[rows])
+        np.testing.assert_allclose(scores, expected.values.numpy()[rows], atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_threads_come_from_the_plan_unless_the_spec_sets_them(weights_file: Path) -> None:
     before = torch.get_num_threads()
     try:

@@ -19,6 +19,7 @@ from torchvision import transforms
 from vision_ops.config import parse_spec
 from vision_ops.models import torchvision_architectures
 from vision_ops.pipeline import run_job
+from vision_ops.predictors import Segmenter
 from vision_ops.sink import committed_runs
 
 pytestmark = pytest.mark.timeout(900)
@@ -142,3 +143,19 @@ def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(ray_local, tmp_pat
         with rasterio.open(row["mask_uri"].removeprefix("file://")) as mask:
             assert mask.crs.to_epsg() == 32632 and mask.shape == (64, 64)  # crop 64 of a 64 tile
             assert mask.transform == transform @ rasterio.Affine.translation(row["tile_x"], 0)
+
+
+def test_a_compiled_segmenter_predicts_like_the_plain_one(tmp_path) -> None:
+    torch.set_num_threads(1)
+    architecture = "lraspp_mobilenet_v3_large"
+    torch.save(build(architecture).state_dict(), tmp_path / "seg.pt")
+    (tmp_path / "labels.txt").write_text("background\nroad\nwater\nbuilding\n")
+    images = np.random.default_rng(6).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    masks = {}
+    for compile_model in (False, True):
+        spec = spec_for(str(tmp_path), tmp_path / "table", architecture, tmp_path / "seg.pt")
+        runtime = spec.runtime.model_copy(update={"compile": compile_model})
+        segmenter = Segmenter(spec.model_copy(update={"runtime": runtime}))
+        masks[compile_model] = segmenter.segment(images)  # 3 images, padded to batch_size 4
+    assert masks[True].shape == (3, 64, 64)
+    assert (masks[True] == masks[False]).mean() > 0.999  # fused kernels: near ties may flip

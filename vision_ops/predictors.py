@@ -51,12 +51,19 @@ def task_settings(spec: JobSpec, kind: type[TaskT]) -> TaskT:
     return spec.task
 
 
-def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
-    """uint8 (N, H, W, 3) on the device -> float32 (N, 3, H, W), scaled to 0-1 and standardised."""
-    images = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+class FromPixels(torch.nn.Module):
+    """A fixed-size model that takes uint8 (N, H, W, 3) pixels: scaling to 0-1 and standardising
+    are its first steps, so a compiled model fuses them into one pass."""
+
+    def __init__(self, model: torch.nn.Module, spec: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> object:
+        images = pixels.permute(0, 3, 1, 2).float().div(255.0)
+        return self.model(images.sub(self.mean).div(self.std))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -104,6 +111,7 @@ class Predictor:
 
     task = ""
     preprocessing: Preprocessing | None = None  # fixed-size models' resize, crop, mean, std
+    static_batch = 0  # a compiled fixed-size model's one batch size (0: any size)
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         self.spec = spec
@@ -134,14 +142,43 @@ class Predictor:
 
     def fixed_size(self, role: str) -> Preprocessing:
         """A model of one input size (classifier, segmenter): its preprocessing, required, and
-        the model in channels-last and compiled as the spec asks."""
+        the model in channels-last and compiled as the spec asks, compiled here, not in the
+        first batch."""
         if self.model.preprocessing is None:
             raise ModelError(f"model.preprocessing: a {role} needs resize, crop, mean, std")
+        self.preprocessing = preprocessing = self.model.preprocessing
         if self.spec.runtime.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
+        self.module = FromPixels(self.module, preprocessing).to(self.device)
         if self.spec.runtime.compile:
-            self.module = cast(torch.nn.Module, torch.compile(self.module))
-        return self.model.preprocessing
+            # Freezing folds the weights into the graph (batch norm into the convolutions), and
+            # one static shape keeps one graph: run_fixed pads short batches to batch_size.
+            compiled = torch.compile(self.module, dynamic=False, options={"freezing": True})
+            self.module = cast(torch.nn.Module, compiled)
+            self.static_batch = self.spec.runtime.batch_size
+            self.probe()
+        return preprocessing
+
+    def probe(self) -> torch.Tensor:
+        """The fixed-size model's output for one black image."""
+        size = cast(Preprocessing, self.preprocessing).crop
+        black = torch.zeros((1, size, size, 3), dtype=torch.uint8, device=self.device)
+        with self.inference():
+            return self.run_fixed(black)
+
+    def run_fixed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The fixed-size model's raw output (logits, or a segmenter's `out`) for uint8
+        (N, H, W, 3) on the device; call it inside `inference()`. A compiled
+        model sees batches of its one static size: padded with black images, or split."""
+        count = len(pixels)
+        if self.static_batch and count > self.static_batch:
+            return torch.cat([self.run_fixed(part) for part in pixels.split(self.static_batch)])
+        if self.static_batch:  # a new tensor, even unpadded: the graph's guards want one kind
+            padding = pixels.new_zeros((self.static_batch - count, *pixels.shape[1:]))
+            pixels = torch.cat([pixels, padding])
+        output = self.module(pixels)
+        logits = output["out"] if isinstance(output, dict) else output
+        return cast(torch.Tensor, logits[:count])
 
     def _decode_on_device(
         self, out: dict[str, np.ndarray], images: Sequence[Pixels], encoded: np.ndarray
@@ -203,15 +240,12 @@ class Classifier(Predictor):
         """uint8 (N, H, W, 3), on the host or the device -> top-k class ids and softmax scores."""
         pixels = upload(images, self.device) if isinstance(images, np.ndarray) else images
         with self.inference():
-            logits = self.module(normalise(pixels, self.preprocessing))
+            logits = self.run_fixed(pixels)
         top = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
         return top.indices.int().cpu().numpy(), top.values.cpu().numpy()
 
     def _count_outputs(self) -> int:
-        size = self.preprocessing.crop
-        probe = torch.zeros((1, size, size, 3), dtype=torch.uint8, device=self.device)
-        with torch.inference_mode():
-            logits = self.module(normalise(probe, self.preprocessing))
+        logits = self.probe()
         if logits.ndim != 2:
             raise ModelError(f"expected logits of shape (N, classes), found {tuple(logits.shape)}")
         return int(logits.shape[1])
@@ -307,8 +341,7 @@ class Segmenter(Predictor):
         """uint8 (N, H, W, 3) -> the argmax class of each pixel, (N, H, W) uint8 or uint16."""
         pixels = upload(images, self.device) if isinstance(images, np.ndarray) else images
         with self.inference():
-            output = self.module(normalise(pixels, self.preprocessing))
-        logits = output["out"] if isinstance(output, dict) else output
+            logits = self.run_fixed(pixels)
         classes = logits.argmax(dim=1).cpu().numpy()
         return classes.astype(np.uint8 if logits.shape[1] <= 256 else np.uint16)
 
