@@ -58,6 +58,8 @@ class FromPixels(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, spec: Preprocessing) -> None:
         super().__init__()
         self.model = model
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
 
