@@ -546,6 +546,12 @@ class RuntimeSpec(StrictModel):
         default=False,
         description="torch.compile the model once per actor (slower start-up, faster batches).",
     )
+    retain_host_memory: bool = Field(
+        default=True,
+        description="Predictor actors keep freed host memory for the next batch instead of "
+        "handing it back to the OS (glibc): no page faults on every batch's tensors, at the "
+        "cost of holding the peak working set.",
+    )
     intra_op_threads: int | None = Field(
         default=None,
         gt=0,

@@ -20,6 +20,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from vision_ops.config import DetectionTask, InputSpec, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
+from vision_ops.host_memory import retain_freed_memory
 from vision_ops.lock import RunLock
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
@@ -518,6 +519,8 @@ class PredictRows:
     def __init__(
         self, spec: JobSpec, threads: int | None, to_rows: Callable[..., pa.Table] | None
     ) -> None:
+        if spec.runtime.retain_host_memory:
+            retain_freed_memory()
         self.predict = PREDICTORS.get(spec.task.kind)(spec, threads)
         self.to_rows = to_rows
 
