@@ -92,6 +92,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "decode": "tasks",
         "channels_last": True,
         "compile": False,
+        "retain_host_memory": True,
         "intra_op_threads": None,
         "stall_timeout_s": 1800,
     }
