@@ -151,8 +151,11 @@ def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None
         gpus=0,
     )
     assert (job.runtime.batch_size, job.runtime.read_batch_size) == (8, 4)
-    assert (job.runtime.min_actors, job.runtime.max_actors) == (1, 1)
-    assert job.runtime.num_cpus_per_actor + job.runtime.reserved_cpus == max(2, bench.cores)
+    runtime = job.runtime  # CPU only: one single-threaded actor per core, half the CPUs reserved
+    assert runtime.min_actors == runtime.max_actors == bench.cores
+    held = runtime.max_actors * runtime.num_cpus_per_actor
+    assert held + runtime.reserved_cpus == pytest.approx(max(2, bench.cores))
+    assert runtime.reserved_cpus == max(1, bench.cores // 2) and runtime.compile
     bad = parse_bench_spec({"runtime": {"batch_sise": 8}})
     with pytest.raises(SpecError, match="batch_sise"):
         job_spec(bad, input_uri="/p", output_uri="/o", weights=Path("/w"), run_id="r", gpus=0)

@@ -10,8 +10,10 @@ arithmetic; pixel values differ from Pillow's by rounding only.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -26,6 +28,34 @@ INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
+
+
+def model_inputs(
+    payloads: Sequence[bytes],
+    device: torch.device,
+    max_pixels: int,
+    spec: Preprocessing,
+    threads: int,
+) -> list[torch.Tensor | DecodeError]:
+    """Each JPEG as the model's uint8 (crop, crop, 3) input on the device, or the DecodeError
+    of a file no decoder can read. A GPU decodes the batch in one call; a CPU decodes and crops
+    the files on `threads` threads at once (the model's cores, idle until the batch is ready)."""
+    if device.type == "cpu" and threads > 1 and len(payloads) > 1:
+        one_file = functools.partial(_model_input, device=device, max_pixels=max_pixels, spec=spec)
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+            return list(pool.map(one_file, payloads))
+    decoded = decode_batch(payloads, device, max_pixels)
+    return [_cropped(image, spec) for image in decoded]
+
+
+def _model_input(
+    payload: bytes, device: torch.device, max_pixels: int, spec: Preprocessing
+) -> torch.Tensor | DecodeError:
+    return _cropped(decode_batch([payload], device, max_pixels)[0], spec)
+
+
+def _cropped(image: torch.Tensor | DecodeError, spec: Preprocessing) -> torch.Tensor | DecodeError:
+    return resize_and_crop_tensor(image, spec) if isinstance(image, torch.Tensor) else image
 
 
 def decode_batch(

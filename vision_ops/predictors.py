@@ -22,7 +22,7 @@ from vision_ops.detection import (
     mask_rles,
     pixel_budget_groups,
 )
-from vision_ops.device_decode import decode_batch, resize_and_crop_tensor
+from vision_ops.device_decode import model_inputs
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
 from vision_ops.schema import (
@@ -190,17 +190,23 @@ class Predictor:
         if self.preprocessing is None:  # config refuses device decoding for such models
             raise ModelError("runtime.decode: device needs model.preprocessing (resize and crop)")
         rows = [i for i, payload in enumerate(encoded) if payload]
-        decoded = decode_batch([encoded[i] for i in rows], self.device, self.spec.input.max_pixels)
+        crops = model_inputs(
+            [encoded[i] for i in rows],
+            self.device,
+            self.spec.input.max_pixels,
+            self.preprocessing,
+            threads=torch.get_num_threads(),
+        )
         status, kinds, messages = (out[c].astype(object) for c in ERROR_COLUMNS)
         merged: list[Pixels] = list(images)
-        for row, image in zip(rows, decoded, strict=True):
-            if isinstance(image, torch.Tensor):
-                merged[row] = resize_and_crop_tensor(image, self.preprocessing)
+        for row, crop in zip(rows, crops, strict=True):
+            if isinstance(crop, torch.Tensor):
+                merged[row] = crop
             else:
                 status[row], kinds[row], messages[row] = (
                     STATUS_ERROR,
-                    type(image).__name__,
-                    str(image),
+                    type(crop).__name__,
+                    str(crop),
                 )
         out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
         return merged

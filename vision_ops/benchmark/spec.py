@@ -100,15 +100,24 @@ def runtime_overrides(path: Path) -> dict[str, Any]:
 
 
 def default_runtime(bench: BenchSpec, gpus: float) -> dict[str, Any]:
-    """One predictor actor; on a GPU it has the device and every other core decodes, on the
-    CPU it has half the cores and decoding the rest (reserved, so read tasks always run)."""
-    actor_cpus = 1 if gpus >= 1 else max(1, bench.cores // 2)
+    """On a GPU machine one actor holds the device and 1 CPU, and every other core decodes. On
+    CPUs only there is one single-threaded actor per core, holding half the cores' logical CPUs
+    between them, and the other half is reserved for the read tasks, so they always run.
+    Several single-threaded model processes outrun one multi-threaded process there: no
+    thread barrier stalls when a read task takes a core."""
+    if gpus >= 1:
+        actors, per_actor, reserved = 1, 1.0, max(1, bench.cores - 1)
+    else:
+        reserved = max(1, bench.cores // 2)
+        actors = bench.cores
+        per_actor = max(1, bench.cores - reserved) / actors
     return {
         "batch_size": bench.batch_size,
-        "min_actors": 1,
-        "max_actors": 1,
-        "num_cpus_per_actor": actor_cpus,
-        "reserved_cpus": max(1, bench.cores - actor_cpus),
+        "min_actors": actors,
+        "max_actors": actors,
+        "num_cpus_per_actor": per_actor,
+        "reserved_cpus": reserved,
+        "compile": True,
     }
 
 
