@@ -156,6 +156,7 @@ def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None
     held = runtime.max_actors * runtime.num_cpus_per_actor
     assert held + runtime.reserved_cpus == pytest.approx(max(2, bench.cores))
     assert runtime.reserved_cpus == max(1, bench.cores // 2) and runtime.compile
+    assert runtime.decode == "device"  # the actors decode their own batches
     bad = parse_bench_spec({"runtime": {"batch_sise": 8}})
     with pytest.raises(SpecError, match="batch_sise"):
         job_spec(bad, input_uri="/p", output_uri="/o", weights=Path("/w"), run_id="r", gpus=0)

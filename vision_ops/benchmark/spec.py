@@ -100,18 +100,22 @@ def runtime_overrides(path: Path) -> dict[str, Any]:
 
 
 def default_runtime(bench: BenchSpec, gpus: float) -> dict[str, Any]:
-    """On a GPU machine one actor holds the device and 1 CPU, and every other core decodes. On
-    CPUs only there is one single-threaded actor per core, holding half the cores' logical CPUs
-    between them, and the other half is reserved for the read tasks, so they always run.
-    Several single-threaded model processes outrun one multi-threaded process there: no
-    thread barrier stalls when a read task takes a core."""
+    """On a GPU machine one actor holds the device and 1 CPU, and every other core decodes in
+    the read tasks. On CPUs only there is one single-threaded actor per core, each decoding its
+    own batches (`decode: device`), holding half the cores' logical CPUs between them; the other
+    half is reserved for the read tasks, which only fetch bytes. Several single-threaded model
+    processes outrun one multi-threaded one there (no thread barrier stalls when another
+    process takes a core), and decoding between batches leaves no decoder competing with the
+    model for the cores."""
     if gpus >= 1:
-        actors, per_actor, reserved = 1, 1.0, max(1, bench.cores - 1)
+        actors, per_actor, reserved, decode = 1, 1.0, max(1, bench.cores - 1), "tasks"
     else:
         reserved = max(1, bench.cores // 2)
         actors = bench.cores
         per_actor = max(1, bench.cores - reserved) / actors
+        decode = "device"
     return {
+        "decode": decode,
         "batch_size": bench.batch_size,
         "min_actors": actors,
         "max_actors": actors,
