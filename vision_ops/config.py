@@ -544,7 +544,9 @@ class RuntimeSpec(StrictModel):
     )
     compile: bool = Field(
         default=False,
-        description="torch.compile the model once per actor (slower start-up, faster batches).",
+        description="torch.compile fixed-size models as each actor starts (inductor with "
+        "freezing, one static batch shape; a C++ compiler on CPU nodes): slower start-up, faster "
+        "batches.",
     )
     retain_host_memory: bool = Field(
         default=True,
