@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from vision_ops.config import Preprocessing, SpecError, parse_spec
 from vision_ops.decode import ENCODED_COLUMN, CorruptImage, decode_image, device_jpeg_size
-from vision_ops.device_decode import decode_batch, resize_and_crop_tensor
+from vision_ops.device_decode import decode_batch, model_inputs, resize_and_crop_tensor
 from vision_ops.pipeline import RunSummary, run_job
 from vision_ops.predictors import Classifier
 from vision_ops.reader import read_units
@@ -73,6 +73,20 @@ def test_a_batch_decodes_like_one_file_at_a_time_and_a_bad_file_falls_back() -> 
         assert torch.equal(image, alone)
     assert isinstance(decoded[1], CorruptImage)
     assert str(decoded[1]) == _pillow_error(truncated)
+
+
+def test_a_cpu_decodes_on_the_actors_threads_as_on_one() -> None:
+    spec = Preprocessing(**PREP)
+    payloads = [photo(1), photo(3)[:200], photo(2, (64, 80)), photo(5, (90, 120))]
+    serial = model_inputs(payloads, CPU, MAX_PIXELS, spec, threads=1)
+    threaded = model_inputs(payloads, CPU, MAX_PIXELS, spec, threads=2)
+    for one, other in zip(serial, threaded, strict=True):
+        if isinstance(one, torch.Tensor):
+            assert isinstance(other, torch.Tensor) and torch.equal(one, other)
+            assert one.shape == (spec.crop, spec.crop, 3)
+        else:
+            assert isinstance(other, CorruptImage) and str(other) == str(one)
+    assert [isinstance(crop, CorruptImage) for crop in threaded] == [False, True, False, False]
 
 
 def _pillow_error(payload: bytes) -> str:
