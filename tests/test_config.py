@@ -17,6 +17,7 @@ from vision_ops.config import (
     DEFAULT_EXTENSIONS,
     JobSpec,
     RunSpec,
+    RuntimeSpec,
     SpecError,
     apply_override,
     load_spec,
@@ -642,3 +643,15 @@ def test_max_actors_below_min_actors_is_refused() -> None:
 
     with pytest.raises(ValueError, match=r"expected at least min_actors \(3\), found 2"):
         RuntimeSpec(min_actors=3, max_actors=2)
+
+
+def test_read_tasks_fetch_four_model_batches_when_the_actors_decode() -> None:
+    def runtime(**values: object) -> RuntimeSpec:
+        return RuntimeSpec.model_validate(values)
+
+    assert runtime().read_batch_size == 16  # read tasks decode: small tasks feed the model soon
+    assert runtime(decode="device").read_batch_size == 4 * 32  # they only fetch bytes
+    assert runtime(decode="device", batch_size=8).read_batch_size == 32
+    assert runtime(decode="device", read_batch_size=5).read_batch_size == 5  # the spec wins
+    with pytest.raises(pydantic.ValidationError, match="batch_size"):
+        runtime(decode="device", batch_size=0)

@@ -506,6 +506,10 @@ UNION_TAGS = frozenset(
 UNION_FIELDS = frozenset({"model", "task"})
 
 
+READ_BATCH_SIZE = 16  # files a read task fetches and decodes
+DEVICE_DECODE_READ_BATCHES = 4  # model batches a read task fetches when the actors decode
+
+
 class RuntimeSpec(StrictModel):
     batch_size: int = Field(default=32, gt=0, description="Images per model call.")
     min_actors: int = Field(default=1, gt=0, description="Smallest predictor actor pool.")
@@ -530,7 +534,13 @@ class RuntimeSpec(StrictModel):
         description="The cluster adds nodes on demand: do not refuse a pool that does not fit "
         "the nodes up now.",
     )
-    read_batch_size: int = Field(default=16, gt=0, description="Files fetched per read task call.")
+    read_batch_size: int = Field(
+        default=READ_BATCH_SIZE,
+        gt=0,
+        description=f"Files fetched per read task call; by default {READ_BATCH_SIZE}, or "
+        f"{DEVICE_DECODE_READ_BATCHES} model batches with decode: device, where read tasks "
+        "only fetch bytes (fewer tasks to schedule).",
+    )
     decode: Literal["tasks", "device"] = Field(
         default="tasks",
         description="Where JPEG photos are decoded and resized: in the CPU read tasks, or on the "
@@ -566,6 +576,16 @@ class RuntimeSpec(StrictModel):
         description="Fail the run, naming the stuck stages, when no stage makes progress for "
         "this long.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_decoding_reads_more_files_a_task(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or value.get("decode") != "device":
+            return value
+        batch = value.get("batch_size", cls.model_fields["batch_size"].default)
+        if "read_batch_size" in value or not isinstance(batch, int) or batch <= 0:
+            return value  # an invalid batch_size is reported by its own field
+        return value | {"read_batch_size": batch * DEVICE_DECODE_READ_BATCHES}
 
     @model_validator(mode="after")
     def _pool_bounds_in_order(self) -> RuntimeSpec:
