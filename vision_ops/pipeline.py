@@ -20,11 +20,10 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from vision_ops.config import DetectionTask, InputSpec, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
-from vision_ops.host_memory import retain_freed_memory
 from vision_ops.lock import RunLock
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
-from vision_ops.predictors import PREDICTORS
+from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
@@ -380,9 +379,9 @@ def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     for run in committed_runs(spec.output.uri, spec.storage_options):
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
             done |= committed_versions(run, spec.storage_options)
-    kept = listing.dataset.map_batches(functools.partial(not_done, done=done), **_BLOCKWISE)
-    left = Listing(kept.materialize(), ListingSummary())
-    left = Listing(left.dataset, summarise(left.dataset, find_repeats=False))
+    select = functools.partial(not_done, done=done)
+    kept = listing.dataset.map_batches(select, **_BLOCKWISE).materialize()
+    left = Listing(kept, summarise(kept, find_repeats=False))
     log.info(
         "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
     )
@@ -519,9 +518,7 @@ class PredictRows:
     def __init__(
         self, spec: JobSpec, threads: int | None, to_rows: Callable[..., pa.Table] | None
     ) -> None:
-        if spec.runtime.retain_host_memory:
-            retain_freed_memory()
-        self.predict = PREDICTORS.get(spec.task.kind)(spec, threads)
+        self.predict = load_predictor(spec, threads)
         self.to_rows = to_rows
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table | dict[str, Any]:

@@ -23,6 +23,7 @@ from vision_ops.detection import (
     pixel_budget_groups,
 )
 from vision_ops.device_decode import model_inputs
+from vision_ops.host_memory import retain_freed_memory
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
 from vision_ops.registry import Registry
 from vision_ops.schema import (
@@ -352,6 +353,14 @@ class Segmenter(Predictor):
             logits = self.run_fixed(pixels)
         classes = logits.argmax(dim=1).cpu().numpy()
         return classes.astype(np.uint8 if logits.shape[1] <= 256 else np.uint16)
+
+
+def load_predictor(spec: JobSpec, threads: int | None = None) -> Predictor:
+    """The spec's task predictor, in the long-lived process that will run it: that process
+    keeps freed host memory for the next batch where the spec asks (`retain_host_memory`)."""
+    if spec.runtime.retain_host_memory:
+        retain_freed_memory()
+    return PREDICTORS.get(spec.task.kind)(spec, threads)
 
 
 def class_fractions(mask: np.ndarray) -> np.ndarray:

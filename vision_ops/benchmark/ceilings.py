@@ -8,23 +8,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from vision_ops.benchmark.probes import sampled_peaks
-from vision_ops.benchmark.readpool import timed_read
+from vision_ops.benchmark.readpool import read_crop, timed_read
 from vision_ops.benchmark.report import Measurement
 from vision_ops.benchmark.spec import APPROACHES
 from vision_ops.benchmark.workload import Workload
 from vision_ops.config import JobSpec, Preprocessing
-from vision_ops.decode import decode_image
-from vision_ops.host_memory import retain_freed_memory
 from vision_ops.models import resolve_preprocessing
-from vision_ops.predictors import Classifier
+from vision_ops.predictors import load_predictor
 from vision_ops.schema import STATUS_OK
-from vision_ops.transforms import resize_and_crop
 
 # What approach (a) runs for each runtime.decode: the pipeline's own decoding of a photo.
 DECODERS = {
@@ -33,12 +29,6 @@ DECODERS = {
 }
 MODEL_POOL_IMAGES = 256  # distinct pre-decoded crops the model-only loop cycles through
 WARM_UP_BATCHES = 2
-
-
-def read_crop(path: str, preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
-    """The pipeline's read task for one local file: bytes -> RGB -> model-input crop."""
-    image = decode_image(Path(path).read_bytes(), max_pixels)
-    return resize_and_crop(image, preprocessing)
 
 
 def decode_ceiling(work: Workload) -> Measurement:
@@ -142,9 +132,7 @@ def time_model(
     spec: JobSpec, pool: list[dict[str, np.ndarray]], images: int, repeats: int, cores: int
 ) -> ModelTiming:
     """Timed passes of a predictor over `images` images from the pool, in this process."""
-    if spec.runtime.retain_host_memory:
-        retain_freed_memory()
-    predictor = Classifier(spec)
+    predictor = load_predictor(spec)  # set up as the pipeline's actors are
     torch.set_num_threads(cores)  # after the predictor: it may set its own
     for batch in pool[:WARM_UP_BATCHES]:
         predictor(batch)

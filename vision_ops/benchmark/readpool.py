@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from vision_ops.config import Preprocessing
 
 READY = "ready"
@@ -26,14 +28,15 @@ def read_crops(
     """The pipeline's decoding of local files: bytes -> RGB -> model-input crop, counted."""
     if decode == "device":
         return device_crops(paths, preprocessing, max_pixels)
+    return sum(int(read_crop(path, preprocessing, max_pixels).ndim == 3) for path in paths)
+
+
+def read_crop(path: str, preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
+    """The pipeline's read task for one local file: bytes -> RGB -> model-input crop."""
     from vision_ops.decode import decode_image
     from vision_ops.transforms import resize_and_crop
 
-    made = 0
-    for path in paths:
-        crop = resize_and_crop(decode_image(Path(path).read_bytes(), max_pixels), preprocessing)
-        made += int(crop.ndim == 3)
-    return made
+    return resize_and_crop(decode_image(Path(path).read_bytes(), max_pixels), preprocessing)
 
 
 def device_crops(paths: list[str], preprocessing: Preprocessing, max_pixels: int) -> int:
