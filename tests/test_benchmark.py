@@ -19,7 +19,7 @@ from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos,
 from vision_ops.benchmark.probes import Peaks, sampled_peaks, tree_memory
 from vision_ops.benchmark.rates import points_from_times, shared_core_ceiling, steady_rate
 from vision_ops.benchmark.report import CEILING, RATIOS, BenchReport, Measurement
-from vision_ops.benchmark.spec import job_spec, parse_bench_spec, runtime_overrides
+from vision_ops.benchmark.spec import BenchSpec, job_spec, parse_bench_spec, runtime_overrides
 from vision_ops.config import SpecError
 
 MB = 1024**2
@@ -108,6 +108,12 @@ def test_steady_rate_excludes_start_up() -> None:
     assert steady_rate([(10.0, 4), (11.0, 12), (12.0, 20)]) == pytest.approx(8.0)
     assert steady_rate([(10.0, 20)]) is None  # one piece: no steady state
     assert steady_rate([(10.0, 4), (10.2, 20)]) is None  # a burst, not a rate
+    # two actors, 4-row blocks each 1 s of work, started together: 8 rows/s; their first
+    # blocks arrive at 10.0 and 10.1, the second one made before the first arrived
+    two = [(10.0, 4), (10.1, 8), (11.0, 12), (11.1, 16), (12.0, 20), (12.1, 24)]
+    assert steady_rate(two) == pytest.approx(20 / 2.1)  # biased: counts the 2nd first block
+    assert steady_rate(two, warm_rows=8) == pytest.approx(8.0)
+    assert steady_rate(two, warm_rows=24) is None  # the window holds one point
     points = points_from_times([5.0, 5.0, 7.0, 6.0, 6.0, 7.0])
     assert points == [(5.0, 2), (6.0, 4), (7.0, 6)]
     assert shared_core_ceiling(300.0, 60.0) == pytest.approx(50.0)
@@ -165,6 +171,22 @@ def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None
     (tmp_path / "flat.yaml").write_text("batch_size: 8\n")
     with pytest.raises(SpecError, match="expected a `runtime:` mapping"):
         runtime_overrides(tmp_path / "flat.yaml")
+
+
+@pytest.mark.parametrize(("gpus", "batch", "read_batch"), [(0, 32, 4 * 32), (1, 256, 16)])
+def test_bench_batch_is_the_jobs_derived_one_unless_given(
+    gpus: float, batch: int, read_batch: int
+) -> None:
+    """CPUs: the actors decode (4 batches a read task); a GPU: one actor, read tasks decode."""
+
+    def sized(bench: BenchSpec) -> tuple[int | None, int | None]:
+        where = {"input_uri": "/p", "output_uri": "/o", "weights": Path("/w"), "run_id": "r"}
+        runtime = job_spec(bench, **where, gpus=gpus).runtime
+        return runtime.batch_size, runtime.read_batch_size
+
+    assert sized(parse_bench_spec({})) == (batch, read_batch)
+    given = sized(parse_bench_spec({"batch_size": 8}))
+    assert given == (8, 4 * 8 if gpus == 0 else 16)
 
 
 def test_s3_source_serves_the_photos_and_its_server_is_not_counted(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "kwargs": {},
     }
     assert spec.runtime.model_dump() == {
-        "batch_size": 32,
+        "batch_size": None,  # derived when sized for the pool (test_batch_sizes_...)
         "min_actors": 1,
         "max_actors": None,
         "num_gpus_per_actor": None,
@@ -89,7 +89,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "device": "auto",
         "autocast": "off",
         "autoscaling": False,
-        "read_batch_size": 16,
+        "read_batch_size": None,
         "decode": "tasks",
         "channels_last": True,
         "compile": False,
@@ -639,19 +639,60 @@ def test_job_spec_forbids_extra_fields_in_every_model() -> None:
 
 
 def test_max_actors_below_min_actors_is_refused() -> None:
-    from vision_ops.config import RuntimeSpec
-
     with pytest.raises(ValueError, match=r"expected at least min_actors \(3\), found 2"):
         RuntimeSpec(min_actors=3, max_actors=2)
 
 
-def test_read_tasks_fetch_four_model_batches_when_the_actors_decode() -> None:
-    def runtime(**values: object) -> RuntimeSpec:
-        return RuntimeSpec.model_validate(values)
+@pytest.mark.parametrize(
+    ("task", "gpu_share", "expected"),
+    [
+        ("classification", 0, 32),
+        ("classification", 1, 256),
+        ("classification", 0.5, 128),
+        ("classification", 0.3, 64),  # 76.8 of a whole GPU's 256, down to a power of two
+        ("classification", 2, 256),  # a model runs on one device
+        ("segmentation", 0, 8),
+        ("segmentation", 1, 64),
+        ("detection", 0, 4),
+        ("detection", 1, 16),
+        ("detection", 0.01, 1),
+    ],
+)
+def test_batch_size_is_derived_from_the_task_and_the_actors_device(
+    task: str, gpu_share: float, expected: int
+) -> None:
+    spec = parse_spec(with_value("task", {"kind": task}))
+    assert spec.runtime.batch_size is None
+    sized = spec.sized(gpu_share)
+    assert sized.runtime.batch_size == sized.runtime.images_per_call == expected
+    assert sized.runtime.read_batch_size == 16  # read tasks decode: small tasks feed the model
+    assert sized.sized(gpu_share) == sized  # sizing twice changes nothing
+    assert sized.fingerprint() == spec.fingerprint()  # sizing does not change the rows
 
-    assert runtime().read_batch_size == 16  # read tasks decode: small tasks feed the model soon
-    assert runtime(decode="device").read_batch_size == 4 * 32  # they only fetch bytes
-    assert runtime(decode="device", batch_size=8).read_batch_size == 32
-    assert runtime(decode="device", read_batch_size=5).read_batch_size == 5  # the spec wins
-    with pytest.raises(pydantic.ValidationError, match="batch_size"):
-        runtime(decode="device", batch_size=0)
+
+def test_the_specs_batch_sizes_win_over_the_derived_ones() -> None:
+    raw = with_value("runtime", {"batch_size": 12, "read_batch_size": 5})
+    assert parse_spec(raw).sized(1).runtime.model_dump(
+        include={"batch_size", "read_batch_size"}
+    ) == {"batch_size": 12, "read_batch_size": 5}
+
+
+def test_read_tasks_fetch_four_model_batches_when_the_actors_decode() -> None:
+    def read_batch(gpu_share: float, **runtime: object) -> int | None:
+        spec = parse_spec(with_value("runtime", {"decode": "device", **runtime}))
+        return spec.sized(gpu_share).runtime.read_batch_size
+
+    assert read_batch(0) == 4 * 32  # read tasks only fetch bytes: fewer, larger tasks
+    assert read_batch(1) == 4 * 256
+    assert read_batch(1, batch_size=8) == 32
+    assert read_batch(1, read_batch_size=5) == 5
+
+
+def test_an_unsized_spec_refuses_to_name_its_batch_sizes() -> None:
+    runtime = parse_spec(minimal()).runtime
+    with pytest.raises(
+        RuntimeError, match=r"runtime\.batch_size is derived when the spec is sized"
+    ):
+        _ = runtime.images_per_call
+    with pytest.raises(RuntimeError, match=r"runtime\.read_batch_size is derived"):
+        _ = runtime.files_per_read_task

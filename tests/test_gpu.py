@@ -58,7 +58,9 @@ def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:
     spec = spec.model_copy(
         update={"runtime": spec.runtime.model_copy(update={"autocast": "bfloat16"})}
     )
-    ids, scores = Classifier(spec).predict(images)
+    classifier = Classifier(spec)
+    assert classifier.spec.runtime.batch_size == 256  # unsized: a whole GPU's batch
+    ids, scores = classifier.predict(images)
     expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
     agree = (ids[:, 0] == expected.indices[:, 0].numpy()).mean()
     assert agree >= 0.9

@@ -3,6 +3,7 @@ input is accounted for once, bad files become error rows, the schema is the decl
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -87,9 +88,14 @@ def assert_matches_direct(rows: list[dict], direct: dict) -> None:
         assert row["score"] == pytest.approx(float(scores[0]), abs=1e-5)
 
 
-def test_local_files_equal_a_direct_model_call(ray_local, photo_dir, tmp_path, direct_top_k):
+def test_local_files_equal_a_direct_model_call(
+    ray_local, photo_dir, tmp_path, direct_top_k, caplog
+):
     output = tmp_path / "table"
-    summary = run_job(job([str(photo_dir)], str(output)))
+    caplog.set_level(logging.INFO, logger="vision_ops.pipeline")
+    derived = job([str(photo_dir)], str(output), runtime={"max_actors": 1})  # no batch_size
+    summary = run_job(derived)
+    assert "32 images per model call, 16 files per read task" in caplog.text  # a CPU actor's
     rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
     assert summary.commit.rows == summary.inputs == len(direct_top_k) == len(rows)
     assert_matches_direct(rows, direct_top_k)

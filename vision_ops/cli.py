@@ -92,10 +92,12 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
         plan = plan_pool(spec.runtime.model_copy(update={"autoscaling": False}), capacity)
     except (ClusterConfigError, ClusterTooSmall) as err:
         return _fail(err, EXIT_CLUSTER_TOO_SMALL)
+    sized = spec.sized(plan.num_gpus).runtime
     print(
         f"on {cluster} at full scale ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs): "
         f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
-        f"{plan.num_gpus:g} GPU"
+        f"{plan.num_gpus:g} GPU; {sized.images_per_call} images per model call, "
+        f"{sized.files_per_read_task} files per read task"
     )
     return EXIT_OK
 

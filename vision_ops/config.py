@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -510,8 +512,46 @@ READ_BATCH_SIZE = 16  # files a read task fetches and decodes
 DEVICE_DECODE_READ_BATCHES = 4  # model batches a read task fetches when the actors decode
 
 
+@dataclass(frozen=True)
+class BatchSizes:
+    """Images per model call for a task when the spec leaves runtime.batch_size out."""
+
+    cpu: int  # an actor on CPU cores: larger batches only add memory and latency there
+    gpu: int  # an actor holding a whole GPU; one holding a share of a GPU gets that share
+
+
+# Classification at 224 px keeps a data-centre GPU busy at a few hundred images a call;
+# segmentation (~520 px) and detection (~800 x 1333, within task.max_batch_pixels) hold far
+# larger activations per image.
+DEFAULT_BATCH_SIZES = {
+    "classification": BatchSizes(cpu=32, gpu=256),
+    "segmentation": BatchSizes(cpu=8, gpu=64),
+    "detection": BatchSizes(cpu=4, gpu=16),
+}
+
+
+def default_batch_size(task: str, gpu_share: float) -> int:
+    """The task's images per call for an actor holding `gpu_share` GPUs (0: CPU only); a
+    share of a GPU gets that share of a whole GPU's batch, in a power of two."""
+    sizes = DEFAULT_BATCH_SIZES[task]
+    if gpu_share <= 0:
+        return sizes.cpu
+    return max(1, 2 ** math.floor(math.log2(sizes.gpu * min(gpu_share, 1.0))))
+
+
+def _batch_size_description() -> str:
+    defaults = "; ".join(
+        f"{task} {sizes.cpu} on CPUs, {sizes.gpu} on a whole GPU"
+        for task, sizes in DEFAULT_BATCH_SIZES.items()
+    )
+    return (
+        f"Images per model call. By default derived from the task and the actor's device: "
+        f"{defaults}; an actor with a share of a GPU gets that share (a power of two)."
+    )
+
+
 class RuntimeSpec(StrictModel):
-    batch_size: int = Field(default=32, gt=0, description="Images per model call.")
+    batch_size: int | None = Field(default=None, gt=0, description=_batch_size_description())
     min_actors: int = Field(default=1, gt=0, description="Smallest predictor actor pool.")
     max_actors: int | None = Field(
         default=None, gt=0, description="Largest pool; defaults to as many as the cluster fits."
@@ -534,8 +574,8 @@ class RuntimeSpec(StrictModel):
         description="The cluster adds nodes on demand: do not refuse a pool that does not fit "
         "the nodes up now.",
     )
-    read_batch_size: int = Field(
-        default=READ_BATCH_SIZE,
+    read_batch_size: int | None = Field(
+        default=None,
         gt=0,
         description=f"Files fetched per read task call; by default {READ_BATCH_SIZE}, or "
         f"{DEVICE_DECODE_READ_BATCHES} model batches with decode: device, where read tasks "
@@ -577,15 +617,15 @@ class RuntimeSpec(StrictModel):
         "this long.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _device_decoding_reads_more_files_a_task(cls, value: Any) -> Any:
-        if not isinstance(value, dict) or value.get("decode") != "device":
-            return value
-        batch = value.get("batch_size", cls.model_fields["batch_size"].default)
-        if "read_batch_size" in value or not isinstance(batch, int) or batch <= 0:
-            return value  # an invalid batch_size is reported by its own field
-        return value | {"read_batch_size": batch * DEVICE_DECODE_READ_BATCHES}
+    @property
+    def images_per_call(self) -> int:
+        """batch_size, once sized (JobSpec.sized)."""
+        return _sized(self.batch_size, "batch_size")
+
+    @property
+    def files_per_read_task(self) -> int:
+        """read_batch_size, once sized (JobSpec.sized)."""
+        return _sized(self.read_batch_size, "read_batch_size")
 
     @model_validator(mode="after")
     def _pool_bounds_in_order(self) -> RuntimeSpec:
@@ -595,6 +635,12 @@ class RuntimeSpec(StrictModel):
                 f"found {self.max_actors}"
             )
         return self
+
+
+def _sized(value: int | None, name: str) -> int:
+    if value is None:
+        raise RuntimeError(f"runtime.{name} is derived when the spec is sized: call JobSpec.sized")
+    return value
 
 
 class OutputSpec(StrictModel):
@@ -655,6 +701,17 @@ class JobSpec(StrictModel):
                 "size: expected decode: tasks"
             )
         return self
+
+    def sized(self, gpu_share: float) -> JobSpec:
+        """This spec with the batch sizes it leaves out derived for an actor holding
+        `gpu_share` GPUs (0: CPUs only); the sizes it sets are kept."""
+        runtime = self.runtime
+        batch = runtime.batch_size or default_batch_size(self.task.kind, gpu_share)
+        read = runtime.read_batch_size or (
+            batch * DEVICE_DECODE_READ_BATCHES if runtime.decode == "device" else READ_BATCH_SIZE
+        )
+        sized = runtime.model_copy(update={"batch_size": batch, "read_batch_size": read})
+        return self.model_copy(update={"runtime": sized})
 
     def resolved_run(self) -> tuple[str, dt.date]:
         """The run id and date, with their defaults filled in."""

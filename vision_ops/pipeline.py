@@ -90,7 +90,7 @@ class RunSummary:
 def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
     """Size the predictor pool from the cluster; refuse, before any work, one that cannot run."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    num_gpus = _gpus_per_actor(runtime, gpus)
+    num_gpus = gpus_per_actor(runtime, gpus)
     by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
     by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
     fits = max(0, min(by_cpu, by_gpu))
@@ -113,7 +113,7 @@ def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
     )
 
 
-def _gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
+def gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
     """The spec's figure, else 1 where the cluster has a GPU and the device allows it."""
     num_gpus = runtime.num_gpus_per_actor
     if num_gpus is None:
@@ -156,13 +156,22 @@ def run_job(spec: JobSpec) -> RunSummary:
     inputs = plan_inputs(spec.input, spec.storage_options)
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
+    spec = spec.sized(plan.num_gpus)
     listing = list_listing(spec.input, inputs, spec.storage_options)
     lease = spec.run.lock_lease_s
     require_bucket(spec.output.uri, spec.storage_options)
     with RunLock(spec.output.uri, run_id, lease, spec.storage_options) as lock:
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
-        log.info("run %s: %d inputs, predictor pool %s", run_id, listing.count, plan)
+        log.info(
+            "run %s: %d inputs, predictor pool %s, %d images per model call, %d files per read "
+            "task",
+            run_id,
+            listing.count,
+            plan,
+            spec.runtime.images_per_call,
+            spec.runtime.files_per_read_task,
+        )
         commit, pipeline_seconds = _process_and_commit(spec, listing, plan, lock)
     seconds = time.perf_counter() - started
     return RunSummary(run_id, listing.count, seconds, pipeline_seconds, commit)
@@ -457,7 +466,7 @@ def build_dataset(
     # One read task per read batch: its images reach the model as soon as they are decoded
     # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
     # tasks to keep every free core decoding.
-    blocks = unit_blocks(listing, spec.runtime.read_batch_size)
+    blocks = unit_blocks(listing, spec.runtime.files_per_read_task)
     reader = functools.partial(
         read_units,
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
@@ -469,7 +478,7 @@ def build_dataset(
     )
     units = blocks.map_batches(
         reader,
-        batch_size=spec.runtime.read_batch_size,
+        batch_size=spec.runtime.files_per_read_task,
         batch_format="numpy",
         compute=TaskPoolStrategy(size=plan.read_tasks),
         num_cpus=1,
@@ -494,7 +503,7 @@ def build_dataset(
         compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
-        batch_size=spec.runtime.batch_size,
+        batch_size=spec.runtime.images_per_call,
         batch_format="numpy",
     )
     if not masks:

@@ -117,12 +117,14 @@ class Predictor:
     static_batch = 0  # a compiled fixed-size model's one batch size (0: any size)
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
-        self.spec = spec
         threads = spec.runtime.intra_op_threads or threads
         if threads:
             torch.set_num_threads(threads)
         self.model: LoadedModel = load_model(spec.model, spec.storage_options, self.task)
         self.device = pick_device(spec.runtime.device)
+        # The pipeline sizes the spec for its pool; one called directly sizes it for a whole
+        # device.
+        self.spec = spec.sized(1.0 if self.device.type == "cuda" else 0.0)
         self.module = self.model.module.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -158,7 +160,7 @@ class Predictor:
             # one static shape keeps one graph: run_fixed pads short batches to batch_size.
             compiled = torch.compile(self.module, dynamic=False, options={"freezing": True})
             self.module = cast(torch.nn.Module, compiled)
-            self.static_batch = self.spec.runtime.batch_size
+            self.static_batch = self.spec.runtime.images_per_call
             self.probe()
         return preprocessing
 

@@ -103,7 +103,7 @@ def model_ceiling(work: Workload) -> Measurement:
     set up as a predictor actor is (host memory kept for reuse), which leaves this process, and
     the peers measured in it after, as they were."""
     spec = work.job()
-    pool = model_batches(work, spec.runtime.batch_size)
+    pool = model_batches(work, spec.runtime.images_per_call)
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
         spawn = multiprocessing.get_context("spawn")
@@ -121,9 +121,9 @@ def model_ceiling(work: Workload) -> Measurement:
         wall_seconds=wall,
         peaks=peaks,
         includes=f"vision_ops Classifier on {timing.device}, {timing.threads} torch threads, "
-        f"batch {spec.runtime.batch_size}: median of {len(timing.rates)} passes after warm-up, "
-        "in a child process; its start, model load and warm-up included in wall; decoding "
-        "excluded",
+        f"batch {spec.runtime.images_per_call}: median of {len(timing.rates)} passes after "
+        "warm-up, in a child process; its start, model load and warm-up included in wall; "
+        "decoding excluded",
         details={"repeat_images_per_second": timing.rates, "device": timing.device},
     )
 

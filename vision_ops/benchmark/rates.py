@@ -12,14 +12,20 @@ MIN_STEADY_SECONDS = 1.0
 
 
 def steady_rate(
-    points: Sequence[tuple[float, int]], min_seconds: float = MIN_STEADY_SECONDS
+    points: Sequence[tuple[float, int]],
+    min_seconds: float = MIN_STEADY_SECONDS,
+    warm_rows: int = 0,
 ) -> float | None:
-    """Rows per second after the first output arrived: (rows after the first point) / (time from
-    the first point to the last). Points are (seconds, cumulative rows) in time order. None when
-    everything came within `min_seconds` of the first output (no steady state to measure)."""
-    if len(points) < 2:
+    """Rows per second once every producer has delivered its first output: (rows after the
+    window opens) / (time from its opening to the last point). Points are (seconds,
+    cumulative rows) in time order. The window opens at the first point, or at the first to
+    reach `warm_rows` rows: with several producers (actors) delivering coarse blocks, their
+    first blocks arrive together, and the ones after the first were made before the window
+    opened. None when the window holds less than `min_seconds` (no steady state to measure)."""
+    opened = next((i for i, (_, rows) in enumerate(points) if rows >= warm_rows), len(points))
+    if len(points) - opened < 2:
         return None
-    (t0, rows0), (t1, rows1) = points[0], points[-1]
+    (t0, rows0), (t1, rows1) = points[opened], points[-1]
     if rows1 <= rows0 or t1 - t0 < min_seconds:
         return None
     return (rows1 - rows0) / (t1 - t0)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vision_ops.benchmark.weights import ARCHITECTURE, TOP_K
 from vision_ops.config import JobSpec, SpecError, parse_spec
+from vision_ops.pipeline import gpus_per_actor
 
 # The approaches, by the letter the command line names them with.
 APPROACHES = {
@@ -37,7 +38,12 @@ class BenchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: int = Field(default=64, gt=0, description="Photos every approach classifies (N).")
-    batch_size: int = Field(default=32, gt=0, description="Images per model call, everywhere.")
+    batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Images per model call, everywhere; by default the job's own, derived from "
+        "the device (runtime.batch_size).",
+    )
     only: tuple[str, ...] = Field(
         default=tuple(APPROACHES), description="Approaches to run, by letter (a-f)."
     )
@@ -114,9 +120,9 @@ def default_runtime(bench: BenchSpec, gpus: float) -> dict[str, Any]:
         actors = bench.cores
         per_actor = max(1, bench.cores - reserved) / actors
         decode = "device"
-    return {
+    batch = {} if bench.batch_size is None else {"batch_size": bench.batch_size}
+    return batch | {
         "decode": decode,
-        "batch_size": bench.batch_size,
         "min_actors": actors,
         "max_actors": actors,
         "num_cpus_per_actor": per_actor,
@@ -135,9 +141,10 @@ def job_spec(
     gpus: float,
     storage_options: dict[str, dict[str, Any]] | None = None,
 ) -> JobSpec:
-    """The job every pipeline run of the bench executes: ResNet-18 top-5 at 224 px."""
+    """The job every pipeline run of the bench executes: ResNet-18 top-5 at 224 px, sized for
+    an actor of the pool it gets on this machine."""
     runtime = default_runtime(bench, gpus) | bench.runtime
-    return parse_spec(
+    job = parse_spec(
         {
             "input": {"uris": [input_uri], "extensions": [".jpg"]},
             "task": {"kind": "classification", "top_k": TOP_K},
@@ -160,3 +167,4 @@ def job_spec(
             "storage_options": storage_options or {},
         }
     )
+    return job.sized(gpus_per_actor(job.runtime, gpus))

@@ -35,7 +35,7 @@ class Workload:
     @property
     def batch_size(self) -> int:
         """The job's batch size (the bench's, unless --spec overrides it): every approach's."""
-        return self.job().runtime.batch_size
+        return self.job().runtime.images_per_call
 
     @property
     def excluded(self) -> frozenset[int]:
