@@ -108,12 +108,14 @@ def test_steady_rate_excludes_start_up() -> None:
     assert steady_rate([(10.0, 4), (11.0, 12), (12.0, 20)]) == pytest.approx(8.0)
     assert steady_rate([(10.0, 20)]) is None  # one piece: no steady state
     assert steady_rate([(10.0, 4), (10.2, 20)]) is None  # a burst, not a rate
-    # two actors, 4-row blocks each 1 s of work, started together: 8 rows/s; their first
-    # blocks arrive at 10.0 and 10.1, the second one made before the first arrived
+    # two actors, 4-row blocks each 1 s of work: 8 rows/s; their first blocks arrive at 10.0
+    # and 10.1 (the second made before the first arrived), and as the pool drains its last
+    # blocks (made while the window was open) arrive at 13.3 and 13.4
     two = [(10.0, 4), (10.1, 8), (11.0, 12), (11.1, 16), (12.0, 20), (12.1, 24)]
-    assert steady_rate(two) == pytest.approx(20 / 2.1)  # biased: counts the 2nd first block
-    assert steady_rate(two, warm_rows=8) == pytest.approx(8.0)
-    assert steady_rate(two, warm_rows=24) is None  # the window holds one point
+    two += [(13.0, 28), (13.1, 32), (13.3, 36), (13.4, 40)]
+    assert steady_rate(two) == pytest.approx(36 / 3.4)  # biased: counts the 2nd first block
+    assert steady_rate(two, edge_rows=8) == pytest.approx(24 / 3.0)  # 8 -> 32 rows
+    assert steady_rate(two, edge_rows=20) is None  # the window holds one point
     points = points_from_times([5.0, 5.0, 7.0, 6.0, 6.0, 7.0])
     assert points == [(5.0, 2), (6.0, 4), (7.0, 6)]
     assert shared_core_ceiling(300.0, 60.0) == pytest.approx(50.0)

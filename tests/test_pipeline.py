@@ -148,7 +148,9 @@ def test_bad_files_become_error_rows_and_good_ones_survive(
 ):
     expected_errors = write_bad_corpus(photo_dir)
     output = tmp_path / "table"
-    summary = run_job(job([str(photo_dir)], str(output), run_id="bad-corpus"))
+    # an object store budget below one read task's output (16 crops, 2.4 MB) still completes
+    runtime = {"batch_size": 4, "max_actors": 1, "queue_mb": 1}
+    summary = run_job(job([str(photo_dir)], str(output), run_id="bad-corpus", runtime=runtime))
     rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
     listed = sorted(p.as_uri() for p in photo_dir.iterdir())
     assert sorted(r["source_uri"] for r in rows) == listed  # each input exactly once

@@ -19,11 +19,13 @@ from fsspec.implementations.memory import MemoryFileSystem
 from vision_ops.config import InputSpec
 from vision_ops.sources import (
     LISTING_SCHEMA,
+    FolderWalk,
     SourceError,
     check_manifest,
     has_extension,
     list_inputs,
     object_listing,
+    paged_listing,
     plan_inputs,
     read_manifest,
 )
@@ -596,10 +598,22 @@ def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_pat
         read.normalise(pa.table({"uri": ["", "s3://b/x.jpg"], "size": ["1", "2"]}))
 
 
-def test_plan_inputs_keeps_local_listings_as_list_inputs_does(tree: Path) -> None:
+def test_plan_inputs_walks_a_local_directory_a_folder_at_a_time(tree: Path) -> None:
     spec = InputSpec(uris=[str(tree / "photos/sub"), str(tree / "photos/a.jpg")])
     plan = plan_inputs(spec)
-    assert plan.table.equals(list_inputs(spec)) and plan.listings == [] and plan.parts == 1
+    assert plan.table.to_pylist() == [local_row(tree, "photos/a.jpg")]  # the single file
+    (walk,) = plan.listings
+    assert isinstance(walk, FolderWalk) and plan.parts == 2
+    pages = [page["source_uri"].to_pylist() for page in walk.pages()]
+    assert sorted(map(len, pages)) == [2, 2]  # sub/ (B.JPG, d.tif), sub/deeper/ (c.png, e.jpeg)
+    walked = pa.concat_tables(walk.blocks(rows=3)).to_pylist()
+    assert (
+        sorted(walked, key=lambda r: r["source_uri"])
+        == list_inputs(InputSpec(uris=[str(tree / "photos/sub")])).to_pylist()
+    )
+    only_jpeg = paged_listing(str(tree / "photos"), [".jpeg"], None)
+    assert only_jpeg is not None and [b.num_rows for b in only_jpeg.blocks()] == [1]
+    assert paged_listing(str(tree / "photos/*.jpg"), [".jpg"], None) is None  # listed at once
     with pytest.raises(SourceError, match="not found"):
         plan_inputs(InputSpec(uris=[str(tree / "nope")]))
     with pytest.raises(SourceError, match="no input files found"):

@@ -610,6 +610,13 @@ class RuntimeSpec(StrictModel):
         description="Torch threads per actor; defaults to the actor's CPUs, or on a node "
         "without GPUs to the node's CPUs shared among its actors (decoding needs few).",
     )
+    queue_mb: int | None = Field(
+        default=None,
+        gt=0,
+        description="Object store budget of the run's pipeline, in MB (Ray Data's limit): what "
+        "read tasks may have queued ahead of the actors. Default: Ray Data's (a share of the "
+        "cluster's object store).",
+    )
     stall_timeout_s: int = Field(
         default=1800,
         gt=0,

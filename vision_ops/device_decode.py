@@ -42,10 +42,15 @@ def model_inputs(
     the files on `threads` threads at once (the model's cores, idle until the batch is ready)."""
     if device.type == "cpu" and threads > 1 and len(payloads) > 1:
         one_file = functools.partial(_model_input, device=device, max_pixels=max_pixels, spec=spec)
-        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
-            return list(pool.map(one_file, payloads))
+        return list(_decoders(threads).map(one_file, payloads))
     decoded = decode_batch(payloads, device, max_pixels)
     return [_cropped(image, spec) for image in decoded]
+
+
+@functools.cache
+def _decoders(threads: int) -> ThreadPoolExecutor:
+    """This process's CPU decoding threads, started once and kept for every batch."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
 
 def _model_input(

@@ -53,8 +53,9 @@ from vision_ops.tally import (
 
 log = logging.getLogger(__name__)
 MAX_REPEATED_URIS = 100_000  # URIs named more than once that a run sets right (else refuses)
+MB = 1024**2
 # Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
-READ_TASK_MEMORY_BYTES = 512 * 1024**2
+READ_TASK_MEMORY_BYTES = 512 * MB
 
 
 class ClusterTooSmall(RuntimeError):
@@ -328,8 +329,7 @@ def _process_and_commit(
     merger = scene_merger(spec, tiles)
     stats = RunStats()
     if (tiles.units.num_rows if tiles else listing.count) > 0:
-        dataset = build_dataset(spec, units, plan, run_id, schema)
-        dataset.context.execution_no_progress_timeout_s = spec.runtime.stall_timeout_s
+        dataset = with_limits(build_dataset(spec, units, plan, run_id, schema), spec.runtime)
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             written = time.perf_counter()
             rows = stats.record(table)
@@ -446,6 +446,18 @@ def model_fingerprint(spec: JobSpec) -> str:
         if settings is not None:
             content[name] = settings.model_dump(mode="json")
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def with_limits(dataset: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:
+    """The dataset set to fail when no stage makes progress for `stall_timeout_s`, and to keep
+    its object store use within `queue_mb` where the spec sets it."""
+    context = dataset.context
+    context.execution_no_progress_timeout_s = runtime.stall_timeout_s
+    if runtime.queue_mb is not None:
+        limits = context.execution_options.resource_limits
+        budget = runtime.queue_mb * MB
+        context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return dataset
 
 
 def unit_blocks(units: ray.data.Dataset | pa.Table, rows: int) -> ray.data.Dataset:

@@ -71,11 +71,12 @@ def nothing_found(spec: InputSpec) -> SourceError:
 @dataclass(frozen=True)
 class InputPlan:
     """What a run reads, checked before any work, without listing large collections here:
-    the inputs listed on this process (files, local directories and globs, single objects:
-    sorted, once each), s3:// prefixes and globs to page through, and a manifest to stream."""
+    the inputs listed on this process (single files and objects, and globs outside s3://:
+    sorted, once each), directories, s3:// prefixes and globs to page through, and a manifest
+    to stream."""
 
     table: pa.Table
-    listings: list[ObjectListing] = field(default_factory=list)
+    listings: list[PagedListing] = field(default_factory=list)
     manifest: ManifestRead | None = None
 
     @property
@@ -90,7 +91,7 @@ def plan_inputs(spec: InputSpec, options: StorageOptions | None = None) -> Input
     rows: dict[str, dict[str, Any]] = {}
     listings = []
     for uri in spec.uris:
-        listing = object_listing(uri, spec.extensions, options)
+        listing = paged_listing(uri, spec.extensions, options)
         if listing is not None:
             listings.append(listing)
             continue
@@ -144,13 +145,67 @@ def _find_info(fs: Any, path: str, uri: str) -> dict[str, Any]:
         raise SourceError(f"input {uri}: access denied ({err})") from None
 
 
-# --- s3:// prefixes and globs, page by page -----------------------------------------------------
+# --- directories, s3:// prefixes and globs, page by page ----------------------------------------
+
+
+class PagedListing:
+    """Inputs listed a page at a time, so that no process holds the whole listing."""
+
+    def pages(self) -> Iterator[pa.Table]:
+        """Each page's inputs as listing rows (the extension filter applied)."""
+        raise NotImplementedError
+
+    def blocks(self, rows: int = LISTING_BLOCK_ROWS) -> Iterator[pa.Table]:
+        """Pages gathered into tables of at least `rows` rows (but the last)."""
+        gathered: list[pa.Table] = []
+        for page in self.pages():
+            gathered.append(page)
+            if sum(t.num_rows for t in gathered) >= rows:
+                yield pa.concat_tables(gathered)
+                gathered = []
+        if any(t.num_rows for t in gathered):
+            yield pa.concat_tables(gathered)
+
+
+def paged_listing(
+    uri: str, extensions: Iterable[str], options: StorageOptions | None
+) -> PagedListing | None:
+    """An s3:// prefix or glob as an ObjectListing, a directory elsewhere as a FolderWalk; None
+    for a single file or object, or a glob outside s3:// (listed at once)."""
+    if protocol_of(uri) == "s3":
+        return object_listing(uri, extensions, options)
+    fs, path = filesystem(uri, options)
+    if GLOB_CHARS & set(path) or _find_info(fs, path, uri).get("type") != "directory":
+        return None
+    return FolderWalk(uri, path, tuple(extensions), dict(options or {}))
 
 
 @dataclass(frozen=True)
-class ObjectListing:
-    """An s3:// prefix or glob listed a page (ListObjectsV2) at a time, so that no process
-    holds the whole listing: keys come in key order, each once."""
+class FolderWalk(PagedListing):
+    """A directory on a filesystem other than s3:// (local, gs://, az://, memory://) listed a
+    folder at a time (fsspec's walk): a folder's files come together, folders in walk order."""
+
+    uri: str
+    path: str
+    extensions: tuple[str, ...]
+    options: StorageOptions
+
+    def pages(self) -> Iterator[pa.Table]:
+        fs, _ = filesystem(self.uri, self.options)
+        for _, _, files in fs.walk(self.path, detail=True):
+            rows = [
+                _listing_row(canonical_uri(fs, info["name"]), info)
+                for _, info in sorted(files.items())
+                if info.get("type") == "file"
+            ]
+            kept = [row for row in rows if has_extension(row["source_uri"], self.extensions)]
+            yield pa.Table.from_pylist(kept, schema=LISTING_SCHEMA)
+
+
+@dataclass(frozen=True)
+class ObjectListing(PagedListing):
+    """An s3:// prefix or glob listed a page (ListObjectsV2) at a time: keys come in key
+    order, each once."""
 
     uri: str
     bucket: str
@@ -175,17 +230,6 @@ class ObjectListing:
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
 
-    def blocks(self, rows: int = LISTING_BLOCK_ROWS) -> Iterator[pa.Table]:
-        """Pages gathered into tables of at least `rows` rows (but the last)."""
-        gathered: list[pa.Table] = []
-        for page in self.pages():
-            gathered.append(page)
-            if sum(t.num_rows for t in gathered) >= rows:
-                yield pa.concat_tables(gathered)
-                gathered = []
-        if any(t.num_rows for t in gathered):
-            yield pa.concat_tables(gathered)
-
     def _rows(self, contents: list[dict[str, Any]], pattern: re.Pattern[str] | None) -> pa.Table:
         rows = []
         for entry in contents:
@@ -202,8 +246,8 @@ class ObjectListing:
 def object_listing(
     uri: str, extensions: Iterable[str], options: StorageOptions | None
 ) -> ObjectListing | None:
-    """An s3:// prefix or glob as an ObjectListing; None for anything else (other stores and
-    local paths are listed at once, as is a single object)."""
+    """An s3:// prefix or glob as an ObjectListing; None for anything else (a single object,
+    a glob in the bucket name, another store)."""
     if protocol_of(uri) != "s3":
         return None
     fs, path = filesystem(uri, options)

@@ -23,8 +23,8 @@ PHOTO_BUCKET, OUTPUT_BUCKET = "bench-photos", "bench-out"
 SCALING_TARGET = 1.15  # N -> scale x N images may raise the pipeline's peak RSS by < 15 %
 INCLUDES = (
     "run_job: listing, Ray start-up, read/decode tasks, predictor actor (model load), "
-    "Parquet commit; img/s from the manifest's progress after every actor's first block reached "
-    "the driver, so start-up is excluded; wall includes ray.init"
+    "Parquet commit; img/s from the manifest's progress between every actor's first block and "
+    "its last, so start-up and drain are excluded; wall includes ray.init"
 )
 
 
@@ -57,7 +57,7 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
             wall = time.perf_counter() - started
     manifest = committed_run(source.output_uri, run_id, source.storage_options) or {}
     progress = [(float(t), int(rows)) for t, rows in manifest.get("progress", [])]
-    steady = steady_rate(progress, warm_rows=first_blocks(spec))
+    steady = steady_rate(progress, edge_rows=pool_blocks(spec))
     commit = summary.commit
     measurement = Measurement(
         key=source.key,
@@ -81,9 +81,9 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
     return measurement, committed_top1(source, run_id)
 
 
-def first_blocks(spec: JobSpec) -> int:
-    """Rows of every actor's first output block: an actor hands on a block of the larger of a
-    read task's files and a model batch, and the pool's first blocks come at once."""
+def pool_blocks(spec: JobSpec) -> int:
+    """Rows of one output block from every actor: an actor hands on blocks of the larger of a
+    read task's files and a model batch, and the pool's first (and last) blocks come at once."""
     runtime = spec.runtime
     block = max(runtime.files_per_read_task, runtime.images_per_call)
     return (runtime.max_actors or runtime.min_actors) * block

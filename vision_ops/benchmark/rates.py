@@ -14,18 +14,20 @@ MIN_STEADY_SECONDS = 1.0
 def steady_rate(
     points: Sequence[tuple[float, int]],
     min_seconds: float = MIN_STEADY_SECONDS,
-    warm_rows: int = 0,
+    edge_rows: int = 0,
 ) -> float | None:
-    """Rows per second once every producer has delivered its first output: (rows after the
-    window opens) / (time from its opening to the last point). Points are (seconds,
-    cumulative rows) in time order. The window opens at the first point, or at the first to
-    reach `warm_rows` rows: with several producers (actors) delivering coarse blocks, their
-    first blocks arrive together, and the ones after the first were made before the window
-    opened. None when the window holds less than `min_seconds` (no steady state to measure)."""
-    opened = next((i for i, (_, rows) in enumerate(points) if rows >= warm_rows), len(points))
-    if len(points) - opened < 2:
+    """Rows per second between start-up and drain: (rows in the window) / (its seconds).
+    Points are (seconds, cumulative rows) in time order. The window opens at the first point to
+    reach `edge_rows` rows and closes at the last to leave `edge_rows` still to come (by
+    default: the first point and the last). With several producers (actors) delivering coarse
+    blocks, their first blocks arrive together, the ones after the first made before the
+    window opened, and their last blocks as the pool drains: one block per producer at each
+    end keeps both out. None when the window holds less than `min_seconds`."""
+    total = points[-1][1] if points else 0
+    inside = [i for i, (_, rows) in enumerate(points) if edge_rows <= rows <= total - edge_rows]
+    if len(inside) < 2:
         return None
-    (t0, rows0), (t1, rows1) = points[opened], points[-1]
+    (t0, rows0), (t1, rows1) = points[inside[0]], points[inside[-1]]
     if rows1 <= rows0 or t1 - t0 < min_seconds:
         return None
     return (rows1 - rows0) / (t1 - t0)

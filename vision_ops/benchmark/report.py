@@ -130,7 +130,8 @@ def format_table(report: BenchReport) -> str:
         "others rows / wall seconds; a ratio marked * uses such a figure",
         f"RSS, PSS: peaks {TREE_DESCRIPTION}; RSS every {settings['sample_interval_s']} s, PSS "
         "every 5th sample. objst: peak Ray object store bytes in use.",
-        "steady img/s: rows after the first output batch / time from it to the last row.",
+        "steady img/s: rows after the first output batch / time from it to the last row; for "
+        "the pipeline, between every actor's first output block and its last.",
     ]
     lines += _ratio_lines(report) + _scaling_lines(report) + _check_lines(report)
     return "\n".join(lines)
