@@ -115,6 +115,7 @@ def test_steady_rate_excludes_start_up() -> None:
     two += [(13.0, 28), (13.1, 32), (13.3, 36), (13.4, 40)]
     assert steady_rate(two) == pytest.approx(36 / 3.4)  # biased: counts the 2nd first block
     assert steady_rate(two, edge_rows=8) == pytest.approx(24 / 3.0)  # 8 -> 32 rows
+    assert steady_rate(two[:7], edge_rows=8) is None  # 8 -> 20 rows: under two rounds
     assert steady_rate(two, edge_rows=20) is None  # the window holds one point
     points = points_from_times([5.0, 5.0, 7.0, 6.0, 6.0, 7.0])
     assert points == [(5.0, 2), (6.0, 4), (7.0, 6)]

@@ -391,7 +391,11 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="throughput and memory: the pipeline against its ceilings and peers"
     )
     sub.add_argument("--images", type=int, default=64, help="photos (N) every approach classifies")
-    sub.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    sub.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per model call, everywhere (default: the job's, derived from the device)",
+    )
     sub.add_argument("--out", default="bench.json", help="the JSON report")
     sub.add_argument(
         "--only",

@@ -22,13 +22,14 @@ def steady_rate(
     default: the first point and the last). With several producers (actors) delivering coarse
     blocks, their first blocks arrive together, the ones after the first made before the
     window opened, and their last blocks as the pool drains: one block per producer at each
-    end keeps both out. None when the window holds less than `min_seconds`."""
+    end keeps both out. None when the window holds less than `min_seconds`, or fewer than
+    two such rounds of blocks (2 x `edge_rows` rows: one round is too coarse a rate)."""
     total = points[-1][1] if points else 0
     inside = [i for i, (_, rows) in enumerate(points) if edge_rows <= rows <= total - edge_rows]
     if len(inside) < 2:
         return None
     (t0, rows0), (t1, rows1) = points[inside[0]], points[inside[-1]]
-    if rows1 <= rows0 or t1 - t0 < min_seconds:
+    if rows1 <= rows0 or rows1 - rows0 < 2 * edge_rows or t1 - t0 < min_seconds:
         return None
     return (rows1 - rows0) / (t1 - t0)
 
