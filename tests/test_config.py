@@ -95,6 +95,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "compile": False,
         "retain_host_memory": True,
         "intra_op_threads": None,
+        "queue_mb": None,
         "stall_timeout_s": 1800,
     }
     assert spec.output.model_dump() == {"uri": "s3://out/predictions", "rows_per_file": 250_000}
