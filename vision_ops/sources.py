@@ -158,12 +158,14 @@ class PagedListing:
     def blocks(self, rows: int = LISTING_BLOCK_ROWS) -> Iterator[pa.Table]:
         """Pages gathered into tables of at least `rows` rows (but the last)."""
         gathered: list[pa.Table] = []
+        count = 0
         for page in self.pages():
             gathered.append(page)
-            if sum(t.num_rows for t in gathered) >= rows:
+            count += page.num_rows
+            if count >= rows:
                 yield pa.concat_tables(gathered)
-                gathered = []
-        if any(t.num_rows for t in gathered):
+                gathered, count = [], 0
+        if count:
             yield pa.concat_tables(gathered)
 
 
@@ -195,11 +197,10 @@ class FolderWalk(PagedListing):
         for _, _, files in fs.walk(self.path, detail=True):
             rows = [
                 _listing_row(canonical_uri(fs, info["name"]), info)
-                for _, info in sorted(files.items())
-                if info.get("type") == "file"
+                for name, info in sorted(files.items())
+                if info.get("type") == "file" and has_extension(name, self.extensions)
             ]
-            kept = [row for row in rows if has_extension(row["source_uri"], self.extensions)]
-            yield pa.Table.from_pylist(kept, schema=LISTING_SCHEMA)
+            yield pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
 
 
 @dataclass(frozen=True)
