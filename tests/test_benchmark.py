@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
 from PIL import Image
 
 from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos, photo_set
@@ -190,6 +192,34 @@ def test_bench_batch_is_the_jobs_derived_one_unless_given(
     assert sized(parse_bench_spec({})) == (batch, read_batch)
     given = sized(parse_bench_spec({"batch_size": 8}))
     assert given == (8, 4 * 8 if gpus == 0 else 16)
+
+
+def test_bench_runs_the_classifier_it_names_like_plain_pytorch(tmp_path: Path) -> None:
+    """--architecture reaches the job spec, the weights file and the peers' plain model: the
+    pipeline's Classifier on the bench's crops ranks like the network loaded by hand."""
+    from vision_ops.benchmark.ceilings import model_batches
+    from vision_ops.benchmark.spec import IMAGENET_MEAN, IMAGENET_STD
+    from vision_ops.benchmark.weights import plain_model, top_k
+    from vision_ops.benchmark.workload import prepare
+    from vision_ops.predictors import Classifier
+    from vision_ops.schema import TOP_K_IDS, TOP_K_SCORES
+
+    bench = parse_bench_spec({"images": 3, "architecture": "mobilenet_v3_small"})
+    work = prepare(bench.model_copy(update={"workdir": tmp_path}))
+    assert work.job().model.architecture == "mobilenet_v3_small"
+    assert work.weights.name == "mobilenet_v3_small-seed0.pt"
+    (batch,) = model_batches(work, 3)
+    predicted = Classifier(work.job())(batch)
+    pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float().div(255)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    model = plain_model(work.weights, "mobilenet_v3_small", torch.device("cpu"))
+    with torch.inference_mode():
+        ids, scores = top_k(model((pixels - mean) / std))
+    np.testing.assert_array_equal(predicted[TOP_K_IDS], ids)
+    np.testing.assert_allclose(predicted[TOP_K_SCORES], scores, atol=1e-5)
+    for wrong in ("fasterrcnn_resnet50_fpn_v2", "resnet5"):
+        with pytest.raises(SpecError, match=f"expected a torchvision classification.*{wrong}"):
+            parse_bench_spec({"architecture": wrong})
 
 
 def test_s3_source_serves_the_photos_and_its_server_is_not_counted(tmp_path: Path) -> None:

@@ -18,6 +18,18 @@ EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster c
 EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
 EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
+# `vision-ops bench` options that are BenchSpec fields of the same name.
+BENCH_SETTINGS = (
+    "images",
+    "architecture",
+    "batch_size",
+    "s3",
+    "scale",
+    "workdir",
+    "out",
+    "repeats",
+    "seed",
+)
 
 log = logging.getLogger("vision_ops")
 
@@ -286,8 +298,7 @@ def bench(args: argparse.Namespace) -> int:
     values = {
         key: value
         for key, value in vars(args).items()
-        if key in ("images", "batch_size", "s3", "scale", "workdir", "out", "repeats", "seed")
-        and value is not None
+        if key in BENCH_SETTINGS and value is not None
     }
     try:
         if args.only:
@@ -391,6 +402,10 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="throughput and memory: the pipeline against its ceilings and peers"
     )
     sub.add_argument("--images", type=int, default=64, help="photos (N) every approach classifies")
+    sub.add_argument(
+        "--architecture",
+        help="the torchvision classifier every approach runs, e.g. resnet50 (default: resnet18)",
+    )
     sub.add_argument(
         "--batch-size",
         type=int,

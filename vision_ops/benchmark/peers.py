@@ -114,9 +114,9 @@ def ray_guide_preprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class RayGuideClassifier:
     """The guide's callable class: loads the model once, scores float32 batches."""
 
-    def __init__(self, weights: str, device: str, autocast: str) -> None:
+    def __init__(self, weights: str, architecture: str, device: str, autocast: str) -> None:
         self.device, self.autocast = torch.device(device), autocast
-        self.model = plain_model(Path(weights), self.device)
+        self.model = plain_model(Path(weights), architecture, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         images = torch.as_tensor(batch["transformed_image"], device=self.device)
@@ -142,6 +142,7 @@ def naive_ray(work: Workload) -> tuple[Measurement, dict[str, int]]:
                 RayGuideClassifier,
                 fn_constructor_kwargs={
                     "weights": str(work.weights),
+                    "architecture": work.bench.architecture,
                     "device": device.type,
                     "autocast": work.autocast(),
                 },
@@ -189,7 +190,7 @@ def dataloader_loop(work: Workload) -> tuple[Measurement, dict[str, int]]:
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
         torch.set_num_threads(work.bench.cores)
-        model = plain_model(work.weights, device)
+        model = plain_model(work.weights, work.bench.architecture, device)
         loader = torch.utils.data.DataLoader(
             PhotoFiles(paths),
             batch_size=work.batch_size,
@@ -233,9 +234,9 @@ def daft_classifier(work: Workload) -> Any:
 
     @daft.cls(gpus=gpus, max_concurrency=1)
     class DaftClassifier:
-        def __init__(self, weights: str, device: str, autocast: str) -> None:
+        def __init__(self, weights: str, architecture: str, device: str, autocast: str) -> None:
             self.device, self.autocast = torch.device(device), autocast
-            self.model = plain_model(Path(weights), self.device)
+            self.model = plain_model(Path(weights), architecture, self.device)
             self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
             self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
@@ -257,7 +258,9 @@ def daft_classifier(work: Workload) -> Any:
                 for i, s in zip(ids, scores, strict=True)
             ]
 
-    return DaftClassifier(str(work.weights), work.device().type, work.autocast())
+    return DaftClassifier(
+        str(work.weights), work.bench.architecture, work.device().type, work.autocast()
+    )
 
 
 def daft_job(work: Workload) -> tuple[Measurement, dict[str, int]]:

@@ -14,7 +14,7 @@ from vision_ops.benchmark.e2e import local_source, pipeline_run, s3_source, scal
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
 from vision_ops.benchmark.report import BenchReport, Measurement
 from vision_ops.benchmark.spec import BenchSpec
-from vision_ops.benchmark.weights import ARCHITECTURE, TOP_K
+from vision_ops.benchmark.weights import TOP_K
 from vision_ops.benchmark.workload import Workload, photo_description, prepare
 from vision_ops.registry import Registry
 
@@ -134,7 +134,7 @@ def row_problems(measurements: list[Measurement]) -> list[str]:
 def settings(work: Workload) -> dict[str, Any]:
     bench = work.bench
     return {
-        "model": f"{ARCHITECTURE} (random weights, seed {bench.seed}) top-{TOP_K} at 224 px",
+        "model": f"{bench.architecture} (random weights, seed {bench.seed}) top-{TOP_K} at 224 px",
         "images": bench.images,
         "photo": photo_description(),
         "batch_size": work.batch_size,

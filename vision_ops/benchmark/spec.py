@@ -9,7 +9,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vision_ops.benchmark.weights import ARCHITECTURE, TOP_K
+from vision_ops.benchmark.weights import (
+    DEFAULT_ARCHITECTURE,
+    TOP_K,
+    classification_architectures,
+)
 from vision_ops.config import JobSpec, SpecError, parse_spec
 from vision_ops.pipeline import gpus_per_actor
 
@@ -38,6 +42,11 @@ class BenchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: int = Field(default=64, gt=0, description="Photos every approach classifies (N).")
+    architecture: str = Field(
+        default=DEFAULT_ARCHITECTURE,
+        description="The torchvision classifier every approach runs (random weights), e.g. "
+        "resnet18, resnet50, vit_b_16.",
+    )
     batch_size: int | None = Field(
         default=None,
         gt=0,
@@ -68,6 +77,18 @@ class BenchSpec(BaseModel):
         default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU cores to use."
     )
     sample_interval_s: float = Field(default=0.2, gt=0, description="Memory sampling period.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _a_torchvision_classifier(cls, value: str) -> str:
+        known = classification_architectures()
+        if value not in known:
+            raise ValueError(
+                f"expected a torchvision classification model such as resnet18, resnet50 or "
+                f"efficientnet_b0 ({len(known)} in torchvision.models.list_models("
+                f"module=torchvision.models)); found {value!r}"
+            )
+        return value
 
     @field_validator("only")
     @classmethod
@@ -141,8 +162,8 @@ def job_spec(
     gpus: float,
     storage_options: dict[str, dict[str, Any]] | None = None,
 ) -> JobSpec:
-    """The job every pipeline run of the bench executes: ResNet-18 top-5 at 224 px, sized for
-    an actor of the pool it gets on this machine."""
+    """The job every pipeline run of the bench executes: the bench's classifier, top-5 at
+    224 px, sized for an actor of the pool it gets on this machine."""
     runtime = default_runtime(bench, gpus) | bench.runtime
     job = parse_spec(
         {
@@ -150,9 +171,9 @@ def job_spec(
             "task": {"kind": "classification", "top_k": TOP_K},
             "model": {
                 "kind": "torchvision",
-                "architecture": ARCHITECTURE,
+                "architecture": bench.architecture,
                 "weights": str(weights),
-                "name": f"{ARCHITECTURE}-random-seed{bench.seed}",
+                "name": f"{bench.architecture}-random-seed{bench.seed}",
                 "preprocessing": {
                     "resize": RESIZE,
                     "crop": CROP,

@@ -1,4 +1,5 @@
-"""The benchmark's model: torchvision ResNet-18 with seeded random weights in a state_dict file."""
+"""The benchmark's model: a torchvision classifier (ResNet-18 unless the bench names another)
+with seeded random weights in a state_dict file."""
 
 from __future__ import annotations
 
@@ -11,25 +12,31 @@ import numpy as np
 import torch
 import torchvision
 
-ARCHITECTURE = "resnet18"
+DEFAULT_ARCHITECTURE = "resnet18"
 TOP_K = 5
 
 
-def weights_file(workdir: Path, seed: int) -> Path:
-    """A ResNet-18 state_dict with weights drawn from `seed` (no hub download), made once."""
-    path = workdir / "weights" / f"{ARCHITECTURE}-seed{seed}.pt"
+def classification_architectures() -> list[str]:
+    """torchvision's ImageNet classifiers (the models the bench can time), by builder name."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def weights_file(workdir: Path, architecture: str, seed: int) -> Path:
+    """A state_dict of `architecture` with weights drawn from `seed` (no hub download), made
+    once."""
+    path = workdir / "weights" / f"{architecture}-seed{seed}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         partial = path.with_suffix(f".{os.getpid()}.part")
-        torch.save(torchvision.models.get_model(ARCHITECTURE).state_dict(), partial)
+        torch.save(torchvision.models.get_model(architecture).state_dict(), partial)
         partial.replace(path)
     return path
 
 
-def plain_model(weights: Path, device: torch.device) -> torch.nn.Module:
+def plain_model(weights: Path, architecture: str, device: torch.device) -> torch.nn.Module:
     """The same network the pipeline loads, built the way a plain PyTorch script builds it."""
-    model = torchvision.models.get_model(ARCHITECTURE)
+    model = torchvision.models.get_model(architecture)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval().to(device)
 

@@ -82,7 +82,7 @@ class Workload:
 def prepare(bench: BenchSpec) -> Workload:
     """Photos and weights on disk (cached in the workdir), the machine's GPUs counted."""
     photos = photo_set(bench.workdir, bench.images, bench.seed)
-    weights = weights_file(bench.workdir, bench.seed)
+    weights = weights_file(bench.workdir, bench.architecture, bench.seed)
     return Workload(bench, photos, weights, float(torch.cuda.device_count()))
 
 
