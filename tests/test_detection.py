@@ -186,15 +186,19 @@ def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> Non
     assert any(row["num_detections"] for row in rows.values() if row["status"] == STATUS_OK)
 
 
-@pytest.fixture(scope="module")
-def spread_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def save_spread_detector(folder: Path) -> Path:
     """A small Faster R-CNN whose class scores are spread out (no near-ties between boxes)."""
     model = build(SPREAD)
     torch.manual_seed(1)
     torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.5)
-    path = tmp_path_factory.mktemp("weights") / "spread.pt"
+    path = folder / "spread.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def spread_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_spread_detector(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_detection import detector, images_batch, save_spread_detector
 from test_device_decode import MAX_PIXELS, device_reference, photo, run_on_photos
 from test_models import direct_logits, spec_for, tiny_classifier, torchvision_file_model
 
 from vision_ops.decode import CorruptImage
 from vision_ops.device_decode import decode_batch
-from vision_ops.predictors import Classifier, stack_on_device
+from vision_ops.predictors import Classifier, Detector, stack_on_device
+from vision_ops.schema import DETECTIONS
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -78,3 +80,27 @@ def test_pipeline_on_a_gpu_with_nvjpeg_equals_direct_calls(
     found = {Path(r["source_uri"]).name: r["top_k"][0]["label_id"] for r in rows}
     agree = np.mean([found[n] == int(i) for n, i in zip(jpegs, expected, strict=True)])
     assert agree >= 5 / 6  # nvJPEG's IDCT is not libjpeg's: a near tie may flip
+
+
+@pytest.fixture(scope="module")
+def spread_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_spread_detector(tmp_path_factory.mktemp("detector"))
+
+
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_detector_on_a_gpu_finds_the_cpus_boxes(spread_detector: Path, autocast: str) -> None:
+    """Same-size images go up in one pinned batch; float32 on the GPU gives the CPU's boxes,
+    bf16 a best box the CPU also ranks high, within 2 pixels."""
+    batch = images_batch([(100, 140), (100, 140), (90, 120)])
+    on_cpu = detector(spread_detector)(batch)[DETECTIONS]
+    spec = detector(spread_detector).spec
+    runtime = spec.runtime.model_copy(update={"device": "cuda", "autocast": autocast})
+    on_gpu = Detector(spec.model_copy(update={"runtime": runtime}))(batch)[DETECTIONS]
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        assert len(cpu) > 0
+        if autocast == "off":
+            np.testing.assert_allclose(gpu, cpu, atol=1e-2)
+        else:  # bf16 may reorder near-equal scores: the best box is among the CPU's top 3
+            best = gpu[0]
+            near = [c[0] == best[0] and np.abs(c[2:] - best[2:]).max() <= 2.0 for c in cpu[:3]]
+            assert any(near), (best, cpu[:3])

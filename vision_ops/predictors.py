@@ -292,7 +292,7 @@ class Detector(Predictor):
         shapes = [(images[i].shape[0], images[i].shape[1]) for i in rows.tolist()]
         for group in pixel_budget_groups(shapes, self.settings.max_batch_pixels):
             members = rows[group]
-            pixels = [np.asarray(images[i]) for i in members.tolist()]
+            pixels = stack_on_device([images[i] for i in members.tolist()], self.device)
             for index, output in zip(members, self.detect(pixels), strict=True):
                 found = as_rows(output)
                 kept = kept_indices(found, self.settings, self.allowed_ids)
@@ -303,9 +303,10 @@ class Detector(Predictor):
             out[INSTANCE_COLUMN] = extras
         return out
 
-    def detect(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
-        """uint8 (H, W, 3) images of one size -> the model's per-image outputs, source pixels."""
-        tensors = [self._to_tensor(image) for image in images]
+    def detect(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """uint8 (N, H, W, 3) images of one size on the device -> the model's per-image outputs,
+        in source pixels. The model takes floats in 0-1 and normalises them itself."""
+        tensors = list(pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0).unbind(0))
         with self.inference():
             outputs = self.module(tensors)
         if isinstance(outputs, tuple):  # scripted torchvision detectors: (losses, detections)
@@ -319,11 +320,6 @@ class Detector(Predictor):
         if self.instance == "keypoints":
             return keypoint_arrays(output)[kept]
         return None
-
-    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float (3, H, W) in 0-1 on the device (the model normalises)."""
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
-        return pixels.permute(2, 0, 1).float().div_(255.0)
 
 
 @PREDICTORS.register("segmentation")
