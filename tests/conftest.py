@@ -26,23 +26,47 @@ def ray_temp_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def ray_local(ray_temp_dir: str) -> Iterator[None]:
-    """The embedded local cluster the job starts when RAY_ADDRESS is unset: 2 CPUs, no GPU."""
+def start_local_ray(temp_dir: str, gpus: int) -> None:
+    """A fresh local Ray of 2 CPUs and `gpus` GPUs (the one before it, if any, shut down)."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
     # Workers import test-only entrypoints (tests/crashing.py) the way they import user code.
     tests_dir = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [tests_dir, os.environ.get("PYTHONPATH")])
-    )
+    if tests_dir not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [tests_dir, os.environ.get("PYTHONPATH")])
+        )
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=ray_temp_dir)
+    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_temp_dir: str) -> Iterator[None]:
+    """The embedded local cluster the job starts when RAY_ADDRESS is unset: 2 CPUs, no GPU
+    (on a GPU machine too, so the CPU tests' exact comparisons hold there)."""
+    import ray
+
+    start_local_ray(ray_temp_dir, gpus=0)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_with_gpu(ray_temp_dir: str) -> Iterator[None]:
+    """2 CPUs and this machine's first GPU for one test; the CPU-only cluster is back after it
+    where one was up before."""
+    import ray
+
+    was_up = ray.is_initialized()
+    start_local_ray(ray_temp_dir, gpus=1)
+    yield
+    if was_up:
+        start_local_ray(ray_temp_dir, gpus=0)
+    else:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,14 @@ from PIL import Image
 from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos, photo_set
 from vision_ops.benchmark.probes import Peaks, sampled_peaks, tree_memory
 from vision_ops.benchmark.rates import points_from_times, shared_core_ceiling, steady_rate
-from vision_ops.benchmark.report import CEILING, RATIOS, BenchReport, Measurement
+from vision_ops.benchmark.report import (
+    CEILING,
+    GPU_CEILING,
+    RATIOS,
+    BenchReport,
+    Measurement,
+    format_table,
+)
 from vision_ops.benchmark.spec import BenchSpec, job_spec, parse_bench_spec, runtime_overrides
 from vision_ops.config import SpecError
 
@@ -147,6 +154,21 @@ def test_report_ratios_follow_the_rates() -> None:
     }
     assert report.unsteady_ratios() == ["e2e / DataLoader"]
     assert report.measurements[0].wall_images_per_second == pytest.approx(4.0)
+
+
+def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
+    """The CPUs decode while the GPU runs the model: the pipeline can reach min(a, b)."""
+    settings = {"model": "m", "images": 8, "photo": "p", "batch_size": 8, "device": "cuda"}
+    report = BenchReport(settings | {"cores": 16, "sample_interval_s": 0.2})
+    report.measurements = [measurement(k, r) for k, r in (("a", 3000.0), ("b", 4000.0))]
+    report.measurements.append(measurement("c", 2700.0))
+    assert report.rates()[GPU_CEILING] == pytest.approx(3000.0)
+    assert CEILING not in report.rates()
+    assert report.ratios()["e2e / GPU ceiling min(a, b)"] == pytest.approx(0.9)
+    assert "e2e / shared-core ceiling 1/(1/a+1/b)" not in report.ratios()
+    table = format_table(report)
+    assert "GPU ceiling min(a, b)                     3000.0 img/s" in table
+    assert report.as_json()["gpu_ceiling_images_per_second"] == pytest.approx(3000.0)
 
 
 def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None:
@@ -300,9 +322,14 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
     ceiling = 1 / (1 / rates["a"] + 1 / rates["b"])
     assert report["shared_core_ceiling_images_per_second"] == pytest.approx(ceiling)
     rates[CEILING] = ceiling
-    expected = {label: rates[top] / rates[bottom] for label, top, bottom in RATIOS if top in rates}
+    expected = {
+        label: rates[top] / rates[bottom]
+        for label, top, bottom in RATIOS
+        if top in rates and bottom in rates
+    }
     assert report["ratios"] == pytest.approx(expected)
-    assert len(report["ratios"]) == len(RATIOS) - 1  # all but S3 / local
+    assert len(report["ratios"]) == len(RATIOS) - 2  # all but S3 / local and the GPU ceiling
+    assert report["gpu_ceiling_images_per_second"] is None  # a CPU machine
     for label, value in report["ratios"].items():
         assert f"{label:<40}{value:>8.2f}x" in printed
     for m in report["measurements"]:

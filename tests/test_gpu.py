@@ -70,7 +70,7 @@ def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:
 
 
 def test_pipeline_on_a_gpu_with_nvjpeg_equals_direct_calls(
-    ray_local: None, weights_file: Path, tmp_path: Path
+    ray_with_gpu: None, weights_file: Path, tmp_path: Path
 ) -> None:
     payloads, summary, rows = run_on_photos(tmp_path, weights_file, 6, {"device": "cuda"})
     assert summary.commit.ok == len(rows) == len(payloads)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU section of docs/performance.md in a few device calls: the GPU tests, ResNet-50 bf16
+# against its ceilings (CPU decode, then nvJPEG) and Faster R-CNN against its model-only rate.
+#
+#   bash benchmarks/gpu/run.sh OUT STEP...     STEP: tests | classify | nvjpeg | detect | all
+#
+# Run from the project root with the packages the GPU image lacks on PYTHONPATH
+# (../shared/gpu/README.md). Each step writes its JSON and log under OUT. Sizes can be set with
+# IMAGES (classification photos, default 20000) and DETECT_IMAGES (default 2000); on a CPU-only
+# machine the same steps run as a smoke test with small sizes.
+set -euo pipefail
+out=${1:?usage: run.sh OUT STEP...}
+shift
+mkdir -p "$out"
+python=${PYTHON:-python3}
+images=${IMAGES:-20000}
+detect_images=${DETECT_IMAGES:-2000}
+here=benchmarks/gpu
+bench=("$python" -m vision_ops.cli bench --architecture resnet50 --no-s3 --workdir /tmp/vob-bench)
+
+step() {
+  case $1 in
+    tests)
+      "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt" ;;
+    classify)
+      "${bench[@]}" --images "$images" --only a,b,c --spec "$here/resnet50-bf16.yaml" \
+        --out "$out/bench-resnet50-bf16.json" 2>&1 | tail -40 | tee "$out/bench-resnet50-bf16.txt" ;;
+    nvjpeg)
+      "${bench[@]}" --images "$images" --only c --spec "$here/resnet50-bf16-nvjpeg.yaml" \
+        --out "$out/bench-resnet50-bf16-nvjpeg.json" 2>&1 | tail -40 \
+        | tee "$out/bench-resnet50-bf16-nvjpeg.txt" ;;
+    detect)
+      local device=cpu
+      "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && device=cuda
+      "$python" benchmarks/detection.py --architecture fasterrcnn_resnet50_fpn_v2 \
+        --device "$device" --autocast bfloat16 --images "$detect_images" --batch-size 16 \
+        --out "$out/detection-fasterrcnn-v2.json" 2>&1 | tail -12 \
+        | tee "$out/detection-fasterrcnn-v2.txt" ;;
+    *)
+      echo "unknown step '$1': expected tests, classify, nvjpeg, detect or all" >&2
+      return 2 ;;
+  esac
+}
+
+steps=("${@:-all}")
+[[ ${steps[*]} == all ]] && steps=(tests classify nvjpeg detect)
+failed=()
+for name in "${steps[@]}"; do
+  step "$name" || failed+=("$name")  # go on: each step's figures stand alone
+done
+if ((${#failed[@]})); then
+  echo "failed steps: ${failed[*]}" | tee "$out/failed.txt" >&2
+  exit 1
+fi
