@@ -43,15 +43,16 @@ def test_nvjpeg_batches_decode_like_the_cpu_and_a_bad_file_falls_back() -> None:
             assert difference.mean() < 1.5
 
 
-def test_host_and_device_images_stack_in_order_on_the_gpu() -> None:
-    host = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    device = torch.full((8, 8, 3), 7, dtype=torch.uint8, device=CUDA)
-    batch = stack_on_device([host[0], device, host[1]], CUDA)
+@pytest.mark.parametrize("on_device", [(False, True, False), (False, False), (True, True)])
+def test_host_and_device_images_stack_in_order_on_the_gpu(on_device: tuple[bool, ...]) -> None:
+    """Host arrays (through pinned memory), device tensors, or a mix of both."""
+    rng = np.random.default_rng(0)
+    host = rng.integers(0, 256, (len(on_device), 8, 8, 3), dtype=np.uint8)
+    pairs = zip(host, on_device, strict=True)
+    images = [torch.from_numpy(h).to(CUDA) if gpu else h for h, gpu in pairs]
+    batch = stack_on_device(images, CUDA)
     assert batch.device.type == "cuda"
-    assert torch.equal(
-        batch.cpu(),
-        torch.stack([torch.from_numpy(host[0]), device.cpu(), torch.from_numpy(host[1])]),
-    )
+    assert torch.equal(batch.cpu(), torch.from_numpy(host))
 
 
 def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:

@@ -23,7 +23,7 @@ from vision_ops.models import (
     resolve_preprocessing,
     state_dict_sha256,
 )
-from vision_ops.predictors import Classifier
+from vision_ops.predictors import Classifier, stack_on_device
 from vision_ops.schema import (
     STATUS_ERROR,
     STATUS_OK,
@@ -207,6 +207,19 @@ def test_too_few_labels_for_the_head_is_refused(tmp_path, weights_file) -> None:
     spec = spec_for(torchvision_file_model(weights_file, labels=str(tmp_path / "labels.txt")))
     with pytest.raises(ModelError, match="the model has 6 outputs, found only 2 labels"):
         Classifier(spec)
+
+
+def test_host_images_stack_into_one_new_batch() -> None:
+    """Read-only arrays, as Ray's object store hands them, become one new uint8 batch."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(1, 256, (4, 5, 3), dtype=np.uint8) for _ in range(3)]
+    for image in images:
+        image.flags.writeable = False
+    batch = stack_on_device(images, torch.device("cpu"))
+    assert batch.dtype == torch.uint8 and tuple(batch.shape) == (3, 4, 5, 3)
+    np.testing.assert_array_equal(batch.numpy(), np.stack(images))
+    batch[0] = 0
+    assert images[0].all()  # the batch is a copy
 
 
 def test_error_rows_pass_the_predictor_untouched(weights_file, images) -> None:

@@ -78,23 +78,25 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def upload(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on the device: through pinned memory, copied without blocking, to a GPU."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+def upload(images: np.ndarray | Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """uint8 host arrays of one shape as one new (N, ...) tensor on the device. For a GPU they
+    are stacked straight into pinned memory (one host copy), then copied without blocking."""
+    on_gpu = device.type == "cuda"
+    batch = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=on_gpu)
+    np.stack(list(images), out=batch.numpy())
+    return batch.to(device, non_blocking=True) if on_gpu else batch
 
 
 def stack_on_device(images: Sequence[Pixels], device: torch.device) -> torch.Tensor:
     """uint8 (H, W, 3) images of one size, host arrays or device tensors -> (N, H, W, 3) on the
-    device, host arrays uploaded in one copy."""
+    device: host arrays uploaded in one copy, device tensors stacked where they are."""
     host = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
     if len(host) == len(images):
-        return upload(np.stack(list(images)), device)
+        return upload(cast(Sequence[np.ndarray], images), device)
+    if not host:
+        return torch.stack([cast(torch.Tensor, image) for image in images])
     batch = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, device=device)
-    if host:
-        batch[host] = upload(np.stack([images[i] for i in host]), device)
+    batch[host] = upload([cast(np.ndarray, images[i]) for i in host], device)
     for index, image in enumerate(images):
         if isinstance(image, torch.Tensor):
             batch[index] = image
