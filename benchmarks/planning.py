@@ -105,7 +105,8 @@ def run_case(kind: str, uri: str, endpoint: str) -> dict[str, Any]:
     import ray
 
     from vision_ops.config import InputSpec
-    from vision_ops.pipeline import list_listing, unit_blocks
+    from vision_ops.pipeline.listing import list_listing
+    from vision_ops.pipeline.run import unit_blocks
     from vision_ops.sources import list_inputs, plan_inputs
 
     options = {"s3": {"endpoint_url": endpoint}} if endpoint != "-" else {}

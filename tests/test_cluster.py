@@ -17,7 +17,7 @@ from vision_ops.cluster import (
     node_types,
 )
 from vision_ops.config import RuntimeSpec
-from vision_ops.pipeline import plan_pool
+from vision_ops.pool import plan_pool
 
 ROOT = Path(__file__).parents[1]
 CLUSTER = ROOT / "cluster.yaml"

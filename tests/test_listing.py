@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from vision_ops.config import InputSpec, parse_spec
-from vision_ops.pipeline import list_listing, run_job
+from vision_ops.pipeline import run_job
+from vision_ops.pipeline.listing import list_listing
 from vision_ops.sink import committed_runs
 from vision_ops.sources import SourceError, plan_inputs, read_manifest
 from vision_ops.tally import listed_tally

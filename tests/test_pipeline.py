@@ -16,7 +16,8 @@ from PIL import Image
 from torchvision import transforms
 
 from vision_ops.config import JobSpec, RuntimeSpec, parse_spec
-from vision_ops.pipeline import ClusterTooSmall, plan_pool, run_job
+from vision_ops.pipeline import run_job
+from vision_ops.pool import ClusterTooSmall, plan_pool
 from vision_ops.query import connect, read_sql
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
 from vision_ops.zoo import efficientnet_lite0

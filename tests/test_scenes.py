@@ -334,7 +334,7 @@ def test_value_range_defaults_by_data_type(tmp_path) -> None:
 
 def test_tiling_settings_are_part_of_the_model_fingerprint(tmp_path) -> None:
     """An incremental run must not skip scenes committed with other bands or ranges."""
-    from vision_ops.pipeline import model_fingerprint
+    from vision_ops.pipeline.incremental import model_fingerprint
 
     def fingerprint(**tiling: object) -> str:
         raw = {

@@ -97,7 +97,7 @@ def validate(spec: JobSpec, args: argparse.Namespace) -> int:
 def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
     """The predictor pool the spec gets on a launcher config scaled to its max_workers."""
     from vision_ops.cluster import ClusterConfigError, load_cluster_config, max_capacity
-    from vision_ops.pipeline import ClusterTooSmall, plan_pool
+    from vision_ops.pool import ClusterTooSmall, plan_pool
 
     try:
         capacity = max_capacity(load_cluster_config(cluster))
@@ -118,7 +118,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from ray.data.exceptions import ExecutionTimeoutError
 
     from vision_ops.lock import LockHeld
-    from vision_ops.pipeline import ClusterTooSmall, run_job
+    from vision_ops.pipeline import run_job
+    from vision_ops.pool import ClusterTooSmall
     from vision_ops.scenes import SceneError
     from vision_ops.sink import CommitRefused
     from vision_ops.sources import SourceError

@@ -15,7 +15,7 @@ from vision_ops.benchmark.weights import (
     classification_architectures,
 )
 from vision_ops.config import JobSpec, SpecError, parse_spec
-from vision_ops.pipeline import gpus_per_actor
+from vision_ops.pool import gpus_per_actor
 
 # The approaches, by the letter the command line names them with.
 APPROACHES = {

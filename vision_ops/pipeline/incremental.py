@@ -1,0 +1,77 @@
+"""Incremental runs: the listing less the sources that another run committed with the same
+model and the same input version, and the model fingerprint that decides "the same model"."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import json
+import logging
+from typing import Any
+
+import pyarrow as pa
+
+from vision_ops.config import JobSpec
+from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
+from vision_ops.sink import committed_runs, read_committed_file
+from vision_ops.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
+    """The listing less sources another run committed with this model and this input version
+    (a committed run holds every unit of each source it read: all frames of an instance).
+    The committed versions are gathered on the driver; the listing is filtered in Ray tasks."""
+    fingerprint = model_fingerprint(spec)
+    done: set[tuple[str, str]] = set()
+    for run in committed_runs(spec.output.uri, spec.storage_options):
+        if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
+            done |= committed_versions(run, spec.storage_options)
+    select = functools.partial(not_done, done=done)
+    kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
+    left = Listing(kept, summarise(kept, find_repeats=False))
+    log.info(
+        "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
+    )
+    return left
+
+
+def not_done(block: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
+    """The rows of a listing block whose (URI, version) is not in `done`."""
+    keep = [(row["source_uri"], version_key(row)) not in done for row in block.to_pylist()]
+    return block.filter(pa.array(keep, pa.bool_()))
+
+
+def committed_versions(run: dict[str, Any], options: StorageOptions) -> set[tuple[str, str]]:
+    columns = ["source_uri", "source_etag", "source_size", "source_mtime"]
+    versions = set()
+    for entry in run["files"]:
+        for row in read_committed_file(entry["uri"], options, columns).to_pylist():
+            versions.add((row["source_uri"], version_key(row)))
+    return versions
+
+
+def version_key(row: dict[str, Any]) -> str:
+    """An input's version: its ETag, else its size and modification time."""
+    if row.get("source_etag"):
+        return f"etag:{row['source_etag']}"
+    mtime = row.get("source_mtime")
+    stamp = mtime.astimezone(dt.timezone.utc).isoformat() if mtime else None
+    return f"size:{row.get('source_size')}|mtime:{stamp}"
+
+
+def model_fingerprint(spec: JobSpec) -> str:
+    """The model, task and unit settings that decide the rows (a weights file: pin its
+    sha256). Tiling and DICOM settings count where set, so a photo job's fingerprint is the
+    same as before they existed."""
+    content: dict[str, Any] = {
+        "model": spec.model.model_dump(mode="json"),
+        "task": spec.task.model_dump(),
+    }
+    for name in ("tiling", "dicom"):
+        settings = getattr(spec.input, name)
+        if settings is not None:
+            content[name] = settings.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

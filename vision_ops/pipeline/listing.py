@@ -1,0 +1,173 @@
+"""A run's inputs as a Ray dataset: the planned parts listed into the object store, each URI
+once, and summed in one pass (count, tally, snapshot digest) without the driver holding rows."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from vision_ops.config import InputSpec
+from vision_ops.sources import (
+    LISTING_BLOCK_ROWS,
+    LISTING_SCHEMA,
+    InputPlan,
+    ManifestRead,
+    SourceError,
+    nothing_found,
+)
+from vision_ops.storage import StorageOptions, arrow_filesystem
+from vision_ops.tally import (
+    ListingSummary,
+    RepeatFinder,
+    Tally,
+    rows_in_buckets,
+    rows_with_hashes,
+    rows_without,
+    summarise_block,
+)
+
+log = logging.getLogger(__name__)
+MAX_REPEATED_URIS = 100_000  # URIs named more than once that a run sets right (else refuses)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A run's inputs as a dataset materialized in Ray's object store (each URI once; the
+    driver holds block references, not rows) and the summary of one pass over it. As the
+    commit's ExpectedUnits: one unit per source."""
+
+    dataset: ray.data.Dataset
+    summary: ListingSummary
+
+    @property
+    def count(self) -> int:
+        return self.summary.count
+
+    def tally(self) -> Tally:
+        return self.summary.tally
+
+    def in_buckets(self, buckets: Collection[int]) -> list[str]:
+        select = functools.partial(rows_in_buckets, buckets=frozenset(buckets))
+        found = self.dataset.map_batches(select, **BLOCKWISE)
+        return [uri for table in _tables(found) for uri in table["source_uri"].to_pylist()]
+
+    def table(self) -> pa.Table:
+        """The whole listing here, sorted by URI (for work that keeps it on the driver)."""
+        refs = self.dataset.to_arrow_refs()
+        return pa.concat_tables([LISTING_SCHEMA.empty_table(), *ray.get(refs)]).sort_by(
+            "source_uri"
+        )
+
+
+# Listing rows a map task takes at once, as Arrow tables.
+BLOCKWISE: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": LISTING_BLOCK_ROWS}
+
+
+def list_listing(spec: InputSpec, inputs: InputPlan, options: StorageOptions) -> Listing:
+    """The planned inputs into the object store: the driver's table, s3:// listings a page
+    at a time (blocks put as they come), a manifest read by Ray Data where it lies; a URI
+    that more than one of them names (or a manifest twice) is kept once, the first part's."""
+    parts = _listing_parts(inputs, options)
+    dataset = _union(parts)
+    summary = summarise(dataset, find_repeats=inputs.parts > 1 or inputs.manifest is not None)
+    repeated = summary.repeats.repeated() if summary.repeats is not None else set()
+    if repeated:
+        dataset = _keep_first(parts, repeated)
+        summary = summarise(dataset, find_repeats=False)
+    if summary.count == 0:
+        raise nothing_found(spec)
+    return Listing(dataset, summary)
+
+
+def summarise(dataset: ray.data.Dataset, find_repeats: bool) -> ListingSummary:
+    """One pass over the listing (in Ray tasks), added up here in fixed memory: the count,
+    the expected units' tally, the input snapshot digest and (where asked) repeated URIs."""
+    summary = ListingSummary(repeats=RepeatFinder() if find_repeats else None)
+    for table in _tables(dataset.map_batches(summarise_block, **BLOCKWISE)):
+        summary.add(table)
+    return summary
+
+
+def _listing_parts(inputs: InputPlan, options: StorageOptions) -> list[ray.data.Dataset]:
+    parts: list[ray.data.Dataset] = []
+    if inputs.table.num_rows:
+        parts.append(ray.data.from_arrow(inputs.table))
+    for listing in inputs.listings:
+        refs = [ray.put(block) for block in listing.blocks()]
+        if refs:
+            parts.append(ray.data.from_arrow_refs(refs))  # type: ignore[arg-type]
+    if inputs.manifest is not None:
+        parts.append(_manifest_dataset(inputs.manifest, options))
+    return parts
+
+
+def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.data.Dataset:
+    """The manifest read by Ray Data's reader for its format, as listing rows, materialized
+    (an unreadable entry fails here, before any work)."""
+    fs, path = arrow_filesystem(manifest.uri, options)
+    where: dict[str, Any] = {"filesystem": fs, "file_extensions": None}
+    if manifest.format == "parquet":
+        rows = ray.data.read_parquet(path, partitioning=None, **where)
+        rows = rows.select_columns(list(manifest.columns))
+    elif manifest.format == "csv":
+        no_hive: Any = None  # Ray's default would read key=value folders as columns
+        rows = ray.data.read_csv(path, partitioning=no_hive, **where, **manifest.csv_arguments())
+    else:
+        rows = ray.data.read_text(path, **where)
+    rows = rows.map_batches(manifest.normalise, **BLOCKWISE)
+    rows.context.raise_original_map_exception = True  # a bad entry's SourceError, as raised
+    try:
+        return rows.materialize()
+    except Exception as err:
+        raise _source_error(manifest.uri, err) from None
+
+
+def _source_error(uri: str, err: BaseException) -> SourceError:
+    """The SourceError a Ray task raised (Ray's error carries it as `cause`), else one naming
+    the manifest and what went wrong reading it."""
+    found: BaseException | None = err
+    while found is not None:
+        original = getattr(found, "cause", None)
+        if isinstance(original, SourceError):  # one line; Ray appends its retry advice
+            return SourceError(str(original).splitlines()[0])
+        found = found.__cause__ or original
+    return SourceError(f"manifest {uri}: cannot read: {type(err).__name__}: {err}")
+
+
+def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
+    if not parts:
+        return ray.data.from_arrow(LISTING_SCHEMA.empty_table())
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]).materialize()
+
+
+def _keep_first(parts: list[ray.data.Dataset], repeated: set[int]) -> ray.data.Dataset:
+    """The listing with each repeated URI once: the row of the first part naming it."""
+    first: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        select = functools.partial(rows_with_hashes, hashes=repeated)
+        found = part.map_batches(select, **BLOCKWISE)
+        for table in _tables(found):
+            for row in table.to_pylist():
+                first.setdefault(row["source_uri"], row)
+    if len(first) > MAX_REPEATED_URIS:
+        raise SourceError(
+            f"{len(first)} inputs are named more than once (by a manifest twice, or by more "
+            f"than one of uris and manifest); expected at most {MAX_REPEATED_URIS}: "
+            "deduplicate the manifest"
+        )
+    log.info("%d inputs named more than once are kept once", len(first))
+    uris = frozenset(first)
+    drop = functools.partial(rows_without, uris=uris)
+    kept = [part.map_batches(drop, **BLOCKWISE) for part in parts]
+    once = pa.Table.from_pylist([first[uri] for uri in sorted(first)], schema=LISTING_SCHEMA)
+    return _union([*kept, ray.data.from_arrow(once)]).materialize()
+
+
+def _tables(dataset: ray.data.Dataset) -> Any:
+    return dataset.iter_batches(batch_format="pyarrow", batch_size=None)

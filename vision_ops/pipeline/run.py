@@ -1,0 +1,267 @@
+"""A job run end to end: inputs listed, read/decode tasks, the predictor actor pool, the commit."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
+from vision_ops.detection import instance_output
+from vision_ops.lock import RunLock
+from vision_ops.masks import write_masks
+from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
+from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
+from vision_ops.pipeline.listing import Listing, list_listing
+from vision_ops.pool import PoolPlan, plan_pool
+from vision_ops.predictors import load_predictor
+from vision_ops.reader import read_units
+from vision_ops.runstats import RunStats
+from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
+from vision_ops.schema import TABLE_BUILDERS, output_schema
+from vision_ops.sink import CommitResult, ParquetSink
+from vision_ops.sources import plan_inputs
+from vision_ops.storage import require_bucket
+from vision_ops.tally import ExpectedUnits, ListedUnits
+
+log = logging.getLogger(__name__)
+MB = 1024**2
+# Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
+READ_TASK_MEMORY_BYTES = 512 * MB
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    inputs: int
+    seconds: float  # the whole run: listing, cluster start, pipeline, commit
+    pipeline_seconds: float  # from the first read to the last row received
+    commit: CommitResult
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the pipeline itself (cluster and model start-up included)."""
+        return self.commit.rows / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+
+
+def connect_ray() -> None:
+    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
+    dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
+    cluster unless RAY_AUTH_MODE says otherwise)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def run_job(spec: JobSpec) -> RunSummary:
+    """Run a validated spec to a committed table; raises before any work if it cannot run."""
+    started = time.perf_counter()
+    run_id = spec.resolved_run()[0]
+    check_job(spec)
+    inputs = plan_inputs(spec.input, spec.storage_options)
+    connect_ray()
+    plan = plan_pool(spec.runtime, ray.cluster_resources())
+    spec = spec.sized(plan.num_gpus)
+    listing = list_listing(spec.input, inputs, spec.storage_options)
+    lease = spec.run.lock_lease_s
+    require_bucket(spec.output.uri, spec.storage_options)
+    with RunLock(spec.output.uri, run_id, lease, spec.storage_options) as lock:
+        if spec.run.incremental:
+            listing = skip_committed(spec, listing, run_id)
+        log.info(
+            "run %s: %d inputs, predictor pool %s, %d images per model call, %d files per read "
+            "task",
+            run_id,
+            listing.count,
+            plan,
+            spec.runtime.images_per_call,
+            spec.runtime.files_per_read_task,
+        )
+        commit, pipeline_seconds = _process_and_commit(spec, listing, plan, lock)
+    seconds = time.perf_counter() - started
+    return RunSummary(run_id, listing.count, seconds, pipeline_seconds, commit)
+
+
+def _process_and_commit(
+    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunLock
+) -> tuple[CommitResult, float]:
+    run_id, run_date = spec.resolved_run()
+    units, schema, tiles = plan_units(spec, listing)
+    expected: ExpectedUnits = ListedUnits(listed_units(tiles.units)) if tiles else listing
+    sink = ParquetSink(
+        spec.output.uri, run_id, run_date, schema, spec.output.rows_per_file, spec.storage_options
+    )
+    merger = scene_merger(spec, tiles)
+    stats = RunStats()
+    if (tiles.units.num_rows if tiles else listing.count) > 0:
+        dataset = with_limits(build_dataset(spec, units, plan, run_id, schema), spec.runtime)
+        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            written = time.perf_counter()
+            rows = stats.record(table)
+            sink.write(merger.add(rows) if merger else rows)
+            stats.add_stage("commit", time.perf_counter() - written)
+            lock.renew_if_due()
+    pipeline_seconds = stats.finish()
+    details = stats.as_manifest(pipeline_seconds) | identity_digests(spec, listing)
+    return sink.commit(expected, details), pipeline_seconds
+
+
+def plan_units(
+    spec: JobSpec, listing: Listing
+) -> tuple[ray.data.Dataset | pa.Table, pa.Schema, TilePlan | None]:
+    """The units to process (the listing's dataset, or its scenes' tiles: planned here, on the
+    driver, from the whole listing), the table's schema, and the tile plan where there is one.
+    """
+    schema = output_schema(
+        spec.task.kind,
+        dicom=spec.input.dicom is not None,
+        tiles=spec.input.tiling is not None,
+        instance=instance_output(getattr(spec.model, "architecture", None))
+        if spec.task.kind == "detection"
+        else None,
+    )
+    if spec.input.tiling is None:
+        return listing.dataset, schema, None
+    tiles = plan_tiles(listing.table(), spec.input.tiling, spec.storage_options)
+    log.info("%d scenes cut into %d tiles", listing.count, tiles.units.num_rows)
+    metadata = (schema.metadata or {}) | tiles.parquet_metadata()
+    return tiles.units, schema.with_metadata(metadata), tiles
+
+
+def scene_merger(spec: JobSpec, tiles: TilePlan | None) -> SceneMerger | None:
+    """Detection over tiled scenes reduces each scene once its tiles are in."""
+    if tiles is None or not isinstance(spec.task, DetectionTask):
+        return None
+    return SceneMerger(tiles, spec.task.seam_overlap)
+
+
+def listed_units(units: pa.Table) -> list[tuple[str, tuple[int, int] | None]]:
+    """Each unit's source and tile offset (None for a whole source), for the commit check."""
+    uris = units["source_uri"].to_pylist()
+    if "tile_x" not in units.column_names:
+        return [(uri, None) for uri in uris]
+    xs, ys = units["tile_x"].to_pylist(), units["tile_y"].to_pylist()
+    return [(uri, None if x is None else (x, y)) for uri, x, y in zip(uris, xs, ys, strict=True)]
+
+
+def identity_digests(spec: JobSpec, listing: Listing) -> dict[str, str]:
+    """What the run read and with what: the input snapshot, the spec and the model. The
+    snapshot digest was summed as the listing streamed through Ray tasks (each source's URI
+    and version, SHA-256 each, added modulo 2**256, then hashed with the count): the same
+    inputs give the same digest whatever their order or blocks."""
+    return {
+        "input_snapshot_digest": listing.summary.snapshot.hexdigest(),
+        "spec_digest": spec.fingerprint(),
+        "model_fingerprint": model_fingerprint(spec),
+    }
+
+
+def with_limits(dataset: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:
+    """The dataset set to fail when no stage makes progress for `stall_timeout_s`, and to keep
+    its object store use within `queue_mb` where the spec sets it."""
+    context = dataset.context
+    context.execution_no_progress_timeout_s = runtime.stall_timeout_s
+    if runtime.queue_mb is not None:
+        limits = context.execution_options.resource_limits
+        budget = runtime.queue_mb * MB
+        context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return dataset
+
+
+def unit_blocks(units: ray.data.Dataset | pa.Table, rows: int) -> ray.data.Dataset:
+    """The units in blocks of `rows` rows, one read task each: a table (tiles) sliced here, a
+    dataset (the listing) split as it streams, never gathered."""
+    if isinstance(units, pa.Table):
+        return ray.data.from_arrow([units.slice(i, rows) for i in range(0, units.num_rows, rows)])
+    return units.repartition(target_num_rows_per_block=rows)
+
+
+def build_dataset(
+    spec: JobSpec,
+    listing: ray.data.Dataset | pa.Table,
+    plan: PoolPlan,
+    run_id: str,
+    schema: pa.Schema,
+) -> ray.data.Dataset:
+    # One read task per read batch: its images reach the model as soon as they are decoded
+    # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
+    # tasks to keep every free core decoding.
+    blocks = unit_blocks(listing, spec.runtime.files_per_read_task)
+    reader = functools.partial(
+        read_units,
+        preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
+        max_pixels=spec.input.max_pixels,
+        storage_options=spec.storage_options,
+        dicom=spec.input.dicom,
+        tiling=spec.input.tiling,
+        decode_on_device=spec.runtime.decode == "device",
+    )
+    units = blocks.map_batches(
+        reader,
+        batch_size=spec.runtime.files_per_read_task,
+        batch_format="numpy",
+        compute=TaskPoolStrategy(size=plan.read_tasks),
+        num_cpus=1,
+        # A reservation the predictor lacks also keeps decoding in CPU tasks: Ray Data does not
+        # fuse stages whose resources differ, so the actor pool spends its time on the model.
+        memory=READ_TASK_MEMORY_BYTES,
+    )
+    to_rows = functools.partial(
+        TABLE_BUILDERS.get(spec.task.kind),
+        run_id=run_id,
+        labels=resolve_labels(spec.model, spec.storage_options),
+        schema=schema,
+    )
+    masks = isinstance(spec.task, SegmentationTask) and spec.task.masks
+    predictions = units.map_batches(
+        PredictRows,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "threads": plan.threads,
+            "to_rows": None if masks else to_rows,
+        },
+        compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        batch_size=spec.runtime.images_per_call,
+        batch_format="numpy",
+    )
+    if not masks:
+        return predictions
+    stage_masks = functools.partial(
+        write_masks,
+        root_uri=spec.output.uri,
+        run_id=run_id,
+        run_date=spec.resolved_run()[1],
+        storage_options=spec.storage_options,
+    )
+    predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)
+    return predictions.map_batches(to_rows, batch_format="numpy", batch_size=None)
+
+
+class PredictRows:
+    """One actor call from a read batch to its rows: the task's predictor, then the table builder
+    unless a later stage (segmentation masks) needs the raw predictions. Rows leave the actor as
+    Arrow, and no CPU task waits beside the read tasks for a core to build them."""
+
+    def __init__(
+        self, spec: JobSpec, threads: int | None, to_rows: Callable[..., pa.Table] | None
+    ) -> None:
+        self.predict = load_predictor(spec, threads)
+        self.to_rows = to_rows
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table | dict[str, Any]:
+        predictions = self.predict(batch)
+        return self.to_rows(predictions) if self.to_rows else predictions

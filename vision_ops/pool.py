@@ -1,0 +1,77 @@
+"""The predictor actor pool sized from the cluster's resources, refused before any work where
+it cannot be scheduled."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from vision_ops.config import RuntimeSpec
+
+log = logging.getLogger(__name__)
+
+
+class ClusterTooSmall(RuntimeError):
+    """The actor pool the spec asks for cannot be scheduled on this cluster."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The predictor pool, the torch threads of each actor and the read tasks beside it."""
+
+    min_size: int
+    max_size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int | None = None  # None: the actor's CPUs (Ray's OMP_NUM_THREADS)
+    read_tasks: int | None = None  # None: as many as Ray Data scales to
+
+
+def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
+    """Size the predictor pool from the cluster; refuse, before any work, one that cannot run."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    num_gpus = gpus_per_actor(runtime, gpus)
+    by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
+    by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
+    fits = max(0, min(by_cpu, by_gpu))
+    if runtime.min_actors > fits and not runtime.autoscaling:
+        raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
+    top = runtime.max_actors or max(fits, runtime.min_actors)
+    if top > fits and not runtime.autoscaling:
+        log.warning("runtime.max_actors=%d capped to the %d actors that fit", top, fits)
+        top = fits
+    if runtime.autoscaling:  # the nodes up now say nothing of the nodes to come
+        return PoolPlan(runtime.min_actors, top, runtime.num_cpus_per_actor, num_gpus)
+    left = math.floor(cpus - top * runtime.num_cpus_per_actor + 1e-9)
+    return PoolPlan(
+        runtime.min_actors,
+        top,
+        runtime.num_cpus_per_actor,
+        num_gpus,
+        threads=None if num_gpus else max(1, math.floor(cpus / top + 1e-9)),
+        read_tasks=max(1, left),
+    )
+
+
+def gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
+    """The spec's figure, else 1 where the cluster has a GPU and the device allows it."""
+    num_gpus = runtime.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if cluster_gpus >= 1 and runtime.device != "cpu" else 0.0
+    if runtime.device == "cuda" and num_gpus == 0:
+        raise ClusterTooSmall("runtime.device is cuda: expected num_gpus_per_actor > 0 and a GPU")
+    return num_gpus
+
+
+def _too_small_message(
+    runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float, fits: int
+) -> str:
+    return (
+        f"runtime.min_actors={runtime.min_actors} actors of {runtime.num_cpus_per_actor:g} CPU "
+        f"and {num_gpus:g} GPU each cannot be scheduled: the cluster has {cpus:g} CPUs and "
+        f"{gpus:g} GPUs, and {runtime.reserved_cpus:g} CPUs stay free for reading and decoding "
+        f"(runtime.reserved_cpus); expected min_actors <= {fits}. Lower runtime.min_actors or "
+        "runtime.num_cpus_per_actor, add nodes, or set runtime.autoscaling: true"
+    )
