@@ -15,9 +15,9 @@ from hostile import png_declaring
 from PIL import Image
 from torchvision import transforms
 
-from vision_ops.config import JobSpec, RuntimeSpec, parse_spec
+from vision_ops.config import JobSpec, parse_spec
 from vision_ops.pipeline import run_job
-from vision_ops.pool import ClusterTooSmall, plan_pool
+from vision_ops.pool import ClusterTooSmall
 from vision_ops.query import connect, read_sql
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
 from vision_ops.zoo import efficientnet_lite0
@@ -195,36 +195,3 @@ def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp
     with pytest.raises(ClusterTooSmall, match=r"min_actors=2 .* expected min_actors <= 1"):
         run_job(spec)
     assert not output.exists()
-
-
-@pytest.mark.parametrize(
-    ("runtime", "resources", "expected"),
-    [
-        # CPU actors share the cores with decoding: threads = CPUs / actors; reads get the rest.
-        ({}, {"CPU": 2}, (1, 1, 1.0, 0.0, 2, 1)),
-        ({}, {"CPU": 16, "GPU": 4}, (1, 4, 1.0, 1.0, None, 12)),
-        ({"max_actors": 2}, {"CPU": 16, "GPU": 4}, (1, 2, 1.0, 1.0, None, 14)),
-        ({"num_gpus_per_actor": 0.25}, {"CPU": 16, "GPU": 2}, (1, 8, 1.0, 0.25, None, 8)),
-        ({"num_cpus_per_actor": 2, "reserved_cpus": 2}, {"CPU": 10}, (1, 4, 2.0, 0.0, 2, 2)),
-        ({"device": "cpu"}, {"CPU": 8, "GPU": 1}, (1, 7, 1.0, 0.0, 1, 1)),
-        ({"autoscaling": True, "max_actors": 8}, {"CPU": 2}, (1, 8, 1.0, 0.0, None, None)),
-    ],
-)
-def test_pool_is_sized_from_cluster_resources(runtime, resources, expected):
-    plan = plan_pool(RuntimeSpec(**runtime), resources)
-    sizing = (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus)
-    assert (*sizing, plan.threads, plan.read_tasks) == expected
-
-
-@pytest.mark.parametrize(
-    ("runtime", "resources", "message"),
-    [
-        ({}, {"CPU": 1}, "expected min_actors <= 0"),
-        ({"min_actors": 3}, {"CPU": 8, "GPU": 2}, "expected min_actors <= 2"),
-        ({"num_gpus_per_actor": 1}, {"CPU": 8}, "0 GPUs"),
-        ({"device": "cuda", "num_gpus_per_actor": 0}, {"CPU": 8}, "device is cuda"),
-    ],
-)
-def test_pool_that_cannot_run_is_refused(runtime, resources, message):
-    with pytest.raises(ClusterTooSmall, match=message):
-        plan_pool(RuntimeSpec(**runtime), resources)
