@@ -23,6 +23,7 @@ from vision_ops.benchmark.rates import points_from_times, shared_core_ceiling, s
 from vision_ops.benchmark.report import (
     CEILING,
     GPU_CEILING,
+    LABEL_WIDTH,
     RATIOS,
     BenchReport,
     Measurement,
@@ -156,6 +157,30 @@ def test_report_ratios_follow_the_rates() -> None:
     assert report.measurements[0].wall_images_per_second == pytest.approx(4.0)
 
 
+def test_the_scaled_run_gives_the_pipelines_ratios_where_n_images_are_too_few() -> None:
+    report = BenchReport({"model": "m", "images": 8, "photo": "p", "batch_size": 8})
+    report.settings |= {"device": "cpu", "cores": 2, "sample_interval_s": 0.2}
+    report.measurements = [
+        measurement("a", 300.0),
+        measurement("b", 60.0),
+        measurement("c", 20.0, steady=False),
+        measurement("c-scale", 45.0),
+        measurement("f", 50.0),
+        measurement("c-s3", 18.0, steady=False),
+    ]
+    ratios = report.ratios()
+    assert ratios["e2e / Daft"] == pytest.approx(0.4)
+    assert ratios["e2e at scale / Daft"] == pytest.approx(0.9)
+    assert ratios["e2e at scale / shared-core ceiling 1/(1/a+1/b)"] == pytest.approx(0.9)
+    assert ratios["e2e at scale / model-only"] == pytest.approx(0.75)
+    assert not any(label.startswith("e2e at scale / e2e") for label in ratios)  # no S3 twin
+    unsteady = report.unsteady_ratios()
+    assert "e2e / Daft" in unsteady and "e2e at scale / Daft" not in unsteady
+    table = format_table(report)
+    assert f"{'e2e at scale / Daft':<{LABEL_WIDTH}}    0.90x\n" in table
+    assert f"{'e2e / Daft':<{LABEL_WIDTH}}    0.40x *\n" in table
+
+
 def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
     """The CPUs decode while the GPU runs the model: the pipeline can reach min(a, b)."""
     settings = {"model": "m", "images": 8, "photo": "p", "batch_size": 8, "device": "cuda"}
@@ -167,7 +192,7 @@ def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
     assert report.ratios()["e2e / GPU ceiling min(a, b)"] == pytest.approx(0.9)
     assert "e2e / shared-core ceiling 1/(1/a+1/b)" not in report.ratios()
     table = format_table(report)
-    assert "GPU ceiling min(a, b)                     3000.0 img/s" in table
+    assert f"{'GPU ceiling min(a, b)':<{LABEL_WIDTH}}  3000.0 img/s" in table
     assert report.as_json()["gpu_ceiling_images_per_second"] == pytest.approx(3000.0)
 
 
@@ -331,6 +356,6 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
     assert len(report["ratios"]) == len(RATIOS) - 2  # all but S3 / local and the GPU ceiling
     assert report["gpu_ceiling_images_per_second"] is None  # a CPU machine
     for label, value in report["ratios"].items():
-        assert f"{label:<40}{value:>8.2f}x" in printed
+        assert f"{label:<{LABEL_WIDTH}}{value:>8.2f}x" in printed
     for m in report["measurements"]:
         assert f"{m['rows']:>6}" in printed and m["approach"] in printed

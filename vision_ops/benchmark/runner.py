@@ -12,7 +12,7 @@ from typing import Any
 from vision_ops.benchmark.ceilings import decode_ceiling, model_ceiling
 from vision_ops.benchmark.e2e import local_source, pipeline_run, s3_source, scaling
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
-from vision_ops.benchmark.report import BenchReport, Measurement
+from vision_ops.benchmark.report import SCALED, BenchReport, Measurement
 from vision_ops.benchmark.spec import BenchSpec
 from vision_ops.benchmark.weights import TOP_K
 from vision_ops.benchmark.workload import Workload, photo_description, prepare
@@ -67,7 +67,7 @@ def _pipeline(run: Run) -> None:
     base = run.add(*pipeline_run(work, local_source(work)))
     if work.bench.scale > 1:
         scaled_work = work.with_images(work.images * work.bench.scale)
-        scaled, top1 = pipeline_run(scaled_work, local_source(scaled_work, "c-scale"))
+        scaled, top1 = pipeline_run(scaled_work, local_source(scaled_work, SCALED))
         scaled.approach = f"vision-ops pipeline, local, {work.bench.scale}x images"
         run.add(scaled, top1)
         run.report.scaling = scaling(base, scaled)
