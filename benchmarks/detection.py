@@ -73,6 +73,7 @@ def pipeline_rates(
     from vision_ops.benchmark.rates import steady_rate
     from vision_ops.config import parse_spec
     from vision_ops.pipeline import run_job
+    from vision_ops.pool import gpus_per_actor
     from vision_ops.sink import committed_run
 
     spec = parse_spec(
@@ -95,7 +96,7 @@ def pipeline_rates(
     summary = run_job(spec)
     manifest = committed_run(spec.output.uri, spec.run.id, {}) or {}
     progress = [(float(t), int(rows)) for t, rows in manifest.get("progress", [])]
-    sized = spec.sized(1.0 if args.device == "cuda" else 0.0)
+    sized = spec.sized(gpus_per_actor(spec.runtime, float(torch.cuda.device_count())))
     return summary.images_per_second, steady_rate(progress, edge_rows=pool_blocks(sized))
 
 

@@ -18,18 +18,6 @@ EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster c
 EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
 EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
-# `vision-ops bench` options that are BenchSpec fields of the same name.
-BENCH_SETTINGS = (
-    "images",
-    "architecture",
-    "batch_size",
-    "s3",
-    "scale",
-    "workdir",
-    "out",
-    "repeats",
-    "seed",
-)
 
 log = logging.getLogger("vision_ops")
 
@@ -294,12 +282,12 @@ def bench(args: argparse.Namespace) -> int:
 
     from vision_ops.benchmark.report import format_table
     from vision_ops.benchmark.runner import run_bench
-    from vision_ops.benchmark.spec import parse_bench_spec, runtime_overrides
+    from vision_ops.benchmark.spec import BenchSpec, parse_bench_spec, runtime_overrides
 
-    values = {
+    values = {  # the options named as BenchSpec fields (--only and --spec are parsed below)
         key: value
         for key, value in vars(args).items()
-        if key in BENCH_SETTINGS and value is not None
+        if key in BenchSpec.model_fields and key != "only" and value is not None
     }
     try:
         if args.only:
