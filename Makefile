@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo's embedded Ray in a new empty TMPDIR (its default temp root), removed after it: no
+# stale cluster address or session that earlier Ray runs on this host left behind.
 demo: $(STAMP)
-	$(BIN)/python jobs/demo.py
+	fresh=$$(mktemp -d) && trap 'rm -rf "$$fresh"' EXIT && \
+	  TMPDIR=$$fresh RAY_TMPDIR=$$fresh $(BIN)/python jobs/demo.py
 
 test: lint typecheck unit
 

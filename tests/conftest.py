@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_temp_root import claim
 
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 
@@ -16,6 +17,17 @@ PHOTO_NAMES = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
 # Placeholder credentials for the local server, set before any Ray worker starts so workers
 # inherit them exactly as they would inherit a real credential chain's environment.
 os.environ.update(LOCAL_CREDENTIALS)
+# Ray's default temp root, for every Ray process of the session: the suite's, never the host's.
+RAY_ROOT = claim(os.environ)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the session where it wrote into the host's Ray temp root; drop the suite's."""
+    stray = RAY_ROOT.stray_entries()
+    RAY_ROOT.release()
+    if stray:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nFAILED: the suite wrote into the host's Ray temp root: {stray}")
 
 
 @pytest.fixture(scope="session")

@@ -114,9 +114,10 @@ def test_error_ratio_above_the_limit_exits_4(spec_file, ray_local) -> None:
 
 CLUSTER_HOST = textwrap.dedent(
     """
-    import sys, tempfile
+    import os, sys, tempfile
     from ray.cluster_utils import Cluster
-    temp = tempfile.mkdtemp(prefix="voc", dir="/tmp")
+    # In the suite's Ray root, whose `ray` folder takes the Cluster's address file.
+    temp = tempfile.mkdtemp(prefix="c", dir=os.environ["RAY_TMPDIR"])
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp},

@@ -46,7 +46,8 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     token = secrets.token_hex(16)
     temp = Path(tempfile.mkdtemp(prefix="voh", dir="/tmp"))
     gcs_port, dashboard_port, *agent_ports = free_ports(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # No RAY_ADDRESS, auth mode or token of the session's; its Ray temp root (RAY_TMPDIR) stays.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TMPDIR"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(temp)}
     # The cluster's own environment: its `python` has vision-ops' dependencies.
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"

@@ -1,0 +1,75 @@
+"""The suite's own Ray temp root: no test depends on what earlier Ray processes left on the host.
+
+Ray keeps its address file (`ray_current_cluster`) and the sessions of nodes started without a
+temp dir under its default root: `$RAY_TMPDIR/ray`, else `$TMPDIR/ray` (Linux), else
+`/tmp/ray`. A brand-new machine has no such folder (a `ray.cluster_utils.Cluster` then dies
+writing its address file) and a used one may hold a stale address that a later `ray.init()`
+tries to join. So, before any Ray process starts, the suite points RAY_TMPDIR at a new folder
+of its own (every child process inherits it), creates the `ray` folder in it, and checks at
+the end that the host's default root was left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Short: Ray's unix socket paths (at most 107 bytes) nest a session name and more below a root.
+SHORT_BASE = "/tmp"
+
+
+def default_ray_root(environ: MutableMapping[str, str]) -> Path:
+    """Ray's default temp root in this environment (ray._common.utils' rules)."""
+    if "RAY_TMPDIR" in environ:
+        return Path(environ["RAY_TMPDIR"], "ray")
+    if sys.platform.startswith("linux") and "TMPDIR" in environ:
+        return Path(environ["TMPDIR"], "ray")
+    if sys.platform.startswith(("linux", "darwin")):
+        return Path("/tmp/ray")
+    return Path(tempfile.gettempdir(), "ray")
+
+
+def entries(folder: Path) -> frozenset[str] | None:
+    """The names in a folder, None where there is no folder."""
+    return frozenset(os.listdir(folder)) if folder.is_dir() else None
+
+
+@dataclass(frozen=True)
+class SuiteRayRoot:
+    """What RAY_TMPDIR points at for the session, and the host's root it replaced."""
+
+    path: Path
+    host_root: Path
+    host_entries: frozenset[str] | None  # before the suite started; None: no folder
+
+    @property
+    def default_root(self) -> Path:
+        """Ray's default root while the suite runs (the address file goes here)."""
+        return self.path / "ray"
+
+    def stray_entries(self) -> list[str]:
+        """What appeared in the host's default root since the session started."""
+        now = entries(self.host_root)
+        if now is None:
+            return []
+        if self.host_entries is None:
+            return [str(self.host_root)]
+        return sorted(str(self.host_root / name) for name in now - self.host_entries)
+
+    def release(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def claim(environ: MutableMapping[str, str]) -> SuiteRayRoot:
+    """A new Ray temp root with its `ray` folder, set as RAY_TMPDIR in `environ`."""
+    host_root = default_ray_root(environ)
+    path = Path(tempfile.mkdtemp(prefix="vo", dir=SHORT_BASE))
+    (path / "ray").mkdir()
+    root = SuiteRayRoot(path=path, host_root=host_root, host_entries=entries(host_root))
+    environ["RAY_TMPDIR"] = str(path)
+    return root
