@@ -208,7 +208,7 @@ def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while not list((table / "_staging").glob("k1/*.parquet")):
+        while not list((table / "_staging").glob("k1/*/*.parquet")):
             assert driver.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no staged file appeared"
             time.sleep(0.05)

@@ -20,7 +20,7 @@ from vision_ops.config import parse_spec
 from vision_ops.models import torchvision_architectures
 from vision_ops.pipeline import run_job
 from vision_ops.predictors import Segmenter
-from vision_ops.sink import committed_runs
+from vision_ops.sink import committed_run, committed_runs
 
 pytestmark = pytest.mark.timeout(900)
 CLASSES = 4
@@ -111,11 +111,17 @@ def test_masks_follow_the_commit_and_a_rerun_replaces_them(ray_local, tmp_path) 
     spec = spec_for(str(images), tmp_path / "table", "lraspp_mobilenet_v3_large", weights)
     run_job(spec)
     folder = tmp_path / "table" / "_masks" / "run_date=2026-11-24" / "seg"
-    first = sorted(p.name for p in folder.iterdir())
+    [attempt] = list(folder.iterdir())  # one folder per commit attempt
+    first = sorted(p.name for p in attempt.iterdir())
     assert len(first) == 2
+    assert committed_run(str(tmp_path / "table"), "seg")["masks_folder"] == f"file://{attempt}"
     (images / "1.png").unlink()
     run_job(spec)  # the same run id: its rows and its masks are replaced
-    assert len(list(folder.iterdir())) == 1 and sorted(p.name for p in folder.iterdir())[0] in first
+    [rerun] = list(folder.iterdir())
+    [kept] = [p.name for p in rerun.iterdir()]
+    assert rerun != attempt and kept in first
+    [row] = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    assert row["mask_uri"] == f"file://{rerun}/{kept}"
 
 
 def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(ray_local, tmp_path) -> None:

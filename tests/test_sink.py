@@ -44,16 +44,17 @@ def test_rows_are_split_into_files_and_committed_with_a_manifest(tmp_path: Path)
     partition = tmp_path / "run_date=2026-11-24"
     names = sorted(p.name for p in partition.glob("*.parquet"))
     assert (partition / "_SUCCESS").exists()
-    assert names == ["r-part-00000.parquet", "r-part-00001.parquet", "r-part-00002.parquet"]
+    assert names == [f"r-{sink.attempt}-part-{n:05d}.parquet" for n in range(3)]
     assert [pq.read_metadata(partition / n).num_rows for n in names] == [4, 4, 1]
     table = pq.read_table(partition).sort_by("item_id")
     assert table["item_id"].to_pylist() == [f"id{i:04d}" for i in range(9)]
     assert (result.rows, result.ok, result.errors) == (9, 8, 1)
     manifest = json.loads((tmp_path / "_manifests" / "r.json").read_text())
     assert manifest["rows"] == 9 and manifest["schema_version"] == SCHEMA_VERSION == "2"
+    assert manifest["attempt"] == sink.attempt
     assert [f["rows"] for f in manifest["files"]] == [4, 4, 1]
     assert result.files == [f"file://{partition}/{n}" for n in names]
-    assert not (tmp_path / "_staging").exists()
+    assert not (tmp_path / "_staging").exists() and not (tmp_path / "_commits").exists()
 
 
 def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
@@ -67,7 +68,10 @@ def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
     second.write(rows(5))
     second.commit()
     names = sorted(p.name for p in (tmp_path / "run_date=2026-11-24").glob("*.parquet"))
-    assert names == ["other-part-00000.parquet", "r-part-00000.parquet"]
+    assert names == [
+        f"other-{other.attempt}-part-00000.parquet",
+        f"r-{second.attempt}-part-00000.parquet",
+    ]
 
 
 def test_memory_filesystem_round_trip() -> None:

@@ -13,18 +13,27 @@ import numpy as np
 from vision_ops.schema import SEGMENT_MASK, STATUS_OK
 from vision_ops.storage import StorageOptions, canonical_uri, filesystem, make_folder
 
-# {root}/_masks/run_date=YYYY-MM-DD/{run_id}/{item_id}.png: underscore-prefixed, so readers of
-# the table (pyarrow, Spark, Athena, DuckDB globs of part files) never take a mask for a part.
+# {root}/_masks/run_date=YYYY-MM-DD/{run_id}/{attempt}/{item_id}.png: underscore-prefixed, so
+# readers of the table (pyarrow, Spark, Athena, DuckDB globs of part files) never take a mask for
+# a part; one folder per commit attempt, so a rerun's masks never overwrite the committed run's.
 MASKS = "_masks"
 TILE_TRANSFORM = "tile_transform"  # a tile's pixel -> CRS affine as JSON (tiling jobs)
 
 
-def staged_masks_folder(root: str, run_id: str) -> str:
-    return f"{root}/_staging/{run_id}/{MASKS}"
+def staging_folder(root: str, run_id: str, attempt: str) -> str:
+    """Where one attempt of a run stages its part files and masks until the commit."""
+    return f"{root}/_staging/{run_id}/{attempt}"
 
 
-def final_masks_folder(root: str, run_id: str, run_date: dt.date) -> str:
-    return f"{root}/{MASKS}/run_date={run_date.isoformat()}/{run_id}"
+def staged_masks_folder(root: str, run_id: str, attempt: str) -> str:
+    return f"{staging_folder(root, run_id, attempt)}/{MASKS}"
+
+
+def final_masks_folder(root: str, run_id: str, run_date: dt.date, attempt: str | None) -> str:
+    """An attempt's committed masks (`attempt` None: the folder of runs committed before masks
+    had one folder per attempt, which held the masks themselves)."""
+    folder = f"{root}/{MASKS}/run_date={run_date.isoformat()}/{run_id}"
+    return f"{folder}/{attempt}" if attempt else folder
 
 
 def write_masks(
@@ -33,12 +42,14 @@ def write_masks(
     root_uri: str,
     run_id: str,
     run_date: dt.date,
+    attempt: str,
     storage_options: StorageOptions,
 ) -> dict[str, np.ndarray]:
     """Stage each ok row's mask; the row gets the URI the mask will have once committed."""
     fs, root = filesystem(root_uri, storage_options)
     root = root.rstrip("/")
-    staged, final = staged_masks_folder(root, run_id), final_masks_folder(root, run_id, run_date)
+    staged = staged_masks_folder(root, run_id, attempt)
+    final = final_masks_folder(root, run_id, run_date, attempt)
     make_folder(fs, staged)
     uris = np.full(len(batch["source_uri"]), None, dtype=object)
     files: dict[str, bytes] = {}

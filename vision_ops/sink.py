@@ -1,12 +1,12 @@
-"""Commit prediction rows as Hive-partitioned Parquet: stage, move into place, manifest last."""
+"""Commit prediction rows as Hive-partitioned Parquet: stage part files, check, then publish."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +15,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vision_ops.masks import final_masks_folder, staged_masks_folder
+from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
+from vision_ops.publish import (
+    MANIFESTS,
+    CommitPlan,
+    manifest_path,
+    publish,
+    read_manifest,
+    resolve_unfinished,
+)
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, STATUS_SKIPPED, item_id
 from vision_ops.storage import (
     StorageOptions,
@@ -37,12 +45,35 @@ from vision_ops.tally import (
 log = logging.getLogger(__name__)
 MAX_RESCAN_BUCKETS = 16  # a refused commit names examples from at most this many buckets
 UNITS_DIGEST_METHOD = "sha256-sum"  # how `units_digest` is computed (absent: sorted ids)
-MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
-SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
+__all__ = ["MANIFESTS", "CommitRefused", "ParquetSink", "RunDateConflict", "committed_runs"]
 
 
 class CommitRefused(RuntimeError):
     """The rows are not exactly the listed units once each; nothing was committed."""
+
+
+class RunDateConflict(ValueError):
+    """The run id is committed on another date: a run id names one run, on one date."""
+
+
+def check_run_date(
+    root_uri: str, run_id: str, run_date: dt.date, options: StorageOptions | None = None
+) -> None:
+    """RunDateConflict where `run_id` is committed in the table on a date other than
+    `run_date` (committing it again would strand that date's files)."""
+    committed = committed_run(root_uri, run_id, options)
+    if committed is not None and committed["run_date"] != run_date.isoformat():
+        raise RunDateConflict(
+            f"run id {run_id!r} is committed for {committed['run_date']} in {root_uri}; a run "
+            f"id names one run on one date, so it cannot commit {run_date.isoformat()}: give "
+            "this date its own --run-id (the default, the date plus the spec's hash, is one "
+            "per date), or rerun that date"
+        )
+
+
+def new_attempt() -> str:
+    """A commit attempt's id: its staging folder and the names of the files it publishes."""
+    return uuid.uuid4().hex[:12]
 
 
 def units_digest(item_ids: list[str]) -> str:
@@ -125,10 +156,7 @@ def committed_run(
         runs = committed_runs(root_uri, options)
         return runs[-1] if runs else None
     fs, root = filesystem(root_uri, options)
-    try:
-        return dict(json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFESTS}/{run_id}.json")))
-    except FileNotFoundError:
-        return None
+    return read_manifest(fs, root.rstrip("/"), run_id)
 
 
 @dataclass
@@ -148,8 +176,10 @@ class CommitResult:
 class ParquetSink:
     """Collects row tables into part files under a staging prefix, then commits them at once.
 
-    Files are named `{run_id}-part-{n:05d}.parquet` in `run_date=YYYY-MM-DD/`; a rerun of the same
-    run id replaces that run's files. The manifest `_manifests/{run_id}.json` is written last.
+    Files are named `{run_id}-{attempt}-part-{n:05d}.parquet` in `run_date=YYYY-MM-DD/`; a rerun
+    of the same run id replaces that run's files. The commit is a transaction (`publish`): the
+    manifest `_manifests/{run_id}.json` is its commit point. Opening a sink first settles any
+    commit a crash left half done and refuses a run id committed on another date.
     """
 
     root_uri: str
@@ -158,6 +188,7 @@ class ParquetSink:
     schema: pa.Schema
     rows_per_file: int = 250_000
     storage_options: StorageOptions = field(default_factory=dict)
+    attempt: str = field(default_factory=new_attempt)
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _staged: list[tuple[str, int]] = field(default_factory=list)
@@ -172,10 +203,12 @@ class ParquetSink:
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
         self.root = root.rstrip("/")
-        self.staging = f"{self.root}/_staging/{self.run_id}"
+        self.staging = staging_folder(self.root, self.run_id, self.attempt)
         self.partition = f"{self.root}/{PARTITION_COLUMN}={self.run_date.isoformat()}"
         with writing_to(self.root_uri):
-            self._remove_staging()
+            resolve_unfinished(self.fs, self.root)
+            check_run_date(self.root_uri, self.run_id, self.run_date, self.storage_options)
+            self._remove_earlier_staging()
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
@@ -214,11 +247,12 @@ class ParquetSink:
             self._flush(self.rows_per_file)
         masks = self._staged_masks()
         self._check(listed, masks)
-        manifest = f"{self.root}/{MANIFESTS}/{self.run_id}.json"
-        files = self._publish(manifest, details or {}, masks)
+        plan = self._plan(masks)
+        files = [canonical_uri(self.fs, final) for _, final in plan.moves[: len(self._staged)]]
+        publish(self.fs, self.root, plan, lambda: self._manifest(files) | (details or {}))
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
-            manifest_uri=canonical_uri(self.fs, manifest),
+            manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
             files=files,
             rows=self.rows,
             ok=self.ok,
@@ -237,65 +271,41 @@ class ParquetSink:
                 f"{len(masks)} masks were staged"
             )
 
-    def _publish(self, manifest: str, details: dict[str, Any], masks: list[str]) -> list[str]:
-        """Replace this run's files in the partition, then write the manifest and _SUCCESS.
-        Where a write fails before the manifest, the files already moved are taken back out
-        (best effort), so that plain Parquet readers of the partition do not see them."""
-        if self.fs.exists(manifest):
-            self.fs.rm(manifest)  # the old run stops being visible before its files go
-        self._remove_previous_files()
-        make_folder(self.fs, self.partition)
-        moved: list[str] = []
-        try:
-            for staged, _ in self._staged:
-                moved.append(f"{self.partition}/{staged.rpartition('/')[2]}")
-                self.fs.mv(staged, moved[-1])
-            files = [canonical_uri(self.fs, path) for path in moved]
-            moved += self._publish_masks(masks)
-            self._remove_staging()
-            make_folder(self.fs, f"{self.root}/{MANIFESTS}")
-            content = self._manifest(files) | details
-            self.fs.pipe_file(manifest, json.dumps(content, indent=2).encode())
-        except Exception:
-            self._withdraw(moved)
-            raise
-        self._mark_success()
-        return files
+    def _plan(self, masks: list[str]) -> CommitPlan:
+        """The commit: the staged part files, then the masks, to their final names; the files
+        of the run of this id committed before (if any) to remove once this one is."""
+        parts = [
+            (staged, f"{self.partition}/{self.run_id}-{self.attempt}-{staged.rpartition('/')[2]}")
+            for staged, _ in self._staged
+        ]
+        final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+        mask_moves = [(path, f"{final}/{path.rpartition('/')[2]}") for path in masks]
+        return CommitPlan(
+            run_id=self.run_id,
+            attempt=self.attempt,
+            partition=self.partition,
+            moves=parts + mask_moves,
+            staging=self.staging,
+            replaces=self._committed_files(),
+        )
 
-    def _publish_masks(self, staged: list[str]) -> list[str]:
-        """Segmentation masks, staged by the workers, into _masks/run_date=.../{run_id}/."""
-        final = final_masks_folder(self.root, self.run_id, self.run_date)
-        if staged:
-            make_folder(self.fs, final)
-        moved = []
-        for path in staged:
-            moved.append(f"{final}/{path.rpartition('/')[2]}")
-            self.fs.mv(path, moved[-1])
-        return moved
+    def _committed_files(self) -> list[str]:
+        """The files of this run id's committed run: its manifest's part files and its masks."""
+        manifest = read_manifest(self.fs, self.root, self.run_id)
+        if manifest is None:
+            return []
+        files = [self.fs._strip_protocol(entry["uri"]) for entry in manifest["files"]]
+        masks = final_masks_folder(self.root, self.run_id, self.run_date, manifest.get("attempt"))
+        if self.fs.exists(masks):
+            files += [path for path in self.fs.ls(masks, detail=False) if self.fs.isfile(path)]
+        return files
 
     def _staged_masks(self) -> list[str]:
         """The masks the workers staged (only a table with masks lists the store for them)."""
         if "mask_uri" not in self.schema.names:
             return []
-        staged = staged_masks_folder(self.root, self.run_id)
+        staged = staged_masks_folder(self.root, self.run_id, self.attempt)
         return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
-
-    def _withdraw(self, paths: list[str]) -> None:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                self.fs.rm(path)
-
-    def _mark_success(self) -> None:
-        """Hadoop's marker, for tools that look for it; the manifest is the commit itself."""
-        try:
-            self.fs.pipe_file(f"{self.partition}/{SUCCESS_MARKER}", b"")
-        except OSError as err:
-            log.warning(
-                "run %s committed, but %s could not be written: %s",
-                self.run_id,
-                SUCCESS_MARKER,
-                err,
-            )
 
     def _count_units(self, table: pa.Table) -> None:
         written, frames = row_tallies(table)
@@ -338,7 +348,7 @@ class ParquetSink:
         head, rest = table.slice(0, limit), table.slice(limit)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
-        path = f"{self.staging}/{self.run_id}-part-{len(self._staged):05d}.parquet"
+        path = f"{self.staging}/part-{len(self._staged):05d}.parquet"
         make_folder(self.fs, self.staging)
         with self.fs.open(path, "wb") as handle:
             pq.write_table(head, handle, compression="zstd")
@@ -351,20 +361,11 @@ class ParquetSink:
             if found != rows:
                 raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
 
-    def _remove_staging(self) -> None:
-        if self.fs.exists(self.staging):
-            self.fs.rm(self.staging, recursive=True)
-        parent = self.staging.rpartition("/")[0]
-        if self.fs.exists(parent) and not self.fs.ls(parent):
-            self.fs.rmdir(parent)
-
-    def _remove_previous_files(self) -> None:
-        pattern = f"{self.partition}/{self.run_id}-part-*.parquet"
-        for old in self.fs.glob(pattern):
-            self.fs.rm(old)
-        masks = final_masks_folder(self.root, self.run_id, self.run_date)
-        if self.fs.exists(masks):
-            self.fs.rm(masks, recursive=True)
+    def _remove_earlier_staging(self) -> None:
+        """What earlier attempts of this run id staged and never committed."""
+        earlier = self.staging.rpartition("/")[0]
+        if self.fs.exists(earlier):
+            self.fs.rm(earlier, recursive=True)
 
     def _manifest(self, files: list[str]) -> dict[str, object]:
         return {
@@ -382,6 +383,11 @@ class ParquetSink:
                 {"uri": uri, "rows": rows}
                 for uri, (_, rows) in zip(files, self._staged, strict=True)
             ],
+            "masks_folder": canonical_uri(
+                self.fs, final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+            )
+            if "mask_uri" in self.schema.names
+            else None,
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
 

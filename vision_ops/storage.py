@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -85,8 +86,27 @@ def make_folder(fs: AbstractFileSystem, path: str) -> None:
     """Create a folder where the filesystem has real ones (local disk). On object stores a
     "folder" is a key prefix: nothing to create, and s3fs's makedirs would create a missing
     bucket, where a run must fail instead."""
-    if set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & {"file", "local"}:
+    if is_local(fs):
         fs.makedirs(path, exist_ok=True)
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for the local disk (real folders, rename), False for object stores and memory."""
+    return bool(
+        set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & {"file", "local"}
+    )
+
+
+def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `path` whole or not at all, replacing what was there: an object store's PUT is
+    atomic; on local disk the bytes go to a temporary name first, then are renamed over `path`
+    (a reader, or a crash, never meets half a file)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(temporary, data)
+    fs.mv(temporary, path)
 
 
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:

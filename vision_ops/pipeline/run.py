@@ -16,9 +16,9 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
-from vision_ops.lock import RunLock
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
+from vision_ops.outputs import RunGuard, open_sink, run_guard
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
 from vision_ops.pipeline.listing import Listing, list_listing
 from vision_ops.pool import PoolPlan, plan_pool
@@ -27,7 +27,7 @@ from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import TABLE_BUILDERS, output_schema
-from vision_ops.sink import CommitResult, ParquetSink
+from vision_ops.sink import CommitResult, check_run_date
 from vision_ops.sources import plan_inputs
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits, ListedUnits
@@ -68,16 +68,16 @@ def connect_ray() -> None:
 def run_job(spec: JobSpec) -> RunSummary:
     """Run a validated spec to a committed table; raises before any work if it cannot run."""
     started = time.perf_counter()
-    run_id = spec.resolved_run()[0]
+    run_id, run_date = spec.resolved_run()
     check_job(spec)
     inputs = plan_inputs(spec.input, spec.storage_options)
+    check_run_date(spec.output.uri, run_id, run_date, spec.storage_options)
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     spec = spec.sized(plan.num_gpus)
     listing = list_listing(spec.input, inputs, spec.storage_options)
-    lease = spec.run.lock_lease_s
     require_bucket(spec.output.uri, spec.storage_options)
-    with RunLock(spec.output.uri, run_id, lease, spec.storage_options) as lock:
+    with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
         log.info(
@@ -95,18 +95,17 @@ def run_job(spec: JobSpec) -> RunSummary:
 
 
 def _process_and_commit(
-    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunLock
+    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunGuard
 ) -> tuple[CommitResult, float]:
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
     expected: ExpectedUnits = ListedUnits(listed_units(tiles.units)) if tiles else listing
-    sink = ParquetSink(
-        spec.output.uri, run_id, run_date, schema, spec.output.rows_per_file, spec.storage_options
-    )
+    sink = open_sink(spec, run_id, run_date, schema)  # the output format's (vision_ops.outputs)
     merger = scene_merger(spec, tiles)
     stats = RunStats()
     if (tiles.units.num_rows if tiles else listing.count) > 0:
-        dataset = with_limits(build_dataset(spec, units, plan, run_id, schema), spec.runtime)
+        dataset = build_dataset(spec, units, plan, schema, sink.attempt)
+        dataset = with_limits(dataset, spec.runtime)
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             written = time.perf_counter()
             rows = stats.record(table)
@@ -192,9 +191,11 @@ def build_dataset(
     spec: JobSpec,
     listing: ray.data.Dataset | pa.Table,
     plan: PoolPlan,
-    run_id: str,
     schema: pa.Schema,
+    attempt: str,
 ) -> ray.data.Dataset:
+    """Read, predict and build rows; segmentation masks are staged for commit `attempt`."""
+    run_id, run_date = spec.resolved_run()
     # One read task per read batch: its images reach the model as soon as they are decoded
     # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
     # tasks to keep every free core decoding.
@@ -244,7 +245,8 @@ def build_dataset(
         write_masks,
         root_uri=spec.output.uri,
         run_id=run_id,
-        run_date=spec.resolved_run()[1],
+        run_date=run_date,
+        attempt=attempt,
         storage_options=spec.storage_options,
     )
     predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)

@@ -1,0 +1,190 @@
+"""The Parquet commit as a transaction: journal, new files beside the old, manifest, cleanup.
+
+A run's commit (`publish`) goes through these steps, each one durable before the next:
+
+1. the journal `_commits/{run_id}.json` records the plan: the attempt's files and where they
+   go, and the files of the committed run it replaces;
+2. the attempt's part files (and masks) move from `_staging/` into the partition under names
+   of their own (`{run_id}-{attempt}-part-NNNNN.parquet`): nothing committed is overwritten;
+3. the manifest `_manifests/{run_id}.json` is replaced in one write: the commit point;
+4. `_SUCCESS` is written in the partition, the replaced run's files are removed, and the
+   journal last.
+
+A failure before the commit point undoes steps 1-2 (the old run stays committed, whole); a
+failure after it leaves the new run committed and its cleanup to finish. When a failure leaves
+the outcome unknown, or the driver is killed, the journal stays: the next run on the table
+(`resolve_unfinished`, under the table's run lock) reads the manifest to learn which attempt
+won, then finishes that commit or undoes it. Nothing is ever deleted by pattern: only files a
+journal or a manifest names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from vision_ops.storage import is_local, make_folder, replace_file
+
+log = logging.getLogger(__name__)
+JOURNAL = "_commits"  # one JSON per commit in progress: what to finish or undo after a crash
+MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
+SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
+
+
+class CommitUnknown(RuntimeError):
+    """The commit failed at its commit point and whether it took could not be read back; the
+    next run on the table settles it (finishes or undoes it, from the journal)."""
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """Everything needed to finish or to undo one attempt's commit, paths within the store."""
+
+    run_id: str
+    attempt: str
+    partition: str  # the run_date=... folder its part files go to
+    moves: list[tuple[str, str]]  # (staged, final) for each part file and mask
+    staging: str  # the attempt's staging folder, removed once the commit is settled
+    replaces: list[str]  # the files of the committed run this one replaces
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CommitPlan:
+        raw = json.loads(data)
+        raw["moves"] = [tuple(move) for move in raw["moves"]]
+        return cls(**raw)
+
+
+def journal_path(root: str, run_id: str) -> str:
+    return f"{root}/{JOURNAL}/{run_id}.json"
+
+
+def manifest_path(root: str, run_id: str) -> str:
+    return f"{root}/{MANIFESTS}/{run_id}.json"
+
+
+def read_manifest(fs: AbstractFileSystem, root: str, run_id: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(fs.cat_file(manifest_path(root, run_id))))
+    except FileNotFoundError:
+        return None
+
+
+def publish(
+    fs: AbstractFileSystem, root: str, plan: CommitPlan, manifest: Callable[[], dict[str, Any]]
+) -> None:
+    """Commit `plan`: journal, moves, then `manifest()` written as the commit point, then the
+    cleanup. Raises (the old run still committed) when a step before the commit point fails."""
+    make_folder(fs, f"{root}/{JOURNAL}")
+    replace_file(fs, journal_path(root, plan.run_id), plan.to_json())
+    try:
+        _move_into_place(fs, plan)
+        make_folder(fs, f"{root}/{MANIFESTS}")
+        content = manifest() | {"attempt": plan.attempt}
+        replace_file(fs, manifest_path(root, plan.run_id), json.dumps(content, indent=2).encode())
+    except Exception as err:
+        if _committed_attempt(fs, root, plan, err) != plan.attempt:
+            _settle(fs, root, plan, committed=False)
+            raise
+    _settle(fs, root, plan, committed=True)
+
+
+def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
+    """Finish or undo every commit a crash left half done (the manifest says which attempt
+    won); returns the run ids settled. Call it holding the table's run lock."""
+    folder = f"{root}/{JOURNAL}"
+    if not fs.exists(folder):
+        return []
+    settled = []
+    for path in sorted(fs.glob(f"{folder}/*.json")):
+        plan = CommitPlan.from_json(fs.cat_file(path))
+        committed = (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt
+        log.warning(
+            "run %s: a commit (attempt %s) was interrupted; %s it",
+            plan.run_id,
+            plan.attempt,
+            "finishing" if committed else "undoing",
+        )
+        _settle(fs, root, plan, committed)
+        settled.append(plan.run_id)
+    return settled
+
+
+def _move_into_place(fs: AbstractFileSystem, plan: CommitPlan) -> None:
+    made: set[str] = set()
+    for staged, final in plan.moves:
+        folder = final.rpartition("/")[0]
+        if folder not in made:
+            make_folder(fs, folder)
+            made.add(folder)
+        fs.mv(staged, final)
+
+
+def _committed_attempt(
+    fs: AbstractFileSystem, root: str, plan: CommitPlan, err: Exception
+) -> str | None:
+    """The attempt the manifest names after a failed step: a write reported as failed may have
+    taken (a response lost on the way back). CommitUnknown where the manifest cannot be read."""
+    try:
+        return (read_manifest(fs, root, plan.run_id) or {}).get("attempt")
+    except Exception as read_err:
+        raise CommitUnknown(
+            f"the commit of run {plan.run_id} failed ({err}), and whether it took could not be "
+            f"read back ({read_err}); the next run on this table finishes or undoes it"
+        ) from err
+
+
+def _settle(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
+    """Finish (`committed`: marker, the replaced run's files removed) or undo (the attempt's
+    files removed) a commit, then drop its staging and journal. Where a removal fails, the
+    journal stays for the next run to settle, and a committed run is committed regardless."""
+    if committed:
+        _mark_success(fs, plan)
+    leftovers = plan.replaces if committed else [final for _, final in plan.moves]
+    try:
+        for path in leftovers:
+            _remove(fs, path)
+        _remove(fs, plan.staging, recursive=True)
+        _remove(fs, journal_path(root, plan.run_id))
+        _prune_empty_folders(fs, root, [*leftovers, plan.staging, journal_path(root, "_")])
+    except OSError as err:
+        log.warning(
+            "run %s: %s, but cleaning up failed (%s); the next run on this table finishes it",
+            plan.run_id,
+            "committed" if committed else "not committed",
+            err,
+        )
+
+
+def _mark_success(fs: AbstractFileSystem, plan: CommitPlan) -> None:
+    """Hadoop's marker, for tools that look for it; the manifest is the commit itself."""
+    try:
+        fs.pipe_file(f"{plan.partition}/{SUCCESS_MARKER}", b"")
+    except OSError as err:
+        log.warning("run %s committed, but %s not written: %s", plan.run_id, SUCCESS_MARKER, err)
+
+
+def _prune_empty_folders(fs: AbstractFileSystem, root: str, removed: list[str]) -> None:
+    """Local disk only (an object store has no empty folders): the folders that `removed`
+    paths left empty, up to the table's root."""
+    if not is_local(fs):
+        return
+    for folder in sorted({path.rpartition("/")[0] for path in removed}, reverse=True):
+        while folder.startswith(f"{root}/") and fs.exists(folder) and not fs.ls(folder):
+            fs.rmdir(folder)
+            folder = folder.rpartition("/")[0]
+
+
+def _remove(fs: AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if recursive and not fs.exists(path):
+            return
+        fs.rm(path, recursive=recursive)
