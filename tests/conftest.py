@@ -89,6 +89,14 @@ def seaweed() -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture(scope="session")
+def iceberg_s3() -> Iterator[SeaweedS3]:
+    """A real S3 server serving its embedded Iceberg REST catalog over the table bucket
+    `tables` (SigV4 with the environment's key pair), with buckets for inputs and masks."""
+    with SeaweedS3(buckets=("images", "out"), table_bucket="tables") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def s3_options(seaweed: SeaweedS3) -> dict[str, dict[str, str]]:
     """`storage_options` for a spec that reads and writes the test server."""
     return {"s3": seaweed.storage_options()}

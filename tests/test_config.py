@@ -98,7 +98,13 @@ def test_minimal_spec_fills_every_default() -> None:
         "queue_mb": None,
         "stall_timeout_s": 1800,
     }
-    assert spec.output.model_dump() == {"uri": "s3://out/predictions", "rows_per_file": 250_000}
+    assert spec.output.model_dump() == {
+        "format": "parquet",
+        "uri": "s3://out/predictions",
+        "rows_per_file": 250_000,
+        "table": None,
+        "catalog": {},
+    }
     assert spec.run.model_dump() == {
         "id": None,
         "date": None,
@@ -697,3 +703,53 @@ def test_an_unsized_spec_refuses_to_name_its_batch_sizes() -> None:
         _ = runtime.images_per_call
     with pytest.raises(RuntimeError, match=r"runtime\.read_batch_size is derived"):
         _ = runtime.files_per_read_task
+
+
+ICEBERG_OUTPUT = {
+    "format": "iceberg",
+    "uri": "s3://out/beside",
+    "table": "vision.predictions",
+    "catalog": {"type": "rest", "uri": "http://127.0.0.1:8181", "warehouse": "s3://tables/"},
+}
+
+
+def test_iceberg_output_parses_and_parquet_is_the_default() -> None:
+    assert parse_spec(minimal()).output.format == "parquet"
+    output = parse_spec(with_value("output", ICEBERG_OUTPUT)).output
+    assert (output.format, output.table, output.catalog["type"]) == (
+        "iceberg",
+        "vision.predictions",
+        "rest",
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ({**ICEBERG_OUTPUT, "table": None}, "format: iceberg expects table"),
+        ({**ICEBERG_OUTPUT, "catalog": {}}, "format: iceberg expects catalog"),
+        ({**ICEBERG_OUTPUT, "table": "predictions"}, "output.table: String should match"),
+        ({**ICEBERG_OUTPUT, "format": "parquet"}, "table and catalog are for format: iceberg"),
+        ({**ICEBERG_OUTPUT, "format": "delta"}, "output.format: Input should be 'parquet'"),
+    ],
+)
+def test_iceberg_output_mistakes_are_named(output: dict[str, Any], expected: str) -> None:
+    assert expected in spec_error(with_value("output", output))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["credential", "token", "s3.secret-access-key", "s3.access-key-id", "adls.sas-token"],
+)
+def test_iceberg_catalog_credentials_are_refused_without_echo(name: str) -> None:
+    catalog = {**ICEBERG_OUTPUT["catalog"], name: "hunter2-secret"}  # type: ignore[dict-item]
+    message = spec_error(with_value("output", {**ICEBERG_OUTPUT, "catalog": catalog}))
+    assert f"catalog.{name} looks like a credential" in message
+    assert "hunter2" not in message
+
+
+def test_iceberg_catalog_uri_with_a_password_is_refused() -> None:
+    catalog = {"type": "sql", "uri": "postgresql://user:hunter2@db/catalog"}
+    message = spec_error(with_value("output", {**ICEBERG_OUTPUT, "catalog": catalog}))
+    assert "catalog.uri: a URI with a user or password" in message
+    assert "hunter2" not in message

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from vision_ops.config import JobSpec, SpecError, load_spec
+from vision_ops.config import JobSpec, OutputSpec, SpecError, load_spec
 from vision_ops.models import ModelError, check_job
 from vision_ops.storage import StorageOptions
 
@@ -42,12 +42,13 @@ def load_checked_spec(args: argparse.Namespace) -> JobSpec:
     return spec
 
 
-def output_of(args: argparse.Namespace) -> tuple[str, StorageOptions]:
-    """The table a command reads: TARGET itself, or the output of the spec TARGET names."""
+def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOptions]:
+    """The table a command reads: TARGET itself (a Parquet table root), or the output of the
+    spec TARGET names (any format: an Iceberg table is found through its spec's catalog)."""
     if not args.target.endswith((".yaml", ".yml")):
         return args.target, {}
     spec = load_spec(args.target, args.set or [])
-    return spec.output.uri, spec.storage_options
+    return spec.output, spec.storage_options
 
 
 def _fail(err: Exception, code: int) -> int:
@@ -142,11 +143,11 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     """Run, in date order, every date of the range that has no committed run yet."""
-    from vision_ops.sink import committed_runs
+    from vision_ops.outputs import committed_runs
 
     if args.end < args.start:
         return _fail(ValueError(f"--to {args.end} is before --from {args.start}"), EXIT_BAD_SPEC)
-    done = {run["run_date"] for run in committed_runs(spec.output.uri, spec.storage_options)}
+    done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
     day = args.start
     while day <= args.end:
         if day.isoformat() in done:
@@ -162,6 +163,7 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
+    from vision_ops.outputs import AsOfUnsupported
     from vision_ops.query import DEFAULT_QUERIES, NothingCommitted, connect, export, register_views
 
     try:
@@ -170,9 +172,11 @@ def query(args: argparse.Namespace) -> int:
         return _fail(err, EXIT_BAD_SPEC)
     connection = connect(options)
     try:
-        task = register_views(connection, table, options)
+        task = register_views(connection, table, options, args.run_id, args.as_of)
         relation = connection.sql(args.sql or DEFAULT_QUERIES[task])
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
+    except AsOfUnsupported as err:
+        return _fail(err, EXIT_BAD_SPEC)
     except (NothingCommitted, ValueError) as err:
         return _fail(err, EXIT_FAILED)
     except Exception as err:  # DuckDB's own errors: bad SQL, unreadable files
@@ -219,7 +223,7 @@ def job_command(args: argparse.Namespace) -> int:
 
 def verify(args: argparse.Namespace) -> int:
     """Re-check a committed run: files, footers, row counts, every unit once."""
-    from vision_ops.sink import verify_run
+    from vision_ops.outputs import verify_run
 
     try:
         table, options = output_of(args)
@@ -304,6 +308,12 @@ def bench(args: argparse.Namespace) -> int:
     return EXIT_OK if not report.problems else EXIT_FAILED
 
 
+def _utc_time(text: str) -> dt.datetime:
+    """An ISO 8601 date or time; UTC where it names no offset."""
+    moment = dt.datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
 def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("spec", help="job spec YAML file")
     sub.add_argument(
@@ -358,6 +368,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
     sub.add_argument("sql", nargs="?", help="the query (default: a summary per label)")
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
+    sub.add_argument("--run-id", help="only this run's rows, as its commit left them")
+    sub.add_argument(
+        "--as-of",
+        type=_utc_time,
+        help="the table as it was at this time, ISO 8601 (Iceberg tables; default: now)",
+    )
     sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sub.add_argument("--out", help="write the result to this file (needed for parquet)")
     sub.set_defaults(handler=query)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -650,9 +651,70 @@ def _sized(value: int | None, name: str) -> int:
     return value
 
 
+# Iceberg table identifiers: `namespace.table` (nested namespaces a.b.table).
+ICEBERG_TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
+# Catalog property name parts that carry secrets (pyiceberg's `credential`, `token`,
+# `s3.secret-access-key`, `glue.session-token`, `adls.sas-token`, ...).
+CATALOG_SECRET_PARTS = (
+    "credential", "token", "secret", "password", "access-key", "account-key", "sas",
+)  # fmt: skip
+
+
 class OutputSpec(StrictModel):
-    uri: str = Field(description="Table root; rows land under run_date=YYYY-MM-DD/.")
+    format: Literal["parquet", "iceberg"] = Field(
+        default="parquet",
+        description="parquet: Hive-partitioned files under `uri`, a manifest per run; "
+        "iceberg: one snapshot per run in the catalog's table `table` (vision_ops.outputs).",
+    )
+    uri: str = Field(
+        description="parquet: the table root, rows under run_date=YYYY-MM-DD/. iceberg: the "
+        "folder beside the table for segmentation masks and evaluation metrics (the rows go "
+        "where the catalog puts the table)."
+    )
     rows_per_file: int = Field(default=250_000, gt=0, description="Rows per Parquet file.")
+    table: str | None = Field(
+        default=None,
+        pattern=ICEBERG_TABLE_PATTERN,
+        description="iceberg: the table as namespace.table, created on the first run.",
+    )
+    catalog: dict[str, str] = Field(
+        default_factory=dict,
+        description="iceberg: PyIceberg catalog properties (type: rest | glue | sql | hive "
+        "..., uri, warehouse, ...). Never credentials: those come from the standard chains.",
+    )
+
+    @field_validator("catalog")
+    @classmethod
+    def _no_catalog_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, setting in value.items():
+            lowered = name.lower().replace("_", "-")
+            if any(part in lowered for part in CATALOG_SECRET_PARTS):
+                raise ValueError(
+                    f"catalog.{name} looks like a credential; credentials never go in the spec: "
+                    "the catalog and its storage use the standard AWS/GCP/Azure chains "
+                    "(environment, profile, instance role)"
+                )
+            if "@" in urlsplit(setting).netloc:
+                raise ValueError(
+                    f"catalog.{name}: a URI with a user or password in it; credentials never "
+                    "go in the spec"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _format_fields(self) -> OutputSpec:
+        if self.format == "iceberg":
+            missing = [name for name in ("table", "catalog") if not getattr(self, name)]
+            if missing:
+                raise ValueError(
+                    f"format: iceberg expects {' and '.join(missing)} "
+                    "(table: namespace.table, catalog: PyIceberg catalog properties), found none"
+                )
+        elif self.table is not None or self.catalog:
+            raise ValueError(
+                "table and catalog are for format: iceberg; found them with format: parquet"
+            )
+        return self
 
 
 class RunSpec(StrictModel):
@@ -788,7 +850,8 @@ def format_validation_error(err: ValidationError) -> str:
         location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         line = f"  {location}: {message}"
-        if "input" in problem and "storage_options" not in location and "found" not in message:
+        secret_prone = "storage_options" in location or location.endswith("output.catalog")
+        if "input" in problem and not secret_prone and "found" not in message:
             line += f" (found: {_found(problem['loc'], problem['input'])})"
         lines.append(line)
     return "\n".join(lines)

@@ -64,6 +64,8 @@ class SeaweedS3:
 
     data_dir: Path | None = None
     buckets: tuple[str, ...] = ()
+    # An S3 Tables bucket for the embedded Iceberg REST catalog (None: no catalog tables).
+    table_bucket: str | None = None
     # `weed mini` takes its admin identity from these; clients must sign with the same pair.
     credentials: dict[str, str] = field(default_factory=lambda: dict(LOCAL_CREDENTIALS))
     start_timeout_s: float = 90.0
@@ -79,6 +81,26 @@ class SeaweedS3:
         """fsspec/s3fs options for this server (endpoint only: credentials come from the env)."""
         return {"endpoint_url": self.endpoint_url}
 
+    @property
+    def catalog_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port.iceberg']}"
+
+    def catalog_properties(self) -> dict[str, str]:
+        """PyIceberg properties of the embedded Iceberg REST catalog over `table_bucket`
+        (SigV4-signed with the environment's key pair, as AWS S3 Tables is). No secrets."""
+        if self.table_bucket is None:
+            raise RuntimeError("this server was started without a table_bucket")
+        return {
+            "type": "rest",
+            "uri": self.catalog_url,
+            "warehouse": f"s3://{self.table_bucket}/",
+            "rest.sigv4-enabled": "true",
+            "rest.signing-name": "s3tables",
+            "rest.signing-region": "us-east-1",
+            "s3.endpoint": self.endpoint_url,
+            "s3.region": "us-east-1",
+        }
+
     def start(self) -> SeaweedS3:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="vision-ops-seaweed-"))
@@ -89,6 +111,8 @@ class SeaweedS3:
         command += [f"-{flag}={port}" for flag, port in self.ports.items()]
         if self.buckets:
             command.append(f"-bucket={','.join(self.buckets)}")
+        if self.table_bucket:
+            command.append(f"-tableBucket={self.table_bucket}")
         log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             command,
@@ -105,7 +129,7 @@ class SeaweedS3:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"weed mini exited early; see {self.data_dir}/weed.log")
-            if self._answers() and self._buckets_ready():
+            if self._answers() and self._buckets_ready() and self._catalog_ready():
                 return
             time.sleep(0.5)
         self.stop()
@@ -135,6 +159,23 @@ class SeaweedS3:
             return set(self.buckets) <= {b.rstrip("/") for b in fs.ls("")}
         except OSError:
             return False
+
+    def _catalog_ready(self) -> bool:
+        """The table bucket answers a catalog config request (a second or so after S3 does)."""
+        if not self.table_bucket:
+            return True
+        try:
+            from pyiceberg.catalog import load_catalog
+            from pyiceberg.exceptions import RESTError
+
+            keys = {
+                "client.access-key-id": self.credentials["AWS_ACCESS_KEY_ID"],
+                "client.secret-access-key": self.credentials["AWS_SECRET_ACCESS_KEY"],
+            }
+            load_catalog("seaweed", **self.catalog_properties(), **keys).list_namespaces()
+        except (OSError, RESTError, ValueError):
+            return False
+        return True
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

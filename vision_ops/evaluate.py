@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vision_ops.sink import committed_run, read_committed_file
+from vision_ops.outputs import Target, as_output, committed_run, describe, read_run
 from vision_ops.storage import StorageOptions, filesystem, make_folder, read_bytes
 
 METRICS = "_metrics"
@@ -36,7 +36,7 @@ class EvaluationError(ValueError):
 
 
 def evaluate_run(
-    table_uri: str,
+    table_uri: Target,
     truth: str,
     truth_format: str,
     run_id: str | None = None,
@@ -44,9 +44,7 @@ def evaluate_run(
 ) -> pa.Table:
     """The metrics of a committed run (the given id, else the latest), written beside it."""
     manifest = _manifest(table_uri, run_id, options)
-    rows = [
-        r for f in manifest["files"] for r in read_committed_file(f["uri"], options).to_pylist()
-    ]
+    rows = read_run(table_uri, manifest, options).to_pylist()
     if manifest.get("task", "classification") == "detection":
         if truth_format != "coco":
             raise EvaluationError(
@@ -163,25 +161,28 @@ def _metric(
     return {"metric": name, "label": label, "predicted": predicted, "value": float(value)}
 
 
-def _manifest(table_uri: str, run_id: str | None, options: StorageOptions | None) -> dict[str, Any]:
+def _manifest(
+    table_uri: Target, run_id: str | None, options: StorageOptions | None
+) -> dict[str, Any]:
     manifest = committed_run(table_uri, run_id, options)
     if manifest is None:
-        raise EvaluationError(f"{table_uri}: no committed run {run_id or ''}".rstrip())
+        raise EvaluationError(f"{describe(table_uri)}: no committed run {run_id or ''}".rstrip())
     return manifest
 
 
-def _write(table: pa.Table, table_uri: str, run_id: str, options: StorageOptions | None) -> None:
-    fs, root = filesystem(table_uri, options)
+def _write(table: pa.Table, table_uri: Target, run_id: str, options: StorageOptions | None) -> None:
+    """Beside the table: in its root (Parquet), in the output's `uri` folder (Iceberg)."""
+    fs, root = filesystem(as_output(table_uri).uri, options)
     make_folder(fs, f"{root.rstrip('/')}/{METRICS}")
     with fs.open(f"{root.rstrip('/')}/{METRICS}/{run_id}.parquet", "wb") as handle:
         pq.write_table(table, handle)
 
 
 def read_metrics(
-    table_uri: str, run_id: str, options: StorageOptions | None = None
+    table_uri: Target, run_id: str, options: StorageOptions | None = None
 ) -> pa.Table | None:
     """A run's metrics table, where it has been evaluated."""
-    fs, root = filesystem(table_uri, options)
+    fs, root = filesystem(as_output(table_uri).uri, options)
     path = f"{root.rstrip('/')}/{METRICS}/{run_id}.parquet"
     if not fs.exists(path):
         return None

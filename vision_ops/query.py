@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import importlib
 import os
 import tempfile
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from vision_ops.outputs import Target, describe, sql_source
 from vision_ops.schema import PARTITION_COLUMN
-from vision_ops.sink import MANIFESTS, committed_runs
 from vision_ops.storage import StorageOptions
 
 
@@ -82,17 +83,24 @@ DEFAULT_QUERIES = {
 
 
 class NothingCommitted(LookupError):
-    """A table root with no committed run to read."""
+    """A table with no committed run to read."""
 
 
-def register_views(connection: Any, table_uri: str, options: StorageOptions | None = None) -> str:
-    """Views over a table's committed runs only (the files its manifests list): `predictions`,
-    one row per unit, and for detection tables `boxes`, one row per box. Returns the task."""
-    files = [f["uri"] for run in committed_runs(table_uri, options) for f in run["files"]]
-    if not files:
-        raise NothingCommitted(f"{table_uri}: no committed run (no {MANIFESTS}/*.json)")
-    listed = ", ".join(f"'{uri}'" for uri in files)
-    source = f"read_parquet([{listed}], hive_partitioning = true)"
+def register_views(
+    connection: Any,
+    table: Target,
+    options: StorageOptions | None = None,
+    run_id: str | None = None,
+    as_of: dt.datetime | None = None,
+) -> str:
+    """Views over a table's committed runs only (what its format's commits made visible):
+    `predictions`, one row per unit, and for detection tables `boxes`, one row per box.
+    `run_id`: that run's rows as it committed them; `as_of`: the table at that time (Iceberg).
+    Returns the task."""
+    source = sql_source(connection, table, options, run_id, as_of)
+    if not source:
+        which = f"run {run_id}" if run_id else "run"
+        raise NothingCommitted(f"{describe(table)}: no committed {which}")
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}")
     columns = {row[0] for row in connection.execute("DESCRIBE predictions").fetchall()}
     if "detections" not in columns:
@@ -122,6 +130,12 @@ def load_spatial(connection: Any) -> None:
 
 def _load_httpfs(connection: Any) -> None:
     _load_packaged_extension(connection, "httpfs", "s3:// in DuckDB")
+
+
+def load_iceberg(connection: Any) -> None:
+    """DuckDB iceberg (and the avro it reads manifests with) from their packages, offline."""
+    _load_packaged_extension(connection, "avro", "Iceberg tables in DuckDB")
+    _load_packaged_extension(connection, "iceberg", "Iceberg tables in DuckDB")
 
 
 def _load_packaged_extension(connection: Any, name: str, purpose: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vision_ops.sink import committed_run, read_committed_file
+from vision_ops.outputs import Target, committed_run, describe, read_run
 from vision_ops.storage import StorageOptions
 
 SCORE_BINS = 10
@@ -43,13 +43,13 @@ class NoSuchRun(LookupError):
 
 
 def build_report(
-    table_uri: str, run_id: str | None = None, options: StorageOptions | None = None
+    table_uri: Target, run_id: str | None = None, options: StorageOptions | None = None
 ) -> RunReport:
     """The report of a committed run: the given id, else the latest."""
     manifest = committed_run(table_uri, run_id, options)
     if manifest is None:
-        raise NoSuchRun(f"{table_uri}: no committed run {run_id or ''}".rstrip())
-    table = _read_files([f["uri"] for f in manifest["files"]], options)
+        raise NoSuchRun(f"{describe(table_uri)}: no committed run {run_id or ''}".rstrip())
+    table = read_run(table_uri, manifest, options)
     labels, scores = _labels_and_scores(table, manifest.get("task", "classification"))
     return RunReport(
         run_id=manifest["run_id"],
@@ -72,7 +72,7 @@ def build_report(
 
 
 def overall_metrics(
-    table_uri: str, run_id: str, options: StorageOptions | None
+    table_uri: Target, run_id: str, options: StorageOptions | None
 ) -> dict[str, float]:
     """The run's scores against ground truth (not per class), where it has been evaluated."""
     from vision_ops.evaluate import read_metrics
@@ -82,10 +82,6 @@ def overall_metrics(
         return {}
     rows = table.to_pylist()
     return {r["metric"]: r["value"] for r in rows if r["label"] is None and r["predicted"] is None}
-
-
-def _read_files(uris: list[str], options: StorageOptions | None) -> pa.Table:
-    return pa.concat_tables([read_committed_file(uri, options) for uri in uris])
 
 
 def _labels_and_scores(table: pa.Table, task: str) -> tuple[pa.Array, np.ndarray]:

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 
 from vision_ops.config import JobSpec
+from vision_ops.outputs import Target, committed_runs, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
-from vision_ops.sink import committed_runs, read_committed_file
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     The committed versions are gathered on the driver; the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
     done: set[tuple[str, str]] = set()
-    for run in committed_runs(spec.output.uri, spec.storage_options):
+    for run in committed_runs(spec.output, spec.storage_options):
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
-            done |= committed_versions(run, spec.storage_options)
+            done |= committed_versions(spec.output, run, spec.storage_options)
     select = functools.partial(not_done, done=done)
     kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
     left = Listing(kept, summarise(kept, find_repeats=False))
@@ -44,13 +44,13 @@ def not_done(block: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
     return block.filter(pa.array(keep, pa.bool_()))
 
 
-def committed_versions(run: dict[str, Any], options: StorageOptions) -> set[tuple[str, str]]:
+def committed_versions(
+    output: Target, run: dict[str, Any], options: StorageOptions
+) -> set[tuple[str, str]]:
+    """The (URI, version) of each source a committed run read."""
     columns = ["source_uri", "source_etag", "source_size", "source_mtime"]
-    versions = set()
-    for entry in run["files"]:
-        for row in read_committed_file(entry["uri"], options, columns).to_pylist():
-            versions.add((row["source_uri"], version_key(row)))
-    return versions
+    rows = read_run(output, run, options, columns).to_pylist()
+    return {(row["source_uri"], version_key(row)) for row in rows}
 
 
 def version_key(row: dict[str, Any]) -> str:

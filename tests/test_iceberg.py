@@ -1,0 +1,337 @@
+"""Iceberg output on the embedded catalog (SeaweedFS's Iceberg REST catalog): one snapshot per
+run, reruns replace their own rows, concurrent runs, failures at each step of the commit, and
+the table read back independently (a fresh PyIceberg catalog, DuckDB's iceberg_scan)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from faulty_s3 import FaultyS3, S3Request
+from pyiceberg.catalog import load_catalog
+
+from vision_ops import outputs
+from vision_ops.config import OutputSpec
+from vision_ops.devstack import SeaweedS3
+from vision_ops.iceberg import (
+    CatalogError,
+    IcebergSink,
+    RunCommittedMeanwhile,
+)
+from vision_ops.query import connect, load_iceberg
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, item_id
+from vision_ops.sink import CommitRefused
+from vision_ops.storage import StorageError
+
+pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
+DATE = dt.date(2026, 11, 24)
+_tables = itertools.count()
+
+
+@pytest.fixture
+def output(iceberg_s3: SeaweedS3) -> OutputSpec:
+    """A fresh table on the embedded catalog (masks and metrics beside it in s3://out)."""
+    name = f"t{next(_tables)}_{np.random.default_rng().integers(1 << 30)}"
+    return OutputSpec(
+        format="iceberg",
+        uri=f"s3://out/{name}",
+        table=f"tests.{name}",
+        catalog=iceberg_s3.catalog_properties(),
+    )
+
+
+def options(server: SeaweedS3) -> dict[str, dict[str, str]]:
+    return {"s3": server.storage_options()}
+
+
+def rows(run_id: str, uris: list[str], errors: int = 0) -> pa.Table:
+    count = len(uris)
+    columns = {
+        "run_id": [run_id] * count,
+        "item_id": [item_id(uri) for uri in uris],
+        "source_uri": uris,
+        "model_name": ["m"] * count,
+        "model_weights_sha256": ["h"] * count,
+        "task": ["classification"] * count,
+        "status": [STATUS_ERROR] * errors + [STATUS_OK] * (count - errors),
+        "label": ["cat"] * count,
+        "score": np.linspace(0, 1, count, dtype=np.float32),
+        "top_k": [[{"label_id": 1, "label": "cat", "score": 0.5}]] * count,
+    }
+    arrays = [
+        pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(count, f.type)
+        for f in PREDICTION_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=PREDICTION_SCHEMA)
+
+
+def uris(prefix: str, count: int) -> list[str]:
+    return [f"s3://images/{prefix}/{i}.jpg" for i in range(count)]
+
+
+def commit_run(
+    output: OutputSpec, run_id: str, sources: list[str], date: dt.date = DATE, **kwargs: Any
+) -> IcebergSink:
+    sink = IcebergSink(output, run_id, date, PREDICTION_SCHEMA, **kwargs)
+    sink.write(rows(run_id, sources))
+    sink.commit(sources, {"spec_digest": "s" * 64, "model_fingerprint": "f" * 64})
+    return sink
+
+
+def read_back(output: OutputSpec) -> Any:
+    """The table through a fresh catalog client of its own (no state shared with the sink)."""
+    return load_catalog("independent", **output.catalog).load_table(output.table)
+
+
+def rows_by_run(output: OutputSpec) -> dict[str, list[str]]:
+    table = read_back(output).scan(selected_fields=("run_id", "source_uri")).to_arrow()
+    found: dict[str, list[str]] = {}
+    for run, uri in zip(table["run_id"].to_pylist(), table["source_uri"].to_pylist(), strict=True):
+        found.setdefault(run, []).append(uri)
+    return {run: sorted(sources) for run, sources in sorted(found.items())}
+
+
+def duckdb_rows(output: OutputSpec, server: SeaweedS3, snapshot: int | None = None) -> int:
+    connection = connect(options(server))
+    load_iceberg(connection)
+    location = read_back(output).metadata_location
+    at = f", snapshot_from_id = {snapshot}" if snapshot else ""
+    return int(connection.sql(f"SELECT count(*) FROM iceberg_scan('{location}'{at})").fetchone()[0])
+
+
+def test_a_run_is_one_snapshot_read_back_independently(output, iceberg_s3) -> None:
+    sources = uris("a", 5)
+    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    sink.write(rows("r1", sources[:2], errors=1))
+    sink.write(rows("r1", sources[2:]))
+    result = sink.commit(sources, {"spec_digest": "s" * 64, "stage_seconds": {"infer": 1.5}})
+    assert (result.rows, result.ok, result.errors) == (5, 4, 1)
+
+    table = read_back(output)
+    assert [f.name for f in table.spec().fields] == ["run_date"]
+    assert str(table.spec().fields[0].transform) == "identity"
+    assert len(table.snapshots()) == 1
+    summary = table.current_snapshot().summary
+    assert summary["vision_ops.run_id"] == "r1"
+    assert summary["vision_ops.run_date"] == "2026-11-24"
+    assert summary["vision_ops.spec_digest"] == "s" * 64
+    assert (summary["vision_ops.rows"], summary["vision_ops.errors"]) == ("5", "1")
+    assert summary["added-records"] == "5"
+    scanned = table.scan().to_arrow()
+    assert scanned.column_names == ["run_date", *PREDICTION_SCHEMA.names]
+    assert set(scanned["run_date"].to_pylist()) == {DATE}
+    assert sorted(scanned["item_id"].to_pylist()) == sorted(item_id(u) for u in sources)
+    assert scanned["top_k"].to_pylist()[0] == [{"label_id": 1, "label": "cat", "score": 0.5}]
+    assert duckdb_rows(output, iceberg_s3) == 5
+
+    manifest = outputs.committed_run(output)
+    assert manifest is not None
+    assert (manifest["run_id"], manifest["run_date"], manifest["rows"]) == ("r1", "2026-11-24", 5)
+    assert manifest["stage_seconds"] == {"infer": 1.5}
+    assert sum(f["rows"] for f in manifest["files"]) == 5
+    assert outputs.verify_run(output)[1] == []
+
+
+def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:
+    commit_run(output, "r1", uris("a", 3))
+    commit_run(output, "r2", uris("b", 2))
+    before = read_back(output).current_snapshot().snapshot_id
+    commit_run(output, "r1", uris("c", 4))  # the same run id, other rows
+
+    assert rows_by_run(output) == {"r1": uris("c", 4), "r2": uris("b", 2)}
+    table = read_back(output)
+    assert len(table.snapshots()) == 3
+    assert table.current_snapshot().summary.operation.value == "overwrite"
+    assert duckdb_rows(output, iceberg_s3) == 6
+    assert duckdb_rows(output, iceberg_s3, snapshot=before) == 5  # time travel: the old r1
+    runs = outputs.committed_runs(output)
+    assert [(r["run_id"], r["rows"]) for r in runs] == [("r1", 4), ("r2", 2)]
+    old = outputs.read_run(output, {"run_id": "r1", "snapshot_id": before}, columns=["source_uri"])
+    assert sorted(old["source_uri"].to_pylist()) == uris("a", 3)
+
+
+def test_a_refused_commit_leaves_the_previous_snapshot(output) -> None:
+    commit_run(output, "r1", uris("a", 3))
+    before = read_back(output).current_snapshot().snapshot_id
+    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    sink.write(rows("r1", uris("b", 2)))
+    with pytest.raises(CommitRefused, match="1 missing"):
+        sink.commit(uris("b", 3))
+    assert read_back(output).current_snapshot().snapshot_id == before
+    assert rows_by_run(output) == {"r1": uris("a", 3)}
+    written = [f.file_path for f in sink._files]
+    assert written and not any(sink.table.io.new_input(p).exists() for p in written)
+
+
+def test_concurrent_runs_with_different_run_ids_both_commit(output) -> None:
+    """Both start from the same snapshot; the second commit loses the race and is retried."""
+    first = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    second = IcebergSink(output, "r2", DATE, PREDICTION_SCHEMA)
+    for sink, prefix in ((first, "a"), (second, "b")):
+        sink.write(rows(sink.run_id, uris(prefix, 3)))
+    first.commit(uris("a", 3))
+    second.commit(uris("b", 3))
+    assert rows_by_run(output) == {"r1": uris("a", 3), "r2": uris("b", 3)}
+
+    barrier, errors = threading.Barrier(4), []
+
+    def run(run_id: str) -> None:
+        try:
+            sink = IcebergSink(output, run_id, DATE, PREDICTION_SCHEMA)
+            sink.write(rows(run_id, uris(run_id, 2)))
+            barrier.wait()
+            sink.commit(uris(run_id, 2))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(f"t{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert rows_by_run(output) == {
+        "r1": uris("a", 3),
+        "r2": uris("b", 3),
+        **{f"t{i}": uris(f"t{i}", 2) for i in range(4)},
+    }
+
+
+def test_concurrent_attempts_of_one_run_id_one_wins(output) -> None:
+    commit_run(output, "r1", uris("old", 2))
+    first = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    second = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    first.write(rows("r1", uris("a", 3)))
+    second.write(rows("r1", uris("b", 3)))
+    first.commit(uris("a", 3))
+    with pytest.raises(RunCommittedMeanwhile, match="another attempt of the same run id"):
+        second.commit(uris("b", 3))
+    assert rows_by_run(output) == {"r1": uris("a", 3)}
+
+
+def test_racing_attempts_of_one_run_id_one_wins(output) -> None:
+    """Both reach the catalog at once: one commit lands, the other fails naming the run."""
+    barrier, outcomes = threading.Barrier(2), []
+
+    def run(prefix: str) -> None:
+        sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+        sink.write(rows("r1", uris(prefix, 3)))
+        barrier.wait()
+        try:
+            sink.commit(uris(prefix, 3))
+            outcomes.append(prefix)
+        except CommitRefused as err:
+            outcomes.append(str(err))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    won = [o for o in outcomes if o in ("a", "b")]
+    lost = [o for o in outcomes if o not in ("a", "b")]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert "run r1" in lost[0]
+    assert rows_by_run(output) == {"r1": uris(won[0], 3)}
+
+
+def test_rows_of_another_run_id_are_refused(output) -> None:
+    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    with pytest.raises(CommitRefused, match="another run id"):
+        sink.write(rows("r2", uris("a", 1)))
+
+
+def test_a_table_of_another_schema_is_refused(output) -> None:
+    commit_run(output, "r1", uris("a", 1))
+    other = PREDICTION_SCHEMA.append(pa.field("extra", pa.string()))
+    with pytest.raises(CatalogError, match="expected a table of this job's schema"):
+        IcebergSink(output, "r2", DATE, other)
+
+
+# --- failures at each step of the commit -----------------------------------------------------
+
+
+def data_file(r: S3Request) -> bool:
+    return r.method == "PUT" and "/data/" in r.key
+
+
+def manifest_file(r: S3Request) -> bool:
+    name = r.key.rpartition("/")[2]
+    return r.method == "PUT" and name.endswith(".avro") and not name.startswith("snap-")
+
+
+def manifest_list(r: S3Request) -> bool:
+    name = r.key.rpartition("/")[2]
+    return r.method == "PUT" and name.startswith("snap-")
+
+
+def catalog_commit(r: S3Request) -> bool:
+    """The REST catalog's commit of one table (not creating it: POST .../tables)."""
+    return r.method == "POST" and re.search(r"/namespaces/[^/]+/tables/[^/]+$", r.key) is not None
+
+
+@pytest.fixture
+def through_proxies(iceberg_s3: SeaweedS3) -> Iterator[Callable[..., tuple[OutputSpec, Any]]]:
+    """An output whose S3 and catalog requests pass through fault-injecting proxies."""
+    opened: list[FaultyS3] = []
+
+    def make(output: OutputSpec, **faults: Any) -> tuple[OutputSpec, FaultyS3, FaultyS3]:
+        s3 = FaultyS3(iceberg_s3.endpoint_url, **faults.get("s3", {})).start()
+        catalog = FaultyS3(iceberg_s3.catalog_url, **faults.get("catalog", {})).start()
+        opened.extend([s3, catalog])
+        properties = output.catalog | {"uri": catalog.endpoint_url, "s3.endpoint": s3.endpoint_url}
+        return output.model_copy(update={"catalog": properties}), s3, catalog
+
+    yield make  # type: ignore[misc]
+    for proxy in opened:
+        proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("step", "faults"),
+    [
+        ("data file", {"s3": {"deny": data_file}}),
+        ("manifest", {"s3": {"deny": manifest_file}}),
+        ("manifest list", {"s3": {"deny": manifest_list}}),
+        ("catalog commit refused", {"catalog": {"deny": catalog_commit}}),
+        ("catalog commit reset", {"catalog": {"reset_every": 1, "faulty": catalog_commit}}),
+    ],
+)
+def test_a_failed_rerun_leaves_the_earlier_run_committed(
+    output, iceberg_s3, through_proxies, step, faults
+) -> None:
+    """Reproduction (a): a rerun of r1 whose commit fails at any step leaves r1's earlier rows
+    committed, for every reader: PyIceberg, DuckDB, the run's manifest and verify."""
+    commit_run(output, "r1", uris("old", 3))
+    commit_run(output, "r2", uris("other", 2))
+    before = read_back(output).current_snapshot().snapshot_id
+    faulty, s3, catalog = through_proxies(output, **faults)
+    with pytest.raises((StorageError, CommitRefused, OSError)):
+        commit_run(faulty, "r1", uris("new", 4))
+    assert sum(s3.faults.values()) + sum(catalog.faults.values()) > 0, step
+    assert read_back(output).current_snapshot().snapshot_id == before
+    assert rows_by_run(output) == {"r1": uris("old", 3), "r2": uris("other", 2)}
+    assert duckdb_rows(output, iceberg_s3) == 5
+    manifest = outputs.committed_run(output, "r1")
+    assert manifest is not None and manifest["rows"] == 3
+    assert outputs.verify_run(output, "r1")[1] == []
+    commit_run(output, "r1", uris("new", 4))  # and a clean rerun then commits
+    assert rows_by_run(output) == {"r1": uris("new", 4), "r2": uris("other", 2)}
+
+
+def test_a_commit_whose_response_is_lost_is_committed_once(output, through_proxies) -> None:
+    """The catalog applies the commit, the client never hears: it finds its snapshot."""
+    commit_run(output, "r1", uris("old", 3))
+    faults = {"catalog": {"drop_response_every": 1, "faulty": catalog_commit}}
+    faulty, _, catalog = through_proxies(output, **faults)
+    commit_run(faulty, "r1", uris("new", 2))
+    assert catalog.fault_count("dropped_response") >= 1
+    assert rows_by_run(output) == {"r1": uris("new", 2)}
+    assert len(read_back(output).snapshots()) == 2

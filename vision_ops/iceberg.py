@@ -1,0 +1,641 @@
+"""Iceberg output: the prediction table in a catalog, one snapshot per run, and its readers.
+
+A run writes its data files into the table's location as it goes (invisible until committed),
+then commits them in one OVERWRITE snapshot that also drops the earlier rows of the same run
+id: the table moves from the old run to the new one in one catalog commit, or not at all.
+Concurrent commits are retried by PyIceberg against the table's new head; the retry checks,
+with the run id as its conflict filter, that no other attempt of the same run id committed
+meanwhile (then this one fails, saying so). Snapshot summaries carry the run's identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import json
+import logging
+import uuid
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vision_ops.config import OutputSpec
+from vision_ops.masks import final_masks_folder, staged_masks_folder
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, STATUS_SKIPPED
+from vision_ops.sink import (
+    MAX_RESCAN_BUCKETS,
+    UNITS_DIGEST_METHOD,
+    CommitRefused,
+    CommitResult,
+    check_units,
+    units_sum_digest,
+)
+from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
+from vision_ops.tally import (
+    ExpectedUnits,
+    Listed,
+    MultisetDigest,
+    Tally,
+    bucket_of,
+    expected_from,
+    row_tallies,
+)
+
+if TYPE_CHECKING:
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.manifest import DataFile
+    from pyiceberg.table import Table
+
+log = logging.getLogger(__name__)
+SUMMARY_PREFIX = "vision_ops."  # snapshot summary properties a run's commit adds
+RUN_ID = f"{SUMMARY_PREFIX}run_id"
+DETAILS = f"{SUMMARY_PREFIX}details"  # the rest of the run's manifest, as JSON
+# Table properties set at creation: exact run_id bounds in the file metrics (so a file of one
+# run is told apart from another's without reading it), and patient commit retries.
+TABLE_PROPERTIES = {
+    "write.metadata.metrics.column.run_id": "full",
+    "commit.retry.num-retries": "10",
+}
+SUMMARY_FIELDS = ("run_id", "run_date", "task", "rows", "ok", "errors", "skipped")
+
+
+class CatalogError(StorageError):
+    """The catalog or its table cannot be used: says which and why; nothing was committed."""
+
+
+class RunCommittedMeanwhile(CommitRefused):
+    """Another attempt of the same run id committed while this one ran."""
+
+
+def load_catalog(output: OutputSpec) -> Catalog:
+    """The spec's catalog (PyIceberg properties; credentials from the standard chains)."""
+    try:
+        from pyiceberg.catalog import load_catalog as pyiceberg_catalog
+    except ImportError as err:
+        raise ImportError(
+            "output.format: iceberg needs: pip install 'vision-ops[iceberg]'"
+        ) from err
+    try:
+        return pyiceberg_catalog("vision_ops", **output.catalog)
+    except Exception as err:  # PyIceberg raises ValueError, requests' and the catalog's errors
+        raise CatalogError(f"cannot open catalog {_where(output)}: {err}") from err
+
+
+def table_schema(schema: pa.Schema) -> pa.Schema:
+    """The run's row schema with `run_date` as a column (the Hive partition key of Parquet)."""
+    run_date = pa.field(PARTITION_COLUMN, pa.date32(), nullable=False)
+    return pa.schema([run_date, *schema], metadata=schema.metadata)
+
+
+def open_table(output: OutputSpec, schema: pa.Schema) -> Table:
+    """The spec's table, created (with its namespace) partitioned by run_date when missing;
+    CatalogError when it exists with other columns."""
+    from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
+    catalog = load_catalog(output)
+    namespace = output_table(output).rpartition(".")[0]
+    try:
+        with contextlib.suppress(NamespaceAlreadyExistsError):
+            catalog.create_namespace_if_not_exists(namespace)
+        iceberg, spec = _iceberg_schema(table_schema(schema))
+        table = catalog.create_table_if_not_exists(
+            output_table(output), schema=iceberg, partition_spec=spec, properties=TABLE_PROPERTIES
+        )
+    except Exception as err:
+        raise CatalogError(f"cannot open table {_where(output)}: {err}") from err
+    _check_columns(output, table, table_schema(schema))
+    return table
+
+
+def load_table(output: OutputSpec) -> Table | None:
+    """The spec's table for reading; None where it does not exist yet."""
+    from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+    catalog = load_catalog(output)
+    try:
+        return catalog.load_table(output_table(output))
+    except (NoSuchTableError, NoSuchNamespaceError):
+        return None
+    except Exception as err:
+        raise CatalogError(f"cannot read table {_where(output)}: {err}") from err
+
+
+def output_table(output: OutputSpec) -> str:
+    if output.table is None:
+        raise ValueError("output.format: iceberg expects output.table")
+    return output.table
+
+
+def _where(output: OutputSpec) -> str:
+    return f"{output.table} in catalog {output.catalog.get('uri', output.catalog.get('type'))}"
+
+
+def _iceberg_schema(schema: pa.Schema) -> tuple[Any, Any]:
+    """The Iceberg schema (fresh field ids) and its identity partition on run_date."""
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.schema import assign_fresh_schema_ids
+    from pyiceberg.transforms import IdentityTransform
+
+    iceberg = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(schema))
+    source = iceberg.find_field(PARTITION_COLUMN).field_id
+    partition = PartitionField(source, 1000, IdentityTransform(), PARTITION_COLUMN)
+    return iceberg, PartitionSpec(partition)
+
+
+def _check_columns(output: OutputSpec, table: Table, schema: pa.Schema) -> None:
+    found = [f.name for f in table.schema().fields]
+    if found != schema.names:
+        raise CatalogError(
+            f"table {output.table} has columns {found}; this job writes {schema.names} "
+            "(another task or input kind): expected a table of this job's schema"
+        )
+
+
+@dataclass
+class IcebergSink:
+    """Writes a run's rows as data files of the table as they come, then commits them in one
+    snapshot that replaces the run id's earlier rows (the same interface as ParquetSink)."""
+
+    output: OutputSpec
+    run_id: str
+    run_date: dt.date
+    schema: pa.Schema
+    storage_options: StorageOptions = field(default_factory=dict)
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    _pending: list[pa.Table] = field(default_factory=list)
+    _pending_rows: int = 0
+    _files: list[DataFile] = field(default_factory=list)
+    _written: Tally = field(default_factory=Tally)
+    _frames: Tally = field(default_factory=Tally)
+    _ids_digest: MultisetDigest = field(default_factory=MultisetDigest)
+    _masks_expected: int = 0
+    rows: int = 0
+    ok: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.table = open_table(self.output, self.schema)
+        current = self.table.current_snapshot()
+        self._base = current.snapshot_id if current else None  # the table as this run began
+        self._write_uuid = uuid.uuid4()
+        self._counter = itertools.count(0)
+        self.fs, root = filesystem(self.output.uri, self.storage_options)
+        self.root = root.rstrip("/")
+
+    @property
+    def errors(self) -> int:
+        return self.rows - self.ok - self.skipped
+
+    def write(self, table: pa.Table) -> None:
+        table = table.cast(self.schema)
+        if not pc.all(pc.equal(table["run_id"], self.run_id)).as_py():
+            raise CommitRefused(f"refusing to commit: rows of another run id in run {self.run_id}")
+        self.rows += table.num_rows
+        self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
+        self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
+        written, frames = row_tallies(table)
+        self._written, self._frames = self._written.merge(written), self._frames.merge(frames)
+        self._ids_digest.update(table["item_id"].to_pylist())
+        if "mask_uri" in table.column_names:
+            self._masks_expected += table.num_rows - table["mask_uri"].null_count
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.output.rows_per_file:
+            self._flush(self.output.rows_per_file)
+
+    def commit(
+        self,
+        listed: Listed | ExpectedUnits | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> CommitResult:
+        """Check exactly-once against the `listed` units and the written files, then commit
+        one snapshot: this run's files in, the run id's earlier files out. CommitRefused (or
+        CatalogError), with the table at its previous snapshot, when anything fails."""
+        while self._pending_rows:
+            self._flush(self.output.rows_per_file)
+        masks = self._staged_masks()
+        try:
+            self._check(listed, masks)
+            published = self._publish_masks(masks)
+        except Exception:
+            self._discard([])
+            raise
+        try:
+            snapshot = self._commit_snapshot(details or {})
+        except _NotCommitted as failed:
+            if failed.sure:  # else the files may be the table's now: leave them
+                self._discard(published)
+            raise failed.error from None
+        self._remove_other_masks()
+        return CommitResult(
+            partition_uri=f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
+            f"{self.run_date.isoformat()}, snapshot {snapshot})",
+            manifest_uri=self.table.metadata_location,
+            files=[f.file_path for f in self._files],
+            rows=self.rows,
+            ok=self.ok,
+            errors=self.errors,
+            skipped=self.skipped,
+        )
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _flush(self, limit: int) -> None:
+        from pyiceberg.io.pyarrow import _dataframe_to_data_files
+
+        table = pa.concat_tables(self._pending)
+        head, rest = table.slice(0, limit), table.slice(limit)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        dated = head.add_column(0, table_schema(self.schema).field(0), self._dates(head.num_rows))
+        try:
+            self._files += _dataframe_to_data_files(
+                self.table.metadata, dated, self.table.io, self._write_uuid, self._counter
+            )
+        except OSError as err:
+            raise StorageError(f"cannot write table {self.output.table}'s data: {err}") from err
+
+    def _dates(self, rows: int) -> pa.Array:
+        return pa.array([self.run_date] * rows, pa.date32())
+
+    # --- checking --------------------------------------------------------------------------
+
+    def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
+        found = sum(f.record_count for f in self._files)
+        if found != self.rows:
+            raise CommitRefused(
+                f"refusing to commit: data files hold {found} rows, wrote {self.rows}"
+            )
+        if listed is not None:
+            self._check_tally(expected_from(listed))
+        if self._masks_expected != len(masks):
+            raise CommitRefused(
+                f"refusing to commit: {self._masks_expected} rows name a mask, "
+                f"{len(masks)} masks were staged"
+            )
+
+    def _check_tally(self, listed: ExpectedUnits) -> None:
+        """As ParquetSink's: equal tallies, else the differing buckets re-read and named."""
+        differing = listed.tally().merge(self._frames).differing(self._written)
+        if not differing:
+            return
+        scanned = set(differing[:MAX_RESCAN_BUCKETS])
+        try:
+            check_units(listed.in_buckets(scanned), self._written_units(scanned))
+        except CommitRefused as err:
+            if len(scanned) < len(differing):
+                raise CommitRefused(
+                    f"{err} (in {len(scanned)} of the {len(differing)} buckets that differ)"
+                ) from None
+            raise
+        raise CommitRefused(
+            f"refusing to commit: the unit tallies differ in {len(differing)} bucket(s), "
+            "yet their units re-read show no difference"
+        )
+
+    def _written_units(self, buckets: Collection[int]) -> list[tuple[str, str, int | None]]:
+        found = []
+        for data_file in self._files:
+            with self.table.io.new_input(data_file.file_path).open() as handle:
+                table = pq.read_table(handle, columns=["item_id", "source_uri", "frame_count"])
+            columns = [table[name].to_pylist() for name in table.column_names]
+            found += [row for row in zip(*columns, strict=True) if bucket_of(row[1]) in buckets]
+        return found
+
+    # --- committing ------------------------------------------------------------------------
+
+    def _commit_snapshot(self, details: dict[str, Any]) -> int:
+        """One catalog commit: the run's files in, its earlier files out. PyIceberg retries a
+        commit that lost a race, checking with the run id as its conflict filter."""
+        from pyiceberg.exceptions import CommitFailedException, ValidationException
+
+        properties = self._summary(details)
+        try:
+            self.table.refresh()
+            self._check_not_committed_meanwhile()
+            transaction = self.table.transaction()
+            metadata = self.schema.metadata or {}
+            if metadata:
+                transaction.set_properties({k.decode(): v.decode() for k, v in metadata.items()})
+            snapshot = transaction.update_snapshot(snapshot_properties=properties).overwrite()
+            with snapshot as producer:
+                producer.delete_by_predicate(_run_filter(self.run_id))
+                for old, replacements in self._previous_files():
+                    producer.delete_data_file(old)
+                    for kept in replacements:
+                        producer.append_data_file(kept)
+                for new in self._files:
+                    producer.append_data_file(new)
+            transaction.commit_transaction()
+        except _NotCommitted:
+            raise
+        except ValidationException as err:
+            raise _NotCommitted(self._meanwhile(err)) from None
+        except CommitFailedException as err:
+            raise _NotCommitted(CatalogError(f"{self._failed()}: {err}")) from None
+        except Exception as err:
+            if self._landed(properties):  # a lost response: the commit itself went through
+                log.warning("run %s: commit reported %r but landed", self.run_id, err)
+            else:
+                raise _NotCommitted(CatalogError(f"{self._failed()}: {err}"), sure=False) from None
+        current = self.table.current_snapshot()
+        return current.snapshot_id if current else -1
+
+    def _check_not_committed_meanwhile(self) -> None:
+        """RunCommittedMeanwhile where a snapshot after this run began holds this run id."""
+        for snapshot in _history(self.table):
+            if snapshot.snapshot_id == self._base:
+                return
+            if snapshot.summary and snapshot.summary.get(RUN_ID) == self.run_id:
+                raise _NotCommitted(self._meanwhile(None))
+
+    def _previous_files(self) -> Iterator[tuple[DataFile, list[DataFile]]]:
+        """The files holding the run id's earlier rows, each with what replaces it: nothing
+        where the file is that run's alone (as this sink writes them), else its other rows."""
+        scan = self.table.scan(row_filter=_run_filter(self.run_id))
+        for task in scan.plan_files():
+            if self._only_this_run(task.file):
+                yield task.file, []
+            else:
+                yield task.file, self._without_this_run(task)
+
+    def _only_this_run(self, data_file: DataFile) -> bool:
+        from pyiceberg.conversions import from_bytes
+        from pyiceberg.types import StringType
+
+        field_id = self.table.schema().find_field("run_id").field_id
+        lower, upper = data_file.lower_bounds.get(field_id), data_file.upper_bounds.get(field_id)
+        bounds = {from_bytes(StringType(), b) for b in (lower, upper) if b is not None}
+        return bounds == {self.run_id}
+
+    def _without_this_run(self, task: Any) -> list[DataFile]:
+        """A shared file's rows of other runs, rewritten (files of other writers only)."""
+        from pyiceberg.expressions import AlwaysTrue
+        from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files
+
+        metadata = self.table.metadata
+        rows = ArrowScan(metadata, self.table.io, metadata.schema(), AlwaysTrue()).to_table([task])
+        kept = rows.filter(pc.not_equal(rows["run_id"], self.run_id))
+        if not kept.num_rows:
+            return []
+        written = _dataframe_to_data_files(
+            metadata, kept, self.table.io, self._write_uuid, self._counter
+        )
+        return list(written)
+
+    def _summary(self, details: dict[str, Any]) -> dict[str, str]:
+        """The snapshot's summary properties: the run's identity, counts and digests."""
+        core = {
+            "run_id": self.run_id,
+            "run_date": self.run_date.isoformat(),
+            "attempt": self.attempt,
+            "schema_version": SCHEMA_VERSION,
+            "task": _task_of(self.schema),
+            "rows": self.rows,
+            "ok": self.ok,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "units_digest": self._ids_digest.hexdigest(),
+            "units_digest_method": UNITS_DIGEST_METHOD,
+        }
+        flat = {k: v for k, v in details.items() if isinstance(v, str | int | float)}
+        summary = {f"{SUMMARY_PREFIX}{k}": str(v) for k, v in (flat | core).items()}
+        rest = {k: v for k, v in details.items() if k not in flat}
+        return summary | {DETAILS: json.dumps(rest, separators=(",", ":"))}
+
+    def _landed(self, properties: dict[str, str]) -> bool:
+        """After an unclear failure: whether a snapshot of this very attempt is in the table."""
+        key = f"{SUMMARY_PREFIX}attempt"
+        try:
+            self.table.refresh()
+        except Exception:
+            return False
+        return any(
+            s.summary and s.summary.get(key) == properties[key] for s in self.table.snapshots()
+        )
+
+    def _meanwhile(self, err: Exception | None) -> CommitRefused:
+        for snapshot in reversed(self.table.snapshots()):
+            summary = snapshot.summary
+            if summary and summary.get(RUN_ID) == self.run_id:
+                when = dt.datetime.fromtimestamp(snapshot.timestamp_ms / 1000, dt.timezone.utc)
+                return RunCommittedMeanwhile(
+                    f"refusing to commit run {self.run_id}: another attempt of the same run id "
+                    f"committed snapshot {snapshot.snapshot_id} at {when.isoformat()} while this "
+                    "one ran; the table keeps that attempt's rows, this attempt's were discarded"
+                )
+        return CommitRefused(f"{self._failed()}: a concurrent change conflicts: {err}")
+
+    def _failed(self) -> str:
+        return f"run {self.run_id} not committed to {self.output.table} (table unchanged)"
+
+    def _discard(self, masks: list[str]) -> None:
+        """Best effort: this attempt's data files and published masks, never committed."""
+        for path in [f.file_path for f in self._files]:
+            with contextlib.suppress(Exception):
+                self.table.io.delete(path)
+        for path in masks:
+            with contextlib.suppress(OSError):
+                self.fs.rm(path)
+
+    # --- masks -----------------------------------------------------------------------------
+
+    def _staged_masks(self) -> list[str]:
+        if "mask_uri" not in self.schema.names:
+            return []
+        staged = staged_masks_folder(self.root, self.run_id, self.attempt)
+        with writing_to(self.output.uri):
+            return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
+
+    def _publish_masks(self, staged: list[str]) -> list[str]:
+        """Into this attempt's own final folder, before the commit that makes rows name them."""
+        final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+        moved: list[str] = []
+        if not staged:
+            return moved
+        with writing_to(self.output.uri):
+            make_folder(self.fs, final)
+            for path in staged:
+                moved.append(f"{final}/{path.rpartition('/')[2]}")
+                self.fs.mv(path, moved[-1])
+        return moved
+
+    def _remove_other_masks(self) -> None:
+        """After the commit: the masks of the attempts it replaced (best effort)."""
+        if "mask_uri" not in self.schema.names:
+            return
+        ours = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+        parent = ours.rpartition("/")[0]
+        with contextlib.suppress(OSError):
+            for folder in self.fs.ls(parent, detail=False):
+                if folder.rstrip("/") != ours:
+                    self.fs.rm(folder, recursive=True)
+
+
+@dataclass
+class _NotCommitted(Exception):
+    """The commit failed; `sure`: it certainly did not land (this attempt's files can go)."""
+
+    error: Exception
+    sure: bool = True
+
+
+def _run_filter(run_id: str) -> Any:
+    """The rows of one run (run ids are letters, digits and `._-`: nothing to escape)."""
+    from pyiceberg.expressions.parser import parse
+
+    return parse(f"run_id = '{run_id}'")
+
+
+def _task_of(schema: pa.Schema) -> str:
+    if "detections" in schema.names:
+        return "detection"
+    return "segmentation" if "class_fractions" in schema.names else "classification"
+
+
+# --- readers -------------------------------------------------------------------------------
+
+
+def committed_runs(output: OutputSpec) -> list[dict[str, Any]]:
+    """Each run's latest commit in the current snapshot's history (its summary as a
+    manifest), oldest run date first."""
+    table = load_table(output)
+    if table is None:
+        return []
+    found: dict[str, dict[str, Any]] = {}
+    for snapshot in _history(table):
+        summary = snapshot.summary
+        run_id = summary.get(RUN_ID) if summary else None
+        if run_id and run_id not in found:
+            found[run_id] = _manifest(snapshot)
+    return sorted(found.values(), key=lambda run: (run["run_date"], run["run_id"]))
+
+
+def committed_run(output: OutputSpec, run_id: str | None = None) -> dict[str, Any] | None:
+    """One committed run's manifest (the given id, else the latest) with its data files."""
+    runs = committed_runs(output)
+    matching = [run for run in runs if run_id in (None, run["run_id"])]
+    if not matching:
+        return None
+    run = matching[-1]
+    table = load_table(output)
+    if table is not None:
+        run["files"] = [
+            {"uri": task.file.file_path, "rows": task.file.record_count}
+            for task in _run_scan(table, run).plan_files()
+        ]
+    return run
+
+
+def read_run(output: OutputSpec, run: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+    """A committed run's rows as its commit left them (its snapshot, its run id)."""
+    table = load_table(output)
+    if table is None:
+        raise CatalogError(f"table {output.table} does not exist")
+    fields = tuple(columns) if columns else ("*",)
+    return _run_scan(table, run, fields).to_arrow()
+
+
+def verify_run(output: OutputSpec, run_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Re-check a committed run: each data file reads with its recorded row count, no unit
+    twice, the units and the row count its snapshot summary recorded."""
+    run = committed_run(output, run_id)
+    if run is None:
+        return {}, [f"{output.table}: no committed run {run_id or ''}".rstrip()]
+    table = load_table(output)
+    if table is None:
+        return run, [f"table {output.table} does not exist"]
+    problems: list[str] = []
+    item_ids: list[str] = []
+    for entry in run["files"]:
+        try:
+            with table.io.new_input(entry["uri"]).open() as handle:
+                rows = pq.read_table(handle, columns=["run_id", "item_id"])
+        except (OSError, pa.ArrowException) as err:
+            problems.append(f"{entry['uri']}: unreadable ({err})")
+            continue
+        if rows.num_rows != entry["rows"]:
+            problems.append(f"{entry['uri']}: {rows.num_rows} rows, metadata says {entry['rows']}")
+        mine = rows.filter(pc.equal(rows["run_id"], run["run_id"]))
+        item_ids += mine["item_id"].to_pylist()
+    if len(item_ids) != run["rows"]:
+        problems.append(f"{len(item_ids)} rows, the run committed {run['rows']}")
+    if len(item_ids) != len(set(item_ids)):
+        problems.append(f"{len(item_ids) - len(set(item_ids))} unit(s) appear twice")
+    if not problems and units_sum_digest(item_ids) != run.get("units_digest"):
+        problems.append("the units differ from those the run committed (units_digest)")
+    return run, problems
+
+
+def metadata_location(output: OutputSpec) -> str | None:
+    table = load_table(output)
+    return table.metadata_location if table is not None else None
+
+
+def snapshot_at(output: OutputSpec, moment: dt.datetime) -> int:
+    """The id of the table's current snapshot at `moment` (LookupError if none was)."""
+    table = load_table(output)
+    entries = table.history() if table is not None else []
+    stamp = moment.timestamp() * 1000
+    before = [entry for entry in entries if entry.timestamp_ms <= stamp]
+    if not before:
+        raise LookupError(f"table {output.table} had no snapshot at {moment.isoformat()}")
+    return before[-1].snapshot_id
+
+
+def _history(table: Table) -> Iterable[Any]:
+    """The current snapshot and its ancestors, newest first."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    current = table.current_snapshot()
+    return ancestors_of(current, table.metadata) if current is not None else []
+
+
+def _run_scan(table: Table, run: dict[str, Any], fields: tuple[str, ...] = ("*",)) -> Any:
+    return table.scan(
+        row_filter=_run_filter(run["run_id"]),
+        selected_fields=fields,
+        snapshot_id=run["snapshot_id"],
+    )
+
+
+def _manifest(snapshot: Any) -> dict[str, Any]:
+    """A run's manifest from its snapshot's summary (the shape of a Parquet manifest)."""
+    summary = snapshot.summary
+    values = {
+        key.removeprefix(SUMMARY_PREFIX): value
+        for key, value in summary.additional_properties.items()
+        if key.startswith(SUMMARY_PREFIX) and key != DETAILS
+    }
+    for key in ("rows", "ok", "errors", "skipped"):
+        values[key] = int(values.get(key, 0))
+    details = json.loads(summary.get(DETAILS) or "{}")
+    committed = dt.datetime.fromtimestamp(snapshot.timestamp_ms / 1000, dt.timezone.utc)
+    return (
+        _numbers(values)
+        | details
+        | {"snapshot_id": snapshot.snapshot_id, "committed_at": committed.isoformat()}
+    )
+
+
+def _numbers(values: dict[str, str]) -> dict[str, Any]:
+    """Summary values back to numbers where they were numbers (float stats of the run)."""
+    converted: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ("run_id", "run_date", "attempt", "schema_version") or key.endswith("digest"):
+            converted[key] = value
+            continue
+        try:
+            converted[key] = int(value)
+        except (TypeError, ValueError):
+            try:
+                converted[key] = float(value)
+            except (TypeError, ValueError):
+                converted[key] = value
+    return converted

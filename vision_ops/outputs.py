@@ -1,0 +1,244 @@
+"""Output formats: one record per format (its sink, its lock, its readers) in one registry.
+
+Every reader of a table (query, report, verify, evaluate, backfill, --incremental) asks this
+module, never the format's own module: `committed_runs`, `committed_run`, `read_run`,
+`verify_run` and `sql_source` take the spec's `output` (or a Parquet table root as a string).
+A run's manifest is a dict of the same shape in every format (run_id, run_date, task, rows,
+ok, errors, skipped, units_digest, the run's digests and statistics; `files` where listed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import pyarrow as pa
+
+from vision_ops import iceberg, sink
+from vision_ops.config import JobSpec, OutputSpec
+from vision_ops.lock import RunLock
+from vision_ops.registry import Registry
+from vision_ops.storage import StorageOptions
+from vision_ops.tally import ExpectedUnits, Listed
+
+Manifest = dict[str, Any]
+Target = str | OutputSpec  # a Parquet table root, or a spec's output of any format
+
+
+class Sink(Protocol):
+    """Takes a run's rows as they come, then commits them at once."""
+
+    attempt: str
+
+    def write(self, table: pa.Table) -> None: ...
+
+    def commit(
+        self, listed: Listed | ExpectedUnits | None = None, details: dict[str, Any] | None = None
+    ) -> sink.CommitResult: ...
+
+
+class RunGuard(Protocol):
+    """What a run holds while it works (the table's lock, where the format needs one)."""
+
+    def renew_if_due(self) -> None: ...
+
+
+class Unlocked:
+    """No lock: the format's commit settles concurrent runs itself (Iceberg)."""
+
+    def renew_if_due(self) -> None:
+        return None
+
+
+class AsOfUnsupported(ValueError):
+    """A point in time asked of a format that keeps no history."""
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a format commits runs and how its committed runs are read."""
+
+    open_sink: Callable[[JobSpec, str, dt.date, pa.Schema], Sink]
+    needs_lock: bool  # one run at a time per table, through RunLock in the table root
+    committed_runs: Callable[[OutputSpec, StorageOptions], list[Manifest]]
+    committed_run: Callable[[OutputSpec, str | None, StorageOptions], Manifest | None]
+    read_run: Callable[[OutputSpec, Manifest, StorageOptions, list[str] | None], pa.Table]
+    verify_run: Callable[[OutputSpec, str | None, StorageOptions], tuple[Manifest, list[str]]]
+    # The DuckDB relation of the committed rows: all runs, one run, or the table at a time.
+    sql_source: Callable[[Any, OutputSpec, StorageOptions, str | None, dt.datetime | None], str]
+
+
+FORMATS: Registry[OutputFormat] = Registry("output format")
+
+
+# --- parquet -------------------------------------------------------------------------------
+
+
+def _parquet_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) -> Sink:
+    output = spec.output
+    parquet = sink.ParquetSink(
+        output.uri, run_id, run_date, schema, output.rows_per_file, spec.storage_options
+    )
+    return cast(Sink, parquet)
+
+
+def _parquet_read(
+    output: OutputSpec, run: Manifest, options: StorageOptions, columns: list[str] | None
+) -> pa.Table:
+    tables = [sink.read_committed_file(f["uri"], options, columns) for f in run["files"]]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _parquet_sql(
+    connection: Any,
+    output: OutputSpec,
+    options: StorageOptions,
+    run_id: str | None,
+    as_of: dt.datetime | None,
+) -> str:
+    if as_of is not None:
+        raise AsOfUnsupported(
+            "--as-of reads a table as it was: expected output.format: iceberg (Parquet tables "
+            "keep each run's latest commit only), found parquet"
+        )
+    runs = sink.committed_runs(output.uri, options)
+    files = [f["uri"] for run in runs if run_id in (None, run["run_id"]) for f in run["files"]]
+    if not files:
+        return ""
+    listed = ", ".join(f"'{uri}'" for uri in files)
+    return f"read_parquet([{listed}], hive_partitioning = true)"
+
+
+FORMATS.register("parquet")(
+    OutputFormat(
+        open_sink=_parquet_sink,
+        needs_lock=True,
+        committed_runs=lambda output, options: sink.committed_runs(output.uri, options),
+        committed_run=lambda output, run_id, options: sink.committed_run(
+            output.uri, run_id, options
+        ),
+        read_run=_parquet_read,
+        verify_run=lambda output, run_id, options: sink.verify_run(output.uri, run_id, options),
+        sql_source=_parquet_sql,
+    )
+)
+
+
+# --- iceberg -------------------------------------------------------------------------------
+
+
+def _iceberg_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) -> Sink:
+    return iceberg.IcebergSink(spec.output, run_id, run_date, schema, spec.storage_options)
+
+
+def _iceberg_sql(
+    connection: Any,
+    output: OutputSpec,
+    options: StorageOptions,
+    run_id: str | None,
+    as_of: dt.datetime | None,
+) -> str:
+    from vision_ops.query import load_iceberg
+
+    location = iceberg.metadata_location(output)
+    runs = iceberg.committed_runs(output)
+    if location is None or not runs:
+        return ""
+    load_iceberg(connection)
+    if run_id is not None:
+        run = next((r for r in runs if r["run_id"] == run_id), None)
+        if run is None:
+            return ""
+        scan = f"iceberg_scan('{location}', snapshot_from_id = {run['snapshot_id']})"
+        return f"(SELECT * FROM {scan} WHERE run_id = '{run_id}')"
+    if as_of is not None:
+        snapshot = iceberg.snapshot_at(output, as_of)
+        return f"iceberg_scan('{location}', snapshot_from_id = {snapshot})"
+    return f"iceberg_scan('{location}')"
+
+
+FORMATS.register("iceberg")(
+    OutputFormat(
+        open_sink=_iceberg_sink,
+        needs_lock=False,
+        committed_runs=lambda output, options: iceberg.committed_runs(output),
+        committed_run=lambda output, run_id, options: iceberg.committed_run(output, run_id),
+        read_run=lambda output, run, options, columns: iceberg.read_run(output, run, columns),
+        verify_run=lambda output, run_id, options: iceberg.verify_run(output, run_id),
+        sql_source=_iceberg_sql,
+    )
+)
+
+
+# --- what the pipeline and the readers call --------------------------------------------------
+
+
+def as_output(target: Target) -> OutputSpec:
+    """A spec's output as it is; a string as the root of a Parquet table."""
+    return target if isinstance(target, OutputSpec) else OutputSpec(uri=target)
+
+
+def format_of(target: Target) -> OutputFormat:
+    return FORMATS.get(as_output(target).format)
+
+
+def open_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) -> Sink:
+    """The sink of the spec's output format for one run."""
+    return format_of(spec.output).open_sink(spec, run_id, run_date, schema)
+
+
+def run_guard(spec: JobSpec, run_id: str) -> contextlib.AbstractContextManager[RunGuard]:
+    """The table's run lock where the format needs one, else nothing to hold."""
+    if not format_of(spec.output).needs_lock:
+        return contextlib.nullcontext(Unlocked())
+    return RunLock(spec.output.uri, run_id, spec.run.lock_lease_s, spec.storage_options)
+
+
+def committed_runs(target: Target, options: StorageOptions | None = None) -> list[Manifest]:
+    """The manifests of a table's committed runs, oldest run date first."""
+    return format_of(target).committed_runs(as_output(target), options or {})
+
+
+def committed_run(
+    target: Target, run_id: str | None = None, options: StorageOptions | None = None
+) -> Manifest | None:
+    """One committed run's manifest, with its files: the given id, else the latest."""
+    return format_of(target).committed_run(as_output(target), run_id, options or {})
+
+
+def read_run(
+    target: Target,
+    run: Manifest,
+    options: StorageOptions | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """A committed run's rows (the given columns, else all) as Arrow."""
+    return format_of(target).read_run(as_output(target), run, options or {}, columns)
+
+
+def verify_run(
+    target: Target, run_id: str | None = None, options: StorageOptions | None = None
+) -> tuple[Manifest, list[str]]:
+    """Re-check a committed run; the manifest and the problems found (none: it holds)."""
+    return format_of(target).verify_run(as_output(target), run_id, options or {})
+
+
+def sql_source(
+    connection: Any,
+    target: Target,
+    options: StorageOptions | None = None,
+    run_id: str | None = None,
+    as_of: dt.datetime | None = None,
+) -> str:
+    """The DuckDB relation of the committed rows (empty: nothing committed)."""
+    output = as_output(target)
+    return format_of(output).sql_source(connection, output, options or {}, run_id, as_of)
+
+
+def describe(target: Target) -> str:
+    """The table in words, for messages."""
+    output = as_output(target)
+    return output.uri if output.format == "parquet" else f"iceberg table {output.table}"
