@@ -8,16 +8,20 @@ import datetime as dt
 import itertools
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 from faulty_s3 import FaultyS3, S3Request
 from pyiceberg.catalog import load_catalog
 
 from vision_ops import outputs
+from vision_ops.cli import EXIT_OK, main
 from vision_ops.config import OutputSpec
 from vision_ops.devstack import SeaweedS3
 from vision_ops.iceberg import (
@@ -27,7 +31,7 @@ from vision_ops.iceberg import (
 )
 from vision_ops.query import connect, load_iceberg
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, item_id
-from vision_ops.sink import CommitRefused
+from vision_ops.sink import CommitRefused, RunDateConflict
 from vision_ops.storage import StorageError
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
@@ -242,6 +246,18 @@ def test_racing_attempts_of_one_run_id_one_wins(output) -> None:
     assert rows_by_run(output) == {"r1": uris(won[0], 3)}
 
 
+def test_one_run_id_on_two_dates_is_refused_before_any_work(output) -> None:
+    """Reproduction (b): r1 committed for one date; r1 for another date is refused when its
+    sink opens, and the first date's rows stay."""
+    commit_run(output, "r1", uris("a", 2), date=DATE)
+    with pytest.raises(RunDateConflict, match="committed for 2026-11-24"):
+        IcebergSink(output, "r1", DATE + dt.timedelta(days=1), PREDICTION_SCHEMA)
+    table = read_back(output).scan().to_arrow()
+    assert set(table["run_date"].to_pylist()) == {DATE} and table.num_rows == 2
+    commit_run(output, "r1", uris("b", 1), date=DATE)  # the same date reruns
+    assert rows_by_run(output) == {"r1": uris("b", 1)}
+
+
 def test_rows_of_another_run_id_are_refused(output) -> None:
     sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
     with pytest.raises(CommitRefused, match="another run id"):
@@ -335,3 +351,89 @@ def test_a_commit_whose_response_is_lost_is_committed_once(output, through_proxi
     assert catalog.fault_count("dropped_response") >= 1
     assert rows_by_run(output) == {"r1": uris("new", 2)}
     assert len(read_back(output).snapshots()) == 2
+
+
+# --- the pipeline and every reader, through the command line ---------------------------------
+
+
+def job_spec(
+    folder: Path, photos: Path, output: OutputSpec, weights: Path, server: SeaweedS3
+) -> Path:
+    spec = {
+        "input": {"uris": [str(photos)]},
+        "model": {
+            "architecture": "mobilenet_v3_small",
+            "weights": str(weights),
+            "num_classes": 4,
+            "preprocessing": {"resize": 72, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "task": {"kind": "classification", "top_k": 2},
+        "runtime": {"batch_size": 8, "max_actors": 1},
+        "output": output.model_dump(),
+        "storage_options": options(server),
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_runs_commit_to_iceberg_and_every_reader_reads_them(
+    ray_local, output, iceberg_s3, tmp_path, photo_paths, tiny_weights, capsys
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in photo_paths[:3]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    (photos / "broken.png").write_bytes(b"not a png")
+    spec = str(job_spec(tmp_path, photos, output, tiny_weights, iceberg_s3))
+
+    assert main(["run", spec, "--run-id", "n1", "--run-date", "2026-11-01"]) == EXIT_OK
+    between = dt.datetime.now(dt.timezone.utc)
+    time.sleep(0.05)
+    assert main(["run", spec, "--run-id", "n2", "--run-date", "2026-11-02"]) == EXIT_OK
+    assert rows_by_run(output) == {"n1": sorted(f"file://{p}" for p in photos.iterdir())} | {
+        "n2": sorted(f"file://{p}" for p in photos.iterdir())
+    }
+    summaries = [s.summary for s in read_back(output).snapshots()]
+    assert [(s["vision_ops.run_id"], s["vision_ops.rows"]) for s in summaries] == [
+        ("n1", "4"),
+        ("n2", "4"),
+    ]
+    assert len(summaries[0]["vision_ops.model_fingerprint"]) == 64
+
+    capsys.readouterr()
+    sql = "SELECT run_id, status, count(*) AS n FROM predictions GROUP BY ALL ORDER BY ALL"
+    assert main(["query", spec, sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == [
+        "run_id,status,n", "n1,error,1", "n1,ok,3", "n2,error,1", "n2,ok,3",
+    ]  # fmt: skip
+    assert main(["query", spec, sql, "--format", "csv", "--run-id", "n2"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["run_id,status,n", "n2,error,1", "n2,ok,3"]
+    as_of = ["--as-of", between.isoformat()]
+    assert main(["query", spec, sql, "--format", "csv", *as_of]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["run_id,status,n", "n1,error,1", "n1,ok,3"]
+    assert main(["query", spec]) == EXIT_OK  # the default summary per label
+    assert "mean_score" in capsys.readouterr().out
+
+    assert main(["verify", spec, "--run-id", "n1"]) == EXIT_OK
+    assert "run n1 (2026-11-01): 4 units, each once" in capsys.readouterr().out
+    assert main(["report", spec]) == EXIT_OK
+    assert "run n2 (2026-11-02, classification)" in capsys.readouterr().out
+    assert main(["evaluate", spec, "--truth-format", "imagefolder", "--run-id", "n1"]) == 0
+    assert "accuracy: 0.0000" in capsys.readouterr().out  # the folder is no class of the model
+    assert main(["report", spec, "--run-id", "n1"]) == EXIT_OK
+    assert "against ground truth: accuracy 0.0000" in capsys.readouterr().out
+
+    backfill = ["backfill", spec, "--from", "2026-11-01", "--to", "2026-11-03"]
+    assert main(backfill) == EXIT_OK
+    assert capsys.readouterr().out.count("committed already, skipped") == 2
+    assert [r["run_date"] for r in outputs.committed_runs(output)] == [
+        "2026-11-01", "2026-11-02", "2026-11-03",
+    ]  # fmt: skip
+
+    assert main(["run", spec, "--run-id", "n4", "--run-date", "2026-11-04", "--incremental"]) == 0
+    assert outputs.committed_run(output, "n4")["rows"] == 0  # everything committed already
+    assert len(read_back(output).snapshots()) == 4
+    assert read_back(output).scan().to_arrow().num_rows == 12

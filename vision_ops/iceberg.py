@@ -32,6 +32,7 @@ from vision_ops.sink import (
     UNITS_DIGEST_METHOD,
     CommitRefused,
     CommitResult,
+    RunDateConflict,
     check_units,
     units_sum_digest,
 )
@@ -183,6 +184,7 @@ class IcebergSink:
         self.table = open_table(self.output, self.schema)
         current = self.table.current_snapshot()
         self._base = current.snapshot_id if current else None  # the table as this run began
+        self._check_run_date()
         self._write_uuid = uuid.uuid4()
         self._counter = itertools.count(0)
         self.fs, root = filesystem(self.output.uri, self.storage_options)
@@ -191,6 +193,23 @@ class IcebergSink:
     @property
     def errors(self) -> int:
         return self.rows - self.ok - self.skipped
+
+    def _check_run_date(self) -> None:
+        """RunDateConflict where the run id is committed on another date (as for Parquet: a
+        run id names one run on one date; its rerun must not move it)."""
+        for snapshot in _history(self.table):
+            summary = snapshot.summary
+            if summary and summary.get(RUN_ID) == self.run_id:
+                date = summary.get(f"{SUMMARY_PREFIX}run_date")
+                if date != self.run_date.isoformat():
+                    raise RunDateConflict(
+                        f"run id {self.run_id!r} is committed for {date} in table "
+                        f"{self.output.table}; a run id names one run on one date, so it cannot "
+                        f"commit {self.run_date.isoformat()}: give this date its own --run-id "
+                        "(the default, the date plus the spec's hash, is one per date), or "
+                        "rerun that date"
+                    )
+                return
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
