@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import fsspec
+import yaml
 
 from vision_ops.cli import main as vision_ops_main
 from vision_ops.config import load_spec
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 from vision_ops.models import weights_unavailable
+from vision_ops.outputs import committed_run
 from vision_ops.query import connect, load_spatial, read_sql, top_labels_sql
 from vision_ops.synthetic import dicom_bytes, phantom_ct
 
@@ -25,6 +27,8 @@ DICOM_SPEC = Path(__file__).with_name("demo-dicom.yaml")
 SCENES_SPEC = Path(__file__).with_name("demo-scenes.yaml")
 PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET = "demo-photos", "demo-scans", "demo-scenes"
 OUTPUT_BUCKET = "demo-predictions"
+TABLE_BUCKET = "demo-tables"  # the embedded Iceberg REST catalog's warehouse (S3 Tables)
+ICEBERG_TABLE = "demo.predictions"
 OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/classification"
 DICOM_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/dicom"
 SCENES_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/scenes"
@@ -140,6 +144,36 @@ def show_output(server: SeaweedS3) -> None:
     print(connection.sql(top_labels_sql(OUTPUT_URI)))
 
 
+def run_iceberg(server: SeaweedS3, endpoint: str) -> int:
+    """The classification job again, committed as one snapshot of an Iceberg table in the
+    catalog SeaweedFS serves; DuckDB reads it through iceberg_scan."""
+    catalog = yaml.safe_dump(server.catalog_properties(), default_flow_style=True).strip()
+    overrides = [
+        "output.format=iceberg",
+        f"output.table={ICEBERG_TABLE}",
+        f"output.uri=s3://{OUTPUT_BUCKET}/iceberg",  # beside the table: masks, metrics
+        f"output.catalog={catalog}",
+        endpoint,
+    ]
+    sets = [arg for value in overrides for arg in ("--set", value)]
+    print(f"\nIceberg: the same job into table {ICEBERG_TABLE} ({server.catalog_url})")
+    code = vision_ops_main(["run", str(SPEC), *sets])
+    if code == 0:
+        print(f"\nDuckDB iceberg_scan: top labels in {ICEBERG_TABLE}")
+        code = vision_ops_main(["query", str(SPEC), ICEBERG_LABELS_SQL, *sets])
+        run = committed_run(load_spec(SPEC, overrides).output)
+        if run is not None:
+            print(f"snapshot {run['snapshot_id']}: run {run['run_id']}, {run['rows']} rows")
+    return code
+
+
+ICEBERG_LABELS_SQL = (
+    "SELECT run_date, run_id, regexp_extract(source_uri, '[^/]+$') AS image, status, "
+    "coalesce(label, error_type) AS label_or_error, round(score, 3) AS score "
+    "FROM predictions ORDER BY image"
+)
+
+
 def run_detection(endpoint: str) -> int:
     """The detection job where its COCO weights can be had; else say plainly that it skipped."""
     model = load_spec(DETECT_SPEC).model
@@ -155,13 +189,18 @@ def run_detection(endpoint: str) -> int:
 
 def main() -> int:
     os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
-    with SeaweedS3(buckets=(PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, OUTPUT_BUCKET)) as server:
-        print(f"SeaweedFS S3 serving on {server.endpoint_url}")
+    buckets = (PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, OUTPUT_BUCKET)
+    with SeaweedS3(buckets=buckets, table_bucket=TABLE_BUCKET) as server:
+        print(
+            f"SeaweedFS S3 serving on {server.endpoint_url}, Iceberg REST on {server.catalog_url}"
+        )
         upload(server)
         endpoint = f"storage_options.s3.endpoint_url={server.endpoint_url}"
         code = vision_ops_main(["run", str(SPEC), "--set", endpoint])
         if code == 0:
             show_output(server)
+            code = run_iceberg(server, endpoint)
+        if code == 0:
             code = run_dicom(server, endpoint)
         if code == 0:
             code = run_scenes(server, endpoint)
