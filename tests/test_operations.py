@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
 from vision_ops.sink import committed_runs
 
 pytestmark = pytest.mark.timeout(900)
@@ -65,6 +65,28 @@ def test_backfill_runs_only_the_dates_without_a_committed_run(
     assert untouched == before
     partitions = sorted(p.name for p in output.glob("run_date=*"))
     assert partitions == [f"run_date=2026-11-0{d}" for d in range(1, 6)]
+
+
+def test_a_run_id_is_bound_to_its_date_before_any_work(
+    ray_local, photos, tmp_path, tiny_weights, capsys
+) -> None:
+    """`--run-id nightly` committed on the 28th: the 29th under the same id is refused with
+    exit 2 (no partition, the 28th untouched), and so is a backfill of several dates that
+    would give each the same id."""
+    output = tmp_path / "table"
+    spec = str(spec_file(tmp_path, str(photos), str(output), tiny_weights))
+    assert main(["run", spec, "--run-id", "nightly", "--run-date", "2026-11-28"]) == EXIT_OK
+    before = committed_runs(str(output))
+    capsys.readouterr()
+    assert main(["run", spec, "--run-id", "nightly", "--run-date", "2026-11-29"]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert "'nightly' is committed for 2026-11-28" in err and "Traceback" not in err
+    dates = ["--from", "2026-11-28", "--to", "2026-11-30"]
+    assert main(["backfill", spec, "--set", "run.id=nightly", *dates]) == EXIT_BAD_SPEC
+    assert "run.id 'nightly' is fixed" in capsys.readouterr().err
+    assert committed_runs(str(output)) == before
+    assert sorted(p.name for p in output.glob("run_date=*")) == ["run_date=2026-11-28"]
+    assert main(["verify", str(output), "--run-id", "nightly"]) == EXIT_OK
 
 
 @pytest.mark.s3

@@ -110,13 +110,13 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops.pipeline import run_job
     from vision_ops.pool import ClusterTooSmall
     from vision_ops.scenes import SceneError
-    from vision_ops.sink import CommitRefused
+    from vision_ops.sink import CommitRefused, RunDateConflict
     from vision_ops.sources import SourceError
     from vision_ops.storage import StorageError
 
     try:
         summary = run_job(spec)
-    except (SourceError, ModelError, SceneError) as err:
+    except (SourceError, ModelError, SceneError, RunDateConflict) as err:
         return _fail(err, EXIT_BAD_SPEC)
     except ClusterTooSmall as err:
         return _fail(err, EXIT_CLUSTER_TOO_SMALL)
@@ -147,6 +147,13 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 
     if args.end < args.start:
         return _fail(ValueError(f"--to {args.end} is before --from {args.start}"), EXIT_BAD_SPEC)
+    if spec.run.id is not None and args.end > args.start:
+        message = (
+            f"run.id {spec.run.id!r} is fixed, but a run id names one run on one date and "
+            f"{args.start}..{args.end} is several: leave run.id unset (the default is the date "
+            "plus the spec's hash) or backfill one date"
+        )
+        return _fail(ValueError(message), EXIT_BAD_SPEC)
     done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
     day = args.start
     while day <= args.end:

@@ -29,7 +29,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from vision_ops.storage import is_local, make_folder, replace_file
+from vision_ops.storage import TEMPORARY_INFIX, is_local, make_folder, replace_file
 
 log = logging.getLogger(__name__)
 JOURNAL = "_commits"  # one JSON per commit in progress: what to finish or undo after a crash
@@ -100,6 +100,7 @@ def publish(
 def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
     """Finish or undo every commit a crash left half done (the manifest says which attempt
     won); returns the run ids settled. Call it holding the table's run lock."""
+    _remove_temporaries(fs, root)
     folder = f"{root}/{JOURNAL}"
     if not fs.exists(folder):
         return []
@@ -116,6 +117,15 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
         _settle(fs, root, plan, committed)
         settled.append(plan.run_id)
     return settled
+
+
+def _remove_temporaries(fs: AbstractFileSystem, root: str) -> None:
+    """The temporary files of journal and manifest writes a killed driver left (local disk)."""
+    if is_local(fs):
+        for folder in (JOURNAL, MANIFESTS):
+            for path in fs.glob(f"{root}/{folder}/*.json{TEMPORARY_INFIX}*"):
+                _remove(fs, path)
+        _prune_empty_folders(fs, root, [journal_path(root, "_")])
 
 
 def _move_into_place(fs: AbstractFileSystem, plan: CommitPlan) -> None:

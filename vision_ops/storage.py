@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 
 StorageOptions = Mapping[str, Mapping[str, Any]]
+TEMPORARY_INFIX = ".tmp-"  # `replace_file`'s temporary names: {path}.tmp-{8 hex}
 OPTIONAL_BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
@@ -104,9 +105,14 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     if not is_local(fs):
         fs.pipe_file(path, data)
         return
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.pipe_file(temporary, data)
-    fs.mv(temporary, path)
+    temporary = f"{path}{TEMPORARY_INFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.rm(temporary)
+        raise
 
 
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:

@@ -1,0 +1,272 @@
+"""The Parquet commit as a transaction: a failure or a kill at every step of a rerun's commit
+leaves manifest-aware readers the old run or the new one, whole; the next run on the table
+leaves plain glob readers exactly the committed run's files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vision_ops.publish import JOURNAL, SUCCESS_MARKER
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
+from vision_ops.sink import (
+    ParquetSink,
+    RunDateConflict,
+    check_run_date,
+    committed_run,
+    committed_runs,
+    verify_run,
+)
+from vision_ops.storage import StorageError
+
+DATE = dt.date(2026, 11, 24)
+PARTITION = "run_date=2026-11-24"
+OLD_ROWS, NEW_ROWS = 4, 3  # the committed run, and its rerun (one input fewer)
+# What changes the store: a step of the commit is one call of these on the sink's filesystem.
+MUTATIONS = frozenset({"pipe_file", "mv", "rm", "rm_file", "rmdir", "open", "makedirs", "mkdir"})
+
+
+class Fault(OSError):
+    """The injected failure (an OSError, as a store's)."""
+
+
+class FaultyFs:
+    """Delegates to a filesystem; calls `at_step(n)` before its n-th mutating call."""
+
+    def __init__(self, fs: Any, at_step: Callable[[int, str, tuple[Any, ...]], None]) -> None:
+        self._fs, self._at_step, self.steps = fs, at_step, 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._fs, name)
+        if name not in MUTATIONS:
+            return method
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if name != "open" or "w" in (args[1] if len(args) > 1 else kwargs.get("mode", "rb")):
+                self.steps += 1
+                self._at_step(self.steps, name, args)
+            return method(*args, **kwargs)
+
+        return step
+
+
+def rows(count: int, run_id: str = "r1") -> pa.Table:
+    columns = {
+        "run_id": [run_id] * count,
+        "item_id": [f"id{i:04d}" for i in range(count)],
+        "source_uri": [f"file:///x/{i}.jpg" for i in range(count)],
+        "model_name": ["m"] * count,
+        "model_weights_sha256": ["h"] * count,
+        "task": ["classification"] * count,
+        "status": [STATUS_OK] * count,
+        "score": np.linspace(0, 1, count, dtype=np.float32),
+    }
+    arrays = [
+        pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(count, f.type)
+        for f in PREDICTION_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=PREDICTION_SCHEMA)
+
+
+def commit(root: Path, count: int, run_id: str = "r1", **sink: Any) -> ParquetSink:
+    writer = ParquetSink(str(root), run_id, DATE, PREDICTION_SCHEMA, rows_per_file=2, **sink)
+    writer.write(rows(count, run_id))
+    writer.commit()
+    return writer
+
+
+def rerun_with(root: Path, at_step: Callable[[int, str, tuple[Any, ...]], None]) -> ParquetSink:
+    """A rerun of r1 with NEW_ROWS rows, its commit's filesystem calls passed to `at_step`."""
+    writer = ParquetSink(str(root), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+    writer.fs = FaultyFs(writer.fs, at_step)
+    writer.commit()
+    return writer
+
+
+def commit_steps(tmp_path: Path) -> list[str]:
+    """The mutating calls a rerun's commit makes, in order (a dry run)."""
+    calls: list[str] = []
+    root = tmp_path / "dry"
+    commit(root, OLD_ROWS)
+    rerun_with(root, lambda n, name, args: calls.append(f"{name} {args[0]}"))
+    return calls
+
+
+def seen_by_manifest_readers(root: Path) -> int:
+    """The committed run of r1, checked whole (every file it lists, its rows, each unit once):
+    the number of rows it holds."""
+    manifest, problems = verify_run(str(root), "r1")
+    assert problems == []
+    return int(manifest["rows"])
+
+
+def parquet_files(root: Path) -> set[str]:
+    return {f"file://{path}" for path in (root / PARTITION).glob("*.parquet")}
+
+
+def settle(root: Path) -> None:
+    """What the next run on the table does first: opening its sink settles unfinished commits."""
+    ParquetSink(str(root), "next", DATE, PREDICTION_SCHEMA)
+
+
+def assert_settled(root: Path, rows_committed: int) -> None:
+    """After the next run: plain glob readers see exactly the committed run's files."""
+    settle(root)
+    manifest = committed_run(str(root), "r1")
+    assert manifest is not None and manifest["rows"] == rows_committed
+    assert parquet_files(root) == {entry["uri"] for entry in manifest["files"]}
+    assert pq.read_table(root / PARTITION).num_rows == rows_committed
+    assert (root / PARTITION / SUCCESS_MARKER).exists()
+    assert not (root / JOURNAL).exists()
+
+
+def test_a_rerun_whose_manifest_write_fails_keeps_the_run_it_replaces(tmp_path: Path) -> None:
+    """The issue's first reproduction: r1 committed with 4 rows, its rerun's manifest write
+    fails: r1's 4 rows stay committed and readable, and nothing of the rerun is left."""
+    old = commit(tmp_path, OLD_ROWS)
+    before = parquet_files(tmp_path)
+
+    def fail_manifest(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and "/_manifests/" in args[1]:
+            raise Fault("503 Slow Down")
+
+    with pytest.raises(StorageError, match="503 Slow Down"):
+        rerun_with(tmp_path, fail_manifest)
+    assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
+    assert seen_by_manifest_readers(tmp_path) == OLD_ROWS
+    assert parquet_files(tmp_path) == before  # nothing of the rerun, nothing of the old lost
+    assert (tmp_path / PARTITION / SUCCESS_MARKER).exists()
+    assert not (tmp_path / JOURNAL).exists()
+
+
+def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Path) -> None:
+    """The order every guarantee below rests on."""
+    kinds = [
+        "journal" if f"/{JOURNAL}/" in call and "pipe_file" in call
+        else "move" if call.startswith("mv ") and "/_staging/" in call
+        else "manifest" if "/_manifests/" in call
+        else "marker" if call.endswith(SUCCESS_MARKER)
+        else "remove old" if call.startswith("rm ") and f"/{PARTITION}/" in call
+        else "other"
+        for call in commit_steps(tmp_path)
+    ]  # fmt: skip
+    firsts = ["journal", "move", "manifest", "marker", "remove old"]
+    assert [kinds.index(kind) for kind in firsts] == sorted(kinds.index(kind) for kind in firsts)
+    assert kinds.count("move") == 2 and kinds.count("remove old") == 2
+
+
+def test_a_failure_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path) -> None:
+    steps = commit_steps(tmp_path)
+    assert len(steps) >= 10
+    for failing in range(1, len(steps) + 1):
+        root = tmp_path / f"fail-{failing}"
+        commit(root, OLD_ROWS)
+
+        def fail(n: int, name: str, args: tuple[Any, ...], failing: int = failing) -> None:
+            if n == failing:
+                raise Fault(f"injected at step {n}: {name}")
+
+        try:
+            rerun_with(root, fail)
+            committed_rows = NEW_ROWS
+        except StorageError:
+            committed_rows = OLD_ROWS
+        assert seen_by_manifest_readers(root) == committed_rows, steps[failing - 1]
+        assert_settled(root, committed_rows)
+
+
+KILLER = """
+import datetime as dt, os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_publish import rerun_with
+from pathlib import Path
+
+def kill(n, name, args):
+    if n == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+rerun_with(Path({root!r}), kill)
+"""
+
+
+def test_a_driver_killed_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path) -> None:
+    """SIGKILL at each step of the commit: readers see the old run or the new one whole; the
+    next run on the table finishes or undoes the commit from its journal."""
+    steps = commit_steps(tmp_path)
+    outcomes = set()
+    for step in range(1, len(steps) + 1):
+        root = tmp_path / f"kill-{step}"
+        commit(root, OLD_ROWS)
+        script = KILLER.format(tests=str(Path(__file__).parent), step=step, root=str(root))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+        assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+        committed_rows = seen_by_manifest_readers(root)
+        assert committed_rows in (OLD_ROWS, NEW_ROWS), steps[step - 1]
+        outcomes.add(committed_rows)
+        assert_settled(root, committed_rows)
+    assert outcomes == {OLD_ROWS, NEW_ROWS}  # kills fell before and after the commit point
+
+
+def test_a_manifest_write_reported_failed_that_took_is_a_commit(tmp_path: Path) -> None:
+    """A store can carry out a write and lose the response: the commit reads the manifest back
+    and, finding its own attempt there, finishes instead of undoing a committed run."""
+    commit(tmp_path, OLD_ROWS)
+
+    def lose_response(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and "/_manifests/" in args[1]:
+            os.replace(args[0], args[1])  # carried out, then reported as failed
+            raise Fault("connection reset after the request was sent")
+
+    rerun = rerun_with(tmp_path, lose_response)
+    assert committed_run(str(tmp_path), "r1")["attempt"] == rerun.attempt
+    assert seen_by_manifest_readers(tmp_path) == NEW_ROWS
+    assert_settled(tmp_path, NEW_ROWS)
+
+
+def test_a_run_id_committed_on_one_date_is_refused_on_another(tmp_path: Path) -> None:
+    """The issue's second reproduction: `nightly` on the 28th, then on the 29th. Refused before
+    the sink stages anything; the 28th stays committed, its files listed."""
+    first = ParquetSink(str(tmp_path), "nightly", dt.date(2026, 11, 28), PREDICTION_SCHEMA)
+    first.write(rows(2, "nightly"))
+    first.commit()
+    expected = r"'nightly' is committed for 2026-11-28 .* cannot commit 2026-11-29"
+    with pytest.raises(RunDateConflict, match=expected):
+        check_run_date(str(tmp_path), "nightly", dt.date(2026, 11, 29))
+    with pytest.raises(RunDateConflict, match=expected):
+        ParquetSink(str(tmp_path), "nightly", dt.date(2026, 11, 29), PREDICTION_SCHEMA)
+    [run] = committed_runs(str(tmp_path))
+    assert run["run_date"] == "2026-11-28" and run["rows"] == 2
+    assert not (tmp_path / "run_date=2026-11-29").exists()
+    check_run_date(str(tmp_path), "nightly", dt.date(2026, 11, 28))  # its own date: a rerun
+
+
+def test_the_journal_names_the_plan_and_is_gone_after_the_commit(tmp_path: Path) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def read_journal(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and "/_manifests/" in args[1]:  # just before the commit point
+            [journal] = (tmp_path / JOURNAL).glob("*.json")
+            seen.append(json.loads(journal.read_text()))
+
+    old = commit(tmp_path, OLD_ROWS)
+    old_files = sorted(str(path) for path in (tmp_path / PARTITION).glob("*.parquet"))
+    assert len(old_files) == 2 and all(f"r1-{old.attempt}-part-" in f for f in old_files)
+    rerun = rerun_with(tmp_path, read_journal)
+    [plan] = seen
+    assert (plan["run_id"], plan["attempt"]) == ("r1", rerun.attempt)
+    assert sorted(plan["replaces"]) == old_files
+    assert len(plan["moves"]) == 2 and all(rerun.attempt in final for _, final in plan["moves"])
+    assert not (tmp_path / JOURNAL).exists()
