@@ -159,7 +159,7 @@ def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Pa
         else "move" if call.startswith("mv ") and "/_staging/" in call
         else "manifest" if "/_manifests/" in call
         else "marker" if call.endswith(SUCCESS_MARKER)
-        else "remove old" if call.startswith("rm ") and f"/{PARTITION}/" in call
+        else "remove old" if call.startswith("rm_file ") and f"/{PARTITION}/" in call
         else "other"
         for call in commit_steps(tmp_path)
     ]  # fmt: skip
@@ -270,3 +270,86 @@ def test_the_journal_names_the_plan_and_is_gone_after_the_commit(tmp_path: Path)
     assert sorted(plan["replaces"]) == old_files
     assert len(plan["moves"]) == 2 and all(rerun.attempt in final for _, final in plan["moves"])
     assert not (tmp_path / JOURNAL).exists()
+
+
+# --- on S3: the fault proxy in front of SeaweedFS denies one step of the commit ---------------
+
+FINISHED, UNDONE = "new run committed", "old run kept"
+S3_STEPS = {
+    "journal write": (lambda r: r.method == "PUT" and f"/{JOURNAL}/" in r.key, UNDONE),
+    "copies into the partition": (lambda r: r.is_write and "/run_date=" in r.key, UNDONE),
+    "manifest write": (lambda r: r.is_write and "/_manifests/" in r.key, UNDONE),
+    "marker": (lambda r: r.is_write and r.key.endswith(SUCCESS_MARKER), FINISHED),
+    "old files' removal": (lambda r: r.method == "DELETE" and "/run_date=" in r.key, FINISHED),
+    "journal removal": (lambda r: r.method == "DELETE" and f"/{JOURNAL}/" in r.key, FINISHED),
+}
+
+
+def s3_commit(output: str, endpoint: str, count: int, run_id: str = "r1") -> ParquetSink:
+    writer = ParquetSink(
+        output, run_id, DATE, PREDICTION_SCHEMA, 2, {"s3": {"endpoint_url": endpoint}}
+    )
+    writer.write(rows(count, run_id))
+    writer.commit()
+    return writer
+
+
+def s3_parts(s3fs_client: Any, output: str) -> set[str]:
+    s3fs_client.invalidate_cache()
+    root = output.removeprefix("s3://")
+    return {f"s3://{path}" for path in s3fs_client.glob(f"{root}/{PARTITION}/*.parquet")}
+
+
+def assert_s3_settled(seaweed: Any, s3fs_client: Any, output: str, rows_committed: int) -> None:
+    """The next run on the table (with access) settles the commit: glob readers see exactly
+    the committed run's files, no journal is left."""
+    direct = {"s3": {"endpoint_url": seaweed.endpoint_url}}
+    ParquetSink(output, "next", DATE, PREDICTION_SCHEMA, storage_options=direct)
+    manifest, problems = verify_run(output, "r1", direct)
+    assert problems == [] and manifest["rows"] == rows_committed
+    assert s3_parts(s3fs_client, output) == {entry["uri"] for entry in manifest["files"]}
+    assert s3fs_client.glob(f"{output.removeprefix('s3://')}/{JOURNAL}/*") == []
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("step", list(S3_STEPS))
+def test_a_denied_step_of_an_s3_commit_keeps_the_old_run_or_commits_the_new(
+    seaweed: Any, s3fs_client: Any, step: str
+) -> None:
+    from faulty_s3 import FaultyS3
+
+    output = f"s3://out/publish-{step.replace(' ', '-').replace(chr(39), '')}"
+    s3_commit(output, seaweed.endpoint_url, OLD_ROWS)
+    deny, outcome = S3_STEPS[step]
+    with FaultyS3(seaweed.endpoint_url, deny=deny) as proxy:
+        try:
+            s3_commit(output, proxy.endpoint_url, NEW_ROWS)
+            committed = FINISHED
+        except StorageError as err:
+            assert "access denied" in str(err).lower()
+            committed = UNDONE
+        assert proxy.fault_count("denied") >= 1  # the step was really reached and denied
+    assert committed == outcome
+    direct = {"s3": {"endpoint_url": seaweed.endpoint_url}}
+    manifest, problems = verify_run(output, "r1", direct)  # manifest readers: whole, at once
+    assert problems == [] and manifest["rows"] == (NEW_ROWS if outcome == FINISHED else OLD_ROWS)
+    assert_s3_settled(seaweed, s3fs_client, output, manifest["rows"])
+
+
+@pytest.mark.s3
+def test_an_s3_manifest_write_whose_responses_are_lost_is_a_commit(
+    seaweed: Any, s3fs_client: Any
+) -> None:
+    """Every manifest PUT is carried out and its response dropped: the client gives up, reads
+    the manifest back, finds its own attempt and finishes the commit rather than undo it."""
+    from faulty_s3 import FaultyS3
+
+    output = "s3://out/publish-lost-response"
+    s3_commit(output, seaweed.endpoint_url, OLD_ROWS)
+    manifest_put = lambda r: r.method == "PUT" and "/_manifests/" in r.key  # noqa: E731
+    with FaultyS3(seaweed.endpoint_url, drop_response_every=1, faulty=manifest_put) as proxy:
+        rerun = s3_commit(output, proxy.endpoint_url, NEW_ROWS)
+        assert proxy.fault_count("dropped_response", "PUT") >= 1
+    direct = {"s3": {"endpoint_url": seaweed.endpoint_url}}
+    assert committed_run(output, "r1", direct)["attempt"] == rerun.attempt
+    assert_s3_settled(seaweed, s3fs_client, output, NEW_ROWS)

@@ -194,7 +194,9 @@ def _prune_empty_folders(fs: AbstractFileSystem, root: str, removed: list[str]) 
 
 
 def _remove(fs: AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    """One file (one DELETE of its key on S3), or a folder with what it holds; gone is fine."""
     with contextlib.suppress(FileNotFoundError):
-        if recursive and not fs.exists(path):
-            return
-        fs.rm(path, recursive=recursive)
+        if not recursive:
+            fs.rm_file(path)
+        elif fs.exists(path):
+            fs.rm(path, recursive=True)
