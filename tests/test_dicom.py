@@ -404,9 +404,9 @@ def test_dicom_job_rows_per_frame_predictions_and_no_phi_anywhere(
     )
     summary = run_job(spec)
     assert (summary.inputs, summary.commit.rows, summary.commit.errors) == (7, 9, 2)
-    table = pq.read_table(
-        s3fs_client.open("out/dicom/run_date=2026-11-24/dicom-run-part-00000.parquet")
-    )
+    [part] = summary.commit.files
+    assert part.startswith("s3://out/dicom/run_date=2026-11-24/dicom-run-")
+    table = pq.read_table(s3fs_client.open(part.removeprefix("s3://")))
     rows = sorted(table.to_pylist(), key=lambda r: (r["source_uri"], r["frame_index"] or 0))
     by_name = {}
     for row in rows:

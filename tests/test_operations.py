@@ -98,9 +98,8 @@ def test_query_reads_committed_runs_from_s3_over_httpfs(
     output = "s3://out/ops"
     spec = spec_file(tmp_path, "s3://images/ops/", output, tiny_weights, storage_options=s3_options)
     assert main(["run", str(spec), "--run-id", "ops-1", "--run-date", "2026-11-20"]) == EXIT_OK
-    committed = pq.read_table(
-        s3fs_client.open("out/ops/run_date=2026-11-20/ops-1-part-00000.parquet", "rb")
-    )
+    [part] = committed_runs(output, s3_options)[0]["files"]
+    committed = pq.read_table(s3fs_client.open(part["uri"].removeprefix("s3://"), "rb"))
     # Stray files readers must not see: an uncommitted run's part and a staged file.
     for stray in ("out/ops/run_date=2026-11-20/crashed-part-00000.parquet",
                   "out/ops/_staging/crashed/crashed-part-00000.parquet"):  # fmt: skip

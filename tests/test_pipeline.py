@@ -20,6 +20,7 @@ from vision_ops.pipeline import run_job
 from vision_ops.pool import ClusterTooSmall
 from vision_ops.query import connect, read_sql
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
+from vision_ops.sink import committed_run
 from vision_ops.zoo import efficientnet_lite0
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,7 +117,9 @@ def test_s3_in_and_out_equal_a_direct_model_call(
     spec = job(["s3://images/photos/"], output, storage_options=s3_options)
     summary = run_job(spec)
     assert summary.commit.partition_uri == f"{output}/run_date=2026-11-24"
-    assert summary.commit.files == [f"{output}/run_date=2026-11-24/test-run-part-00000.parquet"]
+    attempt = committed_run(output, "test-run", s3_options)["attempt"]
+    part = f"{output}/run_date=2026-11-24/test-run-{attempt}-part-00000.parquet"
+    assert summary.commit.files == [part]
     result = connect(s3_options).execute(f"SELECT * FROM {read_sql(output)}")
     rows = result.to_arrow_table().to_pylist()
     assert_matches_direct(rows, direct_top_k)

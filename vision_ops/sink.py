@@ -19,6 +19,7 @@ from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_fo
 from vision_ops.publish import (
     MANIFESTS,
     CommitPlan,
+    journal_path,
     manifest_path,
     publish,
     read_manifest,
@@ -407,16 +408,29 @@ def read_committed_file(
         return pq.read_table(handle, columns=columns)
 
 
+def unfinished_commit(
+    root_uri: str, run_id: str, options: StorageOptions | None = None
+) -> list[str]:
+    """A problem where a commit of `run_id` was interrupted (its journal is still there)."""
+    fs, root = filesystem(root_uri, options)
+    if not fs.exists(journal_path(root.rstrip("/"), run_id)):
+        return []
+    return [
+        f"a commit of run {run_id} was interrupted: plain readers of the partition may see "
+        "files of two attempts until the next run on this table settles it"
+    ]
+
+
 def verify_run(
     root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """Re-check a committed run (the given id, else the latest): its files exist with readable
-    footers and the manifest's row counts, no unit twice, the units its manifest recorded.
-    Returns the manifest and the problems found (none: the run holds)."""
+    footers and the manifest's row counts, no unit twice, the units its manifest recorded, and
+    no unfinished commit of it. Returns the manifest and the problems found (none: it holds)."""
     manifest = committed_run(root_uri, run_id, options)
     if manifest is None:
         return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
-    problems, item_ids = [], []
+    problems, item_ids = unfinished_commit(root_uri, manifest["run_id"], options), []
     for entry in manifest["files"]:
         try:
             table = read_committed_file(entry["uri"], options, ["item_id"])
