@@ -25,13 +25,8 @@ from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
 from vision_ops.pipeline import run_job
 from vision_ops.schema import PREDICTION_SCHEMA, item_id
-from vision_ops.sink import (
-    CommitRefused,
-    ParquetSink,
-    check_exactly_once,
-    committed_runs,
-    expected_units,
-)
+from vision_ops.sink import ParquetSink, committed_runs
+from vision_ops.written import CommitRefused, check_exactly_once, expected_units
 
 pytestmark = pytest.mark.timeout(900)
 

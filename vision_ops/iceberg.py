@@ -26,26 +26,16 @@ import pyarrow.parquet as pq
 
 from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, STATUS_SKIPPED
-from vision_ops.sink import (
-    MAX_RESCAN_BUCKETS,
-    UNITS_DIGEST_METHOD,
-    CommitRefused,
-    CommitResult,
-    RunDateConflict,
-    check_units,
-    units_sum_digest,
-)
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
+from vision_ops.sink import CommitResult, RunDateConflict, units_sum_digest
 from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
 from vision_ops.tally import (
     ExpectedUnits,
     Listed,
-    MultisetDigest,
-    Tally,
     bucket_of,
     expected_from,
-    row_tallies,
 )
+from vision_ops.written import CommitRefused, WrittenRows
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -172,13 +162,7 @@ class IcebergSink:
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _files: list[DataFile] = field(default_factory=list)
-    _written: Tally = field(default_factory=Tally)
-    _frames: Tally = field(default_factory=Tally)
-    _ids_digest: MultisetDigest = field(default_factory=MultisetDigest)
-    _masks_expected: int = 0
-    rows: int = 0
-    ok: int = 0
-    skipped: int = 0
+    written: WrittenRows = field(default_factory=WrittenRows)
 
     def __post_init__(self) -> None:
         self.table = open_table(self.output, self.schema)
@@ -189,10 +173,6 @@ class IcebergSink:
         self._counter = itertools.count(0)
         self.fs, root = filesystem(self.output.uri, self.storage_options)
         self.root = root.rstrip("/")
-
-    @property
-    def errors(self) -> int:
-        return self.rows - self.ok - self.skipped
 
     def _check_run_date(self) -> None:
         """RunDateConflict where the run id is committed on another date (as for Parquet: a
@@ -215,14 +195,7 @@ class IcebergSink:
         table = table.cast(self.schema)
         if not pc.all(pc.equal(table["run_id"], self.run_id)).as_py():
             raise CommitRefused(f"refusing to commit: rows of another run id in run {self.run_id}")
-        self.rows += table.num_rows
-        self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
-        self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
-        written, frames = row_tallies(table)
-        self._written, self._frames = self._written.merge(written), self._frames.merge(frames)
-        self._ids_digest.update(table["item_id"].to_pylist())
-        if "mask_uri" in table.column_names:
-            self._masks_expected += table.num_rows - table["mask_uri"].null_count
+        self.written.add(table)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.output.rows_per_file:
@@ -257,10 +230,10 @@ class IcebergSink:
             f"{self.run_date.isoformat()}, snapshot {snapshot})",
             manifest_uri=self.table.metadata_location,
             files=[f.file_path for f in self._files],
-            rows=self.rows,
-            ok=self.ok,
-            errors=self.errors,
-            skipped=self.skipped,
+            rows=self.written.rows,
+            ok=self.written.ok,
+            errors=self.written.errors,
+            skipped=self.written.skipped,
         )
 
     # --- writing ---------------------------------------------------------------------------
@@ -287,36 +260,12 @@ class IcebergSink:
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
         found = sum(f.record_count for f in self._files)
-        if found != self.rows:
+        if found != self.written.rows:
             raise CommitRefused(
-                f"refusing to commit: data files hold {found} rows, wrote {self.rows}"
+                f"refusing to commit: data files hold {found} rows, wrote {self.written.rows}"
             )
-        if listed is not None:
-            self._check_tally(expected_from(listed))
-        if self._masks_expected != len(masks):
-            raise CommitRefused(
-                f"refusing to commit: {self._masks_expected} rows name a mask, "
-                f"{len(masks)} masks were staged"
-            )
-
-    def _check_tally(self, listed: ExpectedUnits) -> None:
-        """As ParquetSink's: equal tallies, else the differing buckets re-read and named."""
-        differing = listed.tally().merge(self._frames).differing(self._written)
-        if not differing:
-            return
-        scanned = set(differing[:MAX_RESCAN_BUCKETS])
-        try:
-            check_units(listed.in_buckets(scanned), self._written_units(scanned))
-        except CommitRefused as err:
-            if len(scanned) < len(differing):
-                raise CommitRefused(
-                    f"{err} (in {len(scanned)} of the {len(differing)} buckets that differ)"
-                ) from None
-            raise
-        raise CommitRefused(
-            f"refusing to commit: the unit tallies differ in {len(differing)} bucket(s), "
-            "yet their units re-read show no difference"
-        )
+        expected = None if listed is None else expected_from(listed)
+        self.written.check(expected, self._written_units, len(masks))
 
     def _written_units(self, buckets: Collection[int]) -> list[tuple[str, str, int | None]]:
         found = []
@@ -415,13 +364,8 @@ class IcebergSink:
             "run_date": self.run_date.isoformat(),
             "attempt": self.attempt,
             "schema_version": SCHEMA_VERSION,
-            "task": _task_of(self.schema),
-            "rows": self.rows,
-            "ok": self.ok,
-            "errors": self.errors,
-            "skipped": self.skipped,
-            "units_digest": self._ids_digest.hexdigest(),
-            "units_digest_method": UNITS_DIGEST_METHOD,
+            "task": task_of(self.schema),
+            **self.written.counts(),
         }
         flat = {k: v for k, v in details.items() if isinstance(v, str | int | float)}
         summary = {f"{SUMMARY_PREFIX}{k}": str(v) for k, v in (flat | core).items()}
@@ -510,15 +454,6 @@ def _run_filter(run_id: str) -> Any:
     from pyiceberg.expressions.parser import parse
 
     return parse(f"run_id = '{run_id}'")
-
-
-def _task_of(schema: pa.Schema) -> str:
-    if "detections" in schema.names:
-        return "detection"
-    return "segmentation" if "class_fractions" in schema.names else "classification"
-
-
-# --- readers -------------------------------------------------------------------------------
 
 
 def committed_runs(output: OutputSpec) -> list[dict[str, Any]]:

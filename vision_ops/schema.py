@@ -13,6 +13,7 @@ from vision_ops.registry import Registry
 
 SCHEMA_VERSION = "2"  # 2: frame_count, and the DICOM columns of a DICOM job
 SCHEMA_VERSION_KEY = "vision_ops.schema_version"
+TASK_KEY = "vision_ops.task"  # the schema's task, in its metadata (and every file's footer)
 PARTITION_COLUMN = "run_date"  # Hive partition (run_date=YYYY-MM-DD/), not stored in the files
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -121,8 +122,17 @@ TILE_DETECTION_ENTRY = pa.struct(
 )
 
 
-def _schema(task_fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema([*UNIT_FIELDS, *task_fields], metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION})
+def _schema(task: str, task_fields: list[pa.Field]) -> pa.Schema:
+    metadata = {SCHEMA_VERSION_KEY: SCHEMA_VERSION, TASK_KEY: task}
+    return pa.schema([*UNIT_FIELDS, *task_fields], metadata=metadata)
+
+
+def task_of(schema: pa.Schema) -> str:
+    """The task a table's schema was declared for (its metadata says, never its columns)."""
+    task = (schema.metadata or {}).get(TASK_KEY.encode())
+    if task is None:
+        raise ValueError(f"expected a vision-ops output schema with {TASK_KEY!r} in its metadata")
+    return str(task.decode())
 
 
 FRACTION_ENTRY = pa.struct(
@@ -135,27 +145,30 @@ FRACTION_ENTRY = pa.struct(
 
 SCHEMAS = {
     "classification": _schema(
+        "classification",
         [
             pa.field("label_id", pa.int32()),
             pa.field("label", pa.string()),
             pa.field("score", pa.float32()),
             pa.field("top_k", pa.list_(pa.field("item", TOP_K_ENTRY, nullable=False))),
-        ]
+        ],
     ),
     "detection": _schema(
+        "detection",
         [
             pa.field("num_detections", pa.int32()),
             pa.field("detections", pa.list_(pa.field("item", DETECTION_ENTRY, nullable=False))),
-        ]
+        ],
     ),
     "segmentation": _schema(
+        "segmentation",
         [
             pa.field("label_id", pa.int32()),
             pa.field("label", pa.string()),
             pa.field("fraction", pa.float32()),
             pa.field("class_fractions", pa.list_(pa.field("item", FRACTION_ENTRY, nullable=False))),
             pa.field("mask_uri", pa.string()),
-        ]
+        ],
     ),
 }
 PREDICTION_SCHEMA = SCHEMAS["classification"]

@@ -7,12 +7,11 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
@@ -25,7 +24,7 @@ from vision_ops.publish import (
     read_manifest,
     resolve_unfinished,
 )
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, STATUS_OK, STATUS_SKIPPED, item_id
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
@@ -37,20 +36,17 @@ from vision_ops.tally import (
     ExpectedUnits,
     Listed,
     MultisetDigest,
-    Tally,
     bucket_of,
     expected_from,
-    row_tallies,
+)
+from vision_ops.written import (
+    UNITS_DIGEST_METHOD,
+    CommitRefused,
+    WrittenRows,
 )
 
 log = logging.getLogger(__name__)
-MAX_RESCAN_BUCKETS = 16  # a refused commit names examples from at most this many buckets
-UNITS_DIGEST_METHOD = "sha256-sum"  # how `units_digest` is computed (absent: sorted ids)
 __all__ = ["MANIFESTS", "CommitRefused", "ParquetSink", "RunDateConflict", "committed_runs"]
-
-
-class CommitRefused(RuntimeError):
-    """The rows are not exactly the listed units once each; nothing was committed."""
 
 
 class RunDateConflict(ValueError):
@@ -88,55 +84,6 @@ def units_sum_digest(item_ids: Iterable[str]) -> str:
     digest = MultisetDigest()
     digest.update(item_ids)
     return digest.hexdigest()
-
-
-def expected_units(listed: Listed, frame_counts: Mapping[str, int]) -> set[str]:
-    """The unit ids a run must write: one per listed source or planned tile, or one per frame
-    of a source its reader found to hold `frame_counts[uri]` frames (multi-frame DICOM)."""
-    expected: set[str] = set()
-    for entry in listed:
-        uri, tile = (entry, None) if isinstance(entry, str) else entry
-        if tile is not None:
-            expected.add(item_id(uri, tile=tile))
-            continue
-        count = frame_counts.get(uri)
-        if count is None:
-            expected.add(item_id(uri))
-        else:
-            expected.update(item_id(uri, frame) for frame in range(count))
-    return expected
-
-
-def check_units(listed: Listed, written: Iterable[tuple[str, str, int | None]]) -> None:
-    """The exact check, in memory, of `written` rows (item id, source, frame count) against
-    the `listed` units: no frame count disputed, then each unit once."""
-    frame_counts: dict[str, int] = {}
-    conflicts: set[str] = set()
-    ids = []
-    for unit, uri, count in written:
-        ids.append(unit)
-        if count is not None and frame_counts.setdefault(uri, count) != count:
-            conflicts.add(uri)
-    if conflicts:
-        some = sorted(conflicts)[:3]
-        raise CommitRefused(f"refusing to commit: rows disagree on the frame count of {some}")
-    check_exactly_once(expected_units(listed, frame_counts), ids)
-
-
-def check_exactly_once(expected: set[str], written: list[str]) -> None:
-    """Anti-join both ways, and no unit twice; CommitRefused naming a few of each problem."""
-    seen: set[str] = set()
-    twice: set[str] = set()
-    for item in written:
-        (twice if item in seen else seen).add(item)
-    missing, unexpected = expected - seen, seen - expected
-    if missing or unexpected or twice:
-        parts = [
-            f"{len(found)} {what} (e.g. {sorted(found)[:3]})"
-            for what, found in (("missing", missing), ("unexpected", unexpected), ("twice", twice))
-            if found
-        ]
-        raise CommitRefused("refusing to commit: " + "; ".join(parts))
 
 
 def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
@@ -193,13 +140,7 @@ class ParquetSink:
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _staged: list[tuple[str, int]] = field(default_factory=list)
-    _written: Tally = field(default_factory=Tally)  # the rows' unit tokens
-    _frames: Tally = field(default_factory=Tally)  # what the rows' frames add to the expected
-    _ids_digest: MultisetDigest = field(default_factory=MultisetDigest)
-    _masks_expected: int = 0
-    rows: int = 0
-    ok: int = 0
-    skipped: int = 0
+    written: WrittenRows = field(default_factory=WrittenRows)
 
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
@@ -213,12 +154,7 @@ class ParquetSink:
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
-        self.rows += table.num_rows
-        self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
-        self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
-        self._count_units(table)
-        if "mask_uri" in table.column_names:
-            self._masks_expected += table.num_rows - table["mask_uri"].null_count
+        self.written.add(table)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_file:
@@ -237,10 +173,6 @@ class ParquetSink:
         with writing_to(self.root_uri):
             return self._commit(listed, details)
 
-    @property
-    def errors(self) -> int:
-        return self.rows - self.ok - self.skipped
-
     def _commit(
         self, listed: Listed | ExpectedUnits | None, details: dict[str, Any] | None
     ) -> CommitResult:
@@ -255,22 +187,17 @@ class ParquetSink:
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
             files=files,
-            rows=self.rows,
-            ok=self.ok,
-            errors=self.errors,
-            skipped=self.skipped,
+            rows=self.written.rows,
+            ok=self.written.ok,
+            errors=self.written.errors,
+            skipped=self.written.skipped,
         )
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
         """Exactly once against the listing, and every staged footer readable."""
         self._check_staged_footers()
-        if listed is not None:
-            self._check_tally(expected_from(listed))
-        if self._masks_expected != len(masks):
-            raise CommitRefused(
-                f"refusing to commit: {self._masks_expected} rows name a mask, "
-                f"{len(masks)} masks were staged"
-            )
+        expected = None if listed is None else expected_from(listed)
+        self.written.check(expected, self._staged_units, len(masks))
 
     def _plan(self, masks: list[str]) -> CommitPlan:
         """The commit: the staged part files, then the masks, to their final names; the files
@@ -307,32 +234,6 @@ class ParquetSink:
             return []
         staged = staged_masks_folder(self.root, self.run_id, self.attempt)
         return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
-
-    def _count_units(self, table: pa.Table) -> None:
-        written, frames = row_tallies(table)
-        self._written, self._frames = self._written.merge(written), self._frames.merge(frames)
-        self._ids_digest.update(table["item_id"].to_pylist())
-
-    def _check_tally(self, listed: ExpectedUnits) -> None:
-        """Equal tallies: each expected unit once. Else re-scan the differing buckets (the
-        listing's and the staged files') to name what is missing, unexpected or twice."""
-        differing = listed.tally().merge(self._frames).differing(self._written)
-        if not differing:
-            return
-        scanned = set(differing[:MAX_RESCAN_BUCKETS])
-        written = self._staged_units(scanned)
-        try:
-            check_units(listed.in_buckets(scanned), written)
-        except CommitRefused as err:
-            if len(scanned) < len(differing):
-                raise CommitRefused(
-                    f"{err} (in {len(scanned)} of the {len(differing)} buckets that differ)"
-                ) from None
-            raise
-        raise CommitRefused(
-            f"refusing to commit: the unit tallies differ in {len(differing)} bucket(s), "
-            "yet their units re-read show no difference"
-        )
 
     def _staged_units(self, buckets: Collection[int]) -> list[tuple[str, str, int | None]]:
         """(item id, source, frame count) of the staged rows whose source is in `buckets`."""
@@ -373,13 +274,8 @@ class ParquetSink:
             "run_id": self.run_id,
             "run_date": self.run_date.isoformat(),
             "schema_version": SCHEMA_VERSION,
-            "task": _task_of(self.schema),
-            "rows": self.rows,
-            "ok": self.ok,
-            "errors": self.errors,
-            "skipped": self.skipped,
-            "units_digest": self._ids_digest.hexdigest(),
-            "units_digest_method": UNITS_DIGEST_METHOD,
+            "task": task_of(self.schema),
+            **self.written.counts(),
             "files": [
                 {"uri": uri, "rows": rows}
                 for uri, (_, rows) in zip(files, self._staged, strict=True)
@@ -391,12 +287,6 @@ class ParquetSink:
             else None,
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
-
-
-def _task_of(schema: pa.Schema) -> str:
-    if "detections" in schema.names:
-        return "detection"
-    return "segmentation" if "class_fractions" in schema.names else "classification"
 
 
 def read_committed_file(
