@@ -251,13 +251,13 @@ def test_a_run_id_committed_on_one_date_is_refused_on_another(tmp_path: Path) ->
     first.commit()
     expected = r"'nightly' is committed for 2026-11-28 .* cannot commit 2026-11-29"
     with pytest.raises(RunDateConflict, match=expected):
-        check_run_date(str(tmp_path), "nightly", dt.date(2026, 11, 29))
+        check_run_date(committed_run(str(tmp_path), "nightly"), dt.date(2026, 11, 29), "t")
     with pytest.raises(RunDateConflict, match=expected):
         ParquetSink(str(tmp_path), "nightly", dt.date(2026, 11, 29), PREDICTION_SCHEMA)
     [run] = committed_runs(str(tmp_path))
     assert run["run_date"] == "2026-11-28" and run["rows"] == 2
     assert not (tmp_path / "run_date=2026-11-29").exists()
-    check_run_date(str(tmp_path), "nightly", dt.date(2026, 11, 28))  # its own date: a rerun
+    check_run_date(committed_run(str(tmp_path), "nightly"), dt.date(2026, 11, 28), "t")  # rerun
 
 
 def test_the_journal_names_the_plan_and_is_gone_after_the_commit(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
-from vision_ops.sink import CommitResult, RunDateConflict, units_sum_digest
+from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
 from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
 from vision_ops.tally import (
     ExpectedUnits,
@@ -178,17 +178,9 @@ class IcebergSink:
         """RunDateConflict where the run id is committed on another date (as for Parquet: a
         run id names one run on one date; its rerun must not move it)."""
         for snapshot in _history(self.table):
-            summary = snapshot.summary
-            if summary and summary.get(RUN_ID) == self.run_id:
-                date = summary.get(f"{SUMMARY_PREFIX}run_date")
-                if date != self.run_date.isoformat():
-                    raise RunDateConflict(
-                        f"run id {self.run_id!r} is committed for {date} in table "
-                        f"{self.output.table}; a run id names one run on one date, so it cannot "
-                        f"commit {self.run_date.isoformat()}: give this date its own --run-id "
-                        "(the default, the date plus the spec's hash, is one per date), or "
-                        "rerun that date"
-                    )
+            if snapshot.summary and snapshot.summary.get(RUN_ID) == self.run_id:
+                table = f"table {self.output.table}"
+                check_run_date(_manifest(snapshot), self.run_date, table)
                 return
 
     def write(self, table: pa.Table) -> None:

@@ -190,6 +190,12 @@ def open_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) 
     return format_of(spec.output).open_sink(spec, run_id, run_date, schema)
 
 
+def check_run_date(spec: JobSpec, run_id: str, run_date: dt.date) -> None:
+    """RunDateConflict, before any work, where the run id is committed on another date."""
+    committed = committed_run(spec.output, run_id, spec.storage_options)
+    sink.check_run_date(committed, run_date, describe(spec.output))
+
+
 def run_guard(spec: JobSpec, run_id: str) -> contextlib.AbstractContextManager[RunGuard]:
     """The table's run lock where the format needs one, else nothing to hold."""
     if not format_of(spec.output).needs_lock:

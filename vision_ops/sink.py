@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,18 +53,15 @@ class RunDateConflict(ValueError):
     """The run id is committed on another date: a run id names one run, on one date."""
 
 
-def check_run_date(
-    root_uri: str, run_id: str, run_date: dt.date, options: StorageOptions | None = None
-) -> None:
-    """RunDateConflict where `run_id` is committed in the table on a date other than
-    `run_date` (committing it again would strand that date's files)."""
-    committed = committed_run(root_uri, run_id, options)
+def check_run_date(committed: Mapping[str, Any] | None, run_date: dt.date, table: str) -> None:
+    """RunDateConflict where `committed`, the manifest of the run id about to run, is of a date
+    other than `run_date` (committing it again would strand that date's rows), in any format."""
     if committed is not None and committed["run_date"] != run_date.isoformat():
         raise RunDateConflict(
-            f"run id {run_id!r} is committed for {committed['run_date']} in {root_uri}; a run "
-            f"id names one run on one date, so it cannot commit {run_date.isoformat()}: give "
-            "this date its own --run-id (the default, the date plus the spec's hash, is one "
-            "per date), or rerun that date"
+            f"run id {committed['run_id']!r} is committed for {committed['run_date']} in "
+            f"{table}; a run id names one run on one date, so it cannot commit "
+            f"{run_date.isoformat()}: give this date its own --run-id (the default, the date "
+            "plus the spec's hash, is one per date), or rerun that date"
         )
 
 
@@ -149,7 +146,8 @@ class ParquetSink:
         self.partition = f"{self.root}/{PARTITION_COLUMN}={self.run_date.isoformat()}"
         with writing_to(self.root_uri):
             resolve_unfinished(self.fs, self.root)
-            check_run_date(self.root_uri, self.run_id, self.run_date, self.storage_options)
+            committed = read_manifest(self.fs, self.root, self.run_id)
+            check_run_date(committed, self.run_date, self.root_uri)
             self._remove_earlier_staging()
 
     def write(self, table: pa.Table) -> None:

@@ -18,7 +18,7 @@ from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationT
 from vision_ops.detection import instance_output
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
-from vision_ops.outputs import RunGuard, open_sink, run_guard
+from vision_ops.outputs import RunGuard, check_run_date, open_sink, run_guard
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
 from vision_ops.pipeline.listing import Listing, list_listing
 from vision_ops.pool import PoolPlan, plan_pool
@@ -27,7 +27,7 @@ from vision_ops.reader import read_units
 from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import TABLE_BUILDERS, output_schema
-from vision_ops.sink import CommitResult, check_run_date
+from vision_ops.sink import CommitResult
 from vision_ops.sources import plan_inputs
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits, ListedUnits
@@ -71,7 +71,7 @@ def run_job(spec: JobSpec) -> RunSummary:
     run_id, run_date = spec.resolved_run()
     check_job(spec)
     inputs = plan_inputs(spec.input, spec.storage_options)
-    check_run_date(spec.output.uri, run_id, run_date, spec.storage_options)
+    check_run_date(spec, run_id, run_date)
     connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     spec = spec.sized(plan.num_gpus)
