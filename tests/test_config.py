@@ -97,6 +97,8 @@ def test_minimal_spec_fills_every_default() -> None:
         "intra_op_threads": None,
         "queue_mb": None,
         "stall_timeout_s": 1800,
+        "durable_every_rows": 100_000,
+        "durable_every_s": 120.0,
     }
     assert spec.output.model_dump() == {
         "format": "parquet",
@@ -109,6 +111,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "id": None,
         "date": None,
         "incremental": False,
+        "skip_errors": [],
         "lock_lease_s": 6 * 3600,
     }
     assert spec.storage_options == {}

@@ -129,7 +129,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors"
-        f"{f', {commit.skipped} skipped' if commit.skipped else ''} "
+        f"{f', {commit.skipped} skipped' if commit.skipped else ''}"
+        f"{f', {commit.resumed} resumed from an earlier attempt' if commit.resumed else ''} "
         f"in {summary.seconds:.1f}s; pipeline {summary.pipeline_seconds:.1f}s, "
         f"{summary.images_per_second:.1f} images/s\n"
         f"output: {commit.partition_uri} ({len(commit.files)} file(s))\n"

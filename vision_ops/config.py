@@ -624,6 +624,18 @@ class RuntimeSpec(StrictModel):
         description="Fail the run, naming the stuck stages, when no stage makes progress for "
         "this long.",
     )
+    durable_every_rows: int = Field(
+        default=100_000,
+        gt=0,
+        description="Parquet: stage the rows received so far as a part file at least every "
+        "this many rows, so a rerun of a run that did not commit resumes from them.",
+    )
+    durable_every_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Parquet: ... or every this many seconds, whichever comes first (a crash "
+        "loses at most this much of the pool's work).",
+    )
 
     @property
     def images_per_call(self) -> int:
@@ -727,7 +739,13 @@ class RunSpec(StrictModel):
     incremental: bool = Field(
         default=False,
         description="Skip units committed by earlier runs for the same model fingerprint and "
-        "input version (ETag, else size + mtime).",
+        "input version (ETag, else size + mtime); an input whose latest rows hold an error is "
+        "processed again (see skip_errors).",
+    )
+    skip_errors: list[str] = Field(
+        default_factory=list,
+        description="Error types an incremental run counts as done, e.g. [NotAnImage, NotDicom, "
+        "ImageTooLarge]; every other error row's input is processed again.",
     )
     lock_lease_s: int = Field(
         default=6 * 3600,

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder
+from vision_ops.resume import UnitsOf
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
 from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
@@ -163,6 +164,7 @@ class IcebergSink:
     _pending_rows: int = 0
     _files: list[DataFile] = field(default_factory=list)
     written: WrittenRows = field(default_factory=WrittenRows)
+    resumed: int = 0  # an Iceberg run does not resume: a rerun starts over
 
     def __post_init__(self) -> None:
         self.table = open_table(self.output, self.schema)
@@ -182,6 +184,11 @@ class IcebergSink:
                 table = f"table {self.output.table}"
                 check_run_date(_manifest(snapshot), self.run_date, table)
                 return
+
+    def resume(self, units_of: UnitsOf) -> frozenset[str]:
+        """Nothing is resumed: a rerun of an Iceberg run starts over (its data files are not
+        staged where a later attempt finds them)."""
+        return frozenset()
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)

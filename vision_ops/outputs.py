@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -21,6 +21,7 @@ from vision_ops import iceberg, sink
 from vision_ops.config import JobSpec, OutputSpec
 from vision_ops.lock import RunLock
 from vision_ops.registry import Registry
+from vision_ops.resume import UnitsOf, resume_key
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import ExpectedUnits, Listed
 
@@ -32,8 +33,11 @@ class Sink(Protocol):
     """Takes a run's rows as they come, then commits them at once."""
 
     attempt: str
+    resumed: int  # units an earlier attempt of the run id made durable, reused
 
     def write(self, table: pa.Table) -> None: ...
+
+    def resume(self, units_of: UnitsOf) -> frozenset[str]: ...
 
     def commit(
         self, listed: Listed | ExpectedUnits | None = None, details: dict[str, Any] | None = None
@@ -61,7 +65,7 @@ class AsOfUnsupported(ValueError):
 class OutputFormat:
     """How a format commits runs and how its committed runs are read."""
 
-    open_sink: Callable[[JobSpec, str, dt.date, pa.Schema], Sink]
+    open_sink: Callable[[JobSpec, str, dt.date, pa.Schema, Mapping[str, str]], Sink]
     needs_lock: bool  # one run at a time per table, through RunLock in the table root
     committed_runs: Callable[[OutputSpec, StorageOptions], list[Manifest]]
     committed_run: Callable[[OutputSpec, str | None, StorageOptions], Manifest | None]
@@ -77,10 +81,20 @@ FORMATS: Registry[OutputFormat] = Registry("output format")
 # --- parquet -------------------------------------------------------------------------------
 
 
-def _parquet_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) -> Sink:
+def _parquet_sink(
+    spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema, identity: Mapping[str, str]
+) -> Sink:
     output = spec.output
     parquet = sink.ParquetSink(
-        output.uri, run_id, run_date, schema, output.rows_per_file, spec.storage_options
+        output.uri,
+        run_id,
+        run_date,
+        schema,
+        output.rows_per_file,
+        spec.storage_options,
+        durable_every_rows=spec.runtime.durable_every_rows,
+        durable_every_s=spec.runtime.durable_every_s,
+        resume_key=resume_key(run_id, run_date.isoformat(), identity),
     )
     return cast(Sink, parquet)
 
@@ -130,7 +144,9 @@ FORMATS.register("parquet")(
 # --- iceberg -------------------------------------------------------------------------------
 
 
-def _iceberg_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) -> Sink:
+def _iceberg_sink(
+    spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema, identity: Mapping[str, str]
+) -> Sink:
     return iceberg.IcebergSink(spec.output, run_id, run_date, schema, spec.storage_options)
 
 
@@ -185,9 +201,12 @@ def format_of(target: Target) -> OutputFormat:
     return FORMATS.get(as_output(target).format)
 
 
-def open_sink(spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema) -> Sink:
-    """The sink of the spec's output format for one run."""
-    return format_of(spec.output).open_sink(spec, run_id, run_date, schema)
+def open_sink(
+    spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema, identity: Mapping[str, str]
+) -> Sink:
+    """The sink of the spec's output format for one run; `identity` (the digests of the spec,
+    the model and the input snapshot) decides what an earlier attempt left that it may reuse."""
+    return format_of(spec.output).open_sink(spec, run_id, run_date, schema, identity)
 
 
 def check_run_date(spec: JobSpec, run_id: str, run_date: dt.date) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from vision_ops.publish import (
     read_manifest,
     resolve_unfinished,
 )
+from vision_ops.resume import UnitsOf, find_resumable, resumed_rows, with_resume_key
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.storage import (
     StorageOptions,
@@ -115,6 +117,7 @@ class CommitResult:
     ok: int
     errors: int
     skipped: int = 0  # tiles with no data, recorded and never sent to the model
+    resumed: int = 0  # units an earlier attempt of the run id made durable, reused
 
 
 @dataclass
@@ -134,10 +137,18 @@ class ParquetSink:
     rows_per_file: int = 250_000
     storage_options: StorageOptions = field(default_factory=dict)
     attempt: str = field(default_factory=new_attempt)
+    # Staged rows are made durable at least this often (rows or seconds, whichever first),
+    # and a rerun of the run id resumes from them where `resume_key` is set (see `resume`).
+    durable_every_rows: int = 100_000
+    durable_every_s: float = 120.0
+    resume_key: str | None = None
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _staged: list[tuple[str, int]] = field(default_factory=list)
+    _parts: int = 0  # part files staged so far by this attempt, compacted ones included
+    _durable_at: float = field(default_factory=time.monotonic)
     written: WrittenRows = field(default_factory=WrittenRows)
+    resumed: int = 0  # units an earlier attempt made durable, reused
 
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
@@ -148,16 +159,41 @@ class ParquetSink:
             resolve_unfinished(self.fs, self.root)
             committed = read_manifest(self.fs, self.root, self.run_id)
             check_run_date(committed, self.run_date, self.root_uri)
-            self._remove_earlier_staging()
+            if self.resume_key is None:
+                self._remove_earlier_staging()
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
         self.written.add(table)
         self._pending.append(table)
         self._pending_rows += table.num_rows
-        while self._pending_rows >= self.rows_per_file:
-            with writing_to(self.root_uri):
+        with writing_to(self.root_uri):
+            while self._pending_rows >= self.rows_per_file:
                 self._flush(self.rows_per_file)
+            if self._durability_due():
+                self._flush(self._pending_rows)
+
+    def resume(self, units_of: UnitsOf) -> frozenset[str]:
+        """Reuse what earlier attempts of this run id made durable (see vision_ops.resume): the
+        rows of the sources they hold whole are staged again for this attempt, the earlier
+        attempts' staging removed; returns those sources, for the run to leave out. Nothing is
+        reused without a `resume_key`, nor for a table with masks (they are not resumed)."""
+        found = None
+        with writing_to(self.root_uri):
+            if self.resume_key is not None and "mask_uri" not in self.schema.names:
+                run_staging = self.staging.rpartition("/")[0]
+                found = find_resumable(
+                    self.fs, run_staging, self.staging, self.schema, self.resume_key, units_of
+                )
+            for table in resumed_rows(self.fs, found) if found else ():
+                self.write(table)
+            if self._pending_rows:
+                self._flush(self._pending_rows)
+            self._remove_earlier_staging()
+        self.resumed = found.units if found else 0
+        if found and found.units:
+            log.info("run %s: resuming %d units of earlier attempts", self.run_id, found.units)
+        return found.sources if found else frozenset()
 
     def commit(
         self,
@@ -176,6 +212,7 @@ class ParquetSink:
     ) -> CommitResult:
         while self._pending_rows:
             self._flush(self.rows_per_file)
+        self._compact()
         masks = self._staged_masks()
         self._check(listed, masks)
         plan = self._plan(masks)
@@ -189,6 +226,7 @@ class ParquetSink:
             ok=self.written.ok,
             errors=self.written.errors,
             skipped=self.written.skipped,
+            resumed=self.resumed,
         )
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
@@ -243,16 +281,44 @@ class ParquetSink:
             found += [row for row in zip(*columns, strict=True) if bucket_of(row[1]) in buckets]
         return found
 
+    def _durability_due(self) -> bool:
+        if not self._pending_rows:
+            return False
+        overdue = time.monotonic() - self._durable_at >= self.durable_every_s
+        return overdue or self._pending_rows >= self.durable_every_rows
+
     def _flush(self, limit: int) -> None:
         table = pa.concat_tables(self._pending)
         head, rest = table.slice(0, limit), table.slice(limit)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
-        path = f"{self.staging}/part-{len(self._staged):05d}.parquet"
+        path = f"{self.staging}/part-{self._parts:05d}.parquet"
+        self._parts += 1
+        if self.resume_key is not None:
+            head = with_resume_key(head, self.resume_key)
         make_folder(self.fs, self.staging)
         with self.fs.open(path, "wb") as handle:
             pq.write_table(head, handle, compression="zstd")
         self._staged.append((path, head.num_rows))
+        self._durable_at = time.monotonic()
+
+    def _compact(self) -> None:
+        """The small part files made for durability rewritten as `rows_per_file` files, so
+        that readers do not pay for many small files (nothing to do where they are already)."""
+        wanted = max(1, -(-self.written.rows // self.rows_per_file))
+        if len(self._staged) <= wanted:
+            return
+        small, self._staged = self._staged, []
+        for path, _ in small:
+            with self.fs.open(path, "rb") as handle:
+                self._pending.append(pq.read_table(handle))
+            self._pending_rows += self._pending[-1].num_rows
+            while self._pending_rows >= self.rows_per_file:
+                self._flush(self.rows_per_file)
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        for path, _ in small:
+            self.fs.rm_file(path)
 
     def _check_staged_footers(self) -> None:
         for path, rows in self._staged:
@@ -263,9 +329,12 @@ class ParquetSink:
 
     def _remove_earlier_staging(self) -> None:
         """What earlier attempts of this run id staged and never committed."""
-        earlier = self.staging.rpartition("/")[0]
-        if self.fs.exists(earlier):
-            self.fs.rm(earlier, recursive=True)
+        run_staging = self.staging.rpartition("/")[0]
+        if not self.fs.exists(run_staging):
+            return
+        for folder in self.fs.ls(run_staging, detail=False):
+            if folder.rstrip("/") != self.staging:
+                self.fs.rm(folder, recursive=True)
 
     def _manifest(self, files: list[str]) -> dict[str, object]:
         return {
@@ -274,6 +343,8 @@ class ParquetSink:
             "schema_version": SCHEMA_VERSION,
             "task": task_of(self.schema),
             **self.written.counts(),
+            "resumed_units": self.resumed,
+            "processed_units": self.written.rows - self.resumed,
             "files": [
                 {"uri": uri, "rows": rows}
                 for uri, (_, rows) in zip(files, self._staged, strict=True)

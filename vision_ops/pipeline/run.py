@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +20,13 @@ from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationT
 from vision_ops.detection import instance_output
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
-from vision_ops.outputs import RunGuard, check_run_date, open_sink, run_guard
+from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
-from vision_ops.pipeline.listing import Listing, list_listing
+from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pool import PoolPlan, plan_pool
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_units
+from vision_ops.resume import without_sources
 from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import TABLE_BUILDERS, output_schema
@@ -100,10 +103,12 @@ def _process_and_commit(
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
     expected: ExpectedUnits = ListedUnits(listed_units(tiles.units)) if tiles else listing
-    sink = open_sink(spec, run_id, run_date, schema)  # the output format's (vision_ops.outputs)
+    identity = identity_digests(spec, listing)
+    sink = open_sink(spec, run_id, run_date, schema, identity)  # its format's (outputs.py)
+    units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
     merger = scene_merger(spec, tiles)
     stats = RunStats()
-    if (tiles.units.num_rows if tiles else listing.count) > 0:
+    if left > 0:
         dataset = build_dataset(spec, units, plan, schema, sink.attempt)
         dataset = with_limits(dataset, spec.runtime)
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -113,8 +118,26 @@ def _process_and_commit(
             stats.add_stage("commit", time.perf_counter() - written)
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
-    details = stats.as_manifest(pipeline_seconds) | identity_digests(spec, listing)
+    details = stats.as_manifest(pipeline_seconds) | identity
     return sink.commit(expected, details), pipeline_seconds
+
+
+def resume_earlier_attempt(
+    sink: Sink, units: ray.data.Dataset | pa.Table, tiles: TilePlan | None, sources: int
+) -> tuple[ray.data.Dataset | pa.Table, TilePlan | None, int]:
+    """The units (and tile plan) left once the sink has reused what an earlier attempt of the
+    run id made durable (vision_ops.resume: whole sources only), and how many are left."""
+    if tiles is None:
+        done = sink.resume(lambda uri, frames: frames or 1)
+        if not done:
+            return units, None, sources
+        assert isinstance(units, ray.data.Dataset)
+        left = units.map_batches(functools.partial(without_sources, sources=done), **BLOCKWISE)
+        return left, None, sources - len(done)
+    per_scene = Counter(tiles.units["source_uri"].to_pylist())
+    done = sink.resume(lambda uri, frames: per_scene[uri])
+    kept = without_sources(tiles.units, done)
+    return kept, dataclasses.replace(tiles, units=kept), kept.num_rows
 
 
 def plan_units(

@@ -1,0 +1,272 @@
+"""Resuming a run that did not commit: what its earlier attempts made durable is checked and
+reused, whole sources only, each unit once; the rest is processed (counted at the model)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_exactly_once import make_images
+
+from vision_ops.cli import EXIT_OK, main
+from vision_ops.resume import RESUME_KEY
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id
+from vision_ops.sink import ParquetSink, committed_run, verify_run
+
+DATE = dt.date(2026, 11, 24)
+KEY = "k" * 64
+
+
+def source_rows(uris: list[str], frames: dict[str, int] | None = None) -> pa.Table:
+    """One ok row per image, or per frame of the sources `frames` names."""
+    rows = []
+    for uri in uris:
+        count = (frames or {}).get(uri)
+        for frame in range(count or 1):
+            unit = item_id(uri, frame) if count else item_id(uri)
+            rows.append({"item_id": unit, "source_uri": uri, "frame_count": count, "frame": frame})
+    n = len(rows)
+    columns = {
+        "run_id": ["r1"] * n,
+        "item_id": [r["item_id"] for r in rows],
+        "source_uri": [r["source_uri"] for r in rows],
+        "frame_count": [r["frame_count"] for r in rows],
+        "frame_index": [None if r["frame_count"] is None else r["frame"] for r in rows],
+        "model_name": ["m"] * n,
+        "model_weights_sha256": ["h"] * n,
+        "task": ["classification"] * n,
+        "status": [STATUS_OK] * n,
+        "score": np.linspace(0, 1, n, dtype=np.float32),
+    }
+    arrays = [
+        pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
+        for f in PREDICTION_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=PREDICTION_SCHEMA)
+
+
+def sink(root: Path, key: str = KEY, **options: Any) -> ParquetSink:
+    settings = {"durable_every_rows": 2, "durable_every_s": 3600.0} | options
+    return ParquetSink(
+        str(root), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=4, resume_key=key, **settings
+    )
+
+
+def one_unit_each(uri: str, frames: int | None) -> int:
+    return frames or 1
+
+
+URIS = [f"file:///x/{i}.jpg" for i in range(6)]
+
+
+def crashed_attempt(root: Path, uris: list[str], **options: Any) -> ParquetSink:
+    """An attempt that wrote `uris` (durably, every 2 rows) and died before its commit."""
+    attempt = sink(root, **options)
+    attempt.resume(one_unit_each)
+    rows = source_rows(uris)
+    for row in range(rows.num_rows):  # as batches arrive, one row each
+        attempt.write(rows.slice(row, 1))
+    return attempt
+
+
+def staged(root: Path) -> list[Path]:
+    return sorted((root / "_staging" / "r1").glob("*/part-*.parquet"))
+
+
+def test_rows_are_durable_every_so_many_rows_and_carry_the_resume_key(tmp_path: Path) -> None:
+    crashed_attempt(tmp_path, URIS[:5])
+    files = staged(tmp_path)
+    assert [pq.read_metadata(f).num_rows for f in files] == [2, 2]  # the 5th is not yet due
+    assert all(pq.read_schema(f).metadata[RESUME_KEY.encode()] == KEY.encode() for f in files)
+    every_write = sink(tmp_path / "b", durable_every_rows=1000, durable_every_s=0.0)
+    every_write.write(source_rows(URIS[:1]))
+    assert len(staged(tmp_path / "b")) == 1  # the seconds bound: due at once
+
+
+def test_a_rerun_reuses_the_sources_an_earlier_attempt_made_durable(tmp_path: Path) -> None:
+    crashed_attempt(tmp_path, URIS[:5])  # 4 rows durable, the 5th lost with the attempt
+    rerun = sink(tmp_path)
+    done = rerun.resume(one_unit_each)
+    assert done == frozenset(URIS[:4]) and rerun.resumed == 4
+    assert len(staged(tmp_path)) == 2 and all(rerun.attempt in str(f) for f in staged(tmp_path))
+    rerun.write(source_rows(URIS[4:]))  # what is left: the 5th and 6th
+    result = rerun.commit(URIS)
+    assert (result.rows, result.resumed) == (6, 4)
+    manifest = committed_run(str(tmp_path), "r1")
+    assert (manifest["resumed_units"], manifest["processed_units"]) == (4, 2)
+    assert verify_run(str(tmp_path), "r1")[1] == []
+    parts = sorted((tmp_path / "run_date=2026-11-24").glob("*.parquet"))
+    assert [pq.read_metadata(p).num_rows for p in parts] == [4, 2]  # compacted to rows_per_file
+    assert not (tmp_path / "_staging").exists()
+
+
+def test_a_part_file_of_another_spec_model_or_inputs_is_never_reused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    crashed_attempt(tmp_path, URIS[:4])
+    rerun = sink(tmp_path, key="other" * 10)
+    with caplog.at_level(logging.WARNING, logger="vision_ops.resume"):
+        assert rerun.resume(one_unit_each) == frozenset() and rerun.resumed == 0
+    assert "was made by another spec, model, input snapshot or run date" in caplog.text
+    assert "the run starts over" in caplog.text
+    assert staged(tmp_path) == []  # the earlier attempt's files are gone
+
+
+def test_a_file_cut_short_by_the_kill_is_left_out(tmp_path: Path) -> None:
+    crashed_attempt(tmp_path, URIS[:4])
+    torn = staged(tmp_path)[-1]
+    torn.write_bytes(torn.read_bytes()[:100])
+    rerun = sink(tmp_path)
+    assert rerun.resume(one_unit_each) == frozenset(URIS[:2])
+
+
+def test_a_source_is_resumed_only_whole(tmp_path: Path) -> None:
+    """A DICOM instance of 3 frames with 2 made durable is processed again whole; its 2 rows
+    are not reused (else the rerun would write them twice)."""
+    ct, photo = "file:///x/ct.dcm", URIS[0]
+    attempt = sink(tmp_path)
+    attempt.resume(one_unit_each)
+    rows = source_rows([photo, ct], frames={ct: 3})
+    attempt.write(rows.slice(0, 3))  # the photo and 2 frames: durable; the 3rd frame lost
+    rerun = sink(tmp_path)
+    assert rerun.resume(one_unit_each) == frozenset([photo]) and rerun.resumed == 1
+    rerun.write(source_rows([ct], frames={ct: 3}))
+    assert rerun.commit([photo, ct]).rows == 4
+
+
+def test_rows_staged_twice_by_killed_attempts_count_once(tmp_path: Path) -> None:
+    """An attempt killed while staging an earlier one's rows again leaves them twice."""
+    crashed_attempt(tmp_path, URIS[:4])
+    first = staged(tmp_path)[0]
+    copy = tmp_path / "_staging" / "r1" / "zzzz" / "part-00000.parquet"
+    copy.parent.mkdir()
+    shutil.copy(first, copy)
+    rerun = sink(tmp_path)
+    assert rerun.resume(one_unit_each) == frozenset(URIS[:4]) and rerun.resumed == 4
+    rerun.write(source_rows(URIS[4:]))
+    assert rerun.commit(URIS).rows == 6  # the exactly-once check passed
+
+
+# --- the whole job: the driver killed at 70 %, then the same command again ----------------
+
+
+def counting_spec(folder: Path, output: str, marks: Path, **extra: Any) -> Path:
+    spec = {
+        "input": {"uris": [str(folder / "images")]},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "crashing:count_images",
+            "kwargs": {"marks": str(marks), "seconds": 0.3},
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "task": {"kind": "classification", "top_k": 1},
+        "runtime": {
+            "batch_size": 2,
+            "read_batch_size": 2,
+            "max_actors": 1,
+            "durable_every_rows": 4,
+        },
+        "output": {"uri": output, "rows_per_file": 100},
+        "run": {"id": "k1", "date": "2026-11-24"},
+        **extra,
+    }
+    path = folder / f"job-{len(list(folder.glob('job*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def images_counted(marks: Path) -> int:
+    return sum(int(mark.read_text()) for mark in marks.iterdir())
+
+
+def durable_rows(fs: Any, staging: str) -> int:
+    total = 0
+    for path in fs.glob(f"{staging}/*/part-*.parquet"):
+        try:
+            with fs.open(path, "rb") as handle:
+                total += pq.read_metadata(handle).num_rows
+        except Exception:  # being written
+            continue
+    return total
+
+
+def kill_at(spec: Path, fs: Any, staging: str, rows: int) -> None:
+    """Run the spec in a driver process of its own and SIGKILL it (and its Ray) once `rows`
+    rows are durable."""
+    ray_temp = Path(tempfile.mkdtemp(prefix="vor", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": str(ray_temp)
+    }
+    command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec)]
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while durable_rows(fs, staging) < rows:
+            assert driver.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"{rows} durable rows never appeared"
+            fs.invalidate_cache()
+            time.sleep(0.05)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
+    ray_local: None, tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    import fsspec
+
+    total = 40
+    make_images(tmp_path / "images", total)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    if store == "s3":
+        seaweed = request.getfixturevalue("seaweed")
+        options = {"s3": seaweed.storage_options()}
+        output = f"s3://out/resume-{tmp_path.name}"
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options["s3"])
+        extra: dict[str, Any] = {"storage_options": options}
+    else:
+        options, output, fs, extra = {}, str(tmp_path / "table"), fsspec.filesystem("file"), {}
+    spec = counting_spec(tmp_path, output, marks, **extra)
+    staging = f"{output.removeprefix('s3://')}/_staging/k1"
+    kill_at(spec, fs, staging, rows=int(0.7 * total))
+    assert committed_run(output, "k1", options) is None
+    for mark in marks.iterdir():
+        mark.unlink()
+    assert main(["run", str(spec)]) == EXIT_OK
+    manifest = committed_run(output, "k1", options)
+    resumed, processed = manifest["resumed_units"], manifest["processed_units"]
+    assert resumed >= int(0.7 * total) and resumed + processed == total
+    durability_interval = 4
+    assert images_counted(marks) == processed <= total - int(0.7 * total) + durability_interval
+    assert verify_run(output, "k1", options)[1] == []
+    assert manifest["rows"] == total and len(manifest["files"]) == 1  # compacted
+    rows = pa.concat_tables(
+        pq.read_table(fs.open(f["uri"].removeprefix("s3://").removeprefix("file://"), "rb"))
+        for f in manifest["files"]
+    )
+    assert len(set(rows["item_id"].to_pylist())) == total
+    # The same rows as a run that was never killed (the model is deterministic).
+    clean = counting_spec(tmp_path, str(tmp_path / "clean"), marks)
+    assert main(["run", str(clean)]) == EXIT_OK
+    clean_rows = pq.read_table(tmp_path / "clean" / "run_date=2026-11-24")
+    keep = ["item_id", "label_id", "score"]
+    assert rows.select(keep).sort_by("item_id").equals(clean_rows.select(keep).sort_by("item_id"))

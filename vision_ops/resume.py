@@ -1,0 +1,140 @@
+"""Resuming a run that did not commit: the part files its earlier attempts staged, checked, and
+the sources they hold whole, so that a rerun of the run id processes only the rest.
+
+An earlier part file is reused only when its footer reads, its schema is the run's, and it
+carries the run's resume key (a hash of the run id and date, the spec, the model and the input
+snapshot): a file of another spec, model or input snapshot means the run starts over, saying
+why. A file cut short by the kill that ended its attempt is left out (its rows are processed
+again). A source is resumed only when the files hold every one of its units (an image; each
+frame of a DICOM instance; each tile of a scene), so a partly written source is processed
+again whole and no unit is written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+log = logging.getLogger(__name__)
+RESUME_KEY = "vision_ops.resume_key"  # in the metadata of every part file a run stages
+# The units a source holds, given its URI and the frame count its rows record (None: not
+# multi-frame): 1 for an image, its frames for a DICOM instance, its tiles for a scene.
+UnitsOf = Callable[[str, int | None], int]
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """What earlier attempts left that a rerun reuses."""
+
+    files: list[str]  # their part files, in the order they were written
+    sources: frozenset[str]  # the sources those files hold whole
+    units: int  # the units (rows) of those sources
+
+
+def resume_key(run_id: str, run_date: str, identity: Mapping[str, str]) -> str:
+    """What must not differ for a staged part file to be reused: the run, the spec, the model
+    and the input snapshot (`identity`: the manifest's digests)."""
+    content = {"run_id": run_id, "run_date": run_date, **identity}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def with_resume_key(table: pa.Table, key: str) -> pa.Table:
+    return table.replace_schema_metadata((table.schema.metadata or {}) | {RESUME_KEY: key})
+
+
+def find_resumable(
+    fs: AbstractFileSystem,
+    run_staging: str,
+    current: str,
+    schema: pa.Schema,
+    key: str,
+    units_of: UnitsOf,
+) -> Resumable | None:
+    """The part files under `run_staging` (all attempts but the `current` one) that a rerun
+    reuses, and the sources they hold whole; None where a file forbids reuse (logged)."""
+    paths = sorted(
+        path
+        for path in fs.glob(f"{run_staging}/*/part-*.parquet")
+        if not path.startswith(f"{current}/")
+    )
+    usable = []
+    for path in paths:
+        problem = _problem(fs, path, schema, key)
+        if problem is None:
+            usable.append(path)
+        elif problem == TORN:
+            log.info("resume: %s is cut short (its attempt was killed writing it): left out", path)
+        else:
+            log.warning("not resuming: %s %s; the run starts over", path, problem)
+            return None
+    sources = _whole_sources(fs, usable, units_of)
+    return Resumable(usable, frozenset(sources), sum(sources.values()))
+
+
+def resumed_rows(fs: AbstractFileSystem, found: Resumable) -> Iterator[pa.Table]:
+    """The rows of the resumed sources, each unit once (an attempt killed while re-staging
+    an earlier one's rows leaves them twice), file by file."""
+    seen: set[str] = set()
+    for path in found.files:
+        table = _read(fs, path)
+        keep = []
+        for item, source in zip(
+            table["item_id"].to_pylist(), table["source_uri"].to_pylist(), strict=True
+        ):
+            keep.append(source in found.sources and item not in seen)
+            seen.add(item)
+        yield table.filter(pa.array(keep, pa.bool_()))
+
+
+TORN = "is cut short"
+
+
+def _problem(fs: AbstractFileSystem, path: str, schema: pa.Schema, key: str) -> str | None:
+    try:
+        with fs.open(path, "rb") as handle:
+            found = pq.read_schema(handle)
+    except (OSError, pa.ArrowException):
+        return TORN
+    if (found.metadata or {}).get(RESUME_KEY.encode()) != key.encode():
+        return "was made by another spec, model, input snapshot or run date"
+    if not found.remove_metadata().equals(schema.remove_metadata()):
+        return "has another schema"
+    return None
+
+
+def _whole_sources(fs: AbstractFileSystem, paths: list[str], units_of: UnitsOf) -> dict[str, int]:
+    """Each source whose every unit the files hold, with its unit count."""
+    seen: set[str] = set()
+    counts: Counter[str] = Counter()
+    frames: dict[str, int | None] = {}
+    for path in paths:
+        table = _read(fs, path, ["item_id", "source_uri", "frame_count"])
+        columns = [table[name].to_pylist() for name in table.column_names]
+        for item, source, count in zip(*columns, strict=True):
+            if item not in seen:
+                seen.add(item)
+                counts[source] += 1
+                frames[source] = count
+    return {s: n for s, n in counts.items() if n == units_of(s, frames[s])}
+
+
+def _read(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def without_sources(table: pa.Table, sources: frozenset[str]) -> pa.Table:
+    """A table of units (a listing block, a tile plan) less the rows of `sources`."""
+    if not sources:
+        return table
+    done = pc.is_in(table["source_uri"], value_set=pa.array(sorted(sources), pa.string()))
+    return table.filter(pc.invert(pc.fill_null(done, False)))
