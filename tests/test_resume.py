@@ -270,3 +270,35 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     clean_rows = pq.read_table(tmp_path / "clean" / "run_date=2026-11-24")
     keep = ["item_id", "label_id", "score"]
     assert rows.select(keep).sort_by("item_id").equals(clean_rows.select(keep).sort_by("item_id"))
+
+
+def test_a_scene_is_resumed_only_with_every_tile(tmp_path: Path) -> None:
+    """Scene a's 4 tiles durable, scene b's 2 of 4: a is resumed, b's tiles all planned again
+    (and the plan the scene merger waits on is b's alone)."""
+    from vision_ops.pipeline.run import resume_earlier_attempt
+    from vision_ops.scenes import TilePlan
+
+    tiles = [(s, x, 0) for s in ("file:///a.tif", "file:///b.tif") for x in range(0, 256, 64)]
+    plan = TilePlan(
+        units=pa.table(
+            {
+                "source_uri": [s for s, _, _ in tiles],
+                "tile_x": pa.array([x for _, x, _ in tiles], pa.int32()),
+                "tile_y": pa.array([y for _, _, y in tiles], pa.int32()),
+            }
+        ),
+        crs=None,
+        bounds=None,
+        transforms={},
+    )
+    rows = source_rows([s for s, _, _ in tiles])
+    ids = [item_id(s, tile=(x, y)) for s, x, y in tiles]
+    rows = rows.set_column(rows.schema.get_field_index("item_id"), "item_id", pa.array(ids))
+    attempt = sink(tmp_path)
+    attempt.resume(one_unit_each)
+    attempt.write(rows.slice(0, 6))  # a whole, b's first two tiles
+    rerun = sink(tmp_path)
+    units, left_plan, left = resume_earlier_attempt(rerun, plan.units, plan, sources=2)
+    assert rerun.resumed == 4 and left == 4
+    assert units["source_uri"].to_pylist() == ["file:///b.tif"] * 4
+    assert left_plan is not None and left_plan.units.equals(units)
