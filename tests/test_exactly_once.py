@@ -24,6 +24,7 @@ from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
 from vision_ops.pipeline import run_job
+from vision_ops.pipeline.incremental import done_versions
 from vision_ops.schema import PREDICTION_SCHEMA, item_id
 from vision_ops.sink import ParquetSink, committed_runs
 from vision_ops.written import CommitRefused, check_exactly_once, expected_units
@@ -168,6 +169,73 @@ def test_incremental_runs_skip_committed_units(ray_local, tmp_path, tiny_weights
     assert pq.read_table(tmp_path / "table" / "run_date=2026-11-23").num_rows == 6
 
 
+def committed_rows(*rows: tuple[str, str, str | None]):  # type: ignore[no-untyped-def]
+    """A run's (source_uri, status, error_type) rows as read back for incremental runs."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "source_uri": [uri for uri, _, _ in rows],
+            "source_etag": ["e1"] * len(rows),
+            "source_size": pa.array([None] * len(rows), pa.int64()),
+            "source_mtime": pa.array([None] * len(rows), pa.timestamp("us", tz="UTC")),
+            "status": [status for _, status, _ in rows],
+            "error_type": pa.array([kind for _, _, kind in rows], pa.string()),
+        }
+    )
+
+
+def test_incremental_counts_ok_rows_done_and_retries_error_rows() -> None:
+    first = committed_rows(
+        ("s3://b/ok.png", "ok", None),
+        ("s3://b/denied.png", "error", "PermissionError"),
+        ("s3://b/html.jpg", "error", "NotAnImage"),
+        ("s3://b/nodata.tif", "skipped", None),
+        ("s3://b/ct.dcm", "ok", None),
+        ("s3://b/ct.dcm", "error", "CorruptDicom"),  # one bad frame: the whole instance again
+    )
+    assert done_versions([first], []) == {
+        ("s3://b/ok.png", "etag:e1"),
+        ("s3://b/nodata.tif", "etag:e1"),
+    }
+    kept = {uri for uri, _ in done_versions([first], ["NotAnImage", "ImageTooLarge"])}
+    assert kept == {"s3://b/ok.png", "s3://b/nodata.tif", "s3://b/html.jpg"}
+    second = committed_rows(
+        ("s3://b/denied.png", "ok", None),  # a later ok supersedes an earlier error
+        ("s3://b/ok.png", "error", "FileNotFoundError"),  # a later error supersedes an ok
+        ("s3://b/ct.dcm", "ok", None),
+        ("s3://b/ct.dcm", "ok", None),
+    )
+    later = {uri for uri, _ in done_versions([first, second], [])}
+    assert later == {"s3://b/denied.png", "s3://b/nodata.tif", "s3://b/ct.dcm"}
+    earlier = {uri for uri, _ in done_versions([second, first], [])}
+    assert earlier == {"s3://b/ok.png", "s3://b/nodata.tif"}
+
+
+def test_incremental_runs_process_an_error_input_again(
+    ray_local, tmp_path, tiny_weights, capsys
+) -> None:
+    make_images(tmp_path / "images", 3)
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes((tmp_path / "images" / "img000.png").read_bytes()[:60])
+    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
+    assert main(["run", str(spec), "--run-id", "first", "--run-date", "2026-11-20"]) == EXIT_OK
+    first = pq.read_table(tmp_path / "table" / "run_date=2026-11-20").to_pylist()
+    errors = {Path(r["source_uri"]).name: r["error_type"] for r in first if r["status"] == "error"}
+    assert (len(first), errors) == (4, {"broken.png": "CorruptImage"})
+    again = ["--run-id", "second", "--run-date", "2026-11-21", "--incremental"]
+    assert main(["run", str(spec), *again]) == EXIT_OK
+    second = pq.read_table(tmp_path / "table" / "run_date=2026-11-21").to_pylist()
+    assert [(Path(r["source_uri"]).name, r["error_type"]) for r in second] == [
+        ("broken.png", "CorruptImage")
+    ]
+    kept = ["--set", "run.skip_errors=[CorruptImage]", "--run-id", "third"]
+    assert main(["run", str(spec), *kept, "--run-date", "2026-11-22", "--incremental"]) == EXIT_OK
+    third = committed_runs(str(tmp_path / "table"))[-1]
+    assert (third["run_id"], third["rows"], third["files"]) == ("third", 0, [])
+    capsys.readouterr()
+
+
 def test_a_second_run_on_the_same_output_is_refused(ray_local, tmp_path, tiny_weights, capsys):
     make_images(tmp_path / "images", 2)
     spec_path = write_spec(tmp_path, tiny_weights, tmp_path / "table")
@@ -296,6 +364,7 @@ import ray
 from ray.cluster_utils import Cluster
 from vision_ops.config import load_spec
 from vision_ops.pipeline import run_job
+from vision_ops.pipeline.incremental import done_versions
 
 spec_path, marks, temp = sys.argv[1:4]
 # The head has room for reads only; the predictor (2 CPUs) fits on the worker alone.

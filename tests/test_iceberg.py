@@ -434,6 +434,12 @@ def test_runs_commit_to_iceberg_and_every_reader_reads_them(
     ]  # fmt: skip
 
     assert main(["run", spec, "--run-id", "n4", "--run-date", "2026-11-04", "--incremental"]) == 0
-    assert outputs.committed_run(output, "n4")["rows"] == 0  # everything committed already
-    assert len(read_back(output).snapshots()) == 4
-    assert read_back(output).scan().to_arrow().num_rows == 12
+    n4 = outputs.read_run(output, outputs.committed_run(output, "n4"))  # the error input again
+    assert [(r["source_uri"], r["error_type"]) for r in n4.to_pylist()] == [
+        (f"file://{photos / 'broken.png'}", "NotAnImage")
+    ]
+    kept = ["--set", "run.skip_errors=[NotAnImage]", "--incremental"]
+    assert main(["run", spec, "--run-id", "n5", "--run-date", "2026-11-05", *kept]) == 0
+    assert outputs.committed_run(output, "n5")["rows"] == 0  # everything committed already
+    assert len(read_back(output).snapshots()) == 5
+    assert read_back(output).scan().to_arrow().num_rows == 13

@@ -1,5 +1,6 @@
 """Incremental runs: the listing less the sources that another run committed with the same
-model and the same input version, and the model fingerprint that decides "the same model"."""
+model and the same input version (an error row's input is tried again), and the model
+fingerprint that decides "the same model"."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
@@ -15,6 +17,7 @@ import pyarrow as pa
 from vision_ops.config import JobSpec
 from vision_ops.outputs import Target, committed_runs, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
+from vision_ops.schema import STATUS_ERROR
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -22,13 +25,16 @@ log = logging.getLogger(__name__)
 
 def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     """The listing less sources another run committed with this model and this input version
-    (a committed run holds every unit of each source it read: all frames of an instance).
+    (a committed run holds every unit of each source it read: all frames of an instance),
+    unless the latest such run wrote an error row for one, of a type not in `run.skip_errors`.
     The committed versions are gathered on the driver; the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
-    done: set[tuple[str, str]] = set()
-    for run in committed_runs(spec.output, spec.storage_options):
-        if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint:
-            done |= committed_versions(spec.output, run, spec.storage_options)
+    runs = [
+        committed_versions(spec.output, run, spec.storage_options)
+        for run in committed_runs(spec.output, spec.storage_options)
+        if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint
+    ]
+    done = done_versions(runs, spec.run.skip_errors)
     select = functools.partial(not_done, done=done)
     kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
     left = Listing(kept, summarise(kept, find_repeats=False))
@@ -44,13 +50,31 @@ def not_done(block: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
     return block.filter(pa.array(keep, pa.bool_()))
 
 
-def committed_versions(
-    output: Target, run: dict[str, Any], options: StorageOptions
-) -> set[tuple[str, str]]:
-    """The (URI, version) of each source a committed run read."""
-    columns = ["source_uri", "source_etag", "source_size", "source_mtime"]
-    rows = read_run(output, run, options, columns).to_pylist()
-    return {(row["source_uri"], version_key(row)) for row in rows}
+def done_versions(runs: list[pa.Table], skip_errors: Collection[str]) -> set[tuple[str, str]]:
+    """The (URI, version) of each input done by the committed runs' rows (oldest run first):
+    the latest run that read an input decides, and it is done unless one of that run's rows
+    for it (any frame) is an error of a type outside `skip_errors`."""
+    latest: dict[tuple[str, str], bool] = {}
+    for rows in runs:
+        latest.update(run_outcomes(rows, skip_errors))
+    return {key for key, done in latest.items() if done}
+
+
+def run_outcomes(rows: pa.Table, skip_errors: Collection[str]) -> dict[tuple[str, str], bool]:
+    """For each (URI, version) one run read, whether that run's rows leave it done ('ok' and
+    'skipped' rows do; an 'error' row does only where its type is in `skip_errors`)."""
+    outcomes: dict[tuple[str, str], bool] = {}
+    for row in rows.to_pylist():
+        key = (row["source_uri"], version_key(row))
+        retry = row["status"] == STATUS_ERROR and row["error_type"] not in skip_errors
+        outcomes[key] = outcomes.get(key, True) and not retry
+    return outcomes
+
+
+def committed_versions(output: Target, run: dict[str, Any], options: StorageOptions) -> pa.Table:
+    """A committed run's source identity and status columns, one row per unit it wrote."""
+    columns = ["source_uri", "source_etag", "source_size", "source_mtime", "status", "error_type"]
+    return read_run(output, run, options, columns)
 
 
 def version_key(row: dict[str, Any]) -> str:
