@@ -182,10 +182,12 @@ def test_rerun_of_a_run_id_replaces_its_rows(ray_local, photo_dir, tmp_path):
     before = pq.read_table(output / "run_date=2026-11-24").sort_by("item_id")
     second = run_job(spec)
     after = pq.read_table(output / "run_date=2026-11-24").sort_by("item_id")
-    assert first.commit.files == second.commit.files and len(second.commit.files) == 3
+    assert len(first.commit.files) == len(second.commit.files) == 3
+    assert not set(first.commit.files) & set(second.commit.files)  # new names, the old removed
+    attempt = committed_run(str(output), "test-run")["attempt"]
     assert sorted(p.name for p in (output / "run_date=2026-11-24").iterdir()) == [
         "_SUCCESS",
-        *[f"test-run-part-{i:05d}.parquet" for i in range(3)],
+        *[f"test-run-{attempt}-part-{i:05d}.parquet" for i in range(3)],
     ]
     assert after.drop(["top_k", "score"]).equals(before.drop(["top_k", "score"]))
     np.testing.assert_allclose(after["score"].to_numpy(), before["score"].to_numpy(), atol=1e-6)
