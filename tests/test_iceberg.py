@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import re
 import threading
 import time
@@ -19,18 +20,20 @@ import pytest
 import yaml
 from faulty_s3 import FaultyS3, S3Request
 from pyiceberg.catalog import load_catalog
+from pyiceberg.types import BinaryType
 
 from vision_ops import outputs
 from vision_ops.cli import EXIT_OK, main
 from vision_ops.config import OutputSpec
 from vision_ops.devstack import SeaweedS3
+from vision_ops.georef import geo_metadata
 from vision_ops.iceberg import (
     CatalogError,
     IcebergSink,
     RunCommittedMeanwhile,
 )
 from vision_ops.query import connect, load_iceberg
-from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, item_id
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, item_id, output_schema
 from vision_ops.sink import CommitRefused, RunDateConflict
 from vision_ops.storage import StorageError
 
@@ -141,6 +144,29 @@ def test_a_run_is_one_snapshot_read_back_independently(output, iceberg_s3) -> No
     assert manifest["stage_seconds"] == {"infer": 1.5}
     assert sum(f["rows"] for f in manifest["files"]) == 5
     assert outputs.verify_run(output)[1] == []
+
+
+def test_the_table_keeps_the_geoparquet_metadata_and_the_task_in_its_properties(output) -> None:
+    """A scene job's footprint stays WKB; the GeoParquet `geo` metadata its Parquet files would
+    carry (CRS, bbox, covering) is a table property, as are the schema's version and task."""
+    schema = output_schema("classification", tiles=True)
+    utm = {"id": {"authority": "EPSG", "code": 32633}}
+    geo = geo_metadata("footprint", utm, [500_000.0, 4_600_000.0, 500_640.0, 4_600_480.0])
+    schema = schema.with_metadata({**(schema.metadata or {}), **geo})
+    sources = uris("geo", 2)
+    base = rows("g1", sources)
+    table = pa.Table.from_arrays(
+        [base[f.name] if f.name in base.column_names else pa.nulls(2, f.type) for f in schema],
+        schema=schema,
+    )
+    sink = IcebergSink(output, "g1", DATE, schema)
+    sink.write(table)
+    sink.commit(sources)
+    properties = read_back(output).properties
+    assert json.loads(properties["geo"]) == json.loads(geo[b"geo"])
+    assert json.loads(properties["geo"])["columns"]["footprint"]["crs"] == utm
+    assert properties["vision_ops.task"] == "classification"
+    assert read_back(output).schema().find_field("footprint").field_type == BinaryType()
 
 
 def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:
