@@ -32,6 +32,7 @@ from vision_ops.iceberg import (
     IcebergSink,
     RunCommittedMeanwhile,
 )
+from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.query import connect, load_iceberg
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, item_id, output_schema
 from vision_ops.sink import CommitRefused, RunDateConflict
@@ -167,6 +168,51 @@ def test_the_table_keeps_the_geoparquet_metadata_and_the_task_in_its_properties(
     assert json.loads(properties["geo"])["columns"]["footprint"]["crs"] == utm
     assert properties["vision_ops.task"] == "classification"
     assert read_back(output).schema().find_field("footprint").field_type == BinaryType()
+
+
+def segmentation_run(
+    output: OutputSpec, server: SeaweedS3, run_id: str, sources: list[str]
+) -> IcebergSink:
+    """A segmentation run's rows, each naming the mask the run staged for it beside the table
+    (as vision_ops.masks.write_masks does), committed."""
+    schema = output_schema("segmentation")
+    sink = IcebergSink(output, run_id, DATE, schema, options(server))
+    staged = staged_masks_folder(sink.root, run_id, sink.attempt)
+    final = final_masks_folder(sink.root, run_id, DATE, sink.attempt)
+    names = [f"{item_id(uri)}.png" for uri in sources]
+    for name in names:
+        sink.fs.pipe_file(f"{staged}/{name}", b"png of class ids")
+    base = rows(run_id, sources)
+    columns = {
+        **{name: base[name] for name in base.column_names if name in schema.names},
+        "task": pa.array(["segmentation"] * len(sources)),
+        "mask_uri": pa.array([f"s3://{final}/{name}" for name in names]),
+    }
+    sink.write(
+        pa.Table.from_arrays(
+            [columns.get(f.name, pa.nulls(len(sources), f.type)) for f in schema], schema=schema
+        )
+    )
+    sink.commit(sources)
+    return sink
+
+
+def test_segmentation_masks_are_committed_beside_the_table_and_replaced_by_a_rerun(
+    output, iceberg_s3
+) -> None:
+    first = segmentation_run(output, iceberg_s3, "s1", uris("seg", 2))
+    table = read_back(output).scan(selected_fields=("mask_uri",)).to_arrow()
+    fs = first.fs
+    assert all(fs.exists(uri) for uri in table["mask_uri"].to_pylist())
+    staged = fs.find(staged_masks_folder(first.root, "s1", first.attempt))
+    assert [path for path in staged if path.endswith(".png")] == []  # moved at the commit
+    rerun = segmentation_run(output, iceberg_s3, "s1", uris("seg", 1))  # one image less
+    [mask] = read_back(output).scan(selected_fields=("mask_uri",)).to_arrow()["mask_uri"]
+    fs.invalidate_cache()
+    run_folder = final_masks_folder(rerun.root, "s1", DATE, None)
+    folders = {path.rpartition("/")[0] for path in fs.find(run_folder) if path.endswith(".png")}
+    assert folders == {f"{run_folder}/{rerun.attempt}"}  # the first attempt's masks are gone
+    assert fs.cat_file(mask.as_py()) == b"png of class ids"
 
 
 def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:
