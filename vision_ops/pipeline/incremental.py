@@ -9,7 +9,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -29,11 +29,11 @@ def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     unless the latest such run wrote an error row for one, of a type not in `run.skip_errors`.
     The committed versions are gathered on the driver; the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
-    runs = [
+    runs = (  # read one run at a time: the driver holds the outcomes, not every run's rows
         committed_versions(spec.output, run, spec.storage_options)
         for run in committed_runs(spec.output, spec.storage_options)
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint
-    ]
+    )
     done = done_versions(runs, spec.run.skip_errors)
     select = functools.partial(not_done, done=done)
     kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
@@ -50,7 +50,7 @@ def not_done(block: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
     return block.filter(pa.array(keep, pa.bool_()))
 
 
-def done_versions(runs: list[pa.Table], skip_errors: Collection[str]) -> set[tuple[str, str]]:
+def done_versions(runs: Iterable[pa.Table], skip_errors: Collection[str]) -> set[tuple[str, str]]:
     """The (URI, version) of each input done by the committed runs' rows (oldest run first):
     the latest run that read an input decides, and it is done unless one of that run's rows
     for it (any frame) is an error of a type outside `skip_errors`."""
