@@ -31,6 +31,7 @@ from vision_ops.iceberg import (
     CatalogError,
     IcebergSink,
     RunCommittedMeanwhile,
+    open_table,
 )
 from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.query import connect, load_iceberg
@@ -293,7 +294,10 @@ def test_concurrent_attempts_of_one_run_id_one_wins(output) -> None:
 
 
 def test_racing_attempts_of_one_run_id_one_wins(output) -> None:
-    """Both reach the catalog at once: one commit lands, the other fails naming the run."""
+    """Both reach the catalog at once: one commit lands, the other fails naming the run. (The
+    table exists first: two runs that create a new table at the same instant can both create
+    it on SeaweedFS's catalog, and the loser then fails with `Table UUID does not match`.)"""
+    open_table(output, PREDICTION_SCHEMA)
     barrier, outcomes = threading.Barrier(2), []
 
     def run(prefix: str) -> None:
