@@ -1,0 +1,28 @@
+"""The errors a user can cause: one base class carrying the command's exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster call failed
+EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
+EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
+EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
+
+
+class VisionOpsError(Exception):
+    """An error the CLI reports as `error: <message>` and exits with `exit_code` (no traceback).
+
+    Subclasses set `exit_code`; most also derive from the built-in they refine (ValueError,
+    LookupError, RuntimeError), so existing `except` clauses keep catching them.
+    """
+
+    exit_code = EXIT_FAILED
+
+
+class UnknownTask(VisionOpsError, KeyError):
+    """A task name no record is registered for (a spec, a manifest, a table's metadata)."""
+
+    exit_code = EXIT_BAD_SPEC
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

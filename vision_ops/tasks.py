@@ -1,0 +1,288 @@
+"""Tasks: one record per task (what it predicts, how, and how its runs are read) in one registry.
+
+Every fact about a task lives in its `Task` record here; the pipeline, `query`, `report`,
+`verify` and `evaluate` ask this registry, and take the task of a committed run from its
+manifest (or its schema's metadata, `vision_ops.task`), never from column names.
+
+Adding a task (e.g. `ocr`):
+
+1. its config model in config.py (a `StrictModel` with `kind: Literal["ocr"] = "ocr"`, every
+   field described), added to the `TaskSpec` union there (the union is the spec's grammar;
+   tests/test_tasks.py checks it names exactly the registered tasks);
+2. its predictor (a `vision_ops.predictors.Predictor` subclass, in its own module) and its row
+   builder (a `schema.TableBuilder`: batch -> Arrow rows of the task's schema);
+3. one `register(Task(...))` call, in this module, below the others, naming them.
+
+Tests parametrized over `TASKS` then run it through the pipeline, query, report, verify and
+evaluate (each record names a toy model for that in tests/toy_models.py).
+
+Code that imports torch (predictors) or reads storage (scorers) is named by a
+`"module:attribute"` string and imported when used, so `query` and `report` stay light and this
+module imports nothing that imports it back.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vision_ops.config import (
+    BatchSizes,
+    ClassificationTask,
+    DetectionTask,
+    SegmentationTask,
+    StrictModel,
+)
+from vision_ops.errors import UnknownTask
+from vision_ops.registry import Registry
+from vision_ops.schema import (
+    SCHEMAS,
+    STATUS_OK,
+    TableBuilder,
+    classification_table,
+    detection_table,
+    segmentation_table,
+)
+
+if TYPE_CHECKING:
+    from vision_ops.predictors import Predictor
+    from vision_ops.storage import StorageOptions
+
+# metrics rows: {"metric", "label", "predicted", "value"} (see evaluate.METRICS_SCHEMA)
+Scorer = Callable[[list[dict[str, Any]], str, str, "StorageOptions"], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What `report` draws of a run's ok rows."""
+
+    labels: list[tuple[str, float]]  # per label: images, boxes, or share of pixels; largest first
+    scores: np.ndarray  # the values whose distribution the report draws, in [0, 1]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the code needs to know about one task.
+
+    Running it:
+      name: the registry key; the spec's `task.kind`, the rows' `task` column, the schema's
+        `vision_ops.task` metadata and the manifest's `task`.
+      spec: its config model (config.py), a member of config's `TaskSpec` union.
+      fields: its output columns, after the unit columns every task has (schema.UNIT_FIELDS).
+      rows: its row builder: the predictor's batch (flat numpy columns) -> Arrow rows.
+      predictor: `"module:Class"` of its `Predictor`, imported on the worker that loads it.
+      batch_sizes: images per model call when the spec leaves runtime.batch_size out.
+      input_size: "fixed": the model takes fixed-size crops (model.preprocessing: resize, crop,
+        mean, std; device decoding possible); "any": each image at its own size, the model
+        resizes and normalises itself.
+      architectures: the torchvision module whose builders the task accepts (`list_models(
+        module=...)`), or None where it takes no torchvision architecture.
+      architecture_examples: a few of them, for error messages.
+      untrained_kwargs: builder arguments for a torchvision architecture whose weights come
+        from a file (so that nothing downloads), e.g. {"weights_backbone": None}.
+      adapters: whether model.adapter (decoding a TorchScript / ONNX output) applies.
+
+    Reading its runs:
+      views: DuckDB views `query` adds over `predictions` (name -> SELECT), e.g. `boxes`.
+      default_query: what `vision-ops query` shows when no SQL is given (its summary).
+      unit: what `Summary.labels` counts, in words ("images", "boxes", "share of pixels").
+      score: what `Summary.scores` are, in words (the report's score chart).
+      summary: ok rows of one run -> what `report` draws.
+      panels: further report panels, by name (report.PANELS), e.g. "mask_overlays".
+      scorer: `"module:function"` that `evaluate` calls: (rows, truth URI, truth format,
+        storage options) -> metric rows; None: the task cannot be scored.
+      truth_formats: the --truth-format values its scorer reads (the first is the default).
+    """
+
+    name: str
+    spec: type[StrictModel]
+    fields: tuple[pa.Field, ...]
+    rows: TableBuilder
+    predictor: str
+    batch_sizes: BatchSizes
+    default_query: str
+    unit: str
+    score: str
+    summary: Callable[[pa.Table], Summary]
+    input_size: Literal["fixed", "any"] = "fixed"
+    architectures: str | None = None
+    architecture_examples: str = ""
+    untrained_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    adapters: bool = False
+    views: Mapping[str, str] = field(default_factory=dict)
+    panels: tuple[str, ...] = ()
+    scorer: str | None = None
+    truth_formats: tuple[str, ...] = ()
+
+    def predictor_class(self) -> type[Predictor]:
+        cls: type[Predictor] = load_ref(self.predictor)
+        return cls
+
+    def scorer_function(self) -> Scorer | None:
+        return None if self.scorer is None else load_ref(self.scorer)
+
+
+TASKS: Registry[Task] = Registry("task")
+
+
+def register(task: Task) -> Task:
+    """Add a task's record; a name registered twice is an error."""
+    return TASKS.register(task.name)(task)
+
+
+def get_task(name: str) -> Task:
+    """The record of a task; UnknownTask (which names the known ones) if none."""
+    try:
+        return TASKS.get(name)
+    except KeyError as err:
+        raise UnknownTask(str(err.args[0])) from None
+
+
+def load_ref(ref: str) -> Any:
+    """The object a `"module:attribute"` string names."""
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+# --- summaries: what `report` draws --------------------------------------------------------------
+
+
+def ok_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["status"], STATUS_OK))
+
+
+def counts(values: pa.Array | pa.ChunkedArray) -> list[tuple[str, float]]:
+    """Value counts, largest first, then by label."""
+    pairs = [(str(e["values"]), float(e["counts"])) for e in pc.value_counts(values).to_pylist()]
+    return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
+
+
+def _classification_summary(table: pa.Table) -> Summary:
+    ok = ok_rows(table)
+    return Summary(counts(ok["label"]), ok["score"].to_numpy())
+
+
+def _detection_summary(table: pa.Table) -> Summary:
+    boxes = pc.list_flatten(ok_rows(table)["detections"])
+    return Summary(
+        counts(boxes.field("label")), boxes.field("score").to_numpy(zero_copy_only=False)
+    )
+
+
+def _segmentation_summary(table: pa.Table) -> Summary:
+    """Each class's share of all the run's mask pixels (every mask has the model's input size),
+    and the dominant class's share of each mask."""
+    ok = ok_rows(table)
+    shares: dict[str, float] = {}
+    for entries in ok["class_fractions"].to_pylist():
+        for entry in entries or []:
+            shares[entry["label"]] = shares.get(entry["label"], 0.0) + entry["fraction"]
+    total = max(ok.num_rows, 1)
+    pairs = [(label, round(share / total, 4)) for label, share in shares.items()]
+    scores = pc.drop_null(ok["fraction"]).to_numpy(zero_copy_only=False)
+    return Summary(sorted(pairs, key=lambda pair: (-pair[1], pair[0])), scores)
+
+
+# --- the tasks -----------------------------------------------------------------------------------
+
+
+def _task_fields(name: str) -> tuple[pa.Field, ...]:
+    schema = SCHEMAS[name]
+    return tuple(
+        schema.field(i) for i in range(schema.get_field_index("error_message") + 1, len(schema))
+    )
+
+
+register(
+    Task(
+        name="classification",
+        spec=ClassificationTask,
+        fields=_task_fields("classification"),
+        rows=classification_table,
+        predictor="vision_ops.predictors:Classifier",
+        batch_sizes=BatchSizes(cpu=32, gpu=256),
+        architectures="torchvision.models",
+        architecture_examples="resnet50, efficientnet_b0, vit_b_16",
+        default_query="SELECT label, count(*) AS images, round(avg(score), 3) AS mean_score "
+        "FROM predictions WHERE status = 'ok' GROUP BY label ORDER BY images DESC, label LIMIT 20",
+        unit="images",
+        score="top-1 score",
+        summary=_classification_summary,
+        scorer="vision_ops.evaluate:score_classification",
+        truth_formats=("table", "imagefolder"),
+    )
+)
+
+# One row per detected box, with its image's identity: the detection table unnested. Athena /
+# Trino: `SELECT t.source_uri, d.* FROM detections t CROSS JOIN UNNEST(t.detections) AS u(d)`;
+# Spark: `SELECT source_uri, d.* FROM detections LATERAL VIEW explode(detections) x AS d`.
+BOXES_VIEW = """
+    SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
+           d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
+    FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')
+"""
+
+register(
+    Task(
+        name="detection",
+        spec=DetectionTask,
+        fields=_task_fields("detection"),
+        rows=detection_table,
+        predictor="vision_ops.predictors:Detector",
+        # ~800 x 1333 per image (within task.max_batch_pixels): large activations per image
+        batch_sizes=BatchSizes(cpu=4, gpu=16),
+        input_size="any",
+        architectures="torchvision.models.detection",
+        architecture_examples="fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ssd300_vgg16",
+        untrained_kwargs={"weights_backbone": None},
+        adapters=True,
+        views={"boxes": BOXES_VIEW},
+        default_query="SELECT label, count(*) AS boxes, round(avg(score), 3) AS mean_score "
+        "FROM boxes GROUP BY label ORDER BY boxes DESC, label LIMIT 20",
+        unit="boxes",
+        score="box score",
+        summary=_detection_summary,
+        scorer="vision_ops.evaluate:score_detection",
+        truth_formats=("coco",),
+    )
+)
+
+# One row per class present in a unit's mask, with the share of the mask's pixels it covers.
+PIXELS_VIEW = """
+    SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
+           mask_uri, c.label_id, c.label, c.fraction
+    FROM (SELECT *, unnest(class_fractions) AS c FROM predictions WHERE status = 'ok')
+"""
+
+register(
+    Task(
+        name="segmentation",
+        spec=SegmentationTask,
+        fields=_task_fields("segmentation"),
+        rows=segmentation_table,
+        predictor="vision_ops.predictors:Segmenter",
+        # ~520 px inputs and a per-pixel output
+        batch_sizes=BatchSizes(cpu=8, gpu=64),
+        architectures="torchvision.models.segmentation",
+        architecture_examples="deeplabv3_resnet50, fcn_resnet50, lraspp_mobilenet_v3_large",
+        untrained_kwargs={"weights_backbone": None, "aux_loss": None},
+        views={"pixels": PIXELS_VIEW},
+        # every mask has the model's input size: a class's share of all pixels is the mean of
+        # its fraction over the ok units
+        default_query="SELECT label, round(sum(fraction) / (SELECT count(*) FROM predictions "
+        "WHERE status = 'ok'), 4) AS pixel_share, count(*) AS images FROM pixels "
+        "GROUP BY label ORDER BY pixel_share DESC, label LIMIT 20",
+        unit="share of pixels",
+        score="dominant class's share of its mask",
+        summary=_segmentation_summary,
+        panels=("mask_overlays",),
+        scorer="vision_ops.evaluate:score_segmentation",
+        truth_formats=("masks",),
+    )
+)
