@@ -63,7 +63,7 @@ def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
         ("runtime.batch_sise=8", "runtime.batch_sise: Extra inputs are not permitted"),
         (
             "model.kind=caffe",
-            "model: expected kind: torchvision, torchscript, entrypoint or onnx",
+            "model: expected kind: torchvision, torchscript, entrypoint, onnx or ppocr",
         ),
         ("model.entrypoint=nowhere.mod:build", "model.entrypoint: cannot import nowhere.mod:build"),
         ("storage_options.s3.secret=hunter2", "credentials never go in the spec"),

@@ -218,7 +218,7 @@ MISTAKES = {
     ),
     "unknown model kind": (
         with_value("model", {"kind": "caffe", "uri": "m.caffemodel"}),
-        "model: expected kind: torchvision, torchscript, entrypoint or onnx "
+        "model: expected kind: torchvision, torchscript, entrypoint, onnx or ppocr "
         "(found: {'kind': 'caffe', 'uri': 'm.caffemodel'})",
     ),
     "model not a mapping": (
@@ -228,7 +228,7 @@ MISTAKES = {
     ),
     "unknown task kind": (
         with_value("task", {"kind": "captioning"}),
-        "task: expected kind: classification, detection or segmentation "
+        "task: expected kind: classification, detection, segmentation or ocr "
         "(found: {'kind': 'captioning'})",
     ),
     "weights_sha256 too short": (

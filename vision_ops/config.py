@@ -415,6 +415,34 @@ class EntrypointModel(_ModelCommon):
     weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
+class PpOcrModel(_ModelCommon):
+    kind: Literal["ppocr"] = "ppocr"
+    detector: str | None = Field(
+        default=None,
+        description="URI of a PP-OCR DB text detector (ONNX); defaults to the PP-OCRv4 detector "
+        "the rapidocr_onnxruntime package ships (the ocr extra).",
+    )
+    recognizer: str | None = Field(
+        default=None,
+        description="URI of a PP-OCR CTC text recogniser (ONNX, 48 px high input); defaults to "
+        "the package's PP-OCRv4 recogniser.",
+    )
+    dictionary: str | None = Field(
+        default=None,
+        description="URI of the recogniser's character list (a text file, one character a "
+        "line); defaults to the list in the recogniser's own ONNX metadata.",
+    )
+
+    @model_validator(mode="after")
+    def _no_labels_or_preprocessing(self) -> PpOcrModel:
+        if self.labels is not None or self.preprocessing is not None:
+            raise ValueError(
+                "a ppocr model reads text: expected no labels and no preprocessing (it sizes "
+                "each image itself), found them"
+            )
+        return self
+
+
 def _kind_or(default: str) -> Callable[[Any], str]:
     """Discriminate a union by its `kind`, taking `default` when the spec leaves it out."""
 
@@ -433,11 +461,12 @@ ModelSpec = Annotated[
     Annotated[TorchvisionModel, Tag("torchvision")]
     | Annotated[TorchScriptModel, Tag("torchscript")]
     | Annotated[EntrypointModel, Tag("entrypoint")]
-    | Annotated[OnnxModel, Tag("onnx")],
+    | Annotated[OnnxModel, Tag("onnx")]
+    | Annotated[PpOcrModel, Tag("ppocr")],
     Discriminator(
         _kind_or("torchvision"),
         custom_error_type="model_kind",
-        custom_error_message="expected kind: torchvision, torchscript, entrypoint or onnx",
+        custom_error_message="expected kind: torchvision, torchscript, entrypoint, onnx or ppocr",
     ),
 ]
 
@@ -484,14 +513,47 @@ class SegmentationTask(StrictModel):
     )
 
 
+class OcrTask(StrictModel):
+    kind: Literal["ocr"] = "ocr"
+    det_threshold: float = Field(
+        default=0.3, gt=0, lt=1, description="Detector probability at which a pixel is text."
+    )
+    box_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="Keep a text box whose mean probability is this."
+    )
+    unclip_ratio: float = Field(
+        default=1.6,
+        gt=0,
+        description="Grow each detected box by its area x this / its perimeter on every side.",
+    )
+    text_score: float = Field(
+        default=0.5, ge=0, le=1, description="Keep a line whose mean character score is this."
+    )
+    det_limit_side: int = Field(
+        default=736,
+        gt=0,
+        description="The detector sees an image's short side scaled up to at least this...",
+    )
+    det_max_side: int = Field(
+        default=2000, gt=0, description="... and its long side scaled down to at most this."
+    )
+    rec_batch_size: int = Field(
+        default=32,
+        gt=0,
+        description="Text-line crops per recogniser call (all the lines of a batch of images, "
+        "by width, each call padded to its widest).",
+    )
+
+
 TaskSpec = Annotated[
     Annotated[ClassificationTask, Tag("classification")]
     | Annotated[DetectionTask, Tag("detection")]
-    | Annotated[SegmentationTask, Tag("segmentation")],
+    | Annotated[SegmentationTask, Tag("segmentation")]
+    | Annotated[OcrTask, Tag("ocr")],
     Discriminator(
         _kind_or("classification"),
         custom_error_type="task_kind",
-        custom_error_message="expected kind: classification, detection or segmentation",
+        custom_error_message="expected kind: classification, detection, segmentation or ocr",
     ),
 ]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
@@ -501,9 +563,11 @@ UNION_TAGS = frozenset(
         "torchscript",
         "entrypoint",
         "onnx",
+        "ppocr",
         "classification",
         "detection",
         "segmentation",
+        "ocr",
     }
 )
 UNION_FIELDS = frozenset({"model", "task"})
@@ -528,6 +592,8 @@ DEFAULT_BATCH_SIZES = {
     "classification": BatchSizes(cpu=32, gpu=256),
     "segmentation": BatchSizes(cpu=8, gpu=64),
     "detection": BatchSizes(cpu=4, gpu=16),
+    # pages at their own size (~736 px short side for the detector), then every line's crop
+    "ocr": BatchSizes(cpu=4, gpu=32),
 }
 
 
@@ -779,13 +845,32 @@ class JobSpec(StrictModel):
                 )
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ocr_default_model(cls, value: Any) -> Any:
+        """An OCR job without a model reads with the packaged PP-OCR pair."""
+        task = value.get("task") if isinstance(value, dict) else None
+        if isinstance(task, dict) and task.get("kind") == "ocr" and value.get("model") is None:
+            return value | {"model": {"kind": "ppocr"}}
+        return value
+
+    @model_validator(mode="after")
+    def _ocr_reads_with_ppocr(self) -> JobSpec:
+        ocr_task, ocr_model = self.task.kind == "ocr", self.model.kind == "ppocr"
+        if ocr_task != ocr_model:
+            raise ValueError(
+                f"task.kind ocr reads with model.kind ppocr (and only it): found task.kind "
+                f"{self.task.kind} with model.kind {self.model.kind}"
+            )
+        return self
+
     @model_validator(mode="after")
     def _device_decode_needs_a_fixed_size(self) -> JobSpec:
-        if self.runtime.decode == "device" and self.task.kind == "detection":
+        if self.runtime.decode == "device" and self.task.kind in ("detection", "ocr"):
             raise ValueError(
                 "runtime.decode: device decodes photos and crops them to the model's fixed "
-                "input (classification, segmentation); detection reads images at their own "
-                "size: expected decode: tasks"
+                f"input (classification, segmentation); {self.task.kind} reads images at their "
+                "own size: expected decode: tasks"
             )
         return self
 

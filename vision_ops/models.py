@@ -25,6 +25,7 @@ from vision_ops.config import (
     ModelSpec,
     OnnxModel,
     OutputAdapter,
+    PpOcrModel,
     Preprocessing,
     TorchScriptModel,
     TorchvisionModel,
@@ -129,12 +130,17 @@ def model_name(spec: ModelSpec) -> str:
         return spec.architecture
     if isinstance(spec, EntrypointModel):
         return spec.entrypoint.rpartition(":")[2]
+    if isinstance(spec, PpOcrModel):
+        return ocr_model_name(spec)
     return posixpath.splitext(posixpath.basename(spec.uri))[0]
 
 
 def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Preprocessing | None:
     """The spec's preprocessing, else the torchvision weights' own transforms; None for detectors,
-    which take each image at its own size and resize and normalise inside the model."""
+    which take each image at its own size and resize and normalise inside the model, and for
+    OCR, which sizes each image itself."""
+    if task == "ocr":
+        return None
     if task == "detection":
         if spec.preprocessing is not None:
             raise ModelError(
@@ -151,6 +157,18 @@ def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Prep
         f"model.preprocessing: required for a {spec.kind} model (no weights metadata to take "
         "it from); expected resize, crop, mean and std"
     )
+
+
+def ocr_model_name(spec: PpOcrModel) -> str:
+    """PP-OCRv4 for the packaged pair, else the detector's and recogniser's file names."""
+    if spec.detector is None and spec.recognizer is None:
+        return "PP-OCRv4"
+    files = [
+        posixpath.splitext(posixpath.basename(uri))[0]
+        for uri in (spec.detector, spec.recognizer)
+        if uri
+    ]
+    return "+".join(files)
 
 
 def resolve_labels(spec: ModelSpec, options: StorageOptions | None = None) -> list[str] | None:
