@@ -10,7 +10,6 @@ import pyarrow as pa
 from vision_ops.schema import (
     PARTITION_COLUMN,
     PREDICTION_SCHEMA,
-    SCHEMAS,
     STATUS_ERROR,
     STATUS_OK,
     TOP_K_IDS,
@@ -20,6 +19,7 @@ from vision_ops.schema import (
     label_names,
     output_schema,
 )
+from vision_ops.tasks import TASKS
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -30,7 +30,7 @@ def test_every_column_is_documented_in_the_readme() -> None:
         for line in README.read_text().splitlines()
         if line.startswith("| `")
     }
-    for task in SCHEMAS:
+    for task in TASKS:
         schema = output_schema(task, dicom=True, tiles=True)
         assert set(schema.names) | {PARTITION_COLUMN} <= documented
 

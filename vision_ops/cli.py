@@ -10,14 +10,25 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vision_ops.config import JobSpec, OutputSpec, SpecError, load_spec
+from vision_ops.errors import (
+    EXIT_BAD_SPEC,
+    EXIT_CLUSTER_TOO_SMALL,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TOO_MANY_ERRORS,
+    VisionOpsError,
+)
 from vision_ops.models import ModelError, check_job
 from vision_ops.storage import StorageOptions
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster call failed
-EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
-EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
-EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
+__all__ = [
+    "EXIT_BAD_SPEC",
+    "EXIT_CLUSTER_TOO_SMALL",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_TOO_MANY_ERRORS",
+    "main",
+]
 
 log = logging.getLogger("vision_ops")
 
@@ -28,7 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except VisionOpsError as err:  # what a user can cause: its message and its exit code
+        return _fail(err, err.exit_code)
+    except Exception as err:  # anything else: still a message and a failure, not a traceback
+        log.debug("%s failed", args.command, exc_info=True)
+        return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
 
 
 def load_checked_spec(args: argparse.Namespace) -> JobSpec:
@@ -172,7 +189,7 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
     from vision_ops.outputs import AsOfUnsupported
-    from vision_ops.query import DEFAULT_QUERIES, NothingCommitted, connect, export, register_views
+    from vision_ops.query import NothingCommitted, connect, export, register_views
 
     try:
         table, options = output_of(args)
@@ -181,7 +198,7 @@ def query(args: argparse.Namespace) -> int:
     connection = connect(options)
     try:
         task = register_views(connection, table, options, args.run_id, args.as_of)
-        relation = connection.sql(args.sql or DEFAULT_QUERIES[task])
+        relation = connection.sql(args.sql or task.default_query)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
     except AsOfUnsupported as err:
         return _fail(err, EXIT_BAD_SPEC)
@@ -276,7 +293,8 @@ def evaluate(args: argparse.Namespace) -> int:
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
     if args.truth is None and args.truth_format != "imagefolder":
-        return _fail(ValueError(f"--truth-format {args.truth_format} needs --truth"), EXIT_BAD_SPEC)
+        message = "evaluate needs --truth (all but --truth-format imagefolder)"
+        return _fail(ValueError(message), EXIT_BAD_SPEC)
     try:
         metrics = evaluate_run(table, args.truth or "", args.truth_format, args.run_id, options)
     except (EvaluationError, OSError, KeyError) as err:
@@ -333,6 +351,8 @@ def _spec_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from vision_ops.tasks import truth_formats
+
     parser = argparse.ArgumentParser(prog="vision-ops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -400,12 +420,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=report)
     sub = commands.add_parser("evaluate", help="score a committed run against ground truth")
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
-    sub.add_argument("--truth", help="labels CSV/Parquet (uri, label), or COCO JSON")
+    sub.add_argument(
+        "--truth",
+        help="labels CSV/Parquet (uri, label), COCO JSON, or a folder of PNG class-id masks",
+    )
     sub.add_argument(
         "--truth-format",
-        choices=("imagefolder", "table", "coco"),
-        default="table",
-        help="imagefolder: the class is each image's parent folder (--truth is then unused)",
+        choices=truth_formats(),
+        help="default: the run's task's first (classification table, detection coco, "
+        "segmentation masks); imagefolder: the class is each image's parent folder (--truth "
+        "is then unused)",
     )
     sub.add_argument("--run-id", help="the run to score (default: the latest committed)")
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")

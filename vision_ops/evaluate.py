@@ -1,5 +1,6 @@
 """Scoring a committed run against ground truth: accuracy, top-5, per-class precision/recall and
-a confusion matrix for classification; COCO mAP for detection. Metrics land as a small Parquet
+a confusion matrix for classification; COCO mAP for detection; mean and per-class IoU for
+segmentation. The run's task (its manifest's) names its scorer; metrics land as a small Parquet
 table per run under `_metrics/`."""
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import posixpath
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vision_ops.errors import VisionOpsError
+from vision_ops.masks import in_mask_frame
 from vision_ops.outputs import Target, as_output, committed_run, describe, read_run
+from vision_ops.schema import STATUS_OK
 from vision_ops.storage import StorageOptions, filesystem, make_folder, read_bytes
+from vision_ops.tasks import task_of_run
 
 METRICS = "_metrics"
 METRICS_SCHEMA = pa.schema(
@@ -28,37 +34,158 @@ METRICS_SCHEMA = pa.schema(
         pa.field("value", pa.float64(), nullable=False),
     ]
 )
-TRUTH_FORMATS = ("imagefolder", "table", "coco")
+IGNORE_CLASS = 255  # a ground-truth mask's "no label" pixels (PASCAL VOC's convention)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(VisionOpsError, ValueError):
     """Ground truth that cannot be read or matched to the run's rows."""
 
 
 def evaluate_run(
     table_uri: Target,
     truth: str,
-    truth_format: str,
+    truth_format: str | None = None,
     run_id: str | None = None,
     options: StorageOptions | None = None,
 ) -> pa.Table:
-    """The metrics of a committed run (the given id, else the latest), written beside it."""
+    """The metrics of a committed run (the given id, else the latest), written beside it:
+    scored by its task's scorer against `truth` in `truth_format` (default: the task's first)."""
     manifest = _manifest(table_uri, run_id, options)
+    task = task_of_run(manifest)
+    scorer = task.scorer_function()
+    if scorer is None:
+        raise EvaluationError(f"a {task.name} run cannot be scored: its task has no scorer")
+    truth_format = truth_format or task.truth_formats[0]
+    if truth_format not in task.truth_formats:
+        raise EvaluationError(
+            f"--truth-format: a {task.name} run is scored against "
+            f"{' or '.join(task.truth_formats)}, found {truth_format}"
+        )
     rows = read_run(table_uri, manifest, options).to_pylist()
-    if manifest.get("task", "classification") == "detection":
-        if truth_format != "coco":
-            raise EvaluationError(
-                "a detection run is scored against COCO JSON: --truth-format coco"
-            )
-        metrics = detection_metrics(rows, json.loads(read_bytes(truth, options)))
-    else:
-        labels = classification_truth(rows, truth, truth_format, options)
-        metrics = classification_metrics(rows, labels)
+    metrics = scorer(rows, truth, truth_format, options or {})
     table = pa.Table.from_pylist(
         [{"run_id": manifest["run_id"]} | m for m in metrics], schema=METRICS_SCHEMA
     )
     _write(table, table_uri, manifest["run_id"], options)
     return table
+
+
+def score_classification(
+    rows: list[dict[str, Any]], truth: str, truth_format: str, options: StorageOptions
+) -> list[dict[str, Any]]:
+    """The classification task's scorer: labels from an ImageFolder layout or a table."""
+    return classification_metrics(rows, classification_truth(rows, truth, truth_format, options))
+
+
+def score_detection(
+    rows: list[dict[str, Any]], truth: str, truth_format: str, options: StorageOptions
+) -> list[dict[str, Any]]:
+    """The detection task's scorer: boxes from a COCO JSON file."""
+    return detection_metrics(rows, json.loads(read_bytes(truth, options)))
+
+
+def score_segmentation(
+    rows: list[dict[str, Any]], truth: str, truth_format: str, options: StorageOptions
+) -> list[dict[str, Any]]:
+    """The segmentation task's scorer: `truth` is a folder of PNG class-id masks named as the
+    images (img7.jpg -> img7.png), each over its whole source image; it is brought into the
+    frame of the run's masks (the model's input: shorter side resized to the mask's side, then
+    centre-cropped) with nearest-neighbour resampling. Pixels of class 255 are not scored."""
+    fs, root = filesystem(truth, options)
+    if not fs.isdir(root):
+        raise EvaluationError(f"--truth {truth}: expected a folder of PNG masks")
+    found = {posixpath.basename(path): path for path in fs.ls(root, detail=False)}
+    tally = IouTally()
+    for row in rows:
+        name = posixpath.splitext(posixpath.basename(row["source_uri"]))[0] + ".png"
+        if name not in found:
+            continue
+        true = _png(fs.cat_file(found[name]), found[name])
+        if row["status"] != STATUS_OK:
+            tally.add(true, None)
+            continue
+        if not row.get("mask_uri"):
+            raise EvaluationError(
+                f"{row['source_uri']}: the run wrote no mask (task.masks: false); IoU needs them"
+            )
+        predicted = _png(read_bytes(row["mask_uri"], options), row["mask_uri"])
+        tally.add(in_mask_frame(true, predicted.shape), predicted)
+    if not tally.units:
+        raise EvaluationError(
+            f"no row of the run has a ground-truth mask in {truth} (matched by file name: "
+            "img7.jpg -> img7.png)"
+        )
+    return tally.metrics(_label_names(rows))
+
+
+class IouTally:
+    """Pixel counts per class over many masks: true, predicted and both (the intersection)."""
+
+    def __init__(self) -> None:
+        self.true = np.zeros(0, np.int64)
+        self.predicted = np.zeros(0, np.int64)
+        self.both = np.zeros(0, np.int64)
+        self.units = 0
+        self.errors = 0
+
+    def add(self, true: np.ndarray, predicted: np.ndarray | None) -> None:
+        """One unit; `predicted` None (an error row): every true pixel is missed."""
+        self.units += 1
+        scored = true != IGNORE_CLASS
+        truth = true[scored].astype(np.int64)
+        self.true = _plus(self.true, np.bincount(truth))
+        if predicted is None:
+            self.errors += 1
+            return
+        guess = predicted[scored].astype(np.int64)
+        self.predicted = _plus(self.predicted, np.bincount(guess))
+        self.both = _plus(self.both, np.bincount(truth[truth == guess]))
+
+    def metrics(self, names: dict[int, str]) -> list[dict[str, Any]]:
+        """mean_iou over the classes present in the truth or the predictions, pixel_accuracy,
+        evaluated units, error rows, and each class's iou."""
+        size = max(len(self.true), len(self.predicted), len(self.both))
+        true, predicted, both = (
+            np.pad(a, (0, size - len(a))) for a in (self.true, self.predicted, self.both)
+        )
+        union = true + predicted - both
+        present = np.flatnonzero(union)
+        ious = both[present] / union[present]
+        metrics = [
+            _metric("mean_iou", float(ious.mean()) if len(ious) else 0.0),
+            _metric("pixel_accuracy", both.sum() / max(true.sum(), 1)),
+            _metric("evaluated", self.units),
+            _metric("error_rows", self.errors),
+        ]
+        for class_id, iou in zip(present.tolist(), ious.tolist(), strict=True):
+            metrics.append(_metric("iou", iou, names.get(class_id, str(class_id))))
+        return metrics
+
+
+def _plus(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    size = max(len(total), len(counts))
+    return np.pad(total, (0, size - len(total))) + np.pad(counts, (0, size - len(counts)))
+
+
+def _png(data: bytes, uri: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        mask = np.asarray(Image.open(io.BytesIO(data)))
+    except UnidentifiedImageError:
+        raise EvaluationError(f"{uri}: expected a PNG of class ids") from None
+    if mask.ndim != 2:
+        raise EvaluationError(f"{uri}: expected one band of class ids, found shape {mask.shape}")
+    return mask
+
+
+def _label_names(rows: list[dict[str, Any]]) -> dict[int, str]:
+    """Class id -> label, as the run's rows name them."""
+    return {
+        entry["label_id"]: entry["label"]
+        for row in rows
+        for entry in row.get("class_fractions") or []
+    }
 
 
 def classification_truth(

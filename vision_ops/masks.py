@@ -101,3 +101,24 @@ def _georef(batch: dict[str, np.ndarray], index: int) -> tuple[Any, str] | None:
     mask_side = np.asarray(batch[SEGMENT_MASK][index]).shape[1]
     scale = size / mask_side
     return Affine(a, b, c, d, e, f) @ Affine.scale(scale, scale), str(crs)
+
+
+def in_mask_frame(
+    pixels: np.ndarray, shape: tuple[int, ...], resize: int | None = None, nearest: bool = True
+) -> np.ndarray:
+    """An array over a source image (a ground-truth mask, the image itself) brought into the
+    frame of a class mask of `shape` (the model's input): its shorter side resized to `resize`
+    (default: the mask's side, as torchvision's segmentation weights resize) and centre-cropped
+    to the mask, as the pipeline's reader does. Class ids resize `nearest`."""
+    from PIL import Image
+
+    from vision_ops.transforms import center_crop, resize_shorter_side
+
+    if pixels.shape[:2] == tuple(shape[:2]):
+        return pixels
+    side = min(shape[:2])
+    mode = "nearest" if nearest else "bilinear"
+    resized = np.asarray(resize_shorter_side(Image.fromarray(pixels), resize or side, mode))
+    flat = resized.ndim == 2
+    cropped = center_crop(resized[..., None] if flat else resized, side)
+    return cropped[..., 0] if flat else cropped

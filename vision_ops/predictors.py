@@ -25,7 +25,6 @@ from vision_ops.detection import (
 from vision_ops.device_decode import model_inputs
 from vision_ops.host_memory import retain_freed_memory
 from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
-from vision_ops.registry import Registry
 from vision_ops.schema import (
     DETECTIONS,
     INSTANCE_COLUMN,
@@ -38,8 +37,8 @@ from vision_ops.schema import (
     TOP_K_SCORES,
     stage_times,
 )
+from vision_ops.tasks import get_task
 
-PREDICTORS: Registry[type[Predictor]] = Registry("task")
 ERROR_COLUMNS = ("status", "error_type", "error_message")
 TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)
 Pixels = np.ndarray | torch.Tensor  # uint8 (H, W, 3): from a read task, or decoded on the device
@@ -228,7 +227,6 @@ class Predictor:
                 yield
 
 
-@PREDICTORS.register("classification")
 class Classifier(Predictor):
     """Top-k classification of fixed-size crops; adds top-k id and score columns."""
 
@@ -272,7 +270,6 @@ class Classifier(Predictor):
             )
 
 
-@PREDICTORS.register("detection")
 class Detector(Predictor):
     """Boxes for images of any size, in source pixels; adds one (boxes, 6) array per row."""
 
@@ -324,7 +321,6 @@ class Detector(Predictor):
         return None
 
 
-@PREDICTORS.register("segmentation")
 class Segmenter(Predictor):
     """A class per pixel of each model-input crop; adds its mask and class fractions."""
 
@@ -360,7 +356,7 @@ def load_predictor(spec: JobSpec, threads: int | None = None) -> Predictor:
     keeps freed host memory for the next batch where the spec asks (`retain_host_memory`)."""
     if spec.runtime.retain_host_memory:
         retain_freed_memory()
-    return PREDICTORS.get(spec.task.kind)(spec, threads)
+    return get_task(spec.task.kind).predictor_class()(spec, threads)
 
 
 def class_fractions(mask: np.ndarray) -> np.ndarray:

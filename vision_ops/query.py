@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from vision_ops.outputs import Target, describe, sql_source
+from vision_ops.errors import VisionOpsError
+from vision_ops.outputs import Target, committed_run, describe, sql_source
 from vision_ops.schema import PARTITION_COLUMN
 from vision_ops.storage import StorageOptions
+from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
 
 def connect(storage_options: StorageOptions | None = None) -> Any:
@@ -56,33 +58,12 @@ def top_labels_sql(table_uri: str) -> str:
 
 
 def boxes_sql(table_uri: str) -> str:
-    """One row per detected box, with its image's identity: the detection table unnested.
-
-    Athena / Trino: `SELECT t.source_uri, d.* FROM detections t
-    CROSS JOIN UNNEST(t.detections) AS u(d)`; Spark: `SELECT source_uri, d.* FROM detections
-    LATERAL VIEW explode(detections) x AS d`.
-    """
-    return _unnest_boxes(read_sql(table_uri))
+    """One row per detected box, with its image's identity: the detection task's `boxes` view
+    (tasks.BOXES_VIEW) over a table root."""
+    return f"WITH predictions AS (SELECT * FROM {read_sql(table_uri)}) {BOXES_VIEW}"
 
 
-def _unnest_boxes(source: str) -> str:
-    return f"""
-        SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
-               d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
-        FROM (SELECT *, unnest(detections) AS d FROM {source} WHERE status = 'ok')
-    """
-
-
-# What `vision-ops query` shows when no SQL is given, per task.
-DEFAULT_QUERIES = {
-    "classification": "SELECT label, count(*) AS images, round(avg(score), 3) AS mean_score "
-    "FROM predictions WHERE status = 'ok' GROUP BY label ORDER BY images DESC, label LIMIT 20",
-    "detection": "SELECT label, count(*) AS boxes, round(avg(score), 3) AS mean_score "
-    "FROM boxes GROUP BY label ORDER BY boxes DESC, label LIMIT 20",
-}
-
-
-class NothingCommitted(LookupError):
+class NothingCommitted(VisionOpsError, LookupError):
     """A table with no committed run to read."""
 
 
@@ -92,21 +73,24 @@ def register_views(
     options: StorageOptions | None = None,
     run_id: str | None = None,
     as_of: dt.datetime | None = None,
-) -> str:
+) -> Task:
     """Views over a table's committed runs only (what its format's commits made visible):
-    `predictions`, one row per unit, and for detection tables `boxes`, one row per box.
-    `run_id`: that run's rows as it committed them; `as_of`: the table at that time (Iceberg).
-    Returns the task."""
+    `predictions`, one row per unit, and the views its task adds (tasks.py: `boxes` for
+    detection, `pixels` for segmentation). `run_id`: that run's rows as it committed them;
+    `as_of`: the table at that time (Iceberg). Returns the task, as the run's manifest (the
+    given run, else the latest) names it."""
     source = sql_source(connection, table, options, run_id, as_of)
     if not source:
         which = f"run {run_id}" if run_id else "run"
         raise NothingCommitted(f"{describe(table)}: no committed {which}")
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}")
-    columns = {row[0] for row in connection.execute("DESCRIBE predictions").fetchall()}
-    if "detections" not in columns:
-        return "classification"
-    connection.execute(f"CREATE OR REPLACE VIEW boxes AS {_unnest_boxes('predictions')}")
-    return "detection"
+    manifest = committed_run(table, run_id, options)
+    if manifest is None:
+        raise NothingCommitted(f"{describe(table)}: no committed run {run_id or ''}".rstrip())
+    task = task_of_run(manifest)
+    for name, select in task.views.items():
+        connection.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+    return task
 
 
 def export(relation: Any, fmt: str, path: str | None) -> str | None:

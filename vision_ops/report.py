@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vision_ops.errors import VisionOpsError
 from vision_ops.outputs import Target, committed_run, describe, read_run
-from vision_ops.storage import StorageOptions
+from vision_ops.registry import Registry
+from vision_ops.storage import StorageOptions, read_bytes
+from vision_ops.tasks import counts, ok_rows, task_of_run
 
 SCORE_BINS = 10
 TOP_LABELS = 20
@@ -26,8 +31,8 @@ class RunReport:
     rows: int
     ok: int
     errors: int
-    labels: list[tuple[str, int]]  # images (classification, top-1) or boxes (detection)
-    error_types: list[tuple[str, int]]
+    labels: list[tuple[str, float]]  # per label, the task's unit (images, boxes, pixel share)
+    error_types: list[tuple[str, float]]
     score_histogram: list[int]  # SCORE_BINS equal bins over [0, 1]
     score_quantiles: dict[str, float]
     images_per_second: float
@@ -36,9 +41,12 @@ class RunReport:
     slowest_stage: str | None
     progress: list[tuple[float, int]]
     metrics: dict[str, float] = field(default_factory=dict)  # from `vision-ops evaluate`
+    unit: str = "images"  # what `labels` counts (the task's)
+    score: str = "top-1 score"  # what the score histogram shows (the task's)
+    panels: list[tuple[str, str]] = field(default_factory=list)  # (title, html) the task adds
 
 
-class NoSuchRun(LookupError):
+class NoSuchRun(VisionOpsError, LookupError):
     """No committed run matches."""
 
 
@@ -49,25 +57,29 @@ def build_report(
     manifest = committed_run(table_uri, run_id, options)
     if manifest is None:
         raise NoSuchRun(f"{describe(table_uri)}: no committed run {run_id or ''}".rstrip())
+    task = task_of_run(manifest)
     table = read_run(table_uri, manifest, options)
-    labels, scores = _labels_and_scores(table, manifest.get("task", "classification"))
+    summary = task.summary(table)
     return RunReport(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],
-        task=manifest.get("task", "classification"),
+        task=task.name,
         rows=table.num_rows,
         ok=int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0),
         errors=int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0),
-        labels=_counts(labels)[:TOP_LABELS],
-        error_types=_counts(pc.drop_null(table["error_type"])),
-        score_histogram=np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),
-        score_quantiles=_quantiles(scores),
+        labels=summary.labels[:TOP_LABELS],
+        error_types=counts(pc.drop_null(table["error_type"])),
+        score_histogram=np.histogram(summary.scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),
+        score_quantiles=_quantiles(summary.scores),
         images_per_second=float(manifest.get("images_per_second", 0.0)),
         pipeline_seconds=float(manifest.get("pipeline_seconds", 0.0)),
         stage_seconds=dict(manifest.get("stage_seconds", {})),
         slowest_stage=manifest.get("slowest_stage"),
         progress=[(float(t), int(n)) for t, n in manifest.get("progress", [])],
         metrics=overall_metrics(table_uri, manifest["run_id"], options),
+        unit=task.unit,
+        score=task.score,
+        panels=[PANELS.get(name)(table, options or {}) for name in task.panels],
     )
 
 
@@ -84,20 +96,6 @@ def overall_metrics(
     return {r["metric"]: r["value"] for r in rows if r["label"] is None and r["predicted"] is None}
 
 
-def _labels_and_scores(table: pa.Table, task: str) -> tuple[pa.Array, np.ndarray]:
-    ok = table.filter(pc.equal(table["status"], "ok"))
-    if task == "detection":
-        boxes = pc.list_flatten(ok["detections"])
-        return boxes.field("label"), boxes.field("score").to_numpy(zero_copy_only=False)
-    return ok["label"], ok["score"].to_numpy()
-
-
-def _counts(values: Any) -> list[tuple[str, int]]:
-    counted = pc.value_counts(values).to_pylist()
-    pairs = [(str(entry["values"]), int(entry["counts"])) for entry in counted]
-    return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
-
-
 def _quantiles(scores: np.ndarray) -> dict[str, float]:
     if not len(scores):
         return {}
@@ -109,7 +107,6 @@ def _quantiles(scores: np.ndarray) -> dict[str, float]:
 
 
 def render_text(report: RunReport) -> str:
-    unit = "boxes" if report.task == "detection" else "images"
     lines = [
         f"run {report.run_id} ({report.run_date}, {report.task})",
         f"items: {report.rows}  ok: {report.ok}  errors: {report.errors}",
@@ -117,15 +114,20 @@ def render_text(report: RunReport) -> str:
         "stage seconds (all workers): "
         + ", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items())
         + (f"; slowest: {report.slowest_stage}" if report.slowest_stage else ""),
-        f"scores: {report.score_quantiles}",
-        f"top labels ({unit}):",
-        *[f"  {count:>7}  {label}" for label, count in report.labels],
+        f"scores ({report.score}): {report.score_quantiles}",
+        f"top labels ({report.unit}):",
+        *[f"  {number(count):>7}  {label}" for label, count in report.labels],
         "errors by type:",
-        *[f"  {count:>7}  {kind}" for kind, count in report.error_types],
+        *[f"  {number(count):>7}  {kind}" for kind, count in report.error_types],
     ]
     if report.metrics:
         lines.append("against ground truth: " + _metrics_text(report.metrics))
     return "\n".join(lines) + "\n"
+
+
+def number(value: float) -> str:
+    """A count as an integer, a share with four decimals."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.4f}"
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
@@ -149,11 +151,11 @@ td {{ padding: 2px 12px 2px 0; }}
 <td>slowest stage</td><td><b>{slowest}</b></td></tr></table>
 <div class="grid">
 <div class="card"><h2>Top labels ({unit})</h2>{labels}</div>
-<div class="card"><h2>Score distribution</h2>{scores}</div>
+<div class="card"><h2>Score distribution ({score})</h2>{scores}</div>
 <div class="card"><h2>Errors by type</h2>{errors_chart}</div>
 <div class="card"><h2>Images/s over the run</h2>{progress}</div>
 <div class="card"><h2>Against ground truth</h2>{metrics}</div>
-</div></body></html>
+{panels}</div></body></html>
 """
 
 
@@ -169,17 +171,22 @@ def render_html(report: RunReport) -> str:
         errors=report.errors,
         rate=report.images_per_second,
         slowest=html.escape(report.slowest_stage or "-"),
-        unit="boxes" if report.task == "detection" else "images",
+        unit=html.escape(report.unit),
+        score=html.escape(report.score),
         labels=bar_chart(report.labels, "#4c78a8"),
         scores=bar_chart(list(zip(bins, report.score_histogram, strict=True)), "#72b7b2"),
         errors_chart=bar_chart(report.error_types, "#e45756") if report.error_types else "none",
         progress=line_chart(throughput_series(report.progress)),
         metrics=html.escape(_metrics_text(report.metrics)) or "not evaluated",
+        panels="".join(
+            f'<div class="card"><h2>{html.escape(title)}</h2>{body}</div>'
+            for title, body in report.panels
+        ),
     )
 
 
-def bar_chart(pairs: list[tuple[str, int]], colour: str, width: int = 420) -> str:
-    """Horizontal bars, one per (label, count)."""
+def bar_chart(pairs: list[tuple[str, float]], colour: str, width: int = 420) -> str:
+    """Horizontal bars, one per (label, count or share)."""
     if not pairs:
         return "<p>no data</p>"
     top, row, label_w = max(count for _, count in pairs) or 1, 18, 130
@@ -191,7 +198,7 @@ def bar_chart(pairs: list[tuple[str, int]], colour: str, width: int = 420) -> st
             f"{html.escape(label[:22])}</text>"
             f'<rect x="{label_w}" y="{y + 3}" width="{length:.1f}" height="{row - 5}" '
             f'fill="{colour}"/><text x="{label_w + length + 4:.1f}" y="{y + 13}" '
-            f'font-size="11">{count}</text>'
+            f'font-size="11">{number(count)}</text>'
         )
     height = row * len(pairs) + 4
     return f'<svg width="{width}" height="{height}" role="img">{"".join(bars)}</svg>'
@@ -225,3 +232,63 @@ def line_chart(points: list[tuple[float, float]], width: int = 420, height: int 
         f"{t_max:.0f} s</text>"
         f'<text x="4" y="16" font-size="11">{n_max:.1f}</text></svg>'
     )
+
+
+# --- panels a task adds ----------------------------------------------------------------------
+
+Panel = Callable[[pa.Table, StorageOptions], tuple[str, str]]  # a run's rows -> (title, html)
+PANELS: Registry[Panel] = Registry("report panel")
+OVERLAYS = 4  # masks drawn over their images
+OVERLAY_ALPHA = 0.5
+
+
+@PANELS.register("mask_overlays")
+def mask_overlays(table: pa.Table, options: StorageOptions) -> tuple[str, str]:
+    """A few ok units' class masks drawn over their images (in the mask's frame: the model's
+    input), as embedded PNG; units whose image or mask cannot be read here are passed over."""
+    images: list[str] = []
+    for row in ok_rows(table).select(["source_uri", "mask_uri"]).to_pylist():
+        if len(images) == OVERLAYS:
+            break
+        if not str(row["mask_uri"] or "").endswith(".png"):
+            continue
+        try:
+            picture = overlay_png(row["source_uri"], row["mask_uri"], options)
+        except Exception:  # a source this page cannot decode (a DICOM, a scene) or a lost mask
+            continue
+        name = html.escape(str(row["source_uri"]).rsplit("/", 1)[-1])
+        images.append(
+            f'<figure style="display:inline-block;margin:4px"><img alt="{name}" '
+            f'src="data:image/png;base64,{base64.b64encode(picture).decode()}" width="192">'
+            f"<figcaption>{name}</figcaption></figure>"
+        )
+    return "Masks over their images", "".join(images) or "<p>no mask to draw</p>"
+
+
+def overlay_png(source_uri: str, mask_uri: str, options: StorageOptions) -> bytes:
+    """The image brought into its mask's frame, each class in its own colour over it."""
+    from PIL import Image
+
+    from vision_ops.decode import decode_image
+    from vision_ops.masks import in_mask_frame
+
+    mask = np.asarray(Image.open(io.BytesIO(read_bytes(mask_uri, options))))
+    image = decode_image(read_bytes(source_uri, options), max_pixels=200_000_000)
+    pixels = in_mask_frame(image, mask.shape, nearest=False).astype(np.float32)
+    colours = palette(int(mask.max()) + 1)[mask]
+    blended = (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colours
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def palette(classes: int) -> np.ndarray:
+    """float32 (classes, 3): class 0 black, then distinct hues (PASCAL VOC's bit pattern)."""
+    colours = np.zeros((classes, 3), dtype=np.float32)
+    for index in range(classes):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                colours[index, channel] += ((value >> channel) & 1) << shift
+            value, shift = value >> 3, shift - 1
+    return colours

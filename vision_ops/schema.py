@@ -1,15 +1,15 @@
-"""The output tables: one Arrow schema per task, declared once and versioned, and their rows."""
+"""The output tables: the unit columns every task has, each task's columns and row builder
+(named by its record in vision_ops.tasks), declared once and versioned."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-
-from vision_ops.registry import Registry
 
 SCHEMA_VERSION = "2"  # 2: frame_count, and the DICOM columns of a DICOM job
 SCHEMA_VERSION_KEY = "vision_ops.schema_version"
@@ -122,7 +122,9 @@ TILE_DETECTION_ENTRY = pa.struct(
 )
 
 
-def _schema(task: str, task_fields: list[pa.Field]) -> pa.Schema:
+def declared_schema(task: str, task_fields: Sequence[pa.Field]) -> pa.Schema:
+    """A task's table: the unit columns, then its own; its name and the version in the
+    metadata."""
     metadata = {SCHEMA_VERSION_KEY: SCHEMA_VERSION, TASK_KEY: task}
     return pa.schema([*UNIT_FIELDS, *task_fields], metadata=metadata)
 
@@ -143,36 +145,34 @@ FRACTION_ENTRY = pa.struct(
     ]
 )
 
-SCHEMAS = {
-    "classification": _schema(
-        "classification",
-        [
-            pa.field("label_id", pa.int32()),
-            pa.field("label", pa.string()),
-            pa.field("score", pa.float32()),
-            pa.field("top_k", pa.list_(pa.field("item", TOP_K_ENTRY, nullable=False))),
-        ],
-    ),
-    "detection": _schema(
-        "detection",
-        [
-            pa.field("num_detections", pa.int32()),
-            pa.field("detections", pa.list_(pa.field("item", DETECTION_ENTRY, nullable=False))),
-        ],
-    ),
-    "segmentation": _schema(
-        "segmentation",
-        [
-            pa.field("label_id", pa.int32()),
-            pa.field("label", pa.string()),
-            pa.field("fraction", pa.float32()),
-            pa.field("class_fractions", pa.list_(pa.field("item", FRACTION_ENTRY, nullable=False))),
-            pa.field("mask_uri", pa.string()),
-        ],
-    ),
-}
-PREDICTION_SCHEMA = SCHEMAS["classification"]
-DETECTION_SCHEMA = SCHEMAS["detection"]
+# The tasks' own columns (their records in vision_ops.tasks name them).
+CLASSIFICATION_FIELDS = (
+    pa.field("label_id", pa.int32()),
+    pa.field("label", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("top_k", pa.list_(pa.field("item", TOP_K_ENTRY, nullable=False))),
+)
+DETECTION_FIELDS = (
+    pa.field("num_detections", pa.int32()),
+    pa.field("detections", pa.list_(pa.field("item", DETECTION_ENTRY, nullable=False))),
+)
+SEGMENTATION_FIELDS = (
+    pa.field("label_id", pa.int32()),
+    pa.field("label", pa.string()),
+    pa.field("fraction", pa.float32()),
+    pa.field("class_fractions", pa.list_(pa.field("item", FRACTION_ENTRY, nullable=False))),
+    pa.field("mask_uri", pa.string()),
+)
+PREDICTION_SCHEMA = declared_schema("classification", CLASSIFICATION_FIELDS)
+DETECTION_SCHEMA = declared_schema("detection", DETECTION_FIELDS)
+SEGMENTATION_SCHEMA = declared_schema("segmentation", SEGMENTATION_FIELDS)
+
+
+def task_schema(task: str) -> pa.Schema:
+    """The schema of a registered task's table (no DICOM or tile columns)."""
+    from vision_ops.tasks import get_task
+
+    return get_task(task).schema
 
 
 def output_schema(
@@ -181,7 +181,7 @@ def output_schema(
     """The table of a job: its task's schema, with the DICOM or the tile columns after the
     unit columns when the job reads DICOM or tiles scenes, and a detection entry that also
     holds the box's `instance` output (`mask` or `keypoints`) where the model gives one."""
-    schema = SCHEMAS[task]
+    schema = task_schema(task)
     extra = [*(DICOM_FIELDS if dicom else []), *(TILE_FIELDS if tiles else [])]
     task_fields = [_entry_with(field, tiles, instance) for field in schema][len(UNIT_FIELDS) :]
     return pa.schema([*UNIT_FIELDS, *extra, *task_fields], metadata=schema.metadata)
@@ -218,6 +218,9 @@ SEGMENT_MASK, SEGMENT_FRACTIONS = "segment_mask", "segment_fractions"
 
 
 class TableBuilder(Protocol):
+    """A task's rows from its predictor's batch: the run's `schema` (its task's, with the
+    job's DICOM / tile columns) names the task (`task_of`); `labels` name the class ids."""
+
     def __call__(
         self,
         batch: dict[str, np.ndarray],
@@ -225,9 +228,6 @@ class TableBuilder(Protocol):
         labels: list[str] | None = None,
         schema: pa.Schema | None = None,
     ) -> pa.Table: ...
-
-
-TABLE_BUILDERS: Registry[TableBuilder] = Registry("task")
 
 
 def item_id(
@@ -253,7 +253,6 @@ def label_names(ids: np.ndarray, labels: list[str] | None) -> np.ndarray:
     return names.reshape(ids.shape)
 
 
-@TABLE_BUILDERS.register("classification")
 def classification_table(
     batch: dict[str, np.ndarray],
     run_id: str,
@@ -265,8 +264,8 @@ def classification_table(
     ok = _ok_mask(batch)
     ids, scores = batch[TOP_K_IDS].reshape(rows, -1), batch[TOP_K_SCORES].reshape(rows, -1)
     names = label_names(ids, labels)
-    schema = schema or SCHEMAS["classification"]
-    columns = _unit_columns(batch, run_id, "classification", schema)
+    schema = schema or PREDICTION_SCHEMA
+    columns = _unit_columns(batch, run_id, task_of(schema), schema)
     columns["label_id"] = pa.array(ids[:, 0], pa.int32(), mask=~ok)
     columns["label"] = pa.array(names[:, 0], pa.string(), mask=~ok)
     columns["score"] = pa.array(scores[:, 0], pa.float32(), mask=~ok)
@@ -275,7 +274,6 @@ def classification_table(
     return with_stage_times(_table(columns, schema, rows), batch)
 
 
-@TABLE_BUILDERS.register("detection")
 def detection_table(
     batch: dict[str, np.ndarray],
     run_id: str,
@@ -290,8 +288,8 @@ def detection_table(
     boxes = np.concatenate([a for a, good in zip(arrays, ok, strict=True) if good] or [_no_boxes()])
     ids = boxes[:, 0].astype(np.int32)
     entries = [ids, label_names(ids, labels), *boxes[:, 1:].T]
-    schema = schema or SCHEMAS["detection"]
-    columns = _unit_columns(batch, run_id, "detection", schema)
+    schema = schema or DETECTION_SCHEMA
+    columns = _unit_columns(batch, run_id, task_of(schema), schema)
     columns["num_detections"] = pa.array(counts, pa.int32(), mask=~ok)
     entry_type = schema.field("detections").type.value_type
     named = _instance_children(batch, ok, entry_type, labels)
@@ -324,7 +322,6 @@ def _keypoints(box: np.ndarray) -> list[dict[str, object]]:
     ]
 
 
-@TABLE_BUILDERS.register("segmentation")
 def segmentation_table(
     batch: dict[str, np.ndarray],
     run_id: str,
@@ -343,8 +340,8 @@ def segmentation_table(
     dominant = np.array([f[0] if len(f) else (0, 0) for f in fractions], dtype=np.float32)
     dominant_ids = dominant.reshape(-1, 2)[:, 0].astype(np.int32)
     has = ok & (counts > 0)
-    schema = schema or SCHEMAS["segmentation"]
-    columns = _unit_columns(batch, run_id, "segmentation", schema)
+    schema = schema or SEGMENTATION_SCHEMA
+    columns = _unit_columns(batch, run_id, task_of(schema), schema)
     columns["label_id"] = pa.array(dominant_ids, pa.int32(), mask=~has)
     columns["label"] = pa.array(label_names(dominant_ids, labels), pa.string(), mask=~has)
     columns["fraction"] = pa.array(dominant.reshape(-1, 2)[:, 1], pa.float32(), mask=~has)
@@ -365,6 +362,8 @@ def _ok_mask(batch: dict[str, np.ndarray]) -> np.ndarray:
 def _unit_columns(
     batch: dict[str, np.ndarray], run_id: str, task: str, schema: pa.Schema
 ) -> dict[str, object]:
+    """The unit columns of a batch's rows (run, source, unit, image, model, status; DICOM and
+    tile columns where the schema has them)."""
     rows = len(batch["source_uri"])
     columns: dict[str, object] = {f.name: batch[f.name] for f in schema if f.name in batch}
     if "footprint" in columns and "footprint_bbox" in schema.names:

@@ -24,7 +24,7 @@ module imports nothing that imports it back.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,10 +42,13 @@ from vision_ops.config import (
 from vision_ops.errors import UnknownTask
 from vision_ops.registry import Registry
 from vision_ops.schema import (
-    SCHEMAS,
+    CLASSIFICATION_FIELDS,
+    DETECTION_FIELDS,
+    SEGMENTATION_FIELDS,
     STATUS_OK,
     TableBuilder,
     classification_table,
+    declared_schema,
     detection_table,
     segmentation_table,
 )
@@ -102,7 +105,7 @@ class Task:
 
     name: str
     spec: type[StrictModel]
-    fields: tuple[pa.Field, ...]
+    fields: Sequence[pa.Field]
     rows: TableBuilder
     predictor: str
     batch_sizes: BatchSizes
@@ -119,6 +122,11 @@ class Task:
     panels: tuple[str, ...] = ()
     scorer: str | None = None
     truth_formats: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Its table's schema (the unit columns, then `fields`), its name in the metadata."""
+        return declared_schema(self.name, self.fields)
 
     def predictor_class(self) -> type[Predictor]:
         cls: type[Predictor] = load_ref(self.predictor)
@@ -142,6 +150,22 @@ def get_task(name: str) -> Task:
         return TASKS.get(name)
     except KeyError as err:
         raise UnknownTask(str(err.args[0])) from None
+
+
+def task_of_run(manifest: Mapping[str, Any]) -> Task:
+    """The task of a committed run, as its manifest names it (every sink writes it there, from
+    the schema's `vision_ops.task` metadata)."""
+    name = manifest.get("task")
+    if not name:
+        raise UnknownTask(
+            f"run {manifest.get('run_id')}: expected its manifest to name its task, found none"
+        )
+    return get_task(str(name))
+
+
+def truth_formats() -> list[str]:
+    """Every --truth-format some registered task reads."""
+    return sorted({fmt for name in TASKS for fmt in TASKS.get(name).truth_formats})
 
 
 def load_ref(ref: str) -> Any:
@@ -192,18 +216,11 @@ def _segmentation_summary(table: pa.Table) -> Summary:
 # --- the tasks -----------------------------------------------------------------------------------
 
 
-def _task_fields(name: str) -> tuple[pa.Field, ...]:
-    schema = SCHEMAS[name]
-    return tuple(
-        schema.field(i) for i in range(schema.get_field_index("error_message") + 1, len(schema))
-    )
-
-
 register(
     Task(
         name="classification",
         spec=ClassificationTask,
-        fields=_task_fields("classification"),
+        fields=CLASSIFICATION_FIELDS,
         rows=classification_table,
         predictor="vision_ops.predictors:Classifier",
         batch_sizes=BatchSizes(cpu=32, gpu=256),
@@ -232,7 +249,7 @@ register(
     Task(
         name="detection",
         spec=DetectionTask,
-        fields=_task_fields("detection"),
+        fields=DETECTION_FIELDS,
         rows=detection_table,
         predictor="vision_ops.predictors:Detector",
         # ~800 x 1333 per image (within task.max_batch_pixels): large activations per image
@@ -264,7 +281,7 @@ register(
     Task(
         name="segmentation",
         spec=SegmentationTask,
-        fields=_task_fields("segmentation"),
+        fields=SEGMENTATION_FIELDS,
         rows=segmentation_table,
         predictor="vision_ops.predictors:Segmenter",
         # ~520 px inputs and a per-pixel output

@@ -29,11 +29,12 @@ from vision_ops.reader import read_units
 from vision_ops.resume import without_sources
 from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
-from vision_ops.schema import TABLE_BUILDERS, output_schema
+from vision_ops.schema import output_schema
 from vision_ops.sink import CommitResult
 from vision_ops.sources import plan_inputs
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits, ListedUnits
+from vision_ops.tasks import get_task
 
 log = logging.getLogger(__name__)
 MB = 1024**2
@@ -243,7 +244,7 @@ def build_dataset(
         memory=READ_TASK_MEMORY_BYTES,
     )
     to_rows = functools.partial(
-        TABLE_BUILDERS.get(spec.task.kind),
+        get_task(spec.task.kind).rows,
         run_id=run_id,
         labels=resolve_labels(spec.model, spec.storage_options),
         schema=schema,
