@@ -99,20 +99,29 @@ class OnnxModule(torch.nn.Module):
 
     def __init__(self, model_bytes: bytes) -> None:
         super().__init__()
-        import onnxruntime
-
-        providers = [
-            p
-            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-            if p in onnxruntime.get_available_providers()
-        ]
-        self.session = onnxruntime.InferenceSession(model_bytes, providers=providers)
+        self.session = onnx_session(model_bytes)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         (output, *_) = self.session.run(None, {self.input_name: array})
         return torch.from_numpy(output)
+
+
+def onnx_session(model_bytes: bytes, threads: int | None = None, device: str = "auto") -> Any:
+    """An onnxruntime session for a model file's bytes: on the CUDA provider where the installed
+    build has one (onnxruntime-gpu on GPU nodes) and `device` is not cpu, else the CPU;
+    `threads` intra-op threads (None: onnxruntime's default). ImportError without onnxruntime."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    wanted = ["CPUExecutionProvider"]
+    if device != "cpu":
+        wanted.insert(0, "CUDAExecutionProvider")
+    providers = [p for p in wanted if p in onnxruntime.get_available_providers()]
+    return onnxruntime.InferenceSession(model_bytes, sess_options=options, providers=providers)
 
 
 def check_layout(adapter: OutputAdapter | None) -> None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from vision_ops import iceberg, sink
 from vision_ops.config import JobSpec, OutputSpec
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.lock import RunLock
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
@@ -57,8 +58,10 @@ class Unlocked:
         return None
 
 
-class AsOfUnsupported(ValueError):
+class AsOfUnsupported(VisionOpsError, ValueError):
     """A point in time asked of a format that keeps no history."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.publish import (
     MANIFESTS,
@@ -51,8 +52,10 @@ log = logging.getLogger(__name__)
 __all__ = ["MANIFESTS", "CommitRefused", "ParquetSink", "RunDateConflict", "committed_runs"]
 
 
-class RunDateConflict(ValueError):
+class RunDateConflict(VisionOpsError, ValueError):
     """The run id is committed on another date: a run id names one run, on one date."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 def check_run_date(committed: Mapping[str, Any] | None, run_date: dt.date, table: str) -> None:

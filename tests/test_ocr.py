@@ -1,0 +1,247 @@
+"""OCR: the PP-OCR pieces called directly, the pair against RapidOCR, and a run on SeaweedFS."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import skimage.data
+
+from vision_ops.config import OcrTask, parse_spec
+from vision_ops.models import ModelError
+from vision_ops.ocr import (
+    LINE_ENTRY,
+    OCR_SCHEMA,
+    Line,
+    TextReader,
+    characters,
+    ctc_decode,
+    detector_size,
+    joined_text,
+    line_columns,
+    line_crop,
+    min_area_rect,
+    ocr_table,
+    packaged_model,
+    reading_order,
+)
+
+PAGE_LINES = [
+    "Region-basedsegmentation",
+    "Let us first determine markers of the coins and the",
+    "background.These markers are pixels that we can label",
+    "unambiguously as either object or background.Here,",
+    "histogram ofgreyvalues:",
+]
+
+
+def page() -> np.ndarray:
+    """scikit-image's scanned page.png, as the RGB image a read task gives."""
+    return np.stack([skimage.data.page()] * 3, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def reader() -> TextReader:
+    import onnxruntime
+
+    detector = onnxruntime.InferenceSession(str(packaged_model("detector")))
+    recognizer = onnxruntime.InferenceSession(str(packaged_model("recognizer")))
+    return TextReader(detector, recognizer, characters(recognizer), OcrTask())
+
+
+# --- pure pieces -----------------------------------------------------------------------------
+
+
+def test_min_area_rect_of_a_rotated_rectangle() -> None:
+    angle = math.radians(20)
+    along, across = (
+        np.array([math.cos(angle), math.sin(angle)]),
+        np.array([-math.sin(angle), math.cos(angle)]),
+    )
+    grid = np.array(
+        [along * u + across * v for u in np.linspace(0, 40, 41) for v in np.linspace(0, 10, 11)]
+    )
+    box, short = min_area_rect(grid + np.array([100, 50]))
+    assert short == pytest.approx(10)
+    sides = sorted(np.linalg.norm(box - np.roll(box, -1, axis=0), axis=1))
+    assert sides == pytest.approx([10, 10, 40, 40])
+    origin = np.array([100, 50])
+    corners = [origin, origin + 40 * along, origin + 40 * along + 10 * across, origin + 10 * across]
+    # ordered top-left, top-right, bottom-right, bottom-left in image coordinates (y down):
+    # the two leftmost corners are the left side, the upper of them first
+    expected = np.array([corners[0], corners[1], corners[2], corners[3]])
+    assert box == pytest.approx(expected, abs=1e-6)
+
+
+def test_min_area_rect_of_one_row_has_no_height() -> None:
+    _, short = min_area_rect(np.array([[0, 5], [9, 5], [4, 5]], dtype=float))
+    assert short == 0
+
+
+def test_detector_size_scales_the_short_side_up_and_caps_the_long_side() -> None:
+    settings = OcrTask()
+    assert detector_size(191, 384, settings) == (736, 1472)  # page.png, as RapidOCR sizes it
+    height, width = detector_size(3000, 4000, settings)
+    assert width <= 2000 and height % 32 == 0 and width % 32 == 0
+    assert detector_size(1000, 1000, settings) == (992, 992)  # large enough: only rounded
+
+
+def test_ctc_decode_merges_repeats_and_drops_blanks() -> None:
+    chars = ["", "a", "b", " "]
+    steps = [1, 1, 0, 1, 2, 2, 3, 0]  # a a _ a b b space _ -> "aab "
+    probs = np.full((1, len(steps), 4), 0.1, dtype=np.float32)
+    for t, c in enumerate(steps):
+        probs[0, t, c] = 0.7 if t == 0 else 0.9
+    [(text, score)] = ctc_decode(probs, chars)
+    assert text == "aab "
+    kept = [0.7, 0.9, 0.9, 0.9]  # the first of each run, blanks left out
+    assert score == pytest.approx(np.mean(kept))
+    [(empty, zero)] = ctc_decode(np.eye(4, dtype=np.float32)[[0, 0]][None], chars)
+    assert (empty, zero) == ("", 0.0)
+
+
+def quad(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float32)
+
+
+def test_reading_order_groups_rows_by_vertical_overlap() -> None:
+    polygons = [
+        quad(200, 52, 300, 70),  # row 2, right
+        quad(10, 10, 100, 30),  # row 1
+        quad(10, 50, 120, 68),  # row 2, left (a little higher than its neighbour)
+        quad(10, 90, 80, 110),  # row 3
+    ]
+    rows = reading_order(polygons)
+    assert rows == [[1], [2, 0], [3]]
+    assert joined_text(["c", "a", "b", "d"], rows) == "a\nb c\nd"
+
+
+def test_a_tall_crop_is_turned_to_read_left_to_right() -> None:
+    image = np.zeros((100, 40, 3), dtype=np.uint8)
+    image[:, :, 0] = np.arange(100, dtype=np.uint8)[:, None]  # red grows downwards
+    crop = line_crop(image, quad(5, 10, 25, 90), height=16)
+    assert crop.shape[0] == 16 and crop.shape[1] > 16  # turned: the long side is the width
+    # turned counter-clockwise: the text's top (small y) is now on the left
+    assert crop[8, 0, 0] < crop[8, -1, 0]
+
+
+def test_line_crop_of_a_straight_box_is_its_resize() -> None:
+    image = np.zeros((60, 200, 3), dtype=np.uint8)
+    image[:, :, 1] = np.arange(200, dtype=np.uint8)[None, :]
+    crop = line_crop(image, quad(20, 10, 120, 35), height=48)
+    assert crop.shape == (48, math.ceil(48 * 100 / 25), 3)
+    assert crop[:, :, 1].min() >= 19.5 and crop[:, :, 1].max() <= 120.5
+    assert np.all(np.diff(crop[0, :, 1]) >= 0)
+
+
+def test_ocr_rows_schema_and_empty_and_error_rows() -> None:
+    polygon = quad(1, 2, 30, 12)
+    columns = line_columns(
+        [[Line("hello", 0.9, polygon), Line("world", 0.8, polygon + np.array([40, 0]))], [], None]
+    )
+    batch = {
+        "source_uri": np.array(["s3://b/a.png", "s3://b/b.png", "s3://b/c.png"], dtype=object),
+        "item_id": np.array(["1", "2", "3"], dtype=object),
+        "status": np.array(["ok", "ok", "error"], dtype=object),
+        "error_type": np.array([None, None, "NotAnImage"], dtype=object),
+        "error_message": np.array([None, None, "not an image"], dtype=object),
+        "model_name": np.array(["PP-OCRv4"] * 3, dtype=object),
+        "model_weights_sha256": np.array(["0" * 64] * 3, dtype=object),
+        **columns,
+    }
+    table = ocr_table(batch, "run-1")
+    assert table.schema.equals(OCR_SCHEMA, check_metadata=True)
+    assert table.schema.field("lines").type == pa.list_(
+        pa.field("item", LINE_ENTRY, nullable=False)
+    )
+    assert OCR_SCHEMA.metadata[b"vision_ops.task"] == b"ocr"
+    first, empty, error = table.to_pylist()
+    assert first["text"] == "hello world"  # one row of text: the lines side by side
+    assert [line["text"] for line in first["lines"]] == ["hello", "world"]
+    assert first["lines"][0]["score"] == pytest.approx(0.9)
+    assert first["lines"][0]["polygon"] == [
+        {"x": 1, "y": 2},
+        {"x": 30, "y": 2},
+        {"x": 30, "y": 12},
+        {"x": 1, "y": 12},
+    ]
+    assert (empty["status"], empty["text"], empty["lines"]) == ("ok", "", [])
+    assert (error["status"], error["text"], error["lines"]) == ("error", None, None)
+    assert {row["task"] for row in table.to_pylist()} == {"ocr"}
+
+
+# --- the model pair --------------------------------------------------------------------------
+
+
+def test_the_reader_reads_page_png_as_rapidocr_does(reader) -> None:
+    from rapidocr_onnxruntime import RapidOCR
+
+    image = page()
+    [lines] = reader.read([image])
+    # RapidOCR works on OpenCV's BGR; the page is grey, so the same pixels
+    expected, _ = RapidOCR()(image[..., ::-1].copy(), use_cls=False)
+    assert [line.text for line in lines] == [text for _, text, _ in expected] == PAGE_LINES
+    for line, (box, _, score) in zip(lines, expected, strict=True):
+        assert line.score == pytest.approx(score, abs=0.03)
+        assert np.abs(line.polygon - np.array(box)).max() <= 2  # pixels
+        assert line.score >= 0.9
+
+
+def test_a_batch_reads_each_image_as_alone(reader) -> None:
+    text_free = skimage.data.coffee()
+    lines_page, lines_photo, lines_small = reader.read(
+        [page(), text_free, np.zeros((20, 20, 3), np.uint8)]
+    )
+    assert [line.text for line in lines_page] == PAGE_LINES
+    assert lines_photo == [] and lines_small == []
+    height, width = page().shape[:2]
+    for line in lines_page:
+        assert (line.polygon >= 0).all()
+        assert (line.polygon[:, 0] <= width - 1).all() and (line.polygon[:, 1] <= height - 1).all()
+
+
+def test_a_model_file_that_is_not_onnx_is_a_model_error(tmp_path) -> None:
+    from vision_ops.ocr_predictor import TextPredictor
+
+    bogus = tmp_path / "det.onnx"
+    bogus.write_bytes(b"not a model")
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(tmp_path)]},
+            "task": {"kind": "ocr"},
+            "model": {"kind": "ppocr", "detector": str(bogus)},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(ModelError, match=r"model\.detector: not an ONNX model"):
+        TextPredictor(spec)
+
+
+def test_a_dictionary_of_another_size_is_refused(tmp_path) -> None:
+    from vision_ops.ocr_predictor import TextPredictor
+
+    dictionary = tmp_path / "dict.txt"
+    dictionary.write_text("a\nb\nc\n")
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(tmp_path)]},
+            "task": {"kind": "ocr"},
+            "model": {"kind": "ppocr", "dictionary": str(dictionary)},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(ModelError, match="the recognizer has 6625 classes; the dictionary gives 5"):
+        TextPredictor(spec)
+
+
+def test_an_ocr_spec_defaults_to_the_packaged_pair_and_refuses_others(tmp_path) -> None:
+    base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
+    spec = parse_spec(base | {"task": {"kind": "ocr"}})
+    assert spec.model.kind == "ppocr" and Path(packaged_model("detector")).exists()
+    with pytest.raises(ValueError, match=r"task\.kind ocr reads with model\.kind ppocr"):
+        parse_spec(base | {"task": {"kind": "ocr"}, "model": {"architecture": "resnet50"}})
+    with pytest.raises(ValueError, match="expected decode: tasks"):
+        parse_spec(base | {"task": {"kind": "ocr"}, "runtime": {"decode": "device"}})

@@ -1,0 +1,571 @@
+"""OCR: PP-OCR text detection (DB) and recognition (CTC) run batched on onnxruntime, in numpy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from vision_ops.config import OcrTask
+from vision_ops.schema import (
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+    STATUS_OK,
+    TASK_KEY,
+    UNIT_FIELDS,
+    _table,
+    _unit_columns,
+    with_stage_times,
+)
+
+# The PP-OCRv4 models (Apache-2.0) the `rapidocr_onnxruntime` package ships, by role.
+PACKAGED_MODELS = {
+    "detector": "ch_PP-OCRv4_det_infer.onnx",
+    "recognizer": "ch_PP-OCRv4_rec_infer.onnx",
+}
+DICT_METADATA_KEY = "character"  # the recognizer's own character list, in its ONNX metadata
+REC_HEIGHT = 48  # the recognizer's input height
+REC_MIN_WIDTH = 320  # ... and its narrowest input (PP-OCR's 3 x 48 x 320)
+DET_MULTIPLE = 32  # the detector's input sides are multiples of this
+MIN_BOX_SIDE = 3  # a detected box's shorter side must exceed this (detector pixels)
+ROTATE_RATIO = 1.5  # a crop this much taller than wide is vertical text: turned a quarter
+MAX_CANDIDATES = 1000  # text regions considered per image
+DET_BATCH_PIXELS = 16_000_000  # detector input pixels per call (images of one size together)
+
+# Columns the predictor adds, one value per row: the lines' text (object array of str), and a
+# float32 (lines, 9) array of each line's score then its polygon x0, y0, ..., x3, y3.
+LINE_TEXTS, LINE_BOXES = "ocr_line_texts", "ocr_line_boxes"
+
+POINT = pa.struct([pa.field("x", pa.float32(), nullable=False), pa.field("y", pa.float32(), False)])
+LINE_ENTRY = pa.struct(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("polygon", pa.list_(pa.field("item", POINT, nullable=False)), nullable=False),
+    ]
+)
+# The OCR table's task columns: every line's text joined in reading order (a space between
+# lines of one row of text, a newline between rows), and the lines with their polygons in
+# source pixels (top-left, top-right, bottom-right, bottom-left).
+OCR_FIELDS = [
+    pa.field("text", pa.string()),
+    pa.field("lines", pa.list_(pa.field("item", LINE_ENTRY, nullable=False))),
+]
+
+OCR_SCHEMA = pa.schema(
+    [*UNIT_FIELDS, *OCR_FIELDS], metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION, TASK_KEY: "ocr"}
+)
+
+
+class OcrError(ValueError):
+    """OCR model files that cannot be used; says what was expected."""
+
+
+class Line(NamedTuple):
+    """One recognised text line: its text, mean character score and polygon (4, 2), source px."""
+
+    text: str
+    score: float
+    polygon: np.ndarray
+
+
+# --- model files -----------------------------------------------------------------------------
+
+
+def packaged_model(role: str) -> Path:
+    """The PP-OCRv4 ONNX file the `rapidocr_onnxruntime` package ships for `role`."""
+    try:
+        import rapidocr_onnxruntime
+    except ImportError:
+        raise OcrError("OCR's default models need: pip install 'vision-ops[ocr]'") from None
+    path = Path(rapidocr_onnxruntime.__file__).parent / "models" / PACKAGED_MODELS[role]
+    if not path.exists():
+        raise OcrError(f"the rapidocr_onnxruntime package has no {path.name} (expected 1.4.x)")
+    return path
+
+
+def characters(session: Any, dictionary: str | None = None) -> list[str]:
+    """The recogniser's classes: CTC blank, the dictionary (a text file's lines, else the
+    model's own metadata list), then space."""
+    if dictionary is None:
+        metadata = session.get_modelmeta().custom_metadata_map
+        if DICT_METADATA_KEY not in metadata:
+            raise OcrError(
+                "the recognizer carries no character list in its metadata; expected a "
+                "dictionary file (one character a line)"
+            )
+        dictionary = metadata[DICT_METADATA_KEY]
+    chars = dictionary.splitlines()
+    return ["", *chars, " "]
+
+
+# --- geometry --------------------------------------------------------------------------------
+
+
+def detector_size(height: int, width: int, settings: OcrTask) -> tuple[int, int]:
+    """The detector's input size for an image: short side up to det_limit_side, long side at
+    most det_max_side, both rounded to multiples of 32."""
+    ratio = max(1.0, settings.det_limit_side / min(height, width))
+    ratio = min(ratio, settings.det_max_side / max(height, width))
+    return tuple(  # type: ignore[return-value]
+        max(DET_MULTIPLE, round(int(side * ratio) / DET_MULTIPLE) * DET_MULTIPLE)
+        for side in (height, width)
+    )
+
+
+def homography(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The 3 x 3 projective map taking four `source` points (4, 2) to `target` points."""
+    rows = []
+    for (x, y), (u, v) in zip(source.astype(np.float64), target.astype(np.float64), strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    solution = np.linalg.solve(np.array(rows), target.astype(np.float64).reshape(-1))
+    return np.append(solution, 1.0).reshape(3, 3)
+
+
+def sample(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Bilinear samples of uint8 (H, W, C) at float pixel positions (any shape), edges
+    replicated -> float32 (..., C)."""
+    height, width = image.shape[:2]
+    xs = np.clip(xs, 0, width - 1)
+    ys = np.clip(ys, 0, height - 1)
+    x0 = np.minimum(np.floor(xs).astype(np.int64), width - 2 if width > 1 else 0)
+    y0 = np.minimum(np.floor(ys).astype(np.int64), height - 2 if height > 1 else 0)
+    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
+    fx, fy = (xs - x0)[..., None], (ys - y0)[..., None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3) resampled bilinearly to (height, width) (PIL; antialiased when
+    shrinking) -> float32."""
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def line_crop(image: np.ndarray, quad: np.ndarray, height: int = REC_HEIGHT) -> np.ndarray:
+    """The text line inside `quad` (tl, tr, br, bl) straightened and resampled to `height`
+    rows at its own aspect ratio -> float32 (height, width, C). A crop much taller than wide
+    is vertical text, turned a quarter counter-clockwise."""
+    quad = quad.astype(np.float64)
+    crop_w = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
+    crop_h = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
+    crop_w, crop_h = max(crop_w, 1), max(crop_h, 1)
+    if crop_h >= ROTATE_RATIO * crop_w:
+        quad, crop_w, crop_h = quad[[1, 2, 3, 0]], crop_h, crop_w
+    width = max(1, math.ceil(height * crop_w / crop_h))
+    corners = np.array([[0, 0], [crop_w, 0], [crop_w, crop_h], [0, crop_h]], dtype=np.float64)
+    to_source = homography(corners, quad)
+    xs = (np.arange(width) + 0.5) * crop_w / width - 0.5
+    ys = (np.arange(height) + 0.5) * crop_h / height - 0.5
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    points = to_source @ np.stack([grid_x.ravel(), grid_y.ravel(), np.ones(grid_x.size)])
+    source_x = (points[0] / points[2]).reshape(height, width)
+    source_y = (points[1] / points[2]).reshape(height, width)
+    return sample(image, source_x, source_y)
+
+
+def convex_hull(points: np.ndarray) -> np.ndarray:
+    """The convex hull (counter-clockwise, Andrew's monotone chain) of (N, 2) points."""
+    unique = np.unique(points.astype(np.float64), axis=0)
+    if len(unique) < 3:
+        return unique
+
+    def half(ordered: np.ndarray) -> list[np.ndarray]:
+        chain: list[np.ndarray] = []
+        for point in ordered:
+            while len(chain) >= 2 and _cross(chain[-2], chain[-1], point) <= 0:
+                chain.pop()
+            chain.append(point)
+        return chain
+
+    lower, upper = half(unique), half(unique[::-1])
+    return np.array(lower[:-1] + upper[:-1])
+
+
+def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    return float((a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]))
+
+
+def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """The smallest rectangle around (N, 2) points, as its corners (4, 2) tl, tr, br, bl in
+    image coordinates, and its shorter side (0 for collinear points)."""
+    hull = convex_hull(points)
+    if len(hull) < 3:
+        low, high = hull.min(axis=0), hull.max(axis=0)
+        return order_box(np.array([low, [high[0], low[1]], high, [low[0], high[1]]])), 0.0
+    edges = np.roll(hull, -1, axis=0) - hull
+    lengths = np.linalg.norm(edges, axis=1)
+    keep = lengths > 0
+    along = edges[keep] / lengths[keep, None]
+    across = np.stack([-along[:, 1], along[:, 0]], axis=1)
+    u, v = hull @ along.T, hull @ across.T  # (points, edges) projections
+    spans_u, spans_v = u.max(axis=0) - u.min(axis=0), v.max(axis=0) - v.min(axis=0)
+    best = int(np.argmin(spans_u * spans_v))
+    a, b = along[best], across[best]
+    u0, u1, v0, v1 = u[:, best].min(), u[:, best].max(), v[:, best].min(), v[:, best].max()
+    corners = np.array([u0 * a + v0 * b, u1 * a + v0 * b, u1 * a + v1 * b, u0 * a + v1 * b])
+    return order_box(corners), float(min(spans_u[best], spans_v[best]))
+
+
+def order_box(corners: np.ndarray) -> np.ndarray:
+    """Four corners as top-left, top-right, bottom-right, bottom-left: the two leftmost are the
+    left side (the upper one first), the two rightmost the right side."""
+    by_x = corners[np.argsort(corners[:, 0], kind="stable")]
+    left = by_x[:2][np.argsort(by_x[:2, 1], kind="stable")]
+    right = by_x[2:][np.argsort(by_x[2:, 1], kind="stable")]
+    return np.array([left[0], right[0], right[1], left[1]], dtype=np.float64)
+
+
+def grow_box(box: np.ndarray, distance: float) -> np.ndarray:
+    """A rectangle (tl, tr, br, bl) moved out by `distance` on every side (DB's unclip: the
+    smallest rectangle around the rounded offset polygon)."""
+    center = box.mean(axis=0)
+    along = box[1] - box[0]
+    down = box[3] - box[0]
+    along /= max(float(np.linalg.norm(along)), 1e-9)
+    down /= max(float(np.linalg.norm(down)), 1e-9)
+    signs = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
+    half_w = np.linalg.norm(box[1] - box[0]) / 2 + distance
+    half_h = np.linalg.norm(box[3] - box[0]) / 2 + distance
+    return center + signs[:, :1] * half_w * along + signs[:, 1:] * half_h * down
+
+
+def box_score(prob: np.ndarray, box: np.ndarray) -> float:
+    """The mean probability of the detector pixels inside a convex box (DB's fast score)."""
+    height, width = prob.shape
+    corners = np.trunc(box)
+    x0, y0 = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, [width - 1, height - 1])
+    x1, y1 = np.clip(np.ceil(corners.max(axis=0)).astype(int), 0, [width - 1, height - 1])
+    grid_y, grid_x = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
+    inside = inside_convex(corners, grid_x, grid_y)
+    return float(prob[y0 : y1 + 1, x0 : x1 + 1][inside].mean()) if inside.any() else 0.0
+
+
+def inside_convex(polygon: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Pixels whose centres lie in a convex polygon or within half a pixel of its edges."""
+    starts, ends = polygon, np.roll(polygon, -1, axis=0)
+    sides = []
+    for (ax, ay), (bx, by) in zip(starts, ends, strict=True):
+        length = math.hypot(bx - ax, by - ay)
+        if length == 0:
+            continue
+        sides.append(((bx - ax) * (ys - ay) - (by - ay) * (xs - ax)) / length)
+    if not sides:
+        return np.zeros(xs.shape, dtype=bool)
+    stacked = np.stack(sides)
+    return bool_all(stacked >= -0.5) | bool_all(stacked <= 0.5)
+
+
+def bool_all(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values.all(axis=0), dtype=bool)
+
+
+# --- detection -------------------------------------------------------------------------------
+
+
+def detector_input(images: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB (H, W, 3) images -> the detector's float32 (N, 3, h, w) batch: resized, BGR
+    (PP-OCR was trained on OpenCV's channel order), scaled to -1..1."""
+    batch = np.stack([resize(image, *size)[..., ::-1] for image in images])
+    return np.ascontiguousarray(((batch / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2), np.float32)
+
+
+def text_boxes(
+    prob: np.ndarray, source_size: tuple[int, int], settings: OcrTask
+) -> list[tuple[np.ndarray, float]]:
+    """A DB probability map (h, w) -> text boxes (4, 2) tl, tr, br, bl in source pixels (within
+    the image) and their scores: text pixels (threshold, 2 x 2 dilation) in 8-connected
+    regions, each region's smallest rectangle scored, grown (unclip) and scaled back."""
+    from scipy import ndimage
+
+    mask = prob > settings.det_threshold
+    dilated = mask.copy()
+    dilated[1:] |= mask[:-1]
+    dilated[:, 1:] |= mask[:, :-1]
+    dilated[1:, 1:] |= mask[:-1, :-1]
+    labels, _ = ndimage.label(dilated, structure=np.ones((3, 3), dtype=bool))
+    boxes = []
+    for index, region in enumerate(ndimage.find_objects(labels)[:MAX_CANDIDATES]):
+        if region is None:
+            continue
+        found = region_box(prob, labels, index + 1, region, source_size, settings)
+        if found is not None:
+            boxes.append(found)
+    return boxes
+
+
+def region_box(
+    prob: np.ndarray,
+    labels: np.ndarray,
+    label: int,
+    region: tuple[slice, slice],
+    source_size: tuple[int, int],
+    settings: OcrTask,
+) -> tuple[np.ndarray, float] | None:
+    """One text region's box in source pixels and its score, or None when too small or faint."""
+    ys, xs = np.nonzero(labels[region] == label)
+    ys, xs = ys + region[0].start, xs + region[1].start
+    box, short = min_area_rect(_row_extremes(xs, ys))
+    if short < MIN_BOX_SIDE:
+        return None
+    score = box_score(prob, box)
+    if score < settings.box_threshold:
+        return None
+    box_w = float(np.linalg.norm(box[1] - box[0]))
+    box_h = float(np.linalg.norm(box[3] - box[0]))
+    distance = box_w * box_h * settings.unclip_ratio / max(2 * (box_w + box_h), 1e-9)
+    if short + 2 * distance < MIN_BOX_SIDE + 2:
+        return None
+    grown = order_box(grow_box(box, distance))
+    height, width = source_size
+    scale = np.array([width / prob.shape[1], height / prob.shape[0]])
+    scaled = np.clip(np.round(grown * scale), 0, [width, height])
+    final = np.clip(np.trunc(order_box(scaled)), 0, [width - 1, height - 1])
+    sides = (np.linalg.norm(final[0] - final[1]), np.linalg.norm(final[0] - final[3]))
+    if int(sides[0]) <= MIN_BOX_SIDE or int(sides[1]) <= MIN_BOX_SIDE:
+        return None
+    return final.astype(np.float32), score
+
+
+def _row_extremes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Each pixel row's leftmost and rightmost pixel: the region's hull, from fewer points."""
+    order = np.lexsort((xs, ys))
+    xs_sorted, ys_sorted = xs[order], ys[order]
+    rows, first = np.unique(ys_sorted, return_index=True)
+    last = np.append(first[1:], len(ys_sorted)) - 1
+    left = np.stack([xs_sorted[first], rows], axis=1)
+    right = np.stack([xs_sorted[last], rows], axis=1)
+    return np.concatenate([left, right]).astype(np.float64)
+
+
+# --- recognition -----------------------------------------------------------------------------
+
+
+def recognizer_batch(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 RGB (48, w, 3) line crops -> the recogniser's (N, 3, 48, W) batch: BGR, scaled
+    to -1..1, padded with zeros on the right to the widest (at least 320)."""
+    width = max(REC_MIN_WIDTH, *(crop.shape[1] for crop in crops))
+    batch = np.zeros((len(crops), 3, REC_HEIGHT, width), dtype=np.float32)
+    for index, crop in enumerate(crops):
+        batch[index, :, :, : crop.shape[1]] = ((crop[..., ::-1] / 255.0 - 0.5) / 0.5).transpose(
+            2, 0, 1
+        )
+    return batch
+
+
+def ctc_decode(probs: np.ndarray, chars: Sequence[str]) -> list[tuple[str, float]]:
+    """Greedy CTC: each row's (T, classes) softmax -> its text (repeats merged, blanks
+    dropped) and the mean score of the characters kept (0 for no text)."""
+    best, scores = probs.argmax(axis=2), probs.max(axis=2)
+    keep = best != 0
+    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    decoded = []
+    for ids, score, kept in zip(best, scores, keep, strict=True):
+        text = "".join(chars[i] for i in ids[kept].tolist())
+        decoded.append((text, float(score[kept].mean()) if kept.any() else 0.0))
+    return decoded
+
+
+# --- reading order ---------------------------------------------------------------------------
+
+
+def reading_order(polygons: Sequence[np.ndarray]) -> list[list[int]]:
+    """Line indices in reading order, grouped into rows: top to bottom, a line joining the row
+    it overlaps vertically by at least half the lower of the two heights, each row left to
+    right."""
+    tops = [float(p[:, 1].min()) for p in polygons]
+    bottoms = [float(p[:, 1].max()) for p in polygons]
+    rows: list[list[int]] = []
+    spans: list[tuple[float, float]] = []
+    for index in sorted(range(len(polygons)), key=lambda i: (tops[i] + bottoms[i], i)):
+        top, bottom = tops[index], bottoms[index]
+        for row, (row_top, row_bottom) in zip(rows, spans, strict=True):
+            overlap = min(bottom, row_bottom) - max(top, row_top)
+            if overlap >= 0.5 * min(bottom - top, row_bottom - row_top):
+                row.append(index)
+                break
+        else:
+            rows.append([index])
+            spans.append((top, bottom))
+    lefts = [float(p[:, 0].min()) for p in polygons]
+    return [sorted(row, key=lambda i: (lefts[i], i)) for row in rows]
+
+
+def joined_text(texts: Sequence[str], rows: Sequence[Sequence[int]]) -> str:
+    """The lines' text in reading order: a space within a row, a newline between rows."""
+    return "\n".join(" ".join(texts[i] for i in row) for row in rows)
+
+
+# --- the model pair --------------------------------------------------------------------------
+
+
+class TextReader:
+    """A PP-OCR detector and recogniser (onnxruntime sessions) reading batches of images: the
+    detector runs on same-size groups, the recogniser on every line crop of the batch at once
+    (in chunks of similar widths, padded to the widest)."""
+
+    def __init__(
+        self,
+        detector: Any,
+        recognizer: Any,
+        chars: Sequence[str],
+        settings: OcrTask | None = None,
+    ) -> None:
+        self.detector = detector
+        self.recognizer = recognizer
+        self.chars = list(chars)
+        self.settings = settings or OcrTask()
+        classes = recognizer.get_outputs()[0].shape[-1]
+        if isinstance(classes, int) and classes != len(self.chars):
+            raise OcrError(
+                f"the recognizer has {classes} classes; the dictionary gives {len(self.chars)} "
+                f"(blank + {len(self.chars) - 2} characters + space): expected the same"
+            )
+
+    def read(self, images: Sequence[np.ndarray]) -> list[list[Line]]:
+        """uint8 RGB (H, W, 3) images -> each image's lines, in reading order."""
+        found = self.detect(images)
+        owners = [i for i, boxes in enumerate(found) for _ in boxes]
+        quads = [box for boxes in found for box, _ in boxes]
+        crops = [line_crop(images[i], quad) for i, quad in zip(owners, quads, strict=True)]
+        recognised = self.recognize(crops)
+        lines: list[list[Line]] = [[] for _ in images]
+        for owner, quad, (text, score) in zip(owners, quads, recognised, strict=True):
+            if text.strip() and score >= self.settings.text_score:
+                lines[owner].append(Line(text, score, quad))
+        return [self._ordered(image_lines) for image_lines in lines]
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[tuple[np.ndarray, float]]]:
+        """Each image's text boxes (source pixels) and scores; images of one detector size run
+        together, within DET_BATCH_PIXELS."""
+        sizes = [detector_size(image.shape[0], image.shape[1], self.settings) for image in images]
+        found: list[list[tuple[np.ndarray, float]]] = [[] for _ in images]
+        for size, members in _groups(sizes, DET_BATCH_PIXELS):
+            batch = detector_input([images[i] for i in members], size)
+            probs = self._run(self.detector, batch)[:, 0]
+            for index, prob in zip(members, probs, strict=True):
+                found[index] = text_boxes(prob, images[index].shape[:2], self.settings)
+        return found
+
+    def recognize(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        """Line crops (48, w, 3) -> text and score each: sorted by width so each call pads
+        little, rec_batch_size crops a call."""
+        order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1])
+        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        step = self.settings.rec_batch_size
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            probs = self._run(self.recognizer, recognizer_batch([crops[i] for i in chunk]))
+            for index, decoded in zip(chunk, ctc_decode(probs, self.chars), strict=True):
+                results[index] = decoded
+        return results
+
+    def _ordered(self, lines: list[Line]) -> list[Line]:
+        return [lines[i] for row in reading_order([line.polygon for line in lines]) for i in row]
+
+    @staticmethod
+    def _run(session: Any, batch: np.ndarray) -> np.ndarray:
+        (output, *_) = session.run(None, {session.get_inputs()[0].name: batch})
+        return np.asarray(output)
+
+
+def _groups(
+    sizes: Sequence[tuple[int, int]], budget: int
+) -> list[tuple[tuple[int, int], list[int]]]:
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    groups = []
+    for (height, width), members in by_size.items():
+        per_call = max(1, budget // (height * width))
+        groups += [
+            ((height, width), members[i : i + per_call]) for i in range(0, len(members), per_call)
+        ]
+    return groups
+
+
+# --- predictor columns and rows --------------------------------------------------------------
+
+
+def line_columns(found: Sequence[Sequence[Line] | None]) -> dict[str, np.ndarray]:
+    """Each row's lines as the predictor's two columns (None: a row not read, no lines)."""
+    texts = np.empty(len(found), dtype=object)
+    boxes = np.empty(len(found), dtype=object)
+    for row, lines in enumerate(found):
+        lines = lines or []
+        texts[row] = np.array([line.text for line in lines], dtype=object)
+        boxes[row] = np.array(
+            [[line.score, *np.asarray(line.polygon).reshape(-1)] for line in lines],
+            dtype=np.float32,
+        ).reshape(-1, 9)
+    return {LINE_TEXTS: texts, LINE_BOXES: boxes}
+
+
+def ocr_columns(batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, pa.Array]:
+    """The predictor's columns -> the table's `text` and `lines` (null where not ok; an ok row
+    without text has "" and no lines)."""
+    texts = [list(t) if good else [] for t, good in zip(batch[LINE_TEXTS], ok, strict=True)]
+    boxes = [
+        np.asarray(b, np.float32).reshape(-1, 9) if good else np.zeros((0, 9), np.float32)
+        for b, good in zip(batch[LINE_BOXES], ok, strict=True)
+    ]
+    joined = [
+        joined_text(t, reading_rows(b)) if good else None
+        for t, b, good in zip(texts, boxes, ok, strict=True)
+    ]
+    flat = np.concatenate(boxes) if boxes else np.zeros((0, 9), np.float32)
+    points = pa.StructArray.from_arrays(
+        [pa.array(flat[:, 1::2].reshape(-1)), pa.array(flat[:, 2::2].reshape(-1))],
+        fields=list(POINT),
+    )
+    polygons = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, len(points) + 1, 4, dtype=np.int32)),
+        points,
+        type=LINE_ENTRY.field("polygon").type,
+    )
+    entries = pa.StructArray.from_arrays(
+        [pa.array([t for row in texts for t in row], pa.string()), pa.array(flat[:, 0]), polygons],
+        fields=list(LINE_ENTRY),
+    )
+    counts = np.array([len(b) for b in boxes], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    lines = pa.ListArray.from_arrays(offsets, entries, mask=pa.array(~ok))
+    return {
+        "text": pa.array(joined, pa.string()),
+        "lines": lines.cast(OCR_FIELDS[1].type),
+    }
+
+
+def reading_rows(boxes: np.ndarray) -> list[list[int]]:
+    """Rows of lines already in reading order (the predictor's order), as `reading_order`
+    groups them."""
+    polygons = [box[1:].reshape(4, 2) for box in boxes]
+    rows = reading_order(polygons)
+    flat = [i for row in rows for i in row]
+    if flat != list(range(len(polygons))):  # lines in another order: one row each, as given
+        return [[i] for i in range(len(polygons))]
+    return rows
+
+
+def ocr_table(
+    batch: dict[str, np.ndarray],
+    run_id: str,
+    labels: list[str] | None = None,
+    schema: pa.Schema | None = None,
+) -> pa.Table:
+    """OCR output (each row's lines: texts and score + polygon arrays) -> rows of the OCR
+    schema. `labels` is unused: OCR has no classes."""
+    rows = len(batch["source_uri"])
+    ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
+    schema = schema or OCR_SCHEMA
+    columns = _unit_columns(batch, run_id, "ocr", schema)
+    columns.update(ocr_columns(batch, ok))
+    return with_stage_times(_table(columns, schema, rows), batch)
