@@ -123,22 +123,13 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
 def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from ray.data.exceptions import ExecutionTimeoutError
 
-    from vision_ops.lock import LockHeld
     from vision_ops.pipeline import run_job
-    from vision_ops.pool import ClusterTooSmall
-    from vision_ops.scenes import SceneError
-    from vision_ops.sink import CommitRefused, RunDateConflict
-    from vision_ops.sources import SourceError
     from vision_ops.storage import StorageError
 
     try:
         summary = run_job(spec)
-    except (SourceError, ModelError, SceneError, RunDateConflict) as err:
-        return _fail(err, EXIT_BAD_SPEC)
-    except ClusterTooSmall as err:
-        return _fail(err, EXIT_CLUSTER_TOO_SMALL)
-    except (CommitRefused, LockHeld) as err:
-        return _fail(err, EXIT_FAILED)
+    except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
+        return _fail(err, err.exit_code)
     except ExecutionTimeoutError as err:  # Ray Data's stall guard names the stuck stages
         return _fail(err, EXIT_FAILED)
     except StorageError as err:

@@ -8,9 +8,13 @@ from typing import Any
 
 import yaml
 
+from vision_ops.errors import EXIT_CLUSTER_TOO_SMALL, VisionOpsError
 
-class ClusterConfigError(ValueError):
+
+class ClusterConfigError(VisionOpsError, ValueError):
     """A cluster.yaml that Ray's launcher would refuse, or that cannot run the job."""
+
+    exit_code = EXIT_CLUSTER_TOO_SMALL
 
 
 def load_cluster_config(path: str | Path) -> dict[str, Any]:

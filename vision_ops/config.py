@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
+
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
@@ -49,8 +51,10 @@ CREDENTIAL_KEYS = frozenset(
 )
 
 
-class SpecError(ValueError):
+class SpecError(VisionOpsError, ValueError):
     """A job spec that cannot run; the message names each field, what was expected and found."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 class StrictModel(BaseModel):

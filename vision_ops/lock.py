@@ -18,13 +18,16 @@ import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from vision_ops.errors import EXIT_FAILED, VisionOpsError
 from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
 
 LOCK_NAME = "_lock.json"
 
 
-class LockHeld(RuntimeError):
+class LockHeld(VisionOpsError, RuntimeError):
     """Another run holds the table's lock."""
+
+    exit_code = EXIT_FAILED
 
 
 @dataclass

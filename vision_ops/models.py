@@ -30,32 +30,31 @@ from vision_ops.config import (
     TorchScriptModel,
     TorchvisionModel,
 )
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, read_bytes
+from vision_ops.tasks import get_task
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 def torchvision_architectures(task: str) -> list[str]:
-    """The torchvision architecture names a task accepts (detection: the box detectors and
-    Mask / Keypoint R-CNN, whose masks and keypoints ride with their boxes)."""
-    if task == "detection":
-        return list(torchvision.models.list_models(module=torchvision.models.detection))
-    if task == "segmentation":
-        return list(torchvision.models.list_models(module=torchvision.models.segmentation))
-    return list(torchvision.models.list_models(module=torchvision.models))
+    """The torchvision architecture names a task accepts: the builders of its record's module
+    (detection: the box detectors and Mask / Keypoint R-CNN, whose masks and keypoints ride with
+    their boxes); none for a task that takes no torchvision architecture."""
+    module = get_task(task).architectures
+    if module is None:
+        return []
+    return list(torchvision.models.list_models(module=importlib.import_module(module)))
 
 
-ARCHITECTURE_EXAMPLES = {
-    "classification": "resnet50, efficientnet_b0, vit_b_16",
-    "detection": "fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ssd300_vgg16",
-    "segmentation": "deeplabv3_resnet50, fcn_resnet50, lraspp_mobilenet_v3_large",
-}
 BUILTIN_LABELS = {"imagenet-1k": lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
 
 
-class ModelError(ValueError):
+class ModelError(VisionOpsError, ValueError):
     """A model the spec names that cannot be built or loaded; says what was expected."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
         _entrypoint_function(spec.entrypoint)
     adapter = getattr(spec, "adapter", None)
     if adapter is not None:
-        if task != "detection":
+        if not get_task(task).adapters:
             raise ModelError(f"model.adapter: output adapters decode detectors; the task is {task}")
         try:
             check_layout(adapter)
@@ -141,10 +140,10 @@ def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Prep
     OCR, which sizes each image itself."""
     if task == "ocr":
         return None
-    if task == "detection":
+    if get_task(task).input_size == "any":
         if spec.preprocessing is not None:
             raise ModelError(
-                "model.preprocessing: detection models resize and normalise inside the model; "
+                f"model.preprocessing: {task} models resize and normalise inside the model; "
                 "expected no preprocessing, found one"
             )
         return None
@@ -232,7 +231,7 @@ def build_onnx(spec: OnnxModel, options: StorageOptions, task: str) -> BuiltMode
 
 
 def _adapted(module: Any, adapter: OutputAdapter, task: str) -> torch.nn.Module:
-    if task != "detection":
+    if not get_task(task).adapters:
         raise ModelError(f"model.adapter: output adapters decode detectors; the task is {task}")
     return AdaptedDetector(module, adapter)
 
@@ -382,9 +381,10 @@ def _json_labels(ref: str, value: Any) -> list[str]:
 
 def _torchvision_builder(architecture: str, task: str) -> Callable[..., torch.nn.Module]:
     if architecture not in torchvision_architectures(task):
+        examples = get_task(task).architecture_examples
         raise ModelError(
-            f"model.architecture: expected a torchvision {task} model "
-            f"(e.g. {ARCHITECTURE_EXAMPLES[task]}), found {architecture!r}"
+            f"model.architecture: expected a torchvision {task} model"
+            f"{f' (e.g. {examples})' if examples else ''}, found {architecture!r}"
         )
     return torchvision.models.get_model_builder(architecture)
 
@@ -416,11 +416,9 @@ def _preprocessing_of(weights: Any) -> Preprocessing:
 def _untrained_kwargs(num_classes: int | None, task: str) -> dict[str, Any]:
     """Builder arguments for an architecture whose weights come from a file (or nowhere)."""
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-    if task in ("detection", "segmentation"):
-        kwargs["weights_backbone"] = None  # the file holds the backbone too: download nothing
-    if task == "segmentation":
-        kwargs["aux_loss"] = None  # the inference head only, as the weights file holds it
-    return kwargs
+    # e.g. weights_backbone None (the file holds the backbone too: download nothing), aux_loss
+    # None (a segmenter's inference head only, as the weights file holds it)
+    return kwargs | dict(get_task(task).untrained_kwargs)
 
 
 def _entrypoint_function(entrypoint: str) -> Callable[..., Any]:

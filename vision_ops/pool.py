@@ -9,12 +9,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vision_ops.config import RuntimeSpec
+from vision_ops.errors import EXIT_CLUSTER_TOO_SMALL, VisionOpsError
 
 log = logging.getLogger(__name__)
 
 
-class ClusterTooSmall(RuntimeError):
+class ClusterTooSmall(VisionOpsError, RuntimeError):
     """The actor pool the spec asks for cannot be scheduled on this cluster."""
+
+    exit_code = EXIT_CLUSTER_TOO_SMALL
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from vision_ops.config import TilingSpec
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.georef import (
     Transform,
     box_polygon,
@@ -36,8 +37,10 @@ STRETCH_SIDE = 1024  # the longer side of the reduced read a percentile stretch 
 HEADER_THREADS = 16
 
 
-class SceneError(ValueError):
+class SceneError(VisionOpsError, ValueError):
     """Scenes that cannot go in one table (several CRSs)."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 @dataclass(frozen=True)

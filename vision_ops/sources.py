@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
 
 from vision_ops.config import InputSpec
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
@@ -41,8 +42,10 @@ S3_PAGE_KEYS = 1000  # keys a ListObjectsV2 page holds (the S3 maximum)
 LISTING_BLOCK_ROWS = 65_536  # listing rows handed on at once: pages are gathered up to this
 
 
-class SourceError(ValueError):
+class SourceError(VisionOpsError, ValueError):
     """Inputs that cannot be listed: a missing path, an unreadable manifest, nothing found."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 def list_inputs(spec: InputSpec, options: StorageOptions | None = None) -> pa.Table:

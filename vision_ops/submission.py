@@ -19,6 +19,7 @@ import yaml
 
 import vision_ops
 from vision_ops.config import JobSpec
+from vision_ops.errors import EXIT_FAILED, VisionOpsError
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
 PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
@@ -28,8 +29,10 @@ SPEC_NAME = "job.yaml"
 AGENT_WAIT_S = 300  # how long a fresh head may take to start the agent that runs jobs
 
 
-class SubmissionError(RuntimeError):
+class SubmissionError(VisionOpsError, RuntimeError):
     """The cluster refused the job or cannot be reached; says which and why."""
+
+    exit_code = EXIT_FAILED
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vision_ops.errors import EXIT_FAILED, VisionOpsError
 from vision_ops.schema import STATUS_OK, STATUS_SKIPPED, item_id
 from vision_ops.tally import ExpectedUnits, Listed, MultisetDigest, Tally, row_tallies
 
@@ -24,8 +25,10 @@ UNITS_DIGEST_METHOD = "sha256-sum"  # how `units_digest` is computed (absent: so
 UnitRows = list[tuple[str, str, int | None]]
 
 
-class CommitRefused(RuntimeError):
+class CommitRefused(VisionOpsError, RuntimeError):
     """The rows are not exactly the listed units once each; nothing was committed."""
+
+    exit_code = EXIT_FAILED
 
 
 def expected_units(listed: Listed, frame_counts: Mapping[str, int]) -> set[str]:
