@@ -1,13 +1,15 @@
-"""What `--incremental` costs the driver before any work: 1 committed run vs many of the same
-total size, then an incremental listing of new + old units (issue 20, item 2).
+"""What `--incremental` costs before any work: 1 committed run vs many of the same total
+size, then the Ray-side filter of a listing of new + old units (issue 20, item 2).
 
-    .venv/bin/python benchmarks/incremental.py --old 1000000 --runs 100
+    .venv/bin/python benchmarks/incremental.py --old 1000000 --new 10000 --runs 100
 
 Builds two Parquet tables of synthetic committed rows with the real sink (one run of OLD units;
-RUNS runs of OLD / RUNS units each, all with the same model fingerprint), then, each in a fresh
-process, times the incremental planning the pipeline does on the driver
-(`incremental.done_versions` over every committed run's rows) and reads its peak RSS. Prints
-both and their ratio (wall seconds and peak RSS, 100 runs / 1 run).
+RUNS runs of OLD / RUNS units each, all with the same model fingerprint). Then, each in a fresh
+process with a local 2-CPU Ray: the driver's planning (`incremental.done_versions` over every
+committed run's rows: the done set as one Arrow array), and the filter of a listing of OLD + NEW
+units made in Ray tasks (`incremental.without_done`, as `--incremental` runs it), which must keep
+exactly the NEW units. Prints the seconds of each, the driver's peak RSS, and the ratios
+RUNS runs / 1 run.
 """
 
 from __future__ import annotations
@@ -28,17 +30,36 @@ import pyarrow as pa
 from vision_ops.pipeline.incremental import committed_versions, done_versions
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import ParquetSink, committed_runs
+from vision_ops.sources import LISTING_BLOCK_ROWS, LISTING_SCHEMA
 
 FINGERPRINT = "f" * 64
+
+
+def identity(start: int, count: int) -> dict[str, pa.Array]:
+    """Unit i's source: its URI and ETag (the same in the committed rows and the listing)."""
+    index = np.arange(start, start + count)
+    return {
+        "source_uri": pa.array([f"s3://archive/{i // 1000:05d}/{i:09d}.jpg" for i in index]),
+        "source_etag": pa.array([f"{i * 2654435761 % (1 << 32):08x}" for i in index]),
+    }
+
+
+def listing_block(batch: dict[str, np.ndarray]) -> pa.Table:
+    """In a Ray task: listing rows [start, start + count) for each (start, count) asked."""
+    parts = []
+    for start, count in zip(batch["start"], batch["count"], strict=True):
+        columns = identity(int(start), int(count))
+        parts.append(pa.table({f.name: columns.get(f.name, pa.nulls(int(count), f.type))
+                               for f in LISTING_SCHEMA}, schema=LISTING_SCHEMA))  # fmt: skip
+    return pa.concat_tables(parts)
 
 
 def rows(run_id: str, start: int, count: int) -> pa.Table:
     index = np.arange(start, start + count)
     columns = {
+        **identity(start, count),
         "run_id": pa.array([run_id] * count),
         "item_id": pa.array([f"{i:016x}" for i in index]),
-        "source_uri": pa.array([f"s3://archive/{i // 1000:05d}/{i:09d}.jpg" for i in index]),
-        "source_etag": pa.array([f"{i * 2654435761 % (1 << 32):08x}" for i in index]),
         "model_name": pa.array(["m"] * count),
         "model_weights_sha256": pa.array(["h"] * count),
         "task": pa.array(["classification"] * count),
@@ -60,20 +81,48 @@ def build(root: Path, old: int, runs: int) -> None:
         sink.commit(None, {"model_fingerprint": FINGERPRINT})
 
 
-def measure(root: str) -> dict[str, float]:
-    """In this process: the driver's incremental planning over the table at `root`."""
+def measure(root: str, old: int, new: int) -> dict[str, float]:
+    """In this process: the driver's incremental planning over the table at `root`, then the
+    Ray-side filter of an OLD + NEW listing made in Ray tasks."""
+    import ray
+
+    from vision_ops.pipeline.incremental import without_done
+    from vision_ops.pipeline.listing import Listing, summarise
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    starts = list(range(0, old + new, LISTING_BLOCK_ROWS))
+    counts = [min(LISTING_BLOCK_ROWS, old + new - start) for start in starts]
+    made = ray.data.from_items(
+        [{"start": a, "count": b} for a, b in zip(starts, counts, strict=True)]
+    )
+    listed = made.map_batches(listing_block, batch_size=1).materialize()
+    listing = Listing(listed, summarise(listed, find_repeats=False))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     runs = committed_runs(root)
     done = done_versions((committed_versions(root, run, {}) for run in runs), ())
-    seconds = time.perf_counter() - started
+    planned = time.perf_counter()
+    left = without_done(listing, done)
+    filtered = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"runs": len(runs), "done": len(done), "seconds": seconds,
+    ray.shutdown()
+    return {"runs": len(runs), "done": len(done), "listed": listing.count, "kept": left.count,
+            "planning_s": planned - started, "filter_s": filtered - planned,
             "peak_rss_mb": peak / 1024, "added_rss_mb": (peak - before) / 1024}  # fmt: skip
 
 
-def measured(root: Path) -> dict[str, float]:
-    command = [sys.executable, __file__, "--measure", str(root)]
+def measured(root: Path, old: int, new: int) -> dict[str, float]:
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        str(root),
+        "--old",
+        str(old),
+        "--new",
+        str(new),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -81,11 +130,12 @@ def measured(root: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", type=int, default=1_000_000, help="committed units in all")
+    parser.add_argument("--new", type=int, default=10_000, help="new units in the listing")
     parser.add_argument("--runs", type=int, default=100, help="runs they are spread over")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, args.old, args.new)))
         return
     with tempfile.TemporaryDirectory() as folder:
         results = {}
@@ -95,15 +145,19 @@ def main() -> None:
             build(root, args.old, runs)
             print(f"built {runs} run(s) of {args.old // runs:,} units in "
                   f"{time.perf_counter() - started:.1f}s", flush=True)  # fmt: skip
-            results[runs] = measured(root)
-    print("\n| committed runs | units | planning s | peak RSS MB | RSS added MB |")
-    print("|---|---|---|---|---|")
+            results[runs] = measured(root, args.old, args.new)
+            if results[runs]["kept"] != args.new:
+                raise SystemExit(f"the filter kept {results[runs]['kept']} units, not {args.new}")
+    print("\n| committed runs | done units | listed | kept | planning s | filter s | "
+          "driver peak RSS MB | RSS added MB |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for runs, found in results.items():
-        print(f"| {runs} | {int(found['done']):,} | {found['seconds']:.2f} | "
+        print(f"| {runs} | {int(found['done']):,} | {int(found['listed']):,} | "
+              f"{int(found['kept']):,} | {found['planning_s']:.2f} | {found['filter_s']:.2f} | "
               f"{found['peak_rss_mb']:.0f} | {found['added_rss_mb']:.0f} |")  # fmt: skip
     one, many = results[1], results[args.runs]
-    print(f"\n{args.runs} runs / 1 run: planning {many['seconds'] / one['seconds']:.2f}x, "
-          f"peak RSS {many['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")  # fmt: skip
+    print(f"\n{args.runs} runs / 1 run: planning {many['planning_s'] / one['planning_s']:.2f}x, "
+          f"filter {many['filter_s'] / one['filter_s']:.2f}x, "
+          f"driver peak RSS {many['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

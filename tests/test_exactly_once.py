@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -24,7 +25,13 @@ from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
 from vision_ops.pipeline import run_job
-from vision_ops.pipeline.incremental import done_versions
+from vision_ops.pipeline.incremental import (
+    KEY_SEPARATOR,
+    done_versions,
+    not_done,
+    source_key,
+    source_keys,
+)
 from vision_ops.schema import PREDICTION_SCHEMA, item_id
 from vision_ops.sink import ParquetSink, committed_runs
 from vision_ops.written import CommitRefused, check_exactly_once, expected_units
@@ -171,8 +178,6 @@ def test_incremental_runs_skip_committed_units(ray_local, tmp_path, tiny_weights
 
 def committed_rows(*rows: tuple[str, str, str | None]):  # type: ignore[no-untyped-def]
     """A run's (source_uri, status, error_type) rows as read back for incremental runs."""
-    import pyarrow as pa
-
     return pa.table(
         {
             "source_uri": [uri for uri, _, _ in rows],
@@ -185,6 +190,33 @@ def committed_rows(*rows: tuple[str, str, str | None]):  # type: ignore[no-untyp
     )
 
 
+def done_uris(runs: list[pa.Table], skip_errors: list[str]) -> set[str]:
+    return {key.split(KEY_SEPARATOR)[0] for key in done_versions(runs, skip_errors).to_pylist()}
+
+
+def test_an_input_version_is_its_etag_else_its_size_and_modification_time() -> None:
+    stamp = dt.datetime(2026, 11, 20, 8, 30, tzinfo=dt.timezone.utc)
+    later = stamp + dt.timedelta(microseconds=1)
+    listing = pa.table(
+        {
+            "source_uri": ["s3://b/a.png", "s3://b/b.png", "s3://b/b.png", "file:///c.png"],
+            "source_etag": ["e1", "", "", None],
+            "source_size": pa.array([10, 20, 20, None], pa.int64()),
+            "source_mtime": pa.array([stamp, stamp, later, None], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    micros = int(stamp.timestamp() * 1_000_000)
+    assert source_keys(listing).to_pylist() == [
+        source_key("s3://b/a.png", "etag:e1"),
+        source_key("s3://b/b.png", f"size:20|mtime:{micros}"),  # an empty ETag is no version
+        source_key("s3://b/b.png", f"size:20|mtime:{micros + 1}"),
+        source_key("file:///c.png", "size:None|mtime:None"),
+    ]
+    done = {source_key("s3://b/b.png", f"size:20|mtime:{micros}")}
+    kept = not_done(listing, done)
+    assert kept["source_mtime"].to_pylist() == [stamp, later, None]  # b.png changed: kept
+
+
 def test_incremental_counts_ok_rows_done_and_retries_error_rows() -> None:
     first = committed_rows(
         ("s3://b/ok.png", "ok", None),
@@ -194,11 +226,11 @@ def test_incremental_counts_ok_rows_done_and_retries_error_rows() -> None:
         ("s3://b/ct.dcm", "ok", None),
         ("s3://b/ct.dcm", "error", "CorruptDicom"),  # one bad frame: the whole instance again
     )
-    assert done_versions([first], []) == {
-        ("s3://b/ok.png", "etag:e1"),
-        ("s3://b/nodata.tif", "etag:e1"),
-    }
-    kept = {uri for uri, _ in done_versions([first], ["NotAnImage", "ImageTooLarge"])}
+    assert sorted(done_versions([first], []).to_pylist()) == [
+        source_key("s3://b/nodata.tif", "etag:e1"),
+        source_key("s3://b/ok.png", "etag:e1"),
+    ]
+    kept = done_uris([first], ["NotAnImage", "ImageTooLarge"])
     assert kept == {"s3://b/ok.png", "s3://b/nodata.tif", "s3://b/html.jpg"}
     second = committed_rows(
         ("s3://b/denied.png", "ok", None),  # a later ok supersedes an earlier error
@@ -206,9 +238,9 @@ def test_incremental_counts_ok_rows_done_and_retries_error_rows() -> None:
         ("s3://b/ct.dcm", "ok", None),
         ("s3://b/ct.dcm", "ok", None),
     )
-    later = {uri for uri, _ in done_versions([first, second], [])}
+    later = done_uris([first, second], [])
     assert later == {"s3://b/denied.png", "s3://b/nodata.tif", "s3://b/ct.dcm"}
-    earlier = {uri for uri, _ in done_versions([second, first], [])}
+    earlier = done_uris([second, first], [])
     assert earlier == {"s3://b/ok.png", "s3://b/nodata.tif"}
 
 

@@ -3,8 +3,25 @@
 `run.py` assembles the stages (list -> read/decode tasks -> predictor actor pool -> commit),
 `listing.py` holds a run's inputs in Ray's object store, and `incremental.py` leaves out what
 an earlier run committed with the same model.
+
+`run_job`, `RunSummary` and `connect_ray` are imported from `run.py` when first asked for: a Ray
+worker that runs a listing or incremental task (its function pickled by reference to a module of
+this package) imports this package without the model stack (torch, torchvision).
 """
 
-from vision_ops.pipeline.run import RunSummary, connect_ray, run_job
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vision_ops.pipeline.run import RunSummary, connect_ray, run_job
 
 __all__ = ["RunSummary", "connect_ray", "run_job"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from vision_ops.pipeline import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,15 +4,17 @@ fingerprint that decides "the same model"."""
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 import json
 import logging
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 
 from vision_ops.config import JobSpec
 from vision_ops.outputs import Target, committed_runs, read_run
@@ -21,69 +23,113 @@ from vision_ops.schema import STATUS_ERROR
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
+KEY_SEPARATOR = "\x00"  # between an input's URI and its version in a source key
+IDENTITY_COLUMNS = ["source_uri", "source_etag", "source_size", "source_mtime"]
 
 
 def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     """The listing less sources another run committed with this model and this input version
     (a committed run holds every unit of each source it read: all frames of an instance),
     unless the latest such run wrote an error row for one, of a type not in `run.skip_errors`.
-    The committed versions are gathered on the driver; the listing is filtered in Ray tasks."""
+    The done keys are gathered on the driver as one Arrow array, put in the object store once,
+    and the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
     runs = (  # read one run at a time: the driver holds the outcomes, not every run's rows
         committed_versions(spec.output, run, spec.storage_options)
         for run in committed_runs(spec.output, spec.storage_options)
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint
     )
-    done = done_versions(runs, spec.run.skip_errors)
-    select = functools.partial(not_done, done=done)
-    kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
-    left = Listing(kept, summarise(kept, find_repeats=False))
+    left = without_done(listing, done_versions(runs, spec.run.skip_errors))
     log.info(
         "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
     )
     return left
 
 
-def not_done(block: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
-    """The rows of a listing block whose (URI, version) is not in `done`."""
-    keep = [(row["source_uri"], version_key(row)) not in done for row in block.to_pylist()]
+def without_done(listing: Listing, done: pa.Array) -> Listing:
+    """The listing less the inputs whose source key is in `done`, filtered in Ray tasks."""
+    select = functools.partial(not_done, done=DoneKeys(ray.put(done)))
+    kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
+    return Listing(kept, summarise(kept, find_repeats=False))
+
+
+@dataclass(frozen=True)
+class DoneKeys:
+    """The done source keys in the object store; a worker process builds its lookup set from
+    them once and keeps it (the latest only, by object id) for the other blocks it filters."""
+
+    ref: ray.ObjectRef
+
+    def lookup(self) -> frozenset[str]:
+        name = self.ref.hex()
+        if name not in _LOOKUP:
+            _LOOKUP.clear()
+            _LOOKUP[name] = frozenset(ray.get(self.ref).to_pylist())
+        return _LOOKUP[name]
+
+
+_LOOKUP: dict[str, frozenset[str]] = {}  # this process's lookup set, by its object's id
+
+
+def not_done(block: pa.Table, done: DoneKeys | Collection[str]) -> pa.Table:
+    """The rows of a listing block whose source key is not in `done`."""
+    lookup = done.lookup() if isinstance(done, DoneKeys) else done
+    keep = [key not in lookup for key in source_keys(block).to_pylist()]
     return block.filter(pa.array(keep, pa.bool_()))
 
 
-def done_versions(runs: Iterable[pa.Table], skip_errors: Collection[str]) -> set[tuple[str, str]]:
-    """The (URI, version) of each input done by the committed runs' rows (oldest run first):
-    the latest run that read an input decides, and it is done unless one of that run's rows
-    for it (any frame) is an error of a type outside `skip_errors`."""
-    latest: dict[tuple[str, str], bool] = {}
-    for rows in runs:
-        latest.update(run_outcomes(rows, skip_errors))
-    return {key for key, done in latest.items() if done}
+def done_versions(runs: Iterable[pa.Table], skip_errors: Collection[str]) -> pa.Array:
+    """The source keys (`source_keys`) of the inputs done by the committed runs' rows (oldest
+    run first): the latest run that read an input decides, and it is done unless one of that
+    run's rows for it (any frame, any tile) is an error of a type outside `skip_errors`."""
+    outcomes = [run_outcomes(rows, skip_errors) for rows in runs]
+    if not outcomes:
+        return pa.array([], pa.string())
+    latest = pa.concat_tables(outcomes).group_by("key", use_threads=False)
+    decided = latest.aggregate([("done", "last")])  # in order: the latest run's outcome
+    return decided.filter(decided["done_last"])["key"].combine_chunks()
 
 
-def run_outcomes(rows: pa.Table, skip_errors: Collection[str]) -> dict[tuple[str, str], bool]:
-    """For each (URI, version) one run read, whether that run's rows leave it done ('ok' and
-    'skipped' rows do; an 'error' row does only where its type is in `skip_errors`)."""
-    outcomes: dict[tuple[str, str], bool] = {}
-    for row in rows.to_pylist():
-        key = (row["source_uri"], version_key(row))
-        retry = row["status"] == STATUS_ERROR and row["error_type"] not in skip_errors
-        outcomes[key] = outcomes.get(key, True) and not retry
-    return outcomes
+def run_outcomes(rows: pa.Table, skip_errors: Collection[str]) -> pa.Table:
+    """For each input one run read (its source key), whether that run's rows leave it done
+    ('ok' and 'skipped' rows do; an 'error' row does only where its type is in
+    `skip_errors`): one row per input, however many units it had."""
+    if rows.num_rows == 0:  # a run that wrote nothing (its files may hold no columns either)
+        return pa.table({"key": pa.array([], pa.string()), "done": pa.array([], pa.bool_())})
+    error = pc.equal(rows["status"], STATUS_ERROR)
+    kept = pc.is_in(rows["error_type"], value_set=pa.array(sorted(skip_errors), pa.string()))
+    retry = pc.and_(error, pc.invert(pc.fill_null(kept, False)))
+    keyed = pa.table({"key": source_keys(rows), "retry": retry})
+    grouped = keyed.group_by("key", use_threads=False).aggregate([("retry", "any")])
+    return pa.table({"key": grouped["key"], "done": pc.invert(grouped["retry_any"])})
 
 
 def committed_versions(output: Target, run: dict[str, Any], options: StorageOptions) -> pa.Table:
     """A committed run's source identity and status columns, one row per unit it wrote."""
-    columns = ["source_uri", "source_etag", "source_size", "source_mtime", "status", "error_type"]
-    return read_run(output, run, options, columns)
+    return read_run(output, run, options, [*IDENTITY_COLUMNS, "status", "error_type"])
 
 
-def version_key(row: dict[str, Any]) -> str:
-    """An input's version: its ETag, else its size and modification time."""
-    if row.get("source_etag"):
-        return f"etag:{row['source_etag']}"
-    mtime = row.get("source_mtime")
-    stamp = mtime.astimezone(dt.timezone.utc).isoformat() if mtime else None
-    return f"size:{row.get('source_size')}|mtime:{stamp}"
+def source_keys(table: pa.Table) -> pa.Array:
+    """Each row's input as one string: its URI, then its version (its ETag, else its size and
+    modification time in microseconds since the epoch), computed column-wise."""
+    etag = table["source_etag"]
+    has_etag = pc.fill_null(pc.not_equal(etag, ""), False)
+    mtime = pc.cast(pc.cast(table["source_mtime"], pa.timestamp("us", tz="UTC")), pa.int64())
+    stamped = pc.binary_join_element_wise(
+        "size:",
+        pc.fill_null(pc.cast(table["source_size"], pa.string()), "None"),
+        "|mtime:",
+        pc.fill_null(pc.cast(mtime, pa.string()), "None"),
+        "",
+    )
+    version = pc.if_else(has_etag, pc.binary_join_element_wise("etag:", etag, ""), stamped)
+    keys = pc.binary_join_element_wise(table["source_uri"], version, KEY_SEPARATOR)
+    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def source_key(uri: str, version: str) -> str:
+    """One input's source key, as `source_keys` writes it."""
+    return f"{uri}{KEY_SEPARATOR}{version}"
 
 
 def model_fingerprint(spec: JobSpec) -> str:
