@@ -12,16 +12,7 @@ import pyarrow as pa
 from PIL import Image
 
 from vision_ops.config import OcrTask
-from vision_ops.schema import (
-    SCHEMA_VERSION,
-    SCHEMA_VERSION_KEY,
-    STATUS_OK,
-    TASK_KEY,
-    UNIT_FIELDS,
-    _table,
-    _unit_columns,
-    with_stage_times,
-)
+from vision_ops.schema import STATUS_OK, _table, _unit_columns, declared_schema, with_stage_times
 
 # The PP-OCRv4 models (Apache-2.0) the `rapidocr_onnxruntime` package ships, by role.
 PACKAGED_MODELS = {
@@ -57,9 +48,7 @@ OCR_FIELDS = [
     pa.field("lines", pa.list_(pa.field("item", LINE_ENTRY, nullable=False))),
 ]
 
-OCR_SCHEMA = pa.schema(
-    [*UNIT_FIELDS, *OCR_FIELDS], metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION, TASK_KEY: "ocr"}
-)
+OCR_SCHEMA = declared_schema("ocr", OCR_FIELDS)
 
 
 class OcrError(ValueError):

@@ -24,6 +24,7 @@ module imports nothing that imports it back.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,10 +37,12 @@ from vision_ops.config import (
     BatchSizes,
     ClassificationTask,
     DetectionTask,
+    OcrTask,
     SegmentationTask,
     StrictModel,
 )
 from vision_ops.errors import UnknownTask
+from vision_ops.ocr import OCR_FIELDS, ocr_table
 from vision_ops.registry import Registry
 from vision_ops.schema import (
     CLASSIFICATION_FIELDS,
@@ -301,5 +304,47 @@ register(
         panels=("mask_overlays",),
         scorer="vision_ops.evaluate:score_segmentation",
         truth_formats=("masks",),
+    )
+)
+
+# One row per recognised text line, with its image's identity: the OCR table unnested.
+LINES_VIEW = """
+    SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
+           l.text, l.score, l.polygon
+    FROM (SELECT *, unnest(lines) AS l FROM predictions WHERE status = 'ok')
+"""
+WORD = re.compile(r"[^\W_]{3,}")  # words of 3 letters or digits and more, for the report
+
+
+def _ocr_summary(table: pa.Table) -> Summary:
+    """The run's most frequent words (lower case), and every line's score."""
+    lines = pc.list_flatten(ok_rows(table)["lines"])
+    words: dict[str, float] = {}
+    for text in lines.field("text").to_pylist():
+        for word in WORD.findall(text.lower()):
+            words[word] = words.get(word, 0.0) + 1
+    pairs = sorted(words.items(), key=lambda pair: (-pair[1], pair[0]))
+    return Summary(pairs, lines.field("score").to_numpy(zero_copy_only=False))
+
+
+register(
+    Task(
+        name="ocr",
+        spec=OcrTask,
+        fields=OCR_FIELDS,
+        rows=ocr_table,
+        predictor="vision_ops.ocr_predictor:TextPredictor",
+        # pages at their own size (the detector sees ~736 px of short side), then every line's
+        # crop of the batch in one recogniser pass
+        batch_sizes=BatchSizes(cpu=4, gpu=32),
+        input_size="any",
+        views={"lines": LINES_VIEW},
+        default_query="SELECT regexp_extract(source_uri, '[^/]+$') AS image, len(lines) AS lines, "
+        "round(list_avg(list_transform(lines, l -> l.score)), 3) AS mean_score, "
+        "left(replace(text, chr(10), ' / '), 80) AS text FROM predictions WHERE status = 'ok' "
+        "ORDER BY image LIMIT 20",
+        unit="words",
+        score="line score",
+        summary=_ocr_summary,
     )
 )
