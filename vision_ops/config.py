@@ -549,15 +549,24 @@ class OcrTask(StrictModel):
     )
 
 
+class EmbeddingTask(StrictModel):
+    """Each unit's pooled features from a classifier without its head, L2-normalised
+    (vision_ops.embedding_predictor says how the head is removed per architecture family)."""
+
+    kind: Literal["embedding"] = "embedding"
+
+
 TaskSpec = Annotated[
     Annotated[ClassificationTask, Tag("classification")]
     | Annotated[DetectionTask, Tag("detection")]
     | Annotated[SegmentationTask, Tag("segmentation")]
-    | Annotated[OcrTask, Tag("ocr")],
+    | Annotated[OcrTask, Tag("ocr")]
+    | Annotated[EmbeddingTask, Tag("embedding")],
     Discriminator(
         _kind_or("classification"),
         custom_error_type="task_kind",
-        custom_error_message="expected kind: classification, detection, segmentation or ocr",
+        custom_error_message="expected kind: classification, detection, segmentation, ocr or "
+        "embedding",
     ),
 ]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
@@ -572,6 +581,7 @@ UNION_TAGS = frozenset(
         "detection",
         "segmentation",
         "ocr",
+        "embedding",
     }
 )
 UNION_FIELDS = frozenset({"model", "task"})
@@ -598,6 +608,8 @@ DEFAULT_BATCH_SIZES = {
     "detection": BatchSizes(cpu=4, gpu=16),
     # pages at their own size (~736 px short side for the detector), then every line's crop
     "ocr": BatchSizes(cpu=4, gpu=32),
+    # a classifier's input (224 px) without its head
+    "embedding": BatchSizes(cpu=32, gpu=256),
 }
 
 

@@ -116,8 +116,11 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
 
 
 def check_job(spec: JobSpec) -> None:
-    """The model checks, and the task's label names against the model's labels."""
+    """The model checks, the task's label names against the model's labels, and the task's
+    columns sized for the model where they depend on it (embedding: refused if the model's
+    head cannot be found)."""
     check_model(spec.model, spec.task.kind)
+    get_task(spec.task.kind).job_fields(spec)
     if isinstance(spec.task, DetectionTask):
         class_ids(spec.task.classes, resolve_labels(spec.model, spec.storage_options))
 

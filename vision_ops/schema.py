@@ -176,12 +176,19 @@ def task_schema(task: str) -> pa.Schema:
 
 
 def output_schema(
-    task: str, dicom: bool = False, tiles: bool = False, instance: str | None = None
+    task: str,
+    dicom: bool = False,
+    tiles: bool = False,
+    instance: str | None = None,
+    fields: Sequence[pa.Field] | None = None,
 ) -> pa.Schema:
     """The table of a job: its task's schema, with the DICOM or the tile columns after the
     unit columns when the job reads DICOM or tiles scenes, and a detection entry that also
-    holds the box's `instance` output (`mask` or `keypoints`) where the model gives one."""
+    holds the box's `instance` output (`mask` or `keypoints`) where the model gives one.
+    `fields`: the task's columns as sized for the job's model (Task.job_fields), where given."""
     schema = task_schema(task)
+    if fields is not None:
+        schema = declared_schema(task, fields)
     extra = [*(DICOM_FIELDS if dicom else []), *(TILE_FIELDS if tiles else [])]
     task_fields = [_entry_with(field, tiles, instance) for field in schema][len(UNIT_FIELDS) :]
     return pa.schema([*UNIT_FIELDS, *extra, *task_fields], metadata=schema.metadata)

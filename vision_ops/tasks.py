@@ -37,10 +37,12 @@ from vision_ops.config import (
     BatchSizes,
     ClassificationTask,
     DetectionTask,
+    EmbeddingTask,
     OcrTask,
     SegmentationTask,
     StrictModel,
 )
+from vision_ops.embedding import EMBEDDING_FIELDS, embedding_table, summary_parts
 from vision_ops.errors import UnknownTask
 from vision_ops.ocr import OCR_FIELDS, ocr_table
 from vision_ops.registry import Registry
@@ -81,6 +83,10 @@ class Task:
         `vision_ops.task` metadata and the manifest's `task`.
       spec: its config model (config.py), a member of config's `TaskSpec` union.
       fields: its output columns, after the unit columns every task has (schema.UNIT_FIELDS).
+      sized_fields: `"module:function"` (JobSpec -> fields) for a task whose columns depend on
+        the job's model (embedding: the vector's length D), called by `check_job` (so a model
+        that cannot serve the task is refused before any work) and for the run's schema;
+        None: `fields` as declared.
       rows: its row builder: the predictor's batch (flat numpy columns) -> Arrow rows.
       predictor: `"module:Class"` of its `Predictor`, imported on the worker that loads it.
       batch_sizes: images per model call when the spec leaves runtime.batch_size out.
@@ -125,6 +131,14 @@ class Task:
     panels: tuple[str, ...] = ()
     scorer: str | None = None
     truth_formats: tuple[str, ...] = ()
+    sized_fields: str | None = None
+
+    def job_fields(self, spec: Any) -> Sequence[pa.Field]:
+        """Its columns for a job (`spec`: a JobSpec): `fields`, or those sized for its model."""
+        if self.sized_fields is None:
+            return self.fields
+        fields: Sequence[pa.Field] = load_ref(self.sized_fields)(spec)
+        return fields
 
     @property
     def schema(self) -> pa.Schema:
@@ -197,9 +211,8 @@ def _classification_summary(table: pa.Table) -> Summary:
 
 def _detection_summary(table: pa.Table) -> Summary:
     boxes = pc.list_flatten(ok_rows(table)["detections"])
-    return Summary(
-        counts(boxes.field("label")), boxes.field("score").to_numpy(zero_copy_only=False)
-    )
+    scores = pc.struct_field(boxes, "score").to_numpy()
+    return Summary(counts(pc.struct_field(boxes, "label")), scores)
 
 
 def _segmentation_summary(table: pa.Table) -> Summary:
@@ -346,5 +359,34 @@ register(
         unit="words",
         score="line score",
         summary=_ocr_summary,
+    )
+)
+
+
+def _embedding_summary(table: pa.Table) -> Summary:
+    per_model, nearest = summary_parts(table)
+    return Summary(per_model, nearest)
+
+
+register(
+    Task(
+        name="embedding",
+        spec=EmbeddingTask,
+        fields=EMBEDDING_FIELDS,
+        sized_fields="vision_ops.embedding_predictor:job_fields",
+        rows=embedding_table,
+        predictor="vision_ops.embedding_predictor:Embedder",
+        # a classifier's 224 px input, without its head
+        batch_sizes=BatchSizes(cpu=32, gpu=256),
+        architectures="torchvision.models",
+        architecture_examples="resnet50, efficientnet_b0, vit_b_16",
+        # neighbours: `vision-ops query TABLE --similar-to URI`; pairs: `--duplicates 0.95`
+        default_query="SELECT model_name, count(*) FILTER (status = 'ok') AS units, "
+        "count(*) FILTER (status = 'error') AS errors, "
+        "max(len(embedding)) FILTER (status = 'ok') AS dimensions "
+        "FROM predictions GROUP BY model_name ORDER BY units DESC, model_name",
+        unit="units per model",
+        score="cosine similarity to the nearest other unit",
+        summary=_embedding_summary,
     )
 )

@@ -154,6 +154,7 @@ def plan_units(
         instance=instance_output(getattr(spec.model, "architecture", None))
         if spec.task.kind == "detection"
         else None,
+        fields=get_task(spec.task.kind).job_fields(spec),
     )
     if spec.input.tiling is None:
         return listing.dataset, schema, None

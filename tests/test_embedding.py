@@ -1,0 +1,232 @@
+"""Embeddings in pieces: head removal per architecture family (and refusal where there is
+none), the row builder and its Parquet round trip, and the neighbour / duplicate SQL, exact
+and through an HNSW index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vision_ops.config import parse_spec
+from vision_ops.embedding import (
+    EMBEDDING_COLUMN,
+    VECTORS,
+    NoSuchUnit,
+    duplicates,
+    embedding_dim,
+    embedding_table,
+    index_candidates,
+    load_vectors,
+    nearest_sql,
+    similar,
+    sized_fields,
+)
+from vision_ops.embedding_predictor import HeadNotFound, feature_size, find_head, remove_head
+from vision_ops.models import ModelError
+from vision_ops.schema import declared_schema
+
+# One architecture per head layout (see vision_ops.embedding_predictor), with its feature size.
+FAMILIES = {
+    "resnet18": 512,  # fc
+    "densenet121": 1024,  # classifier: a Linear
+    "mobilenet_v3_small": 1024,  # classifier: Sequential, pre-logits kept
+    "efficientnet_b0": 1280,  # classifier: Sequential(Dropout, Linear)
+    "convnext_tiny": 768,  # classifier: Sequential(LayerNorm2d, Flatten, Linear)
+    "vgg11": 4096,  # classifier: fc7
+    "vit_b_16": 768,  # heads
+    "swin_t": 768,  # head
+    "regnet_y_400mf": 440,  # fc; its builder computes with tensors: built on the CPU
+}
+
+
+def torchvision_spec(architecture: str) -> dict[str, object]:
+    return {"kind": "torchvision", "architecture": architecture}
+
+
+def embedding_spec(model: dict[str, object], output: str = "/tmp/unused") -> object:
+    return parse_spec(
+        {"input": {"uris": ["/tmp"]}, "task": {"kind": "embedding"}, "model": model,
+         "output": {"uri": output}}
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", sorted(FAMILIES))
+def test_feature_size_is_the_heads_input_per_family(architecture):
+    spec = embedding_spec(torchvision_spec(architecture))
+    assert feature_size(spec.model) == FAMILIES[architecture]
+
+
+def test_a_headless_model_gives_its_pooled_features():
+    """resnet18 without `fc` returns exactly its average-pooled last feature map."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        trunk = torch.nn.Sequential(*list(model.children())[:-1])
+        expected = trunk(images).flatten(1)
+        assert remove_head(model) == 512
+        assert isinstance(model.fc, torch.nn.Identity)
+        np.testing.assert_allclose(model(images).numpy(), expected.numpy(), rtol=1e-5)
+
+
+def test_efficientnet_lite0_head_is_fc():
+    from vision_ops.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0(pretrained=False)
+    parent, name, linear = find_head(model)
+    assert (parent is model, name, linear.in_features) == (True, "_fc", 1280)
+
+
+def test_a_model_whose_head_cannot_be_found_is_refused():
+    spec = embedding_spec(torchvision_spec("squeezenet1_0"))
+    with pytest.raises(HeadNotFound, match=r"SqueezeNet.classifier: expected .* nn.Linear.*"
+                       r"found Sequential ending in AdaptiveAvgPool2d"):  # fmt: skip
+        feature_size(spec.model)
+    headless = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(HeadNotFound, match=r"no classification head found; expected a final "
+                       r"nn.Linear at one of fc, classifier, heads, head, _fc"):  # fmt: skip
+        find_head(headless)
+
+
+def test_a_torchscript_model_is_refused():
+    spec = embedding_spec({"kind": "torchscript", "uri": "/tmp/model.pt"})
+    with pytest.raises(ModelError, match="embedding needs a torchvision or entrypoint model"):
+        feature_size(spec.model)
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+
+def batch_of(vectors: np.ndarray, status: list[str], uris: list[str]) -> dict[str, np.ndarray]:
+    rows = len(status)
+    return {
+        "source_uri": np.array(uris, dtype=object),
+        "item_id": np.array([f"id-{i}" for i in range(rows)], dtype=object),
+        "status": np.array(status, dtype=object),
+        "error_type": np.array([None if s == "ok" else "CorruptImage" for s in status], object),
+        "error_message": np.array([None if s == "ok" else "bad" for s in status], object),
+        "model_name": np.full(rows, "toy", dtype=object),
+        "model_weights_sha256": np.full(rows, "a" * 64, dtype=object),
+        VECTORS: vectors.astype(np.float32),
+    }
+
+
+def unit_vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_rows_hold_fixed_size_vectors_and_error_rows_nan(tmp_path):
+    vectors = unit_vectors(3, 4)
+    schema = declared_schema("embedding", sized_fields(4))
+    batch = batch_of(vectors, ["ok", "error", "ok"], ["s3://b/a.png", "s3://b/x.png", "s3://b/c"])
+    table = embedding_table(batch, "run-1", schema=schema)
+    assert table.schema.field(EMBEDDING_COLUMN).type == pa.list_(pa.float32(), 4)
+    assert embedding_dim(table.schema) == 4
+    assert table["task"].to_pylist() == ["embedding"] * 3
+    pq.write_table(table, tmp_path / "part.parquet")
+    back = pq.read_table(tmp_path / "part.parquet")  # a null fixed-size list could not be read
+    assert back.schema.field(EMBEDDING_COLUMN).type == pa.list_(pa.float32(), 4)
+    stored = np.array(back[EMBEDDING_COLUMN].to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(stored[[0, 2]], vectors[[0, 2]])
+    assert np.isnan(stored[1]).all()
+    assert back["status"].to_pylist() == ["ok", "error", "ok"]
+
+
+def test_rows_refuse_vectors_of_another_size():
+    schema = declared_schema("embedding", sized_fields(8))
+    batch = batch_of(unit_vectors(2, 4), ["ok", "ok"], ["a", "b"])
+    with pytest.raises(ValueError, match="declares 8 values per vector, the model gave 4"):
+        embedding_table(batch, "run-1", schema=schema)
+
+
+# --- SQL -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def table_of_vectors(tmp_path: Path) -> tuple[duckdb.DuckDBPyConnection, np.ndarray]:
+    """40 unit vectors in 16-d (item i: s3://b/i.png), #7 a near-copy of #3, and an error row;
+    the view `predictions` over their Parquet."""
+    vectors = unit_vectors(41, 16, seed=1)
+    vectors[7] = vectors[3] + 0.01
+    vectors[7] /= np.linalg.norm(vectors[7])
+    status = ["ok"] * 40 + ["error"]
+    table = embedding_table(
+        batch_of(vectors, status, [f"s3://b/{i}.png" for i in range(41)]),
+        "run-1",
+        schema=declared_schema("embedding", sized_fields(16)),
+    )
+    pq.write_table(table, tmp_path / "rows.parquet")
+    connection = duckdb.connect()
+    connection.execute(
+        f"CREATE VIEW predictions AS SELECT * FROM read_parquet('{tmp_path / 'rows.parquet'}')"
+    )
+    return connection, vectors
+
+
+def expected_neighbours(vectors: np.ndarray, query: int, k: int) -> list[tuple[str, float]]:
+    similarity = vectors[:40] @ vectors[query]
+    order = [i for i in np.argsort(-similarity, kind="stable") if i != query][:k]
+    return [(f"s3://b/{i}.png", float(similarity[i])) for i in order]
+
+
+@pytest.mark.parametrize("hnsw_min_rows", [1_000_000, 1], ids=["exact", "hnsw"])
+def test_similar_returns_the_nearest_units_by_cosine(table_of_vectors, hnsw_min_rows):
+    connection, vectors = table_of_vectors
+    result = similar(connection, ["s3://b/3.png"], k=5, hnsw_min_rows=hnsw_min_rows)
+    rows = result.fetchall()
+    columns = result.columns
+    assert columns == ["query_source_uri", "rank", "source_uri", "item_id", "frame_index",
+                       "tile_x", "tile_y", "similarity"]  # fmt: skip
+    found = [(r[2], r[7]) for r in rows]
+    expected = expected_neighbours(vectors, 3, 5)
+    assert [uri for uri, _ in found] == [uri for uri, _ in expected]
+    assert found[0][0] == "s3://b/7.png" and found[0][1] > 0.99  # the near-copy first
+    np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], atol=1e-5)
+    assert [r[1] for r in rows] == [1, 2, 3, 4, 5]
+    assert {r[0] for r in rows} == {"s3://b/3.png"}
+
+
+def test_over_the_threshold_the_search_uses_an_hnsw_index(table_of_vectors):
+    connection, vectors = table_of_vectors
+    dim = load_vectors(connection)
+    plans = {}
+    for threshold in (1_000_000, 40):
+        connection.execute("DROP INDEX IF EXISTS candidates_hnsw")
+        table = index_candidates(connection, "a" * 64, threshold)
+        explain = connection.execute(
+            f"EXPLAIN {nearest_sql(table, dim, 3)}", {"vector": vectors[0].tolist()}
+        ).fetchall()
+        plans[threshold] = explain[0][1]
+    assert "HNSW_INDEX_SCAN" not in plans[1_000_000]
+    assert "HNSW_INDEX_SCAN" in plans[40]
+
+
+def test_an_item_id_names_the_query_unit_too(table_of_vectors):
+    connection, _ = table_of_vectors
+    rows = similar(connection, ["id-3"], k=1).fetchall()
+    assert [(r[0], r[2]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+
+
+def test_similar_to_an_unknown_or_failed_unit_says_so(table_of_vectors):
+    connection, _ = table_of_vectors
+    with pytest.raises(NoSuchUnit, match=r"--similar-to s3://b/40.png: expected the source URI "
+                       r"or item id of an embedded unit"):  # fmt: skip
+        similar(connection, ["s3://b/40.png"])  # the error row
+
+
+def test_duplicates_are_the_pairs_above_the_threshold(table_of_vectors):
+    connection, vectors = table_of_vectors
+    rows = duplicates(connection, 0.95).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+    assert rows[0][5] == pytest.approx(float(vectors[3] @ vectors[7]), abs=1e-5)
+    everything = duplicates(connection, -1.0).fetchall()
+    assert len(everything) == 40 * 39 // 2  # every ok pair once, the error row in none

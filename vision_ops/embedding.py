@@ -1,0 +1,259 @@
+"""Embeddings: the column of L2-normalised feature vectors, its rows, and the nearest-neighbour
+and near-duplicate SQL over them (DuckDB; an HNSW index from the vss extension for large tables).
+
+The column is `embedding fixed_size_list<float32>[D]`, D the model's feature size (the input
+of the head the predictor removes, vision_ops.embedding_predictor). An error row's vector is D
+NaNs, not null: Arrow C++ before apache/arrow#50271 (pyarrow < 26) cannot read a null
+fixed-size list back from Parquet (GH-35692), and the sink reads its part files back. Every
+query here reads `status = 'ok'` rows only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vision_ops.schema import (
+    _ok_mask,
+    _table,
+    _unit_columns,
+    declared_schema,
+    task_of,
+    with_stage_times,
+)
+
+TASK = "embedding"
+EMBEDDING_COLUMN = "embedding"
+# The predictor's batch column: float32 (N, D), one L2-normalised vector a row.
+VECTORS = "embedding_vectors"
+# Neighbour queries build an HNSW index (DuckDB vss) over the candidate vectors when there are
+# at least this many: building it costs more than one exact scan (a 1280-d float32 vector is
+# 5 KB: 200k of them are 1 GB to read), and pays back over several queries of one table.
+HNSW_MIN_ROWS = 200_000
+
+
+class NoSuchUnit(LookupError):
+    """A --similar-to that names no embedded unit of the table."""
+
+
+def embedding_field(dim: int | None = None) -> pa.Field:
+    """The vector column: fixed_size_list<float32>[dim]; a list of any length where the
+    model (so D) is not known yet (the task's declared fields)."""
+    return pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), dim if dim else -1))
+
+
+EMBEDDING_FIELDS = (embedding_field(),)
+
+
+def sized_fields(dim: int) -> tuple[pa.Field, ...]:
+    """The task's columns for a model of `dim` features."""
+    if dim <= 0:
+        raise ValueError(f"embedding: expected a positive feature size, found {dim}")
+    return (embedding_field(dim),)
+
+
+def embedding_dim(schema: pa.Schema) -> int | None:
+    """D of a table's vector column (None: not sized)."""
+    kind = schema.field(EMBEDDING_COLUMN).type
+    return int(kind.list_size) if pa.types.is_fixed_size_list(kind) else None
+
+
+def embedding_table(
+    batch: dict[str, np.ndarray],
+    run_id: str,
+    labels: list[str] | None = None,
+    schema: pa.Schema | None = None,
+) -> pa.Table:
+    """Embedder output (a float32 (N, D) array) -> rows: the unit columns and the vector, D
+    NaNs where the unit failed (see the module docstring)."""
+    rows = len(batch["source_uri"])
+    vectors = np.asarray(batch[VECTORS], dtype=np.float32).reshape(rows, -1)
+    dim = vectors.shape[1]
+    schema = schema or declared_schema(TASK, sized_fields(dim))
+    declared = embedding_dim(schema)
+    if declared is not None and declared != dim:
+        raise ValueError(
+            f"embedding: the table declares {declared} values per vector, the model gave {dim}"
+        )
+    vectors = np.where(_ok_mask(batch)[:, None], vectors, np.float32(np.nan))
+    columns = _unit_columns(batch, run_id, task_of(schema), schema)
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(flat, dim)
+    columns[EMBEDDING_COLUMN] = column.cast(schema.field(EMBEDDING_COLUMN).type)
+    return with_stage_times(_table(columns, schema, rows), batch)
+
+
+# --- SQL over the `predictions` view (vision_ops.query.register_views) -------------------------
+
+
+def vectors_sql(source: str = "predictions") -> str:
+    """Each unit's latest ok vector per model (a unit embedded by several runs counts once),
+    as FLOAT[D]: DuckDB reads Parquet's fixed-size lists as lists of any length."""
+    return f"""
+        SELECT item_id, source_uri, frame_index, tile_x, tile_y, run_id, model_name,
+               model_weights_sha256, embedding
+        FROM {source}
+        WHERE status = 'ok'
+        QUALIFY row_number() OVER (
+            PARTITION BY item_id, model_weights_sha256 ORDER BY run_id DESC) = 1
+    """
+
+
+def load_vectors(connection: Any, source: str = "predictions") -> int:
+    """Materialise the candidate vectors as the temporary table `vectors` (embedding FLOAT[D]);
+    returns D. ValueError if the table holds no embeddings."""
+    columns = {row[0] for row in connection.execute(f"DESCRIBE {source}").fetchall()}
+    if EMBEDDING_COLUMN not in columns:
+        raise ValueError(
+            f"expected an embedding table (task.kind {TASK}, an `{EMBEDDING_COLUMN}` column), "
+            f"found columns {', '.join(sorted(columns))}"
+        )
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE raw_vectors AS {vectors_sql(source)}")
+    found = connection.execute("SELECT max(len(embedding)) FROM raw_vectors").fetchone()
+    dim = int(found[0] or 0) if found else 0
+    if dim == 0:
+        raise ValueError("the table has no ok embedding rows to compare")
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE vectors AS "
+        f"SELECT * REPLACE (CAST(embedding AS FLOAT[{dim}]) AS embedding) FROM raw_vectors"
+    )
+    connection.execute("DROP TABLE raw_vectors")
+    return dim
+
+
+def similar(
+    connection: Any,
+    targets: list[str],
+    k: int = 10,
+    hnsw_min_rows: int = HNSW_MIN_ROWS,
+) -> Any:
+    """The k nearest units (cosine similarity, largest first) of each unit whose source URI or
+    item id is in `targets`, among the units embedded by the same model (itself left out). A
+    DuckDB relation: query_source_uri, rank, source_uri, item_id, frame_index, tile_x, tile_y,
+    similarity. Over `hnsw_min_rows` candidates the search goes through an HNSW index."""
+    if k <= 0:
+        raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
+    dim = load_vectors(connection)
+    queries = connection.execute(
+        "SELECT item_id, source_uri, model_weights_sha256, embedding FROM vectors "
+        "WHERE source_uri IN (SELECT unnest($targets)) OR item_id IN (SELECT unnest($targets)) "
+        "ORDER BY source_uri, item_id",
+        {"targets": targets},
+    ).fetchall()
+    missing = set(targets) - {q[0] for q in queries} - {q[1] for q in queries}
+    if missing:
+        raise NoSuchUnit(
+            f"--similar-to {sorted(missing)[0]}: expected the source URI or item id of an "
+            "embedded unit (status ok) of this table, found none"
+        )
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE neighbours (query_source_uri VARCHAR, query_item_id "
+        "VARCHAR, model VARCHAR, rank INTEGER, item_id VARCHAR, similarity FLOAT)"
+    )
+    for model in sorted({q[2] for q in queries}):
+        candidates = index_candidates(connection, model, hnsw_min_rows)
+        for item, uri, query_model, vector in queries:
+            if query_model == model:
+                found = nearest(connection, candidates, dim, vector, k + 1)
+                others = [row for row in found if row[0] != item][:k]
+                connection.executemany(
+                    "INSERT INTO neighbours VALUES (?, ?, ?, ?, ?, ?)",
+                    [(uri, item, model, rank, *row) for rank, row in enumerate(others, 1)],
+                )
+    return connection.sql(
+        "SELECT n.query_source_uri, n.rank, v.source_uri, v.item_id, v.frame_index, v.tile_x, "
+        "v.tile_y, round(n.similarity, 6) AS similarity FROM neighbours n "
+        "JOIN vectors v ON v.item_id = n.item_id AND v.model_weights_sha256 = n.model "
+        "ORDER BY n.query_source_uri, n.query_item_id, n.rank"
+    )
+
+
+def index_candidates(connection: Any, model: str, hnsw_min_rows: int = HNSW_MIN_ROWS) -> str:
+    """The table of one model's vectors to search (`candidates`), with an HNSW index (cosine)
+    when it holds at least `hnsw_min_rows`; returns its name."""
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE candidates AS "
+        "SELECT item_id, embedding FROM vectors WHERE model_weights_sha256 = $model",
+        {"model": model},
+    )
+    found = connection.execute("SELECT count(*) FROM candidates").fetchone()
+    if found and found[0] >= hnsw_min_rows:
+        load_vss(connection)
+        # a temporary table is in memory: no experimental index persistence involved
+        connection.execute(
+            "CREATE INDEX candidates_hnsw ON candidates USING HNSW (embedding) "
+            "WITH (metric = 'cosine')"
+        )
+    return "candidates"
+
+
+def nearest_sql(table: str, dim: int, k: int) -> str:
+    """The k rows of `table` nearest to the vector $vector, by cosine distance: the shape an
+    HNSW index on `embedding` answers (ORDER BY array_cosine_distance ... LIMIT k)."""
+    return f"""
+        SELECT item_id, array_cosine_similarity(embedding, $vector::FLOAT[{dim}]) AS similarity
+        FROM {table}
+        ORDER BY array_cosine_distance(embedding, $vector::FLOAT[{dim}])
+        LIMIT {int(k)}
+    """
+
+
+def nearest(connection: Any, table: str, dim: int, vector: Any, k: int) -> list[tuple[str, float]]:
+    """The k (item id, similarity) of `table` nearest to `vector`."""
+    rows = connection.execute(nearest_sql(table, dim, k), {"vector": vector}).fetchall()
+    return [(str(item), float(score)) for item, score in rows]
+
+
+def duplicates(connection: Any, threshold: float) -> Any:
+    """Pairs of units embedded by the same model whose cosine similarity is at least
+    `threshold`, most similar first: an exact pairwise comparison (O(units^2))."""
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"--duplicates: expected a cosine similarity in [-1, 1], found {threshold}"
+        )
+    load_vectors(connection)
+    return connection.sql(duplicates_sql(threshold))
+
+
+def duplicates_sql(threshold: float) -> str:
+    return f"""
+        SELECT a.source_uri AS source_uri, b.source_uri AS duplicate_uri,
+               a.item_id AS item_id, b.item_id AS duplicate_item_id, a.model_name,
+               round(array_cosine_similarity(a.embedding, b.embedding), 6) AS similarity
+        FROM vectors a JOIN vectors b
+          ON a.model_weights_sha256 = b.model_weights_sha256 AND a.item_id < b.item_id
+        WHERE array_cosine_similarity(a.embedding, b.embedding) >= {float(threshold)!r}
+        ORDER BY similarity DESC, source_uri, duplicate_uri
+    """
+
+
+def load_vss(connection: Any) -> None:
+    """DuckDB vss (HNSW indexes) from its package, offline."""
+    from vision_ops.query import _load_packaged_extension
+
+    _load_packaged_extension(connection, "vss", "an HNSW index over embeddings")
+
+
+# --- the report's summary ------------------------------------------------------------------------
+
+SUMMARY_UNITS = 2000  # units whose nearest-neighbour similarity the report draws
+
+
+def summary_parts(table: pa.Table) -> tuple[list[tuple[str, float]], np.ndarray]:
+    """Of a run's ok rows: units per model, and each unit's cosine similarity to its nearest
+    other unit (of the first SUMMARY_UNITS; near 1: near-duplicates), clipped to [0, 1]."""
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    names = ok["model_name"].to_pylist()
+    per_model = sorted(
+        ((name, float(names.count(name))) for name in set(names)), key=lambda p: (-p[1], p[0])
+    )
+    sample = ok.slice(0, SUMMARY_UNITS)[EMBEDDING_COLUMN].to_pylist()
+    if len(sample) < 2:
+        return per_model, np.zeros(0, dtype=np.float32)
+    vectors = np.asarray(sample, dtype=np.float32)
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    return per_model, np.clip(similarity.max(axis=1), 0.0, 1.0)
