@@ -1,0 +1,164 @@
+"""The task registry: every registered task is whole (its spec in config's union, its predictor,
+scorer and report panels found, its default query and views valid SQL over its own schema), and
+every reader takes a committed run of it through the CLI (query, report --html, verify,
+evaluate) by its manifest's task, failing with a message and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+from pydantic import TypeAdapter
+
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
+from vision_ops.config import UNION_TAGS, TaskSpec
+from vision_ops.errors import UnknownTask
+from vision_ops.models import torchvision_architectures
+from vision_ops.predictors import Predictor
+from vision_ops.report import PANELS
+from vision_ops.schema import PARTITION_COLUMN, STATUS_ERROR, item_id
+from vision_ops.sink import ParquetSink
+from vision_ops.tasks import TASKS, Task, get_task, task_of_run
+
+DATE = dt.date(2026, 11, 24)
+NAMES = TASKS.names()
+
+
+def test_config_union_holds_exactly_the_registered_tasks() -> None:
+    members = {
+        typing.get_args(member)[0] for member in typing.get_args(typing.get_args(TaskSpec)[0])
+    }
+    assert members == {TASKS.get(name).spec for name in NAMES}
+    for name in NAMES:
+        parsed = TypeAdapter(TaskSpec).validate_python({"kind": name})
+        assert type(parsed) is get_task(name).spec and parsed.kind == name
+        assert name in UNION_TAGS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_record_names_code_that_exists(name: str) -> None:
+    task = get_task(name)
+    assert issubclass(task.predictor_class(), Predictor)
+    assert task.schema.names[-len(task.fields) :] == [f.name for f in task.fields]
+    assert all(panel in PANELS for panel in task.panels)
+    assert (task.scorer is None) == (not task.truth_formats)
+    if task.scorer is not None:
+        assert callable(task.scorer_function())
+    if task.architectures is not None:
+        known = torchvision_architectures(name)
+        assert known and all(a.strip() in known for a in task.architecture_examples.split(","))
+    assert task.batch_sizes.cpu > 0 and task.batch_sizes.gpu > 0
+
+
+def test_an_unknown_task_names_the_known_ones() -> None:
+    with pytest.raises(UnknownTask, match="unknown task 'nope'; expected one of: classification"):
+        get_task("nope")
+    with pytest.raises(UnknownTask, match="expected its manifest to name its task"):
+        task_of_run({"run_id": "r1"})
+
+
+def _empty(task: Task) -> pa.Table:
+    schema = task.schema.insert(0, pa.field(PARTITION_COLUMN, pa.string()))
+    return schema.empty_table()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_query_and_views_are_valid_sql_over_the_task_schema(name: str) -> None:
+    """The issue's failure (a default query naming another task's columns) for any task."""
+    task = get_task(name)
+    connection = duckdb.connect()
+    connection.register("rows", _empty(task))
+    connection.execute("CREATE VIEW predictions AS SELECT * FROM rows")
+    for view, select in task.views.items():
+        connection.execute(f"CREATE VIEW {view} AS {select}")
+    assert connection.sql(task.default_query).fetchall() == []
+
+
+# --- a committed run of every task, through the CLI -------------------------------------------
+
+
+def _error_rows(task: Task, count: int = 2) -> pa.Table:
+    """Rows every task has: error rows (its own columns null), as a run of unreadable files."""
+    uris = [f"file:///data/bad{i}.png" for i in range(count)]
+    base = {"run_id": "r1", "model_name": "m", "model_weights_sha256": "h", "task": task.name}
+    rows = [
+        base
+        | {"source_uri": uri, "item_id": item_id(uri), "status": STATUS_ERROR}
+        | {"error_type": "CorruptImage", "error_message": "cannot decode"}
+        for uri in uris
+    ]
+    return pa.Table.from_pylist(rows, schema=task.schema)
+
+
+def _commit(root: Path, task: Task) -> Path:
+    table = _error_rows(task)
+    sink = ParquetSink(str(root), "r1", DATE, task.schema)
+    sink.write(table)
+    sink.commit(table["source_uri"].to_pylist())
+    return root
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_reader_takes_a_run_of_the_task(name: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    table = str(_commit(tmp_path / "table", get_task(name)))
+    assert main(["query", table, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.strip() != ""  # the summary's header, no rows
+    sql = "SELECT task, count(*) AS n FROM predictions GROUP BY task"
+    assert main(["query", table, sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["task,n", f"{name},2"]
+    page = tmp_path / "report.html"
+    assert main(["report", table, "--html", str(page)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert f"run r1 ({DATE}, {name})" in text and "items: 2  ok: 0  errors: 2" in text
+    assert "2  CorruptImage" in text and page.read_text().startswith("<!doctype html>")
+    assert main(["verify", table]) == EXIT_OK
+    assert "2 units, each once" in capsys.readouterr().out
+    task = get_task(name)
+    if task.scorer is None:
+        return
+    missing = str(tmp_path / "no-truth")
+    code = main(["evaluate", table, "--truth", missing, "--truth-format", task.truth_formats[0]])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED and err.startswith("error: ") and "Traceback" not in err
+
+
+def _manifest_task(root: Path, task: str) -> None:
+    path = root / "_manifests" / "r1.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"task": task}))
+
+
+@pytest.mark.parametrize("command", ["query", "report"])
+def test_a_run_of_an_unknown_task_exits_2_with_a_message(command: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    root = _commit(tmp_path / "table", get_task(NAMES[0]))
+    _manifest_task(root, "hologram")
+    assert main([command, str(root)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: unknown task 'hologram'; expected one of: ")
+        and "Traceback" not in err
+    )
+
+
+def test_a_report_that_breaks_exits_1_with_a_message(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    root = _commit(tmp_path / "table", get_task(NAMES[0]))
+    for part in root.glob("run_date=*/*.parquet"):
+        part.unlink()  # committed, then lost: reading the run fails
+    assert main(["report", str(root)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_the_console_script_exits_non_zero_with_a_message(tmp_path) -> None:
+    """Through the installed entry point: a failure is a message and an exit status."""
+    script = Path(sys.executable).with_name("vision-ops")
+    for command in (["report", str(tmp_path)], ["query", str(tmp_path)]):
+        done = subprocess.run([str(script), *command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == EXIT_FAILED, done.stderr
+        assert "no committed run" in done.stderr and "Traceback" not in done.stderr
