@@ -186,8 +186,8 @@ def query(args: argparse.Namespace) -> int:
         table, options = output_of(args)
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
-    connection = connect(options)
     try:
+        connection = connect(options)
         task = register_views(connection, table, options, args.run_id, args.as_of)
         relation = connection.sql(args.sql or task.default_query)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)

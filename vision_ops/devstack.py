@@ -66,6 +66,9 @@ class SeaweedS3:
     buckets: tuple[str, ...] = ()
     # An S3 Tables bucket for the embedded Iceberg REST catalog (None: no catalog tables).
     table_bucket: str | None = None
+    # An advanced IAM config (`-s3.iam.config`: STS signing key, roles, policies), so clients
+    # can take temporary credentials with a session token from its STS AssumeRole.
+    iam_config: Path | None = None
     # `weed mini` takes its admin identity from these; clients must sign with the same pair.
     credentials: dict[str, str] = field(default_factory=lambda: dict(LOCAL_CREDENTIALS))
     start_timeout_s: float = 90.0
@@ -113,6 +116,8 @@ class SeaweedS3:
             command.append(f"-bucket={','.join(self.buckets)}")
         if self.table_bucket:
             command.append(f"-tableBucket={self.table_bucket}")
+        if self.iam_config:
+            command.append(f"-s3.iam.config={self.iam_config}")
         log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             command,

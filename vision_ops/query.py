@@ -19,22 +19,46 @@ from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
 
 def connect(storage_options: StorageOptions | None = None) -> Any:
-    """A DuckDB connection that can read s3:// with the environment's AWS credentials, and
+    """A DuckDB connection that can read s3:// with the standard AWS credential chain (where the
+    spec or the environment names S3; `register_views` adds it for tables on s3:// too), and
     geometries where DuckDB spatial is installed (the geo extra)."""
     try:
         import duckdb
     except ImportError as err:
         raise ImportError("querying needs DuckDB: pip install 'vision-ops[query]'") from err
     connection = duckdb.connect()
-    s3 = dict((storage_options or {}).get("s3", {}))
-    if os.environ.get("AWS_ENDPOINT_URL") and not s3:
-        s3 = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
-    if s3 or os.environ.get("AWS_ACCESS_KEY_ID"):
-        _load_httpfs(connection)
-        connection.execute(_s3_secret_sql(s3), _s3_secret_params())
+    if (storage_options or {}).get("s3") or _endpoint({}) or os.environ.get("AWS_ACCESS_KEY_ID"):
+        enable_s3(connection, storage_options)
     with contextlib.suppress(ImportError):
         load_spatial(connection)
     return connection
+
+
+class NoCredentials(RuntimeError):
+    """No AWS credentials anywhere in the chain for a table on s3://."""
+
+
+def enable_s3(connection: Any, storage_options: StorageOptions | None = None) -> None:
+    """httpfs and a DuckDB S3 secret resolved as s3fs (botocore) resolves credentials: the
+    environment (with a session token), the shared credentials and config files (AWS_PROFILE,
+    AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE), SSO, web identity, container and instance
+    roles; the spec's (or AWS_ENDPOINT_URL's) endpoint kept. Nothing of the secret is printed."""
+    import duckdb
+
+    s3 = dict((storage_options or {}).get("s3", {}))
+    _load_httpfs(connection)
+    if not s3.get("anon"):
+        _load_packaged_extension(connection, "aws", "the AWS credential chain in DuckDB")
+    try:
+        connection.execute(_s3_secret_sql(s3))
+    except duckdb.Error as err:
+        if "Secret Validation Failure" not in str(err):
+            raise
+        raise NoCredentials(
+            "reading s3:// needs AWS credentials: none found in the environment, the shared "
+            "credentials/config files (AWS_PROFILE), SSO, web identity or a container/instance "
+            "role"
+        ) from None
 
 
 def table_glob(table_uri: str) -> str:
@@ -83,6 +107,8 @@ def register_views(
     if not source:
         which = f"run {run_id}" if run_id else "run"
         raise NothingCommitted(f"{describe(table)}: no committed {which}")
+    if "'s3://" in source and not _has_s3_secret(connection):
+        enable_s3(connection, options)
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}")
     manifest = committed_run(table, run_id, options)
     if manifest is None:
@@ -133,19 +159,39 @@ def _load_packaged_extension(connection: Any, name: str, purpose: str) -> None:
     connection.execute(f"LOAD '{extension}'")
 
 
+def _has_s3_secret(connection: Any) -> bool:
+    found = connection.execute("SELECT count(*) FROM duckdb_secrets() WHERE name = 'vision_ops_s3'")
+    return bool(found.fetchone()[0])
+
+
 def _s3_secret_sql(s3: dict[str, Any]) -> str:
-    options = ["TYPE s3", "KEY_ID $key_id", "SECRET $secret", "REGION $region"]
-    endpoint = s3.get("endpoint_url") or s3.get("client_kwargs", {}).get("endpoint_url")
+    """CREATE SECRET for s3://: the AWS SDK's default chain (its order is botocore's), or no
+    credentials where the spec says `anon: true`. Names no credential: the chain finds them."""
+    if s3.get("anon"):
+        options = ["TYPE s3", "PROVIDER config"]
+    else:
+        options = ["TYPE s3", "PROVIDER credential_chain"]
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options.append(f"REGION '{_quoted(region)}'")
+    endpoint = _endpoint(s3)
     if endpoint:
         url = urlparse(endpoint)
-        options += [f"ENDPOINT '{url.netloc}'", "URL_STYLE 'path'"]
+        options += [f"ENDPOINT '{_quoted(url.netloc)}'", "URL_STYLE 'path'"]
         options += [f"USE_SSL {str(url.scheme == 'https').lower()}"]
     return f"CREATE OR REPLACE SECRET vision_ops_s3 ({', '.join(options)})"
 
 
-def _s3_secret_params() -> dict[str, str]:
-    return {
-        "key_id": os.environ.get("AWS_ACCESS_KEY_ID", ""),
-        "secret": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-        "region": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
-    }
+def _endpoint(s3: dict[str, Any]) -> str | None:
+    """The S3 endpoint: the spec's (s3fs `endpoint_url`), else AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL as botocore reads them; None for AWS itself."""
+    return (
+        s3.get("endpoint_url")
+        or s3.get("client_kwargs", {}).get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+def _quoted(value: str) -> str:
+    return value.replace("'", "''")
