@@ -44,9 +44,16 @@ DATE = dt.date(2026, 11, 24)
 _tables = itertools.count()
 
 
+# The storage options of the session's server for the folder beside each table (staging,
+# masks): filled in by the `output` fixture.
+STORE: dict[str, Any] = {}
+
+
 @pytest.fixture
 def output(iceberg_s3: SeaweedS3) -> OutputSpec:
-    """A fresh table on the embedded catalog (masks and metrics beside it in s3://out)."""
+    """A fresh table on the embedded catalog (staged rows, masks and metrics beside it in
+    s3://out)."""
+    STORE.update(options(iceberg_s3))
     name = f"t{next(_tables)}_{np.random.default_rng().integers(1 << 30)}"
     return OutputSpec(
         format="iceberg",
@@ -88,7 +95,7 @@ def uris(prefix: str, count: int) -> list[str]:
 def commit_run(
     output: OutputSpec, run_id: str, sources: list[str], date: dt.date = DATE, **kwargs: Any
 ) -> IcebergSink:
-    sink = IcebergSink(output, run_id, date, PREDICTION_SCHEMA, **kwargs)
+    sink = IcebergSink(output, run_id, date, PREDICTION_SCHEMA, STORE, **kwargs)
     sink.write(rows(run_id, sources))
     sink.commit(sources, {"spec_digest": "s" * 64, "model_fingerprint": "f" * 64})
     return sink
@@ -117,7 +124,7 @@ def duckdb_rows(output: OutputSpec, server: SeaweedS3, snapshot: int | None = No
 
 def test_a_run_is_one_snapshot_read_back_independently(output, iceberg_s3) -> None:
     sources = uris("a", 5)
-    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
     sink.write(rows("r1", sources[:2], errors=1))
     sink.write(rows("r1", sources[2:]))
     result = sink.commit(sources, {"spec_digest": "s" * 64, "stage_seconds": {"infer": 1.5}})
@@ -161,7 +168,7 @@ def test_the_table_keeps_the_geoparquet_metadata_and_the_task_in_its_properties(
         [base[f.name] if f.name in base.column_names else pa.nulls(2, f.type) for f in schema],
         schema=schema,
     )
-    sink = IcebergSink(output, "g1", DATE, schema)
+    sink = IcebergSink(output, "g1", DATE, schema, STORE)
     sink.write(table)
     sink.commit(sources)
     properties = read_back(output).properties
@@ -237,20 +244,33 @@ def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:
 def test_a_refused_commit_leaves_the_previous_snapshot(output) -> None:
     commit_run(output, "r1", uris("a", 3))
     before = read_back(output).current_snapshot().snapshot_id
-    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
     sink.write(rows("r1", uris("b", 2)))
     with pytest.raises(CommitRefused, match="1 missing"):
         sink.commit(uris("b", 3))
     assert read_back(output).current_snapshot().snapshot_id == before
     assert rows_by_run(output) == {"r1": uris("a", 3)}
-    written = [f.file_path for f in sink._files]
-    assert written and not any(sink.table.io.new_input(p).exists() for p in written)
+    assert data_files_in_store(sink) == data_files_in_snapshot(output)  # nothing of the attempt
+    assert [rows for _, rows in sink.parts.files] == [2]  # staged, for a rerun to resume
+
+
+def data_files_in_store(sink: IcebergSink) -> set[str]:
+    """Every Parquet file under the table's location, as the store lists it."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **sink.fs.storage_options)
+    location = sink.table.location().removeprefix("s3://")
+    return {f"s3://{path}" for path in fs.find(location) if path.endswith(".parquet")}
+
+
+def data_files_in_snapshot(output: OutputSpec) -> set[str]:
+    return {task.file.file_path for task in read_back(output).scan().plan_files()}
 
 
 def test_concurrent_runs_with_different_run_ids_both_commit(output) -> None:
     """Both start from the same snapshot; the second commit loses the race and is retried."""
-    first = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
-    second = IcebergSink(output, "r2", DATE, PREDICTION_SCHEMA)
+    first = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
+    second = IcebergSink(output, "r2", DATE, PREDICTION_SCHEMA, STORE)
     for sink, prefix in ((first, "a"), (second, "b")):
         sink.write(rows(sink.run_id, uris(prefix, 3)))
     first.commit(uris("a", 3))
@@ -261,7 +281,7 @@ def test_concurrent_runs_with_different_run_ids_both_commit(output) -> None:
 
     def run(run_id: str) -> None:
         try:
-            sink = IcebergSink(output, run_id, DATE, PREDICTION_SCHEMA)
+            sink = IcebergSink(output, run_id, DATE, PREDICTION_SCHEMA, STORE)
             sink.write(rows(run_id, uris(run_id, 2)))
             barrier.wait()
             sink.commit(uris(run_id, 2))
@@ -283,8 +303,8 @@ def test_concurrent_runs_with_different_run_ids_both_commit(output) -> None:
 
 def test_concurrent_attempts_of_one_run_id_one_wins(output) -> None:
     commit_run(output, "r1", uris("old", 2))
-    first = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
-    second = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    first = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
+    second = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
     first.write(rows("r1", uris("a", 3)))
     second.write(rows("r1", uris("b", 3)))
     first.commit(uris("a", 3))
@@ -301,7 +321,7 @@ def test_racing_attempts_of_one_run_id_one_wins(output) -> None:
     barrier, outcomes = threading.Barrier(2), []
 
     def run(prefix: str) -> None:
-        sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+        sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
         sink.write(rows("r1", uris(prefix, 3)))
         barrier.wait()
         try:
@@ -335,7 +355,7 @@ def test_one_run_id_on_two_dates_is_refused_before_any_work(output) -> None:
 
 
 def test_rows_of_another_run_id_are_refused(output) -> None:
-    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA)
+    sink = IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, STORE)
     with pytest.raises(CommitRefused, match="another run id"):
         sink.write(rows("r2", uris("a", 1)))
 
@@ -344,7 +364,7 @@ def test_a_table_of_another_schema_is_refused(output) -> None:
     commit_run(output, "r1", uris("a", 1))
     other = PREDICTION_SCHEMA.append(pa.field("extra", pa.string()))
     with pytest.raises(CatalogError, match="expected a table of this job's schema"):
-        IcebergSink(output, "r2", DATE, other)
+        IcebergSink(output, "r2", DATE, other, STORE)
 
 
 # --- failures at each step of the commit -----------------------------------------------------

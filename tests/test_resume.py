@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ import pytest
 import yaml
 from test_exactly_once import make_images
 
+from vision_ops import outputs
 from vision_ops.cli import EXIT_OK, main
+from vision_ops.config import OutputSpec
+from vision_ops.iceberg import IcebergSink
 from vision_ops.resume import RESUME_KEY
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id
 from vision_ops.sink import ParquetSink, committed_run, verify_run
@@ -161,10 +165,48 @@ def test_rows_staged_twice_by_killed_attempts_count_once(tmp_path: Path) -> None
     assert rerun.commit(URIS).rows == 6  # the exactly-once check passed
 
 
+@pytest.mark.s3
+def test_an_iceberg_rerun_commits_what_an_earlier_attempt_staged(iceberg_s3: Any) -> None:
+    """The Iceberg sink stages as the Parquet one does (beside the table); the rerun's one
+    snapshot holds the resumed rows and its own, each once, and its summary counts both."""
+    from pyiceberg.catalog import load_catalog
+
+    name = f"resume_sink_{time.monotonic_ns()}"
+    output = OutputSpec(
+        format="iceberg",
+        uri=f"s3://out/{name}",
+        table=f"tests.{name}",
+        catalog=iceberg_s3.catalog_properties(),
+    )
+
+    def iceberg_sink() -> IcebergSink:
+        options = {"s3": iceberg_s3.storage_options()}
+        settings = {"durable_every_rows": 2, "durable_every_s": 3600.0, "resume_key": KEY}
+        return IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, options, **settings)
+
+    attempt = iceberg_sink()
+    attempt.resume(one_unit_each)
+    rows = source_rows(URIS[:5])
+    for row in range(rows.num_rows):
+        attempt.write(rows.slice(row, 1))  # 4 durable, the 5th lost with the attempt
+    rerun = iceberg_sink()
+    assert rerun.resume(one_unit_each) == frozenset(URIS[:4]) and rerun.resumed == 4
+    rerun.write(source_rows(URIS[4:]))
+    result = rerun.commit(URIS, {"spec_digest": "s" * 64})
+    assert (result.rows, result.resumed) == (6, 4)
+    table = load_catalog("independent", **output.catalog).load_table(output.table)
+    assert [s.summary["vision_ops.resumed_units"] for s in table.snapshots()] == ["4"]
+    assert table.current_snapshot().summary["vision_ops.processed_units"] == "2"
+    committed = table.scan(selected_fields=("item_id", "source_uri")).to_arrow()
+    assert sorted(committed["source_uri"].to_pylist()) == URIS  # each once
+    assert outputs.verify_run(output, "r1")[1] == []
+    assert rerun.fs.glob(f"{rerun.root}/_staging/r1/*/part-*") == []
+
+
 # --- the whole job: the driver killed at 70 %, then the same command again ----------------
 
 
-def counting_spec(folder: Path, output: str, marks: Path, **extra: Any) -> Path:
+def counting_spec(folder: Path, output: dict[str, Any], marks: Path, **extra: Any) -> Path:
     spec = {
         "input": {"uris": [str(folder / "images")]},
         "model": {
@@ -180,7 +222,7 @@ def counting_spec(folder: Path, output: str, marks: Path, **extra: Any) -> Path:
             "max_actors": 1,
             "durable_every_rows": 4,
         },
-        "output": {"uri": output, "rows_per_file": 100},
+        "output": output | {"rows_per_file": 100},
         "run": {"id": "k1", "date": "2026-11-24"},
         **extra,
     }
@@ -227,49 +269,95 @@ def kill_at(spec: Path, fs: Any, staging: str, rows: int) -> None:
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
+def store_for(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+    """Where a resume test's run writes: a local folder, SeaweedFS, or an Iceberg table on
+    SeaweedFS's catalog (its rows staged beside it under `out`)."""
+    import fsspec
+
+    if store == "local":
+        output: dict[str, Any] = {"uri": str(tmp_path / "table")}
+        return Store(output, {}, fsspec.filesystem("file"), str(tmp_path / "table"))
+    server = request.getfixturevalue("iceberg_s3" if store == "iceberg" else "seaweed")
+    options = {"s3": server.storage_options()}
+    name = f"resume_{tmp_path.name.replace('-', '_')}"
+    output = {"uri": f"s3://out/{name}"}
+    if store == "iceberg":
+        output |= {"format": "iceberg", "table": f"tests.{name}"}
+        output |= {"catalog": server.catalog_properties()}
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options["s3"])
+    return Store(output, options, fs, f"out/{name}")
+
+
+@dataclass
+class Store:
+    output: dict[str, Any]  # the spec's output section
+    options: dict[str, Any]  # the spec's storage_options
+    fs: Any  # where the rows are staged
+    root: str  # the output root within `fs`
+
+    @property
+    def target(self) -> OutputSpec:
+        return OutputSpec(**self.output)
+
+
+@pytest.mark.parametrize("store", ["local", "s3", "iceberg"])
 def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     ray_local: None, tmp_path: Path, store: str, request: pytest.FixtureRequest
 ) -> None:
-    import fsspec
-
     total = 40
     make_images(tmp_path / "images", total)
     marks = tmp_path / "marks"
     marks.mkdir()
-    if store == "s3":
-        seaweed = request.getfixturevalue("seaweed")
-        options = {"s3": seaweed.storage_options()}
-        output = f"s3://out/resume-{tmp_path.name}"
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options["s3"])
-        extra: dict[str, Any] = {"storage_options": options}
-    else:
-        options, output, fs, extra = {}, str(tmp_path / "table"), fsspec.filesystem("file"), {}
-    spec = counting_spec(tmp_path, output, marks, **extra)
-    staging = f"{output.removeprefix('s3://')}/_staging/k1"
-    kill_at(spec, fs, staging, rows=int(0.7 * total))
-    assert committed_run(output, "k1", options) is None
+    where = store_for(store, tmp_path, request)
+    extra: dict[str, Any] = {"storage_options": where.options} if where.options else {}
+    spec = counting_spec(tmp_path, where.output, marks, **extra)
+    kill_at(spec, where.fs, f"{where.root}/_staging/k1", rows=int(0.7 * total))
+    assert outputs.committed_run(where.target, "k1", where.options) is None
     for mark in marks.iterdir():
         mark.unlink()
     assert main(["run", str(spec)]) == EXIT_OK
-    manifest = committed_run(output, "k1", options)
+    manifest = outputs.committed_run(where.target, "k1", where.options)
     resumed, processed = manifest["resumed_units"], manifest["processed_units"]
     assert resumed >= int(0.7 * total) and resumed + processed == total
     durability_interval = 4
     assert images_counted(marks) == processed <= total - int(0.7 * total) + durability_interval
-    assert verify_run(output, "k1", options)[1] == []
+    assert outputs.verify_run(where.target, "k1", where.options)[1] == []
     assert manifest["rows"] == total and len(manifest["files"]) == 1  # compacted
-    rows = pa.concat_tables(
-        pq.read_table(fs.open(f["uri"].removeprefix("s3://").removeprefix("file://"), "rb"))
-        for f in manifest["files"]
-    )
-    assert len(set(rows["item_id"].to_pylist())) == total
+    rows = read_back(where, manifest)
+    assert rows.num_rows == total and len(set(rows["item_id"].to_pylist())) == total
+    where.fs.invalidate_cache()
+    assert where.fs.glob(f"{where.root}/_staging/k1/*/part-*") == []  # cleaned after the commit
     # The same rows as a run that was never killed (the model is deterministic).
-    clean = counting_spec(tmp_path, str(tmp_path / "clean"), marks)
+    clean = counting_spec(tmp_path, {"uri": str(tmp_path / "clean")}, marks)
     assert main(["run", str(clean)]) == EXIT_OK
     clean_rows = pq.read_table(tmp_path / "clean" / "run_date=2026-11-24")
     keep = ["item_id", "label_id", "score"]
-    assert rows.select(keep).sort_by("item_id").equals(clean_rows.select(keep).sort_by("item_id"))
+    assert (
+        rows.select(keep).sort_by("item_id").to_pylist()
+        == clean_rows.select(keep).sort_by("item_id").to_pylist()
+    )
+
+
+def read_back(where: Store, manifest: dict[str, Any]) -> pa.Table:
+    """The run's committed rows read independently of the sink: its part files with pyarrow,
+    or the Iceberg table through a catalog client of its own (and counted by DuckDB)."""
+    if where.output.get("format") != "iceberg":
+        root = where.root.rstrip("/")
+        paths = [f["uri"].split(root, 1)[1] for f in manifest["files"]]
+        return pa.concat_tables(pq.read_table(where.fs.open(root + p, "rb")) for p in paths)
+    from pyiceberg.catalog import load_catalog
+
+    from vision_ops.query import connect, load_iceberg
+
+    table = load_catalog("independent", **where.output["catalog"]).load_table(where.output["table"])
+    connection = connect(where.options)
+    load_iceberg(connection)
+    scan = f"iceberg_scan('{table.metadata_location}')"
+    counted = connection.sql(f"SELECT count(*), count(DISTINCT item_id) FROM {scan}").fetchone()
+    assert counted == (manifest["rows"], manifest["rows"])
+    summary = table.current_snapshot().summary
+    assert summary["vision_ops.resumed_units"] == str(manifest["resumed_units"])
+    return table.scan().to_arrow().drop_columns(["run_date"])
 
 
 def test_a_scene_is_resumed_only_with_every_tile(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """Iceberg output: the prediction table in a catalog, one snapshot per run, and its readers.
 
-A run writes its data files into the table's location as it goes (invisible until committed),
-then commits them in one OVERWRITE snapshot that also drops the earlier rows of the same run
-id: the table moves from the old run to the new one in one catalog commit, or not at all.
+A run stages its rows as they come (vision_ops.staging: durable part files beside the table,
+which a rerun of a run that did not commit resumes from), writes them into the table's data
+files at its commit, and commits those in one OVERWRITE snapshot that also drops the earlier
+rows of the same run id: the table moves from the old run to the new one in one catalog
+commit, or not at all.
 Concurrent commits are retried by PyIceberg against the table's new head; the retry checks,
 with the run id as its conflict filter, that no other attempt of the same run id committed
 meanwhile (then this one fails, saying so). Snapshot summaries carry the run's identity.
@@ -16,7 +18,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,17 +27,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vision_ops.config import OutputSpec
-from vision_ops.masks import final_masks_folder, staged_masks_folder
+from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
+from vision_ops.staging import StagedParts
 from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
-from vision_ops.tally import (
-    ExpectedUnits,
-    Listed,
-    bucket_of,
-    expected_from,
-)
+from vision_ops.tally import ExpectedUnits, Listed, expected_from
 from vision_ops.written import CommitRefused, WrittenRows
 
 if TYPE_CHECKING:
@@ -151,8 +149,9 @@ def _check_columns(output: OutputSpec, table: Table, schema: pa.Schema) -> None:
 
 @dataclass
 class IcebergSink:
-    """Writes a run's rows as data files of the table as they come, then commits them in one
-    snapshot that replaces the run id's earlier rows (the same interface as ParquetSink)."""
+    """Stages a run's rows as they come (durably, for a rerun to resume from), then writes
+    them as data files of the table and commits those in one snapshot that replaces the run
+    id's earlier rows (the same interface as ParquetSink)."""
 
     output: OutputSpec
     run_id: str
@@ -160,11 +159,14 @@ class IcebergSink:
     schema: pa.Schema
     storage_options: StorageOptions = field(default_factory=dict)
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    _pending: list[pa.Table] = field(default_factory=list)
-    _pending_rows: int = 0
+    # Staged rows are made durable at least this often (rows or seconds, whichever first),
+    # and a rerun of the run id resumes from them where `resume_key` is set (see `resume`).
+    durable_every_rows: int = 100_000
+    durable_every_s: float = 120.0
+    resume_key: str | None = None
     _files: list[DataFile] = field(default_factory=list)
     written: WrittenRows = field(default_factory=WrittenRows)
-    resumed: int = 0  # an Iceberg run does not resume: a rerun starts over
+    resumed: int = 0  # units an earlier attempt made durable, reused
 
     def __post_init__(self) -> None:
         self.table = open_table(self.output, self.schema)
@@ -175,6 +177,17 @@ class IcebergSink:
         self._counter = itertools.count(0)
         self.fs, root = filesystem(self.output.uri, self.storage_options)
         self.root = root.rstrip("/")
+        self.parts = StagedParts(
+            self.fs,
+            staging_folder(self.root, self.run_id, self.attempt),
+            self.output.rows_per_file,
+            self.durable_every_rows,
+            self.durable_every_s,
+            self.resume_key,
+        )
+        if self.resume_key is None:
+            with writing_to(self.output.uri):
+                self.parts.remove_earlier()
 
     def _check_run_date(self) -> None:
         """RunDateConflict where the run id is committed on another date (as for Parquet: a
@@ -186,33 +199,42 @@ class IcebergSink:
                 return
 
     def resume(self, units_of: UnitsOf) -> frozenset[str]:
-        """Nothing is resumed: a rerun of an Iceberg run starts over (its data files are not
-        staged where a later attempt finds them)."""
-        return frozenset()
+        """Reuse what earlier attempts of this run id staged durably (StagedParts.resume): the
+        rows of the sources they hold whole are staged again for this attempt; returns those
+        sources, for the run to leave out. Nothing is reused without a `resume_key`, nor for a
+        table with masks (they are not resumed)."""
+        with writing_to(self.output.uri):
+            if "mask_uri" in self.schema.names:
+                found = None
+                self.parts.remove_earlier()
+            else:
+                found = self.parts.resume(self.schema, units_of, self.write)
+        self.resumed = found.units if found else 0
+        return found.sources if found else frozenset()
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
         if not pc.all(pc.equal(table["run_id"], self.run_id)).as_py():
             raise CommitRefused(f"refusing to commit: rows of another run id in run {self.run_id}")
         self.written.add(table)
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        while self._pending_rows >= self.output.rows_per_file:
-            self._flush(self.output.rows_per_file)
+        with writing_to(self.output.uri):
+            self.parts.add(table)
 
     def commit(
         self,
         listed: Listed | ExpectedUnits | None = None,
         details: dict[str, Any] | None = None,
     ) -> CommitResult:
-        """Check exactly-once against the `listed` units and the written files, then commit
-        one snapshot: this run's files in, the run id's earlier files out. CommitRefused (or
-        CatalogError), with the table at its previous snapshot, when anything fails."""
-        while self._pending_rows:
-            self._flush(self.output.rows_per_file)
+        """Check exactly-once against the `listed` units and the staged files, write them as
+        the table's data files, then commit one snapshot: this run's files in, the run id's
+        earlier files out. CommitRefused (or CatalogError), with the table at its previous
+        snapshot, when anything fails (the staged files stay for a rerun to resume)."""
+        with writing_to(self.output.uri):
+            self.parts.flush()
         masks = self._staged_masks()
         try:
             self._check(listed, masks)
+            self._write_data_files()
             published = self._publish_masks(masks)
         except Exception:
             self._discard([])
@@ -224,6 +246,8 @@ class IcebergSink:
                 self._discard(published)
             raise failed.error from None
         self._remove_other_masks()
+        with contextlib.suppress(OSError):
+            self.parts.remove()
         return CommitResult(
             partition_uri=f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
             f"{self.run_date.isoformat()}, snapshot {snapshot})",
@@ -233,24 +257,29 @@ class IcebergSink:
             ok=self.written.ok,
             errors=self.written.errors,
             skipped=self.written.skipped,
+            resumed=self.resumed,
         )
 
     # --- writing ---------------------------------------------------------------------------
 
-    def _flush(self, limit: int) -> None:
+    def _write_data_files(self) -> None:
+        """The staged rows as the table's data files, `rows_per_file` rows each."""
         from pyiceberg.io.pyarrow import _dataframe_to_data_files
 
-        table = pa.concat_tables(self._pending)
-        head, rest = table.slice(0, limit), table.slice(limit)
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
-        dated = head.add_column(0, table_schema(self.schema).field(0), self._dates(head.num_rows))
-        try:
-            self._files += _dataframe_to_data_files(
-                self.table.metadata, dated, self.table.io, self._write_uuid, self._counter
+        for rows in rechunked(self.parts.tables(), self.output.rows_per_file):
+            rows = rows.replace_schema_metadata(self.schema.metadata)
+            dated = rows.add_column(0, table_schema(self.schema).field(0), self._dates(len(rows)))
+            try:
+                self._files += _dataframe_to_data_files(
+                    self.table.metadata, dated, self.table.io, self._write_uuid, self._counter
+                )
+            except OSError as err:
+                raise StorageError(f"cannot write table {self.output.table}'s data: {err}") from err
+        found = sum(f.record_count for f in self._files)
+        if found != self.written.rows:
+            raise CommitRefused(
+                f"refusing to commit: data files hold {found} rows, wrote {self.written.rows}"
             )
-        except OSError as err:
-            raise StorageError(f"cannot write table {self.output.table}'s data: {err}") from err
 
     def _dates(self, rows: int) -> pa.Array:
         return pa.array([self.run_date] * rows, pa.date32())
@@ -258,22 +287,11 @@ class IcebergSink:
     # --- checking --------------------------------------------------------------------------
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
-        found = sum(f.record_count for f in self._files)
-        if found != self.written.rows:
-            raise CommitRefused(
-                f"refusing to commit: data files hold {found} rows, wrote {self.written.rows}"
-            )
-        expected = None if listed is None else expected_from(listed)
-        self.written.check(expected, self._written_units, len(masks))
-
-    def _written_units(self, buckets: Collection[int]) -> list[tuple[str, str, int | None]]:
-        found = []
-        for data_file in self._files:
-            with self.table.io.new_input(data_file.file_path).open() as handle:
-                table = pq.read_table(handle, columns=["item_id", "source_uri", "frame_count"])
-            columns = [table[name].to_pylist() for name in table.column_names]
-            found += [row for row in zip(*columns, strict=True) if bucket_of(row[1]) in buckets]
-        return found
+        """Exactly once against the listing, and every staged footer readable."""
+        with writing_to(self.output.uri):
+            self.parts.check_footers()
+            expected = None if listed is None else expected_from(listed)
+            self.written.check(expected, self.parts.units, len(masks))
 
     # --- committing ------------------------------------------------------------------------
 
@@ -365,6 +383,8 @@ class IcebergSink:
             "schema_version": SCHEMA_VERSION,
             "task": task_of(self.schema),
             **self.written.counts(),
+            "resumed_units": self.resumed,
+            "processed_units": self.written.rows - self.resumed,
         }
         flat = {k: v for k, v in details.items() if isinstance(v, str | int | float)}
         summary = {f"{SUMMARY_PREFIX}{k}": str(v) for k, v in (flat | core).items()}
@@ -438,6 +458,22 @@ class IcebergSink:
             for folder in self.fs.ls(parent, detail=False):
                 if folder.rstrip("/") != ours:
                     self.fs.rm(folder, recursive=True)
+
+
+def rechunked(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The tables' rows again, `rows` at a time (the last chunk what is left)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, rows)
+            rest = joined.slice(rows)
+            pending, count = ([rest] if rest.num_rows else []), rest.num_rows
+    if count:
+        yield pa.concat_tables(pending)
 
 
 @dataclass

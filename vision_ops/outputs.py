@@ -150,7 +150,17 @@ FORMATS.register("parquet")(
 def _iceberg_sink(
     spec: JobSpec, run_id: str, run_date: dt.date, schema: pa.Schema, identity: Mapping[str, str]
 ) -> Sink:
-    return iceberg.IcebergSink(spec.output, run_id, run_date, schema, spec.storage_options)
+    table = iceberg.IcebergSink(
+        spec.output,
+        run_id,
+        run_date,
+        schema,
+        spec.storage_options,
+        durable_every_rows=spec.runtime.durable_every_rows,
+        durable_every_s=spec.runtime.durable_every_s,
+        resume_key=resume_key(run_id, run_date.isoformat(), identity),
+    )
+    return cast(Sink, table)
 
 
 def _iceberg_sql(

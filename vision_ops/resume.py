@@ -66,17 +66,18 @@ def find_resumable(
         for path in fs.glob(f"{run_staging}/*/part-*.parquet")
         if not path.startswith(f"{current}/")
     )
-    usable = []
+    usable, units = [], []
     for path in paths:
-        problem = _problem(fs, path, schema, key)
-        if problem is None:
+        problem, scanned = _scan(fs, path, schema, key)
+        if scanned is not None:
             usable.append(path)
+            units.append(scanned)
         elif problem == TORN:
             log.info("resume: %s is cut short (its attempt was killed writing it): left out", path)
         else:
             log.warning("not resuming: %s %s; the run starts over", path, problem)
             return None
-    sources = _whole_sources(fs, usable, units_of)
+    sources = _whole_sources(units, units_of)
     return Resumable(usable, frozenset(sources), sum(sources.values()))
 
 
@@ -98,27 +99,34 @@ def resumed_rows(fs: AbstractFileSystem, found: Resumable) -> Iterator[pa.Table]
 TORN = "is cut short"
 
 
-def _problem(fs: AbstractFileSystem, path: str, schema: pa.Schema, key: str) -> str | None:
+UNIT_COLUMNS = ["item_id", "source_uri", "frame_count"]
+
+
+def _scan(
+    fs: AbstractFileSystem, path: str, schema: pa.Schema, key: str
+) -> tuple[str | None, pa.Table | None]:
+    """A part file's unit columns, its footer and key checked in the same read; else the
+    problem that keeps it out."""
     try:
         with fs.open(path, "rb") as handle:
-            found = pq.read_schema(handle)
+            parquet = pq.ParquetFile(handle)
+            found = parquet.schema_arrow
+            if (found.metadata or {}).get(RESUME_KEY.encode()) != key.encode():
+                return "was made by another spec, model, input snapshot or run date", None
+            if not found.remove_metadata().equals(schema.remove_metadata()):
+                return "has another schema", None
+            return None, parquet.read(columns=UNIT_COLUMNS)
     except (OSError, pa.ArrowException):
-        return TORN
-    if (found.metadata or {}).get(RESUME_KEY.encode()) != key.encode():
-        return "was made by another spec, model, input snapshot or run date"
-    if not found.remove_metadata().equals(schema.remove_metadata()):
-        return "has another schema"
-    return None
+        return TORN, None
 
 
-def _whole_sources(fs: AbstractFileSystem, paths: list[str], units_of: UnitsOf) -> dict[str, int]:
-    """Each source whose every unit the files hold, with its unit count."""
+def _whole_sources(tables: list[pa.Table], units_of: UnitsOf) -> dict[str, int]:
+    """Each source whose every unit the files' unit columns hold, with its unit count."""
     seen: set[str] = set()
     counts: Counter[str] = Counter()
     frames: dict[str, int | None] = {}
-    for path in paths:
-        table = _read(fs, path, ["item_id", "source_uri", "frame_count"])
-        columns = [table[name].to_pylist() for name in table.column_names]
+    for table in tables:
+        columns = [table[name].to_pylist() for name in UNIT_COLUMNS]
         for item, source, count in zip(*columns, strict=True):
             if item not in seen:
                 seen.add(item)

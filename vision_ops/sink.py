@@ -6,9 +6,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import time
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,20 +25,19 @@ from vision_ops.publish import (
     read_manifest,
     resolve_unfinished,
 )
-from vision_ops.resume import UnitsOf, find_resumable, resumed_rows, with_resume_key
+from vision_ops.resume import UnitsOf
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
+from vision_ops.staging import StagedParts
 from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
     filesystem,
-    make_folder,
     writing_to,
 )
 from vision_ops.tally import (
     ExpectedUnits,
     Listed,
     MultisetDigest,
-    bucket_of,
     expected_from,
 )
 from vision_ops.written import (
@@ -145,11 +143,6 @@ class ParquetSink:
     durable_every_rows: int = 100_000
     durable_every_s: float = 120.0
     resume_key: str | None = None
-    _pending: list[pa.Table] = field(default_factory=list)
-    _pending_rows: int = 0
-    _staged: list[tuple[str, int]] = field(default_factory=list)
-    _parts: int = 0  # part files staged so far by this attempt, compacted ones included
-    _durable_at: float = field(default_factory=time.monotonic)
     written: WrittenRows = field(default_factory=WrittenRows)
     resumed: int = 0  # units an earlier attempt made durable, reused
 
@@ -157,45 +150,40 @@ class ParquetSink:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
         self.root = root.rstrip("/")
         self.staging = staging_folder(self.root, self.run_id, self.attempt)
+        self.parts = StagedParts(
+            self.fs,
+            self.staging,
+            self.rows_per_file,
+            self.durable_every_rows,
+            self.durable_every_s,
+            self.resume_key,
+        )
         self.partition = f"{self.root}/{PARTITION_COLUMN}={self.run_date.isoformat()}"
         with writing_to(self.root_uri):
             resolve_unfinished(self.fs, self.root)
             committed = read_manifest(self.fs, self.root, self.run_id)
             check_run_date(committed, self.run_date, self.root_uri)
             if self.resume_key is None:
-                self._remove_earlier_staging()
+                self.parts.remove_earlier()
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
         self.written.add(table)
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
         with writing_to(self.root_uri):
-            while self._pending_rows >= self.rows_per_file:
-                self._flush(self.rows_per_file)
-            if self._durability_due():
-                self._flush(self._pending_rows)
+            self.parts.add(table)
 
     def resume(self, units_of: UnitsOf) -> frozenset[str]:
-        """Reuse what earlier attempts of this run id made durable (see vision_ops.resume): the
-        rows of the sources they hold whole are staged again for this attempt, the earlier
-        attempts' staging removed; returns those sources, for the run to leave out. Nothing is
-        reused without a `resume_key`, nor for a table with masks (they are not resumed)."""
-        found = None
+        """Reuse what earlier attempts of this run id made durable (StagedParts.resume): the
+        rows of the sources they hold whole are staged again for this attempt; returns those
+        sources, for the run to leave out. Nothing is reused without a `resume_key`, nor for a
+        table with masks (they are not resumed)."""
         with writing_to(self.root_uri):
-            if self.resume_key is not None and "mask_uri" not in self.schema.names:
-                run_staging = self.staging.rpartition("/")[0]
-                found = find_resumable(
-                    self.fs, run_staging, self.staging, self.schema, self.resume_key, units_of
-                )
-            for table in resumed_rows(self.fs, found) if found else ():
-                self.write(table)
-            if self._pending_rows:
-                self._flush(self._pending_rows)
-            self._remove_earlier_staging()
+            if "mask_uri" in self.schema.names:
+                found = None
+                self.parts.remove_earlier()
+            else:
+                found = self.parts.resume(self.schema, units_of, self.write)
         self.resumed = found.units if found else 0
-        if found and found.units:
-            log.info("run %s: resuming %d units of earlier attempts", self.run_id, found.units)
         return found.sources if found else frozenset()
 
     def commit(
@@ -213,13 +201,11 @@ class ParquetSink:
     def _commit(
         self, listed: Listed | ExpectedUnits | None, details: dict[str, Any] | None
     ) -> CommitResult:
-        while self._pending_rows:
-            self._flush(self.rows_per_file)
-        self._compact()
+        self.parts.compact(self.written.rows)
         masks = self._staged_masks()
         self._check(listed, masks)
         plan = self._plan(masks)
-        files = [canonical_uri(self.fs, final) for _, final in plan.moves[: len(self._staged)]]
+        files = [canonical_uri(self.fs, final) for _, final in plan.moves[: len(self.parts.files)]]
         publish(self.fs, self.root, plan, lambda: self._manifest(files) | (details or {}))
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
@@ -234,16 +220,16 @@ class ParquetSink:
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
         """Exactly once against the listing, and every staged footer readable."""
-        self._check_staged_footers()
+        self.parts.check_footers()
         expected = None if listed is None else expected_from(listed)
-        self.written.check(expected, self._staged_units, len(masks))
+        self.written.check(expected, self.parts.units, len(masks))
 
     def _plan(self, masks: list[str]) -> CommitPlan:
         """The commit: the staged part files, then the masks, to their final names; the files
         of the run of this id committed before (if any) to remove once this one is."""
         parts = [
             (staged, f"{self.partition}/{self.run_id}-{self.attempt}-{staged.rpartition('/')[2]}")
-            for staged, _ in self._staged
+            for staged, _ in self.parts.files
         ]
         final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
         mask_moves = [(path, f"{final}/{path.rpartition('/')[2]}") for path in masks]
@@ -274,71 +260,6 @@ class ParquetSink:
         staged = staged_masks_folder(self.root, self.run_id, self.attempt)
         return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
 
-    def _staged_units(self, buckets: Collection[int]) -> list[tuple[str, str, int | None]]:
-        """(item id, source, frame count) of the staged rows whose source is in `buckets`."""
-        found = []
-        for path, _ in self._staged:
-            with self.fs.open(path, "rb") as handle:
-                table = pq.read_table(handle, columns=["item_id", "source_uri", "frame_count"])
-            columns = [table[name].to_pylist() for name in table.column_names]
-            found += [row for row in zip(*columns, strict=True) if bucket_of(row[1]) in buckets]
-        return found
-
-    def _durability_due(self) -> bool:
-        if not self._pending_rows:
-            return False
-        overdue = time.monotonic() - self._durable_at >= self.durable_every_s
-        return overdue or self._pending_rows >= self.durable_every_rows
-
-    def _flush(self, limit: int) -> None:
-        table = pa.concat_tables(self._pending)
-        head, rest = table.slice(0, limit), table.slice(limit)
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
-        path = f"{self.staging}/part-{self._parts:05d}.parquet"
-        self._parts += 1
-        if self.resume_key is not None:
-            head = with_resume_key(head, self.resume_key)
-        make_folder(self.fs, self.staging)
-        with self.fs.open(path, "wb") as handle:
-            pq.write_table(head, handle, compression="zstd")
-        self._staged.append((path, head.num_rows))
-        self._durable_at = time.monotonic()
-
-    def _compact(self) -> None:
-        """The small part files made for durability rewritten as `rows_per_file` files, so
-        that readers do not pay for many small files (nothing to do where they are already)."""
-        wanted = max(1, -(-self.written.rows // self.rows_per_file))
-        if len(self._staged) <= wanted:
-            return
-        small, self._staged = self._staged, []
-        for path, _ in small:
-            with self.fs.open(path, "rb") as handle:
-                self._pending.append(pq.read_table(handle))
-            self._pending_rows += self._pending[-1].num_rows
-            while self._pending_rows >= self.rows_per_file:
-                self._flush(self.rows_per_file)
-        if self._pending_rows:
-            self._flush(self._pending_rows)
-        for path, _ in small:
-            self.fs.rm_file(path)
-
-    def _check_staged_footers(self) -> None:
-        for path, rows in self._staged:
-            with self.fs.open(path, "rb") as handle:
-                found = pq.read_metadata(handle).num_rows
-            if found != rows:
-                raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
-
-    def _remove_earlier_staging(self) -> None:
-        """What earlier attempts of this run id staged and never committed."""
-        run_staging = self.staging.rpartition("/")[0]
-        if not self.fs.exists(run_staging):
-            return
-        for folder in self.fs.ls(run_staging, detail=False):
-            if folder.rstrip("/") != self.staging:
-                self.fs.rm(folder, recursive=True)
-
     def _manifest(self, files: list[str]) -> dict[str, object]:
         return {
             "run_id": self.run_id,
@@ -350,7 +271,7 @@ class ParquetSink:
             "processed_units": self.written.rows - self.resumed,
             "files": [
                 {"uri": uri, "rows": rows}
-                for uri, (_, rows) in zip(files, self._staged, strict=True)
+                for uri, (_, rows) in zip(files, self.parts.files, strict=True)
             ],
             "masks_folder": canonical_uri(
                 self.fs, final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)

@@ -1,0 +1,159 @@
+"""An attempt's staged part files: its rows made durable as they come, in either output format.
+
+A commit attempt stages its rows as Parquet part files in `{root}/_staging/{run_id}/{attempt}/`
+(`part-NNNNN.parquet`), at least every `durable_every_rows` rows or `durable_every_s` seconds,
+each carrying the run's resume key where there is one. The Parquet sink moves them into the
+partition at its commit; the Iceberg sink writes them into the table's data files. What an
+attempt killed before its commit staged is what a rerun of the run id resumes from
+(vision_ops.resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from vision_ops.resume import Resumable, UnitsOf, find_resumable, resumed_rows, with_resume_key
+from vision_ops.storage import make_folder
+from vision_ops.tally import bucket_of
+from vision_ops.written import CommitRefused, UnitRows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedParts:
+    """The part files one attempt stages under `folder`, and the rows not yet in one."""
+
+    fs: AbstractFileSystem
+    folder: str  # the attempt's staging folder
+    rows_per_file: int
+    durable_every_rows: int = 100_000
+    durable_every_s: float = 120.0
+    resume_key: str | None = None  # in every part's metadata: what a rerun may reuse
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path, rows), in order
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
+    _parts: int = 0  # part files staged so far, compacted ones included
+    _durable_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def run_folder(self) -> str:
+        """The folder of every attempt of the run."""
+        return self.folder.rpartition("/")[0]
+
+    def add(self, table: pa.Table) -> None:
+        """Rows in: staged once a file's worth is pending, or once durability is due."""
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+        if self._durability_due():
+            self._flush(self.pending_rows)
+
+    def resume(
+        self, schema: pa.Schema, units_of: UnitsOf, write: Callable[[pa.Table], None]
+    ) -> Resumable | None:
+        """Reuse what earlier attempts of the run made durable (see vision_ops.resume): the
+        rows of the sources they hold whole go through `write` (the sink's: counted, staged
+        again for this attempt), then the earlier attempts' staging is removed. Nothing is
+        reused without a resume key."""
+        found = None
+        if self.resume_key is not None:
+            found = find_resumable(
+                self.fs, self.run_folder, self.folder, schema, self.resume_key, units_of
+            )
+        for table in resumed_rows(self.fs, found) if found else ():
+            write(table)
+        self.flush()
+        self.remove_earlier()
+        if found and found.units:
+            log.info("%s: resuming %d units of earlier attempts", self.run_folder, found.units)
+        return found
+
+    def flush(self) -> None:
+        """Every pending row into part files."""
+        while self.pending_rows:
+            self._flush(self.rows_per_file)
+
+    def compact(self, rows: int) -> None:
+        """The small part files made for durability rewritten as `rows_per_file` files, so
+        that readers do not pay for many small files (nothing to do where they are already)."""
+        self.flush()
+        if len(self.files) <= max(1, -(-rows // self.rows_per_file)):
+            return
+        small, self.files = self.files, []
+        for path, _ in small:
+            self.pending.append(self.read(path))
+            self.pending_rows += self.pending[-1].num_rows
+            while self.pending_rows >= self.rows_per_file:
+                self._flush(self.rows_per_file)
+        self.flush()
+        for path, _ in small:
+            self.fs.rm_file(path)
+
+    def tables(self) -> Iterator[pa.Table]:
+        """The staged rows, file by file."""
+        for path, _ in self.files:
+            yield self.read(path)
+
+    def read(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def check_footers(self) -> None:
+        """CommitRefused where a staged file's footer does not hold the rows written to it."""
+        for path, rows in self.files:
+            with self.fs.open(path, "rb") as handle:
+                found = pq.read_metadata(handle).num_rows
+            if found != rows:
+                raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
+
+    def units(self, buckets: Collection[int]) -> UnitRows:
+        """(item id, source, frame count) of the staged rows whose source is in `buckets`."""
+        found = []
+        for path, _ in self.files:
+            table = self.read(path, ["item_id", "source_uri", "frame_count"])
+            columns = [table[name].to_pylist() for name in table.column_names]
+            found += [row for row in zip(*columns, strict=True) if bucket_of(row[1]) in buckets]
+        return found
+
+    def remove_earlier(self) -> None:
+        """What earlier attempts of the run staged and never committed."""
+        if not self.fs.exists(self.run_folder):
+            return
+        for folder in self.fs.ls(self.run_folder, detail=False):
+            if folder.rstrip("/") != self.folder:
+                self.fs.rm(folder, recursive=True)
+
+    def remove(self) -> None:
+        """This attempt's folder (best effort, after its commit)."""
+        if self.fs.exists(self.folder):
+            self.fs.rm(self.folder, recursive=True)
+
+    def _durability_due(self) -> bool:
+        if not self.pending_rows:
+            return False
+        overdue = time.monotonic() - self._durable_at >= self.durable_every_s
+        return overdue or self.pending_rows >= self.durable_every_rows
+
+    def _flush(self, limit: int) -> None:
+        table = pa.concat_tables(self.pending)
+        head, rest = table.slice(0, limit), table.slice(limit)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        path = f"{self.folder}/part-{self._parts:05d}.parquet"
+        self._parts += 1
+        if self.resume_key is not None:
+            head = with_resume_key(head, self.resume_key)
+        make_folder(self.fs, self.folder)
+        with self.fs.open(path, "wb") as handle:
+            pq.write_table(head, handle, compression="zstd")
+        self.files.append((path, head.num_rows))
+        self._durable_at = time.monotonic()
