@@ -155,7 +155,7 @@ def test_a_report_that_breaks_exits_1_with_a_message(tmp_path, capsys) -> None: 
     assert err.startswith("error: ") and "Traceback" not in err
 
 
-def test_the_console_script_exits_non_zero_with_a_message(tmp_path) -> None:
+def test_the_console_script_exits_non_zero_with_a_message(tmp_path: Path) -> None:
     """Through the installed entry point: a failure is a message and an exit status."""
     script = Path(sys.executable).with_name("vision-ops")
     for command in (["report", str(tmp_path)], ["query", str(tmp_path)]):

@@ -599,42 +599,27 @@ class BatchSizes:
     gpu: int  # an actor holding a whole GPU; one holding a share of a GPU gets that share
 
 
-# Classification at 224 px keeps a data-centre GPU busy at a few hundred images a call;
-# segmentation (~520 px) and detection (~800 x 1333, within task.max_batch_pixels) hold far
-# larger activations per image.
-DEFAULT_BATCH_SIZES = {
-    "classification": BatchSizes(cpu=32, gpu=256),
-    "segmentation": BatchSizes(cpu=8, gpu=64),
-    "detection": BatchSizes(cpu=4, gpu=16),
-    # pages at their own size (~736 px short side for the detector), then every line's crop
-    "ocr": BatchSizes(cpu=4, gpu=32),
-    # a classifier's input (224 px) without its head
-    "embedding": BatchSizes(cpu=32, gpu=256),
-}
-
-
 def default_batch_size(task: str, gpu_share: float) -> int:
-    """The task's images per call for an actor holding `gpu_share` GPUs (0: CPU only); a
-    share of a GPU gets that share of a whole GPU's batch, in a power of two."""
-    sizes = DEFAULT_BATCH_SIZES[task]
+    """The task's images per call (its record's `batch_sizes`, vision_ops.tasks) for an actor
+    holding `gpu_share` GPUs (0: CPU only); a share of a GPU gets that share of a whole GPU's
+    batch, in a power of two."""
+    from vision_ops.tasks import get_task  # the registry names this module's task models
+
+    sizes = get_task(task).batch_sizes
     if gpu_share <= 0:
         return sizes.cpu
     return max(1, 2 ** math.floor(math.log2(sizes.gpu * min(gpu_share, 1.0))))
 
 
-def _batch_size_description() -> str:
-    defaults = "; ".join(
-        f"{task} {sizes.cpu} on CPUs, {sizes.gpu} on a whole GPU"
-        for task, sizes in DEFAULT_BATCH_SIZES.items()
-    )
-    return (
-        f"Images per model call. By default derived from the task and the actor's device: "
-        f"{defaults}; an actor with a share of a GPU gets that share (a power of two)."
-    )
-
-
 class RuntimeSpec(StrictModel):
-    batch_size: int | None = Field(default=None, gt=0, description=_batch_size_description())
+    batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Images per model call. By default derived from the task and the actor's "
+        "device (e.g. classification 32 on CPUs, 256 on a whole GPU; detection 4 and 16; "
+        "each task's in its record, vision_ops.tasks); an actor with a share of a GPU gets "
+        "that share (a power of two).",
+    )
     min_actors: int = Field(default=1, gt=0, description="Smallest predictor actor pool.")
     max_actors: int | None = Field(
         default=None, gt=0, description="Largest pool; defaults to as many as the cluster fits."
@@ -882,7 +867,9 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _device_decode_needs_a_fixed_size(self) -> JobSpec:
-        if self.runtime.decode == "device" and self.task.kind in ("detection", "ocr"):
+        from vision_ops.tasks import get_task
+
+        if self.runtime.decode == "device" and get_task(self.task.kind).input_size == "any":
             raise ValueError(
                 "runtime.decode: device decodes photos and crops them to the model's fixed "
                 f"input (classification, segmentation); {self.task.kind} reads images at their "

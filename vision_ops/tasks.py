@@ -239,6 +239,7 @@ register(
         fields=CLASSIFICATION_FIELDS,
         rows=classification_table,
         predictor="vision_ops.predictors:Classifier",
+        # 224 px: a data-centre GPU is kept busy at a few hundred images a call
         batch_sizes=BatchSizes(cpu=32, gpu=256),
         architectures="torchvision.models",
         architecture_examples="resnet50, efficientnet_b0, vit_b_16",
