@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vision_ops.config import JobSpec, OutputSpec, SpecError, load_spec
+from vision_ops.embedding import HNSW_MIN_ROWS
 from vision_ops.errors import (
     EXIT_BAD_SPEC,
     EXIT_CLUSTER_TOO_SMALL,
@@ -197,6 +198,44 @@ def query(args: argparse.Namespace) -> int:
         return _fail(err, EXIT_FAILED)
     except Exception as err:  # DuckDB's own errors: bad SQL, unreadable files
         return _fail(err, EXIT_FAILED)
+    if text:
+        print(text, end="" if text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def query_or_embeddings(args: argparse.Namespace) -> int:
+    """`query`, or with --similar-to / --duplicates an embedding table's neighbours or
+    near-duplicate pairs (vision_ops.embedding)."""
+    if not args.similar_to and args.duplicates is None:
+        return query(args)
+    from vision_ops.embedding import TASK, duplicates, similar
+    from vision_ops.query import connect, export, register_views
+
+    if args.sql or (args.similar_to and args.duplicates is not None):
+        found = "SQL and an option" if args.sql else "both"
+        return _fail(
+            ValueError(f"query: expected SQL, --similar-to or --duplicates, found {found}"),
+            EXIT_BAD_SPEC,
+        )
+    try:
+        table, options = output_of(args)
+    except SpecError as err:
+        return _fail(err, EXIT_BAD_SPEC)
+    try:
+        connection = connect(options)
+        task = register_views(connection, table, options, args.run_id, args.as_of)
+        if task.name != TASK:
+            raise ValueError(
+                f"--similar-to and --duplicates read an {TASK} table; this table's task is "
+                f"{task.name}"
+            )
+        if args.similar_to:
+            relation = similar(connection, args.similar_to, args.k, args.hnsw_min_rows)
+        else:
+            relation = duplicates(connection, args.duplicates)
+        text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
+    except Exception as err:  # an unknown unit, no committed run, DuckDB's own errors
+        return _fail(err, getattr(err, "exit_code", EXIT_FAILED))
     if text:
         print(text, end="" if text.endswith("\n") else "\n")
     return EXIT_OK
@@ -395,7 +434,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sub.add_argument("--out", help="write the result to this file (needed for parquet)")
-    sub.set_defaults(handler=query)
+    sub.add_argument(
+        "--similar-to",
+        action="append",
+        metavar="URI",
+        help="instead of SQL (an embedding table): the nearest units, by cosine similarity, of "
+        "the unit of this source URI or item id (repeatable)",
+    )
+    sub.add_argument("-k", type=int, default=10, help="neighbours per --similar-to (default 10)")
+    sub.add_argument(
+        "--duplicates",
+        type=float,
+        metavar="COSINE",
+        help="instead of SQL (an embedding table): the pairs of units at least this similar, "
+        "e.g. 0.95",
+    )
+    sub.add_argument(
+        "--hnsw-min-rows",
+        type=int,
+        default=HNSW_MIN_ROWS,
+        help="--similar-to searches through an HNSW index from this many vectors of a model "
+        f"(default {HNSW_MIN_ROWS}); fewer are scanned exactly",
+    )
+    sub.set_defaults(handler=query_or_embeddings)
 
     sub = commands.add_parser("verify", help="re-check a committed run: every unit once")
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
