@@ -67,7 +67,7 @@ def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -
         for row, plan in zip(rows, scenes, strict=True)
         if isinstance(plan, tuple)
     }
-    crs = _common_crs(list(readable.values()))
+    crs = _common_crs(readable)
     units = []
     for row, plan in zip(rows, scenes, strict=True):
         if isinstance(plan, str):
@@ -130,18 +130,38 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
     return float(low), (float(high) if high > low else float(low) + 1.0)
 
 
-def _common_crs(scenes: list[Scene]) -> Any:
-    wkts = {scene.crs_wkt for scene in scenes if scene.crs_wkt}
-    if len(wkts) > 1:
-        raise SceneError(
-            f"the scenes are in {len(wkts)} different CRSs; a table's footprints share one: "
-            "run one job per CRS (or reproject the scenes)"
+def _common_crs(scenes: dict[str, Scene]) -> Any:
+    """The one CRS every readable scene shares; None where none has one (plain images). A run
+    mixing CRSs, or scenes with a CRS and images without one (their pixel footprints would be
+    labelled with the scenes' CRS), is refused before any work, naming an example of each."""
+    by_crs: dict[str | None, str] = {}
+    for uri, scene in scenes.items():
+        by_crs.setdefault(scene.crs_wkt or None, uri)
+    if len(by_crs) > 1:
+        examples = "; ".join(
+            f"{_crs_name(wkt)}: {uri}" for wkt, uri in sorted(by_crs.items(), key=lambda e: e[1])
         )
-    if not wkts:
+        raise SceneError(
+            f"expected every scene of a run in one CRS, found {len(by_crs)} ({examples}); a "
+            "table's footprints share one CRS: run one job per CRS, reproject the scenes, or "
+            "keep plain images (no CRS) in a job of their own"
+        )
+    wkt = next(iter(by_crs), None)
+    if wkt is None:
         return None
     from rasterio.crs import CRS
 
-    return CRS.from_wkt(wkts.pop())
+    return CRS.from_wkt(wkt)
+
+
+def _crs_name(wkt: str | None) -> str:
+    if wkt is None:
+        return "no CRS (pixel coordinates)"
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(wkt)
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
 
 
 def _bounds(scenes: list[Scene]) -> tuple[float, float, float, float] | None:
