@@ -421,10 +421,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_with_spec(backfill))
 
     sub = commands.add_parser(
-        "query", help="SQL over committed runs: views `predictions` and (detection) `boxes`"
+        "query",
+        help="SQL over committed runs: the view `predictions` and the task's (detection `boxes`, "
+        "segmentation `pixels`)",
     )
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
-    sub.add_argument("sql", nargs="?", help="the query (default: a summary per label)")
+    sub.add_argument("sql", nargs="?", help="the query (default: the task's summary)")
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.add_argument("--run-id", help="only this run's rows, as its commit left them")
     sub.add_argument(
