@@ -245,3 +245,90 @@ def test_an_ocr_spec_defaults_to_the_packaged_pair_and_refuses_others(tmp_path) 
         parse_spec(base | {"task": {"kind": "ocr"}, "model": {"architecture": "resnet50"}})
     with pytest.raises(ValueError, match="expected decode: tasks"):
         parse_spec(base | {"task": {"kind": "ocr"}, "runtime": {"decode": "device"}})
+
+
+# --- through the pipeline, on SeaweedFS ------------------------------------------------------
+
+OCR_OUTPUT = "s3://out/ocr"
+
+
+@pytest.fixture(scope="module")
+def ocr_run(ray_local, seaweed, s3fs_client, s3_options, photo_paths):  # type: ignore[no-untyped-def]
+    """One OCR job over page.png, a photo without text and a truncated PNG, on SeaweedFS."""
+    from vision_ops.pipeline import run_job
+
+    page_png = Path(skimage.data.__file__).parent / "page.png"
+    coffee = next(p for p in photo_paths if p.name == "coffee.png")
+    s3fs_client.put_file(str(page_png), "images/ocr/page.png")
+    s3fs_client.put_file(str(coffee), "images/ocr/coffee.png")
+    truncated = page_png.read_bytes()[: page_png.stat().st_size // 2]
+    s3fs_client.pipe("images/ocr/broken.png", truncated)
+    spec = parse_spec(
+        {
+            "input": {"uris": ["s3://images/ocr/"]},
+            "task": {"kind": "ocr"},
+            "runtime": {"max_actors": 1, "intra_op_threads": 2},
+            "output": {"uri": OCR_OUTPUT},
+            "run": {"id": "ocr-run", "date": "2026-12-01"},
+            "storage_options": s3_options,
+        }
+    )
+    summary = run_job(spec)
+    return spec, summary
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_an_ocr_run_reads_the_page_and_writes_the_declared_schema(ocr_run, s3fs_client) -> None:
+    import pyarrow.parquet as pq
+
+    from vision_ops.tasks import get_task
+
+    _, summary = ocr_run
+    (part,) = summary.commit.files
+    with s3fs_client.open(part.removeprefix("s3://"), "rb") as handle:
+        table = pq.read_table(handle)
+    assert table.schema.equals(get_task("ocr").schema, check_metadata=False)
+    assert table.schema.metadata[b"vision_ops.task"] == b"ocr"
+    rows = {Path(r["source_uri"]).name: r for r in table.to_pylist()}
+    assert set(rows) == {"page.png", "coffee.png", "broken.png"}
+    page_row = rows["page.png"]
+    assert page_row["status"] == "ok" and page_row["task"] == "ocr"
+    assert "markers" in page_row["text"] and "background" in page_row["text"]
+    assert page_row["text"] == "\n".join(PAGE_LINES)
+    assert [line["text"] for line in page_row["lines"]] == PAGE_LINES
+    assert all(line["score"] >= 0.9 for line in page_row["lines"])
+    width, height = page_row["image_width"], page_row["image_height"]
+    assert (width, height) == (384, 191)
+    for line in page_row["lines"]:
+        assert len(line["polygon"]) == 4
+        assert all(0 <= p["x"] <= width and 0 <= p["y"] <= height for p in line["polygon"])
+    assert page_row["model_name"] == "PP-OCRv4" and len(page_row["model_weights_sha256"]) == 64
+    photo = rows["coffee.png"]
+    assert (photo["status"], photo["text"], photo["lines"]) == ("ok", "", [])
+    broken = rows["broken.png"]
+    assert broken["status"] == "error" and broken["error_type"] == "CorruptImage"
+    assert broken["text"] is None and broken["lines"] is None
+    assert (summary.commit.ok, summary.commit.errors) == (2, 1)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_query_searches_the_text_and_shows_the_lines(ocr_run, seaweed, monkeypatch, capsys) -> None:
+    import json
+
+    from vision_ops.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed.endpoint_url)  # the table's S3 endpoint
+    args = ["query", OCR_OUTPUT]
+    assert main([*args, "--search", "markers", "--format", "json"]) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["image"] for row in found] == ["page.png"]
+    assert found[0]["score"] > 0 and "markers" in found[0]["text"]
+    assert main([*args, "--search", "zebra", "--format", "json"]) == 0
+    assert capsys.readouterr().out.strip() in ("", "[]")
+    sql = "SELECT count(*) AS n, min(score) >= 0.9 AS sure FROM lines"
+    assert main([*args, sql, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip()) == {"n": 5, "sure": True}
+    assert main([*args, "SELECT 1", "--search", "markers"]) == 2
+    assert "expected SQL or --search, found both" in capsys.readouterr().err

@@ -181,8 +181,10 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
     from vision_ops.outputs import AsOfUnsupported
-    from vision_ops.query import NothingCommitted, connect, export, register_views
+    from vision_ops.query import NothingCommitted, connect, export, register_views, search_sql
 
+    if args.search is not None and args.sql:
+        return _fail(ValueError("query: expected SQL or --search, found both"), EXIT_BAD_SPEC)
     try:
         table, options = output_of(args)
     except SpecError as err:
@@ -190,7 +192,10 @@ def query(args: argparse.Namespace) -> int:
     try:
         connection = connect(options)
         task = register_views(connection, table, options, args.run_id, args.as_of)
-        relation = connection.sql(args.sql or task.default_query)
+        if args.search is not None:
+            relation = connection.sql(search_sql(connection, task, args.search))
+        else:
+            relation = connection.sql(args.sql or task.default_query)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
     except AsOfUnsupported as err:
         return _fail(err, EXIT_BAD_SPEC)
@@ -427,6 +432,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
     sub.add_argument("sql", nargs="?", help="the query (default: the task's summary)")
+    sub.add_argument(
+        "--search",
+        metavar="WORDS",
+        help="instead of SQL: the units whose OCR text matches these words (full-text, BM25), "
+        "best first",
+    )
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.add_argument("--run-id", help="only this run's rows, as its commit left them")
     sub.add_argument(
