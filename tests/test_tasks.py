@@ -1,7 +1,8 @@
 """The task registry: every registered task is whole (its spec in config's union, its predictor,
-scorer and report panels found, its default query and views valid SQL over its own schema), and
+scorer and report panels found, its default query and views valid SQL over its own schema),
 every reader takes a committed run of it through the CLI (query, report --html, verify,
-evaluate) by its manifest's task, failing with a message and an exit code, never a traceback."""
+evaluate) by its manifest's task, failing with a message and an exit code, never a traceback,
+and its toy job (tests/toy_models.py) runs through the pipeline and reads back."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+import yaml
 from pydantic import TypeAdapter
+from toy_models import TOY_JOBS, toy_images
 
 from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import UNION_TAGS, TaskSpec
@@ -162,3 +165,46 @@ def test_the_console_script_exits_non_zero_with_a_message(tmp_path: Path) -> Non
         done = subprocess.run([str(script), *command], capture_output=True, text=True, timeout=120)
         assert done.returncode == EXIT_FAILED, done.stderr
         assert "no committed run" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- a toy job of every task, through the pipeline and back --------------------------------------
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_toy_job_of_every_task_runs_and_reads_back(  # type: ignore[no-untyped-def]
+    name: str, ray_local, tmp_path, capsys
+) -> None:
+    """Register a task and give it a toy job (tests/toy_models.py): this runs it, queries its
+    default summary, reports it, verifies it and scores it against the toy's truth."""
+    if name not in TOY_JOBS:
+        pytest.fail(f"no toy job for task {name!r}: add one to TOY_JOBS in tests/toy_models.py")
+    toy = TOY_JOBS[name]
+    spec = {
+        "input": {"uris": [str(toy_images(tmp_path))]},
+        "task": {"kind": name, **toy.task},
+        "runtime": {"batch_size": 4, "max_actors": 1, "intra_op_threads": 1},
+        "output": {"uri": str(tmp_path / "table")},
+        "run": {"id": "toy", "date": DATE.isoformat()},
+    }
+    if toy.model is not None:
+        spec["model"] = toy.model(tmp_path)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == EXIT_OK
+    assert "3 items, 2 ok, 1 errors" in capsys.readouterr().out
+    table = str(tmp_path / "table")
+    assert main(["query", table, "--format", "csv"]) == EXIT_OK
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 2  # a header and a row
+    assert main(["report", table, "--html", str(tmp_path / "report.html")]) == EXIT_OK
+    assert "items: 3  ok: 2  errors: 1" in capsys.readouterr().out
+    assert main(["verify", table]) == EXIT_OK
+    assert "3 units, each once" in capsys.readouterr().out
+    if toy.truth is None:
+        assert get_task(name).scorer is None, f"task {name!r} has a scorer: give its toy a truth"
+        return
+    truth, truth_format = toy.truth(tmp_path)
+    args = ["--truth", truth] if truth else []
+    assert main(["evaluate", table, *args, "--truth-format", truth_format]) == EXIT_OK
+    assert toy.metric is not None
+    metric, value = toy.metric
+    assert f"{metric}: {value:.4f}" in capsys.readouterr().out

@@ -1,9 +1,17 @@
-"""A detector whose boxes are known in advance: for the scene-merge tests."""
+"""Toy models whose outputs are known in advance (a detector of bright squares for the scene-merge
+tests, colour classifiers and segmenters), and a toy job per task for tests/test_tasks.py."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
+from PIL import Image
 from skimage.measure import label, regionprops
 
 
@@ -41,3 +49,119 @@ class ColourSegmenter(torch.nn.Module):
 
 def colour_segmenter() -> torch.nn.Module:
     return ColourSegmenter()
+
+
+class ColourClassifier(torch.nn.Module):
+    """Three classes (red, green, blue) scored by each channel's mean (inputs 0-1)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3))
+
+
+def colour_classifier() -> torch.nn.Module:
+    return ColourClassifier()
+
+
+# --- a toy job per task, for tests/test_tasks.py -----------------------------------------------
+
+SIDE = 64  # the toy images' size, and the fixed-size models' input: no resize, no crop
+SQUARE = (slice(16, 40), slice(20, 44))  # rows, columns of each image's one coloured square
+# name -> (folder, colour channel): images/<folder>/<name>; a broken file joins them
+TOY_IMAGES = {"red.png": ("red", 0), "green.png": ("green", 1)}
+FIXED_SIZE = {"resize": SIDE, "crop": SIDE, "mean": [0.0] * 3, "std": [1.0] * 3}
+
+
+def toy_images(folder: Path) -> Path:
+    """images/red/red.png (a red square on black), images/green/green.png, and
+    images/broken/broken.png (not an image: an error row)."""
+    root = folder / "images"
+    for name, (colour, channel) in TOY_IMAGES.items():
+        pixels = np.zeros((SIDE, SIDE, 3), np.uint8)
+        pixels[(*SQUARE, channel)] = 255
+        (root / colour).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / colour / name)
+    (root / "broken").mkdir(parents=True, exist_ok=True)
+    (root / "broken" / "broken.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+@dataclass(frozen=True)
+class ToyJob:
+    """A tiny job of one task whose outcome is known, over `toy_images`: tests/test_tasks.py
+    runs one for every registered task through run, query, report, verify and evaluate.
+
+    model: work folder -> the spec's `model` (writing the files it names there); None: the
+      task's default model.
+    task: the spec's `task` settings beyond its kind.
+    truth: work folder -> (--truth, --truth-format) that the toy's predictions match; None: the
+      task is not scored.
+    metric: (name, value) the evaluation gives with that truth.
+    """
+
+    model: Callable[[Path], dict[str, Any]] | None = None
+    task: dict[str, Any] = field(default_factory=dict)
+    truth: Callable[[Path], tuple[str, str]] | None = None
+    metric: tuple[str, float] | None = None
+
+
+TOY_JOBS: dict[str, ToyJob] = {}
+
+
+def _labelled(folder: Path, entrypoint: str, labels: list[str]) -> dict[str, Any]:
+    (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    return {
+        "kind": "entrypoint",
+        "entrypoint": entrypoint,
+        "labels": str(folder / "labels.txt"),
+        "preprocessing": FIXED_SIZE,
+    }
+
+
+def _coco(folder: Path) -> tuple[str, str]:
+    """The red square's box (the bright-squares detector's label 1) and no box in green.png."""
+    rows, columns = SQUARE
+    box = [columns.start, rows.start, columns.stop - columns.start, rows.stop - rows.start]
+    coco = {
+        "images": [{"id": 1, "file_name": "red.png"}, {"id": 2, "file_name": "green.png"}],
+        "categories": [{"id": 1, "name": "1"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3]}
+            | {"iscrowd": 0}
+        ],
+    }
+    (folder / "coco.json").write_text(json.dumps(coco))
+    return str(folder / "coco.json"), "coco"
+
+
+def _masks(folder: Path) -> tuple[str, str]:
+    """Each image's class mask (the colour segmenter's classes: 1 red, 2 green)."""
+    (folder / "truth").mkdir(exist_ok=True)
+    for name, (_, channel) in TOY_IMAGES.items():
+        mask = np.zeros((SIDE, SIDE), np.uint8)
+        mask[SQUARE] = channel + 1
+        Image.fromarray(mask).save(folder / "truth" / name)
+    return str(folder / "truth"), "masks"
+
+
+TOY_JOBS["classification"] = ToyJob(
+    model=lambda folder: _labelled(
+        folder, "toy_models:colour_classifier", ["red", "green", "blue"]
+    ),
+    task={"top_k": 2},
+    truth=lambda folder: ("", "imagefolder"),
+    metric=("accuracy", 2 / 3),  # the broken file's row counts as wrong
+)
+TOY_JOBS["detection"] = ToyJob(
+    model=lambda folder: {"kind": "entrypoint", "entrypoint": "toy_models:bright_squares"},
+    truth=_coco,
+    metric=("map_50", 1.0),
+)
+TOY_JOBS["segmentation"] = ToyJob(
+    model=lambda folder: _labelled(
+        folder, "toy_models:colour_segmenter", ["background", "red", "green"]
+    ),
+    truth=_masks,
+    metric=("mean_iou", 1.0),
+)
+# The packaged PP-OCR pair (the task's default model); the squares hold no text: ok rows, no lines.
+TOY_JOBS["ocr"] = ToyJob()
