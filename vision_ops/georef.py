@@ -60,16 +60,16 @@ def geo_metadata(
     column: str, crs_projjson: dict[str, Any] | None, bbox: Sequence[float] | None
 ) -> dict[bytes, bytes]:
     """The Parquet key-value metadata of GeoParquet 1.1 for one WKB polygon column with a
-    `{column}_bbox` covering struct (xmin, ymin, xmax, ymax)."""
+    `{column}_bbox` covering struct (xmin, ymin, xmax, ymax). No CRS (pixel coordinates) is
+    written as `"crs": null` (undefined): GeoParquet reads a missing `crs` as OGC:CRS84."""
     spec: dict[str, Any] = {
         "encoding": "WKB",
         "geometry_types": ["Polygon"],
         "covering": {
             "bbox": {name: [f"{column}_bbox", name] for name in ("xmin", "ymin", "xmax", "ymax")}
         },
+        "crs": crs_projjson,
     }
-    if crs_projjson is not None:
-        spec["crs"] = crs_projjson
     if bbox is not None:
         spec["bbox"] = [float(v) for v in bbox]
     content = {"version": GEOPARQUET_VERSION, "primary_column": column, "columns": {column: spec}}
