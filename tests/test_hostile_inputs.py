@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import functools
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +14,7 @@ from hostile import ALLOWED_ERRORS, corpus, dicom_bytes, encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vision_ops.config import DEFAULT_EXTENSIONS, DicomSpec, parse_spec
+from vision_ops.config import DEFAULT_EXTENSIONS, DicomSpec, Preprocessing, parse_spec
 from vision_ops.decode import DecodeError, decode_image
 from vision_ops.dicom import decode_frame, open_instance
 from vision_ops.pipeline import run_job
@@ -92,41 +92,60 @@ def test_corpus_in_one_batch_leaves_good_predictions_intact(ray_local, tmp_path,
         )
 
 
-# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss survives exec and would report the parent's.
-MEMORY_PROBE = """
-import json, sys
-from pathlib import Path
-import numpy as np
-from vision_ops.config import Preprocessing
-from vision_ops.reader import read_units
-files = sorted(str(p) for p in Path(sys.argv[1]).iterdir())
-batch = {"source_uri": np.array(["file://" + f for f in files], dtype=object),
-         "source_etag": np.array([None] * len(files), dtype=object),
-         "source_size": np.array([1] * len(files))}
-prep = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
-for _ in range(3):
-    out = read_units(batch, preprocessing=prep, max_pixels=%d, storage_options={})
-status = Path("/proc/self/status").read_text().splitlines()
-peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-print(json.dumps({"peak_mb": peak_kb / 1024,
-                  "errors": sorted(e for e in out["error_type"] if e)}))
-"""
+def peak_growth_reading(batch: dict[str, np.ndarray], **reader: Any) -> dict[str, np.ndarray]:
+    """The read stage's function inside a Ray Data read task, with this worker's peak RSS
+    growth: the high-water mark is reset first (/proc/self/clear_refs 5), so a reused worker's
+    earlier peaks do not count."""
+    from vision_ops.reader import read_units
+
+    def status(key: str) -> int:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in lines if line.startswith(key)) * 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS:")
+    for _ in range(3):
+        out = read_units(batch, **reader)
+    growth = status("VmHWM:") - before
+    return {
+        "error_type": np.asarray(out["error_type"], dtype=object),
+        "peak_growth": np.full(len(out["error_type"]), growth),
+        "pid": np.full(len(out["error_type"]), os.getpid()),
+    }
 
 
-def test_reading_the_corpus_keeps_worker_memory_bounded(tmp_path, photo_paths) -> None:
-    """The bombs declare 10^10 to 10^12 pixels; the read worker must never allocate them."""
+def test_reading_the_corpus_keeps_read_worker_memory_bounded(ray_local, tmp_path, photo_paths):
+    """The bombs declare 10^10 to 10^12 pixels; the read worker must never allocate them.
+    Measured in a Ray Data read task as the pipeline runs it (one CPU, its memory reservation)."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    from vision_ops.pipeline.run import READ_TASK_MEMORY_BYTES
+
     write_corpus(tmp_path / "corpus", photo_paths)
-    probe = MEMORY_PROBE % MAX_PIXELS
-    done = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path / "corpus")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+    files = sorted(str(p) for p in (tmp_path / "corpus").iterdir())
+    listing = [{"source_uri": f"file://{f}", "source_etag": None, "source_size": 1} for f in files]
+    prep = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    reader = functools.partial(
+        peak_growth_reading, preprocessing=prep, max_pixels=MAX_PIXELS, storage_options={}
     )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["peak_mb"] < 250, result  # imports alone take ~80 MB; one bomb, gigabytes
-    assert len(result["errors"]) == sum(isinstance(e, str) for _, e in CORPUS.values())
+    found = (
+        ray.data.from_items(listing)
+        .map_batches(
+            reader,
+            batch_size=len(files),
+            batch_format="numpy",
+            compute=TaskPoolStrategy(size=1),
+            num_cpus=1,
+            memory=READ_TASK_MEMORY_BYTES,
+        )
+        .take_all()
+    )
+    assert {row["pid"] for row in found} - {os.getpid()}  # a Ray worker, not this process
+    (growth,) = {row["peak_growth"] for row in found}
+    assert 0 < growth < 150 * 2**20, growth / 2**20  # decoded photos: tens of MB; a bomb: GBs
+    errors = [row["error_type"] for row in found if row["error_type"]]
+    assert len(errors) == sum(isinstance(e, str) for _, e in CORPUS.values())
 
 
 # --- fuzzing ---------------------------------------------------------------------------------

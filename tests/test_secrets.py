@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
@@ -158,8 +163,57 @@ def test_canary_credentials_appear_nowhere(canary_server, photo_paths, tmp_path)
         s3fs_client.get("out/canary/", str(output), recursive=True)
         assert any(output.rglob("*.parquet")) and any(output.rglob("*.json"))
         assert files_containing(output, needles) == []
+        # Decoded: the part files are zstd-compressed, so a byte search alone can miss a leak.
+        values = decoded_values(output)
+        assert values["rows"] == 5 and values["manifests"] == 1
+        assert any("missing.jpg" in v for v in values["strings"])  # the error rows are read
+        assert canaries_in(values["strings"]) == []
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def strings_of(value: object) -> Iterator[str]:
+    """Every string (and bytes, decoded) inside a row value or a JSON document."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, bytes):
+        yield value.decode("latin-1")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings_of(key)
+            yield from strings_of(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from strings_of(item)
+
+
+def decoded_values(output: Path) -> dict[str, Any]:
+    """Every value of every row of the table's Parquet files and of its manifests, decoded."""
+    strings: list[str] = []
+    rows = 0
+    for path in output.rglob("*.parquet"):
+        for row in pq.read_table(path).to_pylist():
+            rows += 1
+            strings += strings_of(row)
+    manifests = list(output.rglob("_manifests/*.json"))
+    for path in manifests:
+        strings += strings_of(json.loads(path.read_text()))
+    return {"rows": rows, "manifests": len(manifests), "strings": strings}
+
+
+def canaries_in(strings: list[str]) -> list[str]:
+    return [s for s in strings if CANARY_KEY_ID in s or CANARY_SECRET in s]
+
+
+def test_decoded_search_finds_what_a_byte_search_of_zstd_parquet_misses(tmp_path) -> None:
+    """The control: a canary in a zstd-compressed row is invisible to a byte search and found
+    by the decoded one."""
+    messages = [f"error {i:04d}: access denied for s3://images/{i}.jpg" for i in range(400)]
+    message = messages[200] = f"error 0200: denied for {CANARY_KEY_ID} ({CANARY_SECRET})"
+    table = pa.table({"error_message": messages, "top_k": [[{"label": "ok"}]] * 400})
+    pq.write_table(table, tmp_path / "part.parquet", compression="zstd")  # as the sink writes
+    assert files_containing(tmp_path, [CANARY_KEY_ID.encode(), CANARY_SECRET.encode()]) == []
+    assert canaries_in(decoded_values(tmp_path)["strings"]) == [message]
 
 
 LOCAL_RAY_PROBE = """
