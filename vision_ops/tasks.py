@@ -334,11 +334,12 @@ def _ocr_summary(table: pa.Table) -> Summary:
     """The run's most frequent words (lower case), and every line's score."""
     lines = pc.list_flatten(ok_rows(table)["lines"])
     words: dict[str, float] = {}
-    for text in lines.field("text").to_pylist():
+    for text in pc.struct_field(lines, "text").to_pylist():
         for word in WORD.findall(text.lower()):
             words[word] = words.get(word, 0.0) + 1
     pairs = sorted(words.items(), key=lambda pair: (-pair[1], pair[0]))
-    return Summary(pairs, lines.field("score").to_numpy(zero_copy_only=False))
+    scores = pc.struct_field(lines, "score").to_numpy(zero_copy_only=False)
+    return Summary(pairs, np.asarray(scores, dtype=np.float64))
 
 
 register(
