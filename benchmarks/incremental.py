@@ -8,8 +8,8 @@ RUNS runs of OLD / RUNS units each, all with the same model fingerprint). Then, 
 process with a local 2-CPU Ray: the driver's planning (`incremental.done_versions` over every
 committed run's rows: the done set as one Arrow array), and the filter of a listing of OLD + NEW
 units made in Ray tasks (`incremental.without_done`, as `--incremental` runs it), which must keep
-exactly the NEW units. Prints the seconds of each, the driver's peak RSS, and the ratios
-RUNS runs / 1 run.
+exactly the NEW units. Each table is measured REPEAT times, alternating; prints the medians of
+the seconds of each and the driver's peak RSS, and their ratios RUNS runs / 1 run.
 """
 
 from __future__ import annotations
@@ -132,30 +132,48 @@ def main() -> None:
     parser.add_argument("--old", type=int, default=1_000_000, help="committed units in all")
     parser.add_argument("--new", type=int, default=10_000, help="new units in the listing")
     parser.add_argument("--runs", type=int, default=100, help="runs they are spread over")
+    parser.add_argument("--repeat", type=int, default=3, help="trials per table (medians)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.old, args.new)))
         return
     with tempfile.TemporaryDirectory() as folder:
-        results = {}
-        for runs in (1, args.runs):
-            root = Path(folder, f"runs-{runs}")
+        roots = {runs: Path(folder, f"runs-{runs}") for runs in (1, args.runs)}
+        for runs, root in roots.items():
             started = time.perf_counter()
             build(root, args.old, runs)
             print(f"built {runs} run(s) of {args.old // runs:,} units in "
                   f"{time.perf_counter() - started:.1f}s", flush=True)  # fmt: skip
-            results[runs] = measured(root, args.old, args.new)
-            if results[runs]["kept"] != args.new:
-                raise SystemExit(f"the filter kept {results[runs]['kept']} units, not {args.new}")
+        trials: dict[int, list[dict[str, float]]] = {runs: [] for runs in roots}
+        for _ in range(args.repeat):  # alternated, so both tables see the same machine
+            for runs, root in roots.items():
+                found = measured(root, args.old, args.new)
+                if found["kept"] != args.new:
+                    raise SystemExit(f"the filter kept {found['kept']} units, not {args.new}")
+                trials[runs].append(found)
+    report(trials, args.runs)
+
+
+def report(trials: dict[int, list[dict[str, float]]], many_runs: int) -> None:
+    """The medians of each table's trials, then the ratios many runs / 1 run."""
+    medians = {
+        runs: {key: float(np.median([t[key] for t in found])) for key in found[0]}
+        for runs, found in trials.items()
+    }
     print("\n| committed runs | done units | listed | kept | planning s | filter s | "
-          "driver peak RSS MB | RSS added MB |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
-    for runs, found in results.items():
+          "driver peak RSS MB |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for runs, found in medians.items():
         print(f"| {runs} | {int(found['done']):,} | {int(found['listed']):,} | "
               f"{int(found['kept']):,} | {found['planning_s']:.2f} | {found['filter_s']:.2f} | "
-              f"{found['peak_rss_mb']:.0f} | {found['added_rss_mb']:.0f} |")  # fmt: skip
-    one, many = results[1], results[args.runs]
-    print(f"\n{args.runs} runs / 1 run: planning {many['planning_s'] / one['planning_s']:.2f}x, "
+              f"{found['peak_rss_mb']:.0f} |")  # fmt: skip
+    for runs, found in trials.items():
+        print(f"{runs} run(s), each trial: planning "
+              + " ".join(f"{t['planning_s']:.2f}" for t in found) + " s, filter "
+              + " ".join(f"{t['filter_s']:.2f}" for t in found) + " s")  # fmt: skip
+    one, many = medians[1], medians[many_runs]
+    print(f"\n{many_runs} runs / 1 run (medians): "
+          f"planning {many['planning_s'] / one['planning_s']:.2f}x, "
           f"filter {many['filter_s'] / one['filter_s']:.2f}x, "
           f"driver peak RSS {many['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")  # fmt: skip
 

@@ -180,8 +180,7 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
-    from vision_ops.outputs import AsOfUnsupported
-    from vision_ops.query import NothingCommitted, connect, export, register_views, search_sql
+    from vision_ops.query import connect, export, register_views, search_sql
 
     if args.search is not None and args.sql:
         return _fail(ValueError("query: expected SQL or --search, found both"), EXIT_BAD_SPEC)
@@ -197,9 +196,9 @@ def query(args: argparse.Namespace) -> int:
         else:
             relation = connection.sql(args.sql or task.default_query)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
-    except AsOfUnsupported as err:
-        return _fail(err, EXIT_BAD_SPEC)
-    except (NothingCommitted, ValueError) as err:
+    except VisionOpsError as err:  # no committed run (1), --as-of of Parquet, unknown task (2)
+        return _fail(err, err.exit_code)
+    except ValueError as err:
         return _fail(err, EXIT_FAILED)
     except Exception as err:  # DuckDB's own errors: bad SQL, unreadable files
         return _fail(err, EXIT_FAILED)

@@ -20,11 +20,14 @@ from vision_ops.config import JobSpec
 from vision_ops.outputs import Target, committed_runs, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
 from vision_ops.schema import STATUS_ERROR
+from vision_ops.sources import LISTING_SCHEMA
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 KEY_SEPARATOR = "\x00"  # between an input's URI and its version in a source key
 IDENTITY_COLUMNS = ["source_uri", "source_etag", "source_size", "source_mtime"]
+_IDENTITY = [LISTING_SCHEMA.field(name) for name in IDENTITY_COLUMNS]
+_OUTCOMES = pa.schema([*_IDENTITY, pa.field("outcome", pa.int64())])
 
 
 def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
@@ -81,27 +84,31 @@ def not_done(block: pa.Table, done: DoneKeys | Collection[str]) -> pa.Table:
 def done_versions(runs: Iterable[pa.Table], skip_errors: Collection[str]) -> pa.Array:
     """The source keys (`source_keys`) of the inputs done by the committed runs' rows (oldest
     run first): the latest run that read an input decides, and it is done unless one of that
-    run's rows for it (any frame, any tile) is an error of a type outside `skip_errors`."""
-    outcomes = [run_outcomes(rows, skip_errors) for rows in runs]
+    run's rows for it (any frame, any tile) is an error of a type outside `skip_errors`.
+
+    One hash aggregation over every run's rows: each row's outcome is `2 * run + retry`, so an
+    input's largest is its latest run, odd where one of that run's rows asks for a retry."""
+    outcomes = [run_outcomes(rows, ordinal, skip_errors) for ordinal, rows in enumerate(runs)]
     if not outcomes:
         return pa.array([], pa.string())
-    latest = pa.concat_tables(outcomes).group_by("key", use_threads=False)
-    decided = latest.aggregate([("done", "last")])  # in order: the latest run's outcome
-    return decided.filter(decided["done_last"])["key"].combine_chunks()
+    rows = pa.concat_tables(outcomes)
+    keyed = pa.table({"key": source_keys(rows), "outcome": rows["outcome"]})
+    latest = keyed.group_by("key").aggregate([("outcome", "max")])
+    done = pc.equal(pc.bit_wise_and(latest["outcome_max"], 1), 0)
+    return latest.filter(done)["key"].combine_chunks()
 
 
-def run_outcomes(rows: pa.Table, skip_errors: Collection[str]) -> pa.Table:
-    """For each input one run read (its source key), whether that run's rows leave it done
-    ('ok' and 'skipped' rows do; an 'error' row does only where its type is in
-    `skip_errors`): one row per input, however many units it had."""
+def run_outcomes(rows: pa.Table, ordinal: int, skip_errors: Collection[str]) -> pa.Table:
+    """One run's rows (the `ordinal`-th, oldest first) as their inputs' identity columns and
+    `outcome`: 2 * ordinal, plus 1 where the row asks for its input to be processed again (an
+    'error' row whose type is not in `skip_errors`; 'ok' and 'skipped' rows do not)."""
     if rows.num_rows == 0:  # a run that wrote nothing (its files may hold no columns either)
-        return pa.table({"key": pa.array([], pa.string()), "done": pa.array([], pa.bool_())})
+        return _OUTCOMES.empty_table()
     error = pc.equal(rows["status"], STATUS_ERROR)
     kept = pc.is_in(rows["error_type"], value_set=pa.array(sorted(skip_errors), pa.string()))
-    retry = pc.and_(error, pc.invert(pc.fill_null(kept, False)))
-    keyed = pa.table({"key": source_keys(rows), "retry": retry})
-    grouped = keyed.group_by("key", use_threads=False).aggregate([("retry", "any")])
-    return pa.table({"key": grouped["key"], "done": pc.invert(grouped["retry_any"])})
+    retry = pc.cast(pc.and_(error, pc.invert(pc.fill_null(kept, False))), pa.int64())
+    outcome = pc.add(retry, 2 * ordinal)
+    return pa.table([*(rows[f.name] for f in _IDENTITY), outcome], schema=_OUTCOMES)
 
 
 def committed_versions(output: Target, run: dict[str, Any], options: StorageOptions) -> pa.Table:
