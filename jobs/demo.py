@@ -16,22 +16,32 @@ import yaml
 from vision_ops.cli import main as vision_ops_main
 from vision_ops.config import load_spec
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
+from vision_ops.embedding import similar
 from vision_ops.models import weights_unavailable
 from vision_ops.outputs import committed_run
-from vision_ops.query import connect, load_spatial, read_sql, top_labels_sql
+from vision_ops.query import connect, load_spatial, read_sql, register_views, top_labels_sql
 from vision_ops.synthetic import dicom_bytes, phantom_ct
 
 SPEC = Path(__file__).with_name("demo.yaml")
 DETECT_SPEC = Path(__file__).with_name("demo-detect.yaml")
 DICOM_SPEC = Path(__file__).with_name("demo-dicom.yaml")
 SCENES_SPEC = Path(__file__).with_name("demo-scenes.yaml")
+OCR_SPEC = Path(__file__).with_name("demo-ocr.yaml")
+EMBED_SPEC = Path(__file__).with_name("demo-embed.yaml")
 PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET = "demo-photos", "demo-scans", "demo-scenes"
 OUTPUT_BUCKET = "demo-predictions"
+DOCUMENT_BUCKET = "demo-documents"
 TABLE_BUCKET = "demo-tables"  # the embedded Iceberg REST catalog's warehouse (S3 Tables)
 ICEBERG_TABLE = "demo.predictions"
 OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/classification"
 DICOM_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/dicom"
 SCENES_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/scenes"
+OCR_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/ocr"
+# The OCR job's inputs: a scanned page and a photograph with no text, both from scikit-image.
+DOCUMENTS = ("page.png", "coffee.png")
+EMBED_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/embeddings"
+CROP_SOURCE = "chelsea.png"
+CROP_URI = f"s3://{PHOTO_BUCKET}/crops/chelsea-face.png"  # added after the other photo jobs
 SKIMAGE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -132,6 +142,79 @@ def field_tiles_sql(output_uri: str) -> str:
     )
 
 
+def run_embeddings(server: SeaweedS3, endpoint: str) -> int:
+    """Embed the photos and a crop of one; show the crop's neighbours, and check that the
+    nearest is the photo it was cut from."""
+    upload_crop(server)
+    code = vision_ops_main(["run", str(EMBED_SPEC), "--set", endpoint])
+    if code != 0:
+        return code
+    print(f"\nNeighbours of {CROP_URI} by cosine similarity ({EMBED_OUTPUT_URI})")
+    query = ["query", str(EMBED_SPEC), "--set", endpoint, "--similar-to", CROP_URI, "-k", "3"]
+    code = vision_ops_main(query)
+    if code != 0:
+        return code
+    options = {"s3": server.storage_options()}
+    connection = connect(options)
+    register_views(connection, EMBED_OUTPUT_URI, options)
+    nearest = similar(connection, [CROP_URI], k=1).fetchone()
+    expected = f"s3://{PHOTO_BUCKET}/{CROP_SOURCE}"
+    if nearest is None or nearest[3] != expected:
+        print(f"check failed: the crop's nearest neighbour is {nearest}, expected {expected}")
+        return 1
+    print(f"check: the crop's nearest neighbour is its source photo, {CROP_SOURCE}")
+    return 0
+
+
+def upload_crop(server: SeaweedS3) -> None:
+    """The middle of a photo (the cat's face in chelsea.png), half its width and height."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(next(p for p in sample_photos() if p.name == CROP_SOURCE))
+    width, height = image.size
+    buffer = io.BytesIO()
+    image.crop((width // 4, height // 4, 3 * width // 4, 3 * height // 4)).save(buffer, "PNG")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options())
+    fs.pipe_file(CROP_URI.removeprefix("s3://"), buffer.getvalue())
+    print(f"uploaded a crop of {CROP_SOURCE} to {CROP_URI}")
+
+
+def run_ocr(server: SeaweedS3, endpoint: str) -> int:
+    """Read the text of a scanned page and of a photo without any; search it, and check that
+    the page's text has its words and the photo none."""
+    import skimage.data
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options())
+    for name in DOCUMENTS:
+        fs.put_file(str(Path(skimage.data.__file__).parent / name), f"{DOCUMENT_BUCKET}/{name}")
+    print(f"uploaded {', '.join(DOCUMENTS)} to s3://{DOCUMENT_BUCKET}/")
+    code = vision_ops_main(["run", str(OCR_SPEC), "--set", endpoint])
+    if code != 0:
+        return code
+    print(f"\nDuckDB full-text search: the images of {OCR_OUTPUT_URI} that say 'markers'")
+    code = vision_ops_main(["query", str(OCR_SPEC), "--set", endpoint, "--search", "markers"])
+    if code != 0:
+        return code
+    options = {"s3": server.storage_options()}
+    connection = connect(options)
+    register_views(connection, OCR_OUTPUT_URI, options)
+    found = connection.sql(
+        "SELECT regexp_extract(source_uri, '[^/]+$'), status, text, len(lines) FROM predictions"
+    ).fetchall()
+    texts = {name: (status, text, lines) for name, status, text, lines in found}
+    page, photo = texts.get("page.png"), texts.get("coffee.png")
+    if not (page and page[0] == "ok" and "markers" in page[1] and "background" in page[1]):
+        print(f"check failed: page.png's row is {page}, expected its text to say markers")
+        return 1
+    if photo != ("ok", "", 0):
+        print(f"check failed: coffee.png's row is {photo}, expected ok with no text")
+        return 1
+    print(f"check: page.png reads as {page[2]} lines with 'markers'; coffee.png has no text")
+    return 0
+
+
 def skimage_photo(name: str) -> object:
     import skimage.io
 
@@ -189,7 +272,7 @@ def run_detection(endpoint: str) -> int:
 
 def main() -> int:
     os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
-    buckets = (PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, OUTPUT_BUCKET)
+    buckets = (PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, DOCUMENT_BUCKET, OUTPUT_BUCKET)
     with SeaweedS3(buckets=buckets, table_bucket=TABLE_BUCKET) as server:
         print(
             f"SeaweedFS S3 serving on {server.endpoint_url}, Iceberg REST on {server.catalog_url}"
@@ -204,6 +287,10 @@ def main() -> int:
             code = run_dicom(server, endpoint)
         if code == 0:
             code = run_scenes(server, endpoint)
+        if code == 0:
+            code = run_embeddings(server, endpoint)
+        if code == 0:
+            code = run_ocr(server, endpoint)
         if code == 0:
             code = run_detection(endpoint)
     print("SeaweedFS stopped")

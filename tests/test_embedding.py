@@ -184,9 +184,9 @@ def test_similar_returns_the_nearest_units_by_cosine(table_of_vectors, hnsw_min_
     result = similar(connection, ["s3://b/3.png"], k=5, hnsw_min_rows=hnsw_min_rows)
     rows = result.fetchall()
     columns = result.columns
-    assert columns == ["query_source_uri", "rank", "source_uri", "item_id", "frame_index",
-                       "tile_x", "tile_y", "similarity"]  # fmt: skip
-    found = [(r[2], r[7]) for r in rows]
+    assert columns == ["query_source_uri", "rank", "similarity", "source_uri", "item_id",
+                       "frame_index", "tile_x", "tile_y"]  # fmt: skip
+    found = [(r[3], r[2]) for r in rows]
     expected = expected_neighbours(vectors, 3, 5)
     assert [uri for uri, _ in found] == [uri for uri, _ in expected]
     assert found[0][0] == "s3://b/7.png" and found[0][1] > 0.99  # the near-copy first
@@ -213,7 +213,7 @@ def test_over_the_threshold_the_search_uses_an_hnsw_index(table_of_vectors):
 def test_an_item_id_names_the_query_unit_too(table_of_vectors):
     connection, _ = table_of_vectors
     rows = similar(connection, ["id-3"], k=1).fetchall()
-    assert [(r[0], r[2]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+    assert [(r[0], r[3]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
 
 
 def test_similar_to_an_unknown_or_failed_unit_says_so(table_of_vectors):

@@ -138,13 +138,12 @@ def test_photos_on_s3_embed_and_a_crop_finds_its_source(
     args = ["query", str(spec_file), "--similar-to", crop_uri, "-k", "3", "--format", "csv"]
     assert main(args) == EXIT_OK
     lines = capsys.readouterr().out.strip().splitlines()
-    assert (
-        lines[0] == "query_source_uri,rank,source_uri,item_id,frame_index,tile_x,tile_y,similarity"
-    )
+    header = "query_source_uri,rank,similarity,source_uri,item_id,frame_index,tile_x,tile_y"
+    assert lines[0] == header
     neighbours = [line.split(",") for line in lines[1:]]
-    assert neighbours[0][2] == "s3://images/embed/chelsea.png"  # the source first
+    assert neighbours[0][3] == "s3://images/embed/chelsea.png"  # the source first
     assert [int(n[1]) for n in neighbours] == [1, 2, 3]
-    similarities = [float(n[7]) for n in neighbours]
+    similarities = [float(n[2]) for n in neighbours]
     assert similarities == sorted(similarities, reverse=True)
     crop_index, source_index = names.index(CROP), names.index("chelsea.png")
     assert similarities[0] == pytest.approx(

@@ -132,8 +132,8 @@ def similar(
 ) -> Any:
     """The k nearest units (cosine similarity, largest first) of each unit whose source URI or
     item id is in `targets`, among the units embedded by the same model (itself left out). A
-    DuckDB relation: query_source_uri, rank, source_uri, item_id, frame_index, tile_x, tile_y,
-    similarity. Over `hnsw_min_rows` candidates the search goes through an HNSW index."""
+    DuckDB relation: query_source_uri, rank, similarity, source_uri, item_id, frame_index,
+    tile_x, tile_y. Over `hnsw_min_rows` candidates the search goes through an HNSW index."""
     if k <= 0:
         raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
     dim = load_vectors(connection)
@@ -164,8 +164,8 @@ def similar(
                     [(uri, item, model, rank, *row) for rank, row in enumerate(others, 1)],
                 )
     return connection.sql(
-        "SELECT n.query_source_uri, n.rank, v.source_uri, v.item_id, v.frame_index, v.tile_x, "
-        "v.tile_y, round(n.similarity, 6) AS similarity FROM neighbours n "
+        "SELECT n.query_source_uri, n.rank, round(n.similarity, 6) AS similarity, v.source_uri, "
+        "v.item_id, v.frame_index, v.tile_x, v.tile_y FROM neighbours n "
         "JOIN vectors v ON v.item_id = n.item_id AND v.model_weights_sha256 = n.model "
         "ORDER BY n.query_source_uri, n.query_item_id, n.rank"
     )
