@@ -164,37 +164,6 @@ def load_fts(connection: Any) -> None:
     _load_packaged_extension(connection, "fts", "full-text search (--search) in DuckDB")
 
 
-def search_sql(connection: Any, task: Task, terms: str) -> str:
-    """Full-text search over the `text` of a table's ok units (an OCR table): a BM25 index
-    (DuckDB fts, from its package) over the committed rows' text, built in memory for this
-    query -> the SELECT of the units matching any of `terms`, best first."""
-    if "text" not in {field.name for field in task.fields}:
-        raise ValueError(
-            f"--search reads the text of an OCR table; this table's task is {task.name}"
-        )
-    load_fts(connection)
-    connection.execute(
-        "CREATE OR REPLACE TABLE search_text AS SELECT row_number() OVER () AS row_key, "
-        "run_date, run_id, item_id, source_uri, text FROM predictions "
-        "WHERE status = 'ok' AND text <> ''"
-    )
-    connection.execute("PRAGMA create_fts_index('search_text', 'row_key', 'text', overwrite = 1)")
-    literal = "'" + terms.replace("'", "''") + "'"
-    return f"""
-        SELECT regexp_extract(source_uri, '[^/]+$') AS image, round(score, 3) AS score,
-               run_id, source_uri, text
-        FROM (SELECT *, fts_main_search_text.match_bm25(row_key, {literal}) AS score
-              FROM search_text)
-        WHERE score IS NOT NULL
-        ORDER BY score DESC, source_uri
-    """
-
-
-def load_fts(connection: Any) -> None:
-    """DuckDB full-text search from its package (no download)."""
-    _load_packaged_extension(connection, "fts", "full-text search (--search) in DuckDB")
-
-
 def load_spatial(connection: Any) -> None:
     """DuckDB spatial from its package (no download): footprints read as GEOMETRY."""
     _load_packaged_extension(connection, "spatial", "geometries in DuckDB")
