@@ -11,10 +11,12 @@ Adding a task (e.g. `ocr`):
    tests/test_tasks.py checks it names exactly the registered tasks);
 2. its predictor (a `vision_ops.predictors.Predictor` subclass, in its own module) and its row
    builder (a `schema.TableBuilder`: batch -> Arrow rows of the task's schema);
-3. one `register(Task(...))` call, in this module, below the others, naming them.
+3. one `register(Task(...))` call, in this module, below the others, naming them;
+4. a toy job (`TOY_JOBS[name]` in tests/toy_models.py: its model, and ground truth its
+   predictions match where the task has a scorer).
 
-Tests parametrized over `TASKS` then run it through the pipeline, query, report, verify and
-evaluate (each record names a toy model for that in tests/toy_models.py).
+tests/test_tasks.py, parametrized over `TASKS`, then checks the record and runs the toy job
+through the pipeline, `query`, `report --html`, `verify` and `evaluate`.
 
 Code that imports torch (predictors) or reads storage (scorers) is named by a
 `"module:attribute"` string and imported when used, so `query` and `report` stay light and this
