@@ -163,14 +163,14 @@ def report(trials: dict[int, list[dict[str, float]]], many_runs: int) -> None:
     }
     print("\n| committed runs | done units | listed | kept | planning s | filter s | "
           "driver peak RSS MB |\n|---|---|---|---|---|---|---|")  # fmt: skip
-    for runs, found in medians.items():
-        print(f"| {runs} | {int(found['done']):,} | {int(found['listed']):,} | "
-              f"{int(found['kept']):,} | {found['planning_s']:.2f} | {found['filter_s']:.2f} | "
-              f"{found['peak_rss_mb']:.0f} |")  # fmt: skip
-    for runs, found in trials.items():
+    for runs, median in medians.items():
+        print(f"| {runs} | {int(median['done']):,} | {int(median['listed']):,} | "
+              f"{int(median['kept']):,} | {median['planning_s']:.2f} | "
+              f"{median['filter_s']:.2f} | {median['peak_rss_mb']:.0f} |")  # fmt: skip
+    for runs, each in trials.items():
         print(f"{runs} run(s), each trial: planning "
-              + " ".join(f"{t['planning_s']:.2f}" for t in found) + " s, filter "
-              + " ".join(f"{t['filter_s']:.2f}" for t in found) + " s")  # fmt: skip
+              + " ".join(f"{t['planning_s']:.2f}" for t in each) + " s, filter "
+              + " ".join(f"{t['filter_s']:.2f}" for t in each) + " s")  # fmt: skip
     one, many = medians[1], medians[many_runs]
     print(f"\n{many_runs} runs / 1 run (medians): "
           f"planning {many['planning_s'] / one['planning_s']:.2f}x, "
