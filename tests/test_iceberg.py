@@ -342,6 +342,31 @@ def test_racing_attempts_of_one_run_id_one_wins(output) -> None:
     assert rows_by_run(output) == {"r1": uris(won[0], 3)}
 
 
+def test_runs_creating_the_table_at_the_same_instant_both_commit(output) -> None:
+    """Both find no table and create it; the catalog keeps one, and the other run's commit,
+    against the table it created, is refused (`Table UUID does not match`): it reloads the
+    table and commits again. Both runs' rows are in the one table."""
+    barrier, errors = threading.Barrier(3), []
+
+    def run(run_id: str) -> None:
+        try:
+            barrier.wait()
+            sink = IcebergSink(output, run_id, DATE, PREDICTION_SCHEMA, STORE)
+            sink.write(rows(run_id, uris(run_id, 2)))
+            sink.commit(uris(run_id, 2))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(f"c{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert rows_by_run(output) == {f"c{i}": uris(f"c{i}", 2) for i in range(3)}
+    assert len(read_back(output).snapshots()) == 3
+
+
 def test_one_run_id_on_two_dates_is_refused_before_any_work(output) -> None:
     """Reproduction (b): r1 committed for one date; r1 for another date is refused when its
     sink opens, and the first date's rows stay."""

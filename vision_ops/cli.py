@@ -9,12 +9,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from vision_ops.config import JobSpec, OutputSpec, SpecError, load_spec
+from vision_ops.config import EvaluateSpec, JobSpec, OutputSpec, SpecError, load_spec
 from vision_ops.embedding import HNSW_MIN_ROWS
 from vision_ops.errors import (
     EXIT_BAD_SPEC,
     EXIT_CLUSTER_TOO_SMALL,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TOO_MANY_ERRORS,
     VisionOpsError,
@@ -135,6 +136,12 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(err, EXIT_FAILED)
     except StorageError as err:
         return _fail(RuntimeError(f"{err}; nothing was committed"), EXIT_FAILED)
+    except KeyboardInterrupt:
+        message = (
+            "interrupted: nothing was committed; the rows made durable so far stay staged, "
+            "and the same command (the same run id) resumes from them"
+        )
+        return _fail(RuntimeError(message), EXIT_INTERRUPTED)
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors"
@@ -148,6 +155,10 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
         message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
         return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
+    if spec.evaluate is not None:  # the scheduled job's check: the hold-out, scored now
+        held = spec.evaluate
+        options = spec.storage_options
+        return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
     return EXIT_OK
 
 
@@ -319,25 +330,55 @@ def report(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Score a committed run against ground truth; the metrics land under `_metrics/`."""
-    from vision_ops.evaluate import EvaluationError, evaluate_run
-
+    """Score a committed run against ground truth; the metrics land under `_metrics/`. With a
+    spec naming a hold-out (`evaluate:`), its truth by default, and exit 5 below its floors."""
     try:
         table, options = output_of(args)
+        section = _evaluate_section(args)
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
-    if args.truth is None and args.truth_format != "imagefolder":
-        message = "evaluate needs --truth (all but --truth-format imagefolder)"
+    truth = args.truth or (section.truth if section else None)
+    truth_format = args.truth_format or (section.truth_format if section else None)
+    if truth is None and truth_format != "imagefolder":
+        message = "evaluate needs --truth (all but --truth-format imagefolder) or a spec's evaluate"
         return _fail(ValueError(message), EXIT_BAD_SPEC)
+    minimums = section.min if section else {}
+    return _score(table, truth, truth_format, args.run_id, options, minimums)
+
+
+def _score(
+    table: str | OutputSpec,
+    truth: str | None,
+    truth_format: str | None,
+    run_id: str | None,
+    options: StorageOptions,
+    minimums: dict[str, float],
+) -> int:
+    """Evaluate a committed run, print its overall metrics; exit 5 where one is below its
+    floor in `minimums`."""
+    from vision_ops.errors import EXIT_BELOW_THRESHOLD
+    from vision_ops.evaluate import EvaluationError, below_minimums, evaluate_run
+
     try:
-        metrics = evaluate_run(table, args.truth or "", args.truth_format, args.run_id, options)
+        metrics = evaluate_run(table, truth or "", truth_format, run_id, options)
+        below = below_minimums(metrics, minimums)
     except (EvaluationError, OSError, KeyError) as err:
         return _fail(err, EXIT_FAILED)
     for row in metrics.to_pylist():
         if row["label"] is None:
             print(f"{row['metric']}: {row['value']:.4f}")
     print(f"metrics: {len(metrics)} rows for run {metrics['run_id'][0]}")
+    if below:
+        message = f"below the spec's evaluate.min: {'; '.join(below)}"
+        return _fail(RuntimeError(message), EXIT_BELOW_THRESHOLD)
     return EXIT_OK
+
+
+def _evaluate_section(args: argparse.Namespace) -> EvaluateSpec | None:
+    """The `evaluate:` section of the spec TARGET names (None for a table URI)."""
+    if not args.target.endswith((".yaml", ".yml")):
+        return None
+    return load_spec(args.target, args.set or []).evaluate
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -694,13 +694,13 @@ class RuntimeSpec(StrictModel):
     durable_every_rows: int = Field(
         default=100_000,
         gt=0,
-        description="Parquet: stage the rows received so far as a part file at least every "
-        "this many rows, so a rerun of a run that did not commit resumes from them.",
+        description="Stage the rows received so far as a part file at least every this many "
+        "rows (either output format), so a rerun of a run that did not commit resumes from them.",
     )
     durable_every_s: float = Field(
         default=120.0,
         gt=0,
-        description="Parquet: ... or every this many seconds, whichever comes first (a crash "
+        description="... or every this many seconds, whichever comes first (a crash "
         "loses at most this much of the pool's work).",
     )
 
@@ -747,8 +747,8 @@ class OutputSpec(StrictModel):
     )
     uri: str = Field(
         description="parquet: the table root, rows under run_date=YYYY-MM-DD/. iceberg: the "
-        "folder beside the table for segmentation masks and evaluation metrics (the rows go "
-        "where the catalog puts the table)."
+        "folder beside the table for staged rows, segmentation masks and evaluation metrics "
+        "(the committed rows go where the catalog puts the table)."
     )
     rows_per_file: int = Field(default=250_000, gt=0, description="Rows per Parquet file.")
     table: str | None = Field(
@@ -821,6 +821,37 @@ class RunSpec(StrictModel):
     )
 
 
+class EvaluateSpec(StrictModel):
+    """The labelled hold-out a scheduled run is scored against after it commits (`vision-ops
+    evaluate SPEC`), and the floors its overall metrics must reach."""
+
+    truth: str | None = Field(
+        default=None,
+        description="The hold-out's ground truth, as `evaluate --truth` takes it: labels "
+        "CSV/Parquet (uri, label), COCO JSON, or a folder of PNG class-id masks; its images "
+        "are among the run's inputs. Unused for truth_format imagefolder.",
+    )
+    truth_format: str | None = Field(
+        default=None,
+        description="As `evaluate --truth-format`; default: the run's task's first (classification "
+        "table, detection coco, segmentation masks).",
+    )
+    min: dict[str, float] = Field(
+        default_factory=dict,
+        description="Overall metric -> the lowest value accepted, e.g. {accuracy: 0.8, "
+        "top5_accuracy: 0.95}; `evaluate` exits 5 when one falls below.",
+    )
+
+    @model_validator(mode="after")
+    def _truth_given(self) -> EvaluateSpec:
+        if self.truth is None and self.truth_format != "imagefolder":
+            raise ValueError(
+                "evaluate.truth: expected the hold-out's ground truth (a URI), found none "
+                "(only truth_format: imagefolder takes the labels from the folders)"
+            )
+        return self
+
+
 class JobSpec(StrictModel):
     input: InputSpec
     task: TaskSpec = Field(default_factory=ClassificationTask)
@@ -828,6 +859,11 @@ class JobSpec(StrictModel):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     output: OutputSpec
     run: RunSpec = Field(default_factory=RunSpec)
+    evaluate: EvaluateSpec | None = Field(
+        default=None,
+        description="A labelled hold-out the scheduled job scores each run against, with the "
+        "metric floors that fail it (`vision-ops evaluate SPEC`).",
+    )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per protocol, e.g. {s3: {endpoint_url: ...}}. "

@@ -7,6 +7,8 @@ EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster c
 EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
 EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
+EXIT_BELOW_THRESHOLD = 5  # evaluated, but a metric fell below the spec's evaluate.min
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): nothing committed; a rerun resumes what was durable
 
 
 class VisionOpsError(Exception):

@@ -192,23 +192,18 @@ class IcebergSink:
     def _check_run_date(self) -> None:
         """RunDateConflict where the run id is committed on another date (as for Parquet: a
         run id names one run on one date; its rerun must not move it)."""
-        for snapshot in _history(self.table):
-            if snapshot.summary and snapshot.summary.get(RUN_ID) == self.run_id:
-                table = f"table {self.output.table}"
-                check_run_date(_manifest(snapshot), self.run_date, table)
-                return
+        committed = _runs_in(self.table).get(self.run_id)
+        check_run_date(committed, self.run_date, f"table {self.output.table}")
 
     def resume(self, units_of: UnitsOf) -> frozenset[str]:
-        """Reuse what earlier attempts of this run id staged durably (StagedParts.resume): the
-        rows of the sources they hold whole are staged again for this attempt; returns those
-        sources, for the run to leave out. Nothing is reused without a `resume_key`, nor for a
-        table with masks (they are not resumed)."""
+        """Reuse what earlier attempts of this run id made durable (StagedParts.resume): the
+        rows of the sources they hold whole (with their masks, where the table has masks)
+        are staged again for this attempt; returns those sources, for the run to leave out.
+        Nothing is reused without a `resume_key`."""
+        final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+        masks = final if "mask_uri" in self.schema.names else None
         with writing_to(self.output.uri):
-            if "mask_uri" in self.schema.names:
-                found = None
-                self.parts.remove_earlier()
-            else:
-                found = self.parts.resume(self.schema, units_of, self.write)
+            found = self.parts.resume(self.schema, units_of, self.write, masks)
         self.resumed = found.units if found else 0
         return found.sources if found else frozenset()
 
@@ -234,6 +229,7 @@ class IcebergSink:
         masks = self._staged_masks()
         try:
             self._check(listed, masks)
+            self._reload()
             self._write_data_files()
             published = self._publish_masks(masks)
         except Exception:
@@ -302,7 +298,7 @@ class IcebergSink:
 
         properties = self._summary(details)
         try:
-            self.table.refresh()
+            self._reload()
             self._check_not_committed_meanwhile()
             transaction = self.table.transaction()
             metadata = self.schema.metadata or {}
@@ -331,6 +327,17 @@ class IcebergSink:
                 raise _NotCommitted(CatalogError(f"{self._failed()}: {err}"), sure=False) from None
         current = self.table.current_snapshot()
         return current.snapshot_id if current else -1
+
+    def _reload(self) -> None:
+        """The table as the catalog holds it now. Where two runs created the table at the same
+        instant, the catalog kept one of the two and this run may hold the other (PyIceberg's
+        refresh then fails: `Table UUID does not match`); the run's files go to the kept one,
+        whose columns it checks again."""
+        try:
+            self.table = self.table.catalog.load_table(self.table.name())
+        except Exception as err:  # the catalog's and requests' errors
+            raise CatalogError(f"{self._failed()}: cannot reload the table: {err}") from None
+        _check_columns(self.output, self.table, table_schema(self.schema))
 
     def _check_not_committed_meanwhile(self) -> None:
         """RunCommittedMeanwhile where a snapshot after this run began holds this run id."""
@@ -495,15 +502,26 @@ def committed_runs(output: OutputSpec) -> list[dict[str, Any]]:
     """Each run's latest commit in the current snapshot's history (its summary as a
     manifest), oldest run date first."""
     table = load_table(output)
-    if table is None:
-        return []
+    runs = _runs_in(table).values() if table is not None else []
+    return sorted(runs, key=lambda run: (run["run_date"], run["run_id"]))
+
+
+def run_manifest(output: OutputSpec, run_id: str) -> dict[str, Any] | None:
+    """One run's latest commit (its summary as a manifest) without its data files: nothing
+    planned, only the snapshot summaries read."""
+    table = load_table(output)
+    return _runs_in(table).get(run_id) if table is not None else None
+
+
+def _runs_in(table: Table) -> dict[str, dict[str, Any]]:
+    """Each run id's latest commit in the current snapshot's history, as a manifest."""
     found: dict[str, dict[str, Any]] = {}
     for snapshot in _history(table):
         summary = snapshot.summary
         run_id = summary.get(RUN_ID) if summary else None
         if run_id and run_id not in found:
             found[run_id] = _manifest(snapshot)
-    return sorted(found.values(), key=lambda run: (run["run_date"], run["run_id"]))
+    return found
 
 
 def committed_run(output: OutputSpec, run_id: str | None = None) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from fsspec import AbstractFileSystem
 
 from vision_ops.schema import SEGMENT_MASK, STATUS_OK
 from vision_ops.storage import StorageOptions, canonical_uri, filesystem, make_folder
@@ -122,3 +124,38 @@ def in_mask_frame(
     flat = resized.ndim == 2
     cropped = center_crop(resized[..., None] if flat else resized, side)
     return cropped[..., 0] if flat else cropped
+
+
+def earlier_masks(fs: AbstractFileSystem, run_staging: str, current: str) -> dict[str, str]:
+    """The masks earlier attempts of a run staged (all attempts under `run_staging` but the
+    `current` one's folder), by file name: what a resumed row's mask is found by."""
+    found: dict[str, str] = {}
+    if not fs.exists(run_staging):
+        return found
+    for path in sorted(fs.find(run_staging)):
+        folder, _, name = path.rpartition("/")
+        if folder.endswith(f"/{MASKS}") and not path.startswith(f"{current}/"):
+            found.setdefault(name, path)
+    return found
+
+
+def mask_name(uri: str) -> str:
+    return uri.rpartition("/")[2]
+
+
+def adopt_masks(
+    fs: AbstractFileSystem, table: pa.Table, earlier: dict[str, str], staged: str, final: str
+) -> pa.Table:
+    """Resumed rows with their masks moved from an earlier attempt's staging into this
+    attempt's (`staged`), each row naming the mask's URI once this attempt commits (`final`)."""
+    uris: list[str | None] = []
+    make_folder(fs, staged)
+    for uri in table["mask_uri"].to_pylist():
+        if uri is None:
+            uris.append(None)
+            continue
+        name = mask_name(uri)
+        fs.mv(earlier[name], f"{staged}/{name}")
+        uris.append(canonical_uri(fs, f"{final}/{name}"))
+    column = table.schema.get_field_index("mask_uri")
+    return table.set_column(column, table.schema.field(column), pa.array(uris, pa.string()))

@@ -72,6 +72,8 @@ class OutputFormat:
     needs_lock: bool  # one run at a time per table, through RunLock in the table root
     committed_runs: Callable[[OutputSpec, StorageOptions], list[Manifest]]
     committed_run: Callable[[OutputSpec, str | None, StorageOptions], Manifest | None]
+    # One run's manifest, files left out where listing them costs (what check_run_date needs).
+    run_manifest: Callable[[OutputSpec, str, StorageOptions], Manifest | None]
     read_run: Callable[[OutputSpec, Manifest, StorageOptions, list[str] | None], pa.Table]
     verify_run: Callable[[OutputSpec, str | None, StorageOptions], tuple[Manifest, list[str]]]
     # The DuckDB relation of the committed rows: all runs, one run, or the table at a time.
@@ -137,6 +139,9 @@ FORMATS.register("parquet")(
         committed_run=lambda output, run_id, options: sink.committed_run(
             output.uri, run_id, options
         ),
+        run_manifest=lambda output, run_id, options: sink.committed_run(
+            output.uri, run_id, options
+        ),
         read_run=_parquet_read,
         verify_run=lambda output, run_id, options: sink.verify_run(output.uri, run_id, options),
         sql_source=_parquet_sql,
@@ -195,6 +200,7 @@ FORMATS.register("iceberg")(
         needs_lock=False,
         committed_runs=lambda output, options: iceberg.committed_runs(output),
         committed_run=lambda output, run_id, options: iceberg.committed_run(output, run_id),
+        run_manifest=lambda output, run_id, options: iceberg.run_manifest(output, run_id),
         read_run=lambda output, run, options, columns: iceberg.read_run(output, run, columns),
         verify_run=lambda output, run_id, options: iceberg.verify_run(output, run_id),
         sql_source=_iceberg_sql,
@@ -224,7 +230,8 @@ def open_sink(
 
 def check_run_date(spec: JobSpec, run_id: str, run_date: dt.date) -> None:
     """RunDateConflict, before any work, where the run id is committed on another date."""
-    committed = committed_run(spec.output, run_id, spec.storage_options)
+    manifest = format_of(spec.output).run_manifest
+    committed = manifest(spec.output, run_id, spec.storage_options)
     sink.check_run_date(committed, run_date, describe(spec.output))
 
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -58,9 +58,12 @@ def find_resumable(
     schema: pa.Schema,
     key: str,
     units_of: UnitsOf,
+    masks: Collection[str] | None = None,
 ) -> Resumable | None:
     """The part files under `run_staging` (all attempts but the `current` one) that a rerun
-    reuses, and the sources they hold whole; None where a file forbids reuse (logged)."""
+    reuses, and the sources they hold whole; None where a file forbids reuse (logged). Where
+    the rows name masks, `masks` are the names of those earlier attempts staged: a source
+    with a row whose mask is not among them is not whole."""
     paths = sorted(
         path
         for path in fs.glob(f"{run_staging}/*/part-*.parquet")
@@ -68,7 +71,7 @@ def find_resumable(
     )
     usable, units = [], []
     for path in paths:
-        problem, scanned = _scan(fs, path, schema, key)
+        problem, scanned = _scan(fs, path, schema, key, masks is not None)
         if scanned is not None:
             usable.append(path)
             units.append(scanned)
@@ -77,7 +80,7 @@ def find_resumable(
         else:
             log.warning("not resuming: %s %s; the run starts over", path, problem)
             return None
-    sources = _whole_sources(units, units_of)
+    sources = _whole_sources(units, units_of, masks)
     return Resumable(usable, frozenset(sources), sum(sources.values()))
 
 
@@ -103,7 +106,7 @@ UNIT_COLUMNS = ["item_id", "source_uri", "frame_count"]
 
 
 def _scan(
-    fs: AbstractFileSystem, path: str, schema: pa.Schema, key: str
+    fs: AbstractFileSystem, path: str, schema: pa.Schema, key: str, masks: bool
 ) -> tuple[str | None, pa.Table | None]:
     """A part file's unit columns, its footer and key checked in the same read; else the
     problem that keeps it out."""
@@ -115,24 +118,31 @@ def _scan(
                 return "was made by another spec, model, input snapshot or run date", None
             if not found.remove_metadata().equals(schema.remove_metadata()):
                 return "has another schema", None
-            return None, parquet.read(columns=UNIT_COLUMNS)
+            return None, parquet.read(columns=UNIT_COLUMNS + (["mask_uri"] if masks else []))
     except (OSError, pa.ArrowException):
         return TORN, None
 
 
-def _whole_sources(tables: list[pa.Table], units_of: UnitsOf) -> dict[str, int]:
-    """Each source whose every unit the files' unit columns hold, with its unit count."""
+def _whole_sources(
+    tables: list[pa.Table], units_of: UnitsOf, masks: Collection[str] | None
+) -> dict[str, int]:
+    """Each source whose every unit the files' unit columns hold (with the mask each names,
+    where `masks` are given), with its unit count."""
     seen: set[str] = set()
     counts: Counter[str] = Counter()
     frames: dict[str, int | None] = {}
+    lacking: set[str] = set()  # sources a row of which names a mask that is not there
     for table in tables:
         columns = [table[name].to_pylist() for name in UNIT_COLUMNS]
-        for item, source, count in zip(*columns, strict=True):
+        named = table["mask_uri"].to_pylist() if masks is not None else [None] * len(table)
+        for item, source, count, mask in zip(*columns, named, strict=True):
+            if mask is not None and masks is not None and mask.rpartition("/")[2] not in masks:
+                lacking.add(source)
             if item not in seen:
                 seen.add(item)
                 counts[source] += 1
                 frames[source] = count
-    return {s: n for s, n in counts.items() if n == units_of(s, frames[s])}
+    return {s: n for s, n in counts.items() if n == units_of(s, frames[s]) and s not in lacking}
 
 
 def _read(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:

@@ -174,15 +174,13 @@ class ParquetSink:
 
     def resume(self, units_of: UnitsOf) -> frozenset[str]:
         """Reuse what earlier attempts of this run id made durable (StagedParts.resume): the
-        rows of the sources they hold whole are staged again for this attempt; returns those
-        sources, for the run to leave out. Nothing is reused without a `resume_key`, nor for a
-        table with masks (they are not resumed)."""
+        rows of the sources they hold whole (with their masks, where the table has masks)
+        are staged again for this attempt; returns those sources, for the run to leave out.
+        Nothing is reused without a `resume_key`."""
+        final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+        masks = final if "mask_uri" in self.schema.names else None
         with writing_to(self.root_uri):
-            if "mask_uri" in self.schema.names:
-                found = None
-                self.parts.remove_earlier()
-            else:
-                found = self.parts.resume(self.schema, units_of, self.write)
+            found = self.parts.resume(self.schema, units_of, self.write, masks)
         self.resumed = found.units if found else 0
         return found.sources if found else frozenset()
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from vision_ops.masks import MASKS, adopt_masks, earlier_masks
 from vision_ops.resume import Resumable, UnitsOf, find_resumable, resumed_rows, with_resume_key
 from vision_ops.storage import make_folder
 from vision_ops.tally import bucket_of
@@ -58,18 +59,30 @@ class StagedParts:
             self._flush(self.pending_rows)
 
     def resume(
-        self, schema: pa.Schema, units_of: UnitsOf, write: Callable[[pa.Table], None]
+        self,
+        schema: pa.Schema,
+        units_of: UnitsOf,
+        write: Callable[[pa.Table], None],
+        final_masks: str | None = None,
     ) -> Resumable | None:
         """Reuse what earlier attempts of the run made durable (see vision_ops.resume): the
         rows of the sources they hold whole go through `write` (the sink's: counted, staged
-        again for this attempt), then the earlier attempts' staging is removed. Nothing is
+        again for this attempt), then the earlier attempts' staging is removed. Where rows
+        name masks (`final_masks`: this attempt's committed masks folder), the masks of the
+        reused rows move into this attempt's staging and the rows name them there. Nothing is
         reused without a resume key."""
         found = None
+        masks = None
         if self.resume_key is not None:
+            if final_masks is not None:
+                masks = earlier_masks(self.fs, self.run_folder, self.folder)
             found = find_resumable(
-                self.fs, self.run_folder, self.folder, schema, self.resume_key, units_of
+                self.fs, self.run_folder, self.folder, schema, self.resume_key, units_of, masks
             )
         for table in resumed_rows(self.fs, found) if found else ():
+            if masks is not None and final_masks is not None:
+                staged = f"{self.folder}/{MASKS}"
+                table = adopt_masks(self.fs, table, masks, staged, final_masks)
             write(table)
         self.flush()
         self.remove_earlier()
