@@ -315,8 +315,7 @@ def test_concurrent_attempts_of_one_run_id_one_wins(output) -> None:
 
 def test_racing_attempts_of_one_run_id_one_wins(output) -> None:
     """Both reach the catalog at once: one commit lands, the other fails naming the run. (The
-    table exists first: two runs that create a new table at the same instant can both create
-    it on SeaweedFS's catalog, and the loser then fails with `Table UUID does not match`.)"""
+    table exists first; runs that create it at the same instant: the next test.)"""
     open_table(output, PREDICTION_SCHEMA)
     barrier, outcomes = threading.Barrier(2), []
 
