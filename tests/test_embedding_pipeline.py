@@ -6,6 +6,7 @@ row; a headless model refused before any work."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,11 @@ def test_photos_on_s3_embed_and_a_crop_finds_its_source(
     assert [sorted(p.split(",")[:2]) for p in pairs] == [
         [crop_uri, "s3://images/embed/chelsea.png"]
     ]
+    assert main(["report", str(spec_file)]) == EXIT_OK
+    report = capsys.readouterr().out
+    assert "items: 7  ok: 6  errors: 1" in report
+    assert "scores (cosine similarity to the nearest other unit)" in report
+    assert re.search(r"top labels \(units per model\):\n +6  efficientnet_lite0\n", report)
     missing = ["query", str(spec_file), "--similar-to", "s3://images/embed/truncated.jpg"]
     assert main(missing) == EXIT_FAILED
     assert "expected the source URI or item id of an embedded unit" in capsys.readouterr().err
