@@ -29,7 +29,7 @@ from vision_ops.embedding import (
 )
 from vision_ops.embedding_predictor import HeadNotFound, feature_size, find_head, remove_head
 from vision_ops.models import ModelError
-from vision_ops.schema import declared_schema
+from vision_ops.schema import declared_schema, item_id
 
 # One architecture per head layout (see vision_ops.embedding_predictor), with its feature size.
 FAMILIES = {
@@ -109,7 +109,7 @@ def batch_of(vectors: np.ndarray, status: list[str], uris: list[str]) -> dict[st
     rows = len(status)
     return {
         "source_uri": np.array(uris, dtype=object),
-        "item_id": np.array([f"id-{i}" for i in range(rows)], dtype=object),
+        "item_id": np.array([item_id(uri) for uri in uris], dtype=object),
         "status": np.array(status, dtype=object),
         "error_type": np.array([None if s == "ok" else "CorruptImage" for s in status], object),
         "error_message": np.array([None if s == "ok" else "bad" for s in status], object),
@@ -212,7 +212,7 @@ def test_over_the_threshold_the_search_uses_an_hnsw_index(table_of_vectors):
 
 def test_an_item_id_names_the_query_unit_too(table_of_vectors):
     connection, _ = table_of_vectors
-    rows = similar(connection, ["id-3"], k=1).fetchall()
+    rows = similar(connection, [item_id("s3://b/3.png")], k=1).fetchall()
     assert [(r[0], r[3]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
 
 
@@ -226,7 +226,49 @@ def test_similar_to_an_unknown_or_failed_unit_says_so(table_of_vectors):
 def test_duplicates_are_the_pairs_above_the_threshold(table_of_vectors):
     connection, vectors = table_of_vectors
     rows = duplicates(connection, 0.95).fetchall()
-    assert [(r[0], r[1]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+    assert [sorted(r[:2]) for r in rows] == [["s3://b/3.png", "s3://b/7.png"]]
     assert rows[0][5] == pytest.approx(float(vectors[3] @ vectors[7]), abs=1e-5)
     everything = duplicates(connection, -1.0).fetchall()
     assert len(everything) == 40 * 39 // 2  # every ok pair once, the error row in none
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def commit_table(root: Path, table: pa.Table) -> str:
+    import datetime as dt
+
+    from vision_ops.sink import ParquetSink
+
+    sink = ParquetSink(str(root), "run-1", dt.date(2026, 11, 24), table.schema)
+    sink.write(table)
+    sink.commit(table["source_uri"].to_pylist())
+    return str(root)
+
+
+def test_query_similar_to_and_duplicates_from_the_command_line(tmp_path, capsys):
+    from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
+
+    vectors = unit_vectors(12, 16, seed=2)
+    vectors[5] = vectors[2] + 0.01
+    vectors[5] /= np.linalg.norm(vectors[5])
+    uris = [f"file:///photos/{i}.png" for i in range(12)]
+    schema = declared_schema("embedding", sized_fields(16))
+    rows = embedding_table(batch_of(vectors, ["ok"] * 12, uris), "run-1", schema=schema)
+    root = commit_table(tmp_path / "table", rows)
+    similarity = vectors @ vectors[2]
+    nearest = [uris[i] for i in np.argsort(-similarity) if i != 2][:2]
+    assert nearest[0] == uris[5]
+    for index in ("1000", "1"):  # an exact scan, then through the HNSW index
+        args = ["query", root, "--similar-to", uris[2], "-k", "2", "--hnsw-min-rows", index]
+        assert main([*args, "--format", "csv"]) == EXIT_OK
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split(",")[3] for line in lines[1:]] == nearest
+    assert main(["query", root, "--duplicates", "0.95", "--format", "csv"]) == EXIT_OK
+    pairs = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [sorted(line.split(",")[:2]) for line in pairs] == [[uris[2], uris[5]]]
+    both = ["query", root, "--duplicates", "0.9", "--similar-to", uris[0]]
+    assert main(both) == EXIT_BAD_SPEC
+    assert "expected SQL, --similar-to or --duplicates, found both" in capsys.readouterr().err
+    assert main(["query", root, "--similar-to", "file:///photos/none.png"]) == EXIT_FAILED
+    assert "error: --similar-to file:///photos/none.png: expected" in capsys.readouterr().err
