@@ -70,6 +70,22 @@ def evaluate_run(
     return table
 
 
+def below_minimums(metrics: pa.Table, minimums: dict[str, float]) -> list[str]:
+    """Each overall metric under its floor, as `name value < floor`; a floor naming a metric
+    the run's scorer does not give is an EvaluationError naming those it gives."""
+    overall = {r["metric"]: r["value"] for r in metrics.to_pylist() if r["label"] is None}
+    unknown = sorted(set(minimums) - set(overall))
+    if unknown:
+        raise EvaluationError(
+            f"evaluate.min names {', '.join(unknown)}: expected one of {', '.join(overall)}"
+        )
+    return [
+        f"{name} {overall[name]:.4f} < {floor}"
+        for name, floor in minimums.items()
+        if overall[name] < floor
+    ]
+
+
 def score_classification(
     rows: list[dict[str, Any]], truth: str, truth_format: str, options: StorageOptions
 ) -> list[dict[str, Any]]:
