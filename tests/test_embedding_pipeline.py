@@ -165,3 +165,33 @@ def test_photos_on_s3_embed_and_a_crop_finds_its_source(
     missing = ["query", str(spec_file), "--similar-to", "s3://images/embed/truncated.jpg"]
     assert main(missing) == EXIT_FAILED
     assert "expected the source URI or item id of an embedded unit" in capsys.readouterr().err
+
+
+def test_a_torchvision_model_with_weights_from_a_file_embeds(tiny_weights, photo_paths):
+    """mobilenet_v3_small fine-tuned to 4 classes (a state_dict file): its pre-logits, D 1024."""
+    import torchvision
+
+    model = {
+        "kind": "torchvision",
+        "architecture": "mobilenet_v3_small",
+        "weights": str(tiny_weights),
+        "num_classes": 4,
+        "preprocessing": {"resize": 256, "crop": 224, "mean": MEAN, "std": STD},
+    }
+    spec = parse_spec(embedding_job(["/tmp"], "/tmp/unused") | {"model": model})
+    check_job(spec)
+    embedder = Embedder(spec)
+    crops = [
+        np.asarray(transforms.CenterCrop(224)(transforms.Resize(256)(Image.open(p).convert("RGB"))))
+        for p in photo_paths[:2]
+    ]
+    vectors = embedder.embed(np.stack(crops))
+    reference = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
+    reference.load_state_dict(torch.load(tiny_weights, weights_only=True))
+    reference.classifier[-1] = torch.nn.Identity()
+    normalise = transforms.Normalize(MEAN, STD)
+    batch = torch.stack([normalise(transforms.functional.to_tensor(c)) for c in crops])
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(reference(batch), dim=1).numpy()
+    assert vectors.shape == (2, 1024)
+    np.testing.assert_allclose(vectors, expected, atol=2e-5)
