@@ -318,7 +318,7 @@ def report(args: argparse.Namespace) -> int:
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
     try:
-        found = build_report(table, args.run_id, options)
+        found = build_report(table, args.run_id, options, args.samples)
     except NoSuchRun as err:
         return _fail(err, EXIT_FAILED)
     print(render_text(found), end="")
@@ -521,6 +521,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
     sub.add_argument("--run-id", help="the run to report (default: the latest committed)")
     sub.add_argument("--html", help="also write a self-contained HTML page with charts here")
+    sub.add_argument(
+        "--samples", type=int, default=8, help="units per gallery strip in the page (default 8)"
+    )
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.set_defaults(handler=report)
     sub = commands.add_parser("evaluate", help="score a committed run against ground truth")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,13 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.errors import VisionOpsError
+from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
 from vision_ops.outputs import Target, committed_run, describe, read_run
-from vision_ops.registry import Registry
-from vision_ops.storage import StorageOptions, read_bytes
-from vision_ops.tasks import counts, ok_rows, task_of_run
+from vision_ops.storage import StorageOptions
+from vision_ops.tasks import counts, task_of_run
 
 SCORE_BINS = 10
 TOP_LABELS = 20
+SAMPLES = 8  # units per gallery strip (--samples)
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,10 @@ class NoSuchRun(VisionOpsError, LookupError):
 
 
 def build_report(
-    table_uri: Target, run_id: str | None = None, options: StorageOptions | None = None
+    table_uri: Target,
+    run_id: str | None = None,
+    options: StorageOptions | None = None,
+    samples: int = SAMPLES,
 ) -> RunReport:
     """The report of a committed run: the given id, else the latest."""
     manifest = committed_run(table_uri, run_id, options)
@@ -79,8 +80,14 @@ def build_report(
         metrics=overall_metrics(table_uri, manifest["run_id"], options),
         unit=task.unit,
         score=task.score,
-        panels=[PANELS.get(name)(table, options or {}) for name in task.panels],
+        panels=panels(table, (*task.panels, *COMMON_PANELS), Sources(options or {}, samples)),
     )
+
+
+def panels(table: pa.Table, names: tuple[str, ...], sources: Sources) -> list[tuple[str, str]]:
+    """The named panels (gallery.PANELS) that have something to show for the run."""
+    drawn = (PANELS.get(name)(table, sources) for name in dict.fromkeys(names))
+    return [panel for panel in drawn if panel is not None]
 
 
 def overall_metrics(
@@ -149,21 +156,24 @@ td {{ padding: 2px 12px 2px 0; }}
 <table><tr><td>items</td><td><b>{rows}</b></td><td>ok</td><td><b>{ok}</b></td>
 <td>errors</td><td><b>{errors}</b></td><td>images/s</td><td><b>{rate:.2f}</b></td>
 <td>slowest stage</td><td><b>{slowest}</b></td></tr></table>
-<div class="grid">
+{header}<div class="grid">
 <div class="card"><h2>Top labels ({unit})</h2>{labels}</div>
 <div class="card"><h2>Score distribution ({score})</h2>{scores}</div>
 <div class="card"><h2>Errors by type</h2>{errors_chart}</div>
 <div class="card"><h2>Images/s over the run</h2>{progress}</div>
 <div class="card"><h2>Against ground truth</h2>{metrics}</div>
-{panels}</div></body></html>
+</div>
+{panels}</body></html>
 """
 
 
-def render_html(report: RunReport) -> str:
-    """One page, no external files: inline SVG charts."""
+def render_html(report: RunReport, header: str = "") -> str:
+    """One page, no external files: inline SVG charts, embedded thumbnails; `header` (HTML,
+    e.g. the drift card) above the charts."""
     bins = [f"{i / SCORE_BINS:.1f}" for i in range(SCORE_BINS)]
     return PAGE.format(
         run=html.escape(report.run_id),
+        header=header,
         date=html.escape(report.run_date),
         task=report.task,
         rows=report.rows,
@@ -179,7 +189,8 @@ def render_html(report: RunReport) -> str:
         progress=line_chart(throughput_series(report.progress)),
         metrics=html.escape(_metrics_text(report.metrics)) or "not evaluated",
         panels="".join(
-            f'<div class="card"><h2>{html.escape(title)}</h2>{body}</div>'
+            f'<div class="card panel" style="margin-top:24px"><h2>{html.escape(title)}</h2>'
+            f"{body}</div>"
             for title, body in report.panels
         ),
     )
@@ -232,63 +243,3 @@ def line_chart(points: list[tuple[float, float]], width: int = 420, height: int 
         f"{t_max:.0f} s</text>"
         f'<text x="4" y="16" font-size="11">{n_max:.1f}</text></svg>'
     )
-
-
-# --- panels a task adds ----------------------------------------------------------------------
-
-Panel = Callable[[pa.Table, StorageOptions], tuple[str, str]]  # a run's rows -> (title, html)
-PANELS: Registry[Panel] = Registry("report panel")
-OVERLAYS = 4  # masks drawn over their images
-OVERLAY_ALPHA = 0.5
-
-
-@PANELS.register("mask_overlays")
-def mask_overlays(table: pa.Table, options: StorageOptions) -> tuple[str, str]:
-    """A few ok units' class masks drawn over their images (in the mask's frame: the model's
-    input), as embedded PNG; units whose image or mask cannot be read here are passed over."""
-    images: list[str] = []
-    for row in ok_rows(table).select(["source_uri", "mask_uri"]).to_pylist():
-        if len(images) == OVERLAYS:
-            break
-        if not str(row["mask_uri"] or "").endswith(".png"):
-            continue
-        try:
-            picture = overlay_png(row["source_uri"], row["mask_uri"], options)
-        except Exception:  # a source this page cannot decode (a DICOM, a scene) or a lost mask
-            continue
-        name = html.escape(str(row["source_uri"]).rsplit("/", 1)[-1])
-        images.append(
-            f'<figure style="display:inline-block;margin:4px"><img alt="{name}" '
-            f'src="data:image/png;base64,{base64.b64encode(picture).decode()}" width="192">'
-            f"<figcaption>{name}</figcaption></figure>"
-        )
-    return "Masks over their images", "".join(images) or "<p>no mask to draw</p>"
-
-
-def overlay_png(source_uri: str, mask_uri: str, options: StorageOptions) -> bytes:
-    """The image brought into its mask's frame, each class in its own colour over it."""
-    from PIL import Image
-
-    from vision_ops.decode import decode_image
-    from vision_ops.masks import in_mask_frame
-
-    mask = np.asarray(Image.open(io.BytesIO(read_bytes(mask_uri, options))))
-    image = decode_image(read_bytes(source_uri, options), max_pixels=200_000_000)
-    pixels = in_mask_frame(image, mask.shape, nearest=False).astype(np.float32)
-    colours = palette(int(mask.max()) + 1)[mask]
-    blended = (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colours
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def palette(classes: int) -> np.ndarray:
-    """float32 (classes, 3): class 0 black, then distinct hues (PASCAL VOC's bit pattern)."""
-    colours = np.zeros((classes, 3), dtype=np.float32)
-    for index in range(classes):
-        value, shift = index, 7
-        while value:
-            for channel in range(3):
-                colours[index, channel] += ((value >> channel) & 1) << shift
-            value, shift = value >> 3, shift - 1
-    return colours

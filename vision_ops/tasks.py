@@ -108,7 +108,9 @@ class Task:
       unit: what `Summary.labels` counts, in words ("images", "boxes", "share of pixels").
       score: what `Summary.scores` are, in words (the report's score chart).
       summary: ok rows of one run -> what `report` draws.
-      panels: further report panels, by name (report.PANELS), e.g. "mask_overlays".
+      panels: its report panels, by name (gallery.PANELS): its galleries, e.g. "label_strips",
+        "boxes", "mask_overlays" (every run also gets gallery.COMMON_PANELS: its error rows,
+        its scene tiles in place).
       scorer: `"module:function"` that `evaluate` calls: (rows, truth URI, truth format,
         storage options) -> metric rows; None: the task cannot be scored.
       truth_formats: the --truth-format values its scorer reads (the first is the default).
@@ -250,6 +252,7 @@ register(
         unit="images",
         score="top-1 score",
         summary=_classification_summary,
+        panels=("label_strips", "borderline"),
         scorer="vision_ops.evaluate:score_classification",
         truth_formats=("table", "imagefolder"),
     )
@@ -284,6 +287,7 @@ register(
         unit="boxes",
         score="box score",
         summary=_detection_summary,
+        panels=("boxes",),
         scorer="vision_ops.evaluate:score_detection",
         truth_formats=("coco",),
     )

@@ -1,0 +1,160 @@
+"""The report's galleries: units under their labels, borderline ones, error rows, boxes drawn
+where they were found, DICOM frames through their window and scene tiles in place, measured in
+headless Chromium; runs committed from a few rows through the real Parquet sink."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser import CHROMIUM, measure, screenshot
+from committed_rows import classified, commit_rows, failed
+from PIL import Image
+
+from vision_ops.dicom import apply_window
+from vision_ops.gallery import Sources, extremes, margin
+from vision_ops.report import build_report, render_html
+from vision_ops.synthetic import dicom_bytes, phantom_ct
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+
+
+def photo(path: Path, width: int, height: int, value: int) -> str:
+    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def classified_run(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """Six photos (cats and dogs), one gone since the run, a broken file, two CT frames."""
+    folder = tmp_path_factory.mktemp("gallery")
+    cats = [photo(folder / f"cat{i}.png", 80, 60, 40 * i) for i in range(4)]
+    dog = photo(folder / "dog.png", 60, 80, 220)
+    ct = folder / "head.dcm"
+    ct.write_bytes(
+        dicom_bytes(
+            phantom_ct(frames=2, size=64), tags={"RescaleSlope": 1, "RescaleIntercept": -1024}
+        )
+    )
+    rows = [
+        classified(cats[0], ("cat", 0.95), ("dog", 0.02)),
+        classified(cats[1], ("cat", 0.80), ("dog", 0.10)),
+        classified(cats[2], ("cat", 0.51), ("dog", 0.49)),  # the borderline one
+        classified(cats[3], ("cat", 0.60), ("dog", 0.20)),
+        classified(dog, ("dog", 0.90), ("cat", 0.05)),
+        classified(str(folder / "gone.png"), ("dog", 0.70), ("cat", 0.20)),
+        failed(str(folder / "broken.jpg"), "NotAnImage", "cannot identify image file"),
+        *[
+            classified(str(ct), ("scan", 0.7), ("cat", 0.1))
+            | {"frame_index": i, "frame_count": 2, "window_center": 40.0, "window_width": 80.0}
+            for i in range(2)
+        ],
+    ]
+    commit_rows(folder / "table", "classification", rows, "night-1", dicom=True)
+    return folder
+
+
+def test_strips_hold_the_highest_and_lowest_scoring_units() -> None:
+    rows = [{"score": s} for s in (0.1, 0.9, 0.5, 0.7, 0.3)]
+    assert [r["score"] for r in extremes(rows, "score", 3)] == [0.9, 0.7, 0.1]
+    assert [r["score"] for r in extremes(rows, "score", 8)] == [0.9, 0.7, 0.5, 0.3, 0.1]
+    assert margin([{"score": 0.6}, {"score": 0.25}]) == pytest.approx(0.35)
+    assert margin([{"score": 0.6}]) is None
+
+
+def test_a_dicom_frame_is_shown_through_its_window(classified_run) -> None:
+    sources = Sources({})
+    row = {"source_uri": str(classified_run / "head.dcm"), "frame_index": 1}
+    slices = phantom_ct(frames=2, size=64)
+    expected = apply_window(slices[1].astype(np.float64) - 1024, 40.0, 80.0, "LINEAR")
+    shown = sources.pixels(row | {"window_center": 40.0, "window_width": 80.0})
+    assert shown is not None and shown.shape == (64, 64, 3)
+    np.testing.assert_array_equal(shown[:, :, 0], expected)
+    wide = sources.pixels(row | {"window_center": 40.0, "window_width": 2000.0})
+    assert wide is not None and not np.array_equal(wide, shown)  # the window decides
+
+
+@needs_chromium
+def test_the_page_shows_units_under_their_labels(classified_run, tmp_path) -> None:
+    report = build_report(str(classified_run / "table"), samples=3)
+    drawn = measure(render_html(report), tmp_path)
+    folder = str(classified_run)
+    strips = {s["title"].split(" (")[0]: s["sources"] for s in drawn["strips"]}
+    assert strips["cat"] == [f"{folder}/cat{i}.png" for i in (0, 1, 2)]  # 2 highest, 1 lowest
+    assert strips["dog"] == [f"{folder}/dog.png", f"{folder}/gone.png"]
+    assert strips["scan"] == [f"{folder}/head.dcm"] * 2
+    assert set(drawn["missing"]) == {f"{folder}/gone.png"}  # a placeholder, the page whole
+    images = {(i["source"], i["width"], i["height"]) for i in drawn["images"]}
+    assert (f"{folder}/dog.png", 120, 160) in images  # decoded by the browser, at thumb size
+    assert (f"{folder}/head.dcm", 160, 160) in images
+    assert all(i["complete"] and i["width"] > 0 for i in drawn["images"])
+    assert drawn["errors"] == [["broken.jpg", "NotAnImage", "cannot identify image file"]]
+
+
+def test_the_borderline_strip_orders_by_margin(classified_run) -> None:
+    report = build_report(str(classified_run / "table"), samples=3)
+    body = dict(report.panels)["Borderline (smallest top-1 / top-2 margin)"]
+    shown = [part.split('"')[0].rsplit("/", 1)[1] for part in body.split('data-source="')[1:]]
+    assert shown == ["cat2.png", "cat3.png", "gone.png"]  # margins 0.02, 0.40, 0.50
+    assert "cat 0.510 / dog 0.490" in body
+
+
+@needs_chromium
+def test_boxes_are_drawn_where_they_were_found(tmp_path) -> None:
+    image = photo(tmp_path / "street.png", 200, 100, 90)
+    box = {"label_id": 1, "label": "car", "score": 0.875}
+    box |= {"x_min": 50.0, "y_min": 20.0, "x_max": 150.0, "y_max": 60.0}
+    rows = [
+        {"source_uri": image, "image_width": 200, "image_height": 100, "num_detections": 1,
+         "detections": [box]},
+    ]  # fmt: skip
+    commit_rows(tmp_path / "table", "detection", rows, "boxes")
+    page = render_html(build_report(str(tmp_path / "table")))
+    assert "car 0.88" in page
+    (drawn,) = measure(page, tmp_path)["boxes"]
+    at, image_at = drawn["at"], drawn["image"]
+    assert image_at["w"] == 160 and image_at["h"] == 80  # 200 x 100 shown at 160 x 80
+    left, top = (at["x"] - image_at["x"]) / 160, (at["y"] - image_at["y"]) / 80
+    assert left == pytest.approx(0.25, abs=0.02) and top == pytest.approx(0.2, abs=0.03)
+    assert at["w"] / 160 == pytest.approx(0.5, abs=0.03)
+    assert at["h"] / 80 == pytest.approx(0.4, abs=0.05)
+
+
+@needs_chromium
+def test_scene_tiles_lie_in_place_coloured_by_label(tmp_path) -> None:
+    scene = str(tmp_path / "scene.tif")
+    tile = {"source_uri": scene, "tile_size": 256, "scene_width": 512, "scene_height": 256}
+    rows = [
+        tile | {"tile_x": 0, "tile_y": 0, "label": "water", "score": 0.9},
+        tile | {"tile_x": 256, "tile_y": 0, "label": "forest", "score": 0.8},
+    ]
+    commit_rows(tmp_path / "table", "classification", rows, "tiles", tiles=True)
+    page = render_html(build_report(str(tmp_path / "table")))
+    tiles = {t["label"]: t for t in measure(page, tmp_path)["tiles"]}
+    assert set(tiles) == {"water", "forest"}
+    water, forest = tiles["water"]["at"], tiles["forest"]["at"]
+    scene_at = tiles["water"]["scene"]
+    assert water["x"] == pytest.approx(scene_at["x"], abs=2)
+    assert forest["x"] == pytest.approx(scene_at["x"] + scene_at["w"] / 2, abs=2)
+    assert water["w"] == pytest.approx(scene_at["w"] / 2, abs=2)
+
+
+def test_a_thumbnail_is_a_small_jpeg(classified_run) -> None:
+    report = build_report(str(classified_run / "table"), samples=1)
+    body = dict(report.panels)["Images under their labels"]
+    uri = body.split('src="data:image/jpeg;base64,')[1].split('"')[0]
+    image = Image.open(io.BytesIO(base64.b64decode(uri)))
+    assert image.format == "JPEG" and max(image.size) == 160
+
+
+@needs_chromium
+def test_screenshot_for_the_readme(classified_run, tmp_path) -> None:
+    page = tmp_path / "report.html"
+    page.write_text(render_html(build_report(str(classified_run / "table"), samples=3)))
+    shot = tmp_path / "gallery.png"
+    screenshot(page, shot, (1000, 1400))
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (1400, 1000) and len(np.unique(image.reshape(-1, 3), axis=0)) > 50

@@ -1,0 +1,389 @@
+"""Galleries: a run's units as small embedded pictures (read from their sources at report time),
+with what the model found drawn on them; the report's panels, one registry of them."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vision_ops.registry import Registry
+from vision_ops.schema import STATUS_ERROR, STATUS_OK
+from vision_ops.storage import StorageOptions, read_bytes
+
+THUMB = 160  # a thumbnail's longest side, in CSS and image pixels
+MAX_PIXELS = 200_000_000  # a source larger than this is not decoded for a thumbnail
+LABEL_STRIPS = 8  # labels with a strip of their own (the most frequent)
+ERROR_ROWS = 50  # error rows listed
+BOX_COLOUR = "#ff3b30"
+
+
+@dataclass
+class Sources:
+    """The run's sources as the report reads them: bounded samples, each file read once."""
+
+    options: StorageOptions
+    samples: int = 8  # units per strip
+    _read: dict[str, bytes | None] = field(default_factory=dict)
+
+    def data(self, uri: str) -> bytes | None:
+        """The source's bytes; None where it is gone or cannot be read (never an exception)."""
+        if uri not in self._read:
+            try:
+                self._read[uri] = read_bytes(uri, self.options)
+            except Exception:  # gone, no access, a broken store: a placeholder, not a failure
+                self._read[uri] = None
+        return self._read[uri]
+
+    def pixels(self, row: dict[str, Any]) -> np.ndarray | None:
+        """The unit as the model saw it: a DICOM frame windowed as its row says, a tile cut
+        from its image, else the decoded image; None where it cannot be had."""
+        data = self.data(str(row["source_uri"]))
+        if data is None:
+            return None
+        try:
+            return unit_pixels(row, data)
+        except Exception:  # not decodable here (a damaged file, a scene's 16-bit bands)
+            return None
+
+
+def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:
+    """RGB uint8 of one unit from its source's bytes."""
+    from vision_ops.decode import decode_image
+    from vision_ops.dicom import is_dicom
+
+    if row.get("frame_index") is not None or is_dicom(str(row["source_uri"]), data):
+        return dicom_frame(row, data)
+    image = decode_image(data, MAX_PIXELS)
+    if row.get("tile_x") is not None and row.get("tile_size"):
+        x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
+        image = image[y : y + size, x : x + size]
+    return image
+
+
+def dicom_frame(row: dict[str, Any], data: bytes) -> np.ndarray:
+    """A DICOM frame through the window its row records (the one the model saw)."""
+    from vision_ops.config import DicomSpec, Window
+    from vision_ops.dicom import decode_frame, open_instance
+
+    centre, width = row.get("window_center"), row.get("window_width")
+    window: str | Window = "file"
+    if centre is not None and width is not None:
+        window = Window(center=centre, width=max(float(width), 1.0))
+    spec = DicomSpec(window=window)
+    return decode_frame(
+        open_instance(data, spec, MAX_PIXELS), int(row.get("frame_index") or 0), spec
+    )
+
+
+def shown_size(height: int, width: int, side: int = THUMB) -> tuple[int, int]:
+    """(width, height) of a thumbnail whose longest side is `side`."""
+    scale = side / max(height, width, 1)
+    return max(round(width * scale), 1), max(round(height * scale), 1)
+
+
+def thumbnail(pixels: np.ndarray, side: int = THUMB) -> str:
+    """A JPEG data URI of the image resized so that its longest side is `side`."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(pixels[:, :, :3]))
+    size = shown_size(pixels.shape[0], pixels.shape[1], side)
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def name_of(row: dict[str, Any]) -> str:
+    """The unit in words: its file name, with the frame or tile where it is one."""
+    name = str(row["source_uri"]).rsplit("/", 1)[-1]
+    if row.get("frame_index") is not None:
+        name += f" #{row['frame_index']}"
+    if row.get("tile_x") is not None:
+        name += f" @{row['tile_x']},{row['tile_y']}"
+    return name
+
+
+def figure(sources: Sources, row: dict[str, Any], caption: str, overlay: str = "") -> str:
+    """The unit's thumbnail (or a placeholder where its source cannot be read) with an SVG
+    overlay in the unit's pixel coordinates (viewBox) and a caption."""
+    name = html.escape(name_of(row))
+    pixels = sources.pixels(row)
+    if pixels is None:
+        picture = (
+            f'<div class="missing" style="width:{THUMB}px;height:{THUMB // 2}px;'
+            "background:#eee;color:#888;font-size:11px;display:flex;align-items:center;"
+            f'justify-content:center">source unreadable</div>'
+        )
+    else:
+        height, width = pixels.shape[:2]
+        shown_w, shown_h = shown_size(height, width)
+        svg = (
+            f'<svg class="overlay" viewBox="0 0 {width} {height}" width="{shown_w}" '
+            f'height="{shown_h}" style="position:absolute;left:0;top:0">{overlay}</svg>'
+            if overlay
+            else ""
+        )
+        picture = (
+            f'<div style="position:relative;width:{shown_w}px;height:{shown_h}px">'
+            f'<img class="thumb" alt="{name}" src="{thumbnail(pixels)}" width="{shown_w}" '
+            f'height="{shown_h}">{svg}</div>'
+        )
+    return (
+        f'<figure class="unit" data-source="{html.escape(str(row["source_uri"]))}" '
+        f'style="display:inline-block;margin:4px;vertical-align:top;width:{THUMB}px">'
+        f'{picture}<figcaption style="font-size:11px;word-break:break-all">{name}<br>'
+        f"{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def strip(title: str, figures: list[str]) -> str:
+    return (
+        f'<div class="strip" data-title="{html.escape(title)}"><h3 style="font-size:13px;'
+        f'margin:8px 0 2px">{html.escape(title)}</h3>{"".join(figures) or "none"}</div>'
+    )
+
+
+# --- the panels --------------------------------------------------------------------------------
+
+# a run's rows and its sources -> (title, html), or None where the run has nothing to show
+Panel = Callable[[pa.Table, Sources], "tuple[str, str] | None"]
+PANELS: Registry[Panel] = Registry("report panel")
+COMMON_PANELS = ("error_rows", "tiles_in_place")  # every run's report asks for these
+UNIT_COLUMNS = [
+    "source_uri", "frame_index", "tile_x", "tile_y", "tile_size", "window_center",
+    "window_width", "image_width", "image_height",
+]  # fmt: skip
+
+
+def _ok(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["status"], STATUS_OK))
+
+
+def _rows(table: pa.Table, columns: list[str]) -> list[dict[str, Any]]:
+    present = [c for c in dict.fromkeys([*UNIT_COLUMNS, *columns]) if c in table.column_names]
+    return table.select(present).to_pylist()
+
+
+def extremes(rows: list[dict[str, Any]], key: str, samples: int) -> list[dict[str, Any]]:
+    """The highest-scoring half of `samples`, then the lowest (no unit twice), highest first."""
+    ranked = sorted(rows, key=lambda row: -float(row[key]))
+    if len(ranked) <= samples:
+        return ranked
+    high = (samples + 1) // 2
+    return ranked[:high] + ranked[len(ranked) - (samples - high) :]
+
+
+@PANELS.register("label_strips")
+def label_strips(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """Per frequent label, its highest and lowest scoring units."""
+    rows = _rows(_ok(table), ["label", "score"])
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(str(row["label"]), []).append(row)
+    ranked = sorted(by_label.items(), key=lambda item: (-len(item[1]), item[0]))[:LABEL_STRIPS]
+    strips = [
+        strip(
+            f"{label} ({len(units)} units; highest and lowest score)",
+            [
+                figure(sources, row, f"{label} {row['score']:.3f}")
+                for row in extremes(units, "score", sources.samples)
+            ],
+        )
+        for label, units in ranked
+    ]
+    return ("Images under their labels", "".join(strips)) if strips else None
+
+
+def margin(top_k: list[dict[str, Any]] | None) -> float | None:
+    """Top-1 score minus top-2 score; None with fewer than two."""
+    if not top_k or len(top_k) < 2:
+        return None
+    return float(top_k[0]["score"]) - float(top_k[1]["score"])
+
+
+@PANELS.register("borderline")
+def borderline(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """The units whose top two labels were closest (smallest top-1 minus top-2 margin)."""
+    rows = [row | {"margin": margin(row["top_k"])} for row in _rows(_ok(table), ["top_k"])]
+    close = sorted((r for r in rows if r["margin"] is not None), key=lambda r: r["margin"])
+    figures = [
+        figure(
+            sources,
+            row,
+            f"{row['top_k'][0]['label']} {row['top_k'][0]['score']:.3f} / "
+            f"{row['top_k'][1]['label']} {row['top_k'][1]['score']:.3f}",
+        )
+        for row in close[: sources.samples]
+    ]
+    return ("Borderline (smallest top-1 / top-2 margin)", "".join(figures)) if figures else None
+
+
+def box_overlay(detections: list[dict[str, Any]], width: int) -> str:
+    """Each box as an SVG rectangle in the unit's pixels, labelled with its label and score;
+    a Mask R-CNN mask's outline is not drawn, keypoints are dots."""
+    stroke, font = max(width / 160, 1.0), max(width / 16, 8.0)
+    shapes = []
+    for box in detections:
+        x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+        text = html.escape(f"{box['label']} {float(box['score']):.2f}")
+        shapes.append(
+            f'<rect class="box" x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" '
+            f'height="{y1 - y0:.1f}" fill="none" stroke="{BOX_COLOUR}" '
+            f'stroke-width="{stroke:.1f}"/><text x="{x0:.1f}" y="{max(y0 - stroke, font):.1f}" '
+            f'font-size="{font:.0f}" fill="{BOX_COLOUR}">{text}</text>'
+        )
+        for point in box.get("keypoints") or []:
+            shapes.append(
+                f'<circle cx="{point["x"]:.1f}" cy="{point["y"]:.1f}" r="{2 * stroke:.1f}" '
+                'fill="#34c759"/>'
+            )
+    return "".join(shapes)
+
+
+@PANELS.register("boxes")
+def boxes(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """Units with the most confident detections, their boxes drawn over them."""
+    rows = _rows(_ok(table), ["detections"])
+    best = sorted(rows, key=lambda r: -max((d["score"] for d in r["detections"] or []), default=0))
+    figures = []
+    for row in best[: sources.samples]:
+        found = row["detections"] or []
+        width = int(row.get("image_width") or THUMB)
+        caption = f"{len(found)} boxes" + (f", best {found[0]['label']}" if found else "")
+        figures.append(figure(sources, row, caption, box_overlay(found, width) or " "))
+    return ("Detections drawn on their images", "".join(figures)) if figures else None
+
+
+@PANELS.register("error_rows")
+def error_rows(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """The error rows: file (frame, tile), error type and message."""
+    errors = table.filter(pc.equal(table["status"], STATUS_ERROR))
+    if not errors.num_rows:
+        return None
+    rows = _rows(errors, ["error_type", "error_message"])[:ERROR_ROWS]
+    body = "".join(
+        f'<tr class="error"><td>{html.escape(name_of(row))}</td>'
+        f"<td><b>{html.escape(str(row['error_type']))}</b></td>"
+        f"<td>{html.escape(str(row['error_message'] or ''))[:300]}</td></tr>"
+        for row in rows
+    )
+    more = f"<p>{errors.num_rows - len(rows)} more</p>" if errors.num_rows > len(rows) else ""
+    return f"Errors ({errors.num_rows})", f'<table class="errors">{body}</table>{more}'
+
+
+@PANELS.register("tiles_in_place")
+def tiles_in_place(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """Each scene's tiles where they lie on its grid, coloured by label (grey: skipped, red
+    outline: error); drawn from the rows alone."""
+    if "tile_size" not in table.column_names:
+        return None
+    columns = ["label", "status", "scene_width", "scene_height"]
+    rows = [r for r in _rows(table, columns) if r.get("tile_x") is not None]
+    if not rows:
+        return None
+    labels = sorted({str(r.get("label")) for r in rows if r.get("label") is not None})
+    colours = {label: _hue(index, len(labels)) for index, label in enumerate(labels)}
+    scenes: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        scenes.setdefault(str(row["source_uri"]), []).append(row)
+    legend = " ".join(
+        f'<span style="background:{c};padding:0 6px">&nbsp;</span> {html.escape(k)}'
+        for k, c in colours.items()
+    )
+    maps = [_scene_map(uri, tiles, colours) for uri, tiles in list(scenes.items())[:4]]
+    return (
+        "Scene tiles in place, by label",
+        f"<p style='font-size:11px'>{legend}</p>{''.join(maps)}",
+    )
+
+
+def _scene_map(uri: str, tiles: list[dict[str, Any]], colours: dict[str, str]) -> str:
+    width = max(int(t.get("scene_width") or t["tile_x"] + t["tile_size"]) for t in tiles)
+    height = max(int(t.get("scene_height") or t["tile_y"] + t["tile_size"]) for t in tiles)
+    cells = []
+    for t in tiles:
+        label = t.get("label")
+        fill = colours.get(str(label), "#ccc") if t["status"] == STATUS_OK else "#ddd"
+        stroke = "#e45756" if t["status"] == STATUS_ERROR else "#fff"
+        cells.append(
+            f'<rect class="tile" data-label="{html.escape(str(label))}" x="{t["tile_x"]}" '
+            f'y="{t["tile_y"]}" width="{t["tile_size"]}" height="{t["tile_size"]}" '
+            f'fill="{fill}" stroke="{stroke}" stroke-width="{max(width / 200, 1):.1f}">'
+            f"<title>{html.escape(name_of(t))}: {html.escape(str(label or t['status']))}"
+            "</title></rect>"
+        )
+    shown = 360 / max(width, height)
+    return (
+        f'<figure style="display:inline-block;margin:4px"><svg class="scene" '
+        f'viewBox="0 0 {width} {height}" width="{width * shown:.0f}" '
+        f'height="{height * shown:.0f}">{"".join(cells)}</svg><figcaption '
+        f'style="font-size:11px">{html.escape(uri.rsplit("/", 1)[-1])}</figcaption></figure>'
+    )
+
+
+def _hue(index: int, count: int) -> str:
+    return f"hsl({round(360 * index / max(count, 1))}, 65%, 55%)"
+
+
+OVERLAYS = 4  # masks drawn over their images
+OVERLAY_ALPHA = 0.5
+
+
+@PANELS.register("mask_overlays")
+def mask_overlays(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """A few ok units' class masks drawn over their images (in the mask's frame: the model's
+    input), as embedded PNG; units whose image or mask cannot be read here are passed over."""
+    images: list[str] = []
+    for row in _ok(table).select(["source_uri", "mask_uri"]).to_pylist():
+        if len(images) == OVERLAYS:
+            break
+        if not str(row["mask_uri"] or "").endswith(".png"):
+            continue
+        try:
+            picture = overlay_png(row["source_uri"], row["mask_uri"], sources.options)
+        except Exception:  # a source this page cannot decode (a DICOM, a scene) or a lost mask
+            continue
+        name = html.escape(str(row["source_uri"]).rsplit("/", 1)[-1])
+        images.append(
+            f'<figure style="display:inline-block;margin:4px"><img alt="{name}" '
+            f'src="data:image/png;base64,{base64.b64encode(picture).decode()}" width="192">'
+            f"<figcaption>{name}</figcaption></figure>"
+        )
+    return "Masks over their images", "".join(images) or "<p>no mask to draw</p>"
+
+
+def overlay_png(source_uri: str, mask_uri: str, options: StorageOptions) -> bytes:
+    """The image brought into its mask's frame, each class in its own colour over it."""
+    from PIL import Image
+
+    from vision_ops.decode import decode_image
+    from vision_ops.masks import in_mask_frame
+
+    mask = np.asarray(Image.open(io.BytesIO(read_bytes(mask_uri, options))))
+    image = decode_image(read_bytes(source_uri, options), max_pixels=MAX_PIXELS)
+    pixels = in_mask_frame(image, mask.shape, nearest=False).astype(np.float32)
+    colours = palette(int(mask.max()) + 1)[mask]
+    blended = (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colours
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def palette(classes: int) -> np.ndarray:
+    """float32 (classes, 3): class 0 black, then distinct hues (PASCAL VOC's bit pattern)."""
+    colours = np.zeros((classes, 3), dtype=np.float32)
+    for index in range(classes):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                colours[index, channel] += ((value >> channel) & 1) << shift
+            value, shift = value >> 3, shift - 1
+    return colours
