@@ -1,0 +1,120 @@
+"""The scheduled job scores a labelled hold-out after each run (the spec's `evaluate:`), and
+fails below a floor: the command the KubeRay and cron examples run, on a real run."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from toy_models import TOY_JOBS, toy_images
+
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_OK, main
+from vision_ops.config import SpecError, parse_spec
+from vision_ops.errors import EXIT_BELOW_THRESHOLD, EXIT_FAILED
+
+pytestmark = pytest.mark.timeout(600)
+JOBS = Path(__file__).parents[1] / "jobs"
+RAYJOB = yaml.safe_load((JOBS / "k8s" / "rayjob.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The toy colour classifier over red.png, green.png and a broken file, and a hold-out
+    labelling all three (the broken file's error row counts as wrong: accuracy 2/3)."""
+    folder = tmp_path_factory.mktemp("nightly")
+    images = toy_images(folder)
+    truth = folder / "holdout.csv"
+    truth.write_text(
+        "uri,label\n"
+        f"file://{images / 'red' / 'red.png'},red\n"
+        f"file://{images / 'green' / 'green.png'},green\n"
+        f"file://{images / 'broken' / 'broken.png'},blue\n"
+    )
+    job = TOY_JOBS["classification"]
+    assert job.model is not None
+    spec = {
+        "input": {"uris": [str(images)]},
+        "task": {"kind": "classification"} | job.task,
+        "model": job.model(folder),
+        "runtime": {"batch_size": 4, "max_actors": 1},
+        "output": {"uri": str(folder / "table")},
+    }
+    return {"folder": folder, "spec": spec, "truth": str(truth)}
+
+
+def spec_file(toy: dict[str, Any], name: str, evaluate: dict[str, Any]) -> Path:
+    path = toy["folder"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(toy["spec"] | {"evaluate": evaluate}))
+    return path
+
+
+def rayjob_command(spec: Path) -> list[str]:
+    """The RayJob example's entrypoint, its spec (the image's path) swapped for `spec`."""
+    words = shlex.split(RAYJOB["spec"]["entrypoint"])
+    assert words[:2] == ["vision-ops", "run"] and words[2].endswith("/jobs/classify.yaml")
+    return [*words[1:2], str(spec), *words[3:]]
+
+
+def test_the_nightly_command_passes_above_the_floor_and_fails_below(ray_local, toy, capsys):
+    passing = spec_file(toy, "above", {"truth": toy["truth"], "min": {"accuracy": 0.6}})
+    assert main(rayjob_command(passing)) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "accuracy: 0.6667" in out and "evaluated: 3.0000" in out
+    (metrics,) = (toy["folder"] / "table" / "_metrics").glob("*.parquet")
+    rows = pq.read_table(metrics).to_pylist()
+    overall = {r["metric"]: r["value"] for r in rows if r["label"] is None}
+    assert overall["accuracy"] == pytest.approx(2 / 3)
+
+    failing = spec_file(
+        toy, "below", {"truth": toy["truth"], "min": {"accuracy": 0.9, "top5_accuracy": 0.5}}
+    )
+    assert main(rayjob_command(failing)) == EXIT_BELOW_THRESHOLD
+    captured = capsys.readouterr()
+    assert "error: below the spec's evaluate.min: accuracy 0.6667 < 0.9" in captured.err
+    assert "top5_accuracy" not in captured.err  # 2/3 >= 0.5: only the failing floor is named
+    assert "Traceback" not in captured.err
+
+    # The same hold-out on demand: `vision-ops evaluate SPEC` takes the spec's truth and floors.
+    assert main(["evaluate", str(failing)]) == EXIT_BELOW_THRESHOLD
+    assert main(["evaluate", str(passing)]) == EXIT_OK
+    unknown = spec_file(toy, "unknown", {"truth": toy["truth"], "min": {"top1": 0.5}})
+    capsys.readouterr()
+    assert main(["evaluate", str(unknown)]) == EXIT_FAILED
+    assert "evaluate.min names top1: expected one of accuracy, top5_accuracy" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_evaluate_section_needs_its_truth(toy) -> None:
+    with pytest.raises(SpecError, match=r"evaluate.truth: expected the hold-out's ground truth"):
+        parse_spec(toy["spec"] | {"evaluate": {"min": {"accuracy": 0.5}}})
+    imagefolder = parse_spec(toy["spec"] | {"evaluate": {"truth_format": "imagefolder"}})
+    assert imagefolder.evaluate is not None and imagefolder.evaluate.truth is None
+
+
+def test_evaluate_without_truth_or_section_is_a_spec_error(toy, capsys) -> None:
+    plain = toy["folder"] / "plain.yaml"
+    plain.write_text(yaml.safe_dump(toy["spec"]))
+    assert main(["evaluate", str(plain)]) == EXIT_BAD_SPEC
+    assert "or a spec's evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("manifest", ["rayjob.yaml", "raycronjob.yaml", "crontab.example"])
+def test_every_schedule_example_runs_a_spec_that_scores_a_hold_out(manifest: str) -> None:
+    text = (JOBS / "k8s" / manifest).read_text()
+    if manifest.endswith(".yaml"):
+        document = yaml.safe_load(text)["spec"]
+        command = document.get("entrypoint") or document["jobTemplate"]["entrypoint"]
+    else:
+        (command,) = [line for line in text.splitlines() if line and not line.startswith("#")]
+    words = shlex.split(command.replace("\\%", "%"))
+    verb = next(w for w in words if w in ("run", "backfill"))
+    spec_path = next(w for w in words if w.endswith(".yaml"))
+    assert words[words.index(verb) - 1].endswith("vision-ops")
+    spec = parse_spec(yaml.safe_load((JOBS / Path(spec_path).name).read_text()))
+    assert spec.evaluate is not None and spec.evaluate.truth
+    assert spec.evaluate.min == {"accuracy": 0.8, "top5_accuracy": 0.95}
