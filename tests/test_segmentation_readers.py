@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from vision_ops.cli import EXIT_OK, main
+from vision_ops.masks import in_mask_frame
 
 pytestmark = pytest.mark.timeout(600)
 HEIGHT, WIDTH, SIDE = 64, 80, 64  # sources are wider than the model's 64 x 64 input
@@ -144,3 +145,15 @@ def test_evaluate_refuses_another_truth_format(run, capsys) -> None:  # type: ig
 def test_verify_holds(run, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["verify", str(run / "table")]) == EXIT_OK
     assert "3 units, each once" in capsys.readouterr().out
+
+
+def test_truth_is_brought_into_the_mask_frame_as_the_reader_brings_images() -> None:
+    """A 128 x 160 truth for a 64 x 64 mask: the shorter side halved (nearest), the longer
+    cropped about the centre, as the reader resizes and crops the image."""
+    truth = np.zeros((128, 160), np.uint8)
+    truth[32:96, 40:120] = 7
+    framed = in_mask_frame(truth, (SIDE, SIDE))
+    expected = np.zeros((SIDE, SIDE), np.uint8)
+    expected[16:48, 20 - 8 : 60 - 8] = 7  # halved, then 8 columns cropped on each side
+    assert framed.shape == (SIDE, SIDE) and (framed == expected).all()
+    assert in_mask_frame(expected, (SIDE, SIDE)) is expected  # already in the frame
