@@ -272,3 +272,12 @@ def test_query_similar_to_and_duplicates_from_the_command_line(tmp_path, capsys)
     assert "expected SQL, --similar-to or --duplicates, found both" in capsys.readouterr().err
     assert main(["query", root, "--similar-to", "file:///photos/none.png"]) == EXIT_FAILED
     assert "error: --similar-to file:///photos/none.png: expected" in capsys.readouterr().err
+
+
+def test_duplicates_through_the_index_find_the_exact_pairs(table_of_vectors):
+    connection, _ = table_of_vectors
+    exact = {tuple(r[2:4]) for r in duplicates(connection, 0.3).fetchall()}
+    indexed = duplicates(connection, 0.3, k=39, hnsw_min_rows=1).fetchall()
+    assert exact and {tuple(r[2:4]) for r in indexed} == exact
+    near = duplicates(connection, 0.95, k=1, hnsw_min_rows=1).fetchall()
+    assert [sorted(r[:2]) for r in near] == [["s3://b/3.png", "s3://b/7.png"]]

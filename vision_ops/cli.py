@@ -247,7 +247,7 @@ def query_or_embeddings(args: argparse.Namespace) -> int:
         if args.similar_to:
             relation = similar(connection, args.similar_to, args.k, args.hnsw_min_rows)
         else:
-            relation = duplicates(connection, args.duplicates)
+            relation = duplicates(connection, args.duplicates, args.k, args.hnsw_min_rows)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
     except Exception as err:  # an unknown unit, no committed run, DuckDB's own errors
         return _fail(err, getattr(err, "exit_code", EXIT_FAILED))
@@ -494,7 +494,13 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of SQL (an embedding table): the nearest units, by cosine similarity, of "
         "the unit of this source URI or item id (repeatable)",
     )
-    sub.add_argument("-k", type=int, default=10, help="neighbours per --similar-to (default 10)")
+    sub.add_argument(
+        "-k",
+        type=int,
+        default=10,
+        help="neighbours per --similar-to; with --duplicates through the index, the neighbours "
+        "each unit is compared with (default 10)",
+    )
     sub.add_argument(
         "--duplicates",
         type=float,
@@ -506,8 +512,8 @@ def _parser() -> argparse.ArgumentParser:
         "--hnsw-min-rows",
         type=int,
         default=HNSW_MIN_ROWS,
-        help="--similar-to searches through an HNSW index from this many vectors of a model "
-        f"(default {HNSW_MIN_ROWS}); fewer are scanned exactly",
+        help="--similar-to and --duplicates search through an HNSW index from this many vectors "
+        f"of a model (default {HNSW_MIN_ROWS}); fewer are compared exactly",
     )
     sub.set_defaults(handler=query_or_embeddings)
 

@@ -207,27 +207,72 @@ def nearest(connection: Any, table: str, dim: int, vector: Any, k: int) -> list[
     return [(str(item), float(score)) for item, score in rows]
 
 
-def duplicates(connection: Any, threshold: float) -> Any:
+def duplicates(
+    connection: Any, threshold: float, k: int = 10, hnsw_min_rows: int = HNSW_MIN_ROWS
+) -> Any:
     """Pairs of units embedded by the same model whose cosine similarity is at least
-    `threshold`, most similar first: an exact pairwise comparison (O(units^2))."""
+    `threshold`, most similar first (source_uri, duplicate_uri, item_id, duplicate_item_id,
+    model_name, similarity). Below `hnsw_min_rows` vectors of a model, an exact pairwise
+    comparison (O(units^2)); from there each unit's `k` nearest through an HNSW index, so a
+    unit's pairs are found among its k nearest (approximately)."""
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(
             f"--duplicates: expected a cosine similarity in [-1, 1], found {threshold}"
         )
-    load_vectors(connection)
-    return connection.sql(duplicates_sql(threshold))
+    if k <= 0:
+        raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
+    dim = load_vectors(connection)
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE pairs (item_id VARCHAR, duplicate_item_id VARCHAR, "
+        "model VARCHAR, similarity FLOAT)"
+    )
+    models = connection.execute(
+        "SELECT model_weights_sha256, count(*) FROM vectors GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    for model, count in models:
+        if count < hnsw_min_rows:
+            connection.execute(exact_pairs_sql(threshold), {"model": model})
+        else:
+            _indexed_pairs(connection, model, dim, threshold, k, hnsw_min_rows)
+    return connection.sql(
+        "SELECT a.source_uri, b.source_uri AS duplicate_uri, p.item_id, p.duplicate_item_id, "
+        "a.model_name, round(p.similarity, 6) AS similarity FROM pairs p "
+        "JOIN vectors a ON a.item_id = p.item_id AND a.model_weights_sha256 = p.model "
+        "JOIN vectors b ON b.item_id = p.duplicate_item_id AND b.model_weights_sha256 = p.model "
+        "ORDER BY similarity DESC, a.source_uri, duplicate_uri"
+    )
 
 
-def duplicates_sql(threshold: float) -> str:
+def exact_pairs_sql(threshold: float) -> str:
+    """Every pair of model $model's units at least `threshold` similar, into `pairs`."""
     return f"""
-        SELECT a.source_uri AS source_uri, b.source_uri AS duplicate_uri,
-               a.item_id AS item_id, b.item_id AS duplicate_item_id, a.model_name,
-               round(array_cosine_similarity(a.embedding, b.embedding), 6) AS similarity
+        INSERT INTO pairs
+        SELECT a.item_id, b.item_id, a.model_weights_sha256,
+               array_cosine_similarity(a.embedding, b.embedding) AS similarity
         FROM vectors a JOIN vectors b
           ON a.model_weights_sha256 = b.model_weights_sha256 AND a.item_id < b.item_id
-        WHERE array_cosine_similarity(a.embedding, b.embedding) >= {float(threshold)!r}
-        ORDER BY similarity DESC, source_uri, duplicate_uri
+        WHERE a.model_weights_sha256 = $model AND similarity >= {float(threshold)!r}
     """
+
+
+def _indexed_pairs(
+    connection: Any, model: str, dim: int, threshold: float, k: int, hnsw_min_rows: int
+) -> None:
+    """Each unit of `model` against its k nearest through the HNSW index, into `pairs`."""
+    table = index_candidates(connection, model, hnsw_min_rows)
+    units = connection.execute(f"SELECT item_id, embedding FROM {table}").fetch_arrow_table()
+    ids = units["item_id"].to_pylist()
+    vectors = units["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ids), dim)
+    found: dict[tuple[str, str], float] = {}
+    for item, vector in zip(ids, vectors, strict=True):
+        for other, score in nearest(connection, table, dim, vector.tolist(), k + 1):
+            if other != item and score >= threshold:
+                found[(min(item, other), max(item, other))] = score
+    if found:
+        connection.executemany(
+            "INSERT INTO pairs VALUES (?, ?, ?, ?)",
+            [(a, b, model, score) for (a, b), score in found.items()],
+        )
 
 
 def load_vss(connection: Any) -> None:
