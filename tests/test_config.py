@@ -228,7 +228,7 @@ MISTAKES = {
     ),
     "unknown task kind": (
         with_value("task", {"kind": "captioning"}),
-        "task: expected kind: classification, detection, segmentation or ocr "
+        "task: expected kind: classification, detection, segmentation, ocr or embedding "
         "(found: {'kind': 'captioning'})",
     ),
     "weights_sha256 too short": (
