@@ -165,3 +165,27 @@ TOY_JOBS["segmentation"] = ToyJob(
 )
 # The packaged PP-OCR pair (the task's default model); the squares hold no text: ok rows, no lines.
 TOY_JOBS["ocr"] = ToyJob()
+
+
+class ColourEmbedder(torch.nn.Module):
+    """An image's mean colour (3 features), then a head `fc` that the embedding task removes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(images.mean(dim=(2, 3)))
+
+
+def colour_embedder() -> torch.nn.Module:
+    return ColourEmbedder()
+
+
+TOY_JOBS["embedding"] = ToyJob(
+    model=lambda folder: {
+        "kind": "entrypoint",
+        "entrypoint": "toy_models:colour_embedder",
+        "preprocessing": FIXED_SIZE,
+    },
+)
