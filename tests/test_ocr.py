@@ -134,7 +134,7 @@ def test_line_crop_of_a_straight_box_is_its_resize() -> None:
     crop = line_crop(image, quad(20, 10, 120, 35), height=48)
     assert crop.shape == (48, math.ceil(48 * 100 / 25), 3)
     assert crop[:, :, 1].min() >= 19.5 and crop[:, :, 1].max() <= 120.5
-    assert np.all(np.diff(crop[0, :, 1]) >= 0)
+    assert crop.dtype == np.uint8 and np.all(np.diff(crop[0, :, 1].astype(int)) >= 0)
 
 
 def test_ocr_rows_schema_and_empty_and_error_rows() -> None:
@@ -332,3 +332,30 @@ def test_query_searches_the_text_and_shows_the_lines(ocr_run, seaweed, monkeypat
     assert json.loads(capsys.readouterr().out.strip()) == {"n": 5, "sure": True}
     assert main([*args, "SELECT 1", "--search", "markers"]) == 2
     assert "expected SQL or --search, found both" in capsys.readouterr().err
+    assert main(["report", OCR_OUTPUT]) == 0
+    report = capsys.readouterr().out
+    assert "top labels (words):" in report and "markers" in report
+    assert "items: 3  ok: 2  errors: 1" in report
+
+
+def test_search_refuses_a_table_of_another_task(tmp_path, capsys) -> None:
+    import datetime as dt
+
+    from vision_ops.cli import main
+    from vision_ops.schema import item_id
+    from vision_ops.sink import ParquetSink
+    from vision_ops.tasks import get_task
+
+    schema = get_task("classification").schema
+    uri = "file:///data/a.png"
+    row = {"run_id": "r1", "item_id": item_id(uri), "source_uri": uri, "model_name": "m"}
+    row |= {"model_weights_sha256": "h", "task": "classification", "status": "error"}
+    table = pa.Table.from_pylist([row], schema=schema)
+    sink = ParquetSink(str(tmp_path / "table"), "r1", dt.date(2026, 12, 1), schema)
+    sink.write(table)
+    sink.commit([uri])
+    assert main(["query", str(tmp_path / "table"), "--search", "markers"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --search reads the text of an OCR table") and "classification" in err
+    )

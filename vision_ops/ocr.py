@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,12 +68,12 @@ class Line(NamedTuple):
 
 
 def packaged_model(role: str) -> Path:
-    """The PP-OCRv4 ONNX file the `rapidocr_onnxruntime` package ships for `role`."""
-    try:
-        import rapidocr_onnxruntime
-    except ImportError:
-        raise OcrError("OCR's default models need: pip install 'vision-ops[ocr]'") from None
-    path = Path(rapidocr_onnxruntime.__file__).parent / "models" / PACKAGED_MODELS[role]
+    """The PP-OCRv4 ONNX file the `rapidocr_onnxruntime` package ships for `role` (found, not
+    imported: the package's own code, and OpenCV, stay out of the actors)."""
+    package = importlib.util.find_spec("rapidocr_onnxruntime")
+    if package is None or package.origin is None:
+        raise OcrError("OCR's default models need: pip install 'vision-ops[ocr]'")
+    path = Path(package.origin).parent / "models" / PACKAGED_MODELS[role]
     if not path.exists():
         raise OcrError(f"the rapidocr_onnxruntime package has no {path.name} (expected 1.4.x)")
     return path
@@ -141,7 +142,7 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def line_crop(image: np.ndarray, quad: np.ndarray, height: int = REC_HEIGHT) -> np.ndarray:
     """The text line inside `quad` (tl, tr, br, bl) straightened and resampled to `height`
-    rows at its own aspect ratio -> float32 (height, width, C). A crop much taller than wide
+    rows at its own aspect ratio -> uint8 (height, width, C). A crop much taller than wide
     is vertical text, turned a quarter counter-clockwise."""
     quad = quad.astype(np.float64)
     crop_w = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
@@ -158,7 +159,7 @@ def line_crop(image: np.ndarray, quad: np.ndarray, height: int = REC_HEIGHT) -> 
     points = to_source @ np.stack([grid_x.ravel(), grid_y.ravel(), np.ones(grid_x.size)])
     source_x = (points[0] / points[2]).reshape(height, width)
     source_y = (points[1] / points[2]).reshape(height, width)
-    return sample(image, source_x, source_y)
+    return np.clip(np.rint(sample(image, source_x, source_y)), 0, 255).astype(np.uint8)
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray:
@@ -339,7 +340,7 @@ def _row_extremes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def recognizer_batch(crops: Sequence[np.ndarray]) -> np.ndarray:
-    """float32 RGB (48, w, 3) line crops -> the recogniser's (N, 3, 48, W) batch: BGR, scaled
+    """uint8 RGB (48, w, 3) line crops -> the recogniser's (N, 3, 48, W) batch: BGR, scaled
     to -1..1, padded with zeros on the right to the widest (at least 320)."""
     width = max(REC_MIN_WIDTH, *(crop.shape[1] for crop in crops))
     batch = np.zeros((len(crops), 3, REC_HEIGHT, width), dtype=np.float32)
@@ -469,6 +470,8 @@ class TextReader:
 def _groups(
     sizes: Sequence[tuple[int, int]], budget: int
 ) -> list[tuple[tuple[int, int], list[int]]]:
+    """Image indices by detector size, each group within `budget` input pixels (one image
+    larger than the budget alone)."""
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
