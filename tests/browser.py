@@ -42,7 +42,8 @@ window.addEventListener('load', () => {
     points: [...document.querySelectorAll('circle.point')].map(c => ({
       chart: c.closest('svg').dataset.chart, series: c.dataset.series, run: c.dataset.run,
       value: Number(c.dataset.value), at: box(c), plot: box(c.closest('svg').querySelector(
-        'rect.plot'))})),
+        'rect.plot')), low: Number(c.closest('svg').dataset.low),
+      high: Number(c.closest('svg').dataset.high)})),
   };
   const out = document.createElement('pre');
   out.id = 'measured';

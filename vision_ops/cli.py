@@ -8,12 +8,21 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from vision_ops.config import EvaluateSpec, JobSpec, OutputSpec, SpecError, load_spec
+from vision_ops.config import (
+    EvaluateSpec,
+    JobSpec,
+    MonitorSpec,
+    OutputSpec,
+    SpecError,
+    load_spec,
+)
 from vision_ops.embedding import HNSW_MIN_ROWS
 from vision_ops.errors import (
     EXIT_BAD_SPEC,
     EXIT_CLUSTER_TOO_SMALL,
+    EXIT_DRIFT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -22,6 +31,9 @@ from vision_ops.errors import (
 )
 from vision_ops.models import ModelError, check_job
 from vision_ops.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from vision_ops.drift import Drift
 
 __all__ = [
     "EXIT_BAD_SPEC",
@@ -310,23 +322,80 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    """A committed run's report in the terminal, and with --html as a self-contained page."""
+    """A committed run's report in the terminal, and with --html as a self-contained page;
+    --trend: every committed run's figures; --check: exit 6 where the run drifted."""
+    from vision_ops.drift import check_run, render_drift_html
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
 
     try:
         table, options = output_of(args)
+        monitor = _monitor(args)
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
+    if args.trend:
+        return _trend(args, table, options, monitor)
     try:
         found = build_report(table, args.run_id, options, args.samples)
+        drifts = check_run(table, monitor, options, found.run_id) if args.check else []
     except NoSuchRun as err:
         return _fail(err, EXIT_FAILED)
     print(render_text(found), end="")
     if args.html:
+        header = render_drift_html(drifts) if args.check else ""
         with open(args.html, "w", encoding="utf-8") as page:
-            page.write(render_html(found))
+            page.write(render_html(found, header))
         print(f"html: {args.html}")
-    return EXIT_OK
+    return _drift_verdict(drifts, args.check)
+
+
+def _monitor(args: argparse.Namespace) -> MonitorSpec:
+    """The spec's drift thresholds (defaults for a table URI), with the flags' overrides."""
+    spec = (
+        load_spec(args.target, args.set or []) if args.target.endswith((".yaml", ".yml")) else None
+    )
+    monitor = spec.monitor if spec is not None else MonitorSpec()
+    flags = {
+        "runs": args.runs,
+        "label_psi": args.max_label_psi,
+        "score_psi": args.max_score_psi,
+        "error_rate_rise": args.max_error_rate_rise,
+    }
+    try:
+        return MonitorSpec(
+            **(monitor.model_dump() | {k: v for k, v in flags.items() if v is not None})
+        )
+    except ValueError as err:
+        raise SpecError(f"report --check thresholds: {err}") from None
+
+
+def _trend(
+    args: argparse.Namespace, table: str | OutputSpec, options: StorageOptions, monitor: MonitorSpec
+) -> int:
+    from vision_ops.drift import drift, render_drift_html
+    from vision_ops.outputs import describe
+    from vision_ops.trend import render_trend_html, render_trend_text, trend
+
+    points = trend(table, options, args.since)
+    print(render_trend_text(points), end="")
+    drifts = drift(points, monitor) if args.check else []
+    if args.html:
+        header = render_drift_html(drifts) if args.check else ""
+        with open(args.html, "w", encoding="utf-8") as page:
+            page.write(render_trend_html(points, describe(table), header))
+        print(f"html: {args.html}")
+    return _drift_verdict(drifts, args.check)
+
+
+def _drift_verdict(drifts: Sequence[Drift], checked: bool) -> int:
+    """Print the drift figures; EXIT_DRIFT where one is over its threshold."""
+    if checked and not drifts:
+        print("drift: no earlier committed run to compare with")
+    for found in drifts:
+        print(f"drift: {found}")
+    crossed = [found for found in drifts if found.crossed]
+    for found in crossed:
+        print(f"alert: {found}", file=sys.stderr)
+    return EXIT_DRIFT if crossed else EXIT_OK
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -530,6 +599,21 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--samples", type=int, default=8, help="units per gallery strip in the page (default 8)"
     )
+    sub.add_argument(
+        "--trend", action="store_true", help="every committed run's figures, by run date"
+    )
+    sub.add_argument(
+        "--since", type=dt.date.fromisoformat, help="with --trend: runs from this date (YYYY-MM-DD)"
+    )
+    sub.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the run with the runs before it (spec's monitor:); exit 6 on drift",
+    )
+    sub.add_argument("--runs", type=int, help="earlier runs compared with (monitor.runs)")
+    sub.add_argument("--max-label-psi", type=float, help="overrides monitor.label_psi")
+    sub.add_argument("--max-score-psi", type=float, help="overrides monitor.score_psi")
+    sub.add_argument("--max-error-rate-rise", type=float, help="overrides monitor.error_rate_rise")
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.set_defaults(handler=report)
     sub = commands.add_parser("evaluate", help="score a committed run against ground truth")

@@ -821,6 +821,32 @@ class RunSpec(StrictModel):
     )
 
 
+class MonitorSpec(StrictModel):
+    """How far a run may move from the runs before it before `vision-ops report --check`
+    fails (exit 6): population stability indexes (README, Drift alerts) and the error rate."""
+
+    runs: int = Field(
+        default=3, ge=1, description="Earlier committed runs a run is compared with (pooled)."
+    )
+    label_psi: float = Field(
+        default=0.25,
+        gt=0,
+        description="Highest PSI of the label distribution accepted (0.1: a small shift, "
+        "0.25 and over: a large one).",
+    )
+    score_psi: float = Field(
+        default=0.25,
+        gt=0,
+        description="Highest PSI of the score distribution (10 equal bins over [0, 1]) accepted.",
+    )
+    error_rate_rise: float = Field(
+        default=0.05,
+        ge=0,
+        description="Highest rise of the error rate (error rows / units) over the earlier "
+        "runs' pooled rate accepted, e.g. 0.05: five points.",
+    )
+
+
 class EvaluateSpec(StrictModel):
     """The labelled hold-out a scheduled run is scored against after it commits (`vision-ops
     evaluate SPEC`), and the floors its overall metrics must reach."""
@@ -863,6 +889,10 @@ class JobSpec(StrictModel):
         default=None,
         description="A labelled hold-out the scheduled job scores each run against, with the "
         "metric floors that fail it (`vision-ops evaluate SPEC`).",
+    )
+    monitor: MonitorSpec = Field(
+        default_factory=MonitorSpec,
+        description="Drift thresholds `vision-ops report SPEC --check` holds each run to.",
     )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

@@ -32,14 +32,24 @@ class Sources:
     options: StorageOptions
     samples: int = 8  # units per strip
     _read: dict[str, bytes | None] = field(default_factory=dict)
+    _unreachable: set[str] = field(default_factory=set)  # stores (scheme://bucket) that failed
 
     def data(self, uri: str) -> bytes | None:
-        """The source's bytes; None where it is gone or cannot be read (never an exception)."""
+        """The source's bytes; None where it is gone or cannot be read (never an exception).
+        A remote store that failed once (no such bucket, no route, no access) is not asked
+        again: a report over a lost bucket does not wait out a retry per image."""
+        store = store_of(uri)
+        if uri not in self._read and store in self._unreachable:
+            self._read[uri] = None
         if uri not in self._read:
             try:
                 self._read[uri] = read_bytes(uri, self.options)
-            except Exception:  # gone, no access, a broken store: a placeholder, not a failure
+            except FileNotFoundError:  # this one is gone; its store still answers
                 self._read[uri] = None
+            except Exception:  # no route, no access, a broken store: a placeholder
+                self._read[uri] = None
+                if store:
+                    self._unreachable.add(store)
         return self._read[uri]
 
     def pixels(self, row: dict[str, Any]) -> np.ndarray | None:
@@ -52,6 +62,12 @@ class Sources:
             return unit_pixels(row, data)
         except Exception:  # not decodable here (a damaged file, a scene's 16-bit bands)
             return None
+
+
+def store_of(uri: str) -> str:
+    """`scheme://bucket` of a remote URI; "" for a local path (never marked unreachable)."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if rest and scheme != "file" else ""
 
 
 def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:
