@@ -203,6 +203,29 @@ def test_a_batch_reads_each_image_as_alone(reader) -> None:
         assert (line.polygon[:, 0] <= width - 1).all() and (line.polygon[:, 1] <= height - 1).all()
 
 
+def test_a_spec_names_its_own_model_files_and_dictionary(reader, tmp_path) -> None:
+    import shutil
+
+    from vision_ops.ocr_predictor import TextPredictor
+
+    files = {role: tmp_path / f"{role}.onnx" for role in ("detector", "recognizer")}
+    for role, path in files.items():
+        shutil.copy(packaged_model(role), path)
+    dictionary = tmp_path / "keys.txt"
+    dictionary.write_text("\n".join(reader.chars[1:-1]) + "\n")  # less blank and space
+    base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
+    model = {"kind": "ppocr", "dictionary": f"file://{dictionary}"}
+    model |= {role: f"file://{path}" for role, path in files.items()}
+    predictor = TextPredictor(parse_spec(base | {"task": {"kind": "ocr"}, "model": model}))
+    packaged = TextPredictor(parse_spec(base | {"task": {"kind": "ocr"}}))
+    assert predictor.model.name == "detector+recognizer"
+    assert packaged.model.name == "PP-OCRv4"
+    assert predictor.model.weights_sha256 != packaged.model.weights_sha256  # the dictionary's
+    assert predictor.reader.chars == reader.chars
+    [lines] = predictor.reader.read([page()])
+    assert [line.text for line in lines] == PAGE_LINES
+
+
 def test_a_model_file_that_is_not_onnx_is_a_model_error(tmp_path) -> None:
     from vision_ops.ocr_predictor import TextPredictor
 
