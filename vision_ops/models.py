@@ -138,11 +138,8 @@ def model_name(spec: ModelSpec) -> str:
 
 
 def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Preprocessing | None:
-    """The spec's preprocessing, else the torchvision weights' own transforms; None for detectors,
-    which take each image at its own size and resize and normalise inside the model, and for
-    OCR, which sizes each image itself."""
-    if task == "ocr":
-        return None
+    """The spec's preprocessing, else the torchvision weights' own transforms; None for the tasks
+    that take each image at its own size (detection, OCR: the model, or its reader, sizes it)."""
     if get_task(task).input_size == "any":
         if spec.preprocessing is not None:
             raise ModelError(
