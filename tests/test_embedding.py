@@ -197,17 +197,44 @@ def test_similar_returns_the_nearest_units_by_cosine(table_of_vectors, hnsw_min_
 
 def test_over_the_threshold_the_search_uses_an_hnsw_index(table_of_vectors):
     connection, vectors = table_of_vectors
-    dim = load_vectors(connection)
+    load_vectors(connection)
     plans = {}
     for threshold in (1_000_000, 40):
         connection.execute("DROP INDEX IF EXISTS candidates_hnsw")
-        table = index_candidates(connection, "a" * 64, threshold)
+        dim, rows = index_candidates(connection, "a" * 64, threshold)
+        assert (dim, rows) == (16, 40)
         explain = connection.execute(
-            f"EXPLAIN {nearest_sql(table, dim, 3)}", {"vector": vectors[0].tolist()}
+            f"EXPLAIN {nearest_sql(dim, 3)}", {"vector": vectors[0].tolist()}
         ).fetchall()
         plans[threshold] = explain[0][1]
     assert "HNSW_INDEX_SCAN" not in plans[1_000_000]
     assert "HNSW_INDEX_SCAN" in plans[40]
+
+
+def test_models_of_other_sizes_are_searched_apart(tmp_path):
+    """A table holding runs of two models (D 16 and 8): each unit's neighbours are its own
+    model's units."""
+    tables = []
+    for model, dim in (("a", 16), ("b", 8)):
+        batch = batch_of(
+            unit_vectors(5, dim, seed=dim), ["ok"] * 5, [f"s3://b/{i}.png" for i in range(5)]
+        )
+        batch["model_weights_sha256"] = np.full(5, model * 64, dtype=object)
+        tables.append(
+            embedding_table(
+                batch, f"run-{model}", schema=declared_schema("embedding", sized_fields(dim))
+            )
+        )
+        pq.write_table(tables[-1], tmp_path / f"{model}.parquet")
+    connection = duckdb.connect()
+    connection.execute(
+        f"CREATE VIEW predictions AS SELECT * FROM read_parquet('{tmp_path}/*.parquet')"
+    )
+    rows = similar(connection, ["s3://b/0.png"], k=4).fetchall()
+    assert len(rows) == 8 and sorted(r[3] for r in rows) == sorted(
+        2 * [f"s3://b/{i}.png" for i in range(1, 5)]
+    )
+    assert len(duplicates(connection, -1.0).fetchall()) == 2 * 10
 
 
 def test_an_item_id_names_the_query_unit_too(table_of_vectors):

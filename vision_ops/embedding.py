@@ -90,8 +90,9 @@ def embedding_table(
 
 
 def vectors_sql(source: str = "predictions") -> str:
-    """Each unit's latest ok vector per model (a unit embedded by several runs counts once),
-    as FLOAT[D]: DuckDB reads Parquet's fixed-size lists as lists of any length."""
+    """Each unit's latest ok vector per model (a unit embedded by several runs counts once).
+    DuckDB reads Parquet's fixed-size lists as lists (FLOAT[]); each model's vectors are cast
+    to FLOAT[D] when searched (`candidates`): a table may hold runs of models of other sizes."""
     return f"""
         SELECT item_id, source_uri, frame_index, tile_x, tile_y, run_id, model_name,
                model_weights_sha256, embedding
@@ -102,26 +103,19 @@ def vectors_sql(source: str = "predictions") -> str:
     """
 
 
-def load_vectors(connection: Any, source: str = "predictions") -> int:
-    """Materialise the candidate vectors as the temporary table `vectors` (embedding FLOAT[D]);
-    returns D. ValueError if the table holds no embeddings."""
+def load_vectors(connection: Any, source: str = "predictions") -> None:
+    """Materialise the vectors to compare as the temporary table `vectors`; ValueError if the
+    table is not an embedding table or has no ok rows."""
     columns = {row[0] for row in connection.execute(f"DESCRIBE {source}").fetchall()}
     if EMBEDDING_COLUMN not in columns:
         raise ValueError(
             f"expected an embedding table (task.kind {TASK}, an `{EMBEDDING_COLUMN}` column), "
             f"found columns {', '.join(sorted(columns))}"
         )
-    connection.execute(f"CREATE OR REPLACE TEMP TABLE raw_vectors AS {vectors_sql(source)}")
-    found = connection.execute("SELECT max(len(embedding)) FROM raw_vectors").fetchone()
-    dim = int(found[0] or 0) if found else 0
-    if dim == 0:
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE vectors AS {vectors_sql(source)}")
+    found = connection.execute("SELECT count(*) FROM vectors").fetchone()
+    if not found or found[0] == 0:
         raise ValueError("the table has no ok embedding rows to compare")
-    connection.execute(
-        "CREATE OR REPLACE TEMP TABLE vectors AS "
-        f"SELECT * REPLACE (CAST(embedding AS FLOAT[{dim}]) AS embedding) FROM raw_vectors"
-    )
-    connection.execute("DROP TABLE raw_vectors")
-    return dim
 
 
 def similar(
@@ -133,10 +127,10 @@ def similar(
     """The k nearest units (cosine similarity, largest first) of each unit whose source URI or
     item id is in `targets`, among the units embedded by the same model (itself left out). A
     DuckDB relation: query_source_uri, rank, similarity, source_uri, item_id, frame_index,
-    tile_x, tile_y. Over `hnsw_min_rows` candidates the search goes through an HNSW index."""
+    tile_x, tile_y. From `hnsw_min_rows` candidates the search goes through an HNSW index."""
     if k <= 0:
         raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
-    dim = load_vectors(connection)
+    load_vectors(connection)
     queries = connection.execute(
         "SELECT item_id, source_uri, model_weights_sha256, embedding FROM vectors "
         "WHERE source_uri IN (SELECT unnest($targets)) OR item_id IN (SELECT unnest($targets)) "
@@ -154,10 +148,10 @@ def similar(
         "VARCHAR, model VARCHAR, rank INTEGER, item_id VARCHAR, similarity FLOAT)"
     )
     for model in sorted({q[2] for q in queries}):
-        candidates = index_candidates(connection, model, hnsw_min_rows)
+        dim, _ = index_candidates(connection, model, hnsw_min_rows)
         for item, uri, query_model, vector in queries:
             if query_model == model:
-                found = nearest(connection, candidates, dim, vector, k + 1)
+                found = nearest(connection, dim, vector, k + 1)
                 others = [row for row in found if row[0] != item][:k]
                 connection.executemany(
                     "INSERT INTO neighbours VALUES (?, ?, ?, ?, ?, ?)",
@@ -171,39 +165,46 @@ def similar(
     )
 
 
-def index_candidates(connection: Any, model: str, hnsw_min_rows: int = HNSW_MIN_ROWS) -> str:
-    """The table of one model's vectors to search (`candidates`), with an HNSW index (cosine)
-    when it holds at least `hnsw_min_rows`; returns its name."""
+def index_candidates(
+    connection: Any, model: str, hnsw_min_rows: int = HNSW_MIN_ROWS
+) -> tuple[int, int]:
+    """One model's vectors as the temporary table `candidates` (embedding FLOAT[D]), with an
+    HNSW index (cosine) when it holds at least `hnsw_min_rows`; returns D and the row count."""
+    found = connection.execute(
+        "SELECT max(len(embedding)), count(*) FROM vectors WHERE model_weights_sha256 = $model",
+        {"model": model},
+    ).fetchone()
+    dim, rows = (int(found[0] or 0), int(found[1])) if found else (0, 0)
     connection.execute(
-        "CREATE OR REPLACE TEMP TABLE candidates AS "
-        "SELECT item_id, embedding FROM vectors WHERE model_weights_sha256 = $model",
+        "CREATE OR REPLACE TEMP TABLE candidates AS SELECT item_id, "
+        f"CAST(embedding AS FLOAT[{dim}]) AS embedding FROM vectors "
+        "WHERE model_weights_sha256 = $model",
         {"model": model},
     )
-    found = connection.execute("SELECT count(*) FROM candidates").fetchone()
-    if found and found[0] >= hnsw_min_rows:
+    if rows >= hnsw_min_rows:
         load_vss(connection)
         # a temporary table is in memory: no experimental index persistence involved
         connection.execute(
             "CREATE INDEX candidates_hnsw ON candidates USING HNSW (embedding) "
             "WITH (metric = 'cosine')"
         )
-    return "candidates"
+    return dim, rows
 
 
-def nearest_sql(table: str, dim: int, k: int) -> str:
-    """The k rows of `table` nearest to the vector $vector, by cosine distance: the shape an
+def nearest_sql(dim: int, k: int) -> str:
+    """The k `candidates` nearest to the vector $vector, by cosine distance: the shape an
     HNSW index on `embedding` answers (ORDER BY array_cosine_distance ... LIMIT k)."""
     return f"""
         SELECT item_id, array_cosine_similarity(embedding, $vector::FLOAT[{dim}]) AS similarity
-        FROM {table}
+        FROM candidates
         ORDER BY array_cosine_distance(embedding, $vector::FLOAT[{dim}])
         LIMIT {int(k)}
     """
 
 
-def nearest(connection: Any, table: str, dim: int, vector: Any, k: int) -> list[tuple[str, float]]:
-    """The k (item id, similarity) of `table` nearest to `vector`."""
-    rows = connection.execute(nearest_sql(table, dim, k), {"vector": vector}).fetchall()
+def nearest(connection: Any, dim: int, vector: Any, k: int) -> list[tuple[str, float]]:
+    """The k (item id, similarity) of `candidates` nearest to `vector`."""
+    rows = connection.execute(nearest_sql(dim, k), {"vector": vector}).fetchall()
     return [(str(item), float(score)) for item, score in rows]
 
 
@@ -221,19 +222,20 @@ def duplicates(
         )
     if k <= 0:
         raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
-    dim = load_vectors(connection)
+    load_vectors(connection)
     connection.execute(
         "CREATE OR REPLACE TEMP TABLE pairs (item_id VARCHAR, duplicate_item_id VARCHAR, "
         "model VARCHAR, similarity FLOAT)"
     )
     models = connection.execute(
-        "SELECT model_weights_sha256, count(*) FROM vectors GROUP BY 1 ORDER BY 1"
+        "SELECT DISTINCT model_weights_sha256 FROM vectors ORDER BY 1"
     ).fetchall()
-    for model, count in models:
-        if count < hnsw_min_rows:
+    for (model,) in models:
+        dim, rows = index_candidates(connection, model, hnsw_min_rows)
+        if rows < hnsw_min_rows:
             connection.execute(exact_pairs_sql(threshold), {"model": model})
         else:
-            _indexed_pairs(connection, model, dim, threshold, k, hnsw_min_rows)
+            _indexed_pairs(connection, model, dim, threshold, k)
     return connection.sql(
         "SELECT a.source_uri, b.source_uri AS duplicate_uri, p.item_id, p.duplicate_item_id, "
         "a.model_name, round(p.similarity, 6) AS similarity FROM pairs p "
@@ -244,28 +246,25 @@ def duplicates(
 
 
 def exact_pairs_sql(threshold: float) -> str:
-    """Every pair of model $model's units at least `threshold` similar, into `pairs`."""
+    """Every pair of `candidates` (model $model's units) at least `threshold` similar, into
+    `pairs`."""
     return f"""
         INSERT INTO pairs
-        SELECT a.item_id, b.item_id, a.model_weights_sha256,
+        SELECT a.item_id, b.item_id, $model,
                array_cosine_similarity(a.embedding, b.embedding) AS similarity
-        FROM vectors a JOIN vectors b
-          ON a.model_weights_sha256 = b.model_weights_sha256 AND a.item_id < b.item_id
-        WHERE a.model_weights_sha256 = $model AND similarity >= {float(threshold)!r}
+        FROM candidates a JOIN candidates b ON a.item_id < b.item_id
+        WHERE similarity >= {float(threshold)!r}
     """
 
 
-def _indexed_pairs(
-    connection: Any, model: str, dim: int, threshold: float, k: int, hnsw_min_rows: int
-) -> None:
-    """Each unit of `model` against its k nearest through the HNSW index, into `pairs`."""
-    table = index_candidates(connection, model, hnsw_min_rows)
-    units = connection.execute(f"SELECT item_id, embedding FROM {table}").fetch_arrow_table()
+def _indexed_pairs(connection: Any, model: str, dim: int, threshold: float, k: int) -> None:
+    """Each of `candidates` against its k nearest through their HNSW index, into `pairs`."""
+    units = connection.execute("SELECT item_id, embedding FROM candidates").to_arrow_table()
     ids = units["item_id"].to_pylist()
     vectors = units["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ids), dim)
     found: dict[tuple[str, str], float] = {}
     for item, vector in zip(ids, vectors, strict=True):
-        for other, score in nearest(connection, table, dim, vector.tolist(), k + 1):
+        for other, score in nearest(connection, dim, vector.tolist(), k + 1):
             if other != item and score >= threshold:
                 found[(min(item, other), max(item, other))] = score
     if found:
