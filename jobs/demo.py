@@ -17,6 +17,7 @@ from vision_ops.cli import main as vision_ops_main
 from vision_ops.config import load_spec
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 from vision_ops.embedding import similar
+from vision_ops.errors import EXIT_DRIFT
 from vision_ops.models import weights_unavailable
 from vision_ops.outputs import committed_run
 from vision_ops.query import connect, load_spatial, read_sql, register_views, top_labels_sql
@@ -44,6 +45,13 @@ CROP_SOURCE = "chelsea.png"
 CROP_URI = f"s3://{PHOTO_BUCKET}/crops/chelsea-face.png"  # added after the other photo jobs
 SKIMAGE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+# The nightly demo: two nights over the photos, then a night whose inputs were swapped for
+# other pictures (textures and grey photos from scikit-image): `report --check` must alert.
+NIGHTLY_OUTPUT_URI = f"s3://{OUTPUT_BUCKET}/nightly"
+SWAPPED_BUCKET = "demo-swapped"
+SWAPPED_PHOTOS = ("brick.png", "grass.png", "gravel.png", "camera.png", "coins.png", "moon.png")
+NIGHTS = ("2026-01-05", "2026-01-06", "2026-01-07")
+REPORTS = Path(__file__).resolve().parent.parent / ".demo" / "reports"
 
 
 def sample_photos() -> list[Path]:
@@ -257,22 +265,71 @@ ICEBERG_LABELS_SQL = (
 )
 
 
-def run_detection(endpoint: str) -> int:
-    """The detection job where its COCO weights can be had; else say plainly that it skipped."""
+def run_detection(endpoint: str) -> tuple[int, bool]:
+    """The detection job where its COCO weights can be had; else say plainly that it skipped.
+    The exit code, and whether it ran."""
     model = load_spec(DETECT_SPEC).model
     reason = weights_unavailable(model)
     if reason:
         print(f"\nskipped detection: {reason}")
-        return 0
+        return 0, False
     code = vision_ops_main(["run", str(DETECT_SPEC), "--set", endpoint])
     if code == 0:
         vision_ops_main(["query", str(DETECT_SPEC), "--set", endpoint])
-    return code
+    return code, True
+
+
+def write_reports(endpoint: str, detected: bool) -> int:
+    """A report page per job: the photos under their labels and the broken file under
+    errors, the CT frames through their window, the scene's tiles in place, the boxes."""
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    specs = {"classification": SPEC, "dicom": DICOM_SPEC, "scenes": SCENES_SPEC}
+    specs |= {"detection": DETECT_SPEC} if detected else {}
+    for name, spec in specs.items():
+        page = REPORTS / f"{name}.html"
+        code = vision_ops_main(["report", str(spec), "--set", endpoint, "--html", str(page)])
+        if code != 0:
+            return code
+    print(f"\nreports: {', '.join(str(REPORTS / f'{n}.html') for n in specs)}")
+    return 0
+
+
+def run_nightly(server: SeaweedS3, endpoint: str) -> int:
+    """Three nights of the photo job; on the third its inputs are other pictures. The trend
+    shows it, and `report --check` exits 6 (a drift alert) on the third night only."""
+    import skimage.data
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options())
+    for name in SWAPPED_PHOTOS:
+        fs.put_file(str(Path(skimage.data.__file__).parent / name), f"{SWAPPED_BUCKET}/{name}")
+    sets = ["--set", endpoint, "--set", f"output.uri={NIGHTLY_OUTPUT_URI}"]
+    for index, date in enumerate(NIGHTS):
+        uris = f"input.uris=[s3://{SWAPPED_BUCKET if index == 2 else PHOTO_BUCKET}/]"
+        night = ["--set", uris, "--run-id", f"night-{date}", "--run-date", date]
+        code = vision_ops_main(["run", str(SPEC), *sets, *night])
+        if code != 0:
+            return code
+    print(f"\nThe nightly table {NIGHTLY_OUTPUT_URI}, night by night:")
+    trend = ["report", str(SPEC), *sets, "--trend", "--html", str(REPORTS / "nightly.html")]
+    code = vision_ops_main(trend)
+    if code != 0:
+        return code
+    steady = ["report", str(SPEC), *sets, "--check", "--run-id", f"night-{NIGHTS[1]}"]
+    swapped = ["report", str(SPEC), *sets, "--check", "--html", str(REPORTS / "drift.html")]
+    if vision_ops_main(steady) != 0:
+        print("check failed: the second night, with the same inputs, raised a drift alert")
+        return 1
+    if vision_ops_main(swapped) != EXIT_DRIFT:
+        print("check failed: the night with swapped inputs raised no drift alert")
+        return 1
+    print("check: the night with swapped inputs raised a drift alert (report --check exit 6)")
+    return 0
 
 
 def main() -> int:
     os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
     buckets = (PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, DOCUMENT_BUCKET, OUTPUT_BUCKET)
+    buckets += (SWAPPED_BUCKET,)
     with SeaweedS3(buckets=buckets, table_bucket=TABLE_BUCKET) as server:
         print(
             f"SeaweedFS S3 serving on {server.endpoint_url}, Iceberg REST on {server.catalog_url}"
@@ -291,8 +348,13 @@ def main() -> int:
             code = run_embeddings(server, endpoint)
         if code == 0:
             code = run_ocr(server, endpoint)
+        detected = False
         if code == 0:
-            code = run_detection(endpoint)
+            code, detected = run_detection(endpoint)
+        if code == 0:
+            code = write_reports(endpoint, detected)
+        if code == 0:
+            code = run_nightly(server, endpoint)
     print("SeaweedFS stopped")
     return code
 
