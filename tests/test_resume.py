@@ -3,6 +3,7 @@ reused, whole sources only, each unit once; the rest is processed (counted at th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -11,7 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,13 @@ from test_exactly_once import make_images
 from vision_ops import outputs
 from vision_ops.cli import EXIT_OK, main
 from vision_ops.config import OutputSpec
+from vision_ops.errors import EXIT_INTERRUPTED
 from vision_ops.iceberg import IcebergSink
+from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.resume import RESUME_KEY
-from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id, output_schema
 from vision_ops.sink import ParquetSink, committed_run, verify_run
+from vision_ops.storage import canonical_uri, make_folder
 
 DATE = dt.date(2026, 11, 24)
 KEY = "k" * 64
@@ -203,6 +209,77 @@ def test_an_iceberg_rerun_commits_what_an_earlier_attempt_staged(iceberg_s3: Any
     assert rerun.fs.glob(f"{rerun.root}/_staging/r1/*/part-*") == []
 
 
+def segmentation_rows(uris: list[str], masks: str) -> pa.Table:
+    """One ok segmentation row per image, naming its mask in the committed folder `masks`."""
+    schema = output_schema("segmentation")
+    base = source_rows(uris)
+    n = len(uris)
+    columns = {name: base[name] for name in base.column_names if name in schema.names}
+    columns["task"] = pa.array(["segmentation"] * n)
+    columns["mask_uri"] = pa.array([f"{masks}/{item}.png" for item in base["item_id"].to_pylist()])
+    arrays = [columns[f.name].cast(f.type) if f.name in columns else pa.nulls(n, f.type)
+              for f in schema]  # fmt: skip
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def stage_masked_rows(sink: Any, uris: list[str], first: int) -> None:
+    """As a segmentation run does: each image's mask staged by a worker, then its row, one at
+    a time (mask `i` holds b"mask i")."""
+    staged = staged_masks_folder(sink.root, "r1", sink.attempt)
+    final = canonical_uri(sink.fs, final_masks_folder(sink.root, "r1", DATE, sink.attempt))
+    make_folder(sink.fs, staged)
+    for index, uri in enumerate(uris, start=first):
+        sink.fs.pipe_file(f"{staged}/{item_id(uri)}.png", f"mask {index}".encode())
+        sink.write(segmentation_rows([uri], final))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "iceberg"])
+def test_a_segmentation_rerun_reuses_rows_with_their_masks(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The masks of reused rows move into the rerun's staging and the rows name them where the
+    rerun commits them; a row whose mask is not there keeps its source out of the resume."""
+    schema = output_schema("segmentation")
+    settings = {"durable_every_rows": 2, "durable_every_s": 3600.0, "resume_key": KEY}
+    if kind == "parquet":
+
+        def new_sink() -> Any:
+            return ParquetSink(str(tmp_path), "r1", DATE, schema, rows_per_file=4, **settings)
+    else:
+        server = request.getfixturevalue("iceberg_s3")
+        name = f"resume_masks_{time.monotonic_ns()}"
+        output = OutputSpec(format="iceberg", uri=f"s3://out/{name}", table=f"tests.{name}",
+                            catalog=server.catalog_properties())  # fmt: skip
+
+        def new_sink() -> Any:
+            options = {"s3": server.storage_options()}
+            return IcebergSink(output, "r1", DATE, schema, options, **settings)
+
+    attempt = new_sink()
+    attempt.resume(one_unit_each)
+    stage_masked_rows(attempt, URIS[:5], first=0)  # rows 0-3 durable, 4 lost (its mask staged)
+    staged = staged_masks_folder(attempt.root, "r1", attempt.attempt)
+    attempt.fs.rm_file(f"{staged}/{item_id(URIS[3])}.png")  # a durable row's mask missing
+    rerun = new_sink()
+    assert rerun.resume(one_unit_each) == frozenset(URIS[:3]) and rerun.resumed == 3
+    stage_masked_rows(rerun, URIS[3:], first=3)
+    result = rerun.commit(URIS)
+    assert (result.rows, result.resumed) == (6, 3)
+    target: Any = str(tmp_path) if kind == "parquet" else output
+    run = outputs.committed_run(target, "r1")
+    rows = outputs.read_run(target, run, columns=["source_uri", "mask_uri"]).to_pylist()
+    fs = rerun.fs
+    fs.invalidate_cache()
+    final = final_masks_folder(rerun.root, "r1", DATE, rerun.attempt)
+    for row in rows:
+        index = URIS.index(row["source_uri"])
+        assert row["mask_uri"] == canonical_uri(fs, f"{final}/{item_id(row['source_uri'])}.png")
+        assert fs.cat_file(row["mask_uri"]) == f"mask {index}".encode()
+    assert len(rows) == 6 and len(fs.ls(final)) == 6
+    left = fs.find(f"{rerun.root}/_staging/r1") if fs.exists(f"{rerun.root}/_staging/r1") else []
+    assert [path for path in left if path.endswith((".parquet", ".png"))] == []  # none staged
+
+
 # --- the whole job: the driver killed at 70 %, then the same command again ----------------
 
 
@@ -249,23 +326,36 @@ def durable_rows(fs: Any, staging: str) -> int:
 def kill_at(spec: Path, fs: Any, staging: str, rows: int) -> None:
     """Run the spec in a driver process of its own and SIGKILL it (and its Ray) once `rows`
     rows are durable."""
+    stop_at(spec, fs, staging, rows, signal.SIGKILL, spec.with_suffix(".log"))
+
+
+def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -> int:
+    """Run the spec in a driver process of its own; once `rows` rows are durable send it `how`:
+    SIGKILL to the driver and its Ray (its process group), SIGINT to the driver alone (as
+    Ctrl-C). Returns the driver's exit status; its output is in `log`."""
     ray_temp = Path(tempfile.mkdtemp(prefix="vor", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_TMPDIR": str(ray_temp)
     }
     command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec)]
-    driver = subprocess.Popen(command, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    with log.open("wb") as out:
+        driver = subprocess.Popen(command, env=env, start_new_session=True,
+                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while durable_rows(fs, staging) < rows:
-            assert driver.poll() is None, "the run ended before it could be killed"
+            assert driver.poll() is None, "the run ended before it could be stopped"
             assert time.monotonic() < deadline, f"{rows} durable rows never appeared"
             fs.invalidate_cache()
             time.sleep(0.05)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
+        if how == signal.SIGKILL:
+            os.killpg(driver.pid, signal.SIGKILL)
+        else:
+            driver.send_signal(how)
+        return driver.wait(timeout=120)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever of its Ray is left
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
@@ -336,6 +426,157 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
         rows.select(keep).sort_by("item_id").to_pylist()
         == clean_rows.select(keep).sort_by("item_id").to_pylist()
     )
+
+
+def test_ctrl_c_exits_with_a_message_and_the_rerun_resumes(ray_local: None, tmp_path: Path) -> None:
+    """SIGINT to the driver mid-run: exit 130 with one line saying what to do, no traceback,
+    the durable parts left; the same command then resumes from them."""
+    import fsspec
+
+    total = 24
+    make_images(tmp_path / "images", total)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spec = counting_spec(tmp_path, {"uri": str(tmp_path / "table")}, marks)
+    staging = str(tmp_path / "table" / "_staging" / "k1")
+    fs = fsspec.filesystem("file")
+    log = tmp_path / "driver.log"
+    assert stop_at(spec, fs, staging, 12, signal.SIGINT, log) == EXIT_INTERRUPTED
+    output = log.read_text()
+    assert "error: interrupted: nothing was committed" in output
+    assert "Traceback" not in output, output[-3000:]
+    left = durable_rows(fs, staging)
+    assert left >= 12 and committed_run(str(tmp_path / "table"), "k1") is None
+    for mark in marks.iterdir():
+        mark.unlink()
+    assert main(["run", str(spec)]) == EXIT_OK
+    manifest = committed_run(str(tmp_path / "table"), "k1")
+    assert manifest["resumed_units"] == left  # every durable row (photos: one unit each)
+    assert images_counted(marks) == manifest["processed_units"] == total - manifest["resumed_units"]
+    assert verify_run(str(tmp_path / "table"), "k1")[1] == []
+
+
+def test_a_worker_killed_as_the_oom_killer_would_ends_exactly_once(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """SIGKILL of the predictor's process mid-run (what the kernel's or Ray's OOM killer
+    sends): Ray Data restarts the actor and the run commits each unit once; where the run
+    fails instead, the rerun resumes and does."""
+    total = 24
+    make_images(tmp_path / "images", total)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    table = str(tmp_path / "table")
+    spec = counting_spec(tmp_path, {"uri": table}, marks)
+    killed: list[int] = []
+
+    def kill_the_model_once() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            calls = sorted(marks.iterdir(), key=lambda mark: mark.stat().st_mtime_ns)
+            if len(calls) >= 3:
+                pid = int(calls[-1].name.split("-")[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_the_model_once)
+    watcher.start()
+    code = main(["run", str(spec)])
+    watcher.join()
+    assert killed, "the predictor was never killed"
+    if code != EXIT_OK:  # the run broke off: the same command resumes it
+        assert committed_run(table, "k1") is None
+        assert main(["run", str(spec)]) == EXIT_OK
+    pids = {mark.name.split("-")[0] for mark in marks.iterdir()}
+    assert len(pids) >= 2  # the model ran again in a new process
+    manifest = committed_run(table, "k1")
+    assert manifest["rows"] == manifest["ok"] == total
+    assert verify_run(table, "k1")[1] == []
+
+
+def dicom_instances(folder: Path, count: int, frames: int) -> dict[str, Any]:
+    """`count` multi-frame CT instances of `frames` frames; the spec's input section."""
+    from vision_ops.synthetic import dicom_bytes, phantom_ct
+
+    folder.mkdir()
+    for index in range(count):
+        slices = phantom_ct(frames=frames, size=48, seed=index)
+        tags = {"RescaleSlope": 1, "RescaleIntercept": -1024}
+        (folder / f"ct{index}.dcm").write_bytes(dicom_bytes(slices, tags=tags))
+    return {"uris": [str(folder)], "dicom": {"window": "brain"}}
+
+
+def geotiff_scenes(folder: Path, count: int, tiles: int) -> dict[str, Any]:
+    """`count` GeoTIFF scenes of `tiles` 64-pixel tiles each (in a row, no nodata); the spec's
+    input section."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(count):
+        profile = {
+            "driver": "GTiff", "width": 64 * tiles, "height": 64, "count": 3, "dtype": "uint8",
+            "crs": "EPSG:32632", "transform": from_origin(500_000, 5_000_000, 10, 10),
+        }  # fmt: skip
+        with rasterio.open(folder / f"scene{index}.tif", "w", **profile) as out:
+            out.write(rng.integers(1, 255, (3, 64, 64 * tiles), dtype=np.uint8))
+    return {"uris": [str(folder)], "tiling": {"size": 64, "value_range": [0, 255]}}
+
+
+def whole_sources_staged(staging: Path, units: int) -> tuple[int, int]:
+    """In the readable part files an attempt left: the units of sources held whole (each of
+    `units` units) and how many sources are held only in part."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for path in staging.glob("*/part-*.parquet"):
+        try:
+            table = pq.read_table(path, columns=["item_id", "source_uri"])
+        except Exception:  # cut short by the kill
+            continue
+        for item, source in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
+            seen[source].add(item)
+    whole = [source for source, items in seen.items() if len(items) == units]
+    return units * len(whole), len(seen) - len(whole)
+
+
+@pytest.mark.parametrize("kind", ["dicom frames", "scene tiles"])
+def test_a_killed_run_of_frames_or_tiles_resumes_whole_sources_only(
+    ray_local: None, tmp_path: Path, kind: str
+) -> None:
+    """Units are frames (4 instances of 3) or tiles (4 scenes of 3); durable every 4 rows, so
+    the kill leaves a source in part: the rerun reuses the whole ones and sends the partial
+    one to the model again whole; every unit once."""
+    sources, per_source = 4, 3
+    if kind == "dicom frames":
+        inputs = dicom_instances(tmp_path / "inputs", sources, per_source)
+    else:
+        inputs = geotiff_scenes(tmp_path / "inputs", sources, per_source)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    table = tmp_path / "table"
+    spec = counting_spec(tmp_path, {"uri": str(table)}, marks, input=inputs)
+    config = yaml.safe_load(spec.read_text())
+    config["runtime"] |= {"read_batch_size": 1}  # a source per read task
+    spec.write_text(yaml.safe_dump(config))
+    staging = table / "_staging" / "k1"
+    import fsspec
+
+    kill_at(spec, fsspec.filesystem("file"), str(staging), rows=4)
+    whole, partial = whole_sources_staged(staging, per_source)
+    assert partial >= 1, "the kill left no source in part"
+    for mark in marks.iterdir():
+        mark.unlink()
+    assert main(["run", str(spec)]) == EXIT_OK
+    manifest = committed_run(str(table), "k1")
+    assert manifest["resumed_units"] == whole  # whole sources only
+    assert images_counted(marks) == manifest["processed_units"] == sources * per_source - whole
+    assert verify_run(str(table), "k1")[1] == []
+    rows = pq.read_table(table / "run_date=2026-11-24").to_pylist()
+    units = Counter(row["source_uri"] for row in rows)
+    assert sorted(units.values()) == [per_source] * sources
+    assert {row["status"] for row in rows} == {STATUS_OK}
 
 
 def read_back(where: Store, manifest: dict[str, Any]) -> pa.Table:

@@ -114,8 +114,12 @@ def _scan(
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             found = parquet.schema_arrow
-            if (found.metadata or {}).get(RESUME_KEY.encode()) != key.encode():
-                return "was made by another spec, model, input snapshot or run date", None
+            theirs = (found.metadata or {}).get(RESUME_KEY.encode(), b"none").decode()
+            if theirs != key:
+                return (
+                    "was made by another spec, model, input snapshot or run date (resume key "
+                    f"{theirs[:12]}, this run's {key[:12]})"
+                ), None
             if not found.remove_metadata().equals(schema.remove_metadata()):
                 return "has another schema", None
             return None, parquet.read(columns=UNIT_COLUMNS + (["mask_uri"] if masks else []))
