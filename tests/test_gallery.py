@@ -158,3 +158,12 @@ def test_screenshot_for_the_readme(classified_run, tmp_path) -> None:
     screenshot(page, shot, (1000, 1400))
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[:2] == (1400, 1000) and len(np.unique(image.reshape(-1, 3), axis=0)) > 50
+
+
+def test_a_store_that_fails_is_asked_once(tmp_path) -> None:
+    sources = Sources({"s3": {"endpoint_url": "http://127.0.0.1:9"}})  # nothing listens there
+    assert sources.data("s3://lost/a.png") is None
+    assert sources._unreachable == {"s3://lost"}
+    assert sources.data("s3://lost/b.png") is None and "s3://lost/b.png" in sources._read
+    assert sources.data(str(tmp_path / "gone.png")) is None  # a local file: only itself
+    assert sources.pixels({"source_uri": photo(tmp_path / "here.png", 4, 3, 7)}) is not None
