@@ -270,6 +270,22 @@ def test_an_ocr_spec_defaults_to_the_packaged_pair_and_refuses_others(tmp_path) 
         parse_spec(base | {"task": {"kind": "ocr"}, "runtime": {"decode": "device"}})
 
 
+def test_the_packaged_pair_s_version_is_part_of_the_model_fingerprint(tmp_path) -> None:
+    """An upgrade of the package that ships the default files is a new model for incremental
+    runs; files the spec names are the model themselves."""
+    from importlib.metadata import version
+
+    from vision_ops.pipeline.incremental import model_fingerprint, packaged_files
+
+    base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
+    default = parse_spec(base | {"task": {"kind": "ocr"}})
+    assert packaged_files(default) == {"rapidocr_onnxruntime": version("rapidocr_onnxruntime")}
+    files = {"detector": str(packaged_model("detector")), "recognizer": "rec.onnx"}
+    named = parse_spec(base | {"task": {"kind": "ocr"}, "model": {"kind": "ppocr", **files}})
+    assert packaged_files(named) == {}
+    assert model_fingerprint(default) != model_fingerprint(named)
+
+
 # --- through the pipeline, on SeaweedFS ------------------------------------------------------
 
 OCR_OUTPUT = "s3://out/ocr"

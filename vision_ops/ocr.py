@@ -15,6 +15,7 @@ from PIL import Image
 from vision_ops.config import OcrTask
 from vision_ops.schema import STATUS_OK, _table, _unit_columns, declared_schema, with_stage_times
 
+OCR_PACKAGE = "rapidocr_onnxruntime"  # ships the default PP-OCRv4 pair (the ocr extra)
 # The PP-OCRv4 models (Apache-2.0) the `rapidocr_onnxruntime` package ships, by role.
 PACKAGED_MODELS = {
     "detector": "ch_PP-OCRv4_det_infer.onnx",
@@ -70,7 +71,7 @@ class Line(NamedTuple):
 def packaged_model(role: str) -> Path:
     """The PP-OCRv4 ONNX file the `rapidocr_onnxruntime` package ships for `role` (found, not
     imported: the package's own code, and OpenCV, stay out of the actors)."""
-    package = importlib.util.find_spec("rapidocr_onnxruntime")
+    package = importlib.util.find_spec(OCR_PACKAGE)
     if package is None or package.origin is None:
         raise OcrError("OCR's default models need: pip install 'vision-ops[ocr]'")
     path = Path(package.origin).parent / "models" / PACKAGED_MODELS[role]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 from collections.abc import Collection, Iterable
@@ -16,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from vision_ops.config import JobSpec
+from vision_ops.config import JobSpec, PpOcrModel
+from vision_ops.ocr import OCR_PACKAGE
 from vision_ops.outputs import Target, committed_runs, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
 from vision_ops.schema import STATUS_ERROR
@@ -151,4 +153,19 @@ def model_fingerprint(spec: JobSpec) -> str:
         settings = getattr(spec.input, name)
         if settings is not None:
             content[name] = settings.model_dump(mode="json")
+    packaged = packaged_files(spec)
+    if packaged:
+        content["packaged"] = packaged
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def packaged_files(spec: JobSpec) -> dict[str, str]:
+    """The packages whose files a model uses where the spec names none (the OCR pair's
+    defaults), by version, so that an upgrade of one is a new model."""
+    model = spec.model
+    if not isinstance(model, PpOcrModel) or (model.detector and model.recognizer):
+        return {}
+    try:
+        return {OCR_PACKAGE: importlib.metadata.version(OCR_PACKAGE)}
+    except importlib.metadata.PackageNotFoundError:  # the run itself says what to install
+        return {OCR_PACKAGE: "not installed"}
