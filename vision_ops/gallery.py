@@ -162,8 +162,9 @@ def figure(sources: Sources, row: dict[str, Any], caption: str, overlay: str = "
 
 def strip(title: str, figures: list[str]) -> str:
     return (
-        f'<div class="strip" data-title="{html.escape(title)}"><h3 style="font-size:13px;'
-        f'margin:8px 0 2px">{html.escape(title)}</h3>{"".join(figures) or "none"}</div>'
+        f'<div class="strip" data-title="{html.escape(title)}" style="display:inline-block;'
+        f'vertical-align:top;margin-right:16px"><h3 style="font-size:13px;margin:8px 0 2px">'
+        f"{html.escape(title)}</h3>{''.join(figures) or 'none'}</div>"
     )
 
 
@@ -207,7 +208,7 @@ def label_strips(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     ranked = sorted(by_label.items(), key=lambda item: (-len(item[1]), item[0]))[:LABEL_STRIPS]
     strips = [
         strip(
-            f"{label} ({len(units)} units; highest and lowest score)",
+            f"{label} ({len(units)} unit{'s' if len(units) > 1 else ''}, by score)",
             [
                 figure(sources, row, f"{label} {row['score']:.3f}")
                 for row in extremes(units, "score", sources.samples)
