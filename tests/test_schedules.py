@@ -40,6 +40,9 @@ def test_raycronjob_backfills_logical_dates() -> None:
     entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
     assert entrypoint.startswith("vision-ops backfill ") and "--from" in entrypoint
     assert entrypoint_spec(entrypoint).exists()
+    assert entrypoint.endswith(
+        " && vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check"
+    )
 
 
 def test_crontab_example_backfills_logical_dates() -> None:
@@ -53,3 +56,6 @@ def test_crontab_example_backfills_logical_dates() -> None:
     assert fields[:5] == ["30", "2", "*", "*", "*"]
     assert "vision-ops backfill jobs/classify.yaml --from" in fields[5]
     assert r"+\%F" in fields[5]  # % escaped for cron
+    assert (
+        "&& RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml --check >>" in fields[5]
+    )
