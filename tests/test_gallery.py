@@ -9,13 +9,14 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from browser import CHROMIUM, measure, screenshot
 from committed_rows import classified, commit_rows, failed
 from PIL import Image
 
 from vision_ops.dicom import apply_window
-from vision_ops.gallery import Sources, extremes, margin
+from vision_ops.gallery import Sources, best_box_scores, extremes
 from vision_ops.report import build_report, render_html
 from vision_ops.synthetic import dicom_bytes, phantom_ct
 
@@ -57,12 +58,17 @@ def classified_run(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     return folder
 
 
+def test_best_box_score_per_row() -> None:
+    entry = {"label_id": 1, "label": "a", "x_min": 0, "y_min": 0, "x_max": 1, "y_max": 1}
+    rows = [[entry | {"score": 0.2}, entry | {"score": 0.7}], [], None, [entry | {"score": 0.4}]]
+    column = pa.chunked_array([pa.array(rows[:2]), pa.array(rows[2:])])
+    assert best_box_scores(column).tolist() == pytest.approx([0.7, 0.0, 0.0, 0.4])
+
+
 def test_strips_hold_the_highest_and_lowest_scoring_units() -> None:
-    rows = [{"score": s} for s in (0.1, 0.9, 0.5, 0.7, 0.3)]
-    assert [r["score"] for r in extremes(rows, "score", 3)] == [0.9, 0.7, 0.1]
-    assert [r["score"] for r in extremes(rows, "score", 8)] == [0.9, 0.7, 0.5, 0.3, 0.1]
-    assert margin([{"score": 0.6}, {"score": 0.25}]) == pytest.approx(0.35)
-    assert margin([{"score": 0.6}]) is None
+    ranked = np.array([4, 0, 3, 1, 2])  # row positions, best first
+    assert extremes(ranked, 3).tolist() == [4, 0, 2]
+    assert extremes(ranked, 8).tolist() == [4, 0, 3, 1, 2]
 
 
 def test_a_dicom_frame_is_shown_through_its_window(classified_run) -> None:

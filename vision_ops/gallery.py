@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from vision_ops.registry import Registry
 from vision_ops.schema import STATUS_ERROR, STATUS_OK
 from vision_ops.storage import StorageOptions, read_bytes
+from vision_ops.tasks import counts
 
 THUMB = 160  # a thumbnail's longest side, in CSS and image pixels
 MAX_PIXELS = 200_000_000  # a source larger than this is not decoded for a thumbnail
@@ -189,48 +190,51 @@ def _rows(table: pa.Table, columns: list[str]) -> list[dict[str, Any]]:
     return table.select(present).to_pylist()
 
 
-def extremes(rows: list[dict[str, Any]], key: str, samples: int) -> list[dict[str, Any]]:
-    """The highest-scoring half of `samples`, then the lowest (no unit twice), highest first."""
-    ranked = sorted(rows, key=lambda row: -float(row[key]))
-    if len(ranked) <= samples:
-        return ranked
+def extremes(order: np.ndarray, samples: int) -> np.ndarray:
+    """Of row positions ranked best first, the best half of `samples` then the worst (no row
+    twice), best first."""
+    if len(order) <= samples:
+        return order
     high = (samples + 1) // 2
-    return ranked[:high] + ranked[len(ranked) - (samples - high) :]
+    return np.concatenate([order[:high], order[len(order) - (samples - high) :]])
+
+
+def _numbers(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 @PANELS.register("label_strips")
 def label_strips(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
-    """Per frequent label, its highest and lowest scoring units."""
-    rows = _rows(_ok(table), ["label", "score"])
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_label.setdefault(str(row["label"]), []).append(row)
-    ranked = sorted(by_label.items(), key=lambda item: (-len(item[1]), item[0]))[:LABEL_STRIPS]
-    strips = [
-        strip(
-            f"{label} ({len(units)} unit{'s' if len(units) > 1 else ''}, by score)",
-            [
-                figure(sources, row, f"{label} {row['score']:.3f}")
-                for row in extremes(units, "score", sources.samples)
-            ],
+    """Per frequent label, its highest and lowest scoring units (picked in Arrow / numpy: only
+    the units shown become Python rows)."""
+    ok = _ok(table)
+    labels = ok["label"].to_numpy(zero_copy_only=False)
+    scores = _numbers(ok["score"])
+    strips = []
+    for label, count in counts(pc.drop_null(ok["label"]))[:LABEL_STRIPS]:
+        positions = np.flatnonzero(labels == label)
+        ranked = positions[np.argsort(-scores[positions], kind="stable")]
+        shown = _rows(ok.take(extremes(ranked, sources.samples)), ["score"])
+        strips.append(
+            strip(
+                f"{label} ({int(count)} unit{'s' if count > 1 else ''}, by score)",
+                [figure(sources, row, f"{label} {row['score']:.3f}") for row in shown],
+            )
         )
-        for label, units in ranked
-    ]
     return ("Images under their labels", "".join(strips)) if strips else None
-
-
-def margin(top_k: list[dict[str, Any]] | None) -> float | None:
-    """Top-1 score minus top-2 score; None with fewer than two."""
-    if not top_k or len(top_k) < 2:
-        return None
-    return float(top_k[0]["score"]) - float(top_k[1]["score"])
 
 
 @PANELS.register("borderline")
 def borderline(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     """The units whose top two labels were closest (smallest top-1 minus top-2 margin)."""
-    rows = [row | {"margin": margin(row["top_k"])} for row in _rows(_ok(table), ["top_k"])]
-    close = sorted((r for r in rows if r["margin"] is not None), key=lambda r: r["margin"])
+    ok = _ok(table)
+    ok = ok.filter(pc.greater_equal(pc.list_value_length(ok["top_k"]).fill_null(0), 2))
+    if not ok.num_rows:
+        return None
+    first, second = (
+        _numbers(pc.struct_field(pc.list_element(ok["top_k"], i), "score")) for i in (0, 1)
+    )
+    closest = np.argsort(first - second, kind="stable")[: sources.samples]
     figures = [
         figure(
             sources,
@@ -238,9 +242,19 @@ def borderline(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
             f"{row['top_k'][0]['label']} {row['top_k'][0]['score']:.3f} / "
             f"{row['top_k'][1]['label']} {row['top_k'][1]['score']:.3f}",
         )
-        for row in close[: sources.samples]
+        for row in _rows(ok.take(closest), ["top_k"])
     ]
-    return ("Borderline (smallest top-1 / top-2 margin)", "".join(figures)) if figures else None
+    return "Borderline (smallest top-1 / top-2 margin)", "".join(figures)
+
+
+def best_box_scores(detections: pa.ChunkedArray) -> np.ndarray:
+    """Each row's highest box score (0 without boxes)."""
+    best = np.zeros(len(detections))
+    chunks = detections.combine_chunks() if isinstance(detections, pa.ChunkedArray) else detections
+    parents = pc.list_parent_indices(chunks).to_numpy(zero_copy_only=False)
+    scores = _numbers(pc.struct_field(pc.list_flatten(chunks), "score"))
+    np.maximum.at(best, parents, scores)
+    return best
 
 
 def box_overlay(detections: list[dict[str, Any]], width: int) -> str:
@@ -268,10 +282,10 @@ def box_overlay(detections: list[dict[str, Any]], width: int) -> str:
 @PANELS.register("boxes")
 def boxes(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     """Units with the most confident detections, their boxes drawn over them."""
-    rows = _rows(_ok(table), ["detections"])
-    best = sorted(rows, key=lambda r: -max((d["score"] for d in r["detections"] or []), default=0))
+    ok = _ok(table)
+    best = np.argsort(-best_box_scores(ok["detections"]), kind="stable")[: sources.samples]
     figures = []
-    for row in best[: sources.samples]:
+    for row in _rows(ok.take(best), ["detections"]):
         found = row["detections"] or []
         width = int(row.get("image_width") or THUMB)
         caption = f"{len(found)} boxes" + (f", best {found[0]['label']}" if found else "")
