@@ -28,10 +28,11 @@ def commit_rows(
     *,
     dicom: bool = False,
     tiles: bool = False,
+    instance: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> None:
     """Commit `rows` (each with at least source_uri) as run `run_id` of the table at `root`."""
-    schema = output_schema(task, dicom=dicom, tiles=tiles)
+    schema = output_schema(task, dicom=dicom, tiles=tiles, instance=instance)
     full = [
         UNIT_DEFAULTS | {"run_id": run_id, "task": task, "item_id": f"{run_id}-{index}"} | row
         for index, row in enumerate(rows)

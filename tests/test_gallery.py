@@ -173,3 +173,27 @@ def test_a_store_that_fails_is_asked_once(tmp_path) -> None:
     assert sources.data("s3://lost/b.png") is None and "s3://lost/b.png" in sources._read
     assert sources.data(str(tmp_path / "gone.png")) is None  # a local file: only itself
     assert sources.pixels({"source_uri": photo(tmp_path / "here.png", 4, 3, 7)}) is not None
+
+
+def test_mask_r_cnn_masks_lie_under_their_boxes(tmp_path) -> None:
+    from pycocotools import mask as coco_mask
+
+    image = photo(tmp_path / "street.png", 200, 100, 90)
+    binary = np.zeros((100, 200), np.uint8)
+    binary[20:60, 50:150] = 1
+    rle = coco_mask.encode(np.asfortranarray(binary))
+    box = {"label_id": 1, "label": "car", "score": 0.9, "x_min": 50.0, "y_min": 20.0}
+    box |= {
+        "x_max": 150.0,
+        "y_max": 60.0,
+        "mask": {"size": [100, 200], "counts": rle["counts"].decode()},
+    }
+    rows = [{"source_uri": image, "image_width": 200, "image_height": 100, "detections": [box]}]
+    commit_rows(tmp_path / "table", "detection", rows, "masks", instance="mask")
+    body = dict(build_report(str(tmp_path / "table")).panels)["Detections drawn on their images"]
+    layer = body.split('<image class="mask" href="data:image/png;base64,')[1].split('"')[0]
+    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(layer))))[:, :, 3]
+    assert alpha.shape == (80, 160)  # the thumbnail's size, stretched over the image's pixels
+    inside = np.zeros((80, 160), bool)
+    inside[16:48, 40:120] = True
+    assert (alpha[inside] > 0).all() and (alpha[~inside] == 0).all()

@@ -247,6 +247,40 @@ def borderline(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     return "Borderline (smallest top-1 / top-2 margin)", "".join(figures)
 
 
+MASK_ALPHA = 110  # of 255
+
+
+def mask_layer(detections: list[dict[str, Any]]) -> str:
+    """The boxes' masks (COCO RLE, in the source's pixels), each in its own colour, as one
+    PNG stretched over the image (at most THUMB px a side); "" where no box has a mask."""
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    masks = [box["mask"] for box in detections if box.get("mask")]
+    if not masks:
+        return ""
+    height, width = (int(v) for v in masks[0]["size"])
+    layer = np.zeros((height, width, 4), np.uint8)
+    for index, rle in enumerate(masks):
+        pixels = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        layer[pixels.astype(bool)] = (*_rgb(index, len(masks)), MASK_ALPHA)
+    image = Image.fromarray(layer).resize(shown_size(height, width), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return (
+        f'<image class="mask" href="data:image/png;base64,{data}" x="0" y="0" '
+        f'width="{width}" height="{height}" preserveAspectRatio="none"/>'
+    )
+
+
+def _rgb(index: int, count: int) -> tuple[int, int, int]:
+    import colorsys
+
+    red, green, blue = colorsys.hsv_to_rgb(index / max(count, 1), 0.8, 1.0)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
 def best_box_scores(detections: pa.ChunkedArray) -> np.ndarray:
     """Each row's highest box score (0 without boxes)."""
     best = np.zeros(len(detections))
@@ -259,9 +293,9 @@ def best_box_scores(detections: pa.ChunkedArray) -> np.ndarray:
 
 def box_overlay(detections: list[dict[str, Any]], width: int) -> str:
     """Each box as an SVG rectangle in the unit's pixels, labelled with its label and score;
-    a Mask R-CNN mask's outline is not drawn, keypoints are dots."""
+    Mask R-CNN masks as one translucent layer under them, keypoints as dots."""
     stroke, font = max(width / 160, 1.0), max(width / 16, 8.0)
-    shapes = []
+    shapes = [mask_layer(detections)]
     for box in detections:
         x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
         text = html.escape(f"{box['label']} {float(box['score']):.2f}")
