@@ -197,3 +197,21 @@ def test_mask_r_cnn_masks_lie_under_their_boxes(tmp_path) -> None:
     inside = np.zeros((80, 160), bool)
     inside[16:48, 40:120] = True
     assert (alpha[inside] > 0).all() and (alpha[~inside] == 0).all()
+
+
+def test_a_scene_tile_is_read_from_its_window(tmp_path) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    bands = np.zeros((4, 32, 64), np.uint16)
+    bands[:, :, 32:] = 40_000  # the right tile bright, the left one dark
+    bands[:, 8:24, 40:56] = 1_000  # with a dark square inside it
+    profile = {"driver": "GTiff", "width": 64, "height": 32, "count": 4, "dtype": "uint16"}
+    profile |= {"crs": "EPSG:32633", "transform": from_origin(500_000, 4_650_000, 10, 10)}
+    with rasterio.open(tmp_path / "scene.tif", "w", **profile) as scene:
+        scene.write(bands)
+    row = {"source_uri": str(tmp_path / "scene.tif"), "tile_x": 32, "tile_y": 0, "tile_size": 32}
+    pixels = Sources({}).pixels(row)
+    assert pixels is not None and pixels.shape == (32, 32, 3)
+    assert pixels[0, 0].tolist() == [255] * 3 and pixels[16, 16].tolist() == [0] * 3
+    assert Sources({}).pixels(row | {"source_uri": str(tmp_path / "gone.tif")}) is None

@@ -56,12 +56,26 @@ class Sources:
     def pixels(self, row: dict[str, Any]) -> np.ndarray | None:
         """The unit as the model saw it: a DICOM frame windowed as its row says, a tile cut
         from its image, else the decoded image; None where it cannot be had."""
-        data = self.data(str(row["source_uri"]))
+        uri = str(row["source_uri"])
+        if row.get("tile_x") is not None and row.get("tile_size"):
+            return self.tile(row) if store_of(uri) not in self._unreachable else None
+        data = self.data(uri)
         if data is None:
             return None
         try:
             return unit_pixels(row, data)
-        except Exception:  # not decodable here (a damaged file, a scene's 16-bit bands)
+        except Exception:  # not decodable here (a damaged file)
+            return None
+
+    def tile(self, row: dict[str, Any]) -> np.ndarray | None:
+        """A scene tile read through rasterio (only its window: ranged reads), its first three
+        bands (or its one) stretched between the tile's 2nd and 98th percentiles."""
+        uri = str(row["source_uri"])
+        try:
+            return scene_tile(uri, row, self.options)
+        except Exception:  # gone, unreadable, or not a raster
+            if store_of(uri) and not isinstance(_cause(uri, self.options), FileNotFoundError):
+                self._unreachable.add(store_of(uri))
             return None
 
 
@@ -71,6 +85,39 @@ def store_of(uri: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}" if rest and scheme != "file" else ""
 
 
+def _cause(uri: str, options: StorageOptions) -> Exception | None:
+    """Why a remote source cannot be had (FileNotFoundError: only it is gone)."""
+    from vision_ops.storage import filesystem
+
+    try:
+        fs, path = filesystem(uri, options)
+        fs.info(path)
+    except Exception as err:
+        return err
+    return None
+
+
+def scene_tile(uri: str, row: dict[str, Any], options: StorageOptions) -> np.ndarray:
+    """RGB uint8 of a tile's window of its scene (rasterio through fsspec)."""
+    from vision_ops.raster import open_raster, read_tile
+    from vision_ops.tiling import Window
+
+    x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
+    with open_raster(uri, options) as dataset:
+        bands = [1, 2, 3] if dataset.count >= 3 else [1]
+        window = Window(col_off=x, row_off=y, width=size, height=size)
+        values = dataset.read(indexes=bands, window=_rio_window(window)).astype(np.float64)
+        low, high = np.percentile(values, [2, 98]) if values.size else (0.0, 1.0)
+        pixels, _ = read_tile(dataset, window, bands, (float(low), float(max(high, low + 1))))
+    return pixels
+
+
+def _rio_window(window: Any) -> Any:
+    from rasterio.windows import Window as RioWindow
+
+    return RioWindow(window.col_off, window.row_off, window.width, window.height)
+
+
 def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:
     """RGB uint8 of one unit from its source's bytes."""
     from vision_ops.decode import decode_image
@@ -78,11 +125,7 @@ def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:
 
     if row.get("frame_index") is not None or is_dicom(str(row["source_uri"]), data):
         return dicom_frame(row, data)
-    image = decode_image(data, MAX_PIXELS)
-    if row.get("tile_x") is not None and row.get("tile_size"):
-        x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
-        image = image[y : y + size, x : x + size]
-    return image
+    return decode_image(data, MAX_PIXELS)
 
 
 def dicom_frame(row: dict[str, Any], data: bytes) -> np.ndarray:
