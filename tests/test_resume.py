@@ -545,7 +545,7 @@ def whole_sources_staged(staging: Path, units: int) -> tuple[int, int]:
 def test_a_killed_run_of_frames_or_tiles_resumes_whole_sources_only(
     ray_local: None, tmp_path: Path, kind: str
 ) -> None:
-    """Units are frames (4 instances of 3) or tiles (4 scenes of 3); durable every 4 rows, so
+    """Units are frames (4 instances of 3) or tiles (4 scenes of 3); staged 4 rows a file, so
     the kill leaves a source in part: the rerun reuses the whole ones and sends the partial
     one to the model again whole; every unit once."""
     sources, per_source = 4, 3
@@ -559,6 +559,7 @@ def test_a_killed_run_of_frames_or_tiles_resumes_whole_sources_only(
     spec = counting_spec(tmp_path, {"uri": str(table)}, marks, input=inputs)
     config = yaml.safe_load(spec.read_text())
     config["runtime"] |= {"read_batch_size": 1}  # a source per read task
+    config["output"]["rows_per_file"] = 4  # a file of 4 rows holds a source in part
     spec.write_text(yaml.safe_dump(config))
     staging = table / "_staging" / "k1"
     import fsspec
