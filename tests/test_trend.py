@@ -156,7 +156,8 @@ def test_trend_chart_points_equal_the_table(nights, tmp_path) -> None:
     for chart, lines in table.items():
         for name, values in lines.items():
             shown = [p for p in drawn if p["chart"] == chart and p["series"] == name]
-            assert [p["run"] for p in shown] == [p.run_id for p in points if True][: len(shown)]
+            ran = [point.run_id for point, v in zip(points, values, strict=True) if v is not None]
+            assert [p["run"] for p in shown] == ran
             assert [p["value"] for p in shown] == [v for v in values if v is not None]
             for p in shown:  # where the point is drawn reads back as its value
                 plot, at = p["plot"], p["at"]
@@ -167,3 +168,16 @@ def test_trend_chart_points_equal_the_table(nights, tmp_path) -> None:
     units = [p for p in drawn if p["chart"] == "units"]
     assert [p["value"] for p in units] == [11, 11, 11, 11]
     assert "ALERT" in page and render_trend_text(points).count("night-") == 4
+
+
+def test_the_trend_shows_evaluate_metrics_where_a_run_was_scored(tmp_path) -> None:
+    from vision_ops.evaluate import evaluate_run
+
+    table = tmp_path / "table"
+    for index, date in enumerate(NIGHTS[:2]):
+        commit_rows(table, "classification", night(index), f"night-{index}", date)
+    truth = tmp_path / "truth.csv"
+    truth.write_text("uri,label\n/nonexistent/b/1/cat0.jpg,cat\n/nonexistent/b/1/dog0.jpg,cat\n")
+    evaluate_run(str(table), str(truth), "table", run_id="night-1")
+    metrics = series(trend(str(table)))["metrics"]
+    assert metrics["accuracy"] == [None, 0.5]  # night-0 was not scored
