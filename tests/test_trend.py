@@ -115,6 +115,9 @@ def test_report_check_exits_6_naming_the_figure_threshold_and_runs(nights, capsy
     loose = ["--max-label-psi", "50", "--max-score-psi", "50", "--max-error-rate-rise", "0.5"]
     assert main(["report", table, "--check", *loose]) == EXIT_OK
     assert main(["report", table, "--check", "--runs", "0"]) == EXIT_BAD_SPEC
+    assert main(["report", table, "--since", "2026-03-02"]) == EXIT_BAD_SPEC  # without --trend
+    assert main(["report", table, "--samples", "0"]) == EXIT_BAD_SPEC
+    assert "--samples: expected 1 or more, found 0" in capsys.readouterr().err
 
 
 def test_the_spec_monitor_section_sets_the_thresholds(nights, tmp_path, capsys) -> None:

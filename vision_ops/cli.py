@@ -327,6 +327,12 @@ def report(args: argparse.Namespace) -> int:
     from vision_ops.drift import check_run, render_drift_html
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
 
+    if args.since and not args.trend:
+        return _fail(SpecError("--since: expected it with --trend, found it alone"), EXIT_BAD_SPEC)
+    if args.samples < 1:
+        return _fail(
+            SpecError(f"--samples: expected 1 or more, found {args.samples}"), EXIT_BAD_SPEC
+        )
     try:
         table, options = output_of(args)
         monitor = _monitor(args)
