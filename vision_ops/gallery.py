@@ -261,10 +261,15 @@ def label_strips(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
         strips.append(
             strip(
                 f"{label} ({int(count)} unit{'s' if count > 1 else ''}, by score)",
-                [figure(sources, row, f"{label} {row['score']:.3f}") for row in shown],
+                [figure(sources, row, scored(label, row["score"])) for row in shown],
             )
         )
     return ("Images under their labels", "".join(strips)) if strips else None
+
+
+def scored(label: object, score: float | None) -> str:
+    """A caption: the label and its score (a row may have a label and no score)."""
+    return f"{label}" if score is None else f"{label} {score:.3f}"
 
 
 @PANELS.register("borderline")
@@ -282,8 +287,7 @@ def borderline(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
         figure(
             sources,
             row,
-            f"{row['top_k'][0]['label']} {row['top_k'][0]['score']:.3f} / "
-            f"{row['top_k'][1]['label']} {row['top_k'][1]['score']:.3f}",
+            " / ".join(scored(entry["label"], entry["score"]) for entry in row["top_k"][:2]),
         )
         for row in _rows(ok.take(closest), ["top_k"])
     ]
