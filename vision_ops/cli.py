@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vision_ops.config import (
     EvaluateSpec,
@@ -34,6 +34,7 @@ from vision_ops.storage import StorageOptions
 
 if TYPE_CHECKING:
     from vision_ops.drift import Drift
+    from vision_ops.tasks import Task
 
 __all__ = [
     "EXIT_BAD_SPEC",
@@ -202,11 +203,13 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 
 
 def query(args: argparse.Namespace) -> int:
-    """SQL over committed runs of an output table (a URI, or a spec whose output it reads)."""
-    from vision_ops.query import connect, export, register_views, search_sql
+    """SQL over committed runs of an output table (a URI, or a spec whose output it reads); or
+    an OCR table's --search, or an embedding table's --similar-to / --duplicates."""
+    from vision_ops.query import connect, export, register_views
 
-    if args.search is not None and args.sql:
-        return _fail(ValueError("query: expected SQL or --search, found both"), EXIT_BAD_SPEC)
+    conflict = _query_conflict(args)
+    if conflict:
+        return _fail(ValueError(conflict), EXIT_BAD_SPEC)
     try:
         table, options = output_of(args)
     except SpecError as err:
@@ -214,58 +217,46 @@ def query(args: argparse.Namespace) -> int:
     try:
         connection = connect(options)
         task = register_views(connection, table, options, args.run_id, args.as_of)
-        if args.search is not None:
-            relation = connection.sql(search_sql(connection, task, args.search))
-        else:
-            relation = connection.sql(args.sql or task.default_query)
+        relation = _query_relation(connection, task, args)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
-    except VisionOpsError as err:  # no committed run (1), --as-of of Parquet, unknown task (2)
-        return _fail(err, err.exit_code)
-    except ValueError as err:
-        return _fail(err, EXIT_FAILED)
-    except Exception as err:  # DuckDB's own errors: bad SQL, unreadable files
-        return _fail(err, EXIT_FAILED)
+    except Exception as err:  # its exit code where it has one (no committed run, --as-of of
+        return _fail(err, getattr(err, "exit_code", EXIT_FAILED))  # Parquet); DuckDB's: 1
     if text:
         print(text, end="" if text.endswith("\n") else "\n")
     return EXIT_OK
 
 
-def query_or_embeddings(args: argparse.Namespace) -> int:
-    """`query`, or with --similar-to / --duplicates an embedding table's neighbours or
-    near-duplicate pairs (vision_ops.embedding)."""
-    if not args.similar_to and args.duplicates is None:
-        return query(args)
-    from vision_ops.embedding import TASK, duplicates, similar
-    from vision_ops.query import connect, export, register_views
+def _query_conflict(args: argparse.Namespace) -> str | None:
+    """What `query` was given that it cannot do at once, in words; None if nothing."""
+    if args.similar_to or args.duplicates is not None:
+        if args.sql or (args.similar_to and args.duplicates is not None):
+            found = "SQL and an option" if args.sql else "both"
+            return f"query: expected SQL, --similar-to or --duplicates, found {found}"
+        return None
+    if args.search is not None and args.sql:
+        return "query: expected SQL or --search, found both"
+    return None
 
-    if args.sql or (args.similar_to and args.duplicates is not None):
-        found = "SQL and an option" if args.sql else "both"
-        return _fail(
-            ValueError(f"query: expected SQL, --similar-to or --duplicates, found {found}"),
-            EXIT_BAD_SPEC,
-        )
-    try:
-        table, options = output_of(args)
-    except SpecError as err:
-        return _fail(err, EXIT_BAD_SPEC)
-    try:
-        connection = connect(options)
-        task = register_views(connection, table, options, args.run_id, args.as_of)
+
+def _query_relation(connection: Any, task: Task, args: argparse.Namespace) -> Any:
+    """The DuckDB relation `query` prints: embedding neighbours or duplicate pairs, an OCR
+    search, the SQL given, else the task's default query."""
+    from vision_ops.query import search_sql
+
+    if args.similar_to or args.duplicates is not None:
+        from vision_ops.embedding import TASK, duplicates, similar
+
         if task.name != TASK:
             raise ValueError(
                 f"--similar-to and --duplicates read an {TASK} table; this table's task is "
                 f"{task.name}"
             )
         if args.similar_to:
-            relation = similar(connection, args.similar_to, args.k, args.hnsw_min_rows)
-        else:
-            relation = duplicates(connection, args.duplicates, args.k, args.hnsw_min_rows)
-        text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
-    except Exception as err:  # an unknown unit, no committed run, DuckDB's own errors
-        return _fail(err, getattr(err, "exit_code", EXIT_FAILED))
-    if text:
-        print(text, end="" if text.endswith("\n") else "\n")
-    return EXIT_OK
+            return similar(connection, args.similar_to, args.k, args.hnsw_min_rows)
+        return duplicates(connection, args.duplicates, args.k, args.hnsw_min_rows)
+    if args.search is not None:
+        return connection.sql(search_sql(connection, task, args.search))
+    return connection.sql(args.sql or task.default_query)
 
 
 def submit(spec: JobSpec, args: argparse.Namespace) -> int:
@@ -590,7 +581,7 @@ def _parser() -> argparse.ArgumentParser:
         help="--similar-to and --duplicates search through an HNSW index from this many vectors "
         f"of a model (default {HNSW_MIN_ROWS}); fewer are compared exactly",
     )
-    sub.set_defaults(handler=query_or_embeddings)
+    sub.set_defaults(handler=query)
 
     sub = commands.add_parser("verify", help="re-check a committed run: every unit once")
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
