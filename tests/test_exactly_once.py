@@ -32,6 +32,7 @@ from vision_ops.pipeline.incremental import (
     source_key,
     source_keys,
 )
+from vision_ops.runindex import index_of
 from vision_ops.schema import PREDICTION_SCHEMA, item_id
 from vision_ops.sink import ParquetSink, committed_runs
 from vision_ops.written import CommitRefused, check_exactly_once, expected_units
@@ -191,7 +192,8 @@ def committed_rows(*rows: tuple[str, str, str | None]):  # type: ignore[no-untyp
 
 
 def done_uris(runs: list[pa.Table], skip_errors: list[str]) -> set[str]:
-    return {key.split(KEY_SEPARATOR)[0] for key in done_versions(runs, skip_errors).to_pylist()}
+    done = done_versions([index_of(rows) for rows in runs], skip_errors)
+    return {key.split(KEY_SEPARATOR)[0] for key in done.to_pylist()}
 
 
 def test_an_input_version_is_its_etag_else_its_size_and_modification_time() -> None:
@@ -226,7 +228,7 @@ def test_incremental_counts_ok_rows_done_and_retries_error_rows() -> None:
         ("s3://b/ct.dcm", "ok", None),
         ("s3://b/ct.dcm", "error", "CorruptDicom"),  # one bad frame: the whole instance again
     )
-    assert sorted(done_versions([first], []).to_pylist()) == [
+    assert sorted(done_versions([index_of(first)], []).to_pylist()) == [
         source_key("s3://b/nodata.tif", "etag:e1"),
         source_key("s3://b/ok.png", "etag:e1"),
     ]

@@ -29,10 +29,18 @@ import pyarrow.parquet as pq
 from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
+from vision_ops.runindex import index_path, write_index
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
 from vision_ops.staging import StagedParts
-from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
+from vision_ops.storage import (
+    StorageError,
+    StorageOptions,
+    canonical_uri,
+    filesystem,
+    make_folder,
+    writing_to,
+)
 from vision_ops.tally import ExpectedUnits, Listed, expected_from
 from vision_ops.written import CommitRefused, WrittenRows
 
@@ -194,6 +202,7 @@ class IcebergSink:
         run id names one run on one date; its rerun must not move it)."""
         committed = _runs_in(self.table).get(self.run_id)
         check_run_date(committed, self.run_date, f"table {self.output.table}")
+        self._replaced_index = (committed or {}).get("index_uri")  # removed once this commits
 
     def resume(self, units_of: UnitsOf) -> frozenset[str]:
         """Reuse what earlier attempts of this run id made durable (StagedParts.resume): the
@@ -232,16 +241,19 @@ class IcebergSink:
             self._reload()
             self._write_data_files()
             published = self._publish_masks(masks)
+            index = self._write_index()
         except Exception:
             self._discard([])
             raise
         try:
-            snapshot = self._commit_snapshot(details or {})
+            uri = canonical_uri(self.fs, index)
+            snapshot = self._commit_snapshot((details or {}) | {"index_uri": uri})
         except _NotCommitted as failed:
             if failed.sure:  # else the files may be the table's now: leave them
-                self._discard(published)
+                self._discard([*published, index])
             raise failed.error from None
         self._remove_other_masks()
+        self._remove_replaced_index(uri)
         with contextlib.suppress(OSError):
             self.parts.remove()
         return CommitResult(
@@ -432,6 +444,23 @@ class IcebergSink:
         for path in masks:
             with contextlib.suppress(OSError):
                 self.fs.rm(path)
+
+    # --- the run's index ---------------------------------------------------------------------
+
+    def _write_index(self) -> str:
+        """The run's index (vision_ops.runindex) of its staged rows, written before the commit
+        that names it in the snapshot summary (`index_uri`); its path within the store."""
+        path = index_path(self.root, self.run_id, self.attempt)
+        with writing_to(self.output.uri):
+            write_index(self.fs, path, self.parts.index())
+        return path
+
+    def _remove_replaced_index(self, ours: str) -> None:
+        """After the commit: the index of the run id's commit it replaced (best effort)."""
+        if self._replaced_index and self._replaced_index != ours:
+            fs, path = filesystem(self._replaced_index, self.storage_options)
+            with contextlib.suppress(OSError):
+                fs.rm_file(path)
 
     # --- masks -----------------------------------------------------------------------------
 

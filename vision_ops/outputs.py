@@ -23,6 +23,7 @@ from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.lock import RunLock
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
+from vision_ops.runindex import ROW_COLUMNS, index_problems, read_index
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import ExpectedUnits, Listed
 
@@ -267,8 +268,24 @@ def read_run(
 def verify_run(
     target: Target, run_id: str | None = None, options: StorageOptions | None = None
 ) -> tuple[Manifest, list[str]]:
-    """Re-check a committed run; the manifest and the problems found (none: it holds)."""
-    return format_of(target).verify_run(as_output(target), run_id, options or {})
+    """Re-check a committed run; the manifest and the problems found (none: it holds). Where
+    it holds and its manifest names an index (vision_ops.runindex), the index is checked
+    against the run's rows too."""
+    output, options = as_output(target), options or {}
+    manifest, problems = format_of(output).verify_run(output, run_id, options)
+    if not problems and manifest.get("index_uri"):
+        problems += _index_problems(output, manifest, options)
+    return manifest, problems
+
+
+def _index_problems(output: OutputSpec, manifest: Manifest, options: StorageOptions) -> list[str]:
+    """Where a run's index is unreadable or disagrees with its rows."""
+    uri = manifest["index_uri"]
+    try:
+        index = read_index(uri, options)
+    except (OSError, pa.ArrowException) as err:
+        return [f"{uri}: the run's index is unreadable ({err})"]
+    return index_problems(index, read_run(output, manifest, options, ROW_COLUMNS))
 
 
 def sql_source(

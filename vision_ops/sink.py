@@ -26,6 +26,7 @@ from vision_ops.publish import (
     resolve_unfinished,
 )
 from vision_ops.resume import UnitsOf
+from vision_ops.runindex import INDEX_FOLDER, index_path, write_index
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.staging import StagedParts
 from vision_ops.storage import (
@@ -202,9 +203,10 @@ class ParquetSink:
         self.parts.compact(self.written.rows)
         masks = self._staged_masks()
         self._check(listed, masks)
-        plan = self._plan(masks)
+        plan = self._plan(masks, self._stage_index())
         files = [canonical_uri(self.fs, final) for _, final in plan.moves[: len(self.parts.files)]]
-        publish(self.fs, self.root, plan, lambda: self._manifest(files) | (details or {}))
+        index = canonical_uri(self.fs, plan.moves[-1][1])
+        publish(self.fs, self.root, plan, lambda: self._manifest(files, index) | (details or {}))
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
@@ -222,9 +224,16 @@ class ParquetSink:
         expected = None if listed is None else expected_from(listed)
         self.written.check(expected, self.parts.units, len(masks))
 
-    def _plan(self, masks: list[str]) -> CommitPlan:
-        """The commit: the staged part files, then the masks, to their final names; the files
-        of the run of this id committed before (if any) to remove once this one is."""
+    def _stage_index(self) -> str:
+        """The run's index (vision_ops.runindex) of its staged rows, staged beside them."""
+        staged = f"{self.staging}/{INDEX_FOLDER}.parquet"
+        write_index(self.fs, staged, self.parts.index())
+        return staged
+
+    def _plan(self, masks: list[str], index: str) -> CommitPlan:
+        """The commit: the staged part files, then the masks, then the run's index (last) to
+        their final names; the files of the run of this id committed before (if any) to
+        remove once this one is."""
         parts = [
             (staged, f"{self.partition}/{self.run_id}-{self.attempt}-{staged.rpartition('/')[2]}")
             for staged, _ in self.parts.files
@@ -235,7 +244,7 @@ class ParquetSink:
             run_id=self.run_id,
             attempt=self.attempt,
             partition=self.partition,
-            moves=parts + mask_moves,
+            moves=[*parts, *mask_moves, (index, index_path(self.root, self.run_id, self.attempt))],
             staging=self.staging,
             replaces=self._committed_files(),
         )
@@ -246,6 +255,8 @@ class ParquetSink:
         if manifest is None:
             return []
         files = [self.fs._strip_protocol(entry["uri"]) for entry in manifest["files"]]
+        if manifest.get("index_uri"):
+            files.append(self.fs._strip_protocol(manifest["index_uri"]))
         masks = final_masks_folder(self.root, self.run_id, self.run_date, manifest.get("attempt"))
         if self.fs.exists(masks):
             files += [path for path in self.fs.ls(masks, detail=False) if self.fs.isfile(path)]
@@ -258,7 +269,7 @@ class ParquetSink:
         staged = staged_masks_folder(self.root, self.run_id, self.attempt)
         return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
 
-    def _manifest(self, files: list[str]) -> dict[str, object]:
+    def _manifest(self, files: list[str], index: str) -> dict[str, object]:
         return {
             "run_id": self.run_id,
             "run_date": self.run_date.isoformat(),
@@ -276,6 +287,7 @@ class ParquetSink:
             )
             if "mask_uri" in self.schema.names
             else None,
+            "index_uri": index,
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
 

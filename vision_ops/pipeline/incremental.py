@@ -21,15 +21,31 @@ from vision_ops.config import JobSpec, PpOcrModel
 from vision_ops.ocr import OCR_PACKAGE
 from vision_ops.outputs import Target, committed_runs, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
-from vision_ops.schema import STATUS_ERROR
-from vision_ops.sources import LISTING_SCHEMA
+from vision_ops.runindex import (
+    INDEX_SCHEMA,
+    KEY_SEPARATOR,
+    ROW_COLUMNS,
+    index_of,
+    read_index,
+    retry_flags,
+    source_key,
+    source_keys,
+)
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
-KEY_SEPARATOR = "\x00"  # between an input's URI and its version in a source key
-IDENTITY_COLUMNS = ["source_uri", "source_etag", "source_size", "source_mtime"]
-_IDENTITY = [LISTING_SCHEMA.field(name) for name in IDENTITY_COLUMNS]
-_OUTCOMES = pa.schema([*_IDENTITY, pa.field("outcome", pa.int64())])
+_OUTCOMES = pa.schema([INDEX_SCHEMA.field("source_key"), pa.field("outcome", pa.int64())])
+__all__ = [  # the source keys are runindex's; tests and benchmarks import them from here too
+    "KEY_SEPARATOR",
+    "committed_index",
+    "done_sources",
+    "done_versions",
+    "model_fingerprint",
+    "skip_committed",
+    "source_key",
+    "source_keys",
+    "without_done",
+]
 
 
 def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
@@ -39,12 +55,13 @@ def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
     The done keys are gathered on the driver as one Arrow array, put in the object store once,
     and the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
-    runs = (  # read one run at a time: the driver holds the outcomes, not every run's rows
-        committed_versions(spec.output, run, spec.storage_options)
+    runs = [
+        run
         for run in committed_runs(spec.output, spec.storage_options)
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint
-    )
-    left = without_done(listing, done_versions(runs, spec.run.skip_errors))
+    ]
+    done = done_sources(spec.output, runs, spec.storage_options, spec.run.skip_errors)
+    left = without_done(listing, done)
     log.info(
         "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
     )
@@ -83,62 +100,56 @@ def not_done(block: pa.Table, done: DoneKeys | Collection[str]) -> pa.Table:
     return block.filter(pa.array(keep, pa.bool_()))
 
 
-def done_versions(runs: Iterable[pa.Table], skip_errors: Collection[str]) -> pa.Array:
-    """The source keys (`source_keys`) of the inputs done by the committed runs' rows (oldest
-    run first): the latest run that read an input decides, and it is done unless one of that
-    run's rows for it (any frame, any tile) is an error of a type outside `skip_errors`.
+def done_sources(
+    output: Target,
+    runs: Iterable[dict[str, Any]],
+    options: StorageOptions,
+    skip_errors: Collection[str],
+) -> pa.Array:
+    """The source keys done by the committed `runs` (oldest first; `done_versions`), read
+    from each run's index (vision_ops.runindex) one run at a time."""
+    return done_versions((committed_index(output, run, options) for run in runs), skip_errors)
 
-    One hash aggregation over every run's rows: each row's outcome is `2 * run + retry`, so an
-    input's largest is its latest run, odd where one of that run's rows asks for a retry."""
-    outcomes = [run_outcomes(rows, ordinal, skip_errors) for ordinal, rows in enumerate(runs)]
+
+def done_versions(indexes: Iterable[pa.Table], skip_errors: Collection[str]) -> pa.Array:
+    """The source keys (`source_keys`) of the inputs done by the committed runs' indexes
+    (oldest run first): the latest run that read an input decides, and it is done unless one
+    of that run's error types for it (any frame, any tile) is outside `skip_errors`.
+
+    One hash aggregation over every run's index: each source's outcome is `2 * run + retry`,
+    so an input's largest is its latest run, odd where that run asks for a retry."""
+    outcomes = [run_outcomes(index, ordinal, skip_errors) for ordinal, index in enumerate(indexes)]
     if not outcomes:
         return pa.array([], pa.string())
-    rows = pa.concat_tables(outcomes)
-    keyed = pa.table({"key": source_keys(rows), "outcome": rows["outcome"]})
-    latest = keyed.group_by("key").aggregate([("outcome", "max")])
+    keyed = pa.concat_tables(outcomes)
+    latest = keyed.group_by("source_key").aggregate([("outcome", "max")])
     done = pc.equal(pc.bit_wise_and(latest["outcome_max"], 1), 0)
-    return latest.filter(done)["key"].combine_chunks()
+    return latest.filter(done)["source_key"].combine_chunks()
 
 
-def run_outcomes(rows: pa.Table, ordinal: int, skip_errors: Collection[str]) -> pa.Table:
-    """One run's rows (the `ordinal`-th, oldest first) as their inputs' identity columns and
-    `outcome`: 2 * ordinal, plus 1 where the row asks for its input to be processed again (an
-    'error' row whose type is not in `skip_errors`; 'ok' and 'skipped' rows do not)."""
-    if rows.num_rows == 0:  # a run that wrote nothing (its files may hold no columns either)
-        return _OUTCOMES.empty_table()
-    error = pc.equal(rows["status"], STATUS_ERROR)
-    kept = pc.is_in(rows["error_type"], value_set=pa.array(sorted(skip_errors), pa.string()))
-    retry = pc.cast(pc.and_(error, pc.invert(pc.fill_null(kept, False))), pa.int64())
+def run_outcomes(index: pa.Table, ordinal: int, skip_errors: Collection[str]) -> pa.Table:
+    """One run's index (the `ordinal`-th, oldest first) as source keys and `outcome`:
+    2 * ordinal, plus 1 where the source is to be processed again (`retry_flags`)."""
+    retry = pc.cast(retry_flags(index, skip_errors), pa.int64())
     outcome = pc.add(retry, 2 * ordinal)
-    return pa.table([*(rows[f.name] for f in _IDENTITY), outcome], schema=_OUTCOMES)
+    return pa.table([index["source_key"], outcome], schema=_OUTCOMES)
+
+
+def committed_index(output: Target, run: dict[str, Any], options: StorageOptions) -> pa.Table:
+    """A committed run's index: the file its manifest names, else (a run committed before
+    indexes, or its index lost) built from its rows' identity and status columns."""
+    uri = run.get("index_uri")
+    if uri:
+        try:
+            return read_index(uri, options)
+        except FileNotFoundError:
+            log.warning("run %s: its index %s is gone; reading its rows", run["run_id"], uri)
+    return index_of(committed_versions(output, run, options))
 
 
 def committed_versions(output: Target, run: dict[str, Any], options: StorageOptions) -> pa.Table:
     """A committed run's source identity and status columns, one row per unit it wrote."""
-    return read_run(output, run, options, [*IDENTITY_COLUMNS, "status", "error_type"])
-
-
-def source_keys(table: pa.Table) -> pa.Array:
-    """Each row's input as one string: its URI, then its version (its ETag, else its size and
-    modification time in microseconds since the epoch), computed column-wise."""
-    etag = table["source_etag"]
-    has_etag = pc.fill_null(pc.not_equal(etag, ""), False)
-    mtime = pc.cast(pc.cast(table["source_mtime"], pa.timestamp("us", tz="UTC")), pa.int64())
-    stamped = pc.binary_join_element_wise(
-        "size:",
-        pc.fill_null(pc.cast(table["source_size"], pa.string()), "None"),
-        "|mtime:",
-        pc.fill_null(pc.cast(mtime, pa.string()), "None"),
-        "",
-    )
-    version = pc.if_else(has_etag, pc.binary_join_element_wise("etag:", etag, ""), stamped)
-    keys = pc.binary_join_element_wise(table["source_uri"], version, KEY_SEPARATOR)
-    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-
-
-def source_key(uri: str, version: str) -> str:
-    """One input's source key, as `source_keys` writes it."""
-    return f"{uri}{KEY_SEPARATOR}{version}"
+    return read_run(output, run, options, ROW_COLUMNS)
 
 
 def model_fingerprint(spec: JobSpec) -> str:
