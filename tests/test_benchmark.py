@@ -25,6 +25,7 @@ from vision_ops.benchmark.report import (
     GPU_CEILING,
     LABEL_WIDTH,
     RATIOS,
+    SCALED_RATIOS,
     BenchReport,
     Measurement,
     format_table,
@@ -34,6 +35,7 @@ from vision_ops.config import SpecError
 
 MB = 1024**2
 TINY = 6  # photos in the end-to-end run of the command
+SCALE = 2  # ... and its jobs again on SCALE x TINY photos
 
 
 def quantization_at(quality: int) -> dict[int, list[int]]:
@@ -166,19 +168,58 @@ def test_the_scaled_run_gives_the_pipelines_ratios_where_n_images_are_too_few() 
         measurement("c", 20.0, steady=False),
         measurement("c-scale", 45.0),
         measurement("f", 50.0),
+        measurement("f-scale", 60.0),
         measurement("c-s3", 18.0, steady=False),
     ]
     ratios = report.ratios()
     assert ratios["e2e / Daft"] == pytest.approx(0.4)
-    assert ratios["e2e at scale / Daft"] == pytest.approx(0.9)
+    assert ratios["e2e at scale / Daft"] == pytest.approx(0.75)  # Daft at scale x N too
     assert ratios["e2e at scale / shared-core ceiling 1/(1/a+1/b)"] == pytest.approx(0.9)
     assert ratios["e2e at scale / model-only"] == pytest.approx(0.75)
     assert not any(label.startswith("e2e at scale / e2e") for label in ratios)  # no S3 twin
     unsteady = report.unsteady_ratios()
     assert "e2e / Daft" in unsteady and "e2e at scale / Daft" not in unsteady
     table = format_table(report)
-    assert f"{'e2e at scale / Daft':<{LABEL_WIDTH}}    0.90x\n" in table
+    assert f"{'e2e at scale / Daft':<{LABEL_WIDTH}}    0.75x\n" in table
     assert f"{'e2e / Daft':<{LABEL_WIDTH}}    0.40x *\n" in table
+
+
+def test_wall_and_pss_ratios_set_each_job_against_its_peers_at_the_same_size() -> None:
+    """Wall img/s and peak PSS of the pipeline over each peer's, never across sizes."""
+    report = BenchReport({"model": "m", "images": 8, "photo": "p", "batch_size": 8})
+    report.settings |= {"device": "cpu", "cores": 2, "sample_interval_s": 0.2}
+    sized = []
+    for key, rows, wall, pss in (
+        ("c", 8, 4.0, 300),
+        ("f", 8, 2.0, 200),
+        ("e", 8, 8.0, 100),
+        ("c-scale", 32, 8.0, 330),
+        ("f-scale", 32, 5.0, 220),
+    ):
+        m = measurement(key, 10.0)
+        m.rows = m.expected_rows = rows
+        m.wall_seconds, m.peaks = wall, Peaks(rss_bytes=2 * pss * MB, pss_bytes=pss * MB)
+        sized.append(m)
+    report.measurements = sized
+    assert report.wall_ratios() == {
+        "e2e / Daft": pytest.approx(0.5),  # 2 img/s over Daft's 4
+        "e2e / DataLoader": pytest.approx(2.0),
+        "e2e at scale / Daft": pytest.approx(5 / 8),  # 4 img/s over 6.4
+    }
+    assert report.pss_ratios() == {
+        "e2e PSS / Daft": pytest.approx(1.5),
+        "e2e PSS / DataLoader": pytest.approx(3.0),
+        "e2e at scale PSS / Daft": pytest.approx(1.5),
+    }
+    sizes = report.same_size()
+    assert [s["images"] for s in sizes] == [8, 32]
+    assert sorted(sizes[0]["approaches"]) == ["c", "e", "f"]
+    assert sorted(sizes[1]["approaches"]) == ["c-scale", "f-scale"]
+    assert sizes[1]["approaches"]["f-scale"]["wall_images_per_second"] == pytest.approx(6.4)
+    table = format_table(report)
+    wall_at = table.index("ratios of wall img/s")
+    assert wall_at < table.index("ratios of steady img/s") < table.index("ratios of peak PSS")
+    assert f"{'e2e at scale / Daft':<{LABEL_WIDTH}}    0.62x\n" in table[wall_at:]
 
 
 def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
@@ -305,58 +346,104 @@ def test_scaling_compares_peak_memory_at_n_and_k_n() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    """`vision-ops bench` on 6 photos, every approach, in its own process (the S3 run is left
-    out to keep this file within 90 s on 2 cores; the S3 source is tested apart)."""
+    """`vision-ops bench` on 6 photos and every job again on 12, every approach, in its own
+    process (the S3 run is left out to keep this file within ~150 s on 2 cores; the S3 source
+    is tested apart)."""
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "bench.json"
     command = [sys.executable, "-m", "vision_ops.cli", "bench", "--images", str(TINY)]
     command += ["--batch-size", "2", "--only", "a,b,c,d,e,f", "--no-s3", "--repeats", "1"]
+    command += ["--scale", str(SCALE)]
     command += ["--workdir", str(folder / "work"), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # A hang guard, not a speed check: the bench takes ~90 s alone, more on a shared machine.
-    done = subprocess.run(command, capture_output=True, text=True, timeout=480, env=env)
+    # A hang guard, not a speed check: the bench takes ~150 s alone, more on a shared machine.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=840, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads(out.read_text()), done.stdout
 
 
+@pytest.mark.timeout(900)  # the first to ask runs the bench
 def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     report, _ = tiny_bench
     found = {m["key"]: m for m in report["measurements"]}
-    assert list(found) == ["a", "b", "c", "d", "e", "f"]
+    jobs = ["c", "c-scale", "d", "d-scale", "e", "e-scale", "f", "f-scale"]
+    assert list(found) == ["a", "b", *jobs]  # every job at N and at SCALE x N
     for m in found.values():
-        assert m["rows"] == m["expected_rows"] == TINY, m["key"]
+        size = TINY * SCALE if m["key"].endswith("-scale") else TINY
+        assert m["rows"] == m["expected_rows"] == size, m["key"]
         assert m["images_per_second"] > 0 and m["wall_seconds"] > 0, m["key"]
-        assert m["wall_images_per_second"] == pytest.approx(TINY / m["wall_seconds"])
+        assert m["wall_images_per_second"] == pytest.approx(size / m["wall_seconds"])
         assert m["peaks"]["rss_bytes"] >= m["peaks"]["pss_bytes"] > 50 * MB, m["key"]
-    for key in ("c", "d"):  # Ray's object store held the batches
+    for key in ("c", "d", "c-scale", "d-scale"):  # Ray's object store held the batches
         assert found[key]["peaks"]["object_store_bytes"] > 0
         assert found[key]["peaks"]["processes"] >= 5  # GCS, raylet, workers
-    for key in ("a", "b", "e", "f"):
+    for key in ("a", "b", "e", "f", "e-scale", "f-scale"):
         assert found[key]["peaks"]["object_store_bytes"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers
-    assert found["e"]["top1_agreement"] == 1.0  # the reference itself
-    assert found["c"]["top1_agreement"] >= (TINY - 1) / TINY  # same pixels, same model
-    for key in ("d", "f"):
+    assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
+    for key in ("c", "c-scale"):  # same pixels, same model
+        assert found[key]["top1_agreement"] >= (TINY - 1) / TINY
+        assert found[key]["details"]["error_rows"] == 0
+        startup = found[key]["details"]["startup_seconds"]  # the bench's job compiles
+        assert startup["compile"] > 0 and startup["model_load"] > 0, startup
+        assert startup["first_batch"] >= startup["compile"] + startup["model_load"]
+    for key in ("d", "f", "d-scale", "f-scale"):
         assert 0.0 <= found[key]["top1_agreement"] <= 1.0
-    assert found["c"]["details"]["error_rows"] == 0
+    assert report["scaling"]["images"] == [TINY, TINY * SCALE]
     assert report["passed"] and report["problems"] == []
 
 
+@pytest.mark.timeout(900)  # the first to ask runs the bench
+def test_bench_gives_each_size_its_jobs_figures(tiny_bench) -> None:
+    report, _ = tiny_bench
+    found = {m["key"]: m for m in report["measurements"]}
+    sizes = report["same_size"]
+    assert [s["images"] for s in sizes] == [TINY, TINY * SCALE]
+    assert list(sizes[0]["approaches"]) == ["c", "d", "e", "f"]
+    assert list(sizes[1]["approaches"]) == ["c-scale", "d-scale", "e-scale", "f-scale"]
+    for size in sizes:
+        for key, figures in size["approaches"].items():
+            m = found[key]
+            assert figures["wall_seconds"] == m["wall_seconds"]
+            assert figures["steady_images_per_second"] == m["images_per_second"]
+            assert figures["peak_pss_bytes"] == m["peaks"]["pss_bytes"]
+
+
+@pytest.mark.timeout(900)  # the first to ask runs the bench
 def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
     report, printed = tiny_bench
     rates = {m["key"]: m["images_per_second"] for m in report["measurements"]}
+    walls = {m["key"]: m["wall_images_per_second"] for m in report["measurements"]}
+    pss = {m["key"]: m["peaks"]["pss_bytes"] for m in report["measurements"]}
     ceiling = 1 / (1 / rates["a"] + 1 / rates["b"])
     assert report["shared_core_ceiling_images_per_second"] == pytest.approx(ceiling)
     rates[CEILING] = ceiling
     expected = {
         label: rates[top] / rates[bottom]
-        for label, top, bottom in RATIOS
+        for label, top, bottom in RATIOS + SCALED_RATIOS
         if top in rates and bottom in rates
     }
     assert report["ratios"] == pytest.approx(expected)
-    assert len(report["ratios"]) == len(RATIOS) - 2  # all but S3 / local and the GPU ceiling
+    # all but S3 / local and the GPU ceiling, at N and at scale
+    assert len(report["ratios"]) == 2 * (len(RATIOS) - 2)
+    assert report["ratios"]["e2e at scale / Daft"] == pytest.approx(
+        rates["c-scale"] / rates["f-scale"]
+    )
+    names = {"f": "Daft", "d": "naive Ray Data", "e": "DataLoader"}
+    for peer, name in names.items():
+        assert report["wall_ratios"][f"e2e / {name}"] == pytest.approx(walls["c"] / walls[peer])
+        assert report["wall_ratios"][f"e2e at scale / {name}"] == pytest.approx(
+            walls["c-scale"] / walls[f"{peer}-scale"]
+        )
+        assert report["pss_ratios"][f"e2e at scale PSS / {name}"] == pytest.approx(
+            pss["c-scale"] / pss[f"{peer}-scale"]
+        )
+    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 6
     assert report["gpu_ceiling_images_per_second"] is None  # a CPU machine
-    for label, value in report["ratios"].items():
-        assert f"{label:<{LABEL_WIDTH}}{value:>8.2f}x" in printed
+    wall_at = printed.index("ratios of wall img/s")
+    assert wall_at < printed.index("ratios of steady img/s")  # wall time first
+    for kind in ("wall_ratios", "ratios", "pss_ratios"):
+        for label, value in report[kind].items():
+            assert f"{label:<{LABEL_WIDTH}}{value:>8.2f}x" in printed[wall_at:]
     for m in report["measurements"]:
         assert f"{m['rows']:>6}" in printed and m["approach"] in printed

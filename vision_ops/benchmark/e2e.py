@@ -75,6 +75,7 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
             "pipeline_images_per_second": summary.images_per_second,
             "error_rows": commit.errors,
             "stage_seconds": manifest.get("stage_seconds"),
+            "startup_seconds": manifest.get("startup_seconds"),
             "runtime": spec.runtime.model_dump(),
         },
     )

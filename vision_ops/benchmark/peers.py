@@ -22,7 +22,7 @@ import torch
 from vision_ops.benchmark.local_ray import local_ray
 from vision_ops.benchmark.probes import Peaks, sampled_peaks
 from vision_ops.benchmark.rates import points_from_times, steady_rate
-from vision_ops.benchmark.report import Measurement
+from vision_ops.benchmark.report import SCALE_SUFFIX, Measurement
 from vision_ops.benchmark.spec import APPROACHES, CROP, IMAGENET_MEAN, IMAGENET_STD, RESIZE
 from vision_ops.benchmark.weights import inference, plain_model, top_k
 from vision_ops.benchmark.workload import Workload
@@ -89,7 +89,7 @@ def peer_measurement(
 ) -> Measurement:
     return Measurement(
         key=key,
-        approach=APPROACHES[key],
+        approach=APPROACHES[key.removesuffix(SCALE_SUFFIX)],
         rows=output.rows,
         expected_rows=work.images,
         images_per_second=output.steady or output.rows / wall,
@@ -125,13 +125,13 @@ class RayGuideClassifier:
         return prediction_columns(list(batch["path"]), logits)
 
 
-def naive_ray(work: Workload) -> tuple[Measurement, dict[str, int]]:
+def naive_ray(work: Workload, key: str = "d") -> tuple[Measurement, dict[str, int]]:
     """(d) read_images -> map_batches float32 preprocessing -> a 1-actor model pool (1 CPU, and
     the GPU where there is one) -> write_parquet."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    folder = work.output_dir("naive-ray")
+    folder = work.output_dir(f"naive-ray-{key}")
     device, gpus = work.device(), 1 if work.device().type == "cuda" else 0
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
@@ -160,7 +160,7 @@ def naive_ray(work: Workload) -> tuple[Measurement, dict[str, int]]:
         "CPU tasks, 1 model actor (1 CPU), write_parquet; img/s after the first batch left "
         "the model"
     )
-    return peer_measurement(work, "d", output, wall, peaks, includes), output.top1
+    return peer_measurement(work, key, output, wall, peaks, includes), output.top1
 
 
 # --- (e) PyTorch DataLoader --------------------------------------------------------------------
@@ -183,9 +183,9 @@ class PhotoFiles(torch.utils.data.Dataset):
             return self.transform(image.convert("RGB")), index
 
 
-def dataloader_loop(work: Workload) -> tuple[Measurement, dict[str, int]]:
+def dataloader_loop(work: Workload, key: str = "e") -> tuple[Measurement, dict[str, int]]:
     """(e) DataLoader with one worker per core, the model in this process on every core."""
-    folder = work.output_dir("dataloader")
+    folder = work.output_dir(f"dataloader-{key}")
     paths, device = work.paths, work.device()
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
@@ -211,7 +211,7 @@ def dataloader_loop(work: Workload) -> tuple[Measurement, dict[str, int]]:
         f"model load, {work.bench.cores} loader workers (PIL decode, Resize/CenterCrop/"
         "ToTensor/Normalize), model in the main process, Parquet; img/s after the first batch"
     )
-    return peer_measurement(work, "e", output, wall, peaks, includes), output.top1
+    return peer_measurement(work, key, output, wall, peaks, includes), output.top1
 
 
 # --- (f) Daft ----------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def daft_classifier(work: Workload) -> Any:
     )
 
 
-def daft_job(work: Workload) -> tuple[Measurement, dict[str, int]]:
+def daft_job(work: Workload, key: str = "f") -> tuple[Measurement, dict[str, int]]:
     """(f) glob -> download -> decode -> resize to 224 x 224 -> batch UDF -> write_parquet, on
     Daft's native (local, multi-threaded) runner."""
     os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry call from an offline machine
@@ -273,7 +273,7 @@ def daft_job(work: Workload) -> tuple[Measurement, dict[str, int]]:
         import daft.functions as F
     except ImportError:
         raise RuntimeError("approach f needs Daft: pip install 'vision-ops[bench]'") from None
-    folder = work.output_dir("daft")
+    folder = work.output_dir(f"daft-{key}")
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
         frame = daft.from_glob_path(str(work.photos / "*.jpg"))
@@ -288,4 +288,4 @@ def daft_job(work: Workload) -> tuple[Measurement, dict[str, int]]:
         "squashes the 4:3 photo; no centre crop), @daft.cls batch UDF normalising on the "
         "device, write_parquet; img/s after the first batch"
     )
-    return peer_measurement(work, "f", output, wall, peaks, includes), output.top1
+    return peer_measurement(work, key, output, wall, peaks, includes), output.top1

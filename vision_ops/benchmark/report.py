@@ -27,14 +27,35 @@ RATIOS = (
     ("e2e / model-only", "c", "b"),
     ("e2e from S3 / e2e local", "c-s3", "c"),
 )
-# The pipeline's ratios again for its run on scale x N images (--scale), whose longer steady
-# state gives a rate where N images are too few for one.
-SCALED = "c-scale"
+# Every job (the pipeline and its peers) runs again on scale x N images (--scale): a key with
+# this suffix. The ceilings are rates of parts, measured once, at N.
+SCALE_SUFFIX = "-scale"
+SCALED = "c" + SCALE_SUFFIX
+PEERS = {"f": "Daft", "d": "naive Ray Data", "e": "DataLoader"}  # the jobs e2e is set against
+JOBS = ("c", *PEERS)  # the approaches that do the whole job: run at every size
+
+
+def scaled(key: str) -> str:
+    """The key of an approach's run on scale x N images."""
+    return key + SCALE_SUFFIX
+
+
+# The pipeline's ratios again at scale x N, against each peer at the same size (the ceilings
+# are rates, so they stand at either size).
 SCALED_RATIOS = tuple(
-    (label.replace("e2e", "e2e at scale", 1), SCALED, bottom)
+    (label.replace("e2e", "e2e at scale", 1), SCALED, scaled(bottom) if bottom in PEERS else bottom)
     for label, top, bottom in RATIOS
     if top == "c"
 )
+# Wall-time ratios, the time a user waits: (rows / wall seconds) of e2e over a peer's at the
+# same size; above 1 the pipeline finished first. Start-up, listing and commit are all in.
+WALL_RATIOS = tuple(
+    (f"{prefix} / {name}", top, bottom + suffix)
+    for prefix, top, suffix in (("e2e", "c", ""), ("e2e at scale", SCALED, SCALE_SUFFIX))
+    for bottom, name in PEERS.items()
+)
+# Peak PSS ratios at the same size (below 1: the pipeline held less).
+PSS_RATIOS = tuple((label.replace("/", "PSS /", 1), t, b) for label, t, b in WALL_RATIOS)
 
 
 @dataclass
@@ -81,12 +102,34 @@ class BenchReport:
         return found
 
     def ratios(self) -> dict[str, float]:
-        rates = self.rates()
-        return {
-            label: rates[top] / rates[bottom]
-            for label, top, bottom in RATIOS + SCALED_RATIOS
-            if rates.get(top) and rates.get(bottom)
-        }
+        """Steady img/s of the pipeline over its ceilings' and peers'."""
+        return _divided(self.rates(), RATIOS + SCALED_RATIOS)
+
+    def wall_ratios(self) -> dict[str, float]:
+        """Wall img/s (rows / wall seconds) of the pipeline over each peer's at the same size."""
+        found = {m.key: m.wall_images_per_second for m in self.measurements}
+        return _divided(found, WALL_RATIOS)
+
+    def pss_ratios(self) -> dict[str, float]:
+        """Peak PSS of the pipeline over each peer's at the same size."""
+        found = {m.key: float(m.peaks.pss_bytes or 0) for m in self.measurements}
+        return _divided(found, PSS_RATIOS)
+
+    def same_size(self) -> list[dict[str, Any]]:
+        """Each size the jobs ran at: their wall seconds, wall and steady img/s, peak PSS."""
+        sizes: dict[int, dict[str, Any]] = {}
+        for m in self.measurements:
+            if m.key.removesuffix(SCALE_SUFFIX) not in JOBS:
+                continue
+            sizes.setdefault(m.expected_rows, {})[m.key] = {
+                "approach": m.approach,
+                "wall_seconds": m.wall_seconds,
+                "wall_images_per_second": m.wall_images_per_second,
+                "steady_images_per_second": m.images_per_second,
+                "steady_state": m.steady_state,
+                "peak_pss_bytes": m.peaks.pss_bytes,
+            }
+        return [{"images": n, "approaches": found} for n, found in sorted(sizes.items())]
 
     def unsteady_ratios(self) -> list[str]:
         """Ratios with a figure that is not a steady-state rate (start-up weighs in it)."""
@@ -106,7 +149,10 @@ class BenchReport:
             "measurements": [m.as_json() for m in self.measurements],
             "shared_core_ceiling_images_per_second": rates.get(CEILING),
             "gpu_ceiling_images_per_second": rates.get(GPU_CEILING),
+            "same_size": self.same_size(),
+            "wall_ratios": self.wall_ratios(),
             "ratios": self.ratios(),
+            "pss_ratios": self.pss_ratios(),
             "ratios_not_steady_state": self.unsteady_ratios(),
             "scaling": self.scaling,
             "problems": self.problems,
@@ -116,6 +162,16 @@ class BenchReport:
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.as_json(), indent=2, default=str) + "\n")
+
+
+def _divided(
+    figures: dict[str, float], pairs: tuple[tuple[str, str, str], ...]
+) -> dict[str, float]:
+    return {
+        label: figures[top] / figures[bottom]
+        for label, top, bottom in pairs
+        if figures.get(top) and figures.get(bottom)
+    }
 
 
 def _mb(value: int | None) -> str:
@@ -159,18 +215,27 @@ def format_table(report: BenchReport) -> str:
 
 def _ratio_lines(report: BenchReport) -> list[str]:
     rates = report.rates()
-    lines = ["", "ratios of steady img/s:"]
+    lines = [
+        "",
+        "ratios of wall img/s (rows / wall s, start-up in) at the same size; >1: e2e first:",
+    ]
+    lines += _figures(report.wall_ratios(), [])
+    lines += ["", "ratios of steady img/s:"]
     lines += [
         f"  {label:<{LABEL_WIDTH}}{rates[key]:>8.1f} img/s"
         for key, label in CEILING_LABELS.items()
         if rates.get(key)
     ]
-    unsteady = report.unsteady_ratios()
-    lines += [
+    lines += _figures(report.ratios(), report.unsteady_ratios())
+    lines += ["", "ratios of peak PSS at the same size; <1: e2e held less:"]
+    return lines + _figures(report.pss_ratios(), [])
+
+
+def _figures(ratios: dict[str, float], unsteady: list[str]) -> list[str]:
+    return [
         f"  {label:<{LABEL_WIDTH}}{value:>8.2f}x{' *' if label in unsteady else ''}"
-        for label, value in report.ratios().items()
+        for label, value in ratios.items()
     ]
-    return lines
 
 
 def _scaling_lines(report: BenchReport) -> list[str]:

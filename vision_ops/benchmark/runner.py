@@ -12,7 +12,7 @@ from typing import Any
 from vision_ops.benchmark.ceilings import decode_ceiling, model_ceiling
 from vision_ops.benchmark.e2e import local_source, pipeline_run, s3_source, scaling
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
-from vision_ops.benchmark.report import SCALED, BenchReport, Measurement
+from vision_ops.benchmark.report import JOBS, SCALE_SUFFIX, SCALED, BenchReport, Measurement, scaled
 from vision_ops.benchmark.spec import BenchSpec
 from vision_ops.benchmark.weights import TOP_K
 from vision_ops.benchmark.workload import Workload, photo_description, prepare
@@ -46,57 +46,58 @@ class Run:
         return measurement
 
 
-Step = Callable[[Run], None]
+Step = Callable[[Run, Workload, str], None]
 STEPS: Registry[Step] = Registry("bench approach")
 
 
 @STEPS.register("a")
-def _decode_ceiling(run: Run) -> None:
-    run.add(decode_ceiling(run.work))
+def _decode_ceiling(run: Run, work: Workload, key: str) -> None:
+    run.add(decode_ceiling(work))
 
 
 @STEPS.register("b")
-def _model_ceiling(run: Run) -> None:
-    run.add(model_ceiling(run.work))
+def _model_ceiling(run: Run, work: Workload, key: str) -> None:
+    run.add(model_ceiling(work))
 
 
 @STEPS.register("c")
-def _pipeline(run: Run) -> None:
-    """Local files; then the memory-scaling run where asked; then S3 where asked."""
-    work = run.work
-    base = run.add(*pipeline_run(work, local_source(work)))
-    if work.bench.scale > 1:
-        scaled_work = work.with_images(work.images * work.bench.scale)
-        scaled, top1 = pipeline_run(scaled_work, local_source(scaled_work, SCALED))
-        scaled.approach = f"vision-ops pipeline, local, {work.bench.scale}x images"
-        run.add(scaled, top1)
-        run.report.scaling = scaling(base, scaled)
-    if work.bench.s3:
+def _pipeline(run: Run, work: Workload, key: str) -> None:
+    """Local files; at N, then also from S3 where asked."""
+    run.add(*pipeline_run(work, local_source(work, key)))
+    if key == "c" and work.bench.s3:
         with s3_source(work) as source:
             run.add(*pipeline_run(work, source))
 
 
 @STEPS.register("d")
-def _naive_ray(run: Run) -> None:
-    run.add(*naive_ray(run.work))
+def _naive_ray(run: Run, work: Workload, key: str) -> None:
+    run.add(*naive_ray(work, key))
 
 
 @STEPS.register("e")
-def _dataloader(run: Run) -> None:
-    run.add(*dataloader_loop(run.work))
+def _dataloader(run: Run, work: Workload, key: str) -> None:
+    run.add(*dataloader_loop(work, key))
 
 
 @STEPS.register("f")
-def _daft(run: Run) -> None:
-    run.add(*daft_job(run.work))
+def _daft(run: Run, work: Workload, key: str) -> None:
+    run.add(*daft_job(work, key))
 
 
 def run_bench(bench: BenchSpec) -> BenchReport:
-    """Every approach `bench.only` names, on the same photos; the report with its checks."""
+    """Every approach `bench.only` names, on the same photos, and every job (the pipeline and
+    its peers) again on scale x N photos where asked; the report with its checks."""
     work = prepare(bench)
     run = Run(work, BenchReport(settings(work)))
+    scaled_work = work.with_images(work.images * bench.scale) if bench.scale > 1 else None
     for key in bench.only:
-        STEPS.get(key)(run)
+        STEPS.get(key)(run, work, key)
+        if scaled_work is not None and key in JOBS:
+            STEPS.get(key)(run, scaled_work, scaled(key))
+            run.report.measurements[-1].approach += f", {bench.scale}x N"
+    by_key = {m.key: m for m in run.report.measurements}
+    if "c" in by_key and SCALED in by_key:
+        run.report.scaling = scaling(by_key["c"], by_key[SCALED])
     record_agreement(run)
     run.report.problems = row_problems(run.report.measurements)
     return run.report
@@ -104,11 +105,12 @@ def run_bench(bench: BenchSpec) -> BenchReport:
 
 def record_agreement(run: Run) -> None:
     """Each approach's share of photos whose top-1 equals the DataLoader's (on shared photos)."""
-    reference = run.top1.get(REFERENCE)
-    if not reference:
-        return
     for measurement in run.report.measurements:
+        at_scale = measurement.key.endswith(SCALE_SUFFIX)
+        reference = run.top1.get(scaled(REFERENCE) if at_scale else REFERENCE)
         found = run.top1.get(measurement.key)
+        if not reference:
+            continue
         shared = sorted(set(found or ()) & set(reference))
         if found and shared:
             same = sum(found[name] == reference[name] for name in shared)

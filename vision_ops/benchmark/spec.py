@@ -60,7 +60,8 @@ class BenchSpec(BaseModel):
     scale: int = Field(
         default=1,
         ge=1,
-        description="Also run the pipeline on scale x images and compare peak RSS (1: don't).",
+        description="Also run the pipeline and its peers (c-f) on scale x images, and compare "
+        "the pipeline's peak RSS at both sizes (1: don't).",
     )
     workdir: Path = Field(
         default_factory=default_workdir, description="Photos and weights (cached), outputs."
