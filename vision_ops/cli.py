@@ -165,6 +165,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         f"output: {commit.partition_uri} ({len(commit.files)} file(s))\n"
         f"manifest: {commit.manifest_uri}"
     )
+    _print_drift(summary.drift)
     if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
         message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
         return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
@@ -173,6 +174,16 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         options = spec.storage_options
         return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
     return EXIT_OK
+
+
+def _print_drift(drifts: Sequence[Drift] | None) -> None:
+    """The drift figures a run recorded in its manifest (report --check fails on them)."""
+    if drifts is None:
+        print("drift: not recorded (see the warning above); report --check computes it")
+    elif not drifts:
+        print("drift: no earlier committed run to compare with")
+    for found in drifts or []:
+        print(f"drift: {'ALERT ' if found.crossed else ''}{found}")
 
 
 def backfill(spec: JobSpec, args: argparse.Namespace) -> int:

@@ -892,7 +892,8 @@ class JobSpec(StrictModel):
     )
     monitor: MonitorSpec = Field(
         default_factory=MonitorSpec,
-        description="Drift thresholds `vision-ops report SPEC --check` holds each run to.",
+        description="Drift thresholds `vision-ops report SPEC --check` holds each run to; "
+        "each run records its figures against them in its manifest (`drift`).",
     )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

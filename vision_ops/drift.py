@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
 
 from vision_ops.config import MonitorSpec
-from vision_ops.outputs import Target, committed_runs, describe
+from vision_ops.outputs import Manifest, Target, committed_runs, describe
 from vision_ops.report import NoSuchRun
 from vision_ops.storage import StorageOptions
-from vision_ops.trend import RunFigures, run_figures
+from vision_ops.trend import RunFigures, run_figures, table_figures
 
 EPSILON = 1e-4  # the share given to a bin one side has and the other has not
+FIGURES = ("label_psi", "score_psi", "error_rate_rise")  # each is MonitorSpec's threshold field
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Drift:
     threshold: float
     run_id: str
     compared: tuple[str, ...]  # the earlier runs, pooled
+    recorded: bool = False  # the value is the one the run's manifest recorded at its commit
 
     @property
     def crossed(self) -> bool:
@@ -43,6 +48,7 @@ class Drift:
         return (
             f"{self.figure} {self.value:.4f} {verdict} the threshold {self.threshold:g}: run "
             f"{self.run_id} against {', '.join(self.compared)}"
+            f"{' (recorded in its manifest at its commit)' if self.recorded else ''}"
         )
 
 
@@ -89,8 +95,68 @@ def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = N
         "error_rate_rise": run.error_rate - base_rate,
     }
     return [
-        Drift(name, round(value, 4), float(getattr(monitor, name)), run.run_id, compared)
-        for name, value in figures.items()
+        Drift(name, round(figures[name], 4), float(getattr(monitor, name)), run.run_id, compared)
+        for name in FIGURES
+    ]
+
+
+def runs_before(runs: list[Manifest], run_id: str, run_date: str) -> list[Manifest]:
+    """The committed runs before run `run_id` of `run_date`, in committed_runs' order (run
+    date, then run id); the run itself (a rerun's earlier commit) left out."""
+    return [run for run in runs if (run["run_date"], run["run_id"]) < (run_date, run_id)]
+
+
+def drift_at_commit(
+    target: Target,
+    monitor: MonitorSpec,
+    options: StorageOptions,
+    run: Manifest,
+    staged: Callable[[], pa.Table],
+) -> list[Drift]:
+    """The figures of a run about to commit (`run`: its run_id, run_date and task) against the
+    `monitor.runs` committed runs before it, as `drift` computes them for `report --check`;
+    its `staged` rows are read only where there is an earlier run (none: no figures)."""
+    earlier = runs_before(committed_runs(target, options), run["run_id"], run["run_date"])
+    earlier = earlier[-monitor.runs :]
+    if not earlier:
+        return []
+    points = [run_figures(target, committed, options) for committed in earlier]
+    return drift([*points, table_figures(staged(), run)], monitor)
+
+
+def manifest_entry(found: list[Drift]) -> dict[str, Any]:
+    """What a run's manifest records as `drift`: the runs compared (none: no earlier run, and
+    no figures) and per figure its value, its threshold and whether it crossed it."""
+    return {
+        "compared": list(found[0].compared) if found else [],
+        **{
+            d.figure: {"value": d.value, "threshold": d.threshold, "crossed": d.crossed}
+            for d in found
+        },
+    }
+
+
+def recorded_drift(
+    manifest: Manifest, compared: tuple[str, ...], monitor: MonitorSpec
+) -> list[Drift] | None:
+    """The figures a run's manifest recorded at its commit, held to `monitor`'s thresholds,
+    where it compared exactly the runs `compared`; None where it recorded none or compared
+    others (a run committed since, or another `monitor.runs`): they are computed instead."""
+    entry = manifest.get("drift")
+    if not isinstance(entry, Mapping) or tuple(entry.get("compared") or ()) != compared:
+        return None
+    if not all(isinstance(entry.get(name), Mapping) for name in FIGURES):
+        return None
+    return [
+        Drift(
+            name,
+            float(entry[name]["value"]),
+            float(getattr(monitor, name)),
+            manifest["run_id"],
+            compared,
+            recorded=True,
+        )
+        for name in FIGURES
     ]
 
 
@@ -98,6 +164,11 @@ def render_drift_html(found: list[Drift]) -> str:
     """A card of the figures, those over their threshold in red."""
     if not found:
         return '<div class="card drift"><h2>Drift</h2><p>no earlier run to compare</p></div>'
+    source = (
+        "recorded in the run's manifest at its commit"
+        if found[0].recorded
+        else "computed from the committed rows"
+    )
     rows = "".join(
         f'<tr class="drift{" crossed" if d.crossed else ""}" style="color:'
         f'{"#c62828" if d.crossed else "#222"}"><td>{d.figure}</td><td>{d.value:.4f}</td>'
@@ -107,7 +178,8 @@ def render_drift_html(found: list[Drift]) -> str:
     return (
         f'<div class="card drift" style="margin:12px 0"><h2>Drift: run '
         f"{html.escape(found[0].run_id)} against {html.escape(', '.join(found[0].compared))}"
-        f"</h2><table><tr><th>figure</th><th>value</th><th>threshold</th><th></th></tr>"
+        f'</h2><p class="drift-source">{source}</p>'
+        "<table><tr><th>figure</th><th>value</th><th>threshold</th><th></th></tr>"
         f"{rows}</table></div>"
     )
 
@@ -118,12 +190,18 @@ def check_run(
     options: StorageOptions | None = None,
     run_id: str | None = None,
 ) -> list[Drift]:
-    """The drift figures of a committed run (default: the latest), reading it and the
-    `monitor.runs` committed runs before it."""
+    """The drift figures of a committed run (default: the latest): those its manifest recorded
+    at its commit where they compare the same runs, else computed from its rows and those of
+    the `monitor.runs` committed runs before it."""
     runs = committed_runs(target, options)
     ids = [run["run_id"] for run in runs]
     if run_id is not None and run_id not in ids:
         raise NoSuchRun(f"{describe(target)}: no committed run {run_id}")
-    index = len(runs) - 1 if run_id is None else ids.index(run_id)
-    chosen = runs[max(0, index - monitor.runs) : index + 1]
-    return drift([run_figures(target, run, options or {}) for run in chosen], monitor)
+    if not runs:
+        return []
+    run = runs[len(runs) - 1 if run_id is None else ids.index(run_id)]
+    earlier = runs_before(runs, run["run_id"], run["run_date"])[-monitor.runs :]
+    found = recorded_drift(run, tuple(r["run_id"] for r in earlier), monitor)
+    if found is not None:
+        return found
+    return drift([run_figures(target, r, options or {}) for r in [*earlier, run]], monitor)

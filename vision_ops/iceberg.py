@@ -224,6 +224,11 @@ class IcebergSink:
         with writing_to(self.output.uri):
             self.parts.add(table)
 
+    def staged(self) -> pa.Table:
+        """The rows written so far (what a commit now would add to the table)."""
+        with writing_to(self.output.uri):
+            return self.parts.staged(self.schema)
+
     def commit(
         self,
         listed: Listed | ExpectedUnits | None = None,

@@ -185,6 +185,11 @@ class ParquetSink:
         self.resumed = found.units if found else 0
         return found.sources if found else frozenset()
 
+    def staged(self) -> pa.Table:
+        """The rows written so far (what a commit now would publish)."""
+        with writing_to(self.root_uri):
+            return self.parts.staged(self.schema)
+
     def commit(
         self,
         listed: Listed | ExpectedUnits | None = None,

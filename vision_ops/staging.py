@@ -117,6 +117,11 @@ class StagedParts:
         for path, _ in self.files:
             yield self.read(path)
 
+    def staged(self, schema: pa.Schema) -> pa.Table:
+        """Every row added so far (the staged files' and those pending), as one table."""
+        tables = [table.cast(schema) for table in [*self.tables(), *self.pending]]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
     def read(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns)

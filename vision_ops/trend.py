@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.outputs import Manifest, Target, committed_runs, read_run
@@ -46,6 +49,15 @@ class RunFigures:
 def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> RunFigures:
     """The figures of one committed run (its rows read back)."""
     table = read_run(target, manifest, options)
+    metrics = overall_metrics(target, manifest["run_id"], options)
+    return table_figures(table, manifest, metrics)
+
+
+def table_figures(
+    table: pa.Table, manifest: Mapping[str, Any], metrics: dict[str, float] | None = None
+) -> RunFigures:
+    """The figures of one run's rows: a committed run's, or those a run has staged (its
+    `manifest` then holds what a manifest will: run_id, run_date, task)."""
     summary = task_of_run(manifest).summary(table)
     scores = np.asarray(summary.scores, dtype=np.float64)
     rate = manifest.get("images_per_second")
@@ -59,7 +71,7 @@ def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> 
         mean_score=round(float(scores.mean()), 4) if len(scores) else None,
         p05_score=round(float(np.quantile(scores, 0.05)), 4) if len(scores) else None,
         images_per_second=float(rate) if rate is not None else None,
-        metrics=overall_metrics(target, manifest["run_id"], options),
+        metrics=metrics or {},
     )
 
 

@@ -18,6 +18,8 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
 from vision_ops.detection import instance_output
+from vision_ops.drift import Drift, drift_at_commit, manifest_entry
+from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
@@ -29,7 +31,7 @@ from vision_ops.reader import read_units
 from vision_ops.resume import without_sources
 from vision_ops.runstats import RunStats
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
-from vision_ops.schema import output_schema
+from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
 from vision_ops.sources import plan_inputs
 from vision_ops.storage import require_bucket
@@ -49,6 +51,8 @@ class RunSummary:
     seconds: float  # the whole run: listing, cluster start, pipeline, commit
     pipeline_seconds: float  # from the first read to the last row received
     commit: CommitResult
+    # Its figures against the runs before it; [] no earlier run, None: none could be had.
+    drift: list[Drift] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -93,14 +97,14 @@ def run_job(spec: JobSpec) -> RunSummary:
             spec.runtime.images_per_call,
             spec.runtime.files_per_read_task,
         )
-        commit, pipeline_seconds = _process_and_commit(spec, listing, plan, lock)
+        commit, pipeline_seconds, drifts = _process_and_commit(spec, listing, plan, lock)
     seconds = time.perf_counter() - started
-    return RunSummary(run_id, listing.count, seconds, pipeline_seconds, commit)
+    return RunSummary(run_id, listing.count, seconds, pipeline_seconds, commit, drifts)
 
 
 def _process_and_commit(
     spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunGuard
-) -> tuple[CommitResult, float]:
+) -> tuple[CommitResult, float, list[Drift] | None]:
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
     expected: ExpectedUnits = ListedUnits(listed_units(tiles.units)) if tiles else listing
@@ -120,7 +124,24 @@ def _process_and_commit(
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
     details = stats.as_manifest(pipeline_seconds) | identity
-    return sink.commit(expected, details), pipeline_seconds
+    drifts = staged_drift(spec, sink, schema)
+    if drifts is not None:
+        details["drift"] = manifest_entry(drifts)
+    return sink.commit(expected, details), pipeline_seconds, drifts
+
+
+def staged_drift(spec: JobSpec, sink: Sink, schema: pa.Schema) -> list[Drift] | None:
+    """The run's drift figures (its staged rows against the committed runs before it, the
+    spec's `monitor:`), for its manifest; None, with a warning, where they cannot be had (the
+    run commits all the same, and `report --check` computes them)."""
+    run_id, run_date = spec.resolved_run()
+    run = {"run_id": run_id, "run_date": run_date.isoformat(), "task": task_of(schema)}
+    options = spec.storage_options
+    try:
+        return drift_at_commit(spec.output, spec.monitor, options, run, sink.staged)
+    except (VisionOpsError, OSError, pa.ArrowException) as err:
+        log.warning("run %s: drift figures not recorded: %s", run_id, err)
+        return None
 
 
 def resume_earlier_attempt(

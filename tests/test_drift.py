@@ -1,0 +1,175 @@
+"""Drift recorded at the commit: a run's figures against the committed runs before it land in
+its manifest (Parquet's JSON, Iceberg's snapshot summary), `vision-ops run` prints them, and
+`report --check` holds a run to the figures its manifest recorded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from committed_rows import classified, commit_rows
+
+from vision_ops.cli import EXIT_OK, main
+from vision_ops.config import MonitorSpec, OutputSpec
+from vision_ops.drift import FIGURES, check_run, drift, psi
+from vision_ops.errors import EXIT_DRIFT
+from vision_ops.outputs import committed_run
+from vision_ops.tasks import counts
+from vision_ops.trend import trend
+
+pytestmark = pytest.mark.timeout(600)
+LITE0 = {
+    "kind": "entrypoint",
+    "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+    "name": "efficientnet_lite0",
+    "labels": "imagenet-1k",
+    "preprocessing": {"resize": 256, "crop": 224, "mean": [0.498] * 3, "std": [0.502] * 3},
+}
+STEADY, SWAPPED = ("chelsea.png", "coffee.png"), ("astronaut.png", "rocket.jpg")
+
+
+def night_spec(folder: Path, output: dict[str, Any], index: int) -> dict[str, Any]:
+    return {
+        "input": {"uris": [str(folder)]},
+        "task": {"kind": "classification", "top_k": 3},
+        "model": LITE0,
+        "runtime": {"batch_size": 4, "max_actors": 1},
+        "output": output,
+        "run": {"id": f"night-{index}", "date": f"2026-11-2{index}"},
+    }
+
+
+def photos(tmp_path: Path, photo_paths: list[Path], index: int, names: tuple[str, ...]) -> Path:
+    folder = tmp_path / f"photos-{index}"
+    folder.mkdir()
+    for path in photo_paths:
+        if path.name in names:
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(params=["parquet", pytest.param("iceberg", marks=pytest.mark.s3)])
+def table_output(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict[str, Any], Any]:
+    """The job's `output:` (and `storage_options:`) of either format."""
+    if request.param == "parquet":
+        return {"uri": str(tmp_path / "table")}, {}
+    server = request.getfixturevalue("iceberg_s3")
+    name = f"drift_{tmp_path.name.replace('-', '_')[-20:]}"
+    output = {
+        "format": "iceberg",
+        "uri": f"s3://out/{name}",
+        "table": f"tests.{name}",
+        "catalog": server.catalog_properties(),
+    }
+    return output, {"s3": server.storage_options()}
+
+
+def recorded(output: dict[str, Any], options: Any, run_id: str) -> dict[str, Any]:
+    """A run's `drift` as stored: Parquet's manifest JSON read plainly, Iceberg's snapshot
+    summary read through a fresh PyIceberg catalog (the JSON of `vision_ops.details`)."""
+    if output.get("format") != "iceberg":
+        manifest = Path(output["uri"]) / "_manifests" / f"{run_id}.json"
+        return dict(json.loads(manifest.read_text())["drift"])
+    from pyiceberg.catalog import load_catalog
+
+    table = load_catalog("independent", **output["catalog"]).load_table(output["table"])
+    [summary] = [
+        s.summary for s in table.snapshots() if s.summary.get("vision_ops.run_id") == run_id
+    ]
+    return dict(json.loads(summary["vision_ops.details"])["drift"])
+
+
+def top_labels(output: dict[str, Any], options: Any, run_id: str) -> dict[str, float]:
+    """The run's ok rows' labels, read back: plain pyarrow (Parquet) or a PyIceberg scan."""
+    if output.get("format") != "iceberg":
+        date = f"2026-11-2{run_id[-1]}"
+        table = pq.read_table(Path(output["uri"]) / f"run_date={date}")
+    else:
+        from pyiceberg.catalog import load_catalog
+
+        iceberg = load_catalog("independent", **output["catalog"]).load_table(output["table"])
+        table = iceberg.scan(row_filter=f"run_id == '{run_id}'").to_arrow()
+    return dict(counts(table.filter(pc.equal(table["status"], "ok"))["label"]))
+
+
+def test_a_run_records_its_drift_in_its_manifest(
+    ray_local, tmp_path, photo_paths, table_output, capsys
+) -> None:
+    """Three nights, the third over other photos: night 1 records no earlier run, night 2
+    nothing crossed against night 1, night 3 its label PSI over the threshold against both;
+    `vision-ops run` prints it and `report --check` uses the recorded figures."""
+    from vision_ops.config import parse_spec
+    from vision_ops.pipeline import run_job
+
+    output, options = table_output
+    summaries = []
+    for index, names in enumerate((STEADY, STEADY), start=1):
+        spec = night_spec(photos(tmp_path, photo_paths, index, names), output, index)
+        summaries.append(run_job(parse_spec(spec | {"storage_options": options})))
+    third = night_spec(photos(tmp_path, photo_paths, 3, SWAPPED), output, 3)
+    (tmp_path / "night-3.yaml").write_text(yaml.safe_dump(third | {"storage_options": options}))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "night-3.yaml")]) == EXIT_OK
+    printed = capsys.readouterr().out
+
+    assert summaries[0].drift == [] and recorded(output, options, "night-1") == {"compared": []}
+    second = recorded(output, options, "night-2")
+    assert second["compared"] == ["night-1"]
+    assert second["label_psi"] == {"value": 0.0, "threshold": 0.25, "crossed": False}
+    assert not any(second[name]["crossed"] for name in FIGURES)
+
+    found = recorded(output, options, "night-3")
+    assert found["compared"] == ["night-1", "night-2"]
+    before = top_labels(output, options, "night-1")
+    pooled = {k: 2 * v for k, v in before.items()}  # night 2 found what night 1 found
+    expected = psi(top_labels(output, options, "night-3"), pooled)
+    assert expected > 1  # the swapped photos' labels are none of the steady ones'
+    assert found["label_psi"] == {"value": round(expected, 4), "threshold": 0.25, "crossed": True}
+    assert set(found) == {"compared", *FIGURES}
+    assert "drift: ALERT label_psi" in printed
+    assert "over the threshold 0.25: run night-3 against night-1, night-2" in printed
+
+    target = OutputSpec.model_validate(output) if options else output["uri"]
+    again = drift(trend(target, options), MonitorSpec())  # from the rows, as report computed it
+    assert {d.figure: d.value for d in again} == {k: found[k]["value"] for k in FIGURES}
+    assert committed_run(target, "night-3", options)["drift"] == found  # the project's reader
+    checked = check_run(target, MonitorSpec(), options)
+    assert all(d.recorded for d in checked) and [d.value for d in checked] == [
+        found[k]["value"] for k in FIGURES
+    ]
+    if not options:  # Parquet: the command too (the same function underneath)
+        assert main(["report", output["uri"], "--check"]) == EXIT_DRIFT
+        assert "(recorded in its manifest at its commit)" in capsys.readouterr().out
+
+
+def test_report_check_uses_the_recorded_figures_only_for_the_runs_they_compared(
+    tmp_path, capsys
+) -> None:
+    """A manifest's figures are used where they compare the runs the check would (here a
+    recorded label PSI of 9, the rows say 0); with another `--runs` they are computed."""
+    table = tmp_path / "table"
+    rows = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    for index in range(2):
+        commit_rows(table, "classification", rows, f"n{index}", f"2026-05-0{index + 1}")
+    figures = {name: {"value": 0.0, "threshold": 1.0, "crossed": False} for name in FIGURES}
+    entry = {"compared": ["n0", "n1"], **figures, "label_psi": {"value": 9.0}}
+    commit_rows(table, "classification", rows, "n2", "2026-05-03", details={"drift": entry})
+
+    assert main(["report", str(table), "--check"]) == EXIT_DRIFT
+    out = capsys.readouterr().out
+    assert "drift: label_psi 9.0000 over the threshold 0.25: run n2 against n0, n1" in out
+    assert "(recorded in its manifest at its commit)" in out
+    assert main(["report", str(table), "--check", "--runs", "1"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "drift: label_psi 0.0000 within the threshold 0.25: run n2 against n1\n" in out
+    page = tmp_path / "report.html"
+    assert main(["report", str(table), "--check", "--html", str(page)]) == EXIT_DRIFT
+    assert '<p class="drift-source">recorded in the run\'s manifest at its commit' in (
+        page.read_text()
+    )
