@@ -4,9 +4,10 @@ size, then the Ray-side filter of a listing of new + old units (issue 20, item 2
     .venv/bin/python benchmarks/incremental.py --old 1000000 --new 10000 --runs 100
 
 Builds two Parquet tables of synthetic committed rows with the real sink (one run of OLD units;
-RUNS runs of OLD / RUNS units each, all with the same model fingerprint). Then, each in a fresh
-process with a local 2-CPU Ray: the driver's planning (`incremental.done_versions` over every
-committed run's rows: the done set as one Arrow array), and the filter of a listing of OLD + NEW
+RUNS runs of OLD / RUNS units each, all with the same model fingerprint), each run with the
+index its commit writes (vision_ops.runindex). Then, each in a fresh process with a local 2-CPU
+Ray: the driver's planning (`incremental.done_sources` over every committed run's index: the
+done set as one Arrow array), and the filter of a listing of OLD + NEW
 units made in Ray tasks (`incremental.without_done`, as `--incremental` runs it), which must keep
 exactly the NEW units. Each table is measured REPEAT times, alternating; prints the medians of
 the seconds of each and the driver's peak RSS, and their ratios RUNS runs / 1 run.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vision_ops.pipeline.incremental import committed_versions, done_versions
+from vision_ops.pipeline.incremental import done_sources
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import ParquetSink, committed_runs
 from vision_ops.sources import LISTING_BLOCK_ROWS, LISTING_SCHEMA
@@ -101,7 +102,9 @@ def measure(root: str, old: int, new: int) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     runs = committed_runs(root)
-    done = done_versions((committed_versions(root, run, {}) for run in runs), ())
+    done = done_sources(root, runs, {}, ())
+    if not all(run.get("index_uri") for run in runs):
+        raise SystemExit("a committed run has no index: the sink wrote none")
     planned = time.perf_counter()
     left = without_done(listing, done)
     filtered = time.perf_counter()
