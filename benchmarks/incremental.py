@@ -138,16 +138,21 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=10_000, help="new units in the listing")
     parser.add_argument("--runs", type=int, default=100, help="runs they are spread over")
     parser.add_argument("--repeat", type=int, default=3, help="trials per table (medians)")
+    parser.add_argument("--tables", help="keep the built tables here and reuse them")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.old, args.new)))
         return
-    with tempfile.TemporaryDirectory() as folder:
-        roots = {runs: Path(folder, f"runs-{runs}") for runs in (1, args.runs)}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.tables or scratch)
+        roots = {runs: folder / f"runs-{runs}-of-{args.old}" for runs in (1, args.runs)}
         for runs, root in roots.items():
+            if (root / "_built").exists():  # whole, by an earlier call with --tables
+                continue
             started = time.perf_counter()
             build(root, args.old, runs)
+            (root / "_built").touch()
             print(f"built {runs} run(s) of {args.old // runs:,} units in "
                   f"{time.perf_counter() - started:.1f}s", flush=True)  # fmt: skip
         trials: dict[int, list[dict[str, float]]] = {runs: [] for runs in roots}
