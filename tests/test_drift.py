@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -173,3 +174,28 @@ def test_report_check_uses_the_recorded_figures_only_for_the_runs_they_compared(
     assert '<p class="drift-source">recorded in the run\'s manifest at its commit' in (
         page.read_text()
     )
+
+
+def test_a_run_is_compared_with_the_runs_before_it_never_itself(tmp_path) -> None:
+    """At the commit: the committed runs before the run's date (a rerun's own earlier commit
+    and later dates left out); with none, its staged rows are not even read."""
+    from vision_ops.drift import drift_at_commit
+
+    table = tmp_path / "table"
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    for index in range(3):
+        commit_rows(table, "classification", cats, f"n{index}", f"2026-05-0{index + 1}")
+    dogs = pa.Table.from_pylist([classified("/nonexistent/d.jpg", ("dog", 0.5))] * 3)
+    dogs = dogs.append_column("status", pa.array(["ok"] * 3))
+    dogs = dogs.append_column("error_type", pa.nulls(3, pa.string()))
+    rerun = {"run_id": "n1", "run_date": "2026-05-02", "task": "classification"}
+    found = drift_at_commit(str(table), MonitorSpec(), {}, rerun, lambda: dogs)
+    assert [d.figure for d in found] == list(FIGURES)
+    assert {d.compared for d in found} == {("n0",)}
+    assert found[0].value == round(psi({"dog": 3}, {"cat": 4}), 4) and found[0].crossed
+
+    def unread() -> pa.Table:
+        raise AssertionError("a run with no earlier run must not read its staged rows")
+
+    first = {"run_id": "n9", "run_date": "2026-04-30", "task": "classification"}
+    assert drift_at_commit(str(table), MonitorSpec(), {}, first, unread) == []
