@@ -5,7 +5,8 @@ A run's commit (`publish`) goes through these steps, each one durable before the
 1. the journal `_commits/{run_id}.json` records the plan: the attempt's files and where they
    go, and the files of the committed run it replaces;
 2. the attempt's part files (and masks) move from `_staging/` into the partition under names
-   of their own (`{run_id}-{attempt}-part-NNNNN.parquet`): nothing committed is overwritten;
+   of their own (`{run_id}-{attempt}-part-NNNNN.parquet`), and its index (vision_ops.runindex)
+   to `_index/{run_id}-{attempt}.parquet`: nothing committed is overwritten;
 3. the manifest `_manifests/{run_id}.json` is replaced in one write: the commit point;
 4. `_SUCCESS` is written in the partition, the replaced run's files are removed, and the
    journal last.
