@@ -93,6 +93,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "decode": "tasks",
         "channels_last": True,
         "compile": False,
+        "compile_min_inputs": 3000,
         "retain_host_memory": True,
         "intra_op_threads": None,
         "queue_mb": None,

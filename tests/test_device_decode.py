@@ -183,6 +183,7 @@ def test_channels_last_and_compile_predict_like_the_plain_model(weights_file: Pa
         spec = spec_for(torchvision_file_model(weights_file), top_k=3)
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=runtime)})
         classifier = Classifier(spec)
+        assert (classifier.compile_seconds > 0) == bool(runtime.get("compile"))
         ids, scores = classifier.predict(images)
         np.testing.assert_array_equal(ids, expected.indices.numpy())
         np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
@@ -202,6 +203,7 @@ def test_a_compiled_model_keeps_one_graph_for_short_and_long_batches(
     counters.clear()
     classifier = Classifier(spec.model_copy(update={"runtime": runtime}))
     assert counters["stats"]["unique_graphs"] == 1  # compiled while the actor starts
+    assert classifier.compile_seconds > 0  # timed for the run's start-up stages
     for rows in (slice(0, 4), slice(4, 7), slice(0, 11)):  # full, short, more than a batch
         ids, scores = classifier.predict(images[rows])
         np.testing.assert_array_equal(ids, expected.indices.numpy()[rows])

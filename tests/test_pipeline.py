@@ -17,6 +17,7 @@ from torchvision import transforms
 
 from vision_ops.config import JobSpec, parse_spec
 from vision_ops.pipeline import run_job
+from vision_ops.pipeline.run import compiled_if_it_pays
 from vision_ops.pool import ClusterTooSmall
 from vision_ops.query import connect, read_sql
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
@@ -105,6 +106,18 @@ def test_local_files_equal_a_direct_model_call(
     assert (chelsea["image_width"], chelsea["image_height"]) == (451, 300)
     assert chelsea["source_size"] == (photo_dir / "chelsea.png").stat().st_size
     assert chelsea["model_name"] == "efficientnet_lite0" and chelsea["run_id"] == "test-run"
+    startup = committed_run(str(output), "test-run")["startup_seconds"]
+    assert summary.startup_seconds == startup
+    assert list(startup) == [
+        "ray_connect", "listing", "pool_start", "model_load", "compile", "pool_ready",
+        "first_batch", "until_first_batch",
+    ]  # fmt: skip
+    assert all(seconds >= 0 for seconds in startup.values())
+    assert startup["model_load"] > 0 and startup["compile"] == 0  # runtime.compile is off
+    # one actor: up, its model loaded, ready, then its first batch out
+    ready = startup["pool_start"] + startup["model_load"]
+    assert ready <= startup["pool_ready"] + 0.01 <= startup["first_batch"] + 0.02
+    assert startup["until_first_batch"] >= startup["listing"] + startup["first_batch"]
 
 
 @pytest.mark.s3
@@ -127,6 +140,15 @@ def test_s3_in_and_out_equal_a_direct_model_call(
     listed = s3fs_client.find("images/photos/", detail=True)
     assert etags == {f"s3://{k}": v["ETag"].strip('"') for k, v in listed.items()}
     assert {str(r["run_date"]) for r in rows} == {"2026-11-24"}
+
+
+def test_a_run_compiles_only_when_its_inputs_make_it_pay(tmp_path) -> None:
+    spec = job(["/photos"], str(tmp_path), runtime={"compile": True, "compile_min_inputs": 100})
+    assert spec.runtime.compile and not compiled_if_it_pays(spec, 99).runtime.compile
+    assert compiled_if_it_pays(spec, 100) == spec
+    eager = job(["/photos"], str(tmp_path))  # compile is off unless asked for
+    assert not compiled_if_it_pays(eager, 10**6).runtime.compile
+    assert job(["/p"], "/o", runtime={"compile": True}).runtime.compile_min_inputs == 3000
 
 
 def write_bad_corpus(folder: Path) -> dict[str, str]:

@@ -139,6 +139,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from ray.data.exceptions import ExecutionTimeoutError
 
     from vision_ops.pipeline import run_job
+    from vision_ops.runstats import startup_line
     from vision_ops.storage import StorageError
 
     try:
@@ -162,6 +163,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         f"{f', {commit.resumed} resumed from an earlier attempt' if commit.resumed else ''} "
         f"in {summary.seconds:.1f}s; pipeline {summary.pipeline_seconds:.1f}s, "
         f"{summary.images_per_second:.1f} images/s\n"
+        f"{startup_line(summary.startup_seconds or {})}\n"
         f"output: {commit.partition_uri} ({len(commit.files)} file(s))\n"
         f"manifest: {commit.manifest_uri}"
     )
@@ -666,7 +668,9 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="also run the pipeline from s3:// on a local SeaweedFS server",
     )
-    sub.add_argument("--scale", type=int, default=1, help="also run the pipeline on K x N")
+    sub.add_argument(
+        "--scale", type=int, default=1, help="also run the pipeline and its peers on K x N"
+    )
     sub.add_argument("--workdir", help="photos, weights and outputs (photos are cached there)")
     sub.add_argument("--spec", help="a job spec YAML whose `runtime:` settings the pipeline takes")
     sub.add_argument("--repeats", type=int, default=3, help="timed passes of the model-only run")

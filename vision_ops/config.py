@@ -589,6 +589,9 @@ UNION_FIELDS = frozenset({"model", "task"})
 
 READ_BATCH_SIZE = 16  # files a read task fetches and decodes
 DEVICE_DECODE_READ_BATCHES = 4  # model batches a read task fetches when the actors decode
+# Inputs a run needs before torch.compile pays for itself on CPUs: each actor spends seconds
+# compiling, and the compiled model saves about 4 ms an image (docs/performance.md, "Start-up").
+COMPILE_MIN_INPUTS = 3000
 
 
 @dataclass(frozen=True)
@@ -665,6 +668,14 @@ class RuntimeSpec(StrictModel):
         description="torch.compile fixed-size models as each actor starts (inductor with "
         "freezing, one static batch shape; a C++ compiler on CPU nodes): slower start-up, faster "
         "batches.",
+    )
+    compile_min_inputs: int = Field(
+        default=COMPILE_MIN_INPUTS,
+        ge=0,
+        description="With compile on, compile only a run of at least this many inputs to "
+        "process (the listing's count, after --incremental's skip): a shorter run loses more "
+        f"to compiling than the faster batches win back. Default {COMPILE_MIN_INPUTS}, "
+        "measured on CPUs; 0: always compile.",
     )
     retain_host_memory: bool = Field(
         default=True,

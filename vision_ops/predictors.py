@@ -116,6 +116,7 @@ class Predictor:
     task = ""
     preprocessing: Preprocessing | None = None  # fixed-size models' resize, crop, mean, std
     static_batch = 0  # a compiled fixed-size model's one batch size (0: any size)
+    compile_seconds = 0.0  # spent in torch.compile and its first (compiling) call
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         threads = spec.runtime.intra_op_threads or threads
@@ -159,10 +160,12 @@ class Predictor:
         if self.spec.runtime.compile:
             # Freezing folds the weights into the graph (batch norm into the convolutions), and
             # one static shape keeps one graph: run_fixed pads short batches to batch_size.
+            started = time.perf_counter()
             compiled = torch.compile(self.module, dynamic=False, options={"freezing": True})
             self.module = cast(torch.nn.Module, compiled)
             self.static_batch = self.spec.runtime.images_per_call
             self.probe()
+            self.compile_seconds = time.perf_counter() - started
         return preprocessing
 
     def probe(self) -> torch.Tensor:

@@ -206,6 +206,10 @@ def _entry_with(field: pa.Field, tiles: bool, instance: str | None) -> pa.Field:
 # Seconds a stage spent on a batch, spread over its rows: carried beside the rows to the
 # driver, summed into the run's manifest, never written to the table.
 STAGE_PREFIX = "_stage_seconds_"
+# An actor's start-up (seconds loading its model, compiling it; epoch seconds when its
+# __init__ began and ended) on the rows of its first batch, NaN on every other batch's: stage
+# columns too, so they travel as they do, and the driver's run statistics take them apart.
+STARTUP_PREFIX = f"{STAGE_PREFIX}startup_"
 
 
 def stage_times(rows: int, seconds: float) -> np.ndarray:

@@ -29,7 +29,7 @@ from vision_ops.pool import PoolPlan, plan_pool
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_units
 from vision_ops.resume import without_sources
-from vision_ops.runstats import RunStats
+from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
@@ -51,6 +51,7 @@ class RunSummary:
     seconds: float  # the whole run: listing, cluster start, pipeline, commit
     pipeline_seconds: float  # from the first read to the last row received
     commit: CommitResult
+    startup_seconds: dict[str, float] | None = None  # by stage (RunStats.startup_seconds)
     # Its figures against the runs before it; [] no earlier run, None: none could be had.
     drift: list[Drift] | None = None
 
@@ -75,19 +76,22 @@ def connect_ray() -> None:
 
 def run_job(spec: JobSpec) -> RunSummary:
     """Run a validated spec to a committed table; raises before any work if it cannot run."""
-    started = time.perf_counter()
+    clock = StartupClock()
     run_id, run_date = spec.resolved_run()
     check_job(spec)
     inputs = plan_inputs(spec.input, spec.storage_options)
     check_run_date(spec, run_id, run_date)
-    connect_ray()
+    with clock.stage("ray_connect"):
+        connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     spec = spec.sized(plan.num_gpus)
-    listing = list_listing(spec.input, inputs, spec.storage_options)
+    with clock.stage("listing"):
+        listing = list_listing(spec.input, inputs, spec.storage_options)
     require_bucket(spec.output.uri, spec.storage_options)
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
+        spec = compiled_if_it_pays(spec, listing.count)
         log.info(
             "run %s: %d inputs, predictor pool %s, %d images per model call, %d files per read "
             "task",
@@ -97,13 +101,35 @@ def run_job(spec: JobSpec) -> RunSummary:
             spec.runtime.images_per_call,
             spec.runtime.files_per_read_task,
         )
-        commit, pipeline_seconds, drifts = _process_and_commit(spec, listing, plan, lock)
-    seconds = time.perf_counter() - started
-    return RunSummary(run_id, listing.count, seconds, pipeline_seconds, commit, drifts)
+        commit, pipeline_seconds, drifts = _process_and_commit(spec, listing, plan, lock, clock)
+    seconds = time.perf_counter() - clock.started
+    return RunSummary(
+        run_id,
+        listing.count,
+        seconds,
+        pipeline_seconds,
+        commit,
+        drifts,
+        startup_seconds=clock.seconds,
+    )
+
+
+def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
+    """The spec with `runtime.compile` off for a run of fewer than `compile_min_inputs` inputs,
+    where compiling costs more start-up than its faster batches win back."""
+    runtime = spec.runtime
+    if not runtime.compile or inputs >= runtime.compile_min_inputs:
+        return spec
+    log.info(
+        "%d inputs, under runtime.compile_min_inputs=%d: the model runs uncompiled",
+        inputs,
+        runtime.compile_min_inputs,
+    )
+    return spec.model_copy(update={"runtime": runtime.model_copy(update={"compile": False})})
 
 
 def _process_and_commit(
-    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunGuard
+    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunGuard, clock: StartupClock
 ) -> tuple[CommitResult, float, list[Drift] | None]:
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
@@ -124,6 +150,7 @@ def _process_and_commit(
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
     details = stats.as_manifest(pipeline_seconds) | identity
+    details["startup_seconds"] = stats.startup_seconds(clock)
     drifts = staged_drift(spec, sink, schema)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
@@ -307,9 +334,12 @@ class PredictRows:
     def __init__(
         self, spec: JobSpec, threads: int | None, to_rows: Callable[..., pa.Table] | None
     ) -> None:
+        self.startup = ActorStartup()
+        loading = time.perf_counter()
         self.predict = load_predictor(spec, threads)
+        self.startup.ready(time.perf_counter() - loading, self.predict.compile_seconds)
         self.to_rows = to_rows
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table | dict[str, Any]:
-        predictions = self.predict(batch)
+        predictions = self.predict(batch) | self.startup.columns(len(batch["status"]))
         return self.to_rows(predictions) if self.to_rows else predictions
