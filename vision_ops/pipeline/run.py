@@ -51,9 +51,9 @@ class RunSummary:
     seconds: float  # the whole run: listing, cluster start, pipeline, commit
     pipeline_seconds: float  # from the first read to the last row received
     commit: CommitResult
-    startup_seconds: dict[str, float] | None = None  # by stage (RunStats.startup_seconds)
     # Its figures against the runs before it; [] no earlier run, None: none could be had.
     drift: list[Drift] | None = None
+    startup_seconds: dict[str, float] | None = None  # by stage (RunStats.startup_seconds)
 
     @property
     def images_per_second(self) -> float:
