@@ -602,25 +602,25 @@ def read_back(where: Store, manifest: dict[str, Any]) -> pa.Table:
     return table.scan().to_arrow().drop_columns(["run_date"])
 
 
-def test_a_scene_is_resumed_only_with_every_tile(tmp_path: Path) -> None:
+def test_a_scene_is_resumed_only_with_every_tile(ray_local, tmp_path: Path) -> None:
     """Scene a's 4 tiles durable, scene b's 2 of 4: a is resumed, b's tiles all planned again
-    (and the plan the scene merger waits on is b's alone)."""
-    from vision_ops.pipeline.run import resume_earlier_attempt
-    from vision_ops.scenes import TilePlan
+    (the scene rows left in Ray are b's alone, and the plan counts its 4 tiles)."""
+    import ray
 
-    tiles = [(s, x, 0) for s in ("file:///a.tif", "file:///b.tif") for x in range(0, 256, 64)]
-    plan = TilePlan(
-        units=pa.table(
-            {
-                "source_uri": [s for s, _, _ in tiles],
-                "tile_x": pa.array([x for _, x, _ in tiles], pa.int32()),
-                "tile_y": pa.array([y for _, _, y in tiles], pa.int32()),
-            }
-        ),
-        crs=None,
-        bounds=None,
-        transforms={},
-    )
+    from vision_ops.config import TilingSpec
+    from vision_ops.pipeline.planning import ScenePlan
+    from vision_ops.pipeline.run import resume_earlier_attempt
+    from vision_ops.scenes import SCENE_FIELDS, SceneSummary
+
+    scenes = ["file:///a.tif", "file:///b.tif"]
+    header = {"scene_width": 256, "scene_height": 64, "scene_transform": [1, 0, 0, 0, -1, 0]}
+    header |= {"value_low": 0.0, "value_high": 255.0, "scene_tiles": 4, "scene_token_sum": 0}
+    rows_of_scenes = [{"source_uri": uri} | header for uri in scenes]
+    schema = pa.schema([pa.field("source_uri", pa.string()), *SCENE_FIELDS])
+    table = pa.Table.from_pylist(rows_of_scenes, schema=schema)
+    tiling = TilingSpec(size=64, value_range=(0, 255))
+    plan = ScenePlan(ray.data.from_arrow(table), tiling, SceneSummary(2, 8), None, None)
+    tiles = [(s, x, 0) for s in scenes for x in range(0, 256, 64)]
     rows = source_rows([s for s, _, _ in tiles])
     ids = [item_id(s, tile=(x, y)) for s, x, y in tiles]
     rows = rows.set_column(rows.schema.get_field_index("item_id"), "item_id", pa.array(ids))
@@ -628,7 +628,9 @@ def test_a_scene_is_resumed_only_with_every_tile(tmp_path: Path) -> None:
     attempt.resume(one_unit_each)
     attempt.write(rows.slice(0, 6))  # a whole, b's first two tiles
     rerun = sink(tmp_path)
-    units, left_plan, left = resume_earlier_attempt(rerun, plan.units, plan, sources=2)
+    units, left_plan, left = resume_earlier_attempt(rerun, plan.units(), plan, sources=2)
     assert rerun.resumed == 4 and left == 4
-    assert units["source_uri"].to_pylist() == ["file:///b.tif"] * 4
-    assert left_plan is not None and left_plan.units.equals(units)
+    planned = pa.concat_tables(ray.get(units.to_arrow_refs()))
+    assert planned["source_uri"].to_pylist() == ["file:///b.tif"] * 4
+    assert sorted(planned["tile_x"].to_pylist()) == [0, 64, 128, 192]
+    assert left_plan is not None and left_plan.count == 4

@@ -37,6 +37,29 @@ def bright_squares() -> torch.nn.Module:
     return BrightSquares()
 
 
+class BrightSquaresOnNodes(BrightSquares):
+    """BrightSquares that leaves one file per call in `marks` (a folder), named by the Ray
+    node the call ran on: a multi-node test tells which nodes detected."""
+
+    def __init__(self, marks: str) -> None:
+        super().__init__()
+        self.marks = Path(marks)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        import os
+        import time
+
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        (self.marks / f"{node}-{os.getpid()}-{time.monotonic_ns()}").write_text(str(len(images)))
+        return super().forward(images)
+
+
+def bright_squares_on_nodes(marks: str) -> torch.nn.Module:
+    return BrightSquaresOnNodes(marks)
+
+
 class ColourSegmenter(torch.nn.Module):
     """Three classes per pixel from its colour (inputs 0-1, unnormalised): background (0)
     scores 0.5, red (1) the red channel, green (2) the green channel; so red and green

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vision_ops.config import TilingSpec
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
@@ -21,8 +22,10 @@ from vision_ops.georef import (
     polygon_wkb,
 )
 from vision_ops.raster import RasterError, Scene, open_raster, read_tile, scene_header
+from vision_ops.schema import item_id
 from vision_ops.storage import StorageOptions
-from vision_ops.tiling import Window, tile_windows
+from vision_ops.tally import Tally, bucket_of, hash64
+from vision_ops.tiling import Window, tile_offsets, tile_windows
 
 # Columns the plan adds to each listing row: one row per tile.
 PLAN_FIELDS = [
@@ -45,43 +48,214 @@ class SceneError(VisionOpsError, ValueError):
 
 @dataclass(frozen=True)
 class TilePlan:
+    """A plan held whole in one table (small listings, tests); a run plans in Ray tasks
+    (vision_ops.pipeline.planning) with the same block functions."""
+
     units: pa.Table  # the listing's columns plus PLAN_FIELDS, one row per tile
     crs: Any  # the scenes' common rasterio CRS, or None for plain images
     bounds: tuple[float, float, float, float] | None  # all scenes, in that CRS
-    transforms: dict[str, Transform]  # each readable scene's pixel -> CRS affine
 
     def parquet_metadata(self) -> dict[bytes, bytes]:
         """GeoParquet metadata for the table's `footprint` column."""
-        projjson = self.crs.to_dict(projjson=True) if self.crs is not None else None
-        return geo_metadata("footprint", projjson, self.bounds)
+        return parquet_metadata(self.crs, self.bounds)
+
+
+def parquet_metadata(crs: Any, bounds: tuple[float, float, float, float] | None) -> dict:
+    """GeoParquet metadata for a tiled table's `footprint` column."""
+    projjson = crs.to_dict(projjson=True) if crs is not None else None
+    return geo_metadata("footprint", projjson, bounds)
 
 
 def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -> TilePlan:
     """One unit per tile of each listed scene; a scene whose header cannot be read stays one
-    unit carrying the reason (its error row)."""
-    rows = listing.to_pylist()
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:
-        scenes = list(pool.map(lambda row: _scene_plan(row["source_uri"], tiling, options), rows))
-    readable = {
-        row["source_uri"]: plan[0]
-        for row, plan in zip(rows, scenes, strict=True)
-        if isinstance(plan, tuple)
+    unit carrying the reason (its error row). The whole plan in one table, here."""
+    scenes = scene_rows(listing, tiling, options)
+    summary = SceneSummary()
+    summary.add(summarise_scenes(scenes))
+    return TilePlan(cut_tiles(scenes, tiling), summary.common_crs(), summary.scene_bounds())
+
+
+# Columns the header pass adds to each listing row: one row per scene.
+SCENE_FIELDS = [
+    pa.field("scene_width", pa.int64()),
+    pa.field("scene_height", pa.int64()),
+    pa.field("scene_transform", pa.list_(pa.float64())),  # pixel -> CRS affine (a..f)
+    pa.field("scene_crs", pa.string()),  # WKT; null for plain images and unreadable scenes
+    pa.field("value_low", pa.float64()),
+    pa.field("value_high", pa.float64()),
+    pa.field("plan_error", pa.string()),
+    pa.field("scene_tiles", pa.int64()),  # its units: tiles, or 1 (its error row)
+    pa.field("scene_token_sum", pa.uint64()),  # its units' tally tokens summed modulo 2**64
+]
+_SCENE_ONLY = [f.name for f in SCENE_FIELDS if f.name not in {p.name for p in PLAN_FIELDS}]
+
+
+def scene_rows(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -> pa.Table:
+    """A block of listing rows -> the same rows plus SCENE_FIELDS: each scene's header read
+    (threads, as reads wait on storage), its value range, and its tiles counted and tallied
+    (a scene's units all fall in its source's tally bucket, so two numbers carry them)."""
+    uris = listing["source_uri"].to_pylist()
+    with ThreadPoolExecutor(max(1, min(HEADER_THREADS, len(uris)))) as pool:
+        plans = list(pool.map(lambda uri: _scene_plan(uri, tiling, options), uris))
+    records = [_scene_record(uri, plan, tiling) for uri, plan in zip(uris, plans, strict=True)]
+    table = listing
+    for added in SCENE_FIELDS:
+        table = table.append_column(added, pa.array([r[added.name] for r in records], added.type))
+    return table
+
+
+def _scene_record(
+    uri: str, plan: tuple[Scene, float, float] | str, tiling: TilingSpec
+) -> dict[str, Any]:
+    if isinstance(plan, str):
+        record: dict[str, Any] = dict.fromkeys(f.name for f in SCENE_FIELDS)
+        token = hash64(item_id(uri))
+        return record | {"plan_error": plan, "scene_tiles": 1, "scene_token_sum": token}
+    scene, low, high = plan
+    windows = tile_windows(scene.width, scene.height, tiling.size, tiling.overlap, tiling.edge)
+    tokens = sum(hash64(item_id(uri, tile=(w.col_off, w.row_off))) for w in windows)
+    return {
+        "scene_width": scene.width,
+        "scene_height": scene.height,
+        "scene_transform": [float(v) for v in scene.transform],
+        "scene_crs": scene.crs_wkt or None,
+        "value_low": low,
+        "value_high": high,
+        "plan_error": None,
+        "scene_tiles": len(windows),
+        "scene_token_sum": tokens % (1 << 64),
     }
-    crs = _common_crs(readable)
-    units = []
-    for row, plan in zip(rows, scenes, strict=True):
-        if isinstance(plan, str):
-            units.append(row | dict.fromkeys(f.name for f in PLAN_FIELDS) | {"plan_error": plan})
+
+
+def cut_tiles(scenes: pa.Table, tiling: TilingSpec) -> pa.Table:
+    """Scene rows (scene_rows) -> one row per tile (the listing's columns plus PLAN_FIELDS),
+    scene by scene, row by row; an unreadable scene stays one row carrying its plan_error."""
+    index: list[np.ndarray] = []
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    widths, heights = scenes["scene_width"].to_pylist(), scenes["scene_height"].to_pylist()
+    for row, (width, height) in enumerate(zip(widths, heights, strict=True)):
+        if width is None:
+            index.append(np.array([row]))
+            xs.append(np.array([-1]))
+            ys.append(np.array([-1]))
             continue
-        scene, low, high = plan
-        for window in tile_windows(
-            scene.width, scene.height, tiling.size, tiling.overlap, tiling.edge
-        ):
-            units.append(row | _tile(window.col_off, window.row_off, tiling.size, low, high))
-    table = pa.Table.from_pylist(units, schema=pa.schema([*listing.schema, *PLAN_FIELDS]))
-    bounds = _bounds(list(readable.values())) if crs else None
-    transforms = {uri: scene.transform for uri, scene in readable.items()}
-    return TilePlan(table, crs, bounds, transforms)
+        cols = np.asarray(tile_offsets(width, tiling.size, tiling.overlap, tiling.edge))
+        rows = np.asarray(tile_offsets(height, tiling.size, tiling.overlap, tiling.edge))
+        index.append(np.full(len(cols) * len(rows), row))
+        xs.append(np.tile(cols, len(rows)))
+        ys.append(np.repeat(rows, len(cols)))
+    take = np.concatenate(index) if index else np.zeros(0, np.int64)
+    tiles = scenes.take(pa.array(take, pa.int64())).drop_columns(_SCENE_ONLY)
+    planned = pc.is_null(tiles["plan_error"])
+    x = np.concatenate(xs) if xs else np.zeros(0, np.int64)
+    y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    size = np.full(len(take), tiling.size)
+    columns = {
+        "tile_x": pa.array(x, pa.int32()),
+        "tile_y": pa.array(y, pa.int32()),
+        "tile_size": pa.array(size, pa.int32()),
+    }
+    listing = tiles.drop_columns(["value_low", "value_high", "plan_error"])
+    for planned_field in PLAN_FIELDS:
+        name = planned_field.name
+        if name in columns:
+            nulls = pa.nulls(len(take), planned_field.type)
+            column = pc.if_else(planned, columns[name], nulls)
+        else:
+            column = tiles[name]
+        listing = listing.append_column(planned_field, column)
+    return listing
+
+
+SCENE_SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("scenes", pa.int64()),
+        pa.field("tiles", pa.int64()),
+        pa.field("counts", pa.list_(pa.int64())),
+        pa.field("sums", pa.list_(pa.uint64())),
+        pa.field("crs", pa.list_(pa.string())),  # each CRS (WKT, or "" for none) ...
+        pa.field("crs_uri", pa.list_(pa.string())),  # ... and its first scene (by URI)
+        pa.field("bounds", pa.list_(pa.float64())),  # the readable scenes' (4 values; or none)
+    ]
+)
+
+
+def summarise_scenes(scenes: pa.Table) -> pa.Table:
+    """A block of scene rows -> one row (SCENE_SUMMARY_SCHEMA): its scenes and tiles, their
+    tally, each CRS with its first scene, and the readable scenes' bounds."""
+    uris = scenes["source_uri"].to_pylist()
+    counts = scenes["scene_tiles"].to_pylist()
+    buckets = np.asarray([bucket_of(uri) for uri in uris], np.int64)
+    tally = Tally()
+    np.add.at(tally.counts, buckets, np.asarray(counts, np.int64))
+    np.add.at(tally.sums, buckets, np.asarray(scenes["scene_token_sum"].to_pylist(), np.uint64))
+    first: dict[str, str] = {}
+    readable: list[Scene] = []
+    for row in scenes.select(
+        ["source_uri", "scene_width", "scene_height", "scene_transform", "scene_crs"]
+    ).to_pylist():
+        if row["scene_width"] is None:
+            continue
+        wkt = row["scene_crs"] or ""
+        first[wkt] = min(first.get(wkt, row["source_uri"]), row["source_uri"])
+        a, b, c, d, e, f = row["scene_transform"]
+        size = row["scene_width"], row["scene_height"]
+        readable.append(Scene(*size, 0, "", row["scene_crs"], (a, b, c, d, e, f), None))
+    bounds = _bounds(readable)
+    return pa.Table.from_pylist(
+        [
+            {
+                "scenes": len(uris),
+                "tiles": sum(counts),
+                "counts": tally.counts.tolist(),
+                "sums": tally.sums.tolist(),
+                "crs": list(first),
+                "crs_uri": list(first.values()),
+                "bounds": list(bounds) if bounds else None,
+            }
+        ],
+        schema=SCENE_SUMMARY_SCHEMA,
+    )
+
+
+@dataclass
+class SceneSummary:
+    """What one pass over the scene rows' blocks adds up to, in fixed memory: the scenes and
+    tiles, the tiles' tally, each CRS found with its first scene, the scenes' bounds."""
+
+    scenes: int = 0
+    tiles: int = 0
+    tally: Tally = field(default_factory=Tally)
+    first: dict[str, str] = field(default_factory=dict)  # CRS WKT ("" for none) -> URI
+    bounds: tuple[float, float, float, float] | None = None
+
+    def add(self, summaries: pa.Table) -> None:
+        """Rows of SCENE_SUMMARY_SCHEMA."""
+        for row in summaries.to_pylist():
+            self.scenes += row["scenes"]
+            self.tiles += row["tiles"]
+            part = Tally(np.asarray(row["counts"], np.int64), np.asarray(row["sums"], np.uint64))
+            self.tally = self.tally.merge(part)
+            for wkt, uri in zip(row["crs"], row["crs_uri"], strict=True):
+                self.first[wkt] = min(self.first.get(wkt, uri), uri)
+            if row["bounds"]:
+                self.bounds = _union_bounds(self.bounds, tuple(row["bounds"]))
+
+    def common_crs(self) -> Any:
+        """The scenes' one CRS (else SceneError, before any work)."""
+        return _common_crs({wkt or None: uri for wkt, uri in self.first.items()})
+
+    def scene_bounds(self) -> tuple[float, float, float, float] | None:
+        return self.bounds if self.common_crs() is not None else None
+
+
+def _union_bounds(
+    a: tuple[float, ...] | None, b: tuple[float, ...]
+) -> tuple[float, float, float, float]:
+    if a is None:
+        return b[0], b[1], b[2], b[3]
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 def _tile(x: int, y: int, size: int, low: float, high: float) -> dict[str, Any]:
@@ -130,13 +304,11 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
     return float(low), (float(high) if high > low else float(low) + 1.0)
 
 
-def _common_crs(scenes: dict[str, Scene]) -> Any:
-    """The one CRS every readable scene shares; None where none has one (plain images). A run
-    mixing CRSs, or scenes with a CRS and images without one (their pixel footprints would be
-    labelled with the scenes' CRS), is refused before any work, naming an example of each."""
-    by_crs: dict[str | None, str] = {}
-    for uri, scene in scenes.items():
-        by_crs.setdefault(scene.crs_wkt or None, uri)
+def _common_crs(by_crs: dict[str | None, str]) -> Any:
+    """The one CRS every readable scene shares (`by_crs`: each CRS's WKT, None for none, and
+    its first scene); None where none has one (plain images). A run mixing CRSs, or scenes
+    with a CRS and images without one (their pixel footprints would be labelled with the
+    scenes' CRS), is refused before any work, naming an example of each."""
     if len(by_crs) > 1:
         examples = "; ".join(
             f"{_crs_name(wkt)}: {uri}" for wkt, uri in sorted(by_crs.items(), key=lambda e: e[1])
@@ -215,50 +387,52 @@ def to_lonlat(crs: Any, xs: list[float], ys: list[float]) -> list[tuple[float, f
     return [(float(lon), float(lat)) for lon, lat in zip(lons, lats, strict=True)]
 
 
-class SceneMerger:
-    """The per-scene reduce after inference, for detection over tiled scenes: a scene's tile
-    rows wait until all of them have arrived; then their boxes move from tile to scene pixels
-    and the CRS, and a box found again by a neighbouring tile (on a seam, in the overlap) is
-    kept once, the best-scoring one."""
-
-    def __init__(self, plan: TilePlan, seam_overlap: float) -> None:
-        self.plan, self.seam_overlap = plan, seam_overlap
-        self.remaining: dict[str, int] = {}
-        for uri in plan.units["source_uri"].to_pylist():
-            self.remaining[uri] = self.remaining.get(uri, 0) + 1
-        self.pending: dict[str, list[dict[str, Any]]] = {}
-
-    def add(self, table: pa.Table) -> pa.Table:
-        """The rows of the scenes this table completes (possibly none)."""
-        ready: list[dict[str, Any]] = []
-        for row in table.to_pylist():
-            uri = row["source_uri"]
-            self.pending.setdefault(uri, []).append(row)
-            self.remaining[uri] -= 1
-            if self.remaining[uri] == 0:
-                ready += self._merged(uri, self.pending.pop(uri))
-        return pa.Table.from_pylist(ready, schema=table.schema)
-
-    def _merged(self, uri: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        transform = self.plan.transforms.get(uri)
-        if transform is None:
-            return rows  # an unreadable scene: its error row
-        boxes = [
-            (index, entry | _scene_box(entry, row))
-            for index, row in enumerate(rows)
-            for entry in (row["detections"] or [])
-        ]
-        kept = merge_across_tiles(boxes, self.seam_overlap)
-        mapped = crs_boxes([entry for _, entry in kept], transform, self.plan.crs)
-        for row in rows:
-            if row["detections"] is not None:
-                row["detections"] = []
-        for (index, entry), extra in zip(kept, mapped, strict=True):
-            rows[index]["detections"].append(entry | extra)
-        for row in rows:
-            if row["detections"] is not None:
-                row["num_detections"] = len(row["detections"])
+def merge_scene(
+    rows: pa.Table, seam_overlap: float, crs_wkt: str | None, transforms: dict[str, Transform]
+) -> pa.Table:
+    """The per-scene reduce after inference, for detection over tiled scenes (`rows`: every
+    tile row of one scene; `transforms`: each readable scene's pixel -> CRS affine): boxes
+    move from tile to scene pixels and the CRS, and a box found again by a neighbouring tile
+    (on a seam, in the overlap) is kept once, the best-scoring one. An unreadable scene (its
+    error row) comes back as it is."""
+    records = rows.to_pylist()
+    transform = transforms.get(records[0]["source_uri"]) if records else None
+    if transform is None:
         return rows
+    boxes = [
+        (index, entry | _scene_box(entry, row))
+        for index, row in enumerate(records)
+        for entry in (row["detections"] or [])
+    ]
+    kept = merge_across_tiles(boxes, seam_overlap)
+    mapped = crs_boxes([entry for _, entry in kept], transform, _crs(crs_wkt))
+    for row in records:
+        if row["detections"] is not None:
+            row["detections"] = []
+    for (index, entry), extra in zip(kept, mapped, strict=True):
+        records[index]["detections"].append(entry | extra)
+    for row in records:
+        if row["detections"] is not None:
+            row["num_detections"] = len(row["detections"])
+    return pa.Table.from_pylist(records, schema=rows.schema)
+
+
+def scene_transforms(scenes: pa.Table) -> dict[str, Transform]:
+    """Each readable scene's pixel -> CRS affine, from scene rows (scene_rows)."""
+    uris, affines = scenes["source_uri"].to_pylist(), scenes["scene_transform"].to_pylist()
+    return {
+        uri: (a[0], a[1], a[2], a[3], a[4], a[5])
+        for uri, a in zip(uris, affines, strict=True)
+        if a is not None
+    }
+
+
+def _crs(wkt: str | None) -> Any:
+    if wkt is None:
+        return None
+    from rasterio.crs import CRS
+
+    return CRS.from_wkt(wkt)
 
 
 def crs_boxes(

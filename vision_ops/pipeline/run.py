@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,17 +23,17 @@ from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
+from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import PoolPlan, plan_pool
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_units
 from vision_ops.resume import without_sources
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
-from vision_ops.scenes import SceneMerger, TilePlan, plan_tiles
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
 from vision_ops.sources import plan_inputs
 from vision_ops.storage import require_bucket
-from vision_ops.tally import ExpectedUnits, ListedUnits
+from vision_ops.tally import ExpectedUnits
 from vision_ops.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -133,19 +131,19 @@ def _process_and_commit(
 ) -> tuple[CommitResult, float, list[Drift] | None]:
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
-    expected: ExpectedUnits = ListedUnits(listed_units(tiles.units)) if tiles else listing
+    expected: ExpectedUnits = tiles if tiles else listing
     identity = identity_digests(spec, listing)
     sink = open_sink(spec, run_id, run_date, schema, identity)  # its format's (outputs.py)
     units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
-    merger = scene_merger(spec, tiles)
     stats = RunStats()
     if left > 0:
         dataset = build_dataset(spec, units, plan, schema, sink.attempt)
+        dataset = merged_per_scene(spec, dataset, tiles)
         dataset = with_limits(dataset, spec.runtime)
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             written = time.perf_counter()
             rows = stats.record(table)
-            sink.write(merger.add(rows) if merger else rows)
+            sink.write(rows)
             stats.add_stage("commit", time.perf_counter() - written)
             lock.renew_if_due()
     pipeline_seconds = stats.finish()
@@ -172,29 +170,36 @@ def staged_drift(spec: JobSpec, sink: Sink, schema: pa.Schema) -> list[Drift] | 
 
 
 def resume_earlier_attempt(
-    sink: Sink, units: ray.data.Dataset | pa.Table, tiles: TilePlan | None, sources: int
-) -> tuple[ray.data.Dataset | pa.Table, TilePlan | None, int]:
-    """The units (and tile plan) left once the sink has reused what an earlier attempt of the
-    run id made durable (vision_ops.resume: whole sources only), and how many are left."""
+    sink: Sink, units: ray.data.Dataset, tiles: ScenePlan | None, sources: int
+) -> tuple[ray.data.Dataset, ScenePlan | None, int]:
+    """The units (and scene plan) left once the sink has reused what an earlier attempt of
+    the run id made durable (vision_ops.resume: whole sources only), and how many are left."""
     if tiles is None:
         done = sink.resume(lambda uri, frames: frames or 1)
         if not done:
             return units, None, sources
-        assert isinstance(units, ray.data.Dataset)
         left = units.map_batches(functools.partial(without_sources, sources=done), **BLOCKWISE)
         return left, None, sources - len(done)
-    per_scene = Counter(tiles.units["source_uri"].to_pylist())
-    done = sink.resume(lambda uri, frames: per_scene[uri])
-    kept = without_sources(tiles.units, done)
-    return kept, dataclasses.replace(tiles, units=kept), kept.num_rows
+    per_scene: dict[str, int] = {}
+
+    def tiles_of(uri: str, frames: int | None) -> int:
+        if not per_scene:  # asked only where earlier part files exist: one entry per scene
+            per_scene.update(tiles.tile_counts() or {"": 0})
+        return per_scene.get(uri, 0)
+
+    done = sink.resume(tiles_of)
+    if not done:
+        return units, tiles, tiles.count
+    kept = tiles.without(done, sum(per_scene.get(uri, 0) for uri in done))
+    return kept.units(), kept, kept.count
 
 
 def plan_units(
     spec: JobSpec, listing: Listing
-) -> tuple[ray.data.Dataset | pa.Table, pa.Schema, TilePlan | None]:
-    """The units to process (the listing's dataset, or its scenes' tiles: planned here, on the
-    driver, from the whole listing), the table's schema, and the tile plan where there is one.
-    """
+) -> tuple[ray.data.Dataset, pa.Schema, ScenePlan | None]:
+    """The units to process (the listing's dataset, or its scenes' tiles: planned in Ray
+    tasks, vision_ops.pipeline.planning), the table's schema, and the scene plan where there
+    is one."""
     schema = output_schema(
         spec.task.kind,
         dicom=spec.input.dicom is not None,
@@ -206,26 +211,19 @@ def plan_units(
     )
     if spec.input.tiling is None:
         return listing.dataset, schema, None
-    tiles = plan_tiles(listing.table(), spec.input.tiling, spec.storage_options)
-    log.info("%d scenes cut into %d tiles", listing.count, tiles.units.num_rows)
+    tiles = plan_scenes(listing, spec.input.tiling, spec.storage_options)
+    log.info("%d scenes cut into %d tiles", listing.count, tiles.count)
     metadata = (schema.metadata or {}) | tiles.parquet_metadata()
-    return tiles.units, schema.with_metadata(metadata), tiles
+    return tiles.units(), schema.with_metadata(metadata), tiles
 
 
-def scene_merger(spec: JobSpec, tiles: TilePlan | None) -> SceneMerger | None:
-    """Detection over tiled scenes reduces each scene once its tiles are in."""
+def merged_per_scene(
+    spec: JobSpec, rows: ray.data.Dataset, tiles: ScenePlan | None
+) -> ray.data.Dataset:
+    """Detection over tiled scenes: each scene's rows merged in Ray (ScenePlan.merged)."""
     if tiles is None or not isinstance(spec.task, DetectionTask):
-        return None
-    return SceneMerger(tiles, spec.task.seam_overlap)
-
-
-def listed_units(units: pa.Table) -> list[tuple[str, tuple[int, int] | None]]:
-    """Each unit's source and tile offset (None for a whole source), for the commit check."""
-    uris = units["source_uri"].to_pylist()
-    if "tile_x" not in units.column_names:
-        return [(uri, None) for uri in uris]
-    xs, ys = units["tile_x"].to_pylist(), units["tile_y"].to_pylist()
-    return [(uri, None if x is None else (x, y)) for uri, x, y in zip(uris, xs, ys, strict=True)]
+        return rows
+    return tiles.merged(rows, spec.task.seam_overlap)
 
 
 def identity_digests(spec: JobSpec, listing: Listing) -> dict[str, str]:
@@ -252,17 +250,15 @@ def with_limits(dataset: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dat
     return dataset
 
 
-def unit_blocks(units: ray.data.Dataset | pa.Table, rows: int) -> ray.data.Dataset:
-    """The units in blocks of `rows` rows, one read task each: a table (tiles) sliced here, a
-    dataset (the listing) split as it streams, never gathered."""
-    if isinstance(units, pa.Table):
-        return ray.data.from_arrow([units.slice(i, rows) for i in range(0, units.num_rows, rows)])
+def unit_blocks(units: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """The units (the listing, or tiles cut from it) in blocks of `rows` rows, one read task
+    each, split as they stream, never gathered."""
     return units.repartition(target_num_rows_per_block=rows)
 
 
 def build_dataset(
     spec: JobSpec,
-    listing: ray.data.Dataset | pa.Table,
+    listing: ray.data.Dataset,
     plan: PoolPlan,
     schema: pa.Schema,
     attempt: str,

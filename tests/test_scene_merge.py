@@ -1,0 +1,116 @@
+"""The per-scene merge in Ray: a scene's tiles read in blocks of one tile each, detected on two
+raylets, merged by a groupby on the scene (seams as on one machine); the driver gets merged rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import yaml
+from test_scenes import SQUARES, TRANSFORM
+
+pytestmark = pytest.mark.timeout(600)
+
+TWO_RAYLETS = """
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from vision_ops.config import load_spec
+from vision_ops.pipeline import run_job
+
+spec_path, marks, temp = sys.argv[1:4]
+# Each node fits one predictor actor (2 CPUs) and one read task beside it.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp})
+cluster.add_node(num_cpus=3)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+ray.data.DataContext.get_current().enable_progress_bars = False
+summary = run_job(load_spec(spec_path))
+nodes = sorted({p.name.split("-")[0] for p in Path(marks).iterdir()})
+print(json.dumps({"rows": summary.commit.rows, "nodes": nodes}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def squares_scene(path: Path, shift: int) -> None:
+    """320 x 128 pixels, SQUARES moved down by `shift` rows (each scene its own pixels)."""
+    pixels = np.zeros((1, 128, 320), dtype=np.uint8)
+    for x_min, y_min, x_max, y_max in SQUARES.values():
+        pixels[0, y_min + shift : y_max + shift, x_min:x_max] = 255
+    profile = {
+        "driver": "GTiff", "width": 320, "height": 128, "count": 1, "dtype": "uint8",
+        "crs": "EPSG:32632", "transform": TRANSFORM,
+    }  # fmt: skip
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(pixels)
+
+
+@pytest.mark.slow
+def test_seams_merge_across_blocks_and_nodes_on_two_raylets(tmp_path: Path) -> None:
+    """Three scenes of 3 tiles each (128 px, 32 overlap), one tile per read block, detected by
+    two actors on two raylets: each scene's squares come back once each, in scene pixels and
+    the CRS, exactly as one machine merges them (test_scenes' seam test)."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    shifts = {"s0.tif": 0, "s1.tif": 10, "s2.tif": 20}
+    for name, shift in shifts.items():
+        squares_scene(folder / name, shift)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spec = {
+        "input": {"uris": [str(folder)], "tiling": {"size": 128, "overlap": 32, "bands": [1]}},
+        "task": {"kind": "detection", "score_threshold": 0.1},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "toy_models:bright_squares_on_nodes",
+            "kwargs": {"marks": str(marks)},
+        },
+        "runtime": {
+            "batch_size": 1,
+            "read_batch_size": 1,
+            "min_actors": 2,
+            "max_actors": 2,
+            "num_cpus_per_actor": 2,
+        },
+        "output": {"uri": str(tmp_path / "table")},
+        "run": {"id": "seams-2n", "date": "2026-11-24"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ray_temp = Path(tempfile.mkdtemp(prefix="vos", dir="/tmp"))
+    (ray_temp / "ray").mkdir()  # where the Cluster records its address (ray_current_cluster)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONPATH": str(Path(__file__).parent)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", TWO_RAYLETS, str(path), str(marks), str(ray_temp / "ray")],
+            env=env, capture_output=True, text=True, timeout=540,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["rows"] == 9 and len(outcome["nodes"]) == 2, outcome
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    for name, shift in shifts.items():
+        scene = [r for r in rows if r["source_uri"].endswith(name)]
+        assert sorted(r["tile_x"] for r in scene) == [0, 96, 192]
+        boxes = [e for r in scene for e in r["detections"]]
+        found = sorted((e["x_min"], e["y_min"], e["x_max"], e["y_max"]) for e in boxes)
+        expected = [(x0, y0 + shift, x1, y1 + shift) for x0, y0, x1, y1 in SQUARES.values()]
+        assert found == sorted(expected), name
+        assert sum(r["num_detections"] for r in scene) == 3
+        for entry in boxes:
+            left, top = TRANSFORM * (entry["x_min"], entry["y_min"])
+            assert (entry["crs_x_min"], entry["crs_y_max"]) == (left, top)

@@ -1,0 +1,156 @@
+"""Scene tiles planned in Ray tasks as the listing streams, and the per-scene merge beside them.
+
+Planning runs in two passes over the listing, both in Ray tasks, none holding tiles on the
+driver:
+
+1. the header pass: each listing block's scenes are opened (header only, plus the reduced
+   read a percentile stretch needs) and each becomes one *scene row*: its size, affine, CRS,
+   value range, tile count and the tally of its tiles (`vision_ops.scenes.scene_rows`). The
+   scene rows stay in Ray's object store (one row per scene, not per tile).
+2. the summary pass: each block of scene rows adds up to one small row (tiles, tally, each CRS
+   with its first scene, bounds) that the driver sums in fixed memory. The one-CRS check and
+   the table's bounds come from it, so a run mixing CRSs is refused before inference starts.
+
+The tiles themselves are cut lazily from the scene rows (`cut_tiles`, a map over the scene
+blocks) and stream into the read stage; the commit's expected units are the summary's tally,
+and a mismatch's buckets are re-cut in tasks. Detection merges each scene's tile rows in Ray
+too: a groupby on the source URI, one `merge_scene` call per scene, so the driver receives
+merged rows only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from vision_ops.config import TilingSpec
+from vision_ops.georef import Transform
+from vision_ops.pipeline.listing import BLOCKWISE, Listing
+from vision_ops.resume import without_sources
+from vision_ops.scenes import (
+    SceneSummary,
+    cut_tiles,
+    merge_scene,
+    parquet_metadata,
+    scene_rows,
+    scene_transforms,
+    summarise_scenes,
+)
+from vision_ops.storage import StorageOptions
+from vision_ops.tally import Listed, Tally, rows_in_buckets
+
+SCENES_PER_TASK = 64  # scene headers a planning task reads (on its own threads)
+SCENES_PER_PARTITION = 16  # scenes a merge partition takes, on average (hashed by URI) ...
+MAX_PARTITIONS = 200  # ... up to this many partitions (Ray Data's default for a shuffle)
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """A run's scenes as scene rows in the object store and the summary of one pass over
+    them. As the commit's ExpectedUnits: one unit per tile (per unreadable scene, its row)."""
+
+    scenes: ray.data.Dataset  # one row per scene: the listing's columns plus SCENE_FIELDS
+    tiling: TilingSpec
+    summary: SceneSummary
+    crs: Any  # the scenes' common rasterio CRS, or None for plain images
+    bounds: tuple[float, float, float, float] | None
+
+    @property
+    def count(self) -> int:
+        """The tiles (units) of the plan."""
+        return self.summary.tiles
+
+    def units(self) -> ray.data.Dataset:
+        """The tiles, cut in Ray tasks from the scene rows as the read stage asks for them."""
+        cut = functools.partial(cut_tiles, tiling=self.tiling)
+        return self.scenes.map_batches(cut, batch_format="pyarrow", batch_size=None)
+
+    def tally(self) -> Tally:
+        return self.summary.tally
+
+    def in_buckets(self, buckets: Collection[int]) -> Listed:
+        select = functools.partial(rows_in_buckets, buckets=frozenset(buckets))
+        cut = functools.partial(cut_tiles, tiling=self.tiling)
+        found = self.scenes.map_batches(select, **BLOCKWISE).map_batches(cut, **BLOCKWISE)
+        return [
+            (uri, None if x is None else (x, y))
+            for table in _tables(found)
+            for uri, x, y in zip(
+                table["source_uri"].to_pylist(),
+                table["tile_x"].to_pylist(),
+                table["tile_y"].to_pylist(),
+                strict=True,
+            )
+        ]
+
+    def tile_counts(self) -> dict[str, int]:
+        """Each scene's units (one entry per scene, not per tile: for resuming)."""
+        columns = self.scenes.select_columns(["source_uri", "scene_tiles"])
+        return {
+            uri: count
+            for table in _tables(columns)
+            for uri, count in zip(
+                table["source_uri"].to_pylist(), table["scene_tiles"].to_pylist(), strict=True
+            )
+        }
+
+    def without(self, sources: frozenset[str], units: int) -> ScenePlan:
+        """The plan less the scenes in `sources` (whose `units` an earlier attempt holds)."""
+        if not sources:
+            return self
+        drop = functools.partial(without_sources, sources=sources)
+        scenes = self.scenes.map_batches(drop, **BLOCKWISE)
+        summary = SceneSummary(
+            self.summary.scenes - len(sources),
+            self.summary.tiles - units,
+            self.summary.tally,
+            self.summary.first,
+            self.summary.bounds,
+        )
+        return ScenePlan(scenes, self.tiling, summary, self.crs, self.bounds)
+
+    def parquet_metadata(self) -> dict[bytes, bytes]:
+        """GeoParquet metadata for the table's `footprint` column."""
+        return parquet_metadata(self.crs, self.bounds)
+
+    def transforms(self) -> dict[str, Transform]:
+        """Each readable scene's affine (one entry per scene, about 200 bytes: the merge's
+        side input)."""
+        columns = self.scenes.select_columns(["source_uri", "scene_transform"])
+        return {uri: t for table in _tables(columns) for uri, t in scene_transforms(table).items()}
+
+    def merged(self, rows: ray.data.Dataset, seam_overlap: float) -> ray.data.Dataset:
+        """Detection rows merged per scene where they are: grouped by source URI (hash
+        partitions of about SCENES_PER_PARTITION scenes), one `merge_scene` per scene, seams
+        merged as on one machine."""
+        merge = functools.partial(
+            merge_scene,
+            seam_overlap=seam_overlap,
+            crs_wkt=self.crs.to_wkt() if self.crs is not None else None,
+            transforms=self.transforms(),
+        )
+        partitions = min(MAX_PARTITIONS, -(-self.summary.scenes // SCENES_PER_PARTITION))
+        grouped = rows.groupby("source_uri", num_partitions=max(1, partitions))
+        return grouped.map_groups(merge, batch_format="pyarrow")
+
+
+def plan_scenes(listing: Listing, tiling: TilingSpec, options: StorageOptions) -> ScenePlan:
+    """The header pass and the summary pass (see the module docstring); raises SceneError for
+    scenes in more than one CRS before any tile is read."""
+    header = functools.partial(scene_rows, tiling=tiling, options=options)
+    scenes = listing.dataset.map_batches(
+        header, batch_format="pyarrow", batch_size=SCENES_PER_TASK
+    ).materialize()
+    summary = SceneSummary()
+    for table in _tables(scenes.map_batches(summarise_scenes, **BLOCKWISE)):
+        summary.add(table)
+    crs = summary.common_crs()
+    return ScenePlan(scenes, tiling, summary, crs, summary.bounds if crs is not None else None)
+
+
+def _tables(dataset: ray.data.Dataset) -> Any:
+    return dataset.iter_batches(batch_format="pyarrow", batch_size=None)
