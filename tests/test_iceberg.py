@@ -34,10 +34,12 @@ from vision_ops.iceberg import (
     open_table,
 )
 from vision_ops.masks import final_masks_folder, staged_masks_folder
+from vision_ops.pipeline.incremental import done_sources
 from vision_ops.query import connect, load_iceberg
+from vision_ops.runindex import INDEX_FOLDER, KEY_SEPARATOR, read_index
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_ERROR, STATUS_OK, item_id, output_schema
 from vision_ops.sink import CommitRefused, RunDateConflict
-from vision_ops.storage import StorageError
+from vision_ops.storage import StorageError, filesystem
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
 DATE = dt.date(2026, 11, 24)
@@ -239,6 +241,33 @@ def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:
     assert [(r["run_id"], r["rows"]) for r in runs] == [("r1", 4), ("r2", 2)]
     old = outputs.read_run(output, {"run_id": "r1", "snapshot_id": before}, columns=["source_uri"])
     assert sorted(old["source_uri"].to_pylist()) == uris("a", 3)
+
+
+def test_a_commit_names_its_index_in_the_snapshot_summary_and_a_rerun_replaces_it(output) -> None:
+    """The run's index (vision_ops.runindex) on S3 beside the table, read by --incremental's
+    planning instead of the rows; the rerun's index replaces the first's."""
+    sources = uris("indexed", 3)
+    first = IcebergSink(output, "i1", DATE, PREDICTION_SCHEMA, STORE)
+    first.write(rows("i1", sources, errors=1))  # the first source an error (no type: '')
+    first.commit(sources, {"model_fingerprint": "f" * 64})
+    run = outputs.committed_run(output, "i1")
+    assert run["index_uri"] == f"{output.uri}/{INDEX_FOLDER}/i1-{first.attempt}.parquet"
+    index = read_index(run["index_uri"], STORE)
+    pairs = zip(index["source_key"].to_pylist(), index["error_types"].to_pylist(), strict=True)
+    by_uri = {key.split(KEY_SEPARATOR)[0]: types for key, types in pairs}
+    assert by_uri == {sources[0]: [""], sources[1]: [], sources[2]: []}
+    assert outputs.verify_run(output, "i1", STORE)[1] == []
+    done = done_sources(output, outputs.committed_runs(output), STORE, [])
+    assert sorted(key.split(KEY_SEPARATOR)[0] for key in done.to_pylist()) == sources[1:]
+
+    second = commit_run(output, "i1", sources)  # the rerun: every source ok
+    rerun = outputs.committed_run(output, "i1")
+    assert rerun["index_uri"].endswith(f"/i1-{second.attempt}.parquet")
+    assert read_index(rerun["index_uri"], STORE).num_rows == 3
+    fs, old = filesystem(run["index_uri"], STORE)
+    assert not fs.exists(old)
+    done = done_sources(output, outputs.committed_runs(output), STORE, [])
+    assert sorted(key.split(KEY_SEPARATOR)[0] for key in done.to_pylist()) == sources
 
 
 def test_a_refused_commit_leaves_the_previous_snapshot(output) -> None:
