@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +92,9 @@ def measure(root: str, old: int, new: int) -> dict[str, float]:
     from vision_ops.pipeline.incremental import without_done
     from vision_ops.pipeline.listing import Listing, summarise
 
+    temp = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # not the host's Ray root
+    (temp / "ray").mkdir()
+    os.environ["RAY_TMPDIR"] = str(temp)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     starts = list(range(0, old + new, LISTING_BLOCK_ROWS))
@@ -110,6 +115,7 @@ def measure(root: str, old: int, new: int) -> dict[str, float]:
     filtered = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
     return {"runs": len(runs), "done": len(done), "listed": listing.count, "kept": left.count,
             "planning_s": planned - started, "filter_s": filtered - planned,
             "peak_rss_mb": peak / 1024, "added_rss_mb": (peak - before) / 1024}  # fmt: skip
@@ -126,10 +132,14 @@ def measured(root: Path, old: int, new: int) -> dict[str, float]:
         "--new",
         str(new),
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the measuring process failed:\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    # A loaded machine may start Ray's node slowly: more patience, and one more try.
+    env = os.environ | {"RAY_raylet_start_wait_time_s": "180"}
+    for attempt in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode == 0:
+            return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"the measuring process failed (try {attempt + 1}):\n{done.stderr[-1500:]}")
+    raise SystemExit("the measuring process failed twice")
 
 
 def main() -> None:
