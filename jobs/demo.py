@@ -22,6 +22,7 @@ from vision_ops.models import weights_unavailable
 from vision_ops.outputs import committed_run
 from vision_ops.query import connect, load_spatial, read_sql, register_views, top_labels_sql
 from vision_ops.synthetic import dicom_bytes, phantom_ct
+from vision_ops.tasks import TASKS, get_task
 
 SPEC = Path(__file__).with_name("demo.yaml")
 DETECT_SPEC = Path(__file__).with_name("demo-detect.yaml")
@@ -52,6 +53,7 @@ SWAPPED_BUCKET = "demo-swapped"
 SWAPPED_PHOTOS = ("brick.png", "grass.png", "gravel.png", "camera.png", "coins.png", "moon.png")
 NIGHTS = ("2026-01-05", "2026-01-06", "2026-01-07")
 REPORTS = Path(__file__).resolve().parent.parent / ".demo" / "reports"
+EXAMPLES = REPORTS.parent / "examples"  # a job per registered task the demo has no job of
 
 
 def sample_photos() -> list[Path]:
@@ -326,6 +328,43 @@ def run_nightly(server: SeaweedS3, endpoint: str) -> int:
     return 0
 
 
+def demo_tasks(detected: bool) -> set[str]:
+    """The tasks the demo's own jobs ran."""
+    specs = (SPEC, DICOM_SPEC, SCENES_SPEC, OCR_SPEC, EMBED_SPEC, *([DETECT_SPEC] * detected))
+    return {load_spec(spec).task.kind for spec in specs}
+
+
+def run_task_examples(endpoint: str, ran: set[str]) -> int:
+    """Every registered task the demo's own jobs did not run, with its record's example model
+    (untrained: its outputs have the right shape and no meaning) over the photos: run, then
+    verified (each photo once), queried and reported like the others."""
+    missing = [name for name in TASKS.names() if name not in ran]
+    if missing:
+        print(f"\nThe registered tasks no demo job ran, with their example models: {missing}")
+    for name in missing:
+        spec = example_spec(name)
+        for command in ("run", "verify", "query", "report"):
+            page = ["--html", str(REPORTS / f"example-{name}.html")] if command == "report" else []
+            code = vision_ops_main([command, str(spec), "--set", endpoint, *page])
+            if code != 0:
+                print(f"check failed: `vision-ops {command}` of the {name} example exit {code}")
+                return code
+        print(f"check: the {name} example ran, each photo once, and reads back")
+    return 0
+
+
+def example_spec(name: str) -> Path:
+    """The photo job's spec, for task `name` and its record's example model."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["task"] = {"kind": name}
+    spec["model"] = dict(get_task(name).example_model)
+    spec["output"]["uri"] = f"s3://{OUTPUT_BUCKET}/examples/{name}"
+    EXAMPLES.mkdir(parents=True, exist_ok=True)
+    path = EXAMPLES / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def main() -> int:
     os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
     buckets = (PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, DOCUMENT_BUCKET, OUTPUT_BUCKET)
@@ -353,6 +392,8 @@ def main() -> int:
             code, detected = run_detection(endpoint)
         if code == 0:
             code = write_reports(endpoint, detected)
+        if code == 0:
+            code = run_task_examples(endpoint, demo_tasks(detected))
         if code == 0:
             code = run_nightly(server, endpoint)
     print("SeaweedFS stopped")

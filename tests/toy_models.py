@@ -111,7 +111,8 @@ def toy_images(folder: Path) -> Path:
 @dataclass(frozen=True)
 class ToyJob:
     """A tiny job of one task whose outcome is known, over `toy_images`: tests/test_tasks.py
-    runs one for every registered task through run, query, report, verify and evaluate.
+    runs each through run, query, report, verify and evaluate, checking the values (every task
+    is also run with its record's untrained example model, values unchecked).
 
     model: work folder -> the spec's `model` (writing the files it names there); None: the
       task's default model.
@@ -166,24 +167,32 @@ def _masks(folder: Path) -> tuple[str, str]:
     return str(folder / "truth"), "masks"
 
 
+# --truth-format -> work folder -> (--truth, --truth-format): ground truth for `toy_images` (the
+# folder names are the image-folder format's labels)
+TRUTHS: dict[str, Callable[[Path], tuple[str, str]]] = {
+    "imagefolder": lambda folder: ("", "imagefolder"),
+    "coco": _coco,
+    "masks": _masks,
+}
+
 TOY_JOBS["classification"] = ToyJob(
     model=lambda folder: _labelled(
         folder, "toy_models:colour_classifier", ["red", "green", "blue"]
     ),
     task={"top_k": 2},
-    truth=lambda folder: ("", "imagefolder"),
+    truth=TRUTHS["imagefolder"],
     metric=("accuracy", 2 / 3),  # the broken file's row counts as wrong
 )
 TOY_JOBS["detection"] = ToyJob(
     model=lambda folder: {"kind": "entrypoint", "entrypoint": "toy_models:bright_squares"},
-    truth=_coco,
+    truth=TRUTHS["coco"],
     metric=("map_50", 1.0),
 )
 TOY_JOBS["segmentation"] = ToyJob(
     model=lambda folder: _labelled(
         folder, "toy_models:colour_segmenter", ["background", "red", "green"]
     ),
-    truth=_masks,
+    truth=TRUTHS["masks"],
     metric=("mean_iou", 1.0),
 )
 # The packaged PP-OCR pair (the task's default model); the squares hold no text: ok rows, no lines.

@@ -183,6 +183,8 @@ def is_weights_enum_name(weights: str) -> bool:
     return WEIGHTS_ENUM_NAME.match(weights) is not None
 
 
+UNTRAINED_SEED = 0  # an architecture built without weights draws them from this seed
+
 # --- model kinds -----------------------------------------------------------------------------
 
 
@@ -199,7 +201,9 @@ def build_torchvision(spec: TorchvisionModel, options: StorageOptions, task: str
             )
         module = builder(weights=weights, **spec.kwargs)
         return BuiltModel(module, _cached_download_sha256(weights.url))
-    module = builder(weights=None, **_untrained_kwargs(spec.num_classes, task), **spec.kwargs)
+    with torch.random.fork_rng(devices=[]):  # no weights: the same random ones on every worker
+        torch.manual_seed(UNTRAINED_SEED)
+        module = builder(weights=None, **_untrained_kwargs(spec.num_classes, task), **spec.kwargs)
     if spec.weights is None:
         return BuiltModel(module)
     digest = load_state_dict_file(module, spec.weights, spec.weights_sha256, options)

@@ -12,11 +12,11 @@ Adding a task (e.g. `ocr`):
 2. its predictor (a `vision_ops.predictors.Predictor` subclass, in its own module) and its row
    builder (a `schema.TableBuilder`: batch -> Arrow rows of the task's schema);
 3. one `register(Task(...))` call, in this module, below the others, naming them;
-4. a toy job (`TOY_JOBS[name]` in tests/toy_models.py: its model, and ground truth its
-   predictions match where the task has a scorer).
 
-tests/test_tasks.py, parametrized over `TASKS`, then checks the record and runs the toy job
-through the pipeline, `query`, `report --html`, `verify` and `evaluate`.
+tests/test_tasks.py, parametrized over `TASKS`, then checks the record and runs a job of the
+record's `example_model` through the pipeline, `query`, `report --html`, `verify` and
+`evaluate`, and `make demo` runs and checks it too (jobs/demo.py), with no new test code. A toy
+job whose outcome is known in advance (`TOY_JOBS` in tests/toy_models.py) adds value checks.
 
 Code that imports torch (predictors) or reads storage (scorers) is named by a
 `"module:attribute"` string and imported when used, so `query` and `report` stay light and this
@@ -108,6 +108,12 @@ class Task:
       unit: what `Summary.labels` counts, in words ("images", "boxes", "share of pixels").
       score: what `Summary.scores` are, in words (the report's score chart).
       summary: ok rows of one run -> what `report` draws.
+      example_model: a `model:` section that runs anywhere with nothing to download: its
+        smallest torchvision architecture untrained (seeded random weights: outputs of the right
+        shape and no meaning), or its packaged model. The registry's tests and `make demo` run
+        every task with it.
+      masks: whether its units can have a mask file beside the table (its spec's `masks`
+        setting turns them on): the pipeline adds the mask stage, the sinks commit them.
       panels: its report panels, by name (gallery.PANELS): its galleries, e.g. "label_strips",
         "boxes", "mask_overlays" (every run also gets gallery.COMMON_PANELS: its error rows,
         its scene tiles in place).
@@ -126,6 +132,7 @@ class Task:
     unit: str
     score: str
     summary: Callable[[pa.Table], Summary]
+    example_model: Mapping[str, Any]
     input_size: Literal["fixed", "any"] = "fixed"
     architectures: str | None = None
     architecture_examples: str = ""
@@ -136,6 +143,7 @@ class Task:
     scorer: str | None = None
     truth_formats: tuple[str, ...] = ()
     sized_fields: str | None = None
+    masks: bool = False
 
     def job_fields(self, spec: Any) -> Sequence[pa.Field]:
         """Its columns for a job (`spec`: a JobSpec): `fields`, or those sized for its model."""
@@ -148,6 +156,11 @@ class Task:
     def schema(self) -> pa.Schema:
         """Its table's schema (the unit columns, then `fields`), its name in the metadata."""
         return declared_schema(self.name, self.fields)
+
+    def writes_masks(self, spec: Any) -> bool:
+        """Whether a job (`spec`: its JobSpec) writes mask files: the task has them and the
+        job's `task.masks` is on."""
+        return self.masks and bool(getattr(spec.task, "masks", False))
 
     def predictor_class(self) -> type[Predictor]:
         cls: type[Predictor] = load_ref(self.predictor)
@@ -233,6 +246,20 @@ def _segmentation_summary(table: pa.Table) -> Summary:
     return Summary(sorted(pairs, key=lambda pair: (-pair[1], pair[0])), scores)
 
 
+# An untrained example model's input: small, so that a run of one takes seconds on a CPU.
+SMALL_INPUT = {
+    "resize": 64,
+    "crop": 64,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+def untrained(architecture: str, **fields: Any) -> dict[str, Any]:
+    """A `model:` section of a torchvision architecture with random weights (none downloaded)."""
+    return {"kind": "torchvision", "architecture": architecture, **fields}
+
+
 # --- the tasks -----------------------------------------------------------------------------------
 
 
@@ -252,6 +279,7 @@ register(
         unit="images",
         score="top-1 score",
         summary=_classification_summary,
+        example_model=untrained("mobilenet_v3_small", preprocessing=SMALL_INPUT),
         panels=("label_strips", "borderline"),
         scorer="vision_ops.evaluate:score_classification",
         truth_formats=("table", "imagefolder"),
@@ -287,6 +315,7 @@ register(
         unit="boxes",
         score="box score",
         summary=_detection_summary,
+        example_model=untrained("fasterrcnn_mobilenet_v3_large_320_fpn"),
         panels=("boxes",),
         scorer="vision_ops.evaluate:score_detection",
         truth_formats=("coco",),
@@ -321,9 +350,11 @@ register(
         unit="share of pixels",
         score="dominant class's share of its mask",
         summary=_segmentation_summary,
+        example_model=untrained("lraspp_mobilenet_v3_large", preprocessing=SMALL_INPUT),
         panels=("mask_overlays",),
         scorer="vision_ops.evaluate:score_segmentation",
         truth_formats=("masks",),
+        masks=True,
     )
 )
 
@@ -367,6 +398,7 @@ register(
         unit="words",
         score="line score",
         summary=_ocr_summary,
+        example_model={"kind": "ppocr"},
     )
 )
 
@@ -396,5 +428,6 @@ register(
         unit="units per model",
         score="cosine similarity to the nearest other unit",
         summary=_embedding_summary,
+        example_model=untrained("mobilenet_v3_small", preprocessing=SMALL_INPUT),
     )
 )

@@ -14,7 +14,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec, SegmentationTask
+from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec
 from vision_ops.detection import instance_output
 from vision_ops.drift import Drift, drift_at_commit, manifest_entry
 from vision_ops.errors import VisionOpsError
@@ -294,7 +294,7 @@ def build_dataset(
         labels=resolve_labels(spec.model, spec.storage_options),
         schema=schema,
     )
-    masks = isinstance(spec.task, SegmentationTask) and spec.task.masks
+    masks = get_task(spec.task.kind).writes_masks(spec)
     predictions = units.map_batches(
         PredictRows,
         fn_constructor_kwargs={
