@@ -95,7 +95,7 @@ def measure(root: str, old: int, new: int) -> dict[str, float]:
     temp = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # not the host's Ray root
     (temp / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(temp)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(temp))
     ray.data.DataContext.get_current().enable_progress_bars = False
     starts = list(range(0, old + new, LISTING_BLOCK_ROWS))
     counts = [min(LISTING_BLOCK_ROWS, old + new - start) for start in starts]

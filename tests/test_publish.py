@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vision_ops.publish import JOURNAL, SUCCESS_MARKER
+from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import (
     ParquetSink,
@@ -164,13 +165,16 @@ def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Pa
         else "move" if call.startswith("mv ") and "/_staging/" in call
         else "manifest" if "/_manifests/" in call
         else "marker" if call.endswith(SUCCESS_MARKER)
-        else "remove old" if call.startswith("rm_file ") and f"/{PARTITION}/" in call
+        else "remove old" if call.startswith("rm_file ") and (
+            f"/{PARTITION}/" in call or f"/{INDEX_FOLDER}/" in call
+        )
         else "other"
         for call in commit_steps(tmp_path)
     ]  # fmt: skip
     firsts = ["journal", "move", "manifest", "marker", "remove old"]
     assert [kinds.index(kind) for kind in firsts] == sorted(kinds.index(kind) for kind in firsts)
-    assert kinds.count("move") == 2 and kinds.count("remove old") == 2
+    # two part files and the run's index (vision_ops.runindex), each way
+    assert kinds.count("move") == 3 and kinds.count("remove old") == 3
 
 
 def test_a_failure_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path) -> None:
@@ -274,8 +278,9 @@ def test_the_journal_names_the_plan_and_is_gone_after_the_commit(tmp_path: Path)
     rerun = rerun_with(tmp_path, read_journal)
     [plan] = seen
     assert (plan["run_id"], plan["attempt"]) == ("r1", rerun.attempt)
-    assert sorted(plan["replaces"]) == old_files
-    assert len(plan["moves"]) == 2 and all(rerun.attempt in final for _, final in plan["moves"])
+    old_index = f"{tmp_path}/{INDEX_FOLDER}/r1-{old.attempt}.parquet"  # vision_ops.runindex
+    assert sorted(plan["replaces"]) == sorted([*old_files, old_index])
+    assert len(plan["moves"]) == 3 and all(rerun.attempt in final for _, final in plan["moves"])
     assert not (tmp_path / JOURNAL).exists()
 
 
