@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
-from vision_ops.runindex import index_path, write_index
+from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
 from vision_ops.staging import StagedParts
@@ -612,6 +612,16 @@ def verify_run(output: OutputSpec, run_id: str | None = None) -> tuple[dict[str,
     if not problems and units_sum_digest(item_ids) != run.get("units_digest"):
         problems.append("the units differ from those the run committed (units_digest)")
     return run, problems
+
+
+def read_run_index(output: OutputSpec, uri: str) -> pa.Table:
+    """A run's index (its snapshot summary's `index_uri`), read through the table's own file
+    IO, as its data files are (FileNotFoundError where it is gone)."""
+    table = load_table(output)
+    if table is None:
+        raise FileNotFoundError(f"table {output.table} does not exist")
+    with table.io.new_input(uri).open() as handle:
+        return pq.read_table(handle, schema=INDEX_SCHEMA)
 
 
 def metadata_location(output: OutputSpec) -> str | None:

@@ -17,13 +17,13 @@ from typing import Any, Protocol, cast
 
 import pyarrow as pa
 
-from vision_ops import iceberg, sink
+from vision_ops import iceberg, runindex, sink
 from vision_ops.config import JobSpec, OutputSpec
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.lock import RunLock
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
-from vision_ops.runindex import ROW_COLUMNS, index_problems, read_index
+from vision_ops.runindex import ROW_COLUMNS, index_problems
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import ExpectedUnits, Listed
 
@@ -78,6 +78,8 @@ class OutputFormat:
     # One run's manifest, files left out where listing them costs (what check_run_date needs).
     run_manifest: Callable[[OutputSpec, str, StorageOptions], Manifest | None]
     read_run: Callable[[OutputSpec, Manifest, StorageOptions, list[str] | None], pa.Table]
+    # A run's index (vision_ops.runindex), by the URI its manifest names.
+    read_index: Callable[[OutputSpec, str, StorageOptions], pa.Table]
     verify_run: Callable[[OutputSpec, str | None, StorageOptions], tuple[Manifest, list[str]]]
     # The DuckDB relation of the committed rows: all runs, one run, or the table at a time.
     sql_source: Callable[[Any, OutputSpec, StorageOptions, str | None, dt.datetime | None], str]
@@ -146,6 +148,7 @@ FORMATS.register("parquet")(
             output.uri, run_id, options
         ),
         read_run=_parquet_read,
+        read_index=lambda output, uri, options: runindex.read_index(uri, options),
         verify_run=lambda output, run_id, options: sink.verify_run(output.uri, run_id, options),
         sql_source=_parquet_sql,
     )
@@ -205,6 +208,7 @@ FORMATS.register("iceberg")(
         committed_run=lambda output, run_id, options: iceberg.committed_run(output, run_id),
         run_manifest=lambda output, run_id, options: iceberg.run_manifest(output, run_id),
         read_run=lambda output, run, options, columns: iceberg.read_run(output, run, columns),
+        read_index=lambda output, uri, options: iceberg.read_run_index(output, uri),
         verify_run=lambda output, run_id, options: iceberg.verify_run(output, run_id),
         sql_source=_iceberg_sql,
     )
@@ -267,6 +271,11 @@ def read_run(
     return format_of(target).read_run(as_output(target), run, options or {}, columns)
 
 
+def read_index(target: Target, uri: str, options: StorageOptions | None = None) -> pa.Table:
+    """A committed run's index (its manifest's `index_uri`; FileNotFoundError where gone)."""
+    return format_of(target).read_index(as_output(target), uri, options or {})
+
+
 def verify_run(
     target: Target, run_id: str | None = None, options: StorageOptions | None = None
 ) -> tuple[Manifest, list[str]]:
@@ -284,7 +293,7 @@ def _index_problems(output: OutputSpec, manifest: Manifest, options: StorageOpti
     """Where a run's index is unreadable or disagrees with its rows."""
     uri = manifest["index_uri"]
     try:
-        index = read_index(uri, options)
+        index = read_index(output, uri, options)
     except (OSError, pa.ArrowException) as err:
         return [f"{uri}: the run's index is unreadable ({err})"]
     return index_problems(index, read_run(output, manifest, options, ROW_COLUMNS))

@@ -19,14 +19,13 @@ import ray
 
 from vision_ops.config import JobSpec, PpOcrModel
 from vision_ops.ocr import OCR_PACKAGE
-from vision_ops.outputs import Target, committed_runs, read_run
+from vision_ops.outputs import Target, committed_runs, read_index, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
 from vision_ops.runindex import (
     INDEX_SCHEMA,
     KEY_SEPARATOR,
     ROW_COLUMNS,
     index_of,
-    read_index,
     retry_flags,
     source_key,
     source_keys,
@@ -141,7 +140,7 @@ def committed_index(output: Target, run: dict[str, Any], options: StorageOptions
     uri = run.get("index_uri")
     if uri:
         try:
-            return read_index(uri, options)
+            return read_index(output, uri, options)
         except FileNotFoundError:
             log.warning("run %s: its index %s is gone; reading its rows", run["run_id"], uri)
     return index_of(committed_versions(output, run, options))
