@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import rasterio
@@ -114,3 +115,77 @@ def test_seams_merge_across_blocks_and_nodes_on_two_raylets(tmp_path: Path) -> N
         for entry in boxes:
             left, top = TRANSFORM * (entry["x_min"], entry["y_min"])
             assert (entry["crs_x_min"], entry["crs_y_max"]) == (left, top)
+
+
+def tile_row(x: int, entries: list[dict]) -> dict:
+    """A tile row of a 200 x 100 scene (tiles of 128 at x = 0 and 72: 56 pixels overlap)."""
+    return {
+        "source_uri": "file:///scene.tif", "tile_x": x, "tile_y": 0, "tile_size": 128,
+        "scene_width": 200, "scene_height": 100, "status": "ok",
+        "detections": entries, "num_detections": len(entries),
+    }  # fmt: skip
+
+
+def rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as coco_mask
+
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(encoded["size"]), "counts": encoded["counts"].decode()}
+
+
+def entry(x_min: int, y_min: int, x_max: int, y_max: int, score: float, **extra: object) -> dict:
+    box = {"x_min": x_min, "y_min": y_min, "x_max": x_max, "y_max": y_max}
+    return {"label_id": 1, "label": "thing", "score": score, **box, **extra}
+
+
+@pytest.mark.parametrize("instance", ["mask", "keypoints"])
+def test_masks_and_keypoints_move_to_the_scene_with_their_boxes(instance: str) -> None:
+    """An object on the seam: seen whole by the right tile (at x = 72) and cut by the left
+    tile's edge. The whole one stays, its mask or keypoints moved by the tile's offset into
+    the scene's pixels (mask size = the scene's); the cut one goes, its mask with it."""
+    from pycocotools import mask as coco_mask
+
+    from vision_ops.scenes import merge_scene
+    from vision_ops.schema import output_schema
+
+    def extra(x0: int, x1: int, tile_x: int) -> dict:
+        if instance == "keypoints":
+            points = [{"name": "nose", "x": float(x0 - tile_x + 1), "y": 31.0, "score": 0.9}]
+            return {"keypoints": points}
+        tile = np.zeros((128, 128), bool)
+        tile[30:60, x0 - tile_x : x1 - tile_x] = True
+        return {"mask": rle(tile)}
+
+    cut = entry(110, 30, 128, 60, 0.5, **extra(110, 128, 0))  # the left tile's part
+    whole = entry(110 - 72, 30, 150 - 72, 60, 0.9, **extra(110, 150, 72))
+    schema = output_schema("detection", tiles=True, instance=instance)
+    rows = pa.Table.from_pylist([tile_row(0, [cut]), tile_row(72, [whole])], schema=schema)
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    merged = merge_scene(rows, 0.5, None, {"file:///scene.tif": identity}).to_pylist()
+    kept = [e for row in merged for e in row["detections"]]
+    assert [(e["x_min"], e["x_max"], e["score"]) for e in kept] == [(110, 150, pytest.approx(0.9))]
+    assert [row["num_detections"] for row in merged] == [0, 1]
+    if instance == "keypoints":
+        assert [(p["name"], p["x"], p["y"]) for p in kept[0]["keypoints"]] == [("nose", 111, 31)]
+        return
+    mask = kept[0]["mask"]
+    assert mask["size"] == [100, 200]
+    scene = coco_mask.decode({"size": mask["size"], "counts": mask["counts"].encode()})
+    expected = np.zeros((100, 200), np.uint8)
+    expected[30:60, 110:150] = 1
+    assert np.array_equal(scene, expected)
+
+
+def test_a_padded_tiles_mask_is_cut_at_the_scenes_edge() -> None:
+    """A mask running past the scene (a padded edge tile) keeps only the scene's pixels; runs
+    that go on from one column's bottom into the next column's top stay one run."""
+    from pycocotools import mask as coco_mask
+
+    from vision_ops.detection import mask_in_scene
+
+    tile = np.ones((64, 64), np.uint8)
+    moved = mask_in_scene(rle(tile), 40, 0, 50, 70)  # the scene: 50 rows, 70 columns
+    scene = coco_mask.decode({"size": moved["size"], "counts": moved["counts"].encode()})
+    expected = np.zeros((50, 70), np.uint8)
+    expected[:, 40:] = 1
+    assert moved["size"] == [50, 70] and np.array_equal(scene, expected)

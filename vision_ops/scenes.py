@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.config import TilingSpec
+from vision_ops.detection import mask_in_scene
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.georef import (
     Transform,
@@ -392,9 +393,10 @@ def merge_scene(
 ) -> pa.Table:
     """The per-scene reduce after inference, for detection over tiled scenes (`rows`: every
     tile row of one scene; `transforms`: each readable scene's pixel -> CRS affine): boxes
-    move from tile to scene pixels and the CRS, and a box found again by a neighbouring tile
-    (on a seam, in the overlap) is kept once, the best-scoring one. An unreadable scene (its
-    error row) comes back as it is."""
+    (and their masks or keypoints) move from tile to scene pixels, boxes to the CRS too, and
+    a box found again by a neighbouring tile (on a seam, in the overlap) is kept once, the
+    best-scoring one, with its mask or keypoints. An unreadable scene (its error row) comes
+    back as it is."""
     records = rows.to_pylist()
     transform = transforms.get(records[0]["source_uri"]) if records else None
     if transform is None:
@@ -404,7 +406,10 @@ def merge_scene(
         for index, row in enumerate(records)
         for entry in (row["detections"] or [])
     ]
-    kept = merge_across_tiles(boxes, seam_overlap)
+    kept = [
+        (index, entry | _scene_instance(entry, records[index]))
+        for index, entry in merge_across_tiles(boxes, seam_overlap)
+    ]
     mapped = crs_boxes([entry for _, entry in kept], transform, _crs(crs_wkt))
     for row in records:
         if row["detections"] is not None:
@@ -466,6 +471,21 @@ def _scene_box(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:
         "x_max": entry["x_max"] + x,
         "y_max": entry["y_max"] + y,
     }
+
+
+def _scene_instance(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A kept box's mask (Mask R-CNN) or keypoints (Keypoint R-CNN) moved, like the box, from
+    tile to scene pixels."""
+    x, y = row["tile_x"], row["tile_y"]
+    moved: dict[str, Any] = {}
+    if entry.get("mask") is not None:
+        size = int(row["scene_height"]), int(row["scene_width"])
+        moved["mask"] = mask_in_scene(entry["mask"], x, y, *size)
+    if entry.get("keypoints") is not None:
+        moved["keypoints"] = [
+            point | {"x": point["x"] + x, "y": point["y"] + y} for point in entry["keypoints"]
+        ]
+    return moved
 
 
 def merge_across_tiles(
