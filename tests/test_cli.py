@@ -20,6 +20,8 @@ from vision_ops.cli import (
     EXIT_TOO_MANY_ERRORS,
     main,
 )
+from vision_ops.runstats import startup_line
+from vision_ops.sink import committed_run
 
 pytestmark = pytest.mark.timeout(600)
 CONSOLE_SCRIPT = Path(sys.executable).with_name("vision-ops")
@@ -97,6 +99,9 @@ def test_run_commits_and_prints_a_summary(spec_file, capsys, ray_local) -> None:
     assert "images/s" in out
     partition = spec_file.parent / "table" / "run_date=2026-11-23"
     assert f"output: file://{partition} (1 file(s))" in out
+    startup = committed_run(str(spec_file.parent / "table"), "cli-1")["startup_seconds"]
+    assert f"\n{startup_line(startup)}\noutput: " in out  # the manifest's start-up stages
+    assert startup_line(startup).startswith("start-up: Ray connect ")
     table = pq.read_table(partition)
     assert table.num_rows == 3 and set(table["run_id"].to_pylist()) == {"cli-1"}
     sql = "SELECT status, count(*) AS n FROM predictions GROUP BY status ORDER BY status"
