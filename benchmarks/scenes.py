@@ -98,7 +98,14 @@ def run_case(manifest: str, read_batch: int, cpus: int) -> dict[str, Any]:
     from vision_ops.sources import plan_inputs
 
     started = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up wait
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_s, before = time.perf_counter() - started, current_rss_mib()
     spec = InputSpec(manifest=manifest)
