@@ -84,9 +84,11 @@ def build(root: Path, old: int, runs: int) -> None:
         sink.commit(None, {"model_fingerprint": FINGERPRINT})
 
 
-def measure(root: str, old: int, new: int) -> dict[str, float]:
+def measure(root: str, old: int, new: int, planning_only: bool = False) -> dict[str, float]:
     """In this process: the driver's incremental planning over the table at `root`, then the
-    Ray-side filter of an OLD + NEW listing made in Ray tasks."""
+    Ray-side filter of an OLD + NEW listing made in Ray tasks (not with `planning_only`)."""
+    if planning_only:
+        return measure_planning(root, new)
     import ray
 
     from vision_ops.pipeline.incremental import without_done
@@ -121,7 +123,21 @@ def measure(root: str, old: int, new: int) -> dict[str, float]:
             "peak_rss_mb": peak / 1024, "added_rss_mb": (peak - before) / 1024}  # fmt: skip
 
 
-def measured(root: Path, old: int, new: int) -> dict[str, float]:
+def measure_planning(root: str, new: int) -> dict[str, float]:
+    """The driver's incremental planning alone (no Ray: for a machine too loaded to start one)."""
+    started = time.perf_counter()
+    runs = committed_runs(root)
+    done = done_sources(root, runs, {}, ())
+    if not all(run.get("index_uri") for run in runs):
+        raise SystemExit("a committed run has no index: the sink wrote none")
+    planned = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"runs": len(runs), "done": len(done), "listed": 0, "kept": new,
+            "planning_s": planned - started, "filter_s": 0.0,
+            "peak_rss_mb": peak / 1024, "added_rss_mb": 0.0}  # fmt: skip
+
+
+def measured(root: Path, old: int, new: int, planning_only: bool = False) -> dict[str, float]:
     command = [
         sys.executable,
         __file__,
@@ -131,6 +147,7 @@ def measured(root: Path, old: int, new: int) -> dict[str, float]:
         str(old),
         "--new",
         str(new),
+        *(["--planning-only"] if planning_only else []),
     ]
     # A loaded machine may start Ray's node slowly: more patience, and one more try.
     env = os.environ | {"RAY_raylet_start_wait_time_s": "180"}
@@ -149,10 +166,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100, help="runs they are spread over")
     parser.add_argument("--repeat", type=int, default=3, help="trials per table (medians)")
     parser.add_argument("--tables", help="keep the built tables here and reuse them")
+    parser.add_argument("--planning-only", action="store_true", help="no Ray, no filter")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.old, args.new)))
+        print(json.dumps(measure(args.measure, args.old, args.new, args.planning_only)))
         return
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.tables or scratch)
@@ -168,7 +186,7 @@ def main() -> None:
         trials: dict[int, list[dict[str, float]]] = {runs: [] for runs in roots}
         for _ in range(args.repeat):  # alternated, so both tables see the same machine
             for runs, root in roots.items():
-                found = measured(root, args.old, args.new)
+                found = measured(root, args.old, args.new, args.planning_only)
                 if found["kept"] != args.new:
                     raise SystemExit(f"the filter kept {found['kept']} units, not {args.new}")
                 trials[runs].append(found)
