@@ -210,10 +210,11 @@ def report(trials: dict[int, list[dict[str, float]]], many_runs: int) -> None:
               + " ".join(f"{t['planning_s']:.2f}" for t in each) + " s, filter "
               + " ".join(f"{t['filter_s']:.2f}" for t in each) + " s")  # fmt: skip
     one, many = medians[1], medians[many_runs]
-    print(f"\n{many_runs} runs / 1 run (medians): "
-          f"planning {many['planning_s'] / one['planning_s']:.2f}x, "
-          f"filter {many['filter_s'] / one['filter_s']:.2f}x, "
-          f"driver peak RSS {many['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")  # fmt: skip
+    ratio = {key: many[key] / one[key] for key in ("planning_s", "filter_s", "peak_rss_mb")
+             if one[key]}  # fmt: skip
+    print(f"\n{many_runs} runs / 1 run (medians): planning {ratio['planning_s']:.2f}x, "
+          + (f"filter {ratio['filter_s']:.2f}x, " if "filter_s" in ratio else "")
+          + f"driver peak RSS {ratio['peak_rss_mb']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
