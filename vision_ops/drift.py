@@ -22,7 +22,8 @@ from vision_ops.config import MonitorSpec
 from vision_ops.outputs import Manifest, Target, committed_runs, describe
 from vision_ops.report import NoSuchRun
 from vision_ops.storage import StorageOptions
-from vision_ops.trend import RunFigures, run_figures, table_figures
+from vision_ops.tasks import task_of_run
+from vision_ops.trend import RunFigures, figure_columns, run_figures, table_figures
 
 EPSILON = 1e-4  # the share given to a bin one side has and the other has not
 FIGURES = ("label_psi", "score_psi", "error_rate_rise")  # each is MonitorSpec's threshold field
@@ -111,7 +112,7 @@ def drift_at_commit(
     monitor: MonitorSpec,
     options: StorageOptions,
     run: Manifest,
-    staged: Callable[[], pa.Table],
+    staged: Callable[[list[str]], pa.Table],
 ) -> list[Drift]:
     """The figures of a run about to commit (`run`: its run_id, run_date and task) against the
     `monitor.runs` committed runs before it, as `drift` computes them for `report --check`;
@@ -121,7 +122,8 @@ def drift_at_commit(
     if not earlier:
         return []
     points = [run_figures(target, committed, options) for committed in earlier]
-    return drift([*points, table_figures(staged(), run)], monitor)
+    rows = staged(figure_columns(task_of_run(run)))
+    return drift([*points, table_figures(rows, run)], monitor)
 
 
 def manifest_entry(found: list[Drift]) -> dict[str, Any]:

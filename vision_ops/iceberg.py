@@ -224,10 +224,11 @@ class IcebergSink:
         with writing_to(self.output.uri):
             self.parts.add(table)
 
-    def staged(self) -> pa.Table:
-        """The rows written so far (what a commit now would add to the table)."""
+    def staged(self, columns: list[str] | None = None) -> pa.Table:
+        """The rows written so far (what a commit now would add to the table): the given
+        columns, else all."""
         with writing_to(self.output.uri):
-            return self.parts.staged(self.schema)
+            return self.parts.staged(self.schema, columns)
 
     def commit(
         self,

@@ -185,10 +185,11 @@ class ParquetSink:
         self.resumed = found.units if found else 0
         return found.sources if found else frozenset()
 
-    def staged(self) -> pa.Table:
-        """The rows written so far (what a commit now would publish)."""
+    def staged(self, columns: list[str] | None = None) -> pa.Table:
+        """The rows written so far (what a commit now would publish): the given columns, else
+        all."""
         with writing_to(self.root_uri):
-            return self.parts.staged(self.schema)
+            return self.parts.staged(self.schema, columns)
 
     def commit(
         self,

@@ -112,14 +112,18 @@ class StagedParts:
         for path, _ in small:
             self.fs.rm_file(path)
 
-    def tables(self) -> Iterator[pa.Table]:
-        """The staged rows, file by file."""
+    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The staged rows (the given columns, else all), file by file."""
         for path, _ in self.files:
-            yield self.read(path)
+            yield self.read(path, columns)
 
-    def staged(self, schema: pa.Schema) -> pa.Table:
-        """Every row added so far (the staged files' and those pending), as one table."""
-        tables = [table.cast(schema) for table in [*self.tables(), *self.pending]]
+    def staged(self, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """Every row added so far (the staged files' and those pending; the given columns,
+        else all), as one table."""
+        if columns is not None:
+            schema = pa.schema([schema.field(name) for name in columns])
+        pending = [table.select(schema.names) for table in self.pending]
+        tables = [table.cast(schema) for table in [*self.tables(columns), *pending]]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def read(self, path: str, columns: list[str] | None = None) -> pa.Table:

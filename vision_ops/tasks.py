@@ -108,6 +108,8 @@ class Task:
       unit: what `Summary.labels` counts, in words ("images", "boxes", "share of pixels").
       score: what `Summary.scores` are, in words (the report's score chart).
       summary: ok rows of one run -> what `report` draws.
+      summary_columns: the columns `summary` reads (beside `status`): the trend and the drift
+        figures read only these of a run's rows.
       example_model: a `model:` section that runs anywhere with nothing to download: its
         smallest torchvision architecture untrained (seeded random weights: outputs of the right
         shape and no meaning), or its packaged model. The registry's tests and `make demo` run
@@ -132,6 +134,7 @@ class Task:
     unit: str
     score: str
     summary: Callable[[pa.Table], Summary]
+    summary_columns: tuple[str, ...]
     example_model: Mapping[str, Any]
     input_size: Literal["fixed", "any"] = "fixed"
     architectures: str | None = None
@@ -279,6 +282,7 @@ register(
         unit="images",
         score="top-1 score",
         summary=_classification_summary,
+        summary_columns=("label", "score"),
         example_model=untrained("mobilenet_v3_small", preprocessing=SMALL_INPUT),
         panels=("label_strips", "borderline"),
         scorer="vision_ops.evaluate:score_classification",
@@ -315,6 +319,7 @@ register(
         unit="boxes",
         score="box score",
         summary=_detection_summary,
+        summary_columns=("detections",),
         example_model=untrained("fasterrcnn_mobilenet_v3_large_320_fpn"),
         panels=("boxes",),
         scorer="vision_ops.evaluate:score_detection",
@@ -350,6 +355,7 @@ register(
         unit="share of pixels",
         score="dominant class's share of its mask",
         summary=_segmentation_summary,
+        summary_columns=("class_fractions", "fraction"),
         example_model=untrained("lraspp_mobilenet_v3_large", preprocessing=SMALL_INPUT),
         panels=("mask_overlays",),
         scorer="vision_ops.evaluate:score_segmentation",
@@ -398,6 +404,7 @@ register(
         unit="words",
         score="line score",
         summary=_ocr_summary,
+        summary_columns=("lines",),
         example_model={"kind": "ppocr"},
     )
 )
@@ -428,6 +435,7 @@ register(
         unit="units per model",
         score="cosine similarity to the nearest other unit",
         summary=_embedding_summary,
+        summary_columns=("model_name", "embedding"),
         example_model=untrained("mobilenet_v3_small", preprocessing=SMALL_INPUT),
     )
 )

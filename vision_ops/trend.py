@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from vision_ops.outputs import Manifest, Target, committed_runs, read_run
 from vision_ops.report import SCORE_BINS, overall_metrics
 from vision_ops.storage import StorageOptions
-from vision_ops.tasks import counts, task_of_run
+from vision_ops.tasks import Task, counts, task_of_run
 
 TREND_LABELS = 5  # labels whose share is followed (the most frequent over the runs shown)
 
@@ -48,9 +48,14 @@ class RunFigures:
 
 def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> RunFigures:
     """The figures of one committed run (its rows read back)."""
-    table = read_run(target, manifest, options)
+    table = read_run(target, manifest, options, figure_columns(task_of_run(manifest)))
     metrics = overall_metrics(target, manifest["run_id"], options)
     return table_figures(table, manifest, metrics)
+
+
+def figure_columns(task: Task) -> list[str]:
+    """The columns of a run's rows that its figures are made of."""
+    return ["status", "error_type", *task.summary_columns]
 
 
 def table_figures(
