@@ -48,7 +48,11 @@ class RunFigures:
 
 def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> RunFigures:
     """The figures of one committed run (its rows read back)."""
-    table = read_run(target, manifest, options, figure_columns(task_of_run(manifest)))
+    task = task_of_run(manifest)
+    columns = figure_columns(task)
+    table = read_run(target, manifest, options, columns)
+    if table.num_rows == 0:  # a run that wrote nothing: its files may hold no columns
+        table = task.schema.empty_table().select(columns)
     metrics = overall_metrics(target, manifest["run_id"], options)
     return table_figures(table, manifest, metrics)
 
