@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -108,10 +109,7 @@ def measure(root: str, old: int, new: int, planning_only: bool = False) -> dict[
     listing = Listing(listed, summarise(listed, find_repeats=False))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    runs = committed_runs(root)
-    done = done_sources(root, runs, {}, ())
-    if not all(run.get("index_uri") for run in runs):
-        raise SystemExit("a committed run has no index: the sink wrote none")
+    runs, done = planned_done(root)
     planned = time.perf_counter()
     left = without_done(listing, done)
     filtered = time.perf_counter()
@@ -123,13 +121,19 @@ def measure(root: str, old: int, new: int, planning_only: bool = False) -> dict[
             "peak_rss_mb": peak / 1024, "added_rss_mb": (peak - before) / 1024}  # fmt: skip
 
 
-def measure_planning(root: str, new: int) -> dict[str, float]:
-    """The driver's incremental planning alone (no Ray: for a machine too loaded to start one)."""
-    started = time.perf_counter()
+def planned_done(root: str) -> tuple[list[dict[str, Any]], pa.Array]:
+    """The table's committed runs and the source keys they did (from their indexes)."""
     runs = committed_runs(root)
     done = done_sources(root, runs, {}, ())
     if not all(run.get("index_uri") for run in runs):
         raise SystemExit("a committed run has no index: the sink wrote none")
+    return runs, done
+
+
+def measure_planning(root: str, new: int) -> dict[str, float]:
+    """The driver's incremental planning alone (no Ray: for a machine too loaded to start one)."""
+    started = time.perf_counter()
+    runs, done = planned_done(root)
     planned = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"runs": len(runs), "done": len(done), "listed": 0, "kept": new,
