@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cluster_script import run_cluster_script
 from PIL import Image
 
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
@@ -463,19 +464,7 @@ def test_a_worker_node_removed_mid_run_the_run_completes_exactly_once(tmp_path) 
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
-    ray_temp = Path(tempfile.mkdtemp(prefix="von", dir="/tmp"))
-    (ray_temp / "ray").mkdir()  # where the Cluster records its address (ray_current_cluster)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONPATH": str(Path(__file__).parent)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", NODE_LOSS, str(path), str(marks), str(ray_temp / "ray")],
-            env=env, capture_output=True, text=True, timeout=540,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    outcome = run_cluster_script(NODE_LOSS, str(path), str(marks))
     assert outcome["removed_mid_run"], outcome
     assert outcome.get("error") is None and outcome["rows"] == 48, outcome
     # The predictor ran on the lost node, then on its replacement.

@@ -3,12 +3,6 @@ raylets, merged by a groupby on the scene (seams as on one machine); the driver 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import yaml
+from cluster_script import run_cluster_script
 from test_scenes import SQUARES, TRANSFORM
 
 pytestmark = pytest.mark.timeout(600)
@@ -89,19 +84,7 @@ def test_seams_merge_across_blocks_and_nodes_on_two_raylets(tmp_path: Path) -> N
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
-    ray_temp = Path(tempfile.mkdtemp(prefix="vos", dir="/tmp"))
-    (ray_temp / "ray").mkdir()  # where the Cluster records its address (ray_current_cluster)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONPATH": str(Path(__file__).parent)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", TWO_RAYLETS, str(path), str(marks), str(ray_temp / "ray")],
-            env=env, capture_output=True, text=True, timeout=540,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    outcome = run_cluster_script(TWO_RAYLETS, str(path), str(marks))
     assert outcome["rows"] == 9 and len(outcome["nodes"]) == 2, outcome
     rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
     for name, shift in shifts.items():
