@@ -99,23 +99,18 @@ def _cause(uri: str, options: StorageOptions) -> Exception | None:
 
 def scene_tile(uri: str, row: dict[str, Any], options: StorageOptions) -> np.ndarray:
     """RGB uint8 of a tile's window of its scene (rasterio through fsspec)."""
-    from vision_ops.raster import open_raster, read_tile
+    from vision_ops.raster import open_raster, read_tile, read_window
     from vision_ops.tiling import Window
 
     x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
     with open_raster(uri, options) as dataset:
         bands = [1, 2, 3] if dataset.count >= 3 else [1]
         window = Window(col_off=x, row_off=y, width=size, height=size)
-        values = dataset.read(indexes=bands, window=_rio_window(window)).astype(np.float64)
-        low, high = np.percentile(values, [2, 98]) if values.size else (0.0, 1.0)
+        values = read_window(dataset, window, bands, fill=np.nan)
+        inside = values[~np.isnan(values)]
+        low, high = np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0)
         pixels, _ = read_tile(dataset, window, bands, (float(low), float(max(high, low + 1))))
     return pixels
-
-
-def _rio_window(window: Any) -> Any:
-    from rasterio.windows import Window as RioWindow
-
-    return RioWindow(window.col_off, window.row_off, window.width, window.height)
 
 
 def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:

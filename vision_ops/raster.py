@@ -77,20 +77,33 @@ def read_tile(
     """
     _check_bands(bands, dataset.count)
     fill = dataset.nodata if nodata is None else nodata
-    values = dataset.read(
-        indexes=list(bands),
-        window=_rasterio().windows.Window(
-            window.col_off, window.row_off, window.width, window.height
-        ),
-        boundless=True,
-        fill_value=fill if fill is not None else 0,
-    ).astype(np.float64)
+    values = read_window(dataset, window, bands, fill if fill is not None else 0.0)
     valid = _valid_mask(values, fill, window, dataset.width, dataset.height)
     low, high = value_range
     scaled = np.clip(np.rint((values - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
     scaled[:, ~valid] = 0
     rgb = np.repeat(scaled, 3, axis=0) if len(bands) == 1 else scaled
     return np.ascontiguousarray(np.moveaxis(rgb, 0, -1)), float(valid.mean())
+
+
+def read_window(
+    dataset: Any, window: Window, bands: Sequence[int], fill: float = 0.0
+) -> np.ndarray:
+    """A window's values of `bands` (bands, height, width) as float64, `fill` past the scene's
+    edge. A plain read of the part inside the scene: rasterio's boundless read wraps the
+    dataset in a VRT that opens the file again, and through an fsspec opener on s3:// that
+    breaks a process's third opening of the same object (rasterio 1.4, GDAL 3.10)."""
+    values = np.full((len(bands), window.height, window.width), fill, dtype=np.float64)
+    left, top = max(window.col_off, 0), max(window.row_off, 0)
+    right = min(window.col_off + window.width, dataset.width)
+    bottom = min(window.row_off + window.height, dataset.height)
+    if right <= left or bottom <= top:
+        return values
+    inside = _rasterio().windows.Window(left, top, right - left, bottom - top)
+    rows = slice(top - window.row_off, bottom - window.row_off)
+    columns = slice(left - window.col_off, right - window.col_off)
+    values[:, rows, columns] = dataset.read(indexes=list(bands), window=inside)
+    return values
 
 
 def _valid_mask(
