@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 from test_exactly_once import make_images
 
 from vision_ops import outputs
@@ -388,6 +390,43 @@ class Store:
     @property
     def target(self) -> OutputSpec:
         return OutputSpec(**self.output)
+
+
+def test_a_segmentation_job_killed_at_70_percent_resumes_with_its_masks(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """The whole job, with its masks: the rerun sends only the missing units to the model, and
+    every committed row names a mask of its own that is there."""
+    total = 40
+    make_images(tmp_path / "images", total)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    model = {
+        "kind": "entrypoint",
+        "entrypoint": "crashing:count_segments",
+        "kwargs": {"marks": str(marks), "seconds": 0.3},
+        "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    table = tmp_path / "table"
+    spec = counting_spec(
+        tmp_path, {"uri": str(table)}, marks, model=model, task={"kind": "segmentation"}
+    )
+    kill_at(spec, fsspec.filesystem("file"), f"{table}/_staging/k1", rows=int(0.7 * total))
+    for mark in marks.iterdir():
+        mark.unlink()
+    assert main(["run", str(spec)]) == EXIT_OK
+    manifest = committed_run(str(table), "k1")
+    resumed, processed = manifest["resumed_units"], manifest["processed_units"]
+    assert resumed >= int(0.7 * total) and resumed + processed == total
+    assert images_counted(marks) == processed <= total - int(0.7 * total) + 4
+    assert verify_run(str(table), "k1")[1] == []
+    rows = pq.read_table(table / "run_date=2026-11-24", columns=["item_id", "mask_uri"])
+    masks = [uri.removeprefix("file://") for uri in rows["mask_uri"].to_pylist()]
+    assert rows.num_rows == total and len(set(rows["item_id"].to_pylist())) == total
+    assert len(set(masks)) == total
+    for path in masks:
+        with Image.open(path) as mask:
+            assert mask.size == (40, 40)
 
 
 @pytest.mark.parametrize("store", ["local", "s3", "iceberg"])
