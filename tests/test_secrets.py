@@ -23,6 +23,7 @@ import torchvision
 import yaml
 
 from vision_ops.models import ModelError, load_state_dict_file
+from vision_ops.runindex import INDEX_FOLDER
 
 PACKAGE = Path(__file__).parents[1] / "vision_ops"
 CANARY_KEY_ID = "AKIACANARY7KEYID0000"
@@ -164,6 +165,7 @@ def test_canary_credentials_appear_nowhere(canary_server, photo_paths, tmp_path)
         assert any(output.rglob("*.parquet")) and any(output.rglob("*.json"))
         assert files_containing(output, needles) == []
         # Decoded: the part files are zstd-compressed, so a byte search alone can miss a leak.
+        assert len(list(output.rglob(f"{INDEX_FOLDER}/*.parquet"))) == 1  # searched too
         values = decoded_values(output)
         assert values["rows"] == 5 and values["manifests"] == 1
         assert any("missing.jpg" in v for v in values["strings"])  # the error rows are read
@@ -188,12 +190,14 @@ def strings_of(value: object) -> Iterator[str]:
 
 
 def decoded_values(output: Path) -> dict[str, Any]:
-    """Every value of every row of the table's Parquet files and of its manifests, decoded."""
+    """Every value of every row of the table's Parquet files (its part files, and its runs'
+    indexes), and of its manifests, decoded; the part files' rows counted."""
     strings: list[str] = []
     rows = 0
     for path in output.rglob("*.parquet"):
-        for row in pq.read_table(path).to_pylist():
-            rows += 1
+        table = pq.read_table(path)
+        rows += 0 if INDEX_FOLDER in path.parts else table.num_rows
+        for row in table.to_pylist():
             strings += strings_of(row)
     manifests = list(output.rglob("_manifests/*.json"))
     for path in manifests:
