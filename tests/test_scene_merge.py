@@ -164,7 +164,7 @@ def test_a_padded_tiles_mask_is_cut_at_the_scenes_edge() -> None:
     that go on from one column's bottom into the next column's top stay one run."""
     from pycocotools import mask as coco_mask
 
-    from vision_ops.detection import mask_in_scene
+    from vision_ops.scenes import mask_in_scene
 
     tile = np.ones((64, 64), np.uint8)
     moved = mask_in_scene(rle(tile), 40, 0, 50, 70)  # the scene: 50 rows, 70 columns

@@ -286,6 +286,19 @@ def test_a_16k_scene_is_read_tile_by_tile_in_bounded_memory(tmp_path) -> None:
     assert result["peak_mb"] < 300, result  # measured ~210 MB; the scene alone is 768 MB
 
 
+def test_the_read_and_planning_modules_import_no_torch() -> None:
+    """Read tasks and the scene planning stay light: torch alone takes ~450 MB a process (the
+    16k-scene probe above holds all of a read task in 300)."""
+    import subprocess
+    import sys
+
+    code = "import sys, vision_ops.reader, vision_ops.scenes; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
 def test_a_large_plain_image_tiles_the_same_way_in_pixel_coordinates(tmp_path) -> None:
     from PIL import Image
 

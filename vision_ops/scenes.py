@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.config import TilingSpec
-from vision_ops.detection import mask_in_scene
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.georef import (
     Transform,
@@ -471,6 +470,35 @@ def _scene_box(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:
         "x_max": entry["x_max"] + x,
         "y_max": entry["y_max"] + y,
     }
+
+
+def mask_in_scene(
+    rle: dict[str, Any], x: int, y: int, height: int, width: int
+) -> dict[str, object]:
+    """A tile's mask (COCO RLE in tile pixels) moved to its scene of `height` x `width`
+    pixels, the tile's top-left at (x, y); pixels past the scene's edge (a padded tile) are
+    cut off. Built from the tile's runs, column by column (COCO RLE is column-major), never a
+    scene-sized array."""
+    from pycocotools import mask as coco_mask
+
+    tile = coco_mask.decode({"size": list(rle["size"]), "counts": rle["counts"].encode()})
+    tile = tile[: max(0, height - y), : max(0, width - x)]
+    runs: list[list[int]] = []  # [start, end) of each run of 1s, column-major scene offsets
+    for col in np.flatnonzero(tile.any(axis=0)):
+        column = np.concatenate([[0], tile[:, col].astype(np.int8), [0]])
+        changes = np.flatnonzero(np.diff(column)).reshape(-1, 2)  # each run's start, end
+        for start, end in (x + int(col)) * height + y + changes:
+            if runs and runs[-1][1] == start:  # a run going on at the top of the next column
+                runs[-1][1] = int(end)
+            else:
+                runs.append([int(start), int(end)])
+    counts, at = [], 0
+    for start, end in runs:
+        counts += [start - at, end - start]
+        at = end
+    counts.append(height * width - at)
+    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [height, width], "counts": encoded["counts"].decode()}
 
 
 def _scene_instance(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
