@@ -39,11 +39,13 @@ def bright_squares() -> torch.nn.Module:
 
 class BrightSquaresOnNodes(BrightSquares):
     """BrightSquares that leaves one file per call in `marks` (a folder), named by the Ray
-    node the call ran on: a multi-node test tells which nodes detected."""
+    node the call ran on: a multi-node test tells which nodes detected. Calls wait (up to
+    `wait_s`) until a call has run on another node too, so that on a loaded machine one
+    actor cannot detect every tile before the other is up."""
 
-    def __init__(self, marks: str) -> None:
+    def __init__(self, marks: str, wait_s: float = 120.0) -> None:
         super().__init__()
-        self.marks = Path(marks)
+        self.marks, self.wait_s = Path(marks), wait_s
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         import os
@@ -53,7 +55,13 @@ class BrightSquaresOnNodes(BrightSquares):
 
         node = ray.get_runtime_context().get_node_id()
         (self.marks / f"{node}-{os.getpid()}-{time.monotonic_ns()}").write_text(str(len(images)))
+        deadline = time.monotonic() + self.wait_s
+        while not self._other_nodes(node) and time.monotonic() < deadline:
+            time.sleep(0.1)
         return super().forward(images)
+
+    def _other_nodes(self, node: str) -> set[str]:
+        return {mark.name.split("-")[0] for mark in self.marks.iterdir()} - {node}
 
 
 def bright_squares_on_nodes(marks: str) -> torch.nn.Module:
