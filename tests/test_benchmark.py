@@ -97,7 +97,9 @@ def test_probes_see_a_child_process_allocation() -> None:
         assert peaks.object_store_bytes is not None and peaks.object_store_bytes >= 0
     else:
         assert peaks.object_store_bytes is None
-    assert peaks.samples >= 10
+    # the child holds its memory for 1 s; a loaded machine (or an earlier test's Ray processes
+    # to walk) stretches a tick well past 0.05 s, so only repeated sampling is asserted
+    assert peaks.samples >= 3
 
 
 def test_probes_leave_out_excluded_processes() -> None:
