@@ -229,7 +229,7 @@ MISTAKES = {
     ),
     "unknown task kind": (
         with_value("task", {"kind": "captioning"}),
-        "task: expected kind: classification, detection, segmentation, ocr or embedding "
+        "task: expected kind: classification, detection, embedding, ocr or segmentation "
         "(found: {'kind': 'captioning'})",
     ),
     "weights_sha256 too short": (

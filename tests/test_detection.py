@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image, ImageOps
 
-from vision_ops.config import DetectionTask, JobSpec, parse_spec
+from vision_ops.config import JobSpec, parse_spec
 from vision_ops.detection import (
     as_rows,
     configure_detector,
@@ -33,6 +33,7 @@ from vision_ops.schema import (
     STATUS_ERROR,
     STATUS_OK,
 )
+from vision_ops.tasks import DetectionTask
 
 pytestmark = pytest.mark.timeout(900)
 CLASSES = 5

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import skimage.data
 
-from vision_ops.config import OcrTask, parse_spec
+from vision_ops.config import parse_spec
 from vision_ops.models import ModelError
 from vision_ops.ocr import (
     LINE_ENTRY,
@@ -28,6 +28,7 @@ from vision_ops.ocr import (
     packaged_model,
     reading_order,
 )
+from vision_ops.tasks import OcrTask
 
 PAGE_LINES = [
     "Region-basedsegmentation",

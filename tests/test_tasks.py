@@ -14,8 +14,8 @@ import math
 import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -25,7 +25,7 @@ from pydantic import TypeAdapter
 from toy_models import TOY_JOBS, TRUTHS, ToyJob, toy_images
 
 from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
-from vision_ops.config import UNION_TAGS, ModelSpec, TaskSpec
+from vision_ops.config import ModelSpec, SpecError, parse_spec
 from vision_ops.errors import UnknownTask
 from vision_ops.models import torchvision_architectures
 from vision_ops.predictors import Predictor
@@ -37,17 +37,52 @@ from vision_ops.trend import figure_columns, table_figures
 
 DATE = dt.date(2026, 11, 24)
 NAMES = TASKS.names()
+# The smallest `model:` section of each model kind (nothing is loaded: the spec is only parsed).
+MODEL_OF_KIND = {
+    "torchvision": {"kind": "torchvision", "architecture": "resnet18"},
+    "torchscript": {"kind": "torchscript", "uri": "model.pt"},
+    "entrypoint": {"kind": "entrypoint", "entrypoint": "package.module:build"},
+    "onnx": {"kind": "onnx", "uri": "model.onnx"},
+    "ppocr": {"kind": "ppocr"},
+}
 
 
-def test_config_union_holds_exactly_the_registered_tasks() -> None:
-    members = {
-        typing.get_args(member)[0] for member in typing.get_args(typing.get_args(TaskSpec)[0])
+def minimal_spec(task: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A job spec of `task`, with `model` (default: the task's default or example model)."""
+    record = get_task(str(task["kind"]))
+    chosen = model or dict(record.default_model or record.example_model)
+    return {
+        "input": {"uris": ["photos/"]},
+        "output": {"uri": "out/"},
+        "task": task,
+        "model": chosen,
     }
-    assert members == {TASKS.get(name).spec for name in NAMES}
-    for name in NAMES:
-        parsed = TypeAdapter(TaskSpec).validate_python({"kind": name})
-        assert type(parsed) is get_task(name).spec and parsed.kind == name
-        assert name in UNION_TAGS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_task_section_is_validated_by_its_record(name: str) -> None:
+    record = get_task(name)
+    spec = parse_spec(minimal_spec({"kind": name}))
+    section = spec.task
+    assert type(section) is record.spec and section.kind == name
+    # dumped whole (submission copies and fingerprints hold every setting) and read back alike
+    assert set(spec.model_dump(mode="json")["task"]) == set(record.spec.model_fields)
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+    assert record.spec.model_fields["kind"].default == name
+    # a setting of another task is refused, named with the section's path
+    stray = "top_k" if name != "classification" else "score_threshold"
+    with pytest.raises(SpecError, match=rf"task\.{stray}: Extra inputs are not permitted"):
+        parse_spec(minimal_spec({"kind": name, stray: 1}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_task_refuses_a_model_kind_it_does_not_run(name: str) -> None:
+    record = get_task(name)
+    assert set(record.model_kinds) <= set(MODEL_OF_KIND)
+    for other in sorted(set(MODEL_OF_KIND) - set(record.model_kinds)):
+        expected = rf"model\.kind: task {name} runs model\.kind .*; found {other}"
+        with pytest.raises(SpecError, match=expected):
+            parse_spec(minimal_spec({"kind": name}, model=MODEL_OF_KIND[other]))
 
 
 @pytest.mark.parametrize("name", NAMES)

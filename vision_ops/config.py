@@ -19,11 +19,13 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializeAsAny,
     Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 
@@ -475,116 +477,53 @@ ModelSpec = Annotated[
 ]
 
 
-class ClassificationTask(StrictModel):
-    kind: Literal["classification"] = "classification"
-    top_k: int = Field(default=5, gt=0, le=1000, description="Labels kept per image.")
+class TaskSettings(StrictModel):
+    """The spec's `task:` section. Each registered task (vision_ops.tasks) has its own
+    subclass, its record's `spec`; `JobSpec` validates the section against the one its `kind`
+    names (default: classification)."""
+
+    kind: str = Field(description="The registered task, e.g. classification or detection.")
 
 
-class DetectionTask(StrictModel):
-    kind: Literal["detection"] = "detection"
-    score_threshold: float = Field(
-        default=0.5, ge=0, le=1, description="Keep boxes scoring at least this."
-    )
-    max_detections: int = Field(
-        default=100, gt=0, description="Keep at most this many boxes per image, best first."
-    )
-    classes: list[str | int] | None = Field(
-        default=None, description="Allow-list of labels (names or ids); null keeps every class."
-    )
-    nms_iou: float | None = Field(
-        default=None, gt=0, le=1, description="NMS IoU threshold; null keeps the model's own."
-    )
-    seam_overlap: float = Field(
-        default=0.5,
-        gt=0,
-        le=1,
-        description="Tiled scenes: two boxes of one class from different tiles are one object "
-        "when their intersection covers this share of the smaller box (merged across seams).",
-    )
-    max_batch_pixels: int = Field(
-        default=16_000_000,
-        gt=0,
-        description="Pixel budget of one model call: a batch of large images is split to fit.",
-    )
+DEFAULT_TASK = "classification"
+# The model kinds a task that runs a network takes (a task record's default `model_kinds`).
+NETWORK_MODEL_KINDS = ("torchvision", "torchscript", "entrypoint", "onnx")
 
 
-class SegmentationTask(StrictModel):
-    kind: Literal["segmentation"] = "segmentation"
-    masks: bool = Field(
-        default=True,
-        description="Write each unit's class mask beside the table (PNG; GeoTIFF for the tiles "
-        "of a georeferenced scene), its URI in the row; else the class fractions only.",
-    )
+def task_settings(value: Any) -> TaskSettings:
+    """The spec's `task:` section validated against the settings model of the task its `kind`
+    names (vision_ops.tasks); a ValidationError located in the section where it does not fit."""
+    if isinstance(value, TaskSettings):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "task_section", "expected a mapping with a kind ({kinds})", {"kinds": _task_kinds()}
+        )
+    record = _task_record(value)
+    if record is None:
+        raise PydanticCustomError("task_kind", "expected kind: {kinds}", {"kinds": _task_kinds()})
+    return record.spec.model_validate(value)
 
 
-class OcrTask(StrictModel):
-    kind: Literal["ocr"] = "ocr"
-    det_threshold: float = Field(
-        default=0.3, gt=0, lt=1, description="Detector probability at which a pixel is text."
-    )
-    box_threshold: float = Field(
-        default=0.5, ge=0, le=1, description="Keep a text box whose mean probability is this."
-    )
-    unclip_ratio: float = Field(
-        default=1.6,
-        gt=0,
-        description="Grow each detected box by its area x this / its perimeter on every side.",
-    )
-    text_score: float = Field(
-        default=0.5, ge=0, le=1, description="Keep a line whose mean character score is this."
-    )
-    det_limit_side: int = Field(
-        default=736,
-        gt=0,
-        description="The detector sees an image's short side scaled up to at least this...",
-    )
-    det_max_side: int = Field(
-        default=2000, gt=0, description="... and its long side scaled down to at most this."
-    )
-    rec_batch_size: int = Field(
-        default=32,
-        gt=0,
-        description="Text-line crops per recogniser call (all the lines of a batch of images, "
-        "by width, each call padded to its widest).",
-    )
+def _task_record(section: Any) -> Any:
+    """The registry record (vision_ops.tasks.Task) of the task a `task:` section names, or None
+    where it names none that is registered."""
+    from vision_ops.tasks import TASKS  # the registry holds this module's TaskSettings models
+
+    kind = section.get("kind", DEFAULT_TASK) if isinstance(section, dict) else section.kind
+    return TASKS.get(kind) if isinstance(kind, str) and kind in TASKS else None
 
 
-class EmbeddingTask(StrictModel):
-    """Each unit's pooled features from a classifier without its head, L2-normalised
-    (vision_ops.embedding_predictor says how the head is removed per architecture family)."""
+def _task_kinds() -> str:
+    from vision_ops.tasks import TASKS
 
-    kind: Literal["embedding"] = "embedding"
+    *most, last = TASKS.names()
+    return f"{', '.join(most)} or {last}" if most else last
 
 
-TaskSpec = Annotated[
-    Annotated[ClassificationTask, Tag("classification")]
-    | Annotated[DetectionTask, Tag("detection")]
-    | Annotated[SegmentationTask, Tag("segmentation")]
-    | Annotated[OcrTask, Tag("ocr")]
-    | Annotated[EmbeddingTask, Tag("embedding")],
-    Discriminator(
-        _kind_or("classification"),
-        custom_error_type="task_kind",
-        custom_error_message="expected kind: classification, detection, segmentation, ocr or "
-        "embedding",
-    ),
-]
 # Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
-UNION_TAGS = frozenset(
-    {
-        "torchvision",
-        "torchscript",
-        "entrypoint",
-        "onnx",
-        "ppocr",
-        "classification",
-        "detection",
-        "segmentation",
-        "ocr",
-        "embedding",
-    }
-)
-UNION_FIELDS = frozenset({"model", "task"})
+UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "onnx", "ppocr"})
+UNION_FIELDS = frozenset({"model"})
 
 
 READ_BATCH_SIZE = 16  # files a read task fetches and decodes
@@ -891,7 +830,11 @@ class EvaluateSpec(StrictModel):
 
 class JobSpec(StrictModel):
     input: InputSpec
-    task: TaskSpec = Field(default_factory=ClassificationTask)
+    task: SerializeAsAny[TaskSettings] = Field(
+        default_factory=lambda: task_settings({}),
+        description="What to predict: `kind` names a registered task (default: classification); "
+        "the rest are that task's settings.",
+    )
     model: ModelSpec
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     output: OutputSpec
@@ -924,22 +867,29 @@ class JobSpec(StrictModel):
                 )
         return value
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _registered_task(cls, value: Any) -> TaskSettings:
+        return task_settings(value)
+
     @model_validator(mode="before")
     @classmethod
-    def _ocr_default_model(cls, value: Any) -> Any:
-        """An OCR job without a model reads with the packaged PP-OCR pair."""
-        task = value.get("task") if isinstance(value, dict) else None
-        if isinstance(task, dict) and task.get("kind") == "ocr" and value.get("model") is None:
-            return value | {"model": {"kind": "ppocr"}}
-        return value
+    def _task_default_model(cls, value: Any) -> Any:
+        """A job without a model runs its task's default model, where the task has one (OCR:
+        the packaged PP-OCR pair)."""
+        if not isinstance(value, dict) or value.get("model") is not None:
+            return value
+        record = _task_record(value.get("task") or {})
+        default = None if record is None else record.default_model
+        return value if default is None else value | {"model": dict(default)}
 
     @model_validator(mode="after")
-    def _ocr_reads_with_ppocr(self) -> JobSpec:
-        ocr_task, ocr_model = self.task.kind == "ocr", self.model.kind == "ppocr"
-        if ocr_task != ocr_model:
+    def _task_runs_the_model_kind(self) -> JobSpec:
+        kinds = _task_record(self.task).model_kinds
+        if self.model.kind not in kinds:
             raise ValueError(
-                f"task.kind ocr reads with model.kind ppocr (and only it): found task.kind "
-                f"{self.task.kind} with model.kind {self.model.kind}"
+                f"model.kind: task {self.task.kind} runs model.kind {' or '.join(kinds)}; "
+                f"found {self.model.kind}"
             )
         return self
 

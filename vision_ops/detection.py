@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vision_ops.config import DetectionTask
+from vision_ops.tasks import DetectionTask
 
 # Where torchvision detectors keep their post-processing settings: Faster R-CNN in roi_heads
 # (score_thresh, nms_thresh, detections_per_img), RetinaNet / FCOS / SSD on the model itself.

@@ -19,7 +19,6 @@ import torchvision
 
 from vision_ops.adapters import AdaptedDetector, OnnxModule, check_layout
 from vision_ops.config import (
-    DetectionTask,
     EntrypointModel,
     JobSpec,
     ModelSpec,
@@ -33,7 +32,7 @@ from vision_ops.config import (
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, read_bytes
-from vision_ops.tasks import get_task
+from vision_ops.tasks import DetectionTask, get_task
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 

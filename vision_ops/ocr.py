@@ -6,14 +6,16 @@ import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from vision_ops.config import OcrTask
 from vision_ops.schema import STATUS_OK, _table, _unit_columns, declared_schema, with_stage_times
+
+if TYPE_CHECKING:
+    from vision_ops.tasks import OcrTask  # the task registry imports this module
 
 OCR_PACKAGE = "rapidocr_onnxruntime"  # ships the default PP-OCRv4 pair (the ocr extra)
 # The PP-OCRv4 models (Apache-2.0) the `rapidocr_onnxruntime` package ships, by role.
@@ -408,12 +410,12 @@ class TextReader:
         detector: Any,
         recognizer: Any,
         chars: Sequence[str],
-        settings: OcrTask | None = None,
+        settings: OcrTask,
     ) -> None:
         self.detector = detector
         self.recognizer = recognizer
         self.chars = list(chars)
-        self.settings = settings or OcrTask()
+        self.settings = settings
         classes = recognizer.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and classes != len(self.chars):
             raise OcrError(

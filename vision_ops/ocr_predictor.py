@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from vision_ops.adapters import onnx_session
-from vision_ops.config import JobSpec, OcrTask, PpOcrModel
+from vision_ops.config import JobSpec, PpOcrModel
 from vision_ops.models import LoadedModel, ModelError, model_name, read_pinned
 from vision_ops.ocr import Line, OcrError, TextReader, characters, line_columns, packaged_model
 from vision_ops.predictors import Pixels, Predictor, pick_device
 from vision_ops.storage import StorageOptions
+from vision_ops.tasks import OcrTask
 
 
 class TextPredictor(Predictor):

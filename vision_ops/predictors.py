@@ -11,7 +11,7 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 
-from vision_ops.config import ClassificationTask, DetectionTask, JobSpec, Preprocessing
+from vision_ops.config import JobSpec, Preprocessing
 from vision_ops.decode import ENCODED_COLUMN
 from vision_ops.detection import (
     as_rows,
@@ -37,7 +37,7 @@ from vision_ops.schema import (
     TOP_K_SCORES,
     stage_times,
 )
-from vision_ops.tasks import get_task
+from vision_ops.tasks import ClassificationTask, DetectionTask, get_task
 
 ERROR_COLUMNS = ("status", "error_type", "error_message")
 TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)

@@ -4,14 +4,14 @@ Every fact about a task lives in its `Task` record here; the pipeline, `query`, 
 `verify` and `evaluate` ask this registry, and take the task of a committed run from its
 manifest (or its schema's metadata, `vision_ops.task`), never from column names.
 
-Adding a task (e.g. `ocr`):
+Adding a task (e.g. `ocr`) touches this module's record and the task's own code:
 
-1. its config model in config.py (a `StrictModel` with `kind: Literal["ocr"] = "ocr"`, every
-   field described), added to the `TaskSpec` union there (the union is the spec's grammar;
-   tests/test_tasks.py checks it names exactly the registered tasks);
+1. its record, in this module below the others: its settings model (a `TaskSettings` subclass
+   with `kind: Literal["ocr"] = "ocr"`, every field described; the spec's `task:` section is
+   validated against the model its `kind` names) and one `register(Task(...))` call naming it
+   and the code below;
 2. its predictor (a `vision_ops.predictors.Predictor` subclass, in its own module) and its row
    builder (a `schema.TableBuilder`: batch -> Arrow rows of the task's schema);
-3. one `register(Task(...))` call, in this module, below the others, naming them;
 
 tests/test_tasks.py, parametrized over `TASKS`, then checks the record and runs a job of the
 record's `example_model` through the pipeline, `query`, `report --html`, `verify` and
@@ -34,16 +34,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from vision_ops.config import (
-    BatchSizes,
-    ClassificationTask,
-    DetectionTask,
-    EmbeddingTask,
-    OcrTask,
-    SegmentationTask,
-    StrictModel,
-)
+from vision_ops.config import NETWORK_MODEL_KINDS, BatchSizes, TaskSettings
 from vision_ops.embedding import EMBEDDING_FIELDS, embedding_table, summary_parts
 from vision_ops.errors import UnknownTask
 from vision_ops.ocr import OCR_FIELDS, ocr_table
@@ -83,7 +76,11 @@ class Task:
     Running it:
       name: the registry key; the spec's `task.kind`, the rows' `task` column, the schema's
         `vision_ops.task` metadata and the manifest's `task`.
-      spec: its config model (config.py), a member of config's `TaskSpec` union.
+      spec: its settings model (a config.TaskSettings subclass, defined above its record): the
+        spec's `task:` section when `task.kind` names this task.
+      model_kinds: the `model.kind`s it runs (config.NETWORK_MODEL_KINDS: networks its predictor
+        runs; OCR: its PP-OCR pair only); any other is refused before any work.
+      default_model: the `model:` section a job that gives none runs; None: a job must name one.
       fields: its output columns, after the unit columns every task has (schema.UNIT_FIELDS).
       sized_fields: `"module:function"` (JobSpec -> fields) for a task whose columns depend on
         the job's model (embedding: the vector's length D), called by `check_job` (so a model
@@ -125,7 +122,7 @@ class Task:
     """
 
     name: str
-    spec: type[StrictModel]
+    spec: type[TaskSettings]
     fields: Sequence[pa.Field]
     rows: TableBuilder
     predictor: str
@@ -147,6 +144,8 @@ class Task:
     truth_formats: tuple[str, ...] = ()
     sized_fields: str | None = None
     masks: bool = False
+    model_kinds: tuple[str, ...] = NETWORK_MODEL_KINDS
+    default_model: Mapping[str, Any] | None = None
 
     def job_fields(self, spec: Any) -> Sequence[pa.Field]:
         """Its columns for a job (`spec`: a JobSpec): `fields`, or those sized for its model."""
@@ -266,6 +265,11 @@ def untrained(architecture: str, **fields: Any) -> dict[str, Any]:
 # --- the tasks -----------------------------------------------------------------------------------
 
 
+class ClassificationTask(TaskSettings):
+    kind: Literal["classification"] = "classification"
+    top_k: int = Field(default=5, gt=0, le=1000, description="Labels kept per image.")
+
+
 register(
     Task(
         name="classification",
@@ -298,6 +302,35 @@ BOXES_VIEW = """
            d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
     FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')
 """
+
+
+class DetectionTask(TaskSettings):
+    kind: Literal["detection"] = "detection"
+    score_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="Keep boxes scoring at least this."
+    )
+    max_detections: int = Field(
+        default=100, gt=0, description="Keep at most this many boxes per image, best first."
+    )
+    classes: list[str | int] | None = Field(
+        default=None, description="Allow-list of labels (names or ids); null keeps every class."
+    )
+    nms_iou: float | None = Field(
+        default=None, gt=0, le=1, description="NMS IoU threshold; null keeps the model's own."
+    )
+    seam_overlap: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Tiled scenes: two boxes of one class from different tiles are one object "
+        "when their intersection covers this share of the smaller box (merged across seams).",
+    )
+    max_batch_pixels: int = Field(
+        default=16_000_000,
+        gt=0,
+        description="Pixel budget of one model call: a batch of large images is split to fit.",
+    )
+
 
 register(
     Task(
@@ -333,6 +366,16 @@ PIXELS_VIEW = """
            mask_uri, c.label_id, c.label, c.fraction
     FROM (SELECT *, unnest(class_fractions) AS c FROM predictions WHERE status = 'ok')
 """
+
+
+class SegmentationTask(TaskSettings):
+    kind: Literal["segmentation"] = "segmentation"
+    masks: bool = Field(
+        default=True,
+        description="Write each unit's class mask beside the table (PNG; GeoTIFF for the tiles "
+        "of a georeferenced scene), its URI in the row; else the class fractions only.",
+    )
+
 
 register(
     Task(
@@ -385,6 +428,38 @@ def _ocr_summary(table: pa.Table) -> Summary:
     return Summary(pairs, np.asarray(scores, dtype=np.float64))
 
 
+class OcrTask(TaskSettings):
+    kind: Literal["ocr"] = "ocr"
+    det_threshold: float = Field(
+        default=0.3, gt=0, lt=1, description="Detector probability at which a pixel is text."
+    )
+    box_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="Keep a text box whose mean probability is this."
+    )
+    unclip_ratio: float = Field(
+        default=1.6,
+        gt=0,
+        description="Grow each detected box by its area x this / its perimeter on every side.",
+    )
+    text_score: float = Field(
+        default=0.5, ge=0, le=1, description="Keep a line whose mean character score is this."
+    )
+    det_limit_side: int = Field(
+        default=736,
+        gt=0,
+        description="The detector sees an image's short side scaled up to at least this...",
+    )
+    det_max_side: int = Field(
+        default=2000, gt=0, description="... and its long side scaled down to at most this."
+    )
+    rec_batch_size: int = Field(
+        default=32,
+        gt=0,
+        description="Text-line crops per recogniser call (all the lines of a batch of images, "
+        "by width, each call padded to its widest).",
+    )
+
+
 register(
     Task(
         name="ocr",
@@ -406,6 +481,8 @@ register(
         summary=_ocr_summary,
         summary_columns=("lines",),
         example_model={"kind": "ppocr"},
+        model_kinds=("ppocr",),
+        default_model={"kind": "ppocr"},
     )
 )
 
@@ -413,6 +490,13 @@ register(
 def _embedding_summary(table: pa.Table) -> Summary:
     per_model, nearest = summary_parts(table)
     return Summary(per_model, nearest)
+
+
+class EmbeddingTask(TaskSettings):
+    """Each unit's pooled features from a classifier without its head, L2-normalised
+    (vision_ops.embedding_predictor says how the head is removed per architecture family)."""
+
+    kind: Literal["embedding"] = "embedding"
 
 
 register(

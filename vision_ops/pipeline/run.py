@@ -14,7 +14,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from vision_ops.config import DetectionTask, JobSpec, RuntimeSpec
+from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.detection import instance_output
 from vision_ops.drift import Drift, drift_at_commit, manifest_entry
 from vision_ops.errors import VisionOpsError
@@ -34,7 +34,7 @@ from vision_ops.sink import CommitResult
 from vision_ops.sources import plan_inputs
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits
-from vision_ops.tasks import get_task
+from vision_ops.tasks import DetectionTask, get_task
 
 log = logging.getLogger(__name__)
 MB = 1024**2
