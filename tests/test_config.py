@@ -232,6 +232,15 @@ MISTAKES = {
         "task: expected kind: classification, detection, embedding, ocr or segmentation "
         "(found: {'kind': 'captioning'})",
     ),
+    "task not a mapping": (
+        with_value("task", "ocr"),
+        "task: expected a mapping with a kind (classification, detection, embedding, ocr or "
+        "segmentation) (found: 'ocr')",
+    ),
+    "a setting of another task": (
+        with_value("task", {"kind": "detection", "top_k": 3}),
+        "task.top_k: Extra inputs are not permitted (found: 3)",
+    ),
     "weights_sha256 too short": (
         with_value("model.weights_sha256", "abc123"),
         "model.weights_sha256: String should match pattern '^[0-9a-f]{64}$' (found: 'abc123')",

@@ -510,7 +510,10 @@ def _task_record(section: Any) -> Any:
     where it names none that is registered."""
     from vision_ops.tasks import TASKS  # the registry holds this module's TaskSettings models
 
-    kind = section.get("kind", DEFAULT_TASK) if isinstance(section, dict) else section.kind
+    if isinstance(section, TaskSettings):
+        kind: Any = section.kind
+    else:
+        kind = section.get("kind", DEFAULT_TASK) if isinstance(section, dict) else None
     return TASKS.get(kind) if isinstance(kind, str) and kind in TASKS else None
 
 
