@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from toy_models import BrightSquares
 
 
 class CrashOnce(torch.nn.Module):
@@ -108,3 +109,23 @@ class CountSegments(CountImages):
 
 def count_segments(marks: str, seconds: float = 0.2) -> torch.nn.Module:
     return CountSegments(marks, 3, seconds)
+
+
+class CountSquares(BrightSquares):
+    """BrightSquares, slowly, leaving one file per call in `marks` that holds the number of
+    its images with any contrast (the warm-up probe's flat image is not counted)."""
+
+    def __init__(self, marks: str, seconds: float) -> None:
+        super().__init__()
+        self.marks, self.seconds = Path(marks), seconds
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        counted = sum(1 for image in images if image.std() > 0)
+        if counted:
+            (self.marks / f"{os.getpid()}-{time.monotonic_ns()}").write_text(str(counted))
+            time.sleep(self.seconds)
+        return super().forward(images)
+
+
+def count_squares(marks: str, seconds: float = 0.2) -> torch.nn.Module:
+    return CountSquares(marks, seconds)

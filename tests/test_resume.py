@@ -673,3 +673,78 @@ def test_a_scene_is_resumed_only_with_every_tile(ray_local, tmp_path: Path) -> N
     assert planned["source_uri"].to_pylist() == ["file:///b.tif"] * 4
     assert sorted(planned["tile_x"].to_pylist()) == [0, 64, 128, 192]
     assert left_plan is not None and left_plan.count == 4
+
+
+def squares_scenes(folder: Path, count: int) -> dict[str, Any]:
+    """`count` GeoTIFF scenes of 320 x 128 pixels (3 tiles of 128 with 32 overlap), each with
+    the three SQUARES of test_scenes (shifted down a row per scene) on a dim gradient (every
+    tile has contrast, nothing in it is bright); the spec's input section."""
+    import rasterio
+    from test_scenes import SQUARES, TRANSFORM
+
+    folder.mkdir()
+    for index in range(count):
+        pixels = np.broadcast_to(30 + np.arange(320) % 40, (1, 128, 320)).astype(np.uint8)
+        for x_min, y_min, x_max, y_max in SQUARES.values():
+            pixels[0, y_min + index : y_max + index, x_min:x_max] = 255
+        profile = {
+            "driver": "GTiff", "width": 320, "height": 128, "count": 1, "dtype": "uint8",
+            "crs": "EPSG:32632", "transform": TRANSFORM,
+        }  # fmt: skip
+        with rasterio.open(folder / f"scene{index:02d}.tif", "w", **profile) as out:
+            out.write(pixels)
+    tiling = {"size": 128, "overlap": 32, "bands": [1], "value_range": [0, 255]}
+    return {"uris": [str(folder)], "tiling": tiling}
+
+
+def test_a_tiled_detection_job_killed_at_70_percent_resumes_with_its_merged_scenes(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """10 scenes of 3 tiles: each scene's rows leave the merge, and become durable, while
+    inference goes on, so the kill at 70 % comes before every tile was detected; the rerun
+    sends only the scenes that were not durable to the model, and the table holds each
+    scene's three squares once, as a run that was never killed does."""
+    scenes, per_scene = 10, 3
+    total = scenes * per_scene
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    extra = {
+        "input": squares_scenes(tmp_path / "scenes", scenes),
+        "task": {"kind": "detection", "score_threshold": 0.1},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "crashing:count_squares",
+            "kwargs": {"marks": str(marks), "seconds": 0.3},
+        },
+    }
+    table = tmp_path / "table"
+    spec = counting_spec(tmp_path, {"uri": str(table)}, marks, **extra)
+    config = yaml.safe_load(spec.read_text())
+    config["runtime"] |= {"batch_size": 1, "read_batch_size": 1, "durable_every_rows": 3}
+    spec.write_text(yaml.safe_dump(config))
+    kill_at(spec, fsspec.filesystem("file"), f"{table}/_staging/k1", rows=int(0.7 * total))
+    assert images_counted(marks) < total, "every tile was detected before a row was durable"
+    for mark in marks.iterdir():
+        mark.unlink()
+    assert main(["run", str(spec)]) == EXIT_OK
+    manifest = committed_run(str(table), "k1")
+    resumed, processed = manifest["resumed_units"], manifest["processed_units"]
+    assert resumed >= int(0.7 * total) and resumed % per_scene == 0  # whole scenes
+    assert resumed + processed == total
+    assert images_counted(marks) == processed <= total - int(0.7 * total) + per_scene
+    assert verify_run(str(table), "k1")[1] == []
+    rows = pq.read_table(table / "run_date=2026-11-24")
+    assert rows.num_rows == total and len(set(rows["item_id"].to_pylist())) == total
+    per_source = Counter(uri for uri in rows["source_uri"].to_pylist())
+    boxes = Counter()
+    for row in rows.select(["source_uri", "num_detections"]).to_pylist():
+        boxes[row["source_uri"]] += row["num_detections"]
+    assert set(per_source.values()) == {per_scene} and set(boxes.values()) == {3}
+    clean = counting_spec(tmp_path, {"uri": str(tmp_path / "clean")}, marks, **extra)
+    assert main(["run", str(clean)]) == EXIT_OK
+    clean_rows = pq.read_table(tmp_path / "clean" / "run_date=2026-11-24")
+    keep = ["item_id", "num_detections", "detections"]
+    assert (
+        rows.select(keep).sort_by("item_id").to_pylist()
+        == clean_rows.select(keep).sort_by("item_id").to_pylist()
+    )

@@ -1,5 +1,6 @@
 """The per-scene merge in Ray: a scene's tiles read in blocks of one tile each, detected on two
-raylets, merged by a groupby on the scene (seams as on one machine); the driver gets merged rows."""
+raylets, merged by the merge actor as each scene's last tile comes in (seams as on one machine);
+the driver gets merged rows."""
 
 from __future__ import annotations
 
@@ -172,3 +173,40 @@ def test_a_padded_tiles_mask_is_cut_at_the_scenes_edge() -> None:
     expected = np.zeros((50, 70), np.uint8)
     expected[:, 40:] = 1
     assert moved["size"] == [50, 70] and np.array_equal(scene, expected)
+
+
+def test_a_scene_leaves_the_stream_merged_as_soon_as_its_last_tile_is_in() -> None:
+    """Scene a (2 tiles) and scene b (2 tiles) interleaved over three calls, a tile of a sent
+    twice: a leaves merged with the call that brings its last tile, b with the next, each
+    exactly as merge_scene merges the scene's rows at once; an unreadable scene (its one error
+    row) leaves at once; nothing is held after."""
+    from vision_ops.pipeline.planning import SceneMerge
+    from vision_ops.scenes import merge_scene
+    from vision_ops.schema import output_schema
+
+    schema = output_schema("detection", tiles=True)
+    cut, whole = entry(110, 30, 128, 60, 0.5), entry(110 - 72, 30, 150 - 72, 60, 0.9)
+
+    def tile(scene: str, x: int, entries: list[dict]) -> dict:
+        return tile_row(x, entries) | {"source_uri": scene, "item_id": f"{scene}#{x}"}
+
+    a0, a72 = tile("file:///a.tif", 0, [cut]), tile("file:///a.tif", 72, [whole])
+    b0, b72 = tile("file:///b.tif", 0, []), tile("file:///b.tif", 72, [whole])
+    broken = {"source_uri": "file:///c.tif", "item_id": "c", "status": "error"}
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    transforms = {"file:///a.tif": identity, "file:///b.tif": identity}
+    tiles = {"file:///a.tif": 2, "file:///b.tif": 2, "file:///c.tif": 1}
+    stream = SceneMerge(tiles, transforms, seam_overlap=0.5, crs_wkt=None)
+
+    def call(*rows: dict) -> list[dict]:
+        return stream(pa.Table.from_pylist(list(rows), schema=schema)).to_pylist()
+
+    def merged(*rows: dict) -> list[dict]:
+        table = pa.Table.from_pylist(list(rows), schema=schema)
+        return merge_scene(table, 0.5, None, transforms).to_pylist()
+
+    assert call(a0, b0) == []
+    assert call(a0, a72, broken) == merged(a0, a72) + merged(broken)
+    assert call(b72) == merged(b0, b72)
+    assert [e["x_min"] for row in merged(a0, a72) for e in row["detections"]] == [110]
+    assert stream.waiting == {} and stream.units_in == {}

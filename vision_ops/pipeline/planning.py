@@ -14,8 +14,11 @@ driver:
 The tiles themselves are cut lazily from the scene rows (`cut_tiles`, a map over the scene
 blocks) and stream into the read stage; the commit's expected units are the summary's tally,
 and a mismatch's buckets are re-cut in tasks. Detection merges each scene's tile rows in Ray
-too: a groupby on the source URI, one `merge_scene` call per scene, so the driver receives
-merged rows only.
+too, as a stream: one merge actor (`SceneMerge`) holds a scene's rows until its last tile is
+in, then merges them (`merge_scene`), so the driver receives merged rows only, scene by scene
+as inference goes. A shuffle (a groupby on the scene) would hold every row until inference
+ends: merged rows become durable as the run goes, so a killed run resumes with the scenes it
+finished.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import ray
+from ray.data import ActorPoolStrategy
 
 from vision_ops.config import TilingSpec
 from vision_ops.georef import Transform
@@ -44,8 +49,6 @@ from vision_ops.storage import StorageOptions
 from vision_ops.tally import Listed, Tally, rows_in_buckets
 
 SCENES_PER_TASK = 64  # scene headers a planning task reads (on its own threads)
-SCENES_PER_PARTITION = 16  # scenes a merge partition takes, on average (hashed by URI) ...
-MAX_PARTITIONS = 200  # ... up to this many partitions (Ray Data's default for a shuffle)
 
 
 @dataclass(frozen=True)
@@ -124,18 +127,63 @@ class ScenePlan:
         return {uri: t for table in _tables(columns) for uri, t in scene_transforms(table).items()}
 
     def merged(self, rows: ray.data.Dataset, seam_overlap: float) -> ray.data.Dataset:
-        """Detection rows merged per scene where they are: grouped by source URI (hash
-        partitions of about SCENES_PER_PARTITION scenes), one `merge_scene` per scene, seams
-        merged as on one machine."""
-        merge = functools.partial(
-            merge_scene,
-            seam_overlap=seam_overlap,
-            crs_wkt=self.crs.to_wkt() if self.crs is not None else None,
-            transforms=self.transforms(),
+        """Detection rows merged per scene (SceneMerge), seams merged as on one machine."""
+        return rows.map_batches(
+            SceneMerge,
+            fn_constructor_kwargs={
+                "tiles": self.tile_counts(),
+                "transforms": self.transforms(),
+                "seam_overlap": seam_overlap,
+                "crs_wkt": self.crs.to_wkt() if self.crs is not None else None,
+            },
+            compute=ActorPoolStrategy(size=1),
+            # sorting a few rows a call: no core is held from the read tasks and the predictors
+            num_cpus=0,
+            batch_format="pyarrow",
+            batch_size=None,
         )
-        partitions = min(MAX_PARTITIONS, -(-self.summary.scenes // SCENES_PER_PARTITION))
-        grouped = rows.groupby("source_uri", num_partitions=max(1, partitions))
-        return grouped.map_groups(merge, batch_format="pyarrow")
+
+
+class SceneMerge:
+    """The per-scene merge as a keyed stream, in one actor that every tile row of the run passes
+    through: a scene's rows wait until all its tiles are in (`tiles`: each scene's units, as
+    planned; a unit counted once however often it comes), then leave merged (`merge_scene`).
+    It holds the rows of the scenes in flight only, not of the run."""
+
+    def __init__(
+        self,
+        tiles: dict[str, int],
+        transforms: dict[str, Transform],
+        seam_overlap: float,
+        crs_wkt: str | None,
+    ) -> None:
+        self.tiles = tiles
+        self.merge = functools.partial(
+            merge_scene, seam_overlap=seam_overlap, crs_wkt=crs_wkt, transforms=transforms
+        )
+        self.waiting: dict[str, list[pa.Table]] = {}
+        self.units_in: dict[str, set[str]] = {}
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        finished = [self.merge(scene) for scene in self._finished_scenes(rows)]
+        return pa.concat_tables(finished) if finished else rows.slice(0, 0)
+
+    def _finished_scenes(self, rows: pa.Table) -> list[pa.Table]:
+        """Each scene whose last tile `rows` brings: all its rows, no longer held here."""
+        positions: dict[str, list[int]] = {}
+        uris, unit_ids = rows["source_uri"].to_pylist(), rows["item_id"].to_pylist()
+        for position, (uri, unit) in enumerate(zip(uris, unit_ids, strict=True)):
+            units = self.units_in.setdefault(uri, set())
+            if unit not in units:  # a unit that comes again (a retried task) is kept once
+                units.add(unit)
+                positions.setdefault(uri, []).append(position)
+        finished = []
+        for uri, taken in positions.items():
+            self.waiting.setdefault(uri, []).append(rows.take(taken))
+            if len(self.units_in[uri]) >= self.tiles.get(uri, 1):
+                del self.units_in[uri]
+                finished.append(pa.concat_tables(self.waiting.pop(uri)))
+        return finished
 
 
 def plan_scenes(listing: Listing, tiling: TilingSpec, options: StorageOptions) -> ScenePlan:
