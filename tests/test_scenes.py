@@ -18,12 +18,12 @@ import torch
 import torchvision
 from rasterio.transform import from_origin
 from rasterio.warp import transform as reproject
+from scene_plans import plan_tiles
 
 from vision_ops.cli import main
 from vision_ops.config import parse_spec
 from vision_ops.pipeline import run_job
 from vision_ops.query import load_spatial
-from vision_ops.scenes import plan_tiles
 from vision_ops.sources import list_inputs
 from vision_ops.tiling import tile_windows
 
@@ -237,7 +237,7 @@ from pathlib import Path
 import numpy as np
 from vision_ops.config import Preprocessing, TilingSpec
 from vision_ops.reader import read_units
-from vision_ops.scenes import plan_tiles
+from scene_plans import plan_tiles
 from vision_ops.sources import list_inputs
 from vision_ops.config import InputSpec
 tiling = TilingSpec(size=512, value_range=(0, 255))

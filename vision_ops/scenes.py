@@ -46,33 +46,10 @@ class SceneError(VisionOpsError, ValueError):
     exit_code = EXIT_BAD_SPEC
 
 
-@dataclass(frozen=True)
-class TilePlan:
-    """A plan held whole in one table (small listings, tests); a run plans in Ray tasks
-    (vision_ops.pipeline.planning) with the same block functions."""
-
-    units: pa.Table  # the listing's columns plus PLAN_FIELDS, one row per tile
-    crs: Any  # the scenes' common rasterio CRS, or None for plain images
-    bounds: tuple[float, float, float, float] | None  # all scenes, in that CRS
-
-    def parquet_metadata(self) -> dict[bytes, bytes]:
-        """GeoParquet metadata for the table's `footprint` column."""
-        return parquet_metadata(self.crs, self.bounds)
-
-
 def parquet_metadata(crs: Any, bounds: tuple[float, float, float, float] | None) -> dict:
     """GeoParquet metadata for a tiled table's `footprint` column."""
     projjson = crs.to_dict(projjson=True) if crs is not None else None
     return geo_metadata("footprint", projjson, bounds)
-
-
-def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -> TilePlan:
-    """One unit per tile of each listed scene; a scene whose header cannot be read stays one
-    unit carrying the reason (its error row). The whole plan in one table, here."""
-    scenes = scene_rows(listing, tiling, options)
-    summary = SceneSummary()
-    summary.add(summarise_scenes(scenes))
-    return TilePlan(cut_tiles(scenes, tiling), summary.common_crs(), summary.scene_bounds())
 
 
 # Columns the header pass adds to each listing row: one row per scene.
