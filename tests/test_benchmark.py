@@ -92,6 +92,9 @@ def test_probes_see_a_child_process_allocation() -> None:
     assert child.stdout.strip() == "ready"
     assert peaks.processes >= 2
     assert peaks.rss_bytes >= before.rss_bytes + size
+    # the peak's sample by process role: this process and the child, which held the 200 MB
+    assert sum(peaks.pss_by_role.values()) == peaks.pss_bytes
+    assert max(v for role, v in peaks.pss_by_role.items() if role != "driver") >= size
     assert peaks.pss_bytes >= size  # PSS is sampled every 5th tick: 0.25 s here
     if ray.is_initialized():  # an earlier test's cluster: its store is read, not this child's
         assert peaks.object_store_bytes is not None and peaks.object_store_bytes >= 0
@@ -381,6 +384,10 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     for key in ("c", "d", "c-scale", "d-scale"):  # Ray's object store held the batches
         assert found[key]["peaks"]["object_store_bytes"] > 0
         assert found[key]["peaks"]["processes"] >= 5  # GCS, raylet, workers
+        roles = found[key]["peaks"]["pss_by_role"]  # where the peak PSS was
+        assert sum(roles.values()) == found[key]["peaks"]["pss_bytes"], key
+        assert {"driver", "ray gcs_server", "ray raylet"} <= set(roles), roles
+        assert any(role.startswith("ray worker MapWorker") for role in roles), roles
     for key in ("a", "b", "e", "f", "e-scale", "f-scale"):
         assert found[key]["peaks"]["object_store_bytes"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers

@@ -26,14 +26,8 @@ from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
 from vision_ops.pipeline import run_job
-from vision_ops.pipeline.incremental import (
-    KEY_SEPARATOR,
-    done_versions,
-    not_done,
-    source_key,
-    source_keys,
-)
-from vision_ops.runindex import index_of
+from vision_ops.pipeline.incremental import done_versions, not_done
+from vision_ops.runindex import KEY_SEPARATOR, index_of, source_key, source_keys
 from vision_ops.schema import PREDICTION_SCHEMA, item_id
 from vision_ops.sink import ParquetSink, committed_runs
 from vision_ops.written import CommitRefused, check_exactly_once, expected_units

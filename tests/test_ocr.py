@@ -265,7 +265,8 @@ def test_an_ocr_spec_defaults_to_the_packaged_pair_and_refuses_others(tmp_path) 
     base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
     spec = parse_spec(base | {"task": {"kind": "ocr"}})
     assert spec.model.kind == "ppocr" and Path(packaged_model("detector")).exists()
-    with pytest.raises(ValueError, match=r"task\.kind ocr reads with model\.kind ppocr"):
+    refused = r"model\.kind: task ocr runs model\.kind ppocr; found torchvision"
+    with pytest.raises(ValueError, match=refused):
         parse_spec(base | {"task": {"kind": "ocr"}, "model": {"architecture": "resnet50"}})
     with pytest.raises(ValueError, match="expected decode: tasks"):
         parse_spec(base | {"task": {"kind": "ocr"}, "runtime": {"decode": "device"}})

@@ -32,6 +32,8 @@ class Peaks:
     object_store_bytes: int | None = None  # None: no Ray cluster was up while sampling
     processes: int = 0
     samples: int = 0
+    # The sample of the peak PSS, by process role (process_role): where the memory was.
+    pss_by_role: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class TreeMemory:
     rss_bytes: int
     pss_bytes: int | None
     processes: int
+    pss_by_role: dict[str, int] = field(default_factory=dict)
 
 
 def process_tree(root: psutil.Process, exclude: frozenset[int]) -> list[psutil.Process]:
@@ -57,16 +60,45 @@ def process_tree(root: psutil.Process, exclude: frozenset[int]) -> list[psutil.P
 def tree_memory(
     root: psutil.Process, exclude: frozenset[int] = frozenset(), with_pss: bool = True
 ) -> TreeMemory:
-    """RSS (and PSS, which shares shared pages out among the processes mapping them) summed."""
-    rss, pss, count = 0, 0, 0
+    """RSS (and PSS, which shares shared pages out among the processes mapping them, summed
+    by process role too) summed."""
+    rss, count = 0, 0
+    by_role: dict[str, int] = {}
     for process in process_tree(root, exclude):
         try:
             rss += process.memory_info().rss
-            pss += proportional_set_size(process.pid) if with_pss else 0
+            if with_pss:
+                role = "driver" if process.pid == root.pid else process_role(process)
+                by_role[role] = by_role.get(role, 0) + proportional_set_size(process.pid)
         except (psutil.Error, OSError):
             continue  # a worker that exited between the listing and the read
         count += 1
-    return TreeMemory(rss, pss if with_pss else None, count)
+    pss = sum(by_role.values()) if with_pss else None
+    return TreeMemory(rss, pss, count, by_role)
+
+
+# Ray's own processes, by a word of their command line.
+RAY_PROCESSES = {
+    "gcs_server": "ray gcs_server",
+    "raylet": "ray raylet",
+    "dashboard": "ray dashboard and agents",
+    "agent": "ray dashboard and agents",
+    "monitor": "ray monitors",
+}
+
+
+def process_role(process: psutil.Process) -> str:
+    """What a process of the tree is: a Ray worker by its title (`ray::IDLE`, an actor's class,
+    a task's stages), one of Ray's own processes, or another program by its name."""
+    command = " ".join(process.cmdline())
+    if command.startswith("ray::"):
+        title = command.split()[0].removeprefix("ray::")
+        return "ray worker " + (title if len(title) <= 48 else title[:45] + "...")
+    program = " ".join(part for part in command.split() if not part.startswith("-"))
+    for word, role in RAY_PROCESSES.items():
+        if word in program:
+            return role
+    return process.name()
 
 
 def proportional_set_size(pid: int) -> int:
@@ -154,7 +186,8 @@ class PeakSampler:
         memory = tree_memory(psutil.Process(os.getpid()), self.exclude, with_pss)
         peaks = self.peaks
         peaks.rss_bytes = max(peaks.rss_bytes, memory.rss_bytes)
-        peaks.pss_bytes = max(peaks.pss_bytes, memory.pss_bytes or 0)
+        if (memory.pss_bytes or 0) > peaks.pss_bytes:
+            peaks.pss_bytes, peaks.pss_by_role = memory.pss_bytes or 0, memory.pss_by_role
         peaks.processes = max(peaks.processes, memory.processes)
         peaks.samples += 1
         used = gauge.used_bytes() if gauge is not None else None

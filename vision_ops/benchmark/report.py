@@ -209,8 +209,20 @@ def format_table(report: BenchReport) -> str:
         "steady img/s: rows after the first output batch / time from it to the last row; for "
         "the pipeline, between every actor's first output block and its last.",
     ]
-    lines += _ratio_lines(report) + _scaling_lines(report) + _check_lines(report)
+    lines += _ratio_lines(report) + _memory_lines(report)
+    lines += _scaling_lines(report) + _check_lines(report)
     return "\n".join(lines)
+
+
+def _memory_lines(report: BenchReport) -> list[str]:
+    """Where each approach's peak PSS was: MB by process role, largest first."""
+    lines = ["", "peak PSS by process role (MB; the sample of the peak):"]
+    for m in report.measurements:
+        roles = sorted(m.peaks.pss_by_role.items(), key=lambda item: -item[1])
+        if len(roles) > 1:
+            parts = [f"{role} {_mb(size)}" for role, size in roles]
+            lines.append(f"  {m.key:<8}" + " | ".join(parts))
+    return lines if len(lines) > 2 else []
 
 
 def _ratio_lines(report: BenchReport) -> list[str]:

@@ -23,28 +23,15 @@ from vision_ops.outputs import Target, committed_runs, read_index, read_run
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
 from vision_ops.runindex import (
     INDEX_SCHEMA,
-    KEY_SEPARATOR,
     ROW_COLUMNS,
     index_of,
     retry_flags,
-    source_key,
     source_keys,
 )
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 _OUTCOMES = pa.schema([INDEX_SCHEMA.field("source_key"), pa.field("outcome", pa.int64())])
-__all__ = [  # the source keys are runindex's; tests and benchmarks import them from here too
-    "KEY_SEPARATOR",
-    "committed_index",
-    "done_sources",
-    "done_versions",
-    "model_fingerprint",
-    "skip_committed",
-    "source_key",
-    "source_keys",
-    "without_done",
-]
 
 
 def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
