@@ -388,6 +388,7 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert sum(roles.values()) == found[key]["peaks"]["pss_bytes"], key
         assert {"driver", "ray gcs_server", "ray raylet"} <= set(roles), roles
         assert any(role.startswith("ray worker MapWorker") for role in roles), roles
+        assert not any(")." in role for role in roles), roles  # an actor, not its method
     for key in ("a", "b", "e", "f", "e-scale", "f-scale"):
         assert found[key]["peaks"]["object_store_bytes"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers

@@ -679,20 +679,11 @@ def squares_scenes(folder: Path, count: int) -> dict[str, Any]:
     """`count` GeoTIFF scenes of 320 x 128 pixels (3 tiles of 128 with 32 overlap), each with
     the three SQUARES of test_scenes (shifted down a row per scene) on a dim gradient (every
     tile has contrast, nothing in it is bright); the spec's input section."""
-    import rasterio
-    from test_scenes import SQUARES, TRANSFORM
+    from test_scene_merge import squares_scene
 
     folder.mkdir()
     for index in range(count):
-        pixels = np.broadcast_to(30 + np.arange(320) % 40, (1, 128, 320)).astype(np.uint8)
-        for x_min, y_min, x_max, y_max in SQUARES.values():
-            pixels[0, y_min + index : y_max + index, x_min:x_max] = 255
-        profile = {
-            "driver": "GTiff", "width": 320, "height": 128, "count": 1, "dtype": "uint8",
-            "crs": "EPSG:32632", "transform": TRANSFORM,
-        }  # fmt: skip
-        with rasterio.open(folder / f"scene{index:02d}.tif", "w", **profile) as out:
-            out.write(pixels)
+        squares_scene(folder / f"scene{index:02d}.tif", index, background=30 + np.arange(320) % 40)
     tiling = {"size": 128, "overlap": 32, "bands": [1], "value_range": [0, 255]}
     return {"uris": [str(folder)], "tiling": tiling}
 

@@ -40,9 +40,10 @@ cluster.shutdown()
 """
 
 
-def squares_scene(path: Path, shift: int) -> None:
-    """320 x 128 pixels, SQUARES moved down by `shift` rows (each scene its own pixels)."""
-    pixels = np.zeros((1, 128, 320), dtype=np.uint8)
+def squares_scene(path: Path, shift: int, background: np.ndarray | int = 0) -> None:
+    """320 x 128 pixels, SQUARES moved down by `shift` rows (each scene its own pixels), on
+    `background` (one value, or a row of 320 repeated down the scene)."""
+    pixels = np.broadcast_to(np.asarray(background), (1, 128, 320)).astype(np.uint8)
     for x_min, y_min, x_max, y_max in SQUARES.values():
         pixels[0, y_min + shift : y_max + shift, x_min:x_max] = 255
     profile = {

@@ -93,6 +93,8 @@ def process_role(process: psutil.Process) -> str:
     command = " ".join(process.cmdline())
     if command.startswith("ray::"):
         title = command.split()[0].removeprefix("ray::")
+        if ")." in title:  # an actor running a method (`Class(...).submit`): the actor's role
+            title = title.rsplit(").", 1)[0] + ")"
         return "ray worker " + (title if len(title) <= 48 else title[:45] + "...")
     program = " ".join(part for part in command.split() if not part.startswith("-"))
     for word, role in RAY_PROCESSES.items():
