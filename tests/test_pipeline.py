@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,6 +21,7 @@ from vision_ops.pipeline import run_job
 from vision_ops.pipeline.run import compiled_if_it_pays
 from vision_ops.pool import ClusterTooSmall
 from vision_ops.query import connect, read_sql
+from vision_ops.runstats import RunStats
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
 from vision_ops.sink import committed_run
 from vision_ops.zoo import efficientnet_lite0
@@ -149,6 +151,26 @@ def test_a_run_compiles_only_when_its_inputs_make_it_pay(tmp_path) -> None:
     eager = job(["/photos"], str(tmp_path))  # compile is off unless asked for
     assert not compiled_if_it_pays(eager, 10**6).runtime.compile
     assert job(["/p"], "/o", runtime={"compile": True}).runtime.compile_min_inputs == 3000
+
+
+def test_rows_reach_the_driver_a_model_batch_at_a_time(
+    ray_local, photo_dir, tmp_path, direct_top_k, monkeypatch
+):
+    """One read task fetches every photo, the model takes one at a time: each photo's row
+    leaves the actor on its own, so the driver has rows after the first model call."""
+    tables: list[int] = []
+    record = RunStats.record
+
+    def counted(stats: RunStats, table: pa.Table) -> pa.Table:
+        tables.append(table.num_rows)
+        return record(stats, table)
+
+    monkeypatch.setattr(RunStats, "record", counted)
+    runtime = {"batch_size": 1, "read_batch_size": len(direct_top_k), "max_actors": 1}
+    output = tmp_path / "table"
+    summary = run_job(job([str(photo_dir)], str(output), runtime=runtime))
+    assert tables == [1] * len(direct_top_k) == [1] * summary.inputs
+    assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
 
 
 def write_bad_corpus(folder: Path) -> dict[str, str]:

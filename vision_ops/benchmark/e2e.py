@@ -83,11 +83,10 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
 
 
 def pool_blocks(spec: JobSpec) -> int:
-    """Rows of one output block from every actor: an actor hands on blocks of the larger of a
-    read task's files and a model batch, and the pool's first (and last) blocks come at once."""
+    """Rows of one output block from every actor: an actor hands on a model batch at a time
+    (pipeline.run.model_batch_blocks), and the pool's first (and last) blocks come at once."""
     runtime = spec.runtime
-    block = max(runtime.files_per_read_task, runtime.images_per_call)
-    return (runtime.max_actors or runtime.min_actors) * block
+    return (runtime.max_actors or runtime.min_actors) * runtime.images_per_call
 
 
 def committed_top1(source: Source, run_id: str) -> dict[str, int]:

@@ -180,6 +180,7 @@ def resume_earlier_attempt(
             return units, None, sources
         left = units.map_batches(functools.partial(without_sources, sources=done), **BLOCKWISE)
         return left, None, sources - len(done)
+
     per_scene: dict[str, int] = {}
 
     def tiles_of(uri: str, frames: int | None) -> int:
@@ -288,6 +289,7 @@ def build_dataset(
         # fuse stages whose resources differ, so the actor pool spends its time on the model.
         memory=READ_TASK_MEMORY_BYTES,
     )
+    units = model_batch_blocks(units, spec.runtime)
     to_rows = functools.partial(
         get_task(spec.task.kind).rows,
         run_id=run_id,
@@ -320,6 +322,16 @@ def build_dataset(
     )
     predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)
     return predictions.map_batches(to_rows, batch_format="numpy", batch_size=None)
+
+
+def model_batch_blocks(units: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:
+    """The read tasks' blocks cut into blocks of one model batch, where a read task fetches
+    several (`decode: device`): an actor's rows leave it a task at a time, one task per block,
+    so the first rows reach the driver after one model call, not after a read task's four
+    (docs/performance.md, "First rows a model batch at a time")."""
+    if runtime.files_per_read_task <= runtime.images_per_call:
+        return units
+    return units.repartition(target_num_rows_per_block=runtime.images_per_call)
 
 
 class PredictRows:
