@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -52,6 +52,25 @@ SCENES_PER_TASK = 64  # scene headers a planning task reads (on its own threads)
 
 
 @dataclass(frozen=True)
+class SceneFacts:
+    """What the driver holds of each scene, one entry per scene (never per tile)."""
+
+    tiles: dict[str, int]  # its units, as planned: what resuming and the merge count
+    transforms: dict[str, Transform]  # its pixel -> CRS affine where readable: the merge's
+
+
+def scene_facts(scenes: ray.data.Dataset) -> SceneFacts:
+    """The scene rows' tile counts and affines, in one pass."""
+    facts = SceneFacts({}, {})
+    columns = scenes.select_columns(["source_uri", "scene_tiles", "scene_transform"])
+    for table in _tables(columns):
+        uris, counts = table["source_uri"].to_pylist(), table["scene_tiles"].to_pylist()
+        facts.tiles.update(zip(uris, counts, strict=True))
+        facts.transforms.update(scene_transforms(table))
+    return facts
+
+
+@dataclass(frozen=True)
 class ScenePlan:
     """A run's scenes as scene rows in the object store and the summary of one pass over
     them. As the commit's ExpectedUnits: one unit per tile (per unreadable scene, its row)."""
@@ -61,11 +80,18 @@ class ScenePlan:
     summary: SceneSummary
     crs: Any  # the scenes' common rasterio CRS, or None for plain images
     bounds: tuple[float, float, float, float] | None
+    cut_from: SceneFacts | None = field(default=None, repr=False)  # the facts of a larger plan
 
     @property
     def count(self) -> int:
         """The tiles (units) of the plan."""
         return self.summary.tiles
+
+    @functools.cached_property
+    def facts(self) -> SceneFacts:
+        """Each scene's tile count and affine, read from the scene rows in one pass when first
+        asked for (by resuming, by the merge); a plan cut from another keeps the other's."""
+        return self.cut_from or scene_facts(self.scenes)
 
     def units(self) -> ray.data.Dataset:
         """The tiles, cut in Ray tasks from the scene rows as the read stage asks for them."""
@@ -90,17 +116,6 @@ class ScenePlan:
             )
         ]
 
-    def tile_counts(self) -> dict[str, int]:
-        """Each scene's units (one entry per scene, not per tile: for resuming)."""
-        columns = self.scenes.select_columns(["source_uri", "scene_tiles"])
-        return {
-            uri: count
-            for table in _tables(columns)
-            for uri, count in zip(
-                table["source_uri"].to_pylist(), table["scene_tiles"].to_pylist(), strict=True
-            )
-        }
-
     def without(self, sources: frozenset[str], units: int) -> ScenePlan:
         """The plan less the scenes in `sources` (whose `units` an earlier attempt holds)."""
         if not sources:
@@ -114,25 +129,19 @@ class ScenePlan:
             self.summary.first,
             self.summary.bounds,
         )
-        return ScenePlan(scenes, self.tiling, summary, self.crs, self.bounds)
+        return ScenePlan(scenes, self.tiling, summary, self.crs, self.bounds, self.facts)
 
     def parquet_metadata(self) -> dict[bytes, bytes]:
         """GeoParquet metadata for the table's `footprint` column."""
         return parquet_metadata(self.crs, self.bounds)
-
-    def transforms(self) -> dict[str, Transform]:
-        """Each readable scene's affine (one entry per scene, about 200 bytes: the merge's
-        side input)."""
-        columns = self.scenes.select_columns(["source_uri", "scene_transform"])
-        return {uri: t for table in _tables(columns) for uri, t in scene_transforms(table).items()}
 
     def merged(self, rows: ray.data.Dataset, seam_overlap: float) -> ray.data.Dataset:
         """Detection rows merged per scene (SceneMerge), seams merged as on one machine."""
         return rows.map_batches(
             SceneMerge,
             fn_constructor_kwargs={
-                "tiles": self.tile_counts(),
-                "transforms": self.transforms(),
+                "tiles": self.facts.tiles,
+                "transforms": self.facts.transforms,
                 "seam_overlap": seam_overlap,
                 "crs_wkt": self.crs.to_wkt() if self.crs is not None else None,
             },
@@ -180,7 +189,7 @@ class SceneMerge:
         finished = []
         for uri, taken in positions.items():
             self.waiting.setdefault(uri, []).append(rows.take(taken))
-            if len(self.units_in[uri]) >= self.tiles.get(uri, 1):
+            if len(self.units_in[uri]) >= self.tiles[uri]:  # planned with the rows: known
                 del self.units_in[uri]
                 finished.append(pa.concat_tables(self.waiting.pop(uri)))
         return finished

@@ -181,17 +181,13 @@ def resume_earlier_attempt(
         left = units.map_batches(functools.partial(without_sources, sources=done), **BLOCKWISE)
         return left, None, sources - len(done)
 
-    per_scene: dict[str, int] = {}
-
-    def tiles_of(uri: str, frames: int | None) -> int:
-        if not per_scene:  # asked only where earlier part files exist: one entry per scene
-            per_scene.update(tiles.tile_counts() or {"": 0})
-        return per_scene.get(uri, 0)
+    def tiles_of(uri: str, frames: int | None) -> int:  # asked where earlier parts exist
+        return tiles.facts.tiles.get(uri, 0)
 
     done = sink.resume(tiles_of)
     if not done:
         return units, tiles, tiles.count
-    kept = tiles.without(done, sum(per_scene.get(uri, 0) for uri in done))
+    kept = tiles.without(done, sum(tiles_of(uri, None) for uri in done))
     return kept.units(), kept, kept.count
 
 
