@@ -80,7 +80,8 @@ def test_a_task_refuses_a_model_kind_it_does_not_run(name: str) -> None:
     record = get_task(name)
     assert set(record.model_kinds) <= set(MODEL_OF_KIND)
     for other in sorted(set(MODEL_OF_KIND) - set(record.model_kinds)):
-        expected = rf"model\.kind: task {name} runs model\.kind .*; found {other}"
+        # the message's own line, named by its field (no location prefix)
+        expected = rf"\n  model\.kind: task {name} runs model\.kind .*; found {other}"
         with pytest.raises(SpecError, match=expected):
             parse_spec(minimal_spec({"kind": name}, model=MODEL_OF_KIND[other]))
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,6 +28,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
+
+if TYPE_CHECKING:  # the registry imports this module's TaskSettings
+    from vision_ops.tasks import Task
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
@@ -505,7 +508,7 @@ def task_settings(value: Any) -> TaskSettings:
     return record.spec.model_validate(value)
 
 
-def _task_record(section: Any) -> Any:
+def _task_record(section: Any) -> Task | None:
     """The registry record (vision_ops.tasks.Task) of the task a `task:` section names, or None
     where it names none that is registered."""
     from vision_ops.tasks import TASKS  # the registry holds this module's TaskSettings models
@@ -888,7 +891,9 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _task_runs_the_model_kind(self) -> JobSpec:
-        kinds = _task_record(self.task).model_kinds
+        record = _task_record(self.task)
+        assert record is not None, "a validated task section names a registered task"
+        kinds = record.model_kinds
         if self.model.kind not in kinds:
             raise ValueError(
                 f"model.kind: task {self.task.kind} runs model.kind {' or '.join(kinds)}; "
@@ -986,7 +991,8 @@ def format_validation_error(err: ValidationError) -> str:
     for problem in err.errors():
         location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        line = f"  {location}: {message}"
+        # a check across sections (a JobSpec validator) has no location: its message names them
+        line = f"  {location}: {message}" if location else f"  {message}"
         secret_prone = "storage_options" in location or location.endswith("output.catalog")
         if "input" in problem and not secret_prone and "found" not in message:
             line += f" (found: {_found(problem['loc'], problem['input'])})"
@@ -1001,7 +1007,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
         for index, part in enumerate(loc)
         if not (index == 1 and loc[0] in UNION_FIELDS and part in UNION_TAGS)
     ]
-    return ".".join(parts) or "(spec)"
+    return ".".join(parts)
 
 
 def _found(loc: tuple[int | str, ...], value: Any) -> str:
