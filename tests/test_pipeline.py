@@ -153,11 +153,9 @@ def test_a_run_compiles_only_when_its_inputs_make_it_pay(tmp_path) -> None:
     assert job(["/p"], "/o", runtime={"compile": True}).runtime.compile_min_inputs == 3000
 
 
-def test_rows_reach_the_driver_a_model_batch_at_a_time(
-    ray_local, photo_dir, tmp_path, direct_top_k, monkeypatch
-):
-    """One read task fetches every photo, the model takes one at a time: each photo's row
-    leaves the actor on its own, so the driver has rows after the first model call."""
+@pytest.fixture
+def tables_at_driver(monkeypatch) -> list[int]:
+    """The row count of each table the driver receives from the actors, in order."""
     tables: list[int] = []
     record = RunStats.record
 
@@ -166,11 +164,40 @@ def test_rows_reach_the_driver_a_model_batch_at_a_time(
         return record(stats, table)
 
     monkeypatch.setattr(RunStats, "record", counted)
+    return tables
+
+
+def test_rows_reach_the_driver_a_model_batch_at_a_time(
+    ray_local, photo_dir, tmp_path, direct_top_k, tables_at_driver
+):
+    """One read task fetches every photo, the model takes one at a time: each photo's row
+    leaves the actor on its own, so the driver has rows after the first model call."""
     runtime = {"batch_size": 1, "read_batch_size": len(direct_top_k), "max_actors": 1}
     output = tmp_path / "table"
     summary = run_job(job([str(photo_dir)], str(output), runtime=runtime))
-    assert tables == [1] * len(direct_top_k) == [1] * summary.inputs
+    assert tables_at_driver == [1] * len(direct_top_k) == [1] * summary.inputs
     assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
+
+
+def test_the_frames_of_one_instance_leave_a_model_batch_at_a_time(
+    ray_local, tmp_path, tables_at_driver
+):
+    """A read task of one file still gives many rows where the file is a multi-frame DICOM."""
+    from vision_ops.synthetic import dicom_bytes, phantom_ct
+
+    folder, frames = tmp_path / "ct", 5
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(dicom_bytes(phantom_ct(frames=frames, size=48, seed=0)))
+    runtime = {"batch_size": 1, "read_batch_size": 1, "max_actors": 1}
+    output = tmp_path / "table"
+    spec = job(
+        [str(folder)], str(output), runtime=runtime, input={"uris": [str(folder)], "dicom": {}}
+    )
+    summary = run_job(spec)
+    assert tables_at_driver == [1] * frames == [1] * summary.commit.rows
+    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
+    assert sorted(r["frame_index"] for r in rows) == list(range(frames))
+    assert {r["status"] for r in rows} == {"ok"}
 
 
 def write_bad_corpus(folder: Path) -> dict[str, str]:

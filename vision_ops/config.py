@@ -991,8 +991,10 @@ def format_validation_error(err: ValidationError) -> str:
     for problem in err.errors():
         location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        # a check across sections (a JobSpec validator) has no location: its message names them
-        line = f"  {location}: {message}" if location else f"  {message}"
+        if not location:  # a check across sections (a JobSpec validator): its message names
+            lines.append(f"  {message}")  # the fields, and its input is the whole spec
+            continue
+        line = f"  {location}: {message}"
         secret_prone = "storage_options" in location or location.endswith("output.catalog")
         if "input" in problem and not secret_prone and "found" not in message:
             line += f" (found: {_found(problem['loc'], problem['input'])})"

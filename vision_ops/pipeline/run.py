@@ -285,7 +285,7 @@ def build_dataset(
         # fuse stages whose resources differ, so the actor pool spends its time on the model.
         memory=READ_TASK_MEMORY_BYTES,
     )
-    units = model_batch_blocks(units, spec.runtime)
+    units = model_batch_blocks(units, spec)
     to_rows = functools.partial(
         get_task(spec.task.kind).rows,
         run_id=run_id,
@@ -320,13 +320,15 @@ def build_dataset(
     return predictions.map_batches(to_rows, batch_format="numpy", batch_size=None)
 
 
-def model_batch_blocks(units: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:
-    """The read tasks' blocks cut into blocks of one model batch, where a read task fetches
-    several (`decode: device`): an actor's rows leave it a task at a time, one task per block,
-    so the first rows reach the driver after one model call, not after a read task's four
-    (docs/performance.md, "First rows a model batch at a time")."""
-    if runtime.files_per_read_task <= runtime.images_per_call:
-        return units
+def model_batch_blocks(units: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
+    """The read tasks' blocks cut into blocks of one model batch where a block can hold more:
+    a read task fetches several batches (`decode: device`), or a DICOM instance gives a unit
+    per frame. An actor's rows leave it a task at a time, one task per block, so the first rows
+    reach the driver after one model call, not after a read task's many (docs/performance.md,
+    "First rows a model batch at a time")."""
+    runtime = spec.runtime
+    if runtime.files_per_read_task <= runtime.images_per_call and spec.input.dicom is None:
+        return units  # a unit per file: a read task's block is at most one model batch
     return units.repartition(target_num_rows_per_block=runtime.images_per_call)
 
 
