@@ -15,7 +15,8 @@ from PIL import Image
 
 from vision_ops.adapters import LAYOUTS, letterbox_geometry, to_source_pixels
 from vision_ops.config import parse_spec
-from vision_ops.models import ModelError, load_model
+from vision_ops.errors import ModelError
+from vision_ops.models import load_model
 from vision_ops.pipeline import run_job
 
 # Four cells of a 2-class model, as (cx, cy, w, h, score class 0, score class 1), in the

@@ -22,7 +22,8 @@ from vision_ops.detection import (
     kept_indices,
     pixel_budget_groups,
 )
-from vision_ops.models import ModelError, torchvision_architectures
+from vision_ops.errors import ModelError
+from vision_ops.models import torchvision_architectures
 from vision_ops.pipeline import run_job
 from vision_ops.predictors import Detector
 from vision_ops.query import boxes_sql, connect, read_sql

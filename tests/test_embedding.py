@@ -28,7 +28,7 @@ from vision_ops.embedding import (
     sized_fields,
 )
 from vision_ops.embedding_predictor import HeadNotFound, feature_size, find_head, remove_head
-from vision_ops.models import ModelError
+from vision_ops.errors import ModelError
 from vision_ops.schema import declared_schema, item_id
 
 # One architecture per head layout (see vision_ops.embedding_predictor), with its feature size.

@@ -13,9 +13,9 @@ import torch
 import torchvision
 
 from vision_ops.config import Preprocessing, parse_spec
+from vision_ops.errors import ModelError
 from vision_ops.models import (
     MODEL_KINDS,
-    ModelError,
     check_model,
     load_labels,
     load_model,

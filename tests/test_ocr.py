@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 
 from vision_ops.config import parse_spec
-from vision_ops.models import ModelError
+from vision_ops.errors import ModelError
 from vision_ops.ocr import (
     LINE_ENTRY,
     OCR_SCHEMA,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,32 @@ def test_report_command_prints_and_writes_html(committed, capsys) -> None:
     assert "run nightly" in out and "items: 19  ok: 17  errors: 2" in out
     assert "<svg" in page.read_text() and "http" not in page.read_text().split("<body>")[1]
     assert main(["report", str(committed / "table"), "--run-id", "no-such-run"]) == EXIT_FAILED
+
+
+# The commands that read a committed table, each in a fresh interpreter: none loads torch
+# (several seconds of imports before the first line of output).
+READ_COMMANDS_WITHOUT_TORCH = """
+import contextlib, io, json, sys
+from vision_ops.cli import main
+commands = [
+    ["report", sys.argv[1]], ["query", sys.argv[1]], ["verify", sys.argv[1]],
+    ["report", sys.argv[1], "--trend"],
+]
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main(command) for command in commands]
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_reading_a_table_does_not_load_torch(committed) -> None:
+    probe = subprocess.run(
+        [sys.executable, "-c", READ_COMMANDS_WITHOUT_TORCH, str(committed / "table")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout.splitlines()[-1]) == {"codes": [EXIT_OK] * 4, "torch": False}
 
 
 def test_throughput_series_is_images_per_second_between_points() -> None:

@@ -22,7 +22,8 @@ import torch
 import torchvision
 import yaml
 
-from vision_ops.models import ModelError, load_state_dict_file
+from vision_ops.errors import ModelError
+from vision_ops.models import load_state_dict_file
 from vision_ops.runindex import INDEX_FOLDER
 
 PACKAGE = Path(__file__).parents[1] / "vision_ops"

@@ -27,9 +27,9 @@ from vision_ops.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TOO_MANY_ERRORS,
+    ModelError,
     VisionOpsError,
 )
-from vision_ops.models import ModelError, check_job
 from vision_ops.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def load_checked_spec(args: argparse.Namespace) -> JobSpec:
     """The spec with its overrides, validated and its model checked; SpecError/ModelError."""
+    from vision_ops.models import check_job  # torch and torchvision: only where a model runs
+
     overrides = list(args.set or [])
     overrides += [f"run.id={args.run_id}"] if getattr(args, "run_id", None) else []
     overrides += [f"run.date={args.run_date}"] if getattr(args, "run_date", None) else []

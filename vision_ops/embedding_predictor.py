@@ -31,8 +31,8 @@ import torch
 
 from vision_ops.config import EntrypointModel, JobSpec, ModelSpec, TorchvisionModel
 from vision_ops.embedding import VECTORS, sized_fields
+from vision_ops.errors import ModelError
 from vision_ops.models import (
-    ModelError,
     _entrypoint_function,
     _torchvision_builder,
     _untrained_kwargs,

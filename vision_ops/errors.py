@@ -29,3 +29,9 @@ class UnknownTask(VisionOpsError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ModelError(VisionOpsError, ValueError):
+    """A model the spec names that cannot be built or loaded; says what was expected."""
+
+    exit_code = EXIT_BAD_SPEC

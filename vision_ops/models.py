@@ -29,7 +29,7 @@ from vision_ops.config import (
     TorchScriptModel,
     TorchvisionModel,
 )
-from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
+from vision_ops.errors import ModelError
 from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, read_bytes
 from vision_ops.tasks import DetectionTask, get_task
@@ -48,12 +48,6 @@ def torchvision_architectures(task: str) -> list[str]:
 
 
 BUILTIN_LABELS = {"imagenet-1k": lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
-
-
-class ModelError(VisionOpsError, ValueError):
-    """A model the spec names that cannot be built or loaded; says what was expected."""
-
-    exit_code = EXIT_BAD_SPEC
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import torch
 
 from vision_ops.adapters import onnx_session
 from vision_ops.config import JobSpec, PpOcrModel
-from vision_ops.models import LoadedModel, ModelError, model_name, read_pinned
+from vision_ops.errors import ModelError
+from vision_ops.models import LoadedModel, model_name, read_pinned
 from vision_ops.ocr import Line, OcrError, TextReader, characters, line_columns, packaged_model
 from vision_ops.predictors import Pixels, Predictor, pick_device
 from vision_ops.storage import StorageOptions

@@ -23,8 +23,9 @@ from vision_ops.detection import (
     pixel_budget_groups,
 )
 from vision_ops.device_decode import model_inputs
+from vision_ops.errors import ModelError
 from vision_ops.host_memory import retain_freed_memory
-from vision_ops.models import LoadedModel, ModelError, class_ids, load_model
+from vision_ops.models import LoadedModel, class_ids, load_model
 from vision_ops.schema import (
     DETECTIONS,
     INSTANCE_COLUMN,
