@@ -215,3 +215,28 @@ def test_a_scene_tile_is_read_from_its_window(tmp_path) -> None:
     assert pixels is not None and pixels.shape == (32, 32, 3)
     assert pixels[0, 0].tolist() == [255] * 3 and pixels[16, 16].tolist() == [0] * 3
     assert Sources({}).pixels(row | {"source_uri": str(tmp_path / "gone.tif")}) is None
+
+
+def test_a_scene_tile_shows_the_bands_the_run_read(tmp_path) -> None:
+    """Bands 1-3 bright on the left, band 4 bright on the right: a run that read band 4 (its
+    manifest's `tile_bands`) shows the tile bright on the right, in grey."""
+    import rasterio
+
+    values = np.full((4, 32, 32), 1_000, np.uint16)
+    values[:3, :, :16] = 40_000
+    values[3, :, 16:] = 40_000
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 4, "dtype": "uint16"}
+    with rasterio.open(tmp_path / "scene.tif", "w", **profile) as scene:
+        scene.write(values)
+    row = {"source_uri": str(tmp_path / "scene.tif"), "tile_x": 0, "tile_y": 0, "tile_size": 32}
+    first_three = Sources({}).pixels(row)
+    assert first_three is not None
+    assert first_three[0, 0].tolist() == [255] * 3 and first_three[0, 31].tolist() == [0] * 3
+    rows = [classified(row["source_uri"], ("water", 0.9)) | row]
+    details = {"tile_bands": [4]}
+    commit_rows(tmp_path / "table", "classification", rows, "nir", tiles=True, details=details)
+    body = dict(build_report(str(tmp_path / "table")).panels)["Images under their labels"]
+    uri = body.split('src="data:image/jpeg;base64,')[1].split('"')[0]
+    thumbnail = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+    left, right = thumbnail[:, : thumbnail.shape[1] // 4], thumbnail[:, -thumbnail.shape[1] // 4 :]
+    assert left.mean() < 30 and right.mean() > 225  # band 4, not bands 1-3

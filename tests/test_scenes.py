@@ -24,6 +24,7 @@ from vision_ops.cli import main
 from vision_ops.config import parse_spec
 from vision_ops.pipeline import run_job
 from vision_ops.query import load_spatial
+from vision_ops.sink import committed_run
 from vision_ops.sources import list_inputs
 from vision_ops.tiling import tile_windows
 
@@ -88,6 +89,7 @@ def test_a_scene_becomes_tiles_with_exact_footprints(
     table = pq.read_table(tmp_path / "table" / "run_date=2026-11-24")
     rows = table.to_pylist()
     assert summary.commit.rows == len(rows) == 21  # 20 tiles + the broken file
+    assert committed_run(str(tmp_path / "table"), "tiles")["tile_bands"] == [3, 2, 1]  # report
     broken = [r for r in rows if r["source_uri"].endswith("broken.tif")]
     assert len(broken) == 1 and broken[0]["status"] == "error"
     assert broken[0]["error_type"] == "RasterError" and broken[0]["tile_x"] is None

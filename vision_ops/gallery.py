@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,9 @@ class Sources:
 
     options: StorageOptions
     samples: int = 8  # units per strip
+    # A scene's bands in RGB order as the run read them (its manifest's `tile_bands`); None:
+    # 1, 2, 3 (or a one-band scene's band), for runs committed before manifests held them.
+    bands: Sequence[int] | None = None
     _read: dict[str, bytes | None] = field(default_factory=dict)
     _unreachable: set[str] = field(default_factory=set)  # stores (scheme://bucket) that failed
 
@@ -68,11 +71,11 @@ class Sources:
             return None
 
     def tile(self, row: dict[str, Any]) -> np.ndarray | None:
-        """A scene tile read through rasterio (only its window: ranged reads), its first three
-        bands (or its one) stretched between the tile's 2nd and 98th percentiles."""
+        """A scene tile read through rasterio (only its window: ranged reads), the run's bands
+        stretched between the tile's 2nd and 98th percentiles."""
         uri = str(row["source_uri"])
         try:
-            return scene_tile(uri, row, self.options)
+            return scene_tile(uri, row, self.options, self.bands)
         except Exception:  # gone, unreadable, or not a raster
             if store_of(uri) and not isinstance(_cause(uri, self.options), FileNotFoundError):
                 self._unreachable.add(store_of(uri))
@@ -97,14 +100,18 @@ def _cause(uri: str, options: StorageOptions) -> Exception | None:
     return None
 
 
-def scene_tile(uri: str, row: dict[str, Any], options: StorageOptions) -> np.ndarray:
-    """RGB uint8 of a tile's window of its scene (rasterio through fsspec)."""
+def scene_tile(
+    uri: str, row: dict[str, Any], options: StorageOptions, bands: Sequence[int] | None = None
+) -> np.ndarray:
+    """RGB uint8 of a tile's window of its scene (rasterio through fsspec): `bands` in RGB
+    order, or one band as grey (default: the first three, or the scene's one)."""
     from vision_ops.raster import open_raster, read_tile, read_window
     from vision_ops.tiling import Window
 
     x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
     with open_raster(uri, options) as dataset:
-        bands = [1, 2, 3] if dataset.count >= 3 else [1]
+        if bands is None:
+            bands = [1, 2, 3] if dataset.count >= 3 else [1]
         window = Window(col_off=x, row_off=y, width=size, height=size)
         values = read_window(dataset, window, bands, fill=np.nan)
         inside = values[~np.isnan(values)]

@@ -80,7 +80,11 @@ def build_report(
         metrics=overall_metrics(table_uri, manifest["run_id"], options),
         unit=task.unit,
         score=task.score,
-        panels=panels(table, (*task.panels, *COMMON_PANELS), Sources(options or {}, samples)),
+        panels=panels(
+            table,
+            (*task.panels, *COMMON_PANELS),
+            Sources(options or {}, samples, manifest.get("tile_bands")),
+        ),
     )
 
 

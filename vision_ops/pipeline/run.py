@@ -149,6 +149,8 @@ def _process_and_commit(
     pipeline_seconds = stats.finish()
     details = stats.as_manifest(pipeline_seconds) | identity
     details["startup_seconds"] = stats.startup_seconds(clock)
+    if spec.input.tiling is not None:  # the report shows a tile as the model saw it
+        details["tile_bands"] = list(spec.input.tiling.bands)
     drifts = staged_drift(spec, sink, schema)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
