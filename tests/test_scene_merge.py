@@ -211,3 +211,67 @@ def test_a_scene_leaves_the_stream_merged_as_soon_as_its_last_tile_is_in() -> No
     assert call(b72) == merged(b0, b72)
     assert [e["x_min"] for row in merged(a0, a72) for e in row["detections"]] == [110]
     assert stream.waiting == {} and stream.units_in == {}
+
+
+def every_pair_merge(boxes: list[tuple[int, dict]], seam_overlap: float) -> list[tuple[int, dict]]:
+    """The seam rule as stated, each box against every kept one: best score first, a box goes
+    when a kept box of its class from another tile covers `seam_overlap` of the smaller."""
+
+    def covered(a: dict, b: dict) -> float:
+        width = min(a["x_max"], b["x_max"]) - max(a["x_min"], b["x_min"])
+        height = min(a["y_max"], b["y_max"]) - max(a["y_min"], b["y_min"])
+        areas = [(x["x_max"] - x["x_min"]) * (x["y_max"] - x["y_min"]) for x in (a, b)]
+        return width * height / min(areas) if width > 0 and height > 0 and min(areas) > 0 else 0
+
+    kept: list[tuple[int, dict]] = []
+    for tile, box in sorted(boxes, key=lambda item: -item[1]["score"]):
+        if not any(
+            other_tile != tile
+            and other["label_id"] == box["label_id"]
+            and covered(box, other) >= seam_overlap
+            for other_tile, other in kept
+        ):
+            kept.append((tile, box))
+    return kept
+
+
+@pytest.mark.parametrize("seam_overlap", [0.05, 0.5, 1.0])
+def test_the_indexed_seam_merge_keeps_what_comparing_every_pair_keeps(seam_overlap) -> None:
+    """Crowded random boxes of 3 classes from 12 tiles over 1,200 px, 2 to 600 px a side (many
+    span several cells of the merge's grid), boxes sitting on cell lines, and inverted ones."""
+    from vision_ops.scenes import SEAM_GRID_PX, merge_across_tiles
+
+    rng = np.random.default_rng(11)
+    boxes = []
+    for index in range(700):
+        x, y = rng.uniform(-50, 1200, 2)
+        w, h = rng.choice([rng.uniform(2, 40, 2), rng.uniform(40, 600, 2)])
+        if index % 50 == 0:
+            w = -w  # inverted: overlaps nothing
+        if index % 7 == 0:
+            x = SEAM_GRID_PX * int(rng.integers(0, 5))  # on a cell line
+        box = {"x_min": x, "y_min": y, "x_max": x + w, "y_max": y + h}
+        label = int(rng.integers(0, 3))
+        boxes.append((int(rng.integers(0, 12)), box | {"label_id": label, "score": rng.random()}))
+    kept = merge_across_tiles(boxes, seam_overlap)
+    assert kept == every_pair_merge(boxes, seam_overlap)
+    assert 0 < len(kept) < len(boxes)
+
+
+def test_boxes_map_to_the_crs_as_their_rings_do() -> None:
+    """crs_boxes maps every box at once: the bounds of each box's ring (box_polygon) under a
+    rotated affine, and an empty list maps to none."""
+    from vision_ops.georef import box_polygon
+    from vision_ops.scenes import crs_boxes
+
+    rotated = (8.66, -5.0, 500_000.0, -5.0, -8.66, 4_650_000.0)
+    entries = [
+        {"x_min": 0.0, "y_min": 0.0, "x_max": 10.0, "y_max": 20.0},
+        {"x_min": 300.5, "y_min": 12.25, "x_max": 333.0, "y_max": 90.0},
+    ]
+    mapped = crs_boxes(entries, rotated, None)
+    for entry, got in zip(entries, mapped, strict=True):
+        ring = box_polygon(rotated, entry["x_min"], entry["y_min"], entry["x_max"], entry["y_max"])
+        expected = [ring[:, 0].min(), ring[:, 1].min(), ring[:, 0].max(), ring[:, 1].max()]
+        assert [got[k] for k in ("crs_x_min", "crs_y_min", "crs_x_max", "crs_y_max")] == expected
+    assert crs_boxes([], rotated, None) == []
