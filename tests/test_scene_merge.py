@@ -238,7 +238,8 @@ def every_pair_merge(boxes: list[tuple[int, dict]], seam_overlap: float) -> list
 @pytest.mark.parametrize("seam_overlap", [0.05, 0.5, 1.0])
 def test_the_indexed_seam_merge_keeps_what_comparing_every_pair_keeps(seam_overlap) -> None:
     """Crowded random boxes of 3 classes from 12 tiles over 1,200 px, 2 to 600 px a side (many
-    span several cells of the merge's grid), boxes sitting on cell lines, and inverted ones."""
+    span several cells of the merge's grid), boxes sitting on cell lines, inverted ones, boxes
+    too wide to index and boxes with a side that is not a number."""
     from vision_ops.scenes import SEAM_GRID_PX, merge_across_tiles
 
     rng = np.random.default_rng(11)
@@ -250,6 +251,10 @@ def test_the_indexed_seam_merge_keeps_what_comparing_every_pair_keeps(seam_overl
             w = -w  # inverted: overlaps nothing
         if index % 7 == 0:
             x = SEAM_GRID_PX * int(rng.integers(0, 5))  # on a cell line
+        if index % 97 == 0:
+            w = 500_000.0  # too wide to index: compared with every kept box
+        if index % 131 == 0:
+            x = float("nan")  # a model's garbage: merged by the same rule, never an error
         box = {"x_min": x, "y_min": y, "x_max": x + w, "y_max": y + h}
         label = int(rng.integers(0, 3))
         boxes.append((int(rng.integers(0, 12)), box | {"label_id": label, "score": rng.random()}))

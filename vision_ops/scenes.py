@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ PLAN_FIELDS = [
 STRETCH_SIDE = 1024  # the longer side of the reduced read a percentile stretch is measured on
 HEADER_THREADS = 16
 SEAM_GRID_PX = 256  # the cells of the index that finds a box's neighbours across seams
+WIDE_BOX_CELLS = 256  # a box over more cells is compared with every kept box instead
 
 
 class SceneError(VisionOpsError, ValueError):
@@ -503,31 +506,43 @@ def merge_across_tiles(
     the smaller box: a seam cuts an object into a part and a whole, whose IoU can be small).
 
     Boxes that overlap share a grid cell (the corner of their intersection lies in both), so
-    a box is compared only with the kept boxes of its class in its cells: a scene's merge
-    grows with its boxes, not with their square (benchmarks/scene_merge.py)."""
+    a box is compared only with the kept boxes of its class in its cells, and with the few
+    kept boxes too wide to index: a scene's merge grows with its boxes, not with their square
+    (benchmarks/scene_merge.py). A box too wide to index is compared with every kept box."""
     order = sorted(boxes, key=lambda item: -item[1]["score"])
     kept: list[tuple[int, dict[str, Any]]] = []
+    wide: list[tuple[int, dict[str, Any]]] = []
     by_cell: dict[tuple[Any, int, int], list[tuple[int, dict[str, Any]]]] = {}
     for tile, box in order:
-        keys = [(box["label_id"], *cell) for cell in _grid_cells(box)]
+        cells = _grid_cells(box)
+        keys = [] if cells is None else [(box["label_id"], *cell) for cell in cells]
+        near = kept if cells is None else chain(wide, *(by_cell.get(key, ()) for key in keys))
         duplicate = any(
-            other_tile != tile and _overlap_of_smaller(box, other) >= seam_overlap
-            for key in keys
-            for other_tile, other in by_cell.get(key, ())
+            other_tile != tile
+            and other["label_id"] == box["label_id"]
+            and _overlap_of_smaller(box, other) >= seam_overlap
+            for other_tile, other in near
         )
-        if not duplicate:
-            kept.append((tile, box))
-            for key in keys:
-                by_cell.setdefault(key, []).append((tile, box))
+        if duplicate:
+            continue
+        kept.append((tile, box))
+        if cells is None:
+            wide.append((tile, box))
+        for key in keys:
+            by_cell.setdefault(key, []).append((tile, box))
     return kept
 
 
-def _grid_cells(box: dict[str, float]) -> list[tuple[int, int]]:
+def _grid_cells(box: dict[str, float]) -> list[tuple[int, int]] | None:
     """The SEAM_GRID_PX cells a box touches (none for a box inverted on an axis, which
-    overlaps nothing)."""
-    columns = range(int(box["x_min"] // SEAM_GRID_PX), int(box["x_max"] // SEAM_GRID_PX) + 1)
-    rows = range(int(box["y_min"] // SEAM_GRID_PX), int(box["y_max"] // SEAM_GRID_PX) + 1)
-    return [(column, row) for column in columns for row in rows]
+    overlaps nothing); None for a box over WIDE_BOX_CELLS cells or with a side not finite."""
+    sides = (box["x_min"], box["y_min"], box["x_max"], box["y_max"])
+    if not all(math.isfinite(side) for side in sides):
+        return None
+    x0, y0, x1, y1 = (int(side // SEAM_GRID_PX) for side in sides)
+    if (x1 - x0 + 1) * (y1 - y0 + 1) > WIDE_BOX_CELLS:
+        return None
+    return [(column, row) for column in range(x0, x1 + 1) for row in range(y0, y1 + 1)]
 
 
 def _overlap_of_smaller(a: dict[str, float], b: dict[str, float]) -> float:
