@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -135,6 +137,29 @@ def test_probes_leave_out_excluded_processes() -> None:
     left_out, counted = json.loads(probe.stdout)
     assert (left_out["processes"], counted["processes"]) == (1, 2)
     assert counted["rss_bytes"] - left_out["rss_bytes"] >= 100 * MB
+
+
+# A child that spends a second of CPU time, and a grandchild (`sleep`) that spends none.
+BUSY = """
+import subprocess, time
+sleeper = subprocess.Popen(["sleep", "3"])
+while time.process_time() < 1.0:
+    pass
+sleeper.wait()
+"""
+
+
+def test_probes_count_where_the_cpu_went() -> None:
+    before = time.process_time()
+    with sampled_peaks(interval_s=0.05) as peaks:
+        subprocess.run([sys.executable, "-c", BUSY], check=True)
+    driver = time.process_time() - before
+    by_role = peaks.cpu_seconds_by_role
+    busy = by_role[psutil.Process().name()]  # the child runs this interpreter
+    # its second and its start-up; /proc counts in clock ticks (0.01 s), rounded down
+    assert 0.98 <= busy < 1.5, by_role
+    assert 0.0 <= by_role["sleep"] < 0.1, by_role  # a grandchild, seen and idle
+    assert by_role["driver"] == pytest.approx(driver, abs=0.2), by_role  # this process's own
 
 
 def test_steady_rate_excludes_start_up() -> None:
@@ -406,6 +431,9 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert {"driver", "ray gcs_server", "ray raylet"} <= set(roles), roles
         assert any(role.startswith("ray worker MapWorker") for role in roles), roles
         assert not any(")." in role for role in roles), roles  # an actor, not its method
+        cpu = found[key]["peaks"]["cpu_seconds_by_role"]  # where the cores went
+        actors = [v for role, v in cpu.items() if role.startswith("ray worker MapWorker")]
+        assert actors and sum(actors) > 0 and cpu["driver"] > 0, cpu
     for key in ("a", "b", "e", "f", "e-scale", "f-scale"):
         assert found[key]["peaks"]["object_store_bytes"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers

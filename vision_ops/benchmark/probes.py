@@ -1,4 +1,5 @@
-"""Peak memory while an approach runs: the process tree's RSS and PSS, and Ray's object store.
+"""Peak memory while an approach runs: the process tree's RSS and PSS, and Ray's object store;
+and the CPU time its processes spent, by role.
 
 A background thread samples them; RSS is summed over this process and every descendant.
 """
@@ -6,6 +7,7 @@ A background thread samples them; RSS is summed over this process and every desc
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -34,6 +36,9 @@ class Peaks:
     samples: int = 0
     # The sample of the peak PSS, by process role (process_role): where the memory was.
     pss_by_role: dict[str, int] = field(default_factory=dict)
+    # CPU seconds (user + system) spent while sampling, by process role: where the cores went.
+    # A process's last sample counts, so one that exits loses at most a tick's worth.
+    cpu_seconds_by_role: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,26 +50,56 @@ class TreeMemory:
 
 
 def process_tree(root: psutil.Process, exclude: frozenset[int]) -> list[psutil.Process]:
-    """`root` and its descendants, less the `exclude` pids and their descendants."""
-    found, queue = [], [root]
+    """`root` and its descendants, less the `exclude` pids and their descendants.
+
+    One pass over the machine's processes a call: asking each process for its children would
+    read every process's parent again per process of the tree, and the bench's own sampling
+    would take a share of the cores it measures."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for pid, (parent, started) in _parents().items():
+        children.setdefault(parent, []).append((pid, started))
+    found, queue = [], [(root.pid, 0)]
     while queue:
-        process = queue.pop()
-        if process.pid in exclude:
+        pid, started = queue.pop()
+        if pid in exclude:
             continue
-        found.append(process)
         with contextlib.suppress(psutil.Error):
-            queue.extend(process.children())
+            found.append(root if pid == root.pid else _process(pid, started))
+        queue.extend(children.get(pid, []))
     return found
 
 
+def _parents() -> dict[int, tuple[int, int]]:
+    """Every process's parent pid and start time (clock ticks since boot), from
+    /proc/PID/stat (Linux, as PSS is)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{name}/stat", "rb") as stat,
+            ):
+                # pid (comm) state ppid ... starttime (the 22nd): comm may hold spaces
+                fields = stat.read().rsplit(b")", 1)[1].split()
+                parents[int(name)] = (int(fields[1]), int(fields[19]))
+    return parents
+
+
+@functools.lru_cache(maxsize=4096)
+def _process(pid: int, started: int) -> psutil.Process:
+    """One psutil handle a process, cached by pid and start time (a reused pid is another
+    process), so that its CPU times and role are followed from tick to tick."""
+    return psutil.Process(pid)
+
+
 def tree_memory(
-    root: psutil.Process, exclude: frozenset[int] = frozenset(), with_pss: bool = True
+    root: psutil.Process, processes: list[psutil.Process], with_pss: bool = True
 ) -> TreeMemory:
     """RSS (and PSS, which shares shared pages out among the processes mapping them, summed
-    by process role too) summed."""
+    by process role too) summed over `processes`, the tree of `root`."""
     rss, count = 0, 0
     by_role: dict[str, int] = {}
-    for process in process_tree(root, exclude):
+    for process in processes:
         try:
             rss += process.memory_info().rss
             if with_pss:
@@ -150,6 +185,43 @@ class ObjectStoreGauge:
 
 
 @dataclass
+class CpuTally:
+    """Each process's CPU seconds since the tally began, under its latest role (a Ray worker
+    starts as `IDLE` and takes an actor's or a task's title)."""
+
+    root: psutil.Process
+    # keyed by the process (psutil tells processes apart by pid and start time)
+    _start: dict[psutil.Process, float] = field(default_factory=dict)
+    _latest: dict[psutil.Process, tuple[str, float]] = field(default_factory=dict)
+
+    def begin(self, exclude: frozenset[int]) -> CpuTally:
+        for process in process_tree(self.root, exclude):
+            with contextlib.suppress(psutil.Error):
+                self._start[process] = _cpu_seconds(process)
+        return self
+
+    def sample(self, processes: list[psutil.Process]) -> None:
+        for process in processes:
+            try:
+                role = "driver" if process.pid == self.root.pid else process_role(process)
+                spent = _cpu_seconds(process) - self._start.get(process, 0.0)
+            except psutil.Error:
+                continue  # exited meanwhile: its last sample stands
+            self._latest[process] = (role, spent)
+
+    def by_role(self) -> dict[str, float]:
+        tally: dict[str, float] = {}
+        for role, spent in self._latest.values():
+            tally[role] = tally.get(role, 0.0) + spent
+        return tally
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+@dataclass
 class PeakSampler:
     """Samples the tree's memory every `interval_s` until stopped; `peaks` holds the maxima."""
 
@@ -159,8 +231,10 @@ class PeakSampler:
     peaks: Peaks = field(default_factory=Peaks)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _cpu: CpuTally | None = None
 
     def start(self) -> PeakSampler:
+        self._cpu = CpuTally(psutil.Process(os.getpid())).begin(self.exclude)
         self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
         self._thread.start()
         return self
@@ -170,6 +244,8 @@ class PeakSampler:
         if self._thread is not None:
             self._thread.join()
         self.sample(with_pss=True)  # a last reading, so a short run has at least one PSS
+        if self._cpu is not None:
+            self.peaks.cpu_seconds_by_role = self._cpu.by_role()
         return self.peaks
 
     def _run(self) -> None:
@@ -185,7 +261,11 @@ class PeakSampler:
                 gauge.close()
 
     def sample(self, with_pss: bool, gauge: ObjectStoreGauge | None = None) -> None:
-        memory = tree_memory(psutil.Process(os.getpid()), self.exclude, with_pss)
+        root = psutil.Process(os.getpid())
+        processes = process_tree(root, self.exclude)
+        memory = tree_memory(root, processes, with_pss)
+        if self._cpu is not None:
+            self._cpu.sample(processes)
         peaks = self.peaks
         peaks.rss_bytes = max(peaks.rss_bytes, memory.rss_bytes)
         if (memory.pss_bytes or 0) > peaks.pss_bytes:

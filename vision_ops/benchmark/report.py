@@ -215,13 +215,25 @@ def format_table(report: BenchReport) -> str:
 
 
 def _memory_lines(report: BenchReport) -> list[str]:
-    """Where each approach's peak PSS was: MB by process role, largest first."""
-    lines = ["", "peak PSS by process role (MB; the sample of the peak):"]
-    for m in report.measurements:
-        roles = sorted(m.peaks.pss_by_role.items(), key=lambda item: -item[1])
-        if len(roles) > 1:
-            parts = [f"{role} {_mb(size)}" for role, size in roles]
-            lines.append(f"  {m.key:<8}" + " | ".join(parts))
+    """Where each approach's peak PSS was, and where its CPU time went: by process role,
+    largest first, after the total."""
+    memory = {
+        m.key: {role: v / MB for role, v in m.peaks.pss_by_role.items()}
+        for m in report.measurements
+    }
+    cpu = {m.key: m.peaks.cpu_seconds_by_role for m in report.measurements}
+    return _by_role_lines("peak PSS by process role (MB; the sample of the peak):", memory) + (
+        _by_role_lines("CPU seconds by process role (user + system, while it ran):", cpu)
+    )
+
+
+def _by_role_lines(title: str, figures: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["", title]
+    for key, by_role in figures.items():
+        if by_role:
+            roles = sorted(by_role.items(), key=lambda item: -item[1])
+            parts = [("total", sum(by_role.values())), *roles]
+            lines.append(f"  {key:<8}" + " | ".join(f"{role} {v:.0f}" for role, v in parts))
     return lines if len(lines) > 2 else []
 
 
