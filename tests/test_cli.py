@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 
 from vision_ops.cli import (
@@ -72,11 +73,14 @@ def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
     ],
 )
 def test_bad_spec_exits_2_and_names_the_field(spec_file, capsys, override, message) -> None:
+    was_up = ray.is_initialized()
     assert main(["run", str(spec_file), "--set", override]) == EXIT_BAD_SPEC
     err = capsys.readouterr().err
     assert message in err
     assert "hunter2" not in err
     assert not (spec_file.parent / "table").exists()
+    # a model refused while Ray started (the entrypoint): the cluster started for it is gone
+    assert ray.is_initialized() == was_up
 
 
 def test_missing_input_exits_2_before_any_work(spec_file, capsys, ray_local) -> None:

@@ -34,6 +34,7 @@ from vision_ops.storage import StorageOptions
 
 if TYPE_CHECKING:
     from vision_ops.drift import Drift
+    from vision_ops.pipeline.run import RunSummary
     from vision_ops.tasks import Task
 
 __all__ = [
@@ -67,13 +68,18 @@ def load_checked_spec(args: argparse.Namespace) -> JobSpec:
     """The spec with its overrides, validated and its model checked; SpecError/ModelError."""
     from vision_ops.models import check_job  # torch and torchvision: only where a model runs
 
+    spec = load_spec_of(args)
+    check_job(spec)
+    return spec
+
+
+def load_spec_of(args: argparse.Namespace) -> JobSpec:
+    """The spec with its overrides, validated (its model not checked); SpecError."""
     overrides = list(args.set or [])
     overrides += [f"run.id={args.run_id}"] if getattr(args, "run_id", None) else []
     overrides += [f"run.date={args.run_date}"] if getattr(args, "run_date", None) else []
     overrides += ["run.incremental=true"] if getattr(args, "incremental", False) else []
-    spec = load_spec(args.spec, overrides)
-    check_job(spec)
-    return spec
+    return load_spec(args.spec, overrides)
 
 
 def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOptions]:
@@ -90,10 +96,15 @@ def _fail(err: Exception, code: int) -> int:
     return code
 
 
-def _with_spec(command: Callable[[JobSpec, argparse.Namespace], int]) -> Callable[..., int]:
+def _with_spec(
+    command: Callable[[JobSpec, argparse.Namespace], int], check_model: bool = True
+) -> Callable[..., int]:
+    """A command on the spec its arguments name; `check_model=False`: the command checks the
+    model itself (`run`, while Ray starts)."""
+
     def handler(args: argparse.Namespace) -> int:
         try:
-            spec = load_checked_spec(args)
+            spec = load_checked_spec(args) if check_model else load_spec_of(args)
         except (SpecError, ModelError) as err:
             return _fail(err, EXIT_BAD_SPEC)
         return command(spec, args)
@@ -138,18 +149,13 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
 
 
 def run(spec: JobSpec, args: argparse.Namespace) -> int:
-    from ray.data.exceptions import ExecutionTimeoutError
-
-    from vision_ops.pipeline import run_job
     from vision_ops.runstats import startup_line
     from vision_ops.storage import StorageError
 
     try:
-        summary = run_job(spec)
+        summary = _connect_and_run(spec)
     except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
         return _fail(err, err.exit_code)
-    except ExecutionTimeoutError as err:  # Ray Data's stall guard names the stuck stages
-        return _fail(err, EXIT_FAILED)
     except StorageError as err:
         return _fail(RuntimeError(f"{err}; nothing was committed"), EXIT_FAILED)
     except KeyboardInterrupt:
@@ -158,6 +164,12 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             "and the same command (the same run id) resumes from them"
         )
         return _fail(RuntimeError(message), EXIT_INTERRUPTED)
+    except Exception as err:
+        from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
+
+        if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
+            return _fail(err, EXIT_FAILED)
+        raise
     commit = summary.commit
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors"
@@ -178,6 +190,25 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         options = spec.storage_options
         return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
     return EXIT_OK
+
+
+def _connect_and_run(spec: JobSpec) -> RunSummary:
+    """The run, its start-up timed from here: Ray starts while the driver imports the model
+    stack and checks the spec's model (ModelError once Ray is up)."""
+    from vision_ops.pipeline.connect import connect_while
+    from vision_ops.runstats import StartupClock
+
+    def prepare() -> None:
+        from vision_ops.models import check_job  # torch, torchvision
+        from vision_ops.pipeline import run  # noqa: F401  the rest of the pipeline
+
+        check_job(spec)
+
+    clock = StartupClock()
+    connect_while(prepare, clock)
+    from vision_ops.pipeline import run_job
+
+    return run_job(spec, clock)
 
 
 def _print_drift(drifts: Sequence[Drift] | None) -> None:
@@ -529,7 +560,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip units committed before for the same model and input version",
     )
-    sub.set_defaults(handler=_with_spec(run))
+    sub.set_defaults(handler=_with_spec(run, check_model=False))
 
     sub = commands.add_parser("validate", help="check a job spec without running it")
     _spec_arguments(sub)

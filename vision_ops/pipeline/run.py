@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
+from vision_ops.pipeline.connect import connect_ray
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
@@ -59,22 +59,11 @@ class RunSummary:
         return self.commit.rows / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
 
 
-def connect_ray() -> None:
-    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
-    dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
-    cluster unless RAY_AUTH_MODE says otherwise)."""
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
-
-
-def run_job(spec: JobSpec) -> RunSummary:
-    """Run a validated spec to a committed table; raises before any work if it cannot run."""
-    clock = StartupClock()
+def run_job(spec: JobSpec, clock: StartupClock | None = None) -> RunSummary:
+    """Run a validated spec to a committed table; raises before any work if it cannot run.
+    `clock`: start-up timed from an earlier start (the command line's, which connects to Ray
+    before calling this); by default from now."""
+    clock = clock or StartupClock()
     run_id, run_date = spec.resolved_run()
     check_job(spec)
     inputs = plan_inputs(spec.input, spec.storage_options)

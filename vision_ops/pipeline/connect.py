@@ -1,0 +1,57 @@
+"""The driver's connection to Ray, and the start-up work it overlaps.
+
+Starting the embedded local cluster takes seconds in which the driver mostly waits for Ray's
+processes; importing torch, torchvision and the pipeline and checking the job's model take
+seconds of the driver's CPU. `connect_while` does the second in a thread during the first (Ray
+itself wants the main thread: it sets its SIGTERM handler there). No torch here: the command
+line imports this module before the model stack.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import ray
+
+from vision_ops.runstats import StartupClock
+
+
+def connect_ray() -> None:
+    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
+    dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
+    cluster unless RAY_AUTH_MODE says otherwise)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def connect_while(prepare: Callable[[], None], clock: StartupClock) -> None:
+    """Connect to Ray (timed as the `ray_connect` stage) while `prepare` runs in a thread; then
+    wait for `prepare`, and raise what it raised, with the cluster started here (if one was)
+    shut down again. A failure to connect is raised first."""
+    failed: list[BaseException] = []
+    was_connected = ray.is_initialized()
+
+    def work() -> None:
+        try:
+            prepare()
+        except BaseException as err:  # re-raised in the caller's thread
+            failed.append(err)
+
+    worker = threading.Thread(target=work, name="vision-ops-prepare", daemon=True)
+    worker.start()
+    try:
+        with clock.stage("ray_connect"):
+            connect_ray()
+    finally:
+        worker.join()
+    if failed:
+        if not was_connected:
+            ray.shutdown()
+        raise failed[0]
