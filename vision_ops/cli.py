@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import logging
 import os
 import sys
@@ -200,8 +201,8 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
 
     def prepare() -> None:
         from vision_ops.models import check_job  # torch, torchvision
-        from vision_ops.pipeline import run  # noqa: F401  the rest of the pipeline
 
+        importlib.import_module("vision_ops.pipeline.run")  # the rest of the pipeline
         check_job(spec)
 
     clock = StartupClock()
