@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 import psutil
 
 SAMPLE_INTERVAL_S = 0.2
-# PSS walks each process's page tables (about 1 ms a process): sampled every 5th tick.
-PSS_EVERY = 5
+# PSS walks each process's page tables (tens of ms a sweep of a Ray job's processes, on the
+# cores it measures: 7 CPU seconds of a 55 s pipeline run at every 5th tick): every 10th tick.
+PSS_EVERY = 10
 TREE_DESCRIPTION = (
     "summed over the bench process and all its descendants (Ray's GCS, raylet, agents and "
     "workers; DataLoader and process-pool workers), the S3 server excepted"
@@ -39,6 +41,9 @@ class Peaks:
     # CPU seconds (user + system) spent while sampling, by process role: where the cores went.
     # A process's last sample counts, so one that exits loses at most a tick's worth.
     cpu_seconds_by_role: dict[str, float] = field(default_factory=dict)
+    # CPU seconds the sampling thread itself spent (part of the driver's): what measuring cost
+    # the approach, more for a tree of many processes (PSS walks each one's page tables).
+    sampler_cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -251,10 +256,12 @@ class PeakSampler:
     def _run(self) -> None:
         gauge = ObjectStoreGauge() if self.ray_object_store else None
         tick = 0
+        began = time.thread_time()
         try:
             while not self._stop.is_set():
                 self.sample(with_pss=tick % PSS_EVERY == 0, gauge=gauge)
                 tick += 1
+                self.peaks.sampler_cpu_seconds = time.thread_time() - began
                 self._stop.wait(self.interval_s)
         finally:
             if gauge is not None:

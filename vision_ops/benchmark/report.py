@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vision_ops.benchmark.probes import TREE_DESCRIPTION, Peaks
+from vision_ops.benchmark.probes import PSS_EVERY, TREE_DESCRIPTION, Peaks
 from vision_ops.benchmark.rates import shared_core_ceiling
 
 MB = 1024**2
@@ -205,7 +205,7 @@ def format_table(report: BenchReport) -> str:
         "* no steady state (the output came within a second): e2e rows / pipeline seconds, "
         "others rows / wall seconds; a ratio marked * uses such a figure",
         f"RSS, PSS: peaks {TREE_DESCRIPTION}; RSS every {settings['sample_interval_s']} s, PSS "
-        "every 5th sample. objst: peak Ray object store bytes in use.",
+        f"every {PSS_EVERY}th sample. objst: peak Ray object store bytes in use.",
         "steady img/s: rows after the first output batch / time from it to the last row; for "
         "the pipeline, between every actor's first output block and its last.",
     ]
@@ -222,18 +222,29 @@ def _memory_lines(report: BenchReport) -> list[str]:
         for m in report.measurements
     }
     cpu = {m.key: m.peaks.cpu_seconds_by_role for m in report.measurements}
+    sampling = {
+        m.key: f" (sampling {m.peaks.sampler_cpu_seconds:.0f})" for m in report.measurements
+    }
     return _by_role_lines("peak PSS by process role (MB; the sample of the peak):", memory) + (
-        _by_role_lines("CPU seconds by process role (user + system, while it ran):", cpu)
+        _by_role_lines(
+            "CPU seconds by process role (user + system, while it ran; the driver's includes "
+            "the bench's own sampling, in brackets):",
+            cpu,
+            sampling,
+        )
     )
 
 
-def _by_role_lines(title: str, figures: dict[str, dict[str, float]]) -> list[str]:
+def _by_role_lines(
+    title: str, figures: dict[str, dict[str, float]], notes: dict[str, str] | None = None
+) -> list[str]:
     lines = ["", title]
     for key, by_role in figures.items():
         if by_role:
             roles = sorted(by_role.items(), key=lambda item: -item[1])
             parts = [("total", sum(by_role.values())), *roles]
-            lines.append(f"  {key:<8}" + " | ".join(f"{role} {v:.0f}" for role, v in parts))
+            line = f"  {key:<8}" + " | ".join(f"{role} {v:.0f}" for role, v in parts)
+            lines.append(line + (notes or {}).get(key, ""))
     return lines if len(lines) > 2 else []
 
 
