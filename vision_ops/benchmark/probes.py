@@ -210,6 +210,8 @@ class CpuTally:
             try:
                 role = "driver" if process.pid == self.root.pid else process_role(process)
                 spent = _cpu_seconds(process) - self._start.get(process, 0.0)
+                if process in self._latest and role == process.name():
+                    role = self._latest[process][0]  # exiting, its command line gone: as it was
             except psutil.Error:
                 continue  # exited meanwhile: its last sample stands
             self._latest[process] = (role, spent)
