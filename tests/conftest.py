@@ -67,6 +67,24 @@ def ray_local(ray_temp_dir: str) -> Iterator[None]:
 
 
 @pytest.fixture
+def own_ray_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No Ray connection, no RAY_ADDRESS, and a Ray temp root of the test's own, for code that
+    starts the embedded local cluster itself (`ray.init()` with no address would otherwise
+    join what an earlier test's Cluster left in the suite's root); shut and removed after."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    root = tempfile.mkdtemp(prefix="voc", dir="/tmp")  # short: Ray's socket paths nest in it
+    monkeypatch.setenv("RAY_TMPDIR", root)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
 def ray_with_gpu(ray_temp_dir: str) -> Iterator[None]:
     """2 CPUs and this machine's first GPU for one test; the CPU-only cluster is back after it
     where one was up before."""

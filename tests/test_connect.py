@@ -17,14 +17,7 @@ def refuse() -> None:
     raise ModelError("model.entrypoint: cannot import nowhere.mod:build")
 
 
-@pytest.fixture
-def no_cluster() -> None:
-    """No Ray connection at the start: connect_while starts the embedded local cluster."""
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def test_the_preparation_runs_in_a_thread_while_ray_starts(no_cluster) -> None:
+def test_the_preparation_runs_in_a_thread_while_ray_starts(own_ray_root) -> None:
     seen: dict[str, bool] = {}
 
     def prepare() -> None:
@@ -41,7 +34,7 @@ def test_the_preparation_runs_in_a_thread_while_ray_starts(no_cluster) -> None:
         ray.shutdown()
 
 
-def test_a_refusal_found_while_ray_starts_is_raised_and_its_cluster_shut(no_cluster) -> None:
+def test_a_refusal_found_while_ray_starts_is_raised_and_its_cluster_shut(own_ray_root) -> None:
     with pytest.raises(ModelError, match=r"cannot import nowhere\.mod:build"):
         connect_while(refuse, StartupClock())
     assert not ray.is_initialized()
