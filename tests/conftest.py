@@ -67,21 +67,26 @@ def ray_local(ray_temp_dir: str) -> Iterator[None]:
 
 
 @pytest.fixture
-def own_ray_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def own_ray_root(monkeypatch: pytest.MonkeyPatch, ray_temp_dir: str) -> Iterator[None]:
     """No Ray connection, no RAY_ADDRESS, and a Ray temp root of the test's own, for code that
     starts the embedded local cluster itself (`ray.init()` with no address would otherwise
-    join what an earlier test's Cluster left in the suite's root); shut and removed after."""
+    join what an earlier test's Cluster left in the suite's root); shut and removed after,
+    and the suite's cluster (`ray_local`) back where it was up before."""
     import ray
 
-    if ray.is_initialized():
+    was_up = ray.is_initialized()
+    if was_up:
         ray.shutdown()
     root = tempfile.mkdtemp(prefix="voc", dir="/tmp")  # short: Ray's socket paths nest in it
-    monkeypatch.setenv("RAY_TMPDIR", root)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+    with monkeypatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", root)
+        patch.delenv("RAY_ADDRESS", raising=False)
+        yield
+        if ray.is_initialized():
+            ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
+    if was_up:
+        start_local_ray(ray_temp_dir, gpus=0)
 
 
 @pytest.fixture
