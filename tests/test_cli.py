@@ -14,6 +14,7 @@ import pytest
 import ray
 import yaml
 
+from vision_ops import models
 from vision_ops.cli import (
     EXIT_BAD_SPEC,
     EXIT_CLUSTER_TOO_SMALL,
@@ -21,6 +22,7 @@ from vision_ops.cli import (
     EXIT_TOO_MANY_ERRORS,
     main,
 )
+from vision_ops.pipeline import run as pipeline_run
 from vision_ops.runstats import startup_line
 from vision_ops.sink import committed_run
 
@@ -96,9 +98,19 @@ def test_pool_that_does_not_fit_exits_3(spec_file, capsys, ray_local) -> None:
     assert not (spec_file.parent / "table").exists()
 
 
-def test_run_commits_and_prints_a_summary(spec_file, capsys, ray_local) -> None:
+def test_run_commits_and_prints_a_summary(spec_file, capsys, ray_local, monkeypatch) -> None:
+    checked: list[str] = []  # the model check, once (it can read storage or build the model)
+    check_for_real = models.check_job
+
+    def check_job(spec) -> None:
+        checked.append(spec.model.kind)
+        check_for_real(spec)
+
+    for module in (models, pipeline_run):
+        monkeypatch.setattr(module, "check_job", check_job, raising=True)
     args = ["run", str(spec_file), "--run-id", "cli-1", "--run-date", "2026-11-23"]
     assert main(args) == EXIT_OK
+    assert checked == ["entrypoint"]
     out = capsys.readouterr().out
     assert "run cli-1: 3 items, 2 ok, 1 errors" in out
     assert "images/s" in out

@@ -207,9 +207,9 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
 
     clock = StartupClock()
     connect_while(prepare, clock)
-    from vision_ops.pipeline import run_job
+    from vision_ops.pipeline.run import run_checked_job
 
-    return run_job(spec, clock)
+    return run_checked_job(spec, clock)
 
 
 def _print_drift(drifts: Sequence[Drift] | None) -> None:

@@ -61,11 +61,16 @@ class RunSummary:
 
 def run_job(spec: JobSpec, clock: StartupClock | None = None) -> RunSummary:
     """Run a validated spec to a committed table; raises before any work if it cannot run.
-    `clock`: start-up timed from an earlier start (the command line's, which connects to Ray
-    before calling this); by default from now."""
-    clock = clock or StartupClock()
-    run_id, run_date = spec.resolved_run()
+    `clock`: start-up timed from an earlier start; by default from now."""
     check_job(spec)
+    return run_checked_job(spec, clock or StartupClock())
+
+
+def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
+    """`run_job` on a spec whose model `check_job` has passed already (the command line checks
+    it while Ray starts, and times start-up from before that): the check is not repeated (for
+    detection it reads the labels from storage, for embeddings it builds the model)."""
+    run_id, run_date = spec.resolved_run()
     inputs = plan_inputs(spec.input, spec.storage_options)
     check_run_date(spec, run_id, run_date)
     with clock.stage("ray_connect"):
