@@ -211,10 +211,16 @@ def test_a_scene_tile_is_read_from_its_window(tmp_path) -> None:
     with rasterio.open(tmp_path / "scene.tif", "w", **profile) as scene:
         scene.write(bands)
     row = {"source_uri": str(tmp_path / "scene.tif"), "tile_x": 32, "tile_y": 0, "tile_size": 32}
-    pixels = Sources({}).pixels(row)
-    assert pixels is not None and pixels.shape == (32, 32, 3)
-    assert pixels[0, 0].tolist() == [255] * 3 and pixels[16, 16].tolist() == [0] * 3
-    assert Sources({}).pixels(row | {"source_uri": str(tmp_path / "gone.tif")}) is None
+    with Sources({}) as sources:
+        pixels = sources.pixels(row)
+        assert pixels is not None and pixels.shape == (32, 32, 3)
+        assert pixels[0, 0].tolist() == [255] * 3 and pixels[16, 16].tolist() == [0] * 3
+        left = sources.pixels(row | {"tile_x": 0})  # all dark: stretched over nothing, black
+        assert left is not None and left.max() == 0
+        assert sources.pixels(row | {"source_uri": str(tmp_path / "gone.tif")}) is None
+        assert list(sources._scenes) == [row["source_uri"]]  # opened once for both tiles
+        scene = sources._scenes[row["source_uri"]]
+    assert scene.closed and not sources._scenes  # closed with the report
 
 
 def test_a_scene_tile_shows_the_bands_the_run_read(tmp_path) -> None:

@@ -61,6 +61,8 @@ def build_report(
     task = task_of_run(manifest)
     table = read_run(table_uri, manifest, options)
     summary = task.summary(table)
+    with Sources(options or {}, samples, manifest.get("tile_bands")) as sources:
+        drawn = panels(table, (*task.panels, *COMMON_PANELS), sources)
     return RunReport(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],
@@ -80,11 +82,7 @@ def build_report(
         metrics=overall_metrics(table_uri, manifest["run_id"], options),
         unit=task.unit,
         score=task.score,
-        panels=panels(
-            table,
-            (*task.panels, *COMMON_PANELS),
-            Sources(options or {}, samples, manifest.get("tile_bands")),
-        ),
+        panels=drawn,
     )
 
 
