@@ -97,24 +97,31 @@ def _process(pid: int, started: int) -> psutil.Process:
     return psutil.Process(pid)
 
 
-def tree_memory(
-    root: psutil.Process, processes: list[psutil.Process], with_pss: bool = True
-) -> TreeMemory:
+def tree_memory(roles: dict[psutil.Process, str], with_pss: bool = True) -> TreeMemory:
     """RSS (and PSS, which shares shared pages out among the processes mapping them, summed
-    by process role too) summed over `processes`, the tree of `root`."""
+    by process role too) summed over the processes of a tree, given with their roles."""
     rss, count = 0, 0
     by_role: dict[str, int] = {}
-    for process in processes:
+    for process, role in roles.items():
         try:
             rss += process.memory_info().rss
             if with_pss:
-                role = "driver" if process.pid == root.pid else process_role(process)
                 by_role[role] = by_role.get(role, 0) + proportional_set_size(process.pid)
         except (psutil.Error, OSError):
             continue  # a worker that exited between the listing and the read
         count += 1
     pss = sum(by_role.values()) if with_pss else None
     return TreeMemory(rss, pss, count, by_role)
+
+
+def tree_roles(root: psutil.Process, processes: list[psutil.Process]) -> dict[psutil.Process, str]:
+    """Each process of `root`'s tree with its role (`root` itself: the driver); a process that
+    exited meanwhile is left out."""
+    roles: dict[psutil.Process, str] = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error, OSError):
+            roles[process] = "driver" if process.pid == root.pid else process_role(process)
+    return roles
 
 
 # Ray's own processes, by a word of their command line.
@@ -205,10 +212,10 @@ class CpuTally:
                 self._start[process] = _cpu_seconds(process)
         return self
 
-    def sample(self, processes: list[psutil.Process]) -> None:
-        for process in processes:
+    def sample(self, roles: dict[psutil.Process, str]) -> None:
+        """Each process's CPU seconds so far, under its role now (`tree_roles`)."""
+        for process, role in roles.items():
             try:
-                role = "driver" if process.pid == self.root.pid else process_role(process)
                 spent = _cpu_seconds(process) - self._start.get(process, 0.0)
                 if process in self._latest and role == process.name():
                     role = self._latest[process][0]  # exiting, its command line gone: as it was
@@ -271,10 +278,10 @@ class PeakSampler:
 
     def sample(self, with_pss: bool, gauge: ObjectStoreGauge | None = None) -> None:
         root = psutil.Process(os.getpid())
-        processes = process_tree(root, self.exclude)
-        memory = tree_memory(root, processes, with_pss)
+        roles = tree_roles(root, process_tree(root, self.exclude))  # once a tick, for both
+        memory = tree_memory(roles, with_pss)
         if self._cpu is not None:
-            self._cpu.sample(processes)
+            self._cpu.sample(roles)
         peaks = self.peaks
         peaks.rss_bytes = max(peaks.rss_bytes, memory.rss_bytes)
         if (memory.pss_bytes or 0) > peaks.pss_bytes:

@@ -209,12 +209,12 @@ def format_table(report: BenchReport) -> str:
         "steady img/s: rows after the first output batch / time from it to the last row; for "
         "the pipeline, between every actor's first output block and its last.",
     ]
-    lines += _ratio_lines(report) + _memory_lines(report)
+    lines += _ratio_lines(report) + _where_it_went_lines(report)
     lines += _scaling_lines(report) + _check_lines(report)
     return "\n".join(lines)
 
 
-def _memory_lines(report: BenchReport) -> list[str]:
+def _where_it_went_lines(report: BenchReport) -> list[str]:
     """Where each approach's peak PSS was, and where its CPU time went: by process role,
     largest first, after the total."""
     memory = {
