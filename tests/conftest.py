@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray_temp_root import claim
+from ray_temp_root import claim, short_temp_dir
 
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
 
@@ -33,7 +32,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def ray_temp_dir() -> Iterator[str]:
     """A short, private Ray temp dir: no stale `ray_current_cluster` from another cluster."""
-    path = tempfile.mkdtemp(prefix="vor", dir="/tmp")
+    path = str(short_temp_dir("vor"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -77,16 +76,15 @@ def own_ray_root(monkeypatch: pytest.MonkeyPatch, ray_temp_dir: str) -> Iterator
     was_up = ray.is_initialized()
     if was_up:
         ray.shutdown()
-    root = tempfile.mkdtemp(prefix="voc", dir="/tmp")  # short: Ray's socket paths nest in it
+    root = short_temp_dir("voc")
     with monkeypatch.context() as patch:
-        patch.setenv("RAY_TMPDIR", root)
+        patch.setenv("RAY_TMPDIR", str(root))
         patch.delenv("RAY_ADDRESS", raising=False)
         yield
         if ray.is_initialized():
             ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
-    if was_up:
-        start_local_ray(ray_temp_dir, gpus=0)
+    restore_suite_cluster(was_up, ray_temp_dir)
 
 
 @pytest.fixture
@@ -98,9 +96,17 @@ def ray_with_gpu(ray_temp_dir: str) -> Iterator[None]:
     was_up = ray.is_initialized()
     start_local_ray(ray_temp_dir, gpus=1)
     yield
+    restore_suite_cluster(was_up, ray_temp_dir)
+
+
+def restore_suite_cluster(was_up: bool, ray_temp_dir: str) -> None:
+    """After a test that changed the connection: the suite's CPU-only cluster (`ray_local`,
+    session-scoped) up again where it was up before the test, else no connection."""
+    import ray
+
     if was_up:
         start_local_ray(ray_temp_dir, gpus=0)
-    else:
+    elif ray.is_initialized():
         ray.shutdown()
 
 

@@ -65,10 +65,15 @@ class SuiteRayRoot:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def short_temp_dir(prefix: str) -> Path:
+    """A new folder short enough for a Ray temp dir (pytest's tmp_path is too long)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=SHORT_BASE))
+
+
 def claim(environ: MutableMapping[str, str]) -> SuiteRayRoot:
     """A new Ray temp root with its `ray` folder, set as RAY_TMPDIR in `environ`."""
     host_root = default_ray_root(environ)
-    path = Path(tempfile.mkdtemp(prefix="vo", dir=SHORT_BASE))
+    path = short_temp_dir("vo")
     (path / "ray").mkdir()
     root = SuiteRayRoot(path=path, host_root=host_root, host_entries=entries(host_root))
     environ["RAY_TMPDIR"] = str(path)

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from cluster_script import run_cluster_script
 from PIL import Image
+from ray_temp_root import short_temp_dir
 
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
@@ -291,7 +291,7 @@ def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path,
     make_images(tmp_path / "images", 160)
     table = tmp_path / "table"
     spec = write_spec(tmp_path, tiny_weights, table)
-    ray_temp = Path(tempfile.mkdtemp(prefix="vok", dir="/tmp"))
+    ray_temp = short_temp_dir("vok")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_TMPDIR": str(ray_temp)
     }
@@ -371,7 +371,7 @@ def test_a_stalled_run_fails_naming_the_stuck_stage(tmp_path) -> None:
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
-    ray_temp = Path(tempfile.mkdtemp(prefix="vos", dir="/tmp"))
+    ray_temp = short_temp_dir("vos")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONPATH": str(Path(__file__).parent)}
     try:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from ray_temp_root import short_temp_dir
 from test_exactly_once import make_images
 
 from vision_ops import outputs
@@ -335,7 +335,7 @@ def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -
     """Run the spec in a driver process of its own; once `rows` rows are durable send it `how`:
     SIGKILL to the driver and its Ray (its process group), SIGINT to the driver alone (as
     Ctrl-C). Returns the driver's exit status; its output is in `log`."""
-    ray_temp = Path(tempfile.mkdtemp(prefix="vor", dir="/tmp"))
+    ray_temp = short_temp_dir("vor")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_TMPDIR": str(ray_temp)
     }

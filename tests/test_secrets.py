@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from ray_temp_root import short_temp_dir
 
 from vision_ops.errors import ModelError
 from vision_ops.models import load_state_dict_file
@@ -79,11 +79,6 @@ def test_every_torch_load_in_the_package_is_weights_only() -> None:
                 flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 calls.append((source.name, flags.get("weights_only")))
     assert calls and all(flag == "True" for _, flag in calls), calls
-
-
-def short_temp_dir(prefix: str) -> Path:
-    """Ray's unix sockets need a short path; pytest's tmp_path is too long."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def files_containing(root: Path, needles: list[bytes]) -> list[str]:

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_temp_root import short_temp_dir
 
 from vision_ops.devstack import free_ports
 from vision_ops.submission import SubmissionError, passed_env
@@ -44,7 +44,7 @@ def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
 def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     """`ray start --head --block` on 127.0.0.1, token auth on, in a private temp dir."""
     token = secrets.token_hex(16)
-    temp = Path(tempfile.mkdtemp(prefix="voh", dir="/tmp"))
+    temp = short_temp_dir("voh")
     gcs_port, dashboard_port, *agent_ports = free_ports(6)
     # No RAY_ADDRESS, auth mode or token of the session's; its Ray temp root (RAY_TMPDIR) stays.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TMPDIR"}
