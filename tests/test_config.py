@@ -666,7 +666,7 @@ def test_max_actors_below_min_actors_is_refused() -> None:
 @pytest.mark.parametrize(
     ("task", "gpu_share", "expected"),
     [
-        ("classification", 0, 32),
+        ("classification", 0, 8),
         ("classification", 1, 256),
         ("classification", 0.5, 128),
         ("classification", 0.3, 64),  # 76.8 of a whole GPU's 256, down to a power of two
@@ -702,7 +702,7 @@ def test_read_tasks_fetch_four_model_batches_when_the_actors_decode() -> None:
         spec = parse_spec(with_value("runtime", {"decode": "device", **runtime}))
         return spec.sized(gpu_share).runtime.read_batch_size
 
-    assert read_batch(0) == 4 * 32  # read tasks only fetch bytes: fewer, larger tasks
+    assert read_batch(0) == 4 * 8  # read tasks only fetch bytes: fewer, larger tasks
     assert read_batch(1) == 4 * 256
     assert read_batch(1, batch_size=8) == 32
     assert read_batch(1, read_batch_size=5) == 5

@@ -92,7 +92,7 @@ def torchvision_file_model(path: object, **extra: object) -> dict:
 
 def assert_predicts_like(spec: object, reference: torch.nn.Module, images: np.ndarray) -> None:
     classifier = Classifier(spec)  # type: ignore[arg-type]
-    assert classifier.spec.runtime.batch_size == 32  # unsized: a CPU actor's batch
+    assert classifier.spec.runtime.batch_size == 8  # unsized: a CPU actor's batch
     ids, scores = classifier.predict(images)
     expected = direct_logits(reference, images).softmax(-1).topk(classifier.top_k)
     np.testing.assert_array_equal(ids, expected.indices.numpy())

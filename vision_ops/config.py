@@ -564,7 +564,7 @@ class RuntimeSpec(StrictModel):
         default=None,
         gt=0,
         description="Images per model call. By default derived from the task and the actor's "
-        "device (e.g. classification 32 on CPUs, 256 on a whole GPU; detection 4 and 16; "
+        "device (e.g. classification 8 on CPUs, 256 on a whole GPU; detection 4 and 16; "
         "each task's in its record, vision_ops.tasks); an actor with a share of a GPU gets "
         "that share (a power of two).",
     )
