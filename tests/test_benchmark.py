@@ -325,7 +325,7 @@ def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None
         runtime_overrides(tmp_path / "flat.yaml")
 
 
-@pytest.mark.parametrize(("gpus", "batch", "read_batch"), [(0, 32, 4 * 32), (1, 256, 16)])
+@pytest.mark.parametrize(("gpus", "batch", "read_batch"), [(0, 8, 4 * 8), (1, 256, 16)])
 def test_bench_batch_is_the_jobs_derived_one_unless_given(
     gpus: float, batch: int, read_batch: int
 ) -> None:
@@ -337,8 +337,8 @@ def test_bench_batch_is_the_jobs_derived_one_unless_given(
         return runtime.batch_size, runtime.read_batch_size
 
     assert sized(parse_bench_spec({})) == (batch, read_batch)
-    given = sized(parse_bench_spec({"batch_size": 8}))
-    assert given == (8, 4 * 8 if gpus == 0 else 16)
+    given = sized(parse_bench_spec({"batch_size": 24}))
+    assert given == (24, 4 * 24 if gpus == 0 else 16)
 
 
 def test_bench_runs_the_classifier_it_names_like_plain_pytorch(tmp_path: Path) -> None:
