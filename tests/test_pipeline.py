@@ -100,7 +100,7 @@ def test_local_files_equal_a_direct_model_call(
     caplog.set_level(logging.INFO, logger="vision_ops.pipeline")
     derived = job([str(photo_dir)], str(output), runtime={"max_actors": 1})  # no batch_size
     summary = run_job(derived)
-    assert "32 images per model call, 16 files per read task" in caplog.text  # a CPU actor's
+    assert "8 images per model call, 16 files per read task" in caplog.text  # a CPU actor's
     rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
     assert summary.commit.rows == summary.inputs == len(direct_top_k) == len(rows)
     assert_matches_direct(rows, direct_top_k)
