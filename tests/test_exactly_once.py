@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from cluster_script import run_cluster_script
 from PIL import Image
+from process_session import kill_session
 from ray_temp_root import short_temp_dir
 
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
@@ -304,9 +304,10 @@ def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path,
             assert driver.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no staged file appeared"
             time.sleep(0.05)
-        os.killpg(driver.pid, signal.SIGKILL)
+        kill_session(driver.pid)  # the driver, its Ray and the actors, in their own groups
         driver.wait(timeout=60)
     finally:
+        kill_session(driver.pid)
         shutil.rmtree(ray_temp, ignore_errors=True)
     assert committed_runs(str(table)) == []  # readers see nothing of it
     assert main(["query", str(table), "SELECT 1"]) == EXIT_FAILED

@@ -3,7 +3,6 @@ reused, whole sources only, each unit once; the rest is processed (counted at th
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from process_session import kill_session
 from ray_temp_root import short_temp_dir
 from test_exactly_once import make_images
 
@@ -333,8 +333,8 @@ def kill_at(spec: Path, fs: Any, staging: str, rows: int) -> None:
 
 def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -> int:
     """Run the spec in a driver process of its own; once `rows` rows are durable send it `how`:
-    SIGKILL to the driver and its Ray (its process group), SIGINT to the driver alone (as
-    Ctrl-C). Returns the driver's exit status; its output is in `log`."""
+    SIGKILL to the driver and every process of its Ray (its session), SIGINT to the driver
+    alone (as Ctrl-C). Returns the driver's exit status; its output is in `log`."""
     ray_temp = short_temp_dir("vor")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_TMPDIR": str(ray_temp)
@@ -351,13 +351,12 @@ def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -
             fs.invalidate_cache()
             time.sleep(0.05)
         if how == signal.SIGKILL:
-            os.killpg(driver.pid, signal.SIGKILL)
+            kill_session(driver.pid)  # the driver, its Ray and the actors, in their own groups
         else:
             driver.send_signal(how)
         return driver.wait(timeout=120)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)  # whatever of its Ray is left
+        kill_session(driver.pid)  # whatever of its Ray is left
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from process_session import kill_session
 from ray_temp_root import short_temp_dir
 
 from vision_ops.devstack import free_ports
@@ -66,10 +68,9 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=60)  # a graceful stop
+        kill_session(head.pid)  # what it left: its workers are in process groups of their own
         shutil.rmtree(temp, ignore_errors=True)
 
 
