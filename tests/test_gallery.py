@@ -217,7 +217,10 @@ def test_a_scene_tile_is_read_from_its_window(tmp_path) -> None:
         assert pixels[0, 0].tolist() == [255] * 3 and pixels[16, 16].tolist() == [0] * 3
         left = sources.pixels(row | {"tile_x": 0})  # all dark: stretched over nothing, black
         assert left is not None and left.max() == 0
-        assert sources.pixels(row | {"source_uri": str(tmp_path / "gone.tif")}) is None
+        gone = row | {"source_uri": str(tmp_path / "gone.tif")}
+        assert sources.pixels(gone) is None
+        (tmp_path / "gone.tif").hardlink_to(tmp_path / "scene.tif")
+        assert sources.pixels(gone | {"tile_x": 0}) is None  # not tried again for its next tile
         assert list(sources._scenes) == [row["source_uri"]]  # opened once for both tiles
         scene = sources._scenes[row["source_uri"]]
     assert scene.closed and not sources._scenes  # closed with the report

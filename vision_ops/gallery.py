@@ -40,6 +40,7 @@ class Sources:
     _read: dict[str, bytes | None] = field(default_factory=dict)
     _unreachable: set[str] = field(default_factory=set)  # stores (scheme://bucket) that failed
     _scenes: dict[str, Any] = field(default_factory=dict)  # open rasterio datasets by URI
+    _unopened: set[str] = field(default_factory=set)  # scenes that failed to open
     _open: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def __enter__(self) -> Sources:
@@ -87,14 +88,27 @@ class Sources:
 
     def tile(self, row: dict[str, Any]) -> np.ndarray | None:
         """A scene tile read through rasterio (only its window: ranged reads), the run's bands
-        stretched between the tile's 2nd and 98th percentiles."""
+        stretched between the tile's 2nd and 98th percentiles. A scene that cannot be opened
+        is not tried again for its other tiles."""
         uri = str(row["source_uri"])
-        try:
-            return scene_tile(self.scene(uri), row, self.bands)
-        except Exception:  # gone, unreadable, or not a raster
-            if store_of(uri) and not isinstance(_cause(uri, self.options), FileNotFoundError):
-                self._unreachable.add(store_of(uri))
+        if uri in self._unopened:
             return None
+        try:
+            dataset = self.scene(uri)
+        except Exception:  # gone, unreadable, or not a raster
+            self._unopened.add(uri)
+            self._note_failure(uri)
+            return None
+        try:
+            return scene_tile(dataset, row, self.bands)
+        except Exception:  # a window that cannot be read
+            self._note_failure(uri)
+            return None
+
+    def _note_failure(self, uri: str) -> None:
+        """Mark the source's remote store unreachable unless only the source is gone."""
+        if store_of(uri) and not isinstance(_cause(uri, self.options), FileNotFoundError):
+            self._unreachable.add(store_of(uri))
 
     def scene(self, uri: str) -> Any:
         """The scene as an open rasterio dataset, opened on first use and kept open: its
