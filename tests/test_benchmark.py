@@ -411,7 +411,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "bench.json"
     always_compile = folder / "compile.yaml"  # 6 photos are too few for compiling to pay
-    always_compile.write_text("runtime: {compile_min_inputs: 0}\n")
+    always_compile.write_text("runtime: {compile_min_inputs: 0, compile_min_inputs_cold: 0}\n")
     command = [sys.executable, "-m", "vision_ops.cli", "bench", "--images", str(TINY)]
     command += ["--batch-size", "2", "--only", "a,b,c,d,e,f", "--no-s3", "--repeats", "1"]
     command += ["--scale", str(SCALE), "--spec", str(always_compile)]

@@ -5,17 +5,28 @@ direct torchvision call on the same pixels; files no decoder can read become err
 from __future__ import annotations
 
 import io
+import json
+import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from test_models import PREP, direct_logits, spec_for, tiny_classifier, torchvision_file_model
+from test_models import (
+    CLASSES,
+    PREP,
+    direct_logits,
+    spec_for,
+    tiny_classifier,
+    torchvision_file_model,
+)
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from vision_ops.compile_record import RECORD_FOLDER
 from vision_ops.config import Preprocessing, SpecError, parse_spec
 from vision_ops.decode import ENCODED_COLUMN, CorruptImage, decode_image, device_jpeg_size
 from vision_ops.device_decode import decode_batch, model_inputs, resize_and_crop_tensor
@@ -211,6 +222,37 @@ def test_a_compiled_model_keeps_one_graph_for_short_and_long_batches(
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_a_model_is_compiled_only_where_it_was_compiled_before_when_the_run_asks_so(
+    weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold node
+    images = np.random.default_rng(9).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
+    spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+
+    def classifier(**runtime: object) -> Classifier:
+        compiled = {"compile": True, "batch_size": 4} | runtime
+        return Classifier(
+            spec.model_copy(update={"runtime": spec.runtime.model_copy(update=compiled)})
+        )
+
+    cached_only = {"compile_only_where_cached": True}
+    built = [classifier(**cached_only), classifier(), classifier(**cached_only)]
+    assert [c.compile_seconds > 0 for c in built] == [False, True, True]
+    assert [c.static_batch for c in built] == [0, 4, 4]
+    recorded = list((tmp_path / "inductor" / RECORD_FOLDER).iterdir())
+    assert [path.name for path in recorded] == [
+        built[1].compiled_model(built[1].preprocessing).digest()
+    ]
+    assert json.loads(recorded[0].read_text())["torch"] == torch.__version__
+    other_batch = classifier(batch_size=2, **cached_only)  # another static shape: not cached
+    assert other_batch.compile_seconds == 0
+    for each in [*built, other_batch]:  # compiled or not, the same predictions
+        ids, scores = each.predict(images)
+        np.testing.assert_array_equal(ids, expected.indices.numpy())
+        np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
+
+
 def test_threads_come_from_the_plan_unless_the_spec_sets_them(weights_file: Path) -> None:
     before = torch.get_num_threads()
     try:
@@ -283,3 +325,37 @@ def test_pipeline_with_device_decode_equals_direct_calls(
         np.testing.assert_allclose(
             [e["score"] for e in row["top_k"]], top.values[index].numpy(), atol=1e-5
         )
+
+
+def test_a_run_between_the_compile_thresholds_compiles_where_the_node_compiled_before(
+    ray_local: None, tmp_path: Path
+) -> None:
+    # Weights of their own (this node has not compiled them, even in a suite run before), and
+    # 6 inputs: past compile_min_inputs, short of compile_min_inputs_cold.
+    weights_file = tmp_path / "unseen.pt"
+    state = tiny_classifier().state_dict()
+    unseen = torch.Generator().manual_seed(time.time_ns())
+    state["classifier.3.bias"] += 0.1 * torch.rand(CLASSES, generator=unseen)
+    torch.save(state, weights_file)
+    runtime = {"max_actors": 1, "batch_size": 4, "compile": True, "compile_min_inputs": 1}
+    compiled_seconds, rows = [], []
+    for attempt, cold in enumerate([1000, 0, 1000]):  # 0: compile even on a cold node
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        _, summary, committed = run_on_photos(
+            folder, weights_file, 5, runtime | {"compile_min_inputs_cold": cold}
+        )
+        assert summary.commit.ok == len(committed) == 6
+        compiled_seconds.append(cast(dict, summary.startup_seconds)["compile"])
+        rows.append(sorted(committed, key=lambda row: row["source_uri"].rsplit("/", 1)[1]))
+    assert [seconds > 0 for seconds in compiled_seconds] == [False, True, True]
+    for compiled in rows[1:]:  # compiled or not, the same predictions
+        for eager_row, row in zip(rows[0], compiled, strict=True):
+            assert [e["label_id"] for e in row["top_k"]] == [
+                e["label_id"] for e in eager_row["top_k"]
+            ]
+            np.testing.assert_allclose(
+                [e["score"] for e in row["top_k"]],
+                [e["score"] for e in eager_row["top_k"]],
+                atol=1e-5,
+            )

@@ -145,12 +145,20 @@ def test_s3_in_and_out_equal_a_direct_model_call(
 
 
 def test_a_run_compiles_only_when_its_inputs_make_it_pay(tmp_path) -> None:
-    spec = job(["/photos"], str(tmp_path), runtime={"compile": True, "compile_min_inputs": 100})
-    assert spec.runtime.compile and not compiled_if_it_pays(spec, 99).runtime.compile
-    assert compiled_if_it_pays(spec, 100) == spec
+    thresholds = {"compile_min_inputs": 100, "compile_min_inputs_cold": 300}
+    spec = job(["/photos"], str(tmp_path), runtime={"compile": True, **thresholds})
+    assert spec.runtime.compile and not spec.runtime.compile_only_where_cached
+    assert not compiled_if_it_pays(spec, 99).runtime.compile
+    for warm_only in (100, 299):  # compiled on the nodes that compiled the model before
+        runtime = compiled_if_it_pays(spec, warm_only).runtime
+        assert runtime.compile and runtime.compile_only_where_cached
+    assert compiled_if_it_pays(spec, 300) == spec
+    same = job(["/p"], "/o", runtime={"compile": True, "compile_min_inputs_cold": 0})
+    assert compiled_if_it_pays(same, 2999) != same and compiled_if_it_pays(same, 3000) == same
     eager = job(["/photos"], str(tmp_path))  # compile is off unless asked for
     assert not compiled_if_it_pays(eager, 10**6).runtime.compile
-    assert job(["/p"], "/o", runtime={"compile": True}).runtime.compile_min_inputs == 3000
+    defaults = job(["/p"], "/o", runtime={"compile": True}).runtime
+    assert (defaults.compile_min_inputs, defaults.compile_min_inputs_cold) == (3000, 8000)
 
 
 @pytest.fixture

@@ -535,8 +535,10 @@ UNION_FIELDS = frozenset({"model"})
 READ_BATCH_SIZE = 16  # files a read task fetches and decodes
 DEVICE_DECODE_READ_BATCHES = 4  # model batches a read task fetches when the actors decode
 # Inputs a run needs before torch.compile pays for itself on CPUs: each actor spends seconds
-# compiling, and the compiled model saves about 4 ms an image (docs/performance.md, "Start-up").
+# compiling, and the compiled model saves about 4 ms an image (docs/performance.md, "Start-up"):
+# about 13 s of compiling where the node compiled the model before, about 35 s where it did not.
 COMPILE_MIN_INPUTS = 3000
+COMPILE_MIN_INPUTS_COLD = 8000
 
 
 @dataclass(frozen=True)
@@ -620,7 +622,24 @@ class RuntimeSpec(StrictModel):
         description="With compile on, compile only a run of at least this many inputs to "
         "process (the listing's count, after --incremental's skip): a shorter run loses more "
         f"to compiling than the faster batches win back. Default {COMPILE_MIN_INPUTS}, "
-        "measured on CPUs; 0: always compile.",
+        "measured on CPUs with a warm compile cache; 0, with compile_min_inputs_cold 0: always "
+        "compile.",
+    )
+    compile_min_inputs_cold: int = Field(
+        default=COMPILE_MIN_INPUTS_COLD,
+        ge=0,
+        description="... and on a node that has not compiled this model (weights, batch shape, "
+        "torch version) before, whose first compile takes several times as long: a run of "
+        "fewer inputs compiles only where the node's compile cache holds the model. Default "
+        f"{COMPILE_MIN_INPUTS_COLD}, measured on CPUs; at most compile_min_inputs: no "
+        "distinction.",
+    )
+    compile_only_where_cached: bool = Field(
+        default=False,
+        description="With compile on, an actor compiles only on a node that has compiled this "
+        "model before (a record beside torch's compile cache) and runs it uncompiled elsewhere. "
+        "The pipeline sets it for a run between compile_min_inputs and "
+        "compile_min_inputs_cold.",
     )
     retain_host_memory: bool = Field(
         default=True,

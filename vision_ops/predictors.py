@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import TypeVar, cast
@@ -11,6 +12,7 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 
+from vision_ops.compile_record import CompiledModel, compiled_here_before, remember_compiled
 from vision_ops.config import JobSpec, Preprocessing
 from vision_ops.decode import ENCODED_COLUMN
 from vision_ops.detection import (
@@ -40,6 +42,7 @@ from vision_ops.schema import (
 )
 from vision_ops.tasks import ClassificationTask, DetectionTask, get_task
 
+log = logging.getLogger(__name__)
 ERROR_COLUMNS = ("status", "error_type", "error_message")
 TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)
 Pixels = np.ndarray | torch.Tensor  # uint8 (H, W, 3): from a read task, or decoded on the device
@@ -158,7 +161,8 @@ class Predictor:
         if self.spec.runtime.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = FromPixels(self.module, preprocessing).to(self.device)
-        if self.spec.runtime.compile:
+        as_compiled = self.compiled_model(preprocessing)
+        if self.compiles(as_compiled):
             # Freezing folds the weights into the graph (batch norm into the convolutions), and
             # one static shape keeps one graph: run_fixed pads short batches to batch_size.
             started = time.perf_counter()
@@ -167,7 +171,30 @@ class Predictor:
             self.static_batch = self.spec.runtime.images_per_call
             self.probe()
             self.compile_seconds = time.perf_counter() - started
+            remember_compiled(as_compiled)
         return preprocessing
+
+    def compiled_model(self, preprocessing: Preprocessing) -> CompiledModel:
+        runtime = self.spec.runtime
+        return CompiledModel(
+            model=self.model.name,
+            weights_sha256=self.model.weights_sha256,
+            batch=runtime.images_per_call,
+            crop=preprocessing.crop,
+            channels_last=runtime.channels_last,
+            device=self.device.type,
+        )
+
+    def compiles(self, compiled: CompiledModel) -> bool:
+        """Whether this actor compiles its model: as the spec asks, and where the spec asks
+        for it only on a node that compiled the model before, if this node did."""
+        runtime = self.spec.runtime
+        if not runtime.compile:
+            return False
+        if runtime.compile_only_where_cached and not compiled_here_before(compiled):
+            log.info("%s was not compiled on this node before: it runs uncompiled", compiled.model)
+            return False
+        return True
 
     def probe(self) -> torch.Tensor:
         """The fixed-size model's output for one black image."""

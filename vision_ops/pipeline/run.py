@@ -107,17 +107,30 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
 
 
 def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
-    """The spec with `runtime.compile` off for a run of fewer than `compile_min_inputs` inputs,
-    where compiling costs more start-up than its faster batches win back."""
+    """The spec with `runtime.compile` as the run's size makes it pay: off for fewer than
+    `compile_min_inputs` inputs, only where a node compiled the model before for fewer than
+    `compile_min_inputs_cold` (a first compile costs several times a cached one), else as asked."""
     runtime = spec.runtime
-    if not runtime.compile or inputs >= runtime.compile_min_inputs:
+    if not runtime.compile or inputs >= max(
+        runtime.compile_min_inputs_cold, runtime.compile_min_inputs
+    ):
         return spec
-    log.info(
-        "%d inputs, under runtime.compile_min_inputs=%d: the model runs uncompiled",
-        inputs,
-        runtime.compile_min_inputs,
-    )
-    return spec.model_copy(update={"runtime": runtime.model_copy(update={"compile": False})})
+    if inputs >= runtime.compile_min_inputs:
+        log.info(
+            "%d inputs, under runtime.compile_min_inputs_cold=%d: the model is compiled only on "
+            "nodes that compiled it before",
+            inputs,
+            runtime.compile_min_inputs_cold,
+        )
+        update = {"compile_only_where_cached": True}
+    else:
+        log.info(
+            "%d inputs, under runtime.compile_min_inputs=%d: the model runs uncompiled",
+            inputs,
+            runtime.compile_min_inputs,
+        )
+        update = {"compile": False}
+    return spec.model_copy(update={"runtime": runtime.model_copy(update=update)})
 
 
 def _process_and_commit(
