@@ -245,9 +245,15 @@ def test_a_model_is_compiled_only_where_it_was_compiled_before_when_the_run_asks
         built[1].compiled_model(built[1].preprocessing).digest()
     ]
     assert json.loads(recorded[0].read_text())["torch"] == torch.__version__
+    threads = torch.get_num_threads()
+    assert json.loads(recorded[0].read_text())["threads"] == threads
     other_batch = classifier(batch_size=2, **cached_only)  # another static shape: not cached
-    assert other_batch.compile_seconds == 0
-    for each in [*built, other_batch]:  # compiled or not, the same predictions
+    try:  # inductor's CPU kernels are built for a thread count: another one is not cached
+        other_threads = classifier(intra_op_threads=threads + 1, **cached_only)
+    finally:
+        torch.set_num_threads(threads)
+    assert other_batch.compile_seconds == other_threads.compile_seconds == 0
+    for each in [*built, other_batch, other_threads]:  # compiled or not, the same predictions
         ids, scores = each.predict(images)
         np.testing.assert_array_equal(ids, expected.indices.numpy())
         np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)

@@ -28,7 +28,9 @@ RECORD_FOLDER = "vision-ops-compiled"
 @dataclass(frozen=True)
 class CompiledModel:
     """What a compiled graph depends on: the model's weights, its one static input shape, its
-    memory format, the device and the torch that compiled it."""
+    memory format, the device, the torch that compiled it and its thread count (inductor's CPU
+    kernels are built for it, and its cache keys on it: a compile with 2 threads leaves one
+    with 1 thread cold)."""
 
     model: str
     weights_sha256: str
@@ -36,6 +38,7 @@ class CompiledModel:
     crop: int
     channels_last: bool
     device: str
+    threads: int
     torch: str = torch.__version__
 
     def digest(self) -> str:

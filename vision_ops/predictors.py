@@ -183,6 +183,7 @@ class Predictor:
             crop=preprocessing.crop,
             channels_last=runtime.channels_last,
             device=self.device.type,
+            threads=torch.get_num_threads(),
         )
 
     def compiles(self, compiled: CompiledModel) -> bool:
