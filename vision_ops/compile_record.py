@@ -1,11 +1,11 @@
 """Which compiled models a node has compiled before: a record kept inside torch's compile cache.
 
 torch.compile caches what it built on the node (inductor's FX-graph and AOT caches, keyed on the
-graph, its shapes, the torch version and inductor's settings), so compiling a model a second
-time takes seconds where the first took tens of seconds. Whether compiling pays for a run
-therefore depends on the node, and only the node can tell: each actor looks here before it
-compiles, and records a compile once it is done. The record lives in the cache's own folder, so
-clearing the cache clears the record with it.
+graph, its shapes, the torch version, inductor's settings and on a CPU the thread count), so
+compiling a model a second time takes seconds where the first took tens of seconds. Whether
+compiling pays for a run therefore depends on the node, and only the node can tell: each actor
+looks here before it compiles, and records a compile once it is done. The record lives in the
+cache's own folder, so clearing the cache clears the record with it.
 """
 
 from __future__ import annotations

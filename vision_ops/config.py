@@ -629,9 +629,9 @@ class RuntimeSpec(StrictModel):
         default=COMPILE_MIN_INPUTS_COLD,
         ge=0,
         description="... and on a node that has not compiled this model (weights, batch shape, "
-        "torch version) before, whose first compile takes several times as long: a run of "
-        "fewer inputs compiles only where the node's compile cache holds the model. Default "
-        f"{COMPILE_MIN_INPUTS_COLD}, measured on CPUs; at most compile_min_inputs: no "
+        "torch version and threads) before, whose first compile takes several times as long: "
+        "a run of fewer inputs compiles only where the node's compile cache holds the model. "
+        f"Default {COMPILE_MIN_INPUTS_COLD}, measured on CPUs; at most compile_min_inputs: no "
         "distinction.",
     )
     compile_only_where_cached: bool = Field(
