@@ -16,9 +16,14 @@ from hostile import png_declaring
 from PIL import Image
 from torchvision import transforms
 
-from vision_ops.config import JobSpec, parse_spec
+from vision_ops.config import JobSpec, RuntimeSpec, parse_spec
 from vision_ops.pipeline import run_job
-from vision_ops.pipeline.run import compiled_if_it_pays
+from vision_ops.pipeline.run import (
+    MAP_TASK_BLOCKS_AHEAD,
+    compiled_if_it_pays,
+    unit_blocks,
+    with_limits,
+)
 from vision_ops.pool import ClusterTooSmall
 from vision_ops.query import connect, read_sql
 from vision_ops.runstats import RunStats
@@ -185,6 +190,21 @@ def test_rows_reach_the_driver_a_model_batch_at_a_time(
     summary = run_job(job([str(photo_dir)], str(output), runtime=runtime))
     assert tables_at_driver == [1] * len(direct_top_k) == [1] * summary.inputs
     assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
+
+
+def test_a_listing_block_is_cut_into_read_blocks_by_a_task_that_runs_ahead(ray_local):
+    """One map task cuts a listing block into read blocks; the run's dataset lets it make
+    MAP_TASK_BLOCKS_AHEAD blocks before the executor takes them (Ray Data's default, 2, made
+    it trickle them out while it held a CPU the read tasks waited for)."""
+    import ray
+
+    listing = ray.data.from_arrow(pa.table({"source_uri": [f"s3://b/{i}.jpg" for i in range(200)]}))
+    blocks = with_limits(unit_blocks(listing, 8), RuntimeSpec())
+    assert blocks.context._max_num_blocks_in_streaming_gen_buffer == MAP_TASK_BLOCKS_AHEAD == 64
+    tables = list(blocks.iter_batches(batch_format="pyarrow", batch_size=None))
+    assert [t.num_rows for t in tables] == [8] * 25
+    uris = [uri for t in tables for uri in t["source_uri"].to_pylist()]
+    assert sorted(uris) == sorted(f"s3://b/{i}.jpg" for i in range(200))
 
 
 def test_the_frames_of_one_instance_leave_a_model_batch_at_a_time(

@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 MB = 1024**2
 # Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
 READ_TASK_MEMORY_BYTES = 512 * MB
+# Blocks a map task may make before the executor takes them (Ray Data's default: 2). Cutting a
+# listing block into read blocks (`unit_blocks`) makes hundreds of small blocks in one task; at
+# 2 ahead they trickled out at the executor's pace, about 10 a second, while the task held the
+# CPU the read tasks waited for: 4,000 photos reached a ready pool 9 s late (docs/performance.md,
+# "The listing's cut held the read tasks back").
+MAP_TASK_BLOCKS_AHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -245,10 +251,12 @@ def identity_digests(spec: JobSpec, listing: Listing) -> dict[str, str]:
 
 
 def with_limits(dataset: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:
-    """The dataset set to fail when no stage makes progress for `stall_timeout_s`, and to keep
-    its object store use within `queue_mb` where the spec sets it."""
+    """The dataset set to fail when no stage makes progress for `stall_timeout_s`, to let a
+    map task make `MAP_TASK_BLOCKS_AHEAD` blocks before they are taken, and to keep its object
+    store use within `queue_mb` where the spec sets it."""
     context = dataset.context
     context.execution_no_progress_timeout_s = runtime.stall_timeout_s
+    context._max_num_blocks_in_streaming_gen_buffer = MAP_TASK_BLOCKS_AHEAD
     if runtime.queue_mb is not None:
         limits = context.execution_options.resource_limits
         budget = runtime.queue_mb * MB
