@@ -198,6 +198,8 @@ def test_a_listing_block_is_cut_into_read_blocks_by_a_task_that_runs_ahead(ray_l
     it trickle them out while it held a CPU the read tasks waited for)."""
     import ray
 
+    # a private attribute of Ray Data: a release that drops it must fail here, not stall runs
+    assert hasattr(ray.data.DataContext.get_current(), "_max_num_blocks_in_streaming_gen_buffer")
     listing = ray.data.from_arrow(pa.table({"source_uri": [f"s3://b/{i}.jpg" for i in range(200)]}))
     blocks = with_limits(unit_blocks(listing, 8), RuntimeSpec())
     assert blocks.context._max_num_blocks_in_streaming_gen_buffer == MAP_TASK_BLOCKS_AHEAD == 64
