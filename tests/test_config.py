@@ -81,7 +81,7 @@ def test_minimal_spec_fills_every_default() -> None:
     }
     assert spec.runtime.model_dump() == {
         "batch_size": None,  # derived when sized for the pool (test_batch_sizes_...)
-        "min_actors": 1,
+        "min_actors": None,  # the whole pool on a fixed cluster (test_pool)
         "max_actors": None,
         "num_gpus_per_actor": None,
         "num_cpus_per_actor": 1,

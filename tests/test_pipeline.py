@@ -295,6 +295,30 @@ def test_rerun_of_a_run_id_replaces_its_rows(ray_local, photo_dir, tmp_path):
     assert not (output / "_staging").exists()
 
 
+def predictor_actors() -> set[str]:
+    """The ids of every predictor actor the suite's Ray cluster has started, dead or alive
+    (Ray's GCS table: its state API needs the dashboard, which the suite leaves off)."""
+    import ray._private.state
+
+    actors = ray._private.state.actors().values()
+    return {a["ActorID"] for a in actors if "PredictRows" in a["ActorClassName"]}
+
+
+def test_a_pool_left_open_starts_whole_on_a_fixed_cluster(
+    ray_local, photo_dir, tmp_path, direct_top_k
+):
+    """Two half-CPU actors fit the suite's 2 CPUs beside the reserved one; with min_actors
+    left open both start at once. (From `min_actors: 1` Ray Data starts one and adds another
+    only while inputs queue for it: these 5 photos, 2 model calls, both go to the first.)"""
+    runtime = {"batch_size": 4, "num_cpus_per_actor": 0.5, "reserved_cpus": 1}
+    before = predictor_actors()
+    summary = run_job(job([str(photo_dir)], str(tmp_path / "table"), runtime=runtime))
+    assert len(predictor_actors() - before) == 2
+    assert summary.commit.rows == len(direct_top_k) == 5
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    assert_matches_direct(rows, direct_top_k)
+
+
 def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp_path):
     output = tmp_path / "never"
     spec = job([str(photo_dir)], str(output), runtime={"min_actors": 2})

@@ -6,19 +6,22 @@ from __future__ import annotations
 import pytest
 
 from vision_ops.config import RuntimeSpec
-from vision_ops.pool import ClusterTooSmall, plan_pool
+from vision_ops.pool import ClusterTooSmall, plan_pool, pool_for_inputs
 
 
 @pytest.mark.parametrize(
     ("runtime", "resources", "expected"),
     [
         # CPU actors share the cores with decoding: threads = CPUs / actors; reads get the rest.
+        # On a fixed cluster a pool whose smallest size is left open is fixed at its largest.
         ({}, {"CPU": 2}, (1, 1, 1.0, 0.0, 2, 1)),
-        ({}, {"CPU": 16, "GPU": 4}, (1, 4, 1.0, 1.0, None, 12)),
-        ({"max_actors": 2}, {"CPU": 16, "GPU": 4}, (1, 2, 1.0, 1.0, None, 14)),
-        ({"num_gpus_per_actor": 0.25}, {"CPU": 16, "GPU": 2}, (1, 8, 1.0, 0.25, None, 8)),
-        ({"num_cpus_per_actor": 2, "reserved_cpus": 2}, {"CPU": 10}, (1, 4, 2.0, 0.0, 2, 2)),
-        ({"device": "cpu"}, {"CPU": 8, "GPU": 1}, (1, 7, 1.0, 0.0, 1, 1)),
+        ({}, {"CPU": 16, "GPU": 4}, (4, 4, 1.0, 1.0, None, 12)),
+        ({"min_actors": 1}, {"CPU": 16, "GPU": 4}, (1, 4, 1.0, 1.0, None, 12)),
+        ({"max_actors": 2}, {"CPU": 16, "GPU": 4}, (2, 2, 1.0, 1.0, None, 14)),
+        ({"num_gpus_per_actor": 0.25}, {"CPU": 16, "GPU": 2}, (8, 8, 1.0, 0.25, None, 8)),
+        ({"num_cpus_per_actor": 2, "reserved_cpus": 2}, {"CPU": 10}, (4, 4, 2.0, 0.0, 2, 2)),
+        ({"device": "cpu"}, {"CPU": 8, "GPU": 1}, (7, 7, 1.0, 0.0, 1, 1)),
+        # Where the cluster adds nodes on demand the pool starts small and grows.
         ({"autoscaling": True, "max_actors": 8}, {"CPU": 2}, (1, 8, 1.0, 0.0, None, None)),
     ],
 )
@@ -26,6 +29,25 @@ def test_pool_is_sized_from_cluster_resources(runtime, resources, expected):
     plan = plan_pool(RuntimeSpec(**runtime), resources)
     sizing = (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus)
     assert (*sizing, plan.threads, plan.read_tasks) == expected
+
+
+@pytest.mark.parametrize(
+    ("runtime", "inputs", "expected"),
+    [
+        ({}, 10_000, (4, 4)),  # 40 calls of 256: the whole pool
+        ({}, 513, (3, 4)),  # 3 calls: 3 actors start, a fourth may join
+        ({}, 256, (1, 4)),
+        ({}, 0, (1, 4)),
+        ({"min_actors": 1}, 10_000, (1, 4)),  # the spec's own smallest size stands
+        ({"min_actors": 2}, 1, (2, 4)),
+    ],
+)
+def test_a_pool_left_open_starts_no_more_actors_than_the_run_has_model_calls(
+    runtime, inputs, expected
+):
+    spec = RuntimeSpec(batch_size=256, **runtime)
+    plan = pool_for_inputs(plan_pool(spec, {"CPU": 16, "GPU": 4}), spec, inputs)
+    assert (plan.min_size, plan.max_size) == expected
 
 
 @pytest.mark.parametrize(

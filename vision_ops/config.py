@@ -570,7 +570,13 @@ class RuntimeSpec(StrictModel):
         "each task's in its record, vision_ops.tasks); an actor with a share of a GPU gets "
         "that share (a power of two).",
     )
-    min_actors: int = Field(default=1, gt=0, description="Smallest predictor actor pool.")
+    min_actors: int | None = Field(
+        default=None,
+        gt=0,
+        description="Smallest predictor actor pool. By default the whole pool on a fixed "
+        "cluster (every actor starts at once and none is stopped mid-run; no more than the "
+        "run has model calls), and 1 where the cluster autoscales.",
+    )
     max_actors: int | None = Field(
         default=None, gt=0, description="Largest pool; defaults to as many as the cluster fits."
     )
@@ -691,10 +697,10 @@ class RuntimeSpec(StrictModel):
 
     @model_validator(mode="after")
     def _pool_bounds_in_order(self) -> RuntimeSpec:
-        if self.max_actors is not None and self.max_actors < self.min_actors:
+        smallest = self.min_actors or 1
+        if self.max_actors is not None and self.max_actors < smallest:
             raise ValueError(
-                f"max_actors: expected at least min_actors ({self.min_actors}), "
-                f"found {self.max_actors}"
+                f"max_actors: expected at least min_actors ({smallest}), found {self.max_actors}"
             )
         return self
 

@@ -3,6 +3,7 @@ it cannot be scheduled."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -33,29 +34,44 @@ class PoolPlan:
 
 
 def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
-    """Size the predictor pool from the cluster; refuse, before any work, one that cannot run."""
+    """Size the predictor pool from the cluster; refuse, before any work, one that cannot run.
+    On a fixed cluster a pool whose smallest size the spec leaves open is fixed at its largest:
+    every actor starts at once (Ray Data would otherwise start one and add the others only as
+    its queue backs up, each a model load later) and none is stopped mid-run."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     num_gpus = gpus_per_actor(runtime, gpus)
     by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
     by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
     fits = max(0, min(by_cpu, by_gpu))
-    if runtime.min_actors > fits and not runtime.autoscaling:
+    smallest = runtime.min_actors or 1
+    if smallest > fits and not runtime.autoscaling:
         raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
-    top = runtime.max_actors or max(fits, runtime.min_actors)
+    top = runtime.max_actors or max(fits, smallest)
     if top > fits and not runtime.autoscaling:
         log.warning("runtime.max_actors=%d capped to the %d actors that fit", top, fits)
         top = fits
     if runtime.autoscaling:  # the nodes up now say nothing of the nodes to come
-        return PoolPlan(runtime.min_actors, top, runtime.num_cpus_per_actor, num_gpus)
+        return PoolPlan(smallest, top, runtime.num_cpus_per_actor, num_gpus)
     left = math.floor(cpus - top * runtime.num_cpus_per_actor + 1e-9)
     return PoolPlan(
-        runtime.min_actors,
+        runtime.min_actors or top,
         top,
         runtime.num_cpus_per_actor,
         num_gpus,
         threads=None if num_gpus else max(1, math.floor(cpus / top + 1e-9)),
         read_tasks=max(1, left),
     )
+
+
+def pool_for_inputs(plan: PoolPlan, runtime: RuntimeSpec, inputs: int) -> PoolPlan:
+    """The pool of a run of `inputs` listed inputs, so at least inputs / batch model calls (a
+    DICOM file or a scene gives one unit or more): where the spec leaves the smallest size
+    open, no more actors start than have a call to make (each start is a model load); more
+    may still join as the queue backs up."""
+    model_calls = math.ceil(inputs / runtime.images_per_call)
+    if runtime.min_actors is not None or plan.min_size <= model_calls:
+        return plan
+    return dataclasses.replace(plan, min_size=max(1, model_calls))
 
 
 def gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
@@ -71,8 +87,9 @@ def gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
 def _too_small_message(
     runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float, fits: int
 ) -> str:
+    smallest = runtime.min_actors or 1
     return (
-        f"runtime.min_actors={runtime.min_actors} actors of {runtime.num_cpus_per_actor:g} CPU "
+        f"runtime.min_actors={smallest} actors of {runtime.num_cpus_per_actor:g} CPU "
         f"and {num_gpus:g} GPU each cannot be scheduled: the cluster has {cpus:g} CPUs and "
         f"{gpus:g} GPUs, and {runtime.reserved_cpus:g} CPUs stay free for reading and decoding "
         f"(runtime.reserved_cpus); expected min_actors <= {fits}. Lower runtime.min_actors or "

@@ -86,7 +86,7 @@ def pool_blocks(spec: JobSpec) -> int:
     """Rows of one output block from every actor: an actor hands on a model batch at a time
     (pipeline.run.model_batch_blocks), and the pool's first (and last) blocks come at once."""
     runtime = spec.runtime
-    return (runtime.max_actors or runtime.min_actors) * runtime.images_per_call
+    return (runtime.max_actors or runtime.min_actors or 1) * runtime.images_per_call
 
 
 def committed_top1(source: Source, run_id: str) -> dict[str, int]:

@@ -24,7 +24,7 @@ from vision_ops.pipeline.connect import connect_ray
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
-from vision_ops.pool import PoolPlan, plan_pool
+from vision_ops.pool import PoolPlan, plan_pool, pool_for_inputs
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_units
 from vision_ops.resume import without_sources
@@ -90,6 +90,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
         spec = compiled_if_it_pays(spec, listing.count)
+        plan = pool_for_inputs(plan, spec.runtime, listing.count)
         log.info(
             "run %s: %d inputs, predictor pool %s, %d images per model call, %d files per read "
             "task",
