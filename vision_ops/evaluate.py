@@ -21,7 +21,13 @@ from vision_ops.errors import VisionOpsError
 from vision_ops.masks import in_mask_frame
 from vision_ops.outputs import Target, as_output, committed_run, describe, read_run
 from vision_ops.schema import STATUS_OK
-from vision_ops.storage import StorageOptions, filesystem, make_folder, read_bytes
+from vision_ops.storage import (
+    StorageOptions,
+    filesystem,
+    make_folder,
+    read_bytes,
+    read_parquet,
+)
 from vision_ops.tasks import task_of_run
 
 METRICS = "_metrics"
@@ -219,7 +225,7 @@ def classification_truth(
         )
     data = read_bytes(truth, options)
     if truth.endswith(".parquet"):
-        records = pq.read_table(io.BytesIO(data)).to_pylist()
+        records = read_parquet(data).to_pylist()
     else:
         records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
     if not records or not {"uri", "label"} <= set(records[0]):
@@ -330,4 +336,4 @@ def read_metrics(
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)
+        return read_parquet(handle)

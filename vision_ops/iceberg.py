@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
@@ -39,6 +38,7 @@ from vision_ops.storage import (
     canonical_uri,
     filesystem,
     make_folder,
+    read_parquet,
     writing_to,
 )
 from vision_ops.tally import ExpectedUnits, Listed, expected_from
@@ -598,7 +598,7 @@ def verify_run(output: OutputSpec, run_id: str | None = None) -> tuple[dict[str,
     for entry in run["files"]:
         try:
             with table.io.new_input(entry["uri"]).open() as handle:
-                rows = pq.read_table(handle, columns=["run_id", "item_id"])
+                rows = read_parquet(handle, ["run_id", "item_id"])
         except (OSError, pa.ArrowException) as err:
             problems.append(f"{entry['uri']}: unreadable ({err})")
             continue
@@ -622,7 +622,7 @@ def read_run_index(output: OutputSpec, uri: str) -> pa.Table:
     if table is None:
         raise FileNotFoundError(f"table {output.table} does not exist")
     with table.io.new_input(uri).open() as handle:
-        return pq.read_table(handle, schema=INDEX_SCHEMA)
+        return read_parquet(handle).cast(INDEX_SCHEMA)
 
 
 def metadata_location(output: OutputSpec) -> str | None:

@@ -24,6 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from vision_ops.storage import read_parquet
+
 log = logging.getLogger(__name__)
 RESUME_KEY = "vision_ops.resume_key"  # in the metadata of every part file a run stages
 # The units a source holds, given its URI and the frame count its rows record (None: not
@@ -151,7 +153,7 @@ def _whole_sources(
 
 def _read(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return read_parquet(handle, columns)
 
 
 def without_sources(table: pa.Table, sources: frozenset[str]) -> pa.Table:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from vision_ops.schema import STATUS_ERROR
-from vision_ops.storage import StorageOptions, filesystem, make_folder
+from vision_ops.storage import StorageOptions, filesystem, make_folder, read_parquet
 
 INDEX_FOLDER = "_index"  # under the table's root, in either output format
 KEY_SEPARATOR = "\x00"  # between an input's URI and its version in a source key
@@ -106,7 +106,7 @@ def read_index(uri: str, options: StorageOptions | None = None) -> pa.Table:
     """The index a manifest names (FileNotFoundError where it is gone)."""
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, schema=INDEX_SCHEMA)
+        return read_parquet(handle).cast(INDEX_SCHEMA)
 
 
 def index_problems(index: pa.Table, rows: pa.Table) -> list[str]:

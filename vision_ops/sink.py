@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
@@ -33,6 +32,7 @@ from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
     filesystem,
+    read_parquet,
     writing_to,
 )
 from vision_ops.tally import (
@@ -304,7 +304,7 @@ def read_committed_file(
     """One file a manifest lists, read through its filesystem."""
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return read_parquet(handle, columns)
 
 
 def unfinished_commit(

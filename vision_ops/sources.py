@@ -27,6 +27,7 @@ from vision_ops.storage import (
     filesystem,
     protocol_of,
     read_bytes,
+    read_parquet,
 )
 
 LISTING_SCHEMA = pa.schema(
@@ -328,7 +329,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
 def _records(data: bytes, extension: str) -> list[dict[str, Any]]:
     """The manifest's entries as dicts: Parquet, CSV, else text (a URI a line, # comments)."""
     if extension == ".parquet":
-        return pq.read_table(io.BytesIO(data)).to_pylist()
+        return read_parquet(data).to_pylist()
     text = data.decode("utf-8-sig")
     if extension == ".csv":
         return _csv_records(text)

@@ -22,7 +22,7 @@ from fsspec import AbstractFileSystem
 from vision_ops.masks import MASKS, adopt_masks, earlier_masks
 from vision_ops.resume import Resumable, UnitsOf, find_resumable, resumed_rows, with_resume_key
 from vision_ops.runindex import ROW_COLUMNS, index_of, merged
-from vision_ops.storage import make_folder
+from vision_ops.storage import make_folder, read_parquet
 from vision_ops.tally import bucket_of
 from vision_ops.written import CommitRefused, UnitRows
 
@@ -128,7 +128,7 @@ class StagedParts:
 
     def read(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
+            return read_parquet(handle, columns)
 
     def index(self) -> pa.Table:
         """The run index (vision_ops.runindex) of the staged rows, one file's columns at a time."""

@@ -8,7 +8,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 StorageOptions = Mapping[str, Mapping[str, Any]]
@@ -128,3 +130,15 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     fs, path = filesystem(uri, options)
     fs.pipe_file(path, data)
+
+
+def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file from an open file object or its bytes, read whole within this call.
+    Not `pq.read_table` on a file object: its dataset scan leaves work running after it
+    returns, and a process that exits then aborts ("terminate called without an active
+    exception", exit 134; apache/arrow#33975), as a command that read a table and exited did
+    at random."""
+    if isinstance(source, bytes):
+        source = pa.BufferReader(source)
+    with pq.ParquetFile(source) as parquet:
+        return parquet.read(columns=columns)
