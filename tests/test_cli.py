@@ -91,6 +91,40 @@ def test_missing_input_exits_2_before_any_work(spec_file, capsys, ray_local) -> 
     assert "input /no/such/dir: not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("override", "content", "message"),
+    [
+        ("model.weights", None, "model.weights: {file} not found"),
+        ("model.labels", "[not json", "model.labels: {file}: expected UTF-8 text"),
+        ("model.labels", '{"cat": "dog"}', "model.labels: {file}: expected class ids"),
+    ],
+)
+def test_validate_refuses_model_files_that_are_missing_or_unreadable(
+    spec_file, capsys, override, content, message
+) -> None:
+    file = spec_file.parent / ("labels.json" if content else "missing.pt")
+    if content is not None:
+        file.write_text(content)
+    assert main(["validate", str(spec_file), "--set", f"{override}={file}"]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert message.format(file=file) in err and "Traceback" not in err
+
+
+def test_weights_that_do_not_load_in_the_actors_exit_2_with_the_models_message(
+    spec_file, capsys, ray_local
+) -> None:
+    """A weights file that is there but is not a state_dict passes the driver's check (it
+    does not read weights); the actors refuse it as they start, and the command says so."""
+    garbage = spec_file.parent / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    code = main(["run", str(spec_file), "--set", f"model.weights={garbage}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == EXIT_BAD_SPEC
+    assert err.startswith(f"error: model weights {garbage}: not a loadable state_dict")
+    assert err.endswith("(as the actors started); nothing was committed")
+    assert committed_run(str(spec_file.parent / "table")) is None
+
+
 def test_pool_that_does_not_fit_exits_3(spec_file, capsys, ray_local) -> None:
     code = main(["run", str(spec_file), "--set", "runtime.num_cpus_per_actor=2"])
     assert code == EXIT_CLUSTER_TOO_SMALL

@@ -168,8 +168,16 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
+        from vision_ops.errors import raised_as_an_actor_started
+
         if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
             return _fail(err, EXIT_FAILED)
+        in_actor = raised_as_an_actor_started(err)  # e.g. weights that are not a state_dict
+        if in_actor is not None:
+            message, code = in_actor
+            return _fail(
+                RuntimeError(f"{message} (as the actors started); nothing was committed"), code
+            )
         raise
     commit = summary.commit
     print(

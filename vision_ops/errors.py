@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run broke off (nothing committed), or a query / cluster call failed
-EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; no work was done
+EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; nothing was committed
 EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
 EXIT_BELOW_THRESHOLD = 5  # evaluated, but a metric fell below the spec's evaluate.min
@@ -35,3 +37,24 @@ class ModelError(VisionOpsError, ValueError):
     """A model the spec names that cannot be built or loaded; says what was expected."""
 
     exit_code = EXIT_BAD_SPEC
+
+
+# The last line of the traceback Ray passes on for an actor that failed as it started.
+ACTOR_ERROR_LINE = re.compile(r"^vision_ops\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def raised_as_an_actor_started(err: BaseException) -> tuple[str, int] | None:
+    """The message and exit code of a vision-ops error a Ray actor raised in its `__init__`
+    (a model file that does not load): Ray passes on only the text of its traceback, in an
+    actor error somewhere in `err`'s chain. None where the chain holds none."""
+    from ray.exceptions import RayActorError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, RayActorError):
+            for name, message in reversed(ACTOR_ERROR_LINE.findall(str(seen))):
+                kind = globals().get(name)
+                if isinstance(kind, type) and issubclass(kind, VisionOpsError):
+                    return message, kind.exit_code
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -31,7 +31,7 @@ from vision_ops.config import (
 )
 from vision_ops.errors import ModelError
 from vision_ops.registry import Registry
-from vision_ops.storage import StorageOptions, read_bytes
+from vision_ops.storage import StorageOptions, filesystem, read_bytes
 from vision_ops.tasks import DetectionTask, get_task
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -109,13 +109,30 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
 
 
 def check_job(spec: JobSpec) -> None:
-    """The model checks, the task's label names against the model's labels, and the task's
-    columns sized for the model where they depend on it (embedding: refused if the model's
-    head cannot be found)."""
+    """The model checks, its files there and its labels readable, the task's label names
+    against the model's labels, and the task's columns sized for the model where they depend
+    on it (embedding: refused if the model's head cannot be found)."""
     check_model(spec.model, spec.task.kind)
+    check_model_files(spec.model, spec.storage_options)
+    labels = resolve_labels(spec.model, spec.storage_options)
     get_task(spec.task.kind).job_fields(spec)
     if isinstance(spec.task, DetectionTask):
-        class_ids(spec.task.classes, resolve_labels(spec.model, spec.storage_options))
+        class_ids(spec.task.classes, labels)
+
+
+MODEL_FILE_FIELDS = ("weights", "uri", "detector", "recognizer", "dictionary")
+
+
+def check_model_files(spec: ModelSpec, options: StorageOptions | None = None) -> None:
+    """Each file the model loads from (weights, a TorchScript or ONNX file, OCR models) is
+    there; ModelError naming the field if not. Whether it loads is the actors' to find."""
+    for field in MODEL_FILE_FIELDS:
+        uri = getattr(spec, field, None)
+        if not uri or (field == "weights" and is_weights_enum_name(uri)):
+            continue
+        fs, path = filesystem(uri, options)
+        if not fs.exists(path):
+            raise ModelError(f"model.{field}: {uri} not found")
 
 
 def model_name(spec: ModelSpec) -> str:
@@ -343,10 +360,15 @@ def load_labels(ref: str, options: StorageOptions | None = None) -> list[str]:
         return BUILTIN_LABELS[ref]()
     try:
         text = read_bytes(ref, options).decode("utf-8-sig")
+        values = json.loads(text) if ref.lower().endswith(".json") else None
     except FileNotFoundError:
         raise ModelError(f"model.labels: {ref} not found") from None
-    if ref.lower().endswith(".json"):
-        return _json_labels(ref, json.loads(text))
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise ModelError(
+            f"model.labels: {ref}: expected UTF-8 text (one label a line) or JSON: {err}"
+        ) from None
+    if values is not None:
+        return _json_labels(ref, values)
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -368,6 +390,8 @@ def _json_labels(ref: str, value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(label) for label in value]
     if isinstance(value, dict):
+        if not all(str(key).isdigit() for key in value):
+            raise ModelError(f"model.labels: {ref}: expected class ids as the object's keys")
         by_id = {int(key): str(label) for key, label in value.items()}
         return [by_id.get(i, str(i)) for i in range(max(by_id) + 1)] if by_id else []
     raise ModelError(f"model.labels: {ref} holds {type(value).__name__}, expected list or object")
