@@ -91,6 +91,23 @@ def test_invalid_edits_fail_rays_validation(config, tmp_path, edit, message) -> 
         load_cluster_config(write(tmp_path, broken))
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "not found"),
+        ("head_node_type: [\n", "cannot read: while parsing a flow"),
+        ("- a list\n", "expected a mapping, found list"),
+    ],
+)
+def test_a_cluster_file_that_cannot_be_read_is_refused(tmp_path, text, message) -> None:
+    path = tmp_path / "cluster.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ClusterConfigError) as caught:
+        load_cluster_config(path)
+    assert str(caught.value).startswith(f"--cluster {path}: {message}")
+
+
 def test_validate_sizes_the_pool_on_the_cluster(capsys, tmp_path) -> None:
     spec = ROOT / "jobs" / "classify.yaml"
     assert main(["validate", str(spec), "--cluster", str(CLUSTER)]) == EXIT_OK

@@ -443,11 +443,22 @@ def test_overrides_apply_to_the_parsed_spec() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("input.uris.first=a", "override 'input.uris.first=a': uris is not a mapping"),
-        ("output.uri.x=1", "override 'output.uri.x=1': uri is not a mapping"),
-        ("runtime.batch_size", "override 'runtime.batch_size': expected KEY.PATH=VALUE"),
-        ("=5", "override '=5': expected KEY.PATH=VALUE"),
-        ("  =5", "override '  =5': expected KEY.PATH=VALUE"),
+        ("input.uris.first=a", "--set input.uris.first: uris is not a mapping"),
+        ("output.uri.x=1", "--set output.uri.x: uri is not a mapping"),
+        ("runtime.batch_size", "--set 'runtime.batch_size': expected KEY.PATH=VALUE"),
+        ("=5", "--set: expected KEY.PATH=VALUE, found no KEY.PATH before the ="),
+        ("  =5", "--set: expected KEY.PATH=VALUE, found no KEY.PATH before the ="),
+        (  # the value is never quoted: it may be a secret
+            "storage_options.s3.key=@AKIA1234SECRET",
+            "--set storage_options.s3.key: not valid YAML: found character '@' that cannot "
+            "start any token at line 1, column 1",
+        ),
+        ("run.date=2026-02-30", "--set run.date: not valid YAML: day is out of range for month"),
+        (
+            "runtime.batch_size=[8",
+            "--set runtime.batch_size: not valid YAML: expected ',' or ']', "
+            "but got '<stream end>' at line 1, column 3",
+        ),
     ],
 )
 def test_bad_override_is_refused(override: str, message: str) -> None:
@@ -456,6 +467,22 @@ def test_bad_override_is_refused(override: str, message: str) -> None:
         apply_override(raw, override)
     assert str(caught.value) == message
     assert raw == minimal()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("run: {date: 2026-02-30}\n", "spec file {path}: not valid YAML: day is out of range"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "spec file {path}: nested too deeply"),
+        ("a: &x [*x]\n", "invalid job spec: nested too deeply"),
+    ],
+)
+def test_a_spec_that_cannot_be_read_as_yaml_is_refused(tmp_path, text, message) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value).startswith(message.format(path=path))
 
 
 # --- load_spec ---------------------------------------------------------------------------------

@@ -21,7 +21,15 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a launcher config against the schema inside the installed `ray`."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = yaml.safe_load(Path(path).read_text())
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = "not found" if isinstance(err, FileNotFoundError) else f"cannot read: {err}"
+        raise ClusterConfigError(f"--cluster {path}: {reason}") from None
+    if not isinstance(config, dict):
+        raise ClusterConfigError(
+            f"--cluster {path}: expected a mapping, found {type(config).__name__}"
+        )
     try:
         validate_config(prepare_config(copy.deepcopy(config)))
     except Exception as err:  # jsonschema.ValidationError, ValueError: Ray's own messages

@@ -975,13 +975,12 @@ def _credential_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML spec, apply `dotted.path=value` overrides, validate (SpecError if it cannot)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise SpecError(f"spec file {path}: not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"spec file {path}: cannot read: {err}") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"spec file {path}: not valid YAML: {err}") from None
+    raw = _yaml_value(text, f"spec file {path}")
     if not isinstance(raw, dict):
         raise SpecError(f"spec file {path}: expected a mapping, found {type(raw).__name__}")
     for override in overrides:
@@ -989,7 +988,29 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return parse_spec(raw)
 
 
+def _yaml_value(text: str, where: str) -> Any:
+    """YAML text parsed; SpecError naming `where` (never quoting the text: a value may be a
+    secret) if it is not YAML, holds an impossible date, or nests past Python's recursion."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{where}: not valid YAML: {err.problem}{at}") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date such as 2026-02-30
+        raise SpecError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise SpecError(f"{where}: nested too deeply") from None
+
+
 def parse_spec(raw: dict[str, Any]) -> JobSpec:
+    try:
+        return _validated(raw)
+    except RecursionError:  # e.g. a YAML alias inside itself, which pydantic follows forever
+        raise SpecError("invalid job spec: nested too deeply (an alias inside itself?)") from None
+
+
+def _validated(raw: dict[str, Any]) -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
@@ -999,16 +1020,19 @@ def parse_spec(raw: dict[str, Any]) -> JobSpec:
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`64`, `[a, b]`, `null`)."""
     dotted, sep, text = override.partition("=")
-    if not sep or not dotted.strip():
-        raise SpecError(f"override {override!r}: expected KEY.PATH=VALUE")
+    if not sep:  # no value to keep out of the message
+        raise SpecError(f"--set {override!r}: expected KEY.PATH=VALUE")
+    if not dotted.strip():
+        raise SpecError("--set: expected KEY.PATH=VALUE, found no KEY.PATH before the =")
+    value = _yaml_value(text, f"--set {dotted.strip()}")
     *parents, leaf = dotted.strip().split(".")
     node = raw
     for name in parents:
         child = node.setdefault(name, {})
         if not isinstance(child, dict):
-            raise SpecError(f"override {override!r}: {name} is not a mapping")
+            raise SpecError(f"--set {dotted.strip()}: {name} is not a mapping")
         node = child
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = value
 
 
 def format_validation_error(err: ValidationError) -> str:
