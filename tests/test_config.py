@@ -345,6 +345,8 @@ def test_long_found_value_is_shortened() -> None:
         ({"gs": {"token": SECRET}}, "gs.token"),
         ({"az": {"account_name": "acct", "connection_string": SECRET}}, "az.connection_string"),
         ({"az": {"sas_token": SECRET}}, "az.sas_token"),
+        ({"s3": {"endpoint_url": f"http://minio:{SECRET}@127.0.0.1:9000"}}, "s3.endpoint_url"),
+        ({"s3": {"client_kwargs": {"endpoint_url": f"https://u:{SECRET}@h"}}}, "s3.client_kwargs."),
     ],
 )
 def test_credentials_in_storage_options_are_refused_without_echo(

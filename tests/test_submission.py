@@ -22,7 +22,7 @@ from process_session import kill_session
 from ray_temp_root import short_temp_dir
 
 from vision_ops.devstack import free_ports
-from vision_ops.submission import SubmissionError, passed_env
+from vision_ops.submission import SubmissionError, masked, passed_env
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 CLI = [sys.executable, "-m", "vision_ops.cli"]
@@ -146,12 +146,35 @@ def test_submit_runs_the_job_and_its_output_is_queryable(ray_head, job_spec, tmp
 def test_submit_without_the_token_is_refused(ray_head, job_spec, tmp_path) -> None:
     address, env = ray_head
     anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-    anonymous |= {"RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}
+    (tmp_path / "tmp").mkdir()
+    anonymous |= {
+        "RAY_AUTH_MODE": "disabled",
+        "HOME": str(tmp_path),
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
     args = [*CLI, "submit", str(job_spec), "--address", address]
     done = subprocess.run(args, env=anonymous, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "error:" in done.stderr and ("401" in done.stderr or "uthentication" in done.stderr)
     assert not (tmp_path / "table").exists()
+    assert not list((tmp_path / "tmp").glob("vision-ops-job-*"))  # the spec's folder is gone
+
+
+def test_a_password_in_the_address_is_never_printed(tmp_path) -> None:
+    address = "http://ops:pw-hunter2@127.0.0.1:1"
+    assert (
+        masked(f"cannot reach {address}/api", address) == "cannot reach http://***@127.0.0.1:1/api"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": str(tmp_path)
+    }
+    for command in (["status", "raysubmit_1"], ["logs", "raysubmit_1"], ["stop", "raysubmit_1"]):
+        done = subprocess.run(
+            [*CLI, *command, "--address", address], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 1 and "error:" in done.stderr
+        assert "hunter2" not in done.stderr + done.stdout
 
 
 def test_stop_ends_a_submitted_job(ray_head, job_spec) -> None:

@@ -320,7 +320,8 @@ def submit(spec: JobSpec, args: argparse.Namespace) -> int:
 
     try:
         job = submission.submit(spec, args.address, args.env or [])
-        print(f"submitted {job.job_id} (run {job.run_id}) to {args.address}")
+        cluster = submission.masked(args.address, args.address)
+        print(f"submitted {job.job_id} (run {job.run_id}) to {cluster}")
         if not args.wait:
             return EXIT_OK
         state = submission.wait(args.address, job.job_id, args.timeout)
@@ -344,7 +345,7 @@ def job_command(args: argparse.Namespace) -> int:
     except submission.SubmissionError as err:
         return _fail(err, EXIT_FAILED)
     except Exception as err:  # the Jobs API's own errors: unknown job id, ...
-        return _fail(err, EXIT_FAILED)
+        return _fail(RuntimeError(submission.masked(str(err), args.address)), EXIT_FAILED)
     print(result if args.command != "stop" else f"{args.job_id}: stop requested={result}")
     return EXIT_OK
 

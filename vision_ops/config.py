@@ -37,6 +37,7 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", 
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Option names that carry credentials: refused in a spec, which is copied into logs and job records.
+URL_WITH_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://[^@?#]*@")
 CREDENTIAL_KEYS = frozenset(
     {
         "key",
@@ -962,10 +963,11 @@ class JobSpec(StrictModel):
 
 
 def _credential_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
+    """The options named like a credential, or holding a URL with a user or password in it."""
     found = []
     for name, value in options.items():
         path = f"{prefix}{name}"
-        if name.lower() in CREDENTIAL_KEYS:
+        if name.lower() in CREDENTIAL_KEYS or _has_userinfo(value):
             found.append(path)
         elif isinstance(value, dict):
             found.extend(_credential_paths(value, path + "."))
@@ -1083,3 +1085,9 @@ def _redacted(value: Any) -> Any:
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _has_userinfo(value: Any) -> bool:
+    """A URL such as http://user:password@host/: its credentials would reach logs and errors.
+    Any @ before the query counts (a password with an unescaped / ends the host early)."""
+    return isinstance(value, str) and URL_WITH_USERINFO.match(value) is not None

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -41,6 +42,13 @@ class Submitted:
     run_id: str
 
 
+def masked(text: str, address: str | None) -> str:
+    """`text` with the user and password of `address` (http://user:password@head:8265), if it
+    has them, masked: they must not reach a terminal or a log."""
+    userinfo = urlsplit(address or "").netloc.rpartition("@")[0]
+    return text.replace(f"{userinfo}@", "***@") if userinfo else text
+
+
 def client(address: str | None) -> Any:
     """A Jobs API client; the cluster token (RAY_AUTH_TOKEN) goes in the Authorization header."""
     from ray.job_submission import JobSubmissionClient
@@ -52,7 +60,8 @@ def client(address: str | None) -> Any:
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as err:  # connection refused, 401/403: Ray says which
-        raise SubmissionError(f"cannot reach the Jobs API at {address}: {err}") from None
+        message = f"cannot reach the Jobs API at {address}: {err}"
+        raise SubmissionError(masked(message, address)) from None
 
 
 def passed_env(extra: list[str]) -> dict[str, str]:
@@ -67,29 +76,44 @@ def passed_env(extra: list[str]) -> dict[str, str]:
 
 
 def submit(spec: JobSpec, address: str, env_names: list[str] | None = None) -> Submitted:
-    """Ship the spec and the package; the job runs `vision-ops run` on the cluster."""
+    """Ship the spec and the package; the job runs `vision-ops run` on the cluster. The spec's
+    folder is uploaded as the submission is made, and removed here after it."""
     run_id, run_date = spec.resolved_run()
-    workdir = Path(tempfile.mkdtemp(prefix="vision-ops-job-"))
-    (workdir / SPEC_NAME).write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    runtime_env = {
-        "working_dir": str(workdir),
-        "py_modules": [str(Path(vision_ops.__file__).parent)],
-        "env_vars": passed_env(env_names or []),
-    }
-    entrypoint = f"python -m vision_ops.cli run {SPEC_NAME} --run-id {run_id} --run-date {run_date}"
+    env_vars = passed_env(env_names or [])
     jobs = client(address)
+    with tempfile.TemporaryDirectory(prefix="vision-ops-job-") as workdir:
+        (Path(workdir) / SPEC_NAME).write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        runtime_env = {
+            "working_dir": workdir,
+            "py_modules": [str(Path(vision_ops.__file__).parent)],
+            "env_vars": env_vars,
+        }
+        command = (
+            f"python -m vision_ops.cli run {SPEC_NAME} --run-id {run_id} --run-date {run_date}"
+        )
+        job_id = _submitted(jobs, address, command, runtime_env, run_id)
+    return Submitted(job_id=job_id, run_id=run_id)
+
+
+def _submitted(
+    jobs: Any, address: str, command: str, runtime_env: dict[str, Any], run_id: str
+) -> str:
+    """The job id the Jobs API gives the job, once its job agent takes it."""
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            job_id = jobs.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=runtime_env,
-                metadata={"vision_ops_run_id": run_id},
+            return str(
+                jobs.submit_job(
+                    entrypoint=command,
+                    runtime_env=runtime_env,
+                    metadata={"vision_ops_run_id": run_id},
+                )
             )
-            return Submitted(job_id=job_id, run_id=run_id)
         except Exception as err:
             if "try again later" not in str(err) or time.monotonic() > deadline:
-                raise SubmissionError(f"{address} refused the job: {err}") from None
+                raise SubmissionError(
+                    masked(f"{address} refused the job: {err}", address)
+                ) from None
             time.sleep(2)  # a head that just started has no job agent yet
 
 
