@@ -110,6 +110,17 @@ def test_validate_refuses_model_files_that_are_missing_or_unreadable(
     assert message.format(file=file) in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_holdout_that_is_not_there_is_refused_before_any_work(
+    spec_file, capsys, own_ray_root, command
+) -> None:
+    missing = spec_file.parent / "holdout.csv"
+    held = f"evaluate={{truth: {missing}, min: {{accuracy: 0.5}}}}"
+    assert main([command, str(spec_file), "--set", held]) == EXIT_BAD_SPEC
+    assert f"evaluate.truth: {missing} not found" in capsys.readouterr().err
+    assert not (spec_file.parent / "table").exists() and not ray.is_initialized()
+
+
 def test_weights_that_do_not_load_in_the_actors_exit_2_with_the_models_message(
     spec_file, capsys, ray_local
 ) -> None:

@@ -797,3 +797,40 @@ def test_iceberg_catalog_uri_with_a_password_is_refused() -> None:
     message = spec_error(with_value("output", {**ICEBERG_OUTPUT, "catalog": catalog}))
     assert "catalog.uri: a URI with a user or password" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("task", "evaluate", "message"),
+    [
+        (
+            None,
+            {"truth": "s3://l/holdout.csv", "min": {"acuracy": 0.8}},
+            "evaluate.min names acuracy: expected one of accuracy, top5_accuracy, evaluated, "
+            "error_rows",
+        ),
+        (
+            None,
+            {"truth": "s3://l/truth.json", "truth_format": "coco"},
+            "evaluate.truth_format: a classification run is scored against table or "
+            "imagefolder, found coco",
+        ),
+        (
+            {"kind": "detection"},
+            {"truth": "s3://l/truth.json", "min": {"accuracy": 0.5}},
+            "evaluate.min names accuracy: expected one of map, map_50, evaluated",
+        ),
+        (
+            {"kind": "embedding"},
+            {"truth": "s3://l/holdout.csv"},
+            "evaluate: embedding runs cannot be scored; remove evaluate",
+        ),
+    ],
+)
+def test_an_evaluate_section_the_task_cannot_score_is_refused_before_the_run(
+    task: dict[str, Any] | None, evaluate: dict[str, Any], message: str
+) -> None:
+    raw = with_value("evaluate", evaluate)
+    if task is not None:
+        raw["task"] = task
+        raw["model"] = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn"}
+    assert message in spec_error(raw)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from vision_ops.cli import EXIT_OK, main
 from vision_ops.masks import in_mask_frame
+from vision_ops.tasks import get_task
 
 pytestmark = pytest.mark.timeout(600)
 HEIGHT, WIDTH, SIDE = 64, 80, 64  # sources are wider than the model's 64 x 64 input
@@ -134,6 +135,8 @@ def test_evaluate_scores_iou_against_png_masks(run, capsys) -> None:  # type: ig
     )
     assert metrics[("evaluated", None)] == 3 and metrics[("error_rows", None)] == 1
     assert f"mean_iou: {mean:.4f}" in capsys.readouterr().out
+    overall = [name for name, label in metrics if label is None]
+    assert tuple(overall) == get_task("segmentation").metrics  # what evaluate.min may name
 
 
 def test_evaluate_refuses_another_truth_format(run, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -65,13 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
 
 
-def load_checked_spec(args: argparse.Namespace) -> JobSpec:
-    """The spec with its overrides, validated and its model checked; SpecError/ModelError."""
+def load_checked_spec(args: argparse.Namespace, files: bool = True) -> JobSpec:
+    """The spec with its overrides, validated and its model checked (with `files`, also its
+    model's files and the hold-out it is scored against); SpecError/ModelError."""
     from vision_ops.models import check_job  # torch and torchvision: only where a model runs
 
     spec = load_spec_of(args)
-    check_job(spec)
+    check_job(spec, files)
+    if files:
+        check_holdout(spec)
     return spec
+
+
+def check_holdout(spec: JobSpec) -> None:
+    """The hold-out of the spec's `evaluate:` section is there (SpecError if not): a run must
+    not commit and only then find it cannot be scored."""
+    from vision_ops.storage import filesystem
+
+    held = spec.evaluate
+    if held is None or held.truth is None or held.truth_format == "imagefolder":
+        return
+    truth = held.truth
+    fs, path = filesystem(truth, spec.storage_options)
+    if not fs.exists(path):
+        raise SpecError(f"evaluate.truth: {truth} not found")
 
 
 def load_spec_of(args: argparse.Namespace) -> JobSpec:
@@ -98,14 +115,21 @@ def _fail(err: Exception, code: int) -> int:
 
 
 def _with_spec(
-    command: Callable[[JobSpec, argparse.Namespace], int], check_model: bool = True
+    command: Callable[[JobSpec, argparse.Namespace], int],
+    check_model: bool = True,
+    files: bool = True,
 ) -> Callable[..., int]:
     """A command on the spec its arguments name; `check_model=False`: the command checks the
-    model itself (`run`, while Ray starts)."""
+    model itself (`run`, while Ray starts); `files=False`: the spec's files are not looked
+    for here (`submit`: they are the cluster's)."""
 
     def handler(args: argparse.Namespace) -> int:
         try:
-            spec = load_checked_spec(args) if check_model else load_spec_of(args)
+            if check_model:
+                spec = load_checked_spec(args, files)
+            else:
+                spec = load_spec_of(args)
+                check_holdout(spec)
         except (SpecError, ModelError) as err:
             return _fail(err, EXIT_BAD_SPEC)
         return command(spec, args)
@@ -729,7 +753,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
     sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")
     sub.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits")
-    sub.set_defaults(handler=_with_spec(submit))
+    sub.set_defaults(handler=_with_spec(submit, files=False))
     for name, text in [("status", "a job's state"), ("logs", "a job's logs"), ("stop", "stop it")]:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("job_id")

@@ -928,6 +928,30 @@ class JobSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _evaluate_fits_the_task(self) -> JobSpec:
+        """A hold-out the task's scorer can read, and floors on the metrics it gives: found
+        now, not after the run commits."""
+        from vision_ops.tasks import get_task
+
+        held, task = self.evaluate, get_task(self.task.kind)
+        if held is None:
+            return self
+        if task.scorer is None:
+            raise ValueError(f"evaluate: {task.name} runs cannot be scored; remove evaluate")
+        if held.truth_format is not None and held.truth_format not in task.truth_formats:
+            raise ValueError(
+                f"evaluate.truth_format: a {task.name} run is scored against "
+                f"{' or '.join(task.truth_formats)}, found {held.truth_format}"
+            )
+        unknown = sorted(set(held.min) - set(task.metrics))
+        if unknown:
+            raise ValueError(
+                f"evaluate.min names {', '.join(unknown)}: expected one of "
+                f"{', '.join(task.metrics)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _device_decode_needs_a_fixed_size(self) -> JobSpec:
         from vision_ops.tasks import get_task
 

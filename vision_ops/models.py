@@ -108,16 +108,19 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
     resolve_preprocessing(spec, task)
 
 
-def check_job(spec: JobSpec) -> None:
+def check_job(spec: JobSpec, files: bool = True) -> None:
     """The model checks, its files there and its labels readable, the task's label names
     against the model's labels, and the task's columns sized for the model where they depend
-    on it (embedding: refused if the model's head cannot be found)."""
+    on it (embedding: refused if the model's head cannot be found). `files=False` (a job
+    submitted to a cluster whose storage this machine may not reach): the model's files are
+    the cluster's to find."""
     check_model(spec.model, spec.task.kind)
-    check_model_files(spec.model, spec.storage_options)
-    labels = resolve_labels(spec.model, spec.storage_options)
+    if files:
+        check_model_files(spec.model, spec.storage_options)
+        resolve_labels(spec.model, spec.storage_options)
     get_task(spec.task.kind).job_fields(spec)
     if isinstance(spec.task, DetectionTask):
-        class_ids(spec.task.classes, labels)
+        class_ids(spec.task.classes, resolve_labels(spec.model, spec.storage_options))
 
 
 MODEL_FILE_FIELDS = ("weights", "uri", "detector", "recognizer", "dictionary")

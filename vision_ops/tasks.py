@@ -119,6 +119,7 @@ class Task:
       scorer: `"module:function"` that `evaluate` calls: (rows, truth URI, truth format,
         storage options) -> metric rows; None: the task cannot be scored.
       truth_formats: the --truth-format values its scorer reads (the first is the default).
+      metrics: the overall metrics its scorer gives, the names a spec's `evaluate.min` takes.
     """
 
     name: str
@@ -142,6 +143,7 @@ class Task:
     panels: tuple[str, ...] = ()
     scorer: str | None = None
     truth_formats: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
     sized_fields: str | None = None
     masks: bool = False
     model_kinds: tuple[str, ...] = NETWORK_MODEL_KINDS
@@ -297,6 +299,7 @@ register(
         panels=("label_strips", "borderline"),
         scorer="vision_ops.evaluate:score_classification",
         truth_formats=("table", "imagefolder"),
+        metrics=("accuracy", "top5_accuracy", "evaluated", "error_rows"),
     )
 )
 
@@ -363,6 +366,7 @@ register(
         panels=("boxes",),
         scorer="vision_ops.evaluate:score_detection",
         truth_formats=("coco",),
+        metrics=("map", "map_50", "evaluated"),
     )
 )
 
@@ -409,6 +413,7 @@ register(
         panels=("mask_overlays",),
         scorer="vision_ops.evaluate:score_segmentation",
         truth_formats=("masks",),
+        metrics=("mean_iou", "pixel_accuracy", "evaluated", "error_rows"),
         masks=True,
     )
 )
