@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from vision_ops import models
 from vision_ops.cli import (
     EXIT_BAD_SPEC,
     EXIT_CLUSTER_TOO_SMALL,
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_TOO_MANY_ERRORS,
     main,
@@ -134,6 +136,19 @@ def test_weights_that_do_not_load_in_the_actors_exit_2_with_the_models_message(
     assert err.startswith(f"error: model weights {garbage}: not a loadable state_dict")
     assert err.endswith("(as the actors started); nothing was committed")
     assert committed_run(str(spec_file.parent / "table")) is None
+
+
+def test_a_cluster_address_where_nothing_answers_fails_at_once(
+    spec_file, capsys, own_ray_root, monkeypatch
+) -> None:
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert main(["run", str(spec_file)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there" in err
+    assert not (spec_file.parent / "table").exists() and not ray.is_initialized()
 
 
 def test_pool_that_does_not_fit_exits_3(spec_file, capsys, ray_local) -> None:

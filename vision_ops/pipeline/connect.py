@@ -10,12 +10,20 @@ line imports this module before the model stack.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 
 import ray
 
+from vision_ops.errors import VisionOpsError
 from vision_ops.runstats import StartupClock
+
+REACH_TIMEOUT_S = 10.0  # for a cluster address to accept a connection
+
+
+class ClusterUnreachable(VisionOpsError, ConnectionError):
+    """RAY_ADDRESS names a cluster that does not answer."""
 
 
 def connect_ray() -> None:
@@ -26,9 +34,25 @@ def connect_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        require_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def require_reachable(address: str) -> None:
+    """A `host:port` (or `ray://host:port`) cluster address that accepts a connection, else
+    ClusterUnreachable naming it: `ray.init` would retry for minutes, and a nightly run would
+    hang on a cluster that is down. `auto` and other forms are left to Ray."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise ClusterUnreachable(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({err}); nothing was done"
+        ) from None
 
 
 def connect_while(prepare: Callable[[], None], clock: StartupClock) -> None:
