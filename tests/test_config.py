@@ -834,3 +834,10 @@ def test_an_evaluate_section_the_task_cannot_score_is_refused_before_the_run(
         raw["task"] = task
         raw["model"] = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn"}
     assert message in spec_error(raw)
+
+
+@pytest.mark.parametrize("field", ["input.uris", "input.manifest", "output.uri"])
+def test_a_uri_of_an_unknown_protocol_is_refused(field: str) -> None:
+    value = "bogus://bucket/x"
+    message = spec_error(with_value(field, [value] if field == "input.uris" else value))
+    assert "bogus://bucket/x: unknown protocol bogus://; expected s3://, gs://, az://" in message

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import fsspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -288,6 +289,14 @@ class InputSpec(StrictModel):
         validate_default=True,
         description="File-name extensions to keep (case-insensitive); an empty list keeps all.",
     )
+
+    @field_validator("uris", "manifest")
+    @classmethod
+    def _known_protocols(cls, value: list[str] | str | None) -> list[str] | str | None:
+        for uri in [value] if isinstance(value, str) else value or []:
+            known_protocol(uri)
+        return value
+
     max_pixels: int = Field(
         default=178_956_970,
         gt=0,
@@ -733,6 +742,12 @@ class OutputSpec(StrictModel):
         "(the committed rows go where the catalog puts the table)."
     )
     rows_per_file: int = Field(default=250_000, gt=0, description="Rows per Parquet file.")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        return known_protocol(value)
+
     table: str | None = Field(
         default=None,
         pattern=ICEBERG_TABLE_PATTERN,
@@ -1115,3 +1130,13 @@ def _has_userinfo(value: Any) -> bool:
     """A URL such as http://user:password@host/: its credentials would reach logs and errors.
     Any @ before the query counts (a password with an unescaped / ends the host early)."""
     return isinstance(value, str) and URL_WITH_USERINFO.match(value) is not None
+
+
+def known_protocol(uri: str) -> str:
+    """`uri` where fsspec knows its protocol (s3://, gs://, file://, a plain path ...)."""
+    protocol, sep, _ = uri.partition("://")
+    if sep and protocol not in fsspec.available_protocols():
+        raise ValueError(
+            f"{uri}: unknown protocol {protocol}://; expected s3://, gs://, az://, a path ..."
+        )
+    return uri
