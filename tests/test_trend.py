@@ -114,7 +114,12 @@ def test_report_check_exits_6_naming_the_figure_threshold_and_runs(nights, capsy
     assert "alert: error_rate_rise 0.1818 over the threshold 0.05" in err
     loose = ["--max-label-psi", "50", "--max-score-psi", "50", "--max-error-rate-rise", "0.5"]
     assert main(["report", table, "--check", *loose]) == EXIT_OK
+    capsys.readouterr()
     assert main(["report", table, "--check", "--runs", "0"]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert err == (
+        "error: report --check thresholds: runs: Input should be greater than or equal to 1\n"
+    )  # one line, the flag's field named: no pydantic dump
     assert main(["report", table, "--since", "2026-03-02"]) == EXIT_BAD_SPEC  # without --trend
     assert main(["report", table, "--samples", "0"]) == EXIT_BAD_SPEC
     assert "--samples: expected 1 or more, found 0" in capsys.readouterr().err
@@ -184,3 +189,21 @@ def test_the_trend_shows_evaluate_metrics_where_a_run_was_scored(tmp_path) -> No
     evaluate_run(str(table), str(truth), "table", run_id="night-1")
     metrics = series(trend(str(table)))["metrics"]
     assert metrics["accuracy"] == [None, 0.5]  # night-0 was not scored
+
+
+def test_report_refuses_an_empty_trend_and_an_html_page_it_cannot_write(
+    nights, capsys, tmp_path
+) -> None:
+    from vision_ops.errors import EXIT_FAILED
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty), "--trend"]) == EXIT_FAILED
+    assert f"error: no committed run in {empty}" in capsys.readouterr().err
+    assert main(["report", str(nights), "--trend", "--since", "2027-01-01"]) == EXIT_FAILED
+    assert "since 2027-01-01" in capsys.readouterr().err
+    nowhere = tmp_path / "missing" / "page.html"
+    assert main(["report", str(nights), "--html", str(nowhere)]) == EXIT_BAD_SPEC
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the report, not after printing it
+    assert f"--html {nowhere}: expected a file in an existing folder" in captured.err

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from vision_ops.config import (
     EvaluateSpec,
     JobSpec,
@@ -404,6 +406,9 @@ def report(args: argparse.Namespace) -> int:
         return _fail(
             SpecError(f"--samples: expected 1 or more, found {args.samples}"), EXIT_BAD_SPEC
         )
+    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        message = f"--html {args.html}: expected a file in an existing folder"
+        return _fail(SpecError(message), EXIT_BAD_SPEC)
     try:
         table, options = output_of(args)
         monitor = _monitor(args)
@@ -441,8 +446,11 @@ def _monitor(args: argparse.Namespace) -> MonitorSpec:
         return MonitorSpec(
             **(monitor.model_dump() | {k: v for k, v in flags.items() if v is not None})
         )
-    except ValueError as err:
-        raise SpecError(f"report --check thresholds: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors(include_url=False)
+        )
+        raise SpecError(f"report --check thresholds: {problems}") from None
 
 
 def _trend(
@@ -453,6 +461,9 @@ def _trend(
     from vision_ops.trend import render_trend_html, render_trend_text, trend
 
     points = trend(table, options, args.since)
+    if not points:
+        since = f" since {args.since}" if args.since else ""
+        return _fail(LookupError(f"no committed run in {describe(table)}{since}"), EXIT_FAILED)
     print(render_trend_text(points), end="")
     drifts = drift(points, monitor) if args.check else []
     if args.html:
