@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
 from vision_ops.sink import ParquetSink
@@ -84,3 +85,21 @@ def test_memory_filesystem_round_trip() -> None:
     with fs.open(result.files[0].removeprefix("memory://"), "rb") as handle:
         assert pq.read_table(handle).num_rows == 3
     fs.rm("/tables", recursive=True)
+
+
+@pytest.mark.parametrize("content", [b'{"run_id": "r1", "files": [', b"[1, 2]", b"\xff\xfe"])
+def test_a_corrupt_manifest_is_named_by_the_commands_that_read_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    from committed_rows import classified, commit_rows
+
+    from vision_ops.cli import EXIT_FAILED, main
+
+    table = tmp_path / "table"
+    commit_rows(table, "classification", [classified("file:///a.jpg", ("cat", 0.9))], "r1")
+    manifest = table / "_manifests" / "r1.json"
+    manifest.write_bytes(content)
+    for command in (["verify", str(table)], ["report", str(table)], ["query", str(table)]):
+        assert main(command) == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert f"error: manifest {manifest}: " in err and "Traceback" not in err

@@ -30,7 +30,14 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from vision_ops.storage import TEMPORARY_INFIX, is_local, make_folder, replace_file
+from vision_ops.errors import VisionOpsError
+from vision_ops.storage import (
+    TEMPORARY_INFIX,
+    StorageError,
+    is_local,
+    make_folder,
+    replace_file,
+)
 
 log = logging.getLogger(__name__)
 JOURNAL = "_commits"  # one JSON per commit in progress: what to finish or undo after a crash
@@ -72,11 +79,30 @@ def manifest_path(root: str, run_id: str) -> str:
     return f"{root}/{MANIFESTS}/{run_id}.json"
 
 
+class CorruptManifest(VisionOpsError, ValueError):
+    """A manifest that is not the JSON object a commit writes (edited or cut short since)."""
+
+
 def read_manifest(fs: AbstractFileSystem, root: str, run_id: str) -> dict[str, Any] | None:
+    """The committed run's manifest; None where the run id has none."""
+    path = manifest_path(root, run_id)
     try:
-        return dict(json.loads(fs.cat_file(manifest_path(root, run_id))))
+        return manifest_of(fs.cat_file(path), path)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise StorageError(f"{root}: a file, expected a table's folder") from None
+
+
+def manifest_of(data: bytes, path: str) -> dict[str, Any]:
+    """A manifest's JSON; CorruptManifest naming `path` where it is not a JSON object."""
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise CorruptManifest(f"manifest {path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptManifest(f"manifest {path}: expected a JSON object")
+    return manifest
 
 
 def publish(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -19,6 +18,7 @@ from vision_ops.publish import (
     MANIFESTS,
     CommitPlan,
     journal_path,
+    manifest_of,
     manifest_path,
     publish,
     read_manifest,
@@ -93,7 +93,7 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
     folder = f"{root.rstrip('/')}/{MANIFESTS}"
     if not fs.exists(folder):
         return []
-    runs = [json.loads(fs.cat_file(path)) for path in fs.glob(f"{folder}/*.json")]
+    runs = [manifest_of(fs.cat_file(path), path) for path in fs.glob(f"{folder}/*.json")]
     return sorted(runs, key=lambda run: (run["run_date"], run["run_id"]))
 
 
