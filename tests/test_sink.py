@@ -103,3 +103,15 @@ def test_a_corrupt_manifest_is_named_by_the_commands_that_read_it(
         assert main(command) == EXIT_FAILED
         err = capsys.readouterr().err
         assert f"error: manifest {manifest}: " in err and "Traceback" not in err
+
+
+def test_a_table_root_that_is_a_file_is_said_to_be_one(tmp_path: Path) -> None:
+    import fsspec
+
+    from vision_ops.publish import read_manifest
+    from vision_ops.storage import StorageError
+
+    root = tmp_path / "a-file"
+    root.write_text("not a folder")
+    with pytest.raises(StorageError, match=f"^{root}: a file, expected a table's folder$"):
+        read_manifest(fsspec.filesystem("file"), str(root), "r1")
