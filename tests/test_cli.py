@@ -151,6 +151,15 @@ def test_a_cluster_address_where_nothing_answers_fails_at_once(
     assert not (spec_file.parent / "table").exists() and not ray.is_initialized()
 
 
+@pytest.mark.parametrize("ratio", ["-1", "1.5", "nan", "half"])
+def test_an_error_ratio_that_is_not_a_share_is_refused(spec_file, capsys, ratio) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(spec_file), "--max-error-ratio", ratio])
+    assert exited.value.code == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert f"--max-error-ratio: expected a share from 0 to 1, found {ratio}" in err
+
+
 def test_pool_that_does_not_fit_exits_3(spec_file, capsys, ray_local) -> None:
     code = main(["run", str(spec_file), "--set", "runtime.num_cpus_per_actor=2"])
     assert code == EXIT_CLUSTER_TOO_SMALL

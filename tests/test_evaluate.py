@@ -105,6 +105,21 @@ def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:
     bad.write_text("path,class\nx,y\n")
     with pytest.raises(EvaluationError, match="expected columns uri and label"):
         evaluate_run(str(table), str(bad), "table")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00uri")
+    with pytest.raises(EvaluationError, match=f"^{binary}: expected a CSV or Parquet table: "):
+        evaluate_run(str(table), str(binary), "table")
+
+
+def test_a_labels_table_of_plain_local_paths_matches_the_rows_file_uris(tmp_path: Path) -> None:
+    """The rows hold file:///data/cat/img0.jpg; a hand-written table says /data/cat/img0.jpg."""
+    table = tmp_path / "table"
+    commit(table, PREDICTION_SCHEMA, classification_rows())
+    labels = tmp_path / "labels.csv"
+    lines = ["uri,label"] + [f"/data/{t}/img{i}.jpg,{t}" for i, (t, _) in enumerate(CASES)]
+    labels.write_text("\n".join(lines) + "\n")
+    metrics = {m["metric"]: m["value"] for m in evaluate_run(str(table), str(labels)).to_pylist()}
+    assert (metrics["evaluated"], metrics["accuracy"]) == (8, 0.5)
 
 
 COCO = {

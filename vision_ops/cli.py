@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import importlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -566,6 +567,17 @@ def bench(args: argparse.Namespace) -> int:
     return EXIT_OK if not report.problems else EXIT_FAILED
 
 
+def _share(text: str) -> float:
+    """A share from 0 to 1 (argparse names the option that refused another, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, found {text}")
+    return value
+
+
 def _utc_time(text: str) -> dt.datetime:
     """An ISO 8601 date or time; UTC where it names no offset."""
     moment = dt.datetime.fromisoformat(text)
@@ -596,7 +608,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--max-error-ratio",
-        type=float,
+        type=_share,
         default=1.0,
         help="exit 4 when more than this share of items are error rows (default 1.0: never)",
     )
@@ -619,7 +631,7 @@ def _parser() -> argparse.ArgumentParser:
     _spec_arguments(sub)
     sub.add_argument("--from", dest="start", type=dt.date.fromisoformat, required=True)
     sub.add_argument("--to", dest="end", type=dt.date.fromisoformat, required=True)
-    sub.add_argument("--max-error-ratio", type=float, default=1.0)
+    sub.add_argument("--max-error-ratio", type=_share, default=1.0)
     sub.set_defaults(handler=_with_spec(backfill))
 
     sub = commands.add_parser(

@@ -9,10 +9,12 @@ import contextlib
 import csv
 import io
 import json
+import os
 import posixpath
 from collections import Counter
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,7 @@ from vision_ops.outputs import Target, as_output, committed_run, describe, read_
 from vision_ops.schema import STATUS_OK
 from vision_ops.storage import (
     StorageOptions,
+    canonical_uri,
     filesystem,
     make_folder,
     read_bytes,
@@ -224,13 +227,23 @@ def classification_truth(
             f"--truth-format: expected imagefolder or table, found {truth_format}"
         )
     data = read_bytes(truth, options)
-    if truth.endswith(".parquet"):
-        records = read_parquet(data).to_pylist()
-    else:
-        records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    try:
+        if truth.endswith(".parquet"):
+            records = read_parquet(data).to_pylist()
+        else:
+            records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    except (ValueError, csv.Error, pa.ArrowException) as err:  # not UTF-8 text, not Parquet
+        raise EvaluationError(f"{truth}: expected a CSV or Parquet table: {err}") from None
     if not records or not {"uri", "label"} <= set(records[0]):
         raise EvaluationError(f"{truth}: expected columns uri and label")
-    return {str(r["uri"]): str(r["label"]) for r in records}
+    return {as_row_uri(str(r["uri"])): str(r["label"]) for r in records}
+
+
+def as_row_uri(uri: str) -> str:
+    """A URI as the rows hold it: a plain local path as file:///absolute/path."""
+    if "://" in uri:
+        return uri
+    return canonical_uri(fsspec.filesystem("file"), os.path.abspath(uri))
 
 
 def classification_metrics(
