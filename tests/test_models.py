@@ -287,3 +287,21 @@ def test_weights_unavailable_is_none_for_files_and_cached_enums(tmp_path, monkey
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / url.rsplit("/", 1)[1]).write_bytes(b"cached")
     assert weights_unavailable(enum_spec) is None
+
+
+def test_a_model_file_that_cannot_be_reached_is_refused_naming_the_field(monkeypatch) -> None:
+    """No S3 server answers: the check names the field and the store's own error."""
+    from vision_ops.config import TorchvisionModel
+    from vision_ops.models import check_model_files
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    options = {
+        "s3": {
+            "endpoint_url": "http://127.0.0.1:1",
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+        }
+    }
+    spec = TorchvisionModel(architecture="resnet18", weights="s3://models/w.pt")
+    with pytest.raises(ModelError, match=r"^model.weights: s3://models/w.pt cannot be read: "):
+        check_model_files(spec, options)

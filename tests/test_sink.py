@@ -115,3 +115,19 @@ def test_a_table_root_that_is_a_file_is_said_to_be_one(tmp_path: Path) -> None:
     root.write_text("not a folder")
     with pytest.raises(StorageError, match=f"^{root}: a file, expected a table's folder$"):
         read_manifest(fsspec.filesystem("file"), str(root), "r1")
+
+
+def test_a_committed_file_cut_short_is_named_by_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from committed_rows import classified, commit_rows
+
+    from vision_ops.cli import EXIT_FAILED, main
+
+    table = tmp_path / "table"
+    commit_rows(table, "classification", [classified("file:///a.jpg", ("cat", 0.9))], "r1")
+    part = next(table.glob("run_date=*/*.parquet"))
+    part.write_bytes(part.read_bytes()[:40])
+    assert main(["report", str(table)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"{part}: not a readable Parquet file" in err and "ArrowInvalid:" not in err

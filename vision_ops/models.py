@@ -133,8 +133,14 @@ def check_model_files(spec: ModelSpec, options: StorageOptions | None = None) ->
         uri = getattr(spec, field, None)
         if not uri or (field == "weights" and is_weights_enum_name(uri)):
             continue
-        fs, path = filesystem(uri, options)
-        if not fs.exists(path):
+        try:
+            fs, path = filesystem(uri, options)
+            found = fs.exists(path)
+        except Exception as err:  # no credentials here, access denied, no such bucket
+            raise ModelError(
+                f"model.{field}: {uri} cannot be read: {type(err).__name__}: {err}"
+            ) from None
+        if not found:
             raise ModelError(f"model.{field}: {uri} not found")
 
 

@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 __all__ = ["MANIFESTS", "CommitRefused", "ParquetSink", "RunDateConflict", "committed_runs"]
 
 
+class CorruptFile(VisionOpsError, OSError):
+    """A file a committed run lists that no longer reads as Parquet (`vision-ops verify`
+    checks every file of a run)."""
+
+
 class RunDateConflict(VisionOpsError, ValueError):
     """The run id is committed on another date: a run id names one run, on one date."""
 
@@ -304,7 +309,10 @@ def read_committed_file(
     """One file a manifest lists, read through its filesystem."""
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as handle:
-        return read_parquet(handle, columns)
+        try:
+            return read_parquet(handle, columns)
+        except pa.ArrowException as err:  # cut short or overwritten since the commit
+            raise CorruptFile(f"{uri}: not a readable Parquet file ({err})") from None
 
 
 def unfinished_commit(
