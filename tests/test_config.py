@@ -477,6 +477,10 @@ def test_bad_override_is_refused(override: str, message: str) -> None:
         ("run: {date: 2026-02-30}\n", "spec file {path}: not valid YAML: day is out of range"),
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", "spec file {path}: nested too deeply"),
         ("a: &x [*x]\n", "invalid job spec: nested too deeply"),
+        (  # the second would silently win
+            "runtime: {batch_size: 8}\nruntime: {max_actors: 1}\n",
+            "spec file {path}: not valid YAML: found 'runtime' twice in one mapping at line 2",
+        ),
     ],
 )
 def test_a_spec_that_cannot_be_read_as_yaml_is_refused(tmp_path, text, message) -> None:

@@ -40,6 +40,11 @@ def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
     assert passed_env([]) == {"AWS_REGION": "eu-west-1"}
     with pytest.raises(SubmissionError, match="looks like a credential"):
         passed_env(["AWS_SECRET_ACCESS_KEY"])
+    monkeypatch.delenv("VISION_OPS_UNSET", raising=False)
+    with pytest.raises(SubmissionError, match=r"^--env VISION_OPS_UNSET: not set here"):
+        passed_env(["VISION_OPS_UNSET"])
+    monkeypatch.setenv("VISION_OPS_UNSET", "1")
+    assert passed_env(["VISION_OPS_UNSET"]) == {"AWS_REGION": "eu-west-1", "VISION_OPS_UNSET": "1"}
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,9 @@ def passed_env(extra: list[str]) -> dict[str, str]:
         raise SubmissionError(
             f"--env {secret[0]}: looks like a credential; nodes use their own credential chain"
         )
+    unset = [name for name in extra if name not in os.environ]
+    if unset:
+        raise SubmissionError(f"--env {unset[0]}: not set here, so there is nothing to ship")
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
