@@ -89,8 +89,14 @@ def check_holdout(spec: JobSpec) -> None:
     if held is None or held.truth is None or held.truth_format == "imagefolder":
         return
     truth = held.truth
-    fs, path = filesystem(truth, spec.storage_options)
-    if not fs.exists(path):
+    try:
+        fs, path = filesystem(truth, spec.storage_options)
+        found = fs.exists(path)
+    except Exception as err:  # no credentials here, access denied, no such bucket
+        raise SpecError(
+            f"evaluate.truth: {truth} cannot be read: {type(err).__name__}: {err}"
+        ) from None
+    if not found:
         raise SpecError(f"evaluate.truth: {truth} not found")
 
 

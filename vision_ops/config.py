@@ -37,8 +37,9 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", 
 # A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-# Option names that carry credentials: refused in a spec, which is copied into logs and job records.
+# A URL with a user or password in it (refused in storage options, like the names below).
 URL_WITH_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://[^@?#]*@")
+# Option names that carry credentials: refused in a spec, which is copied into logs and job records.
 CREDENTIAL_KEYS = frozenset(
     {
         "key",
@@ -290,13 +291,6 @@ class InputSpec(StrictModel):
         description="File-name extensions to keep (case-insensitive); an empty list keeps all.",
     )
 
-    @field_validator("uris", "manifest")
-    @classmethod
-    def _known_protocols(cls, value: list[str] | str | None) -> list[str] | str | None:
-        for uri in [value] if isinstance(value, str) else value or []:
-            known_protocol(uri)
-        return value
-
     max_pixels: int = Field(
         default=178_956_970,
         gt=0,
@@ -321,6 +315,13 @@ class InputSpec(StrictModel):
     def _dicom_extensions(cls, value: Any) -> Any:
         if isinstance(value, dict) and value.get("dicom") is not None and "extensions" not in value:
             return value | {"extensions": list(DICOM_EXTENSIONS)}
+        return value
+
+    @field_validator("uris", "manifest")
+    @classmethod
+    def _known_protocols(cls, value: list[str] | str | None) -> list[str] | str | None:
+        for uri in [value] if isinstance(value, str) else value or []:
+            known_protocol(uri)
         return value
 
     @field_validator("extensions")
@@ -743,11 +744,6 @@ class OutputSpec(StrictModel):
     )
     rows_per_file: int = Field(default=250_000, gt=0, description="Rows per Parquet file.")
 
-    @field_validator("uri")
-    @classmethod
-    def _known_protocol(cls, value: str) -> str:
-        return known_protocol(value)
-
     table: str | None = Field(
         default=None,
         pattern=ICEBERG_TABLE_PATTERN,
@@ -758,6 +754,11 @@ class OutputSpec(StrictModel):
         description="iceberg: PyIceberg catalog properties (type: rest | glue | sql | hive "
         "..., uri, warehouse, ...). Never credentials: those come from the standard chains.",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        return known_protocol(value)
 
     @field_validator("catalog")
     @classmethod
