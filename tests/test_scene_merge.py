@@ -161,6 +161,23 @@ def test_masks_and_keypoints_move_to_the_scene_with_their_boxes(instance: str) -
     assert np.array_equal(scene, expected)
 
 
+def test_a_box_two_tiles_score_alike_is_kept_in_the_same_tiles_row_whatever_the_arrival() -> None:
+    """An object wholly inside the overlap, found by both tiles with the same score: the kept
+    box is the left tile's on every run, however the tiles reached the merge (it was the
+    first to arrive's, so a rerun could move it to the other tile's row)."""
+    from vision_ops.scenes import merge_scene
+    from vision_ops.schema import output_schema
+
+    left = tile_row(0, [entry(90, 30, 110, 50, 0.8)])
+    right = tile_row(72, [entry(90 - 72, 30, 110 - 72, 50, 0.8)])
+    schema = output_schema("detection", tiles=True)
+    identity = {"file:///scene.tif": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)}
+    for arrival in ([left, right], [right, left]):
+        rows = pa.Table.from_pylist(arrival, schema=schema)
+        merged = merge_scene(rows, 0.5, None, identity).to_pylist()
+        assert [(row["tile_x"], row["num_detections"]) for row in merged] == [(0, 1), (72, 0)]
+
+
 def test_a_padded_tiles_mask_is_cut_at_the_scenes_edge() -> None:
     """A mask running past the scene (a padded edge tile) keeps only the scene's pixels; runs
     that go on from one column's bottom into the next column's top stay one run."""

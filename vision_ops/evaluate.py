@@ -236,11 +236,13 @@ def classification_truth(
         raise EvaluationError(f"{truth}: expected a CSV or Parquet table: {err}") from None
     if not records or not {"uri", "label"} <= set(records[0]):
         raise EvaluationError(f"{truth}: expected columns uri and label")
-    return {as_row_uri(str(r["uri"])): str(r["label"]) for r in records}
+    labels = {str(r["uri"]): str(r["label"]) for r in records}
+    return labels | {as_row_uri(uri): label for uri, label in labels.items()}
 
 
 def as_row_uri(uri: str) -> str:
-    """A URI as the rows hold it: a plain local path as file:///absolute/path."""
+    """A URI as a run's rows hold it: a plain local path as file:///absolute/path (a truth
+    table written by hand names the path; it is matched as given too)."""
     if "://" in uri:
         return uri
     return canonical_uri(fsspec.filesystem("file"), os.path.abspath(uri))

@@ -376,8 +376,9 @@ def merge_scene(
     (and their masks or keypoints) move from tile to scene pixels, boxes to the CRS too, and
     a box found again by a neighbouring tile (on a seam, in the overlap) is kept once, the
     best-scoring one, with its mask or keypoints. An unreadable scene (its error row) comes
-    back as it is."""
-    records = rows.to_pylist()
+    back as it is. The tiles are taken in their place's order, not as they arrived, so a box
+    two tiles found with the same score is kept in the same tile's row on every run."""
+    records = sorted(rows.to_pylist(), key=_tile_place)
     transform = transforms.get(records[0]["source_uri"]) if records else None
     if transform is None:
         return rows
@@ -496,6 +497,11 @@ def _scene_instance(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, Any
             point | {"x": point["x"] + x, "y": point["y"] + y} for point in entry["keypoints"]
         ]
     return moved
+
+
+def _tile_place(row: dict[str, Any]) -> tuple[int, int]:
+    """A tile row's place in its scene: top to bottom, then left to right."""
+    return (row.get("tile_y") or 0, row.get("tile_x") or 0)
 
 
 def merge_across_tiles(
