@@ -779,6 +779,11 @@ def test_iceberg_output_parses_and_parquet_is_the_default() -> None:
         ({**ICEBERG_OUTPUT, "table": "predictions"}, "output.table: String should match"),
         ({**ICEBERG_OUTPUT, "format": "parquet"}, "table and catalog are for format: iceberg"),
         ({**ICEBERG_OUTPUT, "format": "delta"}, "output.format: Input should be 'parquet'"),
+        (
+            {**ICEBERG_OUTPUT, "catalog": {**ICEBERG_OUTPUT["catalog"], "type": "bogus"}},  # type: ignore[dict-item]
+            "catalog.type: expected one of rest, hive, glue, dynamodb, sql, in-memory, bigquery; "
+            "found 'bogus'",
+        ),
     ],
 )
 def test_iceberg_output_mistakes_are_named(output: dict[str, Any], expected: str) -> None:

@@ -182,6 +182,29 @@ def test_a_password_in_the_address_is_never_printed(tmp_path) -> None:
         assert "hunter2" not in done.stderr + done.stdout
 
 
+def test_submit_leaves_the_clusters_files_to_the_cluster(job_spec, tmp_path) -> None:
+    """Weights, labels and a hold-out that only the cluster's storage holds: `validate` here
+    refuses them, `submit` goes on to the cluster (here one that does not answer: exit 1)."""
+    cluster_only = "/only-on-the-cluster"
+    overrides = [
+        "--set", f"model.weights={cluster_only}/w.pt",
+        "--set", f"model.labels={cluster_only}/labels.json",
+        "--set", f"evaluate={{truth: {cluster_only}/holdout.csv, min: {{accuracy: 0.5}}}}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": str(tmp_path)
+    }
+    checked = subprocess.run([*CLI, "validate", str(job_spec), *overrides], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 2
+    assert f"model.weights: {cluster_only}/w.pt not found" in checked.stderr
+    address = "http://127.0.0.1:1"
+    sent = subprocess.run([*CLI, "submit", str(job_spec), *overrides, "--address", address],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert sent.returncode == 1 and "error:" in sent.stderr and address in sent.stderr
+    assert cluster_only not in sent.stderr
+
+
 def test_stop_ends_a_submitted_job(ray_head, job_spec) -> None:
     address, env = ray_head
     args = [*CLI, "submit", str(job_spec), "--address", address, "--run-id", "to-stop"]

@@ -24,7 +24,7 @@ import yaml
 from pydantic import TypeAdapter
 from toy_models import TOY_JOBS, TRUTHS, ToyJob, toy_images
 
-from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, NO_ROWS, main
 from vision_ops.config import ModelSpec, SpecError, parse_spec
 from vision_ops.errors import UnknownTask
 from vision_ops.models import torchvision_architectures
@@ -304,3 +304,13 @@ def test_a_toy_job_gives_the_values_known_in_advance(  # type: ignore[no-untyped
     assert toy.metric is not None
     metric, value = toy.metric
     assert f"{metric}: {value:.4f}" in capsys.readouterr().out
+
+
+def test_sql_that_returns_no_rows_is_named_not_printed(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    table = str(_commit(tmp_path / "table", get_task("classification")))
+    for fmt in ("table", "csv"):
+        assert main(["query", table, "DROP VIEW predictions", "--format", fmt]) == EXIT_BAD_SPEC
+        shown = capsys.readouterr()
+        assert shown.err == f"error: {NO_ROWS}\n" and shown.out == ""
+    assert main(["query", table, "SELECT count(*) AS n FROM predictions", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "2"]  # the table is not changed

@@ -68,36 +68,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
 
 
-def load_checked_spec(args: argparse.Namespace, files: bool = True) -> JobSpec:
-    """The spec with its overrides, validated and its model checked (with `files`, also its
-    model's files and the hold-out it is scored against); SpecError/ModelError."""
+def check_here(spec: JobSpec) -> None:
+    """Everything a run on this machine needs before any work (`validate`, `backfill`): the
+    model, its files and labels, and the hold-out the run is scored against."""
     from vision_ops.models import check_job  # torch and torchvision: only where a model runs
 
-    spec = load_spec_of(args)
-    check_job(spec, files)
-    if files:
-        check_holdout(spec)
-    return spec
+    check_job(spec)
+    check_holdout(spec)
+
+
+def check_for_a_cluster(spec: JobSpec) -> None:
+    """What `submit` can check here: the model, not its files or the hold-out (they are in the
+    cluster's storage, which this machine may not reach)."""
+    from vision_ops.models import check_job
+
+    check_job(spec, files=False)
 
 
 def check_holdout(spec: JobSpec) -> None:
     """The hold-out of the spec's `evaluate:` section is there (SpecError if not): a run must
-    not commit and only then find it cannot be scored."""
-    from vision_ops.storage import filesystem
+    not commit and only then find it cannot be scored. (`run` checks only this up front: its
+    model is checked while Ray starts.)"""
+    from vision_ops.storage import missing_file
 
     held = spec.evaluate
     if held is None or held.truth is None or held.truth_format == "imagefolder":
         return
-    truth = held.truth
-    try:
-        fs, path = filesystem(truth, spec.storage_options)
-        found = fs.exists(path)
-    except Exception as err:  # no credentials here, access denied, no such bucket
-        raise SpecError(
-            f"evaluate.truth: {truth} cannot be read: {type(err).__name__}: {err}"
-        ) from None
-    if not found:
-        raise SpecError(f"evaluate.truth: {truth} not found")
+    problem = missing_file(held.truth, spec.storage_options)
+    if problem:
+        raise SpecError(f"evaluate.truth: {held.truth} {problem}")
 
 
 def load_spec_of(args: argparse.Namespace) -> JobSpec:
@@ -125,20 +124,14 @@ def _fail(err: Exception, code: int) -> int:
 
 def _with_spec(
     command: Callable[[JobSpec, argparse.Namespace], int],
-    check_model: bool = True,
-    files: bool = True,
+    check: Callable[[JobSpec], None] = check_here,
 ) -> Callable[..., int]:
-    """A command on the spec its arguments name; `check_model=False`: the command checks the
-    model itself (`run`, while Ray starts); `files=False`: the spec's files are not looked
-    for here (`submit`: they are the cluster's)."""
+    """A command on the spec its arguments name, after `check` (SpecError/ModelError: exit 2)."""
 
     def handler(args: argparse.Namespace) -> int:
         try:
-            if check_model:
-                spec = load_checked_spec(args, files)
-            else:
-                spec = load_spec_of(args)
-                check_holdout(spec)
+            spec = load_spec_of(args)
+            check(spec)
         except (SpecError, ModelError) as err:
             return _fail(err, EXIT_BAD_SPEC)
         return command(spec, args)
@@ -306,12 +299,20 @@ def query(args: argparse.Namespace) -> int:
         connection = connect(options)
         task = register_views(connection, table, options, args.run_id, args.as_of)
         relation = _query_relation(connection, task, args)
+        if relation is None:  # DDL, SET ...: DuckDB gives no relation
+            return _fail(ValueError(NO_ROWS), EXIT_BAD_SPEC)
         text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
     except Exception as err:  # its exit code where it has one (no committed run, --as-of of
         return _fail(err, getattr(err, "exit_code", EXIT_FAILED))  # Parquet); DuckDB's: 1
     if text:
         print(text, end="" if text.endswith("\n") else "\n")
     return EXIT_OK
+
+
+NO_ROWS = (
+    "query: the SQL returns no rows; expected a query such as SELECT (what a statement "
+    "creates or drops lasts only for this command; the table is not changed)"
+)
 
 
 def _query_conflict(args: argparse.Namespace) -> str | None:
@@ -623,7 +624,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip units committed before for the same model and input version",
     )
-    sub.set_defaults(handler=_with_spec(run, check_model=False))
+    sub.set_defaults(handler=_with_spec(run, check=check_holdout))
 
     sub = commands.add_parser("validate", help="check a job spec without running it")
     _spec_arguments(sub)
@@ -782,7 +783,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
     sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")
     sub.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits")
-    sub.set_defaults(handler=_with_spec(submit, files=False))
+    sub.set_defaults(handler=_with_spec(submit, check=check_for_a_cluster))
     for name, text in [("status", "a job's state"), ("logs", "a job's logs"), ("stop", "stop it")]:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("job_id")

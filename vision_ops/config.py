@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import fsspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -29,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
+from vision_ops.storage import known_protocol
 
 if TYPE_CHECKING:  # the registry imports this module's TaskSettings
     from vision_ops.tasks import Task
@@ -776,6 +776,8 @@ class OutputSpec(StrictModel):
                     f"catalog.{name}: a URI with a user or password in it; credentials never "
                     "go in the spec"
                 )
+        if "type" in value:
+            _known_catalog_type(value["type"])
         return value
 
     @model_validator(mode="after")
@@ -792,6 +794,15 @@ class OutputSpec(StrictModel):
                 "table and catalog are for format: iceberg; found them with format: parquet"
             )
         return self
+
+
+def _known_catalog_type(name: str) -> None:
+    """A catalog type PyIceberg has (it lower-cases it); ValueError listing them if not."""
+    from pyiceberg.catalog import CatalogType  # only for specs that name an Iceberg catalog
+
+    known = [kind.value for kind in CatalogType]
+    if name.lower() not in known:
+        raise ValueError(f"catalog.type: expected one of {', '.join(known)}; found {name!r}")
 
 
 class RunSpec(StrictModel):
@@ -1147,13 +1158,3 @@ def _has_userinfo(value: Any) -> bool:
     """A URL such as http://user:password@host/: its credentials would reach logs and errors.
     Any @ before the query counts (a password with an unescaped / ends the host early)."""
     return isinstance(value, str) and URL_WITH_USERINFO.match(value) is not None
-
-
-def known_protocol(uri: str) -> str:
-    """`uri` where fsspec knows its protocol (s3://, gs://, file://, a plain path ...)."""
-    protocol, sep, _ = uri.partition("://")
-    if sep and protocol not in fsspec.available_protocols():
-        raise ValueError(
-            f"{uri}: unknown protocol {protocol}://; expected s3://, gs://, az://, a path ..."
-        )
-    return uri

@@ -14,7 +14,6 @@ import posixpath
 from collections import Counter
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -245,7 +244,7 @@ def as_row_uri(uri: str) -> str:
     table written by hand names the path; it is matched as given too)."""
     if "://" in uri:
         return uri
-    return canonical_uri(fsspec.filesystem("file"), os.path.abspath(uri))
+    return canonical_uri(*filesystem(os.path.abspath(uri)))
 
 
 def classification_metrics(

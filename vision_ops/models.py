@@ -31,7 +31,7 @@ from vision_ops.config import (
 )
 from vision_ops.errors import ModelError
 from vision_ops.registry import Registry
-from vision_ops.storage import StorageOptions, filesystem, read_bytes
+from vision_ops.storage import StorageOptions, missing_file, read_bytes
 from vision_ops.tasks import DetectionTask, get_task
 
 WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -117,10 +117,11 @@ def check_job(spec: JobSpec, files: bool = True) -> None:
     check_model(spec.model, spec.task.kind)
     if files:
         check_model_files(spec.model, spec.storage_options)
-        resolve_labels(spec.model, spec.storage_options)
+    if files or isinstance(spec.task, DetectionTask):  # read once: they may be in storage
+        labels = resolve_labels(spec.model, spec.storage_options)
+        if isinstance(spec.task, DetectionTask):
+            class_ids(spec.task.classes, labels)
     get_task(spec.task.kind).job_fields(spec)
-    if isinstance(spec.task, DetectionTask):
-        class_ids(spec.task.classes, resolve_labels(spec.model, spec.storage_options))
 
 
 MODEL_FILE_FIELDS = ("weights", "uri", "detector", "recognizer", "dictionary")
@@ -133,15 +134,9 @@ def check_model_files(spec: ModelSpec, options: StorageOptions | None = None) ->
         uri = getattr(spec, field, None)
         if not uri or (field == "weights" and is_weights_enum_name(uri)):
             continue
-        try:
-            fs, path = filesystem(uri, options)
-            found = fs.exists(path)
-        except Exception as err:  # no credentials here, access denied, no such bucket
-            raise ModelError(
-                f"model.{field}: {uri} cannot be read: {type(err).__name__}: {err}"
-            ) from None
-        if not found:
-            raise ModelError(f"model.{field}: {uri} not found")
+        problem = missing_file(uri, options)
+        if problem:
+            raise ModelError(f"model.{field}: {uri} {problem}")
 
 
 def model_name(spec: ModelSpec) -> str:

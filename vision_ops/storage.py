@@ -47,6 +47,28 @@ def protocol_of(uri: str) -> str:
     return protocol if sep else "file"
 
 
+def known_protocol(uri: str) -> str:
+    """`uri` where fsspec knows its protocol (s3://, gs://, file://, a plain path ...);
+    ValueError naming it if not."""
+    protocol = protocol_of(uri)
+    if protocol not in fsspec.available_protocols():
+        raise ValueError(
+            f"{uri}: unknown protocol {protocol}://; expected s3://, gs://, az://, a path ..."
+        )
+    return uri
+
+
+def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
+    """Why the file at `uri` cannot be used ("not found", or "cannot be read:" and the store's
+    own error: no credentials here, access denied, no such bucket); None where it is there."""
+    try:
+        fs, path = filesystem(uri, options)
+        found = fs.exists(path)
+    except Exception as err:  # the store's errors are not one type
+        return f"cannot be read: {type(err).__name__}: {err}"
+    return None if found else "not found"
+
+
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem serving `uri` and the path inside it."""
     protocol = protocol_of(uri)
