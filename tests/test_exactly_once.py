@@ -22,6 +22,7 @@ from PIL import Image
 from process_session import kill_session
 from ray_temp_root import short_temp_dir
 
+from vision_ops import config
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
@@ -285,6 +286,26 @@ def test_a_second_run_on_the_same_output_is_refused(ray_local, tmp_path, tiny_we
     (tmp_path / "table" / LOCK_NAME).write_text(json.dumps(stale))
     assert main(["run", str(spec_path)]) == EXIT_OK  # an expired lease is taken over
     assert not (tmp_path / "table" / LOCK_NAME).exists()
+
+
+def test_a_run_that_crosses_midnight_keeps_the_date_it_started_with(
+    ray_local, tmp_path, tiny_weights, monkeypatch
+):
+    """No run id or date given: "today" is asked once, as the run starts. Here each later ask
+    would be a day on (a run that crosses midnight UTC): the lock, rows and manifest keep the
+    first."""
+    make_images(tmp_path / "images", 3)
+    spec = load_spec(write_spec(tmp_path, tiny_weights, tmp_path / "table"))
+    asked = iter(range(100))
+    start = dt.date(2026, 11, 30)
+    monkeypatch.setattr(config, "utc_today", lambda: start + dt.timedelta(days=next(asked)))
+    summary = run_job(spec)
+    assert summary.run_id == f"2026-11-30-{spec.fingerprint()[:8]}"
+    (manifest,) = committed_runs(str(tmp_path / "table"))
+    assert (manifest["run_id"], manifest["run_date"]) == (summary.run_id, "2026-11-30")
+    assert [p.name for p in (tmp_path / "table").glob("run_date=*")] == ["run_date=2026-11-30"]
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-30")
+    assert rows.num_rows == 3 and set(rows["run_id"].to_pylist()) == {summary.run_id}
 
 
 def test_killed_driver_leaves_nothing_and_a_rerun_completes(ray_local, tmp_path, tiny_weights):

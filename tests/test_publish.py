@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from vision_ops.lock import LOCK_NAME, LockLost, RunLock
 from vision_ops.publish import JOURNAL, SUCCESS_MARKER
 from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
@@ -156,6 +158,80 @@ def test_a_rerun_whose_manifest_write_fails_keeps_the_run_it_replaces(tmp_path: 
     assert parquet_files(tmp_path) == before  # nothing of the rerun, nothing of the old lost
     assert (tmp_path / PARTITION / SUCCESS_MARKER).exists()
     assert not (tmp_path / JOURNAL).exists()
+
+
+def test_a_rerun_whose_lock_is_taken_over_during_its_moves_does_not_commit(
+    tmp_path: Path,
+) -> None:
+    """r1 committed; its rerun holds the table's lock, and another run takes the lock over
+    while the rerun moves its files in (the rerun's lease ran out while the store did not
+    answer, say): the rerun's renewal finds it, its commit stops right before the manifest,
+    and r1 stays whole, with nothing of the rerun left."""
+    old = commit(tmp_path, OLD_ROWS)
+    before = parquet_files(tmp_path)
+    other = {"owner": "x", "run_id": "r9", "host": "h", "pid": "1", "since": "2026-12-04"}
+    with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
+        writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+        writer.write(rows(NEW_ROWS))
+
+        def take_over(n: int, name: str, args: tuple[Any, ...]) -> None:
+            if name == "mv" and f"/{PARTITION}/" in args[1] and (tmp_path / LOCK_NAME).exists():
+                lock_file = tmp_path / LOCK_NAME
+                lock_file.write_text(json.dumps(other | {"expires": "2099-01-01T00:00:00"}))
+                lock.renew()  # the renewal thread's next turn
+
+        writer.fs = FaultyFs(writer.fs, take_over)
+        with pytest.raises(LockLost, match="taken over while run r1 held it"):
+            writer.commit(None, None, lock.require_held)
+    assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
+    assert seen_by_manifest_readers(tmp_path) == OLD_ROWS
+    assert parquet_files(tmp_path) == before
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
+
+
+def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path) -> None:
+    """A table copied elsewhere holds manifests naming the original's files: a rerun of r1 in
+    the copy replaces the copy's files of r1 and leaves the original whole."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    commit(original, OLD_ROWS)
+    before = parquet_files(original)
+    shutil.copytree(original, copy)
+    commit(copy, NEW_ROWS)
+    assert parquet_files(original) == before and seen_by_manifest_readers(original) == OLD_ROWS
+    assert len(list((original / INDEX_FOLDER).glob("*.parquet"))) == 1
+    assert_settled(copy, NEW_ROWS)  # the copy's old files of r1 gone, its new ones committed
+    assert len(list((copy / INDEX_FOLDER).glob("*.parquet"))) == 1
+
+
+def test_a_commit_failed_before_its_commit_point_leaves_its_rows_to_resume(
+    tmp_path: Path,
+) -> None:
+    """A rerun's commit fails after one file moved in: its files move back to its staging, r1
+    stays as it was, and the next rerun of r1 resumes every unit instead of starting over."""
+    commit(tmp_path, OLD_ROWS)
+    written = rows(NEW_ROWS)
+    failing = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2,
+                          resume_key="key")  # fmt: skip
+    failing.write(written)
+
+    def fail_the_second_move_in(n: int, name: str, args: tuple[Any, ...]) -> None:
+        moved_in = list((tmp_path / PARTITION).glob(f"r1-{failing.attempt}-*"))
+        if name == "mv" and f"/{PARTITION}/" in args[1] and moved_in:
+            raise Fault("503 Slow Down")
+
+    failing.fs = FaultyFs(failing.fs, fail_the_second_move_in)
+    with pytest.raises(StorageError, match="503 Slow Down"):
+        failing.commit()
+    assert seen_by_manifest_readers(tmp_path) == OLD_ROWS
+    assert not list((tmp_path / PARTITION).glob(f"r1-{failing.attempt}-*"))
+    rerun = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2,
+                        resume_key="key")  # fmt: skip
+    sources = written["source_uri"].to_pylist()
+    assert rerun.resume(lambda uri, frames: frames or 1) == frozenset(sources)
+    assert rerun.resumed == NEW_ROWS
+    rerun.commit()
+    assert_settled(tmp_path, NEW_ROWS)
+    assert committed_run(str(tmp_path), "r1")["resumed_units"] == NEW_ROWS
 
 
 def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Path) -> None:

@@ -805,6 +805,10 @@ def _known_catalog_type(name: str) -> None:
         raise ValueError(f"catalog.type: expected one of {', '.join(known)}; found {name!r}")
 
 
+def utc_today() -> dt.date:
+    return dt.datetime.now(dt.timezone.utc).date()
+
+
 class RunSpec(StrictModel):
     id: str | None = Field(
         default=None,
@@ -1002,10 +1006,18 @@ class JobSpec(StrictModel):
         return self.model_copy(update={"runtime": sized})
 
     def resolved_run(self) -> tuple[str, dt.date]:
-        """The run id and date, with their defaults filled in."""
-        date = self.run.date or dt.datetime.now(dt.timezone.utc).date()
+        """The run id and date, with their defaults filled in (the date: today, UTC)."""
+        date = self.run.date or utc_today()
         run_id = self.run.id or f"{date.isoformat()}-{self.fingerprint()[:8]}"
         return run_id, date
+
+    def pinned(self) -> JobSpec:
+        """The spec with its run id and date filled in once: a run that crosses midnight UTC
+        keeps the identity it started with (its lock, rows, masks and manifest agree)."""
+        run_id, date = self.resolved_run()
+        return self.model_copy(
+            update={"run": self.run.model_copy(update={"id": run_id, "date": date})}
+        )
 
     def fingerprint(self) -> str:
         """A hash of what decides the rows (not the run identity nor the sizing)."""

@@ -18,7 +18,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -234,11 +234,13 @@ class IcebergSink:
         self,
         listed: Listed | ExpectedUnits | None = None,
         details: dict[str, Any] | None = None,
+        held: Callable[[], None] | None = None,
     ) -> CommitResult:
         """Check exactly-once against the `listed` units and the staged files, write them as
         the table's data files, then commit one snapshot: this run's files in, the run id's
         earlier files out. CommitRefused (or CatalogError), with the table at its previous
-        snapshot, when anything fails (the staged files stay for a rerun to resume)."""
+        snapshot, when anything fails (the staged files stay for a rerun to resume); `held` is
+        asked last before the snapshot's commit (no lock of ours guards an Iceberg table)."""
         with writing_to(self.output.uri):
             self.parts.flush()
         masks = self._staged_masks()
@@ -248,6 +250,8 @@ class IcebergSink:
             self._write_data_files()
             published = self._publish_masks(masks)
             index = self._write_index()
+            if held is not None:
+                held()
         except Exception:
             self._discard([])
             raise

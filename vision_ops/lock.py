@@ -3,25 +3,40 @@
 Taking the lock is check-then-write with a read-back of the owner: two runs starting in the
 same instant on a store without conditional writes could both pass. A run that dies leaves the
 lock until its lease runs out (`run.lock_lease_s`), then the next run takes it over; a holder
-that ran on this same host and whose process is gone is taken over at once.
+that ran on this same host and whose process is gone is taken over at once. The holder renews
+its lease from a thread for as long as it holds the lock, its commit included, and checks right
+before its commit point that the lock is still its own: a run whose lock was taken over (its
+lease ran out while the store did not answer) does not commit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
-from vision_ops.storage import StorageError, StorageOptions, filesystem, make_folder, writing_to
+from vision_ops.storage import (
+    StorageError,
+    StorageOptions,
+    filesystem,
+    make_folder,
+    replace_file,
+    writing_to,
+)
 
 LOCK_NAME = "_lock.json"
+LOCK_FIELDS = ("owner", "run_id", "host", "pid", "since", "expires")
+RENEWALS_PER_LEASE = 4  # the holder renews its lease this often within it
+
+log = logging.getLogger(__name__)
 
 
 class LockHeld(VisionOpsError, RuntimeError):
@@ -30,14 +45,27 @@ class LockHeld(VisionOpsError, RuntimeError):
     exit_code = EXIT_FAILED
 
 
+class LockLost(VisionOpsError, RuntimeError):
+    """The run no longer holds the table's lock: another run took it over, or the lease ran
+    out while the store did not answer. The run must not commit."""
+
+    exit_code = EXIT_FAILED
+
+
 @dataclass
 class RunLock:
+    """The table's lock for one run, held from `__enter__` to `__exit__`: a thread renews the
+    lease a few times within it for as long as the run holds the lock (its commit included)."""
+
     root_uri: str
     run_id: str
     lease_s: int
     storage_options: StorageOptions = field(default_factory=dict)
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
-    _written_at: float = 0.0
+    _written_at: float = 0.0  # time.monotonic() of the last write of the lease
+    _lost: str | None = None  # why the lock is no longer this run's, once a renewal found out
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _renewer: threading.Thread | None = None
 
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
@@ -59,11 +87,33 @@ class RunLock:
         if (self._read() or {}).get("owner") != self.owner:
             raise LockHeld(f"{self.root_uri}: another run took the lock at the same moment")
 
-    def renew_if_due(self) -> None:
-        """Extend the lease once a quarter of it has passed (call it as the run goes)."""
-        if time.monotonic() - self._written_at > self.lease_s / 4:
-            with writing_to(self.root_uri):
-                self._write()
+    def require_held(self) -> None:
+        """LockLost where the lock is no longer this run's (another run took it over), or may
+        not be (not renewed for a whole lease: the store did not answer). No I/O: call it as
+        often as the run likes, and right before its commit point."""
+        if self._lost is not None:
+            raise LockLost(self._lost)
+        unrenewed = time.monotonic() - self._written_at
+        if unrenewed >= self.lease_s:
+            raise LockLost(
+                f"{self.root_uri}: the run's lock was not renewed for {unrenewed:.0f} s, its "
+                f"whole lease (run.lock_lease_s={self.lease_s}); another run may have taken the "
+                "table over, so this run does not commit"
+            )
+
+    def renew(self) -> None:
+        """Extend the lease where the lock is still this run's; else note it lost (for
+        `require_held`) and stop renewing."""
+        with writing_to(self.root_uri):
+            held = self._read()
+            if held is None or held["owner"] != self.owner:
+                taker = f"run {held['run_id']} (host {held['host']})" if held else "no run"
+                self._lost = (
+                    f"{self.root_uri}: the table's lock was taken over while run {self.run_id} "
+                    f"held it ({LOCK_NAME} now names {taker}); this run does not commit"
+                )
+                return
+            self._write()
 
     def release(self) -> None:
         with writing_to(self.root_uri):
@@ -71,11 +121,33 @@ class RunLock:
             if held and held["owner"] == self.owner:
                 self.fs.rm(self.path)
 
+    def _keep_renewing(self) -> None:
+        """The renewal thread: a lease's quarter apart, until the run ends or loses the lock.
+        A renewal that fails is retried at the next turn (`require_held` refuses the commit
+        once a whole lease has passed without one)."""
+        while not self._stop.wait(self.lease_s / RENEWALS_PER_LEASE) and self._lost is None:
+            try:
+                self.renew()
+            except Exception as err:  # the store's errors are not one type
+                log.warning("run %s: its lock's lease was not renewed: %s", self.run_id, err)
+
     def _read(self) -> dict[str, str] | None:
         try:
-            return dict(json.loads(self.fs.cat_file(self.path)))
+            data = self.fs.cat_file(self.path)
         except FileNotFoundError:
             return None
+        try:
+            held = dict(json.loads(data))
+            missing = [name for name in LOCK_FIELDS if name not in held]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            _expiry(held)
+        except (ValueError, TypeError) as err:  # not JSON, not an object, no date
+            raise LockHeld(
+                f"{self.root_uri}: its lock {LOCK_NAME} cannot be read ({err}); remove it if "
+                "no run is writing the table"
+            ) from None
+        return held
 
     def _write(self) -> None:
         now = _now()
@@ -88,21 +160,32 @@ class RunLock:
             "expires": (now + dt.timedelta(seconds=self.lease_s)).isoformat(),
         }
         make_folder(self.fs, self.path.rpartition("/")[0])
-        self.fs.pipe_file(self.path, json.dumps(content).encode())
+        replace_file(self.fs, self.path, json.dumps(content).encode())
         self._written_at = time.monotonic()
 
     def __enter__(self) -> RunLock:
         self.acquire()
+        self._renewer = threading.Thread(
+            target=self._keep_renewing, name="vision-ops-lock", daemon=True
+        )
+        self._renewer.start()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
             self.release()
-            return
-        with contextlib.suppress(StorageError):  # report the run's own error; a lock expires
-            self.release()
+        except (StorageError, LockHeld) as err:  # the lease ends the lock all the same
+            if exc is None:  # the run committed: say so, not that it failed
+                log.warning(
+                    "run %s: the table's lock could not be removed (%s); it lapses with its lease",
+                    self.run_id,
+                    err,
+                )
 
 
 def _now() -> dt.datetime:

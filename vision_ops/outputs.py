@@ -44,20 +44,23 @@ class Sink(Protocol):
     def staged(self, columns: list[str] | None = None) -> pa.Table: ...
 
     def commit(
-        self, listed: Listed | ExpectedUnits | None = None, details: dict[str, Any] | None = None
+        self,
+        listed: Listed | ExpectedUnits | None = None,
+        details: dict[str, Any] | None = None,
+        held: Callable[[], None] | None = None,
     ) -> sink.CommitResult: ...
 
 
 class RunGuard(Protocol):
     """What a run holds while it works (the table's lock, where the format needs one)."""
 
-    def renew_if_due(self) -> None: ...
+    def require_held(self) -> None: ...
 
 
 class Unlocked:
     """No lock: the format's commit settles concurrent runs itself (Iceberg)."""
 
-    def renew_if_due(self) -> None:
+    def require_held(self) -> None:
         return None
 
 

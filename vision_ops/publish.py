@@ -11,7 +11,8 @@ A run's commit (`publish`) goes through these steps, each one durable before the
 4. `_SUCCESS` is written in the partition, the replaced run's files are removed, and the
    journal last.
 
-A failure before the commit point undoes steps 1-2 (the old run stays committed, whole); a
+A failure before the commit point undoes steps 1-2 (the old run stays committed, whole; the
+attempt's files move back to its staging, where a rerun of the run id resumes from them); a
 failure after it leaves the new run committed and its cleanup to finish. When a failure leaves
 the outcome unknown, or the driver is killed, the journal stays: the next run on the table
 (`resolve_unfinished`, under the table's run lock) reads the manifest to learn which attempt
@@ -106,16 +107,23 @@ def manifest_of(data: bytes, path: str) -> dict[str, Any]:
 
 
 def publish(
-    fs: AbstractFileSystem, root: str, plan: CommitPlan, manifest: Callable[[], dict[str, Any]]
+    fs: AbstractFileSystem,
+    root: str,
+    plan: CommitPlan,
+    manifest: Callable[[], dict[str, Any]],
+    held: Callable[[], None] | None = None,
 ) -> None:
     """Commit `plan`: journal, moves, then `manifest()` written as the commit point, then the
-    cleanup. Raises (the old run still committed) when a step before the commit point fails."""
+    cleanup. Raises (the old run still committed) when a step before the commit point fails,
+    `held()` included (the run's lock, asked last)."""
     make_folder(fs, f"{root}/{JOURNAL}")
     replace_file(fs, journal_path(root, plan.run_id), plan.to_json())
     try:
-        _move_into_place(fs, plan)
+        _move(fs, plan.moves)
         make_folder(fs, f"{root}/{MANIFESTS}")
         content = manifest() | {"attempt": plan.attempt}
+        if held is not None:
+            held()
         replace_file(fs, manifest_path(root, plan.run_id), json.dumps(content, indent=2).encode())
     except Exception as err:
         if _committed_attempt(fs, root, plan, err) != plan.attempt:
@@ -155,14 +163,20 @@ def _remove_temporaries(fs: AbstractFileSystem, root: str) -> None:
         _prune_empty_folders(fs, root, [journal_path(root, "_")])
 
 
-def _move_into_place(fs: AbstractFileSystem, plan: CommitPlan) -> None:
+def _move(fs: AbstractFileSystem, moves: list[tuple[str, str]], missing_ok: bool = False) -> None:
+    """Each (from, to) pair moved, each target folder made once; `missing_ok`: a file that is
+    not there is passed over (undoing: it had not moved yet, or it moved back already)."""
     made: set[str] = set()
-    for staged, final in plan.moves:
-        folder = final.rpartition("/")[0]
+    for source, target in moves:
+        folder = target.rpartition("/")[0]
         if folder not in made:
             make_folder(fs, folder)
             made.add(folder)
-        fs.mv(staged, final)
+        try:
+            fs.mv(source, target)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
 
 
 def _committed_attempt(
@@ -180,18 +194,23 @@ def _committed_attempt(
 
 
 def _settle(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
-    """Finish (`committed`: marker, the replaced run's files removed) or undo (the attempt's
-    files removed) a commit, then drop its staging and journal. Where a removal fails, the
-    journal stays for the next run to settle, and a committed run is committed regardless."""
+    """Finish (`committed`: marker, the replaced run's files and the staging removed) or undo
+    (the attempt's files moved back to its staging, for a rerun of the run id to resume from)
+    a commit, then drop its journal. Where a step fails, the journal stays for the next run to
+    settle, and a committed run is committed regardless."""
     if committed:
         _mark_success(fs, plan)
-    leftovers = plan.replaces if committed else [final for _, final in plan.moves]
     try:
-        for path in leftovers:
-            _remove(fs, path)
-        _remove(fs, plan.staging, recursive=True)
+        if committed:
+            for path in plan.replaces:
+                _remove(fs, path)
+            _remove(fs, plan.staging, recursive=True)
+            emptied = [*plan.replaces, plan.staging]
+        else:
+            _move(fs, [(final, staged) for staged, final in plan.moves], missing_ok=True)
+            emptied = [final for _, final in plan.moves]
         _remove(fs, journal_path(root, plan.run_id))
-        _prune_empty_folders(fs, root, [*leftovers, plan.staging, journal_path(root, "_")])
+        _prune_empty_folders(fs, root, [*emptied, journal_path(root, "_")])
     except OSError as err:
         log.warning(
             "run %s: %s, but cleaning up failed (%s); the next run on this table finishes it",

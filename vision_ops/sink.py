@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import posixpath
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,16 +201,21 @@ class ParquetSink:
         self,
         listed: Listed | ExpectedUnits | None = None,
         details: dict[str, Any] | None = None,
+        held: Callable[[], None] | None = None,
     ) -> CommitResult:
         """Check exactly-once against the `listed` units (a list, or ExpectedUnits that tally
         them where they are) and the staged footers, then replace this run's files in the
         partition and write the manifest (with `details`) and `_SUCCESS`. CommitRefused, with
-        nothing visible to readers, when a check fails."""
+        nothing visible to readers, when a check fails; `held` (the run's lock) raises to stop
+        the commit right before its commit point."""
         with writing_to(self.root_uri):
-            return self._commit(listed, details)
+            return self._commit(listed, details, held)
 
     def _commit(
-        self, listed: Listed | ExpectedUnits | None, details: dict[str, Any] | None
+        self,
+        listed: Listed | ExpectedUnits | None,
+        details: dict[str, Any] | None,
+        held: Callable[[], None] | None,
     ) -> CommitResult:
         self.parts.compact(self.written.rows)
         masks = self._staged_masks()
@@ -217,7 +223,9 @@ class ParquetSink:
         plan = self._plan(masks, self._stage_index())
         files = [canonical_uri(self.fs, final) for _, final in plan.moves[: len(self.parts.files)]]
         index = canonical_uri(self.fs, plan.moves[-1][1])
-        publish(self.fs, self.root, plan, lambda: self._manifest(files, index) | (details or {}))
+        publish(
+            self.fs, self.root, plan, lambda: self._manifest(files, index) | (details or {}), held
+        )
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
@@ -261,13 +269,17 @@ class ParquetSink:
         )
 
     def _committed_files(self) -> list[str]:
-        """The files of this run id's committed run: its manifest's part files and its masks."""
+        """The files of this run id's committed run: its manifest's part files, its index and
+        its masks, by name in this table (a table copied from elsewhere has manifests that
+        name the original's files: those are never removed from here)."""
         manifest = read_manifest(self.fs, self.root, self.run_id)
         if manifest is None:
             return []
-        files = [self.fs._strip_protocol(entry["uri"]) for entry in manifest["files"]]
+        files = [
+            f"{self.partition}/{posixpath.basename(entry['uri'])}" for entry in manifest["files"]
+        ]
         if manifest.get("index_uri"):
-            files.append(self.fs._strip_protocol(manifest["index_uri"]))
+            files.append(f"{self.root}/{INDEX_FOLDER}/{posixpath.basename(manifest['index_uri'])}")
         masks = final_masks_folder(self.root, self.run_id, self.run_date, manifest.get("attempt"))
         if self.fs.exists(masks):
             files += [path for path in self.fs.ls(masks, detail=False) if self.fs.isfile(path)]

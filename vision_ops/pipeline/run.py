@@ -76,6 +76,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     """`run_job` on a spec whose model `check_job` has passed already (the command line checks
     it while Ray starts, and times start-up from before that): the check is not repeated (for
     detection it reads the labels from storage, for embeddings it builds the model)."""
+    spec = spec.pinned()
     run_id, run_date = spec.resolved_run()
     inputs = plan_inputs(spec.input, spec.storage_options)
     check_run_date(spec, run_id, run_date)
@@ -159,7 +160,7 @@ def _process_and_commit(
             rows = stats.record(table)
             sink.write(rows)
             stats.add_stage("commit", time.perf_counter() - written)
-            lock.renew_if_due()
+            lock.require_held()  # a run that lost its table stops here
     pipeline_seconds = stats.finish()
     details = stats.as_manifest(pipeline_seconds) | identity
     details["startup_seconds"] = stats.startup_seconds(clock)
@@ -168,7 +169,7 @@ def _process_and_commit(
     drifts = staged_drift(spec, sink, schema)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
-    return sink.commit(expected, details), pipeline_seconds, drifts
+    return sink.commit(expected, details, lock.require_held), pipeline_seconds, drifts
 
 
 def staged_drift(spec: JobSpec, sink: Sink, schema: pa.Schema) -> list[Drift] | None:

@@ -1,0 +1,112 @@
+"""The table's run lock: its lease renewed from a thread while a run holds it, a lock taken
+over or left unrenewed refused at the commit, an unreadable lock named, and a lock that cannot
+be removed after a commit only warned about."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vision_ops.lock import LOCK_NAME, LockHeld, LockLost, RunLock
+
+OTHER_RUN = {
+    "owner": "another-owner",
+    "run_id": "nightly-elsewhere",
+    "host": "elsewhere",
+    "pid": "1",
+    "since": "2026-12-04T00:00:00+00:00",
+    "expires": "2099-01-01T00:00:00+00:00",
+}
+
+
+def held_lock(root: Path) -> dict[str, str]:
+    return dict(json.loads((root / LOCK_NAME).read_text()))
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def lost(lock: RunLock) -> bool:
+    try:
+        lock.require_held()
+    except LockLost:
+        return True
+    return False
+
+
+def test_the_lease_is_renewed_while_the_run_holds_the_lock(tmp_path: Path) -> None:
+    with RunLock(str(tmp_path), "r1", lease_s=1) as lock:
+        first = held_lock(tmp_path)["expires"]
+        assert eventually(lambda: held_lock(tmp_path)["expires"] != first)
+        time.sleep(1.5)  # past the first lease: renewed, so still held
+        lock.require_held()
+        assert held_lock(tmp_path)["owner"] == lock.owner
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_lock_taken_over_is_found_by_the_renewal_and_left_to_its_taker(tmp_path: Path) -> None:
+    with RunLock(str(tmp_path), "r1", lease_s=1) as lock:
+        (tmp_path / LOCK_NAME).write_text(json.dumps(OTHER_RUN))
+        assert eventually(lambda: lost(lock))
+        with pytest.raises(
+            LockLost,
+            match=r"taken over while run r1 held it .*run "
+            r"nightly-elsewhere \(host elsewhere\)\); this run does not commit",
+        ):
+            lock.require_held()
+    assert held_lock(tmp_path) == OTHER_RUN  # the taker's lock is not removed
+
+
+def test_a_lock_not_renewed_for_its_whole_lease_is_no_longer_held(tmp_path: Path) -> None:
+    lock = RunLock(str(tmp_path), "r1", lease_s=1)
+    lock.acquire()  # no renewal thread: as if every renewal had failed
+    lock.require_held()
+    time.sleep(1.1)
+    with pytest.raises(LockLost, match=r"not renewed for 1 s, its whole lease"):
+        lock.require_held()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{not json", "Expecting property name"),
+        (json.dumps({"owner": "x"}), "no run_id, host, pid, since, expires"),
+        (json.dumps(OTHER_RUN | {"expires": "soon"}), "Invalid isoformat string"),
+        ("[1, 2]", "dictionary update sequence"),
+    ],
+)
+def test_an_unreadable_lock_is_named(tmp_path: Path, content: str, reason: str) -> None:
+    (tmp_path / LOCK_NAME).write_text(content)
+    with pytest.raises(LockHeld) as raised:
+        RunLock(str(tmp_path), "r1", lease_s=60).acquire()
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path}: its lock {LOCK_NAME} cannot be read (")
+    assert reason in message and message.endswith("remove it if no run is writing the table")
+
+
+def test_a_lock_that_cannot_be_removed_after_the_run_is_a_warning(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / LOCK_NAME
+    warnings = caplog.at_level(logging.WARNING, logger="vision_ops.lock")
+    with warnings, RunLock(str(tmp_path), "r1", lease_s=600):
+        path.unlink()
+        path.mkdir()  # what release finds cannot be read or removed
+    assert "run r1: the table's lock could not be removed" in caplog.text
+    caplog.clear()
+    path.rmdir()
+    failing = pytest.raises(ZeroDivisionError)  # the run's own error, not the lock's
+    with failing, RunLock(str(tmp_path), "r2", lease_s=600):
+        path.unlink()
+        path.mkdir()
+        1 / 0  # noqa: B018
+    assert caplog.text == ""
