@@ -1,18 +1,21 @@
 """The table's run lock: its lease renewed from a thread while a run holds it, a lock taken
-over or left unrenewed refused at the commit, an unreadable lock named, and a lock that cannot
-be removed after a commit only warned about."""
+over or left unrenewed refused at the commit, an unreadable lock named, a lock that cannot be
+removed after a commit only warned about, and a holder judged gone only where it surely is."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from vision_ops.lock import LOCK_NAME, LockHeld, LockLost, RunLock
+from vision_ops.lock import LOCK_NAME, LockHeld, LockLost, RunLock, this_process
 
 OTHER_RUN = {
     "owner": "another-owner",
@@ -110,3 +113,41 @@ def test_a_lock_that_cannot_be_removed_after_the_run_is_a_warning(tmp_path: Path
         path.mkdir()
         1 / 0  # noqa: B018
     assert caplog.text == ""
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def holder_here(pid: int, **recorded: str) -> dict[str, str]:
+    """A lock whose lease runs long, held by `pid` on this host, with what else it recorded."""
+    return OTHER_RUN | {"host": socket.gethostname(), "pid": str(pid), **recorded}
+
+
+def taken_over(root: Path, held: dict[str, str]) -> bool:
+    (root / LOCK_NAME).write_text(json.dumps(held))
+    lock = RunLock(str(root), "r1", lease_s=60)
+    try:
+        lock.acquire()
+    except LockHeld:
+        return False
+    return held_lock(root)["owner"] == lock.owner
+
+
+def test_the_holder_is_judged_gone_only_wherethis_process_can_tell(tmp_path: Path) -> None:
+    here = {k: v for k, v in this_process().items() if v}
+    assert set(here) == {"boot", "pid_namespace", "started"}  # Linux: all three recorded
+    boot, namespace, started = here["boot"], here["pid_namespace"], here["started"]
+    me, gone = os.getpid(), dead_pid()
+    assert not taken_over(tmp_path, holder_here(me, **here))  # alive: this very process
+    assert taken_over(tmp_path, holder_here(gone, boot=boot, pid_namespace=namespace))
+    assert taken_over(tmp_path, holder_here(gone))  # a lock that recorded host and pid only
+    # a pid of another container on this host (same host name, a pid namespace of its own)
+    assert not taken_over(tmp_path, holder_here(gone, boot=boot, pid_namespace="pid:[1]"))
+    # this pid, but a process started at another time: the holder's pid was reused
+    assert taken_over(tmp_path, holder_here(me, **(here | {"started": str(int(started) - 1)})))
+    # another boot of this host: its processes are all gone
+    assert taken_over(tmp_path, holder_here(me, **(here | {"boot": "an-earlier-boot"})))

@@ -3,7 +3,9 @@
 Taking the lock is check-then-write with a read-back of the owner: two runs starting in the
 same instant on a store without conditional writes could both pass. A run that dies leaves the
 lock until its lease runs out (`run.lock_lease_s`), then the next run takes it over; a holder
-that ran on this same host and whose process is gone is taken over at once. The holder renews
+sure to be gone is taken over at once (it ran on this same host, and its process is gone or its
+pid now another process's, or the host rebooted since; a holder in another container of the
+host, whose pids this process cannot see, is left to its lease). The holder renews
 its lease from a thread for as long as it holds the lock, its commit included, and checks right
 before its commit point that the lock is still its own: a run whose lock was taken over (its
 lease ran out while the store did not answer) does not commit.
@@ -156,6 +158,7 @@ class RunLock:
             "run_id": self.run_id,
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
+            **{name: value for name, value in this_process().items() if value},
             "since": now.isoformat(),
             "expires": (now + dt.timedelta(seconds=self.lease_s)).isoformat(),
         }
@@ -193,16 +196,61 @@ def _now() -> dt.datetime:
 
 
 def _alive(held: dict[str, str]) -> bool:
-    """False only when the holder ran on this host and its process is gone."""
+    """False only where the holder is sure to be gone: it ran on this host since its last boot,
+    in this pid namespace (containers sharing the host's name have pids of their own), and its
+    pid is no process now, or a process started at another time (the pid reused). A lock
+    written before these were recorded is judged on its host and pid alone."""
     if held.get("host") != socket.gethostname():
         return True
+    here = this_process()
+    if _differs(held, here, "boot"):
+        return False  # the host rebooted since: every process of that boot is gone
+    if _differs(held, here, "pid_namespace"):
+        return True  # another container's pid: not one this process can look up
     try:
-        os.kill(int(held["pid"]), 0)
+        pid = int(held["pid"])
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError):
         return True
-    return True
+    return not _differs(held, {"started": _started(pid)}, "started")
+
+
+def _differs(held: dict[str, str], here: dict[str, str | None], name: str) -> bool:
+    """Both sides know `name`, and it differs."""
+    return bool(held.get(name)) and bool(here.get(name)) and held[name] != here[name]
+
+
+def this_process() -> dict[str, str | None]:
+    """What tells this process apart beyond host and pid (Linux; None elsewhere): the boot, the
+    pid namespace, and the process's start time."""
+    return {
+        "boot": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": _read_link("/proc/self/ns/pid"),
+        "started": _started(os.getpid()),
+    }
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time, in clock ticks after boot (/proc/PID/stat's 22nd field)."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    return stat.rpartition(")")[2].split()[19] if stat else None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _read_link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def _expiry(held: dict[str, str]) -> dt.datetime:
