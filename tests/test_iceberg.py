@@ -437,9 +437,14 @@ def manifest_list(r: S3Request) -> bool:
     return r.method == "PUT" and name.startswith("snap-")
 
 
+def catalog_table(r: S3Request) -> bool:
+    """A request to one table of the REST catalog (its load, its commit)."""
+    return re.search(r"/namespaces/[^/]+/tables/[^/]+$", r.key) is not None
+
+
 def catalog_commit(r: S3Request) -> bool:
     """The REST catalog's commit of one table (not creating it: POST .../tables)."""
-    return r.method == "POST" and re.search(r"/namespaces/[^/]+/tables/[^/]+$", r.key) is not None
+    return r.method == "POST" and catalog_table(r)
 
 
 @pytest.fixture
@@ -489,6 +494,32 @@ def test_a_failed_rerun_leaves_the_earlier_run_committed(
     assert outputs.verify_run(output, "r1")[1] == []
     commit_run(output, "r1", uris("new", 4))  # and a clean rerun then commits
     assert rows_by_run(output) == {"r1": uris("new", 4), "r2": uris("other", 2)}
+
+
+def test_a_commit_whose_table_cannot_be_reloaded_leaves_no_data_files(
+    output, through_proxies
+) -> None:
+    """The catalog answers the sink's first loads of the table, then refuses the reload just
+    before the snapshot's commit: nothing was sent, so the attempt's data files are removed
+    (they were left as if the commit might have landed)."""
+    commit_run(output, "r1", uris("a", 3))
+    loads = {"armed": False, "seen": 0}
+
+    def second_load_of_the_commit(r: S3Request) -> bool:
+        if not (loads["armed"] and r.method == "GET" and catalog_table(r)):
+            return False
+        loads["seen"] += 1
+        return loads["seen"] >= 2  # the commit's first load (before the data files) passes
+
+    faulty, _, catalog = through_proxies(output, catalog={"deny": second_load_of_the_commit})
+    sink = IcebergSink(faulty, "r1", DATE, PREDICTION_SCHEMA, STORE)
+    sink.write(rows("r1", uris("b", 2)))
+    loads["armed"] = True
+    with pytest.raises(CatalogError, match="cannot reload the table"):
+        sink.commit(uris("b", 2))
+    assert catalog.faults and sink._files  # the data files were written, then refused
+    assert rows_by_run(output) == {"r1": uris("a", 3)}
+    assert data_files_in_store(sink) == data_files_in_snapshot(output)
 
 
 def test_a_commit_whose_response_is_lost_is_committed_once(output, through_proxies) -> None:

@@ -319,9 +319,14 @@ class IcebergSink:
         from pyiceberg.exceptions import CommitFailedException, ValidationException
 
         properties = self._summary(details)
-        try:
+        try:  # nothing is sent to the catalog yet: a failure here surely did not land
             self._reload()
             self._check_not_committed_meanwhile()
+        except _NotCommitted:
+            raise
+        except Exception as err:
+            raise _NotCommitted(err) from None
+        try:
             transaction = self.table.transaction()
             metadata = self.schema.metadata or {}
             if metadata:
