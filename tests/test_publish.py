@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from vision_ops.cli import interrupted
+from vision_ops.config import parse_spec
 from vision_ops.lock import LOCK_NAME, LockLost, RunLock
 from vision_ops.publish import JOURNAL, SUCCESS_MARKER
 from vision_ops.runindex import INDEX_FOLDER
@@ -232,6 +234,32 @@ def test_a_commit_failed_before_its_commit_point_leaves_its_rows_to_resume(
     rerun.commit()
     assert_settled(tmp_path, NEW_ROWS)
     assert committed_run(str(tmp_path), "r1")["resumed_units"] == NEW_ROWS
+
+
+def test_ctrl_c_inside_a_commit_is_not_called_nothing_committed(tmp_path: Path) -> None:
+    """`run` interrupted: outside a commit nothing was committed; inside one (its journal is
+    there) the message says the next run on the table settles it."""
+    spec = parse_spec({
+        "input": {"uris": ["photos/"]},
+        "model": {"architecture": "resnet18", "weights": "IMAGENET1K_V1"},
+        "output": {"uri": str(tmp_path)},
+        "run": {"id": "r1", "date": DATE.isoformat()},
+    })  # fmt: skip
+    commit(tmp_path, OLD_ROWS)
+    assert interrupted(spec).startswith("interrupted: nothing was committed; ")
+
+    def ctrl_c_at_the_first_move_in(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and f"/{PARTITION}/" in args[1]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rerun_with(tmp_path, ctrl_c_at_the_first_move_in)
+    assert interrupted(spec) == (
+        "interrupted during the commit of run r1: the next run on this table finishes the "
+        "commit or undoes it (its manifest says which; `vision-ops verify` shows the committed "
+        "run)"
+    )
+    assert_settled(tmp_path, OLD_ROWS)  # which the next run does: the old run, whole
 
 
 def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Path) -> None:

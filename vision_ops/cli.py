@@ -179,6 +179,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops.runstats import startup_line
     from vision_ops.storage import StorageError
 
+    spec = spec.pinned()  # one run id and date, for the run and for what is said of it here
     try:
         summary = _connect_and_run(spec)
     except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
@@ -186,11 +187,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except StorageError as err:
         return _fail(RuntimeError(f"{err}; nothing was committed"), EXIT_FAILED)
     except KeyboardInterrupt:
-        message = (
-            "interrupted: nothing was committed; the rows made durable so far stay staged, "
-            "and the same command (the same run id) resumes from them"
-        )
-        return _fail(RuntimeError(message), EXIT_INTERRUPTED)
+        return _fail(RuntimeError(interrupted(spec)), EXIT_INTERRUPTED)
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
@@ -225,6 +222,31 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         options = spec.storage_options
         return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
     return EXIT_OK
+
+
+def interrupted(spec: JobSpec) -> str:
+    """What a Ctrl-C of `run` left: nothing committed, or (a Parquet table, stopped inside its
+    commit: the journal is there) a commit the next run on the table finishes or undoes."""
+    from vision_ops.sink import unfinished_commit
+
+    run_id, _ = spec.resolved_run()
+    output = spec.output
+    try:
+        committing = output.format == "parquet" and bool(
+            unfinished_commit(output.uri, run_id, spec.storage_options)
+        )
+    except OSError:  # the store does not answer: say what holds either way
+        committing = False
+    if committing:
+        return (
+            f"interrupted during the commit of run {run_id}: the next run on this table "
+            "finishes the commit or undoes it (its manifest says which; `vision-ops verify` "
+            "shows the committed run)"
+        )
+    return (
+        "interrupted: nothing was committed; the rows made durable so far stay staged, "
+        "and the same command (the same run id) resumes from them"
+    )
 
 
 def _connect_and_run(spec: JobSpec) -> RunSummary:
