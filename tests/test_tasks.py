@@ -19,6 +19,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from pydantic import TypeAdapter
@@ -314,3 +315,64 @@ def test_sql_that_returns_no_rows_is_named_not_printed(tmp_path: Path, capsys) -
         assert shown.err == f"error: {NO_ROWS}\n" and shown.out == ""
     assert main(["query", table, "SELECT count(*) AS n FROM predictions", "--format", "csv"]) == 0
     assert capsys.readouterr().out.split() == ["n", "2"]  # the table is not changed
+
+
+def test_runs_are_read_by_column_name_from_a_path_with_an_apostrophe(
+    tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """The manifests' file paths are SQL string literals (quoted, whatever they hold), and runs
+    of one table that differ in columns are read by name (the newer's columns kept)."""
+    task = get_task("classification")
+    root = tmp_path / "o'neil" / "table"
+    _commit(root, task)  # r1, without the column r2 adds
+    wider = task.schema.append(pa.field("site", pa.string()))
+    rows = _error_rows(task).set_column(0, "run_id", pa.array(["r2", "r2"]))
+    rows = rows.append_column("site", pa.array(["north", "south"]))
+    later = ParquetSink(str(root), "r2", DATE + dt.timedelta(days=1), wider)
+    later.write(rows)
+    later.commit(rows["source_uri"].to_pylist())
+    sql = (
+        "SELECT run_id, count(*) AS n, count(site) AS sited FROM predictions GROUP BY 1 ORDER BY 1"
+    )
+    assert main(["query", str(root), sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["run_id,n,sited", "r1,2,0", "r2,2,2"]
+    assert main(["report", str(root)]) == EXIT_OK and "run r2" in capsys.readouterr().out
+
+
+def test_query_writes_the_format_its_out_file_names(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    table = str(_commit(tmp_path / "table", get_task("classification")))
+    sql = "SELECT item_id FROM predictions ORDER BY 1"
+    out = tmp_path / "items.csv"
+    assert main(["query", table, sql, "--out", str(out)]) == EXIT_OK  # csv, from the name
+    assert capsys.readouterr().out == "" and out.read_text().split()[0] == "item_id"
+    assert len(out.read_text().split()) == 3
+    parquet = tmp_path / "items.parquet"
+    assert main(["query", table, sql, "--out", str(parquet)]) == EXIT_OK
+    assert pq.read_table(parquet).num_rows == 2
+    for wrong, message in [
+        (["--out", str(tmp_path / "items.txt")], "expected --format csv, json or parquet"),
+        (["--out", str(out), "--format", "table"], "expected --format csv, json or parquet"),
+        (["--format", "xml"], "--format: expected table, csv, json or parquet, found 'xml'"),
+    ]:
+        assert main(["query", table, sql, *wrong]) == EXIT_BAD_SPEC
+        assert message in capsys.readouterr().err
+
+
+def test_a_run_that_wrote_nothing_is_reported(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    task = get_task("classification")
+    empty = ParquetSink(str(tmp_path / "table"), "r0", DATE, task.schema)
+    empty.commit([])
+    assert main(["report", str(tmp_path / "table")]) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert f"run r0 ({DATE}, classification)" in shown and "items: 0  ok: 0  errors: 0" in shown
+
+
+@pytest.mark.parametrize("command", ["report", "verify", "evaluate", "query"])
+def test_a_run_id_that_is_not_one_is_refused_before_any_read(
+    tmp_path: Path, command, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    table = str(_commit(tmp_path / "table", get_task("classification")))
+    with pytest.raises(SystemExit) as exited:
+        main([command, table, "--run-id", "../../elsewhere/_manifests/x"])
+    assert exited.value.code == 2
+    assert "--run-id: expected letters, digits and . _ -" in capsys.readouterr().err

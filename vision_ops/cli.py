@@ -8,6 +8,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from vision_ops.config import (
+    RUN_ID_PATTERN,
     EvaluateSpec,
     JobSpec,
     MonitorSpec,
@@ -314,6 +316,10 @@ def query(args: argparse.Namespace) -> int:
     if conflict:
         return _fail(ValueError(conflict), EXIT_BAD_SPEC)
     try:
+        fmt = _query_format(args)
+    except ValueError as err:
+        return _fail(err, EXIT_BAD_SPEC)
+    try:
         table, options = output_of(args)
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
@@ -323,7 +329,7 @@ def query(args: argparse.Namespace) -> int:
         relation = _query_relation(connection, task, args)
         if relation is None:  # DDL, SET ...: DuckDB gives no relation
             return _fail(ValueError(NO_ROWS), EXIT_BAD_SPEC)
-        text = str(relation) if args.format == "table" else export(relation, args.format, args.out)
+        text = str(relation) if fmt == "table" else export(relation, fmt, args.out)
     except Exception as err:  # its exit code where it has one (no committed run, --as-of of
         return _fail(err, getattr(err, "exit_code", EXIT_FAILED))  # Parquet); DuckDB's: 1
     if text:
@@ -335,6 +341,25 @@ NO_ROWS = (
     "query: the SQL returns no rows; expected a query such as SELECT (what a statement "
     "creates or drops lasts only for this command; the table is not changed)"
 )
+
+
+def _query_format(args: argparse.Namespace) -> str:
+    """--format, else the ending of --out's file name, else table; ValueError where it is none
+    of those, or where --out is given with a format that writes no file (table)."""
+    from vision_ops.query import EXPORT_FORMATS
+
+    if args.out is None:
+        fmt = args.format or "table"
+        if fmt in ("table", *EXPORT_FORMATS):
+            return str(fmt)
+        raise ValueError(f"--format: expected table, csv, json or parquet, found {fmt!r}")
+    fmt = args.format or os.path.splitext(args.out)[1].lstrip(".").lower()
+    if fmt in EXPORT_FORMATS:
+        return str(fmt)
+    raise ValueError(
+        f"--out {args.out}: expected --format csv, json or parquet, or a file name ending "
+        ".csv, .json or .parquet"
+    )
 
 
 def _query_conflict(args: argparse.Namespace) -> str | None:
@@ -607,6 +632,16 @@ def _share(text: str) -> float:
     return value
 
 
+def _run_id(text: str) -> str:
+    """A run id as runs are named (it becomes part of paths; argparse names the option)."""
+    if not re.fullmatch(RUN_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"expected letters, digits and . _ - (a letter or digit first, at most 128), "
+            f"found {text!r}"
+        )
+    return text
+
+
 def _utc_time(text: str) -> dt.datetime:
     """An ISO 8601 date or time; UTC where it names no offset."""
     moment = dt.datetime.fromisoformat(text)
@@ -631,7 +666,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("run", help="run a job spec and commit its predictions")
     _spec_arguments(sub)
-    sub.add_argument("--run-id", help="run id (default: run date + spec hash)")
+    sub.add_argument("--run-id", type=_run_id, help="run id (default: run date + spec hash)")
     sub.add_argument(
         "--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD (default: today UTC)"
     )
@@ -650,7 +685,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("validate", help="check a job spec without running it")
     _spec_arguments(sub)
-    sub.add_argument("--run-id", help="run id to check")
+    sub.add_argument("--run-id", type=_run_id, help="run id to check")
     sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
     sub.add_argument("--list-inputs", action="store_true", help="also list and count the inputs")
     sub.add_argument("--cluster", help="a cluster.yaml: validate it and size the pool on it")
@@ -677,13 +712,16 @@ def _parser() -> argparse.ArgumentParser:
         "best first",
     )
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
-    sub.add_argument("--run-id", help="only this run's rows, as its commit left them")
+    sub.add_argument("--run-id", type=_run_id, help="only this run's rows, as its commit left them")
     sub.add_argument(
         "--as-of",
         type=_utc_time,
         help="the table as it was at this time, ISO 8601 (Iceberg tables; default: now)",
     )
-    sub.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sub.add_argument(
+        "--format",
+        help="table, csv, json or parquet (default: --out's file name ending, else table)",
+    )
     sub.add_argument("--out", help="write the result to this file (needed for parquet)")
     sub.add_argument(
         "--similar-to",
@@ -717,13 +755,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("verify", help="re-check a committed run: every unit once")
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
-    sub.add_argument("--run-id", help="the run to check (default: the latest committed)")
+    sub.add_argument(
+        "--run-id", type=_run_id, help="the run to check (default: the latest committed)"
+    )
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.set_defaults(handler=verify)
 
     sub = commands.add_parser("report", help="a committed run's report (text, and --html)")
     sub.add_argument("target", help="an output table URI, or a job spec (.yaml) to read its output")
-    sub.add_argument("--run-id", help="the run to report (default: the latest committed)")
+    sub.add_argument(
+        "--run-id", type=_run_id, help="the run to report (default: the latest committed)"
+    )
     sub.add_argument("--html", help="also write a self-contained HTML page with charts here")
     sub.add_argument(
         "--samples", type=int, default=8, help="units per gallery strip in the page (default 8)"
@@ -758,7 +800,9 @@ def _parser() -> argparse.ArgumentParser:
         "segmentation masks); imagefolder: the class is each image's parent folder (--truth "
         "is then unused)",
     )
-    sub.add_argument("--run-id", help="the run to score (default: the latest committed)")
+    sub.add_argument(
+        "--run-id", type=_run_id, help="the run to score (default: the latest committed)"
+    )
     sub.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="spec override")
     sub.set_defaults(handler=evaluate)
 
@@ -800,7 +844,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")
     _spec_arguments(sub)
     sub.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
-    sub.add_argument("--run-id", help="run id (default: run date + spec hash)")
+    sub.add_argument("--run-id", type=_run_id, help="run id (default: run date + spec hash)")
     sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
     sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
     sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")

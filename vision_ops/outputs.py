@@ -26,6 +26,7 @@ from vision_ops.resume import UnitsOf, resume_key
 from vision_ops.runindex import ROW_COLUMNS, index_problems
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import ExpectedUnits, Listed
+from vision_ops.tasks import task_of_run
 
 Manifest = dict[str, Any]
 Target = str | OutputSpec  # a Parquet table root, or a spec's output of any format
@@ -112,6 +113,12 @@ def _parquet_sink(
     return cast(Sink, parquet)
 
 
+def sql_string(value: str) -> str:
+    """`value` as a SQL string literal (DuckDB's: quotes doubled), whatever it holds: a path
+    with an apostrophe, or a hostile manifest's."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _parquet_read(
     output: OutputSpec, run: Manifest, options: StorageOptions, columns: list[str] | None
 ) -> pa.Table:
@@ -135,8 +142,9 @@ def _parquet_sql(
     files = [f["uri"] for run in runs if run_id in (None, run["run_id"]) for f in run["files"]]
     if not files:
         return ""
-    listed = ", ".join(f"'{uri}'" for uri in files)
-    return f"read_parquet([{listed}], hive_partitioning = true)"
+    listed = ", ".join(sql_string(uri) for uri in files)
+    # by name: runs of one table may differ in columns (output_schema, DICOM, tiles ...)
+    return f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
 
 
 FORMATS.register("parquet")(
@@ -195,12 +203,12 @@ def _iceberg_sql(
         run = next((r for r in runs if r["run_id"] == run_id), None)
         if run is None:
             return ""
-        scan = f"iceberg_scan('{location}', snapshot_from_id = {run['snapshot_id']})"
-        return f"(SELECT * FROM {scan} WHERE run_id = '{run_id}')"
+        scan = f"iceberg_scan({sql_string(location)}, snapshot_from_id = {run['snapshot_id']:d})"
+        return f"(SELECT * FROM {scan} WHERE run_id = {sql_string(run_id)})"
     if as_of is not None:
         snapshot = iceberg.snapshot_at(output, as_of)
-        return f"iceberg_scan('{location}', snapshot_from_id = {snapshot})"
-    return f"iceberg_scan('{location}')"
+        return f"iceberg_scan({sql_string(location)}, snapshot_from_id = {snapshot:d})"
+    return f"iceberg_scan({sql_string(location)})"
 
 
 FORMATS.register("iceberg")(
@@ -270,8 +278,13 @@ def read_run(
     options: StorageOptions | None = None,
     columns: list[str] | None = None,
 ) -> pa.Table:
-    """A committed run's rows (the given columns, else all) as Arrow."""
-    return format_of(target).read_run(as_output(target), run, options or {}, columns)
+    """A committed run's rows (the given columns, else all) as Arrow; a run that wrote nothing
+    (no files to take columns from) as its task's empty table."""
+    table = format_of(target).read_run(as_output(target), run, options or {}, columns)
+    if table.num_rows == 0:
+        empty = task_of_run(run).schema.empty_table()
+        table = empty.select(columns) if columns is not None else empty
+    return table
 
 
 def read_index(target: Target, uri: str, options: StorageOptions | None = None) -> pa.Table:

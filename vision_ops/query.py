@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vision_ops.errors import VisionOpsError
-from vision_ops.outputs import Target, committed_run, describe, sql_source
+from vision_ops.outputs import Target, committed_run, describe, sql_source, sql_string
 from vision_ops.schema import PARTITION_COLUMN
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
@@ -119,18 +119,29 @@ def register_views(
     return task
 
 
+EXPORT_FORMATS = {  # --format: DuckDB's COPY options
+    "csv": "FORMAT csv, HEADER true",
+    "json": "FORMAT json",
+    "parquet": "FORMAT parquet",
+}
+
+
 def export(relation: Any, fmt: str, path: str | None) -> str | None:
     """Write a query's result as csv, json or parquet to `path`, or return csv/json text."""
     if path is None and fmt == "parquet":
         raise ValueError("--format parquet needs --out FILE")
-    target = path or tempfile.mktemp(suffix=f".{fmt}")
-    options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json", "parquet": "FORMAT parquet"}
-    relation.query("result", f"COPY (SELECT * FROM result) TO '{target}' ({options[fmt]})")
     if path is not None:
+        _copy(relation, fmt, path)
         return None
-    text = Path(target).read_text()
-    Path(target).unlink()
-    return text
+    with tempfile.TemporaryDirectory(prefix="vision-ops-query-") as folder:
+        target = Path(folder) / f"result.{fmt}"
+        _copy(relation, fmt, str(target))
+        return target.read_text()
+
+
+def _copy(relation: Any, fmt: str, path: str) -> None:
+    copy = f"COPY (SELECT * FROM result) TO {sql_string(path)} ({EXPORT_FORMATS[fmt]})"
+    relation.query("result", copy)
 
 
 def search_sql(connection: Any, task: Task, terms: str) -> str:
@@ -148,7 +159,7 @@ def search_sql(connection: Any, task: Task, terms: str) -> str:
         "WHERE status = 'ok' AND text <> ''"
     )
     connection.execute("PRAGMA create_fts_index('search_text', 'row_key', 'text', overwrite = 1)")
-    literal = "'" + terms.replace("'", "''") + "'"
+    literal = sql_string(terms)
     return f"""
         SELECT regexp_extract(source_uri, '[^/]+$') AS image, round(score, 3) AS score,
                run_id, source_uri, text
@@ -187,7 +198,7 @@ def _load_packaged_extension(connection: Any, name: str, purpose: str) -> None:
     except ImportError as err:
         raise ImportError(f"{purpose} needs: pip install duckdb-extension-{name}") from err
     extension = next(package.glob(f"extensions/*/{name}.duckdb_extension"))
-    connection.execute(f"LOAD '{extension}'")
+    connection.execute(f"LOAD {sql_string(str(extension))}")
 
 
 def _has_s3_secret(connection: Any) -> bool:
@@ -204,11 +215,11 @@ def _s3_secret_sql(s3: dict[str, Any]) -> str:
         options = ["TYPE s3", "PROVIDER credential_chain"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
-        options.append(f"REGION '{_quoted(region)}'")
+        options.append(f"REGION {sql_string(region)}")
     endpoint = _endpoint(s3)
     if endpoint:
         url = urlparse(endpoint)
-        options += [f"ENDPOINT '{_quoted(url.netloc)}'", "URL_STYLE 'path'"]
+        options += [f"ENDPOINT {sql_string(url.netloc)}", "URL_STYLE 'path'"]
         options += [f"USE_SSL {str(url.scheme == 'https').lower()}"]
     return f"CREATE OR REPLACE SECRET vision_ops_s3 ({', '.join(options)})"
 
@@ -222,7 +233,3 @@ def _endpoint(s3: dict[str, Any]) -> str | None:
         or os.environ.get("AWS_ENDPOINT_URL_S3")
         or os.environ.get("AWS_ENDPOINT_URL")
     )
-
-
-def _quoted(value: str) -> str:
-    return value.replace("'", "''")

@@ -51,8 +51,6 @@ def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> 
     task = task_of_run(manifest)
     columns = figure_columns(task)
     table = read_run(target, manifest, options, columns)
-    if table.num_rows == 0:  # a run that wrote nothing: its files may hold no columns
-        table = task.schema.empty_table().select(columns)
     metrics = overall_metrics(target, manifest["run_id"], options)
     return table_figures(table, manifest, metrics)
 
@@ -199,8 +197,8 @@ def render_trend_html(points: list[RunFigures], table: str, alerts: str = "") ->
     return PAGE.format(
         table=html.escape(table),
         runs=len(points),
-        first=points[0].run_date if points else "-",
-        last=points[-1].run_date if points else "-",
+        first=html.escape(points[0].run_date) if points else "-",
+        last=html.escape(points[-1].run_date) if points else "-",
         alerts=alerts,
         charts=charts,
         text=html.escape(render_trend_text(points)),
