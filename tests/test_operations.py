@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, EXIT_TOO_MANY_ERRORS, main
 from vision_ops.sink import committed_runs
 
 pytestmark = pytest.mark.timeout(900)
@@ -65,6 +65,17 @@ def test_backfill_runs_only_the_dates_without_a_committed_run(
     assert untouched == before
     partitions = sorted(p.name for p in output.glob("run_date=*"))
     assert partitions == [f"run_date=2026-11-0{d}" for d in range(1, 6)]
+    # a date over the error ratio (1 broken of 4) is committed, the next one still runs,
+    # and the backfill exits 4 naming both
+    over = ["backfill", str(spec), "--from", "2026-11-06", "--to", "2026-11-07"]
+    assert main([*over, "--max-error-ratio", "0.2"]) == EXIT_TOO_MANY_ERRORS
+    assert "error: committed over --max-error-ratio: 2026-11-06, 2026-11-07" in (
+        capsys.readouterr().err
+    )
+    assert [run["run_date"] for run in committed_runs(str(output))][-2:] == [
+        "2026-11-06",
+        "2026-11-07",
+    ]
 
 
 def test_a_run_id_is_bound_to_its_date_before_any_work(

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from vision_ops.config import InputSpec
@@ -236,6 +237,54 @@ def test_nothing_found_with_any_extension(tree: Path) -> None:
 )
 def test_has_extension(uri: str, extensions: list[str], kept: bool) -> None:
     assert has_extension(uri, extensions) is kept
+
+
+def test_links_to_files_are_listed_and_links_to_folders_named(
+    tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of symbolic links (a DVC cache, a shared pool): a link to a file is listed
+    with its target's size and time, a link that leads nowhere as itself (its read gives an
+    error row), and a link to a folder is named in a warning, not followed."""
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "a.jpg").symlink_to(tree / "photos" / "a.jpg")
+    (links / "gone.png").symlink_to(tmp_path / "nothing-here.png")
+    (links / "sub").symlink_to(tree / "photos" / "sub", target_is_directory=True)
+    for spec in (InputSpec(uris=[str(links)]), InputSpec(uris=[f"{links}/*"])):
+        caplog.clear()
+        rows = listing(spec)
+        assert [(row["source_uri"], row["source_size"]) for row in rows[:1]] == [
+            (f"file://{links}/a.jpg", TREE["photos/a.jpg"])
+        ]
+        assert rows[0]["source_mtime"] == mtime_of("photos/a.jpg")
+        assert [row["source_uri"] for row in rows] == [
+            f"file://{links}/a.jpg",
+            f"file://{links}/gone.png",
+        ]
+        assert f"{links}/sub: a link to a folder, not followed (name it as an input)" in (
+            caplog.text
+        )
+
+
+def test_a_folder_that_cannot_be_listed_is_named(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filesystem refuses to list one folder (access denied; as root here, injected): the
+    listing fails naming it, instead of leaving it out (fsspec's walk omits what it cannot
+    list), for a folder and for a glob."""
+    listed = LocalFileSystem.ls
+
+    def ls(self: Any, path: str, detail: bool = False, **kwargs: Any) -> Any:
+        if path.rstrip("/").endswith("/deeper"):
+            raise PermissionError(f"access denied: {path}")
+        return listed(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    for uri in (str(tree / "photos"), f"{tree}/photos/**/*.png"):
+        with pytest.raises(
+            SourceError, match=r"a folder under it cannot be listed \(access denied"
+        ):
+            list_inputs(InputSpec(uris=[uri]))
 
 
 # --- memory:// -----------------------------------------------------------------------------------

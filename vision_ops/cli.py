@@ -281,7 +281,8 @@ def _print_drift(drifts: Sequence[Drift] | None) -> None:
 
 
 def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
-    """Run, in date order, every date of the range that has no committed run yet."""
+    """Run, in date order, every date of the range that has no committed run yet; a date over
+    --max-error-ratio is committed and the backfill goes on, then exits 4 naming the dates."""
     from vision_ops.outputs import committed_runs
 
     if args.end < args.start:
@@ -294,16 +295,21 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
         )
         return _fail(ValueError(message), EXIT_BAD_SPEC)
     done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
-    day = args.start
+    day, over_ratio = args.start, []
     while day <= args.end:
         if day.isoformat() in done:
             print(f"{day}: committed already, skipped")
         else:
             dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
             code = run(dated, args)
-            if code not in (EXIT_OK, EXIT_TOO_MANY_ERRORS):
+            if code == EXIT_TOO_MANY_ERRORS:
+                over_ratio.append(day.isoformat())
+            elif code != EXIT_OK:
                 return code
         day += dt.timedelta(days=1)
+    if over_ratio:
+        message = f"committed over --max-error-ratio: {', '.join(over_ratio)}"
+        return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
     return EXIT_OK
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
+import logging
 import os
 import posixpath
 import re
@@ -41,6 +43,9 @@ LISTING_SCHEMA = pa.schema(
 GLOB_CHARS = frozenset("*?[")
 S3_PAGE_KEYS = 1000  # keys a ListObjectsV2 page holds (the S3 maximum)
 LISTING_BLOCK_ROWS = 65_536  # listing rows handed on at once: pages are gathered up to this
+
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(VisionOpsError, ValueError):
@@ -123,21 +128,85 @@ def has_extension(uri: str, extensions: Iterable[str]) -> bool:
 
 def _list_uri(uri: str, options: StorageOptions | None) -> list[dict[str, Any]]:
     fs, path = filesystem(uri, options)
-    found = fs.glob(path, detail=True) if GLOB_CHARS & set(path) else _find(fs, path, uri)
-    return [
-        _listing_row(canonical_uri(fs, name), info)
-        for name, info in found.items()
-        if info.get("type") == "file"
-    ]
+    if GLOB_CHARS & set(path):
+        with _listing_folders_of(uri):
+            found = _glob(fs, path)
+    else:
+        found = _find(fs, path, uri)
+    return [_listing_row(canonical_uri(fs, name), info) for name, info in _files(fs, found)]
 
 
 def _find(fs: Any, path: str, uri: str) -> dict[str, dict[str, Any]]:
     """A file, or everything under a directory. One `info` call tells which: on an object
     store `exists` + `isdir` of a big prefix can cost a second full listing."""
     info = _find_info(fs, path, uri)
-    if info.get("type") == "directory":
-        return dict(fs.find(path, detail=True))
-    return {path: info}
+    if info.get("type") != "directory":
+        return {path: info}
+    with _listing_folders_of(uri):
+        return {name: info for files in _walk(fs, path) for name, info in files.items()}
+
+
+def _glob(fs: Any, path: str) -> dict[str, dict[str, Any]]:
+    """fsspec's glob (its pattern syntax, through `glob_translate`) over `_walk` from the
+    folder before the first wildcard; nothing where that folder is not there."""
+    first = min(path.index(char) for char in GLOB_CHARS if char in path)
+    root = path[:first].rpartition("/")[0] or "/"
+    pattern = re.compile(glob_translate(path))
+    try:
+        return {
+            name: info
+            for files in _walk(fs, root)
+            for name, info in files.items()
+            if pattern.match(name)
+        }
+    except FileNotFoundError:
+        return {}
+
+
+def _walk(fs: Any, path: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """The entries of each folder under `path` that are not folders (files, links), by full
+    name, a folder at a time, depth first in name order: fsspec's walk, except that a folder
+    that cannot be listed raises (fsspec passes `on_error` to the top folder only, so a
+    folder below it that cannot be listed would be left out without a word)."""
+    own = path.rstrip("/")
+    entries = sorted(
+        (info for info in fs.ls(path, detail=True) if info["name"].rstrip("/") != own),
+        key=lambda info: str(info["name"]),
+    )
+    yield {info["name"]: info for info in entries if info["type"] != "directory"}
+    for info in entries:
+        if info["type"] == "directory":
+            yield from _walk(fs, info["name"])
+
+
+@contextlib.contextmanager
+def _listing_folders_of(uri: str) -> Iterator[None]:
+    """A folder under `uri` that cannot be listed (access denied, a store error) as a
+    SourceError naming it: fsspec's walk would otherwise leave it out without a word."""
+    try:
+        yield
+    except OSError as err:
+        raise SourceError(f"input {uri}: a folder under it cannot be listed ({err})") from None
+
+
+def _files(fs: Any, found: dict[str, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The files among listed entries. A symbolic link (a local listing shows it as "other")
+    to a file is listed with its target's size and time, and one that leads nowhere as
+    itself (reading it gives an error row); a link to a folder is not followed (it could
+    loop): a warning names it, to be listed as an input of its own."""
+    for name, info in found.items():
+        if info.get("type") == "file":
+            yield name, info
+        elif info.get("islink"):
+            try:
+                target = dict(fs.info(name))
+            except FileNotFoundError:
+                yield name, info
+                continue
+            if target.get("type") == "file":
+                yield name, target
+            elif target.get("type") == "directory":
+                log.warning("%s: a link to a folder, not followed (name it as an input)", name)
 
 
 def _find_info(fs: Any, path: str, uri: str) -> dict[str, Any]:
@@ -189,7 +258,7 @@ def paged_listing(
 @dataclass(frozen=True)
 class FolderWalk(PagedListing):
     """A directory on a filesystem other than s3:// (local, gs://, az://, memory://) listed a
-    folder at a time (fsspec's walk): a folder's files come together, folders in walk order."""
+    folder at a time (`_walk`): a folder's files come together, folders depth first."""
 
     uri: str
     path: str
@@ -198,13 +267,14 @@ class FolderWalk(PagedListing):
 
     def pages(self) -> Iterator[pa.Table]:
         fs, _ = filesystem(self.uri, self.options)
-        for _, _, files in fs.walk(self.path, detail=True):
-            rows = [
-                _listing_row(canonical_uri(fs, info["name"]), info)
-                for name, info in sorted(files.items())
-                if info.get("type") == "file" and has_extension(name, self.extensions)
-            ]
-            yield pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
+        with _listing_folders_of(self.uri):
+            for files in _walk(fs, self.path):
+                rows = [
+                    _listing_row(canonical_uri(fs, name), info)
+                    for name, info in _files(fs, files)
+                    if has_extension(name, self.extensions)
+                ]
+                yield pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
 
 
 @dataclass(frozen=True)
