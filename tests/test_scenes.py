@@ -361,3 +361,34 @@ def test_tiling_settings_are_part_of_the_model_fingerprint(tmp_path) -> None:
 
     assert fingerprint(bands=[4, 3, 2]) != fingerprint(bands=[3, 2, 1]) != fingerprint()
     assert fingerprint(bands=[3, 2, 1]) == fingerprint(bands=[3, 2, 1])
+
+
+def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_path) -> None:
+    """A one-band float scene (a DEM) under the default three bands, and a scene smaller than
+    one tile under `edge: drop`: each stays one unit carrying why (its error row), beside a
+    scene that tiles; before, the first failed the whole planning and the second vanished."""
+    profile = {"driver": "GTiff", "width": 120, "height": 120, "count": 1, "dtype": "float32"}
+    with rasterio.open(tmp_path / "dem.tif", "w", **profile) as out:
+        out.write(np.linspace(0, 1, 120 * 120, dtype=np.float32).reshape(1, 120, 120))
+    small = profile | {"width": 50, "height": 40, "count": 3, "dtype": "uint8"}
+    with rasterio.open(tmp_path / "small.tif", "w", **small) as out:
+        out.write(np.zeros((3, 40, 50), dtype=np.uint8))
+    whole = small | {"width": 200, "height": 100}
+    with rasterio.open(tmp_path / "whole.tif", "w", **whole) as out:
+        out.write(np.zeros((3, 100, 200), dtype=np.uint8))
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(tmp_path)], "tiling": {"size": 100, "edge": "drop"}},
+            "model": {"architecture": "resnet18"},
+            "output": {"uri": str(tmp_path / "t")},
+        }
+    )
+    units = plan_tiles(list_inputs(spec.input), spec.input.tiling, {}).units.to_pylist()
+    errors = {u["source_uri"].rpartition("/")[2]: u["plan_error"] for u in units if u["plan_error"]}
+    assert errors == {
+        "dem.tif": "RasterError: bands: the raster has bands 1..1, found [2, 3]",
+        "small.tif": "RasterError: 50x40 is smaller than one 100-pixel tile, so edge: drop "
+        "covers none of it (edge: shift or pad reads it)",
+    }
+    tiles = [(u["tile_x"], u["tile_y"]) for u in units if u["source_uri"].endswith("whole.tif")]
+    assert tiles == [(0, 0), (100, 0)]

@@ -75,7 +75,7 @@ def read_tile(
     0..255, clipped. Pixels past the scene's edge, or equal to `nodata` (the file's when None)
     in every band, count as no data and are black.
     """
-    _check_bands(bands, dataset.count)
+    check_bands(bands, dataset.count)
     fill = dataset.nodata if nodata is None else nodata
     values = read_window(dataset, window, bands, fill if fill is not None else 0.0)
     valid = _valid_mask(values, fill, window, dataset.width, dataset.height)
@@ -117,7 +117,7 @@ def _valid_mask(
     return inside & ~np.all(values == nodata, axis=0)
 
 
-def _check_bands(bands: Sequence[int], count: int) -> None:
+def check_bands(bands: Sequence[int], count: int) -> None:
     if len(bands) not in (1, 3):
         raise RasterError(f"bands: expected 1 or 3 band numbers, found {list(bands)}")
     outside = [band for band in bands if not 1 <= band <= count]

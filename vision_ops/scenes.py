@@ -23,7 +23,14 @@ from vision_ops.georef import (
     pixel_to_crs,
     polygon_wkb,
 )
-from vision_ops.raster import RasterError, Scene, open_raster, read_tile, scene_header
+from vision_ops.raster import (
+    RasterError,
+    Scene,
+    check_bands,
+    open_raster,
+    read_tile,
+    scene_header,
+)
 from vision_ops.schema import item_id
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import Tally, bucket_of, hash64
@@ -256,10 +263,22 @@ def _scene_plan(
     try:
         with open_raster(uri, options) as dataset:
             scene = scene_header(dataset)
+            check_bands(tiling.bands, dataset.count)
+            _check_covered(scene, tiling)
             low, high = value_range(dataset, scene, tiling)
     except (RasterError, OSError) as err:
         return f"{type(err).__name__}: {err}"
     return scene, low, high
+
+
+def _check_covered(scene: Scene, tiling: TilingSpec) -> None:
+    """RasterError where the tiling covers no pixel of the scene (`edge: drop` and a scene
+    smaller than one tile): the scene is an error row, not left out of the table."""
+    if not tile_windows(scene.width, scene.height, tiling.size, tiling.overlap, tiling.edge):
+        raise RasterError(
+            f"{scene.width}x{scene.height} is smaller than one {tiling.size}-pixel tile, so "
+            "edge: drop covers none of it (edge: shift or pad reads it)"
+        )
 
 
 def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, float]:
