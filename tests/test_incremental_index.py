@@ -219,3 +219,28 @@ def test_incremental_reads_each_runs_index_and_the_rows_of_a_run_without_one(
 def by_uri(index: pa.Table) -> dict[str, set[str]]:
     """An index by file name (a key's URI, before its version)."""
     return {Path(k.split(KEY_SEPARATOR)[0]).name: v for k, v in as_dict(index).items()}
+
+
+def test_incremental_skips_the_inputs_of_a_manifest_that_names_uris_only(
+    ray_local, tmp_path, tiny_weights, capsys
+) -> None:
+    """A manifest of URIs alone (no ETag, no size): a run's rows record the store's identity
+    of each input, and an incremental run asks the store the same, so the second night
+    processes nothing and the third exactly the photo that changed."""
+    make_images(tmp_path / "images", 3)
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("".join(f"{p}\n" for p in sorted((tmp_path / "images").glob("*.png"))))
+    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
+    uris_only = ["--set", "input.uris=[]", "--set", f"input.manifest={manifest}"]
+    first = ["--run-id", "n1", "--run-date", DATE.isoformat()]
+    assert main(["run", str(spec), *uris_only, *first]) == EXIT_OK
+    nightly = [*uris_only, "--incremental"]
+    assert main(["run", str(spec), *nightly, "--run-id", "n2", "--run-date", "2026-11-21"]) == 0
+    assert committed_run(str(tmp_path / "table"), "n2")["rows"] == 0
+    changed = tmp_path / "images" / "img001.png"
+    make_images(tmp_path / "again", 1, seed=7)
+    changed.write_bytes((tmp_path / "again" / "img000.png").read_bytes() + b"\0")  # another size
+    assert main(["run", str(spec), *nightly, "--run-id", "n3", "--run-date", "2026-11-22"]) == 0
+    third = pq.read_table(tmp_path / "table" / "run_date=2026-11-22").to_pylist()
+    assert [Path(r["source_uri"]).name for r in third] == ["img001.png"]
+    capsys.readouterr()

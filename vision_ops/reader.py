@@ -22,6 +22,7 @@ from vision_ops.schema import (
     item_id,
     stage_times,
 )
+from vision_ops.sources import store_identity
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
 
@@ -232,21 +233,15 @@ _OK = {"status": STATUS_OK, "error_type": None, "error_message": None}
 def _fill_missing_identity(
     out: dict[str, np.ndarray], uris: list[str], options: StorageOptions
 ) -> None:
-    """Manifest entries without ETag or size: ask the store (one HEAD each, only for those)."""
+    """Manifest entries without ETag or size: ask the store (one HEAD each, only for those;
+    an incremental run's listing had them asked already)."""
     etags, sizes = out["source_etag"], out["source_size"]
     missing = [i for i in range(len(uris)) if etags[i] is None and _is_null(sizes[i])]
     if not missing:
         return
     etags, sizes = etags.astype(object), sizes.astype(object)
     for i in missing:
-        fs, path = filesystem(uris[i], options)
-        try:
-            info = fs.info(path)
-        except OSError:
-            continue
-        etag = info.get("ETag") or info.get("etag")
-        etags[i] = str(etag).strip('"') if etag else None
-        sizes[i] = info.get("size")
+        etags[i], sizes[i] = store_identity(uris[i], options)
     out["source_etag"], out["source_size"] = etags, sizes
 
 

@@ -28,6 +28,7 @@ from vision_ops.runindex import (
     retry_flags,
     source_keys,
 )
+from vision_ops.sources import with_store_identity
 from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,16 @@ def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint
     ]
     done = done_sources(spec.output, runs, spec.storage_options, spec.run.skip_errors)
-    left = without_done(listing, done)
+    left = without_done(listing, done, spec.storage_options)
     log.info(
         "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
     )
     return left
 
 
-def without_done(listing: Listing, done: pa.Array) -> Listing:
+def without_done(listing: Listing, done: pa.Array, options: StorageOptions) -> Listing:
     """The listing less the inputs whose source key is in `done`, filtered in Ray tasks."""
-    select = functools.partial(not_done, done=DoneKeys(ray.put(done)))
+    select = functools.partial(not_done, done=DoneKeys(ray.put(done)), options=options)
     kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
     return Listing(kept, summarise(kept, find_repeats=False))
 
@@ -79,9 +80,14 @@ class DoneKeys:
 _LOOKUP: dict[str, frozenset[str]] = {}  # this process's lookup set, by its object's id
 
 
-def not_done(block: pa.Table, done: DoneKeys | Collection[str]) -> pa.Table:
-    """The rows of a listing block whose source key is not in `done`."""
+def not_done(
+    block: pa.Table, done: DoneKeys | Collection[str], options: StorageOptions | None = None
+) -> pa.Table:
+    """The rows of a listing block whose source key is not in `done`; rows a manifest gave
+    neither an ETag nor a size are given the store's first (`with_store_identity`), as the
+    rows a run writes are: their keys compare alike."""
     lookup = done.lookup() if isinstance(done, DoneKeys) else done
+    block = with_store_identity(block, options)
     keep = [key not in lookup for key in source_keys(block).to_pylist()]
     return block.filter(pa.array(keep, pa.bool_()))
 
