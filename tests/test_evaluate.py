@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from vision_ops.cli import EXIT_OK, main
 from vision_ops.evaluate import EvaluationError, evaluate_run, read_metrics
 from vision_ops.schema import DETECTION_SCHEMA, PREDICTION_SCHEMA, item_id
-from vision_ops.sink import ParquetSink
+from vision_ops.sink import ParquetSink, committed_run
 from vision_ops.tasks import get_task
 
 DATE = dt.date(2026, 11, 24)
@@ -81,7 +81,7 @@ def test_classification_metrics_equal_scikit_learns(tmp_path: Path) -> None:
     for i, t in enumerate(CLASSES):
         for j, p in enumerate(CLASSES):
             assert value.get(("confusion", t, p), 0) == matrix[i, j]
-    stored = read_metrics(str(table), "r1")
+    stored = read_metrics(str(table), committed_run(str(table), "r1"))
     assert stored is not None and stored.equals(metrics)
     from vision_ops.report import build_report, render_html, render_text
 
@@ -89,6 +89,29 @@ def test_classification_metrics_equal_scikit_learns(tmp_path: Path) -> None:
     assert report.metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
     assert "against ground truth: accuracy 0.5000" in render_text(report)
     assert "top5_accuracy 0.8750" in render_html(report)
+
+
+def test_a_rerun_is_not_shown_with_the_scores_of_the_commit_it_replaced(tmp_path: Path) -> None:
+    """The metrics are kept by run id; a rerun of r1 replaces its rows, and the report and the
+    trend then show no score for r1 until the new commit is evaluated."""
+    from vision_ops.report import build_report
+    from vision_ops.trend import trend
+
+    table = tmp_path / "table"
+    commit(table, PREDICTION_SCHEMA, classification_rows())
+    evaluate_run(str(table), "", "imagefolder")
+    assert build_report(str(table)).metrics["accuracy"] == pytest.approx(0.5)
+    assert trend(str(table))[-1].metrics["accuracy"] == pytest.approx(0.5)
+    everything_right = [
+        row | {"label": row["source_uri"].split("/")[4]} if row["status"] == "ok" else row
+        for row in classification_rows()
+    ]
+    commit(table, PREDICTION_SCHEMA, everything_right)  # the rerun of r1
+    manifest = committed_run(str(table), "r1")
+    assert read_metrics(str(table), manifest) is None
+    assert build_report(str(table)).metrics == {} and trend(str(table))[-1].metrics == {}
+    evaluate_run(str(table), "", "imagefolder")
+    assert build_report(str(table)).metrics["accuracy"] == pytest.approx(7 / 8)
 
 
 def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:

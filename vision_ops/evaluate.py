@@ -74,7 +74,7 @@ def evaluate_run(
     table = pa.Table.from_pylist(
         [{"run_id": manifest["run_id"]} | m for m in metrics], schema=METRICS_SCHEMA
     )
-    _write(table, table_uri, manifest["run_id"], options)
+    _write(table, table_uri, manifest, options)
     return table
 
 
@@ -333,21 +333,33 @@ def _manifest(
     return manifest
 
 
-def _write(table: pa.Table, table_uri: Target, run_id: str, options: StorageOptions | None) -> None:
-    """Beside the table: in its root (Parquet), in the output's `uri` folder (Iceberg)."""
+SCORED_ATTEMPT = b"vision_ops.attempt"  # metrics metadata: the commit of the run id scored
+
+
+def _write(
+    table: pa.Table, table_uri: Target, manifest: dict[str, Any], options: StorageOptions | None
+) -> None:
+    """Beside the table: in its root (Parquet), in the output's `uri` folder (Iceberg), named
+    after the run id and stamped with the commit (attempt) it scored."""
     fs, root = filesystem(as_output(table_uri).uri, options)
     make_folder(fs, f"{root.rstrip('/')}/{METRICS}")
-    with fs.open(f"{root.rstrip('/')}/{METRICS}/{run_id}.parquet", "wb") as handle:
-        pq.write_table(table, handle)
+    stamped = table.replace_schema_metadata({SCORED_ATTEMPT: str(manifest.get("attempt"))})
+    with fs.open(f"{root.rstrip('/')}/{METRICS}/{manifest['run_id']}.parquet", "wb") as handle:
+        pq.write_table(stamped, handle)
 
 
 def read_metrics(
-    table_uri: Target, run_id: str, options: StorageOptions | None = None
+    table_uri: Target, manifest: dict[str, Any], options: StorageOptions | None = None
 ) -> pa.Table | None:
-    """A run's metrics table, where it has been evaluated."""
+    """The metrics of the run `manifest` commits, where that commit has been evaluated; None
+    where it has not, or where they scored an earlier commit of the run id (a rerun)."""
     fs, root = filesystem(as_output(table_uri).uri, options)
-    path = f"{root.rstrip('/')}/{METRICS}/{run_id}.parquet"
+    path = f"{root.rstrip('/')}/{METRICS}/{manifest['run_id']}.parquet"
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:
-        return read_parquet(handle)
+        table = read_parquet(handle)
+    scored = (table.schema.metadata or {}).get(SCORED_ATTEMPT)
+    if scored is not None and scored.decode() != str(manifest.get("attempt")):
+        return None
+    return table.replace_schema_metadata(None)

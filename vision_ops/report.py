@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
-from vision_ops.outputs import Target, committed_run, describe, read_run
+from vision_ops.outputs import Manifest, Target, committed_run, describe, read_run
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
 
@@ -79,7 +79,7 @@ def build_report(
         stage_seconds=dict(manifest.get("stage_seconds", {})),
         slowest_stage=manifest.get("slowest_stage"),
         progress=[(float(t), int(n)) for t, n in manifest.get("progress", [])],
-        metrics=overall_metrics(table_uri, manifest["run_id"], options),
+        metrics=overall_metrics(table_uri, manifest, options),
         unit=task.unit,
         score=task.score,
         panels=drawn,
@@ -93,12 +93,13 @@ def panels(table: pa.Table, names: tuple[str, ...], sources: Sources) -> list[tu
 
 
 def overall_metrics(
-    table_uri: Target, run_id: str, options: StorageOptions | None
+    table_uri: Target, manifest: Manifest, options: StorageOptions | None
 ) -> dict[str, float]:
-    """The run's scores against ground truth (not per class), where it has been evaluated."""
+    """The run's scores against ground truth (not per class), where its commit has been
+    evaluated."""
     from vision_ops.evaluate import read_metrics
 
-    table = read_metrics(table_uri, run_id, options)
+    table = read_metrics(table_uri, manifest, options)
     if table is None:
         return {}
     rows = table.to_pylist()

@@ -51,7 +51,7 @@ def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> 
     task = task_of_run(manifest)
     columns = figure_columns(task)
     table = read_run(target, manifest, options, columns)
-    metrics = overall_metrics(target, manifest["run_id"], options)
+    metrics = overall_metrics(target, manifest, options)
     return table_figures(table, manifest, metrics)
 
 
