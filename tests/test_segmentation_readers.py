@@ -53,7 +53,8 @@ def run(ray_local, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     band = (slice(0, 3), slice(0, WIDTH))
     Image.fromarray(_mask((RED, 1), (band, 255))).save(truth / "red.png")
     Image.fromarray(_mask((GREEN, 1))).save(truth / "green.png")
-    Image.fromarray(np.zeros((SIDE, SIDE), np.uint8)).save(truth / "broken.png")
+    # over the whole source, as truth is: scored in the masks' frame like the others
+    Image.fromarray(np.zeros((HEIGHT, WIDTH), np.uint8)).save(truth / "broken.png")
     (folder / "labels.txt").write_text("background\nred\ngreen\n")
     spec = {
         "input": {"uris": [str(images)]},

@@ -120,20 +120,26 @@ def score_segmentation(
         raise EvaluationError(f"--truth {truth}: expected a folder of PNG masks")
     found = {posixpath.basename(path): path for path in fs.ls(root, detail=False)}
     tally = IouTally()
+    missed: list[str] = []  # error rows' truths: scored once a mask gives the frame
+    frame: tuple[int, ...] | None = None
     for row in rows:
         name = posixpath.splitext(posixpath.basename(row["source_uri"]))[0] + ".png"
         if name not in found:
             continue
-        true = _png(fs.cat_file(found[name]), found[name])
         if row["status"] != STATUS_OK:
-            tally.add(true, None)
+            missed.append(found[name])
             continue
         if not row.get("mask_uri"):
             raise EvaluationError(
                 f"{row['source_uri']}: the run wrote no mask (task.masks: false); IoU needs them"
             )
+        true = _png(fs.cat_file(found[name]), found[name])
         predicted = _png(read_bytes(row["mask_uri"], options), row["mask_uri"])
-        tally.add(in_mask_frame(true, predicted.shape), predicted)
+        frame = predicted.shape
+        tally.add(in_mask_frame(true, frame), predicted)
+    for path in missed:  # in the masks' frame too: each unit weighs as the model saw it
+        true = _png(fs.cat_file(path), path)
+        tally.add(in_mask_frame(true, frame) if frame else true, None)
     if not tally.units:
         raise EvaluationError(
             f"no row of the run has a ground-truth mask in {truth} (matched by file name: "
