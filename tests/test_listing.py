@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from vision_ops.config import InputSpec, parse_spec
+from vision_ops.pipeline import listing as listing_module
 from vision_ops.pipeline import run_job
 from vision_ops.pipeline.listing import list_listing
 from vision_ops.sink import committed_runs
@@ -89,7 +90,7 @@ def test_an_s3_inventory_manifest_streams_into_the_listing(
 
 
 def test_a_uri_named_twice_is_kept_once_the_first_naming_wins(
-    ray_local, s3fs_client, s3_options, streamed_objects
+    ray_local, s3fs_client, s3_options, streamed_objects, monkeypatch
 ) -> None:
     uris = sorted(streamed_objects)
     repeated = [uris[0], uris[3], uris[0], *uris[1:], uris[0]]
@@ -109,6 +110,10 @@ def test_a_uri_named_twice_is_kept_once_the_first_naming_wins(
         streamed_objects[u]["ETag"].strip('"') for u in uris[:3]
     ]
     assert etags[uris[3]] == "manifest-1" and etags[uris[4]] == "manifest-6"
+    # past the limit on repeats, refused before they are gathered on the driver
+    monkeypatch.setattr(listing_module, "MAX_REPEATED_URIS", 1)
+    with pytest.raises(SourceError, match=r"^2 inputs are named more than once .* at most 1"):
+        listing_of(InputSpec(manifest=manifest), s3_options)
 
 
 def test_a_bad_manifest_fails_before_any_work(

@@ -147,7 +147,14 @@ def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
 
 
 def _keep_first(parts: list[ray.data.Dataset], repeated: set[int]) -> ray.data.Dataset:
-    """The listing with each repeated URI once: the row of the first part naming it."""
+    """The listing with each repeated URI once: the row of the first part naming it. Too many
+    repeats are refused before any is gathered here (one per distinct hash: per URI)."""
+    if len(repeated) > MAX_REPEATED_URIS:
+        raise SourceError(
+            f"{len(repeated)} inputs are named more than once (by a manifest twice, or by more "
+            f"than one of uris and manifest); expected at most {MAX_REPEATED_URIS}: "
+            "deduplicate the manifest"
+        )
     first: dict[str, dict[str, Any]] = {}
     for part in parts:
         select = functools.partial(rows_with_hashes, hashes=repeated)
@@ -155,12 +162,6 @@ def _keep_first(parts: list[ray.data.Dataset], repeated: set[int]) -> ray.data.D
         for table in _tables(found):
             for row in table.to_pylist():
                 first.setdefault(row["source_uri"], row)
-    if len(first) > MAX_REPEATED_URIS:
-        raise SourceError(
-            f"{len(first)} inputs are named more than once (by a manifest twice, or by more "
-            f"than one of uris and manifest); expected at most {MAX_REPEATED_URIS}: "
-            "deduplicate the manifest"
-        )
     log.info("%d inputs named more than once are kept once", len(first))
     uris = frozenset(first)
     drop = functools.partial(rows_without, uris=uris)
