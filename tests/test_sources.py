@@ -732,3 +732,26 @@ def test_a_single_object_or_another_store_is_not_paged(s3_options: Any, paged_bu
     assert object_listing("memory://bucket/x", [".jpg"], s3_options) is None
     with pytest.raises(SourceError, match="not found"):
         object_listing(f"s3://{paged_bucket}/nope/", [".jpg"], s3_options)
+
+
+def test_an_inventory_of_a_versioned_bucket_lists_each_keys_current_version(
+    tmp_path: Path,
+) -> None:
+    """S3 Inventory with versions: a key's older versions and its delete markers are not
+    inputs (a deleted key is none), read up front or streamed, Parquet or CSV."""
+    inventory = pa.table(
+        {
+            "bucket": ["b"] * 5,
+            "key": ["a.jpg", "a.jpg", "gone.jpg", "gone.jpg", "c.jpg"],
+            "version_id": ["2", "1", "4", "3", "5"],
+            "is_latest": [True, False, True, False, True],
+            "is_delete_marker": [False, False, True, False, False],
+            "size": pa.array([20, 10, None, 30, 50], pa.int64()),
+        }
+    )
+    pq.write_table(inventory, tmp_path / "inventory.parquet")
+    pacsv.write_csv(inventory, tmp_path / "inventory.csv")
+    expected = [("s3://b/a.jpg", 20), ("s3://b/c.jpg", 50)]
+    for path in (tmp_path / "inventory.parquet", tmp_path / "inventory.csv"):
+        for rows in (manifest_rows(path), streamed_rows(path)):
+            assert [(r["source_uri"], r["source_size"]) for r in rows] == expected, path

@@ -408,6 +408,9 @@ URI_COLUMNS = ("uri", "url", "path")
 ETAG_COLUMNS = ("e_tag", "etag")
 SIZE_COLUMNS = ("size",)
 MTIME_COLUMNS = ("last_modified_date", "last_modified", "mtime")
+# An S3 Inventory of a versioned bucket lists every version of a key and its delete markers:
+# only a key's current version is an input (a deleted key is none).
+VERSION_COLUMNS = ("is_latest", "is_delete_marker")
 # Any of these in a CSV's first row makes it a header (else it is a headerless S3 Inventory CSV).
 HEADER_COLUMNS = frozenset(
     {*URI_COLUMNS, "bucket", "key", *ETAG_COLUMNS, *SIZE_COLUMNS, *MTIME_COLUMNS}
@@ -424,7 +427,28 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
         records = _records(data, posixpath.splitext(uri)[1].lower())
     except (ValueError, csv.Error, pa.ArrowException) as err:
         raise SourceError(f"manifest {uri}: cannot read: {err}") from None
-    return [_manifest_row(uri, f"entry {index}", record) for index, record in enumerate(records)]
+    return [
+        _manifest_row(uri, f"entry {index}", record)
+        for index, record in enumerate(records)
+        if _is_current(record)
+    ]
+
+
+def _is_current(record: dict[str, Any]) -> bool:
+    """Not an old version of a key nor a delete marker (`VERSION_COLUMNS`, where given)."""
+    fields = {str(name).lower(): str(value).lower() for name, value in record.items()}
+    return fields.get("is_latest") != "false" and fields.get("is_delete_marker") != "true"
+
+
+def _current_versions(block: pa.Table) -> pa.Table:
+    """`_is_current`, column-wise."""
+    names = {name.lower(): name for name in block.column_names}
+    keep = pa.chunked_array([pa.array([True] * block.num_rows, pa.bool_())])
+    for column, excluded in (("is_latest", "false"), ("is_delete_marker", "true")):
+        if column in names:
+            text = pc.utf8_lower(pc.cast(block[names[column]], pa.string()))
+            keep = pc.and_(keep, pc.invert(pc.fill_null(pc.equal(text, excluded), False)))
+    return block.filter(keep)
 
 
 def _records(data: bytes, extension: str) -> list[dict[str, Any]]:
@@ -492,7 +516,15 @@ def _first(fields: dict[str, Any], names: Iterable[str]) -> Any:
 
 FIRST_ROWS = 64  # rows of a manifest checked before any work
 HEAD_BYTES = 1 << 16  # bytes of a CSV or text manifest read to check its first rows
-KNOWN_COLUMNS = (*URI_COLUMNS, "bucket", "key", *ETAG_COLUMNS, *SIZE_COLUMNS, *MTIME_COLUMNS)
+KNOWN_COLUMNS = (
+    *URI_COLUMNS,
+    "bucket",
+    "key",
+    *ETAG_COLUMNS,
+    *SIZE_COLUMNS,
+    *MTIME_COLUMNS,
+    *VERSION_COLUMNS,
+)
 _NO_TEXT = pa.scalar(None, pa.string())
 
 
@@ -526,6 +558,7 @@ class ManifestRead:
         if self.format == "text":
             rows = self._lines(block)
         else:
+            block = _current_versions(block)
             try:
                 rows = self._columns(block)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
