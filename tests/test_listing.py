@@ -116,6 +116,22 @@ def test_a_uri_named_twice_is_kept_once_the_first_naming_wins(
         listing_of(InputSpec(manifest=manifest), s3_options)
 
 
+def test_a_prefix_named_with_a_slash_is_listed_beside_an_object_of_its_name(
+    ray_local, s3fs_client, s3_options
+) -> None:
+    """`s3://images/clash/` while an object `clash` exists: the prefix is listed (the object
+    of the folder's name took its place); a bucket that does not exist is named."""
+    s3fs_client.pipe("images/clash", b"an object with the folder's name")
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "PNG")
+    s3fs_client.pipe("images/clash/inside.png", buffer.getvalue())
+    rows, listing = listing_of(InputSpec(uris=["s3://images/clash/"]), s3_options)
+    assert [row["source_uri"] for row in rows] == ["s3://images/clash/inside.png"]
+    assert listing.count == 1
+    with pytest.raises(SourceError, match=r"^input s3://no-such-bucket-here/x/: not found"):
+        listing_of(InputSpec(uris=["s3://no-such-bucket-here/x/"]), s3_options)
+
+
 def test_a_bad_manifest_fails_before_any_work(
     ray_local, tmp_path, s3fs_client, s3_options, tiny_weights
 ) -> None:

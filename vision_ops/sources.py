@@ -209,6 +209,21 @@ def _files(fs: Any, found: dict[str, dict[str, Any]]) -> Iterator[tuple[str, dic
                 log.warning("%s: a link to a folder, not followed (name it as an input)", name)
 
 
+def _names_a_prefix(fs: Any, path: str, uri: str) -> bool:
+    """Whether an s3:// URI names a prefix to list: one ending in / does (even where an object
+    has the folder's name, which `info` would find first) where anything is under it; else
+    where `info` says it is a folder. SourceError where nothing is there."""
+    if not uri.endswith("/"):
+        return _find_info(fs, path, uri).get("type") == "directory"
+    try:
+        found = fs.isdir(path)
+    except PermissionError as err:
+        raise SourceError(f"input {uri}: access denied ({err})") from None
+    if not found:
+        raise SourceError(f"input {uri}: not found")
+    return True
+
+
 def _find_info(fs: Any, path: str, uri: str) -> dict[str, Any]:
     try:
         return dict(fs.info(path))
@@ -300,6 +315,8 @@ class ObjectListing(PagedListing):
                 page = fs.call_s3("list_objects_v2", **request)
             except PermissionError as err:
                 raise SourceError(f"input {self.uri}: access denied ({err})") from None
+            except FileNotFoundError as err:  # no such bucket
+                raise SourceError(f"input {self.uri}: not found ({err})") from None
             yield self._rows(page.get("Contents", []), pattern)
             if not page.get("IsTruncated"):
                 return
@@ -334,7 +351,7 @@ def object_listing(
             return None  # a glob in the bucket name
         folder = root.partition("/")[2]
         prefix, pattern = f"{folder}/" if folder else "", glob_translate(path)
-    elif _find_info(fs, path, uri).get("type") == "directory":
+    elif _names_a_prefix(fs, path, uri):
         prefix, pattern = f"{key.rstrip('/')}/" if key else "", None
     else:
         return None
