@@ -26,7 +26,7 @@ from vision_ops import config
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import load_spec
 from vision_ops.lock import LOCK_NAME, LockHeld, RunLock
-from vision_ops.pipeline import run_job
+from vision_ops.pipeline import incremental, run_job
 from vision_ops.pipeline.incremental import done_versions, not_done
 from vision_ops.runindex import KEY_SEPARATOR, index_of, source_key, source_keys
 from vision_ops.schema import PREDICTION_SCHEMA, item_id
@@ -215,7 +215,10 @@ def test_an_input_version_is_its_etag_else_its_size_and_modification_time() -> N
     assert kept["source_mtime"].to_pylist() == [stamp, later, None]  # b.png changed: kept
 
 
-def test_incremental_counts_ok_rows_done_and_retries_error_rows() -> None:
+@pytest.mark.parametrize("fold_rows", [None, 1], ids=["one fold", "a fold per run"])
+def test_incremental_counts_ok_rows_done_and_retries_error_rows(monkeypatch, fold_rows) -> None:
+    if fold_rows is not None:  # the runs' outcomes folded as they are read: the same answer
+        monkeypatch.setattr(incremental, "FOLD_ROWS", fold_rows)
     first = committed_rows(
         ("s3://b/ok.png", "ok", None),
         ("s3://b/denied.png", "error", "PermissionError"),

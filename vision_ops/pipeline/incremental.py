@@ -33,6 +33,7 @@ from vision_ops.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 _OUTCOMES = pa.schema([INDEX_SCHEMA.field("source_key"), pa.field("outcome", pa.int64())])
+FOLD_ROWS = 4_000_000  # outcomes gathered before they are folded into one row per input
 
 
 def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
@@ -108,15 +109,25 @@ def done_versions(indexes: Iterable[pa.Table], skip_errors: Collection[str]) -> 
     (oldest run first): the latest run that read an input decides, and it is done unless one
     of that run's error types for it (any frame, any tile) is outside `skip_errors`.
 
-    One hash aggregation over every run's index: each source's outcome is `2 * run + retry`,
-    so an input's largest is its latest run, odd where that run asks for a retry."""
-    outcomes = [run_outcomes(index, ordinal, skip_errors) for ordinal, index in enumerate(indexes)]
-    if not outcomes:
-        return pa.array([], pa.string())
-    keyed = pa.concat_tables(outcomes)
-    latest = keyed.group_by("source_key").aggregate([("outcome", "max")])
-    done = pc.equal(pc.bit_wise_and(latest["outcome_max"], 1), 0)
+    Hash aggregations over the runs' indexes: each source's outcome is `2 * run + retry`, so
+    an input's largest is its latest run, odd where that run asks for a retry. The indexes
+    are folded in as they are read, once `FOLD_ROWS` outcomes wait, so the driver holds about
+    one row per input, not one per input and run (nightly runs over the same collection)."""
+    latest = _OUTCOMES.empty_table()
+    waiting: list[pa.Table] = []
+    for ordinal, index in enumerate(indexes):
+        waiting.append(run_outcomes(index, ordinal, skip_errors))
+        if sum(table.num_rows for table in waiting) >= FOLD_ROWS:
+            latest, waiting = _latest_outcomes([latest, *waiting]), []
+    latest = _latest_outcomes([latest, *waiting])
+    done = pc.equal(pc.bit_wise_and(latest["outcome"], 1), 0)
     return latest.filter(done)["source_key"].combine_chunks()
+
+
+def _latest_outcomes(tables: list[pa.Table]) -> pa.Table:
+    """Each source key once, with its largest outcome."""
+    latest = pa.concat_tables(tables).group_by("source_key").aggregate([("outcome", "max")])
+    return latest.select(["source_key", "outcome_max"]).rename_columns(["source_key", "outcome"])
 
 
 def run_outcomes(index: pa.Table, ordinal: int, skip_errors: Collection[str]) -> pa.Table:
