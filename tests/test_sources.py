@@ -454,6 +454,14 @@ def test_manifest_not_found(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as caught:
         list_inputs(InputSpec(manifest=missing))
     assert str(caught.value) == f"manifest {missing}: not found"
+    folder = tmp_path / "lists.txt"
+    folder.mkdir()
+    for read in (read_manifest, lambda uri: check_manifest(uri, [])):
+        with pytest.raises(SourceError) as caught:
+            read(str(folder))
+        assert str(caught.value) == (
+            f"manifest {folder}: a folder; expected a file (a URI a line, CSV or Parquet)"
+        )
 
 
 @pytest.mark.parametrize(

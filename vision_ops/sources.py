@@ -440,6 +440,8 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
         data = read_bytes(uri, options)
     except FileNotFoundError:
         raise SourceError(f"manifest {uri}: not found") from None
+    except IsADirectoryError:
+        raise _a_folder(uri) from None
     try:
         records = _records(data, posixpath.splitext(uri)[1].lower())
     except (ValueError, csv.Error, pa.ArrowException) as err:
@@ -449,6 +451,10 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
         for index, record in enumerate(records)
         if _is_current(record)
     ]
+
+
+def _a_folder(uri: str) -> SourceError:
+    return SourceError(f"manifest {uri}: a folder; expected a file (a URI a line, CSV or Parquet)")
 
 
 def _is_current(record: dict[str, Any]) -> bool:
@@ -664,6 +670,8 @@ def check_manifest(
             return _check_text(handle.read(HEAD_BYTES + 1), extension, base)
     except FileNotFoundError:
         raise SourceError(f"manifest {uri}: not found") from None
+    except IsADirectoryError:
+        raise _a_folder(uri) from None
     except SourceError:
         raise
     except (ValueError, csv.Error, pa.ArrowException) as err:
