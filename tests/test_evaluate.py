@@ -217,3 +217,25 @@ def test_detection_map_equals_pycocotools_on_the_same_json(tmp_path: Path) -> No
     np.testing.assert_allclose([got["map"], got["map_50"]], direct.stats[:2])
     stored = pq.read_table(tmp_path / "mixed" / "_metrics" / "r1.parquet")
     assert set(stored["metric"].to_pylist()) == {"map", "map_50", "evaluated"}
+
+
+def test_sources_that_share_a_truth_name_are_refused() -> None:
+    """cam1/a.jpg and cam2/a.jpg both match the truth's a.jpg: refused, not both scored
+    against one image's boxes (or masks); one source a name scores as before."""
+    from vision_ops.evaluate import detection_metrics, require_one_source_a_name
+
+    rows = detection_rows({"a.jpg": [("car", 0.9, [10, 10, 30, 20])]})
+    clash = [row | {"source_uri": f"s3://b/cam{i}/a.jpg"} for i in (1, 2) for row in rows]
+    with pytest.raises(
+        EvaluationError,
+        match=r"^2 sources match the truth's a.jpg \("
+        r"s3://b/cam1/a.jpg, s3://b/cam2/a.jpg\): ground truth is matched",
+    ):
+        detection_metrics(clash, COCO)
+    masks = [{"source_uri": f"s3://b/cam{i}/scan.jpg"} for i in (1, 2)]
+    with pytest.raises(EvaluationError, match=r"^2 sources match the truth's scan.png"):
+        require_one_source_a_name(masks, lambda uri: uri.rpartition("/")[2][:-4] + ".png",
+                                  {"scan.png"})  # fmt: skip
+    frames = [{"source_uri": "s3://b/cam1/a.jpg"}] * 3  # one source, three rows: fine
+    require_one_source_a_name(frames, lambda uri: uri.rpartition("/")[2], {"a.jpg"})
+    assert detection_metrics(rows, COCO)[0]["metric"] == "map"

@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -119,11 +120,12 @@ def score_segmentation(
     if not fs.isdir(root):
         raise EvaluationError(f"--truth {truth}: expected a folder of PNG masks")
     found = {posixpath.basename(path): path for path in fs.ls(root, detail=False)}
+    require_one_source_a_name(rows, _mask_name, found)
     tally = IouTally()
     missed: list[str] = []  # error rows' truths: scored once a mask gives the frame
     frame: tuple[int, ...] | None = None
     for row in rows:
-        name = posixpath.splitext(posixpath.basename(row["source_uri"]))[0] + ".png"
+        name = _mask_name(row["source_uri"])
         if name not in found:
             continue
         if row["status"] != STATUS_OK:
@@ -146,6 +148,31 @@ def score_segmentation(
             "img7.jpg -> img7.png)"
         )
     return tally.metrics(_label_names(rows))
+
+
+def _mask_name(uri: str) -> str:
+    """The truth mask of a source: img7.jpg -> img7.png."""
+    return posixpath.splitext(posixpath.basename(uri))[0] + ".png"
+
+
+def require_one_source_a_name(
+    rows: list[dict[str, Any]], name_of: Callable[[str], str], truth: Collection[str]
+) -> None:
+    """EvaluationError where two of the run's sources have the name of one truth entry
+    (cam1/0001.jpg and cam2/0001.jpg): truth is matched by file name, so both would be
+    scored against one image's truth."""
+    sources: dict[str, set[str]] = {}
+    for row in rows:
+        name = name_of(row["source_uri"])
+        if name in truth:
+            sources.setdefault(name, set()).add(row["source_uri"])
+    for name, uris in sorted(sources.items()):
+        if len(uris) > 1:
+            first, second = sorted(uris)[:2]
+            raise EvaluationError(
+                f"{len(uris)} sources match the truth's {name} ({first}, {second}): ground "
+                "truth is matched by file name; score sources of one name apart"
+            )
 
 
 class IouTally:
@@ -288,6 +315,7 @@ def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[
     from pycocotools.cocoeval import COCOeval
 
     images = {posixpath.basename(image["file_name"]): image["id"] for image in coco["images"]}
+    require_one_source_a_name(rows, posixpath.basename, images)
     categories = {c["name"]: c["id"] for c in coco["categories"]}
     results = [
         {
