@@ -231,3 +231,36 @@ def test_no_credentials_anywhere_is_a_clear_error(specs, tmp_path) -> None:
     assert done.returncode == 1, done.stdout
     assert "Traceback" not in done.stderr
     assert "reading s3:// needs AWS credentials" in done.stderr
+
+
+def test_a_local_table_is_queried_with_an_s3_endpoint_set_and_no_credentials(tmp_path) -> None:
+    """AWS_ENDPOINT_URL set for a local S3 server, no credentials anywhere: a table on local
+    disk is queried all the same (the S3 secret is only required for a table on s3://)."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from vision_ops.schema import PREDICTION_SCHEMA, item_id
+    from vision_ops.sink import ParquetSink
+
+    uris = [f"file:///photos/{i}.jpg" for i in range(3)]
+    rows = [
+        {"run_id": "r1", "source_uri": u, "item_id": item_id(u), "model_name": "m",
+         "model_weights_sha256": "h", "task": "classification", "status": "ok", "label": "cat"}
+        for u in uris
+    ]  # fmt: skip
+    sink = ParquetSink(str(tmp_path / "table"), "r1", dt.date(2026, 12, 4), PREDICTION_SCHEMA)
+    sink.write(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA))
+    sink.commit(uris)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "HOME": str(tmp_path),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+    }
+    sql = "SELECT count(*) AS n FROM predictions"
+    done = vision_ops(env, "query", str(tmp_path / "table"), sql, "--format", "csv")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["n", "3"]

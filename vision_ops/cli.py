@@ -316,7 +316,9 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads); or
     an OCR table's --search, or an embedding table's --similar-to / --duplicates."""
+    from vision_ops.outputs import as_output
     from vision_ops.query import connect, export, register_views
+    from vision_ops.storage import protocol_of
 
     conflict = _query_conflict(args)
     if conflict:
@@ -330,7 +332,7 @@ def query(args: argparse.Namespace) -> int:
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
     try:
-        connection = connect(options)
+        connection = connect(options, table_on_s3=protocol_of(as_output(table).uri) == "s3")
         task = register_views(connection, table, options, args.run_id, args.as_of)
         relation = _query_relation(connection, task, args)
         if relation is None:  # DDL, SET ...: DuckDB gives no relation

@@ -18,17 +18,23 @@ from vision_ops.storage import StorageOptions
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
 
-def connect(storage_options: StorageOptions | None = None) -> Any:
-    """A DuckDB connection that can read s3:// with the standard AWS credential chain (where the
-    spec or the environment names S3; `register_views` adds it for tables on s3:// too), and
-    geometries where DuckDB spatial is installed (the geo extra)."""
+def connect(storage_options: StorageOptions | None = None, table_on_s3: bool = False) -> Any:
+    """A DuckDB connection that can read s3:// with the standard AWS credential chain, and
+    geometries where DuckDB spatial is installed (the geo extra). NoCredentials where the
+    table is on s3:// (or the spec names S3 options) and no credentials are found; where only
+    the environment names S3 (an endpoint, a key id), S3 is set up if it can be."""
     try:
         import duckdb
     except ImportError as err:
         raise ImportError("querying needs DuckDB: pip install 'vision-ops[query]'") from err
     connection = duckdb.connect()
-    if (storage_options or {}).get("s3") or _endpoint({}) or os.environ.get("AWS_ACCESS_KEY_ID"):
-        enable_s3(connection, storage_options)
+    needed = table_on_s3 or bool((storage_options or {}).get("s3"))
+    if needed or _endpoint({}) or os.environ.get("AWS_ACCESS_KEY_ID"):
+        try:
+            enable_s3(connection, storage_options)
+        except NoCredentials:
+            if needed:
+                raise
     with contextlib.suppress(ImportError):
         load_spatial(connection)
     return connection
@@ -219,7 +225,8 @@ def _s3_secret_sql(s3: dict[str, Any]) -> str:
     endpoint = _endpoint(s3)
     if endpoint:
         url = urlparse(endpoint)
-        options += [f"ENDPOINT {sql_string(url.netloc)}", "URL_STYLE 'path'"]
+        host = url.netloc.rpartition("@")[2]  # never a user or password an endpoint held
+        options += [f"ENDPOINT {sql_string(host)}", "URL_STYLE 'path'"]
         options += [f"USE_SSL {str(url.scheme == 'https').lower()}"]
     return f"CREATE OR REPLACE SECRET vision_ops_s3 ({', '.join(options)})"
 
