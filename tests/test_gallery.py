@@ -249,3 +249,21 @@ def test_a_scene_tile_shows_the_bands_the_run_read(tmp_path) -> None:
     thumbnail = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
     left, right = thumbnail[:, : thumbnail.shape[1] // 4], thumbnail[:, -thumbnail.shape[1] // 4 :]
     assert left.mean() < 30 and right.mean() > 225  # band 4, not bands 1-3
+
+
+def test_a_long_error_message_is_cut_before_it_is_escaped() -> None:
+    """Cut after escaping, `<` at the cut left half an entity (`&l`) in the page."""
+    from vision_ops.gallery import error_rows
+
+    message = "x" * 299 + "<script>alert(1)</script>"
+    table = pa.table(
+        {
+            "source_uri": ["file:///photos/a.jpg"],
+            "status": ["error"],
+            "error_type": ["CorruptImage"],
+            "error_message": [message],
+        }
+    )
+    _, body = error_rows(table, Sources({}, 0)) or ("", "")
+    cell = body.split("<td>")[3].split("</td>")[0]
+    assert cell == "x" * 299 + "&lt;" and "<script" not in body

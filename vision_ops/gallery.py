@@ -423,7 +423,7 @@ def error_rows(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     body = "".join(
         f'<tr class="error"><td>{html.escape(name_of(row))}</td>'
         f"<td><b>{html.escape(str(row['error_type']))}</b></td>"
-        f"<td>{html.escape(str(row['error_message'] or ''))[:300]}</td></tr>"
+        f"<td>{html.escape(str(row['error_message'] or '')[:300])}</td></tr>"  # cut, then escaped
         for row in rows
     )
     more = f"<p>{errors.num_rows - len(rows)} more</p>" if errors.num_rows > len(rows) else ""
