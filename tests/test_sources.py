@@ -763,3 +763,24 @@ def test_an_inventory_of_a_versioned_bucket_lists_each_keys_current_version(
     for path in (tmp_path / "inventory.parquet", tmp_path / "inventory.csv"):
         for rows in (manifest_rows(path), streamed_rows(path)):
             assert [(r["source_uri"], r["source_size"]) for r in rows] == expected, path
+
+
+def test_a_glob_lists_only_the_folders_its_pattern_reaches(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listed: list[str] = []
+    ls = LocalFileSystem.ls
+
+    def recording(self: Any, path: str, detail: bool = False, **kwargs: Any) -> Any:
+        listed.append(path.rstrip("/").removeprefix(str(tree)))
+        return ls(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", recording)
+    assert uris(InputSpec(uris=[f"{tree}/photos/*.jpg"])) == [f"file://{tree}/photos/a.jpg"]
+    assert listed == ["/photos"]
+    listed.clear()
+    assert uris(InputSpec(uris=[f"{tree}/photos/*/*.tif"])) == [f"file://{tree}/photos/sub/d.tif"]
+    assert listed == ["/photos", "/photos/sub"]
+    listed.clear()
+    assert len(uris(InputSpec(uris=[f"{tree}/photos/**/*.png"]))) == 1
+    assert listed == ["/photos", "/photos/sub", "/photos/sub/deeper"]

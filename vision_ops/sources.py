@@ -151,11 +151,13 @@ def _glob(fs: Any, path: str) -> dict[str, dict[str, Any]]:
     folder before the first wildcard; nothing where that folder is not there."""
     first = min(path.index(char) for char in GLOB_CHARS if char in path)
     root = path[:first].rpartition("/")[0] or "/"
+    below = path[len(root) :].lstrip("/")
+    depth = None if "**" in below else below.count("/") + 1  # folders the pattern reaches
     pattern = re.compile(glob_translate(path))
     try:
         return {
             name: info
-            for files in _walk(fs, root)
+            for files in _walk(fs, root, depth)
             for name, info in files.items()
             if pattern.match(name)
         }
@@ -163,20 +165,23 @@ def _glob(fs: Any, path: str) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _walk(fs: Any, path: str) -> Iterator[dict[str, dict[str, Any]]]:
-    """The entries of each folder under `path` that are not folders (files, links), by full
-    name, a folder at a time, depth first in name order: fsspec's walk, except that a folder
-    that cannot be listed raises (fsspec passes `on_error` to the top folder only, so a
-    folder below it that cannot be listed would be left out without a word)."""
+def _walk(fs: Any, path: str, depth: int | None = None) -> Iterator[dict[str, dict[str, Any]]]:
+    """The entries of each folder under `path` (`depth` levels of folders, `path` the first;
+    None: all) that are not folders (files, links), by full name, a folder at a time, depth
+    first in name order: fsspec's walk, except that a folder that cannot be listed raises
+    (fsspec passes `on_error` to the top folder only, so a folder below it that cannot be
+    listed would be left out without a word)."""
     own = path.rstrip("/")
     entries = sorted(
         (info for info in fs.ls(path, detail=True) if info["name"].rstrip("/") != own),
         key=lambda info: str(info["name"]),
     )
     yield {info["name"]: info for info in entries if info["type"] != "directory"}
+    if depth is not None and depth <= 1:
+        return
     for info in entries:
         if info["type"] == "directory":
-            yield from _walk(fs, info["name"])
+            yield from _walk(fs, info["name"], None if depth is None else depth - 1)
 
 
 @contextlib.contextmanager
