@@ -76,3 +76,32 @@ def test_manifest_entries_without_identity_get_it_from_the_store(memfs) -> None:
     }
     out = read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
     assert out["source_size"][0] == memfs.info("/in/a.png")["size"] > 0
+
+
+def test_file_names_with_glob_characters_are_read_as_named(tmp_path) -> None:
+    """`cat` of a list globs each path: `a [1].png` matched nothing (or `*` many files)."""
+    (tmp_path / "a [1].png").write_bytes(b"one")
+    (tmp_path / "b?.png").write_bytes(b"two")
+    (tmp_path / "c.png").write_bytes(b"three")
+    uris = [f"file://{tmp_path}/{name}" for name in ("a [1].png", "b?.png", "c.png", "d*.png")]
+    got = fetch_all(uris, {})
+    assert [got[uri] for uri in uris[:3]] == [b"one", b"two", b"three"]
+    assert isinstance(got[uris[3]], FileNotFoundError)  # not the other files' bytes
+
+
+def test_a_strip_too_thin_to_resize_is_an_error_row_not_a_failed_read(memfs) -> None:
+    """1 x 20,000 pixels, under the decode limit: resized to a shorter side of 40 it would be
+    40 x 800,000; refused before any pixel is allocated, beside a good image."""
+    memfs.pipe("/in/strip.png", png(np.zeros((1, 20_000, 3), dtype=np.uint8)))
+    memfs.pipe("/in/ok.png", png(np.zeros((50, 70, 3), dtype=np.uint8)))
+    batch = {
+        "source_uri": np.array(["memory:///in/strip.png", "memory:///in/ok.png"]),
+        "source_etag": np.array(["e", "f"], dtype=object),
+        "source_size": np.array([1, 2]),
+    }
+    out = read_units(batch, preprocessing=PREP, max_pixels=100_000, storage_options={})
+    assert list(out["status"]) == ["error", "ok"]
+    assert out["error_type"][0] == "ImageTooLarge"
+    assert out["error_message"][0] == (
+        "20000x1 resized to a shorter side of 40 would be 32000000 pixels, over the limit of 100000"
+    )

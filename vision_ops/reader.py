@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
-from vision_ops.decode import ENCODED_COLUMN, decode_image, device_jpeg_size
+from vision_ops.decode import ENCODED_COLUMN, ImageTooLarge, decode_image, device_jpeg_size
 from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
 from vision_ops.raster import RasterError, open_raster
 from vision_ops.scenes import tile_unit
@@ -22,7 +22,7 @@ from vision_ops.schema import (
     item_id,
     stage_times,
 )
-from vision_ops.sources import store_identity
+from vision_ops.sources import GLOB_CHARS, store_identity
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
 
@@ -139,12 +139,26 @@ def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | Bas
         fs, path = filesystem(uri, options)
         by_fs.setdefault(id(fs), (fs, {}))[1][path] = uri
     for fs, paths in by_fs.values():
-        results = fs.cat(list(paths), on_error="return")
+        plain = [path for path in paths if not GLOB_CHARS & set(path)]
+        results = fs.cat(plain, on_error="return") if plain else {}
         if not isinstance(results, dict):  # a single path comes back as bare bytes
-            results = {next(iter(paths)): results}
+            results = {plain[0]: results}
         for path, uri in paths.items():
-            payloads[uri] = results.get(path, FileNotFoundError(uri))
+            if path in results:
+                payloads[uri] = results[path]
+            elif GLOB_CHARS & set(path):  # `cat` of a list would glob it: `a [1].jpg`
+                payloads[uri] = _cat_one(fs, path)
+            else:
+                payloads[uri] = FileNotFoundError(uri)
     return payloads
+
+
+def _cat_one(fs: Any, path: str) -> bytes | BaseException:
+    """One file's bytes, its name taken literally; the exception where the read failed."""
+    try:
+        return bytes(fs.cat_file(path))
+    except Exception as err:  # the store's errors are not one type: an error row names it
+        return err
 
 
 def image_column(images: list[np.ndarray]) -> np.ndarray:
@@ -174,10 +188,20 @@ class UnitReader:
         if size is not None:
             return [self._encoded_unit(payload, *size)]
         try:
-            image = decode_image(payload, self.max_pixels)
-        except Exception as err:
+            return [self._unit(decode_image(payload, self.max_pixels))]
+        except Exception as err:  # undecodable, or no size the model can take (1 x 10^7)
             return [self.error(err)]
-        return [self._unit(image)]
+
+    def _check_resized(self, width: int, height: int, side: int) -> None:
+        """ImageTooLarge where resizing the shorter side to `side` would pass `max_pixels` (a
+        1 x 10^5 strip: gigabytes), before any pixel is allocated."""
+        short, long = sorted((width, height))
+        resized = side * int(side * long / max(short, 1))
+        if resized > self.max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} resized to a shorter side of {side} would be {resized} "
+                f"pixels, over the limit of {self.max_pixels}"
+            )
 
     def _dicom_units(self, payload: bytes) -> list[dict[str, Any]]:
         spec = self.dicom or DicomSpec()
@@ -196,6 +220,8 @@ class UnitReader:
 
     def _unit(self, image: np.ndarray) -> dict[str, Any]:
         height, width = image.shape[:2]
+        if self.preprocessing:
+            self._check_resized(width, height, self.preprocessing.resize)
         model_input = resize_and_crop(image, self.preprocessing) if self.preprocessing else image
         return {"image": model_input, "image_width": width, "image_height": height} | _OK
 
