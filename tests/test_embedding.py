@@ -62,6 +62,18 @@ def test_feature_size_is_the_heads_input_per_family(architecture):
     assert feature_size(spec.model) == FAMILIES[architecture]
 
 
+@pytest.mark.parametrize("architecture", ["vit_b_16", "efficientnet_b0", "swin_t"])
+def test_a_model_without_its_head_returns_the_features_it_names(architecture):
+    """Run, not only measured: ViT's `heads` is a Sequential of a layer named `head`, which
+    an index "0" missed (the model still gave 1,000 logits)."""
+    import torchvision
+
+    model = getattr(torchvision.models, architecture)(weights=None).eval()
+    assert remove_head(model) == FAMILIES[architecture]
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 224, 224)).shape == (1, FAMILIES[architecture])
+
+
 def test_a_headless_model_gives_its_pooled_features():
     """resnet18 without `fc` returns exactly its average-pooled last feature map."""
     import torchvision

@@ -54,10 +54,11 @@ def find_head(module: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.L
             continue
         if isinstance(head, torch.nn.Linear):
             return module, name, head
-        layers = list(head) if isinstance(head, torch.nn.Sequential) else [head]
-        last = layers[-1] if layers else head
+        # by name: a Sequential of named layers (ViT's `heads.head`) is not indexed by "0"
+        layers = list(head.named_children()) if isinstance(head, torch.nn.Sequential) else []
+        last_name, last = layers[-1] if layers else ("", head)
         if isinstance(last, torch.nn.Linear):
-            return head, str(len(layers) - 1), last
+            return head, last_name, last
         raise HeadNotFound(
             f"{type(module).__name__}.{name}: expected the classification head to be an "
             f"nn.Linear or an nn.Sequential ending in one, found {type(head).__name__} ending "
