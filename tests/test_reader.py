@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import fsspec
 import numpy as np
@@ -105,3 +106,24 @@ def test_a_strip_too_thin_to_resize_is_an_error_row_not_a_failed_read(memfs) -> 
     assert out["error_message"][0] == (
         "20000x1 resized to a shorter side of 40 would be 32000000 pixels, over the limit of 100000"
     )
+
+
+def test_a_decoder_the_worker_lacks_stops_the_read_instead_of_making_error_rows(
+    memfs, monkeypatch
+) -> None:
+    """pydicom missing on a worker is the cluster's fault, not each scan's: raised (the run
+    fails, nothing committed) rather than a committed run of DICOM error rows."""
+    import sys
+
+    from vision_ops.dicom import INSTALL_HINT
+    from vision_ops.synthetic import dicom_bytes
+
+    memfs.pipe("/in/ct.dcm", dicom_bytes(np.zeros((8, 8), dtype=np.uint16)))
+    batch = {
+        "source_uri": np.array(["memory:///in/ct.dcm"]),
+        "source_etag": np.array(["e"], dtype=object),
+        "source_size": np.array([1]),
+    }
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a worker without it
+    with pytest.raises(ImportError, match=re.escape(INSTALL_HINT)):
+        read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})

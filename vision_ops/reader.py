@@ -240,6 +240,11 @@ class UnitReader:
         return self._unit(image) | tile
 
     def error(self, err: BaseException) -> dict[str, Any]:
+        """The error row of a unit the input made fail. An ImportError (a decoder this worker
+        lacks) is the cluster's, not the input's: raised, to stop the run before every such
+        input becomes an error row of a committed run."""
+        if isinstance(err, ImportError):
+            raise err
         return {
             "image": self._placeholder(),
             "status": STATUS_ERROR,
