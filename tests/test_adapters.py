@@ -117,3 +117,17 @@ def test_another_layout_is_one_registered_function(tmp_path) -> None:
         check_model(bad.model, "detection")
     with pytest.raises(ModelError, match="output adapters decode detectors"):
         load_model(bad.model.model_copy(update={"uri": str(export(tmp_path, "onnx"))}), {})
+
+
+def test_an_onnx_model_takes_the_actors_thread_count(tmp_path) -> None:
+    """The actor sets torch's threads to its share of the node; onnxruntime's default would
+    be every core in each actor."""
+    from vision_ops.adapters import OnnxModule
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        module = OnnxModule(export(tmp_path, "onnx").read_bytes())
+    finally:
+        torch.set_num_threads(before)
+    assert module.session.get_session_options().intra_op_num_threads == 1

@@ -99,7 +99,9 @@ class OnnxModule(torch.nn.Module):
 
     def __init__(self, model_bytes: bytes) -> None:
         super().__init__()
-        self.session = onnx_session(model_bytes)
+        # torch's thread count, which the actor set to its share of the node: onnxruntime's
+        # default would take every core of the node in each actor
+        self.session = onnx_session(model_bytes, threads=torch.get_num_threads())
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
