@@ -360,3 +360,24 @@ def test_weights_enum_gives_coco_labels_without_download() -> None:
     )
     labels = resolve_labels(spec.model)
     assert labels is not None and labels[:3] == ["__background__", "person", "bicycle"]
+
+
+def test_a_detectors_labels_without_the_background_are_refused(spread_detector, tmp_path) -> None:
+    """num_classes 5 counts the background as id 0: four names (no background) would name
+    every box after the class above its own; refused before any work, naming the rule."""
+    from vision_ops.models import check_job
+
+    short = tmp_path / "labels.txt"
+    short.write_text("\n".join(LABELS[1:]))
+    spec = job_spec(Path("/unused"), Path("/unused"), spread_model(spread_detector, short), task())
+    with pytest.raises(
+        ModelError,
+        match=r"^model.labels: a torchvision detector's class ids "
+        r"count the background as 0; expected 5 labels .* found 4$",
+    ):
+        check_job(spec)
+    whole = tmp_path / "whole.txt"
+    whole.write_text("\n".join(LABELS))
+    check_job(
+        job_spec(Path("/unused"), Path("/unused"), spread_model(spread_detector, whole), task())
+    )

@@ -120,8 +120,23 @@ def check_job(spec: JobSpec, files: bool = True) -> None:
     if files or isinstance(spec.task, DetectionTask):  # read once: they may be in storage
         labels = resolve_labels(spec.model, spec.storage_options)
         if isinstance(spec.task, DetectionTask):
+            check_detector_labels(spec.model, labels)
             class_ids(spec.task.classes, labels)
     get_task(spec.task.kind).job_fields(spec)
+
+
+def check_detector_labels(spec: ModelSpec, labels: list[str] | None) -> None:
+    """A torchvision detector counts the background as class 0 (`num_classes` includes it):
+    a labels file of a fine-tuned one must name it first, or every box would be named after
+    the class above its own. ModelError where the count differs."""
+    if not isinstance(spec, TorchvisionModel) or spec.num_classes is None or labels is None:
+        return
+    if len(labels) != spec.num_classes:
+        raise ModelError(
+            f"model.labels: a torchvision detector's class ids count the background as 0; "
+            f"expected {spec.num_classes} labels (model.num_classes), the first for the "
+            f"background (e.g. __background__), found {len(labels)}"
+        )
 
 
 MODEL_FILE_FIELDS = ("weights", "uri", "detector", "recognizer", "dictionary")
