@@ -381,3 +381,28 @@ def test_a_detectors_labels_without_the_background_are_refused(spread_detector, 
     check_job(
         job_spec(Path("/unused"), Path("/unused"), spread_model(spread_detector, whole), task())
     )
+
+
+def test_an_image_the_detector_cannot_take_is_its_error_row(spread_detector) -> None:
+    """A 1 x 2000 strip: the detector's own resize makes it 0 pixels high and the call fails.
+    The batch is run image by image: the strip is an error row, its neighbours keep exactly
+    the boxes they get alone. Where every image fails, the model's error is raised."""
+    model = detector(spread_detector)
+
+    def batch_of(shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        batch = images_batch(shapes)
+        batch["error_type"] = np.full(len(shapes), None, dtype=object)
+        batch["error_message"] = np.full(len(shapes), None, dtype=object)
+        return batch
+
+    batch = batch_of([(60, 80), (1, 2000), (60, 80)])
+    out = model(batch)
+    assert list(out["status"]) == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert out["error_type"][1] == "RuntimeError" and out["error_message"][1]
+    for index in (0, 2):
+        alone = np.zeros(3, dtype=bool)
+        alone[index] = True
+        expected = model.predict_rows(batch["image"], alone)[DETECTIONS][index]
+        np.testing.assert_array_equal(out[DETECTIONS][index], expected)
+    with pytest.raises(RuntimeError):
+        model(batch_of([(1, 2000), (1, 3000)]))

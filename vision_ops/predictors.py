@@ -106,6 +106,15 @@ def stack_on_device(images: Sequence[Pixels], device: torch.device) -> torch.Ten
     return batch
 
 
+def mark_errors(out: dict[str, np.ndarray], failures: Sequence[tuple[int, BaseException]]) -> None:
+    """The rows `failures` names (index, what failed) as error rows in `out`."""
+    status, kinds, messages = (np.asarray(out[c], dtype=object).copy() for c in ERROR_COLUMNS)
+    for row, error in failures:
+        status[row], kinds[row] = STATUS_ERROR, type(error).__name__
+        messages[row] = str(error) or type(error).__name__
+    out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
+
+
 def rows_of(images: Sequence[Pixels], ok: np.ndarray) -> list[Pixels]:
     return [images[i] for i in np.flatnonzero(ok).tolist()]
 
@@ -142,7 +151,7 @@ class Predictor:
         if ENCODED_COLUMN in batch:
             images = self._decode_on_device(out, images, batch[ENCODED_COLUMN])
         ok = np.asarray(out["status"] == STATUS_OK, dtype=bool)
-        out.update(self.predict_rows(images, ok))
+        out.update(self.predict_isolating(images, ok, out))
         out[f"{STAGE_PREFIX}inference"] = stage_times(len(ok), time.perf_counter() - started)
         out["model_name"] = np.full(len(ok), self.model.name, dtype=object)
         out["model_weights_sha256"] = np.full(len(ok), self.model.weights_sha256, dtype=object)
@@ -150,6 +159,37 @@ class Predictor:
 
     def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def predict_isolating(
+        self, images: Sequence[Pixels], ok: np.ndarray, out: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """`predict_rows`; where a call of several images fails, each image alone: an image
+        the model fails on (a shape it cannot take) becomes its error row in `out`, the others
+        keep their predictions. Where every image fails, the model's error is raised: it is
+        the model's, not the inputs' (the run fails, nothing committed)."""
+        try:
+            return self.predict_rows(images, ok)
+        except Exception as err:
+            if ok.sum() <= 1:
+                raise
+            failure = err
+        merged = self.predict_rows(images, np.zeros_like(ok))  # the columns of rows not run
+        failed: list[tuple[int, Exception]] = []
+        for index in np.flatnonzero(ok).tolist():
+            alone = np.zeros_like(ok)
+            alone[index] = True
+            try:
+                result = self.predict_rows(images, alone)
+            except Exception as err:
+                failed.append((index, err))
+                continue
+            for name, values in result.items():
+                merged[name][index] = values[index]
+        if len(failed) == int(ok.sum()):
+            raise failure
+        log.warning("%d of %d images failed alone in a batch that failed", len(failed), ok.sum())
+        mark_errors(out, failed)
+        return merged
 
     def fixed_size(self, role: str) -> Preprocessing:
         """A model of one input size (classifier, segmenter): its preprocessing, required, and
@@ -233,18 +273,14 @@ class Predictor:
             self.preprocessing,
             threads=torch.get_num_threads(),
         )
-        status, kinds, messages = (out[c].astype(object) for c in ERROR_COLUMNS)
         merged: list[Pixels] = list(images)
+        undecoded = []
         for row, crop in zip(rows, crops, strict=True):
             if isinstance(crop, torch.Tensor):
                 merged[row] = crop
             else:
-                status[row], kinds[row], messages[row] = (
-                    STATUS_ERROR,
-                    type(crop).__name__,
-                    str(crop),
-                )
-        out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
+                undecoded.append((row, crop))
+        mark_errors(out, undecoded)
         return merged
 
     @contextlib.contextmanager
