@@ -96,6 +96,17 @@ def test_the_files_own_window_and_its_voi_function() -> None:
     np.testing.assert_array_equal(grey(frame(sigmoid)), [[0, 30], [128, 255]])
 
 
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_a_window_of_width_zero_is_a_threshold_at_its_centre(function: str) -> None:
+    """Invalid (PS3.3 wants a width above 0), but found in files: the limit of both functions
+    as the width goes to 0, a step at the centre; not a division by zero."""
+    from vision_ops.dicom import apply_window
+
+    with np.errstate(all="raise"):
+        found = apply_window(np.array([0.0, 40.0, 41.0]), 40.0, 0.0, function)
+    np.testing.assert_array_equal(found, [0, 0, 255])
+
+
 def test_a_voi_lut_sequence_in_the_file_is_applied() -> None:
     from pydicom.dataset import Dataset
 

@@ -157,7 +157,9 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str)
     LINEAR_EXACT: y = ((x - c) / w + 0.5) * 255, clipped
     SIGMOID:      y = 255 / (1 + exp(-4 (x - c) / w))
     """
-    if function == "SIGMOID":
+    if width <= 0 and function in ("SIGMOID", "LINEAR_EXACT"):  # invalid: both tend to a step
+        scaled = np.where(values > center, 255.0, 0.0)
+    elif function == "SIGMOID":
         scaled = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":
         scaled = ((values - center) / width + 0.5) * 255.0
