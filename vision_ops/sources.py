@@ -154,15 +154,14 @@ def _glob(fs: Any, path: str) -> dict[str, dict[str, Any]]:
     below = path[len(root) :].lstrip("/")
     depth = None if "**" in below else below.count("/") + 1  # folders the pattern reaches
     pattern = re.compile(glob_translate(path))
-    try:
-        return {
-            name: info
-            for files in _walk(fs, root, depth)
-            for name, info in files.items()
-            if pattern.match(name)
-        }
-    except FileNotFoundError:
+    if not fs.exists(root):
         return {}
+    return {
+        name: info
+        for files in _walk(fs, root, depth)
+        for name, info in files.items()
+        if pattern.match(name)
+    }
 
 
 def _walk(fs: Any, path: str, depth: int | None = None) -> Iterator[dict[str, dict[str, Any]]]:
