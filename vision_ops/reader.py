@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
 from vision_ops.decode import ENCODED_COLUMN, ImageTooLarge, decode_image, device_jpeg_size
@@ -22,7 +23,7 @@ from vision_ops.schema import (
     item_id,
     stage_times,
 )
-from vision_ops.sources import GLOB_CHARS, store_identity
+from vision_ops.sources import GLOB_CHARS, with_store_identity
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
 
@@ -264,16 +265,21 @@ _OK = {"status": STATUS_OK, "error_type": None, "error_message": None}
 def _fill_missing_identity(
     out: dict[str, np.ndarray], uris: list[str], options: StorageOptions
 ) -> None:
-    """Manifest entries without ETag or size: ask the store (one HEAD each, only for those;
-    an incremental run's listing had them asked already)."""
+    """Manifest entries without ETag or size given the store's (`with_store_identity`, the
+    rule an incremental run's listing follows too; already done there for its inputs)."""
     etags, sizes = out["source_etag"], out["source_size"]
-    missing = [i for i in range(len(uris)) if etags[i] is None and _is_null(sizes[i])]
-    if not missing:
+    if not any(etags[i] is None and _is_null(sizes[i]) for i in range(len(uris))):
         return
-    etags, sizes = etags.astype(object), sizes.astype(object)
-    for i in missing:
-        etags[i], sizes[i] = store_identity(uris[i], options)
-    out["source_etag"], out["source_size"] = etags, sizes
+    listed = pa.table(
+        {
+            "source_uri": pa.array(uris, pa.string()),
+            "source_etag": pa.array(list(etags), pa.string()),
+            "source_size": pa.array([None if _is_null(s) else int(s) for s in sizes], pa.int64()),
+        }
+    )
+    filled = with_store_identity(listed, options)
+    for name in ("source_etag", "source_size"):
+        out[name] = np.array(filled[name].to_pylist(), dtype=object)
 
 
 def _is_null(value: Any) -> bool:

@@ -362,7 +362,7 @@ def object_listing(
     return ObjectListing(uri, bucket, prefix, pattern, tuple(extensions), dict(options or {}))
 
 
-def store_identity(uri: str, options: StorageOptions | None) -> tuple[str | None, int | None]:
+def _store_identity(uri: str, options: StorageOptions | None) -> tuple[str | None, int | None]:
     """The ETag and size the store gives `uri` (one HEAD), for an input a manifest names
     without them; (None, None) where the store cannot tell (the read then names why)."""
     fs, path = filesystem(uri, options)
@@ -376,7 +376,7 @@ def store_identity(uri: str, options: StorageOptions | None) -> tuple[str | None
 
 def with_store_identity(rows: pa.Table, options: StorageOptions | None) -> pa.Table:
     """Listing rows with neither an ETag nor a size (a manifest naming URIs only) given the
-    store's (`store_identity`, one HEAD each, only for those): the version a run's rows record
+    store's (`_store_identity`, one HEAD each, only for those): the version a run's rows record
     and an incremental run compares, so both see the same."""
     unknown = pc.and_(pc.is_null(rows["source_etag"]), pc.is_null(rows["source_size"]))
     if not pc.any(unknown).as_py():
@@ -384,7 +384,7 @@ def with_store_identity(rows: pa.Table, options: StorageOptions | None) -> pa.Ta
     etags, sizes = rows["source_etag"].to_pylist(), rows["source_size"].to_pylist()
     uris = rows["source_uri"].to_pylist()
     for i in pc.indices_nonzero(unknown).to_pylist():
-        etags[i], sizes[i] = store_identity(uris[i], options)
+        etags[i], sizes[i] = _store_identity(uris[i], options)
     for name, values in (("source_etag", etags), ("source_size", sizes)):
         column = rows.schema.get_field_index(name)
         rows = rows.set_column(
