@@ -1,21 +1,28 @@
 """The table's run lock: its lease renewed from a thread while a run holds it, a lock taken
 over or left unrenewed refused at the commit, an unreadable lock named, a lock that cannot be
-removed after a commit only warned about, and a holder judged gone only where it surely is."""
+removed after a commit only warned about, a holder judged gone only where it surely is, and the
+lock object written only over the version its writer read (S3, local disk, memory)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vision_ops.lock import LOCK_NAME, LockHeld, LockLost, RunLock, this_process
+from vision_ops.lock_file import LockFile, Raced, lock_file
+from vision_ops.storage import filesystem
 
 OTHER_RUN = {
     "owner": "another-owner",
@@ -151,3 +158,81 @@ def test_the_holder_is_judged_gone_only_wherethis_process_can_tell(tmp_path: Pat
     assert taken_over(tmp_path, holder_here(me, **(here | {"started": str(int(started) - 1)})))
     # another boot of this host: its processes are all gone
     assert taken_over(tmp_path, holder_here(me, **(here | {"boot": "an-earlier-boot"})))
+
+
+@pytest.fixture(params=["local", "s3", "memory"])
+def lock_root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """A table root on each kind of store the lock knows: (URI, storage options)."""
+    if request.param == "local":
+        return str(tmp_path / "table"), {}
+    if request.param == "memory":
+        return f"memory://locks/{uuid.uuid4().hex[:8]}", {}
+    seaweed = request.getfixturevalue("seaweed")
+    return f"s3://out/locks-{uuid.uuid4().hex[:8]}", {"s3": seaweed.storage_options()}
+
+
+def test_the_lock_object_is_written_only_over_the_version_read(
+    lock_root: tuple[str, dict[str, Any]],
+) -> None:
+    uri, options = lock_root
+    fs, root = filesystem(uri, options)
+    mine, theirs = (lock_file(fs, f"{root}/{LOCK_NAME}") for _ in range(2))
+    assert mine.read() == (None, None)
+    first = theirs.write(b"theirs", expected=None)  # written after `mine` found no lock
+    with pytest.raises(Raced):
+        mine.write(b"mine", expected=None)
+    assert mine.read() == (b"theirs", first)
+    second = theirs.write(b"theirs again", expected=first)  # a renewal after `mine` read
+    with pytest.raises(Raced):
+        mine.write(b"mine", expected=first)
+    assert mine.write(b"mine", expected=second) != second  # over the version now there
+    assert theirs.read()[0] == b"mine"
+
+
+def test_of_two_runs_that_found_no_lock_only_the_first_to_write_holds_it(
+    lock_root: tuple[str, dict[str, Any]],
+) -> None:
+    uri, options = lock_root
+    first, second = (RunLock(uri, run_id, 600, options) for run_id in ("r1", "r2"))
+    found_by_second = second.file.read()  # no lock yet: both runs start in the same instant
+    first.acquire()
+    real_read = second.file.read
+    reads = iter([found_by_second])
+    second.file.read = lambda: next(reads, None) or real_read()  # type: ignore[method-assign]
+    with pytest.raises(LockHeld, match="another run took the lock at the same moment"):
+        second.acquire()
+    first.require_held()
+    first.renew()  # the first run's lease is still its own to renew
+    first.require_held()
+    assert first._read()[0]["run_id"] == "r1"  # type: ignore[index]
+    first.release()
+    assert first.file.read() == (None, None)
+
+
+def test_local_writers_of_one_lock_take_turns(tmp_path: Path) -> None:
+    """Local disk: the compare and the write are made under an flock of the table's folder, so a
+    writer waits while another process of this host holds it, then compares with what that
+    writer left."""
+    fs, root = filesystem(str(tmp_path))
+    lock = lock_file(fs, f"{root}/{LOCK_NAME}")
+    results: list[object] = []
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # another writer's turn
+        writer = threading.Thread(target=lambda: results.append(_outcome(lock, b"mine")))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and results == []  # it waits for its turn
+        (tmp_path / LOCK_NAME).write_bytes(b"theirs")  # what the other writer wrote in its turn
+    finally:
+        os.close(folder)
+    writer.join(10)
+    assert results == ["raced"] and (tmp_path / LOCK_NAME).read_bytes() == b"theirs"
+
+
+def _outcome(lock: LockFile, data: bytes) -> str:
+    try:
+        lock.write(data, expected=None)
+    except Raced:
+        return "raced"
+    return "written"

@@ -1,18 +1,21 @@
 """One run at a time per output table: a lock object with a lease in the table's root.
 
-Taking the lock is check-then-write with a read-back of the owner: two runs starting in the
-same instant on a store without conditional writes could both pass. A run that dies leaves the
-lock until its lease runs out (`run.lock_lease_s`), then the next run takes it over; a holder
-sure to be gone is taken over at once (it ran on this same host, and its process is gone or its
-pid now another process's, or the host rebooted since; a holder in another container of the
-host, whose pids this process cannot see, is left to its lease). The holder renews
-its lease from a thread for as long as it holds the lock, its commit included, and checks right
-before its commit point that the lock is still its own: a run whose lock was taken over (its
-lease ran out while the store did not answer) does not commit.
+The lock is only ever written over the version its writer read (`lock_file`: conditional
+writes on S3, an `flock` of the folder on local disk), so of two runs that start in the same
+instant, or that take over one stale lock together, one gets it; the other is told another run
+took it. A run that dies leaves the lock until its lease runs out (`run.lock_lease_s`), then
+the next run takes it over; a holder sure to be gone is taken over at once (it ran on this same
+host, and its process is gone or its pid now another process's, or the host rebooted since; a
+holder in another container of the host, whose pids this process cannot see, is left to its
+lease). The holder renews its lease from a thread for as long as it holds the lock, its commit
+included, each renewal written over its own last version only, and checks right before its
+commit point that the lock is still its own: a run whose lock was taken over (its lease ran out
+while the store did not answer) does not commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -25,14 +28,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
-from vision_ops.storage import (
-    StorageError,
-    StorageOptions,
-    filesystem,
-    make_folder,
-    replace_file,
-    writing_to,
-)
+from vision_ops.lock_file import Raced, lock_file
+from vision_ops.storage import StorageError, StorageOptions, filesystem, writing_to
 
 LOCK_NAME = "_lock.json"
 LOCK_FIELDS = ("owner", "run_id", "host", "pid", "since", "expires")
@@ -65,6 +62,7 @@ class RunLock:
     storage_options: StorageOptions = field(default_factory=dict)
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     _written_at: float = 0.0  # time.monotonic() of the last write of the lease
+    _version: str | None = None  # the lock object's version this run last wrote
     _lost: str | None = None  # why the lock is no longer this run's, once a renewal found out
     _stop: threading.Event = field(default_factory=threading.Event)
     _renewer: threading.Thread | None = None
@@ -72,21 +70,25 @@ class RunLock:
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
         self.path = f"{root.rstrip('/')}/{LOCK_NAME}"
+        self.file = lock_file(self.fs, self.path)
 
     def acquire(self) -> None:
         with writing_to(self.root_uri):
             self._acquire()
 
     def _acquire(self) -> None:
-        held = self._read()
+        held, version = self._read()
         if held and held["owner"] != self.owner and _now() < _expiry(held) and _alive(held):
             raise LockHeld(
                 f"{self.root_uri} is being written by run {held['run_id']} "
                 f"(host {held['host']}, pid {held['pid']}, since {held['since']}; lease until "
                 f"{held['expires']}): wait for it, or remove {LOCK_NAME} if that run is dead"
             )
-        self._write()
-        if (self._read() or {}).get("owner") != self.owner:
+        # Raced: another run wrote first, or the store answered a retry of this very write
+        with contextlib.suppress(Raced):
+            self._write(over=version)
+        held, self._version = self._read()
+        if (held or {}).get("owner") != self.owner:
             raise LockHeld(f"{self.root_uri}: another run took the lock at the same moment")
 
     def require_held(self) -> None:
@@ -104,22 +106,26 @@ class RunLock:
             )
 
     def renew(self) -> None:
-        """Extend the lease where the lock is still this run's; else note it lost (for
-        `require_held`) and stop renewing."""
+        """Extend the lease, written over this run's own last version of the lock only; where
+        another run wrote the lock since, note it lost (for `require_held`) and stop renewing."""
         with writing_to(self.root_uri):
-            held = self._read()
-            if held is None or held["owner"] != self.owner:
+            try:
+                self._write(over=self._version)
+            except Raced:
+                held, version = self._read()
+                if held is not None and held["owner"] == self.owner:
+                    # the store answered a retry of this very write, which had landed
+                    self._version, self._written_at = version, time.monotonic()
+                    return
                 taker = f"run {held['run_id']} (host {held['host']})" if held else "no run"
                 self._lost = (
                     f"{self.root_uri}: the table's lock was taken over while run {self.run_id} "
                     f"held it ({LOCK_NAME} now names {taker}); this run does not commit"
                 )
-                return
-            self._write()
 
     def release(self) -> None:
         with writing_to(self.root_uri):
-            held = self._read()
+            held, _ = self._read()
             if held and held["owner"] == self.owner:
                 self.fs.rm(self.path)
 
@@ -133,11 +139,11 @@ class RunLock:
             except Exception as err:  # the store's errors are not one type
                 log.warning("run %s: its lock's lease was not renewed: %s", self.run_id, err)
 
-    def _read(self) -> dict[str, str] | None:
-        try:
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
+    def _read(self) -> tuple[dict[str, str] | None, str | None]:
+        """The lock as held now (None: no lock) and the version of the object it was read from."""
+        data, version = self.file.read()
+        if data is None:
+            return None, version
         try:
             held = dict(json.loads(data))
             missing = [name for name in LOCK_FIELDS if name not in held]
@@ -149,9 +155,11 @@ class RunLock:
                 f"{self.root_uri}: its lock {LOCK_NAME} cannot be read ({err}); remove it if "
                 "no run is writing the table"
             ) from None
-        return held
+        return held, version
 
-    def _write(self) -> None:
+    def _write(self, over: str | None) -> None:
+        """Write this run's lock with a fresh lease, over the lock object's version `over`
+        only (None: only where there is none); Raced where the object is at another."""
         now = _now()
         content = {
             "owner": self.owner,
@@ -162,8 +170,7 @@ class RunLock:
             "since": now.isoformat(),
             "expires": (now + dt.timedelta(seconds=self.lease_s)).isoformat(),
         }
-        make_folder(self.fs, self.path.rpartition("/")[0])
-        replace_file(self.fs, self.path, json.dumps(content).encode())
+        self._version = self.file.write(json.dumps(content).encode(), expected=over)
         self._written_at = time.monotonic()
 
     def __enter__(self) -> RunLock:

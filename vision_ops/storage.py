@@ -117,9 +117,12 @@ def make_folder(fs: AbstractFileSystem, path: str) -> None:
 
 def is_local(fs: AbstractFileSystem) -> bool:
     """True for the local disk (real folders, rename), False for object stores and memory."""
-    return bool(
-        set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & {"file", "local"}
-    )
+    return bool(protocols(fs) & {"file", "local"})
+
+
+def protocols(fs: AbstractFileSystem) -> set[str]:
+    """The names a filesystem answers to (fsspec gives one, or a tuple)."""
+    return set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:

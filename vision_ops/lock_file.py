@@ -1,0 +1,147 @@
+"""The run lock's one object, written only over the version last read (compare-and-swap).
+
+`read()` gives the object's bytes and a tag naming that version (None where there is no
+object); `write(data, expected)` replaces the object only while it is still at `expected`
+(None: only where no object exists) and raises `Raced` where another writer came first.
+
+How the swap is made atomic depends on the store:
+- S3 and S3-compatible stores: conditional writes (`If-None-Match: *` to create, `If-Match:
+  <ETag>` to replace), so of two runs that read the same version only one writes over it.
+  AWS S3 has them since 2024; a store that ignores the headers falls back to the run lock's
+  read-back of its owner.
+- Local disk: the compare and the write are made under an exclusive `flock` of the table's
+  folder, so processes of this host take turns (a file system without `flock` goes unguarded).
+- Other stores (GCS, Azure, memory): compare, then write (two writers in the same instant
+  could both pass); the run lock's read-back of its owner finds most such races.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+from fsspec import AbstractFileSystem
+
+from vision_ops.storage import is_local, make_folder, protocols, replace_file
+
+# What S3 answers a conditional write whose condition failed: 412, or 409 where two
+# conditional writes to one key raced.
+S3_RACED_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+
+
+class Raced(RuntimeError):
+    """The object was no longer at the version the writer read: another writer came first."""
+
+
+class LockFile(Protocol):
+    def read(self) -> tuple[bytes | None, str | None]: ...
+
+    def write(self, data: bytes, expected: str | None) -> str: ...
+
+
+def lock_file(fs: AbstractFileSystem, path: str) -> LockFile:
+    """The store's kind of lock object at `path`."""
+    if "s3" in protocols(fs):
+        return S3LockFile(fs, path)
+    if is_local(fs):
+        return LocalLockFile(fs, path)
+    return ComparedLockFile(fs, path)
+
+
+class ComparedLockFile:
+    """Compare, then write: no atomic swap on this store (see the module's docstring)."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+
+    def read(self) -> tuple[bytes | None, str | None]:
+        try:
+            data = bytes(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None, None
+        return data, _digest(data)
+
+    def write(self, data: bytes, expected: str | None) -> str:
+        with self._turn():
+            if self.read()[1] != expected:
+                raise Raced(self.path)
+            make_folder(self.fs, self.folder)
+            replace_file(self.fs, self.path, data)
+        return _digest(data)
+
+    @property
+    def folder(self) -> str:
+        return self.path.rpartition("/")[0]
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        yield
+
+
+class LocalLockFile(ComparedLockFile):
+    """Compare, then write, under an exclusive `flock` of the folder: atomic on this host."""
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        make_folder(self.fs, self.folder)
+        descriptor = os.open(self.folder, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):  # no flock on this file system: unguarded
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing the folder's descriptor ends the flock
+
+
+class S3LockFile:
+    """Conditional writes: the store itself refuses a write over a version not read."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.bucket, _, self.key = path.partition("/")
+
+    def read(self) -> tuple[bytes | None, str | None]:
+        """The object's bytes and its ETag, from one GET (a HEAD and a GET could name two
+        versions)."""
+        from fsspec.asyn import sync
+
+        async def get() -> tuple[bytes, str]:
+            answer = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            try:
+                return await answer["Body"].read(), str(answer["ETag"])
+            finally:
+                answer["Body"].close()
+
+        try:
+            return sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None, None
+
+    def write(self, data: bytes, expected: str | None) -> str:
+        condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+        try:
+            answer = self.fs.call_s3(
+                "put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition
+            )
+        except OSError as err:
+            if _s3_code(err) in S3_RACED_CODES:
+                raise Raced(self.path) from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path)
+        return str(answer["ETag"])
+
+
+def _s3_code(err: BaseException) -> str | None:
+    """The S3 error code behind s3fs's OSError (it keeps botocore's error as the cause)."""
+    cause = err.__cause__
+    response = getattr(cause, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
