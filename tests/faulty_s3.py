@@ -11,7 +11,9 @@ bucket apart (so reads of the inputs and writes of the output each get their sha
 * `drop_response_every`: the request goes upstream and is carried out, then the connection is
   reset instead of relaying the response (the client cannot tell it succeeded);
 
-and answers 403 AccessDenied to every request `deny` selects (a permanent error). `requests`
+and answers 403 AccessDenied to every request `deny` selects (a permanent error), and, with
+`conditional_writes=False`, 501 NotImplemented to every write with an `If-Match` or
+`If-None-Match` header (a store without conditional writes). `requests`
 and `faults` count what it saw and did, so a test can check that faults really happened.
 """
 
@@ -88,6 +90,7 @@ class FaultyS3:
         drop_response_every: int = 0,
         faulty: Callable[[S3Request], bool] | None = None,
         deny: Callable[[S3Request], bool] | None = None,
+        conditional_writes: bool = True,
     ) -> None:
         upstream = urlsplit(upstream_url)
         if upstream.scheme != "http" or not upstream.hostname:
@@ -98,6 +101,7 @@ class FaultyS3:
         self.drop_response_every = drop_response_every
         self.faulty = faulty or (lambda _: True)
         self.deny = deny or (lambda _: False)
+        self.conditional_writes = conditional_writes
         self.requests: Counter[str] = Counter()  # by method, every request received
         self.faults: Counter[tuple[str, str]] = Counter()  # by (fault, method)
         self.log: list[tuple[str, str, str]] = []  # (method, path, outcome) in arrival order
@@ -221,6 +225,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         outcome = self.owner.decide(request)
         if outcome == DENIED:
             self._answer_error(403, "AccessDenied", "Access Denied", request)
+        elif self._unsupported_condition(request):
+            outcome = "not_implemented"
+            self._answer_error(
+                501,
+                "NotImplemented",
+                "A header you provided implies functionality that is not implemented",
+                request,
+            )
         elif outcome == SLOWDOWN:
             self._answer_error(503, "SlowDown", "Please reduce your request rate.", request)
         elif outcome == RESET:
@@ -232,6 +244,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             else:
                 self._relay(status, reason, headers, content)
         self.owner.record(self.command, self.path, outcome or "forwarded")
+
+    def _unsupported_condition(self, request: S3Request) -> bool:
+        conditions = {"if-match", "if-none-match"} & {name.lower() for name in self.headers}
+        return request.is_write and bool(conditions) and not self.owner.conditional_writes
 
     def _read_body(self) -> bytes:
         """The request body as sent: Content-Length bytes, or the chunked framing unchanged."""

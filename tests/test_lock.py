@@ -236,3 +236,32 @@ def _outcome(lock: LockFile, data: bytes) -> str:
     except Raced:
         return "raced"
     return "written"
+
+
+def test_a_store_without_conditional_writes_gets_compare_then_write(seaweed, caplog) -> None:  # type: ignore[no-untyped-def]
+    """An S3 store that answers conditional writes 501 NotImplemented: the lock is compared,
+    then written (with a warning once per run), and still refuses a version since replaced."""
+    from faulty_s3 import FaultyS3
+
+    uri = f"s3://out/locks-{uuid.uuid4().hex[:8]}"
+    with FaultyS3(seaweed.endpoint_url, conditional_writes=False) as proxy:
+        options = {"s3": proxy.storage_options()}
+        warnings = caplog.at_level(logging.WARNING, logger="vision_ops.lock_file")
+        with warnings, RunLock(uri, "r1", 600, options) as lock:
+            lock.renew()
+            lock.require_held()
+            assert lock._read()[0]["owner"] == lock.owner  # type: ignore[index]
+            other = RunLock(uri, "r2", 600, options)
+            with pytest.raises(LockHeld, match="is being written by run r1"):
+                other.acquire()
+        assert caplog.text.count("the store has no conditional writes (NotImplemented)") == 1
+        assert ("PUT", f"/{uri.removeprefix('s3://')}/{LOCK_NAME}", "not_implemented") in proxy.log
+        fs, root = filesystem(uri, options)
+        assert lock_file(fs, f"{root}/{LOCK_NAME}").read() == (None, None)  # released
+        mine, theirs = (lock_file(fs, f"{root}/{LOCK_NAME}") for _ in range(2))
+        first = theirs.write(b"theirs", expected=None)
+        with pytest.raises(Raced):
+            mine.write(b"mine", expected=None)
+        with pytest.raises(Raced):
+            mine.write(b"mine", expected='"not-the-version-there"')
+        assert mine.write(b"mine", expected=first) != first

@@ -7,8 +7,8 @@ object); `write(data, expected)` replaces the object only while it is still at `
 How the swap is made atomic depends on the store:
 - S3 and S3-compatible stores: conditional writes (`If-None-Match: *` to create, `If-Match:
   <ETag>` to replace), so of two runs that read the same version only one writes over it.
-  AWS S3 has them since 2024; a store that ignores the headers falls back to the run lock's
-  read-back of its owner.
+  AWS S3 has them since 2024; a store that answers them `NotImplemented` gets compare-then-write
+  (with a warning), and one that ignores them leaves the run lock's read-back of its owner.
 - Local disk: the compare and the write are made under an exclusive `flock` of the table's
   folder, so processes of this host take turns (a file system without `flock` goes unguarded).
 - Other stores (GCS, Azure, memory): compare, then write (two writers in the same instant
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Protocol
@@ -31,10 +32,18 @@ from vision_ops.storage import is_local, make_folder, protocols, replace_file
 # What S3 answers a conditional write whose condition failed: 412, or 409 where two
 # conditional writes to one key raced.
 S3_RACED_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# What a store without conditional writes answers them (501).
+S3_UNSUPPORTED_CODES = frozenset({"NotImplemented"})
+
+log = logging.getLogger(__name__)
 
 
 class Raced(RuntimeError):
     """The object was no longer at the version the writer read: another writer came first."""
+
+
+class NoConditionalWrites(RuntimeError):
+    """The store refused a conditional write's headers: it has no conditional writes."""
 
 
 class LockFile(Protocol):
@@ -98,11 +107,13 @@ class LocalLockFile(ComparedLockFile):
 
 
 class S3LockFile:
-    """Conditional writes: the store itself refuses a write over a version not read."""
+    """Conditional writes: the store itself refuses a write over a version not read. A store
+    that answers them `NotImplemented` gets compare-then-write, with a warning."""
 
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
         self.fs, self.path = fs, path
         self.bucket, _, self.key = path.partition("/")
+        self.conditional = True  # until the store says it has no conditional writes
 
     def read(self) -> tuple[bytes | None, str | None]:
         """The object's bytes and its ETag, from one GET (a HEAD and a GET could name two
@@ -122,14 +133,33 @@ class S3LockFile:
             return None, None
 
     def write(self, data: bytes, expected: str | None) -> str:
-        condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+        if self.conditional:
+            try:
+                return self._put(data, {"IfMatch": expected} if expected else {"IfNoneMatch": "*"})
+            except NoConditionalWrites as err:
+                log.warning(
+                    "%s: the store has no conditional writes (%s); the run lock is compared, "
+                    "then written, so two runs starting in the same instant could both take it",
+                    self.path,
+                    err,
+                )
+                self.conditional = False
+        if self.read()[1] != expected:
+            raise Raced(self.path)
+        return self._put(data, {})
+
+    def _put(self, data: bytes, condition: dict[str, str]) -> str:
+        """PUT the object under `condition`; its new ETag."""
         try:
             answer = self.fs.call_s3(
                 "put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition
             )
         except OSError as err:
-            if _s3_code(err) in S3_RACED_CODES:
+            code = _s3_code(err)
+            if code in S3_RACED_CODES:
                 raise Raced(self.path) from None
+            if condition and code in S3_UNSUPPORTED_CODES:
+                raise NoConditionalWrites(code) from None
             raise
         finally:
             self.fs.invalidate_cache(self.path)
