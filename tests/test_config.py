@@ -64,6 +64,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "manifest": None,
         "extensions": sorted(DEFAULT_EXTENSIONS),
         "max_pixels": 178_956_970,
+        "max_file_mb": 2048,
         "dicom": None,
         "tiling": None,
     }

@@ -22,6 +22,8 @@ from vision_ops.reader import UnitReader
 from vision_ops.schema import item_id
 
 MAX_PIXELS = 178_956_970
+MAX_FILE_MB = 1  # the photos are smaller; OVERSIZED (incompressible noise) is larger
+OVERSIZED = "noise-1.5MB.png"
 CORPUS = corpus()
 LITE0 = {
     "kind": "entrypoint",
@@ -49,12 +51,18 @@ def write_corpus(folder: Path, photo_paths: list[Path]) -> None:
         (folder / name).write_bytes(data)
     for photo in photo_paths[:2]:
         (folder / photo.name).write_bytes(photo.read_bytes())
+    noise = np.random.default_rng(0).integers(0, 256, (720, 720, 3), dtype=np.uint8)
+    (folder / OVERSIZED).write_bytes(encode(noise, "PNG"))  # over MAX_FILE_MB: never read
 
 
 def classify(folder: Path, output: Path):  # type: ignore[no-untyped-def]
     spec = parse_spec(
         {
-            "input": {"uris": [str(folder)], "extensions": [*DEFAULT_EXTENSIONS, ".dcm"]},
+            "input": {
+                "uris": [str(folder)],
+                "extensions": [*DEFAULT_EXTENSIONS, ".dcm"],
+                "max_file_mb": MAX_FILE_MB,
+            },
             "task": {"kind": "classification", "top_k": 3},
             "model": LITE0,
             "runtime": {"batch_size": 32, "read_batch_size": 32, "max_actors": 1},
@@ -74,7 +82,14 @@ def test_corpus_in_one_batch_leaves_good_predictions_intact(ray_local, tmp_path,
         (tmp_path / "clean" / photo.name).write_bytes(photo.read_bytes())
     mixed = classify(tmp_path / "mixed", tmp_path / "out-mixed")
     clean = classify(tmp_path / "clean", tmp_path / "out-clean")
-    assert len(mixed) == len(CORPUS) + 2
+    assert len(mixed) == len(CORPUS) + 3
+    oversized = mixed.pop(OVERSIZED)
+    size = (tmp_path / "mixed" / OVERSIZED).stat().st_size
+    assert size > MAX_FILE_MB * 2**20 and oversized["source_size"] == size
+    assert (oversized["status"], oversized["error_type"]) == ("error", "FileTooLarge")
+    assert oversized["error_message"] == (
+        f"{size:,} bytes, over input.max_file_mb=1 (1,048,576 bytes): not read"
+    )
     for name, (_, expected) in CORPUS.items():
         row = mixed[name]
         if isinstance(expected, str):

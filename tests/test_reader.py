@@ -60,6 +60,33 @@ def test_read_units_refuses_images_over_the_pixel_limit(memfs) -> None:
     assert "100x100 pixels exceeds the limit of 9999" in out["error_message"][0]
 
 
+def test_a_file_listed_over_the_byte_cap_is_an_error_row_never_fetched(memfs, monkeypatch) -> None:
+    image = np.zeros((50, 70, 3), dtype=np.uint8)
+    memfs.pipe({"/in/small.png": png(image), "/in/huge.jpg": b"x" * 2000})
+    fetched: list[object] = []
+    real_cat = type(memfs).cat
+    monkeypatch.setattr(
+        type(memfs),
+        "cat",
+        lambda fs, paths, **kw: fetched.append(paths) or real_cat(fs, paths, **kw),
+    )
+    batch = {
+        "source_uri": np.array(["memory:///in/small.png", "memory:///in/huge.jpg"]),
+        "source_etag": np.array(["e", "f"], dtype=object),
+        "source_size": np.array([memfs.size("/in/small.png"), 2**20 + 1]),  # as listed
+    }
+    out = read_units(
+        batch, preprocessing=PREP, max_pixels=10_000, storage_options={}, max_file_bytes=2**20
+    )
+    assert list(out["status"]) == ["ok", "error"]
+    assert out["error_type"][1] == "FileTooLarge"
+    assert out["error_message"][1] == (
+        "1,048,577 bytes, over input.max_file_mb=1 (1,048,576 bytes): not read"
+    )
+    assert fetched == [["/in/small.png"]]  # the oversized file: not a byte read
+    np.testing.assert_array_equal(out["image"][0], resize_and_crop(image, PREP))
+
+
 def test_fetch_all_returns_bytes_or_the_exception(memfs, tmp_path) -> None:
     memfs.pipe("/x/one", b"1")
     (tmp_path / "two").write_bytes(b"2")

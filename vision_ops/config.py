@@ -298,6 +298,14 @@ class InputSpec(StrictModel):
         "(decompression-bomb guard).",
     )
 
+    max_file_mb: int = Field(
+        default=2048,
+        gt=0,
+        description="Largest file read whole, in MiB (by the size the listing found); larger "
+        "ones become error rows (`FileTooLarge`) without a byte downloaded. The default passes "
+        "any image under `max_pixels`, uncompressed; tiled scenes are read by window, uncapped.",
+    )
+
     dicom: DicomSpec | None = Field(
         default=None,
         description="Read DICOM instances: windowing and the tags written as columns. Set it "

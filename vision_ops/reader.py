@@ -59,9 +59,11 @@ def read_units(
     dicom: DicomSpec | None = None,
     tiling: TilingSpec | None = None,
     decode_on_device: bool = False,
+    max_file_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One listing batch -> one row per unit (an image, or each frame of a DICOM instance) with
     image, size, frame, status and error columns, and the DICOM columns when `dicom` is set.
+    A file the listing found larger than `max_file_bytes` is an error row, never fetched.
 
     With `preprocessing` each image is resized and cropped for the model; without, it keeps its
     source size (detectors take any size and resize on the device). With `decode_on_device`
@@ -70,15 +72,17 @@ def read_units(
     started = time.perf_counter()
     uris = [str(uri) for uri in batch["source_uri"]]
     reading = UnitReader(preprocessing, max_pixels, dicom, decode_on_device)
+    batch = dict(batch)
+    _fill_missing_identity(batch, uris, storage_options)  # once per source, not per unit
     if tiling is not None:
         per_source = read_tile_units(batch, tiling, reading, storage_options)
     else:
-        payloads = fetch_all(uris, storage_options)
+        too_large = _too_large(uris, batch["source_size"], max_file_bytes)
+        fetched = fetch_all([uri for uri in uris if uri not in too_large], storage_options)
+        payloads = fetched | too_large
         per_source = [reading.units(uri, payloads[uri]) for uri in uris]
     rows = [row for units in per_source for row in units]
     source_of = np.array([i for i, units in enumerate(per_source) for _ in units], dtype=np.int64)
-    batch = dict(batch)
-    _fill_missing_identity(batch, uris, storage_options)  # once per source, not per unit
     out = {name: np.asarray(values)[source_of] for name, values in batch.items()}
     out_uris = [uris[i] for i in source_of]
     out["item_id"] = np.array(
@@ -130,6 +134,26 @@ def _tile_of(out: dict[str, np.ndarray], index: int) -> tuple[int, int] | None:
     if "tile_x" not in out or _is_null(out["tile_x"][index]):
         return None
     return int(out["tile_x"][index]), int(out["tile_y"][index])
+
+
+class FileTooLarge(Exception):
+    """The file is larger than the job reads whole (`input.max_file_mb`)."""
+
+
+def _too_large(
+    uris: list[str], sizes: np.ndarray, max_file_bytes: int | None
+) -> dict[str, BaseException]:
+    """FileTooLarge for each URI whose listed size passes `max_file_bytes` (None: no cap)."""
+    if max_file_bytes is None:
+        return {}
+    return {
+        uri: FileTooLarge(
+            f"{int(size):,} bytes, over input.max_file_mb={max_file_bytes // 2**20} "
+            f"({max_file_bytes:,} bytes): not read"
+        )
+        for uri, size in zip(uris, sizes, strict=True)
+        if not _is_null(size) and int(size) > max_file_bytes
+    }
 
 
 def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | BaseException]:

@@ -289,6 +289,7 @@ def build_dataset(
         read_units,
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
         max_pixels=spec.input.max_pixels,
+        max_file_bytes=spec.input.max_file_mb * 2**20,
         storage_options=spec.storage_options,
         dicom=spec.input.dicom,
         tiling=spec.input.tiling,
