@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK
-from vision_ops.sink import ParquetSink
+from vision_ops.sink import CommitRefused, ParquetSink
 
 DATE = dt.date(2026, 11, 24)
 
@@ -73,6 +73,22 @@ def test_rerun_replaces_only_its_own_run(tmp_path: Path) -> None:
         f"other-{other.attempt}-part-00000.parquet",
         f"r-{second.attempt}-part-00000.parquet",
     ]
+
+
+def test_a_commit_whose_staged_files_miss_rows_it_wrote_is_refused(tmp_path: Path) -> None:
+    """Each staged footer holds what was written to it, but a file gone from the staging (a
+    staging fault) would leave its rows out: the staged files' sum is checked too."""
+    sink = ParquetSink(str(tmp_path), "r", DATE, PREDICTION_SCHEMA, rows_per_file=4)
+    sink.write(rows(4))
+    sink.parts.flush()
+    sink.write(rows(5, start=4))
+    sink.parts.flush()
+    assert [count for _, count in sink.parts.files] == [4, 4, 1]
+    sink.parts.files.pop()  # lost from the staging
+    with pytest.raises(CommitRefused, match="the staged files hold 8 rows, the run wrote 9"):
+        sink.commit()
+    assert not (tmp_path / "run_date=2026-11-24").exists()
+    assert not (tmp_path / "_manifests").exists()
 
 
 def test_memory_filesystem_round_trip() -> None:

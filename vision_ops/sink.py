@@ -238,8 +238,9 @@ class ParquetSink:
         )
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
-        """Exactly once against the listing, and every staged footer readable."""
-        self.parts.check_footers()
+        """Exactly once against the listing, every staged footer readable and the staged files
+        holding every row written."""
+        self.parts.check_footers(self.written.rows)
         expected = None if listed is None else expected_from(listed)
         self.written.check(expected, self.parts.units, len(masks))
 

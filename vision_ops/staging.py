@@ -134,13 +134,22 @@ class StagedParts:
         """The run index (vision_ops.runindex) of the staged rows, one file's columns at a time."""
         return merged([index_of(self.read(path, ROW_COLUMNS)) for path, _ in self.files])
 
-    def check_footers(self) -> None:
-        """CommitRefused where a staged file's footer does not hold the rows written to it."""
+    def check_footers(self, rows_written: int) -> None:
+        """CommitRefused where a staged file's footer does not hold the rows written to it, or
+        the staged files together do not hold the `rows_written` the run counted (a file
+        missing from the staging would leave its rows out of the commit)."""
+        staged = 0
         for path, rows in self.files:
             with self.fs.open(path, "rb") as handle:
                 found = pq.read_metadata(handle).num_rows
             if found != rows:
                 raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
+            staged += found
+        if staged != rows_written:
+            raise CommitRefused(
+                f"refusing to commit: the staged files hold {staged} rows, the run wrote "
+                f"{rows_written}"
+            )
 
     def units(self, buckets: Collection[int]) -> UnitRows:
         """(item id, source, frame count) of the staged rows whose source is in `buckets`."""
