@@ -423,3 +423,19 @@ def test_max_pixels_is_not_capped_by_pillows_global_limit(monkeypatch: pytest.Mo
     decoded = decode_image(encode(Image.fromarray(source), "PNG"), 400)
     np.testing.assert_array_equal(decoded, source)
     assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_overlapping_decodes_leave_pillows_limit_as_they_found_it() -> None:
+    """Decode threads overlap: each saving and restoring Pillow's global alone left the limit
+    of the decode that ended last behind for good."""
+    from vision_ops.decode import _pixel_limit
+
+    before = Image.MAX_IMAGE_PIXELS
+    first, second = _pixel_limit(10**9), _pixel_limit(400)
+    first.__enter__()
+    second.__enter__()
+    assert Image.MAX_IMAGE_PIXELS == 10**9  # the largest in progress: refuses neither's images
+    first.__exit__(None, None, None)  # the first ends first
+    assert Image.MAX_IMAGE_PIXELS == 400
+    second.__exit__(None, None, None)
+    assert before == Image.MAX_IMAGE_PIXELS

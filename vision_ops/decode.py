@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -55,17 +56,42 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             ) from None
 
 
+class _PixelLimits:
+    """Pillow's own bomb guard (a process-wide setting) raised to the largest `max_pixels` of
+    the decodes in progress, and set back once none is: decode threads overlap, and each
+    saving and restoring the setting alone could leave one's limit behind for good. Ours is
+    checked per image (`_open`), so a higher Pillow limit refuses nothing we allow."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: list[int] = []
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def at_least(self, max_pixels: int) -> Iterator[None]:
+        with self._lock:
+            if not self._active:
+                self._saved = Image.MAX_IMAGE_PIXELS
+            self._active.append(max_pixels)
+            Image.MAX_IMAGE_PIXELS = max(self._active)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active.remove(max_pixels)
+                Image.MAX_IMAGE_PIXELS = max(self._active) if self._active else self._saved
+
+
+_PIXEL_LIMITS = _PixelLimits()
+
+
 @contextlib.contextmanager
 def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's own bomb guard set to `max_pixels`, so that it never refuses what we allow."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    """Pillow's bomb guard no lower than `max_pixels`, so that it never refuses what we allow;
+    its warning (an image between its limit and twice it) is one `_open` refuses anyway."""
+    with _PIXEL_LIMITS.at_least(max_pixels), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
