@@ -5,9 +5,13 @@ manifest refused before any work, and a run from a manifest equal to a listed ru
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import io
+import json
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus, unquote_plus
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +20,7 @@ import pytest
 from PIL import Image
 
 from vision_ops.config import InputSpec, parse_spec
+from vision_ops.inventory import column_name
 from vision_ops.pipeline import listing as listing_module
 from vision_ops.pipeline import run_job
 from vision_ops.pipeline.listing import list_listing
@@ -203,3 +208,126 @@ def test_a_run_from_a_streamed_manifest_equals_a_listed_run(
     assert manifests[0]["units_digest"] == manifests[1]["units_digest"]
     assert {r["status"] for r in rows[0]} == {"ok"}
     assert dt.date.fromisoformat(manifests[0]["run_date"]) == dt.date(2026, 11, 24)
+
+
+INVENTORY_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"
+
+
+def inventory_csv_rows(objects: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """S3 Inventory CSV rows of a versioned bucket (in INVENTORY_SCHEMA's order): an older
+    version of the first object (first: were it read, it would be the one kept), each object's
+    current version, and a deleted key's marker; keys URL-encoded, as S3 Inventory writes them."""
+    first = sorted(objects)[0]
+    bucket, key = first.split("/")[2], first.split("/", 3)[3]
+    modified = objects[first]["LastModified"].isoformat()
+    rows = [[bucket, quote_plus(key), "v1", "false", "false", "9", modified, "0old"]]
+    for uri in sorted(objects):
+        info, encoded = objects[uri], quote_plus(uri.split("/", 3)[3])
+        identity = [str(info["size"]), info["LastModified"].isoformat(), info["ETag"].strip('"')]
+        rows.append([bucket, encoded, "v2", "true", "false", *identity])
+    rows.append([bucket, quote_plus(f"{PREFIX}/gone.png"), "v3", "true", "true", "", modified, ""])
+    return rows
+
+
+def put_report(fs: Any, folder: str, file_format: str, data_files: dict[str, bytes]) -> str:
+    """An S3 Inventory report: its data files and the manifest.json naming them."""
+    for name, data in data_files.items():
+        fs.pipe(f"{folder}/data/{name}", data)
+    manifest = {
+        "sourceBucket": "images",
+        "destinationBucket": "arn:aws:s3:::" + folder.split("/")[0],
+        "version": "2016-11-30",
+        "fileFormat": file_format,
+        "fileSchema": INVENTORY_SCHEMA if file_format == "CSV" else "message s3.inventory {}",
+        "files": [
+            {"key": f"{folder.split('/', 1)[1]}/data/{name}", "size": len(data)}
+            for name, data in data_files.items()
+        ],
+    }
+    fs.pipe(f"{folder}/manifest.json", json.dumps(manifest).encode())
+    return f"s3://{folder}/manifest.json"
+
+
+def test_an_s3_inventory_report_is_read_through_its_manifest_json(
+    ray_local, s3fs_client, s3_options, streamed_objects
+) -> None:
+    """Gzipped CSV data files without a header, their columns named by the manifest.json's
+    fileSchema (so a versioned bucket's older versions and delete markers are left out and each
+    object keeps its size and ETag), or Parquet data files: the listing a prefix gives."""
+    rows = inventory_csv_rows(streamed_objects)
+    text = ["\n".join(",".join(f'"{v}"' for v in row) for row in part) + "\n"
+            for part in (rows[:4], rows[4:])]  # fmt: skip
+    csv_report = put_report(
+        s3fs_client,
+        "out/inventory/images/daily/2026-12-03T01-00Z",
+        "CSV",
+        {f"part{i}.csv.gz": gzip.compress(part.encode()) for i, part in enumerate(text)},
+    )
+    names = [column_name(field) for field in INVENTORY_SCHEMA.split(",")]
+    table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(names)}).set_column(
+        names.index("key"), "key", pa.array([unquote_plus(row[1]) for row in rows])
+    )
+    parquet_report = put_report(
+        s3fs_client,
+        "out/inventory/images/parquet/2026-12-03T01-00Z",
+        "Parquet",
+        {
+            "part0.parquet": parquet_bytes(table.slice(0, 5)),
+            "part1.parquet": parquet_bytes(table.slice(5)),
+        },
+    )
+    from_prefix, _ = listing_of(InputSpec(uris=[f"s3://{PREFIX}/"]), s3_options)
+    assert [row["source_uri"] for row in from_prefix] == sorted(streamed_objects)
+    for report in (csv_report, parquet_report):
+        streamed, listing = listing_of(InputSpec(manifest=report), s3_options)
+        assert streamed == from_prefix, report
+        assert listing.count == 6
+        assert (
+            sorted(read_manifest(report, s3_options), key=lambda r: r["source_uri"]) == from_prefix
+        )
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ({"fileFormat": "ORC"}, "fileFormat 'ORC': expected one of ['CSV', 'Parquet'] (configure"),
+        ({"fileFormat": "CSV", "files": []}, "a CSV report without a fileSchema"),
+        (
+            {"fileFormat": "CSV", "fileSchema": "Key, Size"},
+            "fileSchema 'Key, Size': expected Bucket and Key among its fields",
+        ),
+        (
+            {"fileFormat": "Parquet", "destinationBucket": "out"},
+            "destinationBucket 'out': expected a bucket ARN (arn:aws:s3:::BUCKET)",
+        ),
+        (
+            {"fileFormat": "Parquet", "destinationBucket": "arn:aws:s3:::out", "files": []},
+            "the report lists no data files: no inputs",
+        ),
+        (
+            {
+                "fileFormat": "CSV",
+                "fileSchema": INVENTORY_SCHEMA,
+                "destinationBucket": "arn:aws:s3:::out",
+                "files": [{"key": "inventory/none/data/missing.csv.gz"}],
+            },
+            "its data file s3://out/inventory/none/data/missing.csv.gz: not found",
+        ),
+        ([1, 2], "expected an S3 Inventory manifest.json (a JSON object)"),
+    ],
+)
+def test_an_inventory_manifest_that_cannot_be_read_is_named(
+    s3fs_client, s3_options, manifest: Any, message: str
+) -> None:
+    path = f"out/inventory/bad-{uuid.uuid4().hex[:8]}/manifest.json"
+    s3fs_client.pipe(path, json.dumps(manifest).encode())
+    for read in (read_manifest, lambda uri, options: plan_inputs(InputSpec(manifest=uri), options)):
+        with pytest.raises(SourceError) as err:
+            read(f"s3://{path}", s3_options)
+        assert str(err.value).startswith(f"manifest s3://{path}: {message}")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()

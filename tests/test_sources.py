@@ -460,7 +460,8 @@ def test_manifest_not_found(tmp_path: Path) -> None:
         with pytest.raises(SourceError) as caught:
             read(str(folder))
         assert str(caught.value) == (
-            f"manifest {folder}: a folder; expected a file (a URI a line, CSV or Parquet)"
+            f"manifest {folder}: a folder; expected a file (a URI a line, CSV, Parquet, or an "
+            "S3 Inventory manifest.json)"
         )
 
 

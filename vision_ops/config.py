@@ -283,7 +283,8 @@ class InputSpec(StrictModel):
     manifest: str | None = Field(
         default=None,
         description="A file listing the inputs: text (one URI a line), CSV or Parquet "
-        "(a `uri` column, or `bucket` + `key` columns as in an S3 Inventory report).",
+        "(a `uri` column, or `bucket` + `key` columns as in an S3 Inventory report), or an S3 "
+        "Inventory report's manifest.json (its CSV or Parquet data files are read).",
     )
     extensions: list[str] = Field(
         default=list(DEFAULT_EXTENSIONS),

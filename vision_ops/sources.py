@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -23,6 +24,13 @@ from fsspec.utils import glob_translate
 
 from vision_ops.config import InputSpec
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
+from vision_ops.inventory import (
+    InventoryError,
+    InventoryReport,
+    data_bytes,
+    is_inventory_manifest,
+    read_report,
+)
 from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
@@ -439,16 +447,20 @@ HEADER_COLUMNS = frozenset(
 
 
 def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
-    """Rows of a manifest: text (a URI a line), CSV or Parquet (uri, or S3 Inventory columns)."""
+    """Rows of a manifest: text (a URI a line), CSV or Parquet (uri, or S3 Inventory columns),
+    or an S3 Inventory report's manifest.json (its data files' rows)."""
     try:
-        data = read_bytes(uri, options)
+        if is_inventory_manifest(uri):
+            records = _report_records(read_report(uri, options), options)
+        else:
+            records = _records(read_bytes(uri, options), posixpath.splitext(uri)[1].lower())
     except FileNotFoundError:
         raise SourceError(f"manifest {uri}: not found") from None
     except IsADirectoryError:
         raise _a_folder(uri) from None
-    try:
-        records = _records(data, posixpath.splitext(uri)[1].lower())
-    except (ValueError, csv.Error, pa.ArrowException) as err:
+    except InventoryError as err:
+        raise SourceError(f"manifest {uri}: {err}") from None
+    except (ValueError, csv.Error, pa.ArrowException, OSError) as err:
         raise SourceError(f"manifest {uri}: cannot read: {err}") from None
     return [
         _manifest_row(uri, f"entry {index}", record)
@@ -458,7 +470,39 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
 
 
 def _a_folder(uri: str) -> SourceError:
-    return SourceError(f"manifest {uri}: a folder; expected a file (a URI a line, CSV or Parquet)")
+    return SourceError(
+        f"manifest {uri}: a folder; expected a file (a URI a line, CSV, Parquet, or an S3 "
+        "Inventory manifest.json)"
+    )
+
+
+def _data_file(uri: str, options: StorageOptions | None) -> bytes:
+    try:
+        return read_bytes(uri, options)
+    except FileNotFoundError:
+        raise InventoryError(f"its data file {uri}: not found") from None
+
+
+def _whole_lines(head: bytes) -> bytes:
+    """The first HEAD_BYTES of a text file read HEAD_BYTES + 1 long, cut after a whole line."""
+    return head[: head.rfind(b"\n", 0, HEAD_BYTES) + 1] if len(head) > HEAD_BYTES else head
+
+
+def _report_records(
+    report: InventoryReport, options: StorageOptions | None
+) -> list[dict[str, Any]]:
+    """Every data file's entries, named by the report's schema (CSV) or their own (Parquet)."""
+    records: list[dict[str, Any]] = []
+    for uri in report.files:
+        data = data_bytes(_data_file(uri, options), uri)
+        if report.format == "parquet":
+            records += read_parquet(data).to_pylist()
+            continue
+        for row in csv.reader(io.StringIO(data.decode("utf-8"))):
+            if row:
+                record = dict(zip(report.columns, row, strict=False))
+                records.append(record | {"key": unquote_plus(record["key"])})
+    return records
 
 
 def _is_current(record: dict[str, Any]) -> bool:
@@ -567,6 +611,12 @@ class ManifestRead:
     header: bool  # CSV: the first line names the columns (else an S3 Inventory CSV)
     extensions: tuple[str, ...]
     cwd: str  # relative paths in the manifest are relative to the run's directory
+    files: tuple[str, ...] = ()  # an S3 Inventory report's data files (else the manifest)
+
+    @property
+    def data_uris(self) -> tuple[str, ...]:
+        """The files whose rows are the inputs: the report's data files, or the manifest."""
+        return self.files or (self.uri,)
 
     def csv_arguments(self) -> dict[str, Any]:
         """Arrow CSV options: every column as text, named as checked."""
@@ -597,10 +647,7 @@ class ManifestRead:
         fields = {name.lower(): block[name] for name in block.column_names}
         if self.format == "csv" and not self.header:  # S3 Inventory CSV: URL-encoded keys
             keys = [None if k is None else unquote_plus(k) for k in fields["key"].to_pylist()]
-            return {
-                "bucket": fields["bucket"],
-                "key": pa.chunked_array([pa.array(keys, pa.string())]),
-            }
+            fields["key"] = pa.chunked_array([pa.array(keys, pa.string())])
         return fields
 
     def _columns(self, block: pa.Table) -> pa.Table:
@@ -664,10 +711,12 @@ def check_manifest(
 ) -> ManifestRead:
     """A manifest's format, columns and first rows, checked by reading its footer (Parquet)
     or first bytes (CSV, text): SourceError now, naming what was expected and found."""
-    fs, path = filesystem(uri, options)
-    extension = posixpath.splitext(uri)[1].lower()
     base = {"uri": uri, "extensions": tuple(extensions), "cwd": os.getcwd()}
     try:
+        if is_inventory_manifest(uri):
+            return _check_report(read_report(uri, options), base, options)
+        fs, path = filesystem(uri, options)
+        extension = posixpath.splitext(uri)[1].lower()
         with fs.open(path, "rb") as handle:
             if extension == ".parquet":
                 return _check_parquet(pq.ParquetFile(handle), base)
@@ -676,10 +725,35 @@ def check_manifest(
         raise SourceError(f"manifest {uri}: not found") from None
     except IsADirectoryError:
         raise _a_folder(uri) from None
+    except InventoryError as err:
+        raise SourceError(f"manifest {uri}: {err}") from None
     except SourceError:
         raise
-    except (ValueError, csv.Error, pa.ArrowException) as err:
+    except (ValueError, csv.Error, pa.ArrowException, OSError) as err:
         raise SourceError(f"manifest {uri}: cannot read: {err}") from None
+
+
+def _check_report(
+    report: InventoryReport, base: dict[str, Any], options: StorageOptions | None
+) -> ManifestRead:
+    """An S3 Inventory report: its first data file's first rows, read as its schema names them."""
+    first = report.files[0]
+    fs, path = filesystem(first, options)
+    try:
+        with fs.open(path, "rb", compression="infer") as handle:
+            if report.format == "parquet":
+                checked = _check_parquet(pq.ParquetFile(handle), base)
+                return dataclasses.replace(checked, files=report.files)
+            head = _whole_lines(handle.read(HEAD_BYTES + 1))
+    except FileNotFoundError:
+        raise InventoryError(f"its data file {first}: not found") from None
+    for index, row in enumerate(list(csv.reader(io.StringIO(head.decode("utf-8"))))[:FIRST_ROWS]):
+        record = dict(zip(report.columns, row, strict=False))
+        record["key"] = unquote_plus(record.get("key") or "")
+        _manifest_row(base["uri"], f"entry {index} of {first}", record, base["cwd"])
+    return ManifestRead(
+        format="csv", columns=report.columns, header=False, files=report.files, **base
+    )
 
 
 def _check_parquet(parquet: pq.ParquetFile, base: dict[str, Any]) -> ManifestRead:
@@ -697,8 +771,7 @@ def _check_parquet(parquet: pq.ParquetFile, base: dict[str, Any]) -> ManifestRea
 
 def _check_text(head: bytes, extension: str, base: dict[str, Any]) -> ManifestRead:
     """The first lines (up to HEAD_BYTES) as `read_manifest` would read them."""
-    if len(head) > HEAD_BYTES:
-        head = head[: head.rfind(b"\n", 0, HEAD_BYTES) + 1]
+    head = _whole_lines(head)
     records = _records(head, extension)[:FIRST_ROWS]
     for index, record in enumerate(records):
         _manifest_row(base["uri"], f"entry {index}", record, base["cwd"])

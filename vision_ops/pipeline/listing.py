@@ -108,9 +108,11 @@ def _listing_parts(inputs: InputPlan, options: StorageOptions) -> list[ray.data.
 
 
 def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.data.Dataset:
-    """The manifest read by Ray Data's reader for its format, as listing rows, materialized
-    (an unreadable entry fails here, before any work)."""
-    fs, path = arrow_filesystem(manifest.uri, options)
+    """The manifest (or the data files of the S3 Inventory report it names) read by Ray Data's
+    reader for its format, as listing rows, materialized (an unreadable entry fails here,
+    before any work)."""
+    fs, _ = arrow_filesystem(manifest.data_uris[0], options)
+    path = [arrow_filesystem(uri, options)[1] for uri in manifest.data_uris]
     where: dict[str, Any] = {"filesystem": fs, "file_extensions": None}
     if manifest.format == "parquet":
         rows = ray.data.read_parquet(path, partitioning=None, **where)
