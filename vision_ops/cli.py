@@ -360,14 +360,20 @@ def _query_format(args: argparse.Namespace) -> str:
         fmt = args.format or "table"
         if fmt in ("table", *EXPORT_FORMATS):
             return str(fmt)
-        raise ValueError(f"--format: expected table, csv, json or parquet, found {fmt!r}")
+        raise ValueError(f"--format: expected {_either(['table', *EXPORT_FORMATS])}, found {fmt!r}")
     fmt = args.format or os.path.splitext(args.out)[1].lstrip(".").lower()
     if fmt in EXPORT_FORMATS:
         return str(fmt)
+    endings = _either([f".{name}" for name in EXPORT_FORMATS])
     raise ValueError(
-        f"--out {args.out}: expected --format csv, json or parquet, or a file name ending "
-        ".csv, .json or .parquet"
+        f"--out {args.out}: expected --format {_either(list(EXPORT_FORMATS))}, or a file name "
+        f"ending {endings}"
     )
+
+
+def _either(names: list[str]) -> str:
+    """`a, b or c`."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _query_conflict(args: argparse.Namespace) -> str | None:
