@@ -249,6 +249,35 @@ def test_models_of_other_sizes_are_searched_apart(tmp_path):
     assert len(duplicates(connection, -1.0).fetchall()) == 2 * 10
 
 
+def test_a_unit_embedded_by_several_runs_is_searched_by_its_latest_runs_vector(tmp_path):
+    """`night-10` (2026-12-02) is later than `night-9` (2026-12-01), though its run id sorts
+    first: the unit's vector is night-10's."""
+    vectors = unit_vectors(4, 8, seed=3)
+    schema = declared_schema("embedding", sized_fields(8))
+    uris = [f"s3://b/{i}.png" for i in range(3)]
+    old = np.stack([vectors[0], vectors[1], vectors[2]])  # night-9: unit 0 near nothing special
+    new = np.stack([vectors[3], vectors[1], vectors[2]])  # night-10: unit 0 is vector 3
+    new[1] = vectors[3] + 0.01  # night-10: unit 1 a near-copy of unit 0's new vector
+    new[1] /= np.linalg.norm(new[1])
+    for run_id, found in (("night-9", old), ("night-10", new)):
+        table = embedding_table(batch_of(found, ["ok"] * 3, uris), run_id, schema=schema)
+        pq.write_table(table, tmp_path / f"{run_id}.parquet")
+    connection = duckdb.connect()
+    dates = {"night-9": "2026-12-01", "night-10": "2026-12-02"}
+    connection.execute(
+        "CREATE VIEW predictions AS "
+        + " UNION ALL ".join(
+            f"SELECT *, DATE '{date}' AS run_date FROM read_parquet('{tmp_path}/{run_id}.parquet')"
+            for run_id, date in dates.items()
+        )
+    )
+    load_vectors(connection)
+    latest = connection.execute("SELECT DISTINCT run_id FROM vectors").fetchall()
+    assert latest == [("night-10",)]
+    rows = similar(connection, ["s3://b/0.png"], k=1).fetchall()
+    assert rows[0][3] == "s3://b/1.png" and rows[0][2] > 0.99
+
+
 def test_an_item_id_names_the_query_unit_too(table_of_vectors):
     connection, _ = table_of_vectors
     rows = similar(connection, [item_id("s3://b/3.png")], k=1).fetchall()

@@ -89,17 +89,20 @@ def embedding_table(
 # --- SQL over the `predictions` view (vision_ops.query.register_views) -------------------------
 
 
-def vectors_sql(source: str = "predictions") -> str:
-    """Each unit's latest ok vector per model (a unit embedded by several runs counts once).
+def vectors_sql(source: str = "predictions", dated: bool = True) -> str:
+    """Each unit's latest ok vector per model (a unit embedded by several runs counts once):
+    the latest run is the one of the latest `run_date`, then the greatest run id (`night-10`
+    after `night-9` by date; a view without `run_date`, `dated=False`, orders by run id alone).
     DuckDB reads Parquet's fixed-size lists as lists (FLOAT[]); each model's vectors are cast
     to FLOAT[D] when searched (`candidates`): a table may hold runs of models of other sizes."""
+    latest = "run_date DESC, run_id DESC" if dated else "run_id DESC"
     return f"""
         SELECT item_id, source_uri, frame_index, tile_x, tile_y, run_id, model_name,
                model_weights_sha256, embedding
         FROM {source}
         WHERE status = 'ok'
         QUALIFY row_number() OVER (
-            PARTITION BY item_id, model_weights_sha256 ORDER BY run_id DESC) = 1
+            PARTITION BY item_id, model_weights_sha256 ORDER BY {latest}) = 1
     """
 
 
@@ -112,7 +115,8 @@ def load_vectors(connection: Any, source: str = "predictions") -> None:
             f"expected an embedding table (task.kind {TASK}, an `{EMBEDDING_COLUMN}` column), "
             f"found columns {', '.join(sorted(columns))}"
         )
-    connection.execute(f"CREATE OR REPLACE TEMP TABLE vectors AS {vectors_sql(source)}")
+    vectors = vectors_sql(source, dated="run_date" in columns)
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE vectors AS {vectors}")
     found = connection.execute("SELECT count(*) FROM vectors").fetchone()
     if not found or found[0] == 0:
         raise ValueError("the table has no ok embedding rows to compare")
