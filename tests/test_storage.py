@@ -1,6 +1,6 @@
-"""Reading Parquet through `vision_ops.storage`: a process that reads a table and exits at
-once exits with its own code (pyarrow's `read_table` on a file object left work running that
-aborted such a process at exit, apache/arrow#33975)."""
+"""`vision_ops.storage`: a process that reads a table and exits at once exits with its own code
+(pyarrow's `read_table` on a file object left work running that aborted such a process at exit,
+apache/arrow#33975); a URL's user and password found wherever they hide."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from vision_ops.storage import read_parquet
+from vision_ops.storage import read_parquet, userinfo, without_userinfo
 
 READ_AND_EXIT = """
 import sys
@@ -49,3 +50,22 @@ def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) ->
             timeout=120,
         )
         assert (source, probe.returncode, probe.stderr) == (source, 3, "")
+
+
+@pytest.mark.parametrize(
+    ("url", "found", "without"),
+    [
+        ("http://user:pw@head:8265", "user:pw", "http://head:8265"),
+        ("https://u:p/ss@host/path?q=a@b", "u:p/ss", "https://host/path?q=a@b"),  # / in a password
+        ("http://u:p@ss@host", "u:p@ss", "http://host"),  # the last @ before the host
+        ("http://host:9000/a@b", "host:9000/a", "http://b"),  # any @ before the query counts
+        ("http://host:9000/path?user=a@b", None, "http://host:9000/path?user=a@b"),
+        ("s3://bucket/key", None, "s3://bucket/key"),
+        ("not a url @ all", None, "not a url @ all"),
+    ],
+)
+def test_a_urls_user_and_password_are_found_wherever_they_hide(
+    url: str, found: str | None, without: str
+) -> None:
+    assert userinfo(url) == found
+    assert without_userinfo(url) == without

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -28,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
-from vision_ops.storage import known_protocol
+from vision_ops.storage import known_protocol, userinfo
 
 if TYPE_CHECKING:  # the registry imports this module's TaskSettings
     from vision_ops.tasks import Task
@@ -37,8 +36,6 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", 
 # A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-# A URL with a user or password in it (refused in storage options, like the names below).
-URL_WITH_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://[^@?#]*@")
 # Option names that carry credentials: refused in a spec, which is copied into logs and job records.
 CREDENTIAL_KEYS = frozenset(
     {
@@ -780,7 +777,7 @@ class OutputSpec(StrictModel):
                     "the catalog and its storage use the standard AWS/GCP/Azure chains "
                     "(environment, profile, instance role)"
                 )
-            if "@" in urlsplit(setting).netloc:
+            if _has_userinfo(setting):
                 raise ValueError(
                     f"catalog.{name}: a URI with a user or password in it; credentials never "
                     "go in the spec"
@@ -1178,4 +1175,4 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 def _has_userinfo(value: Any) -> bool:
     """A URL such as http://user:password@host/: its credentials would reach logs and errors.
     Any @ before the query counts (a password with an unescaped / ends the host early)."""
-    return isinstance(value, str) and URL_WITH_USERINFO.match(value) is not None
+    return isinstance(value, str) and userinfo(value) is not None

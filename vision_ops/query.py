@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from vision_ops.errors import VisionOpsError
 from vision_ops.outputs import Target, committed_run, describe, sql_source, sql_string
 from vision_ops.schema import PARTITION_COLUMN
-from vision_ops.storage import StorageOptions
+from vision_ops.storage import StorageOptions, without_userinfo
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
 
@@ -224,9 +224,8 @@ def _s3_secret_sql(s3: dict[str, Any]) -> str:
         options.append(f"REGION {sql_string(region)}")
     endpoint = _endpoint(s3)
     if endpoint:
-        url = urlparse(endpoint)
-        host = url.netloc.rpartition("@")[2]  # never a user or password an endpoint held
-        options += [f"ENDPOINT {sql_string(host)}", "URL_STYLE 'path'"]
+        url = urlparse(without_userinfo(endpoint))  # never a user or password it held
+        options += [f"ENDPOINT {sql_string(url.netloc)}", "URL_STYLE 'path'"]
         options += [f"USE_SSL {str(url.scheme == 'https').lower()}"]
     return f"CREATE OR REPLACE SECRET vision_ops_s3 ({', '.join(options)})"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -40,6 +41,24 @@ def writing_to(uri: str) -> Iterator[None]:
         ) from None
     except OSError as err:
         raise StorageError(f"cannot write {uri}: {type(err).__name__}: {err}") from None
+
+
+# A URL's user and password: from `scheme://` to the last @ before its query or fragment (a
+# password with an unescaped / ends the host early for urlsplit, not here).
+_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://([^?#]*)@")
+
+
+def userinfo(url: str) -> str | None:
+    """The user (and password) a URL holds, `user:pw` of http://user:pw@host/; None where it
+    holds none. They must not reach a spec, a log or an error."""
+    found = _USERINFO.match(url)
+    return found.group(1) if found else None
+
+
+def without_userinfo(url: str) -> str:
+    """`url` with its user and password, if any, left out."""
+    found = userinfo(url)
+    return url.replace(f"{found}@", "", 1) if found else url
 
 
 def protocol_of(uri: str) -> str:

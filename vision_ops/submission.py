@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 import vision_ops
 from vision_ops.config import JobSpec
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
+from vision_ops.storage import userinfo
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
 PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
@@ -45,8 +45,8 @@ class Submitted:
 def masked(text: str, address: str | None) -> str:
     """`text` with the user and password of `address` (http://user:password@head:8265), if it
     has them, masked: they must not reach a terminal or a log."""
-    userinfo = urlsplit(address or "").netloc.rpartition("@")[0]
-    return text.replace(f"{userinfo}@", "***@") if userinfo else text
+    found = userinfo(address or "")
+    return text.replace(f"{found}@", "***@") if found else text
 
 
 def client(address: str | None) -> Any:
