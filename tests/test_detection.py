@@ -386,7 +386,9 @@ def test_a_detectors_labels_without_the_background_are_refused(spread_detector, 
 def test_an_image_the_detector_cannot_take_is_its_error_row(spread_detector) -> None:
     """A 1 x 2000 strip: the detector's own resize makes it 0 pixels high and the call fails.
     The batch is run image by image: the strip is an error row, its neighbours keep exactly
-    the boxes they get alone. Where every image fails, the model's error is raised."""
+    the boxes they get alone. Where every image of a batch fails (a batch of one too), they are
+    error rows if the model still takes the image it took before; the model's error is raised
+    where it has taken none, or no longer takes it (a device lost)."""
     model = detector(spread_detector)
 
     def batch_of(shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -404,5 +406,16 @@ def test_an_image_the_detector_cannot_take_is_its_error_row(spread_detector) -> 
         alone[index] = True
         expected = model.predict_rows(batch["image"], alone)[DETECTIONS][index]
         np.testing.assert_array_equal(out[DETECTIONS][index], expected)
-    with pytest.raises(RuntimeError):
-        model(batch_of([(1, 2000), (1, 3000)]))
+    with pytest.raises(RuntimeError):  # a model that has taken no image is not trusted
+        detector(spread_detector)(batch_of([(1, 2000), (1, 3000)]))
+    for shapes in ([(1, 2000), (1, 3000)], [(1, 2000)]):
+        out = model(batch_of(shapes))  # it took the 60 x 80 images: the strips are at fault
+        assert list(out["status"]) == [STATUS_ERROR] * len(shapes)
+        assert set(out["error_type"]) == {"RuntimeError"}
+
+    def device_lost(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    model.module = device_lost  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        model(batch_of([(60, 80)]))

@@ -130,6 +130,7 @@ class Predictor:
     preprocessing: Preprocessing | None = None  # fixed-size models' resize, crop, mean, std
     static_batch = 0  # a compiled fixed-size model's one batch size (0: any size)
     compile_seconds = 0.0  # spent in torch.compile and its first (compiling) call
+    _good_image: Pixels | None = None  # an image the model took (`_still_works`)
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         threads = spec.runtime.intra_op_threads or threads
@@ -163,17 +164,34 @@ class Predictor:
     def predict_isolating(
         self, images: Sequence[Pixels], ok: np.ndarray, out: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """`predict_rows`; where a call of several images fails, each image alone: an image
-        the model fails on (a shape it cannot take) becomes its error row in `out`, the others
-        keep their predictions. Where every image fails, the model's error is raised: it is
-        the model's, not the inputs' (the run fails, nothing committed)."""
+        """`predict_rows`; where the call fails, each image alone: an image the model fails on
+        (a shape it cannot take, a size it has no memory for) becomes its error row in `out`,
+        the others keep their predictions. Where every image fails, they are error rows only
+        if the model still takes an image it took before (`_still_works`); else the model's
+        error is raised: it is the model's, not the inputs' (the run fails, nothing
+        committed)."""
         try:
-            return self.predict_rows(images, ok)
+            result = self.predict_rows(images, ok)
         except Exception as err:
-            if ok.sum() <= 1:
-                raise
             failure = err
+        else:
+            self._keep_a_good_image(images, ok)
+            return result
         merged = self.predict_rows(images, np.zeros_like(ok))  # the columns of rows not run
+        if ok.sum() > 1:
+            failed = self._each_alone(images, ok, merged)
+        else:  # one image: its call was the one that failed
+            failed = [(index, failure) for index in np.flatnonzero(ok).tolist()]
+        if len(failed) == int(ok.sum()) and not self._still_works():
+            raise failure
+        log.warning("%d of %d images failed alone in a batch that failed", len(failed), ok.sum())
+        mark_errors(out, failed)
+        return merged
+
+    def _each_alone(
+        self, images: Sequence[Pixels], ok: np.ndarray, merged: dict[str, np.ndarray]
+    ) -> list[tuple[int, Exception]]:
+        """Each ok image run alone, its predictions put in `merged`; those that failed."""
         failed: list[tuple[int, Exception]] = []
         for index in np.flatnonzero(ok).tolist():
             alone = np.zeros_like(ok)
@@ -183,13 +201,29 @@ class Predictor:
             except Exception as err:
                 failed.append((index, err))
                 continue
+            self._keep_a_good_image(images, alone)
             for name, values in result.items():
                 merged[name][index] = values[index]
-        if len(failed) == int(ok.sum()):
-            raise failure
-        log.warning("%d of %d images failed alone in a batch that failed", len(failed), ok.sum())
-        mark_errors(out, failed)
-        return merged
+        return failed
+
+    def _keep_a_good_image(self, images: Sequence[Pixels], ok: np.ndarray) -> None:
+        """The first image the model took, copied (not a view of its batch), once an actor."""
+        if self._good_image is not None or not ok.any():
+            return
+        image = images[int(np.flatnonzero(ok)[0])]
+        self._good_image = image.clone() if isinstance(image, torch.Tensor) else np.array(image)
+
+    def _still_works(self) -> bool:
+        """Whether the model still takes the image it took before: where every image of a batch
+        fails, this tells images it cannot take from a model that fails (a device lost, a
+        sticky CUDA error). Before it has taken one, the model is not trusted."""
+        if self._good_image is None:
+            return False
+        try:
+            self.predict_rows([self._good_image], np.ones(1, dtype=bool))
+        except Exception:
+            return False
+        return True
 
     def fixed_size(self, role: str) -> Preprocessing:
         """A model of one input size (classifier, segmenter): its preprocessing, required, and
