@@ -265,3 +265,77 @@ def test_a_store_without_conditional_writes_gets_compare_then_write(seaweed, cap
         with pytest.raises(Raced):
             mine.write(b"mine", expected='"not-the-version-there"')
         assert mine.write(b"mine", expected=first) != first
+
+
+def test_a_lock_put_that_landed_though_its_answer_was_lost_holds_the_lock(seaweed) -> None:  # type: ignore[no-untyped-def]
+    """The first PUT of the lock lands, its answer is lost, the client's retry is refused (the
+    object exists now): the run holds the lock, and its lease runs from that write."""
+    from faulty_s3 import FaultyS3
+
+    uri = f"s3://out/locks-{uuid.uuid4().hex[:8]}"
+    dropped: list[str] = []
+
+    def first_lock_put(request: Any) -> bool:
+        if request.method == "PUT" and request.key.endswith(LOCK_NAME) and not dropped:
+            dropped.append(request.key)
+            return True
+        return False
+
+    with FaultyS3(seaweed.endpoint_url, drop_response_every=1, faulty=first_lock_put) as proxy:
+        with RunLock(uri, "r1", 60, {"s3": proxy.storage_options()}) as lock:
+            lock.require_held()  # not "not renewed for ... s": its write landed
+            assert lock._read()[0]["owner"] == lock.owner  # type: ignore[index]
+        assert proxy.fault_count("dropped_response", "PUT") == 1
+        assert lock.file.read() == (None, None)  # released
+
+
+def test_a_renewal_finding_an_earlier_write_of_its_own_writes_its_lease_again(
+    lock_root: tuple[str, dict[str, Any]],
+) -> None:
+    """An earlier renewal of this run's that landed late (after its client gave up) is found
+    by the next renewal, which writes its own fresh lease over it rather than keeping the old."""
+    uri, options = lock_root
+    lock = RunLock(uri, "r1", 600, options)
+    lock.acquire()
+    data, version = lock.file.read()
+    stale = json.loads(data or b"{}") | {"expires": "2026-12-04T00:00:00+00:00"}
+    lock.file.write(json.dumps(stale).encode(), expected=version)  # the late landing
+    lock.renew()
+    lock.require_held()
+    held = lock._read()[0] or {}
+    assert held["owner"] == lock.owner and held["expires"] > stale["expires"]
+    lock.release()
+
+
+def test_release_leaves_a_lock_another_run_wrote_since_it_was_read(
+    lock_root: tuple[str, dict[str, Any]],
+) -> None:
+    uri, options = lock_root
+    lock = RunLock(uri, "r1", 600, options)
+    lock.acquire()
+    mine = lock._read()
+    other = json.dumps(OTHER_RUN).encode()
+    lock.file.write(other, expected=mine[1])  # taken over between the release's read and delete
+    lock._read = lambda: mine  # type: ignore[method-assign]
+    lock.release()
+    assert lock.file.read()[0] == other
+
+
+def test_a_botocore_without_conditional_writes_gets_compare_then_write(
+    seaweed, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """s3fs drops, without a word, the headers its botocore does not know: such a botocore
+    is found up front and the lock compared, then written, with a warning."""
+    import vision_ops.lock_file as lock_file_module
+
+    monkeypatch.setattr(lock_file_module, "_botocore_sends", lambda method, headers: False)
+    uri = f"s3://out/locks-{uuid.uuid4().hex[:8]}"
+    with caplog.at_level(logging.WARNING, logger="vision_ops.lock_file"):
+        lock = RunLock(uri, "r1", 600, {"s3": seaweed.storage_options()})
+    assert "this botocore sends no conditional writes" in caplog.text
+    assert lock.file.unconditional == {"put_object", "delete_object"}  # type: ignore[attr-defined]
+    lock.acquire()
+    with pytest.raises(Raced):
+        lock.file.write(b"mine", expected='"not-the-version-there"')
+    lock.release()
+    assert lock.file.read() == (None, None)

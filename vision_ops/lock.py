@@ -84,12 +84,14 @@ class RunLock:
                 f"(host {held['host']}, pid {held['pid']}, since {held['since']}; lease until "
                 f"{held['expires']}): wait for it, or remove {LOCK_NAME} if that run is dead"
             )
-        # Raced: another run wrote first, or the store answered a retry of this very write
-        with contextlib.suppress(Raced):
+        raced = LockHeld(f"{self.root_uri}: another run took the lock at the same moment")
+        try:
             self._write(over=version)
-        held, self._version = self._read()
+        except Raced:
+            raise raced from None
+        held, _ = self._read()  # a store without an atomic swap keeps the last writer's lock
         if (held or {}).get("owner") != self.owner:
-            raise LockHeld(f"{self.root_uri}: another run took the lock at the same moment")
+            raise raced
 
     def require_held(self) -> None:
         """LockLost where the lock is no longer this run's (another run took it over), or may
@@ -112,11 +114,7 @@ class RunLock:
             try:
                 self._write(over=self._version)
             except Raced:
-                held, version = self._read()
-                if held is not None and held["owner"] == self.owner:
-                    # the store answered a retry of this very write, which had landed
-                    self._version, self._written_at = version, time.monotonic()
-                    return
+                held, _ = self._read()
                 taker = f"run {held['run_id']} (host {held['host']})" if held else "no run"
                 self._lost = (
                     f"{self.root_uri}: the table's lock was taken over while run {self.run_id} "
@@ -124,10 +122,13 @@ class RunLock:
                 )
 
     def release(self) -> None:
+        """Remove the lock where it is still this run's: over the version read only (another
+        run that took it over since keeps its lock)."""
         with writing_to(self.root_uri):
-            held, _ = self._read()
-            if held and held["owner"] == self.owner:
-                self.fs.rm(self.path)
+            held, version = self._read()
+            if held and held["owner"] == self.owner and version is not None:
+                with contextlib.suppress(Raced):
+                    self.file.remove(expected=version)
 
     def _keep_renewing(self) -> None:
         """The renewal thread: a lease's quarter apart, until the run ends or loses the lock.
@@ -159,19 +160,34 @@ class RunLock:
 
     def _write(self, over: str | None) -> None:
         """Write this run's lock with a fresh lease, over the lock object's version `over`
-        only (None: only where there is none); Raced where the object is at another."""
+        only (None: only where there is none); Raced where another run's lock is there. A
+        refused write that finds the lock this run's all the same (a retried PUT whose first
+        try had landed, or an earlier renewal of this run's that landed late) is this write
+        landed, or is written again over it: the lease runs from this write either way."""
+        started = time.monotonic()  # the lease written runs from no earlier than this
+        data = self._content()
+        try:
+            self._version = self.file.write(data, expected=over)
+        except Raced:
+            there, version = self.file.read()
+            if there is None or _owner(there) != self.owner:
+                raise
+            self._version = version if there == data else self.file.write(data, version)
+        self._written_at = started
+
+    def _content(self) -> bytes:
         now = _now()
-        content = {
-            "owner": self.owner,
-            "run_id": self.run_id,
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            **{name: value for name, value in this_process().items() if value},
-            "since": now.isoformat(),
-            "expires": (now + dt.timedelta(seconds=self.lease_s)).isoformat(),
-        }
-        self._version = self.file.write(json.dumps(content).encode(), expected=over)
-        self._written_at = time.monotonic()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": str(os.getpid()),
+                **{name: value for name, value in this_process().items() if value},
+                "since": now.isoformat(),
+                "expires": (now + dt.timedelta(seconds=self.lease_s)).isoformat(),
+            }
+        ).encode()
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -196,6 +212,14 @@ class RunLock:
                     self.run_id,
                     err,
                 )
+
+
+def _owner(data: bytes) -> str | None:
+    """The owner a lock object names; None where it names none or cannot be read."""
+    try:
+        return str(json.loads(data)["owner"])
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _now() -> dt.datetime:

@@ -2,15 +2,19 @@
 
 `read()` gives the object's bytes and a tag naming that version (None where there is no
 object); `write(data, expected)` replaces the object only while it is still at `expected`
-(None: only where no object exists) and raises `Raced` where another writer came first.
+(None: only where no object exists) and `remove(expected)` deletes it only then; both raise
+`Raced` where another writer came first.
 
 How the swap is made atomic depends on the store:
-- S3 and S3-compatible stores: conditional writes (`If-None-Match: *` to create, `If-Match:
-  <ETag>` to replace), so of two runs that read the same version only one writes over it.
-  AWS S3 has them since 2024; a store that answers them `NotImplemented` gets compare-then-write
-  (with a warning), and one that ignores them leaves the run lock's read-back of its owner.
+- S3 and S3-compatible stores: conditional requests (`If-None-Match: *` to create, `If-Match:
+  <ETag>` to replace or delete), so of two runs that read the same version only one writes
+  over it. AWS S3 has conditional writes since 2024. A store that answers them
+  `NotImplemented`, or a botocore too old to send them (s3fs would drop them without a word),
+  gets compare-then-write, with a warning; a store that ignores them leaves the run lock's
+  read-back of its owner.
 - Local disk: the compare and the write are made under an exclusive `flock` of the table's
-  folder, so processes of this host take turns (a file system without `flock` goes unguarded).
+  folder, so processes of this host take turns; a file system that takes no `flock` of a
+  folder (NFS) gets compare-then-write, with a warning.
 - Other stores (GCS, Azure, memory): compare, then write (two writers in the same instant
   could both pass); the run lock's read-back of its owner finds most such races.
 """
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from fsspec import AbstractFileSystem
 
@@ -34,6 +39,11 @@ from vision_ops.storage import is_local, make_folder, protocols, replace_file
 S3_RACED_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 # What a store without conditional writes answers them (501).
 S3_UNSUPPORTED_CODES = frozenset({"NotImplemented"})
+# The conditions each call is made under (when the store and botocore have them).
+CONDITIONS = {
+    "put_object": frozenset({"IfMatch", "IfNoneMatch"}),
+    "delete_object": frozenset({"IfMatch"}),
+}
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,8 @@ class LockFile(Protocol):
     def read(self) -> tuple[bytes | None, str | None]: ...
 
     def write(self, data: bytes, expected: str | None) -> str: ...
+
+    def remove(self, expected: str) -> None: ...
 
 
 def lock_file(fs: AbstractFileSystem, path: str) -> LockFile:
@@ -78,9 +90,14 @@ class ComparedLockFile:
         with self._turn():
             if self.read()[1] != expected:
                 raise Raced(self.path)
-            make_folder(self.fs, self.folder)
             replace_file(self.fs, self.path, data)
         return _digest(data)
+
+    def remove(self, expected: str) -> None:
+        with self._turn():
+            if self.read()[1] != expected:
+                raise Raced(self.path)
+            self.fs.rm(self.path)
 
     @property
     def folder(self) -> str:
@@ -88,6 +105,7 @@ class ComparedLockFile:
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:
+        make_folder(self.fs, self.folder)
         yield
 
 
@@ -99,8 +117,14 @@ class LocalLockFile(ComparedLockFile):
         make_folder(self.fs, self.folder)
         descriptor = os.open(self.folder, os.O_RDONLY)
         try:
-            with contextlib.suppress(OSError):  # no flock on this file system: unguarded
+            try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
+            except OSError as err:  # NFS and others: no flock of a folder
+                _warn_once(
+                    f"{self.folder}: the file system takes no flock ({err}); the run lock is "
+                    "compared, then written, so two runs starting in the same instant could "
+                    "both take it"
+                )
             yield
         finally:
             os.close(descriptor)  # closing the folder's descriptor ends the flock
@@ -113,7 +137,15 @@ class S3LockFile:
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
         self.fs, self.path = fs, path
         self.bucket, _, self.key = path.partition("/")
-        self.conditional = True  # until the store says it has no conditional writes
+        self._etag = ""  # the last PUT's
+        # The calls made without conditions: those the store answered NotImplemented, and
+        # those this botocore cannot send (s3fs drops, without a word, what its model lacks).
+        self.unconditional = {m for m in CONDITIONS if not _botocore_sends(m, CONDITIONS[m])}
+        if "put_object" in self.unconditional:
+            _warn_once(
+                f"{path}: this botocore sends no conditional writes (If-Match, If-None-Match; "
+                "a newer one does); the run lock is compared, then written"
+            )
 
     def read(self) -> tuple[bytes | None, str | None]:
         """The object's bytes and its ETag, from one GET (a HEAD and a GET could name two
@@ -133,26 +165,45 @@ class S3LockFile:
             return None, None
 
     def write(self, data: bytes, expected: str | None) -> str:
-        if self.conditional:
-            try:
-                return self._put(data, {"IfMatch": expected} if expected else {"IfNoneMatch": "*"})
-            except NoConditionalWrites as err:
+        condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+        if self._conditionally("put_object", condition, Body=data):
+            return self._etag
+        if self.read()[1] != expected:
+            raise Raced(self.path)
+        self._call("put_object", {}, Body=data)
+        return self._etag
+
+    def remove(self, expected: str) -> None:
+        if self._conditionally("delete_object", {"IfMatch": expected}):
+            return
+        if self.read()[1] != expected:
+            raise Raced(self.path)
+        self._call("delete_object", {})
+
+    def _conditionally(self, method: str, condition: dict[str, str], **arguments: Any) -> bool:
+        """The call made under `condition`: True; False where the store has no conditional
+        writes (said once; the caller compares, then calls). Raced where the condition failed."""
+        if method in self.unconditional:
+            return False
+        try:
+            self._call(method, condition, **arguments)
+        except NoConditionalWrites as err:
+            self.unconditional.add(method)
+            if method == "put_object":  # a release's unconditional delete risks little
                 log.warning(
                     "%s: the store has no conditional writes (%s); the run lock is compared, "
                     "then written, so two runs starting in the same instant could both take it",
                     self.path,
                     err,
                 )
-                self.conditional = False
-        if self.read()[1] != expected:
-            raise Raced(self.path)
-        return self._put(data, {})
+            return False
+        return True
 
-    def _put(self, data: bytes, condition: dict[str, str]) -> str:
-        """PUT the object under `condition`; its new ETag."""
+    def _call(self, method: str, condition: dict[str, str], **arguments: Any) -> None:
+        """One S3 call on the object under `condition`; the new ETag (a PUT's) in `_etag`."""
         try:
             answer = self.fs.call_s3(
-                "put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition
+                method, Bucket=self.bucket, Key=self.key, **arguments, **condition
             )
         except OSError as err:
             code = _s3_code(err)
@@ -163,7 +214,26 @@ class S3LockFile:
             raise
         finally:
             self.fs.invalidate_cache(self.path)
-        return str(answer["ETag"])
+        self._etag = str(answer.get("ETag"))
+
+
+@functools.cache
+def _botocore_sends(method: str, headers: frozenset[str]) -> bool:
+    """Whether the installed botocore's S3 model has `headers` for `method` (put_object)."""
+    import botocore.session
+
+    operation = "".join(part.title() for part in method.split("_"))
+    model = botocore.session.get_session().get_service_model("s3")
+    return headers <= set(model.operation_model(operation).input_shape.members)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def _s3_code(err: BaseException) -> str | None:
