@@ -331,3 +331,22 @@ def parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (gzip.compress(b'"images","a.png"\n' * 50)[:-30], "cannot read: "),  # cut short
+        (b"\x1f\x8b\x08\x00" + b"\x00" * 40, "cannot read: "),  # a corrupt stream
+        (gzip.compress(b'"images"\n'), "entry 0"),  # a row short of its key
+    ],
+)
+def test_an_inventory_data_file_that_cannot_be_read_is_named(
+    s3fs_client, s3_options, data: bytes, message: str
+) -> None:
+    folder = f"out/inventory/broken-{uuid.uuid4().hex[:8]}"
+    report = put_report(s3fs_client, folder, "CSV", {"part0.csv.gz": data})
+    for read in (read_manifest, lambda uri, options: plan_inputs(InputSpec(manifest=uri), options)):
+        with pytest.raises(SourceError) as err:
+            read(report, s3_options)
+        assert str(err.value).startswith(f"manifest {report}: {message}"), str(err.value)

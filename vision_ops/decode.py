@@ -57,10 +57,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 class _PixelLimits:
-    """Pillow's own bomb guard (a process-wide setting) raised to the largest `max_pixels` of
-    the decodes in progress, and set back once none is: decode threads overlap, and each
-    saving and restoring the setting alone could leave one's limit behind for good. Ours is
-    checked per image (`_open`), so a higher Pillow limit refuses nothing we allow."""
+    """Pillow's own bomb guard (a process-wide setting) set to the largest `max_pixels` of the
+    decodes in progress, and set back once none is: decode threads overlap, and each saving and
+    restoring the setting alone could leave one's limit behind for good. Pillow then refuses
+    what passes our limit in its own words, naming ours (ours is checked per image too,
+    `_open`), and never what another decode in progress allows."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -85,12 +86,16 @@ class _PixelLimits:
 _PIXEL_LIMITS = _PixelLimits()
 
 
+# Pillow's warning for an image between its limit and twice it: one `_open` refuses anyway.
+# Ignored for the process, once (`warnings.catch_warnings` around each decode is not safe for
+# threads: one thread's exit drops another's filter).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 @contextlib.contextmanager
 def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's bomb guard no lower than `max_pixels`, so that it never refuses what we allow;
-    its warning (an image between its limit and twice it) is one `_open` refuses anyway."""
-    with _PIXEL_LIMITS.at_least(max_pixels), warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    """Pillow's bomb guard at `max_pixels` (or the largest limit of the decodes in progress)."""
+    with _PIXEL_LIMITS.at_least(max_pixels):
         yield
 
 

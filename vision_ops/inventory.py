@@ -18,6 +18,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from vision_ops.storage import StorageOptions, read_bytes
 
@@ -63,6 +64,18 @@ def column_name(field: str) -> str:
     """An inventory field as the column it is in a Parquet report: `LastModifiedDate` ->
     `last_modified_date`, `ETag` -> `e_tag`, `IsLatest` -> `is_latest`."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", field.strip()).lower()
+
+
+def inventory_key(key: str | None) -> str | None:
+    """An object key as S3 Inventory CSV writes it (URL-encoded, `+` for a space), decoded."""
+    return None if key is None else unquote_plus(key)
+
+
+def csv_record(columns: tuple[str, ...], row: list[str]) -> dict[str, Any]:
+    """A row of a report's CSV data file, named by its schema, its key decoded (a row short of
+    its key has none)."""
+    record: dict[str, Any] = dict(zip(columns, row, strict=False))
+    return record | {"key": inventory_key(record.get("key"))}
 
 
 def data_bytes(data: bytes, uri: str) -> bytes:

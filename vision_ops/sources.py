@@ -11,10 +11,10 @@ import logging
 import os
 import posixpath
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +27,9 @@ from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.inventory import (
     InventoryError,
     InventoryReport,
+    csv_record,
     data_bytes,
+    inventory_key,
     is_inventory_manifest,
     read_report,
 )
@@ -441,6 +443,9 @@ MTIME_COLUMNS = ("last_modified_date", "last_modified", "mtime")
 # only a key's current version is an input (a deleted key is none).
 VERSION_COLUMNS = ("is_latest", "is_delete_marker")
 # Any of these in a CSV's first row makes it a header (else it is a headerless S3 Inventory CSV).
+# What reading a manifest or an inventory's data file raises where it is not what it says
+# (a bad CSV or Parquet file, bad text, a truncated or corrupt gzip).
+UNREADABLE = (ValueError, csv.Error, pa.ArrowException, OSError, EOFError, zlib.error)
 HEADER_COLUMNS = frozenset(
     {*URI_COLUMNS, "bucket", "key", *ETAG_COLUMNS, *SIZE_COLUMNS, *MTIME_COLUMNS}
 )
@@ -460,7 +465,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> list[dict[
         raise _a_folder(uri) from None
     except InventoryError as err:
         raise SourceError(f"manifest {uri}: {err}") from None
-    except (ValueError, csv.Error, pa.ArrowException, OSError) as err:
+    except UNREADABLE as err:
         raise SourceError(f"manifest {uri}: cannot read: {err}") from None
     return [
         _manifest_row(uri, f"entry {index}", record)
@@ -498,10 +503,8 @@ def _report_records(
         if report.format == "parquet":
             records += read_parquet(data).to_pylist()
             continue
-        for row in csv.reader(io.StringIO(data.decode("utf-8"))):
-            if row:
-                record = dict(zip(report.columns, row, strict=False))
-                records.append(record | {"key": unquote_plus(record["key"])})
+        rows = csv.reader(io.StringIO(data.decode("utf-8")))
+        records += [csv_record(report.columns, row) for row in rows if row]
     return records
 
 
@@ -541,7 +544,7 @@ def _csv_records(text: str) -> list[dict[str, Any]]:
     if set(header) & HEADER_COLUMNS:
         return [dict(zip(header, row, strict=False)) for row in rows[1:]]
     # S3 Inventory CSV: no header, Bucket then URL-encoded Key first.
-    return [{"bucket": row[0], "key": unquote_plus(row[1])} for row in rows if len(row) >= 2]
+    return [{"bucket": row[0], "key": inventory_key(row[1])} for row in rows if len(row) >= 2]
 
 
 def _manifest_row(
@@ -646,7 +649,7 @@ class ManifestRead:
     def _fields(self, block: pa.Table) -> dict[str, pa.ChunkedArray]:
         fields = {name.lower(): block[name] for name in block.column_names}
         if self.format == "csv" and not self.header:  # S3 Inventory CSV: URL-encoded keys
-            keys = [None if k is None else unquote_plus(k) for k in fields["key"].to_pylist()]
+            keys = [inventory_key(k) for k in fields["key"].to_pylist()]
             fields["key"] = pa.chunked_array([pa.array(keys, pa.string())])
         return fields
 
@@ -729,7 +732,7 @@ def check_manifest(
         raise SourceError(f"manifest {uri}: {err}") from None
     except SourceError:
         raise
-    except (ValueError, csv.Error, pa.ArrowException, OSError) as err:
+    except UNREADABLE as err:
         raise SourceError(f"manifest {uri}: cannot read: {err}") from None
 
 
@@ -748,8 +751,7 @@ def _check_report(
     except FileNotFoundError:
         raise InventoryError(f"its data file {first}: not found") from None
     for index, row in enumerate(list(csv.reader(io.StringIO(head.decode("utf-8"))))[:FIRST_ROWS]):
-        record = dict(zip(report.columns, row, strict=False))
-        record["key"] = unquote_plus(record.get("key") or "")
+        record = csv_record(report.columns, row)
         _manifest_row(base["uri"], f"entry {index} of {first}", record, base["cwd"])
     return ManifestRead(
         format="csv", columns=report.columns, header=False, files=report.files, **base
