@@ -301,7 +301,8 @@ class InputSpec(StrictModel):
         gt=0,
         description="Largest file read whole, in MiB (by the size the listing found); larger "
         "ones become error rows (`FileTooLarge`) without a byte downloaded. The default passes "
-        "any image under `max_pixels`, uncompressed; tiled scenes are read by window, uncapped.",
+        "any image under `max_pixels`, uncompressed; tiled scenes are read by window, uncapped; "
+        "a manifest entry with an ETag but no size is not capped.",
     )
 
     dicom: DicomSpec | None = Field(
