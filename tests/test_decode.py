@@ -439,3 +439,17 @@ def test_overlapping_decodes_leave_pillows_limit_as_they_found_it() -> None:
     assert Image.MAX_IMAGE_PIXELS == 400
     second.__exit__(None, None, None)
     assert before == Image.MAX_IMAGE_PIXELS
+
+
+def test_sixteen_bits_become_eight_as_v_over_257_rounded() -> None:
+    """Every 16-bit value (and values an `I` image may hold past either end) in integers, as
+    the float computation gives it."""
+    from vision_ops.decode import sixteen_to_eight_bits
+
+    values = np.arange(-300, 66_000, dtype=np.int64).astype(np.int32).reshape(1, -1)
+    expected = np.clip(np.rint(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(sixteen_to_eight_bits(values), expected)
+    as_uint16 = np.arange(65_536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(
+        sixteen_to_eight_bits(as_uint16), np.rint(as_uint16 / 257.0).astype(np.uint8)
+    )
