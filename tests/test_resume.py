@@ -36,7 +36,7 @@ from vision_ops.iceberg import IcebergSink
 from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.resume import RESUME_KEY
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id, output_schema
-from vision_ops.sink import ParquetSink, committed_run, verify_run
+from vision_ops.sink import CommitRefused, ParquetSink, committed_run, verify_run
 from vision_ops.storage import canonical_uri, make_folder
 
 DATE = dt.date(2026, 11, 24)
@@ -738,3 +738,23 @@ def test_a_tiled_detection_job_killed_at_70_percent_resumes_with_its_merged_scen
         rows.select(keep).sort_by("item_id").to_pylist()
         == clean_rows.select(keep).sort_by("item_id").to_pylist()
     )
+
+
+def test_an_attempt_whose_staged_rows_another_took_over_is_told_so_at_its_commit(
+    tmp_path: Path,
+) -> None:
+    """Attempt A still runs when attempt B of the same run id resumes from A's staged rows and
+    removes them: A's commit is refused naming that, and B commits every row."""
+    first = crashed_attempt(tmp_path, URIS[:4])  # still running, in fact
+    second = sink(tmp_path)
+    assert second.resume(one_unit_each) == frozenset(URIS[:4])
+    first.write(source_rows(URIS[4:]))
+    with pytest.raises(CommitRefused) as refused:
+        first.commit(URIS)
+    assert str(refused.value) == (
+        f"refusing to commit run r1: its staged rows are gone from {first.parts.folder}; "
+        "another attempt of the same run id resumed from them (and commits them), so this "
+        "attempt commits nothing"
+    )
+    second.write(source_rows(URIS[4:]))
+    assert second.commit(URIS).rows == 6

@@ -242,6 +242,7 @@ class IcebergSink:
         snapshot, when anything fails (the staged files stay for a rerun to resume); `held` is
         asked last before the snapshot's commit (no lock of ours guards an Iceberg table)."""
         with writing_to(self.output.uri):
+            self.parts.require_own(self.run_id)
             self.parts.flush()
         masks = self._staged_masks()
         try:

@@ -217,6 +217,7 @@ class ParquetSink:
         details: dict[str, Any] | None,
         held: Callable[[], None] | None,
     ) -> CommitResult:
+        self.parts.require_own(self.run_id)
         self.parts.compact(self.written.rows)
         masks = self._staged_masks()
         self._check(listed, masks)

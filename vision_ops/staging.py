@@ -134,6 +134,21 @@ class StagedParts:
         """The run index (vision_ops.runindex) of the staged rows, one file's columns at a time."""
         return merged([index_of(self.read(path, ROW_COLUMNS)) for path, _ in self.files])
 
+    def require_own(self, run_id: str) -> None:
+        """CommitRefused where this attempt's staged files are gone: another attempt of the run
+        id, started while this one ran, resumed from them and removed them (it commits them)."""
+        self.fs.invalidate_cache(self.folder)
+        try:
+            present = set(self.fs.ls(self.folder, detail=False))
+        except FileNotFoundError:
+            present = set()
+        if any(path not in present for path, _ in self.files):
+            raise CommitRefused(
+                f"refusing to commit run {run_id}: its staged rows are gone from {self.folder}; "
+                "another attempt of the same run id resumed from them (and commits them), so "
+                "this attempt commits nothing"
+            )
+
     def check_footers(self, rows_written: int) -> None:
         """CommitRefused where a staged file's footer does not hold the rows written to it, or
         the staged files together do not hold the `rows_written` the run counted (a file
