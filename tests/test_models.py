@@ -305,3 +305,35 @@ def test_a_model_file_that_cannot_be_reached_is_refused_naming_the_field(monkeyp
     spec = TorchvisionModel(architecture="resnet18", weights="s3://models/w.pt")
     with pytest.raises(ModelError, match=r"^model.weights: s3://models/w.pt cannot be read: "):
         check_model_files(spec, options)
+
+
+def test_a_classifiers_batch_it_fails_on_whole_is_error_rows_where_a_black_image_passes(
+    weights_file,
+) -> None:
+    """A fixed-size model is sure to take a black image at its crop: where every image of a
+    batch (a batch of one too) fails, that probe tells the images' fault from the model's,
+    from the actor's first batch on; a model that fails on it too raises."""
+    classifier = Classifier(spec_for(torchvision_file_model(weights_file), top_k=3))  # type: ignore[arg-type]
+    model = classifier.module
+
+    def fails_on_any_light(pixels: torch.Tensor) -> torch.Tensor:
+        if bool(pixels.any()):
+            raise RuntimeError("this input breaks the model")
+        return model(pixels)
+
+    classifier.module = fails_on_any_light  # type: ignore[assignment]
+    side = PREP["crop"]
+    grey = np.full((2, side, side, 3), 128, dtype=np.uint8)
+    batch = {"image": grey, "status": np.array(["ok", "ok"], dtype=object)}
+    batch |= {"error_type": np.full(2, None, object), "error_message": np.full(2, None, object)}
+    for rows in (slice(0, 2), slice(0, 1)):
+        out = classifier({name: values[rows] for name, values in batch.items()})
+        assert set(out["status"]) == {"error"}
+        assert set(out["error_message"]) == {"this input breaks the model"}
+
+    def device_lost(pixels: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    classifier.module = device_lost  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        classifier({name: values[:1] for name, values in batch.items()})

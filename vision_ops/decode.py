@@ -60,8 +60,8 @@ class _PixelLimits:
     """Pillow's own bomb guard (a process-wide setting) set to the largest `max_pixels` of the
     decodes in progress, and set back once none is: decode threads overlap, and each saving and
     restoring the setting alone could leave one's limit behind for good. Pillow then refuses
-    what passes our limit in its own words, naming ours (ours is checked per image too,
-    `_open`), and never what another decode in progress allows."""
+    what passes twice our limit in its own words, naming ours (and warns below that; ours is
+    checked per image too, `_open`), and never what another decode in progress allows."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

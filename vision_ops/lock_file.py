@@ -137,7 +137,6 @@ class S3LockFile:
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
         self.fs, self.path = fs, path
         self.bucket, _, self.key = path.partition("/")
-        self._etag = ""  # the last PUT's
         # The calls made without conditions: those the store answered NotImplemented, and
         # those this botocore cannot send (s3fs drops, without a word, what its model lacks).
         self.unconditional = {m for m in CONDITIONS if not _botocore_sends(m, CONDITIONS[m])}
@@ -166,27 +165,31 @@ class S3LockFile:
 
     def write(self, data: bytes, expected: str | None) -> str:
         condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
-        if self._conditionally("put_object", condition, Body=data):
-            return self._etag
-        if self.read()[1] != expected:
-            raise Raced(self.path)
-        self._call("put_object", {}, Body=data)
-        return self._etag
+        answer = self._conditionally("put_object", condition, Body=data)
+        if answer is None:
+            if self.read()[1] != expected:
+                raise Raced(self.path)
+            answer = self._call("put_object", {}, Body=data)
+        return str(answer["ETag"])
 
     def remove(self, expected: str) -> None:
-        if self._conditionally("delete_object", {"IfMatch": expected}):
-            return
-        if self.read()[1] != expected:
-            raise Raced(self.path)
-        self._call("delete_object", {})
+        """Gone already is removed (a retried DELETE whose first try had landed answers 404)."""
+        with contextlib.suppress(FileNotFoundError):
+            if self._conditionally("delete_object", {"IfMatch": expected}):
+                return
+            if self.read()[1] != expected:
+                raise Raced(self.path)
+            self._call("delete_object", {})
 
-    def _conditionally(self, method: str, condition: dict[str, str], **arguments: Any) -> bool:
-        """The call made under `condition`: True; False where the store has no conditional
+    def _conditionally(
+        self, method: str, condition: dict[str, str], **arguments: Any
+    ) -> dict[str, Any] | None:
+        """The call made under `condition`: its answer; None where the store has no conditional
         writes (said once; the caller compares, then calls). Raced where the condition failed."""
         if method in self.unconditional:
-            return False
+            return None
         try:
-            self._call(method, condition, **arguments)
+            return self._call(method, condition, **arguments)
         except NoConditionalWrites as err:
             self.unconditional.add(method)
             if method == "put_object":  # a release's unconditional delete risks little
@@ -196,11 +199,10 @@ class S3LockFile:
                     self.path,
                     err,
                 )
-            return False
-        return True
+            return None
 
-    def _call(self, method: str, condition: dict[str, str], **arguments: Any) -> None:
-        """One S3 call on the object under `condition`; the new ETag (a PUT's) in `_etag`."""
+    def _call(self, method: str, condition: dict[str, str], **arguments: Any) -> dict[str, Any]:
+        """One S3 call on the object under `condition`; its answer."""
         try:
             answer = self.fs.call_s3(
                 method, Bucket=self.bucket, Key=self.key, **arguments, **condition
@@ -214,7 +216,7 @@ class S3LockFile:
             raise
         finally:
             self.fs.invalidate_cache(self.path)
-        self._etag = str(answer.get("ETag"))
+        return dict(answer)
 
 
 @functools.cache

@@ -115,6 +115,10 @@ def mark_errors(out: dict[str, np.ndarray], failures: Sequence[tuple[int, BaseEx
     out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
 
 
+def _size(image: Pixels) -> int:
+    return int(image.numel()) if isinstance(image, torch.Tensor) else int(image.size)
+
+
 def rows_of(images: Sequence[Pixels], ok: np.ndarray) -> list[Pixels]:
     return [images[i] for i in np.flatnonzero(ok).tolist()]
 
@@ -130,7 +134,7 @@ class Predictor:
     preprocessing: Preprocessing | None = None  # fixed-size models' resize, crop, mean, std
     static_batch = 0  # a compiled fixed-size model's one batch size (0: any size)
     compile_seconds = 0.0  # spent in torch.compile and its first (compiling) call
-    _good_image: Pixels | None = None  # an image the model took (`_still_works`)
+    _good_image: Pixels | None = None  # the smallest image the model took (`_sure_input`)
 
     def __init__(self, spec: JobSpec, threads: int | None = None) -> None:
         threads = spec.runtime.intra_op_threads or threads
@@ -167,8 +171,8 @@ class Predictor:
         """`predict_rows`; where the call fails, each image alone: an image the model fails on
         (a shape it cannot take, a size it has no memory for) becomes its error row in `out`,
         the others keep their predictions. Where every image fails, they are error rows only
-        if the model still takes an image it took before (`_still_works`); else the model's
-        error is raised: it is the model's, not the inputs' (the run fails, nothing
+        if the model still takes an image it is sure to take (`_still_works`); else the
+        model's error is raised: it is the model's, not the inputs' (the run fails, nothing
         committed)."""
         try:
             result = self.predict_rows(images, ok)
@@ -207,20 +211,31 @@ class Predictor:
         return failed
 
     def _keep_a_good_image(self, images: Sequence[Pixels], ok: np.ndarray) -> None:
-        """The first image the model took, copied (not a view of its batch), once an actor."""
-        if self._good_image is not None or not ok.any():
+        """A model of any input size (a detector, OCR): the smallest image it took, looking at
+        each batch's first, copied (not a view of its batch). A fixed-size model needs none."""
+        if self.preprocessing is not None or not ok.any():
             return
         image = images[int(np.flatnonzero(ok)[0])]
-        self._good_image = image.clone() if isinstance(image, torch.Tensor) else np.array(image)
+        if self._good_image is None or _size(image) < _size(self._good_image):
+            self._good_image = image.clone() if isinstance(image, torch.Tensor) else np.array(image)
+
+    def _sure_input(self) -> Pixels | None:
+        """An image the model is sure to take: a black one at a fixed-size model's crop; else
+        the smallest it took in this actor (None before it took one)."""
+        if self.preprocessing is not None:
+            side = self.preprocessing.crop
+            return np.zeros((side, side, 3), dtype=np.uint8)
+        return self._good_image
 
     def _still_works(self) -> bool:
-        """Whether the model still takes the image it took before: where every image of a batch
-        fails, this tells images it cannot take from a model that fails (a device lost, a
-        sticky CUDA error). Before it has taken one, the model is not trusted."""
-        if self._good_image is None:
+        """Whether the model still takes an image it is sure to take: where every image of a
+        batch fails, this tells images it cannot take from a model that fails (a device lost,
+        a sticky CUDA error). A detector that has taken no image yet is not trusted."""
+        sure = self._sure_input()
+        if sure is None:
             return False
         try:
-            self.predict_rows([self._good_image], np.ones(1, dtype=bool))
+            self.predict_rows([sure], np.ones(1, dtype=bool))
         except Exception:
             return False
         return True

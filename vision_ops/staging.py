@@ -137,12 +137,11 @@ class StagedParts:
     def require_own(self, run_id: str) -> None:
         """CommitRefused where this attempt's staged files are gone: another attempt of the run
         id, started while this one ran, resumed from them and removed them (it commits them)."""
-        self.fs.invalidate_cache(self.folder)
-        try:
-            present = set(self.fs.ls(self.folder, detail=False))
-        except FileNotFoundError:
-            present = set()
-        if any(path not in present for path, _ in self.files):
+        if not self.files:
+            return
+        first = self.files[0][0]  # the other attempt removed the folder whole, this file too
+        self.fs.invalidate_cache(first)
+        if not self.fs.exists(first):
             raise CommitRefused(
                 f"refusing to commit run {run_id}: its staged rows are gone from {self.folder}; "
                 "another attempt of the same run id resumed from them (and commits them), so "
