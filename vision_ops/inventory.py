@@ -12,7 +12,6 @@ through it are a versioned bucket's `IsLatest`/`IsDeleteMarker` and each object'
 
 from __future__ import annotations
 
-import gzip
 import json
 import posixpath
 import re
@@ -76,11 +75,6 @@ def csv_record(columns: tuple[str, ...], row: list[str]) -> dict[str, Any]:
     its key has none)."""
     record: dict[str, Any] = dict(zip(columns, row, strict=False))
     return record | {"key": inventory_key(record.get("key"))}
-
-
-def data_bytes(data: bytes, uri: str) -> bytes:
-    """A data file's bytes, gunzipped where its name says so (CSV reports are gzipped)."""
-    return gzip.decompress(data) if uri.lower().endswith(".gz") else data
 
 
 def _columns(schema: Any) -> tuple[str, ...]:

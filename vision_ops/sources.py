@@ -28,7 +28,6 @@ from vision_ops.inventory import (
     InventoryError,
     InventoryReport,
     csv_record,
-    data_bytes,
     inventory_key,
     is_inventory_manifest,
     read_report,
@@ -482,8 +481,12 @@ def _a_folder(uri: str) -> SourceError:
 
 
 def _data_file(uri: str, options: StorageOptions | None) -> bytes:
+    """A report's data file, gunzipped where its name says so (fsspec's `infer`, as the run's
+    check and Ray Data's reader do)."""
+    fs, path = filesystem(uri, options)
     try:
-        return read_bytes(uri, options)
+        with fs.open(path, "rb", compression="infer") as handle:
+            return bytes(handle.read())
     except FileNotFoundError:
         raise InventoryError(f"its data file {uri}: not found") from None
 
@@ -499,7 +502,7 @@ def _report_records(
     """Every data file's entries, named by the report's schema (CSV) or their own (Parquet)."""
     records: list[dict[str, Any]] = []
     for uri in report.files:
-        data = data_bytes(_data_file(uri, options), uri)
+        data = _data_file(uri, options)
         if report.format == "parquet":
             records += read_parquet(data).to_pylist()
             continue
