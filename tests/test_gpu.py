@@ -13,6 +13,7 @@ from test_device_decode import MAX_PIXELS, device_reference, photo, run_on_photo
 from test_models import direct_logits, spec_for, tiny_classifier, torchvision_file_model
 
 from vision_ops.decode import CorruptImage
+from vision_ops.detection import as_rows, filter_detections
 from vision_ops.device_decode import decode_batch
 from vision_ops.predictors import Classifier, Detector, stack_on_device
 from vision_ops.schema import DETECTIONS
@@ -88,24 +89,39 @@ def spread_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_spread_detector(tmp_path_factory.mktemp("detector"))
 
 
-@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
 def test_detector_on_a_gpu_finds_the_cpus_boxes(
-    spread_detector: Path, autocast: str, monkeypatch: pytest.MonkeyPatch
+    spread_detector: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same-size images go up in one pinned batch; float32 on the GPU (TF32 off) gives the
-    CPU's best boxes, bf16 a best box the CPU also ranks high, within 2 pixels."""
+    CPU's boxes."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     batch = images_batch([(100, 140), (100, 140), (90, 120)])
     on_cpu = detector(spread_detector)(batch)[DETECTIONS]
-    spec = detector(spread_detector).spec
-    runtime = spec.runtime.model_copy(update={"device": "cuda", "autocast": autocast})
-    on_gpu = Detector(spec.model_copy(update={"runtime": runtime}))(batch)[DETECTIONS]
+    on_gpu = gpu_detector(spread_detector, "off")(batch)[DETECTIONS]
     for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
-        assert len(cpu) > 0
-        if autocast == "off":
-            assert len(gpu) == len(cpu)
-            np.testing.assert_allclose(gpu[:5], cpu[:5], atol=1e-2)
-        else:  # bf16 may reorder near-equal scores: the best box is among the CPU's top 3
-            best = gpu[0]
-            near = [c[0] == best[0] and np.abs(c[2:] - best[2:]).max() <= 2.0 for c in cpu[:3]]
-            assert any(near), (best, cpu[:3])
+        assert len(gpu) == len(cpu) > 0
+        np.testing.assert_allclose(gpu[:5], cpu[:5], atol=1e-2)
+
+
+def test_bf16_detector_on_a_gpu_equals_direct_autocast_calls(spread_detector: Path) -> None:
+    """bf16 through the predictor (pinned batches, autocast, filters) gives the boxes of the
+    module called directly under bf16 autocast on the same batches. (A random-weight
+    detector's bf16 boxes stray from its float32 ones by several pixels, so float32 is not
+    the reference here; bf16 against float32 is held by the classifier's test.)"""
+    batch = images_batch([(100, 140), (100, 140), (90, 120)])
+    model = gpu_detector(spread_detector, "bfloat16")
+    on_gpu = model(batch)[DETECTIONS]
+    tensors = [torch.from_numpy(i).permute(2, 0, 1).to(CUDA).float() / 255 for i in batch["image"]]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = model.module(tensors[:2]) + model.module(tensors[2:])  # batched by size
+    settings = model.spec.task
+    for gpu, output in zip(on_gpu, outputs, strict=True):
+        expected = filter_detections(as_rows(output), settings, None)
+        assert len(gpu) == len(expected) > 0
+        np.testing.assert_allclose(gpu, expected, atol=1e-2)
+
+
+def gpu_detector(weights: Path, autocast: str) -> Detector:
+    spec = detector(weights).spec
+    runtime = spec.runtime.model_copy(update={"device": "cuda", "autocast": autocast})
+    return Detector(spec.model_copy(update={"runtime": runtime}))
