@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/detection.py --images 48 --batch-size 4
     python3 benchmarks/detection.py --architecture fasterrcnn_resnet50_fpn_v2 --device cuda \
-        --autocast bfloat16 --images 2000 --batch-size 16 --out detection.json   # on a GPU
+        --autocast bfloat16 --images 500 --batch-size 16 --out detection.json   # on a GPU
 
 The model-only rate is the ceiling: decoded tensors already on the device, the model called on
 batches of the same size at the same precision, on as many threads as one predictor actor gets

@@ -16,6 +16,7 @@ import ray
 import torch
 from PIL import Image
 
+from vision_ops.benchmark.e2e import queued_share
 from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos, photo_set
 from vision_ops.benchmark.probes import Peaks, sampled_peaks
 from vision_ops.benchmark.rates import points_from_times, shared_core_ceiling, steady_rate
@@ -296,6 +297,35 @@ def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
     assert report.as_json()["gpu_ceiling_images_per_second"] == pytest.approx(3000.0)
 
 
+def test_a_pipeline_rate_on_crops_decoded_ahead_is_marked() -> None:
+    """Where the read tasks decoded most of the run while the actors started (a GPU node, a
+    compile), the steady window timed the actors alone: the row, the ratios using it and the
+    JSON say so; a share under half (2 cores, the model the bottleneck) is not marked."""
+    settings = {"model": "m", "images": 8, "photo": "p", "batch_size": 8, "device": "cuda"}
+    report = BenchReport(settings | {"cores": 16, "sample_interval_s": 0.2})
+    report.measurements = [measurement(k, r) for k, r in (("a", 2600.0), ("b", 11700.0))]
+    report.measurements.append(measurement("c", 3800.0))
+    report.measurements[2].queued_share = 0.96
+    marked = ["e2e / GPU ceiling min(a, b)", "e2e / model-only"]
+    assert report.ran_ahead_ratios() == marked == report.as_json()["ratios_ran_ahead"]
+    table = format_table(report)
+    assert "  3800.0^" in table and "(c 96%)" in table
+    assert f"{'e2e / GPU ceiling min(a, b)':<{LABEL_WIDTH}}    1.46x ^\n" in table
+    report.measurements[2].queued_share = 0.3
+    assert report.ran_ahead_ratios() == [] and "ran ahead" not in format_table(report)
+
+
+def test_the_queued_share_is_the_object_stores_peak_over_the_decoded_crops() -> None:
+    """With the read tasks decoding (a GPU node's default), the share of the run's 224 x 224 x
+    3 crops the object store held at its peak; with the actors decoding, none."""
+    for gpus, decode, share in ((1, "tasks", 0.5), (1, "device", None), (0, "device", None)):
+        bench = parse_bench_spec({"runtime": {"decode": decode}} if gpus else {})
+        paths = {"input_uri": "/p", "output_uri": "/o", "weights": Path("/w")}
+        spec = job_spec(bench, **paths, run_id="r", gpus=gpus)
+        assert spec.runtime.decode == decode
+        assert queued_share(spec, 10, 5 * 224 * 224 * 3) == share
+
+
 def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None:
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text("input: {uris: [x]}\nruntime:\n  batch_size: 8\n  read_batch_size: 4\n")
@@ -449,9 +479,11 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert 0 < found[key]["peaks"]["sampler_cpu_seconds"] < cpu["driver"]
     for key in ("a", "b", "e", "f", "e-scale", "f-scale"):
         assert found[key]["peaks"]["object_store_bytes"] is None
+        assert found[key]["queued_share"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers
     assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
     for key in ("c", "c-scale"):  # same pixels, same model
+        assert found[key]["queued_share"] is None  # on CPUs the actors decode, in the window
         assert found[key]["top1_agreement"] >= (TINY - 1) / TINY
         assert found[key]["details"]["error_rows"] == 0
         startup = found[key]["details"]["startup_seconds"]  # the bench's job compiled

@@ -17,6 +17,7 @@ from vision_ops.benchmark.report import Measurement
 from vision_ops.benchmark.workload import Workload
 from vision_ops.config import JobSpec
 from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
+from vision_ops.models import resolve_preprocessing
 from vision_ops.sink import committed_run, read_committed_file
 
 PHOTO_BUCKET, OUTPUT_BUCKET = "bench-photos", "bench-out"
@@ -78,8 +79,19 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
             "startup_seconds": manifest.get("startup_seconds"),
             "runtime": spec.runtime.model_dump(),
         },
+        queued_share=queued_share(spec, commit.ok, peaks.object_store_bytes),
     )
     return measurement, committed_top1(source, run_id)
+
+
+def queued_share(spec: JobSpec, rows: int, object_store_bytes: int | None) -> float | None:
+    """The object store's peak over the bytes of the run's decoded crops (uint8, crop x crop x
+    3 each), where the read tasks decode (`runtime.decode: tasks`); else None: with `device`
+    they queue encoded files and the actors decode inside the steady window."""
+    preprocessing = resolve_preprocessing(spec.model, spec.task.kind)
+    if spec.runtime.decode != "tasks" or preprocessing is None or not rows:
+        return None
+    return (object_store_bytes or 0) / (rows * preprocessing.crop**2 * 3)
 
 
 def pool_blocks(spec: JobSpec) -> int:

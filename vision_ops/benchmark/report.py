@@ -56,6 +56,12 @@ WALL_RATIOS = tuple(
 )
 # Peak PSS ratios at the same size (below 1: the pipeline held less).
 PSS_RATIOS = tuple((label.replace("/", "PSS /", 1), t, b) for label, t, b in WALL_RATIOS)
+# The pipeline's steady window times decoding only while decoding keeps pace with the actors.
+# Where the object store held at least this share of a run's decoded crops at its peak, the read
+# tasks had decoded ahead while the actors started (and compiled): the window timed the actors
+# on queued crops, not the pipeline in step (seen on a GPU node, 2026-12-04).
+RAN_AHEAD_SHARE = 0.5
+UNSTEADY, RAN_AHEAD = "*", "^"  # the marks after such a rate, and after a ratio that uses one
 
 
 @dataclass
@@ -73,6 +79,12 @@ class Measurement:
     includes: str
     top1_agreement: float | None = None  # share of images whose top-1 equals the DataLoader's
     details: dict[str, Any] = field(default_factory=dict)
+    queued_share: float | None = None  # the object store's peak over the run's decoded crops
+
+    @property
+    def ran_ahead(self) -> bool:
+        """Whether its steady rate timed the actors on crops decoded ahead (RAN_AHEAD_SHARE)."""
+        return self.queued_share is not None and self.queued_share >= RAN_AHEAD_SHARE
 
     @property
     def wall_images_per_second(self) -> float:
@@ -133,12 +145,18 @@ class BenchReport:
 
     def unsteady_ratios(self) -> list[str]:
         """Ratios with a figure that is not a steady-state rate (start-up weighs in it)."""
-        unsteady = {m.key for m in self.measurements if not m.steady_state}
+        return self._ratios_of({m.key for m in self.measurements if not m.steady_state})
+
+    def ran_ahead_ratios(self) -> list[str]:
+        """Ratios with a pipeline rate that timed its actors on crops decoded ahead."""
+        return self._ratios_of({m.key for m in self.measurements if m.ran_ahead})
+
+    def _ratios_of(self, keys: set[str]) -> list[str]:
         ratios = self.ratios()
         return [
             label
             for label, top, bottom in RATIOS + SCALED_RATIOS
-            if label in ratios and ({top, bottom} & unsteady)
+            if label in ratios and ({top, bottom} & keys)
         ]
 
     def as_json(self) -> dict[str, Any]:
@@ -154,6 +172,7 @@ class BenchReport:
             "ratios": self.ratios(),
             "pss_ratios": self.pss_ratios(),
             "ratios_not_steady_state": self.unsteady_ratios(),
+            "ratios_ran_ahead": self.ran_ahead_ratios(),
             "scaling": self.scaling,
             "problems": self.problems,
             "passed": not self.problems,
@@ -179,7 +198,8 @@ def _mb(value: int | None) -> str:
 
 
 def _row(m: Measurement) -> str:
-    rate = f"{m.images_per_second:.1f}" + ("" if m.steady_state else "*")
+    mark = UNSTEADY if not m.steady_state else RAN_AHEAD if m.ran_ahead else ""
+    rate = f"{m.images_per_second:.1f}{mark}"
     agreement = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2f}"
     return (
         f"{m.key:<8}{m.approach:<38}{m.rows:>6}{rate:>9}{m.wall_images_per_second:>8.1f}"
@@ -202,16 +222,29 @@ def format_table(report: BenchReport) -> str:
         header,
         *(_row(m) for m in report.measurements),
         "",
-        "* no steady state (the output came within a second): e2e rows / pipeline seconds, "
-        "others rows / wall seconds; a ratio marked * uses such a figure",
+        f"{UNSTEADY} no steady state (the output came within a second): e2e rows / pipeline "
+        f"seconds, others rows / wall seconds; a ratio marked {UNSTEADY} uses such a figure",
         f"RSS, PSS: peaks {TREE_DESCRIPTION}; RSS every {settings['sample_interval_s']} s, PSS "
         f"every {PSS_EVERY}th sample. objst: peak Ray object store bytes in use.",
         "steady img/s: rows after the first output batch / time from it to the last row; for "
         "the pipeline, between every actor's first output block and its last.",
+        *_ran_ahead_lines(report),
     ]
     lines += _ratio_lines(report) + _where_it_went_lines(report)
     lines += _scaling_lines(report) + _check_lines(report)
     return "\n".join(lines)
+
+
+def _ran_ahead_lines(report: BenchReport) -> list[str]:
+    shares = [f"{m.key} {m.queued_share:.0%}" for m in report.measurements if m.ran_ahead]
+    if not shares:
+        return []
+    return [
+        f"{RAN_AHEAD} ran ahead: at its peak the object store held this share of the run's decoded "
+        f"crops ({', '.join(shares)}): the read tasks decoded while the actors started, and the "
+        "steady window timed the actors on queued crops, not decoding in step (runtime.queue_mb "
+        f"bounds it); a ratio marked {RAN_AHEAD} uses such a figure"
+    ]
 
 
 def _where_it_went_lines(report: BenchReport) -> list[str]:
@@ -254,21 +287,23 @@ def _ratio_lines(report: BenchReport) -> list[str]:
         "",
         "ratios of wall img/s (rows / wall s, start-up in) at the same size; >1: e2e first:",
     ]
-    lines += _figures(report.wall_ratios(), [])
+    lines += _figures(report.wall_ratios(), {})
     lines += ["", "ratios of steady img/s:"]
     lines += [
         f"  {label:<{LABEL_WIDTH}}{rates[key]:>8.1f} img/s"
         for key, label in CEILING_LABELS.items()
         if rates.get(key)
     ]
-    lines += _figures(report.ratios(), report.unsteady_ratios())
+    marks = {label: RAN_AHEAD for label in report.ran_ahead_ratios()}
+    marks |= {label: UNSTEADY for label in report.unsteady_ratios()}
+    lines += _figures(report.ratios(), marks)
     lines += ["", "ratios of peak PSS at the same size; <1: e2e held less:"]
-    return lines + _figures(report.pss_ratios(), [])
+    return lines + _figures(report.pss_ratios(), {})
 
 
-def _figures(ratios: dict[str, float], unsteady: list[str]) -> list[str]:
+def _figures(ratios: dict[str, float], marks: dict[str, str]) -> list[str]:
     return [
-        f"  {label:<{LABEL_WIDTH}}{value:>8.2f}x{' *' if label in unsteady else ''}"
+        f"  {label:<{LABEL_WIDTH}}{value:>8.2f}x" + (f" {marks[label]}" if label in marks else "")
         for label, value in ratios.items()
     ]
 
