@@ -21,6 +21,7 @@ import pyarrow as pa
 from vision_ops.config import MonitorSpec
 from vision_ops.outputs import Manifest, Target, committed_runs, describe
 from vision_ops.report import NoSuchRun
+from vision_ops.schema import PARTITION_COLUMN, run_order
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import task_of_run
 from vision_ops.trend import RunFigures, figure_columns, run_figures, table_figures
@@ -102,9 +103,10 @@ def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = N
 
 
 def runs_before(runs: list[Manifest], run_id: str, run_date: str) -> list[Manifest]:
-    """The committed runs before run `run_id` of `run_date`, in committed_runs' order (run
-    date, then run id); the run itself (a rerun's earlier commit) left out."""
-    return [run for run in runs if (run["run_date"], run["run_id"]) < (run_date, run_id)]
+    """The committed runs before run `run_id` of `run_date`, in committed_runs' order
+    (schema.RUN_ORDER); the run itself (a rerun's earlier commit) left out."""
+    this_run = run_order({PARTITION_COLUMN: run_date, "run_id": run_id})
+    return [run for run in runs if run_order(run) < this_run]
 
 
 def drift_at_commit(

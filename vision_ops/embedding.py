@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.schema import (
+    PARTITION_COLUMN,
+    RUN_ORDER,
     _ok_mask,
     _table,
     _unit_columns,
@@ -95,7 +97,8 @@ def vectors_sql(source: str = "predictions", dated: bool = True) -> str:
     after `night-9` by date; a view without `run_date`, `dated=False`, orders by run id alone).
     DuckDB reads Parquet's fixed-size lists as lists (FLOAT[]); each model's vectors are cast
     to FLOAT[D] when searched (`candidates`): a table may hold runs of models of other sizes."""
-    latest = "run_date DESC, run_id DESC" if dated else "run_id DESC"
+    order = [name for name in RUN_ORDER if dated or name != PARTITION_COLUMN]
+    latest = ", ".join(f"{name} DESC" for name in order)
     return f"""
         SELECT item_id, source_uri, frame_index, tile_x, tile_y, run_id, model_name,
                model_weights_sha256, embedding

@@ -29,7 +29,7 @@ from vision_ops.config import OutputSpec
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
 from vision_ops.staging import StagedParts
 from vision_ops.storage import (
@@ -549,7 +549,7 @@ def committed_runs(output: OutputSpec) -> list[dict[str, Any]]:
     manifest), oldest run date first."""
     table = load_table(output)
     runs = _runs_in(table).values() if table is not None else []
-    return sorted(runs, key=lambda run: (run["run_date"], run["run_id"]))
+    return sorted(runs, key=run_order)
 
 
 def run_manifest(output: OutputSpec, run_id: str) -> dict[str, Any] | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +15,9 @@ SCHEMA_VERSION = "2"  # 2: frame_count, and the DICOM columns of a DICOM job
 SCHEMA_VERSION_KEY = "vision_ops.schema_version"
 TASK_KEY = "vision_ops.task"  # the schema's task, in its metadata (and every file's footer)
 PARTITION_COLUMN = "run_date"  # Hive partition (run_date=YYYY-MM-DD/), not stored in the files
+# Which of two committed runs is the later: the later run date, then the greater run id (as
+# text). Incremental runs, drift and embedding search take "the latest run" in this order.
+RUN_ORDER = (PARTITION_COLUMN, "run_id")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_SKIPPED = "skipped"  # a tile with no data: recorded, never sent to the model
@@ -120,6 +123,11 @@ TILE_DETECTION_ENTRY = pa.struct(
         pa.field("lat", pa.float64()),
     ]
 )
+
+
+def run_order(run: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A committed run's manifest (or a row of it) -> its sort key, in RUN_ORDER."""
+    return tuple(run[name] for name in RUN_ORDER)
 
 
 def declared_schema(task: str, task_fields: Sequence[pa.Field]) -> pa.Schema:

@@ -27,7 +27,7 @@ from vision_ops.publish import (
 )
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_FOLDER, index_path, write_index
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, task_of
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
 from vision_ops.staging import StagedParts
 from vision_ops.storage import (
     StorageOptions,
@@ -100,7 +100,7 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
     if not fs.exists(folder):
         return []
     runs = [manifest_of(fs.cat_file(path), path) for path in fs.glob(f"{folder}/*.json")]
-    return sorted(runs, key=lambda run: (run["run_date"], run["run_id"]))
+    return sorted(runs, key=run_order)
 
 
 def committed_run(
