@@ -299,20 +299,29 @@ def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
 
 def test_a_pipeline_rate_on_crops_decoded_ahead_is_marked() -> None:
     """Where the read tasks decoded most of the run while the actors started (a GPU node, a
-    compile), the steady window timed the actors alone: the row, the ratios using it and the
-    JSON say so; a share under half (2 cores, the model the bottleneck) is not marked."""
+    compile), or the rate beat decoding's own ceiling, the steady window timed the actors
+    alone: the row, the ratios using it and the JSON say so, with the evidence."""
     settings = {"model": "m", "images": 8, "photo": "p", "batch_size": 8, "device": "cuda"}
     report = BenchReport(settings | {"cores": 16, "sample_interval_s": 0.2})
     report.measurements = [measurement(k, r) for k, r in (("a", 2600.0), ("b", 11700.0))]
-    report.measurements.append(measurement("c", 3800.0))
-    report.measurements[2].queued_share = 0.96
+    c = measurement("c", 3800.0)
+    report.measurements.append(c)
+    c.queued_share = 1.003  # the H200 run: every crop queued, other objects besides
     marked = ["e2e / GPU ceiling min(a, b)", "e2e / model-only"]
     assert report.ran_ahead_ratios() == marked == report.as_json()["ratios_ran_ahead"]
+    assert report.ran_ahead() == {"c": "c held 100% of its crops"}
     table = format_table(report)
-    assert "  3800.0^" in table and "(c 96%)" in table
+    assert "  3800.0^" in table and "(c held 100% of its crops)" in table
     assert f"{'e2e / GPU ceiling min(a, b)':<{LABEL_WIDTH}}    1.46x ^\n" in table
-    report.measurements[2].queued_share = 0.3
-    assert report.ran_ahead_ratios() == [] and "ran ahead" not in format_table(report)
+    c.queued_share = 0.1  # a bounded queue: the rate above a gives it away
+    assert report.ran_ahead() == {"c": "c beat a"}
+    c.images_per_second = 2400.0  # decoding in step
+    assert report.ran_ahead() == {} and "ran ahead" not in format_table(report)
+    c.queued_share, c.steady_state = 1.0, False  # no steady window: marked * alone
+    assert report.ran_ahead() == {} and "  2400.0*" in format_table(report)
+    c.queued_share, c.steady_state = None, True  # the actors decode: no evidence either way
+    c.images_per_second = 3800.0
+    assert report.ran_ahead() == {}
 
 
 def test_the_queued_share_is_the_object_stores_peak_over_the_decoded_crops() -> None:
@@ -324,6 +333,7 @@ def test_the_queued_share_is_the_object_stores_peak_over_the_decoded_crops() -> 
         spec = job_spec(bench, **paths, run_id="r", gpus=gpus)
         assert spec.runtime.decode == decode
         assert queued_share(spec, 10, 5 * 224 * 224 * 3) == share
+        assert queued_share(spec, 10, None) is None  # the store's use not seen
 
 
 def test_runtime_comes_from_a_spec_file_and_is_validated(tmp_path: Path) -> None:

@@ -87,11 +87,12 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
 def queued_share(spec: JobSpec, rows: int, object_store_bytes: int | None) -> float | None:
     """The object store's peak over the bytes of the run's decoded crops (uint8, crop x crop x
     3 each), where the read tasks decode (`runtime.decode: tasks`); else None: with `device`
-    they queue encoded files and the actors decode inside the steady window."""
+    they queue encoded files and the actors decode inside the steady window. None too where the
+    store's use was not seen."""
     preprocessing = resolve_preprocessing(spec.model, spec.task.kind)
-    if spec.runtime.decode != "tasks" or preprocessing is None or not rows:
+    if spec.runtime.decode != "tasks" or preprocessing is None or object_store_bytes is None:
         return None
-    return (object_store_bytes or 0) / (rows * preprocessing.crop**2 * 3)
+    return object_store_bytes / (rows * preprocessing.crop**2 * 3) if rows else None
 
 
 def pool_blocks(spec: JobSpec) -> int:

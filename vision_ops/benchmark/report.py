@@ -57,9 +57,10 @@ WALL_RATIOS = tuple(
 # Peak PSS ratios at the same size (below 1: the pipeline held less).
 PSS_RATIOS = tuple((label.replace("/", "PSS /", 1), t, b) for label, t, b in WALL_RATIOS)
 # The pipeline's steady window times decoding only while decoding keeps pace with the actors.
-# Where the object store held at least this share of a run's decoded crops at its peak, the read
-# tasks had decoded ahead while the actors started (and compiled): the window timed the actors
-# on queued crops, not the pipeline in step (seen on a GPU node, 2026-12-04).
+# Where its read tasks decode and the object store held at least this share of the run's
+# decoded crops at its peak, or its rate beat decoding's own ceiling (a), they had decoded ahead
+# while the actors started (and compiled): the window timed the actors on queued crops, not
+# the pipeline in step (seen on a GPU node, 2026-12-04).
 RAN_AHEAD_SHARE = 0.5
 UNSTEADY, RAN_AHEAD = "*", "^"  # the marks after such a rate, and after a ratio that uses one
 
@@ -79,12 +80,8 @@ class Measurement:
     includes: str
     top1_agreement: float | None = None  # share of images whose top-1 equals the DataLoader's
     details: dict[str, Any] = field(default_factory=dict)
-    queued_share: float | None = None  # the object store's peak over the run's decoded crops
-
-    @property
-    def ran_ahead(self) -> bool:
-        """Whether its steady rate timed the actors on crops decoded ahead (RAN_AHEAD_SHARE)."""
-        return self.queued_share is not None and self.queued_share >= RAN_AHEAD_SHARE
+    # The object store's peak over the run's decoded crops, where read tasks decode (e2e).
+    queued_share: float | None = None
 
     @property
     def wall_images_per_second(self) -> float:
@@ -147,9 +144,23 @@ class BenchReport:
         """Ratios with a figure that is not a steady-state rate (start-up weighs in it)."""
         return self._ratios_of({m.key for m in self.measurements if not m.steady_state})
 
+    def ran_ahead(self) -> dict[str, str]:
+        """The steady pipeline rates that timed their actors on crops decoded ahead
+        (RAN_AHEAD_SHARE), by key, each with its evidence."""
+        decode_rate = self.rates().get("a")
+        found = {}
+        for m in self.measurements:
+            if not m.steady_state or m.queued_share is None:  # None: the actors decode
+                continue
+            if m.queued_share >= RAN_AHEAD_SHARE:
+                found[m.key] = f"{m.key} held {m.queued_share:.0%} of its crops"
+            elif decode_rate and m.images_per_second > decode_rate:
+                found[m.key] = f"{m.key} beat a"
+        return found
+
     def ran_ahead_ratios(self) -> list[str]:
         """Ratios with a pipeline rate that timed its actors on crops decoded ahead."""
-        return self._ratios_of({m.key for m in self.measurements if m.ran_ahead})
+        return self._ratios_of(set(self.ran_ahead()))
 
     def _ratios_of(self, keys: set[str]) -> list[str]:
         ratios = self.ratios()
@@ -172,6 +183,7 @@ class BenchReport:
             "ratios": self.ratios(),
             "pss_ratios": self.pss_ratios(),
             "ratios_not_steady_state": self.unsteady_ratios(),
+            "ran_ahead": self.ran_ahead(),
             "ratios_ran_ahead": self.ran_ahead_ratios(),
             "scaling": self.scaling,
             "problems": self.problems,
@@ -197,8 +209,8 @@ def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / MB:.0f}"
 
 
-def _row(m: Measurement) -> str:
-    mark = UNSTEADY if not m.steady_state else RAN_AHEAD if m.ran_ahead else ""
+def _row(m: Measurement, ran_ahead: bool) -> str:
+    mark = UNSTEADY if not m.steady_state else RAN_AHEAD if ran_ahead else ""
     rate = f"{m.images_per_second:.1f}{mark}"
     agreement = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2f}"
     return (
@@ -209,7 +221,7 @@ def _row(m: Measurement) -> str:
 
 
 def format_table(report: BenchReport) -> str:
-    settings = report.settings
+    settings, ran_ahead = report.settings, report.ran_ahead()
     header = (
         f"{'key':<8}{'approach':<38}{'rows':>6}{'img/s':>9}{'img/s':>8}{'wall':>8}"
         f"{'RSS':>8}{'PSS':>8}{'objst':>8}{'top1=DL':>8}\n"
@@ -220,7 +232,7 @@ def format_table(report: BenchReport) -> str:
         f"{settings['model']}, {settings['images']} photos {settings['photo']}, batch "
         f"{settings['batch_size']}, device {settings['device']}, {settings['cores']} cores",
         header,
-        *(_row(m) for m in report.measurements),
+        *(_row(m, m.key in ran_ahead) for m in report.measurements),
         "",
         f"{UNSTEADY} no steady state (the output came within a second): e2e rows / pipeline "
         f"seconds, others rows / wall seconds; a ratio marked {UNSTEADY} uses such a figure",
@@ -236,14 +248,15 @@ def format_table(report: BenchReport) -> str:
 
 
 def _ran_ahead_lines(report: BenchReport) -> list[str]:
-    shares = [f"{m.key} {m.queued_share:.0%}" for m in report.measurements if m.ran_ahead]
-    if not shares:
+    evidence = report.ran_ahead()
+    if not evidence:
         return []
     return [
-        f"{RAN_AHEAD} ran ahead: at its peak the object store held this share of the run's decoded "
-        f"crops ({', '.join(shares)}): the read tasks decoded while the actors started, and the "
-        "steady window timed the actors on queued crops, not decoding in step (runtime.queue_mb "
-        f"bounds it); a ratio marked {RAN_AHEAD} uses such a figure"
+        f"{RAN_AHEAD} ran ahead ({'; '.join(evidence.values())}): the read tasks decoded while "
+        "the actors started, and the steady window timed the actors on queued crops, not "
+        f"decoding in step; a ratio marked {RAN_AHEAD} uses such a figure. The share counts "
+        "every object in the store at its peak (it can pass 100%). runtime.queue_mb bounds what "
+        "runs ahead; an unmarked rate may still have started on a full queue."
     ]
 
 
