@@ -33,7 +33,7 @@ from vision_ops.device_decode import decode_batch, model_inputs, resize_and_crop
 from vision_ops.pipeline import RunSummary, run_job
 from vision_ops.predictors import Classifier
 from vision_ops.reader import read_units
-from vision_ops.schema import TOP_K_IDS, TOP_K_SCORES
+from vision_ops.schema import STATUS_ERROR, TOP_K_IDS, TOP_K_SCORES
 from vision_ops.transforms import resize_and_crop
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -331,6 +331,40 @@ def test_pipeline_with_device_decode_equals_direct_calls(
         np.testing.assert_allclose(
             [e["score"] for e in row["top_k"]], top.values[index].numpy(), atol=1e-5
         )
+
+
+def test_a_batch_with_no_jpeg_for_the_device_is_run_like_any_other(
+    ray_local: None, weights_file: Path, tmp_path: Path
+) -> None:
+    """A model batch whose files the read tasks decoded (a PNG) or could not read leaves the
+    actor nothing to decode: its rows are predicted, not an error that fails the run (a batch
+    of one file per call puts the PNG and the corrupt JPEG alone)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    payloads = {"0.jpg": photo(0), "p.png": png(9), "bad.jpg": photo(1)[:100]}
+    for name, data in payloads.items():
+        (folder / name).write_bytes(data)
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(folder)]},
+            "task": {"kind": "classification", "top_k": 1},
+            "model": {"preprocessing": PREP, **torchvision_file_model(weights_file)},
+            "runtime": {"batch_size": 1, "max_actors": 1, "decode": "device"},
+            "output": {"uri": str(tmp_path / "table")},
+            "run": {"id": "one-a-call", "date": "2026-12-04"},
+        }
+    )
+    summary = run_job(spec)
+    rows = {
+        Path(row["source_uri"]).name: row
+        for row in pq.read_table(tmp_path / "table" / "run_date=2026-12-04").to_pylist()
+    }
+    assert (summary.commit.ok, summary.commit.errors, len(rows)) == (2, 1, 3)
+    assert rows["bad.jpg"]["status"] == STATUS_ERROR
+    pixels = resize_and_crop(decode_image(payloads["p.png"], MAX_PIXELS), Preprocessing(**PREP))
+    expected = direct_logits(tiny_classifier(), pixels[None]).argmax(-1)
+    assert rows["p.png"]["top_k"][0]["label_id"] == int(expected[0])
+    assert decode_batch([], torch.device("cpu"), MAX_PIXELS) == []
 
 
 def test_a_run_between_the_compile_thresholds_compiles_where_the_node_compiled_before(

@@ -68,7 +68,10 @@ def decode_batch(
 ) -> list[torch.Tensor | DecodeError]:
     """Each JPEG as uint8 (3, H, W) on the device, decoded in one call; a batch the device
     refuses is retried file by file, and a file it refuses is decoded with Pillow on the CPU.
-    A DecodeError where no decoder can read the file."""
+    A DecodeError where no decoder can read the file; none for none (a batch whose files the
+    read tasks decoded or could not read: torchvision refuses an empty list)."""
+    if not payloads:
+        return []
     tensors = [torch.frombuffer(bytearray(payload), dtype=torch.uint8) for payload in payloads]
     try:
         return list(_decode_jpeg(tensors, device))
