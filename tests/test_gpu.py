@@ -71,10 +71,18 @@ def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:
     np.testing.assert_allclose(scores[:, 0], expected.values[:, 0].numpy(), atol=3e-2)
 
 
+# Two actors on the one GPU (never run on a GPU before 2026-12-04; on the CPU, with a GPU
+# declared to Ray, the same pool ran to the end).
+HALF_A_GPU_EACH = {"num_gpus_per_actor": 0.5, "num_cpus_per_actor": 0.5, "min_actors": 2}
+
+
+@pytest.mark.parametrize("pool", [{}, HALF_A_GPU_EACH], ids=["whole", "halves"])
 def test_pipeline_on_a_gpu_with_nvjpeg_equals_direct_calls(
-    ray_with_gpu: None, weights_file: Path, tmp_path: Path
+    ray_with_gpu: None, weights_file: Path, tmp_path: Path, pool: dict[str, object]
 ) -> None:
-    payloads, summary, rows = run_on_photos(tmp_path, weights_file, 6, {"device": "cuda"})
+    """One actor with the whole GPU, or two actors with half of it each."""
+    runtime = {"device": "cuda"} | pool
+    payloads, summary, rows = run_on_photos(tmp_path, weights_file, 6, runtime)
     assert summary.commit.ok == len(rows) == len(payloads)
     jpegs = sorted(n for n in payloads if n.endswith(".jpg"))
     pixels = np.stack([device_reference(payloads[n]) for n in jpegs])
