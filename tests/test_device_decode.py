@@ -333,6 +333,23 @@ def test_pipeline_with_device_decode_equals_direct_calls(
         )
 
 
+def test_a_jpeg_strip_too_thin_to_resize_is_refused_before_the_device(tmp_path: Path) -> None:
+    """1 x 20,000 pixels, under the decode limit: resized to a shorter side of 72 on the
+    device it would be 72 x 1,440,000 (an out-of-memory that failed the run); an error row from
+    the read task, as on the CPU path, beside a JPEG left encoded."""
+    strip = Image.fromarray(np.zeros((1, 20_000, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    strip.save(buffer, format="JPEG")
+    batch = read_batch({"strip.jpg": buffer.getvalue(), "a.jpg": photo(1)}, tmp_path, True)
+    assert list(batch["status"]) == ["error", "ok"]
+    assert batch["error_type"][0] == "ImageTooLarge" and not batch[ENCODED_COLUMN][0]
+    assert batch["error_message"][0] == (
+        "20000x1 resized to a shorter side of 72 would be 103680000 pixels, over the limit of "
+        "10000000"
+    )
+    assert batch[ENCODED_COLUMN][1]
+
+
 def test_a_batch_with_no_jpeg_for_the_device_is_run_like_any_other(
     ray_local: None, weights_file: Path, tmp_path: Path
 ) -> None:

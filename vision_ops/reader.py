@@ -210,9 +210,9 @@ class UnitReader:
         if is_dicom(uri, payload):
             return self._dicom_units(payload)
         size = device_jpeg_size(payload, self.max_pixels) if self.decode_on_device else None
-        if size is not None:
-            return [self._encoded_unit(payload, *size)]
         try:
+            if size is not None:
+                return [self._encoded_unit(payload, *size)]
             return [self._unit(decode_image(payload, self.max_pixels))]
         except Exception as err:  # undecodable, or no size the model can take (1 x 10^7)
             return [self.error(err)]
@@ -251,7 +251,10 @@ class UnitReader:
         return {"image": model_input, "image_width": width, "image_height": height} | _OK
 
     def _encoded_unit(self, payload: bytes, width: int, height: int) -> dict[str, Any]:
-        """A JPEG left for the predictor's device to decode (its image is empty)."""
+        """A JPEG left for the predictor's device to decode (its image is empty), checked as a
+        decoded image is: a strip too thin to resize is refused here, not on the device."""
+        if self.preprocessing:
+            self._check_resized(width, height, self.preprocessing.resize)
         empty = np.zeros((0, 0, 3), dtype=np.uint8)
         encoded = {ENCODED_COLUMN: payload, "image_width": width, "image_height": height}
         return {"image": empty} | encoded | _OK
