@@ -72,8 +72,13 @@ def test_bf16_autocast_ranks_like_float32(weights_file: Path) -> None:
 
 
 # Two actors on the one GPU (never run on a GPU before 2026-12-04; on the CPU, with a GPU
-# declared to Ray, the same pool ran to the end).
-HALF_A_GPU_EACH = {"num_gpus_per_actor": 0.5, "num_cpus_per_actor": 0.5, "min_actors": 2}
+# declared to Ray, the same pool ran to the end), a photo a call so that both get work.
+HALF_A_GPU_EACH = {
+    "num_gpus_per_actor": 0.5,
+    "num_cpus_per_actor": 0.5,
+    "min_actors": 2,
+    "batch_size": 1,
+}
 
 
 @pytest.mark.parametrize("pool", [{}, HALF_A_GPU_EACH], ids=["whole", "halves"])

@@ -12,8 +12,8 @@
 # (2026-12-04) tests took 68 s, classify 104 s and nvjpeg 52 s at IMAGES=10000, and detect 104 s
 # at 500 images (1,000 did not finish in 90 s): all four fit one 10-minute call.
 # With PACK=1 the steps write to a folder of their own and OUT gets one gzipped tar of it, made
-# again after each step (the device tool brings back at most 8 files from its $OUT; all five
-# steps write 10).
+# again after each step and at the end, each time written beside it and moved into place (the
+# device tool brings back at most 8 files from its $OUT; the five steps write 9, and failed.txt).
 set -euo pipefail
 out=${1:?usage: run.sh OUT STEP...}
 shift
@@ -22,6 +22,7 @@ packed=""
 if [[ -n ${PACK:-} ]]; then
   packed=$out/gpu-figures.tar.gz
   out=$(mktemp -d)
+  chmod 755 "$out"
 fi
 python=${PYTHON:-python3}
 images=${IMAGES:-20000}
@@ -60,13 +61,16 @@ step() {
 steps=("${@:-all}")
 [[ ${steps[*]} == all ]] && steps=(tests classify nvjpeg detect eager)
 failed=()
-pack() { [[ -z $packed ]] || tar czf "$packed" -C "$out" .; }
+pack() {  # never stops the steps: a failed tar is said, the last good one kept
+  [[ -z $packed ]] && return 0
+  { tar czf "$packed.part" -C "$out" . && mv "$packed.part" "$packed"; } || echo "pack failed" >&2
+}
+trap pack EXIT  # (a step killed by a timeout's signal leaves only the steps before it)
 for name in "${steps[@]}"; do
   step "$name" || failed+=("$name")  # go on: each step's figures stand alone
   pack
 done
 if ((${#failed[@]})); then
   echo "failed steps: ${failed[*]}" | tee "$out/failed.txt" >&2
-  pack
   exit 1
 fi
