@@ -295,9 +295,17 @@ def run_on_photos(
 ) -> tuple[dict[str, bytes], RunSummary, list[dict]]:
     """`jpegs` JPEGs of different sizes and a PNG, classified by a run with device decoding:
     the files, the run's summary and the rows it committed."""
+    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(jpegs)} | {"p.png": png(9)}
+    return (payloads, *run_on_files(tmp_path, weights_file, payloads, runtime))
+
+
+def run_on_files(
+    tmp_path: Path, weights_file: Path, payloads: dict[str, bytes], runtime: dict[str, object]
+) -> tuple[RunSummary, list[dict]]:
+    """The files (name -> bytes) classified by a run with device decoding: the run's summary
+    and the rows it committed."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    payloads = {f"{i}.jpg": photo(i, (100 + 10 * i, 80)) for i in range(jpegs)} | {"p.png": png(9)}
     for name, data in payloads.items():
         (folder / name).write_bytes(data)
     spec = parse_spec(
@@ -311,7 +319,7 @@ def run_on_photos(
         }
     )
     summary = run_job(spec)
-    return payloads, summary, pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    return summary, pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
 
 
 def test_pipeline_with_device_decode_equals_direct_calls(
@@ -356,26 +364,11 @@ def test_a_batch_with_no_jpeg_for_the_device_is_run_like_any_other(
     """A model batch whose files the read tasks decoded (a PNG) or could not read leaves the
     actor nothing to decode: its rows are predicted, not an error that fails the run (a batch
     of one file per call puts the PNG and the corrupt JPEG alone)."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    payloads = {"0.jpg": photo(0), "p.png": png(9), "bad.jpg": photo(1)[:100]}
-    for name, data in payloads.items():
-        (folder / name).write_bytes(data)
-    spec = parse_spec(
-        {
-            "input": {"uris": [str(folder)]},
-            "task": {"kind": "classification", "top_k": 1},
-            "model": {"preprocessing": PREP, **torchvision_file_model(weights_file)},
-            "runtime": {"batch_size": 1, "max_actors": 1, "decode": "device"},
-            "output": {"uri": str(tmp_path / "table")},
-            "run": {"id": "one-a-call", "date": "2026-12-04"},
-        }
+    payloads = {"0.jpg": photo(0), "p.png": png(9), "bad.jpg": photo(1)[:100]}  # header cut
+    summary, committed = run_on_files(
+        tmp_path, weights_file, payloads, {"batch_size": 1, "max_actors": 1}
     )
-    summary = run_job(spec)
-    rows = {
-        Path(row["source_uri"]).name: row
-        for row in pq.read_table(tmp_path / "table" / "run_date=2026-12-04").to_pylist()
-    }
+    rows = {Path(row["source_uri"]).name: row for row in committed}
     assert (summary.commit.ok, summary.commit.errors, len(rows)) == (2, 1, 3)
     assert rows["bad.jpg"]["status"] == STATUS_ERROR
     pixels = resize_and_crop(decode_image(payloads["p.png"], MAX_PIXELS), Preprocessing(**PREP))
