@@ -441,10 +441,10 @@ MTIME_COLUMNS = ("last_modified_date", "last_modified", "mtime")
 # An S3 Inventory of a versioned bucket lists every version of a key and its delete markers:
 # only a key's current version is an input (a deleted key is none).
 VERSION_COLUMNS = ("is_latest", "is_delete_marker")
-# Any of these in a CSV's first row makes it a header (else it is a headerless S3 Inventory CSV).
 # What reading a manifest or an inventory's data file raises where it is not what it says
 # (a bad CSV or Parquet file, bad text, a truncated or corrupt gzip).
 UNREADABLE = (ValueError, csv.Error, pa.ArrowException, OSError, EOFError, zlib.error)
+# Any of these in a CSV's first row makes it a header (else it is a headerless S3 Inventory CSV).
 HEADER_COLUMNS = frozenset(
     {*URI_COLUMNS, "bucket", "key", *ETAG_COLUMNS, *SIZE_COLUMNS, *MTIME_COLUMNS}
 )
