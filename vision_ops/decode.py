@@ -83,20 +83,14 @@ class _PixelLimits:
                 Image.MAX_IMAGE_PIXELS = max(self._active) if self._active else self._saved
 
 
-_PIXEL_LIMITS = _PixelLimits()
+# Pillow's bomb guard at `max_pixels` (or the largest limit of the decodes in progress).
+_pixel_limit = _PixelLimits().at_least
 
 
 # Pillow's warning for an image between its limit and twice it: one `_open` refuses anyway.
 # Ignored for the process, once (`warnings.catch_warnings` around each decode is not safe for
 # threads: one thread's exit drops another's filter).
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-@contextlib.contextmanager
-def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's bomb guard at `max_pixels` (or the largest limit of the decodes in progress)."""
-    with _PIXEL_LIMITS.at_least(max_pixels):
-        yield
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
