@@ -240,15 +240,15 @@ def format_table(report: BenchReport) -> str:
         f"every {PSS_EVERY}th sample. objst: peak Ray object store bytes in use.",
         "steady img/s: rows after the first output batch / time from it to the last row; for "
         "the pipeline, between every actor's first output block and its last.",
-        *_ran_ahead_lines(report),
+        *_ran_ahead_lines(ran_ahead),
     ]
     lines += _ratio_lines(report) + _where_it_went_lines(report)
     lines += _scaling_lines(report) + _check_lines(report)
     return "\n".join(lines)
 
 
-def _ran_ahead_lines(report: BenchReport) -> list[str]:
-    evidence = report.ran_ahead()
+def _ran_ahead_lines(evidence: dict[str, str]) -> list[str]:
+    """The legend of the `^` mark, with each marked rate's evidence (BenchReport.ran_ahead)."""
     if not evidence:
         return []
     return [
