@@ -416,8 +416,9 @@ def test_an_image_the_detector_cannot_take_is_its_error_row(spread_detector) -> 
     """A 1 x 2000 strip: the detector's own resize makes it 0 pixels high and the call fails.
     The batch is run image by image: the strip is an error row, its neighbours keep exactly
     the boxes they get alone. Where every image of a batch fails (a batch of one too), they are
-    error rows if the model still takes the image it took before; the model's error is raised
-    where it has taken none, or no longer takes it (a device lost)."""
+    error rows if the model still takes the smallest image it took, or before it took one, a
+    small black image; the model's error is raised where it no longer takes it (a device
+    lost), from the first batch on."""
     model = detector(spread_detector)
 
     def batch_of(shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -435,16 +436,17 @@ def test_an_image_the_detector_cannot_take_is_its_error_row(spread_detector) -> 
         alone[index] = True
         expected = model.predict_rows(batch["image"], alone)[DETECTIONS][index]
         np.testing.assert_array_equal(out[DETECTIONS][index], expected)
-    with pytest.raises(RuntimeError):  # a model that has taken no image is not trusted
-        detector(spread_detector)(batch_of([(1, 2000), (1, 3000)]))
-    for shapes in ([(1, 2000), (1, 3000)], [(1, 2000)]):
-        out = model(batch_of(shapes))  # it took the 60 x 80 images: the strips are at fault
-        assert list(out["status"]) == [STATUS_ERROR] * len(shapes)
-        assert set(out["error_type"]) == {"RuntimeError"}
+    for taken in (model, detector(spread_detector)):  # it took the 60 x 80 images, or none
+        for shapes in ([(1, 2000), (1, 3000)], [(1, 2000)]):
+            out = taken(batch_of(shapes))  # the strips are at fault, not the model
+            assert list(out["status"]) == [STATUS_ERROR] * len(shapes)
+            assert set(out["error_type"]) == {"RuntimeError"}
+    assert model._good_image is not None and model._good_image.shape == (60, 80, 3)
 
     def device_lost(*args: object, **kwargs: object) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    model.module = device_lost  # type: ignore[assignment]
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        model(batch_of([(60, 80)]))
+    for taken in (model, detector(spread_detector)):
+        taken.module = device_lost  # type: ignore[assignment]
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            taken(batch_of([(60, 80)]))

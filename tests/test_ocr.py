@@ -227,6 +227,44 @@ def test_a_spec_names_its_own_model_files_and_dictionary(reader, tmp_path) -> No
     assert [line.text for line in lines] == PAGE_LINES
 
 
+def test_a_first_batch_the_reader_fails_on_whole_is_error_rows_unless_the_model_fails(
+    reader, tmp_path
+) -> None:
+    """A model of any input size that has read no image yet is probed with a small black one:
+    images it cannot take become error rows from the first batch on; a reader that fails on the
+    probe too is the model's fault and raises (the run fails, nothing committed)."""
+    from vision_ops.ocr_predictor import TextPredictor
+
+    base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
+    predictor = TextPredictor(parse_spec(base | {"task": {"kind": "ocr"}}))
+
+    def fails_on_any_light(images: list[np.ndarray]) -> list[list[Line]]:
+        if any(image.any() for image in images):
+            raise RuntimeError("this input breaks the reader")
+        return reader.read(images)
+
+    predictor.reader.read = fails_on_any_light  # type: ignore[method-assign]
+    images = np.empty(2, dtype=object)
+    images[:] = [page(), skimage.data.coffee()]
+    batch = {
+        "image": images,
+        "status": np.array(["ok", "ok"], dtype=object),
+        "error_type": np.full(2, None, dtype=object),
+        "error_message": np.full(2, None, dtype=object),
+    }
+    for rows in (slice(0, 2), slice(1, 2)):
+        out = predictor({name: values[rows] for name, values in batch.items()})
+        assert set(out["status"]) == {"error"}
+        assert set(out["error_message"]) == {"this input breaks the reader"}
+
+    def device_lost(images: list[np.ndarray]) -> list[list[Line]]:
+        raise RuntimeError("CUDA failure 700: an illegal memory access")
+
+    predictor.reader.read = device_lost  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        predictor({name: values[:1] for name, values in batch.items()})
+
+
 def test_a_model_file_that_is_not_onnx_is_a_model_error(tmp_path) -> None:
     from vision_ops.ocr_predictor import TextPredictor
 

@@ -44,6 +44,8 @@ from vision_ops.tasks import ClassificationTask, DetectionTask, get_task
 
 log = logging.getLogger(__name__)
 ERROR_COLUMNS = ("status", "error_type", "error_message")
+# The side of the black image a model of any input size is probed with before it took one.
+ANY_SIZE_PROBE_SIDE = 64
 TaskT = TypeVar("TaskT", ClassificationTask, DetectionTask)
 Pixels = np.ndarray | torch.Tensor  # uint8 (H, W, 3): from a read task, or decoded on the device
 
@@ -219,21 +221,24 @@ class Predictor:
         if self._good_image is None or _size(image) < _size(self._good_image):
             self._good_image = image.clone() if isinstance(image, torch.Tensor) else np.array(image)
 
-    def _sure_input(self) -> Pixels | None:
-        """An image the model is sure to take: a black one at a fixed-size model's crop; else
-        the smallest it took in this actor (None before it took one)."""
+    def _sure_input(self) -> Pixels:
+        """An image the model is sure to take: a black one at a fixed-size model's crop; for a
+        model of any size (a detector, OCR) the smallest it took in this actor, and before it
+        took one a small black one (so a first batch of images it cannot take is error rows
+        too, not a failed run)."""
         if self.preprocessing is not None:
             side = self.preprocessing.crop
-            return np.zeros((side, side, 3), dtype=np.uint8)
-        return self._good_image
+        elif self._good_image is not None:
+            return self._good_image
+        else:
+            side = ANY_SIZE_PROBE_SIDE
+        return np.zeros((side, side, 3), dtype=np.uint8)
 
     def _still_works(self) -> bool:
         """Whether the model still takes an image it is sure to take: where every image of a
         batch fails, this tells images it cannot take from a model that fails (a device lost,
-        a sticky CUDA error). A detector that has taken no image yet is not trusted."""
+        a sticky CUDA error)."""
         sure = self._sure_input()
-        if sure is None:
-            return False
         try:
             self.predict_rows([sure], np.ones(1, dtype=bool))
         except Exception:
