@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import cast
 
@@ -26,6 +29,7 @@ from test_models import (
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from vision_ops import device_decode
 from vision_ops.compile_record import RECORD_FOLDER
 from vision_ops.config import Preprocessing, SpecError, parse_spec
 from vision_ops.decode import ENCODED_COLUMN, CorruptImage, decode_image, device_jpeg_size
@@ -98,6 +102,50 @@ def test_a_cpu_decodes_on_the_actors_threads_as_on_one() -> None:
         else:
             assert isinstance(other, CorruptImage) and str(other) == str(one)
     assert [isinstance(crop, CorruptImage) for crop in threaded] == [False, True, False, False]
+
+
+def test_decoding_on_threads_leaves_the_warning_filters_alone(monkeypatch) -> None:
+    """The decoding threads share the process's warning filters: a decode that swapped them
+    (`warnings.catch_warnings`) could drop another thread's on its way out."""
+    during: list[list[object]] = []
+
+    def recording(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        during.append(list(warnings.filters))
+        return decode_jpeg(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", recording)
+    payloads = [photo(seed) for seed in range(6)]
+    with warnings.catch_warnings(record=True):
+        # less this module's ignore of every DeprecationWarning: a decode that set that same
+        # rule would leave the list as it found it
+        warnings.filters[:] = [
+            rule for rule in warnings.filters if rule[2] is not DeprecationWarning
+        ]
+        before = list(warnings.filters)
+        model_inputs(payloads, CPU, MAX_PIXELS, Preprocessing(**PREP), threads=3)
+        decode_batch(payloads, CPU, MAX_PIXELS)
+    assert len(during) == len(payloads) + 1
+    assert all(filters == before for filters in during)
+
+
+def test_torchvisions_deprecation_of_its_decoders_is_not_shown(tmp_path: Path) -> None:
+    """Ignored once for the process (pytest resets filters set while it imports the tests, so
+    a process of its own shows what a worker's log would, every warning shown)."""
+    jpeg = tmp_path / "photo.jpg"
+    jpeg.write_bytes(photo(1))
+    script = (
+        "import sys, torch; from vision_ops.device_decode import decode_batch; "
+        "[image] = decode_batch([open(sys.argv[1], 'rb').read()], torch.device('cpu'), 10**7); "
+        "print(tuple(image.shape))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script, str(jpeg)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "(3, 90, 120)"
+    assert "deprecated" not in done.stderr
 
 
 def _pillow_error(payload: bytes) -> str:

@@ -96,10 +96,16 @@ def _decode_one(
     return torch.from_numpy(pixels).permute(2, 0, 1).to(device)
 
 
+# torchvision 0.29 points its decoders' callers to torchcodec, not yet a dependency. Ignored
+# for the process, once: `warnings.catch_warnings` around each decode is not safe for the
+# decoding threads (it swaps the process's filters; one thread's exit drops another's).
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated"
+)
+
+
 def _decode_jpeg(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, not yet a dependency
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
 
 
 def resize_and_crop_tensor(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
