@@ -87,6 +87,72 @@ def test_a_file_listed_over_the_byte_cap_is_an_error_row_never_fetched(memfs, mo
     np.testing.assert_array_equal(out["image"][0], resize_and_crop(image, PREP))
 
 
+def test_a_file_of_no_listed_size_is_read_no_further_than_the_byte_cap(memfs, monkeypatch) -> None:
+    """A manifest entry with an ETag and no size: at most the cap and one byte of it is read,
+    and a file that gives that many is FileTooLarge; one under the cap reads as any other, an
+    empty one is EmptyFile, a missing one names its error."""
+    image = np.zeros((50, 70, 3), dtype=np.uint8)
+    memfs.pipe({"/in/ok.png": png(image), "/in/huge.jpg": b"x" * (3 * 2**20), "/in/empty.jpg": b""})
+    ranges: list[tuple[list[str], object, object]] = []
+    real_cat_ranges = type(memfs).cat_ranges
+
+    def recording(fs, paths, starts, ends, **kw):  # type: ignore[no-untyped-def]
+        ranges.append((list(paths), starts, ends))
+        return real_cat_ranges(fs, paths, starts, ends, **kw)
+
+    monkeypatch.setattr(type(memfs), "cat_ranges", recording)
+    names = ["ok.png", "huge.jpg", "empty.jpg", "gone.jpg"]
+    batch = {
+        "source_uri": np.array([f"memory:///in/{name}" for name in names]),
+        "source_etag": np.array(["e", "f", "g", "h"], dtype=object),
+        "source_size": np.array([np.nan] * 4),
+    }
+    out = read_units(
+        batch, preprocessing=PREP, max_pixels=10_000, storage_options={}, max_file_bytes=2**20
+    )
+    assert list(out["status"]) == ["ok", "error", "error", "error"]
+    np.testing.assert_array_equal(out["image"][0], resize_and_crop(image, PREP))
+    assert list(out["error_type"][1:3]) == ["FileTooLarge", "EmptyFile"]
+    assert out["error_message"][1] == (
+        "no size listed, and over input.max_file_mb=1 (1,048,576 bytes): read no further"
+    )
+    assert out["error_type"][3] == "FileNotFoundError"
+    assert ranges == [(sorted(f"/in/{name}" for name in names), 0, 2**20 + 1)]
+    assert np.isnan(out["source_size"].astype(float)).all()  # as listed: the manifest's identity
+
+
+def test_on_s3_an_empty_object_of_no_listed_size_is_empty_not_a_refused_range(
+    s3fs_client, s3_options
+) -> None:
+    """S3 answers a range read of an empty object 416: the reader takes it for the empty
+    file it is (EmptyFile), while a larger object is still read no further than the cap."""
+    image = np.zeros((50, 70, 3), dtype=np.uint8)
+    prefix = "images/reader-cap"
+    s3fs_client.pipe(
+        {
+            f"{prefix}/ok.png": png(image),
+            f"{prefix}/empty.jpg": b"",
+            f"{prefix}/huge.jpg": b"x" * (2**20 + 1),
+        }
+    )
+    names = ["ok.png", "empty.jpg", "huge.jpg"]
+    batch = {
+        "source_uri": np.array([f"s3://{prefix}/{name}" for name in names]),
+        "source_etag": np.array(["e", "f", "g"], dtype=object),
+        "source_size": np.array([np.nan] * 3),
+    }
+    out = read_units(
+        batch,
+        preprocessing=PREP,
+        max_pixels=10_000,
+        storage_options=s3_options,
+        max_file_bytes=2**20,
+    )
+    assert list(out["status"]) == ["ok", "error", "error"]
+    assert list(out["error_type"][1:]) == ["EmptyFile", "FileTooLarge"]
+    np.testing.assert_array_equal(out["image"][0], resize_and_crop(image, PREP))
+
+
 def test_fetch_all_returns_bytes_or_the_exception(memfs, tmp_path) -> None:
     memfs.pipe("/x/one", b"1")
     (tmp_path / "two").write_bytes(b"2")

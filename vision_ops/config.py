@@ -300,9 +300,9 @@ class InputSpec(StrictModel):
         default=2048,
         gt=0,
         description="Largest file read whole, in MiB (by the size the listing found); larger "
-        "ones become error rows (`FileTooLarge`) without a byte downloaded. The default passes "
-        "any image under `max_pixels`, uncompressed; tiled scenes are read by window, uncapped; "
-        "a manifest entry with an ETag but no size is not capped.",
+        "ones become error rows (`FileTooLarge`) without a byte downloaded (of a manifest entry "
+        "with an ETag but no size, no more than the cap and a byte). The default passes any "
+        "image under `max_pixels`, uncompressed; tiled scenes are read by window, uncapped.",
     )
 
     dicom: DicomSpec | None = Field(

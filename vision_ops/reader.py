@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +78,7 @@ def read_units(
     if tiling is not None:
         per_source = read_tile_units(batch, tiling, reading, storage_options)
     else:
-        too_large = _too_large(uris, batch["source_size"], max_file_bytes)
-        fetched = fetch_all([uri for uri in uris if uri not in too_large], storage_options)
-        payloads = fetched | too_large
+        payloads = fetch_capped(uris, batch["source_size"], max_file_bytes, storage_options)
         per_source = [reading.units(uri, payloads[uri]) for uri in uris]
     rows = [row for units in per_source for row in units]
     source_of = np.array([i for i, units in enumerate(per_source) for _ in units], dtype=np.int64)
@@ -140,30 +139,61 @@ class FileTooLarge(Exception):
     """The file is larger than the job reads whole (`input.max_file_mb`)."""
 
 
-def _too_large(
-    uris: list[str], sizes: np.ndarray, max_file_bytes: int | None
-) -> dict[str, BaseException]:
-    """FileTooLarge for each URI whose listed size passes `max_file_bytes` (None: no cap)."""
+def fetch_capped(
+    uris: list[str], sizes: np.ndarray, max_file_bytes: int | None, options: StorageOptions
+) -> dict[str, bytes | BaseException]:
+    """`fetch_all`, under the cap (None: none): a file the listing found larger than
+    `max_file_bytes` is FileTooLarge without a byte read; of a file whose size it did not
+    find (a manifest entry with an ETag only) no more than `max_file_bytes + 1` bytes are read,
+    and FileTooLarge where that many came."""
     if max_file_bytes is None:
-        return {}
+        return fetch_all(uris, options)
+    unsized = {uri for uri, size in zip(uris, sizes, strict=True) if _is_null(size)}
+    too_large = _too_large(uris, sizes, max_file_bytes)
+    sized = [uri for uri in uris if uri not in too_large and uri not in unsized]
+    heads = fetch_all(sorted(unsized), options, up_to=max_file_bytes + 1)
+    return fetch_all(sized, options) | too_large | _over_the_cap(heads, max_file_bytes)
+
+
+def _too_large(uris: list[str], sizes: np.ndarray, max_file_bytes: int) -> dict[str, BaseException]:
+    """FileTooLarge for each URI whose listed size passes `max_file_bytes`."""
     return {
-        uri: FileTooLarge(
-            f"{int(size):,} bytes, over input.max_file_mb={max_file_bytes // 2**20} "
-            f"({max_file_bytes:,} bytes): not read"
-        )
+        uri: FileTooLarge(f"{int(size):,} bytes, over {_the_cap(max_file_bytes)}: not read")
         for uri, size in zip(uris, sizes, strict=True)
         if not _is_null(size) and int(size) > max_file_bytes
     }
 
 
-def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | BaseException]:
-    """Bytes of each URI, fetched concurrently per filesystem; an exception where a read failed."""
+def _over_the_cap(
+    heads: dict[str, bytes | BaseException], max_file_bytes: int
+) -> dict[str, bytes | BaseException]:
+    """The first bytes of files of no listed size, FileTooLarge where they pass the cap."""
+    return {
+        uri: FileTooLarge(f"no size listed, and over {_the_cap(max_file_bytes)}: read no further")
+        if isinstance(head, bytes) and len(head) > max_file_bytes
+        else head
+        for uri, head in heads.items()
+    }
+
+
+def _the_cap(max_file_bytes: int) -> str:
+    return f"input.max_file_mb={max_file_bytes // 2**20} ({max_file_bytes:,} bytes)"
+
+
+def fetch_all(
+    uris: list[str], options: StorageOptions, up_to: int | None = None
+) -> dict[str, bytes | BaseException]:
+    """Bytes of each URI (with `up_to`, its first `up_to` bytes at most), fetched concurrently
+    per filesystem; an exception where a read failed."""
     payloads: dict[str, bytes | BaseException] = {}
     by_fs: dict[int, tuple[Any, dict[str, str]]] = {}
     for uri in uris:
         fs, path = filesystem(uri, options)
         by_fs.setdefault(id(fs), (fs, {}))[1][path] = uri
     for fs, paths in by_fs.values():
+        if up_to is not None:
+            payloads |= _fetch_heads(fs, paths, up_to)
+            continue
         plain = [path for path in paths if not GLOB_CHARS & set(path)]
         results = fs.cat(plain, on_error="return") if plain else {}
         if not isinstance(results, dict):  # a single path comes back as bare bytes
@@ -176,6 +206,29 @@ def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | Bas
             else:
                 payloads[uri] = FileNotFoundError(uri)
     return payloads
+
+
+def _fetch_heads(fs: Any, paths: dict[str, str], up_to: int) -> dict[str, bytes | BaseException]:
+    """The first `up_to` bytes of each path (its URI's), in one concurrent call (a range read
+    takes each name literally). S3 refuses any range of an empty object (416, which s3fs
+    raises as EINVAL): an object the store then says is empty is no bytes."""
+    names = list(paths)
+    heads = fs.cat_ranges(names, 0, up_to, on_error="return")
+    return {
+        paths[name]: b"" if _unsatisfiable(head) and _is_empty(fs, name) else head
+        for name, head in zip(names, heads, strict=True)
+    }
+
+
+def _unsatisfiable(head: bytes | BaseException) -> bool:
+    return isinstance(head, OSError) and head.errno == errno.EINVAL
+
+
+def _is_empty(fs: Any, path: str) -> bool:
+    try:
+        return fs.size(path) == 0
+    except OSError:
+        return False
 
 
 def _cat_one(fs: Any, path: str) -> bytes | BaseException:
