@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray
+from ray.data.datasource import FileBasedDatasource
 
 from vision_ops.config import InputSpec
 from vision_ops.sources import (
@@ -33,6 +35,7 @@ from vision_ops.tally import (
 )
 
 log = logging.getLogger(__name__)
+EMPTY_CSV = "Empty CSV file"  # Arrow's error for a CSV file of no bytes
 MAX_REPEATED_URIS = 100_000  # URIs named more than once that a run sets right (else refuses)
 
 
@@ -118,8 +121,7 @@ def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.da
         rows = ray.data.read_parquet(path, partitioning=None, **where)
         rows = rows.select_columns(list(manifest.columns))
     elif manifest.format == "csv":
-        no_hive: Any = None  # Ray's default would read key=value folders as columns
-        rows = ray.data.read_csv(path, partitioning=no_hive, **where, **manifest.csv_arguments())
+        rows = ray.data.read_datasource(CsvRows(path, manifest.csv_arguments(), **where))
     else:
         rows = ray.data.read_text(path, **where)
     rows = rows.map_batches(manifest.normalise, **BLOCKWISE)
@@ -128,6 +130,27 @@ def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.da
         return rows.materialize()
     except Exception as err:
         raise _source_error(manifest.uri, err) from None
+
+
+class CsvRows(FileBasedDatasource):
+    """CSV files read in Arrow batches, each column as `arguments` name and type it, where a
+    file with no bytes (a report's data file listing no objects) is no rows: Ray Data's CSV
+    reader refuses one ("Empty CSV file"), failing the listing."""
+
+    def __init__(self, paths: list[str], arguments: dict[str, Any], **kwargs: Any) -> None:
+        no_hive: Any = None  # Ray's default would read key=value folders as columns
+        super().__init__(paths, partitioning=no_hive, **kwargs)
+        self.arguments = arguments
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        try:
+            reader = pacsv.open_csv(f, **self.arguments)
+        except pa.ArrowInvalid as err:
+            if str(err) == EMPTY_CSV:
+                return
+            raise
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
 
 
 def _source_error(uri: str, err: BaseException) -> SourceError:
