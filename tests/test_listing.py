@@ -8,6 +8,7 @@ import datetime as dt
 import gzip
 import io
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,29 @@ def test_an_inventory_data_file_that_cannot_be_read_is_named(
         with pytest.raises(SourceError) as err:
             read(report, s3_options)
         assert str(err.value).startswith(f"manifest {report}: {message}"), str(err.value)
+
+
+def test_a_data_file_the_listing_cannot_parse_fails_it_in_one_line(
+    ray_local, s3fs_client, s3_options
+) -> None:
+    """A row past the check's first rows that Arrow cannot parse (a column too many) fails the
+    listing, before any work, with the manifest named and Arrow's own words: not the Ray task's
+    traceback that carries them."""
+    good = '"images","a.png","v1","true","false","9","2026-12-03T01:00:00.000Z","e"\n'
+    folder = f"out/inventory/unparsed-{uuid.uuid4().hex[:8]}"
+    report = put_report(
+        s3fs_client,
+        folder,
+        "CSV",
+        {
+            "part0.csv.gz": gzip.compress(good.encode()),
+            "part1.csv.gz": gzip.compress((good[:-1] + ',"extra"\n').encode()),
+        },
+    )
+    with pytest.raises(SourceError) as err:
+        listing_of(InputSpec(manifest=report), s3_options)
+    expected = (  # Arrow numbers the row where it knows the row's place in the file
+        rf"manifest {re.escape(report)}: cannot read: ArrowInvalid: CSV parse error: "
+        rf"(Row #1: )?Expected 8 columns, got 9: {re.escape(good[:-1])},\"extra\""
+    )
+    assert re.fullmatch(expected, str(err.value)), str(err.value)

@@ -155,14 +155,18 @@ class CsvRows(FileBasedDatasource):
 
 def _source_error(uri: str, err: BaseException) -> SourceError:
     """The SourceError a Ray task raised (Ray's error carries it as `cause`), else one naming
-    the manifest and what went wrong reading it."""
+    the manifest and the error at the root of Ray's (whose own text holds the task's
+    traceback), in its first line."""
     found: BaseException | None = err
+    root = err
     while found is not None:
+        root = found
         original = getattr(found, "cause", None)
         if isinstance(original, SourceError):  # one line; Ray appends its retry advice
             return SourceError(str(original).splitlines()[0])
-        found = found.__cause__ or original
-    return SourceError(f"manifest {uri}: cannot read: {type(err).__name__}: {err}")
+        found = original or found.__cause__
+    first_line = next(iter(str(root).splitlines()), "")
+    return SourceError(f"manifest {uri}: cannot read: {type(root).__name__}: {first_line}")
 
 
 def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
