@@ -27,6 +27,7 @@ from vision_ops.dicom import (
     scrubbed,
 )
 from vision_ops.reader import read_units
+from vision_ops.schema import STAGE_PREFIX
 from vision_ops.synthetic import dicom_bytes
 
 PACKAGE_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -316,6 +317,49 @@ def test_read_units_gives_a_row_per_frame_and_an_error_row_per_bad_file(tmp_path
     assert out["modality"][0] == "CT" and out["sop_instance_uid"][0] is not None
     text = repr(out)
     assert not [n for n in CANARY_NEEDLES if n in text]
+
+
+def test_the_frames_of_an_instance_leave_the_read_in_blocks_each_decoded_as_its_block_is_built(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A file of many frames is not held whole: the read yields blocks whose images pass the
+    bound by one frame at most, decoding a frame only when its block is being built; the
+    blocks together are the one-block read, row for row."""
+    from vision_ops import reader
+
+    frames = np.arange(10 * 16 * 16, dtype=np.int16).reshape(10, 16, 16)
+    (tmp_path / "cine.dcm").write_bytes(dicom_bytes(frames, tags=CT))
+    (tmp_path / "after.dcm").write_bytes(dicom_bytes(STORED, tags=CT))
+    batch = {
+        "source_uri": np.array([str(tmp_path / "cine.dcm"), str(tmp_path / "after.dcm")]),
+        "source_etag": np.array(["a", "b"], dtype=object),
+        "source_size": np.array([1, 2]),
+    }
+    options = {"preprocessing": None, "max_pixels": 10**8, "storage_options": {}}
+    options["dicom"] = DicomSpec()
+    decoded: list[int] = []
+    real_decode = reader.decode_frame
+
+    def counting(instance, index, spec):  # type: ignore[no-untyped-def]
+        decoded.append(index)
+        return real_decode(instance, index, spec)
+
+    monkeypatch.setattr(reader, "decode_frame", counting)
+    frame_bytes = 16 * 16 * 3
+    blocks = reader.read_unit_blocks(batch, **options, max_block_bytes=3 * frame_bytes)
+    first = next(blocks)
+    assert list(first["frame_index"]) == [0, 1, 2] and decoded == [0, 1, 2]
+    rest = list(blocks)
+    assert [len(block["status"]) for block in rest] == [3, 3, 2]  # 9 and 10, then after.dcm
+    whole = read_units(batch, **options)
+    for name in ("source_uri", "item_id", "frame_index", "frame_count", "status"):
+        streamed = [value for block in [first, *rest] for value in block[name]]
+        assert streamed == list(whole[name]), name
+    streamed_images = [image for block in [first, *rest] for image in block["image"]]
+    for streamed_image, image in zip(streamed_images, whole["image"], strict=True):
+        np.testing.assert_array_equal(streamed_image, image)
+    stage = f"{STAGE_PREFIX}read_decode"
+    assert all(block[stage].shape == (len(block["status"]),) for block in rest)
 
 
 # --- patient identifiers -----------------------------------------------------------------------

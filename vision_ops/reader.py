@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,12 @@ TILE_COLUMNS = (
 )
 
 
-def read_units(
+def read_units(batch: dict[str, np.ndarray], **reading: Any) -> dict[str, np.ndarray]:
+    """Every unit of a listing batch in one block: `read_unit_blocks` with no bound."""
+    return next(read_unit_blocks(batch, **reading, max_block_bytes=None))
+
+
+def read_unit_blocks(
     batch: dict[str, np.ndarray],
     *,
     preprocessing: Preprocessing | None,
@@ -61,9 +67,13 @@ def read_units(
     tiling: TilingSpec | None = None,
     decode_on_device: bool = False,
     max_file_bytes: int | None = None,
-) -> dict[str, np.ndarray]:
-    """One listing batch -> one row per unit (an image, or each frame of a DICOM instance) with
-    image, size, frame, status and error columns, and the DICOM columns when `dicom` is set.
+    max_block_bytes: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One listing batch -> one row per unit (an image, each frame of a DICOM instance, or a
+    planned tile) with image, size, frame, status and error columns, and the DICOM or tile
+    columns where the spec reads them; in blocks whose images pass `max_block_bytes` by one
+    unit at most (None: one block). A unit is decoded as its block is built, so the frames of
+    a DICOM instance are never all held at once, however many it declares.
     A file the listing found larger than `max_file_bytes` is an error row, never fetched.
 
     With `preprocessing` each image is resized and cropped for the model; without, it keeps its
@@ -76,39 +86,77 @@ def read_units(
     batch = dict(batch)
     _fill_missing_identity(batch, uris, storage_options)  # once per source, not per unit
     if tiling is not None:
-        per_source = read_tile_units(batch, tiling, reading, storage_options)
+        units = tile_units(batch, tiling, reading, storage_options)
     else:
         payloads = fetch_capped(uris, batch["source_size"], max_file_bytes, storage_options)
-        per_source = [reading.units(uri, payloads[uri]) for uri in uris]
-    rows = [row for units in per_source for row in units]
-    source_of = np.array([i for i, units in enumerate(per_source) for _ in units], dtype=np.int64)
+        units = (
+            (index, row)
+            for index, uri in enumerate(uris)
+            for row in reading.units(uri, payloads[uri])
+        )
+    extra = (*(DICOM_COLUMNS if dicom else ()), *(TILE_COLUMNS if tiling else ()))
+    for block in _blocks(units, max_block_bytes):
+        out = _columns(batch, uris, block, extra, decode_on_device)
+        out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(block), time.perf_counter() - started)
+        yield out
+        started = time.perf_counter()
+
+
+def _blocks(
+    units: Iterator[tuple[int, dict[str, Any]]], max_bytes: int | None
+) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """(source index, row) pairs in lists whose images pass `max_bytes` by one unit at most;
+    one list (perhaps empty) where there is no bound or no unit."""
+    block: list[tuple[int, dict[str, Any]]] = []
+    held, yielded = 0, False
+    for unit in units:
+        block.append(unit)
+        held += _unit_bytes(unit[1])
+        if max_bytes is not None and held >= max_bytes:
+            yield block
+            block, held, yielded = [], 0, True
+    if block or not yielded:
+        yield block
+
+
+def _unit_bytes(row: dict[str, Any]) -> int:
+    return int(row["image"].nbytes) + len(row.get(ENCODED_COLUMN, b""))
+
+
+def _columns(
+    batch: dict[str, np.ndarray],
+    uris: list[str],
+    block: list[tuple[int, dict[str, Any]]],
+    extra: tuple[str, ...],
+    decode_on_device: bool,
+) -> dict[str, np.ndarray]:
+    """A block's units as columns: their sources' listing columns, then their own."""
+    source_of = np.array([index for index, _ in block], dtype=np.int64)
+    rows = [row for _, row in block]
     out = {name: np.asarray(values)[source_of] for name, values in batch.items()}
-    out_uris = [uris[i] for i in source_of]
     out["item_id"] = np.array(
         [
-            item_id(uri, row.get("frame_index"), _tile_of(out, index))
-            for index, (uri, row) in enumerate(zip(out_uris, rows, strict=True))
+            item_id(uris[source], row.get("frame_index"), _tile_of(out, index))
+            for index, (source, row) in enumerate(zip(source_of.tolist(), rows, strict=True))
         ],
         dtype=object,
     )
-    out["image"] = image_column([row.pop("image") for row in rows])
+    out["image"] = image_column([row.pop("image") for row in rows])  # held once, as a column
     if decode_on_device:
         out[ENCODED_COLUMN] = np.array([row.get(ENCODED_COLUMN, b"") for row in rows], dtype=object)
-    extra = (*(DICOM_COLUMNS if dicom else ()), *(TILE_COLUMNS if tiling else ()))
     for column in (*UNIT_COLUMNS, *extra):
         out[column] = np.array([row.get(column) for row in rows], dtype=object)
-    out[f"{STAGE_PREFIX}read_decode"] = stage_times(len(rows), time.perf_counter() - started)
     return out
 
 
-def read_tile_units(
+def tile_units(
     batch: dict[str, np.ndarray],
     tiling: TilingSpec,
     reading: UnitReader,
     options: StorageOptions,
-) -> list[list[dict[str, Any]]]:
-    """Planned tiles -> one row each; a scene stays open across its consecutive tiles."""
-    per_unit: list[list[dict[str, Any]]] = []
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Planned tiles -> (listing index, row) each; a scene stays open across its consecutive
+    tiles (and until the last block is built)."""
     with contextlib.ExitStack() as stack:
         scenes: dict[str, Any] = {}  # an open dataset, or the error opening it gave
         for index, uri in enumerate(str(u) for u in batch["source_uri"]):
@@ -123,10 +171,10 @@ def read_tile_units(
             try:
                 if isinstance(scenes[uri], Exception):
                     raise scenes[uri]
-                per_unit.append([reading.tile(tile_unit(scenes[uri], unit, tiling))])
+                row = reading.tile(tile_unit(scenes[uri], unit, tiling))
             except Exception as err:  # the tile's own error row; the other tiles go on
-                per_unit.append([reading.error(err)])
-    return per_unit
+                row = reading.error(err)
+            yield index, row
 
 
 def _tile_of(out: dict[str, np.ndarray], index: int) -> tuple[int, int] | None:
@@ -257,18 +305,23 @@ class UnitReader:
     dicom: DicomSpec | None
     decode_on_device: bool = False
 
-    def units(self, uri: str, payload: bytes | BaseException) -> list[dict[str, Any]]:
+    def units(self, uri: str, payload: bytes | BaseException) -> Iterator[dict[str, Any]]:
+        """The file's units, each decoded as it is taken (a DICOM instance's frames)."""
         if isinstance(payload, BaseException):
-            return [self.error(payload)]
-        if is_dicom(uri, payload):
-            return self._dicom_units(payload)
+            yield self.error(payload)
+        elif is_dicom(uri, payload):
+            yield from self._dicom_units(payload)
+        else:
+            yield self._image_unit(payload)
+
+    def _image_unit(self, payload: bytes) -> dict[str, Any]:
         size = device_jpeg_size(payload, self.max_pixels) if self.decode_on_device else None
         try:
             if size is not None:
-                return [self._encoded_unit(payload, *size)]
-            return [self._unit(decode_image(payload, self.max_pixels))]
+                return self._encoded_unit(payload, *size)
+            return self._unit(decode_image(payload, self.max_pixels))
         except Exception as err:  # undecodable, or no size the model can take (1 x 10^7)
-            return [self.error(err)]
+            return self.error(err)
 
     def _check_resized(self, width: int, height: int, side: int) -> None:
         """ImageTooLarge where resizing the shorter side to `side` would pass `max_pixels` (a
@@ -281,20 +334,19 @@ class UnitReader:
                 f"pixels, over the limit of {self.max_pixels}"
             )
 
-    def _dicom_units(self, payload: bytes) -> list[dict[str, Any]]:
+    def _dicom_units(self, payload: bytes) -> Iterator[dict[str, Any]]:
         spec = self.dicom or DicomSpec()
         try:
             instance = open_instance(payload, spec, self.max_pixels)
         except Exception as err:
-            return [self.error(err)]
-        rows = []
+            yield self.error(err)
+            return
         for index in range(instance.frame_count):
             try:
                 row = self._unit(decode_frame(instance, index, spec))
             except Exception as err:
                 row = self.error(err)
-            rows.append(row | instance.columns | {"frame_index": index})
-        return rows
+            yield row | instance.columns | {"frame_index": index}
 
     def _unit(self, image: np.ndarray) -> dict[str, Any]:
         height, width = image.shape[:2]

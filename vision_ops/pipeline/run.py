@@ -26,7 +26,7 @@ from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import PoolPlan, plan_pool, pool_for_inputs
 from vision_ops.predictors import load_predictor
-from vision_ops.reader import read_units
+from vision_ops.reader import read_unit_blocks
 from vision_ops.resume import without_sources
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 MB = 1024**2
 # Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
 READ_TASK_MEMORY_BYTES = 512 * MB
+# A read task's units leave it in blocks of about this many bytes of images, so the frames of
+# a DICOM instance are never held all at once (Ray Data gathers a task's blocks up to its
+# target block size, 128 MiB, before handing them on).
+READ_BLOCK_BYTES = 64 * MB
 # Blocks a map task may make before the executor takes them (Ray Data's default: 2). Cutting a
 # listing block into read blocks (`unit_blocks`) makes hundreds of small blocks in one task; at
 # 2 ahead they trickled out at the executor's pace, about 10 a second, while the task held the
@@ -286,7 +290,7 @@ def build_dataset(
     # tasks to keep every free core decoding.
     blocks = unit_blocks(listing, spec.runtime.files_per_read_task)
     reader = functools.partial(
-        read_units,
+        read_unit_blocks,
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
         max_pixels=spec.input.max_pixels,
         max_file_bytes=spec.input.max_file_mb * 2**20,
@@ -294,6 +298,7 @@ def build_dataset(
         dicom=spec.input.dicom,
         tiling=spec.input.tiling,
         decode_on_device=spec.runtime.decode == "device",
+        max_block_bytes=READ_BLOCK_BYTES,
     )
     units = blocks.map_batches(
         reader,
