@@ -362,6 +362,44 @@ def test_the_frames_of_an_instance_leave_the_read_in_blocks_each_decoded_as_its_
     assert all(block[stage].shape == (len(block["status"]),) for block in rest)
 
 
+def test_a_small_file_of_many_large_frames_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """200 frames of 512 x 512 in a 1.7 MB RLE file are 157 MB of RGB images: read in one
+    block, all of them are held at once; in blocks of 8 MB, a few blocks' worth (the peak of
+    what Python and numpy allocate, as tracemalloc counts it)."""
+    import tracemalloc
+
+    from vision_ops.reader import read_unit_blocks
+
+    frames = np.zeros((200, 512, 512), dtype=np.int16)
+    frames[:, ::64, ::64] = 1000
+    cine = tmp_path / "cine.dcm"
+    cine.write_bytes(dicom_bytes(frames, tags=CT, transfer_syntax=RLELossless))
+    assert cine.stat().st_size < 2 * 2**20
+    del frames
+    batch = {
+        "source_uri": np.array([str(cine)]),
+        "source_etag": np.array(["a"], dtype=object),
+        "source_size": np.array([1]),
+    }
+    options = {"preprocessing": None, "max_pixels": 10**8, "storage_options": {}}
+    peak_mb = {}
+    for bound in (None, 8 * 2**20):
+        tracemalloc.start()
+        try:
+            rows = 0
+            for block in read_unit_blocks(
+                batch, **options, dicom=DicomSpec(), max_block_bytes=bound
+            ):
+                rows += len(block["status"])
+                del block
+            peak_mb[bound] = tracemalloc.get_traced_memory()[1] / 2**20
+        finally:
+            tracemalloc.stop()
+        assert rows == 200
+    assert peak_mb[None] > 157, peak_mb  # every frame's image at once
+    assert peak_mb[8 * 2**20] < 40, peak_mb
+
+
 # --- patient identifiers -----------------------------------------------------------------------
 
 

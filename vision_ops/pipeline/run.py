@@ -43,7 +43,7 @@ READ_TASK_MEMORY_BYTES = 512 * MB
 # A read task's units leave it in blocks of about this many bytes of images, so the frames of
 # a DICOM instance are never held all at once (Ray Data gathers a task's blocks up to its
 # target block size, 128 MiB, before handing them on).
-READ_BLOCK_BYTES = 64 * MB
+READ_BLOCK_BYTES = 32 * MB
 # Blocks a map task may make before the executor takes them (Ray Data's default: 2). Cutting a
 # listing block into read blocks (`unit_blocks`) makes hundreds of small blocks in one task; at
 # 2 ahead they trickled out at the executor's pace, about 10 a second, while the task held the
