@@ -6,6 +6,7 @@ spatial reads as geometries."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import duckdb
@@ -163,6 +164,27 @@ def test_a_scene_becomes_tiles_with_exact_footprints(
     assert capsys.readouterr().out.splitlines() == ["n", str(expected)]
 
 
+def test_the_pool_is_sized_by_the_scenes_tiles_not_by_their_files(
+    ray_local, scenes, tmp_path, tiny_weights, caplog
+) -> None:
+    """Two files are one model call of 4, but the scene cuts into 6 tiles: 7 units, 2 calls.
+    With min_actors left open both half-CPU actors start at once, as for 7 photos (counted
+    as files, one actor would start and take both calls, as in
+    test_a_pool_left_open_starts_whole_on_a_fixed_cluster)."""
+    from test_pipeline import predictor_actors
+
+    spec = spec_for(scenes, tmp_path / "table", tiny_weights, size=128)
+    runtime = {"batch_size": 4, "num_cpus_per_actor": 0.5, "reserved_cpus": 1}
+    spec = spec.model_copy(update={"runtime": type(spec.runtime)(**runtime)})
+    tiles = len(tile_windows(WIDTH, HEIGHT, 128, 0, "shift"))
+    before = predictor_actors()
+    with caplog.at_level(logging.INFO, logger="vision_ops.pipeline.run"):
+        summary = run_job(spec)
+    assert summary.commit.rows == tiles + 1 == 7
+    assert len(predictor_actors() - before) == 2
+    assert "run tiles: 7 units to process, predictor pool" in caplog.text
+
+
 def test_planning_reads_headers_only_and_fixes_each_scenes_range(scenes, tmp_path) -> None:
     spec = parse_spec(
         {
@@ -235,6 +257,7 @@ def test_detections_on_tile_seams_are_merged_and_mapped_to_the_crs(ray_local, tm
 SCENE_MEMORY_PROBE = """
 import json, sys
 import json
+import logging
 from pathlib import Path
 import numpy as np
 from vision_ops.config import Preprocessing, TilingSpec

@@ -644,7 +644,8 @@ class RuntimeSpec(StrictModel):
         default=COMPILE_MIN_INPUTS,
         ge=0,
         description="With compile on, compile only a run of at least this many inputs to "
-        "process (the listing's count, after --incremental's skip): a shorter run loses more "
+        "process (images, or tiles of cut scenes; a DICOM instance counts one; after "
+        "--incremental's skip and a resumed attempt's sources): a shorter run loses more "
         f"to compiling than the faster batches win back. Default {COMPILE_MIN_INPUTS}, "
         "measured on CPUs with a warm compile cache; 0, with compile_min_inputs_cold 0: always "
         "compile.",

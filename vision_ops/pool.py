@@ -64,10 +64,10 @@ def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
 
 
 def pool_for_inputs(plan: PoolPlan, runtime: RuntimeSpec, inputs: int) -> PoolPlan:
-    """The pool of a run of `inputs` listed inputs, so at least inputs / batch model calls (a
-    DICOM file or a scene gives one unit or more): where the spec leaves the smallest size
-    open, no more actors start than have a call to make (each start is a model load); more
-    may still join as the queue backs up."""
+    """The pool of a run of `inputs` units to process (images, tiles), so at least inputs /
+    batch model calls (a DICOM file gives one unit or more): where the spec leaves the smallest
+    size open, no more actors start than have a call to make (each start is a model load);
+    more may still join as the queue backs up."""
     model_calls = math.ceil(inputs / runtime.images_per_call)
     if runtime.min_actors is not None or plan.min_size <= model_calls:
         return plan

@@ -94,17 +94,6 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
-        spec = compiled_if_it_pays(spec, listing.count)
-        plan = pool_for_inputs(plan, spec.runtime, listing.count)
-        log.info(
-            "run %s: %d inputs, predictor pool %s, %d images per model call, %d files per read "
-            "task",
-            run_id,
-            listing.count,
-            plan,
-            spec.runtime.images_per_call,
-            spec.runtime.files_per_read_task,
-        )
         commit, pipeline_seconds, drifts = _process_and_commit(spec, listing, plan, lock, clock)
     seconds = time.perf_counter() - clock.started
     return RunSummary(
@@ -116,6 +105,25 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         drifts,
         startup_seconds=clock.seconds,
     )
+
+
+def sized_for_units(spec: JobSpec, plan: PoolPlan, units: int) -> tuple[JobSpec, PoolPlan]:
+    """The spec compiled where `units` make it pay, and the pool no larger than their model
+    calls, counting the units this run still processes: a scene's tiles once it is cut, less
+    the sources an earlier attempt made durable (a DICOM instance counts one, a lower bound)."""
+    spec = compiled_if_it_pays(spec, units)
+    plan = pool_for_inputs(plan, spec.runtime, units)
+    run_id, _ = spec.resolved_run()
+    log.info(
+        "run %s: %d units to process, predictor pool %s, %d images per model call, %d files "
+        "per read task",
+        run_id,
+        units,
+        plan,
+        spec.runtime.images_per_call,
+        spec.runtime.files_per_read_task,
+    )
+    return spec, plan
 
 
 def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
@@ -156,7 +164,8 @@ def _process_and_commit(
     units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
     stats = RunStats()
     if left > 0:
-        dataset = build_dataset(spec, units, plan, schema, sink.attempt)
+        sized, pool = sized_for_units(spec, plan, left)
+        dataset = build_dataset(sized, units, pool, schema, sink.attempt)
         dataset = merged_per_scene(spec, dataset, tiles)
         dataset = with_limits(dataset, spec.runtime)
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
