@@ -360,8 +360,8 @@ def test_a_data_file_the_listing_cannot_parse_fails_it_in_one_line(
     ray_local, s3fs_client, s3_options
 ) -> None:
     """A row past the check's first rows that Arrow cannot parse (a column too many) fails the
-    listing, before any work, with the manifest named and Arrow's own words: not the Ray task's
-    traceback that carries them."""
+    listing, before any work, with the manifest and the data file named and Arrow's own words:
+    not the Ray task's traceback that carries them."""
     good = '"images","a.png","v1","true","false","9","2026-12-03T01:00:00.000Z","e"\n'
     folder = f"out/inventory/unparsed-{uuid.uuid4().hex[:8]}"
     report = put_report(
@@ -375,8 +375,9 @@ def test_a_data_file_the_listing_cannot_parse_fails_it_in_one_line(
     )
     with pytest.raises(SourceError) as err:
         listing_of(InputSpec(manifest=report), s3_options)
+    data_file = f"{folder}/data/part1.csv.gz"
     expected = (  # Arrow numbers the row where it knows the row's place in the file
-        rf"manifest {re.escape(report)}: cannot read: ArrowInvalid: CSV parse error: "
-        rf"(Row #1: )?Expected 8 columns, got 9: {re.escape(good[:-1])},\"extra\""
+        rf"manifest {re.escape(report)}: cannot read: ArrowInvalid: {re.escape(data_file)}: "
+        rf"CSV parse error: (Row #1: )?Expected 8 columns, got 9: {re.escape(good[:-1])},\"extra\""
     )
     assert re.fullmatch(expected, str(err.value)), str(err.value)

@@ -430,7 +430,11 @@ def test_a_segmentation_job_killed_at_70_percent_resumes_with_its_masks(
 
 @pytest.mark.parametrize("store", ["local", "s3", "iceberg"])
 def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
-    ray_local: None, tmp_path: Path, store: str, request: pytest.FixtureRequest
+    ray_local: None,
+    tmp_path: Path,
+    store: str,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     total = 40
     make_images(tmp_path / "images", total)
@@ -443,10 +447,12 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     assert outputs.committed_run(where.target, "k1", where.options) is None
     for mark in marks.iterdir():
         mark.unlink()
-    assert main(["run", str(spec)]) == EXIT_OK
+    with caplog.at_level(logging.INFO, logger="vision_ops.pipeline.run"):
+        assert main(["run", str(spec)]) == EXIT_OK
     manifest = outputs.committed_run(where.target, "k1", where.options)
     resumed, processed = manifest["resumed_units"], manifest["processed_units"]
     assert resumed >= int(0.7 * total) and resumed + processed == total
+    assert f"run k1: {processed} units to process" in caplog.text  # what compile and pool see
     durability_interval = 4
     assert images_counted(marks) == processed <= total - int(0.7 * total) + durability_interval
     assert outputs.verify_run(where.target, "k1", where.options)[1] == []

@@ -257,7 +257,6 @@ def test_detections_on_tile_seams_are_merged_and_mapped_to_the_crs(ray_local, tm
 SCENE_MEMORY_PROBE = """
 import json, sys
 import json
-import logging
 from pathlib import Path
 import numpy as np
 from vision_ops.config import Preprocessing, TilingSpec

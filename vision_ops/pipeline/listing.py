@@ -143,14 +143,18 @@ class CsvRows(FileBasedDatasource):
         self.arguments = arguments
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        """The file's batches; Arrow's error where it cannot parse one, naming the file."""
         try:
             reader = pacsv.open_csv(f, **self.arguments)
         except pa.ArrowInvalid as err:
             if str(err) == EMPTY_CSV:
                 return
-            raise
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
+            raise pa.ArrowInvalid(f"{path}: {err}") from None
+        try:
+            for batch in reader:
+                yield pa.Table.from_batches([batch])
+        except pa.ArrowInvalid as err:
+            raise pa.ArrowInvalid(f"{path}: {err}") from None
 
 
 def _source_error(uri: str, err: BaseException) -> SourceError:
