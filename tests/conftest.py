@@ -18,6 +18,13 @@ PHOTO_NAMES = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
 os.environ.update(LOCAL_CREDENTIALS)
 # Ray's default temp root, for every Ray process of the session: the suite's, never the host's.
 RAY_ROOT = claim(os.environ)
+# Ray workers and the tests' own subprocesses import test-only modules (tests/crashing.py,
+# tests/scene_plans.py) the way they import user code: whichever test starts one first.
+TESTS_DIR = str(Path(__file__).parent)
+if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")])
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -42,12 +49,6 @@ def start_local_ray(temp_dir: str, gpus: int) -> None:
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    # Workers import test-only entrypoints (tests/crashing.py) the way they import user code.
-    tests_dir = str(Path(__file__).parent)
-    if tests_dir not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [tests_dir, os.environ.get("PYTHONPATH")])
-        )
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir)

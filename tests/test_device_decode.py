@@ -36,7 +36,7 @@ from vision_ops.decode import ENCODED_COLUMN, CorruptImage, decode_image, device
 from vision_ops.device_decode import decode_batch, model_inputs, resize_and_crop_tensor
 from vision_ops.pipeline import RunSummary, run_job
 from vision_ops.predictors import Classifier
-from vision_ops.reader import read_units
+from vision_ops.reader import read_unit_blocks
 from vision_ops.schema import STATUS_ERROR, TOP_K_IDS, TOP_K_SCORES
 from vision_ops.transforms import resize_and_crop
 
@@ -183,13 +183,14 @@ def read_batch(payloads: dict[str, bytes], folder: Path, on_device: bool) -> dic
         "source_etag": np.array([None] * len(uris), dtype=object),
         "source_size": np.array([len(d) for d in payloads.values()]),
     }
-    return read_units(
+    [out] = read_unit_blocks(
         listing,
         preprocessing=Preprocessing(**PREP),
         max_pixels=MAX_PIXELS,
         storage_options={},
         decode_on_device=on_device,
     )
+    return out
 
 
 def device_reference(payload: bytes) -> np.ndarray:

@@ -26,7 +26,7 @@ from vision_ops.dicom import (
     open_instance,
     scrubbed,
 )
-from vision_ops.reader import read_units
+from vision_ops.reader import read_unit_blocks
 from vision_ops.schema import STAGE_PREFIX
 from vision_ops.synthetic import dicom_bytes
 
@@ -303,7 +303,7 @@ def test_read_units_gives_a_row_per_frame_and_an_error_row_per_bad_file(tmp_path
         "source_size": np.array([1, 2, 3, 4]),
         "source_mtime": np.array([None] * 4, dtype=object),
     }
-    out = read_units(
+    [out] = read_unit_blocks(
         batch, preprocessing=None, max_pixels=10**8, storage_options={}, dicom=DicomSpec()
     )
     names = [Path(u).name for u in out["source_uri"]]
@@ -351,7 +351,7 @@ def test_the_frames_of_an_instance_leave_the_read_in_blocks_each_decoded_as_its_
     assert list(first["frame_index"]) == [0, 1, 2] and decoded == [0, 1, 2]
     rest = list(blocks)
     assert [len(block["status"]) for block in rest] == [3, 3, 2]  # 9 and 10, then after.dcm
-    whole = read_units(batch, **options)
+    [whole] = read_unit_blocks(batch, **options)
     for name in ("source_uri", "item_id", "frame_index", "frame_count", "status"):
         streamed = [value for block in [first, *rest] for value in block[name]]
         assert streamed == list(whole[name]), name

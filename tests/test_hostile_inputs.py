@@ -111,7 +111,7 @@ def peak_growth_reading(batch: dict[str, np.ndarray], **reader: Any) -> dict[str
     """The read stage's function inside a Ray Data read task, with this worker's peak RSS
     growth: the high-water mark is reset first (/proc/self/clear_refs 5), so a reused worker's
     earlier peaks do not count."""
-    from vision_ops.reader import read_units
+    from vision_ops.reader import read_unit_blocks
 
     def status(key: str) -> int:
         lines = Path("/proc/self/status").read_text().splitlines()
@@ -120,7 +120,7 @@ def peak_growth_reading(batch: dict[str, np.ndarray], **reader: Any) -> dict[str
     Path("/proc/self/clear_refs").write_text("5")
     before = status("VmRSS:")
     for _ in range(3):
-        out = read_units(batch, **reader)
+        [out] = read_unit_blocks(batch, **reader)
     growth = status("VmHWM:") - before
     return {
         "error_type": np.asarray(out["error_type"], dtype=object),

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vision_ops.config import Preprocessing
-from vision_ops.reader import fetch_all, read_units
+from vision_ops.reader import fetch_all, read_unit_blocks
 from vision_ops.transforms import resize_and_crop
 
 PREP = Preprocessing(resize=40, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -39,7 +39,7 @@ def test_read_units_decodes_good_files_and_records_bad_ones(memfs) -> None:
         "source_etag": np.array([None, None, None], dtype=object),
         "source_size": np.array([1, 2, 3]),
     }
-    out = read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
+    [out] = read_unit_blocks(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
     assert list(out["status"]) == ["ok", "error", "error"]
     assert list(out["error_type"]) == [None, "NotAnImage", "FileNotFoundError"]
     assert (out["image_width"][0], out["image_height"][0]) == (70, 50)
@@ -55,7 +55,7 @@ def test_read_units_refuses_images_over_the_pixel_limit(memfs) -> None:
         "source_etag": np.array(["e"], dtype=object),
         "source_size": np.array([1]),
     }
-    out = read_units(batch, preprocessing=PREP, max_pixels=9_999, storage_options={})
+    [out] = read_unit_blocks(batch, preprocessing=PREP, max_pixels=9_999, storage_options={})
     assert out["error_type"][0] == "ImageTooLarge"
     assert "100x100 pixels exceeds the limit of 9999" in out["error_message"][0]
 
@@ -75,7 +75,7 @@ def test_a_file_listed_over_the_byte_cap_is_an_error_row_never_fetched(memfs, mo
         "source_etag": np.array(["e", "f"], dtype=object),
         "source_size": np.array([memfs.size("/in/small.png"), 2**20 + 1]),  # as listed
     }
-    out = read_units(
+    [out] = read_unit_blocks(
         batch, preprocessing=PREP, max_pixels=10_000, storage_options={}, max_file_bytes=2**20
     )
     assert list(out["status"]) == ["ok", "error"]
@@ -107,7 +107,7 @@ def test_a_file_of_no_listed_size_is_read_no_further_than_the_byte_cap(memfs, mo
         "source_etag": np.array(["e", "f", "g", "h"], dtype=object),
         "source_size": np.array([np.nan] * 4),
     }
-    out = read_units(
+    [out] = read_unit_blocks(
         batch, preprocessing=PREP, max_pixels=10_000, storage_options={}, max_file_bytes=2**20
     )
     assert list(out["status"]) == ["ok", "error", "error", "error"]
@@ -141,7 +141,7 @@ def test_on_s3_an_empty_object_of_no_listed_size_is_empty_not_a_refused_range(
         "source_etag": np.array(["e", "f", "g"], dtype=object),
         "source_size": np.array([np.nan] * 3),
     }
-    out = read_units(
+    [out] = read_unit_blocks(
         batch,
         preprocessing=PREP,
         max_pixels=10_000,
@@ -168,7 +168,7 @@ def test_manifest_entries_without_identity_get_it_from_the_store(memfs) -> None:
         "source_etag": np.array([None], dtype=object),
         "source_size": np.array([np.nan]),
     }
-    out = read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
+    [out] = read_unit_blocks(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
     assert out["source_size"][0] == memfs.info("/in/a.png")["size"] > 0
 
 
@@ -193,7 +193,7 @@ def test_a_strip_too_thin_to_resize_is_an_error_row_not_a_failed_read(memfs) -> 
         "source_etag": np.array(["e", "f"], dtype=object),
         "source_size": np.array([1, 2]),
     }
-    out = read_units(batch, preprocessing=PREP, max_pixels=100_000, storage_options={})
+    [out] = read_unit_blocks(batch, preprocessing=PREP, max_pixels=100_000, storage_options={})
     assert list(out["status"]) == ["error", "ok"]
     assert out["error_type"][0] == "ImageTooLarge"
     assert out["error_message"][0] == (
@@ -219,4 +219,4 @@ def test_a_decoder_the_worker_lacks_stops_the_read_instead_of_making_error_rows(
     }
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a worker without it
     with pytest.raises(ImportError, match=re.escape(INSTALL_HINT)):
-        read_units(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
+        next(read_unit_blocks(batch, preprocessing=PREP, max_pixels=10_000, storage_options={}))

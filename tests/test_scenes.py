@@ -256,11 +256,10 @@ def test_detections_on_tile_seams_are_merged_and_mapped_to_the_crs(ray_local, tm
 # read task does: the scene is never decoded whole.
 SCENE_MEMORY_PROBE = """
 import json, sys
-import json
 from pathlib import Path
 import numpy as np
 from vision_ops.config import Preprocessing, TilingSpec
-from vision_ops.reader import read_units
+from vision_ops.reader import read_unit_blocks
 from scene_plans import plan_tiles
 from vision_ops.sources import list_inputs
 from vision_ops.config import InputSpec
@@ -271,7 +270,9 @@ prep = Preprocessing(resize=64, crop=64, mean=(0.5,) * 3, std=(0.5,) * 3)
 ok = 0
 for start in range(0, units.num_rows, 32):
     batch = {k: np.array(v, dtype=object) for k, v in units.slice(start, 32).to_pydict().items()}
-    out = read_units(batch, preprocessing=prep, max_pixels=10**9, storage_options={}, tiling=tiling)
+    [out] = read_unit_blocks(
+        batch, preprocessing=prep, max_pixels=10**9, storage_options={}, tiling=tiling
+    )
     ok += int((out["status"] == "ok").sum())
 status = Path("/proc/self/status").read_text().splitlines()
 peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
@@ -327,7 +328,7 @@ def test_a_large_plain_image_tiles_the_same_way_in_pixel_coordinates(tmp_path) -
     from PIL import Image
 
     from vision_ops.config import InputSpec, TilingSpec
-    from vision_ops.reader import read_units
+    from vision_ops.reader import read_unit_blocks
 
     rng = np.random.default_rng(3)
     photo = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
@@ -337,7 +338,9 @@ def test_a_large_plain_image_tiles_the_same_way_in_pixel_coordinates(tmp_path) -
     plan = plan_tiles(list_inputs(spec), tiling, {})
     assert plan.crs is None and plan.units.num_rows == 3 * 2
     batch = {k: np.array(v, dtype=object) for k, v in plan.units.to_pydict().items()}
-    out = read_units(batch, preprocessing=None, max_pixels=10**8, storage_options={}, tiling=tiling)
+    [out] = read_unit_blocks(
+        batch, preprocessing=None, max_pixels=10**8, storage_options={}, tiling=tiling
+    )
     assert list(out["status"]) == ["ok"] * 6 and set(out["crs"]) == {None}
     last = next(i for i in range(6) if (out["tile_x"][i], out["tile_y"][i]) == (256, 128))
     # The padded corner tile: 44 x 72 of the photo, the rest no data (black).

@@ -52,11 +52,6 @@ TILE_COLUMNS = (
 )
 
 
-def read_units(batch: dict[str, np.ndarray], **reading: Any) -> dict[str, np.ndarray]:
-    """Every unit of a listing batch in one block: `read_unit_blocks` with no bound."""
-    return next(read_unit_blocks(batch, **reading, max_block_bytes=None))
-
-
 def read_unit_blocks(
     batch: dict[str, np.ndarray],
     *,
@@ -199,7 +194,7 @@ def fetch_capped(
     unsized = {uri for uri, size in zip(uris, sizes, strict=True) if _is_null(size)}
     too_large = _too_large(uris, sizes, max_file_bytes)
     sized = [uri for uri in uris if uri not in too_large and uri not in unsized]
-    heads = fetch_all(sorted(unsized), options, up_to=max_file_bytes + 1)
+    heads = fetch_heads(sorted(unsized), options, up_to=max_file_bytes + 1)
     return fetch_all(sized, options) | too_large | _over_the_cap(heads, max_file_bytes)
 
 
@@ -228,20 +223,11 @@ def _the_cap(max_file_bytes: int) -> str:
     return f"input.max_file_mb={max_file_bytes // 2**20} ({max_file_bytes:,} bytes)"
 
 
-def fetch_all(
-    uris: list[str], options: StorageOptions, up_to: int | None = None
-) -> dict[str, bytes | BaseException]:
-    """Bytes of each URI (with `up_to`, its first `up_to` bytes at most), fetched concurrently
-    per filesystem; an exception where a read failed."""
+def fetch_all(uris: list[str], options: StorageOptions) -> dict[str, bytes | BaseException]:
+    """Bytes of each URI, fetched concurrently per filesystem; an exception where a read
+    failed."""
     payloads: dict[str, bytes | BaseException] = {}
-    by_fs: dict[int, tuple[Any, dict[str, str]]] = {}
-    for uri in uris:
-        fs, path = filesystem(uri, options)
-        by_fs.setdefault(id(fs), (fs, {}))[1][path] = uri
-    for fs, paths in by_fs.values():
-        if up_to is not None:
-            payloads |= _fetch_heads(fs, paths, up_to)
-            continue
+    for fs, paths in _by_filesystem(uris, options):
         plain = [path for path in paths if not GLOB_CHARS & set(path)]
         results = fs.cat(plain, on_error="return") if plain else {}
         if not isinstance(results, dict):  # a single path comes back as bare bytes
@@ -256,16 +242,30 @@ def fetch_all(
     return payloads
 
 
-def _fetch_heads(fs: Any, paths: dict[str, str], up_to: int) -> dict[str, bytes | BaseException]:
-    """The first `up_to` bytes of each path (its URI's), in one concurrent call (a range read
-    takes each name literally). S3 refuses any range of an empty object (416, which s3fs
-    raises as EINVAL): an object the store then says is empty is no bytes."""
-    names = list(paths)
-    heads = fs.cat_ranges(names, 0, up_to, on_error="return")
-    return {
-        paths[name]: b"" if _unsatisfiable(head) and _is_empty(fs, name) else head
-        for name, head in zip(names, heads, strict=True)
-    }
+def fetch_heads(
+    uris: list[str], options: StorageOptions, up_to: int
+) -> dict[str, bytes | BaseException]:
+    """The first `up_to` bytes of each URI, in one concurrent range read per filesystem (a
+    range read takes each name literally); an exception where a read failed. S3 refuses any
+    range of an empty object (416, which s3fs raises as EINVAL): an object the store then says
+    is empty is no bytes."""
+    heads: dict[str, bytes | BaseException] = {}
+    for fs, paths in _by_filesystem(uris, options):
+        names = list(paths)
+        for name, head in zip(
+            names, fs.cat_ranges(names, 0, up_to, on_error="return"), strict=True
+        ):
+            heads[paths[name]] = b"" if _unsatisfiable(head) and _is_empty(fs, name) else head
+    return heads
+
+
+def _by_filesystem(uris: list[str], options: StorageOptions) -> list[tuple[Any, dict[str, str]]]:
+    """The URIs grouped by the filesystem that reads them: (filesystem, {path: URI})."""
+    groups: dict[int, tuple[Any, dict[str, str]]] = {}
+    for uri in uris:
+        fs, path = filesystem(uri, options)
+        groups.setdefault(id(fs), (fs, {}))[1][path] = uri
+    return list(groups.values())
 
 
 def _unsatisfiable(head: bytes | BaseException) -> bool:

@@ -145,16 +145,21 @@ class CsvRows(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         """The file's batches; Arrow's error where it cannot parse one, naming the file."""
         try:
-            reader = pacsv.open_csv(f, **self.arguments)
-        except pa.ArrowInvalid as err:
-            if str(err) == EMPTY_CSV:
-                return
-            raise pa.ArrowInvalid(f"{path}: {err}") from None
-        try:
-            for batch in reader:
+            for batch in _csv_batches(f, self.arguments):
                 yield pa.Table.from_batches([batch])
         except pa.ArrowInvalid as err:
             raise pa.ArrowInvalid(f"{path}: {err}") from None
+
+
+def _csv_batches(f: pa.NativeFile, arguments: dict[str, Any]) -> Iterator[pa.RecordBatch]:
+    """The CSV file's record batches; none where the file has no bytes."""
+    try:
+        reader = pacsv.open_csv(f, **arguments)
+    except pa.ArrowInvalid as err:
+        if str(err) == EMPTY_CSV:
+            return
+        raise
+    yield from reader
 
 
 def _source_error(uri: str, err: BaseException) -> SourceError:
