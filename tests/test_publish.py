@@ -205,6 +205,31 @@ def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path)
     assert len(list((copy / INDEX_FOLDER).glob("*.parquet"))) == 1
 
 
+def test_verify_of_a_copied_table_says_its_manifests_name_the_original(tmp_path: Path) -> None:
+    """A copy's manifests name the original's files, so checking them would pass on the
+    original's behalf (here: the copy's files are gone and it still would): verify says the
+    run's files lie outside the table it was asked about, and the CLI fails. The same table
+    through a link to it verifies clean."""
+    from vision_ops.cli import EXIT_FAILED, main
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    commit(original, OLD_ROWS)
+    shutil.copytree(original, copy)
+    shutil.rmtree(copy / PARTITION)
+    problems = verify_run(str(copy), "r1")[1]
+    files = len(committed_run(str(copy), "r1")["files"]) + 1  # the files and the index
+    named = (
+        f"{files} of the {files} files and folders run r1's manifest names lie outside {copy} "
+        f"(first: file://{original}/{PARTITION}/"
+    )
+    assert len(problems) == 1 and problems[0].startswith(named), problems
+    assert "a copied table's manifests name the table it was copied from" in problems[0]
+    assert main(["verify", str(copy), "--run-id", "r1"]) == EXIT_FAILED
+    (tmp_path / "link").symlink_to(original)
+    assert verify_run(str(tmp_path / "link"), "r1")[1] == []
+    assert verify_run(f"file://{original}/", "r1")[1] == []
+
+
 def test_a_commit_failed_before_its_commit_point_leaves_its_rows_to_resume(
     tmp_path: Path,
 ) -> None:

@@ -33,6 +33,7 @@ from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
     filesystem,
+    lies_under,
     read_parquet,
     writing_to,
 )
@@ -342,6 +343,24 @@ def unfinished_commit(
     ]
 
 
+def _named_elsewhere(
+    root_uri: str, manifest: dict[str, Any], options: StorageOptions | None
+) -> list[str]:
+    """A problem where the manifest names files outside the table: a table copied elsewhere
+    keeps manifests naming the original's files, so its own are not what is checked or read."""
+    named = [entry["uri"] for entry in manifest["files"]]
+    named += [uri for uri in (manifest.get("index_uri"), manifest.get("masks_folder")) if uri]
+    elsewhere = [uri for uri in named if not lies_under(uri, root_uri, options)]
+    if not elsewhere:
+        return []
+    return [
+        f"{len(elsewhere)} of the {len(named)} files and folders run {manifest['run_id']}'s "
+        f"manifest names lie outside {root_uri} (first: {elsewhere[0]}): a copied table's "
+        "manifests name the table it was copied from, whose files are the ones checked and "
+        "read; verify that table, or run the job again into this one"
+    ]
+
+
 def verify_run(
     root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -351,7 +370,9 @@ def verify_run(
     manifest = committed_run(root_uri, run_id, options)
     if manifest is None:
         return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
-    problems, item_ids = unfinished_commit(root_uri, manifest["run_id"], options), []
+    problems = unfinished_commit(root_uri, manifest["run_id"], options)
+    problems += _named_elsewhere(root_uri, manifest, options)
+    item_ids: list[str] = []
     for entry in manifest["files"]:
         try:
             table = read_committed_file(entry["uri"], options, ["item_id"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -164,6 +165,18 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
     """The full URL of a path, e.g. s3://bucket/key or file:///abs/path."""
     return str(fs.unstrip_protocol(path))
+
+
+def lies_under(uri: str, root_uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether `uri` names something inside `root_uri`: the same kind of store, its path under
+    the root's (local paths with their links resolved)."""
+    fs, path = filesystem(uri, options)
+    root_fs, root = filesystem(root_uri, options)
+    if fs.protocol != root_fs.protocol:
+        return False
+    if protocol_of(uri) == protocol_of(root_uri) == "file":
+        path, root = os.path.realpath(path), os.path.realpath(root)
+    return path.startswith(root.rstrip("/") + "/")
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
