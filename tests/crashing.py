@@ -50,6 +50,29 @@ def stall() -> torch.nn.Module:
     return Stall()
 
 
+# What a model says on a device it has lost (CUDA's own words).
+DEVICE_LOST = "CUDA error: an illegal memory access was encountered"
+
+
+class LoseDevice(torch.nn.Module):
+    """Answers the warm-up probe and the first batch, then fails every call, as a model on a
+    device that stopped answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 2:
+            raise RuntimeError(DEVICE_LOST)
+        return images.mean(dim=(2, 3))
+
+
+def lose_device() -> torch.nn.Module:
+    return LoseDevice()
+
+
 class SlowOnNodes(torch.nn.Module):
     """Average-pools like CrashOnce, slowly, noting the id of the node of each call in `marks`
     (a folder): the node-loss test removes a node once a call has run there."""

@@ -56,6 +56,27 @@ def spec_file(tmp_path: Path, photo_paths: list[Path]) -> Path:
     return path
 
 
+def test_a_workers_error_is_read_from_the_traceback_ray_passes_on() -> None:
+    """Ray passes a worker's error on as its traceback's text: the innermost error's first line
+    is the one said (Ray Data's wrapper raised from it follows); not Ray's error: None."""
+    from ray.exceptions import RayTaskError
+
+    from vision_ops.errors import RAISED_FROM, raised_in_a_worker
+
+    inner = '  File "model.py", line 9, in forward\n    raise RuntimeError(...)\n'
+    outer = '  File "ray/data/map.py", line 3, in call\n    raise UserCodeException() from e\n'
+    text = (
+        f"Traceback (most recent call last):\n{inner}RuntimeError: device lost\nsecond line\n"
+        f"{RAISED_FROM}\n\nTraceback (most recent call last):\n{outer}"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block."
+    )
+    assert raised_in_a_worker(RayTaskError("f", text, RuntimeError())) == (
+        "RuntimeError: device lost"
+    )
+    assert raised_in_a_worker(RayTaskError("f", "no frames", RuntimeError())) is None
+    assert raised_in_a_worker(RuntimeError("device lost")) is None
+
+
 def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
     assert main(["validate", str(spec_file), "--list-inputs", "--run-id", "nightly-1"]) == EXIT_OK
     out = capsys.readouterr().out

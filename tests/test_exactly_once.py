@@ -381,6 +381,41 @@ def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_pa
     assert main(["verify", str(path)]) == EXIT_OK
 
 
+def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
+    ray_local, tmp_path, capsys
+) -> None:
+    """A model that fails on its device mid-run: the run exits 1 with the model's own error in
+    one line (Ray passes it on as its worker's traceback, in ANSI colours), nothing committed."""
+    from crashing import DEVICE_LOST
+
+    make_images(tmp_path / "images", 8)
+    spec = {
+        "input": {"uris": [str(tmp_path / "images")]},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "crashing:lose_device",
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "task": {"kind": "classification", "top_k": 1},
+        "runtime": {"batch_size": 2, "read_batch_size": 2, "max_actors": 1},
+        "output": {"uri": str(tmp_path / "table")},
+        "run": {"id": "lost"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert said == [
+        f"error: a worker failed: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows "
+        "made durable so far stay staged, and the same command (the same run id) resumes from "
+        "them (the worker's stack trace: Ray Data's log, in the Ray session's logs/ray-data)"
+    ]
+    assert 'File "' not in err and "\x1b[" not in err  # no frames, no colour codes
+    assert committed_runs(str(tmp_path / "table")) == []
+
+
 def test_a_stalled_run_fails_naming_the_stuck_stage(tmp_path) -> None:
     """In a process (and local cluster) of its own: the hung actor dies with its driver."""
     make_images(tmp_path / "images", 4)

@@ -53,6 +53,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("vision_ops")
+# What a run that broke off before its commit left (a Ctrl-C, a worker's failure).
+NOTHING_COMMITTED = (
+    "nothing was committed; the rows made durable so far stay staged, and the same command "
+    "(the same run id) resumes from them"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +198,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
-        from vision_ops.errors import raised_as_an_actor_started
+        from vision_ops.errors import raised_as_an_actor_started, raised_in_a_worker
 
         if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
             return _fail(err, EXIT_FAILED)
@@ -202,6 +207,15 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             message, code = in_actor
             return _fail(
                 RuntimeError(f"{message} (as the actors started); nothing was committed"), code
+            )
+        in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
+        if in_worker is not None:
+            return _fail(
+                RuntimeError(
+                    f"a worker failed: {in_worker}; {NOTHING_COMMITTED} (the worker's stack "
+                    "trace: Ray Data's log, in the Ray session's logs/ray-data)"
+                ),
+                EXIT_FAILED,
             )
         raise
     commit = summary.commit
@@ -245,10 +259,7 @@ def interrupted(spec: JobSpec) -> str:
             "finishes the commit or undoes it (its manifest says which; `vision-ops verify` "
             "shows the committed run)"
         )
-    return (
-        "interrupted: nothing was committed; the rows made durable so far stay staged, "
-        "and the same command (the same run id) resumes from them"
-    )
+    return f"interrupted: {NOTHING_COMMITTED}"
 
 
 def _connect_and_run(spec: JobSpec) -> RunSummary:

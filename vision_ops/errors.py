@@ -58,3 +58,23 @@ def raised_as_an_actor_started(err: BaseException) -> tuple[str, int] | None:
                     return message, kind.exit_code
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+# The line Python's traceback text puts between an error and the one raised from it.
+RAISED_FROM = "\nThe above exception was the direct cause of the following exception:"
+FRAME = '  File "'  # a traceback's line naming a frame
+
+
+def raised_in_a_worker(err: BaseException) -> str | None:
+    """`Type: first line` of the error user code raised in a Ray task or actor method (a model
+    failing on the device, a decoder a worker lacks), where `err` is Ray's error for it: Ray
+    passes that error on only as the text of its traceback, the innermost error's block
+    first. None where `err` is not Ray's task error, or its text names no error."""
+    from ray.exceptions import RayTaskError
+
+    if not isinstance(err, RayTaskError):
+        return None
+    innermost = str(err).split(RAISED_FROM, 1)[0].splitlines()
+    frames = [index for index, line in enumerate(innermost) if line.startswith(FRAME)]
+    after_frames = innermost[frames[-1] + 1 :] if frames else []
+    return next((line for line in after_frames if line and not line[0].isspace()), None)
