@@ -381,3 +381,52 @@ def test_a_data_file_the_listing_cannot_parse_fails_it_in_one_line(
         rf"CSV parse error: (Row #1: )?Expected 8 columns, got 9: {re.escape(good[:-1])},\"extra\""
     )
     assert re.fullmatch(expected, str(err.value)), str(err.value)
+
+
+def test_run_on_a_manifest_the_listing_cannot_parse_prints_no_traceback(tmp_path: Path) -> None:
+    """The command line in a process (and local cluster) of its own, on a CSV manifest whose
+    row past the checked first 64 KB has a column too many: exit 2 with the one-line error,
+    and none of the stack trace Ray Data logs as the listing's dataset aborts (its log file
+    keeps it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from ray_temp_root import short_temp_dir
+
+    from vision_ops.errors import EXIT_BAD_SPEC
+
+    good = [f"file:///images/{index:05d}.png,e{index}" for index in range(4000)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(["uri,etag", *good, "file:///images/bad.png,e,extra"]) + "\n")
+    spec = {
+        "input": {"manifest": str(manifest)},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "crashing:lose_device",
+            "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "output": {"uri": str(tmp_path / "table")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ray_temp = short_temp_dir("vom")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_temp)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vision_ops.cli", "run", str(path)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        logs = [log.read_text() for log in ray_temp.rglob("logs/ray-data/ray-data.log")]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert done.returncode == EXIT_BAD_SPEC, done.stderr[-3000:]
+    assert len(logs) == 1 and "Traceback" in logs[0] and "CSV parse error" in logs[0]
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].startswith(
+        f"error: manifest {manifest}: cannot read: ArrowInvalid: {manifest}: CSV parse error: "
+    ), said
+    assert "Traceback" not in done.stderr and 'File "' not in done.stderr, done.stderr[-3000:]

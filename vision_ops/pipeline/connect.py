@@ -9,6 +9,7 @@ line imports this module before the model stack.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -29,15 +30,42 @@ class ClusterUnreachable(VisionOpsError, ConnectionError):
 def connect_ray() -> None:
     """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
     dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
-    cluster unless RAY_AUTH_MODE says otherwise)."""
-    if ray.is_initialized():
-        return
+    cluster unless RAY_AUTH_MODE says otherwise). Ray Data's stack traces then go to its log
+    file only."""
+    if not ray.is_initialized():
+        _init_ray()
+    stack_traces_to_ray_datas_log()
+
+
+def _init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         require_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+class _NoStackTrace(logging.Filter):
+    """Passes the records that carry no stack trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None and not record.stack_info
+
+
+def stack_traces_to_ray_datas_log() -> None:
+    """Ray Data's records that carry a stack trace (a read task's error as its dataset
+    aborts, an error of Ray's own) are kept from the console, not from its log file (the Ray
+    session's logs/ray-data): the job says what failed in one line of its own. Its console
+    handler is the stream handler that writes to no file."""
+    import ray.data  # noqa: F401  (it sets up its logging as it is imported)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        )
+        if console and not any(isinstance(f, _NoStackTrace) for f in handler.filters):
+            handler.addFilter(_NoStackTrace())
 
 
 def require_reachable(address: str) -> None:
