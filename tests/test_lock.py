@@ -230,6 +230,35 @@ def test_local_writers_of_one_lock_take_turns(tmp_path: Path) -> None:
     assert results == ["raced"] and (tmp_path / LOCK_NAME).read_bytes() == b"theirs"
 
 
+def test_a_file_system_without_flock_gets_compare_then_write_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NFS and others refuse an flock of a folder (ENOLCK): the lock is still compared, then
+    written (a version not read is refused), and the run is warned once, not per write."""
+    import errno
+
+    from vision_ops import lock_file as lock_file_module
+
+    def no_flock(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_file_module.fcntl, "flock", no_flock)
+    monkeypatch.setattr(lock_file_module, "_warned", set())
+    fs, root = filesystem(str(tmp_path))
+    lock = lock_file(fs, f"{root}/{LOCK_NAME}")
+    with caplog.at_level(logging.WARNING, logger="vision_ops"):
+        version = lock.write(b"mine", expected=None)
+        assert _outcome(lock, b"theirs") == "raced"  # a writer that read no lock is refused
+        lock.write(b"mine again", expected=version)
+    assert (tmp_path / LOCK_NAME).read_bytes() == b"mine again"
+    warned = [r.getMessage() for r in caplog.records if "takes no flock" in r.getMessage()]
+    assert warned == [
+        f"{root}: the file system takes no flock ([Errno {errno.ENOLCK}] No locks available); the "
+        "run lock is compared, then written, so two runs starting in the same instant could "
+        "both take it"
+    ]
+
+
 def _outcome(lock: LockFile, data: bytes) -> str:
     try:
         lock.write(data, expected=None)
