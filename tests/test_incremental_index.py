@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -243,4 +244,16 @@ def test_incremental_skips_the_inputs_of_a_manifest_that_names_uris_only(
     assert main(["run", str(spec), *nightly, "--run-id", "n3", "--run-date", "2026-11-22"]) == 0
     third = pq.read_table(tmp_path / "table" / "run_date=2026-11-22").to_pylist()
     assert [Path(r["source_uri"]).name for r in third] == ["img001.png"]
+    rewritten = tmp_path / "images" / "img002.png"  # new pixels, the same size (local disk:
+    make_images(tmp_path / "other", 1, seed=8)  # no ETag, so the version is size and mtime)
+    photo = (tmp_path / "other" / "img000.png").read_bytes()
+    assert len(photo) == rewritten.stat().st_size and photo != rewritten.read_bytes()
+    before = rewritten.stat().st_mtime
+    rewritten.write_bytes(photo)
+    os.utime(rewritten, (before + 10, before + 10))  # however coarse the clock
+    assert main(["run", str(spec), *nightly, "--run-id", "n4", "--run-date", "2026-11-23"]) == 0
+    fourth = pq.read_table(tmp_path / "table" / "run_date=2026-11-23").to_pylist()
+    assert [Path(r["source_uri"]).name for r in fourth] == ["img002.png"]
+    mtime = fourth[0]["source_mtime"].timestamp()
+    assert fourth[0]["source_size"] == len(photo) and mtime == pytest.approx(before + 10)
     capsys.readouterr()

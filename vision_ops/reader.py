@@ -398,20 +398,25 @@ def _fill_missing_identity(
     out: dict[str, np.ndarray], uris: list[str], options: StorageOptions
 ) -> None:
     """Manifest entries without ETag or size given the store's (`with_store_identity`, the
-    rule an incremental run's listing follows too; already done there for its inputs)."""
+    rule an incremental run's listing follows too; already done there for its inputs). A
+    modification time comes as Ray Data hands this column to a batch: UTC, naive."""
     etags, sizes = out["source_etag"], out["source_size"]
     if not any(etags[i] is None and _is_null(sizes[i]) for i in range(len(uris))):
         return
-    listed = pa.table(
-        {
-            "source_uri": pa.array(uris, pa.string()),
-            "source_etag": pa.array(list(etags), pa.string()),
-            "source_size": pa.array([None if _is_null(s) else int(s) for s in sizes], pa.int64()),
-        }
-    )
-    filled = with_store_identity(listed, options)
+    listed = {
+        "source_uri": pa.array(uris, pa.string()),
+        "source_etag": pa.array(list(etags), pa.string()),
+        "source_size": pa.array([None if _is_null(s) else int(s) for s in sizes], pa.int64()),
+    }
+    if "source_mtime" in out:  # datetime64 with NaT for none (or objects, None for none)
+        mtimes = pa.array(out["source_mtime"], from_pandas=True)
+        listed["source_mtime"] = mtimes.cast(pa.timestamp("us", tz="UTC"))
+    filled = with_store_identity(pa.table(listed), options)
     for name in ("source_etag", "source_size"):
         out[name] = np.array(filled[name].to_pylist(), dtype=object)
+    if "source_mtime" in out:
+        naive = filled["source_mtime"].cast(pa.timestamp("us"))
+        out["source_mtime"] = naive.to_numpy(zero_copy_only=False)
 
 
 def _is_null(value: Any) -> bool:

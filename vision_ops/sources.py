@@ -371,33 +371,44 @@ def object_listing(
     return ObjectListing(uri, bucket, prefix, pattern, tuple(extensions), dict(options or {}))
 
 
-def _store_identity(uri: str, options: StorageOptions | None) -> tuple[str | None, int | None]:
-    """The ETag and size the store gives `uri` (one HEAD), for an input a manifest names
-    without them; (None, None) where the store cannot tell (the read then names why)."""
+# The columns that name an input's version, as the store gives them (`_store_identity`).
+STORE_IDENTITY = ("source_etag", "source_size", "source_mtime")
+
+
+def _store_identity(uri: str, options: StorageOptions | None) -> dict[str, Any]:
+    """The ETag, size and modification time the store gives `uri` (one HEAD), for an input a
+    manifest names without them; all None where the store cannot tell (the read then names
+    why)."""
     fs, path = filesystem(uri, options)
     try:
         info = fs.info(path)
     except OSError:
-        return None, None
-    etag = info.get("ETag") or info.get("etag")
-    return (str(etag).strip('"') if etag else None), info.get("size")
+        return dict.fromkeys(STORE_IDENTITY)
+    row = _listing_row(uri, info)
+    return {name: row[name] for name in STORE_IDENTITY}
 
 
 def with_store_identity(rows: pa.Table, options: StorageOptions | None) -> pa.Table:
     """Listing rows with neither an ETag nor a size (a manifest naming URIs only) given the
-    store's (`_store_identity`, one HEAD each, only for those): the version a run's rows record
-    and an incremental run compares, so both see the same."""
+    store's (`_store_identity`, one HEAD each, only for those; a modification time only where
+    the row has none, and only where it has the column): the version a run's rows record and
+    an incremental run compares, so both see the same, and a file rewritten at the same size
+    on a store without ETags (local disk) is a new version."""
     unknown = pc.and_(pc.is_null(rows["source_etag"]), pc.is_null(rows["source_size"]))
     if not pc.any(unknown).as_py():
         return rows
-    etags, sizes = rows["source_etag"].to_pylist(), rows["source_size"].to_pylist()
+    names = [name for name in STORE_IDENTITY if name in rows.schema.names]
+    columns = {name: rows[name].to_pylist() for name in names}
     uris = rows["source_uri"].to_pylist()
     for i in pc.indices_nonzero(unknown).to_pylist():
-        etags[i], sizes[i] = _store_identity(uris[i], options)
-    for name, values in (("source_etag", etags), ("source_size", sizes)):
-        column = rows.schema.get_field_index(name)
+        found = _store_identity(uris[i], options)
+        for name in names:
+            if columns[name][i] is None:
+                columns[name][i] = found[name]
+    for name in names:
+        field = rows.schema.field(name)
         rows = rows.set_column(
-            column, rows.schema.field(name), pa.array(values, rows.schema.field(name).type)
+            rows.schema.get_field_index(name), field, pa.array(columns[name], field.type)
         )
     return rows
 
