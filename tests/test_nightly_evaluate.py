@@ -118,3 +118,24 @@ def test_every_schedule_example_runs_a_spec_that_scores_a_hold_out(manifest: str
     spec = parse_spec(yaml.safe_load((JOBS / Path(spec_path).name).read_text()))
     assert spec.evaluate is not None and spec.evaluate.truth
     assert spec.evaluate.min == {"accuracy": 0.8, "top5_accuracy": 0.95}
+
+
+def test_an_incremental_night_that_left_inputs_out_is_not_scored(ray_local, toy, capsys):
+    """The hold-out's score is of the whole hold-out: a night that skipped inputs committed
+    before (--incremental) holds only the rest (here: the broken file, retried as an error row,
+    alone: accuracy 0), so it is not scored and passes, saying so; a night that left nothing
+    out is scored as a full run."""
+    table = toy["folder"] / "incremental-table"
+    toy = toy | {"spec": toy["spec"] | {"output": {"uri": str(table)}}}
+    spec = spec_file(toy, "incremental", {"truth": toy["truth"], "min": {"accuracy": 0.6}})
+    first = ["run", str(spec), "--incremental", "--run-date", "2026-11-20"]
+    assert main([*first, "--run-id", "i1"]) == EXIT_OK  # nothing committed before: scored
+    assert "accuracy: 0.6667" in capsys.readouterr().out
+    second = ["run", str(spec), "--incremental", "--run-date", "2026-11-21"]
+    assert main([*second, "--run-id", "i2"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "run i2: 1 items, 0 ok, 1 errors" in out  # the broken file, retried
+    not_scored = "evaluate: not scored: run i2 left out 2 inputs committed before"
+    assert f"{not_scored} (--incremental)" in out
+    assert "accuracy" not in out
+    assert sorted(p.name for p in (table / "_metrics").glob("*.parquet")) == ["i1.parquet"]

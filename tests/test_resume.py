@@ -764,3 +764,18 @@ def test_an_attempt_whose_staged_rows_another_took_over_is_told_so_at_its_commit
     )
     second.write(source_rows(URIS[4:]))
     assert second.commit(URIS).rows == 6
+
+
+def test_the_runs_rate_counts_the_rows_it_processed_not_those_it_resumed() -> None:
+    """A resumed run's images/s is over the rows its pipeline processed: the resumed ones were
+    processed by the attempt before (a run that resumed every row processed none)."""
+    from vision_ops.pipeline.run import RunSummary
+    from vision_ops.sink import CommitResult
+
+    def summary(rows: int, resumed: int) -> RunSummary:
+        commit = CommitResult("p", "m", [], rows, rows, 0, resumed=resumed)
+        return RunSummary("r1", rows, seconds=5.0, pipeline_seconds=2.0, commit=commit)
+
+    assert summary(100, 0).images_per_second == 50.0
+    assert summary(100, 60).images_per_second == 20.0
+    assert summary(100, 100).images_per_second == 0.0

@@ -233,6 +233,14 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
         message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
         return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
+    if spec.evaluate is not None and summary.skipped_as_done:
+        print(
+            f"evaluate: not scored: run {summary.run_id} left out {summary.skipped_as_done} "
+            "inputs committed before (--incremental), so its rows are not the whole hold-out; "
+            "the metrics of the last run that processed it stand (`vision-ops evaluate "
+            "--run-id` scores a run)"
+        )
+        return EXIT_OK
     if spec.evaluate is not None:  # the scheduled job's check: the hold-out, scored now
         held = spec.evaluate
         options = spec.storage_options

@@ -62,11 +62,15 @@ class RunSummary:
     # Its figures against the runs before it; [] no earlier run, None: none could be had.
     drift: list[Drift] | None = None
     startup_seconds: dict[str, float] | None = None  # by stage (RunStats.startup_seconds)
+    # Inputs --incremental left out: committed before with this model and input version.
+    skipped_as_done: int = 0
 
     @property
     def images_per_second(self) -> float:
-        """Throughput of the pipeline itself (cluster and model start-up included)."""
-        return self.commit.rows / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+        """Throughput of the pipeline itself (cluster and model start-up included), over the
+        rows it processed (not those resumed from an earlier attempt's staging)."""
+        processed = self.commit.rows - self.commit.resumed
+        return processed / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
 
 
 def run_job(spec: JobSpec, clock: StartupClock | None = None) -> RunSummary:
@@ -92,6 +96,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         listing = list_listing(spec.input, inputs, spec.storage_options)
     require_bucket(spec.output.uri, spec.storage_options)
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
+        listed = listing.count
         if spec.run.incremental:
             listing = skip_committed(spec, listing, run_id)
         commit, pipeline_seconds, drifts = _process_and_commit(spec, listing, plan, lock, clock)
@@ -104,6 +109,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         commit,
         drifts,
         startup_seconds=clock.seconds,
+        skipped_as_done=listed - listing.count,
     )
 
 
