@@ -404,13 +404,15 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     capsys.readouterr()
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     assert main(["run", str(path)]) == EXIT_FAILED
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("error:")]
     assert said == [
         f"error: a worker failed: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows "
-        "made durable so far stay staged, and the same command (the same run id) resumes from "
-        "them (the worker's stack trace: Ray Data's log, in the Ray session's logs/ray-data)"
+        "made durable so far stay staged, and the same command with --run-id lost --run-date "
+        f"{today} resumes from them (the worker's stack trace: Ray Data's log, in the Ray "
+        "session's logs/ray-data)"
     ]
     assert 'File "' not in err and "\x1b[" not in err  # no frames, no colour codes
     assert committed_runs(str(tmp_path / "table")) == []

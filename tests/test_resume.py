@@ -488,6 +488,7 @@ def test_ctrl_c_exits_with_a_message_and_the_rerun_resumes(ray_local: None, tmp_
     assert stop_at(spec, fs, staging, 12, signal.SIGINT, log) == EXIT_INTERRUPTED
     output = log.read_text()
     assert "error: interrupted: nothing was committed" in output
+    assert "the same command with --run-id k1 --run-date 2026-11-24 resumes from them" in output
     assert "Traceback" not in output, output[-3000:]
     left = durable_rows(fs, staging)
     assert left >= 12 and committed_run(str(tmp_path / "table"), "k1") is None

@@ -53,11 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("vision_ops")
-# What a run that broke off before its commit left (a Ctrl-C, a worker's failure).
-NOTHING_COMMITTED = (
-    "nothing was committed; the rows made durable so far stay staged, and the same command "
-    "(the same run id) resumes from them"
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +207,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         if in_worker is not None:
             return _fail(
                 RuntimeError(
-                    f"a worker failed: {in_worker}; {NOTHING_COMMITTED} (the worker's stack "
+                    f"a worker failed: {in_worker}; {nothing_committed(spec)} (the worker's stack "
                     "trace: Ray Data's log, in the Ray session's logs/ray-data)"
                 ),
                 EXIT_FAILED,
@@ -267,7 +262,18 @@ def interrupted(spec: JobSpec) -> str:
             "finishes the commit or undoes it (its manifest says which; `vision-ops verify` "
             "shows the committed run)"
         )
-    return f"interrupted: {NOTHING_COMMITTED}"
+    return f"interrupted: {nothing_committed(spec)}"
+
+
+def nothing_committed(spec: JobSpec) -> str:
+    """What a run that broke off before its commit left (a Ctrl-C, a worker's failure), and
+    the flags that resume it: its run id and date (a default run id is the date's, so the same
+    command after midnight would start another run)."""
+    run_id, run_date = spec.resolved_run()
+    return (
+        "nothing was committed; the rows made durable so far stay staged, and the same command "
+        f"with --run-id {run_id} --run-date {run_date.isoformat()} resumes from them"
+    )
 
 
 def _connect_and_run(spec: JobSpec) -> RunSummary:
