@@ -4,6 +4,7 @@ reused, whole sources only, each unit once; the rest is processed (counted at th
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -144,6 +145,41 @@ def test_a_file_cut_short_by_the_kill_is_left_out(tmp_path: Path) -> None:
     torn.write_bytes(torn.read_bytes()[:100])
     rerun = sink(tmp_path)
     assert rerun.resume(one_unit_each) == frozenset(URIS[:2])
+
+
+class Throttled:
+    """A filesystem whose store refuses to read one file for now, as S3 throttling does
+    (s3fs raises it as an OSError with an errno)."""
+
+    def __init__(self, fs: Any, name: str) -> None:
+        self._fs, self._name = fs, name
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if path.endswith(self._name) and "r" in mode:
+            raise OSError(errno.EIO, "SlowDown: Please reduce your request rate.")
+        return self._fs.open(path, mode, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+
+def test_a_staged_file_the_store_will_not_read_now_fails_the_rerun_and_is_kept(
+    tmp_path: Path,
+) -> None:
+    """Only a file cut short is left out (and removed): one the store refuses for now fails the
+    rerun before anything is removed, and the next rerun resumes from all of it."""
+    from vision_ops.storage import StorageError
+
+    crashed_attempt(tmp_path, URIS[:4])
+    files = staged(tmp_path)
+    rerun = sink(tmp_path)
+    rerun.parts.fs = Throttled(rerun.parts.fs, f"{files[-1].parent.name}/{files[-1].name}")
+    expected = r"cannot be read to resume from them \(\[Errno 5\] SlowDown: .*\); they are kept"
+    with pytest.raises(StorageError, match=expected):
+        rerun.resume(one_unit_each)
+    assert staged(tmp_path) == files
+    again = sink(tmp_path)
+    assert again.resume(one_unit_each) == frozenset(URIS[:4]) and again.resumed == 4
 
 
 def test_a_source_is_resumed_only_whole(tmp_path: Path) -> None:

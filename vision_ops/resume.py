@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from vision_ops.storage import read_parquet
+from vision_ops.storage import StorageError, read_parquet
 
 log = logging.getLogger(__name__)
 RESUME_KEY = "vision_ops.resume_key"  # in the metadata of every part file a run stages
@@ -125,8 +125,23 @@ def _scan(
             if not found.remove_metadata().equals(schema.remove_metadata()):
                 return "has another schema", None
             return None, parquet.read(columns=UNIT_COLUMNS + (["mask_uri"] if masks else []))
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException) as err:
+        if _store_failed(err):
+            raise StorageError(
+                f"{path}: an earlier attempt's staged rows cannot be read to resume from them "
+                f"({err}); they are kept: run again"
+            ) from err
         return TORN, None
+
+
+def _store_failed(err: BaseException) -> bool:
+    """Whether a read failed in the store (access refused, throttled, a connection lost: fsspec's
+    stores raise these with an errno), not in the file: Arrow's errors of a file cut short or
+    corrupt carry none. A file no longer there is no store failure: there is nothing to keep."""
+    if not isinstance(err, OSError) or isinstance(err, FileNotFoundError):
+        return False
+    refused = isinstance(err, PermissionError | ConnectionError | TimeoutError)
+    return refused or err.errno is not None
 
 
 def _whole_sources(
