@@ -97,3 +97,24 @@ def test_rings_are_counter_clockwise_whatever_the_transform(flip: bool) -> None:
     transform = (10.0, 0.0, 0.0, 0.0, 10.0 if flip else -10.0, 0.0)  # south-up when flipped
     ring = footprint(transform, Window(0, 0, 4, 4))
     assert shapely.Polygon(ring).exterior.is_ccw
+
+
+def test_a_tables_geo_metadata_covers_its_runs() -> None:
+    """The table's `geo`: the first run's; a run in the same CRS widens the bbox; a run that
+    cut no scene keeps it; a run in another CRS leaves the table's CRS and bbox undefined."""
+    from vision_ops.georef import GEO_KEY, geo_metadata, table_geo
+
+    def geo(crs: dict | None, bbox: list[float] | None) -> str:
+        return geo_metadata("footprint", crs, bbox)[GEO_KEY.encode()].decode()
+
+    def footprint(text: str) -> dict:
+        return json.loads(text)["columns"]["footprint"]
+
+    utm, wgs = {"id": {"code": 32633}}, {"id": {"code": 4326}}
+    first = geo(utm, [0.0, 0.0, 10.0, 10.0])
+    assert table_geo(None, first) == first
+    wider = table_geo(first, geo(utm, [5.0, -5.0, 20.0, 5.0]))
+    assert footprint(wider) == footprint(first) | {"bbox": [0.0, -5.0, 20.0, 10.0]}
+    assert table_geo(wider, geo(None, None)) == wider
+    mixed = footprint(table_geo(wider, geo(wgs, [1.0, 1.0, 2.0, 2.0])))
+    assert mixed["crs"] is None and "bbox" not in mixed

@@ -178,6 +178,16 @@ def test_the_table_keeps_the_geoparquet_metadata_and_the_task_in_its_properties(
     assert json.loads(properties["geo"])["columns"]["footprint"]["crs"] == utm
     assert properties["vision_ops.task"] == "classification"
     assert read_back(output).schema().find_field("footprint").field_type == BinaryType()
+    # The property is the table's extent: a later run's scenes widen it, and a run that cut
+    # no scene (an incremental night with nothing new) leaves it as it was.
+    east = geo_metadata("footprint", utm, [501_000.0, 4_599_000.0, 502_000.0, 4_600_000.0])
+    none = geo_metadata("footprint", None, None)
+    for run_id, added in (("g2", east), ("g3", none)):
+        run_schema = schema.with_metadata({**(schema.metadata or {}), **added})
+        IcebergSink(output, run_id, DATE, run_schema, STORE).commit([])
+        footprint = json.loads(read_back(output).properties["geo"])["columns"]["footprint"]
+        assert footprint["crs"] == utm, run_id
+        assert footprint["bbox"] == [500_000.0, 4_599_000.0, 502_000.0, 4_600_480.0], run_id
 
 
 def segmentation_run(

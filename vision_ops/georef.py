@@ -17,6 +17,7 @@ from vision_ops.tiling import Window
 Transform = tuple[float, float, float, float, float, float]
 WKB_POLYGON = 3
 GEOPARQUET_VERSION = "1.1.0"
+GEO_KEY = "geo"  # the Parquet metadata key (and Iceberg table property) GeoParquet reads
 
 
 def pixel_to_crs(transform: Transform, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -73,7 +74,31 @@ def geo_metadata(
     if bbox is not None:
         spec["bbox"] = [float(v) for v in bbox]
     content = {"version": GEOPARQUET_VERSION, "primary_column": column, "columns": {column: spec}}
-    return {b"geo": json.dumps(content).encode()}
+    return {GEO_KEY.encode(): json.dumps(content).encode()}
+
+
+def table_geo(held: str | None, run: str) -> str:
+    """The `geo` metadata of a table that holds `held`'s rows and one run's (`run`): the run's
+    where the table held none; the table's where the run cut no scene (no bbox: an incremental
+    night with nothing new); else the run's with the two bboxes' union where their CRS is one,
+    and no CRS and no bbox (undefined) where the table's rows lie in more than one."""
+    if held is None:
+        return run
+    table, added = json.loads(held), json.loads(run)
+    column = added["primary_column"]
+    before, now = table["columns"].get(column, {}), added["columns"][column]
+    if "bbox" not in now:
+        return held
+    if "bbox" not in before:
+        return run
+    if before.get("crs") != now.get("crs"):
+        now["crs"] = None
+        del now["bbox"]
+        return json.dumps(added)
+    low = [min(a, b) for a, b in zip(before["bbox"][:2], now["bbox"][:2], strict=True)]
+    high = [max(a, b) for a, b in zip(before["bbox"][2:], now["bbox"][2:], strict=True)]
+    now["bbox"] = low + high
+    return json.dumps(added)
 
 
 def _signed_area(ring: np.ndarray) -> float:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.config import OutputSpec
+from vision_ops.georef import GEO_KEY, table_geo
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
@@ -330,9 +331,11 @@ class IcebergSink:
             raise _NotCommitted(err) from None
         try:
             transaction = self.table.transaction()
-            metadata = self.schema.metadata or {}
+            metadata = {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
+            if GEO_KEY in metadata:  # the table's extent, not this run's alone
+                metadata[GEO_KEY] = table_geo(self.table.properties.get(GEO_KEY), metadata[GEO_KEY])
             if metadata:
-                transaction.set_properties({k.decode(): v.decode() for k, v in metadata.items()})
+                transaction.set_properties(metadata)
             snapshot = transaction.update_snapshot(snapshot_properties=properties).overwrite()
             with snapshot as producer:
                 producer.delete_by_predicate(_run_filter(self.run_id))
