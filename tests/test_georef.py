@@ -116,5 +116,8 @@ def test_a_tables_geo_metadata_covers_its_runs() -> None:
     wider = table_geo(first, geo(utm, [5.0, -5.0, 20.0, 5.0]))
     assert footprint(wider) == footprint(first) | {"bbox": [0.0, -5.0, 20.0, 10.0]}
     assert table_geo(wider, geo(None, None)) == wider
-    mixed = footprint(table_geo(wider, geo(wgs, [1.0, 1.0, 2.0, 2.0])))
-    assert mixed["crs"] is None and "bbox" not in mixed
+    mixed = table_geo(wider, geo(wgs, [1.0, 1.0, 2.0, 2.0]))
+    assert mixed is not None and footprint(mixed)["crs"] is None
+    assert "bbox" not in footprint(mixed)
+    assert table_geo(mixed, geo(utm, [0.0, 0.0, 1.0, 1.0])) == mixed  # and so it stays
+    assert table_geo(None, geo(None, None)) is None  # a first run that cut no scene: none

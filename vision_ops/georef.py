@@ -77,28 +77,36 @@ def geo_metadata(
     return {GEO_KEY.encode(): json.dumps(content).encode()}
 
 
-def table_geo(held: str | None, run: str) -> str:
-    """The `geo` metadata of a table that holds `held`'s rows and one run's (`run`): the run's
-    where the table held none; the table's where the run cut no scene (no bbox: an incremental
-    night with nothing new); else the run's with the two bboxes' union where their CRS is one,
-    and no CRS and no bbox (undefined) where the table's rows lie in more than one."""
-    if held is None:
-        return run
-    table, added = json.loads(held), json.loads(run)
+def table_geo(held: str | None, run: str) -> str | None:
+    """The `geo` metadata of a table that holds `held`'s rows and one run's (`run`), None where
+    there is none to set. A run that cut no scene (no bbox: an incremental night with nothing
+    new) adds nothing. The first run's is the table's; a later run in its CRS widens its bbox;
+    a run in another CRS leaves CRS and bbox undefined (no bbox), and so they stay."""
+    added = json.loads(run)
     column = added["primary_column"]
-    before, now = table["columns"].get(column, {}), added["columns"][column]
+    now = added["columns"][column]
     if "bbox" not in now:
         return held
-    if "bbox" not in before:
+    if held is None:
         return run
+    before = json.loads(held)["columns"].get(column, {})
+    if "bbox" not in before:  # undefined: rows in more than one CRS
+        return held
     if before.get("crs") != now.get("crs"):
         now["crs"] = None
         del now["bbox"]
-        return json.dumps(added)
-    low = [min(a, b) for a, b in zip(before["bbox"][:2], now["bbox"][:2], strict=True)]
-    high = [max(a, b) for a, b in zip(before["bbox"][2:], now["bbox"][2:], strict=True)]
-    now["bbox"] = low + high
+    else:
+        now["bbox"] = list(union_bounds(tuple(before["bbox"]), tuple(now["bbox"])))
     return json.dumps(added)
+
+
+def union_bounds(
+    a: tuple[float, ...] | None, b: tuple[float, ...]
+) -> tuple[float, float, float, float]:
+    """The bounds (xmin, ymin, xmax, ymax) that cover both (`b` alone where `a` is None)."""
+    if a is None:
+        return b[0], b[1], b[2], b[3]
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 def _signed_area(ring: np.ndarray) -> float:

@@ -333,7 +333,8 @@ class IcebergSink:
             transaction = self.table.transaction()
             metadata = {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
             if GEO_KEY in metadata:  # the table's extent, not this run's alone
-                metadata[GEO_KEY] = table_geo(self.table.properties.get(GEO_KEY), metadata[GEO_KEY])
+                geo = table_geo(self.table.properties.get(GEO_KEY), metadata.pop(GEO_KEY))
+                metadata |= {GEO_KEY: geo} if geo is not None else {}
             if metadata:
                 transaction.set_properties(metadata)
             snapshot = transaction.update_snapshot(snapshot_properties=properties).overwrite()

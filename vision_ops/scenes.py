@@ -22,6 +22,7 @@ from vision_ops.georef import (
     geo_metadata,
     pixel_to_crs,
     polygon_wkb,
+    union_bounds,
 )
 from vision_ops.raster import (
     RasterError,
@@ -228,7 +229,7 @@ class SceneSummary:
             for wkt, uri in zip(row["crs"], row["crs_uri"], strict=True):
                 self.first[wkt] = min(self.first.get(wkt, uri), uri)
             if row["bounds"]:
-                self.bounds = _union_bounds(self.bounds, tuple(row["bounds"]))
+                self.bounds = union_bounds(self.bounds, tuple(row["bounds"]))
 
     def common_crs(self) -> Any:
         """The scenes' one CRS (else SceneError, before any work)."""
@@ -236,14 +237,6 @@ class SceneSummary:
 
     def scene_bounds(self) -> tuple[float, float, float, float] | None:
         return self.bounds if self.common_crs() is not None else None
-
-
-def _union_bounds(
-    a: tuple[float, ...] | None, b: tuple[float, ...]
-) -> tuple[float, float, float, float]:
-    if a is None:
-        return b[0], b[1], b[2], b[3]
-    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 def _tile(x: int, y: int, size: int, low: float, high: float) -> dict[str, Any]:
