@@ -57,23 +57,25 @@ def spec_file(tmp_path: Path, photo_paths: list[Path]) -> Path:
 
 
 def test_a_workers_error_is_read_from_the_traceback_ray_passes_on() -> None:
-    """Ray passes a worker's error on as its traceback's text: the innermost error's first line
-    is the one said (Ray Data's wrapper raised from it follows); not Ray's error: None."""
+    """Ray passes a worker's error on as its traceback's text: the error user code raised last
+    is the one said (not its cause, nor Ray Data's wrapper raised from it), in its first line;
+    a block whose frames Ray hid gives its last line; not Ray's error: None."""
     from ray.exceptions import RayTaskError
 
     from vision_ops.errors import RAISED_FROM, raised_in_a_worker
 
-    inner = '  File "model.py", line 9, in forward\n    raise RuntimeError(...)\n'
-    outer = '  File "ray/data/map.py", line 3, in call\n    raise UserCodeException() from e\n'
-    text = (
-        f"Traceback (most recent call last):\n{inner}RuntimeError: device lost\nsecond line\n"
-        f"{RAISED_FROM}\n\nTraceback (most recent call last):\n{outer}"
-        "ray.exceptions.UserCodeException: UDF failed to process a data block."
-    )
+    def block(frame: str, error: str) -> str:
+        return f'Traceback (most recent call last):\n  File "{frame}", line 9\n    x()\n{error}'
+
+    cause = block("store.py", "OSError: [Errno 5] read failed")
+    raised = block("model.py", "RuntimeError: device lost\nsecond line of its message")
+    wrapper = block("ray/data/map.py", "ray.exceptions.UserCodeException: UDF failed")
+    text = f"{cause}\n{RAISED_FROM}\n\n{raised}\n{RAISED_FROM}\n\n{wrapper}"
     assert raised_in_a_worker(RayTaskError("f", text, RuntimeError())) == (
         "RuntimeError: device lost"
     )
-    assert raised_in_a_worker(RayTaskError("f", "no frames", RuntimeError())) is None
+    hidden = RayTaskError("f", "ValueError: cannot convert the batch", ValueError())
+    assert raised_in_a_worker(hidden) == "ValueError: cannot convert the batch"
     assert raised_in_a_worker(RuntimeError("device lost")) is None
 
 

@@ -286,7 +286,7 @@ def test_an_unsupported_transfer_syntax_is_named() -> None:
         open_instance(buffer.getvalue(), DicomSpec(), 10**8)
 
 
-def test_read_units_gives_a_row_per_frame_and_an_error_row_per_bad_file(tmp_path: Path) -> None:
+def test_the_read_gives_a_row_per_frame_and_an_error_row_per_bad_file(tmp_path: Path) -> None:
     stored = np.stack([STORED, STORED]).astype(np.int16)
     files = {
         "multi.dcm": dicom_bytes(stored, tags=CT | CANARY_PHI),

@@ -399,19 +399,18 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
         "task": {"kind": "classification", "top_k": 1},
         "runtime": {"batch_size": 2, "read_batch_size": 2, "max_actors": 1},
         "output": {"uri": str(tmp_path / "table")},
-        "run": {"id": "lost"},
+        "run": {"id": "lost", "date": "2026-11-24"},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     capsys.readouterr()
-    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     assert main(["run", str(path)]) == EXIT_FAILED
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("error:")]
     assert said == [
         f"error: a worker failed: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows "
         "made durable so far stay staged, and the same command with --run-id lost --run-date "
-        f"{today} resumes from them (the worker's stack trace: Ray Data's log, in the Ray "
+        "2026-11-24 resumes from them (the worker's stack trace: Ray Data's log, in the Ray "
         "session's logs/ray-data)"
     ]
     assert 'File "' not in err and "\x1b[" not in err  # no frames, no colour codes
@@ -445,6 +444,7 @@ def test_a_stalled_run_fails_naming_the_stuck_stage(tmp_path) -> None:
         shutil.rmtree(ray_temp, ignore_errors=True)
     assert done.returncode == EXIT_FAILED, done.stderr[-2000:]
     assert "made no progress" in done.stderr and "MapBatches(PredictRows)" in done.stderr
+    assert "nothing was committed; the rows made durable so far stay staged" in done.stderr
     assert committed_runs(str(tmp_path / "table")) == []
 
 

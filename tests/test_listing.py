@@ -405,7 +405,7 @@ def test_run_on_a_manifest_the_listing_cannot_parse_prints_no_traceback(tmp_path
         "input": {"manifest": str(manifest)},
         "model": {
             "kind": "entrypoint",
-            "entrypoint": "crashing:lose_device",
+            "entrypoint": "crashing:lose_device",  # any model: the run fails at its listing
             "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
         },
         "output": {"uri": str(tmp_path / "table")},
@@ -430,3 +430,4 @@ def test_run_on_a_manifest_the_listing_cannot_parse_prints_no_traceback(tmp_path
         f"error: manifest {manifest}: cannot read: ArrowInvalid: {manifest}: CSV parse error: "
     ), said
     assert "Traceback" not in done.stderr and 'File "' not in done.stderr, done.stderr[-3000:]
+    assert "An exception was raised from a task of operator" in done.stderr  # Ray's line stays

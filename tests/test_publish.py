@@ -227,6 +227,10 @@ def test_verify_of_a_copied_table_says_its_manifests_name_the_original(tmp_path:
     assert main(["verify", str(copy), "--run-id", "r1"]) == EXIT_FAILED
     (tmp_path / "link").symlink_to(original)
     assert verify_run(str(tmp_path / "link"), "r1")[1] == []
+    moved = tmp_path / "other-volume"  # a partition linked in from elsewhere is the table's
+    shutil.move(original / PARTITION, moved)
+    (original / PARTITION).symlink_to(moved)
+    assert verify_run(str(original), "r1")[1] == []
     assert verify_run(f"file://{original}/", "r1")[1] == []
 
 

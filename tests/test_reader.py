@@ -31,7 +31,7 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_read_units_decodes_good_files_and_records_bad_ones(memfs) -> None:
+def test_the_read_decodes_good_files_and_records_bad_ones(memfs) -> None:
     image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     memfs.pipe({"/in/a.png": png(image), "/in/b.png": b"garbage"})
     batch = {
@@ -48,7 +48,7 @@ def test_read_units_decodes_good_files_and_records_bad_ones(memfs) -> None:
     assert not out["image"][1:].any()
 
 
-def test_read_units_refuses_images_over_the_pixel_limit(memfs) -> None:
+def test_the_read_refuses_images_over_the_pixel_limit(memfs) -> None:
     memfs.pipe("/in/big.png", png(np.zeros((100, 100, 3), dtype=np.uint8)))
     batch = {
         "source_uri": np.array(["memory:///in/big.png"]),

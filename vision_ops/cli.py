@@ -187,7 +187,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
         return _fail(err, err.exit_code)
     except StorageError as err:
-        return _fail(RuntimeError(f"{err}; nothing was committed"), EXIT_FAILED)
+        return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail(RuntimeError(interrupted(spec)), EXIT_INTERRUPTED)
     except Exception as err:
@@ -196,7 +196,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         from vision_ops.errors import raised_as_an_actor_started, raised_in_a_worker
 
         if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
-            return _fail(err, EXIT_FAILED)
+            return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
         in_actor = raised_as_an_actor_started(err)  # e.g. weights that are not a state_dict
         if in_actor is not None:
             message, code = in_actor

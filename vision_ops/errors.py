@@ -63,18 +63,32 @@ def raised_as_an_actor_started(err: BaseException) -> tuple[str, int] | None:
 # The line Python's traceback text puts between an error and the one raised from it.
 RAISED_FROM = "\nThe above exception was the direct cause of the following exception:"
 FRAME = '  File "'  # a traceback's line naming a frame
+RAY_DATA_WRAPPER = "UserCodeException"  # what Ray Data raises from a UDF's error
 
 
 def raised_in_a_worker(err: BaseException) -> str | None:
     """`Type: first line` of the error user code raised in a Ray task or actor method (a model
     failing on the device, a decoder a worker lacks), where `err` is Ray's error for it: Ray
-    passes that error on only as the text of its traceback, the innermost error's block
-    first. None where `err` is not Ray's task error, or its text names no error."""
+    passes that error on only as the text of its traceback, the error raised last in its last
+    block (Ray Data's wrapper raised from it comes after it). None where `err` is not Ray's
+    task error."""
     from ray.exceptions import RayTaskError
 
     if not isinstance(err, RayTaskError):
         return None
-    innermost = str(err).split(RAISED_FROM, 1)[0].splitlines()
-    frames = [index for index, line in enumerate(innermost) if line.startswith(FRAME)]
-    after_frames = innermost[frames[-1] + 1 :] if frames else []
-    return next((line for line in after_frames if line and not line[0].isspace()), None)
+    blocks = str(err).split(RAISED_FROM)
+    if len(blocks) > 1 and RAY_DATA_WRAPPER in blocks[-1]:
+        blocks.pop()
+    return _error_line(blocks[-1].splitlines())
+
+
+def _error_line(lines: list[str]) -> str | None:
+    """The error line of one traceback block: the first unindented line after its last frame
+    (the error's message may go on over more lines); without frames (Ray hides its own), the
+    last unindented line."""
+    frames = [index for index, line in enumerate(lines) if line.startswith(FRAME)]
+    unindented = [line for line in lines[frames[-1] + 1 if frames else 0 :] if line.strip()]
+    unindented = [line for line in unindented if not line[0].isspace()]
+    if not unindented:
+        return None
+    return unindented[0] if frames else unindented[-1]

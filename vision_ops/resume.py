@@ -129,7 +129,7 @@ def _scan(
         if _store_failed(err):
             raise StorageError(
                 f"{path}: an earlier attempt's staged rows cannot be read to resume from them "
-                f"({err}); they are kept: run again"
+                f"({err}); they are kept"
             ) from err
         return TORN, None
 

@@ -169,14 +169,15 @@ def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
 
 def lies_under(uri: str, root_uri: str, options: StorageOptions | None = None) -> bool:
     """Whether `uri` names something inside `root_uri`: the same kind of store, its path under
-    the root's (local paths with their links resolved)."""
+    the root's (local paths as given, or with their links resolved)."""
     fs, path = filesystem(uri, options)
     root_fs, root = filesystem(root_uri, options)
     if fs.protocol != root_fs.protocol:
         return False
+    pairs = [(path, root)]
     if protocol_of(uri) == protocol_of(root_uri) == "file":
-        path, root = os.path.realpath(path), os.path.realpath(root)
-    return path.startswith(root.rstrip("/") + "/")
+        pairs.append((os.path.realpath(path), os.path.realpath(root)))
+    return any(inner.startswith(outer.rstrip("/") + "/") for inner, outer in pairs)
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:

@@ -46,17 +46,24 @@ def _init_ray() -> None:
     ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-class _NoStackTrace(logging.Filter):
-    """Passes the records that carry no stack trace."""
+class _WithoutStackTrace(logging.Formatter):
+    """Another formatter's lines, less the stack trace a record carries."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.exc_info is None and not record.stack_info
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            bare = {"exc_info": None, "exc_text": None, "stack_info": None}
+            record = logging.makeLogRecord(record.__dict__ | bare)
+        return self.inner.format(record)
 
 
 def stack_traces_to_ray_datas_log() -> None:
-    """Ray Data's records that carry a stack trace (a read task's error as its dataset
-    aborts, an error of Ray's own) are kept from the console, not from its log file (the Ray
-    session's logs/ray-data): the job says what failed in one line of its own. Its console
+    """Ray Data's console lines without the stack traces its records carry (a read task's
+    error as its dataset aborts, an error of Ray's own); its log file (the Ray session's
+    logs/ray-data) keeps them: the job says what failed in one line of its own. Its console
     handler is the stream handler that writes to no file."""
     import ray.data  # noqa: F401  (it sets up its logging as it is imported)
 
@@ -64,8 +71,8 @@ def stack_traces_to_ray_datas_log() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(
             handler, logging.FileHandler
         )
-        if console and not any(isinstance(f, _NoStackTrace) for f in handler.filters):
-            handler.addFilter(_NoStackTrace())
+        if console and not isinstance(handler.formatter, _WithoutStackTrace):
+            handler.setFormatter(_WithoutStackTrace(handler.formatter or logging.Formatter()))
 
 
 def require_reachable(address: str) -> None:
