@@ -700,8 +700,9 @@ class RuntimeSpec(StrictModel):
     durable_every_s: float = Field(
         default=120.0,
         gt=0,
-        description="... or every this many seconds, whichever comes first (a crash "
-        "loses at most this much of the pool's work).",
+        description="... or, as rows arrive, once this many seconds have passed since the "
+        "last part file, whichever comes first (a crash loses at most this much of the pool's "
+        "work).",
     )
 
     @property
