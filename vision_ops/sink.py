@@ -33,7 +33,7 @@ from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
     filesystem,
-    lies_under,
+    outside,
     read_parquet,
     writing_to,
 )
@@ -350,7 +350,7 @@ def _named_elsewhere(
     keeps manifests naming the original's files, so its own are not what is checked or read."""
     named = [entry["uri"] for entry in manifest["files"]]
     named += [uri for uri in (manifest.get("index_uri"), manifest.get("masks_folder")) if uri]
-    elsewhere = [uri for uri in named if not lies_under(uri, root_uri, options)]
+    elsewhere = outside(named, root_uri, options)
     if not elsewhere:
         return []
     return [

@@ -167,17 +167,23 @@ def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
     return str(fs.unstrip_protocol(path))
 
 
-def lies_under(uri: str, root_uri: str, options: StorageOptions | None = None) -> bool:
-    """Whether `uri` names something inside `root_uri`: the same kind of store, its path under
-    the root's (local paths as given, or with their links resolved)."""
-    fs, path = filesystem(uri, options)
+def outside(uris: list[str], root_uri: str, options: StorageOptions | None = None) -> list[str]:
+    """The URIs that name nothing inside `root_uri`: another kind of store, or a path not under
+    the root's (local paths as given, or with their links resolved). The root is read once."""
     root_fs, root = filesystem(root_uri, options)
-    if fs.protocol != root_fs.protocol:
-        return False
-    pairs = [(path, root)]
-    if protocol_of(uri) == protocol_of(root_uri) == "file":
-        pairs.append((os.path.realpath(path), os.path.realpath(root)))
-    return any(inner.startswith(outer.rstrip("/") + "/") for inner, outer in pairs)
+    local = protocol_of(root_uri) == "file"
+    roots = [root.rstrip("/") + "/"]
+    if local:
+        roots.append(os.path.realpath(root).rstrip("/") + "/")
+
+    def inside(uri: str) -> bool:
+        fs, path = filesystem(uri, options)
+        if fs.protocol != root_fs.protocol:
+            return False
+        paths = [path, os.path.realpath(path)] if local else [path]
+        return any(p.startswith(r) for p, r in zip(paths, roots, strict=False))
+
+    return [uri for uri in uris if not inside(uri)]
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
