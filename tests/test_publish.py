@@ -205,28 +205,39 @@ def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path)
     assert len(list((copy / INDEX_FOLDER).glob("*.parquet"))) == 1
 
 
-def test_verify_of_a_copied_table_says_its_manifests_name_the_original(tmp_path: Path) -> None:
-    """A copy's manifests name the original's files, so checking them would pass on the
-    original's behalf (here: the copy's files are gone and it still would): verify says the
-    run's files lie outside the table it was asked about, and the CLI fails. The same table
-    through a link to it verifies clean."""
-    from vision_ops.cli import EXIT_FAILED, main
+def test_a_copied_table_reads_and_verifies_its_own_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A copy's manifests name the original's files; every reader takes them by name in the
+    table it was given: with the original gone the copy's run reads, queries and verifies, and
+    a file of the copy cut short is the copy's problem, named in it. The same table through a
+    link, and a partition linked in from elsewhere, verify clean."""
+    from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
+    from vision_ops.outputs import read_run
 
     original, copy = tmp_path / "original", tmp_path / "copy"
     commit(original, OLD_ROWS)
-    shutil.copytree(original, copy)
-    shutil.rmtree(copy / PARTITION)
-    problems = verify_run(str(copy), "r1")[1]
-    files = len(committed_run(str(copy), "r1")["files"]) + 1  # the files and the index
-    named = (
-        f"{files} of the {files} files and folders run r1's manifest names lie outside {copy} "
-        f"(first: file://{original}/{PARTITION}/"
-    )
-    assert len(problems) == 1 and problems[0].startswith(named), problems
-    assert "a copied table's manifests name the table it was copied from" in problems[0]
-    assert main(["verify", str(copy), "--run-id", "r1"]) == EXIT_FAILED
     (tmp_path / "link").symlink_to(original)
     assert verify_run(str(tmp_path / "link"), "r1")[1] == []
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    manifest, problems = verify_run(str(copy), "r1")
+    assert problems == [] and manifest["rows"] == OLD_ROWS
+    assert {f["uri"] for f in manifest["files"]} == parquet_files(copy)
+    assert manifest["index_uri"].startswith(f"file://{copy}/{INDEX_FOLDER}/")
+    assert read_run(str(copy), manifest)["item_id"].to_pylist() == rows(OLD_ROWS)[
+        "item_id"
+    ].to_pylist()
+    capsys.readouterr()
+    sql = "SELECT count(*) AS n FROM predictions"
+    assert main(["query", str(copy), sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["n", str(OLD_ROWS)]
+    [part, *_] = sorted((copy / PARTITION).glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])
+    [problem] = verify_run(str(copy), "r1")[1]
+    assert problem.startswith(f"file://{part}: unreadable"), problem
+    assert main(["verify", str(copy), "--run-id", "r1"]) == EXIT_FAILED
+    commit(original, OLD_ROWS)
     moved = tmp_path / "other-volume"  # a partition linked in from elsewhere is the table's
     shutil.move(original / PARTITION, moved)
     (original / PARTITION).symlink_to(moved)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from fsspec import AbstractFileSystem
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
@@ -33,7 +34,6 @@ from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
     filesystem,
-    outside,
     read_parquet,
     writing_to,
 )
@@ -101,7 +101,7 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
     if not fs.exists(folder):
         return []
     runs = [manifest_of(fs.cat_file(path), path) for path in fs.glob(f"{folder}/*.json")]
-    return sorted(runs, key=run_order)
+    return sorted((in_table(fs, root, run) for run in runs), key=run_order)
 
 
 def committed_run(
@@ -112,7 +112,49 @@ def committed_run(
         runs = committed_runs(root_uri, options)
         return runs[-1] if runs else None
     fs, root = filesystem(root_uri, options)
-    return read_manifest(fs, root.rstrip("/"), run_id)
+    manifest = read_manifest(fs, root.rstrip("/"), run_id)
+    return None if manifest is None else in_table(fs, root, manifest)
+
+
+def in_table(fs: AbstractFileSystem, root: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A run's manifest as the table at `root` holds it: the part files, index and masks folder
+    it names, each by name in this table's folder for it. A table copied elsewhere (a bucket
+    synced to another, a folder moved) keeps manifests naming the original's files; read so,
+    the copy reads and verifies its own, and a manifest cannot lead a reader out of its table."""
+    named = NamedInTable.of(root, manifest)
+    found = dict(manifest)
+    found["files"] = [
+        entry | {"uri": canonical_uri(fs, path)}
+        for entry, path in zip(manifest["files"], named.files, strict=True)
+    ]
+    if named.index is not None:
+        found["index_uri"] = canonical_uri(fs, named.index)
+    if manifest.get("masks_folder"):
+        found["masks_folder"] = canonical_uri(fs, named.masks_folder)
+    return found
+
+
+@dataclass(frozen=True)
+class NamedInTable:
+    """The paths, in the table at a root, of what a run's manifest names."""
+
+    files: list[str]  # its part files, in the manifest's order
+    index: str | None  # its index, where it names one
+    masks_folder: str  # its masks' folder (there or not)
+
+    @classmethod
+    def of(cls, root: str, manifest: dict[str, Any]) -> NamedInTable:
+        root = root.rstrip("/")
+        run_date = dt.date.fromisoformat(manifest["run_date"])
+        partition = f"{root}/{PARTITION_COLUMN}={run_date.isoformat()}"
+        index = manifest.get("index_uri")
+        return cls(
+            files=[f"{partition}/{posixpath.basename(e['uri'])}" for e in manifest["files"]],
+            index=f"{root}/{INDEX_FOLDER}/{posixpath.basename(index)}" if index else None,
+            masks_folder=final_masks_folder(
+                root, manifest["run_id"], run_date, manifest.get("attempt")
+            ),
+        )
 
 
 @dataclass
@@ -278,12 +320,9 @@ class ParquetSink:
         manifest = read_manifest(self.fs, self.root, self.run_id)
         if manifest is None:
             return []
-        files = [
-            f"{self.partition}/{posixpath.basename(entry['uri'])}" for entry in manifest["files"]
-        ]
-        if manifest.get("index_uri"):
-            files.append(f"{self.root}/{INDEX_FOLDER}/{posixpath.basename(manifest['index_uri'])}")
-        masks = final_masks_folder(self.root, self.run_id, self.run_date, manifest.get("attempt"))
+        named = NamedInTable.of(self.root, manifest)
+        files = named.files + ([named.index] if named.index else [])
+        masks = named.masks_folder
         if self.fs.exists(masks):
             files += [path for path in self.fs.ls(masks, detail=False) if self.fs.isfile(path)]
         return files
@@ -343,24 +382,6 @@ def unfinished_commit(
     ]
 
 
-def _named_elsewhere(
-    root_uri: str, manifest: dict[str, Any], options: StorageOptions | None
-) -> list[str]:
-    """A problem where the manifest names files outside the table: a table copied elsewhere
-    keeps manifests naming the original's files, so its own are not what is checked or read."""
-    named = [entry["uri"] for entry in manifest["files"]]
-    named += [uri for uri in (manifest.get("index_uri"), manifest.get("masks_folder")) if uri]
-    elsewhere = outside(named, root_uri, options)
-    if not elsewhere:
-        return []
-    return [
-        f"{len(elsewhere)} of the {len(named)} files and folders run {manifest['run_id']}'s "
-        f"manifest names lie outside {root_uri} (first: {elsewhere[0]}): a copied table's "
-        "manifests name the table it was copied from, whose files are the ones checked and "
-        "read; verify that table, or run the job again into this one"
-    ]
-
-
 def verify_run(
     root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -371,7 +392,6 @@ def verify_run(
     if manifest is None:
         return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
     problems = unfinished_commit(root_uri, manifest["run_id"], options)
-    problems += _named_elsewhere(root_uri, manifest, options)
     item_ids: list[str] = []
     for entry in manifest["files"]:
         try:

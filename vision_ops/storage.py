@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -165,25 +164,6 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
     """The full URL of a path, e.g. s3://bucket/key or file:///abs/path."""
     return str(fs.unstrip_protocol(path))
-
-
-def outside(uris: list[str], root_uri: str, options: StorageOptions | None = None) -> list[str]:
-    """The URIs that name nothing inside `root_uri`: another kind of store, or a path not under
-    the root's (local paths as given, or with their links resolved). The root is read once."""
-    root_fs, root = filesystem(root_uri, options)
-    local = protocol_of(root_uri) == "file"
-    roots = [root.rstrip("/") + "/"]
-    if local:
-        roots.append(os.path.realpath(root).rstrip("/") + "/")
-
-    def inside(uri: str) -> bool:
-        fs, path = filesystem(uri, options)
-        if fs.protocol != root_fs.protocol:
-            return False
-        paths = [path, os.path.realpath(path)] if local else [path]
-        return any(p.startswith(r) for p, r in zip(paths, roots, strict=False))
-
-    return [uri for uri in uris if not inside(uri)]
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
