@@ -225,9 +225,10 @@ def test_a_copied_table_reads_and_verifies_its_own_files(
     assert problems == [] and manifest["rows"] == OLD_ROWS
     assert {f["uri"] for f in manifest["files"]} == parquet_files(copy)
     assert manifest["index_uri"].startswith(f"file://{copy}/{INDEX_FOLDER}/")
-    assert read_run(str(copy), manifest)["item_id"].to_pylist() == rows(OLD_ROWS)[
-        "item_id"
-    ].to_pylist()
+    assert (
+        read_run(str(copy), manifest)["item_id"].to_pylist()
+        == rows(OLD_ROWS)["item_id"].to_pylist()
+    )
     capsys.readouterr()
     sql = "SELECT count(*) AS n FROM predictions"
     assert main(["query", str(copy), sql, "--format", "csv"]) == EXIT_OK
