@@ -113,3 +113,32 @@ def test_s3_with_a_custom_endpoint_reads_the_same_tile(
         expected = by_hand(scene[[0, 1, 2], 64:128, 128:192], 0, 10_000)
         np.testing.assert_array_equal(tile, np.moveaxis(expected, 0, -1))
         assert valid == pytest.approx(40 * 30 / 64**2)
+
+
+def test_a_float_scene_with_nan_nodata_is_stretched_over_its_data(tmp_path: Path) -> None:
+    """NaN never equals itself, so a NaN nodata (common in float scenes) is matched as NaN: the
+    stretch comes from the data alone, a tile of NaN holds no data (and is skipped), and a tile
+    of data is scaled as by hand, a stray NaN in one band black. The same with no nodata set."""
+    from vision_ops.config import TilingSpec
+    from vision_ops.scenes import value_range
+
+    rng = np.random.default_rng(1)
+    values = rng.uniform(100.0, 200.0, (3, 64, 64)).astype(np.float32)
+    values[:, :32] = np.nan  # the top half: no data
+    values[1, 40, 5] = np.nan  # one band's value missing in a pixel with data
+    for nodata in (float("nan"), None):
+        path = tmp_path / f"float-{nodata}.tif"
+        profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "float32",
+                   "crs": "EPSG:32633", "transform": TRANSFORM, "nodata": nodata}  # fmt: skip
+        with rasterio.open(path, "w", **profile) as out:
+            out.write(values)
+        with open_raster(str(path)) as dataset:
+            low, high = value_range(dataset, scene_header(dataset), TilingSpec(size=32))
+            data = values[~np.isnan(values)].astype(np.float64)
+            assert (low, high) == pytest.approx(tuple(np.percentile(data, [2, 98])))
+            _, empty = read_tile(dataset, Window(0, 0, 32, 32), (1, 2, 3), (low, high))
+            tile, full = read_tile(dataset, Window(32, 0, 32, 32), (1, 2, 3), (low, high))
+        assert (empty, full) == (0.0, 1.0)
+        expected = by_hand(np.nan_to_num(values[:, 32:, :32], nan=low), low, high)
+        np.testing.assert_array_equal(tile, np.moveaxis(expected, 0, -1))
+        assert tile[8, 5, 1] == 0 and tile.max() == 255

@@ -72,14 +72,15 @@ def read_tile(
 
     `bands` are 1-based band numbers in output order (e.g. 4, 3, 2 for RGB from Sentinel-2);
     one band is replicated to grey. Values map linearly from `value_range` (low, high) onto
-    0..255, clipped. Pixels past the scene's edge, or equal to `nodata` (the file's when None)
-    in every band, count as no data and are black.
+    0..255, clipped. Pixels past the scene's edge, or with no data (`no_data`: `nodata`, the
+    file's when None, or not finite) in every band, count as no data and are black.
     """
     check_bands(bands, dataset.count)
     fill = dataset.nodata if nodata is None else nodata
     values = read_window(dataset, window, bands, fill if fill is not None else 0.0)
     valid = _valid_mask(values, fill, window, dataset.width, dataset.height)
     low, high = value_range
+    values = np.where(np.isfinite(values), values, low)  # a band's NaN in a valid pixel: black
     scaled = np.clip(np.rint((values - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
     scaled[:, ~valid] = 0
     rgb = np.repeat(scaled, 3, axis=0) if len(bands) == 1 else scaled
@@ -112,9 +113,16 @@ def _valid_mask(
     rows = np.arange(window.row_off, window.row_off + window.height)[:, None]
     cols = np.arange(window.col_off, window.col_off + window.width)[None, :]
     inside = (rows < height) & (cols < width) & (rows >= 0) & (cols >= 0)
-    if nodata is None:
-        return inside
-    return inside & ~np.all(values == nodata, axis=0)
+    return inside & ~np.all(no_data(values, nodata), axis=0)
+
+
+def no_data(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Where `values` hold no data: equal to `nodata` (a NaN nodata matches NaN, which never
+    equals itself), or not finite (a float scene's NaN or infinity, whatever its nodata)."""
+    missing = ~np.isfinite(values)
+    if nodata is not None and not np.isnan(nodata):
+        missing |= values == nodata
+    return missing
 
 
 def check_bands(bands: Sequence[int], count: int) -> None:

@@ -28,6 +28,7 @@ from vision_ops.raster import (
     RasterError,
     Scene,
     check_bands,
+    no_data,
     open_raster,
     read_tile,
     scene_header,
@@ -290,7 +291,7 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
     )
     values = dataset.read(indexes=list(tiling.bands), out_shape=(len(tiling.bands), *shape))
     nodata = tiling.nodata if tiling.nodata is not None else scene.nodata
-    valid = values[values != nodata] if nodata is not None else values.ravel()
+    valid = values[~no_data(values, nodata)]
     if valid.size == 0:
         return 0.0, 1.0
     low, high = np.percentile(valid.astype(np.float64), [low_pct, high_pct])
