@@ -415,6 +415,34 @@ def test_only_allow_listed_tags_become_columns() -> None:
 def test_patient_identifiers_need_the_explicit_opt_in() -> None:
     with pytest.raises(ValueError, match="PatientName: patient identifiers"):
         DicomSpec(tags=["PatientName"])
+    # Table E.1-1's tags by their kind: a name, a date, a time, a sequence, an identifier, a
+    # place, free text (a sequence would be written whole, nested elements and all).
+    by_kind = [
+        "ConsultingPhysicianName",
+        "AdmittingDate",
+        "AdmittingTime",
+        "AdmissionID",
+        "ReferringPhysicianIdentificationSequence",
+        "CurrentPatientLocation",
+        "PatientInstitutionResidence",
+        "StudyComments",
+        "RequestedProcedureDescription",
+    ]
+    for keyword in by_kind:
+        with pytest.raises(ValueError, match=f"{keyword}: patient identifiers"):
+            DicomSpec(tags=[keyword])
+    acquisition = [
+        "SliceThickness",
+        "KVP",
+        "Manufacturer",
+        "ManufacturerModelName",
+        "PixelSpacing",
+        "ConvolutionKernel",
+        "SeriesNumber",
+        "StudyInstanceUID",
+    ]
+    assert DicomSpec(tags=acquisition).tags == acquisition
+    assert DicomSpec(phi_tags=by_kind).phi_tags == by_kind
     with pytest.raises(ValueError, match="dictionary keywords"):
         DicomSpec(tags=["SliceThicknes"])
     raw = {

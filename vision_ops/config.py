@@ -159,7 +159,22 @@ PHI_KEYWORDS = frozenset(
         "PatientState",
     }
 )
+# Beyond the table's keywords, those of the kinds its rules remove: a person's name, a date or
+# time, a sequence (written whole, with every nested element), an identifier (not a UID: the
+# table's UID columns hold those), an address, a place, free text.
+PHI_VRS = frozenset({"PN", "DA", "DT", "TM", "SQ"})
+PHI_WORDS = re.compile(r"(?<!U)ID$|Address|Telephone|Location|Residence|Comments|Description")
 DICOM_KEYWORD_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
+
+
+def identifying(keyword: str) -> bool:
+    """Whether a DICOM keyword (one pydicom knows) may identify a patient: one of PS3.15
+    Table E.1-1's, or of a kind its rules remove (`PHI_VRS`, `PHI_WORDS`)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    if keyword in PHI_KEYWORDS or PHI_WORDS.search(keyword):
+        return True
+    return dictionary_VR(tag_for_keyword(keyword)) in PHI_VRS
 
 
 class Window(StrictModel):
@@ -208,11 +223,13 @@ class DicomSpec(StrictModel):
     @field_validator("tags")
     @classmethod
     def _no_phi(cls, value: list[str]) -> list[str]:
-        phi = sorted(set(value) & PHI_KEYWORDS)
+        phi = sorted(keyword for keyword in set(value) if identifying(keyword))
         if phi:
             raise ValueError(
-                f"{', '.join(phi)}: patient identifiers (DICOM basic de-identification profile) "
-                "are never written from `tags`; list them under `phi_tags` to opt in deliberately"
+                f"{', '.join(phi)}: patient identifiers (DICOM basic de-identification profile: "
+                "its listed tags, and any person name, date, time, sequence, identifier, "
+                "address, place, comment or description) are never written from `tags`; list "
+                "them under `phi_tags` to opt in deliberately"
             )
         return value
 
