@@ -170,11 +170,11 @@ DICOM_KEYWORD_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
 def identifying(keyword: str) -> bool:
     """Whether a DICOM keyword (one pydicom knows) may identify a patient: one of PS3.15
     Table E.1-1's, or of a kind its rules remove (`PHI_VRS`, `PHI_WORDS`)."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.datadict import dictionary_VR
 
     if keyword in PHI_KEYWORDS or PHI_WORDS.search(keyword):
         return True
-    return dictionary_VR(tag_for_keyword(keyword)) in PHI_VRS
+    return dictionary_VR(keyword) in PHI_VRS
 
 
 class Window(StrictModel):
