@@ -286,6 +286,35 @@ def test_an_unsupported_transfer_syntax_is_named() -> None:
         open_instance(buffer.getvalue(), DicomSpec(), 10**8)
 
 
+@pytest.mark.parametrize(
+    "uid",
+    ["1.2.840.10008.1.2.4.110", "1.2.826.0.1.3680043.99.1"],  # JPEG XL; a vendor's
+)
+def test_a_transfer_syntax_pydicom_does_not_know_is_named(uid: str) -> None:
+    """Written as a private UID of the same length, then renamed in the bytes (pydicom will
+    not write a syntax it does not know; a newer tool's file has one)."""
+    placeholder = "1.2.826.0.1.3680043.9.1" + "9" * (len(uid) - 23)
+    dataset = pydicom.dcmread(__import__("io").BytesIO(dicom_bytes(STORED)))
+    dataset.file_meta.TransferSyntaxUID = placeholder
+    buffer = __import__("io").BytesIO()
+    dataset.save_as(buffer)
+    data = buffer.getvalue().replace(placeholder.encode(), uid.encode())
+    with pytest.raises(UnsupportedTransferSyntax, match=f"transfer syntax {uid} is not one"):
+        open_instance(data, DicomSpec(), 10**8)
+
+
+@pytest.mark.parametrize(
+    "window", [{"WindowCenter": "", "WindowWidth": 400}, {"WindowCenter": 40, "WindowWidth": ""}]
+)
+def test_an_empty_window_in_the_file_falls_back_to_the_full_range(window: dict) -> None:
+    """README: the file's window, else the frame's full range; an empty element is no window
+    (it failed the whole instance)."""
+    stored = np.array([[10, 20], [30, 50]], dtype=np.uint16)
+    expected = np.rint(np.array([[0, 10], [20, 40]]) / 40 * 255).astype(np.uint8)
+    data = dicom_bytes(stored, tags=window | {"VOILUTFunction": ""})
+    np.testing.assert_array_equal(grey(frame(data)), expected)
+
+
 def test_the_read_gives_a_row_per_frame_and_an_error_row_per_bad_file(tmp_path: Path) -> None:
     stored = np.stack([STORED, STORED]).astype(np.int16)
     files = {

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ DICOM_COLUMNS = (*COLUMN_NAMES.values(), "window_center", "window_width", TAGS_C
 # Decoder plugins to prefer per transfer syntax: pylibjpeg-rle panics (a pyo3 PanicException,
 # which is not an Exception) on some corrupt RLE streams; pydicom's own RLE decoder raises.
 PLUGIN_PREFERENCE = {"1.2.840.10008.1.2.5": {"decoding_plugin": "pydicom"}}
+SUPPORTED = "uncompressed, deflated, RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000"
 INSTALL_HINT = "DICOM input needs pydicom and its pixel handlers: pip install 'vision-ops[dicom]'"
 
 
@@ -143,10 +145,11 @@ def chosen_window(dataset: Any, spec: DicomSpec) -> tuple[float, float, str] | N
         return center, width, "LINEAR"
     if spec.window != "file" or "VOILUTSequence" in dataset:
         return None
-    if "WindowCenter" not in dataset or "WindowWidth" not in dataset:
+    center, width = _first(dataset.get("WindowCenter")), _first(dataset.get("WindowWidth"))
+    if center is None or width is None:  # absent, empty or not a number: the full range
         return None
     function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-    return _first(dataset.WindowCenter), _first(dataset.WindowWidth), function
+    return center, width, function
 
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -227,11 +230,14 @@ def _check_pixels(dataset: Any, data: bytes, max_pixels: int) -> None:
     if rows * columns > max_pixels:
         raise ImageTooLarge(f"{columns}x{rows} pixels exceeds the limit of {max_pixels} pixels")
     syntax = _transfer_syntax(dataset)
+    if not syntax.is_transfer_syntax:  # a vendor's private UID, or one newer than pydicom
+        raise UnsupportedTransferSyntax(
+            f"transfer syntax {syntax} is not one pydicom knows (supported: {SUPPORTED})"
+        )
     if syntax.is_compressed and not _can_decode(syntax):
         raise UnsupportedTransferSyntax(
             f"transfer syntax {syntax.name} ({syntax}) has no pixel decoder installed "
-            "(supported: uncompressed, deflated, RLE, JPEG baseline/extended/lossless, "
-            "JPEG-LS, JPEG 2000)"
+            f"(supported: {SUPPORTED})"
         )
 
 
@@ -307,11 +313,16 @@ def _scale_to_uint8(values: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(scaled.astype(np.uint8))
 
 
-def _first(value: Any) -> float:
-    """A window value, which DICOM allows to be multi-valued (several windows): the first."""
+def _first(value: Any) -> float | None:
+    """A window value, which DICOM allows to be multi-valued (several windows): the first; None
+    where the element is absent or empty, or holds no finite number."""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = value[0]
-    return float(value)
+        value = value[0] if len(value) else None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(element_value: Any) -> str | None:
