@@ -308,7 +308,7 @@ def test_a_transfer_syntax_pydicom_does_not_know_is_named(uid: str) -> None:
 )
 def test_an_empty_window_in_the_file_falls_back_to_the_full_range(window: dict) -> None:
     """README: the file's window, else the frame's full range; an empty element is no window
-    (it failed the whole instance)."""
+    (it failed the whole instance); a value that is not a number stays a malformed header."""
     stored = np.array([[10, 20], [30, 50]], dtype=np.uint16)
     expected = np.rint(np.array([[0, 10], [20, 40]]) / 40 * 255).astype(np.uint8)
     data = dicom_bytes(stored, tags=window | {"VOILUTFunction": ""})

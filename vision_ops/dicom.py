@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -141,12 +140,12 @@ def chosen_window(dataset: Any, spec: DicomSpec) -> tuple[float, float, str] | N
     if isinstance(spec.window, Window):
         return spec.window.center, spec.window.width, "LINEAR"
     if spec.window in WINDOW_PRESETS:
-        center, width = WINDOW_PRESETS[spec.window]
-        return center, width, "LINEAR"
+        preset = WINDOW_PRESETS[spec.window]
+        return preset[0], preset[1], "LINEAR"
     if spec.window != "file" or "VOILUTSequence" in dataset:
         return None
     center, width = _first(dataset.get("WindowCenter")), _first(dataset.get("WindowWidth"))
-    if center is None or width is None:  # absent, empty or not a number: the full range
+    if center is None or width is None:  # absent or empty: the frame's full range
         return None
     function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
     return center, width, function
@@ -315,14 +314,10 @@ def _scale_to_uint8(values: np.ndarray, bits: int) -> np.ndarray:
 
 def _first(value: Any) -> float | None:
     """A window value, which DICOM allows to be multi-valued (several windows): the first; None
-    where the element is absent or empty, or holds no finite number."""
+    where the element is absent or empty (a value that is not a number is a malformed header)."""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         value = value[0] if len(value) else None
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    return None if value is None or value == "" else float(value)
 
 
 def _text(element_value: Any) -> str | None:
