@@ -25,5 +25,5 @@ def plan_tiles(listing: pa.Table, tiling: TilingSpec, options: StorageOptions) -
     unit carrying the reason (its error row)."""
     scenes = scene_rows(listing, tiling, options)
     summary = SceneSummary()
-    summary.add(summarise_scenes(scenes))
+    summary.add(summarise_scenes(scenes, tiling))
     return TilePlan(cut_tiles(scenes, tiling), summary.common_crs(), summary.scene_bounds())

@@ -204,6 +204,22 @@ def test_planning_reads_headers_only_and_fixes_each_scenes_range(scenes, tmp_pat
     assert plan.bounds == (600_000.0, 5_196_000.0, 606_000.0, 5_200_000.0)
 
 
+@pytest.mark.parametrize(("size", "edge"), [(128, "pad"), (256, "shift"), (128, "drop")])
+def test_the_bounds_hold_every_tiles_footprint(scenes, tmp_path, size: int, edge: str) -> None:
+    """GeoParquet's bbox covers every geometry: a padded tile's footprint runs past the scene
+    (`pad`; `shift` where the scene is smaller than a tile), and the bounds take it in."""
+    from vision_ops.georef import footprint
+
+    tiling = {"size": size, "edge": edge, "value_range": [0, 4000]}
+    spec = spec_for(scenes, tmp_path / "t", tmp_path / "weights.pt", **tiling)
+    plan = plan_tiles(list_inputs(spec.input), spec.input.tiling, {})
+    transform = tuple(TRANSFORM)[:6]
+    rings = [footprint(transform, w) for w in tile_windows(WIDTH, HEIGHT, size, 0, edge)]
+    xs = np.concatenate([ring[:, 0] for ring in rings] + [[600_000.0, 606_000.0]])
+    ys = np.concatenate([ring[:, 1] for ring in rings] + [[5_196_000.0, 5_200_000.0]])
+    assert plan.bounds == (xs.min(), ys.min(), xs.max(), ys.max())
+
+
 SQUARES = {  # x_min, y_min, x_max, y_max in scene pixels
     "on the seam at 128": (118, 40, 138, 60),
     "near C, on the seam at 192": (180, 70, 195, 85),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from vision_ops.raster import (
 from vision_ops.schema import item_id
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import Tally, bucket_of, hash64
-from vision_ops.tiling import Window, tile_offsets, tile_windows
+from vision_ops.tiling import Window, tile_offsets, tile_windows, tiled_length
 
 # Columns the plan adds to each listing row: one row per tile.
 PLAN_FIELDS = [
@@ -171,9 +172,9 @@ SCENE_SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def summarise_scenes(scenes: pa.Table) -> pa.Table:
+def summarise_scenes(scenes: pa.Table, tiling: TilingSpec) -> pa.Table:
     """A block of scene rows -> one row (SCENE_SUMMARY_SCHEMA): its scenes and tiles, their
-    tally, each CRS with its first scene, and the readable scenes' bounds."""
+    tally, each CRS with its first scene, and the bounds of the readable scenes' tiles."""
     uris = scenes["source_uri"].to_pylist()
     counts = scenes["scene_tiles"].to_pylist()
     buckets = np.asarray([bucket_of(uri) for uri in uris], np.int64)
@@ -192,7 +193,7 @@ def summarise_scenes(scenes: pa.Table) -> pa.Table:
         a, b, c, d, e, f = row["scene_transform"]
         size = row["scene_width"], row["scene_height"]
         readable.append(Scene(*size, 0, "", row["scene_crs"], (a, b, c, d, e, f), None))
-    bounds = _bounds(readable)
+    bounds = _bounds(readable, tiling)
     return pa.Table.from_pylist(
         [
             {
@@ -330,10 +331,15 @@ def _crs_name(wkt: str | None) -> str:
     return f"EPSG:{epsg}" if epsg else crs.to_string()
 
 
-def _bounds(scenes: list[Scene]) -> tuple[float, float, float, float] | None:
+def _bounds(scenes: list[Scene], tiling: TilingSpec) -> tuple[float, float, float, float] | None:
+    """The box holding every scene and its tiles' footprints (a padded tile's run past the
+    scene's edge): GeoParquet's bbox covers every geometry."""
     if not scenes:
         return None
-    rings = [box_polygon(s.transform, 0, 0, s.width, s.height) for s in scenes]
+    reach = functools.partial(
+        tiled_length, size=tiling.size, overlap=tiling.overlap, edge=tiling.edge
+    )
+    rings = [box_polygon(s.transform, 0, 0, reach(s.width), reach(s.height)) for s in scenes]
     xs = np.concatenate([r[:, 0] for r in rings])
     ys = np.concatenate([r[:, 1] for r in rings])
     return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())

@@ -48,6 +48,12 @@ def tile_offsets(length: int, size: int, overlap: int, edge: EdgePolicy) -> list
     return sorted({min(i * stride, max(length - size, 0)) for i in range(count)})
 
 
+def tiled_length(length: int, size: int, overlap: int, edge: EdgePolicy) -> int:
+    """How far from 0 an axis's pixels and tiles reach: past the scene's edge where a tile is
+    padded (`pad`, or `shift` on a scene smaller than a tile)."""
+    return max([length, *(offset + size for offset in tile_offsets(length, size, overlap, edge))])
+
+
 def tile_windows(
     width: int, height: int, size: int, overlap: int = 0, edge: EdgePolicy = "shift"
 ) -> list[Window]:

@@ -203,7 +203,8 @@ def plan_scenes(listing: Listing, tiling: TilingSpec, options: StorageOptions) -
         header, batch_format="pyarrow", batch_size=SCENES_PER_TASK
     ).materialize()
     summary = SceneSummary()
-    for table in _tables(scenes.map_batches(summarise_scenes, **BLOCKWISE)):
+    summarise = functools.partial(summarise_scenes, tiling=tiling)
+    for table in _tables(scenes.map_batches(summarise, **BLOCKWISE)):
         summary.add(table)
     crs = summary.common_crs()
     return ScenePlan(scenes, tiling, summary, crs, summary.bounds if crs is not None else None)
