@@ -142,3 +142,29 @@ def test_a_float_scene_with_nan_nodata_is_stretched_over_its_data(tmp_path: Path
         expected = by_hand(np.nan_to_num(values[:, 32:, :32], nan=low), low, high)
         np.testing.assert_array_equal(tile, np.moveaxis(expected, 0, -1))
         assert tile[8, 5, 1] == 0 and tile.max() == 255
+
+
+def test_a_palette_image_is_read_as_the_colours_it_shows(tmp_path: Path) -> None:
+    """A P-mode PNG is one band of colour indices; tiled with the default bands it is the RGB
+    it shows (as the photo path decodes it), not an error nor grey indices."""
+    from PIL import Image
+
+    from vision_ops.config import TilingSpec
+    from vision_ops.scenes import value_range
+
+    indices = np.zeros((64, 80), dtype=np.uint8)
+    indices[:, 40:] = 1
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)  # 0: blue, 1: red
+    image.save(tmp_path / "palette.png")
+    expected = np.asarray(Image.open(tmp_path / "palette.png").convert("RGB"))
+    tiling = TilingSpec(size=32)  # bands 1, 2, 3
+    with open_raster(str(tmp_path / "palette.png")) as dataset:
+        header = scene_header(dataset)
+        assert (header.band_count, header.dtype, header.nodata) == (3, "uint8", None)
+        assert value_range(dataset, header, tiling) == (0.0, 255.0)
+        tile, valid = read_tile(dataset, Window(16, 24, 32, 32), tiling.bands, (0.0, 255.0))
+        grey, _ = read_tile(dataset, Window(0, 0, 32, 32), (1,), (0.0, 255.0))
+    np.testing.assert_array_equal(tile, expected[16:48, 24:56])
+    assert valid == 1.0 and tuple(tile[0, 0]) == (0, 0, 255) and tuple(tile[0, -1]) == (255, 0, 0)
+    assert (grey == 0).all()  # band 1 alone: the red channel of blue

@@ -43,9 +43,41 @@ def open_raster(uri: str, options: StorageOptions | None = None) -> Iterator[Any
     fs, path = filesystem(uri, options)
     try:
         with rasterio.open(path, opener=fs) as dataset:
-            yield dataset
+            yield PaletteExpanded(dataset) if _is_palette(dataset) else dataset
     except rasterio.errors.RasterioIOError as err:
         raise RasterError(f"cannot read {uri} as a raster: {err}") from None
+
+
+class PaletteExpanded:
+    """A palette image (one band of colour indices and its colour map, e.g. a P-mode PNG) read
+    as the RGB bands 1, 2, 3 it shows; otherwise the dataset itself. A nodata index names no
+    colour once expanded, so the view has no nodata."""
+
+    count = 3
+    nodata = None
+    dtypes = ("uint8",) * 3
+
+    def __init__(self, dataset: Any) -> None:
+        self._dataset = dataset
+        colours = dataset.colormap(1)  # index -> (r, g, b, a)
+        self._lut = np.zeros((max(256, max(colours) + 1), 3), dtype=np.uint8)
+        for index, rgba in colours.items():
+            self._lut[index] = rgba[:3]
+
+    def read(self, indexes: list[int], window: Any = None, out_shape: Any = None) -> np.ndarray:
+        shape = None if out_shape is None else (1, *out_shape[-2:])
+        [index] = self._dataset.read(indexes=[1], window=window, out_shape=shape)
+        rgb = self._lut[index]
+        return np.stack([rgb[..., band - 1] for band in indexes])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataset, name)
+
+
+def _is_palette(dataset: Any) -> bool:
+    from rasterio.enums import ColorInterp
+
+    return dataset.count == 1 and dataset.colorinterp[0] == ColorInterp.palette
 
 
 def scene_header(dataset: Any) -> Scene:
