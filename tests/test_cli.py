@@ -79,6 +79,30 @@ def test_a_workers_error_is_read_from_the_traceback_ray_passes_on() -> None:
     assert raised_in_a_worker(RuntimeError("device lost")) is None
 
 
+def test_an_actors_failure_as_it_started_is_one_line() -> None:
+    """Ray passes an actor's `__init__` error on as its traceback's text: a vision-ops error
+    keeps its exit code, any other is its error line (not Ray's 60-line text); an actor lost
+    from outside (no traceback) is left to the caller."""
+    from ray.exceptions import RayActorError
+
+    from vision_ops.errors import EXIT_FAILED, raised_as_an_actor_started
+
+    def died(error: str) -> RayActorError:
+        trace = 'Traceback (most recent call last):\n  File "actor.py", line 9\n    load()\n'
+        return RayActorError(error_msg=f"The actor died in its creation task\n{trace}{error}")
+
+    folder = died("IsADirectoryError: [Errno 21] Is a directory: '/w'")
+    try:
+        raise RuntimeError("the pool failed") from folder
+    except RuntimeError as err:
+        found = raised_as_an_actor_started(err)
+    assert found == ("IsADirectoryError: [Errno 21] Is a directory: '/w'", EXIT_FAILED)
+    ours = died("vision_ops.errors.ModelError: model weights /w: not a state_dict")
+    assert raised_as_an_actor_started(ours) == ("model weights /w: not a state_dict", EXIT_BAD_SPEC)
+    lost = RayActorError(error_msg="The actor died unexpectedly before finishing this task.")
+    assert raised_as_an_actor_started(lost) is None
+
+
 def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
     assert main(["validate", str(spec_file), "--list-inputs", "--run-id", "nightly-1"]) == EXIT_OK
     out = capsys.readouterr().out

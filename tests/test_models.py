@@ -262,6 +262,34 @@ def test_check_model_names_the_mistake(model: dict, message: str) -> None:
         check_model(spec_for(model).model)
 
 
+def test_a_keyword_the_architecture_does_not_take_is_refused_before_any_work() -> None:
+    """Checked by building the architecture on the meta device (no memory, no weights), so a
+    typo in model.kwargs fails `validate` and the run before Ray starts, not in each actor."""
+    model = {"architecture": "resnet18", "kwargs": {"foo": {"bar": 1}}}
+    with pytest.raises(ModelError, match=r"^model.kwargs: .*unexpected keyword argument 'foo'"):
+        check_model(spec_for(model).model)
+    with pytest.raises(ModelError, match=r"^model.kwargs: .*unexpected keyword argument 'foo'"):
+        load_model(spec_for(model).model)
+    taken = {"architecture": "resnet18", "num_classes": 3, "kwargs": {"num_classes": 3}}
+    with pytest.raises(ModelError, match=r"^model.kwargs: num_classes is set by the job"):
+        check_model(spec_for(taken).model)
+    check_model(
+        spec_for({"architecture": "resnet18", "kwargs": {"zero_init_residual": True}}).model
+    )
+
+
+def test_a_folder_named_as_a_model_file_or_labels_is_refused_naming_the_field(tmp_path) -> None:
+    from vision_ops.models import check_model_files, read_pinned
+
+    model = spec_for(torchvision_file_model(str(tmp_path))).model
+    with pytest.raises(ModelError, match=f"^model.weights: {tmp_path} is a folder, expected a"):
+        check_model_files(model)
+    with pytest.raises(ModelError, match=f"^model weights {tmp_path}: cannot be read: IsADir"):
+        read_pinned(str(tmp_path), None, {})
+    with pytest.raises(ModelError, match=f"^model.labels: {tmp_path} cannot be read: IsADir"):
+        load_labels(str(tmp_path))
+
+
 def test_preprocessing_is_required_without_weights_metadata() -> None:
     spec = spec_for({"kind": "torchscript", "uri": "/x.pt"})
     model = spec.model.model_copy(update={"preprocessing": None})

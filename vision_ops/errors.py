@@ -44,9 +44,11 @@ ACTOR_ERROR_LINE = re.compile(r"^vision_ops\.errors\.(\w+): (.+)$", re.MULTILINE
 
 
 def raised_as_an_actor_started(err: BaseException) -> tuple[str, int] | None:
-    """The message and exit code of a vision-ops error a Ray actor raised in its `__init__`
-    (a model file that does not load): Ray passes on only the text of its traceback, in an
-    actor error somewhere in `err`'s chain. None where the chain holds none."""
+    """The message and exit code of the error a Ray actor raised in its `__init__` (a model
+    file that does not load): Ray passes on only the text of its traceback, in an actor error
+    somewhere in `err`'s chain. A vision-ops error keeps its exit code; any other is `Type:
+    first line`, EXIT_FAILED. None where the chain holds no actor error with a traceback (an
+    actor killed from outside, its node lost)."""
     from ray.exceptions import RayActorError
 
     seen: BaseException | None = err
@@ -56,6 +58,9 @@ def raised_as_an_actor_started(err: BaseException) -> tuple[str, int] | None:
                 kind = globals().get(name)
                 if isinstance(kind, type) and issubclass(kind, VisionOpsError):
                     return message, kind.exit_code
+            if FRAME in str(seen):
+                line = raised_last(str(seen))
+                return (line, EXIT_FAILED) if line else None
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -76,7 +81,13 @@ def raised_in_a_worker(err: BaseException) -> str | None:
 
     if not isinstance(err, RayTaskError):
         return None
-    blocks = str(err).split(RAISED_FROM)
+    return raised_last(str(err))
+
+
+def raised_last(traceback: str) -> str | None:
+    """`Type: first line` of the error raised last in a traceback's text (not Ray Data's
+    wrapper raised from it)."""
+    blocks = traceback.split(RAISED_FROM)
     if len(blocks) > 1 and RAY_DATA_WRAPPER in blocks[-1]:
         blocks.pop()
     return _error_line(blocks[-1].splitlines())

@@ -92,9 +92,12 @@ def load_model(
 def check_model(spec: ModelSpec, task: str = "classification") -> None:
     """Everything about the model that can be checked without loading weights; ModelError if not."""
     if isinstance(spec, TorchvisionModel):
-        _torchvision_builder(spec.architecture, task)
+        builder = _torchvision_builder(spec.architecture, task)
         if spec.weights and is_weights_enum_name(spec.weights):
             _weights_enum(spec.architecture, spec.weights)
+        if spec.kwargs:  # built on the meta device: no memory, no weights, only the keywords
+            with torch.device("meta"):
+                _untrained(builder, spec, task)
     elif isinstance(spec, EntrypointModel):
         _entrypoint_function(spec.entrypoint)
     adapter = getattr(spec, "adapter", None)
@@ -228,11 +231,11 @@ def build_torchvision(spec: TorchvisionModel, options: StorageOptions, task: str
                 f"model.num_classes: {spec.weights} has {classes} classes, found "
                 f"{spec.num_classes}; a fine-tuned head loads from a weights file"
             )
-        module = builder(weights=weights, **spec.kwargs)
+        module = _built(builder, weights=weights, **spec.kwargs)
         return BuiltModel(module, _cached_download_sha256(weights.url))
     with torch.random.fork_rng(devices=[]):  # no weights: the same random ones on every worker
         torch.manual_seed(UNTRAINED_SEED)
-        module = builder(weights=None, **_untrained_kwargs(spec.num_classes, task), **spec.kwargs)
+        module = _untrained(builder, spec, task)
     if spec.weights is None:
         return BuiltModel(module)
     digest = load_state_dict_file(module, spec.weights, spec.weights_sha256, options)
@@ -271,7 +274,7 @@ def _adapted(module: Any, adapter: OutputAdapter, task: str) -> torch.nn.Module:
 
 @MODEL_KINDS.register("entrypoint")
 def build_entrypoint(spec: EntrypointModel, options: StorageOptions, task: str) -> BuiltModel:
-    module = _entrypoint_function(spec.entrypoint)(**spec.kwargs)
+    module = _built(_entrypoint_function(spec.entrypoint), **spec.kwargs)
     if not isinstance(module, torch.nn.Module):
         raise ModelError(
             f"model.entrypoint: {spec.entrypoint} returned {type(module).__name__}, "
@@ -293,6 +296,10 @@ def read_pinned(uri: str, sha256: str | None, options: StorageOptions) -> tuple[
         data = read_bytes(uri, options)
     except FileNotFoundError:
         raise ModelError(f"model weights {uri}: not found") from None
+    except OSError as err:  # a folder, access refused ...
+        raise ModelError(
+            f"model weights {uri}: cannot be read: {type(err).__name__}: {err}"
+        ) from None
     digest = hashlib.sha256(data).hexdigest()
     if sha256 is not None and digest != sha256:
         raise ModelError(
@@ -382,6 +389,10 @@ def load_labels(ref: str, options: StorageOptions | None = None) -> list[str]:
         values = json.loads(text) if ref.lower().endswith(".json") else None
     except FileNotFoundError:
         raise ModelError(f"model.labels: {ref} not found") from None
+    except OSError as err:  # a folder, access refused ...
+        raise ModelError(
+            f"model.labels: {ref} cannot be read: {type(err).__name__}: {err}"
+        ) from None
     except ValueError as err:  # not UTF-8, or not JSON
         raise ModelError(
             f"model.labels: {ref}: expected UTF-8 text (one label a line) or JSON: {err}"
@@ -427,6 +438,24 @@ def _torchvision_builder(architecture: str, task: str) -> Callable[..., torch.nn
             f"{f' (e.g. {examples})' if examples else ''}, found {architecture!r}"
         )
     return torchvision.models.get_model_builder(architecture)
+
+
+def _untrained(builder: Callable[..., torch.nn.Module], spec: TorchvisionModel, task: str) -> Any:
+    fixed = _untrained_kwargs(spec.num_classes, task)
+    both = sorted(fixed.keys() & spec.kwargs.keys())
+    if both:
+        raise ModelError(
+            f"model.kwargs: {', '.join(both)} is set by the job already ({fixed}): leave it out"
+        )
+    return _built(builder, weights=None, **fixed, **spec.kwargs)
+
+
+def _built(builder: Callable[..., Any], **kwargs: Any) -> Any:
+    """`builder(**kwargs)`; a keyword it does not take is a ModelError naming model.kwargs."""
+    try:
+        return builder(**kwargs)
+    except TypeError as err:
+        raise ModelError(f"model.kwargs: {err}") from None
 
 
 def _weights_enum(architecture: str, name: str) -> Any:

@@ -78,14 +78,17 @@ def known_protocol(uri: str) -> str:
 
 
 def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
-    """Why the file at `uri` cannot be used ("not found", or "cannot be read:" and the store's
-    own error: no credentials here, access denied, no such bucket); None where it is there."""
+    """Why the file at `uri` cannot be used ("not found", "is a folder, expected a file", or
+    "cannot be read:" and the store's own error: no credentials here, access denied, no such
+    bucket); None where it is there."""
     try:
         fs, path = filesystem(uri, options)
-        found = fs.exists(path)
+        if fs.isfile(path):
+            return None
+        folder = fs.isdir(path)
     except Exception as err:  # the store's errors are not one type
         return f"cannot be read: {type(err).__name__}: {err}"
-    return None if found else "not found"
+    return "is a folder, expected a file" if folder else "not found"
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
