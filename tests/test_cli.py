@@ -103,6 +103,28 @@ def test_an_actors_failure_as_it_started_is_one_line() -> None:
     assert raised_as_an_actor_started(lost) is None
 
 
+@pytest.mark.parametrize("command", ["verify", "report", "query"])
+def test_a_table_uri_with_credentials_is_refused_without_echo(command: str, capsys) -> None:
+    assert main([command, "s3://AKIAK:SECRETX@bucket/t"]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: TARGET: a URI with a user or password in it")
+        and "SECRETX" not in err
+    )
+
+
+def test_an_error_quoting_a_url_masks_its_user_and_password(capsys) -> None:
+    """The last guard, whatever raised: a store's error or RAY_ADDRESS quoting a URL."""
+    from vision_ops.cli import _fail
+
+    _fail(RuntimeError("http://admin:PW1@head:8265 and s3://K:S/ecret@b/k refused"), 1)
+    _fail(RuntimeError("https://TOKEN@git.example/x; s3://b/users/j@example.com/p.jpg"), 1)
+    assert capsys.readouterr().err.splitlines() == [
+        "error: http://***@head:8265 and s3://***@b/k refused",
+        "error: https://***@git.example/x; s3://b/users/j@example.com/p.jpg",
+    ]
+
+
 def test_validate_accepts_a_good_spec(spec_file, capsys) -> None:
     assert main(["validate", str(spec_file), "--list-inputs", "--run-id", "nightly-1"]) == EXIT_OK
     out = capsys.readouterr().out
@@ -196,6 +218,11 @@ def test_a_cluster_address_where_nothing_answers_fails_at_once(
     err = capsys.readouterr().err
     assert f"error: RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there" in err
     assert not (spec_file.parent / "table").exists() and not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", f"http://admin:SECRETPW@127.0.0.1:{port}")  # as `submit`'s
+    assert main(["run", str(spec_file)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: RAY_ADDRESS=http://127.0.0.1:{port}: no Ray cluster answers there" in err
+    assert "SECRETPW" not in err and "admin" not in err
 
 
 @pytest.mark.parametrize("ratio", ["-1", "1.5", "nan", "half"])

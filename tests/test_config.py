@@ -391,6 +391,28 @@ def test_secret_values_never_appear_in_any_message(raw: dict[str, Any]) -> None:
     assert "wJalr" not in message
 
 
+@pytest.mark.parametrize(
+    ("dotted", "value", "field"),
+    [
+        ("input.uris", [f"s3://AKIAEXAMPLE:{SECRET}@bucket/photos/"], "input.uris.0"),
+        ("input.manifest", f"s3://AKIAEXAMPLE:{SECRET}@bucket/list.txt", "input.manifest"),
+        ("output.uri", f"s3://AKIAEXAMPLE:{SECRET}@bucket/table", "output.uri"),
+        ("model.weights", f"s3://AKIAEXAMPLE:{SECRET}@bucket/w.pt", "model.weights"),
+        ("model.labels", f"https://{SECRET}@models.example/labels.txt", "model.labels"),
+        ("evaluate", {"truth": f"gs://u:{SECRET}@b/truth.csv"}, "evaluate.truth"),
+    ],
+)
+def test_a_uri_with_credentials_is_refused_without_echo(
+    dotted: str, value: Any, field: str
+) -> None:
+    """Every URI a spec names: a user or password in it would reach logs and error messages
+    (a store's own error quotes the bucket name it was handed)."""
+    message = spec_error(with_value(dotted, value))
+    assert SECRET not in message and "wJalr" not in message
+    assert message.splitlines()[1].startswith(f"  {field}: a URI with a user or password in it")
+    assert "***@" in message  # the value found, its credentials masked
+
+
 def test_credential_found_value_is_masked() -> None:
     lines = spec_error(with_value("aws_secret_access_key", SECRET)).splitlines()
     assert lines == [

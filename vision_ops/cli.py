@@ -36,7 +36,7 @@ from vision_ops.errors import (
     ModelError,
     VisionOpsError,
 )
-from vision_ops.storage import StorageOptions
+from vision_ops.storage import StorageOptions, masked_userinfo, userinfo
 
 if TYPE_CHECKING:
     from vision_ops.drift import Drift
@@ -114,13 +114,18 @@ def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOption
     """The table a command reads: TARGET itself (a Parquet table root), or the output of the
     spec TARGET names (any format: an Iceberg table is found through its spec's catalog)."""
     if not args.target.endswith((".yaml", ".yml")):
+        if userinfo(args.target) is not None:
+            raise SpecError(
+                "TARGET: a URI with a user or password in it; credentials never go in a URI: "
+                "they come from the standard chains (environment, profile, instance role)"
+            )
         return args.target, {}
     spec = load_spec(args.target, args.set or [])
     return spec.output, spec.storage_options
 
 
 def _fail(err: Exception, code: int) -> int:
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {masked_userinfo(str(err))}", file=sys.stderr)
     return code
 
 

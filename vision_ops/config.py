@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -64,6 +65,19 @@ class SpecError(VisionOpsError, ValueError):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _no_userinfo(uri: str) -> str:
+    if userinfo(uri) is not None:
+        raise ValueError(
+            "a URI with a user or password in it; credentials never go in the spec: they come "
+            "from the standard chains (environment, profile, instance role)"
+        )
+    return uri
+
+
+# A URI a spec names (inputs, the table, model files, labels, the hold-out): never credentials.
+Uri = Annotated[str, AfterValidator(_no_userinfo)]
 
 
 # Standard display windows (centre, width) in Hounsfield units, as radiology viewers name them.
@@ -289,12 +303,12 @@ class TilingSpec(StrictModel):
 
 
 class InputSpec(StrictModel):
-    uris: list[str] = Field(
+    uris: list[Uri] = Field(
         default_factory=list,
         description="Files, directories (listed recursively) or globs (`**` recurses), "
         "as fsspec URLs (s3://, gs://, az://, file://, memory://) or local paths.",
     )
-    manifest: str | None = Field(
+    manifest: Uri | None = Field(
         default=None,
         description="A file listing the inputs: text (one URI a line), CSV or Parquet "
         "(a `uri` column, or `bucket` + `key` columns as in an S3 Inventory report), or an S3 "
@@ -384,7 +398,7 @@ class _ModelCommon(StrictModel):
     name: str | None = Field(
         default=None, description="Model name written to every row; defaults from the model."
     )
-    labels: str | None = Field(
+    labels: Uri | None = Field(
         default=None,
         description="Labels: a .txt (one a line) or .json (list, or {id: label}) file URI, or "
         "`imagenet-1k`. Defaults to the weights' own categories, else numeric ids.",
@@ -398,7 +412,7 @@ class _ModelCommon(StrictModel):
 class TorchvisionModel(_ModelCommon):
     kind: Literal["torchvision"] = "torchvision"
     architecture: str = Field(description="A torchvision classification model name, e.g. resnet50.")
-    weights: str | None = Field(
+    weights: Uri | None = Field(
         default=None,
         description="A torchvision weights enum name (DEFAULT, IMAGENET1K_V2, ...: downloads "
         "where a hub is reachable) or the URI of a state_dict / checkpoint file.",
@@ -431,7 +445,7 @@ class OutputAdapter(StrictModel):
 
 class TorchScriptModel(_ModelCommon):
     kind: Literal["torchscript"] = "torchscript"
-    uri: str = Field(description="URI of a TorchScript file (torch.jit.save).")
+    uri: Uri = Field(description="URI of a TorchScript file (torch.jit.save).")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     adapter: OutputAdapter | None = Field(
         default=None,
@@ -441,7 +455,7 @@ class TorchScriptModel(_ModelCommon):
 
 class OnnxModel(_ModelCommon):
     kind: Literal["onnx"] = "onnx"
-    uri: str = Field(description="URI of an ONNX detector, run with onnxruntime.")
+    uri: Uri = Field(description="URI of an ONNX detector, run with onnxruntime.")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     adapter: OutputAdapter = Field(
         default_factory=OutputAdapter, description="How to decode the model's raw output."
@@ -455,23 +469,23 @@ class EntrypointModel(_ModelCommon):
         description="`package.module:function` returning a torch.nn.Module.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the function.")
-    weights: str | None = Field(default=None, description="URI of a state_dict to load into it.")
+    weights: Uri | None = Field(default=None, description="URI of a state_dict to load into it.")
     weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class PpOcrModel(_ModelCommon):
     kind: Literal["ppocr"] = "ppocr"
-    detector: str | None = Field(
+    detector: Uri | None = Field(
         default=None,
         description="URI of a PP-OCR DB text detector (ONNX); defaults to the PP-OCRv4 detector "
         "the rapidocr_onnxruntime package ships (the ocr extra).",
     )
-    recognizer: str | None = Field(
+    recognizer: Uri | None = Field(
         default=None,
         description="URI of a PP-OCR CTC text recogniser (ONNX, 48 px high input); defaults to "
         "the package's PP-OCRv4 recogniser.",
     )
-    dictionary: str | None = Field(
+    dictionary: Uri | None = Field(
         default=None,
         description="URI of the recogniser's character list (a text file, one character a "
         "line); defaults to the list in the recogniser's own ONNX metadata.",
@@ -763,7 +777,7 @@ class OutputSpec(StrictModel):
         description="parquet: Hive-partitioned files under `uri`, a manifest per run; "
         "iceberg: one snapshot per run in the catalog's table `table` (vision_ops.outputs).",
     )
-    uri: str = Field(
+    uri: Uri = Field(
         description="parquet: the table root, rows under run_date=YYYY-MM-DD/. iceberg: the "
         "folder beside the table for staged rows, segmentation masks and evaluation metrics "
         "(the committed rows go where the catalog puts the table)."
@@ -890,7 +904,7 @@ class EvaluateSpec(StrictModel):
     """The labelled hold-out a scheduled run is scored against after it commits (`vision-ops
     evaluate SPEC`), and the floors its overall metrics must reach."""
 
-    truth: str | None = Field(
+    truth: Uri | None = Field(
         default=None,
         description="The hold-out's ground truth, as `evaluate --truth` takes it: labels "
         "CSV/Parquet (uri, label), COCO JSON, or a folder of PNG class-id masks; its images "
@@ -1184,6 +1198,8 @@ def _redacted(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return [_redacted(item) for item in value]
+    if _has_userinfo(value):
+        return value.replace(f"{userinfo(value)}@", "***@", 1)
     return value
 
 

@@ -61,6 +61,19 @@ def without_userinfo(url: str) -> str:
     return url.replace(f"{found}@", "", 1) if found else url
 
 
+# A user and password in a URL inside free text (an error's message): a user:password before
+# an @, or any user of an http(s) URL (a token alone).
+_USERINFO_IN_TEXT = re.compile(
+    r"\b((?:https?)://[^\s'\"@/]+@|[A-Za-z][\w+.-]*://[^\s'\"@/:]*:[^\s'\"@]*@)"
+)
+
+
+def masked_userinfo(text: str) -> str:
+    """`text` with the user and password of any URL in it shown as ***: an error message
+    quoting a URL (a store's, RAY_ADDRESS) must not carry them to a terminal or a log."""
+    return _USERINFO_IN_TEXT.sub(lambda m: m.group(0).split("://")[0] + "://***@", text)
+
+
 def protocol_of(uri: str) -> str:
     protocol, sep, _ = uri.partition("://")
     return protocol if sep else "file"

@@ -19,6 +19,7 @@ import ray
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.runstats import StartupClock
+from vision_ops.storage import without_userinfo
 
 REACH_TIMEOUT_S = 10.0  # for a cluster address to accept a connection
 
@@ -79,14 +80,15 @@ def require_reachable(address: str) -> None:
     """A `host:port` (or `ray://host:port`) cluster address that accepts a connection, else
     ClusterUnreachable naming it: `ray.init` would retry for minutes, and a nightly run would
     hang on a cluster that is down. `auto` and other forms are left to Ray."""
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    shown = without_userinfo(address)  # http://user:password@head:8265: never printed
+    host, _, port = shown.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     if not host or not port.isdigit():
         return
     try:
         socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as err:
         raise ClusterUnreachable(
-            f"RAY_ADDRESS={address}: no Ray cluster answers there ({err}); nothing was done"
+            f"RAY_ADDRESS={shown}: no Ray cluster answers there ({err}); nothing was done"
         ) from None
 
 
