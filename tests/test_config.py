@@ -413,6 +413,11 @@ def test_a_uri_with_credentials_is_refused_without_echo(
     assert "***@" in message  # the value found, its credentials masked
 
 
+def test_an_azure_uri_naming_its_container_before_an_at_is_no_credential() -> None:
+    uri = "abfs://photos@account.dfs.core.windows.net/2024/"
+    assert parse_spec(with_value("input.uris", [uri])).input.uris == [uri]
+
+
 def test_credential_found_value_is_masked() -> None:
     lines = spec_error(with_value("aws_secret_access_key", SECRET)).splitlines()
     assert lines == [

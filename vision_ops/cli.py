@@ -36,7 +36,7 @@ from vision_ops.errors import (
     ModelError,
     VisionOpsError,
 )
-from vision_ops.storage import StorageOptions, masked_userinfo, userinfo
+from vision_ops.storage import StorageOptions, holds_credentials, masked_userinfo
 
 if TYPE_CHECKING:
     from vision_ops.drift import Drift
@@ -114,7 +114,7 @@ def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOption
     """The table a command reads: TARGET itself (a Parquet table root), or the output of the
     spec TARGET names (any format: an Iceberg table is found through its spec's catalog)."""
     if not args.target.endswith((".yaml", ".yml")):
-        if userinfo(args.target) is not None:
+        if holds_credentials(args.target):
             raise SpecError(
                 "TARGET: a URI with a user or password in it; credentials never go in a URI: "
                 "they come from the standard chains (environment, profile, instance role)"

@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
-from vision_ops.storage import known_protocol, userinfo
+from vision_ops.storage import holds_credentials, known_protocol, userinfo
 
 if TYPE_CHECKING:  # the registry imports this module's TaskSettings
     from vision_ops.tasks import Task
@@ -68,7 +68,7 @@ class StrictModel(BaseModel):
 
 
 def _no_userinfo(uri: str) -> str:
-    if userinfo(uri) is not None:
+    if holds_credentials(uri):
         raise ValueError(
             "a URI with a user or password in it; credentials never go in the spec: they come "
             "from the standard chains (environment, profile, instance role)"

@@ -55,6 +55,13 @@ def userinfo(url: str) -> str | None:
     return found.group(1) if found else None
 
 
+def holds_credentials(url: str) -> bool:
+    """Whether a URL holds a password (`user:password@`), or any user of an http(s) URL (a
+    token alone); `abfs://container@account.dfs.core.windows.net/` names a container."""
+    found = userinfo(url)
+    return found is not None and (":" in found or protocol_of(url) in ("http", "https"))
+
+
 def without_userinfo(url: str) -> str:
     """`url` with its user and password, if any, left out."""
     found = userinfo(url)
