@@ -364,6 +364,19 @@ def test_credentials_in_storage_options_are_refused_without_echo(
     )
 
 
+def test_storage_options_of_a_protocol_fsspec_does_not_know_are_refused() -> None:
+    """Options go by a URI's protocol as written: under `S3` they would apply to nothing, and
+    the run would reach the default endpoint with whatever credentials the machine has."""
+    message = spec_error(with_value("storage_options", {"S3": {"endpoint_url": "http://h:9"}}))
+    assert message.splitlines()[1].startswith(
+        "  storage_options: S3: not a protocol fsspec knows, so its options would apply to nothing"
+    )
+    headers = {"http": {"headers": {"Authorization": f"Bearer {SECRET}"}}}
+    message = spec_error(with_value("storage_options", headers))
+    assert "http.headers.Authorization looks like a credential" in message
+    assert SECRET not in message and "wJalr" not in message
+
+
 def test_nested_credential_path_is_named_in_full() -> None:
     options = {"s3": {"client_kwargs": {"aws_secret_access_key": SECRET}}}
     line = spec_error(with_value("storage_options", options)).splitlines()[1]

@@ -45,6 +45,13 @@ def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
         passed_env(["VISION_OPS_UNSET"])
     monkeypatch.setenv("VISION_OPS_UNSET", "1")
     assert passed_env(["VISION_OPS_UNSET"]) == {"AWS_REGION": "eu-west-1", "VISION_OPS_UNSET": "1"}
+    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS", "HTTP_AUTH", "DB_PASS"):
+        monkeypatch.setenv(name, "AccountKey=never-shipped")
+        with pytest.raises(SubmissionError, match=f"^--env {name}: looks like a credential"):
+            passed_env([name])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:never-shipped@mlflow.example")
+    with pytest.raises(SubmissionError, match=r"^--env MLFLOW_TRACKING_URI: a URL with a user"):
+        passed_env(["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import fsspec
 import yaml
 from pydantic import (
     AfterValidator,
@@ -50,6 +51,7 @@ CREDENTIAL_KEYS = frozenset(
         "account_key",
         "sas_token",
         "connection_string",
+        "authorization",  # an http header's
         "client_secret",
         "credential",
         "credentials",
@@ -962,6 +964,11 @@ class JobSpec(StrictModel):
     @classmethod
     def _no_credentials(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for protocol, options in value.items():
+            if protocol not in fsspec.available_protocols():  # a URI's options go by its own
+                raise ValueError(
+                    f"{protocol}: not a protocol fsspec knows, so its options would apply to "
+                    "nothing; expected a URI's protocol as written, e.g. s3, gs, az, file"
+                )
             for path in _credential_paths(options):
                 raise ValueError(
                     f"{protocol}.{path} looks like a credential; credentials never go in the "

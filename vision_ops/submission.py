@@ -20,11 +20,13 @@ import yaml
 import vision_ops
 from vision_ops.config import JobSpec
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
-from vision_ops.storage import userinfo
+from vision_ops.storage import holds_credentials, userinfo
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
 PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
-SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"KEY|SECRET|TOKEN|PASS|CREDENTIAL|AUTH|CONNECTION|SAS|SIGNATURE", re.IGNORECASE
+)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "job.yaml"
 AGENT_WAIT_S = 300  # how long a fresh head may take to start the agent that runs jobs
@@ -75,6 +77,12 @@ def passed_env(extra: list[str]) -> dict[str, str]:
     unset = [name for name in extra if name not in os.environ]
     if unset:
         raise SubmissionError(f"--env {unset[0]}: not set here, so there is nothing to ship")
+    secret = [name for name in extra if holds_credentials(os.environ[name])]
+    if secret:
+        raise SubmissionError(
+            f"--env {secret[0]}: a URL with a user or password in it; nodes use their own "
+            "credential chain"
+        )
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
