@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -375,6 +376,21 @@ def test_storage_options_of_a_protocol_fsspec_does_not_know_are_refused() -> Non
     message = spec_error(with_value("storage_options", headers))
     assert "http.headers.Authorization looks like a credential" in message
     assert SECRET not in message and "wJalr" not in message
+
+
+@pytest.mark.parametrize(
+    "dotted", ["runtime.reserved_cpus", "runtime.num_cpus_per_actor", "runtime.durable_every_s"]
+)
+@pytest.mark.parametrize("number", [math.inf, math.nan])
+def test_a_number_that_is_not_finite_is_refused(dotted: str, number: float) -> None:
+    """`.inf` in YAML passed, then overflowed where the pool was sized (a traceback)."""
+    message = spec_error(with_value(dotted, number))
+    assert message.splitlines()[1].startswith(f"  {dotted}: Input should be a finite number")
+
+
+def test_a_nan_nodata_is_the_one_non_finite_number_a_spec_takes() -> None:
+    tiling = {"size": 256, "nodata": math.nan}
+    assert math.isnan(parse_spec(with_value("input.tiling", tiling)).input.tiling.nodata)
 
 
 def test_nested_credential_path_is_named_in_full() -> None:

@@ -66,7 +66,9 @@ class SpecError(VisionOpsError, ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A number that is not finite (.inf, .nan in YAML) is refused wherever a field does not
+    # say it takes one: a limit of infinity would overflow where it is used.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _no_userinfo(uri: str) -> str:
@@ -282,7 +284,9 @@ class TilingSpec(StrictModel):
         "[2, 98]), measured on a reduced read of the scene.",
     )
     nodata: float | None = Field(
-        default=None, description="The no-data value; defaults to the file's own."
+        default=None,
+        allow_inf_nan=True,
+        description="The no-data value (.nan for a float scene's NaN); defaults to the file's own.",
     )
 
     @model_validator(mode="after")
