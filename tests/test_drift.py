@@ -199,3 +199,32 @@ def test_a_run_is_compared_with_the_runs_before_it_never_itself(tmp_path) -> Non
 
     first = {"run_id": "n9", "run_date": "2026-04-30", "task": "classification"}
     assert drift_at_commit(str(table), MonitorSpec(), {}, first, unread) == []
+
+
+def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:
+    """A quiet incremental night commits no units: no figures (every share at the floor made
+    PSIs of 8 and 9, and `report --check` exit 6 each quiet night), and the night after it is
+    compared with the runs that processed units. A run of error rows only has no PSI."""
+    from committed_rows import failed
+
+    table = tmp_path / "table"
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    commit_rows(table, "classification", cats, "n0", "2026-05-01")
+    commit_rows(table, "classification", [], "n1", "2026-05-02")
+    assert drift(trend(str(table)), MonitorSpec()) == []
+    assert main(["report", str(table), "--check"]) == EXIT_OK
+    assert "drift: no figures (the run processed no units" in capsys.readouterr().out
+    commit_rows(table, "classification", cats, "n2", "2026-05-03")
+    found = drift(trend(str(table)), MonitorSpec(runs=1))
+    assert [(d.figure, d.value, d.compared) for d in found] == [
+        ("label_psi", 0.0, ("n0",)), ("score_psi", 0.0, ("n0",)), ("error_rate_rise", 0.0, ("n0",))
+    ]  # fmt: skip
+    commit_rows(
+        table,
+        "classification",
+        [failed(f"/nonexistent/x{i}.jpg", "CorruptImage", "bad") for i in range(2)],
+        "n3",
+        "2026-05-04",
+    )
+    [rise] = drift(trend(str(table)), MonitorSpec())
+    assert (rise.figure, rise.value, rise.compared) == ("error_rate_rise", 1.0, ("n0", "n2"))

@@ -300,12 +300,17 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
     return run_checked_job(spec, clock)
 
 
+NO_DRIFT_FIGURES = (
+    "drift: no figures (the run processed no units, or no committed run before it did)"
+)
+
+
 def _print_drift(drifts: Sequence[Drift] | None) -> None:
     """The drift figures a run recorded in its manifest (report --check fails on them)."""
     if drifts is None:
         print("drift: not recorded (see the warning above); report --check computes it")
     elif not drifts:
-        print("drift: no earlier committed run to compare with")
+        print(NO_DRIFT_FIGURES)
     for found in drifts or []:
         print(f"drift: {'ALERT ' if found.crossed else ''}{found}")
 
@@ -576,7 +581,7 @@ def _trend(
 def _drift_verdict(drifts: Sequence[Drift], checked: bool) -> int:
     """Print the drift figures; EXIT_DRIFT where one is over its threshold."""
     if checked and not drifts:
-        print("drift: no earlier committed run to compare with")
+        print(NO_DRIFT_FIGURES)
     for found in drifts:
         print(f"drift: {found}")
     crossed = [found for found in drifts if found.crossed]

@@ -83,22 +83,25 @@ def _counts(point: RunFigures, counts: str) -> dict[str, float]:
 
 def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = None) -> list[Drift]:
     """The figures of run `run_id` (default: the last of `points`, oldest first) against the
-    `monitor.runs` runs before it; none where it has no earlier run."""
+    `monitor.runs` runs before it that processed units; none where it processed none (a quiet
+    incremental night) or has no such earlier run. A distribution either side has nothing in
+    (a run of error rows only) gives no PSI."""
     index = len(points) - 1 if run_id is None else [p.run_id for p in points].index(run_id)
-    if index < 1:
+    run = points[index]
+    earlier = [p for p in points[:index] if p.units][-monitor.runs :]
+    if not run.units or not earlier:
         return []
-    run, earlier = points[index], points[max(0, index - monitor.runs) : index]
-    compared = tuple(p.run_id for p in earlier)
     errors = sum(sum(p.error_types.values()) for p in earlier)
-    base_rate = errors / max(sum(p.units for p in earlier), 1)
-    figures = {
-        "label_psi": psi(run.labels, pooled(earlier, "labels")),
-        "score_psi": psi(_counts(run, "scores"), pooled(earlier, "scores")),
-        "error_rate_rise": run.error_rate - base_rate,
-    }
+    figures = {"error_rate_rise": run.error_rate - errors / sum(p.units for p in earlier)}
+    for name, counts in (("label_psi", "labels"), ("score_psi", "scores")):
+        now, before = _counts(run, counts), pooled(earlier, counts)
+        if sum(now.values()) and sum(before.values()):
+            figures[name] = psi(now, before)
+    compared = tuple(p.run_id for p in earlier)
     return [
         Drift(name, round(figures[name], 4), float(getattr(monitor, name)), run.run_id, compared)
         for name in FIGURES
+        if name in figures
     ]
 
 
@@ -107,6 +110,13 @@ def runs_before(runs: list[Manifest], run_id: str, run_date: str) -> list[Manife
     (schema.RUN_ORDER); the run itself (a rerun's earlier commit) left out."""
     this_run = run_order({PARTITION_COLUMN: run_date, "run_id": run_id})
     return [run for run in runs if run_order(run) < this_run]
+
+
+def baseline_runs(runs: list[Manifest], run: Manifest, monitor: MonitorSpec) -> list[Manifest]:
+    """The `monitor.runs` committed runs before `run` that committed units (a quiet
+    incremental night's run of none is no baseline), as `drift` pools them."""
+    earlier = runs_before(runs, run["run_id"], run["run_date"])
+    return [committed for committed in earlier if committed.get("rows", 1)][-monitor.runs :]
 
 
 def drift_at_commit(
@@ -119,8 +129,7 @@ def drift_at_commit(
     """The figures of a run about to commit (`run`: its run_id, run_date and task) against the
     `monitor.runs` committed runs before it, as `drift` computes them for `report --check`;
     its `staged` rows are read only where there is an earlier run (none: no figures)."""
-    earlier = runs_before(committed_runs(target, options), run["run_id"], run["run_date"])
-    earlier = earlier[-monitor.runs :]
+    earlier = baseline_runs(committed_runs(target, options), run, monitor)
     if not earlier:
         return []
     points = [run_figures(target, committed, options) for committed in earlier]
@@ -204,7 +213,7 @@ def check_run(
     if not runs:
         return []
     run = runs[len(runs) - 1 if run_id is None else ids.index(run_id)]
-    earlier = runs_before(runs, run["run_id"], run["run_date"])[-monitor.runs :]
+    earlier = baseline_runs(runs, run, monitor)
     found = recorded_drift(run, tuple(r["run_id"] for r in earlier), monitor)
     if found is not None:
         return found
