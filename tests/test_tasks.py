@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from committed_rows import commit_rows
 from pydantic import TypeAdapter
 from toy_models import TOY_JOBS, TRUTHS, ToyJob, toy_images
 
@@ -376,3 +377,18 @@ def test_a_run_id_that_is_not_one_is_refused_before_any_read(
         main([command, table, "--run-id", "../../elsewhere/_manifests/x"])
     assert exited.value.code == 2
     assert "--run-id: expected letters, digits and . _ -" in capsys.readouterr().err
+
+
+def test_a_committed_run_of_no_rows_is_queried_as_none(tmp_path, capsys) -> None:
+    """`query` agrees with `report` and `verify`: the run is committed, with no rows (it said
+    "no committed run"), and the task's views read it too."""
+    table = tmp_path / "table"
+    commit_rows(table, "detection", [], "n0", "2026-05-01")
+    sql = "SELECT count(*) AS n FROM predictions"
+    assert main(["query", str(table), sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["n", "0"]
+    boxes = "SELECT count(*) AS n FROM boxes"
+    assert main(["query", str(table), boxes, "--run-id", "n0", "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["n", "0"]
+    assert main(["query", str(table), "--run-id", "n9"]) == EXIT_FAILED
+    assert "no committed run n9" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
+
 from vision_ops.errors import VisionOpsError
 from vision_ops.outputs import Target, committed_run, describe, sql_source, sql_string
 from vision_ops.schema import PARTITION_COLUMN
@@ -97,6 +99,15 @@ class NothingCommitted(VisionOpsError, LookupError):
     """A table with no committed run to read."""
 
 
+EMPTY_RUNS = "committed_no_rows"  # the relation `predictions` reads where the runs wrote none
+
+
+def no_rows(task: Task) -> pa.Table:
+    """The task's table with no rows, and the partition column a Hive read adds."""
+    empty = task.schema.empty_table()
+    return empty.append_column(pa.field(PARTITION_COLUMN, pa.date32()), pa.array([], pa.date32()))
+
+
 def register_views(
     connection: Any,
     table: Target,
@@ -110,16 +121,17 @@ def register_views(
     `as_of`: the table at that time (Iceberg). Returns the task, as the run's manifest (the
     given run, else the latest) names it."""
     source = sql_source(connection, table, options, run_id, as_of)
-    if not source:
+    manifest = committed_run(table, run_id, options)
+    if manifest is None:
         which = f"run {run_id}" if run_id else "run"
         raise NothingCommitted(f"{describe(table)}: no committed {which}")
+    task = task_of_run(manifest)
+    if not source:  # committed, with no rows (a quiet incremental night): none to read
+        connection.register(EMPTY_RUNS, no_rows(task))
+        source = EMPTY_RUNS
     if "'s3://" in source and not _has_s3_secret(connection):
         enable_s3(connection, options)
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}")
-    manifest = committed_run(table, run_id, options)
-    if manifest is None:
-        raise NothingCommitted(f"{describe(table)}: no committed run {run_id or ''}".rstrip())
-    task = task_of_run(manifest)
     for name, select in task.views.items():
         connection.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
     return task
