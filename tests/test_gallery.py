@@ -267,3 +267,84 @@ def test_a_long_error_message_is_cut_before_it_is_escaped() -> None:
     _, body = error_rows(table, Sources({}, 0)) or ("", "")
     cell = body.split("<td>")[3].split("</td>")[0]
     assert cell == "x" * 299 + "&lt;" and "<script" not in body
+
+
+def stripes_scene(path: Path) -> str:
+    """A 64 x 32 plain image: horizontal stripes on the left half, vertical on the right."""
+    pixels = np.zeros((32, 64, 3), np.uint8)
+    pixels[::2, :32] = 255
+    pixels[:, 33:64:2] = 255
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_a_tiles_boxes_and_mask_are_drawn_over_its_tile(tmp_path) -> None:
+    """A tiled run's boxes and masks are in its scene's pixels: over the tile at x 32 they are
+    drawn from its corner (a box at scene x 40..50 is at 8..18 of the tile), and the mask
+    layer is the tile's window of the scene-sized mask, not the whole scene."""
+    from pycocotools import mask as coco_mask
+
+    scene = stripes_scene(tmp_path / "scene.png")
+    binary = np.zeros((32, 64), np.uint8)
+    binary[4:14, 40:50] = 1
+    rle = coco_mask.encode(np.asfortranarray(binary))
+    box = {"label_id": 1, "label": "ship", "score": 0.9, "x_min": 40.0, "y_min": 4.0}
+    box |= {
+        "x_max": 50.0,
+        "y_max": 14.0,
+        "mask": {"size": [32, 64], "counts": rle["counts"].decode()},
+    }
+    row = {"source_uri": scene, "tile_x": 32, "tile_y": 0, "tile_size": 32, "detections": [box]}
+    commit_rows(tmp_path / "table", "detection", [row], "tiles", tiles=True, instance="mask")
+    body = dict(build_report(str(tmp_path / "table")).panels)["Detections drawn on their images"]
+    assert 'viewBox="0 0 32 32"' in body and '<g transform="translate(-32 0)">' in body
+    assert '<rect class="box" x="40.0" y="4.0" width="10.0" height="10.0"' in body
+    assert '<image class="mask" href="data:image/png;base64,' in body and 'x="32" y="0" ' in body
+    layer = body.split('<image class="mask" href="data:image/png;base64,')[1].split('"')[0]
+    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(layer))))[:, :, 3]
+    assert alpha.shape == (160, 160)  # the tile's 32 x 32, not the scene's 64 x 32
+    inside = np.zeros((160, 160), bool)
+    inside[20:70, 40:90] = True  # tile pixels 4..14 x 8..18, at 5 thumbnail px a pixel
+    assert (alpha[inside] > 0).all() and (alpha[~inside] == 0).all()
+
+
+def test_a_tiles_mask_is_drawn_over_its_tile(tmp_path) -> None:
+    """Over the tile at x 32 (vertical stripes), not the middle of the whole image."""
+    from vision_ops.gallery import OVERLAY_ALPHA, mask_overlays, palette
+
+    scene = stripes_scene(tmp_path / "scene.png")
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(mask)
+    row = {"status": "ok", "source_uri": scene, "mask_uri": str(mask)}
+    table = pa.Table.from_pylist([row | {"tile_x": 32, "tile_y": 0, "tile_size": 32}])
+    with Sources({}) as sources:
+        [_, body] = mask_overlays(table, sources)
+    assert body.count("<figure") == 1 and "scene.png @32,0" in body
+    picture = body.split('src="data:image/png;base64,')[1].split('"')[0]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(picture)))).astype(float)
+    tile = np.zeros((32, 32), float)
+    tile[:, 1::2] = 255  # columns 33, 35 ... of the scene
+    expected = (1 - OVERLAY_ALPHA) * tile[:, :, None] + OVERLAY_ALPHA * palette(2)[1]
+    np.testing.assert_allclose(shown, expected, atol=1)
+
+
+def test_the_mask_panel_tries_a_few_units_where_their_store_is_lost(tmp_path, monkeypatch) -> None:
+    """500 segmentation rows whose sources are gone: the panel asks the store for a few units'
+    images, not for every row's image and mask (a lost bucket took seconds a row)."""
+    import vision_ops.gallery as gallery
+
+    asked: list[str] = []
+    real = gallery.read_bytes
+
+    def counted(uri: str, options: object) -> bytes:
+        asked.append(uri)
+        return real(uri, options)
+
+    monkeypatch.setattr(gallery, "read_bytes", counted)
+    rows = [
+        {"status": "ok", "source_uri": f"s3://lost/{i}.png", "mask_uri": f"s3://out/m/{i}.png"}
+        for i in range(500)
+    ]
+    with Sources({"s3": {"endpoint_url": "http://127.0.0.1:9"}}) as sources:  # nothing there
+        [_, body] = gallery.mask_overlays(pa.Table.from_pylist(rows), sources)
+    assert body == "<p>no mask to draw</p>" and asked == ["s3://lost/0.png"]

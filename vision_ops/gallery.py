@@ -19,6 +19,7 @@ from vision_ops.registry import Registry
 from vision_ops.schema import STATUS_ERROR, STATUS_OK
 from vision_ops.storage import StorageOptions, read_bytes
 from vision_ops.tasks import counts
+from vision_ops.tiling import Window
 
 THUMB = 160  # a thumbnail's longest side, in CSS and image pixels
 MAX_PIXELS = 200_000_000  # a source larger than this is not decoded for a thumbnail
@@ -76,7 +77,7 @@ class Sources:
         """The unit as the model saw it: a DICOM frame windowed as its row says, a tile cut
         from its image, else the decoded image; None where it cannot be had."""
         uri = str(row["source_uri"])
-        if row.get("tile_x") is not None and row.get("tile_size"):
+        if tile_window(row) is not None:
             return self.tile(row) if store_of(uri) not in self._unreachable else None
         data = self.data(uri)
         if data is None:
@@ -144,12 +145,12 @@ def scene_tile(dataset: Any, row: dict[str, Any], bands: Sequence[int] | None = 
     """RGB uint8 of a tile's window of its scene (an open rasterio dataset): `bands` in RGB
     order, or one band as grey (default: the first three, or the scene's one)."""
     from vision_ops.raster import read_tile, read_window
-    from vision_ops.tiling import Window
 
-    x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
+    window = tile_window(row)
+    if window is None:
+        raise ValueError(f"{row['source_uri']}: not a tile row")
     if bands is None:
         bands = [1, 2, 3] if dataset.count >= 3 else [1]
-    window = Window(col_off=x, row_off=y, width=size, height=size)
     values = read_window(dataset, window, bands, fill=np.nan)
     inside = values[~np.isnan(values)]
     low, high = np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0)
@@ -336,9 +337,10 @@ def borderline(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
 MASK_ALPHA = 110  # of 255
 
 
-def mask_layer(detections: list[dict[str, Any]]) -> str:
+def mask_layer(detections: list[dict[str, Any]], window: Window | None = None) -> str:
     """The boxes' masks (COCO RLE, in the source's pixels), each in its own colour, as one
-    PNG stretched over the image (at most THUMB px a side); "" where no box has a mask."""
+    PNG stretched over the image, or over `window` of it (a tile's, in its scene's pixels),
+    at most THUMB px a side; "" where no box has a mask."""
     from PIL import Image
     from pycocotools import mask as coco_mask
 
@@ -346,17 +348,23 @@ def mask_layer(detections: list[dict[str, Any]]) -> str:
     if not masks:
         return ""
     height, width = (int(v) for v in masks[0]["size"])
-    layer = np.zeros((height, width, 4), np.uint8)
+    x, y = (window.col_off, window.row_off) if window else (0, 0)
+    shown = (
+        (slice(y, y + window.height), slice(x, x + window.width))
+        if window
+        else (slice(None), slice(None))
+    )
+    layer = np.zeros((height, width, 4), np.uint8)[shown]
     for index, rle in enumerate(masks):
         pixels = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
-        layer[pixels.astype(bool)] = (*_rgb(index, len(masks)), MASK_ALPHA)
-    image = Image.fromarray(layer).resize(shown_size(height, width), Image.Resampling.NEAREST)
+        layer[pixels[shown].astype(bool)] = (*_rgb(index, len(masks)), MASK_ALPHA)
+    image = Image.fromarray(layer).resize(shown_size(*layer.shape[:2]), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode()
     return (
-        f'<image class="mask" href="data:image/png;base64,{data}" x="0" y="0" '
-        f'width="{width}" height="{height}" preserveAspectRatio="none"/>'
+        f'<image class="mask" href="data:image/png;base64,{data}" x="{x}" y="{y}" '
+        f'width="{layer.shape[1]}" height="{layer.shape[0]}" preserveAspectRatio="none"/>'
     )
 
 
@@ -377,11 +385,13 @@ def best_box_scores(detections: pa.ChunkedArray) -> np.ndarray:
     return best
 
 
-def box_overlay(detections: list[dict[str, Any]], width: int) -> str:
-    """Each box as an SVG rectangle in the unit's pixels, labelled with its label and score;
-    Mask R-CNN masks as one translucent layer under them, keypoints as dots."""
+def box_overlay(detections: list[dict[str, Any]], width: int, window: Window | None = None) -> str:
+    """Each box as an SVG rectangle in the source's pixels, labelled with its label and score;
+    Mask R-CNN masks as one translucent layer under them, keypoints as dots. `window`: the
+    tile shown, in its scene's pixels (a tiled run's boxes are the scene's), drawn from its
+    corner."""
     stroke, font = max(width / 160, 1.0), max(width / 16, 8.0)
-    shapes = [mask_layer(detections)]
+    shapes = [mask_layer(detections, window)]
     for box in detections:
         x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
         text = html.escape(f"{box['label']} {float(box['score']):.2f}")
@@ -396,7 +406,17 @@ def box_overlay(detections: list[dict[str, Any]], width: int) -> str:
                 f'<circle cx="{point["x"]:.1f}" cy="{point["y"]:.1f}" r="{2 * stroke:.1f}" '
                 'fill="#34c759"/>'
             )
-    return "".join(shapes)
+    if window is None:
+        return "".join(shapes)
+    return f'<g transform="translate({-window.col_off} {-window.row_off})">{"".join(shapes)}</g>'
+
+
+def tile_window(row: dict[str, Any]) -> Window | None:
+    """A tile row's window of its scene; None for a unit that is its whole image."""
+    if row.get("tile_x") is None or not row.get("tile_size"):
+        return None
+    size = int(row["tile_size"])
+    return Window(row_off=int(row["tile_y"]), col_off=int(row["tile_x"]), height=size, width=size)
 
 
 @PANELS.register("boxes")
@@ -407,9 +427,10 @@ def boxes(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     figures = []
     for row in _rows(ok.take(best), ["detections"]):
         found = row["detections"] or []
-        width = int(row.get("image_width") or THUMB)
+        window = tile_window(row)
+        width = window.width if window else int(row.get("image_width") or THUMB)
         caption = f"{len(found)} boxes" + (f", best {found[0]['label']}" if found else "")
-        figures.append(figure(sources, row, caption, box_overlay(found, width) or " "))
+        figures.append(figure(sources, row, caption, box_overlay(found, width, window) or " "))
     return ("Detections drawn on their images", "".join(figures)) if figures else None
 
 
@@ -485,24 +506,30 @@ def _hue(index: int, count: int) -> str:
 
 
 OVERLAYS = 4  # masks drawn over their images
+OVERLAY_TRIES = 4 * OVERLAYS  # units tried for them: a lost store is not asked once a row
 OVERLAY_ALPHA = 0.5
 
 
 @PANELS.register("mask_overlays")
 def mask_overlays(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
-    """A few ok units' class masks drawn over their images (in the mask's frame: the model's
-    input), as embedded PNG; units whose image or mask cannot be read here are passed over."""
+    """A few ok units' class masks drawn over them (a tile over its tile, in the mask's frame:
+    the model's input), as embedded PNG; of the first OVERLAY_TRIES units with a mask, those
+    whose image or mask cannot be read here are passed over."""
     images: list[str] = []
-    for row in _ok(table).select(["source_uri", "mask_uri"]).to_pylist():
+    ok = _ok(table)
+    ok = ok.filter(pc.ends_with(ok["mask_uri"].fill_null(""), ".png")).slice(0, OVERLAY_TRIES)
+    for row in _rows(ok, ["mask_uri"]):
         if len(images) == OVERLAYS:
             break
-        if not str(row["mask_uri"] or "").endswith(".png"):
+        pixels = sources.pixels(row)
+        mask = None if pixels is None else sources.data(str(row["mask_uri"]))
+        if pixels is None or mask is None:
             continue
         try:
-            picture = overlay_png(row["source_uri"], row["mask_uri"], sources.options)
-        except Exception:  # a source this page cannot decode (a DICOM, a scene) or a lost mask
+            picture = overlay_png(pixels, mask)
+        except Exception:  # a mask that is not a PNG
             continue
-        name = html.escape(str(row["source_uri"]).rsplit("/", 1)[-1])
+        name = html.escape(name_of(row))
         images.append(
             f'<figure style="display:inline-block;margin:4px"><img alt="{name}" '
             f'src="data:image/png;base64,{base64.b64encode(picture).decode()}" width="192">'
@@ -511,18 +538,16 @@ def mask_overlays(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     return "Masks over their images", "".join(images) or "<p>no mask to draw</p>"
 
 
-def overlay_png(source_uri: str, mask_uri: str, options: StorageOptions) -> bytes:
-    """The image brought into its mask's frame, each class in its own colour over it."""
+def overlay_png(pixels: np.ndarray, mask_png: bytes) -> bytes:
+    """The unit's pixels brought into its mask's frame, each class in its own colour over it."""
     from PIL import Image
 
-    from vision_ops.decode import decode_image
     from vision_ops.masks import in_mask_frame
 
-    mask = np.asarray(Image.open(io.BytesIO(read_bytes(mask_uri, options))))
-    image = decode_image(read_bytes(source_uri, options), max_pixels=MAX_PIXELS)
-    pixels = in_mask_frame(image, mask.shape, nearest=False).astype(np.float32)
+    mask = np.asarray(Image.open(io.BytesIO(mask_png)))
+    image = in_mask_frame(pixels, mask.shape, nearest=False).astype(np.float32)
     colours = palette(int(mask.max()) + 1)[mask]
-    blended = (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colours
+    blended = (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colours
     buffer = io.BytesIO()
     Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
