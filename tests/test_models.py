@@ -290,6 +290,24 @@ def test_a_folder_named_as_a_model_file_or_labels_is_refused_naming_the_field(tm
         load_labels(str(tmp_path))
 
 
+def test_a_segmenter_that_would_crop_its_input_is_refused() -> None:
+    """A mask covers the model's input; with crop < resize that is the middle of the image,
+    which the tile's GeoTIFF mask, the evaluation's truth and the overlay placed over all of
+    it (silently shifted and stretched)."""
+    prep = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = {"architecture": "lraspp_mobilenet_v3_large", "preprocessing": prep}
+    spec = spec_for(model, kind="segmentation")
+    with pytest.raises(
+        ModelError, match=r"expected resize equal to crop .* resize 256 and crop 224"
+    ):
+        check_model(spec.model, "segmentation")
+    assert (
+        resolve_preprocessing(spec.model, "classification").crop == 224
+    )  # a classifier's own affair
+    square = spec_for(model | {"preprocessing": prep | {"resize": 224}}, kind="segmentation")
+    assert resolve_preprocessing(square.model, "segmentation").crop == 224
+
+
 def test_preprocessing_is_required_without_weights_metadata() -> None:
     spec = spec_for({"kind": "torchscript", "uri": "/x.pt"})
     model = spec.model.model_copy(update={"preprocessing": None})

@@ -24,7 +24,7 @@ from vision_ops.sink import committed_run, committed_runs
 
 pytestmark = pytest.mark.timeout(900)
 CLASSES = 4
-PREP = {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+PREP = {"resize": 64, "crop": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def build(architecture: str) -> torch.nn.Module:
@@ -72,7 +72,7 @@ def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> Non
     rows = {Path(r["source_uri"]).name: r for r in pq.read_table(tmp_path / "table").to_pylist()}
     assert rows["broken.png"]["status"] == "error" and rows["broken.png"]["mask_uri"] is None
     preprocess = transforms.Compose(
-        [transforms.Resize(72), transforms.CenterCrop(64), transforms.ToTensor(),
+        [transforms.Resize(64), transforms.CenterCrop(64), transforms.ToTensor(),
          transforms.Normalize(PREP["mean"], PREP["std"])]
     )  # fmt: skip
     batch = torch.stack([preprocess(Image.fromarray(p)) for p in photos.values()])

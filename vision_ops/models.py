@@ -180,7 +180,7 @@ def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Prep
             )
         return None
     if spec.preprocessing is not None:
-        return spec.preprocessing
+        return _mask_covering_its_input(spec.preprocessing, task)
     if isinstance(spec, TorchvisionModel):
         name = spec.weights if spec.weights and is_weights_enum_name(spec.weights) else "DEFAULT"
         return _preprocessing_of(_weights_enum(spec.architecture, name))
@@ -188,6 +188,19 @@ def resolve_preprocessing(spec: ModelSpec, task: str = "classification") -> Prep
         f"model.preprocessing: required for a {spec.kind} model (no weights metadata to take "
         "it from); expected resize, crop, mean and std"
     )
+
+
+def _mask_covering_its_input(preprocessing: Preprocessing, task: str) -> Preprocessing:
+    """The preprocessing, where a task's masks can be placed on their source: a mask covers
+    the model's input, which is the whole (resized) image only where nothing is cropped off
+    (the evaluation's truth, a tile's GeoTIFF mask and the report's overlay assume so)."""
+    if get_task(task).masks and preprocessing.resize != preprocessing.crop:
+        raise ModelError(
+            f"model.preprocessing: a {task} model's masks cover its input, so expected resize "
+            f"equal to crop (nothing cut off the resized image), found resize "
+            f"{preprocessing.resize} and crop {preprocessing.crop}"
+        )
+    return preprocessing
 
 
 def ocr_model_name(spec: PpOcrModel) -> str:
