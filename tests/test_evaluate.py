@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from vision_ops.cli import EXIT_OK, main
@@ -239,3 +240,31 @@ def test_sources_that_share_a_truth_name_are_refused() -> None:
     frames = [{"source_uri": "s3://b/cam1/a.jpg"}] * 3  # one source, three rows: fine
     require_one_source_a_name(frames, lambda uri: uri.rpartition("/")[2], {"a.jpg"})
     assert detection_metrics(rows, COCO)[0]["metric"] == "map"
+
+
+def test_a_tiled_segmentation_run_is_scored_on_each_tiles_window(tmp_path: Path) -> None:
+    """A 40 x 32 image tiled at 32: its truth is class 1 on the left, 2 on the right; each
+    tile is scored on its window of the truth (it was scored on the whole image's middle), and
+    the second tile's pixels past the image's edge are not scored."""
+    from vision_ops.evaluate import score_segmentation
+
+    truth = np.ones((32, 40), np.uint8)
+    truth[:, 32:] = 2
+    (tmp_path / "truth").mkdir()
+    Image.fromarray(truth).save(tmp_path / "truth" / "scene.png")
+    rows = []
+    for x, predicted in ((0, 1), (32, 2)):
+        mask = np.full((32, 32), predicted, np.uint8)
+        if x == 32:
+            mask[:, 8:] = 0  # past the edge: any class, unscored
+        Image.fromarray(mask).save(tmp_path / f"mask{x}.png")
+        rows.append(
+            {"source_uri": str(tmp_path / "scene.tif"), "tile_x": x, "tile_y": 0, "tile_size": 32,
+             "mask_uri": str(tmp_path / f"mask{x}.png"), "label": str(predicted),
+             "class_fractions": [{"label_id": predicted, "label": str(predicted), "fraction": 1.0}]}
+        )  # fmt: skip
+    metrics = score_segmentation(
+        [row | {"status": "ok"} for row in rows], str(tmp_path / "truth"), "masks", {}
+    )
+    overall = {r["metric"]: r["value"] for r in metrics if r["label"] is None}
+    assert overall == {"mean_iou": 1.0, "pixel_accuracy": 1.0, "evaluated": 2, "error_rows": 0}

@@ -113,34 +113,34 @@ def score_segmentation(
     rows: list[dict[str, Any]], truth: str, truth_format: str, options: StorageOptions
 ) -> list[dict[str, Any]]:
     """The segmentation task's scorer: `truth` is a folder of PNG class-id masks named as the
-    images (img7.jpg -> img7.png), each over its whole source image; it is brought into the
-    frame of the run's masks (the model's input: shorter side resized to the mask's side, then
-    centre-cropped) with nearest-neighbour resampling. Pixels of class 255 are not scored."""
+    images (img7.jpg -> img7.png), each over its whole source image (a tile is scored on its
+    window of it); it is brought into the frame of the run's masks (the model's input: shorter
+    side resized to the mask's side, then centre-cropped) with nearest-neighbour resampling.
+    Pixels of class 255 are not scored."""
     fs, root = filesystem(truth, options)
     if not fs.isdir(root):
         raise EvaluationError(f"--truth {truth}: expected a folder of PNG masks")
     found = {posixpath.basename(path): path for path in fs.ls(root, detail=False)}
     require_one_source_a_name(rows, _mask_name, found)
     tally = IouTally()
-    missed: list[str] = []  # error rows' truths: scored once a mask gives the frame
+    missed: list[dict[str, Any]] = []  # error rows: scored once a mask gives the frame
     frame: tuple[int, ...] | None = None
+    truth_of = _truth_reader(fs, found)
     for row in rows:
-        name = _mask_name(row["source_uri"])
-        if name not in found:
+        if _mask_name(row["source_uri"]) not in found:
             continue
         if row["status"] != STATUS_OK:
-            missed.append(found[name])
+            missed.append(row)
             continue
         if not row.get("mask_uri"):
             raise EvaluationError(
                 f"{row['source_uri']}: the run wrote no mask (task.masks: false); IoU needs them"
             )
-        true = _png(fs.cat_file(found[name]), found[name])
         predicted = _png(read_bytes(row["mask_uri"], options), row["mask_uri"])
         frame = predicted.shape
-        tally.add(in_mask_frame(true, frame), predicted)
-    for path in missed:  # in the masks' frame too: each unit weighs as the model saw it
-        true = _png(fs.cat_file(path), path)
+        tally.add(in_mask_frame(truth_of(row), frame), predicted)
+    for row in missed:  # in the masks' frame too: each unit weighs as the model saw it
+        true = truth_of(row)
         tally.add(in_mask_frame(true, frame) if frame else true, None)
     if not tally.units:
         raise EvaluationError(
@@ -148,6 +148,33 @@ def score_segmentation(
             "img7.jpg -> img7.png)"
         )
     return tally.metrics(_label_names(rows))
+
+
+def _truth_reader(fs: Any, found: dict[str, str]) -> Callable[[dict[str, Any]], np.ndarray]:
+    """A row -> its unit's truth: its source's mask (the last one read is kept: a scene's
+    tiles come together), cut to the tile's window where the row is a tile's."""
+    last: dict[str, np.ndarray] = {}
+
+    def truth_of(row: dict[str, Any]) -> np.ndarray:
+        path = found[_mask_name(row["source_uri"])]
+        if path not in last:
+            last.clear()
+            last[path] = _png(fs.cat_file(path), path)
+        return in_unit(last[path], row)
+
+    return truth_of
+
+
+def in_unit(true: np.ndarray, row: dict[str, Any]) -> np.ndarray:
+    """A source's truth mask cut to the row's unit: a tile's window of it (not scored past the
+    scene's edge: IGNORE_CLASS), else the whole."""
+    if row.get("tile_x") is None or not row.get("tile_size"):
+        return true
+    x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
+    window = np.full((size, size), IGNORE_CLASS, dtype=true.dtype)
+    part = true[y : y + size, x : x + size]
+    window[: part.shape[0], : part.shape[1]] = part
+    return window
 
 
 def _mask_name(uri: str) -> str:
