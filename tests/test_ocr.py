@@ -438,3 +438,32 @@ def test_search_refuses_a_table_of_another_task(tmp_path, capsys) -> None:
     assert (
         err.startswith("error: --search reads the text of an OCR table") and "classification" in err
     )
+
+
+def test_a_tilted_line_clipped_at_the_images_corner_is_read_not_an_error() -> None:
+    """Clipped to the image, a box past its corner can lose a corner (two fall on one pixel):
+    no homography straightens that, and the image became an error row (a singular matrix)
+    every night. The box is the clipped points' rectangle instead."""
+    from PIL import Image, ImageDraw
+
+    from vision_ops.ocr import degenerate, text_boxes
+
+    angle, (cx, cy, w, h) = math.radians(8), (370, 796, 200, 20)
+    corners = [(-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)]
+    turned = [
+        (
+            cx + x * math.cos(angle) - y * math.sin(angle),
+            cy + x * math.sin(angle) + y * math.cos(angle),
+        )
+        for x, y in corners
+    ]  # a line at the bottom of the detector's map for an 81 x 74 image
+    text = Image.new("F", (736, 800), 0.0)
+    ImageDraw.Draw(text).polygon(turned, fill=0.9)
+    settings = OcrTask(kind="ocr")
+    assert degenerate(np.array([[26, 76], [48, 80], [48, 80], [25, 80]], np.float32))
+    assert not degenerate(quad(0, 0, 10, 5))
+    boxes = text_boxes(np.asarray(text, np.float32), (81, 74), settings)
+    assert boxes and not any(degenerate(box) for box, _ in boxes)
+    image = np.full((81, 74, 3), 200, np.uint8)
+    for box, _ in boxes:
+        assert line_crop(image, box).shape[0] == 48

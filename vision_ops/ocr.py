@@ -322,10 +322,26 @@ def region_box(
     scale = np.array([width / prob.shape[1], height / prob.shape[0]])
     scaled = np.clip(np.round(grown * scale), 0, [width, height])
     final = np.clip(np.trunc(order_box(scaled)), 0, [width - 1, height - 1])
+    if degenerate(final):  # clipped at the image's edge onto a corner or a line
+        rect, short = min_area_rect(final)
+        if short <= MIN_BOX_SIDE:
+            return None
+        final = np.clip(np.trunc(order_box(rect)), 0, [width - 1, height - 1])
     sides = (np.linalg.norm(final[0] - final[1]), np.linalg.norm(final[0] - final[3]))
     if int(sides[0]) <= MIN_BOX_SIDE or int(sides[1]) <= MIN_BOX_SIDE:
         return None
     return final.astype(np.float32), score
+
+
+def degenerate(quad: np.ndarray) -> bool:
+    """Whether a quadrilateral has a repeated corner or three corners on a line: no
+    homography maps a rectangle onto it (the line's crop would be a singular solve)."""
+    edges = np.roll(quad, -1, axis=0) - quad
+    turns = (
+        edges[:, 0] * np.roll(edges, -1, axis=0)[:, 1]
+        - edges[:, 1] * np.roll(edges, -1, axis=0)[:, 0]
+    )
+    return bool((np.abs(turns) < 1e-9).any())
 
 
 def _row_extremes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
