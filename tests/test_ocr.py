@@ -467,3 +467,25 @@ def test_a_tilted_line_clipped_at_the_images_corner_is_read_not_an_error() -> No
     image = np.full((81, 74, 3), 200, np.uint8)
     for box, _ in boxes:
         assert line_crop(image, box).shape[0] == 48
+
+
+def test_the_tables_rows_of_lines_are_the_readers_whatever_ties_in_height() -> None:
+    """The table groups the reader's lines into rows again; lines of one height (D and E's
+    top + bottom are equal) were ordered by their place in the list, which differs between
+    the two passes, and the text fell apart into a line a row."""
+    from vision_ops.ocr import ocr_columns
+
+    polygons = [quad(8, 4, 29, 17), quad(266, 7, 273, 34), quad(236, 27, 287, 51),
+                quad(96, 42, 119, 54), quad(223, 34, 269, 44)]  # fmt: skip
+    texts = ["A", "B", "E", "C", "D"]
+    rows = reading_order(polygons)
+    lines = [Line(texts[i], 0.9, polygons[i]) for row in rows for i in row]  # as read
+    table_text = ocr_columns(line_columns([lines]), np.array([True]))["text"][0].as_py()
+    assert table_text == joined_text(texts, rows) and "\n" in table_text and " " in table_text
+    rng = np.random.default_rng(3)
+    for _ in range(200):  # random layouts with ties in height
+        boxes = [quad(x, y, x + w, y + 10) for x, y, w in rng.integers(0, 60, (6, 3))]
+        rows = reading_order(boxes)
+        lines = [Line(str(i), 0.9, boxes[i]) for row in rows for i in row]
+        text = ocr_columns(line_columns([lines]), np.array([True]))["text"][0].as_py()
+        assert text == joined_text([str(i) for i in range(6)], rows)

@@ -394,7 +394,13 @@ def reading_order(polygons: Sequence[np.ndarray]) -> list[list[int]]:
     bottoms = [float(p[:, 1].max()) for p in polygons]
     rows: list[list[int]] = []
     spans: list[tuple[float, float]] = []
-    for index in sorted(range(len(polygons)), key=lambda i: (tops[i] + bottoms[i], i)):
+    lefts = [float(p[:, 0].min()) for p in polygons]
+    # ties broken by place, not by position in the list: the same rows from any order of the
+    # lines (the table's rows are grouped again from the reader's order)
+    by_height = sorted(
+        range(len(polygons)), key=lambda i: (tops[i] + bottoms[i], lefts[i], tops[i], i)
+    )
+    for index in by_height:
         top, bottom = tops[index], bottoms[index]
         for row, (row_top, row_bottom) in zip(rows, spans, strict=True):
             overlap = min(bottom, row_bottom) - max(top, row_top)
@@ -404,8 +410,7 @@ def reading_order(polygons: Sequence[np.ndarray]) -> list[list[int]]:
         else:
             rows.append([index])
             spans.append((top, bottom))
-    lefts = [float(p[:, 0].min()) for p in polygons]
-    return [sorted(row, key=lambda i: (lefts[i], i)) for row in rows]
+    return [sorted(row, key=lambda i: (lefts[i], tops[i], i)) for row in rows]
 
 
 def joined_text(texts: Sequence[str], rows: Sequence[Sequence[int]]) -> str:
