@@ -157,6 +157,19 @@ def test_bad_spec_exits_2_and_names_the_field(
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_an_output_that_is_a_file_exits_2_before_any_work(
+    spec_file, capsys, own_ray_root, command
+) -> None:
+    """It passed `validate`; `run` started Ray, then exited 1 saying rows stay staged."""
+    table = spec_file.parent / "table"
+    table.write_text("not a folder")
+    assert main([command, str(spec_file)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert err == f"error: output.uri: {table} is a file, expected a table's folder\n"
+    assert not ray.is_initialized()
+
+
 def test_missing_input_exits_2_before_any_work(spec_file, capsys, ray_local) -> None:
     assert main(["run", str(spec_file), "--set", "input.uris=[/no/such/dir]"]) == EXIT_BAD_SPEC
     assert "input /no/such/dir: not found" in capsys.readouterr().err

@@ -76,7 +76,7 @@ def check_here(spec: JobSpec) -> None:
     from vision_ops.models import check_job  # torch and torchvision: only where a model runs
 
     check_job(spec)
-    check_holdout(spec)
+    check_storage(spec)
 
 
 def check_for_a_cluster(spec: JobSpec) -> None:
@@ -85,6 +85,21 @@ def check_for_a_cluster(spec: JobSpec) -> None:
     from vision_ops.models import check_job
 
     check_job(spec, files=False)
+
+
+def check_storage(spec: JobSpec) -> None:
+    """What `run` checks of storage before any work (`validate` too): the table's folder is not
+    a file, and the hold-out is there."""
+    from vision_ops.storage import filesystem
+
+    try:
+        fs, path = filesystem(spec.output.uri, spec.storage_options)
+        a_file = fs.isfile(path)
+    except Exception:  # the store does not answer here: the run's own writes will tell
+        a_file = False
+    if a_file:
+        raise SpecError(f"output.uri: {spec.output.uri} is a file, expected a table's folder")
+    check_holdout(spec)
 
 
 def check_holdout(spec: JobSpec) -> None:
@@ -730,7 +745,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip units committed before for the same model and input version",
     )
-    sub.set_defaults(handler=_with_spec(run, check=check_holdout))
+    sub.set_defaults(handler=_with_spec(run, check=check_storage))
 
     sub = commands.add_parser("validate", help="check a job spec without running it")
     _spec_arguments(sub)
