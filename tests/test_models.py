@@ -255,6 +255,7 @@ def test_weights_enum_gives_preprocessing_and_labels_without_download() -> None:
         ({"architecture": "resnet5O"}, "expected a torchvision classification model"),
         ({"architecture": "resnet50", "weights": "IMAGENET9K"}, "has no weights 'IMAGENET9K'"),
         ({"kind": "entrypoint", "entrypoint": "no_such_pkg.mod:fn"}, "cannot import"),
+        ({"kind": "onnx", "uri": "/m.onnx"}, "^model.kind onnx: ONNX models run as detectors"),
     ],
 )
 def test_check_model_names_the_mistake(model: dict, message: str) -> None:

@@ -102,6 +102,12 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
         _entrypoint_function(spec.entrypoint)
     adapter = getattr(spec, "adapter", None)
     if adapter is not None:
+        if isinstance(spec, OnnxModel) and not get_task(task).adapters:
+            raise ModelError(
+                f"model.kind onnx: ONNX models run as detectors, their output decoded by "
+                f"model.adapter; the task is {task}: expected a torchvision, torchscript or "
+                "entrypoint model"
+            )
         if not get_task(task).adapters:
             raise ModelError(f"model.adapter: output adapters decode detectors; the task is {task}")
         try:
