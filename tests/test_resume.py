@@ -271,6 +271,26 @@ def stage_masked_rows(sink: Any, uris: list[str], first: int) -> None:
         sink.write(segmentation_rows([uri], final))
 
 
+def test_a_copied_segmentation_table_reads_its_own_masks(tmp_path: Path) -> None:
+    """The rows name the original's masks (their `mask_uri`); read through a copy's manifest
+    they name the copy's, which hold the same masks, with the original gone."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    sink = ParquetSink(str(original), "r1", DATE, output_schema("segmentation"))
+    stage_masked_rows(sink, URIS[:3], first=0)
+    sink.commit()
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    run = committed_run(str(copy), "r1")
+    masks = outputs.read_run(str(copy), run)["mask_uri"].to_pylist()
+    assert [uri.rpartition("/")[0] for uri in masks] == [run["masks_folder"]] * 3
+    assert run["masks_folder"].startswith(f"file://{copy}/_masks/run_date=2026-11-24/r1/")
+    assert [Path(uri.removeprefix("file://")).read_bytes() for uri in masks] == [
+        b"mask 0",
+        b"mask 1",
+        b"mask 2",
+    ]
+
+
 @pytest.mark.parametrize("kind", ["parquet", "iceberg"])
 def test_a_segmentation_rerun_reuses_rows_with_their_masks(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest

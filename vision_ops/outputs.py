@@ -123,7 +123,7 @@ def _parquet_read(
     output: OutputSpec, run: Manifest, options: StorageOptions, columns: list[str] | None
 ) -> pa.Table:
     tables = [sink.read_committed_file(f["uri"], options, columns) for f in run["files"]]
-    return pa.concat_tables(tables) if tables else pa.table({})
+    return sink.masks_in_table(pa.concat_tables(tables), run) if tables else pa.table({})
 
 
 def _parquet_sql(

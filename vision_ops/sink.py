@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
@@ -132,6 +133,17 @@ def in_table(fs: AbstractFileSystem, root: str, manifest: dict[str, Any]) -> dic
     if manifest.get("masks_folder"):
         found["masks_folder"] = canonical_uri(fs, named.masks_folder)
     return found
+
+
+def masks_in_table(rows: pa.Table, manifest: dict[str, Any]) -> pa.Table:
+    """A run's rows with their `mask_uri` in the masks folder `manifest` names (as `in_table`
+    read it): a copied table's rows name the original's masks."""
+    folder = manifest.get("masks_folder")
+    if not folder or "mask_uri" not in rows.column_names:
+        return rows
+    replacement = folder.replace("\\", "\\\\") + "/"  # a literal in the regex's replacement
+    named = pc.replace_substring_regex(rows["mask_uri"], pattern="^.*/", replacement=replacement)
+    return rows.set_column(rows.schema.get_field_index("mask_uri"), "mask_uri", named)
 
 
 @dataclass(frozen=True)
