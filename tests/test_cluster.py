@@ -52,6 +52,18 @@ def test_the_default_job_fits_the_cluster_at_full_scale(config) -> None:
     assert gpu_node_cpus >= plan.num_cpus + 1  # the actor, and decoding beside it
 
 
+def test_the_clusters_own_max_workers_caps_the_capacity(config) -> None:
+    """A cluster-wide max_workers below the types' sum: the GPU nodes first, then the rest
+    (it planned 8 GPUs and 320 CPUs on a cluster of 2 workers); a negative count is refused."""
+    config = config | {"max_workers": 2}
+    assert max_capacity(config) == {"CPU": 2 * 8, "GPU": 2}
+    config["max_workers"] = 10
+    assert max_capacity(config) == {"CPU": 8 * 8 + 2 * 16, "GPU": 8}
+    config["max_workers"] = -1
+    with pytest.raises(ClusterConfigError, match="the cluster: max_workers -1, expected 0 or more"):
+        max_capacity(config)
+
+
 def test_no_credentials_in_the_file() -> None:
     text = CLUSTER.read_text().lower()
     for word in ("aws_secret", "aws_access_key", "akia", "secret_access"):

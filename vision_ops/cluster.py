@@ -43,14 +43,31 @@ def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def max_capacity(config: dict[str, Any]) -> dict[str, float]:
-    """CPU and GPU totals with every worker type at its max_workers, plus the head node."""
-    head = config["head_node_type"]
-    totals = {"CPU": 0.0, "GPU": 0.0}
-    for name, node in node_types(config).items():
-        count = 1 if name == head else int(node.get("max_workers", 0))
+    """CPU and GPU totals with the head node and every worker type at its max_workers, within
+    the config's cluster-wide max_workers (filled with the GPU-richest types first: the most
+    the job can get)."""
+    types = node_types(config)
+    head = types[config["head_node_type"]]
+    totals = {resource: _amount(head, resource) for resource in ("CPU", "GPU")}
+    left = _max_workers(config, "the cluster", float("inf"))
+    workers = [(name, node) for name, node in types.items() if node is not head]
+    for name, node in sorted(workers, key=lambda w: (-_amount(w[1], "GPU"), -_amount(w[1], "CPU"))):
+        count = min(_max_workers(node, name, 0), left)
+        left -= count
         for resource in totals:
-            totals[resource] += count * float(node.get("resources", {}).get(resource, 0))
+            totals[resource] += count * _amount(node, resource)
     return totals
+
+
+def _amount(node: dict[str, Any], resource: str) -> float:
+    return float(node.get("resources", {}).get(resource, 0))
+
+
+def _max_workers(section: dict[str, Any], name: str, default: float) -> float:
+    count = section.get("max_workers", default)
+    if count < 0:
+        raise ClusterConfigError(f"{name}: max_workers {count}, expected 0 or more")
+    return float(count)
 
 
 def head_resources(config: dict[str, Any]) -> dict[str, float]:
