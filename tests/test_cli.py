@@ -108,7 +108,9 @@ def test_a_table_uri_with_credentials_is_refused_without_echo(command: str, caps
     assert main([command, "s3://AKIAK:SECRETX@bucket/t"]) == EXIT_BAD_SPEC
     err = capsys.readouterr().err
     assert (
-        err.startswith("error: TARGET: a URI with a user or password in it")
+        err.startswith(
+            "error: TARGET: a URI with credentials in it (a password, a token, a signed query)"
+        )
         and "SECRETX" not in err
     )
 

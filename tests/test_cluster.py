@@ -62,6 +62,9 @@ def test_the_clusters_own_max_workers_caps_the_capacity(config) -> None:
     config["max_workers"] = -1
     with pytest.raises(ClusterConfigError, match="the cluster: max_workers -1, expected 0 or more"):
         max_capacity(config)
+    unset = copy.deepcopy(config)  # Ray's launcher fills in 2 where a config says nothing
+    del unset["max_workers"], unset["available_node_types"]["gpu_worker"]["max_workers"]
+    assert max_capacity(unset) == {"CPU": 2 * 8, "GPU": 2}
 
 
 def test_no_credentials_in_the_file() -> None:

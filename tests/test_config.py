@@ -27,6 +27,7 @@ from vision_ops.config import (
 
 SHA = "0123456789abcdef" * 4
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+TOKEN = SECRET.replace("/", "")  # a URL's user holds no /
 HEADER = "invalid job spec (1 problem(s)):"
 
 
@@ -427,7 +428,7 @@ def test_secret_values_never_appear_in_any_message(raw: dict[str, Any]) -> None:
         ("input.manifest", f"s3://AKIAEXAMPLE:{SECRET}@bucket/list.txt", "input.manifest"),
         ("output.uri", f"s3://AKIAEXAMPLE:{SECRET}@bucket/table", "output.uri"),
         ("model.weights", f"s3://AKIAEXAMPLE:{SECRET}@bucket/w.pt", "model.weights"),
-        ("model.labels", f"https://{SECRET}@models.example/labels.txt", "model.labels"),
+        ("model.labels", f"https://{TOKEN}@models.example/labels.txt", "model.labels"),
         ("evaluate", {"truth": f"gs://u:{SECRET}@b/truth.csv"}, "evaluate.truth"),
     ],
 )
@@ -438,13 +439,39 @@ def test_a_uri_with_credentials_is_refused_without_echo(
     (a store's own error quotes the bucket name it was handed)."""
     message = spec_error(with_value(dotted, value))
     assert SECRET not in message and "wJalr" not in message
-    assert message.splitlines()[1].startswith(f"  {field}: a URI with a user or password in it")
+    assert message.splitlines()[1].startswith(
+        f"  {field}: a URI with credentials in it (a password, a token, a signed query)"
+    )
     assert "***@" in message  # the value found, its credentials masked
 
 
-def test_an_azure_uri_naming_its_container_before_an_at_is_no_credential() -> None:
-    uri = "abfs://photos@account.dfs.core.windows.net/2024/"
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "abfs://photos@account.dfs.core.windows.net/2024/",  # a container, not a user
+        "s3://cams/2024-01-01T10:00:00/frame@2x.png",  # an @ and : in a key
+        "https://cdn.example.com/models/resnet50@v2.pt",
+        "file:///data/a:b@c.jpg",
+    ],
+)
+def test_a_uri_with_an_at_that_names_no_user_is_no_credential(uri: str) -> None:
     assert parse_spec(with_value("input.uris", [uri])).input.uris == [uri]
+    catalog = {**ICEBERG_OUTPUT["catalog"], "warehouse": uri}  # type: ignore[dict-item]
+    assert parse_spec(with_value("output", {**ICEBERG_OUTPUT, "catalog": catalog}))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"https://acct.blob.core.windows.net/m/r50.pt?sv=2024&sig={SECRET}",  # an Azure SAS
+        f"https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=AKIA&X-Amz-Signature={SECRET}",
+        f"https://storage.googleapis.com/b/w.pt?X-Goog-Signature={SECRET}",
+    ],
+)
+def test_a_signed_url_is_refused_without_echo(uri: str) -> None:
+    message = spec_error(with_value("model.weights", uri))
+    assert SECRET not in message and "?***" in message
+    assert "model.weights: a URI with credentials in it" in message
 
 
 def test_credential_found_value_is_masked() -> None:
@@ -861,7 +888,7 @@ def test_iceberg_catalog_credentials_are_refused_without_echo(name: str) -> None
 def test_iceberg_catalog_uri_with_a_password_is_refused() -> None:
     catalog = {"type": "sql", "uri": "postgresql://user:hunter2@db/catalog"}
     message = spec_error(with_value("output", {**ICEBERG_OUTPUT, "catalog": catalog}))
-    assert "catalog.uri: a URI with a user or password" in message
+    assert "catalog.uri: a URI with credentials in it" in message
     assert "hunter2" not in message
 
 

@@ -308,13 +308,21 @@ def test_a_tiles_boxes_and_mask_are_drawn_over_its_tile(tmp_path) -> None:
     assert (alpha[inside] > 0).all() and (alpha[~inside] == 0).all()
 
 
-def test_a_tiles_mask_is_drawn_over_its_tile(tmp_path) -> None:
-    """Over the tile at x 32 (vertical stripes), not the middle of the whole image."""
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_tiles_mask_is_drawn_over_its_tile(tmp_path, suffix: str) -> None:
+    """Over the tile at x 32 (vertical stripes), not the middle of the whole image; a scene's
+    tile has a GeoTIFF mask (encode_mask's), a plain image's a PNG."""
+    from rasterio.transform import from_origin
+
     from vision_ops.gallery import OVERLAY_ALPHA, mask_overlays, palette
+    from vision_ops.masks import encode_mask
 
     scene = stripes_scene(tmp_path / "scene.png")
-    mask = tmp_path / "mask.png"
-    Image.fromarray(np.ones((32, 32), np.uint8)).save(mask)
+    georef = (from_origin(500_000, 4_650_000, 10, 10), "EPSG:32633") if suffix == ".tif" else None
+    data, written = encode_mask(np.ones((32, 32), np.uint8), georef)
+    mask = tmp_path / f"mask{written}"
+    mask.write_bytes(data)
+    assert written == suffix
     row = {"status": "ok", "source_uri": scene, "mask_uri": str(mask)}
     table = pa.Table.from_pylist([row | {"tile_x": 32, "tile_y": 0, "tile_size": 32}])
     with Sources({}) as sources:

@@ -277,6 +277,10 @@ def test_a_keyword_the_architecture_does_not_take_is_refused_before_any_work() -
     check_model(
         spec_for({"architecture": "resnet18", "kwargs": {"zero_init_residual": True}}).model
     )
+    # with a weights enum the keywords given win over the job's own (the real build's rule)
+    enum = {"architecture": "deeplabv3_mobilenet_v3_large", "weights": "DEFAULT"}
+    segmenter = spec_for(enum | {"kwargs": {"aux_loss": True}, "preprocessing": None})
+    check_model(segmenter.model, "segmentation")
 
 
 def test_a_folder_named_as_a_model_file_or_labels_is_refused_naming_the_field(tmp_path) -> None:

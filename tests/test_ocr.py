@@ -467,6 +467,22 @@ def test_a_tilted_line_clipped_at_the_images_corner_is_read_not_an_error() -> No
     image = np.full((81, 74, 3), 200, np.uint8)
     for box, _ in boxes:
         assert line_crop(image, box).shape[0] == 48
+    rng = np.random.default_rng(0)  # lines of any tilt across the map's edges and corners
+    for _ in range(150):
+        angle, (cx, cy) = math.radians(rng.uniform(-30, 30)), rng.uniform(0, [736, 800])
+        w, h = rng.uniform(40, 400), rng.uniform(8, 40)
+        turned = [
+            (
+                cx + x * math.cos(angle) - y * math.sin(angle),
+                cy + x * math.sin(angle) + y * math.cos(angle),
+            )
+            for x, y in [(-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)]
+        ]
+        text = Image.new("F", (736, 800), 0.0)
+        ImageDraw.Draw(text).polygon(turned, fill=0.9)
+        for box, _ in text_boxes(np.asarray(text, np.float32), (81, 74), settings):
+            assert not degenerate(box)
+            line_crop(image, box)
 
 
 def test_the_tables_rows_of_lines_are_the_readers_whatever_ties_in_height() -> None:

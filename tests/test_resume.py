@@ -460,7 +460,7 @@ def test_a_segmentation_job_killed_at_70_percent_resumes_with_its_masks(
         "kind": "entrypoint",
         "entrypoint": "crashing:count_segments",
         "kwargs": {"marks": str(marks), "seconds": 0.3},
-        "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "preprocessing": {"resize": 48, "crop": 48, "mean": [0.5] * 3, "std": [0.5] * 3},
     }
     table = tmp_path / "table"
     spec = counting_spec(

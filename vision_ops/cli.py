@@ -36,7 +36,12 @@ from vision_ops.errors import (
     ModelError,
     VisionOpsError,
 )
-from vision_ops.storage import StorageOptions, holds_credentials, masked_userinfo
+from vision_ops.storage import (
+    CREDENTIALS_IN_URI,
+    StorageOptions,
+    holds_credentials,
+    masked_userinfo,
+)
 
 if TYPE_CHECKING:
     from vision_ops.drift import Drift
@@ -88,17 +93,15 @@ def check_for_a_cluster(spec: JobSpec) -> None:
 
 
 def check_storage(spec: JobSpec) -> None:
-    """What `run` checks of storage before any work (`validate` too): the table's folder is not
-    a file, and the hold-out is there."""
-    from vision_ops.storage import filesystem
+    """What `run` checks of storage before any work (`validate` too): a table on local disk is
+    not a file (an object store is not asked: `validate` may run where it cannot be reached),
+    and the hold-out is there."""
+    from vision_ops.storage import filesystem, protocol_of
 
-    try:
+    if protocol_of(spec.output.uri) == "file":
         fs, path = filesystem(spec.output.uri, spec.storage_options)
-        a_file = fs.isfile(path)
-    except Exception:  # the store does not answer here: the run's own writes will tell
-        a_file = False
-    if a_file:
-        raise SpecError(f"output.uri: {spec.output.uri} is a file, expected a table's folder")
+        if fs.isfile(path):
+            raise SpecError(f"output.uri: {spec.output.uri} is a file, expected a table's folder")
     check_holdout(spec)
 
 
@@ -130,10 +133,7 @@ def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOption
     spec TARGET names (any format: an Iceberg table is found through its spec's catalog)."""
     if not args.target.endswith((".yaml", ".yml")):
         if holds_credentials(args.target):
-            raise SpecError(
-                "TARGET: a URI with a user or password in it; credentials never go in a URI: "
-                "they come from the standard chains (environment, profile, instance role)"
-            )
+            raise SpecError(f"TARGET: {CREDENTIALS_IN_URI}")
         return args.target, {}
     spec = load_spec(args.target, args.set or [])
     return spec.output, spec.storage_options

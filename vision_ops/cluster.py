@@ -45,7 +45,10 @@ def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def max_capacity(config: dict[str, Any]) -> dict[str, float]:
     """CPU and GPU totals with the head node and every worker type at its max_workers, within
     the config's cluster-wide max_workers (filled with the GPU-richest types first: the most
-    the job can get)."""
+    the job can get), each as Ray's launcher reads it (unset: its defaults)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(copy.deepcopy(config))  # Ray's defaults filled in (max_workers 2)
     types = node_types(config)
     head = types[config["head_node_type"]]
     totals = {resource: _amount(head, resource) for resource in ("CPU", "GPU")}

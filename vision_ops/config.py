@@ -29,7 +29,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
-from vision_ops.storage import holds_credentials, known_protocol, userinfo
+from vision_ops.storage import (
+    CREDENTIALS_IN_URI,
+    holds_credentials,
+    known_protocol,
+    masked_url,
+)
 
 if TYPE_CHECKING:  # the registry imports this module's TaskSettings
     from vision_ops.tasks import Task
@@ -71,17 +76,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def _no_userinfo(uri: str) -> str:
+def _no_credentials_in(uri: str) -> str:
     if holds_credentials(uri):
-        raise ValueError(
-            "a URI with a user or password in it; credentials never go in the spec: they come "
-            "from the standard chains (environment, profile, instance role)"
-        )
+        raise ValueError(CREDENTIALS_IN_URI)
     return uri
 
 
 # A URI a spec names (inputs, the table, model files, labels, the hold-out): never credentials.
-Uri = Annotated[str, AfterValidator(_no_userinfo)]
+Uri = Annotated[str, AfterValidator(_no_credentials_in)]
 
 
 # Standard display windows (centre, width) in Hounsfield units, as radiology viewers name them.
@@ -817,11 +819,8 @@ class OutputSpec(StrictModel):
                     "the catalog and its storage use the standard AWS/GCP/Azure chains "
                     "(environment, profile, instance role)"
                 )
-            if _has_userinfo(setting):
-                raise ValueError(
-                    f"catalog.{name}: a URI with a user or password in it; credentials never "
-                    "go in the spec"
-                )
+            if _has_credentials(setting):
+                raise ValueError(f"catalog.{name}: {CREDENTIALS_IN_URI}")
         if "type" in value:
             _known_catalog_type(value["type"])
         return value
@@ -1081,7 +1080,7 @@ def _credential_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
     found = []
     for name, value in options.items():
         path = f"{prefix}{name}"
-        if name.lower() in CREDENTIAL_KEYS or _has_userinfo(value):
+        if name.lower() in CREDENTIAL_KEYS or _has_credentials(value):
             found.append(path)
         elif isinstance(value, dict):
             found.extend(_credential_paths(value, path + "."))
@@ -1209,9 +1208,7 @@ def _redacted(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return [_redacted(item) for item in value]
-    if _has_userinfo(value):
-        return value.replace(f"{userinfo(value)}@", "***@", 1)
-    return value
+    return masked_url(value) if _has_credentials(value) else value
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -1219,7 +1216,6 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _has_userinfo(value: Any) -> bool:
-    """A URL such as http://user:password@host/: its credentials would reach logs and errors.
-    Any @ before the query counts (a password with an unescaped / ends the host early)."""
-    return isinstance(value, str) and userinfo(value) is not None
+def _has_credentials(value: Any) -> bool:
+    """A URL holding credentials (storage.holds_credentials): they would reach logs and errors."""
+    return isinstance(value, str) and holds_credentials(value)

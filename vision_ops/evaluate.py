@@ -32,6 +32,7 @@ from vision_ops.storage import (
     read_parquet,
 )
 from vision_ops.tasks import task_of_run
+from vision_ops.tiling import tile_window
 
 METRICS = "_metrics"
 METRICS_SCHEMA = pa.schema(
@@ -168,11 +169,11 @@ def _truth_reader(fs: Any, found: dict[str, str]) -> Callable[[dict[str, Any]], 
 def in_unit(true: np.ndarray, row: dict[str, Any]) -> np.ndarray:
     """A source's truth mask cut to the row's unit: a tile's window of it (not scored past the
     scene's edge: IGNORE_CLASS), else the whole."""
-    if row.get("tile_x") is None or not row.get("tile_size"):
+    tile = tile_window(row)
+    if tile is None:
         return true
-    x, y, size = int(row["tile_x"]), int(row["tile_y"]), int(row["tile_size"])
-    window = np.full((size, size), IGNORE_CLASS, dtype=true.dtype)
-    part = true[y : y + size, x : x + size]
+    window = np.full((tile.height, tile.width), IGNORE_CLASS, dtype=true.dtype)
+    part = true[tile.row_off : tile.row_off + tile.height, tile.col_off : tile.col_off + tile.width]
     window[: part.shape[0], : part.shape[1]] = part
     return window
 

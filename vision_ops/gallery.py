@@ -19,7 +19,7 @@ from vision_ops.registry import Registry
 from vision_ops.schema import STATUS_ERROR, STATUS_OK
 from vision_ops.storage import StorageOptions, read_bytes
 from vision_ops.tasks import counts
-from vision_ops.tiling import Window
+from vision_ops.tiling import Window, tile_window
 
 THUMB = 160  # a thumbnail's longest side, in CSS and image pixels
 MAX_PIXELS = 200_000_000  # a source larger than this is not decoded for a thumbnail
@@ -170,13 +170,14 @@ def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:
 
 def dicom_frame(row: dict[str, Any], data: bytes) -> np.ndarray:
     """A DICOM frame through the window its row records (the one the model saw)."""
-    from vision_ops.config import DicomSpec, Window
+    from vision_ops.config import DicomSpec
+    from vision_ops.config import Window as DicomWindow
     from vision_ops.dicom import decode_frame, open_instance
 
     centre, width = row.get("window_center"), row.get("window_width")
-    window: str | Window = "file"
+    window: str | DicomWindow = "file"
     if centre is not None and width is not None:
-        window = Window(center=centre, width=max(float(width), 1.0))
+        window = DicomWindow(center=centre, width=max(float(width), 1.0))
     spec = DicomSpec(window=window)
     return decode_frame(
         open_instance(data, spec, MAX_PIXELS), int(row.get("frame_index") or 0), spec
@@ -411,14 +412,6 @@ def box_overlay(detections: list[dict[str, Any]], width: int, window: Window | N
     return f'<g transform="translate({-window.col_off} {-window.row_off})">{"".join(shapes)}</g>'
 
 
-def tile_window(row: dict[str, Any]) -> Window | None:
-    """A tile row's window of its scene; None for a unit that is its whole image."""
-    if row.get("tile_x") is None or not row.get("tile_size"):
-        return None
-    size = int(row["tile_size"])
-    return Window(row_off=int(row["tile_y"]), col_off=int(row["tile_x"]), height=size, width=size)
-
-
 @PANELS.register("boxes")
 def boxes(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     """Units with the most confident detections, their boxes drawn over them."""
@@ -517,7 +510,9 @@ def mask_overlays(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     whose image or mask cannot be read here are passed over."""
     images: list[str] = []
     ok = _ok(table)
-    ok = ok.filter(pc.ends_with(ok["mask_uri"].fill_null(""), ".png")).slice(0, OVERLAY_TRIES)
+    named = ok["mask_uri"].fill_null("")
+    masked = pc.or_(pc.ends_with(named, ".png"), pc.ends_with(named, ".tif"))  # .tif: a scene's
+    ok = ok.filter(masked).slice(0, OVERLAY_TRIES)
     for row in _rows(ok, ["mask_uri"]):
         if len(images) == OVERLAYS:
             break

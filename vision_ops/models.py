@@ -97,7 +97,11 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
             _weights_enum(spec.architecture, spec.weights)
         if spec.kwargs:  # built on the meta device: no memory, no weights, only the keywords
             with torch.device("meta"):
-                _untrained(builder, spec, task)
+                if spec.weights and is_weights_enum_name(spec.weights):  # the keywords given win
+                    kwargs = _untrained_kwargs(spec.num_classes, task) | spec.kwargs
+                    _built(builder, weights=None, **kwargs)
+                else:
+                    _untrained(builder, spec, task)
     elif isinstance(spec, EntrypointModel):
         _entrypoint_function(spec.entrypoint)
     adapter = getattr(spec, "adapter", None)

@@ -43,9 +43,15 @@ def writing_to(uri: str) -> Iterator[None]:
         raise StorageError(f"cannot write {uri}: {type(err).__name__}: {err}") from None
 
 
-# A URL's user and password: from `scheme://` to the last @ before its query or fragment (a
-# password with an unescaped / ends the host early for urlsplit, not here).
-_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://([^?#]*)@")
+# A URL's user and password: a user (no / : @ in it), then optionally a password up to the
+# last @ before its query or fragment (a password with an unescaped / ends the host early for
+# urlsplit, not here); `s3://cams/frame@2x.png` names a key, not a user.
+_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://([^/?#@:]*(?::[^?#]*)?)@")
+# A signed URL's query keys (S3 and GCS presigned URLs, Azure SAS, tokens): credentials too.
+SIGNED_QUERY_KEYS = frozenset(
+    {"sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+     "x-goog-signature", "x-goog-credential", "token", "access_token"}
+)  # fmt: skip
 
 
 def userinfo(url: str) -> str | None:
@@ -55,11 +61,36 @@ def userinfo(url: str) -> str | None:
     return found.group(1) if found else None
 
 
+CREDENTIALS_IN_URI = (
+    "a URI with credentials in it (a password, a token, a signed query); credentials never go "
+    "in a spec or a command: they come from the standard chains (environment, profile, "
+    "instance role)"
+)
+
+
 def holds_credentials(url: str) -> bool:
-    """Whether a URL holds a password (`user:password@`), or any user of an http(s) URL (a
-    token alone); `abfs://container@account.dfs.core.windows.net/` names a container."""
+    """Whether a URL holds a password (`user:password@`), any user of an http(s) URL (a token
+    alone), or a signed query (`?X-Amz-Signature=`, an Azure SAS `sig=`);
+    `abfs://container@account.dfs.core.windows.net/` names a container."""
     found = userinfo(url)
-    return found is not None and (":" in found or protocol_of(url) in ("http", "https"))
+    if found is not None and (":" in found or protocol_of(url) in ("http", "https")):
+        return True
+    return _signed(url)
+
+
+def _signed(url: str) -> bool:
+    """Whether the URL's query holds a signature, a credential or a token."""
+    query = url.partition("?")[2].partition("#")[0]
+    keys = {pair.partition("=")[0].lower() for pair in query.split("&") if pair}
+    return bool(keys & SIGNED_QUERY_KEYS)
+
+
+def masked_url(url: str) -> str:
+    """`url` with its user and password, and a signed query, shown as ***."""
+    found = userinfo(url)
+    if found is not None:
+        url = url.replace(f"{found}@", "***@", 1)
+    return f"{url.partition('?')[0]}?***" if _signed(url) else url
 
 
 def without_userinfo(url: str) -> str:

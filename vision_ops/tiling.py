@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 EdgePolicy = Literal["shift", "pad", "drop"]
 EDGE_POLICIES: tuple[EdgePolicy, ...] = ("shift", "pad", "drop")
@@ -72,3 +73,12 @@ def _check(length: int, size: int, overlap: int, edge: str) -> None:
         raise TilingError(f"overlap: expected 0 <= overlap < tile size {size}, found {overlap}")
     if edge not in EDGE_POLICIES:
         raise TilingError(f"edge: expected one of {', '.join(EDGE_POLICIES)}, found {edge!r}")
+
+
+def tile_window(row: Mapping[str, Any]) -> Window | None:
+    """A tile row's window of its scene (its tile_x, tile_y, tile_size); None for a unit that
+    is its whole image."""
+    if row.get("tile_x") is None or not row.get("tile_size"):
+        return None
+    size = int(row["tile_size"])
+    return Window(row_off=int(row["tile_y"]), col_off=int(row["tile_x"]), height=size, width=size)
