@@ -481,7 +481,7 @@ def test_a_segmentation_job_killed_at_70_percent_resumes_with_its_masks(
     assert len(set(masks)) == total
     for path in masks:
         with Image.open(path) as mask:
-            assert mask.size == (40, 40)
+            assert mask.size == (48, 48)
 
 
 @pytest.mark.parametrize("store", ["local", "s3", "iceberg"])

@@ -322,8 +322,8 @@ def region_box(
     scale = np.array([width / prob.shape[1], height / prob.shape[0]])
     scaled = np.clip(np.round(grown * scale), 0, [width, height])
     final = np.clip(np.trunc(order_box(scaled)), 0, [width - 1, height - 1])
-    if degenerate(final):  # clipped at the image's edge onto a corner or a line: its upright
-        (left, top), (right, bottom) = final.min(axis=0), final.max(axis=0)  # box, inside
+    if degenerate(final):  # clipped onto a corner or a line: its upright box, inside the image
+        (left, top), (right, bottom) = final.min(axis=0), final.max(axis=0)
         final = np.array([[left, top], [right, top], [right, bottom], [left, bottom]])
     sides = (np.linalg.norm(final[0] - final[1]), np.linalg.norm(final[0] - final[3]))
     if int(sides[0]) <= MIN_BOX_SIDE or int(sides[1]) <= MIN_BOX_SIDE:
