@@ -121,9 +121,11 @@ def test_an_error_quoting_a_url_masks_its_user_and_password(capsys) -> None:
 
     _fail(RuntimeError("http://admin:PW1@head:8265 and s3://K:S/ecret@b/k refused"), 1)
     _fail(RuntimeError("https://TOKEN@git.example/x; s3://b/users/j@example.com/p.jpg"), 1)
+    _fail(RuntimeError("'HTTP://TOKEN@h/x' 'abfs://container@acct/p'"), 1)
     assert capsys.readouterr().err.splitlines() == [
         "error: http://***@head:8265 and s3://***@b/k refused",
         "error: https://***@git.example/x; s3://b/users/j@example.com/p.jpg",
+        "error: 'HTTP://***@h/x' 'abfs://container@acct/p'",
     ]
 
 

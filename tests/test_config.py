@@ -466,12 +466,19 @@ def test_a_uri_with_an_at_that_names_no_user_is_no_credential(uri: str) -> None:
         f"https://acct.blob.core.windows.net/m/r50.pt?sv=2024&sig={SECRET}",  # an Azure SAS
         f"https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=AKIA&X-Amz-Signature={SECRET}",
         f"https://storage.googleapis.com/b/w.pt?X-Goog-Signature={SECRET}",
+        f"https://storage.googleapis.com/storage/v1/b/m/o/w.pt?alt=media&key={SECRET}",  # API key
+        f"https://models.example/w.pt?Password={SECRET}",  # any credential's name in a query
     ],
 )
 def test_a_signed_url_is_refused_without_echo(uri: str) -> None:
     message = spec_error(with_value("model.weights", uri))
-    assert SECRET not in message and "?***" in message
+    assert SECRET not in message and "***" in message
     assert "model.weights: a URI with credentials in it" in message
+
+
+def test_a_token_as_an_http_urls_user_is_refused_in_any_case_of_scheme() -> None:
+    message = spec_error(with_value("model.weights", "HTTPS://ghp_TOKEN123@models.example/w.pt"))
+    assert "ghp_TOKEN123" not in message and "HTTPS://***@models.example" in message
 
 
 def test_credential_found_value_is_masked() -> None:

@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.storage import (
+    CREDENTIAL_KEYS,
     CREDENTIALS_IN_URI,
     holds_credentials,
     known_protocol,
@@ -43,25 +44,6 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", 
 # A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-# Option names that carry credentials: refused in a spec, which is copied into logs and job records.
-CREDENTIAL_KEYS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "password",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "account_key",
-        "sas_token",
-        "connection_string",
-        "authorization",  # an http header's
-        "client_secret",
-        "credential",
-        "credentials",
-    }
-)
 
 
 class SpecError(VisionOpsError, ValueError):

@@ -43,22 +43,45 @@ def writing_to(uri: str) -> Iterator[None]:
         raise StorageError(f"cannot write {uri}: {type(err).__name__}: {err}") from None
 
 
-# A URL's user and password: a user (no / : @ in it), then optionally a password up to the
-# last @ before its query or fragment (a password with an unescaped / ends the host early for
-# urlsplit, not here); `s3://cams/frame@2x.png` names a key, not a user.
-_USERINFO = re.compile(r"^[A-Za-z][\w+.-]*://([^/?#@:]*(?::[^?#]*)?)@")
-# A signed URL's query keys (S3 and GCS presigned URLs, Azure SAS, tokens): credentials too.
-SIGNED_QUERY_KEYS = frozenset(
-    {"sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
-     "x-goog-signature", "x-goog-credential", "token", "access_token"}
+# Names that carry credentials: an option's (refused in a spec, which is copied into logs and
+# job records) or a URL query's.
+CREDENTIAL_KEYS = frozenset(
+    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+     "aws_session_token", "account_key", "sas_token", "connection_string",
+     "authorization",  # an http header's
+     "client_secret", "credential", "credentials", "access_token"}
 )  # fmt: skip
+# A signed URL's query keys (S3 and GCS presigned URLs, an Azure SAS), and any credential's name.
+SIGNED_QUERY_KEYS = CREDENTIAL_KEYS | {
+    "sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+    "x-goog-signature", "x-goog-credential",
+}  # fmt: skip
+
+
+def _userinfo_pattern(ends: str) -> re.Pattern[str]:
+    """A URL's scheme and its user and password: a user (no / : @ in it), then optionally a
+    password up to the last @ before the query, fragment or any of `ends` (a password with an
+    unescaped / ends the host early for urlsplit, not here); `s3://cams/frame@2x.png` names a
+    key, not a user."""
+    return re.compile(rf"([A-Za-z][\w+.-]*)://([^/?#@:{ends}]*(?::[^?#{ends}]*)?)@")
+
+
+_USERINFO = _userinfo_pattern("")  # a whole URL, matched at its start
+_USERINFO_IN_TEXT = _userinfo_pattern("\\s'\"")  # a URL inside free text (an error's message)
+
+
+def _is_credential(protocol: str, found: str) -> bool:
+    """Whether a URL's user part is a credential: a password (`user:password@`), or any user of
+    an http(s) URL (a token alone); `abfs://container@account.dfs.core.windows.net/` names a
+    container."""
+    return ":" in found or protocol.lower() in ("http", "https")
 
 
 def userinfo(url: str) -> str | None:
     """The user (and password) a URL holds, `user:pw` of http://user:pw@host/; None where it
     holds none. They must not reach a spec, a log or an error."""
     found = _USERINFO.match(url)
-    return found.group(1) if found else None
+    return found.group(2) if found else None
 
 
 CREDENTIALS_IN_URI = (
@@ -69,11 +92,10 @@ CREDENTIALS_IN_URI = (
 
 
 def holds_credentials(url: str) -> bool:
-    """Whether a URL holds a password (`user:password@`), any user of an http(s) URL (a token
-    alone), or a signed query (`?X-Amz-Signature=`, an Azure SAS `sig=`);
-    `abfs://container@account.dfs.core.windows.net/` names a container."""
+    """Whether a URL holds a credential in its user part (`_is_credential`) or a signed query
+    (`?X-Amz-Signature=`, an Azure SAS `sig=`)."""
     found = userinfo(url)
-    if found is not None and (":" in found or protocol_of(url) in ("http", "https")):
+    if found is not None and _is_credential(protocol_of(url), found):
         return True
     return _signed(url)
 
@@ -99,17 +121,15 @@ def without_userinfo(url: str) -> str:
     return url.replace(f"{found}@", "", 1) if found else url
 
 
-# A user and password in a URL inside free text (an error's message): a user:password before
-# an @, or any user of an http(s) URL (a token alone).
-_USERINFO_IN_TEXT = re.compile(
-    r"\b((?:https?)://[^\s'\"@/]+@|[A-Za-z][\w+.-]*://[^\s'\"@/:]*:[^\s'\"@]*@)"
-)
-
-
 def masked_userinfo(text: str) -> str:
-    """`text` with the user and password of any URL in it shown as ***: an error message
-    quoting a URL (a store's, RAY_ADDRESS) must not carry them to a terminal or a log."""
-    return _USERINFO_IN_TEXT.sub(lambda m: m.group(0).split("://")[0] + "://***@", text)
+    """`text` with the credentials of any URL in it (`_is_credential`) shown as ***: an error
+    message quoting a URL (a store's, RAY_ADDRESS) must not carry them to a terminal or a log."""
+
+    def masked(found: re.Match[str]) -> str:
+        protocol, info = found.group(1), found.group(2)
+        return f"{protocol}://***@" if _is_credential(protocol, info) else found.group(0)
+
+    return _USERINFO_IN_TEXT.sub(masked, text)
 
 
 def protocol_of(uri: str) -> str:
