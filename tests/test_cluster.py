@@ -54,17 +54,26 @@ def test_the_default_job_fits_the_cluster_at_full_scale(config) -> None:
 
 def test_the_clusters_own_max_workers_caps_the_capacity(config) -> None:
     """A cluster-wide max_workers below the types' sum: the GPU nodes first, then the rest
-    (it planned 8 GPUs and 320 CPUs on a cluster of 2 workers); a negative count is refused."""
+    (it planned 8 GPUs and 320 CPUs on a cluster of 2 workers)."""
     config = config | {"max_workers": 2}
     assert max_capacity(config) == {"CPU": 2 * 8, "GPU": 2}
     config["max_workers"] = 10
     assert max_capacity(config) == {"CPU": 8 * 8 + 2 * 16, "GPU": 8}
-    config["max_workers"] = -1
-    with pytest.raises(ClusterConfigError, match="the cluster: max_workers -1, expected 0 or more"):
-        max_capacity(config)
-    unset = copy.deepcopy(config)  # Ray's launcher fills in 2 where a config says nothing
+
+
+def test_max_workers_unset_or_negative_is_read_as_rays_launcher_reads_it(config, tmp_path) -> None:
+    """Unset: Ray's default of 2 (a type without its own takes the cluster's); negative: the
+    cluster's is refused by Ray's schema, a type's by the capacity."""
+    unset = copy.deepcopy(config)
     del unset["max_workers"], unset["available_node_types"]["gpu_worker"]["max_workers"]
-    assert max_capacity(unset) == {"CPU": 2 * 8, "GPU": 2}
+    assert max_capacity(load_cluster_config(write(tmp_path, unset))) == {"CPU": 2 * 8, "GPU": 2}
+    negative = copy.deepcopy(config) | {"max_workers": -1}
+    with pytest.raises(ClusterConfigError, match="-1 is less than the minimum of 0"):
+        load_cluster_config(write(tmp_path, negative))
+    negative = copy.deepcopy(config)
+    negative["available_node_types"]["gpu_worker"]["max_workers"] = -3
+    with pytest.raises(ClusterConfigError, match="gpu_worker: max_workers -3, expected 0 or more"):
+        max_capacity(load_cluster_config(write(tmp_path, negative)))
 
 
 def test_no_credentials_in_the_file() -> None:

@@ -18,7 +18,8 @@ class ClusterConfigError(VisionOpsError, ValueError):
 
 
 def load_cluster_config(path: str | Path) -> dict[str, Any]:
-    """Read and validate a launcher config against the schema inside the installed `ray`."""
+    """Read and validate a launcher config against the schema inside the installed `ray`: the
+    config as Ray's launcher reads it, its defaults filled in (max_workers 2 where unset)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:
@@ -31,11 +32,12 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
             f"--cluster {path}: expected a mapping, found {type(config).__name__}"
         )
     try:
-        validate_config(prepare_config(copy.deepcopy(config)))
+        prepared: dict[str, Any] = prepare_config(copy.deepcopy(config))
+        validate_config(prepared)
     except Exception as err:  # jsonschema.ValidationError, ValueError: Ray's own messages
         first_line = str(err).splitlines()[0]
         raise ClusterConfigError(f"{path}: not a valid Ray cluster config: {first_line}") from None
-    return dict(config)
+    return prepared
 
 
 def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -43,19 +45,16 @@ def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def max_capacity(config: dict[str, Any]) -> dict[str, float]:
-    """CPU and GPU totals with the head node and every worker type at its max_workers, within
-    the config's cluster-wide max_workers (filled with the GPU-richest types first: the most
-    the job can get), each as Ray's launcher reads it (unset: its defaults)."""
-    from ray.autoscaler._private.util import prepare_config
-
-    config = prepare_config(copy.deepcopy(config))  # Ray's defaults filled in (max_workers 2)
+    """CPU and GPU totals of a config as `load_cluster_config` reads it, with the head node and
+    every worker type at its max_workers, within the config's cluster-wide max_workers (filled
+    with the GPU-richest types first: the most the job can get)."""
     types = node_types(config)
     head = types[config["head_node_type"]]
     totals = {resource: _amount(head, resource) for resource in ("CPU", "GPU")}
-    left = _max_workers(config, "the cluster", float("inf"))
+    left = float(config["max_workers"])  # Ray's schema refuses a negative one
     workers = [(name, node) for name, node in types.items() if node is not head]
     for name, node in sorted(workers, key=lambda w: (-_amount(w[1], "GPU"), -_amount(w[1], "CPU"))):
-        count = min(_max_workers(node, name, 0), left)
+        count = min(_max_workers(node, name), left)
         left -= count
         for resource in totals:
             totals[resource] += count * _amount(node, resource)
@@ -66,8 +65,9 @@ def _amount(node: dict[str, Any], resource: str) -> float:
     return float(node.get("resources", {}).get(resource, 0))
 
 
-def _max_workers(section: dict[str, Any], name: str, default: float) -> float:
-    count = section.get("max_workers", default)
+def _max_workers(node: dict[str, Any], name: str) -> float:
+    """A worker type's max_workers, which Ray's schema lets be negative."""
+    count = node.get("max_workers", 0)
     if count < 0:
         raise ClusterConfigError(f"{name}: max_workers {count}, expected 0 or more")
     return float(count)
