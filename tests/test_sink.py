@@ -129,7 +129,7 @@ def test_a_table_root_that_is_a_file_is_said_to_be_one(tmp_path: Path) -> None:
 
     root = tmp_path / "a-file"
     root.write_text("not a folder")
-    with pytest.raises(StorageError, match=f"^{root}: a file, expected a table's folder$"):
+    with pytest.raises(StorageError, match=f"^{root} is a file, expected a table's folder$"):
         read_manifest(fsspec.filesystem("file"), str(root), "r1")
 
 

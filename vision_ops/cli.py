@@ -96,12 +96,12 @@ def check_storage(spec: JobSpec) -> None:
     """What `run` checks of storage before any work (`validate` too): a table on local disk is
     not a file (an object store is not asked: `validate` may run where it cannot be reached),
     and the hold-out is there."""
-    from vision_ops.storage import filesystem, protocol_of
+    from vision_ops.storage import TABLE_IS_A_FILE, filesystem, protocol_of
 
     if protocol_of(spec.output.uri) == "file":
         fs, path = filesystem(spec.output.uri, spec.storage_options)
         if fs.isfile(path):
-            raise SpecError(f"output.uri: {spec.output.uri} is a file, expected a table's folder")
+            raise SpecError(f"output.uri: {spec.output.uri} {TABLE_IS_A_FILE}")
     check_holdout(spec)
 
 

@@ -33,6 +33,7 @@ from fsspec import AbstractFileSystem
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.storage import (
+    TABLE_IS_A_FILE,
     TEMPORARY_INFIX,
     StorageError,
     is_local,
@@ -92,7 +93,7 @@ def read_manifest(fs: AbstractFileSystem, root: str, run_id: str) -> dict[str, A
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise StorageError(f"{root}: a file, expected a table's folder") from None
+        raise StorageError(f"{root} {TABLE_IS_A_FILE}") from None
 
 
 def manifest_of(data: bytes, path: str) -> dict[str, Any]:

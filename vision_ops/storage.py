@@ -24,6 +24,11 @@ class StorageError(RuntimeError):
     no such bucket). Raised before the commit, so nothing is visible to readers."""
 
 
+# What a table's URI naming a file is told: before a run (`cli.check_storage`) and on reading
+# its manifest (`publish.read_manifest`).
+TABLE_IS_A_FILE = "is a file, expected a table's folder"
+
+
 @contextlib.contextmanager
 def writing_to(uri: str) -> Iterator[None]:
     """Turn the store's OSError (s3fs maps AccessDenied to PermissionError, NoSuchBucket to
