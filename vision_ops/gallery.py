@@ -343,22 +343,21 @@ def mask_layer(detections: list[dict[str, Any]], window: Window | None = None) -
     PNG stretched over the image, or over `window` of it (a tile's, in its scene's pixels),
     at most THUMB px a side; "" where no box has a mask."""
     from PIL import Image
-    from pycocotools import mask as coco_mask
+
+    from vision_ops.rle import window_of
 
     masks = [box["mask"] for box in detections if box.get("mask")]
     if not masks:
         return ""
     height, width = (int(v) for v in masks[0]["size"])
-    x, y = (window.col_off, window.row_off) if window else (0, 0)
-    shown = (
-        (slice(y, y + window.height), slice(x, x + window.width))
-        if window
-        else (slice(None), slice(None))
-    )
-    layer = np.zeros((height, width, 4), np.uint8)[shown]
+    if window is None:
+        window = Window(row_off=0, col_off=0, height=height, width=width)
+    x, y = window.col_off, window.row_off
+    shown = (max(0, min(window.height, height - y)), max(0, min(window.width, width - x)))
+    layer = np.zeros((*shown, 4), np.uint8)  # the window, cut at the image's edge
     for index, rle in enumerate(masks):
-        pixels = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
-        layer[pixels[shown].astype(bool)] = (*_rgb(index, len(masks)), MASK_ALPHA)
+        pixels = window_of(rle, x, y, window.height, window.width).astype(bool)
+        layer[pixels] = (*_rgb(index, len(masks)), MASK_ALPHA)
     image = Image.fromarray(layer).resize(shown_size(*layer.shape[:2]), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
