@@ -303,6 +303,47 @@ def test_ctrl_c_inside_a_commit_is_not_called_nothing_committed(tmp_path: Path) 
     assert_settled(tmp_path, OLD_ROWS)  # which the next run does: the old run, whole
 
 
+def test_a_run_that_cannot_settle_an_interrupted_commit_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next run meets a store error while undoing a crashed commit: it stops before any work
+    (its own commit would write over the journal, the only record of the moved files, and
+    leave them in the partition for good); the run after it settles the commit."""
+    commit(tmp_path, OLD_ROWS)
+
+    def crash_at_the_first_move_in(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and f"/{PARTITION}/" in args[1]:
+            raise KeyboardInterrupt  # the driver gone, its journal left
+
+    with pytest.raises(KeyboardInterrupt):
+        rerun_with(tmp_path, crash_at_the_first_move_in)
+    import vision_ops.sink
+
+    real = vision_ops.sink.filesystem
+
+    def a_store_that_slows_down(n: int, name: str, args: tuple[Any, ...]) -> None:
+        raise Fault("503 SlowDown")
+
+    monkeypatch.setattr(
+        vision_ops.sink,
+        "filesystem",
+        lambda *a: (FaultyFs(real(*a)[0], a_store_that_slows_down), real(*a)[1]),
+    )
+    with pytest.raises(StorageError) as refused:
+        settle(tmp_path)
+    assert str(refused.value) == (
+        f"run r1: an interrupted commit (attempt {journal_attempt(tmp_path)}) could not be "
+        "undone (Fault: 503 SlowDown); nothing was started: run again when the store answers"
+    )
+    assert (tmp_path / JOURNAL / "r1.json").exists()
+    monkeypatch.setattr(vision_ops.sink, "filesystem", real)
+    assert_settled(tmp_path, OLD_ROWS)
+
+
+def journal_attempt(root: Path) -> str:
+    return str(json.loads((root / JOURNAL / "r1.json").read_text())["attempt"])
+
+
 def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Path) -> None:
     """The order every guarantee below rests on."""
     kinds = [

@@ -128,14 +128,16 @@ def publish(
         replace_file(fs, manifest_path(root, plan.run_id), json.dumps(content, indent=2).encode())
     except Exception as err:
         if _committed_attempt(fs, root, plan, err) != plan.attempt:
-            _settle(fs, root, plan, committed=False)
+            _settle_or_leave(fs, root, plan, committed=False)
             raise
-    _settle(fs, root, plan, committed=True)
+    _settle_or_leave(fs, root, plan, committed=True)
 
 
 def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
     """Finish or undo every commit a crash left half done (the manifest says which attempt
-    won); returns the run ids settled. Call it holding the table's run lock."""
+    won); returns the run ids settled. Call it holding the table's run lock. Where one cannot
+    be settled, StorageError: a run must not start (its commit would write over the journal,
+    the only record of the files the interrupted commit moved)."""
     _remove_temporaries(fs, root)
     folder = f"{root}/{JOURNAL}"
     if not fs.exists(folder):
@@ -150,7 +152,14 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
             plan.attempt,
             "finishing" if committed else "undoing",
         )
-        _settle(fs, root, plan, committed)
+        try:
+            _settle(fs, root, plan, committed)
+        except OSError as err:
+            raise StorageError(
+                f"run {plan.run_id}: an interrupted commit (attempt {plan.attempt}) could not "
+                f"be {'finished' if committed else 'undone'} ({type(err).__name__}: {err}); "
+                "nothing was started: run again when the store answers"
+            ) from None
         settled.append(plan.run_id)
     return settled
 
@@ -197,21 +206,26 @@ def _committed_attempt(
 def _settle(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
     """Finish (`committed`: marker, the replaced run's files and the staging removed) or undo
     (the attempt's files moved back to its staging, for a rerun of the run id to resume from)
-    a commit, then drop its journal. Where a step fails, the journal stays for the next run to
-    settle, and a committed run is committed regardless."""
+    a commit, then drop its journal. Where a step fails (OSError), the journal stays, and a
+    committed run is committed regardless."""
     if committed:
         _mark_success(fs, plan)
+        for path in plan.replaces:
+            _remove(fs, path)
+        _remove(fs, plan.staging, recursive=True)
+        emptied = [*plan.replaces, plan.staging]
+    else:
+        _move(fs, [(final, staged) for staged, final in plan.moves], missing_ok=True)
+        emptied = [final for _, final in plan.moves]
+    _remove(fs, journal_path(root, plan.run_id))
+    _prune_empty_folders(fs, root, [*emptied, journal_path(root, "_")])
+
+
+def _settle_or_leave(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
+    """`_settle` the run's own commit; where a step fails, the journal stays for the next run
+    on the table to settle (`resolve_unfinished`) before it starts."""
     try:
-        if committed:
-            for path in plan.replaces:
-                _remove(fs, path)
-            _remove(fs, plan.staging, recursive=True)
-            emptied = [*plan.replaces, plan.staging]
-        else:
-            _move(fs, [(final, staged) for staged, final in plan.moves], missing_ok=True)
-            emptied = [final for _, final in plan.moves]
-        _remove(fs, journal_path(root, plan.run_id))
-        _prune_empty_folders(fs, root, [*emptied, journal_path(root, "_")])
+        _settle(fs, root, plan, committed)
     except OSError as err:
         log.warning(
             "run %s: %s, but cleaning up failed (%s); the next run on this table finishes it",
