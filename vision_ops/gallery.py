@@ -353,11 +353,10 @@ def mask_layer(detections: list[dict[str, Any]], window: Window | None = None) -
     if window is None:
         window = Window(row_off=0, col_off=0, height=height, width=width)
     x, y = window.col_off, window.row_off
-    shown = (max(0, min(window.height, height - y)), max(0, min(window.width, width - x)))
-    layer = np.zeros((*shown, 4), np.uint8)  # the window, cut at the image's edge
-    for index, rle in enumerate(masks):
-        pixels = window_of(rle, x, y, window.height, window.width).astype(bool)
-        layer[pixels] = (*_rgb(index, len(masks)), MASK_ALPHA)
+    shown = [window_of(rle, x, y, window.height, window.width) for rle in masks]
+    layer = np.zeros((*shown[0].shape, 4), np.uint8)  # the window, cut at the image's edge
+    for index, pixels in enumerate(shown):
+        layer[pixels.astype(bool)] = (*_rgb(index, len(masks)), MASK_ALPHA)
     image = Image.fromarray(layer).resize(shown_size(*layer.shape[:2]), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -37,8 +37,10 @@ def window_of(rle: dict[str, Any], x: int, y: int, height: int, width: int) -> n
     flat = np.zeros(columns * mask_height, np.uint8)
     start = 0
     for index, count in enumerate(run_counts(rle["counts"])):
+        if start >= last:  # past the window's columns
+            break
         end = start + count
-        if index % 2 and end > first and start < last:  # odd runs are the mask's 1s
+        if index % 2 and end > first:  # odd runs are the mask's 1s
             flat[max(start, first) - first : min(end, last) - first] = 1
         start = end
     return np.ascontiguousarray(flat.reshape(columns, mask_height).T[y : y + height])
