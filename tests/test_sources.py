@@ -641,6 +641,43 @@ def test_a_bad_manifest_is_refused_up_front(
     assert str(caught.value).startswith(f"manifest {path}: {message}")
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("inputs.txt", "s3://b/a.jpg\nhttps://h/b.jpg?X-Amz-Signature=SECRET\n"),
+        ("inputs.csv", "uri,size\ns3://b/a.jpg,1\nhttps://u:SECRET@h/b.jpg,2\n"),
+    ],
+)
+def test_a_manifest_listing_a_uri_with_credentials_is_refused_masked(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    """A listed URI reaches the table's `source_uri` and every error row: one holding a
+    password or a signed query is refused, as in a spec, and never echoed."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SourceError) as caught:
+        check_manifest(str(path), [])
+    assert "SECRET" not in str(caught.value)
+    assert str(caught.value).startswith(f"manifest {path}: entry 1 (https://")
+    assert "a URI with credentials in it" in str(caught.value)
+
+
+def test_a_uri_with_credentials_past_the_first_rows_is_refused_when_its_block_is_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "inputs.csv"
+    path.write_text("uri,size\n" + "".join(f"s3://b/{i}.jpg,{i}\n" for i in range(100)))
+    read = check_manifest(str(path), [])
+    block = pa.table({"uri": ["s3://b/late.jpg", "https://h/x.jpg?sig=SECRET"], "size": ["1", "2"]})
+    with pytest.raises(SourceError) as caught:
+        read.normalise(block)
+    assert str(caught.value) == (
+        f"manifest {path}: an entry (https://h/x.jpg?***): a URI with credentials in it (a "
+        "password, a token, a signed query); credentials never go in a spec or a command: they "
+        "come from the standard chains (environment, profile, instance role)"
+    )
+
+
 def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_path: Path) -> None:
     path = tmp_path / "inputs.csv"
     path.write_text("uri,size\n" + "".join(f"s3://b/{i}.jpg,{i}\n" for i in range(100)))

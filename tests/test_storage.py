@@ -12,7 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vision_ops.storage import read_parquet, userinfo, without_userinfo
+from vision_ops.storage import (
+    holds_credentials,
+    masked_credentials,
+    masked_url,
+    read_parquet,
+    userinfo,
+    without_userinfo,
+)
 
 READ_AND_EXIT = """
 import sys
@@ -58,7 +65,11 @@ def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) ->
         ("http://user:pw@head:8265", "user:pw", "http://head:8265"),
         ("https://u:p/ss@host/path?q=a@b", "u:p/ss", "https://host/path?q=a@b"),  # / in a password
         ("http://u:p@ss@host", "u:p@ss", "http://host"),  # the last @ before the host
-        ("http://host:9000/a@b", "host:9000/a", "http://b"),  # any @ before the query counts
+        ("http://host:9000/a@b", None, "http://host:9000/a@b"),  # a port, then a key's @
+        ("https://cdn:8443/img/logo@2x.png", None, "https://cdn:8443/img/logo@2x.png"),
+        ("file://C:/data/logo@2x.png", None, "file://C:/data/logo@2x.png"),  # a drive letter
+        ("http://user:1234@host/", "user:1234", "http://host/"),  # digits up to the @: a password
+        ("s3://AKIA:wJal/K7@bucket/k", "AKIA:wJal/K7", "s3://bucket/k"),
         ("http://host:9000/path?user=a@b", None, "http://host:9000/path?user=a@b"),
         ("s3://bucket/key", None, "s3://bucket/key"),
         ("not a url @ all", None, "not a url @ all"),
@@ -69,3 +80,34 @@ def test_a_urls_user_and_password_are_found_wherever_they_hide(
 ) -> None:
     assert userinfo(url) == found
     assert without_userinfo(url) == without
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("http://minio:9000/b/alice@x.com/a.png", None),  # a key with an @, behind a port
+        ("abfs://container@account.dfs.core.windows.net/x", None),  # a container, not a user
+        ("https://h/w.pt#part?sig=1", None),  # a ? inside the fragment is no query
+        ("https://h/w.pt?X%2DAmz%2DSignature=SECRET", "https://h/w.pt?***"),  # read decoded
+        ("https://h/w.pt?a=1&Sig=SECRET#top", "https://h/w.pt?***"),
+        ("https://u:SECRET@h/w.pt", "https://***@h/w.pt"),
+        ("gs://AK:SECRET@b/w.pt?X-Goog-Signature=SECRET", "gs://***@b/w.pt?***"),
+    ],
+)
+def test_a_urls_credentials_are_told_from_keys_that_look_like_them(
+    url: str, masked: str | None
+) -> None:
+    assert holds_credentials(url) is (masked is not None)
+    assert masked_url(url) == (masked or url)
+
+
+def test_every_url_in_an_error_has_its_credentials_masked() -> None:
+    text = (
+        "cannot read https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=AK&X-Amz-Signature=SECRET"
+        " (403); tried 's3://AK:SECRET@b/w.pt' and HTTPS://SECRET@h/x, kept"
+        " http://minio:9000/b/alice@x.com/a.png"
+    )
+    assert masked_credentials(text) == (
+        "cannot read https://b.s3.amazonaws.com/w.pt?*** (403); tried 's3://***@b/w.pt' and"
+        " HTTPS://***@h/x, kept http://minio:9000/b/alice@x.com/a.png"
+    )

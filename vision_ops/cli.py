@@ -40,7 +40,7 @@ from vision_ops.storage import (
     CREDENTIALS_IN_URI,
     StorageOptions,
     holds_credentials,
-    masked_userinfo,
+    masked_credentials,
 )
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOption
 
 
 def _fail(err: Exception, code: int) -> int:
-    print(f"error: {masked_userinfo(str(err))}", file=sys.stderr)
+    print(f"error: {masked_credentials(str(err))}", file=sys.stderr)
     return code
 
 

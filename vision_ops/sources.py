@@ -33,9 +33,12 @@ from vision_ops.inventory import (
     read_report,
 )
 from vision_ops.storage import (
+    CREDENTIALS_IN_URI,
     StorageOptions,
     canonical_uri,
     filesystem,
+    holds_credentials,
+    masked_url,
     protocol_of,
     read_bytes,
     read_parquet,
@@ -566,6 +569,7 @@ def _manifest_row(
 ) -> dict[str, Any]:
     fields = {str(name).lower(): value for name, value in record.items()}
     uri = _first(fields, URI_COLUMNS)
+    _refuse_credentials(manifest, entry, [] if uri is None else [str(uri)])
     if uri is None and fields.get("bucket") and fields.get("key"):
         uri = f"s3://{fields['bucket']}/{fields['key']}"
     if not uri:
@@ -581,6 +585,17 @@ def _manifest_row(
         }
     except ValueError as err:
         raise SourceError(f"manifest {manifest}: {entry} ({uri}): {err}") from None
+
+
+def _refuse_credentials(manifest: str, entry: str, uris: Iterable[str | None]) -> None:
+    """SourceError where a listed URI holds credentials (`storage.holds_credentials`): it would
+    reach the table's `source_uri`, logs and error rows, as a spec's would. The message shows it
+    masked."""
+    for uri in uris:
+        if uri is not None and ("@" in uri or "?" in uri) and holds_credentials(uri):
+            raise SourceError(
+                f"manifest {manifest}: {entry} ({masked_url(uri)}): {CREDENTIALS_IN_URI}"
+            )
 
 
 def _uri_columns(fields: Iterable[str]) -> str:
@@ -670,6 +685,8 @@ class ManifestRead:
     def _columns(self, block: pa.Table) -> pa.Table:
         fields = self._fields(block)
         uri = _coalesce([_text(fields[name]) for name in URI_COLUMNS if name in fields])
+        if uri is not None:
+            _refuse_credentials(self.uri, "an entry", uri.to_pylist())
         if "bucket" in fields and "key" in fields:
             joined = pc.binary_join_element_wise(
                 "s3:/", _text(fields["bucket"]), _text(fields["key"]), "/"
@@ -710,6 +727,7 @@ class ManifestRead:
     def _lines(self, block: pa.Table) -> pa.Table:
         lines = pc.utf8_trim_whitespace(pc.utf8_ltrim(block["text"], "\ufeff"))
         lines = lines.filter(pc.invert(pc.or_(pc.equal(lines, ""), pc.starts_with(lines, "#"))))
+        _refuse_credentials(self.uri, "an entry", lines.to_pylist())
         uris = [_canonical_manifest_uri(line, self.cwd) for line in lines.to_pylist()]
         rows = len(uris)
         return pa.table(

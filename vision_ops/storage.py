@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import fsspec
 import pyarrow as pa
@@ -66,13 +67,16 @@ SIGNED_QUERY_KEYS = CREDENTIAL_KEYS | {
 def _userinfo_pattern(ends: str) -> re.Pattern[str]:
     """A URL's scheme and its user and password: a user (no / : @ in it), then optionally a
     password up to the last @ before the query, fragment or any of `ends` (a password with an
-    unescaped / ends the host early for urlsplit, not here); `s3://cams/frame@2x.png` names a
-    key, not a user."""
-    return re.compile(rf"([A-Za-z][\w+.-]*)://([^/?#@:{ends}]*(?::[^?#{ends}]*)?)@")
+    unescaped / ends the host early for urlsplit, not here). What follows the first colon is a
+    port, not a password, where it is digits up to a / or the end (`http://minio:9000/b/a@x.png`
+    names a key), and so is nothing before a / (`file://C:/logo@2x.png`); `s3://cams/f@2x.png`
+    names a key, not a user."""
+    password = rf"(?::(?!\d*(?:/|$))[^?#{ends}]*)?"
+    return re.compile(rf"([A-Za-z][\w+.-]*)://([^/?#@:{ends}]*{password})@")
 
 
 _USERINFO = _userinfo_pattern("")  # a whole URL, matched at its start
-_USERINFO_IN_TEXT = _userinfo_pattern("\\s'\"")  # a URL inside free text (an error's message)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"]+")  # a URL inside free text
 
 
 def _is_credential(protocol: str, found: str) -> bool:
@@ -99,22 +103,27 @@ CREDENTIALS_IN_URI = (
 def holds_credentials(url: str) -> bool:
     """Whether a URL holds a credential in its user part (`_is_credential`) or a signed query
     (`?X-Amz-Signature=`, an Azure SAS `sig=`)."""
+    return _credential_userinfo(url) is not None or _signed(url)
+
+
+def _credential_userinfo(url: str) -> str | None:
+    """The URL's user part where it is a credential (`_is_credential`), else None."""
     found = userinfo(url)
-    if found is not None and _is_credential(protocol_of(url), found):
-        return True
-    return _signed(url)
+    return found if found is not None and _is_credential(protocol_of(url), found) else None
 
 
 def _signed(url: str) -> bool:
-    """Whether the URL's query holds a signature, a credential or a token."""
-    query = url.partition("?")[2].partition("#")[0]
-    keys = {pair.partition("=")[0].lower() for pair in query.split("&") if pair}
+    """Whether the URL's query (before any fragment) holds a signature, a credential or a
+    token; a key is read percent-decoded, as the server reads it (`X%2DAmz%2DSignature`)."""
+    query = url.partition("#")[0].partition("?")[2]
+    keys = {key.lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
     return bool(keys & SIGNED_QUERY_KEYS)
 
 
 def masked_url(url: str) -> str:
-    """`url` with its user and password, and a signed query, shown as ***."""
-    found = userinfo(url)
+    """`url` with its credentials shown as ***: a user part that is one (`_is_credential`), and
+    the whole of a signed query."""
+    found = _credential_userinfo(url)
     if found is not None:
         url = url.replace(f"{found}@", "***@", 1)
     return f"{url.partition('?')[0]}?***" if _signed(url) else url
@@ -126,15 +135,11 @@ def without_userinfo(url: str) -> str:
     return url.replace(f"{found}@", "", 1) if found else url
 
 
-def masked_userinfo(text: str) -> str:
-    """`text` with the credentials of any URL in it (`_is_credential`) shown as ***: an error
-    message quoting a URL (a store's, RAY_ADDRESS) must not carry them to a terminal or a log."""
-
-    def masked(found: re.Match[str]) -> str:
-        protocol, info = found.group(1), found.group(2)
-        return f"{protocol}://***@" if _is_credential(protocol, info) else found.group(0)
-
-    return _USERINFO_IN_TEXT.sub(masked, text)
+def masked_credentials(text: str) -> str:
+    """`text` with the credentials of every URL in it (`masked_url`) shown as ***: an error
+    message quoting a URL (a store's, RAY_ADDRESS, a signed link) must not carry them to a
+    terminal or a log."""
+    return _URL_IN_TEXT.sub(lambda found: masked_url(found.group(0)), text)
 
 
 def protocol_of(uri: str) -> str:
