@@ -115,6 +115,13 @@ def test_a_table_uri_with_credentials_is_refused_without_echo(command: str, caps
     )
 
 
+def test_a_truth_uri_with_credentials_is_refused_without_echo(tmp_path, capsys) -> None:
+    truth = "https://h/labels.csv?X-Amz-Signature=SECRETX"
+    assert main(["evaluate", str(tmp_path / "t"), "--truth", truth]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert err.startswith("error: --truth: a URI with credentials in it") and "SECRETX" not in err
+
+
 def test_an_error_quoting_a_url_masks_its_user_and_password(capsys) -> None:
     """The last guard, whatever raised: a store's error or RAY_ADDRESS quoting a URL."""
     from vision_ops.cli import _fail

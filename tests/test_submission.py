@@ -45,13 +45,35 @@ def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
         passed_env(["VISION_OPS_UNSET"])
     monkeypatch.setenv("VISION_OPS_UNSET", "1")
     assert passed_env(["VISION_OPS_UNSET"]) == {"AWS_REGION": "eu-west-1", "VISION_OPS_UNSET": "1"}
-    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS", "HTTP_AUTH", "DB_PASS"):
+    for name in (
+        "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS", "HTTP_AUTH", "DB_PASS",
+        "GITHUB_TOKEN", "OPENAI_APIKEY", "hf-token", "PG_PASSWORD", "GOOGLE_CREDENTIALS",
+        "DB_CONN_STR", "AWS_SESSION_TOKEN", "DB_PWD", "GITHUB_PAT", "SENTRY_DSN",
+    ):  # fmt: skip
         monkeypatch.setenv(name, "AccountKey=never-shipped")
         with pytest.raises(SubmissionError, match=f"^--env {name}: looks like a credential"):
             passed_env([name])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:never-shipped@mlflow.example")
-    with pytest.raises(SubmissionError, match=r"^--env MLFLOW_TRACKING_URI: a URL with a user"):
+    with pytest.raises(SubmissionError, match=r"^--env MLFLOW_TRACKING_URI: a URL with cred"):
         passed_env(["MLFLOW_TRACKING_URI"])
+
+
+def test_names_that_only_contain_a_credentials_letters_are_shipped(monkeypatch) -> None:
+    names = ["BYPASS_CACHE", "AUTHOR", "DB_CONNECTION_TIMEOUT", "PASSENGER_MODEL", "KEYFRAMES"]
+    for name in names:
+        monkeypatch.setenv(name, "1")
+    assert passed_env(names) == dict.fromkeys(names, "1")
+
+
+def test_a_passed_variable_holding_credentials_is_refused_not_shipped(monkeypatch) -> None:
+    """AWS_ENDPOINT_URL travels by default: with a password in it, the job is not sent."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:never-shipped@minio:9000")
+    with pytest.raises(SubmissionError) as caught:
+        passed_env([])
+    assert str(caught.value).startswith("AWS_ENDPOINT_URL: a URL with credentials in it")
+    assert "never-shipped" not in str(caught.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    assert passed_env([]) == {"AWS_ENDPOINT_URL": "http://minio:9000"}
 
 
 @pytest.fixture(scope="module")

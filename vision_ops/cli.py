@@ -132,11 +132,17 @@ def output_of(args: argparse.Namespace) -> tuple[str | OutputSpec, StorageOption
     """The table a command reads: TARGET itself (a Parquet table root), or the output of the
     spec TARGET names (any format: an Iceberg table is found through its spec's catalog)."""
     if not args.target.endswith((".yaml", ".yml")):
-        if holds_credentials(args.target):
-            raise SpecError(f"TARGET: {CREDENTIALS_IN_URI}")
-        return args.target, {}
+        return without_credentials("TARGET", args.target), {}
     spec = load_spec(args.target, args.set or [])
     return spec.output, spec.storage_options
+
+
+def without_credentials(name: str, uri: str) -> str:
+    """`uri`, a command's argument `name`; SpecError where it holds credentials (they would
+    reach the shell's history, logs and the tables it writes)."""
+    if holds_credentials(uri):
+        raise SpecError(f"{name}: {CREDENTIALS_IN_URI}")
+    return uri
 
 
 def _fail(err: Exception, code: int) -> int:
@@ -611,9 +617,10 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         table, options = output_of(args)
         section = _evaluate_section(args)
+        truth = without_credentials("--truth", args.truth) if args.truth else None
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
-    truth = args.truth or (section.truth if section else None)
+    truth = truth or (section.truth if section else None)
     truth_format = args.truth_format or (section.truth_format if section else None)
     if truth is None and truth_format != "imagefolder":
         message = "evaluate needs --truth (all but --truth-format imagefolder) or a spec's evaluate"

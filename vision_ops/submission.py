@@ -24,9 +24,16 @@ from vision_ops.storage import holds_credentials, userinfo
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
 PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
-SECRET_NAME = re.compile(
-    r"KEY|SECRET|TOKEN|PASS|CREDENTIAL|AUTH|CONNECTION|SAS|SIGNATURE", re.IGNORECASE
+# An environment variable's name says it holds a credential where a word of it (split at _ -
+# .) is one of SECRET_WORDS or ends in one of SECRET_ENDINGS (APIKEY, GITHUB_TOKEN), or it
+# names a connection string; BYPASS_CACHE, AUTHOR, DB_CONNECTION_TIMEOUT do not.
+SECRET_WORDS = frozenset(
+    {"AUTH", "AUTHORIZATION", "SAS", "PASS", "PWD", "PAT", "DSN", "CREDS", "CONNSTR"}
 )
+SECRET_ENDINGS = (
+    "KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS",
+    "SIGNATURE", "OAUTH",
+)  # fmt: skip
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "job.yaml"
 AGENT_WAIT_S = 300  # how long a fresh head may take to start the agent that runs jobs
@@ -66,10 +73,22 @@ def client(address: str | None) -> Any:
         raise SubmissionError(masked(message, address)) from None
 
 
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential (SECRET_WORDS)."""
+    words = re.split(r"[^A-Z0-9]+", name.upper())
+    joined = "_".join(words)
+    return (
+        "CONNECTION_STRING" in joined
+        or "CONN_STR" in joined
+        or any(word in SECRET_WORDS or word.endswith(SECRET_ENDINGS) for word in words)
+    )
+
+
 def passed_env(extra: list[str]) -> dict[str, str]:
-    """The environment variables to ship; a secret-looking name is refused, not shipped."""
+    """The environment variables to ship; a secret-looking name is refused, not shipped, and so
+    is a value holding credentials (AWS_ENDPOINT_URL with a password in it)."""
     names = [*PASSED_ENV, *extra]
-    secret = [name for name in extra if SECRET_NAME.search(name)]
+    secret = [name for name in extra if looks_secret(name)]
     if secret:
         raise SubmissionError(
             f"--env {secret[0]}: looks like a credential; nodes use their own credential chain"
@@ -77,11 +96,12 @@ def passed_env(extra: list[str]) -> dict[str, str]:
     unset = [name for name in extra if name not in os.environ]
     if unset:
         raise SubmissionError(f"--env {unset[0]}: not set here, so there is nothing to ship")
-    secret = [name for name in extra if holds_credentials(os.environ[name])]
+    secret = [name for name in names if holds_credentials(os.environ.get(name, ""))]
     if secret:
+        shown = f"--env {secret[0]}" if secret[0] in extra else secret[0]
         raise SubmissionError(
-            f"--env {secret[0]}: a URL with a user or password in it; nodes use their own "
-            "credential chain"
+            f"{shown}: a URL with credentials in it (a user or password, a signed query), which "
+            "the job would carry to every node; nodes use their own credential chain"
         )
     return {name: os.environ[name] for name in names if name in os.environ}
 
