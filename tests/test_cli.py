@@ -122,6 +122,32 @@ def test_a_truth_uri_with_credentials_is_refused_without_echo(tmp_path, capsys) 
     assert err.startswith("error: --truth: a URI with credentials in it") and "SECRETX" not in err
 
 
+def test_the_log_level_comes_from_the_environment(tmp_path, monkeypatch, capsys, caplog) -> None:
+    """VISION_OPS_LOG_LEVEL (which `submit` ships to the job): DEBUG also logs an unexpected
+    error's traceback; a level that is none is refused before any work."""
+    import logging
+
+    import vision_ops.outputs
+
+    def broken(*_: object) -> None:
+        raise KeyError("files")
+
+    monkeypatch.setattr(vision_ops.outputs, "verify_run", broken)
+    root = logging.getLogger()
+    monkeypatch.setenv("VISION_OPS_LOG_LEVEL", "debug")
+    with caplog.at_level(logging.NOTSET):
+        assert main(["verify", str(tmp_path)]) == EXIT_FAILED
+        assert root.level == logging.DEBUG
+    assert capsys.readouterr().err == "error: KeyError: 'files'\n"
+    (failed,) = [r for r in caplog.records if r.message == "verify failed"]
+    assert failed.levelno == logging.DEBUG and failed.exc_info[0] is KeyError
+    monkeypatch.setenv("VISION_OPS_LOG_LEVEL", "LOUD")
+    assert main(["verify", str(tmp_path)]) == EXIT_BAD_SPEC
+    assert capsys.readouterr().err == (
+        "error: VISION_OPS_LOG_LEVEL: expected one of DEBUG, INFO, WARNING, ERROR, found 'LOUD'\n"
+    )
+
+
 def test_an_error_quoting_a_url_masks_its_user_and_password(capsys) -> None:
     """The last guard, whatever raised: a store's error or RAY_ADDRESS quoting a URL."""
     from vision_ops.cli import _fail

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 K8S = Path(__file__).parents[1] / "jobs" / "k8s"
@@ -56,6 +58,30 @@ def test_crontab_example_backfills_logical_dates() -> None:
     assert fields[:5] == ["30", "2", "*", "*", "*"]
     assert "vision-ops backfill jobs/classify.yaml --from" in fields[5]
     assert r"+\%F" in fields[5]  # % escaped for cron
-    assert (
-        "&& RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml --check >>" in fields[5]
-    )
+    assert "&& RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml --check;" in line
+
+
+@pytest.mark.parametrize("failing", ["backfill", "report"])
+def test_the_crontab_line_logs_both_commands_output_and_a_failure(
+    tmp_path: Path, failing: str
+) -> None:
+    """The line as cron runs it (sh, `\\%` unescaped), with a vision-ops that says what it was
+    asked and fails at `failing`: everything either command printed is in the log, and the
+    line exits as the failed command did."""
+    (line,) = [
+        text
+        for text in (K8S / "crontab.example").read_text().splitlines()
+        if text and not text.startswith("#")
+    ]
+    log = tmp_path / "nightly.log"
+    command = line.split(maxsplit=5)[5].replace("\\%", "%")
+    command = command.replace("/srv/vision-ops", str(tmp_path))
+    command = command.replace("/var/log/vision-ops-nightly.log", str(log))
+    tool = tmp_path / ".venv" / "bin" / "vision-ops"
+    tool.parent.mkdir(parents=True)
+    tool.write_text(f'#!/bin/sh\necho "$1 said" >&2\n[ "$1" != {failing} ] || exit 5\n')
+    tool.chmod(0o755)
+    ran = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (5, "", "")
+    said = ["backfill said", "report said"]
+    assert log.read_text().splitlines() == said[: said.index(f"{failing} said") + 1]

@@ -60,11 +60,18 @@ __all__ = [
 log = logging.getLogger("vision_ops")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_VARIABLE = "VISION_OPS_LOG_LEVEL"  # DEBUG also logs an unexpected error's traceback
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = os.environ.get(LOG_LEVEL_VARIABLE, "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        message = f"{LOG_LEVEL_VARIABLE}: expected one of {', '.join(LOG_LEVELS)}, found {level!r}"
+        return _fail(ValueError(message), EXIT_BAD_SPEC)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
