@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +23,7 @@ from process_session import kill_session
 from ray_temp_root import short_temp_dir
 
 from vision_ops.devstack import free_ports
+from vision_ops.errors import EXIT_BAD_SPEC, EXIT_FAILED
 from vision_ops.submission import SubmissionError, masked, passed_env
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
@@ -232,6 +234,55 @@ def test_submit_leaves_the_clusters_files_to_the_cluster(job_spec, tmp_path) -> 
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert sent.returncode == 1 and "error:" in sent.stderr and address in sent.stderr
     assert cluster_only not in sent.stderr
+
+
+def test_submit_wait_exits_as_the_job_did_and_says_when_it_stopped_waiting(
+    ray_head, job_spec
+) -> None:
+    """A job whose run exits 2 (its weights are not there): `--wait` exits 2 too, for a
+    schedule to tell a bad spec from a broken run; past `--timeout` it says the job is still
+    going, and leaves it."""
+    address, env = ray_head
+    missing = ["--set", "model.weights=/not-on-the-cluster/w.pt", "--address", address]
+    args = [*CLI, "submit", str(job_spec), *missing, "--wait", "--run-id", "bad-weights"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_BAD_SPEC, done.stdout + done.stderr[-3000:]
+    job_id = done.stdout.split()[1]
+    assert f"{job_id}: FAILED" in done.stdout
+    assert "model.weights: /not-on-the-cluster/w.pt not found" in done.stderr
+    args = [*CLI, "submit", str(job_spec), *missing, "--wait", "--timeout", "0"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    job_id = done.stdout.split()[1]
+    assert done.returncode == EXIT_FAILED
+    assert re.search(
+        rf"^error: --timeout 0s passed and job {job_id} is still (PENDING|RUNNING): it was not "
+        rf"stopped \(`vision-ops stop {job_id}` stops it\)$",
+        done.stderr,
+        re.MULTILINE,
+    ), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "path"),
+    [
+        ("output.uri=preds", "output.uri", "preds"),
+        ("input.uris=[./photos]", "input.uris[0]", "./photos"),
+        ("model.labels=labels.txt", "model.labels", "labels.txt"),
+        ("evaluate={truth: holdout.csv, min: {accuracy: 0.5}}", "evaluate.truth", "holdout.csv"),
+    ],
+)
+def test_submit_refuses_a_relative_path_before_reaching_the_cluster(
+    job_spec, tmp_path, override: str, field: str, path: str
+) -> None:
+    """On the cluster a relative path names the job's temporary working folder: a table
+    written there is deleted with it. Refused here (exit 2), the cluster never asked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": str(tmp_path)
+    }
+    args = [*CLI, "submit", str(job_spec), "--set", override, "--address", "http://127.0.0.1:1"]
+    sent = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert (sent.returncode, sent.stdout) == (EXIT_BAD_SPEC, "")
+    assert sent.stderr.startswith(f"error: {field}: {path!r} is a relative path, which the ")
 
 
 def test_stop_ends_a_submitted_job(ray_head, job_spec) -> None:

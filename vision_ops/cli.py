@@ -93,10 +93,12 @@ def check_here(spec: JobSpec) -> None:
 
 def check_for_a_cluster(spec: JobSpec) -> None:
     """What `submit` can check here: the model, not its files or the hold-out (they are in the
-    cluster's storage, which this machine may not reach)."""
+    cluster's storage, which this machine may not reach); no file named by a relative path."""
     from vision_ops.models import check_job
+    from vision_ops.submission import refuse_relative_paths
 
     check_job(spec, files=False)
+    refuse_relative_paths(spec)
 
 
 def check_storage(spec: JobSpec) -> None:
@@ -488,9 +490,15 @@ def submit(spec: JobSpec, args: argparse.Namespace) -> int:
     print(f"{job.job_id}: {state}")
     if state == "SUCCEEDED":
         return EXIT_OK
+    if state not in submission.TERMINAL:
+        message = (
+            f"--timeout {args.timeout:g}s passed and job {job.job_id} is still {state}: it was "
+            f"not stopped (`vision-ops stop {job.job_id}` stops it)"
+        )
+        return _fail(RuntimeError(message), EXIT_FAILED)
     tail = submission.logs(args.address, job.job_id).splitlines()[-40:]
     print("\n".join(["last lines of the job's log:", *tail]), file=sys.stderr)
-    return EXIT_FAILED
+    return submission.exit_code(args.address, job.job_id)
 
 
 def job_command(args: argparse.Namespace) -> int:
@@ -926,7 +934,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
     sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
     sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")
-    sub.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits")
+    sub.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600,
+        help="seconds --wait waits; past them it exits 1, leaving the job running",
+    )
     sub.set_defaults(handler=_with_spec(submit, check=check_for_a_cluster))
     for name, text in [("status", "a job's state"), ("logs", "a job's logs"), ("stop", "stop it")]:
         sub = commands.add_parser(name, help=text)

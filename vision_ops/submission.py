@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 import vision_ops
-from vision_ops.config import JobSpec
+from vision_ops.config import JobSpec, SpecError
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
 from vision_ops.storage import holds_credentials, userinfo
 
@@ -56,6 +57,38 @@ def masked(text: str, address: str | None) -> str:
     has them, masked: they must not reach a terminal or a log."""
     found = userinfo(address or "")
     return text.replace(f"{found}@", "***@") if found else text
+
+
+def refuse_relative_paths(spec: JobSpec) -> None:
+    """SpecError naming the first file or folder the spec names by a relative path: on the
+    cluster it would be read in (or, the table, written to) the job's temporary working folder,
+    which holds only the spec and is deleted after the job."""
+    for field, uri in _named_locations(spec):
+        if "://" not in uri and not os.path.isabs(uri):
+            raise SpecError(
+                f"{field}: {uri!r} is a relative path, which the cluster would read as a path in "
+                "the job's temporary working folder; expected a store's URI (s3://, gs://, ...) "
+                "or an absolute path that every node mounts"
+            )
+
+
+def _named_locations(spec: JobSpec) -> Iterator[tuple[str, str]]:
+    """Each file or folder the spec names, with its field: inputs, the table, the model's
+    files (not a weights enum or a built-in label set) and the hold-out."""
+    from vision_ops.models import BUILTIN_LABELS, MODEL_FILE_FIELDS, is_weights_enum_name
+
+    yield from ((f"input.uris[{index}]", uri) for index, uri in enumerate(spec.input.uris))
+    if spec.input.manifest:
+        yield "input.manifest", spec.input.manifest
+    yield "output.uri", spec.output.uri
+    for field in MODEL_FILE_FIELDS:
+        uri = getattr(spec.model, field, None)
+        if uri and not (field == "weights" and is_weights_enum_name(uri)):
+            yield f"model.{field}", uri
+    if spec.model.labels and spec.model.labels not in BUILTIN_LABELS:
+        yield "model.labels", spec.model.labels
+    if spec.evaluate is not None and spec.evaluate.truth:
+        yield "evaluate.truth", spec.evaluate.truth
 
 
 def client(address: str | None) -> Any:
@@ -158,6 +191,14 @@ def logs(address: str, job_id: str) -> str:
 
 def stop(address: str, job_id: str) -> bool:
     return bool(client(address).stop_job(job_id))
+
+
+def exit_code(address: str, job_id: str) -> int:
+    """The exit code of an ended job's `vision-ops run` (errors.EXIT_*: 2 a bad spec, 4 too
+    many error rows ...), as Ray recorded it; EXIT_FAILED where it recorded none (a job
+    stopped, or its driver lost)."""
+    code = client(address).get_job_info(job_id).driver_exit_code
+    return code if isinstance(code, int) and code > 0 else EXIT_FAILED
 
 
 def wait(address: str, job_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
