@@ -34,6 +34,19 @@ def test_rayjob_runs_a_spec_on_an_autoscaling_cluster() -> None:
     assert "aws_secret" not in text and "secretkeyref" in text  # the Ray token, from a Secret
 
 
+@pytest.mark.parametrize("manifest", ["rayjob.yaml", "raycronjob.yaml"])
+def test_the_submitter_can_reach_a_loopback_only_jobs_api(manifest: str) -> None:
+    """The head's dashboard (the Jobs API) listens on 127.0.0.1 only: KubeRay's default
+    submitter, a pod of its own, could not reach it. SidecarMode submits from the head's pod,
+    which must then never restart."""
+    document = yaml.safe_load((K8S / manifest).read_text())["spec"]
+    job = document.get("jobTemplate", document)
+    head = job["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert job["submissionMode"] == "SidecarMode"
+    assert head["template"]["spec"]["restartPolicy"] == "Never"
+
+
 def test_raycronjob_backfills_logical_dates() -> None:
     cron = yaml.safe_load((K8S / "raycronjob.yaml").read_text())
     assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
