@@ -148,6 +148,32 @@ def test_the_log_level_comes_from_the_environment(tmp_path, monkeypatch, capsys,
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["backfill", "s.yaml", "--from", "2026-13-01", "--to", "2026-12-01"],
+            "argument --from: expected a date as YYYY-MM-DD, found '2026-13-01': month must be "
+            "in 1..12",
+        ),
+        (
+            ["run", "s.yaml", "--run-date", "2026-W49-1"],
+            "argument --run-date: expected a date as YYYY-MM-DD, found '2026-W49-1'",
+        ),
+        (
+            ["query", "t", "--as-of", "yesterday"],
+            "argument --as-of: expected an ISO 8601 date or time (2026-12-01, "
+            "2026-12-01T02:30:00Z), found 'yesterday'",
+        ),
+    ],
+)
+def test_a_bad_date_option_says_what_was_expected(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == EXIT_BAD_SPEC
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
 def test_an_error_quoting_a_url_masks_its_user_and_password(capsys) -> None:
     """The last guard, whatever raised: a store's error or RAY_ADDRESS quoting a URL."""
     from vision_ops.cli import _fail

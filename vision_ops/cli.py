@@ -728,9 +728,25 @@ def _run_id(text: str) -> str:
     return text
 
 
+def _date(text: str) -> dt.date:
+    """A calendar date, YYYY-MM-DD (a run's logical date; argparse names the option)."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, found {text!r}")
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as err:
+        message = f"expected a date as YYYY-MM-DD, found {text!r}: {err}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def _utc_time(text: str) -> dt.datetime:
     """An ISO 8601 date or time; UTC where it names no offset."""
-    moment = dt.datetime.fromisoformat(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 date or time (2026-12-01, 2026-12-01T02:30:00Z), found {text!r}"
+        ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 
@@ -753,9 +769,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("run", help="run a job spec and commit its predictions")
     _spec_arguments(sub)
     sub.add_argument("--run-id", type=_run_id, help="run id (default: run date + spec hash)")
-    sub.add_argument(
-        "--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD (default: today UTC)"
-    )
+    sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD (default: today UTC)")
     sub.add_argument(
         "--max-error-ratio",
         type=_share,
@@ -772,15 +786,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("validate", help="check a job spec without running it")
     _spec_arguments(sub)
     sub.add_argument("--run-id", type=_run_id, help="run id to check")
-    sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
+    sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD")
     sub.add_argument("--list-inputs", action="store_true", help="also list and count the inputs")
     sub.add_argument("--cluster", help="a cluster.yaml: validate it and size the pool on it")
     sub.set_defaults(handler=_with_spec(validate))
 
     sub = commands.add_parser("backfill", help="run each date of a range not yet committed")
     _spec_arguments(sub)
-    sub.add_argument("--from", dest="start", type=dt.date.fromisoformat, required=True)
-    sub.add_argument("--to", dest="end", type=dt.date.fromisoformat, required=True)
+    sub.add_argument("--from", dest="start", type=_date, required=True)
+    sub.add_argument("--to", dest="end", type=_date, required=True)
     sub.add_argument("--max-error-ratio", type=_share, default=1.0)
     sub.set_defaults(handler=_with_spec(backfill))
 
@@ -859,9 +873,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--trend", action="store_true", help="every committed run's figures, by run date"
     )
-    sub.add_argument(
-        "--since", type=dt.date.fromisoformat, help="with --trend: runs from this date (YYYY-MM-DD)"
-    )
+    sub.add_argument("--since", type=_date, help="with --trend: runs from this date (YYYY-MM-DD)")
     sub.add_argument(
         "--check",
         action="store_true",
@@ -931,7 +943,7 @@ def _parser() -> argparse.ArgumentParser:
     _spec_arguments(sub)
     sub.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
     sub.add_argument("--run-id", type=_run_id, help="run id (default: run date + spec hash)")
-    sub.add_argument("--run-date", type=dt.date.fromisoformat, help="YYYY-MM-DD")
+    sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD")
     sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
     sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")
     sub.add_argument(
