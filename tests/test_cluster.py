@@ -76,6 +76,19 @@ def test_max_workers_unset_or_negative_is_read_as_rays_launcher_reads_it(config,
         max_capacity(load_cluster_config(write(tmp_path, negative)))
 
 
+def test_workers_of_the_heads_own_type_count(config, tmp_path) -> None:
+    """A one-type cluster: Ray launches up to the head type's max_workers beside the head (it
+    was read as the head alone, too small for any pool)."""
+    one_type = copy.deepcopy(config) | {"max_workers": 5}
+    gpu_node = one_type["available_node_types"]["gpu_worker"] | {"max_workers": 3}
+    one_type["available_node_types"] = {"gpu_node": gpu_node}
+    one_type["head_node_type"] = "gpu_node"
+    assert max_capacity(load_cluster_config(write(tmp_path, one_type))) == {
+        "CPU": 8 + 3 * 8,
+        "GPU": 1 + 3,
+    }
+
+
 def test_no_credentials_in_the_file() -> None:
     text = CLUSTER.read_text().lower()
     for word in ("aws_secret", "aws_access_key", "akia", "secret_access"):

@@ -46,14 +46,15 @@ def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def max_capacity(config: dict[str, Any]) -> dict[str, float]:
     """CPU and GPU totals of a config as `load_cluster_config` reads it, with the head node and
-    every worker type at its max_workers, within the config's cluster-wide max_workers (filled
-    with the GPU-richest types first: the most the job can get)."""
+    every node type's workers at its max_workers (the head's type too: Ray launches workers of
+    it beside the head), within the config's cluster-wide max_workers (filled with the
+    GPU-richest types first: the most the job can get)."""
     types = node_types(config)
     head = types[config["head_node_type"]]
     totals = {resource: _amount(head, resource) for resource in ("CPU", "GPU")}
     left = float(config["max_workers"])  # Ray's schema refuses a negative one
-    workers = [(name, node) for name, node in types.items() if node is not head]
-    for name, node in sorted(workers, key=lambda w: (-_amount(w[1], "GPU"), -_amount(w[1], "CPU"))):
+    workers = sorted(types.items(), key=lambda w: (-_amount(w[1], "GPU"), -_amount(w[1], "CPU")))
+    for name, node in workers:
         count = min(_max_workers(node, name), left)
         left -= count
         for resource in totals:
