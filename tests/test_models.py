@@ -283,6 +283,55 @@ def test_a_keyword_the_architecture_does_not_take_is_refused_before_any_work() -
     check_model(segmenter.model, "segmentation")
 
 
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            {"architecture": "resnet18", "weights": "DEFAULT", "kwargs": {"num_classes": 10}},
+            "model.kwargs: The parameter 'num_classes' expected value 1000 but got 10 instead.",
+        ),
+        (
+            {"architecture": "vit_b_16", "weights": "IMAGENET1K_V1", "kwargs": {"image_size": 384}},
+            "model.kwargs: The parameter 'image_size' expected value 224 but got 384 instead.",
+        ),
+        (
+            {"architecture": "vit_b_16", "kwargs": {"image_size": 100}},
+            "model.kwargs: Input shape indivisible by patch size!",
+        ),
+    ],
+)
+def test_keywords_the_weights_or_the_architecture_refuse_fail_before_any_work(
+    model: dict, message: str
+) -> None:
+    """torchvision refuses them as it builds (ValueError, AssertionError): checked on the meta
+    device, going as far as fetching the weights, which it never does."""
+    from torchvision.models import ResNet18_Weights, WeightsEnum
+
+    with pytest.raises(ModelError) as refused:
+        check_model(spec_for(model).model)
+    assert str(refused.value) == message
+    assert ResNet18_Weights.get_state_dict is WeightsEnum.get_state_dict  # as it was
+
+
+def test_an_entrypoints_own_error_is_told_apart_from_keywords_it_does_not_take() -> None:
+    linear = {"kind": "entrypoint", "entrypoint": "torch.nn:Linear", "preprocessing": None}
+    typo = spec_for(linear | {"kwargs": {"in_features": 2, "out_feature": 3}}).model
+    with pytest.raises(ModelError) as refused:
+        load_model(typo)
+    assert str(refused.value) == (
+        "model.kwargs: torch.nn:Linear: missing a required argument: 'out_features'"
+    )
+    extra = spec_for(linear | {"kwargs": {"in_features": 2, "out_features": 3, "bais": 1}}).model
+    with pytest.raises(ModelError) as refused:
+        load_model(extra)
+    assert str(refused.value) == (
+        "model.kwargs: torch.nn:Linear: got an unexpected keyword argument 'bais'"
+    )
+    inside = spec_for(linear | {"kwargs": {"in_features": 2, "out_features": "3"}}).model
+    with pytest.raises(ModelError, match=r"^model.entrypoint: torch.nn:Linear raised TypeError: "):
+        load_model(inside)
+
+
 def test_a_folder_named_as_a_model_file_or_labels_is_refused_naming_the_field(tmp_path) -> None:
     from vision_ops.models import check_model_files, read_pinned
 

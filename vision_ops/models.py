@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import posixpath
@@ -95,11 +96,11 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
         builder = _torchvision_builder(spec.architecture, task)
         if spec.weights and is_weights_enum_name(spec.weights):
             _weights_enum(spec.architecture, spec.weights)
+        weights = _weights_of(spec)
         if spec.kwargs:  # built on the meta device: no memory, no weights, only the keywords
             with torch.device("meta"):
-                if spec.weights and is_weights_enum_name(spec.weights):  # the keywords given win
-                    kwargs = _untrained_kwargs(spec.num_classes, task) | spec.kwargs
-                    _built(builder, weights=None, **kwargs)
+                if weights is not None:
+                    _built_until_its_weights(builder, weights, spec.kwargs)
                 else:
                     _untrained(builder, spec, task)
     elif isinstance(spec, EntrypointModel):
@@ -246,14 +247,8 @@ UNTRAINED_SEED = 0  # an architecture built without weights draws them from this
 @MODEL_KINDS.register("torchvision")
 def build_torchvision(spec: TorchvisionModel, options: StorageOptions, task: str) -> BuiltModel:
     builder = _torchvision_builder(spec.architecture, task)
-    if spec.weights and is_weights_enum_name(spec.weights):
-        weights = _weights_enum(spec.architecture, spec.weights)
-        classes = len(weights.meta["categories"])
-        if spec.num_classes not in (None, classes):
-            raise ModelError(
-                f"model.num_classes: {spec.weights} has {classes} classes, found "
-                f"{spec.num_classes}; a fine-tuned head loads from a weights file"
-            )
+    weights = _weights_of(spec)
+    if weights is not None:
         module = _built(builder, weights=weights, **spec.kwargs)
         return BuiltModel(module, _cached_download_sha256(weights.url))
     with torch.random.fork_rng(devices=[]):  # no weights: the same random ones on every worker
@@ -295,9 +290,52 @@ def _adapted(module: Any, adapter: OutputAdapter, task: str) -> torch.nn.Module:
     return AdaptedDetector(module, adapter)
 
 
+def _weights_of(spec: TorchvisionModel) -> Any:
+    """The torchvision weights enum member `spec.weights` names, its classes checked against
+    model.num_classes; None where the weights come from a file (or nowhere)."""
+    if not (spec.weights and is_weights_enum_name(spec.weights)):
+        return None
+    weights = _weights_enum(spec.architecture, spec.weights)
+    classes = len(weights.meta["categories"])
+    if spec.num_classes not in (None, classes):
+        raise ModelError(
+            f"model.num_classes: {spec.weights} has {classes} classes, found "
+            f"{spec.num_classes}; a fine-tuned head loads from a weights file"
+        )
+    return weights
+
+
+class _WeightsReached(Exception):
+    """A builder given a weights enum went as far as fetching its state_dict."""
+
+
+def _built_until_its_weights(
+    builder: Callable[..., Any], weights: Any, kwargs: Mapping[str, Any]
+) -> None:
+    """Build `builder(weights=weights, **kwargs)` up to where it would fetch the weights (its
+    state_dict is not downloaded): torchvision refuses keywords the weights fix otherwise
+    (num_classes, image_size) as it builds, so the real build, in every actor, would fail."""
+    enum = type(weights)
+    own = enum.__dict__.get("get_state_dict")  # None: WeightsEnum's, inherited
+
+    def reached(*_: Any, **__: Any) -> Any:
+        raise _WeightsReached
+
+    enum.get_state_dict = reached
+    try:
+        _built(builder, weights=weights, **kwargs)
+    except _WeightsReached:
+        pass
+    finally:
+        if own is None:
+            del enum.get_state_dict
+        else:
+            enum.get_state_dict = own
+
+
 @MODEL_KINDS.register("entrypoint")
 def build_entrypoint(spec: EntrypointModel, options: StorageOptions, task: str) -> BuiltModel:
-    module = _built(_entrypoint_function(spec.entrypoint), **spec.kwargs)
+    module = _entrypoint_built(spec.entrypoint, spec.kwargs)
     if not isinstance(module, torch.nn.Module):
         raise ModelError(
             f"model.entrypoint: {spec.entrypoint} returned {type(module).__name__}, "
@@ -474,11 +512,33 @@ def _untrained(builder: Callable[..., torch.nn.Module], spec: TorchvisionModel, 
 
 
 def _built(builder: Callable[..., Any], **kwargs: Any) -> Any:
-    """`builder(**kwargs)`; a keyword it does not take is a ModelError naming model.kwargs."""
+    """A torchvision builder's `builder(**kwargs)`; a keyword it does not take, or a value it
+    refuses (torchvision raises TypeError, ValueError or AssertionError for them: num_classes
+    other than the weights', a ViT's image_size not a multiple of its patches) is a ModelError
+    naming model.kwargs."""
     try:
         return builder(**kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ModelError(f"model.kwargs: {err or type(err).__name__}") from None
+
+
+def _entrypoint_built(entrypoint: str, kwargs: Mapping[str, Any]) -> Any:
+    """`entrypoint(**kwargs)`. A keyword it does not take is a ModelError naming model.kwargs
+    (bound against its signature first); anything it raises itself names model.entrypoint, its
+    own error, not the keywords, being the cause."""
+    function = _entrypoint_function(entrypoint)
+    try:
+        inspect.signature(function).bind(**kwargs)
     except TypeError as err:
-        raise ModelError(f"model.kwargs: {err}") from None
+        raise ModelError(f"model.kwargs: {entrypoint}: {err}") from None
+    except ValueError:  # no signature to read (a builtin): the call says
+        pass
+    try:
+        return function(**kwargs)
+    except Exception as err:
+        raise ModelError(
+            f"model.entrypoint: {entrypoint} raised {type(err).__name__}: {err}"
+        ) from None
 
 
 def _weights_enum(architecture: str, name: str) -> Any:
