@@ -456,6 +456,11 @@ def test_patient_identifiers_need_the_explicit_opt_in() -> None:
         "PatientInstitutionResidence",
         "StudyComments",
         "RequestedProcedureDescription",
+        "ReasonForStudy",  # Table E.1-1's, though nothing in the name says so
+        "SpecialNeeds",
+        "DeviceUID",
+        "CameraOwnerName",  # free text (UT)
+        "TransactionStatusComment",  # free text (LT)
     ]
     for keyword in by_kind:
         with pytest.raises(ValueError, match=f"{keyword}: patient identifiers"):
@@ -469,6 +474,8 @@ def test_patient_identifiers_need_the_explicit_opt_in() -> None:
         "ConvolutionKernel",
         "SeriesNumber",
         "StudyInstanceUID",
+        "SliceLocation",  # a number: a position, not a place
+        "ImageLocation",
     ]
     assert DicomSpec(tags=acquisition).tags == acquisition
     assert DicomSpec(phi_tags=by_kind).phi_tags == by_kind

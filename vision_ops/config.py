@@ -159,24 +159,34 @@ PHI_KEYWORDS = frozenset(
         "DerivationDescription",
         "ProtocolName",
         "PatientState",
+        "ReasonForStudy",
+        "ReasonForTheRequestedProcedure",
+        "SpecialNeeds",
+        "PatientTransportArrangements",
+        "RequestedContrastAgent",
+        "DeviceUID",
+        "InstanceCreatorUID",
     }
 )
 # Beyond the table's keywords, those of the kinds its rules remove: a person's name, a date or
-# time, a sequence (written whole, with every nested element), an identifier (not a UID: the
-# table's UID columns hold those), an address, a place, free text.
-PHI_VRS = frozenset({"PN", "DA", "DT", "TM", "SQ"})
+# time, a sequence (written whole, with every nested element), free text (LT, ST, UT), and a
+# text value (TEXT_VRS) naming an identifier (not a UID: the table's UID columns hold those), an
+# address, a place, a comment or a description; `SliceLocation`, a number, is a position.
+PHI_VRS = frozenset({"PN", "DA", "DT", "TM", "SQ", "LT", "ST", "UT"})
+TEXT_VRS = frozenset({"LO", "SH", "UC", "CS"})
 PHI_WORDS = re.compile(r"(?<!U)ID$|Address|Telephone|Location|Residence|Comments|Description")
 DICOM_KEYWORD_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
 
 
 def identifying(keyword: str) -> bool:
     """Whether a DICOM keyword (one pydicom knows) may identify a patient: one of PS3.15
-    Table E.1-1's, or of a kind its rules remove (`PHI_VRS`, `PHI_WORDS`)."""
+    Table E.1-1's, or of a kind its rules remove (`PHI_VRS`, `PHI_WORDS` on a text value)."""
     from pydicom.datadict import dictionary_VR
 
-    if keyword in PHI_KEYWORDS or PHI_WORDS.search(keyword):
+    if keyword in PHI_KEYWORDS:
         return True
-    return dictionary_VR(keyword) in PHI_VRS
+    vr = dictionary_VR(keyword)
+    return vr in PHI_VRS or (vr in TEXT_VRS and PHI_WORDS.search(keyword) is not None)
 
 
 class Window(StrictModel):
