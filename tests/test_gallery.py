@@ -226,6 +226,27 @@ def test_a_scene_tile_is_read_from_its_window(tmp_path) -> None:
     assert scene.closed and not sources._scenes  # closed with the report
 
 
+def test_a_scene_tiles_stretch_leaves_out_its_no_data(tmp_path) -> None:
+    """Half the tile is the file's nodata (-9999), one pixel infinite: the stretch spans the
+    data (100 on its left, 200 on its right), as the run's tiles do (`raster.no_data`)."""
+    import rasterio
+
+    from vision_ops.gallery import scene_tile
+
+    values = np.full((1, 32, 32), -9999, np.float32)
+    values[0, :, 16:] = np.linspace(100, 200, 16, dtype=np.float32)
+    values[0, 0, 20] = np.inf
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "float32"}
+    with rasterio.open(tmp_path / "scene.tif", "w", nodata=-9999, **profile) as scene:
+        scene.write(values)
+    row = {"source_uri": str(tmp_path / "scene.tif"), "tile_x": 0, "tile_y": 0, "tile_size": 32}
+    with rasterio.open(tmp_path / "scene.tif") as scene:
+        pixels = scene_tile(scene, row, [1])
+    assert pixels[5, 16].tolist() == [0] * 3 and pixels[5, 31].tolist() == [255] * 3
+    assert 100 < pixels[5, 24, 0] < 155  # the middle of the data: grey, not near white
+    assert pixels[5, :16].max() == 0  # no data: black
+
+
 def test_a_scene_tile_shows_the_bands_the_run_read(tmp_path) -> None:
     """Bands 1-3 bright on the left, band 4 bright on the right: a run that read band 4 (its
     manifest's `tile_bands`) shows the tile bright on the right, in grey."""
