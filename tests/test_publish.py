@@ -205,6 +205,30 @@ def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path)
     assert len(list((copy / INDEX_FOLDER).glob("*.parquet"))) == 1
 
 
+def test_a_copy_of_a_table_with_an_interrupted_commit_settles_its_own_files(
+    tmp_path: Path,
+) -> None:
+    """A table copied (or replicated) while a crashed commit's journal is in it: the copy's
+    next run undoes the commit in the copy, and the original's files stay as they were until
+    the original's next run settles them."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    commit(original, OLD_ROWS)
+
+    def crash_after_the_first_move_in(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and f"/{PARTITION}/" in args[1] and not args[1].endswith("00000.parquet"):
+            raise KeyboardInterrupt  # the driver gone after one part file moved in
+
+    with pytest.raises(KeyboardInterrupt):
+        rerun_with(original, crash_after_the_first_move_in)
+    shutil.copytree(original, copy)
+    left_in_original = parquet_files(original)
+    assert len(left_in_original) == 3  # the old run's two, and the new attempt's first
+    assert_settled(copy, OLD_ROWS)
+    assert parquet_files(original) == left_in_original
+    assert (original / JOURNAL / "r1.json").exists()
+    assert_settled(original, OLD_ROWS)
+
+
 def test_a_copied_table_reads_and_verifies_its_own_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -465,7 +489,8 @@ def test_the_journal_names_the_plan_and_is_gone_after_the_commit(tmp_path: Path)
     [plan] = seen
     assert (plan["run_id"], plan["attempt"]) == ("r1", rerun.attempt)
     old_index = f"{tmp_path}/{INDEX_FOLDER}/r1-{old.attempt}.parquet"  # vision_ops.runindex
-    assert sorted(plan["replaces"]) == sorted([*old_files, old_index])
+    in_table = sorted(path.removeprefix(f"{tmp_path}/") for path in [*old_files, old_index])
+    assert plan["root_relative"] and sorted(plan["replaces"]) == in_table  # a copy's own
     assert len(plan["moves"]) == 3 and all(rerun.attempt in final for _, final in plan["moves"])
     assert not (tmp_path / JOURNAL).exists()
 

@@ -63,14 +63,41 @@ class CommitPlan:
     staging: str  # the attempt's staging folder, removed once the commit is settled
     replaces: list[str]  # the files of the committed run this one replaces
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
+    def to_json(self, root: str) -> bytes:
+        """The plan with its paths relative to the table's `root`: a copied or replicated
+        table's journal names the copy's files, never the original's."""
+        plan = _with_paths(asdict(self), lambda path: _relative(root, path))
+        return json.dumps(plan | {ROOT_RELATIVE: True}, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> CommitPlan:
+    def from_json(cls, data: bytes, root: str) -> CommitPlan:
+        """The plan `to_json` wrote, its paths under `root` (a journal from before paths were
+        relative names them as written)."""
         raw = json.loads(data)
+        if raw.pop(ROOT_RELATIVE, False):
+            raw = _with_paths(raw, lambda path: f"{root}/{path}")
         raw["moves"] = [tuple(move) for move in raw["moves"]]
         return cls(**raw)
+
+
+ROOT_RELATIVE = "root_relative"  # a journal's paths are relative to its table's root
+
+
+def _with_paths(plan: dict[str, Any], change: Callable[[str], str]) -> dict[str, Any]:
+    """A plan's fields with `change` applied to each path in them."""
+    return plan | {
+        "partition": change(plan["partition"]),
+        "moves": [[change(source), change(target)] for source, target in plan["moves"]],
+        "staging": change(plan["staging"]),
+        "replaces": [change(path) for path in plan["replaces"]],
+    }
+
+
+def _relative(root: str, path: str) -> str:
+    """`path` relative to `root`; every path of a commit is in its table."""
+    if not path.startswith(f"{root}/"):
+        raise ValueError(f"{path} is not in the table at {root}")
+    return path[len(root) + 1 :]
 
 
 def journal_path(root: str, run_id: str) -> str:
@@ -118,7 +145,7 @@ def publish(
     cleanup. Raises (the old run still committed) when a step before the commit point fails,
     `held()` included (the run's lock, asked last)."""
     make_folder(fs, f"{root}/{JOURNAL}")
-    replace_file(fs, journal_path(root, plan.run_id), plan.to_json())
+    replace_file(fs, journal_path(root, plan.run_id), plan.to_json(root))
     try:
         _move(fs, plan.moves)
         make_folder(fs, f"{root}/{MANIFESTS}")
@@ -144,7 +171,7 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
         return []
     settled = []
     for path in sorted(fs.glob(f"{folder}/*.json")):
-        plan = CommitPlan.from_json(fs.cat_file(path))
+        plan = CommitPlan.from_json(fs.cat_file(path), root)
         committed = (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt
         log.warning(
             "run %s: a commit (attempt %s) was interrupted; %s it",
