@@ -233,6 +233,9 @@ def test_nothing_found_with_any_extension(tree: Path) -> None:
         ("s3://pacs/ct/1.2.840.113619.2.55.3", ["", ".dcm"], True),  # named by its UID
         ("s3://pacs/ct/1.2.840.113619.2.55.3", [".dcm"], False),
         ("s3://pacs/ct/notes.txt", ["", ".dcm"], False),
+        ("https://cdn.example/x.jpg?v=2", [".jpg"], True),  # an http query is not the name's
+        ("HTTPS://cdn.example/x.png#top", [".jpg"], False),
+        ("s3://b/x.jpg?v=2", [".jpg"], False),  # an S3 key may hold a ?: it is the name's
     ],
 )
 def test_has_extension(uri: str, extensions: list[str], kept: bool) -> None:
@@ -418,6 +421,46 @@ def test_parquet_manifest_with_uri_column(tmp_path: Path) -> None:
     path = tmp_path / "inputs.parquet"
     pq.write_table(pa.table({"uri": ["gs://b/a.jpg", "az://c/b.png"]}), path)
     assert manifest_rows(path) == [row("gs://b/a.jpg"), row("az://c/b.png")]
+
+
+def test_a_parquet_manifests_binary_text_and_epoch_times_are_read_as_written(
+    tmp_path: Path,
+) -> None:
+    """URIs in a `binary` column (was `b's3://b/a.jpg'`, its row then dropped as `.jpg'`), and
+    epoch times in any unit, as an S3 Inventory or a Spark export writes them (nanoseconds
+    escaped as an OSError; 0 was read as no time)."""
+    path = tmp_path / "inputs.parquet"
+    second = 1_700_000_000
+    times = [second, second * 1_000, second * 1_000_000, second * 1_000_000_000, 0]
+    uris = [f"s3://b/{index}.jpg".encode() for index in range(len(times))]
+    pq.write_table(pa.table({"uri": pa.array(uris, pa.binary()), "mtime": times}), path)
+    at = dt.datetime.fromtimestamp(second, dt.timezone.utc)
+    epoch = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+    expected = [row(f"s3://b/{i}.jpg", mtime=at) for i in range(4)] + [
+        row("s3://b/4.jpg", mtime=epoch)
+    ]
+    assert manifest_rows(path) == expected
+    read = check_manifest(str(path), [".jpg"])
+    assert read.normalise(pq.read_table(path)).to_pylist() == expected
+    pq.write_table(pa.table({"uri": ["s3://b/a.jpg"], "mtime": [1e30]}), path)
+    with pytest.raises(SourceError, match=r"entry 0 \(s3://b/a.jpg\): time 1e\+30: expected an"):
+        check_manifest(str(path), [".jpg"])
+
+
+def test_a_manifest_entry_naming_an_unknown_protocol_is_refused_up_front(tmp_path: Path) -> None:
+    """One mistyped `s4://` would fail, at read time, every image read beside it."""
+    path = tmp_path / "inputs.txt"
+    path.write_text("s3://b/a.jpg\ns4://b/b.jpg\n")
+    with pytest.raises(SourceError) as refused:
+        check_manifest(str(path), [])
+    assert str(refused.value) == (
+        f"manifest {path}: entry 1 (s4://b/b.jpg): unknown protocol s4://; expected s3://, "
+        "gs://, az://, https://, a path ..."
+    )
+    streamed = tmp_path / "inputs.csv"
+    streamed.write_text("uri\ns3://b/a.jpg\n")
+    with pytest.raises(SourceError, match=r"an entry \(s4://b/late.jpg\): unknown protocol s4"):
+        check_manifest(str(streamed), []).normalise(pa.table({"uri": ["s4://b/late.jpg"]}))
 
 
 @pytest.mark.parametrize(
@@ -691,6 +734,21 @@ def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_pat
     )
     with pytest.raises(SourceError, match="an entry has no URI"):
         read.normalise(pa.table({"uri": ["", "s3://b/x.jpg"], "size": ["1", "2"]}))
+
+
+def test_a_file_whose_name_holds_glob_characters_is_listed_as_named(tmp_path: Path) -> None:
+    """`img[1].jpg` is a file's name where there is one (it was read as the pattern
+    `img1.jpg`, matching nothing: the file was lost without a word); a pattern still globs."""
+    for name in ("img[1].jpg", "what?.jpg", "a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    named = [str(tmp_path / "img[1].jpg"), str(tmp_path / "what?.jpg")]
+    listed = list_inputs(InputSpec(uris=named, extensions=[".jpg"]))
+    assert sorted(listed["source_uri"].to_pylist()) == sorted(f"file://{p}" for p in named)
+    pattern = list_inputs(InputSpec(uris=[str(tmp_path / "[ab].jpg")], extensions=[".jpg"]))
+    assert sorted(pattern["source_uri"].to_pylist()) == [
+        f"file://{tmp_path}/a.jpg",
+        f"file://{tmp_path}/b.jpg",
+    ]
 
 
 def test_plan_inputs_walks_a_local_directory_a_folder_at_a_time(tree: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import io
 import logging
 import os
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -132,15 +134,29 @@ def has_extension(uri: str, extensions: Iterable[str]) -> bool:
     """Whether the name ends in one of `extensions`; "" matches a name without one, or whose
     last dot is followed by digits only (DICOM files named by their UID: 1.2.840.10008.7)."""
     allowed = tuple(extensions)
+    if uri[:8].lower().startswith(("http://", "https://")):  # x.jpg?v=2: the path's own name
+        uri = uri.partition("#")[0].partition("?")[0]
     suffix = posixpath.splitext(uri)[1].lower()
     if suffix[1:].isdigit():
         suffix = ""
     return not allowed or suffix in allowed
 
 
+def _is_glob(fs: Any, path: str) -> bool:
+    """Whether `path` is a pattern: it holds * ? or [ and names nothing as written (a file
+    named `img[1].jpg` is that file, not the pattern `img1.jpg`)."""
+    if not GLOB_CHARS & set(path):
+        return False
+    try:
+        fs.info(path)
+    except OSError:  # not found (or not readable as written): a pattern
+        return True
+    return False
+
+
 def _list_uri(uri: str, options: StorageOptions | None) -> list[dict[str, Any]]:
     fs, path = filesystem(uri, options)
-    if GLOB_CHARS & set(path):
+    if _is_glob(fs, path):
         with _listing_folders_of(uri):
             found = _glob(fs, path)
     else:
@@ -281,7 +297,7 @@ def paged_listing(
     if protocol_of(uri) == "s3":
         return object_listing(uri, extensions, options)
     fs, path = filesystem(uri, options)
-    if GLOB_CHARS & set(path) or _find_info(fs, path, uri).get("type") != "directory":
+    if _is_glob(fs, path) or _find_info(fs, path, uri).get("type") != "directory":
         return None
     return FolderWalk(uri, path, tuple(extensions), dict(options or {}))
 
@@ -360,7 +376,7 @@ def object_listing(
         return None
     fs, path = filesystem(uri, options)
     bucket, _, key = path.partition("/")
-    if GLOB_CHARS & set(path):
+    if _is_glob(fs, path):
         first = min(path.find(c) for c in GLOB_CHARS if c in path)
         root = path[:first].rpartition("/")[0]
         if not root:
@@ -432,11 +448,22 @@ def _listing_row(uri: str, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# An epoch time's unit, told by its size: seconds up to 1e11 (the year 5138), then milliseconds,
+# microseconds, nanoseconds (an S3 Inventory or a Spark export writes any of them).
+EPOCH_DIVISORS = ((1e11, 1), (1e14, 1e3), (1e17, 1e6), (float("inf"), 1e9))
+
+
 def _as_utc(value: Any) -> dt.datetime | None:
+    """A time as UTC: a datetime (naive: UTC), ISO 8601 text, or an epoch number in seconds,
+    milliseconds, microseconds or nanoseconds (EPOCH_DIVISORS); ValueError if it is none."""
     if value is None:
         return None
-    if isinstance(value, int | float):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        divisor = next(d for limit, d in EPOCH_DIVISORS if abs(value) < limit)
+        try:
+            return dt.datetime.fromtimestamp(value / divisor, dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"time {value!r}: expected an epoch time or ISO 8601") from None
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     if isinstance(value, dt.datetime):
@@ -567,9 +594,12 @@ def _csv_records(text: str) -> list[dict[str, Any]]:
 def _manifest_row(
     manifest: str, entry: str, record: dict[str, Any], cwd: str | None = None
 ) -> dict[str, Any]:
-    fields = {str(name).lower(): value for name, value in record.items()}
+    try:
+        fields = {str(name).lower(): _decoded(value) for name, value in record.items()}
+    except UnicodeDecodeError as err:
+        raise SourceError(f"manifest {manifest}: {entry}: a value is not UTF-8 ({err})") from None
     uri = _first(fields, URI_COLUMNS)
-    _refuse_credentials(manifest, entry, [] if uri is None else [str(uri)])
+    _check_listed(manifest, entry, [] if uri is None else [str(uri)])
     if uri is None and fields.get("bucket") and fields.get("key"):
         uri = f"s3://{fields['bucket']}/{fields['key']}"
     if not uri:
@@ -581,20 +611,39 @@ def _manifest_row(
             "source_uri": _canonical_manifest_uri(str(uri), cwd),
             "source_etag": str(etag).strip('"') if etag else None,
             "source_size": int(size) if size is not None else None,
-            "source_mtime": _as_utc(_first(fields, MTIME_COLUMNS) or None),
+            "source_mtime": _as_utc(_first(fields, MTIME_COLUMNS)),
         }
     except ValueError as err:
         raise SourceError(f"manifest {manifest}: {entry} ({uri}): {err}") from None
 
 
-def _refuse_credentials(manifest: str, entry: str, uris: Iterable[str | None]) -> None:
-    """SourceError where a listed URI holds credentials (`storage.holds_credentials`): it would
-    reach the table's `source_uri`, logs and error rows, as a spec's would. The message shows it
-    masked."""
+def _decoded(value: Any) -> Any:
+    """A manifest's value, binary text (a Parquet `binary` column) read as UTF-8."""
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+@functools.cache
+def _known_protocols() -> frozenset[str]:
+    return frozenset(fsspec.available_protocols())
+
+
+def _check_listed(manifest: str, entry: str, uris: Iterable[str | None]) -> None:
+    """SourceError, before any work, where a listed URI names a protocol fsspec does not know
+    (`s4://`: every read of its batch would fail), or holds credentials
+    (`storage.holds_credentials`: they would reach the table's `source_uri`, logs and error
+    rows, as a spec's would; the message shows it masked)."""
+    known = _known_protocols()
     for uri in uris:
-        if uri is not None and ("@" in uri or "?" in uri) and holds_credentials(uri):
+        if uri is None:
+            continue
+        if ("@" in uri or "?" in uri) and holds_credentials(uri):
             raise SourceError(
                 f"manifest {manifest}: {entry} ({masked_url(uri)}): {CREDENTIALS_IN_URI}"
+            )
+        if "://" in uri and protocol_of(uri) not in known:
+            raise SourceError(
+                f"manifest {manifest}: {entry} ({uri}): unknown protocol {protocol_of(uri)}://; "
+                "expected s3://, gs://, az://, https://, a path ..."
             )
 
 
@@ -686,7 +735,7 @@ class ManifestRead:
         fields = self._fields(block)
         uri = _coalesce([_text(fields[name]) for name in URI_COLUMNS if name in fields])
         if uri is not None:
-            _refuse_credentials(self.uri, "an entry", uri.to_pylist())
+            _check_listed(self.uri, "an entry", uri.to_pylist())
         if "bucket" in fields and "key" in fields:
             joined = pc.binary_join_element_wise(
                 "s3:/", _text(fields["bucket"]), _text(fields["key"]), "/"
@@ -727,7 +776,7 @@ class ManifestRead:
     def _lines(self, block: pa.Table) -> pa.Table:
         lines = pc.utf8_trim_whitespace(pc.utf8_ltrim(block["text"], "\ufeff"))
         lines = lines.filter(pc.invert(pc.or_(pc.equal(lines, ""), pc.starts_with(lines, "#"))))
-        _refuse_credentials(self.uri, "an entry", lines.to_pylist())
+        _check_listed(self.uri, "an entry", lines.to_pylist())
         uris = [_canonical_manifest_uri(line, self.cwd) for line in lines.to_pylist()]
         rows = len(uris)
         return pa.table(
