@@ -14,7 +14,7 @@ from toy_models import TOY_JOBS, toy_images
 
 from vision_ops.cli import EXIT_BAD_SPEC, EXIT_OK, main
 from vision_ops.config import SpecError, parse_spec
-from vision_ops.errors import EXIT_BELOW_THRESHOLD
+from vision_ops.errors import EXIT_BELOW_THRESHOLD, EXIT_TOO_MANY_ERRORS
 
 pytestmark = pytest.mark.timeout(600)
 JOBS = Path(__file__).parents[1] / "jobs"
@@ -87,6 +87,26 @@ def test_the_nightly_command_passes_above_the_floor_and_fails_below(ray_local, t
     assert "evaluate.min names top1: expected one of accuracy, top5_accuracy" in (
         capsys.readouterr().err
     )
+
+
+def test_a_run_over_the_error_ratio_is_scored_too(ray_local, toy, capsys) -> None:
+    """One error row in three, over --max-error-ratio 0.2: the run commits, its hold-out is
+    scored (a backfill goes on past the date and later nights skip it: it was never scored),
+    and it exits 4; below a floor as well, 5, which stops a backfill."""
+    table = toy["folder"] / "ratio-table"
+    toy = toy | {"spec": toy["spec"] | {"output": {"uri": str(table)}}}
+    passing = spec_file(toy, "ratio-above", {"truth": toy["truth"], "min": {"accuracy": 0.6}})
+    over = ["--max-error-ratio", "0.2", "--run-date", "2026-11-20"]
+    assert main(["run", str(passing), *over, "--run-id", "o1"]) == EXIT_TOO_MANY_ERRORS
+    captured = capsys.readouterr()
+    assert "accuracy: 0.6667" in captured.out
+    assert "error: error rows 1/3 exceed --max-error-ratio" in captured.err
+    assert [p.name for p in (table / "_metrics").glob("*.parquet")] == ["o1.parquet"]
+    failing = spec_file(toy, "ratio-below", {"truth": toy["truth"], "min": {"accuracy": 0.9}})
+    assert main(["run", str(failing), *over, "--run-id", "o2"]) == EXIT_BELOW_THRESHOLD
+    err = capsys.readouterr().err
+    assert "error: below the spec's evaluate.min: accuracy 0.6667 < 0.9" in err
+    assert "error: error rows 1/3 exceed --max-error-ratio" in err
 
 
 def test_an_evaluate_section_needs_its_truth(toy) -> None:

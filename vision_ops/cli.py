@@ -260,10 +260,20 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         f"manifest: {commit.manifest_uri}"
     )
     _print_drift(summary.drift)
+    scored = _score_committed(spec, summary)  # a run over the error ratio is scored too
     if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
         message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
-        return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
-    if spec.evaluate is not None and summary.skipped_as_done:
+        over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
+        return scored or over  # a score below its floor stops a backfill: it comes first
+    return scored
+
+
+def _score_committed(spec: JobSpec, summary: Any) -> int:
+    """The scheduled job's check of a committed run: its spec's hold-out scored now (exit 5
+    below a floor); not where the run left out inputs committed before (--incremental)."""
+    if spec.evaluate is None:
+        return EXIT_OK
+    if summary.skipped_as_done:
         print(
             f"evaluate: not scored: run {summary.run_id} left out {summary.skipped_as_done} "
             "inputs committed before (--incremental), so its rows are not the whole hold-out; "
@@ -271,11 +281,9 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             "--run-id` scores a run)"
         )
         return EXIT_OK
-    if spec.evaluate is not None:  # the scheduled job's check: the hold-out, scored now
-        held = spec.evaluate
-        options = spec.storage_options
-        return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
-    return EXIT_OK
+    held = spec.evaluate
+    options = spec.storage_options
+    return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
 
 
 def interrupted(spec: JobSpec) -> str:
