@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +25,10 @@ from pyiceberg.catalog import load_catalog
 from pyiceberg.types import BinaryType
 
 from vision_ops import outputs
-from vision_ops.cli import EXIT_OK, main
-from vision_ops.config import OutputSpec
+from vision_ops.cli import EXIT_OK, interrupted, main
+from vision_ops.config import OutputSpec, parse_spec
 from vision_ops.devstack import SeaweedS3
+from vision_ops.errors import InterruptedDuringCommit
 from vision_ops.georef import geo_metadata
 from vision_ops.iceberg import (
     CatalogError,
@@ -530,6 +533,36 @@ def test_a_commit_whose_table_cannot_be_reloaded_leaves_no_data_files(
     assert catalog.faults and sink._files  # the data files were written, then refused
     assert rows_by_run(output) == {"r1": uris("a", 3)}
     assert data_files_in_store(sink) == data_files_in_snapshot(output)
+
+
+def test_ctrl_c_while_the_catalog_has_the_commit_is_not_called_nothing_committed(
+    output, through_proxies
+) -> None:
+    """SIGINT as the commit reaches the catalog: the run does not say "nothing was committed"
+    (the snapshot may have landed) but which run to rerun, and the rerun commits it."""
+    commit_run(output, "r1", uris("old", 3))
+
+    def ctrl_c_at_the_catalog_commit(r: S3Request) -> bool:
+        if catalog_commit(r):
+            os.kill(os.getpid(), signal.SIGINT)
+        return False
+
+    faulty, _, _ = through_proxies(output, catalog={"deny": ctrl_c_at_the_catalog_commit})
+    with pytest.raises(InterruptedDuringCommit) as stopped:
+        commit_run(faulty, "r1", uris("new", 2))
+    spec = parse_spec({
+        "input": {"uris": ["s3://images/new/"]},
+        "model": {"architecture": "resnet18"},
+        "output": output.model_dump(),
+        "run": {"id": "r1", "date": DATE.isoformat()},
+    })  # fmt: skip
+    assert interrupted(spec, stopped.value) == (
+        "interrupted during the catalog commit of run r1: its snapshot may have landed or not "
+        "(`vision-ops verify` shows the committed run); the same command with --run-id r1 "
+        f"--run-date {DATE.isoformat()} commits the run either way"
+    )
+    commit_run(output, "r1", uris("new", 2))
+    assert rows_by_run(output) == {"r1": uris("new", 2)}
 
 
 def test_a_commit_whose_response_is_lost_is_committed_once(output, through_proxies) -> None:

@@ -223,8 +223,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(err, err.exit_code)
     except StorageError as err:
         return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
-    except KeyboardInterrupt:
-        return _fail(RuntimeError(interrupted(spec)), EXIT_INTERRUPTED)
+    except KeyboardInterrupt as err:
+        return _fail(RuntimeError(interrupted(spec, err)), EXIT_INTERRUPTED)
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
@@ -286,12 +286,21 @@ def _score_committed(spec: JobSpec, summary: Any) -> int:
     return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
 
 
-def interrupted(spec: JobSpec) -> str:
-    """What a Ctrl-C of `run` left: nothing committed, or (a Parquet table, stopped inside its
-    commit: the journal is there) a commit the next run on the table finishes or undoes."""
+def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
+    """What a Ctrl-C of `run` left: nothing committed; or (a Parquet table, stopped inside its
+    commit: the journal is there) a commit the next run on the table finishes or undoes; or
+    (an Iceberg table, stopped while the catalog had the commit) a snapshot that may have
+    landed."""
+    from vision_ops.errors import InterruptedDuringCommit
     from vision_ops.sink import unfinished_commit
 
-    run_id, _ = spec.resolved_run()
+    run_id, run_date = spec.resolved_run()
+    if isinstance(err, InterruptedDuringCommit):
+        return (
+            f"interrupted during the catalog commit of run {run_id}: its snapshot may have "
+            "landed or not (`vision-ops verify` shows the committed run); the same command with "
+            f"--run-id {run_id} --run-date {run_date.isoformat()} commits the run either way"
+        )
     output = spec.output
     try:
         committing = output.format == "parquet" and bool(

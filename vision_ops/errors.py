@@ -39,6 +39,10 @@ class ModelError(VisionOpsError, ValueError):
     exit_code = EXIT_BAD_SPEC
 
 
+class InterruptedDuringCommit(KeyboardInterrupt):
+    """A Ctrl-C (SIGINT) while the commit was with the catalog: whether it landed is unknown."""
+
+
 # The last line of the traceback Ray passes on for an actor that failed as it started.
 ACTOR_ERROR_LINE = re.compile(r"^vision_ops\.errors\.(\w+): (.+)$", re.MULTILINE)
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.config import OutputSpec
+from vision_ops.errors import InterruptedDuringCommit
 from vision_ops.georef import GEO_KEY, table_geo
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
@@ -346,7 +347,10 @@ class IcebergSink:
                         producer.append_data_file(kept)
                 for new in self._files:
                     producer.append_data_file(new)
-            transaction.commit_transaction()
+            try:
+                transaction.commit_transaction()
+            except KeyboardInterrupt:  # sent to the catalog, or not: nobody can say
+                raise InterruptedDuringCommit from None
         except _NotCommitted:
             raise
         except ValidationException as err:
