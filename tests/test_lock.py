@@ -5,6 +5,7 @@ lock object written only over the version its writer read (S3, local disk, memor
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import logging
@@ -156,8 +157,12 @@ def test_the_holder_is_judged_gone_only_wherethis_process_can_tell(tmp_path: Pat
     assert not taken_over(tmp_path, holder_here(gone, boot=boot, pid_namespace="pid:[1]"))
     # this pid, but a process started at another time: the holder's pid was reused
     assert taken_over(tmp_path, holder_here(me, **(here | {"started": str(int(started) - 1)})))
-    # another boot of this host: its processes are all gone
+    # another boot of this host: its processes are all gone (the lock written before it)
     assert taken_over(tmp_path, holder_here(me, **(here | {"boot": "an-earlier-boot"})))
+    # another machine of the same name (its boot, a lock written since this one booted): alive
+    renewed = dt.datetime.now(dt.timezone.utc).isoformat()
+    elsewhere = holder_here(gone, **(here | {"boot": "another-machine", "since": renewed}))
+    assert not taken_over(tmp_path, elsewhere)
 
 
 @pytest.fixture(params=["local", "s3", "memory"])

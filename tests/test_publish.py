@@ -191,6 +191,27 @@ def test_a_rerun_whose_lock_is_taken_over_during_its_moves_does_not_commit(
     assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
 
 
+def test_a_lock_taken_over_between_renewals_stops_the_commit_at_its_commit_point(
+    tmp_path: Path,
+) -> None:
+    """Another run takes the lock over (its host judged this run gone) and no renewal has run
+    since: the commit point reads the lock back, and the rerun does not commit."""
+    old = commit(tmp_path, OLD_ROWS)
+    before = parquet_files(tmp_path)
+    other = {"owner": "x", "run_id": "r9", "host": "h", "pid": "1", "since": "2026-12-04"}
+    with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
+        writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+        writer.write(rows(NEW_ROWS))
+        lock_file = tmp_path / LOCK_NAME
+        lock_file.write_text(json.dumps(other | {"expires": "2099-01-01T00:00:00"}))
+        lock.require_held()  # no renewal ran: without a read, the lock looks held
+        with pytest.raises(LockLost, match=r"taken over while run r1 held it \(.* run r9"):
+            writer.commit(None, None, lock.confirm_held)
+    assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
+    assert parquet_files(tmp_path) == before
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
+
+
 def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path) -> None:
     """A table copied elsewhere holds manifests naming the original's files: a rerun of r1 in
     the copy replaces the copy's files of r1 and leaves the original whole."""

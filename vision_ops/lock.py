@@ -5,12 +5,13 @@ writes on S3, an `flock` of the folder on local disk), so of two runs that start
 instant, or that take over one stale lock together, one gets it; the other is told another run
 took it. A run that dies leaves the lock until its lease runs out (`run.lock_lease_s`), then
 the next run takes it over; a holder sure to be gone is taken over at once (it ran on this same
-host, and its process is gone or its pid now another process's, or the host rebooted since; a
-holder in another container of the host, whose pids this process cannot see, is left to its
-lease). The holder renews its lease from a thread for as long as it holds the lock, its commit
-included, each renewal written over its own last version only, and checks right before its
-commit point that the lock is still its own: a run whose lock was taken over (its lease ran out
-while the store did not answer) does not commit.
+host, and its process is gone or its pid now another process's, or the host rebooted since the
+lock was last written; a holder in another container of the host, whose pids this process
+cannot see, or on another machine of the same name, is left to its lease). The holder renews
+its lease from a thread for as long as it holds the lock, its commit included, each renewal
+written over its own last version only, and reads the lock back right before its commit point:
+a run whose lock was taken over (its lease ran out while the store did not answer, or its host
+was misjudged gone) does not commit.
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ class RunLock:
                 "table over, so this run does not commit"
             )
 
+    def confirm_held(self) -> None:
+        """`require_held`, and the lock read back to be sure it still names this run (one read:
+        call it right before the commit point). A takeover between two renewals is caught
+        here, not at the next renewal, after the commit."""
+        self.require_held()
+        with writing_to(self.root_uri):
+            held, _ = self._read()
+        if (held or {}).get("owner") != self.owner:
+            self._lost = self._taken_over(held)
+            raise LockLost(self._lost)
+
     def renew(self) -> None:
         """Extend the lease, written over this run's own last version of the lock only; where
         another run wrote the lock since, note it lost (for `require_held`) and stop renewing."""
@@ -114,12 +126,15 @@ class RunLock:
             try:
                 self._write(over=self._version)
             except Raced:
-                held, _ = self._read()
-                taker = f"run {held['run_id']} (host {held['host']})" if held else "no run"
-                self._lost = (
-                    f"{self.root_uri}: the table's lock was taken over while run {self.run_id} "
-                    f"held it ({LOCK_NAME} now names {taker}); this run does not commit"
-                )
+                self._lost = self._taken_over(self._read()[0])
+
+    def _taken_over(self, held: dict[str, str] | None) -> str:
+        """Why the run lost the lock, `held` being the lock as it is now."""
+        taker = f"run {held['run_id']} (host {held['host']})" if held else "no run"
+        return (
+            f"{self.root_uri}: the table's lock was taken over while run {self.run_id} held it "
+            f"({LOCK_NAME} now names {taker}); this run does not commit"
+        )
 
     def release(self) -> None:
         """Remove the lock where it is still this run's: over the version read only (another
@@ -235,7 +250,10 @@ def _alive(held: dict[str, str]) -> bool:
         return True
     here = this_process()
     if _differs(held, here, "boot"):
-        return False  # the host rebooted since: every process of that boot is gone
+        # Another boot: of this host, whose processes are then all gone, where the lock was
+        # last written before this boot began; else another machine of the same name (cloned
+        # VMs, containers given one hostname), alive as far as anyone here can tell.
+        return not _written_before_this_boot(held)
     if _differs(held, here, "pid_namespace"):
         return True  # another container's pid: not one this process can look up
     try:
@@ -246,6 +264,16 @@ def _alive(held: dict[str, str]) -> bool:
     except (PermissionError, ValueError):
         return True
     return not _differs(held, {"started": _started(pid)}, "started")
+
+
+def _written_before_this_boot(held: dict[str, str]) -> bool:
+    """Whether the lock was last written (its `since`) before this host last booted."""
+    stat = _read_text("/proc/stat") or ""
+    boot = next((line.split()[1] for line in stat.splitlines() if line.startswith("btime ")), None)
+    if boot is None:
+        return False
+    written = dt.datetime.fromisoformat(held["since"])
+    return written < dt.datetime.fromtimestamp(int(boot), dt.timezone.utc)
 
 
 def _differs(held: dict[str, str], here: dict[str, str | None], name: str) -> bool:

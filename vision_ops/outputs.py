@@ -57,11 +57,16 @@ class RunGuard(Protocol):
 
     def require_held(self) -> None: ...
 
+    def confirm_held(self) -> None: ...
+
 
 class Unlocked:
     """No lock: the format's commit settles concurrent runs itself (Iceberg)."""
 
     def require_held(self) -> None:
+        return None
+
+    def confirm_held(self) -> None:
         return None
 
 

@@ -188,7 +188,7 @@ def _process_and_commit(
     drifts = staged_drift(spec, sink, schema)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
-    return sink.commit(expected, details, lock.require_held), pipeline_seconds, drifts
+    return sink.commit(expected, details, lock.confirm_held), pipeline_seconds, drifts
 
 
 def staged_drift(spec: JobSpec, sink: Sink, schema: pa.Schema) -> list[Drift] | None:
