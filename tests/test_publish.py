@@ -23,7 +23,7 @@ import pytest
 from vision_ops.cli import interrupted
 from vision_ops.config import parse_spec
 from vision_ops.lock import LOCK_NAME, LockLost, RunLock
-from vision_ops.publish import JOURNAL, SUCCESS_MARKER
+from vision_ops.publish import JOURNAL, SUCCESS_MARKER, journal_path
 from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import (
@@ -212,6 +212,44 @@ def test_a_lock_taken_over_between_renewals_stops_the_commit_at_its_commit_point
     assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
 
 
+def test_a_run_that_lost_its_lock_leaves_the_takers_journal(tmp_path: Path) -> None:
+    """Another attempt of r1 took the lock over and began its own commit (its journal written)
+    while this one moved its files in: this one undoes its own commit and removes its own
+    journal only; the taker's stays, the record of the files the taker moves."""
+    commit(tmp_path, OLD_ROWS)
+    taker = tmp_path / JOURNAL / Path(journal_path("", "r1", "taker000000")).name
+    other = {"owner": "x", "run_id": "r1", "host": "h", "pid": "1", "since": "2026-12-04"}
+    with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
+        writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+        writer.write(rows(NEW_ROWS))
+
+        def taken_over_with_a_commit_begun(n: int, name: str, args: tuple[Any, ...]) -> None:
+            if name == "mv" and f"/{PARTITION}/" in args[1] and not taker.exists():
+                (tmp_path / LOCK_NAME).write_text(json.dumps(other | {"expires": "2099-01-01"}))
+                taker.write_text("{}")  # what the taker's own commit wrote
+
+        writer.fs = FaultyFs(writer.fs, taken_over_with_a_commit_begun)
+        with pytest.raises(LockLost):
+            writer.commit(None, None, lock.confirm_held)
+    assert [path.name for path in (tmp_path / JOURNAL).iterdir()] == [taker.name]
+
+
+def test_a_journal_named_as_before_is_settled(tmp_path: Path) -> None:
+    """A journal a crash left as `_commits/r1.json` (its name before there was one an
+    attempt) is settled, and removed, by the next run."""
+    commit(tmp_path, OLD_ROWS)
+
+    def crash_at_the_first_move_in(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and f"/{PARTITION}/" in args[1]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rerun_with(tmp_path, crash_at_the_first_move_in)
+    (journal,) = (tmp_path / JOURNAL).glob("r1.*.json")
+    journal.rename(tmp_path / JOURNAL / "r1.json")
+    assert_settled(tmp_path, OLD_ROWS)
+
+
 def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path) -> None:
     """A table copied elsewhere holds manifests naming the original's files: a rerun of r1 in
     the copy replaces the copy's files of r1 and leaves the original whole."""
@@ -246,7 +284,7 @@ def test_a_copy_of_a_table_with_an_interrupted_commit_settles_its_own_files(
     assert len(left_in_original) == 3  # the old run's two, and the new attempt's first
     assert_settled(copy, OLD_ROWS)
     assert parquet_files(original) == left_in_original
-    assert (original / JOURNAL / "r1.json").exists()
+    assert list((original / JOURNAL).glob("r1.*.json"))
     assert_settled(original, OLD_ROWS)
 
 
@@ -380,13 +418,14 @@ def test_a_run_that_cannot_settle_an_interrupted_commit_does_not_start(
         f"run r1: an interrupted commit (attempt {journal_attempt(tmp_path)}) could not be "
         "undone (Fault: 503 SlowDown); nothing was started: run again when the store answers"
     )
-    assert (tmp_path / JOURNAL / "r1.json").exists()
+    assert list((tmp_path / JOURNAL).glob("r1.*.json"))
     monkeypatch.setattr(vision_ops.sink, "filesystem", real)
     assert_settled(tmp_path, OLD_ROWS)
 
 
 def journal_attempt(root: Path) -> str:
-    return str(json.loads((root / JOURNAL / "r1.json").read_text())["attempt"])
+    (journal,) = (root / JOURNAL).glob("r1.*.json")
+    return str(json.loads(journal.read_text())["attempt"])
 
 
 def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A run's commit (`publish`) goes through these steps, each one durable before the next:
 
-1. the journal `_commits/{run_id}.json` records the plan: the attempt's files and where they
+1. the journal `_commits/{run_id}.{attempt}.json` records the plan: the attempt's files and where they
    go, and the files of the committed run it replaces;
 2. the attempt's part files (and masks) move from `_staging/` into the partition under names
    of their own (`{run_id}-{attempt}-part-NNNNN.parquet`), and its index (vision_ops.runindex)
@@ -100,8 +100,26 @@ def _relative(root: str, path: str) -> str:
     return path[len(root) + 1 :]
 
 
-def journal_path(root: str, run_id: str) -> str:
-    return f"{root}/{JOURNAL}/{run_id}.json"
+def journal_path(root: str, run_id: str, attempt: str) -> str:
+    """One journal an attempt: where a run whose lock was taken over undoes its own commit, it
+    removes its own journal, never that of the attempt of the same run id that took over."""
+    return f"{root}/{JOURNAL}/{run_id}.{attempt}.json"
+
+
+def journals(fs: AbstractFileSystem, root: str) -> list[str]:
+    """The journals of the commits in progress (or interrupted) in the table at `root`,
+    as named now or before (`{run_id}.json`)."""
+    try:
+        names = fs.ls(f"{root}/{JOURNAL}", detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name.endswith(".json"))
+
+
+def interrupted_commits(fs: AbstractFileSystem, root: str, run_id: str) -> list[CommitPlan]:
+    """The interrupted commits of run `run_id` whose journals are in the table at `root`."""
+    plans = [CommitPlan.from_json(fs.cat_file(path), root) for path in journals(fs, root)]
+    return [plan for plan in plans if plan.run_id == run_id]
 
 
 def manifest_path(root: str, run_id: str) -> str:
@@ -145,7 +163,7 @@ def publish(
     cleanup. Raises (the old run still committed) when a step before the commit point fails,
     `held()` included (the run's lock, asked last)."""
     make_folder(fs, f"{root}/{JOURNAL}")
-    replace_file(fs, journal_path(root, plan.run_id), plan.to_json(root))
+    replace_file(fs, journal_path(root, plan.run_id, plan.attempt), plan.to_json(root))
     try:
         _move(fs, plan.moves)
         make_folder(fs, f"{root}/{MANIFESTS}")
@@ -166,11 +184,8 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
     be settled, StorageError: a run must not start (its commit would write over the journal,
     the only record of the files the interrupted commit moved)."""
     _remove_temporaries(fs, root)
-    folder = f"{root}/{JOURNAL}"
-    if not fs.exists(folder):
-        return []
     settled = []
-    for path in sorted(fs.glob(f"{folder}/*.json")):
+    for path in journals(fs, root):
         plan = CommitPlan.from_json(fs.cat_file(path), root)
         committed = (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt
         log.warning(
@@ -180,7 +195,7 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
             "finishing" if committed else "undoing",
         )
         try:
-            _settle(fs, root, plan, committed)
+            _settle(fs, root, plan, committed, path)
         except OSError as err:
             raise StorageError(
                 f"run {plan.run_id}: an interrupted commit (attempt {plan.attempt}) could not "
@@ -197,7 +212,7 @@ def _remove_temporaries(fs: AbstractFileSystem, root: str) -> None:
         for folder in (JOURNAL, MANIFESTS):
             for path in fs.glob(f"{root}/{folder}/*.json{TEMPORARY_INFIX}*"):
                 _remove(fs, path)
-        _prune_empty_folders(fs, root, [journal_path(root, "_")])
+        _prune_empty_folders(fs, root, [f"{root}/{JOURNAL}/_"])
 
 
 def _move(fs: AbstractFileSystem, moves: list[tuple[str, str]], missing_ok: bool = False) -> None:
@@ -230,10 +245,12 @@ def _committed_attempt(
         ) from err
 
 
-def _settle(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
+def _settle(
+    fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool, journal: str
+) -> None:
     """Finish (`committed`: marker, the replaced run's files and the staging removed) or undo
     (the attempt's files moved back to its staging, for a rerun of the run id to resume from)
-    a commit, then drop its journal. Where a step fails (OSError), the journal stays, and a
+    a commit, then drop its `journal`. Where a step fails (OSError), the journal stays, and a
     committed run is committed regardless."""
     if committed:
         _mark_success(fs, plan)
@@ -244,15 +261,15 @@ def _settle(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool
     else:
         _move(fs, [(final, staged) for staged, final in plan.moves], missing_ok=True)
         emptied = [final for _, final in plan.moves]
-    _remove(fs, journal_path(root, plan.run_id))
-    _prune_empty_folders(fs, root, [*emptied, journal_path(root, "_")])
+    _remove(fs, journal)
+    _prune_empty_folders(fs, root, [*emptied, journal])
 
 
 def _settle_or_leave(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
     """`_settle` the run's own commit; where a step fails, the journal stays for the next run
     on the table to settle (`resolve_unfinished`) before it starts."""
     try:
-        _settle(fs, root, plan, committed)
+        _settle(fs, root, plan, committed, journal_path(root, plan.run_id, plan.attempt))
     except OSError as err:
         log.warning(
             "run %s: %s, but cleaning up failed (%s); the next run on this table finishes it",

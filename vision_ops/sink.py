@@ -20,7 +20,7 @@ from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_fo
 from vision_ops.publish import (
     MANIFESTS,
     CommitPlan,
-    journal_path,
+    interrupted_commits,
     manifest_of,
     manifest_path,
     publish,
@@ -386,7 +386,7 @@ def unfinished_commit(
 ) -> list[str]:
     """A problem where a commit of `run_id` was interrupted (its journal is still there)."""
     fs, root = filesystem(root_uri, options)
-    if not fs.exists(journal_path(root.rstrip("/"), run_id)):
+    if not interrupted_commits(fs, root.rstrip("/"), run_id):
         return []
     return [
         f"a commit of run {run_id} was interrupted: plain readers of the partition may see "
