@@ -250,6 +250,34 @@ def test_a_journal_named_as_before_is_settled(tmp_path: Path) -> None:
     assert_settled(tmp_path, OLD_ROWS)
 
 
+def test_on_local_disk_the_committed_files_reach_the_disk_before_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync, as the kernel is asked: every file the manifest names, and the folders their
+    names are in, before the manifest is written (after a power loss it names whole files);
+    the manifest's own folder after its rename (the commit itself is on the disk)."""
+    import vision_ops.storage
+
+    manifest = tmp_path / "_manifests" / "r1.json"
+    flushed: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        flushed.append((os.readlink(f"/proc/self/fd/{descriptor}"), manifest.exists()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(vision_ops.storage.os, "fsync", fsync)
+    commit(tmp_path, OLD_ROWS)
+    before_the_manifest = {path for path, after in flushed if not after}
+    named = {
+        entry["uri"].removeprefix("file://")
+        for entry in committed_run(str(tmp_path), "r1")["files"]
+    }
+    assert len(named) == 2 and named <= before_the_manifest
+    assert str(tmp_path / PARTITION) in before_the_manifest
+    assert (str(manifest.parent), True) in flushed
+
+
 def test_a_rerun_in_a_copied_table_replaces_the_copys_files_only(tmp_path: Path) -> None:
     """A table copied elsewhere holds manifests naming the original's files: a rerun of r1 in
     the copy replaces the copy's files of r1 and leaves the original whole."""

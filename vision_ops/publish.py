@@ -1,9 +1,10 @@
 """The Parquet commit as a transaction: journal, new files beside the old, manifest, cleanup.
 
-A run's commit (`publish`) goes through these steps, each one durable before the next:
+A run's commit (`publish`) goes through these steps, each one durable before the next (on local
+disk and NFS flushed to the disk, `storage.synced`, so a power loss is a crash like another):
 
-1. the journal `_commits/{run_id}.{attempt}.json` records the plan: the attempt's files and where they
-   go, and the files of the committed run it replaces;
+1. the journal `_commits/{run_id}.{attempt}.json` records the plan: the attempt's files and
+   where they go, and the files of the committed run it replaces;
 2. the attempt's part files (and masks) move from `_staging/` into the partition under names
    of their own (`{run_id}-{attempt}-part-NNNNN.parquet`), and its index (vision_ops.runindex)
    to `_index/{run_id}-{attempt}.parquet`: nothing committed is overwritten;
@@ -39,6 +40,7 @@ from vision_ops.storage import (
     is_local,
     make_folder,
     replace_file,
+    synced,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,7 @@ def publish(
     replace_file(fs, journal_path(root, plan.run_id, plan.attempt), plan.to_json(root))
     try:
         _move(fs, plan.moves)
+        synced(fs, [final for _, final in plan.moves])  # on disk before the manifest names them
         make_folder(fs, f"{root}/{MANIFESTS}")
         content = manifest() | {"attempt": plan.attempt}
         if held is not None:

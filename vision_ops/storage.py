@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -238,11 +239,27 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     temporary = f"{path}{TEMPORARY_INFIX}{uuid.uuid4().hex[:8]}"
     try:
         fs.pipe_file(temporary, data)
+        synced(fs, [temporary])  # its bytes on disk before a name points at them
         fs.mv(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             fs.rm(temporary)
         raise
+    synced(fs, [], folders=[path.rpartition("/")[0]])  # the rename itself
+
+
+def synced(fs: AbstractFileSystem, files: list[str], folders: list[str] | None = None) -> None:
+    """On local disk (NFS included), `files` and the folders holding them, and `folders`,
+    flushed to the disk (fsync): after a power loss, not only a process crash, a name the
+    commit wrote points at whole bytes. An object store's PUT is durable as it answers."""
+    if not is_local(fs):
+        return
+    for path in [*files, *sorted({*(f.rpartition("/")[0] for f in files), *(folders or [])})]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
