@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -170,6 +171,30 @@ def test_manifest_entries_without_identity_get_it_from_the_store(memfs) -> None:
     }
     [out] = read_unit_blocks(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
     assert out["source_size"][0] == memfs.info("/in/a.png")["size"] > 0
+
+
+def test_a_store_error_asking_one_entrys_identity_fails_no_other_row(memfs, monkeypatch) -> None:
+    """The store's answer to one HEAD is an error that is no OSError (botocore's
+    NoCredentialsError is not one): that entry keeps no identity, and the batch is read."""
+    image = png(np.zeros((8, 8, 3), dtype=np.uint8))
+    memfs.pipe("/in/a.png", image)
+    memfs.pipe("/in/b.png", image)
+    real_info = type(memfs).info
+
+    def info(self: Any, path: str, **kwargs: Any) -> Any:
+        if path.endswith("b.png"):
+            raise RuntimeError("Unable to locate credentials")
+        return real_info(self, path, **kwargs)
+
+    monkeypatch.setattr(type(memfs), "info", info)
+    batch = {
+        "source_uri": np.array(["memory:///in/a.png", "memory:///in/b.png"]),
+        "source_etag": np.array([None, None], dtype=object),
+        "source_size": np.array([np.nan, np.nan]),
+    }
+    [out] = read_unit_blocks(batch, preprocessing=PREP, max_pixels=10_000, storage_options={})
+    assert list(out["status"]) == ["ok", "ok"]
+    assert out["source_size"][0] == len(image) and out["source_size"][1] is None
 
 
 def test_file_names_with_glob_characters_are_read_as_named(tmp_path) -> None:

@@ -398,10 +398,10 @@ def _store_identity(uri: str, options: StorageOptions | None) -> dict[str, Any]:
     """The ETag, size and modification time the store gives `uri` (one HEAD), for an input a
     manifest names without them; all None where the store cannot tell (the read then names
     why)."""
-    fs, path = filesystem(uri, options)
     try:
+        fs, path = filesystem(uri, options)
         info = fs.info(path)
-    except OSError:
+    except Exception:  # the store's errors are not one type (botocore's NoCredentialsError)
         return dict.fromkeys(STORE_IDENTITY)
     row = _listing_row(uri, info)
     return {name: row[name] for name in STORE_IDENTITY}
