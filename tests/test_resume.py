@@ -35,6 +35,7 @@ from vision_ops.config import OutputSpec
 from vision_ops.errors import EXIT_INTERRUPTED
 from vision_ops.iceberg import IcebergSink
 from vision_ops.masks import final_masks_folder, staged_masks_folder
+from vision_ops.query import connect, register_views
 from vision_ops.resume import RESUME_KEY
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id, output_schema
 from vision_ops.sink import CommitRefused, ParquetSink, committed_run, verify_run
@@ -289,6 +290,10 @@ def test_a_copied_segmentation_table_reads_its_own_masks(tmp_path: Path) -> None
         b"mask 1",
         b"mask 2",
     ]
+    connection = connect({})
+    register_views(connection, str(copy))
+    queried = connection.sql("SELECT mask_uri FROM predictions ORDER BY mask_uri").fetchall()
+    assert [uri for (uri,) in queried] == sorted(masks)  # `query` too: the copy's masks
 
 
 @pytest.mark.parametrize("kind", ["parquet", "iceberg"])

@@ -140,7 +140,13 @@ def earlier_masks(fs: AbstractFileSystem, run_staging: str, current: str) -> dic
 
 
 def mask_name(uri: str) -> str:
+    """A mask's name: its URI's last part (the same in every folder it is moved to)."""
     return uri.rpartition("/")[2]
+
+
+# What precedes a mask's name (`mask_name`) in its URI, as a regular expression (Arrow's and
+# DuckDB's): replaced by a folder, it names the mask there (a copied table's masks).
+MASK_FOLDER_PATTERN = "^.*/"
 
 
 def adopt_masks(

@@ -21,6 +21,7 @@ from vision_ops import iceberg, runindex, sink
 from vision_ops.config import JobSpec, OutputSpec
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.lock import RunLock
+from vision_ops.masks import MASK_FOLDER_PATTERN
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
 from vision_ops.runindex import ROW_COLUMNS, index_problems
@@ -143,12 +144,29 @@ def _parquet_sql(
             "--as-of reads a table as it was: expected output.format: iceberg (Parquet tables "
             "keep each run's latest commit only), found parquet"
         )
-    runs = sink.committed_runs(output.uri, options)
-    files = [f["uri"] for run in runs if run_id in (None, run["run_id"]) for f in run["files"]]
-    if not files:
+    runs = [run for run in sink.committed_runs(output.uri, options) if run["files"]]
+    runs = [run for run in runs if run_id in (None, run["run_id"])]
+    if not runs:
         return ""
-    listed = ", ".join(sql_string(uri) for uri in files)
-    # by name: runs of one table may differ in columns (output_schema, DICOM, tiles ...)
+    masked = [run for run in runs if run.get("masks_folder")]
+    if not masked:
+        return _read_parquet([f["uri"] for run in runs for f in run["files"]])
+    # A segmentation run's rows name their masks in the folder its manifest names (the
+    # table's own, in a copied table: as `sink.masks_in_table` reads them).
+    plain = [f["uri"] for run in runs if not run.get("masks_folder") for f in run["files"]]
+    selects = [f"SELECT * FROM {_read_parquet(plain)}"] if plain else []
+    for run in masked:
+        folder = sql_string(run["masks_folder"].replace("\\", "\\\\") + "/")  # a literal
+        mask_uri = f"regexp_replace(mask_uri, {sql_string(MASK_FOLDER_PATTERN)}, {folder})"
+        source = _read_parquet([f["uri"] for f in run["files"]])
+        selects.append(f"SELECT * REPLACE ({mask_uri} AS mask_uri) FROM {source}")
+    return f"({' UNION ALL BY NAME '.join(selects)})"
+
+
+def _read_parquet(uris: list[str]) -> str:
+    """DuckDB's relation of these Parquet files, read by name: runs of one table may differ in
+    columns (output_schema, DICOM, tiles ...)."""
+    listed = ", ".join(sql_string(uri) for uri in uris)
     return f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
 
 

@@ -16,7 +16,12 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
-from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
+from vision_ops.masks import (
+    MASK_FOLDER_PATTERN,
+    final_masks_folder,
+    staged_masks_folder,
+    staging_folder,
+)
 from vision_ops.publish import (
     MANIFESTS,
     CommitPlan,
@@ -142,7 +147,9 @@ def masks_in_table(rows: pa.Table, manifest: dict[str, Any]) -> pa.Table:
     if not folder or "mask_uri" not in rows.column_names:
         return rows
     replacement = folder.replace("\\", "\\\\") + "/"  # a literal in the regex's replacement
-    named = pc.replace_substring_regex(rows["mask_uri"], pattern="^.*/", replacement=replacement)
+    named = pc.replace_substring_regex(
+        rows["mask_uri"], pattern=MASK_FOLDER_PATTERN, replacement=replacement
+    )
     return rows.set_column(rows.schema.get_field_index("mask_uri"), "mask_uri", named)
 
 
