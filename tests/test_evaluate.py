@@ -135,6 +135,29 @@ def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:
         evaluate_run(str(table), str(binary), "table")
 
 
+def test_a_labels_table_is_read_trimmed_and_a_broken_one_is_refused(tmp_path: Path) -> None:
+    """`URI, Label` and `a.jpg, cat` (spaces after the commas) score as written without them
+    (the label was " cat": every image wrong); a row without a label, or a URI labelled two
+    ways, is refused, not scored as the class "None" or as the last label."""
+    table = tmp_path / "table"
+    commit(table, PREDICTION_SCHEMA, classification_rows())
+    entries = [f"file:///data/{t}/img{i}.jpg, {t}" for i, (t, _) in enumerate(CASES)]
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("\n".join(["URI, Label", *entries]) + "\n")
+    metrics = {m["metric"]: m["value"] for m in evaluate_run(str(table), str(spaced)).to_pylist()}
+    assert (metrics["evaluated"], metrics["accuracy"]) == (8, 0.5)
+    unlabelled = tmp_path / "unlabelled.parquet"
+    pq.write_table(pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"], "label": ["cat", None]}),
+                   unlabelled)  # fmt: skip
+    with pytest.raises(EvaluationError, match=f"^{unlabelled}: row 2 has no label$"):
+        evaluate_run(str(table), str(unlabelled), "table")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("uri,label\ns3://b/a.jpg,cat\ns3://b/a.jpg,dog\n")
+    with pytest.raises(EvaluationError) as refused:
+        evaluate_run(str(table), str(twice), "table")
+    assert str(refused.value) == f"{twice}: s3://b/a.jpg is labelled both 'cat' and 'dog' (row 2)"
+
+
 def test_a_labels_table_of_plain_local_paths_matches_the_rows_file_uris(tmp_path: Path) -> None:
     """The rows hold file:///data/cat/img0.jpg; a hand-written table says /data/cat/img0.jpg."""
     table = tmp_path / "table"
@@ -217,7 +240,41 @@ def test_detection_map_equals_pycocotools_on_the_same_json(tmp_path: Path) -> No
     assert tuple(got) == get_task("detection").metrics  # what evaluate.min may name
     np.testing.assert_allclose([got["map"], got["map_50"]], direct.stats[:2])
     stored = pq.read_table(tmp_path / "mixed" / "_metrics" / "r1.parquet")
-    assert set(stored["metric"].to_pylist()) == {"map", "map_50", "evaluated"}
+    assert set(stored["metric"].to_pylist()) == {"map", "map_50", "evaluated", "error_rows"}
+
+
+def test_detection_is_scored_over_the_images_the_run_processed() -> None:
+    """The truth holds a.jpg and b.jpg; a run that processed a.jpg alone, perfectly, scores
+    1.0 (b.jpg's box counted as missed gave 0.75); an error row's image counts, its boxes
+    missed. A truth naming none of the run's images, or without boxes on them, is refused
+    (it gave 0.0, or pycocotools' -1 as a score); a hand-written one without iscrowd or area
+    is read."""
+    from vision_ops.evaluate import detection_metrics
+
+    def scored(rows: list[dict], coco: dict = COCO) -> dict[str, float]:
+        return {m["metric"]: m["value"] for m in detection_metrics(rows, coco)}
+
+    a_only = detection_rows(
+        {"a.jpg": [("car", 0.9, [10, 10, 30, 20]), ("truck", 0.8, [50, 50, 40, 40])]}
+    )
+    assert scored(a_only) == {"map": pytest.approx(1.0), "map_50": pytest.approx(1.0),
+                              "evaluated": 1, "error_rows": 0}  # fmt: skip
+    failed_b = [row | {"source_uri": "s3://b/b.jpg", "item_id": "b", "status": "error",
+                       "detections": None} for row in a_only]  # fmt: skip
+    both = scored(a_only + failed_b)
+    assert (both["evaluated"], both["error_rows"]) == (2, 1) and both["map"] < 1.0
+    bare = [
+        {k: v for k, v in box.items() if k not in ("iscrowd", "area")}
+        for box in COCO["annotations"]
+    ]
+    hand_written = COCO | {"annotations": bare}
+    assert scored(a_only, hand_written) == scored(a_only)
+    elsewhere = detection_rows({"z.jpg": [("car", 0.9, [10, 10, 30, 20])]})
+    with pytest.raises(EvaluationError, match="no row of the run names an image of the COCO"):
+        detection_metrics(elsewhere, COCO)
+    no_boxes = COCO | {"annotations": [b for b in COCO["annotations"] if b["image_id"] != 1]}
+    with pytest.raises(EvaluationError, match=r"no boxes on the run's 1 image\(s\): mAP is"):
+        detection_metrics(a_only, no_boxes)
 
 
 def test_sources_that_share_a_truth_name_are_refused() -> None:

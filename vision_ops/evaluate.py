@@ -294,10 +294,26 @@ def classification_truth(
             records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
     except (ValueError, csv.Error, pa.ArrowException) as err:  # not UTF-8 text, not Parquet
         raise EvaluationError(f"{truth}: expected a CSV or Parquet table: {err}") from None
+    records = [{str(k).strip().lower(): v for k, v in r.items()} for r in records]
     if not records or not {"uri", "label"} <= set(records[0]):
         raise EvaluationError(f"{truth}: expected columns uri and label")
-    labels = {str(r["uri"]): str(r["label"]) for r in records}
+    labels = _labels(truth, records)
     return labels | {as_row_uri(uri): label for uri, label in labels.items()}
+
+
+def _labels(truth: str, records: list[dict[str, Any]]) -> dict[str, str]:
+    """Each URI's label, values trimmed (`a.jpg, cat` labels it `cat`); EvaluationError naming
+    the row where one has no URI or no label, or a URI is labelled twice, differently."""
+    labels: dict[str, str] = {}
+    for number, record in enumerate(records, start=1):
+        uri, label = (str(record[k] or "").strip() for k in ("uri", "label"))
+        if not uri or not label:
+            raise EvaluationError(f"{truth}: row {number} has no {'label' if uri else 'uri'}")
+        if labels.setdefault(uri, label) != label:
+            raise EvaluationError(
+                f"{truth}: {uri} is labelled both {labels[uri]!r} and {label!r} (row {number})"
+            )
+    return labels
 
 
 def as_row_uri(uri: str) -> str:
@@ -338,12 +354,24 @@ def classification_metrics(
 
 def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[dict[str, Any]]:
     """COCO box mAP@[.5:.95] and mAP@.5 (pycocotools), images matched by file name and
-    classes by category name."""
+    classes by category name, over the truth's images the run processed (an error row's image
+    counts, its boxes all missed; an image the run never saw does not)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     images = {posixpath.basename(image["file_name"]): image["id"] for image in coco["images"]}
     require_one_source_a_name(rows, posixpath.basename, images)
+    covered = [row for row in rows if posixpath.basename(row["source_uri"]) in images]
+    if not covered:
+        raise EvaluationError(
+            "no row of the run names an image of the COCO truth (match on file name)"
+        )
+    image_ids = sorted({images[posixpath.basename(row["source_uri"])] for row in covered})
+    if not any(box["image_id"] in image_ids for box in coco.get("annotations", [])):
+        raise EvaluationError(
+            f"the COCO truth has no boxes on the run's {len(image_ids)} image(s): mAP is "
+            "undefined there"
+        )
     categories = {c["name"]: c["id"] for c in coco["categories"]}
     results = [
         {
@@ -357,27 +385,41 @@ def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[
             ],
             "score": box["score"],
         }
-        for row in rows
-        if row["status"] == "ok" and posixpath.basename(row["source_uri"]) in images
+        for row in covered
+        if row["status"] == "ok"
         for box in row["detections"] or []
         if box["label"] in categories
     ]
+    counts = [
+        _metric("evaluated", len(image_ids)),
+        _metric("error_rows", sum(row["status"] != "ok" for row in covered)),
+    ]
+    if not results:  # every box of the run's images missed
+        return [_metric("map", 0.0), _metric("map_50", 0.0), *counts]
     ground_truth = COCO()
-    ground_truth.dataset = coco
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth.createIndex()
-    if not results:
-        return [_metric("map", 0.0), _metric("map_50", 0.0), _metric("evaluated", 0)]
+    ground_truth.dataset = _complete(coco)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        ground_truth.createIndex()
         scoring = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+        scoring.params.imgIds = image_ids
         scoring.evaluate()
         scoring.accumulate()
         scoring.summarize()
     return [
         _metric("map", float(scoring.stats[0])),
         _metric("map_50", float(scoring.stats[1])),
-        _metric("evaluated", len({r["image_id"] for r in results})),
+        *counts,
     ]
+
+
+def _complete(coco: dict[str, Any]) -> dict[str, Any]:
+    """A COCO file with what pycocotools needs of each box that a hand-written one may leave
+    out: `iscrowd` (0) and `area` (the box's)."""
+    boxes = [
+        {"iscrowd": 0, "area": box["bbox"][2] * box["bbox"][3]} | box
+        for box in coco.get("annotations", [])
+    ]
+    return coco | {"annotations": boxes}
 
 
 def _metric(

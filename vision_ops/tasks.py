@@ -366,7 +366,7 @@ register(
         panels=("boxes",),
         scorer="vision_ops.evaluate:score_detection",
         truth_formats=("coco",),
-        metrics=("map", "map_50", "evaluated"),
+        metrics=("map", "map_50", "evaluated", "error_rows"),
     )
 )
 
