@@ -201,6 +201,28 @@ def test_a_run_is_compared_with_the_runs_before_it_never_itself(tmp_path) -> Non
     assert drift_at_commit(str(table), MonitorSpec(), {}, first, unread) == []
 
 
+def test_a_run_of_another_task_in_the_table_is_no_baseline(tmp_path, capsys) -> None:
+    """A Parquet table holding detection runs, then a classification run: the classification
+    run has no baseline (its image labels against boxes' labels gave a PSI of 18 and exit 6);
+    the next classification run is compared with it alone."""
+    table = tmp_path / "table"
+    car = {"label_id": 1, "label": "car", "score": 0.9}
+    car |= {"x_min": 0.0, "y_min": 0.0, "x_max": 5.0, "y_max": 5.0}
+    boxes = [
+        {"source_uri": f"/nonexistent/{i}.jpg", "num_detections": 1, "detections": [car]}
+        for i in range(4)
+    ]
+    commit_rows(table, "detection", boxes, "d0", "2026-05-01")
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    commit_rows(table, "classification", cats, "c1", "2026-05-02")
+    assert drift(trend(str(table)), MonitorSpec()) == []
+    assert check_run(str(table), MonitorSpec()) == []
+    assert main(["report", str(table), "--check"]) == EXIT_OK
+    commit_rows(table, "classification", cats, "c2", "2026-05-03")
+    assert {d.compared for d in check_run(str(table), MonitorSpec())} == {("c1",)}
+    assert {d.compared for d in drift(trend(str(table)), MonitorSpec())} == {("c1",)}
+
+
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:
     """A quiet incremental night commits no units: no figures (every share at the floor made
     PSIs of 8 and 9, and `report --check` exit 6 each quiet night), and the night after it is

@@ -83,12 +83,12 @@ def _counts(point: RunFigures, counts: str) -> dict[str, float]:
 
 def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = None) -> list[Drift]:
     """The figures of run `run_id` (default: the last of `points`, oldest first) against the
-    `monitor.runs` runs before it that processed units; none where it processed none (a quiet
+    `monitor.runs` runs of its task before it that processed units; none where it processed none (a quiet
     incremental night) or has no such earlier run. A distribution either side has nothing in
     (a run of error rows only) gives no PSI."""
     index = len(points) - 1 if run_id is None else [p.run_id for p in points].index(run_id)
     run = points[index]
-    earlier = [p for p in points[:index] if p.units][-monitor.runs :]
+    earlier = [p for p in points[:index] if p.units and p.task == run.task][-monitor.runs :]
     if not run.units or not earlier:
         return []
     errors = sum(sum(p.error_types.values()) for p in earlier)
@@ -113,10 +113,12 @@ def runs_before(runs: list[Manifest], run_id: str, run_date: str) -> list[Manife
 
 
 def baseline_runs(runs: list[Manifest], run: Manifest, monitor: MonitorSpec) -> list[Manifest]:
-    """The `monitor.runs` committed runs before `run` that committed units (a quiet
-    incremental night's run of none is no baseline), as `drift` pools them."""
+    """The `monitor.runs` committed runs before `run` of its task that committed units (a quiet
+    incremental night's run of none is no baseline, nor a run of another task in the same
+    Parquet table), as `drift` pools them."""
     earlier = runs_before(runs, run["run_id"], run["run_date"])
-    return [committed for committed in earlier if committed.get("rows", 1)][-monitor.runs :]
+    same_task = [committed for committed in earlier if committed.get("task") == run.get("task")]
+    return [committed for committed in same_task if committed.get("rows", 1)][-monitor.runs :]
 
 
 def drift_at_commit(

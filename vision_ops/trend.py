@@ -27,6 +27,7 @@ class RunFigures:
 
     run_id: str
     run_date: str
+    task: str  # the run's task: runs of another task in the table are no baseline of its
     units: int
     error_types: dict[str, float]  # error type -> error rows
     labels: dict[str, float]  # label -> the task's unit (images, boxes...)
@@ -71,6 +72,7 @@ def table_figures(
     return RunFigures(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],
+        task=str(manifest.get("task")),
         units=table.num_rows,
         error_types=dict(counts(pc.drop_null(table["error_type"]))),
         labels=dict(summary.labels),
