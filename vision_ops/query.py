@@ -75,7 +75,8 @@ def table_glob(table_uri: str) -> str:
 
 
 def read_sql(table_uri: str) -> str:
-    return f"read_parquet('{table_glob(table_uri)}', hive_partitioning = true)"
+    """A plain glob of the table's Parquet files (as Athena or Spark read it), as SQL."""
+    return f"read_parquet({sql_string(table_glob(table_uri))}, hive_partitioning = true)"
 
 
 def top_labels_sql(table_uri: str) -> str:
