@@ -83,9 +83,9 @@ def _counts(point: RunFigures, counts: str) -> dict[str, float]:
 
 def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = None) -> list[Drift]:
     """The figures of run `run_id` (default: the last of `points`, oldest first) against the
-    `monitor.runs` runs of its task before it that processed units; none where it processed none (a quiet
-    incremental night) or has no such earlier run. A distribution either side has nothing in
-    (a run of error rows only) gives no PSI."""
+    `monitor.runs` runs of its task before it that processed units; none where it processed
+    none (a quiet incremental night) or has no such earlier run. A distribution either side
+    has nothing in (a run of error rows only) gives no PSI."""
     index = len(points) - 1 if run_id is None else [p.run_id for p in points].index(run_id)
     run = points[index]
     earlier = [p for p in points[:index] if p.units and p.task == run.task][-monitor.runs :]
