@@ -20,9 +20,9 @@ from vision_ops.cli import EXIT_OK, main
 from vision_ops.config import MonitorSpec, OutputSpec
 from vision_ops.drift import FIGURES, check_run, drift, psi
 from vision_ops.errors import EXIT_DRIFT
-from vision_ops.outputs import committed_run
+from vision_ops.outputs import committed_run, committed_runs
 from vision_ops.tasks import counts
-from vision_ops.trend import trend
+from vision_ops.trend import run_figures, trend
 
 pytestmark = pytest.mark.timeout(600)
 LITE0 = {
@@ -215,7 +215,10 @@ def test_a_run_of_another_task_in_the_table_is_no_baseline(tmp_path, capsys) -> 
     commit_rows(table, "detection", boxes, "d0", "2026-05-01")
     cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
     commit_rows(table, "classification", cats, "c1", "2026-05-02")
-    assert drift(trend(str(table)), MonitorSpec()) == []
+    assert [point.run_id for point in trend(str(table))] == ["c1"]  # the latest run's task
+    points = [run_figures(str(table), run, {}) for run in committed_runs(str(table))]
+    assert [point.task for point in points] == ["detection", "classification"]
+    assert drift(points, MonitorSpec()) == []
     assert check_run(str(table), MonitorSpec()) == []
     assert main(["report", str(table), "--check"]) == EXIT_OK
     commit_rows(table, "classification", cats, "c2", "2026-05-03")

@@ -87,9 +87,12 @@ def table_figures(
 def trend(
     target: Target, options: StorageOptions | None = None, since: dt.date | None = None
 ) -> list[RunFigures]:
-    """Every committed run's figures, oldest run date first (from `since` on, where given)."""
+    """Every committed run's figures, oldest run date first (from `since` on, where given), of
+    the latest run's task: a Parquet table that held runs of another task before shows those
+    no more (their labels are boxes', or masks', not the images' now followed)."""
     runs = committed_runs(target, options)
     chosen = [r for r in runs if since is None or dt.date.fromisoformat(r["run_date"]) >= since]
+    chosen = [r for r in chosen if r.get("task") == chosen[-1].get("task")] if chosen else []
     return [run_figures(target, run, options or {}) for run in chosen]
 
 
