@@ -3,6 +3,7 @@ from SeaweedFS over DuckDB's httpfs, and exports csv / json / parquet."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,21 @@ def test_backfill_runs_only_the_dates_without_a_committed_run(
         "2026-11-06",
         "2026-11-07",
     ]
+
+
+def test_a_backfill_into_the_future_is_refused_before_any_work(
+    photos, tmp_path, tiny_weights, capsys
+) -> None:
+    output = tmp_path / "table"
+    spec = spec_file(tmp_path, str(photos), str(output), tiny_weights)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    tomorrow = today + dt.timedelta(days=1)
+    args = ["backfill", str(spec), "--from", str(today), "--to", str(tomorrow)]
+    assert main(args) == EXIT_BAD_SPEC
+    assert capsys.readouterr().err.startswith(
+        f"error: --to {tomorrow} is after today ({today} UTC): a date not yet begun would be "
+    )
+    assert not output.exists()
 
 
 def test_a_run_id_is_bound_to_its_date_before_any_work(

@@ -369,6 +369,14 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 
     if args.end < args.start:
         return _fail(ValueError(f"--to {args.end} is before --from {args.start}"), EXIT_BAD_SPEC)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    if args.end > today:
+        message = (
+            f"--to {args.end} is after today ({today} UTC): a date not yet begun would be "
+            "committed, and skipped as done once it has passed; the schedules backfill up to "
+            "yesterday"
+        )
+        return _fail(ValueError(message), EXIT_BAD_SPEC)
     if spec.run.id is not None and args.end > args.start:
         message = (
             f"run.id {spec.run.id!r} is fixed, but a run id names one run on one date and "
