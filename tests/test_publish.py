@@ -162,6 +162,12 @@ def test_a_rerun_whose_manifest_write_fails_keeps_the_run_it_replaces(tmp_path: 
     assert not (tmp_path / JOURNAL).exists()
 
 
+def take_the_lock(root: Path, run_id: str = "r9") -> None:
+    """Another run's lock, with a long lease, written over whatever lock the table holds."""
+    taker = {"owner": "x", "run_id": run_id, "host": "h", "pid": "1", "since": "2026-12-04"}
+    (root / LOCK_NAME).write_text(json.dumps(taker | {"expires": "2099-01-01T00:00:00"}))
+
+
 def test_a_rerun_whose_lock_is_taken_over_during_its_moves_does_not_commit(
     tmp_path: Path,
 ) -> None:
@@ -171,15 +177,13 @@ def test_a_rerun_whose_lock_is_taken_over_during_its_moves_does_not_commit(
     and r1 stays whole, with nothing of the rerun left."""
     old = commit(tmp_path, OLD_ROWS)
     before = parquet_files(tmp_path)
-    other = {"owner": "x", "run_id": "r9", "host": "h", "pid": "1", "since": "2026-12-04"}
     with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
         writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
         writer.write(rows(NEW_ROWS))
 
         def take_over(n: int, name: str, args: tuple[Any, ...]) -> None:
             if name == "mv" and f"/{PARTITION}/" in args[1] and (tmp_path / LOCK_NAME).exists():
-                lock_file = tmp_path / LOCK_NAME
-                lock_file.write_text(json.dumps(other | {"expires": "2099-01-01T00:00:00"}))
+                take_the_lock(tmp_path)
                 lock.renew()  # the renewal thread's next turn
 
         writer.fs = FaultyFs(writer.fs, take_over)
@@ -198,12 +202,10 @@ def test_a_lock_taken_over_between_renewals_stops_the_commit_at_its_commit_point
     since: the commit point reads the lock back, and the rerun does not commit."""
     old = commit(tmp_path, OLD_ROWS)
     before = parquet_files(tmp_path)
-    other = {"owner": "x", "run_id": "r9", "host": "h", "pid": "1", "since": "2026-12-04"}
     with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
         writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
         writer.write(rows(NEW_ROWS))
-        lock_file = tmp_path / LOCK_NAME
-        lock_file.write_text(json.dumps(other | {"expires": "2099-01-01T00:00:00"}))
+        take_the_lock(tmp_path)
         lock.require_held()  # no renewal ran: without a read, the lock looks held
         with pytest.raises(LockLost, match=r"taken over while run r1 held it \(.* run r9"):
             writer.commit(None, None, lock.confirm_held)
@@ -218,14 +220,13 @@ def test_a_run_that_lost_its_lock_leaves_the_takers_journal(tmp_path: Path) -> N
     journal only; the taker's stays, the record of the files the taker moves."""
     commit(tmp_path, OLD_ROWS)
     taker = tmp_path / JOURNAL / Path(journal_path("", "r1", "taker000000")).name
-    other = {"owner": "x", "run_id": "r1", "host": "h", "pid": "1", "since": "2026-12-04"}
     with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
         writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
         writer.write(rows(NEW_ROWS))
 
         def taken_over_with_a_commit_begun(n: int, name: str, args: tuple[Any, ...]) -> None:
             if name == "mv" and f"/{PARTITION}/" in args[1] and not taker.exists():
-                (tmp_path / LOCK_NAME).write_text(json.dumps(other | {"expires": "2099-01-01"}))
+                take_the_lock(tmp_path, "r1")
                 taker.write_text("{}")  # what the taker's own commit wrote
 
         writer.fs = FaultyFs(writer.fs, taken_over_with_a_commit_begun)
