@@ -602,6 +602,11 @@ def streamed_rows(path: Path, extensions: list[str] | None = None) -> list[dict[
             "bucket,key,size,e_tag\nimages,2024/a.jpg,12,e1\nimages,2024/b.png,0,e2\n",
         ),
         (
+            "commented.csv",  # comment lines before the header, as a text manifest allows
+            "\ufeff# made by the export job\n\n# 2 images\nuri,size\ns3://images/a.jpg,1\n"
+            "s3://images/b.jpg,2\n",
+        ),
+        (
             "headerless.csv",
             '"images","my%20photo.jpg","123","2024-05-01T12:00:00.000Z","0a1b"\n'
             '"images","dir%2Fsub/x+y%2B1.png","7","2024-05-01T12:00:00.000Z","0a1c"\n',

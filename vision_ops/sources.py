@@ -580,7 +580,17 @@ def _records(data: bytes, extension: str) -> list[dict[str, Any]]:
     return [{"uri": line} for line in lines if line and not line.startswith("#")]
 
 
+def _leading_comments(text: str) -> int:
+    """How many lines a CSV manifest starts with that are `#` comments or blank."""
+    lines = text.splitlines()
+    return next(
+        (n for n, line in enumerate(lines) if line.strip() and not line.startswith("#")),
+        len(lines),
+    )
+
+
 def _csv_records(text: str) -> list[dict[str, Any]]:
+    text = "\n".join(text.splitlines()[_leading_comments(text) :])
     rows = [row for row in csv.reader(io.StringIO(text)) if row]
     if not rows:
         return []
@@ -693,6 +703,7 @@ class ManifestRead:
     extensions: tuple[str, ...]
     cwd: str  # relative paths in the manifest are relative to the run's directory
     files: tuple[str, ...] = ()  # an S3 Inventory report's data files (else the manifest)
+    comments: int = 0  # CSV: the lines of `#` comments (and blank ones) before the header
 
     @property
     def data_uris(self) -> tuple[str, ...]:
@@ -703,7 +714,7 @@ class ManifestRead:
         """Arrow CSV options: every column as text, named as checked."""
         return {
             "read_options": pacsv.ReadOptions(
-                column_names=list(self.columns), skip_rows=self.header
+                column_names=list(self.columns), skip_rows=self.comments + self.header
             ),
             "convert_options": pacsv.ConvertOptions(
                 column_types=dict.fromkeys(self.columns, pa.string()), strings_can_be_null=False
@@ -860,10 +871,15 @@ def _check_text(head: bytes, extension: str, base: dict[str, Any]) -> ManifestRe
         _manifest_row(base["uri"], f"entry {index}", record, base["cwd"])
     if extension != ".csv":
         return ManifestRead(format="text", columns=("text",), header=False, **base)
-    first = next((row for row in csv.reader(io.StringIO(head.decode("utf-8-sig"))) if row), [])
+    text = head.decode("utf-8-sig")
+    comments = _leading_comments(text)
+    body = "\n".join(text.splitlines()[comments:])
+    first = next((row for row in csv.reader(io.StringIO(body)) if row), [])
     header = [name.strip().lower() for name in first]
     if set(header) & HEADER_COLUMNS:
-        return ManifestRead(format="csv", columns=tuple(header), header=True, **base)
+        return ManifestRead(
+            format="csv", columns=tuple(header), header=True, comments=comments, **base
+        )
     if len(first) < 2:
         raise SourceError(f"manifest {base['uri']}: {_uri_columns(header)}")
     names = ("bucket", "key", *(f"_{i}" for i in range(2, len(first))))
