@@ -168,3 +168,39 @@ def test_a_palette_image_is_read_as_the_colours_it_shows(tmp_path: Path) -> None
     np.testing.assert_array_equal(tile, expected[16:48, 24:56])
     assert valid == 1.0 and tuple(tile[0, 0]) == (0, 0, 255) and tuple(tile[0, -1]) == (255, 0, 0)
     assert (grey == 0).all()  # band 1 alone: the red channel of blue
+
+
+@pytest.mark.parametrize("masking", ["alpha", "internal mask"])
+def test_a_files_own_mask_is_no_data(tmp_path: Path, masking: str) -> None:
+    """An RGBA orthophoto, or RGB with GDAL's internal mask, and no nodata value: the masked
+    half is no data (it was read as black data, the tile counted whole, never skipped)."""
+    rgb = np.full((3, 32, 64), 200, dtype=np.uint8)
+    seen = np.zeros((32, 64), dtype=np.uint8)
+    seen[:, :32] = 255  # the left half holds data
+    profile = {"driver": "GTiff", "width": 64, "height": 32, "dtype": "uint8"}
+    path = tmp_path / "ortho.tif"
+    if masking == "alpha":
+        with rasterio.open(path, "w", count=4, photometric="RGB", alpha="YES", **profile) as out:
+            out.write(np.concatenate([rgb, seen[None]]))
+    else:
+        internal = rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True)
+        with internal, rasterio.open(path, "w", count=3, **profile) as out:
+            out.write(rgb)
+            out.write_mask(seen)
+    with open_raster(str(path)) as dataset:
+        assert dataset.nodata is None
+        _, left = read_tile(dataset, Window(0, 0, 32, 32), [1, 2, 3], (0, 255))
+        pixels, right = read_tile(dataset, Window(32, 0, 32, 32), [1, 2, 3], (0, 255))
+    assert (left, right) == (1.0, 0.0) and pixels.max() == 0
+
+
+def test_a_spec_nodata_matches_a_float32_scenes_pixels(tmp_path: Path) -> None:
+    """-9999.9 stored as float32 is not float64's -9999.9: a spec's nodata matched no pixel of
+    a float32 scene, and an all-nodata tile counted whole."""
+    values = np.full((1, 16, 16), -9999.9, dtype=np.float32)
+    profile = {"driver": "GTiff", "width": 16, "height": 16, "count": 1, "dtype": "float32"}
+    with rasterio.open(tmp_path / "dem.tif", "w", **profile) as out:
+        out.write(values)
+    with open_raster(str(tmp_path / "dem.tif")) as dataset:
+        _, fraction = read_tile(dataset, Window(0, 0, 16, 16), [1], (0, 1), nodata=-9999.9)
+    assert fraction == 0.0

@@ -404,10 +404,21 @@ def test_tiling_settings_are_part_of_the_model_fingerprint(tmp_path) -> None:
     assert fingerprint(bands=[3, 2, 1]) == fingerprint(bands=[3, 2, 1])
 
 
+def test_longitudes_past_the_antimeridian_are_wrapped() -> None:
+    """A geographic scene past 180 (or in 0..360) holds 180.14: it is -179.86."""
+    from vision_ops.scenes import to_lonlat
+
+    [(lon, lat)] = to_lonlat("EPSG:4326", [180.14], [-17.5])
+    assert (lon, lat) == (pytest.approx(-179.86), pytest.approx(-17.5))
+    [(lon, _)] = to_lonlat("EPSG:4326", [-179.86], [-17.5])
+    assert lon == pytest.approx(-179.86)
+
+
 def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_path) -> None:
     """A one-band float scene (a DEM) under the default three bands, and a scene smaller than
     one tile under `edge: drop`: each stays one unit carrying why (its error row), beside a
-    scene that tiles; before, the first failed the whole planning and the second vanished."""
+    scene that tiles; before, the first failed the whole planning and the second vanished. So
+    for complex values (a SAR SLC): a complex_int16 one failed its whole planning block."""
     profile = {"driver": "GTiff", "width": 120, "height": 120, "count": 1, "dtype": "float32"}
     with rasterio.open(tmp_path / "dem.tif", "w", **profile) as out:
         out.write(np.linspace(0, 1, 120 * 120, dtype=np.float32).reshape(1, 120, 120))
@@ -417,6 +428,10 @@ def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_pa
     whole = small | {"width": 200, "height": 100}
     with rasterio.open(tmp_path / "whole.tif", "w", **whole) as out:
         out.write(np.zeros((3, 100, 200), dtype=np.uint8))
+    for kind in ("complex64", "complex_int16"):  # a SAR SLC's: numpy knows no complex_int16
+        slc = whole | {"dtype": kind}
+        with rasterio.open(tmp_path / f"{kind}.tif", "w", **slc) as out:
+            out.write(np.zeros((3, 100, 200), dtype=np.complex64))
     spec = parse_spec(
         {
             "input": {"uris": [str(tmp_path)], "tiling": {"size": 100, "edge": "drop"}},
@@ -430,6 +445,11 @@ def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_pa
         "dem.tif": "RasterError: bands: the raster has bands 1..1, found [2, 3]",
         "small.tif": "RasterError: 50x40 is smaller than one 100-pixel tile, so edge: drop "
         "covers none of it (edge: shift or pad reads it)",
+        **{
+            f"{kind}.tif": f"RasterError: {kind} values: expected real bands (a SAR SLC's "
+            "complex values: convert them to amplitude first)"
+            for kind in ("complex64", "complex_int16")
+        },
     }
     tiles = [(u["tile_x"], u["tile_y"]) for u in units if u["source_uri"].endswith("whole.tif")]
     assert tiles == [(0, 0), (100, 0)]

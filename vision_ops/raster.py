@@ -108,9 +108,12 @@ def read_tile(
     file's when None, or not finite) in every band, count as no data and are black.
     """
     check_bands(bands, dataset.count)
-    fill = dataset.nodata if nodata is None else nodata
+    fill = as_stored(dataset.nodata if nodata is None else nodata, dataset.dtypes[bands[0] - 1])
     values = read_window(dataset, window, bands, fill if fill is not None else 0.0)
     valid = _valid_mask(values, fill, window, dataset.width, dataset.height)
+    masked = masked_out(dataset, bands[0], window)
+    if masked is not None:
+        valid &= ~masked
     low, high = value_range
     values = np.where(np.isfinite(values), values, low)  # a band's NaN in a valid pixel: black
     scaled = np.clip(np.rint((values - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
@@ -127,16 +130,53 @@ def read_window(
     dataset in a VRT that opens the file again, and through an fsspec opener on s3:// that
     breaks a process's third opening of the same object (rasterio 1.4, GDAL 3.10)."""
     values = np.full((len(bands), window.height, window.width), fill, dtype=np.float64)
+    part = _inside(dataset, window)
+    if part is not None:
+        inside, rows, columns = part
+        values[:, rows, columns] = dataset.read(indexes=list(bands), window=inside)
+    return values
+
+
+def _inside(dataset: Any, window: Window) -> tuple[Any, slice, slice] | None:
+    """The part of `window` inside the scene, as a window of the scene and as the rows and
+    columns of `window` it fills; None where none of it is."""
     left, top = max(window.col_off, 0), max(window.row_off, 0)
     right = min(window.col_off + window.width, dataset.width)
     bottom = min(window.row_off + window.height, dataset.height)
     if right <= left or bottom <= top:
-        return values
+        return None
     inside = _rasterio().windows.Window(left, top, right - left, bottom - top)
     rows = slice(top - window.row_off, bottom - window.row_off)
     columns = slice(left - window.col_off, right - window.col_off)
-    values[:, rows, columns] = dataset.read(indexes=list(bands), window=inside)
-    return values
+    return inside, rows, columns
+
+
+def masked_out(
+    dataset: Any, band: int, window: Window | None = None, out_shape: Any = None
+) -> np.ndarray | None:
+    """Where the file's own mask says a pixel holds no data: an alpha band, or GDAL's internal
+    mask (an orthophoto's, a JPEG COG's), which a scene without a nodata value uses instead.
+    Of `window` (past the edge: False), or of the whole scene read at `out_shape`; None where
+    the file has no such mask (its nodata value, if any, says it all)."""
+    flags = {flag.name for flag in dataset.mask_flag_enums[band - 1]}
+    if not flags & {"per_dataset", "alpha"}:
+        return None
+    if window is None:
+        return np.asarray(dataset.read_masks(band, out_shape=out_shape)) == 0
+    masked = np.zeros((window.height, window.width), dtype=bool)
+    part = _inside(dataset, window)
+    if part is not None:
+        inside, rows, columns = part
+        masked[rows, columns] = dataset.read_masks(band, window=inside) == 0
+    return masked
+
+
+def as_stored(nodata: float | None, dtype: str) -> float | None:
+    """`nodata` as a scene of `dtype` stores it: -9999.9 in float32 is not float64's -9999.9,
+    so a spec's value would match none of a float32 scene's pixels, read as float64."""
+    if nodata is None or not np.issubdtype(np.dtype(dtype), np.floating):
+        return nodata
+    return float(np.asarray(nodata, dtype=dtype))
 
 
 def _valid_mask(

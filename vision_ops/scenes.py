@@ -29,6 +29,7 @@ from vision_ops.raster import (
     RasterError,
     Scene,
     check_bands,
+    masked_out,
     no_data,
     open_raster,
     read_tile,
@@ -259,11 +260,24 @@ def _scene_plan(
         with open_raster(uri, options) as dataset:
             scene = scene_header(dataset)
             check_bands(tiling.bands, dataset.count)
+            _check_real(scene)
             _check_covered(scene, tiling)
             low, high = value_range(dataset, scene, tiling)
-    except (RasterError, OSError) as err:
+    except ImportError:
+        raise
+    except Exception as err:  # one scene's error row, never its planning block's failure
         return f"{type(err).__name__}: {err}"
     return scene, low, high
+
+
+def _check_real(scene: Scene) -> None:
+    """RasterError for complex values (a SAR SLC's): a tile shows real values, and numpy does
+    not even know GDAL's complex integer types."""
+    if "complex" in scene.dtype:
+        raise RasterError(
+            f"{scene.dtype} values: expected real bands (a SAR SLC's complex values: convert "
+            "them to amplitude first)"
+        )
 
 
 def _check_covered(scene: Scene, tiling: TilingSpec) -> None:
@@ -292,7 +306,11 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
     )
     values = dataset.read(indexes=list(tiling.bands), out_shape=(len(tiling.bands), *shape))
     nodata = tiling.nodata if tiling.nodata is not None else scene.nodata
-    valid = values[~no_data(values, nodata)]
+    missing = no_data(values, nodata)
+    masked = masked_out(dataset, tiling.bands[0], out_shape=shape)
+    if masked is not None:
+        missing |= masked[None]
+    valid = values[~missing]
     if valid.size == 0:
         return 0.0, 1.0
     low, high = np.percentile(valid.astype(np.float64), [low_pct, high_pct])
@@ -384,7 +402,13 @@ def to_lonlat(crs: Any, xs: list[float], ys: list[float]) -> list[tuple[float, f
     from rasterio.warp import transform as reproject
 
     lons, lats = reproject(crs, "EPSG:4326", xs, ys)
-    return [(float(lon), float(lat)) for lon, lat in zip(lons, lats, strict=True)]
+    return [(_wrapped(lon), float(lat)) for lon, lat in zip(lons, lats, strict=True)]
+
+
+def _wrapped(lon: float) -> float:
+    """A longitude within [-180, 180): a geographic scene past the antimeridian (or in 0..360)
+    holds 180.1, which is -179.9."""
+    return (float(lon) + 180.0) % 360.0 - 180.0
 
 
 def merge_scene(
