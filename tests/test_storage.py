@@ -70,6 +70,7 @@ def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) ->
         ("file://C:/data/logo@2x.png", None, "file://C:/data/logo@2x.png"),  # a drive letter
         ("http://user:1234@host/", "user:1234", "http://host/"),  # digits up to the @: a password
         ("s3://AKIA:wJal/K7@bucket/k", "AKIA:wJal/K7", "s3://bucket/k"),
+        ("https://svc:20240101/Xyz@h.example/w.pt", "svc:20240101/Xyz", "https://h.example/w.pt"),
         ("http://host:9000/path?user=a@b", None, "http://host:9000/path?user=a@b"),
         ("s3://bucket/key", None, "s3://bucket/key"),
         ("not a url @ all", None, "not a url @ all"),

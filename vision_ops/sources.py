@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import io
 import logging
+import math
 import os
 import posixpath
 import re
@@ -459,6 +460,8 @@ def _as_utc(value: Any) -> dt.datetime | None:
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"time {value!r}: expected an epoch time or ISO 8601")
         divisor = next(d for limit, d in EPOCH_DIVISORS if abs(value) < limit)
         try:
             return dt.datetime.fromtimestamp(value / divisor, dt.timezone.utc)

@@ -69,10 +69,11 @@ def _userinfo_pattern(ends: str) -> re.Pattern[str]:
     """A URL's scheme and its user and password: a user (no / : @ in it), then optionally a
     password up to the last @ before the query, fragment or any of `ends` (a password with an
     unescaped / ends the host early for urlsplit, not here). What follows the first colon is a
-    port, not a password, where it is digits up to a / or the end (`http://minio:9000/b/a@x.png`
-    names a key), and so is nothing before a / (`file://C:/logo@2x.png`); `s3://cams/f@2x.png`
-    names a key, not a user."""
-    password = rf"(?::(?!\d*(?:/|$))[^?#{ends}]*)?"
+    port, not a password, where it is at most 5 digits (a port's) up to a / or the end
+    (`http://minio:9000/b/a@x.png` names a key; `https://svc:20240101/x@host` is a password),
+    and so is nothing before a / (`file://C:/logo@2x.png`); `s3://cams/f@2x.png` names a key,
+    not a user."""
+    password = rf"(?::(?!\d{{0,5}}(?:/|$))[^?#{ends}]*)?"
     return re.compile(rf"([A-Za-z][\w+.-]*)://([^/?#@:{ends}]*{password})@")
 
 

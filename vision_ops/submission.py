@@ -107,13 +107,16 @@ def client(address: str | None) -> Any:
 
 
 def looks_secret(name: str) -> bool:
-    """Whether an environment variable's name says it holds a credential (SECRET_WORDS)."""
+    """Whether an environment variable's name says it holds a credential (SECRET_WORDS), a
+    word read also without its number or plural (DB_PASSWORD2, API_TOKENS, MY_SECRETS)."""
     words = re.split(r"[^A-Z0-9]+", name.upper())
     joined = "_".join(words)
+    stems = {word.rstrip("0123456789") for word in words}
+    stems |= {stem.removesuffix("S") for stem in stems}
     return (
         "CONNECTION_STRING" in joined
         or "CONN_STR" in joined
-        or any(word in SECRET_WORDS or word.endswith(SECRET_ENDINGS) for word in words)
+        or any(stem in SECRET_WORDS or stem.endswith(SECRET_ENDINGS) for stem in stems if stem)
     )
 
 
