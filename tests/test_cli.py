@@ -137,7 +137,7 @@ def test_the_log_level_comes_from_the_environment(tmp_path, monkeypatch, capsys,
     monkeypatch.setenv("VISION_OPS_LOG_LEVEL", "debug")
     with caplog.at_level(logging.NOTSET):
         assert main(["verify", str(tmp_path)]) == EXIT_FAILED
-        assert root.level == logging.DEBUG
+        assert (logging.getLogger("vision_ops").level, root.level) == (logging.DEBUG, logging.INFO)
     assert capsys.readouterr().err == "error: KeyError: 'files'\n"
     (failed,) = [r for r in caplog.records if r.message == "verify failed"]
     assert failed.levelno == logging.DEBUG and failed.exc_info[0] is KeyError
@@ -172,6 +172,24 @@ def test_a_bad_date_option_says_what_was_expected(argv: list[str], message: str,
         main(argv)
     assert exited.value.code == EXIT_BAD_SPEC
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_a_logged_traceback_has_its_credentials_masked() -> None:
+    """At DEBUG an unexpected error's traceback is logged: the URLs in it are masked as the
+    `error:` line's are."""
+    import logging
+    import sys
+
+    from vision_ops.cli import MaskedFormatter
+
+    try:
+        raise RuntimeError("cannot reach https://u:SECRET@h/x?X-Amz-Signature=SIG")
+    except RuntimeError:
+        record = logging.LogRecord("vision_ops", logging.DEBUG, "cli", 1, "run failed", None,
+                                   sys.exc_info())  # fmt: skip
+    line = MaskedFormatter("%(message)s").format(record)
+    assert "Traceback" in line and "https://***@h/x?***" in line
+    assert "SECRET" not in line and "SIG" not in line
 
 
 def test_an_error_quoting_a_url_masks_its_user_and_password(capsys) -> None:

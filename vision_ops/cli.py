@@ -70,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if level not in LOG_LEVELS:
         message = f"{LOG_LEVEL_VARIABLE}: expected one of {', '.join(LOG_LEVELS)}, found {level!r}"
         return _fail(ValueError(message), EXIT_BAD_SPEC)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)
+    _log_at(logging.getLevelName(level))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -80,6 +79,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # anything else: still a message and a failure, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
         return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
+
+
+class MaskedFormatter(logging.Formatter):
+    """Log lines, tracebacks included, with the credentials of any URL in them masked
+    (`storage.masked_credentials`), as the `error:` line is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return masked_credentials(super().format(record))
+
+
+def _log_at(level: int) -> None:
+    """Our loggers at `level`; the libraries' (botocore, urllib3, Ray ...) no lower than INFO,
+    whose DEBUG lines carry request headers. Every line through MaskedFormatter."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(MaskedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(handlers=[handler])  # where the process has not set up logging yet
+    logging.getLogger().setLevel(max(level, logging.INFO))
+    log.setLevel(level)
 
 
 def check_here(spec: JobSpec) -> None:

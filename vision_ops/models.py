@@ -524,8 +524,8 @@ def _built(builder: Callable[..., Any], **kwargs: Any) -> Any:
 
 def _entrypoint_built(entrypoint: str, kwargs: Mapping[str, Any]) -> Any:
     """`entrypoint(**kwargs)`. A keyword it does not take is a ModelError naming model.kwargs
-    (bound against its signature first); anything it raises itself names model.entrypoint, its
-    own error, not the keywords, being the cause."""
+    (bound against its signature first: the spec is wrong, exit 2); what it raises itself is
+    its own (a download that failed, a bug of its own: exit 1), never called the keywords'."""
     function = _entrypoint_function(entrypoint)
     try:
         inspect.signature(function).bind(**kwargs)
@@ -533,12 +533,7 @@ def _entrypoint_built(entrypoint: str, kwargs: Mapping[str, Any]) -> Any:
         raise ModelError(f"model.kwargs: {entrypoint}: {err}") from None
     except ValueError:  # no signature to read (a builtin): the call says
         pass
-    try:
-        return function(**kwargs)
-    except Exception as err:
-        raise ModelError(
-            f"model.entrypoint: {entrypoint} raised {type(err).__name__}: {err}"
-        ) from None
+    return function(**kwargs)
 
 
 def _weights_enum(architecture: str, name: str) -> Any:
