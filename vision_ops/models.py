@@ -94,9 +94,7 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
     """Everything about the model that can be checked without loading weights; ModelError if not."""
     if isinstance(spec, TorchvisionModel):
         builder = _torchvision_builder(spec.architecture, task)
-        if spec.weights and is_weights_enum_name(spec.weights):
-            _weights_enum(spec.architecture, spec.weights)
-        weights = _weights_of(spec)
+        weights = _weights_of(spec)  # the enum's name and its classes checked
         if spec.kwargs:  # built on the meta device: no memory, no weights, only the keywords
             with torch.device("meta"):
                 if weights is not None:
