@@ -584,16 +584,21 @@ def _records(data: bytes, extension: str) -> list[dict[str, Any]]:
 
 
 def _leading_comments(text: str) -> int:
-    """How many lines a CSV manifest starts with that are `#` comments or blank."""
-    lines = text.splitlines()
+    """How many lines a CSV manifest starts with that are `#` comments or blank (lines as
+    Arrow's CSV reader counts them, at each newline)."""
+    lines = text.split("\n")
     return next(
         (n for n, line in enumerate(lines) if line.strip() and not line.startswith("#")),
         len(lines),
     )
 
 
+def _without_leading_comments(text: str) -> str:
+    return "\n".join(text.split("\n")[_leading_comments(text) :])
+
+
 def _csv_records(text: str) -> list[dict[str, Any]]:
-    text = "\n".join(text.splitlines()[_leading_comments(text) :])
+    text = _without_leading_comments(text)
     rows = [row for row in csv.reader(io.StringIO(text)) if row]
     if not rows:
         return []
@@ -876,8 +881,9 @@ def _check_text(head: bytes, extension: str, base: dict[str, Any]) -> ManifestRe
         return ManifestRead(format="text", columns=("text",), header=False, **base)
     text = head.decode("utf-8-sig")
     comments = _leading_comments(text)
-    body = "\n".join(text.splitlines()[comments:])
-    first = next((row for row in csv.reader(io.StringIO(body)) if row), [])
+    first = next(
+        (row for row in csv.reader(io.StringIO(_without_leading_comments(text))) if row), []
+    )
     header = [name.strip().lower() for name in first]
     if set(header) & HEADER_COLUMNS:
         return ManifestRead(
