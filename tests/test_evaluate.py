@@ -16,7 +16,12 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from vision_ops.cli import EXIT_OK, main
-from vision_ops.evaluate import EvaluationError, evaluate_run, read_metrics
+from vision_ops.evaluate import (
+    EvaluationError,
+    classification_truth,
+    evaluate_run,
+    read_metrics,
+)
 from vision_ops.schema import DETECTION_SCHEMA, PREDICTION_SCHEMA, item_id
 from vision_ops.sink import ParquetSink, committed_run
 from vision_ops.tasks import get_task
@@ -151,6 +156,9 @@ def test_a_labels_table_is_read_trimmed_and_a_broken_one_is_refused(tmp_path: Pa
                    unlabelled)  # fmt: skip
     with pytest.raises(EvaluationError, match=f"^{unlabelled}: row 2 has no label$"):
         evaluate_run(str(table), str(unlabelled), "table")
+    numbered = tmp_path / "numbered.parquet"  # class ids as labels: 0 is one
+    pq.write_table(pa.table({"uri": ["s3://b/a.jpg"], "label": [0]}), numbered)
+    assert classification_truth([], str(numbered), "table", None)["s3://b/a.jpg"] == "0"
     twice = tmp_path / "twice.csv"
     twice.write_text("uri,label\ns3://b/a.jpg,cat\ns3://b/a.jpg,dog\n")
     with pytest.raises(EvaluationError) as refused:

@@ -306,7 +306,7 @@ def _labels(truth: str, records: list[dict[str, Any]]) -> dict[str, str]:
     the row where one has no URI or no label, or a URI is labelled twice, differently."""
     labels: dict[str, str] = {}
     for number, record in enumerate(records, start=1):
-        uri, label = (str(record[k] or "").strip() for k in ("uri", "label"))
+        uri, label = ("" if record[k] is None else str(record[k]).strip() for k in ("uri", "label"))
         if not uri or not label:
             raise EvaluationError(f"{truth}: row {number} has no {'label' if uri else 'uri'}")
         if labels.setdefault(uri, label) != label:
