@@ -144,7 +144,7 @@ def _cause(uri: str, options: StorageOptions) -> Exception | None:
 def scene_tile(dataset: Any, row: dict[str, Any], bands: Sequence[int] | None = None) -> np.ndarray:
     """RGB uint8 of a tile's window of its scene (an open rasterio dataset): `bands` in RGB
     order, or one band as grey (default: the first three, or the scene's one)."""
-    from vision_ops.raster import masked_out, no_data, read_tile, read_window
+    from vision_ops.raster import read_tile, read_window, valid_values
 
     window = tile_window(row)
     if window is None:
@@ -152,9 +152,7 @@ def scene_tile(dataset: Any, row: dict[str, Any], bands: Sequence[int] | None = 
     if bands is None:
         bands = [1, 2, 3] if dataset.count >= 3 else [1]
     values = read_window(dataset, window, bands, fill=np.nan)
-    missing = no_data(values, dataset.nodata)  # NaN past the edge is none either
-    masked = masked_out(dataset, bands[0], window)
-    inside = values[~(missing | masked[None])] if masked is not None else values[~missing]
+    inside = valid_values(dataset, values, bands, dataset.nodata, window)  # NaN past the edge: none
     low, high = np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0)
     pixels, _ = read_tile(dataset, window, bands, (float(low), float(max(high, low + 1))))
     return pixels

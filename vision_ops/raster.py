@@ -188,6 +188,24 @@ def _valid_mask(
     return inside & ~np.all(no_data(values, nodata), axis=0)
 
 
+def valid_values(
+    dataset: Any,
+    values: np.ndarray,
+    bands: Sequence[int],
+    nodata: float | None,
+    window: Window | None = None,
+    out_shape: Any = None,
+) -> np.ndarray:
+    """The values (bands, height, width) of `bands` read from `dataset` (of `window`, or the
+    whole scene at `out_shape`) that hold data: not `no_data`, not masked out by the file's
+    own mask (`masked_out`); what a stretch's percentiles are taken over."""
+    missing = no_data(values, nodata)
+    masked = masked_out(dataset, bands[0], window, out_shape)
+    if masked is not None:
+        missing |= masked[None]
+    return values[~missing]
+
+
 def no_data(values: np.ndarray, nodata: float | None) -> np.ndarray:
     """Where `values` hold no data: equal to `nodata` (a NaN nodata matches NaN, which never
     equals itself), or not finite (a float scene's NaN or infinity, whatever its nodata)."""

@@ -29,11 +29,10 @@ from vision_ops.raster import (
     RasterError,
     Scene,
     check_bands,
-    masked_out,
-    no_data,
     open_raster,
     read_tile,
     scene_header,
+    valid_values,
 )
 from vision_ops.schema import item_id
 from vision_ops.storage import StorageOptions
@@ -306,11 +305,7 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
     )
     values = dataset.read(indexes=list(tiling.bands), out_shape=(len(tiling.bands), *shape))
     nodata = tiling.nodata if tiling.nodata is not None else scene.nodata
-    missing = no_data(values, nodata)
-    masked = masked_out(dataset, tiling.bands[0], out_shape=shape)
-    if masked is not None:
-        missing |= masked[None]
-    valid = values[~missing]
+    valid = valid_values(dataset, values, tiling.bands, nodata, out_shape=shape)
     if valid.size == 0:
         return 0.0, 1.0
     low, high = np.percentile(valid.astype(np.float64), [low_pct, high_pct])
