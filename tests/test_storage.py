@@ -1,9 +1,11 @@
 """`vision_ops.storage`: a process that reads a table and exits at once exits with its own code
 (pyarrow's `read_table` on a file object left work running that aborted such a process at exit,
-apache/arrow#33975); a URL's user and password found wherever they hide."""
+apache/arrow#33975); a URL's user and password found wherever they hide; a local file replaced
+whole and flushed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
+from vision_ops import storage
 from vision_ops.storage import (
     holds_credentials,
     masked_credentials,
@@ -112,3 +116,27 @@ def test_every_url_in_an_error_has_its_credentials_masked() -> None:
         "cannot read https://b.s3.amazonaws.com/w.pt?*** (403); tried 's3://***@b/w.pt' and"
         " HTTPS://***@h/x, kept http://minio:9000/b/alice@x.com/a.png"
     )
+
+
+def test_a_replaced_local_file_flushes_its_bytes_then_its_folder_once_each(
+    tmp_path, monkeypatch
+) -> None:
+    """The temporary's bytes reach the disk before the rename, and the folder after it: no
+    other flush (the folder's before the rename is work a journal or manifest write repeats)."""
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def recorded(descriptor: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"old")
+    storage.replace_file(LocalFileSystem(), str(target), b"new")
+
+    assert target.read_bytes() == b"new"
+    assert [Path(path).parent for path in flushed] == [tmp_path, tmp_path.parent]
+    assert Path(flushed[0]).name.startswith("manifest.json") and flushed[0] != str(target)
+    assert flushed[1] == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

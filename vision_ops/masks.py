@@ -149,6 +149,12 @@ def mask_name(uri: str) -> str:
 MASK_FOLDER_PATTERN = "^.*/"
 
 
+def mask_folder_replacement(folder: str) -> str:
+    """What replaces `MASK_FOLDER_PATTERN` to name a mask in `folder`: the folder as a literal
+    in a regular expression's replacement (its backslashes escaped), ending with a slash."""
+    return folder.replace("\\", "\\\\") + "/"
+
+
 def adopt_masks(
     fs: AbstractFileSystem, table: pa.Table, earlier: dict[str, str], staged: str, final: str
 ) -> pa.Table:

@@ -21,7 +21,7 @@ from vision_ops import iceberg, runindex, sink
 from vision_ops.config import JobSpec, OutputSpec
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.lock import RunLock
-from vision_ops.masks import MASK_FOLDER_PATTERN
+from vision_ops.masks import MASK_FOLDER_PATTERN, mask_folder_replacement
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
 from vision_ops.runindex import ROW_COLUMNS, index_problems
@@ -156,7 +156,7 @@ def _parquet_sql(
     plain = [f["uri"] for run in runs if not run.get("masks_folder") for f in run["files"]]
     selects = [f"SELECT * FROM {_read_parquet(plain)}"] if plain else []
     for run in masked:
-        folder = sql_string(run["masks_folder"].replace("\\", "\\\\") + "/")  # a literal
+        folder = sql_string(mask_folder_replacement(run["masks_folder"]))
         mask_uri = f"regexp_replace(mask_uri, {sql_string(MASK_FOLDER_PATTERN)}, {folder})"
         source = _read_parquet([f["uri"] for f in run["files"]])
         selects.append(f"SELECT * REPLACE ({mask_uri} AS mask_uri) FROM {source}")

@@ -19,6 +19,7 @@ from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import (
     MASK_FOLDER_PATTERN,
     final_masks_folder,
+    mask_folder_replacement,
     staged_masks_folder,
     staging_folder,
 )
@@ -146,9 +147,8 @@ def masks_in_table(rows: pa.Table, manifest: dict[str, Any]) -> pa.Table:
     folder = manifest.get("masks_folder")
     if not folder or "mask_uri" not in rows.column_names:
         return rows
-    replacement = folder.replace("\\", "\\\\") + "/"  # a literal in the regex's replacement
     named = pc.replace_substring_regex(
-        rows["mask_uri"], pattern=MASK_FOLDER_PATTERN, replacement=replacement
+        rows["mask_uri"], pattern=MASK_FOLDER_PATTERN, replacement=mask_folder_replacement(folder)
     )
     return rows.set_column(rows.schema.get_field_index("mask_uri"), "mask_uri", named)
 

@@ -240,7 +240,7 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     temporary = f"{path}{TEMPORARY_INFIX}{uuid.uuid4().hex[:8]}"
     try:
         fs.pipe_file(temporary, data)
-        synced(fs, [temporary])  # its bytes on disk before a name points at them
+        _fsync(temporary)  # its bytes on disk before a name points at them
         fs.mv(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -256,11 +256,16 @@ def synced(fs: AbstractFileSystem, files: list[str], folders: list[str] | None =
     if not is_local(fs):
         return
     for path in [*files, *sorted({*(f.rpartition("/")[0] for f in files), *(folders or [])})]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _fsync(path)
+
+
+def _fsync(path: str) -> None:
+    """One local file's or folder's bytes flushed to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
