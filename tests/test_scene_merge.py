@@ -178,6 +178,28 @@ def test_a_box_two_tiles_score_alike_is_kept_in_the_same_tiles_row_whatever_the_
         assert [(row["tile_x"], row["num_detections"]) for row in merged] == [(0, 1), (72, 0)]
 
 
+def test_a_padded_tiles_boxes_are_cut_at_the_scenes_edge() -> None:
+    """The scene of tile_row is 200 x 100 and its tiles 128 high: rows 100..128 of each tile
+    and columns 200..200 + 72 of the right tile are padding. A box running into the padding
+    ends at the scene's edge, in pixels and in the CRS; one wholly in the padding is no
+    object of the scene and is dropped (the row's count with it)."""
+    from vision_ops.scenes import merge_scene
+    from vision_ops.schema import output_schema
+
+    across = entry(100, 80, 140, 120, 0.9)  # right tile: scene x 172..212, y 80..120
+    padding = entry(10, 105, 40, 125, 0.8)  # right tile, below the scene's last row
+    row = tile_row(72, [across, padding])
+    rows = pa.Table.from_pylist([row], schema=output_schema("detection", tiles=True))
+    identity = {"file:///scene.tif": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)}
+    (merged,) = merge_scene(rows, 0.5, None, identity).to_pylist()
+
+    assert merged["num_detections"] == 1
+    (box,) = merged["detections"]
+    sides = ("x_min", "y_min", "x_max", "y_max")
+    assert [box[side] for side in sides] == [172, 80, 200, 100]
+    assert [box[f"crs_{side}"] for side in sides] == [172, 80, 200, 100]
+
+
 def test_a_padded_tiles_mask_is_cut_at_the_scenes_edge() -> None:
     """A mask running past the scene (a padded edge tile) keeps only the scene's pixels; runs
     that go on from one column's bottom into the next column's top stay one run."""

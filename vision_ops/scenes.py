@@ -411,8 +411,9 @@ def merge_scene(
 ) -> pa.Table:
     """The per-scene reduce after inference, for detection over tiled scenes (`rows`: every
     tile row of one scene; `transforms`: each readable scene's pixel -> CRS affine): boxes
-    (and their masks or keypoints) move from tile to scene pixels, boxes to the CRS too, and
-    a box found again by a neighbouring tile (on a seam, in the overlap) is kept once, the
+    (and their masks or keypoints) move from tile to scene pixels, cut at the scene's edge (a
+    box wholly in a padded tile's padding is dropped), boxes to the CRS too, and a box found
+    again by a neighbouring tile (on a seam, in the overlap) is kept once, the
     best-scoring one, with its mask or keypoints. An unreadable scene (its error row) comes
     back as it is. The tiles are taken in their place's order, not as they arrived, so a box
     two tiles found with the same score is kept in the same tile's row on every run."""
@@ -421,9 +422,10 @@ def merge_scene(
     if transform is None:
         return rows
     boxes = [
-        (index, entry | _scene_box(entry, row))
+        (index, entry | box)
         for index, row in enumerate(records)
         for entry in (row["detections"] or [])
+        if _in_scene(box := _scene_box(entry, row))
     ]
     kept = [
         (index, entry | _scene_instance(entry, records[index]))
@@ -484,13 +486,22 @@ def crs_boxes(
 
 
 def _scene_box(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:
+    """A tile's box in scene pixels, cut at the scene's edge: a padded tile's box may run into
+    the padding past it (the mask is cut there too, `mask_in_scene`)."""
     x, y = row["tile_x"], row["tile_y"]
+    width, height = float(row["scene_width"]), float(row["scene_height"])
     return {
-        "x_min": entry["x_min"] + x,
-        "y_min": entry["y_min"] + y,
-        "x_max": entry["x_max"] + x,
-        "y_max": entry["y_max"] + y,
+        "x_min": min(max(entry["x_min"] + x, 0.0), width),
+        "y_min": min(max(entry["y_min"] + y, 0.0), height),
+        "x_max": min(max(entry["x_max"] + x, 0.0), width),
+        "y_max": min(max(entry["y_max"] + y, 0.0), height),
     }
+
+
+def _in_scene(box: dict[str, float]) -> bool:
+    """Whether a box cut at the scene's edge (`_scene_box`) holds any of the scene: one found
+    wholly in a padded tile's padding (no data) holds none."""
+    return box["x_max"] > box["x_min"] and box["y_max"] > box["y_min"]
 
 
 def mask_in_scene(
