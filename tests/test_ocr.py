@@ -204,6 +204,31 @@ def test_a_batch_reads_each_image_as_alone(reader) -> None:
         assert (line.polygon[:, 0] <= width - 1).all() and (line.polygon[:, 1] <= height - 1).all()
 
 
+def test_a_line_reads_the_same_whatever_its_batch_holds(reader) -> None:
+    """Short words alone, then beside an image of one long line: an image's crops are read in
+    calls of their own, never padded to another image's widest (a short word padded to
+    3,000 px read "Tootal" for "Total", and lost "7"), so a rerun or a resumed run that batches
+    the image otherwise writes the same rows."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    words = ["Total", "$12.50", "ID", "7", "Tax", "x2", "OK", "Fig.1", "CAT", "iPad", "5%"]
+    short = Image.new("RGB", (300, 40 * len(words)), "white")
+    for index, word in enumerate(words):
+        ImageDraw.Draw(short).text(
+            (15, 8 + 40 * index), word, fill="black", font=ImageFont.load_default(size=22)
+        )
+    long = Image.new("RGB", (3000, 200), "white")
+    ImageDraw.Draw(long).text(
+        (10, 20), "a very long line of text that goes on across the page " * 3, fill="black",
+        font=ImageFont.load_default(size=28),
+    )  # fmt: skip
+    (alone,) = reader.read([np.asarray(short)])
+    beside, _ = reader.read([np.asarray(short), np.asarray(long)])
+    assert [line.text for line in alone] == words
+    assert [line.text for line in beside] == words
+    assert [line.score for line in beside] == pytest.approx([line.score for line in alone])
+
+
 def test_a_spec_names_its_own_model_files_and_dictionary(reader, tmp_path) -> None:
     import shutil
 

@@ -421,8 +421,8 @@ def joined_text(texts: Sequence[str], rows: Sequence[Sequence[int]]) -> str:
 
 class TextReader:
     """A PP-OCR detector and recogniser (onnxruntime sessions) reading batches of images: the
-    detector runs on same-size groups, the recogniser on every line crop of the batch at once
-    (in chunks of similar widths, padded to the widest)."""
+    detector runs on same-size groups of the batch's images, the recogniser on each image's
+    line crops (in chunks of similar widths, padded to the widest)."""
 
     def __init__(
         self,
@@ -443,17 +443,21 @@ class TextReader:
             )
 
     def read(self, images: Sequence[np.ndarray]) -> list[list[Line]]:
-        """uint8 RGB (H, W, 3) images -> each image's lines, in reading order."""
-        found = self.detect(images)
-        owners = [i for i, boxes in enumerate(found) for _ in boxes]
-        quads = [box for boxes in found for box, _ in boxes]
-        crops = [line_crop(images[i], quad) for i, quad in zip(owners, quads, strict=True)]
-        recognised = self.recognize(crops)
-        lines: list[list[Line]] = [[] for _ in images]
-        for owner, quad, (text, score) in zip(owners, quads, recognised, strict=True):
-            if text.strip() and score >= self.settings.text_score:
-                lines[owner].append(Line(text, score, quad))
-        return [self._ordered(image_lines) for image_lines in lines]
+        """uint8 RGB (H, W, 3) images -> each image's lines, in reading order. Each image's
+        lines are recognised in calls of their own: a crop is padded to its call's widest,
+        and a wider pad reads a line otherwise, so an image's text never depends on which
+        images share its batch (a rerun, or a resumed run, batches it otherwise)."""
+        lines: list[list[Line]] = []
+        for image, boxes in zip(images, self.detect(images), strict=True):
+            quads = [quad for quad, _ in boxes]
+            recognised = self.recognize([line_crop(image, quad) for quad in quads])
+            kept = [
+                Line(text, score, quad)
+                for quad, (text, score) in zip(quads, recognised, strict=True)
+                if text.strip() and score >= self.settings.text_score
+            ]
+            lines.append(self._ordered(kept))
+        return lines
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[tuple[np.ndarray, float]]]:
         """Each image's text boxes (source pixels) and scores; images of one detector size run

@@ -466,8 +466,8 @@ class OcrTask(TaskSettings):
     rec_batch_size: int = Field(
         default=32,
         gt=0,
-        description="Text-line crops per recogniser call (all the lines of a batch of images, "
-        "by width, each call padded to its widest).",
+        description="Text-line crops per recogniser call (an image's lines, by width, each "
+        "call padded to its widest).",
     )
 
 
