@@ -120,6 +120,24 @@ def test_reading_order_groups_rows_by_vertical_overlap() -> None:
     assert joined_text(["c", "a", "b", "d"], rows) == "a\nb c\nd"
 
 
+@pytest.mark.parametrize("degrees", [2.5, -2.5])
+def test_a_skewed_pages_lines_are_rows_of_their_own_in_order(degrees: float) -> None:
+    """Four full-width lines 52 px apart on a page scanned 2.5 degrees off: each line's
+    upright box reaches more than half into the next one's height, but the next line lies
+    below it, not beside it, so each is a row of its own, top to bottom (they were joined
+    into rows of two, sorted by their left ends: line 2 before line 1)."""
+    turn = math.radians(degrees)
+    rotation = np.array([[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]])
+    centre = np.array([850.0, 200.0])
+    polygons = [
+        (quad(40, 100 + 52 * i, 1640, 135 + 52 * i) - centre) @ rotation.T + centre
+        for i in range(4)
+    ]
+    shuffled = [polygons[i] for i in (2, 0, 3, 1)]
+    assert reading_order(shuffled) == [[1], [3], [0], [2]]
+    assert joined_text(["3", "1", "4", "2"], reading_order(shuffled)) == "1\n2\n3\n4"
+
+
 def test_a_tall_crop_is_turned_to_read_left_to_right() -> None:
     image = np.zeros((100, 40, 3), dtype=np.uint8)
     image[:, :, 0] = np.arange(100, dtype=np.uint8)[:, None]  # red grows downwards

@@ -386,13 +386,21 @@ def ctc_decode(probs: np.ndarray, chars: Sequence[str]) -> list[tuple[str, float
 
 def reading_order(polygons: Sequence[np.ndarray]) -> list[list[int]]:
     """Line indices in reading order, grouped into rows: top to bottom, a line joining the row
-    it overlaps vertically by at least half the lower of the two heights, each row left to
+    it overlaps vertically by at least half the lower of the two heights and lies beside (no
+    line of the row spans half of its width or more: on a skewed page each line's upright
+    box reaches into the next line's, which lies below it, not beside), each row left to
     right."""
     tops = [float(p[:, 1].min()) for p in polygons]
     bottoms = [float(p[:, 1].max()) for p in polygons]
+    lefts = [float(p[:, 0].min()) for p in polygons]
+    rights = [float(p[:, 0].max()) for p in polygons]
+
+    def beside(a: int, b: int) -> bool:
+        overlap = min(rights[a], rights[b]) - max(lefts[a], lefts[b])
+        return overlap < 0.5 * min(rights[a] - lefts[a], rights[b] - lefts[b])
+
     rows: list[list[int]] = []
     spans: list[tuple[float, float]] = []
-    lefts = [float(p[:, 0].min()) for p in polygons]
     # ties broken by place, not by position in the list: the same rows from any order of the
     # lines (the table's rows are grouped again from the reader's order)
     by_height = sorted(
@@ -402,7 +410,9 @@ def reading_order(polygons: Sequence[np.ndarray]) -> list[list[int]]:
         top, bottom = tops[index], bottoms[index]
         for row, (row_top, row_bottom) in zip(rows, spans, strict=True):
             overlap = min(bottom, row_bottom) - max(top, row_top)
-            if overlap >= 0.5 * min(bottom - top, row_bottom - row_top):
+            if overlap >= 0.5 * min(bottom - top, row_bottom - row_top) and all(
+                beside(index, other) for other in row
+            ):
                 row.append(index)
                 break
         else:
