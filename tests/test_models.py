@@ -71,13 +71,15 @@ def direct_logits(module: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         return module((pixels - mean) / std)
 
 
+BASE = {"input": {"uris": ["/nowhere"]}, "output": {"uri": "/tmp/unused"}}
+
+
 def spec_for(model: dict, **task: object) -> object:
     return parse_spec(
         {
-            "input": {"uris": ["/nowhere"]},
+            **BASE,
             "task": {"kind": "classification", **task},
             "model": {"preprocessing": PREP, **model},
-            "output": {"uri": "/tmp/unused"},
         }
     )
 
@@ -311,6 +313,44 @@ def test_keywords_the_weights_or_the_architecture_refuse_fail_before_any_work(
         check_model(spec_for(model).model)
     assert str(refused.value) == message
     assert ResNet18_Weights.get_state_dict is WeightsEnum.get_state_dict  # as it was
+
+
+@pytest.mark.parametrize(
+    ("task", "model", "crop", "refusal"),
+    [
+        ("classification", {"architecture": "vit_b_16"}, 64, "Expected 224 but got 64"),
+        ("embedding", {"architecture": "vit_b_16"}, 64, "Expected 224 but got 64"),
+        ("classification", {"architecture": "maxvit_t"}, 64, "is invalid for input of size"),
+        ("classification", {"architecture": "inception_v3"}, 32, "Kernel size can't be greater"),
+        # the weights fix a ViT's image_size: 518 for vit_h_14's DEFAULT (SWAG), as they build
+        ("classification", {"architecture": "vit_h_14", "weights": "DEFAULT"}, 224, "518"),
+        ("classification", {"architecture": "vit_h_14", "weights": "DEFAULT"}, 518, None),
+        ("classification", {"architecture": "vit_b_16"}, 224, None),
+        ("embedding", {"architecture": "resnet18"}, 64, None),
+        ("embedding", {"architecture": "swin_t"}, 64, None),
+        ("classification", {"architecture": "regnet_y_400mf"}, 64, None),  # unchecked: no meta
+    ],
+)
+def test_a_crop_the_model_cannot_take_fails_before_any_work(
+    task: str, model: dict, crop: int, refusal: str | None
+) -> None:
+    """The model, built on the meta device as far as its weights, runs once on a meta batch of
+    one crop: a crop it refuses is a ModelError naming model.preprocessing.crop (every actor
+    failed at start-up with the model's own AssertionError or RuntimeError)."""
+    from vision_ops.models import check_job
+
+    preprocessing = PREP | {"resize": crop, "crop": crop}
+    spec = parse_spec(
+        {**BASE, "task": {"kind": task}, "model": model | {"preprocessing": preprocessing}}
+    )
+    if refusal is None:
+        check_job(spec, files=False)
+        return
+    with pytest.raises(ModelError) as refused:
+        check_job(spec, files=False)
+    message = str(refused.value)
+    assert message.startswith(f"model.preprocessing.crop: {model['architecture']} cannot take ")
+    assert f"{crop} x {crop}" in message and refusal in message
 
 
 def test_an_entrypoints_own_error_is_told_apart_from_keywords_it_does_not_take() -> None:

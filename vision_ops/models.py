@@ -10,10 +10,12 @@ import json
 import posixpath
 import re
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -95,12 +97,11 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
     if isinstance(spec, TorchvisionModel):
         builder = _torchvision_builder(spec.architecture, task)
         weights = _weights_of(spec)  # the enum's name and its classes checked
-        if spec.kwargs:  # built on the meta device: no memory, no weights, only the keywords
-            with torch.device("meta"):
-                if weights is not None:
-                    _built_until_its_weights(builder, weights, spec.kwargs)
-                else:
-                    _untrained(builder, spec, task)
+        fixed = get_task(task).input_size == "fixed"
+        if spec.kwargs or fixed:  # built on the meta device: no memory, no weights
+            skeleton = _meta_skeleton(builder, weights, spec, task)
+            if fixed and skeleton is not None:
+                _check_crop(skeleton, spec, task)
     elif isinstance(spec, EntrypointModel):
         _entrypoint_function(spec.entrypoint)
     adapter = getattr(spec, "adapter", None)
@@ -309,10 +310,11 @@ class _WeightsReached(Exception):
 
 def _built_until_its_weights(
     builder: Callable[..., Any], weights: Any, kwargs: Mapping[str, Any]
-) -> None:
+) -> torch.nn.Module | None:
     """Build `builder(weights=weights, **kwargs)` up to where it would fetch the weights (its
     state_dict is not downloaded): torchvision refuses keywords the weights fix otherwise
-    (num_classes, image_size) as it builds, so the real build, in every actor, would fail."""
+    (num_classes, image_size) as it builds, so the real build, in every actor, would fail.
+    The module built so far (found in the frame that asked for the weights); None if none."""
     enum = type(weights)
     own = enum.__dict__.get("get_state_dict")  # None: WeightsEnum's, inherited
 
@@ -321,14 +323,62 @@ def _built_until_its_weights(
 
     enum.get_state_dict = reached
     try:
-        _built(builder, weights=weights, **kwargs)
-    except _WeightsReached:
-        pass
+        return cast(torch.nn.Module | None, _built(builder, weights=weights, **kwargs))
+    except _WeightsReached as reach:
+        return _module_in_frames(reach.__traceback__)
     finally:
         if own is None:
             del enum.get_state_dict
         else:
             enum.get_state_dict = own
+
+
+def _module_in_frames(trace: TracebackType | None) -> torch.nn.Module | None:
+    """The module a frame of `trace` holds, the innermost frame first (a builder's `model`,
+    about to load its weights); None if none does."""
+    frames = []
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, torch.nn.Module):
+                return value
+    return None
+
+
+def _meta_skeleton(
+    builder: Callable[..., Any], weights: Any, spec: TorchvisionModel, task: str
+) -> torch.nn.Module | None:
+    """The model built on the meta device without its weights (its keywords checked as it
+    builds); None where the architecture cannot be built there (RegNet computes its widths
+    with tensors)."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # torchvision's init notices
+            if weights is not None:
+                return _built_until_its_weights(builder, weights, spec.kwargs)
+            return cast(torch.nn.Module, _untrained(builder, spec, task))
+    except NotImplementedError:
+        return None
+
+
+def _check_crop(skeleton: torch.nn.Module, spec: TorchvisionModel, task: str) -> None:
+    """ModelError where the model refuses the task's crops (a ViT takes its one image_size;
+    a network shrinks a small crop to nothing): the skeleton run once on a meta batch of one
+    crop. An operation the meta device cannot run leaves it unchecked."""
+    crop = cast(Preprocessing, resolve_preprocessing(spec, task)).crop
+    try:
+        with torch.no_grad():
+            skeleton.eval()(torch.zeros((1, 3, crop, crop), device="meta"))
+    except NotImplementedError:
+        return
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise ModelError(
+            f"model.preprocessing.crop: {spec.architecture} cannot take {crop} x {crop} "
+            f"crops ({err}); expected a crop it takes (model.preprocessing), or model.kwargs "
+            "that build it for this one"
+        ) from None
 
 
 @MODEL_KINDS.register("entrypoint")
