@@ -126,7 +126,11 @@ def test_minimal_spec_fills_every_default() -> None:
 @pytest.mark.parametrize(
     ("model", "kind"),
     [
-        ({"kind": "torchvision", "architecture": "resnet18", "weights_sha256": SHA}, "torchvision"),
+        (
+            {"kind": "torchvision", "architecture": "resnet18", "weights": "s3://m/w.pt"}
+            | {"weights_sha256": SHA},
+            "torchvision",
+        ),
         ({"kind": "torchscript", "uri": "s3://models/m.pt", "sha256": SHA}, "torchscript"),
         (
             {"kind": "entrypoint", "entrypoint": "my_pkg.models:build", "kwargs": {"depth": 3}},
@@ -924,6 +928,22 @@ def test_iceberg_catalog_uri_with_a_password_is_refused() -> None:
             {"truth": "s3://l/holdout.csv"},
             "evaluate: embedding runs cannot be scored; remove evaluate",
         ),
+        (  # meant "at most 10": a clean run of 0 error rows failed it (exit 5)
+            None,
+            {"truth": "s3://l/holdout.csv", "min": {"error_rows": 10}},
+            "evaluate.min.error_rows: error rows are failures, and a floor on them fails a run "
+            "with fewer",
+        ),
+        (  # a percentage: every night failed it
+            None,
+            {"truth": "s3://l/holdout.csv", "min": {"accuracy": 80}},
+            "evaluate.min.accuracy: 80.0 is no share; expected a value from 0 to 1",
+        ),
+        (
+            {"kind": "detection"},
+            {"truth": "s3://l/truth.json", "min": {"map": -0.1}},
+            "evaluate.min.map: -0.1 is no share; expected a value from 0 to 1",
+        ),
     ],
 )
 def test_an_evaluate_section_the_task_cannot_score_is_refused_before_the_run(
@@ -941,3 +961,58 @@ def test_a_uri_of_an_unknown_protocol_is_refused(field: str) -> None:
     value = "bogus://bucket/x"
     message = spec_error(with_value(field, [value] if field == "input.uris" else value))
     assert "bogus://bucket/x: unknown protocol bogus://; expected s3://, gs://, az://" in message
+
+
+def test_floors_a_run_can_meet_are_kept() -> None:
+    raw = with_value(
+        "evaluate", {"truth": "s3://l/h.csv", "min": {"accuracy": 1, "evaluated": 500}}
+    )
+    assert parse_spec(raw).evaluate.min == {"accuracy": 1.0, "evaluated": 500.0}
+
+
+@pytest.mark.parametrize(
+    ("model", "found"),
+    [
+        ({"architecture": "resnet18", "weights": "IMAGENET1K_V1"}, "IMAGENET1K_V1"),
+        ({"architecture": "resnet18"}, "not set"),
+        ({"kind": "entrypoint", "entrypoint": "vision_ops.zoo:efficientnet_lite0"}, "not set"),
+    ],
+)
+def test_a_weights_pin_without_a_weights_file_is_refused(model: dict, found: str) -> None:
+    """`weights_sha256` is compared with a weights file only: beside an enum name or nothing
+    it was never compared, and read as a pin kept."""
+    message = spec_error(with_value("model", model | {"weights_sha256": SHA}))
+    assert f"model.weights_sha256 pins a weights file; model.weights is {found}: " in message
+    kept = with_value("model", {"architecture": "resnet18", "weights": "s3://m/w.pt"})
+    kept["model"]["weights_sha256"] = SHA
+    assert parse_spec(kept).model.weights_sha256 == SHA
+
+
+@pytest.mark.parametrize(
+    "name", ["header.Authorization", "adls.connection-string", "header.Cookie", "header.X-Api-Key"]
+)
+def test_a_catalog_header_or_connection_string_is_a_credential(name: str) -> None:
+    """A REST catalog sends each `header.*` property as an HTTP header, and an Azure connection
+    string holds AccountKey=: the spec, shipped with a submitted job, would carry them."""
+    catalog = {"type": "rest", "uri": "https://cat.example", name: f"Bearer {TOKEN}"}
+    output = {"format": "iceberg", "uri": "s3://out/x", "table": "ns.t", "catalog": catalog}
+    message = spec_error(with_value("output", output))
+    assert f"catalog.{name} looks like a credential" in message and TOKEN not in message
+    catalog = {"type": "rest", "uri": "https://c", "header.X-Iceberg-Access-Delegation": "vended"}
+    assert parse_spec(with_value("output", output | {"catalog": catalog})).output.catalog
+
+
+@pytest.mark.parametrize("extension", ["*.png", ".ome.tif", "img/.png", "[jp]g"])
+def test_an_extension_that_would_match_no_name_is_refused(extension: str) -> None:
+    message = spec_error(with_value("input.extensions", [".jpg", extension]))
+    assert f"input.extensions: {extension!r}: expected a file extension such as .jpg" in message
+
+
+def test_a_list_as_a_yaml_key_is_a_spec_error_naming_its_line(tmp_path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("input:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value) == (
+        f"spec file {path}: not valid YAML: found a list or mapping as a key at line 2, column 5"
+    )

@@ -478,3 +478,41 @@ def test_a_classifiers_batch_it_fails_on_whole_is_error_rows_where_a_black_image
     classifier.module = device_lost  # type: ignore[assignment]
     with pytest.raises(RuntimeError, match="illegal memory access"):
         classifier({name: values[:1] for name, values in batch.items()})
+
+
+def test_fewer_labels_than_the_classifiers_outputs_fail_before_any_work(tmp_path) -> None:
+    """The outputs come from the model's run on the meta device (num_classes 12), the labels
+    from their file: 3 labels for 12 outputs were found by every actor at start-up."""
+    from vision_ops.models import check_job
+
+    three, twelve = tmp_path / "three.txt", tmp_path / "twelve.txt"
+    three.write_text("a\nb\nc\n")
+    twelve.write_text("".join(f"class {i}\n" for i in range(12)))
+    model = {"architecture": "resnet18", "num_classes": 12}
+    with pytest.raises(ModelError) as refused:
+        check_job(spec_for(model | {"labels": f"file://{three}"}))
+    assert str(refused.value) == "model.labels: the model has 12 outputs, found only 3 labels"
+    check_job(spec_for(model | {"labels": f"file://{twelve}"}))
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ([5000], "task.classes: no class id 5000; expected ids 0 to 90"),
+        ([-1], "task.classes: no class id -1; expected ids 0 to 90"),
+        ([], "task.classes: List should have at least 1 item after validation, not 0"),
+    ],
+)
+def test_a_detection_allow_list_that_keeps_nothing_fails_before_any_work(
+    classes: list, message: str
+) -> None:
+    """Every image came back with no boxes, each row `ok`."""
+    from vision_ops.config import SpecError
+    from vision_ops.models import check_job
+
+    raw = {**BASE, "task": {"kind": "detection", "classes": classes}}
+    raw["model"] = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn", "weights": "DEFAULT"}
+    with pytest.raises((ModelError, SpecError)) as refused:
+        check_job(parse_spec(raw), files=False)
+    assert message in str(refused.value)
+    check_job(parse_spec(raw | {"task": {"kind": "detection", "classes": [1, "dog"]}}), False)

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -365,7 +365,14 @@ class InputSpec(StrictModel):
     @field_validator("extensions")
     @classmethod
     def _normalise_extensions(cls, value: list[str]) -> list[str]:
-        """Lower case with a leading dot; "" stands for names without an extension."""
+        """Lower case with a leading dot; "" stands for names without an extension. A pattern
+        (`*.png`) or a suffix of two dots (`.ome.tif`) would match no name: refused."""
+        for ext in value:
+            if re.search(r"[*?\[\]/\\]", ext) or "." in ext.lstrip("."):
+                raise ValueError(
+                    f"{ext!r}: expected a file extension such as .jpg or tif (the part after "
+                    "a name's last dot; no wildcards, no folders)"
+                )
         return sorted({("." + ext.lstrip(".")).lower() if ext else "" for ext in value})
 
     @model_validator(mode="after")
@@ -409,6 +416,22 @@ class _ModelCommon(StrictModel):
     )
 
 
+# A torchvision weights enum member's name (DEFAULT, IMAGENET1K_V2), as `model.weights` takes it
+# beside a weights file's URI.
+WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+def _pins_a_file(weights: str | None, weights_sha256: str | None) -> None:
+    """ValueError where `weights_sha256` is given without a weights file to compare it with: a
+    pin never compared would read as one kept."""
+    if weights_sha256 and (weights is None or WEIGHTS_ENUM_NAME.match(weights)):
+        raise ValueError(
+            f"model.weights_sha256 pins a weights file; model.weights is {weights or 'not set'}: "
+            "expected the URI of a state_dict or checkpoint file (a weights enum's download is "
+            "checked by torchvision's own hash)"
+        )
+
+
 class TorchvisionModel(_ModelCommon):
     kind: Literal["torchvision"] = "torchvision"
     architecture: str = Field(description="A torchvision classification model name, e.g. resnet50.")
@@ -428,6 +451,11 @@ class TorchvisionModel(_ModelCommon):
         description="More torchvision builder arguments, e.g. {min_size: 512, max_size: 1024} "
         "for a detector's internal resize.",
     )
+
+    @model_validator(mode="after")
+    def _pinned_file(self) -> TorchvisionModel:
+        _pins_a_file(self.weights, self.weights_sha256)
+        return self
 
 
 class OutputAdapter(StrictModel):
@@ -470,7 +498,14 @@ class EntrypointModel(_ModelCommon):
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the function.")
     weights: Uri | None = Field(default=None, description="URI of a state_dict to load into it.")
-    weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a weights file of other hash."
+    )
+
+    @model_validator(mode="after")
+    def _pinned_file(self) -> EntrypointModel:
+        _pins_a_file(self.weights, self.weights_sha256)
+        return self
 
 
 class PpOcrModel(_ModelCommon):
@@ -765,9 +800,11 @@ def _sized(value: int | None, name: str) -> int:
 # Iceberg table identifiers: `namespace.table` (nested namespaces a.b.table).
 ICEBERG_TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 # Catalog property name parts that carry secrets (pyiceberg's `credential`, `token`,
-# `s3.secret-access-key`, `glue.session-token`, `adls.sas-token`, ...).
+# `s3.secret-access-key`, `glue.session-token`, `adls.sas-token`, `adls.connection-string`
+# (it holds AccountKey=), a REST catalog's `header.Authorization` ...).
 CATALOG_SECRET_PARTS = (
     "credential", "token", "secret", "password", "access-key", "account-key", "sas",
+    "connection-string", "authorization", "cookie", "api-key", "apikey",
 )  # fmt: skip
 
 
@@ -1022,6 +1059,7 @@ class JobSpec(StrictModel):
                 f"evaluate.min names {', '.join(unknown)}: expected one of "
                 f"{', '.join(task.metrics)}"
             )
+        _floors_that_can_hold(held.min)
         return self
 
     @model_validator(mode="after")
@@ -1095,6 +1133,27 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return parse_spec(raw)
 
 
+# Overall metrics that count rather than score: `evaluated` takes any floor; `error_rows`
+# none (a floor on failures fails a clean run: `vision-ops run --max-error-ratio` bounds them).
+# Every other metric is a share, in [0, 1].
+COUNTED_METRICS = ("evaluated", "error_rows")
+
+
+def _floors_that_can_hold(floors: dict[str, float]) -> None:
+    """ValueError for an `evaluate.min` floor no run can meet the way it was meant."""
+    if "error_rows" in floors:
+        raise ValueError(
+            "evaluate.min.error_rows: error rows are failures, and a floor on them fails a run "
+            "with fewer; expected no floor (`vision-ops run --max-error-ratio` bounds them)"
+        )
+    for name, floor in floors.items():
+        if name not in COUNTED_METRICS and not 0 <= floor <= 1:
+            raise ValueError(
+                f"evaluate.min.{name}: {floor} is no share; expected a value from 0 to 1 "
+                f"(e.g. 0.8 for 80%)"
+            )
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a mapping that names a key twice (the second would
     silently replace the first: two `runtime:` sections, say)."""
@@ -1103,6 +1162,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "found a list or mapping as a key", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"found {key!r} twice in one mapping", key_node.start_mark

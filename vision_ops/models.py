@@ -8,7 +8,6 @@ import inspect
 import io
 import json
 import posixpath
-import re
 import urllib.request
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ import torchvision
 
 from vision_ops.adapters import AdaptedDetector, OnnxModule, check_layout
 from vision_ops.config import (
+    WEIGHTS_ENUM_NAME,
     EntrypointModel,
     JobSpec,
     ModelSpec,
@@ -36,8 +36,6 @@ from vision_ops.errors import ModelError
 from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, missing_file, read_bytes
 from vision_ops.tasks import DetectionTask, get_task
-
-WEIGHTS_ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 def torchvision_architectures(task: str) -> list[str]:
@@ -92,8 +90,11 @@ def load_model(
     )
 
 
-def check_model(spec: ModelSpec, task: str = "classification") -> None:
-    """Everything about the model that can be checked without loading weights; ModelError if not."""
+def check_model(spec: ModelSpec, task: str = "classification") -> int | None:
+    """Everything about the model that can be checked without loading weights; ModelError if
+    not. The model's outputs per crop where a run on the meta device gave them (a fixed-size
+    torchvision model: a classifier's classes), else None."""
+    outputs = None
     if isinstance(spec, TorchvisionModel):
         builder = _torchvision_builder(spec.architecture, task)
         weights = _weights_of(spec)  # the enum's name and its classes checked
@@ -101,7 +102,7 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
         if spec.kwargs or fixed:  # built on the meta device: no memory, no weights
             skeleton = _meta_skeleton(builder, weights, spec, task)
             if fixed and skeleton is not None:
-                _check_crop(skeleton, spec, task)
+                outputs = _check_crop(skeleton, spec, task)
     elif isinstance(spec, EntrypointModel):
         _entrypoint_function(spec.entrypoint)
     adapter = getattr(spec, "adapter", None)
@@ -119,6 +120,7 @@ def check_model(spec: ModelSpec, task: str = "classification") -> None:
         except KeyError as err:
             raise ModelError(f"model.adapter.layout: {err.args[0]}") from None
     resolve_preprocessing(spec, task)
+    return outputs
 
 
 def check_job(spec: JobSpec, files: bool = True) -> None:
@@ -127,7 +129,7 @@ def check_job(spec: JobSpec, files: bool = True) -> None:
     on it (embedding: refused if the model's head cannot be found). `files=False` (a job
     submitted to a cluster whose storage this machine may not reach): the model's files are
     the cluster's to find."""
-    check_model(spec.model, spec.task.kind)
+    outputs = check_model(spec.model, spec.task.kind)
     if files:
         check_model_files(spec.model, spec.storage_options)
     if files or isinstance(spec.task, DetectionTask):  # read once: they may be in storage
@@ -135,7 +137,18 @@ def check_job(spec: JobSpec, files: bool = True) -> None:
         if isinstance(spec.task, DetectionTask):
             check_detector_labels(spec.model, labels)
             class_ids(spec.task.classes, labels)
+        elif spec.task.kind == "classification":
+            check_classifier_labels(outputs, labels)
     get_task(spec.task.kind).job_fields(spec)
+
+
+def check_classifier_labels(outputs: int | None, labels: list[str] | None) -> None:
+    """A classifier's labels name each of its `outputs` (more are allowed: a label set wider
+    than the head); ModelError where they are fewer, as each actor would find at start-up."""
+    if outputs is not None and labels is not None and len(labels) < outputs:
+        raise ModelError(
+            f"model.labels: the model has {outputs} outputs, found only {len(labels)} labels"
+        )
 
 
 def check_detector_labels(spec: ModelSpec, labels: list[str] | None) -> None:
@@ -363,22 +376,25 @@ def _meta_skeleton(
         return None
 
 
-def _check_crop(skeleton: torch.nn.Module, spec: TorchvisionModel, task: str) -> None:
+def _check_crop(skeleton: torch.nn.Module, spec: TorchvisionModel, task: str) -> int | None:
     """ModelError where the model refuses the task's crops (a ViT takes its one image_size;
     a network shrinks a small crop to nothing): the skeleton run once on a meta batch of one
-    crop. An operation the meta device cannot run leaves it unchecked."""
+    crop. Its outputs per crop (dimension 1); None where an operation the meta device cannot
+    run leaves it unchecked."""
     crop = cast(Preprocessing, resolve_preprocessing(spec, task)).crop
     try:
         with torch.no_grad():
-            skeleton.eval()(torch.zeros((1, 3, crop, crop), device="meta"))
+            output = skeleton.eval()(torch.zeros((1, 3, crop, crop), device="meta"))
     except NotImplementedError:
-        return
+        return None
     except (AssertionError, RuntimeError, ValueError) as err:
         raise ModelError(
             f"model.preprocessing.crop: {spec.architecture} cannot take {crop} x {crop} "
             f"crops ({err}); expected a crop it takes (model.preprocessing), or model.kwargs "
             "that build it for this one"
         ) from None
+    logits = output["out"] if isinstance(output, dict) else output
+    return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.ndim >= 2 else None
 
 
 @MODEL_KINDS.register("entrypoint")
@@ -522,6 +538,11 @@ def class_ids(
     if unknown:
         known = ", ".join(list(by_name)[:12]) or "none: the model has no labels, use ids"
         raise ModelError(f"task.classes: no label {unknown[0]!r}; expected one of {known}, ...")
+    ids = [c for c in classes if isinstance(c, int)]
+    outside = [c for c in ids if c < 0 or (labels is not None and c >= len(labels))]
+    if outside:
+        top = f"0 to {len(labels) - 1}" if labels is not None else "0 or more"
+        raise ModelError(f"task.classes: no class id {outside[0]}; expected ids {top}")
     return frozenset(c if isinstance(c, int) else by_name[c] for c in classes)
 
 

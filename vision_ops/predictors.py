@@ -27,7 +27,7 @@ from vision_ops.detection import (
 from vision_ops.device_decode import model_inputs
 from vision_ops.errors import ModelError
 from vision_ops.host_memory import retain_freed_memory
-from vision_ops.models import LoadedModel, class_ids, load_model
+from vision_ops.models import LoadedModel, check_classifier_labels, class_ids, load_model
 from vision_ops.schema import (
     DETECTIONS,
     INSTANCE_COLUMN,
@@ -384,12 +384,7 @@ class Classifier(Predictor):
         return int(logits.shape[1])
 
     def _check_labels(self) -> None:
-        labels = self.model.labels
-        if labels is not None and len(labels) < self.num_classes:
-            raise ModelError(
-                f"model.labels: the model has {self.num_classes} outputs, found only "
-                f"{len(labels)} labels"
-            )
+        check_classifier_labels(self.num_classes, self.model.labels)
 
 
 class Detector(Predictor):

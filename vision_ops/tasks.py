@@ -322,7 +322,9 @@ class DetectionTask(TaskSettings):
         default=100, gt=0, description="Keep at most this many boxes per image, best first."
     )
     classes: list[str | int] | None = Field(
-        default=None, description="Allow-list of labels (names or ids); null keeps every class."
+        default=None,
+        min_length=1,
+        description="Allow-list of labels (names or ids); null keeps every class.",
     )
     nms_iou: float | None = Field(
         default=None, gt=0, le=1, description="NMS IoU threshold; null keeps the model's own."
