@@ -1016,3 +1016,23 @@ def test_a_list_as_a_yaml_key_is_a_spec_error_naming_its_line(tmp_path) -> None:
     assert str(caught.value) == (
         f"spec file {path}: not valid YAML: found a list or mapping as a key at line 2, column 5"
     )
+
+
+def test_every_field_of_every_section_is_described() -> None:
+    """The house rule (config is data, every field described): `validate`'s messages and the
+    spec's JSON schema tell a user what each field means."""
+    import inspect
+
+    from vision_ops import tasks
+
+    undescribed = [
+        f"{model.__name__}.{name}"
+        for module in (config, tasks)
+        for model in vars(module).values()
+        if inspect.isclass(model)
+        and issubclass(model, pydantic.BaseModel)
+        and model.__module__ == module.__name__
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert undescribed == []

@@ -433,7 +433,10 @@ def _pins_a_file(weights: str | None, weights_sha256: str | None) -> None:
 
 
 class TorchvisionModel(_ModelCommon):
-    kind: Literal["torchvision"] = "torchvision"
+    kind: Literal["torchvision"] = Field(
+        default="torchvision",
+        description="A torchvision architecture, with weights from its enum or a file.",
+    )
     architecture: str = Field(description="A torchvision classification model name, e.g. resnet50.")
     weights: Uri | None = Field(
         default=None,
@@ -472,9 +475,13 @@ class OutputAdapter(StrictModel):
 
 
 class TorchScriptModel(_ModelCommon):
-    kind: Literal["torchscript"] = "torchscript"
+    kind: Literal["torchscript"] = Field(
+        default="torchscript", description="A torch.jit.save file."
+    )
     uri: Uri = Field(description="URI of a TorchScript file (torch.jit.save).")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a file of other hash."
+    )
     adapter: OutputAdapter | None = Field(
         default=None,
         description="A detector outside torchvision: decode its raw output with this adapter.",
@@ -482,16 +489,23 @@ class TorchScriptModel(_ModelCommon):
 
 
 class OnnxModel(_ModelCommon):
-    kind: Literal["onnx"] = "onnx"
+    kind: Literal["onnx"] = Field(
+        default="onnx",
+        description="An ONNX detector run with onnxruntime, its output decoded by `adapter`.",
+    )
     uri: Uri = Field(description="URI of an ONNX detector, run with onnxruntime.")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a file of other hash."
+    )
     adapter: OutputAdapter = Field(
         default_factory=OutputAdapter, description="How to decode the model's raw output."
     )
 
 
 class EntrypointModel(_ModelCommon):
-    kind: Literal["entrypoint"] = "entrypoint"
+    kind: Literal["entrypoint"] = Field(
+        default="entrypoint", description="A function returning a torch.nn.Module."
+    )
     entrypoint: str = Field(
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="`package.module:function` returning a torch.nn.Module.",
@@ -509,7 +523,10 @@ class EntrypointModel(_ModelCommon):
 
 
 class PpOcrModel(_ModelCommon):
-    kind: Literal["ppocr"] = "ppocr"
+    kind: Literal["ppocr"] = Field(
+        default="ppocr",
+        description="A PP-OCR detector and recogniser pair (ONNX) with its dictionary.",
+    )
     detector: Uri | None = Field(
         default=None,
         description="URI of a PP-OCR DB text detector (ONNX); defaults to the PP-OCRv4 detector "
@@ -966,16 +983,23 @@ class EvaluateSpec(StrictModel):
 
 
 class JobSpec(StrictModel):
-    input: InputSpec
+    input: InputSpec = Field(description="What to read: files, folders, globs or a manifest.")
     task: SerializeAsAny[TaskSettings] = Field(
         default_factory=lambda: task_settings({}),
         description="What to predict: `kind` names a registered task (default: classification); "
         "the rest are that task's settings.",
     )
-    model: ModelSpec
-    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
-    output: OutputSpec
-    run: RunSpec = Field(default_factory=RunSpec)
+    model: ModelSpec = Field(description="The model: `kind` names how it is built and loaded.")
+    runtime: RuntimeSpec = Field(
+        default_factory=RuntimeSpec, description="The actor pool, batches and decoding."
+    )
+    output: OutputSpec = Field(
+        description="Where the rows go: a Parquet table or an Iceberg table."
+    )
+    run: RunSpec = Field(
+        default_factory=RunSpec,
+        description="The run's identity (id, date) and whether it skips units committed before.",
+    )
     evaluate: EvaluateSpec | None = Field(
         default=None,
         description="A labelled hold-out the scheduled job scores each run against, with the "

@@ -268,7 +268,9 @@ def untrained(architecture: str, **fields: Any) -> dict[str, Any]:
 
 
 class ClassificationTask(TaskSettings):
-    kind: Literal["classification"] = "classification"
+    kind: Literal["classification"] = Field(
+        default="classification", description="Top-k labels per image."
+    )
     top_k: int = Field(default=5, gt=0, le=1000, description="Labels kept per image.")
 
 
@@ -314,7 +316,9 @@ BOXES_VIEW = """
 
 
 class DetectionTask(TaskSettings):
-    kind: Literal["detection"] = "detection"
+    kind: Literal["detection"] = Field(
+        default="detection", description="Boxes per image, in source pixels."
+    )
     score_threshold: float = Field(
         default=0.5, ge=0, le=1, description="Keep boxes scoring at least this."
     )
@@ -381,7 +385,10 @@ PIXELS_VIEW = """
 
 
 class SegmentationTask(TaskSettings):
-    kind: Literal["segmentation"] = "segmentation"
+    kind: Literal["segmentation"] = Field(
+        default="segmentation",
+        description="A class per pixel: a mask per image and its class fractions.",
+    )
     masks: bool = Field(
         default=True,
         description="Write each unit's class mask beside the table (PNG; GeoTIFF for the tiles "
@@ -442,7 +449,9 @@ def _ocr_summary(table: pa.Table) -> Summary:
 
 
 class OcrTask(TaskSettings):
-    kind: Literal["ocr"] = "ocr"
+    kind: Literal["ocr"] = Field(
+        default="ocr", description="The text lines per image, with their polygons."
+    )
     det_threshold: float = Field(
         default=0.3, gt=0, lt=1, description="Detector probability at which a pixel is text."
     )
@@ -509,7 +518,10 @@ class EmbeddingTask(TaskSettings):
     """Each unit's pooled features from a classifier without its head, L2-normalised
     (vision_ops.embedding_predictor says how the head is removed per architecture family)."""
 
-    kind: Literal["embedding"] = "embedding"
+    kind: Literal["embedding"] = Field(
+        default="embedding",
+        description="One L2-normalised vector per image (the model without its head).",
+    )
 
 
 register(
