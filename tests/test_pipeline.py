@@ -325,3 +325,18 @@ def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp
     with pytest.raises(ClusterTooSmall, match=r"min_actors=2 .* expected min_actors <= 1"):
         run_job(spec)
     assert not output.exists()
+
+
+def test_a_table_inside_the_input_folder_is_never_its_own_input(
+    ray_local, photo_dir, direct_top_k
+):
+    """The table lies in the folder the run lists, and every extension is kept: the second
+    run lists the photos only, not the first run's part files, manifest and index (they
+    became error rows and inputs the promise counted)."""
+    output = photo_dir / "predictions"
+    spec = job([str(photo_dir)], str(output), input={"uris": [str(photo_dir)], "extensions": []})
+    first = run_job(spec)
+    second = run_job(spec.model_copy(update={"run": spec.run.model_copy(update={"id": "again"})}))
+    assert first.inputs == second.inputs == len(direct_top_k)
+    rows = pq.read_table(output / "run_date=2026-11-24", filters=[("run_id", "=", "again")])
+    assert_matches_direct(rows.to_pylist(), direct_top_k)

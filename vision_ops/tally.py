@@ -230,6 +230,11 @@ def rows_without(block: pa.Table, uris: Collection[str]) -> pa.Table:
     return block.filter(pc.invert(pc.is_in(block["source_uri"], value_set=named)))
 
 
+def rows_outside(block: pa.Table, folder: str) -> pa.Table:
+    """The rows of a listing block whose URI is not under `folder` (a URI ending in /)."""
+    return block.filter(pc.invert(pc.starts_with(block["source_uri"], folder)))
+
+
 @dataclass
 class ListingSummary:
     """What one pass over a listing's blocks (`summarise_block`) adds up to: the inputs'

@@ -29,6 +29,7 @@ from vision_ops.tally import (
     RepeatFinder,
     Tally,
     rows_in_buckets,
+    rows_outside,
     rows_with_hashes,
     rows_without,
     summarise_block,
@@ -72,11 +73,18 @@ class Listing:
 BLOCKWISE: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": LISTING_BLOCK_ROWS}
 
 
-def list_listing(spec: InputSpec, inputs: InputPlan, options: StorageOptions) -> Listing:
+def list_listing(
+    spec: InputSpec, inputs: InputPlan, options: StorageOptions, table: str | None = None
+) -> Listing:
     """The planned inputs into the object store: the driver's table, s3:// listings a page
     at a time (blocks put as they come), a manifest read by Ray Data where it lies; a URI
-    that more than one of them names (or a manifest twice) is kept once, the first part's."""
+    that more than one of them names (or a manifest twice) is kept once, the first part's.
+    Nothing under the folder `table` (the output's, as a canonical URI ending in /): a table
+    inside an input folder would otherwise list its own part files and masks as inputs."""
     parts = _listing_parts(inputs, options)
+    if table is not None:
+        outside = functools.partial(rows_outside, folder=table)
+        parts = [part.map_batches(outside, **BLOCKWISE) for part in parts]
     dataset = _union(parts)
     summary = summarise(dataset, find_repeats=inputs.parts > 1 or inputs.manifest is not None)
     repeated = summary.repeats.repeated() if summary.repeats is not None else set()
