@@ -327,9 +327,7 @@ def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp
     assert not output.exists()
 
 
-def test_a_table_inside_the_input_folder_is_never_its_own_input(
-    ray_local, photo_dir, direct_top_k
-):
+def test_a_table_inside_the_input_folder_is_never_its_own_input(ray_local, photo_dir, direct_top_k):
     """The table lies in the folder the run lists, and every extension is kept: the second
     run lists the photos only, not the first run's part files, manifest and index (they
     became error rows and inputs the promise counted)."""
