@@ -411,3 +411,16 @@ def test_console_script_runs_on_a_two_node_cluster_from_ray_address(spec_file, t
     assert "Started a local Ray instance" not in done.stderr
     table = pq.read_table(next((tmp_path / "table").glob("run_date=*")))
     assert sorted(table["status"].to_pylist()) == ["error", "ok", "ok"]
+
+
+def test_validate_counts_the_inputs_as_a_run_lists_them(spec_file, capsys) -> None:
+    """A table inside the input folder: its files are no inputs, in validate's count too."""
+    spec = yaml.safe_load(spec_file.read_text())
+    photos = Path(spec["input"]["uris"][0])
+    spec["output"]["uri"] = str(photos / "table")
+    (photos / "table" / "run_date=2026-01-01").mkdir(parents=True)
+    (photos / "table" / "run_date=2026-01-01" / "mask.png").write_bytes(b"png")
+    (photos / "tables.png").write_bytes(b"png")  # beside the table, not in it: an input
+    spec_file.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(spec_file), "--list-inputs"]) == EXIT_OK
+    assert "inputs: 4" in capsys.readouterr().out

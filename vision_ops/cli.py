@@ -39,6 +39,7 @@ from vision_ops.errors import (
 from vision_ops.storage import (
     CREDENTIALS_IN_URI,
     StorageOptions,
+    folder_uri,
     holds_credentials,
     masked_credentials,
 )
@@ -200,12 +201,14 @@ def validate(spec: JobSpec, args: argparse.Namespace) -> int:
         return EXIT_CLUSTER_TOO_SMALL
     if args.list_inputs:
         from vision_ops.sources import SourceError, list_inputs
+        from vision_ops.tally import rows_outside
 
         try:
             listing = list_inputs(spec.input, spec.storage_options)
         except (SourceError, OSError) as err:
             return _fail(err, EXIT_BAD_SPEC)
-        print(f"inputs: {listing.num_rows}")
+        table = folder_uri(spec.output.uri, spec.storage_options)
+        print(f"inputs: {rows_outside(listing, table).num_rows}")  # as a run lists them
     return EXIT_OK
 
 

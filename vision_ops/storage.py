@@ -273,6 +273,12 @@ def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
     return str(fs.unstrip_protocol(path))
 
 
+def folder_uri(uri: str, options: StorageOptions | None = None) -> str:
+    """A folder's full URL as a listing names what it holds (`canonical_uri`), ending in /."""
+    fs, path = filesystem(uri, options)
+    return canonical_uri(fs, path.rstrip("/")) + "/"
+
+
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(uri, options)
     return bytes(fs.cat_file(path))

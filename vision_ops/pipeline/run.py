@@ -32,7 +32,7 @@ from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
 from vision_ops.sources import plan_inputs
-from vision_ops.storage import canonical_uri, filesystem, require_bucket
+from vision_ops.storage import folder_uri, require_bucket
 from vision_ops.tally import ExpectedUnits
 from vision_ops.tasks import DetectionTask, get_task
 
@@ -92,8 +92,9 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     spec = spec.sized(plan.num_gpus)
+    table = folder_uri(spec.output.uri, spec.storage_options)  # its files are never inputs
     with clock.stage("listing"):
-        listing = list_listing(spec.input, inputs, spec.storage_options, table_folder(spec))
+        listing = list_listing(spec.input, inputs, spec.storage_options, table)
     require_bucket(spec.output.uri, spec.storage_options)
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         listed = listing.count
@@ -389,10 +390,3 @@ class PredictRows:
     def __call__(self, batch: dict[str, Any]) -> pa.Table | dict[str, Any]:
         predictions = self.predict(batch) | self.startup.columns(len(batch["status"]))
         return self.to_rows(predictions) if self.to_rows else predictions
-
-
-def table_folder(spec: JobSpec) -> str:
-    """The output's folder as the listing names files (a canonical URI ending in /): what lies
-    under it is the table's own (part files, masks, manifests), never an input."""
-    fs, path = filesystem(spec.output.uri, spec.storage_options)
-    return canonical_uri(fs, path.rstrip("/")) + "/"
