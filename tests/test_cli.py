@@ -424,3 +424,23 @@ def test_validate_counts_the_inputs_as_a_run_lists_them(spec_file, capsys) -> No
     spec_file.write_text(yaml.safe_dump(spec))
     assert main(["validate", str(spec_file), "--list-inputs"]) == EXIT_OK
     assert "inputs: 4" in capsys.readouterr().out
+
+
+def test_a_table_around_the_inputs_keeps_them(spec_file, capsys) -> None:
+    """The table at the inputs' parent (a bucket's root): the inputs asked for are kept."""
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["output"]["uri"] = str(Path(spec["input"]["uris"][0]).parent)
+    spec_file.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(spec_file), "--list-inputs"]) == EXIT_OK
+    assert "inputs: 3" in capsys.readouterr().out
+
+
+def test_the_table_apart_from_the_inputs_is_found_in_any_form() -> None:
+    from vision_ops.config import InputSpec
+    from vision_ops.sources import table_apart
+
+    photos = InputSpec(uris=["s3://lake/images/", "s3://lake/more/*.jpg"])
+    assert table_apart(photos, "s3://lake/images/table", {}) == "s3://lake/images/table/"
+    assert table_apart(photos, "s3://lake/images2", {}) == "s3://lake/images2/"
+    assert table_apart(photos, "s3://lake", {}) is None  # around the inputs: none left out
+    assert table_apart(photos, "s3://lake/more/", {}) is None

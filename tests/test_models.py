@@ -499,7 +499,7 @@ def test_fewer_labels_than_the_classifiers_outputs_fail_before_any_work(tmp_path
     ("classes", "message"),
     [
         ([5000], "task.classes: no class id 5000; expected ids 0 to 90"),
-        ([-1], "task.classes: no class id -1; expected ids 0 to 90"),
+        ([-1], "task.classes: no class id -1; expected ids 0 or more"),
         ([], "task.classes: List should have at least 1 item after validation, not 0"),
     ],
 )
@@ -516,3 +516,31 @@ def test_a_detection_allow_list_that_keeps_nothing_fails_before_any_work(
         check_job(parse_spec(raw), files=False)
     assert message in str(refused.value)
     check_job(parse_spec(raw | {"task": {"kind": "detection", "classes": [1, "dog"]}}), False)
+
+
+def test_a_labels_file_may_name_only_some_of_a_detectors_ids(tmp_path) -> None:
+    """Ids a labels file leaves out are named by their number (`schema.label_names`): an
+    allow-list may keep them; only a torchvision model's own class count bounds them."""
+    from vision_ops.models import check_job
+
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"0": "person", "2": "car"}')
+    model = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn", "labels": f"file://{labels}"}
+    raw = {**BASE, "task": {"kind": "detection", "classes": [7, "car"]}, "model": model}
+    check_job(parse_spec(raw))
+
+
+def test_segmenters_outputs_are_the_segmenters_not_their_backbones() -> None:
+    """The meta build stops where the weights load; the module taken is the builder's `model`
+    (21 classes), not the ImageNet backbone it built first (1000)."""
+    raw = {**BASE, "task": {"kind": "segmentation"}}
+    raw["model"] = {"architecture": "fcn_resnet50", "weights": "DEFAULT"}
+    assert check_model(parse_spec(raw).model, "segmentation") == 21
+
+
+def test_weights_without_a_classifier_are_refused() -> None:
+    with pytest.raises(ModelError) as refused:
+        check_model(spec_for({"architecture": "vgg16", "weights": "IMAGENET1K_FEATURES"}).model)
+    assert str(refused.value).startswith(
+        "model.weights: IMAGENET1K_FEATURES of vgg16 holds no classifier (its features only)"
+    )

@@ -39,7 +39,6 @@ from vision_ops.errors import (
 from vision_ops.storage import (
     CREDENTIALS_IN_URI,
     StorageOptions,
-    folder_uri,
     holds_credentials,
     masked_credentials,
 )
@@ -200,15 +199,14 @@ def validate(spec: JobSpec, args: argparse.Namespace) -> int:
     if args.cluster and _plan_on_cluster(spec, args.cluster) != EXIT_OK:
         return EXIT_CLUSTER_TOO_SMALL
     if args.list_inputs:
-        from vision_ops.sources import SourceError, list_inputs
-        from vision_ops.tally import rows_outside
+        from vision_ops.sources import SourceError, list_inputs, table_apart
 
         try:
-            listing = list_inputs(spec.input, spec.storage_options)
+            table = table_apart(spec.input, spec.output.uri, spec.storage_options)
+            listing = list_inputs(spec.input, spec.storage_options, table)
         except (SourceError, OSError) as err:
             return _fail(err, EXIT_BAD_SPEC)
-        table = folder_uri(spec.output.uri, spec.storage_options)
-        print(f"inputs: {rows_outside(listing, table).num_rows}")  # as a run lists them
+        print(f"inputs: {listing.num_rows}")
     return EXIT_OK
 
 

@@ -136,7 +136,7 @@ def check_job(spec: JobSpec, files: bool = True) -> None:
         labels = resolve_labels(spec.model, spec.storage_options)
         if isinstance(spec.task, DetectionTask):
             check_detector_labels(spec.model, labels)
-            class_ids(spec.task.classes, labels)
+            check_class_ids(spec.task.classes, spec.model, labels)
         elif spec.task.kind == "classification":
             check_classifier_labels(outputs, labels)
     get_task(spec.task.kind).job_fields(spec)
@@ -149,6 +149,31 @@ def check_classifier_labels(outputs: int | None, labels: list[str] | None) -> No
         raise ModelError(
             f"model.labels: the model has {outputs} outputs, found only {len(labels)} labels"
         )
+
+
+def check_class_ids(
+    classes: Sequence[str | int] | None, spec: ModelSpec, labels: list[str] | None
+) -> None:
+    """The allow-list's ids and names (`class_ids`), its ids within a torchvision detector's
+    classes where the spec fixes their count (its weights' categories, or num_classes): an id
+    past them keeps no box. Another model's labels file may name only some of its ids."""
+    ids = class_ids(classes, labels) or frozenset()
+    count = _torchvision_classes(spec)
+    if count is not None and ids and max(ids) >= count:
+        raise ModelError(
+            f"task.classes: no class id {max(ids)}; expected ids 0 to {count - 1} (the model's "
+            f"{count} classes)"
+        )
+
+
+def _torchvision_classes(spec: ModelSpec) -> int | None:
+    """A torchvision model's class count where the spec fixes it, else None."""
+    if not isinstance(spec, TorchvisionModel):
+        return None
+    if spec.num_classes is not None:
+        return spec.num_classes
+    weights = _weights_of(spec)
+    return len(weights.meta["categories"]) if weights is not None else None
 
 
 def check_detector_labels(spec: ModelSpec, labels: list[str] | None) -> None:
@@ -308,6 +333,11 @@ def _weights_of(spec: TorchvisionModel) -> Any:
     if not (spec.weights and is_weights_enum_name(spec.weights)):
         return None
     weights = _weights_enum(spec.architecture, spec.weights)
+    if not weights.meta.get("categories"):
+        raise ModelError(
+            f"model.weights: {spec.weights} of {spec.architecture} holds no classifier (its "
+            "features only); expected weights with their classes, or a weights file"
+        )
     classes = len(weights.meta["categories"])
     if spec.num_classes not in (None, classes):
         raise ModelError(
@@ -347,16 +377,16 @@ def _built_until_its_weights(
 
 
 def _module_in_frames(trace: TracebackType | None) -> torch.nn.Module | None:
-    """The module a frame of `trace` holds, the innermost frame first (a builder's `model`,
-    about to load its weights); None if none does."""
+    """The module a frame of `trace` names `model`, the innermost frame first (a torchvision
+    builder's, about to load its weights); None if none does."""
     frames = []
     while trace is not None:
         frames.append(trace.tb_frame)
         trace = trace.tb_next
-    for frame in reversed(frames):
-        for value in frame.f_locals.values():
-            if isinstance(value, torch.nn.Module):
-                return value
+    for frame in reversed(frames):  # the builder's `model` (a segmenter builds its backbone,
+        found = frame.f_locals.get("model")  # a classifier, first)
+        if isinstance(found, torch.nn.Module):
+            return found
     return None
 
 
@@ -538,11 +568,9 @@ def class_ids(
     if unknown:
         known = ", ".join(list(by_name)[:12]) or "none: the model has no labels, use ids"
         raise ModelError(f"task.classes: no label {unknown[0]!r}; expected one of {known}, ...")
-    ids = [c for c in classes if isinstance(c, int)]
-    outside = [c for c in ids if c < 0 or (labels is not None and c >= len(labels))]
-    if outside:
-        top = f"0 to {len(labels) - 1}" if labels is not None else "0 or more"
-        raise ModelError(f"task.classes: no class id {outside[0]}; expected ids {top}")
+    negative = [c for c in classes if isinstance(c, int) and c < 0]
+    if negative:
+        raise ModelError(f"task.classes: no class id {negative[0]}; expected ids 0 or more")
     return frozenset(c if isinstance(c, int) else by_name[c] for c in classes)
 
 

@@ -40,6 +40,7 @@ from vision_ops.storage import (
     StorageOptions,
     canonical_uri,
     filesystem,
+    folder_uri,
     holds_credentials,
     masked_url,
     protocol_of,
@@ -69,14 +70,18 @@ class SourceError(VisionOpsError, ValueError):
     exit_code = EXIT_BAD_SPEC
 
 
-def list_inputs(spec: InputSpec, options: StorageOptions | None = None) -> pa.Table:
+def list_inputs(
+    spec: InputSpec, options: StorageOptions | None = None, table: str | None = None
+) -> pa.Table:
     """Every input the spec names, once, sorted by URI, filtered by extension, in one table
-    on this process (`plan_inputs` is what a run uses: it leaves large listings where they are).
+    on this process (`plan_inputs` is what a run uses: it leaves large listings where they are);
+    what `uris` list under the folder `table` (`table_apart`) left out, as a run leaves it.
     """
     rows: dict[str, dict[str, Any]] = {}
     for uri in spec.uris:
         for row in _list_uri(uri, options):
-            rows.setdefault(row["source_uri"], row)
+            if table is None or not row["source_uri"].startswith(table):
+                rows.setdefault(row["source_uri"], row)
     if spec.manifest is not None:
         for row in read_manifest(spec.manifest, options):
             rows.setdefault(row["source_uri"], row)
@@ -84,6 +89,17 @@ def list_inputs(spec: InputSpec, options: StorageOptions | None = None) -> pa.Ta
     if not kept:
         raise nothing_found(spec)
     return pa.Table.from_pylist(kept, schema=LISTING_SCHEMA)
+
+
+def table_apart(spec: InputSpec, output_uri: str, options: StorageOptions | None) -> str | None:
+    """The output's folder (`folder_uri`), whose files a listing of folders leaves out (the
+    table's parts, manifests and masks are never inputs of a later run); None where an input
+    the spec names lies in it (a table at the bucket's root: the inputs asked for are kept).
+    A manifest names its inputs one by one: they are kept wherever they lie."""
+    table = folder_uri(output_uri, options)
+    if any(folder_uri(uri, options).startswith(table) for uri in spec.uris):
+        return None
+    return table
 
 
 def nothing_found(spec: InputSpec) -> SourceError:

@@ -79,12 +79,9 @@ def list_listing(
     """The planned inputs into the object store: the driver's table, s3:// listings a page
     at a time (blocks put as they come), a manifest read by Ray Data where it lies; a URI
     that more than one of them names (or a manifest twice) is kept once, the first part's.
-    Nothing under the folder `table` (the output's, as a canonical URI ending in /): a table
-    inside an input folder would otherwise list its own part files and masks as inputs."""
-    parts = _listing_parts(inputs, options)
-    if table is not None:
-        outside = functools.partial(rows_outside, folder=table)
-        parts = [part.map_batches(outside, **BLOCKWISE) for part in parts]
+    Nothing `uris` list under the folder `table` (`sources.table_apart`): a table inside an
+    input folder would otherwise list its own part files and masks as inputs."""
+    parts = _listing_parts(inputs, options, table)
     dataset = _union(parts)
     summary = summarise(dataset, find_repeats=inputs.parts > 1 or inputs.manifest is not None)
     repeated = summary.repeats.repeated() if summary.repeats is not None else set()
@@ -105,12 +102,17 @@ def summarise(dataset: ray.data.Dataset, find_repeats: bool) -> ListingSummary:
     return summary
 
 
-def _listing_parts(inputs: InputPlan, options: StorageOptions) -> list[ray.data.Dataset]:
+def _listing_parts(
+    inputs: InputPlan, options: StorageOptions, table: str | None
+) -> list[ray.data.Dataset]:
     parts: list[ray.data.Dataset] = []
+    outside = (
+        (lambda block: block) if table is None else functools.partial(rows_outside, folder=table)
+    )
     if inputs.table.num_rows:
-        parts.append(ray.data.from_arrow(inputs.table))
+        parts.append(ray.data.from_arrow(outside(inputs.table)))
     for listing in inputs.listings:
-        refs = [ray.put(block) for block in listing.blocks()]
+        refs = [ray.put(outside(block)) for block in listing.blocks()]
         if refs:
             parts.append(ray.data.from_arrow_refs(refs))  # type: ignore[arg-type]
     if inputs.manifest is not None:

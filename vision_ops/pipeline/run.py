@@ -31,8 +31,8 @@ from vision_ops.resume import without_sources
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
-from vision_ops.sources import plan_inputs
-from vision_ops.storage import folder_uri, require_bucket
+from vision_ops.sources import plan_inputs, table_apart
+from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits
 from vision_ops.tasks import DetectionTask, get_task
 
@@ -92,7 +92,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         connect_ray()
     plan = plan_pool(spec.runtime, ray.cluster_resources())
     spec = spec.sized(plan.num_gpus)
-    table = folder_uri(spec.output.uri, spec.storage_options)  # its files are never inputs
+    table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
         listing = list_listing(spec.input, inputs, spec.storage_options, table)
     require_bucket(spec.output.uri, spec.storage_options)
