@@ -62,3 +62,22 @@ def test_a_pool_left_open_starts_no_more_actors_than_the_run_has_model_calls(
 def test_pool_that_cannot_run_is_refused(runtime, resources, message):
     with pytest.raises(ClusterTooSmall, match=message):
         plan_pool(RuntimeSpec(**runtime), resources)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "warned"),
+    [
+        ({"autoscaling": True}, ["no GPU is up", "capped at the 1 actor(s)"]),
+        ({"autoscaling": True, "num_gpus_per_actor": 1}, ["capped at the 1 actor(s)"]),
+        ({"autoscaling": True, "max_actors": 8, "device": "cpu"}, []),
+    ],
+)
+def test_an_autoscaling_pool_sized_on_the_nodes_up_says_so(runtime, warned, caplog) -> None:
+    """The shipped cluster starts from no workers (head CPU: 0): sized on what is up, the pool
+    is one actor asking for no GPU, which the autoscaler never starts a GPU worker for."""
+    with caplog.at_level("WARNING", logger="vision_ops.pool"):
+        plan = plan_pool(RuntimeSpec(**runtime), {"CPU": 0})
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == len(warned)
+    assert all(part in line for part, line in zip(warned, said, strict=True))
+    assert plan.min_size == 1

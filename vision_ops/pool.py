@@ -51,6 +51,7 @@ def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
         log.warning("runtime.max_actors=%d capped to the %d actors that fit", top, fits)
         top = fits
     if runtime.autoscaling:  # the nodes up now say nothing of the nodes to come
+        _warn_of_nodes_not_up(runtime, num_gpus, top)
         return PoolPlan(smallest, top, runtime.num_cpus_per_actor, num_gpus)
     left = math.floor(cpus - top * runtime.num_cpus_per_actor + 1e-9)
     return PoolPlan(
@@ -82,6 +83,24 @@ def gpus_per_actor(runtime: RuntimeSpec, cluster_gpus: float) -> float:
     if runtime.device == "cuda" and num_gpus == 0:
         raise ClusterTooSmall("runtime.device is cuda: expected num_gpus_per_actor > 0 and a GPU")
     return num_gpus
+
+
+def _warn_of_nodes_not_up(runtime: RuntimeSpec, num_gpus: float, top: int) -> None:
+    """On an autoscaling cluster the pool is sized on the nodes up as the run starts: say
+    where that leaves it smaller than the spec may mean (a cluster starting from no workers
+    gives one CPU actor)."""
+    if runtime.num_gpus_per_actor is None and num_gpus == 0 and runtime.device == "auto":
+        log.warning(
+            "runtime.autoscaling: no GPU is up, so the actors ask for none and run on CPUs (the "
+            "autoscaler starts no GPU worker for them); set runtime.num_gpus_per_actor: 1 to "
+            "run on GPU workers it starts"
+        )
+    if runtime.max_actors is None:
+        log.warning(
+            "runtime.autoscaling: the pool is capped at the %d actor(s) that fit on the nodes "
+            "up now; set runtime.max_actors to let it grow onto the nodes the autoscaler adds",
+            top,
+        )
 
 
 def _too_small_message(
