@@ -219,8 +219,8 @@ class IcebergSink:
         return found.sources if found else frozenset()
 
     def write(self, table: pa.Table) -> None:
-        table = table.cast(self.schema)
-        if not pc.all(pc.equal(table["run_id"], self.run_id)).as_py():
+        table = table.cast(self.schema)  # none of another run id (an empty block holds none)
+        if table.num_rows and not pc.all(pc.equal(table["run_id"], self.run_id)).as_py():
             raise CommitRefused(f"refusing to commit: rows of another run id in run {self.run_id}")
         self.written.add(table)
         with writing_to(self.output.uri):
