@@ -435,6 +435,62 @@ def test_a_table_of_another_schema_is_refused(output) -> None:
         IcebergSink(output, "r2", DATE, other, STORE)
 
 
+def detection_rows(run_id: str, schema: pa.Schema, sources: list[str]) -> pa.Table:
+    entry = schema.field("detections").type.value_type
+    box = {"label_id": 1, "label": "cat", "score": 0.9, "x_min": 1.0, "y_min": 2.0}
+    box |= {"x_max": 3.0, "y_max": 4.0}
+    if entry.get_field_index("mask") >= 0:
+        box["mask"] = {"size": [8, 8], "counts": "PPYo0"}
+    columns = {
+        "run_id": [run_id] * len(sources),
+        "item_id": [item_id(uri) for uri in sources],
+        "source_uri": sources,
+        "model_name": ["m"] * len(sources),
+        "model_weights_sha256": ["h"] * len(sources),
+        "task": ["detection"] * len(sources),
+        "status": [STATUS_OK] * len(sources),
+        "num_detections": [1] * len(sources),
+        "detections": [[box]] * len(sources),
+    }
+    return pa.Table.from_arrays(
+        [
+            pa.array(columns[f.name], f.type)
+            if f.name in columns
+            else pa.nulls(len(sources), f.type)
+            for f in schema
+        ],
+        schema=schema,
+    )
+
+
+def test_a_detection_table_without_masks_refuses_a_mask_model_before_any_work(output) -> None:
+    plain, masked = output_schema("detection"), output_schema("detection", instance="mask")
+    sink = IcebergSink(output, "r1", DATE, plain, STORE)
+    sink.write(detection_rows("r1", plain, uris("a", 2)))
+    sink.commit(uris("a", 2))
+    with pytest.raises(CatalogError, match=r"detections.element.mask.*expected a table of this"):
+        IcebergSink(output, "r2", DATE, masked, STORE)
+    assert rows_by_run(output) == {"r1": uris("a", 2)}
+
+
+def test_a_detection_table_with_masks_takes_a_run_without_them(output) -> None:
+    plain, masked = output_schema("detection"), output_schema("detection", instance="mask")
+    first = IcebergSink(output, "r1", DATE, masked, STORE)
+    first.write(detection_rows("r1", masked, uris("a", 2)))
+    first.commit(uris("a", 2))
+    second = IcebergSink(output, "r2", DATE, plain, STORE)
+    second.write(detection_rows("r2", plain, uris("b", 1)))
+    second.commit(uris("b", 1))
+    table = read_back(output).scan(selected_fields=("run_id", "detections")).to_arrow()
+    masks = {
+        run: boxes[0]["mask"]
+        for run, boxes in zip(
+            table["run_id"].to_pylist(), table["detections"].to_pylist(), strict=True
+        )
+    }
+    assert masks == {"r1": {"size": [8, 8], "counts": "PPYo0"}, "r2": None}
+
+
 # --- failures at each step of the commit -----------------------------------------------------
 
 

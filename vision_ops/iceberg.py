@@ -149,12 +149,27 @@ def _iceberg_schema(schema: pa.Schema) -> tuple[Any, Any]:
 
 
 def _check_columns(output: OutputSpec, table: Table, schema: pa.Schema) -> None:
+    """CatalogError where the table cannot take this job's rows: other columns, or other
+    fields or types within them (a detection table made without masks or keypoints)."""
+    from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible
+
     found = [f.name for f in table.schema().fields]
     if found != schema.names:
         raise CatalogError(
             f"table {output.table} has columns {found}; this job writes {schema.names} "
             "(another task or input kind): expected a table of this job's schema"
         )
+    try:
+        _check_pyarrow_schema_compatible(
+            table.schema(), schema, format_version=table.format_version
+        )
+    except ValueError as err:
+        differences = str(err).partition(". Update the schema")[0]
+        raise CatalogError(
+            f"table {output.table} cannot take this job's rows: {differences} (another model "
+            "output, such as masks or keypoints): expected a table of this job's schema; "
+            "write to a new table"
+        ) from None
 
 
 @dataclass
