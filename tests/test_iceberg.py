@@ -29,6 +29,7 @@ from vision_ops.cli import EXIT_OK, interrupted, main
 from vision_ops.config import OutputSpec, parse_spec
 from vision_ops.devstack import SeaweedS3
 from vision_ops.errors import InterruptedDuringCommit
+from vision_ops.evaluate import evaluate_run, read_metrics
 from vision_ops.georef import geo_metadata
 from vision_ops.iceberg import (
     CatalogError,
@@ -240,6 +241,35 @@ def test_segmentation_masks_are_committed_beside_the_table_and_replaced_by_a_rer
     assert fs.cat_file(mask.as_py()) == b"png of class ids"
 
 
+def test_tables_sharing_one_uri_and_run_id_keep_each_others_masks(output, iceberg_s3) -> None:
+    other = output.model_copy(update={"table": f"{output.table}_other"})
+    first = segmentation_run(output, iceberg_s3, "s1", uris("seg", 2))
+    segmentation_run(other, iceberg_s3, "s1", uris("seg", 1))
+    masks = read_back(output).scan(selected_fields=("mask_uri",)).to_arrow()["mask_uri"]
+    first.fs.invalidate_cache()
+    assert [first.fs.exists(uri) for uri in masks.to_pylist()] == [True, True]
+    assert first.root == f"out/{output.uri.rpartition('/')[2]}/{output.table}"
+
+
+def test_tables_sharing_one_uri_and_run_id_keep_their_own_metrics(output) -> None:
+    """Each table's evaluation is its own (imagefolder truth: the folder; every row says
+    "cat"), and metrics scored before tables had folders of their own are still read."""
+    other = output.model_copy(update={"table": f"{output.table}_other"})
+    commit_run(output, "r1", uris("dog", 2))
+    commit_run(other, "r1", uris("cat", 2))
+    for table in (output, other):
+        evaluate_run(table, "", "imagefolder", options=STORE)
+
+    def accuracy(table: OutputSpec) -> float | None:
+        metrics = read_metrics(table, outputs.committed_run(table, "r1", STORE), STORE)
+        return None if metrics is None else metrics.to_pylist()[0]["value"]
+
+    assert (accuracy(output), accuracy(other)) == (0.0, 1.0)
+    fs, files = filesystem(output.files_uri, STORE)
+    fs.mv(f"{files}/_metrics/r1.parquet", f"{output.uri.removeprefix('s3://')}/_metrics/r1.parquet")
+    assert accuracy(output) == 0.0  # the earlier layout: uri/_metrics
+
+
 def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:
     commit_run(output, "r1", uris("a", 3))
     commit_run(output, "r2", uris("b", 2))
@@ -266,7 +296,7 @@ def test_a_commit_names_its_index_in_the_snapshot_summary_and_a_rerun_replaces_i
     first.write(rows("i1", sources, errors=1))  # the first source an error (no type: '')
     first.commit(sources, {"model_fingerprint": "f" * 64})
     run = outputs.committed_run(output, "i1")
-    assert run["index_uri"] == f"{output.uri}/{INDEX_FOLDER}/i1-{first.attempt}.parquet"
+    assert run["index_uri"] == f"{output.files_uri}/{INDEX_FOLDER}/i1-{first.attempt}.parquet"
     index = read_index(run["index_uri"], STORE)
     pairs = zip(index["source_key"].to_pylist(), index["error_types"].to_pylist(), strict=True)
     by_uri = {key.split(KEY_SEPARATOR)[0]: types for key, types in pairs}

@@ -833,8 +833,9 @@ class OutputSpec(StrictModel):
     )
     uri: Uri = Field(
         description="parquet: the table root, rows under run_date=YYYY-MM-DD/. iceberg: the "
-        "folder beside the table for staged rows, segmentation masks and evaluation metrics "
-        "(the committed rows go where the catalog puts the table)."
+        "folder beside the table for staged rows, segmentation masks and evaluation metrics, "
+        "each table's in a folder of its own (uri/namespace.table); the committed rows go "
+        "where the catalog puts the table."
     )
     rows_per_file: int = Field(default=250_000, gt=0, description="Rows per Parquet file.")
 
@@ -885,6 +886,16 @@ class OutputSpec(StrictModel):
                 "table and catalog are for format: iceberg; found them with format: parquet"
             )
         return self
+
+    @property
+    def files_uri(self) -> str:
+        """Where a run's own files go (staged rows, segmentation masks, run indexes, evaluation
+        metrics): the table's root for Parquet; for Iceberg, a folder of the table's own under
+        `uri` (`uri`/namespace.table), so tables sharing one `uri` never touch each other's
+        files, even under one run id."""
+        if self.format == "iceberg":
+            return f"{self.uri.rstrip('/')}/{self.table}"
+        return self.uri
 
 
 def _known_catalog_type(name: str) -> None:

@@ -443,27 +443,35 @@ SCORED_ATTEMPT = b"vision_ops.attempt"  # metrics metadata: the commit of the ru
 def _write(
     table: pa.Table, table_uri: Target, manifest: dict[str, Any], options: StorageOptions | None
 ) -> None:
-    """Beside the table: in its root (Parquet), in the output's `uri` folder (Iceberg), named
-    after the run id and stamped with the commit (attempt) it scored."""
-    fs, root = filesystem(as_output(table_uri).uri, options)
-    make_folder(fs, f"{root.rstrip('/')}/{METRICS}")
+    """Among the run's own files (OutputSpec.files_uri), named after the run id and stamped
+    with the commit (attempt) it scored."""
+    fs, folder = filesystem(_metrics_folder(as_output(table_uri).files_uri), options)
+    make_folder(fs, folder)
     stamped = table.replace_schema_metadata({SCORED_ATTEMPT: str(manifest.get("attempt"))})
-    with fs.open(f"{root.rstrip('/')}/{METRICS}/{manifest['run_id']}.parquet", "wb") as handle:
+    with fs.open(f"{folder}/{manifest['run_id']}.parquet", "wb") as handle:
         pq.write_table(stamped, handle)
+
+
+def _metrics_folder(files_uri: str) -> str:
+    return f"{files_uri.rstrip('/')}/{METRICS}"
 
 
 def read_metrics(
     table_uri: Target, manifest: dict[str, Any], options: StorageOptions | None = None
 ) -> pa.Table | None:
     """The metrics of the run `manifest` commits, where that commit has been evaluated; None
-    where it has not, or where they scored an earlier commit of the run id (a rerun)."""
-    fs, root = filesystem(as_output(table_uri).uri, options)
-    path = f"{root.rstrip('/')}/{METRICS}/{manifest['run_id']}.parquet"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as handle:
-        table = read_parquet(handle)
-    scored = (table.schema.metadata or {}).get(SCORED_ATTEMPT)
-    if scored is not None and scored.decode() != str(manifest.get("attempt")):
-        return None
-    return table.replace_schema_metadata(None)
+    where it has not, or where they scored an earlier commit of the run id (a rerun). An
+    Iceberg table's metrics scored before each table had a folder of its own under `uri` are
+    read from `uri`/_metrics (the attempt stamp tells them from another table's)."""
+    output = as_output(table_uri)
+    folders = dict.fromkeys([output.files_uri, output.uri])  # the second: the earlier layout
+    for folder in folders:
+        fs, path = filesystem(f"{_metrics_folder(folder)}/{manifest['run_id']}.parquet", options)
+        if not fs.exists(path):
+            continue
+        with fs.open(path, "rb") as handle:
+            table = read_parquet(handle)
+        scored = (table.schema.metadata or {}).get(SCORED_ATTEMPT)
+        if scored is None or scored.decode() == str(manifest.get("attempt")):
+            return table.replace_schema_metadata(None)
+    return None

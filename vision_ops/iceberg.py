@@ -200,7 +200,7 @@ class IcebergSink:
         self._check_run_date()
         self._write_uuid = uuid.uuid4()
         self._counter = itertools.count(0)
-        self.fs, root = filesystem(self.output.uri, self.storage_options)
+        self.fs, root = filesystem(self.output.files_uri, self.storage_options)
         self.root = root.rstrip("/")
         self.parts = StagedParts(
             self.fs,

@@ -351,7 +351,7 @@ def build_dataset(
         return predictions
     stage_masks = functools.partial(
         write_masks,
-        root_uri=spec.output.uri,
+        root_uri=spec.output.files_uri,
         run_id=run_id,
         run_date=run_date,
         attempt=attempt,
