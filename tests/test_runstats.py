@@ -3,13 +3,20 @@ driver into the run's start-up stages, and the line the run summary prints."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from vision_ops.runstats import ActorStartup, RunStats, StartupClock, startup_line
+from vision_ops.runstats import (
+    MAX_PROGRESS_POINTS,
+    ActorStartup,
+    RunStats,
+    StartupClock,
+    startup_line,
+)
 from vision_ops.schema import STAGE_PREFIX, STARTUP_PREFIX
 
 
@@ -70,3 +77,24 @@ def test_a_run_with_nothing_left_to_process_has_only_the_drivers_stages() -> Non
     found = RunStats().startup_seconds(clock)
     assert list(found) == ["listing"] and found["listing"] >= 0
     assert startup_line(found).startswith("start-up: listing 0.0s (")
+
+
+def test_an_eight_hour_runs_progress_stays_a_few_hundred_points_from_start_to_end() -> None:
+    stats = RunStats()
+    for second in range(8 * 3600):  # a batch of 10 rows each second
+        stats.rows += 10
+        stats.note_progress(float(second))
+    stats.rows += 5
+    assert MAX_PROGRESS_POINTS // 2 <= len(stats.progress) <= MAX_PROGRESS_POINTS
+    assert stats.progress[0] == (0.0, 10)
+    assert stats.progress[-1][0] >= 8 * 3600 - 2 * stats.progress_interval_s
+    gaps = {b[0] - a[0] for a, b in itertools.pairwise(stats.progress)}
+    assert gaps == {stats.progress_interval_s}  # evenly spread
+    assert all(rows == 10 * (t + 1) for t, rows in stats.progress)
+    stats.finish()
+    assert stats.progress[-1][1] == 8 * 3600 * 10 + 5  # closed at the last row
+    short = RunStats()
+    for second in range(300):  # a short run keeps every second
+        short.rows += 1
+        short.note_progress(float(second))
+    assert [t for t, _ in short.progress] == [float(s) for s in range(300)]

@@ -15,6 +15,10 @@ import pyarrow.compute as pc
 from vision_ops.schema import STAGE_PREFIX, STARTUP_PREFIX
 
 PROGRESS_INTERVAL_S = 1.0  # at most one progress point a second, however many batches
+# A run's progress keeps at most this many points (every second of a 10-minute run): past it,
+# every other point goes and the interval doubles, so an 8-hour run's manifest (an Iceberg
+# snapshot's summary, read by every query) holds a few kB of progress, evenly spread.
+MAX_PROGRESS_POINTS = 600
 
 
 # The start-up stages as `vision-ops run` prints them, in the order they happen.
@@ -64,6 +68,7 @@ class RunStats:
     started_at: float = field(default_factory=time.time)  # epoch: where actors' times fall
     stage_seconds: dict[str, float] = field(default_factory=dict)
     progress: list[tuple[float, int]] = field(default_factory=list)
+    progress_interval_s: float = PROGRESS_INTERVAL_S
     rows: int = 0
     actors: list[dict[str, float]] = field(default_factory=list)
     first_batch: float | None = None  # seconds from the start to the first rows received
@@ -79,10 +84,18 @@ class RunStats:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + spent
             table = table.drop_columns([name])
         self.rows += table.num_rows
-        elapsed = time.perf_counter() - self.started
-        if not self.progress or elapsed - self.progress[-1][0] >= PROGRESS_INTERVAL_S:
-            self.progress.append((round(elapsed, 3), self.rows))
+        self.note_progress(time.perf_counter() - self.started)
         return table
+
+    def note_progress(self, elapsed: float) -> None:
+        """A (seconds, rows) point where the last is at least the interval old, the series
+        thinned to every other point (and the interval doubled) past MAX_PROGRESS_POINTS."""
+        if self.progress and elapsed - self.progress[-1][0] < self.progress_interval_s:
+            return
+        self.progress.append((round(elapsed, 3), self.rows))
+        if len(self.progress) > MAX_PROGRESS_POINTS:
+            self.progress = self.progress[::2]
+            self.progress_interval_s *= 2
 
     def _take_startup(self, table: pa.Table) -> pa.Table:
         """Each actor's start-up, from the first row of the batches carrying one."""
