@@ -241,6 +241,34 @@ def test_segmentation_masks_are_committed_beside_the_table_and_replaced_by_a_rer
     assert fs.cat_file(mask.as_py()) == b"png of class ids"
 
 
+def test_a_run_committing_meanwhile_keeps_its_extent_in_the_tables_geo(output) -> None:
+    """Run g1 reads the table's geo, then g2 commits before g1 reaches the catalog: g1's commit
+    is retried against the new head, with the geo computed again from it (PyIceberg re-sends
+    the properties as they were: g2's extent was lost)."""
+    utm = {"id": {"authority": "EPSG", "code": 32633}}
+    schema = output_schema("classification", tiles=True)
+
+    def scenes(bbox: list[float]) -> pa.Schema:
+        return schema.with_metadata(
+            {**(schema.metadata or {}), **geo_metadata("footprint", utm, bbox)}
+        )
+
+    first = IcebergSink(output, "g1", DATE, scenes([0.0, 0.0, 10.0, 10.0]), STORE)
+    second = IcebergSink(output, "g2", DATE, scenes([20.0, 20.0, 30.0, 30.0]), STORE)
+    checked = first._check_not_committed_meanwhile
+
+    def then_the_other_commits() -> None:
+        checked()
+        second.commit([])
+
+    first._check_not_committed_meanwhile = then_the_other_commits  # type: ignore[method-assign]
+    first.commit([])
+    table = read_back(output)
+    assert [s.summary.get("vision_ops.run_id") for s in table.snapshots()] == ["g2", "g1"]
+    footprint = json.loads(table.properties["geo"])["columns"]["footprint"]
+    assert footprint["bbox"] == [0.0, 0.0, 30.0, 30.0] and footprint["crs"] == utm
+
+
 def test_tables_sharing_one_uri_and_run_id_keep_each_others_masks(output, iceberg_s3) -> None:
     other = output.model_copy(update={"table": f"{output.table}_other"})
     first = segmentation_run(output, iceberg_s3, "s1", uris("seg", 2))

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from vision_ops.config import OutputSpec
 from vision_ops.errors import InterruptedDuringCommit
-from vision_ops.georef import GEO_KEY, table_geo
+from vision_ops.georef import GEO_KEY
 from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
@@ -346,11 +346,11 @@ class IcebergSink:
         except Exception as err:
             raise _NotCommitted(err) from None
         try:
-            transaction = self.table.transaction()
+            from vision_ops.iceberg_geo import GeoTransaction
+
             metadata = {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
-            if GEO_KEY in metadata:  # the table's extent, not this run's alone
-                geo = table_geo(self.table.properties.get(GEO_KEY), metadata.pop(GEO_KEY))
-                metadata |= {GEO_KEY: geo} if geo is not None else {}
+            # the table's extent, not this run's alone: set again at each commit attempt
+            transaction = GeoTransaction(self.table, metadata.pop(GEO_KEY, None))
             if metadata:
                 transaction.set_properties(metadata)
             snapshot = transaction.update_snapshot(snapshot_properties=properties).overwrite()
