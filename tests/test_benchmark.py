@@ -491,6 +491,8 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert found[key]["peaks"]["object_store_bytes"] is None
         assert found[key]["queued_share"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers
+    assert found["b"]["details"]["compiled"] is True  # the spec compiles: b is compiled
+    assert ", compiled: median of" in found["b"]["includes"]
     assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
     for key in ("c", "c-scale"):  # same pixels, same model
         assert found[key]["queued_share"] is None  # on CPUs the actors decode, in the window
