@@ -47,6 +47,7 @@ from vision_ops.storage import (
     read_bytes,
     read_parquet,
 )
+from vision_ops.tally import rows_outside
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -79,9 +80,9 @@ def list_inputs(
     """
     rows: dict[str, dict[str, Any]] = {}
     for uri in spec.uris:
-        for row in _list_uri(uri, options):
-            if table is None or not row["source_uri"].startswith(table):
-                rows.setdefault(row["source_uri"], row)
+        listed = pa.Table.from_pylist(list(_list_uri(uri, options)), schema=LISTING_SCHEMA)
+        for row in (listed if table is None else rows_outside(listed, table)).to_pylist():
+            rows.setdefault(row["source_uri"], row)
     if spec.manifest is not None:
         for row in read_manifest(spec.manifest, options):
             rows.setdefault(row["source_uri"], row)
