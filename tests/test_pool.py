@@ -3,8 +3,12 @@ cannot be scheduled (pure arithmetic: no Ray)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from vision_ops.cluster import reachable_capacity
 from vision_ops.config import RuntimeSpec
 from vision_ops.pool import ClusterTooSmall, plan_pool, pool_for_inputs
 
@@ -81,3 +85,50 @@ def test_an_autoscaling_pool_sized_on_the_nodes_up_says_so(runtime, warned, capl
     assert len(said) == len(warned)
     assert all(part in line for part, line in zip(warned, said, strict=True))
     assert plan.min_size == 1
+
+
+SHIPPED_CLUSTER = Path(__file__).parent.parent / "cluster.yaml"
+
+
+@pytest.mark.parametrize(
+    ("runtime", "expected"),
+    [
+        # cluster.yaml: 8 GPU workers of 8 CPUs, 16 CPU workers of 16: one actor per GPU
+        ({"autoscaling": True}, (1, 8, 1.0, 1.0)),
+        ({"autoscaling": True, "min_actors": 2, "max_actors": 4}, (2, 4, 1.0, 1.0)),
+        ({"autoscaling": True, "max_actors": 20}, (1, 8, 1.0, 1.0)),  # capped: 8 GPUs
+        ({"autoscaling": True, "device": "cpu", "num_cpus_per_actor": 4}, (1, 79, 4.0, 0.0)),
+    ],
+)
+def test_an_autoscaling_pool_is_sized_on_what_the_launcher_config_can_reach(
+    runtime, expected, tmp_path, caplog
+) -> None:
+    """The driver on the head reads the config `ray up` left there: the pool asks for the GPUs
+    the autoscaler can start, and grows to what fits at full scale, though nothing is up."""
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    shutil.copy(SHIPPED_CLUSTER, bootstrap)
+    reachable = reachable_capacity(bootstrap)
+    assert reachable == {"CPU": 8 * 8 + 16 * 16, "GPU": 8.0}
+    with caplog.at_level("WARNING", logger="vision_ops.pool"):
+        plan = plan_pool(RuntimeSpec(**runtime), {"CPU": 0}, reachable)
+    assert (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus) == expected
+    said = [r.getMessage() for r in caplog.records if r.name == "vision_ops.pool"]
+    assert said == (
+        ["runtime.max_actors=20 capped to the 8 actors it can reach"]
+        * (runtime.get("max_actors") == 20)
+    )
+    with pytest.raises(ClusterTooSmall, match=r"at full scale, runtime.min_actors=9 .* <= 8"):
+        plan_pool(RuntimeSpec(autoscaling=True, min_actors=9), {"CPU": 0}, reachable)
+
+
+def test_without_a_launcher_config_the_pool_is_sized_on_the_nodes_up(tmp_path, caplog) -> None:
+    assert reachable_capacity(tmp_path / "absent.yaml") is None  # a driver off the head
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("available_node_types: 3\n")
+    with caplog.at_level("WARNING", logger="vision_ops.cluster"):
+        assert reachable_capacity(broken) is None
+    assert "launcher config is not used" in caplog.text
+    plan = plan_pool(RuntimeSpec(autoscaling=True, max_actors=4), {"CPU": 0}, None)
+    assert (plan.min_size, plan.max_size, plan.num_gpus) == (1, 4, 0.0)
+    fixed = plan_pool(RuntimeSpec(), {"CPU": 4}, {"CPU": 320, "GPU": 8})  # not autoscaling
+    assert (fixed.max_size, fixed.num_gpus) == (3, 0.0)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from vision_ops.errors import EXIT_CLUSTER_TOO_SMALL, VisionOpsError
+
+log = logging.getLogger(__name__)
+# Where `ray up` leaves the launcher config on the head, for the autoscaler it starts there
+# (cluster.yaml's `--autoscaling-config`).
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
 class ClusterConfigError(VisionOpsError, ValueError):
@@ -77,3 +83,18 @@ def _max_workers(node: dict[str, Any], name: str) -> float:
 def head_resources(config: dict[str, Any]) -> dict[str, float]:
     head = node_types(config)[config["head_node_type"]]
     return {k: float(v) for k, v in head.get("resources", {}).items()}
+
+
+def reachable_capacity(path: str | Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
+    """The CPU and GPU an autoscaling cluster can reach (`max_capacity` of its launcher
+    config), where that config is on this machine: the driver on the head `ray up` started, as
+    `vision-ops submit` runs it. None elsewhere (a driver off the head, KubeRay), or where the
+    config does not read (said in the log): the pool is then sized on the nodes up."""
+    found = Path(path).expanduser()
+    if not found.is_file():
+        return None
+    try:
+        return max_capacity(load_cluster_config(found))
+    except ClusterConfigError as err:
+        log.warning("runtime.autoscaling: the cluster's launcher config is not used: %s", err)
+        return None

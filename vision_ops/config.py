@@ -696,8 +696,9 @@ class RuntimeSpec(StrictModel):
     )
     autoscaling: bool = Field(
         default=False,
-        description="The cluster adds nodes on demand: do not refuse a pool that does not fit "
-        "the nodes up now.",
+        description="The cluster adds nodes on demand: the pool is sized on what its launcher "
+        "config can reach (read on the head; else on the nodes up), not refused for the nodes "
+        "up now.",
     )
     read_batch_size: int | None = Field(
         default=None,

@@ -33,16 +33,22 @@ class PoolPlan:
     read_tasks: int | None = None  # None: as many as Ray Data scales to
 
 
-def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
+def plan_pool(
+    runtime: RuntimeSpec,
+    resources: Mapping[str, float],
+    reachable: Mapping[str, float] | None = None,
+) -> PoolPlan:
     """Size the predictor pool from the cluster; refuse, before any work, one that cannot run.
     On a fixed cluster a pool whose smallest size the spec leaves open is fixed at its largest:
     every actor starts at once (Ray Data would otherwise start one and add the others only as
-    its queue backs up, each a model load later) and none is stopped mid-run."""
+    its queue backs up, each a model load later) and none is stopped mid-run. On an
+    autoscaling cluster whose launcher config is known, `reachable` (cluster.reachable_capacity)
+    sizes it instead of the nodes up (`_plan_to_reach`)."""
+    if runtime.autoscaling and reachable is not None:
+        return _plan_to_reach(runtime, reachable)
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     num_gpus = gpus_per_actor(runtime, gpus)
-    by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
-    by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
-    fits = max(0, min(by_cpu, by_gpu))
+    fits = _actors_that_fit(runtime, num_gpus, cpus, gpus)
     smallest = runtime.min_actors or 1
     if smallest > fits and not runtime.autoscaling:
         raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
@@ -62,6 +68,31 @@ def plan_pool(runtime: RuntimeSpec, resources: Mapping[str, float]) -> PoolPlan:
         threads=None if num_gpus else max(1, math.floor(cpus / top + 1e-9)),
         read_tasks=max(1, left),
     )
+
+
+def _plan_to_reach(runtime: RuntimeSpec, reachable: Mapping[str, float]) -> PoolPlan:
+    """An autoscaling pool sized on what the cluster can reach at full scale: from one actor
+    (the autoscaler adds nodes as the others wait) up to as many as fit there, each with a GPU
+    where the cluster's node types have GPUs (so the autoscaler starts GPU workers for them)."""
+    cpus, gpus = float(reachable.get("CPU", 0)), float(reachable.get("GPU", 0))
+    num_gpus = gpus_per_actor(runtime, gpus)
+    fits = _actors_that_fit(runtime, num_gpus, cpus, gpus)
+    smallest = runtime.min_actors or 1
+    if smallest > fits:
+        message = _too_small_message(runtime, num_gpus, cpus, gpus, fits)
+        raise ClusterTooSmall(f"at full scale, {message}")
+    top = runtime.max_actors or fits
+    if top > fits:
+        log.warning("runtime.max_actors=%d capped to the %d actors it can reach", top, fits)
+        top = fits
+    return PoolPlan(smallest, top, runtime.num_cpus_per_actor, num_gpus)
+
+
+def _actors_that_fit(runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float) -> int:
+    """Actors of the spec's size on `cpus` and `gpus`, `reserved_cpus` kept free."""
+    by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
+    by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
+    return max(0, min(by_cpu, by_gpu))
 
 
 def pool_for_inputs(plan: PoolPlan, runtime: RuntimeSpec, inputs: int) -> PoolPlan:

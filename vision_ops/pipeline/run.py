@@ -13,6 +13,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+from vision_ops.cluster import reachable_capacity
 from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.detection import instance_output
 from vision_ops.drift import Drift, drift_at_commit, manifest_entry
@@ -90,7 +91,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     check_run_date(spec, run_id, run_date)
     with clock.stage("ray_connect"):
         connect_ray()
-    plan = plan_pool(spec.runtime, ray.cluster_resources())
+    reachable = reachable_capacity() if spec.runtime.autoscaling else None
+    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable)
     spec = spec.sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
