@@ -66,6 +66,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "manifest": None,
         "extensions": sorted(DEFAULT_EXTENSIONS),
         "max_pixels": 178_956_970,
+        "bits_stored": 16,
         "max_file_mb": 2048,
         "dicom": None,
         "tiling": None,

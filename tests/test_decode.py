@@ -294,6 +294,19 @@ def test_to_rgb_scales_16_bit_with_rounding() -> None:
     np.testing.assert_array_equal(to_rgb(image), np.repeat(expected[..., None], 3, axis=2))
 
 
+def test_to_rgb_scales_12_bit_data_from_its_bits_stored() -> None:
+    grey = np.array([[0, 8, 9, 2047, 2048, 4095, 4096, 65535]], dtype=np.uint16)
+    image = Image.fromarray(grey)
+    expected = np.round(np.minimum(grey, 4095) / 4095 * 255).astype(np.uint8)
+    assert expected.tolist() == [[0, 0, 1, 127, 128, 255, 255, 255]]
+    np.testing.assert_array_equal(to_rgb(image, bits_stored=12)[..., 0], expected)
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # exact rounding, any depth
+    for bits in (10, 12, 14, 16):
+        top = (1 << bits) - 1
+        want = np.round(np.minimum(every, top) / top * 255).astype(np.uint8)
+        np.testing.assert_array_equal(to_rgb(Image.fromarray(every), bits)[..., 0], want)
+
+
 def test_to_rgb_clips_32_bit_integers_as_16_bit() -> None:
     image = Image.fromarray(np.array([[0, 257, 70_000]], dtype=np.int32))
     assert image.mode == "I"

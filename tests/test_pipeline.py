@@ -127,6 +127,33 @@ def test_local_files_equal_a_direct_model_call(
     assert startup["until_first_batch"] >= startup["listing"] + startup["first_batch"]
 
 
+def test_twelve_bit_data_in_16_bit_files_is_scaled_from_its_bits_stored(
+    ray_local, photo_paths, tmp_path
+) -> None:
+    """A 12-bit scanner's greys (0..4095) in 16-bit PNGs, read with `input.bits_stored: 12`:
+    the model sees the greys at full range (at 16 bits they were nearly black), as a plain
+    torchvision call on the same greys scaled to 8 bits sees them."""
+    from vision_ops.models import load_labels
+
+    folder, direct = tmp_path / "scans", {}
+    folder.mkdir()
+    model, labels = efficientnet_lite0().eval(), load_labels("imagenet-1k")
+    preprocess = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]
+    )
+    for path in photo_paths[:2]:
+        grey = np.asarray(Image.open(path).convert("L"), dtype=np.uint16) * 16  # 0..4080
+        Image.fromarray(grey).save(folder / f"{path.stem}.png")  # mode I;16
+        eight = Image.fromarray(np.round(grey / 4095 * 255).astype(np.uint8)).convert("RGB")
+        pixels = transforms.Normalize(MEAN, STD)(preprocess(eight))[None]
+        with torch.inference_mode():
+            top = model(pixels).softmax(-1).topk(TOP_K)
+        direct[f"{path.stem}.png"] = ([labels[i] for i in top.indices[0]], top.values[0].numpy())
+    output = tmp_path / "table"
+    run_job(job([str(folder)], str(output), input={"uris": [str(folder)], "bits_stored": 12}))
+    assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct)
+
+
 @pytest.mark.s3
 def test_s3_in_and_out_equal_a_direct_model_call(
     ray_local, seaweed, s3fs_client, s3_options, photo_paths, direct_top_k

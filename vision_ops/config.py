@@ -327,6 +327,16 @@ class InputSpec(StrictModel):
         "(decompression-bomb guard).",
     )
 
+    bits_stored: int = Field(
+        default=16,
+        ge=8,
+        le=16,
+        description="Significant bits of 16-bit PNG and TIFF images: 12 where a 12-bit sensor "
+        "or scanner stores 0..4095 in a 16-bit file (scaled to 8 bits from that range, higher "
+        "values clipped); at 16 such images come out nearly black. DICOM has its own windowing "
+        "(`dicom`), scenes their own stretch.",
+    )
+
     max_file_mb: int = Field(
         default=2048,
         gt=0,

@@ -38,8 +38,9 @@ class ImageTooLarge(DecodeError):
     pass
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of the first frame, EXIF orientation applied."""
+def decode_image(data: bytes, max_pixels: int, bits_stored: int = 16) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of the first frame, EXIF orientation applied; a 16-bit image's
+    values scaled from its `bits_stored` (`to_rgb`)."""
     if not data:
         raise EmptyFile("zero-byte file")
     with _pixel_limit(max_pixels):
@@ -47,7 +48,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         try:
             image.load()
             image = ImageOps.exif_transpose(image) or image
-            return to_rgb(image)
+            return to_rgb(image, bits_stored)
         except Image.DecompressionBombError as err:
             raise ImageTooLarge(str(err)) from None
         except Exception as err:  # a malformed file breaks Pillow's decoders in many ways
@@ -118,10 +119,11 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode to RGB uint8: 16-bit scaled down, grey replicated, alpha dropped."""
+def to_rgb(image: Image.Image, bits_stored: int = 16) -> np.ndarray:
+    """Any Pillow mode to RGB uint8: 16-bit scaled down from its `bits_stored` (12: values
+    0..4095 of a 12-bit sensor or scanner in a 16-bit file), grey replicated, alpha dropped."""
     if image.mode in HIGH_BIT_MODES:
-        return _grey_to_rgb(sixteen_to_eight_bits(np.asarray(image)))
+        return _grey_to_rgb(sixteen_to_eight_bits(np.asarray(image), bits_stored))
     if image.mode == "F":
         return _grey_to_rgb(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8))
     if image.mode != "RGB":
@@ -129,14 +131,17 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
-def sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
-    """16-bit grey (clipped to 0..65535) to 8 bits, `round(v / 257)`, in integers: one int32
-    copy (4 bytes a pixel) where float64 took three of 8. `(v + 128) // 257` is that rounding
-    exactly: 257 is odd, so `v / 257` is never halfway."""
+def sixteen_to_eight_bits(values: np.ndarray, bits_stored: int = 16) -> np.ndarray:
+    """16-bit grey holding `bits_stored` significant bits (clipped to 0..top, top = 2^bits - 1)
+    to 8 bits, `round(v * 255 / top)`, in integers: one int32 copy (4 bytes a pixel) where
+    float64 took three of 8. `(v * 255 + top // 2) // top` is that rounding exactly: top is odd,
+    so `v * 255 / top` is never halfway (at 16 bits, `round(v / 257)`)."""
+    top = (1 << bits_stored) - 1
     wide = values.astype(np.int32)
-    np.clip(wide, 0, 65535, out=wide)
-    wide += 128
-    wide //= 257
+    np.clip(wide, 0, top, out=wide)
+    wide *= 255
+    wide += top // 2
+    wide //= top
     return wide.astype(np.uint8)
 
 

@@ -58,6 +58,7 @@ def read_unit_blocks(
     preprocessing: Preprocessing | None,
     max_pixels: int,
     storage_options: StorageOptions,
+    bits_stored: int = 16,
     dicom: DicomSpec | None = None,
     tiling: TilingSpec | None = None,
     decode_on_device: bool = False,
@@ -77,7 +78,7 @@ def read_unit_blocks(
     """
     started = time.perf_counter()
     uris = [str(uri) for uri in batch["source_uri"]]
-    reading = UnitReader(preprocessing, max_pixels, dicom, decode_on_device)
+    reading = UnitReader(preprocessing, max_pixels, dicom, decode_on_device, bits_stored)
     batch = dict(batch)
     _fill_missing_identity(batch, uris, storage_options)  # once per source, not per unit
     if tiling is not None:
@@ -304,6 +305,7 @@ class UnitReader:
     max_pixels: int
     dicom: DicomSpec | None
     decode_on_device: bool = False
+    bits_stored: int = 16  # of a 16-bit image (decode.to_rgb)
 
     def units(self, uri: str, payload: bytes | BaseException) -> Iterator[dict[str, Any]]:
         """The file's units, each decoded as it is taken (a DICOM instance's frames)."""
@@ -319,7 +321,7 @@ class UnitReader:
         try:
             if size is not None:
                 return self._encoded_unit(payload, *size)
-            return self._unit(decode_image(payload, self.max_pixels))
+            return self._unit(decode_image(payload, self.max_pixels, self.bits_stored))
         except Exception as err:  # undecodable, or no size the model can take (1 x 10^7)
             return self.error(err)
 

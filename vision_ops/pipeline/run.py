@@ -311,6 +311,7 @@ def build_dataset(
         read_unit_blocks,
         preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
         max_pixels=spec.input.max_pixels,
+        bits_stored=spec.input.bits_stored,
         max_file_bytes=spec.input.max_file_mb * 2**20,
         storage_options=spec.storage_options,
         dicom=spec.input.dicom,
