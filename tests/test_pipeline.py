@@ -3,7 +3,10 @@ input is accounted for once, bad files become error rows, the schema is the decl
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from PIL import Image
 from torchvision import transforms
 
 from vision_ops.config import JobSpec, RuntimeSpec, parse_spec
+from vision_ops.gallery import Sources
 from vision_ops.pipeline import run_job
 from vision_ops.pipeline.run import (
     MAP_TASK_BLOCKS_AHEAD,
@@ -26,6 +30,7 @@ from vision_ops.pipeline.run import (
 )
 from vision_ops.pool import ClusterTooSmall
 from vision_ops.query import connect, read_sql
+from vision_ops.report import build_report
 from vision_ops.runstats import RunStats
 from vision_ops.schema import PREDICTION_SCHEMA, SCHEMA_VERSION
 from vision_ops.sink import committed_run
@@ -151,7 +156,19 @@ def test_twelve_bit_data_in_16_bit_files_is_scaled_from_its_bits_stored(
         direct[f"{path.stem}.png"] = ([labels[i] for i in top.indices[0]], top.values[0].numpy())
     output = tmp_path / "table"
     run_job(job([str(folder)], str(output), input={"uris": [str(folder)], "bits_stored": 12}))
-    assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct)
+    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
+    assert_matches_direct(rows, direct)
+    manifest = committed_run(str(output), "test-run")  # the report shows them as read
+    assert manifest["bits_stored"] == 12
+    with Sources({}, bits_stored=manifest["bits_stored"]) as sources:
+        shown = sources.pixels(rows[0])
+    grey = np.asarray(Image.open(folder / rows[0]["source_uri"].rpartition("/")[2]), float)
+    assert shown is not None and shown.mean() == pytest.approx((grey / 4095 * 255).mean(), abs=1)
+    strips = "".join(html for _, html in build_report(str(output)).panels)
+    thumbnails = re.findall(r"data:image/\w+;base64,([A-Za-z0-9+/=]+)", strips)
+    assert len(thumbnails) >= 2  # none nearly black (at 16 bits their means were under 16)
+    for encoded in thumbnails:
+        assert np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded)))).mean() > 40
 
 
 @pytest.mark.s3

@@ -38,6 +38,7 @@ class Sources:
     # A scene's bands in RGB order as the run read them (its manifest's `tile_bands`); None:
     # 1, 2, 3 (or a one-band scene's band), for runs committed before manifests held them.
     bands: Sequence[int] | None = None
+    bits_stored: int = 16  # of the run's 16-bit images (its manifest's `bits_stored`)
     _read: dict[str, bytes | None] = field(default_factory=dict)
     _unreachable: set[str] = field(default_factory=set)  # stores (scheme://bucket) that failed
     _scenes: dict[str, Any] = field(default_factory=dict)  # open rasterio datasets by URI
@@ -83,7 +84,7 @@ class Sources:
         if data is None:
             return None
         try:
-            return unit_pixels(row, data)
+            return unit_pixels(row, data, self.bits_stored)
         except Exception:  # not decodable here (a damaged file)
             return None
 
@@ -158,14 +159,14 @@ def scene_tile(dataset: Any, row: dict[str, Any], bands: Sequence[int] | None = 
     return pixels
 
 
-def unit_pixels(row: dict[str, Any], data: bytes) -> np.ndarray:
-    """RGB uint8 of one unit from its source's bytes."""
+def unit_pixels(row: dict[str, Any], data: bytes, bits_stored: int = 16) -> np.ndarray:
+    """RGB uint8 of one unit from its source's bytes (a 16-bit image's from `bits_stored`)."""
     from vision_ops.decode import decode_image
     from vision_ops.dicom import is_dicom
 
     if row.get("frame_index") is not None or is_dicom(str(row["source_uri"]), data):
         return dicom_frame(row, data)
-    return decode_image(data, MAX_PIXELS)
+    return decode_image(data, MAX_PIXELS, bits_stored)
 
 
 def dicom_frame(row: dict[str, Any], data: bytes) -> np.ndarray:

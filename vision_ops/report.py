@@ -61,7 +61,8 @@ def build_report(
     task = task_of_run(manifest)
     table = read_run(table_uri, manifest, options)
     summary = task.summary(table)
-    with Sources(options or {}, samples, manifest.get("tile_bands")) as sources:
+    bits_stored = manifest.get("bits_stored", 16)
+    with Sources(options or {}, samples, manifest.get("tile_bands"), bits_stored) as sources:
         drawn = panels(table, (*task.panels, *COMMON_PANELS), sources)
     return RunReport(
         run_id=manifest["run_id"],

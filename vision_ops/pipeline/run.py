@@ -188,6 +188,7 @@ def _process_and_commit(
     details["startup_seconds"] = stats.startup_seconds(clock)
     if spec.input.tiling is not None:  # the report shows a tile as the model saw it
         details["tile_bands"] = list(spec.input.tiling.bands)
+    details["bits_stored"] = spec.input.bits_stored  # and a 16-bit image, as it saw it
     drifts = staged_drift(spec, sink, schema)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
