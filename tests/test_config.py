@@ -384,6 +384,16 @@ def test_storage_options_of_a_protocol_fsspec_does_not_know_are_refused() -> Non
     assert SECRET not in message and "wJalr" not in message
 
 
+@pytest.mark.parametrize("dotted", ["runtime.num_gpus_per_actor", "runtime.num_cpus_per_actor"])
+def test_a_resource_below_rays_unit_is_refused_before_any_work(dotted: str) -> None:
+    """Ray refuses an actor asking for under 0.0001 of a CPU or GPU."""
+    message = spec_error(with_value(dotted, 0.00004))
+    expected = "below Ray's smallest resource unit; expected 0 or at least 0.0001 (found: 4e-05)"
+    assert f"{dotted}: {expected}" in message
+    runtime = parse_spec(with_value(dotted, 0.0001)).runtime
+    assert getattr(runtime, dotted.rpartition(".")[2]) == 0.0001
+
+
 @pytest.mark.parametrize(
     "dotted", ["runtime.reserved_cpus", "runtime.num_cpus_per_actor", "runtime.durable_every_s"]
 )

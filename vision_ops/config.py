@@ -809,6 +809,17 @@ class RuntimeSpec(StrictModel):
         """read_batch_size, once sized (JobSpec.sized)."""
         return _sized(self.read_batch_size, "read_batch_size")
 
+    @field_validator("num_gpus_per_actor", "num_cpus_per_actor")
+    @classmethod
+    def _within_rays_precision(cls, value: float | None) -> float | None:
+        """Ray counts a resource in units of 0.0001 and refuses an actor asking for less than
+        one (its resource options' check): refused here, before any work."""
+        if value and value < RAY_RESOURCE_UNIT:
+            raise ValueError(
+                f"below Ray's smallest resource unit; expected 0 or at least {RAY_RESOURCE_UNIT:g}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _pool_bounds_in_order(self) -> RuntimeSpec:
         smallest = self.min_actors or 1
@@ -817,6 +828,9 @@ class RuntimeSpec(StrictModel):
                 f"max_actors: expected at least min_actors ({smallest}), found {self.max_actors}"
             )
         return self
+
+
+RAY_RESOURCE_UNIT = 0.0001  # Ray's precision for fractional resources (CPU, GPU)
 
 
 def _sized(value: int | None, name: str) -> int:
