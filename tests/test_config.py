@@ -384,6 +384,12 @@ def test_storage_options_of_a_protocol_fsspec_does_not_know_are_refused() -> Non
     assert SECRET not in message and "wJalr" not in message
 
 
+def test_a_lock_lease_of_seconds_is_refused() -> None:
+    message = spec_error(with_value("run.lock_lease_s", 1))
+    assert "run.lock_lease_s: Input should be greater than or equal to 60 (found: 1)" in message
+    assert parse_spec(with_value("run.lock_lease_s", 60)).run.lock_lease_s == 60
+
+
 @pytest.mark.parametrize("dotted", ["runtime.num_gpus_per_actor", "runtime.num_cpus_per_actor"])
 def test_a_resource_below_rays_unit_is_refused_before_any_work(dotted: str) -> None:
     """Ray refuses an actor asking for under 0.0001 of a CPU or GPU."""

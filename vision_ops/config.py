@@ -956,8 +956,10 @@ class RunSpec(StrictModel):
     )
     lock_lease_s: int = Field(
         default=6 * 3600,
-        gt=0,
-        description="Lease of the table's run lock: a lock older than this is taken over.",
+        ge=60,
+        description="Lease of the table's run lock: a lock older than this is taken over. The "
+        "holder renews it a quarter lease apart, each renewal a write to the store: a lease of "
+        "seconds would lapse on one slow write, so at least 60.",
     )
 
 
