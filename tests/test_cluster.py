@@ -163,3 +163,11 @@ def test_validate_sizes_the_pool_on_the_cluster(capsys, tmp_path) -> None:
         EXIT_CLUSTER_TOO_SMALL
     )
     assert "expected min_actors <= 8" in capsys.readouterr().err
+    autoscaling = [*no_holdout, "--set", "runtime.autoscaling=true"]
+    assert main(["validate", str(spec), "--cluster", str(CLUSTER), *autoscaling]) == EXIT_OK
+    assert "1-8 predictor actors of 1 CPU, 1 GPU" in capsys.readouterr().out  # as the run plans
+    wide = [*autoscaling, "--set", "runtime.num_cpus_per_actor=12"]  # a GPU node has 8 CPUs
+    assert main(["validate", str(spec), "--cluster", str(CLUSTER), *wide]) == (
+        EXIT_CLUSTER_TOO_SMALL
+    )
+    assert "cannot be scheduled even at full scale" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vision_ops.cluster import reachable_capacity
+from vision_ops.cluster import reachable_nodes
 from vision_ops.config import RuntimeSpec
 from vision_ops.pool import ClusterTooSmall, plan_pool, pool_for_inputs
 
@@ -68,6 +68,18 @@ def test_pool_that_cannot_run_is_refused(runtime, resources, message):
         plan_pool(RuntimeSpec(**runtime), resources)
 
 
+def test_a_fixed_pool_is_bounded_node_by_node() -> None:
+    """Two nodes of 8 CPUs: 16 CPUs in all, but no node holds an actor of 12 (Ray would leave
+    it pending until the stall timeout)."""
+    two_nodes = [({"CPU": 8.0, "GPU": 0.0}, 1.0), ({"CPU": 8.0, "GPU": 0.0}, 1.0)]
+    wide = RuntimeSpec(num_cpus_per_actor=12)
+    with pytest.raises(ClusterTooSmall, match=r"each actor on one node.* <= 0\."):
+        plan_pool(wide, {"CPU": 16}, nodes_up=two_nodes)
+    assert plan_pool(wide, {"CPU": 16}).max_size == 1  # the totals alone let it through
+    plan = plan_pool(RuntimeSpec(num_cpus_per_actor=3), {"CPU": 16}, nodes_up=two_nodes)
+    assert (plan.min_size, plan.max_size) == (4, 4)  # 2 a node; the totals would give 5
+
+
 @pytest.mark.parametrize(
     ("runtime", "warned"),
     [
@@ -107,8 +119,9 @@ def test_an_autoscaling_pool_is_sized_on_what_the_launcher_config_can_reach(
     the autoscaler can start, and grows to what fits at full scale, though nothing is up."""
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
     shutil.copy(SHIPPED_CLUSTER, bootstrap)
-    reachable = reachable_capacity(bootstrap)
-    assert reachable == {"CPU": 8 * 8 + 16 * 16, "GPU": 8.0}
+    reachable = reachable_nodes(bootstrap)
+    gpu_worker, cpu_worker = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 0.0}
+    assert reachable == [({"CPU": 0.0, "GPU": 0.0}, 1.0), (gpu_worker, 8.0), (cpu_worker, 16.0)]
     with caplog.at_level("WARNING", logger="vision_ops.pool"):
         plan = plan_pool(RuntimeSpec(**runtime), {"CPU": 0}, reachable)
     assert (plan.min_size, plan.max_size, plan.num_cpus, plan.num_gpus) == expected
@@ -117,18 +130,21 @@ def test_an_autoscaling_pool_is_sized_on_what_the_launcher_config_can_reach(
         ["runtime.max_actors=20 capped to the 8 actors it can reach"]
         * (runtime.get("max_actors") == 20)
     )
-    with pytest.raises(ClusterTooSmall, match=r"at full scale, runtime.min_actors=9 .* <= 8"):
+    with pytest.raises(ClusterTooSmall, match=r"min_actors=9 .* even at full scale.* <= 8\."):
         plan_pool(RuntimeSpec(autoscaling=True, min_actors=9), {"CPU": 0}, reachable)
+    wide = RuntimeSpec(autoscaling=True, num_cpus_per_actor=12)  # 16 GPU-worker CPUs in all
+    with pytest.raises(ClusterTooSmall, match=r"8 CPUs, 1 GPUs; 16 CPUs, 0 GPUs each\) hold 0"):
+        plan_pool(wide, {"CPU": 0}, reachable)  # no node holds 12 CPUs and a GPU
 
 
 def test_without_a_launcher_config_the_pool_is_sized_on_the_nodes_up(tmp_path, caplog) -> None:
-    assert reachable_capacity(tmp_path / "absent.yaml") is None  # a driver off the head
+    assert reachable_nodes(tmp_path / "absent.yaml") is None  # a driver off the head
     broken = tmp_path / "broken.yaml"
     broken.write_text("available_node_types: 3\n")
     with caplog.at_level("WARNING", logger="vision_ops.cluster"):
-        assert reachable_capacity(broken) is None
+        assert reachable_nodes(broken) is None
     assert "launcher config is not used" in caplog.text
     plan = plan_pool(RuntimeSpec(autoscaling=True, max_actors=4), {"CPU": 0}, None)
     assert (plan.min_size, plan.max_size, plan.num_gpus) == (1, 4, 0.0)
-    fixed = plan_pool(RuntimeSpec(), {"CPU": 4}, {"CPU": 320, "GPU": 8})  # not autoscaling
+    fixed = plan_pool(RuntimeSpec(), {"CPU": 4}, [({"CPU": 8, "GPU": 1}, 8)])  # not autoscaling
     assert (fixed.max_size, fixed.num_gpus) == (3, 0.0)

@@ -211,13 +211,23 @@ def validate(spec: JobSpec, args: argparse.Namespace) -> int:
 
 
 def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
-    """The predictor pool the spec gets on a launcher config scaled to its max_workers."""
-    from vision_ops.cluster import ClusterConfigError, load_cluster_config, max_capacity
+    """The predictor pool the spec gets on a launcher config scaled to its max_workers (with
+    `runtime.autoscaling`, as the run sizes it on the head from that config)."""
+    from vision_ops.cluster import (
+        ClusterConfigError,
+        full_scale_nodes,
+        load_cluster_config,
+        max_capacity,
+    )
     from vision_ops.pool import ClusterTooSmall, plan_pool
 
     try:
-        capacity = max_capacity(load_cluster_config(cluster))
-        plan = plan_pool(spec.runtime.model_copy(update={"autoscaling": False}), capacity)
+        config = load_cluster_config(cluster)
+        capacity = max_capacity(config)
+        if spec.runtime.autoscaling:
+            plan = plan_pool(spec.runtime, {}, full_scale_nodes(config))
+        else:
+            plan = plan_pool(spec.runtime, capacity)
     except (ClusterConfigError, ClusterTooSmall) as err:
         return _fail(err, EXIT_CLUSTER_TOO_SMALL)
     sized = spec.sized(plan.num_gpus).runtime

@@ -51,21 +51,34 @@ def node_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def max_capacity(config: dict[str, Any]) -> dict[str, float]:
-    """CPU and GPU totals of a config as `load_cluster_config` reads it, with the head node and
+    """CPU and GPU totals of a config as `load_cluster_config` reads it, at full scale
+    (`full_scale_nodes`)."""
+    totals = {"CPU": 0.0, "GPU": 0.0}
+    for resources, count in full_scale_nodes(config):
+        for resource in totals:
+            totals[resource] += count * resources[resource]
+    return totals
+
+
+def full_scale_nodes(config: dict[str, Any]) -> list[tuple[dict[str, float], float]]:
+    """The nodes of a config as `load_cluster_config` reads it, at full scale: the head, and
     every node type's workers at its max_workers (the head's type too: Ray launches workers of
     it beside the head), within the config's cluster-wide max_workers (filled with the
-    GPU-richest types first: the most the job can get)."""
+    GPU-richest types first: the most the job can get); as (one node's CPU and GPU, nodes)."""
     types = node_types(config)
-    head = types[config["head_node_type"]]
-    totals = {resource: _amount(head, resource) for resource in ("CPU", "GPU")}
+    nodes = [(_cpu_and_gpu(types[config["head_node_type"]]), 1.0)]
     left = float(config["max_workers"])  # Ray's schema refuses a negative one
     workers = sorted(types.items(), key=lambda w: (-_amount(w[1], "GPU"), -_amount(w[1], "CPU")))
     for name, node in workers:
         count = min(_max_workers(node, name), left)
         left -= count
-        for resource in totals:
-            totals[resource] += count * _amount(node, resource)
-    return totals
+        if count:
+            nodes.append((_cpu_and_gpu(node), count))
+    return nodes
+
+
+def _cpu_and_gpu(node: dict[str, Any]) -> dict[str, float]:
+    return {resource: _amount(node, resource) for resource in ("CPU", "GPU")}
 
 
 def _amount(node: dict[str, Any], resource: str) -> float:
@@ -85,16 +98,21 @@ def head_resources(config: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in head.get("resources", {}).items()}
 
 
-def reachable_capacity(path: str | Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
-    """The CPU and GPU an autoscaling cluster can reach (`max_capacity` of its launcher
-    config), where that config is on this machine: the driver on the head `ray up` started, as
+def reachable_nodes(
+    path: str | Path = BOOTSTRAP_CONFIG,
+) -> list[tuple[dict[str, float], float]] | None:
+    """The nodes an autoscaling cluster can reach (`full_scale_nodes` of its launcher config),
+    where that config is on this machine: the driver on the head `ray up` started, as
     `vision-ops submit` runs it. None elsewhere (a driver off the head, KubeRay), or where the
     config does not read (said in the log): the pool is then sized on the nodes up."""
-    found = Path(path).expanduser()
+    try:
+        found = Path(path).expanduser()
+    except RuntimeError:  # no home to expand `~` to (a container's uid without one)
+        return None
     if not found.is_file():
         return None
     try:
-        return max_capacity(load_cluster_config(found))
+        return full_scale_nodes(load_cluster_config(found))
     except ClusterConfigError as err:
         log.warning("runtime.autoscaling: the cluster's launcher config is not used: %s", err)
         return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vision_ops.config import RuntimeSpec
@@ -33,22 +33,31 @@ class PoolPlan:
     read_tasks: int | None = None  # None: as many as Ray Data scales to
 
 
+# Nodes a cluster can reach: (one node's CPU and GPU, how many such nodes).
+Nodes = Sequence[tuple[Mapping[str, float], float]]
+
+
 def plan_pool(
     runtime: RuntimeSpec,
     resources: Mapping[str, float],
-    reachable: Mapping[str, float] | None = None,
+    reachable: Nodes | None = None,
+    nodes_up: Nodes | None = None,
 ) -> PoolPlan:
     """Size the predictor pool from the cluster; refuse, before any work, one that cannot run.
     On a fixed cluster a pool whose smallest size the spec leaves open is fixed at its largest:
     every actor starts at once (Ray Data would otherwise start one and add the others only as
     its queue backs up, each a model load later) and none is stopped mid-run. On an
-    autoscaling cluster whose launcher config is known, `reachable` (cluster.reachable_capacity)
-    sizes it instead of the nodes up (`_plan_to_reach`)."""
+    autoscaling cluster whose launcher config is known, the nodes it can reach
+    (cluster.reachable_nodes) size it instead of the nodes up (`_plan_to_reach`). `nodes_up`,
+    where given, bounds it node by node (an actor is placed on one node: 2 nodes of 8 CPUs
+    hold no actor of 12)."""
     if runtime.autoscaling and reachable is not None:
         return _plan_to_reach(runtime, reachable)
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     num_gpus = gpus_per_actor(runtime, gpus)
     fits = _actors_that_fit(runtime, num_gpus, cpus, gpus)
+    if nodes_up is not None:
+        fits = min(fits, _actors_on_nodes(nodes_up, runtime, num_gpus))
     smallest = runtime.min_actors or 1
     if smallest > fits and not runtime.autoscaling:
         raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
@@ -70,22 +79,36 @@ def plan_pool(
     )
 
 
-def _plan_to_reach(runtime: RuntimeSpec, reachable: Mapping[str, float]) -> PoolPlan:
-    """An autoscaling pool sized on what the cluster can reach at full scale: from one actor
-    (the autoscaler adds nodes as the others wait) up to as many as fit there, each with a GPU
-    where the cluster's node types have GPUs (so the autoscaler starts GPU workers for them)."""
-    cpus, gpus = float(reachable.get("CPU", 0)), float(reachable.get("GPU", 0))
+def _plan_to_reach(runtime: RuntimeSpec, nodes: Nodes) -> PoolPlan:
+    """An autoscaling pool sized on the nodes the cluster can reach at full scale: from one
+    actor (the autoscaler adds nodes as the others wait) up to as many as fit there, node by
+    node, each with a GPU where the node types have GPUs (so the autoscaler starts GPU workers
+    for them)."""
+    cpus = sum(count * node.get("CPU", 0) for node, count in nodes)
+    gpus = sum(count * node.get("GPU", 0) for node, count in nodes)
     num_gpus = gpus_per_actor(runtime, gpus)
-    fits = _actors_that_fit(runtime, num_gpus, cpus, gpus)
+    on_nodes = _actors_on_nodes(nodes, runtime, num_gpus)
+    fits = min(on_nodes, _actors_that_fit(runtime, num_gpus, cpus, gpus))
     smallest = runtime.min_actors or 1
     if smallest > fits:
-        message = _too_small_message(runtime, num_gpus, cpus, gpus, fits)
-        raise ClusterTooSmall(f"at full scale, {message}")
+        raise ClusterTooSmall(_unreachable_message(runtime, num_gpus, nodes, fits))
     top = runtime.max_actors or fits
     if top > fits:
         log.warning("runtime.max_actors=%d capped to the %d actors it can reach", top, fits)
         top = fits
     return PoolPlan(smallest, top, runtime.num_cpus_per_actor, num_gpus)
+
+
+def _actors_on_nodes(nodes: Nodes, runtime: RuntimeSpec, num_gpus: float) -> int:
+    """Actors of the spec's size the nodes hold, each on one node."""
+    return int(sum(count * _actors_on(node, runtime, num_gpus) for node, count in nodes))
+
+
+def _actors_on(node: Mapping[str, float], runtime: RuntimeSpec, num_gpus: float) -> int:
+    """Actors of the spec's size one node holds."""
+    by_cpu = math.floor(node.get("CPU", 0) / runtime.num_cpus_per_actor + 1e-9)
+    by_gpu = math.floor(node.get("GPU", 0) / num_gpus + 1e-9) if num_gpus else by_cpu
+    return max(0, min(by_cpu, by_gpu))
 
 
 def _actors_that_fit(runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float) -> int:
@@ -134,6 +157,20 @@ def _warn_of_nodes_not_up(runtime: RuntimeSpec, num_gpus: float, top: int) -> No
         )
 
 
+def _unreachable_message(runtime: RuntimeSpec, num_gpus: float, nodes: Nodes, fits: int) -> str:
+    smallest = runtime.min_actors or 1
+    kinds = "; ".join(
+        f"{node.get('CPU', 0):g} CPUs, {node.get('GPU', 0):g} GPUs" for node, _ in nodes
+    )
+    return (
+        f"runtime.min_actors={smallest} actors of {runtime.num_cpus_per_actor:g} CPU and "
+        f"{num_gpus:g} GPU each cannot be scheduled even at full scale: the launcher config's "
+        f"nodes ({kinds} each) hold {fits}, {runtime.reserved_cpus:g} CPUs kept free "
+        f"(runtime.reserved_cpus); expected min_actors <= {fits}. Lower runtime.min_actors or "
+        "runtime.num_cpus_per_actor, or raise the node types' max_workers"
+    )
+
+
 def _too_small_message(
     runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float, fits: int
 ) -> str:
@@ -141,7 +178,8 @@ def _too_small_message(
     return (
         f"runtime.min_actors={smallest} actors of {runtime.num_cpus_per_actor:g} CPU "
         f"and {num_gpus:g} GPU each cannot be scheduled: the cluster has {cpus:g} CPUs and "
-        f"{gpus:g} GPUs, and {runtime.reserved_cpus:g} CPUs stay free for reading and decoding "
-        f"(runtime.reserved_cpus); expected min_actors <= {fits}. Lower runtime.min_actors or "
-        "runtime.num_cpus_per_actor, add nodes, or set runtime.autoscaling: true"
+        f"{gpus:g} GPUs, each actor on one node, and {runtime.reserved_cpus:g} CPUs stay free "
+        f"for reading and decoding (runtime.reserved_cpus); expected min_actors <= {fits}. "
+        "Lower runtime.min_actors or runtime.num_cpus_per_actor, add nodes, or set "
+        "runtime.autoscaling: true"
     )

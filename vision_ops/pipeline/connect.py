@@ -38,6 +38,15 @@ def connect_ray() -> None:
     stack_traces_to_ray_datas_log()
 
 
+def nodes_up() -> list[tuple[dict[str, float], float]]:
+    """The cluster's live nodes, one by one: (a node's CPU and GPU, 1)."""
+    return [
+        ({name: float(node["Resources"].get(name, 0)) for name in ("CPU", "GPU")}, 1.0)
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+
+
 def _init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:

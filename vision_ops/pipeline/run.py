@@ -13,7 +13,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from vision_ops.cluster import reachable_capacity
+from vision_ops.cluster import reachable_nodes
 from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.detection import instance_output
 from vision_ops.drift import Drift, drift_at_commit, manifest_entry
@@ -21,7 +21,7 @@ from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
-from vision_ops.pipeline.connect import connect_ray
+from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
@@ -91,8 +91,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     check_run_date(spec, run_id, run_date)
     with clock.stage("ray_connect"):
         connect_ray()
-    reachable = reachable_capacity() if spec.runtime.autoscaling else None
-    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable)
+    reachable = reachable_nodes() if spec.runtime.autoscaling else None
+    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, nodes_up())
     spec = spec.sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
