@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from faulty_s3 import FaultyS3, S3Request
@@ -279,6 +280,24 @@ def test_tables_sharing_one_uri_and_run_id_keep_each_others_masks(output, iceber
     assert first.root == f"out/{output.uri.rpartition('/')[2]}/{output.table}"
 
 
+def test_attempts_staged_in_the_earlier_layout_are_named_not_touched(output, caplog) -> None:
+    """Before each table had a folder of its own, a run staged in `uri/_staging/<run_id>/`:
+    a rerun after the upgrade says it does not resume from them, and leaves them."""
+    fs, root = filesystem(output.uri, STORE)
+    earlier = f"{root}/_staging/r1/0123456789ab/part-00000.parquet"
+    fs.pipe_file(earlier, b"an earlier version's part")
+    with caplog.at_level("WARNING", logger="vision_ops.iceberg"):
+        commit_run(output, "r1", uris("a", 2))
+    assert f"{root}/_staging/r1 holds attempts of run r1 staged by an earlier version" in (
+        caplog.text
+    )
+    assert rows_by_run(output) == {"r1": uris("a", 2)} and fs.exists(earlier)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vision_ops.iceberg"):
+        commit_run(output, "r2", uris("b", 1))
+    assert "earlier version" not in caplog.text
+
+
 def test_tables_sharing_one_uri_and_run_id_keep_their_own_metrics(output) -> None:
     """Each table's evaluation is its own (imagefolder truth: the folder; every row says
     "cat"), and metrics scored before tables had folders of their own are still read."""
@@ -294,8 +313,16 @@ def test_tables_sharing_one_uri_and_run_id_keep_their_own_metrics(output) -> Non
 
     assert (accuracy(output), accuracy(other)) == (0.0, 1.0)
     fs, files = filesystem(output.files_uri, STORE)
-    fs.mv(f"{files}/_metrics/r1.parquet", f"{output.uri.removeprefix('s3://')}/_metrics/r1.parquet")
+    legacy = f"{output.uri.removeprefix('s3://')}/_metrics/r1.parquet"
+    fs.mv(f"{files}/_metrics/r1.parquet", legacy)
     assert accuracy(output) == 0.0  # the earlier layout: uri/_metrics
+    with fs.open(legacy, "rb") as handle:  # as metrics were written before they were stamped
+        unstamped = pq.read_table(handle).replace_schema_metadata(None)
+    with fs.open(legacy, "wb") as handle:
+        pq.write_table(unstamped, handle)
+    evaluate_run(output, "", "imagefolder", options=STORE)  # into the table's own folder
+    commit_run(output, "r1", uris("dog", 1))  # a rerun: not evaluated, whatever lies elsewhere
+    assert accuracy(output) is None
 
 
 def test_rerun_replaces_only_the_rows_of_its_run_id(output, iceberg_s3) -> None:

@@ -462,16 +462,16 @@ def read_metrics(
     """The metrics of the run `manifest` commits, where that commit has been evaluated; None
     where it has not, or where they scored an earlier commit of the run id (a rerun). An
     Iceberg table's metrics scored before each table had a folder of its own under `uri` are
-    read from `uri`/_metrics (the attempt stamp tells them from another table's)."""
+    read from `uri`/_metrics where its own folder has none (the first file found decides)."""
     output = as_output(table_uri)
     folders = dict.fromkeys([output.files_uri, output.uri])  # the second: the earlier layout
     for folder in folders:
         fs, path = filesystem(f"{_metrics_folder(folder)}/{manifest['run_id']}.parquet", options)
-        if not fs.exists(path):
-            continue
-        with fs.open(path, "rb") as handle:
-            table = read_parquet(handle)
-        scored = (table.schema.metadata or {}).get(SCORED_ATTEMPT)
-        if scored is None or scored.decode() == str(manifest.get("attempt")):
+        if fs.exists(path):
+            with fs.open(path, "rb") as handle:
+                table = read_parquet(handle)
+            scored = (table.schema.metadata or {}).get(SCORED_ATTEMPT)
+            if scored is not None and scored.decode() != str(manifest.get("attempt")):
+                return None
             return table.replace_schema_metadata(None)
     return None

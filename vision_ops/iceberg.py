@@ -28,7 +28,12 @@ import pyarrow.compute as pc
 from vision_ops.config import OutputSpec
 from vision_ops.errors import InterruptedDuringCommit
 from vision_ops.georef import GEO_KEY
-from vision_ops.masks import final_masks_folder, staged_masks_folder, staging_folder
+from vision_ops.masks import (
+    final_masks_folder,
+    run_staging_folder,
+    staged_masks_folder,
+    staging_folder,
+)
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
@@ -213,6 +218,24 @@ class IcebergSink:
         if self.resume_key is None:
             with writing_to(self.output.uri):
                 self.parts.remove_earlier()
+        self._warn_of_the_earlier_layout()
+
+    def _warn_of_the_earlier_layout(self) -> None:
+        """Attempts of this run id staged in `uri` itself, before each table had a folder of
+        its own there (OutputSpec.files_uri), are neither resumed from nor removed (another
+        table's may lie beside them): say so, once, as the run starts."""
+        _, uri_root = filesystem(self.output.uri, self.storage_options)
+        folder = run_staging_folder(uri_root.rstrip("/"), self.run_id)
+        with contextlib.suppress(OSError), writing_to(self.output.uri):
+            if self.fs.exists(folder):
+                log.warning(
+                    "%s holds attempts of run %s staged by an earlier version (before each "
+                    "table kept its files in %s): this run does not resume from them; remove "
+                    "the folder once no run of that version is going on",
+                    folder,
+                    self.run_id,
+                    self.output.files_uri,
+                )
 
     def _check_run_date(self) -> None:
         """RunDateConflict where the run id is committed on another date (as for Parquet: a

@@ -24,7 +24,12 @@ TILE_TRANSFORM = "tile_transform"  # a tile's pixel -> CRS affine as JSON (tilin
 
 def staging_folder(root: str, run_id: str, attempt: str) -> str:
     """Where one attempt of a run stages its part files and masks until the commit."""
-    return f"{root}/_staging/{run_id}/{attempt}"
+    return f"{run_staging_folder(root, run_id)}/{attempt}"
+
+
+def run_staging_folder(root: str, run_id: str) -> str:
+    """The folder of every attempt of a run."""
+    return f"{root}/_staging/{run_id}"
 
 
 def staged_masks_folder(root: str, run_id: str, attempt: str) -> str:
