@@ -62,6 +62,13 @@ def minimal_spec(task: dict[str, Any], model: dict[str, Any] | None = None) -> d
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_scored_tasks_counted_metrics_are_among_its_metrics(name: str) -> None:
+    record = get_task(name)
+    if record.scorer is not None:
+        assert set(record.counted_metrics) <= set(record.metrics), name
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_task_section_is_validated_by_its_record(name: str) -> None:
     record = get_task(name)
     spec = parse_spec(minimal_spec({"kind": name}))

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -1121,7 +1121,7 @@ class JobSpec(StrictModel):
                 f"evaluate.min names {', '.join(unknown)}: expected one of "
                 f"{', '.join(task.metrics)}"
             )
-        _floors_that_can_hold(held.min)
+        _floors_that_can_hold(held.min, task.counted_metrics)
         return self
 
     @model_validator(mode="after")
@@ -1195,21 +1195,17 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return parse_spec(raw)
 
 
-# Overall metrics that count rather than score: `evaluated` takes any floor; `error_rows`
-# none (a floor on failures fails a clean run: `vision-ops run --max-error-ratio` bounds them).
-# Every other metric is a share, in [0, 1].
-COUNTED_METRICS = ("evaluated", "error_rows")
-
-
-def _floors_that_can_hold(floors: dict[str, float]) -> None:
-    """ValueError for an `evaluate.min` floor no run can meet the way it was meant."""
+def _floors_that_can_hold(floors: dict[str, float], counted: Sequence[str]) -> None:
+    """ValueError for an `evaluate.min` floor no run can meet the way it was meant: on
+    `error_rows` (a floor on failures fails a clean run: `vision-ops run --max-error-ratio`
+    bounds them), or a share's outside [0, 1] (every metric but the `counted` ones)."""
     if "error_rows" in floors:
         raise ValueError(
             "evaluate.min.error_rows: error rows are failures, and a floor on them fails a run "
             "with fewer; expected no floor (`vision-ops run --max-error-ratio` bounds them)"
         )
     for name, floor in floors.items():
-        if name not in COUNTED_METRICS and not 0 <= floor <= 1:
+        if name not in counted and not 0 <= floor <= 1:
             raise ValueError(
                 f"evaluate.min.{name}: {floor} is no share; expected a value from 0 to 1 "
                 f"(e.g. 0.8 for 80%)"

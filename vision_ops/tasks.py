@@ -120,6 +120,8 @@ class Task:
         storage options) -> metric rows; None: the task cannot be scored.
       truth_formats: the --truth-format values its scorer reads (the first is the default).
       metrics: the overall metrics its scorer gives, the names a spec's `evaluate.min` takes.
+      counted_metrics: those of them that count rather than score (every other is a share in
+        [0, 1]): every scorer gives the units it evaluated and the error rows among them.
     """
 
     name: str
@@ -144,6 +146,7 @@ class Task:
     scorer: str | None = None
     truth_formats: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
+    counted_metrics: tuple[str, ...] = ("evaluated", "error_rows")
     sized_fields: str | None = None
     masks: bool = False
     model_kinds: tuple[str, ...] = NETWORK_MODEL_KINDS
