@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,28 +297,63 @@ def test_a_copied_segmentation_table_reads_its_own_masks(tmp_path: Path) -> None
     assert [uri for (uri,) in queried] == sorted(masks)  # `query` too: the copy's masks
 
 
+def segmentation_sinks(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[Callable[[], Any], Any]:
+    """A maker of resumable segmentation sinks of run r1 on a Parquet or an Iceberg table,
+    and the table (as outputs.* take it)."""
+    schema = output_schema("segmentation")
+    settings = {"durable_every_rows": 2, "durable_every_s": 3600.0, "resume_key": KEY}
+    if kind == "parquet":
+        return (
+            lambda: ParquetSink(str(tmp_path), "r1", DATE, schema, rows_per_file=4, **settings),
+            str(tmp_path),
+        )
+    server = request.getfixturevalue("iceberg_s3")
+    name = f"resume_masks_{time.monotonic_ns()}"
+    output = OutputSpec(format="iceberg", uri=f"s3://out/{name}", table=f"tests.{name}",
+                        catalog=server.catalog_properties())  # fmt: skip
+    options = {"s3": server.storage_options()}
+    return lambda: IcebergSink(output, "r1", DATE, schema, options, **settings), output
+
+
+@pytest.mark.parametrize("kind", ["parquet", "iceberg"])
+def test_a_segmentation_commit_refused_before_its_commit_point_leaves_all_to_resume(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The commit fails after the masks were published (here: the lock found lost): the masks
+    go back with the rows into the attempt's staging, and the rerun resumes every source."""
+    new_sink, target = segmentation_sinks(kind, tmp_path, request)
+    attempt = new_sink()
+    attempt.resume(one_unit_each)
+    stage_masked_rows(attempt, URIS, first=0)
+
+    def lost() -> None:
+        raise CommitRefused("the run's lock was taken over")
+
+    with pytest.raises(CommitRefused, match="lock was taken over"):
+        attempt.commit(URIS, held=lost)
+    assert outputs.committed_run(target, "r1") is None
+    rerun = new_sink()
+    assert rerun.resume(one_unit_each) == frozenset(URIS) and rerun.resumed == 6
+    rows = rerun.staged(["source_uri", "mask_uri"]).to_pylist()
+    rerun.fs.invalidate_cache()
+    staged = staged_masks_folder(rerun.root, "r1", rerun.attempt)
+    assert sorted(path.rpartition("/")[2] for path in rerun.fs.ls(staged)) == sorted(
+        f"{item_id(uri)}.png" for uri in URIS
+    )
+    assert len(rows) == 6
+    result = rerun.commit(URIS)
+    assert (result.rows, result.resumed) == (6, 6)
+
+
 @pytest.mark.parametrize("kind", ["parquet", "iceberg"])
 def test_a_segmentation_rerun_reuses_rows_with_their_masks(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
     """The masks of reused rows move into the rerun's staging and the rows name them where the
     rerun commits them; a row whose mask is not there keeps its source out of the resume."""
-    schema = output_schema("segmentation")
-    settings = {"durable_every_rows": 2, "durable_every_s": 3600.0, "resume_key": KEY}
-    if kind == "parquet":
-
-        def new_sink() -> Any:
-            return ParquetSink(str(tmp_path), "r1", DATE, schema, rows_per_file=4, **settings)
-    else:
-        server = request.getfixturevalue("iceberg_s3")
-        name = f"resume_masks_{time.monotonic_ns()}"
-        output = OutputSpec(format="iceberg", uri=f"s3://out/{name}", table=f"tests.{name}",
-                            catalog=server.catalog_properties())  # fmt: skip
-
-        def new_sink() -> Any:
-            options = {"s3": server.storage_options()}
-            return IcebergSink(output, "r1", DATE, schema, options, **settings)
-
+    new_sink, target = segmentation_sinks(kind, tmp_path, request)
     attempt = new_sink()
     attempt.resume(one_unit_each)
     stage_masked_rows(attempt, URIS[:5], first=0)  # rows 0-3 durable, 4 lost (its mask staged)
@@ -328,7 +364,6 @@ def test_a_segmentation_rerun_reuses_rows_with_their_masks(
     stage_masked_rows(rerun, URIS[3:], first=3)
     result = rerun.commit(URIS)
     assert (result.rows, result.resumed) == (6, 3)
-    target: Any = str(tmp_path) if kind == "parquet" else output
     run = outputs.committed_run(target, "r1")
     rows = outputs.read_run(target, run, columns=["source_uri", "mask_uri"]).to_pylist()
     fs = rerun.fs

@@ -285,23 +285,25 @@ class IcebergSink:
             self.parts.require_own(self.run_id)
             self.parts.flush()
         masks = self._staged_masks()
+        published: list[str] = []  # masks moved into place, for an undo to move back
+        index = None
         try:
             self._check(listed, masks)
             self._reload()
             self._write_data_files()
-            published = self._publish_masks(masks)
+            self._publish_masks(masks, published)
             index = self._write_index()
             if held is not None:
                 held()
         except Exception:
-            self._discard([])
+            self._undo(published, index)
             raise
         try:
             uri = canonical_uri(self.fs, index)
             snapshot = self._commit_snapshot((details or {}) | {"index_uri": uri})
         except _NotCommitted as failed:
             if failed.sure:  # else the files may be the table's now: leave them
-                self._discard([*published, index])
+                self._undo(published, index)
             raise failed.error from None
         self._remove_other_masks()
         self._remove_replaced_index(uri)
@@ -499,14 +501,19 @@ class IcebergSink:
     def _failed(self) -> str:
         return f"run {self.run_id} not committed to {self.output.table} (table unchanged)"
 
-    def _discard(self, masks: list[str]) -> None:
-        """Best effort: this attempt's data files and published masks, never committed."""
+    def _undo(self, published: list[str], index: str | None) -> None:
+        """Best effort, after a commit that surely did not land: this attempt's data files and
+        index go, and its published masks move back into its staging, where a rerun resumes
+        the rows naming them (their staged part files stay too)."""
         for path in [f.file_path for f in self._files]:
             with contextlib.suppress(Exception):
                 self.table.io.delete(path)
-        for path in masks:
-            with contextlib.suppress(OSError):
-                self.fs.rm(path)
+        staged = staged_masks_folder(self.root, self.run_id, self.attempt)
+        with contextlib.suppress(OSError), writing_to(self.output.uri):
+            for path in published:
+                self.fs.mv(path, f"{staged}/{path.rpartition('/')[2]}")
+            if index is not None:
+                self.fs.rm(index)
 
     # --- the run's index ---------------------------------------------------------------------
 
@@ -534,18 +541,18 @@ class IcebergSink:
         with writing_to(self.output.uri):
             return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
 
-    def _publish_masks(self, staged: list[str]) -> list[str]:
-        """Into this attempt's own final folder, before the commit that makes rows name them."""
+    def _publish_masks(self, staged: list[str], moved: list[str]) -> None:
+        """Into this attempt's own final folder, before the commit that makes rows name them;
+        each path in `moved` as it lands there."""
         final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
-        moved: list[str] = []
         if not staged:
-            return moved
+            return
         with writing_to(self.output.uri):
             make_folder(self.fs, final)
             for path in staged:
-                moved.append(f"{final}/{path.rpartition('/')[2]}")
-                self.fs.mv(path, moved[-1])
-        return moved
+                target = f"{final}/{path.rpartition('/')[2]}"
+                self.fs.mv(path, target)
+                moved.append(target)
 
     def _remove_other_masks(self) -> None:
         """After the commit: the masks of the attempts it replaced (best effort)."""
