@@ -738,6 +738,8 @@ def test_fingerprint_is_a_sha256_hex() -> None:
         ("runtime.device", "cpu"),
         ("run.id", "another-run"),
         ("run.date", "2020-01-01"),
+        ("monitor.runs", 3),
+        ("output.rows_per_file", 10),
     ],
 )
 def test_fingerprint_ignores_sizing_and_run_identity(dotted: str, value: Any) -> None:
@@ -766,6 +768,21 @@ def test_default_run_id_ignores_sizing() -> None:
 def test_fingerprint_follows_what_decides_the_rows(dotted: str, value: Any) -> None:
     base = parse_spec(minimal())
     assert parse_spec(with_value(dotted, value)).fingerprint() != base.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "gpu_share", "numerics"),
+    [
+        ({"autocast": "float16"}, 1.0, "cuda autocast=float16 decode=tasks"),
+        ({"autocast": "float16"}, 0.0, "cpu autocast=off decode=tasks"),  # ignored on a CPU
+        ({"autocast": "bfloat16", "device": "cpu"}, 1.0, "cpu autocast=off decode=tasks"),
+        ({"decode": "device"}, 0.25, "cuda autocast=off decode=device"),
+    ],
+)
+def test_the_numerics_a_runtime_gives_its_rows(runtime, gpu_share, numerics) -> None:
+    """Apart from the fingerprint (sizing must not restart a run) but in the resume key: a
+    rerun on CPUs of a run killed on GPUs with autocast does not reuse its rows."""
+    assert RuntimeSpec(**runtime).numerics(gpu_share) == numerics
 
 
 def test_fingerprint_is_independent_of_spelling() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -149,6 +150,7 @@ def test_verify_passes_a_committed_run_and_catches_damage(
     manifest = committed_runs(str(tmp_path / "table"))[0]
     assert manifest["rows"] == 5 and len(manifest["units_digest"]) == 64
     assert {"input_snapshot_digest", "spec_digest", "model_fingerprint"} <= set(manifest)
+    assert re.fullmatch(r"cpu autocast=off decode=(tasks|device)", manifest["numerics"])
     part = Path(manifest["files"][1]["uri"].removeprefix("file://"))
     part.write_bytes(part.read_bytes()[:100])
     assert main(["verify", str(spec), "--run-id", "v1"]) == EXIT_FAILED

@@ -809,6 +809,16 @@ class RuntimeSpec(StrictModel):
         """read_batch_size, once sized (JobSpec.sized)."""
         return _sized(self.read_batch_size, "read_batch_size")
 
+    def numerics(self, gpu_share: float) -> str:
+        """What of the runtime decides the model's numbers, for actors holding `gpu_share`
+        GPUs: the device, autocast on it (ignored on a CPU) and where images are decoded (the
+        device's decoder and Pillow give other pixels), e.g. `cuda autocast=float16
+        decode=tasks`. Compiling is left out: a run may compile on some nodes and not others,
+        and it moves scores by float rounding only."""
+        device = "cuda" if gpu_share and self.device != "cpu" else "cpu"
+        autocast = self.autocast if device == "cuda" else "off"
+        return f"{device} autocast={autocast} decode={self.decode}"
+
     @field_validator("num_gpus_per_actor", "num_cpus_per_actor")
     @classmethod
     def _within_rays_precision(cls, value: float | None) -> float | None:
@@ -830,6 +840,14 @@ class RuntimeSpec(StrictModel):
         return self
 
 
+# What JobSpec.fingerprint leaves out: settings that decide no row's values.
+ROWS_UNDECIDED: dict[str, Any] = {
+    "run": True,
+    "runtime": True,
+    "monitor": True,
+    "evaluate": True,
+    "output": {"rows_per_file"},
+}
 RAY_RESOURCE_UNIT = 0.0001  # Ray's precision for fractional resources (CPU, GPU)
 
 
@@ -1162,8 +1180,10 @@ class JobSpec(StrictModel):
         )
 
     def fingerprint(self) -> str:
-        """A hash of what decides the rows (not the run identity nor the sizing)."""
-        content = self.model_dump(mode="json", exclude={"run", "runtime"})
+        """A hash of what decides the rows: not the run identity, the sizing, the drift and
+        evaluation settings, nor how many rows a file holds (the numerics the runtime decides
+        are apart: RuntimeSpec.numerics)."""
+        content = self.model_dump(mode="json", exclude=ROWS_UNDECIDED)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -168,7 +168,7 @@ def _process_and_commit(
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
     expected: ExpectedUnits = tiles if tiles else listing
-    identity = identity_digests(spec, listing)
+    identity = identity_digests(spec, listing, plan)
     sink = open_sink(spec, run_id, run_date, schema, identity)  # its format's (outputs.py)
     units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
     stats = RunStats()
@@ -263,8 +263,9 @@ def merged_per_scene(
     return tiles.merged(rows, spec.task.seam_overlap)
 
 
-def identity_digests(spec: JobSpec, listing: Listing) -> dict[str, str]:
-    """What the run read and with what: the input snapshot, the spec and the model. The
+def identity_digests(spec: JobSpec, listing: Listing, plan: PoolPlan) -> dict[str, str]:
+    """What the run read and with what: the input snapshot, the spec, the model and the
+    numerics its actors run with (a rerun on other devices or precision starts over). The
     snapshot digest was summed as the listing streamed through Ray tasks (each source's URI
     and version, SHA-256 each, added modulo 2**256, then hashed with the count): the same
     inputs give the same digest whatever their order or blocks."""
@@ -272,6 +273,7 @@ def identity_digests(spec: JobSpec, listing: Listing) -> dict[str, str]:
         "input_snapshot_digest": listing.summary.snapshot.hexdigest(),
         "spec_digest": spec.fingerprint(),
         "model_fingerprint": model_fingerprint(spec),
+        "numerics": spec.runtime.numerics(plan.num_gpus),
     }
 
 
