@@ -23,7 +23,7 @@ import pytest
 from vision_ops.cli import interrupted
 from vision_ops.config import parse_spec
 from vision_ops.lock import LOCK_NAME, LockLost, RunLock
-from vision_ops.publish import JOURNAL, SUCCESS_MARKER, journal_path
+from vision_ops.publish import JOURNAL, MANIFESTS, SUCCESS_MARKER, journal_path
 from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import (
@@ -35,6 +35,7 @@ from vision_ops.sink import (
     verify_run,
 )
 from vision_ops.storage import StorageError
+from vision_ops.written import CommitRefused
 
 DATE = dt.date(2026, 11, 24)
 PARTITION = "run_date=2026-11-24"
@@ -212,6 +213,44 @@ def test_a_lock_taken_over_between_renewals_stops_the_commit_at_its_commit_point
     assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
     assert parquet_files(tmp_path) == before
     assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
+
+
+def test_a_run_that_stalls_past_its_commit_point_is_finished_by_the_run_that_took_over(
+    tmp_path: Path,
+) -> None:
+    """The rerun passes its lock check and its fence, then stalls before its manifest lands
+    (its lease running out meanwhile): the run that takes the table over finishes its commit
+    from the journal (it undid it before: the late manifest then named files moved back to the
+    rerun's staging, r1's old files deleted, every row of r1 gone)."""
+    commit(tmp_path, OLD_ROWS)
+    writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+
+    def taken_over_as_the_manifest_goes(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "pipe_file" and f"/{MANIFESTS}/" in args[0]:
+            settle(tmp_path)  # the run that took the lapsed lock opens its sink
+
+    writer.fs = FaultyFs(writer.fs, taken_over_as_the_manifest_goes)
+    writer.commit()  # its late manifest write lands: the same manifest
+    assert committed_run(str(tmp_path), "r1")["attempt"] == writer.attempt
+    assert_settled(tmp_path, NEW_ROWS)
+
+
+def test_a_run_whose_journal_was_claimed_before_its_fence_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    """The rerun stalls between its lock check and its fence, and the run that took the table
+    over undoes its commit first: the fence finds the journal claimed, the rerun commits
+    nothing, r1 stays whole and the rerun's rows wait in its staging for a rerun."""
+    old = commit(tmp_path, OLD_ROWS)
+    writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+    with pytest.raises(CommitRefused, match="another run settled this commit at its commit"):
+        writer.commit(None, None, lambda: settle(tmp_path))  # held, then taken over
+    assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
+    assert_settled(tmp_path, OLD_ROWS)
+    staged = list((tmp_path / "_staging" / "r1" / writer.attempt).glob("part-*.parquet"))
+    assert len(staged) == 2  # moved back by the run that undid the commit
 
 
 def test_a_run_that_lost_its_lock_leaves_the_takers_journal(tmp_path: Path) -> None:
@@ -445,7 +484,7 @@ def test_a_run_that_cannot_settle_an_interrupted_commit_does_not_start(
         settle(tmp_path)
     assert str(refused.value) == (
         f"run r1: an interrupted commit (attempt {journal_attempt(tmp_path)}) could not be "
-        "undone (Fault: 503 SlowDown); nothing was started: run again when the store answers"
+        "settled (Fault: 503 SlowDown); nothing was started: run again when the store answers"
     )
     assert list((tmp_path / JOURNAL).glob("r1.*.json"))
     monkeypatch.setattr(vision_ops.sink, "filesystem", real)
@@ -512,7 +551,8 @@ rerun_with(Path({root!r}), kill)
 
 def test_a_driver_killed_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path) -> None:
     """SIGKILL at each step of the commit: readers see the old run or the new one whole; the
-    next run on the table finishes or undoes the commit from its journal."""
+    next run on the table finishes or undoes the commit from its journal (past the fence it
+    finishes it, though the manifest readers switch on was not written yet)."""
     steps = commit_steps(tmp_path)
     outcomes = set()
     for step in range(1, len(steps) + 1):
@@ -523,8 +563,11 @@ def test_a_driver_killed_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path:
         assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
         problems = verify_run(str(root), "r1")[1]
         assert problems in ([], [UNFINISHED.format(run_id="r1")]), problems
+        seen = committed_run(str(root), "r1")["rows"]
+        assert seen in (OLD_ROWS, NEW_ROWS), steps[step - 1]
+        settle(root)
         committed_rows = committed_run(str(root), "r1")["rows"]
-        assert committed_rows in (OLD_ROWS, NEW_ROWS), steps[step - 1]
+        assert committed_rows in (seen, NEW_ROWS), steps[step - 1]  # never back to the old
         outcomes.add(committed_rows)
         assert_settled(root, committed_rows)
     assert outcomes == {OLD_ROWS, NEW_ROWS}  # kills fell before and after the commit point

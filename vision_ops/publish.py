@@ -8,17 +8,22 @@ disk and NFS flushed to the disk, `storage.synced`, so a power loss is a crash l
 2. the attempt's part files (and masks) move from `_staging/` into the partition under names
    of their own (`{run_id}-{attempt}-part-NNNNN.parquet`), and its index (vision_ops.runindex)
    to `_index/{run_id}-{attempt}.parquet`: nothing committed is overwritten;
-3. the manifest `_manifests/{run_id}.json` is replaced in one write: the commit point;
-4. `_SUCCESS` is written in the partition, the replaced run's files are removed, and the
+3. the journal is rewritten `fenced`, with the manifest in it, over the version the run wrote
+   (a compare-and-swap, vision_ops.lock_file): the commit point;
+4. the manifest `_manifests/{run_id}.json` is replaced in one write: readers switch to the run;
+5. `_SUCCESS` is written in the partition, the replaced run's files are removed, and the
    journal last.
 
 A failure before the commit point undoes steps 1-2 (the old run stays committed, whole; the
 attempt's files move back to its staging, where a rerun of the run id resumes from them); a
 failure after it leaves the new run committed and its cleanup to finish. When a failure leaves
 the outcome unknown, or the driver is killed, the journal stays: the next run on the table
-(`resolve_unfinished`, under the table's run lock) reads the manifest to learn which attempt
-won, then finishes that commit or undoes it. Nothing is ever deleted by pattern: only files a
-journal or a manifest names.
+(`resolve_unfinished`, under the table's run lock) finishes a fenced commit (its manifest
+written from the journal) and undoes any other. Whoever settles a journal first claims it, by
+rewriting it over the version it read: so a run whose lock was taken over while it stalled at
+its commit point either fences first (and the run that took over finishes its commit) or finds
+its journal claimed (and commits nothing): never a manifest naming files another run moved
+back. Nothing is ever deleted by pattern: only files a journal or a manifest names.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,6 +39,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from vision_ops.errors import VisionOpsError
+from vision_ops.lock_file import LockFile, Raced, lock_file
 from vision_ops.storage import (
     TABLE_IS_A_FILE,
     TEMPORARY_INFIX,
@@ -42,11 +49,15 @@ from vision_ops.storage import (
     replace_file,
     synced,
 )
+from vision_ops.written import CommitRefused
 
 log = logging.getLogger(__name__)
 JOURNAL = "_commits"  # one JSON per commit in progress: what to finish or undo after a crash
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
 SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
+# A journal's keys beside its plan: whether its commit passed the commit point, the manifest
+# to write, and the last settler's claim (journals written before fencing have none of them).
+FENCED, MANIFEST, CLAIM = "fenced", "manifest", "claim"
 
 
 class CommitUnknown(RuntimeError):
@@ -74,12 +85,12 @@ class CommitPlan:
     @classmethod
     def from_json(cls, data: bytes, root: str) -> CommitPlan:
         """The plan `to_json` wrote, its paths under `root` (a journal from before paths were
-        relative names them as written)."""
+        relative names them as written); the journal's other keys left aside."""
         raw = json.loads(data)
         if raw.pop(ROOT_RELATIVE, False):
             raw = _with_paths(raw, lambda path: f"{root}/{path}")
         raw["moves"] = [tuple(move) for move in raw["moves"]]
-        return cls(**raw)
+        return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
 
 
 ROOT_RELATIVE = "root_relative"  # a journal's paths are relative to its table's root
@@ -161,11 +172,14 @@ def publish(
     manifest: Callable[[], dict[str, Any]],
     held: Callable[[], None] | None = None,
 ) -> None:
-    """Commit `plan`: journal, moves, then `manifest()` written as the commit point, then the
-    cleanup. Raises (the old run still committed) when a step before the commit point fails,
-    `held()` included (the run's lock, asked last)."""
+    """Commit `plan`: journal, moves, the journal fenced (the commit point), `manifest()`
+    written, then the cleanup. Raises (the old run still committed) when a step before the
+    commit point fails, `held()` included (the run's lock, asked last), or where another run
+    claimed the journal first (its lock taken over while this one stalled: that run undid it)."""
     make_folder(fs, f"{root}/{JOURNAL}")
-    replace_file(fs, journal_path(root, plan.run_id, plan.attempt), plan.to_json(root))
+    journal = lock_file(fs, journal_path(root, plan.run_id, plan.attempt))
+    unfenced = plan.to_json(root)
+    tag = journal.write(unfenced, expected=None)
     try:
         _move(fs, plan.moves)
         synced(fs, [final for _, final in plan.moves])  # on disk before the manifest names them
@@ -173,40 +187,99 @@ def publish(
         content = manifest() | {"attempt": plan.attempt}
         if held is not None:
             held()
-        replace_file(fs, manifest_path(root, plan.run_id), json.dumps(content, indent=2).encode())
+        tag = journal.write(_fenced(unfenced, content), expected=tag)
+    except Raced:
+        raise CommitRefused(
+            f"run {plan.run_id}: another run settled this commit at its commit point (the "
+            "table's lock was taken over while this run stalled): not committed, the table "
+            "keeps the run it had"
+        ) from None
+    except Exception:
+        if not _settle_or_leave(fs, root, plan, committed=None):
+            raise
+        return  # the fence took (its answer lost): the commit is finished
+    try:
+        _write_manifest(fs, root, plan.run_id, content)
     except Exception as err:
         if _committed_attempt(fs, root, plan, err) != plan.attempt:
-            _settle_or_leave(fs, root, plan, committed=False)
+            _unfence_or_leave(fs, root, plan, journal, unfenced, tag)
             raise
     _settle_or_leave(fs, root, plan, committed=True)
 
 
 def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
-    """Finish or undo every commit a crash left half done (the manifest says which attempt
-    won); returns the run ids settled. Call it holding the table's run lock. Where one cannot
-    be settled, StorageError: a run must not start (its commit would write over the journal,
-    the only record of the files the interrupted commit moved)."""
+    """Finish or undo every commit a crash left half done (its journal says which: fenced, or
+    from before fencing the manifest naming its attempt); returns the run ids settled. Call it
+    holding the table's run lock. Where one cannot be settled, StorageError: a run must not
+    start (its commit would write over the journal, the only record of the files the
+    interrupted commit moved)."""
     _remove_temporaries(fs, root)
     settled = []
     for path in journals(fs, root):
         plan = CommitPlan.from_json(fs.cat_file(path), root)
-        committed = (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt
+        try:
+            _settle_claimed(fs, root, path, interrupted=True)
+        except OSError as err:
+            raise StorageError(
+                f"run {plan.run_id}: an interrupted commit (attempt {plan.attempt}) could not "
+                f"be settled ({type(err).__name__}: {err}); nothing was started: run again "
+                "when the store answers"
+            ) from None
+        settled.append(plan.run_id)
+    return settled
+
+
+def _fenced(unfenced: bytes, manifest: dict[str, Any]) -> bytes:
+    """The journal past the commit point: its plan, fenced, with the manifest to write."""
+    return json.dumps(json.loads(unfenced) | {FENCED: True, MANIFEST: manifest}, indent=1).encode()
+
+
+def _write_manifest(
+    fs: AbstractFileSystem, root: str, run_id: str, content: dict[str, Any]
+) -> None:
+    replace_file(fs, manifest_path(root, run_id), json.dumps(content, indent=2).encode())
+
+
+def _claim(journal: LockFile) -> dict[str, Any] | None:
+    """The journal as this settler claims it: rewritten with a claim of its own over the
+    version it read (read again where another came between), so that of two settlers, or a
+    settler and a commit at its fence, one goes on; None where it is gone (settled)."""
+    while True:
+        data, tag = journal.read()
+        if data is None or tag is None:
+            return None
+        raw: dict[str, Any] = json.loads(data)
+        claimed = raw | {CLAIM: uuid.uuid4().hex}
+        try:
+            journal.write(json.dumps(claimed, indent=1).encode(), expected=tag)
+        except Raced:
+            continue
+        return claimed
+
+
+def _settle_claimed(
+    fs: AbstractFileSystem, root: str, path: str, interrupted: bool = False
+) -> bool | None:
+    """Claim the journal at `path`, then finish its commit (fenced: its manifest written, where
+    it is not yet) or undo it; a journal from before fencing is finished where the manifest
+    names its attempt. Returns whether it was finished (None: gone, settled by another)."""
+    raw = _claim(lock_file(fs, path))
+    if raw is None:
+        return None
+    plan = CommitPlan.from_json(json.dumps(raw).encode(), root)
+    named = (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt
+    committed = bool(raw[FENCED]) if FENCED in raw else named
+    if interrupted:
         log.warning(
             "run %s: a commit (attempt %s) was interrupted; %s it",
             plan.run_id,
             plan.attempt,
             "finishing" if committed else "undoing",
         )
-        try:
-            _settle(fs, root, plan, committed, path)
-        except OSError as err:
-            raise StorageError(
-                f"run {plan.run_id}: an interrupted commit (attempt {plan.attempt}) could not "
-                f"be {'finished' if committed else 'undone'} ({type(err).__name__}: {err}); "
-                "nothing was started: run again when the store answers"
-            ) from None
-        settled.append(plan.run_id)
-    return settled
+    if committed and not named:
+        _write_manifest(fs, root, plan.run_id, raw[MANIFEST])
+    _settle(fs, root, plan, committed, path)
+    return committed
 
 
 def _remove_temporaries(fs: AbstractFileSystem, root: str) -> None:
@@ -268,22 +341,54 @@ def _settle(
     _prune_empty_folders(fs, root, [*emptied, journal])
 
 
-def _settle_or_leave(fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool) -> None:
-    """`_settle` the run's own commit; where a step fails, the journal stays for the next run
-    on the table to settle (`resolve_unfinished`) before it starts."""
+def _unfence_or_leave(
+    fs: AbstractFileSystem,
+    root: str,
+    plan: CommitPlan,
+    journal: LockFile,
+    unfenced: bytes,
+    fenced_tag: str,
+) -> None:
+    """After a manifest write that did not take: the fence taken back over the version this
+    run wrote, then the commit undone. Where another run claimed the journal since (its lock
+    taken over), that run finishes the commit: CommitUnknown."""
     try:
-        _settle(fs, root, plan, committed, journal_path(root, plan.run_id, plan.attempt))
+        journal.write(unfenced, expected=fenced_tag)
+    except Raced:
+        raise CommitUnknown(
+            f"the manifest of run {plan.run_id} was not written, and the run that took the "
+            "table's lock over finishes this commit from its journal"
+        ) from None
+    except OSError:
+        return  # fenced still: the next run on the table finishes it
+    _settle_or_leave(fs, root, plan, committed=False)
+
+
+def _settle_or_leave(
+    fs: AbstractFileSystem, root: str, plan: CommitPlan, committed: bool | None
+) -> bool | None:
+    """`_settle` the run's own commit (`committed` None: as its journal says: claimed, then
+    finished where its fence took); where a step fails, the journal stays for the next run on
+    the table to settle (`resolve_unfinished`) before it starts. Returns whether the commit
+    stands (None: not known)."""
+    path = journal_path(root, plan.run_id, plan.attempt)
+    try:
+        if committed is None:
+            return _settle_claimed(fs, root, path)
+        _settle(fs, root, plan, committed, path)
+        return committed
     except OSError as err:
         log.warning(
             "run %s: %s, but cleaning up failed (%s); the next run on this table finishes it",
             plan.run_id,
-            "committed" if committed else "not committed",
+            {True: "committed", False: "not committed", None: "interrupted"}[committed],
             err,
         )
+        return committed
 
 
 def _mark_success(fs: AbstractFileSystem, plan: CommitPlan) -> None:
-    """Hadoop's marker, for tools that look for it; the manifest is the commit itself."""
+    """Hadoop's marker, for tools that look for it; the manifest is what readers switch on."""
     try:
         fs.pipe_file(f"{plan.partition}/{SUCCESS_MARKER}", b"")
     except OSError as err:

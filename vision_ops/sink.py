@@ -195,8 +195,9 @@ class ParquetSink:
     """Collects row tables into part files under a staging prefix, then commits them at once.
 
     Files are named `{run_id}-{attempt}-part-{n:05d}.parquet` in `run_date=YYYY-MM-DD/`; a rerun
-    of the same run id replaces that run's files. The commit is a transaction (`publish`): the
-    manifest `_manifests/{run_id}.json` is its commit point. Opening a sink first settles any
+    of the same run id replaces that run's files. The commit is a transaction (`publish`): its
+    journal fenced is the commit point, then readers switch on the manifest
+    `_manifests/{run_id}.json`. Opening a sink first settles any
     commit a crash left half done and refuses a run id committed on another date.
     """
 
