@@ -472,7 +472,7 @@ def store_for(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> Sto
         output |= {"format": "iceberg", "table": f"tests.{name}"}
         output |= {"catalog": server.catalog_properties()}
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options["s3"])
-    return Store(output, options, fs, f"out/{name}")
+    return Store(output, options, fs, OutputSpec(**output).files_uri.removeprefix("s3://"))
 
 
 @dataclass
@@ -480,7 +480,7 @@ class Store:
     output: dict[str, Any]  # the spec's output section
     options: dict[str, Any]  # the spec's storage_options
     fs: Any  # where the rows are staged
-    root: str  # the output root within `fs`
+    root: str  # where the run's own files go within `fs` (OutputSpec.files_uri)
 
     @property
     def target(self) -> OutputSpec:
