@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_exactly_once import make_images, write_spec
 
-from vision_ops import outputs, publish
+from vision_ops import lock_file, outputs
 from vision_ops.cli import EXIT_FAILED, EXIT_OK, main
 from vision_ops.pipeline import incremental
 from vision_ops.pipeline.incremental import done_sources
@@ -133,14 +133,14 @@ def test_a_rerun_replaces_the_index_and_a_failed_commit_leaves_none(tmp_path, mo
     manifest = committed_run(str(tmp_path), "n1")
     assert manifest is not None
     assert as_dict(read_index(manifest["index_uri"])) == {k: set() for k in EXPECTED}
-    write = publish.replace_file
+    write = lock_file.replace_file  # how a manifest is written, over the version it replaces
 
     def lose_the_manifest(fs, path, data):  # type: ignore[no-untyped-def]
         if path.endswith("_manifests/n2.json"):
             raise OSError("the store went away")  # at the commit point: nothing committed
         write(fs, path, data)
 
-    monkeypatch.setattr(publish, "replace_file", lose_the_manifest)
+    monkeypatch.setattr(lock_file, "replace_file", lose_the_manifest)
     with pytest.raises(StorageError, match="went away"):
         commit(tmp_path, "n2", unit_rows("n2"))
     assert committed_run(str(tmp_path), "n2") is None

@@ -23,7 +23,7 @@ import pytest
 from vision_ops.cli import interrupted
 from vision_ops.config import parse_spec
 from vision_ops.lock import LOCK_NAME, LockLost, RunLock
-from vision_ops.publish import JOURNAL, MANIFESTS, SUCCESS_MARKER, journal_path
+from vision_ops.publish import JOURNAL, SUCCESS_MARKER, journal_path
 from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import (
@@ -215,6 +215,12 @@ def test_a_lock_taken_over_between_renewals_stops_the_commit_at_its_commit_point
     assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
 
 
+def fenced(root: Path, attempt: str) -> bool:
+    """Whether the attempt's journal has passed its commit point."""
+    journal = root / JOURNAL / f"r1.{attempt}.json"
+    return journal.exists() and json.loads(journal.read_text()).get("fenced") is True
+
+
 def test_a_run_that_stalls_past_its_commit_point_is_finished_by_the_run_that_took_over(
     tmp_path: Path,
 ) -> None:
@@ -226,14 +232,36 @@ def test_a_run_that_stalls_past_its_commit_point_is_finished_by_the_run_that_too
     writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
     writer.write(rows(NEW_ROWS))
 
+    taken: list[bool] = []
+
     def taken_over_as_the_manifest_goes(n: int, name: str, args: tuple[Any, ...]) -> None:
-        if name == "pipe_file" and f"/{MANIFESTS}/" in args[0]:
+        if not taken and fenced(tmp_path, writer.attempt):  # the next step after the fence
+            taken.append(True)
             settle(tmp_path)  # the run that took the lapsed lock opens its sink
 
     writer.fs = FaultyFs(writer.fs, taken_over_as_the_manifest_goes)
     writer.commit()  # its late manifest write lands: the same manifest
     assert committed_run(str(tmp_path), "r1")["attempt"] == writer.attempt
     assert_settled(tmp_path, NEW_ROWS)
+
+
+def test_a_stalled_runs_late_manifest_never_replaces_a_later_commit(tmp_path: Path) -> None:
+    """As above, and the run that took over then commits r1 again (5 rows, replacing the
+    stalled run's files): the stalled run's manifest, written late, would name files deleted.
+    It is written only over the manifest version its commit replaced, so nothing is written."""
+    commit(tmp_path, OLD_ROWS)
+    writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+
+    def taken_over_and_committed_again(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if not later and fenced(tmp_path, writer.attempt):  # the next step after the fence
+            later.append(commit(tmp_path, 5))  # opening its sink finishes the stalled one
+
+    later: list[ParquetSink] = []
+    writer.fs = FaultyFs(writer.fs, taken_over_and_committed_again)
+    writer.commit()
+    assert committed_run(str(tmp_path), "r1")["attempt"] == later[0].attempt
+    assert_settled(tmp_path, 5)
 
 
 def test_a_run_whose_journal_was_claimed_before_its_fence_commits_nothing(

@@ -10,7 +10,8 @@ disk and NFS flushed to the disk, `storage.synced`, so a power loss is a crash l
    to `_index/{run_id}-{attempt}.parquet`: nothing committed is overwritten;
 3. the journal is rewritten `fenced`, with the manifest in it, over the version the run wrote
    (a compare-and-swap, vision_ops.lock_file): the commit point;
-4. the manifest `_manifests/{run_id}.json` is replaced in one write: readers switch to the run;
+4. the manifest `_manifests/{run_id}.json` is replaced in one write, over the version the
+   commit replaces (read before its fence) only: readers switch to the run;
 5. `_SUCCESS` is written in the partition, the replaced run's files are removed, and the
    journal last.
 
@@ -46,7 +47,6 @@ from vision_ops.storage import (
     StorageError,
     is_local,
     make_folder,
-    replace_file,
     synced,
 )
 from vision_ops.written import CommitRefused
@@ -56,8 +56,9 @@ JOURNAL = "_commits"  # one JSON per commit in progress: what to finish or undo 
 MANIFESTS = "_manifests"  # one JSON per committed run, written last: the commit itself
 SUCCESS_MARKER = "_SUCCESS"  # in a partition once a run has committed there (Hadoop's marker)
 # A journal's keys beside its plan: whether its commit passed the commit point, the manifest
-# to write, and the last settler's claim (journals written before fencing have none of them).
-FENCED, MANIFEST, CLAIM = "fenced", "manifest", "claim"
+# to write and the version of the manifest it replaces, and the last settler's claim
+# (journals written before fencing have none of them).
+FENCED, MANIFEST, REPLACED, CLAIM = "fenced", "manifest", "replaced_manifest", "claim"
 
 
 class CommitUnknown(RuntimeError):
@@ -178,8 +179,8 @@ def publish(
     claimed the journal first (its lock taken over while this one stalled: that run undid it)."""
     make_folder(fs, f"{root}/{JOURNAL}")
     journal = lock_file(fs, journal_path(root, plan.run_id, plan.attempt))
-    unfenced = plan.to_json(root)
-    tag = journal.write(unfenced, expected=None)
+    unfenced = json.dumps(json.loads(plan.to_json(root)) | {FENCED: False}, indent=1).encode()
+    tag = _swap(journal, unfenced, None)
     try:
         _move(fs, plan.moves)
         synced(fs, [final for _, final in plan.moves])  # on disk before the manifest names them
@@ -187,7 +188,9 @@ def publish(
         content = manifest() | {"attempt": plan.attempt}
         if held is not None:
             held()
-        tag = journal.write(_fenced(unfenced, content), expected=tag)
+        replaced = _manifest_file(fs, root, plan.run_id).read()[1]
+        fenced = json.loads(unfenced) | {FENCED: True, MANIFEST: content, REPLACED: replaced}
+        tag = _swap(journal, json.dumps(fenced, indent=1).encode(), tag)
     except Raced:
         raise CommitRefused(
             f"run {plan.run_id}: another run settled this commit at its commit point (the "
@@ -199,7 +202,7 @@ def publish(
             raise
         return  # the fence took (its answer lost): the commit is finished
     try:
-        _write_manifest(fs, root, plan.run_id, content)
+        _write_manifest(fs, root, plan, content, replaced)
     except Exception as err:
         if _committed_attempt(fs, root, plan, err) != plan.attempt:
             _unfence_or_leave(fs, root, plan, journal, unfenced, tag)
@@ -216,7 +219,10 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
     _remove_temporaries(fs, root)
     settled = []
     for path in journals(fs, root):
-        plan = CommitPlan.from_json(fs.cat_file(path), root)
+        try:
+            plan = CommitPlan.from_json(fs.cat_file(path), root)
+        except FileNotFoundError:  # settled meanwhile (its run finished it)
+            continue
         try:
             _settle_claimed(fs, root, path, interrupted=True)
         except OSError as err:
@@ -229,15 +235,45 @@ def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
     return settled
 
 
-def _fenced(unfenced: bytes, manifest: dict[str, Any]) -> bytes:
-    """The journal past the commit point: its plan, fenced, with the manifest to write."""
-    return json.dumps(json.loads(unfenced) | {FENCED: True, MANIFEST: manifest}, indent=1).encode()
+def _swap(journal: LockFile, data: bytes, expected: str | None) -> str:
+    """`data` written over the journal's version `expected`; a write whose answer was lost,
+    retried and refused (the first try took) counts as written: the journal holds `data`."""
+    try:
+        return journal.write(data, expected)
+    except Raced:
+        found, tag = journal.read()
+        if found != data or tag is None:
+            raise
+        return tag
+
+
+def _manifest_file(fs: AbstractFileSystem, root: str, run_id: str) -> LockFile:
+    return lock_file(fs, manifest_path(root, run_id))
 
 
 def _write_manifest(
-    fs: AbstractFileSystem, root: str, run_id: str, content: dict[str, Any]
+    fs: AbstractFileSystem,
+    root: str,
+    plan: CommitPlan,
+    content: dict[str, Any],
+    replaced: str | None,
 ) -> None:
-    replace_file(fs, manifest_path(root, run_id), json.dumps(content, indent=2).encode())
+    """The manifest written over the version the commit replaces (`replaced`, read before its
+    fence), the only one it may replace: where it moved on, written by another settler of this
+    commit (it names this attempt: the same manifest) or by a later commit of the run id (this
+    one superseded: its files already removed by that one), nothing is written."""
+    try:
+        data = json.dumps(content, indent=2).encode()
+        _swap(_manifest_file(fs, root, plan.run_id), data, replaced)
+    except Raced:
+        named = (read_manifest(fs, root, plan.run_id) or {}).get("attempt")
+        if named != plan.attempt:
+            log.warning(
+                "run %s: attempt %s committed, and a later commit (attempt %s) replaced it since",
+                plan.run_id,
+                plan.attempt,
+                named,
+            )
 
 
 def _claim(journal: LockFile) -> dict[str, Any] | None:
@@ -254,6 +290,8 @@ def _claim(journal: LockFile) -> dict[str, Any] | None:
             journal.write(json.dumps(claimed, indent=1).encode(), expected=tag)
         except Raced:
             continue
+        except FileNotFoundError:  # removed since it was read (a store may answer 404)
+            return None
         return claimed
 
 
@@ -277,7 +315,7 @@ def _settle_claimed(
             "finishing" if committed else "undoing",
         )
     if committed and not named:
-        _write_manifest(fs, root, plan.run_id, raw[MANIFEST])
+        _write_manifest(fs, root, plan, raw[MANIFEST], raw.get(REPLACED))
     _settle(fs, root, plan, committed, path)
     return committed
 
@@ -359,8 +397,11 @@ def _unfence_or_leave(
             f"the manifest of run {plan.run_id} was not written, and the run that took the "
             "table's lock over finishes this commit from its journal"
         ) from None
-    except OSError:
-        return  # fenced still: the next run on the table finishes it
+    except OSError as err:
+        raise CommitUnknown(
+            f"the manifest of run {plan.run_id} was not written, nor its commit taken back "
+            f"({err}): it stands, and the next run on this table writes its manifest"
+        ) from None
     _settle_or_leave(fs, root, plan, committed=False)
 
 
