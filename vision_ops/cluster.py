@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from vision_ops.errors import EXIT_CLUSTER_TOO_SMALL, VisionOpsError
+from vision_ops.pool import Nodes
 
 log = logging.getLogger(__name__)
 # Where `ray up` leaves the launcher config on the head, for the autoscaler it starts there
@@ -60,7 +61,7 @@ def max_capacity(config: dict[str, Any]) -> dict[str, float]:
     return totals
 
 
-def full_scale_nodes(config: dict[str, Any]) -> list[tuple[dict[str, float], float]]:
+def full_scale_nodes(config: dict[str, Any]) -> Nodes:
     """The nodes of a config as `load_cluster_config` reads it, at full scale: the head, and
     every node type's workers at its max_workers (the head's type too: Ray launches workers of
     it beside the head), within the config's cluster-wide max_workers (filled with the
@@ -100,7 +101,7 @@ def head_resources(config: dict[str, Any]) -> dict[str, float]:
 
 def reachable_nodes(
     path: str | Path = BOOTSTRAP_CONFIG,
-) -> list[tuple[dict[str, float], float]] | None:
+) -> Nodes | None:
     """The nodes an autoscaling cluster can reach (`full_scale_nodes` of its launcher config),
     where that config is on this machine: the driver on the head `ray up` started, as
     `vision-ops submit` runs it. None elsewhere (a driver off the head, KubeRay), or where the

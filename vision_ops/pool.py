@@ -112,10 +112,8 @@ def _actors_on(node: Mapping[str, float], runtime: RuntimeSpec, num_gpus: float)
 
 
 def _actors_that_fit(runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float) -> int:
-    """Actors of the spec's size on `cpus` and `gpus`, `reserved_cpus` kept free."""
-    by_cpu = math.floor((cpus - runtime.reserved_cpus) / runtime.num_cpus_per_actor + 1e-9)
-    by_gpu = math.floor(gpus / num_gpus + 1e-9) if num_gpus else by_cpu
-    return max(0, min(by_cpu, by_gpu))
+    """Actors of the spec's size on `cpus` and `gpus` as one, `reserved_cpus` kept free."""
+    return _actors_on({"CPU": cpus - runtime.reserved_cpus, "GPU": gpus}, runtime, num_gpus)
 
 
 def pool_for_inputs(plan: PoolPlan, runtime: RuntimeSpec, inputs: int) -> PoolPlan:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import ray
 
 from vision_ops.errors import VisionOpsError
+from vision_ops.pool import Nodes
 from vision_ops.runstats import StartupClock
 from vision_ops.storage import without_userinfo
 
@@ -38,7 +39,7 @@ def connect_ray() -> None:
     stack_traces_to_ray_datas_log()
 
 
-def nodes_up() -> list[tuple[dict[str, float], float]]:
+def nodes_up() -> Nodes:
     """The cluster's live nodes, one by one: (a node's CPU and GPU, 1)."""
     return [
         ({name: float(node["Resources"].get(name, 0)) for name in ("CPU", "GPU")}, 1.0)
