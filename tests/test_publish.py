@@ -24,6 +24,7 @@ from vision_ops.cli import interrupted
 from vision_ops.config import parse_spec
 from vision_ops.lock import LOCK_NAME, LockLost, RunLock
 from vision_ops.publish import JOURNAL, SUCCESS_MARKER, journal_path
+from vision_ops.resume import image_units
 from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
 from vision_ops.sink import (
@@ -449,7 +450,7 @@ def test_a_commit_failed_before_its_commit_point_leaves_its_rows_to_resume(
     rerun = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2,
                         resume_key="key")  # fmt: skip
     sources = written["source_uri"].to_pylist()
-    assert rerun.resume(lambda uri, frames: frames or 1) == frozenset(sources)
+    assert rerun.resume(image_units) == frozenset(sources)
     assert rerun.resumed == NEW_ROWS
     rerun.commit()
     assert_settled(tmp_path, NEW_ROWS)

@@ -37,7 +37,7 @@ from vision_ops.errors import EXIT_INTERRUPTED
 from vision_ops.iceberg import IcebergSink
 from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.query import connect, register_views
-from vision_ops.resume import RESUME_KEY
+from vision_ops.resume import RESUME_KEY, image_units
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id, output_schema
 from vision_ops.sink import CommitRefused, ParquetSink, committed_run, verify_run
 from vision_ops.storage import canonical_uri, make_folder
@@ -81,17 +81,13 @@ def sink(root: Path, key: str = KEY, **options: Any) -> ParquetSink:
     )
 
 
-def one_unit_each(uri: str, frames: int | None) -> int:
-    return frames or 1
-
-
 URIS = [f"file:///x/{i}.jpg" for i in range(6)]
 
 
 def crashed_attempt(root: Path, uris: list[str], **options: Any) -> ParquetSink:
     """An attempt that wrote `uris` (durably, every 2 rows) and died before its commit."""
     attempt = sink(root, **options)
-    attempt.resume(one_unit_each)
+    attempt.resume(image_units)
     rows = source_rows(uris)
     for row in range(rows.num_rows):  # as batches arrive, one row each
         attempt.write(rows.slice(row, 1))
@@ -115,7 +111,7 @@ def test_rows_are_durable_every_so_many_rows_and_carry_the_resume_key(tmp_path: 
 def test_a_rerun_reuses_the_sources_an_earlier_attempt_made_durable(tmp_path: Path) -> None:
     crashed_attempt(tmp_path, URIS[:5])  # 4 rows durable, the 5th lost with the attempt
     rerun = sink(tmp_path)
-    done = rerun.resume(one_unit_each)
+    done = rerun.resume(image_units)
     assert done == frozenset(URIS[:4]) and rerun.resumed == 4
     assert len(staged(tmp_path)) == 2 and all(rerun.attempt in str(f) for f in staged(tmp_path))
     rerun.write(source_rows(URIS[4:]))  # what is left: the 5th and 6th
@@ -135,7 +131,7 @@ def test_a_part_file_of_another_spec_model_or_inputs_is_never_reused(
     crashed_attempt(tmp_path, URIS[:4])
     rerun = sink(tmp_path, key="other" * 10)
     with caplog.at_level(logging.WARNING, logger="vision_ops.resume"):
-        assert rerun.resume(one_unit_each) == frozenset() and rerun.resumed == 0
+        assert rerun.resume(image_units) == frozenset() and rerun.resumed == 0
     assert "was made by another spec, model, input snapshot or run date" in caplog.text
     assert "the run starts over" in caplog.text
     assert staged(tmp_path) == []  # the earlier attempt's files are gone
@@ -146,7 +142,7 @@ def test_a_file_cut_short_by_the_kill_is_left_out(tmp_path: Path) -> None:
     torn = staged(tmp_path)[-1]
     torn.write_bytes(torn.read_bytes()[:100])
     rerun = sink(tmp_path)
-    assert rerun.resume(one_unit_each) == frozenset(URIS[:2])
+    assert rerun.resume(image_units) == frozenset(URIS[:2])
 
 
 class Throttled:
@@ -178,10 +174,10 @@ def test_a_staged_file_the_store_will_not_read_now_fails_the_rerun_and_is_kept(
     rerun.parts.fs = Throttled(rerun.parts.fs, f"{files[-1].parent.name}/{files[-1].name}")
     expected = r"cannot be read to resume from them \(\[Errno 5\] SlowDown: .*\); they are kept"
     with pytest.raises(StorageError, match=expected):
-        rerun.resume(one_unit_each)
+        rerun.resume(image_units)
     assert staged(tmp_path) == files
     again = sink(tmp_path)
-    assert again.resume(one_unit_each) == frozenset(URIS[:4]) and again.resumed == 4
+    assert again.resume(image_units) == frozenset(URIS[:4]) and again.resumed == 4
 
 
 def test_a_source_is_resumed_only_whole(tmp_path: Path) -> None:
@@ -189,13 +185,41 @@ def test_a_source_is_resumed_only_whole(tmp_path: Path) -> None:
     are not reused (else the rerun would write them twice)."""
     ct, photo = "file:///x/ct.dcm", URIS[0]
     attempt = sink(tmp_path)
-    attempt.resume(one_unit_each)
+    attempt.resume(image_units)
     rows = source_rows([photo, ct], frames={ct: 3})
     attempt.write(rows.slice(0, 3))  # the photo and 2 frames: durable; the 3rd frame lost
     rerun = sink(tmp_path)
-    assert rerun.resume(one_unit_each) == frozenset([photo]) and rerun.resumed == 1
+    assert rerun.resume(image_units) == frozenset([photo]) and rerun.resumed == 1
     rerun.write(source_rows([ct], frames={ct: 3}))
     assert rerun.commit([photo, ct]).rows == 4
+
+
+def test_a_source_with_an_error_row_is_processed_again(tmp_path: Path) -> None:
+    """An error row may be the store's, for the moment (a timeout): a rerun sends its source
+    to the model again, and reuses the ok rows beside it."""
+    failed, photo = URIS[0], URIS[1]
+    rows = source_rows([failed, photo])
+    status = pa.array(["error", STATUS_OK])
+    attempt = sink(tmp_path)
+    attempt.resume(image_units)
+    attempt.write(rows.set_column(rows.schema.get_field_index("status"), "status", status))
+    rerun = sink(tmp_path)
+    assert rerun.resume(image_units) == frozenset([photo]) and rerun.resumed == 1
+    rerun.write(source_rows([failed]))
+    assert rerun.commit([failed, photo]).errors == 0
+
+
+def test_staged_rows_of_other_units_than_planned_are_not_reused(tmp_path: Path) -> None:
+    """As many staged units as the plan has, but not the ones it has (a DICOM instance read
+    as frames 0 and 2 of 2): the ids decide, not the count."""
+    ct = "file:///x/ct.dcm"
+    rows = source_rows([ct], frames={ct: 3}).take([0, 2])
+    rows = rows.set_column(rows.schema.get_field_index("frame_count"), "frame_count",
+                           pa.array([2, 2], pa.int32()))  # fmt: skip
+    attempt = sink(tmp_path)
+    attempt.resume(image_units)
+    attempt.write(rows)
+    assert sink(tmp_path).resume(image_units) == frozenset()
 
 
 def test_rows_staged_twice_by_killed_attempts_count_once(tmp_path: Path) -> None:
@@ -206,7 +230,7 @@ def test_rows_staged_twice_by_killed_attempts_count_once(tmp_path: Path) -> None
     copy.parent.mkdir()
     shutil.copy(first, copy)
     rerun = sink(tmp_path)
-    assert rerun.resume(one_unit_each) == frozenset(URIS[:4]) and rerun.resumed == 4
+    assert rerun.resume(image_units) == frozenset(URIS[:4]) and rerun.resumed == 4
     rerun.write(source_rows(URIS[4:]))
     assert rerun.commit(URIS).rows == 6  # the exactly-once check passed
 
@@ -231,12 +255,12 @@ def test_an_iceberg_rerun_commits_what_an_earlier_attempt_staged(iceberg_s3: Any
         return IcebergSink(output, "r1", DATE, PREDICTION_SCHEMA, options, **settings)
 
     attempt = iceberg_sink()
-    attempt.resume(one_unit_each)
+    attempt.resume(image_units)
     rows = source_rows(URIS[:5])
     for row in range(rows.num_rows):
         attempt.write(rows.slice(row, 1))  # 4 durable, the 5th lost with the attempt
     rerun = iceberg_sink()
-    assert rerun.resume(one_unit_each) == frozenset(URIS[:4]) and rerun.resumed == 4
+    assert rerun.resume(image_units) == frozenset(URIS[:4]) and rerun.resumed == 4
     rerun.write(source_rows(URIS[4:]))
     result = rerun.commit(URIS, {"spec_digest": "s" * 64})
     assert (result.rows, result.resumed) == (6, 4)
@@ -325,7 +349,7 @@ def test_a_segmentation_commit_refused_before_its_commit_point_leaves_all_to_res
     go back with the rows into the attempt's staging, and the rerun resumes every source."""
     new_sink, target = segmentation_sinks(kind, tmp_path, request)
     attempt = new_sink()
-    attempt.resume(one_unit_each)
+    attempt.resume(image_units)
     stage_masked_rows(attempt, URIS, first=0)
 
     def lost() -> None:
@@ -335,7 +359,7 @@ def test_a_segmentation_commit_refused_before_its_commit_point_leaves_all_to_res
         attempt.commit(URIS, held=lost)
     assert outputs.committed_run(target, "r1") is None
     rerun = new_sink()
-    assert rerun.resume(one_unit_each) == frozenset(URIS) and rerun.resumed == 6
+    assert rerun.resume(image_units) == frozenset(URIS) and rerun.resumed == 6
     rows = rerun.staged(["source_uri", "mask_uri"]).to_pylist()
     rerun.fs.invalidate_cache()
     staged = staged_masks_folder(rerun.root, "r1", rerun.attempt)
@@ -355,12 +379,12 @@ def test_a_segmentation_rerun_reuses_rows_with_their_masks(
     rerun commits them; a row whose mask is not there keeps its source out of the resume."""
     new_sink, target = segmentation_sinks(kind, tmp_path, request)
     attempt = new_sink()
-    attempt.resume(one_unit_each)
+    attempt.resume(image_units)
     stage_masked_rows(attempt, URIS[:5], first=0)  # rows 0-3 durable, 4 lost (its mask staged)
     staged = staged_masks_folder(attempt.root, "r1", attempt.attempt)
     attempt.fs.rm_file(f"{staged}/{item_id(URIS[3])}.png")  # a durable row's mask missing
     rerun = new_sink()
-    assert rerun.resume(one_unit_each) == frozenset(URIS[:3]) and rerun.resumed == 3
+    assert rerun.resume(image_units) == frozenset(URIS[:3]) and rerun.resumed == 3
     stage_masked_rows(rerun, URIS[3:], first=3)
     result = rerun.commit(URIS)
     assert (result.rows, result.resumed) == (6, 3)
@@ -743,30 +767,80 @@ def read_back(where: Store, manifest: dict[str, Any]) -> pa.Table:
     return table.scan().to_arrow().drop_columns(["run_date"])
 
 
+def scene_plan(widths: dict[str, int | None]) -> Any:
+    """A plan of scenes 64 pixels high and `widths` wide, cut into 64-pixel tiles (a width of
+    None: a scene whose header could not be read, one error unit), as planning makes it."""
+    import ray
+
+    from vision_ops.config import TilingSpec
+    from vision_ops.pipeline.planning import ScenePlan
+    from vision_ops.scenes import SCENE_FIELDS, SceneSummary
+    from vision_ops.tally import listed_tally, token_sum
+
+    rows_of_scenes, units = [], []
+    for uri, width in widths.items():
+        row: dict[str, Any] = {"source_uri": uri, "value_low": 0.0, "value_high": 255.0}
+        if width is None:
+            tiles = [None]
+            row |= {"plan_error": "cannot read the header: timed out"}
+        else:
+            tiles = [(x, 0) for x in range(0, width, 64)]
+            row |= {"scene_width": width, "scene_height": 64}
+            row |= {"scene_transform": [1.0, 0.0, 0.0, 0.0, -1.0, 0.0]}
+        ids = [item_id(uri, tile=tile) for tile in tiles]
+        rows_of_scenes.append(row | {"scene_tiles": len(ids), "scene_token_sum": token_sum(ids)})
+        units += [(uri, tile) for tile in tiles]
+    schema = pa.schema([pa.field("source_uri", pa.string()), *SCENE_FIELDS])
+    table = pa.Table.from_pylist(rows_of_scenes, schema=schema)
+    tiling = TilingSpec(size=64, value_range=(0, 255))
+    summary = SceneSummary(len(widths), len(units), listed_tally(units))
+    return ScenePlan(ray.data.from_arrow(table), tiling, summary, None, None)
+
+
+def tile_rows(tiles: list[tuple[str, tuple[int, int] | None]]) -> pa.Table:
+    """One ok row per (scene, tile); a tile of None: the scene's error row."""
+    rows = source_rows([uri for uri, _ in tiles])
+    ids = [item_id(uri, tile=tile) for uri, tile in tiles]
+    return rows.set_column(rows.schema.get_field_index("item_id"), "item_id", pa.array(ids))
+
+
+@pytest.mark.parametrize("staged", ["error row", "tile row"])
+def test_a_one_tile_scene_is_not_resumed_as_another_unit(
+    ray_local, tmp_path: Path, staged: str
+) -> None:
+    """A scene of one tile: the killed attempt could not read its header (one error row, id
+    of the scene) and the rerun plans its tile, or the other way round. One staged unit, one
+    planned, not the same: the scene is processed again, and the rerun commits (it was
+    refused for good: the resumed row was not the unit the commit expected)."""
+    from vision_ops.pipeline.run import resume_earlier_attempt
+
+    scene, other = "file:///a.tif", "file:///b.tif"
+    readable_now = staged == "error row"
+    plan = scene_plan({scene: 64 if readable_now else None, other: 64})
+    staged_rows = tile_rows([(scene, None if readable_now else (0, 0)), (other, (0, 0))])
+    attempt = sink(tmp_path)
+    attempt.resume(image_units)
+    attempt.write(staged_rows)
+    rerun = sink(tmp_path)
+    _, left_plan, left = resume_earlier_attempt(rerun, plan.units(), plan, sources=2)
+    assert (rerun.resumed, left) == (1, 1)
+    assert left_plan is not None and left_plan.summary.scenes == 1
+    rerun.write(tile_rows([(scene, (0, 0) if readable_now else None)]))
+    assert rerun.commit(plan).rows == 2
+
+
 def test_a_scene_is_resumed_only_with_every_tile(ray_local, tmp_path: Path) -> None:
     """Scene a's 4 tiles durable, scene b's 2 of 4: a is resumed, b's tiles all planned again
     (the scene rows left in Ray are b's alone, and the plan counts its 4 tiles)."""
     import ray
 
-    from vision_ops.config import TilingSpec
-    from vision_ops.pipeline.planning import ScenePlan
     from vision_ops.pipeline.run import resume_earlier_attempt
-    from vision_ops.scenes import SCENE_FIELDS, SceneSummary
 
     scenes = ["file:///a.tif", "file:///b.tif"]
-    header = {"scene_width": 256, "scene_height": 64, "scene_transform": [1, 0, 0, 0, -1, 0]}
-    header |= {"value_low": 0.0, "value_high": 255.0, "scene_tiles": 4, "scene_token_sum": 0}
-    rows_of_scenes = [{"source_uri": uri} | header for uri in scenes]
-    schema = pa.schema([pa.field("source_uri", pa.string()), *SCENE_FIELDS])
-    table = pa.Table.from_pylist(rows_of_scenes, schema=schema)
-    tiling = TilingSpec(size=64, value_range=(0, 255))
-    plan = ScenePlan(ray.data.from_arrow(table), tiling, SceneSummary(2, 8), None, None)
-    tiles = [(s, x, 0) for s in scenes for x in range(0, 256, 64)]
-    rows = source_rows([s for s, _, _ in tiles])
-    ids = [item_id(s, tile=(x, y)) for s, x, y in tiles]
-    rows = rows.set_column(rows.schema.get_field_index("item_id"), "item_id", pa.array(ids))
+    plan = scene_plan({uri: 256 for uri in scenes})
+    rows = tile_rows([(s, (x, 0)) for s in scenes for x in range(0, 256, 64)])
     attempt = sink(tmp_path)
-    attempt.resume(one_unit_each)
+    attempt.resume(image_units)
     attempt.write(rows.slice(0, 6))  # a whole, b's first two tiles
     rerun = sink(tmp_path)
     units, left_plan, left = resume_earlier_attempt(rerun, plan.units(), plan, sources=2)
@@ -850,7 +924,7 @@ def test_an_attempt_whose_staged_rows_another_took_over_is_told_so_at_its_commit
     removes them: A's commit is refused naming that, and B commits every row."""
     first = crashed_attempt(tmp_path, URIS[:4])  # still running, in fact
     second = sink(tmp_path)
-    assert second.resume(one_unit_each) == frozenset(URIS[:4])
+    assert second.resume(image_units) == frozenset(URIS[:4])
     first.write(source_rows(URIS[4:]))
     with pytest.raises(CommitRefused) as refused:
         first.commit(URIS)

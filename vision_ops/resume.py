@@ -5,9 +5,12 @@ An earlier part file is reused only when its footer reads, its schema is the run
 carries the run's resume key (a hash of the run id and date, the spec, the model and the input
 snapshot): a file of another spec, model or input snapshot means the run starts over, saying
 why. A file cut short by the kill that ended its attempt is left out (its rows are processed
-again). A source is resumed only when the files hold every one of its units (an image; each
-frame of a DICOM instance; each tile of a scene), so a partly written source is processed
-again whole and no unit is written twice.
+again). A source is resumed only when the files hold every one of its units as this run
+plans them (an image; each frame of a DICOM instance; each tile of a scene), told by their
+count and their ids, so a partly written source is processed again whole, no unit is written
+twice, and a unit the plan no longer has (an unreadable scene's error row, where the rerun
+reads the scene and plans its tiles) is never reused for another. A source with an error row
+is processed again: its error may have been the store's, for the moment.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -24,13 +26,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from vision_ops.schema import STATUS_ERROR, item_id
 from vision_ops.storage import StorageError, read_parquet
+from vision_ops.tally import token_sum
 
 log = logging.getLogger(__name__)
 RESUME_KEY = "vision_ops.resume_key"  # in the metadata of every part file a run stages
-# The units a source holds, given its URI and the frame count its rows record (None: not
-# multi-frame): 1 for an image, its frames for a DICOM instance, its tiles for a scene.
-UnitsOf = Callable[[str, int | None], int]
+
+
+@dataclass(frozen=True)
+class Units:
+    """A source's units as the run plans them: how many, and their ids' tokens summed
+    (tally.token_sum)."""
+
+    count: int
+    id_sum: int
+
+
+# A source's units, given its URI and the frame count its rows record (None: not multi-frame):
+# an image's one, a DICOM instance's frames (image_units), a scene's tiles (its plan's).
+UnitsOf = Callable[[str, int | None], Units]
+
+
+def image_units(uri: str, frames: int | None) -> Units:
+    """An image's unit, or each frame of a DICOM instance whose rows record `frames`."""
+    ids = [item_id(uri, frame) for frame in range(frames)] if frames else [item_id(uri)]
+    return Units(len(ids), token_sum(ids))
 
 
 @dataclass(frozen=True)
@@ -104,7 +125,7 @@ def resumed_rows(fs: AbstractFileSystem, found: Resumable) -> Iterator[pa.Table]
 TORN = "is cut short"
 
 
-UNIT_COLUMNS = ["item_id", "source_uri", "frame_count"]
+UNIT_COLUMNS = ["item_id", "source_uri", "frame_count", "status"]
 
 
 def _scan(
@@ -147,23 +168,31 @@ def _store_failed(err: BaseException) -> bool:
 def _whole_sources(
     tables: list[pa.Table], units_of: UnitsOf, masks: Collection[str] | None
 ) -> dict[str, int]:
-    """Each source whose every unit the files' unit columns hold (with the mask each names,
-    where `masks` are given), with its unit count."""
+    """Each source whose every planned unit the files' unit columns hold, and nothing else
+    (with the mask each names, where `masks` are given; no error row), with its unit count."""
     seen: set[str] = set()
-    counts: Counter[str] = Counter()
+    staged: dict[str, list[str]] = {}
     frames: dict[str, int | None] = {}
-    lacking: set[str] = set()  # sources a row of which names a mask that is not there
+    lacking: set[str] = set()  # sources with an error row, or a row naming a missing mask
     for table in tables:
         columns = [table[name].to_pylist() for name in UNIT_COLUMNS]
         named = table["mask_uri"].to_pylist() if masks is not None else [None] * len(table)
-        for item, source, count, mask in zip(*columns, named, strict=True):
+        for item, source, count, status, mask in zip(*columns, named, strict=True):
             if mask is not None and masks is not None and mask.rpartition("/")[2] not in masks:
+                lacking.add(source)
+            if status == STATUS_ERROR:
                 lacking.add(source)
             if item not in seen:
                 seen.add(item)
-                counts[source] += 1
+                staged.setdefault(source, []).append(item)
                 frames[source] = count
-    return {s: n for s, n in counts.items() if n == units_of(s, frames[s]) and s not in lacking}
+    whole = {}
+    for source, items in staged.items():
+        if source not in lacking and units_of(source, frames[source]) == Units(
+            len(items), token_sum(items)
+        ):
+            whole[source] = len(items)
+    return whole
 
 
 def _read(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:

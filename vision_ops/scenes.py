@@ -36,7 +36,7 @@ from vision_ops.raster import (
 )
 from vision_ops.schema import item_id
 from vision_ops.storage import StorageOptions
-from vision_ops.tally import Tally, bucket_of, hash64
+from vision_ops.tally import Tally, bucket_of, token_sum
 from vision_ops.tiling import Window, tile_offsets, tile_windows, tiled_length
 
 # Columns the plan adds to each listing row: one row per tile.
@@ -100,11 +100,11 @@ def _scene_record(
 ) -> dict[str, Any]:
     if isinstance(plan, str):
         record: dict[str, Any] = dict.fromkeys(f.name for f in SCENE_FIELDS)
-        token = hash64(item_id(uri))
+        token = token_sum([item_id(uri)])
         return record | {"plan_error": plan, "scene_tiles": 1, "scene_token_sum": token}
     scene, low, high = plan
     windows = tile_windows(scene.width, scene.height, tiling.size, tiling.overlap, tiling.edge)
-    tokens = sum(hash64(item_id(uri, tile=(w.col_off, w.row_off))) for w in windows)
+    tokens = token_sum(item_id(uri, tile=(w.col_off, w.row_off)) for w in windows)
     return {
         "scene_width": scene.width,
         "scene_height": scene.height,
@@ -114,7 +114,7 @@ def _scene_record(
         "value_high": high,
         "plan_error": None,
         "scene_tiles": len(windows),
-        "scene_token_sum": tokens % (1 << 64),
+        "scene_token_sum": tokens,
     }
 
 

@@ -25,6 +25,12 @@ def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+def token_sum(unit_ids: Iterable[str]) -> int:
+    """Units' tokens (their ids' hash64) summed modulo 2**64: with their count, what tells one
+    set of a source's units from another (a scene's tiles from its error row)."""
+    return sum(hash64(unit) for unit in unit_ids) % (1 << 64)
+
+
 def bucket_of(source_uri: str) -> int:
     """The bucket a source and all of its units (frames, tiles) are counted in."""
     return hash64(source_uri) % BUCKETS

@@ -35,7 +35,7 @@ from ray.data import ActorPoolStrategy
 from vision_ops.config import TilingSpec
 from vision_ops.georef import Transform
 from vision_ops.pipeline.listing import BLOCKWISE, Listing
-from vision_ops.resume import without_sources
+from vision_ops.resume import Units, without_sources
 from vision_ops.scenes import (
     SceneSummary,
     cut_tiles,
@@ -57,15 +57,21 @@ class SceneFacts:
 
     tiles: dict[str, int]  # its units, as planned: what resuming and the merge count
     transforms: dict[str, Transform]  # its pixel -> CRS affine where readable: the merge's
+    id_sums: dict[str, int]  # its units' ids (tally.token_sum): what resuming compares
+
+    def units(self, uri: str) -> Units:
+        """A scene's units as planned (none where the plan has no such scene)."""
+        return Units(self.tiles.get(uri, 0), self.id_sums.get(uri, 0))
 
 
 def scene_facts(scenes: ray.data.Dataset) -> SceneFacts:
-    """The scene rows' tile counts and affines, in one pass."""
-    facts = SceneFacts({}, {})
-    columns = scenes.select_columns(["source_uri", "scene_tiles", "scene_transform"])
-    for table in _tables(columns):
+    """The scene rows' tile counts, their ids' sums and affines, in one pass."""
+    facts = SceneFacts({}, {}, {})
+    names = ["source_uri", "scene_tiles", "scene_token_sum", "scene_transform"]
+    for table in _tables(scenes.select_columns(names)):
         uris, counts = table["source_uri"].to_pylist(), table["scene_tiles"].to_pylist()
         facts.tiles.update(zip(uris, counts, strict=True))
+        facts.id_sums.update(zip(uris, table["scene_token_sum"].to_pylist(), strict=True))
         facts.transforms.update(scene_transforms(table))
     return facts
 

@@ -28,7 +28,7 @@ from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import PoolPlan, plan_pool, pool_for_inputs
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_unit_blocks
-from vision_ops.resume import without_sources
+from vision_ops.resume import Units, image_units, without_sources
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
@@ -215,19 +215,19 @@ def resume_earlier_attempt(
     """The units (and scene plan) left once the sink has reused what an earlier attempt of
     the run id made durable (vision_ops.resume: whole sources only), and how many are left."""
     if tiles is None:
-        done = sink.resume(lambda uri, frames: frames or 1)
+        done = sink.resume(image_units)
         if not done:
             return units, None, sources
         left = units.map_batches(functools.partial(without_sources, sources=done), **BLOCKWISE)
         return left, None, sources - len(done)
 
-    def tiles_of(uri: str, frames: int | None) -> int:  # asked where earlier parts exist
-        return tiles.facts.tiles.get(uri, 0)
+    def tiles_of(uri: str, frames: int | None) -> Units:  # asked where earlier parts exist
+        return tiles.facts.units(uri)
 
     done = sink.resume(tiles_of)
     if not done:
         return units, tiles, tiles.count
-    kept = tiles.without(done, sum(tiles_of(uri, None) for uri in done))
+    kept = tiles.without(done, sum(tiles.facts.tiles[uri] for uri in done))
     return kept.units(), kept, kept.count
 
 
