@@ -204,6 +204,28 @@ def test_json_labels_list_and_map(tmp_path) -> None:
     assert load_labels("imagenet-1k")[281] == "tabby"
 
 
+def test_an_image_the_model_scores_nan_is_an_error_row_not_an_ok_row() -> None:
+    """NaN logits for one image of a batch (an overflow in float16): that row is an error
+    row naming why, its task columns null; the others keep their predictions."""
+    spec = spec_for(
+        {"kind": "entrypoint", "entrypoint": "toy_models:nan_on_black",
+         "preprocessing": {"resize": 8, "crop": 8, "mean": [0.0] * 3, "std": [1.0] * 3}},
+        top_k=2,
+    )  # fmt: skip
+    classifier = Classifier(spec)  # type: ignore[arg-type]
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    images[0, ..., 0], images[2, ..., 2] = 200, 90  # red, black, blue
+    batch = {"source_uri": np.array(list("abc"), dtype=object), "image": images}
+    batch["status"] = np.array([STATUS_OK] * 3, dtype=object)
+    rows = classification_table(classifier(batch), "run-1", None).to_pylist()
+    assert [row["status"] for row in rows] == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert rows[1]["error_type"] == "NonFiniteOutput"
+    assert "holds NaN or infinity" in rows[1]["error_message"]
+    assert (rows[1]["score"], rows[1]["label_id"], rows[1]["top_k"]) == (None, None, None)
+    assert [rows[0]["label_id"], rows[2]["label_id"]] == [0, 2]
+    assert all(np.isfinite(rows[i]["score"]) for i in (0, 2))
+
+
 def test_too_few_labels_for_the_head_is_refused(tmp_path, weights_file) -> None:
     (tmp_path / "labels.txt").write_text("only\ntwo\n")
     spec = spec_for(torchvision_file_model(weights_file, labels=str(tmp_path / "labels.txt")))

@@ -137,6 +137,36 @@ def test_a_part_file_of_another_spec_model_or_inputs_is_never_reused(
     assert staged(tmp_path) == []  # the earlier attempt's files are gone
 
 
+def test_a_weights_or_labels_file_replaced_in_place_makes_another_resume_key(
+    tmp_path: Path,
+) -> None:
+    """The spec names the same paths; the store's versions of the files differ (retrained
+    weights published over the old ones between a kill and its rerun): the rerun's key is
+    not the killed attempt's, so its rows are not reused beside the new model's."""
+    from vision_ops.config import parse_spec
+    from vision_ops.pipeline.run import model_files_digest
+
+    weights, labels = tmp_path / "model.pt", tmp_path / "labels.txt"
+    weights.write_bytes(b"old weights")
+    labels.write_text("cat\ndog\n")
+    spec = parse_spec({
+        "input": {"uris": [str(tmp_path / "images")]},
+        "model": {"kind": "torchvision", "architecture": "resnet18", "weights": str(weights),
+                  "num_classes": 2, "labels": str(labels)},
+        "task": {"kind": "classification"},
+        "output": {"uri": str(tmp_path / "out")},
+    })  # fmt: skip
+    assert spec.model.files() == {"weights": str(weights), "labels": str(labels)}
+    before = model_files_digest(spec)
+    assert model_files_digest(spec) == before  # the same files: the same key, resumable
+    weights.write_bytes(b"retrained weights")  # local disk has no ETag: size and mtime tell
+    after_weights = model_files_digest(spec)
+    labels.write_text("cat\ndog\nfox\n")
+    assert len({before, after_weights, model_files_digest(spec)}) == 3
+    enum = spec.model.model_copy(update={"weights": "DEFAULT", "labels": None})
+    assert enum.files() == {}  # a weights enum's name is no file
+
+
 def test_a_file_cut_short_by_the_kill_is_left_out(tmp_path: Path) -> None:
     crashed_attempt(tmp_path, URIS[:4])
     torn = staged(tmp_path)[-1]
@@ -369,6 +399,35 @@ def test_a_segmentation_commit_refused_before_its_commit_point_leaves_all_to_res
     assert len(rows) == 6
     result = rerun.commit(URIS)
     assert (result.rows, result.resumed) == (6, 6)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "iceberg"])
+def test_a_segmentation_run_stopped_inside_its_commit_leaves_all_to_resume(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Stopped after its masks were published, before the commit point, with no undo (a
+    SIGKILL; Ctrl-C's KeyboardInterrupt is no Exception): the rerun resumes every source with
+    its mask (an Iceberg rerun found the masks moved out of staging and resumed none)."""
+    new_sink, target = segmentation_sinks(kind, tmp_path, request)
+    attempt = new_sink()
+    attempt.resume(image_units)
+    stage_masked_rows(attempt, URIS, first=0)
+
+    def stopped() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attempt.commit(URIS, held=stopped)
+    assert outputs.committed_run(target, "r1") is None
+    rerun = new_sink()
+    assert rerun.resume(image_units) == frozenset(URIS) and rerun.resumed == 6
+    result = rerun.commit(URIS)
+    assert (result.rows, result.resumed) == (6, 6)
+    run = outputs.committed_run(target, "r1")
+    rows = outputs.read_run(target, run, columns=["source_uri", "mask_uri"]).to_pylist()
+    rerun.fs.invalidate_cache()
+    masks = {row["source_uri"]: rerun.fs.cat_file(row["mask_uri"]) for row in rows}
+    assert masks == {uri: f"mask {index}".encode() for index, uri in enumerate(URIS)}
 
 
 @pytest.mark.parametrize("kind", ["parquet", "iceberg"])

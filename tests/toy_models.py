@@ -93,6 +93,19 @@ def colour_classifier() -> torch.nn.Module:
     return ColourClassifier()
 
 
+class NanOnBlack(ColourClassifier):
+    """ColourClassifier, but NaN logits for an all-black image (as float16 overflows)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(images)
+        black = images.amax(dim=(1, 2, 3)) == 0
+        return torch.where(black[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def nan_on_black() -> torch.nn.Module:
+    return NanOnBlack()
+
+
 # --- a toy job per task, for tests/test_tasks.py -----------------------------------------------
 
 SIDE = 64  # the toy images' size, and the fixed-size models' input: no resize, no crop

@@ -411,6 +411,10 @@ class Preprocessing(StrictModel):
         return value
 
 
+# The model fields that may name a file the model reads (`_ModelCommon.files`).
+MODEL_FILE_FIELDS = ("uri", "weights", "labels", "detector", "recognizer", "dictionary")
+
+
 class _ModelCommon(StrictModel):
     name: str | None = Field(
         default=None, description="Model name written to every row; defaults from the model."
@@ -424,6 +428,15 @@ class _ModelCommon(StrictModel):
         default=None,
         description="Resize/crop/normalisation; defaults to the torchvision weights' transforms.",
     )
+
+    def files(self) -> dict[str, str]:
+        """The URIs of the files the model reads, by field (a weights enum's name is none)."""
+        named = {name: getattr(self, name, None) for name in MODEL_FILE_FIELDS}
+        return {
+            name: uri
+            for name, uri in named.items()
+            if uri and not (name == "weights" and WEIGHTS_ENUM_NAME.match(uri))
+        }
 
 
 # A torchvision weights enum member's name (DEFAULT, IMAGENET1K_V2), as `model.weights` takes it

@@ -285,7 +285,7 @@ class IcebergSink:
             self.parts.require_own(self.run_id)
             self.parts.flush()
         masks = self._staged_masks()
-        published: list[str] = []  # masks moved into place, for an undo to move back
+        published: list[str] = []  # masks copied into place, for an undo to remove
         index = None
         try:
             self._check(listed, masks)
@@ -502,16 +502,15 @@ class IcebergSink:
         return f"run {self.run_id} not committed to {self.output.table} (table unchanged)"
 
     def _undo(self, published: list[str], index: str | None) -> None:
-        """Best effort, after a commit that surely did not land: this attempt's data files and
-        index go, and its published masks move back into its staging, where a rerun resumes
-        the rows naming them (their staged part files stay too)."""
+        """Best effort, after a commit that surely did not land: this attempt's data files,
+        index and published copies of its masks go (the masks and rows a rerun resumes stay
+        in its staging)."""
         for path in [f.file_path for f in self._files]:
             with contextlib.suppress(Exception):
                 self.table.io.delete(path)
-        staged = staged_masks_folder(self.root, self.run_id, self.attempt)
         with contextlib.suppress(OSError), writing_to(self.output.uri):
-            for path in published:
-                self.fs.mv(path, f"{staged}/{path.rpartition('/')[2]}")
+            if published:
+                self.fs.rm(published)
             if index is not None:
                 self.fs.rm(index)
 
@@ -541,9 +540,12 @@ class IcebergSink:
         with writing_to(self.output.uri):
             return sorted(self.fs.find(staged)) if self.fs.exists(staged) else []
 
-    def _publish_masks(self, staged: list[str], moved: list[str]) -> None:
-        """Into this attempt's own final folder, before the commit that makes rows name them;
-        each path in `moved` as it lands there."""
+    def _publish_masks(self, staged: list[str], published: list[str]) -> None:
+        """Copied into this attempt's own final folder, before the commit that makes rows name
+        them; each path in `published` as it lands there. The staged masks stay until the
+        snapshot is in (removed with the staging): an attempt stopped at any point before it
+        (a SIGKILL, Ctrl-C, a commit that failed) leaves every mask where a rerun resumes
+        from. No rows name the copies until then; a later commit removes them."""
         final = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
         if not staged:
             return
@@ -551,8 +553,8 @@ class IcebergSink:
             make_folder(self.fs, final)
             for path in staged:
                 target = f"{final}/{path.rpartition('/')[2]}"
-                self.fs.mv(path, target)
-                moved.append(target)
+                self.fs.copy(path, target)
+                published.append(target)
 
     def _remove_other_masks(self) -> None:
         """After the commit: the masks of the attempts it replaced (best effort)."""

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -110,11 +110,58 @@ def stack_on_device(images: Sequence[Pixels], device: torch.device) -> torch.Ten
 
 def mark_errors(out: dict[str, np.ndarray], failures: Sequence[tuple[int, BaseException]]) -> None:
     """The rows `failures` names (index, what failed) as error rows in `out`."""
-    status, kinds, messages = (np.asarray(out[c], dtype=object).copy() for c in ERROR_COLUMNS)
+    rows = len(out["status"])
+    status, kinds, messages = (
+        np.asarray(out.get(c, [None] * rows), dtype=object).copy() for c in ERROR_COLUMNS
+    )
     for row, error in failures:
         status[row], kinds[row] = STATUS_ERROR, type(error).__name__
         messages[row] = str(error) or type(error).__name__
     out.update(zip(ERROR_COLUMNS, (status, kinds, messages), strict=True))
+
+
+class NonFiniteOutput(ValueError):
+    """The model's output for an image holds NaN or infinity (an overflow in float16, weights
+    that diverged): an error row, never an ok row with a NaN score."""
+
+
+def non_finite_rows(
+    result: dict[str, np.ndarray], ok: np.ndarray
+) -> list[tuple[int, NonFiniteOutput]]:
+    """The ok rows whose numeric outputs (`result`'s float columns, or float arrays a row in
+    its object columns: a detector's boxes) are not all finite."""
+    bad = np.zeros(len(ok), dtype=bool)
+    named: dict[int, list[str]] = {}
+    for name, values in result.items():
+        finite = _finite_rows(values)
+        if finite is None:
+            continue
+        rows = ~finite & ok
+        for row in np.flatnonzero(rows).tolist():
+            named.setdefault(row, []).append(name)
+        bad |= rows
+    return [
+        (row, NonFiniteOutput(f"the model's output ({', '.join(named[row])}) holds NaN or "
+                              "infinity for this image (an overflow in float16, or weights "
+                              "that diverged)"))
+        for row in np.flatnonzero(bad).tolist()
+    ]  # fmt: skip
+
+
+def _finite_rows(values: Any) -> np.ndarray | None:
+    """Per row, whether its numbers are finite; None for a column of no numbers."""
+    if not isinstance(values, np.ndarray) or not len(values):
+        return None
+    if values.dtype.kind == "f":
+        return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if values.dtype == object:
+        return np.array([_finite(value) for value in values], dtype=bool)
+    return None
+
+
+def _finite(value: Any) -> bool:
+    floats = isinstance(value, np.ndarray) and value.dtype.kind == "f"
+    return not floats or bool(np.isfinite(value).all())
 
 
 def _size(image: Pixels) -> int:
@@ -158,7 +205,12 @@ class Predictor:
         if ENCODED_COLUMN in batch:
             images = self._decode_on_device(out, images, batch[ENCODED_COLUMN])
         ok = np.asarray(out["status"] == STATUS_OK, dtype=bool)
-        out.update(self.predict_isolating(images, ok, out))
+        predicted = self.predict_isolating(images, ok, out)
+        out.update(predicted)
+        still_ok = np.asarray(out["status"] == STATUS_OK, dtype=bool)  # none failed alone
+        failed = non_finite_rows(predicted, ok & still_ok)
+        if failed:
+            mark_errors(out, failed)
         out[f"{STAGE_PREFIX}inference"] = stage_times(len(ok), time.perf_counter() - started)
         out["model_name"] = np.full(len(ok), self.model.name, dtype=object)
         out["model_weights_sha256"] = np.full(len(ok), self.model.weights_sha256, dtype=object)

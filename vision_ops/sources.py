@@ -408,11 +408,11 @@ def object_listing(
     return ObjectListing(uri, bucket, prefix, pattern, tuple(extensions), dict(options or {}))
 
 
-# The columns that name an input's version, as the store gives them (`_store_identity`).
+# The columns that name an input's version, as the store gives them (`store_identity`).
 STORE_IDENTITY = ("source_etag", "source_size", "source_mtime")
 
 
-def _store_identity(uri: str, options: StorageOptions | None) -> dict[str, Any]:
+def store_identity(uri: str, options: StorageOptions | None) -> dict[str, Any]:
     """The ETag, size and modification time the store gives `uri` (one HEAD), for an input a
     manifest names without them; all None where the store cannot tell (the read then names
     why)."""
@@ -427,7 +427,7 @@ def _store_identity(uri: str, options: StorageOptions | None) -> dict[str, Any]:
 
 def with_store_identity(rows: pa.Table, options: StorageOptions | None) -> pa.Table:
     """Listing rows with neither an ETag nor a size (a manifest naming URIs only) given the
-    store's (`_store_identity`, one HEAD each, only for those; a modification time only where
+    store's (`store_identity`, one HEAD each, only for those; a modification time only where
     the row has none, and only where it has the column): the version a run's rows record and
     an incremental run compares, so both see the same, and a file rewritten at the same size
     on a store without ETags (local disk) is a new version."""
@@ -438,7 +438,7 @@ def with_store_identity(rows: pa.Table, options: StorageOptions | None) -> pa.Ta
     columns = {name: rows[name].to_pylist() for name in names}
     uris = rows["source_uri"].to_pylist()
     for i in pc.indices_nonzero(unknown).to_pylist():
-        found = _store_identity(uris[i], options)
+        found = store_identity(uris[i], options)
         for name in names:
             if columns[name][i] is None:
                 columns[name][i] = found[name]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from vision_ops.resume import Units, image_units, without_sources
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
-from vision_ops.sources import plan_inputs, table_apart
+from vision_ops.sources import plan_inputs, store_identity, table_apart
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits
 from vision_ops.tasks import DetectionTask, get_task
@@ -273,8 +275,21 @@ def identity_digests(spec: JobSpec, listing: Listing, plan: PoolPlan) -> dict[st
         "input_snapshot_digest": listing.summary.snapshot.hexdigest(),
         "spec_digest": spec.fingerprint(),
         "model_fingerprint": model_fingerprint(spec),
+        "model_files_digest": model_files_digest(spec),
         "numerics": spec.runtime.numerics(plan.num_gpus),
     }
+
+
+def model_files_digest(spec: JobSpec) -> str:
+    """The versions of the files the model reads, as the store gives them (ETag, size,
+    modification time; one HEAD each): a weights or labels file replaced in place between a
+    kill and the rerun makes a new resume key, though the spec names the same path."""
+    versions = {
+        name: store_identity(uri, spec.storage_options)
+        for name, uri in sorted(spec.model.files().items())
+    }
+    content = json.dumps(versions, sort_keys=True, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def with_limits(dataset: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:
