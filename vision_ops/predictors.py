@@ -153,7 +153,7 @@ def _finite_rows(values: Any) -> np.ndarray | None:
     if not isinstance(values, np.ndarray) or not len(values):
         return None
     if values.dtype.kind == "f":
-        return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        return np.asarray(np.isfinite(values.reshape(len(values), -1)).all(axis=1))
     if values.dtype == object:
         return np.array([_finite(value) for value in values], dtype=bool)
     return None
