@@ -14,7 +14,7 @@ from toy_models import TOY_JOBS, toy_images
 
 from vision_ops.cli import EXIT_BAD_SPEC, EXIT_OK, main
 from vision_ops.config import SpecError, parse_spec
-from vision_ops.errors import EXIT_BELOW_THRESHOLD, EXIT_TOO_MANY_ERRORS
+from vision_ops.errors import EXIT_BELOW_THRESHOLD, EXIT_NOT_SCORED, EXIT_TOO_MANY_ERRORS
 
 pytestmark = pytest.mark.timeout(600)
 JOBS = Path(__file__).parents[1] / "jobs"
@@ -107,6 +107,28 @@ def test_a_run_over_the_error_ratio_is_scored_too(ray_local, toy, capsys) -> Non
     err = capsys.readouterr().err
     assert "error: below the spec's evaluate.min: accuracy 0.6667 < 0.9" in err
     assert "error: error rows 1/3 exceed --max-error-ratio" in err
+
+
+def test_a_committed_run_whose_hold_out_cannot_be_scored_says_so_and_a_backfill_goes_on(
+    ray_local, toy, capsys
+) -> None:
+    """A hold-out that is there but labels none of the run's units (its images moved): each
+    date commits, exits 7 (committed, not scored: never 1, which says nothing was committed),
+    and a backfill goes on to the next date, then names the dates not scored."""
+    from vision_ops.outputs import committed_runs
+
+    table = toy["folder"] / "unscored-table"
+    moved = toy["folder"] / "moved-holdout.csv"
+    moved.write_text("uri,label\nfile:///moved/red.png,red\n")
+    toy = toy | {"spec": toy["spec"] | {"output": {"uri": str(table)}}}
+    spec = spec_file(toy, "unscored", {"truth": str(moved)})
+    dates = ["--from", "2026-11-01", "--to", "2026-11-02"]
+    assert main(["backfill", str(spec), *dates]) == EXIT_NOT_SCORED
+    err = capsys.readouterr().err
+    assert "is committed, but not scored: no row of the run has a ground-truth label" in err
+    assert "error: committed, not scored (" in err and "2026-11-01, 2026-11-02" in err
+    assert "Traceback" not in err
+    assert [run["run_date"] for run in committed_runs(str(table))] == ["2026-11-01", "2026-11-02"]
 
 
 def test_an_evaluate_section_needs_its_truth(toy) -> None:

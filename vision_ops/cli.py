@@ -31,6 +31,7 @@ from vision_ops.errors import (
     EXIT_DRIFT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_NOT_SCORED,
     EXIT_OK,
     EXIT_TOO_MANY_ERRORS,
     ModelError,
@@ -311,7 +312,10 @@ def _score_committed(spec: JobSpec, summary: Any) -> int:
         return EXIT_OK
     held = spec.evaluate
     options = spec.storage_options
-    return _score(spec.output, held.truth, held.truth_format, summary.run_id, options, held.min)
+    return _score(
+        spec.output, held.truth, held.truth_format, summary.run_id, options, held.min,
+        failed=(EXIT_NOT_SCORED, f"run {summary.run_id} is committed, but not scored: "),
+    )  # fmt: skip
 
 
 def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
@@ -392,7 +396,8 @@ def _print_drift(drifts: Sequence[Drift] | None) -> None:
 
 def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     """Run, in date order, every date of the range that has no committed run yet; a date over
-    --max-error-ratio is committed and the backfill goes on, then exits 4 naming the dates."""
+    --max-error-ratio, or one committed whose hold-out could not be scored, is committed and
+    the backfill goes on, then exits 7 (any not scored), else 4, naming the dates."""
     from vision_ops.outputs import committed_runs
 
     if args.end < args.start:
@@ -413,22 +418,34 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
         )
         return _fail(ValueError(message), EXIT_BAD_SPEC)
     done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
-    day, over_ratio = args.start, []
+    day = args.start
+    committed_but: dict[int, list[str]] = {EXIT_NOT_SCORED: [], EXIT_TOO_MANY_ERRORS: []}
     while day <= args.end:
         if day.isoformat() in done:
             print(f"{day}: committed already, skipped")
         else:
             dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
             code = run(dated, args)
-            if code == EXIT_TOO_MANY_ERRORS:
-                over_ratio.append(day.isoformat())
+            if code in committed_but:
+                committed_but[code].append(day.isoformat())
             elif code != EXIT_OK:
                 return code
         day += dt.timedelta(days=1)
-    if over_ratio:
-        message = f"committed over --max-error-ratio: {', '.join(over_ratio)}"
-        return _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
-    return EXIT_OK
+    return _backfill_outcome(committed_but)
+
+
+def _backfill_outcome(committed_but: dict[int, list[str]]) -> int:
+    """The dates a backfill committed with a problem, said; the exit code of the first kind
+    found (not scored before over the error ratio), else 0."""
+    said = {
+        EXIT_NOT_SCORED: "committed, not scored (`vision-ops evaluate SPEC --run-id ID` scores "
+        "each once its hold-out is mended)",
+        EXIT_TOO_MANY_ERRORS: "committed over --max-error-ratio",
+    }
+    found = [code for code in said if committed_but[code]]
+    for code in found:
+        print(f"error: {said[code]}: {', '.join(committed_but[code])}", file=sys.stderr)
+    return found[0] if found else EXIT_OK
 
 
 def query(args: argparse.Namespace) -> int:
@@ -704,9 +721,11 @@ def _score(
     run_id: str | None,
     options: StorageOptions,
     minimums: dict[str, float],
+    failed: tuple[int, str] = (EXIT_FAILED, ""),
 ) -> int:
     """Evaluate a committed run, print its overall metrics; exit 5 where one is below its
-    floor in `minimums`."""
+    floor in `minimums`; where it cannot be scored, `failed`'s exit code, its text leading
+    the message."""
     from vision_ops.errors import EXIT_BELOW_THRESHOLD
     from vision_ops.evaluate import EvaluationError, below_minimums, evaluate_run
 
@@ -714,7 +733,8 @@ def _score(
         metrics = evaluate_run(table, truth or "", truth_format, run_id, options)
         below = below_minimums(metrics, minimums)
     except (EvaluationError, OSError, KeyError) as err:
-        return _fail(err, EXIT_FAILED)
+        code, lead = failed
+        return _fail(RuntimeError(f"{lead}{err}"), code)
     for row in metrics.to_pylist():
         if row["label"] is None:
             print(f"{row['metric']}: {row['value']:.4f}")

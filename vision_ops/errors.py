@@ -11,6 +11,7 @@ EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was do
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
 EXIT_BELOW_THRESHOLD = 5  # evaluated, but a metric fell below the spec's evaluate.min
 EXIT_DRIFT = 6  # report --check: a run's figures moved past the spec's monitor thresholds
+EXIT_NOT_SCORED = 7  # committed, but the spec's evaluate: could not score it (its hold-out)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): nothing committed; a rerun resumes what was durable
 
 
