@@ -5,6 +5,7 @@ its manifest (Parquet's JSON, Iceberg's snapshot summary), `vision-ops run` prin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,11 @@ def table_output(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict[s
     return output, {"s3": server.storage_options()}
 
 
+def target_of(output: dict[str, Any]) -> Any:
+    """The table as outputs.* take it: a Parquet table's URI, an Iceberg table's spec."""
+    return OutputSpec.model_validate(output) if output.get("format") == "iceberg" else output["uri"]
+
+
 def recorded(output: dict[str, Any], options: Any, run_id: str) -> dict[str, Any]:
     """A run's `drift` as stored: Parquet's manifest JSON read plainly, Iceberg's snapshot
     summary read through a fresh PyIceberg catalog (the JSON of `vision_ops.details`)."""
@@ -119,7 +125,8 @@ def test_a_run_records_its_drift_in_its_manifest(
     assert main(["run", str(tmp_path / "night-3.yaml")]) == EXIT_OK
     printed = capsys.readouterr().out
 
-    assert summaries[0].drift == [] and recorded(output, options, "night-1") == {"compared": []}
+    first = recorded(output, options, "night-1")
+    assert summaries[0].drift == [] and first == {"compared": [], "attempts": []}
     second = recorded(output, options, "night-2")
     assert second["compared"] == ["night-1"]
     assert second["label_psi"] == {"value": 0.0, "threshold": 0.25, "crossed": False}
@@ -127,16 +134,18 @@ def test_a_run_records_its_drift_in_its_manifest(
 
     found = recorded(output, options, "night-3")
     assert found["compared"] == ["night-1", "night-2"]
+    attempts = [committed_run(target_of(output), r, options)["attempt"] for r in found["compared"]]
+    assert found["attempts"] == attempts
     before = top_labels(output, options, "night-1")
     pooled = {k: 2 * v for k, v in before.items()}  # night 2 found what night 1 found
     expected = psi(top_labels(output, options, "night-3"), pooled)
     assert expected > 1  # the swapped photos' labels are none of the steady ones'
     assert found["label_psi"] == {"value": round(expected, 4), "threshold": 0.25, "crossed": True}
-    assert set(found) == {"compared", *FIGURES}
+    assert set(found) == {"compared", "attempts", *FIGURES}
     assert "drift: ALERT label_psi" in printed
     assert "over the threshold 0.25: run night-3 against night-1, night-2" in printed
 
-    target = OutputSpec.model_validate(output) if options else output["uri"]
+    target = target_of(output)
     again = drift(trend(target, options), MonitorSpec())  # from the rows, as report computed it
     assert {d.figure: d.value for d in again} == {k: found[k]["value"] for k in FIGURES}
     assert committed_run(target, "night-3", options)["drift"] == found  # the project's reader
@@ -159,7 +168,8 @@ def test_report_check_uses_the_recorded_figures_only_for_the_runs_they_compared(
     for index in range(2):
         commit_rows(table, "classification", rows, f"n{index}", f"2026-05-0{index + 1}")
     figures = {name: {"value": 0.0, "threshold": 1.0, "crossed": False} for name in FIGURES}
-    entry = {"compared": ["n0", "n1"], **figures, "label_psi": {"value": 9.0}}
+    attempts = [committed_run(str(table), run_id)["attempt"] for run_id in ("n0", "n1")]
+    entry = {"compared": ["n0", "n1"], "attempts": attempts, **figures, "label_psi": {"value": 9.0}}
     commit_rows(table, "classification", rows, "n2", "2026-05-03", details={"drift": entry})
 
     assert main(["report", str(table), "--check"]) == EXIT_DRIFT
@@ -174,6 +184,35 @@ def test_report_check_uses_the_recorded_figures_only_for_the_runs_they_compared(
     assert '<p class="drift-source">recorded in the run\'s manifest at its commit' in (
         page.read_text()
     )
+
+
+def test_recorded_figures_are_not_used_once_a_run_they_compared_is_rerun(tmp_path, capsys) -> None:
+    """n2 recorded no drift against n0 and n1 (all cats); n1 is then rerun, the same id and
+    date, and its rows are dogs: the check computes n2's figures against n1 as it is now
+    (the recorded ones, of the n1 that is gone, said all was well); so for a manifest that
+    recorded the runs but not their commits (an earlier version's)."""
+    table = tmp_path / "table"
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    dogs = [classified(f"/nonexistent/{i}.jpg", ("dog", 0.9)) for i in range(4)]
+    for index in range(2):
+        commit_rows(table, "classification", cats, f"n{index}", f"2026-05-0{index + 1}")
+    quiet = {name: {"value": 0.0, "threshold": 0.25, "crossed": False} for name in FIGURES}
+    attempts = [committed_run(str(table), run_id)["attempt"] for run_id in ("n0", "n1")]
+    entry = {"compared": ["n0", "n1"], "attempts": attempts, **quiet}
+    commit_rows(table, "classification", cats, "n2", "2026-05-03", details={"drift": entry})
+    assert main(["report", str(table), "--check"]) == EXIT_OK
+    assert "(recorded in its manifest at its commit)" in capsys.readouterr().out
+
+    commit_rows(table, "classification", dogs, "n1", "2026-05-02")  # n1 rerun
+    assert main(["report", str(table), "--check"]) == EXIT_DRIFT
+    out = capsys.readouterr().out
+    assert re.search(r"label_psi \d+\.\d{4} over the threshold 0\.25: run n2 against n0, n1\n", out)
+    assert "(recorded in its manifest at its commit)" not in out
+    assert not check_run(str(table), MonitorSpec())[0].recorded
+
+    older = {"compared": ["n0", "n1"], **quiet}  # no attempts recorded
+    commit_rows(table, "classification", cats, "n3", "2026-05-04", details={"drift": older})
+    assert not check_run(str(table), MonitorSpec())[0].recorded
 
 
 def test_a_run_is_compared_with_the_runs_before_it_never_itself(tmp_path) -> None:

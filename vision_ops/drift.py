@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -40,6 +40,7 @@ class Drift:
     run_id: str
     compared: tuple[str, ...]  # the earlier runs, pooled
     recorded: bool = False  # the value is the one the run's manifest recorded at its commit
+    attempts: tuple[str | None, ...] = ()  # the commits of those runs, where known
 
     @property
     def crossed(self) -> bool:
@@ -136,7 +137,13 @@ def drift_at_commit(
         return []
     points = [run_figures(target, committed, options) for committed in earlier]
     rows = staged(figure_columns(task_of_run(run)))
-    return drift([*points, table_figures(rows, run)], monitor)
+    found = drift([*points, table_figures(rows, run)], monitor)
+    return [replace(d, attempts=_attempts(earlier)) for d in found]
+
+
+def _attempts(runs: list[Manifest]) -> tuple[str | None, ...]:
+    """Which commit of each run: a rerun of a baseline run keeps its id, not its attempt."""
+    return tuple(run.get("attempt") for run in runs)
 
 
 def manifest_entry(found: list[Drift]) -> dict[str, Any]:
@@ -144,6 +151,7 @@ def manifest_entry(found: list[Drift]) -> dict[str, Any]:
     no figures) and per figure its value, its threshold and whether it crossed it."""
     return {
         "compared": list(found[0].compared) if found else [],
+        "attempts": list(found[0].attempts) if found else [],
         **{
             d.figure: {"value": d.value, "threshold": d.threshold, "crossed": d.crossed}
             for d in found
@@ -152,13 +160,17 @@ def manifest_entry(found: list[Drift]) -> dict[str, Any]:
 
 
 def recorded_drift(
-    manifest: Manifest, compared: tuple[str, ...], monitor: MonitorSpec
+    manifest: Manifest, earlier: list[Manifest], monitor: MonitorSpec
 ) -> list[Drift] | None:
     """The figures a run's manifest recorded at its commit, held to `monitor`'s thresholds,
-    where it compared exactly the runs `compared`; None where it recorded none or compared
-    others (a run committed since, or another `monitor.runs`): they are computed instead."""
+    where it compared exactly the commits of the runs `earlier`; None where it recorded none
+    or compared others (a run committed since, a baseline run rerun since, another
+    `monitor.runs`, or a manifest that did not record the commits): they are computed."""
     entry = manifest.get("drift")
+    compared = tuple(run["run_id"] for run in earlier)
     if not isinstance(entry, Mapping) or tuple(entry.get("compared") or ()) != compared:
+        return None
+    if tuple(entry.get("attempts") or ()) != _attempts(earlier):
         return None
     if not all(isinstance(entry.get(name), Mapping) for name in FIGURES):
         return None
@@ -216,7 +228,7 @@ def check_run(
         return []
     run = runs[len(runs) - 1 if run_id is None else ids.index(run_id)]
     earlier = baseline_runs(runs, run, monitor)
-    found = recorded_drift(run, tuple(r["run_id"] for r in earlier), monitor)
+    found = recorded_drift(run, earlier, monitor)
     if found is not None:
         return found
     return drift([run_figures(target, r, options or {}) for r in [*earlier, run]], monitor)
