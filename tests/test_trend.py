@@ -14,7 +14,7 @@ import yaml
 from browser import CHROMIUM, measure
 from committed_rows import classified, commit_rows, failed
 
-from vision_ops.cli import EXIT_BAD_SPEC, EXIT_OK, main
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, main
 from vision_ops.config import MonitorSpec
 from vision_ops.drift import EPSILON, drift, psi
 from vision_ops.errors import EXIT_DRIFT
@@ -123,6 +123,21 @@ def test_report_check_exits_6_naming_the_figure_threshold_and_runs(nights, capsy
     assert main(["report", table, "--since", "2026-03-02"]) == EXIT_BAD_SPEC  # without --trend
     assert main(["report", table, "--samples", "0"]) == EXIT_BAD_SPEC
     assert "--samples: expected 1 or more, found 0" in capsys.readouterr().err
+
+
+def test_report_trend_check_checks_the_run_it_is_given(nights, capsys) -> None:
+    """`--trend --check --run-id night-2` checks night 2 (within), not the latest (night 3,
+    over); a run the trend does not hold is an error, no traceback."""
+    table = str(nights)
+    assert main(["report", table, "--trend", "--check", "--run-id", "night-2"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "drift: label_psi 0.0000 within the threshold 0.25: run night-2 against night-0, " \
+        "night-1\n" in out  # fmt: skip
+    assert "night-3 against" not in out
+    args = ["report", table, "--trend", "--check", "--since", "2026-03-03", "--run-id", "night-1"]
+    assert main(args) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err == f"error: no committed run night-1 in {table} since 2026-03-03\n"
 
 
 def test_the_spec_monitor_section_sets_the_thresholds(nights, tmp_path, capsys) -> None:

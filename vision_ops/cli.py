@@ -674,8 +674,12 @@ def _trend(
     if not points:
         since = f" since {args.since}" if args.since else ""
         return _fail(LookupError(f"no committed run in {describe(table)}{since}"), EXIT_FAILED)
+    if args.run_id is not None and args.run_id not in {point.run_id for point in points}:
+        since = f" since {args.since}" if args.since else ""
+        message = f"no committed run {args.run_id} in {describe(table)}{since}"
+        return _fail(LookupError(message), EXIT_FAILED)
     print(render_trend_text(points), end="")
-    drifts = drift(points, monitor) if args.check else []
+    drifts = drift(points, monitor, args.run_id) if args.check else []
     if args.html:
         header = render_drift_html(drifts) if args.check else ""
         with open(args.html, "w", encoding="utf-8") as page:
