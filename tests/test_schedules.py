@@ -57,6 +57,7 @@ def test_raycronjob_backfills_logical_dates() -> None:
     assert entrypoint_spec(entrypoint).exists()
     assert entrypoint.endswith(
         " && vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check"
+        """ --since "$(date -u -d '3 days ago' +%F)\""""
     )
 
 
@@ -71,7 +72,8 @@ def test_crontab_example_backfills_logical_dates() -> None:
     assert fields[:5] == ["30", "2", "*", "*", "*"]
     assert "vision-ops backfill jobs/classify.yaml --from" in fields[5]
     assert r"+\%F" in fields[5]  # % escaped for cron
-    assert "&& RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml --check;" in line
+    report = "&& RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml --check --since"
+    assert f"""{report} "$(date -u -d '3 days ago' +\\%F)"; }}""" in line
 
 
 @pytest.mark.parametrize("failing", ["backfill", "report"])

@@ -140,6 +140,26 @@ def test_report_trend_check_checks_the_run_it_is_given(nights, capsys) -> None:
     assert err == f"error: no committed run night-1 in {table} since 2026-03-03\n"
 
 
+def test_report_check_since_checks_every_run_from_that_date(nights, capsys) -> None:
+    """A schedule that backfilled missed nights checks each of them, not the latest alone:
+    nights 2 and 3 each against the runs before it; one over its threshold is exit 6."""
+    table = str(nights)
+    assert main(["report", table, "--check", "--since", "2026-03-03"]) == EXIT_DRIFT
+    out = capsys.readouterr().out
+    within = "label_psi 0.0000 within the threshold 0.25: run night-2 against night-0, night-1\n"
+    assert within in out
+    assert "over the threshold 0.25: run night-3 against night-0, night-1, night-2\n" in out
+    assert "run night-1 against" not in out
+    loose = ["--max-label-psi", "50", "--max-score-psi", "50", "--max-error-rate-rise", "0.5"]
+    assert main(["report", table, "--check", "--since", "2026-03-02", *loose]) == EXIT_OK
+    assert capsys.readouterr().out.count("drift: error_rate_rise") == 3
+    both = ["report", table, "--check", "--since", "2026-03-02", "--run-id", "night-2"]
+    assert main(both) == EXIT_BAD_SPEC
+    assert "expected --since (every run from a date) or --run-id, found both" in (
+        capsys.readouterr().err
+    )
+
+
 def test_the_spec_monitor_section_sets_the_thresholds(nights, tmp_path, capsys) -> None:
     spec = {
         "input": {"uris": ["/nonexistent/b/"]},

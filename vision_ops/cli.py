@@ -610,8 +610,12 @@ def report(args: argparse.Namespace) -> int:
     from vision_ops.drift import check_run, render_drift_html
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
 
-    if args.since and not args.trend:
-        return _fail(SpecError("--since: expected it with --trend, found it alone"), EXIT_BAD_SPEC)
+    if args.since and not (args.trend or args.check):
+        message = "--since: expected it with --trend or --check, found it alone"
+        return _fail(SpecError(message), EXIT_BAD_SPEC)
+    if args.since and args.check and args.run_id and not args.trend:
+        message = "--check: expected --since (every run from a date) or --run-id, found both"
+        return _fail(SpecError(message), EXIT_BAD_SPEC)
     if args.samples < 1:
         return _fail(
             SpecError(f"--samples: expected 1 or more, found {args.samples}"), EXIT_BAD_SPEC
@@ -628,7 +632,8 @@ def report(args: argparse.Namespace) -> int:
         return _trend(args, table, options, monitor)
     try:
         found = build_report(table, args.run_id, options, args.samples)
-        drifts = check_run(table, monitor, options, found.run_id) if args.check else []
+        checked = _runs_to_check(table, options, args.since, found.run_id) if args.check else []
+        drifts = [d for run_id in checked for d in check_run(table, monitor, options, run_id)]
     except NoSuchRun as err:
         return _fail(err, EXIT_FAILED)
     print(render_text(found), end="")
@@ -638,6 +643,19 @@ def report(args: argparse.Namespace) -> int:
             page.write(render_html(found, header))
         print(f"html: {args.html}")
     return _drift_verdict(drifts, args.check)
+
+
+def _runs_to_check(
+    table: str | OutputSpec, options: StorageOptions, since: dt.date | None, run_id: str
+) -> list[str]:
+    """The run `--check` checks, or with `--since` every committed run from that date on (a
+    schedule that backfilled missed nights checks each night it committed)."""
+    from vision_ops.outputs import committed_runs
+
+    if since is None:
+        return [run_id]
+    runs = committed_runs(table, options)
+    return [r["run_id"] for r in runs if dt.date.fromisoformat(r["run_date"]) >= since]
 
 
 def _monitor(args: argparse.Namespace) -> MonitorSpec:
@@ -950,7 +968,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--trend", action="store_true", help="every committed run's figures, by run date"
     )
-    sub.add_argument("--since", type=_date, help="with --trend: runs from this date (YYYY-MM-DD)")
+    sub.add_argument(
+        "--since",
+        type=_date,
+        help="with --trend: runs from this date (YYYY-MM-DD); with --check: check each of them",
+    )
     sub.add_argument(
         "--check",
         action="store_true",
