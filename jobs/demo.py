@@ -15,7 +15,7 @@ import yaml
 
 from vision_ops.cli import main as vision_ops_main
 from vision_ops.config import load_spec
-from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
+from vision_ops.devstack import SeaweedS3, use_local_server
 from vision_ops.embedding import similar
 from vision_ops.errors import EXIT_DRIFT
 from vision_ops.models import weights_unavailable
@@ -366,7 +366,7 @@ def example_spec(name: str) -> Path:
 
 
 def main() -> int:
-    os.environ.update(LOCAL_CREDENTIALS)  # the local server's placeholders, never real ones
+    use_local_server(os.environ)  # the local server's placeholders, never real ones
     buckets = (PHOTO_BUCKET, SCAN_BUCKET, SCENE_BUCKET, DOCUMENT_BUCKET, OUTPUT_BUCKET)
     buckets += (SWAPPED_BUCKET,)
     with SeaweedS3(buckets=buckets, table_bucket=TABLE_BUCKET) as server:

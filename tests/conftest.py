@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from ray_temp_root import claim, short_temp_dir
 
-from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3
+from vision_ops.devstack import SeaweedS3, use_local_server
 
 PHOTO_NAMES = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
-# Placeholder credentials for the local server, set before any Ray worker starts so workers
-# inherit them exactly as they would inherit a real credential chain's environment.
-os.environ.update(LOCAL_CREDENTIALS)
+# Placeholder credentials for the local server (and its address past any proxy), set before any
+# Ray worker starts so workers inherit them exactly as they would a real credential chain's.
+use_local_server(os.environ)
 # Ray's default temp root, for every Ray process of the session: the suite's, never the host's.
 RAY_ROOT = claim(os.environ)
 # Ray workers and the tests' own subprocesses import test-only modules (tests/crashing.py,

@@ -144,7 +144,7 @@ def test_a_weights_or_labels_file_replaced_in_place_makes_another_resume_key(
     weights published over the old ones between a kill and its rerun): the rerun's key is
     not the killed attempt's, so its rows are not reused beside the new model's."""
     from vision_ops.config import parse_spec
-    from vision_ops.pipeline.run import model_files_digest
+    from vision_ops.pipeline.identity import model_files_digest
 
     weights, labels = tmp_path / "model.pt", tmp_path / "labels.txt"
     weights.write_bytes(b"old weights")
@@ -158,13 +158,24 @@ def test_a_weights_or_labels_file_replaced_in_place_makes_another_resume_key(
     })  # fmt: skip
     assert spec.model.files() == {"weights": str(weights), "labels": str(labels)}
     before = model_files_digest(spec)
-    assert model_files_digest(spec) == before  # the same files: the same key, resumable
-    weights.write_bytes(b"retrained weights")  # local disk has no ETag: size and mtime tell
+    weights.write_bytes(b"old weights")  # copied afresh as a node starts: a new mtime only
+    os.utime(weights, (1e9, 1e9))
+    assert model_files_digest(spec) == before  # the same content: the same key, resumable
+    weights.write_bytes(b"new weights")  # the same size: on local disk the content tells
     after_weights = model_files_digest(spec)
-    labels.write_text("cat\ndog\nfox\n")
+    labels.write_text("cat\nfox\n")
     assert len({before, after_weights, model_files_digest(spec)}) == 3
-    enum = spec.model.model_copy(update={"weights": "DEFAULT", "labels": None})
-    assert enum.files() == {}  # a weights enum's name is no file
+    enum = spec.model.model_copy(update={"weights": "DEFAULT", "labels": "imagenet-1k"})
+    assert enum.files() == {}  # a weights enum's name and a built-in label set are no file
+
+
+def test_a_model_file_whose_version_cannot_be_read_stops_the_run_before_any_work() -> None:
+    """Not a version left unknown (another resume key: the staged rows would be discarded)."""
+    from vision_ops.pipeline.identity import model_file_version
+    from vision_ops.storage import StorageError
+
+    with pytest.raises(StorageError, match="the model file's version cannot be read"):
+        model_file_version("/nonexistent/model.pt", {})
 
 
 def test_a_file_cut_short_by_the_kill_is_left_out(tmp_path: Path) -> None:

@@ -56,8 +56,9 @@ def test_raycronjob_backfills_logical_dates() -> None:
     assert entrypoint.startswith("vision-ops backfill ") and "--from" in entrypoint
     assert entrypoint_spec(entrypoint).exists()
     assert entrypoint.endswith(
-        " && vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check"
-        """ --since "$(date -u -d '3 days ago' +%F)\""""
+        "; filled=$?; vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check"
+        """ --since "$(date -u -d '3 days ago' +%F)"; checked=$?; exit $(( filled ? filled"""
+        " : checked ))"
     )
 
 
@@ -72,17 +73,22 @@ def test_crontab_example_backfills_logical_dates() -> None:
     assert fields[:5] == ["30", "2", "*", "*", "*"]
     assert "vision-ops backfill jobs/classify.yaml --from" in fields[5]
     assert r"+\%F" in fields[5]  # % escaped for cron
-    report = "&& RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml --check --since"
-    assert f"""{report} "$(date -u -d '3 days ago' +\\%F)"; }}""" in line
+    report = "; filled=$?; RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml"
+    since = """--check --since "$(date -u -d '3 days ago' +\\%F)"; checked=$?;"""
+    assert f"{report} {since} exit $(( filled ? filled : checked )); }}" in line
 
 
-@pytest.mark.parametrize("failing", ["backfill", "report"])
-def test_the_crontab_line_logs_both_commands_output_and_a_failure(
-    tmp_path: Path, failing: str
+@pytest.mark.parametrize(
+    ("failing", "exit_code"),
+    [((), 0), (("backfill",), 7), (("report",), 6), (("backfill", "report"), 7)],
+)
+def test_the_crontab_line_runs_both_commands_and_exits_as_the_first_that_failed(
+    tmp_path: Path, failing: tuple[str, ...], exit_code: int
 ) -> None:
     """The line as cron runs it (sh, `\\%` unescaped), with a vision-ops that says what it was
-    asked and fails at `failing`: everything either command printed is in the log, and the
-    line exits as the failed command did."""
+    asked and fails where `failing` says (the backfill with 7: a date committed, not scored;
+    the check with 6: drift): the check runs whatever the backfill's exit, everything either
+    printed is in the log, and the line exits as the backfill did where it failed."""
     (line,) = [
         text
         for text in (K8S / "crontab.example").read_text().splitlines()
@@ -94,9 +100,10 @@ def test_the_crontab_line_logs_both_commands_output_and_a_failure(
     command = command.replace("/var/log/vision-ops-nightly.log", str(log))
     tool = tmp_path / ".venv" / "bin" / "vision-ops"
     tool.parent.mkdir(parents=True)
-    tool.write_text(f'#!/bin/sh\necho "$1 said" >&2\n[ "$1" != {failing} ] || exit 5\n')
+    codes = {"backfill": 7, "report": 6}
+    exits = "".join(f'[ "$1" != {name} ] || exit {codes[name]}\n' for name in failing)
+    tool.write_text(f'#!/bin/sh\necho "$1 said" >&2\n{exits}')
     tool.chmod(0o755)
     ran = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
-    assert (ran.returncode, ran.stdout, ran.stderr) == (5, "", "")
-    said = ["backfill said", "report said"]
-    assert log.read_text().splitlines() == said[: said.index(f"{failing} said") + 1]
+    assert (ran.returncode, ran.stdout, ran.stderr) == (exit_code, "", "")
+    assert log.read_text().splitlines() == ["backfill said", "report said"]

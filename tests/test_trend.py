@@ -153,6 +153,13 @@ def test_report_check_since_checks_every_run_from_that_date(nights, capsys) -> N
     loose = ["--max-label-psi", "50", "--max-score-psi", "50", "--max-error-rate-rise", "0.5"]
     assert main(["report", table, "--check", "--since", "2026-03-02", *loose]) == EXIT_OK
     assert capsys.readouterr().out.count("drift: error_rate_rise") == 3
+    page = nights.parent / "since.html"
+    args = ["report", table, "--check", "--since", "2026-03-03", "--html", str(page)]
+    assert main(args) == EXIT_DRIFT
+    html = page.read_text()
+    cards = [html.index(f"Drift: run {run}") for run in ("night-2", "night-3")]
+    assert cards == sorted(cards) and html.count('<div class="card drift"') == 2
+    capsys.readouterr()
     both = ["report", table, "--check", "--since", "2026-03-02", "--run-id", "night-2"]
     assert main(both) == EXIT_BAD_SPEC
     assert "expected --since (every run from a date) or --run-id, found both" in (

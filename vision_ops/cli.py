@@ -607,7 +607,7 @@ def verify(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """A committed run's report in the terminal, and with --html as a self-contained page;
     --trend: every committed run's figures; --check: exit 6 where the run drifted."""
-    from vision_ops.drift import check_run, render_drift_html
+    from vision_ops.drift import check_run, render_drift_cards
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
 
     if args.since and not (args.trend or args.check):
@@ -638,7 +638,7 @@ def report(args: argparse.Namespace) -> int:
         return _fail(err, EXIT_FAILED)
     print(render_text(found), end="")
     if args.html:
-        header = render_drift_html(drifts) if args.check else ""
+        header = render_drift_cards(drifts) if args.check else ""
         with open(args.html, "w", encoding="utf-8") as page:
             page.write(render_html(found, header))
         print(f"html: {args.html}")
@@ -971,7 +971,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--since",
         type=_date,
-        help="with --trend: runs from this date (YYYY-MM-DD); with --check: check each of them",
+        help="with --trend: the trend from this date (YYYY-MM-DD); with --check and no "
+        "--trend: check each run from this date",
     )
     sub.add_argument(
         "--check",

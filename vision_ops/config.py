@@ -411,8 +411,11 @@ class Preprocessing(StrictModel):
         return value
 
 
-# The model fields that may name a file the model reads (`_ModelCommon.files`).
-MODEL_FILE_FIELDS = ("uri", "weights", "labels", "detector", "recognizer", "dictionary")
+# The model fields that may name a file the model loads (`weights` may name an enum instead),
+# and the label sets `labels` may name instead of a file (models.BUILTIN_LABELS loads them).
+MODEL_FILE_FIELDS = ("weights", "uri", "detector", "recognizer", "dictionary")
+IMAGENET_LABELS = "imagenet-1k"
+BUILTIN_LABEL_SETS = (IMAGENET_LABELS,)
 
 
 class _ModelCommon(StrictModel):
@@ -430,13 +433,17 @@ class _ModelCommon(StrictModel):
     )
 
     def files(self) -> dict[str, str]:
-        """The URIs of the files the model reads, by field (a weights enum's name is none)."""
+        """The URIs of the files the model reads, by field: those it loads, and its labels
+        (a weights enum's name and a built-in label set are no file)."""
         named = {name: getattr(self, name, None) for name in MODEL_FILE_FIELDS}
-        return {
+        files = {
             name: uri
             for name, uri in named.items()
             if uri and not (name == "weights" and WEIGHTS_ENUM_NAME.match(uri))
         }
+        if self.labels and self.labels not in BUILTIN_LABEL_SETS:
+            files["labels"] = self.labels
+        return files
 
 
 # A torchvision weights enum member's name (DEFAULT, IMAGENET1K_V2), as `model.weights` takes it

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,22 @@ PORT_FLAGS = (
 # Placeholder keys for the local server: `weed mini` adopts the pair in its environment as its
 # admin identity, so clients sign with the same pair (they never leave this machine).
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "vision-ops-local", "AWS_SECRET_ACCESS_KEY": "local-only"}
+# What a developer's shell may hold that would go with those keys to the local server: a
+# session token (SSO, aws-vault, an assumed role) belongs to another key pair.
+OTHER_CREDENTIALS = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+LOCAL_HOSTS = ("127.0.0.1", "localhost")  # never through a proxy
+
+
+def use_local_server(environ: MutableMapping[str, str]) -> None:
+    """`environ` set for the local server, as the demo and the tests run against it: its
+    placeholder keys, no session token of another pair, and its address past any proxy the
+    shell sets (HTTP_PROXY without 127.0.0.1 in NO_PROXY would take every request)."""
+    environ.update(LOCAL_CREDENTIALS)
+    for name in OTHER_CREDENTIALS:
+        environ.pop(name, None)
+    for name in ("NO_PROXY", "no_proxy"):
+        listed = [host for host in environ.get(name, "").split(",") if host]
+        environ[name] = ",".join([*listed, *(h for h in LOCAL_HOSTS if h not in listed)])
 
 
 def weed_binary() -> str:

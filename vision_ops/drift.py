@@ -187,6 +187,14 @@ def recorded_drift(
     ]
 
 
+def render_drift_cards(found: list[Drift]) -> str:
+    """A card per run checked (`report --check --since`: several), in the order found."""
+    by_run: dict[str, list[Drift]] = {}
+    for figure in found:
+        by_run.setdefault(figure.run_id, []).append(figure)
+    return "".join(render_drift_html(run) for run in by_run.values()) or render_drift_html([])
+
+
 def render_drift_html(found: list[Drift]) -> str:
     """A card of the figures, those over their threshold in red."""
     if not found:

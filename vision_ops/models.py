@@ -21,6 +21,8 @@ import torchvision
 
 from vision_ops.adapters import AdaptedDetector, OnnxModule, check_layout
 from vision_ops.config import (
+    IMAGENET_LABELS,
+    MODEL_FILE_FIELDS,
     WEIGHTS_ENUM_NAME,
     EntrypointModel,
     JobSpec,
@@ -48,7 +50,7 @@ def torchvision_architectures(task: str) -> list[str]:
     return list(torchvision.models.list_models(module=importlib.import_module(module)))
 
 
-BUILTIN_LABELS = {"imagenet-1k": lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
+BUILTIN_LABELS = {IMAGENET_LABELS: lambda: list(torchvision.models._meta._IMAGENET_CATEGORIES)}
 
 
 @dataclass(frozen=True)
@@ -190,15 +192,11 @@ def check_detector_labels(spec: ModelSpec, labels: list[str] | None) -> None:
         )
 
 
-MODEL_FILE_FIELDS = ("weights", "uri", "detector", "recognizer", "dictionary")
-
-
 def check_model_files(spec: ModelSpec, options: StorageOptions | None = None) -> None:
     """Each file the model loads from (weights, a TorchScript or ONNX file, OCR models) is
     there; ModelError naming the field if not. Whether it loads is the actors' to find."""
-    for field in MODEL_FILE_FIELDS:
-        uri = getattr(spec, field, None)
-        if not uri or (field == "weights" and is_weights_enum_name(uri)):
+    for field, uri in spec.files().items():
+        if field not in MODEL_FILE_FIELDS:  # the labels: read as the spec is checked
             continue
         problem = missing_file(uri, options)
         if problem:

@@ -417,11 +417,16 @@ def store_identity(uri: str, options: StorageOptions | None) -> dict[str, Any]:
     manifest names without them; all None where the store cannot tell (the read then names
     why)."""
     try:
-        fs, path = filesystem(uri, options)
-        info = fs.info(path)
+        return version_of(uri, options)
     except Exception:  # the store's errors are not one type (botocore's NoCredentialsError)
         return dict.fromkeys(STORE_IDENTITY)
-    row = _listing_row(uri, info)
+
+
+def version_of(uri: str, options: StorageOptions | None) -> dict[str, Any]:
+    """The ETag, size and modification time the store gives `uri` (one HEAD); the store's
+    error where it gives none."""
+    fs, path = filesystem(uri, options)
+    row = _listing_row(uri, fs.info(path))
     return {name: row[name] for name in STORE_IDENTITY}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import uuid
@@ -218,6 +219,15 @@ def make_folder(fs: AbstractFileSystem, path: str) -> None:
     bucket, where a run must fail instead."""
     if is_local(fs):
         fs.makedirs(path, exist_ok=True)
+
+
+def file_sha256(fs: AbstractFileSystem, path: str) -> str:
+    """A file's content hash, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_local(fs: AbstractFileSystem) -> bool:

@@ -75,18 +75,11 @@ def refuse_relative_paths(spec: JobSpec) -> None:
 def _named_locations(spec: JobSpec) -> Iterator[tuple[str, str]]:
     """Each file or folder the spec names, with its field: inputs, the table, the model's
     files (not a weights enum or a built-in label set) and the hold-out."""
-    from vision_ops.models import BUILTIN_LABELS, MODEL_FILE_FIELDS, is_weights_enum_name
-
     yield from ((f"input.uris[{index}]", uri) for index, uri in enumerate(spec.input.uris))
     if spec.input.manifest:
         yield "input.manifest", spec.input.manifest
     yield "output.uri", spec.output.uri
-    for field in MODEL_FILE_FIELDS:
-        uri = getattr(spec.model, field, None)
-        if uri and not (field == "weights" and is_weights_enum_name(uri)):
-            yield f"model.{field}", uri
-    if spec.model.labels and spec.model.labels not in BUILTIN_LABELS:
-        yield "model.labels", spec.model.labels
+    yield from ((f"model.{field}", uri) for field, uri in spec.model.files().items())
     if spec.evaluate is not None and spec.evaluate.truth:
         yield "evaluate.truth", spec.evaluate.truth
 

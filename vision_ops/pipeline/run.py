@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +22,8 @@ from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
 from vision_ops.pipeline.connect import connect_ray, nodes_up
-from vision_ops.pipeline.incremental import model_fingerprint, skip_committed
+from vision_ops.pipeline.identity import identity_digests
+from vision_ops.pipeline.incremental import skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import PoolPlan, plan_pool, pool_for_inputs
@@ -34,7 +33,7 @@ from vision_ops.resume import Units, image_units, without_sources
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
-from vision_ops.sources import plan_inputs, store_identity, table_apart
+from vision_ops.sources import plan_inputs, table_apart
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits
 from vision_ops.tasks import DetectionTask, get_task
@@ -263,33 +262,6 @@ def merged_per_scene(
     if tiles is None or not isinstance(spec.task, DetectionTask):
         return rows
     return tiles.merged(rows, spec.task.seam_overlap)
-
-
-def identity_digests(spec: JobSpec, listing: Listing, plan: PoolPlan) -> dict[str, str]:
-    """What the run read and with what: the input snapshot, the spec, the model and the
-    numerics its actors run with (a rerun on other devices or precision starts over). The
-    snapshot digest was summed as the listing streamed through Ray tasks (each source's URI
-    and version, SHA-256 each, added modulo 2**256, then hashed with the count): the same
-    inputs give the same digest whatever their order or blocks."""
-    return {
-        "input_snapshot_digest": listing.summary.snapshot.hexdigest(),
-        "spec_digest": spec.fingerprint(),
-        "model_fingerprint": model_fingerprint(spec),
-        "model_files_digest": model_files_digest(spec),
-        "numerics": spec.runtime.numerics(plan.num_gpus),
-    }
-
-
-def model_files_digest(spec: JobSpec) -> str:
-    """The versions of the files the model reads, as the store gives them (ETag, size,
-    modification time; one HEAD each): a weights or labels file replaced in place between a
-    kill and the rerun makes a new resume key, though the spec names the same path."""
-    versions = {
-        name: store_identity(uri, spec.storage_options)
-        for name, uri in sorted(spec.model.files().items())
-    }
-    content = json.dumps(versions, sort_keys=True, default=str)
-    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def with_limits(dataset: ray.data.Dataset, runtime: RuntimeSpec) -> ray.data.Dataset:

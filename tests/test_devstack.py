@@ -1,0 +1,44 @@
+"""The local S3 server as the demo and the tests use it, from a developer's shell as it may be:
+a session token of another key pair and a proxy that does not exempt 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vision_ops.devstack import LOCAL_CREDENTIALS, SeaweedS3, use_local_server
+
+
+def test_the_local_server_environment_drops_other_tokens_and_passes_proxies() -> None:
+    environ = {"AWS_SESSION_TOKEN": "sso", "AWS_SECURITY_TOKEN": "old", "no_proxy": "corp.example"}
+    environ |= {"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "localhost"}
+    use_local_server(environ)
+    assert environ == LOCAL_CREDENTIALS | {
+        "HTTP_PROXY": "http://proxy.example:3128",
+        "NO_PROXY": "localhost,127.0.0.1",
+        "no_proxy": "corp.example,127.0.0.1,localhost",
+    }
+    use_local_server(environ)  # twice: nothing added twice
+    assert environ["NO_PROXY"] == "localhost,127.0.0.1"
+
+
+@pytest.mark.s3
+def test_the_local_server_answers_from_a_shell_with_a_token_and_a_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token left by `aws sso login` was signed into every request (InvalidAccessKeyId),
+    and HTTP_PROXY took the requests to 127.0.0.1 (the server never answered)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "a-token-of-another-key-pair")
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens on the discard port
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    use_local_server(os.environ)
+    assert "AWS_SESSION_TOKEN" not in os.environ
+    with SeaweedS3(buckets=("proxied",)) as server:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+        fs.pipe_file("proxied/x.txt", b"through")
+        assert fs.cat_file("proxied/x.txt") == b"through"
