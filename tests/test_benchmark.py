@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from toolchain import cannot_compile
 
 from vision_ops.benchmark.e2e import queued_share
 from vision_ops.benchmark.photos import JPEG_QUALITY, PHOTO_SIZE, ensure_photos, photo_set
@@ -491,8 +492,9 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert found[key]["peaks"]["object_store_bytes"] is None
         assert found[key]["queued_share"] is None
     assert found["a"]["peaks"]["processes"] >= 2  # this process and its readers
-    assert found["b"]["details"]["compiled"] is True  # the spec compiles: b is compiled
-    assert ", compiled: median of" in found["b"]["includes"]
+    compiles = cannot_compile() is None  # the spec compiles: b is, where torch.compile can
+    assert found["b"]["details"]["compiled"] is compiles
+    assert f", {'compiled' if compiles else 'eager'}: median of" in found["b"]["includes"]
     assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
     for key in ("c", "c-scale"):  # same pixels, same model
         assert found[key]["queued_share"] is None  # on CPUs the actors decode, in the window

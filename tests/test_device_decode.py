@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from test_models import (
     tiny_classifier,
     torchvision_file_model,
 )
+from toolchain import needs_a_compiler
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
@@ -236,6 +238,7 @@ def test_a_mixed_batch_predicts_like_a_direct_call_on_the_same_pixels(
     np.testing.assert_allclose(out[TOP_K_SCORES][ok_rows], expected.values.numpy(), atol=1e-5)
 
 
+@needs_a_compiler
 def test_channels_last_and_compile_predict_like_the_plain_model(weights_file: Path) -> None:
     images = np.random.default_rng(7).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
@@ -250,6 +253,33 @@ def test_channels_last_and_compile_predict_like_the_plain_model(weights_file: Pa
     assert isinstance(classifier.module, torch._dynamo.eval_frame.OptimizedModule)
 
 
+def test_a_model_inductor_cannot_build_runs_uncompiled_with_a_warning(
+    weights_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CPU node without a working C++ compiler (or Python's headers): `runtime.compile` is
+    for speed, so the actor starts all the same, uncompiled, and predicts as the plain model
+    (it failed to start, and the run with it)."""
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    images = np.random.default_rng(9).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    expected = direct_logits(tiny_classifier(), images).softmax(-1).topk(3)
+    spec = spec_for(torchvision_file_model(weights_file), top_k=3)
+    runtime = spec.runtime.model_copy(update={"compile": True, "batch_size": 4})
+    no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}  # nothing cached
+    logged = caplog.at_level(logging.WARNING, logger="vision_ops.predictors")
+    with logged, inductor.patch(no_compiler):
+        classifier = Classifier(spec.model_copy(update={"runtime": runtime}))
+    assert "torch.compile failed, runs uncompiled" in caplog.text
+    assert classifier.compile_seconds == 0 and classifier.static_batch == 0
+    assert not isinstance(classifier.module, torch._dynamo.eval_frame.OptimizedModule)
+    ids, scores = classifier.predict(images)
+    np.testing.assert_array_equal(ids, expected.indices.numpy())
+    np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
+    torch._dynamo.reset()
+
+
+@needs_a_compiler
 def test_a_compiled_model_keeps_one_graph_for_short_and_long_batches(
     weights_file: Path,
 ) -> None:
@@ -271,6 +301,7 @@ def test_a_compiled_model_keeps_one_graph_for_short_and_long_batches(
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@needs_a_compiler
 def test_a_model_is_compiled_only_where_it_was_compiled_before_when_the_run_asks_so(
     weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -426,6 +457,7 @@ def test_a_batch_with_no_jpeg_for_the_device_is_run_like_any_other(
     assert decode_batch([], torch.device("cpu"), MAX_PIXELS) == []
 
 
+@needs_a_compiler
 def test_a_run_between_the_compile_thresholds_compiles_where_the_node_compiled_before(
     ray_local: None, tmp_path: Path
 ) -> None:

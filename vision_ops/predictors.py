@@ -309,16 +309,29 @@ class Predictor:
         self.module = FromPixels(self.module, preprocessing).to(self.device)
         as_compiled = self.compiled_model(preprocessing)
         if self.compiles(as_compiled):
-            # Freezing folds the weights into the graph (batch norm into the convolutions), and
-            # one static shape keeps one graph: run_fixed pads short batches to batch_size.
-            started = time.perf_counter()
+            self._compile(as_compiled)
+        return preprocessing
+
+    def _compile(self, as_compiled: CompiledModel) -> None:
+        """The model compiled and its first (compiling) call timed. Freezing folds the weights
+        into the graph (batch norm into the convolutions), and one static shape keeps one
+        graph: run_fixed pads short batches to batch_size. Where inductor cannot build it (a
+        CPU node without a C++ compiler or Python's headers), it runs uncompiled, with a
+        warning saying why: compiling is for speed, never for the rows."""
+        eager = self.module
+        started = time.perf_counter()
+        try:
             compiled = torch.compile(self.module, dynamic=False, options={"freezing": True})
             self.module = cast(torch.nn.Module, compiled)
             self.static_batch = self.spec.runtime.images_per_call
             self.probe()
-            self.compile_seconds = time.perf_counter() - started
-            remember_compiled(as_compiled)
-        return preprocessing
+        except Exception as err:
+            self.module, self.static_batch = eager, 0
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            log.warning("%s: torch.compile failed, runs uncompiled: %s", as_compiled.model, reason)
+            return
+        self.compile_seconds = time.perf_counter() - started
+        remember_compiled(as_compiled)
 
     def compiled_model(self, preprocessing: Preprocessing) -> CompiledModel:
         runtime = self.spec.runtime
