@@ -13,3 +13,24 @@ def test_a_plain_glob_of_a_table_in_a_folder_with_an_apostrophe_reads(tmp_path) 
     table = tmp_path / "o'brien" / "table"
     commit_rows(table, "classification", [classified("/nonexistent/a.jpg", ("cat", 0.9))], "r1")
     assert connect({}).sql(f"SELECT count(*) FROM {read_sql(str(table))}").fetchone() == (1,)
+
+
+def test_the_summary_of_a_table_that_held_another_task_counts_its_own_task_only(
+    tmp_path, capsys
+) -> None:
+    """Detection runs, then a classification run into the same Parquet table: `query` without
+    SQL summarises the latest run's task over its rows alone (the detection images were
+    counted as classified images of label NULL); SQL still sees every committed row."""
+    from vision_ops.cli import EXIT_OK, main
+
+    table = tmp_path / "table"
+    boxes = {"num_detections": 0, "detections": []}
+    images = [{"source_uri": f"/nonexistent/d{i}.jpg"} | boxes for i in range(4)]
+    commit_rows(table, "detection", images, "d1", "2026-05-01")
+    cats = [classified(f"/nonexistent/c{i}.jpg", ("cat", 0.9)) for i in range(2)]
+    commit_rows(table, "classification", cats, "c1", "2026-05-02")
+    assert main(["query", str(table), "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["label,images,mean_score", "cat,2,0.9"]
+    sql = "SELECT task, count(*) AS n FROM predictions GROUP BY task ORDER BY task"
+    assert main(["query", str(table), sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["task,n", "classification,2", "detection,4"]

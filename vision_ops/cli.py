@@ -468,7 +468,8 @@ def query(args: argparse.Namespace) -> int:
         return _fail(err, EXIT_BAD_SPEC)
     try:
         connection = connect(options, table_on_s3=protocol_of(as_output(table).uri) == "s3")
-        task = register_views(connection, table, options, args.run_id, args.as_of)
+        summary = not args.sql  # the task's own question: of its rows alone
+        task = register_views(connection, table, options, args.run_id, args.as_of, summary)
         relation = _query_relation(connection, task, args)
         if relation is None:  # DDL, SET ...: DuckDB gives no relation
             return _fail(ValueError(NO_ROWS), EXIT_BAD_SPEC)

@@ -115,12 +115,14 @@ def register_views(
     options: StorageOptions | None = None,
     run_id: str | None = None,
     as_of: dt.datetime | None = None,
+    task_only: bool = False,
 ) -> Task:
     """Views over a table's committed runs only (what its format's commits made visible):
     `predictions`, one row per unit, and the views its task adds (tasks.py: `boxes` for
     detection, `pixels` for segmentation). `run_id`: that run's rows as it committed them;
-    `as_of`: the table at that time (Iceberg). Returns the task, as the run's manifest (the
-    given run, else the latest) names it."""
+    `as_of`: the table at that time (Iceberg); `task_only`: the rows of that task alone (a
+    Parquet table may hold runs of another task before). Returns the task, as the run's
+    manifest (the given run, else the latest) names it."""
     source = sql_source(connection, table, options, run_id, as_of)
     manifest = committed_run(table, run_id, options)
     if manifest is None:
@@ -132,7 +134,8 @@ def register_views(
         source = EMPTY_RUNS
     if "'s3://" in source and not _has_s3_secret(connection):
         enable_s3(connection, options)
-    connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}")
+    where = f" WHERE task = '{task.name}'" if task_only else ""
+    connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}{where}")
     for name, select in task.views.items():
         connection.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
     return task
