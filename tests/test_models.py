@@ -226,6 +226,29 @@ def test_an_image_the_model_scores_nan_is_an_error_row_not_an_ok_row() -> None:
     assert all(np.isfinite(rows[i]["score"]) for i in (0, 2))
 
 
+def test_a_mask_of_nan_logits_is_an_error_row_not_a_mask() -> None:
+    """A segmenter's NaN logits for one image: its argmax would be a mask of class 0, an ok
+    row; it is an error row (NonFiniteOutput), and the other image keeps its mask."""
+    from vision_ops.predictors import Segmenter
+    from vision_ops.schema import SEGMENT_FRACTIONS
+
+    spec = parse_spec({
+        **BASE,
+        "task": {"kind": "segmentation"},
+        "model": {"kind": "entrypoint", "entrypoint": "toy_models:nan_segmenter_on_black",
+                  "preprocessing": {"resize": 8, "crop": 8, "mean": [0.0] * 3, "std": [1.0] * 3}},
+    })  # fmt: skip
+    segmenter = Segmenter(spec)
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    images[1, ..., 0] = 200  # black, red
+    batch = {"source_uri": np.array(["a", "b"], dtype=object), "image": images}
+    batch["status"] = np.array([STATUS_OK] * 2, dtype=object)
+    out = segmenter(batch)
+    assert list(out["status"]) == [STATUS_ERROR, STATUS_OK]
+    assert out["error_type"][0] == "NonFiniteOutput"
+    assert out[SEGMENT_FRACTIONS][1].tolist() == [[1.0, 1.0]]  # all red
+
+
 def test_too_few_labels_for_the_head_is_refused(tmp_path, weights_file) -> None:
     (tmp_path / "labels.txt").write_text("only\ntwo\n")
     spec = spec_for(torchvision_file_model(weights_file, labels=str(tmp_path / "labels.txt")))

@@ -82,6 +82,19 @@ def colour_segmenter() -> torch.nn.Module:
     return ColourSegmenter()
 
 
+class NanSegmenterOnBlack(ColourSegmenter):
+    """ColourSegmenter, but NaN logits for an all-black image (as float16 overflows)."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = super().forward(images)["out"]
+        black = (images.amax(dim=(1, 2, 3)) == 0)[:, None, None, None]
+        return {"out": torch.where(black, torch.full_like(logits, float("nan")), logits)}
+
+
+def nan_segmenter_on_black() -> torch.nn.Module:
+    return NanSegmenterOnBlack()
+
+
 class ColourClassifier(torch.nn.Module):
     """Three classes (red, green, blue) scored by each channel's mean (inputs 0-1)."""
 

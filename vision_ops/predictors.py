@@ -503,6 +503,10 @@ class Detector(Predictor):
         return None
 
 
+# The class fractions of a mask whose logits were not finite: what non_finite_rows finds.
+NOT_FINITE = np.full((1, 2), np.nan, dtype=np.float32)
+
+
 class Segmenter(Predictor):
     """A class per pixel of each model-input crop; adds its mask and class fractions."""
 
@@ -519,18 +523,24 @@ class Segmenter(Predictor):
             masks[index] = np.zeros((0, 0), dtype=np.uint8)
             fractions[index] = np.zeros((0, 2), dtype=np.float32)
         if ok.any():
-            found = self.segment(stack_on_device(rows_of(images, ok), self.device))
-            for row, mask in zip(np.flatnonzero(ok), found, strict=True):
-                masks[row], fractions[row] = mask, class_fractions(mask)
+            found, finite = self.segment_checked(stack_on_device(rows_of(images, ok), self.device))
+            for row, mask, sure in zip(np.flatnonzero(ok), found, finite, strict=True):
+                masks[row], fractions[row] = mask, class_fractions(mask) if sure else NOT_FINITE
         return {SEGMENT_MASK: masks, SEGMENT_FRACTIONS: fractions}
 
     def segment(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, H, W, 3) -> the argmax class of each pixel, (N, H, W) uint8 or uint16."""
+        return self.segment_checked(images)[0]
+
+    def segment_checked(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`segment`, and per image whether its logits were all finite (an argmax over NaN
+        is a mask of nothing: non_finite_rows makes its row an error row)."""
         pixels = upload(images, self.device) if isinstance(images, np.ndarray) else images
         with self.inference():
             logits = self.run_fixed(pixels)
+        finite = torch.isfinite(logits).flatten(1).all(dim=1).cpu().numpy()
         classes = logits.argmax(dim=1).cpu().numpy()
-        return classes.astype(np.uint8 if logits.shape[1] <= 256 else np.uint16)
+        return classes.astype(np.uint8 if logits.shape[1] <= 256 else np.uint16), finite
 
 
 def load_predictor(spec: JobSpec, threads: int | None = None) -> Predictor:
