@@ -26,7 +26,7 @@ from vision_ops.lock import LOCK_NAME, LockLost, RunLock
 from vision_ops.publish import JOURNAL, SUCCESS_MARKER, journal_path
 from vision_ops.resume import image_units
 from vision_ops.runindex import INDEX_FOLDER
-from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK
+from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id
 from vision_ops.sink import (
     ParquetSink,
     RunDateConflict,
@@ -76,7 +76,7 @@ class FaultyFs:
 def rows(count: int, run_id: str = "r1") -> pa.Table:
     columns = {
         "run_id": [run_id] * count,
-        "item_id": [f"id{i:04d}" for i in range(count)],
+        "item_id": [item_id(f"file:///x/{i}.jpg") for i in range(count)],
         "source_uri": [f"file:///x/{i}.jpg" for i in range(count)],
         "model_name": ["m"] * count,
         "model_weights_sha256": ["h"] * count,
