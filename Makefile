@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c '$(SUPPORTED)' || { \
 	  echo "vision-ops needs Python 3.10 to 3.12; $(PYTHON) is $$($(PYTHON) -V 2>&1): install one" \
 	    "(e.g. python3.12) or run make PYTHON=/path/to/python3.12" >&2; exit 1; }
-	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
+	{ $(BIN)/python -c '$(SUPPORTED)' && $(BIN)/python -m pip --version; } >/dev/null 2>&1 \
+	  || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
 	  || { echo "$(PYTHON) -m venv failed (on Debian and Ubuntu: apt install python3-venv)" >&2; \
 	    rm -rf $(VENV); exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -14,13 +14,14 @@ def test_the_local_server_environment_drops_other_tokens_and_passes_proxies() ->
     environ = {"AWS_SESSION_TOKEN": "sso", "AWS_SECURITY_TOKEN": "old", "no_proxy": "corp.example"}
     environ |= {"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "localhost"}
     use_local_server(environ)
+    hosts = "localhost,corp.example,127.0.0.1"  # both spellings: clients read either first
     assert environ == LOCAL_CREDENTIALS | {
         "HTTP_PROXY": "http://proxy.example:3128",
-        "NO_PROXY": "localhost,127.0.0.1",
-        "no_proxy": "corp.example,127.0.0.1,localhost",
+        "NO_PROXY": hosts,
+        "no_proxy": hosts,
     }
     use_local_server(environ)  # twice: nothing added twice
-    assert environ["NO_PROXY"] == "localhost,127.0.0.1"
+    assert environ["NO_PROXY"] == environ["no_proxy"] == hosts
 
 
 @pytest.mark.s3

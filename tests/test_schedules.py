@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,13 +54,53 @@ def test_raycronjob_backfills_logical_dates() -> None:
     assert cron["spec"]["schedule"] == "30 2 * * *"
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
-    assert entrypoint.startswith("vision-ops backfill ") and "--from" in entrypoint
+    assert entrypoint.startswith("bash -c 'vision-ops backfill ") and "--from" in entrypoint
     assert entrypoint_spec(entrypoint).exists()
-    assert entrypoint.endswith(
-        "; filled=$?; vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check"
-        """ --since "$(date -u -d '3 days ago' +%F)"; checked=$?; exit $(( filled ? filled"""
-        " : checked ))"
+    assert "vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check --since" in entrypoint
+
+
+SCHEDULE_OUTCOMES = [((), 0), (("backfill",), 7), (("report",), 6), (("backfill", "report"), 7)]
+
+
+def stub_vision_ops(folder: Path, failing: tuple[str, ...], log: Path) -> None:
+    """A vision-ops that logs what it was asked and fails where `failing` says (the backfill
+    with 7: a date committed, not scored; the check with 6: drift)."""
+    codes = {"backfill": 7, "report": 6}
+    exits = "".join(f'[ "$1" != {name} ] || exit {codes[name]}\n' for name in failing)
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "vision-ops"
+    tool.write_text(f'#!/bin/sh\necho "$1 said" >> {log}\n{exits}')
+    tool.chmod(0o755)
+
+
+@pytest.mark.parametrize(("failing", "exit_code"), SCHEDULE_OUTCOMES)
+def test_the_raycronjob_entrypoint_runs_both_commands_in_the_job(
+    tmp_path: Path, failing: tuple[str, ...], exit_code: int
+) -> None:
+    """As KubeRay's sidecar submitter runs it: `ray job submit ... -- ENTRYPOINT ;` in a
+    `bash -e` script; `ray job submit` joins the words after `--` (shlex.join) into the job's
+    command, run through a shell. Both commands run in the job, and it exits as the backfill
+    did where it failed, else as the check did (a bare `;` in the entrypoint ended the job
+    after the backfill and ran the check in the submitter)."""
+    cron = yaml.safe_load((K8S / "raycronjob.yaml").read_text())
+    entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
+    bin_folder, log, job_log = tmp_path / "bin", tmp_path / "said.log", tmp_path / "job.log"
+    stub_vision_ops(bin_folder, failing, log)
+    ray = bin_folder / "ray"
+    ray.write_text(
+        f"#!{sys.executable}\nimport shlex, subprocess, sys\n"
+        "command = shlex.join(sys.argv[sys.argv.index('--') + 1 :])\n"
+        f"with open({str(job_log)!r}, 'w') as log:\n"
+        "    log.write(command)\n"
+        "sys.exit(subprocess.run(command, shell=True).returncode)\n"
     )
+    ray.chmod(0o755)
+    script = f"ray job submit --address http://127.0.0.1:8265 -- {entrypoint} ;\n"
+    environment = {"PATH": f"{bin_folder}:/usr/bin:/bin"}
+    ran = subprocess.run(["bash", "-e", "-c", script], env=environment, timeout=60)
+    assert job_log.read_text().startswith("bash -c ")  # the whole script is the job's
+    assert ran.returncode == exit_code
+    assert log.read_text().splitlines() == ["backfill said", "report said"]
 
 
 def test_crontab_example_backfills_logical_dates() -> None:
@@ -78,10 +119,7 @@ def test_crontab_example_backfills_logical_dates() -> None:
     assert f"{report} {since} exit $(( filled ? filled : checked )); }}" in line
 
 
-@pytest.mark.parametrize(
-    ("failing", "exit_code"),
-    [((), 0), (("backfill",), 7), (("report",), 6), (("backfill", "report"), 7)],
-)
+@pytest.mark.parametrize(("failing", "exit_code"), SCHEDULE_OUTCOMES)
 def test_the_crontab_line_runs_both_commands_and_exits_as_the_first_that_failed(
     tmp_path: Path, failing: tuple[str, ...], exit_code: int
 ) -> None:
@@ -98,12 +136,8 @@ def test_the_crontab_line_runs_both_commands_and_exits_as_the_first_that_failed(
     command = line.split(maxsplit=5)[5].replace("\\%", "%")
     command = command.replace("/srv/vision-ops", str(tmp_path))
     command = command.replace("/var/log/vision-ops-nightly.log", str(log))
-    tool = tmp_path / ".venv" / "bin" / "vision-ops"
-    tool.parent.mkdir(parents=True)
-    codes = {"backfill": 7, "report": 6}
-    exits = "".join(f'[ "$1" != {name} ] || exit {codes[name]}\n' for name in failing)
-    tool.write_text(f'#!/bin/sh\necho "$1 said" >&2\n{exits}')
-    tool.chmod(0o755)
+    said = tmp_path / "said.log"
+    stub_vision_ops(tmp_path / ".venv" / "bin", failing, said)
     ran = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
     assert (ran.returncode, ran.stdout, ran.stderr) == (exit_code, "", "")
-    assert log.read_text().splitlines() == ["backfill said", "report said"]
+    assert said.read_text().splitlines() == ["backfill said", "report said"]

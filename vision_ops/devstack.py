@@ -52,9 +52,9 @@ def use_local_server(environ: MutableMapping[str, str]) -> None:
     environ.update(LOCAL_CREDENTIALS)
     for name in OTHER_CREDENTIALS:
         environ.pop(name, None)
-    for name in ("NO_PROXY", "no_proxy"):
-        listed = [host for host in environ.get(name, "").split(",") if host]
-        environ[name] = ",".join([*listed, *(h for h in LOCAL_HOSTS if h not in listed)])
+    listed = [h for name in ("NO_PROXY", "no_proxy") for h in environ.get(name, "").split(",")]
+    hosts = list(dict.fromkeys(host for host in [*listed, *LOCAL_HOSTS] if host))
+    environ["NO_PROXY"] = environ["no_proxy"] = ",".join(hosts)  # clients read either
 
 
 def weed_binary() -> str:

@@ -327,7 +327,8 @@ class Predictor:
             self.probe()
         except Exception as err:
             self.module, self.static_batch = eager, 0
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = getattr(err, "inner_exception", None) or err  # inductor's, inside dynamo's
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             log.warning("%s: torch.compile failed, runs uncompiled: %s", as_compiled.model, reason)
             return
         self.compile_seconds = time.perf_counter() - started
