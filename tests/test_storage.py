@@ -51,7 +51,8 @@ def test_read_parquet_reads_a_file_object_or_bytes_whole(tmp_path) -> None:
 
 def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) -> None:
     """Fresh processes, each reading from a file object or bytes and exiting at once: every one
-    exits 3 (with `pq.read_table` on them nearly every one aborted, exit -6, on this machine)."""
+    exits 3 (with `pq.read_table` on them nearly every one aborted, exit -6, on this machine; a
+    threaded `ParquetFile.read` now and then, in CI)."""
     write_table(tmp_path / "rows.parquet")
     for source in ["file", "bytes"] * 4:
         probe = subprocess.run(

@@ -304,8 +304,10 @@ def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
     Not `pq.read_table` on a file object: its dataset scan leaves work running after it
     returns, and a process that exits then aborts ("terminate called without an active
     exception", exit 134; apache/arrow#33975), as a command that read a table and exited did
-    at random."""
+    at random. Nor a threaded read: the CPU pool's threads that decoded from a Python file
+    object still aborted such a process now and then on a busier machine (exit -6 in CI;
+    apache/arrow#50482 finds the same teardown with threads and none without)."""
     if isinstance(source, bytes):
         source = pa.BufferReader(source)
     with pq.ParquetFile(source) as parquet:
-        return parquet.read(columns=columns)
+        return parquet.read(columns=columns, use_threads=False)
