@@ -28,10 +28,14 @@ if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Fail the session where it wrote into the host's Ray temp root; drop the suite's."""
+    """Fail the session where it wrote into the host's Ray temp root; drop the suite's. In the
+    root all of a host's users share (/tmp/ray, TMPDIR unset) another Ray may have written
+    what appeared: named, not failed (CI gives the suite a TMPDIR of its own, and fails)."""
     stray = RAY_ROOT.stray_entries()
     RAY_ROOT.release()
-    if stray:
+    if stray and RAY_ROOT.host_root_is_shared:
+        print(f"\nWARNING: new in the host's shared Ray temp root while the suite ran: {stray}")
+    elif stray:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nFAILED: the suite wrote into the host's Ray temp root: {stray}")
 

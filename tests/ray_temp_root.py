@@ -7,11 +7,16 @@ writing its address file) and a used one may hold a stale address that a later `
 tries to join. So, before any Ray process starts, the suite points RAY_TMPDIR at a new folder
 of its own (every child process inherits it), creates the `ray` folder in it, and checks at
 the end that the host's default root was left as it was.
+
+A new local cluster also turns on Ray's token authentication, and Ray writes the token it makes
+to `~/.ray/auth_token` (an unwritable HOME fails every Ray test). The suite's token is a file
+in its own folder (RAY_AUTH_TOKEN_PATH), so Ray finds one and writes nothing to HOME.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -21,6 +26,8 @@ from pathlib import Path
 
 # Short: Ray's unix socket paths (at most 107 bytes) nest a session name and more below a root.
 SHORT_BASE = "/tmp"
+# The root every user and tool on a Linux or macOS host shares when neither variable is set.
+SHARED_ROOT = Path("/tmp/ray")
 
 
 def default_ray_root(environ: MutableMapping[str, str]) -> Path:
@@ -52,6 +59,11 @@ class SuiteRayRoot:
         """Ray's default root while the suite runs (the address file goes here)."""
         return self.path / "ray"
 
+    @property
+    def host_root_is_shared(self) -> bool:
+        """Another user's or tool's Ray may write there while the suite runs (no TMPDIR)."""
+        return self.host_root == SHARED_ROOT
+
     def stray_entries(self) -> list[str]:
         """What appeared in the host's default root since the session started."""
         now = entries(self.host_root)
@@ -71,10 +83,16 @@ def short_temp_dir(prefix: str) -> Path:
 
 
 def claim(environ: MutableMapping[str, str]) -> SuiteRayRoot:
-    """A new Ray temp root with its `ray` folder, set as RAY_TMPDIR in `environ`."""
+    """A new Ray temp root with its `ray` folder and an auth token, set as RAY_TMPDIR and
+    RAY_AUTH_TOKEN_PATH in `environ`."""
     host_root = default_ray_root(environ)
     path = short_temp_dir("vo")
     (path / "ray").mkdir()
     root = SuiteRayRoot(path=path, host_root=host_root, host_entries=entries(host_root))
     environ["RAY_TMPDIR"] = str(path)
+    token = path / "auth_token"
+    token.write_text(secrets.token_hex(32))  # as Ray makes one
+    token.chmod(0o600)
+    environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     return root

@@ -4,6 +4,7 @@ a session token of another key pair and a proxy that does not exempt 127.0.0.1."
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,19 @@ def test_the_local_server_answers_from_a_shell_with_a_token_and_a_proxy(
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
         fs.pipe_file("proxied/x.txt", b"through")
         assert fs.cat_file("proxied/x.txt") == b"through"
+
+
+@pytest.mark.s3
+def test_the_server_leaves_no_socket_in_tmp(tmp_path) -> None:
+    """`weed mini` made /tmp/seaweedfs-s3-PORT.sock and left it after a clean stop; a later
+    server of another user given that port could not replace it. Its S3 and filer sockets are
+    in a folder of the server's own, gone with it."""
+    before = set(Path("/tmp").glob("seaweedfs-*.sock"))
+    with SeaweedS3(buckets=("sockets",), data_dir=tmp_path) as server:
+        running = {p.name for p in Path("/tmp").glob("seaweedfs-*.sock")}
+        assert f"seaweedfs-s3-{server.ports['s3.port']}.sock" not in running
+        assert server._socket_dir is not None
+        assert sorted(p.name for p in server._socket_dir.iterdir()) == ["filer.sock", "s3.sock"]
+        socket_dir = server._socket_dir
+    assert set(Path("/tmp").glob("seaweedfs-*.sock")) - before == set()
+    assert not socket_dir.exists()

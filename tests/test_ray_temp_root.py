@@ -4,12 +4,13 @@ session-end check names what appeared in the host's default root."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from ray_temp_root import SHORT_BASE, claim, default_ray_root
+from ray_temp_root import SHORT_BASE, claim, default_ray_root, short_temp_dir
 
 RAY_DEFAULT_ROOT = "from ray._common.utils import get_default_ray_temp_dir as d; print(d())"
 
@@ -67,3 +68,43 @@ def test_only_what_appeared_in_an_existing_host_root_is_a_stray_write(tmp_path) 
         assert root.stray_entries() == [str(tmp_path / "ray" / "ray_current_cluster")]
     finally:
         root.release()
+
+
+def test_the_shared_host_root_is_told_from_a_private_one(tmp_path) -> None:
+    """What appears in /tmp/ray while the suite runs may be another user's Ray (named, not
+    failed); in a TMPDIR of the suite's run's own it can only be the suite's (failed)."""
+    for environ, shared in [({}, True), ({"TMPDIR": str(tmp_path)}, False)]:
+        root = claim(environ)
+        try:
+            assert root.host_root_is_shared is shared
+        finally:
+            root.release()
+
+
+START_A_CLUSTER = """
+import ray
+ray.init(num_cpus=1, include_dashboard=False)
+assert ray.get(ray.remote(lambda: 7).remote()) == 7
+ray.shutdown()
+"""
+
+
+def test_a_new_local_cluster_writes_nothing_to_home(tmp_path) -> None:
+    """Ray turns token authentication on for a new local cluster and saves the token it makes
+    to ~/.ray/auth_token; the suite's processes find the suite's token and leave HOME alone."""
+    assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    home, ray_root = tmp_path / "home", short_temp_dir("vot")
+    home.mkdir()
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", START_A_CLUSTER],
+            env=os.environ | {"HOME": str(home), "RAY_TMPDIR": str(ray_root)},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "Token authentication is enabled" in child.stderr  # Ray's default, token in use
+    assert sorted(p.name for p in home.rglob("*")) == []

@@ -92,6 +92,9 @@ class SeaweedS3:
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     _own_dir: bool = False
+    # The unix sockets `weed mini` would leave in /tmp by port (a later server given that port
+    # by chance, as another user, cannot replace the file and dies): in a folder of its own.
+    _socket_dir: Path | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -129,6 +132,7 @@ class SeaweedS3:
         command = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1"]
         command += ["-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false"]
         command += [f"-{flag}={port}" for flag, port in self.ports.items()]
+        command += self._socket_flags()
         if self.buckets:
             command.append(f"-bucket={','.join(self.buckets)}")
         if self.table_bucket:
@@ -145,6 +149,13 @@ class SeaweedS3:
         )
         self._wait_until_serving()
         return self
+
+    def _socket_flags(self) -> list[str]:
+        # Under /tmp, short: a unix socket's path holds at most 107 bytes, a TMPDIR may not.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="vo-weed-", dir="/tmp"))
+        filer, s3 = self._socket_dir / "filer.sock", self._socket_dir / "s3.sock"
+        return [f"-filer.localSocket={filer}", f"-s3.localFilerSocket={filer}",
+                f"-s3.localSocket={s3}"]  # fmt: skip
 
     def _wait_until_serving(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -208,6 +219,8 @@ class SeaweedS3:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
