@@ -608,7 +608,7 @@ def verify(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """A committed run's report in the terminal, and with --html as a self-contained page;
     --trend: every committed run's figures; --check: exit 6 where the run drifted."""
-    from vision_ops.drift import check_run, render_drift_cards
+    from vision_ops.drift import check_run, check_runs_since, render_drift_cards
     from vision_ops.report import NoSuchRun, build_report, render_html, render_text
 
     if args.since and not (args.trend or args.check):
@@ -633,8 +633,12 @@ def report(args: argparse.Namespace) -> int:
         return _trend(args, table, options, monitor)
     try:
         found = build_report(table, args.run_id, options, args.samples)
-        checked = _runs_to_check(table, options, args.since, found.run_id) if args.check else []
-        drifts = [d for run_id in checked for d in check_run(table, monitor, options, run_id)]
+        if not args.check:
+            drifts = []
+        elif args.since:
+            drifts = check_runs_since(table, monitor, options, args.since)
+        else:
+            drifts = check_run(table, monitor, options, found.run_id)
     except NoSuchRun as err:
         return _fail(err, EXIT_FAILED)
     print(render_text(found), end="")
@@ -644,19 +648,6 @@ def report(args: argparse.Namespace) -> int:
             page.write(render_html(found, header))
         print(f"html: {args.html}")
     return _drift_verdict(drifts, args.check)
-
-
-def _runs_to_check(
-    table: str | OutputSpec, options: StorageOptions, since: dt.date | None, run_id: str
-) -> list[str]:
-    """The run `--check` checks, or with `--since` every committed run from that date on (a
-    schedule that backfilled missed nights checks each night it committed)."""
-    from vision_ops.outputs import committed_runs
-
-    if since is None:
-        return [run_id]
-    runs = committed_runs(table, options)
-    return [r["run_id"] for r in runs if dt.date.fromisoformat(r["run_date"]) >= since]
 
 
 def _monitor(args: argparse.Namespace) -> MonitorSpec:
@@ -690,11 +681,10 @@ def _trend(
     from vision_ops.trend import render_trend_html, render_trend_text, trend
 
     points = trend(table, options, args.since)
+    since = f" since {args.since}" if args.since else ""
     if not points:
-        since = f" since {args.since}" if args.since else ""
         return _fail(LookupError(f"no committed run in {describe(table)}{since}"), EXIT_FAILED)
     if args.run_id is not None and args.run_id not in {point.run_id for point in points}:
-        since = f" since {args.since}" if args.since else ""
         message = f"no committed run {args.run_id} in {describe(table)}{since}"
         return _fail(LookupError(message), EXIT_FAILED)
     print(render_trend_text(points), end="")

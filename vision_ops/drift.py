@@ -10,6 +10,7 @@ pooled), over the same bins (labels, or score bins), each share floored at EPSIL
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import math
 from collections.abc import Callable, Mapping
@@ -228,7 +229,28 @@ def check_run(
     """The drift figures of a committed run (default: the latest): those its manifest recorded
     at its commit where they compare the same runs, else computed from its rows and those of
     the `monitor.runs` committed runs before it."""
+    return _checked(target, monitor, options, committed_runs(target, options), run_id)
+
+
+def check_runs_since(
+    target: Target, monitor: MonitorSpec, options: StorageOptions | None, since: dt.date
+) -> list[Drift]:
+    """`check_run` for every committed run from `since` on (a schedule that backfilled missed
+    nights checks each night it committed), the table's runs listed once."""
     runs = committed_runs(target, options)
+    chosen = [run["run_id"] for run in runs if dt.date.fromisoformat(run["run_date"]) >= since]
+    return [
+        found for run_id in chosen for found in _checked(target, monitor, options, runs, run_id)
+    ]
+
+
+def _checked(
+    target: Target,
+    monitor: MonitorSpec,
+    options: StorageOptions | None,
+    runs: list[Manifest],
+    run_id: str | None,
+) -> list[Drift]:
     ids = [run["run_id"] for run in runs]
     if run_id is not None and run_id not in ids:
         raise NoSuchRun(f"{describe(target)}: no committed run {run_id}")
