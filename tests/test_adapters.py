@@ -47,8 +47,17 @@ class FixedYolo(torch.nn.Module):
         return self.cells.expand(images.shape[0], -1, -1) + 0 * images.mean()
 
 
-def export(tmp_path: Path, fmt: str) -> Path:
-    model = FixedYolo().eval()
+class NanOnBrightImages(FixedYolo):
+    """FixedYolo, but NaN predictions for a bright letterboxed image (as float16 overflows)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cells = super().forward(images)
+        bright = (images.mean(dim=(1, 2, 3)) > 0.6)[:, None, None]
+        return torch.where(bright, torch.full_like(cells, float("nan")), cells)
+
+
+def export(tmp_path: Path, fmt: str, model: torch.nn.Module | None = None) -> Path:
+    model = (model or FixedYolo()).eval()
     example = torch.zeros(1, 3, 320, 320)
     if fmt == "torchscript":
         path = tmp_path / "yolo.pt"
@@ -95,6 +104,31 @@ def test_yolo_model_through_the_pipeline_gives_hand_computed_boxes(
     keys = ("label_id", "score", "x_min", "y_min", "x_max", "y_max")
     found = [tuple(box[k] for k in keys) for box in row["detections"]]
     np.testing.assert_allclose(found, EXPECTED, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_nan_predictions_for_an_image_are_an_error_row_not_zero_boxes(fmt, tmp_path) -> None:
+    """The adapter's score threshold drops NaN scores: the image would be an ok row of no
+    boxes. It is an error row; the black image beside it keeps the hand-computed boxes."""
+    from vision_ops.predictors import Detector
+    from vision_ops.schema import DETECTIONS, STATUS_ERROR, STATUS_OK
+
+    exported = export(tmp_path, fmt, NanOnBrightImages())
+    spec = parse_spec(
+        {
+            "input": {"uris": ["unused"]},
+            "task": {"kind": "detection", "score_threshold": 0.5, "nms_iou": 0.5},
+            "model": {"kind": fmt, "uri": str(exported), "adapter": {"input_size": 320}},
+            "output": {"uri": "unused"},
+        }
+    )
+    images = np.zeros((2, 100, 200, 3), np.uint8)
+    images[1] = 255  # bright
+    batch = {"image": images, "status": np.array([STATUS_OK] * 2, dtype=object)}
+    out = Detector(spec)(batch | {"source_uri": np.array(["black", "white"], dtype=object)})
+    assert list(out["status"]) == [STATUS_OK, STATUS_ERROR]
+    assert out["error_type"][1] == "NonFiniteOutput"
+    np.testing.assert_allclose(out[DETECTIONS][0], EXPECTED, atol=1e-4)
 
 
 def test_another_layout_is_one_registered_function(tmp_path) -> None:

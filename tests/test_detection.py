@@ -253,6 +253,29 @@ def images_batch(shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     return {"image": images, "status": status, "source_uri": np.arange(len(shapes))}
 
 
+def test_nan_features_of_one_image_are_an_error_row_not_zero_boxes(spread_detector) -> None:
+    """NaN in a detector's features for one image (an overflow in float16) gives NaN scores
+    that its own score threshold drops: zero boxes, an ok row. It is an error row naming why;
+    the batch's other images keep the boxes a clean model gives them."""
+    clean, poisoned = detector(spread_detector), detector(spread_detector)
+
+    def nan_for_the_second(_module, _inputs, output):  # type: ignore[no-untyped-def]
+        return type(output)(
+            (name, torch.cat([maps[:1], torch.full_like(maps[1:2], float("nan")), maps[2:]]))
+            for name, maps in output.items()
+        )
+
+    poisoned.module.backbone.body.register_forward_hook(nan_for_the_second)
+    batch = images_batch([(96, 96)] * 3)
+    want, got = clean(batch), poisoned(batch)
+    assert list(got["status"]) == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert got["error_type"][1] == "NonFiniteOutput"
+    assert "its raw output" in got["error_message"][1]
+    for row in (0, 2):
+        assert len(want[DETECTIONS][row]) > 0
+        np.testing.assert_allclose(got[DETECTIONS][row], want[DETECTIONS][row], atol=1e-5)
+
+
 def test_filters_change_the_output_exactly_as_specified(spread_detector, labels_file) -> None:
     batch = images_batch([(100, 140)])
     (everything,) = detector(spread_detector, labels_file, max_detections=100)(batch)[DETECTIONS]

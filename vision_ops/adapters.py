@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from vision_ops.config import OutputAdapter
+from vision_ops.detection import RAW_FINITE
 from vision_ops.registry import Registry
 
 # A layout decoder: one image's raw output -> (boxes xyxy in letterboxed pixels, scores, labels).
@@ -61,8 +62,9 @@ def to_source_pixels(boxes: torch.Tensor, height: int, width: int, side: int) ->
 
 class AdaptedDetector(torch.nn.Module):
     """torchvision's detector call: a list of (3, H, W) 0-1 images in, one dict of boxes,
-    labels, scores per image out. `score_thresh`, `nms_thresh` and `detections_per_img` are
-    set from the task like a torchvision detector's."""
+    labels, scores per image out (and RAW_FINITE: whether the raw predictions were all
+    finite; NaN scores fail the threshold). `score_thresh`, `nms_thresh` and
+    `detections_per_img` are set from the task like a torchvision detector's."""
 
     def __init__(self, inner: Any, adapter: OutputAdapter) -> None:
         super().__init__()
@@ -90,6 +92,7 @@ class AdaptedDetector(torch.nn.Module):
             "boxes": to_source_pixels(boxes[kept], height, width, side),
             "scores": scores[kept],
             "labels": labels[kept].long(),
+            RAW_FINITE: torch.isfinite(raw).all(),
         }
 
 

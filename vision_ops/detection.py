@@ -13,6 +13,9 @@ from vision_ops.tasks import DetectionTask
 # Where torchvision detectors keep their post-processing settings: Faster R-CNN in roi_heads
 # (score_thresh, nms_thresh, detections_per_img), RetinaNet / FCOS / SSD on the model itself.
 HEAD_ATTRIBUTES = ("roi_heads", None)
+# A key a detector's per-image output may add: whether its raw predictions, before its score
+# threshold dropped NaN scores, were all finite (the output adapters add it).
+RAW_FINITE = "raw_finite"
 
 
 def configure_detector(module: torch.nn.Module, task: DetectionTask, keep_all: bool) -> None:

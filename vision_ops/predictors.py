@@ -16,6 +16,7 @@ from vision_ops.compile_record import CompiledModel, compiled_here_before, remem
 from vision_ops.config import JobSpec, Preprocessing
 from vision_ops.decode import ENCODED_COLUMN
 from vision_ops.detection import (
+    RAW_FINITE,
     as_rows,
     configure_detector,
     instance_output,
@@ -125,14 +126,28 @@ class NonFiniteOutput(ValueError):
     that diverged): an error row, never an ok row with a NaN score."""
 
 
+# A column `predict_rows` may add: per row, whether the model's raw output for the image (a
+# segmenter's logits, a detector's features before its score threshold and NMS drop NaN
+# scores silently) held NaN or infinity where the rows it gives hold none.
+RAW_NOT_FINITE = "_raw_not_finite"
+RAW_OUTPUT = "its raw output"
+
+
 def non_finite_rows(
     result: dict[str, np.ndarray], ok: np.ndarray
 ) -> list[tuple[int, NonFiniteOutput]]:
     """The ok rows whose numeric outputs (`result`'s float columns, or float arrays a row in
-    its object columns: a detector's boxes) are not all finite."""
+    its object columns: a detector's boxes) are not all finite, or whose raw output was not
+    (`RAW_NOT_FINITE`)."""
     bad = np.zeros(len(ok), dtype=bool)
     named: dict[int, list[str]] = {}
     for name, values in result.items():
+        if name == RAW_NOT_FINITE:
+            rows = np.asarray(values, dtype=bool) & ok
+            for row in np.flatnonzero(rows).tolist():
+                named.setdefault(row, []).append(RAW_OUTPUT)
+            bad |= rows
+            continue
         finite = _finite_rows(values)
         if finite is None:
             continue
@@ -206,7 +221,7 @@ class Predictor:
             images = self._decode_on_device(out, images, batch[ENCODED_COLUMN])
         ok = np.asarray(out["status"] == STATUS_OK, dtype=bool)
         predicted = self.predict_isolating(images, ok, out)
-        out.update(predicted)
+        out.update((k, v) for k, v in predicted.items() if k != RAW_NOT_FINITE)
         still_ok = np.asarray(out["status"] == STATUS_OK, dtype=bool)  # none failed alone
         failed = non_finite_rows(predicted, ok & still_ok)
         if failed:
@@ -464,10 +479,12 @@ class Detector(Predictor):
         self.allowed_ids = class_ids(self.settings.classes, self.model.labels)
         self.instance = instance_output(getattr(spec.model, "architecture", None))
         configure_detector(self.module, self.settings, keep_all=self.allowed_ids is not None)
+        self.features = FeatureCheck(self.module)
 
     def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         detections = np.empty(len(ok), dtype=object)
         extras = np.empty(len(ok), dtype=object)
+        not_finite = np.zeros(len(ok), dtype=bool)
         for index in range(len(ok)):
             detections[index] = np.zeros((0, 6), dtype=np.float32)
         rows = np.flatnonzero(ok)
@@ -475,12 +492,15 @@ class Detector(Predictor):
         for group in pixel_budget_groups(shapes, self.settings.max_batch_pixels):
             members = rows[group]
             pixels = stack_on_device([images[i] for i in members.tolist()], self.device)
-            for index, output in zip(members, self.detect(pixels), strict=True):
+            outputs, finite = self.detect_checked(pixels)
+            for index, output, sure in zip(members, outputs, finite, strict=True):
                 found = as_rows(output)
                 kept = kept_indices(found, self.settings, self.allowed_ids)
                 detections[index] = found[kept]
                 extras[index] = self._instance_extras(output, kept)
-        out = {DETECTIONS: detections}
+                raw_finite = bool(output.get(RAW_FINITE, True))
+                not_finite[index] = not (sure and raw_finite and np.isfinite(found).all())
+        out = {DETECTIONS: detections, RAW_NOT_FINITE: not_finite}
         if self.instance is not None:
             out[INSTANCE_COLUMN] = extras
         return out
@@ -488,12 +508,19 @@ class Detector(Predictor):
     def detect(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """uint8 (N, H, W, 3) images of one size on the device -> the model's per-image outputs,
         in source pixels. The model takes floats in 0-1 and normalises them itself."""
+        return self.detect_checked(pixels)[0]
+
+    def detect_checked(
+        self, pixels: torch.Tensor
+    ) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+        """`detect`, and per image whether the model's features were all finite (where the
+        model has features to look at: `FeatureCheck`)."""
         tensors = list(pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0).unbind(0))
-        with self.inference():
+        with self.inference(), self.features.watching(len(tensors)) as finite:
             outputs = self.module(tensors)
         if isinstance(outputs, tuple):  # scripted torchvision detectors: (losses, detections)
             outputs = outputs[1]
-        return list(outputs)
+        return list(outputs), finite
 
     def _instance_extras(self, output: dict[str, torch.Tensor], kept: np.ndarray) -> object:
         """The kept boxes' masks (JSON list of COCO RLEs) or keypoints ((boxes, K, 3) array)."""
@@ -504,8 +531,45 @@ class Detector(Predictor):
         return None
 
 
-# The class fractions of a mask whose logits were not finite: what non_finite_rows finds.
-NOT_FINITE = np.full((1, 2), np.nan, dtype=np.float32)
+class FeatureCheck:
+    """Per image, whether a torchvision detector's backbone features were all finite. A NaN
+    there (an overflow in float16) gives NaN scores that the model's own score threshold and
+    NMS drop: zero boxes, an ok row, unless looked at here. The output adapters say so
+    themselves (RAW_FINITE); a model with neither (an entrypoint's own module, a scripted
+    torchvision detector, whose compiled code calls no hooks) has only its boxes and scores
+    checked."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.finite: np.ndarray | None = None
+        backbone = getattr(module, "backbone", None)
+        self.part = backbone if isinstance(backbone, torch.nn.Module) else None
+        if self.part is not None:
+            try:
+                self.part.register_forward_hook(self._record)
+            except RuntimeError:  # a part of a scripted model: its compiled code calls no hooks
+                self.part = None
+
+    @contextlib.contextmanager
+    def watching(self, images: int) -> Iterator[np.ndarray]:
+        """A per-image array, all True, that the watched part's next call fills in."""
+        finite = np.ones(images, dtype=bool)
+        self.finite = finite
+        try:
+            yield finite
+        finally:
+            self.finite = None
+
+    def _record(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        if self.finite is None:
+            return
+        tensors = list(output.values()) if isinstance(output, dict) else [output]
+        for tensor in tensors:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dim()
+                and len(tensor) == len(self.finite)
+            ):
+                self.finite &= torch.isfinite(tensor).flatten(1).all(dim=1).cpu().numpy()
 
 
 class Segmenter(Predictor):
@@ -520,14 +584,15 @@ class Segmenter(Predictor):
     def predict_rows(self, images: Sequence[Pixels], ok: np.ndarray) -> dict[str, np.ndarray]:
         masks = np.empty(len(ok), dtype=object)
         fractions = np.empty(len(ok), dtype=object)
+        not_finite = np.zeros(len(ok), dtype=bool)
         for index in range(len(ok)):
             masks[index] = np.zeros((0, 0), dtype=np.uint8)
             fractions[index] = np.zeros((0, 2), dtype=np.float32)
         if ok.any():
             found, finite = self.segment_checked(stack_on_device(rows_of(images, ok), self.device))
             for row, mask, sure in zip(np.flatnonzero(ok), found, finite, strict=True):
-                masks[row], fractions[row] = mask, class_fractions(mask) if sure else NOT_FINITE
-        return {SEGMENT_MASK: masks, SEGMENT_FRACTIONS: fractions}
+                masks[row], fractions[row], not_finite[row] = mask, class_fractions(mask), not sure
+        return {SEGMENT_MASK: masks, SEGMENT_FRACTIONS: fractions, RAW_NOT_FINITE: not_finite}
 
     def segment(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, H, W, 3) -> the argmax class of each pixel, (N, H, W) uint8 or uint16."""
