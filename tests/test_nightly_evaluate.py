@@ -154,8 +154,6 @@ def test_every_schedule_example_runs_a_spec_that_scores_a_hold_out(manifest: str
     else:
         (command,) = [line for line in text.splitlines() if line and not line.startswith("#")]
     words = shlex.split(command.replace("\\%", "%"))
-    if words[:2] == ["bash", "-c"]:  # one command for KubeRay's submitter: its script's words
-        words = shlex.split(words[2])
     verb = next(w for w in words if w in ("run", "backfill"))
     spec_path = next(w for w in words if w.endswith(".yaml"))
     assert words[words.index(verb) - 1].endswith("vision-ops")

@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_OK, EXIT_TOO_MANY_ERRORS, main
+from vision_ops.cli import (
+    EXIT_BAD_SPEC,
+    EXIT_DRIFT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TOO_MANY_ERRORS,
+    main,
+)
 from vision_ops.sink import committed_runs
 
 pytestmark = pytest.mark.timeout(900)
@@ -77,6 +84,47 @@ def test_backfill_runs_only_the_dates_without_a_committed_run(
         "2026-11-06",
         "2026-11-07",
     ]
+
+
+def test_backfill_check_checks_each_run_it_committed_once(
+    ray_local, photos, tmp_path, tiny_weights, capsys
+) -> None:
+    """`backfill --check` (the schedules' one command) checks the drift of the runs it
+    committed, a night it caught up on included, and never a date it skipped: a drifted night
+    alerts the night it commits, not again each night it stays in the schedule's range (as
+    `report --check --since` did). Where the backfill itself exits non-zero, that is its exit,
+    the drift figures printed all the same."""
+    output = tmp_path / "table"
+    spec = spec_file(tmp_path, str(photos), str(output), tiny_weights)
+    for day in ("2026-11-01", "2026-11-02"):
+        assert main(["run", str(spec), "--run-date", day]) == EXIT_OK
+    for index in range(3):  # a camera gone bad: 4 of 7 inputs error rows, not 1 of 4
+        (photos / f"broken-{index}.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    nights = ["backfill", str(spec), "--from", "2026-11-01", "--to", "2026-11-04", "--check"]
+    assert main(nights) == EXIT_DRIFT
+    captured = capsys.readouterr()
+    runs = {run["run_date"]: run["run_id"] for run in committed_runs(str(output))}
+    alerts = [line for line in captured.err.splitlines() if line.startswith("alert: ")]
+    assert [line.split()[1] for line in alerts] == ["error_rate_rise"] * 2
+    assert (
+        f"run {runs['2026-11-03']} against {runs['2026-11-01']}, {runs['2026-11-02']}"
+        in (alerts[0])
+    )
+    assert f"run {runs['2026-11-04']} against " in alerts[1]
+    assert f"run {runs['2026-11-01']} against" not in captured.out + captured.err
+    # the next night: every date of its range committed already, nothing checked again
+    later = ["backfill", str(spec), "--from", "2026-11-02", "--to", "2026-11-04", "--check"]
+    assert main(later) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "drift: this backfill committed no run; none checked" in captured.out
+    assert "alert:" not in captured.err
+    # a night over --max-error-ratio exits 4, its drift figures said too
+    over = ["backfill", str(spec), "--from", "2026-11-05", "--to", "2026-11-05", "--check"]
+    assert main([*over, "--max-error-ratio", "0.2"]) == EXIT_TOO_MANY_ERRORS
+    captured = capsys.readouterr()
+    runs = {run["run_date"]: run["run_id"] for run in committed_runs(str(output))}
+    assert "drift: error_rate_rise" in captured.out and runs["2026-11-05"] in captured.out
 
 
 def test_a_backfill_into_the_future_is_refused_before_any_work(

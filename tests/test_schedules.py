@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 from pathlib import Path
@@ -54,38 +55,44 @@ def test_raycronjob_backfills_logical_dates() -> None:
     assert cron["spec"]["schedule"] == "30 2 * * *"
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
-    assert entrypoint.startswith("bash -c 'vision-ops backfill ") and "--from" in entrypoint
+    assert entrypoint.startswith("vision-ops backfill ") and "--from" in entrypoint
     assert entrypoint_spec(entrypoint).exists()
-    assert "vision-ops report /home/ray/vision-ops/jobs/classify.yaml --check --since" in entrypoint
+    assert entrypoint.endswith(" --check")  # the drift of each run it committed
 
 
-SCHEDULE_OUTCOMES = [((), 0), (("backfill",), 7), (("report",), 6), (("backfill", "report"), 7)]
+# What the stub backfill exits with: 0; 7 (a date committed, not scored); 6 (--check: drift).
+SCHEDULE_OUTCOMES = [0, 7, 6]
 
 
-def stub_vision_ops(folder: Path, failing: tuple[str, ...], log: Path) -> None:
-    """A vision-ops that logs what it was asked and fails where `failing` says (the backfill
-    with 7: a date committed, not scored; the check with 6: drift)."""
-    codes = {"backfill": 7, "report": 6}
-    exits = "".join(f'[ "$1" != {name} ] || exit {codes[name]}\n' for name in failing)
+def stub_vision_ops(folder: Path, exit_code: int, log: Path) -> None:
+    """A vision-ops that logs the words it was given, one per line, and exits `exit_code`."""
     folder.mkdir(parents=True, exist_ok=True)
     tool = folder / "vision-ops"
-    tool.write_text(f'#!/bin/sh\necho "$1 said" >> {log}\n{exits}')
+    tool.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {log}\nexit {exit_code}\n')
     tool.chmod(0o755)
 
 
-@pytest.mark.parametrize(("failing", "exit_code"), SCHEDULE_OUTCOMES)
-def test_the_raycronjob_entrypoint_runs_both_commands_in_the_job(
-    tmp_path: Path, failing: tuple[str, ...], exit_code: int
+def said_dates(words: list[str]) -> tuple[str, str]:
+    return words[words.index("--from") + 1], words[words.index("--to") + 1]
+
+
+def expected_dates() -> tuple[str, str]:
+    today = dt.datetime.now(dt.timezone.utc).date()
+    return str(today - dt.timedelta(days=3)), str(today - dt.timedelta(days=1))
+
+
+@pytest.mark.parametrize("exit_code", SCHEDULE_OUTCOMES)
+def test_the_raycronjob_entrypoint_is_one_backfill_that_checks_what_it_committed(
+    tmp_path: Path, exit_code: int
 ) -> None:
     """As KubeRay's sidecar submitter runs it: `ray job submit ... -- ENTRYPOINT ;` in a
-    `bash -e` script; `ray job submit` joins the words after `--` (shlex.join) into the job's
-    command, run through a shell. Both commands run in the job, and it exits as the backfill
-    did where it failed, else as the check did (a bare `;` in the entrypoint ended the job
-    after the backfill and ran the check in the submitter)."""
+    `bash -e` script (which expands the dates); `ray job submit` joins the words after `--`
+    (shlex.join) into the job's command. The job is the one backfill, with the logical dates
+    and --check, and exits as it did."""
     cron = yaml.safe_load((K8S / "raycronjob.yaml").read_text())
     entrypoint = cron["spec"]["jobTemplate"]["entrypoint"]
     bin_folder, log, job_log = tmp_path / "bin", tmp_path / "said.log", tmp_path / "job.log"
-    stub_vision_ops(bin_folder, failing, log)
+    stub_vision_ops(bin_folder, exit_code, log)
     ray = bin_folder / "ray"
     ray.write_text(
         f"#!{sys.executable}\nimport shlex, subprocess, sys\n"
@@ -98,9 +105,11 @@ def test_the_raycronjob_entrypoint_runs_both_commands_in_the_job(
     script = f"ray job submit --address http://127.0.0.1:8265 -- {entrypoint} ;\n"
     environment = {"PATH": f"{bin_folder}:/usr/bin:/bin"}
     ran = subprocess.run(["bash", "-e", "-c", script], env=environment, timeout=60)
-    assert job_log.read_text().startswith("bash -c ")  # the whole script is the job's
+    assert job_log.read_text().startswith("vision-ops backfill ")
     assert ran.returncode == exit_code
-    assert log.read_text().splitlines() == ["backfill said", "report said"]
+    words = log.read_text().splitlines()
+    assert words[0] == "backfill" and words[-1] == "--check"
+    assert said_dates(words) == expected_dates()
 
 
 def test_crontab_example_backfills_logical_dates() -> None:
@@ -114,19 +123,16 @@ def test_crontab_example_backfills_logical_dates() -> None:
     assert fields[:5] == ["30", "2", "*", "*", "*"]
     assert "vision-ops backfill jobs/classify.yaml --from" in fields[5]
     assert r"+\%F" in fields[5]  # % escaped for cron
-    report = "; filled=$?; RAY_ADDRESS=auto .venv/bin/vision-ops report jobs/classify.yaml"
-    since = """--check --since "$(date -u -d '3 days ago' +\\%F)"; checked=$?;"""
-    assert f"{report} {since} exit $(( filled ? filled : checked )); }}" in line
+    assert "--check >> /var/log/vision-ops-nightly.log 2>&1" in fields[5]
 
 
-@pytest.mark.parametrize(("failing", "exit_code"), SCHEDULE_OUTCOMES)
-def test_the_crontab_line_runs_both_commands_and_exits_as_the_first_that_failed(
-    tmp_path: Path, failing: tuple[str, ...], exit_code: int
+@pytest.mark.parametrize("exit_code", SCHEDULE_OUTCOMES)
+def test_the_crontab_line_runs_the_backfill_and_exits_as_it_did(
+    tmp_path: Path, exit_code: int
 ) -> None:
-    """The line as cron runs it (sh, `\\%` unescaped), with a vision-ops that says what it was
-    asked and fails where `failing` says (the backfill with 7: a date committed, not scored;
-    the check with 6: drift): the check runs whatever the backfill's exit, everything either
-    printed is in the log, and the line exits as the backfill did where it failed."""
+    """The line as cron runs it (sh, `\\%` unescaped), with a vision-ops that logs the words
+    it was given: the backfill of the logical dates with --check, everything it printed in
+    the log, and the line's exit is the backfill's."""
     (line,) = [
         text
         for text in (K8S / "crontab.example").read_text().splitlines()
@@ -137,7 +143,9 @@ def test_the_crontab_line_runs_both_commands_and_exits_as_the_first_that_failed(
     command = command.replace("/srv/vision-ops", str(tmp_path))
     command = command.replace("/var/log/vision-ops-nightly.log", str(log))
     said = tmp_path / "said.log"
-    stub_vision_ops(tmp_path / ".venv" / "bin", failing, said)
+    stub_vision_ops(tmp_path / ".venv" / "bin", exit_code, said)
     ran = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
     assert (ran.returncode, ran.stdout, ran.stderr) == (exit_code, "", "")
-    assert said.read_text().splitlines() == ["backfill said", "report said"]
+    words = said.read_text().splitlines()
+    assert words[:2] == ["backfill", "jobs/classify.yaml"] and words[-1] == "--check"
+    assert said_dates(words) == expected_dates()

@@ -27,6 +27,7 @@ from vision_ops.config import (
 from vision_ops.embedding import HNSW_MIN_ROWS
 from vision_ops.errors import (
     EXIT_BAD_SPEC,
+    EXIT_BELOW_THRESHOLD,
     EXIT_CLUSTER_TOO_SMALL,
     EXIT_DRIFT,
     EXIT_FAILED,
@@ -397,7 +398,8 @@ def _print_drift(drifts: Sequence[Drift] | None) -> None:
 def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     """Run, in date order, every date of the range that has no committed run yet; a date over
     --max-error-ratio, or one committed whose hold-out could not be scored, is committed and
-    the backfill goes on, then exits 7 (any not scored), else 4, naming the dates."""
+    the backfill goes on, then exits 7 (any not scored), else 4, naming the dates. With
+    --check, then each run it committed is checked for drift (`_check_backfilled`)."""
     from vision_ops.outputs import committed_runs
 
     if args.end < args.start:
@@ -420,18 +422,47 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
     day = args.start
     committed_but: dict[int, list[str]] = {EXIT_NOT_SCORED: [], EXIT_TOO_MANY_ERRORS: []}
+    committed: list[str] = []
     while day <= args.end:
         if day.isoformat() in done:
             print(f"{day}: committed already, skipped")
         else:
             dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
             code = run(dated, args)
+            if code in COMMITTED_EXITS:
+                committed.append(day.isoformat())
             if code in committed_but:
                 committed_but[code].append(day.isoformat())
             elif code != EXIT_OK:
-                return code
+                return _check_backfilled(spec, args, committed, code)
         day += dt.timedelta(days=1)
-    return _backfill_outcome(committed_but)
+    return _check_backfilled(spec, args, committed, _backfill_outcome(committed_but))
+
+
+# The exit codes of a run that committed (the README's exit table).
+COMMITTED_EXITS = (EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_BELOW_THRESHOLD, EXIT_NOT_SCORED)
+
+
+def _check_backfilled(
+    spec: JobSpec, args: argparse.Namespace, committed: list[str], outcome: int
+) -> int:
+    """With --check: the drift of each run this backfill committed against the runs before
+    it (the spec's `monitor:`), never of a date it skipped (checked the night it committed:
+    a drifted night alerts once, not each night it stays in the range). Exits as the backfill
+    did where that was not 0, else 6 where a run drifted."""
+    from vision_ops.drift import check_runs_of_dates
+
+    if not args.check:
+        return outcome
+    if not committed:
+        print("drift: this backfill committed no run; none checked")
+        return outcome
+    try:
+        drifts = check_runs_of_dates(spec.output, spec.monitor, spec.storage_options, committed)
+    except Exception as err:  # the store's errors are not one type
+        return _fail(err, outcome or EXIT_FAILED)
+    verdict = _drift_verdict(drifts, checked=True)  # said whatever the backfill's exit
+    return outcome or verdict
 
 
 def _backfill_outcome(committed_but: dict[int, list[str]]) -> int:
@@ -882,6 +913,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--from", dest="start", type=_date, required=True)
     sub.add_argument("--to", dest="end", type=_date, required=True)
     sub.add_argument("--max-error-ratio", type=_share, default=1.0)
+    sub.add_argument(
+        "--check",
+        action="store_true",
+        help="then check each run it committed for drift (as report --check): exit 6 where one "
+        "drifted past the spec's monitor: thresholds, unless the backfill itself exited non-zero",
+    )
     sub.set_defaults(handler=_with_spec(backfill))
 
     sub = commands.add_parser(

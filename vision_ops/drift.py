@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -235,13 +235,29 @@ def check_run(
 def check_runs_since(
     target: Target, monitor: MonitorSpec, options: StorageOptions | None, since: dt.date
 ) -> list[Drift]:
-    """`check_run` for every committed run from `since` on (a schedule that backfilled missed
-    nights checks each night it committed), the table's runs listed once."""
+    """`check_run` for every committed run from `since` on, the table's runs listed once."""
+    return check_runs(
+        target, monitor, options, lambda run: dt.date.fromisoformat(run["run_date"]) >= since
+    )
+
+
+def check_runs_of_dates(
+    target: Target, monitor: MonitorSpec, options: StorageOptions | None, dates: Collection[str]
+) -> list[Drift]:
+    """`check_run` for the committed runs of these run dates (ISO), the runs listed once."""
+    return check_runs(target, monitor, options, lambda run: run["run_date"] in dates)
+
+
+def check_runs(
+    target: Target,
+    monitor: MonitorSpec,
+    options: StorageOptions | None,
+    chosen: Callable[[Manifest], bool],
+) -> list[Drift]:
+    """`check_run` for each committed run `chosen` picks, in commit order."""
     runs = committed_runs(target, options)
-    chosen = [run["run_id"] for run in runs if dt.date.fromisoformat(run["run_date"]) >= since]
-    return [
-        found for run_id in chosen for found in _checked(target, monitor, options, runs, run_id)
-    ]
+    ids = [run["run_id"] for run in runs if chosen(run)]
+    return [d for run_id in ids for d in _checked(target, monitor, options, runs, run_id)]
 
 
 def _checked(
