@@ -281,12 +281,12 @@ def test_a_first_batch_the_reader_fails_on_whole_is_error_rows_unless_the_model_
     base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
     predictor = TextPredictor(parse_spec(base | {"task": {"kind": "ocr"}}))
 
-    def fails_on_any_light(images: list[np.ndarray]) -> list[list[Line]]:
+    def fails_on_any_light(images: list[np.ndarray]) -> tuple[list[list[Line]], list[bool]]:
         if any(image.any() for image in images):
             raise RuntimeError("this input breaks the reader")
-        return reader.read(images)
+        return reader.read_checked(images)
 
-    predictor.reader.read = fails_on_any_light  # type: ignore[method-assign]
+    predictor.reader.read_checked = fails_on_any_light  # type: ignore[method-assign]
     images = np.empty(2, dtype=object)
     images[:] = [page(), skimage.data.coffee()]
     batch = {
@@ -300,12 +300,62 @@ def test_a_first_batch_the_reader_fails_on_whole_is_error_rows_unless_the_model_
         assert set(out["status"]) == {"error"}
         assert set(out["error_message"]) == {"this input breaks the reader"}
 
-    def device_lost(images: list[np.ndarray]) -> list[list[Line]]:
+    def device_lost(images: list[np.ndarray]) -> tuple[list[list[Line]], list[bool]]:
         raise RuntimeError("CUDA failure 700: an illegal memory access")
 
-    predictor.reader.read = device_lost  # type: ignore[method-assign]
+    predictor.reader.read_checked = device_lost  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="illegal memory access"):
         predictor({name: values[:1] for name, values in batch.items()})
+
+
+class NanSession:
+    """An onnxruntime session whose output is NaN (as float16 overflows) for each input image
+    `poisoned` picks (a detector's: all one colour; a recogniser's: every crop)."""
+
+    def __init__(self, session, poisoned) -> None:  # type: ignore[no-untyped-def]
+        self.session, self.poisoned = session, poisoned
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.session, name)
+
+    def run(self, names, feed):  # type: ignore[no-untyped-def]
+        (batch,) = feed.values()
+        (output, *rest) = self.session.run(names, feed)
+        output = np.array(output)
+        for index in range(len(batch)):
+            if self.poisoned(batch[index]):
+                output[index] = np.nan
+        return [output, *rest]
+
+
+def one_colour(image: np.ndarray) -> bool:
+    return bool((image.max(axis=(1, 2)) == image.min(axis=(1, 2))).all())
+
+
+@pytest.mark.parametrize(
+    ("role", "poisoned", "failed"),
+    [("detector", one_colour, [False, True]), ("recognizer", lambda crop: True, [True, False])],
+)
+def test_nan_model_outputs_for_an_image_are_an_error_row_not_an_image_without_text(
+    tmp_path, role, poisoned, failed
+) -> None:
+    """NaN text probabilities fail the reader's thresholds: an image with no lines, an ok
+    row, had they not been looked at. A NaN detector map (the black image's) or NaN
+    recogniser outputs (the page's lines; the black image has none to read) make the image
+    an error row (NonFiniteOutput); the other keeps what it reads."""
+    from vision_ops.ocr import LINE_TEXTS
+    from vision_ops.ocr_predictor import TextPredictor
+
+    base = {"input": {"uris": [str(tmp_path)]}, "output": {"uri": str(tmp_path / "out")}}
+    predictor = TextPredictor(parse_spec(base | {"task": {"kind": "ocr"}}))
+    setattr(predictor.reader, role, NanSession(getattr(predictor.reader, role), poisoned))
+    images = np.empty(2, dtype=object)
+    images[:] = [page(), np.zeros((96, 160, 3), np.uint8)]
+    out = predictor({"image": images, "status": np.array(["ok", "ok"], dtype=object)})
+    assert [status == "error" for status in out["status"]] == failed
+    assert [kind == "NonFiniteOutput" for kind in out["error_type"]] == failed
+    if not failed[0]:
+        assert list(out[LINE_TEXTS][0]) == PAGE_LINES
 
 
 def test_a_model_file_that_is_not_onnx_is_a_model_error(tmp_path) -> None:

@@ -453,46 +453,68 @@ class TextReader:
             )
 
     def read(self, images: Sequence[np.ndarray]) -> list[list[Line]]:
-        """uint8 RGB (H, W, 3) images -> each image's lines, in reading order. Each image's
-        lines are recognised in calls of their own: a crop is padded to its call's widest,
-        and a wider pad reads a line otherwise, so an image's text never depends on which
-        images share its batch (a rerun, or a resumed run, batches it otherwise)."""
+        """uint8 RGB (H, W, 3) images -> each image's lines, in reading order."""
+        return self.read_checked(images)[0]
+
+    def read_checked(self, images: Sequence[np.ndarray]) -> tuple[list[list[Line]], list[bool]]:
+        """`read`, and per image whether the models' outputs for it were all finite (NaN
+        probabilities fail the thresholds: no boxes, or lines dropped, not an error). Each
+        image's lines are recognised in calls of their own: a crop is padded to its call's
+        widest, and a wider pad reads a line otherwise, so an image's text never depends on
+        which images share its batch (a rerun, or a resumed run, batches it otherwise)."""
         lines: list[list[Line]] = []
-        for image, boxes in zip(images, self.detect(images), strict=True):
+        finite: list[bool] = []
+        for image, (boxes, detected) in zip(images, self.detect_checked(images), strict=True):
             quads = [quad for quad, _ in boxes]
-            recognised = self.recognize([line_crop(image, quad) for quad in quads])
+            recognised, read = self.recognize_checked([line_crop(image, quad) for quad in quads])
             kept = [
                 Line(text, score, quad)
                 for quad, (text, score) in zip(quads, recognised, strict=True)
                 if text.strip() and score >= self.settings.text_score
             ]
             lines.append(self._ordered(kept))
-        return lines
+            finite.append(detected and read)
+        return lines, finite
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[tuple[np.ndarray, float]]]:
         """Each image's text boxes (source pixels) and scores; images of one detector size run
         together, within DET_BATCH_PIXELS."""
+        return [boxes for boxes, _ in self.detect_checked(images)]
+
+    def detect_checked(
+        self, images: Sequence[np.ndarray]
+    ) -> list[tuple[list[tuple[np.ndarray, float]], bool]]:
+        """`detect`, each image's boxes with whether its probability map was all finite."""
         sizes = [detector_size(image.shape[0], image.shape[1], self.settings) for image in images]
-        found: list[list[tuple[np.ndarray, float]]] = [[] for _ in images]
+        found: list[tuple[list[tuple[np.ndarray, float]], bool]] = [([], True) for _ in images]
         for size, members in _groups(sizes, DET_BATCH_PIXELS):
             batch = detector_input([images[i] for i in members], size)
             probs = self._run(self.detector, batch)[:, 0]
             for index, prob in zip(members, probs, strict=True):
-                found[index] = text_boxes(prob, images[index].shape[:2], self.settings)
+                boxes = text_boxes(prob, images[index].shape[:2], self.settings)
+                found[index] = boxes, bool(np.isfinite(prob).all())
         return found
 
     def recognize(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         """Line crops (48, w, 3) -> text and score each: sorted by width so each call pads
         little, rec_batch_size crops a call."""
+        return self.recognize_checked(crops)[0]
+
+    def recognize_checked(
+        self, crops: Sequence[np.ndarray]
+    ) -> tuple[list[tuple[str, float]], bool]:
+        """`recognize`, and whether the recogniser's outputs for all the crops were finite."""
         order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1])
         results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        finite = True
         step = self.settings.rec_batch_size
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
             probs = self._run(self.recognizer, recognizer_batch([crops[i] for i in chunk]))
+            finite = finite and bool(np.isfinite(probs).all())
             for index, decoded in zip(chunk, ctc_decode(probs, self.chars), strict=True):
                 results[index] = decoded
-        return results
+        return results, finite
 
     def _ordered(self, lines: list[Line]) -> list[Line]:
         return [lines[i] for row in reading_order([line.polygon for line in lines]) for i in row]

@@ -14,7 +14,7 @@ from vision_ops.config import JobSpec, PpOcrModel
 from vision_ops.errors import ModelError
 from vision_ops.models import LoadedModel, model_name, read_pinned
 from vision_ops.ocr import Line, OcrError, TextReader, characters, line_columns, packaged_model
-from vision_ops.predictors import Pixels, Predictor, pick_device
+from vision_ops.predictors import RAW_NOT_FINITE, Pixels, Predictor, pick_device
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import OcrTask
 
@@ -51,9 +51,11 @@ class TextPredictor(Predictor):
         rows = np.flatnonzero(ok).tolist()
         pixels = [_host(images[i]) for i in rows]
         found: list[list[Line] | None] = [None] * len(ok)
-        for row, lines in zip(rows, self.reader.read(pixels) if rows else [], strict=True):
-            found[row] = lines
-        return line_columns(found)
+        not_finite = np.zeros(len(ok), dtype=bool)
+        read, finite = self.reader.read_checked(pixels) if rows else ([], [])
+        for row, lines, sure in zip(rows, read, finite, strict=True):
+            found[row], not_finite[row] = lines, not sure
+        return line_columns(found) | {RAW_NOT_FINITE: not_finite}
 
 
 def load_reader(
