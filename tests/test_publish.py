@@ -98,9 +98,13 @@ def commit(root: Path, count: int, run_id: str = "r1", **sink: Any) -> ParquetSi
     return writer
 
 
-def rerun_with(root: Path, at_step: Callable[[int, str, tuple[Any, ...]], None]) -> ParquetSink:
+def rerun_with(
+    root: Path, at_step: Callable[[int, str, tuple[Any, ...]], None], resume_key: str | None = None
+) -> ParquetSink:
     """A rerun of r1 with NEW_ROWS rows, its commit's filesystem calls passed to `at_step`."""
-    writer = ParquetSink(str(root), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer = ParquetSink(
+        str(root), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2, resume_key=resume_key
+    )
     writer.write(rows(NEW_ROWS))
     writer.fs = FaultyFs(writer.fs, at_step)
     writer.commit()
@@ -574,7 +578,7 @@ def kill(n, name, args):
     if n == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
 
-rerun_with(Path({root!r}), kill)
+rerun_with(Path({root!r}), kill, {key!r})
 """
 
 
@@ -587,7 +591,9 @@ def test_a_driver_killed_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path:
     for step in range(1, len(steps) + 1):
         root = tmp_path / f"kill-{step}"
         commit(root, OLD_ROWS)
-        script = KILLER.format(tests=str(Path(__file__).parent), step=step, root=str(root))
+        script = KILLER.format(
+            tests=str(Path(__file__).parent), step=step, root=str(root), key=None
+        )
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
         assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
         problems = verify_run(str(root), "r1")[1]
@@ -600,6 +606,56 @@ def test_a_driver_killed_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path:
         outcomes.add(committed_rows)
         assert_settled(root, committed_rows)
     assert outcomes == {OLD_ROWS, NEW_ROWS}  # kills fell before and after the commit point
+
+
+def test_the_same_run_after_a_kill_past_its_commit_point_is_that_commit(tmp_path: Path) -> None:
+    """SIGKILL at each step of a rerun's commit, then the same run again (its resume key: the
+    same run, spec, model and inputs). Where opening its sink finishes the killed attempt's
+    commit (past the fence), the run is that commit (`finished_earlier`: its files and rows)
+    and nothing is processed again (before, every unit was); where it undoes it, nothing is
+    finished (the staged rows are resumed). A run of another key never takes it as its own."""
+    steps = commit_steps(tmp_path)
+    outcomes = set()
+    for step in range(1, len(steps) + 1):
+        for key in ("k", "another"):
+            root = tmp_path / f"kill-{step}-{key}"
+            commit(root, OLD_ROWS, resume_key="k")
+            here = str(Path(__file__).parent)
+            script = KILLER.format(tests=here, step=step, root=str(root), key="k")
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+            assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+            # else killed tidying up, its journal removed: a committed run, rerun as ever
+            unsettled = any((root / JOURNAL).glob("*.json"))
+            again = ParquetSink(str(root), "r1", DATE, PREDICTION_SCHEMA, resume_key=key)
+            manifest = committed_run(str(root), "r1")
+            assert manifest is not None
+            finished = manifest["rows"] == NEW_ROWS
+            outcomes.add(finished)
+            if key == "another" or not finished or not unsettled:
+                assert again.finished_earlier is None, steps[step - 1]
+                continue
+            result = again.finished_earlier
+            assert result is not None, steps[step - 1]
+            assert (result.rows, result.ok, result.errors, result.resumed) == (NEW_ROWS,) * 2 + (
+                0,
+                NEW_ROWS,
+            )
+            assert result.files == [entry["uri"] for entry in manifest["files"]]
+            assert (
+                sum(pq.read_table(uri.removeprefix("file://")).num_rows for uri in result.files)
+                == NEW_ROWS
+            )
+    assert outcomes == {True, False}  # kills fell before and after the commit point
+
+
+def test_a_rerun_of_a_committed_run_is_never_taken_for_a_finished_commit(tmp_path: Path) -> None:
+    """Only a commit this sink's opening finished is the run's: a run committed whole before
+    is replaced by a rerun of the same key, as always."""
+    commit(tmp_path, OLD_ROWS, resume_key="k")
+    assert (
+        ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, resume_key="k").finished_earlier
+        is None
+    )
 
 
 def test_a_manifest_write_reported_failed_that_took_is_a_commit(tmp_path: Path) -> None:

@@ -618,6 +618,60 @@ def test_a_segmentation_job_killed_at_70_percent_resumes_with_its_masks(
             assert mask.size == (48, 48)
 
 
+# The driver SIGKILLs itself as it would write the manifest: past its commit point (the
+# journal fenced), its files in place.
+KILLED_PAST_THE_COMMIT_POINT = """
+import os, signal, sys
+import vision_ops.publish as publish
+publish._write_manifest = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+from vision_ops.cli import main
+sys.exit(main(["run", sys.argv[1]]))
+"""
+
+
+def test_the_same_run_after_a_kill_past_its_commit_point_processes_nothing(
+    ray_local: None, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys
+) -> None:
+    """A driver killed inside its commit, past the commit point: the rerun's sink finishes
+    that commit as it opens, and the run is that commit; not one image goes through the
+    model again (every unit was processed again before), and the command exits 0 with the
+    committed run's figures."""
+    total = 12
+    make_images(tmp_path / "images", total)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    table = tmp_path / "table"
+    spec = counting_spec(tmp_path, {"uri": str(table)}, marks)
+    ray_temp = short_temp_dir("vor")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": str(ray_temp)
+    }
+    command = [sys.executable, "-c", KILLED_PAST_THE_COMMIT_POINT, str(spec)]
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _, err = driver.communicate(timeout=300)
+    finally:
+        kill_session(driver.pid)  # what its Ray left
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert driver.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert committed_run(str(table), "k1") is None  # no manifest yet: readers see no run
+    assert images_counted(marks) == total
+    for mark in marks.iterdir():
+        mark.unlink()
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="vision_ops.pipeline.run"):
+        assert main(["run", str(spec)]) == EXIT_OK
+    assert "killed past its commit point, is committed now" in caplog.text
+    assert list(marks.iterdir()) == []  # the model saw nothing
+    manifest = committed_run(str(table), "k1")
+    assert manifest is not None and manifest["rows"] == total
+    assert f"run k1: {total} items, {total} ok, 0 errors" in capsys.readouterr().out
+    assert verify_run(str(table), "k1")[1] == []
+    rows = pq.read_table(table / "run_date=2026-11-24")
+    assert rows.num_rows == total and len(set(rows["item_id"].to_pylist())) == total
+
+
 @pytest.mark.parametrize("store", ["local", "s3", "iceberg"])
 def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     ray_local: None,

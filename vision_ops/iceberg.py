@@ -197,6 +197,9 @@ class IcebergSink:
     _files: list[DataFile] = field(default_factory=list)
     written: WrittenRows = field(default_factory=WrittenRows)
     resumed: int = 0  # units an earlier attempt made durable, reused
+    # Never set (the Sink protocol's field): an Iceberg commit is one catalog call, left
+    # neither half done nor to finish; a rerun after a kill past it processes its units again.
+    finished_earlier: CommitResult | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.table = open_table(self.output, self.schema)

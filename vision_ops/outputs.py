@@ -38,6 +38,9 @@ class Sink(Protocol):
 
     attempt: str
     resumed: int  # units an earlier attempt of the run id made durable, reused
+    # Set where opening the sink finished a commit that an earlier attempt of the run id (the
+    # same resume key) took past its commit point before it was killed: the run is committed.
+    finished_earlier: sink.CommitResult | None
 
     def write(self, table: pa.Table) -> None: ...
 

@@ -210,28 +210,29 @@ def publish(
     _settle_or_leave(fs, root, plan, committed=True)
 
 
-def resolve_unfinished(fs: AbstractFileSystem, root: str) -> list[str]:
+def resolve_unfinished(fs: AbstractFileSystem, root: str) -> dict[str, bool]:
     """Finish or undo every commit a crash left half done (its journal says which: fenced, or
-    from before fencing the manifest naming its attempt); returns the run ids settled. Call it
-    holding the table's run lock. Where one cannot be settled, StorageError: a run must not
-    start (its commit would write over the journal, the only record of the files the
-    interrupted commit moved)."""
+    from before fencing the manifest naming its attempt); returns the run ids settled, each
+    with whether its commit was finished. Call it holding the table's run lock. Where one
+    cannot be settled, StorageError: a run must not start (its commit would write over the
+    journal, the only record of the files the interrupted commit moved)."""
     _remove_temporaries(fs, root)
-    settled = []
+    settled: dict[str, bool] = {}
     for path in journals(fs, root):
         try:
             plan = CommitPlan.from_json(fs.cat_file(path), root)
         except FileNotFoundError:  # settled meanwhile (its run finished it)
             continue
         try:
-            _settle_claimed(fs, root, path, interrupted=True)
+            finished = _settle_claimed(fs, root, path, interrupted=True)
         except OSError as err:
             raise StorageError(
                 f"run {plan.run_id}: an interrupted commit (attempt {plan.attempt}) could not "
                 f"be settled ({type(err).__name__}: {err}); nothing was started: run again "
                 "when the store answers"
             ) from None
-        settled.append(plan.run_id)
+        if finished is not None:  # None: settled meanwhile by another
+            settled[plan.run_id] = finished
     return settled
 
 

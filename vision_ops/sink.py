@@ -215,6 +215,9 @@ class ParquetSink:
     resume_key: str | None = None
     written: WrittenRows = field(default_factory=WrittenRows)
     resumed: int = 0  # units an earlier attempt made durable, reused
+    # The run, where opening the sink finished the commit of an earlier attempt of this run id
+    # and resume key that was killed past its commit point: nothing is left to process.
+    finished_earlier: CommitResult | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.fs, root = filesystem(self.root_uri, self.storage_options)
@@ -230,11 +233,31 @@ class ParquetSink:
         )
         self.partition = f"{self.root}/{PARTITION_COLUMN}={self.run_date.isoformat()}"
         with writing_to(self.root_uri):
-            resolve_unfinished(self.fs, self.root)
+            settled = resolve_unfinished(self.fs, self.root)
             committed = read_manifest(self.fs, self.root, self.run_id)
             check_run_date(committed, self.run_date, self.root_uri)
             if self.resume_key is None:
                 self.parts.remove_earlier()
+            elif settled.get(self.run_id) and committed is not None:
+                self.finished_earlier = self._finished(committed)
+
+    def _finished(self, manifest: dict[str, Any]) -> CommitResult | None:
+        """The run the commit settled just now committed, where its attempt had the same
+        resume key (the same run, spec, model and inputs): a rerun after a kill past the commit
+        point has the run it was asked for, and processes nothing again."""
+        if manifest.get("resume_key") != self.resume_key:
+            return None
+        found = in_table(self.fs, self.root, manifest)
+        return CommitResult(
+            partition_uri=canonical_uri(self.fs, self.partition),
+            manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
+            files=[entry["uri"] for entry in found["files"]],
+            rows=manifest["rows"],
+            ok=manifest["ok"],
+            errors=manifest["errors"],
+            skipped=manifest.get("skipped", 0),
+            resumed=manifest["rows"],
+        )
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
@@ -363,6 +386,7 @@ class ParquetSink:
             **self.written.counts(),
             "resumed_units": self.resumed,
             "processed_units": self.written.rows - self.resumed,
+            "resume_key": self.resume_key,
             "files": [
                 {"uri": uri, "rows": rows}
                 for uri, (_, rows) in zip(files, self.parts.files, strict=True)

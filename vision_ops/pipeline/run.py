@@ -16,7 +16,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from vision_ops.cluster import reachable_nodes
 from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.detection import instance_output
-from vision_ops.drift import Drift, drift_at_commit, manifest_entry
+from vision_ops.drift import Drift, check_run, drift_at_commit, manifest_entry
 from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
@@ -171,6 +171,13 @@ def _process_and_commit(
     expected: ExpectedUnits = tiles if tiles else listing
     identity = identity_digests(spec, listing, plan)
     sink = open_sink(spec, run_id, run_date, schema, identity)  # its format's (outputs.py)
+    if sink.finished_earlier is not None:
+        log.warning(
+            "run %s: an earlier attempt of this run, killed past its commit point, is "
+            "committed now (its commit finished as this one started): nothing to process",
+            run_id,
+        )
+        return sink.finished_earlier, 0.0, committed_drift(spec, run_id)
     units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
     stats = RunStats()
     if left > 0:
@@ -207,6 +214,16 @@ def staged_drift(spec: JobSpec, sink: Sink, schema: pa.Schema) -> list[Drift] | 
         return drift_at_commit(spec.output, spec.monitor, options, run, sink.staged)
     except (VisionOpsError, OSError, pa.ArrowException) as err:
         log.warning("run %s: drift figures not recorded: %s", run_id, err)
+        return None
+
+
+def committed_drift(spec: JobSpec, run_id: str) -> list[Drift] | None:
+    """A committed run's drift figures (recorded at its commit where they still compare the
+    same runs); None, with a warning, where they cannot be had."""
+    try:
+        return check_run(spec.output, spec.monitor, spec.storage_options, run_id)
+    except (VisionOpsError, OSError, pa.ArrowException) as err:
+        log.warning("run %s: drift figures not had: %s", run_id, err)
         return None
 
 
