@@ -25,7 +25,7 @@ from vision_ops.detection import (
 from vision_ops.errors import ModelError
 from vision_ops.models import torchvision_architectures
 from vision_ops.pipeline import run_job
-from vision_ops.predictors import Detector
+from vision_ops.predictors import Detector, FeatureCheck
 from vision_ops.query import boxes_sql, connect, read_sql
 from vision_ops.schema import (
     COCO_KEYPOINT_NAMES,
@@ -253,19 +253,25 @@ def images_batch(shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     return {"image": images, "status": status, "source_uri": np.arange(len(shapes))}
 
 
-def test_nan_features_of_one_image_are_an_error_row_not_zero_boxes(spread_detector) -> None:
-    """NaN in a detector's features for one image (an overflow in float16) gives NaN scores
-    that its own score threshold drops: zero boxes, an ok row. It is an error row naming why;
-    the batch's other images keep the boxes a clean model gives them."""
+def nan_for_the_second_image(output):  # type: ignore[no-untyped-def]
+    """A module's output, every batch-first tensor in it NaN for the batch's second image."""
+    if isinstance(output, torch.Tensor):
+        return torch.cat([output[:1], torch.full_like(output[1:2], float("nan")), output[2:]])
+    if isinstance(output, dict):
+        return type(output)((k, nan_for_the_second_image(v)) for k, v in output.items())
+    return type(output)(nan_for_the_second_image(v) for v in output)
+
+
+@pytest.mark.parametrize("part", ["backbone.body", "rpn.head.cls_logits"])
+def test_nan_features_of_one_image_are_an_error_row_not_zero_boxes(spread_detector, part) -> None:
+    """NaN in a detector's features or region proposals for one image (an overflow in
+    float16) gives NaN scores that its own score threshold drops: zero boxes, an ok row. It
+    is an error row naming why; the batch's other images keep the boxes a clean model gives."""
     clean, poisoned = detector(spread_detector), detector(spread_detector)
-
-    def nan_for_the_second(_module, _inputs, output):  # type: ignore[no-untyped-def]
-        return type(output)(
-            (name, torch.cat([maps[:1], torch.full_like(maps[1:2], float("nan")), maps[2:]]))
-            for name, maps in output.items()
-        )
-
-    poisoned.module.backbone.body.register_forward_hook(nan_for_the_second)
+    module = poisoned.module
+    for attribute in part.split("."):
+        module = getattr(module, attribute)
+    module.register_forward_hook(lambda _m, _i, output: nan_for_the_second_image(output))
     batch = images_batch([(96, 96)] * 3)
     want, got = clean(batch), poisoned(batch)
     assert list(got["status"]) == [STATUS_OK, STATUS_ERROR, STATUS_OK]
@@ -274,6 +280,18 @@ def test_nan_features_of_one_image_are_an_error_row_not_zero_boxes(spread_detect
     for row in (0, 2):
         assert len(want[DETECTIONS][row]) > 0
         np.testing.assert_allclose(got[DETECTIONS][row], want[DETECTIONS][row], atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_nan_in_a_dense_heads_output_is_an_error_row(architecture) -> None:
+    """RetinaNet and FCOS score in their `head`: NaN there for one image is its error row."""
+    model = build(architecture)
+    model.head.register_forward_hook(lambda _m, _i, output: nan_for_the_second_image(output))
+    check = FeatureCheck(model)
+    images = list(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+    with torch.inference_mode(), check.watching(len(images)) as finite:
+        model(images)
+    assert finite.tolist() == [True, False, True]
 
 
 def test_filters_change_the_output_exactly_as_specified(spread_detector, labels_file) -> None:

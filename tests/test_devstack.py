@@ -60,3 +60,15 @@ def test_the_server_leaves_no_socket_in_tmp(tmp_path) -> None:
         socket_dir = server._socket_dir
     assert set(Path("/tmp").glob("seaweedfs-*.sock")) - before == set()
     assert not socket_dir.exists()
+
+
+def test_a_server_that_fails_to_start_leaves_no_socket_folder(tmp_path) -> None:
+    """`with` calls no __exit__ where the start raises: the start cleans up what it made
+    (its data folder kept where it is the caller's, its log named in the error)."""
+    before = set(Path("/tmp").glob("vo-weed-*"))
+    missing = tmp_path / "no-such" / "iam.json"  # weed mini exits at once
+    server = SeaweedS3(data_dir=tmp_path, iam_config=missing, start_timeout_s=60)
+    with pytest.raises(RuntimeError, match=f"weed mini exited early; see {tmp_path}/weed.log"):
+        server.start()
+    assert set(Path("/tmp").glob("vo-weed-*")) == before
+    assert (tmp_path / "weed.log").stat().st_size > 0

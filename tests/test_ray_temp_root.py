@@ -98,7 +98,10 @@ def test_a_new_local_cluster_writes_nothing_to_home(tmp_path) -> None:
     try:
         child = subprocess.run(
             [sys.executable, "-c", START_A_CLUSTER],
-            env=os.environ | {"HOME": str(home), "RAY_TMPDIR": str(ray_root)},
+            # Ray's own default (token auth for a new local cluster): the suite's process has
+            # RAY_AUTH_MODE=token from its cluster's ray.init, which would hide Ray's choice.
+            env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+            | {"HOME": str(home), "RAY_TMPDIR": str(ray_root)},
             capture_output=True,
             text=True,
             timeout=180,

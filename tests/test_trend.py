@@ -141,8 +141,9 @@ def test_report_trend_check_checks_the_run_it_is_given(nights, capsys) -> None:
 
 
 def test_report_check_since_checks_every_run_from_that_date(nights, capsys) -> None:
-    """A schedule that backfilled missed nights checks each of them, not the latest alone:
-    nights 2 and 3 each against the runs before it; one over its threshold is exit 6."""
+    """Every night from a date is checked, not the latest alone (nights a failed schedule
+    left unchecked): nights 2 and 3 each against the runs before it; one over its threshold
+    is exit 6."""
     table = str(nights)
     assert main(["report", table, "--check", "--since", "2026-03-03"]) == EXIT_DRIFT
     out = capsys.readouterr().out

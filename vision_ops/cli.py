@@ -449,10 +449,10 @@ def _check_backfilled(
     """With --check: the drift of each run this backfill committed against the runs before
     it (the spec's `monitor:`), never of a date it skipped (checked the night it committed:
     a drifted night alerts once, not each night it stays in the range). Exits as the backfill
-    did where that was not 0, else 6 where a run drifted."""
+    did where that was not 0 (its check not run after Ctrl-C), else 6 where a run drifted."""
     from vision_ops.drift import check_runs_of_dates
 
-    if not args.check:
+    if not args.check or outcome == EXIT_INTERRUPTED:
         return outcome
     if not committed:
         print("drift: this backfill committed no run; none checked")

@@ -139,15 +139,19 @@ class SeaweedS3:
             command.append(f"-tableBucket={self.table_bucket}")
         if self.iam_config:
             command.append(f"-s3.iam.config={self.iam_config}")
-        log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=os.environ | self.credentials,
-        )
-        self._wait_until_serving()
+        try:
+            log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - owned by the child
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=os.environ | self.credentials,
+            )
+            self._wait_until_serving()
+        except BaseException:  # `with` calls no __exit__ where __enter__ raises
+            self._stop_server()  # its data folder kept: the error names its weed.log
+            raise
         return self
 
     def _socket_flags(self) -> list[str]:
@@ -211,6 +215,12 @@ class SeaweedS3:
         return True
 
     def stop(self) -> None:
+        self._stop_server()
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _stop_server(self) -> None:
+        """The server stopped, where it runs, and its sockets' folder removed."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -221,8 +231,6 @@ class SeaweedS3:
         self.process = None
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
-        if self._own_dir and self.data_dir is not None:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> SeaweedS3:
         return self.start()

@@ -10,7 +10,9 @@ EXIT_BAD_SPEC = 2  # the spec, its model or its inputs are wrong; nothing was co
 EXIT_CLUSTER_TOO_SMALL = 3  # the actor pool cannot be scheduled; no work was done
 EXIT_TOO_MANY_ERRORS = 4  # committed, but more error rows than --max-error-ratio allows
 EXIT_BELOW_THRESHOLD = 5  # evaluated, but a metric fell below the spec's evaluate.min
-EXIT_DRIFT = 6  # report --check: a run's figures moved past the spec's monitor thresholds
+EXIT_DRIFT = (
+    6  # report / backfill --check: a run's figures moved past the spec's monitor thresholds
+)
 EXIT_NOT_SCORED = 7  # committed, but the spec's evaluate: could not score it (its hold-out)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): nothing committed; a rerun resumes what was durable
 

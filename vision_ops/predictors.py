@@ -505,16 +505,12 @@ class Detector(Predictor):
             out[INSTANCE_COLUMN] = extras
         return out
 
-    def detect(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """uint8 (N, H, W, 3) images of one size on the device -> the model's per-image outputs,
-        in source pixels. The model takes floats in 0-1 and normalises them itself."""
-        return self.detect_checked(pixels)[0]
-
     def detect_checked(
         self, pixels: torch.Tensor
     ) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
-        """`detect`, and per image whether the model's features were all finite (where the
-        model has features to look at: `FeatureCheck`)."""
+        """uint8 (N, H, W, 3) images of one size on the device -> the model's per-image outputs,
+        in source pixels, and per image whether its intermediate outputs were all finite
+        (`FeatureCheck`). The model takes floats in 0-1 and normalises them itself."""
         tensors = list(pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0).unbind(0))
         with self.inference(), self.features.watching(len(tensors)) as finite:
             outputs = self.module(tensors)
@@ -532,26 +528,33 @@ class Detector(Predictor):
 
 
 class FeatureCheck:
-    """Per image, whether a torchvision detector's backbone features were all finite. A NaN
-    there (an overflow in float16) gives NaN scores that the model's own score threshold and
-    NMS drop: zero boxes, an ok row, unless looked at here. The output adapters say so
-    themselves (RAW_FINITE); a model with neither (an entrypoint's own module, a scripted
-    torchvision detector, whose compiled code calls no hooks) has only its boxes and scores
-    checked."""
+    """Per image, whether a torchvision detector's intermediate outputs were all finite: its
+    backbone's features and its dense heads' outputs (RetinaNet, FCOS and SSD's `head`, the
+    region proposals' `rpn.head`), each batch-first. A NaN there (an overflow in float16)
+    gives NaN scores that the model's own score threshold and NMS drop: zero boxes, an ok row,
+    unless looked at here. Not looked at: the box head of a two-stage detector (its outputs
+    are the batch's proposals together). The output adapters say so themselves (RAW_FINITE);
+    a model without these parts, or a scripted one (its compiled code calls no hooks), has
+    only the boxes and scores it returns checked."""
+
+    WATCHED = ("backbone", "head", "rpn.head")
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.finite: np.ndarray | None = None
-        backbone = getattr(module, "backbone", None)
-        self.part = backbone if isinstance(backbone, torch.nn.Module) else None
-        if self.part is not None:
-            try:
-                self.part.register_forward_hook(self._record)
-            except RuntimeError:  # a part of a scripted model: its compiled code calls no hooks
-                self.part = None
+        self.parts = [part for name in self.WATCHED if (part := self._hooked(module, name))]
+
+    def _hooked(self, module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+        part: Any = module
+        for attribute in name.split("."):
+            part = getattr(part, attribute, None)
+        if not isinstance(part, torch.nn.Module) or isinstance(part, torch.jit.ScriptModule):
+            return None  # a scripted or traced part's compiled code calls no hooks
+        part.register_forward_hook(self._record)
+        return part
 
     @contextlib.contextmanager
     def watching(self, images: int) -> Iterator[np.ndarray]:
-        """A per-image array, all True, that the watched part's next call fills in."""
+        """A per-image array, all True, that the watched parts' next calls fill in."""
         finite = np.ones(images, dtype=bool)
         self.finite = finite
         try:
@@ -562,14 +565,21 @@ class FeatureCheck:
     def _record(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
         if self.finite is None:
             return
-        tensors = list(output.values()) if isinstance(output, dict) else [output]
-        for tensor in tensors:
-            if (
-                isinstance(tensor, torch.Tensor)
-                and tensor.dim()
-                and len(tensor) == len(self.finite)
-            ):
+        for tensor in _tensors(output):
+            if tensor.dim() and len(tensor) == len(self.finite):
                 self.finite &= torch.isfinite(tensor).flatten(1).all(dim=1).cpu().numpy()
+
+
+def _tensors(output: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a module's output, however nested in dicts, lists and tuples."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _tensors(value)
 
 
 class Segmenter(Predictor):

@@ -145,7 +145,8 @@ def _scan(
                 ), None
             if not found.remove_metadata().equals(schema.remove_metadata()):
                 return "has another schema", None
-            return None, parquet.read(columns=UNIT_COLUMNS + (["mask_uri"] if masks else []))
+            columns = UNIT_COLUMNS + (["mask_uri"] if masks else [])
+            return None, parquet.read(columns=columns, use_threads=False)  # storage.read_parquet
     except (OSError, pa.ArrowException) as err:
         if _store_failed(err):
             raise StorageError(

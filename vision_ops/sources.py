@@ -883,7 +883,8 @@ def _check_report(
 def _check_parquet(parquet: pq.ParquetFile, base: dict[str, Any]) -> ManifestRead:
     names = parquet.schema_arrow.names
     columns = tuple(name for name in names if name.lower() in KNOWN_COLUMNS)
-    first = next(parquet.iter_batches(batch_size=FIRST_ROWS), None)
+    # unthreaded, from a file object (storage.read_parquet says why)
+    first = next(parquet.iter_batches(batch_size=FIRST_ROWS, use_threads=False), None)
     records = first.to_pylist() if first is not None else []
     for index, record in enumerate(records):
         _manifest_row(base["uri"], f"entry {index}", record, base["cwd"])

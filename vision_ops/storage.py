@@ -306,7 +306,8 @@ def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
     exception", exit 134; apache/arrow#33975), as a command that read a table and exited did
     at random. Nor a threaded read: the CPU pool's threads that decoded from a Python file
     object still aborted such a process now and then on a busier machine (exit -6 in CI;
-    apache/arrow#50482 finds the same teardown with threads and none without)."""
+    apache/arrow#50482, a hang at exit after reading a Python file object, is a related
+    teardown problem that `use_threads=False` avoids)."""
     if isinstance(source, bytes):
         source = pa.BufferReader(source)
     with pq.ParquetFile(source) as parquet:
