@@ -294,6 +294,29 @@ def test_nan_in_a_dense_heads_output_is_an_error_row(architecture) -> None:
     assert finite.tolist() == [True, False, True]
 
 
+def test_a_watched_part_with_one_value_per_image_is_checked_too() -> None:
+    """A backbone that pools to one score per image (a 1-D output, batch-first) is checked
+    like the others, and only the calls made inside `watching` count."""
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            linear = torch.nn.LazyLinear(1)
+            self.backbone = torch.nn.Sequential(torch.nn.Flatten(1), linear, torch.nn.Flatten(0))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.backbone(images)
+
+    model = Pooled()
+    check = FeatureCheck(model)
+    images = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(2))
+    model(torch.full_like(images, float("nan")))  # outside: not counted
+    images[1, 0, 0] = float("nan")
+    with torch.inference_mode(), check.watching(len(images)) as finite:
+        model(images)
+    assert finite.tolist() == [True, False, True]
+
+
 def test_filters_change_the_output_exactly_as_specified(spread_detector, labels_file) -> None:
     batch = images_batch([(100, 140)])
     (everything,) = detector(spread_detector, labels_file, max_detections=100)(batch)[DETECTIONS]

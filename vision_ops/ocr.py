@@ -476,15 +476,11 @@ class TextReader:
             finite.append(detected and read)
         return lines, finite
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[tuple[np.ndarray, float]]]:
-        """Each image's text boxes (source pixels) and scores; images of one detector size run
-        together, within DET_BATCH_PIXELS."""
-        return [boxes for boxes, _ in self.detect_checked(images)]
-
     def detect_checked(
         self, images: Sequence[np.ndarray]
     ) -> list[tuple[list[tuple[np.ndarray, float]], bool]]:
-        """`detect`, each image's boxes with whether its probability map was all finite."""
+        """Each image's text boxes (source pixels) and scores, with whether its probability map
+        was all finite; images of one detector size run together, within DET_BATCH_PIXELS."""
         sizes = [detector_size(image.shape[0], image.shape[1], self.settings) for image in images]
         found: list[tuple[list[tuple[np.ndarray, float]], bool]] = [([], True) for _ in images]
         for size, members in _groups(sizes, DET_BATCH_PIXELS):
@@ -495,15 +491,12 @@ class TextReader:
                 found[index] = boxes, bool(np.isfinite(prob).all())
         return found
 
-    def recognize(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
-        """Line crops (48, w, 3) -> text and score each: sorted by width so each call pads
-        little, rec_batch_size crops a call."""
-        return self.recognize_checked(crops)[0]
-
     def recognize_checked(
         self, crops: Sequence[np.ndarray]
     ) -> tuple[list[tuple[str, float]], bool]:
-        """`recognize`, and whether the recogniser's outputs for all the crops were finite."""
+        """Line crops (48, w, 3) -> text and score each, and whether the recogniser's outputs
+        for all the crops were finite: sorted by width so each call pads little,
+        rec_batch_size crops a call."""
         order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1])
         results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
         finite = True

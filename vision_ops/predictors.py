@@ -540,34 +540,38 @@ class FeatureCheck:
     WATCHED = ("backbone", "head", "rpn.head")
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.finite: np.ndarray | None = None
-        self.parts = [part for name in self.WATCHED if (part := self._hooked(module, name))]
+        self.images = 0  # in the batch being watched
+        self.flags: list[torch.Tensor] | None = None  # per image, one tensor per watched output
+        for name in self.WATCHED:
+            self._hook(module, name)
 
-    def _hooked(self, module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    def _hook(self, module: torch.nn.Module, name: str) -> None:
         part: Any = module
         for attribute in name.split("."):
             part = getattr(part, attribute, None)
-        if not isinstance(part, torch.nn.Module) or isinstance(part, torch.jit.ScriptModule):
-            return None  # a scripted or traced part's compiled code calls no hooks
-        part.register_forward_hook(self._record)
-        return part
+        if isinstance(part, torch.nn.Module) and not isinstance(part, torch.jit.ScriptModule):
+            part.register_forward_hook(self._record)  # scripted parts' code calls no hooks
 
     @contextlib.contextmanager
     def watching(self, images: int) -> Iterator[np.ndarray]:
-        """A per-image array, all True, that the watched parts' next calls fill in."""
+        """A per-image array, all True, that the watched parts' calls inside the block fill
+        in as it ends: the flags stay on the device until then, one copy to the host a batch
+        (not one per feature level and head call)."""
         finite = np.ones(images, dtype=bool)
-        self.finite = finite
+        self.images, self.flags = images, []
         try:
             yield finite
+            if self.flags:
+                finite &= torch.stack(self.flags).all(dim=0).cpu().numpy()
         finally:
-            self.finite = None
+            self.flags = None
 
     def _record(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        if self.finite is None:
+        if self.flags is None:
             return
         for tensor in _tensors(output):
-            if tensor.dim() and len(tensor) == len(self.finite):
-                self.finite &= torch.isfinite(tensor).flatten(1).all(dim=1).cpu().numpy()
+            if tensor.dim() and len(tensor) == self.images > 0:  # batch-first outputs only
+                self.flags.append(torch.isfinite(tensor).reshape(self.images, -1).all(dim=1))
 
 
 def _tensors(output: Any) -> Iterator[torch.Tensor]:

@@ -248,15 +248,21 @@ class ParquetSink:
         if manifest.get("resume_key") != self.resume_key:
             return None
         found = in_table(self.fs, self.root, manifest)
+        files = [entry["uri"] for entry in found["files"]]
+        return self._result(files, manifest, resumed=manifest["rows"])
+
+    def _result(self, files: list[str], counts: Mapping[str, Any], resumed: int) -> CommitResult:
+        """This run as committed: its partition, manifest and `files`, with the row `counts`
+        a manifest records."""
         return CommitResult(
             partition_uri=canonical_uri(self.fs, self.partition),
             manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
-            files=[entry["uri"] for entry in found["files"]],
-            rows=manifest["rows"],
-            ok=manifest["ok"],
-            errors=manifest["errors"],
-            skipped=manifest.get("skipped", 0),
-            resumed=manifest["rows"],
+            files=files,
+            rows=counts["rows"],
+            ok=counts["ok"],
+            errors=counts["errors"],
+            skipped=counts.get("skipped", 0),
+            resumed=resumed,
         )
 
     def write(self, table: pa.Table) -> None:
@@ -313,16 +319,7 @@ class ParquetSink:
         publish(
             self.fs, self.root, plan, lambda: self._manifest(files, index) | (details or {}), held
         )
-        return CommitResult(
-            partition_uri=canonical_uri(self.fs, self.partition),
-            manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
-            files=files,
-            rows=self.written.rows,
-            ok=self.written.ok,
-            errors=self.written.errors,
-            skipped=self.written.skipped,
-            resumed=self.resumed,
-        )
+        return self._result(files, self.written.counts(), resumed=self.resumed)
 
     def _check(self, listed: Listed | ExpectedUnits | None, masks: list[str]) -> None:
         """Exactly once against the listing, every staged footer readable and the staged files
