@@ -441,6 +441,69 @@ def test_a_segmentation_run_stopped_inside_its_commit_leaves_all_to_resume(
     assert masks == {uri: f"mask {index}".encode() for index, uri in enumerate(URIS)}
 
 
+class Killed(BaseException):
+    """A SIGKILL, in process: nothing after it runs, no `except Exception` undoes anything."""
+
+
+def killed(*_args: Any, **_kwargs: Any) -> None:
+    raise Killed
+
+
+@pytest.mark.parametrize(
+    "step",
+    ["IcebergSink._remove_other_masks", "_remove_index", "StagedParts.remove"],
+)
+def test_the_same_run_after_a_kill_past_its_iceberg_snapshot_is_that_commit(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Killed after its snapshot (the commit point), at each step of its tidying up: the
+    same run again (its resume key) tidies up for it and is that commit, with nothing
+    processed (before, it resumed every row and committed them again in a new snapshot); the
+    replaced commit's masks and index go. A rerun of another key, or after a whole commit,
+    is a run as ever."""
+    import vision_ops.iceberg
+    import vision_ops.staging
+
+    new_sink, target = segmentation_sinks("iceberg", tmp_path, request)
+    replaced = new_sink()
+    stage_masked_rows(replaced, URIS, first=0)
+    replaced.commit(URIS)
+    attempt = new_sink()
+    assert attempt.finished_earlier is None  # a run committed whole: replaced as ever
+    stage_masked_rows(attempt, URIS, first=10)
+    with monkeypatch.context() as patched:
+        owner, _, name = step.rpartition(".")
+        module = vision_ops.iceberg if owner != "StagedParts" else vision_ops.staging
+        patched.setattr(getattr(module, owner) if owner else module, name, killed)
+        with pytest.raises(Killed):
+            attempt.commit(URIS)
+    run = outputs.committed_run(target, "r1")
+    assert run is not None and run["attempt"] == attempt.attempt
+    options = {"s3": request.getfixturevalue("iceberg_s3").storage_options()}
+    other = IcebergSink(target, "r1", DATE, output_schema("segmentation"), options,
+                        resume_key="another" * 8)  # fmt: skip
+    assert other.finished_earlier is None
+    again = new_sink()
+    result = again.finished_earlier
+    assert result is not None
+    assert (result.rows, result.ok, result.errors, result.resumed) == (6, 6, 0, 6)
+    assert sorted(result.files) == sorted(entry["uri"] for entry in run["files"])
+    assert outputs.committed_run(target, "r1")["snapshot_id"] == run["snapshot_id"]  # no new one
+    fs = again.fs
+    fs.invalidate_cache()
+    staged = f"{again.root}/_staging/r1/{attempt.attempt}"
+    assert fs.glob(f"{staged}/*.parquet") + fs.glob(f"{staged}/_masks/*") == []
+    masks_of = final_masks_folder(again.root, "r1", DATE, attempt.attempt).rpartition("/")[0]
+    published = {path.rpartition("/")[0].rpartition("/")[2] for path in fs.glob(f"{masks_of}/*/*")}
+    assert published == {attempt.attempt}  # the replaced commit's masks gone
+    indexes = [path.rpartition("/")[2] for path in fs.find(f"{again.root}/_index")]
+    assert indexes == [f"r1-{attempt.attempt}.parquet"]  # the replaced commit's gone
+    rows = outputs.read_run(target, run, columns=["source_uri", "mask_uri"]).to_pylist()
+    masks = {row["source_uri"]: fs.cat_file(row["mask_uri"]) for row in rows}
+    assert masks == {uri: f"mask {index}".encode() for index, uri in enumerate(URIS, start=10)}
+    assert new_sink().finished_earlier is None  # tidied up: a rerun now is a run as ever
+
+
 @pytest.mark.parametrize("kind", ["parquet", "iceberg"])
 def test_a_segmentation_rerun_reuses_rows_with_their_masks(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest

@@ -34,7 +34,7 @@ from vision_ops.masks import (
     staged_masks_folder,
     staging_folder,
 )
-from vision_ops.resume import UnitsOf
+from vision_ops.resume import PART_FILES, UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
@@ -197,8 +197,9 @@ class IcebergSink:
     _files: list[DataFile] = field(default_factory=list)
     written: WrittenRows = field(default_factory=WrittenRows)
     resumed: int = 0  # units an earlier attempt made durable, reused
-    # Never set (the Sink protocol's field): an Iceberg commit is one catalog call, left
-    # neither half done nor to finish; a rerun after a kill past it processes its units again.
+    # The run, where an earlier attempt of this run id and resume key was killed past its
+    # snapshot (the commit point) before it tidied up: opening the sink tidies up for it, and
+    # nothing is left to process.
     finished_earlier: CommitResult | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -221,7 +222,52 @@ class IcebergSink:
         if self.resume_key is None:
             with writing_to(self.output.uri):
                 self.parts.remove_earlier()
+        else:
+            self.finished_earlier = self._finish_killed_commit()
         self._warn_of_the_earlier_layout()
+
+    def _finish_killed_commit(self) -> CommitResult | None:
+        """The run, where its latest snapshot is an attempt of this resume key (the same run,
+        spec, model and inputs) killed after that snapshot, before its tidying up (its staged
+        part files are still there): that tidying is done now, and the attempt's commit is
+        this run, with nothing processed again. A run committed whole (its staged part files
+        removed) is replaced by its rerun, as ever."""
+        committed = self._committed
+        if committed is None or committed.get("resume_key") != self.resume_key:
+            return None
+        attempt = committed["attempt"]
+        staging = staging_folder(self.root, self.run_id, attempt)
+        with writing_to(self.output.uri):
+            if not self.fs.glob(f"{staging}/{PART_FILES}"):  # (a store may keep the folder)
+                return None
+            self._remove_other_masks(attempt)
+            _remove_index(_replaced_index(self.table, self.run_id), committed.get("index_uri"),
+                          self.storage_options)  # fmt: skip
+            with contextlib.suppress(OSError):
+                self.fs.rm(staging, recursive=True)
+        log.warning(
+            "run %s: attempt %s committed snapshot %s and was stopped before it tidied up; "
+            "tidied up now",
+            self.run_id,
+            attempt,
+            committed["snapshot_id"],
+        )
+        return CommitResult(
+            partition_uri=self._partition_uri(committed["snapshot_id"]),
+            manifest_uri=self.table.metadata_location,
+            files=[task.file.file_path for task in _run_scan(self.table, committed).plan_files()],
+            rows=committed["rows"],
+            ok=committed["ok"],
+            errors=committed["errors"],
+            skipped=committed["skipped"],
+            resumed=committed["rows"],
+        )
+
+    def _partition_uri(self, snapshot: int) -> str:
+        return (
+            f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
+            f"{self.run_date.isoformat()}, snapshot {snapshot})"
+        )
 
     def _warn_of_the_earlier_layout(self) -> None:
         """Attempts of this run id staged in `uri` itself, before each table had a folder of
@@ -243,9 +289,8 @@ class IcebergSink:
     def _check_run_date(self) -> None:
         """RunDateConflict where the run id is committed on another date (as for Parquet: a
         run id names one run on one date; its rerun must not move it)."""
-        committed = _runs_in(self.table).get(self.run_id)
-        check_run_date(committed, self.run_date, f"table {self.output.table}")
-        self._replaced_index = (committed or {}).get("index_uri")  # removed once this commits
+        self._committed = _runs_in(self.table).get(self.run_id)
+        check_run_date(self._committed, self.run_date, f"table {self.output.table}")
 
     def resume(self, units_of: UnitsOf) -> frozenset[str]:
         """Reuse what earlier attempts of this run id made durable (StagedParts.resume): the
@@ -308,13 +353,13 @@ class IcebergSink:
             if failed.sure:  # else the files may be the table's now: leave them
                 self._undo(published, index)
             raise failed.error from None
-        self._remove_other_masks()
-        self._remove_replaced_index(uri)
+        self._remove_other_masks(self.attempt)
+        replaced = (self._committed or {}).get("index_uri")  # the run id's commit before
+        _remove_index(replaced, uri, self.storage_options)
         with contextlib.suppress(OSError):
             self.parts.remove()
         return CommitResult(
-            partition_uri=f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
-            f"{self.run_date.isoformat()}, snapshot {snapshot})",
+            partition_uri=self._partition_uri(snapshot),
             manifest_uri=self.table.metadata_location,
             files=[f.file_path for f in self._files],
             rows=self.written.rows,
@@ -467,6 +512,7 @@ class IcebergSink:
             "run_id": self.run_id,
             "run_date": self.run_date.isoformat(),
             "attempt": self.attempt,
+            **({"resume_key": self.resume_key} if self.resume_key else {}),
             "schema_version": SCHEMA_VERSION,
             "task": task_of(self.schema),
             **self.written.counts(),
@@ -527,13 +573,6 @@ class IcebergSink:
             write_index(self.fs, path, self.parts.index())
         return path
 
-    def _remove_replaced_index(self, ours: str) -> None:
-        """After the commit: the index of the run id's commit it replaced (best effort)."""
-        if self._replaced_index and self._replaced_index != ours:
-            fs, path = filesystem(self._replaced_index, self.storage_options)
-            with contextlib.suppress(OSError):
-                fs.rm_file(path)
-
     # --- masks -----------------------------------------------------------------------------
 
     def _staged_masks(self) -> list[str]:
@@ -559,16 +598,33 @@ class IcebergSink:
                 self.fs.copy(path, target)
                 published.append(target)
 
-    def _remove_other_masks(self) -> None:
-        """After the commit: the masks of the attempts it replaced (best effort)."""
+    def _remove_other_masks(self, committed: str) -> None:
+        """After the commit of attempt `committed`: the masks of the attempts it replaced
+        (best effort)."""
         if "mask_uri" not in self.schema.names:
             return
-        ours = final_masks_folder(self.root, self.run_id, self.run_date, self.attempt)
+        ours = final_masks_folder(self.root, self.run_id, self.run_date, committed)
         parent = ours.rpartition("/")[0]
         with contextlib.suppress(OSError):
             for folder in self.fs.ls(parent, detail=False):
                 if folder.rstrip("/") != ours:
                     self.fs.rm(folder, recursive=True)
+
+
+def _remove_index(replaced: str | None, ours: str | None, options: StorageOptions) -> None:
+    """After a commit: the index of the run id's commit it `replaced` (best effort)."""
+    if replaced and replaced != ours:
+        fs, path = filesystem(replaced, options)
+        with contextlib.suppress(OSError):
+            fs.rm_file(path)
+
+
+def _replaced_index(table: Table, run_id: str) -> str | None:
+    """The index of the run id's commit before its latest one, if any."""
+    commits = (s for s in _history(table) if s.summary and s.summary.get(RUN_ID) == run_id)
+    next(commits, None)
+    earlier = next(commits, None)
+    return _manifest(earlier).get("index_uri") if earlier is not None else None
 
 
 def rechunked(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
@@ -745,11 +801,15 @@ def _manifest(snapshot: Any) -> dict[str, Any]:
     )
 
 
+# Summary values kept as text, though some may look like numbers (as digests are).
+TEXT_FIELDS = ("run_id", "run_date", "attempt", "resume_key", "schema_version")
+
+
 def _numbers(values: dict[str, str]) -> dict[str, Any]:
     """Summary values back to numbers where they were numbers (float stats of the run)."""
     converted: dict[str, Any] = {}
     for key, value in values.items():
-        if key in ("run_id", "run_date", "attempt", "schema_version") or key.endswith("digest"):
+        if key in TEXT_FIELDS or key.endswith("digest"):
             converted[key] = value
             continue
         try:

@@ -32,6 +32,7 @@ from vision_ops.tally import token_sum
 
 log = logging.getLogger(__name__)
 RESUME_KEY = "vision_ops.resume_key"  # in the metadata of every part file a run stages
+PART_FILES = "part-*.parquet"  # an attempt's staged part files (StagedParts names them)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def find_resumable(
     with a row whose mask is not among them is not whole."""
     paths = sorted(
         path
-        for path in fs.glob(f"{run_staging}/*/part-*.parquet")
+        for path in fs.glob(f"{run_staging}/*/{PART_FILES}")
         if not path.startswith(f"{current}/")
     )
     usable, units = [], []
