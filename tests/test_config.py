@@ -100,6 +100,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "compile_min_inputs": 3000,
         "compile_min_inputs_cold": 8000,
         "compile_only_where_cached": False,
+        "predict_in": "actors",
         "retain_host_memory": True,
         "intra_op_threads": None,
         "queue_mb": None,

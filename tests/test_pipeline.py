@@ -363,6 +363,77 @@ def test_a_pool_left_open_starts_whole_on_a_fixed_cluster(
     assert_matches_direct(rows, direct_top_k)
 
 
+def test_the_model_in_the_driver_gives_the_same_rows_and_starts_no_actor(
+    ray_local, photo_dir, tmp_path, direct_top_k, monkeypatch
+):
+    """`runtime.predict_in: driver`: the pool's two half-CPU actors become two predictors in
+    threads of the driver (never its main thread), Ray tasks still read, and the rows are
+    those of a direct model call, each input once, bad files as error rows."""
+    import threading
+
+    import vision_ops.pipeline.run as pipeline_run
+
+    calls: list[int] = []
+    loaded: list[int] = []
+
+    class Recorded(pipeline_run.PredictRows):  # type: ignore[misc]
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            loaded.append(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+        def __call__(self, batch):  # type: ignore[no-untyped-def]
+            calls.append(threading.get_ident())
+            return super().__call__(batch)
+
+    monkeypatch.setattr(pipeline_run, "PredictRows", Recorded)
+    expected_errors = write_bad_corpus(photo_dir)
+    runtime = {"batch_size": 2, "num_cpus_per_actor": 0.5, "reserved_cpus": 1}
+    output = tmp_path / "table"
+    before = predictor_actors()
+    spec = job([str(photo_dir)], str(output), runtime=runtime | {"predict_in": "driver"})
+    summary = run_job(spec)
+    assert predictor_actors() == before  # no actor started
+    assert len(loaded) == 2 and threading.get_ident() not in loaded + calls
+    listed = sorted(p.as_uri() for p in photo_dir.iterdir())
+    assert len(calls) == len(listed) // 2  # a model call a batch of 2
+    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
+    assert sorted(r["source_uri"] for r in rows) == listed  # each input exactly once
+    errors = {Path(r["source_uri"]).name: r["error_type"] for r in rows if r["status"] == "error"}
+    assert errors == expected_errors
+    assert_matches_direct([r for r in rows if r["status"] == "ok"], direct_top_k)
+    assert (summary.commit.ok, summary.commit.errors) == (len(direct_top_k), len(expected_errors))
+
+
+def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> None:
+    """Refused before any work: GPUs for the pool, more than one node, an autoscaling
+    cluster; a tiled detection job (its scenes' rows are merged after the pool) at parsing."""
+    from vision_ops.pool import NotInTheDriver, PoolPlan, check_in_driver
+
+    driver = RuntimeSpec(predict_in="driver")
+    one_node = [({"CPU": 8.0, "GPU": 0.0}, 1.0)]
+    check_in_driver(driver, PoolPlan(1, 4, 2, 0), one_node)  # fits
+    check_in_driver(RuntimeSpec(), PoolPlan(1, 1, 1, 1), one_node * 2)  # actors: no check
+    cases = [
+        (driver, PoolPlan(1, 1, 1, 1), one_node, "this cluster has GPUs for the predictor pool"),
+        (driver, PoolPlan(1, 4, 2, 0), one_node * 2, "this cluster has 2 nodes up"),
+        (RuntimeSpec(predict_in="driver", autoscaling=True), PoolPlan(1, 4, 2, 0), one_node,
+         "1 nodes up, autoscaling"),
+    ]  # fmt: skip
+    for runtime, plan, nodes, found in cases:
+        with pytest.raises(NotInTheDriver, match=f"{found}: expected predict_in: actors"):
+            check_in_driver(runtime, plan, nodes)
+    with pytest.raises(ValueError, match="merged in Ray after the actor pool"):
+        parse_spec(
+            {
+                "input": {"uris": ["s3://b/scenes/"], "tiling": {"size": 512}},
+                "task": {"kind": "detection"},
+                "model": {"architecture": "fasterrcnn_resnet50_fpn", "weights": "w.pt"},
+                "runtime": {"predict_in": "driver"},
+                "output": {"uri": "s3://b/out"},
+            }
+        )
+
+
 def test_unschedulable_pool_is_refused_before_any_work(ray_local, photo_dir, tmp_path):
     output = tmp_path / "never"
     spec = job([str(photo_dir)], str(output), runtime={"min_actors": 2})

@@ -100,7 +100,8 @@ def test_pipeline_equals_a_direct_call(architecture, ray_local, tmp_path) -> Non
     assert manifest["ok"] == 3 and not (tmp_path / "table" / "_staging").exists()
 
 
-def test_masks_follow_the_commit_and_a_rerun_replaces_them(ray_local, tmp_path) -> None:
+@pytest.mark.parametrize("predict_in", ["actors", "driver"])
+def test_masks_follow_the_commit_and_a_rerun_replaces_them(ray_local, tmp_path, predict_in) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
@@ -108,7 +109,10 @@ def test_masks_follow_the_commit_and_a_rerun_replaces_them(ray_local, tmp_path) 
     (tmp_path / "labels.txt").write_text("a\nb\nc\nd\n")
     weights = tmp_path / "seg.pt"
     torch.save(build("lraspp_mobilenet_v3_large").state_dict(), weights)
-    spec = spec_for(str(images), tmp_path / "table", "lraspp_mobilenet_v3_large", weights)
+    runtime = {"batch_size": 4, "max_actors": 1, "intra_op_threads": 1, "predict_in": predict_in}
+    spec = spec_for(
+        str(images), tmp_path / "table", "lraspp_mobilenet_v3_large", weights, runtime=runtime
+    )
     run_job(spec)
     folder = tmp_path / "table" / "_masks" / "run_date=2026-11-24" / "seg"
     [attempt] = list(folder.iterdir())  # one folder per commit attempt

@@ -780,6 +780,14 @@ class RuntimeSpec(StrictModel):
         "The pipeline sets it for a run between compile_min_inputs and "
         "compile_min_inputs_cold.",
     )
+    predict_in: Literal["actors", "driver"] = Field(
+        default="actors",
+        description="Where the model runs: in a pool of Ray actors, or in threads of the driver "
+        "process, one per actor the pool would have, each with an actor's torch threads (Ray "
+        "tasks still list and read). driver suits a short run on a one-node CPU cluster: no "
+        "actor interpreters to start (seconds and about 1 GB each), at the cost of a model "
+        "failure ending the run (its durable rows resume); refused with GPUs or more nodes.",
+    )
     retain_host_memory: bool = Field(
         default=True,
         description="Predictor actors keep freed host memory for the next batch instead of "
@@ -1160,6 +1168,16 @@ class JobSpec(StrictModel):
                 f"{', '.join(task.metrics)}"
             )
         _floors_that_can_hold(held.min, task.counted_metrics)
+        return self
+
+    @model_validator(mode="after")
+    def _driver_needs_no_merge(self) -> JobSpec:
+        if self.runtime.predict_in == "driver" and self.input.tiling is not None:
+            raise ValueError(
+                "runtime.predict_in: driver hands each batch's rows straight to the table; a "
+                "tiled scene's rows are merged in Ray after the actor pool: expected "
+                "predict_in: actors"
+            )
         return self
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vision_ops.config import RuntimeSpec
-from vision_ops.errors import EXIT_CLUSTER_TOO_SMALL, VisionOpsError
+from vision_ops.errors import EXIT_BAD_SPEC, EXIT_CLUSTER_TOO_SMALL, VisionOpsError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,12 @@ class ClusterTooSmall(VisionOpsError, RuntimeError):
     """The actor pool the spec asks for cannot be scheduled on this cluster."""
 
     exit_code = EXIT_CLUSTER_TOO_SMALL
+
+
+class NotInTheDriver(VisionOpsError, ValueError):
+    """`runtime.predict_in: driver` on a cluster whose pool the driver's threads cannot be."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,24 @@ def plan_pool(
         threads=None if num_gpus else max(1, math.floor(cpus / top + 1e-9)),
         read_tasks=max(1, left),
     )
+
+
+def check_in_driver(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> None:
+    """`predict_in: driver` runs the pool as threads of the driver, on its node's CPUs:
+    refused, before any work, where the pool would have GPUs or the cluster more than one
+    node (or more to come)."""
+    if runtime.predict_in != "driver":
+        return
+    found = None
+    if plan.num_gpus:
+        found = "GPUs for the predictor pool"
+    elif runtime.autoscaling or len(nodes) > 1:
+        found = f"{len(nodes)} nodes up" + (", autoscaling" if runtime.autoscaling else "")
+    if found is not None:
+        raise NotInTheDriver(
+            "runtime.predict_in: driver runs the model in the driver's threads on its node's "
+            f"CPUs; this cluster has {found}: expected predict_in: actors"
+        )
 
 
 def _plan_to_reach(runtime: RuntimeSpec, nodes: Nodes) -> PoolPlan:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,11 @@ from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
 from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.identity import identity_digests
+from vision_ops.pipeline.in_driver import predicted_in_threads
 from vision_ops.pipeline.incremental import skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
-from vision_ops.pool import PoolPlan, plan_pool, pool_for_inputs
+from vision_ops.pool import PoolPlan, check_in_driver, plan_pool, pool_for_inputs
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_unit_blocks
 from vision_ops.resume import Units, image_units, without_sources
@@ -93,7 +94,9 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     with clock.stage("ray_connect"):
         connect_ray()
     reachable = reachable_nodes() if spec.runtime.autoscaling else None
-    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, nodes_up())
+    up = nodes_up()
+    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
+    check_in_driver(spec.runtime, plan, up)
     spec = spec.sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
@@ -182,10 +185,7 @@ def _process_and_commit(
     stats = RunStats()
     if left > 0:
         sized, pool = sized_for_units(spec, plan, left)
-        dataset = build_dataset(sized, units, pool, schema, sink.attempt)
-        dataset = merged_per_scene(spec, dataset, tiles)
-        dataset = with_limits(dataset, spec.runtime)
-        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for table in predicted_rows(sized, units, pool, schema, sink.attempt, tiles):
             written = time.perf_counter()
             rows = stats.record(table)
             sink.write(rows)
@@ -301,15 +301,93 @@ def unit_blocks(units: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     return units.repartition(target_num_rows_per_block=rows)
 
 
-def build_dataset(
+def predicted_rows(
     spec: JobSpec,
     listing: ray.data.Dataset,
     plan: PoolPlan,
     schema: pa.Schema,
     attempt: str,
-) -> ray.data.Dataset:
-    """Read, predict and build rows; segmentation masks are staged for commit `attempt`."""
-    run_id, run_date = spec.resolved_run()
+    tiles: ScenePlan | None,
+) -> Iterator[pa.Table]:
+    """The run's rows as they reach the driver: read, predicted (by the actor pool, or in the
+    driver's threads: `runtime.predict_in`) and built; segmentation masks are staged for
+    commit `attempt`."""
+    units = read_units(spec, listing, plan)
+    stages = RowStages.of(spec, schema, attempt)
+    if spec.runtime.predict_in == "driver":
+        batches = with_limits(units, spec.runtime).iter_batches(
+            batch_size=spec.runtime.images_per_call, batch_format="numpy"
+        )
+        load = functools.partial(PredictRows, spec, plan.threads, stages.in_predictor)
+        for predictions in predicted_in_threads(batches, load, plan.max_size):
+            yield stages.after_predictor(predictions)
+        return
+    predictions = units.map_batches(
+        PredictRows,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "threads": plan.threads,
+            "to_rows": stages.in_predictor,
+        },
+        compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        batch_size=spec.runtime.images_per_call,
+        batch_format="numpy",
+    )
+    if stages.stage_masks is not None:
+        predictions = predictions.map_batches(
+            stages.stage_masks, batch_format="numpy", batch_size=None
+        )
+        predictions = predictions.map_batches(stages.to_rows, batch_format="numpy", batch_size=None)
+    rows = with_limits(merged_per_scene(spec, predictions, tiles), spec.runtime)
+    yield from rows.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+@dataclass(frozen=True)
+class RowStages:
+    """What turns a model batch's predictions into table rows: `to_rows`, in the predictor
+    itself unless the task stages masks first (`stage_masks`, then `to_rows`, after it)."""
+
+    to_rows: Callable[..., pa.Table]
+    stage_masks: Callable[..., dict[str, Any]] | None
+
+    @classmethod
+    def of(cls, spec: JobSpec, schema: pa.Schema, attempt: str) -> RowStages:
+        run_id, run_date = spec.resolved_run()
+        to_rows = functools.partial(
+            get_task(spec.task.kind).rows,
+            run_id=run_id,
+            labels=resolve_labels(spec.model, spec.storage_options),
+            schema=schema,
+        )
+        if not get_task(spec.task.kind).writes_masks(spec):
+            return cls(to_rows, None)
+        stage_masks = functools.partial(
+            write_masks,
+            root_uri=spec.output.files_uri,
+            run_id=run_id,
+            run_date=run_date,
+            attempt=attempt,
+            storage_options=spec.storage_options,
+        )
+        return cls(to_rows, stage_masks)
+
+    @property
+    def in_predictor(self) -> Callable[..., pa.Table] | None:
+        return self.to_rows if self.stage_masks is None else None
+
+    def after_predictor(self, predictions: pa.Table | dict[str, Any]) -> pa.Table:
+        """The rows of a batch the predictor returned (the driver's path)."""
+        if self.stage_masks is None:
+            assert isinstance(predictions, pa.Table)
+            return predictions
+        return self.to_rows(self.stage_masks(predictions))
+
+
+def read_units(spec: JobSpec, listing: ray.data.Dataset, plan: PoolPlan) -> ray.data.Dataset:
+    """The units read (and decoded, where the spec's runtime says so) in Ray tasks, in blocks
+    of at most a model batch."""
     # One read task per read batch: its images reach the model as soon as they are decoded
     # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
     # tasks to keep every free core decoding.
@@ -336,39 +414,7 @@ def build_dataset(
         # fuse stages whose resources differ, so the actor pool spends its time on the model.
         memory=READ_TASK_MEMORY_BYTES,
     )
-    units = model_batch_blocks(units, spec)
-    to_rows = functools.partial(
-        get_task(spec.task.kind).rows,
-        run_id=run_id,
-        labels=resolve_labels(spec.model, spec.storage_options),
-        schema=schema,
-    )
-    masks = get_task(spec.task.kind).writes_masks(spec)
-    predictions = units.map_batches(
-        PredictRows,
-        fn_constructor_kwargs={
-            "spec": spec,
-            "threads": plan.threads,
-            "to_rows": None if masks else to_rows,
-        },
-        compute=ActorPoolStrategy(min_size=plan.min_size, max_size=plan.max_size),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-        batch_size=spec.runtime.images_per_call,
-        batch_format="numpy",
-    )
-    if not masks:
-        return predictions
-    stage_masks = functools.partial(
-        write_masks,
-        root_uri=spec.output.files_uri,
-        run_id=run_id,
-        run_date=run_date,
-        attempt=attempt,
-        storage_options=spec.storage_options,
-    )
-    predictions = predictions.map_batches(stage_masks, batch_format="numpy", batch_size=None)
-    return predictions.map_batches(to_rows, batch_format="numpy", batch_size=None)
+    return model_batch_blocks(units, spec)
 
 
 def model_batch_blocks(units: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
