@@ -283,6 +283,45 @@ def test_wall_and_pss_ratios_set_each_job_against_its_peers_at_the_same_size() -
     assert f"{'e2e at scale / Daft':<{LABEL_WIDTH}}    0.62x\n" in table[wall_at:]
 
 
+def test_the_model_in_the_driver_is_set_against_the_pool_and_the_peers_at_each_size() -> None:
+    """g (the pipeline with `predict_in: driver`) gets the pipeline's ratios against each
+    peer, and its own against the actor pool (c), at N and at scale x N, never across."""
+    report = BenchReport({"model": "m", "images": 8, "photo": "p", "batch_size": 8})
+    report.settings |= {"device": "cpu", "cores": 2, "sample_interval_s": 0.2}
+    sized = []
+    for key, rows, rate, wall, pss in (
+        ("c", 8, 10.0, 4.0, 300),
+        ("g", 8, 12.0, 2.0, 150),
+        ("f", 8, 10.0, 2.0, 200),
+        ("c-scale", 32, 10.0, 8.0, 330),
+        ("g-scale", 32, 11.0, 4.0, 165),
+        ("f-scale", 32, 10.0, 5.0, 220),
+    ):
+        m = measurement(key, rate)
+        m.rows = m.expected_rows = rows
+        m.wall_seconds, m.peaks = wall, Peaks(rss_bytes=2 * pss * MB, pss_bytes=pss * MB)
+        sized.append(m)
+    report.measurements = sized
+    wall = report.wall_ratios()
+    assert {label: wall[label] for label in wall if label.startswith("e2e in driver")} == {
+        "e2e in driver / Daft": pytest.approx(1.0),  # 4 img/s over Daft's 4
+        "e2e in driver at scale / Daft": pytest.approx(8 / 6.4),
+        "e2e in driver / e2e": pytest.approx(2.0),
+        "e2e in driver at scale / e2e at scale": pytest.approx(2.0),
+    }
+    assert wall["e2e / Daft"] == pytest.approx(0.5)  # the pool's, as before
+    pss = report.pss_ratios()
+    assert pss["e2e in driver PSS / e2e"] == pytest.approx(0.5)
+    assert pss["e2e in driver at scale PSS / Daft"] == pytest.approx(0.75)
+    steady = report.ratios()
+    assert steady["e2e in driver / e2e"] == pytest.approx(1.2)
+    assert steady["e2e in driver at scale / e2e at scale"] == pytest.approx(1.1)
+    assert "e2e in driver / Daft" not in steady  # its steady rate against the pool's only
+    assert sorted(report.same_size()[1]["approaches"]) == ["c-scale", "f-scale", "g-scale"]
+    table = format_table(report)
+    assert f"{'e2e in driver / e2e':<{LABEL_WIDTH}}    2.00x\n" in table
+
+
 def test_on_a_gpu_the_ceiling_is_the_slower_of_decode_and_model() -> None:
     """The CPUs decode while the GPU runs the model: the pipeline can reach min(a, b)."""
     settings = {"model": "m", "images": 8, "photo": "p", "batch_size": 8, "device": "cuda"}
@@ -454,7 +493,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     always_compile = folder / "compile.yaml"  # 6 photos are too few for compiling to pay
     always_compile.write_text("runtime: {compile_min_inputs: 0, compile_min_inputs_cold: 0}\n")
     command = [sys.executable, "-m", "vision_ops.cli", "bench", "--images", str(TINY)]
-    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f", "--no-s3", "--repeats", "1"]
+    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f,g", "--no-s3", "--repeats", "1"]
     command += ["--scale", str(SCALE), "--spec", str(always_compile)]
     command += ["--workdir", str(folder / "work"), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -468,7 +507,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     report, _ = tiny_bench
     found = {m["key"]: m for m in report["measurements"]}
-    jobs = ["c", "c-scale", "d", "d-scale", "e", "e-scale", "f", "f-scale"]
+    jobs = ["c", "c-scale", "g", "g-scale", "d", "d-scale", "e", "e-scale", "f", "f-scale"]
     assert list(found) == ["a", "b", *jobs]  # every job at N and at SCALE x N
     for m in found.values():
         size = TINY * SCALE if m["key"].endswith("-scale") else TINY
@@ -496,13 +535,20 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     assert found["b"]["details"]["compiled"] is compiles
     assert f", {'compiled' if compiles else 'eager'}: median of" in found["b"]["includes"]
     assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
-    for key in ("c", "c-scale"):  # same pixels, same model
+    for key in ("c", "c-scale", "g", "g-scale"):  # same pixels, same model
         assert found[key]["queued_share"] is None  # on CPUs the actors decode, in the window
         assert found[key]["top1_agreement"] >= (TINY - 1) / TINY
         assert found[key]["details"]["error_rows"] == 0
+    for key in ("c", "c-scale"):
         startup = found[key]["details"]["startup_seconds"]  # the bench's job compiled
         assert startup["compile"] > 0 and startup["model_load"] > 0, startup
         assert startup["first_batch"] >= startup["compile"] + startup["model_load"]
+    for key in ("g", "g-scale"):  # the model in the driver's threads: no actor, uncompiled
+        assert found[key]["details"]["runtime"]["predict_in"] == "driver"
+        roles = found[key]["peaks"]["cpu_seconds_by_role"]
+        assert not any(role.startswith("ray worker MapWorker") for role in roles), roles
+        startup = found[key]["details"]["startup_seconds"]
+        assert startup["compile"] == 0 and startup["model_load"] > 0, startup
     for key in ("d", "f", "d-scale", "f-scale"):
         assert 0.0 <= found[key]["top1_agreement"] <= 1.0
     assert report["scaling"]["images"] == [TINY, TINY * SCALE]
@@ -515,8 +561,8 @@ def test_bench_gives_each_size_its_jobs_figures(tiny_bench) -> None:
     found = {m["key"]: m for m in report["measurements"]}
     sizes = report["same_size"]
     assert [s["images"] for s in sizes] == [TINY, TINY * SCALE]
-    assert list(sizes[0]["approaches"]) == ["c", "d", "e", "f"]
-    assert list(sizes[1]["approaches"]) == ["c-scale", "d-scale", "e-scale", "f-scale"]
+    assert list(sizes[0]["approaches"]) == ["c", "g", "d", "e", "f"]
+    assert list(sizes[1]["approaches"]) == ["c-scale", "g-scale", "d-scale", "e-scale", "f-scale"]
     for size in sizes:
         for key, figures in size["approaches"].items():
             m = found[key]
@@ -554,7 +600,11 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
         assert report["pss_ratios"][f"e2e at scale PSS / {name}"] == pytest.approx(
             pss["c-scale"] / pss[f"{peer}-scale"]
         )
-    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 6
+        assert report["wall_ratios"][f"e2e in driver / {name}"] == pytest.approx(
+            walls["g"] / walls[peer]
+        )
+    assert report["wall_ratios"]["e2e in driver / e2e"] == pytest.approx(walls["g"] / walls["c"])
+    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 14  # c and g, both sizes
     assert report["gpu_ceiling_images_per_second"] is None  # a CPU machine
     wall_at = printed.index("ratios of wall img/s")
     assert wall_at < printed.index("ratios of steady img/s")  # wall time first

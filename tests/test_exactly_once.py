@@ -383,11 +383,13 @@ def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_pa
     assert main(["verify", str(path)]) == EXIT_OK
 
 
+@pytest.mark.parametrize("predict_in", ["actors", "driver"])
 def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
-    ray_local, tmp_path, capsys
+    ray_local, tmp_path, capsys, predict_in
 ) -> None:
     """A model that fails on its device mid-run: the run exits 1 with the model's own error in
-    one line (Ray passes it on as its worker's traceback, in ANSI colours), nothing committed."""
+    one line (Ray passes it on as its worker's traceback, in ANSI colours; the driver's
+    threads raise it themselves), nothing committed."""
     from crashing import DEVICE_LOST
 
     make_images(tmp_path / "images", 8)
@@ -399,7 +401,12 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
             "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
         },
         "task": {"kind": "classification", "top_k": 1},
-        "runtime": {"batch_size": 2, "read_batch_size": 2, "max_actors": 1},
+        "runtime": {
+            "batch_size": 2,
+            "read_batch_size": 2,
+            "max_actors": 1,
+            "predict_in": predict_in,
+        },
         "output": {"uri": str(tmp_path / "table")},
         "run": {"id": "lost", "date": "2026-11-24"},
     }
@@ -409,11 +416,18 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     assert main(["run", str(path)]) == EXIT_FAILED
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("error:")]
+    where = {
+        "actors": "a worker failed",
+        "driver": "the model failed in the driver",
+    }[predict_in]
+    log = {
+        "actors": " (the worker's stack trace: Ray Data's log, in the Ray session's logs/ray-data)",
+        "driver": "",
+    }[predict_in]
     assert said == [
-        f"error: a worker failed: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows "
+        f"error: {where}: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows "
         "made durable so far stay staged, and the same command with --run-id lost --run-date "
-        "2026-11-24 resumes from them (the worker's stack trace: Ray Data's log, in the Ray "
-        "session's logs/ray-data)"
+        f"2026-11-24 resumes from them{log}"
     ]
     assert 'File "' not in err and "\x1b[" not in err  # no frames, no colour codes
     assert committed_runs(str(tmp_path / "table")) == []

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from vision_ops.errors import ModelError, PredictorFailed
 from vision_ops.pipeline.in_driver import predicted_in_threads
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,7 +65,7 @@ def test_a_predictor_that_cannot_load_fails_the_iteration_without_a_hang() -> No
     def load() -> Predictor:
         raise OSError("weights not readable")
 
-    with pytest.raises(OSError, match="weights not readable"):
+    with pytest.raises(PredictorFailed, match=r"^OSError: weights not readable$"):
         list(predicted_in_threads(({"n": n} for n in range(5)), load, threads=2))
 
 
@@ -77,5 +78,51 @@ def test_a_failing_batch_fails_the_iteration() -> None:
 
         return predict
 
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(PredictorFailed, match=r"^RuntimeError: out of memory$") as failed:
         list(predicted_in_threads(({"n": n} for n in range(10)), load, threads=2))
+    assert isinstance(failed.value.__cause__, RuntimeError)  # the error itself, for the log
+
+
+def test_a_bad_model_keeps_its_own_error() -> None:
+    """A VisionOpsError (a model the spec names that does not load) is raised as it is: the
+    command reports it with its own exit code, as from an actor."""
+
+    def load() -> Predictor:
+        raise ModelError("model.weights: expected a state_dict")
+
+    with pytest.raises(ModelError, match="expected a state_dict"):
+        list(predicted_in_threads(({"n": n} for n in range(4)), load, threads=2))
+
+
+def test_one_predictor_of_several_that_cannot_load_fails_the_iteration() -> None:
+    loads = iter([RuntimeError("CUDA error"), None, None])
+    overlaps: list[int] = []
+
+    def load() -> Predictor:
+        failure = next(loads)
+        if failure is not None:
+            raise failure
+        return Predictor(overlaps)
+
+    with pytest.raises(PredictorFailed, match=r"^RuntimeError: CUDA error$"):
+        list(predicted_in_threads(({"n": n} for n in range(30)), load, threads=3))
+
+
+def test_a_consumer_that_stops_takes_no_more_batches_and_leaves_no_thread() -> None:
+    """Rows taken, then the consumer stops (a failed commit, Ctrl-C): no batch queued behind
+    the running ones is predicted, and the predictor threads have ended."""
+    predicted: list[int] = []
+
+    def load() -> Callable[[dict[str, Any]], int]:
+        def predict(batch: dict[str, Any]) -> int:
+            predicted.append(batch["n"])
+            time.sleep(0.02)
+            return int(batch["n"])
+
+        return predict
+
+    rows = predicted_in_threads(({"n": n} for n in range(1000)), load, threads=2)
+    taken = [next(rows) for _ in range(3)]
+    rows.close()
+    assert len(taken) == 3 and len(predicted) <= 3 + 2  # the ones in flight, no more
+    assert not [t for t in threading.enumerate() if t.name.startswith("predictor")]

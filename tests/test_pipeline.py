@@ -417,7 +417,7 @@ def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> Non
         (driver, PoolPlan(1, 1, 1, 1), one_node, "this cluster has GPUs for the predictor pool"),
         (driver, PoolPlan(1, 4, 2, 0), one_node * 2, "this cluster has 2 nodes up"),
         (RuntimeSpec(predict_in="driver", autoscaling=True), PoolPlan(1, 4, 2, 0), one_node,
-         "1 nodes up, autoscaling"),
+         "1 node up, autoscaling"),
     ]  # fmt: skip
     for runtime, plan, nodes, found in cases:
         with pytest.raises(NotInTheDriver, match=f"{found}: expected predict_in: actors"):

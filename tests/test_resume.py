@@ -451,7 +451,7 @@ def killed(*_args: Any, **_kwargs: Any) -> None:
 
 @pytest.mark.parametrize(
     "step",
-    ["IcebergSink._remove_other_masks", "_remove_index", "StagedParts.remove"],
+    ["IcebergSink._remove_other_masks", "_remove_index", "remove_attempt"],
 )
 def test_the_same_run_after_a_kill_past_its_iceberg_snapshot_is_that_commit(
     tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, step: str
@@ -462,7 +462,6 @@ def test_the_same_run_after_a_kill_past_its_iceberg_snapshot_is_that_commit(
     replaced commit's masks and index go. A rerun of another key, or after a whole commit,
     is a run as ever."""
     import vision_ops.iceberg
-    import vision_ops.staging
 
     new_sink, target = segmentation_sinks("iceberg", tmp_path, request)
     replaced = new_sink()
@@ -473,7 +472,7 @@ def test_the_same_run_after_a_kill_past_its_iceberg_snapshot_is_that_commit(
     stage_masked_rows(attempt, URIS, first=10)
     with monkeypatch.context() as patched:
         owner, _, name = step.rpartition(".")
-        module = vision_ops.iceberg if owner != "StagedParts" else vision_ops.staging
+        module = vision_ops.iceberg
         patched.setattr(getattr(module, owner) if owner else module, name, killed)
         with pytest.raises(Killed):
             attempt.commit(URIS)
@@ -725,7 +724,7 @@ def test_the_same_run_after_a_kill_past_its_commit_point_processes_nothing(
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="vision_ops.pipeline.run"):
         assert main(["run", str(spec)]) == EXIT_OK
-    assert "killed past its commit point, is committed now" in caplog.text
+    assert "killed past its commit point, is the run" in caplog.text
     assert list(marks.iterdir()) == []  # the model saw nothing
     manifest = committed_run(str(table), "k1")
     assert manifest is not None and manifest["rows"] == total

@@ -258,7 +258,11 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
-        from vision_ops.errors import raised_as_an_actor_started, raised_in_a_worker
+        from vision_ops.errors import (
+            PredictorFailed,
+            raised_as_an_actor_started,
+            raised_in_a_worker,
+        )
 
         if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
             return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
@@ -268,6 +272,9 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             return _fail(
                 RuntimeError(f"{message} (as the actors started); nothing was committed"), code
             )
+        if isinstance(err, PredictorFailed):  # in the driver's threads (predict_in: driver)
+            message = f"the model failed in the driver: {err}; {nothing_committed(spec)}"
+            return _fail(RuntimeError(message), EXIT_FAILED)
         in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
         if in_worker is not None:
             return _fail(

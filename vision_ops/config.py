@@ -783,10 +783,12 @@ class RuntimeSpec(StrictModel):
     predict_in: Literal["actors", "driver"] = Field(
         default="actors",
         description="Where the model runs: in a pool of Ray actors, or in threads of the driver "
-        "process, one per actor the pool would have, each with an actor's torch threads (Ray "
-        "tasks still list and read). driver suits a short run on a one-node CPU cluster: no "
-        "actor interpreters to start (seconds and about 1 GB each), at the cost of a model "
-        "failure ending the run (its durable rows resume); refused with GPUs or more nodes.",
+        "process, one per actor the pool would have (no more than the run's model calls), each "
+        "with an actor's torch threads, uncompiled (Ray tasks still list and read). driver "
+        "suits a short run on a one-node CPU cluster: no actor interpreters to start (seconds "
+        "and about 1 GB each), at the cost of a process crash in the model ending the run (its "
+        "durable rows resume). Refused with GPUs for the pool, more nodes, autoscaling, and "
+        "for tiled detection.",
     )
     retain_host_memory: bool = Field(
         default=True,
@@ -1172,13 +1174,19 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _driver_needs_no_merge(self) -> JobSpec:
-        if self.runtime.predict_in == "driver" and self.input.tiling is not None:
+        if self.runtime.predict_in == "driver" and self.merges_scene_rows:
             raise ValueError(
                 "runtime.predict_in: driver hands each batch's rows straight to the table; a "
-                "tiled scene's rows are merged in Ray after the actor pool: expected "
+                "tiled scene's detections are merged in Ray after the actor pool: expected "
                 "predict_in: actors"
             )
         return self
+
+    @property
+    def merges_scene_rows(self) -> bool:
+        """Tiled detection: a scene's rows are merged after the predictors (boxes that cross
+        a seam between tiles)."""
+        return self.input.tiling is not None and self.task.kind == "detection"
 
     @model_validator(mode="after")
     def _device_decode_needs_a_fixed_size(self) -> JobSpec:

@@ -42,6 +42,17 @@ class ModelError(VisionOpsError, ValueError):
     exit_code = EXIT_BAD_SPEC
 
 
+class PredictorFailed(RuntimeError):
+    """A predictor in one of the driver's threads failed (`runtime.predict_in: driver`): its
+    error in one line, `Type: message` (the error itself is the cause)."""
+
+    @classmethod
+    def of(cls, err: BaseException) -> PredictorFailed:
+        lines = str(err).splitlines()
+        name = type(err).__name__
+        return cls(f"{name}: {lines[0]}" if lines else name)
+
+
 class InterruptedDuringCommit(KeyboardInterrupt):
     """A Ctrl-C (SIGINT) while the commit was with the catalog: whether it landed is unknown."""
 

@@ -38,7 +38,7 @@ from vision_ops.resume import PART_FILES, UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
 from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
-from vision_ops.staging import StagedParts
+from vision_ops.staging import StagedParts, remove_attempt
 from vision_ops.storage import (
     StorageError,
     StorageOptions,
@@ -238,13 +238,11 @@ class IcebergSink:
         attempt = committed["attempt"]
         staging = staging_folder(self.root, self.run_id, attempt)
         with writing_to(self.output.uri):
+            self.fs.invalidate_cache(staging)
             if not self.fs.glob(f"{staging}/{PART_FILES}"):  # (a store may keep the folder)
                 return None
-            self._remove_other_masks(attempt)
-            _remove_index(_replaced_index(self.table, self.run_id), committed.get("index_uri"),
-                          self.storage_options)  # fmt: skip
-            with contextlib.suppress(OSError):
-                self.fs.rm(staging, recursive=True)
+        replaced = _replaced_index(self.table, self.run_id)
+        self._tidy_up(attempt, replaced, committed.get("index_uri"), staging)
         log.warning(
             "run %s: attempt %s committed snapshot %s and was stopped before it tidied up; "
             "tidied up now",
@@ -252,21 +250,32 @@ class IcebergSink:
             attempt,
             committed["snapshot_id"],
         )
-        return CommitResult(
-            partition_uri=self._partition_uri(committed["snapshot_id"]),
-            manifest_uri=self.table.metadata_location,
-            files=[task.file.file_path for task in _run_scan(self.table, committed).plan_files()],
-            rows=committed["rows"],
-            ok=committed["ok"],
-            errors=committed["errors"],
-            skipped=committed["skipped"],
-            resumed=committed["rows"],
-        )
+        files = [task.file.file_path for task in _run_scan(self.table, committed).plan_files()]
+        return self._result(committed["snapshot_id"], files, committed, resumed=committed["rows"])
 
-    def _partition_uri(self, snapshot: int) -> str:
-        return (
-            f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
-            f"{self.run_date.isoformat()}, snapshot {snapshot})"
+    def _tidy_up(self, attempt: str, replaced: str | None, index: str | None, staging: str) -> None:
+        """After the snapshot of `attempt`: the masks and the index (`replaced`) of the commits
+        it replaced, then its staging (best effort: the table is right without)."""
+        self._remove_other_masks(attempt)
+        _remove_index(replaced, index, self.storage_options)
+        with writing_to(self.output.uri):
+            remove_attempt(self.fs, staging)
+
+    def _result(
+        self, snapshot: int, files: list[str], counts: dict[str, Any], resumed: int
+    ) -> CommitResult:
+        """This run as committed in `snapshot`: its data `files`, with the row `counts` a
+        snapshot summary records."""
+        return CommitResult(
+            partition_uri=f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
+            f"{self.run_date.isoformat()}, snapshot {snapshot})",
+            manifest_uri=self.table.metadata_location,
+            files=files,
+            rows=counts["rows"],
+            ok=counts["ok"],
+            errors=counts["errors"],
+            skipped=counts.get("skipped", 0),
+            resumed=resumed,
         )
 
     def _warn_of_the_earlier_layout(self) -> None:
@@ -353,21 +362,10 @@ class IcebergSink:
             if failed.sure:  # else the files may be the table's now: leave them
                 self._undo(published, index)
             raise failed.error from None
-        self._remove_other_masks(self.attempt)
         replaced = (self._committed or {}).get("index_uri")  # the run id's commit before
-        _remove_index(replaced, uri, self.storage_options)
-        with contextlib.suppress(OSError):
-            self.parts.remove()
-        return CommitResult(
-            partition_uri=self._partition_uri(snapshot),
-            manifest_uri=self.table.metadata_location,
-            files=[f.file_path for f in self._files],
-            rows=self.written.rows,
-            ok=self.written.ok,
-            errors=self.written.errors,
-            skipped=self.written.skipped,
-            resumed=self.resumed,
-        )
+        self._tidy_up(self.attempt, replaced, uri, self.parts.folder)
+        files = [f.file_path for f in self._files]
+        return self._result(snapshot, files, self.written.counts(), resumed=self.resumed)
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The predictor actor pool sized from the cluster's resources, refused before any work where
-it cannot be scheduled."""
+it cannot be scheduled (or, with `runtime.predict_in: driver`, where the driver's threads
+cannot be it)."""
 
 from __future__ import annotations
 
@@ -92,10 +93,12 @@ def check_in_driver(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> None:
     if runtime.predict_in != "driver":
         return
     found = None
+    count = round(sum(number for _, number in nodes))
     if plan.num_gpus:
         found = "GPUs for the predictor pool"
-    elif runtime.autoscaling or len(nodes) > 1:
-        found = f"{len(nodes)} nodes up" + (", autoscaling" if runtime.autoscaling else "")
+    elif runtime.autoscaling or count > 1:
+        found = f"{count} node{'s' if count != 1 else ''} up"
+        found += ", autoscaling" if runtime.autoscaling else ""
     if found is not None:
         raise NotInTheDriver(
             "runtime.predict_in: driver runs the model in the driver's threads on its node's "
@@ -144,8 +147,12 @@ def pool_for_inputs(plan: PoolPlan, runtime: RuntimeSpec, inputs: int) -> PoolPl
     """The pool of a run of `inputs` units to process (images, tiles), so at least inputs /
     batch model calls (a DICOM file gives one unit or more): where the spec leaves the smallest
     size open, no more actors start than have a call to make (each start is a model load);
-    more may still join as the queue backs up."""
+    more may still join as the queue backs up. In the driver's threads, which all start at
+    once, no more than the model calls."""
     model_calls = math.ceil(inputs / runtime.images_per_call)
+    if runtime.predict_in == "driver":  # the driver's threads all load a model at once
+        top = max(1, min(plan.max_size, model_calls))
+        return dataclasses.replace(plan, min_size=min(plan.min_size, top), max_size=top)
     if runtime.min_actors is not None or plan.min_size <= model_calls:
         return plan
     return dataclasses.replace(plan, min_size=max(1, model_calls))

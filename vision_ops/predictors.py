@@ -571,7 +571,8 @@ class FeatureCheck:
             return
         for tensor in _tensors(output):
             if tensor.dim() and len(tensor) == self.images > 0:  # batch-first outputs only
-                self.flags.append(torch.isfinite(tensor).reshape(self.images, -1).all(dim=1))
+                per_image = torch.isfinite(tensor).reshape(self.images, tensor[0].numel())
+                self.flags.append(per_image.all(dim=1))
 
 
 def _tensors(output: Any) -> Iterator[torch.Tensor]:

@@ -32,7 +32,12 @@ from vision_ops.tally import token_sum
 
 log = logging.getLogger(__name__)
 RESUME_KEY = "vision_ops.resume_key"  # in the metadata of every part file a run stages
-PART_FILES = "part-*.parquet"  # an attempt's staged part files (StagedParts names them)
+PART_FILES = "part-*.parquet"  # an attempt's staged part files (`part_file`)
+
+
+def part_file(number: int) -> str:
+    """The name of an attempt's `number`th staged part file."""
+    return f"part-{number:05d}.parquet"
 
 
 @dataclass(frozen=True)

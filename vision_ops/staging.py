@@ -10,6 +10,7 @@ attempt killed before its commit staged is what a rerun of the run id resumes fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -20,7 +21,14 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from vision_ops.masks import MASKS, adopt_masks, earlier_masks
-from vision_ops.resume import Resumable, UnitsOf, find_resumable, resumed_rows, with_resume_key
+from vision_ops.resume import (
+    Resumable,
+    UnitsOf,
+    find_resumable,
+    part_file,
+    resumed_rows,
+    with_resume_key,
+)
 from vision_ops.runindex import ROW_COLUMNS, index_of, merged
 from vision_ops.storage import make_folder, read_parquet
 from vision_ops.tally import bucket_of
@@ -182,11 +190,6 @@ class StagedParts:
             if folder.rstrip("/") != self.folder:
                 self.fs.rm(folder, recursive=True)
 
-    def remove(self) -> None:
-        """This attempt's folder (best effort, after its commit)."""
-        if self.fs.exists(self.folder):
-            self.fs.rm(self.folder, recursive=True)
-
     def _durability_due(self) -> bool:
         if not self.pending_rows:
             return False
@@ -198,7 +201,7 @@ class StagedParts:
         head, rest = table.slice(0, limit), table.slice(limit)
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
-        path = f"{self.folder}/part-{self._parts:05d}.parquet"
+        path = f"{self.folder}/{part_file(self._parts)}"
         self._parts += 1
         if self.resume_key is not None:
             head = with_resume_key(head, self.resume_key)
@@ -207,3 +210,9 @@ class StagedParts:
             pq.write_table(head, handle, compression="zstd")
         self.files.append((path, head.num_rows))
         self._durable_at = time.monotonic()
+
+
+def remove_attempt(fs: AbstractFileSystem, folder: str) -> None:
+    """A committed attempt's staging folder (best effort: the table is right without it)."""
+    with contextlib.suppress(OSError):
+        fs.rm(folder, recursive=True)

@@ -7,7 +7,7 @@ import os
 import posixpath
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vision_ops.benchmark.local_ray import local_ray
@@ -23,7 +23,8 @@ from vision_ops.sink import committed_run, read_committed_file
 PHOTO_BUCKET, OUTPUT_BUCKET = "bench-photos", "bench-out"
 SCALING_TARGET = 1.15  # N -> scale x N images may raise the pipeline's peak RSS by < 15 %
 INCLUDES = (
-    "run_job: listing, Ray start-up, read/decode tasks, predictor actor (model load), "
+    "run_job: listing, Ray start-up, read/decode tasks, the predictors (actors; g: the "
+    "driver's threads) and their model load, "
     "Parquet commit; img/s from the manifest's progress between every actor's first block and "
     "its last, so start-up and drain are excluded; wall includes ray.init"
 )
@@ -38,6 +39,7 @@ class Source:
     input_uri: str
     output_uri: str
     storage_options: dict[str, dict[str, Any]]
+    runtime: dict[str, Any] = field(default_factory=dict)  # over the job's runtime settings
 
 
 def local_source(work: Workload, key: str = "c") -> Source:
@@ -45,10 +47,19 @@ def local_source(work: Workload, key: str = "c") -> Source:
     return Source(key, "vision-ops pipeline, local files", str(work.photos), output, {})
 
 
+def driver_source(work: Workload, key: str = "g") -> Source:
+    """Local files, the model in the driver's threads (`runtime.predict_in: driver`)."""
+    output = str(work.output_dir(f"e2e-{key}"))
+    approach = "vision-ops pipeline, model in the driver"
+    return Source(key, approach, str(work.photos), output, {}, {"predict_in": "driver"})
+
+
 def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str, int]]:
     """One committed run of the bench's job; its measurement and each photo's top-1 label."""
     run_id = f"bench-{source.key}"
     spec = work.job(source.input_uri, source.output_uri, run_id, source.storage_options)
+    runtime = spec.runtime.model_validate(spec.runtime.model_dump() | source.runtime)
+    spec = spec.model_copy(update={"runtime": runtime})
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
         with local_ray(work.bench.cores):

@@ -26,13 +26,16 @@ RATIOS = (
     (f"e2e / {CEILING_LABELS[GPU_CEILING]}", "c", GPU_CEILING),
     ("e2e / model-only", "c", "b"),
     ("e2e from S3 / e2e local", "c-s3", "c"),
+    ("e2e in driver / e2e", "g", "c"),
 )
 # Every job (the pipeline and its peers) runs again on scale x N images (--scale): a key with
 # this suffix. The ceilings are rates of parts, measured once, at N.
 SCALE_SUFFIX = "-scale"
 SCALED = "c" + SCALE_SUFFIX
+# The pipeline's two ways: its predictor actor pool (e2e), the model in the driver's threads.
+PIPELINES = {"c": "e2e", "g": "e2e in driver"}
 PEERS = {"f": "Daft", "d": "naive Ray Data", "e": "DataLoader"}  # the jobs e2e is set against
-JOBS = ("c", *PEERS)  # the approaches that do the whole job: run at every size
+JOBS = (*PIPELINES, *PEERS)  # the approaches that do the whole job: run at every size
 
 
 def scaled(key: str) -> str:
@@ -40,19 +43,31 @@ def scaled(key: str) -> str:
     return key + SCALE_SUFFIX
 
 
+def at_scale(label: str) -> str:
+    """A ratio's label at scale x N: each side's pipeline name followed by "at scale"."""
+    return " / ".join(
+        f"{side} at scale" if side in PIPELINES.values() else side for side in label.split(" / ")
+    )
+
+
 # The pipeline's ratios again at scale x N, against each peer at the same size (the ceilings
 # are rates, so they stand at either size).
 SCALED_RATIOS = tuple(
-    (label.replace("e2e", "e2e at scale", 1), SCALED, scaled(bottom) if bottom in PEERS else bottom)
+    (at_scale(label), scaled(top), scaled(bottom) if bottom in JOBS else bottom)
     for label, top, bottom in RATIOS
-    if top == "c"
+    if top in PIPELINES
 )
 # Wall-time ratios, the time a user waits: (rows / wall seconds) of e2e over a peer's at the
 # same size; above 1 the pipeline finished first. Start-up, listing and commit are all in.
 WALL_RATIOS = tuple(
-    (f"{prefix} / {name}", top, bottom + suffix)
-    for prefix, top, suffix in (("e2e", "c", ""), ("e2e at scale", SCALED, SCALE_SUFFIX))
+    (f"{prefix}{at} / {name}", top + suffix, bottom + suffix)
+    for top, prefix in PIPELINES.items()
+    for at, suffix in (("", ""), (" at scale", SCALE_SUFFIX))
     for bottom, name in PEERS.items()
+) + tuple(
+    (label, top, bottom)
+    for label, top, bottom in RATIOS + SCALED_RATIOS
+    if top in ("g", scaled("g"))
 )
 # Peak PSS ratios at the same size (below 1: the pipeline held less).
 PSS_RATIOS = tuple((label.replace("/", "PSS /", 1), t, b) for label, t, b in WALL_RATIOS)

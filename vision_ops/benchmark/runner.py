@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vision_ops.benchmark.ceilings import decode_ceiling, model_ceiling
-from vision_ops.benchmark.e2e import local_source, pipeline_run, s3_source, scaling
+from vision_ops.benchmark.e2e import driver_source, local_source, pipeline_run, s3_source, scaling
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
 from vision_ops.benchmark.report import JOBS, SCALE_SUFFIX, SCALED, BenchReport, Measurement, scaled
 from vision_ops.benchmark.spec import BenchSpec
@@ -67,6 +67,11 @@ def _pipeline(run: Run, work: Workload, key: str) -> None:
     if key == "c" and work.bench.s3:
         with s3_source(work) as source:
             run.add(*pipeline_run(work, source))
+
+
+@STEPS.register("g")
+def _pipeline_in_driver(run: Run, work: Workload, key: str) -> None:
+    run.add(*pipeline_run(work, driver_source(work, key)))
 
 
 @STEPS.register("d")

@@ -22,6 +22,7 @@ APPROACHES = {
     "a": "decode + preprocess ceiling",
     "b": "model-only ceiling",
     "c": "vision-ops pipeline (end to end)",
+    "g": "vision-ops pipeline, the model in the driver (runtime.predict_in: driver)",
     "d": "naive Ray Data",
     "e": "PyTorch DataLoader",
     "f": "Daft",
@@ -54,7 +55,7 @@ class BenchSpec(BaseModel):
         "the device (runtime.batch_size).",
     )
     only: tuple[str, ...] = Field(
-        default=tuple(APPROACHES), description="Approaches to run, by letter (a-f)."
+        default=tuple(APPROACHES), description="Approaches to run, by letter (a-g)."
     )
     s3: bool = Field(default=True, description="Also run the pipeline from s3:// (SeaweedFS).")
     scale: int = Field(

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
+from vision_ops.errors import PredictorFailed, VisionOpsError
+
 Rows = TypeVar("Rows")
 Batch = dict[str, Any]
 
@@ -26,13 +28,14 @@ def predicted_in_threads(
     """Each batch's rows, as the batches finish: `threads` predictors (`load` makes one; they
     load while the first batches are read), each used by one batch at a time, at most
     `threads` batches taken ahead of the rows handed on. A predictor that fails to load or to
-    predict ends the iteration with its error, once the batches in flight have finished."""
+    predict ends the iteration with its error (as PredictorFailed, but a VisionOpsError),
+    once the batches in flight have finished."""
     idle: queue.SimpleQueue[Callable[[Batch], Rows]] = queue.SimpleQueue()
 
     def load_one() -> None:
         try:
             predictor = load()
-        except Exception as err:  # handed to the batches that wait for a predictor
+        except BaseException as err:  # handed to the batches that wait for a predictor
             predictor = _failing(err)
         idle.put(predictor)
 
@@ -40,10 +43,15 @@ def predicted_in_threads(
         predictor = idle.get()
         try:
             return predictor(batch)
+        except VisionOpsError:  # a bad spec or model: its own message and exit code
+            raise
+        except Exception as err:
+            raise PredictorFailed.of(err) from err
         finally:
             idle.put(predictor)
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="predictor") as pool:
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="predictor")
+    try:
         for _ in range(threads):
             pool.submit(load_one)
         running: set[Future[Rows]] = set()
@@ -55,9 +63,11 @@ def predicted_in_threads(
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             yield from (future.result() for future in done)
+    finally:  # a failure, Ctrl-C or a consumer that stops: no queued batch starts
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _failing(err: Exception) -> Callable[[Batch], Any]:
+def _failing(err: BaseException) -> Callable[[Batch], Any]:
     def fail(_batch: Batch) -> Any:
         raise err
 

@@ -1,11 +1,12 @@
-"""A job run end to end: inputs listed, read/decode tasks, the predictor actor pool, the commit."""
+"""A job run end to end: inputs listed, read/decode tasks, the predictor actor pool (or the
+driver's threads: `runtime.predict_in`), the commit."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,13 @@ def sized_for_units(spec: JobSpec, plan: PoolPlan, units: int) -> tuple[JobSpec,
 def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
     """The spec with `runtime.compile` as the run's size makes it pay: off for fewer than
     `compile_min_inputs` inputs, only where a node compiled the model before for fewer than
-    `compile_min_inputs_cold` (a first compile costs several times a cached one), else as asked."""
+    `compile_min_inputs_cold` (a first compile costs several times a cached one), else as asked;
+    off in the driver's threads (torch.compile is not thread-safe, and the driver's runs are
+    short)."""
     runtime = spec.runtime
+    if runtime.compile and runtime.predict_in == "driver":
+        log.info("runtime.predict_in: driver: the model runs uncompiled (in threads)")
+        return spec.model_copy(update={"runtime": runtime.model_copy(update={"compile": False})})
     if not runtime.compile or inputs >= max(
         runtime.compile_min_inputs_cold, runtime.compile_min_inputs
     ):
@@ -176,8 +182,8 @@ def _process_and_commit(
     sink = open_sink(spec, run_id, run_date, schema, identity)  # its format's (outputs.py)
     if sink.finished_earlier is not None:
         log.warning(
-            "run %s: an earlier attempt of this run, killed past its commit point, is "
-            "committed now (its commit finished as this one started): nothing to process",
+            "run %s: an earlier attempt of this run, killed past its commit point, is the "
+            "run (its commit finished or tidied up as this one started): nothing to process",
             run_id,
         )
         return sink.finished_earlier, 0.0, committed_drift(spec, run_id)
@@ -276,8 +282,9 @@ def merged_per_scene(
     spec: JobSpec, rows: ray.data.Dataset, tiles: ScenePlan | None
 ) -> ray.data.Dataset:
     """Detection over tiled scenes: each scene's rows merged in Ray (ScenePlan.merged)."""
-    if tiles is None or not isinstance(spec.task, DetectionTask):
+    if tiles is None or not spec.merges_scene_rows:
         return rows
+    assert isinstance(spec.task, DetectionTask)
     return tiles.merged(rows, spec.task.seam_overlap)
 
 
@@ -308,20 +315,50 @@ def predicted_rows(
     schema: pa.Schema,
     attempt: str,
     tiles: ScenePlan | None,
-) -> Iterator[pa.Table]:
+) -> Iterable[pa.Table]:
     """The run's rows as they reach the driver: read, predicted (by the actor pool, or in the
     driver's threads: `runtime.predict_in`) and built; segmentation masks are staged for
     commit `attempt`."""
     units = read_units(spec, listing, plan)
     stages = RowStages.of(spec, schema, attempt)
     if spec.runtime.predict_in == "driver":
-        batches = with_limits(units, spec.runtime).iter_batches(
-            batch_size=spec.runtime.images_per_call, batch_format="numpy"
-        )
-        load = functools.partial(PredictRows, spec, plan.threads, stages.in_predictor)
-        for predictions in predicted_in_threads(batches, load, plan.max_size):
-            yield stages.after_predictor(predictions)
-        return
+        return rows_in_driver(spec, units, plan, stages)
+    return rows_from_actors(spec, units, plan, stages, tiles)
+
+
+def rows_in_driver(
+    spec: JobSpec, units: ray.data.Dataset, plan: PoolPlan, stages: RowStages
+) -> Iterable[pa.Table]:
+    """The pool as threads of the driver (pipeline/in_driver.py), each with an actor's torch
+    threads, staging its batches' masks and building their rows itself. The driver's own
+    process keeps glibc's handling of freed memory (`retain_host_memory` is the actors')."""
+    runtime = spec.runtime.model_copy(update={"retain_host_memory": False})
+    batches = with_limits(units, runtime).iter_batches(
+        batch_size=runtime.images_per_call, batch_format="numpy"
+    )
+    load = functools.partial(
+        predictor_in_thread, spec.model_copy(update={"runtime": runtime}), plan.threads, stages
+    )
+    return predicted_in_threads(batches, load, plan.max_size)
+
+
+def predictor_in_thread(
+    spec: JobSpec, threads: int | None, stages: RowStages
+) -> Callable[[dict[str, Any]], pa.Table]:
+    """One driver thread's predictor: a batch to its rows, masks staged on the way."""
+    predict = PredictRows(spec, threads, stages.in_predictor)
+    return lambda batch: stages.after_predictor(predict(batch))
+
+
+def rows_from_actors(
+    spec: JobSpec,
+    units: ray.data.Dataset,
+    plan: PoolPlan,
+    stages: RowStages,
+    tiles: ScenePlan | None,
+) -> Iterable[pa.Table]:
+    """The predictor actor pool's rows, masks staged and rows built in Ray after it where the
+    task writes masks, a tiled scene's detections merged."""
     predictions = units.map_batches(
         PredictRows,
         fn_constructor_kwargs={
@@ -337,11 +374,10 @@ def predicted_rows(
     )
     if stages.stage_masks is not None:
         predictions = predictions.map_batches(
-            stages.stage_masks, batch_format="numpy", batch_size=None
+            stages.after_predictor, batch_format="numpy", batch_size=None
         )
-        predictions = predictions.map_batches(stages.to_rows, batch_format="numpy", batch_size=None)
     rows = with_limits(merged_per_scene(spec, predictions, tiles), spec.runtime)
-    yield from rows.iter_batches(batch_format="pyarrow", batch_size=None)
+    return rows.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 @dataclass(frozen=True)
@@ -355,13 +391,14 @@ class RowStages:
     @classmethod
     def of(cls, spec: JobSpec, schema: pa.Schema, attempt: str) -> RowStages:
         run_id, run_date = spec.resolved_run()
+        task = get_task(spec.task.kind)
         to_rows = functools.partial(
-            get_task(spec.task.kind).rows,
+            task.rows,
             run_id=run_id,
             labels=resolve_labels(spec.model, spec.storage_options),
             schema=schema,
         )
-        if not get_task(spec.task.kind).writes_masks(spec):
+        if not task.writes_masks(spec):
             return cls(to_rows, None)
         stage_masks = functools.partial(
             write_masks,
@@ -378,7 +415,8 @@ class RowStages:
         return self.to_rows if self.stage_masks is None else None
 
     def after_predictor(self, predictions: pa.Table | dict[str, Any]) -> pa.Table:
-        """The rows of a batch the predictor returned (the driver's path)."""
+        """The rows of a batch the predictor returned: as they are, or its masks staged and
+        its rows built."""
         if self.stage_masks is None:
             assert isinstance(predictions, pa.Table)
             return predictions
