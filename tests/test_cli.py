@@ -24,6 +24,7 @@ from vision_ops.cli import (
     EXIT_TOO_MANY_ERRORS,
     main,
 )
+from vision_ops.devstack import free_ports
 from vision_ops.pipeline import run as pipeline_run
 from vision_ops.runstats import startup_line
 from vision_ops.sink import committed_run
@@ -371,29 +372,35 @@ def test_error_ratio_above_the_limit_exits_4(spec_file, ray_local) -> None:
     assert main(args) == EXIT_TOO_MANY_ERRORS
 
 
+# A cluster of a head of `head_cpus` and `nodes` more 1-CPU nodes, its address printed (a Ray
+# Client address where a client port is given), up until stdin closes.
 CLUSTER_HOST = textwrap.dedent(
     """
     import os, sys, tempfile
     from ray.cluster_utils import Cluster
+    head_cpus, nodes, client_port = (int(arg) for arg in sys.argv[1:])
     # In the suite's Ray root, whose `ray` folder takes the Cluster's address file.
     temp = tempfile.mkdtemp(prefix="c", dir=os.environ["RAY_TMPDIR"])
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp},
-    )
-    cluster.add_node(num_cpus=1)
+    head = {"num_cpus": head_cpus, "include_dashboard": False, "temp_dir": temp}
+    if client_port:
+        head["ray_client_server_port"] = client_port
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    print(cluster.address, flush=True)
+    print(f"ray://127.0.0.1:{client_port}" if client_port else cluster.address, flush=True)
     sys.stdin.read()
     cluster.shutdown()
     """
 )
 
 
-@pytest.mark.slow
-def test_console_script_runs_on_a_two_node_cluster_from_ray_address(spec_file, tmp_path) -> None:
+def run_on_a_cluster(
+    args: list[str], head_cpus: int, nodes: int, client_port: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """The console script with `args`, RAY_ADDRESS naming a cluster of CLUSTER_HOST's."""
     host = subprocess.Popen(
-        [sys.executable, "-c", CLUSTER_HOST],
+        [sys.executable, "-c", CLUSTER_HOST, str(head_cpus), str(nodes), str(client_port)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -402,15 +409,37 @@ def test_console_script_runs_on_a_two_node_cluster_from_ray_address(spec_file, t
         address = host.stdout.readline().strip()  # type: ignore[union-attr]
         assert address, "the cluster host printed no address"
         env = os.environ | {"RAY_ADDRESS": address}
-        args = [str(CONSOLE_SCRIPT), "run", str(spec_file), "--run-id", "two-nodes"]
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+        return subprocess.run(
+            [str(CONSOLE_SCRIPT), *args], env=env, capture_output=True, text=True, timeout=400
+        )
     finally:
         host.communicate(input="", timeout=120)
+
+
+@pytest.mark.slow
+def test_console_script_runs_on_a_two_node_cluster_from_ray_address(spec_file, tmp_path) -> None:
+    done = run_on_a_cluster(["run", str(spec_file), "--run-id", "two-nodes"], 1, nodes=1)
     assert done.returncode == EXIT_OK, done.stderr[-3000:]
     assert "run two-nodes: 3 items, 2 ok, 1 errors" in done.stdout
     assert "Started a local Ray instance" not in done.stderr
     table = pq.read_table(next((tmp_path / "table").glob("run_date=*")))
     assert sorted(table["status"].to_pylist()) == ["error", "ok", "ok"]
+
+
+@pytest.mark.slow
+def test_the_model_in_the_driver_is_refused_through_ray_client(spec_file, tmp_path) -> None:
+    """A driver joined through Ray Client is on no node of the one-node cluster: its threads
+    would run the model on its own machine, so predict_in: driver is refused before any work."""
+    args = ["run", str(spec_file), "--set", "runtime.predict_in=driver"]
+    done = run_on_a_cluster(args, 2, nodes=0, client_port=free_ports(1)[0])
+    assert done.returncode == EXIT_BAD_SPEC, done.stderr[-3000:]
+    assert (
+        "error: runtime.predict_in: driver runs the model in the driver's threads on its node's "
+        "CPUs; this driver is on no node of the cluster (it joined through Ray Client, ray://): "
+        "expected predict_in: actors"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "table").exists()
 
 
 def test_validate_counts_the_inputs_as_a_run_lists_them(spec_file, capsys) -> None:

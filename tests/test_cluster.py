@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vision_ops.cli import EXIT_CLUSTER_TOO_SMALL, EXIT_OK, main
+from vision_ops.cli import EXIT_BAD_SPEC, EXIT_CLUSTER_TOO_SMALL, EXIT_OK, main
 from vision_ops.cluster import (
     ClusterConfigError,
     head_resources,
@@ -171,3 +171,23 @@ def test_validate_sizes_the_pool_on_the_cluster(capsys, tmp_path) -> None:
         EXIT_CLUSTER_TOO_SMALL
     )
     assert "cannot be scheduled even at full scale" in capsys.readouterr().err
+
+
+def test_validate_plans_the_model_in_the_driver_on_a_one_node_cluster_only(
+    capsys, tmp_path, config
+) -> None:
+    """`predict_in: driver` on a launcher config: the driver's threads where the cluster is
+    one CPU node at full scale; refused (exit 2, as the run would be) where it has more."""
+    spec = ROOT / "jobs" / "classify.yaml"
+    in_driver = ["--set", "evaluate=null", "--set", "runtime.predict_in=driver"]
+    assert main(["validate", str(spec), "--cluster", str(CLUSTER), *in_driver]) == EXIT_BAD_SPEC
+    assert "this cluster has GPUs for the predictor pool: expected predict_in: actors" in (
+        capsys.readouterr().err
+    )
+    one_node = config | {"max_workers": 0}
+    one_node["available_node_types"] = {"head": {"resources": {"CPU": 8}, "node_config": {}}}
+    path = write(tmp_path, one_node)
+    assert main(["validate", str(spec), "--cluster", str(path), *in_driver]) == EXIT_OK
+    assert "(8 CPUs, 0 GPUs): 7 predictor threads in the driver of 1 torch threads each; " in (
+        capsys.readouterr().out
+    )

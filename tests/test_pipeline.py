@@ -375,11 +375,13 @@ def test_the_model_in_the_driver_gives_the_same_rows_and_starts_no_actor(
 
     calls: list[int] = []
     loaded: list[int] = []
+    runtimes: list[RuntimeSpec] = []
 
     class Recorded(pipeline_run.PredictRows):  # type: ignore[misc]
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        def __init__(self, spec, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
             loaded.append(threading.get_ident())
-            super().__init__(*args, **kwargs)
+            runtimes.append(spec.runtime)
+            super().__init__(spec, *args, **kwargs)
 
         def __call__(self, batch):  # type: ignore[no-untyped-def]
             calls.append(threading.get_ident())
@@ -388,12 +390,16 @@ def test_the_model_in_the_driver_gives_the_same_rows_and_starts_no_actor(
     monkeypatch.setattr(pipeline_run, "PredictRows", Recorded)
     expected_errors = write_bad_corpus(photo_dir)
     runtime = {"batch_size": 2, "num_cpus_per_actor": 0.5, "reserved_cpus": 1}
+    compiled = {"compile": True, "compile_min_inputs": 0, "compile_min_inputs_cold": 0}
     output = tmp_path / "table"
     before = predictor_actors()
-    spec = job([str(photo_dir)], str(output), runtime=runtime | {"predict_in": "driver"})
+    spec = job([str(photo_dir)], str(output), runtime=runtime | compiled | {"predict_in": "driver"})
+    assert spec.runtime.retain_host_memory
     summary = run_job(spec)
     assert predictor_actors() == before  # no actor started
     assert len(loaded) == 2 and threading.get_ident() not in loaded + calls
+    for used in runtimes:  # uncompiled (not thread-safe), glibc's freed memory kept
+        assert not used.compile and not used.retain_host_memory
     listed = sorted(p.as_uri() for p in photo_dir.iterdir())
     assert len(calls) == len(listed) // 2  # a model call a batch of 2
     rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
@@ -422,6 +428,8 @@ def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> Non
     for runtime, plan, nodes, found in cases:
         with pytest.raises(NotInTheDriver, match=f"{found}: expected predict_in: actors"):
             check_in_driver(runtime, plan, nodes)
+    with pytest.raises(NotInTheDriver, match=r"on no node of the cluster \(it joined through"):
+        check_in_driver(driver, PoolPlan(1, 4, 2, 0), one_node, through_client=True)
     with pytest.raises(ValueError, match="merged in Ray after the actor pool"):
         parse_spec(
             {

@@ -59,7 +59,9 @@ def scenes(tmp_path: Path, bands: np.ndarray) -> Path:
     return folder
 
 
-def spec_for(scenes: Path, output: Path, tiny_weights: Path, **tiling: object):
+def spec_for(
+    scenes: Path, output: Path, tiny_weights: Path, predict_in: str = "actors", **tiling: object
+):
     return parse_spec(
         {
             "input": {
@@ -73,17 +75,20 @@ def spec_for(scenes: Path, output: Path, tiny_weights: Path, **tiling: object):
                 "preprocessing": PREP,
             },
             "task": {"top_k": 2},
-            "runtime": {"batch_size": 8, "max_actors": 1},
+            "runtime": {"batch_size": 8, "max_actors": 1, "predict_in": predict_in},
             "output": {"uri": str(output)},
             "run": {"id": "tiles", "date": "2026-11-24"},
         }
     )
 
 
+@pytest.mark.parametrize("predict_in", ["actors", "driver"])
 def test_a_scene_becomes_tiles_with_exact_footprints(
-    ray_local, scenes, bands, tmp_path, tiny_weights, capsys
+    ray_local, scenes, bands, tmp_path, tiny_weights, capsys, predict_in
 ) -> None:
-    spec = spec_for(scenes, tmp_path / "table", tiny_weights)
+    """Tiles, their footprints and their skipped and error rows, the model's top-k on each
+    tile as a direct call gives it; the same with the model in the driver's threads."""
+    spec = spec_for(scenes, tmp_path / "table", tiny_weights, predict_in)
     summary = run_job(spec)
     windows = tile_windows(WIDTH, HEIGHT, TILE, 0, "shift")  # 5 columns x 4 rows
     assert len(windows) == 20

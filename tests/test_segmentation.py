@@ -128,7 +128,10 @@ def test_masks_follow_the_commit_and_a_rerun_replaces_them(ray_local, tmp_path, 
     assert row["mask_uri"] == f"file://{rerun}/{kept}"
 
 
-def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(ray_local, tmp_path) -> None:
+@pytest.mark.parametrize("predict_in", ["actors", "driver"])
+def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(
+    ray_local, tmp_path, predict_in
+) -> None:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
     transform = from_origin(600_000.0, 5_200_000.0, 20.0, 20.0)
@@ -144,6 +147,7 @@ def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(ray_local, tmp_pat
     spec = spec_for(
         str(scenes), tmp_path / "table", "lraspp_mobilenet_v3_large", weights,
         input={"uris": [str(scenes)], "tiling": {"size": 64}},
+        runtime={"batch_size": 4, "max_actors": 1, "intra_op_threads": 1, "predict_in": predict_in},
     )  # fmt: skip
     run_job(spec)
     rows = sorted(pq.read_table(tmp_path / "table").to_pylist(), key=lambda r: r["tile_x"])

@@ -198,8 +198,8 @@ def _with_spec(
 def validate(spec: JobSpec, args: argparse.Namespace) -> int:
     run_id, run_date = spec.resolved_run()
     print(f"spec ok: {spec.task.kind} with {spec.model.kind} model, run {run_id} ({run_date})")
-    if args.cluster and _plan_on_cluster(spec, args.cluster) != EXIT_OK:
-        return EXIT_CLUSTER_TOO_SMALL
+    if args.cluster and (planned := _plan_on_cluster(spec, args.cluster)) != EXIT_OK:
+        return planned
     if args.list_inputs:
         from vision_ops.sources import SourceError, list_inputs, table_apart
 
@@ -214,29 +214,37 @@ def validate(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
     """The predictor pool the spec gets on a launcher config scaled to its max_workers (with
-    `runtime.autoscaling`, as the run sizes it on the head from that config)."""
+    `runtime.autoscaling`, as the run sizes it on the head from that config); with
+    `runtime.predict_in: driver`, the driver's threads, where that cluster allows them."""
     from vision_ops.cluster import (
         ClusterConfigError,
         full_scale_nodes,
         load_cluster_config,
         max_capacity,
     )
-    from vision_ops.pool import ClusterTooSmall, plan_pool
+    from vision_ops.pool import ClusterTooSmall, NotInTheDriver, check_in_driver, plan_pool
 
     try:
         config = load_cluster_config(cluster)
         capacity = max_capacity(config)
+        nodes = full_scale_nodes(config)
         if spec.runtime.autoscaling:
-            plan = plan_pool(spec.runtime, {}, full_scale_nodes(config))
+            plan = plan_pool(spec.runtime, {}, nodes)
         else:
             plan = plan_pool(spec.runtime, capacity)
-    except (ClusterConfigError, ClusterTooSmall) as err:
-        return _fail(err, EXIT_CLUSTER_TOO_SMALL)
+        check_in_driver(spec.runtime, plan, nodes)
+    except (ClusterConfigError, ClusterTooSmall, NotInTheDriver) as err:
+        return _fail(err, err.exit_code)
     sized = spec.sized(plan.num_gpus).runtime
+    predictors = (
+        f"{plan.max_size} predictor threads in the driver of {plan.threads} torch threads each"
+        if spec.runtime.predict_in == "driver"
+        else f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
+        f"{plan.num_gpus:g} GPU"
+    )
     print(
         f"on {cluster} at full scale ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs): "
-        f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
-        f"{plan.num_gpus:g} GPU; {sized.images_per_call} images per model call, "
+        f"{predictors}; {sized.images_per_call} images per model call, "
         f"{sized.files_per_read_task} files per read task"
     )
     return EXIT_OK

@@ -48,9 +48,15 @@ class PredictorFailed(RuntimeError):
 
     @classmethod
     def of(cls, err: BaseException) -> PredictorFailed:
-        lines = str(err).splitlines()
-        name = type(err).__name__
-        return cls(f"{name}: {lines[0]}" if lines else name)
+        return cls(in_one_line(err))
+
+
+def in_one_line(err: BaseException) -> str:
+    """`Type: first line` of an error (its type alone where it has no message): what a
+    command says of an error that is not its own, the rest of it left to the logs."""
+    lines = str(err).splitlines()
+    name = type(err).__name__
+    return f"{name}: {lines[0]}" if lines else name
 
 
 class InterruptedDuringCommit(KeyboardInterrupt):

@@ -250,7 +250,7 @@ class IcebergSink:
             attempt,
             committed["snapshot_id"],
         )
-        files = [task.file.file_path for task in _run_scan(self.table, committed).plan_files()]
+        files = [data.file_path for data in _run_data_files(self.table, committed)]
         return self._result(committed["snapshot_id"], files, committed, resumed=committed["rows"])
 
     def _tidy_up(self, attempt: str, replaced: str | None, index: str | None, staging: str) -> None:
@@ -266,17 +266,11 @@ class IcebergSink:
     ) -> CommitResult:
         """This run as committed in `snapshot`: its data `files`, with the row `counts` a
         snapshot summary records."""
-        return CommitResult(
-            partition_uri=f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
-            f"{self.run_date.isoformat()}, snapshot {snapshot})",
-            manifest_uri=self.table.metadata_location,
-            files=files,
-            rows=counts["rows"],
-            ok=counts["ok"],
-            errors=counts["errors"],
-            skipped=counts.get("skipped", 0),
-            resumed=resumed,
+        partition = (
+            f"iceberg table {self.output.table} ({PARTITION_COLUMN}="
+            f"{self.run_date.isoformat()}, snapshot {snapshot})"
         )
+        return CommitResult.of((partition, self.table.metadata_location), files, counts, resumed)
 
     def _warn_of_the_earlier_layout(self) -> None:
         """Attempts of this run id staged in `uri` itself, before each table had a folder of
@@ -692,8 +686,8 @@ def committed_run(output: OutputSpec, run_id: str | None = None) -> dict[str, An
     table = load_table(output)
     if table is not None:
         run["files"] = [
-            {"uri": task.file.file_path, "rows": task.file.record_count}
-            for task in _run_scan(table, run).plan_files()
+            {"uri": data.file_path, "rows": data.record_count}
+            for data in _run_data_files(table, run)
         ]
     return run
 
@@ -770,6 +764,11 @@ def _history(table: Table) -> Iterable[Any]:
 
     current = table.current_snapshot()
     return ancestors_of(current, table.metadata) if current is not None else []
+
+
+def _run_data_files(table: Table, run: dict[str, Any]) -> list[DataFile]:
+    """The data files holding a committed run's rows in its snapshot."""
+    return [task.file for task in _run_scan(table, run).plan_files()]
 
 
 def _run_scan(table: Table, run: dict[str, Any], fields: tuple[str, ...] = ("*",)) -> Any:

@@ -86,23 +86,29 @@ def plan_pool(
     )
 
 
-def check_in_driver(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> None:
+def check_in_driver(
+    runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes, *, through_client: bool = False
+) -> None:
     """`predict_in: driver` runs the pool as threads of the driver, on its node's CPUs:
-    refused, before any work, where the pool would have GPUs or the cluster more than one
-    node (or more to come)."""
+    refused, before any work, where the pool would have GPUs, the cluster more than one node
+    (or more to come), or the driver is on no node of it (`through_client`: Ray Client, where
+    its threads would run the model on the driver's machine, every batch crossing the
+    network)."""
     if runtime.predict_in != "driver":
         return
     found = None
     count = round(sum(number for _, number in nodes))
     if plan.num_gpus:
-        found = "GPUs for the predictor pool"
+        found = "this cluster has GPUs for the predictor pool"
+    elif through_client:
+        found = "this driver is on no node of the cluster (it joined through Ray Client, ray://)"
     elif runtime.autoscaling or count > 1:
-        found = f"{count} node{'s' if count != 1 else ''} up"
+        found = f"this cluster has {count} node{'s' if count != 1 else ''} up"
         found += ", autoscaling" if runtime.autoscaling else ""
     if found is not None:
         raise NotInTheDriver(
             "runtime.predict_in: driver runs the model in the driver's threads on its node's "
-            f"CPUs; this cluster has {found}: expected predict_in: actors"
+            f"CPUs; {found}: expected predict_in: actors"
         )
 
 

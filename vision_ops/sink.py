@@ -189,6 +189,28 @@ class CommitResult:
     skipped: int = 0  # tiles with no data, recorded and never sent to the model
     resumed: int = 0  # units an earlier attempt of the run id made durable, reused
 
+    @classmethod
+    def of(
+        cls,
+        where: tuple[str, str],
+        files: list[str],
+        counts: Mapping[str, Any],
+        resumed: int,
+    ) -> CommitResult:
+        """A run as committed: `where` (its partition, its manifest), its `files`, with the
+        row `counts` a manifest (or a snapshot summary) records."""
+        partition_uri, manifest_uri = where
+        return cls(
+            partition_uri=partition_uri,
+            manifest_uri=manifest_uri,
+            files=files,
+            rows=counts["rows"],
+            ok=counts["ok"],
+            errors=counts["errors"],
+            skipped=counts.get("skipped", 0),
+            resumed=resumed,
+        )
+
 
 @dataclass
 class ParquetSink:
@@ -252,18 +274,11 @@ class ParquetSink:
         return self._result(files, manifest, resumed=manifest["rows"])
 
     def _result(self, files: list[str], counts: Mapping[str, Any], resumed: int) -> CommitResult:
-        """This run as committed: its partition, manifest and `files`, with the row `counts`
-        a manifest records."""
-        return CommitResult(
-            partition_uri=canonical_uri(self.fs, self.partition),
-            manifest_uri=canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
-            files=files,
-            rows=counts["rows"],
-            ok=counts["ok"],
-            errors=counts["errors"],
-            skipped=counts.get("skipped", 0),
-            resumed=resumed,
+        where = (
+            canonical_uri(self.fs, self.partition),
+            canonical_uri(self.fs, manifest_path(self.root, self.run_id)),
         )
+        return CommitResult.of(where, files, counts, resumed)
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)

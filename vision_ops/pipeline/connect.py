@@ -39,6 +39,14 @@ def connect_ray() -> None:
     stack_traces_to_ray_datas_log()
 
 
+def through_ray_client() -> bool:
+    """Whether the driver reaches the cluster through Ray Client (a `ray://` address), from a
+    machine that is no node of it."""
+    import ray.util.client
+
+    return bool(ray.util.client.ray.is_connected())
+
+
 def nodes_up() -> Nodes:
     """The cluster's live nodes, one by one: (a node's CPU and GPU, 1)."""
     return [

@@ -15,6 +15,7 @@ import ray
 from ray.data.datasource import FileBasedDatasource
 
 from vision_ops.config import InputSpec
+from vision_ops.errors import in_one_line
 from vision_ops.sources import (
     LISTING_BLOCK_ROWS,
     LISTING_SCHEMA,
@@ -184,8 +185,7 @@ def _source_error(uri: str, err: BaseException) -> SourceError:
         if isinstance(original, SourceError):  # one line; Ray appends its retry advice
             return SourceError(str(original).splitlines()[0])
         found = original or found.__cause__
-    first_line = next(iter(str(root).splitlines()), "")
-    return SourceError(f"manifest {uri}: cannot read: {type(root).__name__}: {first_line}")
+    return SourceError(f"manifest {uri}: cannot read: {in_one_line(root)}")
 
 
 def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:

@@ -22,7 +22,7 @@ from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
-from vision_ops.pipeline.connect import connect_ray, nodes_up
+from vision_ops.pipeline.connect import connect_ray, nodes_up, through_ray_client
 from vision_ops.pipeline.identity import identity_digests
 from vision_ops.pipeline.in_driver import predicted_in_threads
 from vision_ops.pipeline.incremental import skip_committed
@@ -97,8 +97,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     reachable = reachable_nodes() if spec.runtime.autoscaling else None
     up = nodes_up()
     plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
-    check_in_driver(spec.runtime, plan, up)
-    spec = spec.sized(plan.num_gpus)
+    check_in_driver(spec.runtime, plan, up, through_client=through_ray_client())
+    spec = as_run_in_driver(spec).sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
         listing = list_listing(spec.input, inputs, spec.storage_options, table)
@@ -140,16 +140,25 @@ def sized_for_units(spec: JobSpec, plan: PoolPlan, units: int) -> tuple[JobSpec,
     return spec, plan
 
 
+def as_run_in_driver(spec: JobSpec) -> JobSpec:
+    """The spec as the driver's threads run it (`runtime.predict_in: driver`): uncompiled
+    (torch.compile is not thread-safe, and the driver's runs are short), and with glibc's
+    handling of freed memory kept (`retain_host_memory` is for a predictor actor's process,
+    not the driver's). Other specs as they are."""
+    runtime = spec.runtime
+    if runtime.predict_in != "driver":
+        return spec
+    if runtime.compile:
+        log.info("runtime.predict_in: driver: the model runs uncompiled (in threads)")
+    in_driver = runtime.model_copy(update={"compile": False, "retain_host_memory": False})
+    return spec.model_copy(update={"runtime": in_driver})
+
+
 def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
     """The spec with `runtime.compile` as the run's size makes it pay: off for fewer than
     `compile_min_inputs` inputs, only where a node compiled the model before for fewer than
-    `compile_min_inputs_cold` (a first compile costs several times a cached one), else as asked;
-    off in the driver's threads (torch.compile is not thread-safe, and the driver's runs are
-    short)."""
+    `compile_min_inputs_cold` (a first compile costs several times a cached one), else as asked."""
     runtime = spec.runtime
-    if runtime.compile and runtime.predict_in == "driver":
-        log.info("runtime.predict_in: driver: the model runs uncompiled (in threads)")
-        return spec.model_copy(update={"runtime": runtime.model_copy(update={"compile": False})})
     if not runtime.compile or inputs >= max(
         runtime.compile_min_inputs_cold, runtime.compile_min_inputs
     ):
@@ -330,15 +339,12 @@ def rows_in_driver(
     spec: JobSpec, units: ray.data.Dataset, plan: PoolPlan, stages: RowStages
 ) -> Iterable[pa.Table]:
     """The pool as threads of the driver (pipeline/in_driver.py), each with an actor's torch
-    threads, staging its batches' masks and building their rows itself. The driver's own
-    process keeps glibc's handling of freed memory (`retain_host_memory` is the actors')."""
-    runtime = spec.runtime.model_copy(update={"retain_host_memory": False})
-    batches = with_limits(units, runtime).iter_batches(
-        batch_size=runtime.images_per_call, batch_format="numpy"
+    threads, staging its batches' masks and building their rows itself (the spec as
+    `as_run_in_driver` made it)."""
+    batches = with_limits(units, spec.runtime).iter_batches(
+        batch_size=spec.runtime.images_per_call, batch_format="numpy"
     )
-    load = functools.partial(
-        predictor_in_thread, spec.model_copy(update={"runtime": runtime}), plan.threads, stages
-    )
+    load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
     return predicted_in_threads(batches, load, plan.max_size)
 
 
