@@ -509,6 +509,9 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     found = {m["key"]: m for m in report["measurements"]}
     jobs = ["c", "c-scale", "g", "g-scale", "d", "d-scale", "e", "e-scale", "f", "f-scale"]
     assert list(found) == ["a", "b", *jobs]  # every job at N and at SCALE x N
+    processes = {found[key]["details"]["process_id"] for key in jobs}
+    assert len(processes) == len(jobs)  # each job in a fresh process of its own
+    assert not {"process_id"} & (found["a"]["details"].keys() | found["b"]["details"].keys())
     for m in found.values():
         size = TINY * SCALE if m["key"].endswith("-scale") else TINY
         assert m["rows"] == m["expected_rows"] == size, m["key"]
