@@ -421,9 +421,9 @@ def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> Non
     check_in_driver(RuntimeSpec(), PoolPlan(1, 1, 1, 1), one_node * 2)  # actors: no check
     cases = [
         (driver, PoolPlan(1, 1, 1, 1), one_node, "this cluster has GPUs for the predictor pool"),
-        (driver, PoolPlan(1, 4, 2, 0), one_node * 2, "this cluster has 2 nodes up"),
+        (driver, PoolPlan(1, 4, 2, 0), one_node * 2, "this cluster has 2 nodes"),
         (RuntimeSpec(predict_in="driver", autoscaling=True), PoolPlan(1, 4, 2, 0), one_node,
-         "1 node up, autoscaling"),
+         "1 node, autoscaling"),
     ]  # fmt: skip
     for runtime, plan, nodes, found in cases:
         with pytest.raises(NotInTheDriver, match=f"{found}: expected predict_in: actors"):

@@ -88,8 +88,12 @@ def test_a_scene_becomes_tiles_with_exact_footprints(
 ) -> None:
     """Tiles, their footprints and their skipped and error rows, the model's top-k on each
     tile as a direct call gives it; the same with the model in the driver's threads."""
+    from test_pipeline import predictor_actors
+
     spec = spec_for(scenes, tmp_path / "table", tiny_weights, predict_in)
+    before = predictor_actors()
     summary = run_job(spec)
+    assert len(predictor_actors() - before) == (predict_in == "actors")  # max_actors: 1
     windows = tile_windows(WIDTH, HEIGHT, TILE, 0, "shift")  # 5 columns x 4 rows
     assert len(windows) == 20
     table = pq.read_table(tmp_path / "table" / "run_date=2026-11-24")

@@ -149,7 +149,11 @@ def test_a_georeferenced_tile_gets_a_geotiff_mask_on_the_tile(
         input={"uris": [str(scenes)], "tiling": {"size": 64}},
         runtime={"batch_size": 4, "max_actors": 1, "intra_op_threads": 1, "predict_in": predict_in},
     )  # fmt: skip
+    from test_pipeline import predictor_actors
+
+    before = predictor_actors()
     run_job(spec)
+    assert len(predictor_actors() - before) == (predict_in == "actors")  # max_actors: 1
     rows = sorted(pq.read_table(tmp_path / "table").to_pylist(), key=lambda r: r["tile_x"])
     assert [r["tile_x"] for r in rows] == [0, 64]
     for row in rows:

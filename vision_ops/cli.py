@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if level not in LOG_LEVELS:
         message = f"{LOG_LEVEL_VARIABLE}: expected one of {', '.join(LOG_LEVELS)}, found {level!r}"
         return _fail(ValueError(message), EXIT_BAD_SPEC)
-    _log_at(logging.getLevelName(level))
+    log_at(logging.getLevelName(level))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -91,7 +91,7 @@ class MaskedFormatter(logging.Formatter):
         return masked_credentials(super().format(record))
 
 
-def _log_at(level: int) -> None:
+def log_at(level: int) -> None:
     """Our loggers at `level`; the libraries' (botocore, urllib3, Ray ...) no lower than INFO,
     whose DEBUG lines carry request headers. Every line through MaskedFormatter."""
     handler = logging.StreamHandler()

@@ -103,7 +103,7 @@ def check_in_driver(
     elif through_client:
         found = "this driver is on no node of the cluster (it joined through Ray Client, ray://)"
     elif runtime.autoscaling or count > 1:
-        found = f"this cluster has {count} node{'s' if count != 1 else ''} up"
+        found = f"this cluster has {count} node{'s' if count != 1 else ''}"
         found += ", autoscaling" if runtime.autoscaling else ""
     if found is not None:
         raise NotInTheDriver(

@@ -22,8 +22,9 @@ SAMPLE_INTERVAL_S = 0.2
 # cores it measures: 7 CPU seconds of a 55 s pipeline run at every 5th tick): every 10th tick.
 PSS_EVERY = 10
 TREE_DESCRIPTION = (
-    "summed over the bench process and all its descendants (Ray's GCS, raylet, agents and "
-    "workers; DataLoader and process-pool workers), the S3 server excepted"
+    "summed over the job's own process (the bench's, for the ceilings) and all its "
+    "descendants (Ray's GCS, raylet, agents and workers; DataLoader and process-pool workers), "
+    "the S3 server excepted"
 )
 
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import multiprocessing
 import os
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -65,11 +66,14 @@ def _model_ceiling(run: Run, work: Workload, key: str) -> None:
 
 @STEPS.register("c")
 def _pipeline(run: Run, work: Workload, key: str) -> None:
-    """Local files; at N, then also from S3 where asked."""
+    """Local files."""
     run.add(*pipeline_run(work, local_source(work, key)))
-    if key == "c" and work.bench.s3:
-        with s3_source(work) as source:
-            run.add(*pipeline_run(work, source))
+
+
+def _pipeline_from_s3(run: Run, work: Workload, key: str) -> None:
+    """The same from S3 (c-s3, at N, where asked: after c, in a process of its own)."""
+    with s3_source(work) as source:
+        run.add(*pipeline_run(work, source))
 
 
 @STEPS.register("g")
@@ -99,9 +103,11 @@ def run_bench(bench: BenchSpec) -> BenchReport:
     run = Run(work, BenchReport(settings(work)))
     scaled_work = work.with_images(work.images * bench.scale) if bench.scale > 1 else None
     for key in bench.only:
-        run_step(run, work, key, key)
+        run_step(run, work, STEPS.get(key), key, alone=key in JOBS)
+        if key == "c" and bench.s3:
+            run_step(run, work, _pipeline_from_s3, "c-s3", alone=True)
         if scaled_work is not None and key in JOBS:
-            run_step(run, scaled_work, key, scaled(key))
+            run_step(run, scaled_work, STEPS.get(key), scaled(key), alone=True)
             run.report.measurements[-1].approach += f", {bench.scale}x N"
     by_key = {m.key: m for m in run.report.measurements}
     if "c" in by_key and SCALED in by_key:
@@ -111,27 +117,34 @@ def run_bench(bench: BenchSpec) -> BenchReport:
     return run.report
 
 
-def run_step(run: Run, work: Workload, step: str, key: str) -> None:
-    """Approach `step`, measured as `key`. A job (the pipeline, a peer) runs in a fresh
-    process of its own, as a user runs it: what the jobs before it left in this one (their
-    imports, models and freed heap) neither counts in its memory nor spares it a start."""
-    if step not in JOBS:
-        STEPS.get(step)(run, work, key)
+def run_step(run: Run, work: Workload, step: Step, key: str, alone: bool) -> None:
+    """`step`, measured as `key`; `alone` (a job: the pipeline, a peer) in a fresh process of
+    its own, as a user runs it: what the jobs before it left in this one (their imports,
+    models and freed heap) neither counts in its memory nor spares it a start. That process
+    logs as this one does."""
+    if not alone:
+        step(run, work, key)
         return
+    from vision_ops.cli import log_at
+
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
+    level = logging.getLogger("vision_ops").getEffectiveLevel()
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=log_at, initargs=(level,)) as child:
         measured = child.submit(step_alone, work, step, key).result()
     for measurement, top1 in measured:
         run.add(measurement, top1)
 
 
 def step_alone(
-    work: Workload, step: str, key: str
+    work: Workload, step: Step, key: str
 ) -> list[tuple[Measurement, dict[str, int] | None]]:
-    """Approach `step` in this (child) process: its measurements, each with its top-1 labels
-    and the process that ran it."""
+    """`step` in this (child) process: its measurements, each with its top-1 labels and the
+    process that ran it. An error comes back as its text (not every error pickles)."""
     run = Run(work, BenchReport({}))
-    STEPS.get(step)(run, work, key)
+    try:
+        step(run, work, key)
+    except Exception:
+        raise RuntimeError(f"bench {key}, in its own process:\n{traceback.format_exc()}") from None
     for measurement in run.report.measurements:
         measurement.details["process_id"] = os.getpid()
     return [(m, run.top1.get(m.key)) for m in run.report.measurements]
