@@ -428,8 +428,6 @@ def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> Non
     for runtime, plan, nodes, found in cases:
         with pytest.raises(NotInTheDriver, match=f"{found}: expected predict_in: actors"):
             check_in_driver(runtime, plan, nodes)
-    with pytest.raises(NotInTheDriver, match=r"on no node of the cluster \(it joined through"):
-        check_in_driver(driver, PoolPlan(1, 4, 2, 0), one_node, through_client=True)
     with pytest.raises(ValueError, match="merged in Ray after the actor pool"):
         parse_spec(
             {

@@ -86,22 +86,17 @@ def plan_pool(
     )
 
 
-def check_in_driver(
-    runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes, *, through_client: bool = False
-) -> None:
+def check_in_driver(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> None:
     """`predict_in: driver` runs the pool as threads of the driver, on its node's CPUs:
-    refused, before any work, where the pool would have GPUs, the cluster more than one node
-    (or more to come), or the driver is on no node of it (`through_client`: Ray Client, where
-    its threads would run the model on the driver's machine, every batch crossing the
-    network)."""
+    refused, before any work, where the pool would have GPUs or the cluster more than one
+    node (or more to come). (A driver off the cluster, through Ray Client, is refused for any
+    run: `connect.refuse_ray_client`.)"""
     if runtime.predict_in != "driver":
         return
     found = None
     count = round(sum(number for _, number in nodes))
     if plan.num_gpus:
         found = "this cluster has GPUs for the predictor pool"
-    elif through_client:
-        found = "this driver is on no node of the cluster (it joined through Ray Client, ray://)"
     elif runtime.autoscaling or count > 1:
         found = f"this cluster has {count} node{'s' if count != 1 else ''}"
         found += ", autoscaling" if runtime.autoscaling else ""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import ray
 
-from vision_ops.errors import VisionOpsError
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.pool import Nodes
 from vision_ops.runstats import StartupClock
 from vision_ops.storage import without_userinfo
@@ -29,6 +29,12 @@ class ClusterUnreachable(VisionOpsError, ConnectionError):
     """RAY_ADDRESS names a cluster that does not answer."""
 
 
+class ThroughRayClient(VisionOpsError, ValueError):
+    """RAY_ADDRESS is a Ray Client address (`ray://`), through which the job cannot run."""
+
+    exit_code = EXIT_BAD_SPEC
+
+
 def connect_ray() -> None:
     """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
     dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
@@ -37,14 +43,6 @@ def connect_ray() -> None:
     if not ray.is_initialized():
         _init_ray()
     stack_traces_to_ray_datas_log()
-
-
-def through_ray_client() -> bool:
-    """Whether the driver reaches the cluster through Ray Client (a `ray://` address), from a
-    machine that is no node of it."""
-    import ray.util.client
-
-    return bool(ray.util.client.ray.is_connected())
 
 
 def nodes_up() -> Nodes:
@@ -59,6 +57,7 @@ def nodes_up() -> Nodes:
 def _init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        refuse_ray_client(address)
         require_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
@@ -94,8 +93,20 @@ def stack_traces_to_ray_datas_log() -> None:
             handler.setFormatter(_WithoutStackTrace(handler.formatter or logging.Formatter()))
 
 
+def refuse_ray_client(address: str) -> None:
+    """A Ray Client address (`ray://host:port`) refused before any work: Ray Data's executor
+    fails through Ray Client (Ray 2.60: `'Worker' object has no attribute 'core_worker'` as the
+    listing starts), and a driver off the cluster would move every batch over the network."""
+    if address.strip().lower().startswith("ray://"):
+        raise ThroughRayClient(
+            f"RAY_ADDRESS={without_userinfo(address)}: a Ray Client address, through which Ray "
+            "Data does not run; expected the cluster's GCS address (host:6379, or auto) from a "
+            "node of the cluster, or `vision-ops submit` from elsewhere; nothing was done"
+        )
+
+
 def require_reachable(address: str) -> None:
-    """A `host:port` (or `ray://host:port`) cluster address that accepts a connection, else
+    """A `host:port` (or `http://host:port`) cluster address that accepts a connection, else
     ClusterUnreachable naming it: `ray.init` would retry for minutes, and a nightly run would
     hang on a cluster that is down. `auto` and other forms are left to Ray."""
     shown = without_userinfo(address)  # http://user:password@head:8265: never printed

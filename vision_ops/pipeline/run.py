@@ -22,7 +22,7 @@ from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
-from vision_ops.pipeline.connect import connect_ray, nodes_up, through_ray_client
+from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.identity import identity_digests
 from vision_ops.pipeline.in_driver import predicted_in_threads
 from vision_ops.pipeline.incremental import skip_committed
@@ -97,7 +97,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     reachable = reachable_nodes() if spec.runtime.autoscaling else None
     up = nodes_up()
     plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
-    check_in_driver(spec.runtime, plan, up, through_client=through_ray_client())
+    check_in_driver(spec.runtime, plan, up)
     spec = as_run_in_driver(spec).sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
