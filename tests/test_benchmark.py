@@ -616,3 +616,32 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
             assert f"{label:<{LABEL_WIDTH}}{value:>8.2f}x" in printed[wall_at:]
     for m in report["measurements"]:
         assert f"{m['rows']:>6}" in printed and m["approach"] in printed
+
+
+def test_a_jobs_error_in_its_own_process_reaches_the_bench_in_one_line(tmp_path: Path) -> None:
+    """A job's error comes back from its process as it was where it pickles (a VisionOpsError
+    keeps its type and exit code), else as `Type: first line` (never a pickling error)."""
+    import threading
+
+    from vision_ops.benchmark.runner import step_alone
+    from vision_ops.benchmark.workload import prepare
+    from vision_ops.errors import ModelError
+
+    work = prepare(parse_bench_spec({"images": 1, "workdir": tmp_path}))
+
+    def bad_model(run, work, key):  # type: ignore[no-untyped-def]
+        raise ModelError("model.weights: expected a state_dict")
+
+    class HoldsALock(Exception):
+        def __init__(self) -> None:
+            super().__init__("a lock inside\nand more")
+            self.lock = threading.Lock()
+
+    def unpicklable(run, work, key):  # type: ignore[no-untyped-def]
+        raise HoldsALock()
+
+    with pytest.raises(ModelError, match="expected a state_dict"):
+        step_alone(work, bad_model, "c")
+    with pytest.raises(RuntimeError) as caught:
+        step_alone(work, unpicklable, "c")
+    assert str(caught.value) == "bench c: HoldsALock: a lock inside"

@@ -7,7 +7,7 @@ import importlib.metadata
 import logging
 import multiprocessing
 import os
-import traceback
+import pickle
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from vision_ops.benchmark.report import JOBS, SCALE_SUFFIX, SCALED, BenchReport,
 from vision_ops.benchmark.spec import BenchSpec
 from vision_ops.benchmark.weights import TOP_K
 from vision_ops.benchmark.workload import Workload, photo_description, prepare
+from vision_ops.errors import in_one_line
 from vision_ops.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -139,12 +140,17 @@ def step_alone(
     work: Workload, step: Step, key: str
 ) -> list[tuple[Measurement, dict[str, int] | None]]:
     """`step` in this (child) process: its measurements, each with its top-1 labels and the
-    process that ran it. An error comes back as its text (not every error pickles)."""
+    process that ran it. An error that does not pickle comes back as `Type: first line`."""
     run = Run(work, BenchReport({}))
     try:
         step(run, work, key)
-    except Exception:
-        raise RuntimeError(f"bench {key}, in its own process:\n{traceback.format_exc()}") from None
+    except Exception as err:
+        try:
+            pickle.dumps(err)
+        except Exception:
+            log.debug("bench %s failed", key, exc_info=True)
+            raise RuntimeError(f"bench {key}: {in_one_line(err)}") from None
+        raise
     for measurement in run.report.measurements:
         measurement.details["process_id"] = os.getpid()
     return [(m, run.top1.get(m.key)) for m in run.report.measurements]
