@@ -217,11 +217,11 @@ def test_decoded_search_finds_what_a_byte_search_of_zstd_parquet_misses(tmp_path
 
 
 LOCAL_RAY_PROBE = """
-import json, os
+import json, os, sys
 import ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from vision_ops.pipeline import connect_ray
-connect_ray()
+connect_ray(dashboard=sys.argv[1] == "dashboard")
 context = ray.get_runtime_context()
 print(json.dumps({"token": is_token_auth_enabled(),
                   "dashboard": ray._private.worker.global_worker.node.address_info["webui_url"]}))
@@ -230,13 +230,16 @@ ray.shutdown()
 
 
 @pytest.mark.timeout(300)
-def test_local_ray_uses_token_auth_and_a_loopback_dashboard() -> None:
+@pytest.mark.parametrize("dashboard", ["dashboard", "none"])
+def test_local_ray_uses_token_auth_and_a_loopback_dashboard_if_any(dashboard: str) -> None:
+    """The embedded cluster: token authentication; no dashboard unless the spec asks for one
+    (`runtime.local_dashboard`), and that one on loopback only."""
     ray_temp = short_temp_dir("vot")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_TMPDIR"] = str(ray_temp)
     try:
         done = subprocess.run(
-            [sys.executable, "-c", LOCAL_RAY_PROBE],
+            [sys.executable, "-c", LOCAL_RAY_PROBE, dashboard],
             env=env, capture_output=True, text=True, timeout=240,
         )  # fmt: skip
     finally:
@@ -246,5 +249,7 @@ def test_local_ray_uses_token_auth_and_a_loopback_dashboard() -> None:
 
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["token"] is True
-    # No dashboard without ray[default]; where there is one, it listens on loopback only.
-    assert result["dashboard"] in ("", None) or result["dashboard"].startswith("127.0.0.1:")
+    if dashboard == "none":
+        assert result["dashboard"] in ("", None)
+    else:  # ray[default] is installed: the dashboard starts, on loopback only
+        assert result["dashboard"].startswith("127.0.0.1:"), result

@@ -389,7 +389,7 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
         check_job(spec)
 
     clock = StartupClock()
-    connect_while(prepare, clock)
+    connect_while(prepare, clock, spec.runtime.local_dashboard)
     from vision_ops.pipeline.run import run_checked_job
 
     return run_checked_job(spec, clock)

@@ -790,6 +790,13 @@ class RuntimeSpec(StrictModel):
         "durable rows resume). Refused with GPUs for the pool, more nodes, autoscaling, and "
         "for tiled detection.",
     )
+    local_dashboard: bool = Field(
+        default=False,
+        description="Start Ray's dashboard (on 127.0.0.1 only) with the embedded local cluster "
+        "a run starts where RAY_ADDRESS is unset: off, the cluster holds about 0.2 GB less PSS "
+        "in 11 fewer processes and starts about a second sooner on 2 cores. A cluster joined "
+        "through RAY_ADDRESS keeps whatever it runs.",
+    )
     retain_host_memory: bool = Field(
         default=True,
         description="Predictor actors keep freed host memory for the next batch instead of "

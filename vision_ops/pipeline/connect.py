@@ -35,13 +35,13 @@ class ThroughRayClient(VisionOpsError, ValueError):
     exit_code = EXIT_BAD_SPEC
 
 
-def connect_ray() -> None:
-    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster with its
-    dashboard on 127.0.0.1 only (Ray itself turns token authentication on for a new local
-    cluster unless RAY_AUTH_MODE says otherwise). Ray Data's stack traces then go to its log
-    file only."""
+def connect_ray(dashboard: bool = False) -> None:
+    """Join RAY_ADDRESS when set, else start (or reuse) the embedded local cluster, with its
+    dashboard (on 127.0.0.1 only) where `dashboard` asks for it (`runtime.local_dashboard`;
+    Ray itself turns token authentication on for a new local cluster unless RAY_AUTH_MODE says
+    otherwise). Ray Data's stack traces then go to its log file only."""
     if not ray.is_initialized():
-        _init_ray()
+        _init_ray(dashboard)
     stack_traces_to_ray_datas_log()
 
 
@@ -54,14 +54,15 @@ def nodes_up() -> Nodes:
     ]
 
 
-def _init_ray() -> None:
+def _init_ray(dashboard: bool) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         refuse_ray_client(address)
         require_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    include = None if dashboard else False  # None: where ray[default] is installed
+    ray.init(include_dashboard=include, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 class _WithoutStackTrace(logging.Formatter):
@@ -121,10 +122,13 @@ def require_reachable(address: str) -> None:
         ) from None
 
 
-def connect_while(prepare: Callable[[], None], clock: StartupClock) -> None:
-    """Connect to Ray (timed as the `ray_connect` stage) while `prepare` runs in a thread; then
-    wait for `prepare`, and raise what it raised, with the cluster started here (if one was)
-    shut down again. A failure to connect is raised first."""
+def connect_while(
+    prepare: Callable[[], None], clock: StartupClock, dashboard: bool = False
+) -> None:
+    """Connect to Ray (timed as the `ray_connect` stage; `dashboard` as `connect_ray` takes it)
+    while `prepare` runs in a thread; then wait for `prepare`, and raise what it raised, with
+    the cluster started here (if one was) shut down again. A failure to connect is raised
+    first."""
     failed: list[BaseException] = []
     was_connected = ray.is_initialized()
 
@@ -138,7 +142,7 @@ def connect_while(prepare: Callable[[], None], clock: StartupClock) -> None:
     worker.start()
     try:
         with clock.stage("ray_connect"):
-            connect_ray()
+            connect_ray(dashboard)
     finally:
         worker.join()
     if failed:

@@ -93,7 +93,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     inputs = plan_inputs(spec.input, spec.storage_options)
     check_run_date(spec, run_id, run_date)
     with clock.stage("ray_connect"):
-        connect_ray()
+        connect_ray(spec.runtime.local_dashboard)
     reachable = reachable_nodes() if spec.runtime.autoscaling else None
     up = nodes_up()
     plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
