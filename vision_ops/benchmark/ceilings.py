@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vision_ops.benchmark.isolated import in_a_fresh_process
 from vision_ops.benchmark.probes import sampled_peaks
 from vision_ops.benchmark.readpool import read_crop, timed_read
 from vision_ops.benchmark.report import Measurement
@@ -109,10 +108,8 @@ def model_ceiling(work: Workload) -> Measurement:
     pool = model_batches(work, spec.runtime.images_per_call)
     with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
         started = time.perf_counter()
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
-            args = (spec, pool, work.images, work.bench.repeats, work.bench.cores)
-            timing = child.submit(time_model, *args).result()
+        args = (spec, pool, work.images, work.bench.repeats, work.bench.cores)
+        timing = in_a_fresh_process(time_model, *args)
         wall = time.perf_counter() - started
     return Measurement(
         key="b",

@@ -5,18 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import logging
-import multiprocessing
 import os
 import pickle
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from vision_ops.benchmark.ceilings import decode_ceiling, model_ceiling
 from vision_ops.benchmark.e2e import driver_source, local_source, pipeline_run, s3_source, scaling
+from vision_ops.benchmark.isolated import in_a_fresh_process
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
-from vision_ops.benchmark.report import JOBS, SCALE_SUFFIX, SCALED, BenchReport, Measurement, scaled
+from vision_ops.benchmark.report import (
+    JOBS,
+    SCALE_SUFFIX,
+    SCALED,
+    BenchReport,
+    Measurement,
+    scaled,
+)
 from vision_ops.benchmark.spec import BenchSpec
 from vision_ops.benchmark.weights import TOP_K
 from vision_ops.benchmark.workload import Workload, photo_description, prepare
@@ -26,6 +32,7 @@ from vision_ops.registry import Registry
 log = logging.getLogger(__name__)
 REFERENCE = "e"  # top-1 agreement is measured against the DataLoader's predictions
 VERSIONS = ("ray", "torch", "torchvision", "pillow", "daft")
+CEILINGS = ("a", "b")  # measured in the bench process (b times its model in a child of its own)
 
 
 @dataclass
@@ -104,11 +111,11 @@ def run_bench(bench: BenchSpec) -> BenchReport:
     run = Run(work, BenchReport(settings(work)))
     scaled_work = work.with_images(work.images * bench.scale) if bench.scale > 1 else None
     for key in bench.only:
-        run_step(run, work, STEPS.get(key), key, alone=key in JOBS)
+        run_step(run, work, STEPS.get(key), key)
         if key == "c" and bench.s3:
-            run_step(run, work, _pipeline_from_s3, "c-s3", alone=True)
+            run_step(run, work, _pipeline_from_s3, "c-s3")
         if scaled_work is not None and key in JOBS:
-            run_step(run, scaled_work, STEPS.get(key), scaled(key), alone=True)
+            run_step(run, scaled_work, STEPS.get(key), scaled(key))
             run.report.measurements[-1].approach += f", {bench.scale}x N"
     by_key = {m.key: m for m in run.report.measurements}
     if "c" in by_key and SCALED in by_key:
@@ -118,21 +125,13 @@ def run_bench(bench: BenchSpec) -> BenchReport:
     return run.report
 
 
-def run_step(run: Run, work: Workload, step: Step, key: str, alone: bool) -> None:
-    """`step`, measured as `key`; `alone` (a job: the pipeline, a peer) in a fresh process of
-    its own, as a user runs it: what the jobs before it left in this one (their imports,
-    models and freed heap) neither counts in its memory nor spares it a start. That process
-    logs as this one does."""
-    if not alone:
+def run_step(run: Run, work: Workload, step: Step, key: str) -> None:
+    """`step`, measured as `key`: a job (the pipeline, a peer, at any size) in a fresh process
+    of its own, as a user runs it (`in_a_fresh_process`); a ceiling in this one."""
+    if key in CEILINGS:
         step(run, work, key)
         return
-    from vision_ops.cli import log_at
-
-    spawn = multiprocessing.get_context("spawn")
-    level = logging.getLogger("vision_ops").getEffectiveLevel()
-    with ProcessPoolExecutor(1, mp_context=spawn, initializer=log_at, initargs=(level,)) as child:
-        measured = child.submit(step_alone, work, step, key).result()
-    for measurement, top1 in measured:
+    for measurement, top1 in in_a_fresh_process(step_alone, work, step, key):
         run.add(measurement, top1)
 
 

@@ -1,0 +1,23 @@
+"""A call in a fresh spawned process of its own: what this process imported, loaded and freed
+before it neither counts in the call's memory nor spares it a start. The child logs as this
+process does."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
+
+Result = TypeVar("Result")
+
+
+def in_a_fresh_process(call: Callable[..., Result], *args: Any) -> Result:
+    """`call(*args)` in a new spawned Python process; its result (or error) as it pickles."""
+    from vision_ops.cli import log_at
+
+    spawn = multiprocessing.get_context("spawn")
+    level = logging.getLogger("vision_ops").getEffectiveLevel()
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=log_at, initargs=(level,)) as child:
+        return child.submit(call, *args).result()
