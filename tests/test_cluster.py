@@ -191,3 +191,23 @@ def test_validate_plans_the_model_in_the_driver_on_a_one_node_cluster_only(
     assert "(8 CPUs, 0 GPUs): 7 predictor threads in the driver of 1 torch threads each; " in (
         capsys.readouterr().out
     )
+
+
+def test_validate_plans_auto_by_the_cluster_and_the_runs_size(capsys, tmp_path, config) -> None:
+    """`predict_in: auto` on a launcher config: the actor pool where the cluster has GPUs for
+    it; on one CPU node, the driver's threads for a run within driver_max_inputs, else the
+    pool."""
+    spec = ROOT / "jobs" / "classify.yaml"
+    auto = ["--set", "evaluate=null", "--set", "runtime.predict_in=auto"]
+    assert main(["validate", str(spec), "--cluster", str(CLUSTER), *auto]) == EXIT_OK
+    assert "(320 CPUs, 8 GPUs): 8-8 predictor actors of 1 CPU, 1 GPU; " in capsys.readouterr().out
+    one_node = config | {"max_workers": 0}
+    one_node["available_node_types"] = {"head": {"resources": {"CPU": 8}, "node_config": {}}}
+    path = write(tmp_path, one_node)
+    limit = ["--set", "runtime.driver_max_inputs=700"]
+    assert main(["validate", str(spec), "--cluster", str(path), *auto, *limit]) == EXIT_OK
+    assert (
+        "(8 CPUs, 0 GPUs): 7 predictor threads in the driver of 1 torch threads each for a run "
+        "of at most 700 units to process (runtime.predict_in: auto), else 7-7 predictor actors "
+        "of 1 CPU, 0 GPU; "
+    ) in capsys.readouterr().out

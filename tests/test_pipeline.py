@@ -410,6 +410,24 @@ def test_the_model_in_the_driver_gives_the_same_rows_and_starts_no_actor(
     assert (summary.commit.ok, summary.commit.errors) == (len(direct_top_k), len(expected_errors))
 
 
+@pytest.mark.parametrize(("driver_max_inputs", "placed"), [(5, "driver"), (4, "actors")])
+def test_auto_places_the_model_by_the_runs_size(
+    ray_local, photo_dir, tmp_path, direct_top_k, driver_max_inputs, placed
+):
+    """`predict_in: auto` on the suite's one-node CPU cluster: a run of 5 photos runs in the
+    driver's threads where driver_max_inputs allows 5, else in the actor pool; the manifest
+    says where, and the rows are a direct model call's either way."""
+    runtime = {"batch_size": 4, "num_cpus_per_actor": 0.5, "reserved_cpus": 1}
+    auto = {"predict_in": "auto", "driver_max_inputs": driver_max_inputs}
+    output = tmp_path / "table"
+    before = predictor_actors()
+    summary = run_job(job([str(photo_dir)], str(output), runtime=runtime | auto))
+    assert len(predictor_actors() - before) == (2 if placed == "actors" else 0)
+    assert committed_run(str(output), "test-run")["predict_in"] == placed
+    assert summary.commit.rows == len(direct_top_k) == 5
+    assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
+
+
 def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> None:
     """Refused before any work: GPUs for the pool, more than one node, an autoscaling
     cluster; a tiled detection job (its scenes' rows are merged after the pool) at parsing."""

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from vision_ops.cluster import reachable_nodes
-from vision_ops.config import RuntimeSpec
-from vision_ops.pool import ClusterTooSmall, plan_pool, pool_for_inputs
+from vision_ops.config import DRIVER_MAX_INPUTS, RuntimeSpec
+from vision_ops.pool import (
+    ClusterTooSmall,
+    PoolPlan,
+    placed_for_units,
+    placed_on_cluster,
+    plan_pool,
+    pool_for_inputs,
+)
 
 
 @pytest.mark.parametrize(
@@ -148,3 +155,58 @@ def test_without_a_launcher_config_the_pool_is_sized_on_the_nodes_up(tmp_path, c
     assert (plan.min_size, plan.max_size, plan.num_gpus) == (1, 4, 0.0)
     fixed = plan_pool(RuntimeSpec(), {"CPU": 4}, [({"CPU": 8, "GPU": 1}, 8)])  # not autoscaling
     assert (fixed.max_size, fixed.num_gpus) == (3, 0.0)
+
+
+ONE_CPU_NODE = [({"CPU": 8.0, "GPU": 0.0}, 1.0)]
+CPU_POOL, GPU_POOL = PoolPlan(1, 4, 2, 0), PoolPlan(1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "plan", "nodes", "tiled_detection", "placed"),
+    [
+        ({}, CPU_POOL, ONE_CPU_NODE, False, "auto"),  # settled by the run's size
+        ({}, GPU_POOL, ONE_CPU_NODE, False, "actors"),
+        ({}, CPU_POOL, ONE_CPU_NODE * 2, False, "actors"),
+        ({"autoscaling": True}, CPU_POOL, ONE_CPU_NODE, False, "actors"),
+        ({}, CPU_POOL, ONE_CPU_NODE, True, "actors"),  # its rows are merged after the pool
+        ({"predict_in": "actors"}, CPU_POOL, ONE_CPU_NODE, False, "actors"),
+        ({"predict_in": "driver"}, CPU_POOL, ONE_CPU_NODE, False, "driver"),
+    ],
+)
+def test_auto_runs_in_actors_where_the_cluster_rules_the_driver_out(
+    runtime, plan, nodes, tiled_detection, placed
+) -> None:
+    """`predict_in: auto` is settled to actors as soon as the cluster is known where the
+    driver's threads cannot be the pool: GPUs for it, more than one node, autoscaling, or a
+    tiled detection; an explicit choice is kept."""
+    spec = RuntimeSpec(**({"predict_in": "auto"} | runtime))
+    assert placed_on_cluster(spec, plan, nodes, tiled_detection).predict_in == placed
+
+
+@pytest.mark.parametrize(
+    ("runtime", "units", "placed"),
+    [
+        ({}, 1, "driver"),
+        ({}, DRIVER_MAX_INPUTS, "driver"),
+        ({}, DRIVER_MAX_INPUTS + 1, "actors"),
+        ({"driver_max_inputs": 0}, 1, "actors"),
+        ({"driver_max_inputs": 10}, 10, "driver"),
+        ({"compile": True}, 10, "actors"),  # compiling pays here: the driver never compiles
+        ({"predict_in": "actors"}, 1, "actors"),
+        ({"predict_in": "driver"}, 10**6, "driver"),
+    ],
+)
+def test_auto_runs_a_short_run_in_the_driver_and_a_long_one_in_actors(
+    runtime, units, placed, caplog
+) -> None:
+    """Where the cluster allows the driver, `auto` settles by the units the run processes:
+    the driver's threads for at most `driver_max_inputs` it runs uncompiled, else actors; it
+    says which, and why."""
+    spec = RuntimeSpec(**({"predict_in": "auto"} | runtime))
+    with caplog.at_level("INFO", logger="vision_ops.pool"):
+        settled = placed_for_units(spec, units)
+    assert settled.predict_in == placed
+    assert settled.model_copy(update={"predict_in": spec.predict_in}) == spec  # nothing else
+    if spec.predict_in == "auto":
+        where = "the driver's threads" if placed == "driver" else "predictor actors"
+        assert f"{units} units to process" in caplog.text and where in caplog.text

@@ -21,6 +21,7 @@ from vision_ops.config import (
     JobSpec,
     MonitorSpec,
     OutputSpec,
+    RuntimeSpec,
     SpecError,
     load_spec,
 )
@@ -48,6 +49,7 @@ from vision_ops.storage import (
 if TYPE_CHECKING:
     from vision_ops.drift import Drift
     from vision_ops.pipeline.run import RunSummary
+    from vision_ops.pool import PoolPlan
     from vision_ops.tasks import Task
 
 __all__ = [
@@ -214,15 +216,21 @@ def validate(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
     """The predictor pool the spec gets on a launcher config scaled to its max_workers (with
-    `runtime.autoscaling`, as the run sizes it on the head from that config); with
-    `runtime.predict_in: driver`, the driver's threads, where that cluster allows them."""
+    `runtime.autoscaling`, as the run sizes it on the head from that config); the driver's
+    threads where `runtime.predict_in` asks for them and that cluster allows them."""
     from vision_ops.cluster import (
         ClusterConfigError,
         full_scale_nodes,
         load_cluster_config,
         max_capacity,
     )
-    from vision_ops.pool import ClusterTooSmall, NotInTheDriver, check_in_driver, plan_pool
+    from vision_ops.pool import (
+        ClusterTooSmall,
+        NotInTheDriver,
+        check_in_driver,
+        placed_on_cluster,
+        plan_pool,
+    )
 
     try:
         config = load_cluster_config(cluster)
@@ -235,19 +243,33 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
         check_in_driver(spec.runtime, plan, nodes)
     except (ClusterConfigError, ClusterTooSmall, NotInTheDriver) as err:
         return _fail(err, err.exit_code)
+    placed = placed_on_cluster(spec.runtime, plan, nodes, spec.merges_scene_rows)
     sized = spec.sized(plan.num_gpus).runtime
-    predictors = (
-        f"{plan.max_size} predictor threads in the driver of {plan.threads} torch threads each"
-        if spec.runtime.predict_in == "driver"
-        else f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
-        f"{plan.num_gpus:g} GPU"
-    )
     print(
         f"on {cluster} at full scale ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs): "
-        f"{predictors}; {sized.images_per_call} images per model call, "
+        f"{_predictors_planned(placed, plan)}; {sized.images_per_call} images per model call, "
         f"{sized.files_per_read_task} files per read task"
     )
     return EXIT_OK
+
+
+def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
+    """Where the model will run, as `validate --cluster` prints it: the driver's threads, the
+    actor pool, or (`predict_in: auto` on a cluster that allows the driver) either, by the
+    run's size."""
+    threads = (
+        f"{plan.max_size} predictor threads in the driver of {plan.threads} torch threads each"
+    )
+    actors = (
+        f"{plan.min_size}-{plan.max_size} predictor actors of {plan.num_cpus:g} CPU, "
+        f"{plan.num_gpus:g} GPU"
+    )
+    if runtime.predict_in == "auto":
+        return (
+            f"{threads} for a run of at most {runtime.driver_max_inputs} units to process "
+            f"(runtime.predict_in: auto), else {actors}"
+        )
+    return threads if runtime.predict_in == "driver" else actors
 
 
 def run(spec: JobSpec, args: argparse.Namespace) -> int:

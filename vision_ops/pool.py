@@ -1,6 +1,6 @@
 """The predictor actor pool sized from the cluster's resources, refused before any work where
-it cannot be scheduled (or, with `runtime.predict_in: driver`, where the driver's threads
-cannot be it)."""
+it cannot be scheduled; where it runs (`runtime.predict_in`: actors, or the driver's threads
+where the cluster allows them)."""
 
 from __future__ import annotations
 
@@ -88,23 +88,67 @@ def plan_pool(
 
 def check_in_driver(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> None:
     """`predict_in: driver` runs the pool as threads of the driver, on its node's CPUs:
-    refused, before any work, where the pool would have GPUs or the cluster more than one
-    node (or more to come). (A driver off the cluster, through Ray Client, is refused for any
-    run: `connect.refuse_ray_client`.)"""
+    refused, before any work, where the cluster rules them out (`driver_ruled_out`). (A driver
+    off the cluster, through Ray Client, is refused for any run: `connect.refuse_ray_client`.)"""
     if runtime.predict_in != "driver":
         return
-    found = None
-    count = round(sum(number for _, number in nodes))
-    if plan.num_gpus:
-        found = "this cluster has GPUs for the predictor pool"
-    elif runtime.autoscaling or count > 1:
-        found = f"this cluster has {count} node{'s' if count != 1 else ''}"
-        found += ", autoscaling" if runtime.autoscaling else ""
+    found = driver_ruled_out(runtime, plan, nodes)
     if found is not None:
         raise NotInTheDriver(
             "runtime.predict_in: driver runs the model in the driver's threads on its node's "
             f"CPUs; {found}: expected predict_in: actors"
         )
+
+
+def driver_ruled_out(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> str | None:
+    """Why the driver's threads cannot be this pool (GPUs for it, more than one node, or
+    more to come), as found; None where they can."""
+    count = round(sum(number for _, number in nodes))
+    if plan.num_gpus:
+        return "this cluster has GPUs for the predictor pool"
+    if runtime.autoscaling or count > 1:
+        found = f"this cluster has {count} node{'s' if count != 1 else ''}"
+        return found + (", autoscaling" if runtime.autoscaling else "")
+    return None
+
+
+def placed_on_cluster(
+    runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes, merges_scene_rows: bool
+) -> RuntimeSpec:
+    """`predict_in: auto` settled to actors where the driver's threads cannot serve: the
+    cluster rules them out (`driver_ruled_out`), or a tiled scene's detections are merged in
+    Ray after the pool. Otherwise the runtime as it is: auto is settled for the run's size
+    once its units are known (`placed_for_units`)."""
+    if runtime.predict_in != "auto":
+        return runtime
+    found = driver_ruled_out(runtime, plan, nodes)
+    if found is None and merges_scene_rows:
+        found = "a tiled scene's detections are merged after the pool"
+    if found is None:
+        return runtime
+    log.info("runtime.predict_in: auto: the model runs in predictor actors (%s)", found)
+    return runtime.model_copy(update={"predict_in": "actors"})
+
+
+def placed_for_units(runtime: RuntimeSpec, units: int) -> RuntimeSpec:
+    """`predict_in: auto` (on a cluster `placed_on_cluster` left it to) settled for a run of
+    `units` to process, compiled or not as the run's size makes it pay: the driver's threads
+    for at most `driver_max_inputs` units the model runs uncompiled on (the driver never
+    compiles), else actors. driver and actors as they are."""
+    if runtime.predict_in != "auto":
+        return runtime
+    in_driver = units <= runtime.driver_max_inputs and not runtime.compile
+    place = "driver" if in_driver else "actors"
+    log.info(
+        "runtime.predict_in: auto: %d units to process, %s runtime.driver_max_inputs=%d%s: "
+        "the model runs in %s",
+        units,
+        "within" if units <= runtime.driver_max_inputs else "over",
+        runtime.driver_max_inputs,
+        ", compiled" if runtime.compile else "",
+        "the driver's threads" if in_driver else "predictor actors",
+    )
+    return runtime.model_copy(update={"predict_in": place})
 
 
 def _plan_to_reach(runtime: RuntimeSpec, nodes: Nodes) -> PoolPlan:

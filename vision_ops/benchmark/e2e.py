@@ -28,6 +28,10 @@ INCLUDES = (
     "Parquet commit; img/s from the manifest's progress between every actor's first block and "
     "its last, so start-up and drain are excluded; wall includes ray.init"
 )
+# c is the actor pool at every size, g the driver's threads (a user's run settles
+# `predict_in: auto` between them by its size: vision_ops.pool.placed_for_units).
+IN_ACTORS = {"predict_in": "actors"}
+IN_DRIVER = {"predict_in": "driver"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Source:
     input_uri: str
     output_uri: str
     storage_options: dict[str, dict[str, Any]]
-    runtime: dict[str, Any] = field(default_factory=dict)  # over the job's runtime settings
+    # Over the job's runtime settings: the actor pool unless said otherwise.
+    runtime: dict[str, Any] = field(default_factory=lambda: dict(IN_ACTORS))
 
 
 def local_source(work: Workload, key: str = "c") -> Source:
@@ -51,7 +56,7 @@ def driver_source(work: Workload, key: str = "g") -> Source:
     """Local files, the model in the driver's threads (`runtime.predict_in: driver`)."""
     output = str(work.output_dir(f"e2e-{key}"))
     approach = "vision-ops pipeline, model in the driver"
-    return Source(key, approach, str(work.photos), output, {}, {"predict_in": "driver"})
+    return Source(key, approach, str(work.photos), output, {}, IN_DRIVER)
 
 
 def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str, int]]:
@@ -89,6 +94,7 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
             "stage_seconds": manifest.get("stage_seconds"),
             "startup_seconds": manifest.get("startup_seconds"),
             "runtime": spec.runtime.model_dump(),
+            "predict_in": manifest.get("predict_in"),
         },
         queued_share=queued_share(spec, commit.ok, peaks.object_store_bytes),
     )

@@ -28,7 +28,14 @@ from vision_ops.pipeline.in_driver import predicted_in_threads
 from vision_ops.pipeline.incremental import skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
-from vision_ops.pool import PoolPlan, check_in_driver, plan_pool, pool_for_inputs
+from vision_ops.pool import (
+    PoolPlan,
+    check_in_driver,
+    placed_for_units,
+    placed_on_cluster,
+    plan_pool,
+    pool_for_inputs,
+)
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_unit_blocks
 from vision_ops.resume import Units, image_units, without_sources
@@ -98,7 +105,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     up = nodes_up()
     plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
     check_in_driver(spec.runtime, plan, up)
-    spec = as_run_in_driver(spec).sized(plan.num_gpus)
+    placed = placed_on_cluster(spec.runtime, plan, up, spec.merges_scene_rows)
+    spec = spec.model_copy(update={"runtime": placed}).sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
         listing = list_listing(spec.input, inputs, spec.storage_options, table)
@@ -122,17 +130,20 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
 
 
 def sized_for_units(spec: JobSpec, plan: PoolPlan, units: int) -> tuple[JobSpec, PoolPlan]:
-    """The spec compiled where `units` make it pay, and the pool no larger than their model
-    calls, counting the units this run still processes: a scene's tiles once it is cut, less
-    the sources an earlier attempt made durable (a DICOM instance counts one, a lower bound)."""
+    """The spec compiled where `units` make it pay, its model placed (`runtime.predict_in:
+    auto` settled for the run's size), and the pool no larger than their model calls, counting
+    the units this run still processes: a scene's tiles once it is cut, less the sources an
+    earlier attempt made durable (a DICOM instance counts one, a lower bound)."""
     spec = compiled_if_it_pays(spec, units)
+    placed = placed_for_units(spec.runtime, units)
+    spec = as_run_in_driver(spec.model_copy(update={"runtime": placed}))
     plan = pool_for_inputs(plan, spec.runtime, units)
     run_id, _ = spec.resolved_run()
     log.info(
-        "run %s: %d units to process, predictor pool %s, %d images per model call, %d files "
-        "per read task",
+        "run %s: %d units to process, %s %s, %d images per model call, %d files per read task",
         run_id,
         units,
+        "predictor threads in the driver" if placed.predict_in == "driver" else "predictor pool",
         plan,
         spec.runtime.images_per_call,
         spec.runtime.files_per_read_task,
@@ -209,6 +220,8 @@ def _process_and_commit(
     pipeline_seconds = stats.finish()
     details = stats.as_manifest(pipeline_seconds) | identity
     details["startup_seconds"] = stats.startup_seconds(clock)
+    if left > 0:  # where the model ran: actors or driver (`auto` settled for the run's size)
+        details["predict_in"] = sized.runtime.predict_in
     if spec.input.tiling is not None:  # the report shows a tile as the model saw it
         details["tile_bands"] = list(spec.input.tiling.bands)
     details["bits_stored"] = spec.input.bits_stored  # and a 16-bit image, as it saw it
