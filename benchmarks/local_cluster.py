@@ -3,7 +3,8 @@
 Each round starts the cluster as `vision-ops run` does where RAY_ADDRESS is unset
 (`connect_ray`, with `runtime.local_dashboard` off, then on), in a fresh process, waits for it to
 settle, and reports `ray.init`'s seconds, the processes it started, their summed PSS and their
-CPU seconds so far; medians over the rounds, the two settings alternating.
+CPU seconds so far (summed as the bench sums a job's: vision_ops.benchmark.probes); medians
+over the rounds, the two settings alternating.
 
     .venv/bin/python benchmarks/local_cluster.py --rounds 3
 """
@@ -20,24 +21,22 @@ import sys
 import tempfile
 
 PROBE = """
-import json, os, sys, time
+import json, sys, time
 import psutil, ray
+from vision_ops.benchmark.probes import CpuTally, process_tree, tree_memory, tree_roles
 from vision_ops.pipeline import connect_ray
+root = psutil.Process()
 started = time.perf_counter()
 connect_ray(dashboard=sys.argv[1] == "on")
 init_s = time.perf_counter() - started
 time.sleep(float(sys.argv[2]))
-pss = cpu = 0
-children = psutil.Process().children(recursive=True)
-for child in children:
-    try:
-        pss += child.memory_full_info().pss
-        times = child.cpu_times()
-        cpu += times.user + times.system
-    except psutil.Error:
-        pass
-print(json.dumps({"init_s": init_s, "processes": len(children), "pss_mb": pss / 1e6,
-                  "cpu_s": cpu}))
+roles = tree_roles(root, process_tree(root, frozenset()))
+cluster = {process: role for process, role in roles.items() if role != "driver"}
+memory = tree_memory(cluster)
+tally = CpuTally(root)  # begun after the cluster started: its processes' CPU since their start
+tally.sample(cluster)
+print(json.dumps({"init_s": init_s, "processes": memory.processes,
+                  "pss_mb": (memory.pss_bytes or 0) / 1e6, "cpu_s": sum(tally.by_role().values())}))
 ray.shutdown()
 """
 
