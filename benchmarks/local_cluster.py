@@ -33,7 +33,7 @@ time.sleep(float(sys.argv[2]))
 roles = tree_roles(root, process_tree(root, frozenset()))
 cluster = {process: role for process, role in roles.items() if role != "driver"}
 memory = tree_memory(cluster)
-tally = CpuTally(root)  # begun after the cluster started: its processes' CPU since their start
+tally = CpuTally(root)  # not begun: each process's CPU since it started
 tally.sample(cluster)
 print(json.dumps({"init_s": init_s, "processes": memory.processes,
                   "pss_mb": (memory.pss_bytes or 0) / 1e6, "cpu_s": sum(tally.by_role().values())}))

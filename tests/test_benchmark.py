@@ -543,11 +543,13 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert found[key]["top1_agreement"] >= (TINY - 1) / TINY
         assert found[key]["details"]["error_rows"] == 0
     for key in ("c", "c-scale"):
+        assert found[key]["details"]["predict_in"] == "actors"  # where the manifest says it ran
         startup = found[key]["details"]["startup_seconds"]  # the bench's job compiled
         assert startup["compile"] > 0 and startup["model_load"] > 0, startup
         assert startup["first_batch"] >= startup["compile"] + startup["model_load"]
     for key in ("g", "g-scale"):  # the model in the driver's threads: no actor, uncompiled
         assert found[key]["details"]["runtime"]["predict_in"] == "driver"
+        assert found[key]["details"]["predict_in"] == "driver"
         roles = found[key]["peaks"]["cpu_seconds_by_role"]
         assert not any(role.startswith("ray worker MapWorker") for role in roles), roles
         startup = found[key]["details"]["startup_seconds"]

@@ -211,3 +211,6 @@ def test_validate_plans_auto_by_the_cluster_and_the_runs_size(capsys, tmp_path, 
         "of at most 700 units to process (runtime.predict_in: auto), else 7-7 predictor actors "
         "of 1 CPU, 0 GPU; "
     ) in capsys.readouterr().out
+    never = ["--set", "runtime.driver_max_inputs=0"]  # no run small enough: the pool alone
+    assert main(["validate", str(spec), "--cluster", str(path), *auto, *never]) == EXIT_OK
+    assert "(8 CPUs, 0 GPUs): 7-7 predictor actors of 1 CPU, 0 GPU; " in capsys.readouterr().out

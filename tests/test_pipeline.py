@@ -25,6 +25,7 @@ from vision_ops.pipeline import run_job
 from vision_ops.pipeline.run import (
     MAP_TASK_BLOCKS_AHEAD,
     compiled_if_it_pays,
+    sized_for_units,
     unit_blocks,
     with_limits,
 )
@@ -426,6 +427,30 @@ def test_auto_places_the_model_by_the_runs_size(
     assert committed_run(str(output), "test-run")["predict_in"] == placed
     assert summary.commit.rows == len(direct_top_k) == 5
     assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
+
+
+def test_a_run_is_placed_before_its_compile_is_decided(tmp_path, caplog) -> None:
+    """`sized_for_units` settles where the model runs first, then whether it compiles: a
+    short `auto` run with compile on goes to the driver uncompiled (it would not have
+    compiled), a long one to compiled actors; the driver's way is never told of a compile it
+    does not make, nor its threads more than its model calls."""
+    from vision_ops.pool import PoolPlan
+
+    thresholds = {"compile": True, "compile_min_inputs": 100, "compile_min_inputs_cold": 300}
+    auto = job(["/p"], str(tmp_path), runtime=thresholds | {"predict_in": "auto"}).sized(0)
+    plan = PoolPlan(2, 2, 0.5, 0.0, threads=1)
+    short, threads = sized_for_units(auto, plan, 10)
+    assert short.runtime.predict_in == "driver" and not short.runtime.compile
+    assert threads.max_size == 2
+    long, _ = sized_for_units(auto, plan, 300)
+    assert long.runtime.predict_in == "actors" and long.runtime.compile
+    driver = job(["/p"], str(tmp_path), runtime=thresholds | {"predict_in": "driver"}).sized(0)
+    with caplog.at_level("INFO", logger="vision_ops.pipeline.run"):
+        warm_only, _ = sized_for_units(driver, plan, 150)
+    assert not warm_only.runtime.compile and not warm_only.runtime.compile_only_where_cached
+    assert "compiled only on nodes that compiled it before" not in caplog.text
+    _, threads = sized_for_units(driver, plan, 3)  # 3 units: one model call of 8
+    assert threads.max_size == 1
 
 
 def test_the_model_in_the_driver_is_refused_where_it_cannot_be_the_pool() -> None:

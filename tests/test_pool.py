@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vision_ops.cluster import reachable_nodes
-from vision_ops.config import DRIVER_MAX_INPUTS, RuntimeSpec
+from vision_ops.config import DRIVER_MAX_INPUTS, JobSpec, RuntimeSpec, parse_spec
 from vision_ops.pool import (
     ClusterTooSmall,
     PoolPlan,
@@ -159,28 +159,56 @@ def test_without_a_launcher_config_the_pool_is_sized_on_the_nodes_up(tmp_path, c
 
 ONE_CPU_NODE = [({"CPU": 8.0, "GPU": 0.0}, 1.0)]
 CPU_POOL, GPU_POOL = PoolPlan(1, 4, 2, 0), PoolPlan(1, 1, 1, 1)
+DETECTOR = {"architecture": "fasterrcnn_resnet50_fpn", "weights": "w.pt"}
+
+
+def auto_spec(runtime: dict | None = None, **parts: dict) -> JobSpec:
+    values = {
+        "input": {"uris": ["s3://b/photos/"]},
+        "model": {"architecture": "resnet50"},
+        "runtime": {"predict_in": "auto"} | (runtime or {}),
+        "output": {"uri": "s3://b/out"},
+    }
+    return parse_spec(values | parts)
 
 
 @pytest.mark.parametrize(
-    ("runtime", "plan", "nodes", "tiled_detection", "placed"),
+    ("spec", "plan", "nodes", "placed"),
     [
-        ({}, CPU_POOL, ONE_CPU_NODE, False, "auto"),  # settled by the run's size
-        ({}, GPU_POOL, ONE_CPU_NODE, False, "actors"),
-        ({}, CPU_POOL, ONE_CPU_NODE * 2, False, "actors"),
-        ({"autoscaling": True}, CPU_POOL, ONE_CPU_NODE, False, "actors"),
-        ({}, CPU_POOL, ONE_CPU_NODE, True, "actors"),  # its rows are merged after the pool
-        ({"predict_in": "actors"}, CPU_POOL, ONE_CPU_NODE, False, "actors"),
-        ({"predict_in": "driver"}, CPU_POOL, ONE_CPU_NODE, False, "driver"),
+        (auto_spec(), CPU_POOL, ONE_CPU_NODE, "auto"),  # settled by the run's size
+        (auto_spec(), GPU_POOL, ONE_CPU_NODE, "actors"),
+        (auto_spec(), CPU_POOL, ONE_CPU_NODE * 2, "actors"),
+        (auto_spec({"autoscaling": True}), CPU_POOL, ONE_CPU_NODE, "actors"),
+        (auto_spec({"driver_max_inputs": 0}), CPU_POOL, ONE_CPU_NODE, "actors"),
+        (auto_spec({"compile": True, "compile_min_inputs": 0}), CPU_POOL, ONE_CPU_NODE, "actors"),
+        (  # a tiled scene's rows are merged after the pool
+            auto_spec(
+                input={"uris": ["s3://b/scenes/"], "tiling": {"size": 512}},
+                task={"kind": "detection"},
+                model=DETECTOR,
+            ),
+            CPU_POOL,
+            ONE_CPU_NODE,
+            "actors",
+        ),
+        (  # a DICOM instance's frames are counted only as it is read
+            auto_spec(input={"uris": ["s3://b/scans/"], "dicom": {}}),
+            CPU_POOL,
+            ONE_CPU_NODE,
+            "actors",
+        ),
+        (auto_spec({"predict_in": "actors"}), CPU_POOL, ONE_CPU_NODE, "actors"),
+        (auto_spec({"predict_in": "driver"}), CPU_POOL, ONE_CPU_NODE, "driver"),
     ],
 )
-def test_auto_runs_in_actors_where_the_cluster_rules_the_driver_out(
-    runtime, plan, nodes, tiled_detection, placed
+def test_auto_runs_in_actors_where_the_cluster_or_the_spec_rules_the_driver_out(
+    spec, plan, nodes, placed
 ) -> None:
     """`predict_in: auto` is settled to actors as soon as the cluster is known where the
-    driver's threads cannot be the pool: GPUs for it, more than one node, autoscaling, or a
-    tiled detection; an explicit choice is kept."""
-    spec = RuntimeSpec(**({"predict_in": "auto"} | runtime))
-    assert placed_on_cluster(spec, plan, nodes, tiled_detection).predict_in == placed
+    driver's threads cannot be the pool: GPUs for it, more than one node, autoscaling; a spec
+    no run of which goes to the driver; a tiled detection; DICOM input. An explicit choice is
+    kept."""
+    assert placed_on_cluster(spec, plan, nodes).predict_in == placed
 
 
 @pytest.mark.parametrize(
@@ -189,9 +217,11 @@ def test_auto_runs_in_actors_where_the_cluster_rules_the_driver_out(
         ({}, 1, "driver"),
         ({}, DRIVER_MAX_INPUTS, "driver"),
         ({}, DRIVER_MAX_INPUTS + 1, "actors"),
-        ({"driver_max_inputs": 0}, 1, "actors"),
         ({"driver_max_inputs": 10}, 10, "driver"),
-        ({"compile": True}, 10, "actors"),  # compiling pays here: the driver never compiles
+        ({"driver_max_inputs": 10}, 11, "actors"),
+        ({"compile": True}, 10, "driver"),  # under compile_min_inputs: it would not compile
+        ({"compile": True, "compile_min_inputs": 10}, 9, "driver"),
+        ({"compile": True, "compile_min_inputs": 10}, 10, "actors"),  # it compiles from 10
         ({"predict_in": "actors"}, 1, "actors"),
         ({"predict_in": "driver"}, 10**6, "driver"),
     ],
@@ -200,7 +230,8 @@ def test_auto_runs_a_short_run_in_the_driver_and_a_long_one_in_actors(
     runtime, units, placed, caplog
 ) -> None:
     """Where the cluster allows the driver, `auto` settles by the units the run processes:
-    the driver's threads for at most `driver_max_inputs` it runs uncompiled, else actors; it
+    the driver's threads for at most `driver_max_inputs` (fewer than `compile_min_inputs` with
+    compile on: from there the run compiles, which the driver never does), else actors; it
     says which, and why."""
     spec = RuntimeSpec(**({"predict_in": "auto"} | runtime))
     with caplog.at_level("INFO", logger="vision_ops.pool"):

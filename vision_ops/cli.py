@@ -243,7 +243,7 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
         check_in_driver(spec.runtime, plan, nodes)
     except (ClusterConfigError, ClusterTooSmall, NotInTheDriver) as err:
         return _fail(err, err.exit_code)
-    placed = placed_on_cluster(spec.runtime, plan, nodes, spec.merges_scene_rows)
+    placed = placed_on_cluster(spec, plan, nodes)
     sized = spec.sized(plan.num_gpus).runtime
     print(
         f"on {cluster} at full scale ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs): "
@@ -257,6 +257,8 @@ def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
     """Where the model will run, as `validate --cluster` prints it: the driver's threads, the
     actor pool, or (`predict_in: auto` on a cluster that allows the driver) either, by the
     run's size."""
+    from vision_ops.pool import units_for_the_driver
+
     threads = (
         f"{plan.max_size} predictor threads in the driver of {plan.threads} torch threads each"
     )
@@ -266,7 +268,7 @@ def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
     )
     if runtime.predict_in == "auto":
         return (
-            f"{threads} for a run of at most {runtime.driver_max_inputs} units to process "
+            f"{threads} for a run of at most {units_for_the_driver(runtime)} units to process "
             f"(runtime.predict_in: auto), else {actors}"
         )
     return threads if runtime.predict_in == "driver" else actors

@@ -670,12 +670,10 @@ DEVICE_DECODE_READ_BATCHES = 4  # model batches a read task fetches when the act
 # about 13 s of compiling where the node compiled the model before, about 35 s where it did not.
 COMPILE_MIN_INPUTS = 3000
 COMPILE_MIN_INPUTS_COLD = 8000
-# Units a run with `predict_in: auto` runs in the driver's threads on a one-node CPU cluster:
-# no actor interpreters to start (seconds and about 1 GB each). Measured on 2 cores, 5 rounds
-# (docs/performance.md, "predict_in: auto"): the driver's wall time 1.25x the pool's speed at
-# 1,000 photos and 1.01x at 2,000 (medians), at 0.65-0.7x its PSS; past that the actors' own
-# processes, each with a GIL of its own, win.
-DRIVER_MAX_INPUTS = 2000
+# Units a run with `predict_in: auto` runs in the driver's threads on a one-node CPU cluster,
+# where five bench rounds on 2 cores found the driver's way faster every time; at 2,000 it was
+# a break-even (docs/performance.md, "`predict_in: auto`").
+DRIVER_MAX_INPUTS = 1000
 
 
 @dataclass(frozen=True)
@@ -794,15 +792,17 @@ class RuntimeSpec(StrictModel):
         "suits a short run on a one-node CPU cluster: no actor interpreters to start (seconds "
         "and about 1 GB each), at the cost of a process crash in the model ending the run (its "
         "durable rows resume); it is refused with GPUs for the pool, more nodes, autoscaling, "
-        "and for tiled detection. auto: the driver where none of these holds and the run has "
-        "at most driver_max_inputs units to process, uncompiled; else actors.",
+        "and for tiled detection. auto: the driver where none of these holds, the input is "
+        "not DICOM (whose frames are counted only as they are read) and the run has at most "
+        "driver_max_inputs units to process, fewer than compile_min_inputs with compile on; "
+        "else actors.",
     )
     driver_max_inputs: int = Field(
         default=DRIVER_MAX_INPUTS,
         ge=0,
-        description="With predict_in: auto, the most units (images, tiles of cut scenes; a "
-        "DICOM instance counts one; after --incremental's skip and a resumed attempt's "
-        "sources) a run hands to the driver's threads; a longer run starts actors. Default "
+        description="With predict_in: auto, the most units (images, tiles of cut scenes; "
+        "after --incremental's skip and a resumed attempt's sources) a run hands to the "
+        "driver's threads; a longer run starts actors. Default "
         f"{DRIVER_MAX_INPUTS}, measured on CPUs; 0: always actors.",
     )
     local_dashboard: bool = Field(

@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vision_ops.config import RuntimeSpec
+from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.errors import EXIT_BAD_SPEC, EXIT_CLUSTER_TOO_SMALL, VisionOpsError
 
 log = logging.getLogger(__name__)
@@ -112,43 +112,61 @@ def driver_ruled_out(runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes) -> str 
     return None
 
 
-def placed_on_cluster(
-    runtime: RuntimeSpec, plan: PoolPlan, nodes: Nodes, merges_scene_rows: bool
-) -> RuntimeSpec:
-    """`predict_in: auto` settled to actors where the driver's threads cannot serve: the
-    cluster rules them out (`driver_ruled_out`), or a tiled scene's detections are merged in
-    Ray after the pool. Otherwise the runtime as it is: auto is settled for the run's size
-    once its units are known (`placed_for_units`)."""
+def placed_on_cluster(spec: JobSpec, plan: PoolPlan, nodes: Nodes) -> RuntimeSpec:
+    """The spec's runtime with `predict_in: auto` settled to actors where the driver's threads
+    cannot serve: the cluster rules them out (`driver_ruled_out`) or the spec does
+    (`_driver_ruled_out_by`). Otherwise the runtime as it is: auto is settled for the run's
+    size once its units are known (`placed_for_units`)."""
+    runtime = spec.runtime
     if runtime.predict_in != "auto":
         return runtime
-    found = driver_ruled_out(runtime, plan, nodes)
-    if found is None and merges_scene_rows:
-        found = "a tiled scene's detections are merged after the pool"
+    found = driver_ruled_out(runtime, plan, nodes) or _driver_ruled_out_by(spec)
+    if found is None and units_for_the_driver(runtime) < 1:
+        found = "no run is small enough for the driver's threads"
     if found is None:
         return runtime
     log.info("runtime.predict_in: auto: the model runs in predictor actors (%s)", found)
     return runtime.model_copy(update={"predict_in": "actors"})
 
 
+def _driver_ruled_out_by(spec: JobSpec) -> str | None:
+    """Why `auto` takes the pool whatever the run's size, for this spec: a tiled detection's
+    rows are merged in Ray after the pool; a DICOM instance's frames are counted only as it is
+    read (one may hold hundreds), so the run's units are not known before it starts."""
+    if spec.merges_scene_rows:
+        return "a tiled scene's detections are merged after the pool"
+    if spec.input.dicom is not None:
+        return "a DICOM run's frames are not counted before it starts"
+    return None
+
+
+def units_for_the_driver(runtime: RuntimeSpec) -> int:
+    """The most units `predict_in: auto` hands to the driver's threads: driver_max_inputs,
+    and with compile on fewer than compile_min_inputs (from there the run compiles, which the
+    driver never does: `compiled_if_it_pays`)."""
+    if runtime.compile:
+        return min(runtime.driver_max_inputs, runtime.compile_min_inputs - 1)
+    return runtime.driver_max_inputs
+
+
 def placed_for_units(runtime: RuntimeSpec, units: int) -> RuntimeSpec:
     """`predict_in: auto` (on a cluster `placed_on_cluster` left it to) settled for a run of
-    `units` to process, compiled or not as the run's size makes it pay: the driver's threads
-    for at most `driver_max_inputs` units the model runs uncompiled on (the driver never
-    compiles), else actors. driver and actors as they are."""
+    `units` to process: the driver's threads for at most `units_for_the_driver`, else actors.
+    driver and actors as they are."""
     if runtime.predict_in != "auto":
         return runtime
-    in_driver = units <= runtime.driver_max_inputs and not runtime.compile
-    place = "driver" if in_driver else "actors"
+    limit = units_for_the_driver(runtime)
+    in_driver = units <= limit
     log.info(
-        "runtime.predict_in: auto: %d units to process, %s runtime.driver_max_inputs=%d%s: "
-        "the model runs in %s",
+        "runtime.predict_in: auto: %d units to process, %s the driver's %d "
+        "(runtime.driver_max_inputs%s): the model runs in %s",
         units,
-        "within" if units <= runtime.driver_max_inputs else "over",
-        runtime.driver_max_inputs,
-        ", compiled" if runtime.compile else "",
+        "within" if in_driver else "over",
+        limit,
+        ", under compile_min_inputs with compile on" if runtime.compile else "",
         "the driver's threads" if in_driver else "predictor actors",
     )
-    return runtime.model_copy(update={"predict_in": place})
+    return runtime.model_copy(update={"predict_in": "driver" if in_driver else "actors"})
 
 
 def _plan_to_reach(runtime: RuntimeSpec, nodes: Nodes) -> PoolPlan:

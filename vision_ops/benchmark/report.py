@@ -21,6 +21,7 @@ CEILING_LABELS = {CEILING: "shared-core ceiling 1/(1/a+1/b)", GPU_CEILING: "GPU 
 PIPELINES = {"c": "e2e", "g": "e2e in driver"}
 PEERS = {"f": "Daft", "d": "naive Ray Data", "e": "DataLoader"}  # the jobs e2e is set against
 JOBS = (*PIPELINES, *PEERS)  # the approaches that do the whole job: run at every size
+CEILINGS = ("a", "b")  # measured in the bench process (b times its model in a child of its own)
 # (label, numerator key, denominator key): each printed when both figures exist; the other
 # ways of the pipeline each against its pool.
 RATIOS = (

@@ -16,6 +16,7 @@ from vision_ops.benchmark.e2e import driver_source, local_source, pipeline_run, 
 from vision_ops.benchmark.isolated import in_a_fresh_process
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
 from vision_ops.benchmark.report import (
+    CEILINGS,
     JOBS,
     SCALE_SUFFIX,
     SCALED,
@@ -32,7 +33,6 @@ from vision_ops.registry import Registry
 log = logging.getLogger(__name__)
 REFERENCE = "e"  # top-1 agreement is measured against the DataLoader's predictions
 VERSIONS = ("ray", "torch", "torchvision", "pillow", "daft")
-CEILINGS = ("a", "b")  # measured in the bench process (b times its model in a child of its own)
 
 
 @dataclass

@@ -105,7 +105,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     up = nodes_up()
     plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
     check_in_driver(spec.runtime, plan, up)
-    placed = placed_on_cluster(spec.runtime, plan, up, spec.merges_scene_rows)
+    placed = placed_on_cluster(spec, plan, up)
     spec = spec.model_copy(update={"runtime": placed}).sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
@@ -130,13 +130,13 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
 
 
 def sized_for_units(spec: JobSpec, plan: PoolPlan, units: int) -> tuple[JobSpec, PoolPlan]:
-    """The spec compiled where `units` make it pay, its model placed (`runtime.predict_in:
-    auto` settled for the run's size), and the pool no larger than their model calls, counting
+    """The spec's model placed (`runtime.predict_in: auto` settled for the run's size),
+    compiled where `units` make it pay, and the pool no larger than their model calls, counting
     the units this run still processes: a scene's tiles once it is cut, less the sources an
     earlier attempt made durable (a DICOM instance counts one, a lower bound)."""
-    spec = compiled_if_it_pays(spec, units)
     placed = placed_for_units(spec.runtime, units)
     spec = as_run_in_driver(spec.model_copy(update={"runtime": placed}))
+    spec = compiled_if_it_pays(spec, units)
     plan = pool_for_inputs(plan, spec.runtime, units)
     run_id, _ = spec.resolved_run()
     log.info(
