@@ -52,7 +52,8 @@ def test_read_parquet_reads_a_file_object_or_bytes_whole(tmp_path) -> None:
 def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) -> None:
     """Fresh processes, each reading from a file object or bytes and exiting at once: every one
     exits 3 (with `pq.read_table` on them nearly every one aborted, exit -6, on this machine; a
-    threaded `ParquetFile.read` now and then, in CI)."""
+    threaded `ParquetFile.read` now and then, in CI; an unthreaded but pre-buffered one once in
+    CI, which the next test makes certain)."""
     write_table(tmp_path / "rows.parquet")
     for source in ["file", "bytes"] * 4:
         probe = subprocess.run(
@@ -62,6 +63,35 @@ def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) ->
             timeout=120,
         )
         assert (source, probe.returncode, probe.stderr) == (source, 3, "")
+
+
+THREADS_AROUND_A_READ = """
+import os, sys
+from vision_ops.storage import read_parquet
+def threads():
+    return len(os.listdir("/proc/self/task"))
+before = threads()
+with open(sys.argv[1], "rb") as handle:
+    read_parquet(handle)
+print(before, threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads in /proc")
+def test_reading_a_file_object_starts_no_thread_of_arrows(tmp_path) -> None:
+    """What the test above catches only now and then, made certain: with `ParquetFile`'s
+    default pre-buffering, reading a Python file object started a thread of Arrow's IO pool
+    (3 threads became 4), the kind of thread that aborted a process at exit in CI."""
+    write_table(tmp_path / "rows.parquet")
+    probe = subprocess.run(
+        [sys.executable, "-c", THREADS_AROUND_A_READ, str(tmp_path / "rows.parquet")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    before, after = map(int, probe.stdout.split())
+    assert after == before
 
 
 @pytest.mark.parametrize(

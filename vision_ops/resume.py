@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from vision_ops.schema import STATUS_ERROR, item_id
-from vision_ops.storage import StorageError, read_parquet
+from vision_ops.storage import StorageError, parquet_file, read_parquet
 from vision_ops.tally import token_sum
 
 log = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ def _scan(
     problem that keeps it out."""
     try:
         with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = parquet_file(handle)
             found = parquet.schema_arrow
             theirs = (found.metadata or {}).get(RESUME_KEY.encode(), b"none").decode()
             if theirs != key:
@@ -152,7 +151,7 @@ def _scan(
             if not found.remove_metadata().equals(schema.remove_metadata()):
                 return "has another schema", None
             columns = UNIT_COLUMNS + (["mask_uri"] if masks else [])
-            return None, parquet.read(columns=columns, use_threads=False)  # storage.read_parquet
+            return None, parquet.read(columns=columns, use_threads=False)  # storage.parquet_file
     except (OSError, pa.ArrowException) as err:
         if _store_failed(err):
             raise StorageError(

@@ -43,6 +43,7 @@ from vision_ops.storage import (
     folder_uri,
     holds_credentials,
     masked_url,
+    parquet_file,
     protocol_of,
     read_bytes,
     read_parquet,
@@ -844,7 +845,7 @@ def check_manifest(
         extension = posixpath.splitext(uri)[1].lower()
         with fs.open(path, "rb") as handle:
             if extension == ".parquet":
-                return _check_parquet(pq.ParquetFile(handle), base)
+                return _check_parquet(parquet_file(handle), base)
             return _check_text(handle.read(HEAD_BYTES + 1), extension, base)
     except FileNotFoundError:
         raise SourceError(f"manifest {uri}: not found") from None
@@ -867,7 +868,7 @@ def _check_report(
     try:
         with fs.open(path, "rb", compression="infer") as handle:
             if report.format == "parquet":
-                checked = _check_parquet(pq.ParquetFile(handle), base)
+                checked = _check_parquet(parquet_file(handle), base)
                 return dataclasses.replace(checked, files=report.files)
             head = _whole_lines(handle.read(HEAD_BYTES + 1))
     except FileNotFoundError:
@@ -883,7 +884,7 @@ def _check_report(
 def _check_parquet(parquet: pq.ParquetFile, base: dict[str, Any]) -> ManifestRead:
     names = parquet.schema_arrow.names
     columns = tuple(name for name in names if name.lower() in KNOWN_COLUMNS)
-    # unthreaded, from a file object (storage.read_parquet says why)
+    # unthreaded, from a file object (storage.parquet_file says why)
     first = next(parquet.iter_batches(batch_size=FIRST_ROWS, use_threads=False), None)
     records = first.to_pylist() if first is not None else []
     for index, record in enumerate(records):

@@ -299,16 +299,22 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     fs.pipe_file(path, data)
 
 
-def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file from an open file object or its bytes, read whole within this call.
-    Not `pq.read_table` on a file object: its dataset scan leaves work running after it
-    returns, and a process that exits then aborts ("terminate called without an active
-    exception", exit 134; apache/arrow#33975), as a command that read a table and exited did
-    at random. Nor a threaded read: the CPU pool's threads that decoded from a Python file
-    object still aborted such a process now and then on a busier machine (exit -6 in CI;
-    apache/arrow#50482, a hang at exit after reading a Python file object, is a related
-    teardown problem that `use_threads=False` avoids)."""
+def parquet_file(source: Any) -> pq.ParquetFile:
+    """A Parquet file from an open file object or its bytes, to be read on this thread alone
+    (`use_threads=False` on every read). A process that read a table and exited at once
+    aborted now and then ("terminate called without an active exception", exit -6 or 134)
+    while Arrow's threads still held work: `pq.read_table`'s dataset scan left some running
+    after it returned (apache/arrow#33975); a threaded read decoded on the CPU pool; and
+    `ParquetFile`'s default `pre_buffer` reads a Python file object ahead on Arrow's IO pool,
+    a thread that calls into Python (it aborted a CI run with the read unthreaded;
+    apache/arrow#50482 is a related teardown problem). So no pool at all: not pre-buffered."""
     if isinstance(source, bytes):
         source = pa.BufferReader(source)
-    with pq.ParquetFile(source) as parquet:
+    return pq.ParquetFile(source, pre_buffer=False)
+
+
+def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file from an open file object or its bytes, read whole within this call, on
+    this thread alone (`parquet_file` says why)."""
+    with parquet_file(source) as parquet:
         return parquet.read(columns=columns, use_threads=False)
