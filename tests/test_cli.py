@@ -180,7 +180,7 @@ def test_a_logged_traceback_has_its_credentials_masked() -> None:
     import logging
     import sys
 
-    from vision_ops.cli import MaskedFormatter
+    from vision_ops.logs import MaskedFormatter
 
     try:
         raise RuntimeError("cannot reach https://u:SECRET@h/x?X-Amz-Signature=SIG")

@@ -39,6 +39,7 @@ from vision_ops.errors import (
     ModelError,
     VisionOpsError,
 )
+from vision_ops.logs import log_at
 from vision_ops.storage import (
     CREDENTIALS_IN_URI,
     StorageOptions,
@@ -83,24 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # anything else: still a message and a failure, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
         return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
-
-
-class MaskedFormatter(logging.Formatter):
-    """Log lines, tracebacks included, with the credentials of any URL in them masked
-    (`storage.masked_credentials`), as the `error:` line is."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return masked_credentials(super().format(record))
-
-
-def log_at(level: int) -> None:
-    """Our loggers at `level`; the libraries' (botocore, urllib3, Ray ...) no lower than INFO,
-    whose DEBUG lines carry request headers. Every line through MaskedFormatter."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(MaskedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(handlers=[handler])  # where the process has not set up logging yet
-    logging.getLogger().setLevel(max(level, logging.INFO))
-    log.setLevel(level)
 
 
 def check_here(spec: JobSpec) -> None:

@@ -861,6 +861,13 @@ class RuntimeSpec(StrictModel):
         """read_batch_size, once sized (JobSpec.sized)."""
         return _sized(self.read_batch_size, "read_batch_size")
 
+    @property
+    def fewest_units_compiled(self) -> int | None:
+        """The shortest run (units to process) that compiles: compile_min_inputs with compile
+        on, None with it off (the pipeline's `compiled_if_it_pays` applies it; `predict_in:
+        auto` keeps such a run off the driver, which never compiles)."""
+        return self.compile_min_inputs if self.compile else None
+
     def numerics(self, gpu_share: float) -> str:
         """What of the runtime decides the model's numbers, for actors holding `gpu_share`
         GPUs: the device, autocast on it (ignored on a CPU) and where images are decoded (the
@@ -1090,6 +1097,10 @@ class EvaluateSpec(StrictModel):
         return self
 
 
+# why tiled detection (JobSpec.merges_scene_rows) runs its model in actors, never the driver's
+MERGED_AFTER_THE_POOL = "a tiled scene's detections are merged in Ray after the actor pool"
+
+
 class JobSpec(StrictModel):
     input: InputSpec = Field(description="What to read: files, folders, globs or a manifest.")
     task: SerializeAsAny[TaskSettings] = Field(
@@ -1198,9 +1209,8 @@ class JobSpec(StrictModel):
     def _driver_needs_no_merge(self) -> JobSpec:
         if self.runtime.predict_in == "driver" and self.merges_scene_rows:
             raise ValueError(
-                "runtime.predict_in: driver hands each batch's rows straight to the table; a "
-                "tiled scene's detections are merged in Ray after the actor pool: expected "
-                "predict_in: actors"
+                "runtime.predict_in: driver hands each batch's rows straight to the table; "
+                f"{MERGED_AFTER_THE_POOL}: expected predict_in: actors"
             )
         return self
 

@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vision_ops.config import JobSpec, RuntimeSpec
+from vision_ops.config import MERGED_AFTER_THE_POOL, JobSpec, RuntimeSpec
 from vision_ops.errors import EXIT_BAD_SPEC, EXIT_CLUSTER_TOO_SMALL, VisionOpsError
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _driver_ruled_out_by(spec: JobSpec) -> str | None:
     rows are merged in Ray after the pool; a DICOM instance's frames are counted only as it is
     read (one may hold hundreds), so the run's units are not known before it starts."""
     if spec.merges_scene_rows:
-        return "a tiled scene's detections are merged after the pool"
+        return MERGED_AFTER_THE_POOL
     if spec.input.dicom is not None:
         return "a DICOM run's frames are not counted before it starts"
     return None
@@ -143,10 +143,11 @@ def _driver_ruled_out_by(spec: JobSpec) -> str | None:
 def units_for_the_driver(runtime: RuntimeSpec) -> int:
     """The most units `predict_in: auto` hands to the driver's threads: driver_max_inputs,
     and with compile on fewer than compile_min_inputs (from there the run compiles, which the
-    driver never does: `compiled_if_it_pays`)."""
-    if runtime.compile:
-        return min(runtime.driver_max_inputs, runtime.compile_min_inputs - 1)
-    return runtime.driver_max_inputs
+    driver never does: `RuntimeSpec.fewest_units_compiled`)."""
+    compiled_from = runtime.fewest_units_compiled
+    if compiled_from is None:
+        return runtime.driver_max_inputs
+    return min(runtime.driver_max_inputs, compiled_from - 1)
 
 
 def placed_for_units(runtime: RuntimeSpec, units: int) -> RuntimeSpec:

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from vision_ops.logs import log_at
+
 Result = TypeVar("Result")
 
 
 def in_a_fresh_process(call: Callable[..., Result], *args: Any) -> Result:
     """`call(*args)` in a new spawned Python process; its result (or error) as it pickles."""
-    from vision_ops.cli import log_at
-
     spawn = multiprocessing.get_context("spawn")
     level = logging.getLogger("vision_ops").getEffectiveLevel()
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=log_at, initargs=(level,)) as child:

@@ -170,11 +170,10 @@ def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
     `compile_min_inputs` inputs, only where a node compiled the model before for fewer than
     `compile_min_inputs_cold` (a first compile costs several times a cached one), else as asked."""
     runtime = spec.runtime
-    if not runtime.compile or inputs >= max(
-        runtime.compile_min_inputs_cold, runtime.compile_min_inputs
-    ):
+    compiled_from = runtime.fewest_units_compiled
+    if compiled_from is None or inputs >= max(runtime.compile_min_inputs_cold, compiled_from):
         return spec
-    if inputs >= runtime.compile_min_inputs:
+    if inputs >= compiled_from:
         log.info(
             "%d inputs, under runtime.compile_min_inputs_cold=%d: the model is compiled only on "
             "nodes that compiled it before",
