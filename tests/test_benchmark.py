@@ -620,6 +620,47 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
         assert f"{m['rows']:>6}" in printed and m["approach"] in printed
 
 
+def test_a_peers_output_is_read_from_every_part_file_a_dataset_scan_would_read(
+    tmp_path: Path,
+) -> None:
+    """Part files in nested folders, one with large strings (a writer of its own), are read
+    together; a file or folder named with `_` or `.` is left out (here unreadable, so reading
+    it would fail); a folder with no Parquet file is a clear error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vision_ops.benchmark.peers import DONE_AT, PeerOutput
+
+    def part(paths: list[str], labels: list[int], done: list[float], text: pa.DataType) -> pa.Table:
+        return pa.table(
+            {
+                "path": pa.array(paths, text),
+                "label_id": pa.array(labels, pa.int32()),
+                DONE_AT: pa.array(done, pa.float64()),
+            }
+        )
+
+    (tmp_path / "run" / "a").mkdir(parents=True)
+    pq.write_table(
+        part(["/p/1.jpg", "/p/2.jpg"], [7, 8], [1.0, 2.0], pa.string()),
+        tmp_path / "run" / "a" / "x.parquet",
+    )
+    pq.write_table(
+        part(["/p/3.jpg"], [9], [3.0], pa.large_string()), tmp_path / "run" / "y.parquet"
+    )
+    (tmp_path / "run" / "_tmp").mkdir()
+    (tmp_path / "run" / "_tmp" / "z.parquet").write_bytes(b"not parquet")
+    (tmp_path / "run" / ".w.parquet").write_bytes(b"not parquet")
+
+    output = PeerOutput.read(tmp_path / "run")
+
+    assert (output.rows, output.distinct) == (3, 3)
+    assert output.top1 == {"1.jpg": 7, "2.jpg": 8, "3.jpg": 9}
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="none: the approach wrote no Parquet file"):
+        PeerOutput.read(tmp_path / "none")
+
+
 def test_a_jobs_error_in_its_own_process_reaches_the_bench_in_one_line(tmp_path: Path) -> None:
     """A job's error comes back from its process as it was where it pickles (a VisionOpsError
     keeps its type and exit code), else as `Type: first line` (never a pickling error)."""

@@ -864,8 +864,9 @@ class RuntimeSpec(StrictModel):
     @property
     def fewest_units_compiled(self) -> int | None:
         """The shortest run (units to process) that compiles: compile_min_inputs with compile
-        on, None with it off (the pipeline's `compiled_if_it_pays` applies it; `predict_in:
-        auto` keeps such a run off the driver, which never compiles)."""
+        on (below compile_min_inputs_cold, only on nodes that compiled the model before), None
+        with it off (the pipeline's `compiled_if_it_pays` applies it; `predict_in: auto` keeps
+        such a run off the driver, which never compiles)."""
         return self.compile_min_inputs if self.compile else None
 
     def numerics(self, gpu_share: float) -> str:

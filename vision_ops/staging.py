@@ -30,7 +30,7 @@ from vision_ops.resume import (
     with_resume_key,
 )
 from vision_ops.runindex import ROW_COLUMNS, index_of, merged
-from vision_ops.storage import make_folder, read_parquet
+from vision_ops.storage import make_folder, parquet_file, read_parquet
 from vision_ops.tally import bucket_of
 from vision_ops.written import CommitRefused, UnitRows
 
@@ -163,7 +163,7 @@ class StagedParts:
         staged = 0
         for path, rows in self.files:
             with self.fs.open(path, "rb") as handle:
-                found = pq.read_metadata(handle).num_rows
+                found = parquet_file(handle).metadata.num_rows
             if found != rows:
                 raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
             staged += found

@@ -307,7 +307,9 @@ def parquet_file(source: Any) -> pq.ParquetFile:
     after it returned (apache/arrow#33975); a threaded read decoded on the CPU pool; and
     `ParquetFile`'s default `pre_buffer` reads a Python file object ahead on Arrow's IO pool,
     a thread that calls into Python (it aborted a CI run with the read unthreaded;
-    apache/arrow#50482 is a related teardown problem). So no pool at all: not pre-buffered."""
+    apache/arrow#50482 is a related teardown problem). So no pool at all: not pre-buffered.
+    Without pre-buffering a remote file's column chunks are read one by one, not in coalesced
+    ranges: more, smaller reads, most of them served by the file object's read-ahead."""
     if isinstance(source, bytes):
         source = pa.BufferReader(source)
     return pq.ParquetFile(source, pre_buffer=False)

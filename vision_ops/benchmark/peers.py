@@ -78,10 +78,19 @@ class PeerOutput:
 
     @classmethod
     def read(cls, folder: Path) -> PeerOutput:
-        files = sorted(folder.rglob("*.parquet"))
+        """The Parquet files under `folder` (as a dataset scan would find them: none whose
+        name, or a folder's on the way, starts with `_` or `.`), read file by file on this
+        thread: a scan's threads aborted short-lived processes (storage.parquet_file)."""
+        files = sorted(
+            path
+            for path in folder.rglob("*.parquet")
+            if not any(part.startswith(("_", ".")) for part in path.relative_to(folder).parts)
+        )
+        if not files:
+            raise ValueError(f"{folder}: the approach wrote no Parquet file")
         columns = ["path", "label_id", DONE_AT]
-        # file by file, on this thread (storage.parquet_file says why not pq.read_table)
-        table = pa.concat_tables(read_parquet(path.read_bytes(), columns) for path in files)
+        tables = [read_parquet(path.read_bytes(), columns) for path in files]
+        table = pa.concat_tables(tables, promote_options="permissive")
         names = [os.path.basename(str(p)) for p in table["path"].to_pylist()]
         top1 = dict(zip(names, table["label_id"].to_pylist(), strict=True))
         steady = steady_rate(points_from_times(table[DONE_AT].to_pylist()))
