@@ -67,24 +67,32 @@ def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) ->
 
 THREADS_AROUND_A_READ = """
 import os, sys
-from vision_ops.storage import read_parquet
+from vision_ops.storage import parquet_file, read_parquet
+READS = {
+    "read_parquet": lambda handle: read_parquet(handle, ["score"]),
+    "first batch": lambda handle: next(parquet_file(handle).iter_batches(use_threads=False)),
+    "footer": lambda handle: parquet_file(handle).metadata.num_rows,
+}
 def threads():
     return len(os.listdir("/proc/self/task"))
 before = threads()
 with open(sys.argv[1], "rb") as handle:
-    read_parquet(handle)
+    READS[sys.argv[2]](handle)
 print(before, threads())
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads in /proc")
-def test_reading_a_file_object_starts_no_thread_of_arrows(tmp_path) -> None:
-    """What the test above catches only now and then, made certain: with `ParquetFile`'s
-    default pre-buffering, reading a Python file object started a thread of Arrow's IO pool
-    (3 threads became 4), the kind of thread that aborted a process at exit in CI."""
+@pytest.mark.parametrize("read", ["read_parquet", "first batch", "footer"])
+def test_reading_a_file_object_starts_no_thread_of_arrows(tmp_path, read: str) -> None:
+    """What the test above catches only now and then, made certain, for each way the code reads
+    a file object (a table's columns; a manifest's first rows; a staged file's footer): with
+    `ParquetFile`'s default pre-buffering, reading a table or its first rows from a Python
+    file object started a thread of Arrow's IO pool (3 threads became 4), the kind of thread
+    that aborted a process at exit in CI (a footer alone started none either way)."""
     write_table(tmp_path / "rows.parquet")
     probe = subprocess.run(
-        [sys.executable, "-c", THREADS_AROUND_A_READ, str(tmp_path / "rows.parquet")],
+        [sys.executable, "-c", THREADS_AROUND_A_READ, str(tmp_path / "rows.parquet"), read],
         capture_output=True,
         text=True,
         timeout=120,
