@@ -162,8 +162,8 @@ class StagedParts:
         missing from the staging would leave its rows out of the commit)."""
         staged = 0
         for path, rows in self.files:
-            with self.fs.open(path, "rb") as handle:
-                found = parquet_file(handle).metadata.num_rows
+            with self.fs.open(path, "rb") as handle, parquet_file(handle) as parquet:
+                found = parquet.metadata.num_rows
             if found != rows:
                 raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
             staged += found
