@@ -39,7 +39,7 @@ from vision_ops.errors import (
     ModelError,
     VisionOpsError,
 )
-from vision_ops.logs import log_at
+from vision_ops.logs import log, log_at
 from vision_ops.storage import (
     CREDENTIALS_IN_URI,
     StorageOptions,
@@ -61,8 +61,6 @@ __all__ = [
     "EXIT_TOO_MANY_ERRORS",
     "main",
 ]
-
-log = logging.getLogger("vision_ops")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

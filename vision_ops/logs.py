@@ -8,7 +8,7 @@ import logging
 
 from vision_ops.storage import masked_credentials
 
-log = logging.getLogger("vision_ops")
+log = logging.getLogger("vision_ops")  # the package's loggers are its children
 
 
 class MaskedFormatter(logging.Formatter):

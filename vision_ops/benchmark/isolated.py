@@ -4,13 +4,12 @@ process does."""
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
-from vision_ops.logs import log_at
+from vision_ops.logs import log, log_at
 
 Result = TypeVar("Result")
 
@@ -18,6 +17,6 @@ Result = TypeVar("Result")
 def in_a_fresh_process(call: Callable[..., Result], *args: Any) -> Result:
     """`call(*args)` in a new spawned Python process; its result (or error) as it pickles."""
     spawn = multiprocessing.get_context("spawn")
-    level = logging.getLogger("vision_ops").getEffectiveLevel()
+    level = log.getEffectiveLevel()
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=log_at, initargs=(level,)) as child:
         return child.submit(call, *args).result()
