@@ -67,11 +67,11 @@ def test_a_process_that_reads_a_table_and_exits_keeps_its_exit_code(tmp_path) ->
 
 THREADS_AROUND_A_READ = """
 import os, sys
-from vision_ops.storage import parquet_file, read_parquet
+from vision_ops.storage import ParquetFile, read_parquet
 READS = {
     "read_parquet": lambda handle: read_parquet(handle, ["score"]),
-    "first batch": lambda handle: next(parquet_file(handle).iter_batches(use_threads=False)),
-    "footer": lambda handle: parquet_file(handle).metadata.num_rows,
+    "first rows": lambda handle: ParquetFile(handle).first_rows(2),
+    "footer": lambda handle: ParquetFile(handle).num_rows,
 }
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -83,7 +83,7 @@ print(before, threads())
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads in /proc")
-@pytest.mark.parametrize("read", ["read_parquet", "first batch", "footer"])
+@pytest.mark.parametrize("read", ["read_parquet", "first rows", "footer"])
 def test_reading_a_file_object_starts_no_thread_of_arrows(tmp_path, read: str) -> None:
     """What the test above catches only now and then, made certain, for each way the code reads
     a file object (a table's columns; a manifest's first rows; a staged file's footer): with

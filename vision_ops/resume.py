@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from vision_ops.schema import STATUS_ERROR, item_id
-from vision_ops.storage import StorageError, parquet_file, read_parquet
+from vision_ops.storage import ParquetFile, StorageError, read_parquet
 from vision_ops.tally import token_sum
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,8 @@ def _scan(
     """A part file's unit columns, its footer and key checked in the same read; else the
     problem that keeps it out."""
     try:
-        with fs.open(path, "rb") as handle:
-            parquet = parquet_file(handle)
-            found = parquet.schema_arrow
+        with fs.open(path, "rb") as handle, ParquetFile(handle) as parquet:
+            found = parquet.schema
             theirs = (found.metadata or {}).get(RESUME_KEY.encode(), b"none").decode()
             if theirs != key:
                 return (
@@ -151,7 +150,7 @@ def _scan(
             if not found.remove_metadata().equals(schema.remove_metadata()):
                 return "has another schema", None
             columns = UNIT_COLUMNS + (["mask_uri"] if masks else [])
-            return None, parquet.read(columns=columns, use_threads=False)  # storage.parquet_file
+            return None, parquet.read(columns)
     except (OSError, pa.ArrowException) as err:
         if _store_failed(err):
             raise StorageError(

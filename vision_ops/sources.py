@@ -22,7 +22,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
 
 from vision_ops.config import InputSpec
@@ -37,13 +36,13 @@ from vision_ops.inventory import (
 )
 from vision_ops.storage import (
     CREDENTIALS_IN_URI,
+    ParquetFile,
     StorageOptions,
     canonical_uri,
     filesystem,
     folder_uri,
     holds_credentials,
     masked_url,
-    parquet_file,
     protocol_of,
     read_bytes,
     read_parquet,
@@ -845,7 +844,7 @@ def check_manifest(
         extension = posixpath.splitext(uri)[1].lower()
         with fs.open(path, "rb") as handle:
             if extension == ".parquet":
-                return _check_parquet(parquet_file(handle), base)
+                return _check_parquet(ParquetFile(handle), base)
             return _check_text(handle.read(HEAD_BYTES + 1), extension, base)
     except FileNotFoundError:
         raise SourceError(f"manifest {uri}: not found") from None
@@ -868,7 +867,7 @@ def _check_report(
     try:
         with fs.open(path, "rb", compression="infer") as handle:
             if report.format == "parquet":
-                checked = _check_parquet(parquet_file(handle), base)
+                checked = _check_parquet(ParquetFile(handle), base)
                 return dataclasses.replace(checked, files=report.files)
             head = _whole_lines(handle.read(HEAD_BYTES + 1))
     except FileNotFoundError:
@@ -881,13 +880,10 @@ def _check_report(
     )
 
 
-def _check_parquet(parquet: pq.ParquetFile, base: dict[str, Any]) -> ManifestRead:
-    names = parquet.schema_arrow.names
+def _check_parquet(parquet: ParquetFile, base: dict[str, Any]) -> ManifestRead:
+    names = parquet.schema.names
     columns = tuple(name for name in names if name.lower() in KNOWN_COLUMNS)
-    # unthreaded, from a file object (storage.parquet_file says why)
-    first = next(parquet.iter_batches(batch_size=FIRST_ROWS, use_threads=False), None)
-    records = first.to_pylist() if first is not None else []
-    for index, record in enumerate(records):
+    for index, record in enumerate(parquet.first_rows(FIRST_ROWS)):
         _manifest_row(base["uri"], f"entry {index}", record, base["cwd"])
     lower = {name.lower() for name in names}
     if not lower & set(URI_COLUMNS) and not {"bucket", "key"} <= lower:

@@ -30,7 +30,7 @@ from vision_ops.resume import (
     with_resume_key,
 )
 from vision_ops.runindex import ROW_COLUMNS, index_of, merged
-from vision_ops.storage import make_folder, parquet_file, read_parquet
+from vision_ops.storage import ParquetFile, make_folder, read_parquet
 from vision_ops.tally import bucket_of
 from vision_ops.written import CommitRefused, UnitRows
 
@@ -162,8 +162,8 @@ class StagedParts:
         missing from the staging would leave its rows out of the commit)."""
         staged = 0
         for path, rows in self.files:
-            with self.fs.open(path, "rb") as handle, parquet_file(handle) as parquet:
-                found = parquet.metadata.num_rows
+            with self.fs.open(path, "rb") as handle, ParquetFile(handle) as parquet:
+                found = parquet.num_rows
             if found != rows:
                 raise CommitRefused(f"staged file {path}: footer says {found} rows, wrote {rows}")
             staged += found

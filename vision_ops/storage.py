@@ -299,24 +299,54 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     fs.pipe_file(path, data)
 
 
-def parquet_file(source: Any) -> pq.ParquetFile:
-    """A Parquet file from an open file object or its bytes, to be read on this thread alone
-    (`use_threads=False` on every read). A process that read a table and exited at once
-    aborted now and then ("terminate called without an active exception", exit -6 or 134)
-    while Arrow's threads still held work: `pq.read_table`'s dataset scan left some running
-    after it returned (apache/arrow#33975); a threaded read decoded on the CPU pool; and
-    `ParquetFile`'s default `pre_buffer` reads a Python file object ahead on Arrow's IO pool,
-    a thread that calls into Python (it aborted a CI run with the read unthreaded;
-    apache/arrow#50482 is a related teardown problem). So no pool at all: not pre-buffered.
-    Without pre-buffering a remote file's column chunks are read one by one, not in coalesced
-    ranges: more, smaller reads, most of them served by the file object's read-ahead."""
-    if isinstance(source, bytes):
-        source = pa.BufferReader(source)
-    return pq.ParquetFile(source, pre_buffer=False)
+class ParquetFile:
+    """A Parquet file from an open file object or its bytes, read on this thread alone: the
+    one way the code opens one. A process that read a table and exited at once aborted now
+    and then ("terminate called without an active exception", exit -6 or 134) while Arrow's
+    threads still held work: `pq.read_table`'s dataset scan left some running after it
+    returned (apache/arrow#33975); a threaded read decoded on the CPU pool; and
+    `pq.ParquetFile`'s default `pre_buffer` reads a Python file object ahead on Arrow's IO
+    pool, a thread that calls into Python (it aborted a CI run with the read unthreaded;
+    apache/arrow#50482 is a related teardown problem). So no pool at all: every read here is
+    unthreaded and nothing is pre-buffered. Without pre-buffering a remote file's column
+    chunks are read one by one, not in coalesced ranges: more, smaller reads, most of them
+    served by the file object's read-ahead."""
+
+    def __init__(self, source: Any) -> None:
+        if isinstance(source, bytes):
+            source = pa.BufferReader(source)
+        self._file = pq.ParquetFile(source, pre_buffer=False)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The file's Arrow schema, its key-value metadata included."""
+        return self._file.schema_arrow
+
+    @property
+    def num_rows(self) -> int:
+        """The rows its footer records."""
+        return int(self._file.metadata.num_rows)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return self._file.read(columns=columns, use_threads=False)
+
+    def first_rows(self, count: int) -> list[dict[str, Any]]:
+        """Up to `count` rows from the start, as dicts."""
+        first = next(self._file.iter_batches(batch_size=count, use_threads=False), None)
+        return first.to_pylist() if first is not None else []
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ParquetFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file from an open file object or its bytes, read whole within this call, on
-    this thread alone (`parquet_file` says why)."""
-    with parquet_file(source) as parquet:
-        return parquet.read(columns=columns, use_threads=False)
+    this thread alone (`ParquetFile` says why)."""
+    with ParquetFile(source) as parquet:
+        return parquet.read(columns)

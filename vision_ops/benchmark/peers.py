@@ -80,7 +80,7 @@ class PeerOutput:
     def read(cls, folder: Path) -> PeerOutput:
         """The Parquet files under `folder` (as a dataset scan would find them: none whose
         name, or a folder's on the way, starts with `_` or `.`), read file by file on this
-        thread: a scan's threads aborted short-lived processes (storage.parquet_file)."""
+        thread: a scan's threads aborted short-lived processes (storage.ParquetFile)."""
         files = sorted(
             path
             for path in folder.rglob("*.parquet")
