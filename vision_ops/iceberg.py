@@ -244,8 +244,8 @@ class IcebergSink:
         replaced = _replaced_index(self.table, self.run_id)
         self._tidy_up(attempt, replaced, committed.get("index_uri"), staging)
         log.warning(
-            "run %s: attempt %s committed snapshot %s and was stopped before it tidied up; "
-            "tidied up now",
+            "run %s: attempt %s committed snapshot %s and had not finished tidying up (it was "
+            "stopped, or is finishing now: its removals and these are the same); tidied up now",
             self.run_id,
             attempt,
             committed["snapshot_id"],
