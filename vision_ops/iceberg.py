@@ -245,7 +245,8 @@ class IcebergSink:
         self._tidy_up(attempt, replaced, committed.get("index_uri"), staging)
         log.warning(
             "run %s: attempt %s committed snapshot %s and had not finished tidying up (it was "
-            "stopped, or is finishing now: its removals and these are the same); tidied up now",
+            "stopped, or is finishing now: both remove the same files, at most once); tidied up "
+            "now",
             self.run_id,
             attempt,
             committed["snapshot_id"],
