@@ -24,6 +24,7 @@ from vision_ops.schema import item_id
 MAX_PIXELS = 178_956_970
 MAX_FILE_MB = 1  # the photos are smaller; OVERSIZED (incompressible noise) is larger
 OVERSIZED = "noise-1.5MB.png"
+LATIN1_NAME = b"caf\xe9.jpg"  # a photo whose name is not UTF-8: listed as caf%E9.jpg
 CORPUS = corpus()
 LITE0 = {
     "kind": "entrypoint",
@@ -77,12 +78,16 @@ def classify(folder: Path, output: Path):  # type: ignore[no-untyped-def]
 @pytest.mark.timeout(600)
 def test_corpus_in_one_batch_leaves_good_predictions_intact(ray_local, tmp_path, photo_paths):
     write_corpus(tmp_path / "mixed", photo_paths)
+    (tmp_path / "mixed" / os.fsdecode(LATIN1_NAME)).write_bytes(photo_paths[0].read_bytes())
     (tmp_path / "clean").mkdir()
     for photo in photo_paths[:2]:
         (tmp_path / "clean" / photo.name).write_bytes(photo.read_bytes())
     mixed = classify(tmp_path / "mixed", tmp_path / "out-mixed")
     clean = classify(tmp_path / "clean", tmp_path / "out-clean")
-    assert len(mixed) == len(CORPUS) + 3
+    assert len(mixed) == len(CORPUS) + 4
+    latin1 = mixed.pop("caf%E9.jpg")
+    assert (latin1["status"], latin1["error_type"]) == ("error", "UndecodableName")
+    assert latin1["error_message"].startswith(f"file://{tmp_path}/mixed/caf%E9.jpg: the file's")
     oversized = mixed.pop(OVERSIZED)
     size = (tmp_path / "mixed" / OVERSIZED).stat().st_size
     assert size > MAX_FILE_MB * 2**20 and oversized["source_size"] == size

@@ -29,6 +29,7 @@ from vision_ops.sources import (
     paged_listing,
     plan_inputs,
     read_manifest,
+    undecodable_name,
 )
 
 # Local test tree: relative path -> size in bytes. Each file gets its own fixed mtime.
@@ -757,6 +758,33 @@ def test_a_file_whose_name_holds_glob_characters_is_listed_as_named(tmp_path: Pa
         f"file://{tmp_path}/a.jpg",
         f"file://{tmp_path}/b.jpg",
     ]
+
+
+def test_a_file_whose_name_is_not_utf8_is_listed_percent_encoded(tmp_path: Path) -> None:
+    """A Latin-1 name (`caf\\xe9.jpg`) among UTF-8 ones: Arrow refused it, and with it the
+    whole listing (UnicodeEncodeError, exit 1). Now it is listed with that byte %-encoded, by
+    the listing a run walks as by `list_inputs`; the reader makes it an error row naming it,
+    while a file whose UTF-8 name holds the same %-text is an ordinary file."""
+    (tmp_path / "photos").mkdir()
+    for name in (b"caf\xe9.jpg", b"lit%E9.jpg", "\u00e9t\u00e9.jpg".encode()):
+        (tmp_path / "photos" / os.fsdecode(name)).write_bytes(b"x")
+    expected = [
+        f"file://{tmp_path}/photos/caf%E9.jpg",
+        f"file://{tmp_path}/photos/lit%E9.jpg",
+        f"file://{tmp_path}/photos/\u00e9t\u00e9.jpg",
+    ]
+    spec = InputSpec(uris=[str(tmp_path / "photos")])
+    assert list_inputs(spec)["source_uri"].to_pylist() == expected
+    (walk,) = plan_inputs(spec).listings
+    assert sorted(pa.concat_tables(walk.blocks())["source_uri"].to_pylist()) == expected
+    found = {uri: undecodable_name(uri) for uri in expected}
+    assert [str(err) if err else None for err in found.values()] == [
+        f"{expected[0]}: the file's name is not UTF-8 (shown with those bytes %-encoded), so no "
+        "table can name it: not read; rename it in UTF-8 and rerun",
+        None,
+        None,
+    ]
+    assert undecodable_name(f"file://{tmp_path}/photos/gone%E9.jpg") is None  # no such file
 
 
 def test_plan_inputs_walks_a_local_directory_a_folder_at_a_time(tree: Path) -> None:

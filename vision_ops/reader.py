@@ -25,7 +25,7 @@ from vision_ops.schema import (
     item_id,
     stage_times,
 )
-from vision_ops.sources import GLOB_CHARS, with_store_identity
+from vision_ops.sources import GLOB_CHARS, undecodable_name, with_store_identity
 from vision_ops.storage import StorageOptions, filesystem
 from vision_ops.transforms import resize_and_crop
 
@@ -309,7 +309,9 @@ class UnitReader:
 
     def units(self, uri: str, payload: bytes | BaseException) -> Iterator[dict[str, Any]]:
         """The file's units, each decoded as it is taken (a DICOM instance's frames)."""
-        if isinstance(payload, BaseException):
+        if isinstance(payload, FileNotFoundError):
+            yield self.error(undecodable_name(uri) or payload)
+        elif isinstance(payload, BaseException):
             yield self.error(payload)
         elif is_dicom(uri, payload):
             yield from self._dicom_units(payload)

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import fsspec
 import pyarrow as pa
@@ -458,7 +459,7 @@ def with_store_identity(rows: pa.Table, options: StorageOptions | None) -> pa.Ta
 def _listing_row(uri: str, info: dict[str, Any]) -> dict[str, Any]:
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     return {
-        "source_uri": uri,
+        "source_uri": listed_uri(uri),
         "source_etag": str(etag).strip('"') if etag else None,
         "source_size": info.get("size"),
         "source_mtime": _as_utc(
@@ -469,6 +470,49 @@ def _listing_row(uri: str, info: dict[str, Any]) -> dict[str, Any]:
             or info.get("created")
         ),
     }
+
+
+# The lone surrogates Python decodes a file name's non-UTF-8 bytes to (0x80 to 0xFF, PEP 383).
+ESCAPED_BYTES = range(0xDC80, 0xDD00)
+
+
+class UndecodableName(Exception):
+    """A listed file whose name is not UTF-8: no table can name it as it is, so it is not read
+    (its row is this error, naming it as `listed_uri` does)."""
+
+
+def listed_uri(uri: str) -> str:
+    """A listed name as a table holds it: the bytes of a local file's name that are not UTF-8
+    (which Python holds as lone surrogates) percent-encoded, `caf%E9.jpg`; any other name as
+    it is. Arrow refused the name, and with it the whole listing."""
+    if not any(ord(char) in ESCAPED_BYTES for char in uri):
+        return uri
+    return "".join(
+        f"%{ord(char) - 0xDC00:02X}" if ord(char) in ESCAPED_BYTES else char for char in uri
+    )
+
+
+def undecodable_name(uri: str) -> UndecodableName | None:
+    """UndecodableName where `uri` is a local file `listed_uri` percent-encoded (the name its
+    percent-decoded bytes make exists); None for any other URI (e.g. a file of that literal
+    name, removed since it was listed)."""
+    if not uri.startswith("file://"):
+        return None
+    name = unquote_to_bytes(uri.removeprefix("file://"))
+    if name.isascii() or _is_utf8(name) or not os.path.lexists(name):
+        return None
+    return UndecodableName(
+        f"{uri}: the file's name is not UTF-8 (shown with those bytes %-encoded), so no table "
+        "can name it: not read; rename it in UTF-8 and rerun"
+    )
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # An epoch time's unit, told by its size: seconds up to 1e11 (the year 5138), then milliseconds,
