@@ -358,6 +358,18 @@ def test_long_found_value_is_shortened() -> None:
         ({"az": {"sas_token": SECRET}}, "az.sas_token"),
         ({"s3": {"endpoint_url": f"http://minio:{SECRET}@127.0.0.1:9000"}}, "s3.endpoint_url"),
         ({"s3": {"client_kwargs": {"endpoint_url": f"https://u:{SECRET}@h"}}}, "s3.client_kwargs."),
+        # names that are no key of a fixed list (each passed before), and a list of options
+        ({"s3": {"session_token": SECRET}}, "s3.session_token"),
+        ({"https": {"headers": {"X-Api-Key": SECRET}}}, "https.headers.X-Api-Key"),
+        ({"https": {"headers": {"Cookie": f"session={SECRET}"}}}, "https.headers.Cookie"),
+        (
+            {"s3": {"s3_additional_kwargs": {"SSECustomerKey": SECRET}}},
+            "s3.s3_additional_kwargs.SSECustomerKey",
+        ),
+        (
+            {"s3": {"client_kwargs": [{"aws_secret_access_key": SECRET}]}},
+            "s3.client_kwargs.0.aws_secret_access_key",
+        ),
     ],
 )
 def test_credentials_in_storage_options_are_refused_without_echo(
@@ -372,6 +384,18 @@ def test_credentials_in_storage_options_are_refused_without_echo(
         " looks like a credential; credentials never go in the spec: use the standard "
         "AWS/GCP/Azure credential chain (environment, profile, instance role)"
     )
+
+
+def test_storage_options_that_only_resemble_a_credential_are_kept() -> None:
+    """A KMS key's id, botocore's signature version, an endpoint: settings, not secrets."""
+    options = {
+        "s3": {
+            "endpoint_url": "http://127.0.0.1:9000",
+            "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "k-1"},
+            "config_kwargs": {"signature_version": "s3v4"},
+        }
+    }
+    assert parse_spec(with_value("storage_options", options)).storage_options == options
 
 
 def test_storage_options_of_a_protocol_fsspec_does_not_know_are_refused() -> None:

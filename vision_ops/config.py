@@ -30,11 +30,11 @@ from pydantic_core import PydanticCustomError
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.storage import (
-    CREDENTIAL_KEYS,
     CREDENTIALS_IN_URI,
     holds_credentials,
     known_protocol,
     masked_url,
+    names_a_credential,
 )
 
 if TYPE_CHECKING:  # the registry imports this module's TaskSettings
@@ -1266,15 +1266,22 @@ class JobSpec(StrictModel):
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _credential_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
-    """The options named like a credential, or holding a URL with a user or password in it."""
+def _credential_paths(options: Any, prefix: str = "") -> list[str]:
+    """The options named like a credential (`names_a_credential`: `session_token`, an
+    `X-Api-Key` header, s3fs's `SSECustomerKey`), or holding a URL with a user or password in
+    it, in nested options and lists of them alike."""
+    if isinstance(options, list | tuple):
+        items = [(str(index), value) for index, value in enumerate(options)]
+    elif isinstance(options, dict):
+        items = [(str(name), value) for name, value in options.items()]
+    else:
+        return []
     found = []
-    for name, value in options.items():
-        path = f"{prefix}{name}"
-        if name.lower() in CREDENTIAL_KEYS or _has_credentials(value):
-            found.append(path)
-        elif isinstance(value, dict):
-            found.extend(_credential_paths(value, path + "."))
+    for name, value in items:
+        if names_a_credential(name) or _has_credentials(value):
+            found.append(f"{prefix}{name}")
+        else:
+            found.extend(_credential_paths(value, f"{prefix}{name}."))
     return found
 
 
@@ -1406,7 +1413,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 def _found(loc: tuple[int | str, ...], value: Any) -> str:
     """The offending value for the message, with credential values masked wherever they sit."""
-    if loc and str(loc[-1]).lower() in CREDENTIAL_KEYS:
+    if loc and names_a_credential(str(loc[-1])):
         return "'***'"
     return _short_repr(_redacted(value))
 
@@ -1415,7 +1422,7 @@ def _redacted(value: Any) -> Any:
     """A copy of `value` with whatever sits under a credential-named key replaced by ***."""
     if isinstance(value, dict):
         return {
-            name: "***" if str(name).lower() in CREDENTIAL_KEYS else _redacted(item)
+            name: "***" if names_a_credential(str(name)) else _redacted(item)
             for name, item in value.items()
         }
     if isinstance(value, list | tuple):

@@ -59,6 +59,34 @@ CREDENTIAL_KEYS = frozenset(
      "authorization",  # an http header's
      "client_secret", "credential", "credentials", "access_token"}
 )  # fmt: skip
+# A name says it holds a credential (an environment variable's, a spec's storage option's, an
+# http header's) where a word of it (split at _ - . and the like) is one of SECRET_WORDS
+# or ends in one of SECRET_ENDINGS (APIKEY, GITHUB_TOKEN, SSECustomerKey), or it names a
+# connection string; BYPASS_CACHE, AUTHOR, DB_CONNECTION_TIMEOUT, SSEKMSKeyId and botocore's
+# signature_version do not.
+SECRET_WORDS = frozenset(
+    {"AUTH", "AUTHORIZATION", "SAS", "PASS", "PWD", "PAT", "DSN", "CREDS", "CONNSTR", "COOKIE"}
+)
+SECRET_ENDINGS = (
+    "KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS",
+    "OAUTH",
+)  # fmt: skip
+
+
+def names_a_credential(name: str) -> bool:
+    """Whether a name says it holds a credential (SECRET_WORDS), a word read also without its
+    number or plural (DB_PASSWORD2, API_TOKENS, MY_SECRETS)."""
+    words = re.split(r"[^A-Z0-9]+", name.upper())
+    joined = "_".join(words)
+    stems = {word.rstrip("0123456789") for word in words}
+    stems |= {stem.removesuffix("S") for stem in stems}
+    return (
+        "CONNECTION_STRING" in joined
+        or "CONN_STR" in joined
+        or any(stem in SECRET_WORDS or stem.endswith(SECRET_ENDINGS) for stem in stems if stem)
+    )
+
+
 # A signed URL's query keys (S3 and GCS presigned URLs, an Azure SAS), and any credential's name.
 SIGNED_QUERY_KEYS = CREDENTIAL_KEYS | {
     "sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",

@@ -8,7 +8,6 @@ credential chain (instance profile, IRSA), and only non-secret environment varia
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,20 +20,10 @@ import yaml
 import vision_ops
 from vision_ops.config import JobSpec, SpecError
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
-from vision_ops.storage import holds_credentials, userinfo
+from vision_ops.storage import holds_credentials, names_a_credential, userinfo
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
 PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
-# An environment variable's name says it holds a credential where a word of it (split at _ -
-# .) is one of SECRET_WORDS or ends in one of SECRET_ENDINGS (APIKEY, GITHUB_TOKEN), or it
-# names a connection string; BYPASS_CACHE, AUTHOR, DB_CONNECTION_TIMEOUT do not.
-SECRET_WORDS = frozenset(
-    {"AUTH", "AUTHORIZATION", "SAS", "PASS", "PWD", "PAT", "DSN", "CREDS", "CONNSTR"}
-)
-SECRET_ENDINGS = (
-    "KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS",
-    "SIGNATURE", "OAUTH",
-)  # fmt: skip
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "job.yaml"
 AGENT_WAIT_S = 300  # how long a fresh head may take to start the agent that runs jobs
@@ -99,25 +88,11 @@ def client(address: str | None) -> Any:
         raise SubmissionError(masked(message, address)) from None
 
 
-def looks_secret(name: str) -> bool:
-    """Whether an environment variable's name says it holds a credential (SECRET_WORDS), a
-    word read also without its number or plural (DB_PASSWORD2, API_TOKENS, MY_SECRETS)."""
-    words = re.split(r"[^A-Z0-9]+", name.upper())
-    joined = "_".join(words)
-    stems = {word.rstrip("0123456789") for word in words}
-    stems |= {stem.removesuffix("S") for stem in stems}
-    return (
-        "CONNECTION_STRING" in joined
-        or "CONN_STR" in joined
-        or any(stem in SECRET_WORDS or stem.endswith(SECRET_ENDINGS) for stem in stems if stem)
-    )
-
-
 def passed_env(extra: list[str]) -> dict[str, str]:
     """The environment variables to ship; a secret-looking name is refused, not shipped, and so
     is a value holding credentials (AWS_ENDPOINT_URL with a password in it)."""
     names = [*PASSED_ENV, *extra]
-    secret = [name for name in extra if looks_secret(name)]
+    secret = [name for name in extra if names_a_credential(name)]
     if secret:
         raise SubmissionError(
             f"--env {secret[0]}: looks like a credential; nodes use their own credential chain"
