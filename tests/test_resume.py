@@ -33,7 +33,7 @@ from test_exactly_once import make_images
 from vision_ops import outputs
 from vision_ops.cli import EXIT_OK, main
 from vision_ops.config import OutputSpec
-from vision_ops.errors import EXIT_INTERRUPTED
+from vision_ops.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 from vision_ops.iceberg import IcebergSink
 from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.query import connect, register_views
@@ -585,8 +585,9 @@ def kill_at(spec: Path, fs: Any, staging: str, rows: int) -> None:
 
 def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -> int:
     """Run the spec in a driver process of its own; once `rows` rows are durable send it `how`:
-    SIGKILL to the driver and every process of its Ray (its session), SIGINT to the driver
-    alone (as Ctrl-C). Returns the driver's exit status; its output is in `log`."""
+    SIGKILL to the driver and every process of its Ray (its session), any other signal to the
+    driver alone (SIGINT as Ctrl-C, SIGTERM as a scheduler). Returns the driver's exit status;
+    its output is in `log`."""
     ray_temp = short_temp_dir("vor")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_TMPDIR": str(ray_temp)
@@ -778,9 +779,20 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     )
 
 
-def test_ctrl_c_exits_with_a_message_and_the_rerun_resumes(ray_local: None, tmp_path: Path) -> None:
-    """SIGINT to the driver mid-run: exit 130 with one line saying what to do, no traceback,
-    the durable parts left; the same command then resumes from them."""
+@pytest.mark.parametrize(
+    ("how", "code", "said"),
+    [
+        (signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
+        (signal.SIGTERM, EXIT_TERMINATED, "terminated (SIGTERM)"),
+    ],
+)
+def test_ctrl_c_or_sigterm_exits_with_a_message_and_the_rerun_resumes(
+    ray_local: None, tmp_path: Path, how: int, code: int, said: str
+) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop, `timeout`) to the driver mid-run: exit
+    130 or 143 with one line saying what to do, no traceback, the durable parts left; the same
+    command then resumes from them. SIGTERM exited 15 with Ray's crash report, not a word of
+    what was left."""
     import fsspec
 
     total = 24
@@ -791,11 +803,11 @@ def test_ctrl_c_exits_with_a_message_and_the_rerun_resumes(ray_local: None, tmp_
     staging = str(tmp_path / "table" / "_staging" / "k1")
     fs = fsspec.filesystem("file")
     log = tmp_path / "driver.log"
-    assert stop_at(spec, fs, staging, 12, signal.SIGINT, log) == EXIT_INTERRUPTED
+    assert stop_at(spec, fs, staging, 12, how, log) == code
     output = log.read_text()
-    assert "error: interrupted: nothing was committed" in output
+    assert f"error: {said}: nothing was committed" in output
     assert "the same command with --run-id k1 --run-date 2026-11-24 resumes from them" in output
-    assert "Traceback" not in output, output[-3000:]
+    assert "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
     left = durable_rows(fs, staging)
     assert left >= 12 and committed_run(str(tmp_path / "table"), "k1") is None
     for mark in marks.iterdir():

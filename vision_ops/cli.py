@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,9 +36,12 @@ from vision_ops.errors import (
     EXIT_INTERRUPTED,
     EXIT_NOT_SCORED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_TOO_MANY_ERRORS,
     ModelError,
+    Terminated,
     VisionOpsError,
+    stopped_by_sigterm,
 )
 from vision_ops.logs import log, log_at
 from vision_ops.storage import (
@@ -79,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except VisionOpsError as err:  # what a user can cause: its message and its exit code
         return _fail(err, err.exit_code)
+    except KeyboardInterrupt as err:  # outside a run (`backfill` between its runs)
+        return _fail(RuntimeError(STOPPED_BY[stopped_by_sigterm(err)]), _stopped_exit(err))
     except Exception as err:  # anything else: still a message and a failure, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
         return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
@@ -266,8 +272,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(err, err.exit_code)
     except StorageError as err:
         return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
-    except KeyboardInterrupt as err:
-        return _fail(RuntimeError(interrupted(spec, err)), EXIT_INTERRUPTED)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        return _fail(RuntimeError(interrupted(spec, err)), _stopped_exit(err))
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
@@ -339,18 +345,38 @@ def _score_committed(spec: JobSpec, summary: Any) -> int:
     )  # fmt: skip
 
 
+# How a command stopped by a signal says so, by whether SIGTERM stopped it (else Ctrl-C).
+STOPPED_BY = {False: "interrupted", True: "terminated (SIGTERM)"}
+
+
+def _stopped_exit(err: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if stopped_by_sigterm(err) else EXIT_INTERRUPTED
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a scheduler's stop, `timeout`, Kubernetes) stops the run as Ctrl-C does, in
+    the main thread: Ray's own handler, set as it connects, exits 15 at once, with no word of
+    what the run left and Ray's crash report on the console."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
-    """What a Ctrl-C of `run` left: nothing committed; or (a Parquet table, stopped inside its
-    commit: the journal is there) a commit the next run on the table finishes or undoes; or
-    (an Iceberg table, stopped while the catalog had the commit) a snapshot that may have
-    landed."""
+    """What a Ctrl-C (or SIGTERM) of `run` left: nothing committed; or (a Parquet table,
+    stopped inside its commit: the journal is there) a commit the next run on the table
+    finishes or undoes; or (an Iceberg table, stopped while the catalog had the commit) a
+    snapshot that may have landed."""
     from vision_ops.errors import InterruptedDuringCommit
     from vision_ops.sink import unfinished_commit
 
     run_id, run_date = spec.resolved_run()
+    stopped = STOPPED_BY[err is not None and stopped_by_sigterm(err)]
     if isinstance(err, InterruptedDuringCommit):
         return (
-            f"interrupted during the catalog commit of run {run_id}: its snapshot may have "
+            f"{stopped} during the catalog commit of run {run_id}: its snapshot may have "
             "landed or not (`vision-ops verify` shows the committed run); the same command with "
             f"--run-id {run_id} --run-date {run_date.isoformat()} commits the run either way"
         )
@@ -363,11 +389,11 @@ def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
         committing = False
     if committing:
         return (
-            f"interrupted during the commit of run {run_id}: the next run on this table "
+            f"{stopped} during the commit of run {run_id}: the next run on this table "
             "finishes the commit or undoes it (its manifest says which; `vision-ops verify` "
             "shows the committed run)"
         )
-    return f"interrupted: {nothing_committed(spec)}"
+    return f"{stopped}: {nothing_committed(spec)}"
 
 
 def nothing_committed(spec: JobSpec) -> str:
@@ -395,6 +421,7 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
 
     clock = StartupClock()
     connect_while(prepare, clock, spec.runtime.local_dashboard)
+    stop_on_sigterm()
     from vision_ops.pipeline.run import run_checked_job
 
     return run_checked_job(spec, clock)
@@ -472,7 +499,7 @@ def _check_backfilled(
     did where that was not 0 (its check not run after Ctrl-C), else 6 where a run drifted."""
     from vision_ops.drift import check_runs_of_dates
 
-    if not args.check or outcome == EXIT_INTERRUPTED:
+    if not args.check or outcome in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         return outcome
     if not committed:
         print("drift: this backfill committed no run; none checked")

@@ -15,6 +15,7 @@ EXIT_DRIFT = (
 )
 EXIT_NOT_SCORED = 7  # committed, but the spec's evaluate: could not score it (its hold-out)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): nothing committed; a rerun resumes what was durable
+EXIT_TERMINATED = 143  # SIGTERM (a scheduler's stop, `timeout`), 128 + 15: as Ctrl-C otherwise
 
 
 class VisionOpsError(Exception):
@@ -57,6 +58,17 @@ def in_one_line(err: BaseException) -> str:
     lines = str(err).splitlines()
     name = type(err).__name__
     return f"{name}: {lines[0]}" if lines else name
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so a run stops
+    the same way: its durable rows kept to resume, what its commit left said."""
+
+
+def stopped_by_sigterm(err: BaseException) -> bool:
+    """Whether a SIGTERM stopped the command: `err` is Terminated, or was raised handling one
+    (InterruptedDuringCommit raised `from None` keeps it as its context)."""
+    return isinstance(err, Terminated) or isinstance(err.__context__, Terminated)
 
 
 class InterruptedDuringCommit(KeyboardInterrupt):
