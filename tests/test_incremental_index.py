@@ -227,7 +227,8 @@ def test_incremental_skips_the_inputs_of_a_manifest_that_names_uris_only(
 ) -> None:
     """A manifest of URIs alone (no ETag, no size): a run's rows record the store's identity
     of each input, and an incremental run asks the store the same, so the second night
-    processes nothing and the third exactly the photo that changed."""
+    processes nothing (its date's _SUCCESS written all the same) and the third exactly the photo
+    that changed."""
     make_images(tmp_path / "images", 3)
     manifest = tmp_path / "inputs.txt"
     manifest.write_text("".join(f"{p}\n" for p in sorted((tmp_path / "images").glob("*.png"))))
@@ -238,6 +239,7 @@ def test_incremental_skips_the_inputs_of_a_manifest_that_names_uris_only(
     nightly = [*uris_only, "--incremental"]
     assert main(["run", str(spec), *nightly, "--run-id", "n2", "--run-date", "2026-11-21"]) == 0
     assert committed_run(str(tmp_path / "table"), "n2")["rows"] == 0
+    assert (tmp_path / "table" / "run_date=2026-11-21" / "_SUCCESS").exists()  # none: no folder
     changed = tmp_path / "images" / "img001.png"
     make_images(tmp_path / "again", 1, seed=7)
     changed.write_bytes((tmp_path / "again" / "img000.png").read_bytes() + b"\0")  # another size

@@ -430,8 +430,12 @@ def _settle_or_leave(
 
 
 def _mark_success(fs: AbstractFileSystem, plan: CommitPlan) -> None:
-    """Hadoop's marker, for tools that look for it; the manifest is what readers switch on."""
+    """Hadoop's marker, for tools that look for it; the manifest is what readers switch on.
+    On local disk the partition's folder is made where the run wrote no file (an incremental
+    night with nothing new: a scheduler waiting for the date's marker waited for ever)."""
     try:
+        if is_local(fs):  # (an object store has no folders)
+            fs.makedirs(plan.partition, exist_ok=True)
         fs.pipe_file(f"{plan.partition}/{SUCCESS_MARKER}", b"")
     except OSError as err:
         log.warning("run %s committed, but %s not written: %s", plan.run_id, SUCCESS_MARKER, err)
