@@ -138,8 +138,13 @@ def test_sha256_mismatch_is_refused(weights_file) -> None:
 
 def test_weights_that_do_not_fit_the_architecture(weights_file) -> None:
     spec = spec_for(torchvision_file_model(weights_file, num_classes=CLASSES + 1))
-    with pytest.raises(ModelError, match="do not fit the architecture"):
+    with pytest.raises(ModelError, match="do not fit the architecture") as refused:
         load_model(spec.model)
+    message = str(refused.value)  # one line naming the tensors, not torch's header alone
+    assert "\n" not in message and message.endswith("set model.num_classes to theirs")
+    head = "size mismatch for classifier.3.weight: copying a param with shape"
+    found = f"{head} torch.Size([{CLASSES}, 1024]) from checkpoint"
+    assert found in message
 
 
 def test_torchscript_file(tmp_path, reference, images) -> None:

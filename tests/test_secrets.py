@@ -57,9 +57,12 @@ def test_malicious_pickle_is_refused_and_never_runs(poisoned, monkeypatch, force
     if force_unsafe:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     module = torchvision.models.mobilenet_v3_small(num_classes=3)
-    with pytest.raises(ModelError, match="not a loadable state_dict"):
+    with pytest.raises(ModelError, match="not a loadable state_dict") as refused:
         load_state_dict_file(module, str(path), None, {})
     assert not marker.exists()
+    message = str(refused.value)  # what was found, not torch's advice to load it unsafely
+    assert "Unsupported global: GLOBAL io.open" in message and "\n" not in message
+    assert "weights_only` set to `False`" not in message and "add_safe_globals" not in message
 
 
 def test_sha256_mismatch_is_refused_before_unpickling(poisoned) -> None:

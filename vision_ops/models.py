@@ -34,7 +34,7 @@ from vision_ops.config import (
     TorchScriptModel,
     TorchvisionModel,
 )
-from vision_ops.errors import ModelError
+from vision_ops.errors import ModelError, in_one_line
 from vision_ops.registry import Registry
 from vision_ops.storage import StorageOptions, missing_file, read_bytes
 from vision_ops.tasks import DetectionTask, get_task
@@ -469,13 +469,56 @@ def load_state_dict_file(
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelError(f"model weights {uri}: not a loadable state_dict: {err}") from None
+        raise ModelError(
+            f"model weights {uri}: not a loadable state_dict: {_why_not_loaded(err)} (read "
+            "with weights_only=True: nothing in the file is run)"
+        ) from None
     state_dict = _unwrap_checkpoint(checkpoint)
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise ModelError(f"model weights {uri} do not fit the architecture: {err}") from None
+        misfit = _misfit(err)
+        raise ModelError(f"model weights {uri} do not fit the architecture: {misfit}") from None
     return digest
+
+
+# torch's weights_only error: advice this tool cannot take (to load with weights_only=False),
+# the finding (after UNPICKLER_SAYS, or in a paragraph of its own), a pointer to the docs.
+UNSAFE_ADVICE = "Weights only load failed"
+UNPICKLER_SAYS = "WeightsUnpickler error:"  # where torch gives it, the finding follows this
+MISFITS_SHOWN = 3  # load_state_dict's findings a message names (each up to MISFIT_CHARS)
+MISFIT_CHARS = 300
+
+
+def _why_not_loaded(err: Exception) -> str:
+    """What torch.load found, in one line, without torch's advice to load unsafely or to
+    allow-list a global."""
+    text = str(err)
+    if not text.startswith(UNSAFE_ADVICE):
+        return in_one_line(err)
+    marked = text.partition(UNPICKLER_SAYS)[2]
+    rest = marked or text.partition("\n\n")[2]
+    paragraphs = [part.strip() for part in rest.split("\n\n") if part.strip()]
+    found = [part for part in paragraphs if not part.startswith("Check the documentation")]
+    if not found:
+        return "not a file torch.load reads"
+    return found[0].splitlines()[0].split(" Please use")[0]
+
+
+def _misfit(err: RuntimeError) -> str:
+    """load_state_dict's findings (missing or unexpected keys, a tensor of another size) in
+    one line, the first MISFITS_SHOWN of them; a head of another size names num_classes."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    if not lines:
+        return in_one_line(err)
+    shown = "; ".join(line[:MISFIT_CHARS] for line in lines[:MISFITS_SHOWN])
+    more = f" (and {len(lines) - MISFITS_SHOWN} more)" if len(lines) > MISFITS_SHOWN else ""
+    hint = (
+        "; weights of another number of classes: set model.num_classes to theirs"
+        if any(line.startswith("size mismatch") for line in lines)
+        else ""
+    )
+    return f"{shown}{more}{hint}"
 
 
 def _unwrap_checkpoint(checkpoint: Any) -> Mapping[str, torch.Tensor]:
