@@ -129,11 +129,18 @@ def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:
     args = ["evaluate", str(table), "--truth", str(labels), "--truth-format", "table"]
     assert main(args) == EXIT_OK
     out = capsys.readouterr().out
-    assert "accuracy: 0.7500" in out and "evaluated: 4.0000" in out  # 3 of the 4 right
+    assert "accuracy: 0.7500" in out and "evaluated: 4" in out  # 3 of the 4 right
     bad = tmp_path / "bad.csv"
     bad.write_text("path,class\nx,y\n")
     with pytest.raises(EvaluationError, match="expected columns uri and label"):
         evaluate_run(str(table), str(bad), "table")
+    missing = tmp_path / "missing.csv"  # (raw OSError text, exit 1)
+    with pytest.raises(EvaluationError, match=f"^{missing}: not found$"):
+        evaluate_run(str(table), str(missing), "table")
+    header_only = tmp_path / "header.csv"  # (was "expected columns uri and label")
+    header_only.write_text("uri,label\n")
+    with pytest.raises(EvaluationError, match="no rows; expected a uri and a label on each row"):
+        evaluate_run(str(table), str(header_only), "table")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"\xff\xfe\x00uri")
     with pytest.raises(EvaluationError, match=f"^{binary}: expected a CSV or Parquet table: "):

@@ -40,11 +40,13 @@ def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-shipped")
     assert passed_env([]) == {"AWS_REGION": "eu-west-1"}
-    with pytest.raises(SubmissionError, match="looks like a credential"):
+    with pytest.raises(SubmissionError, match="looks like a credential") as refused:
         passed_env(["AWS_SECRET_ACCESS_KEY"])
+    assert refused.value.exit_code == EXIT_BAD_SPEC  # the command's own input: no work done
     monkeypatch.delenv("VISION_OPS_UNSET", raising=False)
-    with pytest.raises(SubmissionError, match=r"^--env VISION_OPS_UNSET: not set here"):
+    with pytest.raises(SubmissionError, match=r"^--env VISION_OPS_UNSET: not set here") as unset:
         passed_env(["VISION_OPS_UNSET"])
+    assert unset.value.exit_code == EXIT_BAD_SPEC
     monkeypatch.setenv("VISION_OPS_UNSET", "1")
     assert passed_env(["VISION_OPS_UNSET"]) == {"AWS_REGION": "eu-west-1", "VISION_OPS_UNSET": "1"}
     for name in (
@@ -74,6 +76,7 @@ def test_a_passed_variable_holding_credentials_is_refused_not_shipped(monkeypatc
     with pytest.raises(SubmissionError) as caught:
         passed_env([])
     assert str(caught.value).startswith("AWS_ENDPOINT_URL: a URL with credentials in it")
+    assert caught.value.exit_code == EXIT_BAD_SPEC
     assert "never-shipped" not in str(caught.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     assert passed_env([]) == {"AWS_ENDPOINT_URL": "http://minio:9000"}
@@ -284,6 +287,22 @@ def test_submit_refuses_a_relative_path_before_reaching_the_cluster(
     sent = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert (sent.returncode, sent.stdout) == (EXIT_BAD_SPEC, "")
     assert sent.stderr.startswith(f"error: {field}: {path!r} is a relative path, which the ")
+
+
+def test_submit_refuses_an_env_it_cannot_ship_before_reaching_the_cluster(
+    job_spec, tmp_path
+) -> None:
+    """`--env` naming a credential, or one not set here: the command's own input, refused
+    with exit 2 as a bad spec is (it exited 1, the code of a cluster that does not answer)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": str(tmp_path),
+        "MY_TOKEN": "never-shipped",
+    }
+    for name, said in (("MY_TOKEN", "looks like a credential"), ("NOT_SET_HERE", "not set here")):
+        args = [*CLI, "submit", str(job_spec), "--env", name, "--address", "http://127.0.0.1:1"]
+        sent = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert (sent.returncode, sent.stdout) == (EXIT_BAD_SPEC, "")
+        assert sent.stderr.startswith(f"error: --env {name}: {said}")
 
 
 def test_stop_ends_a_submitted_job(ray_head, job_spec) -> None:

@@ -361,6 +361,7 @@ def test_query_writes_the_format_its_out_file_names(tmp_path: Path, capsys) -> N
         (["--out", str(tmp_path / "items.txt")], "expected --format csv, json or parquet"),
         (["--out", str(out), "--format", "table"], "expected --format csv, json or parquet"),
         (["--format", "xml"], "--format: expected table, csv, json or parquet, found 'xml'"),
+        (["--format", "parquet"], "--format parquet needs --out FILE"),  # (exited 1)
     ]:
         assert main(["query", table, sql, *wrong]) == EXIT_BAD_SPEC
         assert message in capsys.readouterr().err

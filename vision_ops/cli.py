@@ -568,10 +568,12 @@ NO_ROWS = (
 def _query_format(args: argparse.Namespace) -> str:
     """--format, else the ending of --out's file name, else table; ValueError where it is none
     of those, or where --out is given with a format that writes no file (table)."""
-    from vision_ops.query import EXPORT_FORMATS
+    from vision_ops.query import EXPORT_FORMATS, PARQUET_NEEDS_A_FILE
 
     if args.out is None:
         fmt = args.format or "table"
+        if fmt == "parquet":
+            raise ValueError(PARQUET_NEEDS_A_FILE)
         if fmt in ("table", *EXPORT_FORMATS):
             return str(fmt)
         raise ValueError(f"--format: expected {_either(['table', *EXPORT_FORMATS])}, found {fmt!r}")
@@ -634,8 +636,8 @@ def submit(spec: JobSpec, args: argparse.Namespace) -> int:
         if not args.wait:
             return EXIT_OK
         state = submission.wait(args.address, job.job_id, args.timeout)
-    except submission.SubmissionError as err:
-        return _fail(err, EXIT_FAILED)
+    except submission.SubmissionError as err:  # exit 2 where refused before the cluster is asked
+        return _fail(err, err.exit_code)
     print(f"{job.job_id}: {state}")
     if state == "SUCCEEDED":
         return EXIT_OK
@@ -657,8 +659,8 @@ def job_command(args: argparse.Namespace) -> int:
     actions = {"status": submission.status, "logs": submission.logs, "stop": submission.stop}
     try:
         result = actions[args.command](args.address, args.job_id)
-    except submission.SubmissionError as err:
-        return _fail(err, EXIT_FAILED)
+    except submission.SubmissionError as err:  # exit 2 where refused before the cluster is asked
+        return _fail(err, err.exit_code)
     except Exception as err:  # the Jobs API's own errors: unknown job id, ...
         return _fail(RuntimeError(submission.masked(str(err), args.address)), EXIT_FAILED)
     print(result if args.command != "stop" else f"{args.job_id}: stop requested={result}")
@@ -818,7 +820,7 @@ def _score(
     floor in `minimums`; where it cannot be scored, `failed`'s exit code, its text leading
     the message."""
     from vision_ops.errors import EXIT_BELOW_THRESHOLD
-    from vision_ops.evaluate import EvaluationError, below_minimums, evaluate_run
+    from vision_ops.evaluate import EvaluationError, below_minimums, evaluate_run, shown_metric
 
     try:
         metrics = evaluate_run(table, truth or "", truth_format, run_id, options)
@@ -828,7 +830,7 @@ def _score(
         return _fail(RuntimeError(f"{lead}{err}"), code)
     for row in metrics.to_pylist():
         if row["label"] is None:
-            print(f"{row['metric']}: {row['value']:.4f}")
+            print(f"{row['metric']}: {shown_metric(row['metric'], row['value'])}")
     print(f"metrics: {len(metrics)} rows for run {metrics['run_id'][0]}")
     if below:
         message = f"below the spec's evaluate.min: {'; '.join(below)}"

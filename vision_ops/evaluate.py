@@ -286,7 +286,10 @@ def classification_truth(
         raise EvaluationError(
             f"--truth-format: expected imagefolder or table, found {truth_format}"
         )
-    data = read_bytes(truth, options)
+    try:
+        data = read_bytes(truth, options)
+    except FileNotFoundError:
+        raise EvaluationError(f"{truth}: not found") from None
     try:
         if truth.endswith(".parquet"):
             records = read_parquet(data).to_pylist()
@@ -295,8 +298,10 @@ def classification_truth(
     except (ValueError, csv.Error, pa.ArrowException) as err:  # not UTF-8 text, not Parquet
         raise EvaluationError(f"{truth}: expected a CSV or Parquet table: {err}") from None
     records = [{str(k).strip().lower(): v for k, v in r.items()} for r in records]
-    if not records or not {"uri", "label"} <= set(records[0]):
+    if records and not {"uri", "label"} <= set(records[0]):
         raise EvaluationError(f"{truth}: expected columns uri and label")
+    if not records:
+        raise EvaluationError(f"{truth}: no rows; expected a uri and a label on each row")
     labels = _labels(truth, records)
     return labels | {as_row_uri(uri): label for uri, label in labels.items()}
 
@@ -420,6 +425,14 @@ def _complete(coco: dict[str, Any]) -> dict[str, Any]:
         for box in coco.get("annotations", [])
     ]
     return coco | {"annotations": boxes}
+
+
+COUNTS = frozenset({"evaluated", "error_rows"})  # metrics that count units, not shares
+
+
+def shown_metric(name: str, value: float) -> str:
+    """A metric as printed: a count whole, any other with four decimals."""
+    return str(int(value)) if name in COUNTS else f"{value:.4f}"
 
 
 def _metric(

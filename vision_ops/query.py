@@ -148,10 +148,13 @@ EXPORT_FORMATS = {  # --format: DuckDB's COPY options
 }
 
 
+PARQUET_NEEDS_A_FILE = "--format parquet needs --out FILE"  # (no text to print)
+
+
 def export(relation: Any, fmt: str, path: str | None) -> str | None:
     """Write a query's result as csv, json or parquet to `path`, or return csv/json text."""
     if path is None and fmt == "parquet":
-        raise ValueError("--format parquet needs --out FILE")
+        raise ValueError(PARQUET_NEEDS_A_FILE)
     if path is not None:
         _copy(relation, fmt, path)
         return None

@@ -142,7 +142,9 @@ def number(value: float) -> str:
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    from vision_ops.evaluate import shown_metric
+
+    return ", ".join(f"{name} {shown_metric(name, value)}" for name, value in metrics.items())
 
 
 # --- html ------------------------------------------------------------------------------------

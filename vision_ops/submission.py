@@ -19,7 +19,7 @@ import yaml
 
 import vision_ops
 from vision_ops.config import JobSpec, SpecError
-from vision_ops.errors import EXIT_FAILED, VisionOpsError
+from vision_ops.errors import EXIT_BAD_SPEC, EXIT_FAILED, VisionOpsError
 from vision_ops.storage import holds_credentials, names_a_credential, userinfo
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
@@ -33,6 +33,14 @@ class SubmissionError(VisionOpsError, RuntimeError):
     """The cluster refused the job or cannot be reached; says which and why."""
 
     exit_code = EXIT_FAILED
+
+
+class EnvRefused(SubmissionError):
+    """An environment variable the job would carry that cannot go (a credential's name or a
+    URL with credentials in it, or `--env` naming one not set here): refused before the
+    cluster is asked, as a bad spec is."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 @dataclass(frozen=True)
@@ -94,16 +102,16 @@ def passed_env(extra: list[str]) -> dict[str, str]:
     names = [*PASSED_ENV, *extra]
     secret = [name for name in extra if names_a_credential(name)]
     if secret:
-        raise SubmissionError(
+        raise EnvRefused(
             f"--env {secret[0]}: looks like a credential; nodes use their own credential chain"
         )
     unset = [name for name in extra if name not in os.environ]
     if unset:
-        raise SubmissionError(f"--env {unset[0]}: not set here, so there is nothing to ship")
+        raise EnvRefused(f"--env {unset[0]}: not set here, so there is nothing to ship")
     secret = [name for name in names if holds_credentials(os.environ.get(name, ""))]
     if secret:
         shown = f"--env {secret[0]}" if secret[0] in extra else secret[0]
-        raise SubmissionError(
+        raise EnvRefused(
             f"{shown}: a URL with credentials in it (a user or password, a signed query), which "
             "the job would carry to every node; nodes use their own credential chain"
         )
