@@ -1017,6 +1017,19 @@ def test_an_evaluate_section_the_task_cannot_score_is_refused_before_the_run(
     assert message in spec_error(raw)
 
 
+def test_a_top5_floor_is_refused_where_the_run_keeps_fewer_than_five_labels() -> None:
+    """With task.top_k 3 what the scorer called top-5 accuracy was top-3's; a floor on it
+    passed validation (and is refused now); top_k 5 keeps it."""
+    raw = with_value("evaluate", {"truth": "s3://l/holdout.csv", "min": {"top5_accuracy": 0.9}})
+    raw["task"] = {"kind": "classification", "top_k": 3}
+    assert (
+        "evaluate.min.top5_accuracy: a run gives none where task.top_k is 3: each row keeps "
+        "fewer than 5 labels; expected no floor on it"
+    ) in spec_error(raw)
+    raw["task"]["top_k"] = 5
+    assert parse_spec(raw).evaluate.min == {"top5_accuracy": 0.9}
+
+
 @pytest.mark.parametrize("field", ["input.uris", "input.manifest", "output.uri"])
 def test_a_uri_of_an_unknown_protocol_is_refused(field: str) -> None:
     value = "bogus://bucket/x"

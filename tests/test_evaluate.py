@@ -41,12 +41,18 @@ CASES = [
 ]
 
 
-def commit(table_uri: Path, schema: pa.Schema, rows: list[dict], run_id: str = "r1") -> None:
+def commit(
+    table_uri: Path,
+    schema: pa.Schema,
+    rows: list[dict],
+    run_id: str = "r1",
+    details: dict | None = None,
+) -> None:
     base = {"run_id": run_id, "model_name": "m", "model_weights_sha256": "h"}
     table = pa.Table.from_pylist([base | row for row in rows], schema=schema)
     sink = ParquetSink(str(table_uri), run_id, DATE, schema)
     sink.write(table)
-    sink.commit([row["source_uri"] for row in rows])
+    sink.commit([row["source_uri"] for row in rows], details)
 
 
 def classification_rows() -> list[dict]:
@@ -118,6 +124,19 @@ def test_a_rerun_is_not_shown_with_the_scores_of_the_commit_it_replaced(tmp_path
     assert build_report(str(table)).metrics == {} and trend(str(table))[-1].metrics == {}
     evaluate_run(str(table), "", "imagefolder")
     assert build_report(str(table)).metrics["accuracy"] == pytest.approx(7 / 8)
+
+
+def test_a_run_that_kept_fewer_than_five_labels_gives_no_top5_accuracy(tmp_path: Path) -> None:
+    """The manifest's task settings (top_k 3 here, as the rows hold): top-5 accuracy was
+    top-3's under its name. A run of top_k 5 over a 3-class model gives it (every class kept)."""
+    for top_k, gives in ((3, False), (5, True)):
+        table = tmp_path / f"top{top_k}"
+        settings = {"task_settings": {"kind": "classification", "top_k": top_k}}
+        commit(table, PREDICTION_SCHEMA, classification_rows(), details=settings)
+        metrics = evaluate_run(str(table), "", "imagefolder").to_pylist()
+        overall = [m["metric"] for m in metrics if m["label"] is None]
+        assert ("top5_accuracy" in overall) is gives
+        assert {"accuracy", "evaluated", "error_rows"} <= set(overall)
 
 
 def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:

@@ -618,6 +618,11 @@ class TaskSettings(StrictModel):
 
     kind: str = Field(description="The registered task, e.g. classification or detection.")
 
+    def metrics_not_given(self) -> dict[str, str]:
+        """The task's metrics its scorer cannot give a run of these settings, each with the
+        setting that keeps it out (none here)."""
+        return {}
+
 
 DEFAULT_TASK = "classification"
 # The model kinds a task that runs a network takes (a task record's default `model_kinds`).
@@ -1204,6 +1209,12 @@ class JobSpec(StrictModel):
                 f"{', '.join(task.metrics)}"
             )
         _floors_that_can_hold(held.min, task.counted_metrics)
+        not_given = self.task.metrics_not_given()
+        for name in sorted(held.min.keys() & not_given.keys()):
+            raise ValueError(
+                f"evaluate.min.{name}: a run gives none where {not_given[name]}; expected no "
+                "floor on it, or a task that keeps what it scores"
+            )
         return self
 
     @model_validator(mode="after")

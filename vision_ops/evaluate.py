@@ -72,12 +72,24 @@ def evaluate_run(
             f"{' or '.join(task.truth_formats)}, found {truth_format}"
         )
     rows = read_run(table_uri, manifest, options).to_pylist()
-    metrics = scorer(rows, truth, truth_format, options or {})
+    not_given = _metrics_not_given(manifest)
+    metrics = [
+        m for m in scorer(rows, truth, truth_format, options or {}) if m["metric"] not in not_given
+    ]
     table = pa.Table.from_pylist(
         [{"run_id": manifest["run_id"]} | m for m in metrics], schema=METRICS_SCHEMA
     )
     _write(table, table_uri, manifest, options)
     return table
+
+
+def _metrics_not_given(manifest: dict[str, Any]) -> dict[str, str]:
+    """The metrics the run's task settings keep out (a classification of top_k 3 has no top-5
+    accuracy), as its manifest records them; none for a run committed before it did."""
+    from vision_ops.config import task_settings
+
+    recorded = manifest.get("task_settings")
+    return task_settings(recorded).metrics_not_given() if recorded else {}
 
 
 def below_minimums(metrics: pa.Table, minimums: dict[str, float]) -> list[str]:

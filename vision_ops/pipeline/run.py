@@ -224,6 +224,7 @@ def _process_and_commit(
     if spec.input.tiling is not None:  # the report shows a tile as the model saw it
         details["tile_bands"] = list(spec.input.tiling.bands)
     details["bits_stored"] = spec.input.bits_stored  # and a 16-bit image, as it saw it
+    details["task_settings"] = spec.task.model_dump(mode="json")  # what its scorer can give
     drifts = staged_drift(spec, sink, schema)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
