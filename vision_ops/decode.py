@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int, bits_stored: int = 16) -> np.ndar
             image = ImageOps.exif_transpose(image) or image
             return to_rgb(image, bits_stored)
         except Image.DecompressionBombError as err:
-            raise ImageTooLarge(str(err)) from None
+            raise _over_the_limit(err, max_pixels) from None
         except Exception as err:  # a malformed file breaks Pillow's decoders in many ways
             raise CorruptImage(
                 f"cannot decode {image.format or 'image'}: {_describe(err)}"
@@ -61,8 +62,9 @@ class _PixelLimits:
     """Pillow's own bomb guard (a process-wide setting) set to the largest `max_pixels` of the
     decodes in progress, and set back once none is: decode threads overlap, and each saving and
     restoring the setting alone could leave one's limit behind for good. Pillow then refuses
-    what passes twice our limit in its own words, naming ours (and warns below that; ours is
-    checked per image too, `_open`), and never what another decode in progress allows."""
+    what passes twice our limit (`_over_the_limit` words it as ours; it warns below that, and
+    ours is checked per image too, `_open`), and never what another decode in progress
+    allows."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -98,7 +100,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise ImageTooLarge(str(err)) from None
+        raise _over_the_limit(err, max_pixels) from None
     except UnidentifiedImageError:
         raise NotAnImage("not a recognised image format") from None
     except Exception as err:  # likewise for the header parsers
@@ -109,6 +111,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if width == 0 or height == 0:
         raise CorruptImage(f"image has no pixels ({width}x{height})")
     return image
+
+
+# Pillow's refusal names the image's pixels and its own limit: twice ours (`_PixelLimits`).
+BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def _over_the_limit(err: Image.DecompressionBombError, max_pixels: int) -> ImageTooLarge:
+    """Pillow's refusal of an image past twice the limit, in our words, naming our limit
+    (`input.max_pixels`), not Pillow's."""
+    found = BOMB_PIXELS.search(str(err))
+    pixels = found.group(1) if found else "the image's"
+    return ImageTooLarge(f"{pixels} pixels exceeds the limit of {max_pixels} pixels")
 
 
 def _describe(err: Exception) -> str:
