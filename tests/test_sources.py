@@ -741,8 +741,12 @@ def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_pat
         f"manifest {path}: an entry (s3://b/late.jpg): invalid literal for int() with base 10: "
         "'12kB'"
     )
-    with pytest.raises(SourceError, match="an entry has no URI"):
+    with pytest.raises(SourceError, match=r"an entry has no URI; its `uri` cell is empty$"):
         read.normalise(pa.table({"uri": ["", "s3://b/x.jpg"], "size": ["1", "2"]}))
+    first_rows = tmp_path / "empty-cell.csv"  # said "expected a `uri` column" beside one
+    first_rows.write_text("uri,extra\ns3://b/a.jpg,1\n,2\n")
+    with pytest.raises(SourceError, match=r"entry 1 has no URI; its `uri` cell is empty$"):
+        check_manifest(str(first_rows), [])
 
 
 def test_a_file_whose_name_holds_glob_characters_is_listed_as_named(tmp_path: Path) -> None:

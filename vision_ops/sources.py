@@ -687,7 +687,7 @@ def _manifest_row(
     if uri is None and fields.get("bucket") and fields.get("key"):
         uri = f"s3://{fields['bucket']}/{fields['key']}"
     if not uri:
-        raise SourceError(f"manifest {manifest}: {entry} has no URI; {_uri_columns(fields)}")
+        raise SourceError(f"manifest {manifest}: {entry} has no URI; {_no_uri(fields)}")
     size = _first(fields, SIZE_COLUMNS)
     etag = _first(fields, ETAG_COLUMNS)
     try:
@@ -729,6 +729,14 @@ def _check_listed(manifest: str, entry: str, uris: Iterable[str | None]) -> None
                 f"manifest {manifest}: {entry} ({uri}): unknown protocol {protocol_of(uri)}://; "
                 "expected s3://, gs://, az://, https://, a path ..."
             )
+
+
+def _no_uri(fields: Iterable[str]) -> str:
+    """Why an entry has no URI: its URI column's cell is empty, or there is no such column."""
+    named = sorted(set(fields) & {*URI_COLUMNS, "bucket", "key"})
+    if set(named) & set(URI_COLUMNS) or {"bucket", "key"} <= set(named):
+        return f"its {' and '.join(f'`{name}`' for name in named)} cell is empty"
+    return _uri_columns(fields)
 
 
 def _uri_columns(fields: Iterable[str]) -> str:
@@ -827,7 +835,7 @@ class ManifestRead:
             )
             uri = joined if uri is None else pc.coalesce(uri, joined)
         if uri is None or uri.null_count:
-            raise SourceError(f"manifest {self.uri}: an entry has no URI; {_uri_columns(fields)}")
+            raise SourceError(f"manifest {self.uri}: an entry has no URI; {_no_uri(fields)}")
         uris = [_canonical_manifest_uri(u, self.cwd) for u in uri.to_pylist()]
         etag = _coalesce([_text(fields[name]) for name in ETAG_COLUMNS if name in fields])
         size = _text(fields["size"]) if "size" in fields else None
