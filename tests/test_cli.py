@@ -302,6 +302,26 @@ def test_weights_that_do_not_load_in_the_actors_exit_2_with_the_models_message(
     assert committed_run(str(spec_file.parent / "table")) is None
 
 
+def test_a_catalog_whose_type_needs_a_missing_package_exits_2_without_resume_advice(
+    spec_file, capsys, ray_local
+) -> None:
+    """PyIceberg's SQL catalog without SQLAlchemy: exit 2 naming what to install; it exited 1
+    with "the rows made durable so far stay staged ... resumes from them", none staged."""
+    import importlib.util
+
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        pytest.skip("SQLAlchemy is installed: the SQL catalog opens")
+    folder = spec_file.parent
+    catalog = f"{{type: sql, uri: 'sqlite:///{folder}/cat.db', warehouse: 'file://{folder}/wh'}}"
+    table = f"format: iceberg, table: vision.preds, uri: {folder}/ice"
+    code = main(["run", str(spec_file), "--set", f"output={{{table}, catalog: {catalog}}}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == EXIT_BAD_SPEC
+    assert err.startswith("error: cannot open catalog vision.preds in catalog sqlite:///")
+    assert "SQLAlchemy support not installed" in err and "resumes" not in err
+    assert not (folder / "ice").exists()
+
+
 def test_a_cluster_address_where_nothing_answers_fails_at_once(
     spec_file, capsys, own_ray_root, monkeypatch
 ) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vision_ops.config import OutputSpec
-from vision_ops.errors import InterruptedDuringCommit
+from vision_ops.errors import EXIT_BAD_SPEC, InterruptedDuringCommit, VisionOpsError
 from vision_ops.georef import GEO_KEY
 from vision_ops.masks import (
     final_masks_folder,
@@ -73,6 +73,14 @@ class CatalogError(StorageError):
     """The catalog or its table cannot be used: says which and why; nothing was committed."""
 
 
+class CatalogNotInstalled(VisionOpsError, RuntimeError):
+    """The catalog's type needs a package this machine lacks (PyIceberg's SQL catalog needs
+    SQLAlchemy): found as the table is opened, before any row is staged, so refused as a spec
+    this machine cannot run is."""
+
+    exit_code = EXIT_BAD_SPEC
+
+
 class RunCommittedMeanwhile(CommitRefused):
     """Another attempt of the same run id committed while this one ran."""
 
@@ -85,8 +93,12 @@ def load_catalog(output: OutputSpec) -> Catalog:
         raise ImportError(
             "output.format: iceberg needs: pip install 'vision-ops[iceberg]'"
         ) from err
+    from pyiceberg.exceptions import NotInstalledError
+
     try:
         return pyiceberg_catalog("vision_ops", **output.catalog)
+    except NotInstalledError as err:  # e.g. type sql without SQLAlchemy: nothing was begun
+        raise CatalogNotInstalled(f"cannot open catalog {_where(output)}: {err}") from None
     except Exception as err:  # PyIceberg raises ValueError, requests' and the catalog's errors
         raise CatalogError(f"cannot open catalog {_where(output)}: {err}") from err
 
