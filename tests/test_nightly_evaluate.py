@@ -70,12 +70,12 @@ def test_the_nightly_command_passes_above_the_floor_and_fails_below(ray_local, t
     assert overall["accuracy"] == pytest.approx(2 / 3)
 
     failing = spec_file(
-        toy, "below", {"truth": toy["truth"], "min": {"accuracy": 0.9, "top5_accuracy": 0.5}}
+        toy, "below", {"truth": toy["truth"], "min": {"accuracy": 0.9, "evaluated": 2}}
     )
     assert main(rayjob_command(failing)) == EXIT_BELOW_THRESHOLD
     captured = capsys.readouterr()
     assert "error: below the spec's evaluate.min: accuracy 0.6667 < 0.9" in captured.err
-    assert "top5_accuracy" not in captured.err  # 2/3 >= 0.5: only the failing floor is named
+    assert "evaluated" not in captured.err  # 3 >= 2: only the failing floor is named
     assert "Traceback" not in captured.err
 
     # The same hold-out on demand: `vision-ops evaluate SPEC` takes the spec's truth and floors.
