@@ -953,7 +953,11 @@ def _parser() -> argparse.ArgumentParser:
     _spec_arguments(sub)
     sub.add_argument("--run-id", type=_run_id, help="run id to check")
     sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD")
-    sub.add_argument("--list-inputs", action="store_true", help="also list and count the inputs")
+    sub.add_argument(
+        "--list-inputs",
+        action="store_true",
+        help="also list the inputs as a run would (every path checked) and print how many",
+    )
     sub.add_argument("--cluster", help="a cluster.yaml: validate it and size the pool on it")
     sub.set_defaults(handler=_with_spec(validate))
 
