@@ -292,25 +292,3 @@ def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, 
     )
     [rise] = drift(trend(str(table)), MonitorSpec())
     assert (rise.figure, rise.value, rise.compared) == ("error_rate_rise", 1.0, ("n0", "n2"))
-
-
-def test_an_incremental_night_that_retries_a_broken_file_is_no_error_rise(tmp_path) -> None:
-    """A folder holding one broken file: the incremental nights after the first retry it, and
-    it fails again. Its error rows are left out of the error rate where a run before it in the
-    window failed on the same source (a night of that row alone rose by 0.75 and alerted every
-    night, `report --check` exit 6); a new broken file still counts."""
-    from committed_rows import failed
-
-    table = tmp_path / "table"
-    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(3)]
-    broken = failed("/nonexistent/broken.jpg", "CorruptImage", "bad")
-    commit_rows(table, "classification", [*cats, broken], "n0", "2026-05-01")
-    commit_rows(table, "classification", [broken], "n1", "2026-05-02")  # the retry alone
-    assert drift(trend(str(table)), MonitorSpec()) == []
-    assert check_run(str(table), MonitorSpec()) == []
-    new = [classified("/nonexistent/new.jpg", ("cat", 0.9))]
-    other = failed("/nonexistent/other.jpg", "CorruptImage", "bad")
-    commit_rows(table, "classification", [*new, broken, other], "n2", "2026-05-03")
-    rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
-    # n2 counts new.jpg and other.jpg (1 error of 2); n0 and n1 count 3 cats and broken once
-    assert (rise.value, rise.compared) == (round(1 / 2 - 1 / 4, 4), ("n0", "n1"))

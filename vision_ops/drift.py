@@ -93,7 +93,8 @@ def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = N
     earlier = [p for p in points[:index] if p.units and p.task == run.task][-monitor.runs :]
     if not run.units or not earlier:
         return []
-    figures = _error_rate_rise(earlier, run)
+    errors = sum(sum(p.error_types.values()) for p in earlier)
+    figures = {"error_rate_rise": run.error_rate - errors / sum(p.units for p in earlier)}
     for name, counts in (("label_psi", "labels"), ("score_psi", "scores")):
         now, before = _counts(run, counts), pooled(earlier, counts)
         if sum(now.values()) and sum(before.values()):
@@ -104,24 +105,6 @@ def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = N
         for name in FIGURES
         if name in figures
     ]
-
-
-def _error_rate_rise(earlier: list[RunFigures], run: RunFigures) -> dict[str, float]:
-    """The run's error rate over its `earlier` runs' pooled rate, each run's counted without
-    the error rows of sources a run before it in the window had failed on already: an
-    incremental night retries those, and failing again is no news (a folder holding one
-    broken file alerted every night). No figure where nothing is left to count."""
-    failed_before: set[str] = set()
-    counted = []  # (units, errors) of each run, oldest first
-    for point in [*earlier, run]:
-        repeated = point.errors_of(failed_before)
-        counted.append((point.units - repeated, point.errors - repeated))
-        failed_before |= point.errors_by_source.keys()
-    *before, (units, errors) = counted
-    base_units = sum(u for u, _ in before)
-    if not units or not base_units:
-        return {}
-    return {"error_rate_rise": errors / units - sum(e for _, e in before) / base_units}
 
 
 def runs_before(runs: list[Manifest], run_id: str, run_date: str) -> list[Manifest]:

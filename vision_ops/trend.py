@@ -36,20 +36,10 @@ class RunFigures:
     p05_score: float | None
     images_per_second: float | None  # the manifest's, where it has one
     metrics: dict[str, float] = field(default_factory=dict)  # `vision-ops evaluate`'s
-    # source_uri -> its error rows: what drift leaves out where an earlier run failed on it
-    errors_by_source: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def errors(self) -> float:
-        return sum(self.error_types.values())
 
     @property
     def error_rate(self) -> float:
-        return self.errors / self.units if self.units else 0.0
-
-    def errors_of(self, sources: set[str]) -> float:
-        """The run's error rows of `sources`."""
-        return sum(rows for source, rows in self.errors_by_source.items() if source in sources)
+        return sum(self.error_types.values()) / self.units if self.units else 0.0
 
     def share(self, label: str) -> float:
         """The label's share of what the run counted (its images, boxes...)."""
@@ -68,7 +58,7 @@ def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> 
 
 def figure_columns(task: Task) -> list[str]:
     """The columns of a run's rows that its figures are made of."""
-    return ["source_uri", "status", "error_type", *task.summary_columns]
+    return ["status", "error_type", *task.summary_columns]
 
 
 def table_figures(
@@ -79,7 +69,6 @@ def table_figures(
     summary = task_of_run(manifest).summary(table)
     scores = np.asarray(summary.scores, dtype=np.float64)
     rate = manifest.get("images_per_second")
-    failed = table.filter(pc.is_valid(table["error_type"]))
     return RunFigures(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],
@@ -92,7 +81,6 @@ def table_figures(
         p05_score=round(float(np.quantile(scores, 0.05)), 4) if len(scores) else None,
         images_per_second=float(rate) if rate is not None else None,
         metrics=metrics or {},
-        errors_by_source=dict(counts(failed["source_uri"])),
     )
 
 
