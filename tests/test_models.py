@@ -141,10 +141,23 @@ def test_weights_that_do_not_fit_the_architecture(weights_file) -> None:
     with pytest.raises(ModelError, match="do not fit the architecture") as refused:
         load_model(spec.model)
     message = str(refused.value)  # one line naming the tensors, not torch's header alone
-    assert "\n" not in message and message.endswith("set model.num_classes to theirs")
+    assert "\n" not in message and message.endswith("set model.num_classes to the weights'")
     head = "size mismatch for classifier.3.weight: copying a param with shape"
     found = f"{head} torch.Size([{CLASSES}, 1024]) from checkpoint"
     assert found in message
+
+
+def test_weights_of_another_layer_width_get_no_num_classes_hint(tmp_path) -> None:
+    """A convolution of another width is no head of another size: the tensors are named,
+    num_classes is not suggested (it was for any size mismatch)."""
+    from vision_ops.models import load_state_dict_file
+
+    path = tmp_path / "narrow.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).state_dict(), path)
+    with pytest.raises(ModelError) as refused:
+        load_state_dict_file(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), str(path), None, {})
+    message = str(refused.value)
+    assert "size mismatch for 0.weight" in message and "num_classes" not in message
 
 
 def test_torchscript_file(tmp_path, reference, images) -> None:

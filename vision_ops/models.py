@@ -477,7 +477,7 @@ def load_state_dict_file(
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        misfit = _misfit(err)
+        misfit = _misfit(err, _head_of(module))
         raise ModelError(f"model weights {uri} do not fit the architecture: {misfit}") from None
     return digest
 
@@ -500,25 +500,35 @@ def _why_not_loaded(err: Exception) -> str:
     rest = marked or text.partition("\n\n")[2]
     paragraphs = [part.strip() for part in rest.split("\n\n") if part.strip()]
     found = [part for part in paragraphs if not part.startswith("Check the documentation")]
-    if not found:
-        return "not a file torch.load reads"
-    return found[0].splitlines()[0].split(" Please use")[0]
+    if found:
+        return found[0].splitlines()[0].split(" Please use")[0]
+    # a form of one line, e.g. "Weights only load failed. ``torch.distributed.tensor`` must
+    # be imported to load DTensors"
+    return text.splitlines()[0].removeprefix(f"{UNSAFE_ADVICE}.").strip() or UNSAFE_ADVICE
 
 
-def _misfit(err: RuntimeError) -> str:
+def _misfit(err: RuntimeError, head: str | None) -> str:
     """load_state_dict's findings (missing or unexpected keys, a tensor of another size) in
-    one line, the first MISFITS_SHOWN of them; a head of another size names num_classes."""
-    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    one line, the first MISFITS_SHOWN of them; where only the `head` (the module's last
+    Linear layer) is of another size, the hint to set num_classes."""
+    lines = [line.strip().rstrip(".") for line in str(err).splitlines()[1:] if line.strip()]
     if not lines:
         return in_one_line(err)
     shown = "; ".join(line[:MISFIT_CHARS] for line in lines[:MISFITS_SHOWN])
     more = f" (and {len(lines) - MISFITS_SHOWN} more)" if len(lines) > MISFITS_SHOWN else ""
+    heads = (f"size mismatch for {head}.weight:", f"size mismatch for {head}.bias:")
     hint = (
-        "; weights of another number of classes: set model.num_classes to theirs"
-        if any(line.startswith("size mismatch") for line in lines)
+        "; the classifier's head is of another size: set model.num_classes to the weights'"
+        if head is not None and all(line.startswith(heads) for line in lines)
         else ""
     )
     return f"{shown}{more}{hint}"
+
+
+def _head_of(module: torch.nn.Module) -> str | None:
+    """The name of the module's last Linear layer (a classifier's head), if it has one."""
+    names = [name for name, layer in module.named_modules() if isinstance(layer, torch.nn.Linear)]
+    return names[-1] if names else None
 
 
 def _unwrap_checkpoint(checkpoint: Any) -> Mapping[str, torch.Tensor]:
