@@ -322,6 +322,37 @@ def test_a_catalog_whose_type_needs_a_missing_package_exits_2_without_resume_adv
     assert not (folder / "ice").exists()
 
 
+def test_sigterm_is_handled_from_the_main_thread_only() -> None:
+    """`run` called from a workflow runner's thread cannot set a signal handler (ValueError,
+    exit 1 after Ray started): it keeps whatever is set; from the main thread SIGTERM raises
+    Terminated, as Ctrl-C raises KeyboardInterrupt."""
+    import signal
+    import threading
+
+    from vision_ops.cli import stop_on_sigterm
+    from vision_ops.errors import Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    failed: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        try:
+            stop_on_sigterm()
+        except BaseException as err:  # what the thread would have failed with
+            failed.append(err)
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert failed == [] and signal.getsignal(signal.SIGTERM) is before
+    try:
+        stop_on_sigterm()
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_cluster_address_where_nothing_answers_fails_at_once(
     spec_file, capsys, own_ray_root, monkeypatch
 ) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -274,6 +275,10 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
         return _fail(RuntimeError(interrupted(spec, err)), _stopped_exit(err))
+    except SystemExit as err:  # Ray's own SIGTERM handler, while Ray started (sys.exit(15))
+        if err.code != signal.SIGTERM:
+            raise
+        return _fail(RuntimeError(interrupted(spec, Terminated())), EXIT_TERMINATED)
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
@@ -316,7 +321,14 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         f"manifest: {commit.manifest_uri}"
     )
     _print_drift(summary.drift)
-    scored = _score_committed(spec, summary)  # a run over the error ratio is scored too
+    try:
+        scored = _score_committed(spec, summary)  # a run over the error ratio is scored too
+    except KeyboardInterrupt as err:  # committed, not scored: say so, and how to score it
+        message = (
+            f"{STOPPED_BY[stopped_by_sigterm(err)]} after run {summary.run_id} committed, "
+            f"before it was scored (`vision-ops evaluate SPEC --run-id {summary.run_id}`)"
+        )
+        return _fail(RuntimeError(message), _stopped_exit(err))
     if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
         message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
         over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
@@ -360,8 +372,10 @@ def _terminate(signum: int, frame: Any) -> None:
 def stop_on_sigterm() -> None:
     """A SIGTERM (a scheduler's stop, `timeout`, Kubernetes) stops the run as Ctrl-C does, in
     the main thread: Ray's own handler, set as it connects, exits 15 at once, with no word of
-    what the run left and Ray's crash report on the console."""
-    signal.signal(signal.SIGTERM, _terminate)
+    what the run left and Ray's crash report on the console. A command called from another
+    thread (a workflow runner's) cannot set a handler: it keeps Ray's, as Ray does."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
