@@ -387,13 +387,15 @@ def test_credentials_in_storage_options_are_refused_without_echo(
 
 
 def test_storage_options_that_only_resemble_a_credential_are_kept() -> None:
-    """A KMS key's id, botocore's signature version, an endpoint: settings, not secrets."""
+    """A KMS key's id, botocore's signature version, paramiko's key file, an endpoint:
+    settings, not secrets."""
     options = {
         "s3": {
             "endpoint_url": "http://127.0.0.1:9000",
             "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "k-1"},
             "config_kwargs": {"signature_version": "s3v4"},
-        }
+        },
+        "sftp": {"key_filename": "/home/me/.ssh/id_ed25519", "look_for_keys": False},
     }
     assert parse_spec(with_value("storage_options", options)).storage_options == options
 

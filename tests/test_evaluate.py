@@ -137,6 +137,10 @@ def test_a_run_that_kept_fewer_than_five_labels_gives_no_top5_accuracy(tmp_path:
         overall = [m["metric"] for m in metrics if m["label"] is None]
         assert ("top5_accuracy" in overall) is gives
         assert {"accuracy", "evaluated", "error_rows"} <= set(overall)
+    foreign = {"task_settings": {"kind": "classification", "top_k": 3, "later_field": 1}}
+    commit(tmp_path / "foreign", PREDICTION_SCHEMA, classification_rows(), details=foreign)
+    metrics = evaluate_run(str(tmp_path / "foreign"), "", "imagefolder")  # no pydantic error
+    assert "top5_accuracy" in metrics["metric"].to_pylist()  # settings it cannot read: all
 
 
 def test_a_labels_table_and_the_cli(tmp_path: Path, capsys) -> None:

@@ -423,6 +423,37 @@ def test_longitudes_past_the_antimeridian_are_wrapped() -> None:
     assert lon == pytest.approx(-179.86)
 
 
+def test_a_scene_whose_name_is_not_utf8_is_an_undecodable_name_row(tmp_path) -> None:
+    """A GeoTIFF named in Latin-1 beside one that tiles: listed %-encoded, planned as one unit
+    that cannot be read, and its row the UndecodableName error a photo of such a name gets
+    (it was a RasterError saying the raster was not there). The scene beside it reads: through
+    fsspec's opener GDAL listed the folder in Python, and the name left an error pending
+    (SystemError on that scene's read, seen under pytest)."""
+    import os
+
+    from vision_ops.reader import UnitReader, tile_units
+
+    profile = {"driver": "GTiff", "width": 100, "height": 100, "count": 3, "dtype": "uint8"}
+    for name in ("latin1.tif", "scene.tif"):  # GDAL takes no such name: renamed after
+        with rasterio.open(tmp_path / name, "w", **profile) as out:
+            out.write(np.zeros((3, 100, 100), dtype=np.uint8))
+    os.rename(bytes(tmp_path / "latin1.tif"), bytes(tmp_path) + b"/sc\xe8ne.tif")
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(tmp_path)], "tiling": {"size": 100}},
+            "model": {"architecture": "resnet18"},
+            "output": {"uri": str(tmp_path / "t")},
+        }
+    )
+    units = plan_tiles(list_inputs(spec.input), spec.input.tiling, {}).units
+    batch = {name: np.asarray(units[name].to_pylist(), dtype=object) for name in units.column_names}
+    reading = UnitReader(None, 10**9, None)
+    rows = dict(tile_units(batch, spec.input.tiling, reading, {}))
+    found = {str(batch["source_uri"][i]).rpartition("/")[2]: row for i, row in rows.items()}
+    assert found["sc%E8ne.tif"]["error_type"] == "UndecodableName"
+    assert found["scene.tif"]["status"] == "ok", found["scene.tif"]["error_message"]
+
+
 def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_path) -> None:
     """A one-band float scene (a DEM) under the default three bands, and a scene smaller than
     one tile under `edge: drop`: each stays one unit carrying why (its error row), beside a

@@ -747,6 +747,9 @@ def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_pat
     first_rows.write_text("uri,extra\ns3://b/a.jpg,1\n,2\n")
     with pytest.raises(SourceError, match=r"entry 1 has no URI; its `uri` cell is empty$"):
         check_manifest(str(first_rows), [])
+    first_rows.write_text("uri,bucket,key\n,b,\n")  # only the empty cells are named
+    with pytest.raises(SourceError, match=r"entry 0 has no URI; its `uri` and `key` cell is"):
+        check_manifest(str(first_rows), [])
 
 
 def test_a_file_whose_name_holds_glob_characters_is_listed_as_named(tmp_path: Path) -> None:
@@ -770,11 +773,12 @@ def test_a_file_whose_name_is_not_utf8_is_listed_percent_encoded(tmp_path: Path)
     the listing a run walks as by `list_inputs`; the reader makes it an error row naming it,
     while a file whose UTF-8 name holds the same %-text is an ordinary file."""
     (tmp_path / "photos").mkdir()
-    for name in (b"caf\xe9.jpg", b"lit%E9.jpg", "\u00e9t\u00e9.jpg".encode()):
+    for name in (b"caf\xe9.jpg", b"lit%E9.jpg", b"r\xe9f%41.jpg", "\u00e9t\u00e9.jpg".encode()):
         (tmp_path / "photos" / os.fsdecode(name)).write_bytes(b"x")
     expected = [
         f"file://{tmp_path}/photos/caf%E9.jpg",
         f"file://{tmp_path}/photos/lit%E9.jpg",
+        f"file://{tmp_path}/photos/r%E9f%2541.jpg",  # its own % escaped: it comes back whole
         f"file://{tmp_path}/photos/\u00e9t\u00e9.jpg",
     ]
     spec = InputSpec(uris=[str(tmp_path / "photos")])
@@ -786,6 +790,8 @@ def test_a_file_whose_name_is_not_utf8_is_listed_percent_encoded(tmp_path: Path)
         f"{expected[0]}: the file's name is not UTF-8 (shown with those bytes %-encoded), so no "
         "table can name it: not read; rename it in UTF-8 and rerun",
         None,
+        f"{expected[2]}: the file's name is not UTF-8 (shown with those bytes %-encoded), so no "
+        "table can name it: not read; rename it in UTF-8 and rerun",
         None,
     ]
     assert undecodable_name(f"file://{tmp_path}/photos/gone%E9.jpg") is None  # no such file

@@ -54,6 +54,7 @@ def test_secret_looking_variables_are_never_shipped(monkeypatch) -> None:
         "GITHUB_TOKEN", "OPENAI_APIKEY", "hf-token", "PG_PASSWORD", "GOOGLE_CREDENTIALS",
         "DB_CONN_STR", "AWS_SESSION_TOKEN", "DB_PWD", "GITHUB_PAT", "SENTRY_DSN",
         "MY_SECRETS", "API_TOKENS", "DB_PASSWORD2", "APIKEY2", "KEYS", "PASSWORDS",
+        "WEBHOOK_SIGNATURE", "SESSION_COOKIE",
     ):  # fmt: skip
         monkeypatch.setenv(name, "AccountKey=never-shipped")
         with pytest.raises(SubmissionError, match=f"^--env {name}: looks like a credential"):

@@ -31,7 +31,7 @@ from vision_ops.storage import (
     read_bytes,
     read_parquet,
 )
-from vision_ops.tasks import task_of_run
+from vision_ops.tasks import TOP5, task_of_run
 from vision_ops.tiling import tile_window
 
 METRICS = "_metrics"
@@ -89,7 +89,12 @@ def _metrics_not_given(manifest: dict[str, Any]) -> dict[str, str]:
     from vision_ops.config import task_settings
 
     recorded = manifest.get("task_settings")
-    return task_settings(recorded).metrics_not_given() if recorded else {}
+    if not recorded:
+        return {}
+    try:
+        return task_settings(recorded).metrics_not_given()
+    except ValueError:  # settings this version does not read (another version's, a plugin's)
+        return {}
 
 
 def below_minimums(metrics: pa.Table, minimums: dict[str, float]) -> list[str]:
@@ -350,7 +355,7 @@ def classification_metrics(
     if not scored:
         raise EvaluationError("no row of the run has a ground-truth label (match on source_uri)")
     pairs = [(truth[r["source_uri"]], r["label"] if r["status"] == "ok" else None) for r in scored]
-    top5 = [truth[r["source_uri"]] in [e["label"] for e in (r["top_k"] or [])[:5]] for r in scored]
+    top5 = [truth[r["source_uri"]] in _first_labels(r, TOP5) for r in scored]
     metrics = [
         _metric("accuracy", sum(t == p for t, p in pairs) / len(pairs)),
         _metric("top5_accuracy", sum(top5) / len(top5)),
@@ -367,6 +372,10 @@ def classification_metrics(
     for (label, predicted_label), count in sorted(Counter(pairs).items(), key=str):
         metrics.append(_metric("confusion", count, label, predicted_label))
     return metrics
+
+
+def _first_labels(row: dict[str, Any], count: int) -> list[str]:
+    return [entry["label"] for entry in (row["top_k"] or [])[:count]]
 
 
 def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[dict[str, Any]]:
@@ -439,12 +448,13 @@ def _complete(coco: dict[str, Any]) -> dict[str, Any]:
     return coco | {"annotations": boxes}
 
 
-COUNTS = frozenset({"evaluated", "error_rows"})  # metrics that count units, not shares
-
-
 def shown_metric(name: str, value: float) -> str:
-    """A metric as printed: a count whole, any other with four decimals."""
-    return str(int(value)) if name in COUNTS else f"{value:.4f}"
+    """A metric as printed: a count (a task's `counted_metrics`) whole, any other with four
+    decimals."""
+    from vision_ops.tasks import TASKS
+
+    counted = {metric for name in TASKS for metric in TASKS.get(name).counted_metrics}
+    return str(int(value)) if name in counted else f"{value:.4f}"
 
 
 def _metric(

@@ -1,7 +1,8 @@
 """Rasters (GeoTIFF, COG, large plain TIFF/PNG): scene headers and windowed tile reads to uint8.
 
-A tile reads only its window: rasterio is handed an fsspec opener, so GDAL asks the store for
-the byte ranges of the blocks it needs (a Cloud-Optimised GeoTIFF's tiles), never the scene.
+A tile reads only its window: rasterio is handed an fsspec opener (a local file: its path),
+so GDAL asks the store for the byte ranges of the blocks it needs (a Cloud-Optimised
+GeoTIFF's tiles), never the scene.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vision_ops.storage import StorageOptions, filesystem
+from vision_ops.storage import StorageOptions, filesystem, is_local
 from vision_ops.tiling import Window
 
 INSTALL_HINT = "raster input needs rasterio: pip install 'vision-ops[geo]'"
@@ -41,8 +42,12 @@ def open_raster(uri: str, options: StorageOptions | None = None) -> Iterator[Any
     """A rasterio dataset reading through fsspec (local, s3:// with a custom endpoint...)."""
     rasterio = _rasterio()
     fs, path = filesystem(uri, options)
+    # A local file by its path: through fsspec's opener GDAL lists the folder for sidecar
+    # files in Python, where a name that is not UTF-8 left an error pending (SystemError on a
+    # later scene's read).
+    opener = None if is_local(fs) else fs
     try:
-        with rasterio.open(path, opener=fs) as dataset:
+        with rasterio.open(path, opener=opener) as dataset:
             yield PaletteExpanded(dataset) if _is_palette(dataset) else dataset
     except rasterio.errors.RasterioIOError as err:
         raise RasterError(f"cannot read {uri} as a raster: {err}") from None

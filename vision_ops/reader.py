@@ -158,7 +158,7 @@ def tile_units(
         for index, uri in enumerate(str(u) for u in batch["source_uri"]):
             unit = {name: values[index] for name, values in batch.items()}
             if unit["plan_error"] is not None:
-                scenes.setdefault(uri, RasterError(unit["plan_error"]))
+                scenes.setdefault(uri, undecodable_name(uri) or RasterError(unit["plan_error"]))
             if uri not in scenes:
                 try:
                     scenes[uri] = stack.enter_context(open_raster(uri, options))

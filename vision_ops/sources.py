@@ -14,7 +14,7 @@ import os
 import posixpath
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -483,13 +483,20 @@ class UndecodableName(Exception):
 
 def listed_uri(uri: str) -> str:
     """A listed name as a table holds it: the bytes of a local file's name that are not UTF-8
-    (which Python holds as lone surrogates) percent-encoded, `caf%E9.jpg`; any other name as
-    it is. Arrow refused the name, and with it the whole listing."""
-    if not any(ord(char) in ESCAPED_BYTES for char in uri):
+    (which Python holds as lone surrogates) percent-encoded, `caf%E9.jpg`, and a `%` in such a
+    name too; any other name as it is. Arrow refused the name, and with it the whole listing.
+    (A UTF-8 file named `caf%E9.jpg` beside it would share its URI: it is read, once.)"""
+    if uri.isascii() or not any(ord(char) in ESCAPED_BYTES for char in uri):
         return uri
-    return "".join(
-        f"%{ord(char) - 0xDC00:02X}" if ord(char) in ESCAPED_BYTES else char for char in uri
-    )
+    return "".join(_escaped(char) for char in uri)
+
+
+def _escaped(char: str) -> str:
+    """A character of a name `listed_uri` escapes: a non-UTF-8 byte and `%` itself (so the
+    name's bytes come back from it whole) %-encoded."""
+    if ord(char) in ESCAPED_BYTES:
+        return f"%{ord(char) - 0xDC00:02X}"
+    return "%25" if char == "%" else char
 
 
 def undecodable_name(uri: str) -> UndecodableName | None:
@@ -687,7 +694,8 @@ def _manifest_row(
     if uri is None and fields.get("bucket") and fields.get("key"):
         uri = f"s3://{fields['bucket']}/{fields['key']}"
     if not uri:
-        raise SourceError(f"manifest {manifest}: {entry} has no URI; {_no_uri(fields)}")
+        empty = {name for name, value in fields.items() if value in (None, "")}
+        raise SourceError(f"manifest {manifest}: {entry} has no URI; {_no_uri(fields, empty)}")
     size = _first(fields, SIZE_COLUMNS)
     etag = _first(fields, ETAG_COLUMNS)
     try:
@@ -731,12 +739,16 @@ def _check_listed(manifest: str, entry: str, uris: Iterable[str | None]) -> None
             )
 
 
-def _no_uri(fields: Iterable[str]) -> str:
-    """Why an entry has no URI: its URI column's cell is empty, or there is no such column."""
-    named = sorted(set(fields) & {*URI_COLUMNS, "bucket", "key"})
-    if set(named) & set(URI_COLUMNS) or {"bucket", "key"} <= set(named):
-        return f"its {' and '.join(f'`{name}`' for name in named)} cell is empty"
-    return _uri_columns(fields)
+def _no_uri(present: Collection[str], empty: Collection[str]) -> str:
+    """Why an entry has no URI: the `empty` cells of its URI columns (bucket and key counted
+    only as a pair), or no such column among those `present`."""
+    columns = [name for name in URI_COLUMNS if name in present]
+    if {"bucket", "key"} <= set(present):
+        columns += ["bucket", "key"]
+    if not columns:
+        return _uri_columns(present)
+    named = [name for name in columns if name in empty] or columns
+    return f"its {' and '.join(f'`{name}`' for name in named)} cell is empty"
 
 
 def _uri_columns(fields: Iterable[str]) -> str:
@@ -835,7 +847,8 @@ class ManifestRead:
             )
             uri = joined if uri is None else pc.coalesce(uri, joined)
         if uri is None or uri.null_count:
-            raise SourceError(f"manifest {self.uri}: an entry has no URI; {_no_uri(fields)}")
+            empty = {name for name, cells in fields.items() if _text(cells).null_count}
+            raise SourceError(f"manifest {self.uri}: an entry has no URI; {_no_uri(fields, empty)}")
         uris = [_canonical_manifest_uri(u, self.cwd) for u in uri.to_pylist()]
         etag = _coalesce([_text(fields[name]) for name in ETAG_COLUMNS if name in fields])
         size = _text(fields["size"]) if "size" in fields else None

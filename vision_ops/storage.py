@@ -62,15 +62,19 @@ CREDENTIAL_KEYS = frozenset(
 # A name says it holds a credential (an environment variable's, a spec's storage option's, an
 # http header's) where a word of it (split at _ - . and the like) is one of SECRET_WORDS
 # or ends in one of SECRET_ENDINGS (APIKEY, GITHUB_TOKEN, SSECustomerKey), or it names a
-# connection string; BYPASS_CACHE, AUTHOR, DB_CONNECTION_TIMEOUT, SSEKMSKeyId and botocore's
-# signature_version do not.
+# connection string; BYPASS_CACHE, AUTHOR, DB_CONNECTION_TIMEOUT, SSEKMSKeyId do not, nor the
+# settings NOT_CREDENTIALS names.
 SECRET_WORDS = frozenset(
     {"AUTH", "AUTHORIZATION", "SAS", "PASS", "PWD", "PAT", "DSN", "CREDS", "CONNSTR", "COOKIE"}
 )
 SECRET_ENDINGS = (
     "KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS",
-    "OAUTH",
+    "SIGNATURE", "OAUTH",
 )  # fmt: skip
+# Settings whose names hold such a word and no secret (botocore's, paramiko's, an S3 KMS key id).
+NOT_CREDENTIALS = frozenset(
+    {"SIGNATURE_VERSION", "LOOK_FOR_KEYS", "KEY_FILENAME", "SSE_KMS_KEY_ID"}
+)
 
 
 def names_a_credential(name: str) -> bool:
@@ -78,6 +82,8 @@ def names_a_credential(name: str) -> bool:
     number or plural (DB_PASSWORD2, API_TOKENS, MY_SECRETS)."""
     words = re.split(r"[^A-Z0-9]+", name.upper())
     joined = "_".join(words)
+    if joined in NOT_CREDENTIALS:
+        return False
     stems = {word.rstrip("0123456789") for word in words}
     stems |= {stem.removesuffix("S") for stem in stems}
     return (
