@@ -121,8 +121,8 @@ def _over_the_limit(err: Image.DecompressionBombError, max_pixels: int) -> Image
     """Pillow's refusal of an image past twice the limit, in our words, naming our limit
     (`input.max_pixels`), not Pillow's."""
     found = BOMB_PIXELS.search(str(err))
-    pixels = found.group(1) if found else "the image's"
-    return ImageTooLarge(f"{pixels} pixels exceeds the limit of {max_pixels} pixels")
+    size = f"{found.group(1)} pixels" if found else "the image"
+    return ImageTooLarge(f"{size} exceeds the limit of {max_pixels} pixels")
 
 
 def _describe(err: Exception) -> str:
