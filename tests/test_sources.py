@@ -752,6 +752,37 @@ def test_a_bad_entry_past_the_first_rows_is_named_when_its_block_is_read(tmp_pat
         check_manifest(str(first_rows), [])
 
 
+def test_an_http_input_that_cannot_be_reached_is_not_called_missing(tmp_path: Path) -> None:
+    """fsspec's http raises FileNotFoundError for a refused connection as for a 404: the first
+    now says the server was not reached (it said "not found"), the second still "not found",
+    and a file the server has is listed."""
+    import functools
+    import socket
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "there.jpg").write_bytes(b"x")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        listed = list_inputs(InputSpec(uris=[f"{base}/there.jpg"]))
+        assert listed["source_uri"].to_pylist() == [f"{base}/there.jpg"]
+        with pytest.raises(SourceError, match=r"^input .*/missing.jpg: not found$"):
+            list_inputs(InputSpec(uris=[f"{base}/missing.jpg"]))
+    finally:
+        server.shutdown()
+    with pytest.raises(SourceError) as unreachable:
+        list_inputs(InputSpec(uris=[f"http://127.0.0.1:{closed}/a.jpg"]))
+    assert str(unreachable.value).startswith(
+        f"input http://127.0.0.1:{closed}/a.jpg: cannot be reached (ClientConnectorError: "
+    )
+
+
 def test_a_file_whose_name_holds_glob_characters_is_listed_as_named(tmp_path: Path) -> None:
     """`img[1].jpg` is a file's name where there is one (it was read as the pattern
     `img1.jpg`, matching nothing: the file was lost without a word); a pattern still globs."""

@@ -26,7 +26,7 @@ import pyarrow.csv as pacsv
 from fsspec.utils import glob_translate
 
 from vision_ops.config import InputSpec
-from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError, in_one_line
 from vision_ops.inventory import (
     InventoryError,
     InventoryReport,
@@ -278,10 +278,19 @@ def _names_a_prefix(fs: Any, path: str, uri: str) -> bool:
 def _find_info(fs: Any, path: str, uri: str) -> dict[str, Any]:
     try:
         return dict(fs.info(path))
-    except FileNotFoundError:
-        raise SourceError(f"input {uri}: not found") from None
+    except FileNotFoundError as err:
+        raise _not_found(uri, err) from None
     except PermissionError as err:
         raise SourceError(f"input {uri}: access denied ({err})") from None
+
+
+def _not_found(uri: str, err: FileNotFoundError) -> SourceError:
+    """`input URI: not found`; where the store was not reached at all (fsspec's http raises
+    FileNotFoundError from a refused connection too), that, and why."""
+    cause = err.__cause__
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        return SourceError(f"input {uri}: cannot be reached ({in_one_line(cause)})")
+    return SourceError(f"input {uri}: not found")
 
 
 # --- directories, s3:// prefixes and globs, page by page ----------------------------------------
