@@ -373,7 +373,8 @@ def stop_on_sigterm() -> None:
     """A SIGTERM (a scheduler's stop, `timeout`, Kubernetes) stops the run as Ctrl-C does, in
     the main thread: Ray's own handler, set as it connects, exits 15 at once, with no word of
     what the run left and Ray's crash report on the console. A command called from another
-    thread (a workflow runner's) cannot set a handler: it keeps Ray's, as Ray does."""
+    thread (a workflow runner's) cannot set a handler (nor does Ray there): the process's own
+    applies."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
 
