@@ -281,7 +281,9 @@ class ClassificationTask(TaskSettings):
         it was top-k accuracy under top-5's name."""
         if self.top_k >= TOP5:
             return {}
-        return {"top5_accuracy": f"task.top_k is {self.top_k}: each row keeps fewer than 5 labels"}
+        return {
+            "top5_accuracy": f"task.top_k is {self.top_k}: each row keeps fewer than {TOP5} labels"
+        }
 
 
 TOP5 = 5  # the labels top5_accuracy looks among
