@@ -265,6 +265,29 @@ def test_a_run_of_another_task_in_the_table_is_no_baseline(tmp_path, capsys) -> 
     assert {d.compared for d in drift(trend(str(table)), MonitorSpec())} == {("c1",)}
 
 
+def test_the_error_rate_leaves_out_the_retries_a_manifest_records(tmp_path) -> None:
+    """The error rows of sources an incremental run retried (its manifest's `retried`) were
+    counted by the run that first failed on them: drift's error rate, computed from the rows,
+    leaves them out of the run and of the baseline alike; a night of retries alone has no
+    figures; a full run records no retries, and its every error counts."""
+    from committed_rows import failed
+
+    table = tmp_path / "table"
+    cats = [classified(f"/p/{i}.jpg", ("cat", 0.9)) for i in range(3)]
+    broken = failed("/p/broken.jpg", "CorruptImage", "bad")
+    retry = {"retried": {"sources": 1, "units": 1, "error_rows": 1}}
+    commit_rows(table, "classification", [*cats, broken], "n0", "2026-05-01")
+    commit_rows(table, "classification", [broken], "n1", "2026-05-02", details=retry)
+    assert drift(trend(str(table)), MonitorSpec()) == []
+    new_cat = classified("/p/new.jpg", ("cat", 0.9))
+    commit_rows(table, "classification", [broken, new_cat], "n2", "2026-05-03", details=retry)
+    rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
+    assert (rise.value, rise.compared) == (-0.25, ("n0", "n1"))  # 0 of 1 against 1 of 4
+    commit_rows(table, "classification", [*cats, broken], "n3", "2026-05-04")
+    rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
+    assert (rise.value, rise.compared) == (0.05, ("n0", "n1", "n2"))  # 1 of 4 against 1 of 5
+
+
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:
     """A quiet incremental night commits no units: no figures (every share at the floor made
     PSIs of 8 and 9, and `report --check` exit 6 each quiet night), and the night after it is
@@ -277,7 +300,7 @@ def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, 
     commit_rows(table, "classification", [], "n1", "2026-05-02")
     assert drift(trend(str(table)), MonitorSpec()) == []
     assert main(["report", str(table), "--check"]) == EXIT_OK
-    assert "drift: no figures (the run processed no units" in capsys.readouterr().out
+    assert "drift: no figures (the run processed no new input" in capsys.readouterr().out
     commit_rows(table, "classification", cats, "n2", "2026-05-03")
     found = drift(trend(str(table)), MonitorSpec(runs=1))
     assert [(d.figure, d.value, d.compared) for d in found] == [

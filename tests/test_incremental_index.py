@@ -217,6 +217,46 @@ def test_incremental_reads_each_runs_index_and_the_rows_of_a_run_without_one(
     capsys.readouterr()
 
 
+def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
+    ray_local, tmp_path, tiny_weights, capsys
+) -> None:
+    """Run 1 (full) fails on a broken file among 3 photos. Each incremental night after it
+    retries that file: its manifest records the retry (`retried`), and drift leaves it out of
+    the error rate, which the run that first failed on it counted. Night 2 retries only: no
+    figures, and `report --check` passes (the retry alone read as an error rate of 1.0, over
+    the threshold, every night). Night 3 adds a photo: its error rate is the new photo's."""
+    make_images(tmp_path / "images", 3)
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes((tmp_path / "images" / "img000.png").read_bytes()[:60])
+    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
+    table = str(tmp_path / "table")
+    assert main(["run", str(spec), "--run-id", "r1", "--run-date", "2026-11-20"]) == EXIT_OK
+    assert "retried" not in (committed_run(table, "r1") or {})  # a full run retries nothing
+    nightly = ["--incremental", "--run-id", "r2", "--run-date", "2026-11-21"]
+    assert main(["run", str(spec), *nightly]) == EXIT_OK
+    second = committed_run(table, "r2")
+    assert second is not None and second["rows"] == 1 and second["errors"] == 1
+    assert second["retried"] == {"sources": 1, "units": 1, "error_rows": 1}
+    out = capsys.readouterr().out
+    assert "1 input(s) retried (error rows of earlier runs)" in out
+    assert "drift: no figures (the run processed no new input" in out
+    assert main(["report", table, "--check"]) == EXIT_OK
+    make_images(tmp_path / "new", 1, seed=5)
+    (tmp_path / "new" / "img000.png").rename(tmp_path / "images" / "new.png")
+    nightly = ["--incremental", "--run-id", "r3", "--run-date", "2026-11-22"]
+    assert main(["run", str(spec), *nightly]) == EXIT_OK
+    third = committed_run(table, "r3")
+    assert third is not None and (third["rows"], third["errors"]) == (2, 1)
+    assert third["retried"] == {"sources": 1, "units": 1, "error_rows": 1}
+    # 0 errors in 1 new photo, against run 1's 1 in 4 (run 2 had no new input)
+    assert third["drift"]["error_rate_rise"]["value"] == -0.25
+    assert third["drift"]["compared"] == ["r1", "r2"]
+    assert main(["report", table, "--check", "--max-label-psi", "99", "--max-score-psi", "99"]) == (
+        EXIT_OK
+    )
+    assert "error_rate_rise -0.2500 within" in capsys.readouterr().out
+
+
 def by_uri(index: pa.Table) -> dict[str, set[str]]:
     """An index by file name (a key's URI, before its version)."""
     return {Path(k.split(KEY_SEPARATOR)[0]).name: v for k, v in as_dict(index).items()}

@@ -310,10 +310,12 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             )
         raise
     commit = summary.commit
+    retried = f"; {summary.retried} input(s) retried (error rows of earlier runs)"
     print(
         f"\nrun {summary.run_id}: {commit.rows} items, {commit.ok} ok, {commit.errors} errors"
         f"{f', {commit.skipped} skipped' if commit.skipped else ''}"
-        f"{f', {commit.resumed} resumed from an earlier attempt' if commit.resumed else ''} "
+        f"{f', {commit.resumed} resumed from an earlier attempt' if commit.resumed else ''}"
+        f"{retried if summary.retried else ''} "
         f"in {summary.seconds:.1f}s; pipeline {summary.pipeline_seconds:.1f}s, "
         f"{summary.images_per_second:.1f} images/s\n"
         f"{startup_line(summary.startup_seconds or {})}\n"
@@ -443,7 +445,8 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
 
 
 NO_DRIFT_FIGURES = (
-    "drift: no figures (the run processed no units, or no committed run before it did)"
+    "drift: no figures (the run processed no new input, only retries of earlier error rows or "
+    "none, or no committed run before it processed units)"
 )
 
 

@@ -86,15 +86,24 @@ def _counts(point: RunFigures, counts: str) -> dict[str, float]:
 def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = None) -> list[Drift]:
     """The figures of run `run_id` (default: the last of `points`, oldest first) against the
     `monitor.runs` runs of its task before it that processed units; none where it processed
-    none (a quiet incremental night) or has no such earlier run. A distribution either side
-    has nothing in (a run of error rows only) gives no PSI."""
+    no new input (a quiet incremental night, or one that only retried earlier error rows) or
+    has no such earlier run. A distribution either side has nothing in (a run of error rows
+    only) gives no PSI.
+
+    The error rate counts new inputs only, the runs' and the baseline's alike: an incremental
+    run's retries of earlier error rows (`RunFigures.retried_units`) were counted by the run
+    that first failed on them, and a broken file retried each night would otherwise read as a
+    rise every night. A full run retries nothing: its every error counts."""
     index = len(points) - 1 if run_id is None else [p.run_id for p in points].index(run_id)
     run = points[index]
     earlier = [p for p in points[:index] if p.units and p.task == run.task][-monitor.runs :]
-    if not run.units or not earlier:
+    if not run.new_units or not earlier:
         return []
-    errors = sum(sum(p.error_types.values()) for p in earlier)
-    figures = {"error_rate_rise": run.error_rate - errors / sum(p.units for p in earlier)}
+    figures: dict[str, float] = {}
+    new_before = sum(p.new_units for p in earlier)
+    if new_before:
+        rate_before = sum(p.new_errors for p in earlier) / new_before
+        figures["error_rate_rise"] = run.new_errors / run.new_units - rate_before
     for name, counts in (("label_psi", "labels"), ("score_psi", "scores")):
         now, before = _counts(run, counts), pooled(earlier, counts)
         if sum(now.values()) and sum(before.values()):
@@ -199,7 +208,11 @@ def render_drift_cards(found: list[Drift]) -> str:
 def render_drift_html(found: list[Drift]) -> str:
     """A card of the figures, those over their threshold in red."""
     if not found:
-        return '<div class="card drift"><h2>Drift</h2><p>no earlier run to compare</p></div>'
+        return (
+            '<div class="card drift"><h2>Drift</h2><p>no figures: the run processed no new '
+            "input (only retries of earlier error rows, or none), or no earlier run to compare"
+            "</p></div>"
+        )
     source = (
         "recorded in the run's manifest at its commit"
         if found[0].recorded

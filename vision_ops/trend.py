@@ -36,10 +36,28 @@ class RunFigures:
     p05_score: float | None
     images_per_second: float | None  # the manifest's, where it has one
     metrics: dict[str, float] = field(default_factory=dict)  # `vision-ops evaluate`'s
+    # Of `units`, those of sources an incremental run retried (an earlier run's error rows),
+    # and their error rows: the manifest's `retried`, where it records one.
+    retried_units: int = 0
+    retried_errors: int = 0
 
     @property
     def error_rate(self) -> float:
-        return sum(self.error_types.values()) / self.units if self.units else 0.0
+        return self.errors / self.units if self.units else 0.0
+
+    @property
+    def errors(self) -> int:
+        return int(sum(self.error_types.values()))
+
+    @property
+    def new_units(self) -> int:
+        """The units of inputs this run was the first to process (retries left out)."""
+        return self.units - self.retried_units
+
+    @property
+    def new_errors(self) -> int:
+        """The error rows of inputs this run was the first to process (retries left out)."""
+        return self.errors - self.retried_errors
 
     def share(self, label: str) -> float:
         """The label's share of what the run counted (its images, boxes...)."""
@@ -69,6 +87,7 @@ def table_figures(
     summary = task_of_run(manifest).summary(table)
     scores = np.asarray(summary.scores, dtype=np.float64)
     rate = manifest.get("images_per_second")
+    retried = manifest.get("retried") or {}
     return RunFigures(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],
@@ -81,6 +100,8 @@ def table_figures(
         p05_score=round(float(np.quantile(scores, 0.05)), 4) if len(scores) else None,
         images_per_second=float(rate) if rate is not None else None,
         metrics=metrics or {},
+        retried_units=int(retried.get("units", 0)),
+        retried_errors=int(retried.get("error_rows", 0)),
     )
 
 

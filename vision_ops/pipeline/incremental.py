@@ -28,6 +28,7 @@ from vision_ops.runindex import (
     retry_flags,
     source_keys,
 )
+from vision_ops.schema import STATUS_ERROR
 from vision_ops.sources import with_store_identity
 from vision_ops.storage import StorageOptions
 
@@ -36,24 +37,49 @@ _OUTCOMES = pa.schema([INDEX_SCHEMA.field("source_key"), pa.field("outcome", pa.
 FOLD_ROWS = 4_000_000  # outcomes gathered before they are folded into one row per input
 
 
-def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> Listing:
+@dataclass(frozen=True)
+class EarlierOutcomes:
+    """What the committed runs of a model did with each source version they read: `done`, the
+    source keys left out of an incremental run; `retried`, those whose latest run wrote an
+    error row of a type not in `run.skip_errors` (processed again: a retry, not a new input)."""
+
+    done: pa.Array
+    retried: pa.Array
+
+
+def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> tuple[Listing, pa.Array]:
     """The listing less sources another run committed with this model and this input version
     (a committed run holds every unit of each source it read: all frames of an instance),
-    unless the latest such run wrote an error row for one, of a type not in `run.skip_errors`.
-    The done keys are gathered on the driver as one Arrow array, put in the object store once,
-    and the listing is filtered in Ray tasks."""
+    unless the latest such run wrote an error row for one, of a type not in `run.skip_errors`;
+    and the source keys of those retried (`EarlierOutcomes.retried`: the commit counts the rows
+    it holds of them, `retried_rows`). The done keys are gathered on the driver as one Arrow
+    array, put in the object store once, and the listing is filtered in Ray tasks."""
     fingerprint = model_fingerprint(spec)
     runs = [
         run
         for run in committed_runs(spec.output, spec.storage_options)
         if run["run_id"] != run_id and run.get("model_fingerprint") == fingerprint
     ]
-    done = done_sources(spec.output, runs, spec.storage_options, spec.run.skip_errors)
-    left = without_done(listing, done, spec.storage_options)
+    earlier = earlier_outcomes(spec.output, runs, spec.storage_options, spec.run.skip_errors)
+    left = without_done(listing, earlier.done, spec.storage_options)
     log.info(
         "incremental: %d of %d inputs already committed", listing.count - left.count, listing.count
     )
-    return left
+    return left, earlier.retried
+
+
+def retried_rows(rows: pa.Table, retried: pa.Array) -> dict[str, int]:
+    """What a run's rows (ROW_COLUMNS) hold of the sources it retried (`skip_committed`'s
+    keys): how many sources, their units and their error rows, as its manifest records them
+    (`retried`) and drift leaves them out of the error rate (vision_ops.drift)."""
+    keys = source_keys(rows)
+    mask = pc.is_in(keys, value_set=retried)
+    errors = pc.and_(mask, pc.fill_null(pc.equal(rows["status"], STATUS_ERROR), False))
+    return {
+        "sources": pc.count_distinct(pc.filter(keys, mask)).as_py(),
+        "units": pc.sum(pc.cast(mask, pa.int64())).as_py() or 0,
+        "error_rows": pc.sum(pc.cast(errors, pa.int64())).as_py() or 0,
+    }
 
 
 def without_done(listing: Listing, done: pa.Array, options: StorageOptions) -> Listing:
@@ -99,15 +125,41 @@ def done_sources(
     options: StorageOptions,
     skip_errors: Collection[str],
 ) -> pa.Array:
-    """The source keys done by the committed `runs` (oldest first; `done_versions`), read
-    from each run's index (vision_ops.runindex) one run at a time."""
-    return done_versions((committed_index(output, run, options) for run in runs), skip_errors)
+    """The source keys done by the committed `runs` (oldest first; `done_versions`)."""
+    return earlier_outcomes(output, runs, options, skip_errors).done
+
+
+def earlier_outcomes(
+    output: Target,
+    runs: Iterable[dict[str, Any]],
+    options: StorageOptions,
+    skip_errors: Collection[str],
+) -> EarlierOutcomes:
+    """The committed `runs`' outcomes (oldest first; `latest_outcomes`), read from each run's
+    index (vision_ops.runindex) one run at a time."""
+    indexes = (committed_index(output, run, options) for run in runs)
+    return split_outcomes(latest_outcomes(indexes, skip_errors))
 
 
 def done_versions(indexes: Iterable[pa.Table], skip_errors: Collection[str]) -> pa.Array:
     """The source keys (`source_keys`) of the inputs done by the committed runs' indexes
-    (oldest run first): the latest run that read an input decides, and it is done unless one
-    of that run's error types for it (any frame, any tile) is outside `skip_errors`.
+    (oldest run first; `latest_outcomes`)."""
+    return split_outcomes(latest_outcomes(indexes, skip_errors)).done
+
+
+def split_outcomes(latest: pa.Table) -> EarlierOutcomes:
+    """`latest_outcomes` as the keys done (even outcomes) and those retried (odd)."""
+    retry = pc.equal(pc.bit_wise_and(latest["outcome"], 1), 1)
+    return EarlierOutcomes(
+        done=latest.filter(pc.invert(retry))["source_key"].combine_chunks(),
+        retried=latest.filter(retry)["source_key"].combine_chunks(),
+    )
+
+
+def latest_outcomes(indexes: Iterable[pa.Table], skip_errors: Collection[str]) -> pa.Table:
+    """Each source key the committed runs' indexes (oldest run first) hold, once, with the
+    outcome of the latest run that read it: that input is done unless one of that run's error
+    types for it (any frame, any tile) is outside `skip_errors` (an odd outcome: a retry).
 
     Hash aggregations over the runs' indexes: each source's outcome is `2 * run + retry`, so
     an input's largest is its latest run, odd where that run asks for a retry. The indexes
@@ -119,9 +171,7 @@ def done_versions(indexes: Iterable[pa.Table], skip_errors: Collection[str]) -> 
         waiting.append(run_outcomes(index, ordinal, skip_errors))
         if sum(table.num_rows for table in waiting) >= FOLD_ROWS:
             latest, waiting = _latest_outcomes([latest, *waiting]), []
-    latest = _latest_outcomes([latest, *waiting])
-    done = pc.equal(pc.bit_wise_and(latest["outcome"], 1), 0)
-    return latest.filter(done)["source_key"].combine_chunks()
+    return _latest_outcomes([latest, *waiting])
 
 
 def _latest_outcomes(tables: list[pa.Table]) -> pa.Table:

@@ -25,7 +25,7 @@ from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_gu
 from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.identity import identity_digests
 from vision_ops.pipeline.in_driver import predicted_in_threads
-from vision_ops.pipeline.incremental import skip_committed
+from vision_ops.pipeline.incremental import retried_rows, skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import (
@@ -39,6 +39,7 @@ from vision_ops.pool import (
 from vision_ops.predictors import load_predictor
 from vision_ops.reader import read_unit_blocks
 from vision_ops.resume import Units, image_units, without_sources
+from vision_ops.runindex import ROW_COLUMNS
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
@@ -75,6 +76,8 @@ class RunSummary:
     startup_seconds: dict[str, float] | None = None  # by stage (RunStats.startup_seconds)
     # Inputs --incremental left out: committed before with this model and input version.
     skipped_as_done: int = 0
+    # Inputs --incremental processed again: their latest run wrote an error row for them.
+    retried: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -113,9 +116,12 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     require_bucket(spec.output.uri, spec.storage_options)
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         listed = listing.count
+        retried = None
         if spec.run.incremental:
-            listing = skip_committed(spec, listing, run_id)
-        commit, pipeline_seconds, drifts = _process_and_commit(spec, listing, plan, lock, clock)
+            listing, retried = skip_committed(spec, listing, run_id)
+        commit, pipeline_seconds, drifts, retries = _process_and_commit(
+            spec, listing, plan, lock, clock, retried
+        )
     seconds = time.perf_counter() - clock.started
     return RunSummary(
         run_id,
@@ -126,6 +132,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         drifts,
         startup_seconds=clock.seconds,
         skipped_as_done=listed - listing.count,
+        retried=retries.get("sources", 0),
     )
 
 
@@ -192,8 +199,16 @@ def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
 
 
 def _process_and_commit(
-    spec: JobSpec, listing: Listing, plan: PoolPlan, lock: RunGuard, clock: StartupClock
-) -> tuple[CommitResult, float, list[Drift] | None]:
+    spec: JobSpec,
+    listing: Listing,
+    plan: PoolPlan,
+    lock: RunGuard,
+    clock: StartupClock,
+    retried: pa.Array | None,
+) -> tuple[CommitResult, float, list[Drift] | None, dict[str, int]]:
+    """Process the listing's units and commit them; `retried`: the source keys an incremental
+    run processes again (`skip_committed`), None for a run that is not incremental. Returns
+    the commit, the pipeline's seconds, the drift figures and what the run retried."""
     run_id, run_date = spec.resolved_run()
     units, schema, tiles = plan_units(spec, listing)
     expected: ExpectedUnits = tiles if tiles else listing
@@ -205,7 +220,7 @@ def _process_and_commit(
             "run (its commit finished or tidied up as this one started): nothing to process",
             run_id,
         )
-        return sink.finished_earlier, 0.0, committed_drift(spec, run_id)
+        return sink.finished_earlier, 0.0, committed_drift(spec, run_id), {}
     units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
     stats = RunStats()
     if left > 0:
@@ -225,18 +240,38 @@ def _process_and_commit(
         details["tile_bands"] = list(spec.input.tiling.bands)
     details["bits_stored"] = spec.input.bits_stored  # and a 16-bit image, as it saw it
     details["task_settings"] = spec.task.model_dump(mode="json")  # what its scorer can give
-    drifts = staged_drift(spec, sink, schema)
+    retries = staged_retries(sink, retried)
+    if retried is not None:  # an incremental run: what it processed again (drift's error rate)
+        details["retried"] = retries
+    drifts = staged_drift(spec, sink, schema, retries)
     if drifts is not None:
         details["drift"] = manifest_entry(drifts)
-    return sink.commit(expected, details, lock.confirm_held), pipeline_seconds, drifts
+    commit = sink.commit(expected, details, lock.confirm_held)
+    return commit, pipeline_seconds, drifts, retries
 
 
-def staged_drift(spec: JobSpec, sink: Sink, schema: pa.Schema) -> list[Drift] | None:
+def staged_retries(sink: Sink, retried: pa.Array | None) -> dict[str, int]:
+    """What the staged rows hold of the sources an incremental run retried (`retried_rows`);
+    the rows are read only where it retried some."""
+    if retried is None or not len(retried):
+        return {"sources": 0, "units": 0, "error_rows": 0}
+    return retried_rows(sink.staged(ROW_COLUMNS), retried)
+
+
+def staged_drift(
+    spec: JobSpec, sink: Sink, schema: pa.Schema, retries: dict[str, int]
+) -> list[Drift] | None:
     """The run's drift figures (its staged rows against the committed runs before it, the
-    spec's `monitor:`), for its manifest; None, with a warning, where they cannot be had (the
-    run commits all the same, and `report --check` computes them)."""
+    spec's `monitor:`; `retries`: what of them an incremental run retried), for its manifest;
+    None, with a warning, where they cannot be had (the run commits all the same, and
+    `report --check` computes them)."""
     run_id, run_date = spec.resolved_run()
-    run = {"run_id": run_id, "run_date": run_date.isoformat(), "task": task_of(schema)}
+    run = {
+        "run_id": run_id,
+        "run_date": run_date.isoformat(),
+        "task": task_of(schema),
+        "retried": retries,
+    }
     options = spec.storage_options
     try:
         return drift_at_commit(spec.output, spec.monitor, options, run, sink.staged)
