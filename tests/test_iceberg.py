@@ -804,6 +804,11 @@ def test_runs_commit_to_iceberg_and_every_reader_reads_them(
     assert [(r["source_uri"], r["error_type"]) for r in n4.to_pylist()] == [
         (f"file://{photos / 'broken.png'}", "NotAnImage")
     ]
+    retried = {"sources": 1, "units": 1, "error_rows": 1}  # in the snapshot's summary
+    assert outputs.committed_run(output, "n4")["retried"] == retried
+    capsys.readouterr()
+    assert main(["report", spec, "--check"]) == EXIT_OK  # the retry alone: no error-rate rise
+    assert "drift: no figures (the run processed no new input" in capsys.readouterr().out
     kept = ["--set", "run.skip_errors=[NotAnImage]", "--incremental"]
     assert main(["run", spec, "--run-id", "n5", "--run-date", "2026-11-05", *kept]) == 0
     assert outputs.committed_run(output, "n5")["rows"] == 0  # everything committed already
