@@ -241,6 +241,11 @@ def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
     assert "1 input(s) retried (error rows of earlier runs)" in out
     assert "drift: no figures (the run processed no new input" in out
     assert main(["report", table, "--check"]) == EXIT_OK
+    assert main(["report", table]) == EXIT_OK
+    report = capsys.readouterr().out
+    assert "errors: 1  (retried: 1 input(s) with earlier error rows, 1 error row(s) again)" in (
+        report
+    )
     make_images(tmp_path / "new", 1, seed=5)
     (tmp_path / "new" / "img000.png").rename(tmp_path / "images" / "new.png")
     nightly = ["--incremental", "--run-id", "r3", "--run-date", "2026-11-22"]

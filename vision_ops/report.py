@@ -42,6 +42,20 @@ class RunReport:
     unit: str = "images"  # what `labels` counts (the task's)
     score: str = "top-1 score"  # what the score histogram shows (the task's)
     panels: list[tuple[str, str]] = field(default_factory=list)  # (title, html) the task adds
+    # What an incremental run processed again (its manifest's `retried`): inputs an earlier
+    # run wrote error rows for, and the error rows they wrote this time.
+    retried_inputs: int = 0
+    retried_errors: int = 0
+
+    @property
+    def retried_text(self) -> str:
+        """'' where the run retried nothing."""
+        if not self.retried_inputs:
+            return ""
+        return (
+            f"retried: {self.retried_inputs} input(s) with earlier error rows, "
+            f"{self.retried_errors} error row(s) again"
+        )
 
 
 class NoSuchRun(VisionOpsError, LookupError):
@@ -62,6 +76,7 @@ def build_report(
     table = read_run(table_uri, manifest, options)
     summary = task.summary(table)
     bits_stored = manifest.get("bits_stored", 16)
+    retried = manifest.get("retried") or {}  # an incremental run's (vision_ops.drift)
     with Sources(options or {}, samples, manifest.get("tile_bands"), bits_stored) as sources:
         drawn = panels(table, (*task.panels, *COMMON_PANELS), sources)
     return RunReport(
@@ -84,6 +99,8 @@ def build_report(
         unit=task.unit,
         score=task.score,
         panels=drawn,
+        retried_inputs=int(retried.get("sources", 0)),
+        retried_errors=int(retried.get("error_rows", 0)),
     )
 
 
@@ -120,7 +137,8 @@ def _quantiles(scores: np.ndarray) -> dict[str, float]:
 def render_text(report: RunReport) -> str:
     lines = [
         f"run {report.run_id} ({report.run_date}, {report.task})",
-        f"items: {report.rows}  ok: {report.ok}  errors: {report.errors}",
+        f"items: {report.rows}  ok: {report.ok}  errors: {report.errors}"
+        + (f"  ({report.retried_text})" if report.retried_inputs else ""),
         f"throughput: {report.images_per_second:.2f} images/s over {report.pipeline_seconds:.1f}s",
         "stage seconds (all workers): "
         + ", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items())
@@ -160,7 +178,7 @@ td {{ padding: 2px 12px 2px 0; }}
 </style></head><body>
 <h1>Run {run} &middot; {date} &middot; {task}</h1>
 <table><tr><td>items</td><td><b>{rows}</b></td><td>ok</td><td><b>{ok}</b></td>
-<td>errors</td><td><b>{errors}</b></td><td>images/s</td><td><b>{rate:.2f}</b></td>
+<td>errors</td><td><b>{errors}</b>{retried}</td><td>images/s</td><td><b>{rate:.2f}</b></td>
 <td>slowest stage</td><td><b>{slowest}</b></td></tr></table>
 {header}<div class="grid">
 <div class="card"><h2>Top labels ({unit})</h2>{labels}</div>
@@ -185,6 +203,7 @@ def render_html(report: RunReport, header: str = "") -> str:
         rows=report.rows,
         ok=report.ok,
         errors=report.errors,
+        retried=f" ({html.escape(report.retried_text)})" if report.retried_inputs else "",
         rate=report.images_per_second,
         slowest=html.escape(report.slowest_stage or "-"),
         unit=html.escape(report.unit),
