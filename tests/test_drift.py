@@ -23,7 +23,7 @@ from vision_ops.drift import FIGURES, check_run, drift, psi
 from vision_ops.errors import EXIT_DRIFT
 from vision_ops.outputs import committed_run, committed_runs
 from vision_ops.tasks import counts
-from vision_ops.trend import run_figures, trend
+from vision_ops.trend import run_figures, series, trend
 
 pytestmark = pytest.mark.timeout(600)
 LITE0 = {
@@ -286,6 +286,9 @@ def test_the_error_rate_leaves_out_the_retries_a_manifest_records(tmp_path) -> N
     commit_rows(table, "classification", [*cats, broken], "n3", "2026-05-04")
     rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
     assert (rise.value, rise.compared) == (0.05, ("n0", "n1", "n2"))  # 1 of 4 against 1 of 5
+    rates = series(trend(str(table)))["error rate"]  # the trend shows both rates
+    assert rates["all"] == [0.25, 1.0, 0.5, 0.25]
+    assert rates["new inputs"] == [0.25, None, 0.0, 0.25]
 
 
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:

@@ -128,6 +128,13 @@ def followed_labels(points: list[RunFigures]) -> list[str]:
     ]
 
 
+def new_error_rate(point: RunFigures) -> float | None:
+    """The error rate of the inputs a run was the first to process (drift's), None where it
+    processed none: where an incremental run retried earlier error rows, the trend shows it
+    beside the rate of all its rows."""
+    return round(point.new_errors / point.new_units, 4) if point.new_units else None
+
+
 def series(points: list[RunFigures]) -> dict[str, dict[str, list[float | None]]]:
     """chart -> series -> one value per run: what the page draws and the table prints."""
     error_types = sorted({kind for point in points for kind in point.error_types})
@@ -136,6 +143,11 @@ def series(points: list[RunFigures]) -> dict[str, dict[str, list[float | None]]]
         "units": {"units": [float(p.units) for p in points]},
         "error rate": {
             "all": [round(p.error_rate, 4) for p in points],
+            **(
+                {"new inputs": [new_error_rate(p) for p in points]}
+                if any(p.retried_units for p in points)
+                else {}
+            ),
             **{
                 kind: [round(p.error_types.get(kind, 0.0) / max(p.units, 1), 4) for p in points]
                 for kind in error_types
