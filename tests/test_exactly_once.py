@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -385,7 +386,7 @@ def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_pa
 
 @pytest.mark.parametrize("predict_in", ["actors", "driver"])
 def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
-    ray_local, tmp_path, capsys, predict_in
+    ray_local, tmp_path, capsys, caplog, monkeypatch, predict_in
 ) -> None:
     """A model that fails on its device mid-run: the run exits 1 with the model's own error in
     one line (Ray passes it on as its worker's traceback, in ANSI colours; the driver's
@@ -418,7 +419,7 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     said = [line for line in err.splitlines() if line.startswith("error:")]
     where = {
         "actors": "a worker failed",
-        "driver": "the model failed in the driver",
+        "driver": "the predictor failed in the driver",
     }[predict_in]
     log = {
         "actors": " (the worker's stack trace: Ray Data's log, in the Ray session's logs/ray-data)",
@@ -431,6 +432,12 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     ]
     assert 'File "' not in err and "\x1b[" not in err  # no frames, no colour codes
     assert committed_runs(str(tmp_path / "table")) == []
+    if predict_in == "driver":  # at DEBUG the driver's own traceback is logged (README)
+        caplog.set_level(logging.DEBUG, logger="vision_ops.cli")
+        monkeypatch.setenv("VISION_OPS_LOG_LEVEL", "DEBUG")
+        assert main(["run", str(path)]) == EXIT_FAILED
+        [failed] = [r for r in caplog.records if r.message == "the predictor failed in the driver"]
+        assert failed.exc_info is not None and DEVICE_LOST in str(failed.exc_info[1])
 
 
 def test_a_stalled_run_fails_naming_the_stuck_stage(tmp_path) -> None:

@@ -173,6 +173,28 @@ def test_a_scene_becomes_tiles_with_exact_footprints(
     assert capsys.readouterr().out.splitlines() == ["n", str(expected)]
 
 
+def test_a_run_of_unreadable_scenes_alone_commits_their_error_rows(
+    ray_local, tmp_path, tiny_weights
+) -> None:
+    """A model batch of error units only (every scene unreadable, or an incremental night
+    retrying broken scenes): their tile columns are all null, which Ray Data hands on as NaN.
+    The run commits each scene's error row, its footprint null (it failed: ValueError in the
+    footprint's bounding box, and a footprint of b"" would have been written)."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 40)
+    (folder / "notatiff.tif").write_bytes(b"hello world")
+    summary = run_job(spec_for(folder, tmp_path / "table", tiny_weights, "driver"))
+    assert (summary.commit.rows, summary.commit.errors) == (2, 2)
+    rows = pq.read_table(tmp_path / "table").to_pylist()
+    assert sorted((r["source_uri"].rpartition("/")[2], r["error_type"]) for r in rows) == [
+        ("broken.tif", "RasterError"), ("notatiff.tif", "RasterError")
+    ]  # fmt: skip
+    assert {(r["footprint"], r["footprint_bbox"], r["crs"], r["scene_width"]) for r in rows} == {
+        (None, None, None, None)
+    }
+
+
 def test_the_pool_is_sized_by_the_scenes_tiles_not_by_their_files(
     ray_local, scenes, tmp_path, tiny_weights, caplog
 ) -> None:

@@ -297,7 +297,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
                 RuntimeError(f"{message} (as the actors started); nothing was committed"), code
             )
         if isinstance(err, PredictorFailed):  # in the driver's threads (predict_in: driver)
-            message = f"the model failed in the driver: {err}; {nothing_committed(spec)}"
+            log.debug("the predictor failed in the driver", exc_info=err.__cause__)
+            message = f"the predictor failed in the driver: {err}; {nothing_committed(spec)}"
             return _fail(RuntimeError(message), EXIT_FAILED)
         in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
         if in_worker is not None:

@@ -398,7 +398,7 @@ def _unit_columns(
 
 def _wkb_bbox(wkb: bytes | None) -> dict[str, float] | None:
     """xmin, ymin, xmax, ymax of a one-ring WKB polygon (header: 1 + 4 + 4 + 4 bytes)."""
-    if wkb is None:
+    if not isinstance(wkb, bytes):  # None, or NaN: no footprint (`_nulls_as_nan`)
         return None
     points = np.frombuffer(wkb, dtype="<f8", offset=13).reshape(-1, 2)
     low, high = points.min(axis=0), points.max(axis=0)
@@ -445,4 +445,18 @@ def _column(columns: dict[str, object], field: pa.Field, rows: int) -> pa.Array:
     values = columns[field.name]
     if isinstance(values, pa.Array):
         return values
+    if _nulls_as_nan(values, field.type):
+        return pa.nulls(rows, field.type)
     return pa.array(values, type=field.type, from_pandas=True)
+
+
+def _nulls_as_nan(values: object, kind: pa.DataType) -> bool:
+    """Whether `values` are a column of nulls as Ray Data hands one on: a column that was all
+    None in a block (Arrow's null type) comes to NumPy as float NaN. Arrow reads NaN as null for
+    numbers and strings, but gives b"" for binary (a footprint's WKB) and refuses lists."""
+    return (
+        isinstance(values, np.ndarray)
+        and values.dtype.kind == "f"
+        and not pa.types.is_floating(kind)
+        and bool(np.isnan(values).all())
+    )
