@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from committed_rows import classified, commit_rows
 
 from vision_ops.query import connect, read_sql
@@ -34,3 +35,19 @@ def test_the_summary_of_a_table_that_held_another_task_counts_its_own_task_only(
     sql = "SELECT task, count(*) AS n FROM predictions GROUP BY task ORDER BY task"
     assert main(["query", str(table), sql, "--format", "csv"]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["task,n", "classification,2", "detection,4"]
+
+
+def test_the_sql_may_follow_the_options(tmp_path, capsys) -> None:
+    """`query TARGET --run-id R --format csv "SQL"` as README's synopsis allows: argparse left
+    the SQL after an option unrecognized (exit 2). Two words after the options still are."""
+    from vision_ops.cli import EXIT_OK, main
+
+    table = str(tmp_path / "table")
+    commit_rows(tmp_path / "table", "classification", [classified("/x/a.jpg", ("cat", 0.9))], "r1")
+    sql = "SELECT run_id, label FROM predictions"
+    assert main(["query", table, "--run-id", "r1", "--format", "csv", sql]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["run_id,label", "r1,cat"]
+    with pytest.raises(SystemExit) as refused:
+        main(["query", table, "--format", "csv", sql, "SELECT 2"])
+    assert refused.value.code == 2
+    assert f"unrecognized arguments: {sql} SELECT 2" in capsys.readouterr().err

@@ -73,7 +73,7 @@ LOG_LEVEL_VARIABLE = "VISION_OPS_LOG_LEVEL"  # DEBUG also logs an unexpected err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parsed(argv)
     level = os.environ.get(LOG_LEVEL_VARIABLE, "INFO").strip().upper()
     if level not in LOG_LEVELS:
         message = f"{LOG_LEVEL_VARIABLE}: expected one of {', '.join(LOG_LEVELS)}, found {level!r}"
@@ -89,6 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # anything else: still a message and a failure, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
         return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
+
+
+def _parsed(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line parsed; `query TARGET --format csv "SQL"` too: argparse fills an
+    optional positional (the SQL) only before the options, and leaves it unrecognized after."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "sql", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.sql = extra.pop()
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def check_here(spec: JobSpec) -> None:
