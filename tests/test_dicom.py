@@ -216,6 +216,23 @@ def test_sixteen_bit_colour_is_scaled_to_eight_bits() -> None:
     assert np.abs(sixteen.astype(int) - eight).max() <= 1
 
 
+def test_a_colour_instance_records_no_window() -> None:
+    """The window columns say the window the model saw: a grey instance's, none for colour
+    (RGB, YBR, palette), which is scaled to 8 bits as it is (they said the spec's window)."""
+    brain = DicomSpec(window="brain")
+    grey_columns = open_instance(
+        (PACKAGE_FILES / "MR_small.dcm").read_bytes(), brain, 10**8
+    ).columns
+    assert (grey_columns["window_center"], grey_columns["window_width"]) == (40.0, 80.0)
+    for name in ("SC_rgb_rle.dcm", "SC_ybr_full_422_uncompressed.dcm", "examples_palette.dcm"):
+        columns = open_instance((PACKAGE_FILES / name).read_bytes(), brain, 10**8).columns
+        assert (columns["window_center"], columns["window_width"]) == (None, None), name
+        np.testing.assert_array_equal(
+            frame((PACKAGE_FILES / name).read_bytes(), "brain"),
+            frame((PACKAGE_FILES / name).read_bytes()),
+        )  # the window changes nothing in a colour frame
+
+
 # --- malformed input: each its own error -------------------------------------------------------
 
 

@@ -106,9 +106,19 @@ def decode_frame(instance: Instance, index: int, spec: DicomSpec) -> np.ndarray:
             ) from None
 
 
+def is_grey(dataset: Any) -> bool:
+    """Whether the instance's frames are grey (MONOCHROME1 or 2): only those are windowed; a
+    colour frame (RGB, YBR, a palette) is scaled to 8 bits as it is."""
+    return _photometric(dataset).startswith("MONOCHROME")
+
+
+def _photometric(dataset: Any) -> str:
+    return str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+
+
 def to_display(values: np.ndarray, dataset: Any, spec: DicomSpec) -> np.ndarray:
     """One decoded frame -> RGB uint8: colour scaled, palette applied, or grey windowed."""
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    photometric = _photometric(dataset)
     if photometric == "PALETTE COLOR":
         rgb = _pydicom().pixels.apply_color_lut(values, dataset)
         return _scale_to_uint8(rgb, 16 if rgb.dtype == np.uint16 else 8)
@@ -189,7 +199,7 @@ def tag_columns(dataset: Any, spec: DicomSpec) -> dict[str, Any]:
     columns["instance_number"] = int(number) if number and number.lstrip("-").isdigit() else None
     extras = {keyword: _text(dataset.get(keyword)) for keyword in (*spec.tags, *spec.phi_tags)}
     columns[TAGS_COLUMN] = json.dumps({k: v for k, v in extras.items() if v is not None})
-    window = chosen_window(dataset, spec)
+    window = chosen_window(dataset, spec) if is_grey(dataset) else None  # colour: no window
     columns["window_center"] = window[0] if window else None
     columns["window_width"] = window[1] if window else None
     return columns
