@@ -398,6 +398,43 @@ def test_a_large_plain_image_tiles_the_same_way_in_pixel_coordinates(tmp_path) -
     assert ring.bounds == (256.0, 128.0, 384.0, 256.0)  # pixel coordinates, y down
 
 
+def test_without_bands_a_grey_scene_tiles_as_grey_beside_a_colour_one(tmp_path) -> None:
+    """`tiling.bands` left out: a scene of three bands or more reads 1, 2, 3; a grey PNG, a
+    grey PNG with alpha and a one-band GeoTIFF read band 1 as grey, in one folder (they were
+    error rows: the default asked each for bands 2 and 3)."""
+    from PIL import Image
+
+    from vision_ops.config import InputSpec, TilingSpec
+    from vision_ops.reader import read_unit_blocks
+
+    rng = np.random.default_rng(4)
+    colour = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (100, 100), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=-1), "LA").save(
+        tmp_path / "grey_alpha.png"
+    )
+    profile = {"driver": "GTiff", "width": 100, "height": 100, "count": 1, "dtype": "uint8"}
+    with rasterio.open(tmp_path / "band.tif", "w", **profile) as out:
+        out.write(grey[None])
+    tiling = TilingSpec(size=100)
+    plan = plan_tiles(list_inputs(InputSpec(uris=[str(tmp_path)], tiling=tiling)), tiling, {})
+    assert plan.units.num_rows == 4 and plan.units["plan_error"].null_count == 4
+    batch = {k: np.array(v, dtype=object) for k, v in plan.units.to_pydict().items()}
+    [out] = read_unit_blocks(
+        batch, preprocessing=None, max_pixels=10**8, storage_options={}, tiling=tiling
+    )
+    images = {
+        str(uri).rpartition("/")[2]: image
+        for uri, image in zip(out["source_uri"], out["image"], strict=True)
+    }
+    assert list(out["status"]) == ["ok"] * 4
+    np.testing.assert_array_equal(images["colour.png"], colour)
+    for name in ("grey.png", "grey_alpha.png", "band.tif"):
+        np.testing.assert_array_equal(images[name], np.repeat(grey[:, :, None], 3, axis=2))
+
+
 def test_value_range_defaults_by_data_type(tmp_path) -> None:
     """Integers: the type's range; floats: the valid pixels' 2nd..98th percentiles."""
     from vision_ops.config import TilingSpec
@@ -433,6 +470,8 @@ def test_tiling_settings_are_part_of_the_model_fingerprint(tmp_path) -> None:
 
     assert fingerprint(bands=[4, 3, 2]) != fingerprint(bands=[3, 2, 1]) != fingerprint()
     assert fingerprint(bands=[3, 2, 1]) == fingerprint(bands=[3, 2, 1])
+    # bands left out: the same rows as [1, 2, 3], their default before grey scenes were read
+    assert fingerprint(size=256) == fingerprint(size=256, bands=[1, 2, 3])
 
 
 def test_longitudes_past_the_antimeridian_are_wrapped() -> None:
@@ -477,7 +516,7 @@ def test_a_scene_whose_name_is_not_utf8_is_an_undecodable_name_row(tmp_path) -> 
 
 
 def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_path) -> None:
-    """A one-band float scene (a DEM) under the default three bands, and a scene smaller than
+    """A one-band float scene (a DEM) under three bands asked for, and a scene smaller than
     one tile under `edge: drop`: each stays one unit carrying why (its error row), beside a
     scene that tiles; before, the first failed the whole planning and the second vanished. So
     for complex values (a SAR SLC): a complex_int16 one failed its whole planning block."""
@@ -494,9 +533,10 @@ def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_pa
         slc = whole | {"dtype": kind}
         with rasterio.open(tmp_path / f"{kind}.tif", "w", **slc) as out:
             out.write(np.zeros((3, 100, 200), dtype=np.complex64))
+    tiling = {"size": 100, "edge": "drop", "bands": [1, 2, 3]}  # asked for: the DEM has one
     spec = parse_spec(
         {
-            "input": {"uris": [str(tmp_path)], "tiling": {"size": 100, "edge": "drop"}},
+            "input": {"uris": [str(tmp_path)], "tiling": tiling},
             "model": {"architecture": "resnet18"},
             "output": {"uri": str(tmp_path / "t")},
         }

@@ -254,6 +254,9 @@ def _unknown_dicom_keywords(keywords: list[str]) -> list[str]:
     return [keyword for keyword in keywords if tag_for_keyword(keyword) is None]
 
 
+DEFAULT_BANDS = (1, 2, 3)  # a scene's bands read as RGB where `tiling.bands` is not set
+
+
 class TilingSpec(StrictModel):
     size: int = Field(default=512, gt=0, description="Tile side in scene pixels.")
     overlap: int = Field(default=0, ge=0, description="Pixels shared by neighbouring tiles.")
@@ -262,10 +265,11 @@ class TilingSpec(StrictModel):
         description="The last tile of a row or column: `shift` it back inside the scene, `pad` "
         "it past the edge with nodata, or `drop` it (its pixels are not covered).",
     )
-    bands: list[int] = Field(
-        default=[1, 2, 3],
+    bands: list[int] | None = Field(
+        default=None,
         description="1-based band numbers in RGB order (e.g. [4, 3, 2] for Sentinel-2), or one "
-        "band, shown as grey.",
+        "band, shown as grey. Default: 1, 2, 3, or band 1 as grey for a scene or image of fewer "
+        "than three bands (a grey PNG, a one-band GeoTIFF).",
     )
     value_range: tuple[float, float] | None = Field(
         default=None,
@@ -283,13 +287,23 @@ class TilingSpec(StrictModel):
         description="The no-data value (.nan for a float scene's NaN); defaults to the file's own.",
     )
 
+    def fingerprinted(self) -> dict[str, Any]:
+        """The settings as the model fingerprint holds them: bands left to their default as
+        [1, 2, 3], the default before a scene of fewer bands was read as grey (such a scene was
+        an error row, which an incremental run retries), so that the upgrade does not make
+        every scene of a table new to an incremental run."""
+        settings = self.model_dump(mode="json")
+        if self.bands is None:
+            settings["bands"] = list(DEFAULT_BANDS)
+        return settings
+
     @model_validator(mode="after")
     def _consistent(self) -> TilingSpec:
         if self.overlap >= self.size:
             raise ValueError(
                 f"overlap: expected less than size ({self.size}), found {self.overlap}"
             )
-        if len(self.bands) not in (1, 3) or min(self.bands) < 1:
+        if self.bands is not None and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
             raise ValueError(f"bands: expected 1 or 3 band numbers from 1, found {self.bands}")
         if self.value_range is not None and self.percentile is not None:
             raise ValueError("expected one of value_range or percentile, found both")

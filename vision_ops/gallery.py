@@ -36,7 +36,8 @@ class Sources:
     options: StorageOptions
     samples: int = 8  # units per strip
     # A scene's bands in RGB order as the run read them (its manifest's `tile_bands`); None:
-    # 1, 2, 3 (or a one-band scene's band), for runs committed before manifests held them.
+    # the default (`raster.scene_bands`): the run left `tiling.bands` unset, or was committed
+    # before manifests held them.
     bands: Sequence[int] | None = None
     bits_stored: int = 16  # of the run's 16-bit images (its manifest's `bits_stored`)
     _read: dict[str, bytes | None] = field(default_factory=dict)
@@ -145,13 +146,12 @@ def _cause(uri: str, options: StorageOptions) -> Exception | None:
 def scene_tile(dataset: Any, row: dict[str, Any], bands: Sequence[int] | None = None) -> np.ndarray:
     """RGB uint8 of a tile's window of its scene (an open rasterio dataset): `bands` in RGB
     order, or one band as grey (default: the first three, or the scene's one)."""
-    from vision_ops.raster import read_tile, read_window, valid_values
+    from vision_ops.raster import read_tile, read_window, scene_bands, valid_values
 
     window = tile_window(row)
     if window is None:
         raise ValueError(f"{row['source_uri']}: not a tile row")
-    if bands is None:
-        bands = [1, 2, 3] if dataset.count >= 3 else [1]
+    bands = scene_bands(bands, dataset.count)
     values = read_window(dataset, window, bands, fill=np.nan)
     inside = valid_values(dataset, values, bands, dataset.nodata, window)  # NaN past the edge: none
     low, high = np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from vision_ops.config import DEFAULT_BANDS
 from vision_ops.storage import StorageOptions, filesystem, is_local
 from vision_ops.tiling import Window
 
@@ -218,6 +219,14 @@ def no_data(values: np.ndarray, nodata: float | None) -> np.ndarray:
     if nodata is not None and not np.isnan(nodata):
         missing |= values == nodata
     return missing
+
+
+def scene_bands(bands: Sequence[int] | None, count: int) -> list[int]:
+    """The bands read from a raster of `count` bands: `bands` as given, else (`tiling.bands`
+    not set) 1, 2, 3 where it has three or more, and band 1 as grey where it has fewer."""
+    if bands is not None:
+        return list(bands)
+    return list(DEFAULT_BANDS) if count >= len(DEFAULT_BANDS) else [1]
 
 
 def check_bands(bands: Sequence[int], count: int) -> None:

@@ -31,6 +31,7 @@ from vision_ops.raster import (
     check_bands,
     open_raster,
     read_tile,
+    scene_bands,
     scene_header,
     valid_values,
 )
@@ -258,7 +259,7 @@ def _scene_plan(
     try:
         with open_raster(uri, options) as dataset:
             scene = scene_header(dataset)
-            check_bands(tiling.bands, dataset.count)
+            check_bands(scene_bands(tiling.bands, dataset.count), dataset.count)
             _check_real(scene)
             _check_covered(scene, tiling)
             low, high = value_range(dataset, scene, tiling)
@@ -303,9 +304,10 @@ def value_range(dataset: Any, scene: Scene, tiling: TilingSpec) -> tuple[float, 
         max(1, round(scene.height / max(scale, 1))),
         max(1, round(scene.width / max(scale, 1))),
     )
-    values = dataset.read(indexes=list(tiling.bands), out_shape=(len(tiling.bands), *shape))
+    bands = scene_bands(tiling.bands, dataset.count)
+    values = dataset.read(indexes=bands, out_shape=(len(bands), *shape))
     nodata = tiling.nodata if tiling.nodata is not None else scene.nodata
-    valid = valid_values(dataset, values, tiling.bands, nodata, out_shape=shape)
+    valid = valid_values(dataset, values, bands, nodata, out_shape=shape)
     if valid.size == 0:
         return 0.0, 1.0
     low, high = np.percentile(valid.astype(np.float64), [low_pct, high_pct])
@@ -363,7 +365,8 @@ def tile_unit(dataset: Any, unit: dict[str, Any], tiling: TilingSpec) -> dict[st
     size = int(unit["tile_size"])
     window = Window(int(unit["tile_y"]), int(unit["tile_x"]), size, size)
     value_range = (float(unit["value_low"]), float(unit["value_high"]))
-    image, valid = read_tile(dataset, window, tiling.bands, value_range, tiling.nodata)
+    bands = scene_bands(tiling.bands, dataset.count)
+    image, valid = read_tile(dataset, window, bands, value_range, tiling.nodata)
     transform = tuple(dataset.transform)[:6]
     ring = footprint(transform, window)
     tile_transform = pixel_to_crs(transform, np.array([window.col_off]), np.array([window.row_off]))

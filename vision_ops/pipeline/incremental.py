@@ -213,10 +213,10 @@ def model_fingerprint(spec: JobSpec) -> str:
         "model": spec.model.model_dump(mode="json"),
         "task": spec.task.model_dump(),
     }
-    for name in ("tiling", "dicom"):
-        settings = getattr(spec.input, name)
-        if settings is not None:
-            content[name] = settings.model_dump(mode="json")
+    if spec.input.tiling is not None:
+        content["tiling"] = spec.input.tiling.fingerprinted()
+    if spec.input.dicom is not None:
+        content["dicom"] = spec.input.dicom.model_dump(mode="json")
     packaged = packaged_files(spec)
     if packaged:
         content["packaged"] = packaged

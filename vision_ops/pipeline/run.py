@@ -237,7 +237,8 @@ def _process_and_commit(
     if left > 0:  # where the model ran: actors or driver (`auto` settled for the run's size)
         details["predict_in"] = sized.runtime.predict_in
     if spec.input.tiling is not None:  # the report shows a tile as the model saw it
-        details["tile_bands"] = list(spec.input.tiling.bands)
+        bands = spec.input.tiling.bands  # None: each scene's default (`raster.scene_bands`)
+        details["tile_bands"] = list(bands) if bands is not None else None
     details["bits_stored"] = spec.input.bits_stored  # and a 16-bit image, as it saw it
     details["task_settings"] = spec.task.model_dump(mode="json")  # what its scorer can give
     retries = staged_retries(sink, retried)
