@@ -197,6 +197,43 @@ def test_the_table_keeps_the_geoparquet_metadata_and_the_task_in_its_properties(
         assert footprint["bbox"] == [500_000.0, 4_599_000.0, 502_000.0, 4_600_480.0], run_id
 
 
+def test_an_iceberg_scene_tables_footprint_queries_as_a_geometry(output) -> None:
+    """The footprint an Iceberg table holds as WKB (no geometry type in Iceberg v2) is a
+    GEOMETRY in `query`'s view, as a GeoParquet table's is: README's ST_Intersects query runs
+    on both (it failed on Iceberg: no ST_Intersects(BLOB, GEOMETRY))."""
+    from vision_ops.georef import polygon_wkb
+    from vision_ops.query import register_views
+
+    schema = output_schema("classification", tiles=True)
+    sources = uris("geo", 2)
+    base = rows("g1", sources)
+    squares = [
+        [(0, 0), (10, 0), (10, 10), (0, 10), (0, 0)],
+        [(20, 20), (30, 20), (30, 30), (20, 30), (20, 20)],
+    ]
+    columns = {"footprint": pa.array([polygon_wkb(np.array(s)) for s in squares], pa.binary())}
+    table = pa.Table.from_arrays(
+        [
+            columns.get(
+                f.name, base[f.name] if f.name in base.column_names else pa.nulls(2, f.type)
+            )
+            for f in schema
+        ],
+        schema=schema,
+    )
+    sink = IcebergSink(output, "g1", DATE, schema, STORE)
+    sink.write(table)
+    sink.commit(sources)
+    connection = connect(STORE, table_on_s3=True)
+    register_views(connection, output, STORE)
+    assert connection.sql("SELECT DISTINCT typeof(footprint) FROM predictions").fetchall() == [
+        ("GEOMETRY",)
+    ]
+    point = "ST_GeomFromText('POINT (25 25)')"
+    inside = f"SELECT source_uri FROM predictions WHERE ST_Intersects(footprint, {point})"
+    assert connection.sql(inside).fetchall() == [(sources[1],)]
+
+
 def segmentation_run(
     output: OutputSpec, server: SeaweedS3, run_id: str, sources: list[str]
 ) -> IcebergSink:

@@ -136,6 +136,9 @@ def register_views(
         enable_s3(connection, options)
     where = f" WHERE task = '{task.name}'" if task_only else ""
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}{where}")
+    if _footprint_is_wkb(connection):  # an Iceberg table's: a geometry, as GeoParquet's reads
+        geometry = "SELECT * REPLACE (ST_GeomFromWKB(footprint) AS footprint)"
+        connection.execute(f"CREATE OR REPLACE VIEW predictions AS {geometry} FROM {source}{where}")
     for name, select in task.views.items():
         connection.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
     return task
@@ -198,6 +201,22 @@ def search_sql(connection: Any, task: Task, terms: str) -> str:
 def load_fts(connection: Any) -> None:
     """DuckDB full-text search from its package (no download)."""
     _load_packaged_extension(connection, "fts", "full-text search (--search) in DuckDB")
+
+
+def _footprint_is_wkb(connection: Any) -> bool:
+    """Whether the `predictions` view's `footprint` is WKB bytes where DuckDB spatial is
+    loaded: a Parquet table's GeoParquet metadata makes it a GEOMETRY as DuckDB reads it, an
+    Iceberg table's (Iceberg v2 has no geometry type) stays a BLOB."""
+    found = connection.execute(
+        "SELECT data_type FROM duckdb_columns() WHERE table_name = 'predictions' "
+        "AND column_name = 'footprint'"
+    ).fetchone()
+    if found is None or found[0] != "BLOB":
+        return False
+    loaded = connection.execute(
+        "SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'spatial'"
+    ).fetchone()
+    return bool(loaded and loaded[0])
 
 
 def load_spatial(connection: Any) -> None:
