@@ -817,6 +817,10 @@ def test_runs_commit_to_iceberg_and_every_reader_reads_them(
     as_of = ["--as-of", between.isoformat()]
     assert main(["query", spec, sql, "--format", "csv", *as_of]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["run_id,status,n", "n1,error,1", "n1,ok,3"]
+    assert main(["query", spec, sql, "--format", "csv", *as_of, "--run-id", "n1"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["run_id,status,n", "n1,error,1", "n1,ok,3"]
+    assert main(["query", spec, sql, *as_of, "--run-id", "n2"]) == 1  # it was 0 rows, exit 0
+    assert f"run n2 was not committed at {between.isoformat()}" in capsys.readouterr().err
     assert main(["query", spec]) == EXIT_OK  # the default summary per label
     assert "mean_score" in capsys.readouterr().out
 

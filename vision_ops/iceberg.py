@@ -771,6 +771,21 @@ def snapshot_at(output: OutputSpec, moment: dt.datetime) -> int:
     return before[-1].snapshot_id
 
 
+def run_as_of(output: OutputSpec, run_id: str, moment: dt.datetime) -> dict[str, Any] | None:
+    """Run `run_id`'s latest commit in the history of the table's snapshot at `moment` (its
+    summary as a manifest); None where the run was not committed by then."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    table = load_table(output)
+    if table is None:
+        return None
+    then = table.snapshot_by_id(snapshot_at(output, moment))
+    for snapshot in ancestors_of(then, table.metadata) if then is not None else []:
+        if snapshot.summary and snapshot.summary.get(RUN_ID) == run_id:
+            return _manifest(snapshot)
+    return None
+
+
 def _history(table: Table) -> Iterable[Any]:
     """The current snapshot and its ancestors, newest first."""
     from pyiceberg.table.snapshots import ancestors_of

@@ -226,7 +226,14 @@ def _iceberg_sql(
         return ""
     load_iceberg(connection)
     if run_id is not None:
-        run = next((r for r in runs if r["run_id"] == run_id), None)
+        if as_of is not None:  # the run's rows as the table held them then
+            run = iceberg.run_as_of(output, run_id, as_of)
+            if run is None:
+                raise LookupError(
+                    f"{describe(output)}: run {run_id} was not committed at {as_of.isoformat()}"
+                )
+        else:
+            run = next((r for r in runs if r["run_id"] == run_id), None)
         if run is None:
             return ""
         scan = f"iceberg_scan({sql_string(location)}, snapshot_from_id = {run['snapshot_id']:d})"
