@@ -136,3 +136,20 @@ def test_html_renders_in_headless_chromium(committed, tmp_path) -> None:
     bar_blue = np.all(np.abs(image.astype(int) - (0x4C, 0x78, 0xA8)) < 12, axis=2)
     assert len(colours) > 20 and bar_blue.sum() > 500  # text and the label bars were drawn
     shutil.copy(shot, committed / "report.png")
+
+
+def test_the_report_counts_skipped_tiles_beside_ok_and_error_rows(tmp_path, capsys) -> None:
+    """A tiled run's no-data tiles are `skipped` rows: the report counts them, as the run's
+    summary does (it gave ok and errors only, which did not add up to the items)."""
+    from committed_rows import classified, commit_rows, failed
+
+    rows = [
+        classified("/x/a.tif", ("field", 0.8)),
+        classified("/x/b.tif", ("field", 0.7)),
+        failed("/x/c.tif", "RasterError", "bad"),
+        {"source_uri": "/x/d.tif", "status": "skipped"},
+    ]
+    commit_rows(tmp_path / "table", "classification", rows, "r1")
+    assert main(["report", str(tmp_path / "table"), "--html", str(tmp_path / "r.html")]) == 0
+    assert "items: 4  ok: 2  errors: 1  skipped: 1" in capsys.readouterr().out
+    assert "<td>skipped</td><td><b>1</b></td>" in (tmp_path / "r.html").read_text()

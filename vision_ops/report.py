@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from vision_ops.errors import VisionOpsError
 from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
 from vision_ops.outputs import Manifest, Target, committed_run, describe, read_run
+from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
 
@@ -29,6 +30,7 @@ class RunReport:
     rows: int
     ok: int
     errors: int
+    skipped: int  # tiles with no data: never sent to the model
     labels: list[tuple[str, float]]  # per label, the task's unit (images, boxes, pixel share)
     error_types: list[tuple[str, float]]
     score_histogram: list[int]  # SCORE_BINS equal bins over [0, 1]
@@ -84,8 +86,9 @@ def build_report(
         run_date=manifest["run_date"],
         task=task.name,
         rows=table.num_rows,
-        ok=int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0),
-        errors=int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0),
+        ok=int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0),
+        errors=int(pc.sum(pc.equal(table["status"], STATUS_ERROR)).as_py() or 0),
+        skipped=int(pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0),
         labels=summary.labels[:TOP_LABELS],
         error_types=counts(pc.drop_null(table["error_type"])),
         score_histogram=np.histogram(summary.scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),
@@ -138,6 +141,7 @@ def render_text(report: RunReport) -> str:
     lines = [
         f"run {report.run_id} ({report.run_date}, {report.task})",
         f"items: {report.rows}  ok: {report.ok}  errors: {report.errors}"
+        + (f"  skipped: {report.skipped}" if report.skipped else "")
         + (f"  ({report.retried_text})" if report.retried_inputs else ""),
         f"throughput: {report.images_per_second:.2f} images/s over {report.pipeline_seconds:.1f}s",
         "stage seconds (all workers): "
@@ -178,7 +182,7 @@ td {{ padding: 2px 12px 2px 0; }}
 </style></head><body>
 <h1>Run {run} &middot; {date} &middot; {task}</h1>
 <table><tr><td>items</td><td><b>{rows}</b></td><td>ok</td><td><b>{ok}</b></td>
-<td>errors</td><td><b>{errors}</b>{retried}</td><td>images/s</td><td><b>{rate:.2f}</b></td>
+<td>errors</td><td><b>{errors}</b>{retried}</td>{skipped}<td>images/s</td><td><b>{rate:.2f}</b></td>
 <td>slowest stage</td><td><b>{slowest}</b></td></tr></table>
 {header}<div class="grid">
 <div class="card"><h2>Top labels ({unit})</h2>{labels}</div>
@@ -204,6 +208,7 @@ def render_html(report: RunReport, header: str = "") -> str:
         ok=report.ok,
         errors=report.errors,
         retried=f" ({html.escape(report.retried_text)})" if report.retried_inputs else "",
+        skipped=f"<td>skipped</td><td><b>{report.skipped}</b></td>" if report.skipped else "",
         rate=report.images_per_second,
         slowest=html.escape(report.slowest_stage or "-"),
         unit=html.escape(report.unit),
