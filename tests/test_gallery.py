@@ -148,6 +148,25 @@ def test_scene_tiles_lie_in_place_coloured_by_label(tmp_path) -> None:
     assert water["w"] == pytest.approx(scene_at["w"] / 2, abs=2)
 
 
+def test_scenes_past_the_samples_are_counted_not_dropped_silently(tmp_path) -> None:
+    """The page draws the first `samples` scenes' grids and says how many more there are (it
+    drew 4, and a fifth scene was missing with no word)."""
+    tile = {"tile_size": 256, "scene_width": 256, "scene_height": 256, "tile_x": 0, "tile_y": 0}
+    rows = [
+        tile | {"source_uri": str(tmp_path / f"s{i}.tif"), "label": "water", "score": 0.9}
+        for i in range(5)
+    ]
+    commit_rows(tmp_path / "table", "classification", rows, "tiles", tiles=True)
+    page = dict(build_report(str(tmp_path / "table"), samples=3).panels)
+    body = page["Scene tiles in place, by label"]
+    assert body.count('<rect class="tile"') == 3
+    assert "2 more scene(s) not drawn: the first 3 are (--samples)" in body
+    body = dict(build_report(str(tmp_path / "table"), samples=8).panels)[
+        "Scene tiles in place, by label"
+    ]
+    assert body.count('<rect class="tile"') == 5 and "more scene" not in body
+
+
 def test_a_thumbnail_is_a_small_jpeg(classified_run) -> None:
     report = build_report(str(classified_run / "table"), samples=1)
     body = dict(report.panels)["Images under their labels"]

@@ -446,7 +446,8 @@ def error_rows(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
 @PANELS.register("tiles_in_place")
 def tiles_in_place(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     """Each scene's tiles where they lie on its grid, coloured by label (grey: skipped, red
-    outline: error); drawn from the rows alone."""
+    outline: error); drawn from the rows alone, for `sources.samples` scenes (the page says
+    how many more there are)."""
     if "tile_size" not in table.column_names:
         return None
     columns = ["label", "status", "scene_width", "scene_height"]
@@ -462,10 +463,18 @@ def tiles_in_place(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
         f'<span style="background:{c};padding:0 6px">&nbsp;</span> {html.escape(k)}'
         for k, c in colours.items()
     )
-    maps = [_scene_map(uri, tiles, colours) for uri, tiles in list(scenes.items())[:4]]
+    drawn = list(scenes.items())[: sources.samples]
+    maps = [_scene_map(uri, tiles, colours) for uri, tiles in drawn]
+    more = len(scenes) - len(drawn)
+    note = (
+        f"<p class='more-scenes' style='font-size:11px'>{more} more scene(s) not drawn: the "
+        f"first {len(drawn)} are (--samples)</p>"
+        if more
+        else ""
+    )
     return (
         "Scene tiles in place, by label",
-        f"<p style='font-size:11px'>{legend}</p>{''.join(maps)}",
+        f"<p style='font-size:11px'>{legend}</p>{''.join(maps)}{note}",
     )
 
 
