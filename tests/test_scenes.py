@@ -515,6 +515,43 @@ def test_a_scene_whose_name_is_not_utf8_is_an_undecodable_name_row(tmp_path) -> 
     assert found["scene.tif"]["status"] == "ok", found["scene.tif"]["error_message"]
 
 
+def test_a_truncated_scene_whose_header_reads_gives_tile_rows_saying_why_and_where(
+    tmp_path,
+) -> None:
+    """A GeoTIFF cut short after its header plans its tiles; each tile's read fails. Its row
+    says GDAL's finding (it said rasterio's "Read failed. See previous exception for
+    details.", the exception nowhere to be seen) and keeps where the tile lies: scene size,
+    CRS, footprint (they were null, though the header gave them)."""
+    from vision_ops.config import InputSpec, TilingSpec
+    from vision_ops.reader import read_unit_blocks
+
+    profile = {
+        "driver": "GTiff", "width": 300, "height": 200, "count": 3, "dtype": "uint16",
+        "crs": "EPSG:32632", "transform": TRANSFORM,
+    }  # fmt: skip
+    whole = tmp_path / "whole.tif"
+    with rasterio.open(whole, "w", **profile) as out:
+        out.write(np.random.default_rng(2).integers(1, 4000, (3, 200, 300)).astype(np.uint16))
+    (tmp_path / "cut.tif").write_bytes(whole.read_bytes()[:3000])
+    whole.unlink()
+    tiling = TilingSpec(size=TILE)
+    plan = plan_tiles(list_inputs(InputSpec(uris=[str(tmp_path)], tiling=tiling)), tiling, {})
+    batch = {k: np.array(v, dtype=object) for k, v in plan.units.to_pydict().items()}
+    [out] = read_unit_blocks(
+        batch, preprocessing=None, max_pixels=10**8, storage_options={}, tiling=tiling
+    )
+    assert len(out["status"]) == len(tile_windows(300, 200, TILE, 0, "shift")) == 20
+    assert set(out["status"]) == {"error"} and set(out["error_type"]) == {"RasterError"}
+    for message in out["error_message"]:
+        assert message.startswith("the scene's pixels cannot be read (a damaged or truncated ")
+        assert "cut.tif, band" in message and "IReadBlock failed" in message
+    assert set(out["scene_width"]) == {300} and set(out["crs"]) == {"EPSG:32632"}
+    first = next(i for i in range(20) if (out["tile_x"][i], out["tile_y"][i]) == (0, 0))
+    assert shapely.from_wkb(out["footprint"][first]).bounds == (
+        600_000.0, 5_200_000.0 - TILE * 20, 600_000.0 + TILE * 20, 5_200_000.0
+    )  # fmt: skip
+
+
 def test_a_scene_the_tiling_cannot_read_is_one_error_row_not_a_failed_run(tmp_path) -> None:
     """A one-band float scene (a DEM) under three bands asked for, and a scene smaller than
     one tile under `edge: drop`: each stays one unit carrying why (its error row), beside a

@@ -139,8 +139,19 @@ def read_window(
     part = _inside(dataset, window)
     if part is not None:
         inside, rows, columns = part
-        values[:, rows, columns] = dataset.read(indexes=list(bands), window=inside)
+        try:
+            values[:, rows, columns] = dataset.read(indexes=list(bands), window=inside)
+        except _rasterio().errors.RasterioIOError as err:
+            raise unreadable_window(err) from err
     return values
+
+
+def unreadable_window(err: BaseException) -> RasterError:
+    """A window read that failed, in GDAL's words: rasterio says only "Read failed. See
+    previous exception for details.", the previous one (its cause) says what (a truncated
+    file: "IReadBlock failed at X offset 0, Y offset 0: TIFFReadEncodedStrip() failed")."""
+    found = err.__cause__ or err
+    return RasterError(f"the scene's pixels cannot be read (a damaged or truncated file?): {found}")
 
 
 def _inside(dataset: Any, window: Window) -> tuple[Any, slice, slice] | None:

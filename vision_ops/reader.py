@@ -16,7 +16,7 @@ from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
 from vision_ops.decode import ENCODED_COLUMN, ImageTooLarge, decode_image, device_jpeg_size
 from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
 from vision_ops.raster import RasterError, open_raster
-from vision_ops.scenes import tile_unit
+from vision_ops.scenes import tile_place, tile_unit
 from vision_ops.schema import (
     STAGE_PREFIX,
     STATUS_ERROR,
@@ -169,8 +169,19 @@ def tile_units(
                     raise scenes[uri]
                 row = reading.tile(tile_unit(scenes[uri], unit, tiling))
             except Exception as err:  # the tile's own error row; the other tiles go on
-                row = reading.error(err)
+                row = reading.error(err) | _place_of(scenes[uri], unit)
             yield index, row
+
+
+def _place_of(scene: Any, unit: dict[str, Any]) -> dict[str, Any]:
+    """A failed tile's place (`scenes.tile_place`) where its scene opened and was planned;
+    nothing where it did not."""
+    if isinstance(scene, Exception) or _is_null(unit.get("tile_x")):
+        return {}
+    try:
+        return tile_place(scene, unit)
+    except Exception:  # a header that gives no place either: the error row alone
+        return {}
 
 
 def _tile_of(out: dict[str, np.ndarray], index: int) -> tuple[int, int] | None:

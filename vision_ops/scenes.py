@@ -362,19 +362,28 @@ def _bounds(scenes: list[Scene], tiling: TilingSpec) -> tuple[float, float, floa
 
 def tile_unit(dataset: Any, unit: dict[str, Any], tiling: TilingSpec) -> dict[str, Any]:
     """One planned tile read: its RGB uint8 pixels, data coverage, scene and footprint."""
-    size = int(unit["tile_size"])
-    window = Window(int(unit["tile_y"]), int(unit["tile_x"]), size, size)
     value_range = (float(unit["value_low"]), float(unit["value_high"]))
     bands = scene_bands(tiling.bands, dataset.count)
-    image, valid = read_tile(dataset, window, bands, value_range, tiling.nodata)
+    image, valid = read_tile(dataset, tile_window_of(unit), bands, value_range, tiling.nodata)
+    return {"image": image, "valid_fraction": valid, **tile_place(dataset, unit)}
+
+
+def tile_window_of(unit: dict[str, Any]) -> Window:
+    size = int(unit["tile_size"])
+    return Window(int(unit["tile_y"]), int(unit["tile_x"]), size, size)
+
+
+def tile_place(dataset: Any, unit: dict[str, Any]) -> dict[str, Any]:
+    """Where a planned tile lies, from its scene's header alone (no pixel read): its transform,
+    the scene's size and CRS, its footprint and centre; a tile whose pixels cannot be read
+    keeps them on its error row."""
+    window = tile_window_of(unit)
     transform = tuple(dataset.transform)[:6]
     ring = footprint(transform, window)
     tile_transform = pixel_to_crs(transform, np.array([window.col_off]), np.array([window.row_off]))
     a, b, _, d, e, _ = transform
     x0, y0 = tile_transform[0]
     return {
-        "image": image,
-        "valid_fraction": valid,
         "tile_transform": json.dumps([a, b, float(x0), d, e, float(y0)]),
         "scene_width": int(dataset.width),
         "scene_height": int(dataset.height),
