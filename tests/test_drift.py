@@ -318,3 +318,39 @@ def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, 
     )
     [rise] = drift(trend(str(table)), MonitorSpec())
     assert (rise.figure, rise.value, rise.compared) == ("error_rate_rise", 1.0, ("n0", "n2"))
+
+
+def test_a_date_run_again_under_another_default_run_id_is_said_to_be_beside_the_first(
+    tmp_path, caplog
+) -> None:
+    """The default run id holds the spec's digest: a date run again with a changed spec adds a
+    run beside the first, and the run warns so, naming the --run-id that would replace it;
+    the same id (a rerun that replaces) is no warning."""
+    import datetime as dt
+    import logging
+
+    from vision_ops.config import parse_spec
+    from vision_ops.pipeline.run import warn_of_runs_beside
+
+    table = tmp_path / "table"
+    commit_rows(
+        table, "classification", [classified("/x/a.jpg", ("cat", 0.9))], "d-aaaa", "2026-05-01"
+    )
+    commit_rows(
+        table, "classification", [classified("/x/a.jpg", ("cat", 0.9))], "other", "2026-05-02"
+    )
+    spec = parse_spec(
+        {
+            "input": {"uris": ["/x"]},
+            "model": {"architecture": "resnet18"},
+            "output": {"uri": str(table)},
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="vision_ops.pipeline.run"):
+        warn_of_runs_beside(spec, "d-bbbb", dt.date(2026, 5, 1))
+        warn_of_runs_beside(spec, "d-aaaa", dt.date(2026, 5, 1))  # the same run: replaced
+    assert [r.getMessage() for r in caplog.records] == [
+        "run d-bbbb: 2026-05-01 already holds committed run(s) d-aaaa of another spec (the "
+        "default run id holds the spec's digest): this run is added beside them, not in their "
+        "place; --run-id d-aaaa replaces that run instead"
+    ]

@@ -304,3 +304,23 @@ def test_incremental_skips_the_inputs_of_a_manifest_that_names_uris_only(
     mtime = fourth[0]["source_mtime"].timestamp()
     assert fourth[0]["source_size"] == len(photo) and mtime == pytest.approx(before + 10)
     capsys.readouterr()
+
+
+def test_a_run_of_a_default_id_warns_of_another_run_of_its_date(
+    ray_local, tmp_path, tiny_weights, caplog
+) -> None:
+    """A run without --run-id on a date that holds a committed run of another id (another
+    spec's digest) says it is added beside it; with --run-id it does not (the user chose)."""
+    from committed_rows import classified, commit_rows
+
+    make_images(tmp_path / "images", 1)
+    table = tmp_path / "table"
+    earlier = [classified("/x/a.jpg", ("cat", 0.9))]
+    commit_rows(table, "classification", earlier, "2026-11-20-aaaaaaaa", "2026-11-20")
+    spec = write_spec(tmp_path, tiny_weights, table)
+    with caplog.at_level("WARNING", logger="vision_ops.pipeline.run"):
+        assert main(["run", str(spec), "--run-date", "2026-11-20"]) == EXIT_OK
+        assert main(["run", str(spec), "--run-date", "2026-11-20", "--run-id", "named"]) == 0
+    beside = [r.getMessage() for r in caplog.records if "added beside them" in r.getMessage()]
+    assert len(beside) == 1 and "holds committed run(s) 2026-11-20-aaaaaaaa" in beside[0]
+    assert len(committed_runs(str(table))) == 3

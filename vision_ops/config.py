@@ -1272,8 +1272,11 @@ class JobSpec(StrictModel):
     def resolved_run(self) -> tuple[str, dt.date]:
         """The run id and date, with their defaults filled in (the date: today, UTC)."""
         date = self.run.date or utc_today()
-        run_id = self.run.id or f"{date.isoformat()}-{self.fingerprint()[:8]}"
-        return run_id, date
+        return self.run.id or self.default_run_id(date), date
+
+    def default_run_id(self, date: dt.date) -> str:
+        """The run id of a date where none is given: the date and the spec's digest."""
+        return f"{date.isoformat()}-{self.fingerprint()[:8]}"
 
     def pinned(self) -> JobSpec:
         """The spec with its run id and date filled in once: a run that crosses midnight UTC

@@ -3,6 +3,7 @@ driver's threads: `runtime.predict_in`), the commit."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import time
@@ -21,7 +22,14 @@ from vision_ops.drift import Drift, check_run, drift_at_commit, manifest_entry
 from vision_ops.errors import VisionOpsError
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
-from vision_ops.outputs import RunGuard, Sink, check_run_date, open_sink, run_guard
+from vision_ops.outputs import (
+    RunGuard,
+    Sink,
+    check_run_date,
+    committed_runs,
+    open_sink,
+    run_guard,
+)
 from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.identity import identity_digests
 from vision_ops.pipeline.in_driver import predicted_in_threads
@@ -102,6 +110,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     run_id, run_date = spec.resolved_run()
     inputs = plan_inputs(spec.input, spec.storage_options)
     check_run_date(spec, run_id, run_date)
+    if run_id == spec.default_run_id(run_date):  # not one the user named
+        warn_of_runs_beside(spec, run_id, run_date)
     with clock.stage("ray_connect"):
         connect_ray(spec.runtime.local_dashboard)
     reachable = reachable_nodes() if spec.runtime.autoscaling else None
@@ -134,6 +144,25 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         skipped_as_done=listed - listing.count,
         retried=retries.get("sources", 0),
     )
+
+
+def warn_of_runs_beside(spec: JobSpec, run_id: str, run_date: dt.date) -> None:
+    """A warning where the date holds committed runs of other ids: the default run id holds
+    the spec's digest, so a date run again with a changed spec is a run beside the earlier
+    one (both in the table), not in its place; `--run-id` of the earlier one replaces it."""
+    date = run_date.isoformat()
+    runs = committed_runs(spec.output, spec.storage_options)
+    beside = [run["run_id"] for run in runs if run["run_date"] == date and run["run_id"] != run_id]
+    if beside:
+        log.warning(
+            "run %s: %s already holds committed run(s) %s of another spec (the default run id "
+            "holds the spec's digest): this run is added beside them, not in their place; "
+            "--run-id %s replaces that run instead",
+            run_id,
+            date,
+            ", ".join(beside),
+            beside[-1],
+        )
 
 
 def sized_for_units(spec: JobSpec, plan: PoolPlan, units: int) -> tuple[JobSpec, PoolPlan]:
