@@ -167,9 +167,11 @@ def run_embeddings(server: SeaweedS3, endpoint: str) -> int:
     options = {"s3": server.storage_options()}
     connection = connect(options)
     register_views(connection, EMBED_OUTPUT_URI, options)
-    nearest = similar(connection, [CROP_URI], k=1).fetchone()
+    found = similar(connection, [CROP_URI], k=1)
+    row = found.fetchone()
+    nearest = dict(zip(found.columns, row, strict=True)) if row else {}
     expected = f"s3://{PHOTO_BUCKET}/{CROP_SOURCE}"
-    if nearest is None or nearest[3] != expected:
+    if nearest.get("source_uri") != expected:
         print(f"check failed: the crop's nearest neighbour is {nearest}, expected {expected}")
         return 1
     print(f"check: the crop's nearest neighbour is its source photo, {CROP_SOURCE}")

@@ -196,8 +196,10 @@ def test_similar_returns_the_nearest_units_by_cosine(table_of_vectors, hnsw_min_
     result = similar(connection, ["s3://b/3.png"], k=5, hnsw_min_rows=hnsw_min_rows)
     rows = result.fetchall()
     columns = result.columns
-    assert columns == ["query_source_uri", "rank", "similarity", "source_uri", "item_id",
+    assert columns == ["query_source_uri", "query_item_id", "query_frame_index", "query_tile_x",
+                       "query_tile_y", "rank", "similarity", "source_uri", "item_id",
                        "frame_index", "tile_x", "tile_y"]  # fmt: skip
+    rows = [(r[0], r[5], r[6], r[7], *r[8:]) for r in rows]  # the query unit's columns apart
     found = [(r[3], r[2]) for r in rows]
     expected = expected_neighbours(vectors, 3, 5)
     assert [uri for uri, _ in found] == [uri for uri, _ in expected]
@@ -243,7 +245,7 @@ def test_models_of_other_sizes_are_searched_apart(tmp_path):
         f"CREATE VIEW predictions AS SELECT * FROM read_parquet('{tmp_path}/*.parquet')"
     )
     rows = similar(connection, ["s3://b/0.png"], k=4).fetchall()
-    assert len(rows) == 8 and sorted(r[3] for r in rows) == sorted(
+    assert len(rows) == 8 and sorted(r[7] for r in rows) == sorted(
         2 * [f"s3://b/{i}.png" for i in range(1, 5)]
     )
     assert len(duplicates(connection, -1.0).fetchall()) == 2 * 10
@@ -275,13 +277,39 @@ def test_a_unit_embedded_by_several_runs_is_searched_by_its_latest_runs_vector(t
     latest = connection.execute("SELECT DISTINCT run_id FROM vectors").fetchall()
     assert latest == [("night-10",)]
     rows = similar(connection, ["s3://b/0.png"], k=1).fetchall()
-    assert rows[0][3] == "s3://b/1.png" and rows[0][2] > 0.99
+    assert rows[0][7] == "s3://b/1.png" and rows[0][6] > 0.99
 
 
 def test_an_item_id_names_the_query_unit_too(table_of_vectors):
     connection, _ = table_of_vectors
     rows = similar(connection, [item_id("s3://b/3.png")], k=1).fetchall()
-    assert [(r[0], r[3]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+    assert [(r[0], r[7]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+
+
+def test_a_source_of_several_units_gives_each_its_own_neighbours_named(tmp_path):
+    """A multi-frame instance's URI (or a scene's) names all its units: each gets its own k,
+    and the rows say which unit they are of (query_item_id, query_frame_index); they all read
+    as one query before, k rows repeated per unit with nothing to tell them apart."""
+    vectors = unit_vectors(6, 8, seed=4)
+    uris = ["s3://b/ct.dcm"] * 3 + [f"s3://b/{i}.png" for i in range(3)]
+    batch = batch_of(vectors, ["ok"] * 6, uris)
+    frames = [0, 1, 2, None, None, None]
+    batch["frame_index"] = np.array(frames, dtype=object)
+    batch["item_id"] = np.array(
+        [item_id(u, f) for u, f in zip(uris, frames, strict=True)], dtype=object
+    )
+    schema = declared_schema("embedding", sized_fields(8))
+    pq.write_table(embedding_table(batch, "run-1", schema=schema), tmp_path / "rows.parquet")
+    connection = duckdb.connect()
+    connection.execute(
+        f"CREATE VIEW predictions AS SELECT * FROM read_parquet('{tmp_path / 'rows.parquet'}')"
+    )
+    rows = similar(connection, ["s3://b/ct.dcm"], k=2).fetchall()
+    assert [(r[1], r[2], r[5]) for r in rows] == [
+        (item_id("s3://b/ct.dcm", frame), frame, rank) for frame in (0, 1, 2) for rank in (1, 2)
+    ]
+    for row in rows:
+        assert row[8] != row[1]  # never the query unit itself
 
 
 def test_similar_to_an_unknown_or_failed_unit_says_so(table_of_vectors):
@@ -331,7 +359,7 @@ def test_query_similar_to_and_duplicates_from_the_command_line(tmp_path, capsys)
         args = ["query", root, "--similar-to", uris[2], "-k", "2", "--hnsw-min-rows", index]
         assert main([*args, "--format", "csv"]) == EXIT_OK
         lines = capsys.readouterr().out.strip().splitlines()
-        assert [line.split(",")[3] for line in lines[1:]] == nearest
+        assert [line.split(",")[7] for line in lines[1:]] == nearest
     assert main(["query", root, "--duplicates", "0.95", "--format", "csv"]) == EXIT_OK
     pairs = capsys.readouterr().out.strip().splitlines()[1:]
     assert [sorted(line.split(",")[:2]) for line in pairs] == [[uris[2], uris[5]]]

@@ -139,9 +139,12 @@ def test_photos_on_s3_embed_and_a_crop_finds_its_source(
     args = ["query", str(spec_file), "--similar-to", crop_uri, "-k", "3", "--format", "csv"]
     assert main(args) == EXIT_OK
     lines = capsys.readouterr().out.strip().splitlines()
-    header = "query_source_uri,rank,similarity,source_uri,item_id,frame_index,tile_x,tile_y"
+    header = (
+        "query_source_uri,query_item_id,query_frame_index,query_tile_x,query_tile_y,rank,"
+        "similarity,source_uri,item_id,frame_index,tile_x,tile_y"
+    )
     assert lines[0] == header
-    neighbours = [line.split(",") for line in lines[1:]]
+    neighbours = [[n[0], *n[5:]] for n in (line.split(",") for line in lines[1:])]
     assert neighbours[0][3] == "s3://images/embed/chelsea.png"  # the source first
     assert [int(n[1]) for n in neighbours] == [1, 2, 3]
     similarities = [float(n[2]) for n in neighbours]

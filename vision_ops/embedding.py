@@ -133,7 +133,9 @@ def similar(
 ) -> Any:
     """The k nearest units (cosine similarity, largest first) of each unit whose source URI or
     item id is in `targets`, among the units embedded by the same model (itself left out). A
-    DuckDB relation: query_source_uri, rank, similarity, source_uri, item_id, frame_index,
+    DuckDB relation: the query unit (query_source_uri, query_item_id, query_frame_index,
+    query_tile_x, query_tile_y: a scene's URI, or a multi-frame instance's, names each of its
+    units, each with its own k), then rank, similarity, source_uri, item_id, frame_index,
     tile_x, tile_y. From `hnsw_min_rows` candidates the search goes through an HNSW index."""
     if k <= 0:
         raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
@@ -165,10 +167,13 @@ def similar(
                     [(uri, item, model, rank, *row) for rank, row in enumerate(others, 1)],
                 )
     return connection.sql(
-        "SELECT n.query_source_uri, n.rank, round(n.similarity, 6) AS similarity, v.source_uri, "
-        "v.item_id, v.frame_index, v.tile_x, v.tile_y FROM neighbours n "
+        "SELECT n.query_source_uri, n.query_item_id, q.frame_index AS query_frame_index, "
+        "q.tile_x AS query_tile_x, q.tile_y AS query_tile_y, n.rank, "
+        "round(n.similarity, 6) AS similarity, v.source_uri, v.item_id, v.frame_index, "
+        "v.tile_x, v.tile_y FROM neighbours n "
         "JOIN vectors v ON v.item_id = n.item_id AND v.model_weights_sha256 = n.model "
-        "ORDER BY n.query_source_uri, n.query_item_id, n.rank"
+        "JOIN vectors q ON q.item_id = n.query_item_id AND q.model_weights_sha256 = n.model "
+        "ORDER BY n.query_source_uri, q.frame_index, q.tile_y, q.tile_x, n.query_item_id, n.rank"
     )
 
 
