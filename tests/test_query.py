@@ -51,3 +51,30 @@ def test_the_sql_may_follow_the_options(tmp_path, capsys) -> None:
         main(["query", table, "--format", "csv", sql, "SELECT 2"])
     assert refused.value.code == 2
     assert f"unrecognized arguments: {sql} SELECT 2" in capsys.readouterr().err
+
+
+def test_the_boxes_of_a_tiled_detection_table_keep_their_tile_scene_and_crs(
+    tmp_path, capsys
+) -> None:
+    """A tiled table's `boxes` view gives each box's tile, its scene's size and CRS (boxes are
+    in scene pixels: the tile's image size beside them misled), the box in the CRS and its
+    centre in WGS84, which the `detections` struct holds (the view dropped them)."""
+    from vision_ops.cli import EXIT_OK, main
+
+    box = {"label_id": 3, "label": "car", "score": 0.9, "x_min": 300.0, "y_min": 10.0}
+    box |= {"x_max": 320.0, "y_max": 30.0, "crs_x_min": 600_300.0, "crs_y_min": 5_199_400.0}
+    box |= {"crs_x_max": 600_320.0, "crs_y_max": 5_199_420.0, "lon": 10.31, "lat": 46.94}
+    row = {
+        "source_uri": "/x/scene.tif", "tile_x": 256, "tile_y": 0, "tile_size": 256,
+        "image_width": 256, "image_height": 256, "scene_width": 1000, "scene_height": 800,
+        "crs": "EPSG:32632", "detections": [box], "num_detections": 1,
+    }  # fmt: skip
+    commit_rows(tmp_path / "table", "detection", [row], "r1", tiles=True)
+    sql = (
+        "SELECT tile_x, tile_y, scene_width, crs, label, x_min, crs_x_min, crs_y_max, lon, lat "
+        "FROM boxes"
+    )
+    assert main(["query", str(tmp_path / "table"), sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "256,0,1000,EPSG:32632,car,300.0,600300.0,5199420.0,10.31,46.94"
+    ]

@@ -139,8 +139,10 @@ def register_views(
     if _footprint_is_wkb(connection):  # an Iceberg table's: a geometry, as GeoParquet's reads
         geometry = "SELECT * REPLACE (ST_GeomFromWKB(footprint) AS footprint)"
         connection.execute(f"CREATE OR REPLACE VIEW predictions AS {geometry} FROM {source}{where}")
+    columns = [row[0] for row in connection.execute("DESCRIBE predictions").fetchall()]
     for name, select in task.views.items():
-        connection.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+        sql = select if isinstance(select, str) else select(columns)
+        connection.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     return task
 
 

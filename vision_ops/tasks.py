@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 # metrics rows: {"metric", "label", "predicted", "value"} (see evaluate.METRICS_SCHEMA)
 Scorer = Callable[[list[dict[str, Any]], str, str, "StorageOptions"], list[dict[str, Any]]]
+# A view's SELECT, or a function of the `predictions` view's column names giving it.
+ViewSql = str | Callable[[Collection[str]], str]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class Task:
       adapters: whether model.adapter (decoding a TorchScript / ONNX output) applies.
 
     Reading its runs:
-      views: DuckDB views `query` adds over `predictions` (name -> SELECT), e.g. `boxes`.
+      views: DuckDB views `query` adds over `predictions` (name -> SELECT, or a function of
+        the `predictions` view's columns giving one), e.g. `boxes`.
       default_query: what `vision-ops query` shows when no SQL is given (its summary).
       unit: what `Summary.labels` counts, in words ("images", "boxes", "share of pixels").
       score: what `Summary.scores` are, in words (the report's score chart).
@@ -141,7 +144,7 @@ class Task:
     architecture_examples: str = ""
     untrained_kwargs: Mapping[str, Any] = field(default_factory=dict)
     adapters: bool = False
-    views: Mapping[str, str] = field(default_factory=dict)
+    views: Mapping[str, ViewSql] = field(default_factory=dict)
     panels: tuple[str, ...] = ()
     scorer: str | None = None
     truth_formats: tuple[str, ...] = ()
@@ -328,6 +331,20 @@ BOXES_VIEW = """
            d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
     FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')
 """
+# The same of a tiled table: boxes in scene pixels (so the scene's size, not the tile's), the
+# tile that found each, the box in the scene's CRS and its centre in WGS84.
+TILED_BOXES_VIEW = """
+    SELECT run_date, run_id, item_id, source_uri, tile_x, tile_y, scene_width, scene_height,
+           crs, model_name, d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max,
+           d.crs_x_min, d.crs_y_min, d.crs_x_max, d.crs_y_max, d.lon, d.lat
+    FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')
+"""
+
+
+def boxes_view(columns: Collection[str]) -> str:
+    """The `boxes` view of a detection table whose `predictions` has these columns: a tiled
+    table's (its scene columns) gives each box's tile, scene and CRS place."""
+    return TILED_BOXES_VIEW if "scene_width" in columns else BOXES_VIEW
 
 
 class DetectionTask(TaskSettings):
@@ -376,7 +393,7 @@ register(
         architecture_examples="fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ssd300_vgg16",
         untrained_kwargs={"weights_backbone": None},
         adapters=True,
-        views={"boxes": BOXES_VIEW},
+        views={"boxes": boxes_view},
         default_query="SELECT label, count(*) AS boxes, round(avg(score), 3) AS mean_score "
         "FROM boxes GROUP BY label ORDER BY boxes DESC, label LIMIT 20",
         unit="boxes",
