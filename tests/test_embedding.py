@@ -366,6 +366,11 @@ def test_query_similar_to_and_duplicates_from_the_command_line(tmp_path, capsys)
     both = ["query", root, "--duplicates", "0.9", "--similar-to", uris[0]]
     assert main(both) == EXIT_BAD_SPEC
     assert "expected SQL, --similar-to or --duplicates, found both" in capsys.readouterr().err
+    for bad, said in ((["--duplicates", "1.5"], "--duplicates: expected a cosine similarity in "
+                       "[-1, 1], found 1.5"), (["--similar-to", uris[0], "-k", "0"], "-k: expected "
+                       "a positive number of neighbours, found 0")):  # fmt: skip
+        assert main(["query", root, *bad]) == EXIT_BAD_SPEC  # a bad argument, as elsewhere: 2
+        assert f"error: {said}" in capsys.readouterr().err
     assert main(["query", root, "--similar-to", "file:///photos/none.png"]) == EXIT_FAILED
     assert "error: --similar-to file:///photos/none.png: expected" in capsys.readouterr().err
 

@@ -363,3 +363,17 @@ def test_a_tiled_segmentation_run_is_scored_on_each_tiles_window(tmp_path: Path)
     )
     overall = {r["metric"]: r["value"] for r in metrics if r["label"] is None}
     assert overall == {"mean_iou": 1.0, "pixel_accuracy": 1.0, "evaluated": 2, "error_rows": 0}
+
+
+def test_evaluating_a_run_of_a_task_without_a_scorer_is_a_bad_request(tmp_path, capsys) -> None:
+    """An OCR run has no scorer: `evaluate` says so of the run, exit 2 (a request no truth
+    file mends), not 1 as for a hold-out that cannot be read."""
+    from committed_rows import commit_rows, failed
+
+    from vision_ops.cli import EXIT_BAD_SPEC, main
+
+    commit_rows(tmp_path / "table", "ocr", [failed("/x/a.png", "CorruptImage", "bad")], "o1")
+    truth = tmp_path / "truth.csv"
+    truth.write_text("uri,label\n/x/a.png,text\n")
+    assert main(["evaluate", str(tmp_path / "table"), "--truth", str(truth)]) == EXIT_BAD_SPEC
+    assert "error: run o1 cannot be scored: its task, ocr, has no scorer" in capsys.readouterr().err

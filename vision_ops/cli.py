@@ -851,13 +851,21 @@ def _score(
     floor in `minimums`; where it cannot be scored, `failed`'s exit code, its text leading
     the message."""
     from vision_ops.errors import EXIT_BELOW_THRESHOLD
-    from vision_ops.evaluate import EvaluationError, below_minimums, evaluate_run, shown_metric
+    from vision_ops.evaluate import (
+        EvaluationError,
+        NoScorer,
+        below_minimums,
+        evaluate_run,
+        shown_metric,
+    )
 
     try:
         metrics = evaluate_run(table, truth or "", truth_format, run_id, options)
         below = below_minimums(metrics, minimums)
     except (EvaluationError, OSError, KeyError) as err:
         code, lead = failed
+        if isinstance(err, NoScorer):  # asked of such a run (a spec's `evaluate:` is refused)
+            code = err.exit_code
         return _fail(RuntimeError(f"{lead}{err}"), code)
     for row in metrics.to_pylist():
         if row["label"] is None:

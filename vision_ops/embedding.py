@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.schema import (
     PARTITION_COLUMN,
     RUN_ORDER,
@@ -35,6 +36,12 @@ VECTORS = "embedding_vectors"
 # at least this many: building it costs more than one exact scan (a 1280-d float32 vector is
 # 5 KB: 200k of them are 1 GB to read), and pays back over several queries of one table.
 HNSW_MIN_ROWS = 200_000
+
+
+class BadSearch(VisionOpsError, ValueError):
+    """A --similar-to or --duplicates argument outside what it can be (exit 2)."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 class NoSuchUnit(LookupError):
@@ -138,7 +145,7 @@ def similar(
     units, each with its own k), then rank, similarity, source_uri, item_id, frame_index,
     tile_x, tile_y. From `hnsw_min_rows` candidates the search goes through an HNSW index."""
     if k <= 0:
-        raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
+        raise BadSearch(f"-k: expected a positive number of neighbours, found {k}")
     load_vectors(connection)
     queries = connection.execute(
         "SELECT item_id, source_uri, model_weights_sha256, embedding FROM vectors "
@@ -229,11 +236,9 @@ def duplicates(
     comparison (O(units^2)); from there each unit's `k` nearest through an HNSW index, so a
     unit's pairs are found among its k nearest (approximately)."""
     if not -1.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"--duplicates: expected a cosine similarity in [-1, 1], found {threshold}"
-        )
+        raise BadSearch(f"--duplicates: expected a cosine similarity in [-1, 1], found {threshold}")
     if k <= 0:
-        raise ValueError(f"-k: expected a positive number of neighbours, found {k}")
+        raise BadSearch(f"-k: expected a positive number of neighbours, found {k}")
     load_vectors(connection)
     connection.execute(
         "CREATE OR REPLACE TEMP TABLE pairs (item_id VARCHAR, duplicate_item_id VARCHAR, "

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vision_ops.errors import VisionOpsError
+from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import in_mask_frame
 from vision_ops.outputs import Target, as_output, committed_run, describe, read_run
 from vision_ops.schema import STATUS_OK
@@ -51,6 +51,12 @@ class EvaluationError(VisionOpsError, ValueError):
     """Ground truth that cannot be read or matched to the run's rows."""
 
 
+class NoScorer(EvaluationError):
+    """A run of a task that has no scorer (OCR): a request no truth file mends."""
+
+    exit_code = EXIT_BAD_SPEC
+
+
 def evaluate_run(
     table_uri: Target,
     truth: str,
@@ -64,7 +70,9 @@ def evaluate_run(
     task = task_of_run(manifest)
     scorer = task.scorer_function()
     if scorer is None:
-        raise EvaluationError(f"a {task.name} run cannot be scored: its task has no scorer")
+        raise NoScorer(
+            f"run {manifest['run_id']} cannot be scored: its task, {task.name}, has no scorer"
+        )
     truth_format = truth_format or task.truth_formats[0]
     if truth_format not in task.truth_formats:
         raise EvaluationError(
