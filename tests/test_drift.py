@@ -289,6 +289,8 @@ def test_the_error_rate_leaves_out_the_retries_a_manifest_records(tmp_path) -> N
     rates = series(trend(str(table)))["error rate"]  # the trend shows both rates
     assert rates["all"] == [0.25, 1.0, 0.5, 0.25]
     assert rates["new inputs"] == [0.25, None, 0.0, 0.25]
+    shares = series(trend(str(table)))["label share"]["cat"]  # n1 labelled nothing: no share
+    assert shares == [1.0, None, 1.0, 1.0]
 
 
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:

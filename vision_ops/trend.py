@@ -157,8 +157,9 @@ def series(points: list[RunFigures]) -> dict[str, dict[str, list[float | None]]]
             "mean": [p.mean_score for p in points],
             "p05": [p.p05_score for p in points],
         },
-        "label share": {
-            label: [round(p.share(label), 4) for p in points] for label in followed_labels(points)
+        "label share": {  # none of a run that labelled nothing (error rows only), as its score
+            label: [round(p.share(label), 4) if any(p.labels.values()) else None for p in points]
+            for label in followed_labels(points)
         },
         "images/s": {
             "images/s": [
