@@ -653,3 +653,37 @@ def test_dicom_job_rows_per_frame_predictions_and_no_phi_anywhere(
     assert [str(p) for p in logs for n in needles if n in p.read_bytes()] == []
     console = capfd.readouterr()
     assert not [n for n in CANARY_NEEDLES if n in console.out + console.err]
+
+
+def test_a_run_of_unreadable_dicom_files_alone_commits_their_error_rows(
+    ray_local, tmp_path, tiny_weights
+) -> None:
+    """A model batch of DICOM error units only (every file broken, or an incremental night
+    retrying broken files): their `dicom_tags` are all null, which Ray Data hands on as NaN.
+    The run commits each file's error row (json.loads(NaN) failed the whole run)."""
+    import pyarrow.parquet as pq
+
+    from vision_ops.pipeline import run_job
+
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(b"not a dicom file at all")
+    (folder / "b.dcm").write_bytes(b"DICM" * 10)
+    spec = parse_spec(
+        {
+            "input": {"uris": [str(folder)], "dicom": {}},
+            "model": {
+                "architecture": "mobilenet_v3_small",
+                "weights": str(tiny_weights),
+                "num_classes": 4,
+                "preprocessing": {"resize": 48, "crop": 40, "mean": [0.5] * 3, "std": [0.5] * 3},
+            },
+            "runtime": {"batch_size": 4, "max_actors": 1, "predict_in": "driver"},
+            "output": {"uri": str(tmp_path / "table")},
+            "run": {"id": "broken", "date": "2026-11-24"},
+        }
+    )
+    summary = run_job(spec)
+    assert (summary.commit.rows, summary.commit.errors) == (2, 2)
+    rows = pq.read_table(tmp_path / "table").to_pylist()
+    assert {(r["error_type"], r["dicom_tags"]) for r in rows} == {("NotDicom", None)}

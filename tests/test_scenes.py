@@ -470,8 +470,19 @@ def test_tiling_settings_are_part_of_the_model_fingerprint(tmp_path) -> None:
 
     assert fingerprint(bands=[4, 3, 2]) != fingerprint(bands=[3, 2, 1]) != fingerprint()
     assert fingerprint(bands=[3, 2, 1]) == fingerprint(bands=[3, 2, 1])
-    # bands left out: the same rows as [1, 2, 3], their default before grey scenes were read
+    # bands left out: the same rows as [1, 2, 3], their default before grey scenes were read;
+    # and the same spec digest, so the same default run id and resume key as before
     assert fingerprint(size=256) == fingerprint(size=256, bands=[1, 2, 3])
+
+    def digest(**tiling: object) -> str:
+        raw = {
+            "input": {"uris": ["s3://scenes/"], "tiling": tiling},
+            "model": {"architecture": "resnet18"},
+            "output": {"uri": str(tmp_path)},
+        }
+        return parse_spec(raw).fingerprint()
+
+    assert digest(size=256) == digest(size=256, bands=[1, 2, 3]) != digest(size=256, bands=[1])
 
 
 def test_longitudes_past_the_antimeridian_are_wrapped() -> None:

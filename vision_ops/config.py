@@ -288,10 +288,12 @@ class TilingSpec(StrictModel):
     )
 
     def fingerprinted(self) -> dict[str, Any]:
-        """The settings as the model fingerprint holds them: bands left to their default as
-        [1, 2, 3], the default before a scene of fewer bands was read as grey (such a scene was
-        an error row, which an incremental run retries), so that the upgrade does not make
-        every scene of a table new to an incremental run."""
+        """The settings as the model fingerprint and the spec's digest hold them: bands left
+        to their default as [1, 2, 3], the default before a scene of fewer bands was read as
+        grey (such a scene was an error row, which an incremental run retries), so that the
+        upgrade neither makes every scene of a table new to an incremental run nor changes a
+        spec's default run id (a date run again would be a run beside the first) or the
+        resume key of an attempt killed before it."""
         settings = self.model_dump(mode="json")
         if self.bands is None:
             settings["bands"] = list(DEFAULT_BANDS)
@@ -1291,6 +1293,8 @@ class JobSpec(StrictModel):
         evaluation settings, nor how many rows a file holds (the numerics the runtime decides
         are apart: RuntimeSpec.numerics)."""
         content = self.model_dump(mode="json", exclude=ROWS_UNDECIDED)
+        if self.input.tiling is not None:  # unset bands as [1, 2, 3]: the digest of before
+            content["input"]["tiling"] = self.input.tiling.fingerprinted()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -389,7 +389,8 @@ def _unit_columns(
         columns["footprint_bbox"] = [_wkb_bbox(wkb) for wkb in batch["footprint"]]
     if "dicom_tags" in columns:  # JSON text between stages, a map in the table
         columns["dicom_tags"] = [
-            None if text is None else list(json.loads(text).items()) for text in batch["dicom_tags"]
+            list(json.loads(text).items()) if isinstance(text, str) else None  # NaN: none
+            for text in batch["dicom_tags"]
         ]
     columns["run_id"] = np.full(rows, run_id, dtype=object)
     columns["task"] = np.full(rows, task, dtype=object)
