@@ -23,6 +23,7 @@ from vision_ops.dicom import (
     apply_window,
     decode_frame,
     is_dicom,
+    is_grey,
     open_instance,
     scrubbed,
 )
@@ -216,6 +217,15 @@ def test_sixteen_bit_colour_is_scaled_to_eight_bits() -> None:
     assert np.abs(sixteen.astype(int) - eight).max() <= 1
 
 
+def test_three_samples_a_pixel_are_colour_without_an_interpretation_named() -> None:
+    """A file naming no photometric interpretation is grey (MONOCHROME2) only where it has one
+    sample a pixel: three are decoded as colour, which is not windowed."""
+    dataset = pydicom.Dataset()
+    assert is_grey(dataset)
+    dataset.SamplesPerPixel = 3
+    assert not is_grey(dataset)
+
+
 def test_a_colour_instance_records_no_window() -> None:
     """The window columns say the window the model saw: a grey instance's, none for colour
     (RGB, YBR, palette), which is scaled to 8 bits as it is (they said the spec's window)."""
@@ -227,6 +237,7 @@ def test_a_colour_instance_records_no_window() -> None:
     for name in ("SC_rgb_rle.dcm", "SC_ybr_full_422_uncompressed.dcm", "examples_palette.dcm"):
         columns = open_instance((PACKAGE_FILES / name).read_bytes(), brain, 10**8).columns
         assert (columns["window_center"], columns["window_width"]) == (None, None), name
+        assert not is_grey(pydicom.dcmread(PACKAGE_FILES / name, stop_before_pixels=True))
         np.testing.assert_array_equal(
             frame((PACKAGE_FILES / name).read_bytes(), "brain"),
             frame((PACKAGE_FILES / name).read_bytes()),

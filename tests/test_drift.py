@@ -282,15 +282,24 @@ def test_the_error_rate_leaves_out_the_retries_a_manifest_records(tmp_path) -> N
     new_cat = classified("/p/new.jpg", ("cat", 0.9))
     commit_rows(table, "classification", [broken, new_cat], "n2", "2026-05-03", details=retry)
     rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
-    assert (rise.value, rise.compared) == (-0.25, ("n0", "n1"))  # 0 of 1 against 1 of 4
+    assert (rise.value, rise.compared) == (-0.25, ("n0",))  # 0 of 1 against 1 of 4 (n1: none)
     commit_rows(table, "classification", [*cats, broken], "n3", "2026-05-04")
     rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
-    assert (rise.value, rise.compared) == (0.05, ("n0", "n1", "n2"))  # 1 of 4 against 1 of 5
+    assert (rise.value, rise.compared) == (0.05, ("n0", "n2"))  # 1 of 4 against 1 of 5
     rates = series(trend(str(table)))["error rate"]  # the trend shows both rates
     assert rates["all"] == [0.25, 1.0, 0.5, 0.25]
     assert rates["new inputs"] == [0.25, None, 0.0, 0.25]
     shares = series(trend(str(table)))["label share"]["cat"]  # n1 labelled nothing: no share
     assert shares == [1.0, None, 1.0, 1.0]
+    for night in range(5, 9):  # four nights of the retry alone: none is a baseline
+        commit_rows(
+            table, "classification", [broken], f"n{night}", f"2026-05-0{night}", details=retry
+        )
+    bad = [failed(f"/p/bad{i}.jpg", "CorruptImage", "bad") for i in range(2)]
+    commit_rows(table, "classification", [*bad, new_cat], "n9", "2026-05-09")
+    rise = {d.figure: d for d in drift(trend(str(table)), MonitorSpec())}["error_rate_rise"]
+    assert rise.compared == ("n0", "n2", "n3") and rise.crossed  # they filled the window once
+    assert rise.value == round(2 / 3 - 2 / 9, 4)
 
 
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:
@@ -326,8 +335,8 @@ def test_a_date_run_again_under_another_default_run_id_is_said_to_be_beside_the_
     tmp_path, caplog
 ) -> None:
     """The default run id holds the spec's digest: a date run again with a changed spec adds a
-    run beside the first, and the run warns so, naming the --run-id that would replace it;
-    the same id (a rerun that replaces) is no warning."""
+    run beside the first, and the run warns so; not of the same id (a rerun that replaces), of
+    an id a user chose, or of another task's run in the table."""
     import datetime as dt
     import logging
 
@@ -335,24 +344,22 @@ def test_a_date_run_again_under_another_default_run_id_is_said_to_be_beside_the_
     from vision_ops.pipeline.run import warn_of_runs_beside
 
     table = tmp_path / "table"
-    commit_rows(
-        table, "classification", [classified("/x/a.jpg", ("cat", 0.9))], "d-aaaa", "2026-05-01"
-    )
-    commit_rows(
-        table, "classification", [classified("/x/a.jpg", ("cat", 0.9))], "other", "2026-05-02"
-    )
-    spec = parse_spec(
-        {
-            "input": {"uris": ["/x"]},
-            "model": {"architecture": "resnet18"},
-            "output": {"uri": str(table)},
-        }
-    )
+    cat = [classified("/x/a.jpg", ("cat", 0.9))]
+    boxes = [{"source_uri": "/x/a.jpg", "num_detections": 0, "detections": []}]
+    for run_id, task, rows in (
+        ("2026-05-01-aaaaaaaa", "classification", cat),
+        ("2026-05-01-bbbbbbbb", "detection", boxes),
+        ("fix-1", "classification", cat),
+        ("2026-05-02-cccccccc", "classification", cat),
+    ):
+        commit_rows(table, task, rows, run_id, run_id[:10] if run_id[0] == "2" else "2026-05-01")
+    raw = {"input": {"uris": ["/x"]}, "model": {"architecture": "resnet18"}}
+    spec = parse_spec(raw | {"output": {"uri": str(table)}})
     with caplog.at_level(logging.WARNING, logger="vision_ops.pipeline.run"):
-        warn_of_runs_beside(spec, "d-bbbb", dt.date(2026, 5, 1))
-        warn_of_runs_beside(spec, "d-aaaa", dt.date(2026, 5, 1))  # the same run: replaced
+        warn_of_runs_beside(spec, "2026-05-01-dddddddd", dt.date(2026, 5, 1))
+        warn_of_runs_beside(spec, "2026-05-01-aaaaaaaa", dt.date(2026, 5, 1))  # itself
     assert [r.getMessage() for r in caplog.records] == [
-        "run d-bbbb: 2026-05-01 already holds committed run(s) d-aaaa of another spec (the "
-        "default run id holds the spec's digest): this run is added beside them, not in their "
-        "place; --run-id d-aaaa replaces that run instead"
+        "run 2026-05-01-dddddddd: 2026-05-01 already holds committed run(s) 2026-05-01-aaaaaaaa "
+        "of another spec (the default run id holds the spec's digest): this run is added beside "
+        "them, not in their place; --run-id with the id of the run to replace replaces it instead"
     ]

@@ -47,6 +47,8 @@ def test_the_sql_may_follow_the_options(tmp_path, capsys) -> None:
     sql = "SELECT run_id, label FROM predictions"
     assert main(["query", table, "--run-id", "r1", "--format", "csv", sql]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["run_id,label", "r1,cat"]
+    assert main(["query", table, "--format", "csv", "--", sql]) == EXIT_OK  # past a `--`
+    assert capsys.readouterr().out.splitlines() == ["run_id,label", "r1,cat"]
     with pytest.raises(SystemExit) as refused:
         main(["query", table, "--format", "csv", sql, "SELECT 2"])
     assert refused.value.code == 2

@@ -32,9 +32,9 @@ from vision_ops.errors import UnknownTask
 from vision_ops.models import torchvision_architectures
 from vision_ops.predictors import Predictor
 from vision_ops.report import PANELS
-from vision_ops.schema import PARTITION_COLUMN, STATUS_ERROR, item_id
+from vision_ops.schema import PARTITION_COLUMN, STATUS_ERROR, item_id, output_schema
 from vision_ops.sink import ParquetSink
-from vision_ops.tasks import TASKS, Task, get_task, task_of_run
+from vision_ops.tasks import TASKS, Task, boxes_view, get_task, task_of_run
 from vision_ops.trend import figure_columns, table_figures
 
 DATE = dt.date(2026, 11, 24)
@@ -135,6 +135,14 @@ def test_default_query_and_views_are_valid_sql_over_the_task_schema(name: str) -
         sql = select if isinstance(select, str) else select(task.schema.names)
         connection.execute(f"CREATE VIEW {view} AS {sql}")
     assert connection.sql(task.default_query).fetchall() == []
+    if name == "detection":  # and a tiled table's boxes: its scene columns and CRS boxes
+        tiled = output_schema(name, tiles=True)
+        connection.register(
+            "tiled", tiled.insert(0, pa.field(PARTITION_COLUMN, pa.string())).empty_table()
+        )
+        connection.execute("CREATE OR REPLACE VIEW predictions AS SELECT * FROM tiled")
+        connection.execute(f"CREATE OR REPLACE VIEW boxes AS {boxes_view(tiled.names)}")
+        assert "crs_x_min" in connection.sql("SELECT * FROM boxes").columns
 
 
 # --- a committed run of every task, through the CLI -------------------------------------------

@@ -96,6 +96,8 @@ def _parsed(argv: Sequence[str] | None) -> argparse.Namespace:
     optional positional (the SQL) only before the options, and leaves it unrecognized after."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if extra[:1] == ["--"]:  # `query T --format csv -- "SQL"`: the SQL past the options
+        extra = extra[1:]
     if getattr(args, "sql", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
         args.sql = extra.pop()
     if extra:

@@ -107,9 +107,11 @@ def decode_frame(instance: Instance, index: int, spec: DicomSpec) -> np.ndarray:
 
 
 def is_grey(dataset: Any) -> bool:
-    """Whether the instance's frames are grey (MONOCHROME1 or 2): only those are windowed; a
-    colour frame (RGB, YBR, a palette) is scaled to 8 bits as it is."""
-    return _photometric(dataset).startswith("MONOCHROME")
+    """Whether the instance's frames are grey (MONOCHROME1 or 2, one sample per pixel; a file
+    naming no interpretation is MONOCHROME2): only those are windowed; a colour frame (RGB,
+    YBR, a palette, or three samples a pixel) is scaled to 8 bits as it is (`to_display`)."""
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    return _photometric(dataset).startswith("MONOCHROME") and samples == 1
 
 
 def _photometric(dataset: Any) -> str:

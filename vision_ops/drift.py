@@ -25,7 +25,7 @@ from vision_ops.report import NoSuchRun
 from vision_ops.schema import PARTITION_COLUMN, run_order
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import task_of_run
-from vision_ops.trend import RunFigures, figure_columns, run_figures, table_figures
+from vision_ops.trend import RunFigures, figure_columns, new_units_of, run_figures, table_figures
 
 EPSILON = 1e-4  # the share given to a bin one side has and the other has not
 FIGURES = ("label_psi", "score_psi", "error_rate_rise")  # each is MonitorSpec's threshold field
@@ -85,10 +85,10 @@ def _counts(point: RunFigures, counts: str) -> dict[str, float]:
 
 def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = None) -> list[Drift]:
     """The figures of run `run_id` (default: the last of `points`, oldest first) against the
-    `monitor.runs` runs of its task before it that processed units; none where it processed
-    no new input (a quiet incremental night, or one that only retried earlier error rows) or
-    has no such earlier run. A distribution either side has nothing in (a run of error rows
-    only) gives no PSI.
+    `monitor.runs` runs of its task before it that processed new inputs; none where it
+    processed no new input (a quiet incremental night, or one that only retried earlier error
+    rows: such a night is no baseline either) or has no such earlier run. A distribution
+    either side has nothing in (a run of error rows only) gives no PSI.
 
     The error rate counts new inputs only, the runs' and the baseline's alike: an incremental
     run's retries of earlier error rows (`RunFigures.retried_units`) were counted by the run
@@ -96,14 +96,11 @@ def drift(points: list[RunFigures], monitor: MonitorSpec, run_id: str | None = N
     rise every night. A full run retries nothing: its every error counts."""
     index = len(points) - 1 if run_id is None else [p.run_id for p in points].index(run_id)
     run = points[index]
-    earlier = [p for p in points[:index] if p.units and p.task == run.task][-monitor.runs :]
+    earlier = [p for p in points[:index] if p.new_units and p.task == run.task][-monitor.runs :]
     if not run.new_units or not earlier:
         return []
-    figures: dict[str, float] = {}
-    new_before = sum(p.new_units for p in earlier)
-    if new_before:
-        rate_before = sum(p.new_errors for p in earlier) / new_before
-        figures["error_rate_rise"] = run.new_errors / run.new_units - rate_before
+    rate_before = sum(p.new_errors for p in earlier) / sum(p.new_units for p in earlier)
+    figures = {"error_rate_rise": run.new_errors / run.new_units - rate_before}
     for name, counts in (("label_psi", "labels"), ("score_psi", "scores")):
         now, before = _counts(run, counts), pooled(earlier, counts)
         if sum(now.values()) and sum(before.values()):
@@ -124,12 +121,12 @@ def runs_before(runs: list[Manifest], run_id: str, run_date: str) -> list[Manife
 
 
 def baseline_runs(runs: list[Manifest], run: Manifest, monitor: MonitorSpec) -> list[Manifest]:
-    """The `monitor.runs` committed runs before `run` of its task that committed units (a quiet
-    incremental night's run of none is no baseline, nor a run of another task in the same
-    Parquet table), as `drift` pools them."""
+    """The `monitor.runs` committed runs before `run` of its task that committed new inputs (a
+    quiet incremental night's run of none, or of retries alone, is no baseline, nor a run of
+    another task in the same Parquet table), as `drift` pools them."""
     earlier = runs_before(runs, run["run_id"], run["run_date"])
     same_task = [committed for committed in earlier if committed.get("task") == run.get("task")]
-    return [committed for committed in same_task if committed.get("rows", 1)][-monitor.runs :]
+    return [committed for committed in same_task if new_units_of(committed)][-monitor.runs :]
 
 
 def drift_at_commit(

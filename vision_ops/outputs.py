@@ -360,6 +360,13 @@ def sql_source(
     return format_of(output).sql_source(connection, output, options or {}, run_id, as_of)
 
 
+def retried_of(manifest: Mapping[str, Any]) -> Mapping[str, int]:
+    """What an incremental run's manifest records it retried (`retried`: sources, units,
+    error_rows; vision_ops.pipeline.incremental.retried_rows); nothing for a full run, or one
+    committed before runs recorded it."""
+    return manifest.get("retried") or {}
+
+
 def describe(target: Target) -> str:
     """The table in words, for messages."""
     output = as_output(target)

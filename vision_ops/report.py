@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
-from vision_ops.outputs import Manifest, Target, committed_run, describe, read_run
+from vision_ops.outputs import Manifest, Target, committed_run, describe, read_run, retried_of
 from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
@@ -78,7 +78,7 @@ def build_report(
     table = read_run(table_uri, manifest, options)
     summary = task.summary(table)
     bits_stored = manifest.get("bits_stored", 16)
-    retried = manifest.get("retried") or {}  # an incremental run's (vision_ops.drift)
+    retried = retried_of(manifest)
     with Sources(options or {}, samples, manifest.get("tile_bands"), bits_stored) as sources:
         drawn = panels(table, (*task.panels, *COMMON_PANELS), sources)
     return RunReport(

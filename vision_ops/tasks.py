@@ -326,18 +326,20 @@ register(
 # One row per detected box, with its image's identity: the detection table unnested. Athena /
 # Trino: `SELECT t.source_uri, d.* FROM detections t CROSS JOIN UNNEST(t.detections) AS u(d)`;
 # Spark: `SELECT source_uri, d.* FROM detections LATERAL VIEW explode(detections) x AS d`.
-BOXES_VIEW = """
+_BOX = "d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max"
+_EACH_BOX = "FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')"
+BOXES_VIEW = f"""
     SELECT run_date, run_id, item_id, source_uri, image_width, image_height, model_name,
-           d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max
-    FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')
+           {_BOX}
+    {_EACH_BOX}
 """
 # The same of a tiled table: boxes in scene pixels (so the scene's size, not the tile's), the
 # tile that found each, the box in the scene's CRS and its centre in WGS84.
-TILED_BOXES_VIEW = """
+TILED_BOXES_VIEW = f"""
     SELECT run_date, run_id, item_id, source_uri, tile_x, tile_y, scene_width, scene_height,
-           crs, model_name, d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max,
+           crs, model_name, {_BOX},
            d.crs_x_min, d.crs_y_min, d.crs_x_max, d.crs_y_max, d.lon, d.lat
-    FROM (SELECT *, unnest(detections) AS d FROM predictions WHERE status = 'ok')
+    {_EACH_BOX}
 """
 
 

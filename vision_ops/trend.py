@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vision_ops.outputs import Manifest, Target, committed_runs, read_run
+from vision_ops.outputs import Manifest, Target, committed_runs, read_run, retried_of
 from vision_ops.report import SCORE_BINS, overall_metrics
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import Task, counts, task_of_run
@@ -65,6 +65,12 @@ class RunFigures:
         return self.labels.get(label, 0.0) / total if total else 0.0
 
 
+def new_units_of(manifest: Mapping[str, Any]) -> int:
+    """The units of inputs a committed run was the first to process (`RunFigures.new_units`),
+    from its manifest alone (its rows, less those it retried)."""
+    return int(manifest.get("rows", 1)) - int(retried_of(manifest).get("units", 0))
+
+
 def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> RunFigures:
     """The figures of one committed run (its rows read back)."""
     task = task_of_run(manifest)
@@ -87,7 +93,7 @@ def table_figures(
     summary = task_of_run(manifest).summary(table)
     scores = np.asarray(summary.scores, dtype=np.float64)
     rate = manifest.get("images_per_second")
-    retried = manifest.get("retried") or {}
+    retried = retried_of(manifest)
     return RunFigures(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],

@@ -28,7 +28,6 @@ from vision_ops.runindex import (
     retry_flags,
     source_keys,
 )
-from vision_ops.schema import STATUS_ERROR
 from vision_ops.sources import with_store_identity
 from vision_ops.storage import StorageOptions
 
@@ -74,7 +73,7 @@ def retried_rows(rows: pa.Table, retried: pa.Array) -> dict[str, int]:
     (`retried`) and drift leaves them out of the error rate (vision_ops.drift)."""
     keys = source_keys(rows)
     mask = pc.is_in(keys, value_set=retried)
-    errors = pc.and_(mask, pc.fill_null(pc.equal(rows["status"], STATUS_ERROR), False))
+    errors = pc.and_(mask, pc.is_valid(rows["error_type"]))  # as drift counts error rows
     return {
         "sources": pc.count_distinct(pc.filter(keys, mask)).as_py(),
         "units": pc.sum(pc.cast(mask, pa.int64())).as_py() or 0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from vision_ops.outputs import (
     RunGuard,
     Sink,
     check_run_date,
+    committed_run,
     committed_runs,
     open_sink,
+    retried_of,
     run_guard,
 )
 from vision_ops.pipeline.connect import connect_ray, nodes_up
@@ -147,21 +150,29 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
 
 
 def warn_of_runs_beside(spec: JobSpec, run_id: str, run_date: dt.date) -> None:
-    """A warning where the date holds committed runs of other ids: the default run id holds
-    the spec's digest, so a date run again with a changed spec is a run beside the earlier
-    one (both in the table), not in its place; `--run-id` of the earlier one replaces it."""
+    """A warning where the date holds committed runs of its task under other default ids:
+    the default run id holds the spec's digest, so a date run again with a changed spec is a
+    run beside the earlier one (both in the table), not in its place; `--run-id` of the
+    earlier one replaces it. Runs of ids a user chose, or of another task, are left out."""
     date = run_date.isoformat()
+    default_id = re.compile(rf"{re.escape(date)}-[0-9a-f]{{8}}")
     runs = committed_runs(spec.output, spec.storage_options)
-    beside = [run["run_id"] for run in runs if run["run_date"] == date and run["run_id"] != run_id]
+    beside = [
+        run["run_id"]
+        for run in runs
+        if run["run_date"] == date
+        and run["run_id"] != run_id
+        and default_id.fullmatch(run["run_id"])
+        and run.get("task") == spec.task.kind
+    ]
     if beside:
         log.warning(
             "run %s: %s already holds committed run(s) %s of another spec (the default run id "
             "holds the spec's digest): this run is added beside them, not in their place; "
-            "--run-id %s replaces that run instead",
+            "--run-id with the id of the run to replace replaces it instead",
             run_id,
             date,
             ", ".join(beside),
-            beside[-1],
         )
 
 
@@ -249,7 +260,8 @@ def _process_and_commit(
             "run (its commit finished or tidied up as this one started): nothing to process",
             run_id,
         )
-        return sink.finished_earlier, 0.0, committed_drift(spec, run_id), {}
+        manifest = committed_run(spec.output, run_id, spec.storage_options) or {}
+        return sink.finished_earlier, 0.0, committed_drift(spec, run_id), dict(retried_of(manifest))
     units, tiles, left = resume_earlier_attempt(sink, units, tiles, listing.count)
     stats = RunStats()
     if left > 0:
