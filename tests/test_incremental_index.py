@@ -169,6 +169,18 @@ def test_verify_finds_an_index_that_disagrees_with_the_rows(tmp_path, capsys) ->
     assert "the run's index is unreadable" in capsys.readouterr().err
 
 
+def first_run_of_three_photos_and_a_broken_file(
+    tmp_path: Path, tiny_weights: Path
+) -> tuple[Path, str]:
+    """Run r1 (2026-11-20) committed over 3 photos and a broken one: the spec and the table."""
+    make_images(tmp_path / "images", 3)
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes((tmp_path / "images" / "img000.png").read_bytes()[:60])
+    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
+    assert main(["run", str(spec), "--run-id", "r1", "--run-date", "2026-11-20"]) == EXIT_OK
+    return spec, str(tmp_path / "table")
+
+
 def test_incremental_reads_each_runs_index_and_the_rows_of_a_run_without_one(
     ray_local, tmp_path, tiny_weights, monkeypatch, capsys
 ) -> None:
@@ -176,12 +188,7 @@ def test_incremental_reads_each_runs_index_and_the_rows_of_a_run_without_one(
     indexes: it processes exactly the broken file again. Run 2's manifest then loses its index
     (as a run committed before indexes existed): run 3 reads its rows (and run 1's index) and
     processes exactly the one new photo."""
-    make_images(tmp_path / "images", 3)
-    broken = tmp_path / "images" / "broken.png"
-    broken.write_bytes((tmp_path / "images" / "img000.png").read_bytes()[:60])
-    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
-    table = str(tmp_path / "table")
-    assert main(["run", str(spec), "--run-id", "r1", "--run-date", "2026-11-20"]) == EXIT_OK
+    spec, table = first_run_of_three_photos_and_a_broken_file(tmp_path, tiny_weights)
     first = committed_run(table, "r1")
     assert first is not None and first["rows"] == 4
     assert by_uri(read_index(first["index_uri"])) == {
@@ -225,12 +232,7 @@ def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
     the error rate, which the run that first failed on it counted. Night 2 retries only: no
     figures, and `report --check` passes (the retry alone read as an error rate of 1.0, over
     the threshold, every night). Night 3 adds a photo: its error rate is the new photo's."""
-    make_images(tmp_path / "images", 3)
-    broken = tmp_path / "images" / "broken.png"
-    broken.write_bytes((tmp_path / "images" / "img000.png").read_bytes()[:60])
-    spec = write_spec(tmp_path, tiny_weights, tmp_path / "table")
-    table = str(tmp_path / "table")
-    assert main(["run", str(spec), "--run-id", "r1", "--run-date", "2026-11-20"]) == EXIT_OK
+    spec, table = first_run_of_three_photos_and_a_broken_file(tmp_path, tiny_weights)
     assert "retried" not in (committed_run(table, "r1") or {})  # a full run retries nothing
     nightly = ["--incremental", "--run-id", "r2", "--run-date", "2026-11-21"]
     assert main(["run", str(spec), *nightly]) == EXIT_OK
