@@ -11,7 +11,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from vision_ops.raster import RasterError, open_raster, read_tile, scene_header
+from vision_ops.raster import RasterError, open_raster, read_tile, scene_bands, scene_header
 from vision_ops.tiling import Window
 
 NODATA = 0
@@ -92,7 +92,8 @@ def test_bad_bands_and_unreadable_files(geotiff: Path, tmp_path: Path) -> None:
             read_tile(dataset, Window(0, 0, 8, 8), bands=(1, 2), value_range=(0, 1))
     broken = tmp_path / "broken.tif"
     broken.write_bytes(geotiff.read_bytes()[:500])
-    with pytest.raises(RasterError, match="cannot read"), open_raster(str(broken)) as dataset:
+    said = r"pixels cannot be read \(a damaged or truncated file\?\): broken.tif, band 1: "
+    with pytest.raises(RasterError, match=said), open_raster(str(broken)) as dataset:
         read_tile(dataset, Window(0, 0, 64, 64), bands=(1,), value_range=(0, 1))
 
 
@@ -158,12 +159,14 @@ def test_a_palette_image_is_read_as_the_colours_it_shows(tmp_path: Path) -> None
     image.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)  # 0: blue, 1: red
     image.save(tmp_path / "palette.png")
     expected = np.asarray(Image.open(tmp_path / "palette.png").convert("RGB"))
-    tiling = TilingSpec(size=32)  # bands 1, 2, 3
+    tiling = TilingSpec(size=32)  # the default bands: 1, 2, 3 of the three it reads as
     with open_raster(str(tmp_path / "palette.png")) as dataset:
         header = scene_header(dataset)
         assert (header.band_count, header.dtype, header.nodata) == (3, "uint8", None)
         assert value_range(dataset, header, tiling) == (0.0, 255.0)
-        tile, valid = read_tile(dataset, Window(16, 24, 32, 32), tiling.bands, (0.0, 255.0))
+        bands = scene_bands(tiling.bands, dataset.count)
+        assert bands == [1, 2, 3]
+        tile, valid = read_tile(dataset, Window(16, 24, 32, 32), bands, (0.0, 255.0))
         grey, _ = read_tile(dataset, Window(0, 0, 32, 32), (1,), (0.0, 255.0))
     np.testing.assert_array_equal(tile, expected[16:48, 24:56])
     assert valid == 1.0 and tuple(tile[0, 0]) == (0, 0, 255) and tuple(tile[0, -1]) == (255, 0, 0)
