@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,21 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     elif stray:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nFAILED: the suite wrote into the host's Ray temp root: {stray}")
+    EXIT_STATUS.append(int(session.exitstatus))
+
+
+EXIT_STATUS: list[int] = []  # the session's, for `pytest_unconfigure`
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with the session's status once pytest is done, skipping the interpreter's
+    teardown: a suite run once ended in a segmentation fault after its summary (all passed),
+    in the native libraries' exit handlers (Ray's, Arrow's and DuckDB's threads)."""
+    if EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STATUS[-1])
 
 
 @pytest.fixture(scope="session")
