@@ -136,10 +136,13 @@ def register_views(
         enable_s3(connection, options)
     where = f" WHERE task = '{task.name}'" if task_only else ""
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}{where}")
-    if _footprint_is_wkb(connection):  # an Iceberg table's: a geometry, as GeoParquet's reads
+    # Column name -> type, read once: an Iceberg table's footprint is WKB bytes (Iceberg v2 has
+    # no geometry type), a GeoParquet table's a GEOMETRY as DuckDB spatial reads it.
+    types = {row[0]: row[1] for row in connection.execute("DESCRIBE predictions").fetchall()}
+    if types.get("footprint") == "BLOB" and _spatial_loaded(connection):
         geometry = "SELECT * REPLACE (ST_GeomFromWKB(footprint) AS footprint)"
         connection.execute(f"CREATE OR REPLACE VIEW predictions AS {geometry} FROM {source}{where}")
-    columns = [row[0] for row in connection.execute("DESCRIBE predictions").fetchall()]
+    columns = list(types)
     for name, select in task.views.items():
         sql = select if isinstance(select, str) else select(columns)
         connection.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
@@ -205,16 +208,9 @@ def load_fts(connection: Any) -> None:
     _load_packaged_extension(connection, "fts", "full-text search (--search) in DuckDB")
 
 
-def _footprint_is_wkb(connection: Any) -> bool:
-    """Whether the `predictions` view's `footprint` is WKB bytes where DuckDB spatial is
-    loaded: a Parquet table's GeoParquet metadata makes it a GEOMETRY as DuckDB reads it, an
-    Iceberg table's (Iceberg v2 has no geometry type) stays a BLOB."""
-    found = connection.execute(
-        "SELECT data_type FROM duckdb_columns() WHERE table_name = 'predictions' "
-        "AND column_name = 'footprint'"
-    ).fetchone()
-    if found is None or found[0] != "BLOB":
-        return False
+def _spatial_loaded(connection: Any) -> bool:
+    """Whether DuckDB spatial is loaded on the connection (`connect` loads it where the geo
+    extra is installed)."""
     loaded = connection.execute(
         "SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'spatial'"
     ).fetchone()
