@@ -111,11 +111,35 @@ def test_listing_schema_is_the_declared_one(tree: Path) -> None:
     assert table.column("source_size").to_pylist() == [TREE[name] for name in IMAGES]
 
 
-@pytest.mark.parametrize("form", ["plain", "file-url", "trailing-slash"])
+SPELLINGS = ["plain", "file-url", "trailing-slash", "dot-dot", "dot", "file-url-dot-dot"]
+
+
+@pytest.mark.parametrize("form", SPELLINGS)
 def test_directory_spellings_give_the_same_uris(tree: Path, form: str) -> None:
     directory = str(tree / "photos")
-    uri = {"plain": directory, "file-url": f"file://{directory}", "trailing-slash": directory + "/"}
+    uri = {
+        "plain": directory,
+        "file-url": f"file://{directory}",
+        "trailing-slash": directory + "/",
+        "dot-dot": f"{tree}/photos/sub/../../photos",
+        "dot": f"{tree}/./photos/.",
+        "file-url-dot-dot": f"file://{tree}/photos/sub/..",
+    }
     assert uris(InputSpec(uris=[uri[form]])) == [f"file://{tree / name}" for name in IMAGES]
+
+
+def test_a_file_and_glob_named_through_dot_dot_give_the_plain_uri(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tree / "photos/sub")
+    assert uris(InputSpec(uris=["../a.jpg"])) == [f"file://{tree}/photos/a.jpg"]
+    assert uris(InputSpec(uris=["../**/*.png"])) == [f"file://{tree}/photos/sub/deeper/c.png"]
+    both = InputSpec(uris=["../a.jpg", str(tree / "photos/a.jpg")])
+    assert uris(both) == [f"file://{tree}/photos/a.jpg"]  # one input, named twice
+    (walk,) = plan_inputs(InputSpec(uris=["deeper/../deeper"])).listings  # a run's paged walk
+    assert pa.concat_tables(walk.pages())["source_uri"].to_pylist() == [
+        f"file://{tree}/photos/sub/deeper/{name}" for name in ("c.png", "e.jpeg")
+    ]
 
 
 def test_relative_path_becomes_absolute(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:

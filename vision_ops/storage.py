@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -210,14 +211,23 @@ def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem serving `uri` and the path inside it."""
+    """The filesystem serving `uri` and the path inside it; a local path without its `.` and
+    `..` parts, so that each file has one URI however it was named (as the shell would read
+    it: `a/link/..` is `a`, not the parent of the link's target)."""
     protocol = protocol_of(uri)
     kwargs = dict((options or {}).get(protocol, {}))
     try:
-        return fsspec.core.url_to_fs(uri, **kwargs)
+        fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     except ImportError as err:
         package = OPTIONAL_BACKENDS.get(protocol, f"the fsspec backend for {protocol}://")
         raise ImportError(f"reading {protocol}:// needs {package}: pip install {package}") from err
+    return fs, _local_path(path) if protocol == "file" else path
+
+
+def _local_path(path: str) -> str:
+    """A local path normalised (`posixpath.normpath`), its trailing / kept."""
+    normal = posixpath.normpath(path)
+    return normal + "/" if path.endswith("/") and normal != "/" else normal
 
 
 def arrow_filesystem(
