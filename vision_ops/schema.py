@@ -384,13 +384,13 @@ def _unit_columns(
     """The unit columns of a batch's rows (run, source, unit, image, model, status; DICOM and
     tile columns where the schema has them)."""
     rows = len(batch["source_uri"])
-    columns: dict[str, object] = {f.name: batch[f.name] for f in schema if f.name in batch}
-    if "footprint" in columns and "footprint_bbox" in schema.names:
-        columns["footprint_bbox"] = [_wkb_bbox(wkb) for wkb in batch["footprint"]]
-    if "dicom_tags" in columns:  # JSON text between stages, a map in the table
+    given = {f.name: _nones_for_nan(batch[f.name], f.type) for f in schema if f.name in batch}
+    columns: dict[str, object] = dict(given)
+    if "footprint" in given and "footprint_bbox" in schema.names:
+        columns["footprint_bbox"] = [_wkb_bbox(wkb) for wkb in given["footprint"]]
+    if "dicom_tags" in given:  # JSON text between stages, a map in the table
         columns["dicom_tags"] = [
-            list(json.loads(text).items()) if isinstance(text, str) else None  # NaN: none
-            for text in batch["dicom_tags"]
+            None if text is None else list(json.loads(text).items()) for text in given["dicom_tags"]
         ]
     columns["run_id"] = np.full(rows, run_id, dtype=object)
     columns["task"] = np.full(rows, task, dtype=object)
@@ -399,7 +399,7 @@ def _unit_columns(
 
 def _wkb_bbox(wkb: bytes | None) -> dict[str, float] | None:
     """xmin, ymin, xmax, ymax of a one-ring WKB polygon (header: 1 + 4 + 4 + 4 bytes)."""
-    if not isinstance(wkb, bytes):  # None, or NaN: no footprint (`_nulls_as_nan`)
+    if wkb is None:
         return None
     points = np.frombuffer(wkb, dtype="<f8", offset=13).reshape(-1, 2)
     low, high = points.min(axis=0), points.max(axis=0)
@@ -446,18 +446,14 @@ def _column(columns: dict[str, object], field: pa.Field, rows: int) -> pa.Array:
     values = columns[field.name]
     if isinstance(values, pa.Array):
         return values
-    if _nulls_as_nan(values, field.type):
-        return pa.nulls(rows, field.type)
     return pa.array(values, type=field.type, from_pandas=True)
 
 
-def _nulls_as_nan(values: object, kind: pa.DataType) -> bool:
-    """Whether `values` are a column of nulls as Ray Data hands one on: a column that was all
-    None in a block (Arrow's null type) comes to NumPy as float NaN. Arrow reads NaN as null for
-    numbers and strings, but gives b"" for binary (a footprint's WKB) and refuses lists."""
-    return (
-        isinstance(values, np.ndarray)
-        and values.dtype.kind == "f"
-        and not pa.types.is_floating(kind)
-        and bool(np.isnan(values).all())
-    )
+def _nones_for_nan(values: np.ndarray, kind: pa.DataType) -> np.ndarray:
+    """A batch's column with its nulls as None: Ray Data hands on a column that was all None
+    in a block (Arrow's null type) as float NaN. Arrow would read NaN as null for numbers and
+    strings, but gives b"" for binary (a footprint's WKB), and the columns read here first
+    (the footprint, the DICOM tags' JSON) would take NaN for a value."""
+    if values.dtype.kind == "f" and not pa.types.is_floating(kind) and np.isnan(values).all():
+        return np.full(len(values), None, dtype=object)
+    return values
