@@ -244,6 +244,16 @@ def test_a_colour_instance_records_no_window() -> None:
         )  # the window changes nothing in a colour frame
 
 
+def test_a_colour_interpretation_over_one_sample_a_pixel_is_an_error_not_windowed() -> None:
+    """The window columns and the frame agree on what is grey (`is_grey`): a header naming RGB
+    over one sample a pixel was windowed as grey while its columns said no window."""
+    liar = dicom_bytes(STORED, tags={"PhotometricInterpretation": "RGB", **CT})
+    instance = open_instance(liar, DicomSpec(window="brain"), 10**8)
+    assert (instance.columns["window_center"], instance.columns["window_width"]) == (None, None)
+    with pytest.raises(CorruptDicom, match="a RGB frame decoded to one sample per pixel"):
+        decode_frame(instance, 0, DicomSpec(window="brain"))
+
+
 # --- malformed input: each its own error -------------------------------------------------------
 
 

@@ -119,17 +119,20 @@ def _photometric(dataset: Any) -> str:
 
 
 def to_display(values: np.ndarray, dataset: Any, spec: DicomSpec) -> np.ndarray:
-    """One decoded frame -> RGB uint8: colour scaled, palette applied, or grey windowed."""
+    """One decoded frame -> RGB uint8: grey windowed (`is_grey`), palette applied, or colour
+    scaled."""
     photometric = _photometric(dataset)
+    if is_grey(dataset):
+        grey = window_frame(values, dataset, spec)
+        if photometric == "MONOCHROME1":
+            grey = 255 - grey
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if photometric == "PALETTE COLOR":
         rgb = _pydicom().pixels.apply_color_lut(values, dataset)
         return _scale_to_uint8(rgb, 16 if rgb.dtype == np.uint16 else 8)
-    if values.ndim == 3:  # RGB after pydicom's YBR conversion
-        return _scale_to_uint8(values, int(dataset.get("BitsStored", 8)))
-    grey = window_frame(values, dataset, spec)
-    if photometric == "MONOCHROME1":
-        grey = 255 - grey
-    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if values.ndim != 3:
+        raise ValueError(f"a {photometric} frame decoded to one sample per pixel")
+    return _scale_to_uint8(values, int(dataset.get("BitsStored", 8)))  # RGB (YBR converted)
 
 
 def window_frame(values: np.ndarray, dataset: Any, spec: DicomSpec) -> np.ndarray:
