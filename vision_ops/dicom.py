@@ -131,7 +131,7 @@ def to_display(values: np.ndarray, dataset: Any, spec: DicomSpec) -> np.ndarray:
         rgb = _pydicom().pixels.apply_color_lut(values, dataset)
         return _scale_to_uint8(rgb, 16 if rgb.dtype == np.uint16 else 8)
     if values.ndim != 3:
-        raise ValueError(f"a {photometric} frame decoded to one sample per pixel")
+        raise ValueError(f"{photometric} names colour, but the frame has one sample per pixel")
     return _scale_to_uint8(values, int(dataset.get("BitsStored", 8)))  # RGB (YBR converted)
 
 
