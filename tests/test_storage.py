@@ -179,3 +179,19 @@ def test_a_replaced_local_file_flushes_its_bytes_then_its_folder_once_each(
     assert Path(flushed[0]).name.startswith("manifest.json") and flushed[0] != str(target)
     assert flushed[1] == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.s3
+def test_a_listing_shows_what_another_process_wrote_since(s3fs_client, s3_options) -> None:
+    """A table's manifests, journals and staged parts are listed afresh each time: fsspec keeps
+    one filesystem per set of options in a process, and its cached listing hid a run another
+    process committed (an incremental run read it as not there, and did its inputs again)."""
+    folder = "images/listing-cache/_manifests"
+    s3fs_client.pipe({f"{folder}/a.json": b"{}"})
+    fs, path = storage.filesystem(f"s3://{folder}", s3_options)
+    assert fs.glob(f"{path}/*.json") == [f"{folder}/a.json"]
+    s3fs_client.pipe({f"{folder}/b.json": b"{}"})  # another process commits a run
+    same, _ = storage.filesystem(f"s3://{folder}", s3_options)
+    assert same is fs  # fsspec's instance, kept for the process
+    assert same.glob(f"{path}/*.json") == [f"{folder}/a.json", f"{folder}/b.json"]
+    assert same.ls(path, detail=False) == [f"{folder}/a.json", f"{folder}/b.json"]

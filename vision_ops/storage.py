@@ -213,9 +213,12 @@ def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem serving `uri` and the path inside it; a local path without its `.` and
     `..` parts, so that each file has one URI however it was named (as the shell would read
-    it: `a/link/..` is `a`, not the parent of the link's target)."""
+    it: `a/link/..` is `a`, not the parent of the link's target). Listings are not cached:
+    fsspec keeps one filesystem per set of options in a process, and its cached listing of a
+    table's manifests, journals or staged parts would hide what another process wrote since
+    (a run committed while this one started, read by `--incremental` as not there)."""
     protocol = protocol_of(uri)
-    kwargs = dict((options or {}).get(protocol, {}))
+    kwargs = {"use_listings_cache": False} | dict((options or {}).get(protocol, {}))
     try:
         fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     except ImportError as err:
