@@ -692,13 +692,16 @@ sys.exit(main(["run", sys.argv[1]]))
 """
 
 
+@pytest.mark.parametrize("rerun", ["the same run", "an incremental night"])
 def test_the_same_run_after_a_kill_past_its_commit_point_processes_nothing(
-    ray_local: None, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys
+    ray_local: None, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys, rerun: str
 ) -> None:
     """A driver killed inside its commit, past the commit point: the rerun's sink finishes
     that commit as it opens, and the run is that commit; not one image goes through the
     model again (every unit was processed again before), and the command exits 0 with the
-    committed run's figures."""
+    committed run's figures. An incremental run of another date, next, finds the killed run
+    committed (settled under the lock before it reads the table) and does its inputs no
+    second time (it read the table first, and did them all again)."""
     total = 12
     make_images(tmp_path / "images", total)
     marks = tmp_path / "marks"
@@ -723,16 +726,23 @@ def test_the_same_run_after_a_kill_past_its_commit_point_processes_nothing(
     for mark in marks.iterdir():
         mark.unlink()
     capsys.readouterr()
+    if rerun == "an incremental night":
+        night = {"id": "k2", "date": "2026-11-25", "incremental": True}
+        spec = counting_spec(tmp_path, {"uri": str(table)}, marks, run=night)
     with caplog.at_level(logging.WARNING, logger="vision_ops.pipeline.run"):
         assert main(["run", str(spec)]) == EXIT_OK
-    assert "killed past its commit point, is the run" in caplog.text
     assert list(marks.iterdir()) == []  # the model saw nothing
     manifest = committed_run(str(table), "k1")
     assert manifest is not None and manifest["rows"] == total
-    assert f"run k1: {total} items, {total} ok, 0 errors" in capsys.readouterr().out
     assert verify_run(str(table), "k1")[1] == []
     rows = pq.read_table(table / "run_date=2026-11-24")
     assert rows.num_rows == total and len(set(rows["item_id"].to_pylist())) == total
+    if rerun == "the same run":
+        assert "killed past its commit point, is the run" in caplog.text
+        assert f"run k1: {total} items, {total} ok, 0 errors" in capsys.readouterr().out
+    else:
+        assert committed_run(str(table), "k2")["rows"] == 0
+        assert pq.read_table(table).num_rows == total  # every input once, across the runs
 
 
 @pytest.mark.parametrize("store", ["local", "s3", "iceberg"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -86,6 +86,8 @@ class OutputFormat:
 
     open_sink: Callable[[JobSpec, str, dt.date, pa.Schema, Mapping[str, str]], Sink]
     needs_lock: bool  # one run at a time per table, through RunLock in the table root
+    # Under the lock, before a run reads the table: commits other runs left half done settled.
+    settle_other_runs: Callable[[OutputSpec, str, StorageOptions], None]
     committed_runs: Callable[[OutputSpec, StorageOptions], list[Manifest]]
     committed_run: Callable[[OutputSpec, str | None, StorageOptions], Manifest | None]
     # One run's manifest, files left out where listing them costs (what check_run_date needs).
@@ -177,6 +179,9 @@ FORMATS.register("parquet")(
     OutputFormat(
         open_sink=_parquet_sink,
         needs_lock=True,
+        settle_other_runs=lambda output, run_id, options: sink.settle_other_runs(
+            output.uri, run_id, options
+        ),
         committed_runs=lambda output, options: sink.committed_runs(output.uri, options),
         committed_run=lambda output, run_id, options: sink.committed_run(
             output.uri, run_id, options
@@ -248,6 +253,7 @@ FORMATS.register("iceberg")(
     OutputFormat(
         open_sink=_iceberg_sink,
         needs_lock=False,
+        settle_other_runs=lambda output, run_id, options: None,  # a commit is one snapshot
         committed_runs=lambda output, options: iceberg.committed_runs(output),
         committed_run=lambda output, run_id, options: iceberg.committed_run(output, run_id),
         run_manifest=lambda output, run_id, options: iceberg.run_manifest(output, run_id),
@@ -286,11 +292,18 @@ def check_run_date(spec: JobSpec, run_id: str, run_date: dt.date) -> None:
     sink.check_run_date(committed, run_date, describe(spec.output))
 
 
-def run_guard(spec: JobSpec, run_id: str) -> contextlib.AbstractContextManager[RunGuard]:
-    """The table's run lock where the format needs one, else nothing to hold."""
-    if not format_of(spec.output).needs_lock:
-        return contextlib.nullcontext(Unlocked())
-    return RunLock(spec.output.uri, run_id, spec.run.lock_lease_s, spec.storage_options)
+@contextlib.contextmanager
+def run_guard(spec: JobSpec, run_id: str) -> Iterator[RunGuard]:
+    """The table's run lock where the format needs one, else nothing to hold; held, with the
+    commits other runs left half done settled first, so that what the run reads of the table
+    (an incremental run's committed inputs) is what readers will see."""
+    output_format = format_of(spec.output)
+    if not output_format.needs_lock:
+        yield Unlocked()
+        return
+    with RunLock(spec.output.uri, run_id, spec.run.lock_lease_s, spec.storage_options) as lock:
+        output_format.settle_other_runs(spec.output, run_id, spec.storage_options)
+        yield lock
 
 
 def committed_runs(target: Target, options: StorageOptions | None = None) -> list[Manifest]:

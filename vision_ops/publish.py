@@ -210,18 +210,23 @@ def publish(
     _settle_or_leave(fs, root, plan, committed=True)
 
 
-def resolve_unfinished(fs: AbstractFileSystem, root: str) -> dict[str, bool]:
+def resolve_unfinished(
+    fs: AbstractFileSystem, root: str, leaving: str | None = None
+) -> dict[str, bool]:
     """Finish or undo every commit a crash left half done (its journal says which: fenced, or
-    from before fencing the manifest naming its attempt); returns the run ids settled, each
-    with whether its commit was finished. Call it holding the table's run lock. Where one
-    cannot be settled, StorageError: a run must not start (its commit would write over the
-    journal, the only record of the files the interrupted commit moved)."""
+    from before fencing the manifest naming its attempt), but those of run `leaving`; returns
+    the run ids settled, each with whether its commit was finished. Call it holding the
+    table's run lock. Where one cannot be settled, StorageError: a run must not start (its
+    commit would write over the journal, the only record of the files the interrupted commit
+    moved)."""
     _remove_temporaries(fs, root)
     settled: dict[str, bool] = {}
     for path in journals(fs, root):
         try:
             plan = CommitPlan.from_json(fs.cat_file(path), root)
         except FileNotFoundError:  # settled meanwhile (its run finished it)
+            continue
+        if plan.run_id == leaving:
             continue
         try:
             finished = _settle_claimed(fs, root, path, interrupted=True)

@@ -111,6 +111,16 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
     return sorted((in_table(fs, root, run) for run in runs), key=run_order)
 
 
+def settle_other_runs(root_uri: str, run_id: str, options: StorageOptions | None = None) -> None:
+    """Finish or undo the commits other runs left half done (`resolve_unfinished`), so that a
+    run reads the table as committed (an incremental run, the inputs it leaves out: a run
+    killed past its commit point holds its inputs). Run `run_id`'s own are its sink's to settle
+    (it resumes from them). Call it holding the table's run lock."""
+    fs, root = filesystem(root_uri, options)
+    with writing_to(root_uri):
+        resolve_unfinished(fs, root.rstrip("/"), leaving=run_id)
+
+
 def committed_run(
     root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> dict[str, Any] | None:
