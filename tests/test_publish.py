@@ -201,6 +201,38 @@ def test_a_rerun_whose_lock_is_taken_over_during_its_moves_does_not_commit(
     assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "r9"  # the taker's
 
 
+def test_a_rerun_whose_journal_the_taker_undoes_during_its_moves_leaves_no_file_behind(
+    tmp_path: Path,
+) -> None:
+    """As above, and the run that took the lock over settles the rerun's journal between two of
+    its moves (it undoes it: moves back what was in): the rerun's later moves go back to its
+    staging too, as it finds its commit settled by another, so plain-glob readers see r1 alone
+    (they were left in the partition, named by no journal or manifest, for good)."""
+    old = commit(tmp_path, OLD_ROWS)
+    before = parquet_files(tmp_path)
+    with RunLock(str(tmp_path), "r1", lease_s=600) as lock:
+        writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+        writer.write(rows(NEW_ROWS))
+        moved_in: list[str] = []
+
+        def take_over_and_settle(n: int, name: str, args: tuple[Any, ...]) -> None:
+            if name == "mv" and f"/{PARTITION}/" in args[1]:
+                moved_in.append(args[1])
+                if len(moved_in) == 2:  # the first file is in, the second about to be
+                    take_the_lock(tmp_path)
+                    settle(tmp_path)  # the taker opens its sink
+                    lock.renew()
+
+        writer.fs = FaultyFs(writer.fs, take_over_and_settle)
+        with pytest.raises(CommitRefused, match="another run settled this commit"):
+            writer.commit(None, None, lock.require_held)
+    assert len(moved_in) == 2
+    assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
+    assert parquet_files(tmp_path) == before
+    assert pq.read_table(tmp_path / PARTITION).num_rows == OLD_ROWS
+    assert seen_by_manifest_readers(tmp_path) == OLD_ROWS
+
+
 def test_a_lock_taken_over_between_renewals_stops_the_commit_at_its_commit_point(
     tmp_path: Path,
 ) -> None:
@@ -278,7 +310,7 @@ def test_a_run_whose_journal_was_claimed_before_its_fence_commits_nothing(
     old = commit(tmp_path, OLD_ROWS)
     writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
     writer.write(rows(NEW_ROWS))
-    with pytest.raises(CommitRefused, match="another run settled this commit at its commit"):
+    with pytest.raises(CommitRefused, match="another run settled this commit"):
         writer.commit(None, None, lambda: settle(tmp_path))  # held, then taken over
     assert committed_run(str(tmp_path), "r1")["attempt"] == old.attempt
     assert_settled(tmp_path, OLD_ROWS)

@@ -192,13 +192,14 @@ def publish(
         fenced = json.loads(unfenced) | {FENCED: True, MANIFEST: content, REPLACED: replaced}
         tag = _swap(journal, json.dumps(fenced, indent=1).encode(), tag)
     except Raced:
-        raise CommitRefused(
-            f"run {plan.run_id}: another run settled this commit at its commit point (the "
-            "table's lock was taken over while this run stalled): not committed, the table "
-            "keeps the run it had"
-        ) from None
+        raise _settled_by_another(plan) from None
     except Exception:
-        if not _settle_or_leave(fs, root, plan, committed=None):
+        stands = _settle_or_leave(fs, root, plan, committed=None)
+        if stands is None:  # the journal gone: another run settled it, or it is left
+            stands = _outcome_settled_elsewhere(fs, root, plan)
+            if stands is False:
+                raise _settled_by_another(plan) from None
+        if not stands:
             raise
         return  # the fence took (its answer lost): the commit is finished
     try:
@@ -208,6 +209,31 @@ def publish(
             _unfence_or_leave(fs, root, plan, journal, unfenced, tag)
             raise
     _settle_or_leave(fs, root, plan, committed=True)
+
+
+def _settled_by_another(plan: CommitPlan) -> CommitRefused:
+    return CommitRefused(
+        f"run {plan.run_id}: another run settled this commit (the table's lock was taken over "
+        "while this run stalled): not committed, the table keeps the run it had"
+    )
+
+
+def _outcome_settled_elsewhere(fs: AbstractFileSystem, root: str, plan: CommitPlan) -> bool | None:
+    """Where a commit's journal is gone before its fence was known to take (another run, which
+    took the table's lock over, settled it): whether that run finished it (the manifest names
+    the attempt). Where it undid it, the files this run moved in after that go back to its
+    staging: no journal or manifest names them, and they would stay in the partition for good.
+    None where the journal is still there (the next run settles it) or cannot be read."""
+    try:
+        if lock_file(fs, journal_path(root, plan.run_id, plan.attempt)).read()[0] is not None:
+            return None
+        if (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt:
+            return True
+        _move(fs, [(final, staged) for staged, final in plan.moves], missing_ok=True)
+    except OSError as err:
+        log.warning("run %s: its commit's outcome could not be read (%s)", plan.run_id, err)
+        return None
+    return False
 
 
 def resolve_unfinished(
