@@ -277,6 +277,11 @@ def test_segmentation_masks_are_committed_beside_the_table_and_replaced_by_a_rer
     folders = {path.rpartition("/")[0] for path in fs.find(run_folder) if path.endswith(".png")}
     assert folders == {f"{run_folder}/{rerun.attempt}"}  # the first attempt's masks are gone
     assert fs.cat_file(mask.as_py()) == b"png of class ids"
+    # The first attempt's tidy-up, late (it stalled after its snapshot): it removes what its
+    # own commit replaced (nothing), not every masks folder but its own (the rerun's, before).
+    first._tidy_up(first._committed, None, first.parts.folder)
+    fs.invalidate_cache()
+    assert fs.cat_file(mask.as_py()) == b"png of class ids"
 
 
 def test_a_run_committing_meanwhile_keeps_its_extent_in_the_tables_geo(output) -> None:

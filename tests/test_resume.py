@@ -451,7 +451,7 @@ def killed(*_args: Any, **_kwargs: Any) -> None:
 
 @pytest.mark.parametrize(
     "step",
-    ["IcebergSink._remove_other_masks", "_remove_index", "remove_attempt"],
+    ["IcebergSink._remove_masks_of", "_remove_index", "remove_attempt"],
 )
 def test_the_same_run_after_a_kill_past_its_iceberg_snapshot_is_that_commit(
     tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, step: str

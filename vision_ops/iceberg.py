@@ -253,8 +253,8 @@ class IcebergSink:
             self.fs.invalidate_cache(staging)
             if not self.fs.glob(f"{staging}/{PART_FILES}"):  # (a store may keep the folder)
                 return None
-        replaced = _replaced_index(self.table, self.run_id)
-        self._tidy_up(attempt, replaced, committed.get("index_uri"), staging)
+        replaced = _replaced_commit(self.table, self.run_id)
+        self._tidy_up(replaced, committed.get("index_uri"), staging)
         log.warning(
             "run %s: attempt %s committed snapshot %s and had not finished tidying up (it was "
             "stopped, or is finishing now: both remove the same files, at most once); tidied up "
@@ -266,11 +266,14 @@ class IcebergSink:
         files = [data.file_path for data in _run_data_files(self.table, committed)]
         return self._result(committed["snapshot_id"], files, committed, resumed=committed["rows"])
 
-    def _tidy_up(self, attempt: str, replaced: str | None, index: str | None, staging: str) -> None:
-        """After the snapshot of `attempt`: the masks and the index (`replaced`) of the commits
-        it replaced, then its staging (best effort: the table is right without)."""
-        self._remove_other_masks(attempt)
-        _remove_index(replaced, index, self.storage_options)
+    def _tidy_up(self, replaced: dict[str, Any] | None, index: str | None, staging: str) -> None:
+        """After a snapshot: the masks and the index of the commit of the run id it `replaced`
+        (its snapshot's summary; `index`, the snapshot's own), then its staging (best effort:
+        the table is right without). Only what that summary names: a later commit's, beside
+        them, is never touched."""
+        if replaced is not None:
+            self._remove_masks_of(replaced)
+            _remove_index(replaced.get("index_uri"), index, self.storage_options)
         with writing_to(self.output.uri):
             remove_attempt(self.fs, staging)
 
@@ -369,8 +372,7 @@ class IcebergSink:
             if failed.sure:  # else the files may be the table's now: leave them
                 self._undo(published, index)
             raise failed.error from None
-        replaced = (self._committed or {}).get("index_uri")  # the run id's commit before
-        self._tidy_up(self.attempt, replaced, uri, self.parts.folder)
+        self._tidy_up(self._committed, uri, self.parts.folder)  # the run id's commit before
         files = [f.file_path for f in self._files]
         return self._result(snapshot, files, self.written.counts(), resumed=self.resumed)
 
@@ -603,17 +605,21 @@ class IcebergSink:
                 self.fs.copy(path, target)
                 published.append(target)
 
-    def _remove_other_masks(self, committed: str) -> None:
-        """After the commit of attempt `committed`: the masks of the attempts it replaced
-        (best effort)."""
+    def _remove_masks_of(self, replaced: dict[str, Any]) -> None:
+        """The masks of a replaced commit (best effort): its attempt's folder; a commit from
+        before masks had one folder per attempt held them in the run's folder itself, beside
+        the attempts' folders: its files alone."""
         if "mask_uri" not in self.schema.names:
             return
-        ours = final_masks_folder(self.root, self.run_id, self.run_date, committed)
-        parent = ours.rpartition("/")[0]
+        attempt = replaced.get("attempt")
+        folder = final_masks_folder(self.root, self.run_id, self.run_date, attempt)
         with contextlib.suppress(OSError):
-            for folder in self.fs.ls(parent, detail=False):
-                if folder.rstrip("/") != ours:
-                    self.fs.rm(folder, recursive=True)
+            if attempt is not None:
+                self.fs.rm(folder, recursive=True)
+                return
+            for info in self.fs.ls(folder, detail=True):
+                if info["type"] == "file":
+                    self.fs.rm_file(info["name"])
 
 
 def _remove_index(replaced: str | None, ours: str | None, options: StorageOptions) -> None:
@@ -624,12 +630,12 @@ def _remove_index(replaced: str | None, ours: str | None, options: StorageOption
             fs.rm_file(path)
 
 
-def _replaced_index(table: Table, run_id: str) -> str | None:
-    """The index of the run id's commit before its latest one, if any."""
+def _replaced_commit(table: Table, run_id: str) -> dict[str, Any] | None:
+    """The run id's commit before its latest one (its snapshot's summary), if any."""
     commits = (s for s in _history(table) if s.summary and s.summary.get(RUN_ID) == run_id)
     next(commits, None)
     earlier = next(commits, None)
-    return _manifest(earlier).get("index_uri") if earlier is not None else None
+    return _manifest(earlier) if earlier is not None else None
 
 
 def rechunked(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
