@@ -318,6 +318,36 @@ def test_a_run_whose_journal_was_claimed_before_its_fence_commits_nothing(
     assert len(staged) == 2  # moved back by the run that undid the commit
 
 
+def test_a_run_whose_fence_took_and_whose_taker_finished_it_reports_it_committed(
+    tmp_path: Path,
+) -> None:
+    """The fence lands but its answer is lost (the write fails as the store answers), and the
+    run that took the table over finishes the fenced commit before the rerun looks again: the
+    rerun finds its journal settled and the manifest naming its attempt, and reports the
+    commit it made (it said it was not committed)."""
+    commit(tmp_path, OLD_ROWS)
+    writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+    real = writer.fs
+    landed: list[str] = []
+
+    def fence_lands_then_taker_finishes(n: int, name: str, args: tuple[Any, ...]) -> None:
+        fence = name == "mv" and f"/{JOURNAL}/" in args[1]
+        if fence and json.loads(Path(args[0]).read_bytes()).get("fenced"):
+            real.mv(args[0], args[1])  # the fence lands
+            landed.append(args[1])
+            raise Fault("the fence's answer was lost")
+        if landed and name == "makedirs" and len(landed) == 1:  # the rerun claims it next
+            landed.append("settled")
+            settle(tmp_path)  # but the taker, first, finishes the commit
+
+    writer.fs = FaultyFs(real, fence_lands_then_taker_finishes)
+    result = writer.commit()
+    assert result.rows == NEW_ROWS and landed[1:] == ["settled"]
+    assert committed_run(str(tmp_path), "r1")["attempt"] == writer.attempt
+    assert_settled(tmp_path, NEW_ROWS)
+
+
 def test_a_run_that_lost_its_lock_leaves_the_takers_journal(tmp_path: Path) -> None:
     """Another attempt of r1 took the lock over and began its own commit (its journal written)
     while this one moved its files in: this one undoes its own commit and removes its own

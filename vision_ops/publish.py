@@ -192,6 +192,8 @@ def publish(
         fenced = json.loads(unfenced) | {FENCED: True, MANIFEST: content, REPLACED: replaced}
         tag = _swap(journal, json.dumps(fenced, indent=1).encode(), tag)
     except Raced:
+        if _outcome_settled_elsewhere(fs, root, plan):
+            return  # the fence took, and the run that claimed it since finished the commit
         raise _settled_by_another(plan) from None
     except Exception:
         stands = _settle_or_leave(fs, root, plan, committed=None)
