@@ -286,6 +286,31 @@ def test_a_holdout_that_is_not_there_is_refused_before_any_work(
     assert not (spec_file.parent / "table").exists() and not ray.is_initialized()
 
 
+def test_a_segmentation_holdout_is_a_folder_of_masks(spec_file, capsys) -> None:
+    """A segmentation run's hold-out is a folder of PNG masks (its truth format, `masks`, by
+    default): `validate` takes one, and refuses a file where the folder should be (it refused
+    every folder, as for a file's truth)."""
+    masks = spec_file.parent / "truth-masks"
+    masks.mkdir()
+    labels = spec_file.parent / "labels.txt"
+    labels.write_text("background\nred\ngreen\n")
+    model = (
+        "model={kind: entrypoint, entrypoint: 'toy_models:colour_segmenter', "
+        f"labels: {labels}, preprocessing: {{resize: 64, crop: 64, mean: [0, 0, 0], "
+        "std: [1, 1, 1]}}"
+    )
+
+    def validate(evaluate: str) -> int:
+        overrides = ["task={kind: segmentation}", model, f"evaluate={evaluate}"]
+        return main(["validate", str(spec_file), *(a for o in overrides for a in ("--set", o))])
+
+    assert validate(f"{{truth: {masks}, min: {{mean_iou: 0.5}}}}") == 0
+    assert validate(f"{{truth: {masks}, truth_format: masks}}") == 0
+    capsys.readouterr()
+    assert validate(f"{{truth: {labels}, min: {{mean_iou: 0.5}}}}") == EXIT_BAD_SPEC
+    assert f"evaluate.truth: {labels} is a file, expected a folder" in capsys.readouterr().err
+
+
 def test_weights_that_do_not_load_in_the_actors_exit_2_with_the_models_message(
     spec_file, capsys, ray_local
 ) -> None:

@@ -141,12 +141,18 @@ def check_holdout(spec: JobSpec) -> None:
     """The hold-out of the spec's `evaluate:` section is there (SpecError if not): a run must
     not commit and only then find it cannot be scored. (`run` checks only this up front: its
     model is checked while Ray starts.)"""
-    from vision_ops.storage import missing_file
+    from vision_ops.storage import missing_file, missing_folder
+    from vision_ops.tasks import TRUTH_NOT_A_FILE, truth_format_of
 
     held = spec.evaluate
-    if held is None or held.truth is None or held.truth_format == "imagefolder":
+    if held is None or held.truth is None:
         return
-    problem = missing_file(held.truth, spec.storage_options)
+    truth_format = truth_format_of(spec.task.kind, held.truth_format)
+    names = TRUTH_NOT_A_FILE.get(truth_format, "file") if truth_format else None
+    if names is None:
+        return
+    missing = missing_folder if names == "folder" else missing_file
+    problem = missing(held.truth, spec.storage_options)
     if problem:
         raise SpecError(f"evaluate.truth: {held.truth} {problem}")
 

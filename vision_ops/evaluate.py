@@ -31,7 +31,7 @@ from vision_ops.storage import (
     read_bytes,
     read_parquet,
 )
-from vision_ops.tasks import TOP5, task_of_run
+from vision_ops.tasks import TOP5, task_of_run, truth_format_of
 from vision_ops.tiling import tile_window
 
 METRICS = "_metrics"
@@ -73,7 +73,7 @@ def evaluate_run(
         raise NoScorer(
             f"run {manifest['run_id']} cannot be scored: its task, {task.name}, has no scorer"
         )
-    truth_format = truth_format or task.truth_formats[0]
+    truth_format = truth_format_of(task.name, truth_format)
     if truth_format not in task.truth_formats:
         raise EvaluationError(
             f"--truth-format: a {task.name} run is scored against "

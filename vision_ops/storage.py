@@ -210,6 +210,19 @@ def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
     return "is a folder, expected a file" if folder else "not found"
 
 
+def missing_folder(uri: str, options: StorageOptions | None = None) -> str | None:
+    """Why the folder at `uri` cannot be used (`missing_file`'s reasons, for a folder); None
+    where it is there."""
+    try:
+        fs, path = filesystem(uri, options)
+        if fs.isdir(path):
+            return None
+        a_file = fs.isfile(path)
+    except Exception as err:  # the store's errors are not one type
+        return f"cannot be read: {type(err).__name__}: {err}"
+    return "is a file, expected a folder" if a_file else "not found"
+
+
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem serving `uri` and the path inside it; a local path without its `.` and
     `..` parts, so that each file has one URI however it was named (as the shell would read

@@ -212,6 +212,17 @@ def truth_formats() -> list[str]:
     return sorted({fmt for name in TASKS for fmt in TASKS.get(name).truth_formats})
 
 
+# What a truth format's `truth` names, where it is not a file: a folder (of masks), or nothing
+# (imagefolder reads the labels from the inputs' folders).
+TRUTH_NOT_A_FILE: dict[str, str | None] = {"masks": "folder", "imagefolder": None}
+
+
+def truth_format_of(task_name: str, truth_format: str | None) -> str | None:
+    """The truth format a run of the task is scored against: the one named, else its first
+    (None: the task is scored against none)."""
+    return truth_format or next(iter(get_task(task_name).truth_formats), None)
+
+
 def load_ref(ref: str) -> Any:
     """The object a `"module:attribute"` string names."""
     module, _, attribute = ref.partition(":")
