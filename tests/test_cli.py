@@ -394,6 +394,12 @@ def test_a_cluster_address_where_nothing_answers_fails_at_once(
     err = capsys.readouterr().err
     assert f"error: RAY_ADDRESS=http://127.0.0.1:{port}: no Ray cluster answers there" in err
     assert "SECRETPW" not in err and "admin" not in err
+    for bare in (f"admin:SECRETPW@127.0.0.1:{port}", f":SECRETPW@127.0.0.1:{port}"):  # no scheme
+        monkeypatch.setenv("RAY_ADDRESS", bare)
+        assert main(["run", str(spec_file)]) == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert f"error: RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there" in err
+        assert "SECRETPW" not in err and "admin" not in err
 
 
 def test_a_ray_client_address_is_refused_before_any_work(

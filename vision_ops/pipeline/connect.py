@@ -100,17 +100,25 @@ def refuse_ray_client(address: str) -> None:
     listing starts), and a driver off the cluster would move every batch over the network."""
     if address.strip().lower().startswith("ray://"):
         raise ThroughRayClient(
-            f"RAY_ADDRESS={without_userinfo(address)}: a Ray Client address, through which Ray "
+            f"RAY_ADDRESS={shown_address(address)}: a Ray Client address, through which Ray "
             "Data does not run; expected the cluster's GCS address (host:6379, or auto) from a "
             "node of the cluster, or `vision-ops submit` from elsewhere; nothing was done"
         )
+
+
+def shown_address(address: str) -> str:
+    """A cluster address as a message says it: without the user and password it may hold, of
+    a URL (`http://user:password@head:8265`) or of a bare `user:password@head:6379` alike."""
+    if "://" not in address:
+        return address.rpartition("@")[2]
+    return without_userinfo(address)
 
 
 def require_reachable(address: str) -> None:
     """A `host:port` (or `http://host:port`) cluster address that accepts a connection, else
     ClusterUnreachable naming it: `ray.init` would retry for minutes, and a nightly run would
     hang on a cluster that is down. `auto` and other forms are left to Ray."""
-    shown = without_userinfo(address)  # http://user:password@head:8265: never printed
+    shown = shown_address(address)
     host, _, port = shown.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     if not host or not port.isdigit():
         return
