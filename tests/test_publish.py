@@ -630,6 +630,38 @@ def test_a_failure_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path)
         assert_settled(root, committed_rows)
 
 
+class Killed(BaseException):
+    """A SIGKILL, in process: nothing after it runs, no `except Exception` undoes anything."""
+
+
+def test_verify_names_an_unsettled_commit_of_any_run_in_the_table(tmp_path: Path) -> None:
+    """Run r2 killed while it moved its files in: plain-glob readers of the table see them,
+    whichever run is verified, so `verify` names r2's unsettled commit for r1 too (it checked
+    the verified run's journal only, and said r1 held), and for r2, which has no committed
+    run; once the next run settles it, r1 holds again."""
+    commit(tmp_path, OLD_ROWS)
+    killed = ParquetSink(str(tmp_path), "r2", DATE, PREDICTION_SCHEMA, rows_per_file=1)
+    killed.write(rows(NEW_ROWS, "r2"))
+    moved: list[str] = []
+
+    def kill_at_the_second_move(n: int, name: str, args: tuple[Any, ...]) -> None:
+        if name == "mv" and f"/{PARTITION}/" in args[1]:
+            moved.append(args[1])
+            if len(moved) == 2:
+                raise Killed
+
+    killed.fs = FaultyFs(killed.fs, kill_at_the_second_move)
+    with pytest.raises(Killed):
+        killed.commit()
+    assert pq.read_table(tmp_path / PARTITION).num_rows == OLD_ROWS + 1  # a glob sees r2's
+    unsettled = UNFINISHED.format(run_id="r2")
+    assert verify_run(str(tmp_path), "r1")[1] == [unsettled]
+    assert verify_run(str(tmp_path), "r2") == ({}, [f"{tmp_path}: no committed run r2", unsettled])
+    settle(tmp_path)
+    assert verify_run(str(tmp_path), "r1")[1] == []
+    assert pq.read_table(tmp_path / PARTITION).num_rows == OLD_ROWS
+
+
 KILLER = """
 import datetime as dt, os, signal, sys
 sys.path.insert(0, {tests!r})

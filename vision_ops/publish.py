@@ -130,10 +130,16 @@ def journals(fs: AbstractFileSystem, root: str) -> list[str]:
     return sorted(name for name in names if name.endswith(".json"))
 
 
-def interrupted_commits(fs: AbstractFileSystem, root: str, run_id: str) -> list[CommitPlan]:
-    """The interrupted commits of run `run_id` whose journals are in the table at `root`."""
-    plans = [CommitPlan.from_json(fs.cat_file(path), root) for path in journals(fs, root)]
-    return [plan for plan in plans if plan.run_id == run_id]
+def interrupted_commits(
+    fs: AbstractFileSystem, root: str, run_id: str | None = None
+) -> list[CommitPlan]:
+    """The interrupted commits whose journals are in the table at `root`: run `run_id`'s, else
+    every run's."""
+    plans = []
+    for path in journals(fs, root):
+        with contextlib.suppress(FileNotFoundError):  # settled since it was listed
+            plans.append(CommitPlan.from_json(fs.cat_file(path), root))
+    return [plan for plan in plans if run_id is None or plan.run_id == run_id]
 
 
 def manifest_path(root: str, run_id: str) -> str:

@@ -436,15 +436,17 @@ def read_committed_file(
 
 
 def unfinished_commit(
-    root_uri: str, run_id: str, options: StorageOptions | None = None
+    root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> list[str]:
-    """A problem where a commit of `run_id` was interrupted (its journal is still there)."""
+    """A problem per run whose commit was interrupted (its journal is still there): `run_id`'s,
+    else any run's in the table (plain readers of the table see its files, whatever run is
+    verified)."""
     fs, root = filesystem(root_uri, options)
-    if not interrupted_commits(fs, root.rstrip("/"), run_id):
-        return []
+    plans = interrupted_commits(fs, root.rstrip("/"), run_id)
     return [
-        f"a commit of run {run_id} was interrupted: plain readers of the partition may see "
-        "files of two attempts until the next run on this table settles it"
+        f"a commit of run {interrupted} was interrupted: plain readers of the partition may "
+        "see files of two attempts until the next run on this table settles it"
+        for interrupted in sorted({plan.run_id for plan in plans})
     ]
 
 
@@ -453,11 +455,12 @@ def verify_run(
 ) -> tuple[dict[str, Any], list[str]]:
     """Re-check a committed run (the given id, else the latest): its files exist with readable
     footers and the manifest's row counts, no unit twice, the units its manifest recorded, and
-    no unfinished commit of it. Returns the manifest and the problems found (none: it holds)."""
+    no unfinished commit in the table, of this run or another. Returns the manifest and the
+    problems found (none: it holds)."""
     manifest = committed_run(root_uri, run_id, options)
+    problems = unfinished_commit(root_uri, None, options)  # any run's: glob readers see it
     if manifest is None:
-        return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip()]
-    problems = unfinished_commit(root_uri, manifest["run_id"], options)
+        return {}, [f"{root_uri}: no committed run {run_id or ''}".rstrip(), *problems]
     item_ids: list[str] = []
     for entry in manifest["files"]:
         try:
