@@ -438,6 +438,18 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
         assert main(["run", str(path)]) == EXIT_FAILED
         [failed] = [r for r in caplog.records if r.message == "the predictor failed in the driver"]
         assert failed.exc_info is not None and DEVICE_LOST in str(failed.exc_info[1])
+        # A backfill's run: the same backfill resumes it (it takes no --run-id), and it says
+        # where it stopped and which dates it did not run.
+        capsys.readouterr()
+        dates = ["--from", "2026-11-01", "--to", "2026-11-03"]
+        assert main(["backfill", str(path), "--set", "run.id=null", *dates]) == EXIT_FAILED
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert said == [
+            f"error: {where}: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows made "
+            "durable so far stay staged, and the same backfill (from 2026-11-01, the dates "
+            "committed skipped) resumes from them",
+            "error: the backfill stopped at 2026-11-01: 2026-11-02..2026-11-03 not run (2 date(s))",
+        ]
 
 
 def test_a_stalled_run_fails_naming_the_stuck_stage(tmp_path) -> None:

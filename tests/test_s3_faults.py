@@ -249,12 +249,18 @@ def missing_bucket(s3fs_client: Any) -> Iterator[str]:
 
 def test_a_missing_output_bucket_fails_the_run_and_creates_nothing(
     ray_local: None, seaweed: Any, s3fs_client: Any, photos: tuple[str, list[str]],
-    missing_bucket: str, tiny_weights: Path,
+    missing_bucket: str, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    with pytest.raises(Exception) as err:
-        run_job(spec(photos[0], missing_bucket, tiny_weights, seaweed.endpoint_url, "nobucket"))
-    message = str(err.value)
-    assert MISSING_BUCKET in message
-    assert any(words in message.lower() for words in ("does not exist", "no such bucket"))
+    """The command says nothing was done (it promised a resume from staged rows, none)."""
+    path = tmp_path / "job.yaml"
+    raw = job(photos[0], missing_bucket, tiny_weights, seaweed.endpoint_url, "nobucket")
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == EXIT_FAILED
+    [said] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert said == (
+        f"error: cannot write {missing_bucket}: the bucket {MISSING_BUCKET} does not exist; "
+        "nothing was done"
+    )
     s3fs_client.invalidate_cache()
     assert not s3fs_client.exists(MISSING_BUCKET)

@@ -284,21 +284,24 @@ def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
 
 def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops.runstats import startup_line
-    from vision_ops.storage import StorageError
+    from vision_ops.storage import OutputBucketMissing, StorageError
 
     spec = spec.pinned()  # one run id and date, for the run and for what is said of it here
+    again = args.command  # what resumes it: the same run, or the same backfill
     try:
         summary = _connect_and_run(spec)
     except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
         return _fail(err, err.exit_code)
+    except OutputBucketMissing as err:  # found before any work
+        return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
     except StorageError as err:
-        return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
+        return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
-        return _fail(RuntimeError(interrupted(spec, err)), _stopped_exit(err))
+        return _fail(RuntimeError(interrupted(spec, err, again)), _stopped_exit(err))
     except SystemExit as err:  # Ray's own SIGTERM handler, while Ray started (sys.exit(15))
         if err.code != signal.SIGTERM:
             raise
-        return _fail(RuntimeError(interrupted(spec, Terminated())), EXIT_TERMINATED)
+        return _fail(RuntimeError(interrupted(spec, Terminated(), again)), EXIT_TERMINATED)
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
@@ -309,7 +312,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         )
 
         if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
-            return _fail(RuntimeError(f"{err}; {nothing_committed(spec)}"), EXIT_FAILED)
+            return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
         in_actor = raised_as_an_actor_started(err)  # e.g. weights that are not a state_dict
         if in_actor is not None:
             message, code = in_actor
@@ -318,13 +321,14 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             )
         if isinstance(err, PredictorFailed):  # in the driver's threads (predict_in: driver)
             log.debug("the predictor failed in the driver", exc_info=err.__cause__)
-            message = f"the predictor failed in the driver: {err}; {nothing_committed(spec)}"
+            message = f"the predictor failed in the driver: {err}; {nothing_committed(spec, again)}"
             return _fail(RuntimeError(message), EXIT_FAILED)
         in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
         if in_worker is not None:
             return _fail(
                 RuntimeError(
-                    f"a worker failed: {in_worker}; {nothing_committed(spec)} (the worker's stack "
+                    f"a worker failed: {in_worker}; {nothing_committed(spec, again)} (the worker's "
+                    "stack "
                     "trace: Ray Data's log, in the Ray session's logs/ray-data)"
                 ),
                 EXIT_FAILED,
@@ -402,21 +406,21 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
-def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
-    """What a Ctrl-C (or SIGTERM) of `run` left: nothing committed; or (a Parquet table,
-    stopped inside its commit: the journal is there) a commit the next run on the table
-    finishes or undoes; or (an Iceberg table, stopped while the catalog had the commit) a
-    snapshot that may have landed."""
+def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None, command: str = "run") -> str:
+    """What a Ctrl-C (or SIGTERM) of `run` (or of a `backfill`'s run) left: nothing committed;
+    or (a Parquet table, stopped inside its commit: the journal is there) a commit the next run
+    on the table finishes or undoes; or (an Iceberg table, stopped while the catalog had the
+    commit) a snapshot that may have landed."""
     from vision_ops.errors import InterruptedDuringCommit
     from vision_ops.sink import unfinished_commit
 
-    run_id, run_date = spec.resolved_run()
+    run_id, _ = spec.resolved_run()
     stopped = STOPPED_BY[err is not None and stopped_by_sigterm(err)]
     if isinstance(err, InterruptedDuringCommit):
         return (
             f"{stopped} during the catalog commit of run {run_id}: its snapshot may have "
-            "landed or not (`vision-ops verify` shows the committed run); the same command with "
-            f"--run-id {run_id} --run-date {run_date.isoformat()} commits the run either way"
+            "landed or not (`vision-ops verify` shows the committed run); "
+            f"{_the_same(spec, command)} commits the run either way"
         )
     output = spec.output
     try:
@@ -431,18 +435,26 @@ def interrupted(spec: JobSpec, err: KeyboardInterrupt | None = None) -> str:
             "finishes the commit or undoes it (its manifest says which; `vision-ops verify` "
             "shows the committed run)"
         )
-    return f"{stopped}: {nothing_committed(spec)}"
+    return f"{stopped}: {nothing_committed(spec, command)}"
 
 
-def nothing_committed(spec: JobSpec) -> str:
+def nothing_committed(spec: JobSpec, command: str = "run") -> str:
     """What a run that broke off before its commit left (a Ctrl-C, a worker's failure), and
-    the flags that resume it: its run id and date (a default run id is the date's, so the same
-    command after midnight would start another run)."""
-    run_id, run_date = spec.resolved_run()
+    what resumes it (`_the_same`)."""
     return (
-        "nothing was committed; the rows made durable so far stay staged, and the same command "
-        f"with --run-id {run_id} --run-date {run_date.isoformat()} resumes from them"
+        "nothing was committed; the rows made durable so far stay staged, and "
+        f"{_the_same(spec, command)} resumes from them"
     )
+
+
+def _the_same(spec: JobSpec, command: str) -> str:
+    """What runs a run again: the same command with its run id and date (a default run id is
+    the date's, so the same command after midnight would start another run); for a backfill's
+    run, the same backfill (its flags are the range: it runs that date again, by its id)."""
+    run_id, run_date = spec.resolved_run()
+    if command == "backfill":
+        return f"the same backfill (from {run_date.isoformat()}, the dates committed skipped)"
+    return f"the same command with --run-id {run_id} --run-date {run_date.isoformat()}"
 
 
 def _connect_and_run(spec: JobSpec) -> RunSummary:
@@ -520,9 +532,20 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
             if code in committed_but:
                 committed_but[code].append(day.isoformat())
             elif code != EXIT_OK:
+                _say_where_the_backfill_stopped(day, args.end)
                 return _check_backfilled(spec, args, committed, code)
         day += dt.timedelta(days=1)
     return _check_backfilled(spec, args, committed, _backfill_outcome(committed_but))
+
+
+def _say_where_the_backfill_stopped(day: dt.date, end: dt.date) -> None:
+    left = end - day
+    later = (
+        "no later date in the range"
+        if not left
+        else f"{day + dt.timedelta(days=1)}..{end} not run ({left.days} date(s))"
+    )
+    print(f"error: the backfill stopped at {day}: {later}", file=sys.stderr)
 
 
 # The exit codes of a run that committed (the README's exit table).

@@ -28,6 +28,10 @@ class StorageError(RuntimeError):
     no such bucket). Raised before the commit, so nothing is visible to readers."""
 
 
+class OutputBucketMissing(StorageError):
+    """The output's bucket does not exist: found before any work (`require_bucket`)."""
+
+
 # What a table's URI naming a file is told: before a run (`cli.check_storage`) and on reading
 # its manifest (`publish.read_manifest`).
 TABLE_IS_A_FILE = "is a file, expected a table's folder"
@@ -268,7 +272,9 @@ def require_bucket(uri: str, options: StorageOptions | None = None) -> None:
     try:
         fs.info(bucket)
     except FileNotFoundError:
-        raise StorageError(f"cannot write {uri}: the bucket {bucket} does not exist") from None
+        raise OutputBucketMissing(
+            f"cannot write {uri}: the bucket {bucket} does not exist"
+        ) from None
     except OSError:
         return  # not allowed to look (no ListBucket): the writes themselves will tell
 
