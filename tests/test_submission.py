@@ -23,7 +23,7 @@ from process_session import kill_session
 from ray_temp_root import short_temp_dir
 
 from vision_ops.devstack import free_ports
-from vision_ops.errors import EXIT_BAD_SPEC, EXIT_FAILED
+from vision_ops.errors import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_TOO_MANY_ERRORS
 from vision_ops.submission import SubmissionError, masked, passed_env
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
@@ -182,6 +182,17 @@ def test_submit_runs_the_job_and_its_output_is_queryable(ray_head, job_spec, tmp
     query = subprocess.run([*CLI, "query", str(tmp_path / "table"), sql, "--format", "csv"],
                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert query.stdout.splitlines() == ["n,run", "2,sub-1"]
+    # The run's outcome flags travel with the job: an incremental night whose one new input
+    # is broken exits 4 over --max-error-ratio, on the cluster and so here.
+    (job_spec.parent / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
+    night = ["--run-id", "sub-2", "--incremental", "--max-error-ratio", "0.2", "--wait"]
+    args = [*CLI, "submit", str(job_spec), "--address", address, *night]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == EXIT_TOO_MANY_ERRORS, done.stdout + done.stderr[-3000:]
+    job_id = done.stdout.split()[1]
+    logs = subprocess.run([*CLI, "logs", job_id, "--address", address], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "run sub-2: 1 items, 0 ok, 1 errors" in logs.stdout
 
 
 def test_submit_without_the_token_is_refused(ray_head, job_spec, tmp_path) -> None:

@@ -692,7 +692,7 @@ def submit(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops import submission
 
     try:
-        job = submission.submit(spec, args.address, args.env or [])
+        job = submission.submit(spec, args.address, args.env or [], args.max_error_ratio)
         cluster = submission.masked(args.address, args.address)
         print(f"submitted {job.job_id} (run {job.run_id}) to {cluster}")
         if not args.wait:
@@ -996,16 +996,8 @@ def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    from vision_ops.tasks import truth_formats
-
-    parser = argparse.ArgumentParser(prog="vision-ops", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    sub = commands.add_parser("run", help="run a job spec and commit its predictions")
-    _spec_arguments(sub)
-    sub.add_argument("--run-id", type=_run_id, help="run id (default: run date + spec hash)")
-    sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD (default: today UTC)")
+def _run_outcome_arguments(sub: argparse.ArgumentParser) -> None:
+    """The flags of a run's outcome, for `run` and for the run `submit` ships."""
     sub.add_argument(
         "--max-error-ratio",
         type=_share,
@@ -1017,6 +1009,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip units committed before for the same model and input version",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from vision_ops.tasks import truth_formats
+
+    parser = argparse.ArgumentParser(prog="vision-ops", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sub = commands.add_parser("run", help="run a job spec and commit its predictions")
+    _spec_arguments(sub)
+    sub.add_argument("--run-id", type=_run_id, help="run id (default: run date + spec hash)")
+    sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD (default: today UTC)")
+    _run_outcome_arguments(sub)
     sub.set_defaults(handler=_with_spec(run, check=check_storage))
 
     sub = commands.add_parser("validate", help="check a job spec without running it")
@@ -1197,6 +1202,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-date", type=_date, help="YYYY-MM-DD")
     sub.add_argument("--env", action="append", help="ship this (non-secret) variable too")
     sub.add_argument("--wait", action="store_true", help="follow the job; exit as it ended")
+    _run_outcome_arguments(sub)
     sub.add_argument(
         "--timeout",
         type=float,

@@ -118,9 +118,15 @@ def passed_env(extra: list[str]) -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-def submit(spec: JobSpec, address: str, env_names: list[str] | None = None) -> Submitted:
-    """Ship the spec and the package; the job runs `vision-ops run` on the cluster. The spec's
-    folder is uploaded as the submission is made, and removed here after it."""
+def submit(
+    spec: JobSpec,
+    address: str,
+    env_names: list[str] | None = None,
+    max_error_ratio: float = 1.0,
+) -> Submitted:
+    """Ship the spec and the package; the job runs `vision-ops run` on the cluster (with
+    `--max-error-ratio`, exit 4 over it; --incremental travels in the spec). The spec's folder
+    is uploaded as the submission is made, and removed here after it."""
     run_id, run_date = spec.resolved_run()
     env_vars = passed_env(env_names or [])
     jobs = client(address)
@@ -132,7 +138,8 @@ def submit(spec: JobSpec, address: str, env_names: list[str] | None = None) -> S
             "env_vars": env_vars,
         }
         command = (
-            f"python -m vision_ops.cli run {SPEC_NAME} --run-id {run_id} --run-date {run_date}"
+            f"python -m vision_ops.cli run {SPEC_NAME} --run-id {run_id} --run-date {run_date} "
+            f"--max-error-ratio {max_error_ratio!r}"
         )
         job_id = _submitted(jobs, address, command, runtime_env, run_id)
     return Submitted(job_id=job_id, run_id=run_id)
