@@ -596,7 +596,10 @@ def test_overrides_apply_to_the_parsed_spec() -> None:
             "--set storage_options.s3.key: not valid YAML: found character '@' that cannot "
             "start any token at line 1, column 1",
         ),
-        ("run.date=2026-02-30", "--set run.date: not valid YAML: day is out of range for month"),
+        (
+            "run.date=2026-02-30",
+            "--set run.date: not a valid date (day is out of range for month); expected YYYY-MM-DD",
+        ),
         (
             "runtime.batch_size=[8",
             "--set runtime.batch_size: not valid YAML: expected ',' or ']', "
@@ -615,7 +618,7 @@ def test_bad_override_is_refused(override: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("run: {date: 2026-02-30}\n", "spec file {path}: not valid YAML: day is out of range"),
+        ("run: {date: 2026-02-30}\n", "spec file {path}: not a valid date (day is out of range"),
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", "spec file {path}: nested too deeply"),
         ("a: &x [*x]\n", "invalid job spec: nested too deeply"),
         (  # the second would silently win

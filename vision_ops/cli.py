@@ -1038,9 +1038,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("backfill", help="run each date of a range not yet committed")
     _spec_arguments(sub)
-    sub.add_argument("--from", dest="start", type=_date, required=True)
-    sub.add_argument("--to", dest="end", type=_date, required=True)
-    sub.add_argument("--max-error-ratio", type=_share, default=1.0)
+    sub.add_argument(
+        "--from", dest="start", type=_date, required=True, help="the first date, YYYY-MM-DD"
+    )
+    sub.add_argument(
+        "--to", dest="end", type=_date, required=True, help="the last date (not after today UTC)"
+    )
+    sub.add_argument(
+        "--max-error-ratio",
+        type=_share,
+        default=1.0,
+        help="exit 4, once every date has run, where a date's share of error rows is above this "
+        "(default 1.0: never)",
+    )
     sub.add_argument(
         "--check",
         action="store_true",

@@ -1379,7 +1379,9 @@ def _yaml_value(text: str, where: str) -> Any:
         mark = err.problem_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{where}: not valid YAML: {err.problem}{at}") from None
-    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date such as 2026-02-30
+    except ValueError as err:  # YAML, but a date such as 2026-02-30 or 2026-13-45
+        raise SpecError(f"{where}: not a valid date ({err}); expected YYYY-MM-DD") from None
+    except yaml.YAMLError as err:
         raise SpecError(f"{where}: not valid YAML: {err}") from None
     except RecursionError:
         raise SpecError(f"{where}: nested too deeply") from None
