@@ -64,9 +64,13 @@ def test_a_pool_left_open_starts_no_more_actors_than_the_run_has_model_calls(
 @pytest.mark.parametrize(
     ("runtime", "resources", "message"),
     [
-        ({}, {"CPU": 1}, "expected min_actors <= 0"),
+        ({}, {"CPU": 1}, "expected min_actors <= 0. Lower runtime.min_actors or runtime.num_cpus"),
         ({"min_actors": 3}, {"CPU": 8, "GPU": 2}, "expected min_actors <= 2"),
-        ({"num_gpus_per_actor": 1}, {"CPU": 8}, "0 GPUs"),
+        (
+            {"num_gpus_per_actor": 1},
+            {"CPU": 8},
+            r"0 GPUs.* Lower runtime.num_gpus_per_actor \(no node has 1 GPU; unset, it follows",
+        ),
         ({"device": "cuda", "num_gpus_per_actor": 0}, {"CPU": 8}, "device is cuda"),
     ],
 )

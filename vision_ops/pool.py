@@ -259,9 +259,21 @@ def _unreachable_message(runtime: RuntimeSpec, num_gpus: float, nodes: Nodes, fi
         f"runtime.min_actors={smallest} actors of {runtime.num_cpus_per_actor:g} CPU and "
         f"{num_gpus:g} GPU each cannot be scheduled even at full scale: the launcher config's "
         f"nodes ({kinds} each) hold {fits}, {runtime.reserved_cpus:g} CPUs kept free "
-        f"(runtime.reserved_cpus); expected min_actors <= {fits}. Lower runtime.min_actors or "
-        "runtime.num_cpus_per_actor, or raise the node types' max_workers"
+        f"(runtime.reserved_cpus); expected min_actors <= {fits}. "
+        f"{_lower(num_gpus, max(node.get('GPU', 0) for node, _ in nodes))}, or raise the node "
+        "types' max_workers"
     )
+
+
+def _lower(num_gpus: float, most_gpus: float) -> str:
+    """What to lower where the pool does not fit: the GPUs an actor asks for where no node has
+    that many (`most_gpus`: the most a node has), else the actors or their CPUs."""
+    if num_gpus > most_gpus:
+        return (
+            f"Lower runtime.num_gpus_per_actor (no node has {num_gpus:g} GPU; "
+            "unset, it follows the GPUs up)"
+        )
+    return "Lower runtime.min_actors or runtime.num_cpus_per_actor"
 
 
 def _too_small_message(
@@ -273,6 +285,5 @@ def _too_small_message(
         f"and {num_gpus:g} GPU each cannot be scheduled: the cluster has {cpus:g} CPUs and "
         f"{gpus:g} GPUs, each actor on one node, and {runtime.reserved_cpus:g} CPUs stay free "
         f"for reading and decoding (runtime.reserved_cpus); expected min_actors <= {fits}. "
-        "Lower runtime.min_actors or runtime.num_cpus_per_actor, add nodes, or set "
-        "runtime.autoscaling: true"
+        f"{_lower(num_gpus, gpus)}, add nodes, or set runtime.autoscaling: true"
     )
