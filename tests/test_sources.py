@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -981,3 +982,24 @@ def test_a_glob_lists_only_the_folders_its_pattern_reaches(
     listed.clear()
     assert len(uris(InputSpec(uris=[f"{tree}/photos/**/*.png"]))) == 1
     assert listed == ["/photos", "/photos/sub", "/photos/sub/deeper"]
+
+
+def test_an_s3_input_or_output_without_credentials_is_named_with_where_they_were_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore finds no credentials anywhere: the input (or output) is named and where they
+    were looked for, as a SourceError (exit 2) before any work; it was "NoCredentialsError:
+    Unable to locate credentials", exit 1."""
+    from vision_ops.storage import StorageError, require_bucket
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {"s3": {"endpoint_url": "http://127.0.0.1:9"}}
+    looked = "no credentials for the store: none found in the environment (AWS_ACCESS_KEY_ID"
+    with pytest.raises(SourceError, match=rf"^input s3://photos/p/: {re.escape(looked)}"):
+        plan_inputs(InputSpec(uris=["s3://photos/p/"]), options)
+    with pytest.raises(StorageError, match=rf"^output s3://out/t: {re.escape(looked)}"):
+        require_bucket("s3://out/t", options)

@@ -16,7 +16,7 @@ import pyarrow as pa
 from vision_ops.errors import VisionOpsError
 from vision_ops.outputs import Target, committed_run, describe, sql_source, sql_string
 from vision_ops.schema import PARTITION_COLUMN
-from vision_ops.storage import StorageOptions, without_userinfo
+from vision_ops.storage import CREDENTIAL_CHAIN, StorageOptions, without_userinfo
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
 
@@ -63,9 +63,7 @@ def enable_s3(connection: Any, storage_options: StorageOptions | None = None) ->
         if "Secret Validation Failure" not in str(err):
             raise
         raise NoCredentials(
-            "reading s3:// needs AWS credentials: none found in the environment, the shared "
-            "credentials/config files (AWS_PROFILE), SSO, web identity or a container/instance "
-            "role"
+            f"reading s3:// needs AWS credentials: none found in {CREDENTIAL_CHAIN}"
         ) from None
 
 

@@ -40,6 +40,7 @@ from vision_ops.storage import (
     ParquetFile,
     StorageOptions,
     canonical_uri,
+    credentials_for,
     filesystem,
     folder_uri,
     holds_credentials,
@@ -133,11 +134,12 @@ def plan_inputs(spec: InputSpec, options: StorageOptions | None = None) -> Input
     rows: dict[str, dict[str, Any]] = {}
     listings = []
     for uri in spec.uris:
-        listing = paged_listing(uri, spec.extensions, options)
+        with credentials_for(f"input {uri}", SourceError):
+            listing = paged_listing(uri, spec.extensions, options)
+            found = [] if listing is not None else _list_uri(uri, options)
         if listing is not None:
             listings.append(listing)
-            continue
-        for row in _list_uri(uri, options):
+        for row in found:
             rows.setdefault(row["source_uri"], row)
     kept = [rows[uri] for uri in sorted(rows) if has_extension(uri, spec.extensions)]
     manifest = None

@@ -28,6 +28,34 @@ class StorageError(RuntimeError):
     no such bucket). Raised before the commit, so nothing is visible to readers."""
 
 
+# Where an object store's credentials are looked for (botocore's chain, as s3fs and DuckDB
+# resolve them).
+CREDENTIAL_CHAIN = (
+    "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), the shared credentials/config "
+    "files (AWS_PROFILE), SSO, web identity or a container/instance role"
+)
+
+
+def no_credentials(err: BaseException) -> bool:
+    """Whether `err` is botocore's NoCredentialsError: none anywhere in the chain (s3fs passes
+    it on as it is, not as an OSError)."""
+    return any(kind.__name__ == "NoCredentialsError" for kind in type(err).__mro__)
+
+
+@contextlib.contextmanager
+def credentials_for(uri: str, error: type[Exception]) -> Iterator[None]:
+    """botocore's "Unable to locate credentials" as `error` naming `uri` and where they were
+    looked for."""
+    try:
+        yield
+    except Exception as err:
+        if not no_credentials(err):
+            raise
+        raise error(
+            f"{uri}: no credentials for the store: none found in {CREDENTIAL_CHAIN}"
+        ) from None
+
+
 class OutputBucketMissing(StorageError):
     """The output's bucket does not exist: found before any work (`require_bucket`)."""
 
@@ -270,7 +298,8 @@ def require_bucket(uri: str, options: StorageOptions | None = None) -> None:
     fs, path = filesystem(uri, options)
     bucket = path.strip("/").split("/", 1)[0]
     try:
-        fs.info(bucket)
+        with credentials_for(f"output {uri}", StorageError):
+            fs.info(bucket)
     except FileNotFoundError:
         raise OutputBucketMissing(
             f"cannot write {uri}: the bucket {bucket} does not exist"
