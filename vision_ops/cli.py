@@ -284,7 +284,7 @@ def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
 
 def run(spec: JobSpec, args: argparse.Namespace) -> int:
     from vision_ops.runstats import startup_line
-    from vision_ops.storage import OutputBucketMissing, StorageError
+    from vision_ops.storage import OutputNotWritable, StorageError
 
     spec = spec.pinned()  # one run id and date, for the run and for what is said of it here
     again = args.command  # what resumes it: the same run, or the same backfill
@@ -292,7 +292,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         summary = _connect_and_run(spec)
     except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
         return _fail(err, err.exit_code)
-    except OutputBucketMissing as err:  # found before any work
+    except OutputNotWritable as err:  # found before any work
         return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
     except StorageError as err:
         return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)

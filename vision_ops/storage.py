@@ -56,8 +56,9 @@ def credentials_for(uri: str, error: type[Exception]) -> Iterator[None]:
         ) from None
 
 
-class OutputBucketMissing(StorageError):
-    """The output's bucket does not exist: found before any work (`require_bucket`)."""
+class OutputNotWritable(StorageError):
+    """The output cannot be written, found before any work (`require_bucket`): its bucket does
+    not exist, or there are no credentials for its store."""
 
 
 # What a table's URI naming a file is told: before a run (`cli.check_storage`) and on reading
@@ -298,12 +299,10 @@ def require_bucket(uri: str, options: StorageOptions | None = None) -> None:
     fs, path = filesystem(uri, options)
     bucket = path.strip("/").split("/", 1)[0]
     try:
-        with credentials_for(f"output {uri}", StorageError):
+        with credentials_for(f"output {uri}", OutputNotWritable):
             fs.info(bucket)
     except FileNotFoundError:
-        raise OutputBucketMissing(
-            f"cannot write {uri}: the bucket {bucket} does not exist"
-        ) from None
+        raise OutputNotWritable(f"cannot write {uri}: the bucket {bucket} does not exist") from None
     except OSError:
         return  # not allowed to look (no ListBucket): the writes themselves will tell
 
