@@ -439,6 +439,22 @@ def test_a_number_that_is_not_finite_is_refused(dotted: str, number: float) -> N
     assert message.splitlines()[1].startswith(f"  {dotted}: Input should be a finite number")
 
 
+@pytest.mark.parametrize(
+    ("dotted", "value", "found"),
+    [
+        ("runtime.batch_size", True, "true"),  # YAML `yes`: it ran with a batch of one
+        ("task.top_k", False, "false"),
+        ("runtime.reserved_cpus", True, "true"),  # a float field
+        ("input.tiling", {"size": 256, "overlap": True}, "true"),
+    ],
+)
+def test_a_yes_or_no_where_a_number_goes_is_refused(dotted: str, value: object, found: str) -> None:
+    message = spec_error(with_value(dotted, value))
+    assert message.splitlines()[1].endswith(f": expected a number, found {found}")
+    flags = parse_spec(with_value("run.incremental", True))  # a flag takes one
+    assert flags.run.incremental is True
+
+
 def test_a_nan_nodata_is_the_one_non_finite_number_a_spec_takes() -> None:
     tiling = {"size": 256, "nodata": math.nan}
     assert math.isnan(parse_spec(with_value("input.tiling", tiling)).input.tiling.nodata)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+import typing
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import (
     SerializeAsAny,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -56,6 +58,24 @@ class StrictModel(BaseModel):
     # A number that is not finite (.inf, .nan in YAML) is refused wherever a field does not
     # say it takes one: a limit of infinity would overflow where it is used.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_or_no_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A YAML true/false (yes, no, on, off) where a field takes a number, not a flag: pydantic
+        would read it as 1 or 0 (`batch_size: yes` as a batch of one)."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _a_number_not_a_flag(field.annotation):
+            raise PydanticCustomError(
+                "number_not_flag", "expected a number, found {found}", {"found": str(value).lower()}
+            )
+        return value
+
+
+def _a_number_not_a_flag(annotation: Any) -> bool:
+    """Whether a field's type takes numbers (int, float, optional or not) and not a bool."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 def _no_credentials_in(uri: str) -> str:
