@@ -991,8 +991,12 @@ def test_iceberg_catalog_uri_with_a_password_is_refused() -> None:
         (
             None,
             {"truth": "s3://l/holdout.csv", "min": {"acuracy": 0.8}},
-            "evaluate.min names acuracy: expected one of accuracy, top5_accuracy, evaluated, "
-            "error_rows",
+            "evaluate.min names acuracy: expected one of accuracy, top5_accuracy, evaluated",
+        ),
+        (  # only the floors this spec can hold: no top-5 of a top-3 run, none on error rows
+            {"kind": "classification", "top_k": 3},
+            {"truth": "s3://l/holdout.csv", "min": {"f1": 0.5}},
+            "evaluate.min names f1: expected one of accuracy, evaluated",
         ),
         (
             None,

@@ -1239,13 +1239,13 @@ class JobSpec(StrictModel):
                 f"{' or '.join(task.truth_formats)}, found {held.truth_format}"
             )
         unknown = sorted(set(held.min) - set(task.metrics))
+        not_given = self.task.metrics_not_given()
         if unknown:
+            floors = [m for m in task.metrics if m != "error_rows" and m not in not_given]
             raise ValueError(
-                f"evaluate.min names {', '.join(unknown)}: expected one of "
-                f"{', '.join(task.metrics)}"
+                f"evaluate.min names {', '.join(unknown)}: expected one of {', '.join(floors)}"
             )
         _floors_that_can_hold(held.min, task.counted_metrics)
-        not_given = self.task.metrics_not_given()
         for name in sorted(held.min.keys() & not_given.keys()):
             raise ValueError(
                 f"evaluate.min.{name}: a run gives none where {not_given[name]}; expected no "
