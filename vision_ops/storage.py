@@ -233,27 +233,26 @@ def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
     """Why the file at `uri` cannot be used ("not found", "is a folder, expected a file", or
     "cannot be read:" and the store's own error: no credentials here, access denied, no such
     bucket); None where it is there."""
-    try:
-        fs, path = filesystem(uri, options)
-        if fs.isfile(path):
-            return None
-        folder = fs.isdir(path)
-    except Exception as err:  # the store's errors are not one type
-        return f"cannot be read: {type(err).__name__}: {err}"
-    return "is a folder, expected a file" if folder else "not found"
+    return _missing(uri, options, "file")
 
 
 def missing_folder(uri: str, options: StorageOptions | None = None) -> str | None:
     """Why the folder at `uri` cannot be used (`missing_file`'s reasons, for a folder); None
     where it is there."""
+    return _missing(uri, options, "folder")
+
+
+def _missing(uri: str, options: StorageOptions | None, kind: str) -> str | None:
+    other = {"file": "folder", "folder": "file"}[kind]
+    is_kind = {"file": "isfile", "folder": "isdir"}
     try:
         fs, path = filesystem(uri, options)
-        if fs.isdir(path):
+        if getattr(fs, is_kind[kind])(path):
             return None
-        a_file = fs.isfile(path)
+        the_other = getattr(fs, is_kind[other])(path)
     except Exception as err:  # the store's errors are not one type
         return f"cannot be read: {type(err).__name__}: {err}"
-    return "is a file, expected a folder" if a_file else "not found"
+    return f"is a {other}, expected a {kind}" if the_other else "not found"
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
