@@ -402,6 +402,31 @@ def test_a_cluster_address_where_nothing_answers_fails_at_once(
         assert "SECRETPW" not in err and "admin" not in err
 
 
+def test_an_s3_output_without_credentials_is_named_before_any_work(
+    spec_file, capsys, own_ray_root, monkeypatch, tmp_path
+) -> None:
+    """Local photos, an s3:// table, no credentials anywhere: `run` and `backfill` name the
+    output and where credentials were looked for, and nothing was done (the table's first read,
+    its manifests, gave botocore's bare NoCredentialsError)."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    output = ["--set", "output.uri=s3://out/t"]
+    output += ["--set", "storage_options={s3: {endpoint_url: 'http://127.0.0.1:9'}}"]
+    said = (
+        "error: output s3://out/t: no credentials for the store: none found in the environment "
+        "(AWS_ACCESS_KEY_ID"
+    )
+    dates = ["--from", "2026-11-01", "--to", "2026-11-02"]
+    for command in (["run", str(spec_file)], ["backfill", str(spec_file), *dates]):
+        capsys.readouterr()
+        assert main([*command, *output]) == EXIT_FAILED
+        [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert line.startswith(said) and line.endswith("; nothing was done"), line
+
+
 def test_a_ray_client_address_is_refused_before_any_work(
     spec_file, capsys, own_ray_root, monkeypatch
 ) -> None:

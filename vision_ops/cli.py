@@ -499,6 +499,7 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     the backfill goes on, then exits 7 (any not scored), else 4, naming the dates. With
     --check, then each run it committed is checked for drift (`_check_backfilled`)."""
     from vision_ops.outputs import committed_runs
+    from vision_ops.storage import OutputNotWritable, require_bucket
 
     if args.end < args.start:
         return _fail(ValueError(f"--to {args.end} is before --from {args.start}"), EXIT_BAD_SPEC)
@@ -517,6 +518,10 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
             "plus the spec's hash) or backfill one date"
         )
         return _fail(ValueError(message), EXIT_BAD_SPEC)
+    try:
+        require_bucket(spec.output.uri, spec.storage_options)  # before the table's first read
+    except OutputNotWritable as err:
+        return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
     done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
     day = args.start
     committed_but: dict[int, list[str]] = {EXIT_NOT_SCORED: [], EXIT_TOO_MANY_ERRORS: []}

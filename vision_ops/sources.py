@@ -144,7 +144,8 @@ def plan_inputs(spec: InputSpec, options: StorageOptions | None = None) -> Input
     kept = [rows[uri] for uri in sorted(rows) if has_extension(uri, spec.extensions)]
     manifest = None
     if spec.manifest is not None:
-        manifest = check_manifest(spec.manifest, spec.extensions, options)
+        with credentials_for(f"input.manifest {spec.manifest}", SourceError):
+            manifest = check_manifest(spec.manifest, spec.extensions, options)
     table = pa.Table.from_pylist(kept, schema=LISTING_SCHEMA)
     if not listings and manifest is None and not kept:
         raise nothing_found(spec)

@@ -112,6 +112,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     spec = spec.pinned()
     run_id, run_date = spec.resolved_run()
     inputs = plan_inputs(spec.input, spec.storage_options)
+    require_bucket(spec.output.uri, spec.storage_options)  # before the table's first read
     check_run_date(spec, run_id, run_date)
     if run_id == spec.default_run_id(run_date):  # not one the user named
         warn_of_runs_beside(spec, run_id, run_date)
@@ -126,7 +127,6 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
         listing = list_listing(spec.input, inputs, spec.storage_options, table)
-    require_bucket(spec.output.uri, spec.storage_options)
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         listed = listing.count
         retried = None
