@@ -212,11 +212,13 @@ def test_submit_without_the_token_is_refused(ray_head, job_spec, tmp_path) -> No
     assert not list((tmp_path / "tmp").glob("vision-ops-job-*"))  # the spec's folder is gone
 
 
-def test_a_password_in_the_address_is_never_printed(tmp_path) -> None:
-    address = "http://ops:pw-hunter2@127.0.0.1:1"
-    assert (
-        masked(f"cannot reach {address}/api", address) == "cannot reach http://***@127.0.0.1:1/api"
-    )
+@pytest.mark.parametrize(
+    "address", ["http://ops:pw-hunter2@127.0.0.1:1", "ops:pw-hunter2@127.0.0.1:1"]
+)
+def test_a_password_in_the_address_is_never_printed(tmp_path, address: str) -> None:
+    """A URL's, and a bare address's (Ray's usual form, which it was printed whole in)."""
+    shown = address.replace("ops:pw-hunter2@", "***@")
+    assert masked(f"cannot reach {address}/api", address) == f"cannot reach {shown}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
         "HOME": str(tmp_path)
     }

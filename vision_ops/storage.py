@@ -200,6 +200,14 @@ def masked_url(url: str) -> str:
     return f"{url.partition('?')[0]}?***" if _signed(url) else url
 
 
+def address_userinfo(address: str) -> str | None:
+    """The user (and password) a cluster address holds: a URL's (`userinfo`), or that of a
+    bare `user:password@head:6379`, the form Ray's addresses take; None where it holds none."""
+    if "://" not in address:
+        return address.rpartition("@")[0] or None
+    return userinfo(address)
+
+
 def without_userinfo(url: str) -> str:
     """`url` with its user and password, if any, left out."""
     found = userinfo(url)

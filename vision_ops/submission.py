@@ -20,7 +20,7 @@ import yaml
 import vision_ops
 from vision_ops.config import JobSpec, SpecError
 from vision_ops.errors import EXIT_BAD_SPEC, EXIT_FAILED, VisionOpsError
-from vision_ops.storage import holds_credentials, names_a_credential, userinfo
+from vision_ops.storage import address_userinfo, holds_credentials, names_a_credential
 
 # Environment variables a job gets from the submitter when set here (none of them secret).
 PASSED_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "VISION_OPS_LOG_LEVEL")
@@ -50,9 +50,10 @@ class Submitted:
 
 
 def masked(text: str, address: str | None) -> str:
-    """`text` with the user and password of `address` (http://user:password@head:8265), if it
-    has them, masked: they must not reach a terminal or a log."""
-    found = userinfo(address or "")
+    """`text` with the user and password of `address` (http://user:password@head:8265, or a
+    bare user:password@head:8265), if it has them, masked: they must not reach a terminal or a
+    log."""
+    found = address_userinfo(address or "")
     return text.replace(f"{found}@", "***@") if found else text
 
 

@@ -20,7 +20,7 @@ import ray
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.pool import Nodes
 from vision_ops.runstats import StartupClock
-from vision_ops.storage import without_userinfo
+from vision_ops.storage import address_userinfo
 
 REACH_TIMEOUT_S = 10.0  # for a cluster address to accept a connection
 
@@ -109,9 +109,8 @@ def refuse_ray_client(address: str) -> None:
 def shown_address(address: str) -> str:
     """A cluster address as a message says it: without the user and password it may hold, of
     a URL (`http://user:password@head:8265`) or of a bare `user:password@head:6379` alike."""
-    if "://" not in address:
-        return address.rpartition("@")[2]
-    return without_userinfo(address)
+    found = address_userinfo(address)
+    return address.replace(f"{found}@", "", 1) if found else address
 
 
 def require_reachable(address: str) -> None:
