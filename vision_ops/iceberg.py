@@ -602,7 +602,7 @@ class IcebergSink:
             make_folder(self.fs, final)
             for path in staged:
                 target = f"{final}/{path.rpartition('/')[2]}"
-                self.fs.copy(path, target)
+                self.fs.cp_file(path, target)  # one file: no listing of the target first
                 published.append(target)
 
     def _remove_masks_of(self, replaced: dict[str, Any]) -> None:

@@ -387,10 +387,11 @@ class ParquetSink:
             return []
         named = NamedInTable.of(self.root, manifest)
         files = named.files + ([named.index] if named.index else [])
-        masks = named.masks_folder
-        if self.fs.exists(masks):
-            files += [path for path in self.fs.ls(masks, detail=False) if self.fs.isfile(path)]
-        return files
+        try:  # one listing gives each entry's type (no request per mask)
+            entries = self.fs.ls(named.masks_folder, detail=True)
+        except FileNotFoundError:
+            entries = []
+        return files + [entry["name"] for entry in entries if entry["type"] == "file"]
 
     def _staged_masks(self) -> list[str]:
         """The masks the workers staged (only a table with masks lists the store for them)."""

@@ -264,26 +264,22 @@ def _missing(uri: str, options: StorageOptions | None, kind: str) -> str | None:
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem serving `uri` and the path inside it; a local path without its `.` and
-    `..` parts, so that each file has one URI however it was named (as the shell would read
-    it: `a/link/..` is `a`, not the parent of the link's target). Listings are not cached:
-    fsspec keeps one filesystem per set of options in a process, and its cached listing of a
-    table's manifests, journals or staged parts would hide what another process wrote since
-    (a run committed while this one started, read by `--incremental` as not there)."""
+    """The filesystem serving `uri` and the path inside it; a local path normalised as text
+    (`posixpath.normpath`: `a/./b` and `a/c/../b` are `a/b`, so each file has one URI however
+    it was named; `a/link/..` is `a`, where the OS would read the link target's parent). An
+    object store's listings are not cached: fsspec keeps one filesystem per set of options in a
+    process, and its cached listing of a table's manifests, journals or staged parts would hide
+    what another process wrote since (a run committed while this one started, read by
+    `--incremental` as not there)."""
     protocol = protocol_of(uri)
-    kwargs = {"use_listings_cache": False} | dict((options or {}).get(protocol, {}))
+    fresh = {"use_listings_cache": False} if protocol in OPTIONAL_BACKENDS else {}
+    kwargs = fresh | dict((options or {}).get(protocol, {}))
     try:
         fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     except ImportError as err:
         package = OPTIONAL_BACKENDS.get(protocol, f"the fsspec backend for {protocol}://")
         raise ImportError(f"reading {protocol}:// needs {package}: pip install {package}") from err
-    return fs, _local_path(path) if protocol == "file" else path
-
-
-def _local_path(path: str) -> str:
-    """A local path normalised (`posixpath.normpath`), its trailing / kept."""
-    normal = posixpath.normpath(path)
-    return normal + "/" if path.endswith("/") and normal != "/" else normal
+    return fs, posixpath.normpath(path) if protocol == "file" else path
 
 
 def arrow_filesystem(
