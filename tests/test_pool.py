@@ -86,6 +86,9 @@ def test_a_fixed_pool_is_bounded_node_by_node() -> None:
     wide = RuntimeSpec(num_cpus_per_actor=12)
     with pytest.raises(ClusterTooSmall, match=r"each actor on one node.* <= 0\."):
         plan_pool(wide, {"CPU": 16}, nodes_up=two_nodes)
+    two_gpu_nodes = [({"CPU": 8, "GPU": 1}, 2.0)]  # 2 GPUs in all, one a node
+    with pytest.raises(ClusterTooSmall, match=r"Lower runtime.num_gpus_per_actor \(no node has 2"):
+        plan_pool(RuntimeSpec(num_gpus_per_actor=2), {"CPU": 16, "GPU": 2}, None, two_gpu_nodes)
     assert plan_pool(wide, {"CPU": 16}).max_size == 1  # the totals alone let it through
     plan = plan_pool(RuntimeSpec(num_cpus_per_actor=3), {"CPU": 16}, nodes_up=two_nodes)
     assert (plan.min_size, plan.max_size) == (4, 4)  # 2 a node; the totals would give 5

@@ -67,7 +67,10 @@ def plan_pool(
         fits = min(fits, _actors_on_nodes(nodes_up, runtime, num_gpus))
     smallest = runtime.min_actors or 1
     if smallest > fits and not runtime.autoscaling:
-        raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits))
+        most_gpus = (
+            max((node.get("GPU", 0) for node, _ in nodes_up), default=gpus) if nodes_up else gpus
+        )
+        raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits, most_gpus))
     top = runtime.max_actors or max(fits, smallest)
     if top > fits and not runtime.autoscaling:
         log.warning("runtime.max_actors=%d capped to the %d actors that fit", top, fits)
@@ -277,13 +280,14 @@ def _lower(num_gpus: float, most_gpus: float) -> str:
 
 
 def _too_small_message(
-    runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float, fits: int
+    runtime: RuntimeSpec, num_gpus: float, cpus: float, gpus: float, fits: int, most_gpus: float
 ) -> str:
+    """`most_gpus`: the most GPUs one node has (the cluster's, where its nodes are not known)."""
     smallest = runtime.min_actors or 1
     return (
         f"runtime.min_actors={smallest} actors of {runtime.num_cpus_per_actor:g} CPU "
         f"and {num_gpus:g} GPU each cannot be scheduled: the cluster has {cpus:g} CPUs and "
         f"{gpus:g} GPUs, each actor on one node, and {runtime.reserved_cpus:g} CPUs stay free "
         f"for reading and decoding (runtime.reserved_cpus); expected min_actors <= {fits}. "
-        f"{_lower(num_gpus, gpus)}, add nodes, or set runtime.autoscaling: true"
+        f"{_lower(num_gpus, most_gpus)}, add nodes, or set runtime.autoscaling: true"
     )
