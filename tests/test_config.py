@@ -616,6 +616,11 @@ def test_overrides_apply_to_the_parsed_spec() -> None:
             "run.date=2026-02-30",
             "--set run.date: not a valid date (day is out of range for month); expected YYYY-MM-DD",
         ),
+        (  # the value is not quoted: it may be a secret
+            "storage_options.s3.region=!!int us-hunter2",
+            "--set storage_options.s3.region: not valid YAML: a value is not of the type it is "
+            "tagged",
+        ),
         (
             "runtime.batch_size=[8",
             "--set runtime.batch_size: not valid YAML: expected ',' or ']', "

@@ -1399,7 +1399,11 @@ def _yaml_value(text: str, where: str) -> Any:
         mark = err.problem_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{where}: not valid YAML: {err.problem}{at}") from None
-    except ValueError as err:  # YAML, but a date such as 2026-02-30 or 2026-13-45
+    except ValueError as err:  # YAML, but a value its type refuses
+        if "'" in str(err) or '"' in str(err):  # int() and float() quote it (`!!int abc`)
+            raise SpecError(
+                f"{where}: not valid YAML: a value is not of the type it is tagged"
+            ) from None
         raise SpecError(f"{where}: not a valid date ({err}); expected YYYY-MM-DD") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{where}: not valid YAML: {err}") from None
