@@ -43,8 +43,9 @@ PARTITION = "run_date=2026-11-24"
 OLD_ROWS, NEW_ROWS = 4, 3  # the committed run, and its rerun (one input fewer)
 # What changes the store: a step of the commit is one call of these on the sink's filesystem.
 UNFINISHED = (
-    "a commit of run {run_id} was interrupted: plain readers of the partition may see files of "
-    "two attempts until the next run on this table settles it"
+    "a commit of run {run_id} is unsettled (in progress, or interrupted): plain readers of the "
+    "partition may see files of two attempts until it finishes or the next run on this table "
+    "settles it"
 )
 MUTATIONS = frozenset({"pipe_file", "mv", "rm", "rm_file", "rmdir", "open", "makedirs", "mkdir"})
 

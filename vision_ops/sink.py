@@ -439,15 +439,16 @@ def read_committed_file(
 def unfinished_commit(
     root_uri: str, run_id: str | None = None, options: StorageOptions | None = None
 ) -> list[str]:
-    """A problem per run whose commit was interrupted (its journal is still there): `run_id`'s,
-    else any run's in the table (plain readers of the table see its files, whatever run is
-    verified)."""
+    """A problem per run whose commit is unsettled (its journal is there: in progress, or
+    interrupted; `verify` takes no lock to tell): `run_id`'s, else any run's in the table
+    (plain readers of the table see its files, whatever run is verified)."""
     fs, root = filesystem(root_uri, options)
     plans = interrupted_commits(fs, root.rstrip("/"), run_id)
     return [
-        f"a commit of run {interrupted} was interrupted: plain readers of the partition may "
-        "see files of two attempts until the next run on this table settles it"
-        for interrupted in sorted({plan.run_id for plan in plans})
+        f"a commit of run {unsettled} is unsettled (in progress, or interrupted): plain readers "
+        "of the partition may see files of two attempts until it finishes or the next run on "
+        "this table settles it"
+        for unsettled in sorted({plan.run_id for plan in plans})
     ]
 
 
