@@ -440,17 +440,20 @@ def test_a_number_that_is_not_finite_is_refused(dotted: str, number: float) -> N
 
 
 @pytest.mark.parametrize(
-    ("dotted", "value", "found"),
+    ("dotted", "value"),
     [
-        ("runtime.batch_size", True, "true"),  # YAML `yes`: it ran with a batch of one
-        ("task.top_k", False, "false"),
-        ("runtime.reserved_cpus", True, "true"),  # a float field
-        ("input.tiling", {"size": 256, "overlap": True}, "true"),
+        ("runtime.batch_size", True),  # YAML `yes`: it ran with a batch of one
+        ("task.top_k", False),
+        ("runtime.reserved_cpus", True),  # a float field
+        ("input.tiling", {"size": 256, "overlap": True}),
+        ("input.tiling", {"size": 256, "bands": [True]}),  # in a list
+        ("model.preprocessing", {"resize": 8, "crop": 8, "mean": [True, 0.5, 0.5]}),
+        ("evaluate", {"truth": "s3://l/h.csv", "min": {"accuracy": True}}),  # a mapping
     ],
 )
-def test_a_yes_or_no_where_a_number_goes_is_refused(dotted: str, value: object, found: str) -> None:
+def test_a_yes_or_no_where_a_number_goes_is_refused(dotted: str, value: object) -> None:
     message = spec_error(with_value(dotted, value))
-    assert message.splitlines()[1].endswith(f": expected a number, found {found}")
+    assert message.splitlines()[1].endswith(": expected a number, found a yes or no")
     flags = parse_spec(with_value("run.incremental", True))  # a flag takes one
     assert flags.run.incremental is True
 

@@ -8,7 +8,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -62,20 +62,32 @@ class StrictModel(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_yes_or_no_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """A YAML true/false (yes, no, on, off) where a field takes a number, not a flag: pydantic
-        would read it as 1 or 0 (`batch_size: yes` as a batch of one)."""
+        """A YAML true/false (yes, no, on, off) where a field takes a number, not a flag, also
+        inside its lists and mappings: pydantic would read it as 1 or 0 (`batch_size: yes` as a
+        batch of one, `min: {accuracy: yes}` as a floor of 1)."""
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and _a_number_not_a_flag(field.annotation):
-            raise PydanticCustomError(
-                "number_not_flag", "expected a number, found {found}", {"found": str(value).lower()}
-            )
+        if field is not None and _a_flag_for_a_number(value, field.annotation):
+            raise PydanticCustomError("number_not_flag", "expected a number, found a yes or no")
         return value
 
 
-def _a_number_not_a_flag(annotation: Any) -> bool:
-    """Whether a field's type takes numbers (int, float, optional or not) and not a bool."""
-    kinds = set(typing.get_args(annotation)) or {annotation}
-    return bool(kinds & {int, float}) and bool not in kinds
+def _a_flag_for_a_number(value: Any, annotation: Any) -> bool:
+    """Whether `value` holds a bool where `annotation` takes a number and not a bool, at its
+    top or inside the lists, tuples and mappings the annotation names."""
+    if isinstance(value, bool):
+        kinds = set(typing.get_args(annotation)) or {annotation}
+        return bool(kinds & {int, float}) and bool not in kinds
+    for kind in (annotation, *typing.get_args(annotation)):  # the annotation, or a union's
+        origin, inner = typing.get_origin(kind), typing.get_args(kind)
+        if isinstance(value, list | tuple) and origin in (list, tuple, Sequence) and inner:
+            items = [t for t in inner if t is not Ellipsis]
+            return any(
+                _a_flag_for_a_number(item, items[min(i, len(items) - 1)])
+                for i, item in enumerate(value)
+            )
+        if isinstance(value, dict) and origin in (dict, Mapping) and len(inner) == 2:
+            return any(_a_flag_for_a_number(item, inner[1]) for item in value.values())
+    return False
 
 
 def _no_credentials_in(uri: str) -> str:
