@@ -328,8 +328,7 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             return _fail(
                 RuntimeError(
                     f"a worker failed: {in_worker}; {nothing_committed(spec, again)} (the worker's "
-                    "stack "
-                    "trace: Ray Data's log, in the Ray session's logs/ray-data)"
+                    "stack trace: Ray Data's log, in the Ray session's logs/ray-data)"
                 ),
                 EXIT_FAILED,
             )

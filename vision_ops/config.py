@@ -1253,7 +1253,7 @@ class JobSpec(StrictModel):
         unknown = sorted(set(held.min) - set(task.metrics))
         not_given = self.task.metrics_not_given()
         if unknown:
-            floors = [m for m in task.metrics if m != "error_rows" and m not in not_given]
+            floors = [m for m in task.metrics if m != NO_FLOOR and m not in not_given]
             raise ValueError(
                 f"evaluate.min names {', '.join(unknown)}: expected one of {', '.join(floors)}"
             )
@@ -1365,11 +1365,14 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return parse_spec(raw)
 
 
+NO_FLOOR = "error_rows"  # failures: `vision-ops run --max-error-ratio` bounds them
+
+
 def _floors_that_can_hold(floors: dict[str, float], counted: Sequence[str]) -> None:
     """ValueError for an `evaluate.min` floor no run can meet the way it was meant: on
     `error_rows` (a floor on failures fails a clean run: `vision-ops run --max-error-ratio`
     bounds them), or a share's outside [0, 1] (every metric but the `counted` ones)."""
-    if "error_rows" in floors:
+    if NO_FLOOR in floors:
         raise ValueError(
             "evaluate.min.error_rows: error rows are failures, and a floor on them fails a run "
             "with fewer; expected no floor (`vision-ops run --max-error-ratio` bounds them)"
