@@ -84,7 +84,7 @@ def test_the_nightly_command_passes_above_the_floor_and_fails_below(ray_local, t
     unknown = spec_file(toy, "unknown", {"truth": toy["truth"], "min": {"top1": 0.5}})
     capsys.readouterr()
     assert main(["evaluate", str(unknown)]) == EXIT_BAD_SPEC  # a bad spec: `run` refuses it too
-    assert "evaluate.min names top1: expected one of accuracy, top5_accuracy" in (
+    assert "evaluate.min names top1: expected one of accuracy, evaluated" in (  # top_k 2
         capsys.readouterr().err
     )
 
