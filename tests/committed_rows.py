@@ -30,9 +30,11 @@ def commit_rows(
     tiles: bool = False,
     instance: str | None = None,
     details: dict[str, Any] | None = None,
+    fields: tuple[pa.Field, ...] | None = None,
 ) -> None:
-    """Commit `rows` (each with at least source_uri) as run `run_id` of the table at `root`."""
-    schema = output_schema(task, dicom=dicom, tiles=tiles, instance=instance)
+    """Commit `rows` (each with at least source_uri) as run `run_id` of the table at `root`;
+    `fields`: the task's columns as sized for a model (an embedding's vector length)."""
+    schema = output_schema(task, dicom=dicom, tiles=tiles, instance=instance, fields=fields)
     full = [
         UNIT_DEFAULTS | {"run_id": run_id, "task": task, "item_id": f"{run_id}-{index}"} | row
         for index, row in enumerate(rows)

@@ -408,11 +408,7 @@ def test_an_s3_output_without_credentials_is_named_before_any_work(
     """Local photos, an s3:// table, no credentials anywhere: `run` and `backfill` name the
     output and where credentials were looked for, and nothing was done (the table's first read,
     its manifests, gave botocore's bare NoCredentialsError)."""
-    for name in [name for name in os.environ if name.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
-        monkeypatch.setenv(name, str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _no_aws_credentials(monkeypatch, tmp_path)
     output = ["--set", "output.uri=s3://out/t"]
     output += ["--set", "storage_options={s3: {endpoint_url: 'http://127.0.0.1:9'}}"]
     said = (
@@ -425,6 +421,35 @@ def test_an_s3_output_without_credentials_is_named_before_any_work(
         assert main([*command, *output]) == EXIT_FAILED
         [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert line.startswith(said) and line.endswith("; nothing was done"), line
+
+
+def test_a_model_file_on_s3_without_credentials_is_named(
+    spec_file, capsys, own_ray_root, monkeypatch, tmp_path
+) -> None:
+    """A labels file or weights on S3, no credentials anywhere: the field is named with where
+    credentials were looked for, before any work (botocore's bare "Unable to locate
+    credentials" reached the user for the labels, as an unexpected error)."""
+    _no_aws_credentials(monkeypatch, tmp_path)
+    endpoint = ["--set", "storage_options={s3: {endpoint_url: 'http://127.0.0.1:9'}}"]
+    for field, said in (
+        ("model.labels", "model.labels: s3://b/labels.txt cannot be read: no credentials for"),
+        ("model.weights", "model.weights: s3://b/labels.txt cannot be read: no credentials for"),
+    ):
+        for command in ("validate", "run"):
+            capsys.readouterr()
+            argv = [command, str(spec_file), "--set", f"{field}=s3://b/labels.txt", *endpoint]
+            assert main(argv) == EXIT_BAD_SPEC
+            [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+            assert line.startswith(f"error: {said}") and "AWS_ACCESS_KEY_ID" in line, line
+
+
+def _no_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No credentials anywhere in botocore's chain for the rest of the test."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def test_a_ray_client_address_is_refused_before_any_work(

@@ -192,6 +192,7 @@ def test_spec_is_frozen() -> None:
 
 # --- mistakes: each names the field path, what was expected and what was found -------------------
 
+RUN_ID_EXPECTED = "expected 1 to 128 letters, digits, '.', '_' or '-', the first a letter or digit"
 MISTAKES = {
     "unknown top-level field": (
         with_value("colour", "red"),
@@ -256,21 +257,20 @@ MISTAKES = {
     ),
     "weights_sha256 too short": (
         with_value("model.weights_sha256", "abc123"),
-        "model.weights_sha256: String should match pattern '^[0-9a-f]{64}$' (found: 'abc123')",
+        "model.weights_sha256: expected a SHA-256 as 64 lower-case hex digits (found: 'abc123')",
     ),
     "weights_sha256 upper case": (
         with_value("model.weights_sha256", SHA.upper()),
-        f"model.weights_sha256: String should match pattern '^[0-9a-f]{{64}}$' "
+        "model.weights_sha256: expected a SHA-256 as 64 lower-case hex digits "
         f"(found: '{SHA.upper()}')",
     ),
     "torchscript sha256": (
         with_value("model", {"kind": "torchscript", "uri": "m.pt", "sha256": "xyz"}),
-        "model.sha256: String should match pattern '^[0-9a-f]{64}$' (found: 'xyz')",
+        "model.sha256: expected a SHA-256 as 64 lower-case hex digits (found: 'xyz')",
     ),
     "entrypoint not module:function": (
         with_value("model", {"kind": "entrypoint", "entrypoint": "os.system('rm')"}),
-        "model.entrypoint: String should match pattern '^[A-Za-z_][\\w.]*:[A-Za-z_]\\w*$' "
-        "(found: \"os.system('rm')\")",
+        "model.entrypoint: expected package.module:function (found: \"os.system('rm')\")",
     ),
     "entrypoint missing": (
         with_value("model", {"kind": "entrypoint"}),
@@ -278,12 +278,11 @@ MISTAKES = {
     ),
     "bad run id": (
         with_value("run.id", "bad id!"),
-        "run.id: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$' "
-        "(found: 'bad id!')",
+        f"run.id: {RUN_ID_EXPECTED} (found: 'bad id!')",
     ),
     "run id starting with a dot": (
         with_value("run.id", "../up"),
-        "run.id: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$' (found: '../up')",
+        f"run.id: {RUN_ID_EXPECTED} (found: '../up')",
     ),
     "bad run date": (
         with_value("run.date", "2024-13-45"),
@@ -296,6 +295,10 @@ MISTAKES = {
             {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]},
         ),
         "model.preprocessing.std: expected three positive numbers, found [0.2, 0.0, 0.2]",
+    ),
+    "dicom window without its width": (
+        with_value("input.dicom", {"window": {"center": 40}}),
+        "input.dicom.window.width: Field required (found: {'center': 40})",
     ),
     "missing output uri": (
         with_value("output", {}),
@@ -323,7 +326,7 @@ def test_run_id_longer_than_128_is_refused() -> None:
     assert (
         spec_error(with_value("run.id", "a" * 129))
         .splitlines()[1]
-        .startswith("  run.id: String should match pattern")
+        .startswith(f"  run.id: {RUN_ID_EXPECTED}")
     )
 
 
@@ -961,7 +964,11 @@ def test_iceberg_output_parses_and_parquet_is_the_default() -> None:
     [
         ({**ICEBERG_OUTPUT, "table": None}, "format: iceberg expects table"),
         ({**ICEBERG_OUTPUT, "catalog": {}}, "format: iceberg expects catalog"),
-        ({**ICEBERG_OUTPUT, "table": "predictions"}, "output.table: String should match"),
+        (
+            {**ICEBERG_OUTPUT, "table": "predictions"},
+            "output.table: expected namespace.table (nested namespaces a.b.table; letters, digits "
+            "and '_', not starting with a digit) (found: 'predictions')",
+        ),
         ({**ICEBERG_OUTPUT, "format": "parquet"}, "table and catalog are for format: iceberg"),
         ({**ICEBERG_OUTPUT, "format": "delta"}, "output.format: Input should be 'parquet'"),
         (
@@ -1143,3 +1150,25 @@ def test_every_field_of_every_section_is_described() -> None:
         if not field.description
     ]
     assert undescribed == []
+
+
+def test_a_model_section_without_a_kind_is_the_tasks_default_models() -> None:
+    """An OCR job's `model: {dictionary: ...}` (README: the model defaults to ppocr, and
+    `model.dictionary` names another) is the ppocr model with that dictionary: it was read as
+    a torchvision model ("model.architecture: Field required"). A task without a default model
+    still reads a kind-less section as torchvision."""
+    raw = minimal() | {"task": {"kind": "ocr"}, "model": {"dictionary": "/m/keys.txt"}}
+    model = parse_spec(raw).model
+    assert (model.kind, model.dictionary) == ("ppocr", "/m/keys.txt")
+    assert parse_spec(minimal()).model.kind == "torchvision"
+    wrong = minimal() | {"task": {"kind": "ocr"}, "model": {"architecture": "resnet50"}}
+    assert "model.kind: task ocr runs model.kind ppocr; found torchvision" in spec_error(wrong)
+
+
+def test_a_misspelt_field_of_a_kindless_ocr_model_is_named_as_ppocrs() -> None:
+    """`model: {detecter: ...}` in an OCR job is a ppocr section with a misspelt field (it was
+    read as torchvision's and asked for an `architecture`)."""
+    raw = minimal() | {"task": {"kind": "ocr"}, "model": {"detecter": "s3://m/det.onnx"}}
+    assert spec_error(raw).splitlines()[1:] == [
+        "  model.detecter: Extra inputs are not permitted (found: 's3://m/det.onnx')"
+    ]

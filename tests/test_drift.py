@@ -34,6 +34,10 @@ LITE0 = {
     "preprocessing": {"resize": 256, "crop": 224, "mean": [0.498] * 3, "std": [0.502] * 3},
 }
 STEADY, SWAPPED = ("chelsea.png", "coffee.png"), ("astronaut.png", "rocket.jpg")
+# Units a run (and the runs before it) needs for its distributions to be compared: the tests
+# whose runs should compare them are this size (fewer: "too few units", no PSI).
+ENOUGH = MonitorSpec().min_units
+COPIES = 3  # each photo of a night copied: 6 units, the shares (and so the PSIs) of 2
 
 
 def night_spec(folder: Path, output: dict[str, Any], index: int) -> dict[str, Any]:
@@ -48,11 +52,13 @@ def night_spec(folder: Path, output: dict[str, Any], index: int) -> dict[str, An
 
 
 def photos(tmp_path: Path, photo_paths: list[Path], index: int, names: tuple[str, ...]) -> Path:
+    """A night's folder: each named photo `COPIES` times."""
     folder = tmp_path / f"photos-{index}"
     folder.mkdir()
     for path in photo_paths:
         if path.name in names:
-            shutil.copy(path, folder / path.name)
+            for copy in range(COPIES):
+                shutil.copy(path, folder / f"{path.stem}-{copy}{path.suffix}")
     return folder
 
 
@@ -164,7 +170,7 @@ def test_report_check_uses_the_recorded_figures_only_for_the_runs_they_compared(
     """A manifest's figures are used where they compare the runs the check would (here a
     recorded label PSI of 9, the rows say 0); with another `--runs` they are computed."""
     table = tmp_path / "table"
-    rows = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    rows = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(ENOUGH)]
     for index in range(2):
         commit_rows(table, "classification", rows, f"n{index}", f"2026-05-0{index + 1}")
     figures = {name: {"value": 0.0, "threshold": 1.0, "crossed": False} for name in FIGURES}
@@ -192,8 +198,8 @@ def test_recorded_figures_are_not_used_once_a_run_they_compared_is_rerun(tmp_pat
     (the recorded ones, of the n1 that is gone, said all was well); so for a manifest that
     recorded the runs but not their commits (an earlier version's)."""
     table = tmp_path / "table"
-    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
-    dogs = [classified(f"/nonexistent/{i}.jpg", ("dog", 0.9)) for i in range(4)]
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(ENOUGH)]
+    dogs = [classified(f"/nonexistent/{i}.jpg", ("dog", 0.9)) for i in range(ENOUGH)]
     for index in range(2):
         commit_rows(table, "classification", cats, f"n{index}", f"2026-05-0{index + 1}")
     quiet = {name: {"value": 0.0, "threshold": 0.25, "crossed": False} for name in FIGURES}
@@ -221,17 +227,17 @@ def test_a_run_is_compared_with_the_runs_before_it_never_itself(tmp_path) -> Non
     from vision_ops.drift import drift_at_commit
 
     table = tmp_path / "table"
-    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(ENOUGH)]
     for index in range(3):
         commit_rows(table, "classification", cats, f"n{index}", f"2026-05-0{index + 1}")
-    dogs = pa.Table.from_pylist([classified("/nonexistent/d.jpg", ("dog", 0.5))] * 3)
-    dogs = dogs.append_column("status", pa.array(["ok"] * 3))
-    dogs = dogs.append_column("error_type", pa.nulls(3, pa.string()))
+    dogs = pa.Table.from_pylist([classified("/nonexistent/d.jpg", ("dog", 0.5))] * ENOUGH)
+    dogs = dogs.append_column("status", pa.array(["ok"] * ENOUGH))
+    dogs = dogs.append_column("error_type", pa.nulls(ENOUGH, pa.string()))
     rerun = {"run_id": "n1", "run_date": "2026-05-02", "task": "classification"}
     found = drift_at_commit(str(table), MonitorSpec(), {}, rerun, dogs.select)
     assert [d.figure for d in found] == list(FIGURES)
     assert {d.compared for d in found} == {("n0",)}
-    assert found[0].value == round(psi({"dog": 3}, {"cat": 4}), 4) and found[0].crossed
+    assert found[0].value == round(psi({"dog": ENOUGH}, {"cat": ENOUGH}), 4) and found[0].crossed
 
     def unread(columns: list[str]) -> pa.Table:
         raise AssertionError("a run with no earlier run must not read its staged rows")
@@ -309,7 +315,7 @@ def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, 
     from committed_rows import failed
 
     table = tmp_path / "table"
-    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(4)]
+    cats = [classified(f"/nonexistent/{i}.jpg", ("cat", 0.9)) for i in range(ENOUGH)]
     commit_rows(table, "classification", cats, "n0", "2026-05-01")
     commit_rows(table, "classification", [], "n1", "2026-05-02")
     assert drift(trend(str(table)), MonitorSpec()) == []
@@ -363,3 +369,94 @@ def test_a_date_run_again_under_another_default_run_id_is_said_to_be_beside_the_
         "of another spec (the default run id holds the spec's digest): this run is added beside "
         "them, not in their place; --run-id with the id of the run to replace replaces it instead"
     ]
+
+
+def full_night(night: int) -> list[dict[str, Any]]:
+    """A scene's 26 tiles: 14 forest, 8 water, 4 field, scored 0.55 to 0.95."""
+    labels = ["forest"] * 14 + ["water"] * 8 + ["field"] * 4
+    return [
+        classified(f"/scenes/{night}/t{i}.tif", (label, 0.55 + 0.4 * i / 25))
+        for i, label in enumerate(labels)
+    ]
+
+
+CHANGED = [classified(f"/scenes/0/t{i}.tif", ("field", 0.6)) for i in (22, 23)]  # 2 tiles
+TOO_FEW = f"not compared, too few units (2 < {ENOUGH}) to compare distributions"
+
+
+def two_full_nights(tmp_path: Path) -> Path:
+    table = tmp_path / "table"
+    for night in (0, 1):
+        commit_rows(
+            table, "classification", full_night(night), f"n{night}", f"2026-05-0{night + 1}"
+        )
+    return table
+
+
+def test_a_night_of_too_few_units_is_not_compared_but_its_error_rate_is(tmp_path, capsys) -> None:
+    """An --incremental night that re-processed 2 changed tiles, against two 26-tile nights:
+    its label and score distributions are not compared, and the check says so (a PSI over 2
+    units is noise: here label_psi 8.6795, an alert, exit 6, on a quiet night); its error rate
+    is compared: the next 2-unit night, one of them an error row, alerts on it. `min_units` 2
+    compares them."""
+    from committed_rows import failed
+
+    table = two_full_nights(tmp_path)
+    commit_rows(table, "classification", CHANGED, "n2", "2026-05-03")
+    assert main(["report", str(table), "--check"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"drift: label_psi {TOO_FEW}: run n2 against n0, n1\n" in out
+    assert f"drift: score_psi {TOO_FEW}: run n2 against n0, n1\n" in out
+    assert "drift: error_rate_rise 0.0000 within the threshold 0.05: run n2 against n0, n1\n" in out
+    found = drift(trend(str(table)), MonitorSpec())
+    assert [(d.figure, d.value, d.crossed) for d in found] == [
+        ("label_psi", None, False), ("score_psi", None, False), ("error_rate_rise", 0.0, False)
+    ]  # fmt: skip
+    pooled = {"forest": 28, "water": 16, "field": 8}
+    [label_psi, *_] = drift(trend(str(table)), MonitorSpec(min_units=2))
+    assert label_psi.value == round(psi({"field": 2}, pooled), 4) and label_psi.crossed
+
+    broken = failed("/scenes/0/t24.tif", "CorruptImage", "bad")
+    commit_rows(table, "classification", [CHANGED[0], broken], "n3", "2026-05-04")
+    assert main(["report", str(table), "--check"]) == EXIT_DRIFT
+    captured = capsys.readouterr()
+    assert f"drift: label_psi not compared, too few units (1 < {ENOUGH})" in captured.out
+    assert captured.err == (
+        "alert: error_rate_rise 0.5000 over the threshold 0.05: run n3 against n0, n1, n2\n"
+    )  # 1 of 2 against 0 of 54
+
+
+def test_a_night_of_too_few_units_is_recorded_so_and_an_earlier_record_held_to_it(
+    tmp_path, capsys
+) -> None:
+    """At the commit the 2-tile night's PSIs are recorded as not compared (value null, and
+    why), and `report --check` takes that record; a record made before `min_units` existed
+    (label_psi 9.4099, crossed) is held to it: not compared, no alert."""
+    from vision_ops.drift import drift_at_commit, manifest_entry
+
+    table = two_full_nights(tmp_path)
+    staged = pa.Table.from_pylist(CHANGED)
+    staged = staged.append_column("status", pa.array(["ok"] * 2))
+    staged = staged.append_column("error_type", pa.nulls(2, pa.string()))
+    night = {"run_id": "n2", "run_date": "2026-05-03", "task": "classification"}
+    entry = manifest_entry(drift_at_commit(str(table), MonitorSpec(), {}, night, staged.select))
+    why = f"too few units (2 < {ENOUGH}) to compare distributions"
+    assert entry["label_psi"] == {
+        "value": None, "threshold": 0.25, "crossed": False, "not_compared": why
+    }  # fmt: skip
+    assert entry["error_rate_rise"] == {"value": 0.0, "threshold": 0.05, "crossed": False}
+    commit_rows(table, "classification", CHANGED, "n2", "2026-05-03", details={"drift": entry})
+    assert committed_run(str(table), "n2")["drift"] == entry  # through the manifest's JSON
+    page = tmp_path / "report.html"
+    assert main(["report", str(table), "--check", "--html", str(page)]) == EXIT_OK
+    recorded_line = f"drift: label_psi {TOO_FEW}: run n2 against n0, n1 (recorded in its manifest"
+    assert recorded_line in capsys.readouterr().out
+    assert f"<td>-</td><td>0.25</td><td>not compared: too few units (2 &lt; {ENOUGH})" in (
+        page.read_text()
+    )
+
+    alerted = {"value": 9.4099, "threshold": 0.25, "crossed": True}
+    earlier = entry | {"label_psi": alerted, "score_psi": alerted}
+    commit_rows(table, "classification", CHANGED, "n2", "2026-05-03", details={"drift": earlier})
+    assert main(["report", str(table), "--check"]) == EXIT_OK
+    assert recorded_line in capsys.readouterr().out

@@ -171,17 +171,22 @@ def table_of_vectors(tmp_path: Path) -> tuple[duckdb.DuckDBPyConnection, np.ndar
     vectors[7] = vectors[3] + 0.01
     vectors[7] /= np.linalg.norm(vectors[7])
     status = ["ok"] * 40 + ["error"]
-    table = embedding_table(
-        batch_of(vectors, status, [f"s3://b/{i}.png" for i in range(41)]),
-        "run-1",
-        schema=declared_schema("embedding", sized_fields(16)),
-    )
+    uris = [f"s3://b/{i}.png" for i in range(41)]
+    return predictions_view(tmp_path, vectors, status, uris), vectors
+
+
+def predictions_view(
+    tmp_path: Path, vectors: np.ndarray, status: list[str], uris: list[str]
+) -> duckdb.DuckDBPyConnection:
+    """A connection whose view `predictions` reads the embedding rows of `vectors` (one run)."""
+    schema = declared_schema("embedding", sized_fields(vectors.shape[1]))
+    table = embedding_table(batch_of(vectors, status, uris), "run-1", schema=schema)
     pq.write_table(table, tmp_path / "rows.parquet")
     connection = duckdb.connect()
     connection.execute(
         f"CREATE VIEW predictions AS SELECT * FROM read_parquet('{tmp_path / 'rows.parquet'}')"
     )
-    return connection, vectors
+    return connection
 
 
 def expected_neighbours(vectors: np.ndarray, query: int, k: int) -> list[tuple[str, float]]:
@@ -284,6 +289,22 @@ def test_an_item_id_names_the_query_unit_too(table_of_vectors):
     connection, _ = table_of_vectors
     rows = similar(connection, [item_id("s3://b/3.png")], k=1).fetchall()
     assert [(r[0], r[7]) for r in rows] == [("s3://b/3.png", "s3://b/7.png")]
+
+
+def test_a_plain_local_path_names_the_unit_its_run_recorded_as_a_file_uri(tmp_path, monkeypatch):
+    """A spec names local inputs as plain paths and the run records them as file:// URIs:
+    --similar-to takes the path as the spec wrote it, relative too (it found none)."""
+    vectors = unit_vectors(3, 8, seed=2)
+    photos = tmp_path / "photos"
+    uris = [(photos / f"{i}.png").as_uri() for i in range(3)]
+    connection = predictions_view(tmp_path, vectors, ["ok"] * 3, uris)
+    monkeypatch.chdir(tmp_path)
+    for named in (str(photos / "0.png"), "photos/0.png", "./photos/../photos/0.png", uris[0]):
+        rows = similar(connection, [named], k=2).fetchall()
+        assert {row[0] for row in rows} == {uris[0]}, named
+        assert sorted(row[7] for row in rows) == uris[1:], named
+    with pytest.raises(NoSuchUnit, match=r"--similar-to photos/9\.png: expected"):
+        similar(connection, ["photos/9.png"])
 
 
 def test_a_source_of_several_units_gives_each_its_own_neighbours_named(tmp_path):

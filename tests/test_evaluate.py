@@ -377,3 +377,110 @@ def test_evaluating_a_run_of_a_task_without_a_scorer_is_a_bad_request(tmp_path, 
     truth.write_text("uri,label\n/x/a.png,text\n")
     assert main(["evaluate", str(tmp_path / "table"), "--truth", str(truth)]) == EXIT_BAD_SPEC
     assert "error: run o1 cannot be scored: its task, ocr, has no scorer" in capsys.readouterr().err
+
+
+def tile(x: int, row: dict) -> dict:
+    """`row` as a scene's tile at column `x` (32 pixels square, the top row)."""
+    return row | {"tile_x": x, "tile_y": 0, "tile_size": 32, "valid_fraction": 1.0}
+
+
+def no_data(uri: str, x: int) -> dict:
+    """A tile of scene `uri` with no data at all: a `skipped` row, never sent to the model."""
+    skipped = {"status": "skipped", "error_message": "no data in the tile", "valid_fraction": 0.0}
+    return tile(x, {"source_uri": uri}) | skipped
+
+
+def test_skipped_tiles_are_neither_evaluated_nor_error_rows(tmp_path: Path, capsys) -> None:
+    """A forest scene of 26 tiles, 4 of them all no data (`skipped`): the model saw 22 and
+    called 14 forest. Scored over those 22: accuracy 14/22 (it was 14/26 = 0.5385 with 4 error
+    rows, under a floor of 0.6 for no model reason, in a run of 0 errors); `skipped` counts
+    the 4 apart."""
+    from committed_rows import classified, commit_rows
+
+    from vision_ops.evaluate import below_minimums
+
+    scene = "file:///scenes/forest/scene1.tif"
+    seen = [("forest", "water")] * 14 + [("water", "forest")] * 8
+    rows = [tile(32 * i, classified(scene, (a, 0.8), (b, 0.1))) for i, (a, b) in enumerate(seen)]
+    rows += [no_data(scene, 32 * i) for i in range(22, 26)]
+    table = tmp_path / "table"
+    commit_rows(table, "classification", rows, "s1", tiles=True)
+    assert main(["evaluate", str(table), "--truth-format", "imagefolder"]) == EXIT_OK
+    printed = "accuracy: 0.6364\ntop5_accuracy: 1.0000\nevaluated: 22\nerror_rows: 0\nskipped: 4\n"
+    assert printed in capsys.readouterr().out
+    metrics = read_metrics(str(table), committed_run(str(table), "s1"))
+    assert metrics is not None
+    value = {(m["metric"], m["label"], m["predicted"]): m["value"] for m in metrics.to_pylist()}
+    assert value == {
+        ("accuracy", None, None): 14 / 22,
+        ("top5_accuracy", None, None): 1.0,
+        ("evaluated", None, None): 22,
+        ("error_rows", None, None): 0,
+        ("skipped", None, None): 4,
+        ("precision", "forest", None): 1.0,
+        ("recall", "forest", None): 14 / 22,
+        ("precision", "water", None): 0.0,
+        ("confusion", "forest", "forest"): 14,
+        ("confusion", "forest", "water"): 8,
+    }
+    assert below_minimums(metrics, {"accuracy": 0.6}) == []  # evaluate.min: exit 0, not 5
+
+    commit_rows(table, "classification", [no_data(scene, 0), no_data(scene, 32)], "s2")
+    with pytest.raises(EvaluationError) as refused:  # nothing the model saw: nothing to score
+        evaluate_run(str(table), "", "imagefolder")
+    assert str(refused.value) == (
+        "the run's 2 unit(s) the truth names were all skipped (no data: never sent to the "
+        "model), none to score"
+    )
+
+
+def test_skipped_tiles_of_a_detection_run_are_not_scored(tmp_path: Path) -> None:
+    """Scene a.jpg: one tile found both its boxes, one had no data; scene b.jpg: no data at
+    all. Scored over a.jpg alone, perfectly (b.jpg's box counted as missed and the three
+    skipped tiles as error rows: mAP 0.75 and 3 error rows in a run of none)."""
+    from committed_rows import commit_rows
+
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps(COCO))
+    [found] = detection_rows(
+        {"a.jpg": [("car", 0.9, [10, 10, 30, 20]), ("truck", 0.8, [50, 50, 40, 40])]}
+    )
+    rows = [
+        tile(0, found),
+        no_data("s3://b/a.jpg", 32),
+        no_data("s3://b/b.jpg", 0),
+        no_data("s3://b/b.jpg", 32),
+    ]
+    commit_rows(tmp_path / "table", "detection", rows, "d1", tiles=True)
+    metrics = evaluate_run(str(tmp_path / "table"), str(truth), "coco").to_pylist()
+    assert {m["metric"]: m["value"] for m in metrics} == {
+        "map": pytest.approx(1.0), "map_50": pytest.approx(1.0), "evaluated": 1,
+        "error_rows": 0, "skipped": 3,
+    }  # fmt: skip
+
+
+def test_skipped_tiles_of_a_segmentation_run_are_not_scored(tmp_path: Path) -> None:
+    """A 64 x 32 scene, class 1 on the left, 2 on the right; its right tile had no data
+    (skipped). Scored on the left tile alone, perfectly (the right tile's class-2 pixels
+    counted as missed: mean IoU 0.5, pixel accuracy 0.5, 1 error row)."""
+    from vision_ops.evaluate import score_segmentation
+
+    truth = np.ones((32, 64), np.uint8)
+    truth[:, 32:] = 2
+    (tmp_path / "truth").mkdir()
+    Image.fromarray(truth).save(tmp_path / "truth" / "scene.png")
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(tmp_path / "mask0.png")
+    scene = str(tmp_path / "scene.tif")
+    fractions = [{"label_id": 1, "label": "1", "fraction": 1.0}]
+    left = {"source_uri": scene, "status": "ok", "mask_uri": str(tmp_path / "mask0.png"),
+            "label": "1", "class_fractions": fractions}  # fmt: skip
+    rows = [tile(0, left), no_data(scene, 32)]
+    metrics = score_segmentation(rows, str(tmp_path / "truth"), "masks", {})
+    assert [(m["metric"], m["label"], m["value"]) for m in metrics] == [
+        ("mean_iou", None, 1.0),
+        ("pixel_accuracy", None, 1.0),
+        ("evaluated", None, 1),
+        ("error_rows", None, 0),
+        ("skipped", None, 1),
+        ("iou", "1", 1.0),
+    ]

@@ -396,3 +396,49 @@ def test_the_mask_panel_tries_a_few_units_where_their_store_is_lost(tmp_path, mo
     with Sources({"s3": {"endpoint_url": "http://127.0.0.1:9"}}) as sources:  # nothing there
         [_, body] = gallery.mask_overlays(pa.Table.from_pylist(rows), sources)
     assert body == "<p>no mask to draw</p>" and asked == ["s3://lost/0.png"]
+
+
+def test_an_ocr_report_shows_its_pages_with_their_lines_drawn(tmp_path) -> None:
+    """An OCR run's report shows pages, the surest read first, each line's quadrilateral drawn
+    over it with the text read (its report showed no image at all)."""
+    pages = []
+    for index, score in enumerate((0.97, 0.55, 0.80, 0.90, 0.60)):
+        corners = [(10, 5), (90, 5), (90, 25), (10, 25)]
+        line = {"text": f"line {index}", "score": score}
+        line |= {"polygon": [{"x": float(x), "y": float(y)} for x, y in corners]}
+        image = photo(tmp_path / f"page{index}.png", 100, 40, 200)
+        pages.append(
+            {"source_uri": image, "image_width": 100, "image_height": 40, "lines": [line]}
+            | {"text": line["text"]}
+        )
+    commit_rows(tmp_path / "table", "ocr", pages, "pages")
+    body = dict(build_report(str(tmp_path / "table"), samples=3).panels)[
+        "Text read, lines drawn (most sure, then least sure)"
+    ]
+    shown = [part.split('"')[0].rsplit("/", 1)[1] for part in body.split('data-source="')[1:]]
+    assert shown == ["page0.png", "page3.png", "page1.png"]  # 0.97, 0.90, then the least sure
+    assert body.count('<polygon class="line" points="10.0,5.0 90.0,5.0 90.0,25.0 10.0,25.0"') == 3
+    assert "1 lines, mean score 0.550: line 1" in body
+
+
+def test_an_embedding_report_shows_the_closest_pairs_and_the_loners(tmp_path) -> None:
+    """An embedding run's report shows its most similar pairs side by side (near-duplicates)
+    and the units least like any other (it showed no image at all)."""
+    from vision_ops.embedding import sized_fields
+
+    directions = {"a": [1.0, 0.0, 0.0], "a-copy": [0.99, 0.14, 0.0], "b": [0.6, 0.8, 0.0]}
+    directions["odd"] = [0.0, 0.0, 1.0]
+    rows = []
+    for name, vector in directions.items():
+        unit = np.asarray(vector) / np.linalg.norm(vector)
+        image = photo(tmp_path / f"{name}.png", 40, 40, 100)
+        rows.append({"source_uri": image, "embedding": unit.tolist(), "model_name": "m"})
+    commit_rows(tmp_path / "table", "embedding", rows, "vectors", fields=sized_fields(3))
+    panels = dict(build_report(str(tmp_path / "table"), samples=2).panels)
+    body = panels["Closest pairs (near-duplicates where the cosine is near 1), then loners"]
+    titles = [part.split('"')[0] for part in body.split('data-title="')[1:]]
+    assert titles == ["a.png ~ a-copy.png", "a-copy.png ~ b.png", "least like any other unit"]
+    assert "cosine 0.9901" in body
+    loners = body.split('data-title="least like any other unit"')[1]
+    shown = [part.split('"')[0].rsplit("/", 1)[1] for part in loners.split('data-source="')[1:]]
+    assert shown[0] == "odd.png" and "nearest cosine 0.0000" in loners

@@ -181,3 +181,51 @@ def test_an_incremental_night_that_left_inputs_out_is_not_scored(ray_local, toy,
     assert f"{not_scored} (--incremental)" in out
     assert "accuracy" not in out
     assert sorted(p.name for p in (table / "_metrics").glob("*.parquet")) == ["i1.parquet"]
+
+
+def test_a_scenes_no_data_tiles_are_not_scored(ray_local, tmp_path, tiny_weights, capsys):
+    """A scene of 20 tiles whose top row is all no data: 5 tiles `skipped`, never sent to the
+    model. Its hold-out labels the scene (each tile is matched to it by the scene's URI) with
+    the label the model gave most tiles: scored over the 15 it saw, `skipped: 5` apart (the 5
+    counted as error rows and wrong answers: accuracy k/20, under a floor the model met, exit
+    5, in a run of 0 errors)."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    values = np.random.default_rng(1).integers(1, 4_000, (3, 200, 300)).astype(np.uint16)
+    values[:, :70, :] = 0  # the first row of 64-pixel tiles: no data at all
+    profile = {"driver": "GTiff", "width": 300, "height": 200, "count": 3, "dtype": "uint16",
+               "crs": "EPSG:32632", "transform": from_origin(600_000.0, 5_200_000.0, 20.0, 20.0),
+               "nodata": 0}  # fmt: skip
+    with rasterio.open(folder / "scene.tif", "w", **profile) as out:
+        out.write(values)
+    prep = {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    spec = {
+        "input": {"uris": [str(folder)], "tiling": {"size": 64, "value_range": [0, 4000]}},
+        "model": {"architecture": "mobilenet_v3_small", "weights": str(tiny_weights),
+                  "num_classes": 4, "preprocessing": prep},
+        "task": {"top_k": 2},
+        "runtime": {"batch_size": 8, "max_actors": 1},
+        "output": {"uri": str(tmp_path / "table")},
+        "run": {"id": "scene", "date": "2026-11-24"},
+    }  # fmt: skip
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(plain)]) == EXIT_OK
+    assert "run scene: 20 items, 15 ok, 0 errors, 5 skipped in" in capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24").to_pylist()
+    seen = [row["label"] for row in rows if row["status"] == "ok"]
+    label = max(set(seen), key=seen.count)
+    right = seen.count(label)
+    truth = tmp_path / "holdout.csv"
+    truth.write_text(f"uri,label\n{folder / 'scene.tif'},{label}\n")
+    floor = (right / 20 + right / 15) / 2  # met over the 15 tiles seen, not over all 20
+    scored = tmp_path / "scored.yaml"
+    scored.write_text(yaml.safe_dump(spec | {"evaluate": {"truth": str(truth),
+                                                         "min": {"accuracy": floor}}}))  # fmt: skip
+    assert main(["evaluate", str(scored)]) == EXIT_OK
+    printed = f"accuracy: {right / 15:.4f}\nevaluated: 15\nerror_rows: 0\nskipped: 5\n"
+    assert printed in capsys.readouterr().out

@@ -23,7 +23,8 @@ import pytest
 from vision_ops.cli import interrupted
 from vision_ops.config import parse_spec
 from vision_ops.lock import LOCK_NAME, LockLost, RunLock
-from vision_ops.publish import JOURNAL, SUCCESS_MARKER, journal_path
+from vision_ops.lock_file import Raced
+from vision_ops.publish import JOURNAL, SUCCESS_MARKER, CommitUnknown, journal_path
 from vision_ops.resume import image_units
 from vision_ops.runindex import INDEX_FOLDER
 from vision_ops.schema import PREDICTION_SCHEMA, STATUS_OK, item_id
@@ -345,6 +346,69 @@ def test_a_run_whose_fence_took_and_whose_taker_finished_it_reports_it_committed
     writer.fs = FaultyFs(real, fence_lands_then_taker_finishes)
     result = writer.commit()
     assert result.rows == NEW_ROWS and landed[1:] == ["settled"]
+    assert committed_run(str(tmp_path), "r1")["attempt"] == writer.attempt
+    assert_settled(tmp_path, NEW_ROWS)
+
+
+def test_a_run_whose_fence_landed_before_a_takers_claim_does_not_say_not_committed(
+    tmp_path: Path,
+) -> None:
+    """The fence lands, its answer is lost, and the run that took the table over claims the
+    journal before the retried write is refused: that run finishes the commit (the journal is
+    fenced), so the rerun says its outcome is the taker's to settle (it said "not committed",
+    and the commit then stood)."""
+    commit(tmp_path, OLD_ROWS)
+    writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+    real = writer.fs
+
+    def fence_lands_then_a_taker_claims(n: int, name: str, args: tuple[Any, ...]) -> None:
+        fence = name == "mv" and f"/{JOURNAL}/" in args[1]
+        if fence and json.loads(Path(args[0]).read_bytes()).get("fenced"):
+            real.mv(args[0], args[1])  # the fence lands
+            journal = Path(args[1])
+            journal.write_text(json.dumps(json.loads(journal.read_text()) | {"claim": "taker"}))
+            raise Raced(args[1])  # the retried write, refused: the journal moved on
+
+    writer.fs = FaultyFs(real, fence_lands_then_a_taker_claims)
+    with pytest.raises(CommitUnknown, match="settles this commit from it"):
+        writer.commit()
+    settle(tmp_path)  # the taker finishes it
+    assert committed_run(str(tmp_path), "r1")["attempt"] == writer.attempt
+    assert_settled(tmp_path, NEW_ROWS)
+
+
+def test_a_run_whose_taker_finishes_between_its_two_reads_reports_it_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the taker finishes the fenced commit and removes its journal between the
+    rerun's reading of the outcome (journal there) and of the fence (journal gone): the rerun
+    reads the outcome again and reports its commit (it said "not committed")."""
+    from vision_ops import publish
+
+    commit(tmp_path, OLD_ROWS)
+    writer = ParquetSink(str(tmp_path), "r1", DATE, PREDICTION_SCHEMA, rows_per_file=2)
+    writer.write(rows(NEW_ROWS))
+    real = writer.fs
+
+    def fence_lands_then_a_taker_claims(n: int, name: str, args: tuple[Any, ...]) -> None:
+        fence = name == "mv" and f"/{JOURNAL}/" in args[1]
+        if fence and json.loads(Path(args[0]).read_bytes()).get("fenced"):
+            real.mv(args[0], args[1])
+            journal = Path(args[1])
+            journal.write_text(json.dumps(json.loads(journal.read_text()) | {"claim": "taker"}))
+            raise Raced(args[1])
+
+    outcome = publish._outcome_settled_elsewhere
+
+    def then_the_taker_finishes(*args: Any) -> bool | None:
+        found = outcome(*args)
+        settle(tmp_path)
+        return found
+
+    writer.fs = FaultyFs(real, fence_lands_then_a_taker_claims)
+    monkeypatch.setattr(publish, "_outcome_settled_elsewhere", then_the_taker_finishes)
+    assert writer.commit().rows == NEW_ROWS
     assert committed_run(str(tmp_path), "r1")["attempt"] == writer.attempt
     assert_settled(tmp_path, NEW_ROWS)
 

@@ -80,3 +80,115 @@ def test_the_boxes_of_a_tiled_detection_table_keep_their_tile_scene_and_crs(
     assert capsys.readouterr().out.splitlines()[1:] == [
         "256,0,1000,EPSG:32632,car,300.0,600300.0,5199420.0,10.31,46.94"
     ]
+
+
+def test_a_query_made_while_a_rerun_replaces_the_run_reads_the_rerun(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """A rerun of the run a query reads commits between the query's reading of the manifests
+    and of the files, and removes the files it replaced: the query reads the manifests again
+    and answers with the rerun's rows (it failed, DuckDB's "No files found")."""
+    from vision_ops import query
+    from vision_ops.cli import EXIT_OK, main
+
+    table = tmp_path / "table"
+    first = [classified(f"/x/{name}.jpg", ("cat", 0.9)) for name in "ab"]
+    commit_rows(table, "classification", first, "r1")
+    real = query.register_views
+    views: list[str] = []
+
+    def a_rerun_commits_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        task = real(*args, **kwargs)
+        views.append("registered")
+        if len(views) == 1:
+            rerun = [classified(f"/x/{name}.jpg", ("dog", 0.8)) for name in "abc"]
+            commit_rows(table, "classification", rerun, "r1")
+        return task
+
+    monkeypatch.setattr(query, "register_views", a_rerun_commits_meanwhile)
+    sql = "SELECT label, count(*) AS n FROM predictions GROUP BY label"
+    assert main(["query", str(table), "--format", "csv", sql]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["label,n", "dog,3"]
+    assert views == ["registered", "registered"]
+
+
+def test_search_finds_common_words_and_names_each_unit_once_as_its_latest_run_read_it(
+    tmp_path, capsys
+) -> None:
+    """--search over an OCR table of two nights: each unit once, as its latest night read it
+    (every unit came once per night before; a unit whose latest row is an error is not found
+    by older text), and ordinary English words found ("right", "first" were DuckDB's default
+    stopwords: never matched)."""
+    import json
+
+    from vision_ops.cli import EXIT_OK, main
+    from vision_ops.schema import item_id
+
+    def page(name: str, text: str) -> dict[str, object]:
+        uri = f"file:///scans/{name}.png"
+        return {"source_uri": uri, "item_id": item_id(uri), "text": text, "lines": []}
+
+    table = tmp_path / "table"
+    night_one = [page("a", "turn right at the first gate"), page("b", "left only")]
+    night_one.append(page("c", "an old unreadable scan"))
+    commit_rows(table, "ocr", night_one, "n1", "2026-12-01")
+    night_two = [page("a", "turn right at the second gate"), page("b", "left first")]
+    night_two.append(page("c", "") | {"status": "error", "error_type": "NotAnImage"})
+    commit_rows(table, "ocr", night_two, "n2", "2026-12-02")
+    found = {}
+    for word in ("right", "second", "first", "left", "unreadable"):
+        assert main(["query", str(table), "--search", word, "--format", "json"]) == EXIT_OK
+        found[word] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["image"], row["run_id"]) for row in found["right"]] == [("a.png", "n2")]
+    assert [row["text"] for row in found["second"]] == ["turn right at the second gate"]
+    # "first": b's latest text (a stopword before); a's older night's text is not a's now
+    assert [(row["image"], row["text"]) for row in found["first"]] == [("b.png", "left first")]
+    assert [(row["image"], row["run_id"]) for row in found["left"]] == [("b.png", "n2")]
+    assert found["unreadable"] == []  # c's latest row is an error: its older text is not found
+
+
+def test_the_summary_counts_each_unit_once_as_its_latest_run_left_it(tmp_path, capsys) -> None:
+    """Without SQL, `query` summarises each unit's latest row (--run-id: that run's rows): over
+    every row, a table of nightly runs counted each image once a night (7 embedded images
+    showed 14 units), and a summary of the latest run alone would be empty after a quiet
+    incremental night. SQL still reads every committed row."""
+    from vision_ops.cli import EXIT_OK, main
+    from vision_ops.schema import item_id
+
+    def image(name: str, label: str, score: float) -> dict[str, object]:
+        uri = f"/x/{name}.jpg"
+        return classified(uri, (label, score)) | {"item_id": item_id(uri)}
+
+    table = tmp_path / "table"
+    cats = [image(name, "cat", 0.9) for name in "abc"]
+    commit_rows(table, "classification", cats, "n1", "2026-12-01")
+    dogs = [image(name, "dog", 0.8) for name in "ab"]
+    commit_rows(table, "classification", dogs, "n2", "2026-12-02")
+    commit_rows(table, "classification", [], "n3", "2026-12-03")  # a quiet incremental night
+    assert main(["query", str(table), "--format", "csv"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "label,images,mean_score"
+    assert sorted(lines[1:]) == ["cat,1,0.9", "dog,2,0.8"]
+    assert main(["query", str(table), "--run-id", "n1", "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["label,images,mean_score", "cat,3,0.9"]
+    sql = "SELECT count(*) AS n FROM predictions"
+    assert main(["query", str(table), sql, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["n", "5"]
+
+
+def test_a_file_gone_without_a_commit_since_is_not_read_again(tmp_path, capsys, caplog) -> None:
+    """A committed file deleted by hand (no commit since) fails the query at once, without
+    "a commit replaced a file" warnings (it was read three times, with two); --out into a
+    folder that is not there is refused before any read."""
+    from vision_ops.cli import EXIT_BAD_SPEC, EXIT_FAILED, main
+
+    table = tmp_path / "table"
+    commit_rows(table, "classification", [classified("/x/a.jpg", ("cat", 0.9))], "r1")
+    missing = str(tmp_path / "no" / "such" / "out.csv")
+    assert main(["query", str(table), "SELECT 1 AS one", "--out", missing]) == EXIT_BAD_SPEC
+    assert f"--out {missing}: expected a file in an existing folder" in capsys.readouterr().err
+    for part in table.glob("run_date=*/*.parquet"):
+        part.unlink()
+    assert main(["query", str(table), "--format", "csv"]) == EXIT_FAILED
+    assert "No files found" in capsys.readouterr().err
+    assert "reading again" not in caplog.text

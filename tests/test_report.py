@@ -153,3 +153,69 @@ def test_the_report_counts_skipped_tiles_beside_ok_and_error_rows(tmp_path, caps
     assert main(["report", str(tmp_path / "table"), "--html", str(tmp_path / "r.html")]) == 0
     assert "items: 4  ok: 2  errors: 1  skipped: 1" in capsys.readouterr().out
     assert "<td>skipped</td><td><b>1</b></td>" in (tmp_path / "r.html").read_text()
+
+
+def test_a_report_made_while_a_rerun_replaces_the_run_reads_the_rerun(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """A rerun of the reported run commits between the report's reading of its manifest and
+    of its files, and removes the files it replaced: the report reads again and shows the
+    rerun (it failed: file not found)."""
+    from committed_rows import classified, commit_rows
+
+    from vision_ops import report
+
+    table = tmp_path / "table"
+    first = [classified(f"/x/{name}.jpg", ("cat", 0.9)) for name in "ab"]
+    commit_rows(table, "classification", first, "r1")
+    real = report.read_run
+    reads: list[str] = []
+
+    def a_rerun_commits_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append("read")
+        if len(reads) == 1:
+            rerun = [classified(f"/x/{name}.jpg", ("dog", 0.8)) for name in "abc"]
+            commit_rows(table, "classification", rerun, "r1")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "read_run", a_rerun_commits_meanwhile)
+    assert main(["report", str(table)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert reads == ["read", "read"] and "items: 3  ok: 3" in out and "3  dog" in out, out
+
+
+def test_a_run_without_errors_says_none_under_errors_and_trend_takes_run_id_only_to_check(
+    tmp_path, capsys
+) -> None:
+    """The text report of a run without errors says `errors by type: none` (a bare header
+    before); `--trend --run-id` without --check is refused (the run id was ignored: the trend
+    showed every run)."""
+    from committed_rows import classified, commit_rows
+
+    from vision_ops.cli import EXIT_BAD_SPEC
+
+    table = str(tmp_path / "table")
+    commit_rows(tmp_path / "table", "classification", [classified("/x/a.jpg", ("cat", 0.9))], "r1")
+    assert main(["report", table]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[-1] == "errors by type: none"
+    assert main(["report", table, "--trend", "--run-id", "r1"]) == EXIT_BAD_SPEC
+    assert capsys.readouterr().err.strip() == (
+        "error: --run-id: with --trend, expected --check (the run checked); the trend shows all"
+    )
+
+
+def test_the_command_line_keeps_botocore_to_its_warnings(monkeypatch) -> None:
+    """botocore said "Found credentials in environment variables." at INFO 8 to 20 times a
+    command on S3, above the one `error:` line; at VISION_OPS_LOG_LEVEL=ERROR its warnings
+    are quiet too (the levels are put back after)."""
+    import logging
+
+    from vision_ops.logs import QUIET_LIBRARIES, log_at
+
+    for name in ("", "vision_ops", *QUIET_LIBRARIES):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    log_at(logging.INFO)
+    assert logging.getLogger("botocore.credentials").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("vision_ops").getEffectiveLevel() == logging.INFO
+    log_at(logging.ERROR)
+    assert logging.getLogger("botocore.credentials").getEffectiveLevel() == logging.ERROR

@@ -250,3 +250,15 @@ def test_report_refuses_an_empty_trend_and_an_html_page_it_cannot_write(
     captured = capsys.readouterr()
     assert captured.out == ""  # refused before the report, not after printing it
     assert f"--html {nowhere}: expected a file in an existing folder" in captured.err
+
+
+def test_a_night_of_no_units_has_no_error_rate(tmp_path: Path) -> None:
+    """A quiet incremental night commits no units: its error rates are `-` (no units, no
+    rate), as its score and label shares are, not 0 beside the nights that had units."""
+    table = tmp_path / "table"
+    commit_rows(table, "classification", night(0), "night-0", NIGHTS[0])
+    commit_rows(table, "classification", [], "quiet", NIGHTS[1])
+    points = trend(str(table))
+    assert series(points)["error rate"] == {"all": [0.0909, None], "NotAnImage": [0.0909, None]}
+    quiet = render_trend_text(points).splitlines()[2].split()
+    assert quiet == ["2026-03-02", "quiet", "0", "-", "-", "-", "-", "-", "-", "-"]

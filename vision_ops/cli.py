@@ -50,6 +50,7 @@ from vision_ops.storage import (
     StorageOptions,
     holds_credentials,
     masked_credentials,
+    store_error_text,
 )
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(RuntimeError(STOPPED_BY[stopped_by_sigterm(err)]), _stopped_exit(err))
     except Exception as err:  # anything else: still a message and a failure, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
-        return _fail(RuntimeError(f"{type(err).__name__}: {err}"), EXIT_FAILED)
+        return _fail(RuntimeError(store_error_text(err)), EXIT_FAILED)
 
 
 def _parsed(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -141,18 +142,17 @@ def check_holdout(spec: JobSpec) -> None:
     """The hold-out of the spec's `evaluate:` section is there (SpecError if not): a run must
     not commit and only then find it cannot be scored. (`run` checks only this up front: its
     model is checked while Ray starts.)"""
-    from vision_ops.storage import missing_file, missing_folder
-    from vision_ops.tasks import TRUTH_NOT_A_FILE, truth_format_of
+    from vision_ops.storage import missing
+    from vision_ops.tasks import truth_format_of, truth_path_kind
 
     held = spec.evaluate
     if held is None or held.truth is None:
         return
     truth_format = truth_format_of(spec.task.kind, held.truth_format)
-    names = TRUTH_NOT_A_FILE.get(truth_format, "file") if truth_format else None
-    if names is None:
+    kind = truth_path_kind(truth_format) if truth_format else None
+    if kind is None:
         return
-    missing = missing_folder if names == "folder" else missing_file
-    problem = missing(held.truth, spec.storage_options)
+    problem = missing(held.truth, kind, spec.storage_options)
     if problem:
         raise SpecError(f"evaluate.truth: {held.truth} {problem}")
 
@@ -476,18 +476,14 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
     return run_checked_job(spec, clock)
 
 
-NO_DRIFT_FIGURES = (
-    "drift: no figures (the run processed no new input, only retries of earlier error rows or "
-    "none, or no committed run before it processed units)"
-)
-
-
 def _print_drift(drifts: Sequence[Drift] | None) -> None:
     """The drift figures a run recorded in its manifest (report --check fails on them)."""
+    from vision_ops.drift import NO_FIGURES
+
     if drifts is None:
         print("drift: not recorded (see the warning above); report --check computes it")
     elif not drifts:
-        print(NO_DRIFT_FIGURES)
+        print(f"drift: {NO_FIGURES}")
     for found in drifts or []:
         print(f"drift: {'ALERT ' if found.crossed else ''}{found}")
 
@@ -595,7 +591,7 @@ def _backfill_outcome(committed_but: dict[int, list[str]]) -> int:
 def query(args: argparse.Namespace) -> int:
     """SQL over committed runs of an output table (a URI, or a spec whose output it reads); or
     an OCR table's --search, or an embedding table's --similar-to / --duplicates."""
-    from vision_ops.outputs import as_output
+    from vision_ops.outputs import as_output, read_committed
     from vision_ops.query import connect, export, register_views
     from vision_ops.storage import protocol_of
 
@@ -610,19 +606,30 @@ def query(args: argparse.Namespace) -> int:
         table, options = output_of(args)
     except SpecError as err:
         return _fail(err, EXIT_BAD_SPEC)
-    try:
+
+    def answer() -> str | None:
         connection = connect(options, table_on_s3=protocol_of(as_output(table).uri) == "s3")
         summary = not args.sql  # the task's own question: of its rows alone
-        task = register_views(connection, table, options, args.run_id, args.as_of, summary)
+        once = args.run_id is None and _of_each_unit_once(args)
+        task = register_views(connection, table, options, args.run_id, args.as_of, summary, once)
         relation = _query_relation(connection, task, args)
         if relation is None:  # DDL, SET ...: DuckDB gives no relation
-            return _fail(ValueError(NO_ROWS), EXIT_BAD_SPEC)
-        text = str(relation) if fmt == "table" else export(relation, fmt, args.out)
+            raise NoRows(NO_ROWS)
+        return str(relation) if fmt == "table" else export(relation, fmt, args.out)
+
+    try:
+        text = read_committed(answer, table, options)
     except Exception as err:  # its exit code where it has one (no committed run, --as-of of
         return _fail(err, getattr(err, "exit_code", EXIT_FAILED))  # Parquet); DuckDB's: 1
     if text:
         print(text, end="" if text.endswith("\n") else "\n")
     return EXIT_OK
+
+
+class NoRows(VisionOpsError, ValueError):
+    """SQL that returns no relation (DDL, SET)."""
+
+    exit_code = EXIT_BAD_SPEC
 
 
 NO_ROWS = (
@@ -643,6 +650,9 @@ def _query_format(args: argparse.Namespace) -> str:
         if fmt in ("table", *EXPORT_FORMATS):
             return str(fmt)
         raise ValueError(f"--format: expected {_either(['table', *EXPORT_FORMATS])}, found {fmt!r}")
+    local = "://" not in args.out
+    if local and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ValueError(f"--out {args.out}: expected a file in an existing folder")
     fmt = args.format or os.path.splitext(args.out)[1].lstrip(".").lower()
     if fmt in EXPORT_FORMATS:
         return str(fmt)
@@ -668,6 +678,13 @@ def _query_conflict(args: argparse.Namespace) -> str | None:
     if args.search is not None and args.sql:
         return "query: expected SQL or --search, found both"
     return None
+
+
+def _of_each_unit_once(args: argparse.Namespace) -> bool:
+    """Whether `query` answers over each unit's latest row: its task's summary and an OCR
+    search (over every row, a table of nightly runs counted each image once a night). SQL
+    reads every committed row; embedding neighbours take each unit's latest vector per model."""
+    return not (args.sql or args.similar_to or args.duplicates is not None)
 
 
 def _query_relation(connection: Any, task: Task, args: argparse.Namespace) -> Any:
@@ -755,13 +772,17 @@ def report(args: argparse.Namespace) -> int:
     """A committed run's report in the terminal, and with --html as a self-contained page;
     --trend: every committed run's figures; --check: exit 6 where the run drifted."""
     from vision_ops.drift import check_run, check_runs_since, render_drift_cards
-    from vision_ops.report import NoSuchRun, build_report, render_html, render_text
+    from vision_ops.outputs import read_committed
+    from vision_ops.report import NoSuchRun, RunReport, build_report, render_html, render_text
 
     if args.since and not (args.trend or args.check):
         message = "--since: expected it with --trend or --check, found it alone"
         return _fail(SpecError(message), EXIT_BAD_SPEC)
     if args.since and args.check and args.run_id and not args.trend:
         message = "--check: expected --since (every run from a date) or --run-id, found both"
+        return _fail(SpecError(message), EXIT_BAD_SPEC)
+    if args.trend and args.run_id and not args.check:
+        message = "--run-id: with --trend, expected --check (the run checked); the trend shows all"
         return _fail(SpecError(message), EXIT_BAD_SPEC)
     if args.samples < 1:
         return _fail(
@@ -777,14 +798,17 @@ def report(args: argparse.Namespace) -> int:
         return _fail(err, EXIT_BAD_SPEC)
     if args.trend:
         return _trend(args, table, options, monitor)
-    try:
+
+    def read() -> tuple[RunReport, list[Drift]]:
         found = build_report(table, args.run_id, options, args.samples)
         if not args.check:
-            drifts = []
-        elif args.since:
-            drifts = check_runs_since(table, monitor, options, args.since)
-        else:
-            drifts = check_run(table, monitor, options, found.run_id)
+            return found, []
+        if args.since:
+            return found, check_runs_since(table, monitor, options, args.since)
+        return found, check_run(table, monitor, options, found.run_id)
+
+    try:
+        found, drifts = read_committed(read, table, options)
     except NoSuchRun as err:
         return _fail(err, EXIT_FAILED)
     print(render_text(found), end="")
@@ -845,8 +869,10 @@ def _trend(
 
 def _drift_verdict(drifts: Sequence[Drift], checked: bool) -> int:
     """Print the drift figures; EXIT_DRIFT where one is over its threshold."""
+    from vision_ops.drift import NO_FIGURES
+
     if checked and not drifts:
-        print(NO_DRIFT_FIGURES)
+        print(f"drift: {NO_FIGURES}")
     for found in drifts:
         print(f"drift: {found}")
     crossed = [found for found in drifts if found.crossed]

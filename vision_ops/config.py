@@ -46,6 +46,8 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", 
 # A DICOM job's default: `.dcm`, `.dicom` and names without an extension or named by a UID ("").
 DICOM_EXTENSIONS = (".dcm", ".dicom", "")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
 class SpecError(VisionOpsError, ValueError):
@@ -226,8 +228,14 @@ class Window(StrictModel):
     width: float = Field(ge=1, description="Window width (at least 1), same units.")
 
 
+WindowSetting = Annotated[
+    Annotated[str, Tag("name")] | Annotated[Window, Tag("levels")],
+    Discriminator(lambda value: "levels" if isinstance(value, dict | Window) else "name"),
+]
+
+
 class DicomSpec(StrictModel):
-    window: str | Window = Field(
+    window: WindowSetting = Field(
         default="file",
         description="How values become 8-bit: `file` (the instance's own VOI LUT or window, "
         "else its full range), `full_range` (each frame's min..max), a preset "
@@ -522,7 +530,7 @@ class TorchvisionModel(_ModelCommon):
         "where a hub is reachable) or the URI of a state_dict / checkpoint file.",
     )
     weights_sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a weights file of other hash."
+        default=None, pattern=SHA256_PATTERN, description="Refuse a weights file of other hash."
     )
     num_classes: int | None = Field(
         default=None, gt=0, description="Classes of a fine-tuned head; defaults to the weights'."
@@ -558,7 +566,7 @@ class TorchScriptModel(_ModelCommon):
     )
     uri: Uri = Field(description="URI of a TorchScript file (torch.jit.save).")
     sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a file of other hash."
+        default=None, pattern=SHA256_PATTERN, description="Refuse a file of other hash."
     )
     adapter: OutputAdapter | None = Field(
         default=None,
@@ -573,7 +581,7 @@ class OnnxModel(_ModelCommon):
     )
     uri: Uri = Field(description="URI of an ONNX detector, run with onnxruntime.")
     sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a file of other hash."
+        default=None, pattern=SHA256_PATTERN, description="Refuse a file of other hash."
     )
     adapter: OutputAdapter = Field(
         default_factory=OutputAdapter, description="How to decode the model's raw output."
@@ -585,13 +593,13 @@ class EntrypointModel(_ModelCommon):
         default="entrypoint", description="A function returning a torch.nn.Module."
     )
     entrypoint: str = Field(
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        pattern=ENTRYPOINT_PATTERN,
         description="`package.module:function` returning a torch.nn.Module.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the function.")
     weights: Uri | None = Field(default=None, description="URI of a state_dict to load into it.")
     weights_sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$", description="Refuse a weights file of other hash."
+        default=None, pattern=SHA256_PATTERN, description="Refuse a weights file of other hash."
     )
 
     @model_validator(mode="after")
@@ -645,6 +653,24 @@ def _kind_or(default: str) -> Callable[[Any], str]:
     return kind
 
 
+def _of_the_default_kind(section: Any, default: str) -> bool:
+    """Whether a `model:` section without a kind is of the task's default model kind: its
+    fields are not all another kind's (`{architecture: ...}` is torchvision's; a misspelt
+    field of the default kind is named as that kind's)."""
+    if not isinstance(section, dict) or "kind" in section:
+        return False
+    others = (model for kind, model in _MODEL_KINDS.items() if kind != default)
+    return not section or not any(set(section) <= set(model.model_fields) for model in others)
+
+
+_MODEL_KINDS: dict[str, type[BaseModel]] = {
+    "torchvision": TorchvisionModel,
+    "torchscript": TorchScriptModel,
+    "entrypoint": EntrypointModel,
+    "onnx": OnnxModel,
+    "ppocr": PpOcrModel,
+}
+
 ModelSpec = Annotated[
     Annotated[TorchvisionModel, Tag("torchvision")]
     | Annotated[TorchScriptModel, Tag("torchscript")]
@@ -654,7 +680,8 @@ ModelSpec = Annotated[
     Discriminator(
         _kind_or("torchvision"),
         custom_error_type="model_kind",
-        custom_error_message="expected kind: torchvision, torchscript, entrypoint, onnx or ppocr",
+        custom_error_message=f"expected kind: {', '.join([*_MODEL_KINDS][:-1])} or "
+        f"{[*_MODEL_KINDS][-1]}",
     ),
 ]
 
@@ -711,9 +738,9 @@ def _task_kinds() -> str:
     return f"{', '.join(most)} or {last}" if most else last
 
 
-# Union tags pydantic puts in error locations (model.torchvision.weights); dropped when reported.
-UNION_TAGS = frozenset({"torchvision", "torchscript", "entrypoint", "onnx", "ppocr"})
-UNION_FIELDS = frozenset({"model"})
+# Union tags pydantic puts in error locations after the field (model.torchvision.weights,
+# input.dicom.window.levels.width); dropped when reported.
+UNION_TAGS = {"model": frozenset(_MODEL_KINDS), "window": frozenset({"name", "levels"})}
 
 
 READ_BATCH_SIZE = 16  # files a read task fetches and decodes
@@ -1118,6 +1145,14 @@ class MonitorSpec(StrictModel):
         description="Highest rise of the error rate (error rows / units) over the earlier "
         "runs' pooled rate accepted, e.g. 0.05: five points.",
     )
+    min_units: int = Field(
+        default=5,
+        ge=1,
+        description="Fewest units the model answered (status ok) a run, and the earlier runs "
+        "pooled, must hold for their label and score distributions to be compared: a PSI over "
+        "fewer (a quiet --incremental night of a few changed files) is noise, so it is not "
+        "compared and says so. The error rate is compared whatever the count.",
+    )
 
 
 class EvaluateSpec(StrictModel):
@@ -1215,12 +1250,17 @@ class JobSpec(StrictModel):
     @classmethod
     def _task_default_model(cls, value: Any) -> Any:
         """A job without a model runs its task's default model, where the task has one (OCR:
-        the packaged PP-OCR pair)."""
-        if not isinstance(value, dict) or value.get("model") is not None:
+        the packaged PP-OCR pair); a model section without a `kind` is that default's, with
+        its fields, unless they are all another kind's (`model: {dictionary: ...}` for OCR was
+        read as a torchvision model missing its architecture)."""
+        if not isinstance(value, dict):
             return value
         record = _task_record(value.get("task") or {})
         default = None if record is None else record.default_model
-        return value if default is None else value | {"model": dict(default)}
+        given = value.get("model")
+        if default is None or not (given is None or _of_the_default_kind(given, default["kind"])):
+            return value
+        return value | {"model": dict(default) | (given or {})}
 
     @model_validator(mode="after")
     def _task_runs_the_model_kind(self) -> JobSpec:
@@ -1458,11 +1498,25 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
+def _pattern_meanings() -> dict[str, str]:
+    """What each field pattern asks for, in words: a message names it, not the regex."""
+    return {
+        RUN_ID_PATTERN: "expected 1 to 128 letters, digits, '.', '_' or '-', the first a letter "
+        "or digit",
+        SHA256_PATTERN: "expected a SHA-256 as 64 lower-case hex digits",
+        ENTRYPOINT_PATTERN: "expected package.module:function",
+        ICEBERG_TABLE_PATTERN: "expected namespace.table (nested namespaces a.b.table; letters, "
+        "digits and '_', not starting with a digit)",
+    }
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = [f"invalid job spec ({err.error_count()} problem(s)):"]
     for problem in err.errors():
         location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "string_pattern_mismatch":
+            message = _pattern_meanings().get(problem["ctx"]["pattern"], message)
         if not location:  # a check across sections (a JobSpec validator): its message names
             lines.append(f"  {message}")  # the fields, and its input is the whole spec
             continue
@@ -1475,11 +1529,11 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
-    """The dotted field path, less the union tag pydantic puts after `model` or `task`."""
+    """The dotted field path, less the union tag pydantic puts after a field (UNION_TAGS)."""
     parts = [
         str(part)
         for index, part in enumerate(loc)
-        if not (index == 1 and loc[0] in UNION_FIELDS and part in UNION_TAGS)
+        if not (index and part in UNION_TAGS.get(str(loc[index - 1]), ()))
     ]
     return ".".join(parts)
 

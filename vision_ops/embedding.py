@@ -27,6 +27,7 @@ from vision_ops.schema import (
     task_of,
     with_stage_times,
 )
+from vision_ops.storage import recorded_uri
 
 TASK = "embedding"
 EMBEDDING_COLUMN = "embedding"
@@ -147,13 +148,15 @@ def similar(
     if k <= 0:
         raise BadSearch(f"-k: expected a positive number of neighbours, found {k}")
     load_vectors(connection)
+    names = {target: {target, recorded_uri(target)} for target in targets}  # a path as run
     queries = connection.execute(
         "SELECT item_id, source_uri, model_weights_sha256, embedding FROM vectors "
-        "WHERE source_uri IN (SELECT unnest($targets)) OR item_id IN (SELECT unnest($targets)) "
+        "WHERE source_uri IN (SELECT unnest($names)) OR item_id IN (SELECT unnest($names)) "
         "ORDER BY source_uri, item_id",
-        {"targets": targets},
+        {"names": sorted({name for named in names.values() for name in named})},
     ).fetchall()
-    missing = set(targets) - {q[0] for q in queries} - {q[1] for q in queries}
+    known = {q[0] for q in queries} | {q[1] for q in queries}
+    missing = {target for target, named in names.items() if not named & known}
     if missing:
         raise NoSuchUnit(
             f"--similar-to {sorted(missing)[0]}: expected the source URI or item id of an "

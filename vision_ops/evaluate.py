@@ -1,7 +1,8 @@
 """Scoring a committed run against ground truth: accuracy, top-5, per-class precision/recall and
 a confusion matrix for classification; COCO mAP for detection; mean and per-class IoU for
 segmentation. The run's task (its manifest's) names its scorer; metrics land as a small Parquet
-table per run under `_metrics/`."""
+table per run under `_metrics/`. A `skipped` unit (a scene's tile with no data) was never sent to
+the model: no scorer counts it as evaluated or as an error row; `skipped` counts it apart."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import posixpath
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import in_mask_frame
 from vision_ops.outputs import Target, as_output, committed_run, describe, read_run
-from vision_ops.schema import STATUS_OK
+from vision_ops.schema import STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import (
     StorageOptions,
-    canonical_uri,
     filesystem,
     make_folder,
     read_bytes,
     read_parquet,
+    recorded_uri,
 )
 from vision_ops.tasks import TOP5, task_of_run, truth_format_of
 from vision_ops.tiling import tile_window
@@ -45,6 +45,7 @@ METRICS_SCHEMA = pa.schema(
     ]
 )
 IGNORE_CLASS = 255  # a ground-truth mask's "no label" pixels (PASCAL VOC's convention)
+SKIPPED = "skipped"  # the metric: units the truth names that the run skipped, none scored
 
 
 class EvaluationError(VisionOpsError, ValueError):
@@ -148,13 +149,12 @@ def score_segmentation(
         raise EvaluationError(f"--truth {truth}: expected a folder of PNG masks")
     found = {posixpath.basename(path): path for path in fs.ls(root, detail=False)}
     require_one_source_a_name(rows, _mask_name, found)
+    named = [row for row in rows if _mask_name(row["source_uri"]) in found]
     tally = IouTally()
     missed: list[dict[str, Any]] = []  # error rows: scored once a mask gives the frame
     frame: tuple[int, ...] | None = None
     truth_of = _truth_reader(fs, found)
-    for row in rows:
-        if _mask_name(row["source_uri"]) not in found:
-            continue
+    for row in sent_to_model(named):
         if row["status"] != STATUS_OK:
             missed.append(row)
             continue
@@ -169,11 +169,37 @@ def score_segmentation(
         true = truth_of(row)
         tally.add(in_mask_frame(true, frame) if frame else true, None)
     if not tally.units:
-        raise EvaluationError(
+        raise nothing_scored(
+            named,
             f"no row of the run has a ground-truth mask in {truth} (matched by file name: "
-            "img7.jpg -> img7.png)"
+            "img7.jpg -> img7.png)",
         )
-    return tally.metrics(_label_names(rows))
+    return tally.metrics(_label_names(rows), also=skipped_metric(named))
+
+
+def sent_to_model(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of units the model was given: a `skipped` unit (a tile with no data) never
+    was, so it is neither evaluated nor an error row, as the run summary counts it apart
+    (its truth, a no-data border's, would otherwise score as missed against the model)."""
+    return [row for row in rows if row["status"] != STATUS_SKIPPED]
+
+
+def skipped_metric(named: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`skipped`: how many of the units the truth names (`named`) the run skipped, so that a
+    user sees the part of the hold-out left unscored; none where it skipped none."""
+    count = len(named) - len(sent_to_model(named))
+    return [_metric(SKIPPED, count)] if count else []
+
+
+def nothing_scored(named: list[dict[str, Any]], none_named: str) -> EvaluationError:
+    """The error of a run none of whose rows a scorer can score: `none_named` where the truth
+    names none of them, else that every unit it names was skipped."""
+    if not named:
+        return EvaluationError(none_named)
+    return EvaluationError(
+        f"the run's {len(named)} unit(s) the truth names were all skipped (no data: never sent "
+        "to the model), none to score"
+    )
 
 
 def _truth_reader(fs: Any, found: dict[str, str]) -> Callable[[dict[str, Any]], np.ndarray]:
@@ -251,9 +277,11 @@ class IouTally:
         self.predicted = _plus(self.predicted, np.bincount(guess))
         self.both = _plus(self.both, np.bincount(truth[truth == guess]))
 
-    def metrics(self, names: dict[int, str]) -> list[dict[str, Any]]:
+    def metrics(
+        self, names: dict[int, str], also: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         """mean_iou over the classes present in the truth or the predictions, pixel_accuracy,
-        evaluated units, error rows, and each class's iou."""
+        evaluated units, error rows, the overall metrics `also` gives, and each class's iou."""
         size = max(len(self.true), len(self.predicted), len(self.both))
         true, predicted, both = (
             np.pad(a, (0, size - len(a))) for a in (self.true, self.predicted, self.both)
@@ -266,6 +294,7 @@ class IouTally:
             _metric("pixel_accuracy", both.sum() / max(true.sum(), 1)),
             _metric("evaluated", self.units),
             _metric("error_rows", self.errors),
+            *(also or []),
         ]
         for class_id, iou in zip(present.tolist(), ious.tolist(), strict=True):
             metrics.append(_metric("iou", iou, names.get(class_id, str(class_id))))
@@ -328,7 +357,8 @@ def classification_truth(
     if not records:
         raise EvaluationError(f"{truth}: no rows; expected a uri and a label on each row")
     labels = _labels(truth, records)
-    return labels | {as_row_uri(uri): label for uri, label in labels.items()}
+    # a truth table written by hand names a local input as its path; it is matched as given too
+    return labels | {recorded_uri(uri): label for uri, label in labels.items()}
 
 
 def _labels(truth: str, records: list[dict[str, Any]]) -> dict[str, str]:
@@ -346,22 +376,18 @@ def _labels(truth: str, records: list[dict[str, Any]]) -> dict[str, str]:
     return labels
 
 
-def as_row_uri(uri: str) -> str:
-    """A URI as a run's rows hold it: a plain local path as file:///absolute/path (a truth
-    table written by hand names the path; it is matched as given too)."""
-    if "://" in uri:
-        return uri
-    return canonical_uri(*filesystem(os.path.abspath(uri)))
-
-
 def classification_metrics(
     rows: list[dict[str, Any]], truth: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """Over the rows with a true label: accuracy and top-5 (an error row counts as wrong),
-    per-class precision and recall, and the confusion matrix as (label, predicted, count)."""
-    scored = [r for r in rows if r["source_uri"] in truth]
+    """Over the rows with a true label sent to the model: accuracy and top-5 (an error row
+    counts as wrong), per-class precision and recall, and the confusion matrix as (label,
+    predicted, count); those skipped are counted apart (`skipped_metric`)."""
+    named = [r for r in rows if r["source_uri"] in truth]
+    scored = sent_to_model(named)
     if not scored:
-        raise EvaluationError("no row of the run has a ground-truth label (match on source_uri)")
+        raise nothing_scored(
+            named, "no row of the run has a ground-truth label (match on source_uri)"
+        )
     pairs = [(truth[r["source_uri"]], r["label"] if r["status"] == "ok" else None) for r in scored]
     top5 = [truth[r["source_uri"]] in _first_labels(r, TOP5) for r in scored]
     metrics = [
@@ -369,6 +395,7 @@ def classification_metrics(
         _metric("top5_accuracy", sum(top5) / len(top5)),
         _metric("evaluated", len(pairs)),
         _metric("error_rows", sum(p is None for _, p in pairs)),
+        *skipped_metric(named),
     ]
     for label in sorted({t for t, _ in pairs} | {p for _, p in pairs if p is not None}):
         predicted = [t for t, p in pairs if p == label]
@@ -389,16 +416,17 @@ def _first_labels(row: dict[str, Any], count: int) -> list[str]:
 def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[dict[str, Any]]:
     """COCO box mAP@[.5:.95] and mAP@.5 (pycocotools), images matched by file name and
     classes by category name, over the truth's images the run processed (an error row's image
-    counts, its boxes all missed; an image the run never saw does not)."""
+    counts, its boxes all missed; an image the run never saw, or only skipped, does not)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     images = {posixpath.basename(image["file_name"]): image["id"] for image in coco["images"]}
     require_one_source_a_name(rows, posixpath.basename, images)
-    covered = [row for row in rows if posixpath.basename(row["source_uri"]) in images]
+    named = [row for row in rows if posixpath.basename(row["source_uri"]) in images]
+    covered = sent_to_model(named)
     if not covered:
-        raise EvaluationError(
-            "no row of the run names an image of the COCO truth (match on file name)"
+        raise nothing_scored(
+            named, "no row of the run names an image of the COCO truth (match on file name)"
         )
     image_ids = sorted({images[posixpath.basename(row["source_uri"])] for row in covered})
     if not any(box["image_id"] in image_ids for box in coco.get("annotations", [])):
@@ -427,6 +455,7 @@ def detection_metrics(rows: list[dict[str, Any]], coco: dict[str, Any]) -> list[
     counts = [
         _metric("evaluated", len(image_ids)),
         _metric("error_rows", sum(row["status"] != "ok" for row in covered)),
+        *skipped_metric(named),
     ]
     if not results:  # every box of the run's images missed
         return [_metric("map", 0.0), _metric("map_50", 0.0), *counts]
@@ -457,11 +486,11 @@ def _complete(coco: dict[str, Any]) -> dict[str, Any]:
 
 
 def shown_metric(name: str, value: float) -> str:
-    """A metric as printed: a count (a task's `counted_metrics`) whole, any other with four
-    decimals."""
+    """A metric as printed: a count (a task's `counted_metrics`, or `skipped`) whole, any other
+    with four decimals."""
     from vision_ops.tasks import TASKS
 
-    counted = {metric for name in TASKS for metric in TASKS.get(name).counted_metrics}
+    counted = {SKIPPED} | {metric for name in TASKS for metric in TASKS.get(name).counted_metrics}
     return str(int(value)) if name in counted else f"{value:.4f}"
 
 

@@ -566,3 +566,115 @@ def palette(classes: int) -> np.ndarray:
                 colours[index, channel] += ((value >> channel) & 1) << shift
             value, shift = value >> 3, shift - 1
     return colours
+
+
+# --- OCR ---------------------------------------------------------------------------------------
+
+LINE_COLOUR = "#ff9500"
+
+
+def line_overlay(lines: list[dict[str, Any]], width: int) -> str:
+    """Each recognised line's quadrilateral as an SVG polygon in the unit's pixels, its text
+    above it."""
+    stroke, font = max(width / 200, 1.0), max(width / 24, 8.0)
+    shapes = []
+    for line in lines:
+        corners = line.get("polygon") or []
+        if not corners:
+            continue
+        points = " ".join(f"{float(p['x']):.1f},{float(p['y']):.1f}" for p in corners)
+        x, y = float(corners[0]["x"]), float(corners[0]["y"])
+        shapes.append(
+            f'<polygon class="line" points="{points}" fill="none" stroke="{LINE_COLOUR}" '
+            f'stroke-width="{stroke:.1f}"/><text x="{x:.1f}" y="{max(y - stroke, font):.1f}" '
+            f'font-size="{font:.0f}" fill="{LINE_COLOUR}">{html.escape(str(line["text"]))}</text>'
+        )
+    return "".join(shapes)
+
+
+@PANELS.register("text_lines")
+def text_lines(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """The units read most surely, then least surely (by mean line score), their lines drawn
+    over them with the text read."""
+    ok = _ok(table)
+    ok = ok.filter(pc.greater(pc.list_value_length(ok["lines"]).fill_null(0), 0))
+    if not ok.num_rows:
+        return None
+    means = mean_line_scores(ok["lines"])
+    shown = extremes(np.argsort(-means, kind="stable"), sources.samples)
+    figures = []
+    for row, mean in zip(_rows(ok.take(shown), ["lines", "text"]), means[shown], strict=True):
+        lines = row["lines"]
+        width = int(row.get("image_width") or THUMB)
+        caption = f"{len(lines)} lines, mean score {mean:.3f}: {str(row['text'])[:80]}"
+        figures.append(figure(sources, row, caption, line_overlay(lines, width) or " "))
+    return "Text read, lines drawn (most sure, then least sure)", "".join(figures)
+
+
+def mean_line_scores(lines: pa.ChunkedArray) -> np.ndarray:
+    """Each row's mean line score (rows with at least one line), in Arrow and numpy."""
+    chunks = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
+    parents = pc.list_parent_indices(chunks).to_numpy(zero_copy_only=False)
+    scores = _numbers(pc.struct_field(pc.list_flatten(chunks), "score"))
+    return np.bincount(parents, scores, len(chunks)) / np.bincount(parents, None, len(chunks))
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+PAIRED_UNITS = 2_000  # the units of a run whose pairwise similarities the report computes
+
+
+def _similarities(table: pa.Table) -> tuple[pa.Table, np.ndarray] | None:
+    """The ok units of the run's most used model (the first PAIRED_UNITS) and their cosine
+    similarities (the vectors are L2-normalised), each unit's with itself set to -inf."""
+    ok = _ok(table)
+    if ok.num_rows < 2:
+        return None
+    model = counts(ok["model_weights_sha256"])[0][0]
+    ok = ok.filter(pc.equal(ok["model_weights_sha256"], model)).slice(0, PAIRED_UNITS)
+    if ok.num_rows < 2:
+        return None
+    vectors = np.stack(
+        [np.asarray(vector, dtype=np.float32) for vector in ok["embedding"].to_pylist()]
+    )
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    return ok, similarity
+
+
+NEIGHBOURS_TITLE = "Closest pairs (near-duplicates where the cosine is near 1), then loners"
+
+
+@PANELS.register("neighbours")
+def neighbours(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
+    """The most similar pairs of units side by side (near-duplicates, where the cosine is near
+    1), then the units least like any other (lowest similarity to their nearest neighbour: odd
+    images, or inputs of another kind than the rest)."""
+    found = _similarities(table)
+    if found is None:
+        return None
+    ok, similarity = found
+    rows = _rows(ok, [])
+    return NEIGHBOURS_TITLE, _closest_pairs(rows, similarity, sources) + _loners(
+        rows, similarity, sources
+    )
+
+
+def _closest_pairs(rows: list[dict[str, Any]], similarity: np.ndarray, sources: Sources) -> str:
+    upper = np.triu_indices(len(similarity), k=1)
+    best = np.argsort(-similarity[upper], kind="stable")[: sources.samples]
+    pairs = []
+    for first, second in zip(upper[0][best], upper[1][best], strict=True):
+        caption = f"cosine {similarity[first, second]:.4f}"
+        shown = [figure(sources, rows[index], caption) for index in (first, second)]
+        pairs.append(strip(f"{name_of(rows[first])} ~ {name_of(rows[second])}", shown))
+    return "".join(pairs)
+
+
+def _loners(rows: list[dict[str, Any]], similarity: np.ndarray, sources: Sources) -> str:
+    nearest = similarity.max(axis=1)
+    lonely = np.argsort(nearest, kind="stable")[: sources.samples]
+    figures = [
+        figure(sources, rows[index], f"nearest cosine {nearest[index]:.4f}") for index in lonely
+    ]
+    return strip("least like any other unit", figures)

@@ -250,7 +250,6 @@ class IcebergSink:
         attempt = committed["attempt"]
         staging = staging_folder(self.root, self.run_id, attempt)
         with writing_to(self.output.uri):
-            self.fs.invalidate_cache(staging)
             if not self.fs.glob(f"{staging}/{PART_FILES}"):  # (a store may keep the folder)
                 return None
         replaced = _replaced_commit(self.table, self.run_id)

@@ -214,8 +214,6 @@ class S3LockFile:
             if condition and code in S3_UNSUPPORTED_CODES:
                 raise NoConditionalWrites(code) from None
             raise
-        finally:
-            self.fs.invalidate_cache(self.path)
         return dict(answer)
 
 

@@ -19,11 +19,19 @@ class MaskedFormatter(logging.Formatter):
         return masked_credentials(super().format(record))
 
 
+# Libraries whose INFO lines say nothing a user acts on, once per client: botocore's "Found
+# credentials in environment variables." came 8 to 20 times a command.
+QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs")
+
+
 def log_at(level: int) -> None:
     """Our loggers at `level`; the libraries' (botocore, urllib3, Ray ...) no lower than INFO,
-    whose DEBUG lines carry request headers. Every line through MaskedFormatter."""
+    whose DEBUG lines carry request headers, and QUIET_LIBRARIES' no lower than WARNING. Every
+    line through MaskedFormatter."""
     handler = logging.StreamHandler()
     handler.setFormatter(MaskedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(handlers=[handler])  # where the process has not set up logging yet
     logging.getLogger().setLevel(max(level, logging.INFO))
+    for chatty in QUIET_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
     log.setLevel(level)

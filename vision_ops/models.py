@@ -36,7 +36,7 @@ from vision_ops.config import (
 )
 from vision_ops.errors import ModelError, in_one_line
 from vision_ops.registry import Registry
-from vision_ops.storage import StorageOptions, missing_file, read_bytes
+from vision_ops.storage import StorageOptions, missing_file, read_bytes, store_error_text
 from vision_ops.tasks import DetectionTask, get_task
 
 
@@ -595,14 +595,12 @@ def load_labels(ref: str, options: StorageOptions | None = None) -> list[str]:
         values = json.loads(text) if ref.lower().endswith(".json") else None
     except FileNotFoundError:
         raise ModelError(f"model.labels: {ref} not found") from None
-    except OSError as err:  # a folder, access refused ...
-        raise ModelError(
-            f"model.labels: {ref} cannot be read: {type(err).__name__}: {err}"
-        ) from None
     except ValueError as err:  # not UTF-8, or not JSON
         raise ModelError(
             f"model.labels: {ref}: expected UTF-8 text (one label a line) or JSON: {err}"
         ) from None
+    except Exception as err:  # a folder, access refused, no credentials: not one type
+        raise ModelError(f"model.labels: {ref} cannot be read: {store_error_text(err)}") from None
     if values is not None:
         return _json_labels(ref, values)
     return [line.strip() for line in text.splitlines() if line.strip()]

@@ -27,8 +27,13 @@ DICT_METADATA_KEY = "character"  # the recognizer's own character list, in its O
 REC_HEIGHT = 48  # the recognizer's input height
 REC_MIN_WIDTH = 320  # ... and its narrowest input (PP-OCR's 3 x 48 x 320)
 DET_MULTIPLE = 32  # the detector's input sides are multiples of this
+# ... and at least this: in an input 32 px high (one cell of its coarsest map) a line fills the
+# whole height and is read in pieces; in 64 with the rest padded it is read whole
+DET_MIN_SIDE = 64
 MIN_BOX_SIDE = 3  # a detected box's shorter side must exceed this (detector pixels)
-ROTATE_RATIO = 1.5  # a crop this much taller than wide is vertical text: turned a quarter
+ARC_TOLERANCE = 0.25  # Clipper's (unclip's): how far an offset's arc may stray from a circle
+CUBIC_A = -0.75  # OpenCV's bicubic kernel (Keys' a), that PP-OCR cuts its lines with
+ROTATE_RATIO = 1.5  # a line cut this much taller than wide is vertical text: turned a quarter
 MAX_CANDIDATES = 1000  # text regions considered per image
 DET_BATCH_PIXELS = 16_000_000  # detector input pixels per call (images of one size together)
 
@@ -101,14 +106,40 @@ def characters(session: Any, dictionary: str | None = None) -> list[str]:
 
 
 def detector_size(height: int, width: int, settings: OcrTask) -> tuple[int, int]:
-    """The detector's input size for an image: short side up to det_limit_side, long side at
-    most det_max_side, both rounded to multiples of 32."""
-    ratio = max(1.0, settings.det_limit_side / min(height, width))
-    ratio = min(ratio, settings.det_max_side / max(height, width))
-    return tuple(  # type: ignore[return-value]
-        max(DET_MULTIPLE, round(int(side * ratio) / DET_MULTIPLE) * DET_MULTIPLE)
-        for side in (height, width)
+    """The size the detector sees an image at: its short side scaled to det_limit_side, its
+    long side down to det_max_side where the short side stays at det_limit_side or more (the
+    short side's limit first, as PP-OCR's: an 800 x 200 line is seen at 2944 x 736 as RapidOCR
+    sees it; at 1984 x 512 its box came out a pixel or two off and "HELLO WORLD 2026" read
+    "HELLOWORLD2026"), all within det_max_side
+    squared pixels, padding included: an elongated image (a long line, a receipt) is scaled to
+    fill those, not squashed to fit its long side (a 6000 x 120 line seen 32 px high lost most
+    of its words). Sides are rounded to multiples of 32 (as PP-OCR's); one that would round
+    under DET_MIN_SIDE keeps its size, and detector_input pads it."""
+    budget = settings.det_max_side**2  # pixels: a det_max_side square, as large images get
+    fit_long = min(1.0, settings.det_max_side / max(height, width))
+    reach_short = min(
+        settings.det_limit_side / min(height, width),
+        math.sqrt(budget / (height * width)),
+        budget / (DET_MIN_SIDE * max(height, width)),  # a short side padded to DET_MIN_SIDE
     )
+    ratio = max(fit_long, reach_short)
+    return _detector_side(height * ratio), _detector_side(width * ratio)
+
+
+def _detector_side(scaled: float) -> int:
+    """A scaled side rounded to a multiple of 32 as PP-OCR rounds it, unless that is under
+    DET_MIN_SIDE: squashed so, a line is lost (the side is padded instead)."""
+    rounded = round(int(scaled) / DET_MULTIPLE) * DET_MULTIPLE
+    return rounded if rounded >= DET_MIN_SIDE else max(1, int(scaled))
+
+
+def detector_canvas(size: tuple[int, int]) -> tuple[int, int]:
+    """The detector's input for an image resized to `size`: each side a multiple of 32 and at
+    least DET_MIN_SIDE (the image at its top left, padded)."""
+    height, width = (
+        max(DET_MIN_SIDE, math.ceil(side / DET_MULTIPLE) * DET_MULTIPLE) for side in size
+    )
+    return height, width
 
 
 def homography(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -143,26 +174,75 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def line_crop(image: np.ndarray, quad: np.ndarray, height: int = REC_HEIGHT) -> np.ndarray:
-    """The text line inside `quad` (tl, tr, br, bl) straightened and resampled to `height`
-    rows at its own aspect ratio -> uint8 (height, width, C). A crop much taller than wide
-    is vertical text, turned a quarter counter-clockwise."""
+def sample_cubic(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Bicubic samples of uint8 (H, W, C) at float pixel positions (any shape), edges
+    replicated -> float32 (..., C): OpenCV's INTER_CUBIC, the sixteen pixels around each
+    position weighted by Keys' kernel (a = -0.75)."""
+    height, width = image.shape[:2]
+    x0, y0 = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
+    weights_x, weights_y = _cubic_weights(xs - x0), _cubic_weights(ys - y0)
+    total = np.zeros((*np.shape(xs), image.shape[2]), dtype=np.float64)
+    for i, weight_y in enumerate(weights_y):
+        rows = np.clip(y0 + i - 1, 0, height - 1)
+        for j, weight_x in enumerate(weights_x):
+            columns = np.clip(x0 + j - 1, 0, width - 1)
+            total += (weight_y * weight_x)[..., None] * image[rows, columns]
+    return total.astype(np.float32)
+
+
+def _cubic_weights(offset: np.ndarray) -> np.ndarray:
+    """The weights (4, ...) of the pixels at -1, 0, 1 and 2 from a position `offset` (0..1)
+    past pixel 0."""
+    distance = np.stack([1 + offset, offset, 1 - offset, 2 - offset])
+    near = ((CUBIC_A + 2) * distance - (CUBIC_A + 3)) * distance**2 + 1
+    far = ((CUBIC_A * distance - 5 * CUBIC_A) * distance + 8 * CUBIC_A) * distance - 4 * CUBIC_A
+    return np.where(distance <= 1, near, far)
+
+
+def line_cut(image: np.ndarray, quad: np.ndarray) -> np.ndarray:
+    """The text line inside `quad` (tl, tr, br, bl) cut out straight at its own size -> uint8
+    (h, w, C); a cut much taller than wide is vertical text, turned a quarter
+    counter-clockwise. As PP-OCR cuts a line (OpenCV's bicubic warp; recognizer_batch then
+    resizes it within the cut): the recogniser reads a space from a few faint columns, and a
+    line sampled straight to 48 rows blended the pixels past the box into its first and
+    last rows (as a box a pixel taller would): about one line in ten read otherwise than
+    RapidOCR reads it, a space lost or a stray character."""
+    straight = straighten(image, quad)
+    if straight.shape[0] >= ROTATE_RATIO * straight.shape[1]:
+        straight = np.rot90(straight)
+    return straight
+
+
+def straighten(image: np.ndarray, quad: np.ndarray) -> np.ndarray:
+    """The quadrilateral `quad` (tl, tr, br, bl) of uint8 (H, W, C) mapped onto an upright
+    rectangle as long as its longer sides (whole pixels): bicubic samples at the rectangle's
+    pixels, edges replicated (OpenCV's warpPerspective) -> uint8 (h, w, C)."""
     quad = quad.astype(np.float64)
-    crop_w = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
-    crop_h = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
-    crop_w, crop_h = max(crop_w, 1), max(crop_h, 1)
-    if crop_h >= ROTATE_RATIO * crop_w:
-        quad, crop_w, crop_h = quad[[1, 2, 3, 0]], crop_h, crop_w
-    width = max(1, math.ceil(height * crop_w / crop_h))
-    corners = np.array([[0, 0], [crop_w, 0], [crop_w, crop_h], [0, crop_h]], dtype=np.float64)
-    to_source = homography(corners, quad)
-    xs = (np.arange(width) + 0.5) * crop_w / width - 0.5
-    ys = (np.arange(height) + 0.5) * crop_h / height - 0.5
-    grid_x, grid_y = np.meshgrid(xs, ys)
-    points = to_source @ np.stack([grid_x.ravel(), grid_y.ravel(), np.ones(grid_x.size)])
+    width = max(1, int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3]))))
+    height = max(1, int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2]))))
+    corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float64)
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height))
+    points = homography(corners, quad) @ np.stack(
+        [grid_x.ravel(), grid_y.ravel(), np.ones(grid_x.size)]
+    )
     source_x = (points[0] / points[2]).reshape(height, width)
     source_y = (points[1] / points[2]).reshape(height, width)
-    return np.clip(np.rint(sample(image, source_x, source_y)), 0, 255).astype(np.uint8)
+    return _as_uint8(sample_cubic(image, source_x, source_y))
+
+
+def stretch(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, C) resized to (height, width) bilinearly, not antialiased, every sample
+    within the image (OpenCV's INTER_LINEAR) -> uint8."""
+    rows, columns = image.shape[:2]
+    xs = (np.arange(width) + 0.5) * columns / width - 0.5
+    ys = (np.arange(height) + 0.5) * rows / height - 0.5
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    return _as_uint8(sample(image, grid_x, grid_y))
+
+
+def _as_uint8(values: np.ndarray) -> np.ndarray:
+    """Samples as OpenCV stores them: rounded, saturated to 0..255."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray:
@@ -217,18 +297,77 @@ def order_box(corners: np.ndarray) -> np.ndarray:
     return np.array([left[0], right[0], right[1], left[1]], dtype=np.float64)
 
 
-def grow_box(box: np.ndarray, distance: float) -> np.ndarray:
-    """A rectangle (tl, tr, br, bl) moved out by `distance` on every side (DB's unclip: the
-    smallest rectangle around the rounded offset polygon)."""
-    center = box.mean(axis=0)
-    along = box[1] - box[0]
-    down = box[3] - box[0]
-    along /= max(float(np.linalg.norm(along)), 1e-9)
-    down /= max(float(np.linalg.norm(down)), 1e-9)
-    signs = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
-    half_w = np.linalg.norm(box[1] - box[0]) / 2 + distance
-    half_h = np.linalg.norm(box[3] - box[0]) / 2 + distance
-    return center + signs[:, :1] * half_w * along + signs[:, 1:] * half_h * down
+def unclip(box: np.ndarray, distance: float) -> np.ndarray:
+    """DB's unclip of a rectangle (tl, tr, br, bl), as PP-OCR runs it with pyclipper (Clipper's
+    round-join offset): the corners truncated to whole pixels, moved out by `distance` with an
+    arc of points around each corner, every point rounded to a whole pixel -> the offset
+    polygon's points (N, 2). Its smallest rectangle is a line's box: a rectangle grown by
+    `distance` exactly sat up to a pixel from RapidOCR's, and a line's box a pixel off can
+    read otherwise (a space lost)."""
+    path = _clipper_path(box)
+    if len(path) < 3:
+        return path
+    if abs(distance) < ARC_TOLERANCE:  # Clipper leaves a polygon this close as it is
+        return path
+    edges = np.roll(path, -1, axis=0) - path
+    normals = np.stack([edges[:, 1], -edges[:, 0]], axis=1)
+    normals /= np.linalg.norm(edges, axis=1)[:, None]
+    points: list[np.ndarray] = []
+    previous = len(path) - 1
+    for index, corner in enumerate(path):
+        points += _offset_corner(corner, normals[previous], normals[index], distance)
+        # Clipper keeps the previous edge's normal across a corner too flat to turn
+        if not _too_flat(normals[previous], normals[index], distance):
+            previous = index
+    return _clipper_round(np.array(points))
+
+
+def _clipper_path(box: np.ndarray) -> np.ndarray:
+    """A polygon as Clipper takes it: whole pixels (truncated towards zero), repeated points
+    dropped, counter-clockwise in image coordinates (a positive shoelace area), so that each
+    edge's (dy, -dx) normal points out."""
+    path = np.trunc(np.asarray(box, dtype=np.float64))
+    path = path[np.any(path != np.roll(path, 1, axis=0), axis=1)]
+    x, y = path[:, 0], path[:, 1]
+    if float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)) < 0:
+        path = path[::-1]
+    return path
+
+
+def _too_flat(before: np.ndarray, after: np.ndarray, distance: float) -> bool:
+    """Whether Clipper passes a corner with one point (it turns by less than a pixel at this
+    distance, forwards)."""
+    sin = before[0] * after[1] - after[0] * before[1]
+    return abs(sin * distance) < 1.0 and float(before @ after) > 0
+
+
+def _offset_corner(
+    corner: np.ndarray, before: np.ndarray, after: np.ndarray, distance: float
+) -> list[np.ndarray]:
+    """The offset polygon's points at one corner between edges of unit normals `before` and
+    `after` (Clipper's OffsetPoint and DoRound, for a round join)."""
+    if _too_flat(before, after, distance):
+        return [corner + before * distance]
+    sin = float(np.clip(before[0] * after[1] - after[0] * before[1], -1.0, 1.0))
+    if sin * distance < 0:  # a concave corner
+        return [corner + before * distance, corner, corner + after * distance]
+    size = abs(distance)
+    tolerance = min(ARC_TOLERANCE, size * ARC_TOLERANCE)
+    steps = min(math.pi / math.acos(1 - tolerance / size), size * math.pi)
+    step = 2 * math.pi / steps
+    angle = abs(math.atan2(sin, before @ after))
+    turns = int(_clipper_round(np.array(steps / (2 * math.pi) * angle)))
+    rotation = np.array([[math.cos(step), -math.sin(step)], [math.sin(step), math.cos(step)]])
+    points, normal = [], before
+    for _ in range(max(turns, 1)):
+        points.append(corner + normal * distance)
+        normal = rotation @ normal
+    return [*points, corner + after * distance]
+
+
+def _clipper_round(values: np.ndarray) -> np.ndarray:
+    """Clipper's rounding to whole pixels: halves away from zero."""
+    return np.where(values < 0, np.trunc(values - 0.5), np.trunc(values + 0.5))
 
 
 def box_score(prob: np.ndarray, box: np.ndarray) -> float:
@@ -265,10 +404,14 @@ def bool_all(values: np.ndarray) -> np.ndarray:
 
 
 def detector_input(images: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """uint8 RGB (H, W, 3) images -> the detector's float32 (N, 3, h, w) batch: resized, BGR
-    (PP-OCR was trained on OpenCV's channel order), scaled to -1..1."""
+    """uint8 RGB (H, W, 3) images -> the detector's float32 (N, 3, h, w) batch: resized to
+    `size`, BGR (PP-OCR was trained on OpenCV's channel order), scaled to -1..1, and padded on
+    the bottom and right to `detector_canvas(size)`, black as RapidOCR's letterbox pads."""
     batch = np.stack([resize(image, *size)[..., ::-1] for image in images])
-    return np.ascontiguousarray(((batch / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2), np.float32)
+    height, width = detector_canvas(size)
+    canvas = np.full((len(images), 3, height, width), -1.0, dtype=np.float32)
+    canvas[:, :, : size[0], : size[1]] = ((batch / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
+    return canvas
 
 
 def text_boxes(
@@ -315,12 +458,13 @@ def region_box(
     box_w = float(np.linalg.norm(box[1] - box[0]))
     box_h = float(np.linalg.norm(box[3] - box[0]))
     distance = box_w * box_h * settings.unclip_ratio / max(2 * (box_w + box_h), 1e-9)
-    if short + 2 * distance < MIN_BOX_SIDE + 2:
+    grown, short = min_area_rect(unclip(box, distance))
+    if short < MIN_BOX_SIDE + 2:
         return None
-    grown = order_box(grow_box(box, distance))
     height, width = source_size
-    scale = np.array([width / prob.shape[1], height / prob.shape[0]])
-    scaled = np.clip(np.round(grown * scale), 0, [width, height])
+    # as PP-OCR scales: map pixels / map size x image size, rounded, within the image
+    scaled = np.round(grown / prob.shape[::-1] * [width, height])
+    scaled = np.clip(scaled, 0, [width, height])
     final = np.clip(np.trunc(order_box(scaled)), 0, [width - 1, height - 1])
     if degenerate(final):  # clipped onto a corner or a line: its upright box, inside the image
         (left, top), (right, bottom) = final.min(axis=0), final.max(axis=0)
@@ -356,16 +500,23 @@ def _row_extremes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 # --- recognition -----------------------------------------------------------------------------
 
 
-def recognizer_batch(crops: Sequence[np.ndarray]) -> np.ndarray:
-    """uint8 RGB (48, w, 3) line crops -> the recogniser's (N, 3, 48, W) batch: BGR, scaled
-    to -1..1, padded with zeros on the right to the widest (at least 320)."""
-    width = max(REC_MIN_WIDTH, *(crop.shape[1] for crop in crops))
-    batch = np.zeros((len(crops), 3, REC_HEIGHT, width), dtype=np.float32)
-    for index, crop in enumerate(crops):
-        batch[index, :, :, : crop.shape[1]] = ((crop[..., ::-1] / 255.0 - 0.5) / 0.5).transpose(
-            2, 0, 1
-        )
+def recognizer_batch(cuts: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 RGB (h, w, 3) line cuts -> the recogniser's (N, 3, 48, W) batch, as PP-OCR makes
+    it: W is 48 x the widest cut's aspect ratio (truncated; at least 320), each cut resized to
+    48 rows at its own aspect ratio (rounded up, at most W), BGR, scaled to -1..1 and padded
+    with zeros on the right (a pixel's more width, or pad, reads a line otherwise)."""
+    width = max(REC_MIN_WIDTH, *(int(REC_HEIGHT * aspect(cut)) for cut in cuts))
+    batch = np.zeros((len(cuts), 3, REC_HEIGHT, width), dtype=np.float32)
+    for index, cut in enumerate(cuts):
+        line = stretch(cut, REC_HEIGHT, min(width, math.ceil(REC_HEIGHT * aspect(cut))))
+        pixels = (line[..., ::-1] / 255.0 - 0.5) / 0.5
+        batch[index, :, :, : line.shape[1]] = pixels.transpose(2, 0, 1)
     return batch
+
+
+def aspect(cut: np.ndarray) -> float:
+    """A line cut's width / height."""
+    return cut.shape[1] / cut.shape[0]
 
 
 def ctc_decode(probs: np.ndarray, chars: Sequence[str]) -> list[tuple[str, float]]:
@@ -432,7 +583,7 @@ def joined_text(texts: Sequence[str], rows: Sequence[Sequence[int]]) -> str:
 class TextReader:
     """A PP-OCR detector and recogniser (onnxruntime sessions) reading batches of images: the
     detector runs on same-size groups of the batch's images, the recogniser on each image's
-    line crops (in chunks of similar widths, padded to the widest)."""
+    line cuts (in chunks of similar aspect ratios, padded to the widest)."""
 
     def __init__(
         self,
@@ -459,14 +610,14 @@ class TextReader:
     def read_checked(self, images: Sequence[np.ndarray]) -> tuple[list[list[Line]], list[bool]]:
         """`read`, and per image whether the models' outputs for it were all finite (NaN
         probabilities fail the thresholds: no boxes, or lines dropped, not an error). Each
-        image's lines are recognised in calls of their own: a crop is padded to its call's
+        image's lines are recognised in calls of their own: a line is padded to its call's
         widest, and a wider pad reads a line otherwise, so an image's text never depends on
         which images share its batch (a rerun, or a resumed run, batches it otherwise)."""
         lines: list[list[Line]] = []
         finite: list[bool] = []
         for image, (boxes, detected) in zip(images, self.detect_checked(images), strict=True):
             quads = [quad for quad, _ in boxes]
-            recognised, read = self.recognize_checked([line_crop(image, quad) for quad in quads])
+            recognised, read = self.recognize_checked([line_cut(image, quad) for quad in quads])
             kept = [
                 Line(text, score, quad)
                 for quad, (text, score) in zip(quads, recognised, strict=True)
@@ -485,25 +636,23 @@ class TextReader:
         found: list[tuple[list[tuple[np.ndarray, float]], bool]] = [([], True) for _ in images]
         for size, members in _groups(sizes, DET_BATCH_PIXELS):
             batch = detector_input([images[i] for i in members], size)
-            probs = self._run(self.detector, batch)[:, 0]
+            probs = self._run(self.detector, batch)[:, 0, : size[0], : size[1]]  # not the pad
             for index, prob in zip(members, probs, strict=True):
                 boxes = text_boxes(prob, images[index].shape[:2], self.settings)
                 found[index] = boxes, bool(np.isfinite(prob).all())
         return found
 
-    def recognize_checked(
-        self, crops: Sequence[np.ndarray]
-    ) -> tuple[list[tuple[str, float]], bool]:
-        """Line crops (48, w, 3) -> text and score each, and whether the recogniser's outputs
-        for all the crops were finite: sorted by width so each call pads little,
-        rec_batch_size crops a call."""
-        order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1])
-        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+    def recognize_checked(self, cuts: Sequence[np.ndarray]) -> tuple[list[tuple[str, float]], bool]:
+        """Line cuts (h, w, 3) -> text and score each, and whether the recogniser's outputs
+        for all the cuts were finite: sorted by aspect ratio so each call pads little,
+        rec_batch_size cuts a call."""
+        order = sorted(range(len(cuts)), key=lambda i: aspect(cuts[i]))
+        results: list[tuple[str, float]] = [("", 0.0)] * len(cuts)
         finite = True
         step = self.settings.rec_batch_size
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
-            probs = self._run(self.recognizer, recognizer_batch([crops[i] for i in chunk]))
+            probs = self._run(self.recognizer, recognizer_batch([cuts[i] for i in chunk]))
             finite = finite and bool(np.isfinite(probs).all())
             for index, decoded in zip(chunk, ctc_decode(probs, self.chars), strict=True):
                 results[index] = decoded
@@ -527,11 +676,9 @@ def _groups(
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
     groups = []
-    for (height, width), members in by_size.items():
-        per_call = max(1, budget // (height * width))
-        groups += [
-            ((height, width), members[i : i + per_call]) for i in range(0, len(members), per_call)
-        ]
+    for size, members in by_size.items():
+        per_call = max(1, budget // math.prod(detector_canvas(size)))
+        groups += [(size, members[i : i + per_call]) for i in range(0, len(members), per_call)]
     return groups
 
 

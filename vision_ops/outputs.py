@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import pyarrow as pa
 
@@ -21,6 +23,7 @@ from vision_ops import iceberg, runindex, sink
 from vision_ops.config import JobSpec, OutputSpec
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.lock import RunLock
+from vision_ops.logs import log
 from vision_ops.masks import MASK_FOLDER_PATTERN, mask_folder_replacement
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
@@ -30,6 +33,7 @@ from vision_ops.tally import ExpectedUnits, Listed
 from vision_ops.tasks import task_of_run
 
 Manifest = dict[str, Any]
+T = TypeVar("T")
 Target = str | OutputSpec  # a Parquet table root, or a spec's output of any format
 
 
@@ -331,6 +335,51 @@ def read_run(
         empty = task_of_run(run).schema.empty_table()
         table = empty.select(columns) if columns is not None else empty
     return table
+
+
+READS = 3  # a read of committed rows is made this many times at most (`read_committed`)
+
+# What DuckDB says of a file named in a relation that is not there (local, S3's 404).
+_GONE_IN_DUCKDB = ("No files found", "No such file", "HTTP 404", "Not Found")
+
+
+def read_committed(
+    read: Callable[[], T], target: Target, options: StorageOptions | None = None
+) -> T:
+    """`read()` of the table `target`, made again (READS in all at most) where a file it named
+    is gone and the table's commits changed meanwhile: a rerun of a run it read committed and
+    removed the files its commit replaced (a reader of the files has no snapshot). Made again,
+    it reads the manifests afresh: the rerun's rows. A file gone with no commit since (deleted
+    by hand, a path the SQL names) fails at once."""
+    for _ in range(READS - 1):
+        commits = _commits_now(target, options)
+        try:
+            return read()
+        except Exception as err:
+            if not _a_file_gone(err) or commits is None or _commits_now(target, options) == commits:
+                raise
+            log.warning(
+                "%s: a commit replaced a file while it was read; reading again", describe(target)
+            )
+    return read()
+
+
+def _commits_now(target: Target, options: StorageOptions | None) -> str | None:
+    """The table's committed runs, as one digest of their manifests; None where they cannot be
+    read (then `read()` says why, and is not made again)."""
+    try:
+        runs = committed_runs(target, options)
+    except Exception:  # the store's errors are not one type (no credentials: `read` names it)
+        return None
+    manifests = json.dumps(runs, sort_keys=True, default=str)
+    return hashlib.sha256(manifests.encode()).hexdigest()
+
+
+def _a_file_gone(err: BaseException) -> bool:
+    if isinstance(err, FileNotFoundError):
+        return True
+    named = type(err).__name__ == "IOException" or "HTTP" in type(err).__name__
+    return named and any(words in str(err) for words in _GONE_IN_DUCKDB)
 
 
 def read_index(target: Target, uri: str, options: StorageOptions | None = None) -> pa.Table:

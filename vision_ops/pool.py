@@ -67,9 +67,7 @@ def plan_pool(
         fits = min(fits, _actors_on_nodes(nodes_up, runtime, num_gpus))
     smallest = runtime.min_actors or 1
     if smallest > fits and not runtime.autoscaling:
-        most_gpus = (
-            max((node.get("GPU", 0) for node, _ in nodes_up), default=gpus) if nodes_up else gpus
-        )
+        most_gpus = most_gpus_on_a_node(nodes_up) if nodes_up else gpus
         raise ClusterTooSmall(_too_small_message(runtime, num_gpus, cpus, gpus, fits, most_gpus))
     top = runtime.max_actors or max(fits, smallest)
     if top > fits and not runtime.autoscaling:
@@ -263,9 +261,14 @@ def _unreachable_message(runtime: RuntimeSpec, num_gpus: float, nodes: Nodes, fi
         f"{num_gpus:g} GPU each cannot be scheduled even at full scale: the launcher config's "
         f"nodes ({kinds} each) hold {fits}, {runtime.reserved_cpus:g} CPUs kept free "
         f"(runtime.reserved_cpus); expected min_actors <= {fits}. "
-        f"{_lower(num_gpus, max(node.get('GPU', 0) for node, _ in nodes))}, or raise the node "
+        f"{_lower(num_gpus, most_gpus_on_a_node(nodes))}, or raise the node "
         "types' max_workers"
     )
+
+
+def most_gpus_on_a_node(nodes: Nodes) -> float:
+    """The most GPUs one of `nodes` has (what the largest GPU ask can be)."""
+    return max((node.get("GPU", 0) for node, _ in nodes), default=0)
 
 
 def _lower(num_gpus: float, most_gpus: float) -> str:

@@ -130,11 +130,11 @@ def journals(fs: AbstractFileSystem, root: str) -> list[str]:
     return sorted(name for name in names if name.endswith(".json"))
 
 
-def interrupted_commits(
+def unsettled_commits(
     fs: AbstractFileSystem, root: str, run_id: str | None = None
 ) -> list[CommitPlan]:
-    """The interrupted commits whose journals are in the table at `root`: run `run_id`'s, else
-    every run's."""
+    """The unsettled commits (in progress, or interrupted: their journals are there) in the
+    table at `root`: run `run_id`'s, else every run's."""
     plans = []
     for path in journals(fs, root):
         with contextlib.suppress(FileNotFoundError):  # settled since it was listed
@@ -198,8 +198,18 @@ def publish(
         fenced = json.loads(unfenced) | {FENCED: True, MANIFEST: content, REPLACED: replaced}
         tag = _swap(journal, json.dumps(fenced, indent=1).encode(), tag)
     except Raced:
-        if _outcome_settled_elsewhere(fs, root, plan):
+        outcome = _outcome_settled_elsewhere(fs, root, plan)
+        if outcome:
             return  # the fence took, and the run that claimed it since finished the commit
+        fenced = _journal_fenced(fs, root, plan) if outcome is None else False
+        if fenced is None and _outcome_settled_elsewhere(fs, root, plan):
+            return  # settled since it was read: finished by the run that claimed it
+        if fenced is not False:
+            raise CommitUnknown(
+                f"run {plan.run_id}: its commit point may have been reached, and the run that "
+                "took the table's lock over (it claimed the journal) settles this commit from "
+                "it: finished where the fence landed"
+            ) from None
         raise _settled_by_another(plan) from None
     except Exception:
         stands = _settle_or_leave(fs, root, plan, committed=None)
@@ -224,6 +234,18 @@ def _settled_by_another(plan: CommitPlan) -> CommitRefused:
         f"run {plan.run_id}: another run settled this commit (the table's lock was taken over "
         "while this run stalled): not committed, the table keeps the run it had"
     )
+
+
+def _journal_fenced(fs: AbstractFileSystem, root: str, plan: CommitPlan) -> bool | None:
+    """Whether the commit's journal, claimed by another settler, holds its fence: the fence
+    landed before the claim (a write retried after its answer was lost), so the settler
+    finishes the commit; not fenced, it undoes it. None where it is gone (settled since it was
+    last read) or cannot be read."""
+    try:
+        data = lock_file(fs, journal_path(root, plan.run_id, plan.attempt)).read()[0]
+        return None if data is None else bool(json.loads(data).get(FENCED))
+    except (OSError, ValueError):
+        return None
 
 
 def _outcome_settled_elsewhere(fs: AbstractFileSystem, root: str, plan: CommitPlan) -> bool | None:

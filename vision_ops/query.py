@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.outputs import Target, committed_run, describe, sql_source, sql_string
-from vision_ops.schema import PARTITION_COLUMN
+from vision_ops.schema import PARTITION_COLUMN, RUN_ORDER
 from vision_ops.storage import CREDENTIAL_CHAIN, StorageOptions, without_userinfo
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
@@ -114,13 +114,16 @@ def register_views(
     run_id: str | None = None,
     as_of: dt.datetime | None = None,
     task_only: bool = False,
+    each_unit_once: bool = False,
 ) -> Task:
     """Views over a table's committed runs only (what its format's commits made visible):
     `predictions`, one row per unit, and the views its task adds (tasks.py: `boxes` for
     detection, `pixels` for segmentation). `run_id`: that run's rows as it committed them;
     `as_of`: the table at that time (Iceberg); `task_only`: the rows of that task alone (a
-    Parquet table may hold runs of another task before). Returns the task, as the run's
-    manifest (the given run, else the latest) names it."""
+    Parquet table may hold runs of another task before); `each_unit_once`: each unit's latest
+    row alone (`LATEST_OF_EACH_UNIT`: a table of nightly runs holds a unit once a night, an
+    incremental night only what changed). Returns the task, as the run's manifest (the given
+    run, else the latest) names it."""
     source = sql_source(connection, table, options, run_id, as_of)
     manifest = committed_run(table, run_id, options)
     if manifest is None:
@@ -133,6 +136,7 @@ def register_views(
     if "'s3://" in source and not _has_s3_secret(connection):
         enable_s3(connection, options)
     where = f" WHERE task = '{task.name}'" if task_only else ""
+    where += LATEST_OF_EACH_UNIT if each_unit_once else ""
     connection.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM {source}{where}")
     # Column name -> type, read once: an Iceberg table's footprint is WKB bytes (Iceberg v2 has
     # no geometry type), a GeoParquet table's a GEOMETRY as DuckDB spatial reads it.
@@ -145,6 +149,14 @@ def register_views(
         sql = select if isinstance(select, str) else select(columns)
         connection.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     return task
+
+
+# A unit's latest row, of the latest run date, then the greatest run id (schema.RUN_ORDER).
+LATEST_OF_EACH_UNIT = (
+    " QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY "
+    + ", ".join(f"{name} DESC" for name in RUN_ORDER)
+    + ") = 1"
+)
 
 
 EXPORT_FORMATS = {  # --format: DuckDB's COPY options
@@ -176,9 +188,11 @@ def _copy(relation: Any, fmt: str, path: str) -> None:
 
 
 def search_sql(connection: Any, task: Task, terms: str) -> str:
-    """Full-text search over the `text` of a table's ok units (an OCR table): a BM25 index
-    (DuckDB fts, from its package) over the committed rows' text, built in memory for this
-    query -> the SELECT of the units matching any of `terms`, best first."""
+    """Full-text search over the `text` of the ok units of the `predictions` view (an OCR
+    table's, each unit once as its latest run read it: `register_views(each_unit_once=True)`):
+    a BM25 index (DuckDB fts, from its package, English stemming, no stopwords: "right",
+    "first", "name" are words a document is searched for) built in memory for this query ->
+    the SELECT of the units matching any of `terms`, best first."""
     if "text" not in {field.name for field in task.fields}:
         raise ValueError(
             f"--search reads the text of an OCR table; this table's task is {task.name}"
@@ -189,7 +203,10 @@ def search_sql(connection: Any, task: Task, terms: str) -> str:
         "run_date, run_id, item_id, source_uri, text FROM predictions "
         "WHERE status = 'ok' AND text <> ''"
     )
-    connection.execute("PRAGMA create_fts_index('search_text', 'row_key', 'text', overwrite = 1)")
+    connection.execute(
+        "PRAGMA create_fts_index('search_text', 'row_key', 'text', stopwords = 'none', "
+        "overwrite = 1)"
+    )
     literal = sql_string(terms)
     return f"""
         SELECT regexp_extract(source_uri, '[^/]+$') AS image, round(score, 3) AS score,

@@ -150,7 +150,7 @@ def render_text(report: RunReport) -> str:
         f"scores ({report.score}): {report.score_quantiles}",
         f"top labels ({report.unit}):",
         *[f"  {number(count):>7}  {label}" for label, count in report.labels],
-        "errors by type:",
+        "errors by type:" + ("" if report.error_types else " none"),
         *[f"  {number(count):>7}  {kind}" for kind, count in report.error_types],
     ]
     if report.metrics:

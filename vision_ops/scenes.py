@@ -266,7 +266,7 @@ def _scene_plan(
     except ImportError:
         raise
     except Exception as err:  # one scene's error row, never its planning block's failure
-        return f"{type(err).__name__}: {err}"
+        return str(err) if isinstance(err, RasterError) else f"{type(err).__name__}: {err}"
     return scene, low, high
 
 

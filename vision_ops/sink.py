@@ -26,12 +26,12 @@ from vision_ops.masks import (
 from vision_ops.publish import (
     MANIFESTS,
     CommitPlan,
-    interrupted_commits,
     manifest_of,
     manifest_path,
     publish,
     read_manifest,
     resolve_unfinished,
+    unsettled_commits,
 )
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_FOLDER, index_path, write_index
@@ -443,7 +443,7 @@ def unfinished_commit(
     interrupted; `verify` takes no lock to tell): `run_id`'s, else any run's in the table
     (plain readers of the table see its files, whatever run is verified)."""
     fs, root = filesystem(root_uri, options)
-    plans = interrupted_commits(fs, root.rstrip("/"), run_id)
+    plans = unsettled_commits(fs, root.rstrip("/"), run_id)
     return [
         f"a commit of run {unsettled} is unsettled (in progress, or interrupted): plain readers "
         "of the partition may see files of two attempts until it finishes or the next run on "

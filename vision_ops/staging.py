@@ -148,7 +148,6 @@ class StagedParts:
         if not self.files:
             return
         first = self.files[0][0]  # the other attempt removed the folder whole, this file too
-        self.fs.invalidate_cache(first)
         if not self.fs.exists(first):
             raise CommitRefused(
                 f"refusing to commit run {run_id}: its staged rows are gone from {self.folder}; "

@@ -42,6 +42,14 @@ def no_credentials(err: BaseException) -> bool:
     return any(kind.__name__ == "NoCredentialsError" for kind in type(err).__mro__)
 
 
+def store_error_text(err: BaseException) -> str:
+    """A store's error as a user reads it: its type and message, or, for botocore's bare
+    "Unable to locate credentials", where credentials were looked for."""
+    if no_credentials(err):
+        return f"no credentials for the store: none found in {CREDENTIAL_CHAIN}"
+    return f"{type(err).__name__}: {err}"
+
+
 @contextlib.contextmanager
 def credentials_for(uri: str, error: type[Exception]) -> Iterator[None]:
     """botocore's "Unable to locate credentials" as `error` naming `uri` and where they were
@@ -51,9 +59,7 @@ def credentials_for(uri: str, error: type[Exception]) -> Iterator[None]:
     except Exception as err:
         if not no_credentials(err):
             raise
-        raise error(
-            f"{uri}: no credentials for the store: none found in {CREDENTIAL_CHAIN}"
-        ) from None
+        raise error(f"{uri}: {store_error_text(err)}") from None
 
 
 class OutputNotWritable(StorageError):
@@ -241,26 +247,20 @@ def missing_file(uri: str, options: StorageOptions | None = None) -> str | None:
     """Why the file at `uri` cannot be used ("not found", "is a folder, expected a file", or
     "cannot be read:" and the store's own error: no credentials here, access denied, no such
     bucket); None where it is there."""
-    return _missing(uri, options, "file")
+    return missing(uri, "file", options)
 
 
-def missing_folder(uri: str, options: StorageOptions | None = None) -> str | None:
-    """Why the folder at `uri` cannot be used (`missing_file`'s reasons, for a folder); None
-    where it is there."""
-    return _missing(uri, options, "folder")
-
-
-def _missing(uri: str, options: StorageOptions | None, kind: str) -> str | None:
-    other = {"file": "folder", "folder": "file"}[kind]
-    is_kind = {"file": "isfile", "folder": "isdir"}
+def missing(uri: str, kind: str, options: StorageOptions | None = None) -> str | None:
+    """Why the `kind` ("file" or "folder") at `uri` cannot be used (`missing_file`'s reasons);
+    None where it is there."""
     try:
         fs, path = filesystem(uri, options)
-        if getattr(fs, is_kind[kind])(path):
-            return None
-        the_other = getattr(fs, is_kind[other])(path)
+        found = "file" if fs.isfile(path) else "folder" if fs.isdir(path) else None
     except Exception as err:  # the store's errors are not one type
-        return f"cannot be read: {type(err).__name__}: {err}"
-    return f"is a {other}, expected a {kind}" if the_other else "not found"
+        return f"cannot be read: {store_error_text(err)}"
+    if found == kind:
+        return None
+    return f"is a {found}, expected a {kind}" if found else "not found"
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
@@ -270,10 +270,11 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[Abstrac
     object store's listings are not cached: fsspec keeps one filesystem per set of options in a
     process, and its cached listing of a table's manifests, journals or staged parts would hide
     what another process wrote since (a run committed while this one started, read by
-    `--incremental` as not there)."""
+    `--incremental` as not there). A spec's `storage_options` cannot turn that cache back on:
+    the commit path relies on every listing being fresh."""
     protocol = protocol_of(uri)
     fresh = {"use_listings_cache": False} if protocol in OPTIONAL_BACKENDS else {}
-    kwargs = fresh | dict((options or {}).get(protocol, {}))
+    kwargs = dict((options or {}).get(protocol, {})) | fresh
     try:
         fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     except ImportError as err:
@@ -378,6 +379,15 @@ def _fsync(path: str) -> None:
 def canonical_uri(fs: AbstractFileSystem, path: str) -> str:
     """The full URL of a path, e.g. s3://bucket/key or file:///abs/path."""
     return str(fs.unstrip_protocol(path))
+
+
+def recorded_uri(uri: str) -> str:
+    """The URI a run records for an input named `uri`: a plain local path as its file:// URL
+    (`a.jpg` as file:///abs/a.jpg), any other as it is."""
+    if "://" in uri:
+        return uri
+    fs, path = filesystem(uri)
+    return canonical_uri(fs, path)
 
 
 def folder_uri(uri: str, options: StorageOptions | None = None) -> str:

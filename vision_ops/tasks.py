@@ -212,9 +212,14 @@ def truth_formats() -> list[str]:
     return sorted({fmt for name in TASKS for fmt in TASKS.get(name).truth_formats})
 
 
-# What a truth format's `truth` names, where it is not a file: a folder (of masks), or nothing
+# What a truth format's `truth` names where it is not a file: a folder (of masks), or nothing
 # (imagefolder reads the labels from the inputs' folders).
-TRUTH_NOT_A_FILE: dict[str, str | None] = {"masks": "folder", "imagefolder": None}
+_TRUTH_NOT_A_FILE: dict[str, str | None] = {"masks": "folder", "imagefolder": None}
+
+
+def truth_path_kind(truth_format: str) -> str | None:
+    """What a hold-out of `truth_format` names: "file", "folder", or None (nothing to check)."""
+    return _TRUTH_NOT_A_FILE.get(truth_format, "file")
 
 
 def truth_format_of(task_name: str, truth_format: str | None) -> str | None:
@@ -514,10 +519,14 @@ class OcrTask(TaskSettings):
     det_limit_side: int = Field(
         default=736,
         gt=0,
-        description="The detector sees an image's short side scaled up to at least this...",
+        description="The detector sees an image's short side scaled to reach this (as "
+        "PP-OCR's), within det_max_side squared pixels.",
     )
     det_max_side: int = Field(
-        default=2000, gt=0, description="... and its long side scaled down to at most this."
+        default=2000,
+        gt=0,
+        description="The detector's input is at most about this squared pixels (a large scan "
+        "scaled down; a long thin line scaled to fill it, never squashed to its long side).",
     )
     rec_batch_size: int = Field(
         default=32,
@@ -547,6 +556,7 @@ register(
         score="line score",
         summary=_ocr_summary,
         summary_columns=("lines",),
+        panels=("text_lines",),
         example_model={"kind": "ppocr"},
         model_kinds=("ppocr",),
         default_model={"kind": "ppocr"},
@@ -589,6 +599,7 @@ register(
         score="cosine similarity to the nearest other unit",
         summary=_embedding_summary,
         summary_columns=("model_name", "embedding"),
+        panels=("neighbours",),
         example_model=untrained("mobilenet_v3_small", preprocessing=SMALL_INPUT),
     )
 )

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from vision_ops.outputs import Manifest, Target, committed_runs, read_run, retried_of
 from vision_ops.report import SCORE_BINS, overall_metrics
 from vision_ops.storage import StorageOptions
-from vision_ops.tasks import Task, counts, task_of_run
+from vision_ops.tasks import Task, counts, ok_rows, task_of_run
 
 TREND_LABELS = 5  # labels whose share is followed (the most frequent over the runs shown)
 
@@ -29,6 +29,7 @@ class RunFigures:
     run_date: str
     task: str  # the run's task: runs of another task in the table are no baseline of its
     units: int
+    ok_units: int  # of `units`, those the model answered: what `labels` and the scores are of
     error_types: dict[str, float]  # error type -> error rows
     labels: dict[str, float]  # label -> the task's unit (images, boxes...)
     score_histogram: list[int]  # SCORE_BINS bins over [0, 1]
@@ -42,8 +43,9 @@ class RunFigures:
     retried_errors: int = 0
 
     @property
-    def error_rate(self) -> float:
-        return self.errors / self.units if self.units else 0.0
+    def error_rate(self) -> float | None:
+        """Error rows / units (`rate`: None where the run has no units)."""
+        return rate(self.errors, self.units)
 
     @property
     def errors(self) -> int:
@@ -63,6 +65,12 @@ class RunFigures:
         """The label's share of what the run counted (its images, boxes...)."""
         total = sum(self.labels.values())
         return self.labels.get(label, 0.0) / total if total else 0.0
+
+
+def rate(count: float, units: int) -> float | None:
+    """`count` of `units`, rounded as the trend shows it; None (`-`) where there are no units:
+    a quiet night's 0 rows are no error rate of 0."""
+    return round(count / units, 4) if units else None
 
 
 def new_units_of(manifest: Mapping[str, Any]) -> int:
@@ -92,19 +100,20 @@ def table_figures(
     `manifest` then holds what a manifest will: run_id, run_date, task)."""
     summary = task_of_run(manifest).summary(table)
     scores = np.asarray(summary.scores, dtype=np.float64)
-    rate = manifest.get("images_per_second")
+    speed = manifest.get("images_per_second")
     retried = retried_of(manifest)
     return RunFigures(
         run_id=manifest["run_id"],
         run_date=manifest["run_date"],
         task=str(manifest.get("task")),
         units=table.num_rows,
+        ok_units=ok_rows(table).num_rows,
         error_types=dict(counts(pc.drop_null(table["error_type"]))),
         labels=dict(summary.labels),
         score_histogram=np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),
         mean_score=round(float(scores.mean()), 4) if len(scores) else None,
         p05_score=round(float(np.quantile(scores, 0.05)), 4) if len(scores) else None,
-        images_per_second=float(rate) if rate is not None else None,
+        images_per_second=float(speed) if speed is not None else None,
         metrics=metrics or {},
         retried_units=int(retried.get("units", 0)),
         retried_errors=int(retried.get("error_rows", 0)),
@@ -138,7 +147,7 @@ def new_error_rate(point: RunFigures) -> float | None:
     """The error rate of the inputs a run was the first to process (drift's), None where it
     processed none: where an incremental run retried earlier error rows, the trend shows it
     beside the rate of all its rows."""
-    return round(point.new_errors / point.new_units, 4) if point.new_units else None
+    return rate(point.new_errors, point.new_units)
 
 
 def series(points: list[RunFigures]) -> dict[str, dict[str, list[float | None]]]:
@@ -148,14 +157,14 @@ def series(points: list[RunFigures]) -> dict[str, dict[str, list[float | None]]]
     return {
         "units": {"units": [float(p.units) for p in points]},
         "error rate": {
-            "all": [round(p.error_rate, 4) for p in points],
+            "all": [p.error_rate for p in points],
             **(
                 {"new inputs": [new_error_rate(p) for p in points]}
                 if any(p.retried_units for p in points)
                 else {}
             ),
             **{
-                kind: [round(p.error_types.get(kind, 0.0) / max(p.units, 1), 4) for p in points]
+                kind: [rate(p.error_types.get(kind, 0.0), p.units) for p in points]
                 for kind in error_types
             },
         },
