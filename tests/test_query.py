@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from committed_rows import classified, commit_rows
 
@@ -110,6 +112,64 @@ def test_a_query_made_while_a_rerun_replaces_the_run_reads_the_rerun(
     assert main(["query", str(table), "--format", "csv", sql]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["label,n", "dog,3"]
     assert views == ["registered", "registered"]
+
+
+def test_a_query_reads_each_manifest_of_the_table_once(tmp_path, capsys, monkeypatch) -> None:
+    """A query reads the table's manifests once: it read each three times (for the version of
+    the table's commits a read is made again on, for its relation, and for the task of the
+    latest run), and a year of nightly runs on S3 is a year of requests each time."""
+    from vision_ops import sink
+    from vision_ops.cli import EXIT_OK, main
+
+    table = tmp_path / "table"
+    for night in (1, 2, 3):
+        row = classified(f"/x/{night}.jpg", ("cat", 0.9))
+        commit_rows(table, "classification", [row], f"n{night}", f"2026-12-0{night}")
+    read: list[str] = []
+    real = sink.manifest_of
+
+    def counted(text, path):  # type: ignore[no-untyped-def]
+        read.append(path.rsplit("/", 1)[-1])
+        return real(text, path)
+
+    monkeypatch.setattr(sink, "manifest_of", counted)
+    sql = "SELECT count(*) AS n FROM predictions"
+    assert main(["query", str(table), "--format", "csv", sql]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["n", "3"]
+    assert sorted(read) == ["n1.json", "n2.json", "n3.json"]
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_the_version_of_a_tables_commits_changes_with_each_commit_alone(
+    store, tmp_path, request
+) -> None:
+    """The version a query is read again on (`sink.commits_version`, one listing of the
+    manifests) changes when a run commits and when it is rerun with a manifest of the same
+    size, and not otherwise."""
+    from vision_ops.sink import MANIFESTS, commits_version
+
+    if store == "s3":
+        options = request.getfixturevalue("s3_options")
+        write = request.getfixturevalue("s3fs_client").pipe_file
+        root = "s3://images/commits-version"
+    else:
+        options, root = None, str(tmp_path / "table")
+        (tmp_path / "table" / MANIFESTS).mkdir(parents=True)
+
+        def write(path: str, data: bytes) -> None:
+            with open(path, "wb") as file:
+                file.write(data)
+
+    folder = root.removeprefix("s3://") + f"/{MANIFESTS}"
+    none = commits_version(root, options)
+    write(f"{folder}/r1.json", b'{"rows": 1}')
+    first = commits_version(root, options)
+    assert first != none
+    assert commits_version(root, options) == first
+    if store == "local":
+        time.sleep(0.05)  # a file's time changes by the clock's tick (S3: its ETag, the MD5)
+    write(f"{folder}/r1.json", b'{"rows": 2}')  # the rerun's manifest, of the same size
+    assert commits_version(root, options) not in (none, first)
 
 
 def test_search_finds_common_words_and_names_each_unit_once_as_its_latest_run_read_it(

@@ -36,7 +36,13 @@ from vision_ops.masks import (
 )
 from vision_ops.resume import PART_FILES, UnitsOf
 from vision_ops.runindex import INDEX_SCHEMA, index_path, write_index
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
+from vision_ops.schema import (
+    PARTITION_COLUMN,
+    SCHEMA_VERSION,
+    named_or_latest,
+    run_order,
+    task_of,
+)
 from vision_ops.sink import CommitResult, check_run_date, units_sum_digest
 from vision_ops.staging import StagedParts, remove_attempt
 from vision_ops.storage import (
@@ -697,10 +703,9 @@ def _runs_in(table: Table) -> dict[str, dict[str, Any]]:
 def committed_run(output: OutputSpec, run_id: str | None = None) -> dict[str, Any] | None:
     """One committed run's manifest (the given id, else the latest) with its data files."""
     runs = committed_runs(output)
-    matching = [run for run in runs if run_id in (None, run["run_id"])]
-    if not matching:
+    run = named_or_latest(runs, run_id)
+    if run is None:
         return None
-    run = matching[-1]
     table = load_table(output)
     if table is not None:
         run["files"] = [

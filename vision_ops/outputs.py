@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
@@ -28,6 +26,7 @@ from vision_ops.masks import MASK_FOLDER_PATTERN, mask_folder_replacement
 from vision_ops.registry import Registry
 from vision_ops.resume import UnitsOf, resume_key
 from vision_ops.runindex import ROW_COLUMNS, index_problems
+from vision_ops.schema import named_or_latest
 from vision_ops.storage import StorageOptions
 from vision_ops.tally import ExpectedUnits, Listed
 from vision_ops.tasks import task_of_run
@@ -85,6 +84,16 @@ class AsOfUnsupported(VisionOpsError, ValueError):
 
 
 @dataclass(frozen=True)
+class SqlSource:
+    """The DuckDB relation of a table's committed rows ("" where there are none), and the
+    manifest of the run it reads by (the given run id, else the latest; None where no such run
+    is committed), from the one reading of the table's commits."""
+
+    relation: str
+    run: Manifest | None
+
+
+@dataclass(frozen=True)
 class OutputFormat:
     """How a format commits runs and how its committed runs are read."""
 
@@ -93,6 +102,8 @@ class OutputFormat:
     # Under the lock, before a run reads the table: commits other runs left half done settled.
     settle_other_runs: Callable[[OutputSpec, str, StorageOptions], None]
     committed_runs: Callable[[OutputSpec, StorageOptions], list[Manifest]]
+    # A token that changes whenever a run commits, cheaper to get than the runs' manifests.
+    commits_version: Callable[[OutputSpec, StorageOptions], str | None]
     committed_run: Callable[[OutputSpec, str | None, StorageOptions], Manifest | None]
     # One run's manifest, files left out where listing them costs (what check_run_date needs).
     run_manifest: Callable[[OutputSpec, str, StorageOptions], Manifest | None]
@@ -101,7 +112,9 @@ class OutputFormat:
     read_index: Callable[[OutputSpec, str, StorageOptions], pa.Table]
     verify_run: Callable[[OutputSpec, str | None, StorageOptions], tuple[Manifest, list[str]]]
     # The DuckDB relation of the committed rows: all runs, one run, or the table at a time.
-    sql_source: Callable[[Any, OutputSpec, StorageOptions, str | None, dt.datetime | None], str]
+    sql_source: Callable[
+        [Any, OutputSpec, StorageOptions, str | None, dt.datetime | None], SqlSource
+    ]
 
 
 FORMATS: Registry[OutputFormat] = Registry("output format")
@@ -147,14 +160,18 @@ def _parquet_sql(
     options: StorageOptions,
     run_id: str | None,
     as_of: dt.datetime | None,
-) -> str:
+) -> SqlSource:
     if as_of is not None:
         raise AsOfUnsupported(
             "--as-of reads a table as it was: expected output.format: iceberg (Parquet tables "
             "keep each run's latest commit only), found parquet"
         )
-    runs = [run for run in sink.committed_runs(output.uri, options) if run["files"]]
-    runs = [run for run in runs if run_id in (None, run["run_id"])]
+    committed = sink.committed_runs(output.uri, options)
+    runs = [run for run in committed if run["files"] and run_id in (None, run["run_id"])]
+    return SqlSource(_parquet_relation(runs), named_or_latest(committed, run_id))
+
+
+def _parquet_relation(runs: list[Manifest]) -> str:
     if not runs:
         return ""
     masked = [run for run in runs if run.get("masks_folder")]
@@ -187,6 +204,7 @@ FORMATS.register("parquet")(
             output.uri, run_id, options
         ),
         committed_runs=lambda output, options: sink.committed_runs(output.uri, options),
+        commits_version=lambda output, options: sink.commits_version(output.uri, options),
         committed_run=lambda output, run_id, options: sink.committed_run(
             output.uri, run_id, options
         ),
@@ -226,11 +244,23 @@ def _iceberg_sql(
     options: StorageOptions,
     run_id: str | None,
     as_of: dt.datetime | None,
+) -> SqlSource:
+    location = iceberg.metadata_location(output)
+    runs = iceberg.committed_runs(output)
+    relation = _iceberg_relation(connection, output, location, runs, run_id, as_of)
+    return SqlSource(relation, named_or_latest(runs, run_id))
+
+
+def _iceberg_relation(
+    connection: Any,
+    output: OutputSpec,
+    location: str | None,
+    runs: list[Manifest],
+    run_id: str | None,
+    as_of: dt.datetime | None,
 ) -> str:
     from vision_ops.query import load_iceberg
 
-    location = iceberg.metadata_location(output)
-    runs = iceberg.committed_runs(output)
     if location is None or not runs:
         return ""
     load_iceberg(connection)
@@ -259,6 +289,7 @@ FORMATS.register("iceberg")(
         needs_lock=False,
         settle_other_runs=lambda output, run_id, options: None,  # a commit is one snapshot
         committed_runs=lambda output, options: iceberg.committed_runs(output),
+        commits_version=lambda output, options: iceberg.metadata_location(output),
         committed_run=lambda output, run_id, options: iceberg.committed_run(output, run_id),
         run_manifest=lambda output, run_id, options: iceberg.run_manifest(output, run_id),
         read_run=lambda output, run, options, columns: iceberg.read_run(output, run, columns),
@@ -365,14 +396,12 @@ def read_committed(
 
 
 def _commits_now(target: Target, options: StorageOptions | None) -> str | None:
-    """The table's committed runs, as one digest of their manifests; None where they cannot be
-    read (then `read()` says why, and is not made again)."""
+    """The version of the table's commits (a listing of its manifests, Iceberg's metadata
+    file); None where it cannot be read (then `read()` says why, and is not made again)."""
     try:
-        runs = committed_runs(target, options)
+        return format_of(target).commits_version(as_output(target), options or {})
     except Exception:  # the store's errors are not one type (no credentials: `read` names it)
         return None
-    manifests = json.dumps(runs, sort_keys=True, default=str)
-    return hashlib.sha256(manifests.encode()).hexdigest()
 
 
 def _a_file_gone(err: BaseException) -> bool:
@@ -416,8 +445,8 @@ def sql_source(
     options: StorageOptions | None = None,
     run_id: str | None = None,
     as_of: dt.datetime | None = None,
-) -> str:
-    """The DuckDB relation of the committed rows (empty: nothing committed)."""
+) -> SqlSource:
+    """The DuckDB relation of the committed rows, and the run it reads by."""
     output = as_output(target)
     return format_of(output).sql_source(connection, output, options or {}, run_id, as_of)
 

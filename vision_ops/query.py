@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from vision_ops.errors import VisionOpsError
-from vision_ops.outputs import Target, committed_run, describe, sql_source, sql_string
+from vision_ops.outputs import Target, describe, sql_source, sql_string
 from vision_ops.schema import PARTITION_COLUMN, RUN_ORDER
 from vision_ops.storage import CREDENTIAL_CHAIN, StorageOptions, without_userinfo
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
@@ -124,8 +124,8 @@ def register_views(
     row alone (`LATEST_OF_EACH_UNIT`: a table of nightly runs holds a unit once a night, an
     incremental night only what changed). Returns the task, as the run's manifest (the given
     run, else the latest) names it."""
-    source = sql_source(connection, table, options, run_id, as_of)
-    manifest = committed_run(table, run_id, options)
+    committed = sql_source(connection, table, options, run_id, as_of)
+    source, manifest = committed.relation, committed.run
     if manifest is None:
         which = f"run {run_id}" if run_id else "run"
         raise NothingCommitted(f"{describe(table)}: no committed {which}")

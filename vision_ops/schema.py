@@ -130,6 +130,13 @@ def run_order(run: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(run[name] for name in RUN_ORDER)
 
 
+def named_or_latest(runs: Sequence[dict[str, Any]], run_id: str | None) -> dict[str, Any] | None:
+    """Of committed runs' manifests (oldest first, `run_order`), the one of this id, else the
+    latest; None where there is none."""
+    matching = [run for run in runs if run_id in (None, run["run_id"])]
+    return matching[-1] if matching else None
+
+
 def declared_schema(task: str, task_fields: Sequence[pa.Field]) -> pa.Schema:
     """A task's table: the unit columns, then its own; its name and the version in the
     metadata."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import posixpath
 import uuid
@@ -109,6 +110,24 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
         return []
     runs = [manifest_of(fs.cat_file(path), path) for path in fs.glob(f"{folder}/*.json")]
     return sorted((in_table(fs, root, run) for run in runs), key=run_order)
+
+
+# What a listing says of a manifest that changes when it is written again (local, S3).
+_VERSIONED = ("name", "size", "mtime", "LastModified", "ETag")
+
+
+def commits_version(root_uri: str, options: StorageOptions | None = None) -> str:
+    """A digest of the table's manifests as its store lists them (name, size, time, ETag): it
+    changes whenever a run commits, is rerun or is removed. One listing, no manifest read."""
+    fs, root = filesystem(root_uri, options)
+    try:
+        entries = fs.ls(f"{root.rstrip('/')}/{MANIFESTS}", detail=True)
+    except FileNotFoundError:
+        entries = []
+    listed = sorted(
+        json.dumps([entry.get(key) for key in _VERSIONED], default=str) for entry in entries
+    )
+    return hashlib.sha256("\n".join(listed).encode()).hexdigest()
 
 
 def settle_other_runs(root_uri: str, run_id: str, options: StorageOptions | None = None) -> None:
