@@ -18,12 +18,11 @@ import pyarrow.compute as pc
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.schema import (
-    PARTITION_COLUMN,
-    RUN_ORDER,
     _ok_mask,
     _table,
     _unit_columns,
     declared_schema,
+    latest_row_sql,
     task_of,
     with_stage_times,
 )
@@ -105,15 +104,12 @@ def vectors_sql(source: str = "predictions", dated: bool = True) -> str:
     after `night-9` by date; a view without `run_date`, `dated=False`, orders by run id alone).
     DuckDB reads Parquet's fixed-size lists as lists (FLOAT[]); each model's vectors are cast
     to FLOAT[D] when searched (`candidates`): a table may hold runs of models of other sizes."""
-    order = [name for name in RUN_ORDER if dated or name != PARTITION_COLUMN]
-    latest = ", ".join(f"{name} DESC" for name in order)
+    latest = latest_row_sql("item_id, model_weights_sha256", dated)
     return f"""
         SELECT item_id, source_uri, frame_index, tile_x, tile_y, run_id, model_name,
                model_weights_sha256, embedding
         FROM {source}
-        WHERE status = 'ok'
-        QUALIFY row_number() OVER (
-            PARTITION BY item_id, model_weights_sha256 ORDER BY {latest}) = 1
+        WHERE status = 'ok'{latest}
     """
 
 

@@ -378,11 +378,16 @@ def _rgb(index: int, count: int) -> tuple[int, int, int]:
 def best_box_scores(detections: pa.ChunkedArray) -> np.ndarray:
     """Each row's highest box score (0 without boxes)."""
     best = np.zeros(len(detections))
-    chunks = detections.combine_chunks() if isinstance(detections, pa.ChunkedArray) else detections
-    parents = pc.list_parent_indices(chunks).to_numpy(zero_copy_only=False)
-    scores = _numbers(pc.struct_field(pc.list_flatten(chunks), "score"))
+    parents, scores = _scores_of_each_row(detections)
     np.maximum.at(best, parents, scores)
     return best
+
+
+def _scores_of_each_row(lists: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list-of-structs column's `score` fields, flat, with the row each is of."""
+    chunks = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    parents = pc.list_parent_indices(chunks).to_numpy(zero_copy_only=False)
+    return parents, _numbers(pc.struct_field(pc.list_flatten(chunks), "score"))
 
 
 def box_overlay(detections: list[dict[str, Any]], width: int, window: Window | None = None) -> str:
@@ -613,10 +618,8 @@ def text_lines(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
 
 def mean_line_scores(lines: pa.ChunkedArray) -> np.ndarray:
     """Each row's mean line score (rows with at least one line), in Arrow and numpy."""
-    chunks = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
-    parents = pc.list_parent_indices(chunks).to_numpy(zero_copy_only=False)
-    scores = _numbers(pc.struct_field(pc.list_flatten(chunks), "score"))
-    return np.bincount(parents, scores, len(chunks)) / np.bincount(parents, None, len(chunks))
+    parents, scores = _scores_of_each_row(lines)
+    return np.bincount(parents, scores, len(lines)) / np.bincount(parents, None, len(lines))
 
 
 # --- embeddings --------------------------------------------------------------------------------

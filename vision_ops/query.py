@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.outputs import Target, describe, sql_source, sql_string
-from vision_ops.schema import PARTITION_COLUMN, RUN_ORDER
+from vision_ops.schema import PARTITION_COLUMN, latest_row_sql
 from vision_ops.storage import CREDENTIAL_CHAIN, StorageOptions, without_userinfo
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
 
@@ -151,12 +151,7 @@ def register_views(
     return task
 
 
-# A unit's latest row, of the latest run date, then the greatest run id (schema.RUN_ORDER).
-LATEST_OF_EACH_UNIT = (
-    " QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY "
-    + ", ".join(f"{name} DESC" for name in RUN_ORDER)
-    + ") = 1"
-)
+LATEST_OF_EACH_UNIT = latest_row_sql("item_id")  # a unit's row of its latest run
 
 
 EXPORT_FORMATS = {  # --format: DuckDB's COPY options

@@ -125,6 +125,14 @@ TILE_DETECTION_ENTRY = pa.struct(
 )
 
 
+def latest_row_sql(partition: str, dated: bool = True) -> str:
+    """DuckDB's QUALIFY clause keeping, of each `partition` (columns), the row of the latest run
+    (RUN_ORDER: the latest run date, then the greatest run id; `dated=False`: a relation
+    without the run date, by run id alone)."""
+    order = ", ".join(f"{name} DESC" for name in RUN_ORDER if dated or name != PARTITION_COLUMN)
+    return f" QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY {order}) = 1"
+
+
 def run_order(run: Mapping[str, Any]) -> tuple[Any, ...]:
     """A committed run's manifest (or a row of it) -> its sort key, in RUN_ORDER."""
     return tuple(run[name] for name in RUN_ORDER)
