@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray  # noqa: F401  (imported outside a test: Ray's log handler keeps the stderr it found)
 import skimage.data
 
 from vision_ops.config import parse_spec
@@ -510,6 +512,38 @@ def test_a_dictionary_of_another_size_is_refused(tmp_path) -> None:
     )
     with pytest.raises(ModelError, match="the recognizer has 6625 classes; the dictionary gives 5"):
         TextPredictor(spec)
+
+
+@pytest.mark.parametrize(
+    ("field", "content", "message"),
+    [
+        ("dictionary", "a\nb\nc\n", "the recognizer has 6625 classes; the dictionary gives 5"),
+        ("recognizer", "not a model", "model.recognizer: not an ONNX model"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_ocr_files_that_do_not_hold_together_exit_2_before_any_work(
+    tmp_path, capsys, own_ray_root, command, field, content, message
+) -> None:
+    """A dictionary of another size than the recogniser's classes, or a recogniser that is not
+    an ONNX model: `validate` passed them, and `run` started its pool, each actor failing to
+    load (`run` checks the model while Ray starts)."""
+    from vision_ops.cli import EXIT_BAD_SPEC, main
+
+    file = tmp_path / f"{field}.file"
+    file.write_text(content)
+    spec = {
+        "input": {"uris": [str(tmp_path / "pages")]},
+        "task": {"kind": "ocr"},
+        "model": {"kind": "ppocr", field: str(file)},
+        "output": {"uri": str(tmp_path / "out")},
+    }
+    (tmp_path / "pages").mkdir()
+    spec_file = tmp_path / "ocr.yaml"
+    spec_file.write_text(json.dumps(spec))
+    assert main([command, str(spec_file)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_an_ocr_spec_defaults_to_the_packaged_pair_and_refuses_others(tmp_path) -> None:

@@ -128,9 +128,10 @@ def check_model(spec: ModelSpec, task: str = "classification") -> int | None:
 def check_job(spec: JobSpec, files: bool = True) -> None:
     """The model checks, its files there and its labels readable, the task's label names
     against the model's labels, and the task's columns sized for the model where they depend
-    on it (embedding: refused if the model's head cannot be found). `files=False` (a job
-    submitted to a cluster whose storage this machine may not reach): the model's files are
-    the cluster's to find."""
+    on it (embedding: refused if the model's head cannot be found); OCR files the spec names
+    loaded, the dictionary against the recogniser (`ocr_predictor.check_files`).
+    `files=False` (a job submitted to a cluster whose storage this machine may not reach): the
+    model's files are the cluster's to find."""
     outputs = check_model(spec.model, spec.task.kind)
     if files:
         check_model_files(spec.model, spec.storage_options)
@@ -141,6 +142,10 @@ def check_job(spec: JobSpec, files: bool = True) -> None:
             check_class_ids(spec.task.classes, spec.model, labels)
         elif spec.task.kind == "classification":
             check_classifier_labels(outputs, labels)
+    if files and isinstance(spec.model, PpOcrModel):
+        from vision_ops.ocr_predictor import check_files  # onnxruntime: only for OCR
+
+        check_files(spec)
     get_task(spec.task.kind).job_fields(spec)
 
 

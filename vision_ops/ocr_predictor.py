@@ -83,6 +83,18 @@ def load_reader(
     return reader, digest
 
 
+def check_files(spec: JobSpec) -> None:
+    """Where the spec names its own detector, recogniser or dictionary: the two load as ONNX
+    models and the dictionary gives the recogniser's classes (ModelError), before any work
+    rather than in each actor as the pool starts. The packaged pair is not loaded here: it
+    holds together."""
+    model = spec.model
+    if not isinstance(model, PpOcrModel) or not isinstance(spec.task, OcrTask):
+        return
+    if any(uri is not None for uri in (model.detector, model.recognizer, model.dictionary)):
+        load_reader(model, spec.task, spec.storage_options, threads=1)
+
+
 def _model_file(uri: str | None, role: str, options: StorageOptions) -> tuple[bytes, str]:
     if uri is None:
         try:
