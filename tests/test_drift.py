@@ -308,6 +308,44 @@ def test_the_error_rate_leaves_out_the_retries_a_manifest_records(tmp_path) -> N
     assert rise.value == round(2 / 3 - 2 / 9, 4)
 
 
+def test_the_error_rate_is_of_the_tiles_sent_to_the_model(tmp_path) -> None:
+    """A scene's tiles with no data (`skipped` rows) are neither errors nor answers: drift's
+    and the trend's error rates are of the tiles the model was sent. Counted in, two nights
+    over sea (30 empty tiles each) read as 1 error in 40, and a night over land with the same
+    1 error in 10 as a rise of 7.5 points, over the 5-point threshold."""
+    from committed_rows import failed
+
+    table = tmp_path / "table"
+
+    def scene(night: int, empty: int) -> list[dict[str, Any]]:
+        uri = f"/s/{night}.tif"
+        tiles = [classified(uri, ("field", 0.9)) for _ in range(9)]
+        tiles += [failed(uri, "RasterError", "bad block")]
+        tiles += [{"source_uri": uri, "status": "skipped"} for _ in range(empty)]
+        return [tile | {"tile_x": 32 * x, "tile_y": 0} for x, tile in enumerate(tiles)]
+
+    for night, empty in enumerate((30, 30, 0)):
+        commit_rows(
+            table,
+            "classification",
+            scene(night, empty),
+            f"n{night}",
+            f"2026-06-0{night + 1}",
+            tiles=True,
+        )
+    points = trend(str(table))
+    assert [(p.units, p.sent_units, p.error_rate) for p in points] == [
+        (40, 10, 0.1),
+        (40, 10, 0.1),
+        (10, 10, 0.1),
+    ]
+    assert series(points)["error rate"]["RasterError"] == [0.1, 0.1, 0.1]
+    rise = {d.figure: d for d in drift(points, MonitorSpec())}["error_rate_rise"]
+    assert (rise.value, rise.compared, rise.crossed) == (0.0, ("n0", "n1"), False)
+    recorded = committed_run(str(table), "n0")
+    assert recorded is not None and recorded["skipped"] == 30
+
+
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:
     """A quiet incremental night commits no units: no figures (every share at the floor made
     PSIs of 8 and 9, and `report --check` exit 6 each quiet night), and the night after it is

@@ -62,24 +62,42 @@ def scenes(tmp_path: Path, bands: np.ndarray) -> Path:
 def spec_for(
     scenes: Path, output: Path, tiny_weights: Path, predict_in: str = "actors", **tiling: object
 ):
-    return parse_spec(
-        {
-            "input": {
-                "uris": [str(scenes)],
-                "tiling": {"size": TILE, "bands": [3, 2, 1], "value_range": [0, 4000]} | tiling,
-            },
-            "model": {
-                "architecture": "mobilenet_v3_small",
-                "weights": str(tiny_weights),
-                "num_classes": 4,
-                "preprocessing": PREP,
-            },
-            "task": {"top_k": 2},
-            "runtime": {"batch_size": 8, "max_actors": 1, "predict_in": predict_in},
-            "output": {"uri": str(output)},
-            "run": {"id": "tiles", "date": "2026-11-24"},
-        }
-    )
+    return parse_spec(spec_data(scenes, output, tiny_weights, predict_in, **tiling))
+
+
+def spec_data(
+    scenes: Path, output: Path, tiny_weights: Path, predict_in: str = "actors", **tiling: object
+) -> dict[str, object]:
+    return {
+        "input": {
+            "uris": [str(scenes)],
+            "tiling": {"size": TILE, "bands": [3, 2, 1], "value_range": [0, 4000]} | tiling,
+        },
+        "model": {
+            "architecture": "mobilenet_v3_small",
+            "weights": str(tiny_weights),
+            "num_classes": 4,
+            "preprocessing": PREP,
+        },
+        "task": {"top_k": 2},
+        "runtime": {"batch_size": 8, "max_actors": 1, "predict_in": predict_in},
+        "output": {"uri": str(output)},
+        "run": {"id": "tiles", "date": "2026-11-24"},
+    }
+
+
+def test_the_error_ratio_is_of_the_tiles_sent_to_the_model(
+    ray_local, scenes, tmp_path, tiny_weights, capsys
+) -> None:
+    """--max-error-ratio bounds the error rows of the units the model was sent: the scene's 5
+    tiles with no data are neither errors nor answers (1 error in 16, over 0.05; counted in,
+    1 in 21 passed)."""
+    from vision_ops.errors import EXIT_TOO_MANY_ERRORS
+
+    spec_file = tmp_path / "scene.yaml"
+    spec_file.write_text(json.dumps(spec_data(scenes, tmp_path / "table", tiny_weights)))
+    assert main(["run", str(spec_file), "--max-error-ratio", "0.05"]) == EXIT_TOO_MANY_ERRORS
+    assert "error: error rows 1/16 exceed --max-error-ratio" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("predict_in", ["actors", "driver"])

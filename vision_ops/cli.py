@@ -355,8 +355,9 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             f"before it was scored (`vision-ops evaluate SPEC --run-id {summary.run_id}`)"
         )
         return _fail(RuntimeError(message), _stopped_exit(err))
-    if commit.rows and commit.errors / commit.rows > args.max_error_ratio:
-        message = f"error rows {commit.errors}/{commit.rows} exceed --max-error-ratio"
+    sent = commit.rows - commit.skipped  # tiles with no data are neither errors nor answers
+    if sent and commit.errors / sent > args.max_error_ratio:
+        message = f"error rows {commit.errors}/{sent} exceed --max-error-ratio"
         over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
         return scored or over  # a score below its floor stops a backfill: it comes first
     return scored
@@ -1032,7 +1033,8 @@ def _run_outcome_arguments(sub: argparse.ArgumentParser) -> None:
         "--max-error-ratio",
         type=_share,
         default=1.0,
-        help="exit 4 when more than this share of items are error rows (default 1.0: never)",
+        help="exit 4 when more than this share of the units sent to the model are error rows "
+        "(tiles with no data are not sent; default 1.0: never)",
     )
     sub.add_argument(
         "--incremental",

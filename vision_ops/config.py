@@ -1142,7 +1142,8 @@ class MonitorSpec(StrictModel):
     error_rate_rise: float = Field(
         default=0.05,
         ge=0,
-        description="Highest rise of the error rate (error rows / units) over the earlier "
+        description="Highest rise of the error rate (error rows / units sent to the model: "
+        "a scene's tiles with no data left out) over the earlier "
         "runs' pooled rate accepted, e.g. 0.05: five points.",
     )
     min_units: int = Field(

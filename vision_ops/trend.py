@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from vision_ops.outputs import Manifest, Target, committed_runs, read_run, retried_of
 from vision_ops.report import SCORE_BINS, overall_metrics
+from vision_ops.schema import STATUS_SKIPPED
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import Task, counts, ok_rows, task_of_run
 
@@ -41,11 +42,19 @@ class RunFigures:
     # and their error rows: the manifest's `retried`, where it records one.
     retried_units: int = 0
     retried_errors: int = 0
+    skipped_units: int = 0  # of `units`, tiles with no data: recorded, never sent to the model
+
+    @property
+    def sent_units(self) -> int:
+        """The units sent to the model: what an error rate is of (a scene's tiles with no data
+        are neither errors nor answers: counted, a night of more empty tiles read as fewer
+        errors)."""
+        return self.units - self.skipped_units
 
     @property
     def error_rate(self) -> float | None:
-        """Error rows / units (`rate`: None where the run has no units)."""
-        return rate(self.errors, self.units)
+        """Error rows / units sent to the model (`rate`: None where none was)."""
+        return rate(self.errors, self.sent_units)
 
     @property
     def errors(self) -> int:
@@ -53,8 +62,9 @@ class RunFigures:
 
     @property
     def new_units(self) -> int:
-        """The units of inputs this run was the first to process (retries left out)."""
-        return self.units - self.retried_units
+        """The units of inputs this run was the first to send to the model (retries and tiles
+        with no data left out)."""
+        return self.sent_units - self.retried_units
 
     @property
     def new_errors(self) -> int:
@@ -75,8 +85,9 @@ def rate(count: float, units: int) -> float | None:
 
 def new_units_of(manifest: Mapping[str, Any]) -> int:
     """The units of inputs a committed run was the first to process (`RunFigures.new_units`),
-    from its manifest alone (its rows, less those it retried)."""
-    return int(manifest.get("rows", 1)) - int(retried_of(manifest).get("units", 0))
+    from its manifest alone (its rows, less tiles with no data and those it retried)."""
+    sent = int(manifest.get("rows", 1)) - int(manifest.get("skipped", 0))
+    return sent - int(retried_of(manifest).get("units", 0))
 
 
 def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> RunFigures:
@@ -117,6 +128,7 @@ def table_figures(
         metrics=metrics or {},
         retried_units=int(retried.get("units", 0)),
         retried_errors=int(retried.get("error_rows", 0)),
+        skipped_units=int(pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0),
     )
 
 
@@ -164,7 +176,7 @@ def series(points: list[RunFigures]) -> dict[str, dict[str, list[float | None]]]
                 else {}
             ),
             **{
-                kind: [rate(p.error_types.get(kind, 0.0), p.units) for p in points]
+                kind: [rate(p.error_types.get(kind, 0.0), p.sent_units) for p in points]
                 for kind in error_types
             },
         },
