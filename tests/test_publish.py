@@ -675,7 +675,19 @@ def test_the_commit_steps_are_journal_moves_manifest_marker_cleanup(tmp_path: Pa
     assert kinds.count("move") == 3 and kinds.count("remove old") == 3
 
 
-def test_a_failure_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path) -> None:
+class Unreachable(Exception):
+    """A store's failure that is not an OSError (botocore's EndpointConnectionError, raised
+    through s3fs as it is)."""
+
+
+@pytest.mark.parametrize("fault", [Fault, Unreachable])
+def test_a_failure_at_any_step_leaves_the_old_run_or_the_new_one(
+    tmp_path: Path, fault: type[Exception]
+) -> None:
+    """A failure at each step of a rerun's commit, an OSError or another (botocore's): readers
+    see the old run or the new one whole, and the next run settles the table. One after the
+    commit point (the marker's folder not made) leaves the run committed and said so: an error
+    other than an OSError there failed the committed run."""
     steps = commit_steps(tmp_path)
     assert len(steps) >= 10
     for failing in range(1, len(steps) + 1):
@@ -684,12 +696,12 @@ def test_a_failure_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path: Path)
 
         def fail(n: int, name: str, args: tuple[Any, ...], failing: int = failing) -> None:
             if n == failing:
-                raise Fault(f"injected at step {n}: {name}")
+                raise fault(f"injected at step {n}: {name}")
 
         try:
             rerun_with(root, fail)
             committed_rows = NEW_ROWS
-        except StorageError:
+        except (StorageError, Unreachable):
             committed_rows = OLD_ROWS
         assert seen_by_manifest_readers(root) == committed_rows, steps[failing - 1]
         assert_settled(root, committed_rows)

@@ -426,8 +426,8 @@ def _settle(
 ) -> None:
     """Finish (`committed`: marker, the replaced run's files and the staging removed) or undo
     (the attempt's files moved back to its staging, for a rerun of the run id to resume from)
-    a commit, then drop its `journal`. Where a step fails (OSError), the journal stays, and a
-    committed run is committed regardless."""
+    a commit, then drop its `journal`. Where a step fails, the journal stays, and a committed
+    run is committed regardless."""
     if committed:
         _mark_success(fs, plan)
         for path in plan.replaces:
@@ -480,7 +480,7 @@ def _settle_or_leave(
             return _settle_claimed(fs, root, path)
         _settle(fs, root, plan, committed, path)
         return committed
-    except OSError as err:
+    except Exception as err:  # a store's errors are not all OSErrors (botocore's, unwrapped)
         log.warning(
             "run %s: %s, but cleaning up failed (%s); the next run on this table finishes it",
             plan.run_id,
@@ -498,7 +498,7 @@ def _mark_success(fs: AbstractFileSystem, plan: CommitPlan) -> None:
         if is_local(fs):  # (an object store has no folders)
             fs.makedirs(plan.partition, exist_ok=True)
         fs.pipe_file(f"{plan.partition}/{SUCCESS_MARKER}", b"")
-    except OSError as err:
+    except Exception as err:  # as `_settle_or_leave`: committed whatever the store says
         log.warning("run %s committed, but %s not written: %s", plan.run_id, SUCCESS_MARKER, err)
 
 
