@@ -982,6 +982,32 @@ def test_iceberg_output_mistakes_are_named(output: dict[str, Any], expected: str
     assert expected in spec_error(with_value("output", output))
 
 
+@pytest.mark.parametrize("command", ["validate", "run", "query"])
+def test_an_iceberg_spec_without_pyiceberg_exits_2_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command
+) -> None:
+    """A machine without PyIceberg: the spec of an Iceberg table parses (a machine that only
+    submits it need not have PyIceberg; the catalog type is checked where it is there), and
+    `validate`, `run` and `query` exit 2 naming the extra before any work (the spec's parsing
+    failed with ModuleNotFoundError, exit 1)."""
+    import json
+    import sys
+
+    from vision_ops.cli import EXIT_BAD_SPEC, main
+
+    for module in ("pyiceberg", "pyiceberg.catalog"):
+        monkeypatch.setitem(sys.modules, module, None)  # as an import finds it: not there
+    spec = with_value("output", ICEBERG_OUTPUT) | {"input": {"uris": [str(tmp_path)]}}
+    assert parse_spec(spec).output.format == "iceberg"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(json.dumps(spec))
+    assert main([command, str(spec_file)]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert (
+        err == "error: output.format: iceberg needs PyIceberg: pip install 'vision-ops[iceberg]'\n"
+    )
+
+
 @pytest.mark.parametrize(
     "name",
     ["credential", "token", "s3.secret-access-key", "s3.access-key-id", "adls.sas-token"],

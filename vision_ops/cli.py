@@ -131,6 +131,10 @@ def check_storage(spec: JobSpec) -> None:
     and the hold-out is there."""
     from vision_ops.storage import TABLE_IS_A_FILE, filesystem, protocol_of
 
+    if spec.output.format == "iceberg":
+        from vision_ops.iceberg import require_pyiceberg
+
+        require_pyiceberg()
     if protocol_of(spec.output.uri) == "file":
         fs, path = filesystem(spec.output.uri, spec.storage_options)
         if fs.isfile(path):

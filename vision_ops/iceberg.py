@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vision_ops.config import OutputSpec
+from vision_ops.config import OutputSpec, SpecError
 from vision_ops.errors import EXIT_BAD_SPEC, InterruptedDuringCommit, VisionOpsError
 from vision_ops.georef import GEO_KEY
 from vision_ops.masks import (
@@ -91,14 +91,26 @@ class RunCommittedMeanwhile(CommitRefused):
     """Another attempt of the same run id committed while this one ran."""
 
 
+NEEDS_PYICEBERG = "output.format: iceberg needs PyIceberg: pip install 'vision-ops[iceberg]'"
+
+
+class PyIcebergMissing(SpecError, ImportError):
+    """An Iceberg table asked of a machine without PyIceberg: nothing was begun."""
+
+
+def require_pyiceberg() -> None:
+    """PyIcebergMissing where this machine lacks PyIceberg (`run`, `validate`: before any
+    work; a machine that only submits the job need not have it)."""
+    try:
+        import pyiceberg.catalog  # noqa: F401
+    except ImportError:
+        raise PyIcebergMissing(NEEDS_PYICEBERG) from None
+
+
 def load_catalog(output: OutputSpec) -> Catalog:
     """The spec's catalog (PyIceberg properties; credentials from the standard chains)."""
-    try:
-        from pyiceberg.catalog import load_catalog as pyiceberg_catalog
-    except ImportError as err:
-        raise ImportError(
-            "output.format: iceberg needs: pip install 'vision-ops[iceberg]'"
-        ) from err
+    require_pyiceberg()
+    from pyiceberg.catalog import load_catalog as pyiceberg_catalog
     from pyiceberg.exceptions import NotInstalledError
 
     try:
