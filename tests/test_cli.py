@@ -347,6 +347,33 @@ def test_a_catalog_whose_type_needs_a_missing_package_exits_2_without_resume_adv
     assert not (folder / "ice").exists()
 
 
+def test_an_error_a_library_raised_on_a_sigterm_is_said_as_the_sigterm(
+    spec_file, capsys, monkeypatch
+) -> None:
+    """A SIGTERM that a lock's or a thread pool's clean-up answered with its own error (seen:
+    `RuntimeError: release unlocked lock` as a backfill's run was stopped): exit 143 saying
+    what the run left, as for the SIGTERM itself (it was exit 1, "error: RuntimeError: ...",
+    with no word of where the backfill stopped)."""
+    from vision_ops import cli
+    from vision_ops.cli import EXIT_TERMINATED, main
+    from vision_ops.errors import Terminated
+
+    def stopped_in_a_lock(spec):  # type: ignore[no-untyped-def]
+        try:
+            raise Terminated
+        except Terminated:
+            raise RuntimeError("release unlocked lock") from None
+
+    monkeypatch.setattr(cli, "_connect_and_run", stopped_in_a_lock)
+    assert main(["run", str(spec_file), "--run-id", "t1", "--run-date", "2026-11-24"]) == (
+        EXIT_TERMINATED
+    )
+    assert capsys.readouterr().err == (
+        "error: terminated (SIGTERM): nothing was committed; the rows made durable so far stay "
+        "staged, and the same command with --run-id t1 --run-date 2026-11-24 resumes from them\n"
+    )
+
+
 def test_sigterm_is_handled_from_the_main_thread_only() -> None:
     """`run` called from a workflow runner's thread cannot set a signal handler (ValueError,
     exit 1 after Ray started): it keeps whatever is set; from the main thread SIGTERM raises

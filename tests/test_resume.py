@@ -789,6 +789,42 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     )
 
 
+def test_a_sigterm_as_a_committed_run_exits_leaves_its_outcome(tmp_path: Path) -> None:
+    """SIGTERM once the run has committed and said so, as the process exits (Ray shutting its
+    embedded cluster down: seconds): exit 0, the outcome, with a note and no traceback. It was
+    raised inside Ray's exit hook ("Exception ignored in atexit callback ... Terminated"), and
+    the night exited 1 ("nothing was committed", to a scheduler) or 0 at random."""
+    make_images(tmp_path / "images", 4)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spec = counting_spec(tmp_path, {"uri": str(tmp_path / "table")}, marks)
+    ray_temp = short_temp_dir("vot")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "driver.log"
+    command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec)]
+    with log.open("wb") as out:
+        driver = subprocess.Popen(command, env=env, start_new_session=True,
+                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while "\ndrift: " not in log.read_text():  # the run's last line: it has committed
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never said it committed"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the command has returned; Ray shuts down for seconds
+        assert driver.poll() is None, "the process exited before the SIGTERM could be sent"
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == EXIT_OK
+    finally:
+        kill_session(driver.pid)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    output = log.read_text()
+    assert "note: SIGTERM as the command exits; its outcome stands (exit 0)" in output
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
+    assert committed_run(str(tmp_path / "table"), "k1")["rows"] == 4
+
+
 @pytest.mark.parametrize(
     ("how", "code", "said"),
     [

@@ -309,6 +309,10 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     except Exception as err:
         from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
 
+        stop = _interruption_within(err)
+        if stop is not None:  # a Ctrl-C or SIGTERM a library's clean-up raised its own error on
+            return _fail(RuntimeError(interrupted(spec, stop, again)), _stopped_exit(stop))
+
         from vision_ops.errors import (
             PredictorFailed,
             raised_as_an_actor_started,
@@ -398,6 +402,20 @@ def _stopped_exit(err: KeyboardInterrupt) -> int:
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
+
+
+def _interruption_within(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (`Terminated`) an error was raised while handling, if any: a lock
+    or thread pool torn down by the interruption raises its own (`RuntimeError: release
+    unlocked lock`), which said so was a failure (exit 1) of a run that was stopped."""
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        if isinstance(found, KeyboardInterrupt):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def stop_on_sigterm() -> None:
@@ -1264,5 +1282,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console() -> None:
+    """The command line's entry point (`vision-ops`, `python -m vision_ops.cli`): `main`, then
+    the process's exit with its code. A SIGTERM during that exit (Ray shutting the embedded
+    cluster down: seconds) is said and not obeyed: the command's outcome is known and stands.
+    It raised inside Ray's exit hook: a traceback, and exit 1 or 0 at random for a night that
+    had committed and been scored."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _outcome_stands(code))
+    sys.exit(code)
+
+
+def _outcome_stands(code: int) -> Callable[[int, Any], None]:
+    def said(signum: int, frame: Any) -> None:
+        print(
+            f"note: SIGTERM as the command exits; its outcome stands (exit {code})", file=sys.stderr
+        )
+
+    return said
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()
