@@ -231,10 +231,13 @@ def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
     retries that file: its manifest records the retry (`retried`), and drift leaves it out of
     the error rate, which the run that first failed on it counted. Night 2 retries only: no
     figures, and `report --check` passes (the retry alone read as an error rate of 1.0, over
-    the threshold, every night). Night 3 adds a photo: its error rate is the new photo's."""
+    the threshold, every night). Night 3 adds a photo: its error rate is the new photo's.
+    --max-error-ratio leaves the retries out as well (the file failed nights 2 and 3 at 0.4:
+    1 error row in 1, then in 2)."""
     spec, table = first_run_of_three_photos_and_a_broken_file(tmp_path, tiny_weights)
     assert "retried" not in (committed_run(table, "r1") or {})  # a full run retries nothing
-    nightly = ["--incremental", "--run-id", "r2", "--run-date", "2026-11-21"]
+    bound = ["--max-error-ratio", "0.4"]
+    nightly = ["--incremental", "--run-id", "r2", "--run-date", "2026-11-21", *bound]
     assert main(["run", str(spec), *nightly]) == EXIT_OK
     second = committed_run(table, "r2")
     assert second is not None and second["rows"] == 1 and second["errors"] == 1
@@ -250,7 +253,7 @@ def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
     )
     make_images(tmp_path / "new", 1, seed=5)
     (tmp_path / "new" / "img000.png").rename(tmp_path / "images" / "new.png")
-    nightly = ["--incremental", "--run-id", "r3", "--run-date", "2026-11-22"]
+    nightly = ["--incremental", "--run-id", "r3", "--run-date", "2026-11-22", *bound]
     assert main(["run", str(spec), *nightly]) == EXIT_OK
     third = committed_run(table, "r3")
     assert third is not None and (third["rows"], third["errors"]) == (2, 1)

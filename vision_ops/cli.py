@@ -363,12 +363,22 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
             f"before it was scored (`vision-ops evaluate SPEC --run-id {summary.run_id}`)"
         )
         return _fail(RuntimeError(message), _stopped_exit(err))
-    sent = commit.rows - commit.skipped  # tiles with no data are neither errors nor answers
-    if sent and commit.errors / sent > args.max_error_ratio:
-        message = f"error rows {commit.errors}/{sent} exceed --max-error-ratio"
+    sent, errors = _new_units_and_errors(summary)
+    if sent and errors / sent > args.max_error_ratio:
+        message = f"error rows {errors}/{sent} exceed --max-error-ratio"
         over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
         return scored or over  # a score below its floor stops a backfill: it comes first
     return scored
+
+
+def _new_units_and_errors(summary: Any) -> tuple[int, int]:
+    """The units a run sent to the model of inputs no run had before, and their error rows:
+    what --max-error-ratio bounds. A scene's tiles with no data are neither errors nor answers;
+    an --incremental night's retries of earlier error rows were counted the night they failed
+    (a broken file would fail every quiet night after), as drift's error rate leaves them."""
+    commit = summary.commit
+    sent = commit.rows - commit.skipped - summary.retried_units
+    return sent, commit.errors - summary.retried_errors
 
 
 def _score_committed(spec: JobSpec, summary: Any) -> int:
@@ -1055,8 +1065,9 @@ def _run_outcome_arguments(sub: argparse.ArgumentParser) -> None:
         "--max-error-ratio",
         type=_share,
         default=1.0,
-        help="exit 4 when more than this share of the units sent to the model are error rows "
-        "(tiles with no data are not sent; default 1.0: never)",
+        help="exit 4 when more than this share of the units of new inputs sent to the model are "
+        "error rows (tiles with no data are not sent; --incremental's retries of earlier error "
+        "rows are not new; default 1.0: never)",
     )
     sub.add_argument(
         "--incremental",

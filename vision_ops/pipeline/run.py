@@ -89,6 +89,8 @@ class RunSummary:
     skipped_as_done: int = 0
     # Inputs --incremental processed again: their latest run wrote an error row for them.
     retried: int = 0
+    retried_units: int = 0  # their units (rows), and of those the error rows
+    retried_errors: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -146,6 +148,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         startup_seconds=clock.seconds,
         skipped_as_done=listed - listing.count,
         retried=retries.get("sources", 0),
+        retried_units=retries.get("units", 0),
+        retried_errors=retries.get("error_rows", 0),
     )
 
 
