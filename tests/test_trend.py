@@ -143,8 +143,13 @@ def test_report_trend_check_checks_the_run_it_is_given(nights, capsys) -> None:
 def test_report_check_since_checks_every_run_from_that_date(nights, capsys) -> None:
     """Every night from a date is checked, not the latest alone (nights a failed schedule
     left unchecked): nights 2 and 3 each against the runs before it; one over its threshold
-    is exit 6."""
+    is exit 6. A date past the last night checks nothing: exit 1 saying so, as --trend does
+    (it passed, exit 0, saying the run "processed no new input")."""
     table = str(nights)
+    assert main(["report", table, "--check", "--since", "2026-03-05"]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert captured.err == f"error: no committed run in {table} since 2026-03-05\n"
+    assert "drift:" not in captured.out
     assert main(["report", table, "--check", "--since", "2026-03-03"]) == EXIT_DRIFT
     out = capsys.readouterr().out
     within = "label_psi 0.0000 within the threshold 0.25: run night-2 against night-0, night-1\n"

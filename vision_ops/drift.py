@@ -322,10 +322,13 @@ def check_run(
 def check_runs_since(
     target: Target, monitor: MonitorSpec, options: StorageOptions | None, since: dt.date
 ) -> list[Drift]:
-    """`check_run` for every committed run from `since` on, the table's runs listed once."""
-    return check_runs(
-        target, monitor, options, lambda run: dt.date.fromisoformat(run["run_date"]) >= since
-    )
+    """`check_run` for every committed run from `since` on, the table's runs listed once;
+    NoSuchRun where there is none (a date mistyped, or past the last run, is not "no drift")."""
+    runs = committed_runs(target, options)
+    ids = [run["run_id"] for run in runs if dt.date.fromisoformat(run["run_date"]) >= since]
+    if not ids:
+        raise NoSuchRun(f"no committed run in {describe(target)} since {since}")
+    return _checked_each(target, monitor, options, runs, ids)
 
 
 def check_runs_of_dates(
@@ -344,6 +347,16 @@ def check_runs(
     """`check_run` for each committed run `chosen` picks, in commit order."""
     runs = committed_runs(target, options)
     ids = [run["run_id"] for run in runs if chosen(run)]
+    return _checked_each(target, monitor, options, runs, ids)
+
+
+def _checked_each(
+    target: Target,
+    monitor: MonitorSpec,
+    options: StorageOptions | None,
+    runs: list[Manifest],
+    ids: list[str],
+) -> list[Drift]:
     return [d for run_id in ids for d in _checked(target, monitor, options, runs, run_id)]
 
 
