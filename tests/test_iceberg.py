@@ -785,6 +785,30 @@ def job_spec(
     return path
 
 
+def test_a_backfill_skips_a_date_whose_runs_snapshot_was_expired(
+    output, iceberg_s3, tmp_path, tiny_weights, capsys
+) -> None:
+    """Expiring a run's snapshot forgets its summary, not its rows: a backfill over its date
+    skips it, saying so (it ran the date again with today's inputs, and that night's rows were
+    replaced without a word)."""
+    first, second = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
+    commit_run(output, "n1", uris("night-1", 2), first)
+    commit_run(output, "n2", uris("night-2", 2), second)
+    table = read_back(output)
+    oldest = table.snapshots()[0].snapshot_id
+    table.maintenance.expire_snapshots().by_ids([oldest]).commit()
+    assert [run["run_id"] for run in outputs.committed_runs(output)] == ["n2"]
+    assert outputs.dates_of_expired_runs(output) == {"2026-11-01"}
+    (tmp_path / "photos").mkdir()
+    spec = str(job_spec(tmp_path, tmp_path / "photos", output, tiny_weights, iceberg_s3))
+    assert main(["backfill", spec, "--from", "2026-11-01", "--to", "2026-11-02"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == [
+        "2026-11-01: holds the rows of a run whose snapshot was expired, skipped",
+        "2026-11-02: committed already, skipped",
+    ]
+    assert rows_by_run(output) == {"n1": uris("night-1", 2), "n2": uris("night-2", 2)}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_runs_commit_to_iceberg_and_every_reader_reads_them(

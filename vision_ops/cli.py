@@ -526,7 +526,7 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     --max-error-ratio, or one committed whose hold-out could not be scored, is committed and
     the backfill goes on, then exits 7 (any not scored), else 4, naming the dates. With
     --check, then each run it committed is checked for drift (`_check_backfilled`)."""
-    from vision_ops.outputs import committed_runs
+    from vision_ops.outputs import committed_runs, dates_of_expired_runs
     from vision_ops.storage import OutputNotWritable, require_bucket
 
     if args.end < args.start:
@@ -551,12 +551,15 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     except OutputNotWritable as err:
         return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
     done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
+    expired = dates_of_expired_runs(spec.output, spec.storage_options)
     day = args.start
     committed_but: dict[int, list[str]] = {EXIT_NOT_SCORED: [], EXIT_TOO_MANY_ERRORS: []}
     committed: list[str] = []
     while day <= args.end:
         if day.isoformat() in done:
             print(f"{day}: committed already, skipped")
+        elif day.isoformat() in expired:  # run again, its rows would be today's inputs'
+            print(f"{day}: holds the rows of a run whose snapshot was expired, skipped")
         else:
             dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
             code = run(dated, args)
