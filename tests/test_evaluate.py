@@ -429,8 +429,8 @@ def test_skipped_tiles_are_neither_evaluated_nor_error_rows(tmp_path: Path, caps
     with pytest.raises(EvaluationError) as refused:  # nothing the model saw: nothing to score
         evaluate_run(str(table), "", "imagefolder")
     assert str(refused.value) == (
-        "the run's 2 unit(s) the truth names were all skipped (no data: never sent to the "
-        "model), none to score"
+        "run s2 (the latest; --run-id scores another): the run's 2 unit(s) the truth names were "
+        "all skipped (no data: never sent to the model), none to score"
     )
 
 

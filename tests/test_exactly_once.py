@@ -448,7 +448,7 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
             f"error: {where}: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows made "
             "durable so far stay staged, and the same backfill (from 2026-11-01, the dates "
             "committed skipped) resumes from them",
-            "error: the backfill stopped at 2026-11-01: 2026-11-02..2026-11-03 not run (2 date(s))",
+            "error: the backfill stopped at 2026-11-01: 2026-11-02..2026-11-03 not run (2 dates)",
         ]
 
 

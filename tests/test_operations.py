@@ -125,6 +125,17 @@ def test_backfill_check_checks_each_run_it_committed_once(
     captured = capsys.readouterr()
     runs = {run["run_date"]: run["run_id"] for run in committed_runs(str(output))}
     assert "drift: error_rate_rise" in captured.out and runs["2026-11-05"] in captured.out
+    # a run the check compares with is damaged (a part file gone): the night commits, and the
+    # failed check says so (it was a bare "[Errno 2] No such file", read as nothing committed)
+    for part in (output / "run_date=2026-11-05").glob("*.parquet"):
+        part.unlink()
+    damaged = ["backfill", str(spec), "--from", "2026-11-06", "--to", "2026-11-06", "--check"]
+    assert main(damaged) == EXIT_FAILED
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: the drift check failed (FileNotFoundError: ")
+    assert err.endswith(
+        "`vision-ops verify` names a damaged run); the backfill's runs are committed: 2026-11-06"
+    )
 
 
 def test_a_backfill_into_the_future_is_refused_before_any_work(

@@ -114,6 +114,22 @@ def test_a_query_made_while_a_rerun_replaces_the_run_reads_the_rerun(
     assert views == ["registered", "registered"]
 
 
+def test_a_folder_with_no_committed_run_is_said_so_with_what_a_table_holds(
+    tmp_path, capsys
+) -> None:
+    """A folder that holds no committed run (an Iceberg table's folder beside it, with its
+    `_index/` and `_metrics/`): query, report and evaluate say what a table's folder holds and
+    how an Iceberg table is read (it was "no committed run" alone)."""
+    from vision_ops.cli import main
+
+    beside = tmp_path / "vision.nightly"
+    (beside / "_index").mkdir(parents=True)
+    hint = "(a table's folder holds _manifests/; an Iceberg table is read through its spec)"
+    for command in (["query"], ["report"], ["evaluate", "--truth", str(tmp_path)]):
+        assert main([command[0], str(beside), *command[1:]]) != 0
+        assert capsys.readouterr().err == f"error: {beside}: no committed run {hint}\n"
+
+
 def test_a_query_reads_each_manifest_of_the_table_once(tmp_path, capsys, monkeypatch) -> None:
     """A query reads the table's manifests once: it read each three times (for the version of
     the table's commits a read is made again on, for its relation, and for the task of the

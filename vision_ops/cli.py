@@ -575,11 +575,10 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
 
 
 def _say_where_the_backfill_stopped(day: dt.date, end: dt.date) -> None:
-    left = end - day
-    later = (
-        "no later date in the range"
-        if not left
-        else f"{day + dt.timedelta(days=1)}..{end} not run ({left.days} date(s))"
+    left = (end - day).days
+    first = day + dt.timedelta(days=1)
+    later = {0: "no later date in the range", 1: f"{end} not run"}.get(
+        left, f"{first}..{end} not run ({left} dates)"
     )
     print(f"error: the backfill stopped at {day}: {later}", file=sys.stderr)
 
@@ -605,7 +604,11 @@ def _check_backfilled(
     try:
         drifts = check_runs_of_dates(spec.output, spec.monitor, spec.storage_options, committed)
     except Exception as err:  # the store's errors are not one type
-        return _fail(err, outcome or EXIT_FAILED)
+        message = (
+            f"the drift check failed ({store_error_text(err)}; `vision-ops verify` names a "
+            f"damaged run); the backfill's runs are committed: {', '.join(committed)}"
+        )
+        return _fail(RuntimeError(message), outcome or EXIT_FAILED)
     verdict = _drift_verdict(drifts, checked=True)  # said whatever the backfill's exit
     return outcome or verdict
 

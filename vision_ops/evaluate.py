@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import in_mask_frame
-from vision_ops.outputs import Target, as_output, committed_run, describe, read_run
+from vision_ops.outputs import Target, as_output, committed_run, no_committed_run, read_run
 from vision_ops.schema import STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import (
     StorageOptions,
@@ -82,9 +82,14 @@ def evaluate_run(
         )
     rows = read_run(table_uri, manifest, options).to_pylist()
     not_given = _metrics_not_given(manifest)
-    metrics = [
-        m for m in scorer(rows, truth, truth_format, options or {}) if m["metric"] not in not_given
-    ]
+    try:
+        scored = scorer(rows, truth, truth_format, options or {})
+    except NothingScored as err:  # the latest run (an incremental night's holds few) named
+        if run_id is not None:
+            raise
+        latest = f"run {manifest['run_id']} (the latest; --run-id scores another)"
+        raise NothingScored(f"{latest}: {err}") from None
+    metrics = [m for m in scored if m["metric"] not in not_given]
     table = pa.Table.from_pylist(
         [{"run_id": manifest["run_id"]} | m for m in metrics], schema=METRICS_SCHEMA
     )
@@ -191,12 +196,16 @@ def skipped_metric(named: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [_metric(SKIPPED, count)] if count else []
 
 
+class NothingScored(EvaluationError):
+    """A run none of whose rows the truth scores."""
+
+
 def nothing_scored(named: list[dict[str, Any]], none_named: str) -> EvaluationError:
     """The error of a run none of whose rows a scorer can score: `none_named` where the truth
     names none of them, else that every unit it names was skipped."""
     if not named:
-        return EvaluationError(none_named)
-    return EvaluationError(
+        return NothingScored(none_named)
+    return NothingScored(
         f"the run's {len(named)} unit(s) the truth names were all skipped (no data: never sent "
         "to the model), none to score"
     )
@@ -505,7 +514,7 @@ def _manifest(
 ) -> dict[str, Any]:
     manifest = committed_run(table_uri, run_id, options)
     if manifest is None:
-        raise EvaluationError(f"{describe(table_uri)}: no committed run {run_id or ''}".rstrip())
+        raise EvaluationError(no_committed_run(table_uri, run_id))
     return manifest
 
 

@@ -468,6 +468,16 @@ def retried_of(manifest: Mapping[str, Any]) -> Mapping[str, int]:
     return manifest.get("retried") or {}
 
 
+def no_committed_run(target: Target, run_id: str | None = None) -> str:
+    """A reader's message for a table with no committed run (of this id): where the table was
+    named by a folder, what a table's folder holds, and how an Iceberg table is read (its
+    folders beside it, `_index/` and `_metrics/`, read as no table at all)."""
+    said = f"{describe(target)}: no committed run{f' {run_id}' if run_id else ''}"
+    if isinstance(target, str) and run_id is None:
+        said += " (a table's folder holds _manifests/; an Iceberg table is read through its spec)"
+    return said
+
+
 def describe(target: Target) -> str:
     """The table in words, for messages."""
     output = as_output(target)

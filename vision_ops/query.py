@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from vision_ops.errors import VisionOpsError
-from vision_ops.outputs import Target, describe, sql_source, sql_string
+from vision_ops.outputs import Target, no_committed_run, sql_source, sql_string
 from vision_ops.schema import PARTITION_COLUMN, latest_row_sql
 from vision_ops.storage import CREDENTIAL_CHAIN, StorageOptions, without_userinfo
 from vision_ops.tasks import BOXES_VIEW, Task, task_of_run
@@ -127,8 +127,7 @@ def register_views(
     committed = sql_source(connection, table, options, run_id, as_of)
     source, manifest = committed.relation, committed.run
     if manifest is None:
-        which = f"run {run_id}" if run_id else "run"
-        raise NothingCommitted(f"{describe(table)}: no committed {which}")
+        raise NothingCommitted(no_committed_run(table, run_id))
     task = task_of_run(manifest)
     if not source:  # committed, with no rows (a quiet incremental night): none to read
         connection.register(EMPTY_RUNS, no_rows(task))

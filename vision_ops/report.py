@@ -12,7 +12,14 @@ import pyarrow.compute as pc
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
-from vision_ops.outputs import Manifest, Target, committed_run, describe, read_run, retried_of
+from vision_ops.outputs import (
+    Manifest,
+    Target,
+    committed_run,
+    no_committed_run,
+    read_run,
+    retried_of,
+)
 from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
@@ -73,7 +80,7 @@ def build_report(
     """The report of a committed run: the given id, else the latest."""
     manifest = committed_run(table_uri, run_id, options)
     if manifest is None:
-        raise NoSuchRun(f"{describe(table_uri)}: no committed run {run_id or ''}".rstrip())
+        raise NoSuchRun(no_committed_run(table_uri, run_id))
     task = task_of_run(manifest)
     table = read_run(table_uri, manifest, options)
     summary = task.summary(table)
