@@ -155,6 +155,23 @@ def test_the_report_counts_skipped_tiles_beside_ok_and_error_rows(tmp_path, caps
     assert "<td>skipped</td><td><b>1</b></td>" in (tmp_path / "r.html").read_text()
 
 
+def test_the_reports_figures_are_words_not_python_reprs(tmp_path, capsys) -> None:
+    """Score quantiles as `p05 0.7, ...`; a quiet night's (no rows, no stages) as `none` (it
+    printed `{}` and nothing after the stage seconds' colon)."""
+    from committed_rows import classified, commit_rows
+
+    table = tmp_path / "table"
+    rows = [classified(f"/x/{i}.jpg", ("cat", 0.5 + 0.1 * i)) for i in range(3)]
+    commit_rows(table, "classification", rows, "r1", "2026-12-01")
+    commit_rows(table, "classification", [], "quiet", "2026-12-02")
+    assert main(["report", str(table), "--run-id", "r1"]) == 0
+    assert "scores (top-1 score): p05 0.51, p50 0.6, p95 0.69\n" in capsys.readouterr().out
+    assert main(["report", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "scores (top-1 score): none\n" in out and "stage seconds (all workers): none\n" in out
+    assert "{" not in out
+
+
 def test_a_report_made_while_a_rerun_replaces_the_run_reads_the_rerun(
     tmp_path, capsys, monkeypatch
 ) -> None:

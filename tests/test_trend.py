@@ -123,6 +123,11 @@ def test_report_check_exits_6_naming_the_figure_threshold_and_runs(nights, capsy
     assert main(["report", table, "--since", "2026-03-02"]) == EXIT_BAD_SPEC  # without --trend
     assert main(["report", table, "--samples", "0"]) == EXIT_BAD_SPEC
     assert "--samples: expected 1 or more, found 0" in capsys.readouterr().err
+    for unchecked in (["--trend"], []):  # thresholds without --check: refused, not ignored
+        assert main(["report", table, *unchecked, "--runs", "2", *loose[:2]]) == EXIT_BAD_SPEC
+        assert capsys.readouterr().err == (
+            "error: --runs, --max-label-psi: drift thresholds, expected with --check\n"
+        )
 
 
 def test_report_trend_check_checks_the_run_it_is_given(nights, capsys) -> None:

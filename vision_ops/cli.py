@@ -823,6 +823,10 @@ def report(args: argparse.Namespace) -> int:
     if args.trend and args.run_id and not args.check:
         message = "--run-id: with --trend, expected --check (the run checked); the trend shows all"
         return _fail(SpecError(message), EXIT_BAD_SPEC)
+    thresholds = [flag for flag, value in _threshold_flags(args).items() if value is not None]
+    if thresholds and not args.check:
+        message = f"{', '.join(thresholds)}: drift thresholds, expected with --check"
+        return _fail(SpecError(message), EXIT_BAD_SPEC)
     if args.samples < 1:
         return _fail(
             SpecError(f"--samples: expected 1 or more, found {args.samples}"), EXIT_BAD_SPEC
@@ -859,21 +863,30 @@ def report(args: argparse.Namespace) -> int:
     return _drift_verdict(drifts, args.check)
 
 
+# report's threshold flags -> the MonitorSpec field each overrides.
+MONITOR_FLAGS = {
+    "--runs": "runs",
+    "--max-label-psi": "label_psi",
+    "--max-score-psi": "score_psi",
+    "--max-error-rate-rise": "error_rate_rise",
+}
+
+
+def _threshold_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Each threshold flag's value (None: not given)."""
+    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in MONITOR_FLAGS}
+
+
 def _monitor(args: argparse.Namespace) -> MonitorSpec:
     """The spec's drift thresholds (defaults for a table URI), with the flags' overrides."""
     spec = (
         load_spec(args.target, args.set or []) if args.target.endswith((".yaml", ".yml")) else None
     )
     monitor = spec.monitor if spec is not None else MonitorSpec()
-    flags = {
-        "runs": args.runs,
-        "label_psi": args.max_label_psi,
-        "score_psi": args.max_score_psi,
-        "error_rate_rise": args.max_error_rate_rise,
-    }
+    given = dict(zip(MONITOR_FLAGS.values(), _threshold_flags(args).values(), strict=True))
     try:
         return MonitorSpec(
-            **(monitor.model_dump() | {k: v for k, v in flags.items() if v is not None})
+            **(monitor.model_dump() | {k: v for k, v in given.items() if v is not None})
         )
     except ValidationError as err:
         problems = "; ".join(

@@ -152,9 +152,10 @@ def render_text(report: RunReport) -> str:
         + (f"  ({report.retried_text})" if report.retried_inputs else ""),
         f"throughput: {report.images_per_second:.2f} images/s over {report.pipeline_seconds:.1f}s",
         "stage seconds (all workers): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items())
+        + (", ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items()) or "none")
         + (f"; slowest: {report.slowest_stage}" if report.slowest_stage else ""),
-        f"scores ({report.score}): {report.score_quantiles}",
+        f"scores ({report.score}): "
+        + (", ".join(f"{k} {v:g}" for k, v in report.score_quantiles.items()) or "none"),
         f"top labels ({report.unit}):",
         *[f"  {number(count):>7}  {label}" for label, count in report.labels],
         "errors by type:" + ("" if report.error_types else " none"),
