@@ -374,6 +374,17 @@ def test_an_error_a_library_raised_on_a_sigterm_is_said_as_the_sigterm(
     )
 
 
+def test_backfill_takes_incremental_as_run_does(spec_file) -> None:
+    """`backfill --incremental` makes each of its runs incremental, as `run --incremental`
+    does (it was an argparse error: the spec's `run.incremental` was the only way)."""
+    from vision_ops import cli
+
+    dates = ["--from", "2026-11-01", "--to", "2026-11-02"]
+    for flags, incremental in (([], False), (["--incremental"], True)):
+        args = cli._parsed(["backfill", str(spec_file), *dates, *flags])
+        assert cli.load_spec_of(args).run.incremental is incremental
+
+
 def test_sigterm_is_handled_from_the_main_thread_only() -> None:
     """`run` called from a workflow runner's thread cannot set a signal handler (ValueError,
     exit 1 after Ray started): it keeps whatever is set; from the main thread SIGTERM raises

@@ -1079,7 +1079,8 @@ def _spec_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def _run_outcome_arguments(sub: argparse.ArgumentParser) -> None:
-    """The flags of a run's outcome, for `run` and for the run `submit` ships."""
+    """The flags of a run's outcome, for `run`, each of a `backfill`'s runs, and the run
+    `submit` ships."""
     sub.add_argument(
         "--max-error-ratio",
         type=_share,
@@ -1128,13 +1129,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--to", dest="end", type=_date, required=True, help="the last date (not after today UTC)"
     )
-    sub.add_argument(
-        "--max-error-ratio",
-        type=_share,
-        default=1.0,
-        help="exit 4, once every date has run, where a date's share of error rows is above this "
-        "(default 1.0: never)",
-    )
+    _run_outcome_arguments(sub)  # of each date's run; exit 4 once every date has run
     sub.add_argument(
         "--check",
         action="store_true",
