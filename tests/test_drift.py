@@ -23,7 +23,7 @@ from vision_ops.drift import FIGURES, check_run, drift, psi
 from vision_ops.errors import EXIT_DRIFT
 from vision_ops.outputs import committed_run, committed_runs
 from vision_ops.tasks import counts
-from vision_ops.trend import run_figures, series, trend
+from vision_ops.trend import new_units_of, run_figures, series, trend
 
 pytestmark = pytest.mark.timeout(600)
 LITE0 = {
@@ -344,6 +344,20 @@ def test_the_error_rate_is_of_the_tiles_sent_to_the_model(tmp_path) -> None:
     assert (rise.value, rise.compared, rise.crossed) == (0.0, ("n0", "n1"), False)
     recorded = committed_run(str(table), "n0")
     assert recorded is not None and recorded["skipped"] == 30
+    # an incremental night: n0's scene retried (clean now, its 30 empty tiles again) and a new
+    # scene; the new units are the new scene's 10 (the retried empty tiles once, not twice)
+    retried = {"sources": 1, "units": 40, "error_rows": 0, "skipped": 30}
+    again = [
+        row | {"status": "ok", "error_type": None} if row.get("error_type") else row
+        for row in scene(0, 30)
+    ]
+    rows = again + [row | {"source_uri": "/s/new.tif"} for row in scene(3, 30)]
+    commit_rows(
+        table, "classification", rows, "n3", "2026-06-04", tiles=True, details={"retried": retried}
+    )
+    night = trend(str(table))[-1]
+    assert (night.units, night.sent_units, night.new_units, night.new_errors) == (80, 20, 10, 1)
+    assert new_units_of(committed_run(str(table), "n3")) == 10
 
 
 def test_a_run_that_processed_nothing_has_no_drift_and_is_no_baseline(tmp_path, capsys) -> None:

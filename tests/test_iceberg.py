@@ -803,7 +803,8 @@ def test_a_backfill_skips_a_date_whose_runs_snapshot_was_expired(
     spec = str(job_spec(tmp_path, tmp_path / "photos", output, tiny_weights, iceberg_s3))
     assert main(["backfill", spec, "--from", "2026-11-01", "--to", "2026-11-02"]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == [
-        "2026-11-01: holds the rows of a run whose snapshot was expired, skipped",
+        "2026-11-01: holds the rows of a run whose snapshot was expired, skipped "
+        "(`vision-ops run SPEC --run-date 2026-11-01` runs it again)",
         "2026-11-02: committed already, skipped",
     ]
     assert rows_by_run(output) == {"n1": uris("night-1", 2), "n2": uris("night-2", 2)}
@@ -874,7 +875,7 @@ def test_runs_commit_to_iceberg_and_every_reader_reads_them(
     assert [(r["source_uri"], r["error_type"]) for r in n4.to_pylist()] == [
         (f"file://{photos / 'broken.png'}", "NotAnImage")
     ]
-    retried = {"sources": 1, "units": 1, "error_rows": 1}  # in the snapshot's summary
+    retried = {"sources": 1, "units": 1, "error_rows": 1, "skipped": 0}  # in the snapshot's summary
     assert outputs.committed_run(output, "n4")["retried"] == retried
     capsys.readouterr()
     assert main(["report", spec, "--check"]) == EXIT_OK  # the retry alone: no error-rate rise

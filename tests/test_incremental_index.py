@@ -241,7 +241,7 @@ def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
     assert main(["run", str(spec), *nightly]) == EXIT_OK
     second = committed_run(table, "r2")
     assert second is not None and second["rows"] == 1 and second["errors"] == 1
-    assert second["retried"] == {"sources": 1, "units": 1, "error_rows": 1}
+    assert second["retried"] == {"sources": 1, "units": 1, "error_rows": 1, "skipped": 0}
     out = capsys.readouterr().out
     assert "1 input(s) retried (error rows of earlier runs)" in out
     assert "drift: no figures (the run processed no new input" in out
@@ -257,7 +257,7 @@ def test_an_incremental_nights_retry_of_a_broken_file_is_no_error_rate_rise(
     assert main(["run", str(spec), *nightly]) == EXIT_OK
     third = committed_run(table, "r3")
     assert third is not None and (third["rows"], third["errors"]) == (2, 1)
-    assert third["retried"] == {"sources": 1, "units": 1, "error_rows": 1}
+    assert third["retried"] == {"sources": 1, "units": 1, "error_rows": 1, "skipped": 0}
     # 0 errors in 1 new photo, against run 1's 1 in 4 (run 2, of retries alone, is no baseline)
     assert third["drift"]["error_rate_rise"]["value"] == -0.25
     assert third["drift"]["compared"] == ["r1"]

@@ -100,13 +100,18 @@ def test_a_run_over_the_error_ratio_is_scored_too(ray_local, toy, capsys) -> Non
     assert main(["run", str(passing), *over, "--run-id", "o1"]) == EXIT_TOO_MANY_ERRORS
     captured = capsys.readouterr()
     assert "accuracy: 0.6667" in captured.out
-    assert "error: error rows 1/3 exceed --max-error-ratio" in captured.err
+    assert (
+        "error: error rows 1/3 (of new inputs, sent to the model) exceed --max-error-ratio"
+        in captured.err
+    )
     assert [p.name for p in (table / "_metrics").glob("*.parquet")] == ["o1.parquet"]
     failing = spec_file(toy, "ratio-below", {"truth": toy["truth"], "min": {"accuracy": 0.9}})
     assert main(["run", str(failing), *over, "--run-id", "o2"]) == EXIT_BELOW_THRESHOLD
     err = capsys.readouterr().err
     assert "error: below the spec's evaluate.min: accuracy 0.6667 < 0.9" in err
-    assert "error: error rows 1/3 exceed --max-error-ratio" in err
+    assert (
+        "error: error rows 1/3 (of new inputs, sent to the model) exceed --max-error-ratio" in err
+    )
 
 
 def test_a_committed_run_whose_hold_out_cannot_be_scored_says_so_and_a_backfill_goes_on(

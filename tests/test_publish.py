@@ -614,8 +614,9 @@ def test_ctrl_c_inside_a_commit_is_not_called_nothing_committed(tmp_path: Path) 
     assert_settled(tmp_path, OLD_ROWS)  # which the next run does: the old run, whole
 
 
+@pytest.mark.parametrize("fault", ["Fault", "Unreachable"])  # an OSError, and one not
 def test_a_run_that_cannot_settle_an_interrupted_commit_does_not_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     """The next run meets a store error while undoing a crashed commit: it stops before any work
     (its own commit would write over the journal, the only record of the moved files, and
@@ -633,7 +634,7 @@ def test_a_run_that_cannot_settle_an_interrupted_commit_does_not_start(
     real = vision_ops.sink.filesystem
 
     def a_store_that_slows_down(n: int, name: str, args: tuple[Any, ...]) -> None:
-        raise Fault("503 SlowDown")
+        raise {"Fault": Fault, "Unreachable": Unreachable}[fault]("503 SlowDown")
 
     monkeypatch.setattr(
         vision_ops.sink,
@@ -644,7 +645,7 @@ def test_a_run_that_cannot_settle_an_interrupted_commit_does_not_start(
         settle(tmp_path)
     assert str(refused.value) == (
         f"run r1: an interrupted commit (attempt {journal_attempt(tmp_path)}) could not be "
-        "settled (Fault: 503 SlowDown); nothing was started: run again when the store answers"
+        f"settled ({fault}: 503 SlowDown); nothing was started: run again when the store answers"
     )
     assert list((tmp_path / JOURNAL).glob("r1.*.json"))
     monkeypatch.setattr(vision_ops.sink, "filesystem", real)

@@ -97,7 +97,10 @@ def test_the_error_ratio_is_of_the_tiles_sent_to_the_model(
     spec_file = tmp_path / "scene.yaml"
     spec_file.write_text(json.dumps(spec_data(scenes, tmp_path / "table", tiny_weights)))
     assert main(["run", str(spec_file), "--max-error-ratio", "0.05"]) == EXIT_TOO_MANY_ERRORS
-    assert "error: error rows 1/16 exceed --max-error-ratio" in capsys.readouterr().err
+    assert (
+        "error: error rows 1/16 (of new inputs, sent to the model) exceed --max-error-ratio"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("predict_in", ["actors", "driver"])

@@ -365,7 +365,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         return _fail(RuntimeError(message), _stopped_exit(err))
     sent, errors = _new_units_and_errors(summary)
     if sent and errors / sent > args.max_error_ratio:
-        message = f"error rows {errors}/{sent} exceed --max-error-ratio"
+        of = f"{errors}/{sent} (of new inputs, sent to the model)"
+        message = f"error rows {of} exceed --max-error-ratio"
         over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
         return scored or over  # a score below its floor stops a backfill: it comes first
     return scored
@@ -376,9 +377,11 @@ def _new_units_and_errors(summary: Any) -> tuple[int, int]:
     what --max-error-ratio bounds. A scene's tiles with no data are neither errors nor answers;
     an --incremental night's retries of earlier error rows were counted the night they failed
     (a broken file would fail every quiet night after), as drift's error rate leaves them."""
+    from vision_ops.trend import new_units_sent
+
     commit = summary.commit
-    sent = commit.rows - commit.skipped - summary.retried_units
-    return sent, commit.errors - summary.retried_errors
+    sent = new_units_sent(commit.rows, commit.skipped, summary.retries)
+    return sent, commit.errors - int(summary.retries.get("error_rows", 0))
 
 
 def _score_committed(spec: JobSpec, summary: Any) -> int:
@@ -417,7 +420,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def _interruption_within(err: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C or SIGTERM (`Terminated`) an error was raised while handling, if any: a lock
     or thread pool torn down by the interruption raises its own (`RuntimeError: release
-    unlocked lock`), which said so was a failure (exit 1) of a run that was stopped."""
+    unlocked lock`); said as itself, the stopped run read as a failure (exit 1)."""
     seen: set[int] = set()
     found: BaseException | None = err
     while found is not None and id(found) not in seen:
@@ -559,7 +562,10 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
         if day.isoformat() in done:
             print(f"{day}: committed already, skipped")
         elif day.isoformat() in expired:  # run again, its rows would be today's inputs'
-            print(f"{day}: holds the rows of a run whose snapshot was expired, skipped")
+            print(
+                f"{day}: holds the rows of a run whose snapshot was expired, skipped "
+                f"(`vision-ops run SPEC --run-date {day}` runs it again)"
+            )
         else:
             dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
             code = run(dated, args)
@@ -823,7 +829,7 @@ def report(args: argparse.Namespace) -> int:
     if args.trend and args.run_id and not args.check:
         message = "--run-id: with --trend, expected --check (the run checked); the trend shows all"
         return _fail(SpecError(message), EXIT_BAD_SPEC)
-    thresholds = [flag for flag, value in _threshold_flags(args).items() if value is not None]
+    thresholds = list(_threshold_flags(args))
     if thresholds and not args.check:
         message = f"{', '.join(thresholds)}: drift thresholds, expected with --check"
         return _fail(SpecError(message), EXIT_BAD_SPEC)
@@ -863,18 +869,19 @@ def report(args: argparse.Namespace) -> int:
     return _drift_verdict(drifts, args.check)
 
 
-# report's threshold flags -> the MonitorSpec field each overrides.
-MONITOR_FLAGS = {
-    "--runs": "runs",
-    "--max-label-psi": "label_psi",
-    "--max-score-psi": "score_psi",
-    "--max-error-rate-rise": "error_rate_rise",
-}
+# report's threshold flags: (flag, its argparse attribute, the MonitorSpec field it sets).
+MONITOR_FLAGS = (
+    ("--runs", "runs", "runs"),
+    ("--max-label-psi", "max_label_psi", "label_psi"),
+    ("--max-score-psi", "max_score_psi", "score_psi"),
+    ("--max-error-rate-rise", "max_error_rate_rise", "error_rate_rise"),
+)
 
 
 def _threshold_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """Each threshold flag's value (None: not given)."""
-    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in MONITOR_FLAGS}
+    """Each threshold flag given -> its value."""
+    given = {flag: getattr(args, name) for flag, name, _ in MONITOR_FLAGS}
+    return {flag: value for flag, value in given.items() if value is not None}
 
 
 def _monitor(args: argparse.Namespace) -> MonitorSpec:
@@ -883,11 +890,10 @@ def _monitor(args: argparse.Namespace) -> MonitorSpec:
         load_spec(args.target, args.set or []) if args.target.endswith((".yaml", ".yml")) else None
     )
     monitor = spec.monitor if spec is not None else MonitorSpec()
-    given = dict(zip(MONITOR_FLAGS.values(), _threshold_flags(args).values(), strict=True))
+    fields = {flag: field for flag, _, field in MONITOR_FLAGS}
+    given = {fields[flag]: value for flag, value in _threshold_flags(args).items()}
     try:
-        return MonitorSpec(
-            **(monitor.model_dump() | {k: v for k, v in given.items() if v is not None})
-        )
+        return MonitorSpec(**(monitor.model_dump() | given))
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors(include_url=False)
@@ -1320,7 +1326,14 @@ def console() -> None:
 
 
 def _outcome_stands(code: int) -> Callable[[int, Any], None]:
+    """The SIGTERM handler of an exiting command: the first says so, a second (a scheduler
+    that insists: Ray's shutdown may hang) exits at once, with the command's code."""
+    received: list[int] = []
+
     def said(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(code)
         print(
             f"note: SIGTERM as the command exits; its outcome stands (exit {code})", file=sys.stderr
         )

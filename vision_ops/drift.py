@@ -357,6 +357,7 @@ def _checked_each(
     runs: list[Manifest],
     ids: list[str],
 ) -> list[Drift]:
+    """`_checked` for each of the runs `ids`, of the table's committed `runs` (read once)."""
     return [d for run_id in ids for d in _checked(target, monitor, options, runs, run_id)]
 
 

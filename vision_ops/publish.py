@@ -244,7 +244,7 @@ def _journal_fenced(fs: AbstractFileSystem, root: str, plan: CommitPlan) -> bool
     try:
         data = lock_file(fs, journal_path(root, plan.run_id, plan.attempt)).read()[0]
         return None if data is None else bool(json.loads(data).get(FENCED))
-    except (OSError, ValueError):
+    except Exception:  # unreadable (not JSON, or the store's error of any type): not known
         return None
 
 
@@ -260,7 +260,7 @@ def _outcome_settled_elsewhere(fs: AbstractFileSystem, root: str, plan: CommitPl
         if (read_manifest(fs, root, plan.run_id) or {}).get("attempt") == plan.attempt:
             return True
         _move(fs, [(final, staged) for staged, final in plan.moves], missing_ok=True)
-    except OSError as err:
+    except Exception as err:  # a store's errors are not all OSErrors (botocore's, unwrapped)
         log.warning("run %s: its commit's outcome could not be read (%s)", plan.run_id, err)
         return None
     return False
@@ -286,7 +286,7 @@ def resolve_unfinished(
             continue
         try:
             finished = _settle_claimed(fs, root, path, interrupted=True)
-        except OSError as err:
+        except Exception as err:  # a store's errors are not all OSErrors (botocore's)
             raise StorageError(
                 f"run {plan.run_id}: an interrupted commit (attempt {plan.attempt}) could not "
                 f"be settled ({type(err).__name__}: {err}); nothing was started: run again "

@@ -36,7 +36,7 @@ from vision_ops.publish import (
 )
 from vision_ops.resume import UnitsOf
 from vision_ops.runindex import INDEX_FOLDER, index_path, write_index
-from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, run_order, task_of
+from vision_ops.schema import PARTITION_COLUMN, SCHEMA_VERSION, named_or_latest, run_order, task_of
 from vision_ops.staging import StagedParts
 from vision_ops.storage import (
     StorageOptions,
@@ -112,8 +112,12 @@ def committed_runs(root_uri: str, options: StorageOptions | None = None) -> list
     return sorted((in_table(fs, root, run) for run in runs), key=run_order)
 
 
-# What a listing says of a manifest that changes when it is written again (local, S3).
-_VERSIONED = ("name", "size", "mtime", "LastModified", "ETag")
+# What a listing says of a manifest that changes when it is written again: local disk (its
+# inode: a write is a rename), S3, GCS, Azure (each names them its own way).
+_VERSIONED = (
+    "name", "size", "mtime", "ino", "LastModified", "ETag", "generation", "updated", "etag",
+    "last_modified",
+)  # fmt: skip
 
 
 def commits_version(root_uri: str, options: StorageOptions | None = None) -> str:
@@ -145,8 +149,7 @@ def committed_run(
 ) -> dict[str, Any] | None:
     """One committed run's manifest: the given id (its manifest alone is read), else the latest."""
     if run_id is None:
-        runs = committed_runs(root_uri, options)
-        return runs[-1] if runs else None
+        return named_or_latest(committed_runs(root_uri, options), None)
     fs, root = filesystem(root_uri, options)
     manifest = read_manifest(fs, root.rstrip("/"), run_id)
     return None if manifest is None else in_table(fs, root, manifest)

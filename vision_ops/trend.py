@@ -38,11 +38,18 @@ class RunFigures:
     p05_score: float | None
     images_per_second: float | None  # the manifest's, where it has one
     metrics: dict[str, float] = field(default_factory=dict)  # `vision-ops evaluate`'s
-    # Of `units`, those of sources an incremental run retried (an earlier run's error rows),
-    # and their error rows: the manifest's `retried`, where it records one.
-    retried_units: int = 0
-    retried_errors: int = 0
+    # What of `units` an incremental run retried (sources whose latest run wrote an error
+    # row): the manifest's `retried` (sources, units, error_rows, skipped), where it has one.
+    retried: dict[str, int] = field(default_factory=dict)
     skipped_units: int = 0  # of `units`, tiles with no data: recorded, never sent to the model
+
+    @property
+    def retried_units(self) -> int:
+        return int(self.retried.get("units", 0))
+
+    @property
+    def retried_errors(self) -> int:
+        return int(self.retried.get("error_rows", 0))
 
     @property
     def sent_units(self) -> int:
@@ -62,9 +69,8 @@ class RunFigures:
 
     @property
     def new_units(self) -> int:
-        """The units of inputs this run was the first to send to the model (retries and tiles
-        with no data left out)."""
-        return self.sent_units - self.retried_units
+        """The units of inputs this run was the first to send to the model (`new_units_sent`)."""
+        return new_units_sent(self.units, self.skipped_units, self.retried)
 
     @property
     def new_errors(self) -> int:
@@ -83,11 +89,20 @@ def rate(count: float, units: int) -> float | None:
     return round(count / units, 4) if units else None
 
 
+def new_units_sent(rows: int, skipped: int, retried: Mapping[str, int]) -> int:
+    """Of a run's `rows`, the units of inputs no run had sent to the model before: less its
+    tiles with no data (`skipped`, never sent) and less the units it sent of the sources it
+    retried (`retried`, as its manifest records it: a retried scene's empty tiles are among
+    `skipped` already). What drift's error rate and --max-error-ratio are of."""
+    retried_sent = int(retried.get("units", 0)) - int(retried.get("skipped", 0))
+    return rows - skipped - retried_sent
+
+
 def new_units_of(manifest: Mapping[str, Any]) -> int:
-    """The units of inputs a committed run was the first to process (`RunFigures.new_units`),
-    from its manifest alone (its rows, less tiles with no data and those it retried)."""
-    sent = int(manifest.get("rows", 1)) - int(manifest.get("skipped", 0))
-    return sent - int(retried_of(manifest).get("units", 0))
+    """The units of inputs a committed run was the first to send to the model
+    (`RunFigures.new_units`), from its manifest alone."""
+    skipped = int(manifest.get("skipped", 0))
+    return new_units_sent(int(manifest.get("rows", 1)), skipped, retried_of(manifest))
 
 
 def run_figures(target: Target, manifest: Manifest, options: StorageOptions) -> RunFigures:
@@ -126,8 +141,7 @@ def table_figures(
         p05_score=round(float(np.quantile(scores, 0.05)), 4) if len(scores) else None,
         images_per_second=float(speed) if speed is not None else None,
         metrics=metrics or {},
-        retried_units=int(retried.get("units", 0)),
-        retried_errors=int(retried.get("error_rows", 0)),
+        retried=dict(retried),
         skipped_units=int(pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0),
     )
 

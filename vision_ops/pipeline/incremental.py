@@ -28,6 +28,7 @@ from vision_ops.runindex import (
     retry_flags,
     source_keys,
 )
+from vision_ops.schema import STATUS_SKIPPED
 from vision_ops.sources import with_store_identity
 from vision_ops.storage import StorageOptions
 
@@ -74,11 +75,17 @@ def retried_rows(rows: pa.Table, retried: pa.Array) -> dict[str, int]:
     keys = source_keys(rows)
     mask = pc.is_in(keys, value_set=retried)
     errors = pc.and_(mask, pc.is_valid(rows["error_type"]))  # as drift counts error rows
+    skipped = pc.and_(mask, pc.equal(rows["status"], STATUS_SKIPPED))  # a retried scene's
     return {
         "sources": pc.count_distinct(pc.filter(keys, mask)).as_py(),
-        "units": pc.sum(pc.cast(mask, pa.int64())).as_py() or 0,
-        "error_rows": pc.sum(pc.cast(errors, pa.int64())).as_py() or 0,
+        "units": _count(mask),
+        "error_rows": _count(errors),
+        "skipped": _count(skipped),
     }
+
+
+def _count(mask: pa.Array | pa.ChunkedArray) -> int:
+    return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
 
 
 def without_done(listing: Listing, done: pa.Array, options: StorageOptions) -> Listing:

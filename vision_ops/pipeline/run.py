@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -89,8 +89,7 @@ class RunSummary:
     skipped_as_done: int = 0
     # Inputs --incremental processed again: their latest run wrote an error row for them.
     retried: int = 0
-    retried_units: int = 0  # their units (rows), and of those the error rows
-    retried_errors: int = 0
+    retries: dict[str, int] = field(default_factory=dict)  # the manifest's `retried`
 
     @property
     def images_per_second(self) -> float:
@@ -148,8 +147,7 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         startup_seconds=clock.seconds,
         skipped_as_done=listed - listing.count,
         retried=retries.get("sources", 0),
-        retried_units=retries.get("units", 0),
-        retried_errors=retries.get("error_rows", 0),
+        retries=retries,
     )
 
 
@@ -300,7 +298,7 @@ def staged_retries(sink: Sink, retried: pa.Array | None) -> dict[str, int]:
     """What the staged rows hold of the sources an incremental run retried (`retried_rows`);
     the rows are read only where it retried some."""
     if retried is None or not len(retried):
-        return {"sources": 0, "units": 0, "error_rows": 0}
+        return {"sources": 0, "units": 0, "error_rows": 0, "skipped": 0}
     return retried_rows(sink.staged(ROW_COLUMNS), retried)
 
 
