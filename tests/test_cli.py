@@ -438,6 +438,14 @@ def test_a_cluster_address_where_nothing_answers_fails_at_once(
         err = capsys.readouterr().err
         assert f"error: RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there" in err
         assert "SECRETPW" not in err and "admin" not in err
+    # `auto` where no cluster runs (a crontab's setting): Ray's own refusal, said in one line
+    # with what a cluster with token authentication needs (it was "ConnectionError: ...")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert main(["run", str(spec_file)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("error: RAY_ADDRESS=auto: Ray could not join the cluster (")
+    assert err.endswith("(RAY_AUTH_TOKEN, or ~/.ray/auth_token); nothing was done\n")
+    assert not ray.is_initialized()
 
 
 def test_an_s3_output_without_credentials_is_named_before_any_work(

@@ -59,7 +59,14 @@ def _init_ray(dashboard: bool) -> None:
     if address:
         refuse_ray_client(address)
         require_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:  # `auto` finding none; a token the cluster refuses
+            raise ClusterUnreachable(
+                f"RAY_ADDRESS={shown_address(address)}: Ray could not join the cluster ({err}); "
+                "a cluster with token authentication needs its token (RAY_AUTH_TOKEN, or "
+                "~/.ray/auth_token); nothing was done"
+            ) from None
         return
     include = None if dashboard else False  # None: where ray[default] is installed
     ray.init(include_dashboard=include, dashboard_host="127.0.0.1", log_to_driver=True)
