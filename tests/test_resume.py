@@ -589,13 +589,7 @@ def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -
     driver alone (SIGINT as Ctrl-C, SIGTERM as a scheduler). Returns the driver's exit status;
     its output is in `log`."""
     ray_temp = short_temp_dir("vor")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_TMPDIR": str(ray_temp)
-    }
-    command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec)]
-    with log.open("wb") as out:
-        driver = subprocess.Popen(command, env=env, start_new_session=True,
-                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    driver = start_driver(spec, log, ray_temp)
     try:
         deadline = time.monotonic() + 240
         while durable_rows(fs, staging) < rows:
@@ -611,6 +605,17 @@ def stop_at(spec: Path, fs: Any, staging: str, rows: int, how: int, log: Path) -
     finally:
         kill_session(driver.pid)  # whatever of its Ray is left
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def start_driver(spec: Path, log: Path, ray_temp: Path) -> subprocess.Popen[bytes]:
+    """`vision-ops run SPEC` in a driver process of its own (a session of its own, its Ray's
+    temp root `ray_temp`), its output unbuffered in `log`."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec)]
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def store_for(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
@@ -799,13 +804,8 @@ def test_a_sigterm_as_a_committed_run_exits_leaves_its_outcome(tmp_path: Path) -
     marks.mkdir()
     spec = counting_spec(tmp_path, {"uri": str(tmp_path / "table")}, marks)
     ray_temp = short_temp_dir("vot")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "driver.log"
-    command = [sys.executable, "-m", "vision_ops.cli", "run", str(spec)]
-    with log.open("wb") as out:
-        driver = subprocess.Popen(command, env=env, start_new_session=True,
-                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    driver = start_driver(spec, log, ray_temp)
     try:
         deadline = time.monotonic() + 240
         while "\ndrift: " not in log.read_text():  # the run's last line: it has committed
