@@ -25,6 +25,7 @@ from vision_ops.config import (
     OutputSpec,
     RuntimeSpec,
     SpecError,
+    either,
     load_spec,
 )
 from vision_ops.embedding import HNSW_MIN_ROWS
@@ -694,23 +695,18 @@ def _query_format(args: argparse.Namespace) -> str:
             raise ValueError(PARQUET_NEEDS_A_FILE)
         if fmt in ("table", *EXPORT_FORMATS):
             return str(fmt)
-        raise ValueError(f"--format: expected {_either(['table', *EXPORT_FORMATS])}, found {fmt!r}")
+        raise ValueError(f"--format: expected {either(['table', *EXPORT_FORMATS])}, found {fmt!r}")
     local = "://" not in args.out
     if local and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise ValueError(f"--out {args.out}: expected a file in an existing folder")
     fmt = args.format or os.path.splitext(args.out)[1].lstrip(".").lower()
     if fmt in EXPORT_FORMATS:
         return str(fmt)
-    endings = _either([f".{name}" for name in EXPORT_FORMATS])
+    endings = either([f".{name}" for name in EXPORT_FORMATS])
     raise ValueError(
-        f"--out {args.out}: expected --format {_either(list(EXPORT_FORMATS))}, or a file name "
+        f"--out {args.out}: expected --format {either(list(EXPORT_FORMATS))}, or a file name "
         f"ending {endings}"
     )
-
-
-def _either(names: list[str]) -> str:
-    """`a, b or c`."""
-    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _query_conflict(args: argparse.Namespace) -> str | None:

@@ -50,6 +50,11 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
+def either(names: Sequence[str]) -> str:
+    """Names as a message lists the choices: `a, b or c`."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
 class SpecError(VisionOpsError, ValueError):
     """A job spec that cannot run; the message names each field, what was expected and found."""
 
@@ -680,8 +685,7 @@ ModelSpec = Annotated[
     Discriminator(
         _kind_or("torchvision"),
         custom_error_type="model_kind",
-        custom_error_message=f"expected kind: {', '.join([*_MODEL_KINDS][:-1])} or "
-        f"{[*_MODEL_KINDS][-1]}",
+        custom_error_message=f"expected kind: {either([*_MODEL_KINDS])}",
     ),
 ]
 
@@ -734,8 +738,7 @@ def _task_record(section: Any) -> Task | None:
 def _task_kinds() -> str:
     from vision_ops.tasks import TASKS
 
-    *most, last = TASKS.names()
-    return f"{', '.join(most)} or {last}" if most else last
+    return either(list(TASKS.names()))
 
 
 # Union tags pydantic puts in error locations after the field (model.torchvision.weights,

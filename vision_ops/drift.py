@@ -324,11 +324,13 @@ def check_runs_since(
 ) -> list[Drift]:
     """`check_run` for every committed run from `since` on, the table's runs listed once;
     NoSuchRun where there is none (a date mistyped, or past the last run, is not "no drift")."""
-    runs = committed_runs(target, options)
-    ids = [run["run_id"] for run in runs if dt.date.fromisoformat(run["run_date"]) >= since]
-    if not ids:
-        raise NoSuchRun(f"no committed run in {describe(target)} since {since}")
-    return _checked_each(target, monitor, options, runs, ids)
+    return check_runs(
+        target,
+        monitor,
+        options,
+        lambda run: dt.date.fromisoformat(run["run_date"]) >= since,
+        none_chosen=f"no committed run in {describe(target)} since {since}",
+    )
 
 
 def check_runs_of_dates(
@@ -343,21 +345,14 @@ def check_runs(
     monitor: MonitorSpec,
     options: StorageOptions | None,
     chosen: Callable[[Manifest], bool],
+    none_chosen: str = "",
 ) -> list[Drift]:
-    """`check_run` for each committed run `chosen` picks, in commit order."""
+    """`check_run` for each committed run `chosen` picks, in commit order; NoSuchRun saying
+    `none_chosen`, where given, if it picks none."""
     runs = committed_runs(target, options)
     ids = [run["run_id"] for run in runs if chosen(run)]
-    return _checked_each(target, monitor, options, runs, ids)
-
-
-def _checked_each(
-    target: Target,
-    monitor: MonitorSpec,
-    options: StorageOptions | None,
-    runs: list[Manifest],
-    ids: list[str],
-) -> list[Drift]:
-    """`_checked` for each of the runs `ids`, of the table's committed `runs` (read once)."""
+    if not ids and none_chosen:
+        raise NoSuchRun(none_chosen)
     return [d for run_id in ids for d in _checked(target, monitor, options, runs, run_id)]
 
 

@@ -310,10 +310,18 @@ def summary_parts(table: pa.Table) -> tuple[list[tuple[str, float]], np.ndarray]
     per_model = sorted(
         ((name, float(names.count(name))) for name in set(names)), key=lambda p: (-p[1], p[0])
     )
-    sample = ok.slice(0, SUMMARY_UNITS)[EMBEDDING_COLUMN].to_pylist()
-    if len(sample) < 2:
+    sample = ok.slice(0, SUMMARY_UNITS)
+    if sample.num_rows < 2:
         return per_model, np.zeros(0, dtype=np.float32)
-    vectors = np.asarray(sample, dtype=np.float32)
-    similarity = vectors @ vectors.T
-    np.fill_diagonal(similarity, -np.inf)
+    similarity = cosine_similarities(sample[EMBEDDING_COLUMN])
     return per_model, np.clip(similarity.max(axis=1), 0.0, 1.0)
+
+
+def cosine_similarities(vectors: pa.ChunkedArray) -> np.ndarray:
+    """The cosine similarities of L2-normalised vectors of one length, pair by pair (n, n),
+    each one's with itself set to -inf (a unit is not its own neighbour)."""
+    stacked = vectors.combine_chunks().flatten().to_numpy().astype(np.float32)
+    stacked = stacked.reshape(len(vectors), -1)
+    similarity = stacked @ stacked.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vision_ops.embedding import EMBEDDING_COLUMN, SUMMARY_UNITS, cosine_similarities
 from vision_ops.registry import Registry
 from vision_ops.schema import STATUS_ERROR, STATUS_OK
 from vision_ops.storage import StorageOptions, read_bytes
@@ -624,25 +625,18 @@ def mean_line_scores(lines: pa.ChunkedArray) -> np.ndarray:
 
 # --- embeddings --------------------------------------------------------------------------------
 
-PAIRED_UNITS = 2_000  # the units of a run whose pairwise similarities the report computes
-
 
 def _similarities(table: pa.Table) -> tuple[pa.Table, np.ndarray] | None:
-    """The ok units of the run's most used model (the first PAIRED_UNITS) and their cosine
-    similarities (the vectors are L2-normalised), each unit's with itself set to -inf."""
+    """The ok units of the run's most used model (the first SUMMARY_UNITS) and their cosine
+    similarities (`cosine_similarities`)."""
     ok = _ok(table)
     if ok.num_rows < 2:
         return None
     model = counts(ok["model_weights_sha256"])[0][0]
-    ok = ok.filter(pc.equal(ok["model_weights_sha256"], model)).slice(0, PAIRED_UNITS)
+    ok = ok.filter(pc.equal(ok["model_weights_sha256"], model)).slice(0, SUMMARY_UNITS)
     if ok.num_rows < 2:
         return None
-    vectors = np.stack(
-        [np.asarray(vector, dtype=np.float32) for vector in ok["embedding"].to_pylist()]
-    )
-    similarity = vectors @ vectors.T
-    np.fill_diagonal(similarity, -np.inf)
-    return ok, similarity
+    return ok, cosine_similarities(ok[EMBEDDING_COLUMN])
 
 
 NEIGHBOURS_TITLE = "Closest pairs (near-duplicates where the cosine is near 1), then loners"

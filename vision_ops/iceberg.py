@@ -689,9 +689,16 @@ def _run_filter(run_id: str) -> Any:
 def committed_runs(output: OutputSpec) -> list[dict[str, Any]]:
     """Each run's latest commit in the current snapshot's history (its summary as a
     manifest), oldest run date first."""
+    return located_runs(output)[1]
+
+
+def located_runs(output: OutputSpec) -> tuple[str | None, list[dict[str, Any]]]:
+    """The table's metadata file and its `committed_runs`, of one loading of the table (None
+    and none where it is not there)."""
     table = load_table(output)
-    runs = _runs_in(table).values() if table is not None else []
-    return sorted(runs, key=run_order)
+    if table is None:
+        return None, []
+    return table.metadata_location, sorted(_runs_in(table).values(), key=run_order)
 
 
 def run_manifest(output: OutputSpec, run_id: str) -> dict[str, Any] | None:

@@ -249,8 +249,7 @@ def _iceberg_sql(
     run_id: str | None,
     as_of: dt.datetime | None,
 ) -> SqlSource:
-    location = iceberg.metadata_location(output)
-    runs = iceberg.committed_runs(output)
+    location, runs = iceberg.located_runs(output)
     relation = _iceberg_relation(connection, output, location, runs, run_id, as_of)
     return SqlSource(relation, named_or_latest(runs, run_id))
 

@@ -20,7 +20,7 @@ from vision_ops.outputs import (
     read_run,
     retried_of,
 )
-from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
+from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, rows_of_status
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
 
@@ -93,9 +93,9 @@ def build_report(
         run_date=manifest["run_date"],
         task=task.name,
         rows=table.num_rows,
-        ok=int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0),
-        errors=int(pc.sum(pc.equal(table["status"], STATUS_ERROR)).as_py() or 0),
-        skipped=int(pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0),
+        ok=rows_of_status(table, STATUS_OK),
+        errors=rows_of_status(table, STATUS_ERROR),
+        skipped=rows_of_status(table, STATUS_SKIPPED),
         labels=summary.labels[:TOP_LABELS],
         error_types=counts(pc.drop_null(table["error_type"])),
         score_histogram=np.histogram(summary.scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),

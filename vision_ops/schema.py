@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = "2"  # 2: frame_count, and the DICOM columns of a DICOM job
 SCHEMA_VERSION_KEY = "vision_ops.schema_version"
@@ -387,6 +388,11 @@ def segmentation_table(
 
 def _no_boxes() -> np.ndarray:
     return np.zeros((0, 6), dtype=np.float32)
+
+
+def rows_of_status(table: pa.Table, status: str) -> int:
+    """How many of the rows have this `status` (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)."""
+    return int(pc.sum(pc.equal(table["status"], status)).as_py() or 0)
 
 
 def _ok_mask(batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 
 from vision_ops.outputs import Manifest, Target, committed_runs, read_run, retried_of
 from vision_ops.report import SCORE_BINS, overall_metrics
-from vision_ops.schema import STATUS_SKIPPED
+from vision_ops.schema import STATUS_OK, STATUS_SKIPPED, rows_of_status
 from vision_ops.storage import StorageOptions
-from vision_ops.tasks import Task, counts, ok_rows, task_of_run
+from vision_ops.tasks import Task, counts, task_of_run
 
 TREND_LABELS = 5  # labels whose share is followed (the most frequent over the runs shown)
 
@@ -133,7 +133,7 @@ def table_figures(
         run_date=manifest["run_date"],
         task=str(manifest.get("task")),
         units=table.num_rows,
-        ok_units=ok_rows(table).num_rows,
+        ok_units=rows_of_status(table, STATUS_OK),
         error_types=dict(counts(pc.drop_null(table["error_type"]))),
         labels=dict(summary.labels),
         score_histogram=np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0].tolist(),
@@ -142,7 +142,7 @@ def table_figures(
         images_per_second=float(speed) if speed is not None else None,
         metrics=metrics or {},
         retried=dict(retried),
-        skipped_units=int(pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0),
+        skipped_units=rows_of_status(table, STATUS_SKIPPED),
     )
 
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from vision_ops.errors import EXIT_FAILED, VisionOpsError
-from vision_ops.schema import STATUS_OK, STATUS_SKIPPED, item_id
+from vision_ops.schema import STATUS_OK, STATUS_SKIPPED, item_id, rows_of_status
 from vision_ops.tally import ExpectedUnits, Listed, MultisetDigest, Tally, row_tallies
 
 MAX_RESCAN_BUCKETS = 16  # a refused commit names examples from at most this many buckets
@@ -99,8 +98,8 @@ class WrittenRows:
 
     def add(self, table: pa.Table) -> None:
         self.rows += table.num_rows
-        self.ok += pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
-        self.skipped += pc.sum(pc.equal(table["status"], STATUS_SKIPPED)).as_py() or 0
+        self.ok += rows_of_status(table, STATUS_OK)
+        self.skipped += rows_of_status(table, STATUS_SKIPPED)
         units, frames = row_tallies(table)
         self.units, self.frames = self.units.merge(units), self.frames.merge(frames)
         self.ids_digest.update(table["item_id"].to_pylist())
