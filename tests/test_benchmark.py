@@ -469,6 +469,30 @@ def test_s3_source_serves_the_photos_and_its_server_is_not_counted(tmp_path: Pat
     assert work.exclude_pids == set() and server_pid > 0
 
 
+@pytest.mark.usefixtures("own_ray_root")  # no connection of the suite's meanwhile
+def test_a_running_cluster_is_up_before_it_is_joined_and_gone_after(monkeypatch) -> None:
+    """The head `running_cluster` starts has run a job before it yields, is a child of this
+    process (so a measurement of its tree holds it), takes this process as a driver though
+    it joined a cluster with a token before (the suite's), and leaves no process behind and
+    RAY_ADDRESS as it was."""
+    import psutil
+
+    from vision_ops.benchmark.local_ray import joined_ray, running_cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", "elsewhere:6379")  # a user's, restored after
+    with running_cluster(1) as address:
+        assert os.environ["RAY_ADDRESS"] == address
+        head = psutil.Process(os.getpid()).children(recursive=True)
+        commands = [" ".join(process.cmdline()) for process in head]
+        assert any("ray start --head --block" in command for command in commands), commands
+        assert any("gcs_server" in command for command in commands), commands
+        with joined_ray(address):
+            assert ray.cluster_resources()["CPU"] == 1.0
+            assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+    assert not [process for process in head if process.is_running()]
+    assert os.environ["RAY_ADDRESS"] == "elsewhere:6379"
+
+
 def test_scaling_compares_peak_memory_at_n_and_k_n() -> None:
     from vision_ops.benchmark.e2e import scaling
 
@@ -493,7 +517,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     always_compile = folder / "compile.yaml"  # 6 photos are too few for compiling to pay
     always_compile.write_text("runtime: {compile_min_inputs: 0, compile_min_inputs_cold: 0}\n")
     command = [sys.executable, "-m", "vision_ops.cli", "bench", "--images", str(TINY)]
-    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f,g", "--no-s3", "--repeats", "1"]
+    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f,g,h", "--no-s3", "--repeats", "1"]
     command += ["--scale", str(SCALE), "--spec", str(always_compile)]
     command += ["--workdir", str(folder / "work"), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -507,7 +531,8 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     report, _ = tiny_bench
     found = {m["key"]: m for m in report["measurements"]}
-    jobs = ["c", "c-scale", "g", "g-scale", "d", "d-scale", "e", "e-scale", "f", "f-scale"]
+    jobs = ["c", "c-scale", "g", "g-scale", "h", "h-scale"]
+    jobs += ["d", "d-scale", "e", "e-scale", "f", "f-scale"]
     assert list(found) == ["a", "b", *jobs]  # every job at N and at SCALE x N
     processes = {found[key]["details"]["process_id"] for key in jobs}
     assert len(processes) == len(jobs)  # each job in a fresh process of its own
@@ -518,7 +543,7 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert m["images_per_second"] > 0 and m["wall_seconds"] > 0, m["key"]
         assert m["wall_images_per_second"] == pytest.approx(size / m["wall_seconds"])
         assert m["peaks"]["rss_bytes"] >= m["peaks"]["pss_bytes"] > 50 * MB, m["key"]
-    for key in ("c", "d", "c-scale", "d-scale"):  # Ray's object store held the batches
+    for key in ("c", "d", "h", "c-scale", "d-scale", "h-scale"):  # the object store held batches
         assert found[key]["peaks"]["object_store_bytes"] > 0
         assert found[key]["peaks"]["processes"] >= 5  # GCS, raylet, workers
         roles = found[key]["peaks"]["pss_by_role"]  # where the peak PSS was
@@ -538,7 +563,7 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     assert found["b"]["details"]["compiled"] is compiles
     assert f", {'compiled' if compiles else 'eager'}: median of" in found["b"]["includes"]
     assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
-    for key in ("c", "c-scale", "g", "g-scale"):  # same pixels, same model
+    for key in ("c", "c-scale", "g", "g-scale", "h", "h-scale"):  # same pixels, same model
         assert found[key]["queued_share"] is None  # on CPUs the actors decode, in the window
         assert found[key]["top1_agreement"] >= (TINY - 1) / TINY
         assert found[key]["details"]["error_rows"] == 0
@@ -554,6 +579,15 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         assert not any(role.startswith("ray worker MapWorker") for role in roles), roles
         startup = found[key]["details"]["startup_seconds"]
         assert startup["compile"] == 0 and startup["model_load"] > 0, startup
+    for key in ("h", "h-scale"):  # joined a head started before it, which the tree holds
+        roles = found[key]["peaks"]["pss_by_role"]
+        assert {"ray start (a running head's keeper)", "ray client server"} <= set(roles), roles
+        assert found[key]["details"]["runtime"]["predict_in"] == "auto"
+        # `auto` as the run's size settles it: the spec compiles from 0 inputs on, which the
+        # driver's threads never do, so the pool
+        assert found[key]["details"]["predict_in"] == "actors"
+    for key in ("c", "c-scale", "g", "g-scale"):  # each started a cluster of its own
+        assert "ray start (a running head's keeper)" not in found[key]["peaks"]["pss_by_role"]
     for key in ("d", "f", "d-scale", "f-scale"):
         assert 0.0 <= found[key]["top1_agreement"] <= 1.0
     assert report["scaling"]["images"] == [TINY, TINY * SCALE]
@@ -566,8 +600,9 @@ def test_bench_gives_each_size_its_jobs_figures(tiny_bench) -> None:
     found = {m["key"]: m for m in report["measurements"]}
     sizes = report["same_size"]
     assert [s["images"] for s in sizes] == [TINY, TINY * SCALE]
-    assert list(sizes[0]["approaches"]) == ["c", "g", "d", "e", "f"]
-    assert list(sizes[1]["approaches"]) == ["c-scale", "g-scale", "d-scale", "e-scale", "f-scale"]
+    assert list(sizes[0]["approaches"]) == ["c", "g", "h", "d", "e", "f"]
+    scaled_jobs = ["c-scale", "g-scale", "h-scale", "d-scale", "e-scale", "f-scale"]
+    assert list(sizes[1]["approaches"]) == scaled_jobs
     for size in sizes:
         for key, figures in size["approaches"].items():
             m = found[key]
@@ -608,8 +643,15 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
         assert report["wall_ratios"][f"e2e in driver / {name}"] == pytest.approx(
             walls["g"] / walls[peer]
         )
+        assert report["wall_ratios"][f"e2e on a running cluster / {name}"] == pytest.approx(
+            walls["h"] / walls[peer]
+        )
     assert report["wall_ratios"]["e2e in driver / e2e"] == pytest.approx(walls["g"] / walls["c"])
-    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 14  # c and g, both sizes
+    assert report["wall_ratios"]["e2e on a running cluster at scale / e2e at scale"] == (
+        pytest.approx(walls["h-scale"] / walls["c-scale"])
+    )
+    # c, g and h against each peer at both sizes, g and h against c at both
+    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 3 * 2 * 3 + 2 * 2
     assert report["gpu_ceiling_images_per_second"] is None  # a CPU machine
     wall_at = printed.index("ratios of wall img/s")
     assert wall_at < printed.index("ratios of steady img/s")  # wall time first

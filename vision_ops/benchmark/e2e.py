@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vision_ops.benchmark.local_ray import local_ray
+from vision_ops.benchmark.local_ray import joined_ray, local_ray, running_cluster
 from vision_ops.benchmark.probes import sampled_peaks
 from vision_ops.benchmark.rates import steady_rate
 from vision_ops.benchmark.report import Measurement
@@ -26,12 +26,15 @@ INCLUDES = (
     "run_job: listing, Ray start-up, read/decode tasks, the predictors (actors; g: the "
     "driver's threads) and their model load, "
     "Parquet commit; img/s from the manifest's progress between every actor's first block and "
-    "its last, so start-up and drain are excluded; wall includes ray.init"
+    "its last, so start-up and drain are excluded; wall includes ray.init (h: joining the "
+    "running cluster)"
 )
-# c is the actor pool at every size, g the driver's threads (a user's run settles
-# `predict_in: auto` between them by its size: vision_ops.pool.placed_for_units).
+# c is the actor pool at every size, g the driver's threads; h, on a running cluster, as a
+# user's run settles `predict_in: auto` between them by its size
+# (vision_ops.pool.placed_for_units).
 IN_ACTORS = {"predict_in": "actors"}
 IN_DRIVER = {"predict_in": "driver"}
+AS_SIZED = {"predict_in": "auto"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Source:
     storage_options: dict[str, dict[str, Any]]
     # Over the job's runtime settings: the actor pool unless said otherwise.
     runtime: dict[str, Any] = field(default_factory=lambda: dict(IN_ACTORS))
+    # Joins a cluster started (and past a first job) before the measurement, not one of its
+    # own started inside it.
+    on_running_cluster: bool = False
 
 
 def local_source(work: Workload, key: str = "c") -> Source:
@@ -59,19 +65,30 @@ def driver_source(work: Workload, key: str = "g") -> Source:
     return Source(key, approach, str(work.photos), output, {}, IN_DRIVER)
 
 
+def running_cluster_source(work: Workload, key: str = "h") -> Source:
+    """Local files, on a long-lived cluster started before the measurement (a nightly job's
+    cluster), the model placed as `runtime.predict_in: auto` places it for the run's size."""
+    output = str(work.output_dir(f"e2e-{key}"))
+    approach = "vision-ops pipeline, on a running cluster"
+    return Source(key, approach, str(work.photos), output, {}, AS_SIZED, on_running_cluster=True)
+
+
 def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str, int]]:
     """One committed run of the bench's job; its measurement and each photo's top-1 label."""
     run_id = f"bench-{source.key}"
     spec = work.job(source.input_uri, source.output_uri, run_id, source.storage_options)
     runtime = spec.runtime.model_validate(spec.runtime.model_dump() | source.runtime)
     spec = spec.model_copy(update={"runtime": runtime})
-    with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
-        started = time.perf_counter()
-        with local_ray(work.bench.cores):
-            from vision_ops.pipeline import run_job
+    cores = work.bench.cores
+    with contextlib.ExitStack() as cluster:
+        address = cluster.enter_context(running_cluster(cores)) if source.on_running_cluster else ""
+        with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
+            started = time.perf_counter()
+            with joined_ray(address) if address else local_ray(cores):
+                from vision_ops.pipeline import run_job
 
-            summary = run_job(spec)
-            wall = time.perf_counter() - started
+                summary = run_job(spec)
+                wall = time.perf_counter() - started
     manifest = committed_run(source.output_uri, run_id, source.storage_options) or {}
     progress = [(float(t), int(rows)) for t, rows in manifest.get("progress", [])]
     steady = steady_rate(progress, edge_rows=pool_blocks(spec))

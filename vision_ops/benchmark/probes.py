@@ -132,6 +132,8 @@ RAY_PROCESSES = {
     "dashboard": "ray dashboard and agents",
     "agent": "ray dashboard and agents",
     "monitor": "ray monitors",
+    "client.server": "ray client server",
+    "ray start": "ray start (a running head's keeper)",
 }
 
 

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vision_ops.benchmark.ceilings import decode_ceiling, model_ceiling
-from vision_ops.benchmark.e2e import driver_source, local_source, pipeline_run, s3_source, scaling
+from vision_ops.benchmark.e2e import (
+    driver_source,
+    local_source,
+    pipeline_run,
+    running_cluster_source,
+    s3_source,
+    scaling,
+)
 from vision_ops.benchmark.isolated import in_a_fresh_process
 from vision_ops.benchmark.peers import daft_job, dataloader_loop, naive_ray
 from vision_ops.benchmark.report import (
@@ -87,6 +94,11 @@ def _pipeline_from_s3(run: Run, work: Workload, key: str) -> None:
 @STEPS.register("g")
 def _pipeline_in_driver(run: Run, work: Workload, key: str) -> None:
     run.add(*pipeline_run(work, driver_source(work, key)))
+
+
+@STEPS.register("h")
+def _pipeline_on_a_running_cluster(run: Run, work: Workload, key: str) -> None:
+    run.add(*pipeline_run(work, running_cluster_source(work, key)))
 
 
 @STEPS.register("d")
