@@ -421,11 +421,21 @@ def test_an_ocr_report_shows_its_pages_with_their_lines_drawn(tmp_path) -> None:
     assert "1 lines, mean score 0.550: line 1" in body
 
 
-def test_an_embedding_report_shows_the_closest_pairs_and_the_loners(tmp_path) -> None:
+def test_an_embedding_report_shows_the_closest_pairs_and_the_loners(tmp_path, monkeypatch) -> None:
     """An embedding run's report shows its most similar pairs side by side (near-duplicates)
-    and the units least like any other (it showed no image at all)."""
+    and the units least like any other (it showed no image at all), from the similarities its
+    summary computed (they were computed again for the panel)."""
+    from vision_ops import embedding
     from vision_ops.embedding import sized_fields
 
+    computed: list[int] = []  # the units of each matrix computed
+    compute = embedding.cosine_similarities
+
+    def counted(vectors: pa.ChunkedArray) -> np.ndarray:
+        computed.append(len(vectors))
+        return compute(vectors)
+
+    monkeypatch.setattr(embedding, "cosine_similarities", counted)
     directions = {"a": [1.0, 0.0, 0.0], "a-copy": [0.99, 0.14, 0.0], "b": [0.6, 0.8, 0.0]}
     directions["odd"] = [0.0, 0.0, 1.0]
     rows = []
@@ -442,3 +452,4 @@ def test_an_embedding_report_shows_the_closest_pairs_and_the_loners(tmp_path) ->
     loners = body.split('data-title="least like any other unit"')[1]
     shown = [part.split('"')[0].rsplit("/", 1)[1] for part in loners.split('data-source="')[1:]]
     assert shown[0] == "odd.png" and "nearest cosine 0.0000" in loners
+    assert computed == [4]  # once, for the summary and the panel

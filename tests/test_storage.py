@@ -199,3 +199,26 @@ def test_a_listing_shows_what_another_process_wrote_since(s3fs_client, s3_option
     assert same is fs  # fsspec's instance, kept for the process
     assert same.glob(f"{path}/*.json") == [f"{folder}/a.json", f"{folder}/b.json"]
     assert same.ls(path, detail=False) == [f"{folder}/a.json", f"{folder}/b.json"]
+
+
+@pytest.mark.s3
+def test_missing_on_s3_names_folders_files_and_a_denial_in_the_store_s_words(
+    s3fs_client, s3_options, monkeypatch
+) -> None:
+    """`missing` (one `info` call, where isfile then isdir made two) tells what they told: a
+    bucket's root and a prefix with objects under it (no marker object) are folders, a key a
+    file; a denial is in the store's words (a HEAD's 403 has none: s3fs says "Forbidden")."""
+    s3fs_client.pipe({"images/missing/deep/a.jpg": b"x"})
+    assert storage.missing("s3://images", "folder", s3_options) is None
+    assert storage.missing("s3://images/missing", "folder", s3_options) is None
+    assert storage.missing("s3://images/missing", "file", s3_options) == (
+        "is a folder, expected a file"
+    )
+    assert storage.missing("s3://images/missing/deep/a.jpg", "file", s3_options) is None
+    assert storage.missing("s3://images/missing/none.jpg", "file", s3_options) == "not found"
+    assert storage.missing("s3://no-such-bucket", "folder", s3_options) == "not found"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    fresh = {"s3": {**s3_options["s3"], "skip_instance_cache": True}}  # signs with the new key
+    said = storage.missing("s3://images/missing/deep/a.jpg", "file", fresh)
+    assert said is not None and said.startswith("cannot be read: PermissionError: ")
+    assert "Forbidden" not in said and "signature" in said

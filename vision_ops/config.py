@@ -1507,16 +1507,15 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
-def _pattern_meanings() -> dict[str, str]:
-    """What each field pattern asks for, in words: a message names it, not the regex."""
-    return {
-        RUN_ID_PATTERN: "expected 1 to 128 letters, digits, '.', '_' or '-', the first a letter "
-        "or digit",
-        SHA256_PATTERN: "expected a SHA-256 as 64 lower-case hex digits",
-        ENTRYPOINT_PATTERN: "expected package.module:function",
-        ICEBERG_TABLE_PATTERN: "expected namespace.table (nested namespaces a.b.table; letters, "
-        "digits and '_', not starting with a digit)",
-    }
+# What each field pattern asks for, in words: a message names it, not the regex.
+PATTERN_MEANINGS = {
+    RUN_ID_PATTERN: "expected 1 to 128 letters, digits, '.', '_' or '-', the first a letter or "
+    "digit",
+    SHA256_PATTERN: "expected a SHA-256 as 64 lower-case hex digits",
+    ENTRYPOINT_PATTERN: "expected package.module:function",
+    ICEBERG_TABLE_PATTERN: "expected namespace.table (nested namespaces a.b.table; letters, "
+    "digits and '_', not starting with a digit)",
+}
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -1525,7 +1524,7 @@ def format_validation_error(err: ValidationError) -> str:
         location = _location(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "string_pattern_mismatch":
-            message = _pattern_meanings().get(problem["ctx"]["pattern"], message)
+            message = PATTERN_MEANINGS.get(problem["ctx"]["pattern"], message)
         if not location:  # a check across sections (a JobSpec validator): its message names
             lines.append(f"  {message}")  # the fields, and its input is the whole spec
             continue

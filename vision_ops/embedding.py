@@ -10,7 +10,7 @@ query here reads `status = 'ok'` rows only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -302,19 +302,46 @@ def load_vss(connection: Any) -> None:
 SUMMARY_UNITS = 2000  # units whose nearest-neighbour similarity the report draws
 
 
-def summary_parts(table: pa.Table) -> tuple[list[tuple[str, float]], np.ndarray]:
-    """Of a run's ok rows: units per model, and each unit's cosine similarity to its nearest
-    other unit (of the first SUMMARY_UNITS; near 1: near-duplicates), clipped to [0, 1]."""
+class ComparedUnits(NamedTuple):
+    """The units a report compares (`compared_units`) and their cosine similarities, pair by
+    pair (`cosine_similarities`): the summary's nearest-neighbour scores and the neighbours
+    panel are both drawn from this one matrix, so that a report computes it once."""
+
+    units: pa.Table
+    similarity: np.ndarray
+
+
+def summary_parts(
+    table: pa.Table,
+) -> tuple[list[tuple[str, float]], np.ndarray, ComparedUnits | None]:
+    """Of a run's ok rows: units per model; each compared unit's cosine similarity to its
+    nearest other unit (near 1: near-duplicates), clipped to [0, 1]; and the compared units
+    (`compared_units`), which the report's neighbours panel draws too."""
     ok = table.filter(pc.equal(table["status"], "ok"))
     names = ok["model_name"].to_pylist()
     per_model = sorted(
         ((name, float(names.count(name))) for name in set(names)), key=lambda p: (-p[1], p[0])
     )
-    sample = ok.slice(0, SUMMARY_UNITS)
-    if sample.num_rows < 2:
-        return per_model, np.zeros(0, dtype=np.float32)
-    similarity = cosine_similarities(sample[EMBEDDING_COLUMN])
-    return per_model, np.clip(similarity.max(axis=1), 0.0, 1.0)
+    compared = compared_units(ok)
+    if compared is None:
+        return per_model, np.zeros(0, dtype=np.float32), None
+    return per_model, np.clip(compared.similarity.max(axis=1), 0.0, 1.0), compared
+
+
+def compared_units(table: pa.Table) -> ComparedUnits | None:
+    """The first SUMMARY_UNITS ok units of the run's most used model (a unit is compared with
+    its own model's units alone) and their cosine similarities; None where there are fewer
+    than two."""
+    from vision_ops.tasks import counts  # here: tasks imports this module
+
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    if ok.num_rows < 2:
+        return None
+    model = counts(ok["model_weights_sha256"])[0][0]
+    units = ok.filter(pc.equal(ok["model_weights_sha256"], model)).slice(0, SUMMARY_UNITS)
+    if units.num_rows < 2:
+        return None
+    return ComparedUnits(units, cosine_similarities(units[EMBEDDING_COLUMN]))
 
 
 def cosine_similarities(vectors: pa.ChunkedArray) -> np.ndarray:

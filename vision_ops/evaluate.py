@@ -21,7 +21,14 @@ import pyarrow.parquet as pq
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import in_mask_frame
-from vision_ops.outputs import Target, as_output, committed_run, no_committed_run, read_run
+from vision_ops.outputs import (
+    Manifest,
+    Target,
+    as_output,
+    committed_run,
+    no_committed_run,
+    read_run,
+)
 from vision_ops.schema import STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import (
     StorageOptions,
@@ -67,7 +74,7 @@ def evaluate_run(
 ) -> pa.Table:
     """The metrics of a committed run (the given id, else the latest), written beside it:
     scored by its task's scorer against `truth` in `truth_format` (default: the task's first)."""
-    manifest = _manifest(table_uri, run_id, options)
+    manifest = committed_run_or_raise(table_uri, run_id, options, EvaluationError)
     task = task_of_run(manifest)
     scorer = task.scorer_function()
     if scorer is None:
@@ -509,12 +516,18 @@ def _metric(
     return {"metric": name, "label": label, "predicted": predicted, "value": float(value)}
 
 
-def _manifest(
-    table_uri: Target, run_id: str | None, options: StorageOptions | None
-) -> dict[str, Any]:
+def committed_run_or_raise(
+    table_uri: Target,
+    run_id: str | None,
+    options: StorageOptions | None,
+    error: type[VisionOpsError],
+) -> Manifest:
+    """The committed run of this id, else the latest; where there is none, `error` (the
+    reader's own, which its command catches: EvaluationError here, report's NoSuchRun) saying
+    so (`no_committed_run`)."""
     manifest = committed_run(table_uri, run_id, options)
     if manifest is None:
-        raise EvaluationError(no_committed_run(table_uri, run_id))
+        raise error(no_committed_run(table_uri, run_id))
     return manifest
 
 

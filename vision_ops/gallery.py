@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vision_ops.embedding import EMBEDDING_COLUMN, SUMMARY_UNITS, cosine_similarities
+from vision_ops.embedding import ComparedUnits, compared_units
 from vision_ops.registry import Registry
 from vision_ops.schema import STATUS_ERROR, STATUS_OK
 from vision_ops.storage import StorageOptions, read_bytes
@@ -41,6 +41,9 @@ class Sources:
     # before manifests held them.
     bands: Sequence[int] | None = None
     bits_stored: int = 16  # of the run's 16-bit images (its manifest's `bits_stored`)
+    # An embedding run's compared units, as its summary computed them (`Summary.compared`):
+    # the neighbours panel draws those rather than compute them again; None: from its rows.
+    compared: ComparedUnits | None = None
     _read: dict[str, bytes | None] = field(default_factory=dict)
     _unreachable: set[str] = field(default_factory=set)  # stores (scheme://bucket) that failed
     _scenes: dict[str, Any] = field(default_factory=dict)  # open rasterio datasets by URI
@@ -626,19 +629,6 @@ def mean_line_scores(lines: pa.ChunkedArray) -> np.ndarray:
 # --- embeddings --------------------------------------------------------------------------------
 
 
-def _similarities(table: pa.Table) -> tuple[pa.Table, np.ndarray] | None:
-    """The ok units of the run's most used model (the first SUMMARY_UNITS) and their cosine
-    similarities (`cosine_similarities`)."""
-    ok = _ok(table)
-    if ok.num_rows < 2:
-        return None
-    model = counts(ok["model_weights_sha256"])[0][0]
-    ok = ok.filter(pc.equal(ok["model_weights_sha256"], model)).slice(0, SUMMARY_UNITS)
-    if ok.num_rows < 2:
-        return None
-    return ok, cosine_similarities(ok[EMBEDDING_COLUMN])
-
-
 NEIGHBOURS_TITLE = "Closest pairs (near-duplicates where the cosine is near 1), then loners"
 
 
@@ -647,7 +637,7 @@ def neighbours(table: pa.Table, sources: Sources) -> tuple[str, str] | None:
     """The most similar pairs of units side by side (near-duplicates, where the cosine is near
     1), then the units least like any other (lowest similarity to their nearest neighbour: odd
     images, or inputs of another kind than the rest)."""
-    found = _similarities(table)
+    found = sources.compared or compared_units(table)
     if found is None:
         return None
     ok, similarity = found

@@ -12,14 +12,7 @@ import pyarrow.compute as pc
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
-from vision_ops.outputs import (
-    Manifest,
-    Target,
-    committed_run,
-    no_committed_run,
-    read_run,
-    retried_of,
-)
+from vision_ops.outputs import Manifest, Target, read_run, retried_of
 from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, rows_of_status
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
@@ -78,15 +71,17 @@ def build_report(
     samples: int = SAMPLES,
 ) -> RunReport:
     """The report of a committed run: the given id, else the latest."""
-    manifest = committed_run(table_uri, run_id, options)
-    if manifest is None:
-        raise NoSuchRun(no_committed_run(table_uri, run_id))
+    from vision_ops.evaluate import committed_run_or_raise
+
+    manifest = committed_run_or_raise(table_uri, run_id, options, NoSuchRun)
     task = task_of_run(manifest)
     table = read_run(table_uri, manifest, options)
     summary = task.summary(table)
     bits_stored = manifest.get("bits_stored", 16)
     retried = retried_of(manifest)
-    with Sources(options or {}, samples, manifest.get("tile_bands"), bits_stored) as sources:
+    with Sources(
+        options or {}, samples, manifest.get("tile_bands"), bits_stored, compared=summary.compared
+    ) as sources:
         drawn = panels(table, (*task.panels, *COMMON_PANELS), sources)
     return RunReport(
         run_id=manifest["run_id"],

@@ -48,6 +48,7 @@ from vision_ops.storage import (
     protocol_of,
     read_bytes,
     read_parquet,
+    unreached,
 )
 from vision_ops.tally import rows_outside
 
@@ -288,10 +289,10 @@ def _find_info(fs: Any, path: str, uri: str) -> dict[str, Any]:
 
 
 def _not_found(uri: str, err: FileNotFoundError) -> SourceError:
-    """`input URI: not found`; where the store was not reached at all (fsspec's http raises
-    FileNotFoundError from a refused connection too), that, and why."""
-    cause = err.__cause__
-    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+    """`input URI: not found`; where the store was not reached at all (`storage.unreached`),
+    that, and why."""
+    cause = unreached(err)
+    if cause is not None:
         return SourceError(f"input {uri}: cannot be reached ({in_one_line(cause)})")
     return SourceError(f"input {uri}: not found")
 

@@ -50,6 +50,16 @@ def store_error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def unreached(err: OSError) -> OSError | None:
+    """The connection's error where a FileNotFoundError stands for a store not reached at all
+    (fsspec's http raises one from a refused connection as from a 404, with the connection's
+    error as its cause); None where it means not found."""
+    cause = err.__cause__
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        return cause
+    return None
+
+
 @contextlib.contextmanager
 def credentials_for(uri: str, error: type[Exception]) -> Iterator[None]:
     """botocore's "Unable to locate credentials" as `error` naming `uri` and where they were
@@ -254,13 +264,43 @@ def missing(uri: str, kind: str, options: StorageOptions | None = None) -> str |
     """Why the `kind` ("file" or "folder") at `uri` cannot be used (`missing_file`'s reasons);
     None where it is there."""
     try:
-        fs, path = filesystem(uri, options)
-        found = "file" if fs.isfile(path) else "folder" if fs.isdir(path) else None
+        found = _found_kind(uri, options)
     except Exception as err:  # the store's errors are not one type
         return f"cannot be read: {store_error_text(err)}"
     if found == kind:
         return None
     return f"is a {found}, expected a {kind}" if found else "not found"
+
+
+def _found_kind(uri: str, options: StorageOptions | None = None) -> str | None:
+    """What is at `uri`: "file", "folder", or None where nothing is (or something else: a
+    socket); the store's error where it cannot tell. One `info` call (isfile then isdir made
+    two): on S3 a key's HEAD, else one key listed under the prefix (a folder with or without a
+    marker object); for a bucket's root, its HEAD."""
+    fs, path = filesystem(uri, options)
+    try:
+        found = fs.info(path)["type"]
+    except (FileNotFoundError, NotADirectoryError) as err:  # the second: a path under a file
+        cause = unreached(err)
+        if cause is not None:
+            raise cause from None
+        return None
+    except PermissionError as denied:
+        raise _denial_in_words(fs, path, denied) from None
+    return {"file": "file", "directory": "folder"}.get(found)
+
+
+def _denial_in_words(fs: AbstractFileSystem, path: str, denied: PermissionError) -> PermissionError:
+    """The store's own words for a denial: an S3 HEAD's 403 has no body (s3fs says
+    "Forbidden"), a listing's has them (access denied, a signature that does not match);
+    `denied` itself where the listing is not denied."""
+    try:
+        fs.ls(path, detail=False)
+    except PermissionError as worded:
+        return worded
+    except Exception:  # not found, or another fault: the HEAD's denial stands
+        pass
+    return denied
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:

@@ -37,7 +37,12 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from vision_ops.config import NETWORK_MODEL_KINDS, BatchSizes, TaskSettings
-from vision_ops.embedding import EMBEDDING_FIELDS, embedding_table, summary_parts
+from vision_ops.embedding import (
+    EMBEDDING_FIELDS,
+    ComparedUnits,
+    embedding_table,
+    summary_parts,
+)
 from vision_ops.errors import UnknownTask
 from vision_ops.ocr import OCR_FIELDS, ocr_table
 from vision_ops.registry import Registry
@@ -69,6 +74,9 @@ class Summary:
 
     labels: list[tuple[str, float]]  # per label: images, boxes, or share of pixels; largest first
     scores: np.ndarray  # the values whose distribution the report draws, in [0, 1]
+    # embedding: the units its scores compare and their similarities, which the report hands to
+    # its neighbours panel (computed once); None for the other tasks
+    compared: ComparedUnits | None = None
 
 
 @dataclass(frozen=True)
@@ -565,8 +573,8 @@ register(
 
 
 def _embedding_summary(table: pa.Table) -> Summary:
-    per_model, nearest = summary_parts(table)
-    return Summary(per_model, nearest)
+    per_model, nearest, compared = summary_parts(table)
+    return Summary(per_model, nearest, compared)
 
 
 class EmbeddingTask(TaskSettings):
@@ -598,7 +606,7 @@ register(
         unit="units per model",
         score="cosine similarity to the nearest other unit",
         summary=_embedding_summary,
-        summary_columns=("model_name", "embedding"),
+        summary_columns=("model_name", "model_weights_sha256", "embedding"),
         panels=("neighbours",),
         example_model=untrained("mobilenet_v3_small", preprocessing=SMALL_INPUT),
     )

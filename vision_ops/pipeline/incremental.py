@@ -76,12 +76,21 @@ def retried_rows(rows: pa.Table, retried: pa.Array) -> dict[str, int]:
     mask = pc.is_in(keys, value_set=retried)
     errors = pc.and_(mask, pc.is_valid(rows["error_type"]))  # as drift counts error rows
     skipped = pc.and_(mask, pc.equal(rows["status"], STATUS_SKIPPED))  # a retried scene's
-    return {
-        "sources": pc.count_distinct(pc.filter(keys, mask)).as_py(),
-        "units": _count(mask),
-        "error_rows": _count(errors),
-        "skipped": _count(skipped),
-    }
+    return retried_record(
+        sources=pc.count_distinct(pc.filter(keys, mask)).as_py(),
+        units=_count(mask),
+        error_rows=_count(errors),
+        skipped=_count(skipped),
+    )
+
+
+def retried_record(
+    sources: int = 0, units: int = 0, error_rows: int = 0, skipped: int = 0
+) -> dict[str, int]:
+    """The manifest's `retried` (`outputs.retried_of` reads it), its keys named here alone: the
+    sources retried, their units, their error rows and their skipped units; all 0 where an
+    incremental run retried none."""
+    return {"sources": sources, "units": units, "error_rows": error_rows, "skipped": skipped}
 
 
 def _count(mask: pa.Array | pa.ChunkedArray) -> int:

@@ -36,7 +36,7 @@ from vision_ops.outputs import (
 from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.identity import identity_digests
 from vision_ops.pipeline.in_driver import predicted_in_threads
-from vision_ops.pipeline.incremental import retried_rows, skip_committed
+from vision_ops.pipeline.incremental import retried_record, retried_rows, skip_committed
 from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import (
@@ -298,7 +298,7 @@ def staged_retries(sink: Sink, retried: pa.Array | None) -> dict[str, int]:
     """What the staged rows hold of the sources an incremental run retried (`retried_rows`);
     the rows are read only where it retried some."""
     if retried is None or not len(retried):
-        return {"sources": 0, "units": 0, "error_rows": 0, "skipped": 0}
+        return retried_record()
     return retried_rows(sink.staged(ROW_COLUMNS), retried)
 
 
