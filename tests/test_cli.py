@@ -374,6 +374,60 @@ def test_an_error_a_library_raised_on_a_sigterm_is_said_as_the_sigterm(
     )
 
 
+def test_a_sigterm_after_a_backfills_run_committed_stops_the_backfill_there(
+    spec_file, capsys, monkeypatch
+) -> None:
+    """A SIGTERM as a backfill's run says what it committed: the run stands (exit 0 for it,
+    with a note), and the backfill runs no later date, exiting 143 saying where it stopped.
+    (The SIGTERM raised out of the backfill: "terminated (SIGTERM)", with no word of the run
+    it had committed.)"""
+    import signal
+    from types import SimpleNamespace
+
+    from vision_ops import cli
+    from vision_ops.cli import EXIT_TERMINATED
+
+    ran: list[str] = []
+
+    def committed(spec):  # type: ignore[no-untyped-def]
+        cli.stop_on_sigterm()  # as the run does once Ray is up
+        run_id, _ = spec.resolved_run()
+        ran.append(run_id)
+        commit = SimpleNamespace(
+            rows=2, ok=2, errors=0, skipped=0, resumed=0, files=["f"], partition_uri="p",
+            manifest_uri="m",
+        )  # fmt: skip
+        return SimpleNamespace(
+            run_id=run_id, commit=commit, retried=0, retries={}, seconds=1.0,
+            pipeline_seconds=1.0, images_per_second=2.0, startup_seconds={}, drift=[],
+            skipped_as_done=0,
+        )  # fmt: skip
+
+    def drift_said(drifts):  # type: ignore[no-untyped-def]
+        signal.raise_signal(signal.SIGTERM)  # the scheduler's stop, as the summary is said
+
+    monkeypatch.setattr(cli, "_connect_and_run", committed)
+    monkeypatch.setattr(cli, "_print_drift", drift_said)
+    args = cli._parsed(["backfill", str(spec_file), "--from", "2026-11-01", "--to", "2026-11-03"])
+    before = signal.getsignal(signal.SIGTERM)
+    code: object
+    try:
+        code = cli.backfill(cli.load_spec_of(args), args)
+    except KeyboardInterrupt as err:  # not to pytest, which would end the session on it
+        code = err
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == EXIT_TERMINATED
+    [run_id] = ran  # the first date's run, and no other
+    assert run_id.startswith("2026-11-01-")
+    out, err = capsys.readouterr()
+    assert f"run {run_id}: 2 items, 2 ok, 0 errors" in out
+    assert err == (
+        f"note: SIGTERM after run {run_id} committed; its outcome stands (exit 0)\n"
+        "error: the backfill stopped at 2026-11-01: 2026-11-02..2026-11-03 not run (2 dates)\n"
+    )
+
+
 def test_backfill_takes_incremental_as_run_does(spec_file) -> None:
     """`backfill --incremental` makes each of its runs incremental, as `run --incremental`
     does (it was an argparse error: the spec's `run.incremental` was the only way)."""

@@ -25,7 +25,7 @@ from faulty_s3 import FaultyS3, S3Request
 from pyiceberg.catalog import load_catalog
 from pyiceberg.types import BinaryType
 
-from vision_ops import outputs
+from vision_ops import iceberg, outputs
 from vision_ops.cli import EXIT_OK, interrupted, main
 from vision_ops.config import OutputSpec, parse_spec
 from vision_ops.devstack import SeaweedS3
@@ -786,11 +786,12 @@ def job_spec(
 
 
 def test_a_backfill_skips_a_date_whose_runs_snapshot_was_expired(
-    output, iceberg_s3, tmp_path, tiny_weights, capsys
+    output, iceberg_s3, tmp_path, tiny_weights, capsys, monkeypatch
 ) -> None:
     """Expiring a run's snapshot forgets its summary, not its rows: a backfill over its date
     skips it, saying so (it ran the date again with today's inputs, and that night's rows were
-    replaced without a word)."""
+    replaced without a word). The backfill reads both from one loading of the table (it loaded
+    it twice as it started)."""
     first, second = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
     commit_run(output, "n1", uris("night-1", 2), first)
     commit_run(output, "n2", uris("night-2", 2), second)
@@ -798,10 +799,20 @@ def test_a_backfill_skips_a_date_whose_runs_snapshot_was_expired(
     oldest = table.snapshots()[0].snapshot_id
     table.maintenance.expire_snapshots().by_ids([oldest]).commit()
     assert [run["run_id"] for run in outputs.committed_runs(output)] == ["n2"]
-    assert outputs.dates_of_expired_runs(output) == {"2026-11-01"}
+    runs, expired = outputs.runs_and_expired_dates(output)
+    assert [run["run_id"] for run in runs] == ["n2"] and expired == {"2026-11-01"}
     (tmp_path / "photos").mkdir()
     spec = str(job_spec(tmp_path, tmp_path / "photos", output, tiny_weights, iceberg_s3))
+    loaded: list[str | None] = []
+    load_table = iceberg.load_table
+
+    def counted(target: OutputSpec) -> Any:
+        loaded.append(target.table)
+        return load_table(target)
+
+    monkeypatch.setattr(iceberg, "load_table", counted)
     assert main(["backfill", spec, "--from", "2026-11-01", "--to", "2026-11-02"]) == EXIT_OK
+    assert loaded == [output.table]
     assert capsys.readouterr().out.splitlines() == [
         "2026-11-01: holds the rows of a run whose snapshot was expired, skipped "
         "(`vision-ops run SPEC --run-date 2026-11-01` runs it again)",

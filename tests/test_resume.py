@@ -33,7 +33,7 @@ from test_exactly_once import make_images
 from vision_ops import outputs
 from vision_ops.cli import EXIT_OK, main
 from vision_ops.config import OutputSpec
-from vision_ops.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from vision_ops.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TOO_MANY_ERRORS
 from vision_ops.iceberg import IcebergSink
 from vision_ops.masks import final_masks_folder, staged_masks_folder
 from vision_ops.query import connect, register_views
@@ -823,6 +823,71 @@ def test_a_sigterm_as_a_committed_run_exits_leaves_its_outcome(tmp_path: Path) -
     assert "note: SIGTERM as the command exits; its outcome stands (exit 0)" in output
     assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
     assert committed_run(str(tmp_path / "table"), "k1")["rows"] == 4
+
+
+# The driver SIGTERMs itself (`sys.argv[2]` times) once its run has committed, as the summary
+# of what it committed is being said (its start-up line composed, nothing printed yet): the
+# window between the commit and the summary, made certain. The command runs as `vision-ops`.
+SIGTERM_AS_THE_SUMMARY_IS_SAID = """
+import os, signal, sys
+import vision_ops.runstats as runstats
+said, signals = runstats.startup_line, int(sys.argv[2])
+def startup_line(*args, **kwargs):
+    for _ in range(signals):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return said(*args, **kwargs)
+runstats.startup_line = startup_line
+sys.argv = ["vision-ops", "run", sys.argv[1], *sys.argv[3:]]
+from vision_ops.cli import console
+console()
+"""
+
+
+@pytest.mark.parametrize(
+    ("signals", "code", "said"),
+    [
+        (1, EXIT_TOO_MANY_ERRORS, "note: SIGTERM after run k1 committed; its outcome stands (exit"),
+        (2, EXIT_TERMINATED, "error: terminated (SIGTERM) after run k1 committed\n"),
+    ],
+)
+def test_a_sigterm_between_the_commit_and_the_summary_leaves_the_runs_outcome(
+    tmp_path: Path, signals: int, code: int, said: str
+) -> None:
+    """SIGTERM once the run has committed, before its summary is said: the summary is said and
+    the command exits with the run's own outcome (here its error ratio's exit 4), with a note;
+    it exited 143 ("terminated"), read as a night that committed nothing. A second SIGTERM
+    still ends it at once, saying the run is committed."""
+    make_images(tmp_path / "images", 4)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")  # one error row in five
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spec = counting_spec(tmp_path, {"uri": str(tmp_path / "table")}, marks)
+    ray_temp = short_temp_dir("vos")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(ray_temp), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-c", SIGTERM_AS_THE_SUMMARY_IS_SAID, str(spec), str(signals)]
+    command += ["--max-error-ratio", "0.1"]
+    log = tmp_path / "driver.log"
+    try:
+        with log.open("wb") as out:
+            driver = subprocess.Popen(command, env=env, start_new_session=True,
+                                      stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            assert driver.wait(timeout=240) == code, log.read_text()[-3000:]
+        finally:
+            kill_session(driver.pid)  # what its Ray left
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    output = log.read_text()
+    assert said in output, output[-3000:]
+    assert "Traceback" not in output and "nothing was committed" not in output, output[-3000:]
+    if signals == 1:  # the summary and the run's own check, said in full
+        assert "run k1: 5 items, 4 ok, 1 errors" in output and "\ndrift: " in output
+        assert "error: error rows 1/5 (of new inputs, sent to the model) exceed" in output
+        assert f"{said} 4)" in output
+    manifest = committed_run(str(tmp_path / "table"), "k1")
+    assert manifest is not None and (manifest["rows"], manifest["errors"]) == (5, 1)
+    assert verify_run(str(tmp_path / "table"), "k1")[1] == []
 
 
 @pytest.mark.parametrize(

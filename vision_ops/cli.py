@@ -287,12 +287,14 @@ def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
     return threads if runtime.predict_in == "driver" else actors
 
 
-def run(spec: JobSpec, args: argparse.Namespace) -> int:
-    from vision_ops.runstats import startup_line
+def run(spec: JobSpec, args: argparse.Namespace, after_commit: SigtermNoted | None = None) -> int:
+    """Run the spec, say what it committed and check it (exit 0, else the code of the check it
+    failed); `after_commit` (a backfill's): whether a SIGTERM came once the run had committed."""
     from vision_ops.storage import OutputNotWritable, StorageError
 
     spec = spec.pinned()  # one run id and date, for the run and for what is said of it here
     again = args.command  # what resumes it: the same run, or the same backfill
+    late = after_commit or SigtermNoted()
     try:
         summary = _connect_and_run(spec)
     except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
@@ -342,6 +344,36 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
                 EXIT_FAILED,
             )
         raise
+    try:
+        with late:  # the run is committed: a SIGTERM from here is noted, not obeyed
+            _say_committed(summary)
+        scored = _score_committed(spec, summary)  # a run over the error ratio is scored too
+    except KeyboardInterrupt as err:  # committed, not scored: say so, and how to score it
+        stopped = f"{STOPPED_BY[stopped_by_sigterm(err)]} after run {summary.run_id} committed"
+        if spec.evaluate is not None:
+            stopped += (
+                f", before it was scored (`vision-ops evaluate SPEC --run-id {summary.run_id}`)"
+            )
+        return _fail(RuntimeError(stopped), _stopped_exit(err))
+    code = scored
+    sent, errors = _new_units_and_errors(summary)
+    if sent and errors / sent > args.max_error_ratio:
+        of = f"{errors}/{sent} (of new inputs, sent to the model)"
+        message = f"error rows {of} exceed --max-error-ratio"
+        over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
+        code = scored or over  # a score below its floor stops a backfill: it comes first
+    if late.received:
+        print(
+            f"note: SIGTERM after run {summary.run_id} committed; its outcome stands (exit {code})",
+            file=sys.stderr,
+        )
+    return code
+
+
+def _say_committed(summary: RunSummary) -> None:
+    """What a run committed, its time and throughput, where its rows are, its drift."""
+    from vision_ops.runstats import startup_line
+
     commit = summary.commit
     retried = f"; {summary.retried} input(s) retried (error rows of earlier runs)"
     print(
@@ -356,21 +388,33 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
         f"manifest: {commit.manifest_uri}"
     )
     _print_drift(summary.drift)
-    try:
-        scored = _score_committed(spec, summary)  # a run over the error ratio is scored too
-    except KeyboardInterrupt as err:  # committed, not scored: say so, and how to score it
-        message = (
-            f"{STOPPED_BY[stopped_by_sigterm(err)]} after run {summary.run_id} committed, "
-            f"before it was scored (`vision-ops evaluate SPEC --run-id {summary.run_id}`)"
-        )
-        return _fail(RuntimeError(message), _stopped_exit(err))
-    sent, errors = _new_units_and_errors(summary)
-    if sent and errors / sent > args.max_error_ratio:
-        of = f"{errors}/{sent} (of new inputs, sent to the model)"
-        message = f"error rows {of} exceed --max-error-ratio"
-        over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
-        return scored or over  # a score below its floor stops a backfill: it comes first
-    return scored
+
+
+class SigtermNoted:
+    """SIGTERM while a committed run is said (`with`): noted, not obeyed. The run is in the
+    table: a scheduler's stop then must not turn it into exit 143 ("terminated", read as
+    nothing committed); the command ends with the run's own outcome and a note. A second
+    SIGTERM (a scheduler that insists) raises Terminated at once. Only from the main thread,
+    as `stop_on_sigterm`; the handler before is set again on leaving."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._before: list[Any] = []  # the handler replaced, while this one is set
+
+    def __enter__(self) -> SigtermNoted:
+        if threading.current_thread() is threading.main_thread():
+            self._before.append(signal.signal(signal.SIGTERM, self._noted))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for before in self._before:  # None: one set outside Python, not to be had back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+        self._before.clear()
+
+    def _noted(self, signum: int, frame: Any) -> None:
+        self.received += 1
+        if self.received > 1:
+            raise Terminated
 
 
 def _new_units_and_errors(summary: Any) -> tuple[int, int]:
@@ -530,7 +574,7 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
     --max-error-ratio, or one committed whose hold-out could not be scored, is committed and
     the backfill goes on, then exits 7 (any not scored), else 4, naming the dates. With
     --check, then each run it committed is checked for drift (`_check_backfilled`)."""
-    from vision_ops.outputs import committed_runs, dates_of_expired_runs
+    from vision_ops.outputs import runs_and_expired_dates
     from vision_ops.storage import OutputNotWritable, require_bucket
 
     if args.end < args.start:
@@ -554,8 +598,8 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
         require_bucket(spec.output.uri, spec.storage_options)  # before the table's first read
     except OutputNotWritable as err:
         return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
-    done = {run["run_date"] for run in committed_runs(spec.output, spec.storage_options)}
-    expired = dates_of_expired_runs(spec.output, spec.storage_options)
+    runs, expired = runs_and_expired_dates(spec.output, spec.storage_options)
+    done = {run["run_date"] for run in runs}
     day = args.start
     committed_but: dict[int, list[str]] = {EXIT_NOT_SCORED: [], EXIT_TOO_MANY_ERRORS: []}
     committed: list[str] = []
@@ -569,7 +613,8 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
             )
         else:
             dated = spec.model_copy(update={"run": spec.run.model_copy(update={"date": day})})
-            code = run(dated, args)
+            late = SigtermNoted()
+            code = run(dated, args, late)
             if code in COMMITTED_EXITS:
                 committed.append(day.isoformat())
             if code in committed_but:
@@ -577,6 +622,9 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
             elif code != EXIT_OK:
                 _say_where_the_backfill_stopped(day, args.end)
                 return _check_backfilled(spec, args, committed, code)
+            if late.received and day < args.end:  # a stop once the run committed: no later date
+                _say_where_the_backfill_stopped(day, args.end)
+                return _check_backfilled(spec, args, committed, EXIT_TERMINATED)
         day += dt.timedelta(days=1)
     return _check_backfilled(spec, args, committed, _backfill_outcome(committed_but))
 

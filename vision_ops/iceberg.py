@@ -815,16 +815,18 @@ def run_as_of(output: OutputSpec, run_id: str, moment: dt.datetime) -> dict[str,
     return None
 
 
-def dates_of_expired_runs(output: OutputSpec) -> set[str]:
-    """The run dates (ISO) the table's current snapshot holds rows of that no run in its
-    history names: their runs' snapshots were expired (the rows stay; `committed_runs` reads
-    the history). From the partitions' metadata: no data file is read."""
+def runs_and_expired_dates(output: OutputSpec) -> tuple[list[dict[str, Any]], set[str]]:
+    """`committed_runs`, and the run dates (ISO) the table's current snapshot holds rows of
+    that no run in its history names: their runs' snapshots were expired (the rows stay;
+    `committed_runs` reads the history); of one loading of the table. The dates from the
+    partitions' metadata: no data file is read."""
     table = load_table(output)
     if table is None or table.current_snapshot() is None:
-        return set()
+        return [], set()
+    runs = sorted(_runs_in(table).values(), key=run_order)
     partitions = table.inspect.partitions().column("partition").to_pylist()
     held = {str(found[PARTITION_COLUMN]) for found in partitions if found.get(PARTITION_COLUMN)}
-    return held - {run["run_date"] for run in _runs_in(table).values()}
+    return runs, held - {run["run_date"] for run in runs}
 
 
 def _history(table: Table) -> Iterable[Any]:

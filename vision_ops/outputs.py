@@ -102,9 +102,9 @@ class OutputFormat:
     # Under the lock, before a run reads the table: commits other runs left half done settled.
     settle_other_runs: Callable[[OutputSpec, str, StorageOptions], None]
     committed_runs: Callable[[OutputSpec, StorageOptions], list[Manifest]]
-    # Run dates holding rows that no committed run names (Iceberg: a run whose snapshot was
-    # expired; Parquet: none, a manifest is the commit).
-    dates_of_expired_runs: Callable[[OutputSpec, StorageOptions], set[str]]
+    # committed_runs, and the run dates holding rows that no committed run names (Iceberg: a
+    # run whose snapshot was expired; Parquet: none, a manifest is the commit), of one reading.
+    runs_and_expired_dates: Callable[[OutputSpec, StorageOptions], tuple[list[Manifest], set[str]]]
     # A token that changes whenever a run commits, cheaper to get than the runs' manifests.
     commits_version: Callable[[OutputSpec, StorageOptions], str | None]
     committed_run: Callable[[OutputSpec, str | None, StorageOptions], Manifest | None]
@@ -207,7 +207,10 @@ FORMATS.register("parquet")(
             output.uri, run_id, options
         ),
         committed_runs=lambda output, options: sink.committed_runs(output.uri, options),
-        dates_of_expired_runs=lambda output, options: set(),
+        runs_and_expired_dates=lambda output, options: (
+            sink.committed_runs(output.uri, options),
+            set(),
+        ),
         commits_version=lambda output, options: sink.commits_version(output.uri, options),
         committed_run=lambda output, run_id, options: sink.committed_run(
             output.uri, run_id, options
@@ -292,7 +295,7 @@ FORMATS.register("iceberg")(
         needs_lock=False,
         settle_other_runs=lambda output, run_id, options: None,  # a commit is one snapshot
         committed_runs=lambda output, options: iceberg.committed_runs(output),
-        dates_of_expired_runs=lambda output, options: iceberg.dates_of_expired_runs(output),
+        runs_and_expired_dates=lambda output, options: iceberg.runs_and_expired_dates(output),
         commits_version=lambda output, options: iceberg.metadata_location(output),
         committed_run=lambda output, run_id, options: iceberg.committed_run(output, run_id),
         run_manifest=lambda output, run_id, options: iceberg.run_manifest(output, run_id),
@@ -345,9 +348,13 @@ def run_guard(spec: JobSpec, run_id: str) -> Iterator[RunGuard]:
         yield lock
 
 
-def dates_of_expired_runs(target: Target, options: StorageOptions | None = None) -> set[str]:
-    """Run dates (ISO) holding rows that no committed run names (OutputFormat's field)."""
-    return format_of(target).dates_of_expired_runs(as_output(target), options or {})
+def runs_and_expired_dates(
+    target: Target, options: StorageOptions | None = None
+) -> tuple[list[Manifest], set[str]]:
+    """A table's committed runs (`committed_runs`) and the run dates (ISO) holding rows that
+    no committed run names (OutputFormat's field), of one reading of the table: what a
+    backfill skips."""
+    return format_of(target).runs_and_expired_dates(as_output(target), options or {})
 
 
 def committed_runs(target: Target, options: StorageOptions | None = None) -> list[Manifest]:
