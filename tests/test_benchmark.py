@@ -176,6 +176,30 @@ def test_probes_count_where_the_cpu_went() -> None:
     assert 0 < found["sampler"] <= by_role["driver"] + 0.02, found  # the sampling's share
 
 
+@pytest.mark.parametrize(
+    ("command", "role"),
+    [
+        ("ray::MapWorker(MapBatches(Rows)).submit", "ray worker MapWorker(MapBatches(Rows))"),
+        ("ray::_StatsActor.update_iteration_metrics", "ray worker _StatsActor"),
+        ("ray::_StatsActor", "ray worker _StatsActor"),
+        ("ray::IDLE", "ray worker IDLE"),
+        ("ray::ReadFiles->MapBatches(fetch)", "ray worker ReadFiles->MapBatches(fetch)"),
+        ("/venv/bin/python /venv/bin/ray start --head", "ray start (a running head's keeper)"),
+        ("/venv/bin/python -m ray.util.client.server --address=x", "ray client server"),
+        ("/venv/lib/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/x", "ray gcs_server"),
+    ],
+)  # fmt: skip
+def test_a_process_is_named_by_its_role(command: str, role: str) -> None:
+    """A Ray worker by its title (an actor running a method as the actor), Ray's own
+    processes by a word of their command line."""
+    from types import SimpleNamespace
+
+    from vision_ops.benchmark.probes import process_role
+
+    process = SimpleNamespace(cmdline=command.split, name=lambda: "python")
+    assert process_role(process) == role  # type: ignore[arg-type]
+
+
 def test_steady_rate_excludes_start_up() -> None:
     # first batch of 4 at 10 s (after start-up), then 16 more by 12 s: 8 rows/s
     assert steady_rate([(10.0, 4), (11.0, 12), (12.0, 20)]) == pytest.approx(8.0)

@@ -21,14 +21,7 @@ import pyarrow.parquet as pq
 
 from vision_ops.errors import EXIT_BAD_SPEC, VisionOpsError
 from vision_ops.masks import in_mask_frame
-from vision_ops.outputs import (
-    Manifest,
-    Target,
-    as_output,
-    committed_run,
-    no_committed_run,
-    read_run,
-)
+from vision_ops.outputs import Target, as_output, committed_run_or_raise, read_run
 from vision_ops.schema import STATUS_OK, STATUS_SKIPPED
 from vision_ops.storage import (
     StorageOptions,
@@ -514,21 +507,6 @@ def _metric(
     name: str, value: float, label: str | None = None, predicted: str | None = None
 ) -> dict[str, Any]:
     return {"metric": name, "label": label, "predicted": predicted, "value": float(value)}
-
-
-def committed_run_or_raise(
-    table_uri: Target,
-    run_id: str | None,
-    options: StorageOptions | None,
-    error: type[VisionOpsError],
-) -> Manifest:
-    """The committed run of this id, else the latest; where there is none, `error` (the
-    reader's own, which its command catches: EvaluationError here, report's NoSuchRun) saying
-    so (`no_committed_run`)."""
-    manifest = committed_run(table_uri, run_id, options)
-    if manifest is None:
-        raise error(no_committed_run(table_uri, run_id))
-    return manifest
 
 
 SCORED_ATTEMPT = b"vision_ops.attempt"  # metrics metadata: the commit of the run id scored

@@ -369,6 +369,20 @@ def committed_run(
     return format_of(target).committed_run(as_output(target), run_id, options or {})
 
 
+def committed_run_or_raise(
+    target: Target,
+    run_id: str | None,
+    options: StorageOptions | None,
+    error: type[Exception],
+) -> Manifest:
+    """`committed_run`, or `error` (the reader's own, which its command catches) saying there is
+    none (`no_committed_run`)."""
+    manifest = committed_run(target, run_id, options)
+    if manifest is None:
+        raise error(no_committed_run(target, run_id))
+    return manifest
+
+
 def read_run(
     target: Target,
     run: Manifest,

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from vision_ops.errors import VisionOpsError
 from vision_ops.gallery import COMMON_PANELS, PANELS, Sources
-from vision_ops.outputs import Manifest, Target, read_run, retried_of
+from vision_ops.outputs import Manifest, Target, committed_run_or_raise, read_run, retried_of
 from vision_ops.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, rows_of_status
 from vision_ops.storage import StorageOptions
 from vision_ops.tasks import counts, task_of_run
@@ -71,8 +71,6 @@ def build_report(
     samples: int = SAMPLES,
 ) -> RunReport:
     """The report of a committed run: the given id, else the latest."""
-    from vision_ops.evaluate import committed_run_or_raise
-
     manifest = committed_run_or_raise(table_uri, run_id, options, NoSuchRun)
     task = task_of_run(manifest)
     table = read_run(table_uri, manifest, options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -137,6 +138,9 @@ RAY_PROCESSES = {
 }
 
 
+ACTOR_METHOD = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*")
+
+
 def process_role(process: psutil.Process) -> str:
     """What a process of the tree is: a Ray worker by its title (`ray::IDLE`, an actor's class,
     a task's stages), one of Ray's own processes, or another program by its name."""
@@ -145,6 +149,8 @@ def process_role(process: psutil.Process) -> str:
         title = command.split()[0].removeprefix("ray::")
         if ")." in title:  # an actor running a method (`Class(...).submit`): the actor's role
             title = title.rsplit(").", 1)[0] + ")"
+        elif ACTOR_METHOD.fullmatch(title):  # `Class.method`, an actor with no arguments shown
+            title = title.split(".", 1)[0]
         return "ray worker " + (title if len(title) <= 48 else title[:45] + "...")
     program = " ".join(part for part in command.split() if not part.startswith("-"))
     for word, role in RAY_PROCESSES.items():
