@@ -358,7 +358,7 @@ def test_an_error_a_library_raised_on_a_sigterm_is_said_as_the_sigterm(
     from vision_ops.cli import EXIT_TERMINATED, main
     from vision_ops.errors import Terminated
 
-    def stopped_in_a_lock(spec):  # type: ignore[no-untyped-def]
+    def stopped_in_a_lock(spec, on_commit):  # type: ignore[no-untyped-def]
         try:
             raise Terminated
         except Terminated:
@@ -382,26 +382,18 @@ def test_a_sigterm_after_a_backfills_run_committed_stops_the_backfill_there(
     (The SIGTERM raised out of the backfill: "terminated (SIGTERM)", with no word of the run
     it had committed.)"""
     import signal
-    from types import SimpleNamespace
 
     from vision_ops import cli
     from vision_ops.cli import EXIT_TERMINATED
 
     ran: list[str] = []
 
-    def committed(spec):  # type: ignore[no-untyped-def]
+    def committed(spec, on_commit):  # type: ignore[no-untyped-def]
         cli.stop_on_sigterm()  # as the run does once Ray is up
         run_id, _ = spec.resolved_run()
         ran.append(run_id)
-        commit = SimpleNamespace(
-            rows=2, ok=2, errors=0, skipped=0, resumed=0, files=["f"], partition_uri="p",
-            manifest_uri="m",
-        )  # fmt: skip
-        return SimpleNamespace(
-            run_id=run_id, commit=commit, retried=0, retries={}, seconds=1.0,
-            pipeline_seconds=1.0, images_per_second=2.0, startup_seconds={}, drift=[],
-            skipped_as_done=0,
-        )  # fmt: skip
+        on_commit()  # as the pipeline calls it once the run is committed
+        return committed_summary(run_id)
 
     def drift_said(drifts):  # type: ignore[no-untyped-def]
         signal.raise_signal(signal.SIGTERM)  # the scheduler's stop, as the summary is said
@@ -424,8 +416,58 @@ def test_a_sigterm_after_a_backfills_run_committed_stops_the_backfill_there(
     assert f"run {run_id}: 2 items, 2 ok, 0 errors" in out
     assert err == (
         f"note: SIGTERM after run {run_id} committed; its outcome stands (exit 0)\n"
+        f"error: terminated (SIGTERM) after run {run_id} committed\n"
         "error: the backfill stopped at 2026-11-01: 2026-11-02..2026-11-03 not run (2 dates)\n"
     )
+
+
+def committed_summary(run_id: str):  # type: ignore[no-untyped-def]
+    """What `run` says of a committed run of 2 ok rows (a RunSummary's fields it reads)."""
+    from types import SimpleNamespace
+
+    commit = SimpleNamespace(
+        rows=2, ok=2, errors=0, skipped=0, resumed=0, files=["f"], partition_uri="p",
+        manifest_uri="m",
+    )  # fmt: skip
+    return SimpleNamespace(
+        run_id=run_id, commit=commit, retried=0, retries={}, seconds=1.0,
+        pipeline_seconds=1.0, images_per_second=2.0, startup_seconds={}, drift=[],
+        skipped_as_done=0,
+    )  # fmt: skip
+
+
+def test_a_sigterm_as_a_committed_run_releases_its_lock_leaves_its_outcome(
+    spec_file, capsys, monkeypatch
+) -> None:
+    """A SIGTERM once the pipeline has committed but before it returns (as it releases the
+    table's run lock) is noted: the run's outcome stands, exit 0, with a note. (It raised in
+    the pipeline: exit 143, "nothing was committed", of a committed run.)"""
+    import signal
+
+    from vision_ops import cli
+
+    def commits_then_stopped(spec, on_commit):  # type: ignore[no-untyped-def]
+        cli.stop_on_sigterm()  # as the run does once Ray is up
+        on_commit()  # the pipeline's call as its commit returns
+        signal.raise_signal(signal.SIGTERM)  # the scheduler's stop, as the lock is released
+        return committed_summary(spec.resolved_run()[0])
+
+    monkeypatch.setattr(cli, "_connect_and_run", commits_then_stopped)
+    args = cli._parsed(["run", str(spec_file), "--run-id", "k1", "--run-date", "2026-11-01"])
+    before = signal.getsignal(signal.SIGTERM)
+    code: object
+    try:
+        code = cli.run(cli.load_spec_of(args), args)
+    except KeyboardInterrupt as err:  # not to pytest, which would end the session on it
+        code = err
+    finally:
+        after = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, before)
+    assert code == 0
+    assert after is cli._terminate  # the run's own handler set again once it was said
+    out, err = capsys.readouterr()
+    assert "run k1: 2 items, 2 ok, 0 errors" in out
+    assert err == "note: SIGTERM after run k1 committed; its outcome stands (exit 0)\n"
 
 
 def test_backfill_takes_incremental_as_run_does(spec_file) -> None:

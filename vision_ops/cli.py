@@ -290,74 +290,37 @@ def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
 def run(spec: JobSpec, args: argparse.Namespace, after_commit: SigtermNoted | None = None) -> int:
     """Run the spec, say what it committed and check it (exit 0, else the code of the check it
     failed); `after_commit` (a backfill's): whether a SIGTERM came once the run had committed."""
-    from vision_ops.storage import OutputNotWritable, StorageError
-
     spec = spec.pinned()  # one run id and date, for the run and for what is said of it here
-    again = args.command  # what resumes it: the same run, or the same backfill
     late = after_commit or SigtermNoted()
+    scored: int | None = None
     try:
-        summary = _connect_and_run(spec)
-    except VisionOpsError as err:  # a bad spec, model or input (2), a pool too large (3), ...
-        return _fail(err, err.exit_code)
-    except OutputNotWritable as err:  # found before any work
-        return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
-    except StorageError as err:
-        return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
-        return _fail(RuntimeError(interrupted(spec, err, again)), _stopped_exit(err))
-    except SystemExit as err:  # Ray's own SIGTERM handler, while Ray started (sys.exit(15))
-        if err.code != signal.SIGTERM:
-            raise
-        return _fail(RuntimeError(interrupted(spec, Terminated(), again)), EXIT_TERMINATED)
-    except Exception as err:
-        from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
-
-        stop = _interruption_within(err)
-        if stop is not None:  # a Ctrl-C or SIGTERM a library's clean-up raised its own error on
-            return _fail(RuntimeError(interrupted(spec, stop, again)), _stopped_exit(stop))
-
-        from vision_ops.errors import (
-            PredictorFailed,
-            raised_as_an_actor_started,
-            raised_in_a_worker,
-        )
-
-        if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
-            return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
-        in_actor = raised_as_an_actor_started(err)  # e.g. weights that are not a state_dict
-        if in_actor is not None:
-            message, code = in_actor
-            return _fail(
-                RuntimeError(f"{message} (as the actors started); nothing was committed"), code
-            )
-        if isinstance(err, PredictorFailed):  # in the driver's threads (predict_in: driver)
-            log.debug("the predictor failed in the driver", exc_info=err.__cause__)
-            message = f"the predictor failed in the driver: {err}; {nothing_committed(spec, again)}"
-            return _fail(RuntimeError(message), EXIT_FAILED)
-        in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
-        if in_worker is not None:
-            return _fail(
-                RuntimeError(
-                    f"a worker failed: {in_worker}; {nothing_committed(spec, again)} (the worker's "
-                    "stack trace: Ray Data's log, in the Ray session's logs/ray-data)"
-                ),
-                EXIT_FAILED,
-            )
-        raise
+        summary = _connect_and_run(spec, late.start)  # from its commit, SIGTERM is noted
+    except BaseException as err:
+        late.stop()
+        return _run_failed(spec, err, args.command)
     try:
         with late:  # the run is committed: a SIGTERM from here is noted, not obeyed
             _say_committed(summary)
         scored = _score_committed(spec, summary)  # a run over the error ratio is scored too
+        with late:
+            return _committed_outcome(summary, scored, args.max_error_ratio, late)
     except KeyboardInterrupt as err:  # committed, not scored: say so, and how to score it
         stopped = f"{STOPPED_BY[stopped_by_sigterm(err)]} after run {summary.run_id} committed"
-        if spec.evaluate is not None:
+        if spec.evaluate is not None and scored is None:
             stopped += (
                 f", before it was scored (`vision-ops evaluate SPEC --run-id {summary.run_id}`)"
             )
         return _fail(RuntimeError(stopped), _stopped_exit(err))
+
+
+def _committed_outcome(
+    summary: RunSummary, scored: int, max_error_ratio: float, late: SigtermNoted
+) -> int:
+    """A committed run's exit code: its score's, else 4 past --max-error-ratio, else 0; with a
+    note where a SIGTERM came once it had committed (its outcome stands)."""
     code = scored
     sent, errors = _new_units_and_errors(summary)
-    if sent and errors / sent > args.max_error_ratio:
+    if sent and errors / sent > max_error_ratio:
         of = f"{errors}/{sent} (of new inputs, sent to the model)"
         message = f"error rows {of} exceed --max-error-ratio"
         over = _fail(RuntimeError(message), EXIT_TOO_MANY_ERRORS)
@@ -368,6 +331,56 @@ def run(spec: JobSpec, args: argparse.Namespace, after_commit: SigtermNoted | No
             file=sys.stderr,
         )
     return code
+
+
+def _run_failed(spec: JobSpec, err: BaseException, again: str) -> int:
+    """A run that raised before its commit, said in one line with its exit code (what it left
+    and what resumes it: `again`, the same run or the same backfill); an error of no known
+    kind raised again."""
+    from vision_ops.storage import OutputNotWritable, StorageError
+
+    if isinstance(err, VisionOpsError):  # a bad spec, model or input (2), a pool too large (3)
+        return _fail(err, err.exit_code)
+    if isinstance(err, OutputNotWritable):  # found before any work
+        return _fail(RuntimeError(f"{err}; nothing was done"), EXIT_FAILED)
+    if isinstance(err, StorageError):
+        return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (Terminated)
+        return _fail(RuntimeError(interrupted(spec, err, again)), _stopped_exit(err))
+    if isinstance(err, SystemExit) and err.code == signal.SIGTERM:  # Ray's own handler's exit
+        return _fail(RuntimeError(interrupted(spec, Terminated(), again)), EXIT_TERMINATED)
+    if not isinstance(err, Exception):
+        raise err
+    from ray.data.exceptions import ExecutionTimeoutError  # imported by the run by now
+
+    stop = _interruption_within(err)
+    if stop is not None:  # a Ctrl-C or SIGTERM a library's clean-up raised its own error on
+        return _fail(RuntimeError(interrupted(spec, stop, again)), _stopped_exit(stop))
+
+    from vision_ops.errors import PredictorFailed, raised_as_an_actor_started, raised_in_a_worker
+
+    if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
+        return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
+    in_actor = raised_as_an_actor_started(err)  # e.g. weights that are not a state_dict
+    if in_actor is not None:
+        message, code = in_actor
+        return _fail(
+            RuntimeError(f"{message} (as the actors started); nothing was committed"), code
+        )
+    if isinstance(err, PredictorFailed):  # in the driver's threads (predict_in: driver)
+        log.debug("the predictor failed in the driver", exc_info=err.__cause__)
+        message = f"the predictor failed in the driver: {err}; {nothing_committed(spec, again)}"
+        return _fail(RuntimeError(message), EXIT_FAILED)
+    in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
+    if in_worker is not None:
+        return _fail(
+            RuntimeError(
+                f"a worker failed: {in_worker}; {nothing_committed(spec, again)} (the worker's "
+                "stack trace: Ray Data's log, in the Ray session's logs/ray-data)"
+            ),
+            EXIT_FAILED,
+        )
+    raise err
 
 
 def _say_committed(summary: RunSummary) -> None:
@@ -391,25 +404,35 @@ def _say_committed(summary: RunSummary) -> None:
 
 
 class SigtermNoted:
-    """SIGTERM while a committed run is said (`with`): noted, not obeyed. The run is in the
-    table: a scheduler's stop then must not turn it into exit 143 ("terminated", read as
-    nothing committed); the command ends with the run's own outcome and a note. A second
-    SIGTERM (a scheduler that insists) raises Terminated at once. Only from the main thread,
-    as `stop_on_sigterm`; the handler before is set again on leaving."""
+    """SIGTERM once a run has committed (from `start`, the pipeline's call at its commit, or
+    `with`): noted, not obeyed. The run is in the table: a scheduler's stop then must not turn
+    it into exit 143 ("terminated", read as nothing committed); the command ends with the run's
+    own outcome and a note. A second SIGTERM (a scheduler that insists) raises Terminated at
+    once. Only from the main thread, as `stop_on_sigterm`; `stop` (leaving the block) sets the
+    handler before it again."""
 
     def __init__(self) -> None:
         self.received = 0
-        self._before: list[Any] = []  # the handler replaced, while this one is set
+        self._before: Any = None  # the handler it replaced, while its own is set
+        self._set = False
+
+    def start(self) -> None:
+        """Its handler set, where it is not yet (so `start` and then `with` set it once)."""
+        if not self._set and threading.current_thread() is threading.main_thread():
+            self._before = signal.signal(signal.SIGTERM, self._noted)
+            self._set = True
+
+    def stop(self) -> None:
+        if self._set:  # None: one set outside Python, not to be had back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._before is None else self._before)
+            self._set = False
 
     def __enter__(self) -> SigtermNoted:
-        if threading.current_thread() is threading.main_thread():
-            self._before.append(signal.signal(signal.SIGTERM, self._noted))
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for before in self._before:  # None: one set outside Python, not to be had back
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
-        self._before.clear()
+        self.stop()
 
     def _noted(self, signum: int, frame: Any) -> None:
         self.received += 1
@@ -537,9 +560,10 @@ def _the_same(spec: JobSpec, command: str) -> str:
     return f"the same command with --run-id {run_id} --run-date {run_date.isoformat()}"
 
 
-def _connect_and_run(spec: JobSpec) -> RunSummary:
+def _connect_and_run(spec: JobSpec, on_commit: Callable[[], None]) -> RunSummary:
     """The run, its start-up timed from here: Ray starts while the driver imports the model
-    stack and checks the spec's model (ModelError once Ray is up)."""
+    stack and checks the spec's model (ModelError once Ray is up); `on_commit` as
+    `run_checked_job` takes it."""
     from vision_ops.pipeline.connect import connect_while
     from vision_ops.runstats import StartupClock
 
@@ -554,7 +578,7 @@ def _connect_and_run(spec: JobSpec) -> RunSummary:
     stop_on_sigterm()
     from vision_ops.pipeline.run import run_checked_job
 
-    return run_checked_job(spec, clock)
+    return run_checked_job(spec, clock, on_commit)
 
 
 def _print_drift(drifts: Sequence[Drift] | None) -> None:
@@ -623,7 +647,10 @@ def backfill(spec: JobSpec, args: argparse.Namespace) -> int:
                 _say_where_the_backfill_stopped(day, args.end)
                 return _check_backfilled(spec, args, committed, code)
             if late.received and day < args.end:  # a stop once the run committed: no later date
+                run_id, _ = dated.pinned().resolved_run()
+                print(f"error: {STOPPED_BY[True]} after run {run_id} committed", file=sys.stderr)
                 _say_where_the_backfill_stopped(day, args.end)
+                _backfill_outcome(committed_but)  # the dates committed with a problem, said
                 return _check_backfilled(spec, args, committed, EXIT_TERMINATED)
         day += dt.timedelta(days=1)
     return _check_backfilled(spec, args, committed, _backfill_outcome(committed_but))

@@ -698,7 +698,7 @@ def located_runs(output: OutputSpec) -> tuple[str | None, list[dict[str, Any]]]:
     table = load_table(output)
     if table is None:
         return None, []
-    return table.metadata_location, sorted(_runs_in(table).values(), key=run_order)
+    return table.metadata_location, _runs_in_order(table)
 
 
 def run_manifest(output: OutputSpec, run_id: str) -> dict[str, Any] | None:
@@ -706,6 +706,11 @@ def run_manifest(output: OutputSpec, run_id: str) -> dict[str, Any] | None:
     planned, only the snapshot summaries read."""
     table = load_table(output)
     return _runs_in(table).get(run_id) if table is not None else None
+
+
+def _runs_in_order(table: Table) -> list[dict[str, Any]]:
+    """`_runs_in`'s manifests, oldest run date first (`committed_runs`' order)."""
+    return sorted(_runs_in(table).values(), key=run_order)
 
 
 def _runs_in(table: Table) -> dict[str, dict[str, Any]]:
@@ -823,7 +828,7 @@ def runs_and_expired_dates(output: OutputSpec) -> tuple[list[dict[str, Any]], se
     table = load_table(output)
     if table is None or table.current_snapshot() is None:
         return [], set()
-    runs = sorted(_runs_in(table).values(), key=run_order)
+    runs = _runs_in_order(table)
     partitions = table.inspect.partitions().column("partition").to_pylist()
     held = {str(found[PARTITION_COLUMN]) for found in partitions if found.get(PARTITION_COLUMN)}
     return runs, held - {run["run_date"] for run in runs}

@@ -6,6 +6,7 @@ Each has every core and an isolated temp dir, and is shut after."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -32,6 +33,10 @@ HEAD_PORT_FLAGS = (
     "metrics-export-port",
     "runtime-env-agent-port",
 )
+# This process's Ray settings the head takes too; the others (RAY_ADDRESS: a cluster of the
+# user's) are left out.
+KEPT_FOR_HEAD = ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # A first job on a head: it answers once its raylet has registered and started a worker.
 FIRST_JOB = "import ray; ray.init(); ray.get(ray.remote(lambda: 0).remote())"
 
@@ -87,39 +92,53 @@ def running_cluster(cores: int) -> Iterator[str]:
     private temp dir, up and past a first job before this yields its GCS address. Its
     processes are children of this one, so a measurement of this process's tree holds them
     (their memory is the cluster's, held while the job runs). RAY_ADDRESS names it meanwhile;
-    stopped on exit. Token authentication is off (it answers on 127.0.0.1 only): Ray reads a
-    process's token once, so a process that joined a cluster with a token before could not
-    join this one with another."""
+    stopped on exit. Its token authentication is this process's (RAY_AUTH_MODE, and the token
+    Ray finds for it: RAY_AUTH_TOKEN, its path, else ~/.ray/auth_token); off where this process
+    sets none, as Ray then joins an address without a token. A driver whose mode differs from
+    the cluster's hangs: its tasks' workers answer it without the token it asks for."""
     gcs_port, *ports = free_ports(1 + len(HEAD_PORT_FLAGS))
     address = f"127.0.0.1:{gcs_port}"
-    temp_dir = private_temp_dir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TMPDIR"}
-    env |= {"RAY_AUTH_MODE": "disabled"}
-    command = [
-        ray_command(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs_port}", f"--num-cpus={cores}", "--include-dashboard=false",
-        "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-        *[f"--{flag}={port}" for flag, port in zip(HEAD_PORT_FLAGS, ports, strict=True)],
-    ]  # fmt: skip
-    head = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own session: Ctrl-C at the terminal is the bench's
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in KEPT_FOR_HEAD}
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # unset, `ray start` would turn tokens on
     saved = os.environ.get("RAY_ADDRESS")
+    temp_dir = private_temp_dir()
+    head: subprocess.Popen[bytes] | None = None
     try:
+        command = [
+            ray_command(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}", f"--num-cpus={cores}", "--include-dashboard=false",
+            "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+            *[f"--{flag}={port}" for flag, port in zip(HEAD_PORT_FLAGS, ports, strict=True)],
+        ]  # fmt: skip
+        head = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own session: Ctrl-C at the terminal is the bench's
+            preexec_fn=_stopped_with_its_parent,
+        )
         run_first_job(env | {"RAY_ADDRESS": address}, head)
         os.environ["RAY_ADDRESS"] = address
         yield address
     finally:
-        stop_head(head)
+        if head is not None:
+            stop_head(head)
         if saved is None:
             os.environ.pop("RAY_ADDRESS", None)
         else:
             os.environ["RAY_ADDRESS"] = saved
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stopped_with_its_parent() -> None:
+    """In the head's keeper, before it runs: SIGTERM to it when the process that started it
+    dies without stopping it (killed, or a broken process pool), so that the head's processes
+    do not outlive the measurement (`ray start --block` stops them on SIGTERM). Linux only, as
+    the bench's memory probes are; elsewhere nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def ray_command() -> str:

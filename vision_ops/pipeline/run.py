@@ -106,10 +106,14 @@ def run_job(spec: JobSpec, clock: StartupClock | None = None) -> RunSummary:
     return run_checked_job(spec, clock or StartupClock())
 
 
-def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
+def run_checked_job(
+    spec: JobSpec, clock: StartupClock, on_commit: Callable[[], None] | None = None
+) -> RunSummary:
     """`run_job` on a spec whose model `check_job` has passed already (the command line checks
     it while Ray starts, and times start-up from before that): the check is not repeated (for
-    detection it reads the labels from storage, for embeddings it builds the model)."""
+    detection it reads the labels from storage, for embeddings it builds the model).
+    `on_commit` is called once the run is committed, before its lock is released (the command
+    line stops obeying SIGTERM from there: the run's outcome stands)."""
     spec = spec.pinned()
     run_id, run_date = spec.resolved_run()
     inputs = plan_inputs(spec.input, spec.storage_options)
@@ -136,6 +140,8 @@ def run_checked_job(spec: JobSpec, clock: StartupClock) -> RunSummary:
         commit, pipeline_seconds, drifts, retries = _process_and_commit(
             spec, listing, plan, lock, clock, retried
         )
+        if on_commit is not None:
+            on_commit()
     seconds = time.perf_counter() - clock.started
     return RunSummary(
         run_id,
