@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -401,14 +402,7 @@ def test_a_sigterm_after_a_backfills_run_committed_stops_the_backfill_there(
     monkeypatch.setattr(cli, "_connect_and_run", committed)
     monkeypatch.setattr(cli, "_print_drift", drift_said)
     args = cli._parsed(["backfill", str(spec_file), "--from", "2026-11-01", "--to", "2026-11-03"])
-    before = signal.getsignal(signal.SIGTERM)
-    code: object
-    try:
-        code = cli.backfill(cli.load_spec_of(args), args)
-    except KeyboardInterrupt as err:  # not to pytest, which would end the session on it
-        code = err
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    code, _ = under_its_own_sigterm(lambda: cli.backfill(cli.load_spec_of(args), args))
     assert code == EXIT_TERMINATED
     [run_id] = ran  # the first date's run, and no other
     assert run_id.startswith("2026-11-01-")
@@ -419,6 +413,23 @@ def test_a_sigterm_after_a_backfills_run_committed_stops_the_backfill_there(
         f"error: terminated (SIGTERM) after run {run_id} committed\n"
         "error: the backfill stopped at 2026-11-01: 2026-11-02..2026-11-03 not run (2 dates)\n"
     )
+
+
+def under_its_own_sigterm(command: Callable[[], int]) -> tuple[object, object]:
+    """A command's exit code (or the KeyboardInterrupt it let out: not to pytest, which would
+    end the session on it) and the SIGTERM handler it left; the handler before set again."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    code: object
+    try:
+        code = command()
+    except KeyboardInterrupt as err:
+        code = err
+    finally:
+        after = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, before)
+    return code, after
 
 
 def committed_summary(run_id: str):  # type: ignore[no-untyped-def]
@@ -454,15 +465,7 @@ def test_a_sigterm_as_a_committed_run_releases_its_lock_leaves_its_outcome(
 
     monkeypatch.setattr(cli, "_connect_and_run", commits_then_stopped)
     args = cli._parsed(["run", str(spec_file), "--run-id", "k1", "--run-date", "2026-11-01"])
-    before = signal.getsignal(signal.SIGTERM)
-    code: object
-    try:
-        code = cli.run(cli.load_spec_of(args), args)
-    except KeyboardInterrupt as err:  # not to pytest, which would end the session on it
-        code = err
-    finally:
-        after = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, before)
+    code, after = under_its_own_sigterm(lambda: cli.run(cli.load_spec_of(args), args))
     assert code == 0
     assert after is cli._terminate  # the run's own handler set again once it was said
     out, err = capsys.readouterr()
