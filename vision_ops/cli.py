@@ -562,9 +562,11 @@ def _the_same(spec: JobSpec, command: str) -> str:
 
 def _connect_and_run(spec: JobSpec, on_commit: Callable[[], None]) -> RunSummary:
     """The run, its start-up timed from here: Ray starts while the driver imports the model
-    stack and checks the spec's model (ModelError once Ray is up); `on_commit` as
-    `run_checked_job` takes it."""
+    stack and checks the spec's model (ModelError once Ray is up), unless the run may go in
+    this process (`runtime.runner`: then no Ray starts here); `on_commit` as `run_checked_job`
+    takes it."""
     from vision_ops.pipeline.connect import connect_while
+    from vision_ops.pipeline.in_process import may_run_in_process
     from vision_ops.runstats import StartupClock
 
     def prepare() -> None:
@@ -574,7 +576,10 @@ def _connect_and_run(spec: JobSpec, on_commit: Callable[[], None]) -> RunSummary
         check_job(spec)
 
     clock = StartupClock()
-    connect_while(prepare, clock, spec.runtime.local_dashboard)
+    if may_run_in_process(spec):  # Ray starts later, only where the listing is too long
+        prepare()
+    else:
+        connect_while(prepare, clock, spec.runtime.local_dashboard)
     stop_on_sigterm()
     from vision_ops.pipeline.run import run_checked_job
 

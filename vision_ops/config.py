@@ -757,6 +757,11 @@ COMPILE_MIN_INPUTS_COLD = 8000
 # where five bench rounds on 2 cores found the driver's way faster every time; at 2,000 it was
 # a break-even (docs/performance.md, "`predict_in: auto`").
 DRIVER_MAX_INPUTS = 1000
+# What `runtime.runner: in_process` cannot run: each as the spec's refusal says it.
+IN_PROCESS_RULED_OUT = (
+    "the inputs include a manifest (Ray Data reads it), scenes are cut into tiles (planned in "
+    "Ray tasks), the model is asked onto a GPU, or the runtime autoscales"
+)
 
 
 @dataclass(frozen=True)
@@ -880,13 +885,26 @@ class RuntimeSpec(StrictModel):
         "driver_max_inputs units to process, fewer than compile_min_inputs with compile on; "
         "else actors.",
     )
+    runner: Literal["ray", "in_process", "auto"] = Field(
+        default="ray",
+        description="What runs the job: Ray (the embedded local cluster, or the one RAY_ADDRESS "
+        "names), or this one process without Ray (in_process): it lists the inputs, reads and "
+        "decodes them in threads and runs the model in threads as predict_in: driver does "
+        "(whatever predict_in says), then commits as any run does. It suits a short run on one "
+        "machine: no Ray to start (seconds) and none of Ray's processes (about 1 GB). It is "
+        f"refused where {IN_PROCESS_RULED_OUT}. auto: in this process where none of those "
+        "holds, RAY_ADDRESS is unset, Ray is not up in the process already, the input is not "
+        "DICOM and the listing holds at most driver_max_inputs inputs (fewer than "
+        "compile_min_inputs with compile on); else Ray.",
+    )
     driver_max_inputs: int = Field(
         default=DRIVER_MAX_INPUTS,
         ge=0,
         description="With predict_in: auto, the most units (images, tiles of cut scenes; "
         "after --incremental's skip and a resumed attempt's sources) a run hands to the "
-        "driver's threads; a longer run starts actors. Default "
-        f"{DRIVER_MAX_INPUTS}, measured on CPUs; 0: always actors.",
+        "driver's threads; a longer run starts actors. With runner: auto, the most inputs "
+        "listed for a run in this process. Default "
+        f"{DRIVER_MAX_INPUTS}, measured on CPUs; 0: always actors (and Ray).",
     )
     local_dashboard: bool = Field(
         default=False,
@@ -1322,6 +1340,29 @@ class JobSpec(StrictModel):
                 f"{MERGED_AFTER_THE_POOL}: expected predict_in: actors"
             )
         return self
+
+    @model_validator(mode="after")
+    def _in_process_where_it_can(self) -> JobSpec:
+        found = self.ray_needed_for()
+        if self.runtime.runner == "in_process" and found is not None:
+            raise ValueError(
+                "runtime.runner: in_process runs the job in this one process, on its CPUs; "
+                f"{found}: expected runner: ray (or auto)"
+            )
+        return self
+
+    def ray_needed_for(self) -> str | None:
+        """What of the spec needs Ray (`IN_PROCESS_RULED_OUT`), as found; None: nothing."""
+        runtime = self.runtime
+        if self.input.manifest is not None:
+            return "the inputs include a manifest, which Ray Data reads"
+        if self.input.tiling is not None:
+            return "its scenes are cut into tiles, planned in Ray tasks"
+        if runtime.device == "cuda" or (runtime.num_gpus_per_actor or 0) > 0:
+            return "the model is asked onto a GPU"
+        if runtime.autoscaling:
+            return "runtime.autoscaling is set"
+        return None
 
     @property
     def merges_scene_rows(self) -> bool:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from vision_ops.config import DicomSpec, Preprocessing, TilingSpec
+from vision_ops.config import DicomSpec, JobSpec, Preprocessing, TilingSpec
 from vision_ops.decode import ENCODED_COLUMN, ImageTooLarge, decode_image, device_jpeg_size
 from vision_ops.dicom import DICOM_COLUMNS, decode_frame, is_dicom, open_instance
 from vision_ops.raster import RasterError, open_raster
@@ -39,6 +40,11 @@ UNIT_COLUMNS = (
     "error_type",
     "error_message",
 )
+MB = 1024**2
+# A read task's units leave it in blocks of about this many bytes of images, so the frames of
+# a DICOM instance are never held all at once (Ray Data gathers a task's blocks up to its
+# target block size, 128 MiB, before handing them on).
+READ_BLOCK_BYTES = 32 * MB
 # Columns a tile read adds (the plan's tile_x, tile_y, tile_size ride along from the listing).
 TILE_COLUMNS = (
     "valid_fraction",
@@ -50,6 +56,25 @@ TILE_COLUMNS = (
     "center_lon",
     "center_lat",
 )
+
+
+def unit_reader(
+    spec: JobSpec, preprocessing: Preprocessing | None
+) -> Callable[[dict[str, np.ndarray]], Iterator[dict[str, np.ndarray]]]:
+    """`read_unit_blocks` as a run of `spec` reads (its input and decode settings), each image
+    made ready for `preprocessing` (the model's, `models.resolve_preprocessing`)."""
+    return functools.partial(
+        read_unit_blocks,
+        preprocessing=preprocessing,
+        max_pixels=spec.input.max_pixels,
+        bits_stored=spec.input.bits_stored,
+        max_file_bytes=spec.input.max_file_mb * 2**20,
+        storage_options=spec.storage_options,
+        dicom=spec.input.dicom,
+        tiling=spec.input.tiling,
+        decode_on_device=spec.runtime.decode == "device",
+        max_block_bytes=READ_BLOCK_BYTES,
+    )
 
 
 def read_unit_blocks(

@@ -8,7 +8,7 @@ import json
 
 from vision_ops.config import JobSpec
 from vision_ops.pipeline.incremental import model_fingerprint
-from vision_ops.pipeline.listing import Listing
+from vision_ops.pipeline.listing import AnyListing
 from vision_ops.pool import PoolPlan
 from vision_ops.sources import version_of
 from vision_ops.storage import (
@@ -21,10 +21,10 @@ from vision_ops.storage import (
 )
 
 
-def identity_digests(spec: JobSpec, listing: Listing, plan: PoolPlan) -> dict[str, str]:
+def identity_digests(spec: JobSpec, listing: AnyListing, plan: PoolPlan) -> dict[str, str]:
     """What the run read and with what: the input snapshot, the spec, the model and the
     numerics its actors run with (a rerun on other devices or precision starts over). The
-    snapshot digest was summed as the listing streamed through Ray tasks (each source's URI
+    snapshot digest was summed as the listing streamed through Ray tasks, or here (each source's URI
     and version, SHA-256 each, added modulo 2**256, then hashed with the count): the same
     inputs give the same digest whatever their order or blocks."""
     return {

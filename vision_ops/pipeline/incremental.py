@@ -20,7 +20,7 @@ import ray
 from vision_ops.config import JobSpec, PpOcrModel
 from vision_ops.ocr import OCR_PACKAGE
 from vision_ops.outputs import Target, committed_runs, read_index, read_run
-from vision_ops.pipeline.listing import BLOCKWISE, Listing, summarise
+from vision_ops.pipeline.listing import AnyListing, HeldListing
 from vision_ops.runindex import (
     INDEX_SCHEMA,
     ROW_COLUMNS,
@@ -47,13 +47,13 @@ class EarlierOutcomes:
     retried: pa.Array
 
 
-def skip_committed(spec: JobSpec, listing: Listing, run_id: str) -> tuple[Listing, pa.Array]:
+def skip_committed(spec: JobSpec, listing: AnyListing, run_id: str) -> tuple[AnyListing, pa.Array]:
     """The listing less sources another run committed with this model and this input version
     (a committed run holds every unit of each source it read: all frames of an instance),
     unless the latest such run wrote an error row for one, of a type not in `run.skip_errors`;
     and the source keys of those retried (`EarlierOutcomes.retried`: the commit counts the rows
     it holds of them, `retried_rows`). The done keys are gathered on the driver as one Arrow
-    array, put in the object store once, and the listing is filtered in Ray tasks."""
+    array, and the listing is filtered in Ray tasks (`without_done`; here where it is held)."""
     fingerprint = model_fingerprint(spec)
     runs = [
         run
@@ -97,11 +97,15 @@ def _count(mask: pa.Array | pa.ChunkedArray) -> int:
     return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
 
 
-def without_done(listing: Listing, done: pa.Array, options: StorageOptions) -> Listing:
-    """The listing less the inputs whose source key is in `done`, filtered in Ray tasks."""
-    select = functools.partial(not_done, done=DoneKeys(ray.put(done)), options=options)
-    kept = listing.dataset.map_batches(select, **BLOCKWISE).materialize()
-    return Listing(kept, summarise(kept, find_repeats=False))
+def without_done(listing: AnyListing, done: pa.Array, options: StorageOptions) -> AnyListing:
+    """The listing less the inputs whose source key is in `done`: filtered in Ray tasks (the
+    keys put in the object store once), or here for a listing held here."""
+    keys: DoneKeys | frozenset[str]
+    if isinstance(listing, HeldListing):
+        keys = frozenset(done.to_pylist())
+    else:
+        keys = DoneKeys(ray.put(done))
+    return listing.without(functools.partial(not_done, done=keys, options=options))
 
 
 @dataclass(frozen=True)

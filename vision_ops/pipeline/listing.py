@@ -1,15 +1,18 @@
-"""A run's inputs as a Ray dataset: the planned parts listed into the object store, each URI
-once, and summed in one pass (count, tally, snapshot digest) without the driver holding rows."""
+"""A run's inputs: as a Ray dataset (the planned parts listed into the object store, each URI
+once, and summed in one pass: count, tally, snapshot digest, without the driver holding rows),
+or, for a short run in this one process (`runtime.runner`), held here as one Arrow table."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import ray
 from ray.data.datasource import FileBasedDatasource
@@ -69,6 +72,45 @@ class Listing:
             "source_uri"
         )
 
+    def without(self, select: Callable[[pa.Table], pa.Table]) -> Listing:
+        """The listing of the rows `select` keeps of each block (in Ray tasks), summed again."""
+        kept = self.dataset.map_batches(select, **BLOCKWISE).materialize()
+        return Listing(kept, summarise(kept, find_repeats=False))
+
+
+@dataclass(frozen=True)
+class HeldListing:
+    """A short run's inputs held in this process as one Arrow table (the listing schema, each
+    URI once) and its summary: what a Listing is to a run, without Ray (`runtime.runner`)."""
+
+    rows: pa.Table
+    summary: ListingSummary
+
+    @classmethod
+    def of(cls, rows: pa.Table) -> HeldListing:
+        summary = ListingSummary()
+        summary.add(summarise_block(rows))
+        return cls(rows, summary)
+
+    @property
+    def count(self) -> int:
+        return self.summary.count
+
+    def tally(self) -> Tally:
+        return self.summary.tally
+
+    def in_buckets(self, buckets: Collection[int]) -> list[str]:
+        found = rows_in_buckets(self.rows, buckets=frozenset(buckets))
+        return [str(uri) for uri in found["source_uri"].to_pylist()]
+
+    def without(self, select: Callable[[pa.Table], pa.Table]) -> HeldListing:
+        """The listing of the rows `select` keeps, summed again."""
+        return HeldListing.of(select(self.rows))
+
+
+# A run's inputs, listed: into Ray's object store, or held here.
+AnyListing: TypeAlias = Listing | HeldListing
+
 
 # Listing rows a map task takes at once, as Arrow tables.
 BLOCKWISE: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": LISTING_BLOCK_ROWS}
@@ -94,6 +136,46 @@ def list_listing(
     return Listing(dataset, summary)
 
 
+def held_listing(
+    spec: InputSpec,
+    inputs: InputPlan,
+    table: str | None = None,
+    most: int | None = None,
+) -> HeldListing | None:
+    """The planned inputs listed here, as `list_listing` lists them into Ray (a URI that more
+    than one part names kept once, the first part's; nothing under the folder `table`), or
+    None once more than `most` are listed (the run is not short: Ray lists them again). Not a
+    manifest's: Ray Data reads one (`InputPlan.manifest` is refused before this)."""
+    if inputs.manifest is not None:
+        raise ValueError("a manifest is listed by Ray Data (list_listing)")
+    outside = _outside(table)
+    blocks: list[pa.Table] = [LISTING_SCHEMA.empty_table()]
+    count = 0
+    parts = [iter([inputs.table])] + [listing.blocks() for listing in inputs.listings]
+    for part in parts:
+        for block in part:
+            blocks.append(outside(block))
+            count += blocks[-1].num_rows
+            if most is not None and count > most:
+                return None
+    rows = pa.concat_tables(blocks)
+    if inputs.parts > 1:
+        rows = _first_of_each(rows)
+    if rows.num_rows == 0:
+        raise nothing_found(spec)
+    return HeldListing.of(rows)
+
+
+def _first_of_each(rows: pa.Table) -> pa.Table:
+    """The rows with each URI once, its first row's (in their order)."""
+    order = rows.append_column("row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    firsts = order.group_by("source_uri", use_threads=False).aggregate([("row", "min")])
+    kept = pc.sort_indices(firsts["row_min"])
+    if len(kept) < rows.num_rows:
+        log.info("inputs named more than once are kept once (%d rows)", rows.num_rows - len(kept))
+    return rows.take(pc.take(firsts["row_min"], kept))
+
+
 def summarise(dataset: ray.data.Dataset, find_repeats: bool) -> ListingSummary:
     """One pass over the listing (in Ray tasks), added up here in fixed memory: the count,
     the expected units' tally, the input snapshot digest and (where asked) repeated URIs."""
@@ -107,9 +189,7 @@ def _listing_parts(
     inputs: InputPlan, options: StorageOptions, table: str | None
 ) -> list[ray.data.Dataset]:
     parts: list[ray.data.Dataset] = []
-    outside = (
-        (lambda block: block) if table is None else functools.partial(rows_outside, folder=table)
-    )
+    outside = _outside(table)
     if inputs.table.num_rows:
         parts.append(ray.data.from_arrow(outside(inputs.table)))
     for listing in inputs.listings:
@@ -119,6 +199,13 @@ def _listing_parts(
     if inputs.manifest is not None:
         parts.append(_manifest_dataset(inputs.manifest, options))
     return parts
+
+
+def _outside(table: str | None) -> Callable[[pa.Table], pa.Table]:
+    """A listing block less its rows under the folder `table` (None: the block as it is)."""
+    if table is None:
+        return lambda block: block
+    return functools.partial(rows_outside, folder=table)
 
 
 def _manifest_dataset(manifest: ManifestRead, options: StorageOptions) -> ray.data.Dataset:

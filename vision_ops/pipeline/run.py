@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import ray
@@ -36,8 +36,14 @@ from vision_ops.outputs import (
 from vision_ops.pipeline.connect import connect_ray, nodes_up
 from vision_ops.pipeline.identity import identity_digests
 from vision_ops.pipeline.in_driver import predicted_in_threads
+from vision_ops.pipeline.in_process import (
+    listed_in_process,
+    model_batches,
+    process_plan,
+    read_in_threads,
+)
 from vision_ops.pipeline.incremental import retried_record, retried_rows, skip_committed
-from vision_ops.pipeline.listing import BLOCKWISE, Listing, list_listing
+from vision_ops.pipeline.listing import BLOCKWISE, AnyListing, HeldListing, Listing, list_listing
 from vision_ops.pipeline.planning import ScenePlan, plan_scenes
 from vision_ops.pool import (
     PoolPlan,
@@ -48,25 +54,23 @@ from vision_ops.pool import (
     pool_for_inputs,
 )
 from vision_ops.predictors import load_predictor
-from vision_ops.reader import read_unit_blocks
+from vision_ops.reader import unit_reader
 from vision_ops.resume import Units, image_units, without_sources
 from vision_ops.runindex import ROW_COLUMNS
 from vision_ops.runstats import ActorStartup, RunStats, StartupClock
 from vision_ops.schema import output_schema, task_of
 from vision_ops.sink import CommitResult
-from vision_ops.sources import plan_inputs, table_apart
+from vision_ops.sources import InputPlan, plan_inputs, table_apart
 from vision_ops.storage import require_bucket
 from vision_ops.tally import ExpectedUnits
 from vision_ops.tasks import DetectionTask, get_task
 
 log = logging.getLogger(__name__)
 MB = 1024**2
+# The units a run processes: a Ray dataset, or rows held here (a run in this process).
+UnitRows: TypeAlias = ray.data.Dataset | pa.Table
 # Memory a read task reserves: a large photo decoded (8k x 6k RGB is 150 MB) plus its bytes.
 READ_TASK_MEMORY_BYTES = 512 * MB
-# A read task's units leave it in blocks of about this many bytes of images, so the frames of
-# a DICOM instance are never held all at once (Ray Data gathers a task's blocks up to its
-# target block size, 128 MiB, before handing them on).
-READ_BLOCK_BYTES = 32 * MB
 # Blocks a map task may make before the executor takes them (Ray Data's default: 2). Cutting a
 # listing block into read blocks (`unit_blocks`) makes hundreds of small blocks in one task; at
 # 2 ahead they trickled out at the executor's pace, about 10 a second, while the task held the
@@ -121,17 +125,14 @@ def run_checked_job(
     check_run_date(spec, run_id, run_date)
     if run_id == spec.default_run_id(run_date):  # not one the user named
         warn_of_runs_beside(spec, run_id, run_date)
-    with clock.stage("ray_connect"):
-        connect_ray(spec.runtime.local_dashboard)
-    reachable = reachable_nodes() if spec.runtime.autoscaling else None
-    up = nodes_up()
-    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
-    check_in_driver(spec.runtime, plan, up)
-    placed = placed_on_cluster(spec, plan, up)
-    spec = spec.model_copy(update={"runtime": placed}).sized(plan.num_gpus)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
     with clock.stage("listing"):
-        listing = list_listing(spec.input, inputs, spec.storage_options, table)
+        held = listed_in_process(spec, inputs, table)
+    listing: AnyListing
+    if held is None:
+        spec, plan, listing = listed_on_ray(spec, inputs, table, clock)
+    else:
+        spec, plan, listing = in_process(spec), process_plan(spec.runtime), held
     with run_guard(spec, run_id) as lock:  # the table's run lock, where its format needs one
         listed = listing.count
         retried = None
@@ -155,6 +156,31 @@ def run_checked_job(
         retried=retries.get("sources", 0),
         retries=retries,
     )
+
+
+def listed_on_ray(
+    spec: JobSpec, inputs: InputPlan, table: str | None, clock: StartupClock
+) -> tuple[JobSpec, PoolPlan, Listing]:
+    """Ray joined or started, the pool planned on its cluster (refused, before any work, where
+    it cannot run), the spec placed and sized for it, and the inputs listed into Ray."""
+    with clock.stage("ray_connect"):
+        connect_ray(spec.runtime.local_dashboard)
+    reachable = reachable_nodes() if spec.runtime.autoscaling else None
+    up = nodes_up()
+    plan = plan_pool(spec.runtime, ray.cluster_resources(), reachable, up)
+    check_in_driver(spec.runtime, plan, up)
+    placed = placed_on_cluster(spec, plan, up)
+    spec = spec.model_copy(update={"runtime": placed}).sized(plan.num_gpus)
+    with clock.stage("listing"):
+        listing = list_listing(spec.input, inputs, spec.storage_options, table)
+    return spec, plan, listing
+
+
+def in_process(spec: JobSpec) -> JobSpec:
+    """The spec as a run in this process runs it (`pipeline/in_process.py`): the model in the
+    driver's threads, sized for the CPUs alone."""
+    runtime = spec.runtime.model_copy(update={"predict_in": "driver"})
+    return spec.model_copy(update={"runtime": runtime}).sized(0)
 
 
 def warn_of_runs_beside(spec: JobSpec, run_id: str, run_date: dt.date) -> None:
@@ -248,7 +274,7 @@ def compiled_if_it_pays(spec: JobSpec, inputs: int) -> JobSpec:
 
 def _process_and_commit(
     spec: JobSpec,
-    listing: Listing,
+    listing: AnyListing,
     plan: PoolPlan,
     lock: RunGuard,
     clock: StartupClock,
@@ -285,6 +311,7 @@ def _process_and_commit(
     details["startup_seconds"] = stats.startup_seconds(clock)
     if left > 0:  # where the model ran: actors or driver (`auto` settled for the run's size)
         details["predict_in"] = sized.runtime.predict_in
+    details["runner"] = "in_process" if isinstance(listing, HeldListing) else "ray"
     if spec.input.tiling is not None:  # the report shows a tile as the model saw it
         bands = spec.input.tiling.bands  # None: each scene's default (`raster.scene_bands`)
         details["tile_bands"] = list(bands) if bands is not None else None
@@ -341,14 +368,16 @@ def committed_drift(spec: JobSpec, run_id: str) -> list[Drift] | None:
 
 
 def resume_earlier_attempt(
-    sink: Sink, units: ray.data.Dataset, tiles: ScenePlan | None, sources: int
-) -> tuple[ray.data.Dataset, ScenePlan | None, int]:
+    sink: Sink, units: UnitRows, tiles: ScenePlan | None, sources: int
+) -> tuple[UnitRows, ScenePlan | None, int]:
     """The units (and scene plan) left once the sink has reused what an earlier attempt of
     the run id made durable (vision_ops.resume: whole sources only), and how many are left."""
     if tiles is None:
         done = sink.resume(image_units)
         if not done:
             return units, None, sources
+        if isinstance(units, pa.Table):  # held here
+            return without_sources(units, done), None, sources - len(done)
         left = units.map_batches(functools.partial(without_sources, sources=done), **BLOCKWISE)
         return left, None, sources - len(done)
 
@@ -362,12 +391,10 @@ def resume_earlier_attempt(
     return kept.units(), kept, kept.count
 
 
-def plan_units(
-    spec: JobSpec, listing: Listing
-) -> tuple[ray.data.Dataset, pa.Schema, ScenePlan | None]:
-    """The units to process (the listing's dataset, or its scenes' tiles: planned in Ray
-    tasks, vision_ops.pipeline.planning), the table's schema, and the scene plan where there
-    is one."""
+def plan_units(spec: JobSpec, listing: AnyListing) -> tuple[UnitRows, pa.Schema, ScenePlan | None]:
+    """The units to process (the listing's dataset or the rows held here, or its scenes'
+    tiles: planned in Ray tasks, vision_ops.pipeline.planning), the table's schema, and the
+    scene plan where there is one."""
     schema = output_schema(
         spec.task.kind,
         dicom=spec.input.dicom is not None,
@@ -377,6 +404,8 @@ def plan_units(
         else None,
         fields=get_task(spec.task.kind).job_fields(spec),
     )
+    if isinstance(listing, HeldListing):  # never tiled (JobSpec.ray_needed_for)
+        return listing.rows, schema, None
     if spec.input.tiling is None:
         return listing.dataset, schema, None
     tiles = plan_scenes(listing, spec.input.tiling, spec.storage_options)
@@ -417,17 +446,19 @@ def unit_blocks(units: ray.data.Dataset, rows: int) -> ray.data.Dataset:
 
 def predicted_rows(
     spec: JobSpec,
-    listing: ray.data.Dataset,
+    listing: UnitRows,
     plan: PoolPlan,
     schema: pa.Schema,
     attempt: str,
     tiles: ScenePlan | None,
 ) -> Iterable[pa.Table]:
     """The run's rows as they reach the driver: read, predicted (by the actor pool, or in the
-    driver's threads: `runtime.predict_in`) and built; segmentation masks are staged for
-    commit `attempt`."""
-    units = read_units(spec, listing, plan)
+    driver's threads: `runtime.predict_in`; in this process, for a listing held here) and
+    built; segmentation masks are staged for commit `attempt`."""
     stages = RowStages.of(spec, schema, attempt)
+    if isinstance(listing, pa.Table):
+        return rows_in_process(spec, listing, plan, stages)
+    units = read_units(spec, listing, plan)
     if spec.runtime.predict_in == "driver":
         return rows_in_driver(spec, units, plan, stages)
     return rows_from_actors(spec, units, plan, stages, tiles)
@@ -442,6 +473,19 @@ def rows_in_driver(
     batches = with_limits(units, spec.runtime).iter_batches(
         batch_size=spec.runtime.images_per_call, batch_format="numpy"
     )
+    load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
+    return predicted_in_threads(batches, load, plan.max_size)
+
+
+def rows_in_process(
+    spec: JobSpec, listing: pa.Table, plan: PoolPlan, stages: RowStages
+) -> Iterable[pa.Table]:
+    """The listing held here read in this process's threads and predicted in its threads, as
+    `rows_in_driver` does with Ray's read tasks (pipeline/in_process.py)."""
+    runtime = spec.runtime
+    read = unit_reader(spec, resolve_preprocessing(spec.model, spec.task.kind))
+    blocks = read_in_threads(listing, read, runtime.files_per_read_task, plan.read_tasks or 1)
+    batches = model_batches(blocks, runtime.images_per_call)
     load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
     return predicted_in_threads(batches, load, plan.max_size)
 
@@ -534,18 +578,7 @@ def read_units(spec: JobSpec, listing: ray.data.Dataset, plan: PoolPlan) -> ray.
     # (Ray Data would otherwise coalesce a task's output into one block), and there are enough
     # tasks to keep every free core decoding.
     blocks = unit_blocks(listing, spec.runtime.files_per_read_task)
-    reader = functools.partial(
-        read_unit_blocks,
-        preprocessing=resolve_preprocessing(spec.model, spec.task.kind),
-        max_pixels=spec.input.max_pixels,
-        bits_stored=spec.input.bits_stored,
-        max_file_bytes=spec.input.max_file_mb * 2**20,
-        storage_options=spec.storage_options,
-        dicom=spec.input.dicom,
-        tiling=spec.input.tiling,
-        decode_on_device=spec.runtime.decode == "device",
-        max_block_bytes=READ_BLOCK_BYTES,
-    )
+    reader = unit_reader(spec, resolve_preprocessing(spec.model, spec.task.kind))
     units = blocks.map_batches(
         reader,
         batch_size=spec.runtime.files_per_read_task,
