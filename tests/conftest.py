@@ -109,6 +109,18 @@ def own_ray_root(monkeypatch: pytest.MonkeyPatch, ray_temp_dir: str) -> Iterator
 
 
 @pytest.fixture
+def no_ray(own_ray_root: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Ray connection, and none to be made: `ray.init` (Ray Data's own start included)
+    fails the test, for work that must run without Ray (`runtime.runner: in_process`)."""
+    import ray
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refused)
+
+
+@pytest.fixture
 def ray_with_gpu(ray_temp_dir: str) -> Iterator[None]:
     """2 CPUs and this machine's first GPU for one test; the CPU-only cluster is back after it
     where one was up before."""

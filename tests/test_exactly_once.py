@@ -384,13 +384,13 @@ def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_pa
     assert main(["verify", str(path)]) == EXIT_OK
 
 
-@pytest.mark.parametrize("predict_in", ["actors", "driver"])
+@pytest.mark.parametrize("predict_in", ["actors", "driver", "in_process"])
 def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     ray_local, tmp_path, capsys, caplog, monkeypatch, predict_in
 ) -> None:
     """A model that fails on its device mid-run: the run exits 1 with the model's own error in
     one line (Ray passes it on as its worker's traceback, in ANSI colours; the driver's
-    threads raise it themselves), nothing committed."""
+    threads raise it themselves, in a run in this process too), nothing committed."""
     from crashing import DEVICE_LOST
 
     make_images(tmp_path / "images", 8)
@@ -406,8 +406,8 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
             "batch_size": 2,
             "read_batch_size": 2,
             "max_actors": 1,
-            "predict_in": predict_in,
-        },
+        }
+        | ({"runner": "in_process"} if predict_in == "in_process" else {"predict_in": predict_in}),
         "output": {"uri": str(tmp_path / "table")},
         "run": {"id": "lost", "date": "2026-11-24"},
     }
@@ -420,10 +420,12 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     where = {
         "actors": "a worker failed",
         "driver": "the predictor failed in the driver",
+        "in_process": "the predictor failed in the driver",
     }[predict_in]
     log = {
         "actors": " (the worker's stack trace: Ray Data's log, in the Ray session's logs/ray-data)",
         "driver": "",
+        "in_process": "",
     }[predict_in]
     assert said == [
         f"error: {where}: RuntimeError: {DEVICE_LOST}; nothing was committed; the rows "

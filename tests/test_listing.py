@@ -24,7 +24,7 @@ from vision_ops.config import InputSpec, parse_spec
 from vision_ops.inventory import column_name
 from vision_ops.pipeline import listing as listing_module
 from vision_ops.pipeline import run_job
-from vision_ops.pipeline.listing import list_listing
+from vision_ops.pipeline.listing import held_listing, list_listing
 from vision_ops.sink import committed_runs
 from vision_ops.sources import SourceError, plan_inputs, read_manifest
 from vision_ops.tally import listed_tally
@@ -120,6 +120,30 @@ def test_a_uri_named_twice_is_kept_once_the_first_naming_wins(
     monkeypatch.setattr(listing_module, "MAX_REPEATED_URIS", 1)
     with pytest.raises(SourceError, match=r"^2 inputs are named more than once .* at most 1"):
         listing_of(InputSpec(manifest=manifest), s3_options)
+
+
+def test_a_listing_held_here_is_the_one_listed_into_ray(
+    ray_local, s3fs_client, s3_options, streamed_objects
+) -> None:
+    """`held_listing` (a run in this process) lists an s3:// prefix, and a folder beside it
+    naming some of its objects again, as `list_listing` lists them into Ray: the same rows,
+    each URI once (the first part's), the same count, tally and snapshot digest (so a run's
+    resume key is the same whichever runs it); past `most` inputs, None."""
+    uris = sorted(streamed_objects)
+    spec = InputSpec(uris=[f"s3://{PREFIX}/", f"s3://{PREFIX}/0/"])
+    inputs = plan_inputs(spec, s3_options)
+    held = held_listing(spec, inputs)
+    assert held is not None
+    rows, listing = listing_of(spec, s3_options)
+    assert held.rows.sort_by("source_uri").to_pylist() == rows
+    assert [row["source_uri"] for row in rows] == uris
+    assert held.count == listing.count == 6 and held.tally() == listing.tally()
+    assert held.summary.snapshot.hexdigest() == listing.summary.snapshot.hexdigest()
+    from vision_ops.tally import bucket_of
+
+    assert held.in_buckets({bucket_of(uris[4])}) == [uris[4]]
+    assert held_listing(spec, plan_inputs(spec, s3_options), most=8) is None  # 9 listed
+    assert held_listing(spec, plan_inputs(spec, s3_options), most=9) is not None
 
 
 def test_a_prefix_named_with_a_slash_is_listed_beside_an_object_of_its_name(

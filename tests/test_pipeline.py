@@ -429,6 +429,88 @@ def test_auto_places_the_model_by_the_runs_size(
     assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
 
 
+def test_a_run_in_this_process_gives_a_direct_model_calls_rows_without_ray(
+    no_ray, photo_dir, tmp_path, direct_top_k, monkeypatch
+):
+    """`runtime.runner: in_process`: no Ray is started (`ray.init` fails the test), the inputs
+    are read in this process's threads (never its main thread) and predicted in its own, and
+    the rows are those of a direct model call, each input once, bad files as error rows; the
+    manifest says where it ran, and its start-up has no Ray connect."""
+    import threading
+
+    import ray
+
+    import vision_ops.pipeline.in_process as in_process
+
+    readers: set[int] = set()
+    read_blocks = in_process.BlockAccessor.batch_to_block
+
+    def recorded(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+        readers.add(threading.get_ident())
+        return read_blocks(batch, *args, **kwargs)
+
+    monkeypatch.setattr(in_process.BlockAccessor, "batch_to_block", staticmethod(recorded))
+    expected_errors = write_bad_corpus(photo_dir)
+    runtime = {"batch_size": 2, "read_batch_size": 3, "runner": "in_process"}
+    output = tmp_path / "table"
+    summary = run_job(job([str(photo_dir)], str(output), runtime=runtime))
+    assert not ray.is_initialized()
+    assert readers and threading.get_ident() not in readers
+    listed = sorted(p.as_uri() for p in photo_dir.iterdir())
+    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
+    assert sorted(r["source_uri"] for r in rows) == listed  # each input exactly once
+    errors = {Path(r["source_uri"]).name: r["error_type"] for r in rows if r["status"] == "error"}
+    assert errors == expected_errors
+    assert_matches_direct([r for r in rows if r["status"] == "ok"], direct_top_k)
+    assert (summary.commit.ok, summary.commit.errors) == (len(direct_top_k), len(expected_errors))
+    manifest = committed_run(str(output), "test-run")
+    assert (manifest["runner"], manifest["predict_in"]) == ("in_process", "driver")
+    assert "ray_connect" not in manifest["startup_seconds"]
+
+
+@pytest.mark.parametrize(("driver_max_inputs", "runner"), [(5, "in_process"), (4, "ray")])
+def test_auto_runs_a_short_run_in_this_process_and_a_longer_one_on_ray(
+    own_ray_root, photo_dir, tmp_path, direct_top_k, driver_max_inputs, runner
+):
+    """`runner: auto` with no cluster to join and Ray not up: a run of 5 photos runs in this
+    process where driver_max_inputs allows 5, else Ray starts; the rows are a direct model
+    call's either way."""
+    import ray
+
+    auto = {"batch_size": 4, "runner": "auto", "driver_max_inputs": driver_max_inputs}
+    output = tmp_path / "table"
+    summary = run_job(job([str(photo_dir)], str(output), runtime=auto))
+    assert ray.is_initialized() == (runner == "ray")
+    assert committed_run(str(output), "test-run")["runner"] == runner
+    assert summary.commit.rows == len(direct_top_k) == 5
+    assert_matches_direct(pq.read_table(output / "run_date=2026-11-24").to_pylist(), direct_top_k)
+
+
+def test_an_incremental_run_in_this_process_skips_the_done_and_retries_the_errors(
+    no_ray, photo_dir, tmp_path, direct_top_k
+):
+    """Incremental runs in this process: the second leaves out the photos the first committed,
+    processes the one added since and tries the first's error row again."""
+    photos = sorted(photo_dir.iterdir())
+    (photo_dir / "broken.png").write_bytes(photos[0].read_bytes()[:100])
+    held_back = tmp_path / "later"
+    held_back.mkdir()
+    photos[-1].rename(held_back / photos[-1].name)
+    output = tmp_path / "table"
+    runtime = {"batch_size": 2, "runner": "in_process"}
+    first = run_job(job([str(photo_dir)], str(output), "first", runtime=runtime))
+    assert (first.commit.ok, first.commit.errors) == (4, 1)
+    (held_back / photos[-1].name).rename(photo_dir / photos[-1].name)
+    incremental = {"incremental": True, "id": "second", "date": "2026-11-25"}
+    second = run_job(job([str(photo_dir)], str(output), runtime=runtime, run=incremental))
+    assert (second.skipped_as_done, second.retried, second.inputs) == (4, 1, 2)
+    rows = pq.read_table(output / "run_date=2026-11-25").to_pylist()
+    names = {Path(r["source_uri"]).name: r["status"] for r in rows}
+    assert names == {photos[-1].name: "ok", "broken.png": "error"}
+    added = {photos[-1].name: direct_top_k[photos[-1].name]}
+    assert_matches_direct([r for r in rows if r["status"] == "ok"], added)
+
+
 def test_a_run_is_placed_before_its_compile_is_decided(tmp_path, caplog) -> None:
     """`sized_for_units` settles where the model runs first, then whether it compiles: a
     short `auto` run with compile on goes to the driver uncompiled (it would not have

@@ -537,7 +537,13 @@ def test_a_segmentation_rerun_reuses_rows_with_their_masks(
 # --- the whole job: the driver killed at 70 %, then the same command again ----------------
 
 
-def counting_spec(folder: Path, output: dict[str, Any], marks: Path, **extra: Any) -> Path:
+def counting_spec(
+    folder: Path,
+    output: dict[str, Any],
+    marks: Path,
+    runtime: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     spec = {
         "input": {"uris": [str(folder / "images")]},
         "model": {
@@ -552,7 +558,8 @@ def counting_spec(folder: Path, output: dict[str, Any], marks: Path, **extra: An
             "read_batch_size": 2,
             "max_actors": 1,
             "durable_every_rows": 4,
-        },
+        }
+        | (runtime or {}),
         "output": output | {"rows_per_file": 100},
         "run": {"id": "k1", "date": "2026-11-24"},
         **extra,
@@ -750,21 +757,30 @@ def test_the_same_run_after_a_kill_past_its_commit_point_processes_nothing(
         assert pq.read_table(table).num_rows == total  # every input once, across the runs
 
 
-@pytest.mark.parametrize("store", ["local", "s3", "iceberg"])
+@pytest.mark.parametrize(
+    ("store", "runner"),
+    [("local", "ray"), ("s3", "ray"), ("iceberg", "ray"), ("local", "in_process")],
+)
 def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     ray_local: None,
     tmp_path: Path,
     store: str,
+    runner: str,
     request: pytest.FixtureRequest,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A run killed (SIGKILL, its driver and its Ray) once 70 % of its rows are durable: the
+    same command processes only the rest and commits every input once, the rows a clean run's.
+    In this process (`runtime.runner: in_process`) too: the killed run and its rerun both read
+    and predict without Ray."""
     total = 40
     make_images(tmp_path / "images", total)
     marks = tmp_path / "marks"
     marks.mkdir()
     where = store_for(store, tmp_path, request)
     extra: dict[str, Any] = {"storage_options": where.options} if where.options else {}
-    spec = counting_spec(tmp_path, where.output, marks, **extra)
+    runtime = {"runner": runner}
+    spec = counting_spec(tmp_path, where.output, marks, runtime, **extra)
     kill_at(spec, where.fs, f"{where.root}/_staging/k1", rows=int(0.7 * total))
     assert outputs.committed_run(where.target, "k1", where.options) is None
     for mark in marks.iterdir():
@@ -772,6 +788,7 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     with caplog.at_level(logging.INFO, logger="vision_ops.pipeline.run"):
         assert main(["run", str(spec)]) == EXIT_OK
     manifest = outputs.committed_run(where.target, "k1", where.options)
+    assert manifest["runner"] == runner
     resumed, processed = manifest["resumed_units"], manifest["processed_units"]
     assert resumed >= int(0.7 * total) and resumed + processed == total
     assert f"run k1: {processed} units to process" in caplog.text  # what compile and pool see
@@ -784,7 +801,7 @@ def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     where.fs.invalidate_cache()
     assert where.fs.glob(f"{where.root}/_staging/k1/*/part-*") == []  # cleaned after the commit
     # The same rows as a run that was never killed (the model is deterministic).
-    clean = counting_spec(tmp_path, {"uri": str(tmp_path / "clean")}, marks)
+    clean = counting_spec(tmp_path, {"uri": str(tmp_path / "clean")}, marks, runtime)
     assert main(["run", str(clean)]) == EXIT_OK
     clean_rows = pq.read_table(tmp_path / "clean" / "run_date=2026-11-24")
     keep = ["item_id", "label_id", "score"]
