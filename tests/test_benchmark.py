@@ -609,7 +609,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     always_compile = folder / "compile.yaml"  # 6 photos are too few for compiling to pay
     always_compile.write_text("runtime: {compile_min_inputs: 0, compile_min_inputs_cold: 0}\n")
     command = [sys.executable, "-m", "vision_ops.cli", "bench", "--images", str(TINY)]
-    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f,g,h", "--no-s3", "--repeats", "1"]
+    command += ["--batch-size", "2", "--only", "a,b,c,d,e,f,g,h,i", "--no-s3", "--repeats", "1"]
     command += ["--scale", str(SCALE), "--spec", str(always_compile)]
     command += ["--workdir", str(folder / "work"), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -630,7 +630,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     report, _ = tiny_bench
     found = {m["key"]: m for m in report["measurements"]}
-    jobs = ["c", "c-scale", "g", "g-scale", "h", "h-scale"]
+    jobs = ["c", "c-scale", "g", "g-scale", "h", "h-scale", "i", "i-scale"]
     jobs += ["d", "d-scale", "e", "e-scale", "f", "f-scale"]
     assert list(found) == ["a", "b", *jobs]  # every job at N and at SCALE x N
     processes = {found[key]["details"]["process_id"] for key in jobs}
@@ -662,7 +662,7 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
     assert found["b"]["details"]["compiled"] is compiles
     assert f", {'compiled' if compiles else 'eager'}: median of" in found["b"]["includes"]
     assert found["e"]["top1_agreement"] == found["e-scale"]["top1_agreement"] == 1.0
-    for key in ("c", "c-scale", "g", "g-scale", "h", "h-scale"):  # same pixels, same model
+    for key in ("c", "c-scale", "g", "g-scale", "h", "h-scale", "i", "i-scale"):  # same pixels
         assert found[key]["queued_share"] is None  # on CPUs the actors decode, in the window
         assert found[key]["top1_agreement"] >= (TINY - 1) / TINY
         assert found[key]["details"]["error_rows"] == 0
@@ -685,6 +685,12 @@ def test_bench_measures_every_approach_on_the_same_photos(tiny_bench) -> None:
         # `auto` as the run's size settles it: the spec compiles from 0 inputs on, which the
         # driver's threads never do, so the pool
         assert found[key]["details"]["predict_in"] == "actors"
+    for key in ("i", "i-scale"):  # no Ray: the job's one process, its reads and model inside
+        assert found[key]["peaks"]["object_store_bytes"] is None
+        assert set(found[key]["peaks"]["pss_by_role"]) == {"driver"}
+        assert found[key]["details"]["runtime"]["runner"] == "in_process"
+        assert found[key]["details"]["predict_in"] == "driver"
+        assert "ray_connect" not in found[key]["details"]["startup_seconds"]
     for key in ("c", "c-scale", "g", "g-scale"):  # each started a cluster of its own
         assert "ray start (a running head's keeper)" not in found[key]["peaks"]["pss_by_role"]
     for key in ("d", "f", "d-scale", "f-scale"):
@@ -699,8 +705,8 @@ def test_bench_gives_each_size_its_jobs_figures(tiny_bench) -> None:
     found = {m["key"]: m for m in report["measurements"]}
     sizes = report["same_size"]
     assert [s["images"] for s in sizes] == [TINY, TINY * SCALE]
-    assert list(sizes[0]["approaches"]) == ["c", "g", "h", "d", "e", "f"]
-    scaled_jobs = ["c-scale", "g-scale", "h-scale", "d-scale", "e-scale", "f-scale"]
+    assert list(sizes[0]["approaches"]) == ["c", "g", "h", "i", "d", "e", "f"]
+    scaled_jobs = ["c-scale", "g-scale", "h-scale", "i-scale", "d-scale", "e-scale", "f-scale"]
     assert list(sizes[1]["approaches"]) == scaled_jobs
     for size in sizes:
         for key, figures in size["approaches"].items():
@@ -745,12 +751,18 @@ def test_bench_ratios_are_those_of_the_printed_rates(tiny_bench) -> None:
         assert report["wall_ratios"][f"e2e on a running cluster / {name}"] == pytest.approx(
             walls["h"] / walls[peer]
         )
+        assert report["wall_ratios"][f"e2e in one process / {name}"] == pytest.approx(
+            walls["i"] / walls[peer]
+        )
     assert report["wall_ratios"]["e2e in driver / e2e"] == pytest.approx(walls["g"] / walls["c"])
     assert report["wall_ratios"]["e2e on a running cluster at scale / e2e at scale"] == (
         pytest.approx(walls["h-scale"] / walls["c-scale"])
     )
-    # c, g and h against each peer at both sizes, g and h against c at both
-    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 3 * 2 * 3 + 2 * 2
+    assert report["pss_ratios"]["e2e in one process at scale PSS / e2e at scale"] == (
+        pytest.approx(pss["i-scale"] / pss["c-scale"])
+    )
+    # c, g, h and i against each peer at both sizes, g, h and i against c at both
+    assert len(report["wall_ratios"]) == len(report["pss_ratios"]) == 4 * 2 * 3 + 3 * 2
     assert report["gpu_ceiling_images_per_second"] is None  # a CPU machine
     wall_at = printed.index("ratios of wall img/s")
     assert wall_at < printed.index("ratios of steady img/s")  # wall time first

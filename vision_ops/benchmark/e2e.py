@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vision_ops.benchmark.local_ray import joined_ray, local_ray, running_cluster
+from vision_ops.benchmark.local_ray import joined_ray, local_ray, on_cores, running_cluster
 from vision_ops.benchmark.probes import sampled_peaks
 from vision_ops.benchmark.rates import steady_rate
 from vision_ops.benchmark.report import Measurement
@@ -24,7 +24,8 @@ PHOTO_BUCKET, OUTPUT_BUCKET = "bench-photos", "bench-out"
 SCALING_TARGET = 1.15  # N -> scale x N images may raise the pipeline's peak RSS by < 15 %
 INCLUDES = (
     "run_job: listing, Ray start-up, read/decode tasks, the predictors (actors; g: the "
-    "driver's threads) and their model load, "
+    "driver's threads; i: no Ray, reads and predictors in the job's threads) and their model "
+    "load, "
     "Parquet commit; img/s from the manifest's progress between every actor's first block and "
     "its last, so start-up and drain are excluded; wall includes ray.init (h: joining the "
     "running cluster)"
@@ -35,6 +36,7 @@ INCLUDES = (
 IN_ACTORS = {"predict_in": "actors"}
 IN_DRIVER = {"predict_in": "driver"}
 AS_SIZED = {"predict_in": "auto"}
+IN_PROCESS = {"runner": "in_process"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class Source:
     # Joins a cluster started (and past a first job) before the measurement, not one of its
     # own started inside it.
     on_running_cluster: bool = False
+
+    @property
+    def without_ray(self) -> bool:
+        """Runs in the bench's job process alone: no Ray started for it."""
+        return self.runtime.get("runner") == "in_process"
 
 
 def local_source(work: Workload, key: str = "c") -> Source:
@@ -73,6 +80,14 @@ def running_cluster_source(work: Workload, key: str = "h") -> Source:
     return Source(key, approach, str(work.photos), output, {}, AS_SIZED, on_running_cluster=True)
 
 
+def in_process_source(work: Workload, key: str = "i") -> Source:
+    """Local files, the whole run in the job's one process, Ray not started
+    (`runtime.runner: in_process`)."""
+    output = str(work.output_dir(f"e2e-{key}"))
+    approach = "vision-ops pipeline, in one process"
+    return Source(key, approach, str(work.photos), output, {}, IN_PROCESS)
+
+
 def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str, int]]:
     """One committed run of the bench's job; its measurement and each photo's top-1 label."""
     run_id = f"bench-{source.key}"
@@ -84,7 +99,7 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
         address = cluster.enter_context(running_cluster(cores)) if source.on_running_cluster else ""
         with sampled_peaks(work.bench.sample_interval_s, work.excluded) as peaks:
             started = time.perf_counter()
-            with joined_ray(address) if address else local_ray(cores):
+            with _cluster(source, address, cores):
                 from vision_ops.pipeline import run_job
 
                 summary = run_job(spec)
@@ -116,6 +131,14 @@ def pipeline_run(work: Workload, source: Source) -> tuple[Measurement, dict[str,
         queued_share=queued_share(spec, commit.ok, peaks.object_store_bytes),
     )
     return measurement, committed_top1(source, run_id)
+
+
+def _cluster(source: Source, address: str, cores: int) -> contextlib.AbstractContextManager[Any]:
+    """What the timed run runs on: the running cluster at `address`, a local Ray of `cores`
+    CPUs started inside the measurement, or this process pinned to `cores` CPUs."""
+    if address:
+        return joined_ray(address)
+    return on_cores(cores) if source.without_ray else local_ray(cores)
 
 
 def queued_share(spec: JobSpec, rows: int, object_store_bytes: int | None) -> float | None:

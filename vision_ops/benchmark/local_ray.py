@@ -62,6 +62,18 @@ def local_ray(cores: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def on_cores(cores: int) -> Iterator[None]:
+    """This process held to `cores` of the CPUs it may use (as many as a local Ray of `cores`
+    CPUs schedules on) and let go on exit, for a run without Ray."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(allowed)[:cores])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+@contextlib.contextmanager
 def joined_ray(address: str) -> Iterator[None]:
     """This process joined to the cluster at `address` (as `run_job` joins RAY_ADDRESS), and
     left on exit; the cluster keeps running."""

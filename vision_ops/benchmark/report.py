@@ -17,9 +17,15 @@ LABEL_WIDTH = 48  # the printed ratios' labels
 CEILING = "ceiling"
 GPU_CEILING = "gpu-ceiling"
 CEILING_LABELS = {CEILING: "shared-core ceiling 1/(1/a+1/b)", GPU_CEILING: "GPU ceiling min(a, b)"}
-# The pipeline's ways: its predictor actor pool (e2e), the model in the driver's threads, and
-# a run that joins a running cluster (its model placed by the run's size).
-PIPELINES = {"c": "e2e", "g": "e2e in driver", "h": "e2e on a running cluster"}
+# The pipeline's ways: its predictor actor pool (e2e), the model in the driver's threads, a
+# run that joins a running cluster (its model placed by the run's size), and a run in one
+# process without Ray.
+PIPELINES = {
+    "c": "e2e",
+    "g": "e2e in driver",
+    "h": "e2e on a running cluster",
+    "i": "e2e in one process",
+}
 PEERS = {"f": "Daft", "d": "naive Ray Data", "e": "DataLoader"}  # the jobs e2e is set against
 JOBS = (*PIPELINES, *PEERS)  # the approaches that do the whole job: run at every size
 CEILINGS = ("a", "b")  # measured in the bench process (b times its model in a child of its own)

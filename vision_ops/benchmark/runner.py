@@ -14,6 +14,7 @@ from typing import Any
 from vision_ops.benchmark.ceilings import decode_ceiling, model_ceiling
 from vision_ops.benchmark.e2e import (
     driver_source,
+    in_process_source,
     local_source,
     pipeline_run,
     running_cluster_source,
@@ -99,6 +100,11 @@ def _pipeline_in_driver(run: Run, work: Workload, key: str) -> None:
 @STEPS.register("h")
 def _pipeline_on_a_running_cluster(run: Run, work: Workload, key: str) -> None:
     run.add(*pipeline_run(work, running_cluster_source(work, key)))
+
+
+@STEPS.register("i")
+def _pipeline_in_one_process(run: Run, work: Workload, key: str) -> None:
+    run.add(*pipeline_run(work, in_process_source(work, key)))
 
 
 @STEPS.register("d")

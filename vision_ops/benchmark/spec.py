@@ -24,6 +24,7 @@ APPROACHES = {
     "c": "vision-ops pipeline (end to end)",
     "g": "vision-ops pipeline, the model in the driver (runtime.predict_in: driver)",
     "h": "vision-ops pipeline on a running cluster (joined, not started; predict_in: auto)",
+    "i": "vision-ops pipeline in one process, Ray not started (runtime.runner: in_process)",
     "d": "naive Ray Data",
     "e": "PyTorch DataLoader",
     "f": "Daft",
@@ -56,13 +57,13 @@ class BenchSpec(BaseModel):
         "the device (runtime.batch_size).",
     )
     only: tuple[str, ...] = Field(
-        default=tuple(APPROACHES), description="Approaches to run, by letter (a-h)."
+        default=tuple(APPROACHES), description="Approaches to run, by letter (a-i)."
     )
     s3: bool = Field(default=True, description="Also run the pipeline from s3:// (SeaweedFS).")
     scale: int = Field(
         default=1,
         ge=1,
-        description="Also run the pipeline and its peers (c-h) on scale x images, and compare "
+        description="Also run the pipeline and its peers (c-i) on scale x images, and compare "
         "the pipeline's peak RSS at both sizes (1: don't).",
     )
     workdir: Path = Field(
