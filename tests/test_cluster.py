@@ -214,3 +214,27 @@ def test_validate_plans_auto_by_the_cluster_and_the_runs_size(capsys, tmp_path, 
     never = ["--set", "runtime.driver_max_inputs=0"]  # no run small enough: the pool alone
     assert main(["validate", str(spec), "--cluster", str(path), *auto, *never]) == EXIT_OK
     assert "(8 CPUs, 0 GPUs): 7-7 predictor actors of 1 CPU, 0 GPU; " in capsys.readouterr().out
+
+
+def test_validate_says_where_the_runner_takes_a_run_off_the_cluster(
+    capsys, tmp_path, config
+) -> None:
+    """`runtime.runner` on a launcher config: in_process says the cluster is not used; auto,
+    the most inputs a run lists to go in the driver's process; ray, nothing more."""
+    spec = ROOT / "jobs" / "classify.yaml"
+    base = ["--set", "evaluate=null"]
+    one_node = config | {"max_workers": 0}
+    one_node["available_node_types"] = {"head": {"resources": {"CPU": 8}, "node_config": {}}}
+    path = write(tmp_path, one_node)
+    in_process = ["--set", "runtime.runner=in_process"]
+    assert main(["validate", str(spec), "--cluster", str(path), *base, *in_process]) == EXIT_OK
+    assert "runtime.runner: in_process: the run goes in the driver's one process" in (
+        capsys.readouterr().out
+    )
+    auto = ["--set", "runtime.runner=auto", "--set", "runtime.driver_max_inputs=700"]
+    assert main(["validate", str(spec), "--cluster", str(path), *base, *auto]) == EXIT_OK
+    assert "runtime.runner: auto: a run listing at most 700 inputs goes in the driver's" in (
+        capsys.readouterr().out
+    )
+    assert main(["validate", str(spec), "--cluster", str(path), *base]) == EXIT_OK
+    assert "runtime.runner" not in capsys.readouterr().out

@@ -384,6 +384,44 @@ def test_actor_killed_mid_batch_the_run_completes_exactly_once(ray_local, tmp_pa
     assert main(["verify", str(path)]) == EXIT_OK
 
 
+def test_a_read_failing_in_a_run_in_one_process_fails_it_in_one_line(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """A run in this process (`runtime.runner: in_process`) whose store fails as it fetches
+    (not one input's error: the connection gone): exit 1 with that error in one line, what was
+    left and how to resume, no traceback, nothing committed."""
+    import vision_ops.reader as reader
+
+    def store_gone(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("the store closed the connection")
+
+    make_images(tmp_path / "images", 4)
+    monkeypatch.setattr(reader, "fetch_capped", store_gone)
+    spec = {
+        "input": {"uris": [str(tmp_path / "images")]},
+        "model": {
+            "kind": "entrypoint",
+            "entrypoint": "vision_ops.zoo:efficientnet_lite0",
+            "preprocessing": {"resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+        "runtime": {"batch_size": 2, "runner": "in_process"},
+        "output": {"uri": str(tmp_path / "table")},
+        "run": {"id": "gone", "date": "2026-11-24"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: a read failed in the driver: ConnectionError: the store closed the connection; "
+        "nothing was committed; the rows made durable so far stay staged, and the same command "
+        "with --run-id gone --run-date 2026-11-24 resumes from them"
+    ]
+    assert "Traceback" not in err
+    assert committed_runs(str(tmp_path / "table")) == []
+
+
 @pytest.mark.parametrize("predict_in", ["actors", "driver", "in_process"])
 def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     ray_local, tmp_path, capsys, caplog, monkeypatch, predict_in

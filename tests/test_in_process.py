@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from vision_ops.config import SpecError, parse_spec
+from vision_ops.errors import ReadFailed
 from vision_ops.pipeline.in_process import (
     model_batches,
     ray_chosen_for,
@@ -153,8 +154,9 @@ def test_reads_run_in_threads_ahead_in_order_and_a_failure_ends_them() -> None:
         raise OSError("the store went away")
 
     before = threading.active_count()
-    with pytest.raises(OSError, match="the store went away"):
+    with pytest.raises(ReadFailed, match=r"^OSError: the store went away$") as failed:
         list(read_in_threads(rows, failing, files=3, threads=2))
+    assert isinstance(failed.value.__cause__, OSError)
     assert threading.active_count() == before  # no reader left behind
 
 

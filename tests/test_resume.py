@@ -907,6 +907,7 @@ def test_a_sigterm_between_the_commit_and_the_summary_leaves_the_runs_outcome(
     assert verify_run(str(tmp_path / "table"), "k1")[1] == []
 
 
+@pytest.mark.parametrize("runner", ["ray", "in_process"])
 @pytest.mark.parametrize(
     ("how", "code", "said"),
     [
@@ -915,19 +916,21 @@ def test_a_sigterm_between_the_commit_and_the_summary_leaves_the_runs_outcome(
     ],
 )
 def test_ctrl_c_or_sigterm_exits_with_a_message_and_the_rerun_resumes(
-    ray_local: None, tmp_path: Path, how: int, code: int, said: str
+    ray_local: None, tmp_path: Path, how: int, code: int, said: str, runner: str
 ) -> None:
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop, `timeout`) to the driver mid-run: exit
     130 or 143 with one line saying what to do, no traceback, the durable parts left; the same
     command then resumes from them. SIGTERM exited 15 with Ray's crash report, not a word of
-    what was left."""
+    what was left. A run in one process (`runtime.runner: in_process`) stops its reading and
+    predicting threads the same way."""
     import fsspec
 
     total = 24
     make_images(tmp_path / "images", total)
     marks = tmp_path / "marks"
     marks.mkdir()
-    spec = counting_spec(tmp_path, {"uri": str(tmp_path / "table")}, marks)
+    runtime = {"runner": runner}
+    spec = counting_spec(tmp_path, {"uri": str(tmp_path / "table")}, marks, runtime)
     staging = str(tmp_path / "table" / "_staging" / "k1")
     fs = fsspec.filesystem("file")
     log = tmp_path / "driver.log"

@@ -263,7 +263,29 @@ def _plan_on_cluster(spec: JobSpec, cluster: str) -> int:
         f"{_predictors_planned(placed, plan)}; {sized.images_per_call} images per model call, "
         f"{sized.files_per_read_task} files per read task"
     )
+    runner = _runner_planned(spec)
+    if runner is not None:
+        print(runner)
     return EXIT_OK
+
+
+def _runner_planned(spec: JobSpec) -> str | None:
+    """Where `runtime.runner` takes a run off the cluster, as `validate --cluster` says it."""
+    from vision_ops.pool import units_for_the_driver
+
+    runner = spec.runtime.runner
+    if runner == "in_process":
+        return (
+            "runtime.runner: in_process: the run goes in the driver's one process, on its "
+            "machine's CPUs, Ray not started: the cluster is not used"
+        )
+    if runner == "auto" and spec.ray_needed_for() is None:
+        return (
+            f"runtime.runner: auto: a run listing at most {units_for_the_driver(spec.runtime)} "
+            "inputs goes in the driver's one process instead, where RAY_ADDRESS is unset, "
+            "the input is not DICOM and the driver's machine has no GPU"
+        )
+    return None
 
 
 def _predictors_planned(runtime: RuntimeSpec, plan: PoolPlan) -> str:
@@ -357,7 +379,11 @@ def _run_failed(spec: JobSpec, err: BaseException, again: str) -> int:
     if stop is not None:  # a Ctrl-C or SIGTERM a library's clean-up raised its own error on
         return _fail(RuntimeError(interrupted(spec, stop, again)), _stopped_exit(stop))
 
-    from vision_ops.errors import PredictorFailed, raised_as_an_actor_started, raised_in_a_worker
+    from vision_ops.errors import (
+        FailedInTheDriver,
+        raised_as_an_actor_started,
+        raised_in_a_worker,
+    )
 
     if isinstance(err, ExecutionTimeoutError):  # Ray Data's stall guard names the stages
         return _fail(RuntimeError(f"{err}; {nothing_committed(spec, again)}"), EXIT_FAILED)
@@ -367,9 +393,9 @@ def _run_failed(spec: JobSpec, err: BaseException, again: str) -> int:
         return _fail(
             RuntimeError(f"{message} (as the actors started); nothing was committed"), code
         )
-    if isinstance(err, PredictorFailed):  # in the driver's threads (predict_in: driver)
-        log.debug("the predictor failed in the driver", exc_info=err.__cause__)
-        message = f"the predictor failed in the driver: {err}; {nothing_committed(spec, again)}"
+    if isinstance(err, FailedInTheDriver):  # in the driver's threads (predict_in, runner)
+        log.debug(err.what, exc_info=err.__cause__)
+        message = f"{err.what}: {err}; {nothing_committed(spec, again)}"
         return _fail(RuntimeError(message), EXIT_FAILED)
     in_worker = raised_in_a_worker(err)  # e.g. the model failing on a lost device
     if in_worker is not None:

@@ -43,13 +43,28 @@ class ModelError(VisionOpsError, ValueError):
     exit_code = EXIT_BAD_SPEC
 
 
-class PredictorFailed(RuntimeError):
-    """A predictor in one of the driver's threads failed (`runtime.predict_in: driver`): its
-    error in one line, `Type: message` (the error itself is the cause)."""
+class FailedInTheDriver(RuntimeError):
+    """Work in one of the driver's threads failed: its error in one line, `Type: message` (the
+    error itself is the cause); `what` says which work, as the command line words it."""
+
+    what = "work failed in the driver"
 
     @classmethod
-    def of(cls, err: BaseException) -> PredictorFailed:
+    def of(cls, err: BaseException) -> FailedInTheDriver:
         return cls(in_one_line(err))
+
+
+class PredictorFailed(FailedInTheDriver):
+    """A predictor in one of the driver's threads failed (`runtime.predict_in: driver`)."""
+
+    what = "the predictor failed in the driver"
+
+
+class ReadFailed(FailedInTheDriver):
+    """A read in one of the driver's threads failed (`runtime.runner: in_process`) with an
+    error that is not one input's (an input that cannot be read is an error row)."""
+
+    what = "a read failed in the driver"
 
 
 def in_one_line(err: BaseException) -> str:

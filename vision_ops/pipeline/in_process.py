@@ -24,6 +24,7 @@ from ray.data._internal.batcher import Batcher
 from ray.data.block import Block, BlockAccessor
 
 from vision_ops.config import JobSpec, RuntimeSpec
+from vision_ops.errors import ReadFailed, VisionOpsError
 from vision_ops.pipeline.listing import HeldListing, held_listing
 from vision_ops.pool import PoolPlan, plan_pool, units_for_the_driver
 from vision_ops.sources import InputPlan
@@ -101,14 +102,20 @@ def read_in_threads(
     """The listing's units read (`read`: `reader.unit_reader`'s, on `files` listing rows at a
     time, as a read task takes them) in `threads` threads, at most twice as many reads ahead of
     the blocks handed on, in the listing's order; each block as Ray Data keeps a read task's
-    (`BlockAccessor.batch_to_block`), so its columns reach the predictors as they do from Ray."""
+    (`BlockAccessor.batch_to_block`), so its columns reach the predictors as they do from Ray.
+    A read that fails (not an input's error row: the store gone) ends them as ReadFailed."""
     starts = range(0, rows.num_rows, files)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="reader")
     reading: deque[Future[list[Block]]] = deque()
 
     def read_blocks(start: int) -> list[Block]:
         listed = BlockAccessor.for_block(rows.slice(start, files)).to_batch_format("numpy")
-        return [BlockAccessor.batch_to_block(block) for block in read(listed)]
+        try:
+            return [BlockAccessor.batch_to_block(block) for block in read(listed)]
+        except VisionOpsError:  # a bad spec or input: its own message and exit code
+            raise
+        except Exception as err:  # what a read task's failure would be
+            raise ReadFailed.of(err) from err
 
     try:
         for start in starts:
