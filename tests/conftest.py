@@ -109,15 +109,18 @@ def own_ray_root(monkeypatch: pytest.MonkeyPatch, ray_temp_dir: str) -> Iterator
 
 
 @pytest.fixture
-def no_ray(own_ray_root: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def no_ray(own_ray_root: None) -> Iterator[None]:
     """No Ray connection, and none to be made: `ray.init` (Ray Data's own start included)
-    fails the test, for work that must run without Ray (`runtime.runner: in_process`)."""
+    fails the test, for work that must run without Ray (`runtime.runner: in_process`); put
+    back before `own_ray_root` brings the suite's cluster back."""
     import ray
 
     def refused(*args: object, **kwargs: object) -> None:
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(ray, "init", refused)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", refused)
+        yield
 
 
 @pytest.fixture

@@ -101,6 +101,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "compile_min_inputs_cold": 8000,
         "compile_only_where_cached": False,
         "predict_in": "actors",
+        "runner": "ray",  # Ray unless asked (test_in_process)
         "driver_max_inputs": 1000,  # with predict_in: auto (test_pool)
         "local_dashboard": False,  # the embedded cluster starts without it (test_secrets)
         "retain_host_memory": True,

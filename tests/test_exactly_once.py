@@ -472,6 +472,9 @@ def test_a_model_failing_in_its_worker_fails_the_run_in_one_line(
     ]
     assert 'File "' not in err and "\x1b[" not in err  # no frames, no colour codes
     assert committed_runs(str(tmp_path / "table")) == []
+    import threading
+
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("reader")]
     if predict_in == "driver":  # at DEBUG the driver's own traceback is logged (README)
         caplog.set_level(logging.DEBUG, logger="vision_ops.cli")
         monkeypatch.setenv("VISION_OPS_LOG_LEVEL", "DEBUG")

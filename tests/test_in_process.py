@@ -50,6 +50,7 @@ def spec_of(**changes: Any) -> dict[str, Any]:
     [
         ({"input": {"uris": [], "manifest": "s3://b/list.csv"}}, "a manifest, which Ray Data"),
         ({"input": {"tiling": {"size": 256}}}, "cut into tiles, planned in Ray tasks"),
+        ({"input": {"dicom": {}}}, "DICOM instance's frames are read in blocks that Ray Data"),
         ({"runtime": {"device": "cuda"}}, "asked onto a GPU"),
         ({"runtime": {"num_gpus_per_actor": 1}}, "asked onto a GPU"),
         ({"runtime": {"autoscaling": True}}, "runtime.autoscaling is set"),
@@ -74,8 +75,6 @@ def test_auto_takes_ray_where_a_cluster_is_named_or_up_or_the_frames_are_uncount
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     auto = spec_of(runtime={"runner": "auto", "device": "cpu"})
     assert ray_chosen_for(parse_spec(auto)) is None
-    dicom = parse_spec(auto | {"input": {"uris": ["/scans"], "dicom": {}}})
-    assert ray_chosen_for(dicom) == "a DICOM run's frames are not counted before it starts"
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     assert ray_chosen_for(parse_spec(auto)) == "RAY_ADDRESS names a cluster to join"
     monkeypatch.delenv("RAY_ADDRESS")
@@ -106,7 +105,9 @@ def test_a_listing_held_here_keeps_each_uri_once_and_leaves_out_its_table(tmp_pa
     assert held is not None
     assert held.rows["source_uri"].to_pylist() == [uris[1], uris[0], uris[2], uris[3]]
     assert held.count == 4
-    assert held_listing(spec.input, plan_inputs(spec.input), table.as_uri() + "/", most=3) is None
+    named = plan_inputs(spec.input)  # img01 twice: 5 rows, 4 inputs
+    assert held_listing(spec.input, named, table.as_uri() + "/", most=3) is None
+    assert held_listing(spec.input, plan_inputs(spec.input), table.as_uri() + "/", most=4)
     (tmp_path / "empty").mkdir()
     empty = parse_spec(spec_of(input={"uris": [str(tmp_path / "empty")]}))
     with pytest.raises(SourceError, match="no input"):
@@ -143,6 +144,12 @@ def test_reads_run_in_threads_ahead_in_order_and_a_failure_ends_them() -> None:
         time.sleep(0.01 * (10 - first))  # later reads finish first
         return [block(first, len(batch["source_uri"]))]
 
+    reads = read_in_threads(rows, read, files=1, threads=2)
+    next(reads)
+    time.sleep(0.3)  # the consumer holds back: the reads stop at twice the threads
+    assert len(seen) == 4
+    reads.close()
+    seen.clear()
     blocks = list(read_in_threads(rows, read, files=3, threads=2))
     from ray.data.block import BlockAccessor
 
@@ -191,3 +198,32 @@ def test_the_command_runs_a_short_job_without_starting_ray(tmp_path: Path) -> No
     assert manifest is not None and manifest["runner"] == "in_process"
     rows = pq.read_table(tmp_path / "table" / "run_date=2026-11-24")
     assert sorted(rows["source_uri"].to_pylist()) == uris
+
+
+def test_a_run_in_process_runs_on_the_cpus_whatever_the_device_says(tmp_path: Path) -> None:
+    """`device: auto` on a machine with a GPU would pick it in the driver's threads, while the
+    run's numerics (and resume key) say CPU: the run in process is set to the CPUs."""
+    from vision_ops.pipeline.run import in_process
+
+    spec = parse_spec(spec_of(runtime={"device": "auto", "autocast": "float16"}))
+    placed = in_process(spec).runtime
+    assert (placed.device, placed.predict_in) == ("cpu", "driver")
+    assert placed.numerics(0) == spec.sized(0).runtime.numerics(0)
+
+
+def test_the_processs_own_sigterm_handler_outlasts_rays_start(own_ray_root: None) -> None:
+    """`ray.init` sets Ray's SIGTERM handler; where the process had set its own (the command
+    line's, before `auto` found the listing too long for one process) it is put back."""
+    import signal
+
+    from vision_ops.pipeline.connect import connect_ray
+
+    def ours(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        connect_ray()
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -758,37 +758,46 @@ def test_the_same_run_after_a_kill_past_its_commit_point_processes_nothing(
 
 
 @pytest.mark.parametrize(
-    ("store", "runner"),
-    [("local", "ray"), ("s3", "ray"), ("iceberg", "ray"), ("local", "in_process")],
+    ("store", "runner", "rerun"),
+    [
+        ("local", "ray", "ray"),
+        ("s3", "ray", "ray"),
+        ("iceberg", "ray", "ray"),
+        ("local", "in_process", "in_process"),
+        ("local", "ray", "in_process"),
+    ],
 )
 def test_a_driver_killed_at_70_percent_resumes_with_the_missing_30(
     ray_local: None,
     tmp_path: Path,
     store: str,
     runner: str,
+    rerun: str,
     request: pytest.FixtureRequest,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A run killed (SIGKILL, its driver and its Ray) once 70 % of its rows are durable: the
     same command processes only the rest and commits every input once, the rows a clean run's.
-    In this process (`runtime.runner: in_process`) too: the killed run and its rerun both read
-    and predict without Ray."""
+    In this process (`runtime.runner: in_process`) too, and a run killed on Ray resumes in
+    one process: the runner is not part of the resume key."""
     total = 40
     make_images(tmp_path / "images", total)
     marks = tmp_path / "marks"
     marks.mkdir()
     where = store_for(store, tmp_path, request)
     extra: dict[str, Any] = {"storage_options": where.options} if where.options else {}
-    runtime = {"runner": runner}
-    spec = counting_spec(tmp_path, where.output, marks, runtime, **extra)
+    spec = counting_spec(tmp_path, where.output, marks, {"runner": runner}, **extra)
     kill_at(spec, where.fs, f"{where.root}/_staging/k1", rows=int(0.7 * total))
+    runtime = {"runner": rerun}
+    if rerun != runner:
+        spec = counting_spec(tmp_path, where.output, marks, runtime, **extra)
     assert outputs.committed_run(where.target, "k1", where.options) is None
     for mark in marks.iterdir():
         mark.unlink()
     with caplog.at_level(logging.INFO, logger="vision_ops.pipeline.run"):
         assert main(["run", str(spec)]) == EXIT_OK
     manifest = outputs.committed_run(where.target, "k1", where.options)
-    assert manifest["runner"] == runner
+    assert manifest["runner"] == rerun
     resumed, processed = manifest["resumed_units"], manifest["processed_units"]
     assert resumed >= int(0.7 * total) and resumed + processed == total
     assert f"run k1: {processed} units to process" in caplog.text  # what compile and pool see

@@ -282,8 +282,8 @@ def _runner_planned(spec: JobSpec) -> str | None:
     if runner == "auto" and spec.ray_needed_for() is None:
         return (
             f"runtime.runner: auto: a run listing at most {units_for_the_driver(spec.runtime)} "
-            "inputs goes in the driver's one process instead, where RAY_ADDRESS is unset, "
-            "the input is not DICOM and the driver's machine has no GPU"
+            "inputs goes in the driver's one process instead, where RAY_ADDRESS is unset and "
+            "the driver's machine has no GPU"
         )
     return None
 

@@ -759,8 +759,9 @@ COMPILE_MIN_INPUTS_COLD = 8000
 DRIVER_MAX_INPUTS = 1000
 # What `runtime.runner: in_process` cannot run: each as the spec's refusal says it.
 IN_PROCESS_RULED_OUT = (
-    "the inputs include a manifest (Ray Data reads it), scenes are cut into tiles (planned in "
-    "Ray tasks), the model is asked onto a GPU, or the runtime autoscales"
+    "the inputs include a manifest (Ray Data reads it), DICOM instances (their frames are read "
+    "in blocks Ray Data streams), or scenes cut into tiles (planned in Ray tasks), the model is "
+    "asked onto a GPU, or the runtime autoscales"
 )
 
 
@@ -892,10 +893,10 @@ class RuntimeSpec(StrictModel):
         "decodes them in threads and runs the model in threads as predict_in: driver does "
         "(whatever predict_in says), then commits as any run does. It suits a short run on one "
         "machine: no Ray to start (seconds) and none of Ray's processes (about 1 GB). It is "
-        f"refused where {IN_PROCESS_RULED_OUT}. auto: in this process where none of those "
-        "holds, RAY_ADDRESS is unset, Ray is not up in the process already, the input is not "
-        "DICOM and the listing holds at most driver_max_inputs inputs (fewer than "
-        "compile_min_inputs with compile on); else Ray.",
+        f"refused where {IN_PROCESS_RULED_OUT}; the model runs on the CPUs. auto: in this "
+        "process where none of those holds, RAY_ADDRESS is unset, Ray is not up in the process "
+        "already, device: auto finds no GPU and the listing holds at most driver_max_inputs "
+        "inputs (fewer than compile_min_inputs with compile on); else Ray.",
     )
     driver_max_inputs: int = Field(
         default=DRIVER_MAX_INPUTS,
@@ -1356,6 +1357,8 @@ class JobSpec(StrictModel):
         runtime = self.runtime
         if self.input.manifest is not None:
             return "the inputs include a manifest, which Ray Data reads"
+        if self.input.dicom is not None:
+            return "a DICOM instance's frames are read in blocks that Ray Data streams"
         if self.input.tiling is not None:
             return "its scenes are cut into tiles, planned in Ray tasks"
         if runtime.device == "cuda" or (runtime.num_gpus_per_actor or 0) > 0:

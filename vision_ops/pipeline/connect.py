@@ -9,11 +9,13 @@ line imports this module before the model stack.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import ray
 
@@ -41,8 +43,23 @@ def connect_ray(dashboard: bool = False) -> None:
     Ray itself turns token authentication on for a new local cluster unless RAY_AUTH_MODE says
     otherwise). Ray Data's stack traces then go to its log file only."""
     if not ray.is_initialized():
-        _init_ray(dashboard)
+        with sigterm_handler_kept():
+            _init_ray(dashboard)
     stack_traces_to_ray_datas_log()
+
+
+@contextlib.contextmanager
+def sigterm_handler_kept() -> Iterator[None]:
+    """The process's own SIGTERM handler, where it set one, put back after `ray.init` (which
+    sets Ray's: `sys.exit(15)`): the command line's turns a SIGTERM into the run's own stop,
+    also where Ray starts only once the run knows it needs it (`runtime.runner: auto`)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def nodes_up() -> Nodes:

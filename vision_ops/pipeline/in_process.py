@@ -2,7 +2,7 @@
 short run on one machine).
 
 Ray's start (about 4 s of `ray.init` on 2 cores) and its processes (about 1 GB PSS) are most of
-what a short run pays beyond its peers' (docs/performance.md, "A run in this one process").
+what a short run pays beyond its peers' (docs/performance.md, "A run in one process").
 Here the driver lists the inputs into one Arrow table (`listing.held_listing`), reads and
 decodes them in threads as the read tasks would (Pillow and torch let go of the GIL as they
 decode and resize), and runs the model in threads of its own as `predict_in: driver` does
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -75,8 +75,6 @@ def ray_chosen_for(spec: JobSpec) -> str | None:
         return "RAY_ADDRESS names a cluster to join"
     if ray.is_initialized():
         return "Ray is up in this process already"
-    if spec.input.dicom is not None:
-        return "a DICOM run's frames are not counted before it starts"
     if spec.runtime.device == "auto" and _has_a_gpu():
         return "this machine has a GPU"
     return None
@@ -89,20 +87,29 @@ def _has_a_gpu() -> bool:
 
 
 def process_plan(runtime: RuntimeSpec) -> PoolPlan:
-    """The predictors as threads of this process, on the CPUs it may run on, sized as
-    `plan_pool` sizes a pool on a one-node cluster of them; the rest of the CPUs read."""
-    cpus = float(len(os.sched_getaffinity(0)))
-    node = {"CPU": cpus, "GPU": 0.0}
+    """The predictors as threads of this process, on the CPUs it may use (`usable_cpus`),
+    sized as `plan_pool` sizes a pool on a one-node cluster of them; the rest of the CPUs
+    read."""
+    node = {"CPU": float(usable_cpus()), "GPU": 0.0}
     return plan_pool(runtime, node, None, [(node, 1.0)])
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: those it may run on, within its container's CPU limit
+    (as Ray counts a node's CPUs: a pod's `limits.cpu`, not the host's cores)."""
+    from ray._private.utils import get_num_cpus  # the cgroup-aware count Ray's own node uses
+
+    on = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(on or 1, int(get_num_cpus())))
 
 
 def read_in_threads(
     rows: pa.Table, read: Callable[[Batch], Iterable[Batch]], files: int, threads: int
-) -> Iterator[Block]:
+) -> Generator[Block, None, None]:
     """The listing's units read (`read`: `reader.unit_reader`'s, on `files` listing rows at a
-    time, as a read task takes them) in `threads` threads, at most twice as many reads ahead of
-    the blocks handed on, in the listing's order; each block as Ray Data keeps a read task's
-    (`BlockAccessor.batch_to_block`), so its columns reach the predictors as they do from Ray.
+    time, as a read task takes them) in `threads` threads, at most twice as many reads under
+    way or waiting to be handed on, in the listing's order; each block as Ray Data keeps a read
+    task's (`BlockAccessor.batch_to_block`), so its columns reach the predictors as from Ray.
     A read that fails (not an input's error row: the store gone) ends them as ReadFailed."""
     starts = range(0, rows.num_rows, files)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="reader")
@@ -120,7 +127,7 @@ def read_in_threads(
     try:
         for start in starts:
             reading.append(pool.submit(read_blocks, start))
-            if len(reading) > 2 * threads:
+            if len(reading) >= 2 * threads:
                 yield from reading.popleft().result()
         while reading:
             yield from reading.popleft().result()
@@ -128,7 +135,7 @@ def read_in_threads(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def model_batches(blocks: Iterable[Block], size: int) -> Iterator[Batch]:
+def model_batches(blocks: Iterable[Block], size: int) -> Generator[Batch, None, None]:
     """The read blocks cut and joined into batches of `size` units (the last one fewer), in
     numpy, as Ray Data's `iter_batches(batch_size=size, batch_format="numpy")` hands them on."""
     batcher = Batcher(size)

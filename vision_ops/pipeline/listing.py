@@ -144,19 +144,20 @@ def held_listing(
 ) -> HeldListing | None:
     """The planned inputs listed here, as `list_listing` lists them into Ray (a URI that more
     than one part names kept once, the first part's; nothing under the folder `table`), or
-    None once more than `most` are listed (the run is not short: Ray lists them again). Not a
-    manifest's: Ray Data reads one (`InputPlan.manifest` is refused before this)."""
+    None once more than `most` distinct inputs are listed (the run is not short: Ray lists them
+    again). Not a manifest's: Ray Data reads one (`InputPlan.manifest` is refused before
+    this)."""
     if inputs.manifest is not None:
         raise ValueError("a manifest is listed by Ray Data (list_listing)")
     outside = _outside(table)
     blocks: list[pa.Table] = [LISTING_SCHEMA.empty_table()]
-    count = 0
+    seen: set[str] = set()
     parts = [iter([inputs.table])] + [listing.blocks() for listing in inputs.listings]
     for part in parts:
         for block in part:
             blocks.append(outside(block))
-            count += blocks[-1].num_rows
-            if most is not None and count > most:
+            seen.update(blocks[-1]["source_uri"].to_pylist())
+            if most is not None and len(seen) > most:
                 return None
     rows = pa.concat_tables(blocks)
     if inputs.parts > 1:

@@ -8,7 +8,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -126,8 +126,10 @@ def run_checked_job(
     if run_id == spec.default_run_id(run_date):  # not one the user named
         warn_of_runs_beside(spec, run_id, run_date)
     table = table_apart(spec.input, spec.output.uri, spec.storage_options)
-    with clock.stage("listing"):
-        held = listed_in_process(spec, inputs, table)
+    held = None
+    if spec.runtime.runner != "ray":  # listed here first: a short run goes in this process
+        with clock.stage("listing"):
+            held = listed_in_process(spec, inputs, table)
     listing: AnyListing
     if held is None:
         spec, plan, listing = listed_on_ray(spec, inputs, table, clock)
@@ -178,8 +180,9 @@ def listed_on_ray(
 
 def in_process(spec: JobSpec) -> JobSpec:
     """The spec as a run in this process runs it (`pipeline/in_process.py`): the model in the
-    driver's threads, sized for the CPUs alone."""
-    runtime = spec.runtime.model_copy(update={"predict_in": "driver"})
+    driver's threads, on the CPUs alone (a GPU the machine has is left to Ray's runs: the
+    numerics, and so the resume key, are those of a CPU run)."""
+    runtime = spec.runtime.model_copy(update={"predict_in": "driver", "device": "cpu"})
     return spec.model_copy(update={"runtime": runtime}).sized(0)
 
 
@@ -479,15 +482,20 @@ def rows_in_driver(
 
 def rows_in_process(
     spec: JobSpec, listing: pa.Table, plan: PoolPlan, stages: RowStages
-) -> Iterable[pa.Table]:
+) -> Iterator[pa.Table]:
     """The listing held here read in this process's threads and predicted in its threads, as
-    `rows_in_driver` does with Ray's read tasks (pipeline/in_process.py)."""
+    `rows_in_driver` does with Ray's read tasks (pipeline/in_process.py); the reads stopped
+    as the rows end, however they end (a failure, Ctrl-C, a consumer that stops)."""
     runtime = spec.runtime
     read = unit_reader(spec, resolve_preprocessing(spec.model, spec.task.kind))
     blocks = read_in_threads(listing, read, runtime.files_per_read_task, plan.read_tasks or 1)
     batches = model_batches(blocks, runtime.images_per_call)
     load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
-    return predicted_in_threads(batches, load, plan.max_size)
+    try:
+        yield from predicted_in_threads(batches, load, plan.max_size)
+    finally:
+        batches.close()
+        blocks.close()
 
 
 def predictor_in_thread(
