@@ -21,7 +21,7 @@ from torchvision import transforms
 
 from vision_ops.config import JobSpec, RuntimeSpec, parse_spec
 from vision_ops.gallery import Sources
-from vision_ops.pipeline import run_job
+from vision_ops.pipeline import RunSummary, run_job
 from vision_ops.pipeline.run import (
     MAP_TASK_BLOCKS_AHEAD,
     compiled_if_it_pays,
@@ -401,14 +401,26 @@ def test_the_model_in_the_driver_gives_the_same_rows_and_starts_no_actor(
     assert len(loaded) == 2 and threading.get_ident() not in loaded + calls
     for used in runtimes:  # uncompiled (not thread-safe), glibc's freed memory kept
         assert not used.compile and not used.retain_host_memory
+    assert len(calls) == len(list(photo_dir.iterdir())) // 2  # a model call a batch of 2
+    assert_each_input_once(summary, output, photo_dir, direct_top_k, expected_errors)
+
+
+def assert_each_input_once(
+    summary: RunSummary,
+    output: Path,
+    photo_dir: Path,
+    direct: dict[str, tuple[list[str], np.ndarray]],
+    errors: dict[str, str],
+) -> None:
+    """The run committed each file of `photo_dir` once: the photos as a direct model call
+    gives them, the broken files as the error rows `errors` names."""
     listed = sorted(p.as_uri() for p in photo_dir.iterdir())
-    assert len(calls) == len(listed) // 2  # a model call a batch of 2
     rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
-    assert sorted(r["source_uri"] for r in rows) == listed  # each input exactly once
-    errors = {Path(r["source_uri"]).name: r["error_type"] for r in rows if r["status"] == "error"}
-    assert errors == expected_errors
-    assert_matches_direct([r for r in rows if r["status"] == "ok"], direct_top_k)
-    assert (summary.commit.ok, summary.commit.errors) == (len(direct_top_k), len(expected_errors))
+    assert sorted(r["source_uri"] for r in rows) == listed
+    found = {Path(r["source_uri"]).name: r["error_type"] for r in rows if r["status"] == "error"}
+    assert found == errors
+    assert_matches_direct([r for r in rows if r["status"] == "ok"], direct)
+    assert (summary.commit.ok, summary.commit.errors) == (len(direct), len(errors))
 
 
 @pytest.mark.parametrize(("driver_max_inputs", "placed"), [(5, "driver"), (4, "actors")])
@@ -456,13 +468,7 @@ def test_a_run_in_this_process_gives_a_direct_model_calls_rows_without_ray(
     summary = run_job(job([str(photo_dir)], str(output), runtime=runtime))
     assert not ray.is_initialized()
     assert readers and threading.get_ident() not in readers
-    listed = sorted(p.as_uri() for p in photo_dir.iterdir())
-    rows = pq.read_table(output / "run_date=2026-11-24").to_pylist()
-    assert sorted(r["source_uri"] for r in rows) == listed  # each input exactly once
-    errors = {Path(r["source_uri"]).name: r["error_type"] for r in rows if r["status"] == "error"}
-    assert errors == expected_errors
-    assert_matches_direct([r for r in rows if r["status"] == "ok"], direct_top_k)
-    assert (summary.commit.ok, summary.commit.errors) == (len(direct_top_k), len(expected_errors))
+    assert_each_input_once(summary, output, photo_dir, direct_top_k, expected_errors)
     manifest = committed_run(str(output), "test-run")
     assert (manifest["runner"], manifest["predict_in"]) == ("in_process", "driver")
     assert "ray_connect" not in manifest["startup_seconds"]

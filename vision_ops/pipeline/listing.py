@@ -44,13 +44,10 @@ EMPTY_CSV = "Empty CSV file"  # Arrow's error for a CSV file of no bytes
 MAX_REPEATED_URIS = 100_000  # URIs named more than once that a run sets right (else refuses)
 
 
-@dataclass(frozen=True)
-class Listing:
-    """A run's inputs as a dataset materialized in Ray's object store (each URI once; the
-    driver holds block references, not rows) and the summary of one pass over it. As the
-    commit's ExpectedUnits: one unit per source."""
+class SummedInputs:
+    """What a listing's summary tells of it: its count, and as the commit's ExpectedUnits its
+    tally (one unit per source)."""
 
-    dataset: ray.data.Dataset
     summary: ListingSummary
 
     @property
@@ -59,6 +56,16 @@ class Listing:
 
     def tally(self) -> Tally:
         return self.summary.tally
+
+
+@dataclass(frozen=True)
+class Listing(SummedInputs):
+    """A run's inputs as a dataset materialized in Ray's object store (each URI once; the
+    driver holds block references, not rows) and the summary of one pass over it. As the
+    commit's ExpectedUnits: one unit per source."""
+
+    dataset: ray.data.Dataset
+    summary: ListingSummary
 
     def in_buckets(self, buckets: Collection[int]) -> list[str]:
         select = functools.partial(rows_in_buckets, buckets=frozenset(buckets))
@@ -79,7 +86,7 @@ class Listing:
 
 
 @dataclass(frozen=True)
-class HeldListing:
+class HeldListing(SummedInputs):
     """A short run's inputs held in this process as one Arrow table (the listing schema, each
     URI once) and its summary: what a Listing is to a run, without Ray (`runtime.runner`)."""
 
@@ -91,13 +98,6 @@ class HeldListing:
         summary = ListingSummary()
         summary.add(summarise_block(rows))
         return cls(rows, summary)
-
-    @property
-    def count(self) -> int:
-        return self.summary.count
-
-    def tally(self) -> Tally:
-        return self.summary.tally
 
     def in_buckets(self, buckets: Collection[int]) -> list[str]:
         found = rows_in_buckets(self.rows, buckets=frozenset(buckets))
