@@ -39,3 +39,40 @@ def test_freed_batches_are_reused_not_faulted_in_again() -> None:
     huge_pages = (64 << 20) // (2 << 20)  # numpy asks for 2 MiB pages; 4 KiB ones fault more
     assert page_faults("default") >= 5 * huge_pages  # every batch faults in fresh pages
     assert page_faults("retain") < huge_pages  # the first batch's pages serve the other five
+
+
+FREED_HEAP_GIVEN_BACK = """
+import ctypes, sys
+from vision_ops.host_memory import _glibc, heap_trimmed
+libc = _glibc()
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+chunks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MiB of heap, under mmap's threshold
+for chunk in chunks:
+    ctypes.memset(chunk, 1, 64 << 10)
+pinned = libc.malloc(64)  # above them: the heap's top stays, so free() gives nothing back
+for chunk in chunks:
+    libc.free(chunk)
+held = rss_mb()
+passed = list(heap_trimmed(iter(range(3)), every_s=float(sys.argv[1])))
+assert passed == [0, 1, 2], passed
+print(held - rss_mb())
+"""
+
+
+def given_back_mb(every_s: float) -> float:
+    run = subprocess.run(
+        [sys.executable, "-c", FREED_HEAP_GIVEN_BACK, str(every_s)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(run.stdout.strip())
+
+
+@pytest.mark.skipif(_glibc() is None, reason="malloc_trim is glibc's")
+def test_freed_heap_is_given_back_as_the_rows_pass() -> None:
+    assert given_back_mb(0.0) > 150  # of the 200 MiB freed, kept by the heap until trimmed
+    assert given_back_mb(3600.0) < 20  # none due within the hour: the heap keeps them

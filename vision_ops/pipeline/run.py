@@ -21,6 +21,7 @@ from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.detection import instance_output
 from vision_ops.drift import Drift, check_run, drift_at_commit, manifest_entry
 from vision_ops.errors import VisionOpsError
+from vision_ops.host_memory import heap_trimmed
 from vision_ops.masks import write_masks
 from vision_ops.models import check_job, resolve_labels, resolve_preprocessing
 from vision_ops.outputs import (
@@ -477,7 +478,7 @@ def rows_in_driver(
         batch_size=spec.runtime.images_per_call, batch_format="numpy"
     )
     load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
-    return predicted_in_threads(batches, load, plan.max_size)
+    return heap_trimmed(predicted_in_threads(batches, load, plan.max_size))
 
 
 def rows_in_process(
@@ -492,7 +493,7 @@ def rows_in_process(
     batches = model_batches(blocks, runtime.images_per_call)
     load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
     try:
-        yield from predicted_in_threads(batches, load, plan.max_size)
+        yield from heap_trimmed(predicted_in_threads(batches, load, plan.max_size))
     finally:
         batches.close()
         blocks.close()
