@@ -11,7 +11,7 @@ this is a no-op.
 The driver's threads are the other way round: its readers and predictors each take a glibc
 arena, and the freed chunks left in them between batches are held by the process until the
 arenas' tops happen to free, so a run in one process grew from 1.1 to 1.5 GB PSS over 4,000
-photos. `heap_trimmed` gives them back (`malloc_trim`) every half second as the rows pass
+photos. `heap_trimmed` gives them back (`malloc_trim`) every few seconds as the rows pass
 (docs/performance.md, "Freed heap given back").
 """
 
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30  # give memory back only past 1 GiB of free heap
-TRIM_EVERY_S = 0.5  # a trim walks every arena: a few ms, a small share of half a second
+# A trim hands back the freed working set too, which the next batches fault in again: every
+# 0.5 s cost a run in one process 8 % more CPU, every 5 s 2-3 % for the same peak (within noise).
+TRIM_EVERY_S = 5.0
 
 Item = TypeVar("Item")
 

@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
 import ray
 from ray.data._internal.batcher import Batcher
@@ -25,12 +24,12 @@ from ray.data.block import Block, BlockAccessor
 
 from vision_ops.config import JobSpec, RuntimeSpec
 from vision_ops.errors import ReadFailed, VisionOpsError
+from vision_ops.pipeline.in_driver import Batch
 from vision_ops.pipeline.listing import HeldListing, held_listing
 from vision_ops.pool import PoolPlan, plan_pool, units_for_the_driver
 from vision_ops.sources import InputPlan
 
 log = logging.getLogger(__name__)
-Batch = dict[str, np.ndarray]
 
 
 def listed_in_process(spec: JobSpec, inputs: InputPlan, table: str | None) -> HeldListing | None:

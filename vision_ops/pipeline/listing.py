@@ -10,9 +10,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import ray
 from ray.data.datasource import FileBasedDatasource
@@ -152,29 +150,30 @@ def held_listing(
     outside = _outside(table)
     blocks: list[pa.Table] = [LISTING_SCHEMA.empty_table()]
     seen: set[str] = set()
+    named = 0
     parts = [iter([inputs.table])] + [listing.blocks() for listing in inputs.listings]
     for part in parts:
-        for block in part:
-            blocks.append(outside(block))
-            seen.update(blocks[-1]["source_uri"].to_pylist())
+        for block in map(outside, part):
+            named += block.num_rows
+            blocks.append(_first_named(block, seen))
             if most is not None and len(seen) > most:
                 return None
     rows = pa.concat_tables(blocks)
-    if inputs.parts > 1:
-        rows = _first_of_each(rows)
     if rows.num_rows == 0:
         raise nothing_found(spec)
+    if rows.num_rows < named:
+        log.info("inputs named more than once are kept once (%d rows)", named - rows.num_rows)
     return HeldListing.of(rows)
 
 
-def _first_of_each(rows: pa.Table) -> pa.Table:
-    """The rows with each URI once, its first row's (in their order)."""
-    order = rows.append_column("row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
-    firsts = order.group_by("source_uri", use_threads=False).aggregate([("row", "min")])
-    kept = pc.sort_indices(firsts["row_min"])
-    if len(kept) < rows.num_rows:
-        log.info("inputs named more than once are kept once (%d rows)", rows.num_rows - len(kept))
-    return rows.take(pc.take(firsts["row_min"], kept))
+def _first_named(block: pa.Table, seen: set[str]) -> pa.Table:
+    """The block's rows whose URI no row before them named (`seen`, which gains the block's)."""
+    first: list[int] = []
+    for row, uri in enumerate(block["source_uri"].to_pylist()):
+        if uri not in seen:
+            seen.add(uri)
+            first.append(row)
+    return block if len(first) == block.num_rows else block.take(pa.array(first, pa.int64()))
 
 
 def summarise(dataset: ray.data.Dataset, find_repeats: bool) -> ListingSummary:

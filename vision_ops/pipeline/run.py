@@ -477,8 +477,7 @@ def rows_in_driver(
     batches = with_limits(units, spec.runtime).iter_batches(
         batch_size=spec.runtime.images_per_call, batch_format="numpy"
     )
-    load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
-    return heap_trimmed(predicted_in_threads(batches, load, plan.max_size))
+    return predicted_in_driver(spec, batches, plan, stages)
 
 
 def rows_in_process(
@@ -491,12 +490,21 @@ def rows_in_process(
     read = unit_reader(spec, resolve_preprocessing(spec.model, spec.task.kind))
     blocks = read_in_threads(listing, read, runtime.files_per_read_task, plan.read_tasks or 1)
     batches = model_batches(blocks, runtime.images_per_call)
-    load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
     try:
-        yield from heap_trimmed(predicted_in_threads(batches, load, plan.max_size))
+        yield from predicted_in_driver(spec, batches, plan, stages)
     finally:
         batches.close()
         blocks.close()
+
+
+def predicted_in_driver(
+    spec: JobSpec, batches: Iterable[dict[str, Any]], plan: PoolPlan, stages: RowStages
+) -> Iterator[pa.Table]:
+    """The batches' rows from the pool's predictors as threads of this process
+    (`in_driver.predicted_in_threads`), its freed heap given back as they pass
+    (`host_memory.heap_trimmed`: the threads' arenas would hold it)."""
+    load = functools.partial(predictor_in_thread, spec, plan.threads, stages)
+    return heap_trimmed(predicted_in_threads(batches, load, plan.max_size))
 
 
 def predictor_in_thread(
