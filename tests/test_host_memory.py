@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
-from vision_ops.host_memory import _glibc
+from vision_ops.host_memory import _glibc, heap_trimmed
 
 PAGE_FAULTS_OF_REPEATED_BATCHES = """
 import resource, sys
@@ -76,3 +77,21 @@ def given_back_mb(every_s: float) -> float:
 def test_freed_heap_is_given_back_as_the_rows_pass() -> None:
     assert given_back_mb(0.0) > 150  # of the 200 MiB freed, kept by the heap until trimmed
     assert given_back_mb(3600.0) < 20  # none due within the hour: the heap keeps them
+
+
+def test_a_consumer_that_stops_closes_the_items_at_once() -> None:
+    """The rows' own generator is closed as the trimmed rows are (its finally stops the
+    driver's reader and predictor threads), not when it is collected."""
+    closed: list[bool] = []
+
+    def rows() -> Iterator[int]:
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)
+
+    items = rows()  # held here: no collection closes it
+    trimmed = heap_trimmed(items, every_s=0.0)
+    assert next(trimmed) == 0 and next(trimmed) == 1
+    trimmed.close()
+    assert closed == [True]

@@ -22,7 +22,7 @@ import ctypes.util
 import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,17 @@ def heap_trimmed(items: Iterable[Item], every_s: float = TRIM_EVERY_S) -> Iterat
     if libc is None:
         yield from items
         return
+    iterator = iter(items)
     due = time.monotonic() + every_s
-    for item in items:
-        yield item
-        if time.monotonic() >= due:
-            libc.malloc_trim(0)
-            due = time.monotonic() + every_s
+    try:
+        for item in iterator:
+            yield item
+            if time.monotonic() >= due:
+                libc.malloc_trim(0)
+                due = time.monotonic() + every_s
+    finally:  # a consumer that stops: the items' generator closed now, as `yield from` would
+        if isinstance(iterator, Generator):
+            iterator.close()
 
 
 def _glibc() -> ctypes.CDLL | None:
