@@ -43,20 +43,22 @@ def test_freed_batches_are_reused_not_faulted_in_again() -> None:
 
 
 FREED_HEAP_GIVEN_BACK = """
-import ctypes, sys
+import ctypes, resource, sys
 from vision_ops.host_memory import _glibc, heap_trimmed
-libc = _glibc()
+libc = ctypes.CDLL(_glibc()._name)  # its own handle: the raw calls below declare their types
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 chunks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MiB of heap, under mmap's threshold
 for chunk in chunks:
     ctypes.memset(chunk, 1, 64 << 10)
-pinned = libc.malloc(64)  # above them: the heap's top stays, so free() gives nothing back
-for chunk in chunks:
+used = rss_mb()
+for chunk in chunks[:-1]:  # the last one stays above them: free() cannot shrink the heap's top
     libc.free(chunk)
 held = rss_mb()
+assert used - held < 20, f"free() gave back {used - held:.0f} MB: the heap's top moved"
 passed = list(heap_trimmed(iter(range(3)), every_s=float(sys.argv[1])))
 assert passed == [0, 1, 2], passed
 print(held - rss_mb())

@@ -22,7 +22,7 @@ import ctypes.util
 import functools
 import logging
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,13 @@ def heap_trimmed(items: Iterable[Item], every_s: float = TRIM_EVERY_S) -> Iterat
             if time.monotonic() >= due:
                 libc.malloc_trim(0)
                 due = time.monotonic() + every_s
-    finally:  # a consumer that stops: the items' generator closed now, as `yield from` would
-        if isinstance(iterator, Generator):
-            iterator.close()
+    finally:  # a consumer that stops: the items closed now, as `yield from` would close them
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
@@ -80,4 +82,7 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(name)
     except OSError:
         return None
-    return libc if hasattr(libc, "gnu_get_libc_version") else None
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return None
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]  # the padding left at the heap's top
+    return libc

@@ -141,7 +141,8 @@ def held_listing(
     most: int | None = None,
 ) -> HeldListing | None:
     """The planned inputs listed here, as `list_listing` lists them into Ray (a URI that more
-    than one part names kept once, the first part's; nothing under the folder `table`), or
+    than one part names kept once, the first part's: each part names it once already;
+    nothing under the folder `table`), or
     None once more than `most` distinct inputs are listed (the run is not short: Ray lists them
     again). Not a manifest's: Ray Data reads one (`InputPlan.manifest` is refused before
     this)."""
