@@ -96,6 +96,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "read_batch_size": None,
         "decode": "tasks",
         "channels_last": True,
+        "fold_batch_norm": True,
         "compile": False,
         "compile_min_inputs": 3000,
         "compile_min_inputs_cold": 8000,

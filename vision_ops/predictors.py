@@ -12,6 +12,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 
+from vision_ops.batch_norms import fold_batch_norms
 from vision_ops.compile_record import CompiledModel, compiled_here_before, remember_compiled
 from vision_ops.config import JobSpec, Preprocessing
 from vision_ops.decode import ENCODED_COLUMN
@@ -73,6 +74,12 @@ class FromPixels(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> object:
         images = pixels.permute(0, 3, 1, 2).float().div(255.0)
         return self.model(images.sub(self.mean).div(self.std))
+
+
+def main_output(output: object) -> torch.Tensor:
+    """A fixed-size model's output the predictions come from: its logits, or a segmenter's
+    `out` (not its `aux`)."""
+    return cast(torch.Tensor, output["out"] if isinstance(output, dict) else output)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -319,6 +326,8 @@ class Predictor:
         if self.model.preprocessing is None:
             raise ModelError(f"model.preprocessing: a {role} needs resize, crop, mean, std")
         self.preprocessing = preprocessing = self.model.preprocessing
+        if self.spec.runtime.fold_batch_norm:
+            self._fold_batch_norms(preprocessing.crop)
         if self.spec.runtime.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = FromPixels(self.module, preprocessing).to(self.device)
@@ -326,6 +335,13 @@ class Predictor:
         if self.compiles(as_compiled):
             self._compile(as_compiled)
         return preprocessing
+
+    def _fold_batch_norms(self, crop: int) -> None:
+        """The model's BatchNorms folded into their convolutions, checked on a probe batch of
+        one image of random standardised pixels (`batch_norms.fold_batch_norms`)."""
+        seeded = torch.Generator().manual_seed(0)
+        probe = torch.randn((1, 3, crop, crop), generator=seeded).to(self.device)
+        fold_batch_norms(self.module, lambda: main_output(self.module(probe)))
 
     def _compile(self, as_compiled: CompiledModel) -> None:
         """The model compiled and its first (compiling) call timed. Freezing folds the weights
@@ -357,6 +373,7 @@ class Predictor:
             batch=runtime.images_per_call,
             crop=preprocessing.crop,
             channels_last=runtime.channels_last,
+            batch_norm_folded=runtime.fold_batch_norm,
             device=self.device.type,
             threads=torch.get_num_threads(),
         )
@@ -389,9 +406,7 @@ class Predictor:
         if self.static_batch:  # a new tensor, even unpadded: the graph's guards want one kind
             padding = pixels.new_zeros((self.static_batch - count, *pixels.shape[1:]))
             pixels = torch.cat([pixels, padding])
-        output = self.module(pixels)
-        logits = output["out"] if isinstance(output, dict) else output
-        return cast(torch.Tensor, logits[:count])
+        return main_output(self.module(pixels))[:count]
 
     def _decode_on_device(
         self, out: dict[str, np.ndarray], images: Sequence[Pixels], encoded: np.ndarray
