@@ -25,14 +25,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(mode: str) -> int:
+def printed_by(snippet: str, argument: str) -> str:
+    """What `snippet` prints, run with `argument` in a fresh interpreter (its heap its own)."""
     run = subprocess.run(
-        [sys.executable, "-c", PAGE_FAULTS_OF_REPEATED_BATCHES, mode],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", snippet, argument], capture_output=True, text=True, check=True
     )
-    return int(run.stdout.strip())
+    return run.stdout.strip()
+
+
+def page_faults(mode: str) -> int:
+    return int(printed_by(PAGE_FAULTS_OF_REPEATED_BATCHES, mode))
 
 
 @pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
@@ -66,13 +68,7 @@ print(held - rss_mb())
 
 
 def given_back_mb(every_s: float) -> float:
-    run = subprocess.run(
-        [sys.executable, "-c", FREED_HEAP_GIVEN_BACK, str(every_s)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(run.stdout.strip())
+    return float(printed_by(FREED_HEAP_GIVEN_BACK, str(every_s)))
 
 
 @pytest.mark.skipif(_glibc() is None, reason="malloc_trim is glibc's")
