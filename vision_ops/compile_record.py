@@ -28,7 +28,7 @@ RECORD_FOLDER = "vision-ops-compiled"
 @dataclass(frozen=True)
 class CompiledModel:
     """What a compiled graph depends on: the model's weights, its one static input shape, its
-    memory format, whether its BatchNorms were folded, the device, the torch that compiled it
+    memory format, whether its BatchNorms are folded, the device, the torch that compiled it
     and its thread count (inductor's CPU kernels are built for it, and its cache keys on it: a
     compile with 2 threads leaves one with 1 thread cold)."""
 
@@ -37,7 +37,7 @@ class CompiledModel:
     batch: int
     crop: int
     channels_last: bool
-    batch_norm_folded: bool
+    fold_batch_norm: bool  # the spec's: BatchNorms folded where they fold
     device: str
     threads: int
     torch: str = torch.__version__

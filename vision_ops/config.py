@@ -844,9 +844,9 @@ class RuntimeSpec(StrictModel):
     fold_batch_norm: bool = Field(
         default=True,
         description="Fold each BatchNorm of a fixed-size model (classification, segmentation, "
-        "embedding) into the convolution before it as the model loads: fewer passes over "
-        "memory (ResNet-18 on 2 CPU threads: 14 % more images/s), the same outputs to float "
-        "rounding, checked on a probe batch (a model they would move runs as loaded).",
+        "embedding) into the convolution before it as the model loads: one pass over the "
+        "convolution's output, not two; the same outputs to float32 rounding, checked on a "
+        "probe batch (a model whose output it would move runs as loaded).",
     )
     compile: bool = Field(
         default=False,

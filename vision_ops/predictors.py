@@ -337,11 +337,14 @@ class Predictor:
         return preprocessing
 
     def _fold_batch_norms(self, crop: int) -> None:
-        """The model's BatchNorms folded into their convolutions, checked on a probe batch of
-        one image of random standardised pixels (`batch_norms.fold_batch_norms`)."""
-        seeded = torch.Generator().manual_seed(0)
-        probe = torch.randn((1, 3, crop, crop), generator=seeded).to(self.device)
-        fold_batch_norms(self.module, lambda: main_output(self.module(probe)))
+        """The model's BatchNorms folded into their convolutions (`batch_norms`), checked on
+        a probe batch of one image of random standardised pixels, in float32 on the CPU (a
+        GPU's TF32 convolutions move the output by more than a fold does), then moved back
+        to the device."""
+        module = self.module.cpu()
+        probe = torch.randn((1, 3, crop, crop), generator=torch.Generator().manual_seed(0))
+        fold_batch_norms(module, lambda: main_output(module(probe)))
+        self.module = module.to(self.device)
 
     def _compile(self, as_compiled: CompiledModel) -> None:
         """The model compiled and its first (compiling) call timed. Freezing folds the weights
@@ -373,7 +376,7 @@ class Predictor:
             batch=runtime.images_per_call,
             crop=preprocessing.crop,
             channels_last=runtime.channels_last,
-            batch_norm_folded=runtime.fold_batch_norm,
+            fold_batch_norm=runtime.fold_batch_norm,
             device=self.device.type,
             threads=torch.get_num_threads(),
         )
