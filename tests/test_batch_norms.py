@@ -65,42 +65,28 @@ def test_every_batch_norm_of_a_resnet_folds_and_its_outputs_stay() -> None:
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
 
 
-class ReadTwice(nn.Module):
-    """A convolution's output read by its BatchNorm and added after it as well: folding
-    would change the sum."""
+class ConvNorm(nn.Module):
+    """A convolution of 3 channels to 3 and a BatchNorm of them; each subclass wires them in
+    its own forward."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.norm = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+
+
+class ReadTwice(ConvNorm):
+    """A convolution's output read by its BatchNorm and added after it as well: folding
+    would change the sum."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return self.norm(y) + y
 
 
-def test_a_fold_that_would_move_the_outputs_is_undone(caplog: pytest.LogCaptureFixture) -> None:
-    model = with_spread_statistics(ReadTwice())
-    weight, bias, norm = model.conv.weight, model.conv.bias, model.norm
-    probe, run = probe_of(model, 1, 3, 8, 8)
-    with torch.no_grad():
-        before = model(probe)
-    with caplog.at_level(logging.WARNING, logger="vision_ops.batch_norms"):
-        assert fold_batch_norms(model, run) == 0
-    assert "BatchNorms not folded: folding moved the probe's output by" in caplog.text
-    assert model.conv.weight is weight and model.conv.bias is bias and model.norm is norm
-    with torch.no_grad():  # the weights scaled back: to float rounding
-        torch.testing.assert_close(model(probe), before, rtol=1e-6, atol=1e-6)
-
-
-class SharedConv(nn.Module):
+class SharedConv(ConvNorm):
     """One convolution called twice, a BatchNorm after one call: folding into it would change
     the other call too."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.norm = nn.BatchNorm2d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.norm(self.conv(x)))
@@ -118,30 +104,26 @@ def without_running_statistics() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
 
 
-class NormTwice(nn.Module):
+class NormTwice(ConvNorm):
     """A BatchNorm registered under two names, called under the second: replacing it under
     the first would leave it in place."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.norm = nn.BatchNorm2d(4)
         self.alias = self.norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.alias(self.conv(x))
 
 
-class TiedWeights(nn.Module):
+class TiedWeights(ConvNorm):
     """Two convolutions that share one weight, a BatchNorm after one: scaling the weight in
     place would change the other."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.twin = nn.Conv2d(3, 3, 3, padding=1)
         self.twin.weight = self.conv.weight
-        self.norm = nn.BatchNorm2d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.twin(self.norm(self.conv(x)))
@@ -203,30 +185,35 @@ def test_a_pair_that_does_not_fold_leaves_the_others_folding() -> None:
         torch.testing.assert_close(model(probe), before, rtol=1e-5, atol=1e-5)
 
 
-class ReadsItsNorm(nn.Module):
+class ReadsItsNorm(ConvNorm):
     """A model that reads its BatchNorm's weight directly (as some attention blocks do): it
     fails once the BatchNorm is an Identity."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.norm = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x)) * self.norm.weight.view(1, -1, 1, 1)
 
 
-def test_a_folded_model_that_fails_on_the_probe_is_given_back_unfolded(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize(
+    ("model_class", "why"),
+    [
+        (ReadTwice, "folding moved the probe's output by"),
+        (ReadsItsNorm, "the folded model failed on the probe (AttributeError"),
+    ],
+)
+def test_a_fold_the_check_refuses_is_undone(
+    model_class: type[ConvNorm], why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = with_spread_statistics(ReadsItsNorm())
+    """Folded, then given back as loaded: the same modules and parameters, the weights
+    scaled back (to float rounding), and a warning saying why."""
+    model = with_spread_statistics(model_class())
+    weight, bias, norm = model.conv.weight, model.conv.bias, model.norm
     probe, run = probe_of(model, 1, 3, 8, 8)
     with torch.no_grad():
         before = model(probe)
     with caplog.at_level(logging.WARNING, logger="vision_ops.batch_norms"):
         assert fold_batch_norms(model, run) == 0
-    assert "the folded model failed on the probe (AttributeError" in caplog.text
-    assert isinstance(model.norm, nn.BatchNorm2d)
+    assert f"BatchNorms not folded: {why}" in caplog.text
+    assert model.conv.weight is weight and model.conv.bias is bias and model.norm is norm
     with torch.no_grad():
         torch.testing.assert_close(model(probe), before, rtol=1e-6, atol=1e-6)
 
