@@ -290,3 +290,17 @@ def test_a_classifier_predicts_alike_folded_or_not(tmp_path, fold: bool) -> None
     np.testing.assert_array_equal(ids, expected.indices.numpy())
     np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
     assert classifier.num_classes == CLASSES
+
+
+def test_a_model_without_batch_norms_is_not_run_on_a_probe() -> None:
+    """ViT, ConvNeXt, Swin: nothing to fold, so no probe run at load."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]))
+    runs: list[torch.Tensor] = []
+    probe = torch.zeros((1, 3, 8, 8))
+
+    def run() -> torch.Tensor:
+        runs.append(model(probe))
+        return runs[-1]
+
+    assert fold_batch_norms(model, run) == 0
+    assert runs == []

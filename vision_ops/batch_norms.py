@@ -3,7 +3,8 @@
 
 In eval mode a BatchNorm is an affine map per channel (x * scale + shift, scale =
 weight / sqrt(running_var + eps)), so one that reads a convolution's output folds into that
-convolution: its weights scaled in place per output channel, its bias the shift. Each image
+convolution: its weights scaled in place per output channel, its bias the shift (by hand,
+not torch's `fuse_conv_bn_weights`, which makes new weights and cannot be undone). Each image
 then makes one pass over the convolution's output, not two (what it buys:
 docs/performance.md, "BatchNorm folded into the convolutions"). `torch.compile` with freezing
 folds them too; this is for the eager model, which the driver's predictor threads and every
@@ -42,8 +43,8 @@ NORM_OF_CONV: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv3d: nn.BatchNorm3d,
 }
 # The largest change folding may make to the probe's output (float32, on the CPU), as a
-# share of its largest value: rounding moved it by 1e-7 to 3e-7 in ResNet-18 and -50,
-# MobileNetV3, EfficientNet-B0, DenseNet-121 and RegNetY-400MF.
+# share of its largest value: float32 rounding, with a margin (what it moved by in six model
+# families: docs/performance.md, "BatchNorm folded into the convolutions").
 AGREEMENT = 1e-5
 
 
@@ -74,6 +75,8 @@ def fold_batch_norms(model: nn.Module, run: Callable[[], torch.Tensor]) -> int:
     the predictions come from. A model that fails on the probe, or gives an output a change
     cannot be measured on (not finite, or all zero), is left as it is."""
     name = type(model).__name__
+    if not any(type(module) in NORM_OF_CONV.values() for module in model.modules()):
+        return 0  # none to fold (ViT, ConvNeXt, Swin): no probe run
     with torch.no_grad():
         try:
             pairs, before = _pairs_seen(model, run)

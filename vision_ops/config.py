@@ -838,15 +838,16 @@ class RuntimeSpec(StrictModel):
     )
     channels_last: bool = Field(
         default=True,
-        description="Run fixed-size models (classification, segmentation) in channels-last "
-        "memory format, faster on CPUs and tensor cores.",
+        description="Run fixed-size models (classification, segmentation, embedding) in "
+        "channels-last memory format, faster on CPUs and tensor cores.",
     )
     fold_batch_norm: bool = Field(
         default=True,
         description="Fold each BatchNorm of a fixed-size model (classification, segmentation, "
         "embedding) into the convolution before it as the model loads: one pass over the "
         "convolution's output, not two; the same outputs to float32 rounding, checked on a "
-        "probe batch (a model whose output it would move runs as loaded).",
+        "probe batch (a model whose output it would move runs as loaded, its weights to float "
+        "rounding).",
     )
     compile: bool = Field(
         default=False,

@@ -426,8 +426,14 @@ def _check_crop(skeleton: torch.nn.Module, spec: TorchvisionModel, task: str) ->
             f"crops ({err}); expected a crop it takes (model.preprocessing), or model.kwargs "
             "that build it for this one"
         ) from None
-    logits = output["out"] if isinstance(output, dict) else output
+    logits = main_output(output)
     return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.ndim >= 2 else None
+
+
+def main_output(output: object) -> torch.Tensor:
+    """A fixed-size model's output the predictions come from: its logits, or a segmenter's
+    `out` (not its `aux`)."""
+    return cast(torch.Tensor, output["out"] if isinstance(output, dict) else output)
 
 
 @MODEL_KINDS.register("entrypoint")

@@ -29,7 +29,13 @@ from vision_ops.detection import (
 from vision_ops.device_decode import model_inputs
 from vision_ops.errors import ModelError
 from vision_ops.host_memory import retain_freed_memory
-from vision_ops.models import LoadedModel, check_classifier_labels, class_ids, load_model
+from vision_ops.models import (
+    LoadedModel,
+    check_classifier_labels,
+    class_ids,
+    load_model,
+    main_output,
+)
 from vision_ops.schema import (
     DETECTIONS,
     INSTANCE_COLUMN,
@@ -74,12 +80,6 @@ class FromPixels(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> object:
         images = pixels.permute(0, 3, 1, 2).float().div(255.0)
         return self.model(images.sub(self.mean).div(self.std))
-
-
-def main_output(output: object) -> torch.Tensor:
-    """A fixed-size model's output the predictions come from: its logits, or a segmenter's
-    `out` (not its `aux`)."""
-    return cast(torch.Tensor, output["out"] if isinstance(output, dict) else output)
 
 
 def pick_device(requested: str) -> torch.device:
